@@ -1,0 +1,98 @@
+"""Checkpoints with megatron's dist_checkpointing: any TP/PP layout can reload them.
+
+Each checkpoint is written into `step_XXXXXXXX.partial/` and renamed to `step_XXXXXXXX/` only once
+every rank has finished and the trainer state is on disk; `latest` (written atomically) then
+names it. A run killed mid-save leaves only a `.partial` directory, which resume ignores, so it
+continues from the last complete checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+
+
+def _unwrap(chunk):
+    """The RewardModel inside megatron's DDP wrapper: keys must not depend on the wrapping."""
+    return getattr(chunk, "module", chunk)
+
+
+def _model_state(chunks) -> dict:
+    if len(chunks) == 1:
+        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
+    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+
+
+def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2) -> str:
+    from megatron.core import dist_checkpointing
+
+    root = Path(ckpt_dir)
+    final = root / f"step_{step:08d}"
+    partial = root / f"step_{step:08d}.partial"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(final, ignore_errors=True)
+        partial.mkdir()
+    dist.barrier()
+    state = _model_state(chunks)
+    if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
+        state["optimizer"] = optimizer.sharded_state_dict(state)
+    dist_checkpointing.save(state, str(partial))
+    dist.barrier()
+    if rank == 0:
+        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        os.replace(partial, final)
+        tmp = root / (LATEST + ".tmp")
+        tmp.write_text(final.name)
+        os.replace(tmp, root / LATEST)
+        _prune(root, keep)
+    dist.barrier()
+    return str(final)
+
+
+def _prune(root: Path, keep: int) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
+    for old in done[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint in `ckpt_dir`, or None."""
+    root = Path(ckpt_dir)
+    marker = root / LATEST
+    if marker.is_file():
+        path = root / marker.read_text().strip()
+        if (path / STATE_FILE).is_file():
+            return str(path)
+    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file() and not p.name.endswith(".partial"))
+    return str(done[-1]) if done else None
+
+
+def load(path: str, chunks, optimizer=None) -> dict:
+    """Loads model weights (and optimizer state if given) into this layout; returns trainer state."""
+    from megatron.core import dist_checkpointing
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    state = _model_state(chunks)
+    if optimizer is not None:
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+    loaded = dist_checkpointing.load(state, str(p))
+    if len(chunks) == 1:
+        _unwrap(chunks[0]).load_state_dict(loaded["model"])
+    else:
+        for i, c in enumerate(chunks):
+            _unwrap(c).load_state_dict(loaded[f"model{i}"])
+    if optimizer is not None:
+        optimizer.load_state_dict(loaded["optimizer"])
+    state_file = p / STATE_FILE
+    return json.loads(state_file.read_text()) if state_file.is_file() else {}

@@ -1,0 +1,119 @@
+"""Core attention over shared-prefix packed sequences (the torch reference).
+
+A packed sequence holds groups back to back; a group is a prefix followed by K candidates. With
+`segment` (group slot, -1 on padding) and `candidate` (0 on prefix tokens, k on candidate k) per
+token, query i may attend to key j iff
+
+    segment[i] == segment[j] != -1  and  j <= i  and  (candidate[j] == 0 or candidate[j] == candidate[i])
+
+so each candidate sees its group's whole prefix and its own earlier tokens, never a sibling or
+another group; together with position ids that continue from the prefix length, a candidate sees
+exactly what it would see as `prefix + candidate` alone. Padding queries see only themselves so no
+softmax row is empty.
+
+The module takes megatron's core-attention slot in the layer spec. It receives the packed layout
+through megatron's `attention_mask` argument as an int tensor [b, 3, s] (rows: position id,
+segment, candidate) and applies RoPE itself (see rope.py). Fast kernels plug in by `backend`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+
+from engine.model.rope import apply_rope, rope_cos_sin
+
+POSITION, SEGMENT, CANDIDATE = 0, 1, 2
+
+
+def shared_prefix_mask(layout: torch.Tensor) -> torch.Tensor:
+    """layout [b, 3, s] -> bool [b, s, s], True where query (row) may attend to key (column)."""
+    seg = layout[:, SEGMENT]
+    cand = layout[:, CANDIDATE]
+    s = seg.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=layout.device).tril_()
+    same_group = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(2) >= 0)
+    visible_key = (cand.unsqueeze(1) == 0) | (cand.unsqueeze(2) == cand.unsqueeze(1))
+    mask = same_group & visible_key & causal
+    # no data-dependent branch (a host sync on GPU): padding rows always get their diagonal
+    eye = torch.eye(s, dtype=torch.bool, device=layout.device)
+    return mask | ((seg < 0).unsqueeze(2) & eye)
+
+
+def torch_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torch.Tensor:
+    """q [s, b, hq, d], k/v [s, b, hkv, d] (RoPE already applied) -> [s, b, hq * d]."""
+    s, b, hq, d = q.shape
+    mask = shared_prefix_mask(layout).unsqueeze(1)  # [b, 1, s, s]
+    out = F.scaled_dot_product_attention(
+        q.permute(1, 2, 0, 3),
+        k.permute(1, 2, 0, 3),
+        v.permute(1, 2, 0, 3),
+        attn_mask=mask,
+        scale=softmax_scale,
+        enable_gqa=k.shape[2] != hq,
+    )  # [b, hq, s, d]
+    return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
+
+
+_BACKENDS = {"torch": torch_shared_prefix_attention}
+
+
+def register_backend(name: str, fn) -> None:
+    """Kernels register themselves here; the config's `train.attention_backend` picks one."""
+    _BACKENDS[name] = fn
+
+
+def get_backend(name: str):
+    if name not in _BACKENDS:
+        raise ValueError(
+            f"train.attention_backend={name!r} is not available on this machine; "
+            f"available: {sorted(_BACKENDS)}"
+        )
+    return _BACKENDS[name]
+
+
+class SharedPrefixAttention(MegatronModule):
+    """Drop-in for megatron's DotProductAttention in the layer spec."""
+
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type=None,
+        attention_type: str = "self",
+        attention_dropout: Optional[float] = None,
+        softmax_scale: Optional[float] = None,
+        cp_comm_type: Optional[str] = None,
+        pg_collection=None,
+        rotary_base: float = 10000.0,
+        backend: str = "torch",
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size > 1:
+            raise ValueError("shared-prefix attention does not support context parallelism")
+        self.head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
+        self.rotary_base = rotary_base
+        self.attend = get_backend(backend)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        layout = attention_mask
+        if layout is None or layout.dim() != 3 or layout.shape[1] != 3:
+            raise ValueError("SharedPrefixAttention expects the packed layout [b, 3, s] as attention_mask")
+        cos, sin = rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype)
+        query = apply_rope(query, cos, sin)
+        key = apply_rope(key, cos, sin)
+        return self.attend(query, key, value, layout, self.softmax_scale)

@@ -1,0 +1,40 @@
+"""AdamW (megatron's distributed optimizer where enabled) and the warm-up + cosine schedule."""
+from __future__ import annotations
+
+import torch
+
+from engine.config import ParallelConfig, TrainConfig
+
+
+def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtype: torch.dtype):
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    cfg = OptimizerConfig(
+        optimizer="adam",  # decoupled weight decay: AdamW
+        lr=train.lr,
+        min_lr=train.lr * train.min_lr_ratio,
+        weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1,
+        adam_beta2=train.adam_beta2,
+        adam_eps=train.adam_eps,
+        clip_grad=train.grad_clip,
+        bf16=params_dtype == torch.bfloat16,
+        params_dtype=params_dtype,
+        use_distributed_optimizer=par.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(cfg, chunks)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=train.lr,
+        min_lr=train.lr * train.min_lr_ratio,
+        lr_warmup_steps=train.warmup_steps,
+        lr_decay_steps=max(train.steps, train.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=train.weight_decay,
+        end_wd=train.weight_decay,
+        wd_incr_steps=max(train.steps, 1),
+        wd_incr_style="constant",
+    )
+    return optimizer, scheduler

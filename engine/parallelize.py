@@ -1,0 +1,116 @@
+"""Builds the reward model for this process's place in the TP x PP x DP grid, in one place.
+
+Order: megatron TransformerConfig from the typed configs -> layer spec (TE or local) -> one
+RewardModel chunk per virtual pipeline stage (tensor parallelism lives inside megatron's layers)
+-> device and dtype -> megatron DDP (gradient buffers, distributed-optimizer sharding).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engine.config import ModelConfig, ParallelConfig, TrainConfig
+from engine.runtime import Runtime
+
+
+def resolve_dtype(train: TrainConfig, rt: Runtime) -> torch.dtype:
+    if train.precision == "auto":
+        return torch.bfloat16 if rt.is_cuda else torch.float32
+    if train.precision == "fp32":
+        return torch.float32
+    if train.precision == "bf16":
+        return torch.bfloat16
+    from engine.config import ConfigError
+
+    raise ConfigError(f"train.precision={train.precision!r}: expected auto, fp32 or bf16")
+
+
+def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
+    from megatron.core.transformer import TransformerConfig
+
+    dtype = resolve_dtype(train, rt)
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_epsilon,
+        gated_linear_unit=True,  # SwiGLU
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_method_std,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        pipeline_dtype=dtype,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+        sequence_parallel=False,
+        use_cpu_initialization=not rt.is_cuda,
+        # fusions need Apex/TE kernels; bias fusions are moot without biases
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        # batched isend/irecv over gloo silently corrupts interleaved-PP gradients (PLATFORM.md)
+        batch_p2p_comm=rt.is_cuda,
+        # loss functions return (sum over pairs, number of pairs): megatron then divides by the
+        # global pair count, making the loss the same for any DP size, micro-batching or packing
+        calculate_per_token_loss=True,
+    )
+
+
+def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
+    """Returns (list of DDP-wrapped model chunks, TransformerConfig)."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from engine.model.reward_model import RewardModel
+    from engine.model.spec import layer_spec, transformer_engine_available
+
+    config = transformer_config(model, par, train, rt)
+    use_te = rt.is_cuda and transformer_engine_available()
+    spec = layer_spec(use_te, model.rotary_base, train.attention_backend)
+    chunks = []
+    for vp_stage in range(par.vpp or 1):
+        vp = vp_stage if par.vpp else None
+        chunk = RewardModel(
+            config,
+            spec,
+            vocab_size=model.vocab_size,
+            max_sequence_length=model.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
+            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            vp_stage=vp,
+        )
+        chunk.to(rt.device)
+        chunks.append(chunk)
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=par.distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(
+            config=config,
+            ddp_config=ddp_config,
+            module=chunk,
+            # bucketing only pays off when reductions overlap backward; keeps chunks > 0 identical
+            disable_bucketing=i > 0,
+        )
+        for i, chunk in enumerate(chunks)
+    ]
+    return wrapped, config
+
+
+def count_parameters(chunks) -> int:
+    """Parameters held by this process (a TP/PP shard)."""
+    return sum(p.numel() for c in chunks for p in c.parameters())

@@ -1,0 +1,150 @@
+"""Process-group runtime: NCCL on GPUs, gloo on CPU, megatron's model-parallel groups, seeds.
+
+Works under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) and as a plain single process.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from engine.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    tp: int
+    pp: int
+    dp: int
+    vpp: int | None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int) -> int:
+    """Check the parallel layout against the model and batch; returns the data-parallel size."""
+    if par.tp < 1 or par.pp < 1:
+        raise ConfigError(f"parallel.tp={par.tp} and parallel.pp={par.pp} must be >= 1")
+    if world_size % (par.tp * par.pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {par.tp} x {par.pp}"
+        )
+    if model.num_attention_heads % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide model.num_attention_heads={model.num_attention_heads}"
+        )
+    if model.num_query_groups % par.tp:
+        raise ConfigError(
+            f"parallel.tp={par.tp} does not divide model.num_query_groups={model.num_query_groups}"
+        )
+    if model.num_attention_heads % model.num_query_groups:
+        raise ConfigError(
+            f"model.num_query_groups={model.num_query_groups} does not divide "
+            f"model.num_attention_heads={model.num_attention_heads}"
+        )
+    if model.hidden_size % model.num_attention_heads:
+        raise ConfigError(
+            f"model.num_attention_heads={model.num_attention_heads} does not divide "
+            f"model.hidden_size={model.hidden_size}"
+        )
+    if model.ffn_hidden_size % par.tp:
+        raise ConfigError(f"parallel.tp={par.tp} does not divide model.ffn_hidden_size={model.ffn_hidden_size}")
+    stages = par.pp * (par.vpp or 1)
+    if par.vpp is not None and (par.vpp < 2 or par.pp < 2):
+        raise ConfigError(f"parallel.vpp={par.vpp} needs parallel.pp >= 2 and vpp >= 2 (or vpp: null)")
+    if model.num_layers % stages:
+        raise ConfigError(
+            f"model.num_layers={model.num_layers} is not divisible by parallel.pp x parallel.vpp = {stages}"
+        )
+    dp = world_size // (par.tp * par.pp)
+    if train.global_batch % (dp * train.micro_batch):
+        raise ConfigError(
+            f"train.global_batch={train.global_batch} is not divisible by data-parallel size {dp} "
+            f"x train.micro_batch={train.micro_batch}"
+        )
+    if par.vpp is not None and (train.global_batch // (dp * train.micro_batch)) % par.pp:
+        raise ConfigError(
+            "interleaved pipelining needs the number of micro-batches per step "
+            f"(train.global_batch / (dp x train.micro_batch) = {train.global_batch // (dp * train.micro_batch)}) "
+            f"to be a multiple of parallel.pp={par.pp}"
+        )
+    return dp
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
+    """Start torch.distributed and megatron's parallel state. Call validate_layout first."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = world_size_from_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "nccl"
+    else:
+        from engine import cpu_compat
+
+        cpu_compat.apply()
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+
+    from megatron.core import parallel_state, tensor_parallel
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        virtual_pipeline_model_parallel_size=par.vpp,
+    )
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    if device.type == "cuda":
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from engine.cpu_compat import cpu_model_parallel_seed
+
+        cpu_model_parallel_seed(seed, tp_rank)
+    return Runtime(
+        rank=rank,
+        world_size=world,
+        local_rank=local_rank,
+        device=device,
+        tp=par.tp,
+        pp=par.pp,
+        dp=parallel_state.get_data_parallel_world_size(),
+        vpp=par.vpp,
+    )
+
+
+def shutdown_runtime() -> None:
+    from megatron.core import parallel_state
+
+    if dist.is_initialized():
+        dist.barrier()
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
