@@ -7,14 +7,19 @@ continues from the last complete checkpoint.
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import os
 import shutil
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 STATE_FILE = "trainer_state.json"
+# optimizer state in the canonical per-parameter layout, so a checkpoint reloads at any TP/PP/DP
+_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
 
 
@@ -44,7 +49,7 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     dist.barrier()
     state = _model_state(chunks)
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
-        state["optimizer"] = optimizer.sharded_state_dict(state)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
     dist_checkpointing.save(state, str(partial))
     dist.barrier()
     if rank == 0:
@@ -76,6 +81,45 @@ def latest(ckpt_dir: str) -> str | None:
     return str(done[-1]) if done else None
 
 
+def _materialise_optimizer_state(optimizer) -> None:
+    """The distributed optimizer can only describe its state for loading once the state exists
+    (before the first step it is empty); dummy values are created and then overwritten by the load."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+
+
+@contextlib.contextmanager
+def _torch_adam_step_tolerated():
+    """Without Apex/TE, megatron's distributed optimizer wraps torch's AdamW, whose per-parameter
+    state holds a `step` tensor. DistributedOptimizer._set_main_param_and_optimizer_states (0.19)
+    then expects a `step` entry in the reshardable parameter state, which never carries one (the
+    step is restored from the param groups), and raises KeyError. Absent keys are skipped here."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def tolerant(self, model_param, tensors):
+        return original(self, model_param, collections.defaultdict(lambda: None, tensors))
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = tolerant
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
+def _unshare_steps(optimizer) -> None:
+    """megatron restores torch AdamW's `step` as ONE tensor shared by every parameter's state;
+    AdamW increments each parameter's step in place, which would advance the shared one once per
+    parameter per update and corrupt the bias correction. Give each parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        for st in getattr(inner, "state", {}).values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+
+
 def load(path: str, chunks, optimizer=None) -> dict:
     """Loads model weights (and optimizer state if given) into this layout; returns trainer state."""
     from megatron.core import dist_checkpointing
@@ -85,7 +129,8 @@ def load(path: str, chunks, optimizer=None) -> dict:
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = _model_state(chunks)
     if optimizer is not None:
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True)
+        _materialise_optimizer_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(state, str(p))
     if len(chunks) == 1:
         _unwrap(chunks[0]).load_state_dict(loaded["model"])
@@ -93,6 +138,8 @@ def load(path: str, chunks, optimizer=None) -> dict:
         for i, c in enumerate(chunks):
             _unwrap(c).load_state_dict(loaded[f"model{i}"])
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _torch_adam_step_tolerated():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_steps(optimizer)
     state_file = p / STATE_FILE
     return json.loads(state_file.read_text()) if state_file.is_file() else {}

@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 1234
     attention_backend: str = "torch"  # torch (reference, runs everywhere)
     time_limit_s: float = 0.0  # 0 = none; otherwise stop (and checkpoint) after this long
+    exit_at_step: int = 0  # 0 = none; otherwise save and exit after this step (fits a job slot)
 
 
 @dataclass

@@ -148,24 +148,26 @@ _PROXIED_MODULES = (
 
 @contextlib.contextmanager
 def _cuda_type_names():
-    """Make CPU float tensors report the CUDA type name inside one megatron call.
+    """Inside one megatron call, CPU tensors answer to CUDA type names and `.cuda()` is a no-op.
 
     DistributedOptimizer._build_model_and_main_param_groups, Float16OptimizerWithFloat16Params and
     clip_grads.get_grad_norm_fp32 dispatch on `param.type() == 'torch.cuda.FloatTensor'` and raise
-    for anything else. Scoped to those calls so nothing else ever sees the renamed type.
+    for anything else; DistributedOptimizer.get_parameter_state_dp_zero (checkpointing) moves its
+    gather buffers with `.cuda()`. Scoped to those calls so nothing else sees the change.
     """
-    original = torch.Tensor.type
+    original_type, original_cuda = torch.Tensor.type, torch.Tensor.cuda
 
     def cuda_named_type(self, dtype=None, *args, **kwargs):
         if dtype is None and not args and not kwargs and self.device.type == "cpu":
-            return original(self).replace("torch.", "torch.cuda.", 1)
-        return original(self, dtype, *args, **kwargs)
+            return original_type(self).replace("torch.", "torch.cuda.", 1)
+        return original_type(self, dtype, *args, **kwargs)
 
     torch.Tensor.type = cuda_named_type
+    torch.Tensor.cuda = lambda self, *a, **k: self
     try:
         yield
     finally:
-        torch.Tensor.type = original
+        torch.Tensor.type, torch.Tensor.cuda = original_type, original_cuda
 
 
 def _scoped(fn):
@@ -256,6 +258,7 @@ def apply() -> None:
     dopt._build_model_and_main_param_groups = classmethod(
         _scoped(dopt._build_model_and_main_param_groups.__func__)
     )
+    dopt.get_parameter_state_dp_zero = _scoped(dopt.get_parameter_state_dp_zero)
     f16 = optimizer.Float16OptimizerWithFloat16Params
     f16.__init__ = _scoped(f16.__init__)
 

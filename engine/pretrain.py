@@ -120,8 +120,6 @@ def run(cfg: PretrainConfig) -> int:
     start_step = trainer.step
     history = trainer.fit()
     train_time = time.time() - t_train
-    if trainer.step > start_step or trainer.step == 0 or not cfg.checkpoint.save_interval:
-        trainer.save()
 
     say("evaluating ...")
     ev_held = trainer.evaluate(held_out)

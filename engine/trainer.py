@@ -59,6 +59,7 @@ class Trainer:
             seed=cfg.train.seed, pad_id=pad_id,
         )
         self.step = 0
+        self.last_saved_step = -1
         self.history: list[dict] = []
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         n_local = count_parameters(self.model)
@@ -77,6 +78,7 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])
+            self.last_saved_step = self.step
             self.log(f"resumed from {path} at step {self.step}")
         elif ck.init_from:
             checkpoint.load(ck.init_from, self.model, None)
@@ -91,6 +93,7 @@ class Trainer:
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep)
+        self.last_saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
 
@@ -179,7 +182,12 @@ class Trainer:
                         self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
                 self.save()
+            if tc.exit_at_step and self.step == tc.exit_at_step and self.step < tc.steps:
+                self.log(f"train.exit_at_step={tc.exit_at_step} reached")
+                stop = True
         progress.close()
+        if self.last_saved_step != self.step:
+            self.save()  # the end of training, or an early stop, always leaves a resumable checkpoint
         return self.history
 
     # ---- evaluation --------------------------------------------------------------------------

@@ -1,0 +1,238 @@
+"""Shared-prefix packing: whole groups of token ids into fixed-length sequences, and their layout.
+
+A group is one prefix shared by K >= 2 candidates; its reward for candidate k is read at the last
+token of that candidate. The prefix is stored once and every candidate attends to it, so a group of
+prefix length P and candidate lengths c_1..c_K costs P + sum(c_k) tokens instead of K*P + sum(c_k).
+Groups are packed whole (never split) into sequences of `seq_length` tokens by the C++ packer
+(engine._C), and `collate` lays a micro-batch out as
+
+    tokens   [b, L]     the group's prefix, then candidate 1, ..., candidate K; pad_id after the last group
+    layout   [b, 3, L]  row 0 position: prefix 0..P-1, candidate k P..P+c_k-1 (as if prefix + candidate
+                        stood alone); row 1 segment: group slot in the sequence, -1 on padding;
+                        row 2 candidate: 0 on the prefix, k on candidate k (1-based), 0 on padding
+
+from which attention is: query i sees key j iff segment[i] == segment[j] != -1, j <= i and
+candidate[j] in {0, candidate[i]} (`dense_mask` is that rule written out densely, the reference for
+faster kernels). This module knows only token ids; building groups from text is the recipe's job.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+POSITION, SEGMENT, CANDIDATE = 0, 1, 2  # rows of PackedBatch.layout
+
+_PACKERS = {"best_fit": "pack_best_fit", "ordered": "pack_first_fit_ordered"}
+
+
+def _token_ids(x, what: str) -> np.ndarray:
+    a = np.asarray(x)
+    # An empty list arrives as float64; anything else non-integer is a caller bug, not something to cast.
+    if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
+        raise TypeError(f"Group.{what} must be a 1-D array of integer token ids, got {a.dtype} with shape {a.shape}")
+    return np.ascontiguousarray(a, dtype=np.int32)
+
+
+@dataclass
+class Group:
+    """One prefix and its K >= 2 candidates; the unit that packing never splits."""
+
+    prefix: np.ndarray  # int32 token ids shared by all candidates
+    candidates: list[np.ndarray]  # int32 ids per candidate; the LAST token of each is where its reward is read
+    labels: np.ndarray  # int8 [K]; 1 = positive, 0 = negative
+
+    def __post_init__(self):
+        self.prefix = _token_ids(self.prefix, "prefix")
+        self.candidates = [_token_ids(c, f"candidates[{k}]") for k, c in enumerate(self.candidates)]
+        labels = np.asarray(self.labels)
+        k = len(self.candidates)
+        if k < 2:
+            raise ValueError(f"a group needs at least 2 candidates to compare, got {k}")
+        if labels.shape != (k,):
+            raise ValueError(f"a group with {k} candidates needs {k} labels, got shape {labels.shape}")
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {labels.tolist()}")
+        # A group without both kinds yields no (positive, negative) pair: its tokens would cost
+        # compute and contribute nothing to the loss, which is a data bug worth stopping on.
+        if labels.min() == labels.max():
+            raise ValueError(f"a group needs at least one positive and one negative candidate, got labels {labels.tolist()}")
+        for j, c in enumerate(self.candidates):
+            if c.size == 0:
+                raise ValueError(f"candidate {j} is empty: its reward is read at its last token, so it needs one")
+        self.labels = labels.astype(np.int8)
+
+    def __len__(self) -> int:
+        return len(self.prefix) + sum(len(c) for c in self.candidates)
+
+
+def _native():
+    try:
+        from engine import _C
+    except ImportError as exc:
+        raise ImportError(
+            "engine._C, the C++ packer, is not built: run `pip install -e .` in the repository root "
+            "(or `python setup.py build_ext --inplace`)"
+        ) from exc
+    return _C
+
+
+def plan_sequences(groups_lengths: np.ndarray, seq_length: int, method: str = "best_fit") -> list[np.ndarray]:
+    """Group indices (int64, ascending) of each packed sequence of at most `seq_length` tokens.
+
+    method: "best_fit" (best-fit decreasing, fewest sequences; for training data packed once) or
+    "ordered" (keeps the input order, starts a new sequence when the next group does not fit; for
+    streaming and evaluation). Deterministic for a given input. A group longer than seq_length
+    raises ValueError naming it.
+    """
+    if method not in _PACKERS:
+        raise ValueError(f"data.packing={method!r}: expected one of {', '.join(_PACKERS)}")
+    lengths = np.asarray(groups_lengths)
+    if lengths.ndim != 1 or (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
+        raise TypeError(f"groups_lengths must be a 1-D integer array, got {lengths.dtype} with shape {lengths.shape}")
+    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
+    bins = getattr(_native(), _PACKERS[method])(lengths, int(seq_length))
+    if bins.size == 0:
+        return []
+    # A stable sort by sequence id keeps each sequence's groups in input order.
+    order = np.argsort(bins, kind="stable")
+    return np.split(order, np.cumsum(np.bincount(bins))[:-1])
+
+
+@dataclass
+class PackedBatch:
+    """One micro-batch of packed sequences (CPU tensors until `.to(device)`)."""
+
+    tokens: torch.Tensor  # int64 [b, L]; pad_id where nothing
+    layout: torch.Tensor  # int32 [b, 3, L]; rows POSITION, SEGMENT, CANDIDATE (module docstring)
+    reward_index: torch.Tensor  # int64 [n_cand]; flat index bi*L + t of each candidate's last token
+    cand_group: torch.Tensor  # int64 [n_cand]; batch-level group 0..G-1 of each candidate
+    labels: torch.Tensor  # int64 [n_cand]
+    pair_pos: torch.Tensor  # int64 [n_pairs]; candidate indices, every (positive, negative) pair in a group
+    pair_neg: torch.Tensor  # int64 [n_pairs]
+    num_groups: int
+    num_real_tokens: int
+
+    def _map_tensors(self, fn) -> "PackedBatch":
+        return dataclasses.replace(
+            self,
+            **{f.name: fn(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if isinstance(getattr(self, f.name), torch.Tensor)},
+        )
+
+    def to(self, device, non_blocking: bool = True) -> "PackedBatch":
+        return self._map_tensors(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "PackedBatch":
+        # torch's DataLoader(pin_memory=True) calls this; a non-blocking copy is only truly
+        # asynchronous from pinned memory.
+        return self._map_tensors(lambda t: t.pin_memory())
+
+
+def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
+    return np.concatenate(parts).astype(dtype, copy=False) if parts else np.zeros(0, dtype=dtype)
+
+
+def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
+    out = np.zeros_like(x)
+    np.cumsum(x[:-1], out=out[1:])
+    return out
+
+
+def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> PackedBatch:
+    """Lay out b sequences of whole groups as one PackedBatch of shape [b, seq_length].
+
+    Candidates are numbered in batch group order (sequence 0's groups first), then candidate order;
+    reward_index, cand_group, labels and the pair indices all use that numbering.
+    """
+    b, L = len(sequences), int(seq_length)
+    # Per-group loop gathers "pieces" (a prefix or one candidate) and their attributes; every
+    # per-token array is then made from the pieces with repeat/cumsum in one pass.
+    pieces: list[np.ndarray] = []
+    group_pieces, group_prefix, group_slot, group_row = [], [], [], []
+    labels: list[np.ndarray] = []
+    pair_pos: list[np.ndarray] = []
+    pair_neg: list[np.ndarray] = []
+    row_tokens = np.zeros(b, dtype=np.int64)
+    n_cand = 0
+    for row, groups in enumerate(sequences):
+        for slot, g in enumerate(groups):
+            k = len(g.candidates)
+            pieces.append(g.prefix)
+            pieces.extend(g.candidates)
+            group_pieces.append(k + 1)
+            group_prefix.append(len(g.prefix))
+            group_slot.append(slot)
+            group_row.append(row)
+            labels.append(g.labels)
+            pos = np.flatnonzero(g.labels == 1) + n_cand
+            neg = np.flatnonzero(g.labels == 0) + n_cand
+            pair_pos.append(np.repeat(pos, len(neg)))
+            pair_neg.append(np.tile(neg, len(pos)))
+            n_cand += k
+            row_tokens[row] += len(g)
+        if row_tokens[row] > L:
+            raise ValueError(
+                f"sequence {row} of the batch holds {row_tokens[row]} tokens in {len(groups)} groups, "
+                f"more than seq_length={L}; plan it with plan_sequences(..., {L})"
+            )
+
+    num_groups = len(group_pieces)
+    group_pieces = np.asarray(group_pieces, dtype=np.int64)
+    piece_len = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    # k-th piece of its group: 0 = prefix, k = candidate k.
+    piece_cand = np.arange(len(pieces), dtype=np.int64) - np.repeat(_exclusive_cumsum(group_pieces), group_pieces)
+    piece_base = np.where(piece_cand == 0, 0, np.repeat(np.asarray(group_prefix, dtype=np.int64), group_pieces))
+    piece_slot = np.repeat(np.asarray(group_slot, dtype=np.int64), group_pieces)
+    piece_row = np.repeat(np.asarray(group_row, dtype=np.int64), group_pieces)
+    piece_start = _exclusive_cumsum(piece_len)  # in the concatenation of all real tokens
+    # Shifts a piece from the concatenation of all real tokens to its place in the flat [b*L] batch.
+    piece_shift = piece_row * L - _exclusive_cumsum(row_tokens)[piece_row]
+
+    n_tokens = int(piece_len.sum())
+    token_in_all = np.arange(n_tokens, dtype=np.int64)
+    dest = token_in_all + np.repeat(piece_shift, piece_len)
+
+    tokens = np.full(b * L, pad_id, dtype=np.int64)
+    tokens[dest] = _cat(pieces, np.int64)
+    layout = np.zeros((3, b * L), dtype=np.int32)
+    layout[SEGMENT] = -1
+    layout[POSITION, dest] = token_in_all - np.repeat(piece_start - piece_base, piece_len)
+    layout[SEGMENT, dest] = np.repeat(piece_slot, piece_len)
+    layout[CANDIDATE, dest] = np.repeat(piece_cand, piece_len)
+
+    is_cand = piece_cand > 0
+    reward_index = (piece_start + piece_len - 1 + piece_shift)[is_cand]
+    cand_group = np.repeat(np.arange(num_groups, dtype=np.int64), group_pieces - 1)
+
+    return PackedBatch(
+        tokens=torch.from_numpy(tokens.reshape(b, L)),
+        layout=torch.from_numpy(np.ascontiguousarray(layout.reshape(3, b, L).transpose(1, 0, 2))),
+        reward_index=torch.from_numpy(reward_index),
+        cand_group=torch.from_numpy(cand_group),
+        labels=torch.from_numpy(_cat(labels, np.int64)),
+        pair_pos=torch.from_numpy(_cat(pair_pos, np.int64)),
+        pair_neg=torch.from_numpy(_cat(pair_neg, np.int64)),
+        num_groups=num_groups,
+        num_real_tokens=n_tokens,
+    )
+
+
+def dense_mask(layout: torch.Tensor) -> torch.Tensor:
+    """layout int [b, 3, L] -> bool [b, L, L], True where query (row) i may attend to key (column) j.
+
+    i sees j iff same segment (not padding), j <= i, and j is on the prefix or on i's own candidate.
+    A padding query sees only itself, so no softmax row is entirely masked (which would give NaN).
+    O(L^2) memory: a reference and a small-L fallback, not a training path for long sequences.
+    """
+    seg = layout[:, SEGMENT]
+    cand = layout[:, CANDIDATE]
+    L = layout.shape[-1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=layout.device).tril_()
+    same_seg = (seg[:, :, None] == seg[:, None, :]) & (seg[:, :, None] != -1)
+    visible_cand = (cand[:, None, :] == 0) | (cand[:, None, :] == cand[:, :, None])
+    mask = same_seg & causal & visible_cand
+    pad_self = torch.eye(L, dtype=torch.bool, device=layout.device) & (seg == -1)[:, :, None]
+    return mask | pad_self
