@@ -13,7 +13,8 @@ softmax row is empty.
 
 The module takes megatron's core-attention slot in the layer spec. It receives the packed layout
 through megatron's `attention_mask` argument as an int tensor [b, 3, s] (rows: position id,
-segment, candidate) and applies RoPE itself (see rope.py). Fast kernels plug in by `backend`.
+segment, candidate; built by engine.packing.collate, whose `dense_mask` states the rule) and
+applies RoPE itself (see rope.py). Fast kernels plug in by `backend`.
 """
 from __future__ import annotations
 
@@ -25,28 +26,30 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from engine.model.rope import apply_rope, rope_cos_sin
+from engine.packing import POSITION, dense_mask
 
-POSITION, SEGMENT, CANDIDATE = 0, 1, 2
+class _PerLayoutCache:
+    """Every layer of one forward sees the same layout tensor: build its mask and RoPE angles once."""
+
+    def __init__(self):
+        self.layout = None
+        self.values: dict = {}
+
+    def get(self, layout: torch.Tensor, key, build):
+        if layout is not self.layout:
+            self.layout, self.values = layout, {}
+        if key not in self.values:
+            self.values[key] = build()
+        return self.values[key]
 
 
-def shared_prefix_mask(layout: torch.Tensor) -> torch.Tensor:
-    """layout [b, 3, s] -> bool [b, s, s], True where query (row) may attend to key (column)."""
-    seg = layout[:, SEGMENT]
-    cand = layout[:, CANDIDATE]
-    s = seg.shape[-1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=layout.device).tril_()
-    same_group = (seg.unsqueeze(2) == seg.unsqueeze(1)) & (seg.unsqueeze(2) >= 0)
-    visible_key = (cand.unsqueeze(1) == 0) | (cand.unsqueeze(2) == cand.unsqueeze(1))
-    mask = same_group & visible_key & causal
-    # no data-dependent branch (a host sync on GPU): padding rows always get their diagonal
-    eye = torch.eye(s, dtype=torch.bool, device=layout.device)
-    return mask | ((seg < 0).unsqueeze(2) & eye)
+_cache = _PerLayoutCache()
 
 
 def torch_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torch.Tensor:
     """q [s, b, hq, d], k/v [s, b, hkv, d] (RoPE already applied) -> [s, b, hq * d]."""
     s, b, hq, d = q.shape
-    mask = shared_prefix_mask(layout).unsqueeze(1)  # [b, 1, s, s]
+    mask = _cache.get(layout, "mask", lambda: dense_mask(layout).unsqueeze(1))  # [b, 1, s, s]
     out = F.scaled_dot_product_attention(
         q.permute(1, 2, 0, 3),
         k.permute(1, 2, 0, 3),
@@ -113,7 +116,10 @@ class SharedPrefixAttention(MegatronModule):
         layout = attention_mask
         if layout is None or layout.dim() != 3 or layout.shape[1] != 3:
             raise ValueError("SharedPrefixAttention expects the packed layout [b, 3, s] as attention_mask")
-        cos, sin = rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype)
+        cos, sin = _cache.get(
+            layout, ("rope", self.head_dim, self.rotary_base, query.dtype),
+            lambda: rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype),
+        )
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)
         return self.attend(query, key, value, layout, self.softmax_scale)
