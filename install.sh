@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Creates .venv (if missing) and installs polar with its pinned dependencies; safe to re-run.
+#   ./install.sh            then   .venv/bin/torchrun --nproc_per_node 2 engine/pretrain.py
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q -r requirements.txt
+# megatron-core 0.19.2 declares Python>=3.12 but runs on 3.11 (tested: PLATFORM notes); its
+# undeclared needs (triton, psutil, packaging, numpy, torch) come from requirements.txt.
+if python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
+  python -m pip install -q --no-deps megatron-core==0.19.2
+else
+  python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
+fi
+# builds the C++ packer (engine._C); --no-build-isolation reuses the pinned torch instead of
+# letting an isolated build environment resolve its own
+python -m pip install -q --no-build-isolation --no-deps -e .
+python -c 'import engine._C, megatron.core, torch; print(f"polar installed: torch {torch.__version__}, megatron-core {megatron.core.__version__}")'
