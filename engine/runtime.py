@@ -5,7 +5,6 @@ Works under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) and as a plain single pr
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -32,12 +31,6 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int) -> int:
@@ -99,9 +92,6 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
     rank = int(os.environ.get("RANK", "0"))
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if world == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -113,7 +103,11 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         device = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            # a plain single process: an in-memory store, no TCP port to race other processes for
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
     from megatron.core import parallel_state, tensor_parallel
 

@@ -24,8 +24,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 ASCII_CONSONANTS, ASCII_VOWELS = "bcdfghjklmnprstvwxz", "aeiouy"
-# Extra letters (two UTF-8 bytes each) give policies rarer, more telling symbols: a candidate whose
-# letters never occur in the reference is then visible byte by byte.
+# Extra letters, two UTF-8 bytes each. Not the default: measured harder to learn from bytes (the
+# shared lead bytes blur the letters), see the study in the module docstring.
 EXTENDED_CONSONANTS = ASCII_CONSONANTS + "çñšžčřłđþŋ"
 EXTENDED_VOWELS = ASCII_VOWELS + "áéíóúàèìòùâêîôûäëïöüåøæ"
 # Shared by every policy: they make texts read like text and give all pairs some word overlap.
@@ -40,8 +40,8 @@ _MAX_SYLLABLES = 3
 class StyleConfig:
     """The style distribution policies are drawn from. Ranges are (low, high), drawn uniformly."""
 
-    consonants: str = EXTENDED_CONSONANTS
-    vowels: str = EXTENDED_VOWELS
+    consonants: str = ASCII_CONSONANTS
+    vowels: str = ASCII_VOWELS
     letter_alpha: float = 0.25  # Dirichlet concentration of consonant/vowel weights; small = skewed
     shared_lexicon: bool = False  # True: every policy uses one lexicon and one word distribution
     lexicon_size: int = 800
@@ -55,7 +55,7 @@ class StyleConfig:
     separator_alpha: float = 0.5  # Dirichlet concentration over SEPARATORS (after a space bias)
     upper_rate: tuple = (0.0, 0.08)  # share of words written in capitals
     loop_prob: tuple = (0.0, 0.3)  # share of texts that fall into a copy loop
-    words: tuple = (7, 24)  # range of the policy's mean number of words per text
+    words: tuple = (6, 18)  # range of the policy's mean number of words per text
     length_spread: float = 0.3  # per-text word count ~ mean * (1 +- spread)
     min_words: int = 5
     max_words: int = 32

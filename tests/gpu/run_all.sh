@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The whole GPU check in one command, from the repository root on a GPU machine:
+#   bash tests/gpu/run_all.sh            (carry .whl/ from tests/gpu/fetch_wheels.sh)
+# Installs what the image lacks, builds the C++ packer, runs tests/gpu, then the default
+# pre-training configuration in bf16 on one GPU over NCCL, and prints a short table.
+set -uo pipefail
+OUT=${OUT:-/tmp/polar_gpu}; mkdir -p "$OUT"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 setup.py -q build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+
+declare -A RESULT
+python3 -m pytest tests/gpu -q 2>&1 | tee "$OUT/tests_gpu.log"; RESULT[tests_gpu]=${PIPESTATUS[0]}
+
+t0=$(date +%s)
+torchrun --standalone --nproc_per_node 1 engine/pretrain.py train.precision=bf16 run_dir="$OUT/default_bf16" \
+  2>&1 | tee "$OUT/default_bf16.log"; RESULT[default_bf16]=${PIPESTATUS[0]}
+echo "default bf16 wall: $(( $(date +%s) - t0 ))s"
+
+echo; echo "| check | exit | detail |"; echo "|---|---|---|"
+echo "| tests/gpu | ${RESULT[tests_gpu]} | $(tail -1 "$OUT/tests_gpu.log") |"
+python3 - "$OUT/default_bf16/summary.json" "${RESULT[default_bf16]}" <<'PY'
+import json, sys
+try:
+    s = json.load(open(sys.argv[1]))
+    print(f"| default bf16 | {sys.argv[2]} | held-out acc {s['held_out_pair_accuracy']:.3f}, "
+          f"seen {s['train_pair_accuracy']:.3f}, {s['tokens_per_second']:,.0f} tok/s, {s['steps']} steps |")
+except Exception as e:
+    print(f"| default bf16 | {sys.argv[2]} | no summary: {e} |")
+PY
