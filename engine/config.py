@@ -61,6 +61,9 @@ class TrainConfig:
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
     loss: str = "pairwise"  # pairwise (Bradley-Terry, POLAR Eq. 7) | infonce
+    # weight of an auxiliary next-token loss on the packed tokens (0 = off). It needs an LM head
+    # (vocab-parallel) on the last stage; it helps a backbone trained from scratch learn to read text
+    aux_lm_weight: float = 0.0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
     seed: int = 1234
     attention_backend: str = "torch"  # torch (reference, runs everywhere)

@@ -24,9 +24,21 @@ class PackedGroups:
         lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
         self.plan = plan_sequences(lengths, seq_length, method=method)
         self.num_real_tokens = int(lengths.sum())
-        # per packed sequence, for throughput accounting without touching device tensors
-        self.seq_tokens = np.array([lengths[p].sum() for p in self.plan], dtype=np.int64)
-        self.seq_groups = np.array([len(p) for p in self.plan], dtype=np.int64)
+        # Per packed sequence, known on the host before a step runs: throughput accounting and the
+        # global loss normalisers need no device round trip.
+        n_pos = np.fromiter((int((g.labels == 1).sum()) for g in groups), dtype=np.int64, count=len(groups))
+        n_cand = np.fromiter((len(g.candidates) for g in groups), dtype=np.int64, count=len(groups))
+        per_group = {
+            "tokens": lengths,
+            "groups": np.ones(len(groups), dtype=np.int64),
+            "pairs": n_pos * (n_cand - n_pos),
+            "positives": np.where(n_cand > n_pos, n_pos, 0),
+            # next-token targets: every token but the last of the prefix and of each candidate
+            "lm_targets": np.maximum(lengths - 1 - n_cand, 0),
+        }
+        self.per_sequence = {k: np.array([v[p].sum() for p in self.plan], dtype=np.int64) for k, v in per_group.items()}
+        self.seq_tokens = self.per_sequence["tokens"]
+        self.seq_groups = self.per_sequence["groups"]
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -77,8 +89,9 @@ class GlobalBatchLoader:
     def next_microbatches(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next global batch."""
         idx = self.global_batch_indices(self.state.consumed_batches)
-        self.last_global_tokens = int(self.source.seq_tokens[idx].sum())
-        self.last_global_groups = int(self.source.seq_groups[idx].sum())
+        self.last_global = {k: int(v[idx].sum()) for k, v in self.source.per_sequence.items()}
+        self.last_global_tokens = self.last_global["tokens"]
+        self.last_global_groups = self.last_global["groups"]
         per_rank = self.global_batch // self.dp_size
         mine = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         self.state.consumed_batches += 1

@@ -89,6 +89,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
             pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
+            lm_head=train.aux_lm_weight > 0,
         )
         chunk.to(rt.device)
         chunks.append(chunk)

@@ -59,7 +59,7 @@ class Progress:
                 print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
 
     def log(self, step: int, loss: float, acc: float, lr: float, grad_norm: float, tokens: int, real_tokens: int,
-            triplets: int) -> dict:
+            triplets: int, lm_loss: float | None = None) -> dict:
         now = time.perf_counter()
         dt = max(now - self.last_t, 1e-9)
         steps = max(step - self.last_step, 1)
@@ -75,10 +75,13 @@ class Progress:
                "packing": real_tokens / max(tokens, 1)}
         if mfu is not None:
             row["mfu"] = mfu
+        if lm_loss is not None:
+            row["lm_loss"] = lm_loss
         if self.enabled:
             mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
+            lm_s = f" | lm loss {lm_loss:.3f}" if lm_loss is not None else ""
             print(
-                f"step {step:>6}/{self.total} | loss {loss:.4f} | pair acc {acc:.3f} | lr {lr:.2e} | "
+                f"step {step:>6}/{self.total} | loss {loss:.4f} | pair acc {acc:.3f}{lm_s} | lr {lr:.2e} | "
                 f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | {trip_s:,.1f} groups/s{mfu_s} | "
                 f"eta {_fmt_time(eta)}",
                 flush=True,

@@ -22,18 +22,35 @@ from engine.optim import build_optimizer
 from engine.progress import Progress, flops_per_token, peak_tflops
 from engine.runtime import Runtime
 
-STATS = 4  # loss_sum, correct_pairs, loss_count, pairs
+STATS = 6  # loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
 
 
-def _forward_step(loss_kind: str, data_iterator, model):
+def _forward_step(loss_kind: str, lm_scale: float, data_iterator, model):
+    """`lm_scale` = aux weight x (global contrastive count / global next-token targets): megatron
+    divides the summed loss by the global contrastive count, which turns the LM term into
+    weight x (mean next-token loss over the global batch), exactly."""
     batch = next(data_iterator)
-    rewards = model(batch.tokens, batch.layout, batch.reward_index)
+    output = model(batch.tokens, batch.layout, batch.reward_index)
 
     def loss_func(output):
-        loss_sum, count, stats = contrastive_loss(loss_kind, output, batch)
-        return loss_sum, count.to(torch.int), {"stats": stats}
+        n = batch.reward_index.numel()
+        loss_sum, count, stats = contrastive_loss(loss_kind, output[:n], batch)
+        if output.numel() > n:
+            lm_sum = output[n]
+            loss_sum = loss_sum + lm_scale * lm_sum
+            lm_stats = torch.stack([lm_sum.detach(), _lm_targets(batch.layout).to(stats.dtype)])
+        else:
+            lm_stats = torch.zeros(2, dtype=stats.dtype, device=stats.device)
+        return loss_sum, count.to(torch.int), {"stats": torch.cat([stats, lm_stats])}
 
-    return rewards, loss_func
+    return output, loss_func
+
+
+def _lm_targets(layout):
+    from engine.packing import CANDIDATE, SEGMENT
+
+    seg, cand = layout[:, SEGMENT], layout[:, CANDIDATE]
+    return ((seg[:, 1:] == seg[:, :-1]) & (cand[:, 1:] == cand[:, :-1]) & (seg[:, :-1] >= 0)).sum()
 
 
 class Trainer:
@@ -98,13 +115,13 @@ class Trainer:
         return path
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def _run_schedule(self, microbatches, forward_only: bool, micro_batch: int | None = None):
+    def _run_schedule(self, microbatches, forward_only: bool, micro_batch: int | None = None, lm_scale: float = 0.0):
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         device_batches = [mb.to(self.rt.device) for mb in microbatches]
         iters = [iter(device_batches) for _ in self.model]
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.cfg.train.loss),
+            forward_step_func=partial(_forward_step, self.cfg.train.loss, lm_scale),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(device_batches),
@@ -122,7 +139,11 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        outputs = self._run_schedule(self.loader.next_microbatches(), forward_only=False)
+        microbatches = self.loader.next_microbatches()
+        g = self.loader.last_global
+        count = g["pairs"] if self.cfg.train.loss == "pairwise" else g["positives"]
+        lm_scale = self.cfg.train.aux_lm_weight * count / max(g["lm_targets"], 1)
+        outputs = self._run_schedule(microbatches, forward_only=False, lm_scale=lm_scale)
         ok, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return self._sum_stats(outputs), (grad_norm if grad_norm is not None else float("nan"))
@@ -170,6 +191,7 @@ class Trainer:
                 row = progress.log(
                     self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
                     grad_norm, tokens, real_tokens, groups,
+                    lm_loss=s[4] / s[5] if s[5] > 0 else None,
                 )
                 self.history.append(row)
                 window.zero_()
@@ -207,4 +229,7 @@ class Trainer:
         for chunk in self.model:
             chunk.train()
         s = self._reduce(stats).tolist()
-        return {"loss": s[0] / max(s[2], 1), "pair_accuracy": s[1] / max(s[3], 1), "pairs": int(s[3])}
+        out = {"loss": s[0] / max(s[2], 1), "pair_accuracy": s[1] / max(s[3], 1), "pairs": int(s[3])}
+        if s[5] > 0:
+            out["lm_loss"] = s[4] / s[5]
+        return out

@@ -13,8 +13,17 @@ from one style distribution, so policies held out of training are new but of the
 - repetition loops: a share of its texts fall into a copy loop that runs to the end of the text.
 
 Continuations do not depend on the prompt: the prompt is context only (as for base LMs continuing
-arbitrary text, the policy's habit dominates). Everything is numpy-vectorised over the texts of one
-policy; Python touches each text once (the final join). Deterministic given the seeds.
+arbitrary text, the policy's habit dominates). Prompts are neutral (uniform letters). Everything is
+numpy-vectorised over the texts of one policy; Python touches each text once (the final join):
+20,000 triplets take about 1-2 s on one core. Deterministic given the seeds.
+
+Difficulty, measured with a byte tokenizer (held-out policies, 40 of 200, 1000 triplets): the
+default pool defeats the word-level baselines (word overlap ~0.72, word bigrams ~0.51, length
+~0.70) but not a character-histogram cosine (~0.98): the style is plainly in the bytes, and a small
+reward model trained from scratch learns to compare it within minutes (~0.72-0.76 after 11k
+triplets; ~0.8 with an auxiliary next-token loss). `StyleConfig.transition_only()` leaves only
+word-order differences and stays at chance over the same budget. Two-byte accented letters
+(`EXTENDED_*`) made the task harder, not easier, so the default alphabet is ASCII.
 """
 from __future__ import annotations
 
@@ -24,8 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 ASCII_CONSONANTS, ASCII_VOWELS = "bcdfghjklmnprstvwxz", "aeiouy"
-# Extra letters, two UTF-8 bytes each. Not the default: measured harder to learn from bytes (the
-# shared lead bytes blur the letters), see the study in the module docstring.
+# Extra letters, two UTF-8 bytes each; not the default (see the module docstring).
 EXTENDED_CONSONANTS = ASCII_CONSONANTS + "çñšžčřłđþŋ"
 EXTENDED_VOWELS = ASCII_VOWELS + "áéíóúàèìòùâêîôûäëïöüåøæ"
 # Shared by every policy: they make texts read like text and give all pairs some word overlap.
@@ -148,18 +156,18 @@ class Policy:
             out[upper] = np.char.upper(words[upper].astype(str)).astype(object)
         return out
 
-    def _loops(self, rng, words, seps, lens):
+    def _loops(self, rng, words, sep_idx, lens):
         n, width = words.shape
         looped = rng.random(n) < self.loop_prob
         if not looped.any():
-            return words, seps
+            return words, sep_idx
         span = rng.integers(1, 4, n)
         start = np.floor(rng.random(n) * np.maximum(lens - span, 1)).astype(np.int64)
         t = np.arange(width)[None, :]
         s0, sp = start[:, None], span[:, None]
         # From start+span on, the text repeats its span forever (truncated at the text's length).
         src = np.where(looped[:, None] & (t >= s0 + sp), s0 + (t - s0) % sp, t)
-        return np.take_along_axis(words, src, 1), np.take_along_axis(seps, src, 1)
+        return np.take_along_axis(words, src, 1), np.take_along_axis(sep_idx, src, 1)
 
 
 @dataclass
@@ -250,8 +258,11 @@ def make_pool(seed: int, n_policies: int, style: Optional[StyleConfig] = None) -
     return pool
 
 
-def make_prompts(seed: int, n: int, min_words: int = 2, max_words: int = 8) -> list:
-    """Neutral prompts (uniform letters, no policy style) of about 10-60 bytes."""
+def make_prompts(seed: int, n: int, min_words: int = 3, max_words: int = 6) -> list:
+    """Neutral prompts (uniform ASCII letters, no policy style), by default about 8-45 bytes.
+
+    Short on purpose: the prompt appears twice in every input and carries no policy signal.
+    """
     rng = np.random.default_rng([seed, 0x50524F])
     flat = np.ones(len(ASCII_CONSONANTS)), np.ones(len(ASCII_VOWELS))
     vocab = np.concatenate([_invent_words(rng, 500, ASCII_CONSONANTS, ASCII_VOWELS, *flat),

@@ -15,7 +15,7 @@ from engine.model.readout import torch_reward_readout
 
 class RewardModel(MegatronModule):
     def __init__(self, config, spec, vocab_size: int, max_sequence_length: int,
-                 pre_process: bool, post_process: bool, vp_stage=None):
+                 pre_process: bool, post_process: bool, vp_stage=None, lm_head: bool = False):
         super().__init__(config=config)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -41,14 +41,43 @@ class RewardModel(MegatronModule):
             # POLAR: a new value head starts at zero, so every reward starts at 0 and the first
             # gradients flow only into the head
             torch.nn.init.zeros_(self.value_head.weight)
+            self.lm_head = None
+            if lm_head:
+                from megatron.core import tensor_parallel
+
+                self.lm_head = tensor_parallel.ColumnParallelLinear(
+                    h, vocab_size, config=config, init_method=config.init_method, bias=False,
+                    gather_output=False,
+                )
 
     def set_input_tensor(self, input_tensor) -> None:
         self.backbone.set_input_tensor(input_tensor)
 
     def forward(self, tokens, layout, reward_index=None):
+        """Last stage: rewards [n_candidates] (with an LM head: followed by one element, the summed
+        next-token loss). Other stages: hidden states for the next stage."""
         hidden = self.backbone(input_ids=tokens, position_ids=None, attention_mask=layout)
         if not self.post_process:
             return hidden
-        return torch_reward_readout(
+        rewards = torch_reward_readout(
             hidden, reward_index, self.final_norm.weight, self.value_head.weight, self.final_norm.eps
         )
+        if self.lm_head is None:
+            return rewards
+        return torch.cat([rewards, self._next_token_loss_sum(hidden, tokens, layout).view(1)])
+
+    def _next_token_loss_sum(self, hidden, tokens, layout):
+        """Sum of next-token cross-entropy over positions whose next token continues the same piece
+        (prefix, or the same candidate) of the same group: in the shared-prefix layout the token
+        after a prefix is ambiguous (one per candidate) and is not predicted."""
+        from megatron.core import tensor_parallel
+
+        from engine.packing import CANDIDATE, SEGMENT
+
+        seg, cand = layout[:, SEGMENT], layout[:, CANDIDATE]
+        valid = (seg[:, 1:] == seg[:, :-1]) & (cand[:, 1:] == cand[:, :-1]) & (seg[:, :-1] >= 0)
+        targets = torch.where(valid, tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))  # [b, s-1]
+        normed = self.final_norm(hidden[:-1])  # [s-1, b, h]
+        logits, _ = self.lm_head(normed)
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())
+        return (losses * valid.t().to(losses.dtype)).sum()

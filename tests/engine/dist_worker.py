@@ -48,7 +48,7 @@ def main():
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=64",
         "train.steps=3", "train.global_batch=4", "train.micro_batch=1", "train.lr=3e-3",
         "train.warmup_steps=1", "data.seq_length=64", "log.interval=1", "log.tensorboard=false",
-        "checkpoint.resume=false",
+        "checkpoint.resume=false", "train.aux_lm_weight=0.5",
     ]
     cfg = load_config(EngineConfig, None, defaults + args.overrides)
     if args.init:

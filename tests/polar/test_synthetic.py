@@ -104,8 +104,11 @@ def test_prompts():
     assert prompts == make_prompts(3, 200)
     assert prompts != make_prompts(4, 200)
     lengths = [len(p.encode()) for p in prompts]
-    assert min(lengths) >= 5 and max(lengths) <= 80
+    assert min(lengths) >= 8 and max(lengths) <= 50
     assert all(p[-1] in "?:." for p in prompts)
+    assert all(p.isascii() for p in prompts)  # neutral: none of the policies' extra habits
+    longer = make_prompts(3, 50, min_words=10, max_words=12)
+    assert min(len(p.split()) for p in longer) == 10
 
 
 def test_triplets_follow_polar(pool):
