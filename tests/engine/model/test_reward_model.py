@@ -93,3 +93,42 @@ def test_candidate_ignores_siblings_and_other_groups(runtime):
     torch.testing.assert_close(out[: k0 + 2], base[: k0 + 2], rtol=1e-6, atol=1e-6)
     assert not torch.allclose(out[k0 + 2], base[k0 + 2])  # the changed candidate itself moved
     assert not torch.allclose(out[k0 + k1:], base[k0 + k1:])  # the changed group moved
+
+
+def test_aux_next_token_loss_equals_unpacked(runtime):
+    """The packed LM term sums, per group, the prefix's next-token losses once and each candidate's
+    own next-token losses, exactly as the unpacked `prefix + candidate` sequences give them."""
+    import torch.nn.functional as F
+
+    from engine.model.reward_model import RewardModel
+    from engine.model.spec import layer_spec
+    from engine.parallelize import transformer_config
+
+    torch.manual_seed(3)
+    m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=96, vocab_size=50)
+    cfg = transformer_config(m, ParallelConfig(), TrainConfig(precision="fp32"), runtime)
+    model = RewardModel(cfg, layer_spec(False, 10000.0, "torch"), 50, 512, True, True, lm_head=True)
+    groups = random_groups(np.random.default_rng(3), 4)
+    batch = collate([groups[:2], groups[2:]], 200, pad_id=0)
+    out = model(batch.tokens, batch.layout, batch.reward_index)
+    packed_lm = out[-1]
+
+    def token_losses(ids):
+        n = len(ids)
+        layout = torch.zeros(1, 3, n, dtype=torch.int32)
+        layout[0, 0] = torch.arange(n)
+        hidden = model.backbone(input_ids=torch.from_numpy(ids.astype(np.int64))[None], position_ids=None,
+                                attention_mask=layout)
+        logits, _ = model.lm_head(model.final_norm(hidden[:-1]))
+        return F.cross_entropy(logits[:, 0].double(), torch.from_numpy(ids[1:].astype(np.int64)), reduction="none")
+
+    expected = torch.zeros((), dtype=torch.float64)
+    for g in groups:
+        p = len(g.prefix)
+        for i, c in enumerate(g.candidates):
+            losses = token_losses(np.concatenate([g.prefix, c]))
+            if i == 0:
+                expected += losses[: p - 1].sum()  # the prefix is counted once per group
+            expected += losses[p:].sum()  # the candidate's own next tokens
+    torch.testing.assert_close(packed_lm.double(), expected, rtol=1e-5, atol=1e-5)

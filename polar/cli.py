@@ -1,0 +1,65 @@
+"""The `polar` command.
+
+    polar pretrain [--nproc N] [--config FILE] [section.key=value ...]   # torchrun engine.pretrain
+    polar env                                                           # what this machine has
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+
+
+def _pretrain(args, rest) -> int:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "engine.pretrain", *rest]
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.call(cmd)
+
+
+def _version(name: str) -> str:
+    try:
+        mod = importlib.import_module(name)
+    except Exception as e:  # TE raises OSError on machines without CUDA libraries
+        return f"not available ({type(e).__name__})"
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def _env(args, rest) -> int:
+    import torch
+
+    rows = [
+        ("python", sys.version.split()[0]),
+        ("torch", torch.__version__),
+        ("cuda", f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "none (CPU, gloo)"),
+        ("triton", _version("triton")),
+        ("megatron-core", _version("megatron.core")),
+        ("transformer-engine", _version("transformer_engine") if torch.cuda.is_available() else "not used on CPU"),
+        ("engine._C (C++ packer)", _version("engine._C")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pretrain", help="pre-train a reward model (engine/pretrain.py under torchrun); "
+                                        "other arguments are passed on (--config, section.key=value)")
+    p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
+                   help="processes on this machine (default 2)")
+    p.set_defaults(func=_pretrain)
+    e = sub.add_parser("env", help="print the versions and devices polar sees")
+    e.set_defaults(func=_env)
+    args, rest = ap.parse_known_args(argv)
+    if args.command == "env" and rest:
+        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args.func(args, rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
