@@ -20,7 +20,9 @@ def pairwise_sums(rewards, pair_pos, pair_neg):
     margin = rewards[pair_pos] - rewards[pair_neg]
     loss_sum = F.softplus(-margin).sum()
     correct = (margin > 0).float().sum() + 0.5 * (margin == 0).float().sum()
-    return loss_sum, correct, torch.tensor(float(pair_pos.numel()), device=rewards.device)
+    # new_full launches a fill on the device; torch.tensor(python_number, device=cuda) would copy
+    # from host memory inside the training step
+    return loss_sum, correct, rewards.new_full((), float(pair_pos.numel()))
 
 
 def infonce_sums(rewards, pair_pos, pair_neg):

@@ -80,7 +80,7 @@ class Trainer:
         self.history: list[dict] = []
         self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
         n_local = count_parameters(self.model)
-        total = torch.tensor([n_local], dtype=torch.float64)
+        total = torch.tensor([n_local], dtype=torch.float64, device=rt.device)  # NCCL needs device tensors
         dist.all_reduce(total)  # every TP/PP shard counted once per DP replica
         self.num_parameters = int(total.item() / rt.dp)
         self._resume()
@@ -197,7 +197,7 @@ class Trainer:
                 window.zero_()
                 tokens = real_tokens = groups = 0
                 if tc.time_limit_s > 0:
-                    flag = torch.tensor([float(time.time() - start > tc.time_limit_s)])
+                    flag = torch.tensor([float(time.time() - start > tc.time_limit_s)], device=self.rt.device)
                     dist.broadcast(flag, src=0)
                     stop = bool(flag.item())
                     if stop:
