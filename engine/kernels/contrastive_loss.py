@@ -1,0 +1,233 @@
+"""Fused contrastive losses over (positive, negative) reward pairs.
+
+Same semantics as `engine.loss.pairwise_sums` and `engine.loss.infonce_sums`; all arithmetic in fp32.
+
+Pairwise (Bradley-Terry), one kernel, one pass over the pairs j = (p, q):
+    m_j        = r_p - r_q
+    loss_sum   = sum_j softplus(-m_j),   softplus(z) = max(z, 0) + log(1 + exp(-|z|))   (stable for any |z|)
+    correct    = sum_j [m_j > 0] + 1/2 [m_j == 0]
+    dloss/dr_p -= sigmoid(-m_j),  dloss/dr_q += sigmoid(-m_j)
+with sigmoid(-m) = exp(-|m|)/(1+exp(-|m|)) for m >= 0 and 1/(1+exp(-|m|)) otherwise. The gradient of
+loss_sum wrt the rewards is accumulated with atomics during the forward pass; the backward scales it
+by the incoming gradient. Loss and count are reduced per block and summed over blocks in torch.
+
+InfoNCE over the positives p of a group (pairs (p, q) list its negatives q), d_pq = r_q - r_p:
+    M_p       = max(0, max_q d_pq)
+    S_p       = sum_q exp(d_pq - M_p)
+    loss_p    = M_p + log(S_p + exp(-M_p))         (= log(1 + sum_q exp(d_pq)))
+    dloss_p/dr_q = exp(d_pq - M_p) / (S_p + exp(-M_p)),   dloss_p/dr_p = -sum_q dloss_p/dr_q
+Three passes over the pairs (atomic max for M, atomic add for S, atomic add of the gradient) and one
+over the rewards (the per-positive loss, for positives with at least one pair).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK_P = 1024
+
+
+@triton.jit
+def _sum(x, axis: tl.constexpr):
+    # tl.sum is a @triton.jit function of triton.language.standard, which the interpreter cannot call
+    # when triton was imported before TRITON_INTERPRET was set (torch._dynamo imports triton).
+    # tl.reduce is a builtin, and the interpreter recognises standard's sum combine function by
+    # identity and reduces with numpy (a local combine function falls back to a slow python loop).
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+@triton.jit
+def _pairwise_kernel(
+    rewards_ptr, pos_ptr, neg_ptr, grad_ptr, partial_ptr, num_pairs,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=mask, other=0)
+    q = tl.load(neg_ptr + offs, mask=mask, other=0)
+    rp = tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    rq = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32)
+    m = rp - rq
+    e = tl.exp(-tl.abs(m))
+    loss = tl.maximum(-m, 0.0) + tl.log(1.0 + e)
+    correct = tl.where(m > 0, 1.0, tl.where(m == 0, 0.5, 0.0))
+    sig_neg = tl.where(m >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-m)
+    tl.atomic_add(grad_ptr + p, -sig_neg, mask=mask)
+    tl.atomic_add(grad_ptr + q, sig_neg, mask=mask)
+    tl.store(partial_ptr + pid * 2, _sum(tl.where(mask, loss, 0.0), 0))
+    tl.store(partial_ptr + pid * 2 + 1, _sum(tl.where(mask, correct, 0.0), 0))
+
+
+@triton.jit
+def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=mask, other=0)
+    q = tl.load(neg_ptr + offs, mask=mask, other=0)
+    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
+        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    tl.atomic_max(max_ptr + p, d, mask=mask)  # max_ptr starts at 0, so M_p >= 0
+
+
+@triton.jit
+def _infonce_sum_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=mask, other=0)
+    q = tl.load(neg_ptr + offs, mask=mask, other=0)
+    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
+        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    mp = tl.load(max_ptr + p, mask=mask, other=0.0)
+    tl.atomic_add(sum_ptr + p, tl.exp(d - mp), mask=mask)
+
+
+@triton.jit
+def _infonce_grad_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, grad_ptr, num_pairs,
+                         BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=mask, other=0)
+    q = tl.load(neg_ptr + offs, mask=mask, other=0)
+    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
+        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    mp = tl.load(max_ptr + p, mask=mask, other=0.0)
+    sp = tl.load(sum_ptr + p, mask=mask, other=1.0)
+    wgt = tl.exp(d - mp) / (sp + tl.exp(-mp))
+    tl.atomic_add(grad_ptr + q, wgt, mask=mask)
+    tl.atomic_add(grad_ptr + p, -wgt, mask=mask)
+
+
+@triton.jit
+def _infonce_loss_kernel(max_ptr, sum_ptr, count_ptr, partial_ptr, n, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    mp = tl.load(max_ptr + offs, mask=mask, other=0.0)
+    sp = tl.load(sum_ptr + offs, mask=mask, other=0.0)
+    cnt = tl.load(count_ptr + offs, mask=mask, other=0.0)
+    has_pair = mask & (cnt > 0)
+    loss = tl.where(has_pair, mp + tl.log(sp + tl.exp(-mp)), 0.0)
+    tl.store(partial_ptr + pid * 2, _sum(loss, 0))
+    tl.store(partial_ptr + pid * 2 + 1, _sum(tl.where(has_pair, 1.0, 0.0), 0))
+
+
+@triton.jit
+def _count_kernel(pos_ptr, count_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=mask, other=0)
+    tl.atomic_add(count_ptr + p, tl.full([BLOCK], 1.0, tl.float32), mask=mask)
+
+
+def _empty(shape, device, dtype):
+    """Buffers the kernels write in full (tests swap in a NaN-filled allocator to prove it)."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _check(rewards, pair_pos, pair_neg):
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-d, got {tuple(rewards.shape)}")
+    if pair_pos.shape != pair_neg.shape or pair_pos.dim() != 1:
+        raise ValueError(f"pair_pos {tuple(pair_pos.shape)} and pair_neg {tuple(pair_neg.shape)} must be equal 1-d")
+
+
+def pairwise_fwd(rewards, pair_pos, pair_neg):
+    """Launcher: -> (loss_sum fp32 [], correct fp32 [], dloss_sum/drewards fp32 [n])."""
+    _check(rewards, pair_pos, pair_neg)
+    num_pairs = pair_pos.numel()
+    grad = torch.zeros(rewards.shape, device=rewards.device, dtype=torch.float32)
+    blocks = triton.cdiv(num_pairs, BLOCK_P)
+    if num_pairs == 0:
+        partial = torch.zeros((1, 2), device=rewards.device, dtype=torch.float32)
+    else:
+        partial = _empty((blocks, 2), rewards.device, torch.float32)
+        _pairwise_kernel[(blocks,)](
+            rewards.contiguous(), pair_pos.contiguous(), pair_neg.contiguous(), grad, partial, num_pairs,
+            BLOCK=BLOCK_P, num_warps=4,
+        )
+    sums = partial.sum(0)
+    return sums[0].clone(), sums[1].clone(), grad
+
+
+def infonce_fwd(rewards, pair_pos, pair_neg):
+    """Launcher: -> (loss_sum fp32 [], number of positives fp32 [], dloss_sum/drewards fp32 [n])."""
+    _check(rewards, pair_pos, pair_neg)
+    n = rewards.numel()
+    num_pairs = pair_pos.numel()
+    dev = rewards.device
+    grad = torch.zeros(n, device=dev, dtype=torch.float32)
+    mx = torch.zeros(n, device=dev, dtype=torch.float32)
+    sm = torch.zeros(n, device=dev, dtype=torch.float32)
+    cnt = torch.zeros(n, device=dev, dtype=torch.float32)
+    blocks_n = triton.cdiv(n, BLOCK_P)
+    if num_pairs == 0:
+        partial = torch.zeros((1, 2), device=dev, dtype=torch.float32)
+    else:
+        partial = _empty((blocks_n, 2), dev, torch.float32)
+        r, pp, pn = rewards.contiguous(), pair_pos.contiguous(), pair_neg.contiguous()
+        grid = (triton.cdiv(num_pairs, BLOCK_P),)
+        _count_kernel[grid](pp, cnt, num_pairs, BLOCK=BLOCK_P)
+        _infonce_max_kernel[grid](r, pp, pn, mx, num_pairs, BLOCK=BLOCK_P)
+        _infonce_sum_kernel[grid](r, pp, pn, mx, sm, num_pairs, BLOCK=BLOCK_P)
+        _infonce_grad_kernel[grid](r, pp, pn, mx, sm, grad, num_pairs, BLOCK=BLOCK_P)
+        _infonce_loss_kernel[(blocks_n,)](mx, sm, cnt, partial, n, BLOCK=BLOCK_P)
+    sums = partial.sum(0)
+    return sums[0].clone(), sums[1].clone(), grad
+
+
+# ---- custom ops ---------------------------------------------------------------------------------
+# Each op returns (loss_sum, count, grad) with grad = dloss_sum/drewards from the same pass; only
+# loss_sum is differentiable and its backward is grad_loss * grad.
+
+@torch.library.custom_op("polar::pairwise_loss", mutates_args=())
+def _pairwise_op(rewards: torch.Tensor, pair_pos: torch.Tensor,
+                 pair_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return pairwise_fwd(rewards, pair_pos, pair_neg)
+
+
+@torch.library.custom_op("polar::infonce_loss", mutates_args=())
+def _infonce_op(rewards: torch.Tensor, pair_pos: torch.Tensor,
+                pair_neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return infonce_fwd(rewards, pair_pos, pair_neg)
+
+
+def _fake(rewards, pair_pos, pair_neg):
+    scalar = rewards.new_empty((), dtype=torch.float32)
+    return scalar, rewards.new_empty((), dtype=torch.float32), rewards.new_empty(rewards.shape, dtype=torch.float32)
+
+
+_pairwise_op.register_fake(_fake)
+_infonce_op.register_fake(_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    rewards = inputs[0]
+    ctx.save_for_backward(output[2])
+    ctx.rewards_dtype = rewards.dtype
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _backward(ctx, grad_loss, grad_count, grad_grad):
+    (grad,) = ctx.saved_tensors
+    return (grad_loss * grad).to(ctx.rewards_dtype), None, None
+
+
+_pairwise_op.register_autograd(_backward, setup_context=_setup_context)
+_infonce_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def pairwise_loss(rewards, pair_pos, pair_neg):
+    """-> (sum of pair losses, correctly ordered pairs (ties 1/2), number of pairs), like `pairwise_sums`.
+
+    As there, the loss sum and the pair count have the rewards' dtype and the correct count is fp32."""
+    loss_sum, correct, _ = _pairwise_op(rewards, pair_pos, pair_neg)
+    return (loss_sum.to(rewards.dtype), correct,
+            rewards.new_full((), float(pair_pos.numel())))
+
+
+def infonce_loss(rewards, pair_pos, pair_neg):
+    """-> (sum over positives of -log softmax(positive, its negatives), number of positives), like `infonce_sums`."""
+    loss_sum, count, _ = _infonce_op(rewards, pair_pos, pair_neg)
+    return loss_sum.to(rewards.dtype), count.to(rewards.dtype)
