@@ -20,7 +20,7 @@ def words(text: str) -> list:
 
 
 def _jaccard(a: set, b: set) -> float:
-    # Two empty sets are identical, not disjoint: an empty candidate for an empty reference is a match.
+    # Two empty sets are identical, not disjoint: an empty candidate matches an empty reference.
     if not a and not b:
         return 1.0
     return len(a & b) / len(a | b)

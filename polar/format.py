@@ -1,20 +1,24 @@
 """The POLAR reward-model input, byte for byte as the released models were trained on.
 
-    sft wrapper (default):  [BOS] {prompt}\\n{reference}<|reward|>{prompt}\\n{candidate}[UNUSED_TOKEN_130]
-    pretrain wrapper:       [BOS] {prompt}{reference}<|reward|>{prompt}{candidate}[UNUSED_TOKEN_130]
+    sft (default): [BOS] {prompt}\\n{reference}<|reward|>{prompt}\\n{candidate}[UNUSED_TOKEN_130]
+    pretrain:      [BOS] {prompt}{reference}<|reward|>{prompt}{candidate}[UNUSED_TOKEN_130]
 
-Message lists lose their roles: the contents are joined by "\\n". Pieces are tokenized separately
-and concatenated, as the training code does.
+Message lists lose their roles: the contents are joined by "\\n".
 
 Truncation (POLAR.md section 4): reference and candidate keep their first `max_response` tokens;
 the prompt keeps its *last* (max_length - 4 - |reference| - |candidate|) // 2 tokens, halved because
 it appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the reward token (also
-with the pretrain wrapper, which does not use the "\\n").
+with the pretrain wrapper, which does not use the "\\n"). BOS is outside that count, so an input
+can be max_length + 1 tokens long.
+
+Pieces are tokenized one by one, so the serving string (tokenized whole by the server) gives the
+same ids only for tokenizers that do not merge across piece boundaries, such as the byte tokenizer;
+a BPE tokenizer can merge "\\n" with the next word.
 
 Empty responses: we follow the training code, not the official client. In the sft wrapper the "\\n"
 after a prompt is written only when the response that follows it (reference or candidate) is
-non-empty; the client always writes it, so for an empty response the served string differs from
-what the model saw in training.
+non-empty after truncation; the client always writes it, so for an empty response the served
+string differs from what the model saw in training.
 
 Groups: one reference is scored against several candidates. The ids are returned as a shared
 prefix plus one suffix per candidate, prefix + suffix_i being exactly the single-candidate input;

@@ -37,7 +37,8 @@ ASCII_CONSONANTS, ASCII_VOWELS = "bcdfghjklmnprstvwxz", "aeiouy"
 EXTENDED_CONSONANTS = ASCII_CONSONANTS + "çñšžčřłđþŋ"
 EXTENDED_VOWELS = ASCII_VOWELS + "áéíóúàèìòùâêîôûäëïöüåøæ"
 # Shared by every policy: they make texts read like text and give all pairs some word overlap.
-FUNCTION_WORDS = np.array("the a of and to in is it that on for with as at by or".split(), dtype=object)
+FUNCTION_WORDS = np.array("the a of and to in is it that on for with as at by or".split(),
+                          dtype=object)
 SEPARATORS = np.array([" ", ", ", ". ", "; ", "! ", " - ", "? ", "... "], dtype=object)
 SENTENCE_END = np.array([False, False, True, False, True, False, True, True])
 END_MARKS = np.array([".", "!", "", "...", "?"], dtype=object)
@@ -233,7 +234,8 @@ def make_pool(seed: int, n_policies: int, style: Optional[StyleConfig] = None) -
     shared = None
     if style.shared_lexicon:
         lex, _ = _lexicon(rng, replace(style, letter_alpha=1e6))
-        shared = (lex, _word_probs(rng, style, len(lex)), rng.integers(0, style.n_classes, len(lex)))
+        shared = (lex, _word_probs(rng, style, len(lex)),
+                  rng.integers(0, style.n_classes, len(lex)))
     pool = []
     for i in range(n_policies):
         if shared is None:
@@ -246,12 +248,13 @@ def make_pool(seed: int, n_policies: int, style: Optional[StyleConfig] = None) -
             favourites = np.array([], dtype=object)
         sep_w = rng.dirichlet(np.full(len(SEPARATORS), style.separator_alpha))
         sep_p = 0.6 * np.eye(len(SEPARATORS))[0] + 0.4 * sep_w  # mostly spaces, as text is
+        strength = rng.uniform(*style.transition_strength)
         pool.append(Policy(
             id=i, lexicon=lex, word_probs=probs, word_class=classes,
-            class_trans=_doubly_stochastic(rng, style.n_classes, rng.uniform(*style.transition_strength)),
+            class_trans=_doubly_stochastic(rng, style.n_classes, strength),
             favourites=favourites, favourite_rate=rng.uniform(*style.favourite_rate),
             function_rate=rng.uniform(*style.function_rate), separator_probs=sep_p,
-            end_mark=END_MARKS[rng.integers(0, len(END_MARKS))] if not style.shared_lexicon else ".",
+            end_mark="." if style.shared_lexicon else END_MARKS[rng.integers(0, len(END_MARKS))],
             upper_rate=rng.uniform(*style.upper_rate), loop_prob=rng.uniform(*style.loop_prob),
             mean_words=rng.uniform(*style.words), length_spread=style.length_spread,
             min_words=style.min_words, max_words=style.max_words))
@@ -270,7 +273,8 @@ def make_prompts(seed: int, n: int, min_words: int = 3, max_words: int = 6) -> l
     lens = rng.integers(min_words, max_words + 1, n)
     idx = rng.integers(0, len(vocab), (n, max_words))
     marks = np.array(["?", ":", "."], dtype=object)[rng.integers(0, 3, n)]
-    return [" ".join(vocab[row[:k]]).capitalize() + m for row, k, m in zip(idx, lens.tolist(), marks)]
+    return [" ".join(vocab[row[:k]]).capitalize() + m
+            for row, k, m in zip(idx, lens.tolist(), marks)]
 
 
 def make_triplets(policies: Sequence[Policy], prompts: Sequence[str], rng: np.random.Generator,

@@ -7,9 +7,8 @@ dump of ids below 256 reads as the raw bytes) and puts the four special tokens r
 
 The two reward specials are also recognised as *literal text*: serving sends the string with
 "[UNUSED_TOKEN_130]" at its end and lets the server tokenize it, while training appends the id;
-POLAR needs both to give identical ids (POLAR.md section 4), as the released InternLM2 tokenizer does.
-A consequence, shared with that tokenizer: a response that happens to contain one of the literals
-is read as the special token.
+POLAR needs both to give identical ids (POLAR.md section 4). A consequence: a response that happens
+to contain one of the literals is read as the special token.
 """
 from __future__ import annotations
 
@@ -84,7 +83,7 @@ class ByteTokenizer(Tokenizer):
         }
 
     def _has_literal(self, data: bytes) -> bool:
-        # Both literals contain these bytes; the cheap `in` tests skip the regex for almost all text.
+        # Both literals contain these bytes: the cheap `in` tests skip the regex for most text.
         return (b"<|" in data or b"[U" in data) and self._literal_re.search(data) is not None
 
     def _encode_bytes(self, data: bytes) -> np.ndarray:

@@ -4,8 +4,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from polar.synthetic import (EXTENDED_CONSONANTS, EXTENDED_VOWELS, FUNCTION_WORDS, StyleConfig, Triplet, make_pool, make_prompts,
-                             make_triplets)
+from polar.synthetic import (EXTENDED_CONSONANTS, EXTENDED_VOWELS, FUNCTION_WORDS, StyleConfig,
+                             Triplet, make_pool, make_prompts, make_triplets)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,8 @@ def test_pool_is_deterministic_and_seed_dependent(pool):
     other = make_pool(8, 12)
     for p, q in zip(pool, again):
         assert p.sample(np.random.default_rng(1), 5) == q.sample(np.random.default_rng(1), 5)
-    assert pool[0].sample(np.random.default_rng(1), 5) != other[0].sample(np.random.default_rng(1), 5)
+    rng = np.random.default_rng
+    assert pool[0].sample(rng(1), 5) != other[0].sample(rng(1), 5)
     assert [p.id for p in pool] == list(range(12))
 
 

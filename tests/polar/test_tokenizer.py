@@ -51,7 +51,8 @@ def test_empty_text(tok):
     assert tok.decode(ids) == ""
 
 
-@pytest.mark.parametrize("text", ["plain", "ünïcödé 漢字 🎉", "", f"x{REWARD_SEP_TEXT}y{REWARD_TOKEN_TEXT}"])
+@pytest.mark.parametrize("text", ["plain", "ünïcödé 漢字 🎉", "",
+                                  f"x{REWARD_SEP_TEXT}y{REWARD_TOKEN_TEXT}"])
 def test_decode_inverts_encode(tok, text):
     assert tok.decode(tok.encode(text)) == text
 
