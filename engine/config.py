@@ -67,6 +67,9 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
     seed: int = 1234
     attention_backend: str = "torch"  # torch (reference, runs everywhere)
+    # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
+    # TRITON_INTERPRET=1 on CPU for testing)
+    kernels: str = "torch"
     time_limit_s: float = 0.0  # 0 = none; otherwise stop (and checkpoint) after this long
     exit_at_step: int = 0  # 0 = none; otherwise save and exit after this step (fits a job slot)
 

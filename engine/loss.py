@@ -43,13 +43,21 @@ def infonce_sums(rewards, pair_pos, pair_neg):
     return loss_sum, has_pair.sum().to(rewards.dtype)
 
 
-def contrastive_loss(kind: str, rewards, batch):
+def contrastive_loss(kind: str, rewards, batch, backend: str = "torch"):
     """-> (loss sum, normaliser count, stats [loss_sum, correct_pairs, pairs]) for one micro-batch."""
-    pair_loss, correct, pairs = pairwise_sums(rewards, batch.pair_pos, batch.pair_neg)
+    if backend == "triton":
+        from engine.kernels.contrastive_loss import infonce_loss as infonce_fn
+        from engine.kernels.contrastive_loss import pairwise_loss as pairwise_fn
+    elif backend == "torch":
+        pairwise_fn, infonce_fn = pairwise_sums, infonce_sums
+    else:
+        raise ValueError(f"train.kernels={backend!r}: expected torch or triton")
+    pair_loss, correct, pairs = pairwise_fn(rewards, batch.pair_pos, batch.pair_neg)
+    pairs = pairs.to(rewards.dtype) if torch.is_tensor(pairs) else rewards.new_full((), float(pairs))
     if kind == "pairwise":
         loss_sum, count = pair_loss, pairs
     elif kind == "infonce":
-        loss_sum, count = infonce_sums(rewards, batch.pair_pos, batch.pair_neg)
+        loss_sum, count = infonce_fn(rewards, batch.pair_pos, batch.pair_neg)
     else:
         raise ValueError(f"train.loss={kind!r}: expected pairwise or infonce")
     stats = torch.stack([loss_sum.detach(), correct.detach(), count.detach(), pairs.detach()])

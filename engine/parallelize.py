@@ -67,6 +67,18 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
     )
 
 
+def check_kernels(train: TrainConfig, rt: Runtime) -> None:
+    """An explicit kernel request never silently falls back: a missing backend stops the run here."""
+    import os
+
+    from engine.config import ConfigError
+
+    if train.kernels not in ("torch", "triton"):
+        raise ConfigError(f"train.kernels={train.kernels!r}: expected torch or triton")
+    if train.kernels == "triton" and not rt.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("train.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret on CPU)")
+
+
 def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
     """Returns (list of DDP-wrapped model chunks, TransformerConfig)."""
     from megatron.core import parallel_state
@@ -75,6 +87,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec, transformer_engine_available
 
+    check_kernels(train, rt)
     config = transformer_config(model, par, train, rt)
     use_te = rt.is_cuda and transformer_engine_available()
     spec = layer_spec(use_te, model.rotary_base, train.attention_backend)
@@ -90,6 +103,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
             post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
             vp_stage=vp,
             lm_head=train.aux_lm_weight > 0,
+            kernels=train.kernels,
         )
         chunk.to(rt.device)
         chunks.append(chunk)

@@ -25,7 +25,7 @@ from engine.runtime import Runtime
 STATS = 6  # loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
 
 
-def _forward_step(loss_kind: str, lm_scale: float, data_iterator, model):
+def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, model):
     """`lm_scale` = aux weight x (global contrastive count / global next-token targets): megatron
     divides the summed loss by the global contrastive count, which turns the LM term into
     weight x (mean next-token loss over the global batch), exactly."""
@@ -34,7 +34,7 @@ def _forward_step(loss_kind: str, lm_scale: float, data_iterator, model):
 
     def loss_func(output):
         n = batch.reward_index.numel()
-        loss_sum, count, stats = contrastive_loss(loss_kind, output[:n], batch)
+        loss_sum, count, stats = contrastive_loss(loss_kind, output[:n], batch, kernels)
         if output.numel() > n:
             lm_sum = output[n]
             loss_sum = loss_sum + lm_scale * lm_sum
@@ -121,7 +121,7 @@ class Trainer:
         device_batches = [mb.to(self.rt.device) for mb in microbatches]
         iters = [iter(device_batches) for _ in self.model]
         return get_forward_backward_func()(
-            forward_step_func=partial(_forward_step, self.cfg.train.loss, lm_scale),
+            forward_step_func=partial(_forward_step, self.cfg.train.loss, self.cfg.train.kernels, lm_scale),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(device_batches),

@@ -15,7 +15,8 @@ from engine.model.readout import torch_reward_readout
 
 class RewardModel(MegatronModule):
     def __init__(self, config, spec, vocab_size: int, max_sequence_length: int,
-                 pre_process: bool, post_process: bool, vp_stage=None, lm_head: bool = False):
+                 pre_process: bool, post_process: bool, vp_stage=None, lm_head: bool = False,
+                 kernels: str = "torch"):
         super().__init__(config=config)
         self.pre_process = pre_process
         self.post_process = post_process
@@ -34,6 +35,12 @@ class RewardModel(MegatronModule):
             vp_stage=vp_stage,
         )
         self.model_type = self.backbone.model_type
+        if kernels == "triton":
+            from engine.kernels.reward_readout import reward_readout
+
+            self.readout = reward_readout
+        else:
+            self.readout = torch_reward_readout
         if post_process:
             h = config.hidden_size
             self.final_norm = torch.nn.RMSNorm(h, eps=config.layernorm_epsilon, dtype=config.params_dtype)
@@ -59,7 +66,7 @@ class RewardModel(MegatronModule):
         hidden = self.backbone(input_ids=tokens, position_ids=None, attention_mask=layout)
         if not self.post_process:
             return hidden
-        rewards = torch_reward_readout(
+        rewards = self.readout(
             hidden, reward_index, self.final_norm.weight, self.value_head.weight, self.final_norm.eps
         )
         if self.lm_head is None:

@@ -21,14 +21,15 @@ COMMON = [f"train.steps={STEPS}", "train.lr=1e-2", "train.warmup_steps=1"]
 RTOL, ATOL = 2e-5, 1e-6
 
 
-def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None) -> dict:
+def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
+               extra_env: dict | None = None) -> dict:
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
     if init:
         cmd[2:2] = ["--init", init]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text()) if out.exists() else {}
@@ -108,3 +109,23 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(reference):
     run_worker(tmp, "reshard", 2, "parallel.tp=2", "train.exit_at_step=2", init=init)
     resumed = run_worker(tmp, "reshard", 1, "checkpoint.resume=true", init=init)
     assert_same_run(ref, resumed, steps=range(3, STEPS + 1))
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "infonce"])
+def test_triton_kernels_train_like_the_torch_reference(reference, loss):
+    """train.kernels=triton (fused readout and loss, interpreted on CPU) against the torch path."""
+    tmp, init, ref = reference
+    if loss == "infonce":
+        ref = run_worker(tmp, "ref_infonce", 1, "train.loss=infonce", init=init)
+    got = run_worker(tmp, f"triton_{loss}", 1, "train.kernels=triton", f"train.loss={loss}", init=init,
+                     extra_env={"TRITON_INTERPRET": "1"})
+    assert_same_run(ref, got)
+
+
+def test_triton_kernels_refused_without_gpu_or_interpreter(reference):
+    tmp, init, _ = reference
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp / "x.json"), f"run_dir={tmp / 'refused'}",
+                           "train.kernels=triton"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "train.kernels=triton needs a CUDA GPU" in proc.stderr
