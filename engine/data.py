@@ -38,7 +38,6 @@ class PackedGroups:
         }
         self.per_sequence = {k: np.array([v[p].sum() for p in self.plan], dtype=np.int64) for k, v in per_group.items()}
         self.seq_tokens = self.per_sequence["tokens"]
-        self.seq_groups = self.per_sequence["groups"]
 
     def __len__(self) -> int:
         return len(self.plan)
@@ -90,8 +89,6 @@ class GlobalBatchLoader:
         """This rank's micro-batches of the next global batch."""
         idx = self.global_batch_indices(self.state.consumed_batches)
         self.last_global = {k: int(v[idx].sum()) for k, v in self.source.per_sequence.items()}
-        self.last_global_tokens = self.last_global["tokens"]
-        self.last_global_groups = self.last_global["groups"]
         per_rank = self.global_batch // self.dp_size
         mine = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         self.state.consumed_batches += 1

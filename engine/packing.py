@@ -220,6 +220,14 @@ def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> Packe
     )
 
 
+def next_token_mask(layout: torch.Tensor) -> torch.Tensor:
+    """layout int [b, 3, L] -> bool [b, L-1]: position t predicts token t+1, i.e. t+1 continues the
+    same piece (the prefix, or the same candidate) of the same group. The token after a prefix is
+    ambiguous in the shared-prefix layout (one per candidate), so it is never a target."""
+    seg, cand = layout[:, SEGMENT], layout[:, CANDIDATE]
+    return (seg[:, 1:] == seg[:, :-1]) & (cand[:, 1:] == cand[:, :-1]) & (seg[:, :-1] >= 0)
+
+
 def dense_mask(layout: torch.Tensor) -> torch.Tensor:
     """layout int [b, 3, L] -> bool [b, L, L], True where query (row) i may attend to key (column) j.
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from engine import checkpoint
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
+from engine.packing import next_token_mask
 from engine.parallelize import build_model, count_parameters, resolve_dtype
 from engine.optim import build_optimizer
 from engine.progress import Progress, flops_per_token, peak_tflops
@@ -38,19 +39,12 @@ def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, 
         if output.numel() > n:
             lm_sum = output[n]
             loss_sum = loss_sum + lm_scale * lm_sum
-            lm_stats = torch.stack([lm_sum.detach(), _lm_targets(batch.layout).to(stats.dtype)])
+            lm_stats = torch.stack([lm_sum.detach(), next_token_mask(batch.layout).sum().to(stats.dtype)])
         else:
             lm_stats = torch.zeros(2, dtype=stats.dtype, device=stats.device)
         return loss_sum, count.to(torch.int), {"stats": torch.cat([stats, lm_stats])}
 
     return output, loss_func
-
-
-def _lm_targets(layout):
-    from engine.packing import CANDIDATE, SEGMENT
-
-    seg, cand = layout[:, SEGMENT], layout[:, CANDIDATE]
-    return ((seg[:, 1:] == seg[:, :-1]) & (cand[:, 1:] == cand[:, :-1]) & (seg[:, :-1] >= 0)).sum()
 
 
 class Trainer:
@@ -183,8 +177,8 @@ class Trainer:
             stats, grad_norm = self.train_step()
             self.step += 1
             window += stats
-            real_tokens += self.loader.last_global_tokens
-            groups += self.loader.last_global_groups
+            real_tokens += self.loader.last_global["tokens"]
+            groups += self.loader.last_global["groups"]
             tokens += tc.global_batch * self.loader.source.seq_length
             if self.step % lc.interval == 0 or self.step == tc.steps:
                 s = self._reduce(window).tolist()

@@ -74,15 +74,12 @@ class RewardModel(MegatronModule):
         return torch.cat([rewards, self._next_token_loss_sum(hidden, tokens, layout).view(1)])
 
     def _next_token_loss_sum(self, hidden, tokens, layout):
-        """Sum of next-token cross-entropy over positions whose next token continues the same piece
-        (prefix, or the same candidate) of the same group: in the shared-prefix layout the token
-        after a prefix is ambiguous (one per candidate) and is not predicted."""
+        """Sum of next-token cross-entropy over the targets of engine.packing.next_token_mask."""
         from megatron.core import tensor_parallel
 
-        from engine.packing import CANDIDATE, SEGMENT
+        from engine.packing import next_token_mask
 
-        seg, cand = layout[:, SEGMENT], layout[:, CANDIDATE]
-        valid = (seg[:, 1:] == seg[:, :-1]) & (cand[:, 1:] == cand[:, :-1]) & (seg[:, :-1] >= 0)
+        valid = next_token_mask(layout)
         targets = torch.where(valid, tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))  # [b, s-1]
         normed = self.final_norm(hidden[:-1])  # [s-1, b, h]
         logits, _ = self.lm_head(normed)

@@ -67,8 +67,6 @@ def main():
         checkpoint.save(args.save_init, 0, trainer.model, None, {"step": 0})
     else:
         history = trainer.fit()
-        if cfg.checkpoint.save_interval:
-            pass  # fit() saved on its own schedule
         evaluation = trainer.evaluate(data)
         if rt.is_main:
             with open(args.out, "w") as f:
