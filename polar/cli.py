@@ -1,7 +1,12 @@
 """The `polar` command.
 
     polar pretrain [--nproc N] [--config FILE] [section.key=value ...]   # torchrun engine.pretrain
-    polar env                                                           # what this machine has
+    polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
+    polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
+    polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
+    polar env                 # what this machine has
+
+Each tool sub-command has its own --help.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ def _env(args, rest) -> int:
         ("megatron-core", _version("megatron.core")),
         ("transformer-engine", _version("transformer_engine") if torch.cuda.is_available() else "not used on CPU"),
         ("engine._C (C++ packer)", _version("engine._C")),
+        ("engine._C_cuda (CUDA kernels)", _version("engine._C_cuda")),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -45,8 +51,42 @@ def _env(args, rest) -> int:
     return 0
 
 
+# sub-command -> module whose main(argv) implements it; imported only when used
+_TOOLS = {
+    ("sample",): ("polar.sample", "pre-training triplets from a prompt corpus and a policy pool of "
+                                  "OpenAI-compatible endpoints"),
+    ("data", "build"): ("polar.data_build", "records (JSONL) -> tokenized, shared-prefix packed, "
+                                            "memory-mapped dataset"),
+    ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
+                                            "shared-prefix savings of a built dataset"),
+}
+
+
+def _tool(argv: list[str]):
+    """(module, remaining argv) when argv names a tool sub-command, else None."""
+    for words, (module, _) in _TOOLS.items():
+        if tuple(argv[:len(words)]) == words:
+            return module, argv[len(words):]
+    return None
+
+
+def _usage_of_tools() -> str:
+    return "\n".join(f"  polar {' '.join(w):<12} {h}" for w, (_, h) in _TOOLS.items())
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The tools parse their own arguments (their --help is theirs), so they bypass argparse here.
+    tool = _tool(argv)
+    if tool is not None:
+        module, rest = tool
+        return importlib.import_module(module).main(rest)
+    if argv[:1] == ["data"]:
+        print("usage: polar data {build,stats} ...\n" + _usage_of_tools(), file=sys.stderr)
+        return 2
+    ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.",
+                                 epilog="tools:\n" + _usage_of_tools(),
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pre-train a reward model (engine/pretrain.py under torchrun); "
                                         "other arguments are passed on (--config, section.key=value)")

@@ -3,17 +3,26 @@
     sft (default): [BOS] {prompt}\\n{reference}<|reward|>{prompt}\\n{candidate}[UNUSED_TOKEN_130]
     pretrain:      [BOS] {prompt}{reference}<|reward|>{prompt}{candidate}[UNUSED_TOKEN_130]
 
-Message lists lose their roles: the contents are joined by "\\n".
+Message lists lose their roles: the contents are joined by "\\n". The two reward strings are the
+tokenizer's (`reward_sep_text`, `reward_token_text`), POLAR's literals above by default.
 
-Truncation (POLAR.md section 4): reference and candidate keep their first `max_response` tokens;
-the prompt keeps its *last* (max_length - 4 - |reference| - |candidate|) // 2 tokens, halved because
-it appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the reward token (also
-with the pretrain wrapper, which does not use the "\\n"). BOS is outside that count, so an input
-can be max_length + 1 tokens long.
+Truncation (POLAR.md section 4) counts the tokens of each piece tokenized on its own: reference
+and candidate keep their first `max_response` tokens; the prompt keeps its *last*
+(max_length - 4 - |reference| - |candidate|) // 2 tokens, halved because it appears twice; 4 tokens
+are reserved for <|reward|>, the two "\\n" and the reward token (also with the pretrain wrapper,
+which does not use the "\\n"). BOS is outside that count, so an input can be max_length + 1 tokens
+long. A cut is made in the *text*, at the character span of the first dropped (head) or last
+dropped (tail) token (`Tokenizer.offsets_batch`), so it never falls inside a character: with the
+byte tokenizer a cut through a multi-byte character drops that whole character, keeping up to 3
+bytes fewer than the budget (|reference| and |candidate| above count the tokens actually kept).
+Text without such cuts (all ASCII, say) gets exactly the byte counts of the rule.
 
-Pieces are tokenized one by one, so the serving string (tokenized whole by the server) gives the
-same ids only for tokenizers that do not merge across piece boundaries, such as the byte tokenizer;
-a BPE tokenizer can merge "\\n" with the next word.
+Then each candidate's whole input is built as one string and tokenized at once, and the reward
+token id is appended: the ids are those of the serving string, tokenized whole by the server, for
+any tokenizer, including a BPE that merges "\\n" with the next word. The cost: the whole string
+may have a few tokens more or fewer than the sum of its pieces, so with such a tokenizer the
+length bound above holds for the pieces, not exactly for the input. With the byte tokenizer
+(no merges) it is exact.
 
 Empty responses: we follow the training code, not the official client. In the sft wrapper the "\\n"
 after a prompt is written only when the response that follows it (reference or candidate) is
@@ -21,10 +30,15 @@ non-empty after truncation; the client always writes it, so for an empty respons
 string differs from what the model saw in training.
 
 Groups: one reference is scored against several candidates. The ids are returned as a shared
-prefix plus one suffix per candidate, prefix + suffix_i being exactly the single-candidate input;
-the engine attends to the prefix once. To keep one prefix for all, the prompt budget is computed
-with the *longest* (truncated) candidate, so a shorter candidate may see a slightly shorter prompt
-tail than it would alone; for a single candidate the result is identical to the per-input rule.
+prefix plus one suffix per candidate, prefix + suffix_i being exactly candidate i's full input;
+the engine attends to the prefix once. The prefix is the longest common prefix of the candidates'
+ids, but leaves every candidate at least its last token (the reward token, read by the model):
+two identical candidates share all but that; a single candidate's own part is its reward token
+alone. The prefix may end inside the text of a piece (a common start of the candidates) or before
+the piece boundary (a token merged across it): it is a split of ids, not of text. To
+keep one prompt for all, the prompt budget is computed with the *longest* (truncated) candidate,
+so a shorter candidate may see a slightly shorter prompt tail than it would alone; for a single
+candidate the result is identical to the per-input rule.
 """
 from __future__ import annotations
 
@@ -46,7 +60,7 @@ class EncodedGroup:
     """A reference with its candidates: `prefix` + `candidates[i]` is candidate i's full input."""
 
     prefix: np.ndarray  # int32, starts with BOS
-    candidates: list  # list[np.ndarray[int32]], each ends with the reward token id
+    candidates: list  # list[np.ndarray[int32]], each non-empty, ending with the reward token id
 
     def full(self, i: int) -> np.ndarray:
         return np.concatenate([self.prefix, self.candidates[i]])
@@ -75,11 +89,17 @@ def _sep(wrapper: str, response: str) -> str:
     return "\n" if wrapper == "sft" and response else ""
 
 
-def build_text(prompt: Text, reference: Text, candidate: Text, wrapper: str = "sft") -> str:
+def _join(prompt: str, reference: str, candidate: str, wrapper: str, reward_sep: str) -> str:
+    return (f"{prompt}{_sep(wrapper, reference)}{reference}{reward_sep}"
+            f"{prompt}{_sep(wrapper, candidate)}{candidate}")
+
+
+def build_text(prompt: Text, reference: Text, candidate: Text, wrapper: str = "sft", *,
+               reward_sep: str = REWARD_SEP_TEXT, reward_token: str = REWARD_TOKEN_TEXT) -> str:
     """The serving string (no BOS, literal reward token at the end), without truncation."""
     _check_wrapper(wrapper)
     p, r, c = as_text(prompt), as_text(reference), as_text(candidate)
-    return f"{p}{_sep(wrapper, r)}{r}{REWARD_SEP_TEXT}{p}{_sep(wrapper, c)}{c}{REWARD_TOKEN_TEXT}"
+    return _join(p, r, c, wrapper, reward_sep) + reward_token
 
 
 def prompt_budget(max_length: int, reference_len: int, candidate_len: int) -> int:
@@ -87,41 +107,136 @@ def prompt_budget(max_length: int, reference_len: int, candidate_len: int) -> in
     return max(0, (max_length - RESERVED_TOKENS - reference_len - candidate_len) // 2)
 
 
+def _keep_head(text: str, spans: np.ndarray, keep: int) -> tuple[str, int]:
+    """The text of (at most) the first `keep` tokens, and how many tokens it holds."""
+    n = len(spans)
+    if keep >= n:
+        return text, n
+    if keep <= 0:
+        return "", 0
+    # Cut where the first dropped token starts: a character it shares with a kept token goes too.
+    cut = int(spans[keep, 0])
+    return text[:cut], int(np.count_nonzero(spans[:keep, 1] <= cut))
+
+
+def _keep_tail(text: str, spans: np.ndarray, keep: int) -> tuple[str, int]:
+    """The text of (at most) the last `keep` tokens, and how many tokens it holds."""
+    n = len(spans)
+    if keep >= n:
+        return text, n
+    if keep <= 0:
+        return "", 0
+    cut = int(spans[n - keep - 1, 1])  # where the last dropped token ends
+    return text[cut:], int(np.count_nonzero(spans[n - keep:, 0] >= cut))
+
+
+def _cut(tokenizer: Tokenizer, texts: list, counts: list, keep: list, keep_fn) -> None:
+    """In place: texts[i] becomes the text of keep[i] of its counts[i] tokens (head or tail, by
+    `keep_fn`) and counts[i] the tokens that text holds, for the texts with more than keep[i]."""
+    over = [i for i, (n, k) in enumerate(zip(counts, keep)) if n > k]
+    if not over:
+        return
+    for i, spans in zip(over, tokenizer.offsets_batch([texts[i] for i in over])):
+        if len(spans) != counts[i]:
+            raise RuntimeError(f"{type(tokenizer).__name__}: offsets_batch gives {len(spans)} "
+                               f"tokens where encode_batch gives {counts[i]} for {texts[i]!r:.60}")
+        texts[i], counts[i] = keep_fn(texts[i], spans, keep[i])
+
+
+def _shared_prefix_length(fulls: list) -> int:
+    """Longest common prefix of the id arrays, leaving each at least one token of its own."""
+    n = min(len(f) for f in fulls) - 1
+    first = fulls[0]
+    for f in fulls[1:]:
+        diff = np.flatnonzero(f[:n] != first[:n])
+        if diff.size:
+            n = int(diff[0])
+    return n
+
+
+def _texts(values: Sequence[Text], where: str) -> list[str]:
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(as_text(v))
+        except TypeError as e:
+            raise TypeError(f"{where.format(i)}: {e}") from None  # says which record is bad
+    return out
+
+
+def _check_count(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    return int(value)
+
+
+def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Sequence[Text],
+                  candidates: Sequence[Sequence[Text]], wrapper: Union[str, Sequence[str]] = "sft",
+                  max_length: int = 16384, max_response: int = 4096) -> list[EncodedGroup]:
+    """`encode_group` for many groups at once (group g: prompts[g], references[g], candidates[g],
+    and wrapper[g] if a list is given), with a few batched tokenizer calls in all."""
+    n_groups = len(prompts)
+    if not (len(references) == len(candidates) == n_groups):
+        raise ValueError(f"encode_groups: {n_groups} prompts, {len(references)} references and "
+                         f"{len(candidates)} candidate lists; they must match")
+    wrappers = [wrapper] * n_groups if isinstance(wrapper, str) else list(wrapper)
+    if len(wrappers) != n_groups:
+        raise ValueError(f"encode_groups: {len(wrappers)} wrappers for {n_groups} groups")
+    for w in wrappers:
+        _check_wrapper(w)
+    max_length = _check_count("max_length", max_length)
+    max_response = _check_count("max_response", max_response)
+
+    n_cands = []
+    for g, cands in enumerate(candidates):
+        if isinstance(cands, (str, dict)) or not isinstance(cands, (list, tuple)):
+            raise TypeError(f"group {g}: candidates must be a list, got {type(cands).__name__}")
+        if not cands:
+            raise ValueError(f"group {g}: encode_group needs at least one candidate")
+        n_cands.append(len(cands))
+    # Every piece as text, in one flat list: prompts, then references, then all candidates.
+    pieces = _texts(prompts, "prompt {}") + _texts(references, "reference {}")
+    for g, cands in enumerate(candidates):
+        pieces += _texts(cands, f"group {g}: candidate {{}}")
+    counts = [len(ids) for ids in tokenizer.encode_batch(pieces)]
+
+    # Responses (references, then candidates) keep their head: only the pieces over the limit
+    # need their token spans.
+    responses, response_n = pieces[n_groups:], counts[n_groups:]
+    _cut(tokenizer, responses, response_n, [min(n, max_response) for n in response_n], _keep_head)
+    # Prompts keep their tail, budgeted with the tokens the responses kept.
+    prompts_kept, prompt_n = pieces[:n_groups], counts[:n_groups]
+    keep, c0 = [], n_groups
+    for g in range(n_groups):
+        longest = max(response_n[c0:c0 + n_cands[g]])
+        c0 += n_cands[g]
+        keep.append(min(prompt_n[g], prompt_budget(max_length, response_n[g], longest)))
+    _cut(tokenizer, prompts_kept, prompt_n, keep, _keep_tail)
+
+    texts, c0 = [], n_groups
+    for g in range(n_groups):
+        texts += [_join(prompts_kept[g], responses[g], c, wrappers[g], tokenizer.reward_sep_text)
+                  for c in responses[c0:c0 + n_cands[g]]]
+        c0 += n_cands[g]
+
+    # Training form: the string tokenized without the final literal, then its id appended; the
+    # tokenizer guarantees this equals tokenizing the serving string with the literal.
+    bos = np.array([tokenizer.bos_id], dtype=np.int32)
+    reward = np.array([tokenizer.reward_token_id], dtype=np.int32)
+    fulls = [np.concatenate([bos, ids, reward]) for ids in tokenizer.encode_batch(texts)]
+    groups, c0 = [], 0
+    for g in range(n_groups):
+        own = fulls[c0:c0 + n_cands[g]]
+        c0 += n_cands[g]
+        n = _shared_prefix_length(own)
+        # Copies, so that the full arrays are freed and a group holds its prefix once.
+        groups.append(EncodedGroup(prefix=own[0][:n].copy(), candidates=[f[n:].copy() for f in own]))
+    return groups
+
+
 def encode_group(tokenizer: Tokenizer, prompt: Text, reference: Text, candidates: Sequence[Text],
                  wrapper: str = "sft", max_length: int = 16384,
                  max_response: int = 4096) -> EncodedGroup:
     """Tokenize and truncate one reference with its candidates (module docstring for the rules)."""
-    _check_wrapper(wrapper)
-    if isinstance(candidates, (str, dict)) or not isinstance(candidates, (list, tuple)):
-        raise TypeError(f"candidates must be a list, got {type(candidates).__name__}")
-    if not candidates:
-        raise ValueError("encode_group needs at least one candidate")
-    p_text, r_text = as_text(prompt), as_text(reference)
-    c_texts = [as_text(c) for c in candidates]
-
-    def ids(text: str) -> np.ndarray:
-        return tokenizer.encode(text) if text else np.zeros(0, dtype=np.int32)
-
-    ref = ids(r_text)[:max_response]
-    cands = [ids(c)[:max_response] for c in c_texts]
-    keep = prompt_budget(max_length, len(ref), max(len(c) for c in cands))
-    full_prompt = ids(p_text)
-    prm = full_prompt[max(0, len(full_prompt) - keep):]  # the tail; `[-keep:]` breaks at keep=0
-    nl = ids("\n")
-    i32 = lambda *xs: np.array(xs, dtype=np.int32)  # noqa: E731
-
-    head = [i32(tokenizer.bos_id), prm]
-    if wrapper == "sft" and len(ref):
-        head.append(nl)
-    head += [ref, i32(tokenizer.reward_sep_id), prm]
-    # The "\n" before a candidate belongs to the shared prefix unless some candidate is empty
-    # (no "\n" for it); then each non-empty candidate carries its own.
-    nl_in_prefix = wrapper == "sft" and all(len(c) for c in cands)
-    if nl_in_prefix:
-        head.append(nl)
-    tails = []
-    for c in cands:
-        own_nl = wrapper == "sft" and not nl_in_prefix and len(c) > 0
-        tails.append(np.concatenate([nl if own_nl else nl[:0], c, i32(tokenizer.reward_token_id)])
-                     .astype(np.int32))
-    return EncodedGroup(prefix=np.concatenate(head).astype(np.int32), candidates=tails)
+    return encode_groups(tokenizer, [prompt], [reference], [candidates], wrapper,
+                         max_length, max_response)[0]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from polar.format import EncodedGroup, encode_group
+from polar.format import EncodedGroup, encode_groups
 from polar.synthetic import Triplet, make_pool, make_prompts, make_triplets
 from polar.tokenizer import Tokenizer
 
@@ -51,8 +51,7 @@ def encode_triplets(tokenizer: Tokenizer, triplets: list[Triplet], wrapper: str,
                     ) -> list[tuple[EncodedGroup, np.ndarray]]:
     """Each triplet becomes one group of K=2 candidates, chosen (label 1) then rejected (label 0)."""
     labels = np.array([1, 0], dtype=np.int8)
-    return [
-        (encode_group(tokenizer, t.prompt, t.reference, [t.chosen, t.rejected], wrapper=wrapper,
-                      max_length=max_length), labels)
-        for t in triplets
-    ]
+    groups = encode_groups(tokenizer, [t.prompt for t in triplets], [t.reference for t in triplets],
+                           [[t.chosen, t.rejected] for t in triplets], wrapper=wrapper,
+                           max_length=max_length)
+    return [(g, labels) for g in groups]

@@ -1,8 +1,11 @@
 import numpy as np
 import pytest
 
-from polar.format import as_text, build_text, encode_group, prompt_budget
-from polar.tokenizer import ByteTokenizer
+from polar.format import as_text, build_text, encode_group, encode_groups, prompt_budget
+from polar.tokenizer import (REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer, HFTokenizer,
+                             load_tokenizer)
+
+from .test_tokenizer import WORDS, train_bpe
 
 TOK = ByteTokenizer()
 BOS, SEP, REW = TOK.bos_id, TOK.reward_sep_id, TOK.reward_token_id
@@ -12,24 +15,69 @@ def b(text):
     return list(text.encode())
 
 
-def full_ids(prompt, reference, candidate, wrapper="sft"):
+def full_ids(prompt, reference, candidate, wrapper="sft", tok=TOK):
     """The serving route: literal string, tokenized whole, BOS prepended."""
-    return [BOS] + TOK.encode(build_text(prompt, reference, candidate, wrapper)).tolist()
+    text = build_text(prompt, reference, candidate, wrapper, reward_sep=tok.reward_sep_text,
+                      reward_token=tok.reward_token_text)
+    return [tok.bos_id] + tok.encode(text).tolist()
 
+
+def common_prefix(seqs):
+    n = min(len(s) for s in seqs)
+    for i in range(n):
+        if len({s[i] for s in seqs}) > 1:
+            return i
+    return n
+
+
+def check_split(g, fulls):
+    """The group's ids are the candidates' full inputs, split at their longest common prefix,
+    leaving each candidate at least its reward token."""
+    assert [g.full(i).tolist() for i in range(len(fulls))] == fulls
+    assert len(g.prefix) == min(common_prefix(fulls), min(len(f) for f in fulls) - 1)
+    assert all(len(c) >= 1 and c[-1] == fulls[0][-1] for c in g.candidates)
+    assert g.prefix.dtype == np.int32 and all(c.dtype == np.int32 for c in g.candidates)
+
+
+# --- hand-worked, byte tokenizer -----------------------------------------------------------------
 
 def test_sft_hand_worked():
-    g = encode_group(TOK, "Hi", "AB", ["C"])
+    assert build_text("Hi", "AB", "C") == "Hi\nAB<|reward|>Hi\nC[UNUSED_TOKEN_130]"
+    g = encode_group(TOK, "Hi", "AB", ["C", "D"])
     assert g.prefix.dtype == np.int32 and g.candidates[0].dtype == np.int32
     assert g.prefix.tolist() == [BOS] + b("Hi\nAB") + [SEP] + b("Hi\n")
-    assert g.candidates[0].tolist() == b("C") + [REW]
-    assert build_text("Hi", "AB", "C") == "Hi\nAB<|reward|>Hi\nC[UNUSED_TOKEN_130]"
+    assert [c.tolist() for c in g.candidates] == [b("C") + [REW], b("D") + [REW]]
 
 
 def test_pretrain_hand_worked():
-    g = encode_group(TOK, "Hi", "AB", ["C"], wrapper="pretrain")
-    assert g.prefix.tolist() == [BOS] + b("HiAB") + [SEP] + b("Hi")
-    assert g.candidates[0].tolist() == b("C") + [REW]
     assert build_text("Hi", "AB", "C", "pretrain") == "HiAB<|reward|>HiC[UNUSED_TOKEN_130]"
+    g = encode_group(TOK, "Hi", "AB", ["C", "D"], wrapper="pretrain")
+    assert g.prefix.tolist() == [BOS] + b("HiAB") + [SEP] + b("Hi")
+    assert [c.tolist() for c in g.candidates] == [b("C") + [REW], b("D") + [REW]]
+
+
+def test_prefix_takes_in_the_candidates_common_start():
+    g = encode_group(TOK, "Hi", "AB", ["Cat", "Cow", "Cab"])
+    assert g.prefix.tolist() == [BOS] + b("Hi\nAB") + [SEP] + b("Hi\nC")
+    assert [c.tolist() for c in g.candidates] == [b("at") + [REW], b("ow") + [REW], b("ab") + [REW]]
+
+
+def test_a_candidate_that_starts_another():
+    g = encode_group(TOK, "p", "r", ["ab", "abc"])
+    assert g.prefix.tolist() == [BOS] + b("p\nr") + [SEP] + b("p\nab")
+    assert [c.tolist() for c in g.candidates] == [[REW], b("c") + [REW]]
+
+
+def test_identical_candidates_each_keep_their_reward_token():
+    g = encode_group(TOK, "p", "r", ["same", "same"])
+    assert g.prefix.tolist() == [BOS] + b("p\nr") + [SEP] + b("p\nsame")
+    assert [c.tolist() for c in g.candidates] == [[REW], [REW]]
+
+
+def test_single_candidate_keeps_only_its_reward_token():
+    g = encode_group(TOK, "Hi", "AB", ["C"])
+    assert g.prefix.tolist() == [BOS] + b("Hi\nAB") + [SEP] + b("Hi\nC")
+    assert [c.tolist() for c in g.candidates] == [[REW]]
 
 
 def test_message_lists_join_contents_and_drop_roles():
@@ -37,9 +85,18 @@ def test_message_lists_join_contents_and_drop_roles():
             {"role": "assistant", "content": "4"}, {"role": "user", "content": "and 3+3?"}]
     assert as_text(msgs) == "be brief\n2+2?\n4\nand 3+3?"
     ref = [{"role": "assistant", "content": "six"}]
-    g = encode_group(TOK, msgs, ref, [[{"role": "assistant", "content": "6"}]])
+    g = encode_group(TOK, msgs, ref, [[{"role": "assistant", "content": "6"}], "plain"])
     assert g.full(0).tolist() == ([BOS] + b("be brief\n2+2?\n4\nand 3+3?\nsix") + [SEP]
                                   + b("be brief\n2+2?\n4\nand 3+3?\n6") + [REW])
+    assert g.full(1).tolist() == full_ids(msgs, ref, "plain")
+
+
+def test_multi_turn_prompt_keeps_the_tail_of_the_joined_turns():
+    msgs = [{"role": "user", "content": "first turn"}, {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": "last"}]
+    # budget (20 - 4 - 1 - 1) // 2 = 7 bytes of "first turn\nok\nlast": "ok\nlast"
+    g = encode_group(TOK, msgs, "r", ["c"], max_length=20)
+    assert g.full(0).tolist() == [BOS] + b("ok\nlast\nr") + [SEP] + b("ok\nlast\nc") + [REW]
 
 
 def test_bad_messages_and_arguments():
@@ -57,6 +114,24 @@ def test_bad_messages_and_arguments():
         encode_group(TOK, "p", "r", "c")
     with pytest.raises(ValueError, match="at least one"):
         encode_group(TOK, "p", "r", [])
+    with pytest.raises(TypeError, match="group 0: candidate 1: message 0"):
+        encode_group(TOK, "p", "r", ["c", [{"role": "user"}]])
+    with pytest.raises(ValueError, match="max_response"):
+        encode_group(TOK, "p", "r", ["c"], max_response=-1)
+    with pytest.raises(ValueError, match="max_length"):
+        encode_group(TOK, "p", "r", ["c"], max_length=1.5)
+
+
+def test_encode_groups_checks_its_lists():
+    with pytest.raises(ValueError, match="must match"):
+        encode_groups(TOK, ["p", "q"], ["r"], [["c"], ["d"]])
+    with pytest.raises(ValueError, match="wrappers"):
+        encode_groups(TOK, ["p"], ["r"], [["c"]], wrapper=["sft", "sft"])
+    with pytest.raises(ValueError, match="wrapper"):
+        encode_groups(TOK, ["p"], ["r"], [["c"]], wrapper=["chat"])
+    with pytest.raises(TypeError, match="group 1: candidates"):
+        encode_groups(TOK, ["p", "q"], ["r", "s"], [["c"], "d"])
+    assert encode_groups(TOK, [], [], []) == []
 
 
 @pytest.mark.parametrize("wrapper", ["sft", "pretrain"])
@@ -72,6 +147,8 @@ def test_serving_string_gives_the_training_ids(wrapper, prompt, reference, candi
     g = encode_group(TOK, prompt, reference, [candidate], wrapper=wrapper)
     assert g.full(0).tolist() == full_ids(prompt, reference, candidate, wrapper)
 
+
+# --- truncation ----------------------------------------------------------------------------------
 
 def test_truncation_budgets_exactly():
     # reference 8 -> 5 (head), candidate 3, prompt budget (20 - 4 - 5 - 3) // 2 = 4 (tail).
@@ -93,37 +170,79 @@ def test_budget_exhausted_drops_the_prompt():
 
 
 def test_candidate_head_is_kept():
-    g = encode_group(TOK, "p", "r", ["0123456789"], max_response=4)
-    assert g.candidates[0].tolist() == b("0123") + [REW]
+    g = encode_group(TOK, "p", "r", ["0123456789", "0124"], max_response=4)
+    assert g.prefix.tolist() == [BOS] + b("p\nr") + [SEP] + b("p\n012")
+    assert [c.tolist() for c in g.candidates] == [b("3") + [REW], b("4") + [REW]]
 
 
 def test_defaults_match_polar():
     ref, cand = "r" * 5000, "c" * 5000
     prompt = "p" * 20000
-    g = encode_group(TOK, prompt, ref, [cand])
+    g = encode_group(TOK, prompt, ref, [cand, "d" * 4096])
     n_prompt = (16384 - 4 - 4096 - 4096) // 2
-    assert len(g.full(0)) == 1 + 2 * n_prompt + 4096 + 4096 + 4
+    for i in range(2):
+        assert len(g.full(i)) == 1 + 2 * n_prompt + 4096 + 4096 + 4
 
 
-def test_unicode_truncation_is_per_token():
-    # Byte tokens: a tail cut may start inside a multi-byte character, as with any token cut.
-    g = encode_group(TOK, "日本", "r", ["c"], max_length=4 + 1 + 1 + 2 * 4)
-    prompt = "日本".encode()[-4:]
-    assert g.prefix.tolist() == [BOS] + list(prompt) + b("\nr") + [SEP] + list(prompt) + b("\n")
+def test_max_response_zero_empties_the_responses():
+    g = encode_group(TOK, "p", "ref", ["cand"], max_response=0)
+    assert g.full(0).tolist() == [BOS] + b("p") + [SEP] + b("p") + [REW]
 
 
-def test_group_shares_prefix_and_budgets_with_the_longest_candidate():
-    g = encode_group(TOK, "0123456789", "ab", ["x", "wxyz"], max_length=16)
-    # budget (16 - 4 - 2 - 4) // 2 = 3, for both candidates
-    assert g.prefix.tolist() == [BOS] + b("789\nab") + [SEP] + b("789\n")
-    assert [c.tolist() for c in g.candidates] == [b("x") + [REW], b("wxyz") + [REW]]
-    # the longest candidate alone gets exactly the same input
-    alone = encode_group(TOK, "0123456789", "ab", ["wxyz"], max_length=16)
-    assert alone.full(0).tolist() == g.full(1).tolist()
-    # the shorter one alone would keep one more prompt token: documented
-    short_alone = encode_group(TOK, "0123456789", "ab", ["x"], max_length=16)
-    assert len(short_alone.prefix) == len(g.prefix) + 2
+# --- unicode near cut points: byte tokens never split a character ---------------------------------
 
+def test_prompt_tail_cut_inside_a_character_drops_it():
+    # budget (14 - 4 - 1 - 1) // 2 = 4 bytes; the last 4 of "日本" (3 + 3 bytes) start inside 日
+    g = encode_group(TOK, "日本", "r", ["c"], max_length=14)
+    assert g.full(0).tolist() == [BOS] + b("本\nr") + [SEP] + b("本\nc") + [REW]
+    # one byte more of budget reaches a character boundary: both characters are kept
+    g = encode_group(TOK, "日本", "r", ["c"], max_length=18)
+    assert g.full(0).tolist() == [BOS] + b("日本\nr") + [SEP] + b("日本\nc") + [REW]
+
+
+def test_response_head_cut_inside_a_character_drops_it_and_frees_budget():
+    # reference "aé😀": 1 + 2 + 4 bytes; 4 bytes end inside 😀 -> "aé" (3 bytes) is kept and
+    # the prompt budget counts those 3: (20 - 4 - 3 - 2) // 2 = 5
+    g = encode_group(TOK, "0123456789", "aé😀", ["xy"], max_length=20, max_response=4)
+    assert g.full(0).tolist() == [BOS] + b("56789\naé") + [SEP] + b("56789\nxy") + [REW]
+    # a candidate whose first character is longer than max_response keeps nothing, and no "\n"
+    g = encode_group(TOK, "p", "r", ["😀!", "ok"], max_response=3)
+    assert g.full(0).tolist() == [BOS] + b("p\nr") + [SEP] + b("p") + [REW]
+    assert g.full(1).tolist() == [BOS] + b("p\nr") + [SEP] + b("p\nok") + [REW]
+
+
+def parse(text):
+    """(prompt, reference, candidate) of a decoded sft input whose prompt has no "\n"."""
+    head, tail = text[:-len(REWARD_TOKEN_TEXT)].split(REWARD_SEP_TEXT)
+    p1, _, r = head.partition("\n")
+    p2, _, c = tail.partition("\n")
+    assert p1 == p2
+    return p1, r, c
+
+
+@pytest.mark.parametrize("max_response", range(0, 12))
+@pytest.mark.parametrize("max_length", [8, 13, 21, 30])
+def test_cuts_keep_whole_characters_within_the_budgets(max_response, max_length):
+    prompt, ref, cands = "añ日😀b本", "é😀x日", ["😀日é", "zé"]
+    g = encode_group(TOK, prompt, ref, cands, max_length=max_length, max_response=max_response)
+    texts = [TOK.decode(g.full(i)) for i in range(2)]
+    assert all("\ufffd" not in t for t in texts)  # no character was cut
+    (p_kept, r_kept, c0), (_, _, c1) = parse(texts[0]), parse(texts[1])
+    assert prompt.endswith(p_kept) and ref.startswith(r_kept)
+    for full, kept in [(ref, r_kept), (cands[0], c0), (cands[1], c1)]:
+        assert full.startswith(kept) and len(kept.encode()) <= max_response
+        # the longest head of whole characters within the limit
+        assert kept == full or len(full[:len(kept) + 1].encode()) > max_response
+    # the prompt budget counts the bytes the responses kept
+    budget = prompt_budget(max_length, len(r_kept.encode()), max(len(c0.encode()), len(c1.encode())))
+    assert len(p_kept.encode()) <= budget
+    assert p_kept == prompt or len(prompt[-len(p_kept) - 1:].encode()) > budget
+    # within max_length + BOS whenever the responses leave room for the reserved 4
+    if max_length >= 4 + len(r_kept.encode()) + max(len(c0.encode()), len(c1.encode())):
+        assert max(len(g.full(0)), len(g.full(1))) <= max_length + 1
+
+
+# --- empty responses follow the training code ------------------------------------------------------
 
 def test_empty_candidate_follows_the_training_code():
     g = encode_group(TOK, "p", "r", [""])
@@ -132,10 +251,10 @@ def test_empty_candidate_follows_the_training_code():
 
 def test_empty_reference_drops_its_newline():
     g = encode_group(TOK, "p", "", ["c"])
-    assert g.prefix.tolist() == [BOS] + b("p") + [SEP] + b("p\n")
+    assert g.full(0).tolist() == [BOS] + b("p") + [SEP] + b("p\nc") + [REW]
 
 
-def test_group_with_an_empty_candidate_moves_the_newline_into_candidates():
+def test_group_with_an_empty_candidate():
     g = encode_group(TOK, "p", "r", ["", "c"])
     assert g.prefix.tolist() == [BOS] + b("p\nr") + [SEP] + b("p")
     assert [c.tolist() for c in g.candidates] == [[REW], b("\nc") + [REW]]
@@ -149,8 +268,137 @@ def test_pretrain_group_with_empty_candidate():
     assert [c.tolist() for c in g.candidates] == [[REW], b("c") + [REW]]
 
 
+# --- groups ---------------------------------------------------------------------------------------
+
+def test_group_budgets_the_prompt_with_the_longest_candidate():
+    g = encode_group(TOK, "0123456789", "ab", ["x", "wxyz"], max_length=16)
+    # budget (16 - 4 - 2 - 4) // 2 = 3, for both candidates
+    assert g.full(0).tolist() == [BOS] + b("789\nab") + [SEP] + b("789\nx") + [REW]
+    # the longest candidate alone gets exactly the same input
+    alone = encode_group(TOK, "0123456789", "ab", ["wxyz"], max_length=16)
+    assert alone.full(0).tolist() == g.full(1).tolist()
+    # the shorter one alone would keep one more prompt token: documented
+    short_alone = encode_group(TOK, "0123456789", "ab", ["x"], max_length=16)
+    assert len(short_alone.full(0)) == len(g.full(0)) + 2
+
+
 def test_many_candidates_each_match_the_serving_string():
-    cands = ["short", "a much longer candidate", "mid ✓ length", "x"]
+    cands = ["short", "a much longer candidate", "mid ✓ length", "x", "short"]
     g = encode_group(TOK, "What now?", "the reference", cands)
-    for i, c in enumerate(cands):
-        assert g.full(i).tolist() == full_ids("What now?", "the reference", c)
+    check_split(g, [full_ids("What now?", "the reference", c) for c in cands])
+
+
+def random_text(rng, max_words=8, newlines=True, start=()):
+    """Words of the BPE's corpus, often starting like its answers and ending like its questions,
+    so that merges across the piece boundaries ("?\nthe ") are common; sometimes cut mid-word."""
+    words = [str(rng.choice(start))] if start and rng.random() < 0.7 else []
+    words += [str(w) for w in rng.choice(WORDS, size=int(rng.integers(0, max_words)))]
+    seps = [" ", " ", " ", "\n"] if newlines else [" "]
+    out = "".join(w + str(rng.choice(seps)) for w in words[:-1]) + "".join(words[-1:])
+    if rng.random() < 0.5:
+        out += "?" if rng.random() < 0.7 else " "
+    if rng.random() < 0.2:
+        out = out[: int(rng.integers(0, len(out) + 1))]
+    return out
+
+
+def random_groups(n, seed):
+    rng = np.random.default_rng(seed)
+    starts = [w + " " for w in WORDS[:4]]
+    groups = []
+    for _ in range(n):
+        prompt = random_text(rng)
+        if rng.random() < 0.3:  # a multi-turn message list
+            prompt = [{"role": "user", "content": random_text(rng)} for _ in range(3)]
+        ref = random_text(rng, start=starts)
+        common = random_text(rng, max_words=3, start=starts)  # candidates often share a start
+        k = int(rng.integers(1, 5))
+        cands = [common + random_text(rng) if rng.random() < 0.5 else random_text(rng, start=starts)
+                 for _ in range(k)]
+        if rng.random() < 0.2:
+            cands.append(cands[0])  # identical candidates
+        groups.append((prompt, ref, cands, "sft" if rng.random() < 0.7 else "pretrain"))
+    return groups
+
+
+def test_batched_equals_one_by_one_and_the_serving_strings():
+    groups = random_groups(200, seed=1)
+    batch = encode_groups(TOK, [g[0] for g in groups], [g[1] for g in groups],
+                          [g[2] for g in groups], wrapper=[g[3] for g in groups])
+    for (p, r, cs, w), got in zip(groups, batch):
+        one = encode_group(TOK, p, r, cs, wrapper=w)
+        assert got.prefix.tolist() == one.prefix.tolist()
+        assert [c.tolist() for c in got.candidates] == [c.tolist() for c in one.candidates]
+        check_split(got, [full_ids(p, r, c, w) for c in cs])
+
+
+# --- a real HF tokenizer, with merges across the prefix/candidate boundary -------------------------
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory):
+    return load_tokenizer(train_bpe(tmp_path_factory.mktemp("bpe_format")))
+
+
+def test_the_bpe_merges_across_piece_boundaries(bpe):
+    # The premise of the tests below: pieces tokenized one by one differ from the whole string.
+    whole = bpe.encode("why?\nthe cat").tolist()
+    pieces = bpe.encode("why?").tolist() + bpe.encode("\n").tolist() + bpe.encode("the cat").tolist()
+    assert whole != pieces and len(whole) < len(pieces)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_hf_shared_prefix_changes_no_token(bpe, seed):
+    groups = random_groups(150, seed=seed)
+    batch = encode_groups(bpe, [g[0] for g in groups], [g[1] for g in groups],
+                          [g[2] for g in groups], wrapper=[g[3] for g in groups])
+    per_piece_differs = 0
+    for (p, r, cs, w), got in zip(groups, batch):
+        fulls = [full_ids(p, r, c, w, tok=bpe) for c in cs]
+        check_split(got, fulls)
+        for c, f in zip(cs, fulls):
+            # training form (text, then the id) equals the serving form (literal in the text)
+            text = build_text(p, r, c, w)[:-len(REWARD_TOKEN_TEXT)]
+            assert f == [bpe.bos_id] + bpe.encode(text).tolist() + [bpe.reward_token_id]
+            # the old layout, pieces tokenized one by one, would have given other ids
+            pt, rt, ct = as_text(p), as_text(r), as_text(c)
+            nl = "\n" if w == "sft" else ""
+            pieces = [pt, nl if rt else "", rt, REWARD_SEP_TEXT, pt, nl if ct else "", ct]
+            old = [bpe.bos_id] + [i for x in pieces for i in bpe.encode(x).tolist()]
+            per_piece_differs += old + [bpe.reward_token_id] != f
+    assert per_piece_differs > len(groups) // 2
+
+
+def test_hf_truncation_cuts_at_token_boundaries(bpe):
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        p = random_text(rng, max_words=20, newlines=False)
+        r = random_text(rng, max_words=12, newlines=False)
+        cs = [random_text(rng, max_words=12, newlines=False) for _ in range(2)]
+        max_response = int(rng.integers(0, 8))
+        max_length = int(rng.integers(4, 40))
+        g = encode_group(bpe, p, r, cs, max_length=max_length, max_response=max_response)
+        spans = dict(zip(["p", "r", "c0", "c1"], bpe.offsets_batch([p, r, *cs])))
+
+        def head(text, sp):
+            if len(sp) <= max_response:
+                return text, len(sp)
+            return (text[:sp[max_response, 0]] if max_response else "",
+                    min(max_response, len(sp)))
+
+        r_kept, r_n = head(r, spans["r"])
+        kept = [head(c, spans[f"c{i}"]) for i, c in enumerate(cs)]
+        budget = prompt_budget(max_length, r_n, max(n for _, n in kept))
+        sp = spans["p"]
+        p_kept = p if len(sp) <= budget else (p[sp[len(sp) - budget - 1, 1]:] if budget else "")
+        for i, (c_kept, _) in enumerate(kept):
+            assert g.full(i).tolist() == full_ids(p_kept, r_kept, c_kept, tok=bpe)
+
+
+def test_custom_reward_strings_reach_the_text(tmp_path):
+    tok = HFTokenizer(train_bpe(tmp_path, specials=("<s>", "</s>")), reward_sep="<sep>",
+                      reward_token="<score>")
+    g = encode_group(tok, "why the cat?", "the cat sat", ["the dog sat", "a dog"])
+    for i, c in enumerate(["the dog sat", "a dog"]):
+        assert tok.decode(g.full(i)) == f"why the cat?\nthe cat sat<sep>why the cat?\n{c}<score>"
+    check_split(g, [full_ids("why the cat?", "the cat sat", c, tok=tok)
+                    for c in ["the dog sat", "a dog"]])

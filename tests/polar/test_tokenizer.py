@@ -1,7 +1,10 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from polar.tokenizer import REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer, Tokenizer
+from polar.tokenizer import (REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer, HFTokenizer,
+                             Tokenizer, load_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +107,206 @@ def test_decode_rejects_bad_input(tok):
         tok.decode([tok.vocab_size])
     with pytest.raises(ValueError, match="ids must lie"):
         tok.decode([-1])
+
+
+# --- offsets -------------------------------------------------------------------------------------
+
+def test_byte_offsets_are_character_spans(tok):
+    spans = tok.offsets_batch(["hé😀"])[0]
+    # h, then both bytes of é, then the four bytes of the emoji, each with its character's span
+    assert spans.dtype == np.int64
+    assert spans.tolist() == [[0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [2, 3], [2, 3]]
+
+
+def test_byte_offsets_of_literals_cover_the_literal(tok):
+    text = f"é{REWARD_SEP_TEXT}x{REWARD_TOKEN_TEXT}"
+    spans = tok.offsets_batch(["", text, "ab"])
+    assert [s.tolist() for s in spans] == [
+        [], [[0, 1], [0, 1], [1, 11], [11, 12], [12, 30]], [[0, 1], [1, 2]]]
+
+
+def test_byte_offsets_are_local_to_each_text(tok):
+    texts = ["ünï", "", "日本語", "a\0b", f"{REWARD_TOKEN_TEXT}"] * 3
+    for text, spans, ids in zip(texts, tok.offsets_batch(texts), tok.encode_batch(texts)):
+        assert len(spans) == len(ids)
+        # each token's span holds a text that, encoded, contains that token's byte
+        for (s, e), i in zip(spans.tolist(), ids.tolist()):
+            assert i in tok.encode(text[s:e]).tolist()
+
+
+def test_nul_bytes_in_text_are_kept(tok):
+    # the batch encoder joins texts with NUL; a NUL inside a text must still come out
+    assert [x.tolist() for x in tok.encode_batch(["a\0", "\0b", "\0"])] == [[97, 0], [0, 98], [0]]
+
+
+def test_offsets_batch_rejects_bad_input(tok):
+    with pytest.raises(TypeError, match="offsets_batch"):
+        tok.offsets_batch("text")
+
+
+# --- HF tokenizers -------------------------------------------------------------------------------
+
+WORDS = ("the a cat dog sat on mat why how answer question reward model policy text token one two "
+         "three über naïve 日本 😀").split()
+
+
+def corpus(n: int, seed: int = 0) -> list[str]:
+    """Prompt/answer lines whose answers start with frequent words, so that a BPE without
+    pre-tokenization learns merges like "\\nthe" across the prompt/response boundary."""
+    rng = np.random.default_rng(seed)
+    lines = []
+    for _ in range(n):
+        q = " ".join(rng.choice(WORDS, size=rng.integers(2, 8)))
+        a = " ".join(rng.choice(WORDS[:4], size=2)) + " " + " ".join(rng.choice(WORDS, size=5))
+        lines.append(f"{q}?\n{a}.")
+    return lines
+
+
+def train_bpe(directory, specials=("<s>", "</s>", REWARD_SEP_TEXT, REWARD_TOKEN_TEXT),
+              vocab_size: int = 700, merge_across_spaces: bool = True, truncate: int = 0) -> str:
+    """A byte-level BPE trained on `corpus`, saved as directory/tokenizer.json. With
+    `merge_across_spaces` there is no pre-tokenization: merges cross spaces and newlines."""
+    from tokenizers import Tokenizer as Lib, decoders, models, pre_tokenizers, trainers
+
+    lib = Lib(models.BPE())
+    lib.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                 use_regex=not merge_across_spaces)
+    lib.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    lib.train_from_iterator(corpus(400), trainer)
+    if truncate:
+        lib.enable_truncation(truncate)
+    directory.mkdir(parents=True, exist_ok=True)
+    lib.save(str(directory / "tokenizer.json"))
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def bpe_dir(tmp_path_factory):
+    return train_bpe(tmp_path_factory.mktemp("bpe"))
+
+
+@pytest.fixture(scope="module")
+def bpe(bpe_dir):
+    return load_tokenizer(bpe_dir)
+
+
+def test_load_tokenizer_picks_the_kind(bpe_dir, tmp_path):
+    assert isinstance(load_tokenizer("byte"), ByteTokenizer)
+    assert isinstance(load_tokenizer(bpe_dir), HFTokenizer)
+    # the tokenizer.json file itself works too
+    assert isinstance(load_tokenizer(str(Path(bpe_dir) / "tokenizer.json")), HFTokenizer)
+    with pytest.raises(TypeError, match="load_tokenizer"):
+        load_tokenizer(3)
+
+
+def test_hf_special_ids_come_from_the_vocabulary(bpe):
+    lib = bpe._tok
+    assert bpe.bos_id == lib.token_to_id("<s>") and bpe.pad_id == lib.token_to_id("</s>")
+    assert bpe.reward_sep_id == lib.token_to_id(REWARD_SEP_TEXT)
+    assert bpe.reward_token_id == lib.token_to_id(REWARD_TOKEN_TEXT)
+    assert len({bpe.bos_id, bpe.pad_id, bpe.reward_sep_id, bpe.reward_token_id}) == 4
+    assert bpe.vocab_size == lib.get_vocab_size(with_added_tokens=True)
+
+
+def test_hf_encode_adds_nothing_and_maps_literals(bpe):
+    ids = bpe.encode("the cat")
+    assert ids.dtype == np.int32 and bpe.bos_id not in ids.tolist() and len(ids) > 0
+    assert bpe.encode(REWARD_TOKEN_TEXT).tolist() == [bpe.reward_token_id]
+    assert bpe.encode(REWARD_SEP_TEXT).tolist() == [bpe.reward_sep_id]
+    assert bpe.encode("").tolist() == []
+
+
+@pytest.mark.parametrize("text", ["why the cat?\nthe dog sat", "über naïve 日本 😀 ", "\n\n  x",
+                                  f"q{REWARD_SEP_TEXT}a\n"])
+def test_hf_serving_and_training_forms_agree(bpe, text):
+    served = bpe.encode(text + REWARD_TOKEN_TEXT).tolist()
+    assert served == bpe.encode(text).tolist() + [bpe.reward_token_id]
+
+
+def test_hf_batch_offsets_and_decode(bpe):
+    texts = corpus(30, seed=1) + ["", "日本😀x", f"a{REWARD_SEP_TEXT}b"]
+    batch = bpe.encode_batch(texts)
+    spans = bpe.offsets_batch(texts)
+    for text, ids, sp in zip(texts, batch, spans):
+        assert ids.tolist() == bpe.encode(text).tolist()
+        assert sp.shape == (len(ids), 2) and sp.dtype == np.int64
+        assert (sp[:, 0] <= sp[:, 1]).all() and (sp[:, 1] <= len(text)).all()
+        assert bpe.decode(ids) == text
+    # an emoji the BPE never saw stays split in bytes: all its tokens share its character span
+    sp = bpe.offsets_batch(["🎉"])[0]
+    assert len(sp) > 1 and (sp == [0, 1]).all()
+
+
+def test_hf_decode_drops_control_tokens(bpe):
+    ids = [bpe.bos_id] + bpe.encode("the cat").tolist() + [bpe.reward_token_id, bpe.pad_id]
+    assert bpe.decode(ids) == "the cat" + REWARD_TOKEN_TEXT
+    with pytest.raises(ValueError, match="ids must lie"):
+        bpe.decode([bpe.vocab_size])
+
+
+def test_hf_adds_missing_reward_tokens(tmp_path):
+    tok = load_tokenizer(train_bpe(tmp_path, specials=("<s>", "</s>")))
+    base = tok._tok.get_vocab_size(with_added_tokens=False)
+    assert {tok.reward_sep_id, tok.reward_token_id} == {base, base + 1}
+    assert tok.vocab_size == base + 2
+    assert tok.encode(f"the{REWARD_SEP_TEXT}cat{REWARD_TOKEN_TEXT}").tolist()[-1] == \
+        tok.reward_token_id
+    assert tok.encode(REWARD_SEP_TEXT).tolist() == [tok.reward_sep_id]
+
+
+def test_hf_configurable_special_strings(tmp_path):
+    d = train_bpe(tmp_path, specials=("<bos>", "<pad>"))
+    tok = HFTokenizer(d, bos="<bos>", pad="<pad>", reward_sep="<sep>", reward_token="<score>")
+    assert tok.reward_sep_text == "<sep>" and tok.reward_token_text == "<score>"
+    assert tok.encode("x<score>").tolist()[-1] == tok.reward_token_id
+    assert tok.bos_id == tok._tok.token_to_id("<bos>")
+    with pytest.raises(ValueError, match="bos="):
+        HFTokenizer(d)  # no "<s>" in this vocabulary
+
+
+def test_hf_truncation_in_the_file_is_switched_off(tmp_path):
+    tok = load_tokenizer(train_bpe(tmp_path, truncate=3))
+    assert len(tok.encode(" ".join(WORDS))) > 3
+
+
+def _word_level_file(directory, vocab: dict) -> str:
+    from tokenizers import Tokenizer as Lib, models, pre_tokenizers
+
+    lib = Lib(models.WordLevel(vocab, unk_token="<unk>"))
+    lib.pre_tokenizer = pre_tokenizers.Whitespace()
+    directory.mkdir(parents=True, exist_ok=True)
+    lib.save(str(directory / "tokenizer.json"))
+    return str(directory)
+
+
+def test_internlm2_ids_are_found_by_string(tmp_path):
+    # The released POLAR vocabulary's ids, placed where InternLM2 has them.
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4,
+             REWARD_SEP_TEXT: 92397, REWARD_TOKEN_TEXT: 92527}
+    tok = load_tokenizer(_word_level_file(tmp_path / "internlm2", vocab))
+    assert (tok.bos_id, tok.pad_id, tok.reward_sep_id, tok.reward_token_id) == (1, 2, 92397, 92527)
+    assert tok.vocab_size >= 92528
+    text = f"hello{REWARD_SEP_TEXT}world"
+    assert tok.encode(text + REWARD_TOKEN_TEXT).tolist() == [3, 92397, 4, 92527]
+    # the same strings elsewhere: the ids follow the strings, not InternLM2's numbers
+    moved = {"<unk>": 0, "</s>": 1, "<s>": 2, REWARD_TOKEN_TEXT: 3, REWARD_SEP_TEXT: 4, "hi": 5}
+    tok = load_tokenizer(_word_level_file(tmp_path / "moved", moved))
+    assert (tok.bos_id, tok.pad_id, tok.reward_sep_id, tok.reward_token_id) == (2, 1, 4, 3)
+
+
+def test_missing_tokenizer_paths_are_clear_errors(tmp_path):
+    missing = tmp_path / "nowhere"
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_tokenizer(str(missing))
+    empty = tmp_path / "empty_dir"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="empty_dir.*tokenizer.json"):
+        load_tokenizer(str(empty))
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match="bad"):
+        load_tokenizer(str(bad))
