@@ -30,7 +30,8 @@ def flops_per_token(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads
     return 3.0 * num_layers * (qkv + proj + mlp + attn)
 
 
-def _fmt_time(s: float) -> str:
+def format_duration(s: float) -> str:
+    """Seconds as "1h02m03s" or "2m03s": progress lines and ETAs."""
     s = int(max(0, s))
     h, rem = divmod(s, 3600)
     m, sec = divmod(rem, 60)
@@ -83,7 +84,7 @@ class Progress:
             print(
                 f"step {step:>6}/{self.total} | loss {loss:.4f} | pair acc {acc:.3f}{lm_s} | lr {lr:.2e} | "
                 f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | {trip_s:,.1f} groups/s{mfu_s} | "
-                f"eta {_fmt_time(eta)}",
+                f"eta {format_duration(eta)}",
                 flush=True,
             )
             if self.writer:

@@ -1,0 +1,732 @@
+"""`polar sample`: POLAR pre-training triplets from a prompt corpus and a pool of policies.
+
+For prompt i (0 <= i < --num-prompts), everything that does not come back from a server depends
+only on --seed and i, never on timing or completion order:
+
+- the prompt: with probability --instruction-share an instruction prompt (used whole), otherwise a
+  corpus document cut to its first L tokens, L uniform in [--prefix-min-tokens, --prefix-max-tokens]
+  (POLAR.md section 6: 1..1024), counted with --tokenizer; the cut is at a token boundary (the kept
+  ids are decoded), moved back to the previous character if it splits one. Documents are drawn with
+  replacement; a document shorter than L is used whole.
+- the policies: a seeded order of the pool's policy names; A is the first and B the second policy of
+  that order that are still in the pool. A samples twice (reference, chosen), B once (rejected),
+  each request with its own seed derived from (--seed, i, role), which vLLM and SGLang honour.
+- repetition loops are truncated, not dropped (truncate_loop below).
+
+Each finished prompt is one JSONL line in the official record format, plus metadata a reader of
+that format ignores:
+
+    {"prompt": str, "reference": str, "chosen": str, "rejected": str, "wrapper": "pretrain",
+     "id": i, "policy_a": name, "policy_b": name, "source": "corpus"|"instruction",
+     "doc": "file:line", "prompt_tokens": L', "truncated_loops": [roles cut],
+     "skipped_policies": [names passed over because they left the pool], "finish_reasons": {...}}
+
+Failures: a request is retried (exponential backoff with full jitter) on connection errors,
+timeouts, 5xx and 429. An endpoint with --endpoint-max-failures consecutive failed attempts leaves
+the pool for the rest of the run; prompts waiting on it are re-drawn (the next live policies of their
+own order). A prompt that still cannot be completed goes to the failures file with the reason; the
+next run with the same arguments retries it, because a run samples every id that is not yet in the
+output. Records are written one line at a time and flushed; a line torn by a kill mid-write is cut
+off (with a message) on restart. `<output>.run.json` keeps the settings that decide what a record
+contains, so a restart with different ones stops instead of mixing two datasets.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import os
+import random
+import sys
+import threading
+import time
+from array import array
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from engine.progress import format_duration
+from polar.format import as_text
+from polar.openai_client import Completion, RequestFailure, SamplingParams, backoff_delay, complete
+from polar.policy_pool import Policy, PoolError, load_pool
+
+ROLES = ("reference", "chosen", "rejected")
+
+
+class SampleError(ValueError):
+    """Bad input or settings; the message names the file, line and field where there is one."""
+
+
+# ----------------------------------------------------------------------------- prompt sources
+
+class TextSource:
+    """Documents of one or more files, read by byte offset so a large corpus is not held in memory.
+
+    `fmt` is "text" (one document per line) or "jsonl" (the document in `text_field`, a string or
+    a message list). Every line is checked once at start-up, so a bad line stops the run before any
+    request is sent. Blank lines / empty texts are not documents (a prefix needs one token); they are
+    counted in `empty`, not dropped silently.
+    """
+
+    def __init__(self, paths: list[str], fmt: str, text_field: str):
+        self.paths, self.fmt, self.text_field = list(paths), fmt, text_field
+        self._file = array("i")
+        self._line = array("q")
+        self._offset = array("q")
+        self.empty = 0
+        self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.endswith((".jsonl", ".json")) else "text")
+                       for p in self.paths]
+        for k, path in enumerate(self.paths):
+            self._scan(k, path, self._kinds[k])
+        self._handles: dict[int, object] = {}
+
+    def _scan(self, k: int, path: str, kind: str) -> None:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise SampleError(f"{path}: cannot read: {e.strerror or e}") from None
+        with f:
+            offset = 0
+            for line_no, raw in enumerate(f, 1):
+                text = self._parse(raw, path, line_no, kind)
+                if text.strip():
+                    self._file.append(k)
+                    self._line.append(line_no)
+                    self._offset.append(offset)
+                else:
+                    self.empty += 1
+                offset += len(raw)
+
+    def _parse(self, raw: bytes, path: str, line_no: int, kind: str) -> str:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SampleError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start} of the line)") from None
+        if kind == "text":
+            return line.rstrip("\r\n")
+        if not line.strip():
+            return ""
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise SampleError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
+        if self.text_field not in rec:
+            raise SampleError(f"{path}:{line_no}: field '{self.text_field}' is missing "
+                              f"(fields: {', '.join(sorted(rec)[:10])})")
+        try:
+            return as_text(rec[self.text_field])
+        except TypeError as e:
+            raise SampleError(f"{path}:{line_no}: field '{self.text_field}': {e}") from None
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def get(self, d: int) -> tuple[str, str]:
+        """(text, "file:line") of document d."""
+        k = self._file[d]
+        f = self._handles.get(k)
+        if f is None:
+            f = self._handles[k] = open(self.paths[k], "rb")
+        f.seek(self._offset[d])
+        raw = f.readline()
+        return self._parse(raw, self.paths[k], self._line[d], self._kinds[k]), f"{self.paths[k]}:{self._line[d]}"
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+def token_prefix(tokenizer, text: str, n_tokens: int) -> tuple[str, int]:
+    """The first `n_tokens` tokens of `text`, decoded, and how many tokens were kept.
+
+    Only a head of the text is tokenized (grown until it holds more than n tokens), since a
+    document can be far longer than the longest prefix. If the cut splits a character (a byte
+    tokenizer inside a multi-byte character, a byte-fallback BPE), the decoded text ends in U+FFFD:
+    the cut moves back to the previous whole character, or forward when there is none before.
+    """
+    chunk = max(64, 8 * n_tokens)
+    while True:
+        head = text[:chunk]
+        ids = tokenizer.encode(head)
+        if len(ids) > n_tokens or len(head) == len(text):
+            break
+        chunk *= 4
+    if len(ids) <= n_tokens:
+        return text, len(ids)
+
+    def whole(k: int) -> str | None:
+        s = tokenizer.decode(ids[:k])
+        return s if not s.endswith("\ufffd") or text.startswith(s) else None
+
+    for k in list(range(n_tokens, 0, -1)) + list(range(n_tokens + 1, len(ids) + 1)):
+        s = whole(k)
+        if s:
+            return s, k
+    return text, len(tokenizer.encode(text))
+
+
+@dataclass
+class PromptInfo:
+    text: str
+    source: str  # "corpus" or "instruction"
+    doc: str  # "file:line"
+    tokens: int
+
+
+class PromptMaker:
+    def __init__(self, seed: int, tokenizer, corpus: TextSource, instructions: TextSource | None,
+                 instruction_share: float, min_tokens: int, max_tokens: int):
+        self.seed, self.tokenizer = seed, tokenizer
+        self.corpus, self.instructions, self.share = corpus, instructions, instruction_share
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def make(self, i: int) -> PromptInfo:
+        # A string seed goes through SHA-512 in `random`: the same draws on every Python and machine.
+        rng = random.Random(f"polar-sample/{self.seed}/prompt/{i}")
+        instruction = self.instructions is not None and rng.random() < self.share
+        n_tokens = rng.randint(self.min_tokens, self.max_tokens)
+        src = self.instructions if instruction else self.corpus
+        text, doc = src.get(rng.randrange(len(src)))
+        if instruction:
+            return PromptInfo(text, "instruction", doc, len(self.tokenizer.encode(text)))
+        prefix, kept = token_prefix(self.tokenizer, text, n_tokens)
+        return PromptInfo(prefix, "corpus", doc, kept)
+
+
+def policy_order(seed: int, i: int, names: list[str]) -> list[str]:
+    """Prompt i's seeded order of the pool; sorted first so the YAML's entry order does not matter."""
+    return random.Random(f"polar-sample/{seed}/policies/{i}").sample(sorted(names), len(names))
+
+
+def request_seed(seed: int, i: int, role: str) -> int:
+    digest = hashlib.sha256(f"polar-sample/{seed}/request/{i}/{role}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+# ----------------------------------------------------------------------------- repetition loops
+
+def truncate_loop(text: str, min_repeats: int = 4, min_chars: int = 32) -> tuple[str, int]:
+    """Cut a trailing repetition loop down to one occurrence; returns (text, characters removed).
+
+    The rule: take the smallest period p such that the last max(min_repeats * p, min_chars)
+    characters repeat with period p (the text ends in at least `min_repeats` copies of one chunk,
+    spanning at least `min_chars`, so "haha" or "..." endings are left alone). Extend that periodic
+    run back as far as it goes and keep only its first p characters: the chunk as it first
+    appeared. A trailing partial copy (generation stopped mid-chunk by max_tokens) is part of the
+    run and goes too. The kept copy can be a rotation of the chunk: where the text before the loop
+    ends like the chunk does ("... done. " before "again we go. again we go. ..."), the run starts
+    those characters early and the cut moves back with it. The check repeats on the result, since a loop can sit inside a longer loop.
+    Periods and lengths are in characters, so the rule does not depend on the policy's tokenizer.
+    """
+    removed = 0
+    while True:
+        n = len(text)
+        cut = None
+        for p in range(1, n // min_repeats + 1):
+            need = max(min_repeats * p, min_chars)
+            if need > n:
+                break
+            # Cheap test of the last character first: most periods fail it.
+            if text[-1] != text[-1 - p] or text[n - need:n - p] != text[n - need + p:]:
+                continue
+            start = n - need
+            while start > 0 and text[start - 1] == text[start - 1 + p]:
+                start -= 1
+            cut = start + p
+            break
+        if cut is None:
+            return text, removed
+        removed += n - cut
+        text = text[:cut]
+
+
+# ----------------------------------------------------------------------------- output and resume
+
+def read_done_ids(path: str) -> set[int]:
+    """Ids already in the output; a torn last line (a kill mid-write) is cut off with a message."""
+    done: dict[int, int] = {}
+    if not os.path.exists(path):
+        return set()
+    with open(path, "rb") as f:
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        print(f"polar sample: {path}: the last line ({len(data) - end} bytes at byte {end}) is incomplete, "
+              f"cut by a stop mid-write; removing it (its prompt is sampled again)", file=sys.stderr)
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    for line_no, raw in enumerate(data[:end].splitlines(), 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw)
+            i = rec["id"]
+        except (ValueError, KeyError, TypeError):
+            raise SampleError(f"{path}:{line_no}: not a record of polar sample (a JSON object with an "
+                              f"integer 'id'); is this the right --output?") from None
+        if not isinstance(i, int) or isinstance(i, bool):
+            raise SampleError(f"{path}:{line_no}: field 'id' must be an integer, got {i!r}")
+        if i in done:
+            raise SampleError(f"{path}:{line_no}: id {i} repeats line {done[i]}; the file was written by "
+                              f"something else or edited")
+        done[i] = line_no
+    return set(done)
+
+
+def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
+    """Stop a restart whose settings would give different records than the ones already written."""
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            try:
+                old = json.load(f)
+            except json.JSONDecodeError:
+                raise SampleError(f"{path}: not valid JSON; delete it to start the settings record afresh") from None
+        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+        if changed and not allow_changed:
+            details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise SampleError(f"{path}: the output was written with other settings ({details}); use another "
+                              f"--output, or --allow-changed-settings to mix them")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(settings, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run
+
+@dataclass
+class RunConfig:
+    num_prompts: int
+    seed: int = 0
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    send_seed: bool = True
+    concurrency: int = 64
+    request_timeout: float = 600.0
+    max_retries: int = 5
+    retry_base: float = 1.0
+    retry_cap: float = 60.0
+    endpoint_max_failures: int = 10
+    loop_min_repeats: int = 4
+    loop_min_chars: int = 32
+    progress_interval: float = 10.0
+    max_records: int | None = None
+
+
+class EndpointDown(Exception):
+    pass
+
+
+class PromptFailed(Exception):
+    pass
+
+
+class Endpoint:
+    """Run-time state of one policy: its concurrency limit, health and error counts."""
+
+    def __init__(self, policy: Policy):
+        self.policy = policy
+        self.slots = asyncio.Semaphore(policy.max_concurrency)
+        self.consecutive_failures = 0
+        self.down_reason: str | None = None
+        self.requests = 0
+        self.ok = 0
+        self.retries = 0
+        self.errors: Counter = Counter()
+
+    @property
+    def down(self) -> bool:
+        return self.down_reason is not None
+
+
+def _in_thread(fn, *args) -> asyncio.Future:
+    # Daemon threads rather than an executor: a request stuck for --request-timeout must not keep the
+    # process alive after Ctrl-C or a stop, and nothing it would return is needed then.
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(result, error):
+        if not fut.done():
+            fut.set_exception(error) if error is not None else fut.set_result(result)
+
+    def work():
+        try:
+            result, error = fn(*args), None
+        except BaseException as e:  # handed to the awaiting coroutine, which decides
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: the run is over
+            pass
+
+    threading.Thread(target=work, daemon=True).start()
+    return fut
+
+
+def _json_line(obj: dict) -> str:
+    line = json.dumps(obj, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        # A server can return a lone surrogate ("\ud800" in its JSON); escaped, it stays valid JSON
+        # instead of failing the write of a finished record.
+        line = json.dumps(obj, ensure_ascii=True)
+    return line + "\n"
+
+
+class Sampler:
+    def __init__(self, cfg: RunConfig, prompts: PromptMaker, policies: list[Policy], output: str,
+                 failures: str, log=None):
+        self.cfg, self.prompts, self.output, self.failures_path = cfg, prompts, output, failures
+        self.log = log or sys.stderr
+        self.policies = policies
+        self.names = [p.name for p in policies]
+        self.jitter = random.Random()  # retry timing only; never reaches a record
+        self.written = 0
+        self.failed = 0
+        self.loops_cut = 0
+        self.stopping = False
+        self.stop_reason: str | None = None
+        self.already_done = 0
+
+    # one request, retried
+    async def _request(self, ep: Endpoint, prompt: str, seed: int | None) -> Completion:
+        cfg = self.cfg
+        for attempt in range(1, cfg.max_retries + 2):
+            if ep.down:
+                raise EndpointDown(ep.policy.name)
+            # The endpoint's slot is taken before the global one, so a request queued behind a busy
+            # endpoint never holds a global slot that another endpoint could use.
+            async with ep.slots:
+                if ep.down:
+                    raise EndpointDown(ep.policy.name)
+                async with self.global_slots:
+                    ep.requests += 1
+                    try:
+                        result = await _in_thread(complete, ep.policy, prompt, cfg.sampling, seed,
+                                                  cfg.request_timeout)
+                    except RequestFailure as e:
+                        failure = e
+                    else:
+                        ep.ok += 1
+                        ep.consecutive_failures = 0
+                        return result
+            ep.errors[failure.kind] += 1
+            if failure.endpoint_fault:
+                ep.consecutive_failures += 1
+                if ep.consecutive_failures >= cfg.endpoint_max_failures and not ep.down:
+                    ep.down_reason = f"{ep.consecutive_failures} consecutive failures, last: {failure}"
+                    print(f"polar sample: endpoint {ep.policy.name!r} ({ep.policy.url}) leaves the pool: "
+                          f"{ep.down_reason}", file=self.log, flush=True)
+            if ep.down:
+                raise EndpointDown(ep.policy.name)
+            if not failure.retryable or attempt > cfg.max_retries:
+                raise PromptFailed(f"policy {ep.policy.name!r}: {failure} (attempt {attempt})")
+            ep.retries += 1
+            await asyncio.sleep(backoff_delay(attempt, cfg.retry_base, cfg.retry_cap, self.jitter,
+                                              failure.retry_after))
+        raise AssertionError("unreachable")
+
+    async def _triplet(self, i: int) -> dict:
+        info = self.prompts.make(i)
+        order = policy_order(self.cfg.seed, i, self.names)
+        have: dict[tuple[str, str], Completion] = {}
+        while True:
+            live = [n for n in order if not self.endpoints[n].down]
+            if len(live) < 2:
+                self.stopping = True
+                self.stop_reason = "fewer than 2 policies are left in the pool"
+                raise PromptFailed(self.stop_reason)
+            a, b = live[0], live[1]
+            wanted = [(a, "reference"), (a, "chosen"), (b, "rejected")]
+            missing = [w for w in wanted if w not in have]
+            seeds = [request_seed(self.cfg.seed, i, role) if self.cfg.send_seed else None for _, role in missing]
+            results = await asyncio.gather(*(self._request(self.endpoints[n], info.text, s)
+                                             for (n, _), s in zip(missing, seeds)), return_exceptions=True)
+            redraw, failure = False, None
+            for w, r in zip(missing, results):
+                if isinstance(r, EndpointDown):
+                    redraw = True
+                elif isinstance(r, PromptFailed):
+                    failure = failure or r
+                elif isinstance(r, BaseException):
+                    raise r
+                else:
+                    have[w] = r
+            if failure is not None:
+                raise failure
+            if not redraw:
+                break
+        texts, cut = {}, []
+        for (n, role) in wanted:
+            text, removed = truncate_loop(have[(n, role)].text, self.cfg.loop_min_repeats, self.cfg.loop_min_chars)
+            texts[role] = text
+            if removed:
+                cut.append(role)
+        self.loops_cut += len(cut)
+        return {"prompt": info.text, "reference": texts["reference"], "chosen": texts["chosen"],
+                "rejected": texts["rejected"], "wrapper": "pretrain", "id": i, "policy_a": a, "policy_b": b,
+                "source": info.source, "doc": info.doc, "prompt_tokens": info.tokens, "truncated_loops": cut,
+                "skipped_policies": [n for n in order[:order.index(b)] if n not in (a, b)],
+                "finish_reasons": {role: have[w].finish_reason for w, role in zip(wanted, ROLES)}}
+
+    async def _one(self, i: int) -> None:
+        try:
+            record = await self._triplet(i)
+        except PromptFailed as e:
+            self.failed += 1
+            self._fail_f.write(_json_line({"id": i, "reason": str(e)}))
+            self._fail_f.flush()
+            return
+        if self.stopping and self.stop_reason == "max-records":
+            return  # sampled after the requested stop: not written, so the next run does it
+        # One write call per record, then flush: a kill leaves at most one torn line, which
+        # read_done_ids removes on restart.
+        self._out_f.write(_json_line(record))
+        self._out_f.flush()
+        self.written += 1
+        if self.cfg.max_records is not None and self.written >= self.cfg.max_records:
+            self.stopping, self.stop_reason = True, "max-records"
+
+    def _progress_line(self, final: bool = False) -> str:
+        elapsed = max(time.perf_counter() - self.t0, 1e-9)
+        done = self.already_done + self.written
+        rate = self.written / elapsed
+        remaining = self.cfg.num_prompts - done - self.failed
+        eta = format_duration(remaining / rate) if rate > 0 else "?"
+        eps = ", ".join(
+            f"{n} {'DOWN' if ep.down else 'ok'}" + (f" ({sum(ep.errors.values())} err)" if ep.errors else "")
+            for n, ep in self.endpoints.items())
+        head = "done" if final else "sample"
+        return (f"{head} {done}/{self.cfg.num_prompts} | {rate:.2f} prompts/s | eta {eta} | failed {self.failed} | "
+                f"loops cut {self.loops_cut} | {eps}")
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.progress_interval)
+            print(self._progress_line(), file=self.log, flush=True)
+
+    async def run(self, done_ids: set[int]) -> None:
+        cfg = self.cfg
+        self.endpoints = {p.name: Endpoint(p) for p in self.policies}
+        self.global_slots = asyncio.Semaphore(cfg.concurrency)
+        self.t0 = time.perf_counter()
+        self.already_done = sum(1 for i in done_ids if i < cfg.num_prompts)
+        # Each prompt needs up to 3 requests; twice the request slots in prompts keeps every
+        # endpoint busy without creating a task per prompt of a large run.
+        window = asyncio.Semaphore(2 * cfg.concurrency)
+        tasks: set[asyncio.Task] = set()
+        reporter = asyncio.create_task(self._report())
+
+        crash: list[BaseException] = []
+
+        def finished(t: asyncio.Task) -> None:
+            tasks.discard(t)
+            window.release()
+            # A bug must stop the run loudly, not vanish as an unretrieved task exception.
+            if not t.cancelled() and t.exception() is not None:
+                crash.append(t.exception())
+                self.stopping, self.stop_reason = True, "internal error"
+
+        with open(self.output, "a", encoding="utf-8") as self._out_f, \
+                open(self.failures_path, "w", encoding="utf-8") as self._fail_f:
+            try:
+                for i in range(cfg.num_prompts):
+                    if i in done_ids:
+                        continue
+                    await window.acquire()
+                    if self.stopping:
+                        window.release()
+                        break
+                    t = asyncio.create_task(self._one(i))
+                    tasks.add(t)
+                    t.add_done_callback(finished)
+                while tasks:
+                    if self.stopping and self.stop_reason in ("max-records", "internal error"):
+                        for t in list(tasks):
+                            t.cancel()
+                    await asyncio.wait(list(tasks), return_when=asyncio.FIRST_COMPLETED)
+                if crash:
+                    raise crash[0]
+            finally:
+                reporter.cancel()
+                for t in list(tasks):
+                    t.cancel()
+
+    def summary(self) -> str:
+        elapsed = time.perf_counter() - self.t0
+        done = self.already_done + self.written
+        lines = [self._progress_line(final=True),
+                 f"  this run: {self.written} records in {format_duration(elapsed)}, {self.failed} prompts failed "
+                 f"(listed in {self.failures_path}; a rerun retries them), {self.loops_cut} loops truncated",
+                 f"  output: {self.output} holds {done} of {self.cfg.num_prompts} prompts"]
+        not_done = self.cfg.num_prompts - done - self.failed
+        if not_done > 0:
+            why = "stopped after --max-records" if self.stop_reason == "max-records" else (self.stop_reason or "stopped")
+            lines.append(f"  {not_done} prompts not attempted: {why}; a rerun continues")
+        for n, ep in self.endpoints.items():
+            errs = ", ".join(f"{k} x{v}" for k, v in sorted(ep.errors.items())) or "no errors"
+            state = f"DOWN ({ep.down_reason})" if ep.down else "up"
+            lines.append(f"  {n}: {ep.ok}/{ep.requests} requests ok, {ep.retries} retries, {errs}; {state}")
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _load_tokenizer(spec: str):
+    from polar import tokenizer as tk
+
+    load = getattr(tk, "load_tokenizer", None)
+    if load is None:  # until polar.tokenizer grows load_tokenizer, only the byte tokenizer is known
+        if spec == "byte":
+            return tk.ByteTokenizer()
+        raise SampleError(f"--tokenizer {spec!r}: this polar has no load_tokenizer; only 'byte' works")
+    try:
+        return load(spec)
+    except (OSError, ValueError, ImportError) as e:
+        raise SampleError(f"--tokenizer {spec!r}: {e}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="polar sample",
+        description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from "
+                    "policy B != A) from a prompt corpus and a pool of OpenAI-compatible endpoints. Re-running "
+                    "the same command continues an interrupted run and retries failed prompts.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = ap.add_argument_group("prompts")
+    g.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
+                   help="prompt corpus: text files (one document per line) or JSONL (see --corpus-format)")
+    g.add_argument("--corpus-format", choices=("auto", "text", "jsonl"), default="auto",
+                   help="auto: .jsonl/.json files are JSONL, others text")
+    g.add_argument("--text-field", default="text", help="JSONL field holding a document (a string or a message list)")
+    g.add_argument("--instruction-prompts", nargs="+", metavar="FILE",
+                   help="instruction prompts, used whole (same formats as --corpus)")
+    g.add_argument("--instruction-field", default="prompt", help="JSONL field of an instruction prompt")
+    g.add_argument("--instruction-share", type=float, default=0.1,
+                   help="fraction of prompts drawn from --instruction-prompts (when given)")
+    g.add_argument("--prefix-min-tokens", type=int, default=1, help="shortest corpus prefix, in tokens")
+    g.add_argument("--prefix-max-tokens", type=int, default=1024, help="longest corpus prefix, in tokens")
+    g.add_argument("--tokenizer", default="byte",
+                   help="tokenizer that counts prefix tokens: 'byte' or a local HF tokenizer directory")
+    g.add_argument("--num-prompts", type=int, required=True,
+                   help="prompt ids 0..N-1; raising N later extends a dataset without changing its first N")
+    g.add_argument("--seed", type=int, default=0, help="decides prompts, policy draws and request seeds")
+    g = ap.add_argument_group("policies and sampling")
+    g.add_argument("--pool", required=True, metavar="YAML",
+                   help="policy pool: a YAML list of {name, base_url, model, api_key_env, max_concurrency, kind}")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (POLAR: 1.0)")
+    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (POLAR: 0.9)")
+    g.add_argument("--top-k", type=int, default=50, help="sent as the top_k extension field (vLLM, SGLang)")
+    g.add_argument("--max-tokens", type=int, default=4096, help="longest trajectory, in the policy's tokens")
+    g.add_argument("--no-request-seed", action="store_true",
+                   help="do not send a per-request seed (for servers that reject the field)")
+    g.add_argument("--loop-min-repeats", type=int, default=4,
+                   help="a trailing chunk repeated at least this many times is a loop, cut to one copy")
+    g.add_argument("--loop-min-chars", type=int, default=32, help="... if the repeats span at least this many characters")
+    g = ap.add_argument_group("requests")
+    g.add_argument("--concurrency", type=int, default=64, help="requests in flight over all endpoints")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request attempt")
+    g.add_argument("--max-retries", type=int, default=5, help="retries of one request (connection, timeout, 5xx, 429)")
+    g.add_argument("--retry-base", type=float, default=1.0, help="first backoff ceiling, seconds (doubles per retry)")
+    g.add_argument("--retry-cap", type=float, default=60.0, help="largest backoff, seconds")
+    g.add_argument("--endpoint-max-failures", type=int, default=10,
+                   help="consecutive failed attempts after which an endpoint leaves the pool for this run")
+    g = ap.add_argument_group("output")
+    g.add_argument("--output", required=True, help="JSONL records; appended to, so a rerun continues")
+    g.add_argument("--failures", help="prompts that failed in this run, with reasons (default: OUTPUT.failures.jsonl)")
+    g.add_argument("--max-records", type=int, help="stop after writing this many records (trial runs)")
+    g.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines on stderr")
+    g.add_argument("--allow-changed-settings", action="store_true",
+                   help="continue an output written with other settings (OUTPUT.run.json) instead of stopping")
+    return ap
+
+
+def _check_args(ap: argparse.ArgumentParser, a) -> None:
+    positive = {"--num-prompts": a.num_prompts, "--prefix-min-tokens": a.prefix_min_tokens,
+                "--max-tokens": a.max_tokens, "--concurrency": a.concurrency,
+                "--loop-min-repeats": a.loop_min_repeats, "--endpoint-max-failures": a.endpoint_max_failures,
+                "--top-k": a.top_k}
+    for flag, v in positive.items():
+        if v < 1:
+            ap.error(f"{flag} must be at least 1, got {v}")
+    if a.prefix_max_tokens < a.prefix_min_tokens:
+        ap.error(f"--prefix-max-tokens ({a.prefix_max_tokens}) is below --prefix-min-tokens ({a.prefix_min_tokens})")
+    if not 0.0 <= a.instruction_share <= 1.0:
+        ap.error(f"--instruction-share must lie in [0, 1], got {a.instruction_share}")
+    if not 0.0 < a.top_p <= 1.0:
+        ap.error(f"--top-p must lie in (0, 1], got {a.top_p}")
+    if a.temperature < 0 or a.max_retries < 0 or a.request_timeout <= 0 or a.retry_base < 0 or a.loop_min_chars < 0:
+        ap.error("--temperature, --max-retries, --retry-base and --loop-min-chars must be >= 0, "
+                 "--request-timeout > 0")
+    if a.max_records is not None and a.max_records < 1:
+        ap.error(f"--max-records must be at least 1, got {a.max_records}")
+
+
+def main(argv: list[str]) -> int:
+    ap = build_parser()
+    a = ap.parse_args(argv)
+    _check_args(ap, a)
+    try:
+        policies = load_pool(a.pool)
+        tokenizer = _load_tokenizer(a.tokenizer)
+        corpus = TextSource(a.corpus, a.corpus_format, a.text_field)
+        if not len(corpus):
+            raise SampleError(f"--corpus {' '.join(a.corpus)}: no non-empty documents")
+        instructions = None
+        if a.instruction_prompts:
+            instructions = TextSource(a.instruction_prompts, a.corpus_format, a.instruction_field)
+            if not len(instructions):
+                raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
+        sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
+        # What decides a record's content (not how fast it is made); --num-prompts is absent on purpose.
+        settings = {
+            "seed": a.seed, "corpus": [os.path.abspath(p) for p in a.corpus], "corpus_format": a.corpus_format,
+            "text_field": a.text_field,
+            "instruction_prompts": [os.path.abspath(p) for p in a.instruction_prompts or []],
+            "instruction_field": a.instruction_field,
+            "instruction_share": a.instruction_share if instructions else 0.0,
+            "prefix_tokens": [a.prefix_min_tokens, a.prefix_max_tokens], "tokenizer": a.tokenizer,
+            # a name's model and API kind decide what it returns; its URL may move between runs
+            "policies": {p.name: f"{p.model} ({p.kind})" for p in sorted(policies, key=lambda p: p.name)},
+            "sampling": asdict(sampling),
+            "request_seed": not a.no_request_seed, "loop": [a.loop_min_repeats, a.loop_min_chars]}
+        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+        check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
+        done = read_done_ids(a.output)
+    except (SampleError, PoolError) as e:
+        print(f"polar sample: error: {e}", file=sys.stderr)
+        return 2
+    print(f"polar sample: {len(corpus)} corpus documents ({corpus.empty} empty lines skipped)"
+          + (f", {len(instructions)} instruction prompts" if instructions else "")
+          + f", {len(policies)} policies; {sum(1 for i in done if i < a.num_prompts)} of {a.num_prompts} "
+            f"prompts already in {a.output}", file=sys.stderr, flush=True)
+    cfg = RunConfig(num_prompts=a.num_prompts, seed=a.seed, sampling=sampling, send_seed=not a.no_request_seed,
+                    concurrency=a.concurrency, request_timeout=a.request_timeout, max_retries=a.max_retries,
+                    retry_base=a.retry_base, retry_cap=a.retry_cap, endpoint_max_failures=a.endpoint_max_failures,
+                    loop_min_repeats=a.loop_min_repeats, loop_min_chars=a.loop_min_chars,
+                    progress_interval=a.progress_interval, max_records=a.max_records)
+    prompts = PromptMaker(a.seed, tokenizer, corpus, instructions, a.instruction_share,
+                          a.prefix_min_tokens, a.prefix_max_tokens)
+    sampler = Sampler(cfg, prompts, policies, a.output, a.failures or a.output + ".failures.jsonl")
+    interrupted = False
+    try:
+        asyncio.run(sampler.run(done))
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        corpus.close()
+        if instructions:
+            instructions.close()
+    if hasattr(sampler, "t0"):
+        print(sampler.summary(), file=sys.stderr, flush=True)
+    if interrupted:
+        print("polar sample: interrupted; the same command continues", file=sys.stderr)
+        return 130
+    return 1 if sampler.failed or (sampler.stop_reason and sampler.stop_reason != "max-records") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

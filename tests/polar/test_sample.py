@@ -1,0 +1,332 @@
+"""`polar sample` end to end against a fake OpenAI-compatible server on loopback."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from polar import sample
+from polar.sample import read_done_ids, request_seed, token_prefix, truncate_loop
+from polar.tokenizer import ByteTokenizer
+from tests.polar.openai_server import LOOP_CHUNK, FakeOpenAIServer, closed_port, fake_loop_text, fake_text
+
+MODELS = {"base-a": "ok", "base-b": "ok", "chatty": "ok", "looper": "loop", "broken": "fail"}
+GOOD = {"base-a", "base-b", "chatty", "looper"}
+DOCS = ["The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+        "Ünïcödé text with multi-byte characters: 日本語のテキスト and more words after it.",
+        "",  # a blank line is not a document
+        "A third document about reward models, policies and the data they are trained on, " * 3,
+        "Short one."]
+INSTRUCTIONS = [{"prompt": "Write a haiku about rivers."},
+                {"prompt": [{"role": "user", "content": "Explain gradient descent."}]}]
+
+
+def _write_inputs(tmp_path, srv, extra_pool=()):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(DOCS) + "\n", encoding="utf-8")
+    inst = tmp_path / "instructions.jsonl"
+    inst.write_text("".join(json.dumps(r) + "\n" for r in INSTRUCTIONS), encoding="utf-8")
+    pool = [{"name": m, "base_url": srv.base_url, "model": m, "max_concurrency": 2,
+             **({"kind": "chat"} if m == "chatty" else {})} for m in MODELS]
+    pool += list(extra_pool)
+    pool_path = tmp_path / "pool.yaml"
+    pool_path.write_text(yaml.safe_dump(pool), encoding="utf-8")
+    return corpus, inst, pool_path
+
+
+def _argv(corpus, inst, pool, out, *extra, n=24):
+    return ["--corpus", str(corpus), "--instruction-prompts", str(inst), "--instruction-share", "0.25",
+            "--pool", str(pool), "--output", str(out), "--num-prompts", str(n), "--seed", "7",
+            "--prefix-min-tokens", "1", "--prefix-max-tokens", "40", "--concurrency", "6",
+            "--retry-base", "0.001", "--retry-cap", "0.01", "--max-retries", "3", "--endpoint-max-failures", "3",
+            "--request-timeout", "10", "--progress-interval", "0.05", *extra]
+
+
+def _records(path):
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _by_id(records):
+    ids = [r["id"] for r in records]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    return {r["id"]: r for r in records}
+
+
+def _expected(model, prompt, seed):
+    fn = fake_loop_text if MODELS[model] == "loop" else fake_text
+    return truncate_loop(fn(model, prompt, seed))[0]
+
+
+def test_end_to_end_records_policies_and_failing_endpoints(tmp_path, capsys):
+    dead = {"name": "closed", "base_url": f"http://127.0.0.1:{closed_port()}/v1", "model": "x"}
+    with FakeOpenAIServer(MODELS) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv, [dead])
+        out = tmp_path / "out.jsonl"
+        rc = sample.main(_argv(corpus, inst, pool, out))
+        err = capsys.readouterr().err
+        bodies = list(srv.requests)
+    assert rc == 0, err
+    recs = _by_id(_records(out))
+    assert sorted(recs) == list(range(24))
+    docs = [d for d in DOCS if d]
+    sources = set()
+    for i, r in recs.items():
+        assert r["wrapper"] == "pretrain"
+        assert all(isinstance(r[k], str) for k in ("prompt", "reference", "chosen", "rejected"))
+        a, b = r["policy_a"], r["policy_b"]
+        assert a != b and {a, b} <= GOOD
+        # A answered twice with different seeds, B once: each text is exactly what that model gives
+        assert r["reference"] == _expected(a, r["prompt"], request_seed(7, i, "reference"))
+        assert r["chosen"] == _expected(a, r["prompt"], request_seed(7, i, "chosen"))
+        assert r["rejected"] == _expected(b, r["prompt"], request_seed(7, i, "rejected"))
+        assert r["reference"] != r["chosen"]
+        sources.add(r["source"])
+        if r["source"] == "corpus":
+            assert 1 <= r["prompt_tokens"] <= 40
+            assert any(d.startswith(r["prompt"]) for d in docs), r["prompt"]
+            assert len(ByteTokenizer().encode(r["prompt"])) == r["prompt_tokens"]
+        else:
+            assert r["prompt"] in ("Write a haiku about rivers.", "Explain gradient descent.")
+        loop_roles = {"reference", "chosen"} if a == "looper" else set()
+        loop_roles |= {"rejected"} if b == "looper" else set()
+        assert set(r["truncated_loops"]) == loop_roles
+        for role in loop_roles:
+            # one copy of the loop is kept; it can be a rotation of the chunk, since the periodic run
+            # starts a few characters early where the text before it ends like the chunk does
+            assert r[role].count("again and again") == 1 and "we go rou" in r[role]
+        assert set(r["skipped_policies"]) <= {"broken", "closed"}
+    assert sources == {"corpus", "instruction"}
+    assert any(r["skipped_policies"] for r in recs.values())
+    assert any(r["truncated_loops"] for r in recs.values())
+    # the failing endpoints are reported, taken out, and never appear in a record
+    assert "'broken'" in err and "'closed'" in err and "leaves the pool" in err
+    assert "broken:" in err and "DOWN" in err and "http 500" in err and "connection" in err
+    assert "done 24/24" in err and "prompts/s" in err
+    assert "1 empty lines skipped" in err
+    # sampling settings reach the server; the chat policy gets a message list
+    good = [b for b in bodies if b["model"] in GOOD]
+    assert all(b["temperature"] == 1.0 and b["top_p"] == 0.9 and b["top_k"] == 50 and b["max_tokens"] == 4096
+               for b in good)
+    assert all(b["_path"] == "/v1/chat/completions" and b["messages"][0]["role"] == "user"
+               for b in good if b["model"] == "chatty")
+    assert os.path.getsize(str(out) + ".failures.jsonl") == 0
+
+
+def test_restart_after_stop_and_torn_line_gives_the_uninterrupted_result(tmp_path, capsys):
+    with FakeOpenAIServer(MODELS) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv)
+        full = tmp_path / "full.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, full)) == 0
+        part = tmp_path / "part.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, part, "--max-records", "7")) == 0
+        assert len(_records(part)) == 7
+        with open(part, "a", encoding="utf-8") as f:
+            f.write('{"prompt": "torn by a ki')  # what a kill mid-write leaves
+        capsys.readouterr()
+        assert sample.main(_argv(corpus, inst, pool, part)) == 0
+        err = capsys.readouterr().err
+    assert "incomplete" in err and "7 of 24 prompts already" in err
+    assert _by_id(_records(part)) == _by_id(_records(full))
+
+
+def test_killed_process_resumes_without_duplicates_or_losses(tmp_path):
+    # A real SIGKILL mid-run: whatever state the output is left in, the rerun must complete it.
+    with FakeOpenAIServer(MODELS, delay=0.02) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv)
+        out = tmp_path / "killed.jsonl"
+        argv = _argv(corpus, inst, pool, out, n=40)
+        proc = subprocess.Popen([sys.executable, "-m", "polar.sample", *argv], stderr=subprocess.PIPE,
+                                cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+        deadline = time.time() + 30
+        while time.time() < deadline and proc.poll() is None:
+            if out.exists() and out.read_bytes().count(b"\n") >= 5:
+                break
+            time.sleep(0.005)
+        proc.kill()
+        proc.communicate()
+        killed_at = out.read_bytes().count(b"\n")
+        assert 5 <= killed_at < 40, "the run ended before it could be killed; raise the server delay"
+        srv.delay = 0.0
+        assert sample.main(argv) == 0
+        full = tmp_path / "full.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, full, n=40)) == 0
+    assert _by_id(_records(out)) == _by_id(_records(full))
+
+
+def test_server_that_starts_failing_then_recovers(tmp_path, capsys):
+    with FakeOpenAIServer(MODELS, fail_after=20) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv)
+        out = tmp_path / "out.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, out)) == 1
+        err = capsys.readouterr().err
+        first = _records(out)
+        failures = [json.loads(line) for line in open(str(out) + ".failures.jsonl")]
+        assert failures and all(f["reason"] for f in failures)
+        assert "fewer than 2 policies" in err
+        assert len(first) < 24
+        srv.fail_after = None
+        assert sample.main(_argv(corpus, inst, pool, out)) == 0
+        full = tmp_path / "full.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, full)) == 0
+    # the failed prompts were retried; nothing lost, nothing doubled, same records as one clean run
+    assert _by_id(_records(out)) == _by_id(_records(full))
+    assert os.path.getsize(str(out) + ".failures.jsonl") == 0
+
+
+def test_rate_limited_endpoint_is_retried_not_dropped(tmp_path, capsys):
+    models = {"base-a": "busy", "base-b": "busy"}
+    with FakeOpenAIServer(models) as srv:
+        pool = tmp_path / "pool.yaml"
+        pool.write_text(yaml.safe_dump([{"base_url": srv.base_url, "model": m} for m in models]))
+        corpus = tmp_path / "c.txt"
+        corpus.write_text("one document\nanother document\n")
+        out = tmp_path / "o.jsonl"
+        rc = sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(out), "--num-prompts", "5",
+                          "--retry-base", "0.001", "--endpoint-max-failures", "1", "--max-retries", "2"])
+        err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(_records(out)) == 5
+    # every request was refused once and then served; 429 never takes an endpoint out, even at
+    # --endpoint-max-failures 1
+    assert sum(int(n) for n in re.findall(r"http 429 x(\d+)", err)) == 15
+    assert sum(int(n) for n in re.findall(r"(\d+)/\d+ requests ok", err)) == 15
+    assert "DOWN" not in err
+
+
+def test_changed_settings_stop_a_restart(tmp_path, capsys):
+    with FakeOpenAIServer(MODELS) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv)
+        out = tmp_path / "out.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, out, n=3)) == 0
+        capsys.readouterr()
+        argv = _argv(corpus, inst, pool, out, n=3)
+        argv[argv.index("--seed") + 1] = "8"
+        assert sample.main(argv) == 2
+    assert "seed: 7 -> 8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("entries, expected", [
+    ([{"base_url": "http://h:1/v1"}, {"base_url": "http://h:1/v1", "model": "m"}], "entry 0: field 'model' is required"),
+    ([{"model": "a", "base_url": "http://h/v1", "temprature": 1}, {"model": "b", "base_url": "http://h/v1"}],
+     "entry 0 ('a'): unknown field(s) temprature"),
+    ([{"model": "a", "base_url": "http://h/v1"}, {"model": "b", "base_url": "http://h/v1", "kind": "chats"}],
+     "entry 1 ('b'): field 'kind' must be one of"),
+    ([{"model": "a", "base_url": "h:8000"}, {"model": "b", "base_url": "http://h/v1"}], "field 'base_url' must be"),
+    ([{"model": "a", "base_url": "http://h/v1", "max_concurrency": 0}, {"model": "b", "base_url": "http://h/v1"}],
+     "field 'max_concurrency' must be a positive integer"),
+    ([{"model": "a", "base_url": "http://h/v1"}, {"model": "a", "base_url": "http://g/v1"}],
+     "entry 1 ('a'): field 'name' 'a' repeats entry 0"),
+    ([{"model": "a", "base_url": "http://h/v1", "api_key_env": "POLAR_TEST_SURELY_UNSET"},
+      {"model": "b", "base_url": "http://h/v1"}], "'POLAR_TEST_SURELY_UNSET', which is not set"),
+    ([{"model": "a", "base_url": "http://h/v1"}], "at least 2 policies"),
+    ({"model": "a"}, "expected a YAML list"),
+    (["just a string", {"model": "b", "base_url": "http://h/v1"}], "entry 0: expected a mapping"),
+])
+def test_bad_pool_yaml_names_entry_and_field(tmp_path, capsys, entries, expected):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump(entries))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("doc\n")
+    rc = sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o.jsonl"),
+                      "--num-prompts", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err and str(pool) in err, err
+
+
+def test_pool_yaml_syntax_error(tmp_path, capsys):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("- model: [a\n")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("doc\n")
+    assert sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o"),
+                        "--num-prompts", "1"]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("c.jsonl", '{"text": "fine"}\n{"text": "ok"}\n{"text": broken\n', "c.jsonl:3: not valid JSON"),
+    ("c.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', "c.jsonl:2: field 'text' is missing"),
+    ("c.jsonl", '{"text": 12}\n', "c.jsonl:1: field 'text': expected a str"),
+    ("c.jsonl", '[1, 2]\n', "c.jsonl:1: expected a JSON object"),
+    ("c.txt", b"good line\nbad \xff byte\n", "c.txt:2: not valid UTF-8"),
+    ("c.txt", "\n\n", "no non-empty documents"),
+])
+def test_bad_corpus_lines_name_file_and_line(tmp_path, capsys, name, content, expected):
+    corpus = tmp_path / name
+    corpus.write_bytes(content if isinstance(content, bytes) else content.encode())
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump([{"model": m, "base_url": "http://127.0.0.1:9/v1"} for m in "ab"]))
+    rc = sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o.jsonl"),
+                      "--num-prompts", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and expected in err, err
+
+
+def test_truncate_loop_rule():
+    chunk = "the same sentence again. "
+    base = "A normal start of a story."
+    text, removed = truncate_loop(base + chunk * 5)
+    assert text == base + chunk and removed == 4 * len(chunk)
+    # a copy cut short by max_tokens belongs to the loop too
+    assert truncate_loop(base + chunk * 5 + chunk[:9])[0] == base + chunk
+    # a long run of one character
+    assert truncate_loop("wait" + "!" * 50) == ("wait!", 49)
+    # short repetitions and ordinary text are left alone
+    for t in ("ha ha ha ha", "Well...", "abc abc abc", "x = [1, 2, 3]\ny = 4\n", ""):
+        assert truncate_loop(t) == (t, 0)
+    # fewer than 4 copies is not a loop
+    assert truncate_loop(base + chunk * 3) == (base + chunk * 3, 0)
+    # a loop nested inside a loop: both go
+    inner = "la" * 20
+    assert truncate_loop("song: " + ("verse " + inner + " ") * 4)[0].startswith("song: verse la")
+
+
+def test_token_prefix_cuts_at_whole_characters():
+    tok = ByteTokenizer()
+    assert token_prefix(tok, "hello world", 5) == ("hello", 5)
+    # byte 2 of "é" would split the character: the cut moves back to "h"
+    assert token_prefix(tok, "héllo", 2) == ("h", 1)
+    assert token_prefix(tok, "é", 1) == ("é", 2)
+    assert token_prefix(tok, "short", 100) == ("short", 5)
+    long_doc = "word " * 5000
+    assert token_prefix(tok, long_doc, 1024) == (long_doc[:1024], 1024)
+
+
+def test_read_done_ids_cuts_a_torn_line_and_rejects_duplicates(tmp_path, capsys):
+    out = tmp_path / "o.jsonl"
+    out.write_text('{"id": 0}\n{"id": 2}\n{"id": 3, "pro')
+    assert read_done_ids(str(out)) == {0, 2}
+    assert out.read_text() == '{"id": 0}\n{"id": 2}\n'
+    assert "incomplete" in capsys.readouterr().err
+    out.write_text('{"id": 0}\n{"id": 0}\n')
+    with pytest.raises(sample.SampleError, match="o.jsonl:2: id 0 repeats line 1"):
+        read_done_ids(str(out))
+    out.write_text('{"id": 0}\nnot json\n')
+    with pytest.raises(sample.SampleError, match="o.jsonl:2: not a record"):
+        read_done_ids(str(out))
+
+
+def test_help_documents_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--corpus", "--pool", "--instruction-share", "--top-k", "--max-tokens", "--endpoint-max-failures",
+                 "--max-records", "--tokenizer"):
+        assert flag in out
+
+
+def test_unknown_tokenizer_is_a_clear_error(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("doc\n")
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump([{"model": m, "base_url": "http://127.0.0.1:9/v1"} for m in "ab"]))
+    rc = sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o.jsonl"),
+                      "--num-prompts", "1", "--tokenizer", str(tmp_path / "no-such-tokenizer")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tokenizer" in err and "no-such-tokenizer" in err, err
