@@ -41,6 +41,12 @@ def fake_loop_text(model: str, prompt: str, seed) -> str:
     return fake_text(model, prompt, seed) + " " + LOOP_CHUNK * LOOP_COPIES + LOOP_CHUNK[:7]
 
 
+class _Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog of 5 makes the kernel reset connections when the client
+    # opens dozens at once on a loaded machine; a real server's backlog is in the hundreds.
+    request_queue_size = 512
+
+
 class FakeOpenAIServer:
     def __init__(self, models: dict[str, str], fail_after: int | None = None, delay: float = 0.0):
         self.models = dict(models)
@@ -99,7 +105,7 @@ class FakeOpenAIServer:
                 self._send(200, {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",
                                  "model": model, "choices": [choice]})
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = _Server(("127.0.0.1", 0), Handler)
         self._httpd.daemon_threads = True
         self.port = self._httpd.server_address[1]
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
