@@ -3,9 +3,10 @@
 Two extensions:
   engine._C       csrc/*.cpp, pybind11 + numpy only. Always built, -O3, no -march=native so the
                   result runs on any x86_64 / aarch64 machine it is copied to.
-  engine._C_cuda  csrc/*.cu, torch CUDAExtension. Built only when there are .cu files, the torch
-                  that setup.py can import is a CUDA build, and nvcc is found. Each .cu registers its
-                  ops with TORCH_LIBRARY_FRAGMENT(polar, m); load with torch.ops.load_library.
+  engine._C_cuda  csrc/cuda/*.cu (kernels, no torch headers) + csrc/cuda/*.cpp (the torch binding, which
+                  registers the ops with TORCH_LIBRARY_FRAGMENT(polar, m)), torch CUDAExtension. Built
+                  only when there are .cu files, the torch that setup.py can import is a CUDA build,
+                  and nvcc is found. Load with torch.ops.load_library (engine/kernels/cuda_ops.py).
                   torch is not in the build requirements, so this needs
                   `pip install --no-build-isolation -e .` in an environment that has CUDA torch.
 
@@ -62,8 +63,8 @@ def _gencode_flags(archs: str) -> list[str]:
 
 def _cuda_extension():
     """(extension, build_ext class) for the CUDA sources, or (None, None) with the reason logged."""
-    sources = sorted(glob("csrc/*.cu"))
-    if not sources:
+    kernels = sorted(glob("csrc/cuda/*.cu"))
+    if not kernels:
         return None, None
     if _env_flag("POLAR_SKIP_CUDA_BUILD"):
         _log("POLAR_SKIP_CUDA_BUILD is set: not building engine._C_cuda")
@@ -103,11 +104,12 @@ def _cuda_extension():
         "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
         *_gencode_flags(archs),
     ]
+    sources = kernels + sorted(glob("csrc/cuda/*.cpp"))
     _log(f"building engine._C_cuda from {len(sources)} file(s) for {archs} with torch {torch.__version__}")
     ext = CUDAExtension(
         "engine._C_cuda",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, BuildExtension

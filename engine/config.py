@@ -66,9 +66,11 @@ class TrainConfig:
     aux_lm_weight: float = 0.0
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
     seed: int = 1234
-    attention_backend: str = "torch"  # torch (reference, runs everywhere)
-    # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
+    # shared-prefix attention: torch (reference, runs everywhere) | triton (a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing)
+    attention_backend: str = "torch"
+    # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
+    # TRITON_INTERPRET=1 on CPU for testing) | cuda (fused kernels of engine._C_cuda; a CUDA GPU)
     kernels: str = "torch"
     time_limit_s: float = 0.0  # 0 = none; otherwise stop (and checkpoint) after this long
     exit_at_step: int = 0  # 0 = none; otherwise save and exit after this step (fits a job slot)
@@ -77,7 +79,9 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     seq_length: int = 1024  # packed sequence length; a group never spans two sequences
-    packing: str = "best_fit"  # best_fit | ordered
+    packing: str = "best_fit"  # best_fit | ordered (data built in memory; a built dataset is packed already)
+    path: str = ""  # a built dataset directory (`polar data build`); empty = the entry script's own data
+    eval_path: str = ""  # a built dataset to evaluate on after training; empty = none (or the script's own)
 
 
 @dataclass

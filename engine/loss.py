@@ -48,10 +48,13 @@ def contrastive_loss(kind: str, rewards, batch, backend: str = "torch"):
     if backend == "triton":
         from engine.kernels.contrastive_loss import infonce_loss as infonce_fn
         from engine.kernels.contrastive_loss import pairwise_loss as pairwise_fn
+    elif backend == "cuda":
+        from engine.kernels.cuda_ops import infonce_loss as infonce_fn
+        from engine.kernels.cuda_ops import pairwise_loss as pairwise_fn
     elif backend == "torch":
         pairwise_fn, infonce_fn = pairwise_sums, infonce_sums
     else:
-        raise ValueError(f"train.kernels={backend!r}: expected torch or triton")
+        raise ValueError(f"train.kernels={backend!r}: expected torch, triton or cuda")
     pair_loss, correct, pairs = pairwise_fn(rewards, batch.pair_pos, batch.pair_neg)
     pairs = pairs.to(rewards.dtype) if torch.is_tensor(pairs) else rewards.new_full((), float(pairs))
     if kind == "pairwise":

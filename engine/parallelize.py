@@ -67,16 +67,44 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
     )
 
 
-def check_kernels(train: TrainConfig, rt: Runtime) -> None:
-    """An explicit kernel request never silently falls back: a missing backend stops the run here."""
+def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) -> None:
+    """An explicit kernel request never silently falls back: a missing backend stops the run here.
+
+    Covers `train.kernels` (readout + loss) and `train.attention_backend`. Triton needs a CUDA GPU or
+    TRITON_INTERPRET=1 (CPU testing); the CUDA kernels need a CUDA GPU and the built engine._C_cuda.
+    The CUDA library is loaded here (cheap); Triton kernels are imported when the model is built.
+    """
     import os
 
     from engine.config import ConfigError
 
-    if train.kernels not in ("torch", "triton"):
-        raise ConfigError(f"train.kernels={train.kernels!r}: expected torch or triton")
-    if train.kernels == "triton" and not rt.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if train.kernels not in ("torch", "triton", "cuda"):
+        raise ConfigError(f"train.kernels={train.kernels!r}: expected torch, triton or cuda")
+    if train.kernels == "triton" and not rt.is_cuda and not interpret:
         raise ConfigError("train.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret on CPU)")
+    if train.kernels == "cuda":
+        if not rt.is_cuda:
+            raise ConfigError("train.kernels=cuda needs a CUDA GPU; use train.kernels=torch on CPU")
+        try:  # loads engine._C_cuda now, so a missing or mismatched build stops the run here
+            import engine.kernels.cuda_ops  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"train.kernels=cuda: {exc}") from exc
+    if train.attention_backend not in ("torch", "triton"):
+        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected torch or triton")
+    if train.attention_backend == "triton":
+        if not rt.is_cuda and not interpret:
+            raise ConfigError("train.attention_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret "
+                              "on CPU)")
+        if head_dim is not None and head_dim not in (16, 32, 64, 128, 256):
+            raise ConfigError(f"train.attention_backend=triton supports head dims 16, 32, 64, 128 and 256; "
+                              f"model.hidden_size / model.num_attention_heads = {head_dim}")
+        from engine.model.shared_prefix_attention import get_backend
+
+        try:  # imports the kernel module and asks it whether this device can run it
+            get_backend("triton")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from exc
 
 
 def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
@@ -87,7 +115,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec, transformer_engine_available
 
-    check_kernels(train, rt)
+    check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
     config = transformer_config(model, par, train, rt)
     use_te = rt.is_cuda and transformer_engine_available()
     spec = layer_spec(use_te, model.rotary_base, train.attention_backend)

@@ -61,13 +61,20 @@ def _pairwise_kernel(
 
 
 @triton.jit
-def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
+def _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask):
+    """-> (p, q, d = r_q - r_p in fp32) for the pairs at offs; masked lanes read pair (0, 0)."""
     p = tl.load(pos_ptr + offs, mask=mask, other=0)
     q = tl.load(neg_ptr + offs, mask=mask, other=0)
     d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
         tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    return p, q, d
+
+
+@triton.jit
+def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < num_pairs
+    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
     tl.atomic_max(max_ptr + p, d, mask=mask)  # max_ptr starts at 0, so M_p >= 0
 
 
@@ -75,10 +82,7 @@ def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, BLOCK
 def _infonce_sum_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, num_pairs, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
-    p = tl.load(pos_ptr + offs, mask=mask, other=0)
-    q = tl.load(neg_ptr + offs, mask=mask, other=0)
-    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
-        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
     mp = tl.load(max_ptr + p, mask=mask, other=0.0)
     tl.atomic_add(sum_ptr + p, tl.exp(d - mp), mask=mask)
 
@@ -88,10 +92,7 @@ def _infonce_grad_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, grad_p
                          BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < num_pairs
-    p = tl.load(pos_ptr + offs, mask=mask, other=0)
-    q = tl.load(neg_ptr + offs, mask=mask, other=0)
-    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
-        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
+    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
     mp = tl.load(max_ptr + p, mask=mask, other=0.0)
     sp = tl.load(sum_ptr + p, mask=mask, other=1.0)
     wgt = tl.exp(d - mp) / (sp + tl.exp(-mp))

@@ -39,6 +39,10 @@ class RewardModel(MegatronModule):
             from engine.kernels.reward_readout import reward_readout
 
             self.readout = reward_readout
+        elif kernels == "cuda":
+            from engine.kernels.cuda_ops import reward_readout
+
+            self.readout = reward_readout
         else:
             self.readout = torch_reward_readout
         if post_process:

@@ -62,6 +62,9 @@ def torch_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torc
 
 
 _BACKENDS = {"torch": torch_shared_prefix_attention}
+# Imported on first request only: importing a kernel module imports triton, which the default
+# torch path must not pay for (or need installed).
+_LAZY_BACKENDS = {"triton": "engine.kernels.shared_prefix_attention"}
 
 
 def register_backend(name: str, fn) -> None:
@@ -69,11 +72,31 @@ def register_backend(name: str, fn) -> None:
     _BACKENDS[name] = fn
 
 
+def _load_lazy(name: str) -> str:
+    """Registers a lazy backend if it can run here; returns why not otherwise."""
+    import importlib
+
+    try:
+        module = importlib.import_module(_LAZY_BACKENDS[name])
+    except ImportError as exc:
+        return f"importing {_LAZY_BACKENDS[name]} failed: {exc}"
+    ok, why = module.available()
+    if not ok:
+        return why
+    register_backend(name, module.triton_backend)
+    return ""
+
+
 def get_backend(name: str):
+    reason = ""
+    if name not in _BACKENDS and name in _LAZY_BACKENDS:
+        reason = _load_lazy(name)
     if name not in _BACKENDS:
+        known = sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))
         raise ValueError(
-            f"train.attention_backend={name!r} is not available on this machine; "
-            f"available: {sorted(_BACKENDS)}"
+            f"train.attention_backend={name!r} is not available on this machine"
+            + (f" ({reason})" if reason else "")
+            + f"; known backends: {known}"
         )
     return _BACKENDS[name]
 

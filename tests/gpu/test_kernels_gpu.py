@@ -1,0 +1,167 @@
+"""The fused readout and losses on a CUDA GPU, Triton and CUDA (engine._C_cuda) implementations,
+forward and backward, against float64 torch references on the same (rounded) inputs.
+
+Error measure: max |got - ref| / max |ref| over each output. fp32 outputs must agree to ~1e-5; an
+output stored in bf16 / fp16 (grad_hidden, a loss cast back to the rewards' dtype) carries that
+dtype's rounding, so its bound is the dtype's: 1e-2 for bf16, 2e-3 for fp16. NaN or inf fails.
+A missing engine._C_cuda fails the CUDA cases (run_all.sh builds it first); nothing is skipped.
+"""
+import pytest
+import torch
+
+from engine.loss import infonce_sums, pairwise_sums
+from engine.model.readout import torch_reward_readout
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LOW_TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def impl(name):
+    if name == "triton":
+        from engine.kernels import contrastive_loss, reward_readout
+
+        return reward_readout.reward_readout, contrastive_loss.pairwise_loss, contrastive_loss.infonce_loss
+    from engine.kernels import cuda_ops  # ImportError names the build command
+
+    return cuda_ops.reward_readout, cuda_ops.pairwise_loss, cuda_ops.infonce_loss
+
+
+def rel_err(got, ref):
+    got = got.detach().double()
+    assert torch.isfinite(got).all(), "non-finite values in the kernel's output"
+    return ((got - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+# ---- readout ------------------------------------------------------------------------------------
+
+READOUT_SHAPES = [  # (s, b, h, n): ragged n, b > 1, more rewards than rows (every row gathered again)
+    (37, 1, 2048, 1),
+    (512, 2, 2048, 300),
+    (2048, 3, 4096, 1000),
+    (8192, 1, 4096, 4000),
+    (100, 2, 4096, 700),
+    (64, 1, 2056, 50),  # h not a multiple of 16: the scalar path
+]
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("s,b,h,n", READOUT_SHAPES)
+def test_readout_forward_backward(name, dtype, s, b, h, n):
+    readout = impl(name)[0]
+    gen = torch.Generator(device="cuda").manual_seed(s * 31 + n)
+    hidden = (torch.randn(s, b, h, device="cuda", generator=gen) * 3).to(dtype)
+    norm_w = (1 + 0.1 * torch.randn(h, device="cuda", generator=gen)).to(dtype)
+    head_w = (torch.randn(1, h, device="cuda", generator=gen) / h ** 0.5).to(dtype)
+    # repeated indices always (n > s*b in one case): grad rows must receive the sum
+    index = torch.randint(0, s * b, (n,), device="cuda", generator=gen)
+    index[: n // 4] = index[n // 4: 2 * (n // 4)]
+    grad_r = torch.randn(n, device="cuda", generator=gen, dtype=torch.float32)
+    eps = 1e-6
+
+    ins = [t.detach().clone().requires_grad_() for t in (hidden, norm_w, head_w)]
+    got = readout(ins[0], index, ins[1], ins[2], eps)
+    got.backward(grad_r)
+    refs = [t.detach().double().requires_grad_() for t in (hidden, norm_w, head_w)]
+    ref = torch_reward_readout(refs[0], index, refs[1], refs[2], eps)
+    ref.backward(grad_r.double())
+
+    assert got.dtype == torch.float32 and got.shape == (n,)
+    assert rel_err(got, ref.detach()) < 2e-5
+    for t, r, label in zip(ins, refs, ("hidden", "norm_weight", "head_weight")):
+        assert t.grad.dtype == dtype and t.grad.shape == t.shape, label
+        err = rel_err(t.grad, r.grad)
+        assert err < LOW_TOL[dtype], f"grad {label}: relative error {err:.2e}"
+    # rows never gathered get exactly zero gradient
+    untouched = torch.ones(s * b, dtype=torch.bool, device="cuda")
+    untouched[index] = False
+    flat = ins[0].grad.permute(1, 0, 2).reshape(s * b, h)
+    assert (flat[untouched] == 0).all()
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_readout_noncontiguous_hidden_and_int32_index(name):
+    readout = impl(name)[0]
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    base = torch.randn(2, 300, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    hidden = base.transpose(0, 1)  # [s, b, h] with b-major storage, as after a transpose
+    w = torch.randn(2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    v = torch.randn(1, 2048, device="cuda", generator=gen, dtype=torch.bfloat16)
+    index = torch.randint(0, 600, (123,), device="cuda", generator=gen, dtype=torch.int32)
+    got = readout(hidden, index, w, v, 1e-6)
+    ref = torch_reward_readout(hidden.double(), index.long(), w.double(), v.double(), 1e-6)
+    assert rel_err(got, ref) < 2e-5
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+def ragged_groups(gen, num_groups, scale):
+    """Groups of K in [2, 8] candidates, 1..K-1 positives, one pair per (positive, negative); shuffled."""
+    ks = torch.randint(2, 9, (num_groups,), generator=gen)
+    pos, neg, start = [], [], 0
+    for k in ks.tolist():
+        num_pos = int(torch.randint(1, k, (1,), generator=gen))
+        perm = (torch.randperm(k, generator=gen) + start).tolist()
+        for p in perm[:num_pos]:
+            for q in perm[num_pos:]:
+                pos.append(p)
+                neg.append(q)
+        start += k
+    order = torch.randperm(len(pos), generator=gen)
+    rewards = torch.randn(start, generator=gen, dtype=torch.float64) * scale
+    return (rewards.cuda(), torch.tensor(pos)[order].cuda(), torch.tensor(neg)[order].cuda())
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["pairwise", "infonce"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("num_groups,scale", [(1, 1.0), (37, 3.0), (700, 1.0), (3000, 1e4), (200, 1e-3)])
+def test_loss_forward_backward(name, kind, dtype, num_groups, scale):
+    _, pairwise, infonce = impl(name)
+    if dtype == torch.float16 and scale > 100:
+        # the loss sum is returned in the rewards' dtype: fp16 overflows (65504) at this magnitude
+        num_groups, scale = 30, 50.0
+    gen = torch.Generator().manual_seed(num_groups + int(scale))
+    rewards, pos, neg = ragged_groups(gen, num_groups, scale)
+    rewards = rewards.to(dtype).double()  # the reference sees exactly the kernel's inputs
+    fn, ref_fn = (pairwise, pairwise_sums) if kind == "pairwise" else (infonce, infonce_sums)
+
+    r = rewards.to(dtype).requires_grad_()
+    got = fn(r, pos, neg)
+    got[0].backward()
+    rr = rewards.clone().requires_grad_()
+    ref = ref_fn(rr, pos, neg)
+    ref[0].backward()
+
+    assert len(got) == len(ref)
+    assert got[0].dtype == dtype and r.grad.dtype == dtype
+    assert rel_err(got[0], ref[0].detach()) < LOW_TOL[dtype], "loss sum"
+    for g, e in zip(got[1:], ref[1:]):  # counts are exact
+        assert g.item() == e.to(g.dtype).item()
+    assert rel_err(r.grad, rr.grad) < LOW_TOL[dtype], "d loss / d rewards"
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("kind", ["pairwise", "infonce"])
+def test_loss_no_pairs(name, kind):
+    fn = impl(name)[1 if kind == "pairwise" else 2]
+    r = torch.randn(5, device="cuda").requires_grad_()
+    empty = torch.zeros(0, dtype=torch.long, device="cuda")
+    out = fn(r, empty, empty)
+    out[0].backward()
+    assert all(o.item() == 0 for o in out) and (r.grad == 0).all()
+
+
+def test_cuda_ops_pass_opcheck():
+    from torch.library import opcheck
+
+    from engine.kernels import cuda_ops  # noqa: F401
+
+    hidden = torch.randn(16, 2, 256, device="cuda", requires_grad=True)
+    w, v = torch.randn(256, device="cuda"), torch.randn(1, 256, device="cuda")
+    index = torch.tensor([0, 5, 5, 31], device="cuda")
+    opcheck(torch.ops.polar.reward_readout_cuda_fwd.default, (hidden, index, w, v, 1e-6))
+    r = torch.randn(6, device="cuda", requires_grad=True)
+    p, q = torch.tensor([0, 0, 3], device="cuda"), torch.tensor([1, 2, 4], device="cuda")
+    opcheck(torch.ops.polar.pairwise_loss_cuda.default, (r, p, q))
+    opcheck(torch.ops.polar.infonce_loss_cuda.default, (r, p, q))
