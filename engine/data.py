@@ -15,6 +15,19 @@ import numpy as np
 from engine.packing import Group, PackedBatch, collate, plan_sequences
 
 
+def per_group_counts(lengths: np.ndarray, n_pos: np.ndarray, n_cand: np.ndarray) -> dict:
+    """What the training step needs to know of each group before it runs (int64 arrays): tokens,
+    groups (1 each), (positive, negative) pairs, positives with a negative (InfoNCE terms) and
+    next-token targets (every token but the last of the prefix and of each candidate)."""
+    return {
+        "tokens": lengths,
+        "groups": np.ones(len(lengths), dtype=np.int64),
+        "pairs": n_pos * (n_cand - n_pos),
+        "positives": np.where(n_cand > n_pos, n_pos, 0),
+        "lm_targets": np.maximum(lengths - 1 - n_cand, 0),
+    }
+
+
 class PackedGroups:
     """Groups held in memory, packed once into sequences of `seq_length` tokens."""
 
@@ -28,14 +41,7 @@ class PackedGroups:
         # global loss normalisers need no device round trip.
         n_pos = np.fromiter((int((g.labels == 1).sum()) for g in groups), dtype=np.int64, count=len(groups))
         n_cand = np.fromiter((len(g.candidates) for g in groups), dtype=np.int64, count=len(groups))
-        per_group = {
-            "tokens": lengths,
-            "groups": np.ones(len(groups), dtype=np.int64),
-            "pairs": n_pos * (n_cand - n_pos),
-            "positives": np.where(n_cand > n_pos, n_pos, 0),
-            # next-token targets: every token but the last of the prefix and of each candidate
-            "lm_targets": np.maximum(lengths - 1 - n_cand, 0),
-        }
+        per_group = per_group_counts(lengths, n_pos, n_cand)
         self.per_sequence = {k: np.array([v[p].sum() for p in self.plan], dtype=np.int64) for k, v in per_group.items()}
         self.seq_tokens = self.per_sequence["tokens"]
 
@@ -56,6 +62,9 @@ class LoaderState:
 
 
 class GlobalBatchLoader:
+    """`source` is PackedGroups (built in memory) or engine.indexed_dataset.IndexedDataset (built on
+    disk): anything with len, seq_length, sequences(indices) and per_sequence."""
+
     def __init__(self, source: PackedGroups, global_batch: int, micro_batch: int, dp_rank: int,
                  dp_size: int, seed: int, pad_id: int, shuffle: bool = True):
         if len(source) < global_batch:

@@ -1,0 +1,313 @@
+"""Packed groups on disk: a writer for dataset builders and a memory-mapped reader for training.
+
+A dataset is a directory of shards, read as their concatenation in file-name order. A shard is
+
+    NAME.bin    the token ids of every piece (a group's prefix, then its candidates), back to back,
+                in the dtype the index names (uint16 when the vocabulary fits, else int32)
+    NAME.idx    header + index arrays (below); written last, so its presence marks a complete shard
+    NAME.json   the builder's metadata (tokenizer, special ids, counts, sources ...), free-form
+                except for the keys this module writes: seq_length, vocab_size, pad_id, token_dtype
+
+    .idx = magic b"PLRIDX\\0\\0", uint32 version, uint32 0, char[8] token dtype (numpy str, padded),
+           uint64 seq_length, S sequences, G groups, P pieces, T tokens, then (little-endian):
+           int64 seq_groups[S+1]    groups of sequence s: seq_groups[s] .. seq_groups[s+1]
+           int64 group_pieces[G+1]  pieces of group g; the first is its prefix, the rest candidates
+           int64 piece_tokens[P+1]  tokens of piece p in .bin: piece_tokens[p] .. piece_tokens[p+1]
+           int64 group_source[G]    the builder's id of the record a group came from (-1 = none)
+           int8  piece_label[P]     -1 on a prefix, else the candidate's label (1 positive, 0 negative)
+
+Concatenating datasets is copying their shard files into one directory under names that sort in
+the wanted order (e.g. `a-part-00000-of-00002.*`, `b-part-...`); all shards must agree on
+seq_length, vocab_size and pad_id. This module knows token ids and groups only, no text format.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from engine.data import per_group_counts
+from engine.packing import Group
+
+MAGIC = b"PLRIDX\0\0"
+VERSION = 1
+_HEADER = struct.Struct("<8sII8sQQQQQ")
+
+
+class DatasetFormatError(ValueError):
+    """A shard that cannot be read as written by ShardWriter; the message names the file."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
+
+
+class ShardWriter:
+    """Appends packed sequences to one shard; `close()` makes it visible to readers.
+
+    Tokens stream to disk as they come; the index (a few int64 per group and piece) stays in
+    memory until close. Files are written under `.tmp` names and renamed at close, so a build
+    killed midway leaves no shard a reader would mistake for complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int, meta: dict | None = None):
+        self.path = Path(path)
+        self.seq_length = int(seq_length)
+        self.vocab_size = int(vocab_size)
+        self.pad_id = int(pad_id)
+        self.meta = dict(meta or {})
+        self.dtype = token_dtype(self.vocab_size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_bin = self.path.with_name(self.path.name + ".bin.tmp")
+        self._bin = open(self._tmp_bin, "wb")
+        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                    ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
+        self._tokens = 0
+        self._sequences = 0
+        self._closed = False
+
+    def add_sequence(self, groups: list[Group], sources: list[int] | None = None) -> None:
+        """One packed sequence: whole groups whose lengths sum to at most seq_length."""
+        if not groups:
+            raise ValueError("a packed sequence needs at least one group")
+        pieces = [p for g in groups for p in (g.prefix, *g.candidates)]
+        self.add_sequences(
+            tokens=np.concatenate(pieces),
+            piece_lengths=np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces)),
+            piece_labels=np.concatenate([np.concatenate([[-1], g.labels]) for g in groups]),
+            group_pieces=np.array([1 + len(g.candidates) for g in groups]),
+            seq_groups=np.array([len(groups)]),
+            sources=sources,
+        )
+
+    def add_sequences(self, tokens, piece_lengths, piece_labels, group_pieces, seq_groups, sources=None) -> None:
+        """Many packed sequences as flat arrays (what a build worker sends, no Group objects):
+        tokens of every piece back to back; per piece its length and label (-1 on a prefix);
+        per group its piece count; per sequence its group count; per group an optional source id."""
+        tokens = np.asarray(tokens)
+        piece_lengths, group_pieces, seq_groups = (np.asarray(a, dtype=np.int64) for a in
+                                                   (piece_lengths, group_pieces, seq_groups))
+        piece_labels = np.asarray(piece_labels, dtype=np.int8)
+        for what, total, n in (("piece lengths", piece_lengths.sum(), tokens.size),
+                               ("group piece counts", group_pieces.sum(), piece_lengths.size),
+                               ("sequence group counts", seq_groups.sum(), group_pieces.size),
+                               ("piece labels", piece_labels.size, piece_lengths.size)):
+            if total != n:
+                raise ValueError(f"{what} add up to {total}, expected {n}")
+        if (seq_groups < 1).any() or (group_pieces < 3).any():
+            raise ValueError("every sequence needs a group, and every group a prefix and at least 2 candidates")
+        starts = np.zeros(group_pieces.size + 1, dtype=np.int64)
+        np.cumsum(group_pieces, out=starts[1:])
+        is_prefix = np.zeros(piece_lengths.size, dtype=bool)
+        is_prefix[starts[:-1]] = True
+        if (is_prefix != (piece_labels == -1)).any() or not np.isin(piece_labels[~is_prefix], (0, 1)).all():
+            raise ValueError("piece labels must be -1 on each group's first piece (its prefix) and 0/1 on candidates")
+        group_tokens = _segment_sums(piece_lengths, starts)
+        seq_starts = np.zeros(seq_groups.size + 1, dtype=np.int64)
+        np.cumsum(seq_groups, out=seq_starts[1:])
+        seq_tokens = _segment_sums(group_tokens, seq_starts)
+        if seq_tokens.size and seq_tokens.max() > self.seq_length:
+            raise ValueError(f"a sequence of {seq_tokens.max()} tokens does not fit seq_length={self.seq_length}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+        sources = np.full(group_pieces.size, -1, np.int64) if sources is None else np.asarray(sources, dtype=np.int64)
+        if sources.shape != group_pieces.shape:
+            raise ValueError(f"{sources.size} sources for {group_pieces.size} groups")
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._tokens += tokens.size
+        self._sequences += seq_groups.size
+        for k, v in (("seq_groups", seq_groups), ("group_pieces", group_pieces), ("piece_lengths", piece_lengths),
+                     ("piece_labels", piece_labels), ("sources", sources)):
+            self._parts[k].append(v)
+
+    @property
+    def num_sequences(self) -> int:
+        return self._sequences
+
+    def close(self) -> dict:
+        """Write the index and metadata, rename into place; returns the metadata written."""
+        if self._closed:
+            raise ValueError(f"{self.path}: shard already closed")
+        self._closed = True
+        self._bin.close()
+        parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
+                 for k, v in self._parts.items()}
+
+        def offsets(counts):
+            out = np.zeros(counts.size + 1, dtype=np.int64)
+            np.cumsum(counts, out=out[1:])
+            return out
+
+        arrays = [offsets(parts["seq_groups"]), offsets(parts["group_pieces"]), offsets(parts["piece_lengths"]),
+                  parts["sources"], parts["piece_labels"]]
+        S, G, P = self.num_sequences, parts["group_pieces"].size, parts["piece_lengths"].size
+        header = _HEADER.pack(MAGIC, VERSION, 0, self.dtype.str.encode().ljust(8, b"\0"),
+                              self.seq_length, S, G, P, self._tokens)
+        meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
+                "pad_id": self.pad_id, "token_dtype": self.dtype.name,
+                "shard": {"sequences": S, "groups": G, "pieces": P, "tokens": self._tokens}}
+        tmp_idx = self.path.with_name(self.path.name + ".idx.tmp")
+        with open(tmp_idx, "wb") as f:
+            f.write(header)
+            for a in arrays:
+                f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.path.with_name(self.path.name + ".json").write_text(json.dumps(meta, indent=1))
+        os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
+        os.replace(tmp_idx, self.path.with_name(self.path.name + ".idx"))  # last: the shard is complete
+        return meta
+
+    def abort(self) -> None:
+        """Drop everything written so far (a failed build leaves nothing behind)."""
+        self._closed = True
+        self._bin.close()
+        for p in (self._tmp_bin, self.path.with_name(self.path.name + ".idx.tmp")):
+            p.unlink(missing_ok=True)
+
+
+class _Shard:
+    def __init__(self, idx_path: Path):
+        self.name = idx_path.with_suffix("")
+        raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
+        if raw.size < _HEADER.size:
+            raise DatasetFormatError(f"{idx_path}: {raw.size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
+        magic, version, _, dt, seq_length, S, G, P, T = _HEADER.unpack(bytes(raw[:_HEADER.size]))
+        if magic != MAGIC:
+            raise DatasetFormatError(f"{idx_path}: not a dataset index (magic {magic!r}, expected {MAGIC!r})")
+        if version != VERSION:
+            raise DatasetFormatError(f"{idx_path}: index version {version}, this reader knows {VERSION}")
+        self.dtype = np.dtype(dt.rstrip(b"\0").decode())
+        self.seq_length = int(seq_length)
+        sizes = [(S + 1, np.int64), (G + 1, np.int64), (P + 1, np.int64), (G, np.int64), (P, np.int8)]
+        expected = _HEADER.size + sum(n * np.dtype(t).itemsize for n, t in sizes)
+        if raw.size != expected:
+            raise DatasetFormatError(
+                f"{idx_path}: {raw.size} bytes, expected {expected} for {S} sequences, {G} groups and {P} pieces "
+                "(truncated or corrupt)")
+        arrays, off = [], _HEADER.size
+        for n, t in sizes:
+            nbytes = n * np.dtype(t).itemsize
+            arrays.append(raw[off:off + nbytes].view(np.dtype(t).newbyteorder("<")))
+            off += nbytes
+        self.seq_groups, self.group_pieces, self.piece_tokens, self.group_source, self.piece_label = arrays
+        bin_path = idx_path.with_suffix(".bin")
+        if not bin_path.is_file():
+            raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
+        if bin_path.stat().st_size != T * self.dtype.itemsize:
+            raise DatasetFormatError(
+                f"{bin_path}: {bin_path.stat().st_size} bytes, expected {T * self.dtype.itemsize} "
+                f"({T} tokens of {self.dtype.name}; truncated or corrupt)")
+        # Sequences hold >= 1 group and groups >= 1 piece; a piece (an engine-level prefix) may be empty.
+        for name, a, last, least in (("sequence", self.seq_groups, G, 1), ("group", self.group_pieces, P, 1),
+                                     ("piece", self.piece_tokens, T, 0)):
+            if a[0] != 0 or a[-1] != last or (np.diff(a) < least).any():
+                raise DatasetFormatError(f"{idx_path}: {name} offsets do not run from 0 to {last} (corrupt)")
+        is_prefix = np.zeros(P, dtype=bool)
+        is_prefix[self.group_pieces[:-1]] = True
+        if (is_prefix != (self.piece_label == -1)).any() or not np.isin(self.piece_label[~is_prefix], (0, 1)).all():
+            raise DatasetFormatError(f"{idx_path}: piece labels are not -1 on prefixes and 0/1 on candidates (corrupt)")
+        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if T else np.zeros(0, self.dtype)
+        meta_path = idx_path.with_suffix(".json")
+        try:
+            self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{meta_path}: not valid JSON: {e}") from e
+        if self.meta.get("seq_length", self.seq_length) != self.seq_length:
+            raise DatasetFormatError(f"{meta_path}: seq_length {self.meta['seq_length']} disagrees with the "
+                                     f"index's {self.seq_length}")
+
+    def __len__(self) -> int:
+        return len(self.seq_groups) - 1
+
+    def group(self, g: int) -> Group:
+        p0, p1 = int(self.group_pieces[g]), int(self.group_pieces[g + 1])
+        bounds = self.piece_tokens[p0:p1 + 1]
+        pieces = [self.tokens[bounds[i]:bounds[i + 1]] for i in range(p1 - p0)]
+        return Group(prefix=pieces[0], candidates=pieces[1:], labels=self.piece_label[p0 + 1:p1])
+
+
+def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Sum of values[offsets[i]:offsets[i+1]] for each i, in one pass."""
+    cs = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(values, out=cs[1:])
+    return cs[offsets[1:]] - cs[offsets[:-1]]
+
+
+class IndexedDataset:
+    """A directory of shards (or one shard's path without suffix), memory-mapped.
+
+    Offers what GlobalBatchLoader and Trainer.evaluate use: len (packed sequences), seq_length,
+    sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Groups handed out are
+    built from views of the memory map; only the requested sequences are read.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if self.path.is_dir():
+            idx = sorted(self.path.glob("*.idx"))
+            if not idx:
+                raise DatasetFormatError(f"{self.path}: no shards (*.idx) in this directory")
+        elif self.path.with_name(self.path.name + ".idx").is_file():
+            idx = [self.path.with_name(self.path.name + ".idx")]
+        else:
+            raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
+        self.shards = [_Shard(p) for p in idx]
+        first = self.shards[0]
+        for s in self.shards[1:]:
+            for key, a, b in (("seq_length", first.seq_length, s.seq_length),
+                              ("vocab_size", first.meta.get("vocab_size"), s.meta.get("vocab_size")),
+                              ("pad_id", first.meta.get("pad_id"), s.meta.get("pad_id"))):
+                if a != b:
+                    raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}; "
+                                             "shards of one dataset must agree")
+        self.seq_length = first.seq_length
+        self.meta = dict(first.meta)
+        self._seq_start = np.cumsum([0] + [len(s) for s in self.shards])
+
+        per_group_parts = {k: [] for k in ("tokens", "groups", "pairs", "positives", "lm_targets")}
+        self.group_lengths, self.prefix_lengths, self.candidate_lengths, self.candidates_per_group = [], [], [], []
+        for s in self.shards:
+            piece_len = np.diff(s.piece_tokens)
+            is_prefix = s.piece_label < 0
+            lengths = _segment_sums(piece_len, s.group_pieces)
+            n_cand = np.diff(s.group_pieces) - 1
+            n_pos = _segment_sums((s.piece_label == 1).astype(np.int64), s.group_pieces)
+            per_group = per_group_counts(lengths, n_pos, n_cand)
+            for k, v in per_group.items():
+                per_group_parts[k].append(_segment_sums(v, s.seq_groups))
+            self.group_lengths.append(lengths)
+            self.prefix_lengths.append(piece_len[is_prefix])
+            self.candidate_lengths.append(piece_len[~is_prefix])
+            self.candidates_per_group.append(n_cand)
+        self.per_sequence = {k: np.concatenate(v) for k, v in per_group_parts.items()}
+        for name in ("group_lengths", "prefix_lengths", "candidate_lengths", "candidates_per_group"):
+            setattr(self, name, np.concatenate(getattr(self, name)))
+        self.num_real_tokens = int(self.per_sequence["tokens"].sum())
+        self.num_groups = len(self.group_lengths)
+
+    def __len__(self) -> int:
+        return int(self._seq_start[-1])
+
+    def _locate(self, i: int) -> tuple[_Shard, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sequence {i} out of range for {len(self)} sequences")
+        k = int(np.searchsorted(self._seq_start, i, side="right")) - 1
+        return self.shards[k], i - int(self._seq_start[k])
+
+    def sequences(self, indices) -> list[list[Group]]:
+        out = []
+        for i in indices:
+            shard, j = self._locate(int(i))
+            out.append([shard.group(g) for g in range(int(shard.seq_groups[j]), int(shard.seq_groups[j + 1]))])
+        return out
+
+    def sources(self, i: int) -> np.ndarray:
+        """The builder's record ids of the groups in sequence i (tests and debugging)."""
+        shard, j = self._locate(int(i))
+        return np.asarray(shard.group_source[shard.seq_groups[j]:shard.seq_groups[j + 1]])
+
+    @property
+    def packing_efficiency(self) -> float:
+        return self.num_real_tokens / max(1, len(self) * self.seq_length)

@@ -1,0 +1,378 @@
+"""`polar data build`: JSONL records -> tokenized shared-prefix groups -> packed, memory-mapped shard.
+
+    polar data build data/*.jsonl --output ds/ --tokenizer byte --seq-length 16384 --workers 8
+    polar data build data/ --output ds/ --num-shards 4 --shard-index 2     # one machine of four
+
+Records (polar/records.py) are tokenized with POLAR's format (polar/format.py: the record's wrapper,
+else --wrapper; truncation to --max-length, default the pack length, and --max-response), each
+becomes one group (shared prefix + K candidates), and groups are packed whole into sequences of
+--seq-length tokens by the C++ packer. The result is one shard of an engine.indexed_dataset
+directory: NAME.bin (tokens), NAME.idx (index), NAME.json (metadata: tokenizer, special ids,
+counts, sources), NAME.rejects.jsonl (bad records and groups too long to pack, if any).
+
+Determinism: the input lines (files in the order given, directories as their sorted *.jsonl) are
+cut into chunks of --chunk-records lines; each chunk is parsed, tokenized and packed on its own
+(packing reaches across records of one chunk only) and written in chunk order, so the output is
+the same for any --workers. --num-shards N splits the chunks into N contiguous runs; shard i
+writes `part-{i:05d}-of-{N:05d}`, and the directory holding all N shards reads as exactly the
+dataset one machine would have built. To concatenate datasets, copy their shard files into one
+directory under names that sort in the order wanted (see engine/indexed_dataset.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from polar.records import ON_ERROR, RecordError, parse_line, reject_entry
+
+_SCAN_BLOCK = 1 << 26
+
+
+@dataclass
+class BuildConfig:
+    tokenizer: str = "byte"
+    seq_length: int = 16384
+    max_length: int = 0  # 0: seq_length
+    max_response: int = 4096
+    wrapper: str = "sft"
+    packing: str = "best_fit"
+    on_error: str = "fail"
+    seed: int = 0
+
+
+@dataclass
+class Chunk:
+    index: int
+    file: str
+    start: int  # byte range [start, end) of whole lines
+    end: int
+    first_line: int  # 1-based line number of the first line in its file
+    first_record: int  # 0-based line number over all inputs: the record id kept in the index
+
+
+@dataclass
+class ChunkResult:
+    index: int
+    lines: int
+    bytes: int
+    arrays: dict = field(default_factory=dict)  # ShardWriter.add_sequences arguments; empty if no group
+    rejects: list = field(default_factory=list)
+    records: int = 0
+    too_long: int = 0
+    tokens: int = 0
+    candidates: int = 0
+
+
+def line_starts(path: str) -> np.ndarray:
+    """Byte offset of every line of a file (a last line without "\\n" counts), scanned in blocks."""
+    starts, offset = [np.zeros(1, dtype=np.int64)], 0
+    size = os.path.getsize(path)
+    if size == 0:
+        return np.zeros(0, dtype=np.int64)
+    with open(path, "rb") as f:
+        while block := f.read(_SCAN_BLOCK):
+            starts.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + offset + 1)
+            offset += len(block)
+    out = np.concatenate(starts)
+    return out[out < size]
+
+
+def plan_chunks(files: list[str], chunk_records: int) -> tuple[list[Chunk], list[dict]]:
+    chunks, sources, base = [], [], 0
+    for path in files:
+        starts = line_starts(path)
+        size = os.path.getsize(path)
+        bounds = np.append(starts, size)
+        for a in range(0, len(starts), chunk_records):
+            b = min(a + chunk_records, len(starts))
+            chunks.append(Chunk(len(chunks), path, int(bounds[a]), int(bounds[b]), a + 1, base + a))
+        sources.append({"path": str(path), "bytes": size, "lines": len(starts), "first_record": base})
+        base += len(starts)
+    return chunks, sources
+
+
+# ---- worker side --------------------------------------------------------------------------------
+_WORKER: dict = {}
+
+
+def _init_worker(cfg: BuildConfig) -> None:
+    from polar.tokenizer import load_tokenizer
+
+    _WORKER["cfg"] = cfg
+    _WORKER["tok"] = load_tokenizer(cfg.tokenizer)
+
+
+def process_chunk(chunk: Chunk) -> ChunkResult:
+    """Parse, tokenize and pack one chunk; a pure function of the chunk's bytes and the config."""
+    from engine.indexed_dataset import token_dtype
+    from engine.packing import Group, plan_sequences
+    from polar.format import encode_groups
+
+    cfg: BuildConfig = _WORKER["cfg"]
+    tok = _WORKER["tok"]
+    max_length = cfg.max_length or cfg.seq_length
+    with open(chunk.file, "rb") as f:
+        f.seek(chunk.start)
+        data = f.read(chunk.end - chunk.start)
+    lines = data.split(b"\n")
+    if data.endswith(b"\n"):
+        lines.pop()
+    res = ChunkResult(chunk.index, len(lines), len(data))
+
+    def bad(k: int, field: str, reason: str) -> None:
+        line = chunk.first_line + k
+        if cfg.on_error == "fail":
+            raise RecordError(chunk.file, line, field, reason)
+        res.rejects.append(reject_entry(chunk.file, line, field, reason, lines[k]))
+
+    records, where = [], []
+    for k, raw in enumerate(lines):
+        try:
+            rec = parse_line(raw, chunk.file, chunk.first_line + k)
+        except RecordError as e:
+            bad(k, e.field, e.reason)
+            continue
+        if rec is not None:
+            records.append(rec)
+            where.append(k)
+
+    def encode(recs):
+        return encode_groups(tok, [r.prompt for r in recs], [r.reference for r in recs],
+                             [r.candidates for r in recs], [r.wrapper or cfg.wrapper for r in recs],
+                             max_length=max_length, max_response=cfg.max_response)
+
+    try:
+        encoded = encode(records)  # two batched tokenizer calls for the whole chunk
+    except (TypeError, ValueError):
+        encoded = []  # find the record the tokenizer or format refused, one by one
+        for rec, k in zip(records, where):
+            try:
+                encoded.extend(encode([rec]))
+            except (TypeError, ValueError) as e:
+                encoded.append(None)
+                bad(k, "(encode)", str(e))
+    groups, ids = [], []
+    for rec, k, enc in zip(records, where, encoded):
+        if enc is None:
+            continue
+        g = Group(prefix=enc.prefix, candidates=enc.candidates, labels=np.asarray(rec.labels, dtype=np.int8))
+        if len(g) > cfg.seq_length:
+            res.too_long += 1
+            bad(k, "(group)", f"{len(g)} tokens after truncation to max_length={max_length}, more than "
+                              f"seq_length={cfg.seq_length} (a group is never split)")
+            continue
+        groups.append(g)
+        ids.append(chunk.first_record + k)
+    res.records = len(groups)
+    if not groups:
+        return res
+    lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+    plan = plan_sequences(lengths, cfg.seq_length, method=cfg.packing)
+    # Best-fit emits sequences ordered by their largest group; a reader that does not shuffle
+    # (evaluation) should not see length-sorted batches, so the order is mixed, by the seed.
+    if cfg.packing == "best_fit":
+        order = np.random.default_rng([cfg.seed, chunk.index]).permutation(len(plan))
+        plan = [plan[i] for i in order]
+    # Flat arrays in the shard's token dtype: half the bytes of int32 Groups through the pipe, and
+    # the parent appends a whole chunk with a few numpy calls.
+    order = np.concatenate(plan)
+    ordered = [groups[i] for i in order]
+    pieces = [p for g in ordered for p in (g.prefix, *g.candidates)]
+    res.arrays = dict(
+        tokens=np.concatenate(pieces).astype(token_dtype(tok.vocab_size)),
+        piece_lengths=np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces)),
+        piece_labels=np.concatenate([np.concatenate([[-1], g.labels]) for g in ordered]).astype(np.int8),
+        group_pieces=np.fromiter((1 + len(g.candidates) for g in ordered), dtype=np.int64, count=len(ordered)),
+        seq_groups=np.fromiter((len(p) for p in plan), dtype=np.int64, count=len(plan)),
+        sources=np.asarray(ids, dtype=np.int64)[order],
+    )
+    res.tokens = int(lengths.sum())
+    res.candidates = sum(len(g.candidates) for g in groups)
+    return res
+
+
+def _run_inline(cfg: BuildConfig, chunks: list[Chunk]):
+    _init_worker(cfg)
+    for c in chunks:
+        yield process_chunk(c)
+
+
+def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
+    with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
+        # imap keeps chunk order; chunksize 1 because one chunk is already seconds of work
+        yield from pool.imap(process_chunk, chunks, chunksize=1)
+
+
+# ---- main side ----------------------------------------------------------------------------------
+class _Progress:
+    def __init__(self, total_bytes: int, quiet: bool, interval: float = 2.0):
+        self.total, self.quiet, self.interval = total_bytes, quiet, interval
+        self.start = self.last = time.time()
+        self.bytes = self.records = self.tokens = 0
+
+    def update(self, res: ChunkResult) -> None:
+        self.bytes += res.bytes
+        self.records += res.lines
+        self.tokens += res.tokens
+        now = time.time()
+        if self.quiet or now - self.last < self.interval:
+            return
+        self.last = now
+        dt = now - self.start
+        eta = dt * (self.total - self.bytes) / max(self.bytes, 1)
+        print(f"  {self.records:,} records ({self.bytes / max(self.total, 1):.0%}) | {self.records / dt:,.0f} records/s | "
+              f"{self.tokens / dt / 1e6:.2f}M tokens/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
+
+
+def _input_files(paths: list[str]) -> list[str]:
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            found = sorted(str(f) for f in Path(p).glob("*.jsonl"))
+            if not found:
+                raise FileNotFoundError(f"{p}: no *.jsonl files in this directory")
+            files.extend(found)
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    return files
+
+
+def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, chunk_records: int = 8192,
+          num_shards: int = 1, shard_index: int = 0, rejects_path: str = "", quiet: bool = False,
+          force: bool = False) -> dict:
+    """Build one shard; returns its metadata (also written next to it). RecordError on a bad record
+    with on_error="fail", after which nothing of the shard remains."""
+    from engine.indexed_dataset import ShardWriter
+    from polar.tokenizer import load_tokenizer
+
+    if cfg.on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {cfg.on_error!r}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
+    if chunk_records < 1 or workers < 1:
+        raise ValueError("--chunk-records and --workers must be >= 1")
+    files = _input_files(inputs)
+    tok = load_tokenizer(cfg.tokenizer)
+    name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
+    if name.with_suffix(".idx").exists() and not force:
+        raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
+    chunks, sources = plan_chunks(files, chunk_records)
+    mine = chunks[shard_index * len(chunks) // num_shards:(shard_index + 1) * len(chunks) // num_shards]
+    rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
+    rejects_file.unlink(missing_ok=True)
+
+    meta = {
+        "format": "polar shared-prefix groups",
+        "tokenizer": cfg.tokenizer, "bos_id": tok.bos_id, "reward_sep_id": tok.reward_sep_id,
+        "reward_token_id": tok.reward_token_id,
+        "wrapper_default": cfg.wrapper, "max_length": cfg.max_length or cfg.seq_length,
+        "max_response": cfg.max_response, "packing": cfg.packing, "seed": cfg.seed, "on_error": cfg.on_error,
+        "chunk_records": chunk_records, "num_shards": num_shards, "shard_index": shard_index,
+        "chunks": [mine[0].index, mine[-1].index + 1] if mine else [0, 0], "sources": sources,
+    }
+    writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
+    progress = _Progress(sum(c.end - c.start for c in mine), quiet)
+    counts = dict(lines=0, records=0, rejected=0, too_long=0, groups=0, candidates=0, tokens=0)
+    rejects_out = None
+    try:
+        results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
+        for res in results:
+            if res.arrays:
+                writer.add_sequences(**res.arrays)
+            if res.rejects:
+                rejects_out = rejects_out or open(rejects_file, "w")
+                rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
+            counts["lines"] += res.lines
+            counts["records"] += res.records
+            counts["rejected"] += len(res.rejects)
+            counts["too_long"] += res.too_long
+            counts["groups"] += res.records
+            counts["candidates"] += res.candidates
+            counts["tokens"] += res.tokens
+            progress.update(res)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if rejects_out:
+            rejects_out.close()
+    writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
+    writer.meta["rejects_file"] = str(rejects_file) if counts["rejected"] else None
+    meta = writer.close()
+    meta["elapsed_s"] = time.time() - progress.start
+    meta["path"] = str(name)
+    return meta
+
+
+def _summary(meta: dict, workers: int) -> str:
+    c, L = meta["counts"], meta["seq_length"]
+    dt = max(meta["elapsed_s"], 1e-9)
+    eff = c["tokens"] / max(1, c["sequences"] * L)
+    rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
+    return "\n".join([
+        f"wrote {meta['path']}.{{bin,idx,json}}",
+        f"  records    {c['lines']:,} lines: {c['records']:,} groups{rej}",
+        f"  packed     {c['groups']:,} groups, {c['candidates']:,} candidates -> {c['sequences']:,} sequences of "
+        f"{L} tokens, packing efficiency {eff:.2%}",
+        f"  tokens     {c['tokens']:,} ({meta['token_dtype']})",
+        f"  time       {dt:.1f}s: {c['lines'] / dt:,.0f} records/s, {c['tokens'] / dt / 1e6:.2f}M tokens/s "
+        f"({workers} worker{'s' if workers > 1 else ''})",
+    ])
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="polar data build", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("inputs", nargs="+", help="JSONL files, or directories of *.jsonl")
+    ap.add_argument("--output", "-o", required=True, help="dataset directory (created)")
+    ap.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer directory (default: byte)")
+    ap.add_argument("--seq-length", type=int, default=16384, help="pack length in tokens (default 16384)")
+    ap.add_argument("--max-length", type=int, default=0, help="POLAR max_length for truncation (default: --seq-length)")
+    ap.add_argument("--max-response", type=int, default=4096, help="reference/candidate head kept (default 4096)")
+    ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"), help="for records without one (default sft)")
+    ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"))
+    ap.add_argument("--workers", type=int, default=1, help="worker processes (output is the same for any number)")
+    ap.add_argument("--chunk-records", type=int, default=8192, help="lines per independently packed chunk")
+    ap.add_argument("--num-shards", type=int, default=1, help="machines sharing the build")
+    ap.add_argument("--shard-index", type=int, default=0, help="this machine's shard, 0..num_shards-1")
+    ap.add_argument("--on-error", default="fail", choices=ON_ERROR,
+                    help="fail: stop at the first bad record; skip: write it to the rejects file and go on")
+    ap.add_argument("--rejects", default="", help="rejects JSONL (default: <output>/<shard>.rejects.jsonl)")
+    ap.add_argument("--seed", type=int, default=0, help="orders the packed sequences within each chunk")
+    ap.add_argument("--force", action="store_true", help="replace an existing shard of the same name")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    cfg = BuildConfig(tokenizer=args.tokenizer, seq_length=args.seq_length, max_length=args.max_length,
+                      max_response=args.max_response, wrapper=args.wrapper, packing=args.packing,
+                      on_error=args.on_error, seed=args.seed)
+    try:
+        meta = build(args.inputs, args.output, cfg, workers=args.workers, chunk_records=args.chunk_records,
+                     num_shards=args.num_shards, shard_index=args.shard_index, rejects_path=args.rejects,
+                     quiet=args.quiet, force=args.force)
+    except RecordError as e:
+        print(f"error: {e} (nothing written; --on-error skip sets bad records aside)", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(meta, args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

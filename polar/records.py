@@ -1,0 +1,210 @@
+"""Training records (JSONL, one per line): parsing and validation that names file, line and field.
+
+Two record shapes are read; every value that is text may be a string or a message list
+(`[{"role": ..., "content": ...}, ...]`, joined by "\\n" as in polar/format.py):
+
+    official (POLAR.md section 6):
+        {"prompt": T, "reference": T, "chosen": T, "rejected": T, "wrapper": "sft"|"pretrain"}
+    grouped (ours, K >= 2 candidates):
+        {"prompt": T, "reference": T, "candidates": [C, ...], "reference_policy": id, "wrapper": ...}
+        C = {"text": T, "label": 0|1}  or  {"text": T, "policy": id}  (label 1 iff policy == reference_policy)
+
+`wrapper` is optional (the builder's default applies). A candidate's explicit `label` wins over its
+`policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
+lines are skipped. Rejected: bad JSON, invalid UTF-8, a missing or mistyped field, an empty text
+(after joining messages: an empty response carries no signal, and the format would drop its "\\n"),
+and a group without both a positive and a negative candidate (it gives no pair to learn from).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Union
+
+from polar.format import WRAPPERS, Text
+
+ON_ERROR = ("fail", "skip")
+
+
+class RecordError(ValueError):
+    """One bad record: `file:line: field: reason`."""
+
+    def __init__(self, file: str, line: int, field: str, reason: str):
+        super().__init__(f"{file}:{line}: {field}: {reason}")
+        self.file, self.line, self.field, self.reason = file, line, field, reason
+
+    def __reduce__(self):  # raised in build workers, re-raised in the parent
+        return (RecordError, (self.file, self.line, self.field, self.reason))
+
+
+@dataclass
+class Record:
+    """One validated group: a prompt and reference with K >= 2 labelled candidates."""
+
+    prompt: Text
+    reference: Text
+    candidates: list
+    labels: list  # int 0/1 per candidate
+    wrapper: Optional[str]  # None: the builder's default
+    file: str = ""
+    line: int = 0
+    extra: dict = field(default_factory=dict, repr=False)
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+
+
+def _text(value, where: str) -> Text:
+    if isinstance(value, str):
+        if not value:
+            raise _Bad(where, "empty text")
+        return value
+    if isinstance(value, list):
+        for i, msg in enumerate(value):
+            if not isinstance(msg, dict):
+                raise _Bad(f"{where}[{i}]", f"a message must be an object, got {type(msg).__name__}")
+            if "content" not in msg:
+                raise _Bad(f"{where}[{i}].content", "missing")
+            if not isinstance(msg["content"], str):
+                raise _Bad(f"{where}[{i}].content", f"must be a string, got {type(msg['content']).__name__}")
+        if not "\n".join(m["content"] for m in value):
+            raise _Bad(where, "empty text")
+        return value
+    if value is None:
+        raise _Bad(where, "missing")
+    raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _required(obj: dict, key: str):
+    if key not in obj:
+        raise _Bad(key, "missing")
+    return obj[key]
+
+
+def _policy_id(value, where: str):
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise _Bad(where, f"a policy id must be a string or an integer, got {value!r:.60}")
+    return value
+
+
+def _candidates(obj: dict) -> tuple[list, list]:
+    cands = obj["candidates"]
+    if not isinstance(cands, list):
+        raise _Bad("candidates", f"must be a list, got {type(cands).__name__}")
+    if len(cands) < 2:
+        raise _Bad("candidates", f"a group needs at least 2 candidates, got {len(cands)}")
+    texts, labels = [], []
+    ref_policy = obj.get("reference_policy")
+    for i, c in enumerate(cands):
+        where = f"candidates[{i}]"
+        if not isinstance(c, dict):
+            raise _Bad(where, f"must be an object with text and label or policy, got {type(c).__name__}")
+        texts.append(_text(c.get("text"), f"{where}.text"))
+        if "label" in c:
+            lab = c["label"]
+            if isinstance(lab, bool) or lab not in (0, 1):
+                raise _Bad(f"{where}.label", f"must be 0 or 1, got {lab!r:.60}")
+            labels.append(int(lab))
+        elif "policy" in c:
+            if ref_policy is None:
+                raise _Bad("reference_policy", f"missing, and {where} gives a policy instead of a label")
+            labels.append(int(_policy_id(c["policy"], f"{where}.policy") == _policy_id(ref_policy, "reference_policy")))
+        else:
+            raise _Bad(where, "needs a label (0|1) or a policy (compared with reference_policy)")
+    if min(labels) == max(labels):
+        kind = "positive" if labels[0] == 0 else "negative"
+        raise _Bad("candidates", f"no {kind} candidate (labels {labels}): a group needs both to form a pair")
+    return texts, labels
+
+
+def _parse(obj) -> Record:
+    if not isinstance(obj, dict):
+        raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")
+    prompt = _text(_required(obj, "prompt"), "prompt")
+    reference = _text(_required(obj, "reference"), "reference")
+    has_pair = "chosen" in obj or "rejected" in obj
+    if "candidates" in obj:
+        if has_pair:
+            raise _Bad("candidates", "a record gives either candidates or chosen/rejected, not both")
+        texts, labels = _candidates(obj)
+    else:
+        if not has_pair:
+            raise _Bad("candidates", "missing (or chosen and rejected)")
+        texts = [_text(_required(obj, "chosen"), "chosen"), _text(_required(obj, "rejected"), "rejected")]
+        labels = [1, 0]
+    wrapper = obj.get("wrapper")
+    if wrapper is not None and wrapper not in WRAPPERS:
+        raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
+    known = {"prompt", "reference", "chosen", "rejected", "candidates", "reference_policy", "wrapper"}
+    return Record(prompt, reference, texts, labels, wrapper, extra={k: v for k, v in obj.items() if k not in known})
+
+
+def parse_line(raw: bytes, file: str, line: int) -> Optional[Record]:
+    """One JSONL line (bytes, newline optional) -> Record, None for a blank line; RecordError if bad."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(file, line, "(line)", f"invalid UTF-8 at byte {e.start}") from None
+    if not text.strip():
+        return None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    try:
+        rec = _parse(obj)
+    except _Bad as e:
+        raise RecordError(file, line, e.field, e.reason) from None
+    rec.file, rec.line = file, line
+    return rec
+
+
+def reject_entry(file: str, line: int, field: str, reason: str, raw: Union[bytes, str]) -> dict:
+    """A rejects-file row; keeps the raw line whole (base64 too when it is not UTF-8)."""
+    row = {"file": file, "line": line, "field": field, "reason": reason}
+    if isinstance(raw, bytes):
+        raw = raw.rstrip(b"\r\n")
+        try:
+            row["raw"] = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            import base64
+
+            row["raw"] = raw.decode("utf-8", errors="backslashreplace")
+            row["raw_base64"] = base64.b64encode(raw).decode("ascii")
+    else:
+        row["raw"] = raw
+    return row
+
+
+def iter_lines(path: str, start: int = 0, end: Optional[int] = None, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+    """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
+    that one bad byte rejects its line rather than the file."""
+    with open(path, "rb") as f:
+        f.seek(start)
+        pos, n = start, first_line
+        for raw in f:
+            if end is not None and pos >= end:
+                break
+            yield n, raw
+            pos += len(raw)
+            n += 1
+
+
+def read_records(path: str, on_error: str = "fail", rejects: Optional[list] = None) -> Iterator[Record]:
+    """Every valid record of a JSONL file. on_error="fail" raises RecordError at the first bad one;
+    "skip" appends a reject_entry per bad line to `rejects` and goes on."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+    for n, raw in iter_lines(path):
+        try:
+            rec = parse_line(raw, path, n)
+        except RecordError as e:
+            if on_error == "fail":
+                raise
+            if rejects is not None:
+                rejects.append(reject_entry(e.file, e.line, e.field, e.reason, raw))
+            continue
+        if rec is not None:
+            yield rec

@@ -1,0 +1,159 @@
+"""engine.indexed_dataset: what ShardWriter writes, IndexedDataset reads back, and the loader on it."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.data import GlobalBatchLoader, PackedGroups
+from engine.indexed_dataset import DatasetFormatError, IndexedDataset, ShardWriter
+from engine.packing import Group
+
+SEQ = 64
+
+
+def random_groups(seed: int, n: int, vocab: int = 300) -> list[Group]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        k = int(rng.integers(2, 5))
+        labels = (rng.random(k) < 0.5).astype(np.int8)
+        labels[0], labels[1] = 1, 0
+        out.append(Group(prefix=rng.integers(0, vocab, int(rng.integers(1, 20))),
+                         candidates=[rng.integers(0, vocab, int(rng.integers(1, 9))) for _ in range(k)],
+                         labels=rng.permutation(labels)))
+    return out
+
+
+def write(path, packed: PackedGroups, vocab: int = 300, sources: bool = True) -> None:
+    w = ShardWriter(path, packed.seq_length, vocab_size=vocab, pad_id=1, meta={"note": "test"})
+    for s, plan in enumerate(packed.plan):
+        w.add_sequence([packed.groups[g] for g in plan], [int(g) for g in plan] if sources else None)
+    w.close()
+
+
+def same_groups(a: list[list[Group]], b: list[list[Group]]) -> None:
+    assert [len(s) for s in a] == [len(s) for s in b]
+    for sa, sb in zip(a, b):
+        for ga, gb in zip(sa, sb):
+            np.testing.assert_array_equal(ga.prefix, gb.prefix)
+            assert len(ga.candidates) == len(gb.candidates)
+            for ca, cb in zip(ga.candidates, gb.candidates):
+                np.testing.assert_array_equal(ca, cb)
+            np.testing.assert_array_equal(ga.labels, gb.labels)
+
+
+@pytest.fixture
+def packed():
+    return PackedGroups(random_groups(0, 120), SEQ)
+
+
+def test_round_trip_matches_packed_groups(tmp_path, packed):
+    write(tmp_path / "ds" / "part-0", packed)
+    ds = IndexedDataset(tmp_path / "ds")
+    assert len(ds) == len(packed) and ds.seq_length == SEQ
+    same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
+    assert ds.per_sequence.keys() == packed.per_sequence.keys()
+    for k in packed.per_sequence:
+        np.testing.assert_array_equal(ds.per_sequence[k], packed.per_sequence[k], err_msg=k)
+    assert ds.num_real_tokens == packed.num_real_tokens
+    assert ds.packing_efficiency == pytest.approx(packed.packing_efficiency)
+    np.testing.assert_array_equal(ds.sources(3), packed.plan[3])
+    assert ds.meta["note"] == "test" and ds.meta["pad_id"] == 1 and ds.meta["vocab_size"] == 300
+    assert ds.num_groups == 120 and ds.candidates_per_group.sum() == sum(len(g.candidates) for g in packed.groups)
+
+
+@pytest.mark.parametrize("vocab,dtype", [(300, np.uint16), (1 << 16, np.uint16), (70000, np.int32)])
+def test_token_dtype_follows_the_vocabulary(tmp_path, vocab, dtype):
+    groups = random_groups(1, 30, vocab=vocab)
+    packed = PackedGroups(groups, SEQ)
+    write(tmp_path / "p", packed, vocab=vocab)
+    assert (tmp_path / "p.bin").stat().st_size == packed.num_real_tokens * np.dtype(dtype).itemsize
+    same_groups(IndexedDataset(tmp_path / "p").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+
+
+def test_shards_read_as_their_concatenation_in_name_order(tmp_path):
+    a, b = PackedGroups(random_groups(2, 40), SEQ), PackedGroups(random_groups(3, 50), SEQ)
+    write(tmp_path / "b-second", b)  # written first, read second: name order decides
+    write(tmp_path / "a-first", a)
+    ds = IndexedDataset(tmp_path)
+    assert len(ds) == len(a) + len(b)
+    same_groups(ds.sequences(range(len(ds))), a.sequences(range(len(a))) + b.sequences(range(len(b))))
+    np.testing.assert_array_equal(ds.per_sequence["pairs"],
+                                  np.concatenate([a.per_sequence["pairs"], b.per_sequence["pairs"]]))
+    with pytest.raises(IndexError):
+        ds.sequences([len(ds)])
+
+
+def test_writer_refuses_an_overfull_sequence_and_out_of_vocab_ids(tmp_path):
+    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
+    g = Group(prefix=[1, 2, 3], candidates=[[4, 5], [6]], labels=[1, 0])
+    with pytest.raises(ValueError, match="does not fit seq_length=8"):
+        w.add_sequence([g, g])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        w.add_sequence([Group(prefix=[1], candidates=[[11], [2]], labels=[1, 0])])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []  # nothing of an aborted shard remains
+
+
+def test_an_unfinished_shard_is_invisible(tmp_path, packed):
+    write(tmp_path / "done", packed)
+    w = ShardWriter(tmp_path / "zz-running", SEQ, vocab_size=300, pad_id=1)
+    w.add_sequence(packed.sequences([0])[0])
+    assert len(IndexedDataset(tmp_path)) == len(packed)  # the open writer's files are .tmp
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda p: p.with_suffix(".bin").write_bytes(p.with_suffix(".bin").read_bytes()[:-2]), "p.bin: "),
+    (lambda p: p.with_suffix(".idx").write_bytes(p.with_suffix(".idx").read_bytes()[:-5]), "p.idx: "),
+    (lambda p: p.with_suffix(".idx").write_bytes(b"X" * 8 + p.with_suffix(".idx").read_bytes()[8:]), "magic"),
+    (lambda p: p.with_suffix(".idx").write_bytes(b"short"), "shorter than"),
+    (lambda p: p.with_suffix(".bin").unlink(), "p.bin: missing"),
+])
+def test_damaged_shards_are_named(tmp_path, packed, damage, needle):
+    write(tmp_path / "p", packed)
+    damage(tmp_path / "p")
+    with pytest.raises(DatasetFormatError, match=needle):
+        IndexedDataset(tmp_path)
+
+
+def test_shards_must_agree_and_a_dataset_must_exist(tmp_path):
+    with pytest.raises(DatasetFormatError, match="no such dataset"):
+        IndexedDataset(tmp_path / "nothing")
+    with pytest.raises(DatasetFormatError, match="no shards"):
+        IndexedDataset(tmp_path)
+    write(tmp_path / "a", PackedGroups(random_groups(4, 20), SEQ))
+    write(tmp_path / "b", PackedGroups(random_groups(4, 20), 2 * SEQ))
+    with pytest.raises(DatasetFormatError, match="seq_length 128 differs"):
+        IndexedDataset(tmp_path)
+
+
+def _loader(ds, dp_rank=0, dp_size=1, consumed=0):
+    ld = GlobalBatchLoader(ds, global_batch=4, micro_batch=1, dp_rank=dp_rank, dp_size=dp_size, seed=7, pad_id=1)
+    ld.load_state_dict({"consumed_batches": consumed})
+    return ld
+
+
+def test_loader_sharding_and_resume_on_a_built_dataset(tmp_path, packed):
+    """DP=1 sees, batch by batch, the union of what DP=2 ranks see; a loader restored at
+    consumed_batches=n continues exactly where the uninterrupted one is (across epochs too)."""
+    write(tmp_path / "ds", packed)
+    ds = IndexedDataset(tmp_path / "ds")
+    steps = 2 * (len(ds) // 4) + 3  # into the third epoch
+    one, ranks = _loader(ds), [_loader(ds, r, 2) for r in range(2)]
+    seen = []
+    for _ in range(steps):
+        full = one.next_microbatches()
+        split = [mb for r in ranks for mb in r.next_microbatches()]
+        assert len(full) == 4 and len(split) == 4
+        for a, b in zip(full, split):
+            assert a.tokens.equal(b.tokens) and a.layout.equal(b.layout) and a.labels.equal(b.labels)
+        seen.append(np.concatenate([mb.tokens.numpy() for mb in full]))
+        assert one.last_global == ranks[0].last_global == ranks[1].last_global
+    n = 5
+    resumed = _loader(ds, consumed=n)
+    for step in range(n, steps):
+        got = np.concatenate([mb.tokens.numpy() for mb in resumed.next_microbatches()])
+        np.testing.assert_array_equal(got, seen[step], err_msg=f"step {step}")
+    # every sequence once per epoch
+    epoch = [one.global_batch_indices(b) for b in range(len(ds) // 4)]
+    assert len(np.unique(np.concatenate(epoch))) == 4 * (len(ds) // 4)

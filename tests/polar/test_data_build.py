@@ -1,0 +1,201 @@
+"""`polar data build` / `polar data stats`: records -> shards that hold exactly the encoded groups,
+the same for any worker or shard count; bad records named or set aside, never lost; and a run
+trained on a built dataset resumes at the exact next sample."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.indexed_dataset import IndexedDataset
+from polar import data_build, data_stats
+from polar.format import encode_groups
+from polar.pretrain_data import SyntheticDataConfig, make_splits
+from polar.tokenizer import ByteTokenizer
+
+ROOT = Path(__file__).parents[2]
+SEQ = 512
+
+
+def synthetic_records(n: int, seed: int = 0) -> list[dict]:
+    splits = make_splits(SyntheticDataConfig(seed=seed, train_policies=6, held_out_policies=2, train_triplets=n,
+                                             eval_triplets=2, prompts=40))
+    out = []
+    for i, t in enumerate(splits.train):
+        if i % 5 == 4:  # some grouped records of ours, K=3, labels from policies
+            out.append({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
+                        "reference_policy": t.policy_a, "wrapper": "pretrain", "meta": {"i": i},
+                        "candidates": [{"text": t.rejected, "policy": t.policy_b},
+                                       {"text": t.chosen, "policy": t.policy_a},
+                                       {"text": t.rejected[::-1], "policy": t.policy_b}]})
+        else:
+            out.append({"prompt": t.prompt, "reference": t.reference, "chosen": t.chosen, "rejected": t.rejected})
+    return out
+
+
+def write_jsonl(path: Path, records: list, extra_lines: dict | None = None) -> Path:
+    lines = [(json.dumps(r) + "\n").encode() for r in records]
+    for at, raw in sorted((extra_lines or {}).items()):
+        lines.insert(at, raw)
+    path.write_bytes(b"".join(lines))
+    return path
+
+
+def expected_group(rec: dict):
+    """The group the build must store for a record, made here without the build's code path."""
+    if "candidates" in rec:
+        cands = [c["text"] for c in rec["candidates"]]
+        labels = [int(c["policy"] == rec["reference_policy"]) for c in rec["candidates"]]
+    else:
+        cands, labels = [rec["chosen"], rec["rejected"]], [1, 0]
+    enc = encode_groups(ByteTokenizer(), [rec["prompt"]], [rec["reference"]], [cands], rec.get("wrapper", "sft"),
+                        max_length=SEQ)[0]
+    return enc, labels
+
+
+def build(*args: str) -> int:
+    return data_build.main([*map(str, args), "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(120)
+
+
+def test_every_record_becomes_its_encoded_group(tmp_path, records, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 50) == 0
+    assert "packing efficiency" in capsys.readouterr().out
+    ds = IndexedDataset(tmp_path / "ds")
+    seen = []
+    for i in range(len(ds)):
+        for g, rid in zip(ds.sequences([i])[0], ds.sources(i)):
+            enc, labels = expected_group(records[rid])
+            np.testing.assert_array_equal(g.prefix, enc.prefix)
+            assert len(g.candidates) == len(enc.candidates)
+            for a, b in zip(g.candidates, enc.candidates):
+                np.testing.assert_array_equal(a, b)
+            assert g.labels.tolist() == labels
+            seen.append(int(rid))
+    assert sorted(seen) == list(range(len(records)))  # each record exactly once
+    m = ds.meta
+    tok = ByteTokenizer()
+    assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (tok.vocab_size, tok.pad_id,
+                                                                              tok.bos_id, tok.reward_token_id)
+    assert m["tokenizer"] == "byte" and m["token_dtype"] == "uint16" and m["seq_length"] == SEQ
+    assert m["sources"] == [{"path": str(src), "bytes": src.stat().st_size, "lines": 120, "first_record": 0}]
+    assert m["counts"]["records"] == 120 and m["counts"]["sequences"] == len(ds)
+
+
+def test_output_is_the_same_for_any_workers_and_shards(tmp_path, records):
+    a = write_jsonl(tmp_path / "a.jsonl", records[:70])
+    b = write_jsonl(tmp_path / "b.jsonl", records[70:])
+    common = [a, b, "--seq-length", SEQ, "--chunk-records", 16]
+    assert build(*common, "-o", tmp_path / "w1") == 0
+    assert build(*common, "-o", tmp_path / "w2", "--workers", "2") == 0
+    for ext in ("bin", "idx"):
+        name = f"part-00000-of-00001.{ext}"
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), ext
+    for i in range(3):  # three machines, one directory
+        assert build(*common, "-o", tmp_path / "sharded", "--num-shards", 3, "--shard-index", i) == 0
+    one, three = IndexedDataset(tmp_path / "w1"), IndexedDataset(tmp_path / "sharded")
+    assert len(three.shards) == 3 and len(one) == len(three)
+    for i in range(len(one)):
+        np.testing.assert_array_equal(one.sources(i), three.sources(i))
+    for k in one.per_sequence:
+        np.testing.assert_array_equal(one.per_sequence[k], three.per_sequence[k])
+
+
+BAD = {3: b"{oops\n", 9: b'{"prompt": "\xff"}\n', 12: b"\n"}
+
+
+def test_fail_names_the_first_bad_record_and_writes_nothing(tmp_path, records, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], BAD)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--workers", 2, "--chunk-records", 2) == 1
+    assert f"{src}:4: (line): not valid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+def test_skip_sets_bad_records_and_too_long_groups_aside(tmp_path, records, capsys):
+    recs = records[:20] + [{**records[0], "chosen": "x" * 400, "rejected": "y" * 400}]  # > SEQ even truncated
+    src = write_jsonl(tmp_path / "r.jsonl", recs, BAD)
+    assert data_build.main([str(src), "-o", str(tmp_path / "ds"), "--seq-length", str(SEQ),
+                            "--on-error", "skip", "--chunk-records", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "2 rejected" not in out and "3 rejected (1 too long to pack)" in out
+    rejects = [json.loads(x) for x in (tmp_path / "ds" / "part-00000-of-00001.rejects.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in rejects] == [(4, "(line)"), (10, "(line)"), (24, "(group)")]
+    assert rejects[0]["raw"] == "{oops" and "raw_base64" in rejects[1]
+    assert "more than seq_length=512" in rejects[2]["reason"] and json.loads(rejects[2]["raw"])["chosen"] == "x" * 400
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.num_groups == 20 and ds.meta["counts"]["rejected"] == 3 and ds.meta["counts"]["too_long"] == 1
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2  # an existing shard is not replaced
+    assert "exists" in capsys.readouterr().err
+
+
+def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    groups = [expected_group(r)[0] for r in records]
+    real = sum(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
+    saved = sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups)
+    assert (s["records"], s["groups"], s["candidates"], s["tokens"]) == (120, 120, 2 * 96 + 3 * 24, real)
+    assert s["shared_prefix"]["tokens_saved"] == saved
+    assert s["shared_prefix"]["percent_saved"] == pytest.approx(100 * saved / (real + saved))
+    assert s["packing_efficiency"] == pytest.approx(real / (s["sequences"] * SEQ))
+    for name, total in (("prefix", 120), ("candidate", s["candidates"]), ("group", 120)):
+        assert sum(s["histogram"][name]) == total, name
+    starts = s["histogram"]["bin_start"]
+    longest = max(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
+    top_bin = max(i for i, c in enumerate(s["histogram"]["group"]) if c)
+    assert starts[top_bin] <= longest < starts[top_bin + 1]
+    assert data_stats.main([str(tmp_path / "ds")]) == 0
+    text = capsys.readouterr().out
+    assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
+
+
+def pretrain(tmp_path: Path, name: str, *overrides: str) -> dict:
+    cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / name}",
+           "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
+           "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
+           "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
+           f"data.seq_length={SEQ}", *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, records):
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
+    data = [f"data.path={tmp_path / 'ds'}", f"data.eval_path={tmp_path / 'ds'}"]
+    straight = pretrain(tmp_path, "straight", *data)
+    pretrain(tmp_path, "resumed", *data, "train.exit_at_step=2")
+    resumed = pretrain(tmp_path, "resumed", *data)
+    assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4]
+    for a, b in zip(straight["history"], resumed["history"]):
+        # the same global batches in the same order: the same losses, step by step
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7), a["step"]
+    assert len({round(r["loss"], 6) for r in straight["history"]}) > 1  # steps differ, so order matters
+    assert straight["eval_pair_accuracy"] == pytest.approx(resumed["eval_pair_accuracy"])
+    assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
+
+
+def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", 1024)
+    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}",
+                           f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"data.seq_length={SEQ}, but data.path={tmp_path / 'ds'} is packed at 1024" in proc.stderr

@@ -1,0 +1,120 @@
+"""polar.records: both record shapes parse; every bad record is named by file, line and field."""
+from __future__ import annotations
+
+import base64
+import json
+
+import pytest
+
+from polar.records import RecordError, parse_line, read_records
+
+MSG = [{"role": "user", "content": "hi"}, {"role": "user", "content": "there"}]
+
+
+def line(obj) -> bytes:
+    return (json.dumps(obj) + "\n").encode()
+
+
+def test_official_record_with_strings_and_message_lists():
+    rec = parse_line(line({"prompt": MSG, "reference": "r", "chosen": [{"content": "c"}], "rejected": "x",
+                           "wrapper": "pretrain"}), "f.jsonl", 3)
+    assert rec.prompt == MSG and rec.reference == "r" and rec.candidates == [[{"content": "c"}], "x"]
+    assert rec.labels == [1, 0] and rec.wrapper == "pretrain" and (rec.file, rec.line) == ("f.jsonl", 3)
+
+
+def test_grouped_record_labels_from_policies_and_explicit_labels():
+    rec = parse_line(line({
+        "prompt": "p", "reference": "r", "reference_policy": "a", "sampled_at": "2025-01-01",
+        "candidates": [{"text": "1", "policy": "b"}, {"text": "2", "policy": "a", "temperature": 1.0},
+                       {"text": "3", "label": 0, "policy": "a"}, {"text": "4", "label": 1}],
+    }), "f", 1)
+    assert rec.labels == [0, 1, 0, 1]  # an explicit label wins over the policy
+    assert rec.wrapper is None and rec.extra == {"sampled_at": "2025-01-01"}
+
+
+def test_blank_lines_are_not_records():
+    assert parse_line(b"  \n", "f", 1) is None
+
+
+GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
+
+
+@pytest.mark.parametrize("raw,field,reason", [
+    (b"{not json\n", "(line)", "not valid JSON"),
+    (b'{"prompt": "\xff\xfe"}\n', "(line)", "invalid UTF-8 at byte 12"),
+    (line([1, 2]), "(record)", "must be a JSON object"),
+    (line({k: v for k, v in GOOD.items() if k != "prompt"}), "prompt", "missing"),
+    (line({**GOOD, "reference": 5}), "reference", "must be a string or a list of messages, got int"),
+    (line({**GOOD, "chosen": ""}), "chosen", "empty text"),
+    (line({**GOOD, "rejected": []}), "rejected", "empty text"),
+    (line({**GOOD, "prompt": [{"role": "user"}]}), "prompt[0].content", "missing"),
+    (line({**GOOD, "prompt": [{"content": None}]}), "prompt[0].content", "must be a string"),
+    (line({**GOOD, "prompt": ["hi"]}), "prompt[0]", "a message must be an object"),
+    (line({k: v for k, v in GOOD.items() if k != "rejected"}), "rejected", "missing"),
+    (line({"prompt": "p", "reference": "r"}), "candidates", "missing"),
+    (line({**GOOD, "wrapper": "chat"}), "wrapper", "must be one of sft, pretrain"),
+    (line({**GOOD, "candidates": []}), "candidates", "not both"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}]}), "candidates", "at least 2"),
+    (line({"prompt": "p", "reference": "r", "candidates": "ab"}), "candidates", "must be a list"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "b", "label": 1}]}),
+     "candidates", "no negative candidate"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 0}, {"text": "b", "label": 0}]}),
+     "candidates", "no positive candidate"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "b", "label": 2}]}),
+     "candidates[1].label", "must be 0 or 1"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "b", "label": True}]}),
+     "candidates[1].label", "must be 0 or 1"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": ""}]}),
+     "candidates[1].text", "empty text"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "b"}]}),
+     "candidates[1]", "needs a label"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "b", "policy": 3}]}),
+     "reference_policy", "missing"),
+    (line({"prompt": "p", "reference": "r", "reference_policy": 1,
+           "candidates": [{"text": "a", "label": 1}, {"text": "b", "policy": [3]}]}),
+     "candidates[1].policy", "a policy id must be"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, "b"]}),
+     "candidates[1]", "must be an object"),
+])
+def test_bad_records_name_file_line_and_field(raw, field, reason):
+    with pytest.raises(RecordError) as exc:
+        parse_line(raw, "data/x.jsonl", 17)
+    e = exc.value
+    assert (e.file, e.line, e.field) == ("data/x.jsonl", 17, field)
+    assert reason in e.reason
+    assert str(e).startswith(f"data/x.jsonl:17: {field}: ")
+
+
+def write_lines(path, lines: list[bytes]) -> str:
+    path.write_bytes(b"".join(lines))
+    return str(path)
+
+
+def test_read_records_fail_stops_at_the_first_bad_line(tmp_path):
+    p = write_lines(tmp_path / "r.jsonl", [line(GOOD), line(GOOD), line({**GOOD, "chosen": 1}), b"{bad\n"])
+    got = []
+    with pytest.raises(RecordError, match=r"r\.jsonl:3: chosen: "):
+        for rec in read_records(p):
+            got.append(rec)
+    assert len(got) == 2
+
+
+def test_read_records_skip_keeps_every_reject_whole(tmp_path):
+    bad_utf8 = b'{"prompt": "caf\xe9"}\n'
+    p = write_lines(tmp_path / "r.jsonl", [line(GOOD), bad_utf8, b"\n", line({**GOOD, "chosen": ""}), line(GOOD)])
+    rejects = []
+    recs = list(read_records(p, on_error="skip", rejects=rejects))
+    assert [r.line for r in recs] == [1, 5]
+    assert [(r["line"], r["field"]) for r in rejects] == [(2, "(line)"), (4, "chosen")]
+    assert base64.b64decode(rejects[0]["raw_base64"]) == bad_utf8.rstrip(b"\n")  # nothing lost
+    assert json.loads(rejects[1]["raw"]) == {**GOOD, "chosen": ""}
+    assert all(r["file"] == p for r in rejects)
+    with pytest.raises(ValueError, match="on_error"):
+        list(read_records(p, on_error="ignore"))
+
+
+def test_record_error_survives_pickling():
+    import pickle
+
+    e = pickle.loads(pickle.dumps(RecordError("f", 2, "prompt", "missing")))
+    assert (e.file, e.line, e.field, str(e)) == ("f", 2, "prompt", "f:2: prompt: missing")
