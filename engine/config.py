@@ -43,6 +43,8 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B); None = off
+    # megatron sequence parallelism: activations outside attention and MLP are split along the
+    # sequence over the TP ranks (needs tp > 1 and data.seq_length divisible by tp)
     sequence_parallel: bool = False
     distributed_optimizer: bool = True
 

@@ -50,7 +50,7 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
-        sequence_parallel=False,
+        sequence_parallel=par.sequence_parallel,
         use_cpu_initialization=not rt.is_cuda,
         # fusions need Apex/TE kernels; bias fusions are moot without biases
         persist_layer_norm=False,

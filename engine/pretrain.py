@@ -145,7 +145,7 @@ def run(cfg: PretrainConfig) -> int:
         tok = ByteTokenizer()
         _set_vocab(cfg, tok.vocab_size, "tokenizer")
         pad_id = tok.pad_id
-    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env())
+    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
 
     rt = init_runtime(cfg.parallel, cfg.train.seed)
     say = print if rt.is_main else (lambda *a, **k: None)

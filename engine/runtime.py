@@ -33,10 +33,23 @@ class Runtime:
         return self.rank == 0
 
 
-def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int) -> int:
-    """Check the parallel layout against the model and batch; returns the data-parallel size."""
+def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int,
+                    seq_length: int) -> int:
+    """Check the parallel layout against the model, batch and packed length (data.seq_length);
+    returns the data-parallel size."""
     if par.tp < 1 or par.pp < 1:
         raise ConfigError(f"parallel.tp={par.tp} and parallel.pp={par.pp} must be >= 1")
+    if par.sequence_parallel:
+        if par.tp < 2:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp={par.tp}): "
+                "it splits the sequence over the tensor-parallel ranks"
+            )
+        if seq_length % par.tp:
+            raise ConfigError(
+                f"parallel.sequence_parallel=true needs data.seq_length={seq_length} divisible by "
+                f"parallel.tp={par.tp}"
+            )
     if world_size % (par.tp * par.pp):
         raise ConfigError(
             f"world size {world_size} is not divisible by parallel.tp x parallel.pp = {par.tp} x {par.pp}"

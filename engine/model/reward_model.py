@@ -3,14 +3,44 @@
 The backbone is built with `post_process=False` on every stage, so it owns neither the final norm
 nor a vocabulary projection; the last pipeline stage adds the final RMSNorm and a zero-initialised
 `Linear(hidden, 1, bias=False)` value head, and reads them out only at the reward positions.
+
+With sequence parallelism (`config.sequence_parallel`) the backbone returns this TP rank's slice of
+the sequence, [s/tp, b, h]: each rank reads out the rewards whose rows it holds, and one TP
+all-reduce of the n rewards completes them (no gather of the hidden states). The final norm and
+the value head then see only local rows on each rank, so their parameters are marked
+`sequence_parallel` and megatron's finalize_model_grads sums their gradients over the TP group.
 """
 from __future__ import annotations
+
+import copy
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.module import MegatronModule
 
 from engine.model.readout import torch_reward_readout
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """The local spec's norm (megatron's WrappedTorchNorm builds a plain torch RMSNorm and refuses
+    sequence parallelism) with its weight marked for the TP gradient sum: under SP each rank
+    normalises only its own sequence slice, so its weight gradient is partial."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(normalized_shape=hidden_size, eps=eps)
+        self.weight.sequence_parallel = True
+
+
+def _sequence_parallel_spec(spec):
+    """The layer spec with megatron's torch norms swapped for SequenceParallelRMSNorm (the TE spec's
+    norms support SP themselves and are left alone)."""
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    spec = copy.deepcopy(spec)
+    for name in ("input_layernorm", "pre_mlp_layernorm"):
+        if getattr(spec.submodules, name, None) is WrappedTorchNorm:
+            setattr(spec.submodules, name, SequenceParallelRMSNorm)
+    return spec
 
 
 class RewardModel(MegatronModule):
@@ -23,6 +53,8 @@ class RewardModel(MegatronModule):
         # read by megatron's finalize_model_grads / DDP helpers
         self.share_embeddings_and_output_weights = False
         self.model_type = None
+        if config.sequence_parallel:
+            spec = _sequence_parallel_spec(spec)
         self.backbone = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -52,6 +84,11 @@ class RewardModel(MegatronModule):
             # POLAR: a new value head starts at zero, so every reward starts at 0 and the first
             # gradients flow only into the head
             torch.nn.init.zeros_(self.value_head.weight)
+            # under SP each TP rank computes these weights' gradients from its own rows only
+            # (reward rows and LM rows in its sequence slice); finalize_model_grads sums them over
+            # TP for parameters marked so (only when config.sequence_parallel)
+            self.final_norm.weight.sequence_parallel = config.sequence_parallel
+            self.value_head.weight.sequence_parallel = config.sequence_parallel
             self.lm_head = None
             if lm_head:
                 from megatron.core import tensor_parallel
@@ -70,12 +107,38 @@ class RewardModel(MegatronModule):
         hidden = self.backbone(input_ids=tokens, position_ids=None, attention_mask=layout)
         if not self.post_process:
             return hidden
-        rewards = self.readout(
-            hidden, reward_index, self.final_norm.weight, self.value_head.weight, self.final_norm.eps
-        )
+        if self.config.sequence_parallel:
+            rewards = self._sequence_parallel_readout(hidden, reward_index)
+        else:
+            rewards = self.readout(
+                hidden, reward_index, self.final_norm.weight, self.value_head.weight, self.final_norm.eps
+            )
         if self.lm_head is None:
             return rewards
         return torch.cat([rewards, self._next_token_loss_sum(hidden, tokens, layout).view(1)])
+
+    def _sequence_parallel_readout(self, hidden, reward_index):
+        """hidden [s/tp, b, h] (this rank's sequence slice), reward_index [n] flat bi*s + t over the
+        full sequence -> rewards [n], complete on every TP rank.
+
+        Each rank evaluates all n rows with its indices mapped into its slice; rows held by another
+        rank are clamped to a valid local row and then zeroed by torch.where, which also zeroes
+        their gradient. Device-side only: no mask indexing, so no host sync and a fixed shape."""
+        from megatron.core import parallel_state, tensor_parallel
+
+        s_local = hidden.shape[0]
+        start = parallel_state.get_tensor_model_parallel_rank() * s_local
+        s = s_local * parallel_state.get_tensor_model_parallel_world_size()
+        t = reward_index % s - start
+        local = (t >= 0) & (t < s_local)
+        local_index = (reward_index // s) * s_local + t.clamp(0, s_local - 1)
+        rewards = self.readout(
+            hidden, local_index, self.final_norm.weight, self.value_head.weight, self.final_norm.eps
+        )
+        rewards = torch.where(local, rewards, torch.zeros_like(rewards))
+        # forward: sum of the disjoint per-rank parts; backward: identity, so each rank's local
+        # rows get the loss gradient that every rank computes identically from the full rewards
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(rewards)
 
     def _next_token_loss_sum(self, hidden, tokens, layout):
         """Sum of next-token cross-entropy over the targets of engine.packing.next_token_mask."""
@@ -85,7 +148,11 @@ class RewardModel(MegatronModule):
 
         valid = next_token_mask(layout)
         targets = torch.where(valid, tokens[:, 1:], torch.zeros_like(tokens[:, 1:]))  # [b, s-1]
-        normed = self.final_norm(hidden[:-1])  # [s-1, b, h]
-        logits, _ = self.lm_head(normed)
+        # The norm runs on every row the rank holds (all of them, or its slice under SP) and the last
+        # position is dropped after the head: under SP, ColumnParallelLinear all-gathers its input
+        # along the sequence, so the logits cover the full sequence and line up with `targets`.
+        normed = self.final_norm(hidden)  # [s, b, h], or [s/tp, b, h] under SP
+        logits, _ = self.lm_head(normed)  # [s, b, vocab/tp]
+        logits = logits[:-1]
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())
         return (losses * valid.t().to(losses.dtype)).sum()

@@ -59,7 +59,7 @@ def main():
     from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
     from engine.trainer import Trainer
 
-    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env())
+    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
     data = PackedGroups(random_groups(7, 60, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
     trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)

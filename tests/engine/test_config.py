@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
@@ -53,4 +55,20 @@ def test_presets_load():
 ])
 def test_impossible_layouts_stop_with_the_setting(model, par, train, world, needle):
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
-        validate_layout(ModelConfig(**model), ParallelConfig(**par), TrainConfig(**train), world)
+        validate_layout(ModelConfig(**model), ParallelConfig(**par), TrainConfig(**train), world, 1024)
+
+
+@pytest.mark.parametrize("par,seq_length,needle", [
+    (dict(sequence_parallel=True), 64, "parallel.sequence_parallel=true needs parallel.tp > 1 (got parallel.tp=1)"),
+    (dict(tp=2, sequence_parallel=True), 63,
+     "parallel.sequence_parallel=true needs data.seq_length=63 divisible by parallel.tp=2"),
+])
+def test_sequence_parallel_refusals_name_the_settings(par, seq_length, needle):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        validate_layout(ModelConfig(), ParallelConfig(**par), TrainConfig(), 2, seq_length)
+
+
+def test_sequence_parallel_accepted_with_tp_dividing_the_sequence():
+    assert validate_layout(ModelConfig(), ParallelConfig(tp=2, sequence_parallel=True), TrainConfig(), 4, 64) == 2
+    # without sequence parallelism the sequence length is not constrained by tp
+    assert validate_layout(ModelConfig(), ParallelConfig(tp=2), TrainConfig(), 2, 63) == 1

@@ -69,6 +69,10 @@ LAYOUTS = {
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
     "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     "dp2_distributed_optimizer": (2, ["parallel.distributed_optimizer=true"]),
+    # the worker's defaults keep the auxiliary LM loss on, so this also covers the LM head under SP
+    "tp2_sequence_parallel": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # pipeline stages exchange the sequence-sharded [s/tp, b, h] activations
+    "tp2_pp2_sequence_parallel": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
 }
 
 
@@ -80,6 +84,23 @@ def test_layout_matches_single_process(reference, name):
     assert_same_run(ref, got)
     assert got["eval"]["pair_accuracy"] == pytest.approx(ref["eval"]["pair_accuracy"], abs=1e-9)
     assert got["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=RTOL)
+
+
+def test_sequence_parallel_data_puts_reward_rows_on_both_shards():
+    """tp2_sequence_parallel only tests the cross-shard readout if, within one micro-batch, reward
+    rows fall in both halves of the sequence; checked on the batches the parity run trains on."""
+    from engine.config import EngineConfig
+    from engine.data import GlobalBatchLoader, PackedGroups
+    from tests.engine.dist_worker import random_groups
+
+    seq_length, vocab = 64, 64  # dist_worker's defaults
+    data = PackedGroups(random_groups(7, 60, vocab, seq_length), seq_length)
+    loader = GlobalBatchLoader(data, global_batch=4, micro_batch=1, dp_rank=0, dp_size=1,
+                               seed=EngineConfig().train.seed, pad_id=0)
+    for _ in range(STEPS):
+        for mb in loader.next_microbatches():
+            t = (mb.reward_index % seq_length).tolist()
+            assert min(t) < seq_length // 2 <= max(t), t
 
 
 @pytest.mark.parametrize(
