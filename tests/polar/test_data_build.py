@@ -199,3 +199,36 @@ def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2
     assert f"data.seq_length={SEQ}, but data.path={tmp_path / 'ds'} is packed at 1024" in proc.stderr
+
+
+def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path, records):
+    """With a BPE that merges across the prompt/response boundary, every group is what
+    encode_groups gives for that tokenizer (each candidate's whole input tokenized at once), the
+    metadata carries its vocabulary and special ids, and pretrain.py trains on it."""
+    from polar.tokenizer import load_tokenizer
+    from tests.polar.test_tokenizer import train_bpe
+
+    tok_dir = train_bpe(tmp_path / "bpe")
+    tok = load_tokenizer(tok_dir)
+    recs = records[:40]
+    src = write_jsonl(tmp_path / "r.jsonl", recs)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir, "--workers", 2,
+                 "--chunk-records", 16) == 0
+    ds = IndexedDataset(tmp_path / "ds")
+    m = ds.meta
+    assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (
+        tok.vocab_size, tok.pad_id, tok.bos_id, tok.reward_token_id)
+    assert m["tokenizer"] == tok_dir
+    seen = 0
+    for i in range(len(ds)):
+        for g, rid in zip(ds.sequences([i])[0], ds.sources(i)):
+            rec = recs[rid]
+            cands = [c["text"] for c in rec["candidates"]] if "candidates" in rec else [rec["chosen"], rec["rejected"]]
+            enc = encode_groups(tok, [rec["prompt"]], [rec["reference"]], [cands], rec.get("wrapper", "sft"),
+                                max_length=SEQ)[0]
+            for k, cand in enumerate(g.candidates):
+                np.testing.assert_array_equal(np.concatenate([g.prefix, cand]), enc.full(k))
+            seen += 1
+    assert seen == len(recs)
+    summary = pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.steps=2")
+    assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in summary["history"])
