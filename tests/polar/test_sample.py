@@ -10,9 +10,11 @@ import pytest
 import yaml
 
 from polar import sample
-from polar.sample import read_done_ids, request_seed, token_prefix, truncate_loop
+from polar.prompt_sources import token_prefix
+from polar.repetition import truncate_loop
+from polar.sample import read_done_ids, request_seed
 from polar.tokenizer import ByteTokenizer
-from tests.polar.openai_server import LOOP_CHUNK, FakeOpenAIServer, closed_port, fake_loop_text, fake_text
+from tests.polar.openai_server import FakeOpenAIServer, closed_port, fake_loop_text, fake_text
 
 MODELS = {"base-a": "ok", "base-b": "ok", "chatty": "ok", "looper": "loop", "broken": "fail"}
 GOOD = {"base-a", "base-b", "chatty", "looper"}

@@ -1,0 +1,151 @@
+"""Where `polar sample`'s prompts come from: corpus documents read by byte offset, cut to a random
+number of tokens at a token boundary, or whole instruction prompts; each a function of (seed, i)."""
+from __future__ import annotations
+
+import json
+import random
+from array import array
+from dataclasses import dataclass
+
+from polar.format import as_text
+
+
+class SampleError(ValueError):
+    """Bad input or settings; the message names the file, line and field where there is one."""
+
+
+class TextSource:
+    """Documents of one or more files, read by byte offset so a large corpus is not held in memory.
+
+    `fmt` is "text" (one document per line) or "jsonl" (the document in `text_field`, a string or
+    a message list). Every line is checked once at start-up, so a bad line stops the run before any
+    request is sent. Blank lines / empty texts are not documents (a prefix needs one token); they are
+    counted in `empty`, not dropped silently.
+    """
+
+    def __init__(self, paths: list[str], fmt: str, text_field: str):
+        self.paths, self.fmt, self.text_field = list(paths), fmt, text_field
+        self._file = array("i")
+        self._line = array("q")
+        self._offset = array("q")
+        self.empty = 0
+        self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.endswith((".jsonl", ".json")) else "text")
+                       for p in self.paths]
+        for k, path in enumerate(self.paths):
+            self._scan(k, path, self._kinds[k])
+        self._handles: dict[int, object] = {}
+
+    def _scan(self, k: int, path: str, kind: str) -> None:
+        try:
+            f = open(path, "rb")
+        except OSError as e:
+            raise SampleError(f"{path}: cannot read: {e.strerror or e}") from None
+        with f:
+            offset = 0
+            for line_no, raw in enumerate(f, 1):
+                text = self._parse(raw, path, line_no, kind)
+                if text.strip():
+                    self._file.append(k)
+                    self._line.append(line_no)
+                    self._offset.append(offset)
+                else:
+                    self.empty += 1
+                offset += len(raw)
+
+    def _parse(self, raw: bytes, path: str, line_no: int, kind: str) -> str:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise SampleError(f"{path}:{line_no}: not valid UTF-8 (byte {e.start} of the line)") from None
+        if kind == "text":
+            return line.rstrip("\r\n")
+        if not line.strip():
+            return ""
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise SampleError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
+        if self.text_field not in rec:
+            raise SampleError(f"{path}:{line_no}: field '{self.text_field}' is missing "
+                              f"(fields: {', '.join(sorted(rec)[:10])})")
+        try:
+            return as_text(rec[self.text_field])
+        except TypeError as e:
+            raise SampleError(f"{path}:{line_no}: field '{self.text_field}': {e}") from None
+
+    def __len__(self) -> int:
+        return len(self._offset)
+
+    def get(self, d: int) -> tuple[str, str]:
+        """(text, "file:line") of document d."""
+        k = self._file[d]
+        f = self._handles.get(k)
+        if f is None:
+            f = self._handles[k] = open(self.paths[k], "rb")
+        f.seek(self._offset[d])
+        raw = f.readline()
+        return self._parse(raw, self.paths[k], self._line[d], self._kinds[k]), f"{self.paths[k]}:{self._line[d]}"
+
+    def close(self) -> None:
+        for f in self._handles.values():
+            f.close()
+        self._handles.clear()
+
+
+def token_prefix(tokenizer, text: str, n_tokens: int) -> tuple[str, int]:
+    """The first `n_tokens` tokens of `text`, decoded, and how many tokens were kept.
+
+    Only a head of the text is tokenized (grown until it holds more than n tokens), since a
+    document can be far longer than the longest prefix. If the cut splits a character (a byte
+    tokenizer inside a multi-byte character, a byte-fallback BPE), the decoded text ends in U+FFFD:
+    the cut moves back to the previous whole character, or forward when there is none before.
+    """
+    chunk = max(64, 8 * n_tokens)
+    while True:
+        head = text[:chunk]
+        ids = tokenizer.encode(head)
+        if len(ids) > n_tokens or len(head) == len(text):
+            break
+        chunk *= 4
+    if len(ids) <= n_tokens:
+        return text, len(ids)
+
+    def whole(k: int) -> str | None:
+        s = tokenizer.decode(ids[:k])
+        return s if not s.endswith("\ufffd") or text.startswith(s) else None
+
+    for k in list(range(n_tokens, 0, -1)) + list(range(n_tokens + 1, len(ids) + 1)):
+        s = whole(k)
+        if s:
+            return s, k
+    return text, len(tokenizer.encode(text))
+
+
+@dataclass
+class PromptInfo:
+    text: str
+    source: str  # "corpus" or "instruction"
+    doc: str  # "file:line"
+    tokens: int
+
+
+class PromptMaker:
+    def __init__(self, seed: int, tokenizer, corpus: TextSource, instructions: TextSource | None,
+                 instruction_share: float, min_tokens: int, max_tokens: int):
+        self.seed, self.tokenizer = seed, tokenizer
+        self.corpus, self.instructions, self.share = corpus, instructions, instruction_share
+        self.min_tokens, self.max_tokens = min_tokens, max_tokens
+
+    def make(self, i: int) -> PromptInfo:
+        # A string seed goes through SHA-512 in `random`: the same draws on every Python and machine.
+        rng = random.Random(f"polar-sample/{self.seed}/prompt/{i}")
+        instruction = self.instructions is not None and rng.random() < self.share
+        n_tokens = rng.randint(self.min_tokens, self.max_tokens)
+        src = self.instructions if instruction else self.corpus
+        text, doc = src.get(rng.randrange(len(src)))
+        if instruction:
+            return PromptInfo(text, "instruction", doc, len(self.tokenizer.encode(text)))
+        prefix, kept = token_prefix(self.tokenizer, text, n_tokens)
+        return PromptInfo(prefix, "corpus", doc, kept)

@@ -1,0 +1,37 @@
+"""Repetition loops at the end of sampled text (POLAR.md section 6: truncated, not removed)."""
+from __future__ import annotations
+
+
+def truncate_loop(text: str, min_repeats: int = 4, min_chars: int = 32) -> tuple[str, int]:
+    """Cut a trailing repetition loop down to one occurrence; returns (text, characters removed).
+
+    The rule: take the smallest period p such that the last max(min_repeats * p, min_chars)
+    characters repeat with period p (the text ends in at least `min_repeats` copies of one chunk,
+    spanning at least `min_chars`, so "haha" or "..." endings are left alone). Extend that periodic
+    run back as far as it goes and keep only its first p characters: the chunk as it first
+    appeared. A trailing partial copy (generation stopped mid-chunk by max_tokens) is part of the
+    run and goes too. The kept copy can be a rotation of the chunk: where the text before the loop
+    ends like the chunk does ("... done. " before "again we go. again we go. ..."), the run starts
+    those characters early and the cut moves back with it. The check repeats on the result, since a loop can sit inside a longer loop.
+    Periods and lengths are in characters, so the rule does not depend on the policy's tokenizer.
+    """
+    removed = 0
+    while True:
+        n = len(text)
+        cut = None
+        for p in range(1, n // min_repeats + 1):
+            need = max(min_repeats * p, min_chars)
+            if need > n:
+                break
+            # Cheap test of the last character first: most periods fail it.
+            if text[-1] != text[-1 - p] or text[n - need:n - p] != text[n - need + p:]:
+                continue
+            start = n - need
+            while start > 0 and text[start - 1] == text[start - 1 + p]:
+                start -= 1
+            cut = start + p
+            break
+        if cut is None:
+            return text, removed
+        removed += n - cut
+        text = text[:cut]
