@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.packing import collate
-from tests.engine.model.test_reward_model import build_model, random_groups, unpacked_reward
+from tests.engine.model.test_reward_model import build_model, random_groups
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
