@@ -163,7 +163,7 @@ def run(peaks: dict, quick: bool) -> list[dict]:
     if not cuda and not (quick and interpreting):
         return [dict(kernel=KERNEL, shape="-", impl="all", ms=None, tflops=None, frac_peak=None,
                      note="needs CUDA (quick=True with TRITON_INTERPRET=1 runs a CPU smoke test of the script)")]
-    from engine.kernels.shared_prefix_attention import attention_flops
+    from engine.kernels.attention_schedule import attention_flops
 
     device = torch.device("cuda" if cuda else "cpu")
     dtype = torch.bfloat16 if cuda else torch.float32

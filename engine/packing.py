@@ -220,6 +220,31 @@ def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> Packe
     )
 
 
+class LayoutCache:
+    """Values derived from a layout tensor (masks, RoPE angles, kernel schedules), built once per
+    layout: every layer of one forward sees the same layout object. The `layouts` most recent
+    layout tensors keep their values (with pipelining, several micro-batches are in flight at once).
+    Entries hold the layout itself, so its id is never reused while they live; the version counter
+    catches in-place edits."""
+
+    def __init__(self, layouts: int = 1):
+        self.layouts = layouts
+        self.entries: list = []  # (layout, version, {key: value}), most recent first
+
+    def get(self, layout: torch.Tensor, key, build):
+        values = None
+        for entry in self.entries:
+            if entry[0] is layout and entry[1] == layout._version:
+                values = entry[2]
+                break
+        if values is None:
+            values = {}
+            self.entries = [(layout, layout._version, values)] + self.entries[: self.layouts - 1]
+        if key not in values:
+            values[key] = build()
+        return values[key]
+
+
 def next_token_mask(layout: torch.Tensor) -> torch.Tensor:
     """layout int [b, 3, L] -> bool [b, L-1]: position t predicts token t+1, i.e. t+1 continues the
     same piece (the prefix, or the same candidate) of the same group. The token after a prefix is

@@ -17,8 +17,8 @@ which is `engine.packing.dense_mask` for such layouts. Per head, with s_ij = sca
 with every sum over visible pairs only, accumulated in fp32 (online softmax in the forward).
 
 Tiling and skipping. A forward program owns BLOCK_M queries of one (row, head) and visits only the
-key tiles of two ranges computed on the device from the layout (`_metadata`, vectorised, cached per
-layout tensor): the group prefix its candidate queries read, [min group start, max prefix end), and
+key tiles of two ranges computed on the device from the layout (`attention_schedule.py`, cached
+per layout tensor): the group prefix its candidate queries read, [min group start, max prefix end), and
 its own causal span [min piece start, tile end); one range when they touch. A sibling candidate's or
 another group's tile is never visited, except inside a tile that straddles a piece boundary, where
 the elementwise mask applies. The dK/dV program owns BLOCK_N keys of one KV head and visits the query
@@ -29,9 +29,10 @@ Determinism. dq is accumulated either by fp32 atomics from the dK/dV program (fa
 per visited tile pair; the summation order, so the last bits, vary between runs) or by a separate dQ
 program that walks the forward's key ranges again (deterministic: 7 matmuls, no atomics anywhere).
 
-FLOPs (`attention_flops`): the forward does 4 * d * pairs per query head (QK^T and PV, a multiply
-and an add each), the backward 2.5 times that (five matmuls against two, recomputation not counted),
-where pairs is the number of visible (query, key) pairs, padding excluded.
+FLOPs (`attention_schedule.attention_flops`): the forward does 4 * d * pairs per query head (QK^T
+and PV, a multiply and an add each), the backward 2.5 times that (five matmuls against two,
+recomputation not counted), where pairs is the number of visible (query, key) pairs, padding
+excluded.
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from engine.kernels.attention_schedule import key_schedule, query_schedule, token_metadata
+from engine.packing import LayoutCache
 
 _LOG2E = 1.4426950408889634
 
@@ -83,7 +87,7 @@ def _query_pieces(PIECE, bi, L, offs_m, row_ok):
 
 @triton.jit
 def _key_ranges(SCHED, tile):
-    # a query tile's key tiles: [a0, a0 + n_a) then [b0, ...), n_total in all (_query_schedule)
+    # a query tile's key tiles: [a0, a0 + n_a) then [b0, ...), n_total in all (query_schedule)
     a0 = tl.load(SCHED + tile * 4)
     n_a = tl.load(SCHED + tile * 4 + 1) - a0
     b0 = tl.load(SCHED + tile * 4 + 2)
@@ -105,6 +109,18 @@ def _key_tile(it, a0, n_a, b0, k_base, v_base, sk_s, sv_s, PIECE, bi, L, offs_d,
 
 
 @triton.jit
+def _query_program(n_qt, HQ, GROUP: tl.constexpr, L, BLOCK_M: tl.constexpr):
+    # (query tile, row x head) of this program; the heaviest query tiles (late in the sequence:
+    # longest causal span) start first
+    qt = n_qt - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    bi = bh // HQ
+    h = bh % HQ
+    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    return qt, bh, bi, h, h // GROUP, offs_m, offs_m < L
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, O, LSE, PIECE, SCHED, scale_log2,
     sq_s, sq_b, sq_h, sk_s, sk_b, sk_h, sv_s, sv_b, sv_h, so_s, so_b, so_h,
@@ -112,15 +128,8 @@ def _fwd_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    # the heaviest query tiles (late in the sequence: longest causal span) start first
-    qt = n_qt - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    bi = bh // HQ
-    h = bh % HQ
-    hk = h // GROUP
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qt, bh, bi, h, hk, offs_m, row_ok = _query_program(n_qt, HQ, GROUP, L, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
     q = _load_rows(Q + bi * sq_b + h * sq_h, offs_m, sq_s, offs_d, row_ok, DOT_F32)
     pid_q, ppid_q = _query_pieces(PIECE, bi, L, offs_m, row_ok)
     a0, n_a, b0, n_total = _key_ranges(SCHED, bi * n_qt + qt)
@@ -225,14 +234,8 @@ def _bwd_dq_kernel(
     GROUP: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr, PREC: tl.constexpr,
 ):
-    qt = n_qt - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    bi = bh // HQ
-    h = bh % HQ
-    hk = h // GROUP
-    offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    qt, bh, bi, h, hk, offs_m, row_ok = _query_program(n_qt, HQ, GROUP, L, BLOCK_M)
     offs_d = tl.arange(0, D)
-    row_ok = offs_m < L
     q = _load_rows(Q + bi * sq_b + h * sq_h, offs_m, sq_s, offs_d, row_ok, DOT_F32)
     do = _load_rows(DO + bi * sd_b + h * sd_h, offs_m, sd_s, offs_d, row_ok, DOT_F32)
     lse = tl.load(LSE + bh * L + offs_m, mask=row_ok, other=0.0)
@@ -254,117 +257,19 @@ def _bwd_dq_kernel(
              (dq * scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
 
 
-# ---- metadata: pieces and tile schedules, on the device, no host sync ---------------------------
-
-def _starts_to_spans(is_start: torch.Tensor):
-    """Per token, the start and end (exclusive) of the run it belongs to, given run-start flags [b, L]."""
-    b, L = is_start.shape
-    idx = torch.arange(L, device=is_start.device, dtype=torch.int32).expand(b, L)
-    start = torch.where(is_start, idx, torch.zeros_like(idx)).cummax(dim=1).values
-    # the next run's start after token i, found as a suffix minimum
-    nxt = torch.full_like(idx, L)
-    nxt[:, :-1] = torch.where(is_start[:, 1:], idx[:, 1:], torch.full_like(idx[:, 1:], L))
-    end = nxt.flip(1).cummin(dim=1).values.flip(1)
-    return start, end
-
-
-def _token_metadata(layout: torch.Tensor) -> dict:
-    """Per-token piece ids and spans [b, L] (int32) from the layout, vectorised."""
-    seg = layout[:, 1].to(torch.int32)
-    cand = layout[:, 2].to(torch.int32)
-    b, L = seg.shape
-    pad = seg < 0
-    changes = torch.ones_like(pad)
-    changes[:, 1:] = (seg[:, 1:] != seg[:, :-1]) | (cand[:, 1:] != cand[:, :-1])
-    piece_start_flag = changes | pad  # every padding token is a piece of its own
-    group_start_flag = torch.ones_like(pad)
-    group_start_flag[:, 1:] = seg[:, 1:] != seg[:, :-1]
-    group_start_flag |= pad
-    piece_start, piece_end = _starts_to_spans(piece_start_flag)
-    group_start, group_end = _starts_to_spans(group_start_flag)
-    pid = piece_start_flag.to(torch.int32).cumsum(1, dtype=torch.int32) - 1
-    # the group's first piece is its prefix unless the prefix is empty (then the group starts with candidate 1)
-    first_is_prefix = cand.gather(1, group_start.long()) == 0
-    prefix_end = torch.where(first_is_prefix, piece_end.gather(1, group_start.long()), group_start)
-    is_cand = (cand != 0) & ~pad
-    ppid = torch.where(is_cand & first_is_prefix, pid.gather(1, group_start.long()), pid)
-    is_prefix = (cand == 0) & ~pad
-    return dict(pid=pid, ppid=ppid, piece_start=piece_start, piece_end=piece_end, group_start=group_start,
-                group_end=group_end, prefix_end=prefix_end, is_cand=is_cand, is_prefix=is_prefix, pad=pad)
-
-
-def _tile_reduce(x: torch.Tensor, block: int, fill: int, op: str) -> torch.Tensor:
-    b, L = x.shape
-    n = triton.cdiv(L, block)
-    padded = torch.full((b, n * block), fill, device=x.device, dtype=x.dtype)
-    padded[:, :L] = x
-    tiles = padded.view(b, n, block)
-    return tiles.amin(2) if op == "min" else tiles.amax(2)
-
-
-def _query_schedule(meta: dict, L: int, block_m: int, block_n: int) -> torch.Tensor:
-    """[b, n_qtiles, 4] int32: key-tile ranges [a0, a1) then [b0, b1) each query tile visits."""
-    is_cand = meta["is_cand"]
-    lo1 = _tile_reduce(torch.where(is_cand, meta["group_start"], L), block_m, L, "min")
-    hi1 = _tile_reduce(torch.where(is_cand, meta["prefix_end"], 0), block_m, 0, "max")
-    lo2 = _tile_reduce(meta["piece_start"], block_m, L, "min")
-    n_qt = lo2.shape[1]
-    tile_end = (torch.arange(1, n_qt + 1, device=lo2.device, dtype=torch.int32) * block_m).clamp(max=L)
-    b1 = (tile_end + block_n - 1) // block_n
-    b0 = lo2 // block_n
-    a0 = lo1 // block_n
-    a1 = (hi1 + block_n - 1) // block_n
-    has_a = hi1 > lo1
-    merged = has_a & (a1 >= b0)
-    b0 = torch.where(merged, torch.minimum(a0, b0), b0)
-    keep_a = has_a & ~merged
-    a0 = torch.where(keep_a, a0, 0)
-    a1 = torch.where(keep_a, a1, 0)
-    return torch.stack([a0, a1, b0, b1.expand_as(b0)], dim=2).to(torch.int32).contiguous()
-
-
-def _key_schedule(meta: dict, L: int, block_m: int, block_n: int) -> torch.Tensor:
-    """[b, n_ktiles, 2] int32: query-tile range [lo, hi) each key tile is seen by."""
-    # a prefix key is read by its group up to the group's end, a candidate's key by its own candidate
-    q_end = torch.where(meta["is_prefix"], meta["group_end"], meta["piece_end"])
-    hi = _tile_reduce(q_end, block_n, 0, "max")
-    n_kt = hi.shape[1]
-    lo = torch.arange(n_kt, device=hi.device, dtype=torch.int32) * block_n // block_m
-    hi = (hi + block_m - 1) // block_m
-    return torch.stack([lo.expand_as(hi), hi], dim=2).to(torch.int32).contiguous()
-
-
-class _LayoutCache:
-    """Metadata per layout tensor. Every layer of a forward sees the same layout object, and with
-    pipelining a few micro-batches are in flight at once, so a handful of entries are kept. Entries
-    hold the layout itself, so an id is never reused while its entry lives; the version counter
-    catches in-place edits."""
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        self.entries: list = []
-
-    def get(self, layout: torch.Tensor, key, build):
-        for entry in self.entries:
-            if entry[0] is layout and entry[1] == layout._version and entry[2] == key:
-                return entry[3]
-        value = build()
-        self.entries = [(layout, layout._version, key, value)] + self.entries[: self.size - 1]
-        return value
-
-
-_cache = _LayoutCache()
+# a handful of layouts: with pipelining several micro-batches are in flight at once
+_cache = LayoutCache(layouts=8)
 
 
 def _metadata(layout: torch.Tensor, blocks: "_Blocks") -> dict:
     def build():
         L = layout.shape[-1]
-        meta = _token_metadata(layout)
+        meta = token_metadata(layout)
         return dict(
             piece=torch.stack([meta["pid"], meta["ppid"]], dim=1).contiguous(),  # [b, 2, L]
-            fwd=_query_schedule(meta, L, blocks.fwd_m, blocks.fwd_n),
-            dq=_query_schedule(meta, L, blocks.bwd_m, blocks.bwd_n),
-            dkdv=_key_schedule(meta, L, blocks.bwd_m, blocks.bwd_n),
+            fwd=query_schedule(meta, L, blocks.fwd_m, blocks.fwd_n),
+            dq=query_schedule(meta, L, blocks.bwd_m, blocks.bwd_n),
+            dkdv=key_schedule(meta, L, blocks.bwd_m, blocks.bwd_n),
         )
 
     if torch.compiler.is_compiling():
@@ -576,38 +481,3 @@ def available() -> tuple[bool, str]:
     if major < 8:
         return False, f"the Triton attention needs compute capability 8.0 or newer, found {major}.x"
     return True, "CUDA"
-
-
-# ---- schedule and FLOPs, for tests and benchmarks -----------------------------------------------
-
-def tile_schedule(layout: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which tiles the kernels visit, as bool matrices: forward / dQ [b, n_qtiles, n_ktiles] (query tile
-    visits key tile) and dK/dV [b, n_ktiles, n_qtiles] (key tile visits query tile), for tiles of
-    block_m queries and block_n keys."""
-    L = layout.shape[-1]
-    meta = _token_metadata(layout)
-    fwd = _query_schedule(meta, L, block_m, block_n).long()
-    kv = _key_schedule(meta, L, block_m, block_n).long()
-    n_qt, n_kt = fwd.shape[1], kv.shape[1]
-    kt = torch.arange(n_kt, device=layout.device)
-    qt = torch.arange(n_qt, device=layout.device)
-    a0, a1, b0, b1 = (fwd[..., i, None] for i in range(4))
-    q_visits = ((kt >= a0) & (kt < a1)) | ((kt >= b0) & (kt < b1))
-    k_visits = (qt >= kv[..., 0, None]) & (qt < kv[..., 1, None])
-    return q_visits, k_visits
-
-
-def visible_pairs(layout: torch.Tensor) -> torch.Tensor:
-    """Number of visible (query, key) pairs per row [b] (int64), padding excluded; no dense mask."""
-    meta = _token_metadata(layout)
-    L = layout.shape[-1]
-    i = torch.arange(L, device=layout.device, dtype=torch.int64)
-    own = i - meta["piece_start"].long() + 1
-    prefix = torch.where(meta["is_cand"], (meta["prefix_end"] - meta["group_start"]).long(), 0)
-    return torch.where(meta["pad"], 0, own + prefix).sum(1)
-
-
-def attention_flops(layout: torch.Tensor, num_heads: int, head_dim: int, backward: bool = True) -> int:
-    """Useful FLOPs of one forward (+ backward): 4 * d * pairs * hq, times 3.5 with the backward (2.5x)."""
-    fwd = 4 * head_dim * int(visible_pairs(layout).sum()) * num_heads
-    return int(fwd * 3.5) if backward else fwd

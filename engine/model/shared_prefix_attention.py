@@ -26,24 +26,10 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from engine.model.rope import apply_rope, rope_cos_sin
-from engine.packing import POSITION, dense_mask
+from engine.packing import POSITION, LayoutCache, dense_mask
 
-class _PerLayoutCache:
-    """Every layer of one forward sees the same layout tensor: build its mask and RoPE angles once."""
-
-    def __init__(self):
-        self.layout = None
-        self.values: dict = {}
-
-    def get(self, layout: torch.Tensor, key, build):
-        if layout is not self.layout:
-            self.layout, self.values = layout, {}
-        if key not in self.values:
-            self.values[key] = build()
-        return self.values[key]
-
-
-_cache = _PerLayoutCache()
+# one layout only: the dense mask it keeps is O(L^2)
+_cache = LayoutCache(layouts=1)
 
 
 def torch_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torch.Tensor:

@@ -3,7 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.packing import CANDIDATE, POSITION, SEGMENT, Group, PackedBatch, collate, dense_mask, plan_sequences
+from engine.packing import (
+    CANDIDATE, POSITION, SEGMENT, Group, LayoutCache, PackedBatch, collate, dense_mask, plan_sequences,
+)
 
 P = 0  # pad id; no real token below uses it
 
@@ -196,3 +198,20 @@ def test_to_moves_every_tensor():
     assert isinstance(moved, PackedBatch) and moved.num_groups == b.num_groups
     for name in ("tokens", "layout", "reward_index", "cand_group", "labels", "pair_pos", "pair_neg"):
         assert torch.equal(getattr(moved, name), getattr(b, name))
+
+
+def test_layout_cache_builds_once_per_layout_and_keeps_the_most_recent():
+    builds = []
+    cache = LayoutCache(layouts=2)
+
+    def get(layout, key):
+        return cache.get(layout, key, lambda: builds.append((id(layout), key)) or len(builds))
+
+    a, b, c = (torch.zeros(1, 3, 4, dtype=torch.int32) for _ in range(3))
+    assert get(a, "mask") == get(a, "mask") == 1 and get(a, "rope") == 2  # once per (layout, key)
+    get(b, "mask")
+    assert get(a, "mask") == 1  # two layouts are kept
+    get(c, "mask")  # a is now the oldest of three: dropped
+    assert get(a, "mask") == 5 and len(builds) == 5
+    a.add_(1)  # an in-place edit is a new layout
+    assert get(a, "mask") == 6

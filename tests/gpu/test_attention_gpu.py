@@ -12,8 +12,11 @@ import pytest
 import torch
 
 from engine.kernels import shared_prefix_attention as spa
+from engine.kernels.attention_schedule import tile_schedule
 from engine.packing import collate
-from tests.engine.kernels.attention_cases import NAMES, random_group, reference, rel_err, run
+from tests.engine.kernels.attention_cases import (
+    NAMES, poison, random_group, reference, rel_err, run, tile_aligned_case,
+)
 
 
 
@@ -90,30 +93,22 @@ def test_deterministic_backward_is_bit_identical_and_atomics_close():
 
 def test_never_visited_tiles_can_hold_nan():
     """Pieces aligned to the GPU tiles (128-token query tiles, 64-token key tiles)."""
-    rng = np.random.default_rng(5)
-    g1 = random_group(rng, 256, [128, 256, 128])  # prefix 0:256, cand 1 256:384, cand 2 384:640, cand 3 640:768
-    g2 = random_group(rng, 128, [128, 128])       # 768:1152
-    layout = collate([[g1, g2]], 1280, pad_id=0).layout.cuda()
+    layout, sibling, other, rows = tile_aligned_case(np.random.default_rng(5), 128)
+    layout = layout.cuda()
     q, k, v, grad = _inputs(6, layout, 8, 2, 128)
     ref = run(reference, q, k, v, grad, layout, torch.float64)
-    qp, kp, vp = q.clone(), k.clone(), v.clone()
-    kp[384:640] = float("nan")
-    vp[384:640] = float("nan")
-    for t in (qp, kp, vp):
-        t[768:1152] = float("nan")
+    poisoned = poison(q, k, v, sibling, other)
     for deterministic in (False, True):
-        got = run(spa.shared_prefix_attention, qp, kp, vp, grad, layout, torch.bfloat16, deterministic=deterministic)
-        seen = torch.cat([torch.arange(0, 384), torch.arange(640, 768)]).cuda()
-        own = torch.cat([torch.arange(256, 384), torch.arange(640, 768)]).cuda()
+        got = run(spa.shared_prefix_attention, *poisoned, grad, layout, torch.bfloat16, deterministic=deterministic)
         for name, g, r in zip(NAMES, got, ref):
-            rows = own if name in ("dk", "dv") else seen
-            assert rel_err(g[rows], r[rows]) < 2e-2, name
+            idx = rows[name].cuda()
+            assert rel_err(g[idx], r[idx]) < 2e-2, name
 
 
 def test_schedule_skips_on_real_tiles():
     layout = _layout(7, b=1, seq=8192, k_max=8)
     blocks = spa._blocks(128, torch.device("cuda"))
-    q_visits, _ = spa.tile_schedule(layout, blocks.fwd_m, blocks.fwd_n)
+    q_visits, _ = tile_schedule(layout, blocks.fwd_m, blocks.fwd_n)
     n_q, n_k = q_visits.shape[1:]
     causal = sum(min(n_k, -(-(i + 1) * blocks.fwd_m // blocks.fwd_n)) for i in range(n_q))
     assert q_visits.sum().item() < 0.5 * causal  # most causal tiles lie between groups or siblings

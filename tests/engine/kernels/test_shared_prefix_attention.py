@@ -18,8 +18,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from engine.kernels import shared_prefix_attention as spa  # noqa: E402
-from engine.packing import collate, dense_mask  # noqa: E402
-from tests.engine.kernels.attention_cases import NAMES, random_group, reference, rel_err, run  # noqa: E402
+from engine.packing import collate  # noqa: E402
+from tests.engine.kernels.attention_cases import (  # noqa: E402
+    NAMES, poison, random_group, random_layout, reference, rel_err, run, tile_aligned_case,
+)
 
 REPO = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
 
@@ -32,17 +34,6 @@ def poisoned_buffers(monkeypatch):
 
 
 
-
-def _random_layout(seed, b, n_groups, k_range=(2, 5), p_max=20, c_max=10, pad_max=8):
-    """b rows of ragged groups (prefix and candidate lengths from 1, some rows filled exactly)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for _ in range(b):
-        rows.append([random_group(rng, int(rng.integers(1, p_max + 1)),
-                           [int(rng.integers(1, c_max + 1)) for _ in range(int(rng.integers(*k_range)))])
-                     for _ in range(n_groups)])
-    longest = max(sum(len(g) for g in row) for row in rows)
-    return collate(rows, longest + int(rng.integers(0, pad_max + 1)), pad_id=0).layout
 
 
 
@@ -83,7 +74,7 @@ def _patch_blocks(monkeypatch, blocks):
 def test_fp32_matches_float64_reference(monkeypatch, case, deterministic):
     seed, b, n_groups, k_range, hq, hkv, d, blocks = case
     _patch_blocks(monkeypatch, blocks)
-    layout = _random_layout(seed, b, n_groups, k_range, p_max=20, c_max=8)
+    layout = random_layout(seed, b, n_groups, k_range, p_max=20, c_max=8)
     if deterministic:  # fewer sizes for the second path: the first covers the shapes
         layout = layout[:1].contiguous()
     q, k, v, grad = _inputs(100 + seed, layout, hq, hkv, d)
@@ -113,7 +104,7 @@ def test_low_precision_within_twice_torch_error(dtype, d):
     interpreter runs the dots in fp32, so this checks the dtype handling, not tensor-core rounding).
     dq gets three times: delta = do . o uses the output rounded to the input dtype, as FlashAttention
     does (keeping an fp32 output for it would cost memory); in bf16 that alone doubles dq's error."""
-    layout = _random_layout(20 + d, 2, 2, (2, 4), p_max=16, c_max=8)
+    layout = random_layout(20 + d, 2, 2, (2, 4), p_max=16, c_max=8)
     q, k, v, grad = _inputs(d, layout, 4, 2, d)
     ref = run(reference, q, k, v, grad, layout, torch.float64)
     low = run(reference, q, k, v, grad, layout, dtype)
@@ -127,92 +118,28 @@ def test_low_precision_within_twice_torch_error(dtype, d):
 
 # ---- block skipping -----------------------------------------------------------------------------
 
-def _tile_any(mask, bm, bn):
-    b, L, _ = mask.shape
-    nq, nk = -(-L // bm), -(-L // bn)
-    padded = torch.zeros(b, nq * bm, nk * bn, dtype=torch.bool)
-    padded[:, :L, :L] = mask
-    return padded.view(b, nq, bm, nk, bn).any(4).any(2)  # [b, nq, nk]
-
-
-def _pure_tiles(layout, block):
-    """Tiles whose tokens are all in one piece, or all padding: these must be visited exactly."""
-    meta = spa._token_metadata(layout)
-    L = layout.shape[-1]
-    n = -(-L // block)
-    pid = torch.full((layout.shape[0], n * block), -1, dtype=torch.int64)
-    pid[:, :L] = meta["pid"]
-    pad = torch.ones((layout.shape[0], n * block), dtype=torch.bool)
-    pad[:, :L] = meta["pad"]
-    tiles, pads = pid.view(-1, n, block), pad.view(-1, n, block)
-    valid = torch.zeros_like(pads)
-    valid.view(-1, n * block)[:, :L] = True
-    first = tiles[:, :, :1]
-    one_piece = ((tiles == first) | ~valid.view_as(tiles)).all(2)
-    return one_piece | (pads | ~valid.view_as(pads)).all(2)
-
-
-@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64), (8, 8)])
-def test_tile_schedule_covers_the_mask_and_skips_the_rest(bm, bn):
-    for seed in range(4):
-        layout = _random_layout(200 + seed, 2, 3, (2, 9), p_max=40, c_max=30, pad_max=40)
-        need = _tile_any(dense_mask(layout), bm, bn)
-        q_visits, k_visits = spa.tile_schedule(layout, bm, bn)
-        assert q_visits.shape == need.shape and k_visits.shape == need.transpose(1, 2).shape
-        assert not (need & ~q_visits).any(), "a query tile misses a key tile it needs"
-        assert not (need.transpose(1, 2) & ~k_visits).any(), "a key tile misses a query tile that needs it"
-        pure_q, pure_k = _pure_tiles(layout, bm), _pure_tiles(layout, bn)
-        assert pure_q.any() or pure_k.any()  # the exactness checks below are not vacuous
-        assert torch.equal(q_visits[pure_q], need[pure_q]), "a query tile inside one piece visits a masked tile"
-        assert torch.equal(k_visits[pure_k], need.transpose(1, 2)[pure_k])
-        # the skipping is real: far fewer tiles than the causal triangle
-        causal = _tile_any(torch.ones(1, layout.shape[-1], layout.shape[-1], dtype=torch.bool).tril(), bm, bn)
-        assert q_visits.sum(dim=(1, 2)).max() < causal.sum()
-
-
 @pytest.mark.filterwarnings("ignore:All-NaN slice:RuntimeWarning")  # the poisoned candidate's own rows
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_never_visited_tiles_can_hold_nan(deterministic):
     """Tile-aligned pieces (16-token tiles): NaN in a sibling candidate's K/V and in another group's
     Q/K/V leaves the other candidates' outputs and gradients finite and exact."""
-    rng = np.random.default_rng(11)
-    g1 = random_group(rng, 32, [16, 32, 16])  # tokens 0:32 prefix, 32:48 cand 1, 48:80 cand 2, 80:96 cand 3
-    g2 = random_group(rng, 16, [16, 16])      # tokens 96:144
-    layout = collate([[g1, g2]], 160, pad_id=0).layout
+    layout, sibling, other, rows = tile_aligned_case(np.random.default_rng(11), 16)
     q, k, v, grad = _inputs(5, layout, 2, 1, 64)
     ref = run(reference, q, k, v, grad, layout, torch.float64)
-    qp, kp, vp = q.clone(), k.clone(), v.clone()
-    kp[48:80] = float("nan")
-    vp[48:80] = float("nan")
-    for t in (qp, kp, vp):
-        t[96:144] = float("nan")
-    got = run(spa.shared_prefix_attention, qp, kp, vp, grad, layout, torch.float32, deterministic=deterministic)
-    own = torch.cat([torch.arange(32, 48), torch.arange(80, 96)])  # candidates 1 and 3
-    rows = {"out": torch.cat([torch.arange(0, 48), torch.arange(80, 96)]), "dq": torch.cat([torch.arange(0, 48),
-            torch.arange(80, 96)]), "dk": own, "dv": own}
+    got = run(spa.shared_prefix_attention, *poison(q, k, v, sibling, other), grad, layout, torch.float32,
+              deterministic=deterministic)
     for name, g, r in zip(NAMES, got, ref):
         g, r = g[rows[name]], r[rows[name]]
         assert torch.isfinite(g).all(), name
         assert rel_err(g, r) < 2e-5, name
     # the poison did land where it should: the poisoned candidate's own output is NaN
-    assert torch.isnan(got[0][48:80]).all() and torch.isnan(got[0][96:144]).all()
-
-
-def test_visible_pairs_and_flops():
-    for seed in range(3):
-        layout = _random_layout(300 + seed, 3, 3, (2, 6), pad_max=12)
-        pad = (layout[:, 1] < 0).sum(1)
-        expected = dense_mask(layout).sum((1, 2)) - pad
-        assert torch.equal(spa.visible_pairs(layout), expected)
-        total = int(expected.sum())
-        assert spa.attention_flops(layout, 8, 128, backward=False) == 4 * 128 * total * 8
-        assert spa.attention_flops(layout, 8, 128) == int(3.5 * 4 * 128 * total * 8)
+    assert torch.isnan(got[0][sibling]).all() and torch.isnan(got[0][other]).all()
 
 
 # ---- determinism, op registration, model path ---------------------------------------------------
 
 def test_deterministic_backward_is_bit_identical():
-    layout = _random_layout(40, 2, 2, (2, 5))
+    layout = random_layout(40, 2, 2, (2, 5))
     q, k, v, grad = _inputs(41, layout, 4, 1, 64)
     a = run(spa.shared_prefix_attention, q, k, v, grad, layout, torch.float32, deterministic=True)
     b = run(spa.shared_prefix_attention, q, k, v, grad, layout, torch.float32, deterministic=True)
@@ -229,7 +156,7 @@ def test_backend_follows_torch_determinism_setting(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(spa, "attention_bwd", spy)
-    layout = _random_layout(50, 1, 1, (2, 3), p_max=5, c_max=4, pad_max=0)
+    layout = random_layout(50, 1, 1, (2, 3), p_max=5, c_max=4, pad_max=0)
     q, k, v, grad = _inputs(51, layout, 2, 2, 64)
     was = torch.are_deterministic_algorithms_enabled()
     try:
@@ -242,7 +169,7 @@ def test_backend_follows_torch_determinism_setting(monkeypatch):
 
 
 def test_opcheck():
-    layout = _random_layout(60, 1, 1, (2, 3), p_max=6, c_max=4, pad_max=2)
+    layout = random_layout(60, 1, 1, (2, 3), p_max=6, c_max=4, pad_max=2)
     q, k, v, _ = _inputs(61, layout, 2, 1, 16)
     args = (q.float().requires_grad_(), k.float().requires_grad_(), v.float().requires_grad_(), layout, 0.25, True)
     torch.library.opcheck(torch.ops.polar.shared_prefix_attention.default, args)
