@@ -18,6 +18,10 @@ import torch
 import torch.distributed as dist
 
 STATE_FILE = "trainer_state.json"
+MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
+# settings that decide the shapes of the weights: a checkpoint loads only into a model that agrees
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "vocab_size")
 # optimizer state in the canonical per-parameter layout, so a checkpoint reloads at any TP/PP/DP
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
@@ -34,7 +38,8 @@ def _model_state(chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2) -> str:
+def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2,
+         model_settings: dict | None = None) -> str:
     from megatron.core import dist_checkpointing
 
     root = Path(ckpt_dir)
@@ -54,6 +59,8 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     dist.barrier()
     if rank == 0:
         (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+        if model_settings is not None:
+            (partial / MODEL_FILE).write_text(json.dumps(model_settings, indent=1))
         os.replace(partial, final)
         tmp = root / (LATEST + ".tmp")
         tmp.write_text(final.name)
@@ -69,16 +76,77 @@ def _prune(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+class CheckpointNotFound(FileNotFoundError):
+    """A path that is neither a checkpoint directory nor one complete step inside one."""
+
+
+def is_step(path: Path) -> bool:
+    """A complete step directory: written by `save` (trainer state) or by dist_checkpointing alone
+    (weights only, e.g. a converted model)."""
+    return path.is_dir() and not path.name.endswith(".partial") and (
+        (path / STATE_FILE).is_file() or (path / "metadata.json").is_file())
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory -> its newest complete step; a step directory -> itself."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFound("no such directory")
+    if is_step(p):
+        return str(p)
+    found = latest(str(p)) if p.is_dir() else None
+    if found is None:
+        raise CheckpointNotFound(
+            "neither a checkpoint directory (with a `latest` marker or step_* directories) nor one "
+            "complete step directory")
+    return found
+
+
 def latest(ckpt_dir: str) -> str | None:
     """The newest complete checkpoint in `ckpt_dir`, or None."""
     root = Path(ckpt_dir)
     marker = root / LATEST
     if marker.is_file():
         path = root / marker.read_text().strip()
-        if (path / STATE_FILE).is_file():
+        if is_step(path):
             return str(path)
-    done = sorted(p for p in root.glob("step_*") if (p / STATE_FILE).is_file() and not p.name.endswith(".partial"))
+    done = sorted(p for p in root.glob("step_*") if is_step(p))
     return str(done[-1]) if done else None
+
+
+def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
+    """(model settings, file) recorded with a checkpoint step: its own model.json, else a model.yaml
+    beside the checkpoint directory (written by the converter), else the `model` section of the
+    training run's config.yaml (run_dir/checkpoints/step_N). None when nothing is recorded."""
+    import yaml
+
+    p = Path(step_dir)
+    if (p / MODEL_FILE).is_file():
+        return json.loads((p / MODEL_FILE).read_text()), str(p / MODEL_FILE)
+    for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
+        if f.is_file():
+            loaded = yaml.safe_load(f.read_text()) or {}
+            model = loaded.get("model", loaded) if f.name == "config.yaml" else loaded
+            if isinstance(model, dict):
+                return model, str(f)
+    return None
+
+
+def check_model_matches(model_cfg, step_dir: str, setting: str) -> None:
+    """Raises ConfigError naming the first weight-shape setting where the run's model and the
+    checkpoint's recorded model differ (instead of a shape error deep inside the load)."""
+    from engine.config import ConfigError
+
+    found = saved_model_settings(step_dir)
+    if found is None:
+        return
+    saved, where = found
+    for name in SHAPE_FIELDS:
+        if name in saved and saved[name] != getattr(model_cfg, name):
+            raise ConfigError(
+                f"{setting}={step_dir} holds a model with model.{name}={saved[name]} (recorded in {where}), "
+                f"but this run has model.{name}={getattr(model_cfg, name)}: set model.{name}={saved[name]} "
+                f"(or take the model section of {where})")
 
 
 def _materialise_optimizer_state(optimizer) -> None:

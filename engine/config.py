@@ -8,6 +8,7 @@ names the setting, long before a cluster allocation is wasted.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,85 +21,209 @@ class ConfigError(ValueError):
     """A configuration problem, always naming the offending setting."""
 
 
+# ---- checks: every field of every section declares one (a new field without one fails the tests) ----
+# A check receives (dotted name, value) after type coercion and raises ConfigError naming the setting.
+
+def _finite(where: str, v) -> None:
+    if isinstance(v, float) and not math.isfinite(v):
+        raise ConfigError(f"{where}={v}: must be a finite number")
+
+
+def at_least(lo):
+    def check(where, v):
+        _finite(where, v)
+        if v < lo:
+            raise ConfigError(f"{where}={v}: must be >= {lo}")
+    check.rule = f">= {lo}"
+    return check
+
+
+def positive(where, v):
+    _finite(where, v)
+    if v <= 0:
+        raise ConfigError(f"{where}={v}: must be > 0")
+
+
+positive.rule = "> 0"
+
+
+def in_range(lo, hi, hi_open=False):
+    def check(where, v):
+        _finite(where, v)
+        if v < lo or v > hi or (hi_open and v == hi):
+            raise ConfigError(f"{where}={v}: must lie in [{lo}, {hi}{')' if hi_open else ']'}")
+    check.rule = f"in [{lo}, {hi}{')' if hi_open else ']'}"
+    return check
+
+
+def one_of(*choices):
+    def check(where, v):
+        if v not in choices:
+            raise ConfigError(f"{where}={v!r}: expected one of {', '.join(map(str, choices))}")
+    check.rule = "one of " + ", ".join(map(str, choices))
+    return check
+
+
+def optional(inner):
+    def check(where, v):
+        if v is not None:
+            inner(where, v)
+    check.rule = f"null or {getattr(inner, 'rule', '')}"
+    return check
+
+
+def boolean(where, v):
+    """Type coercion already refused anything but true/false."""
+
+
+boolean.rule = "true or false"
+
+
+def non_empty(where, v):
+    if not v.strip():
+        raise ConfigError(f"{where}: must not be empty")
+
+
+non_empty.rule = "a non-empty string"
+
+
+def directory_to_create(where, v):
+    """Empty (a default applies) or a directory path: it may not exist yet, but must not be a file."""
+    if v and Path(v).is_file():
+        raise ConfigError(f"{where}={v}: is a file; a directory is expected")
+
+
+directory_to_create.rule = "empty, or a directory (created if missing)"
+
+
+def run_directory(where, v):
+    non_empty(where, v)
+    directory_to_create(where, v)
+
+
+run_directory.rule = "a directory (created if missing)"
+
+
+def existing_path_or_empty(where, v):
+    if v and not Path(v).exists():
+        raise ConfigError(f"{where}={v}: no such file or directory")
+
+
+existing_path_or_empty.rule = "empty, or an existing path"
+
+
+def setting(default, check, **kw):
+    """A dataclass field with its start-up check (see `validate`)."""
+    return field(default=default, metadata={"check": check}, **kw)
+
+
 @dataclass
 class ModelConfig:
     """Llama-style decoder backbone with a scalar value head."""
 
-    num_layers: int = 4
-    hidden_size: int = 128
-    num_attention_heads: int = 4
-    num_query_groups: int = 2  # grouped-query attention: KV heads
-    ffn_hidden_size: int = 384  # SwiGLU inner size
-    vocab_size: int = 0  # 0: taken from the tokenizer by the entry script
-    rotary_base: float = 10000.0
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    max_position_embeddings: int = 16384
+    num_layers: int = setting(4, at_least(1))
+    hidden_size: int = setting(128, at_least(1))
+    num_attention_heads: int = setting(4, at_least(1))
+    num_query_groups: int = setting(2, at_least(1))  # grouped-query attention: KV heads
+    ffn_hidden_size: int = setting(384, at_least(1))  # SwiGLU inner size
+    vocab_size: int = setting(0, at_least(0))  # 0: taken from the tokenizer by the entry script
+    rotary_base: float = setting(10000.0, positive)
+    norm_epsilon: float = setting(1e-5, positive)
+    init_method_std: float = setting(0.02, positive)
+    max_position_embeddings: int = setting(16384, at_least(1))
 
 
 @dataclass
 class ParallelConfig:
     """Process layout. Data parallelism takes whatever the world size leaves."""
 
-    tp: int = 1
-    pp: int = 1
-    vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B); None = off
+    tp: int = setting(1, at_least(1))
+    pp: int = setting(1, at_least(1))
+    # model chunks per pipeline rank (interleaved 1F1B); None = off
+    vpp: Optional[int] = setting(None, optional(at_least(2)))
     # megatron sequence parallelism: activations outside attention and MLP are split along the
     # sequence over the TP ranks (needs tp > 1 and data.seq_length divisible by tp)
-    sequence_parallel: bool = False
-    distributed_optimizer: bool = True
+    sequence_parallel: bool = setting(False, boolean)
+    distributed_optimizer: bool = setting(True, boolean)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 200
-    global_batch: int = 8  # packed sequences per optimizer step, over all data-parallel ranks
-    micro_batch: int = 1  # packed sequences per forward pass
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1  # cosine decays to min_lr_ratio * lr
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    grad_clip: float = 1.0
-    loss: str = "pairwise"  # pairwise (Bradley-Terry, POLAR Eq. 7) | infonce
+    steps: int = setting(200, at_least(0))  # 0: evaluate only
+    # packed sequences per optimizer step, over all data-parallel ranks
+    global_batch: int = setting(8, at_least(1))
+    micro_batch: int = setting(1, at_least(1))  # packed sequences per forward pass
+    lr: float = setting(1e-3, at_least(0.0))
+    min_lr_ratio: float = setting(0.1, in_range(0.0, 1.0))  # cosine decays to min_lr_ratio * lr
+    warmup_steps: int = setting(10, at_least(0))
+    weight_decay: float = setting(0.0, at_least(0.0))
+    adam_beta1: float = setting(0.9, in_range(0.0, 1.0, hi_open=True))
+    adam_beta2: float = setting(0.95, in_range(0.0, 1.0, hi_open=True))
+    adam_eps: float = setting(1e-8, positive)
+    grad_clip: float = setting(1.0, at_least(0.0))  # 0 = no clipping
+    loss: str = setting("pairwise", one_of("pairwise", "infonce"))  # pairwise: Bradley-Terry, POLAR Eq. 7
     # weight of an auxiliary next-token loss on the packed tokens (0 = off). It needs an LM head
     # (vocab-parallel) on the last stage; it helps a backbone trained from scratch learn to read text
-    aux_lm_weight: float = 0.0
-    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU | fp32 | bf16
-    seed: int = 1234
+    aux_lm_weight: float = setting(0.0, at_least(0.0))
+    # auto: bf16 on GPU, fp32 on CPU
+    precision: str = setting("auto", one_of("auto", "fp32", "bf16"))
+    seed: int = setting(1234, at_least(0))
     # shared-prefix attention: torch (reference, runs everywhere) | triton (a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing)
-    attention_backend: str = "torch"
+    attention_backend: str = setting("torch", one_of("torch", "triton"))
     # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing) | cuda (fused kernels of engine._C_cuda; a CUDA GPU)
-    kernels: str = "torch"
-    time_limit_s: float = 0.0  # 0 = none; otherwise stop (and checkpoint) after this long
-    exit_at_step: int = 0  # 0 = none; otherwise save and exit after this step (fits a job slot)
+    kernels: str = setting("torch", one_of("torch", "triton", "cuda"))
+    # 0 = none; otherwise stop (and checkpoint) after this long
+    time_limit_s: float = setting(0.0, at_least(0.0))
+    # 0 = none; otherwise save and exit after this step (fits a job slot)
+    exit_at_step: int = setting(0, at_least(0))
+    # evaluate on the run's evaluation data every this many steps (0 = only at the end)
+    eval_interval: int = setting(0, at_least(0))
+    # a step whose loss or gradients are not finite is skipped (no update) and reported; this many
+    # in a row stop the run with where they happened
+    max_nonfinite_steps: int = setting(5, at_least(1))
 
 
 @dataclass
 class DataConfig:
-    seq_length: int = 1024  # packed sequence length; a group never spans two sequences
-    packing: str = "best_fit"  # best_fit | ordered (data built in memory; a built dataset is packed already)
-    path: str = ""  # a built dataset directory (`polar data build`); empty = the entry script's own data
-    eval_path: str = ""  # a built dataset to evaluate on after training; empty = none (or the script's own)
+    seq_length: int = setting(1024, at_least(2))  # packed sequence length; a group never spans two sequences
+    # best_fit | ordered (data built in memory; a built dataset is packed already)
+    packing: str = setting("best_fit", one_of("best_fit", "ordered"))
+    # a built dataset directory (`polar data build`); empty = the entry script's own data
+    path: str = setting("", existing_path_or_empty)
+    # a built dataset to evaluate on; empty = none (or the script's own)
+    eval_path: str = setting("", existing_path_or_empty)
+
+
+def _checkpoint_or_empty(where, v):
+    if v:
+        from engine.checkpoint import CheckpointNotFound, resolve
+
+        try:
+            resolve(v)
+        except CheckpointNotFound as e:
+            raise ConfigError(f"{where}={v}: {e}") from None
+
+
+_checkpoint_or_empty.rule = "empty, or a checkpoint directory (its latest step) or one step directory"
 
 
 @dataclass
 class CheckpointConfig:
-    dir: str = ""  # empty: <run_dir>/checkpoints
-    save_interval: int = 0  # steps; 0 = only at the end
-    resume: bool = True  # continue from the newest complete checkpoint in dir
-    init_from: str = ""  # load model weights (any TP/PP layout) before training
-    keep: int = 2  # complete checkpoints kept
+    dir: str = setting("", directory_to_create)  # empty: <run_dir>/checkpoints
+    save_interval: int = setting(0, at_least(0))  # steps; 0 = only at the end
+    resume: bool = setting(True, boolean)  # continue from the newest complete checkpoint in dir
+    # load model weights (any TP/PP layout) before training: a checkpoint directory (its newest
+    # complete step) or one step directory
+    init_from: str = setting("", _checkpoint_or_empty)
+    keep: int = setting(2, at_least(0))  # complete checkpoints kept (0 = all)
 
 
 @dataclass
 class LogConfig:
-    interval: int = 10
-    tensorboard: bool = True
+    interval: int = setting(10, at_least(1))
+    tensorboard: bool = setting(True, boolean)
 
 
 @dataclass
@@ -111,7 +236,22 @@ class EngineConfig:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
-    run_dir: str = "runs/default"
+    run_dir: str = setting("runs/default", run_directory)
+
+
+def validate(cfg, where: str = "") -> None:
+    """Runs every field's check (depth first, in declaration order); the first failure raises
+    ConfigError naming the setting. A field that declares no check is a programming error."""
+    for f in dataclasses.fields(cfg):
+        name = f"{where}.{f.name}" if where else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, name)
+            continue
+        check = f.metadata.get("check")
+        if check is None:
+            raise TypeError(f"config field {name} declares no check: define it with engine.config.setting()")
+        check(name, value)
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -243,7 +383,9 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
             values = base_values
     if overrides:
         _deep_update(values, parse_overrides(overrides))
-    return _build(cls, values, "")
+    cfg = _build(cls, values, "")
+    validate(cfg)
+    return cfg
 
 
 def to_dict(cfg) -> dict:

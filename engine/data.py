@@ -15,16 +15,22 @@ import numpy as np
 from engine.packing import Group, PackedBatch, collate, plan_sequences
 
 
-def per_group_counts(lengths: np.ndarray, n_pos: np.ndarray, n_cand: np.ndarray) -> dict:
+def per_group_counts(lengths: np.ndarray, n_pos: np.ndarray, n_cand: np.ndarray, prefix_len: np.ndarray,
+                     cand_sq_sum: np.ndarray) -> dict:
     """What the training step needs to know of each group before it runs (int64 arrays): tokens,
-    groups (1 each), (positive, negative) pairs, positives with a negative (InfoNCE terms) and
-    next-token targets (every token but the last of the prefix and of each candidate)."""
+    groups (1 each), (positive, negative) pairs, positives with a negative (InfoNCE terms),
+    next-token targets (every token but the last of the prefix and of each candidate), and the
+    (query, key) pairs the shared-prefix mask allows, for exact attention FLOPs: with prefix length P
+    and candidate lengths c_k (sum C), P(P+1)/2 + sum_k (c_k P + c_k(c_k+1)/2)
+    = P(P+1)/2 + P C + (sum_k c_k^2 + C)/2. `cand_sq_sum` is sum_k c_k^2 per group."""
+    cand_total = lengths - prefix_len
     return {
         "tokens": lengths,
         "groups": np.ones(len(lengths), dtype=np.int64),
         "pairs": n_pos * (n_cand - n_pos),
         "positives": np.where(n_cand > n_pos, n_pos, 0),
         "lm_targets": np.maximum(lengths - 1 - n_cand, 0),
+        "attention_pairs": (prefix_len * (prefix_len + 1) + cand_sq_sum + cand_total) // 2 + prefix_len * cand_total,
     }
 
 
@@ -41,7 +47,10 @@ class PackedGroups:
         # global loss normalisers need no device round trip.
         n_pos = np.fromiter((int((g.labels == 1).sum()) for g in groups), dtype=np.int64, count=len(groups))
         n_cand = np.fromiter((len(g.candidates) for g in groups), dtype=np.int64, count=len(groups))
-        per_group = per_group_counts(lengths, n_pos, n_cand)
+        prefix_len = np.fromiter((len(g.prefix) for g in groups), dtype=np.int64, count=len(groups))
+        cand_sq = np.fromiter((sum(len(c) ** 2 for c in g.candidates) for g in groups), dtype=np.int64,
+                              count=len(groups))
+        per_group = per_group_counts(lengths, n_pos, n_cand, prefix_len, cand_sq)
         self.per_sequence = {k: np.array([v[p].sum() for p in self.plan], dtype=np.int64) for k, v in per_group.items()}
         self.seq_tokens = self.per_sequence["tokens"]
 

@@ -266,7 +266,8 @@ class IndexedDataset:
         self.meta = dict(first.meta)
         self._seq_start = np.cumsum([0] + [len(s) for s in self.shards])
 
-        per_group_parts = {k: [] for k in ("tokens", "groups", "pairs", "positives", "lm_targets")}
+        per_group_parts = {k: [] for k in ("tokens", "groups", "pairs", "positives", "lm_targets",
+                                           "attention_pairs")}
         self.group_lengths, self.prefix_lengths, self.candidate_lengths, self.candidates_per_group = [], [], [], []
         for s in self.shards:
             piece_len = np.diff(s.piece_tokens)
@@ -274,7 +275,8 @@ class IndexedDataset:
             lengths = _segment_sums(piece_len, s.group_pieces)
             n_cand = np.diff(s.group_pieces) - 1
             n_pos = _segment_sums((s.piece_label == 1).astype(np.int64), s.group_pieces)
-            per_group = per_group_counts(lengths, n_pos, n_cand)
+            cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), s.group_pieces)
+            per_group = per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
             for k, v in per_group.items():
                 per_group_parts[k].append(_segment_sums(v, s.seq_groups))
             self.group_lengths.append(lengths)

@@ -23,6 +23,10 @@ def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtyp
         params_dtype=params_dtype,
         use_distributed_optimizer=par.distributed_optimizer,
     )
+    # megatron-core 0.19 refuses a process-group collection together with the gloo groups its
+    # distributed optimizer uses for checkpointing ("Gloo process groups are not supported when
+    # pg_collection is provided"), so the optimizer alone reads megatron's groups itself: they are
+    # the same groups the runtime's collection was taken from.
     optimizer = get_megatron_optimizer(cfg, chunks)
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -59,7 +59,8 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        # batched isend/irecv over gloo silently corrupts interleaved-PP gradients (PLATFORM.md)
+        # batched isend/irecv over gloo silently corrupts interleaved-PP gradients (measured with
+        # megatron-core 0.16-0.19: grad norm 1361 instead of 1.09, no error; the parity tests catch it)
         batch_p2p_comm=rt.is_cuda,
         # loss functions return (sum over pairs, number of pairs): megatron then divides by the
         # global pair count, making the loss the same for any DP size, micro-batching or packing
@@ -109,7 +110,6 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
 
 def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
     """Returns (list of DDP-wrapped model chunks, TransformerConfig)."""
-    from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from engine.model.reward_model import RewardModel
@@ -127,11 +127,12 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
             spec,
             vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
-            pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp),
-            post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp),
+            pre_process=rt.is_first_stage(vp),
+            post_process=rt.is_last_stage(vp),
             vp_stage=vp,
             lm_head=train.aux_lm_weight > 0,
             kernels=train.kernels,
+            pg_collection=rt.groups,
         )
         chunk.to(rt.device)
         chunks.append(chunk)
@@ -146,6 +147,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
             config=config,
             ddp_config=ddp_config,
             module=chunk,
+            pg_collection=rt.groups,
             # bucketing only pays off when reductions overlap backward; keeps chunks > 0 identical
             disable_bucketing=i > 0,
         )

@@ -1,15 +1,19 @@
+#!/usr/bin/env python3
 """POLAR pre-training entry point.
 
     torchrun --nproc_per_node 2 engine/pretrain.py                      # the embedded CPU default
-    torchrun --nproc_per_node 8 engine/pretrain.py --config configs/polar_1_8b.yaml parallel.tp=2
+    torchrun --nproc_per_node 8 engine/pretrain.py --config polar_1_8b parallel.tp=2
     torchrun --nproc_per_node 8 engine/pretrain.py data.path=ds/ data.eval_path=ds_eval/ data.seq_length=16384
 
 With no arguments it builds its own data (synthetic policies, byte-level tokenizer), trains a
 tiny reward model, evaluates pairwise accuracy on held-out and seen policies next to non-learned
 baselines, and writes `summary.json` and a checkpoint into the run directory. With data.path it
 trains on a dataset built by `polar data build` instead (vocabulary size and pad id from its
-metadata) and evaluates on data.eval_path if given. This script is the
-only place where the engine (model, parallelism, loop) meets POLAR's text format (polar/).
+metadata) and evaluates on data.eval_path if given.
+
+This script is where the engine (model, parallelism, loop) meets the POLAR recipe
+(polar/pretrain_recipe.py: the data and the summary). Every setting is checked before any process
+group or data is built: a bad one stops every rank with one `config error:` line and exit code 2.
 """
 from __future__ import annotations
 
@@ -18,195 +22,123 @@ import json
 import os
 import sys
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if __package__ in (None, ""):  # run as a script from a source checkout: make `engine` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import ConfigError, EngineConfig, dump_yaml, load_config  # noqa: E402
-from polar.pretrain_data import SyntheticDataConfig  # noqa: E402
+from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny_cpu.yaml"
-
-
-@dataclass
-class PretrainConfig(EngineConfig):
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+EXIT_CONFIG, EXIT_NONFINITE = 2, 3
 
 
-def parse_args(argv=None):
+def _stop(rank: int, message: str, code: int) -> int:
+    """Rank 0 prints the one message. The other ranks, which found the same problem, wait a moment
+    before exiting: torchrun tears the job down at the first worker that exits, and rank 0 must
+    have printed by then."""
+    if rank == 0:
+        print(message, file=sys.stderr, flush=True)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        time.sleep(2.0)
+    return code
+
+
+def parse_args(argv=None, prog: str | None = None, description: str = "POLAR reward-model pre-training "
+               "(run under torchrun; a plain single process works too)."):
     ap = argparse.ArgumentParser(
-        description="POLAR reward-model pre-training (run under torchrun).",
+        prog=prog, description=description,
         epilog="Overrides: section.key=value, e.g. train.lr=1e-4 parallel.tp=2 model.num_layers=8",
     )
-    ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny_cpu.yaml)")
+    ap.add_argument("--config", default=None,
+                    help="a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: the "
+                         "recipe's own; tiny_cpu for pre-training)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("overrides", nargs="*", help="section.key=value settings")
     return ap.parse_args(argv)
 
 
-def to_groups(encoded):
-    from engine.packing import Group
+def main(argv=None, recipe=None) -> int:
+    """Parses the command line, checks every setting, runs; `recipe` defaults to pre-training."""
+    if recipe is None:
+        from polar import pretrain_recipe as recipe
+    args = parse_args(argv, **getattr(recipe, "CLI", {}))
+    from engine.quiet import silence_known_warnings
 
-    return [Group(prefix=e.prefix, candidates=list(e.candidates), labels=lab) for e, lab in encoded]
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
+    silence_known_warnings()  # before megatron is imported: some of its warnings come at import
     rank = int(os.environ.get("RANK", "0"))
     try:
-        cfg = load_config(PretrainConfig, args.config, args.overrides)
+        from polar.presets import resolve_config
+
+        name = args.config or recipe.DEFAULT_PRESET
+        cfg = load_config(recipe.CONFIG_CLASS, resolve_config(name) if name else None, args.overrides)
+        recipe.check(cfg)
+        check_checkpoints(cfg)
+        from engine.runtime import validate_layout, world_size_from_env
+
+        validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
         if args.print_config:
             if rank == 0:
                 print(dump_yaml(cfg))
             return 0
-        return run(cfg)
     except ConfigError as e:
-        if rank == 0:
-            print(f"config error: {e}", file=sys.stderr)
-        return 2
-
-
-def _set_vocab(cfg: PretrainConfig, vocab_size: int, source: str) -> None:
-    if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = vocab_size
-    elif cfg.model.vocab_size < vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {source}'s {vocab_size}")
-
-
-def open_built(path: str, cfg: PretrainConfig, setting: str):
-    """A dataset written by `polar data build`, checked against the run's settings."""
-    from engine.indexed_dataset import DatasetFormatError, IndexedDataset
+        return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    from engine.trainer import NonFiniteError
 
     try:
-        ds = IndexedDataset(path)
-    except (DatasetFormatError, OSError) as e:
-        raise ConfigError(f"{setting}={path}: {e}") from e
-    if ds.seq_length != cfg.data.seq_length:
-        raise ConfigError(f"data.seq_length={cfg.data.seq_length}, but {setting}={path} is packed at "
-                          f"{ds.seq_length}: set data.seq_length={ds.seq_length} (or rebuild the data)")
-    for key in ("vocab_size", "pad_id"):
-        if not isinstance(ds.meta.get(key), int):
-            raise ConfigError(f"{setting}={path}: its metadata has no integer {key!r}; rebuild it with polar data build")
-    return ds
+        return run(cfg, recipe)
+    except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
+        return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    except NonFiniteError as e:
+        return _stop(rank, f"error: {e}", EXIT_NONFINITE)
 
 
-def built_data(cfg: PretrainConfig):
-    """(train, {name: eval data}, pad id) from data.path / data.eval_path."""
-    train = open_built(cfg.data.path, cfg, "data.path")
-    evals = {}
-    if cfg.data.eval_path:
-        evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")
-        for key in ("vocab_size", "pad_id"):
-            if evals["eval"].meta[key] != train.meta[key]:
-                raise ConfigError(f"data.eval_path and data.path disagree on {key}: "
-                                  f"{evals['eval'].meta[key]} vs {train.meta[key]} (different tokenizers?)")
-    _set_vocab(cfg, train.meta["vocab_size"], "dataset tokenizer")
-    return train, evals, train.meta["pad_id"]
+def check_checkpoints(cfg) -> None:
+    """The checkpoints a run will load must hold a model of the run's shape."""
+    from engine import checkpoint
+
+    if cfg.checkpoint.resume:
+        found = checkpoint.latest(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"))
+        if found:
+            checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
+            return  # resuming wins over init_from
+    if cfg.checkpoint.init_from:
+        checkpoint.check_model_matches(cfg.model, checkpoint.resolve(cfg.checkpoint.init_from),
+                                       "checkpoint.init_from")
 
 
-def synthetic_data(cfg: PretrainConfig, tok):
-    """The embedded default: (train, {"held_out": ..., "seen": ...}, splits), built the same on every rank."""
-    from engine.data import PackedGroups
-    from polar.pretrain_data import encode_triplets, make_splits
-
-    splits = make_splits(cfg.synthetic)
-    seq = cfg.data.seq_length
-
-    def pack(triplets, name):
-        groups = to_groups(encode_triplets(tok, triplets, cfg.synthetic.wrapper, max_length=seq))
-        try:
-            return PackedGroups(groups, seq, method=cfg.data.packing)
-        except ValueError as e:
-            raise ConfigError(f"{name}: {e}") from e
-
-    train = pack(splits.train, "training data")
-    evals = {"held_out": pack(splits.eval_held_out, "held-out evaluation data"),
-             "seen": pack(splits.eval_seen, "seen-policy evaluation data")}
-    return train, evals, splits
-
-
-def run(cfg: PretrainConfig) -> int:
-    warnings.filterwarnings("ignore", module="megatron")
-    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
-    from polar import baselines
-    from polar.tokenizer import ByteTokenizer
+def run(cfg, recipe) -> int:
+    from engine.runtime import init_runtime, shutdown_runtime
 
     t_start = time.time()
-    if cfg.data.path:
-        train, evals, pad_id = built_data(cfg)
-        splits = None
-    else:
-        if cfg.data.eval_path:
-            raise ConfigError("data.eval_path needs data.path (the embedded default evaluates on its own data)")
-        if cfg.synthetic.wrapper not in ("sft", "pretrain"):
-            raise ConfigError(f"synthetic.wrapper={cfg.synthetic.wrapper!r}: expected sft or pretrain")
-        tok = ByteTokenizer()
-        _set_vocab(cfg, tok.vocab_size, "tokenizer")
-        pad_id = tok.pad_id
-    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
-
     rt = init_runtime(cfg.parallel, cfg.train.seed)
     say = print if rt.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir)
+    say(f"run directory: {run_dir.resolve()}")
+    data = recipe.prepare_data(cfg)  # may settle derived settings (fine-tuning: steps from epochs)
+    say(data.description)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
-    say(f"run directory: {run_dir.resolve()}")
-
-    t0 = time.time()
-    if cfg.data.path:
-        say(f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
-            f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
-    else:
-        # Every rank builds the same data from the seed: no broadcast, no shared filesystem needed.
-        train, evals, splits = synthetic_data(cfg, tok)
-        dup = sum(len(g.prefix) * (len(g.candidates) - 1) for g in train.groups)
-        say(
-            f"data: {len(train.groups):,} training groups -> {len(train):,} packed sequences of "
-            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "
-            f"tokens ({dup / (train.num_real_tokens + dup):.1%} of the duplicated layout); built in "
-            f"{time.time() - t0:.1f}s"
-        )
 
     from engine.trainer import Trainer
 
-    trainer = Trainer(cfg, rt, train, str(run_dir), pad_id=pad_id, log=say)
+    trainer = Trainer(cfg, rt, data.train, str(run_dir), pad_id=data.pad_id, log=say, evals=data.evals)
     t_train = time.time()
     start_step = trainer.step
     history = trainer.fit()
     train_time = time.time() - t_train
 
-    if evals:
+    if data.evals:
         say("evaluating ...")
-    results = {name: trainer.evaluate(data) for name, data in evals.items()}
+    results = {name: trainer.evaluate(d) for name, d in data.evals.items()}
     if rt.is_main:
-        steps_run = trainer.step - start_step
-        seq_tokens = train.per_sequence["tokens"]
-        tokens = steps_run and sum(
-            int(seq_tokens[trainer.loader.global_batch_indices(b)].sum()) for b in range(start_step, trainer.step)
-        )
-        summary = {}
-        if splits is not None:
-            summary = {
-                "held_out_pair_accuracy": results["held_out"]["pair_accuracy"],
-                "train_pair_accuracy": results["seen"]["pair_accuracy"],
-                "held_out_loss": results["held_out"]["loss"],
-                "seen_loss": results["seen"]["loss"],
-                "baselines": {
-                    name: baselines.pairwise_accuracy(fn, splits.eval_held_out)
-                    for name, fn in (("word_overlap", baselines.word_overlap),
-                                     ("bigram_overlap", baselines.bigram_overlap),
-                                     ("length_difference", baselines.length_difference))
-                },
-                "held_out_pairs": results["held_out"]["pairs"],
-            }
-        elif "eval" in results:
-            summary = {"eval_pair_accuracy": results["eval"]["pair_accuracy"], "eval_loss": results["eval"]["loss"],
-                       "eval_pairs": results["eval"]["pairs"]}
+        seq_tokens = data.train.per_sequence["tokens"]
+        tokens = sum(int(seq_tokens[trainer.loader.global_batch_indices(b)].sum())
+                     for b in range(start_step, trainer.step))
+        summary, lines = recipe.summarize(data, results)
+        train_rows = [r for r in history if "loss" in r and "eval" not in r]
         summary.update({
-            "final_loss": history[-1]["loss"] if history else None,
+            "final_loss": train_rows[-1]["loss"] if train_rows else None,
             "steps": trainer.step,
             "tokens": tokens,
             "tokens_per_second": tokens / train_time if train_time > 0 else None,
@@ -214,17 +146,15 @@ def run(cfg: PretrainConfig) -> int:
             "wall_seconds": time.time() - t_start,
             "parameters": trainer.num_parameters,
             "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "vpp": rt.vpp},
-            "packing_efficiency": train.packing_efficiency,
+            "packing_efficiency": data.train.packing_efficiency,
             "data": cfg.data.path or "synthetic",
+            "evaluations": results,
+            "skipped_steps": trainer.skipped_steps,
             "history": history,
         })
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        if splits is not None:
-            say(f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f} (seen policies "
-                f"{summary['train_pair_accuracy']:.3f}) | "
-                + " | ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items()))
-        elif "eval" in results:
-            say(f"evaluation pair accuracy {summary['eval_pair_accuracy']:.3f}, loss {summary['eval_loss']:.4f}")
+        for line in lines:
+            say(line)
         say(f"wrote {run_dir / 'summary.json'}")
     shutdown_runtime()
     return 0

@@ -15,6 +15,13 @@ from engine.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
 
 @dataclass
 class Runtime:
+    """This process's place in the TP x PP x DP grid and its process groups.
+
+    `groups` is megatron's ProcessGroupCollection, taken once from parallel_state when the runtime
+    starts; everything downstream (model, DDP, optimizer, schedules, loss reductions) receives its
+    groups from here instead of reading megatron's globals.
+    """
+
     rank: int
     world_size: int
     local_rank: int
@@ -23,6 +30,7 @@ class Runtime:
     pp: int
     dp: int
     vpp: int | None
+    groups: object = None  # megatron.core.process_groups_config.ProcessGroupCollection
 
     @property
     def is_cuda(self) -> bool:
@@ -31,6 +39,25 @@ class Runtime:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def tp_rank(self) -> int:
+        return self.groups.tp.rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return self.groups.pp.rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self.groups.dp.rank()
+
+    def is_first_stage(self, vp_stage: int | None = None) -> bool:
+        """First pipeline stage (of model chunk vp_stage with interleaving; None: of this rank)."""
+        return self.pp_rank == 0 and (vp_stage is None or vp_stage == 0)
+
+    def is_last_stage(self, vp_stage: int | None = None) -> bool:
+        return self.pp_rank == self.pp - 1 and (vp_stage is None or vp_stage == (self.vpp or 1) - 1)
 
 
 def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int,
@@ -123,13 +150,16 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
     from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
     )
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    # The one place megatron's globals are read: from here on the groups are passed along.
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    tp_rank = groups.tp.rank()
     if device.type == "cuda":
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
     else:
@@ -143,8 +173,9 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         device=device,
         tp=par.tp,
         pp=par.pp,
-        dp=parallel_state.get_data_parallel_world_size(),
+        dp=groups.dp.size(),
         vpp=par.vpp,
+        groups=groups,
     )
 
 

@@ -2,28 +2,37 @@
 (distributed) optimizer step, and the contrastive loss is normalised over the global batch.
 
 Read top to bottom: build (model, optimizer, loader) -> resume -> for each step: micro-batches ->
-forward_backward -> optimizer step -> log / checkpoint. Nothing leaves the device except at log
-steps (the grad norm megatron computes for clipping is the one exception).
+forward_backward -> optimizer step (skipped when the loss or gradients are not finite) -> log /
+evaluate / checkpoint. Nothing leaves the device except at log steps and the one scalar the step
+decision needs (the global gradient norm, which megatron computes for clipping anyway).
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 import time
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from engine import checkpoint
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
-from engine.packing import next_token_mask
-from engine.parallelize import build_model, count_parameters, resolve_dtype
 from engine.optim import build_optimizer
-from engine.progress import Progress, flops_per_token, peak_tflops
+from engine.packing import collate, next_token_mask
+from engine.parallelize import build_model, count_parameters, resolve_dtype
+from engine.progress import Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops
 from engine.runtime import Runtime
 
 STATS = 6  # loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
+EVAL_CHUNK = 16  # evaluation micro-batches collated and run per schedule call (times pp)
+
+
+class NonFiniteError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, model):
@@ -48,8 +57,8 @@ def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, 
 
 
 class Trainer:
-    def __init__(self, cfg, rt: Runtime, train_data: PackedGroups, run_dir: str, pad_id: int, log=print):
-        from megatron.core import parallel_state
+    def __init__(self, cfg, rt: Runtime, train_data: PackedGroups, run_dir: str, pad_id: int, log=print,
+                 evals: dict | None = None):
         from megatron.core.distributed import finalize_model_grads
 
         self.cfg = cfg
@@ -64,15 +73,16 @@ class Trainer:
         no_sync = [m.no_sync for m in self.model]
         self.mcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.pad_id = pad_id
-        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.evals = evals or {}
         self.loader = GlobalBatchLoader(
-            train_data, cfg.train.global_batch, cfg.train.micro_batch, self.dp_rank, rt.dp,
+            train_data, cfg.train.global_batch, cfg.train.micro_batch, rt.dp_rank, rt.dp,
             seed=cfg.train.seed, pad_id=pad_id,
         )
         self.step = 0
         self.last_saved_step = -1
         self.history: list[dict] = []
-        self.is_last_stage = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+        self.skipped_steps: list[dict] = []
+        self.is_last_stage = rt.is_last_stage()
         n_local = count_parameters(self.model)
         total = torch.tensor([n_local], dtype=torch.float64, device=rt.device)  # NCCL needs device tensors
         dist.all_reduce(total)  # every TP/PP shard counted once per DP replica
@@ -89,11 +99,13 @@ class Trainer:
             self.loader.load_state_dict(state["loader"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])
+            self.skipped_steps = state.get("skipped_steps", [])
             self.last_saved_step = self.step
             self.log(f"resumed from {path} at step {self.step}")
         elif ck.init_from:
-            checkpoint.load(ck.init_from, self.model, None)
-            self.log(f"initialised weights from {ck.init_from}")
+            step_dir = checkpoint.resolve(ck.init_from)
+            checkpoint.load(step_dir, self.model, None)
+            self.log(f"initialised weights from {step_dir}")
 
     def save(self) -> str:
         state = {
@@ -101,9 +113,11 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
+            "skipped_steps": self.skipped_steps,
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
-        path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep)
+        path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
+                               model_settings=dataclasses.asdict(self.cfg.model))
         self.last_saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path
@@ -111,10 +125,11 @@ class Trainer:
     # ---- one optimizer step ------------------------------------------------------------------
     def _run_schedule(self, microbatches, forward_only: bool, micro_batch: int | None = None, lm_scale: float = 0.0):
         from megatron.core.pipeline_parallel import get_forward_backward_func
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
         device_batches = [mb.to(self.rt.device) for mb in microbatches]
         iters = [iter(device_batches) for _ in self.model]
-        return get_forward_backward_func()(
+        return get_forward_backward_func(self.rt.pp, self.rt.vpp)(
             forward_step_func=partial(_forward_step, self.cfg.train.loss, self.cfg.train.kernels, lm_scale),
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
@@ -122,12 +137,26 @@ class Trainer:
             seq_length=self.loader.source.seq_length,
             micro_batch_size=micro_batch or self.cfg.train.micro_batch,
             forward_only=forward_only,
+            p2p_communicator=P2PCommunicator(self.rt.groups.pp, self.mcfg),
+            pg_collection=self.rt.groups,
         )
 
     def _sum_stats(self, outputs) -> torch.Tensor:
         if self.is_last_stage and outputs:
             return torch.stack([o["stats"] for o in outputs]).sum(0)
         return torch.zeros(STATS, device=self.rt.device)
+
+    def _optimizer_step(self) -> tuple[bool, float]:
+        """(updated, grad norm). The norm is global (model-parallel and DP reduced), so every rank
+        takes the same decision; a non-finite loss makes the gradients non-finite too. megatron's
+        own step() would clip with a NaN norm (a NaN clip factor is never < 1) and apply the NaNs."""
+        opt = self.optimizer
+        found_inf = opt.prepare_grads()
+        grad_norm = opt.get_grad_norm()
+        if found_inf or not math.isfinite(grad_norm):
+            return False, grad_norm
+        ok, clipped_norm, _ = opt.step()  # prepares again (idempotent), clips with the same norm, steps
+        return bool(ok), grad_norm if clipped_norm is None else clipped_norm
 
     def train_step(self):
         for chunk in self.model:
@@ -138,28 +167,63 @@ class Trainer:
         count = g["pairs"] if self.cfg.train.loss == "pairwise" else g["positives"]
         lm_scale = self.cfg.train.aux_lm_weight * count / max(g["lm_targets"], 1)
         outputs = self._run_schedule(microbatches, forward_only=False, lm_scale=lm_scale)
-        ok, grad_norm, _ = self.optimizer.step()
+        updated, grad_norm = self._optimizer_step()
         self.scheduler.step(increment=1)
-        return self._sum_stats(outputs), (grad_norm if grad_norm is not None else float("nan"))
+        stats = self._sum_stats(outputs)
+        if not updated:
+            self._report_nonfinite(outputs, grad_norm)
+            stats = torch.zeros_like(stats)  # a skipped step's NaNs would poison the logged window
+        return stats, grad_norm, updated
+
+    def _report_nonfinite(self, outputs, grad_norm: float) -> None:
+        """Where a skipped step's non-finite values came from: per (data-parallel rank, micro-batch),
+        whether its loss was non-finite on the last stage. A rare path: syncs freely."""
+        n_mb = max(1, self.loader.global_batch // (self.rt.dp * self.loader.micro_batch))
+        bad = torch.zeros(self.rt.dp, n_mb, device=self.rt.device)
+        if self.is_last_stage:
+            for j, o in enumerate(outputs):
+                bad[self.rt.dp_rank, j] = float(not bool(torch.isfinite(o["stats"]).all()))
+        dist.all_reduce(bad)
+        where = [(int(r), int(j)) for r, j in torch.nonzero(bad > 0).tolist()]
+        batch_number = self.loader.state.consumed_batches - 1
+        per_rank = self.loader.global_batch // self.rt.dp
+        indices = self.loader.global_batch_indices(batch_number)
+        sequences = sorted({int(s) for r, j in where
+                            for s in indices[r * per_rank + j * self.loader.micro_batch:
+                                             r * per_rank + (j + 1) * self.loader.micro_batch]})
+        entry = {"step": self.step + 1, "grad_norm": grad_norm, "global_batch": batch_number,
+                 "micro_batches": [{"dp_rank": r, "micro_batch": j} for r, j in where],
+                 "sequences": sequences}
+        self.skipped_steps.append(entry)
+        what = (f"non-finite loss in micro-batch(es) {', '.join(f'{j} of data-parallel rank {r}' for r, j in where)} "
+                f"(packed sequences {sequences} of the data)" if where else "finite losses but non-finite gradients")
+        self.log(f"step {self.step + 1}: skipped (no update): grad norm {grad_norm}, {what}; "
+                 f"global batch {batch_number}")
 
     def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel replicas, then over the pipeline (only the last stage is non-zero)."""
-        from megatron.core import parallel_state
-
-        dist.all_reduce(stats, group=parallel_state.get_data_parallel_group())
-        dist.all_reduce(stats, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(stats, group=self.rt.groups.dp)
+        dist.all_reduce(stats, group=self.rt.groups.pp)
         return stats
+
+    def _step_flops(self, batch_indices: np.ndarray) -> float:
+        """Model FLOPs of one global batch, forward + backward: dense matmuls per real token plus the
+        attention of exactly the (query, key) pairs the shared-prefix mask allows."""
+        per_seq = self.loader.source.per_sequence
+        tokens = float(per_seq["tokens"][batch_indices].sum())
+        pairs = float(per_seq["attention_pairs"][batch_indices].sum())
+        return tokens * self._dense_flops + pairs * self._attn_flops
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         tc, lc = self.cfg.train, self.cfg.log
         m = self.cfg.model
-        avg_keys = self.loader.source.seq_length / 4  # rough: prefix + own-candidate keys per query
+        self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
+                                                  m.num_attention_heads, m.num_query_groups)
+        self._attn_flops = attention_flops_per_pair(m.num_layers, m.hidden_size)
         progress = Progress(
             tc.steps, self.step, self.rt.is_main,
             str(self.run_dir / "tensorboard") if lc.tensorboard else None,
-            flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
-                            m.num_query_groups, avg_keys),
             peak_tflops(self.rt.device), self.rt.world_size,
         )
         self.log(
@@ -170,32 +234,53 @@ class Trainer:
         )
         window = torch.zeros(STATS, device=self.rt.device)
         tokens = real_tokens = groups = 0
-        grad_norm = float("nan")
+        flops = 0.0
+        skipped_in_row = 0
+        skipped_in_window = 0
         start = time.time()
         stop = False
         while self.step < tc.steps and not stop:
-            stats, grad_norm = self.train_step()
+            batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
+            stats, grad_norm, updated = self.train_step()
             self.step += 1
+            if updated:
+                skipped_in_row = 0
+            else:
+                skipped_in_row += 1
+                skipped_in_window += 1
+                if skipped_in_row >= tc.max_nonfinite_steps:
+                    last = self.skipped_steps[-1]
+                    raise NonFiniteError(
+                        f"{skipped_in_row} optimizer steps in a row had a non-finite loss or gradient "
+                        f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); the last: step {last['step']}, "
+                        f"global batch {last['global_batch']}, micro-batches {last['micro_batches']}, packed "
+                        f"sequences {last['sequences']}. Every skipped step is listed in the log above; "
+                        f"lower train.lr, check the data at those positions, or resume from the last checkpoint")
             window += stats
             real_tokens += self.loader.last_global["tokens"]
             groups += self.loader.last_global["groups"]
             tokens += tc.global_batch * self.loader.source.seq_length
+            flops += self._step_flops(batch_indices)
             if self.step % lc.interval == 0 or self.step == tc.steps:
                 s = self._reduce(window).tolist()
                 row = progress.log(
                     self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
-                    grad_norm, tokens, real_tokens, groups,
+                    grad_norm, tokens, real_tokens, groups, flops,
                     lm_loss=s[4] / s[5] if s[5] > 0 else None,
+                    skipped=skipped_in_window,
                 )
                 self.history.append(row)
                 window.zero_()
-                tokens = real_tokens = groups = 0
+                tokens = real_tokens = groups = skipped_in_window = 0
+                flops = 0.0
                 if tc.time_limit_s > 0:
                     flag = torch.tensor([float(time.time() - start > tc.time_limit_s)], device=self.rt.device)
                     dist.broadcast(flag, src=0)
                     stop = bool(flag.item())
                     if stop:
                         self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
+            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps:
+                self._evaluate_all(progress)
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
                 self.save()
             if tc.exit_at_step and self.step == tc.exit_at_step and self.step < tc.steps:
@@ -206,19 +291,33 @@ class Trainer:
             self.save()  # the end of training, or an early stop, always leaves a resumable checkpoint
         return self.history
 
+    def _evaluate_all(self, progress: Progress) -> None:
+        for name, data in self.evals.items():
+            res = self.evaluate(data)
+            self.history.append({"step": self.step, "eval": name, **res})
+            progress.log_eval(self.step, name, res)
+
     # ---- evaluation --------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, data: PackedGroups) -> dict:
-        """Pairwise accuracy and loss over every group of `data` (forward only, all DP ranks share)."""
-        from engine.packing import collate
+    def evaluate(self, data) -> dict:
+        """Pairwise accuracy and loss over every group of `data` (forward only, DP ranks share).
 
-        mb = 1  # pipeline stages exchange fixed-shape activations: one sequence per micro-batch
+        Streams: EVAL_CHUNK x pp micro-batches are collated and run per schedule call, so memory
+        does not grow with the evaluation set. Each call runs a multiple of pp micro-batches (one
+        sequence each: stages exchange fixed-shape activations), padded with empty sequences, as
+        megatron's interleaved schedule requires; an empty sequence holds no candidate and adds nothing.
+        """
+        mb = 1
         for chunk in self.model:
             chunk.eval()
-        mine = list(range(self.dp_rank, len(data), self.rt.dp))
-        batches = [collate(data.sequences(mine[i:i + mb]), data.seq_length, self.pad_id) for i in range(0, len(mine), mb)]
+        mine = np.arange(self.rt.dp_rank, len(data), self.rt.dp)
+        chunk_size = EVAL_CHUNK * self.rt.pp
         stats = torch.zeros(STATS, device=self.rt.device)
-        if batches:
+        seq = data.seq_length
+        for start in range(0, len(mine), chunk_size):
+            part = mine[start:start + chunk_size]
+            batches = [collate(data.sequences([i]), seq, self.pad_id) for i in part]
+            batches += [collate([[]], seq, self.pad_id)] * ((-len(batches)) % self.rt.pp)
             stats += self._sum_stats(self._run_schedule(batches, forward_only=True, micro_batch=mb))
         for chunk in self.model:
             chunk.train()

@@ -1,6 +1,7 @@
 """The `polar` command.
 
     polar pretrain [--nproc N] [--config FILE] [section.key=value ...]   # torchrun engine.pretrain
+    polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]   # torchrun engine.finetune
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
@@ -17,11 +18,13 @@ import subprocess
 import sys
 
 
-def _pretrain(args, rest) -> int:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "engine.pretrain", *rest]
-    print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+def _launch(module: str):
+    def launch(args, rest) -> int:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+               "-m", module, *rest]
+        print("+", " ".join(cmd), flush=True)
+        return subprocess.call(cmd)
+    return launch
 
 
 def _version(name: str) -> str:
@@ -88,11 +91,14 @@ def main(argv=None) -> int:
                                  epilog="tools:\n" + _usage_of_tools(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pretrain", help="pre-train a reward model (engine/pretrain.py under torchrun); "
-                                        "other arguments are passed on (--config, section.key=value)")
-    p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
-                   help="processes on this machine (default 2)")
-    p.set_defaults(func=_pretrain)
+    for name, module, what in (("pretrain", "engine.pretrain", "pre-train a reward model"),
+                               ("finetune", "engine.finetune", "fine-tune a pre-trained reward model on "
+                                                               "preference records")):
+        p = sub.add_parser(name, help=f"{what} ({module.replace('.', '/')}.py under torchrun); other arguments "
+                                      "are passed on (--config, section.key=value; --help after -- for theirs)")
+        p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
+                       help="processes on this machine (default 2)")
+        p.set_defaults(func=_launch(module))
     e = sub.add_parser("env", help="print the versions and devices polar sees")
     e.set_defaults(func=_env)
     args, rest = ap.parse_known_args(argv)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.config import at_least, one_of, setting
 from polar.format import EncodedGroup, encode_groups
 from polar.synthetic import Triplet, make_pool, make_prompts, make_triplets
 from polar.tokenizer import Tokenizer
@@ -17,13 +18,14 @@ from polar.tokenizer import Tokenizer
 
 @dataclass
 class SyntheticDataConfig:
-    seed: int = 0
-    train_policies: int = 160
-    held_out_policies: int = 40
-    train_triplets: int = 24000
-    eval_triplets: int = 1000  # per evaluation set (held-out and seen)
-    prompts: int = 5000
-    wrapper: str = "sft"  # POLAR.md section 4: sft | pretrain
+    seed: int = setting(0, at_least(0))
+    train_policies: int = setting(160, at_least(2))
+    held_out_policies: int = setting(40, at_least(2))
+    train_triplets: int = setting(24000, at_least(1))
+    eval_triplets: int = setting(1000, at_least(1))  # per evaluation set (held-out and seen)
+    prompts: int = setting(5000, at_least(1))
+    # the POLAR input wrapper (paper Sec. 3 / App. D): sft puts "\n" after each prompt, pretrain does not
+    wrapper: str = setting("sft", one_of("sft", "pretrain"))
 
 
 @dataclass

@@ -46,8 +46,9 @@ def _sequence_parallel_spec(spec):
 class RewardModel(MegatronModule):
     def __init__(self, config, spec, vocab_size: int, max_sequence_length: int,
                  pre_process: bool, post_process: bool, vp_stage=None, lm_head: bool = False,
-                 kernels: str = "torch"):
+                 kernels: str = "torch", pg_collection=None):
         super().__init__(config=config)
+        self.tp_group = pg_collection.tp if pg_collection is not None else None
         self.pre_process = pre_process
         self.post_process = post_process
         # read by megatron's finalize_model_grads / DDP helpers
@@ -65,6 +66,7 @@ class RewardModel(MegatronModule):
             share_embeddings_and_output_weights=False,
             position_embedding_type="none",
             vp_stage=vp_stage,
+            pg_collection=pg_collection,
         )
         self.model_type = self.backbone.model_type
         if kernels == "triton":
@@ -95,7 +97,7 @@ class RewardModel(MegatronModule):
 
                 self.lm_head = tensor_parallel.ColumnParallelLinear(
                     h, vocab_size, config=config, init_method=config.init_method, bias=False,
-                    gather_output=False,
+                    gather_output=False, tp_group=self.tp_group,
                 )
 
     def set_input_tensor(self, input_tensor) -> None:
@@ -124,11 +126,11 @@ class RewardModel(MegatronModule):
         Each rank evaluates all n rows with its indices mapped into its slice; rows held by another
         rank are clamped to a valid local row and then zeroed by torch.where, which also zeroes
         their gradient. Device-side only: no mask indexing, so no host sync and a fixed shape."""
-        from megatron.core import parallel_state, tensor_parallel
+        from megatron.core import tensor_parallel
 
         s_local = hidden.shape[0]
-        start = parallel_state.get_tensor_model_parallel_rank() * s_local
-        s = s_local * parallel_state.get_tensor_model_parallel_world_size()
+        start = self.tp_group.rank() * s_local
+        s = s_local * self.tp_group.size()
         t = reward_index % s - start
         local = (t >= 0) & (t < s_local)
         local_index = (reward_index // s) * s_local + t.clamp(0, s_local - 1)
@@ -138,7 +140,7 @@ class RewardModel(MegatronModule):
         rewards = torch.where(local, rewards, torch.zeros_like(rewards))
         # forward: sum of the disjoint per-rank parts; backward: identity, so each rank's local
         # rows get the loss gradient that every rank computes identically from the full rewards
-        return tensor_parallel.reduce_from_tensor_model_parallel_region(rewards)
+        return tensor_parallel.reduce_from_tensor_model_parallel_region(rewards, group=self.tp_group)
 
     def _next_token_loss_sum(self, hidden, tokens, layout):
         """Sum of next-token cross-entropy over the targets of engine.packing.next_token_mask."""
@@ -154,5 +156,6 @@ class RewardModel(MegatronModule):
         normed = self.final_norm(hidden)  # [s, b, h], or [s/tp, b, h] under SP
         logits, _ = self.lm_head(normed)  # [s, b, vocab/tp]
         logits = logits[:-1]
-        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous())
+        losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous(),
+                                                              tp_group=self.tp_group)
         return (losses * valid.t().to(losses.dtype)).sum()

@@ -39,7 +39,7 @@ def test_presets_load():
     root = pathlib.Path(__file__).parents[2] / "configs"
     names = sorted(p.name for p in root.glob("*.yaml"))
     assert "tiny_cpu.yaml" in names and "polar_1_8b.yaml" in names and "polar_7b.yaml" in names
-    from engine.pretrain import PretrainConfig
+    from polar.pretrain_recipe import PretrainConfig
 
     for p in root.glob("*.yaml"):
         load_config(PretrainConfig, str(p))

@@ -1,0 +1,53 @@
+"""Known-benign warnings of megatron-core and torch, silenced so that the progress lines are what a
+user sees. Each entry names where it comes from and why it is harmless here; anything else still
+prints. POLAR_SHOW_ALL_WARNINGS=1 turns the silencing off."""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+# (logger, message prefix, why it is benign for this engine)
+_LOG_RECORDS = (
+    ("megatron.core.models.gpt.gpt_model", "GPTModel IS DEPRECATED",
+     "megatron-core 0.19 freezes GPTModel in favour of HybridModel; it still receives bug fixes "
+     "and is the backbone here (README, 'Notes')"),
+    ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel: full_param_layout not provided",
+     "DDP computes the distributed-optimizer layout itself, as it always did"),
+    ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
+     "checkpoints are saved synchronously; the message is logged on every save strategy"),
+)
+# (category, message regex, why)
+_WARNINGS = (
+    (UserWarning, r"(Transformer Engine and Apex are|Apex is) not installed",
+     "the local (torch) implementations are the ones this engine uses without TE/Apex"),
+    (UserWarning, r"full scope is deprecated", "megatron's own default for CUDA graphs, which are off"),
+    (UserWarning, r"MimoModelConfig is experimental", "an unused megatron module, imported by megatron itself"),
+    (UserWarning, r"The \.grad attribute of a Tensor that is not a leaf Tensor is being accessed",
+     "megatron's optimizer probes `.grad` on its parameter shards (views) while collecting gradients"),
+    (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
+     "megatron's distributed optimizer calls these torch collectives; they still work"),
+)
+
+
+class _DropPrefixes(logging.Filter):
+    def __init__(self, prefixes):
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefixes)
+
+
+def silence_known_warnings() -> None:
+    if os.environ.get("POLAR_SHOW_ALL_WARNINGS") == "1":
+        return
+    by_logger: dict[str, list[str]] = {}
+    for name, prefix, _ in _LOG_RECORDS:
+        by_logger.setdefault(name, []).append(prefix)
+    for name, prefixes in by_logger.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
+            logger.addFilter(_DropPrefixes(prefixes))
+    for category, message, _ in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

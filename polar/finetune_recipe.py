@@ -1,0 +1,179 @@
+"""POLAR's second stage: fine-tuning a pre-trained policy discriminator on a little preference data.
+
+Paper Sec. 3 (Eq. 8): human-ranked responses A > B > C for a prompt give the reference A, the chosen
+B and the rejected C, and the same Bradley-Terry loss as pre-training,
+    L = -log sigmoid(r(p, A, B) - r(p, A, C)).
+Records are the official JSONL records (`{"prompt", "reference", "chosen", "rejected", "wrapper"}`,
+strings or message lists; polar/records.py validates them with file:line: field errors). The
+paper's fine-tuning settings are the defaults here: AdamW betas (0.9, 0.95), weight decay 0,
+gradient clipping 1.0, 3% warm-up then cosine to 0.1 x lr, one epoch, lr 1e-5 (POLAR-1.8B; 2e-5
+for 7B). The paper's batch of 320 sequences is 160 records (each record is scored twice); here
+the batch counts packed sequences (`train.global_batch`), each holding several records.
+
+The run starts from `checkpoint.init_from` (a pre-training run's checkpoint, or one made by
+`polar convert hf-to-engine`), holds out `finetune.eval_fraction` of the records (or reads
+`finetune.eval`) and evaluates on them every `train.eval_interval` steps and at the end. Same
+engine, layouts, logging, checkpoints and exact resume as pre-training (engine/pretrain.py).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import (ConfigError, EngineConfig, TrainConfig, at_least, existing_path_or_empty, in_range,
+                           one_of, positive, run_directory, setting)
+from polar.pretrain_recipe import RunData
+
+CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "
+       "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too)."}
+
+
+def _existing_file(where, v):
+    if not v:
+        raise ConfigError(f"{where}: name the training records (a JSONL file)")
+    existing_path_or_empty(where, v)
+
+
+_existing_file.rule = "an existing JSONL file"
+
+
+@dataclass
+class FinetuneDataConfig:
+    train: str = setting("", _existing_file)  # official JSONL preference records
+    eval: str = setting("", existing_path_or_empty)  # held-out records; empty: split off eval_fraction
+    eval_fraction: float = setting(0.05, in_range(0.0, 0.5))
+    # "byte", or a directory holding tokenizer.json; empty: the init checkpoint's tokenizer/ if any, else byte
+    tokenizer: str = setting("", existing_path_or_empty)
+    max_length: int = setting(16384, at_least(8))  # POLAR's input budget (paper App. D)
+    max_response: int = setting(4096, at_least(1))
+    wrapper: str = setting("sft", one_of("sft", "pretrain"))  # for records that do not name one
+    epochs: float = setting(1.0, positive)  # sets train.steps from the data
+    warmup_fraction: float = setting(0.03, in_range(0.0, 1.0))  # sets train.warmup_steps
+    on_error: str = setting("fail", one_of("fail", "skip"))  # a bad record: stop, or skip and report
+    seed: int = setting(0, at_least(0))  # the held-out split
+
+
+def _paper_train_defaults() -> TrainConfig:
+    t = TrainConfig()
+    t.lr, t.min_lr_ratio, t.weight_decay = 1e-5, 0.1, 0.0
+    t.adam_beta1, t.adam_beta2, t.grad_clip = 0.9, 0.95, 1.0
+    t.eval_interval = 50
+    return t
+
+
+@dataclass
+class FinetuneConfig(EngineConfig):
+    train: TrainConfig = field(default_factory=_paper_train_defaults)
+    finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    run_dir: str = setting("runs/finetune", run_directory)
+
+
+CONFIG_CLASS = FinetuneConfig
+DEFAULT_PRESET = None  # no preset: the defaults above plus the command line
+
+
+def tokenizer_spec(cfg: FinetuneConfig) -> str:
+    if cfg.finetune.tokenizer:
+        return cfg.finetune.tokenizer
+    if cfg.checkpoint.init_from:
+        from engine.checkpoint import resolve
+
+        step = Path(resolve(cfg.checkpoint.init_from))
+        for d in (step.parent / "tokenizer", step.parent.parent / "tokenizer"):
+            if (d / "tokenizer.json").is_file():
+                return str(d)
+    return "byte"
+
+
+def check(cfg: FinetuneConfig) -> None:
+    from polar.tokenizer import load_tokenizer
+
+    if not cfg.checkpoint.init_from:
+        raise ConfigError("checkpoint.init_from: fine-tuning starts from a pre-trained checkpoint; name one "
+                          "(a run's checkpoints/ directory, one step, or a `polar convert` output)")
+    spec = tokenizer_spec(cfg)
+    try:
+        tok = load_tokenizer(spec)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"finetune.tokenizer={spec}: {e}") from e
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = tok.vocab_size
+    elif cfg.model.vocab_size < tok.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                          f"{tok.vocab_size} ({spec})")
+
+
+def _read(path: str, on_error: str):
+    from polar.records import RecordError, read_records
+
+    rejects: list = []
+    try:
+        records = list(read_records(path, on_error=on_error, rejects=rejects))
+    except RecordError as e:
+        raise ConfigError(f"finetune records: {e} (finetune.on_error=skip skips bad records and reports them)") from e
+    if rejects:
+        print(f"{path}: skipped {len(rejects)} bad record(s), e.g. {rejects[0]['file']}:{rejects[0]['line']}: "
+              f"{rejects[0]['field']}: {rejects[0]['reason']}", flush=True)
+    if not records:
+        raise ConfigError(f"{path}: no usable record")
+    return records
+
+
+def _pack(cfg: FinetuneConfig, tok, records, name: str):
+    from engine.data import PackedGroups
+    from engine.packing import Group
+    from polar.format import encode_groups
+
+    f = cfg.finetune
+    encoded = encode_groups(tok, [r.prompt for r in records], [r.reference for r in records],
+                            [r.candidates for r in records], [r.wrapper or f.wrapper for r in records],
+                            max_length=f.max_length, max_response=f.max_response)
+    groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=np.asarray(r.labels, dtype=np.int8))
+              for e, r in zip(encoded, records)]
+    try:
+        return PackedGroups(groups, cfg.data.seq_length, method=cfg.data.packing)
+    except ValueError as e:
+        raise ConfigError(f"{name}: {e}; raise data.seq_length or lower finetune.max_length") from e
+
+
+def prepare_data(cfg: FinetuneConfig) -> RunData:
+    """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
+    from polar.tokenizer import load_tokenizer
+
+    t0 = time.time()
+    f = cfg.finetune
+    tok = load_tokenizer(tokenizer_spec(cfg))
+    records = _read(f.train, f.on_error)
+    if f.eval:
+        train_records, eval_records = records, _read(f.eval, f.on_error)
+    else:
+        order = np.random.default_rng([f.seed, 7]).permutation(len(records))
+        n_eval = int(round(f.eval_fraction * len(records)))
+        held = set(order[:n_eval].tolist())
+        train_records = [r for i, r in enumerate(records) if i not in held]
+        eval_records = [r for i, r in enumerate(records) if i in held]
+    train = _pack(cfg, tok, train_records, "fine-tuning data")
+    evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data")} if eval_records else {}
+    if len(train) < cfg.train.global_batch:
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
+                          f"{len(train)} sequences of {cfg.data.seq_length} tokens")
+    steps = max(1, math.ceil(f.epochs * len(train) / cfg.train.global_batch))
+    cfg.train.steps = steps
+    cfg.train.warmup_steps = int(round(f.warmup_fraction * steps))
+    desc = (f"data: {len(train_records):,} fine-tuning records -> {len(train):,} packed sequences of "
+            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {len(eval_records):,} held out; "
+            f"{f.epochs:g} epoch(s) = {steps} steps, {cfg.train.warmup_steps} warm-up; "
+            f"built in {time.time() - t0:.1f}s")
+    return RunData(train, evals, tok.pad_id, desc)
+
+
+def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:
+    if "held_out" not in results:
+        return {}, []
+    r = results["held_out"]
+    return ({"held_out_pair_accuracy": r["pair_accuracy"], "held_out_loss": r["loss"], "held_out_pairs": r["pairs"]},
+            [f"held-out pair accuracy {r['pair_accuracy']:.3f} over {r['pairs']:,} pairs, loss {r['loss']:.4f}"])

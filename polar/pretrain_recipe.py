@@ -1,0 +1,152 @@
+"""The POLAR pre-training recipe: what the run trains and evaluates on, and what its summary says.
+
+`engine/pretrain.py` (the entry point users run) composes this recipe with the engine: the engine
+knows packed token groups, this module knows where they come from. Two sources:
+
+- the embedded default: synthetic policies (polar/synthetic.py) tokenized by the byte tokenizer,
+  evaluated on held-out and seen policies next to non-learned baselines (polar/baselines.py);
+- a dataset built by `polar data build` (data.path), evaluated on data.eval_path if given.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from engine.config import ConfigError, EngineConfig
+from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
+
+
+@dataclass
+class PretrainConfig(EngineConfig):
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+
+
+CONFIG_CLASS = PretrainConfig
+DEFAULT_PRESET = "tiny_cpu"  # the embedded default: a small CPU run on synthetic policies
+
+
+@dataclass
+class RunData:
+    """What the engine trains and evaluates on, and what the summary needs of it."""
+
+    train: object  # engine.data.PackedGroups or engine.indexed_dataset.IndexedDataset
+    evals: dict  # name -> the same kind
+    pad_id: int
+    description: str  # one line for the log
+    splits: Optional[SyntheticSplits] = None  # the embedded default's texts, for the baselines
+
+
+def _set_vocab(cfg: EngineConfig, vocab_size: int, source: str) -> None:
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = vocab_size
+    elif cfg.model.vocab_size < vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {source}'s {vocab_size}")
+
+
+def open_built(path: str, cfg: EngineConfig, setting: str):
+    """A dataset written by `polar data build`, checked against the run's settings."""
+    from engine.indexed_dataset import DatasetFormatError, IndexedDataset
+
+    try:
+        ds = IndexedDataset(path)
+    except (DatasetFormatError, OSError) as e:
+        raise ConfigError(f"{setting}={path}: {e}") from e
+    if ds.seq_length != cfg.data.seq_length:
+        raise ConfigError(f"data.seq_length={cfg.data.seq_length}, but {setting}={path} is packed at "
+                          f"{ds.seq_length}: set data.seq_length={ds.seq_length} (or rebuild the data)")
+    for key in ("vocab_size", "pad_id"):
+        if not isinstance(ds.meta.get(key), int):
+            raise ConfigError(f"{setting}={path}: its metadata has no integer {key!r}; rebuild it with polar data build")
+    return ds
+
+
+def check(cfg: PretrainConfig) -> None:
+    """Start-up checks of the data settings that need no data read (before any process group)."""
+    if cfg.data.eval_path and not cfg.data.path:
+        raise ConfigError("data.eval_path needs data.path (the embedded default evaluates on its own data)")
+    if cfg.data.path:
+        ds = open_built(cfg.data.path, cfg, "data.path")  # reads the index headers only
+        _set_vocab(cfg, ds.meta["vocab_size"], "dataset tokenizer")
+    else:
+        from polar.tokenizer import ByteTokenizer
+
+        _set_vocab(cfg, ByteTokenizer.vocab_size, "tokenizer")
+
+
+def built_data(cfg: PretrainConfig) -> RunData:
+    train = open_built(cfg.data.path, cfg, "data.path")
+    evals = {}
+    if cfg.data.eval_path:
+        evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")
+        for key in ("vocab_size", "pad_id"):
+            if evals["eval"].meta[key] != train.meta[key]:
+                raise ConfigError(f"data.eval_path and data.path disagree on {key}: "
+                                  f"{evals['eval'].meta[key]} vs {train.meta[key]} (different tokenizers?)")
+    desc = (f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
+            f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
+    return RunData(train, evals, train.meta["pad_id"], desc)
+
+
+def synthetic_data(cfg: PretrainConfig) -> RunData:
+    """The embedded default, built the same on every rank from the seed: no broadcast, no shared
+    filesystem needed."""
+    from engine.data import PackedGroups
+    from engine.packing import Group
+    from polar.pretrain_data import encode_triplets, make_splits
+    from polar.tokenizer import ByteTokenizer
+
+    t0 = time.time()
+    tok = ByteTokenizer()
+    splits = make_splits(cfg.synthetic)
+    seq = cfg.data.seq_length
+
+    def pack(triplets, name):
+        encoded = encode_triplets(tok, triplets, cfg.synthetic.wrapper, max_length=seq)
+        groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=lab) for e, lab in encoded]
+        try:
+            return PackedGroups(groups, seq, method=cfg.data.packing)
+        except ValueError as e:
+            raise ConfigError(f"{name}: {e}") from e
+
+    train = pack(splits.train, "training data")
+    evals = {"held_out": pack(splits.eval_held_out, "held-out evaluation data"),
+             "seen": pack(splits.eval_seen, "seen-policy evaluation data")}
+    dup = sum(len(g.prefix) * (len(g.candidates) - 1) for g in train.groups)
+    desc = (f"data: {len(train.groups):,} training groups -> {len(train):,} packed sequences of "
+            f"{seq} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "
+            f"tokens ({dup / (train.num_real_tokens + dup):.1%} of the duplicated layout); built in "
+            f"{time.time() - t0:.1f}s")
+    return RunData(train, evals, tok.pad_id, desc, splits)
+
+
+def prepare_data(cfg: PretrainConfig) -> RunData:
+    return built_data(cfg) if cfg.data.path else synthetic_data(cfg)
+
+
+def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:
+    """The recipe's part of summary.json and its closing log lines, from the evaluation results."""
+    if data.splits is not None:
+        from polar import baselines
+
+        held = data.splits.eval_held_out
+        summary = {
+            "held_out_pair_accuracy": results["held_out"]["pair_accuracy"],
+            "train_pair_accuracy": results["seen"]["pair_accuracy"],
+            "held_out_loss": results["held_out"]["loss"],
+            "seen_loss": results["seen"]["loss"],
+            "baselines": {name: baselines.pairwise_accuracy(fn, held)
+                          for name, fn in (("word_overlap", baselines.word_overlap),
+                                           ("bigram_overlap", baselines.bigram_overlap),
+                                           ("length_difference", baselines.length_difference))},
+            "held_out_pairs": results["held_out"]["pairs"],
+        }
+        line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f} (seen policies "
+                f"{summary['train_pair_accuracy']:.3f}) | "
+                + " | ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items()))
+        return summary, [line]
+    if "eval" in results:
+        r = results["eval"]
+        summary = {"eval_pair_accuracy": r["pair_accuracy"], "eval_loss": r["loss"], "eval_pairs": r["pairs"]}
+        return summary, [f"evaluation pair accuracy {r['pair_accuracy']:.3f}, loss {r['loss']:.4f}"]
+    return {}, []

@@ -1,0 +1,139 @@
+"""Every setting of every section is checked at start-up. The table below holds one bad value per
+field; a field added without a check, or without a row here, fails `test_table_covers_every_field`."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.config import validate
+from polar.pretrain_recipe import PretrainConfig
+
+ROOT = Path(__file__).parents[2]
+A_FILE = str(Path(__file__))  # an existing file where a directory is expected
+
+BAD = {
+    "model.num_layers": 0, "model.hidden_size": 0, "model.num_attention_heads": 0,
+    "model.num_query_groups": 0, "model.ffn_hidden_size": 0, "model.vocab_size": -1,
+    "model.rotary_base": 0, "model.norm_epsilon": 0, "model.init_method_std": -0.5,
+    "model.max_position_embeddings": 0,
+    "parallel.tp": 0, "parallel.pp": 0, "parallel.vpp": 1, "parallel.sequence_parallel": "maybe",
+    "parallel.distributed_optimizer": 2,
+    "train.steps": -1, "train.global_batch": 0, "train.micro_batch": 0, "train.lr": -1e-3,
+    "train.min_lr_ratio": 1.5, "train.warmup_steps": -1, "train.weight_decay": -0.1,
+    "train.adam_beta1": 1.0, "train.adam_beta2": -0.1, "train.adam_eps": 0, "train.grad_clip": -1,
+    "train.loss": "hinge", "train.aux_lm_weight": -1, "train.precision": "fp8", "train.seed": -1,
+    "train.attention_backend": "flash", "train.kernels": "fast", "train.time_limit_s": -1,
+    "train.exit_at_step": -1, "train.eval_interval": -1, "train.max_nonfinite_steps": 0,
+    "data.seq_length": 1, "data.packing": "random", "data.path": "/nonexistent/dataset",
+    "data.eval_path": "/nonexistent/eval",
+    "checkpoint.dir": A_FILE, "checkpoint.save_interval": -1, "checkpoint.resume": "maybe",
+    "checkpoint.init_from": "/nonexistent/checkpoint", "checkpoint.keep": -1,
+    "log.interval": 0, "log.tensorboard": "loud",
+    "synthetic.seed": -1, "synthetic.train_policies": 1, "synthetic.held_out_policies": 1,
+    "synthetic.train_triplets": 0, "synthetic.eval_triplets": 0, "synthetic.prompts": 0,
+    "synthetic.wrapper": "chat",
+    "run_dir": A_FILE,
+}
+# values that are fine for their type but meaningless: they must stop the run too (the review's list)
+EXTRA_BAD = {"model.rotary_base": "nan", "train.lr": "inf", "run_dir": "''"}
+
+
+def leaf_fields(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        name = f"{prefix}{f.name}"
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            yield from leaf_fields(type(default), name + ".")
+        else:
+            yield name
+
+
+def test_table_covers_every_field():
+    assert set(leaf_fields(PretrainConfig)) == set(BAD)
+
+
+def test_every_field_declares_a_check_and_the_defaults_pass():
+    validate(PretrainConfig())
+
+
+def test_a_field_without_a_check_is_refused():
+    @dataclasses.dataclass
+    class Unchecked:
+        x: int = 1
+
+    with pytest.raises(TypeError, match="config field x declares no check"):
+        validate(Unchecked())
+
+
+def _value(v):
+    return "''" if v == "" else str(v)
+
+
+@pytest.mark.parametrize("key", sorted(BAD) + [f"{k}#extra" for k in sorted(EXTRA_BAD)])
+def test_each_bad_setting_stops_at_start_up(key, tmp_path, capsys):
+    """In-process (no process group is made before the checks): exit code 2, one `config error:`
+    line that names the setting, nothing run (no run directory written)."""
+    from engine.pretrain import main
+
+    name = key.split("#")[0]
+    value = EXTRA_BAD[name] if key.endswith("#extra") else BAD[name]
+    run_dir = tmp_path / "run"
+    args = [f"{name}={_value(value)}"] + ([] if name == "run_dir" else [f"run_dir={run_dir}"])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("config error:")]
+    assert len(lines) == 1, err
+    assert name in lines[0], lines[0]
+    assert not run_dir.exists()
+
+
+def test_init_from_accepts_a_checkpoint_directory_or_a_step(tmp_path):
+    from engine.config import ConfigError, load_config
+
+    ckpt = tmp_path / "ckpt"
+    step = ckpt / "step_00000007"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text("{}")
+    (ckpt / "step_00000003.partial").mkdir()
+    for path in (ckpt, step):
+        cfg = load_config(PretrainConfig, None, [f"checkpoint.init_from={path}"])
+        assert cfg.checkpoint.init_from == str(path)
+    from engine.checkpoint import resolve
+
+    assert resolve(str(ckpt)) == str(step) and resolve(str(step)) == str(step)
+    with pytest.raises(ConfigError, match="checkpoint.init_from=.*neither a checkpoint directory"):
+        load_config(PretrainConfig, None, [f"checkpoint.init_from={tmp_path}"])
+
+
+@pytest.mark.parametrize("args", [["train.loss=hinge"], ["model.num_layers=0"], ["log.interval=0"]])
+def test_every_rank_exits_with_2_and_only_rank_0_speaks(tmp_path, args):
+    """The ranks of a 2-process job, started as torchrun would (RANK / WORLD_SIZE set), each run the
+    checks before any process group: both exit with 2, one message in all."""
+    script = str(ROOT / "engine" / "pretrain.py")
+    procs = [subprocess.Popen([sys.executable, script, f"run_dir={tmp_path / 'run'}", *args],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT="1", OMP_NUM_THREADS="1"))
+             for r in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [2, 2], outs
+    assert outs[0][1].count("config error:") == 1 and "config error:" not in outs[1][1], outs
+    assert all("Traceback" not in err for _, err in outs), outs
+    assert not (tmp_path / "run").exists()
+
+
+def test_under_torchrun_the_message_is_printed_once(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", "train.loss=hinge"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.count("config error: train.loss='hinge'") == 1, proc.stderr[-3000:]
+    assert "]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # torchrun's root cause: a worker's 2
+    assert not (tmp_path / "run").exists()
