@@ -1,6 +1,6 @@
 """The `polar` command.
 
-    polar pretrain [--nproc N] [--config FILE] [section.key=value ...]   # torchrun engine.pretrain
+    polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
@@ -15,6 +15,17 @@ import importlib
 import os
 import subprocess
 import sys
+
+from polar.presets import preset_names
+
+
+_PRETRAIN_EPILOG = """\
+passed on to engine/pretrain.py:
+  --config NAME|FILE    a preset shipped with polar ({presets}) or a YAML file;
+                        default tiny_cpu (a tiny model on synthetic data, minutes on CPU)
+  --print-config        print the resolved config and exit
+  section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
+"""
 
 
 def _pretrain(args, rest) -> int:
@@ -89,7 +100,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("pretrain", help="pre-train a reward model (engine/pretrain.py under torchrun); "
-                                        "other arguments are passed on (--config, section.key=value)")
+                                        "other arguments are passed on (--config, section.key=value)",
+                       epilog=_PRETRAIN_EPILOG.format(presets=", ".join(preset_names())),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
                    help="processes on this machine (default 2)")
     p.set_defaults(func=_pretrain)
