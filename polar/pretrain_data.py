@@ -23,7 +23,7 @@ class SyntheticDataConfig:
     train_triplets: int = 24000
     eval_triplets: int = 1000  # per evaluation set (held-out and seen)
     prompts: int = 5000
-    wrapper: str = "sft"  # POLAR.md section 4: sft | pretrain
+    wrapper: str = "sft"  # the input template, sft | pretrain (polar/format.py)
 
 
 @dataclass
