@@ -1,4 +1,4 @@
-"""The package as a user gets it: `pip wheel` of the repository, installed into a throw-away venv and run
+"""The package as a user gets it: sdist and wheel of the repository, installed into a throw-away venv and run
 from a directory outside the source tree, so nothing may read files the wheel does not carry.
 
 Slow (one full compile of the C++ extension, then a two-step torchrun): marked `slow`, and part of the
@@ -55,13 +55,19 @@ def package(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(POLAR_SKIP_CUDA_BUILD="1", OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
 
+    # As a release is built: an sdist of a clean copy, then the wheel from that sdist, so a file
+    # missing from the sdist (MANIFEST.in) fails here too.
     src = work / "src"
     shutil.copytree(ROOT, src, ignore=_NOT_SOURCE)
+    _check([sys.executable, "-c", "import sys; from setuptools import build_meta; "
+            "print(build_meta.build_sdist(sys.argv[1]))", work / "sdist"], cwd=src, env=env, timeout=300)
+    (sdist,) = (work / "sdist").glob("polar_rm-*.tar.gz")
     _check([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-            "-w", work / "dist", src], cwd=work, env=env, timeout=900)
+            "-w", work / "dist", sdist], cwd=work, env=env, timeout=900)
     (wheel,) = (work / "dist").glob("polar_rm-*.whl")
 
     venv = work / "venv"
+    # the dependencies' .pth is written after the install, so pip never sees the editable polar-rm there
     _check([sys.executable, "-m", "venv", "--without-pip", venv], env=env, timeout=120)
     py = venv / "bin" / "python"
     _check([sys.executable, "-m", "pip", "--python", py, "install", "-q", "--no-deps", wheel],
