@@ -21,7 +21,7 @@ from polar.presets import preset_names
 
 _PRETRAIN_EPILOG = """\
 passed on to engine/pretrain.py:
-  --config NAME|FILE    a preset shipped with polar ({presets}) or a YAML file;
+  --config PRESET|FILE  a preset shipped with polar ({presets}) or a YAML file;
                         default tiny_cpu (a tiny model on synthetic data, minutes on CPU)
   --print-config        print the resolved config and exit
   section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
