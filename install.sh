@@ -8,8 +8,8 @@ PY=${PYTHON:-python3}
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 python -m pip install -q -r requirements.txt
-# megatron-core 0.19.2 declares Python>=3.12 but runs on 3.11 (tested: PLATFORM notes); its
-# undeclared needs (triton, psutil, packaging, numpy, torch) come from requirements.txt.
+# megatron-core 0.19.2 declares Python>=3.12 but imports and trains on 3.11 (the test suite runs there);
+# its undeclared needs (triton, psutil, packaging, numpy, torch) come from requirements.txt.
 if python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
   python -m pip install -q --no-deps megatron-core==0.19.2
 else

@@ -3,9 +3,10 @@
     python benchmarks/data_build.py [--records 100000] [--seq-length 16384] [--workers 1 2] [--keep DIR]
 
 Records are written for the byte tokenizer (ASCII letters and spaces: one character = one token),
-so lengths in tokens are what the generator draws, as in POLAR's pre-training data (POLAR.md
-section 6): prompts log-uniform over 1-1024 tokens, reference and candidates long-tailed
-(log-normal, median 600) and cut at 4096. Reported: build throughput for each worker count
+so lengths in tokens are what the generator draws, shaped after POLAR's pre-training data (paper
+App. D: prompts of 1-1024 tokens, trajectories of up to 4096 tokens): prompts log-uniform over
+1-1024 tokens, reference and candidates long-tailed (log-normal, median 600) and cut at 4096.
+Reported: build throughput for each worker count
 (and that the outputs are byte-identical), packing efficiency from `polar data stats`, the C++
 packer against the plain-Python first-fit of benchmarks/packer.py on the built groups' lengths,
 and the shared-prefix savings for K=2 (the built data) and K=8 (a sample encoded the same way).

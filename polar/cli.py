@@ -1,7 +1,7 @@
 """The `polar` command.
 
-    polar pretrain [--nproc N] [--config FILE] [section.key=value ...]   # torchrun engine.pretrain
-    polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]   # torchrun engine.finetune
+    polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
+    polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]    # torchrun engine.finetune
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
@@ -16,6 +16,27 @@ import importlib
 import os
 import subprocess
 import sys
+
+from polar.presets import preset_names
+
+
+_PRETRAIN_EPILOG = """\
+passed on to engine/pretrain.py:
+  --config PRESET|FILE  a preset shipped with polar ({presets}) or a YAML file;
+                        default tiny_cpu (a tiny model on synthetic data, minutes on CPU)
+  --print-config        print the resolved config and exit
+  section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
+"""
+
+_FINETUNE_EPILOG = """\
+passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
+  checkpoint.init_from=DIR   the pre-trained model: a run's checkpoints/ directory, one step, or a
+                             `polar convert hf-to-engine` output (required)
+  finetune.train=FILE        official JSONL preference records (required); finetune.eval=FILE or
+                             finetune.eval_fraction=0.05 for the held-out split
+  --config PRESET|FILE       optional ({presets}); model.* settings must match the checkpoint
+  section.key=value          e.g. train.lr=2e-5 finetune.epochs=1 train.eval_interval=50
+"""
 
 
 def _launch(module: str):
@@ -91,11 +112,14 @@ def main(argv=None) -> int:
                                  epilog="tools:\n" + _usage_of_tools(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    for name, module, what in (("pretrain", "engine.pretrain", "pre-train a reward model"),
-                               ("finetune", "engine.finetune", "fine-tune a pre-trained reward model on "
-                                                               "preference records")):
+    for name, module, what, epilog in (
+            ("pretrain", "engine.pretrain", "pre-train a reward model", _PRETRAIN_EPILOG),
+            ("finetune", "engine.finetune", "fine-tune a pre-trained reward model on preference records",
+             _FINETUNE_EPILOG)):
         p = sub.add_parser(name, help=f"{what} ({module.replace('.', '/')}.py under torchrun); other arguments "
-                                      "are passed on (--config, section.key=value; --help after -- for theirs)")
+                                      "are passed on (--config, section.key=value)",
+                           epilog=epilog.format(presets=", ".join(preset_names())),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
                        help="processes on this machine (default 2)")
         p.set_defaults(func=_launch(module))

@@ -6,16 +6,17 @@
 Message lists lose their roles: the contents are joined by "\\n". The two reward strings are the
 tokenizer's (`reward_sep_text`, `reward_token_text`), POLAR's literals above by default.
 
-Truncation (POLAR.md section 4) counts the tokens of each piece tokenized on its own: reference
-and candidate keep their first `max_response` tokens; the prompt keeps its *last*
-(max_length - 4 - |reference| - |candidate|) // 2 tokens, halved because it appears twice; 4 tokens
-are reserved for <|reward|>, the two "\\n" and the reward token (also with the pretrain wrapper,
-which does not use the "\\n"). BOS is outside that count, so an input can be max_length + 1 tokens
-long. A cut is made in the *text*, at the character span of the first dropped (head) or last
-dropped (tail) token (`Tokenizer.offsets_batch`), so it never falls inside a character: with the
-byte tokenizer a cut through a multi-byte character drops that whole character, keeping up to 3
-bytes fewer than the budget (|reference| and |candidate| above count the tokens actually kept).
-Text without such cuts (all ASCII, say) gets exactly the byte counts of the rule.
+Truncation (as in POLAR's training code, which uses max_length 16384 and max_response 4096) counts
+the tokens of each piece tokenized on its own: reference and candidate keep their first
+`max_response` tokens; the prompt keeps its *last* (max_length - 4 - |reference| - |candidate|) // 2
+tokens, halved because it appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the
+reward token (also with the pretrain wrapper, which does not use the "\\n"). BOS is outside that
+count, so an input can be max_length + 1 tokens long. A cut is made in the *text*, at the character
+span of the first dropped (head) or last dropped (tail) token (`Tokenizer.offsets_batch`), so it
+never falls inside a character: with the byte tokenizer a cut through a multi-byte character drops
+that whole character, keeping up to 3 bytes fewer than the budget (|reference| and |candidate| above
+count the tokens actually kept). Text without such cuts (all ASCII, say) gets exactly the byte
+counts of the rule.
 
 Then each candidate's whole input is built as one string and tokenized at once, and the reward
 token id is appended: the ids are those of the serving string, tokenized whole by the server, for

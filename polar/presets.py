@@ -1,17 +1,52 @@
-"""Named configuration presets shipped with the package (temporary; replaced by the packaging work)."""
+"""The run presets that ship inside the package (polar/configs/*.yaml), and `--config` resolution.
+
+    resolve_config("polar_7b")           -> .../site-packages/polar/configs/polar_7b.yaml
+    resolve_config("polar_7b.yaml")      -> the same, unless ./polar_7b.yaml exists
+    resolve_config("my_runs/big.yaml")   -> my_runs/big.yaml
+
+A file that exists wins over a preset of the same name, so a user's own `tiny_cpu.yaml` in the working
+directory is never shadowed. Presets are plain files on disk (pip unpacks wheels), so a `base:` line inside
+one resolves next to it, as for any other config file.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
-_DIRS = [Path(__file__).resolve().parent / "configs", Path(__file__).resolve().parent.parent / "configs"]
+from engine.config import ConfigError
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_PRESET = "tiny_cpu"
+_SUFFIXES = (".yaml", ".yml")
 
 
-def resolve_config(name_or_path: str) -> str:
-    p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return str(p)
-    for d in _DIRS:
-        f = d / f"{name_or_path}.yaml"
-        if f.is_file():
-            return str(f)
-    return str(p)
+def preset_names() -> list[str]:
+    """Names accepted by `--config`, without their .yaml suffix."""
+    return sorted(p.stem for p in PRESETS_DIR.iterdir() if p.suffix in _SUFFIXES)
+
+
+def preset_path(name: str) -> Path | None:
+    """The shipped file for a preset name (with or without its suffix), or None."""
+    if not name or Path(name).name != name:  # a path with folders is never a preset name
+        return None
+    stem = Path(name).stem if Path(name).suffix in _SUFFIXES else name
+    for suffix in _SUFFIXES:
+        p = PRESETS_DIR / (stem + suffix)
+        if p.is_file():
+            return p
+    return None
+
+
+def resolve_config(name_or_path: str | None = None) -> str:
+    """The config file `--config` means: an existing file, else a preset name; None gives the default preset.
+
+    Raises ConfigError naming the argument and the presets when it is neither.
+    """
+    if name_or_path is None:
+        name_or_path = DEFAULT_PRESET
+    if Path(name_or_path).is_file():
+        return str(name_or_path)
+    preset = preset_path(name_or_path)
+    if preset is not None:
+        return str(preset)
+    raise ConfigError(f"--config {name_or_path}: no such file, and not a preset "
+                      f"(presets: {', '.join(preset_names())})")

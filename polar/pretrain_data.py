@@ -24,7 +24,7 @@ class SyntheticDataConfig:
     train_triplets: int = setting(24000, at_least(1))
     eval_triplets: int = setting(1000, at_least(1))  # per evaluation set (held-out and seen)
     prompts: int = setting(5000, at_least(1))
-    # the POLAR input wrapper (paper Sec. 3 / App. D): sft puts "\n" after each prompt, pretrain does not
+    # the input template (polar/format.py): sft puts "\n" after each prompt, pretrain does not
     wrapper: str = setting("sft", one_of("sft", "pretrain"))
 
 

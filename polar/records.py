@@ -3,7 +3,7 @@
 Two record shapes are read; every value that is text may be a string or a message list
 (`[{"role": ..., "content": ...}, ...]`, joined by "\\n" as in polar/format.py):
 
-    official (POLAR.md section 6):
+    official (the JSONL record of POLAR's released training code, for pre-training and fine-tuning):
         {"prompt": T, "reference": T, "chosen": T, "rejected": T, "wrapper": "sft"|"pretrain"}
     grouped (ours, K >= 2 candidates):
         {"prompt": T, "reference": T, "candidates": [C, ...], "reference_policy": id, "wrapper": ...}

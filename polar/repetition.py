@@ -1,4 +1,4 @@
-"""Repetition loops at the end of sampled text (POLAR.md section 6: truncated, not removed)."""
+"""Repetition loops at the end of sampled text (POLAR paper App. D: truncated, not removed)."""
 from __future__ import annotations
 
 

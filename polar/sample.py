@@ -5,7 +5,7 @@ only on --seed and i, never on timing or completion order:
 
 - the prompt: with probability --instruction-share an instruction prompt (used whole), otherwise a
   corpus document cut to its first L tokens, L uniform in [--prefix-min-tokens, --prefix-max-tokens]
-  (POLAR.md section 6: 1..1024), counted with --tokenizer; the cut is at a token boundary (the kept
+  (POLAR paper App. D: 1..1024), counted with --tokenizer; the cut is at a token boundary (the kept
   ids are decoded), moved back to the previous character if it splits one. Documents are drawn with
   replacement; a document shorter than L is used whole.
 - the policies: a seeded order of the pool's policy names; A is the first and B the second policy of

@@ -1,8 +1,9 @@
 """A built-in pool of synthetic text policies, for POLAR pre-training without any model or corpus.
 
-POLAR learns to tell whether a candidate comes from the same policy as a reference (POLAR.md
-sections 2 and 6). Here a policy is a small stochastic text generator with a style drawn at random
-from one style distribution, so policies held out of training are new but of the same kind:
+POLAR learns to tell whether a candidate comes from the same policy as a reference (paper Eq. 7; its
+pre-training data pairs policies drawn from a pool, App. D). Here a policy is a small stochastic
+text generator with a style drawn at random from one style distribution, so policies held out of
+training are new but of the same kind:
 
 - its own alphabet habit: a lexicon of invented words built from syllables whose consonants and
   vowels follow a skewed, policy-specific distribution (visible in every byte);

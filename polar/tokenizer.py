@@ -10,9 +10,9 @@ dump of ids below 256 reads as the raw bytes) and puts the four special tokens r
 
 The two reward specials are also recognised as *literal text*: serving sends the string with
 "[UNUSED_TOKEN_130]" at its end and lets the server tokenize it, while training appends the id;
-POLAR needs both to give identical ids (POLAR.md section 4). A consequence: a response that happens
-to contain one of the literals is read as the special token. The same holds for `HFTokenizer`,
-where both literals are special added tokens.
+both must give identical ids, or the server scores an input the model never saw in training. A
+consequence: a response that happens to contain one of the literals is read as the special token.
+The same holds for `HFTokenizer`, where both literals are special added tokens.
 
 Offsets (`offsets_batch`) are *character* spans [start, end) in the str, as the HF library gives
 them. A byte token is part of a character: every byte of a multi-byte character gets that
@@ -32,8 +32,9 @@ import numpy as np
 REWARD_SEP_TEXT = "<|reward|>"
 REWARD_TOKEN_TEXT = "[UNUSED_TOKEN_130]"
 
-# The released POLAR models use the InternLM2 vocabulary (POLAR.md section 4): <s> = 1, pad = eos =
-# </s> = 2. These are HFTokenizer's defaults; the ids are looked up by string, never assumed.
+# The released POLAR models (internlm/POLAR-1_8B, internlm/POLAR-7B) use the InternLM2 vocabulary:
+# <s> = 1, pad = eos = </s> = 2. These are HFTokenizer's defaults; the ids are looked up by string,
+# never assumed.
 INTERNLM2_BOS_TEXT = "<s>"
 INTERNLM2_PAD_TEXT = "</s>"
 

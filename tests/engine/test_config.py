@@ -33,18 +33,6 @@ def test_bad_settings_name_themselves(override, needle):
         load_config(EngineConfig, None, override)
 
 
-def test_presets_load():
-    import pathlib
-
-    root = pathlib.Path(__file__).parents[2] / "configs"
-    names = sorted(p.name for p in root.glob("*.yaml"))
-    assert "tiny_cpu.yaml" in names and "polar_1_8b.yaml" in names and "polar_7b.yaml" in names
-    from polar.pretrain_recipe import PretrainConfig
-
-    for p in root.glob("*.yaml"):
-        load_config(PretrainConfig, str(p))
-
-
 @pytest.mark.parametrize("model,par,train,world,needle", [
     (dict(num_attention_heads=6, num_query_groups=2, hidden_size=96), dict(tp=4), {}, 4, "parallel.tp=4"),
     ({}, dict(tp=2), {}, 3, "world size 3"),
