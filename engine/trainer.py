@@ -261,7 +261,8 @@ class Trainer:
             groups += self.loader.last_global["groups"]
             tokens += tc.global_batch * self.loader.source.seq_length
             flops += self._step_flops(batch_indices)
-            if self.step % lc.interval == 0 or self.step == tc.steps:
+            exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
+            if self.step % lc.interval == 0 or self.step == tc.steps or exiting:
                 s = self._reduce(window).tolist()
                 row = progress.log(
                     self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
@@ -283,7 +284,7 @@ class Trainer:
                 self._evaluate_all(progress)
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
                 self.save()
-            if tc.exit_at_step and self.step == tc.exit_at_step and self.step < tc.steps:
+            if exiting:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 stop = True
         progress.close()
