@@ -38,17 +38,25 @@ def _token_ids(x, what: str) -> np.ndarray:
 
 @dataclass
 class Group:
-    """One prefix and its K >= 2 candidates; the unit that packing never splits."""
+    """One prefix and its K >= 2 labelled candidates (or K >= 1 unlabelled ones, to score); the unit
+    that packing never splits."""
 
     prefix: np.ndarray  # int32 token ids shared by all candidates
     candidates: list[np.ndarray]  # int32 ids per candidate; the LAST token of each is where its reward is read
-    labels: np.ndarray  # int8 [K]; 1 = positive, 0 = negative
+    # int8 [K]; 1 = positive, 0 = negative. None: a group to score, not to train on (K >= 1, no pairs)
+    labels: np.ndarray | None
 
     def __post_init__(self):
         self.prefix = _token_ids(self.prefix, "prefix")
         self.candidates = [_token_ids(c, f"candidates[{k}]") for k, c in enumerate(self.candidates)]
-        labels = np.asarray(self.labels)
         k = len(self.candidates)
+        if self.labels is None:
+            if k < 1:
+                raise ValueError("a group to score needs at least 1 candidate")
+            self._check_candidates()
+            self.labels = np.zeros(k, dtype=np.int8)  # no positive: no pair, no loss term
+            return
+        labels = np.asarray(self.labels)
         if k < 2:
             raise ValueError(f"a group needs at least 2 candidates to compare, got {k}")
         if labels.shape != (k,):
@@ -59,10 +67,13 @@ class Group:
         # compute and contribute nothing to the loss, which is a data bug worth stopping on.
         if labels.min() == labels.max():
             raise ValueError(f"a group needs at least one positive and one negative candidate, got labels {labels.tolist()}")
+        self._check_candidates()
+        self.labels = labels.astype(np.int8)
+
+    def _check_candidates(self) -> None:
         for j, c in enumerate(self.candidates):
             if c.size == 0:
                 raise ValueError(f"candidate {j} is empty: its reward is read at its last token, so it needs one")
-        self.labels = labels.astype(np.int8)
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(len(c) for c in self.candidates)

@@ -2,6 +2,7 @@
 
     polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
     polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]    # torchrun engine.finetune
+    polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
@@ -77,6 +78,8 @@ def _env(args, rest) -> int:
 
 # sub-command -> module whose main(argv) implements it; imported only when used
 _TOOLS = {
+    ("score",): ("polar.launch:score_main", "offline batch scoring at any layout with the official client's "
+                                            "exact format (engine/score.py; --nproc N runs torchrun)"),
     ("sample",): ("polar.sample", "pre-training triplets from a prompt corpus and a policy pool of "
                                   "OpenAI-compatible endpoints"),
     ("data", "build"): ("polar.data_build", "records (JSONL) -> tokenized, shared-prefix packed, "
@@ -104,7 +107,8 @@ def main(argv=None) -> int:
     tool = _tool(argv)
     if tool is not None:
         module, rest = tool
-        return importlib.import_module(module).main(rest)
+        module, _, func = module.partition(":")
+        return getattr(importlib.import_module(module), func or "main")(rest)
     if argv[:1] == ["data"]:
         print("usage: polar data {build,stats} ...\n" + _usage_of_tools(), file=sys.stderr)
         return 2

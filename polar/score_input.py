@@ -1,0 +1,114 @@
+"""`polar score` input and output lines.
+
+Each input line is one of (texts are strings or message lists, as everywhere in polar):
+
+    official record   {"prompt", "reference", "chosen", "rejected", "wrapper"?}
+                      -> {"chosen_reward": r, "rejected_reward": r, "rewards": [r_chosen, r_rejected]}
+    group             {"prompt", "reference", "candidates": [T or {"text": T, ...}, ...], "wrapper"?}
+                      -> {"rewards": [r, ...]}  (candidate order)
+    one output        {"prompt", "reference", "output", "wrapper"?}
+                      -> {"reward": r, "rewards": [r]}
+
+One output line per input line, in input order; an input line's other fields (ids, metadata) are
+not copied, the line number is (`"line"`). Empty outputs are scored, not rejected: an RL policy
+does produce them. A line that is not one of the three shapes stops the run with
+`file:line: field: reason` (or, with on_error=skip, becomes `{"line": n, "error": "..."}`, so the
+output still has one line per input line).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Optional
+
+from polar.client_format import ScoringItem
+from polar.format import WRAPPERS, as_text
+from polar.records import RecordError, iter_lines
+
+KINDS = ("record", "group", "output")
+
+
+@dataclass
+class ScoreLine:
+    line: int
+    kind: str  # one of KINDS; None-like "error" for a skipped bad line
+    items: list  # ScoringItem per output to score, in output order
+    error: Optional[str] = None
+
+
+class _Bad(Exception):
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+
+
+def _text(obj: dict, key: str, where: Optional[str] = None):
+    if key not in obj:
+        raise _Bad(where or key, "missing")
+    value = obj[key]
+    try:
+        as_text(value)
+    except TypeError as e:
+        raise _Bad(where or key, str(e)) from None
+    return value
+
+
+def _parse(obj) -> tuple[str, list]:
+    if not isinstance(obj, dict):
+        raise _Bad("line", f"expected a JSON object, got {type(obj).__name__}")
+    wrapper = obj.get("wrapper") or "sft"
+    if wrapper not in WRAPPERS:
+        raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
+    prompt, reference = _text(obj, "prompt"), _text(obj, "reference")
+    if "chosen" in obj or "rejected" in obj:
+        outs, kind = [_text(obj, "chosen"), _text(obj, "rejected")], "record"
+    elif "candidates" in obj:
+        cands = obj["candidates"]
+        if not isinstance(cands, list) or not cands:
+            raise _Bad("candidates", "must be a non-empty list")
+        outs = []
+        for i, c in enumerate(cands):
+            if isinstance(c, dict):
+                outs.append(_text(c, "text", f"candidates[{i}].text"))
+            else:
+                outs.append(_text({"t": c}, "t", f"candidates[{i}]"))
+        kind = "group"
+    elif "output" in obj:
+        outs, kind = [_text(obj, "output")], "output"
+    else:
+        raise _Bad("output", "missing (a line needs chosen/rejected, candidates or output)")
+    return kind, [ScoringItem(prompt, reference, o, wrapper) for o in outs]
+
+
+def read_score_input(path: str, on_error: str = "fail") -> list[ScoreLine]:
+    """Every non-blank line of a JSONL file, parsed; bad lines raise RecordError (on_error="fail")
+    or come back as error lines (on_error="skip")."""
+    out = []
+    for n, raw in iter_lines(path):
+        if not raw.strip():
+            continue
+        try:
+            try:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise _Bad("line", f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
+            except json.JSONDecodeError as e:
+                raise _Bad("line", f"not valid JSON: {e.msg} at column {e.colno}") from None
+            kind, items = _parse(obj)
+        except _Bad as b:
+            if on_error == "fail":
+                raise RecordError(path, n, b.field, b.reason) from None
+            out.append(ScoreLine(n, "error", [], f"{path}:{n}: {b.field}: {b.reason}"))
+            continue
+        out.append(ScoreLine(n, kind, items))
+    return out
+
+
+def output_row(line: ScoreLine, rewards: list) -> dict:
+    if line.error is not None:
+        return {"line": line.line, "error": line.error}
+    row = {"line": line.line, "rewards": rewards}
+    if line.kind == "record":
+        row["chosen_reward"], row["rejected_reward"] = rewards
+    elif line.kind == "output":
+        row["reward"] = rewards[0]
+    return row
