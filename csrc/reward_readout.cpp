@@ -60,15 +60,18 @@ void readout_backward(const float* hidden, int64_t s, int64_t b, int64_t h,
                           static_cast<double>(grad_r[i]));
     for (int64_t k = 0; k < h; ++k) {
       // += so that a repeated index accumulates its rows' gradients.
-      gx[k] += static_cast<float>(readout::grad_x<double>(rg, x[k], norm_weight[k], head_weight[k]));
+      gx[k] += static_cast<float>(
+          readout::grad_x<double>(rg, x[k], norm_weight[k], head_weight[k]));
       column[static_cast<size_t>(k)] =
           readout::add_to_column<double>(column[static_cast<size_t>(k)], rg.a, x[k]);
     }
   }
   for (int64_t k = 0; k < h; ++k) {
     const double col = column[static_cast<size_t>(k)];
-    grad_norm_weight[k] = static_cast<float>(readout::grad_norm_weight<double>(head_weight[k], col));
-    grad_head_weight[k] = static_cast<float>(readout::grad_head_weight<double>(norm_weight[k], col));
+    grad_norm_weight[k] =
+        static_cast<float>(readout::grad_norm_weight<double>(head_weight[k], col));
+    grad_head_weight[k] =
+        static_cast<float>(readout::grad_head_weight<double>(norm_weight[k], col));
   }
 }
 

@@ -1,9 +1,9 @@
-// The math of the contrastive losses, one definition for both implementations that compile C++: the
-// CUDA kernels (csrc/cuda/contrastive_loss.cu, Acc = float) and the CPU references
-// (csrc/contrastive_loss.cpp, Acc = double, which the CPU tests check against torch). Callers own the
-// loops over the pairs, the reductions and the gradient scatter; every formula lives here. Same math
-// as engine/kernels/contrastive_loss.py and engine/loss.py (pairwise_sums, infonce_sums), stable for
-// rewards of any magnitude.
+// The math of the contrastive losses, one definition for both implementations that compile C++:
+// the CUDA kernels (csrc/cuda/contrastive_loss.cu, Acc = float) and the CPU references
+// (csrc/contrastive_loss.cpp, Acc = double, which the CPU tests check against torch). Callers own
+// the loops over the pairs, the reductions and the gradient scatter; every formula lives here. Same
+// math as engine/kernels/contrastive_loss.py and engine/loss.py (pairwise_sums, infonce_sums),
+// stable for rewards of any magnitude.
 #pragma once
 
 #include "host_device.h"
@@ -38,8 +38,9 @@ POLAR_HD PairTerms<Acc> pair_terms(Acc r_pos, Acc r_neg) {
 // An online logsumexp: merging every d_pq into the state (M, S), M = max d, S = sum exp(d - M),
 // starting from (-inf, 0), which also marks a reward that is no positive. The "1 +" term is taken
 // in when the state is read: Mc = max(M, 0), denom = S exp(M - Mc) + exp(-Mc) >= 1, and
-//   loss_p = Mc + log(denom),   weight_pq = exp(d_pq - Mc) / denom = d loss_p / d r_q = -d loss_p / d r_p
-// (the softmax weight of pair q). The merge is order-independent up to rounding.
+//   loss_p = Mc + log(denom),   weight_pq = exp(d_pq - Mc) / denom
+// where weight_pq, the softmax weight of pair q, is d loss_p / d r_q and pair q's share of
+// -d loss_p / d r_p. The merge is order-independent up to rounding.
 template <typename Acc>
 struct LogSumExp {
   Acc max;

@@ -15,7 +15,7 @@
 
 namespace polar::readout {
 
-// Offset of reward row idx = bi * s + t of hidden [s, b, h] whose strides are (stride_s, stride_b, 1).
+// Offset of reward row idx = bi * s + t of hidden [s, b, h] with strides (stride_s, stride_b, 1).
 POLAR_HD int64_t row_offset(int64_t idx, int64_t s, int64_t stride_s, int64_t stride_b) {
   return (idx % s) * stride_s + (idx / s) * stride_b;
 }

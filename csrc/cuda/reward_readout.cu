@@ -1,7 +1,7 @@
 // Fused reward readout on CUDA: gather the reward rows of hidden [s, b, h], RMSNorm them, dot with
-// the value head, fp32 math. The formulas (forward, and the backward folded into one column sum) are
-// those of csrc/common/readout_math.h, which the CPU reference compiles too; this file holds the
-// loads, the warp and column reductions and the launch schedule.
+// the value head, fp32 math. The formulas (the forward, and the backward folded into one column
+// sum) are those of csrc/common/readout_math.h, which the CPU reference compiles too; this file
+// holds the loads, the warp and column reductions and the launch schedule.
 //
 // Forward: one warp per reward row, 16-byte loads. Backward, five steps on one stream:
 //   link     chains the rewards that gather the same token row (head[row] -> next[i] -> ...),
