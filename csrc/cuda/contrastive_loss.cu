@@ -78,7 +78,8 @@ using LogSumExp = contrastive::LogSumExp<float>;
 
 // A positive's logsumexp state as one 64-bit word (max in the low half), for atomicCAS.
 __device__ __forceinline__ unsigned long long pack(LogSumExp st) {
-  return (static_cast<unsigned long long>(__float_as_uint(st.sum)) << 32) | __float_as_uint(st.max);
+  return (static_cast<unsigned long long>(__float_as_uint(st.sum)) << 32) |
+         __float_as_uint(st.max);
 }
 __device__ __forceinline__ LogSumExp unpack(unsigned long long x) {
   return {__uint_as_float(static_cast<unsigned>(x & 0xffffffffull)),
