@@ -3,6 +3,8 @@
 Two extensions:
   engine._C       csrc/*.cpp, pybind11 + numpy only. Always built, -O3, no -march=native so the
                   result runs on any x86_64 / aarch64 machine it is copied to.
+                  csrc/common/*.h hold the readout and loss math that both extensions compile
+                  (host-device functions): the CPU references run exactly the kernels' formulas.
   engine._C_cuda  csrc/cuda/*.cu (kernels, no torch headers) + csrc/cuda/*.cpp (the torch binding, which
                   registers the ops with TORCH_LIBRARY_FRAGMENT(polar, m)), torch CUDAExtension. Built
                   only when there are .cu files, the torch that setup.py can import is a CUDA build,
@@ -40,11 +42,16 @@ def _log(msg: str) -> None:
     print(f"polar setup.py: {msg}", file=sys.stderr)
 
 
+# Headers, so that editing one rebuilds the extensions that include it (and sdists carry them).
+_SHARED_HEADERS = sorted(glob("csrc/common/*.h"))
+
+
 def _cpu_extension() -> Pybind11Extension:
     return Pybind11Extension(
         "engine._C",
         sorted(glob("csrc/*.cpp")),
         include_dirs=["csrc"],
+        depends=sorted(glob("csrc/*.h")) + _SHARED_HEADERS,
         cxx_std=17,
         extra_compile_args=["-O3"],
     )
@@ -109,7 +116,8 @@ def _cuda_extension():
     ext = CUDAExtension(
         "engine._C_cuda",
         sources,
-        include_dirs=[os.path.join(ROOT, "csrc", "cuda")],
+        include_dirs=[os.path.join(ROOT, "csrc", "cuda"), os.path.join(ROOT, "csrc")],
+        depends=sorted(glob("csrc/cuda/*.h") + glob("csrc/cuda/*.cuh")) + _SHARED_HEADERS,
         extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
     )
     return ext, BuildExtension

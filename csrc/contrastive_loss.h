@@ -2,7 +2,8 @@
 //
 // Plain C++ with no Python types, like packer.h: bindings.cpp checks every argument (dtypes, lengths,
 // pair indices in [0, n)) and calls these with the GIL released. Rewards are float32; losses and
-// gradients are accumulated in double and are numerically stable for rewards of any magnitude.
+// gradients are accumulated in double and are numerically stable for rewards of any magnitude. The
+// formulas are those of common/contrastive_math.h, which the CUDA kernels compile too.
 #pragma once
 
 #include <cstdint>

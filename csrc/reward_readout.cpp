@@ -1,41 +1,30 @@
 // Reward readout CPU reference; see reward_readout.h for the contract and bindings.cpp for the
-// Python entry points.
-//
-// Per gathered row x (length h), with u_j = norm_w_j * head_w_j:
-//   ms = mean(x^2),  rs = (ms + eps)^-1/2,  A = sum_j x_j u_j,  r = rs * A
-//   dr/dx_j      = rs * u_j - A * rs^3 * x_j / h
-//   dr/dnorm_w_j = rs * x_j * head_w_j
-//   dr/dhead_w_j = rs * x_j * norm_w_j
+// Python entry points. The formulas are those of common/readout_math.h, the header the CUDA kernels
+// (cuda/reward_readout.cu) compile too, instantiated here with double accumulators: the CPU tests
+// check the GPU's math. This file only loops: over the rewards, over a row, over the columns.
 #include "reward_readout.h"
 
-#include <cmath>
 #include <cstring>
 #include <vector>
+
+#include "common/readout_math.h"
 
 namespace polar {
 
 namespace {
 
-inline const float* row_ptr(const float* hidden, int64_t s, int64_t b, int64_t h, int64_t flat) {
-  const int64_t t = flat % s;
-  const int64_t bi = flat / s;
-  return hidden + (t * b + bi) * h;
+using RowSums = readout::RowSums<double>;
+
+// hidden is contiguous [s, b, h]: strides (b * h, h, 1).
+inline const float* gathered_row(const float* hidden, int64_t s, int64_t b, int64_t h,
+                                 int64_t flat) {
+  return hidden + readout::row_offset(flat, s, b * h, h);
 }
 
-struct RowStats {
-  double rs;  // rsqrt(mean(x^2) + eps)
-  double a;   // sum_j x_j * norm_w_j * head_w_j
-};
-
-inline RowStats row_stats(const float* x, int64_t h, const float* norm_w, const float* head_w,
-                          double eps) {
-  double sq = 0.0, a = 0.0;
-  for (int64_t j = 0; j < h; ++j) {
-    const double xj = x[j];
-    sq += xj * xj;
-    a += xj * (static_cast<double>(norm_w[j]) * static_cast<double>(head_w[j]));
-  }
-  return {1.0 / std::sqrt(sq / static_cast<double>(h) + eps), a};
+inline RowSums row_sums(const float* x, int64_t h, const float* norm_w, const float* head_w) {
+  RowSums sums{0.0, 0.0};
+  for (int64_t k = 0; k < h; ++k) readout::add_element<double>(sums, x[k], norm_w[k], head_w[k]);
+  return sums;
 }
 
 }  // namespace
@@ -51,9 +40,9 @@ void readout_forward(const float* hidden, int64_t s, int64_t b, int64_t h,
                      const int64_t* reward_index, int64_t n, const float* norm_weight,
                      const float* head_weight, double eps, float* rewards) {
   for (int64_t i = 0; i < n; ++i) {
-    const float* x = row_ptr(hidden, s, b, h, reward_index[i]);
-    const RowStats st = row_stats(x, h, norm_weight, head_weight, eps);
-    rewards[i] = static_cast<float>(st.rs * st.a);
+    const float* x = gathered_row(hidden, s, b, h, reward_index[i]);
+    const RowSums sums = row_sums(x, h, norm_weight, head_weight);
+    rewards[i] = static_cast<float>(readout::reward(sums, h, eps));
   }
 }
 
@@ -62,30 +51,27 @@ void readout_backward(const float* hidden, int64_t s, int64_t b, int64_t h,
                       const float* head_weight, double eps, const float* grad_r,
                       float* grad_hidden, float* grad_norm_weight, float* grad_head_weight) {
   std::memset(grad_hidden, 0, static_cast<size_t>(s * b * h) * sizeof(float));
-  std::vector<double> g_norm(static_cast<size_t>(h), 0.0);
-  std::vector<double> g_head(static_cast<size_t>(h), 0.0);
-  const double inv_h = 1.0 / static_cast<double>(h);
+  std::vector<double> column(static_cast<size_t>(h), 0.0);  // S_k = sum_i a_i x_ik
   for (int64_t i = 0; i < n; ++i) {
-    const double gr = grad_r[i];
-    const int64_t flat = reward_index[i];
-    const float* x = row_ptr(hidden, s, b, h, flat);
+    const float* x = gathered_row(hidden, s, b, h, reward_index[i]);
     float* gx = grad_hidden + (x - hidden);
-    const RowStats st = row_stats(x, h, norm_weight, head_weight, eps);
-    const double c_u = gr * st.rs;                           // coefficient of u_j
-    const double c_x = -gr * st.a * st.rs * st.rs * st.rs * inv_h;  // coefficient of x_j
-    for (int64_t j = 0; j < h; ++j) {
-      const double xj = x[j];
-      const double nw = norm_weight[j];
-      const double hw = head_weight[j];
+    const readout::RowGrad<double> rg =
+        readout::row_grad(row_sums(x, h, norm_weight, head_weight), h, eps,
+                          static_cast<double>(grad_r[i]));
+    for (int64_t k = 0; k < h; ++k) {
       // += so that a repeated index accumulates its rows' gradients.
-      gx[j] += static_cast<float>(c_u * nw * hw + c_x * xj);
-      g_norm[j] += c_u * xj * hw;
-      g_head[j] += c_u * xj * nw;
+      gx[k] += static_cast<float>(
+          readout::grad_x<double>(rg, x[k], norm_weight[k], head_weight[k]));
+      column[static_cast<size_t>(k)] =
+          readout::add_to_column<double>(column[static_cast<size_t>(k)], rg.a, x[k]);
     }
   }
-  for (int64_t j = 0; j < h; ++j) {
-    grad_norm_weight[j] = static_cast<float>(g_norm[j]);
-    grad_head_weight[j] = static_cast<float>(g_head[j]);
+  for (int64_t k = 0; k < h; ++k) {
+    const double col = column[static_cast<size_t>(k)];
+    grad_norm_weight[k] =
+        static_cast<float>(readout::grad_norm_weight<double>(head_weight[k], col));
+    grad_head_weight[k] =
+        static_cast<float>(readout::grad_head_weight<double>(norm_weight[k], col));
   }
 }
 

@@ -5,7 +5,8 @@
 // torch_reward_readout:
 //   row_i = hidden[t, bi, :] with reward_index[i] = bi*s + t
 //   r_i   = sum_j row_ij * rsqrt(mean_j(row_ij^2) + eps) * norm_w_j * head_w_j
-// Inputs are float32; every sum is accumulated in double.
+// Inputs are float32; every sum is accumulated in double. The formulas are those of
+// common/readout_math.h, which the CUDA kernels compile too.
 #pragma once
 
 #include <cstdint>

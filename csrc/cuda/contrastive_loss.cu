@@ -1,19 +1,19 @@
-// Fused contrastive losses on CUDA, same math as engine/kernels/contrastive_loss.py (the docstring
-// there), fp32 math, stable for rewards of any magnitude.
+// Fused contrastive losses on CUDA, fp32 math. The formulas (a pair's softplus, tie count and
+// weight; InfoNCE's online logsumexp and its read with the "1 +" term) are those of
+// csrc/common/contrastive_math.h, which the CPU references compile too; this file holds the
+// reductions, the atomics and the launch schedule.
 //
 // Pairwise: one pass over the pairs gives the loss, the correct count (block partials, summed in a
 // fixed order by one block: the loss does not depend on the scheduling) and d loss / d rewards
 // (atomics). Launches: memset of grad, pair pass, final sum.
 //
-// InfoNCE: the per-positive max M_p and sum S_p = sum_q exp(d_pq - M_p) come from ONE pass, as an
-// online logsumexp: (M, S) is packed into 64 bits and merged with each pair's d by a compare-and-swap
-// loop (M' = max(M, d), S' = S exp(M - M') + exp(d - M')); it starts at (-inf, 0), which also marks
-// rewards that are no positive. The clamp M >= 0 of the reference (the "1 +" term) is applied when
-// (M, S) is read: Mc = max(M, 0), Sc = S exp(M - Mc), loss_p = Mc + log(Sc + exp(-Mc)), whose
-// argument is >= 1. Launches: init, merge pass, gradient pass, loss over the rewards (one block).
+// InfoNCE: each positive's logsumexp state (M, S) comes from ONE pass: packed into 64 bits, it is
+// merged with each pair's margin by a compare-and-swap loop. Launches: init, merge pass, gradient
+// pass, loss over the rewards (one block).
 #include <algorithm>
 
 #include "common.cuh"
+#include "common/contrastive_math.h"
 
 namespace polar::cuda {
 namespace {
@@ -43,13 +43,11 @@ pairwise_kernel(const T* __restrict__ rewards, int64_t n, const I* __restrict__ 
       loss += nan_value();
       continue;
     }
-    const float m = to_float(rewards[p]) - to_float(rewards[q]);
-    const float e = expf(-fabsf(m));
-    loss += fmaxf(-m, 0.0f) + log1pf(e);  // softplus(-m)
-    correct += m > 0.0f ? 1.0f : (m == 0.0f ? 0.5f : 0.0f);
-    const float sig_neg = m >= 0.0f ? e / (1.0f + e) : 1.0f / (1.0f + e);  // sigmoid(-m)
-    atomicAdd(grad + p, -sig_neg);
-    atomicAdd(grad + q, sig_neg);
+    const auto t = contrastive::pair_terms(to_float(rewards[p]), to_float(rewards[q]));
+    loss += t.loss;
+    correct += t.correct;
+    atomicAdd(grad + p, -t.weight);
+    atomicAdd(grad + q, t.weight);
   }
   loss = block_sum(loss, smem);
   correct = block_sum(correct, smem);
@@ -76,28 +74,23 @@ sum_partials_kernel(const float* __restrict__ partials, int num_partials, float*
   }
 }
 
-__device__ __forceinline__ unsigned long long pack(float m, float s) {
-  return (static_cast<unsigned long long>(__float_as_uint(s)) << 32) | __float_as_uint(m);
-}
-__device__ __forceinline__ float unpack_max(unsigned long long x) {
-  return __uint_as_float(static_cast<unsigned>(x & 0xffffffffull));
-}
-__device__ __forceinline__ float unpack_sum(unsigned long long x) {
-  return __uint_as_float(static_cast<unsigned>(x >> 32));
-}
+using LogSumExp = contrastive::LogSumExp<float>;
 
-// (Mc, Sc + exp(-Mc)): the clamped max and the softmax denominator (>= 1) of one positive.
-__device__ __forceinline__ void clamped(unsigned long long state, float& mc, float& denom) {
-  const float m = unpack_max(state);
-  mc = fmaxf(m, 0.0f);
-  denom = unpack_sum(state) * expf(m - mc) + expf(-mc);
+// A positive's logsumexp state as one 64-bit word (max in the low half), for atomicCAS.
+__device__ __forceinline__ unsigned long long pack(LogSumExp st) {
+  return (static_cast<unsigned long long>(__float_as_uint(st.sum)) << 32) |
+         __float_as_uint(st.max);
+}
+__device__ __forceinline__ LogSumExp unpack(unsigned long long x) {
+  return {__uint_as_float(static_cast<unsigned>(x & 0xffffffffull)),
+          __uint_as_float(static_cast<unsigned>(x >> 32))};
 }
 
 __global__ void infonce_init_kernel(int64_t n, unsigned long long* __restrict__ state,
                                     float* __restrict__ grad) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i < n) {
-    state[i] = pack(-INFINITY, 0.0f);
+    state[i] = pack(contrastive::lse_empty<float>());
     grad[i] = 0.0f;
   } else if (i == n) {
     state[n] = 0;  // invalid-index flag
@@ -116,14 +109,11 @@ infonce_merge_kernel(const T* __restrict__ rewards, int64_t n, const I* __restri
     state[n] = 1;
     return;
   }
-  const float d = to_float(rewards[q]) - to_float(rewards[p]);
+  const float d = contrastive::infonce_margin(to_float(rewards[p]), to_float(rewards[q]));
   unsigned long long seen = state[p], assumed;
   do {  // a positive has K-1 pairs at most: little contention
     assumed = seen;
-    const float m = unpack_max(assumed);
-    const float m2 = fmaxf(m, d);
-    const float s2 = unpack_sum(assumed) * expf(m - m2) + expf(d - m2);
-    seen = atomicCAS(state + p, assumed, pack(m2, s2));
+    seen = atomicCAS(state + p, assumed, pack(contrastive::lse_merge(unpack(assumed), d)));
   } while (seen != assumed);
 }
 
@@ -136,10 +126,8 @@ infonce_grad_kernel(const T* __restrict__ rewards, int64_t n, const I* __restric
   if (j >= num_pairs) return;
   const I p = pos[j], q = neg[j];
   if (!in_range(p, n) || !in_range(q, n)) return;
-  const float d = to_float(rewards[q]) - to_float(rewards[p]);
-  float mc, denom;
-  clamped(state[p], mc, denom);
-  const float wgt = expf(d - mc) / denom;
+  const float d = contrastive::infonce_margin(to_float(rewards[p]), to_float(rewards[q]));
+  const float wgt = contrastive::infonce_weight(contrastive::with_one(unpack(state[p])), d);
   atomicAdd(grad + q, wgt);
   atomicAdd(grad + p, -wgt);
 }
@@ -151,11 +139,9 @@ infonce_loss_kernel(int64_t n, const unsigned long long* __restrict__ state,
   __shared__ float smem[32];
   float loss = 0.0f, cnt = 0.0f;
   for (int64_t i = threadIdx.x; i < n; i += kFinalThreads) {
-    const unsigned long long st = state[i];
-    if (unpack_max(st) == -INFINITY) continue;  // no pair has this reward as its positive
-    float mc, denom;
-    clamped(st, mc, denom);
-    loss += mc + logf(denom);
+    const LogSumExp st = unpack(state[i]);
+    if (contrastive::lse_is_empty(st)) continue;  // no pair has this reward as its positive
+    loss += contrastive::infonce_term(contrastive::with_one(st));
     cnt += 1.0f;
   }
   loss = block_sum(loss, smem);

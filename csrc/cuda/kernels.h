@@ -16,7 +16,7 @@ namespace polar::cuda {
 enum class DType { kFloat32, kBFloat16, kFloat16 };
 enum class IndexType { kInt32, kInt64 };
 
-// ---- reward readout (reward_readout.cu); math in engine/kernels/reward_readout.py ----------------
+// ---- reward readout (reward_readout.cu); math in csrc/common/readout_math.h ----------------------
 // hidden [s, b, h] with unit stride on h and strides (stride_s, stride_b) in elements; reward_index
 // [n] holds bi*s + t. norm_w and head_w are fp32 [h]. Writes rewards [n] fp32.
 cudaError_t readout_forward(DType dtype, IndexType itype, const void* hidden, int64_t s, int64_t b,
@@ -42,7 +42,7 @@ cudaError_t readout_backward(DType dtype, IndexType itype, const void* hidden, i
                              float* grad_norm_w, float* grad_head_w, int num_sms,
                              cudaStream_t stream);
 
-// ---- contrastive losses (contrastive_loss.cu); math in engine/kernels/contrastive_loss.py --------
+// ---- contrastive losses (contrastive_loss.cu); math in csrc/common/contrastive_math.h ------------
 // rewards [n]; pair_pos, pair_neg [num_pairs]. Outputs: loss_sum and count (fp32 scalars) and
 // grad [n] fp32 = d loss_sum / d rewards.
 

@@ -1,9 +1,7 @@
 // Fused reward readout on CUDA: gather the reward rows of hidden [s, b, h], RMSNorm them, dot with
-// the value head. Same math as engine/kernels/reward_readout.py (the docstring there), fp32 math:
-//   rstd_i = rsqrt(mean_k x_ik^2 + eps),  r_i = rstd_i * sum_k x_ik w_k v_k
-// Backward, with g_i = dL/dr_i, a_i = g_i rstd_i and S_k = sum_i a_i x_ik:
-//   dL/dx_i = a_i (w v - x_i rstd_i r_i / h)      (the RMSNorm backward, folded with r_i)
-//   dL/dw   = v * S,   dL/dv = w * S               (one column reduction serves both)
+// the value head, fp32 math. The formulas (the forward, and the backward folded into one column
+// sum) are those of csrc/common/readout_math.h, which the CPU reference compiles too; this file
+// holds the loads, the warp and column reductions and the launch schedule.
 //
 // Forward: one warp per reward row, 16-byte loads. Backward, five steps on one stream:
 //   link     chains the rewards that gather the same token row (head[row] -> next[i] -> ...),
@@ -14,6 +12,7 @@
 #include <algorithm>
 
 #include "common.cuh"
+#include "common/readout_math.h"
 
 namespace polar::cuda {
 namespace {
@@ -21,18 +20,15 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kRowsPerBlock = kThreads / kWarp;
 
-__device__ __forceinline__ int64_t row_offset(int64_t idx, int64_t s, int64_t stride_s,
-                                              int64_t stride_b) {
-  return (idx % s) * stride_s + (idx / s) * stride_b;
-}
+using readout::row_offset;
+using RowSums = readout::RowSums<float>;
 
-// sum_k x_k^2 and sum_k x_k w_k v_k over one row, reduced over the warp (valid in every lane).
+// The sums of one row, reduced over the warp (valid in every lane).
 template <typename T, int V>
-__device__ __forceinline__ void row_sums(const T* __restrict__ x, int64_t h,
-                                         const float* __restrict__ w, const float* __restrict__ v,
-                                         int lane, float& sq, float& dot) {
-  sq = 0.0f;
-  dot = 0.0f;
+__device__ __forceinline__ RowSums row_sums(const T* __restrict__ x, int64_t h,
+                                            const float* __restrict__ w,
+                                            const float* __restrict__ v, int lane) {
+  RowSums sums{0.0f, 0.0f};
 #pragma unroll 2  // 4 made ptxas spill 8 bytes in the fp32 forward
   for (int64_t k = lane * V; k < h; k += kWarp * V) {
     float xv[V], wv[V], vv[V];
@@ -40,13 +36,11 @@ __device__ __forceinline__ void row_sums(const T* __restrict__ x, int64_t h,
     load_floats<float, V>(w + k, wv);
     load_floats<float, V>(v + k, vv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) {
-      sq = fmaf(xv[j], xv[j], sq);
-      dot = fmaf(xv[j], wv[j] * vv[j], dot);
-    }
+    for (int j = 0; j < V; ++j) readout::add_element(sums, xv[j], wv[j], vv[j]);
   }
-  sq = warp_sum(sq);
-  dot = warp_sum(dot);
+  sums.sq = warp_sum(sums.sq);
+  sums.dot = warp_sum(sums.dot);
+  return sums;
 }
 
 template <typename T, typename I, int V>
@@ -63,9 +57,9 @@ readout_fwd_kernel(const T* __restrict__ hidden, int64_t s, int64_t b, int64_t h
     if (lane == 0) out[i] = __int_as_float(0x7fc00000);  // NaN
     return;
   }
-  float sq, dot;
-  row_sums<T, V>(hidden + row_offset(idx, s, stride_s, stride_b), h, w, v, lane, sq, dot);
-  if (lane == 0) out[i] = dot * rsqrtf(sq / static_cast<float>(h) + eps);
+  const T* x = hidden + row_offset(idx, s, stride_s, stride_b);
+  const RowSums sums = row_sums<T, V>(x, h, w, v, lane);
+  if (lane == 0) out[i] = readout::reward(sums, h, eps);
 }
 
 template <typename I>
@@ -94,12 +88,9 @@ row_grad_kernel(const T* __restrict__ hidden, int64_t s, int64_t b, int64_t h, i
     return;
   }
   const T* x = hidden + row_offset(idx, s, stride_s, stride_b);
-  float sq, dot;
-  row_sums<T, V>(x, h, w, v, lane, sq, dot);
-  const float rstd = rsqrtf(sq / static_cast<float>(h) + eps);
-  const float a = grad_rewards[i] * rstd;
-  const float c = rstd * rstd * dot / static_cast<float>(h);  // rstd_i r_i / h
-  if (lane == 0) row_scale[i] = a;
+  const readout::RowGrad<float> rg =
+      readout::row_grad(row_sums<T, V>(x, h, w, v, lane), h, eps, grad_rewards[i]);
+  if (lane == 0) row_scale[i] = rg.a;
   float* dx = row_grad + i * h;
   // second read of the row: 2-16 KiB per warp, served from L1/L2
 #pragma unroll 4
@@ -109,7 +100,7 @@ row_grad_kernel(const T* __restrict__ hidden, int64_t s, int64_t b, int64_t h, i
     load_floats<float, V>(w + k, wv);
     load_floats<float, V>(v + k, vv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) out[j] = a * (wv[j] * vv[j] - xv[j] * c);
+    for (int j = 0; j < V; ++j) out[j] = readout::grad_x(rg, xv[j], wv[j], vv[j]);
     store_floats<float, V>(dx + k, out);
   }
 }
@@ -132,7 +123,7 @@ col_sum_kernel(const T* __restrict__ hidden, int64_t s, int64_t b, int64_t h, in
     float xv[V];
     load_floats<T, V>(hidden + row_offset(idx, s, stride_s, stride_b) + k, xv);
 #pragma unroll
-    for (int j = 0; j < V; ++j) acc[j] = fmaf(a, xv[j], acc[j]);
+    for (int j = 0; j < V; ++j) acc[j] = readout::add_to_column(acc[j], a, xv[j]);
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) atomicAdd(col_sum + k + j, acc[j]);
@@ -143,8 +134,8 @@ __global__ void weight_grad_kernel(const float* __restrict__ w, const float* __r
                                    float* __restrict__ grad_w, float* __restrict__ grad_v) {
   const int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (k >= h) return;
-  grad_w[k] = v[k] * col_sum[k];
-  grad_v[k] = w[k] * col_sum[k];
+  grad_w[k] = readout::grad_norm_weight(v[k], col_sum[k]);
+  grad_v[k] = readout::grad_head_weight(w[k], col_sum[k]);
 }
 
 // Writes every row of the contiguous grad_hidden: zero, or the sum of its chain of reward rows.

@@ -89,6 +89,15 @@ def test_pairwise_extreme_values():
     np.testing.assert_allclose(grad, [1.0, -1.0, -0.5, 0.5])
 
 
+def test_infonce_extreme_values():
+    # the same pairs as test_pairwise_extreme_values: with one pair per positive InfoNCE is pairwise
+    rewards = np.array([1e30, -1e30, 0.0, 0.0], np.float32)
+    loss, count, grad = _C.infonce_loss(rewards, np.array([0, 1, 2], np.int64), np.array([1, 0, 3], np.int64))
+    assert loss == pytest.approx(2e30 + np.log(2), rel=1e-6)
+    assert count == 3
+    np.testing.assert_allclose(grad, [1.0, -1.0, -0.5, 0.5])
+
+
 def test_no_pairs_and_unpaired_candidates():
     rewards = np.arange(5, dtype=np.float32)
     empty = np.zeros(0, np.int64)

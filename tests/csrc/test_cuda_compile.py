@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CUDA_DIR = ROOT / "csrc" / "cuda"
+CSRC = ROOT / "csrc"  # include root of csrc/common, the math shared with the CPU references
+CUDA_DIR = CSRC / "cuda"
 CU_FILES = sorted(CUDA_DIR.glob("*.cu"))
 
 
@@ -37,7 +38,7 @@ def test_there_are_kernels():
 @pytest.mark.parametrize("source", CU_FILES, ids=lambda p: p.name)
 def test_cu_compiles_for_sm90a_without_spills(source, tmp_path):
     cmd = [NVCC, "-gencode", "arch=compute_90a,code=sm_90a", "-O3", "-std=c++17", "-Xptxas", "-v",
-           "-I", str(CUDA_DIR), "-c", str(source), "-o", str(tmp_path / "out.o")]
+           "-I", str(CUDA_DIR), "-I", str(CSRC), "-c", str(source), "-o", str(tmp_path / "out.o")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, f"nvcc failed on {source.name}:\n{log[-6000:]}"

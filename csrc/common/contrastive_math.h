@@ -1,0 +1,94 @@
+// The math of the contrastive losses, one definition for both implementations that compile C++:
+// the CUDA kernels (csrc/cuda/contrastive_loss.cu, Acc = float) and the CPU references
+// (csrc/contrastive_loss.cpp, Acc = double, which the CPU tests check against torch). Callers own
+// the loops over the pairs, the reductions and the gradient scatter; every formula lives here. Same
+// math as engine/kernels/contrastive_loss.py and engine/loss.py (pairwise_sums, infonce_sums),
+// stable for rewards of any magnitude.
+#pragma once
+
+#include "host_device.h"
+
+namespace polar::contrastive {
+
+// ---- pairwise Bradley-Terry (paper Eq. 7 / 8) ---------------------------------------------------
+// One pair with margin m = r_pos - r_neg:
+//   loss    = softplus(-m) = max(-m, 0) + log1p(exp(-|m|))
+//   correct = 1 if m > 0, 1/2 for a tie, else 0
+//   weight  = sigmoid(-m) = d loss / d r_neg = -d loss / d r_pos
+template <typename Acc>
+struct PairTerms {
+  Acc loss;
+  Acc correct;
+  Acc weight;
+};
+
+template <typename Acc>
+POLAR_HD PairTerms<Acc> pair_terms(Acc r_pos, Acc r_neg) {
+  const Acc m = r_pos - r_neg;
+  const Acc e = hd::exp(-hd::abs(m));  // in (0, 1]: neither term below can overflow
+  PairTerms<Acc> t;
+  t.loss = hd::max(-m, Acc(0)) + hd::log1p(e);
+  t.correct = m > Acc(0) ? Acc(1) : (m == Acc(0) ? Acc(0.5) : Acc(0));
+  t.weight = m >= Acc(0) ? e / (Acc(1) + e) : Acc(1) / (Acc(1) + e);
+  return t;
+}
+
+// ---- InfoNCE over pairs ------------------------------------------------------------------------
+// For a positive p with pairs q: loss_p = log(1 + sum_q exp(d_pq)), d_pq = r_q - r_p.
+// An online logsumexp: merging every d_pq into the state (M, S), M = max d, S = sum exp(d - M),
+// starting from (-inf, 0), which also marks a reward that is no positive. The "1 +" term is taken
+// in when the state is read: Mc = max(M, 0), denom = S exp(M - Mc) + exp(-Mc) >= 1, and
+//   loss_p = Mc + log(denom),   weight_pq = exp(d_pq - Mc) / denom
+// where weight_pq, the softmax weight of pair q, is d loss_p / d r_q and pair q's share of
+// -d loss_p / d r_p. The merge is order-independent up to rounding.
+template <typename Acc>
+struct LogSumExp {
+  Acc max;
+  Acc sum;
+};
+
+template <typename Acc>
+POLAR_HD LogSumExp<Acc> lse_empty() {
+  return {-static_cast<Acc>(INFINITY), Acc(0)};
+}
+
+template <typename Acc>
+POLAR_HD bool lse_is_empty(const LogSumExp<Acc>& st) {
+  return st.max == -static_cast<Acc>(INFINITY);
+}
+
+template <typename Acc>
+POLAR_HD Acc infonce_margin(Acc r_pos, Acc r_neg) {
+  return r_neg - r_pos;
+}
+
+template <typename Acc>
+POLAR_HD LogSumExp<Acc> lse_merge(const LogSumExp<Acc>& st, Acc d) {
+  const Acc m = hd::max(st.max, d);
+  return {m, st.sum * hd::exp(st.max - m) + hd::exp(d - m)};
+}
+
+// The state read with the "1 +" term: the clamped max Mc and the softmax denominator (>= 1).
+template <typename Acc>
+struct WithOne {
+  Acc max;
+  Acc denom;
+};
+
+template <typename Acc>
+POLAR_HD WithOne<Acc> with_one(const LogSumExp<Acc>& st) {
+  const Acc mc = hd::max(st.max, Acc(0));
+  return {mc, st.sum * hd::exp(st.max - mc) + hd::exp(-mc)};
+}
+
+template <typename Acc>
+POLAR_HD Acc infonce_term(const WithOne<Acc>& w) {
+  return w.max + hd::log(w.denom);
+}
+
+template <typename Acc>
+POLAR_HD Acc infonce_weight(const WithOne<Acc>& w, Acc d) {
+  return hd::exp(d - w.max) / w.denom;
+}
+
+}  // namespace polar::contrastive
