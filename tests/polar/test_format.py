@@ -441,3 +441,31 @@ def test_literals_in_texts_stay_text_with_a_bpe(bpe):
             assert where[0] == 0 and where[2] == len(ids) - 1
             # and the text reads back whole: the literals are there, as text
             assert bpe.decode(ids) == build_text(p, r, c, w)
+
+
+# --- the embedded default's data -----------------------------------------------------------------
+
+# sha256 of a small embedded-default data set's encoded groups, computed with the encoder as it
+# was before special ids were placed by structure: the training data must not change.
+DEFAULT_DATA_SHA256 = {
+    "sft": "a7b4596b118e006a64bb233f14eb881b7082de2d30dd7ca731ccf47d3fe58845",
+    "pretrain": "e4f280f21a4aa1f68a9d090155956e9ba806e39c0c11ed646b65e166a0e9a265",
+}
+
+
+@pytest.mark.parametrize("wrapper", ["sft", "pretrain"])
+def test_embedded_default_data_is_unchanged(wrapper):
+    import hashlib
+
+    from polar.pretrain_data import SyntheticDataConfig, encode_triplets, make_splits
+
+    splits = make_splits(SyntheticDataConfig(train_triplets=600, eval_triplets=100, prompts=300,
+                                             wrapper=wrapper))
+    h = hashlib.sha256()
+    for name in ("train", "eval_seen", "eval_held_out"):
+        for max_length in (1024, 64):  # as trained, and with every prompt cut
+            for g, _ in encode_triplets(TOK, getattr(splits, name), wrapper, max_length=max_length):
+                h.update(g.prefix.tobytes() + b"|" + b"/".join(c.tobytes() for c in g.candidates)
+                         + b";")
+    assert h.hexdigest() == DEFAULT_DATA_SHA256[wrapper], \
+        "the embedded default's encoded data changed (if on purpose, update DEFAULT_DATA_SHA256)"
