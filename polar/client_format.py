@@ -21,7 +21,9 @@ Its rules, which differ from the training code's (polar/format.py), reproduced e
 Empty outputs are scored like any other. The ids are what the server gets for that string:
 `Tokenizer.encode_served(text)` (BOS, then the string with its structural literals, and any that
 rule 5 happened to form by joining text, read as special tokens). `max_length` is the client's
-constructor argument (16384 by default), of which the client itself keeps max_length - 4.
+constructor argument (16384 by default), of which the client itself keeps max_length - 4. The
+two reward strings are the tokenizer's (`reward_sep_text`, `reward_token_text`): the client's own
+"<|reward|>" and "[UNUSED_TOKEN_130]" unless a tokenizer is set up with others.
 """
 from __future__ import annotations
 

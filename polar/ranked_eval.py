@@ -228,3 +228,16 @@ def write_result(result: dict, path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(clean(result), f, indent=2, ensure_ascii=False)
         f.write("\n")
+
+
+def evaluate_file(path: str, score_fn: Callable[[list], Sequence[float]],
+                  json_path: Optional[str] = None, out=None) -> dict:
+    """Read a ranked JSONL file, score it, print the table (to `out`, default stdout) and write
+    the JSON (when `json_path` is given): what `polar eval` does once given a scoring function."""
+    import sys
+
+    result = evaluate_ranked(read_ranked(path), score_fn)
+    print(format_table(result), file=out or sys.stdout)
+    if json_path:
+        write_result(result, json_path)
+    return result

@@ -138,3 +138,13 @@ def test_bad_json_and_utf8(tmp_path):
     p.write_bytes(b'{"prompt": "\xff"}\n')
     with pytest.raises(RecordError, match="invalid UTF-8"):
         read_ranked(str(p))
+
+
+def test_evaluate_file_prints_and_writes(tmp_path, capsys):
+    from polar.ranked_eval import evaluate_file
+
+    path = write(tmp_path / "ranked.jsonl", RECORDS)
+    result = evaluate_file(path, score_by_text, json_path=str(tmp_path / "out.json"))
+    assert result["overall"]["accuracy"] == 4 / 7
+    assert "57.14%" in capsys.readouterr().out
+    assert json.loads((tmp_path / "out.json").read_text())["overall"]["pairs"] == 7
