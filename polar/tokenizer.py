@@ -105,9 +105,10 @@ class Tokenizer(abc.ABC):
                    + self.encode_batch([after], after_special=True)[0].tolist()
                    + [self.reward_token_id])
         if served != trained:
-            raise ValueError(f"{getattr(self, 'path', type(self).__name__)}: the literal reward "
-                             f"tokens do not tokenize to their ids ({served} served, {trained} in "
-                             f"training); check the added tokens' settings in the file")
+            raise ValueError(f"{getattr(self, 'path', type(self).__name__)}: a server would "
+                             f"tokenize the serving string differently from the training form "
+                             f"({served} served, {trained} in training); check the reward "
+                             f"tokens' added-token settings in the file")
 
 
 def _check_texts(texts, what: str = "encode_batch") -> Sequence[str]:
@@ -148,7 +149,9 @@ def _utf8_char_index(data: np.ndarray) -> np.ndarray:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring)."""
+    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring). BOS and PAD
+    have no literal: "<s>" in a text is its bytes in both readings; the served reading maps only
+    the two reward strings."""
 
     bos_id = 256
     pad_id = 257
