@@ -98,7 +98,7 @@ class Tokenizer(abc.ABC):
     def check_structure(self) -> None:
         """The server's ids of a string whose only literals are structural must equal the
         training form: content ids of the pieces with the special ids between them."""
-        first, after = "a b \n", "c d\n"
+        first, after = "a b \n", " c d\n"  # whitespace on both sides of the literal
         served = self.encode_served(first + self.reward_sep_text + after
                                     + self.reward_token_text).tolist()
         trained = ([self.bos_id] + self.encode_batch([first])[0].tolist() + [self.reward_sep_id]
@@ -351,6 +351,24 @@ class HFTokenizer(Tokenizer):
         else:
             self._tok_after = self._tok
         self.check_structure()
+        self._check_file_agrees(_Lib.from_file(str(file)))
+
+    def _check_file_agrees(self, raw) -> None:
+        """A server loads the file as it is: when the file already has both reward tokens, its own
+        added-token settings (strip options, normalization) must read the serving string as we do."""
+        added = {t.content for t in raw.get_added_tokens_decoder().values()}
+        if not {self.reward_sep_text, self.reward_token_text} <= added:
+            return  # registered here only: a server needs a file that has them (polar convert)
+        probe = f"a b \n{self.reward_sep_text} c d\n{self.reward_token_text}"
+        raw.no_truncation()
+        raw.no_padding()
+        theirs = raw.encode(probe, add_special_tokens=False).ids
+        ours = self.encode_served(probe).tolist()[1:]
+        if theirs != ours:
+            raise ValueError(f"{self.path}: the file's own settings of the reward tokens make a "
+                             f"server read the serving string differently from the training form "
+                             f"({theirs} vs {ours}); set lstrip, rstrip and normalized to false "
+                             f"for {self.reward_sep_text!r} and {self.reward_token_text!r}")
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(_check_str(text), add_special_tokens=False).ids

@@ -413,3 +413,18 @@ def test_bad_polar_tokenizer_settings(tmp_path, content, message):
     (d / "polar_tokenizer.json").write_text(content)
     with pytest.raises(ValueError, match=message):
         load_tokenizer(str(d))
+
+
+@pytest.mark.parametrize("strip", ["lstrip", "rstrip"])
+def test_a_literal_that_swallows_whitespace_is_refused(tmp_path, strip):
+    # A server would drop the whitespace next to the literal; training keeps it: refused at load.
+    import json
+
+    d = Path(train_bpe(tmp_path / strip))
+    tree = json.loads((d / "tokenizer.json").read_text())
+    for added in tree["added_tokens"]:
+        if added["content"] == REWARD_SEP_TEXT:
+            added[strip] = True
+    (d / "tokenizer.json").write_text(json.dumps(tree))
+    with pytest.raises(ValueError, match="differently from the training form"):
+        load_tokenizer(str(d))
