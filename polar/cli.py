@@ -6,6 +6,8 @@
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
+    polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
+    polar hparams ...         # the paper's learning-rate and batch-size laws (polar/hparams.py)
     polar env                 # what this machine has
 
 Each tool sub-command has its own --help.
@@ -86,6 +88,9 @@ _TOOLS = {
                                             "memory-mapped dataset"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
+    ("format",): ("polar.format_cli", "the exact string the official POLAR client sends and the "
+                                      "server's token ids, per structured input"),
+    ("hparams",): ("polar.hparams", "learning rate and batch size from the paper's scaling laws"),
 }
 
 
