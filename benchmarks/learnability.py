@@ -14,16 +14,21 @@ Variants: the default style pool and `StyleConfig.transition_only()` (policies t
 the Markov structure of their word classes), each with the ranking loss alone and with the
 auxiliary loss. Prints one table row per (variant, seed).
 
-    python benchmarks/learnability.py                         # 4 variants x 1 seed, a few minutes on 1 core
+    python benchmarks/learnability.py --jobs 4               # 4 variants x 1 seed, one process each
     python benchmarks/learnability.py --seeds 1 2 --steps 700 # the budget of the first study (11.2k triplets)
+
+Each (variant, seed) trains single-threaded in its own process (--jobs of them at once), so the
+figures do not depend on --jobs; the train seconds do, when the jobs share cores.
 """
 from __future__ import annotations
 
 import argparse
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -146,6 +151,7 @@ def accuracy(model, pairs, pad, batch=64):
 
 
 def run(variant, style, aux_weight, seed, args):
+    torch.set_num_threads(1)
     torch.manual_seed(seed)
     pool = make_pool(seed, args.train_policies + args.held_out_policies, style)
     seen, held = pool[: args.train_policies], pool[args.train_policies:]
@@ -180,30 +186,31 @@ def run(variant, style, aux_weight, seed, args):
 def main():
     ap = argparse.ArgumentParser(description="from-scratch learnability of the synthetic policies")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--batch", type=int, default=16, help="triplets per step")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-triplets", type=int, default=400)
+    ap.add_argument("--eval-triplets", type=int, default=300)
     ap.add_argument("--train-policies", type=int, default=160)
     ap.add_argument("--held-out-policies", type=int, default=40)
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--variants", nargs="+", default=["default", "default+aux", "transition", "transition+aux"],
                     choices=["default", "default+aux", "transition", "transition+aux"])
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
 
     styles = {"default": StyleConfig(), "transition": StyleConfig.transition_only()}
     print(f"{args.steps} steps x {args.batch} triplets, lr {args.lr}, hidden 64, 3 layers, GQA 4/2, "
-          f"{args.eval_triplets} evaluation triplets per set, {args.threads} thread(s)")
+          f"{args.eval_triplets} evaluation triplets per set, 1 thread per run, {args.jobs} run(s) at once")
     print(f"| pool | loss | seed | triplets seen | held-out acc | seen acc | baselines word / bigram / length | train s |")
     print("|---|---|---:|---:|---:|---:|---|---:|")
-    for name in args.variants:
-        pool_name, _, aux = name.partition("+")
-        for seed in args.seeds:
-            r = run(name, styles[pool_name], 1.0 if aux else 0.0, seed, args)
-            loss = "ranking + aux next-token 1.0" if aux else "ranking only"
-            pool_label = "default" if pool_name == "default" else "transition-only"
+    jobs = [(name, seed) for name in args.variants for seed in args.seeds]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run, name, styles[name.partition("+")[0]], 1.0 if "+aux" in name else 0.0, seed, args)
+                   for name, seed in jobs]
+        for (name, seed), fut in zip(jobs, futures):  # rows in table order, each as soon as it is ready
+            r = fut.result()
+            loss = "ranking + aux next-token 1.0" if r["aux"] else "ranking only"
+            pool_label = "default" if name.startswith("default") else "transition-only"
             print(f"| {pool_label} | {loss} | {seed} | {r['triplets']:,} | {r['held']:.3f} | {r['seen']:.3f} | "
                   f"{' / '.join(f'{b:.3f}' for b in r['base'])} | {r['secs']:.0f} |", flush=True)
 
