@@ -17,7 +17,7 @@ CPU only ratios mean anything). The time ratio therefore follows the token count
 and the packed-sequence count (dense attention), not the visible pairs: it is not what a
 block-sparse GPU kernel would save on attention; the pair and FLOP ratios are.
 
-    python benchmarks/shared_prefix.py [--k 2 8] [--prefix 400] [--cand 100] [--seq 2048]
+    python benchmarks/shared_prefix.py [--k 2 8] [--prefix 400] [--cand 100] [--seq 2048] [--no-time]
 """
 from __future__ import annotations
 
@@ -44,6 +44,7 @@ def main():
     ap.add_argument("--hidden", type=int, default=128)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-time", action="store_true", help="exact counts only: skip the timed forward+backward")
     args = ap.parse_args()
 
     from engine.config import ModelConfig, ParallelConfig, TrainConfig
@@ -69,9 +70,11 @@ def main():
         batches = [collate(data.sequences([i]), args.seq, 0) for i in range(len(data))]
         pairs = sum(int(visible_pairs(b.layout).sum()) for b in batches)
         flops = args.layers * sum(attention_flops(b.layout, heads, head_dim) for b in batches)
-        model(batches[0].tokens, batches[0].layout, batches[0].reward_index).sum().backward()  # warm-up, untimed
-        best = float("inf")
-        for _ in range(args.repeats):
+        best = float("nan")
+        if not args.no_time:
+            model(batches[0].tokens, batches[0].layout, batches[0].reward_index).sum().backward()  # warm-up, untimed
+            best = float("inf")
+        for _ in range(0 if args.no_time else args.repeats):
             t = time.perf_counter()
             for b in batches:
                 model(b.tokens, b.layout, b.reward_index).sum().backward()
