@@ -1,11 +1,11 @@
 """Can a reward model trained from scratch tell the synthetic policies apart, and what helps it?
 
-A small stand-alone study, single process, plain torch (no megatron), so it runs in minutes:
+A small stand-alone study in plain torch (no megatron), a few minutes per run on an idle core:
 a decoder of the engine's architecture (pre-norm RMSNorm, SwiGLU, RoPE, grouped-query attention,
-a value head reading the last token, as in the paper's reward model, section 3) is trained from
+a value head reading the final reward token) is trained from
 random weights on POLAR triplets from `polar/synthetic.py`, one (reference, chosen, rejected)
 group per triplet scored unpacked as `prefix + candidate` sequences (polar.format.encode_groups,
-`sft` wrapper, byte tokenizer). Loss: the pairwise ranking loss of the paper (eq. 2 for K=2),
+`sft` wrapper, byte tokenizer). Loss: the pairwise ranking loss of the paper (Eq. 7),
 optionally plus an auxiliary next-token loss on the same tokens (train.aux_lm_weight in the
 engine). Evaluation: pairwise accuracy on triplets from held-out policies (never trained on) and
 on fresh triplets from the training policies, next to the non-learned baselines of polar.baselines.

@@ -36,7 +36,7 @@ OVERRIDES = (
     "synthetic.eval_triplets=64",
     "synthetic.prompts=200",
 )
-# Compared at every logged step: the ranking loss (POLAR's objective, paper eq. 2 for K=2) and the
+# Compared at every logged step: the ranking loss (POLAR's pre-training objective, paper Eq. 7) and the
 # auxiliary next-token loss; after training, the evaluation losses on held-out and seen policies.
 CURVE_KEYS = ("loss", "lm_loss")
 FINAL_KEYS = ("held_out_loss", "seen_loss")
