@@ -3,7 +3,7 @@
 Those modules set TRITON_INTERPRET=1 at import (Triton reads it when a kernel is decorated), and an
 environment variable set at import lasts for the whole process: every later test would run with the
 interpreter on. So in the ordinary pytest process each of them is collected as one test that starts
-`python -m pytest <module> -q` with TRITON_INTERPRET=1 (and INTERPRETER_CHILD=1) and passes when
+`python -m pytest <module> -q` with TRITON_INTERPRET=1 (and POLAR_INTERPRETER_CHILD=1) and passes when
 that child passes, printing the child's output when it fails. Inside the child the module is
 collected and run as usual. `python -m pytest tests -q` therefore still runs and reports them, and
 `python -m pytest tests/engine/kernels/test_reward_readout.py -q` does too, in a child of its own.
