@@ -201,12 +201,13 @@ def main():
     styles = {"default": StyleConfig(), "transition": StyleConfig.transition_only()}
     print(f"{args.steps} steps x {args.batch} triplets, lr {args.lr}, hidden 64, 3 layers, GQA 4/2, "
           f"{args.eval_triplets} evaluation triplets per set, 1 thread per run, {args.jobs} run(s) at once")
-    print(f"| pool | loss | seed | triplets seen | held-out acc | seen acc | baselines word / bigram / length | train s |")
+    print("| pool | loss | seed | triplets seen | held-out acc | seen acc | baselines word / bigram / length "
+          "| train s |")
     print("|---|---|---:|---:|---:|---:|---|---:|")
     jobs = [(name, seed) for name in args.variants for seed in args.seeds]
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run, name, styles[name.partition("+")[0]], 1.0 if "+aux" in name else 0.0, seed, args)
-                   for name, seed in jobs]
+        futures = [pool.submit(run, name, styles[name.partition("+")[0]], 1.0 if "+aux" in name else 0.0, seed,
+                               args) for name, seed in jobs]
         for (name, seed), fut in zip(jobs, futures):  # rows in table order, each as soon as it is ready
             r = fut.result()
             loss = "ranking + aux next-token 1.0" if r["aux"] else "ranking only"

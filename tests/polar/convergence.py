@@ -72,6 +72,10 @@ def within(got: float, want: float, band: dict) -> bool:
     return math.isfinite(got) and abs(got - want) <= band["atol"] + band["rtol"] * abs(want)
 
 
+def _band(band: dict) -> str:
+    return f"+- ({band['atol']} + {band['rtol']} x |golden|)"
+
+
 def compare(summary: dict, golden: dict) -> list[str]:
     """Every way `summary` (a run's summary.json) leaves the golden band; empty when it is inside.
 
@@ -88,12 +92,12 @@ def compare(summary: dict, golden: dict) -> list[str]:
             got = row.get(key)
             band = golden["tolerance"][key]
             if got is None or not within(float(got), value, band):
-                problems.append(f"step {step}: {key} {got} outside {value} +- ({band['atol']} + {band['rtol']} x |golden|)")
+                problems.append(f"step {step}: {key} {got} outside {value} {_band(band)}")
     for key, value in golden["final"].items():
         got = summary.get(key)
         band = golden["tolerance"][key]
         if got is None or not within(float(got), value, band):
-            problems.append(f"after training: {key} {got} outside {value} +- ({band['atol']} + {band['rtol']} x |golden|)")
+            problems.append(f"after training: {key} {got} outside {value} {_band(band)}")
     return problems
 
 

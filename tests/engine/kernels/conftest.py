@@ -8,7 +8,7 @@ that child passes, printing the child's output when it fails. Inside the child t
 collected and run as usual. `python -m pytest tests -q` therefore still runs and reports them, and
 `python -m pytest tests/engine/kernels/test_reward_readout.py -q` does too, in a child of its own.
 One test of such a module, by node id, runs in a process set up as the child is:
-`POLAR_INTERPRETER_CHILD=1 TRITON_INTERPRET=1 python -m pytest tests/engine/kernels/test_reward_readout.py::test_compiles_for_sm90`.
+`POLAR_INTERPRETER_CHILD=1 TRITON_INTERPRET=1 python -m pytest tests/engine/kernels/test_x.py::test_y`.
 """
 from __future__ import annotations
 

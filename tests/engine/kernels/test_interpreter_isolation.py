@@ -24,7 +24,8 @@ def test_no_interpreter_in_the_parent_process(request):
         pytest.skip("no interpreter module selected in this session (run tests/engine/kernels as a whole)")
     assert all(isinstance(it, conftest.InterpreterRun) for it in ours), [type(it) for it in ours]
     assert os.environ.get("TRITON_INTERPRET") == conftest.STARTED_WITH
-    imported = [m for m in list(sys.modules.values()) if Path(getattr(m, "__file__", None) or "").name in conftest.INTERPRETED]
+    imported = [m for m in list(sys.modules.values())
+                if Path(getattr(m, "__file__", None) or "").name in conftest.INTERPRETED]
     assert not imported, imported
     # their children ran before this test (the conftest orders it last); pass or fail is their own report
     assert {it.nodeid for it in ours} <= set(conftest.CHILD_RESULTS), conftest.CHILD_RESULTS
