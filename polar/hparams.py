@@ -24,7 +24,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_SEQ_PER_PACKED = 2.0
 
 # model -> (N millions, Dp billions, Drm billions): solved from the paper's chosen values (docstring)
@@ -53,17 +52,16 @@ def reward_model_params(model) -> int:
 
 
 def preset_params(name: str) -> tuple[int, str]:
-    """(parameters, config file) of a preset under configs/ (by name) or a YAML path."""
-    from engine.config import load_config
-    from engine.pretrain import PretrainConfig
+    """(parameters, config file) of a preset shipped in polar/configs (by name) or a YAML path."""
+    from engine.config import ConfigError, load_config
+    from polar.presets import resolve_config
+    from polar.pretrain_recipe import PretrainConfig
 
-    path = Path(name)
-    if not path.suffix:
-        path = CONFIG_DIR / f"{name}.yaml"
-    if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
-        raise ValueError(f"--preset {name}: no such preset (known: {known}) or YAML file")
-    cfg = load_config(PretrainConfig, str(path))
+    try:
+        path = resolve_config(name)
+    except ConfigError as e:
+        raise ValueError(f"--preset {name}: {e}") from None
+    cfg = load_config(PretrainConfig, path)
     if cfg.model.vocab_size <= 0:
         raise ValueError(f"--preset {name}: {path} sets no model.vocab_size (taken from the "
                          "tokenizer at run time); give --params-millions instead")
@@ -90,7 +88,7 @@ def main(argv: Optional[list] = None) -> int:
             for k, (n, dp, drm) in PAPER_SETTINGS.items()))
     size = ap.add_mutually_exclusive_group(required=True)
     size.add_argument("--params-millions", type=_positive, help="reward-model parameters N, millions")
-    size.add_argument("--preset", help="count N from a preset's model (configs/NAME.yaml, or a YAML path)")
+    size.add_argument("--preset", help="count N from a preset's model (polar/configs/NAME.yaml, or a YAML path)")
     ap.add_argument("--base-tokens-billions", type=_positive, required=True,
                     help="Dp: tokens the base model was pre-trained on, billions")
     ap.add_argument("--rm-tokens-billions", type=_positive, required=True,

@@ -2,7 +2,7 @@
 
 Golden values as Megatron's and torchtitan's functional tests keep them: the same command, from
 the same seeds, on the same synthetic data must reproduce the recorded loss curve within a band.
-The run is the default recipe (configs/tiny_cpu.yaml: model, optimizer, lr, auxiliary LM loss)
+The run is the default recipe (polar/configs/tiny_cpu.yaml: model, optimizer, lr, auxiliary LM loss)
 shrunk to a minute on 2 CPU cores through command-line overrides only; `engine/pretrain.py` is
 driven as a user drives it and read back through its `summary.json`.
 
