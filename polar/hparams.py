@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-from pathlib import Path
 from typing import Optional
 
 DEFAULT_SEQ_PER_PACKED = 2.0
