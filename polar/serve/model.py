@@ -92,6 +92,25 @@ def _model_config(values: dict, where: Path):
     return cfg
 
 
+def _runtime(par, seed: int):
+    """engine.runtime.init_runtime, or the runtime already running in this process (a trainer
+    with the scorer beside it, a test session): megatron's parallel state is set up once per process."""
+    from megatron.core import parallel_state
+
+    from engine.runtime import Runtime, init_runtime
+
+    if not parallel_state.model_parallel_is_initialized():
+        return init_runtime(par, seed)
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if (tp, pp) != (par.tp, par.pp):
+        raise ValueError(f"this process already runs tp={tp} pp={pp}; the scorer needs tp={par.tp} pp=1")
+    cuda = torch.cuda.is_available()
+    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+                   device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
+                   tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size(), vpp=None)
+
+
 class RewardScorer:
     """One model replica (a TP group of processes); `score` runs on rank 0, `follow` on the others."""
 
@@ -108,22 +127,24 @@ class RewardScorer:
         from engine.model.reward_model import RewardModel
         from engine.model.spec import layer_spec, transformer_engine_available
         from engine.parallelize import check_kernels, resolve_dtype, transformer_config
-        from engine.runtime import init_runtime, validate_layout, world_size_from_env
+        from engine.runtime import validate_layout, world_size_from_env
         from engine import checkpoint
 
         warnings.filterwarnings("ignore", module="megatron")
         info = resolve_checkpoint(path)
         model = _model_config(info.model, info.step_dir)
+        from megatron.core import parallel_state
+
         world = world_size_from_env()
-        if world != tp:
+        if world != tp and not parallel_state.model_parallel_is_initialized():
             raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
         if attention_backend == "auto":
             attention_backend = "triton" if torch.cuda.is_available() else "torch"
         par = ParallelConfig(tp=tp, pp=1, distributed_optimizer=False)
         train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)
-        validate_layout(model, par, train, world, seq_length=tp)
-        rt = init_runtime(par, seed)
+        validate_layout(model, par, train, tp, seq_length=tp)
+        rt = _runtime(par, seed)
         check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
         config = transformer_config(model, par, train, rt)
         spec = layer_spec(rt.is_cuda and transformer_engine_available(), model.rotary_base, attention_backend)
@@ -152,20 +173,18 @@ class RewardScorer:
         tokens = batch.tokens.to(self.device, non_blocking=True)
         layout = batch.layout.to(self.device, non_blocking=True)
         reward_index = batch.reward_index.to(self.device, non_blocking=True)
-        if self.rt.world_size > 1:
+        if self.rt.tp > 1:
             header = torch.tensor([_BATCH, *tokens.shape, reward_index.numel()], dtype=torch.int64,
                                   device=self.device)
-            dist.broadcast(header, src=0)
-            dist.broadcast(tokens, src=0)
-            dist.broadcast(layout, src=0)
-            dist.broadcast(reward_index, src=0)
+            for t in (header, tokens, layout, reward_index):
+                self._broadcast(t)
         return self._forward(tokens, layout, reward_index).cpu().numpy()
 
     def follow(self) -> None:
         """Ranks > 0: run every forward rank 0 broadcasts, until it broadcasts stop."""
         while True:
             header = torch.empty(4, dtype=torch.int64, device=self.device)
-            dist.broadcast(header, src=0)
+            self._broadcast(header)
             cmd, b, L, n = header.tolist()
             if cmd == _STOP:
                 return
@@ -173,12 +192,25 @@ class RewardScorer:
             layout = torch.empty((b, 3, L), dtype=torch.int32, device=self.device)
             reward_index = torch.empty(n, dtype=torch.int64, device=self.device)
             for t in (tokens, layout, reward_index):
-                dist.broadcast(t, src=0)
+                self._broadcast(t)
             self._forward(tokens, layout, reward_index)
 
+    def _broadcast(self, t: torch.Tensor) -> None:
+        from megatron.core import parallel_state
+
+        dist.broadcast(t, src=parallel_state.get_tensor_model_parallel_src_rank(),
+                       group=parallel_state.get_tensor_model_parallel_group())
+
+    @property
+    def is_leader(self) -> bool:
+        """The TP rank that serves and broadcasts; the others `follow`."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank() == 0
+
     def stop_followers(self) -> None:
-        if self.rt.world_size > 1:
-            dist.broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64, device=self.device), src=0)
+        if self.rt.tp > 1:
+            self._broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64, device=self.device))
 
     def close(self) -> None:
         from engine.runtime import shutdown_runtime

@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, ValueError) as e:
         print(f"polar serve: {e}", file=sys.stderr)
         return 2
-    if scorer.rt.rank != 0:
+    if not scorer.is_leader:
         scorer.follow()  # until rank 0 shuts down
         scorer.close()
         return 0
