@@ -250,6 +250,7 @@ class InProcessScorer:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_response = max_response
+        batcher_kw.setdefault("pack_rows", getattr(scorer, "attention_backend", "torch") == "triton")
         self.batcher = Batcher(scorer.score, tokenizer.pad_id, **batcher_kw).start()
 
     @classmethod

@@ -54,15 +54,19 @@ def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
-def plan_forwards(groups: list[ServeGroup], row_tokens: int, max_batch_tokens: int) -> list[list[list[ServeGroup]]]:
+def plan_forwards(groups: list[ServeGroup], row_tokens: int, max_batch_tokens: int,
+                  pack_rows: bool = True) -> list[list[list[ServeGroup]]]:
     """Groups -> forward passes, each a list of rows (lists of whole groups). A row holds at most
-    max(row_tokens, its longest group) tokens; a forward holds rows x padded row length <=
-    max_batch_tokens tokens (at least one row)."""
+    max(row_tokens, its longest group) tokens, or one group when not `pack_rows`; a forward holds
+    rows x padded row length <= max_batch_tokens tokens (at least one row)."""
     if not groups:
         return []
-    lengths = np.array([len(g) for g in groups], dtype=np.int64)
-    row_len = max(row_tokens, int(lengths.max()))
-    rows = [[groups[i] for i in idx] for idx in plan_sequences(lengths, row_len, "best_fit")]
+    if pack_rows:
+        lengths = np.array([len(g) for g in groups], dtype=np.int64)
+        row_len = max(row_tokens, int(lengths.max()))
+        rows = [[groups[i] for i in idx] for idx in plan_sequences(lengths, row_len, "best_fit")]
+    else:
+        rows = [[g] for g in groups]
     fills = [sum(len(g) for g in r) for r in rows]
     order = sorted(range(len(rows)), key=lambda i: -fills[i])
     forwards, current, width = [], [], 0
@@ -81,7 +85,10 @@ def plan_forwards(groups: list[ServeGroup], row_tokens: int, max_batch_tokens: i
 class Batcher:
     def __init__(self, score: Callable, pad_id: int, *, max_wait_s: float = 0.01, max_batch_tokens: int = 16384,
                  row_tokens: int = 4096, max_queue_items: int = 4096, share_prefixes: bool = True,
-                 pad_multiple: int = 16, metrics=None):
+                 pack_rows: bool = True, pad_multiple: int = 16, metrics=None):
+        """`pack_rows`: several groups per packed row. Worth it with a kernel that skips masked
+        tiles (Triton); the torch reference attention computes a dense L x L mask per row, so one
+        group per row costs less there."""
         self.score_fn = score
         self.pad_id = pad_id
         self.max_wait_s = max_wait_s
@@ -89,6 +96,7 @@ class Batcher:
         self.row_tokens = row_tokens
         self.max_queue_items = max_queue_items
         self.share_prefixes = share_prefixes
+        self.pack_rows = pack_rows
         self.pad_multiple = pad_multiple
         self.metrics = metrics
         self._cond = threading.Condition()
@@ -205,7 +213,7 @@ class Batcher:
             groups = [ServeGroup(prefix=a[:-1], candidates=[a[-1:]], items=[i]) for i, a in enumerate(flat)]
         rewards = np.empty(len(flat), dtype=np.float32)
         stats = RoundStats(items=len(flat), tokens=int(sum(len(a) for a in flat)))
-        for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens):
+        for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens, self.pack_rows):
             fills = [sum(len(g) for g in r) for r in rows]
             width = _round_up(max(fills), self.pad_multiple)
             batch = collate(rows, width, self.pad_id)
@@ -241,3 +249,12 @@ class Batcher:
             out.append(rewards[k:k + len(j.ids)])
             k += len(j.ids)
         return out
+
+
+def score_each_alone(score: Callable, ids: list, pad_id: int) -> np.ndarray:
+    """Each item as its own one-row batch, no sharing: the reference the batched rewards must equal."""
+    out = np.empty(len(ids), dtype=np.float32)
+    for k, a in enumerate(ids):
+        g = ServeGroup(prefix=a[:-1], candidates=[a[-1:]], items=[0])
+        out[k] = score(collate([[g]], len(a), pad_id))[0]
+    return out

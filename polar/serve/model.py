@@ -158,6 +158,7 @@ class RewardScorer:
         chunk.requires_grad_(False)
         scorer = cls(chunk, rt, info, resolve_dtype(train, rt))
         scorer.model_config = model
+        scorer.attention_backend = attention_backend
         return scorer
 
     @property

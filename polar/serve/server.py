@@ -9,6 +9,7 @@ of one prompt against one reference, within and across requests) compute it once
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 
@@ -26,7 +27,11 @@ def parse_args(argv=None):
     ap.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to batch with")
     ap.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     ap.add_argument("--row-tokens", type=int, default=4096,
-                    help="packed row length (a longer item gets a row of its own)")
+                    help="packed row length, and the most tokens one shared-prefix group may hold "
+                         "(a longer item gets a row of its own)")
+    ap.add_argument("--pack-rows", choices=("auto", "on", "off"), default="auto",
+                    help="several groups per packed row (auto: on with the triton attention kernel, off with "
+                         "the torch reference, whose dense mask costs row_length^2)")
     ap.add_argument("--max-queue", type=int, default=8192, help="items waiting before requests get 429")
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
@@ -68,6 +73,7 @@ def build_service(args, scorer):
     batcher = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=args.max_wait_ms / 1000,
                       max_batch_tokens=args.max_batch_tokens, row_tokens=args.row_tokens,
                       max_queue_items=args.max_queue, share_prefixes=not args.no_share_prefixes,
+                      pack_rows=args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton"),
                       metrics=metrics)
     settings = ServeSettings(model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                              max_items=args.max_items, timeout_s=args.timeout_s, api_key=api_key,
@@ -75,6 +81,34 @@ def build_service(args, scorer):
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
                              pooling_format=args.pooling_format)
     return Service(tokenizer, batcher, settings, metrics)
+
+
+@contextlib.contextmanager
+def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
+    """The app on uvicorn in a background thread (a trainer's own process, tests, benchmarks);
+    port 0 picks a free one. Yields the base URL; on exit shuts down gracefully."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from polar.serve.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="polar-serve-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"polar serve: the HTTP server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
 
 
 def main(argv=None) -> int:

@@ -2,11 +2,8 @@
 scorer loaded from it, "each item alone" rewards, and a live server on loopback."""
 import contextlib
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 import warnings
 
 import numpy as np
@@ -58,37 +55,18 @@ def alone(scorer, tokenizer):
     return score
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def live_server(scorer, tokenizer, *, batcher_kw=None, **settings):
     """The app on uvicorn in a thread, on a free loopback port; yields (base_url, service)."""
-    import uvicorn
-
-    from polar.serve.app import ServeSettings, Service, create_app
+    from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.serve.metrics import Metrics
+    from polar.serve.server import serve_in_thread
 
     metrics = Metrics()
     kw = dict(max_wait_s=0.005, max_batch_tokens=4096, row_tokens=1024)
     kw.update(batcher_kw or {})
     batcher = Batcher(scorer.score, tokenizer.pad_id, metrics=metrics, **kw)
     service = Service(tokenizer, batcher, ServeSettings(**settings), metrics)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if time.monotonic() > deadline or not thread.is_alive():
-            raise RuntimeError("the test server did not start")
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}", service
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serve_in_thread(service) as url:
+        yield url, service
