@@ -123,18 +123,37 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234) -> "RewardScorer":
+        """The reward model of an engine checkpoint (module docstring)."""
+        from engine import checkpoint
+
+        info = resolve_checkpoint(path)
+        scorer = cls._build(_model_config(info.model, info.step_dir), info, tp, attention_backend, seed)
+        checkpoint.load(str(info.step_dir), [scorer.chunk])
+        return scorer
+
+    @classmethod
+    def random(cls, model: dict, tp: int = 1, attention_backend: str = "auto", seed: int = 1234,
+               head_std: float = 0.2) -> "RewardScorer":
+        """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
+        initialisation and a random value head (zero when new): for benchmarks of speed."""
+        info = CheckpointInfo(Path("."), dict(model), {})
+        scorer = cls._build(_model_config(info.model, Path("model")), info, tp, attention_backend, seed)
+        head = scorer.chunk.value_head.weight
+        g = torch.Generator().manual_seed(seed)
+        head.copy_((torch.randn(head.shape, generator=g) * head_std).to(head.dtype))
+        return scorer
+
+    @classmethod
+    def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int) -> "RewardScorer":
+        from megatron.core import parallel_state
+
         from engine.config import ParallelConfig, TrainConfig
         from engine.model.reward_model import RewardModel
         from engine.model.spec import layer_spec, transformer_engine_available
         from engine.parallelize import check_kernels, resolve_dtype, transformer_config
         from engine.runtime import validate_layout, world_size_from_env
-        from engine import checkpoint
 
         warnings.filterwarnings("ignore", module="megatron")
-        info = resolve_checkpoint(path)
-        model = _model_config(info.model, info.step_dir)
-        from megatron.core import parallel_state
-
         world = world_size_from_env()
         if world != tp and not parallel_state.model_parallel_is_initialized():
             raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
@@ -153,7 +172,6 @@ class RewardScorer:
                             max_sequence_length=model.max_position_embeddings,
                             pre_process=True, post_process=True, kernels="torch")
         chunk.to(rt.device)
-        checkpoint.load(str(info.step_dir), [chunk])
         chunk.eval()
         chunk.requires_grad_(False)
         scorer = cls(chunk, rt, info, resolve_dtype(train, rt))
