@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 
 
@@ -138,6 +139,10 @@ def main(argv=None) -> int:
     app = create_app(service, on_shutdown=scorer.stop_followers)
     print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp}) on http://{args.host}:{args.port}",
           flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers
+    # it found: no-op ones let this process close the runtime (TP ranks meet at its barrier) and exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.graceful_timeout_s)
     scorer.close()
