@@ -40,11 +40,12 @@ def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     return int(diff[0]) if diff.size else n
 
 
-def group_items(ids: list[np.ndarray], row_tokens: int, window: int = 256) -> list[ServeGroup]:
+def group_items(ids: list[np.ndarray], row_tokens: int, window: int = 256, min_prefix: int = 32) -> list[ServeGroup]:
     """Partition items (int32 id arrays, each non-empty) into groups sharing their longest common
     prefix; every candidate keeps at least its last token (where the reward is read). A group of
-    two or more items holds at most `row_tokens` tokens; `window` bounds the items of one group
-    (and so the dynamic program's cost, O(n * window))."""
+    two or more items holds at most `row_tokens` tokens and shares at least `min_prefix` tokens
+    (every item starts with BOS: sharing a few tokens saves nothing worth a longer row); `window`
+    bounds the items of one group (and so the dynamic program's cost, O(n * window))."""
     n = len(ids)
     if n == 0:
         return []
@@ -65,8 +66,8 @@ def group_items(ids: list[np.ndarray], row_tokens: int, window: int = 256) -> li
         total = int(lens[i - 1])
         for j in range(i - 2, max(-1, i - 1 - window), -1):  # group seq[j:i]
             shared = min(shared, lcp[j + 1], int(lens[j]) - 1)
-            if shared <= 0:
-                break  # saves nothing, and best[] never decreases: singletons do as well
+            if shared < max(min_prefix, 1):
+                break  # only shrinks from here, and best[] never decreases: singletons do as well
             total += int(lens[j])
             k = i - j
             if total - (k - 1) * shared > row_tokens:

@@ -188,7 +188,14 @@ class RewardScorer:
         return self.chunk(tokens, layout, reward_index).float()
 
     def score(self, batch: PackedBatch) -> np.ndarray:
-        """Rewards (fp32, one per candidate in the batch's numbering). Rank 0 only."""
+        """Rewards (fp32, one per candidate in the batch's numbering). The TP leader only; any thread
+        (the current CUDA device is per thread, so it is set here)."""
+        if self.rt.is_cuda:
+            with torch.cuda.device(self.device):
+                return self._score(batch)
+        return self._score(batch)
+
+    def _score(self, batch: PackedBatch) -> np.ndarray:
         tokens = batch.tokens.to(self.device, non_blocking=True)
         layout = batch.layout.to(self.device, non_blocking=True)
         reward_index = batch.reward_index.to(self.device, non_blocking=True)

@@ -35,7 +35,7 @@ def test_rollouts_of_one_prompt_share_their_prefix_and_other_prompts_do_not_merg
 def test_identical_items_keep_their_last_token_and_singletons_stand_alone():
     a = _ids([256, 5, 6, 7, 259])
     items = [a, a.copy(), _ids([256, 9, 259]), _ids([1])]
-    groups = group_items(items, row_tokens=100)
+    groups = group_items(items, row_tokens=100, min_prefix=1)
     _check_partition(items, groups)
     pair = [g for g in groups if len(g.items) == 2]
     assert len(pair) == 1 and len(pair[0].prefix) == 4
@@ -48,6 +48,13 @@ def test_row_budget_bounds_a_group():
     _check_partition(items, groups)
     assert all(len(g) <= 150 for g in groups if len(g.items) > 1)
     assert len(groups) >= 2
+
+
+def test_items_sharing_less_than_min_prefix_stay_apart():
+    items = [_ids([256], [k] * 10, [259]) for k in range(5)] + [_ids([256], [1] * 40, [k, 259]) for k in range(3)]
+    groups = group_items(items, row_tokens=1000, min_prefix=32)
+    _check_partition(items, groups)
+    assert sorted(len(g.items) for g in groups) == [1, 1, 1, 1, 1, 3]  # the 5 short ones share 11 tokens at most
 
 
 def test_empty_item_is_refused():
