@@ -173,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--words", type=int, default=24, help="words per prompt/reference/rollout, at most")
     ap.add_argument("--max-queue", type=int, default=512)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
+    ap.add_argument("--row-tokens", type=int, default=4096, help="polar serve --row-tokens")
+    ap.add_argument("--max-batch-tokens", type=int, default=16384, help="polar serve --max-batch-tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
@@ -201,7 +203,7 @@ def main(argv=None) -> int:
         expected = score_each_alone(scorer.score, [ids for _, ids in formatted], tok.pad_id)
         metrics = Metrics()
         batcher = Batcher(scorer.score, tok.pad_id, max_wait_s=args.max_wait_ms / 1000, max_queue_items=args.max_queue,
-                          pack_rows=scorer.attention_backend == "triton", metrics=metrics)
+                          row_tokens=args.row_tokens, max_batch_tokens=args.max_batch_tokens, pack_rows=scorer.attention_backend == "triton", metrics=metrics)
         service = Service(tok, batcher, ServeSettings(max_items=args.max_request), metrics)
         with serve_in_thread(service) as url:
             stats = asyncio.run(run_load(url, pool, [t for t, _ in formatted], expected, args.clients,

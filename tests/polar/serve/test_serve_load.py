@@ -4,7 +4,6 @@ import asyncio
 import importlib.util
 import os
 
-import pytest
 
 from polar.serve.items import StructuredItem, format_structured
 from polar.serve.batcher import score_each_alone
