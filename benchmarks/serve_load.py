@@ -194,7 +194,7 @@ def main(argv=None) -> int:
         from polar.serve.app import ServeSettings, Service
         from polar.serve.batcher import Batcher, score_each_alone
         from polar.serve.metrics import Metrics
-        from polar.serve.model import RewardScorer, tokenizer_spec
+        from engine.inference import RewardScorer, tokenizer_spec
         from polar.serve.server import serve_in_thread
 
         scorer = RewardScorer.load(args.checkpoint)

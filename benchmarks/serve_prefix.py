@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     import torch
 
     from polar.serve.items import format_structured
-    from polar.serve.model import RewardScorer
+    from engine.inference import RewardScorer
     from polar.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()

@@ -2,6 +2,7 @@
 
     polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
     polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]    # torchrun engine.finetune
+    polar serve --checkpoint RUN [...]   # reward server for RL trainers (polar/serve/)
     polar eval ...            # ranked-data preference accuracy with references (engine/evaluate.py)
     polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
@@ -81,6 +82,8 @@ def _env(args, rest) -> int:
 
 # sub-command -> module whose main(argv) implements it; imported only when used
 _TOOLS = {
+    ("serve",): ("polar.serve.server", "reward server for RL trainers: SGLang/vLLM/lmdeploy/OpenRLHF/native "
+                                       "endpoints, cross-request batching, shared prefixes"),
     ("eval",): ("polar.launch:eval_main", "preference accuracy with references on ranked data, overall and per "
                                           "category (engine/evaluate.py; --nproc N runs torchrun)"),
     ("score",): ("polar.launch:score_main", "offline batch scoring at any layout with the official client's "

@@ -255,7 +255,7 @@ class InProcessScorer:
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
-        from polar.serve.model import RewardScorer, tokenizer_spec
+        from engine.inference import RewardScorer, tokenizer_spec
         from polar.tokenizer import load_tokenizer
 
         scorer = RewardScorer.load(checkpoint)

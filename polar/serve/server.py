@@ -58,7 +58,7 @@ def build_service(args, scorer):
     from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.serve.metrics import Metrics
-    from polar.serve.model import tokenizer_spec
+    from engine.inference import tokenizer_spec
     from polar.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec(scorer.info))
@@ -114,7 +114,7 @@ def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from polar.serve.model import RewardScorer
+    from engine.inference import RewardScorer
 
     try:
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, attention_backend=args.attention_backend)

@@ -27,7 +27,7 @@ def checkpoint_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def scorer(checkpoint_dir):
     warnings.filterwarnings("ignore")
-    from polar.serve.model import RewardScorer
+    from engine.inference import RewardScorer
 
     return RewardScorer.load(checkpoint_dir)
 

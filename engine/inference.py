@@ -1,7 +1,8 @@
-"""An engine checkpoint -> fp32 rewards of packed batches: the server's only contact with the model.
+"""An engine checkpoint -> fp32 rewards of packed batches, for serving (polar/serve) and in-process
+scoring (polar.reward): one model replica, no gradient buffers.
 
-`RewardScorer.load(path)` builds the reward model of the checkpoint's run (its shape from the
-run's config.yaml, or a model.yaml beside the checkpoint) with the engine's public builders, loads
+`RewardScorer.load(path)` builds the reward model of the checkpoint (its shape recorded with it:
+the step's model.json, a model.yaml beside it, or the run's config.yaml) with the engine's builders, loads
 the weights with engine.checkpoint (dist_checkpointing: any saved TP/PP layout reloads at this
 process's layout) and scores `engine.packing.PackedBatch`es forward-only: bf16 on a GPU, fp32 on the
 CPU, rewards always returned as fp32.
@@ -15,7 +16,6 @@ supported by the server (one replica per process group, layers on every rank).
 from __future__ import annotations
 
 import os
-import warnings
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -47,8 +47,8 @@ def _read_yaml(path: Path) -> dict:
 
 
 def resolve_checkpoint(path: str) -> CheckpointInfo:
-    """A run directory (its newest checkpoint), a checkpoints directory or one step directory,
-    and the model shape: model.yaml next to the step directory, else the run's config.yaml."""
+    """A run directory (its newest checkpoint), a checkpoints directory or one step directory, and
+    the model settings recorded with it (engine.checkpoint.saved_model_settings)."""
     from engine import checkpoint
 
     p = Path(path)
@@ -56,27 +56,25 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
     step = None
     for candidate in (p, p / "checkpoints"):
-        if (candidate / "metadata.json").is_file() or (candidate / checkpoint.STATE_FILE).is_file():
-            step = candidate
+        try:
+            step = Path(checkpoint.resolve(str(candidate)))
             break
-        found = checkpoint.latest(str(candidate))
-        if found:
-            step = Path(found)
-            break
+        except checkpoint.CheckpointNotFound:
+            continue
     if step is None:
         raise FileNotFoundError(f"--checkpoint {path}: no complete engine checkpoint in it (expected a "
                                 "run directory, its checkpoints/ directory or a step_N directory)")
-    for cfg_file in (step / "model.yaml", step.parent / "model.yaml", step / "config.yaml",
-                     step.parent / "config.yaml", step.parent.parent / "config.yaml"):
+    found = checkpoint.saved_model_settings(str(step))
+    if found is None:
+        raise FileNotFoundError(f"{step}: no model settings recorded with it (model.json, model.yaml beside it "
+                                "or the run's config.yaml): the model's shape is unknown")
+    model, _ = found
+    run_config = {}
+    for cfg_file in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
         if cfg_file.is_file():
-            values = _read_yaml(cfg_file)
-            if cfg_file.name == "model.yaml":
-                return CheckpointInfo(step, values.get("model", values), {})
-            if not isinstance(values.get("model"), dict):
-                raise ValueError(f"{cfg_file}: no `model` section")
-            return CheckpointInfo(step, values["model"], values)
-    raise FileNotFoundError(f"{step}: no model.yaml beside it and no config.yaml in its run directory: "
-                            "the model's shape is unknown")
+            run_config = _read_yaml(cfg_file)
+            break
+    return CheckpointInfo(step, model, run_config)
 
 
 def _model_config(values: dict, where: Path):
@@ -106,9 +104,12 @@ def _runtime(par, seed: int):
     if (tp, pp) != (par.tp, par.pp):
         raise ValueError(f"this process already runs tp={tp} pp={pp}; the scorer needs tp={par.tp} pp=1")
     cuda = torch.cuda.is_available()
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
     return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                    device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
-                   tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size(), vpp=None)
+                   tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size(), vpp=None,
+                   groups=ProcessGroupCollection.use_mpu_process_groups())
 
 
 class RewardScorer:
@@ -153,7 +154,9 @@ class RewardScorer:
         from engine.parallelize import check_kernels, resolve_dtype, transformer_config
         from engine.runtime import validate_layout, world_size_from_env
 
-        warnings.filterwarnings("ignore", module="megatron")
+        from engine.quiet import silence_known_warnings
+
+        silence_known_warnings()
         world = world_size_from_env()
         if world != tp and not parallel_state.model_parallel_is_initialized():
             raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
@@ -170,7 +173,7 @@ class RewardScorer:
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
         chunk = RewardModel(config, spec, vocab_size=model.vocab_size,
                             max_sequence_length=model.max_position_embeddings,
-                            pre_process=True, post_process=True, kernels="torch")
+                            pre_process=True, post_process=True, kernels="torch", pg_collection=rt.groups)
         chunk.to(rt.device)
         chunk.eval()
         chunk.requires_grad_(False)
@@ -222,17 +225,13 @@ class RewardScorer:
             self._forward(tokens, layout, reward_index)
 
     def _broadcast(self, t: torch.Tensor) -> None:
-        from megatron.core import parallel_state
-
-        dist.broadcast(t, src=parallel_state.get_tensor_model_parallel_src_rank(),
-                       group=parallel_state.get_tensor_model_parallel_group())
+        tp = self.rt.groups.tp
+        dist.broadcast(t, src=dist.get_global_rank(tp, 0), group=tp)
 
     @property
     def is_leader(self) -> bool:
         """The TP rank that serves and broadcasts; the others `follow`."""
-        from megatron.core import parallel_state
-
-        return parallel_state.get_tensor_model_parallel_rank() == 0
+        return self.rt.groups.tp.rank() == 0
 
     def stop_followers(self) -> None:
         if self.rt.tp > 1:
@@ -245,10 +244,14 @@ class RewardScorer:
 
 
 def tokenizer_spec(info: CheckpointInfo) -> str:
-    """The tokenizer the checkpoint was trained with: the built dataset's (its NAME.json metadata,
-    written by `polar data build`), or the byte tokenizer of the embedded synthetic data."""
+    """The tokenizer the checkpoint was trained with: a tokenizer/ directory beside it (written by
+    `polar convert`), the built dataset's (its metadata, written by `polar data build`), or the byte
+    tokenizer of the embedded synthetic data."""
     import json
 
+    for d in (info.step_dir.parent / "tokenizer", info.step_dir.parent.parent / "tokenizer"):
+        if (d / "tokenizer.json").is_file():
+            return str(d)
     data = info.run_config.get("data") or {}
     path = data.get("path")
     if not path:
