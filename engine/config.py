@@ -34,6 +34,16 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     max_position_embeddings: int = 16384
+    # q/k/v projections with a bias (Qwen2); the output projection and the MLP never have one
+    add_qkv_bias: bool = False
+    # RoPE position scaling: none | linear (positions / factor) | dynamic (NTK, as HF Llama and
+    # InternLM2 define it: the identity while positions stay below max_position_embeddings, which
+    # is all this engine runs: longer packed sequences are refused)
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    # the embedding table is padded to a multiple of lcm(this, parallel.tp) rows (megatron splits
+    # it evenly over TP); padded rows stay zero and no token id reaches them
+    make_vocab_size_divisible_by: int = 1
 
 
 @dataclass
