@@ -27,7 +27,8 @@ def resolve_dtype(train: TrainConfig, rt: Runtime) -> torch.dtype:
     raise ConfigError(f"train.precision={train.precision!r}: expected auto, fp32 or bf16")
 
 
-def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
+def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime,
+                       initialize: bool = True):
     from megatron.core.transformer import TransformerConfig
 
     dtype = resolve_dtype(train, rt)
@@ -47,6 +48,7 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
+        perform_initialization=initialize,  # False: weights are loaded next (conversion, scoring)
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -129,8 +131,9 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
             raise ConfigError(str(exc)) from exc
 
 
-def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
-    """Returns (list of DDP-wrapped model chunks, TransformerConfig)."""
+def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
+    """Returns (list of DDP-wrapped model chunks, TransformerConfig). initialize=False skips the
+    random initialisation of megatron's layers, for a caller that loads every weight next."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
@@ -138,7 +141,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     from engine.model.spec import layer_spec, transformer_engine_available
 
     check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
-    config = transformer_config(model, par, train, rt)
+    config = transformer_config(model, par, train, rt, initialize)
     use_te = rt.is_cuda and transformer_engine_available()
     spec = layer_spec(use_te, model.rotary_base, train.attention_backend, model.rope_scaling,
                       model.rope_scaling_factor, model.max_position_embeddings)

@@ -50,7 +50,8 @@ def build(model: ModelConfig, tp: int = 1, pp: int = 1):
     except ConfigError as e:
         raise ConvertError(f"the model cannot run at --tp {tp} --pp {pp}: {e}") from e
     rt = runtime(tp, pp)
-    chunks, _ = build_model(model, par, train, rt)
+    # the weights are loaded right after: random initialisation would be wasted time
+    chunks, _ = build_model(model, par, train, rt, initialize=False)
     return chunks, rt
 
 
@@ -62,6 +63,8 @@ def write_model_yaml(path: Path, model: ModelConfig) -> None:
 def read_model_config(path: Path) -> ModelConfig:
     """The `model:` section of a model.yaml or a run's config.yaml."""
     from engine.config import _build
+
+    path = Path(path)
 
     try:
         values = yaml.safe_load(path.read_text())

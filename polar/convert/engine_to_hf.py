@@ -79,6 +79,12 @@ def _save_safetensors(tensors: dict, dst: Path) -> None:
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
 
 
+def _last_line(exc: Exception) -> str:
+    """dist_checkpointing wraps the cause in a multi-rank traceback: its last line names the tensor."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and ln.strip() != "'}"]
+    return lines[-1] if lines else type(exc).__name__
+
+
 CARD = """# {name}
 
 A POLAR reward model (policy discriminator; Dou et al., "Pre-Trained Policy Discriminators are General
@@ -117,11 +123,14 @@ def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: 
                            f"model.vocab_size={model.vocab_size}; pass the tokenizer the model was trained with")
 
     chunks, _ = build(model)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
     try:
         checkpoint.load(str(step), chunks)
-    except Exception as e:
-        raise ConvertError(f"{step}: the checkpoint does not match the model configuration in {cfg_path} ({e}); "
-                           "pass the model.yaml or run config.yaml the checkpoint was written with (--config)") from e
+    except (Exception, CheckpointException) as e:
+        raise ConvertError(f"{step}: the checkpoint does not match the model configuration in {cfg_path} "
+                           f"({_last_line(e)}); pass the model.yaml or run config.yaml the checkpoint was written "
+                           "with (--config)") from e
     tensors = export_canonical(chunks, model)
     del chunks
     tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}

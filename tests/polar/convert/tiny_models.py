@@ -58,3 +58,7 @@ def save(model, path: Path, with_reward_tokens: bool = True, max_shard_size=None
     model.save_pretrained(str(path), **kw)
     write_tokenizer(path, with_reward_tokens)
     return path
+
+
+def len_vocab() -> int:
+    return len(SPECIALS) + len(WORDS)
