@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import yaml
@@ -27,8 +28,9 @@ def runtime(tp: int, pp: int):
                 parallel_state.get_pipeline_model_parallel_world_size())
         if have != (tp, pp):
             raise ConvertError(f"this process already runs megatron at tp={have[0]}, pp={have[1]}, not tp={tp}, pp={pp}")
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=0, device=device,
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                        tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size(), vpp=None)
     world = world_size_from_env()
     if world % (tp * pp):
