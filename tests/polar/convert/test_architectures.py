@@ -70,6 +70,23 @@ def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path):
     _check_scores(dst, model, seed=3)
 
 
+def test_conversion_at_tp2_under_torchrun_gives_the_same_rewards(tmp_path):
+    """--tp splits each tensor in the converter itself (q/k/v by whole key-value groups, the SwiGLU
+    gate and up halves per rank, o_proj and down_proj by columns, the padded vocabulary by rows)."""
+    import os
+    import subprocess
+    import sys
+
+    ref = tm.random_seq_cls(tm.llama_config("qwen2"))
+    src = tm.save(ref, tmp_path / "src")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "polar.convert.hf_to_engine", str(src), str(tmp_path / "engine"), "--tp", "2"]
+    env = dict(os.environ, PYTHONPATH=str(helpers.ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=helpers.ROOT)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    _check_scores(tmp_path / "engine", ref, seed=4)
+
+
 # ---- InternLM2 (remote code on the hub: the reference is the equivalent Llama) ------------------
 def _internlm2_from_llama(ref, path: Path, reward_model: bool, rope_scaling=None) -> Path:
     """Writes `ref`'s weights in InternLM2's layout: wqkv rows per KV group [q_0..q_{r-1}, k, v]."""
