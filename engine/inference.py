@@ -15,7 +15,6 @@ supported by the server (one replica per process group, layers on every rank).
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -92,24 +91,14 @@ def _model_config(values: dict, where: Path):
 
 def _runtime(par, seed: int):
     """engine.runtime.init_runtime, or the runtime already running in this process (a trainer
-    with the scorer beside it, a test session): megatron's parallel state is set up once per process."""
-    from megatron.core import parallel_state
+    with the scorer beside it, a test session)."""
+    from engine.config import ConfigError
+    from engine.runtime import current_or_new_runtime
 
-    from engine.runtime import Runtime, init_runtime
-
-    if not parallel_state.model_parallel_is_initialized():
-        return init_runtime(par, seed)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if (tp, pp) != (par.tp, par.pp):
-        raise ValueError(f"this process already runs tp={tp} pp={pp}; the scorer needs tp={par.tp} pp=1")
-    cuda = torch.cuda.is_available()
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
-    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
-                   device=torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu"),
-                   tp=tp, pp=pp, dp=parallel_state.get_data_parallel_world_size(), vpp=None,
-                   groups=ProcessGroupCollection.use_mpu_process_groups())
+    try:
+        return current_or_new_runtime(par, seed)
+    except ConfigError as e:
+        raise ValueError(f"{e}; the scorer needs tp={par.tp} pp=1") from e
 
 
 class RewardScorer:
@@ -146,8 +135,6 @@ class RewardScorer:
 
     @classmethod
     def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int) -> "RewardScorer":
-        from megatron.core import parallel_state
-
         from engine.config import ParallelConfig, TrainConfig
         from engine.model.reward_model import RewardModel
         from engine.model.spec import layer_spec, transformer_engine_available
@@ -158,7 +145,7 @@ class RewardScorer:
 
         silence_known_warnings()
         world = world_size_from_env()
-        if world != tp and not parallel_state.model_parallel_is_initialized():
+        if world != tp and not dist.is_initialized():
             raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
         if attention_backend == "auto":
             attention_backend = "triton" if torch.cuda.is_available() else "torch"

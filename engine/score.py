@@ -171,7 +171,7 @@ class CheckpointScorer:
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
-        rewards = score_data_parallel(self.chunks, batches, self.rt.device).cpu()
+        rewards = score_data_parallel(self.chunks, batches, self.rt).cpu()
         # collate numbers candidates sequence by sequence, group by group: map them back
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)

@@ -2,6 +2,7 @@
 
     polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
     polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]    # torchrun engine.finetune
+    polar convert hf-to-engine SRC DST | engine-to-hf SRC DST   # checkpoints in and out (polar/convert/)
     polar serve --checkpoint RUN [...]   # reward server for RL trainers (polar/serve/)
     polar eval ...            # ranked-data preference accuracy with references (engine/evaluate.py)
     polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
@@ -82,6 +83,10 @@ def _env(args, rest) -> int:
 
 # sub-command -> module whose main(argv) implements it; imported only when used
 _TOOLS = {
+    ("convert", "hf-to-engine"): ("polar.convert.hf_to_engine", "a transformers checkpoint (safetensors or GGUF) "
+                                                            "-> an engine checkpoint with model.yaml and tokenizer/"),
+    ("convert", "engine-to-hf"): ("polar.convert.engine_to_hf", "an engine checkpoint -> Llama/Qwen2ForSequence"
+                                                            "Classification (--format internlm2-reward: POLAR's layout)"),
     ("serve",): ("polar.serve.server", "reward server for RL trainers: SGLang/vLLM/lmdeploy/OpenRLHF/native "
                                        "endpoints, cross-request batching, shared prefixes"),
     ("eval",): ("polar.launch:eval_main", "preference accuracy with references on ranked data, overall and per "
@@ -120,9 +125,11 @@ def main(argv=None) -> int:
         module, rest = tool
         module, _, func = module.partition(":")
         return getattr(importlib.import_module(module), func or "main")(rest)
-    if argv[:1] == ["data"]:
-        print("usage: polar data {build,stats} ...\n" + _usage_of_tools(), file=sys.stderr)
-        return 2
+    for group in ("data", "convert"):
+        if argv[:1] == [group]:
+            subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
+            print(f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(), file=sys.stderr)
+            return 2
     ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.",
                                  epilog="tools:\n" + _usage_of_tools(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

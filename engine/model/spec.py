@@ -21,7 +21,8 @@ def transformer_engine_available() -> bool:
     return True
 
 
-def layer_spec(use_te: bool, rotary_base: float, attention_backend: str) -> ModuleSpec:
+def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_scaling: str = "none",
+               rope_scaling_factor: float = 1.0, max_position_embeddings: int = 1 << 62) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -31,6 +32,7 @@ def layer_spec(use_te: bool, rotary_base: float, attention_backend: str) -> Modu
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SharedPrefixAttention,
-        params={"rotary_base": rotary_base, "backend": attention_backend},
+        params={"rotary_base": rotary_base, "backend": attention_backend, "rope_scaling": rope_scaling,
+                "rope_scaling_factor": rope_scaling_factor, "max_position_embeddings": max_position_embeddings},
     )
     return spec
