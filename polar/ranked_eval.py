@@ -30,7 +30,8 @@ import numpy as np
 
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS, Text
-from polar.records import RecordError, iter_lines
+from polar.records import FieldError as _Bad
+from polar.records import iter_lines, parse_jsonl_line
 
 DEFAULT_CATEGORY = "uncategorized"
 
@@ -52,9 +53,6 @@ class RankedRecord:
         return [(i, j) for i in range(len(r)) for j in range(len(r)) if r[i] < r[j]]
 
 
-class _Bad(Exception):
-    def __init__(self, field: str, reason: str):
-        self.field, self.reason = field, reason
 
 
 def _text(value, where: str) -> Text:
@@ -122,21 +120,9 @@ def _parse(obj) -> RankedRecord:
 
 def parse_ranked_line(raw: bytes, file: str, line: int) -> Optional[RankedRecord]:
     """One JSONL line -> RankedRecord, None for a blank line; RecordError naming file:line: field."""
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecordError(file, line, "(line)", f"invalid UTF-8 at byte {e.start}") from None
-    if not text.strip():
-        return None
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
-    try:
-        rec = _parse(obj)
-    except _Bad as e:
-        raise RecordError(file, line, e.field, e.reason) from None
-    rec.file, rec.line = file, line
+    rec = parse_jsonl_line(raw, file, line, _parse)
+    if rec is not None:
+        rec.file, rec.line = file, line
     return rec
 
 
