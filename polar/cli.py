@@ -5,6 +5,7 @@
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
+    polar plan ...            # which parallel layout to launch, its memory and step time (polar/plan.py)
     polar env                 # what this machine has
 
 Each tool sub-command has its own --help.
@@ -83,6 +84,8 @@ _TOOLS = {
                                             "memory-mapped dataset"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
+    ("plan",): ("polar.plan", "per-GPU memory and step time of every TP/PP/VPP/DP layout for a model and "
+                              "cluster; ranks them and recommends one"),
 }
 
 
