@@ -32,7 +32,10 @@ Memory per GPU, for the pipeline rank that needs most:
   recomputation (megatron's core-attention recompute) drops the attention's internal state, which a
   flash-style kernel does not keep anyway. A pipeline rank holds the activations of the micro-batches in
   flight under 1F1B: pp - rank of them (interleaved: 2 (pp - rank - 1) + (vpp - 1) pp + 1 model chunks);
-- transient: the largest single gradient as autograd produces it, before it is added into the buffer;
+- transient: the larger of the backward pass's extra (the largest single gradient as autograd produces
+  it, before it is added into the buffer) and the optimizer step's temporaries beyond the activations then
+  freed (torch's AdamW without TE / Apex: one fp32 copy of the optimizer shard on GPU; on CPU two fp32
+  temporaries of the largest parameter);
 - a fixed allowance per GPU for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Step time: compute = model FLOPs (engine.progress's counter: dense matmuls per token plus attention per
@@ -220,8 +223,12 @@ def layers_in_flight(shape: Shape, layout: Layout, pp_rank: int, microbatches: i
 
 def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch: int, pp_rank: int,
                     precision: str = "bf16", fp8: bool = False, attention_backend: str = "triton",
-                    overhead_gb: float = 0.0) -> dict:
-    """Bytes by component for one process at pipeline position pp_rank (see the module docstring)."""
+                    overhead_gb: float = 0.0, device: str = "gpu") -> dict:
+    """Bytes by component for one process at pipeline position pp_rank (see the module docstring).
+
+    The peak comes either in the backward pass (activations plus the largest gradient autograd produces
+    before it is added into the buffer) or in the optimizer step (Adam's temporaries); `transient` is what
+    the larger of the two adds beyond the activations, so the components sum to the total."""
     n = params_per_rank(shape, layout.tp, layout.pp, pp_rank)
     w_bytes = 4 if precision == "fp32" else 2
     opt_per_param = 8 if precision == "fp32" else 12
@@ -244,13 +251,20 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
                   2 * shape.ffn_hidden_size * shape.hidden_size) // layout.tp
     if pp_rank == 0 or (pp_rank == layout.pp - 1 and shape.lm_head):
         largest = max(largest, shape.vocab_size // layout.tp * shape.hidden_size)
+    backward_extra = largest * w_bytes
+    if device == "cpu":
+        # torch's single-tensor AdamW (CPU): sqrt(v) and its quotient, two fp32 temporaries of one parameter
+        step_extra = 2 * 4 * min(largest, math.ceil(n / shard))
+    else:
+        # torch's multi-tensor AdamW (no TE / Apex): one fp32 temporary of the whole optimizer shard
+        step_extra = 4 * n / shard
     out = {
         "weights": n * w_bytes,
         "gradients": n * 4,
         "optimizer": n * opt_per_param / shard,
         "fp8": 2 * linear_params(shape, layout.tp) * (shape.num_layers // layout.pp) if fp8 else 0,
         "activations": activations,
-        "transient": largest * w_bytes,
+        "transient": max(backward_extra, step_extra - activations),
         "overhead": overhead_gb * GB,
     }
     out["total"] = sum(out.values())

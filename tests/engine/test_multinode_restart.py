@@ -31,6 +31,7 @@ TINY = [
     "model.ffn_hidden_size=64", f"train.steps={STEPS}", "train.global_batch=4", "synthetic.train_triplets=200",
     "synthetic.eval_triplets=20", "synthetic.prompts=50", "checkpoint.save_interval=2", "log.interval=1",
     "log.tensorboard=false", "train.time_limit_s=0", "data.seq_length=512",
+    "train.warmup_steps=1",  # the loss moves within the 12 steps, so equal losses say something
 ]
 JOB_TIMEOUT_S = 420  # per job; a hung rendezvous or collective fails the test instead of the CI run
 
@@ -141,7 +142,8 @@ def test_a_killed_worker_restarts_the_group_and_the_run_ends_as_if_uninterrupted
     assert resumed, "no worker resumed from a checkpoint:\n" + logs[-4000:]
     resumed_step = int(resumed[-1].rsplit("at step", 1)[1])
     assert 2 <= resumed_step < STEPS, resumed
-    assert "restart" in logs.lower(), logs[-4000:]
+    assert "failed (exitcode: -9)" in logs, logs[-4000:]  # the agent saw its worker killed
+    assert logs.count("run directory:") == 2, logs[-4000:]  # rank 0 started twice: the whole group restarted
 
     ref, got = _losses(reference["summary"]), _losses(killed["summary"])
     assert sorted(ref) == list(range(1, STEPS + 1)) and sorted(got) == sorted(ref)

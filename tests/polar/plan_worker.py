@@ -12,6 +12,8 @@ system when it is freed and resident memory follows the tensors that are alive.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import gc
 import json
 import os
@@ -79,8 +81,8 @@ def _reset_peak() -> None:
 
 
 def measure_memory(args) -> None:
-    """Resident memory of one rank: `before` after the runtime, the data and the libraries the step imports, and
-    before the model exists; `state` after one training step (weights,
+    """Resident memory of one rank: `before` after the runtime, the data and one throw-away step of a tiny model at the
+    same layout (what the libraries set up on first use), before the model exists; `state` after one training step (weights,
     fp32 gradient buffer and Adam state all allocated) with the build's temporaries freed; `peak` the
     highest resident size during the next steps. Growth is measured from `before`."""
     import torch
@@ -92,15 +94,19 @@ def measure_memory(args) -> None:
     from tests.engine.dist_worker import random_groups
 
     torch.set_num_threads(1)
-    # the modules the first step would import, imported before the baseline
-    import megatron.core.distributed  # noqa: F401
-    import megatron.core.optimizer  # noqa: F401
-    import megatron.core.optimizer_param_scheduler  # noqa: F401
-    import megatron.core.pipeline_parallel.p2p_communication  # noqa: F401
-    import megatron.core.pipeline_parallel.schedules  # noqa: F401
     cfg = load_config(EngineConfig, None, args.overrides)
     validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
+    # One step of a tiny model at the same layout first: the modules, communication buffers and caches the
+    # libraries set up on first use are then part of the baseline, not of the model's growth.
+    tp, stages = cfg.parallel.tp, cfg.parallel.pp * (cfg.parallel.vpp or 1)
+    tiny = copy.deepcopy(cfg)
+    tiny.model = dataclasses.replace(cfg.model, num_layers=stages, hidden_size=16 * tp, num_attention_heads=2 * tp,
+                                     num_query_groups=tp, ffn_hidden_size=16 * tp, vocab_size=64 * tp)
+    warm = Trainer(tiny, rt, PackedGroups(random_groups(3, 50, 64 * tp, cfg.data.seq_length, k_max=2),
+                                          cfg.data.seq_length), cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    warm.train_step()
+    del warm
     data = PackedGroups(random_groups(7, 200, cfg.model.vocab_size, cfg.data.seq_length, k_max=2),
                         cfg.data.seq_length)
     gc.collect()

@@ -88,7 +88,7 @@ def test_memory_estimate_within_10_percent_of_cpu_peak(tmp_path, name):
     shape = _shape(MEMORY_MODEL)
     for r in json.loads(out.read_text()):
         est = plan.memory_per_rank(shape, layout, MEMORY_RUN["seq_length"], MEMORY_RUN["global_batch"],
-                                   r["pp_rank"], precision="fp32", attention_backend="torch")
+                                   r["pp_rank"], precision="fp32", attention_backend="torch", device="cpu")
         ratio = est["total"] / r["peak_bytes"]
         print(f"{name} rank {r['rank']}: estimate {est['total'] / 1e6:.1f} MB, measured peak {r['peak_bytes'] / 1e6:.1f} MB "
               f"(state {r['state_bytes'] / 1e6:.1f} MB), ratio {ratio:.3f}; {est}")
