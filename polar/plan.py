@@ -25,15 +25,17 @@ Memory per GPU, for the pipeline rank that needs most:
 - FP8 (when asked): an e4m3 copy of every linear weight and its transpose (2 bytes per linear parameter);
 - activations kept for the backward pass, per layer and micro-batch of b sequences of s tokens (bf16;
   TP = t, sequence parallelism divides the norm inputs and outputs by t):
-  norms 3 x 2 tensors of [s, b, h] (input, normalised input, output) + q, k, v, attention output
-  [s, b, h + 2 kv + h] / t + SwiGLU fc1 output, silu output, product [s, b, 4 ffn] / t. With the torch
-  attention backend the dense [b, s, s] mask is kept once. Full recomputation keeps only each layer's
+  norms 3 x 2 tensors of [s, b, h] (input, normalised input, output) + the QKV output, K and Q after
+  RoPE and the attention output [s, b, (h + 2 kv) + (kv + 2 h)] / t + the fc1 output, silu, the linear
+  half plus offset and their product [s, b, 5 ffn] / t (layer_activation_bytes lists them). With the
+  torch attention backend the dense [b, s, s] bool mask is kept once and SDPA's additive copy of it per
+  layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
   input [s, b, h] (/t under SP) and one layer's activations while it is recomputed; selective
   recomputation (megatron's core-attention recompute) drops the attention's internal state, which a
   flash-style kernel does not keep anyway. A pipeline rank holds the activations of the micro-batches in
   flight under 1F1B: pp - rank of them (interleaved: 2 (pp - rank - 1) + (vpp - 1) pp + 1 model chunks);
 - transient: the larger of the backward pass's extra (the largest single gradient as autograd produces
-  it, before it is added into the buffer) and the optimizer step's temporaries beyond the activations then
+  it, before it is added into the buffer, and the gradients of one layer's fc1 output) and the optimizer step's temporaries beyond the activations then
   freed (torch's AdamW without TE / Apex: one fp32 copy of the optimizer shard on GPU; on CPU two fp32
   temporaries of the largest parameter);
 - a fixed allowance per GPU for the CUDA context, NCCL buffers and allocator fragmentation.
@@ -119,6 +121,7 @@ class Assumptions:
                "all earlier tokens of its pack (an upper bound for shared-prefix packing)"),
             f"{self.overhead_gb:g} GB per GPU for the CUDA context, NCCL and fragmentation; a layout fits under "
             f"{self.usable_fraction:.0%} of the card's memory",
+            "MFU: model FLOPs (no recomputation) per second over the dense bf16 peak, also with FP8",
         ]
 
 
@@ -200,14 +203,24 @@ def total_params(shape: Shape) -> int:
 
 # ---- memory ----------------------------------------------------------------------------------------------
 
-def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_bytes: int = 2) -> float:
-    """Bytes one layer keeps for its backward pass for `tokens` = s x b tokens of one micro-batch."""
-    h, f = shape.hidden_size, shape.ffn_hidden_size
+def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_bytes: int = 2,
+                           seq_length: int = 0, attention_backend: str = "triton") -> float:
+    """Bytes one layer keeps for its backward pass for `tokens` = s x b tokens of one micro-batch.
+
+    The tensors autograd saves in megatron's local layer with the engine's attention (counted on CPU with
+    saved-tensor hooks): per RMSNorm its input, normalised input and output; the QKV output (V is a view
+    of it, so all of it stays), K and Q after RoPE, the attention output and its log-sum-exp (fp32); the
+    fc1 output (2 ffn), silu of its first half, the second half plus megatron's glu offset (a new tensor)
+    and their product. The torch backend also keeps the additive mask SDPA makes of the bool mask."""
+    h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_size
     c = 1.0 / tp if sp else 1.0
     norms = 2 * 3 * h * c
-    attention = (2 * h + 2 * shape.kv_size) / tp
-    mlp = 4 * f / tp
-    return act_bytes * tokens * (norms + attention + mlp)
+    attention = (h + 2 * kv) / tp + (kv + 2 * h) / tp
+    mlp = 5 * f / tp
+    out = act_bytes * tokens * (norms + attention + mlp) + 4 * tokens * shape.num_attention_heads / tp
+    if attention_backend == "torch":
+        out += act_bytes * tokens * seq_length  # [b, 1, s, s]: broadcast over the heads
+    return out
 
 
 def layers_in_flight(shape: Shape, layout: Layout, pp_rank: int, microbatches: int) -> float:
@@ -235,7 +248,8 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     shard = layout.dp if layout.distributed_optimizer else 1
     m = global_batch // (layout.dp * layout.micro_batch)
     tokens = seq_length * layout.micro_batch
-    per_layer = layer_activation_bytes(shape, tokens, layout.tp, layout.sequence_parallel, w_bytes)
+    per_layer = layer_activation_bytes(shape, tokens, layout.tp, layout.sequence_parallel, w_bytes, seq_length,
+                                       attention_backend)
     in_flight = layers_in_flight(shape, layout, pp_rank, m)
     c = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     if layout.recompute == "full":
@@ -244,6 +258,8 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
         activations = in_flight * per_layer
     if attention_backend == "torch":
         activations += layout.micro_batch * seq_length * seq_length  # the dense bool mask, one layout cached
+    # while a layer runs backward, autograd holds gradients of its activations: the fc1 output's and another
+    backward_working = 2 * w_bytes * tokens * 2 * shape.ffn_hidden_size / layout.tp
     if pp_rank == layout.pp - 1 and shape.lm_head:
         # logits [s, b, V/t] in the compute dtype, their fp32 copy and the softmax kept by the cross-entropy
         activations += tokens * shape.vocab_size / layout.tp * (w_bytes + 8)
@@ -251,7 +267,7 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
                   2 * shape.ffn_hidden_size * shape.hidden_size) // layout.tp
     if pp_rank == 0 or (pp_rank == layout.pp - 1 and shape.lm_head):
         largest = max(largest, shape.vocab_size // layout.tp * shape.hidden_size)
-    backward_extra = largest * w_bytes
+    backward_extra = largest * w_bytes + backward_working
     if device == "cpu":
         # torch's single-tensor AdamW (CPU): sqrt(v) and its quotient, two fp32 temporaries of one parameter
         step_extra = 2 * 4 * min(largest, math.ceil(n / shard))
@@ -666,6 +682,7 @@ def main(argv=None) -> int:
     lay = best.layout
     print(f"launch with: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.vpp={lay.vpp or 'null'} "
           f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()} train.micro_batch={lay.micro_batch}"
+          + (" train.fp8=<recipe>" if args.fp8 else "")
           + ("" if lay.recompute == "none" else f"  (and {lay.recompute} activation recomputation)"))
     return 0
 
