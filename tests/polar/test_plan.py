@@ -112,7 +112,7 @@ def test_measured_gpu_runs_are_printed_beside_their_predictions(tmp_path, capsys
     a = plan.Assumptions()
     cfg = plan.load_plan_config("polar_7b", ["train.global_batch=256"])
     e = plan.estimate(plan.shape_from_config(cfg), plan.Layout(tp=4, pp=1, dp=16, sequence_parallel=True), 16384,
-                      256, plan.GPUS["H100"], a)
+                      256, plan.GPUS["H100"], a, attention_backend=cfg.train.attention_backend)
     row = rows["7b-tp4"]
     assert "TP4xPP1xDP16" in row
     assert f"{e.memory['total'] / 1e9:.1f} / 50.0 ({e.memory['total'] / 1e9 / 50.0 - 1:+.0%})" in row
