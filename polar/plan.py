@@ -454,10 +454,18 @@ def nearest_batches(shape: Shape, gpus: int, global_batch: int, seq_length: int,
 
 
 def rank_layouts(estimates: list[Estimate]) -> list[Estimate]:
-    """Layouts that fit first; then by step time, a layout within 1% of a faster one winning on memory."""
-    def key(e: Estimate):
-        return (not e.fits, round(math.log(e.time["total"]) / math.log(1.01)), e.memory["total"])
-    return sorted(estimates, key=key)
+    """Layouts that fit first, then by step time, then by memory."""
+    return sorted(estimates, key=lambda e: (not e.fits, e.time["total"], e.memory["total"]))
+
+
+def recommend(ranked: list[Estimate], within: float = 0.002) -> Optional[Estimate]:
+    """The fastest layout that fits; of layouts tied with it (within `within` of its step time) the one that
+    needs least memory."""
+    fitting = [e for e in ranked if e.fits]
+    if not fitting:
+        return None
+    limit = fitting[0].time["total"] * (1 + within)
+    return min((e for e in fitting if e.time["total"] <= limit), key=lambda e: e.memory["total"])
 
 
 _COMPONENT_WORDS = {"compute": "compute", "recompute": "recomputation", "bubble": "pipeline bubble",
@@ -478,7 +486,11 @@ def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) ->
                f"pipeline bubble {t['bubble'] / t['total']:.1%} of the step")
     why.append("no recomputation needed" if lay.recompute == "none" else
                f"{lay.recompute} recomputation is needed to fit ({t['recompute']:.2f} s)")
-    lines.append("It is the fastest layout that fits: " + "; ".join(w for w in why if w) + ".")
+    fastest = next(e for e in ranked if e.fits)
+    lead = ("It is the fastest layout that fits" if fastest is best else
+            f"It ties with the fastest layout that fits ({fastest.layout.name()}, "
+            f"{fastest.time['total']:.2f} s) and needs less memory")
+    lines.append(lead + ": " + "; ".join(w for w in why if w) + ".")
     others = [e for e in ranked if e is not best and e.fits][:3]
     for e in others:
         diff = {k: e.time[k] - t[k] for k in _COMPONENT_WORDS}
@@ -513,8 +525,8 @@ def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
 
 
-def format_table(ranked: list[Estimate], top: int) -> list[str]:
-    head = (f"{'#':>3} {'layout':<30} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} {'step s':>7} "
+def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = None) -> list[str]:
+    head = (f"{'#':>3} {'layout (* recommended)':<30} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} {'step s':>7} "
             f"{'compute':>7} {'recomp':>6} {'bubble':>6} {'TP comm':>7} {'PP comm':>7} {'DP comm':>7} "
             f"{'MFU':>6} {'tok/s/GPU':>9}")
     rows = [head, "-" * len(head)]
@@ -522,7 +534,7 @@ def format_table(ranked: list[Estimate], top: int) -> list[str]:
         t, lay = e.time, e.layout
         world = lay.tp * lay.pp * lay.dp
         rows.append(
-            f"{i:>3} {lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} {'yes' if e.fits else 'no':>4} "
+            f"{i:>3}{'*' if e is best else ' '}{lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} {'yes' if e.fits else 'no':>4} "
             f"{_gb(e.memory['total']):>7} {_gb(e.memory['activations']):>6} {t['total']:>7.2f} "
             f"{t['compute']:>7.2f} {t['recompute']:>6.2f} {t['bubble']:>6.2f} {t['tp_comm']:>7.2f} "
             f"{t['pp_comm']:>7.2f} {t['dp_comm']:>7.2f} {t['mfu']:>6.1%} {t['tokens_per_s'] / world:>9,.0f}")
@@ -663,7 +675,11 @@ def main(argv=None) -> int:
     for line in a.lines():
         print(f"assumed: {line}")
     print()
-    for line in format_table(ranked, args.top):
+    best = recommend(ranked)
+    shown = ranked[:args.top]
+    if best is not None and best not in shown:
+        shown.append(best)
+    for line in format_table(shown, len(shown), best):
         print(line)
     fitting = [e for e in ranked if e.fits]
     print(f"\n{len(layouts)} layouts, {len(ranked)} after dropping recomputation / micro-batch choices that are "
@@ -673,7 +689,6 @@ def main(argv=None) -> int:
         print(f"none fits: the smallest, {least.layout.name()}, needs {_gb(least.memory['total'])} GB; "
               "more GPUs, FP8 off, a shorter data.seq_length or a smaller model")
         return 1
-    best = fitting[0]
     print()
     for line in explain(best, ranked, gpu, a):
         print(line)
