@@ -131,7 +131,7 @@ def test_a_bad_measurement_file_is_named(tmp_path, capsys):
 
 
 def test_every_candidate_is_a_layout_the_engine_accepts():
-    from engine.config import ModelConfig, ParallelConfig, TrainConfig
+    from engine.config import ParallelConfig, TrainConfig
     from engine.runtime import validate_layout
 
     cfg = plan.load_plan_config("polar_7b", ["train.global_batch=64"])
