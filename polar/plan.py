@@ -35,9 +35,9 @@ Memory per GPU, for the pipeline rank that needs most:
   flash-style kernel does not keep anyway. A pipeline rank holds the activations of the micro-batches in
   flight under 1F1B: pp - rank of them (interleaved: 2 (pp - rank - 1) + (vpp - 1) pp + 1 model chunks);
 - transient: the larger of the backward pass's extra (the largest single gradient as autograd produces
-  it, before it is added into the buffer, and the gradients of one layer's fc1 output) and the optimizer step's temporaries beyond the activations then
-  freed (torch's AdamW without TE / Apex: one fp32 copy of the optimizer shard on GPU; on CPU two fp32
-  temporaries of the largest parameter);
+  it, before it is added into the buffer, and the gradients of one layer's fc1 output) and the optimizer
+  step's temporaries beyond the activations then freed (torch's AdamW without TE / Apex: one fp32 copy of
+  the optimizer shard on GPU; on CPU two fp32 temporaries of the largest parameter);
 - a fixed allowance per GPU for the CUDA context, NCCL buffers and allocator fragmentation.
 
 Step time: compute = model FLOPs (engine.progress's counter: dense matmuls per token plus attention per
@@ -163,7 +163,8 @@ class Layout:
 
     def name(self) -> str:
         parts = [f"TP{self.tp}", f"PP{self.pp}"] + ([f"VPP{self.vpp}"] if self.vpp else []) + [f"DP{self.dp}"]
-        return "x".join(parts) + f" mb{self.micro_batch}" + ("" if self.recompute == "none" else f" rc-{self.recompute}")
+        recompute = "" if self.recompute == "none" else f" rc-{self.recompute}"
+        return "x".join(parts) + f" mb{self.micro_batch}" + recompute
 
 
 # ---- parameters ------------------------------------------------------------------------------------------
@@ -534,7 +535,8 @@ def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = No
         t, lay = e.time, e.layout
         world = lay.tp * lay.pp * lay.dp
         rows.append(
-            f"{i:>3}{'*' if e is best else ' '}{lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} {'yes' if e.fits else 'no':>4} "
+            f"{i:>3}{'*' if e is best else ' '}{lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} "
+            f"{'yes' if e.fits else 'no':>4} "
             f"{_gb(e.memory['total']):>7} {_gb(e.memory['activations']):>6} {t['total']:>7.2f} "
             f"{t['compute']:>7.2f} {t['recompute']:>6.2f} {t['bubble']:>6.2f} {t['tp_comm']:>7.2f} "
             f"{t['pp_comm']:>7.2f} {t['dp_comm']:>7.2f} {t['mfu']:>6.1%} {t['tokens_per_s'] / world:>9,.0f}")

@@ -81,10 +81,11 @@ def _reset_peak() -> None:
 
 
 def measure_memory(args) -> None:
-    """Resident memory of one rank: `before` after the runtime, the data and one throw-away step of a tiny model at the
-    same layout (what the libraries set up on first use), before the model exists; `state` after one training step (weights,
-    fp32 gradient buffer and Adam state all allocated) with the build's temporaries freed; `peak` the
-    highest resident size during the next steps. Growth is measured from `before`."""
+    """Resident memory of one rank: `before` after the runtime, the data and one throw-away step of a tiny
+    model at the same layout (what the libraries set up on first use), before the model exists; `state`
+    after one training step (weights, fp32 gradient buffer and Adam state all allocated) with the build's
+    temporaries freed; `peak` the highest resident size during the next steps. Growth is measured from
+    `before`."""
     import torch
 
     from engine.config import EngineConfig, load_config

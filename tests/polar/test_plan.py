@@ -90,7 +90,8 @@ def test_memory_estimate_within_10_percent_of_cpu_peak(tmp_path, name):
         est = plan.memory_per_rank(shape, layout, MEMORY_RUN["seq_length"], MEMORY_RUN["global_batch"],
                                    r["pp_rank"], precision="fp32", attention_backend="torch", device="cpu")
         ratio = est["total"] / r["peak_bytes"]
-        print(f"{name} rank {r['rank']}: estimate {est['total'] / 1e6:.1f} MB, measured peak {r['peak_bytes'] / 1e6:.1f} MB "
+        print(f"{name} rank {r['rank']}: estimate {est['total'] / 1e6:.1f} MB, "
+              f"measured peak {r['peak_bytes'] / 1e6:.1f} MB "
               f"(state {r['state_bytes'] / 1e6:.1f} MB), ratio {ratio:.3f}; {est}")
         assert abs(ratio - 1) <= 0.10, (name, r, est)
 
