@@ -1,9 +1,11 @@
 """Two torchrun agents on one machine (c10d rendezvous on 127.0.0.1, one worker each), as the SLURM
 launch (engine/launch/slurm_pretrain.sbatch) runs them across nodes.
 
-One agent's worker is killed mid-run, after a checkpoint exists. Both agents restart the worker group
-(--max-restarts), the workers resume from the newest complete checkpoint, and the job finishes with the
-per-step losses of the same command run without the kill.
+One job meets two faults. First one agent's worker is killed mid-run, after a checkpoint exists: both
+agents restart the worker group (--max-restarts) and the workers resume from the newest complete
+checkpoint. Later a whole node is lost (an agent and its worker killed) and a replacement agent runs the
+same command: it joins the surviving agent at the next rendezvous round and the group resumes again. The
+job finishes with the per-step losses of the same command run without faults.
 
 Killing torchrun's own process group would not do: the agent starts its workers in sessions of their
 own, so the worker is found among the agent's descendants and killed directly.
@@ -81,8 +83,33 @@ def _workers(agent: subprocess.Popen) -> list:
     return found
 
 
-def run_job(tmp: Path, name: str, kill_after_checkpoint: bool) -> dict:
-    """Two agents of one job; returns {"summary", "logs", "killed_at"}."""
+def _store_host(agents: list, port: int):
+    """The agent that hosts the rendezvous store (listens on the rendezvous port): losing it ends the job."""
+    for a in agents:
+        try:
+            proc = psutil.Process(a.pid)
+            listing = getattr(proc, "net_connections", None) or proc.connections  # psutil < 6 names it connections
+            for c in listing(kind="tcp"):
+                if c.status == psutil.CONN_LISTEN and c.laddr.port == port:
+                    return a
+        except psutil.NoSuchProcess:
+            pass
+    return None
+
+
+def _checkpoint_step(run_dir: Path) -> int:
+    marker = run_dir / "checkpoints" / "latest"
+    try:
+        return int(marker.read_text().strip().rsplit("_", 1)[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def run_job(tmp: Path, name: str, faults: tuple = ()) -> dict:
+    """Two agents of one job. Each fault (kind, step) strikes once a checkpoint of that step or later exists:
+    "worker": SIGKILL one agent's worker; "node": SIGKILL an agent (not the store's host) and its worker, then
+    start a replacement agent with the same command, as a scheduler would on a new node.
+    Returns {"summary", "logs"}."""
     run_dir = tmp / name
     port = _free_port()
     # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 as in engine/launch/slurm_pretrain.sbatch: without it the restarted
@@ -90,37 +117,46 @@ def run_job(tmp: Path, name: str, kill_after_checkpoint: bool) -> dict:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", GLOO_SOCKET_IFNAME="lo",
                PYTHONUNBUFFERED="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     logs = [tmp / f"{name}.agent{i}.log" for i in range(2)]
-    agents = []
-    for i in range(2):
-        with open(logs[i], "w") as out:
-            agents.append(subprocess.Popen(_agent_cmd(port, run_dir, name), stdout=out, stderr=subprocess.STDOUT,
-                                           env=env, cwd=tmp, start_new_session=True))
-    killed_at = None
+
+    def start(log: Path) -> subprocess.Popen:
+        with open(log, "w") as out:
+            return subprocess.Popen(_agent_cmd(port, run_dir, name), stdout=out, stderr=subprocess.STDOUT,
+                                    env=env, cwd=tmp, start_new_session=True)
+
+    agents = [start(log) for log in logs]
+    live = list(agents)  # the job's agents now; each must end with exit code 0
     deadline = time.monotonic() + JOB_TIMEOUT_S
     try:
-        if kill_after_checkpoint:
-            marker = run_dir / "checkpoints" / "latest"
-            while not marker.exists():
-                assert time.monotonic() < deadline, "no checkpoint was written in time"
-                assert all(a.poll() is None for a in agents), "an agent ended before the first checkpoint"
+        for kind, step in faults:
+            while _checkpoint_step(run_dir) < step:
+                assert time.monotonic() < deadline, f"no checkpoint of step {step} was written in time"
+                assert all(a.poll() is None for a in live), f"an agent ended before the checkpoint of step {step}"
                 time.sleep(0.02)
-            victims = _workers(agents[1])
-            assert victims, "agent 1 has no worker running"
-            killed_at = marker.read_text().strip()
-            for p in victims:
-                p.send_signal(signal.SIGKILL)
-        for a in agents:
+            host = _store_host(live, port)
+            assert host is not None, "no agent listens on the rendezvous port"
+            victim = live[1] if host is live[0] else live[0]
+            if kind == "worker":
+                workers = _workers(victim)
+                assert workers, "the agent has no worker running"
+                for p in workers:
+                    p.send_signal(signal.SIGKILL)
+            else:
+                _kill_tree(victim)
+                victim.wait(timeout=60)
+                logs.append(tmp / f"{name}.replacement{len(logs)}.log")
+                live = [host, start(logs[-1])]
+                agents.append(live[-1])
+        for a in live:
             a.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pytest.fail(f"{name}: the job did not finish in {JOB_TIMEOUT_S}s:\n" + _tails(logs))
     finally:
         for a in agents:
             _kill_tree(a)
-    text = [log.read_text() for log in logs]
-    assert [a.returncode for a in agents] == [0, 0], f"{name}: agents exited {[a.returncode for a in agents]}:\n" \
-                                                     + _tails(logs)
+    codes = [a.returncode for a in live]
+    assert codes == [0, 0], f"{name}: agents exited {codes}:\n" + _tails(logs)
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"summary": summary, "logs": text, "killed_at": killed_at}
+    return {"summary": summary, "logs": [log.read_text() for log in logs]}
 
 
 def _tails(logs) -> str:
@@ -132,25 +168,25 @@ def _losses(summary: dict) -> dict:
             if "loss" in row and "eval" not in row}
 
 
-def test_a_killed_worker_restarts_the_group_and_the_run_ends_as_if_uninterrupted(tmp_path):
-    reference = run_job(tmp_path, "uninterrupted", kill_after_checkpoint=False)
-    killed = run_job(tmp_path, "killed", kill_after_checkpoint=True)
+def test_a_killed_worker_and_a_lost_node_end_as_if_uninterrupted(tmp_path):
+    reference = run_job(tmp_path, "uninterrupted")
+    # a worker killed after the checkpoint of step 2; then, after the checkpoint of step 6, a node lost (its
+    # agent and worker) and a replacement agent started with the same command
+    got = run_job(tmp_path, "faults", faults=(("worker", 2), ("node", 6)))
 
-    # the kill really interrupted the run: the group restarted and resumed from a checkpoint mid-run
-    logs = "\n".join(killed["logs"])
-    resumed = [line for line in logs.splitlines() if "resumed from" in line]
-    assert resumed, "no worker resumed from a checkpoint:\n" + logs[-4000:]
-    resumed_step = int(resumed[-1].rsplit("at step", 1)[1])
-    assert 2 <= resumed_step < STEPS, resumed
+    logs = "\n".join(got["logs"])
     assert "failed (exitcode: -9)" in logs, logs[-4000:]  # the agent saw its worker killed
-    assert logs.count("run directory:") == 2, logs[-4000:]  # rank 0 started twice: the whole group restarted
+    # rank 0 started three times: the whole group restarted after each fault, each time from a checkpoint
+    assert logs.count("run directory:") == 3, logs[-4000:]
+    resumed = [int(line.rsplit("at step", 1)[1]) for line in logs.splitlines() if "resumed from" in line]
+    assert len(resumed) == 2 and 2 <= resumed[0] < 6 <= resumed[1] < STEPS, resumed
 
-    ref, got = _losses(reference["summary"]), _losses(killed["summary"])
-    assert sorted(ref) == list(range(1, STEPS + 1)) and sorted(got) == sorted(ref)
+    ref, new = _losses(reference["summary"]), _losses(got["summary"])
+    assert sorted(ref) == list(range(1, STEPS + 1)) and sorted(new) == sorted(ref)
     for step in ref:
-        assert got[step][0] == pytest.approx(ref[step][0], rel=1e-6, abs=1e-7), f"loss at step {step}"
-        assert got[step][1] == pytest.approx(ref[step][1], rel=1e-6, abs=1e-7), f"grad norm at step {step}"
-    assert killed["summary"]["steps"] == reference["summary"]["steps"] == STEPS
+        assert new[step][0] == pytest.approx(ref[step][0], rel=1e-6, abs=1e-7), f"loss at step {step}"
+        assert new[step][1] == pytest.approx(ref[step][1], rel=1e-6, abs=1e-7), f"grad norm at step {step}"
+    assert got["summary"]["steps"] == reference["summary"]["steps"] == STEPS
     for name, res in reference["summary"]["evaluations"].items():
         for key, value in res.items():
-            assert killed["summary"]["evaluations"][name][key] == pytest.approx(value, rel=1e-6), f"{name} {key}"
+            assert got["summary"]["evaluations"][name][key] == pytest.approx(value, rel=1e-6), f"{name} {key}"
