@@ -11,6 +11,7 @@
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
     polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
     polar hparams ...         # the paper's learning-rate and batch-size laws (polar/hparams.py)
+    polar plan ...            # which parallel layout to launch, its memory and step time (polar/plan.py)
     polar env                 # what this machine has
 
 Each tool sub-command has its own --help.
@@ -102,6 +103,8 @@ _TOOLS = {
     ("format",): ("polar.format_cli", "the exact string the official POLAR client sends and the "
                                       "server's token ids, per structured input"),
     ("hparams",): ("polar.hparams", "learning rate and batch size from the paper's scaling laws"),
+    ("plan",): ("polar.plan", "per-GPU memory and step time of every TP/PP/VPP/DP layout for a model and "
+                              "cluster; ranks them and recommends one"),
 }
 
 

@@ -27,6 +27,12 @@ def test_pretrain_passes_settings_to_the_entry_point(tmp_path):
     (["data", "stats", "--help"], "usage: polar data stats"),
     (["format", "--help"], "usage: polar format"),
     (["hparams", "--help"], "usage: polar hparams"),
+    (["plan", "--help"], "usage: polar plan"),
+    (["score", "--help"], "usage: polar score"),
+    (["eval", "--help"], "usage: polar eval"),
+    (["serve", "--help"], "usage: polar serve"),
+    (["convert", "hf-to-engine", "--help"], "usage: polar convert hf-to-engine"),
+    (["convert", "engine-to-hf", "--help"], "usage: polar convert engine-to-hf"),
 ])
 def test_tool_subcommands_reach_their_own_parsers(capsys, argv, usage):
     with pytest.raises(SystemExit) as exc:

@@ -1,0 +1,148 @@
+"""What `polar plan` estimates, measured on the engine's real model on CPU (run under torchrun, or alone).
+
+    plan_worker.py counts --out F.json --layouts tp1,tp2,pp2,tp2pp2 [overrides]
+        builds the model at each layout in turn (one torchrun world, megatron's groups rebuilt per layout)
+        and writes, per layout, every rank's position and the parameters it holds
+    plan_worker.py memory --out F.json [overrides]
+        trains a few steps and writes this rank's resident-memory growth (see `measure_memory`)
+
+Run with MALLOC_MMAP_THRESHOLD_ fixed (the test sets it) so that glibc returns every large block to the
+system when it is freed and resident memory follows the tensors that are alive.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+warnings.filterwarnings("ignore")
+
+LAYOUTS = {  # name -> parallel.* overrides
+    "tp1": [],
+    "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
+    "pp2": ["parallel.pp=2"],
+    "pp2vpp2": ["parallel.pp=2", "parallel.vpp=2"],
+    "tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
+    "tp2pp2lm": ["parallel.tp=2", "parallel.pp=2", "train.aux_lm_weight=0.5"],  # with the auxiliary LM head
+}
+
+
+def _gather(obj) -> list:
+    import torch.distributed as dist
+
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def counts(args) -> None:
+    from megatron.core import parallel_state
+
+    from engine.config import EngineConfig, load_config
+    from engine.parallelize import build_model, count_parameters
+    from engine.runtime import init_runtime, world_size_from_env
+
+    result = {}
+    for name in args.layouts.split(","):
+        cfg = load_config(EngineConfig, None, args.overrides + LAYOUTS[name])
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        rt = init_runtime(cfg.parallel, cfg.train.seed)
+        chunks, _ = build_model(cfg.model, cfg.parallel, cfg.train, rt)
+        mine = {"rank": rt.rank, "tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "dp_rank": rt.dp_rank,
+                "params": count_parameters(chunks), "world": world_size_from_env()}
+        result[name] = {"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "ranks": _gather(mine)}
+        del chunks
+        gc.collect()
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+
+
+def _status(field: str) -> int:
+    """A /proc/self/status field in bytes (VmRSS: resident now, VmHWM: resident peak)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _reset_peak() -> None:
+    """Linux resets VmHWM to the current resident size on writing 5 to clear_refs."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def measure_memory(args) -> None:
+    """Resident memory of one rank: `before` after the runtime, the data and one throw-away step of a tiny
+    model at the same layout (what the libraries set up on first use), before the model exists; `state`
+    after one training step (weights, fp32 gradient buffer and Adam state all allocated) with the build's
+    temporaries freed; `peak` the highest resident size during the next steps. Growth is measured from
+    `before`."""
+    import torch
+
+    from engine.config import EngineConfig, load_config
+    from engine.data import PackedGroups
+    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
+    from engine.trainer import Trainer
+    from tests.engine.dist_worker import random_groups
+
+    torch.set_num_threads(1)
+    cfg = load_config(EngineConfig, None, args.overrides)
+    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
+    rt = init_runtime(cfg.parallel, cfg.train.seed)
+    # One step of a tiny model at the same layout first: the modules, communication buffers and caches the
+    # libraries set up on first use are then part of the baseline, not of the model's growth.
+    tp, stages = cfg.parallel.tp, cfg.parallel.pp * (cfg.parallel.vpp or 1)
+    tiny = copy.deepcopy(cfg)
+    tiny.model = dataclasses.replace(cfg.model, num_layers=stages, hidden_size=16 * tp, num_attention_heads=2 * tp,
+                                     num_query_groups=tp, ffn_hidden_size=16 * tp, vocab_size=64 * tp)
+    warm = Trainer(tiny, rt, PackedGroups(random_groups(3, 50, 64 * tp, cfg.data.seq_length, k_max=2),
+                                          cfg.data.seq_length), cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    warm.train_step()
+    del warm
+    data = PackedGroups(random_groups(7, 200, cfg.model.vocab_size, cfg.data.seq_length, k_max=2),
+                        cfg.data.seq_length)
+    gc.collect()
+    before = _status("VmRSS")
+    trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    trainer.train_step()
+    gc.collect()
+    state = _status("VmRSS") - before
+    _reset_peak()
+    for _ in range(args.steps):
+        trainer.train_step()
+    peak = _status("VmHWM") - before
+    mine = {"rank": rt.rank, "tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "dp_rank": rt.dp_rank,
+            "state_bytes": state, "peak_bytes": peak, "before_bytes": before,
+            "tp": rt.tp, "pp": rt.pp, "dp": rt.dp}
+    everyone = _gather(mine)
+    if rt.is_main:
+        with open(args.out, "w") as f:
+            json.dump(everyone, f)
+    shutdown_runtime()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=("counts", "memory"))
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--layouts", default="tp1")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_intermixed_args()
+    if args.mode == "counts":
+        counts(args)
+    else:
+        measure_memory(args)
+
+
+if __name__ == "__main__":
+    main()
