@@ -96,6 +96,20 @@ def check_fp8(model: ModelConfig, par: ParallelConfig, train: TrainConfig, use_t
                               + "; ".join(f"{k} = {v}" for k, v in bad.items()))
 
 
+def check_start_up(model: ModelConfig, par: ParallelConfig, train: TrainConfig) -> bool:
+    """The backbone and FP8 checks before any process group exists, on the GPU this process will
+    use (torchrun's LOCAL_RANK); build_model repeats them on the runtime's device. Returns use_te."""
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    use_te = check_backbone(model, cuda)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    check_fp8(model, par, train, use_te, device_capability(device))
+    return use_te
+
+
 def te_fp8_settings(train: TrainConfig, use_te: bool) -> dict:
     """megatron TransformerConfig FP8 fields (TE path only; the local path leaves them unset)."""
     if train.fp8 == "off" or not use_te:

@@ -125,11 +125,6 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
     use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
     check_fp8(model, par, train, use_te, device_capability(rt.device))
-    if par.overlap_param_gather and not par.distributed_optimizer:
-        from engine.config import ConfigError
-
-        raise ConfigError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true: it "
-                          "overlaps the all-gather of the optimizer's parameter shards")
     config = transformer_config(model, par, train, rt)
     spec = layer_spec(use_te, model.rotary_base, train.attention_backend, fp8=train.fp8)
     chunks = []

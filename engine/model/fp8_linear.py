@@ -54,7 +54,8 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None, group=None, p
     amax = amax.float()
     if group is not None:
         dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
-    scale = torch.finfo(dtype).max / amax.clamp(min=_EPS)
+    # in float64, rounded once to fp32 (as torchao does): the scale is the correctly rounded ratio
+    scale = (torch.finfo(dtype).max / amax.double().clamp(min=_EPS)).float()
     if pow2:
         scale = torch.exp2(torch.floor(torch.log2(scale)))
     fmax = torch.finfo(dtype).max
