@@ -107,7 +107,17 @@ class Trainer:
             checkpoint.load(step_dir, self.model, None)
             self.log(f"initialised weights from {step_dir}")
 
+    def _finish_param_sync(self) -> None:
+        """With parallel.overlap_param_gather the updated parameter shards are all-gathered by
+        forward pre-hooks of the next forward; a checkpoint or an evaluation needs them now
+        (megatron's own loop does the same: hooks off with a synchronous gather, hooks on)."""
+        for chunk in self.model:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.disable_forward_pre_hook(param_sync=True)
+                chunk.enable_forward_pre_hook()
+
     def save(self) -> str:
+        self._finish_param_sync()
         state = {
             "step": self.step,
             "loader": self.loader.state_dict(),
@@ -308,6 +318,7 @@ class Trainer:
         sequence each: stages exchange fixed-shape activations), padded with empty sequences, as
         megatron's interleaved schedule requires; an empty sequence holds no candidate and adds nothing.
         """
+        self._finish_param_sync()
         mb = 1
         for chunk in self.model:
             chunk.eval()
