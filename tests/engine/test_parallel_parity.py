@@ -263,4 +263,4 @@ def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_reference
         for key, rel in FP8_LATER.items():
             assert g[s][key] == pytest.approx(r[s][key], rel=rel), f"{key} at step {s}"
     # and FP8 is really on: its step-1 gradient norm differs from the fp32 run's
-    assert abs(r[1]["grad_norm"] - by_step(ref32)[1]["grad_norm"]) > 1e-4 * r[1]["grad_norm"]
+    assert abs(r[1]["grad_norm"] - by_step(ref32)[1]["grad_norm"]) > 5e-5 * r[1]["grad_norm"]
