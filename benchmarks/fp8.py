@@ -96,7 +96,7 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.cpu
     steps = args.steps or (200 if cuda else 5)
     common = (GPU_SHAPE if cuda else CPU_SHAPE) + [
-        f"train.steps={steps}", "train.warmup_steps=10", "log.interval=1", "log.tensorboard=false",
+        f"train.steps={steps}", f"train.warmup_steps={min(10, max(1, steps // 10))}", "log.interval=1", "log.tensorboard=false",
         "checkpoint.resume=false", "checkpoint.keep=1", "train.eval_interval=0", *args.overrides]
     device = torch.cuda.get_device_name() if cuda else "CPU (functional check only: FP8 is emulated)"
     rows = []
