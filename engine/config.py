@@ -135,6 +135,16 @@ class ModelConfig:
     norm_epsilon: float = setting(1e-5, positive)
     init_method_std: float = setting(0.02, positive)
     max_position_embeddings: int = setting(16384, at_least(1))
+    # q/k/v projections with a bias (Qwen2); the output projection and the MLP never have one
+    add_qkv_bias: bool = setting(False, boolean)
+    # RoPE position scaling: none | linear (positions / factor) | dynamic (NTK, as HF Llama and
+    # InternLM2 define it: the identity while positions stay below max_position_embeddings, which
+    # is all this engine runs: longer packed sequences are refused)
+    rope_scaling: str = setting("none", one_of("none", "linear", "dynamic"))
+    rope_scaling_factor: float = setting(1.0, positive)
+    # the embedding table is padded to a multiple of lcm(this, parallel.tp) rows (megatron splits
+    # it evenly over TP); padded rows stay zero and no token id reaches them
+    make_vocab_size_divisible_by: int = setting(1, at_least(1))
     # the backbone's linear layers and norms: local (megatron's own modules; runs everywhere) |
     # transformer_engine (TE modules; a CUDA GPU with transformer_engine installed). Never chosen
     # silently: TE is used only when asked for here

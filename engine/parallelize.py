@@ -6,6 +6,8 @@ RewardModel chunk per virtual pipeline stage (tensor parallelism lives inside me
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +27,8 @@ def resolve_dtype(train: TrainConfig, rt: Runtime) -> torch.dtype:
     raise ConfigError(f"train.precision={train.precision!r}: expected auto, fp32 or bf16")
 
 
-def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
+def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime,
+                       initialize: bool = True):
     from megatron.core.transformer import TransformerConfig
 
     from engine.fp8 import te_fp8_settings
@@ -47,9 +50,11 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
         gated_linear_unit=True,  # SwiGLU
         activation_func=F.silu,
         add_bias_linear=False,
+        add_qkv_bias=model.add_qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_method_std,
+        perform_initialization=initialize,  # False: weights are loaded next (conversion, scoring)
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         pipeline_dtype=dtype,
@@ -72,6 +77,25 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
         # global pair count, making the loss the same for any DP size, micro-batching or packing
         calculate_per_token_loss=True,
     )
+
+
+def padded_vocab_size(model: ModelConfig, tp: int) -> int:
+    """Rows of the embedding table: model.vocab_size rounded up to a multiple of
+    lcm(model.make_vocab_size_divisible_by, tp), since megatron splits the table evenly over TP.
+    With a multiple of 128 the padded size is the same for TP 1, 2, 4, 8 (and so are checkpoint
+    shapes); other TP sizes may pad further, which loading absorbs (padded rows load as zeros)."""
+    multiple = math.lcm(max(model.make_vocab_size_divisible_by, 1), tp)
+    return -(-model.vocab_size // multiple) * multiple
+
+
+def _zero_padded_vocab_rows(chunk, vocab_size: int) -> None:
+    """Padded rows hold no token: zero them so a checkpoint never carries random values there."""
+    emb = getattr(getattr(chunk.backbone, "embedding", None), "word_embeddings", None)
+    if emb is None:
+        return
+    start = emb.vocab_start_index
+    with torch.no_grad():
+        emb.weight[max(vocab_size - start, 0):].zero_()
 
 
 def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) -> None:
@@ -114,8 +138,9 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
             raise ConfigError(str(exc)) from exc
 
 
-def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime):
-    """Returns (list of DDP-wrapped model chunks, TransformerConfig)."""
+def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
+    """Returns (list of DDP-wrapped model chunks, TransformerConfig). initialize=False skips the
+    random initialisation of megatron's layers, for a caller that loads every weight next."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from engine.fp8 import check_backbone, check_fp8, device_capability
@@ -125,15 +150,17 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
     use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
     check_fp8(model, par, train, use_te, device_capability(rt.device))
-    config = transformer_config(model, par, train, rt)
-    spec = layer_spec(use_te, model.rotary_base, train.attention_backend, fp8=train.fp8)
+    config = transformer_config(model, par, train, rt, initialize)
+    spec = layer_spec(use_te, model.rotary_base, train.attention_backend, model.rope_scaling,
+                      model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8)
     chunks = []
     for vp_stage in range(par.vpp or 1):
         vp = vp_stage if par.vpp else None
         chunk = RewardModel(
             config,
             spec,
-            vocab_size=model.vocab_size,
+            vocab_size=padded_vocab_size(model, par.tp),
+            real_vocab_size=model.vocab_size,
             max_sequence_length=model.max_position_embeddings,
             pre_process=rt.is_first_stage(vp),
             post_process=rt.is_last_stage(vp),
@@ -142,6 +169,7 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
             kernels=train.kernels,
             pg_collection=rt.groups,
         )
+        _zero_padded_vocab_rows(chunk, model.vocab_size)
         chunk.to(rt.device)
         chunks.append(chunk)
 

@@ -64,6 +64,10 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig,
                     seq_length: int) -> int:
     """Check the parallel layout against the model, batch and packed length (data.seq_length);
     returns the data-parallel size."""
+    if model.rope_scaling == "dynamic" and seq_length > model.max_position_embeddings:
+        raise ConfigError(
+            f"model.rope_scaling=dynamic is exact only within model.max_position_embeddings="
+            f"{model.max_position_embeddings} positions; data.seq_length={seq_length} could exceed it")
     if par.tp < 1 or par.pp < 1:
         raise ConfigError(f"parallel.tp={par.tp} and parallel.pp={par.pp} must be >= 1")
     if par.sequence_parallel:
@@ -183,6 +187,27 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         vpp=par.vpp,
         groups=groups,
     )
+
+
+def current_or_new_runtime(par: ParallelConfig, seed: int) -> Runtime:
+    """init_runtime, or the runtime this process already runs (a test session, a trainer with a
+    scorer beside it: megatron's parallel state is set up once per process) when its TP/PP layout
+    is `par`'s; another layout raises ConfigError naming both."""
+    from megatron.core import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return init_runtime(par, seed)
+    from megatron.core.process_groups_config import ProcessGroupCollection
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    have = (groups.tp.size(), groups.pp.size())
+    if have != (par.tp, par.pp):
+        raise ConfigError(f"this process already runs tp={have[0]} pp={have[1]}; parallel.tp={par.tp} "
+                          f"parallel.pp={par.pp} needs a process of its own")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
+                   tp=par.tp, pp=par.pp, dp=groups.dp.size(), vpp=par.vpp, groups=groups)
 
 
 def shutdown_runtime() -> None:

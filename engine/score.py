@@ -55,9 +55,9 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def tokenizer_spec(args, step_dir: str) -> str:
-    if args.tokenizer:
-        return args.tokenizer
+def tokenizer_spec(explicit: str, step_dir: str) -> str:
+    if explicit:
+        return explicit
     step = Path(step_dir)
     for d in (step.parent / "tokenizer", step.parent.parent / "tokenizer"):
         if (d / "tokenizer.json").is_file():
@@ -82,28 +82,107 @@ def model_config(step_dir: str):
     return cfg
 
 
-def build_groups(tok, lines, args):
-    """One engine Group per scored line (the line's outputs over their common id prefix)."""
+def lcp_group(ids: list):
+    """One engine Group over a line's outputs: their longest common id prefix held once; every
+    candidate keeps at least its last token (the reward token, where its reward is read)."""
     import numpy as np
 
     from engine.packing import Group
-    from polar.client_format import client_encode_batch
 
-    items = [it for ln in lines for it in ln.items]
-    served = client_encode_batch(tok, items, max_length=args.max_length,
-                                 max_response_length=args.max_response_length)
-    groups, k = [], 0
-    for ln in lines:
-        ids = [s.ids for s in served[k:k + len(ln.items)]]
-        k += len(ln.items)
-        if not ids:
-            continue
-        n = min(len(x) for x in ids) - 1  # every candidate keeps at least its reward token
-        for x in ids[1:]:
-            diff = np.flatnonzero(x[:n] != ids[0][:n])
-            n = int(diff[0]) if diff.size else n
-        groups.append(Group(prefix=ids[0][:n], candidates=[x[n:] for x in ids], labels=None))
-    return groups
+    n = min(len(x) for x in ids) - 1
+    for x in ids[1:]:
+        diff = np.flatnonzero(x[:n] != ids[0][:n])
+        n = int(diff[0]) if diff.size else n
+    return Group(prefix=ids[0][:n], candidates=[x[n:] for x in ids], labels=None)
+
+
+class CheckpointScorer:
+    """An engine checkpoint loaded at a TP x PP x DP layout, scoring lists of outputs that share a
+    prompt and reference. Every rank builds the same inputs; the packed sequences are split over the
+    data-parallel ranks and the rewards come back to every rank in input order."""
+
+    def __init__(self, checkpoint_path: str, tokenizer: str = "", tp: int = 1, pp: int = 1,
+                 precision: str = "auto", max_length: int = 16384, max_response_length: int = 4096):
+        from engine import checkpoint
+        from polar.tokenizer import load_tokenizer
+
+        try:
+            self.step_dir = checkpoint.resolve(checkpoint_path)
+        except checkpoint.CheckpointNotFound as e:
+            raise ConfigError(f"--checkpoint {checkpoint_path}: {e}") from None
+        self.model_cfg = model_config(self.step_dir)
+        self.tokenizer_spec = tokenizer_spec(tokenizer, self.step_dir)
+        try:
+            self.tokenizer = load_tokenizer(self.tokenizer_spec)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--tokenizer {self.tokenizer_spec}: {e}") from e
+        if self.tokenizer.vocab_size > self.model_cfg.vocab_size:
+            raise ConfigError(f"the tokenizer ({self.tokenizer_spec}) has {self.tokenizer.vocab_size} ids, the "
+                              f"model's vocabulary only {self.model_cfg.vocab_size}: pass the tokenizer the model "
+                              "was trained with (--tokenizer)")
+        self.max_length, self.max_response_length = max_length, max_response_length
+        self.tp, self.pp, self.precision = tp, pp, precision
+        self.rt = None
+
+    def start(self) -> None:
+        """Process groups, model, weights (the expensive part; after the inputs are checked)."""
+        from engine import checkpoint
+        from engine.config import ParallelConfig, TrainConfig
+        from engine.parallelize import build_model
+        from engine.runtime import init_runtime, validate_layout, world_size_from_env
+
+        par = ParallelConfig(tp=self.tp, pp=self.pp, distributed_optimizer=False)
+        world = world_size_from_env()
+        self.dp = validate_layout(self.model_cfg, par, TrainConfig(global_batch=max(1, world // (self.tp * self.pp))),
+                                  world, 128)
+        self.rt = init_runtime(par, seed=0)
+        self.chunks, _ = build_model(self.model_cfg, par, TrainConfig(precision=self.precision), self.rt)
+        checkpoint.load(self.step_dir, self.chunks, None)
+
+    def groups(self, item_lists: list) -> list:
+        """Per list of ScoringItems: the client's exact ids of each, as one Group."""
+        from polar.client_format import client_encode_batch
+
+        flat = [it for items in item_lists for it in items]
+        served = client_encode_batch(self.tokenizer, flat, max_length=self.max_length,
+                                     max_response_length=self.max_response_length)
+        out, k = [], 0
+        for items in item_lists:
+            out.append(lcp_group([s.ids for s in served[k:k + len(items)]]))
+            k += len(items)
+        return out
+
+    def score_groups(self, groups: list, seq_length: int = 0, where=None) -> tuple[list, dict]:
+        """Rewards (list of floats per group) and packing facts; `where(i)` names group i in errors."""
+        import numpy as np
+
+        from engine.packing import collate, plan_sequences
+        from engine.scoring import score_data_parallel
+
+        lengths = np.array([len(g) for g in groups], dtype=np.int64)
+        longest = int(lengths.max()) if len(lengths) else 1
+        seq = seq_length or -(-longest // 128) * 128
+        name = where or (lambda i: f"group {i}")
+        if longest > seq:
+            raise ConfigError(f"{name(int(lengths.argmax()))}: its outputs take {longest} tokens, more than the "
+                              f"packed sequence length {seq}")
+        if longest > self.model_cfg.max_position_embeddings:
+            raise ConfigError(f"{name(int(lengths.argmax()))}: {longest} tokens, more than "
+                              f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
+        plan = plan_sequences(lengths, seq, method="ordered")
+        batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
+        rewards = score_data_parallel(self.chunks, batches, self.rt).cpu()
+        # collate numbers candidates sequence by sequence, group by group: map them back
+        order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
+        per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(per_group)]).tolist()
+        out = [None] * len(groups)
+        for i, g in enumerate(order.tolist()):
+            out[g] = rewards[starts[i]:starts[i + 1]].tolist()
+        facts = {"sequences": len(batches), "seq_length": seq,
+                 "outputs": int(per_group.sum()),
+                 "prefix_tokens_saved": int(sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups))}
+        return out, facts
 
 
 def main(argv=None) -> int:
@@ -121,29 +200,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    import numpy as np
-
-    from engine import checkpoint
-    from engine.config import ParallelConfig, TrainConfig
-    from engine.packing import collate, plan_sequences
+    from engine.runtime import shutdown_runtime
     from polar.records import RecordError
     from polar.score_input import output_row, read_score_input
-    from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
-    try:
-        step_dir = checkpoint.resolve(args.checkpoint)
-    except checkpoint.CheckpointNotFound as e:
-        raise ConfigError(f"--checkpoint {args.checkpoint}: {e}") from None
-    mcfg = model_config(step_dir)
-    spec = tokenizer_spec(args, step_dir)
-    try:
-        tok = load_tokenizer(spec)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"--tokenizer {spec}: {e}") from e
-    if tok.vocab_size > mcfg.vocab_size:
-        raise ConfigError(f"the tokenizer ({spec}) has {tok.vocab_size} ids, the model's vocabulary only "
-                          f"{mcfg.vocab_size}: pass the tokenizer the model was trained with (--tokenizer)")
+    scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
+                              args.max_length, args.max_response_length)
     try:
         lines = read_score_input(args.input, args.on_error)
     except RecordError as e:
@@ -151,52 +214,30 @@ def run(args) -> int:
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
     scored = [ln for ln in lines if ln.error is None]
-    groups = build_groups(tok, scored, args)
-    lengths = np.array([len(g) for g in groups], dtype=np.int64)
-    longest = int(lengths.max()) if len(lengths) else 1
-    seq = args.seq_length or -(-longest // 128) * 128
-    if longest > seq:
-        line = scored[int(lengths.argmax())].line
-        raise ConfigError(f"{args.input}:{line}: its outputs take {longest} tokens, more than --seq-length {seq}")
-    if longest > mcfg.max_position_embeddings:
-        line = scored[int(lengths.argmax())].line
-        raise ConfigError(f"{args.input}:{line}: {longest} tokens, more than model.max_position_embeddings="
-                          f"{mcfg.max_position_embeddings}")
-
-    from engine.parallelize import build_model
-    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
-    from engine.scoring import score_data_parallel
-
-    train = TrainConfig(precision=args.precision, global_batch=1, micro_batch=1)
-    par = ParallelConfig(tp=args.tp, pp=args.pp, distributed_optimizer=False)
-    world = world_size_from_env()
-    dp = validate_layout(mcfg, par, TrainConfig(global_batch=max(1, world // (args.tp * args.pp))), world, seq)
-    rt = init_runtime(par, seed=0)
-    chunks, _ = build_model(mcfg, par, train, rt)
-    checkpoint.load(step_dir, chunks, None)
-    plan = plan_sequences(lengths, seq, method="ordered")
-    batches = [collate([[groups[g] for g in p]], seq, tok.pad_id) for p in plan]
-    rewards = score_data_parallel(chunks, batches, rt.device).cpu()
+    groups = scorer.groups([ln.items for ln in scored])
+    if groups:  # checked before any process group is made
+        longest = max(len(g) for g in groups)
+        if args.seq_length and longest > args.seq_length:
+            i = max(range(len(groups)), key=lambda j: len(groups[j]))
+            raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {longest} tokens, more than "
+                              f"--seq-length {args.seq_length}")
+    scorer.start()
+    rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}")
+    rt = scorer.rt
     if rt.is_main:
-        # collate numbers candidates sequence by sequence, group by group: map them back to lines
-        order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
-        per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(per_group)])
-        by_group = {int(g): rewards[starts[i]:starts[i + 1]].tolist() for i, g in enumerate(order)}
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w") as f:
             gi = 0
             for ln in lines:
                 if ln.error is None:
-                    f.write(json.dumps(output_row(ln, by_group[gi])) + "\n")
+                    f.write(json.dumps(output_row(ln, rewards[gi])) + "\n")
                     gi += 1
                 else:
                     f.write(json.dumps(output_row(ln, [])) + "\n")
-        n_items = sum(len(g.candidates) for g in groups)
-        dup = int(sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups))
-        print(f"scored {n_items:,} outputs of {len(scored):,} lines ({len(lines) - len(scored)} bad) in "
-              f"{len(batches):,} packed sequences of {seq} tokens at tp={rt.tp} pp={rt.pp} dp={dp}; shared "
-              f"prefixes saved {dup:,} tokens; {time.time() - t0:.1f}s; wrote {args.output}", flush=True)
+        print(f"scored {facts['outputs']:,} outputs of {len(scored):,} lines ({len(lines) - len(scored)} bad) in "
+              f"{facts['sequences']:,} packed sequences of {facts['seq_length']} tokens at tp={rt.tp} pp={rt.pp} "
+              f"dp={rt.dp}; shared prefixes saved {facts['prefix_tokens_saved']:,} tokens; "
+              f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)
     shutdown_runtime()
     return 0
 

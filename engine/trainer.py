@@ -304,7 +304,7 @@ class Trainer:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 stop = True
         progress.close()
-        if self.last_saved_step != self.step:
+        if self.last_saved_step != self.step and self.step > 0:
             self.save()  # the end of training, or an early stop, always leaves a resumable checkpoint
         return self.history
 

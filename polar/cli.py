@@ -2,10 +2,15 @@
 
     polar pretrain [--nproc N] [--config PRESET|FILE] [section.key=value ...]   # torchrun engine.pretrain
     polar finetune [--nproc N] checkpoint.init_from=DIR finetune.train=FILE [...]    # torchrun engine.finetune
+    polar convert hf-to-engine SRC DST | engine-to-hf SRC DST   # checkpoints in and out (polar/convert/)
+    polar serve --checkpoint RUN [...]   # reward server for RL trainers (polar/serve/)
+    polar eval ...            # ranked-data preference accuracy with references (engine/evaluate.py)
     polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
+    polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
+    polar hparams ...         # the paper's learning-rate and batch-size laws (polar/hparams.py)
     polar env                 # what this machine has
 
 Each tool sub-command has its own --help.
@@ -78,6 +83,14 @@ def _env(args, rest) -> int:
 
 # sub-command -> module whose main(argv) implements it; imported only when used
 _TOOLS = {
+    ("convert", "hf-to-engine"): ("polar.convert.hf_to_engine", "a transformers checkpoint (safetensors or GGUF) "
+                                                            "-> an engine checkpoint with model.yaml and tokenizer/"),
+    ("convert", "engine-to-hf"): ("polar.convert.engine_to_hf", "an engine checkpoint -> Llama/Qwen2ForSequence"
+                                                            "Classification (--format internlm2-reward: POLAR's layout)"),
+    ("serve",): ("polar.serve.server", "reward server for RL trainers: SGLang/vLLM/lmdeploy/OpenRLHF/native "
+                                       "endpoints, cross-request batching, shared prefixes"),
+    ("eval",): ("polar.launch:eval_main", "preference accuracy with references on ranked data, overall and per "
+                                          "category (engine/evaluate.py; --nproc N runs torchrun)"),
     ("score",): ("polar.launch:score_main", "offline batch scoring at any layout with the official client's "
                                             "exact format (engine/score.py; --nproc N runs torchrun)"),
     ("sample",): ("polar.sample", "pre-training triplets from a prompt corpus and a policy pool of "
@@ -86,6 +99,9 @@ _TOOLS = {
                                             "memory-mapped dataset"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
+    ("format",): ("polar.format_cli", "the exact string the official POLAR client sends and the "
+                                      "server's token ids, per structured input"),
+    ("hparams",): ("polar.hparams", "learning rate and batch size from the paper's scaling laws"),
 }
 
 
@@ -109,9 +125,11 @@ def main(argv=None) -> int:
         module, rest = tool
         module, _, func = module.partition(":")
         return getattr(importlib.import_module(module), func or "main")(rest)
-    if argv[:1] == ["data"]:
-        print("usage: polar data {build,stats} ...\n" + _usage_of_tools(), file=sys.stderr)
-        return 2
+    for group in ("data", "convert"):
+        if argv[:1] == [group]:
+            subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
+            print(f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(), file=sys.stderr)
+            return 2
     ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.",
                                  epilog="tools:\n" + _usage_of_tools(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

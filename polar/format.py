@@ -6,7 +6,7 @@
 Message lists lose their roles: the contents are joined by "\\n". The two reward strings are the
 tokenizer's (`reward_sep_text`, `reward_token_text`), POLAR's literals above by default.
 
-Truncation (as in POLAR's training code, which uses max_length 16384 and max_response 4096) counts
+Truncation (the training code's rule; it uses max_length 16384 and max_response 4096) counts
 the tokens of each piece tokenized on its own: reference and candidate keep their first
 `max_response` tokens; the prompt keeps its *last* (max_length - 4 - |reference| - |candidate|) // 2
 tokens, halved because it appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the
@@ -18,12 +18,17 @@ that whole character, keeping up to 3 bytes fewer than the budget (|reference| a
 count the tokens actually kept). Text without such cuts (all ASCII, say) gets exactly the byte
 counts of the rule.
 
-Then each candidate's whole input is built as one string and tokenized at once, and the reward
-token id is appended: the ids are those of the serving string, tokenized whole by the server, for
-any tokenizer, including a BPE that merges "\\n" with the next word. The cost: the whole string
-may have a few tokens more or fewer than the sum of its pieces, so with such a tokenizer the
-length bound above holds for the pieces, not exactly for the input. With the byte tokenizer
-(no merges) it is exact.
+Then the special ids are placed by structure, never read from the text: an input's ids are BOS,
+the content ids of "{prompt}\\n{reference}", the <|reward|> id, the content ids of
+"{prompt}\\n{candidate}" and the reward token id (`Tokenizer.encode_batch`: a special-token literal
+typed in a text is tokenized as text; text is content, never structure). A server splits a string
+at its special tokens and tokenizes the parts between them on their own, so for texts without
+such literals these are exactly the ids of the serving string (`build_text`) tokenized whole by the
+server, for any tokenizer, including a BPE that merges "\\n" with the next word (the tokenizer
+checks this at load time). The cost: a side may have a few tokens more or fewer than the sum of
+its pieces, so with such a tokenizer the length bound above holds for the pieces, not exactly for
+the input. With the byte tokenizer (no merges) it is exact. (The official client, which serving
+follows, differs in its counting and in what it does with literals: polar/client_format.py.)
 
 Empty responses: we follow the training code, not the official client. In the sft wrapper the "\\n"
 after a prompt is written only when the response that follows it (reference or candidate) is
@@ -90,9 +95,13 @@ def _sep(wrapper: str, response: str) -> str:
     return "\n" if wrapper == "sft" and response else ""
 
 
+def _side(prompt: str, response: str, wrapper: str) -> str:
+    """One side of the <|reward|> token: the prompt, then the response."""
+    return f"{prompt}{_sep(wrapper, response)}{response}"
+
+
 def _join(prompt: str, reference: str, candidate: str, wrapper: str, reward_sep: str) -> str:
-    return (f"{prompt}{_sep(wrapper, reference)}{reference}{reward_sep}"
-            f"{prompt}{_sep(wrapper, candidate)}{candidate}")
+    return _side(prompt, reference, wrapper) + reward_sep + _side(prompt, candidate, wrapper)
 
 
 def build_text(prompt: Text, reference: Text, candidate: Text, wrapper: str = "sft", *,
@@ -214,17 +223,25 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
         keep.append(min(prompt_n[g], prompt_budget(max_length, response_n[g], longest)))
     _cut(tokenizer, prompts_kept, prompt_n, keep, _keep_tail)
 
-    texts, c0 = [], n_groups
+    # Training form: BOS, the reference side's content ids, <|reward|>, the candidate side's
+    # content ids, the reward token: the special ids are placed here, never read from a text, so
+    # a literal typed in a text stays text. For a text without literals this equals the server's
+    # ids of the serving string (the tokenizer splits at specials and checks that at load).
+    sides_ref = [_side(prompts_kept[g], responses[g], wrappers[g]) for g in range(n_groups)]
+    sides_out, c0 = [], n_groups
     for g in range(n_groups):
-        texts += [_join(prompts_kept[g], responses[g], c, wrappers[g], tokenizer.reward_sep_text)
-                  for c in responses[c0:c0 + n_cands[g]]]
+        sides_out += [_side(prompts_kept[g], c, wrappers[g]) for c in responses[c0:c0 + n_cands[g]]]
         c0 += n_cands[g]
-
-    # Training form: the string tokenized without the final literal, then its id appended; the
-    # tokenizer guarantees this equals tokenizing the serving string with the literal.
+    ref_ids = tokenizer.encode_batch(sides_ref)
+    out_ids = tokenizer.encode_batch(sides_out, after_special=True)
     bos = np.array([tokenizer.bos_id], dtype=np.int32)
+    sep = np.array([tokenizer.reward_sep_id], dtype=np.int32)
     reward = np.array([tokenizer.reward_token_id], dtype=np.int32)
-    fulls = [np.concatenate([bos, ids, reward]) for ids in tokenizer.encode_batch(texts)]
+    fulls, c0 = [], 0
+    for g in range(n_groups):
+        head = np.concatenate([bos, ref_ids[g], sep])
+        fulls += [np.concatenate([head, ids, reward]) for ids in out_ids[c0:c0 + n_cands[g]]]
+        c0 += n_cands[g]
     groups, c0 = [], 0
     for g in range(n_groups):
         own = fulls[c0:c0 + n_cands[g]]

@@ -44,3 +44,7 @@ def run_entry(module: str, argv: list[str], default_nproc: int = 1) -> int:
 
 def score_main(argv=None) -> int:
     return run_entry("engine.score", list(sys.argv[1:] if argv is None else argv))
+
+
+def eval_main(argv=None) -> int:
+    return run_entry("engine.evaluate", list(sys.argv[1:] if argv is None else argv))

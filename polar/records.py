@@ -51,9 +51,14 @@ class Record:
     extra: dict = field(default_factory=dict, repr=False)
 
 
-class _Bad(Exception):
+class FieldError(Exception):
+    """A bad field of one JSON record; `parse_jsonl_line` turns it into a RecordError naming file:line."""
+
     def __init__(self, field: str, reason: str):
         self.field, self.reason = field, reason
+
+
+_Bad = FieldError
 
 
 def _text(value, where: str) -> Text:
@@ -141,8 +146,10 @@ def _parse(obj) -> Record:
     return Record(prompt, reference, texts, labels, wrapper, extra={k: v for k, v in obj.items() if k not in known})
 
 
-def parse_line(raw: bytes, file: str, line: int) -> Optional[Record]:
-    """One JSONL line (bytes, newline optional) -> Record, None for a blank line; RecordError if bad."""
+def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
+    """One JSONL line (bytes, newline optional) -> parse(obj), None for a blank line. Invalid UTF-8,
+    bad JSON and a FieldError raised by `parse` become RecordError naming file:line: field. The
+    records here, `polar eval`'s ranked records and `polar score`'s lines are all read this way."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -154,10 +161,17 @@ def parse_line(raw: bytes, file: str, line: int) -> Optional[Record]:
     except json.JSONDecodeError as e:
         raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
     try:
-        rec = _parse(obj)
-    except _Bad as e:
+        rec = parse(obj)
+    except FieldError as e:
         raise RecordError(file, line, e.field, e.reason) from None
-    rec.file, rec.line = file, line
+    return rec
+
+
+def parse_line(raw: bytes, file: str, line: int) -> Optional[Record]:
+    """One JSONL line (bytes, newline optional) -> Record, None for a blank line; RecordError if bad."""
+    rec = parse_jsonl_line(raw, file, line, _parse)
+    if rec is not None:
+        rec.file, rec.line = file, line
     return rec
 
 

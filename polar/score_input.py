@@ -17,13 +17,13 @@ output still has one line per input line).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Optional
 
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS, as_text
-from polar.records import RecordError, iter_lines
+from polar.records import FieldError as _Bad
+from polar.records import RecordError, iter_lines, parse_jsonl_line
 
 KINDS = ("record", "group", "output")
 
@@ -34,11 +34,6 @@ class ScoreLine:
     kind: str  # one of KINDS; None-like "error" for a skipped bad line
     items: list  # ScoringItem per output to score, in output order
     error: Optional[str] = None
-
-
-class _Bad(Exception):
-    def __init__(self, field: str, reason: str):
-        self.field, self.reason = field, reason
 
 
 def _text(obj: dict, key: str, where: Optional[str] = None):
@@ -84,22 +79,16 @@ def read_score_input(path: str, on_error: str = "fail") -> list[ScoreLine]:
     or come back as error lines (on_error="skip")."""
     out = []
     for n, raw in iter_lines(path):
-        if not raw.strip():
-            continue
         try:
-            try:
-                obj = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise _Bad("line", f"invalid UTF-8 ({e.reason} at byte {e.start})") from None
-            except json.JSONDecodeError as e:
-                raise _Bad("line", f"not valid JSON: {e.msg} at column {e.colno}") from None
-            kind, items = _parse(obj)
-        except _Bad as b:
+            parsed = parse_jsonl_line(raw, path, n, _parse)
+        except RecordError as e:
             if on_error == "fail":
-                raise RecordError(path, n, b.field, b.reason) from None
-            out.append(ScoreLine(n, "error", [], f"{path}:{n}: {b.field}: {b.reason}"))
+                raise
+            out.append(ScoreLine(n, "error", [], str(e)))
             continue
-        out.append(ScoreLine(n, kind, items))
+        if parsed is not None:
+            kind, items = parsed
+            out.append(ScoreLine(n, kind, items))
     return out
 
 

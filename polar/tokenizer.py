@@ -8,14 +8,23 @@ dump of ids below 256 reads as the raw bytes) and puts the four special tokens r
 
     256 BOS    257 PAD = EOS    258 <|reward|>    259 [UNUSED_TOKEN_130]
 
-The two reward specials are also recognised as *literal text*: serving sends the string with
-"[UNUSED_TOKEN_130]" at its end and lets the server tokenize it, while training appends the id;
-both must give identical ids, or the server scores an input the model never saw in training. A
-consequence: a response that happens to contain one of the literals is read as the special token.
-The same holds for `HFTokenizer`, where both literals are special added tokens.
+Two readings of a text; text is content, never structure:
 
-Offsets (`offsets_batch`) are *character* spans [start, end) in the str, as the HF library gives
-them. A byte token is part of a character: every byte of a multi-byte character gets that
+- `encode` / `encode_batch` / `offsets_batch` read a text as *content*: a special-token literal
+  typed in it ("<|reward|>", "[UNUSED_TOKEN_130]", "<s>", ...) is tokenized as ordinary text, never
+  as the special token. Training builds its inputs from content ids and inserts the special ids
+  where the format puts them (polar/format.py), so no user text can forge structure.
+- `encode_served` / `encode_served_batch` read a text as an inference server does (what
+  `tokenizer(text)["input_ids"]` gives in transformers): BOS, then the ids with every special-token
+  literal read as its special token. The official client's rules are built on it
+  (polar/client_format.py). For the byte tokenizer the literals are the two reward strings.
+
+For a string whose only literals are the structural ones, the two agree: serving sends
+"...<|reward|>...[UNUSED_TOKEN_130]" and the server's ids equal the training form (content ids
+with the special ids inserted). HFTokenizer checks that at load time (`check_structure`).
+
+Offsets (`offsets_batch`, of the content ids) are *character* spans [start, end) in the str,
+as the HF library gives them. A byte token is part of a character: every byte of a multi-byte character gets that
 character's whole span, as the HF byte-level BPE does for a character split over several tokens.
 So a text cut at a token's span never falls inside a character (polar/format.py relies on this).
 """
@@ -40,10 +49,9 @@ INTERNLM2_PAD_TEXT = "</s>"
 
 
 class Tokenizer(abc.ABC):
-    """What the POLAR input builder needs from a tokenizer.
+    """What the POLAR input builders need from a tokenizer (module docstring: content vs served).
 
-    `encode` adds no special tokens of its own (no BOS); the literal reward strings
-    (`reward_sep_text`, `reward_token_text`) map to exactly one id each, wherever they appear.
+    `encode` adds no special tokens of its own (no BOS) and reads special-token literals as text.
     """
 
     vocab_size: int
@@ -56,10 +64,22 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def encode(self, text: str) -> np.ndarray:
-        """int32 ids of `text`, the literal reward tokens mapped to their ids, nothing added."""
+        """int32 ids of `text` as content (special-token literals are text), nothing added."""
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], after_special: bool = False) -> list[np.ndarray]:
+        """`encode` of each text. `after_special`: the texts follow a special token in the input,
+        which some tokenizers treat differently from a text's start (a SentencePiece-style
+        "prepend the word marker to the first piece only"); the ids are then those the server
+        gives the text at that place."""
         return [self.encode(t) for t in _check_texts(texts)]
+
+    @abc.abstractmethod
+    def encode_served_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per text, int32 [BOS] + its ids as a server tokenizes it: special-token literals map to
+        their special ids (transformers' `tokenizer(text)["input_ids"]`)."""
+
+    def encode_served(self, text: str) -> np.ndarray:
+        return self.encode_served_batch([_check_str(text)])[0]
 
     @abc.abstractmethod
     def offsets_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -67,9 +87,29 @@ class Tokenizer(abc.ABC):
         each token of `encode(text)`. Tokens that share a character share its span."""
 
     @abc.abstractmethod
-    def decode(self, ids) -> str:
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         """Text of `ids`; the reward tokens come back as their literal strings, BOS and PAD as
-        nothing."""
+        nothing. `skip_special_tokens=True` drops every special token (transformers' meaning): the
+        official client turns its truncated pieces back into text that way. Bytes that do not form
+        whole UTF-8 characters become U+FFFD."""
+
+    def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(ids, skip_special_tokens) for ids in batch]
+
+    def check_structure(self) -> None:
+        """The server's ids of a string whose only literals are structural must equal the
+        training form: content ids of the pieces with the special ids between them."""
+        first, after = "a b \n", " c d\n"  # whitespace on both sides of the literal
+        served = self.encode_served(first + self.reward_sep_text + after
+                                    + self.reward_token_text).tolist()
+        trained = ([self.bos_id] + self.encode_batch([first])[0].tolist() + [self.reward_sep_id]
+                   + self.encode_batch([after], after_special=True)[0].tolist()
+                   + [self.reward_token_id])
+        if served != trained:
+            raise ValueError(f"{getattr(self, 'path', type(self).__name__)}: a server would "
+                             f"tokenize the serving string differently from the training form "
+                             f"({served} served, {trained} in training); check the reward "
+                             f"tokens' added-token settings in the file")
 
 
 def _check_texts(texts, what: str = "encode_batch") -> Sequence[str]:
@@ -110,7 +150,9 @@ def _utf8_char_index(data: np.ndarray) -> np.ndarray:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring)."""
+    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring). BOS and PAD
+    have no literal: "<s>" in a text is its bytes in both readings; the served reading maps only
+    the two reward strings."""
 
     bos_id = 256
     pad_id = 257
@@ -132,10 +174,24 @@ class ByteTokenizer(Tokenizer):
             self.reward_token_id: REWARD_TOKEN_TEXT.encode(),
         }
 
-    def _encode_flat(self, texts: Sequence[str], with_offsets: bool):
-        """The whole batch in one pass: ids and (if asked) character spans, split per text."""
+    def _encode_flat(self, texts: Sequence[str], with_offsets: bool, literals: bool):
+        """The whole batch in one pass: ids and (if asked) character spans, split per text.
+        `literals`: read the two reward strings as their special ids (the served reading)."""
         blobs = [t.encode("utf-8") for t in texts]
         n_bytes = np.array([len(b) for b in blobs], dtype=np.int64)
+        if not literals:
+            # Content: the ids are the bytes, one per byte; a plain split, no regex.
+            raw = np.frombuffer(b"".join(blobs), dtype=np.uint8)
+            ids = raw.astype(np.int32)
+            bounds = np.concatenate([[0], np.cumsum(n_bytes)]).tolist()
+            out_ids = [ids[i:j] for i, j in zip(bounds[:-1], bounds[1:])]
+            if not with_offsets:
+                return out_ids, None
+            n_chars = np.array([len(t) for t in texts], dtype=np.int64)
+            base = np.cumsum(n_chars) - n_chars
+            local = _utf8_char_index(raw) - np.repeat(base, n_bytes)
+            spans = np.stack([local, local + 1], axis=1)
+            return out_ids, [spans[i:j] for i, j in zip(bounds[:-1], bounds[1:])]
         # NUL between the texts: no literal contains it, so no match spans two texts.
         joined = b"\0".join(blobs)
         raw = np.frombuffer(joined, dtype=np.uint8)
@@ -143,49 +199,45 @@ class ByteTokenizer(Tokenizer):
         keep = np.ones(len(raw), dtype=bool)
         starts = np.cumsum(n_bytes + 1) - (n_bytes + 1)
         keep[starts[1:] - 1] = False
-        spans = None
-        if with_offsets:
-            # Character index in `joined`, made local by subtracting where each text starts
-            # (its characters and separators before); every text starts on a character.
-            n_chars = np.array([len(t) for t in texts], dtype=np.int64)
-            base = np.cumsum(n_chars + 1) - (n_chars + 1)
-            local = _utf8_char_index(raw) - np.repeat(base, n_bytes + 1)[:len(raw)]
-            spans = np.stack([local, local + 1], axis=1)
         # Both literals contain "<|" or "[U": the cheap test skips the regex for most batches.
         if b"<|" in joined or b"[U" in joined:
             for m in self._literal_re.finditer(joined):
                 s, e = m.span()
                 ids[s] = self._literal_to_id[m.group()]
                 keep[s + 1:e] = False
-                if spans is not None:
-                    spans[s, 1] = spans[s, 0] + (e - s)  # the literals are ASCII: bytes = chars
         kept_before = np.concatenate([[0], np.cumsum(keep)])
         bounds = np.concatenate([[0], np.cumsum(kept_before[starts + n_bytes]
                                                 - kept_before[starts])]).tolist()
         # Slicing beats np.split, which costs a few microseconds per piece.
         ids = ids[keep]
-        out_ids = [ids[i:j] for i, j in zip(bounds[:-1], bounds[1:])]
-        if spans is None:
-            return out_ids, None
-        spans = spans[keep]
-        return out_ids, [spans[i:j] for i, j in zip(bounds[:-1], bounds[1:])]
+        return [ids[i:j] for i, j in zip(bounds[:-1], bounds[1:])], None
 
     def encode(self, text: str) -> np.ndarray:
-        return self._encode_flat([_check_str(text)], False)[0][0]
+        return self._encode_flat([_check_str(text)], False, False)[0][0]
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], after_special: bool = False) -> list[np.ndarray]:
         texts = _check_texts(texts)
-        return self._encode_flat(texts, False)[0] if texts else []
+        return self._encode_flat(texts, False, False)[0] if texts else []
 
     def offsets_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         texts = _check_texts(texts, "offsets_batch")
-        return self._encode_flat(texts, True)[1] if texts else []
+        return self._encode_flat(texts, True, False)[1] if texts else []
 
-    def decode(self, ids) -> str:
+    def encode_served_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        texts = _check_texts(texts, "encode_served_batch")
+        if not texts:
+            return []
+        bos = np.array([self.bos_id], dtype=np.int32)
+        return [np.concatenate([bos, ids]) for ids in self._encode_flat(texts, False, True)[0]]
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         arr = _check_ids(ids, self.vocab_size)
         special = arr >= 256
         if not special.any():
             return arr.astype(np.uint8).tobytes().decode("utf-8", errors="replace")
+        if skip_special_tokens:
+            # The bytes on both sides of a dropped special join up, as in the HF library.
+            return arr[~special].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
         # Only the (few) special positions are handled in Python; byte runs go through numpy.
         pieces, start = [], 0
         for pos in np.flatnonzero(special):
@@ -210,15 +262,38 @@ def _tokenizer_file(path) -> Path:
                             "a local directory holding tokenizer.json)")
 
 
+def _never_prepend(node) -> bool:
+    """In place: every Metaspace pre-tokenizer in a tokenizer.json tree that prepends its word
+    marker to the first piece only gets "never" instead; True when one was changed."""
+    changed = False
+    if isinstance(node, dict):
+        if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+            node["prepend_scheme"] = "never"
+            changed = True
+        for v in node.values():
+            changed |= _never_prepend(v)
+    elif isinstance(node, list):
+        for v in node:
+            changed |= _never_prepend(v)
+    return changed
+
+
 class HFTokenizer(Tokenizer):
     """A `tokenizers` library tokenizer read from a local `tokenizer.json` (never from a hub).
 
     The four special ids are looked up by their strings: by default the InternLM2 ones of the
     released POLAR models (module constants), other strings by argument. BOS and PAD must be in
     the vocabulary. The two reward strings are registered as special added tokens (keeping
-    their id when the vocabulary already has them, appended to it otherwise), so that their
-    literal text always maps to exactly one id; whether the serving string (literal reward token
-    at the end) and the training form (id appended) agree is checked here, at load time.
+    their id when the vocabulary already has them, appended to it otherwise), so that a server
+    reads their literals as one id each.
+
+    Two library instances: the served one reads special-token literals as their ids (what a
+    server does); the content one (`encode_special_tokens`) tokenizes them as text. The server
+    splits a string at its special tokens and tokenizes the pieces between them on their own,
+    so the training form (content ids of each piece, special ids between) equals the server's
+    ids of the structural string; a SentencePiece-style Metaspace that marks only the string's
+    first piece is the one place where a piece's position matters, and a third instance that
+    never marks serves the pieces after a special token. The agreement is checked at load time.
 
     Truncation and padding stored in the file are switched off: POLAR truncates per piece
     (polar/format.py) and a silent cut here would break that.
@@ -226,6 +301,8 @@ class HFTokenizer(Tokenizer):
 
     def __init__(self, path, *, bos: str = INTERNLM2_BOS_TEXT, pad: str = INTERNLM2_PAD_TEXT,
                  reward_sep: str = REWARD_SEP_TEXT, reward_token: str = REWARD_TOKEN_TEXT) -> None:
+        import json
+
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _Lib
 
@@ -237,8 +314,6 @@ class HFTokenizer(Tokenizer):
                              f"({e})") from e
         tok.no_truncation()
         tok.no_padding()
-        tok.encode_special_tokens = False  # True would read the literals as plain text
-        self._tok = tok
         self.path = file
 
         def lookup(text: str, arg: str) -> int:
@@ -264,24 +339,46 @@ class HFTokenizer(Tokenizer):
             raise ValueError(f"{file}: the reward tokens must have their own ids, got {ids}")
         self.vocab_size = max(tok.get_vocab_size(with_added_tokens=True),
                               max(tok.get_vocab(with_added_tokens=True).values()) + 1)
-        self._check_literals()
 
-    def _check_literals(self) -> None:
-        probe = f"a {self.reward_sep_text}b \n"
-        served = self.encode(probe + self.reward_token_text).tolist()
-        trained = self.encode(probe).tolist() + [self.reward_token_id]
-        if served != trained or self.reward_sep_id not in served:
-            raise ValueError(f"{self.path}: the literal reward tokens do not tokenize to their ids "
-                             f"({probe + self.reward_token_text!r} -> {served}, expected "
-                             f"{trained}); check the added tokens' settings in the file")
+        tok.encode_special_tokens = False  # the server's reading: literals are special tokens
+        self._served = tok
+        state = tok.to_str()
+        self._tok = _Lib.from_str(state)
+        self._tok.encode_special_tokens = True  # content: a literal is text
+        tree = json.loads(state)
+        if _never_prepend(tree):
+            self._tok_after = _Lib.from_str(json.dumps(tree))
+            self._tok_after.encode_special_tokens = True
+        else:
+            self._tok_after = self._tok
+        self.check_structure()
+        self._check_file_agrees(_Lib.from_file(str(file)))
+
+    def _check_file_agrees(self, raw) -> None:
+        """A server loads the file as it is: when the file already has both reward tokens, its own
+        added-token settings (strip options, normalization) must read the serving string as we do."""
+        added = {t.content for t in raw.get_added_tokens_decoder().values()}
+        if not {self.reward_sep_text, self.reward_token_text} <= added:
+            return  # registered here only: a server needs a file that has them (polar convert)
+        probe = f"a b \n{self.reward_sep_text} c d\n{self.reward_token_text}"
+        raw.no_truncation()
+        raw.no_padding()
+        theirs = raw.encode(probe, add_special_tokens=False).ids
+        ours = self.encode_served(probe).tolist()[1:]
+        if theirs != ours:
+            raise ValueError(f"{self.path}: the file's own settings of the reward tokens make a "
+                             f"server read the serving string differently from the training form "
+                             f"({theirs} vs {ours}); set lstrip, rstrip and normalized to false "
+                             f"for {self.reward_sep_text!r} and {self.reward_token_text!r}")
 
     def encode(self, text: str) -> np.ndarray:
         ids = self._tok.encode(_check_str(text), add_special_tokens=False).ids
         return np.array(ids, dtype=np.int32)
 
-    def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    def encode_batch(self, texts: Sequence[str], after_special: bool = False) -> list[np.ndarray]:
+        lib = self._tok_after if after_special else self._tok
         # The library's batch call runs in parallel in Rust; the fast variant skips the offsets.
-        encs = self._tok.encode_batch_fast(list(_check_texts(texts)), add_special_tokens=False)
+        encs = lib.encode_batch_fast(list(_check_texts(texts)), add_special_tokens=False)
         return [np.array(e.ids, dtype=np.int32) for e in encs]
 
     def offsets_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
@@ -289,18 +386,61 @@ class HFTokenizer(Tokenizer):
                                       add_special_tokens=False)
         return [np.array(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encs]
 
-    def decode(self, ids) -> str:
+    def encode_served_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+        # BOS by hand rather than by the file's post-processor, which may be missing or add more.
+        encs = self._served.encode_batch_fast(list(_check_texts(texts, "encode_served_batch")),
+                                              add_special_tokens=False)
+        return [np.array([self.bos_id] + e.ids, dtype=np.int32) for e in encs]
+
+    def _textual(self, arr: np.ndarray) -> list:
+        # BOS and PAD never have text; the library skips the other specials itself when asked.
+        return arr[(arr != self.bos_id) & (arr != self.pad_id)].tolist()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
         arr = _check_ids(ids, self.vocab_size)
-        arr = arr[(arr != self.bos_id) & (arr != self.pad_id)]
-        return self._tok.decode(arr.tolist(), skip_special_tokens=False)
+        return self._served.decode(self._textual(arr),
+                                   skip_special_tokens=skip_special_tokens)
+
+    def decode_batch(self, batch, skip_special_tokens: bool = False) -> list[str]:
+        kept = [self._textual(_check_ids(ids, self.vocab_size)) for ids in batch]
+        return self._served.decode_batch(kept, skip_special_tokens=skip_special_tokens)
+
+
+POLAR_TOKENIZER_FILE = "polar_tokenizer.json"
+_SETTINGS = ("bos", "pad", "reward_sep", "reward_token")
+
+
+def _settings(directory: Path) -> dict:
+    """The optional polar_tokenizer.json beside tokenizer.json: the four special tokens' strings."""
+    import json
+
+    f = directory / POLAR_TOKENIZER_FILE
+    if not f.is_file():
+        return {}
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{f}: must be a JSON object with keys {', '.join(_SETTINGS)}")
+    unknown = sorted(set(obj) - set(_SETTINGS))
+    if unknown:
+        raise ValueError(f"{f}: {unknown[0]}: unknown key (expected {', '.join(_SETTINGS)})")
+    for k, v in obj.items():
+        if not isinstance(v, str) or not v:
+            raise ValueError(f"{f}: {k}: must be a non-empty token string, got {v!r:.60}")
+    return obj
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
     """"byte" -> ByteTokenizer; a local directory holding tokenizer.json (or the file itself) ->
-    HFTokenizer with the InternLM2 special tokens. ("./byte" names a directory called byte.)"""
+    HFTokenizer. The special tokens are InternLM2's unless the directory holds a
+    polar_tokenizer.json = {"bos": str, "pad": str, "reward_sep": str, "reward_token": str}
+    (any subset; token strings), as `polar convert` writes. ("./byte" names a directory.)"""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"load_tokenizer expects 'byte' or a directory path, got "
                         f"{type(spec).__name__}")
     if spec == "byte":
         return ByteTokenizer()
-    return HFTokenizer(spec)
+    file = _tokenizer_file(spec)
+    return HFTokenizer(file, **_settings(file.parent))

@@ -46,7 +46,7 @@ def _sequence_parallel_spec(spec):
 class RewardModel(MegatronModule):
     def __init__(self, config, spec, vocab_size: int, max_sequence_length: int,
                  pre_process: bool, post_process: bool, vp_stage=None, lm_head: bool = False,
-                 kernels: str = "torch", pg_collection=None):
+                 kernels: str = "torch", pg_collection=None, real_vocab_size: int | None = None):
         super().__init__(config=config)
         self.tp_group = pg_collection.tp if pg_collection is not None else None
         self.pre_process = pre_process
@@ -69,6 +69,9 @@ class RewardModel(MegatronModule):
             pg_collection=pg_collection,
         )
         self.model_type = self.backbone.model_type
+        # vocab_size may be padded for TP (engine.parallelize.padded_vocab_size): the LM head's
+        # columns from real_vocab_size on are no token and are masked out of the softmax
+        self.real_vocab_size = vocab_size if real_vocab_size is None else real_vocab_size
         if kernels == "triton":
             from engine.kernels.reward_readout import reward_readout
 
@@ -156,6 +159,11 @@ class RewardModel(MegatronModule):
         normed = self.final_norm(hidden)  # [s, b, h], or [s/tp, b, h] under SP
         logits, _ = self.lm_head(normed)  # [s, b, vocab/tp]
         logits = logits[:-1]
+        if self.real_vocab_size < self.lm_head.output_size:
+            local = logits.shape[-1]
+            first = self.tp_group.rank() * local
+            padded = torch.arange(first, first + local, device=logits.device) >= self.real_vocab_size
+            logits = logits.masked_fill(padded, float("-inf"))
         losses = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), targets.t().contiguous(),
                                                               tp_group=self.tp_group)
         return (losses * valid.t().to(losses.dtype)).sum()

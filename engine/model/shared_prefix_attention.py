@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from engine.model.rope import apply_rope, rope_cos_sin
+from engine.model.rope import apply_rope, check_rope_window, rope_cos_sin
 from engine.packing import POSITION, LayoutCache, dense_mask
 
 # one layout only: the dense mask it keeps is O(L^2)
@@ -102,6 +102,9 @@ class SharedPrefixAttention(MegatronModule):
         pg_collection=None,
         rotary_base: float = 10000.0,
         backend: str = "torch",
+        rope_scaling: str = "none",
+        rope_scaling_factor: float = 1.0,
+        max_position_embeddings: int = 1 << 62,
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -109,6 +112,9 @@ class SharedPrefixAttention(MegatronModule):
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.rotary_base = rotary_base
+        self.rope_scaling = rope_scaling
+        self.rope_scaling_factor = rope_scaling_factor
+        self.max_position_embeddings = max_position_embeddings
         self.attend = get_backend(backend)
 
     def forward(
@@ -125,9 +131,11 @@ class SharedPrefixAttention(MegatronModule):
         layout = attention_mask
         if layout is None or layout.dim() != 3 or layout.shape[1] != 3:
             raise ValueError("SharedPrefixAttention expects the packed layout [b, 3, s] as attention_mask")
+        check_rope_window(self.rope_scaling, layout.shape[-1], self.max_position_embeddings)
         cos, sin = _cache.get(
-            layout, ("rope", self.head_dim, self.rotary_base, query.dtype),
-            lambda: rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype),
+            layout, ("rope", self.head_dim, self.rotary_base, self.rope_scaling, self.rope_scaling_factor, query.dtype),
+            lambda: rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype,
+                                 scaling=self.rope_scaling, factor=self.rope_scaling_factor),
         )
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)

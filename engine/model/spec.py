@@ -13,7 +13,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from engine.model.shared_prefix_attention import SharedPrefixAttention
 
 
-def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, fp8: str = "off") -> ModuleSpec:
+def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_scaling: str = "none",
+               rope_scaling_factor: float = 1.0, max_position_embeddings: int = 1 << 62,
+               fp8: str = "off") -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -23,7 +25,8 @@ def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, fp8: st
     spec = copy.deepcopy(spec)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(
         module=SharedPrefixAttention,
-        params={"rotary_base": rotary_base, "backend": attention_backend},
+        params={"rotary_base": rotary_base, "backend": attention_backend, "rope_scaling": rope_scaling,
+                "rope_scaling_factor": rope_scaling_factor, "max_position_embeddings": max_position_embeddings},
     )
     if fp8 != "off" and not use_te:  # TE runs FP8 in its own modules (engine.fp8)
         from engine.model.fp8_linear import with_fp8_linears

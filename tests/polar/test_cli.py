@@ -25,6 +25,8 @@ def test_pretrain_passes_settings_to_the_entry_point(tmp_path):
     (["sample", "--help"], "usage: polar sample"),
     (["data", "build", "--help"], "usage: polar data build"),
     (["data", "stats", "--help"], "usage: polar data stats"),
+    (["format", "--help"], "usage: polar format"),
+    (["hparams", "--help"], "usage: polar hparams"),
 ])
 def test_tool_subcommands_reach_their_own_parsers(capsys, argv, usage):
     with pytest.raises(SystemExit) as exc:

@@ -16,10 +16,10 @@ def b(text):
 
 
 def full_ids(prompt, reference, candidate, wrapper="sft", tok=TOK):
-    """The serving route: literal string, tokenized whole, BOS prepended."""
+    """The serving route: literal string, tokenized whole as a server does, BOS prepended."""
     text = build_text(prompt, reference, candidate, wrapper, reward_sep=tok.reward_sep_text,
                       reward_token=tok.reward_token_text)
-    return [tok.bos_id] + tok.encode(text).tolist()
+    return tok.encode_served(text).tolist()
 
 
 def common_prefix(seqs):
@@ -356,14 +356,16 @@ def test_hf_shared_prefix_changes_no_token(bpe, seed):
         fulls = [full_ids(p, r, c, w, tok=bpe) for c in cs]
         check_split(got, fulls)
         for c, f in zip(cs, fulls):
-            # training form (text, then the id) equals the serving form (literal in the text)
+            # the serving form ends with the literal reward token, read as its id
             text = build_text(p, r, c, w)[:-len(REWARD_TOKEN_TEXT)]
-            assert f == [bpe.bos_id] + bpe.encode(text).tolist() + [bpe.reward_token_id]
-            # the old layout, pieces tokenized one by one, would have given other ids
+            assert f == bpe.encode_served(text).tolist() + [bpe.reward_token_id]
+            # pieces tokenized one by one would have given other ids
             pt, rt, ct = as_text(p), as_text(r), as_text(c)
             nl = "\n" if w == "sft" else ""
-            pieces = [pt, nl if rt else "", rt, REWARD_SEP_TEXT, pt, nl if ct else "", ct]
-            old = [bpe.bos_id] + [i for x in pieces for i in bpe.encode(x).tolist()]
+            ref_side = [pt, nl if rt else "", rt]
+            out_side = [pt, nl if ct else "", ct]
+            old = ([bpe.bos_id] + [i for x in ref_side for i in bpe.encode(x).tolist()]
+                   + [bpe.reward_sep_id] + [i for x in out_side for i in bpe.encode(x).tolist()])
             per_piece_differs += old + [bpe.reward_token_id] != f
     assert per_piece_differs > len(groups) // 2
 
@@ -402,3 +404,68 @@ def test_custom_reward_strings_reach_the_text(tmp_path):
         assert tok.decode(g.full(i)) == f"why the cat?\nthe cat sat<sep>why the cat?\n{c}<score>"
     check_split(g, [full_ids("why the cat?", "the cat sat", c, tok=tok)
                     for c in ["the dog sat", "a dog"]])
+
+
+# --- text is content, never structure -------------------------------------------------------------
+
+LITERALS = (REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, "<s>", "</s>")
+
+
+@pytest.mark.parametrize("wrapper", ["sft", "pretrain"])
+def test_literals_in_texts_stay_text_with_the_byte_tokenizer(wrapper):
+    p, r, cs = f"why{REWARD_SEP_TEXT}?", f"a{REWARD_TOKEN_TEXT}", [f"<s>b{REWARD_SEP_TEXT}", "c"]
+    g = encode_group(TOK, p, r, cs, wrapper=wrapper)
+    nl = "\n" if wrapper == "sft" else ""
+    for i, c in enumerate(cs):
+        assert g.full(i).tolist() == ([BOS] + b(p + nl + r) + [SEP] + b(p + nl + c) + [REW])
+    # truncation counts a literal as the text it is: 10 bytes, not one token
+    g = encode_group(TOK, "p", REWARD_SEP_TEXT + "xyz", ["c"], max_response=5)
+    assert g.full(0).tolist() == [BOS] + b("p\n<|rew") + [SEP] + b("p\nc") + [REW]
+
+
+def test_literals_in_texts_stay_text_with_a_bpe(bpe):
+    rng = np.random.default_rng(5)
+    specials = {bpe.bos_id, bpe.pad_id, bpe.reward_sep_id, bpe.reward_token_id}
+    for _ in range(100):
+        def text():
+            words = [str(w) for w in rng.choice(list(WORDS) + list(LITERALS), size=6)]
+            return "".join(w + str(rng.choice(["", " ", "\n"])) for w in words)
+        p, r, cs = text(), text(), [text(), text()]
+        w = "sft" if rng.random() < 0.5 else "pretrain"
+        g = encode_group(bpe, p, r, cs, wrapper=w)
+        for i, c in enumerate(cs):
+            ids = g.full(i).tolist()
+            # the only special ids are the structural ones, at their places
+            where = [k for k, t in enumerate(ids) if t in specials]
+            assert [ids[k] for k in where] == [bpe.bos_id, bpe.reward_sep_id, bpe.reward_token_id]
+            assert where[0] == 0 and where[2] == len(ids) - 1
+            # and the text reads back whole: the literals are there, as text
+            assert bpe.decode(ids) == build_text(p, r, c, w)
+
+
+# --- the embedded default's data -----------------------------------------------------------------
+
+# sha256 of a small embedded-default data set's encoded groups, computed with the encoder as it
+# was before special ids were placed by structure: the training data must not change.
+DEFAULT_DATA_SHA256 = {
+    "sft": "a7b4596b118e006a64bb233f14eb881b7082de2d30dd7ca731ccf47d3fe58845",
+    "pretrain": "e4f280f21a4aa1f68a9d090155956e9ba806e39c0c11ed646b65e166a0e9a265",
+}
+
+
+@pytest.mark.parametrize("wrapper", ["sft", "pretrain"])
+def test_embedded_default_data_is_unchanged(wrapper):
+    import hashlib
+
+    from polar.pretrain_data import SyntheticDataConfig, encode_triplets, make_splits
+
+    splits = make_splits(SyntheticDataConfig(train_triplets=600, eval_triplets=100, prompts=300,
+                                             wrapper=wrapper))
+    h = hashlib.sha256()
+    for name in ("train", "eval_seen", "eval_held_out"):
+        for max_length in (1024, 64):  # as trained, and with every prompt cut
+            for g, _ in encode_triplets(TOK, getattr(splits, name), wrapper, max_length=max_length):
+                h.update(g.prefix.tobytes() + b"|" + b"/".join(c.tobytes() for c in g.candidates)
+                         + b";")
+    assert h.hexdigest() == DEFAULT_DATA_SHA256[wrapper], \
+        "the embedded default's encoded data changed (if on purpose, update DEFAULT_DATA_SHA256)"

@@ -26,26 +26,53 @@ def test_special_ids_are_distinct_and_outside_the_byte_range(tok):
     assert isinstance(tok, Tokenizer)
 
 
-def test_literal_reward_tokens_map_to_their_ids(tok):
-    ids = tok.encode(f"a{REWARD_SEP_TEXT}b{REWARD_TOKEN_TEXT}")
-    assert ids.tolist() == [ord("a"), tok.reward_sep_id, ord("b"), tok.reward_token_id]
+def test_served_reading_maps_literals_to_their_ids(tok):
+    ids = tok.encode_served(f"a{REWARD_SEP_TEXT}b{REWARD_TOKEN_TEXT}")
+    assert ids.dtype == np.int32
+    assert ids.tolist() == [tok.bos_id, ord("a"), tok.reward_sep_id, ord("b"), tok.reward_token_id]
 
 
-def test_serving_text_and_appended_id_agree(tok):
-    text = "prompt\nanswer"
-    served = tok.encode(text + REWARD_TOKEN_TEXT)
-    trained = np.append(tok.encode(text), tok.reward_token_id)
-    np.testing.assert_array_equal(served, trained)
+def test_content_reading_keeps_literals_as_text(tok):
+    # text is content, never structure: no literal becomes a special id
+    text = f"a{REWARD_SEP_TEXT}b{REWARD_TOKEN_TEXT}<s>"
+    assert tok.encode(text).tolist() == list(text.encode())
+    assert [x.tolist() for x in tok.encode_batch([text, REWARD_SEP_TEXT])] == \
+        [list(text.encode()), list(REWARD_SEP_TEXT.encode())]
+
+
+def test_serving_text_and_structural_ids_agree(tok):
+    served = tok.encode_served("prompt\nref" + REWARD_SEP_TEXT + "prompt\nanswer" + REWARD_TOKEN_TEXT)
+    trained = ([tok.bos_id] + tok.encode("prompt\nref").tolist() + [tok.reward_sep_id]
+               + tok.encode("prompt\nanswer").tolist() + [tok.reward_token_id])
+    assert served.tolist() == trained
+    tok.check_structure()
 
 
 def test_partial_literals_stay_bytes(tok):
     text = "<|reward| [UNUSED_TOKEN_13] <|rew"
-    assert tok.encode(text).tolist() == list(text.encode())
+    assert tok.encode_served(text).tolist() == [tok.bos_id] + list(text.encode())
 
 
 def test_adjacent_literals(tok):
-    ids = tok.encode(REWARD_TOKEN_TEXT * 2 + REWARD_SEP_TEXT)
-    assert ids.tolist() == [tok.reward_token_id, tok.reward_token_id, tok.reward_sep_id]
+    ids = tok.encode_served(REWARD_TOKEN_TEXT * 2 + REWARD_SEP_TEXT)
+    assert ids.tolist() == [tok.bos_id, tok.reward_token_id, tok.reward_token_id, tok.reward_sep_id]
+
+
+def test_served_batch_matches_one_by_one(tok):
+    texts = ["", "x", f"é{REWARD_TOKEN_TEXT}\0{REWARD_SEP_TEXT}", "\0", "<|reward|"]
+    batch = tok.encode_served_batch(texts)
+    assert [b.tolist() for b in batch] == [tok.encode_served(t).tolist() for t in texts]
+    assert tok.encode_served_batch([]) == []
+
+
+def test_decode_skipping_special_tokens(tok):
+    ids = tok.encode_served(f"a{REWARD_SEP_TEXT}b{REWARD_TOKEN_TEXT}")
+    assert tok.decode(ids, skip_special_tokens=True) == "ab"
+    assert tok.decode(ids) == f"a{REWARD_SEP_TEXT}b{REWARD_TOKEN_TEXT}"
+    # the bytes on both sides of a dropped special join up into one character
+    e = list("é".encode())
+    assert tok.decode([e[0], tok.reward_sep_id, e[1]], skip_special_tokens=True) == "é"
+    assert tok.decode_batch([ids, e[:1]], skip_special_tokens=True) == ["ab", "\ufffd"]
 
 
 def test_empty_text(tok):
@@ -118,11 +145,11 @@ def test_byte_offsets_are_character_spans(tok):
     assert spans.tolist() == [[0, 1], [1, 2], [1, 2], [2, 3], [2, 3], [2, 3], [2, 3]]
 
 
-def test_byte_offsets_of_literals_cover_the_literal(tok):
-    text = f"é{REWARD_SEP_TEXT}x{REWARD_TOKEN_TEXT}"
+def test_byte_offsets_of_literals_are_those_of_text(tok):
+    text = f"é{REWARD_SEP_TEXT}x"
     spans = tok.offsets_batch(["", text, "ab"])
     assert [s.tolist() for s in spans] == [
-        [], [[0, 1], [0, 1], [1, 11], [11, 12], [12, 30]], [[0, 1], [1, 2]]]
+        [], [[0, 1], [0, 1]] + [[i, i + 1] for i in range(1, 12)], [[0, 1], [1, 2]]]
 
 
 def test_byte_offsets_are_local_to_each_text(tok):
@@ -211,19 +238,32 @@ def test_hf_special_ids_come_from_the_vocabulary(bpe):
     assert bpe.vocab_size == lib.get_vocab_size(with_added_tokens=True)
 
 
-def test_hf_encode_adds_nothing_and_maps_literals(bpe):
+def test_hf_encode_adds_nothing_and_reads_literals_as_text(bpe):
     ids = bpe.encode("the cat")
     assert ids.dtype == np.int32 and bpe.bos_id not in ids.tolist() and len(ids) > 0
-    assert bpe.encode(REWARD_TOKEN_TEXT).tolist() == [bpe.reward_token_id]
-    assert bpe.encode(REWARD_SEP_TEXT).tolist() == [bpe.reward_sep_id]
+    specials = {bpe.bos_id, bpe.pad_id, bpe.reward_sep_id, bpe.reward_token_id}
+    for literal in (REWARD_TOKEN_TEXT, REWARD_SEP_TEXT, "<s>", "</s>"):
+        for ids in [bpe.encode(f"a {literal} b")] + bpe.encode_batch([literal, literal], True):
+            assert not specials & set(ids.tolist()), literal
+        assert bpe.decode(bpe.encode(literal)) == literal
     assert bpe.encode("").tolist() == []
 
 
-@pytest.mark.parametrize("text", ["why the cat?\nthe dog sat", "über naïve 日本 😀 ", "\n\n  x",
-                                  f"q{REWARD_SEP_TEXT}a\n"])
-def test_hf_serving_and_training_forms_agree(bpe, text):
-    served = bpe.encode(text + REWARD_TOKEN_TEXT).tolist()
-    assert served == bpe.encode(text).tolist() + [bpe.reward_token_id]
+def test_hf_served_reading_maps_literals(bpe):
+    assert bpe.encode_served(REWARD_TOKEN_TEXT).tolist() == [bpe.bos_id, bpe.reward_token_id]
+    assert bpe.encode_served(REWARD_SEP_TEXT).tolist() == [bpe.bos_id, bpe.reward_sep_id]
+    assert bpe.encode_served("<s>").tolist() == [bpe.bos_id, bpe.bos_id]
+    assert bpe.encode_served("").tolist() == [bpe.bos_id]
+
+
+@pytest.mark.parametrize("first, after", [("why the cat?\nthe dog sat", "why the cat?\na dog"),
+                                          ("über naïve 日本 😀 ", " x"), ("\n\n  x", ""),
+                                          ("", "the")])
+def test_hf_serving_and_training_forms_agree(bpe, first, after):
+    served = bpe.encode_served(first + REWARD_SEP_TEXT + after + REWARD_TOKEN_TEXT).tolist()
+    assert served == ([bpe.bos_id] + bpe.encode(first).tolist() + [bpe.reward_sep_id]
+                      + bpe.encode_batch([after], after_special=True)[0].tolist()
+                      + [bpe.reward_token_id])
 
 
 def test_hf_batch_offsets_and_decode(bpe):
@@ -252,16 +292,17 @@ def test_hf_adds_missing_reward_tokens(tmp_path):
     base = tok._tok.get_vocab_size(with_added_tokens=False)
     assert {tok.reward_sep_id, tok.reward_token_id} == {base, base + 1}
     assert tok.vocab_size == base + 2
-    assert tok.encode(f"the{REWARD_SEP_TEXT}cat{REWARD_TOKEN_TEXT}").tolist()[-1] == \
+    assert tok.encode_served(f"the{REWARD_SEP_TEXT}cat{REWARD_TOKEN_TEXT}").tolist()[-1] == \
         tok.reward_token_id
-    assert tok.encode(REWARD_SEP_TEXT).tolist() == [tok.reward_sep_id]
+    assert tok.encode_served(REWARD_SEP_TEXT).tolist() == [tok.bos_id, tok.reward_sep_id]
 
 
 def test_hf_configurable_special_strings(tmp_path):
     d = train_bpe(tmp_path, specials=("<bos>", "<pad>"))
     tok = HFTokenizer(d, bos="<bos>", pad="<pad>", reward_sep="<sep>", reward_token="<score>")
     assert tok.reward_sep_text == "<sep>" and tok.reward_token_text == "<score>"
-    assert tok.encode("x<score>").tolist()[-1] == tok.reward_token_id
+    assert tok.encode_served("x<score>").tolist()[-1] == tok.reward_token_id
+    assert tok.reward_token_id not in tok.encode("x<score>").tolist()
     assert tok.bos_id == tok._tok.token_to_id("<bos>")
     with pytest.raises(ValueError, match="bos="):
         HFTokenizer(d)  # no "<s>" in this vocabulary
@@ -290,7 +331,7 @@ def test_internlm2_ids_are_found_by_string(tmp_path):
     assert (tok.bos_id, tok.pad_id, tok.reward_sep_id, tok.reward_token_id) == (1, 2, 92397, 92527)
     assert tok.vocab_size >= 92528
     text = f"hello{REWARD_SEP_TEXT}world"
-    assert tok.encode(text + REWARD_TOKEN_TEXT).tolist() == [3, 92397, 4, 92527]
+    assert tok.encode_served(text + REWARD_TOKEN_TEXT).tolist() == [1, 3, 92397, 4, 92527]
     # the same strings elsewhere: the ids follow the strings, not InternLM2's numbers
     moved = {"<unk>": 0, "</s>": 1, "<s>": 2, REWARD_TOKEN_TEXT: 3, REWARD_SEP_TEXT: 4, "hi": 5}
     tok = load_tokenizer(_word_level_file(tmp_path / "moved", moved))
@@ -310,3 +351,80 @@ def test_missing_tokenizer_paths_are_clear_errors(tmp_path):
     (bad / "tokenizer.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad"):
         load_tokenizer(str(bad))
+
+
+# --- the server's reading of a piece after a special token ---------------------------------------
+
+def _metaspace_file(directory, prepend_scheme: str) -> str:
+    """A SentencePiece-style tokenizer: Metaspace marks words with "▁"; with prepend_scheme
+    "first" only the start of the whole string gets a leading marker."""
+    from tokenizers import Tokenizer as Lib, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "a": 4, "b": 5, "▁a": 6, "▁b": 7, "\n": 8,
+             REWARD_SEP_TEXT: 9, REWARD_TOKEN_TEXT: 10}
+    lib = Lib(models.BPE(vocab, [("▁", "a"), ("▁", "b")], unk_token="<unk>"))
+    lib.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=prepend_scheme)
+    directory.mkdir(parents=True, exist_ok=True)
+    lib.save(str(directory / "tokenizer.json"))
+    return str(directory)
+
+
+@pytest.mark.parametrize("scheme", ["first", "always", "never"])
+def test_pieces_after_a_special_get_the_servers_ids(tmp_path, scheme):
+    tok = load_tokenizer(_metaspace_file(tmp_path / scheme, scheme))  # check_structure passed
+    served = tok.encode_served(f"a b{REWARD_SEP_TEXT}b a{REWARD_TOKEN_TEXT}").tolist()
+    trained = ([tok.bos_id] + tok.encode("a b").tolist() + [tok.reward_sep_id]
+               + tok.encode_batch(["b a"], after_special=True)[0].tolist() + [tok.reward_token_id])
+    assert served == trained
+    # the premise: with "first", a piece alone is read differently from the same piece after a
+    # special token (its leading "▁"), so after_special matters
+    alone, after = tok.encode("b").tolist(), tok.encode_batch(["b"], after_special=True)[0].tolist()
+    assert (alone != after) == (scheme == "first")
+
+
+# --- polar_tokenizer.json: the special tokens' strings beside tokenizer.json ----------------------
+
+def test_polar_tokenizer_settings_are_read(tmp_path):
+    import json
+
+    d = Path(train_bpe(tmp_path / "custom", specials=("<bos>", "<pad>")))
+    (d / "polar_tokenizer.json").write_text(json.dumps(
+        {"bos": "<bos>", "pad": "<pad>", "reward_sep": "<sep>", "reward_token": "<score>"}))
+    tok = load_tokenizer(str(d))
+    lib = tok._served
+    assert (tok.bos_id, tok.pad_id) == (lib.token_to_id("<bos>"), lib.token_to_id("<pad>"))
+    assert (tok.reward_sep_text, tok.reward_token_text) == ("<sep>", "<score>")
+    assert tok.encode_served("x<sep>y<score>").tolist() == \
+        [tok.bos_id] + tok.encode("x").tolist() + [tok.reward_sep_id] + tok.encode("y").tolist() \
+        + [tok.reward_token_id]
+    # through the file path too
+    assert load_tokenizer(str(d / "tokenizer.json")).reward_token_text == "<score>"
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", "polar_tokenizer.json: not valid JSON"),
+    ("[1]", "must be a JSON object"),
+    ('{"bos": 3}', "bos: must be a non-empty token string"),
+    ('{"eos": "</s>"}', "eos: unknown key"),
+    ('{"bos": "<nope>"}', "no '<nope>'"),
+])
+def test_bad_polar_tokenizer_settings(tmp_path, content, message):
+    d = Path(train_bpe(tmp_path / "bad_settings"))
+    (d / "polar_tokenizer.json").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_tokenizer(str(d))
+
+
+@pytest.mark.parametrize("strip", ["lstrip", "rstrip"])
+def test_a_literal_that_swallows_whitespace_is_refused(tmp_path, strip):
+    # A server would drop the whitespace next to the literal; training keeps it: refused at load.
+    import json
+
+    d = Path(train_bpe(tmp_path / strip))
+    tree = json.loads((d / "tokenizer.json").read_text())
+    for added in tree["added_tokens"]:
+        if added["content"] == REWARD_SEP_TEXT:
+            added[strip] = True
+    (d / "tokenizer.json").write_text(json.dumps(tree))
+    with pytest.raises(ValueError, match="differently from the training form"):
+        load_tokenizer(str(d))

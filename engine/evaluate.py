@@ -1,0 +1,92 @@
+#!/usr/bin/env python3
+"""Preference accuracy with references on ranked data (the paper's evaluation, Sec. 4): a record
+holds a prompt, a category and ranked responses; rank 1 is the reference, and every ordered pair of
+ranks below it counts once (polar/ranked_eval.py). Scored with engine/score.py's CheckpointScorer
+(the official client's exact format, shared prefixes, any layout); prints the table, writes JSON.
+
+    polar eval --checkpoint runs/default/checkpoints --input ranked.jsonl --json accuracy.json
+    torchrun --nproc_per_node 2 engine/evaluate.py --checkpoint CKPT --input ranked.jsonl --tp 2
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script from a source checkout: make `engine` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from engine.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="polar eval", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", required=True, help="an engine checkpoint (directory or one step)")
+    ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
+    ap.add_argument("--json", default="", help="write the result here as JSON")
+    ap.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the checkpoint's)")
+    ap.add_argument("--max-length", type=int, default=16384)
+    ap.add_argument("--max-response-length", type=int, default=4096)
+    ap.add_argument("--seq-length", type=int, default=0, help="packed sequence length (default: the longest record)")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--pp", type=int, default=1)
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    rank = int(os.environ.get("RANK", "0"))
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()
+    try:
+        return run(args, rank)
+    except ConfigError as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def run(args, rank: int) -> int:
+    from engine.runtime import shutdown_runtime
+    from engine.score import CheckpointScorer
+    from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, write_result
+    from polar.records import RecordError
+
+    scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
+                              args.max_length, args.max_response_length)
+    try:
+        records = read_ranked(args.input)
+    except RecordError as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"--input {args.input}: {e}") from None
+    scorer.start()
+
+    def score_fn(items):
+        # consecutive items of one record share its prompt and reference: one group each
+        lists: list[list] = []
+        for it in items:
+            head = lists[-1][0] if lists else None
+            if head is not None and head.prompt is it.prompt and head.reference is it.reference:
+                lists[-1].append(it)
+            else:
+                lists.append([it])
+        rewards, _ = scorer.score_groups(scorer.groups(lists), args.seq_length)
+        return [r for group in rewards for r in group]
+
+    result = evaluate_ranked(records, score_fn)
+    if rank == 0:
+        print(format_table(result))
+        if args.json:
+            write_result(result, args.json)
+            print(f"wrote {args.json}")
+    shutdown_runtime()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

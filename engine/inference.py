@@ -1,0 +1,253 @@
+"""An engine checkpoint -> fp32 rewards of packed batches, for serving (polar/serve) and in-process
+scoring (polar.reward): one model replica, no gradient buffers.
+
+`RewardScorer.load(path)` builds the reward model of the checkpoint (its shape recorded with it:
+the step's model.json, a model.yaml beside it, or the run's config.yaml) with the engine's builders, loads
+the weights with engine.checkpoint (dist_checkpointing: any saved TP/PP layout reloads at this
+process's layout) and scores `engine.packing.PackedBatch`es forward-only: bf16 on a GPU, fp32 on the
+CPU, rewards always returned as fp32.
+
+Tensor parallelism across the local devices (`torchrun --nproc_per_node N -m polar.serve ...`):
+every rank holds a TP shard and all must run each forward together. Rank 0 serves HTTP and, for each
+packed batch, broadcasts a header (command, b, L, n) and the batch's tensors; the other ranks loop
+in `follow()` on receive -> forward until rank 0 broadcasts stop. Pipeline parallelism is not
+supported by the server (one replica per process group, layers on every rank).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+
+from engine.packing import PackedBatch
+
+_STOP, _BATCH = 0, 1
+
+
+@dataclass
+class CheckpointInfo:
+    step_dir: Path  # the dist_checkpointing directory
+    model: dict  # the run's `model` section
+    run_config: dict  # the whole run config (empty when only a model.yaml was found)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    return values
+
+
+def resolve_checkpoint(path: str) -> CheckpointInfo:
+    """A run directory (its newest checkpoint), a checkpoints directory or one step directory, and
+    the model settings recorded with it (engine.checkpoint.saved_model_settings)."""
+    from engine import checkpoint
+
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path}: no such directory")
+    step = None
+    for candidate in (p, p / "checkpoints"):
+        try:
+            step = Path(checkpoint.resolve(str(candidate)))
+            break
+        except checkpoint.CheckpointNotFound:
+            continue
+    if step is None:
+        raise FileNotFoundError(f"--checkpoint {path}: no complete engine checkpoint in it (expected a "
+                                "run directory, its checkpoints/ directory or a step_N directory)")
+    found = checkpoint.saved_model_settings(str(step))
+    if found is None:
+        raise FileNotFoundError(f"{step}: no model settings recorded with it (model.json, model.yaml beside it "
+                                "or the run's config.yaml): the model's shape is unknown")
+    model, _ = found
+    run_config = {}
+    for cfg_file in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
+        if cfg_file.is_file():
+            run_config = _read_yaml(cfg_file)
+            break
+    return CheckpointInfo(step, model, run_config)
+
+
+def _model_config(values: dict, where: Path):
+    from engine.config import ModelConfig
+
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{where}: unknown model setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
+    cfg = ModelConfig(**values)
+    if not cfg.vocab_size:
+        raise ValueError(f"{where}: model.vocab_size is 0; the checkpoint's vocabulary size is needed")
+    return cfg
+
+
+def _runtime(par, seed: int):
+    """engine.runtime.init_runtime, or the runtime already running in this process (a trainer
+    with the scorer beside it, a test session)."""
+    from engine.config import ConfigError
+    from engine.runtime import current_or_new_runtime
+
+    try:
+        return current_or_new_runtime(par, seed)
+    except ConfigError as e:
+        raise ValueError(f"{e}; the scorer needs tp={par.tp} pp=1") from e
+
+
+class RewardScorer:
+    """One model replica (a TP group of processes); `score` runs on rank 0, `follow` on the others."""
+
+    def __init__(self, chunk, rt, info: CheckpointInfo, dtype: torch.dtype):
+        self.chunk = chunk
+        self.rt = rt
+        self.info = info
+        self.dtype = dtype
+        self.device = rt.device
+
+    @classmethod
+    def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234) -> "RewardScorer":
+        """The reward model of an engine checkpoint (module docstring)."""
+        from engine import checkpoint
+
+        info = resolve_checkpoint(path)
+        scorer = cls._build(_model_config(info.model, info.step_dir), info, tp, attention_backend, seed)
+        checkpoint.load(str(info.step_dir), [scorer.chunk])
+        return scorer
+
+    @classmethod
+    def random(cls, model: dict, tp: int = 1, attention_backend: str = "auto", seed: int = 1234,
+               head_std: float = 0.2) -> "RewardScorer":
+        """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
+        initialisation and a random value head (zero when new): for benchmarks of speed."""
+        info = CheckpointInfo(Path("."), dict(model), {})
+        scorer = cls._build(_model_config(info.model, Path("model")), info, tp, attention_backend, seed)
+        head = scorer.chunk.value_head.weight
+        g = torch.Generator().manual_seed(seed)
+        head.copy_((torch.randn(head.shape, generator=g) * head_std).to(head.dtype))
+        return scorer
+
+    @classmethod
+    def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int) -> "RewardScorer":
+        from engine.config import ParallelConfig, TrainConfig
+        from engine.model.reward_model import RewardModel
+        from engine.fp8 import check_backbone
+        from engine.model.spec import layer_spec
+        from engine.parallelize import check_kernels, resolve_dtype, transformer_config
+        from engine.runtime import validate_layout, world_size_from_env
+
+        from engine.quiet import silence_known_warnings
+
+        silence_known_warnings()
+        world = world_size_from_env()
+        if world != tp and not dist.is_initialized():
+            raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
+        if attention_backend == "auto":
+            attention_backend = "triton" if torch.cuda.is_available() else "torch"
+        par = ParallelConfig(tp=tp, pp=1, distributed_optimizer=False)
+        train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
+                            attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)
+        validate_layout(model, par, train, tp, seq_length=tp)
+        rt = _runtime(par, seed)
+        check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
+        config = transformer_config(model, par, train, rt)
+        spec = layer_spec(check_backbone(model, rt.is_cuda), model.rotary_base, attention_backend)
+        # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
+        chunk = RewardModel(config, spec, vocab_size=model.vocab_size,
+                            max_sequence_length=model.max_position_embeddings,
+                            pre_process=True, post_process=True, kernels="torch", pg_collection=rt.groups)
+        chunk.to(rt.device)
+        chunk.eval()
+        chunk.requires_grad_(False)
+        scorer = cls(chunk, rt, info, resolve_dtype(train, rt))
+        scorer.model_config = model
+        scorer.attention_backend = attention_backend
+        return scorer
+
+    @property
+    def max_positions(self) -> int:
+        return self.model_config.max_position_embeddings
+
+    @torch.no_grad()
+    def _forward(self, tokens, layout, reward_index) -> torch.Tensor:
+        return self.chunk(tokens, layout, reward_index).float()
+
+    def score(self, batch: PackedBatch) -> np.ndarray:
+        """Rewards (fp32, one per candidate in the batch's numbering). The TP leader only; any thread
+        (the current CUDA device is per thread, so it is set here)."""
+        if self.rt.is_cuda:
+            with torch.cuda.device(self.device):
+                return self._score(batch)
+        return self._score(batch)
+
+    def _score(self, batch: PackedBatch) -> np.ndarray:
+        tokens = batch.tokens.to(self.device, non_blocking=True)
+        layout = batch.layout.to(self.device, non_blocking=True)
+        reward_index = batch.reward_index.to(self.device, non_blocking=True)
+        if self.rt.tp > 1:
+            header = torch.tensor([_BATCH, *tokens.shape, reward_index.numel()], dtype=torch.int64,
+                                  device=self.device)
+            for t in (header, tokens, layout, reward_index):
+                self._broadcast(t)
+        return self._forward(tokens, layout, reward_index).cpu().numpy()
+
+    def follow(self) -> None:
+        """Ranks > 0: run every forward rank 0 broadcasts, until it broadcasts stop."""
+        while True:
+            header = torch.empty(4, dtype=torch.int64, device=self.device)
+            self._broadcast(header)
+            cmd, b, L, n = header.tolist()
+            if cmd == _STOP:
+                return
+            tokens = torch.empty((b, L), dtype=torch.int64, device=self.device)
+            layout = torch.empty((b, 3, L), dtype=torch.int32, device=self.device)
+            reward_index = torch.empty(n, dtype=torch.int64, device=self.device)
+            for t in (tokens, layout, reward_index):
+                self._broadcast(t)
+            self._forward(tokens, layout, reward_index)
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        tp = self.rt.groups.tp
+        dist.broadcast(t, src=dist.get_global_rank(tp, 0), group=tp)
+
+    @property
+    def is_leader(self) -> bool:
+        """The TP rank that serves and broadcasts; the others `follow`."""
+        return self.rt.groups.tp.rank() == 0
+
+    def stop_followers(self) -> None:
+        if self.rt.tp > 1:
+            self._broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64, device=self.device))
+
+    def close(self) -> None:
+        from engine.runtime import shutdown_runtime
+
+        shutdown_runtime()
+
+
+def tokenizer_spec(info: CheckpointInfo) -> str:
+    """The tokenizer the checkpoint was trained with: a tokenizer/ directory beside it (written by
+    `polar convert`), the built dataset's (its metadata, written by `polar data build`), or the byte
+    tokenizer of the embedded synthetic data."""
+    import json
+
+    for d in (info.step_dir.parent / "tokenizer", info.step_dir.parent.parent / "tokenizer"):
+        if (d / "tokenizer.json").is_file():
+            return str(d)
+    data = info.run_config.get("data") or {}
+    path = data.get("path")
+    if not path:
+        return "byte"
+    p = Path(path)
+    for f in [Path(str(p) + ".json"), p.with_suffix(".json")] + (sorted(p.glob("*.json")) if p.is_dir() else []):
+        if f.is_file():
+            meta = json.loads(f.read_text())
+            if isinstance(meta.get("tokenizer"), str):
+                return meta["tokenizer"]
+    raise ValueError(f"the run trained on data.path={path}, whose metadata is not readable here: pass --tokenizer")

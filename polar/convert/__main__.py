@@ -1,0 +1,5 @@
+import sys
+
+from polar.convert import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""`polar convert engine-to-hf SRC DST [--format hf|internlm2-reward]`: an engine checkpoint (saved at
+any layout) to a transformers directory.
+
+--format hf (default): LlamaForSequenceClassification, or Qwen2ForSequenceClassification when the
+model has q/k/v biases: one label, `score` = the value head, pad_token_id = the tokenizer's pad, so
+transformers, vLLM and SGLang read the score at the last non-pad token (the reward token, which
+ends every POLAR input). No remote code is needed.
+--format internlm2-reward: the InternLM2ForRewardModel weight layout (fused wqkv per key-value
+group, v_head) and config (reward_token_id) that POLAR's official tooling loads; the modeling code
+itself is InternLM's remote code, which is not shipped here.
+
+The checkpoint is loaded at TP1/PP1 in one process (dist_checkpointing reshards it), so the whole
+model must fit in this machine's memory.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from polar.convert import internlm2, llama
+from polar.convert.engine_io import MODEL_YAML, build, read_model_config
+from polar.convert.hf_checkpoint import ConvertError
+from polar.convert.tokenizer_files import copy_tokenizer, load as load_tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHARD_BYTES = 4 << 30
+
+
+def _step_dir(src: Path) -> Path:
+    from engine import checkpoint
+
+    if not src.is_dir():
+        raise ConvertError(f"{src}: no such engine checkpoint directory")
+    if (src / checkpoint.LATEST).is_file():
+        path = checkpoint.latest(str(src))
+        if path is None:
+            raise ConvertError(f"{src}: its '{checkpoint.LATEST}' marker names no complete checkpoint")
+        return Path(path)
+    if (src / "metadata.json").is_file() or (src / checkpoint.STATE_FILE).is_file():
+        return src
+    raise ConvertError(f"{src}: neither a checkpoint directory (with a '{checkpoint.LATEST}' marker) nor one "
+                       "step directory (step_XXXXXXXX/)")
+
+
+def _find(start: Path, names: tuple[str, ...], what: str, flag: str) -> Path:
+    for d in (start, start.parent, start.parent.parent):
+        for n in names:
+            if (d / n).exists():
+                return d / n
+    raise ConvertError(f"{start}: no {what} found beside the checkpoint ({', '.join(names)}); pass {flag}")
+
+
+def _save_safetensors(tensors: dict, dst: Path) -> None:
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        if current and size + t.numel() * t.element_size() > SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = t
+        size += t.numel() * t.element_size()
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(dst / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    (dst / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+
+
+def _last_line(exc: Exception) -> str:
+    """dist_checkpointing wraps the cause in a multi-rank traceback: its last line names the tensor."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and ln.strip() != "'}"]
+    return lines[-1] if lines else type(exc).__name__
+
+
+CARD = """# {name}
+
+A POLAR reward model (policy discriminator; Dou et al., "Pre-Trained Policy Discriminators are General
+Reward Models", arXiv 2507.05197) exported by `polar convert engine-to-hf`.
+
+- Class: `{arch}`{remote}
+- Reward: one scalar, read at the final token. Input (no chat template; BOS first):
+  `{{prompt}}\\n{{reference}}{sep}{{prompt}}\\n{{candidate}}{rtok}` (pretrain wrapper: without the two "\\n").
+  The input must end with `{rtok}` (id {rtok_id}); the reference is a sample of the policy to compare with.
+- Tokenizer: `tokenizer.json`, with `{sep}` (id {sep_id}) and `{rtok}` (id {rtok_id}) as special tokens;
+  `polar_tokenizer.json` names POLAR's four special tokens.
+- {layers} layers, hidden {hidden}, {heads} heads ({groups} key-value heads), vocabulary {vocab}, weights in {dtype}.
+"""
+
+
+def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: str | None = None,
+            dtype: str = "float32", log=print) -> Path:
+    from engine import checkpoint
+    from engine.weights import export_canonical
+
+    if fmt not in ("hf", "internlm2-reward"):
+        raise ConvertError(f"--format {fmt!r}: expected hf or internlm2-reward")
+    if dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    src, dst = Path(src), Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConvertError(f"{dst}: exists and is not empty; choose a new directory")
+    step = _step_dir(src)
+    cfg_path = Path(config) if config else _find(step, (MODEL_YAML, "config.yaml"), "model.yaml or config.yaml",
+                                                 "--config FILE")
+    model = read_model_config(cfg_path)
+    tok_dir = Path(tokenizer) if tokenizer else _find(step, ("tokenizer",), "tokenizer directory", "--tokenizer DIR")
+    tok = load_tokenizer(tok_dir)
+    if tok.vocab_size > model.vocab_size:
+        raise ConvertError(f"{tok_dir}: the tokenizer has {tok.vocab_size} tokens but {cfg_path} gives "
+                           f"model.vocab_size={model.vocab_size}; pass the tokenizer the model was trained with")
+
+    chunks, _ = build(model)
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    try:
+        checkpoint.load(str(step), chunks)
+    except (Exception, CheckpointException) as e:
+        raise ConvertError(f"{step}: the checkpoint does not match the model configuration in {cfg_path} "
+                           f"({_last_line(e)}); pass the model.yaml or run config.yaml the checkpoint was written "
+                           "with (--config)") from e
+    tensors = export_canonical(chunks, model)
+    del chunks
+    tensors = {k: v.to(DTYPES[dtype]) for k, v in tensors.items()}
+    ids = dict(pad_token_id=tok.pad_id, bos_token_id=tok.bos_id, eos_token_id=tok.pad_id)
+    if fmt == "hf":
+        hf = llama.from_canonical(tensors)
+        hf_cfg = llama.hf_config(model, dtype=dtype, **ids)
+        remote = " (plain transformers, vLLM and SGLang load it; no remote code)"
+    else:
+        hf = internlm2.from_canonical(tensors, model.num_query_groups)
+        hf_cfg = internlm2.hf_config(model, reward_token_id=tok.reward_token_id, dtype=dtype, **ids)
+        remote = (" (the layout of POLAR's released models; loading it needs InternLM2's modeling code "
+                  "`configuration_internlm2.py` / `modeling_internlm2.py` from the InternLM2 / POLAR model "
+                  "repositories, which is not shipped here: copy it beside these files and load with "
+                  "trust_remote_code=True)")
+    dst.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(hf, dst)
+    (dst / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+    copy_tokenizer(tok_dir, dst)
+    (dst / "README.md").write_text(CARD.format(
+        name=dst.name, arch=hf_cfg["architectures"][0], remote=remote, sep=tok.reward_sep_text,
+        sep_id=tok.reward_sep_id, rtok=tok.reward_token_text, rtok_id=tok.reward_token_id, layers=model.num_layers,
+        hidden=model.hidden_size, heads=model.num_attention_heads, groups=model.num_query_groups,
+        vocab=model.vocab_size, dtype=dtype))
+    log(f"wrote {dst} ({hf_cfg['architectures'][0]}, from {step})")
+    return dst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="polar convert engine-to-hf",
+                                 description="an engine checkpoint (any layout) -> a transformers directory")
+    ap.add_argument("src", help="engine checkpoint directory (with 'latest') or one step directory")
+    ap.add_argument("dst", help="new output directory")
+    ap.add_argument("--format", default="hf", choices=["hf", "internlm2-reward"],
+                    help="hf: Llama/Qwen2ForSequenceClassification (default); internlm2-reward: POLAR's released layout")
+    ap.add_argument("--config", default=None, help="model.yaml or run config.yaml (default: found beside SRC)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SRC/tokenizer)")
+    ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype to write")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.dst, fmt=args.format, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
+    except ConvertError as e:
+        print(f"polar convert engine-to-hf: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

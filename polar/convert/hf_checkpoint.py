@@ -1,0 +1,120 @@
+"""Reading a transformers checkpoint directory: config.json and the weights, tensor by tensor.
+
+Weights are read from safetensors (one `model.safetensors`, or shards listed in
+`model.safetensors.index.json`) lazily, one tensor at a time, so a large model never sits in
+memory twice. A GGUF file is read through transformers' own GGUF loader (which dequantizes it to
+float and returns a regular model), since GGUF tensor names and quantized layouts are that
+loader's business.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the message says what is wrong and what to do."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: not valid JSON ({e})") from e
+
+
+class HFCheckpoint:
+    """config (the dict of config.json), names(), get(name) -> tensor, where(name) -> file."""
+
+    def __init__(self, src: str | Path, gguf_file: str | None = None):
+        src = Path(src)
+        if src.is_file() and src.suffix == ".gguf":
+            src, gguf_file = src.parent, src.name
+        if not src.is_dir():
+            raise ConvertError(f"{src}: no such checkpoint directory")
+        self.src = src
+        self.gguf_file = gguf_file
+        self._tensors: dict[str, torch.Tensor] = {}  # GGUF: everything is loaded at once
+        self._files: dict[str, Path] = {}  # safetensors: tensor name -> file
+        self._open: dict[Path, object] = {}
+        if gguf_file is None:
+            ggufs = sorted(p.name for p in src.glob("*.gguf"))
+            if not (src / "config.json").is_file() and len(ggufs) == 1:
+                gguf_file = self.gguf_file = ggufs[0]
+        if gguf_file is not None:
+            self._load_gguf(gguf_file)
+        else:
+            self._index_safetensors()
+
+    # ---- safetensors -------------------------------------------------------------------------
+    def _index_safetensors(self) -> None:
+        src = self.src
+        cfg = src / "config.json"
+        if not cfg.is_file():
+            raise ConvertError(f"{src}: no config.json; a transformers checkpoint directory holds config.json "
+                               "beside its weights (or pass a .gguf file)")
+        self.config = _read_json(cfg)
+        index = src / "model.safetensors.index.json"
+        single = src / "model.safetensors"
+        if index.is_file():
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise ConvertError(f"{index}: no 'weight_map' of tensor names to shard files")
+            missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
+            if missing:
+                raise ConvertError(f"{src / missing[0]}: listed in {index.name} but missing ({len(missing)} shard(s) "
+                                   "missing in all); download the checkpoint again or copy the missing shards")
+            self._files = {name: src / f for name, f in weight_map.items()}
+        elif single.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(single), framework="pt") as f:
+                self._files = {name: single for name in f.keys()}
+        else:
+            other = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
+            hint = (f" (found {other[0]}: load it with transformers and save_pretrained(..., "
+                    "safe_serialization=True) to get safetensors)") if other else ""
+            raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    # ---- GGUF --------------------------------------------------------------------------------
+    def _load_gguf(self, name: str) -> None:
+        if not (self.src / name).is_file():
+            raise ConvertError(f"{self.src / name}: no such GGUF file")
+        try:
+            from transformers import AutoModelForCausalLM
+        except ImportError as e:
+            raise ConvertError("reading GGUF needs transformers, gguf and accelerate: "
+                               "pip install transformers gguf accelerate") from e
+        model = AutoModelForCausalLM.from_pretrained(str(self.src), gguf_file=name, dtype=torch.float32)
+        self.config = model.config.to_dict()
+        self.config["architectures"] = [type(model).__name__]
+        self._tensors = {k: v.detach() for k, v in model.state_dict().items()}
+        if self.config.get("tie_word_embeddings"):
+            self._tensors.pop("lm_head.weight", None)
+
+    # ---- access ------------------------------------------------------------------------------
+    def names(self) -> set[str]:
+        return set(self._tensors) | set(self._files)
+
+    def where(self, name: str) -> str:
+        if name in self._files:
+            return str(self._files[name])
+        return str(self.src / (self.gguf_file or ""))
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._tensors:
+            return self._tensors[name]
+        if name not in self._files:
+            raise ConvertError(f"{self.src}: the checkpoint has no tensor {name!r}")
+        path = self._files[name]
+        if path not in self._open:
+            from safetensors import safe_open
+
+            self._open[path] = safe_open(str(path), framework="pt")
+        handle = self._open[path]
+        try:
+            return handle.get_tensor(name)
+        except Exception as e:  # safetensors raises its own error type for an absent name
+            raise ConvertError(f"{path}: has no tensor {name!r} although the index lists it there ({e})") from e

@@ -1,0 +1,139 @@
+"""`polar convert hf-to-engine SRC DST [--tp N --pp N]`: a transformers checkpoint to an engine checkpoint.
+
+DST afterwards holds
+    latest -> step_00000000/   the weights (megatron dist_checkpointing: loads at any TP/PP layout)
+    model.yaml                 the model section of a run config the weights need (--config it)
+    tokenizer/                 tokenizer.json (+ the reward tokens) and polar_tokenizer.json
+
+Architectures: Llama, Mistral, Qwen2 (causal LM or one-label sequence classification), InternLM2
+and InternLM2ForRewardModel (POLAR's released class). A value head comes from the checkpoint
+(`score` / `v_head`) or starts at zero (POLAR: a new value head is zero-initialised). Tokens the
+tokenizer gains (the reward tokens) get embedding rows set to the mean of the existing rows, the
+usual choice for new tokens: it keeps them inside the distribution the network has seen.
+The conversion runs in one process at TP1/PP1 by default (dist_checkpointing reshards on load);
+`--tp/--pp` under torchrun split a model too large for one process.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from polar.convert import internlm2, llama
+from polar.convert.engine_io import MODEL_YAML, build, write_model_yaml
+from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
+from polar.convert.tokenizer_files import gguf_tokenizer_dir, special_strings, write_tokenizer
+
+# the embedding is padded to a multiple of lcm(128, tp): the same shape for TP 1, 2, 4, 8
+VOCAB_MULTIPLE = 128
+
+
+def _architecture(cfg: dict, src) -> tuple[str, object]:
+    archs = cfg.get("architectures") or []
+    if not archs:
+        raise ConvertError(f"{src}/config.json: no 'architectures' entry naming the model class")
+    arch = archs[0]
+    for module in (llama, internlm2):
+        if arch in module.ARCHITECTURES:
+            return arch, module
+    known = sorted(llama.ARCHITECTURES) + sorted(internlm2.ARCHITECTURES)
+    raise ConvertError(f"{src}/config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")
+
+
+def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None, tokenizer: str | None = None,
+            bos: str | None = None, pad: str | None = None, log=print) -> Path:
+    import torch.distributed as dist
+
+    from engine import checkpoint
+    from engine.config import ModelConfig
+    from engine.weights import canonical_shapes, load_canonical
+
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise ConvertError(f"{dst}: exists and is not empty; choose a new directory")
+    ckpt = HFCheckpoint(src, gguf_file)
+    src = ckpt.src
+    cfg = ckpt.config
+    arch, module = _architecture(cfg, src)
+    fields = module.model_config(cfg, src)
+    hf_model = ModelConfig(**fields)
+    shapes = canonical_shapes(hf_model)
+    if module is internlm2:
+        tensors = internlm2.to_canonical(ckpt, shapes, hf_model.num_attention_heads, hf_model.num_query_groups)
+    else:
+        tensors = llama.to_canonical(ckpt, shapes)
+
+    with tempfile.TemporaryDirectory() as work:
+        work = Path(work)
+        if tokenizer:
+            tok_dir = Path(tokenizer)
+        elif ckpt.gguf_file:
+            tok_dir = gguf_tokenizer_dir(src, ckpt.gguf_file, work / "gguf_tokenizer")
+        else:
+            tok_dir = src
+        if not (tok_dir / "tokenizer.json").is_file():
+            raise ConvertError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR holding the model's tokenizer.json")
+        bos, pad = special_strings(tok_dir, cfg, bos, pad)
+        reward = {}
+        if "reward_token_id" in cfg:  # InternLM2ForRewardModel: the token its reward is read at
+            from tokenizers import Tokenizer
+
+            text = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).id_to_token(cfg["reward_token_id"])
+            if text is None:
+                raise ConvertError(f"{src}/config.json: reward_token_id={cfg['reward_token_id']} is not in "
+                                   f"{tok_dir}/tokenizer.json; pass the tokenizer the model was trained with")
+            reward["reward_token"] = text
+        tok = write_tokenizer(tok_dir, work / "tokenizer", bos, pad, **reward)
+        vocab = max(hf_model.vocab_size, tok.vocab_size)
+        if vocab > hf_model.vocab_size:
+            emb = tensors["embedding"]
+            mean = emb.float().mean(0, keepdim=True).to(emb.dtype)
+            tensors["embedding"] = torch.cat([emb, mean.expand(vocab - emb.shape[0], -1)])
+            log(f"tokenizer grew to {vocab} tokens (the reward tokens were added): "
+                f"{vocab - hf_model.vocab_size} new embedding row(s) set to the mean embedding")
+        if tensors["value_head"] is None:
+            tensors["value_head"] = torch.zeros(1, hf_model.hidden_size, dtype=tensors["embedding"].dtype)
+            log("no value head in the checkpoint: a zero-initialised one was added")
+        model = dataclasses.replace(hf_model, vocab_size=vocab, make_vocab_size_divisible_by=VOCAB_MULTIPLE)
+
+        chunks, rt = build(model, tp, pp)
+        load_canonical(chunks, tensors, model)
+        del tensors
+        checkpoint.save(str(dst), 0, chunks, None, {"step": 0, "converted_from": str(src), "architecture": arch})
+        if rt.rank == 0:
+            write_model_yaml(dst / MODEL_YAML, model)
+            shutil.copytree(work / "tokenizer", dst / "tokenizer")
+        dist.barrier()
+    log(f"wrote {dst} ({arch}, {model.num_layers} layers, hidden {model.hidden_size}, vocab {model.vocab_size}; "
+        f"reward tokens {tok.reward_sep_text!r}={tok.reward_sep_id}, {tok.reward_token_text!r}={tok.reward_token_id})")
+    return dst
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="polar convert hf-to-engine",
+                                 description="a transformers checkpoint (safetensors or GGUF) -> an engine checkpoint")
+    ap.add_argument("src", help="checkpoint directory (config.json + safetensors), or a .gguf file")
+    ap.add_argument("dst", help="new engine checkpoint directory")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size to convert at (under torchrun)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size to convert at (under torchrun)")
+    ap.add_argument("--gguf-file", default=None, help="the GGUF file inside SRC")
+    ap.add_argument("--tokenizer", default=None, help="directory with tokenizer.json (default: SRC)")
+    ap.add_argument("--bos", default=None, help="BOS token string (default: from the tokenizer config)")
+    ap.add_argument("--pad", default=None, help="pad token string (default: pad, else EOS, of the tokenizer config)")
+    args = ap.parse_args(argv)
+    try:
+        convert(args.src, args.dst, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
+                bos=args.bos, pad=args.pad)
+    except ConvertError as e:
+        print(f"polar convert hf-to-engine: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""Llama, Mistral and Qwen2 checkpoints (causal LM or one-label sequence classification).
+
+Qwen2 is Llama with biases on the q, k and v projections (never on o_proj). A sequence
+classification checkpoint's `score` ([1, hidden], no bias) is the value head; a causal LM gets a
+zero value head (POLAR: a new value head starts at zero) and its LM head is dropped.
+"""
+from __future__ import annotations
+
+import torch
+
+from polar.convert.common import Reader, check_head_dim, require, rope_settings, rope_to_hf
+from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
+
+ARCHITECTURES = {
+    "LlamaForCausalLM": "llama", "LlamaForSequenceClassification": "llama",
+    "MistralForCausalLM": "mistral", "MistralForSequenceClassification": "mistral",
+    "Qwen2ForCausalLM": "qwen2", "Qwen2ForSequenceClassification": "qwen2",
+}
+
+
+def model_config(cfg: dict, src) -> dict:
+    arch = cfg["architectures"][0]
+    family = ARCHITECTURES[arch]
+    check_head_dim(cfg, src)
+    if cfg.get("attention_bias"):
+        raise ConvertError(f"{src}/config.json: attention_bias=true (biases on q/k/v AND o_proj) is not supported; "
+                           "the engine supports q/k/v biases only (Qwen2)")
+    if cfg.get("mlp_bias"):
+        raise ConvertError(f"{src}/config.json: mlp_bias=true is not supported (the MLP has no biases)")
+    if family == "mistral" and cfg.get("sliding_window") is not None:
+        raise ConvertError(f"{src}/config.json: sliding-window attention (sliding_window={cfg['sliding_window']}) "
+                           "is not supported; the engine attends over the whole input")
+    if family == "qwen2" and cfg.get("use_sliding_window"):
+        raise ConvertError(f"{src}/config.json: use_sliding_window=true is not supported; the engine attends "
+                           "over the whole input")
+    heads = require(cfg, "num_attention_heads", src)
+    return {
+        "num_layers": require(cfg, "num_hidden_layers", src),
+        "hidden_size": require(cfg, "hidden_size", src),
+        "num_attention_heads": heads,
+        "num_query_groups": cfg.get("num_key_value_heads") or heads,
+        "ffn_hidden_size": require(cfg, "intermediate_size", src),
+        "vocab_size": require(cfg, "vocab_size", src),
+        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 16384)),
+        "add_qkv_bias": family == "qwen2",
+        **rope_settings(cfg, src),
+    }
+
+
+def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
+    """HF tensors -> canonical tensors (engine.weights); value_head is None for a causal LM."""
+    r = Reader(ckpt, ignore=("rotary_emb.inv_freq",))
+    out = {"embedding": r.take("model.embed_tokens.weight", shapes["embedding"])}
+    names = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+             "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias",
+             "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+             "mlp_norm": "post_attention_layernorm.weight", "gate": "mlp.gate_proj.weight",
+             "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
+    for key, shape in shapes.items():
+        if key.startswith("layers."):
+            _, i, part = key.split(".", 2)
+            out[key] = r.take(f"model.layers.{i}.{names[part]}", shape)
+    out["final_norm"] = r.take("model.norm.weight", shapes["final_norm"])
+    out["value_head"] = r.take("score.weight", shapes["value_head"]) if r.has("score.weight") else None
+    r.left.discard("lm_head.weight")  # a reward model reads no logits
+    r.finish("Llama-family")
+    return out
+
+
+def from_canonical(tensors: dict) -> dict[str, torch.Tensor]:
+    """canonical -> the tensors of Llama/Qwen2ForSequenceClassification."""
+    back = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
+            "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias",
+            "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
+            "mlp_norm": "post_attention_layernorm.weight", "gate": "mlp.gate_proj.weight",
+            "up": "mlp.up_proj.weight", "down": "mlp.down_proj.weight"}
+    out = {"model.embed_tokens.weight": tensors["embedding"], "model.norm.weight": tensors["final_norm"],
+           "score.weight": tensors["value_head"]}
+    for key, t in tensors.items():
+        if key.startswith("layers."):
+            _, i, part = key.split(".", 2)
+            out[f"model.layers.{i}.{back[part]}"] = t
+    return out
+
+
+def hf_config(model, pad_token_id: int, bos_token_id: int, eos_token_id: int, dtype: str) -> dict:
+    qwen = model.add_qkv_bias
+    cfg = {
+        "architectures": ["Qwen2ForSequenceClassification" if qwen else "LlamaForSequenceClassification"],
+        "model_type": "qwen2" if qwen else "llama",
+        "hidden_size": model.hidden_size,
+        "intermediate_size": model.ffn_hidden_size,
+        "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_attention_heads,
+        "num_key_value_heads": model.num_query_groups,
+        "head_dim": model.hidden_size // model.num_attention_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": model.norm_epsilon,
+        "rope_theta": model.rotary_base,
+        "rope_scaling": rope_to_hf(model),
+        "max_position_embeddings": model.max_position_embeddings,
+        "vocab_size": model.vocab_size,
+        "tie_word_embeddings": False,
+        "num_labels": 1,
+        "id2label": {"0": "LABEL_0"},
+        "label2id": {"LABEL_0": 0},
+        "pad_token_id": pad_token_id,
+        "bos_token_id": bos_token_id,
+        "eos_token_id": eos_token_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "initializer_range": model.init_method_std,
+        "use_cache": False,
+    }
+    if qwen:
+        cfg.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": model.num_layers})
+    else:
+        cfg.update({"attention_bias": False, "mlp_bias": False})
+    return cfg

@@ -1,0 +1,164 @@
+"""`polar format`: the exact string and ids a reward-model server sees, for each structured input.
+
+    polar format --tokenizer DIR_OR_byte --input FILE.jsonl --output FILE.jsonl
+                 [--max-length 16384 --max-response-length 4096]
+
+Input: one JSON object per line, {"prompt": T, "reference": T, "output": T, "wrapper": "sft"|
+"pretrain"} (T a string or a message list; empty texts allowed: they are scored; wrapper optional,
+default sft; other fields ignored). Output: line i answers input line i, {"text": the string the
+official POLAR client sends, "ids": the server's token ids of it} (polar/client_format.py holds the
+client's rules). Bad lines, blank lines included, are reported as `file:line: field: reason`, all of
+them; then nothing is written and the exit status is 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from typing import Optional
+
+from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
+                                 client_encode_batch)
+from polar.format import WRAPPERS
+from polar.records import RecordError, iter_lines
+
+CHUNK = 4096  # lines per batched tokenizer call
+MAX_REPORTED = 50
+
+
+def _text(obj: dict, key: str):
+    """A str or message list, possibly empty; RecordError fields without the file and line."""
+    if key not in obj:
+        return None, (key, "missing")
+    v = obj[key]
+    if isinstance(v, str):
+        return v, None
+    if isinstance(v, list):
+        for i, m in enumerate(v):
+            if not isinstance(m, dict):
+                return None, (f"{key}[{i}]", f"a message must be an object, got {type(m).__name__}")
+            if not isinstance(m.get("content"), str):
+                return None, (f"{key}[{i}].content",
+                              "missing" if "content" not in m else
+                              f"must be a string, got {type(m['content']).__name__}")
+        return v, None
+    return None, (key, f"must be a string or a list of messages, got {type(v).__name__}")
+
+
+def parse_item(raw: bytes, file: str, line: int) -> ScoringItem:
+    """One input line -> ScoringItem, or RecordError naming file, line and field."""
+    try:
+        s = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecordError(file, line, "(line)", f"invalid UTF-8 at byte {e.start}") from None
+    if not s.strip():
+        raise RecordError(file, line, "(line)", "blank line (output line i answers input line i)")
+    try:
+        obj = json.loads(s)
+    except json.JSONDecodeError as e:
+        raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(obj, dict):
+        raise RecordError(file, line, "(record)", f"must be a JSON object, got {type(obj).__name__}")
+    values = []
+    for key in ("prompt", "reference", "output"):
+        v, bad = _text(obj, key)
+        if bad:
+            raise RecordError(file, line, *bad)
+        values.append(v)
+    wrapper = obj.get("wrapper")
+    if wrapper is None:
+        wrapper = "sft"
+    elif wrapper not in WRAPPERS:
+        raise RecordError(file, line, "wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
+    return ScoringItem(*values, wrapper=wrapper)
+
+
+def _non_negative(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {v}")
+    return v
+
+
+def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
+        max_response_length: int, err=None) -> int:
+    from polar.tokenizer import load_tokenizer
+
+    err = err or sys.stderr
+
+    if not os.path.isfile(input_path):
+        print(f"polar format: --input {input_path}: no such file", file=err)
+        return 2
+    try:
+        tok = load_tokenizer(tokenizer_spec)
+    except (OSError, ValueError) as e:
+        print(f"polar format: --tokenizer {tokenizer_spec}: {e}", file=err)
+        return 2
+    out_dir = os.path.dirname(os.path.abspath(output_path))
+    os.makedirs(out_dir, exist_ok=True)
+    errors, n_bad, n_done = [], 0, 0
+    fd, tmp = tempfile.mkstemp(prefix=".polar_format.", dir=out_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            chunk = []
+
+            def flush():
+                for s in client_encode_batch(tok, chunk, max_length=max_length,
+                                             max_response_length=max_response_length):
+                    out.write(json.dumps({"text": s.text, "ids": s.ids.tolist()},
+                                         ensure_ascii=False) + "\n")
+                chunk.clear()
+
+            for n, raw in iter_lines(input_path):
+                try:
+                    item = parse_item(raw, input_path, n)
+                except RecordError as e:
+                    n_bad += 1
+                    if len(errors) < MAX_REPORTED:
+                        errors.append(str(e))
+                    continue
+                if n_bad:  # the output is dropped anyway: just validate the rest
+                    continue
+                chunk.append(item)
+                n_done += 1
+                if len(chunk) >= CHUNK:
+                    flush()
+            if not n_bad:
+                flush()
+        if n_bad:
+            for line in errors:
+                print(line, file=err)
+            more = f" ({n_bad - len(errors)} more not shown)" if n_bad > len(errors) else ""
+            print(f"polar format: {n_bad} bad line(s){more}; nothing written", file=err)
+            return 1
+        os.replace(tmp, output_path)
+        tmp = None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    print(f"polar format: {n_done} input(s) -> {output_path}", file=err)
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="polar format", description="the exact string the official POLAR client sends and the "
+        "server's token ids, for each {prompt, reference, output, wrapper} line")
+    ap.add_argument("--tokenizer", required=True, help="'byte' or a directory holding tokenizer.json")
+    ap.add_argument("--input", required=True, help="JSONL: one {prompt, reference, output, wrapper} per line")
+    ap.add_argument("--output", required=True, help="JSONL: one {text, ids} per input line")
+    ap.add_argument("--max-length", type=_non_negative, default=CLIENT_MAX_LENGTH,
+                    help=f"the client's max_length (default {CLIENT_MAX_LENGTH})")
+    ap.add_argument("--max-response-length", type=_non_negative, default=CLIENT_MAX_RESPONSE_LENGTH,
+                    help=f"the client's max_response_length (default {CLIENT_MAX_RESPONSE_LENGTH})")
+    a = ap.parse_args(argv)
+    return run(a.tokenizer, a.input, a.output, a.max_length, a.max_response_length)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

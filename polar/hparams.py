@@ -1,0 +1,124 @@
+"""`polar hparams`: learning rate and batch size from the paper's scaling laws (App. D.1.2).
+
+    LR        = 0.0002306 * N^0.01125 * Dp^-0.66587 * Drm^0.33916
+    BatchSize = 31.9032   * N^0.06944 * Drm^0.52997          (sequences)
+
+N: reward-model parameters in millions; Dp: tokens the base model was pre-trained on, Drm: tokens
+of reward-model pre-training, both in billions (the only units that reproduce the paper's chosen
+values). The batch is in RM input sequences (one per candidate: a triplet gives two); the engine's
+`train.global_batch` counts packed sequences, each holding several inputs, so the batch is divided
+by the average number of inputs per packed sequence (`polar data stats` shows the counts of a
+built dataset).
+
+Which Dp and Drm give the paper's values (1.8B: lr 1.4e-5, batch 1940; 7B: 1.67e-5, 4343)? The
+paper does not list them per model. Solving the laws for them with N = 1800 / 7000 gives
+Drm ~ 870B / ~3.33T RM tokens (the paper reports about 0.94T and 3.6T seen) and Dp ~ 2.40T /
+~3.73T base-model tokens for InternLM2.5-1.8B / -7B (assumed here: InternLM2.5's pre-training
+token counts are not published in the paper). `PAPER_SETTINGS` holds these.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from typing import Optional
+
+DEFAULT_SEQ_PER_PACKED = 2.0
+
+# model -> (N millions, Dp billions, Drm billions): solved from the paper's chosen values (docstring)
+PAPER_SETTINGS = {
+    "POLAR-1.8B": (1800.0, 2400.0, 870.0),
+    "POLAR-7B": (7000.0, 3730.0, 3330.0),
+}
+
+
+def learning_rate(n_millions: float, base_tokens_b: float, rm_tokens_b: float) -> float:
+    return 0.0002306 * n_millions ** 0.01125 * base_tokens_b ** -0.66587 * rm_tokens_b ** 0.33916
+
+
+def batch_size(n_millions: float, rm_tokens_b: float) -> float:
+    """Sequences (RM inputs) per optimizer step."""
+    return 31.9032 * n_millions ** 0.06944 * rm_tokens_b ** 0.52997
+
+
+def reward_model_params(model) -> int:
+    """Parameters of a reward model with this engine ModelConfig: embedding, decoder layers
+    (attention with grouped-query K/V, SwiGLU, two RMSNorms, no biases), final norm, value head."""
+    h, heads, groups = model.hidden_size, model.num_attention_heads, model.num_query_groups
+    kv = groups * (h // heads)
+    layer = 2 * h * h + 2 * h * kv + 3 * h * model.ffn_hidden_size + 2 * h
+    return model.vocab_size * h + model.num_layers * layer + h + h
+
+
+def preset_params(name: str) -> tuple[int, str]:
+    """(parameters, config file) of a preset shipped in polar/configs (by name) or a YAML path."""
+    from engine.config import ConfigError, load_config
+    from polar.presets import resolve_config
+    from polar.pretrain_recipe import PretrainConfig
+
+    try:
+        path = resolve_config(name)
+    except ConfigError as e:
+        raise ValueError(f"--preset {name}: {e}") from None
+    cfg = load_config(PretrainConfig, path)
+    if cfg.model.vocab_size <= 0:
+        raise ValueError(f"--preset {name}: {path} sets no model.vocab_size (taken from the "
+                         "tokenizer at run time); give --params-millions instead")
+    return reward_model_params(cfg.model), str(path)
+
+
+def _positive(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s!r}") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {s}")
+    return v
+
+
+def main(argv: Optional[list] = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="polar hparams", description="learning rate and batch size from the POLAR paper's "
+        "scaling laws (App. D.1.2): LR = 0.0002306 N^0.01125 Dp^-0.66587 Drm^0.33916, "
+        "BatchSize = 31.9032 N^0.06944 Drm^0.52997",
+        epilog="paper settings that reproduce its values: " + "; ".join(
+            f"{k}: --params-millions {n:g} --base-tokens-billions {dp:g} --rm-tokens-billions {drm:g}"
+            for k, (n, dp, drm) in PAPER_SETTINGS.items()))
+    size = ap.add_mutually_exclusive_group(required=True)
+    size.add_argument("--params-millions", type=_positive, help="reward-model parameters N, millions")
+    size.add_argument("--preset", help="count N from a preset's model (polar/configs/NAME.yaml, or a YAML path)")
+    ap.add_argument("--base-tokens-billions", type=_positive, required=True,
+                    help="Dp: tokens the base model was pre-trained on, billions")
+    ap.add_argument("--rm-tokens-billions", type=_positive, required=True,
+                    help="Drm: tokens of reward-model pre-training, billions")
+    ap.add_argument("--seq-per-packed", type=_positive, default=DEFAULT_SEQ_PER_PACKED,
+                    help="average RM inputs (one per candidate, two per triplet) per packed "
+                         f"sequence, to express the batch in packed sequences (default "
+                         f"{DEFAULT_SEQ_PER_PACKED:g})")
+    a = ap.parse_args(argv)
+    if a.preset is not None:
+        try:
+            params, where = preset_params(a.preset)
+        except Exception as e:  # a bad YAML is a ConfigError, a missing file a ValueError
+            print(f"polar hparams: {e}", file=sys.stderr)
+            return 2
+        n = params / 1e6
+        source = f"{params:,} parameters counted from {where}"
+    else:
+        n = a.params_millions
+        source = "given"
+    lr = learning_rate(n, a.base_tokens_billions, a.rm_tokens_billions)
+    bs = batch_size(n, a.rm_tokens_billions)
+    packed = max(1, round(bs / a.seq_per_packed))
+    print(f"N   = {n:,.1f}M parameters ({source})")
+    print(f"Dp  = {a.base_tokens_billions:g}B base-model tokens, Drm = {a.rm_tokens_billions:g}B RM tokens")
+    print(f"learning rate = {lr:.4g}")
+    print(f"batch size    = {bs:,.0f} sequences = {packed:,} packed sequences at "
+          f"{a.seq_per_packed:g} sequences per packed sequence")
+    print(f"overrides: train.lr={lr:.4g} train.global_batch={packed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""Preference accuracy with references on ranked data, as the POLAR paper evaluates reward models:
+the metric, engine-free. A scoring function supplies the rewards.
+
+Ranked record (JSONL, one per line; T = a string or a message list, joined by "\\n"):
+
+    {"prompt": T, "category": str, "responses": [{"text": T, "rank": int}, ...], "wrapper": ...}
+    {"prompt": T, "category": str, "responses": [T, T, ...], ...}     # best first: rank = position
+
+Rank 1 is the reference (exactly one response has it); a smaller rank is better; ranks are
+integers >= 1, gaps allowed. `category` is optional ("uncategorized"); `wrapper` is optional (sft
+or pretrain, default sft); other fields are ignored. Every ordered pair of responses below the
+reference counts once: responses i, j (ranks >= 2) with rank_i < rank_j form the pair "i over j",
+and equal ranks form no pair. A pair is correct when r(prompt, reference, i) > r(prompt,
+reference, j), strictly: a tied reward counts as wrong (and is counted in `ties`). A record
+without any pair is an error (it measures nothing).
+
+Each response that is in some pair is scored once, as the structured input (prompt, reference =
+the rank-1 text, output = the response, wrapper) that `score_fn` receives, in record order.
+Accuracy: overall = correct pairs / pairs over all records; per category the same within it;
+`category_mean` = the mean of the category accuracies (each category weighs the same).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from polar.client_format import ScoringItem
+from polar.format import WRAPPERS, Text
+from polar.records import FieldError as _Bad
+from polar.records import iter_lines, parse_jsonl_line
+
+DEFAULT_CATEGORY = "uncategorized"
+
+
+@dataclass
+class RankedRecord:
+    prompt: Text
+    category: str
+    reference: Text
+    responses: list  # texts ranked below the reference
+    ranks: list  # their ranks (>= 2), same order
+    wrapper: str = "sft"
+    file: str = ""
+    line: int = 0
+
+    def pairs(self) -> list[tuple[int, int]]:
+        """(better, worse) indices into `responses`, each ordered pair of distinct ranks once."""
+        r = self.ranks
+        return [(i, j) for i in range(len(r)) for j in range(len(r)) if r[i] < r[j]]
+
+
+
+
+def _text(value, where: str) -> Text:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        for i, m in enumerate(value):
+            if not isinstance(m, dict):
+                raise _Bad(f"{where}[{i}]", f"a message must be an object, got {type(m).__name__}")
+            if not isinstance(m.get("content"), str):
+                raise _Bad(f"{where}[{i}].content", "missing" if "content" not in m else
+                           f"must be a string, got {type(m['content']).__name__}")
+        return value
+    if value is None:
+        raise _Bad(where, "missing")
+    raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _rank(value, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Bad(where, f"must be an integer >= 1, got {value!r:.60}")
+    return value
+
+
+def _parse(obj) -> RankedRecord:
+    if not isinstance(obj, dict):
+        raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")
+    prompt = _text(obj.get("prompt"), "prompt")
+    category = obj.get("category", DEFAULT_CATEGORY)
+    if not isinstance(category, str) or not category:
+        raise _Bad("category", f"must be a non-empty string, got {category!r:.60}")
+    wrapper = obj.get("wrapper") or "sft"
+    if wrapper not in WRAPPERS:
+        raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
+    resp = obj.get("responses")
+    if resp is None:
+        raise _Bad("responses", "missing")
+    if not isinstance(resp, list):
+        raise _Bad("responses", f"must be a list, got {type(resp).__name__}")
+    if len({isinstance(r, dict) for r in resp}) > 1:
+        raise _Bad("responses", "mixes {text, rank} objects and plain texts; use one form")
+    texts, ranks = [], []
+    for i, r in enumerate(resp):
+        where = f"responses[{i}]"
+        if isinstance(r, dict):
+            texts.append(_text(r.get("text"), f"{where}.text"))
+            if "rank" not in r:
+                raise _Bad(f"{where}.rank", "missing (or give the responses as a list of texts, best first)")
+            ranks.append(_rank(r["rank"], f"{where}.rank"))
+        else:
+            texts.append(_text(r, where))
+            ranks.append(i + 1)
+    first = [i for i, k in enumerate(ranks) if k == 1]
+    if len(first) != 1:
+        raise _Bad("responses", f"exactly one response must have rank 1 (the reference), "
+                                f"got {len(first)}")
+    below = [i for i in range(len(ranks)) if i != first[0]]
+    rec = RankedRecord(prompt, category, texts[first[0]], [texts[i] for i in below],
+                       [ranks[i] for i in below], wrapper)
+    if not rec.pairs():
+        raise _Bad("responses", f"no pair to compare: below the reference the ranks are "
+                                f"{sorted(rec.ranks)} (need two different ranks)")
+    return rec
+
+
+def parse_ranked_line(raw: bytes, file: str, line: int) -> Optional[RankedRecord]:
+    """One JSONL line -> RankedRecord, None for a blank line; RecordError naming file:line: field."""
+    rec = parse_jsonl_line(raw, file, line, _parse)
+    if rec is not None:
+        rec.file, rec.line = file, line
+    return rec
+
+
+def read_ranked(path: str) -> list[RankedRecord]:
+    """Every record of a ranked JSONL file; RecordError at the first bad line."""
+    out = []
+    for n, raw in iter_lines(path):
+        rec = parse_ranked_line(raw, path, n)
+        if rec is not None:
+            out.append(rec)
+    return out
+
+
+def scoring_items(records: Sequence[RankedRecord]) -> tuple[list[ScoringItem], list[list[int]]]:
+    """The inputs to score (each response in a pair, once) and, per record, each response's index
+    into them (-1 for a response in no pair)."""
+    items, index = [], []
+    for rec in records:
+        needed = {k for p in rec.pairs() for k in p}
+        idx = []
+        for k, text in enumerate(rec.responses):
+            if k in needed:
+                idx.append(len(items))
+                items.append(ScoringItem(rec.prompt, rec.reference, text, rec.wrapper))
+            else:
+                idx.append(-1)
+        index.append(idx)
+    return items, index
+
+
+def _summary(correct: int, ties: int, pairs: int, records: int) -> dict:
+    return {"accuracy": correct / pairs if pairs else float("nan"), "correct": correct,
+            "pairs": pairs, "ties": ties, "records": records}
+
+
+def evaluate_ranked(records: Sequence[RankedRecord],
+                    score_fn: Callable[[list], Sequence[float]]) -> dict:
+    """Accuracy overall and per category. `score_fn(items)` returns one reward per ScoringItem."""
+    items, index = scoring_items(records)
+    rewards = np.asarray(score_fn(items) if items else [], dtype=np.float64).reshape(-1)
+    if rewards.shape[0] != len(items):
+        raise ValueError(f"score_fn returned {rewards.shape[0]} rewards for {len(items)} inputs")
+    if not np.isfinite(rewards).all():
+        bad = int(np.flatnonzero(~np.isfinite(rewards))[0])
+        raise ValueError(f"score_fn returned a non-finite reward ({rewards[bad]}) for input {bad}")
+    per_cat: dict = {}
+    total = [0, 0, 0, 0]  # correct, ties, pairs, records
+    for rec, idx in zip(records, index):
+        c = per_cat.setdefault(rec.category, [0, 0, 0, 0])
+        for i, j in rec.pairs():
+            better, worse = rewards[idx[i]], rewards[idx[j]]
+            for acc in (c, total):
+                acc[0] += int(better > worse)
+                acc[1] += int(better == worse)
+                acc[2] += 1
+        c[3] += 1
+        total[3] += 1
+    categories = {k: _summary(*v) for k, v in sorted(per_cat.items())}
+    accs = [v["accuracy"] for v in categories.values()]
+    return {"overall": _summary(*total),
+            "category_mean": float(np.mean(accs)) if accs else float("nan"),
+            "categories": categories, "scored_inputs": len(items)}
+
+
+def format_table(result: dict) -> str:
+    """The result as a text table: one row per category, then the overall and mean rows."""
+    rows = [(k, v) for k, v in result["categories"].items()] + [("overall", result["overall"])]
+    width = max([len("category")] + [len(k) for k, _ in rows] + [len("category mean")])
+    lines = [f"{'category':<{width}}  {'accuracy':>8}  {'pairs':>7}  {'correct':>7}  "
+             f"{'ties':>5}  {'records':>7}"]
+    for k, v in rows:
+        if k == "overall":
+            lines.append("-" * len(lines[0]))
+        lines.append(f"{k:<{width}}  {v['accuracy']:>8.2%}  {v['pairs']:>7}  {v['correct']:>7}  "
+                     f"{v['ties']:>5}  {v['records']:>7}")
+    lines.append(f"{'category mean':<{width}}  {result['category_mean']:>8.2%}")
+    return "\n".join(lines)
+
+
+def write_result(result: dict, path: str) -> None:
+    """The result as JSON (NaN accuracies of empty sets written as null)."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        return x
+
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(clean(result), f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def evaluate_file(path: str, score_fn: Callable[[list], Sequence[float]],
+                  json_path: Optional[str] = None, out=None) -> dict:
+    """Read a ranked JSONL file, score it, print the table (to `out`, default stdout) and write
+    the JSON (when `json_path` is given): what `polar eval` does once given a scoring function."""
+    import sys
+
+    result = evaluate_ranked(read_ranked(path), score_fn)
+    print(format_table(result), file=out or sys.stdout)
+    if json_path:
+        write_result(result, json_path)
+    return result

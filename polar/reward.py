@@ -1,0 +1,278 @@
+"""POLAR rewards from Python: a client of `polar serve`, the glue RL trainers call, and an
+in-process scorer.
+
+    RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After), large
+                                       batches split into chunks (sent concurrently by the async one,
+                                       so the server batches them together)
+    compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
+    reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
+    InProcessScorer                    the model beside the trainer, same batching, no HTTP
+
+An item is {"prompt", "reference", "output", "wrapper" (optional, "sft" by default)}, each text a
+string or a list of {"role", "content"} messages (paper Sec. 3: the reward compares the output
+with the reference trajectory for the same prompt).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from typing import Optional, Sequence
+
+import httpx
+
+URL_ENV = "POLAR_REWARD_URL"
+API_KEY_ENV = "POLAR_REWARD_API_KEY"
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+class RewardServerError(RuntimeError):
+    def __init__(self, status: int, message: str):
+        super().__init__(f"reward server answered {status}: {message}")
+        self.status = status
+
+
+def _message(resp: httpx.Response) -> str:
+    try:
+        return resp.json()["error"]["message"]
+    except Exception:
+        return resp.text[:500]
+
+
+def _chunks(seq: Sequence, n: int) -> list:
+    return [seq[i:i + n] for i in range(0, len(seq), n)]
+
+
+def _items_body(items: Sequence[dict], model: Optional[str]) -> dict:
+    entries = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise TypeError(f"item {i} must be a dict with prompt, reference and output, got {type(it).__name__}")
+        entries.append({k: it[k] for k in ("prompt", "reference", "output", "wrapper") if k in it})
+    body = {"items": entries}
+    if model:
+        body["model"] = model
+    return body
+
+
+class _Base:
+    def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
+                 max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
+                 model: Optional[str] = None):
+        base_url = base_url or os.environ.get(URL_ENV)
+        if not base_url:
+            raise ValueError(f"no reward server URL: pass base_url or set {URL_ENV}")
+        if "://" not in base_url:
+            base_url = "http://" + base_url
+        self.base_url = base_url.rstrip("/")
+        api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.chunk_size = chunk_size
+        self.model = model
+
+    def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
+        if resp is not None and resp.status_code == 429:
+            try:
+                return min(float(resp.headers.get("retry-after", "")), self.max_backoff_s)
+            except ValueError:
+                pass
+        # Exponential backoff with jitter, so retrying clients do not arrive in step.
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+
+    def _check(self, resp: httpx.Response, attempt: int) -> bool:
+        """True: the answer is usable; False: retry; raises when retrying cannot help."""
+        if resp.status_code == 200:
+            return True
+        if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
+            return False
+        raise RewardServerError(resp.status_code, _message(resp))
+
+    @staticmethod
+    def _rewards(payload: dict) -> list[float]:
+        return [d["reward"] for d in payload["data"]]
+
+
+class RewardClient(_Base):
+    """Blocking client. `score(items)` -> one float per item, in order."""
+
+    def __init__(self, base_url: Optional[str] = None, **kw):
+        super().__init__(base_url, **kw)
+        self._http = httpx.Client(timeout=self.timeout_s, headers=self.headers)
+
+    def _post(self, path: str, body: dict) -> dict:
+        for attempt in range(self.max_retries + 1):
+            resp = None
+            try:
+                resp = self._http.post(self.base_url + path, json=body)
+                if self._check(resp, attempt):
+                    return resp.json()
+            except httpx.TransportError:
+                if attempt == self.max_retries:
+                    raise
+            time.sleep(self._delay(attempt, resp))
+        raise AssertionError("unreachable")
+
+    def score(self, items: Sequence[dict]) -> list[float]:
+        out: list[float] = []
+        for chunk in _chunks(list(items), self.chunk_size):
+            out += self._rewards(self._post("/v1/rewards", _items_body(chunk, self.model)))
+        return out
+
+    def health(self) -> dict:
+        return self._http.get(self.base_url + "/health").json()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class AsyncRewardClient(_Base):
+    """asyncio client; the chunks of one call are in flight together."""
+
+    def __init__(self, base_url: Optional[str] = None, **kw):
+        super().__init__(base_url, **kw)
+        self._http = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
+
+    async def _post(self, path: str, body: dict) -> dict:
+        for attempt in range(self.max_retries + 1):
+            resp = None
+            try:
+                resp = await self._http.post(self.base_url + path, json=body)
+                if self._check(resp, attempt):
+                    return resp.json()
+            except httpx.TransportError:
+                if attempt == self.max_retries:
+                    raise
+            await asyncio.sleep(self._delay(attempt, resp))
+        raise AssertionError("unreachable")
+
+    async def score(self, items: Sequence[dict]) -> list[float]:
+        parts = await asyncio.gather(*(self._post("/v1/rewards", _items_body(c, self.model))
+                                       for c in _chunks(list(items), self.chunk_size)))
+        return [r for p in parts for r in self._rewards(p)]
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+# ---- trainer glue --------------------------------------------------------------------------------
+
+def strip_thinking(text: str) -> str:
+    """The answer after a reasoning model's thinking: the text after the last `</think>`."""
+    i = text.rfind("</think>")
+    return text[i + len("</think>"):].lstrip() if i >= 0 else text
+
+
+def _prompt_of(extra_info, i: int):
+    if not isinstance(extra_info, dict) or "prompt" not in extra_info:
+        raise ValueError(f"extra_infos[{i}] has no 'prompt': POLAR compares each response with the reference "
+                         "for the same prompt (put the prompt messages in extra_info['prompt'])")
+    prompt = extra_info["prompt"]
+    if hasattr(prompt, "tolist"):  # verl hands numpy object arrays of messages
+        prompt = prompt.tolist()
+    if isinstance(prompt, (list, tuple)):
+        return [dict(m) for m in prompt]
+    return prompt
+
+
+_clients: dict = {}
+
+
+def _client_for(url: Optional[str], **kw) -> RewardClient:
+    key = (url or os.environ.get(URL_ENV), tuple(sorted(kw.items())))
+    if key not in _clients:
+        _clients[key] = RewardClient(url, **kw)
+    return _clients[key]
+
+
+def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, *, url: Optional[str] = None,
+                        wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None, **client_kw) -> list[float]:
+    """verl's batch reward function (reward_model.reward_manager=batch): one reward per response.
+
+    The response is the text after `</think>`, the ground truth is the reference trajectory, and the
+    prompt comes from extra_info["prompt"] (messages, joined by "\\n" as POLAR's format does). The
+    server is `url` (or $POLAR_REWARD_URL); `scorer` scores in-process instead."""
+    n = len(solution_strs)
+    if not (len(ground_truths) == n and len(extra_infos) == n):
+        raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
+    items = []
+    for i, (sol, ref, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
+        if hasattr(ref, "tolist"):
+            ref = ref.tolist()
+        items.append({"prompt": _prompt_of(info, i), "reference": ref, "output": strip_thinking(sol),
+                      "wrapper": wrapper})
+    if scorer is not None:
+        return scorer.score(items)
+    return _client_for(url, **client_kw).score(items)
+
+
+def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):
+    """OpenRLHF's custom reward function (--remote_rm_url reward.py defining it): the response is the
+    query after its prompt, the label the reference. Returns OpenRLHF's dict of tensors."""
+    import torch
+
+    items = []
+    for i, (q, p, lab) in enumerate(zip(queries, prompts, labels)):
+        if not q.startswith(p):
+            raise ValueError(f"queries[{i}] does not start with prompts[{i}]")
+        items.append({"prompt": p, "reference": lab, "output": q[len(p):]})
+    r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
+    return {"rewards": r, "scores": r, "extra_logs": {}}
+
+
+# ---- in-process ----------------------------------------------------------------------------------
+
+class InProcessScorer:
+    """The reward model in this process, with the server's batching and shared prefixes: calls
+    from several threads are batched together. `score(items)` -> floats; `score_texts(texts)` for
+    strings already in POLAR's serving format."""
+
+    def __init__(self, scorer, tokenizer, *, max_length: int = 16384, max_response: int = 4096, **batcher_kw):
+        from polar.serve.batcher import Batcher
+
+        self.scorer = scorer
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.max_response = max_response
+        batcher_kw.setdefault("pack_rows", getattr(scorer, "attention_backend", "torch") == "triton")
+        self.batcher = Batcher(scorer.score, tokenizer.pad_id, **batcher_kw).start()
+
+    @classmethod
+    def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
+        from engine.inference import RewardScorer, tokenizer_spec
+        from polar.tokenizer import load_tokenizer
+
+        scorer = RewardScorer.load(checkpoint)
+        return cls(scorer, load_tokenizer(tokenizer or tokenizer_spec(scorer.info)), **kw)
+
+    def score(self, items: Sequence[dict]) -> list[float]:
+        from polar.serve.items import StructuredItem, format_structured
+
+        structured = [StructuredItem(it["prompt"], it["reference"], it["output"], it.get("wrapper", "sft"))
+                      for it in items]
+        ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response)]
+        return [float(x) for x in self.batcher.score_sync(ids)]
+
+    def score_texts(self, texts: Sequence[str]) -> list[float]:
+        from polar.serve.items import tokenize_served_text
+
+        return [float(x) for x in self.batcher.score_sync(tokenize_served_text(self.tokenizer, list(texts)))]
+
+    def close(self) -> None:
+        self.batcher.close()

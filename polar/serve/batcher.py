@@ -1,0 +1,260 @@
+"""Cross-request batching: every request's items wait in one bounded queue, at most `max_wait_s`;
+a worker thread takes what is there, groups items sharing an id prefix (grouping.py, across
+requests too), packs the groups into rows (engine.packing.plan_sequences) and runs token-budgeted
+forward passes. Each request gets back exactly its own rewards, in its own order.
+
+The model runs in this one worker thread, so the event loop serving HTTP never blocks on it, and
+requests that were cancelled (timed out, client gone) before their round started are skipped.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+from engine.packing import collate, plan_sequences
+from polar.serve.grouping import ServeGroup, group_items
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after_s: int, pending: int):
+        super().__init__(f"the server's queue is full ({pending} items waiting); retry after {retry_after_s} s")
+        self.retry_after_s = retry_after_s
+
+
+class Closed(Exception):
+    pass
+
+
+@dataclass
+class _Job:
+    ids: list
+    future: concurrent.futures.Future
+    enqueued: float
+    tokens: int
+
+
+@dataclass
+class RoundStats:
+    items: int = 0
+    tokens: int = 0  # each item counted alone
+    computed: int = 0  # shared prefixes counted once
+    padded: int = 0  # rows x row length over all forward passes
+    forwards: int = 0
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def plan_forwards(groups: list[ServeGroup], row_tokens: int, max_batch_tokens: int,
+                  pack_rows: bool = True) -> list[list[list[ServeGroup]]]:
+    """Groups -> forward passes, each a list of rows (lists of whole groups). A row holds at most
+    max(row_tokens, its longest group) tokens, or one group when not `pack_rows`; a forward holds
+    rows x padded row length <= max_batch_tokens tokens (at least one row)."""
+    if not groups:
+        return []
+    if pack_rows:
+        lengths = np.array([len(g) for g in groups], dtype=np.int64)
+        row_len = max(row_tokens, int(lengths.max()))
+        rows = [[groups[i] for i in idx] for idx in plan_sequences(lengths, row_len, "best_fit")]
+    else:
+        rows = [[g] for g in groups]
+    fills = [sum(len(g) for g in r) for r in rows]
+    order = sorted(range(len(rows)), key=lambda i: -fills[i])
+    forwards, current, width = [], [], 0
+    for i in order:
+        # Rows come longest first: the first row of a forward sets its padded length.
+        w = width or fills[i]
+        if current and (len(current) + 1) * w > max_batch_tokens:
+            forwards.append(current)
+            current, w = [], fills[i]
+        current.append(rows[i])
+        width = w
+    forwards.append(current)
+    return forwards
+
+
+class Batcher:
+    def __init__(self, score: Callable, pad_id: int, *, max_wait_s: float = 0.01, max_batch_tokens: int = 16384,
+                 row_tokens: int = 4096, max_queue_items: int = 4096, share_prefixes: bool = True,
+                 pack_rows: bool = True, pad_multiple: int = 16, metrics=None):
+        """`pack_rows`: several groups per packed row. Worth it with a kernel that skips masked
+        tiles (Triton); the torch reference attention computes a dense L x L mask per row, so one
+        group per row costs less there."""
+        self.score_fn = score
+        self.pad_id = pad_id
+        self.max_wait_s = max_wait_s
+        self.max_batch_tokens = max_batch_tokens
+        self.row_tokens = row_tokens
+        self.max_queue_items = max_queue_items
+        self.share_prefixes = share_prefixes
+        self.pack_rows = pack_rows
+        self.pad_multiple = pad_multiple
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._pending: deque[_Job] = deque()
+        self._pending_items = 0
+        self._pending_tokens = 0
+        self._closing = False
+        self._thread: Optional[threading.Thread] = None
+        self._tokens_per_s = 0.0  # recent throughput, for Retry-After
+        self.last_round = RoundStats()
+        self.totals = RoundStats()
+
+    # ---- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> "Batcher":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="polar-serve-batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        """Finish every queued request, then stop the worker."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._closing
+
+    @property
+    def queued_items(self) -> int:
+        return self._pending_items
+
+    # ---- submitting ----------------------------------------------------------------------------
+    def submit(self, ids: list) -> concurrent.futures.Future:
+        """Queue one request's items (int32 id arrays, each non-empty); the future gets their fp32
+        rewards. Raises QueueFull when the queue cannot take them, Closed after close()."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if not ids:
+            fut.set_result(np.zeros(0, dtype=np.float32))
+            return fut
+        tokens = int(sum(len(a) for a in ids))
+        with self._cond:
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if self._pending_items and self._pending_items + len(ids) > self.max_queue_items:
+                rate = self._tokens_per_s or 1000.0
+                if self.metrics:
+                    self.metrics.rejected.inc()
+                raise QueueFull(max(1, math.ceil(self._pending_tokens / rate)), self._pending_items)
+            self._pending.append(_Job(list(ids), fut, time.monotonic(), tokens))
+            self._pending_items += len(ids)
+            self._pending_tokens += tokens
+            if self.metrics:
+                self.metrics.queue_items.set(self._pending_items)
+            self._cond.notify_all()
+        return fut
+
+    async def score(self, ids: list) -> np.ndarray:
+        return await asyncio.wrap_future(self.submit(ids))
+
+    def score_sync(self, ids: list, timeout: Optional[float] = None) -> np.ndarray:
+        return self.submit(ids).result(timeout)
+
+    # ---- the worker ----------------------------------------------------------------------------
+    def _take(self) -> Optional[list[_Job]]:
+        with self._cond:
+            while not self._pending and not self._closing:
+                self._cond.wait()
+            if not self._pending:
+                return None  # closing, nothing left
+            deadline = self._pending[0].enqueued + self.max_wait_s
+            while (not self._closing and self._pending_tokens < self.max_batch_tokens
+                   and (now := time.monotonic()) < deadline):
+                self._cond.wait(deadline - now)
+            # Whole requests, up to a few forward passes' worth of tokens (shared prefixes shrink it).
+            jobs, tokens = [], 0
+            while self._pending and (not jobs or tokens + self._pending[0].tokens <= 4 * self.max_batch_tokens):
+                job = self._pending.popleft()
+                jobs.append(job)
+                tokens += job.tokens
+                self._pending_items -= len(job.ids)
+                self._pending_tokens -= job.tokens
+            if self.metrics:
+                self.metrics.queue_items.set(self._pending_items)
+        return jobs
+
+    def _run(self) -> None:
+        while True:
+            jobs = self._take()
+            if jobs is None:
+                return
+            # A cancelled future (request timed out or client gone) is not scored.
+            jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
+            if not jobs:
+                continue
+            start = time.monotonic()
+            try:
+                results = self._score_round(jobs, start)
+            except BaseException as e:  # the requests learn of it; the worker lives on
+                for j in jobs:
+                    j.future.set_exception(e)
+                continue
+            for j, r in zip(jobs, results):
+                j.future.set_result(r)
+
+    def _score_round(self, jobs: list[_Job], start: float) -> list[np.ndarray]:
+        flat = [a for j in jobs for a in j.ids]
+        if self.share_prefixes:
+            groups = group_items(flat, self.row_tokens)
+        else:
+            groups = [ServeGroup(prefix=a[:-1], candidates=[a[-1:]], items=[i]) for i, a in enumerate(flat)]
+        rewards = np.empty(len(flat), dtype=np.float32)
+        stats = RoundStats(items=len(flat), tokens=int(sum(len(a) for a in flat)))
+        for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens, self.pack_rows):
+            fills = [sum(len(g) for g in r) for r in rows]
+            width = _round_up(max(fills), self.pad_multiple)
+            batch = collate(rows, width, self.pad_id)
+            t0 = time.monotonic()
+            out = self.score_fn(batch)
+            if self.metrics:
+                self.metrics.forward.observe(time.monotonic() - t0)
+                self.metrics.batch_items.observe(len(out))
+                self.metrics.batch_tokens.observe(len(rows) * width)
+            # collate numbers candidates row by row, group by group, candidate by candidate.
+            where = [i for r in rows for g in r for i in g.items]
+            rewards[where] = out
+            stats.computed += int(sum(fills))
+            stats.padded += len(rows) * width
+            stats.forwards += 1
+        elapsed = time.monotonic() - start
+        if elapsed > 0:
+            self._tokens_per_s = stats.tokens / elapsed
+        self.last_round = stats
+        for k in ("items", "tokens", "computed", "padded", "forwards"):
+            setattr(self.totals, k, getattr(self.totals, k) + getattr(stats, k))
+        if self.metrics:
+            m = self.metrics
+            m.items.inc(stats.items)
+            m.tokens.inc(stats.tokens)
+            m.computed_tokens.inc(stats.computed)
+            m.prefix_saved.inc(stats.tokens - stats.computed)
+            m.batch_requests.observe(len(jobs))
+            for j in jobs:
+                m.queue_wait.observe(start - j.enqueued)
+        out, k = [], 0
+        for j in jobs:
+            out.append(rewards[k:k + len(j.ids)])
+            k += len(j.ids)
+        return out
+
+
+def score_each_alone(score: Callable, ids: list, pad_id: int) -> np.ndarray:
+    """Each item as its own one-row batch, no sharing: the reference the batched rewards must equal."""
+    out = np.empty(len(ids), dtype=np.float32)
+    for k, a in enumerate(ids):
+        g = ServeGroup(prefix=a[:-1], candidates=[a[-1:]], items=[0])
+        out[k] = score(collate([[g]], len(a), pad_id))[0]
+    return out

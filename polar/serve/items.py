@@ -1,0 +1,49 @@
+"""Request items -> token ids: every use of POLAR's input format by the server goes through here.
+
+Two kinds of item reach the server:
+- structured (native /v1/rewards, OpenRLHF /get_reward): prompt, reference, output and wrapper,
+  turned into exactly the string the official POLAR client sends and the ids a server gives it
+  (polar/client_format.py: the client's truncation, BOS counting, special-token literals in the
+  texts removed, the sft "\n" before an empty response);
+- already formatted text (SGLang /classify, vLLM /pooling), as POLAR's reward client sends it:
+  the whole string with the literal reward tokens, tokenized as the serving engines do (BOS in
+  front, the literals read as their special tokens: `Tokenizer.encode_served_batch`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+
+from polar.client_format import ScoringItem, client_encode_batch
+from polar.tokenizer import Tokenizer
+
+Text = Union[str, Sequence[dict]]
+
+
+@dataclass
+class StructuredItem:
+    prompt: Text
+    reference: Text
+    output: Text
+    wrapper: str = "sft"
+
+
+def format_structured(tokenizer: Tokenizer, items: Sequence[StructuredItem], max_length: int,
+                      max_response: int) -> list[tuple[str, np.ndarray]]:
+    """Per item: (the client's serving string, the ids the model scores: BOS first, the reward
+    token last), exactly as the official client and a server would produce them."""
+    if not items:
+        return []
+    served = client_encode_batch(tokenizer, [ScoringItem(it.prompt, it.reference, it.output, it.wrapper)
+                                             for it in items],
+                                 max_length=max_length, max_response_length=max_response)
+    return [(s.text, s.ids) for s in served]
+
+
+def tokenize_served_text(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """Already formatted strings -> ids with BOS in front, as the serving engines tokenize them.
+    The reward is read at the last token, whatever it is (as SGLang and vLLM do): POLAR's client
+    ends every string with the literal reward token."""
+    return tokenizer.encode_served_batch(list(texts))

@@ -1,0 +1,153 @@
+"""`polar serve`: a reward server for RL trainers (see polar/serve/app.py for the endpoints).
+
+    polar serve --checkpoint runs/default --port 8000
+    torchrun --nproc_per_node 2 -m polar.serve --checkpoint RUN --tp 2     # tensor parallel, rank 0 serves HTTP
+
+Requests wait at most --max-wait-ms for others to batch with; items sharing a prefix (n rollouts
+of one prompt against one reference, within and across requests) compute it once.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import sys
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="polar serve", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="engine checkpoint: a run directory, its checkpoints/ directory or one step_N directory")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--tokenizer", default=None,
+                    help="'byte' or a directory holding tokenizer.json (default: the one the run trained with)")
+    ap.add_argument("--model-name", default="polar", help="the name answers report")
+    ap.add_argument("--max-wait-ms", type=float, default=10.0, help="longest a request waits for others to batch with")
+    ap.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    ap.add_argument("--row-tokens", type=int, default=4096,
+                    help="packed row length, and the most tokens one shared-prefix group may hold "
+                         "(a longer item gets a row of its own)")
+    ap.add_argument("--pack-rows", choices=("auto", "on", "off"), default="auto",
+                    help="several groups per packed row (auto: on with the triton attention kernel, off with "
+                         "the torch reference, whose dense mask costs row_length^2)")
+    ap.add_argument("--max-queue", type=int, default=8192, help="items waiting before requests get 429")
+    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    ap.add_argument("--max-items", type=int, default=4096, help="items per request")
+    ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit; 504 after it")
+    ap.add_argument("--api-key-env", default=None,
+                    help="name of an environment variable holding a bearer token every request must carry")
+    ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
+    ap.add_argument("--max-response", type=int, default=4096, help="POLAR truncation of reference and output")
+    ap.add_argument("--max-item-tokens", type=int, default=0,
+                    help="longest already-formatted text accepted, in tokens (default: max-length + 1)")
+    ap.add_argument("--pooling-format", choices=("vllm", "lmdeploy"), default="vllm",
+                    help="the answer of POST /pooling (both are always at /vllm/pooling and /lmdeploy/pooling)")
+    ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
+    ap.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
+                    help="tensor-parallel size (= the torchrun processes)")
+    ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    ap.add_argument("--graceful-timeout-s", type=float, default=60.0,
+                    help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
+    return ap.parse_args(argv)
+
+
+def build_service(args, scorer):
+    from polar.serve.app import ServeSettings, Service
+    from polar.serve.batcher import Batcher
+    from polar.serve.metrics import Metrics
+    from engine.inference import tokenizer_spec
+    from polar.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec(scorer.info))
+    if tokenizer.vocab_size > scorer.model_config.vocab_size:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
+                         f"{scorer.model_config.vocab_size}: wrong --tokenizer?")
+    api_key = None
+    if args.api_key_env:
+        api_key = os.environ.get(args.api_key_env)
+        if not api_key:
+            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    metrics = Metrics()
+    batcher = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=args.max_wait_ms / 1000,
+                      max_batch_tokens=args.max_batch_tokens, row_tokens=args.row_tokens,
+                      max_queue_items=args.max_queue, share_prefixes=not args.no_share_prefixes,
+                      pack_rows=args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton"),
+                      metrics=metrics)
+    settings = ServeSettings(model_name=args.model_name, max_body_bytes=args.max_body_bytes,
+                             max_items=args.max_items, timeout_s=args.timeout_s, api_key=api_key,
+                             max_length=args.max_length, max_response=args.max_response,
+                             max_item_tokens=args.max_item_tokens or args.max_length + 1,
+                             pooling_format=args.pooling_format)
+    return Service(tokenizer, batcher, settings, metrics)
+
+
+@contextlib.contextmanager
+def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
+    """The app on uvicorn in a background thread (a trainer's own process, tests, benchmarks);
+    port 0 picks a free one. Yields the base URL; on exit shuts down gracefully."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from polar.serve.app import create_app
+
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="polar-serve-http", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + start_timeout_s
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            server.should_exit = True
+            raise RuntimeError(f"polar serve: the HTTP server did not start on {host}:{port}")
+        time.sleep(0.01)
+    bound = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://{host}:{bound}"
+    finally:
+        server.should_exit = True
+        thread.join(start_timeout_s)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from engine.inference import RewardScorer
+
+    try:
+        scorer = RewardScorer.load(args.checkpoint, tp=args.tp, attention_backend=args.attention_backend)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"polar serve: {e}", file=sys.stderr)
+        return 2
+    if not scorer.is_leader:
+        scorer.follow()  # until rank 0 shuts down
+        scorer.close()
+        return 0
+    try:
+        service = build_service(args, scorer)
+    except ValueError as e:
+        print(f"polar serve: {e}", file=sys.stderr)
+        scorer.stop_followers()
+        return 2
+
+    import uvicorn
+
+    from polar.serve.app import create_app
+
+    app = create_app(service, on_shutdown=scorer.stop_followers)
+    print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp}) on http://{args.host}:{args.port}",
+          flush=True)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers
+    # it found: no-op ones let this process close the runtime (TP ranks meet at its barrier) and exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.graceful_timeout_s)
+    scorer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+"""Request bodies -> items, or a RequestError whose message says what is wrong and where.
+
+Shapes, as the existing clients send them:
+    SGLang   POST /classify   {"model": str, "text": [str, ...] | str}
+    vLLM     POST /pooling    {"input": [str, ...] | str, "model": str (optional)}
+    OpenRLHF POST /get_reward {"query": [str], "prompts": [str], "labels": [str | {"reference": ...}]}
+    native   POST /v1/rewards {"items": [{"prompt", "reference", "output" | "outputs", "wrapper"}]}
+where a text (prompt, reference, output) is a str or a list of {"role", "content"} messages.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from polar.serve.items import StructuredItem
+
+WRAPPERS = ("sft", "pretrain")
+
+
+class RequestError(Exception):
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def parse_json(body: bytes) -> dict:
+    if not body.strip():
+        raise RequestError("the request body is empty; expected a JSON object")
+    try:
+        value = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise RequestError(f"the request body must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _type(v) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _str_list(body: dict, key: str, allow_str: bool = True, required: bool = True) -> list:
+    if key not in body:
+        if required:
+            raise RequestError(f"missing field {key!r}")
+        return None
+    v = body[key]
+    if allow_str and isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise RequestError(f"field {key!r} must be an array of strings{' or a string' if allow_str else ''}, "
+                           f"got {_type(v)}")
+    for i, s in enumerate(v):
+        if not isinstance(s, str):
+            raise RequestError(f"{key}[{i}] must be a string, got {_type(s)}")
+    return v
+
+
+def _check_count(n: int, max_items: int, what: str) -> None:
+    if n == 0:
+        raise RequestError(f"empty batch: {what} holds no items")
+    if n > max_items:
+        raise RequestError(f"{n} items in one request, more than this server's limit of {max_items} "
+                           "(--max-items); split the batch", status=413)
+
+
+def _text(v, where: str):
+    """A str, or a message list (kept as given: polar.format joins the contents)."""
+    if isinstance(v, str):
+        return v
+    if isinstance(v, list):
+        for i, m in enumerate(v):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+                raise RequestError(f"{where}[{i}] must be an object with a string 'content', got {_type(m)}")
+        return v
+    raise RequestError(f"{where} must be a string or an array of messages, got {_type(v)}")
+
+
+def _optional_model(body: dict) -> None:
+    if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
+        raise RequestError(f"field 'model' must be a string, got {_type(body['model'])}")
+
+
+def classify(body: dict, max_items: int) -> list[str]:
+    _optional_model(body)
+    key = "text" if "text" in body or "input" not in body else "input"
+    texts = _str_list(body, key)
+    _check_count(len(texts), max_items, f"field {key!r}")
+    return texts
+
+
+def pooling(body: dict, max_items: int) -> list[str]:
+    _optional_model(body)
+    texts = _str_list(body, "input")
+    _check_count(len(texts), max_items, "field 'input'")
+    return texts
+
+
+def _wrapper(v, where: str) -> str:
+    if v is None:
+        return "sft"
+    if v not in WRAPPERS:
+        raise RequestError(f"{where} must be one of {', '.join(WRAPPERS)}, got {v!r}")
+    return v
+
+
+def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
+    """OpenRLHF's remote reward call: query[i] = prompts[i] + response; labels[i] carries the
+    reference (a string, or an object with "reference" and optionally "wrapper")."""
+    queries = _str_list(body, "query", allow_str=False)
+    _check_count(len(queries), max_items, "field 'query'")
+    prompts = _str_list(body, "prompts", allow_str=False, required=False)
+    if prompts is None:
+        raise RequestError("missing field 'prompts': POLAR scores the response against the reference "
+                           "for the same prompt, so each query's prompt is needed")
+    labels = body.get("labels")
+    if labels is None:
+        raise RequestError("missing field 'labels': each label carries the reference trajectory")
+    if not isinstance(labels, list):
+        raise RequestError(f"field 'labels' must be an array, got {_type(labels)}")
+    if not (len(prompts) == len(labels) == len(queries)):
+        raise RequestError(f"{len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must match")
+    items = []
+    for i, (q, p, lab) in enumerate(zip(queries, prompts, labels)):
+        if not q.startswith(p):
+            raise RequestError(f"query[{i}] does not start with prompts[{i}]: the response is the query "
+                               "after its prompt")
+        wrapper = "sft"
+        if isinstance(lab, dict):
+            if "reference" not in lab:
+                raise RequestError(f"labels[{i}] is an object without a 'reference'")
+            wrapper = _wrapper(lab.get("wrapper"), f"labels[{i}].wrapper")
+            ref = _text(lab["reference"], f"labels[{i}].reference")
+        else:
+            ref = _text(lab, f"labels[{i}]")
+        items.append(StructuredItem(prompt=p, reference=ref, output=q[len(p):], wrapper=wrapper))
+    return items
+
+
+@dataclass
+class NativeRequest:
+    items: list  # StructuredItem, flattened over every entry's outputs
+    counts: list  # outputs per entry
+    single: list  # whether entry i gave "output" (one) rather than "outputs"
+
+
+def native(body: dict, max_items: int) -> NativeRequest:
+    _optional_model(body)
+    entries = body.get("items")
+    if entries is None:
+        raise RequestError("missing field 'items'")
+    if not isinstance(entries, list):
+        raise RequestError(f"field 'items' must be an array, got {_type(entries)}")
+    if not entries:
+        raise RequestError("empty batch: field 'items' holds no items")
+    flat, counts, single = [], [], []
+    for i, e in enumerate(entries):
+        where = f"items[{i}]"
+        if not isinstance(e, dict):
+            raise RequestError(f"{where} must be an object, got {_type(e)}")
+        for key in ("prompt", "reference"):
+            if key not in e:
+                raise RequestError(f"{where}: missing field {key!r}")
+        unknown = sorted(set(e) - {"prompt", "reference", "output", "outputs", "wrapper"})
+        if unknown:
+            raise RequestError(f"{where}: unknown field {unknown[0]!r}")
+        prompt = _text(e["prompt"], f"{where}.prompt")
+        reference = _text(e["reference"], f"{where}.reference")
+        wrapper = _wrapper(e.get("wrapper"), f"{where}.wrapper")
+        if ("output" in e) == ("outputs" in e):
+            raise RequestError(f"{where}: give exactly one of 'output' (one rollout) or 'outputs' (a list)")
+        if "output" in e:
+            outs = [_text(e["output"], f"{where}.output")]
+        else:
+            if not isinstance(e["outputs"], list) or not e["outputs"]:
+                raise RequestError(f"{where}.outputs must be a non-empty array")
+            outs = [_text(o, f"{where}.outputs[{k}]") for k, o in enumerate(e["outputs"])]
+        flat += [StructuredItem(prompt, reference, o, wrapper) for o in outs]
+        counts.append(len(outs))
+        single.append("output" in e)
+    _check_count(len(flat), max_items, "the request")
+    return NativeRequest(flat, counts, single)

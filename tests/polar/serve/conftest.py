@@ -1,0 +1,72 @@
+"""Shared fixtures: one small real reward model (an engine checkpoint written by the engine), the
+scorer loaded from it, "each item alone" rewards, and a live server on loopback."""
+import contextlib
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))
+sys.path.insert(0, ROOT)
+
+PY = sys.executable
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory):
+    run = tmp_path_factory.mktemp("serve_run")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    subprocess.run([PY, "-m", "tests.polar.serve.make_checkpoint", str(run)], cwd=ROOT, env=env, check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=600)
+    return str(run)
+
+
+@pytest.fixture(scope="session")
+def scorer(checkpoint_dir):
+    warnings.filterwarnings("ignore")
+    from engine.inference import RewardScorer
+
+    return RewardScorer.load(checkpoint_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from polar.tokenizer import ByteTokenizer
+
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def alone(scorer, tokenizer):
+    """ids -> the reward of that one item scored as its own sequence (no batching, no sharing)."""
+    from engine.packing import collate
+    from polar.serve.grouping import ServeGroup
+
+    def score(ids_list):
+        out = []
+        for ids in ids_list:
+            g = ServeGroup(prefix=ids[:-1], candidates=[ids[-1:]], items=[0])
+            out.append(scorer.score(collate([[g]], len(ids), tokenizer.pad_id))[0])
+        return np.array(out, dtype=np.float32)
+
+    return score
+
+
+@contextlib.contextmanager
+def live_server(scorer, tokenizer, *, batcher_kw=None, **settings):
+    """The app on uvicorn in a thread, on a free loopback port; yields (base_url, service)."""
+    from polar.serve.app import ServeSettings, Service
+    from polar.serve.batcher import Batcher
+    from polar.serve.metrics import Metrics
+    from polar.serve.server import serve_in_thread
+
+    metrics = Metrics()
+    kw = dict(max_wait_s=0.005, max_batch_tokens=4096, row_tokens=1024)
+    kw.update(batcher_kw or {})
+    batcher = Batcher(scorer.score, tokenizer.pad_id, metrics=metrics, **kw)
+    service = Service(tokenizer, batcher, ServeSettings(**settings), metrics)
+    with serve_in_thread(service) as url:
+        yield url, service

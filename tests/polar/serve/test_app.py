@@ -1,0 +1,214 @@
+"""Real clients against the live server on loopback: POLAR's reward client's requests to /classify
+and /pooling (sglang, vllm, lmdeploy), OpenRLHF's /get_reward, the native /v1/rewards, verl's
+compute_score_batch through polar.reward; rewards equal each item scored alone (fp32, 1e-5)."""
+import asyncio
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from polar import reward
+from polar.serve.items import StructuredItem, format_structured
+
+from .conftest import live_server
+from .items_gen import make_items
+
+
+@pytest.fixture(scope="module")
+def server(scorer, tokenizer):
+    with live_server(scorer, tokenizer, max_items=64, max_body_bytes=200_000) as s:
+        yield s
+
+
+def _formatted(tokenizer, items):
+    structured = [StructuredItem(it["prompt"], it["reference"], it["output"], it["wrapper"]) for it in items]
+    return format_structured(tokenizer, structured, 16384, 4096)
+
+
+@pytest.fixture(scope="module")
+def batch(tokenizer, alone):
+    items = make_items(21, groups=3, rollouts=4)
+    texts, ids = zip(*_formatted(tokenizer, items))
+    return items, list(texts), alone(list(ids))
+
+
+# ---- the requests POLAR's RewardModelClient sends, read the way it reads them -----------------
+
+def test_sglang_classify(server, batch):
+    url, _ = server
+    _, texts, expected = batch
+    res = httpx.post(f"{url}/classify", json={"model": "internlm/POLAR-7B", "text": texts}, timeout=60)
+    rewards = [e["embedding"][0] for e in res.json()]
+    np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-5)
+
+
+def test_vllm_pooling(server, batch):
+    url, _ = server
+    _, texts, expected = batch
+    res = httpx.post(f"{url}/pooling", json={"input": texts}, timeout=60)
+    rewards = [e["data"][-1][0] for e in res.json()["data"]]
+    np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["/lmdeploy/pooling", "/pooling?format=lmdeploy"])
+def test_lmdeploy_pooling(server, batch, path):
+    url, _ = server
+    _, texts, expected = batch
+    res = httpx.post(f"{url}{path}", json={"input": texts}, timeout=60)
+    rewards = [e["data"] for e in res.json()["data"]]
+    np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-5)
+
+
+def test_openrlhf_get_reward(server, batch, _alone_items):
+    url, _ = server
+    items, _, _ = batch
+    sft = [it for it in items if it["wrapper"] == "sft" and isinstance(it["prompt"], str)]
+    body = {"query": [it["prompt"] + it["output"] for it in sft], "prompts": [it["prompt"] for it in sft],
+            "labels": [it["reference"] for it in sft]}
+    res = httpx.post(f"{url}/get_reward", json=body, timeout=60).json()
+    assert res["rewards"] == res["scores"] and res["extra_logs"] == {}
+    np.testing.assert_allclose(res["rewards"], _alone_items(sft), rtol=0, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def _alone_items(tokenizer, alone):
+    return lambda items: alone([ids for _, ids in _formatted(tokenizer, items)])
+
+
+def test_native_groups_of_outputs(server, batch, _alone_items):
+    url, _ = server
+    items, _, expected = batch
+    body = {"items": [{"prompt": it["prompt"], "reference": it["reference"], "wrapper": it["wrapper"],
+                       "outputs": [it["output"], "", it["output"] + " more"]} for it in items[:4]]}
+    res = httpx.post(f"{url}/v1/rewards", json=body, timeout=60).json()
+    flat = [dict(it, output=o) for it in items[:4] for o in (it["output"], "", it["output"] + " more")]
+    got = [r for d in res["data"] for r in d["rewards"]]
+    np.testing.assert_allclose(got, _alone_items(flat), rtol=0, atol=1e-5)
+    assert res["usage"]["items"] == 12
+
+
+def test_concurrent_clients_get_their_own_answers(server, tokenizer, _alone_items):
+    url, service = server
+    requests = [make_items(100 + i, groups=2, rollouts=3) for i in range(8)]
+    expected = [_alone_items(r) for r in requests]
+
+    async def run():
+        async with reward.AsyncRewardClient(url, chunk_size=4) as client:
+            return await asyncio.gather(*(client.score(r) for r in requests))
+
+    before = service.batcher.totals.tokens - service.batcher.totals.computed
+    got = asyncio.run(run())
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+    assert service.batcher.totals.tokens - service.batcher.totals.computed > before  # prefixes shared
+
+
+def test_verl_compute_score_batch_through_the_client(server, _alone_items):
+    url, _ = server
+    items = make_items(7, groups=2, rollouts=3)
+    prompts = [it["prompt"] if isinstance(it["prompt"], list) else [{"role": "user", "content": it["prompt"]}]
+               for it in items]
+    solutions = [f"<think>scratch {i}</think>  " + it["output"] for i, it in enumerate(items)]
+    got = reward.compute_score_batch(["polar"] * len(items), solutions, [it["reference"] for it in items],
+                                     [{"prompt": p} for p in prompts], url=url, wrapper="sft")
+    expected = _alone_items([dict(it, prompt=p, wrapper="sft", output=it["output"].lstrip())
+                             for it, p in zip(items, prompts)])
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+
+
+def test_openrlhf_reward_func(server, _alone_items):
+    url, _ = server
+    out = reward.reward_func(["Q: hi A: yes", "Q: hi A: "], ["Q: hi A:", "Q: hi A:"], ["yes", "yes"], url=url)
+    expected = _alone_items([{"prompt": "Q: hi A:", "reference": "yes", "output": o, "wrapper": "sft"}
+                             for o in (" yes", " ")])
+    np.testing.assert_allclose(out["rewards"].numpy(), expected, rtol=0, atol=1e-5)
+
+
+# ---- bad input: a 4xx that says what is wrong, and the server keeps serving ---------------------
+
+@pytest.mark.parametrize("path,body,status,words", [
+    ("/classify", b"{not json", 400, "not valid JSON"),
+    ("/classify", b"", 400, "empty"),
+    ("/classify", b"[1, 2]", 400, "JSON object"),
+    ("/classify", {"model": "m"}, 400, "missing field 'text'"),
+    ("/classify", {"text": [1]}, 400, "text[0] must be a string"),
+    ("/classify", {"text": []}, 400, "empty batch"),
+    ("/classify", {"text": ["a"] * 65}, 413, "--max-items"),
+    ("/pooling", {"input": {"a": 1}}, 400, "array of strings"),
+    ("/pooling?format=xml", {"input": ["a"]}, 400, "format must be one of"),
+    ("/get_reward", {"query": ["ab"], "labels": ["r"]}, 400, "missing field 'prompts'"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["x"], "labels": ["r"]}, 400, "does not start with"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["a", "b"], "labels": ["r"]}, 400, "must match"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r"}]}, 400, "exactly one of 'output'"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": 3, "output": "o"}]}, 400, "items[0].reference"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o", "wrapper": "chat"}]}, 400, "wrapper"),
+    ("/v1/rewards", {"items": [{"prompt": [{"role": "user"}], "reference": "r", "output": "o"}]}, 400, "content"),
+    ("/v1/rewards", {"items": []}, 400, "empty batch"),
+    ("/classify", {"text": ["x" * 250_000]}, 413, "--max-body-bytes"),
+])
+def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
+    url, _ = server
+    kw = {"content": body} if isinstance(body, bytes) else {"json": body}
+    res = httpx.post(f"{url}{path}", timeout=30, **kw)
+    assert res.status_code == status, res.text
+    assert words in res.json()["error"]["message"]
+    assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_metrics_report_traffic(server, batch):
+    url, _ = server
+    httpx.post(f"{url}/classify", json={"text": batch[1][:4]}, timeout=60)
+    text = httpx.get(f"{url}/metrics").text
+    for name in ("polar_serve_requests_total", "polar_serve_items_total", "polar_serve_prefix_tokens_saved_total",
+                 "polar_serve_batch_items_bucket", "polar_serve_queue_items", "polar_serve_request_seconds_bucket"):
+        assert name in text
+    assert 'polar_serve_requests_total{endpoint="classify",status="200"}' in text
+
+
+# ---- limits: queue, timeout, auth ------------------------------------------------------------
+
+def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
+    with live_server(scorer, tokenizer, batcher_kw=dict(max_wait_s=1.5, max_queue_items=4)) as (url, service):
+        texts = ["<|reward|>a[UNUSED_TOKEN_130]"] * 3
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts},
+                                                                           timeout=60)))
+        t.start()
+        deadline = time.monotonic() + 20
+        while service.batcher.queued_items == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        busy = httpx.post(f"{url}/classify", json={"text": texts}, timeout=60)
+        assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
+        assert "queue is full" in busy.json()["error"]["message"]
+        t.join(60)
+        assert first["r"].status_code == 200 and len(first["r"].json()) == 3
+        # polar.reward retries a 429 after Retry-After and gets the answer
+        client = reward.RewardClient(url, backoff_s=0.05)
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts},
+                                                                           timeout=60)))
+        t.start()
+        while service.batcher.queued_items == 0 and time.monotonic() < deadline + 20:
+            time.sleep(0.01)
+        got = client.score([{"prompt": "p", "reference": "r", "output": str(i)} for i in range(3)])
+        assert len(got) == 3
+        t.join(60)
+
+
+def test_request_timeout_is_504_and_the_server_lives_on(scorer, tokenizer):
+    with live_server(scorer, tokenizer, timeout_s=0.2, batcher_kw=dict(max_wait_s=1.0)) as (url, _):
+        res = httpx.post(f"{url}/classify", json={"text": ["a"]}, timeout=30)
+        assert res.status_code == 504 and "--timeout-s" in res.json()["error"]["message"]
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def test_bearer_auth(scorer, tokenizer):
+    with live_server(scorer, tokenizer, api_key="s3cret") as (url, _):
+        assert httpx.post(f"{url}/classify", json={"text": ["a"]}).status_code == 401
+        bad = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401
+        ok = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer s3cret"})
+        assert ok.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
+        assert reward.RewardClient(url, api_key="s3cret").score([{"prompt": "p", "reference": "r", "output": "o"}])

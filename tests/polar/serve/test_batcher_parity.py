@@ -1,0 +1,75 @@
+"""Rewards through the batcher (cross-request batching, shared prefixes, any grouping and
+concurrency) equal each item scored alone (fp32, 1e-5)."""
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from polar.serve.batcher import Batcher, QueueFull
+from polar.serve.items import StructuredItem, format_structured, tokenize_served_text
+
+from .items_gen import make_items
+
+
+def _ids(tokenizer, items, max_length=16384, max_response=4096):
+    structured = [StructuredItem(it["prompt"], it["reference"], it["output"], it["wrapper"]) for it in items]
+    return [ids for _, ids in format_structured(tokenizer, structured, max_length, max_response)]
+
+
+@pytest.mark.parametrize("share,max_batch_tokens,row_tokens", [(True, 4096, 1024), (True, 300, 256), (False, 2048, 512)])
+def test_concurrent_requests_equal_each_item_alone(scorer, tokenizer, alone, share, max_batch_tokens, row_tokens):
+    requests = [_ids(tokenizer, make_items(seed, groups=3, rollouts=3)) for seed in range(6)]
+    expected = [alone(r) for r in requests]
+    b = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=0.05, max_batch_tokens=max_batch_tokens,
+                row_tokens=row_tokens, share_prefixes=share).start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            got = list(pool.map(b.score_sync, requests))
+    finally:
+        b.close()
+    for g, e in zip(got, expected):
+        np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+    if share:
+        assert b.totals.computed < b.totals.tokens  # prefixes were shared
+    else:
+        assert b.totals.computed == b.totals.tokens
+
+
+def test_served_text_tokenizes_to_the_formatted_ids(tokenizer):
+    structured = [StructuredItem(it["prompt"], it["reference"], it["output"], it["wrapper"]) for it in make_items(3)]
+    for text, ids in format_structured(tokenizer, structured, 16384, 4096):
+        np.testing.assert_array_equal(tokenize_served_text(tokenizer, [text])[0], ids)
+
+
+def test_long_items_are_truncated_by_the_format_rules(scorer, tokenizer, alone):
+    items = make_items(5, groups=2, rollouts=3, long=400)
+    ids = _ids(tokenizer, items, max_length=256, max_response=64)
+    assert max(len(a) for a in ids) <= 257 and max(len(a) for a in ids) > 200
+    b = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=0, row_tokens=512).start()
+    try:
+        np.testing.assert_allclose(b.score_sync(ids), alone(ids), rtol=0, atol=1e-5)
+    finally:
+        b.close()
+
+
+def test_full_queue_refuses_with_a_retry_hint(scorer, tokenizer):
+    b = Batcher(scorer.score, tokenizer.pad_id, max_queue_items=3)  # not started: nothing drains the queue
+    first = b.submit([np.array([256, 1, 259], dtype=np.int32)] * 2)
+    with pytest.raises(QueueFull) as e:
+        b.submit([np.array([256, 2, 259], dtype=np.int32)] * 2)
+    assert e.value.retry_after_s >= 1
+    b.start()
+    assert len(first.result(60)) == 2
+    b.close()
+
+
+def test_cancelled_request_is_skipped_and_others_are_served(scorer, tokenizer, alone):
+    b = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=0.2)
+    ids = [np.array([256, 7, 8, 259], dtype=np.int32)]
+    gone = b.submit(ids)
+    kept = b.submit(ids)
+    assert gone.cancel()
+    b.start()
+    np.testing.assert_allclose(kept.result(60), alone(ids), atol=1e-5)
+    b.close()
+    assert b.totals.items == 1

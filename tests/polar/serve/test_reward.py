@@ -1,0 +1,53 @@
+"""polar.reward without a server (beside the serve tests, whose model fixtures it uses): the
+in-process scorer (parity with each item alone, calls from several threads), verl's glue
+in-process, and the text handling of the trainer glue."""
+import concurrent.futures
+
+import numpy as np
+import pytest
+
+from polar import reward
+from polar.serve.items import StructuredItem, format_structured
+
+from .items_gen import make_items
+
+
+
+def test_strip_thinking():
+    assert reward.strip_thinking("<think>a</think>b</think>\n answer") == "answer"
+    assert reward.strip_thinking("no thinking here ") == "no thinking here "
+
+
+def test_verl_items_need_the_prompt():
+    with pytest.raises(ValueError, match=r"extra_infos\[1\] has no 'prompt'"):
+        reward.compute_score_batch(["d"] * 2, ["a", "b"], ["r", "r"], [{"prompt": "p"}, {}], url="http://127.0.0.1:9")
+
+
+def test_client_needs_a_url(monkeypatch):
+    monkeypatch.delenv(reward.URL_ENV, raising=False)
+    with pytest.raises(ValueError, match=reward.URL_ENV):
+        reward.RewardClient()
+
+
+def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
+    requests = [make_items(50 + i, groups=2, rollouts=3) for i in range(4)]
+    expected = [alone([ids for _, ids in format_structured(tokenizer, [StructuredItem(**it) for it in r], 16384, 4096)])
+                for r in requests]
+    s = reward.InProcessScorer(scorer, tokenizer, max_wait_s=0.05)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(s.score, requests))
+        for g, e in zip(got, expected):
+            np.testing.assert_allclose(g, e, rtol=0, atol=1e-5)
+        # verl's batch function, scored in-process
+        items = requests[0]
+        prompts = [it["prompt"] for it in items]
+        v = reward.compute_score_batch(["x"] * len(items), ["<think>hm</think>" + it["output"] for it in items],
+                                       [it["reference"] for it in items], [{"prompt": p} for p in prompts],
+                                       wrapper="sft", scorer=s)
+        want = alone([ids for _, ids in format_structured(
+            tokenizer, [StructuredItem(it["prompt"], it["reference"], it["output"].lstrip(), "sft") for it in items],
+            16384, 4096)])
+        np.testing.assert_allclose(v, want, rtol=0, atol=1e-5)
+    finally:
+        s.close()

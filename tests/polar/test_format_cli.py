@@ -1,0 +1,86 @@
+import json
+
+import pytest
+
+from polar import cli
+from polar.client_format import client_encode
+from polar.format_cli import main
+from polar.tokenizer import ByteTokenizer
+
+from .test_tokenizer import train_bpe
+
+ITEMS = [
+    {"prompt": "Why?", "reference": "Because.", "output": "No idea.", "wrapper": "sft"},
+    {"prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "日本😀"}],
+     "reference": [{"role": "assistant", "content": "hello <|reward|>"}], "output": "",
+     "wrapper": "pretrain", "id": 7},
+    {"prompt": "", "reference": "", "output": "[UNUSED_TOKEN_130]x"},
+]
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return str(path)
+
+
+def test_each_line_gets_the_client_string_and_ids(tmp_path):
+    inp = write_lines(tmp_path / "in.jsonl", [json.dumps(x, ensure_ascii=False) for x in ITEMS])
+    out = tmp_path / "out" / "o.jsonl"
+    assert cli.main(["format", "--tokenizer", "byte", "--input", inp, "--output", str(out),
+                     "--max-length", "40", "--max-response-length", "6"]) == 0
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == len(ITEMS)
+    for item, row in zip(ITEMS, rows):
+        want = client_encode(ByteTokenizer(), item["prompt"], item["reference"], item["output"],
+                             item.get("wrapper", "sft"), max_length=40, max_response_length=6)
+        assert row == {"text": want.text, "ids": want.ids.tolist()}
+    assert rows[2]["text"] == "\n<|reward|>\nx[UNUSED_TOKEN_130]"
+
+
+def test_hf_tokenizer_directory(tmp_path):
+    d = train_bpe(tmp_path / "bpe")
+    inp = write_lines(tmp_path / "in.jsonl", [json.dumps(x) for x in ITEMS])
+    out = tmp_path / "o.jsonl"
+    assert main(["--tokenizer", d, "--input", inp, "--output", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert rows[0]["text"] == "Why?\nBecause.<|reward|>Why?\nNo idea.[UNUSED_TOKEN_130]"
+    assert len(rows) == 3 and all(isinstance(i, int) for r in rows for i in r["ids"])
+
+
+def test_bad_lines_are_all_reported_and_nothing_is_written(tmp_path, capsys):
+    lines = [json.dumps(ITEMS[0]),
+             json.dumps({"prompt": "p", "reference": "r"}),
+             "{not json",
+             "",
+             json.dumps({"prompt": "p", "reference": 3, "output": "o"}),
+             json.dumps({"prompt": [{"role": "u"}], "reference": "r", "output": "o"}),
+             json.dumps({"prompt": "p", "reference": "r", "output": "o", "wrapper": "chat"}),
+             json.dumps(["a list"])]
+    inp = write_lines(tmp_path / "bad.jsonl", lines)
+    out = tmp_path / "o.jsonl"
+    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    for expected in [f"{inp}:2: output: missing", f"{inp}:3: (line): not valid JSON",
+                     f"{inp}:4: (line): blank line", f"{inp}:5: reference: must be a string",
+                     f"{inp}:6: prompt[0].content: missing", f"{inp}:7: wrapper: must be one of",
+                     f"{inp}:8: (record): must be a JSON object", "7 bad line(s)"]:
+        assert expected in err
+    assert f"{inp}:1:" not in err
+    assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.jsonl"]
+
+
+def test_invalid_utf8_line(tmp_path, capsys):
+    p = tmp_path / "in.jsonl"
+    p.write_bytes(b'{"prompt": "\xff", "reference": "r", "output": "o"}\n')
+    assert main(["--tokenizer", "byte", "--input", str(p), "--output", str(tmp_path / "o")]) == 1
+    assert f"{p}:1: (line): invalid UTF-8" in capsys.readouterr().err
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--tokenizer", "byte", "--input", "x", "--output", "y", "--max-length", "-1"])
+    assert main(["--tokenizer", "byte", "--input", str(tmp_path / "nope"), "--output", "y"]) == 2
+    p = write_lines(tmp_path / "in.jsonl", [json.dumps(ITEMS[0])])
+    assert main(["--tokenizer", str(tmp_path / "no_tok"), "--input", p, "--output",
+                 str(tmp_path / "o")]) == 2
+    assert "no_tok" in capsys.readouterr().err
