@@ -112,9 +112,13 @@ def existing_path_or_empty(where, v):
 existing_path_or_empty.rule = "empty, or an existing path"
 
 
-def setting(default, check, **kw):
-    """A dataclass field with its start-up check (see `validate`)."""
-    return field(default=default, metadata={"check": check}, **kw)
+def setting(default, check, false_means=None, **kw):
+    """A dataclass field with its start-up check (see `validate`). `false_means`: the string a YAML
+    `false` stands for (YAML 1.1 reads a bare `off` or `no` as false, so `train.fp8=off` arrives as it)."""
+    metadata = {"check": check}
+    if false_means is not None:
+        metadata["false_means"] = false_means
+    return field(default=default, metadata=metadata, **kw)
 
 
 @dataclass
@@ -141,6 +145,10 @@ class ModelConfig:
     # the embedding table is padded to a multiple of lcm(this, parallel.tp) rows (megatron splits
     # it evenly over TP); padded rows stay zero and no token id reaches them
     make_vocab_size_divisible_by: int = setting(1, at_least(1))
+    # the backbone's linear layers and norms: local (megatron's own modules; runs everywhere) |
+    # transformer_engine (TE modules; a CUDA GPU with transformer_engine installed). Never chosen
+    # silently: TE is used only when asked for here
+    transformer_impl: str = setting("local", one_of("local", "transformer_engine"))
 
 
 @dataclass
@@ -155,6 +163,10 @@ class ParallelConfig:
     # sequence over the TP ranks (needs tp > 1 and data.seq_length divisible by tp)
     sequence_parallel: bool = setting(False, boolean)
     distributed_optimizer: bool = setting(True, boolean)
+    # megatron DDP: reduce(-scatter) gradient buckets while the backward still runs, and all-gather
+    # updated parameter shards (distributed optimizer) while the next forward runs; same results
+    overlap_grad_reduce: bool = setting(False, boolean)
+    overlap_param_gather: bool = setting(False, boolean)
 
 
 @dataclass
@@ -193,6 +205,14 @@ class TrainConfig:
     # a step whose loss or gradients are not finite is skipped (no update) and reported; this many
     # in a row stop the run with where they happened
     max_nonfinite_steps: int = setting(5, at_least(1))
+    # FP8 matrix products in the backbone's linear layers (attention stays in the training dtype):
+    # off | tensorwise | rowwise (current scaling per tensor / per row; local or TE, rowwise local
+    # only) | delayed (TE DelayedScaling) | mxfp8 (TE MXFP8 block scaling, Blackwell). See engine/fp8.py
+    fp8: str = setting("off", one_of("off", "tensorwise", "rowwise", "delayed", "mxfp8"), false_means="off")
+    # activation recomputation: none | selective (core attention) | full (whole layers, in units of
+    # train.recompute_num_layers)
+    recompute: str = setting("none", one_of("none", "selective", "full"))
+    recompute_num_layers: int = setting(1, at_least(1))  # layers per recomputed unit (recompute=full)
 
 
 @dataclass
@@ -327,8 +347,11 @@ def _build(cls, values: dict, where: str):
             + ", ".join(sorted(names))
         )
     obj = cls()
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for key, value in values.items():
         sub = f"{where}.{key}" if where else key
+        if value is False and "false_means" in meta[key]:
+            value = meta[key]["false_means"]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = _merge(current, value, sub)

@@ -270,4 +270,8 @@ def apply() -> None:
         mod = importlib.import_module(modname)
         if hasattr(mod, "get_cuda_rng_tracker"):
             mod.get_cuda_rng_tracker = tp_random.get_cuda_rng_tracker
+    # activation recomputation (CheckpointFunction) saves and restores the CUDA RNG state around
+    # the recomputed forward; on CPU there is none (the CPU state and the tracker's are restored)
+    tp_random._get_cuda_rng_state = lambda *a, **k: torch.empty(0, dtype=torch.uint8)
+    tp_random._set_cuda_rng_state = _noop
     _APPLIED = True

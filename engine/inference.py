@@ -137,7 +137,8 @@ class RewardScorer:
     def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
         from engine.model.reward_model import RewardModel
-        from engine.model.spec import layer_spec, transformer_engine_available
+        from engine.fp8 import check_backbone
+        from engine.model.spec import layer_spec
         from engine.parallelize import check_kernels, resolve_dtype, transformer_config
         from engine.runtime import validate_layout, world_size_from_env
 
@@ -156,7 +157,7 @@ class RewardScorer:
         rt = _runtime(par, seed)
         check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
         config = transformer_config(model, par, train, rt)
-        spec = layer_spec(rt.is_cuda and transformer_engine_available(), model.rotary_base, attention_backend)
+        spec = layer_spec(check_backbone(model, rt.is_cuda), model.rotary_base, attention_backend)
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
         chunk = RewardModel(config, spec, vocab_size=model.vocab_size,
                             max_sequence_length=model.max_position_embeddings,

@@ -31,8 +31,14 @@ def transformer_config(model: ModelConfig, par: ParallelConfig, train: TrainConf
                        initialize: bool = True):
     from megatron.core.transformer import TransformerConfig
 
+    from engine.fp8 import te_fp8_settings
+    from engine.recompute import recompute_settings
+
     dtype = resolve_dtype(train, rt)
+    use_te = model.transformer_impl == "transformer_engine"
     return TransformerConfig(
+        **te_fp8_settings(train, use_te),
+        **recompute_settings(train),
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -137,14 +143,16 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     random initialisation of megatron's layers, for a caller that loads every weight next."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from engine.fp8 import check_backbone, check_fp8, device_capability
     from engine.model.reward_model import RewardModel
-    from engine.model.spec import layer_spec, transformer_engine_available
+    from engine.model.spec import layer_spec
 
     check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
+    use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
+    check_fp8(model, par, train, use_te, device_capability(rt.device))
     config = transformer_config(model, par, train, rt, initialize)
-    use_te = rt.is_cuda and transformer_engine_available()
     spec = layer_spec(use_te, model.rotary_base, train.attention_backend, model.rope_scaling,
-                      model.rope_scaling_factor, model.max_position_embeddings)
+                      model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8)
     chunks = []
     for vp_stage in range(par.vpp or 1):
         vp = vp_stage if par.vpp else None
@@ -167,7 +175,8 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=par.overlap_grad_reduce,
+        overlap_param_gather=par.overlap_param_gather,
         use_distributed_optimizer=par.distributed_optimizer,
     )
     wrapped = [

@@ -6,18 +6,75 @@ import time
 
 import torch
 
-# dense bf16 peak per GPU, for the MFU estimate (spec sheet numbers; MFU is an estimate)
+# dense bf16 peak per GPU from the spec sheets: shown beside the measured peak, which MFU uses
 _PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
+PEAK_ENV = "POLAR_PEAK_TFLOPS"  # a number: the peak to use, no measurement
+PEAK_FILE_ENV = "POLAR_PEAK_FILE"  # the measured-peak cache (default ~/.cache/polar/peak_tflops.json)
 
 
-def peak_tflops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
+def spec_sheet_tflops(name: str) -> float | None:
     for key, value in _PEAK_TFLOPS.items():
         if key in name:
             return value
     return None
+
+
+def measure_bf16_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:
+    """The card's attainable dense bf16 rate: median of `reps` timed n^3 GEMMs (CUDA events)
+    after warm-up. Cards of one model differ in clocks, power caps and cooling, so MFU is taken
+    against what this card does, not what its spec sheet says."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    ms = sorted(times)[len(times) // 2]
+    return 2 * n ** 3 / ms / 1e9
+
+
+def resolve_peak(name: str, measure, cache_path: str | None = None) -> float:
+    """$POLAR_PEAK_TFLOPS, else the cached measurement for this card name and torch version,
+    else `measure()` (cached for the next run; written atomically, several ranks may race)."""
+    import json
+    import os
+    from pathlib import Path
+
+    if os.environ.get(PEAK_ENV):
+        try:
+            return float(os.environ[PEAK_ENV])
+        except ValueError:
+            raise ValueError(f"{PEAK_ENV}={os.environ[PEAK_ENV]!r}: expected a number of TFLOP/s") from None
+    path = Path(cache_path or os.environ.get(PEAK_FILE_ENV) or Path.home() / ".cache" / "polar" / "peak_tflops.json")
+    key = f"{name} | torch {torch.__version__}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return float(cache[key])
+    value = float(measure())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({**cache, key: value}, indent=1))
+        tmp.replace(path)
+    except OSError:  # a read-only home: measure again next time
+        pass
+    return value
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The peak MFU is taken against: measured on this card (see resolve_peak). CPU: None (no MFU)."""
+    if device.type != "cuda":
+        return None
+    return resolve_peak(torch.cuda.get_device_name(device), lambda: measure_bf16_tflops(device))
 
 
 def dense_flops_per_token(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> float:

@@ -124,6 +124,12 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig,
             f"(train.global_batch / (dp x train.micro_batch) = {train.global_batch // (dp * train.micro_batch)}) "
             f"to be a multiple of parallel.pp={par.pp}"
         )
+    if par.overlap_param_gather and not par.distributed_optimizer:
+        raise ConfigError("parallel.overlap_param_gather=true needs parallel.distributed_optimizer=true: it "
+                          "overlaps the all-gather of the distributed optimizer's parameter shards")
+    from engine.fp8 import check_start_up
+
+    check_start_up(model, par, train)  # model.transformer_impl and train.fp8 against this machine
     return dp
 
 

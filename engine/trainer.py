@@ -24,7 +24,8 @@ from engine.loss import contrastive_loss
 from engine.optim import build_optimizer
 from engine.packing import collate, next_token_mask
 from engine.parallelize import build_model, count_parameters, resolve_dtype
-from engine.progress import Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops
+from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
+                             spec_sheet_tflops)
 from engine.runtime import Runtime
 
 STATS = 6  # loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
@@ -107,7 +108,17 @@ class Trainer:
             checkpoint.load(step_dir, self.model, None)
             self.log(f"initialised weights from {step_dir}")
 
+    def _finish_param_sync(self) -> None:
+        """With parallel.overlap_param_gather the updated parameter shards are all-gathered by
+        forward pre-hooks of the next forward; a checkpoint or an evaluation needs them now
+        (megatron's own loop does the same: hooks off with a synchronous gather, hooks on)."""
+        for chunk in self.model:
+            if chunk.ddp_config.overlap_param_gather:
+                chunk.disable_forward_pre_hook(param_sync=True)
+                chunk.enable_forward_pre_hook()
+
     def save(self) -> str:
+        self._finish_param_sync()
         state = {
             "step": self.step,
             "loader": self.loader.state_dict(),
@@ -221,11 +232,16 @@ class Trainer:
         self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                                   m.num_attention_heads, m.num_query_groups)
         self._attn_flops = attention_flops_per_pair(m.num_layers, m.hidden_size)
+        peak = peak_tflops(self.rt.device)
         progress = Progress(
             tc.steps, self.step, self.rt.is_main,
             str(self.run_dir / "tensorboard") if lc.tensorboard else None,
-            peak_tflops(self.rt.device), self.rt.world_size,
+            peak, self.rt.world_size,
         )
+        if peak:
+            sheet = spec_sheet_tflops(torch.cuda.get_device_name(self.rt.device))
+            self.log(f"MFU against this card's measured dense bf16 peak: {peak:.0f} TFLOP/s"
+                     + (f" (spec sheet {sheet:.0f})" if sheet else ""))
         self.log(
             f"training {self.num_parameters:,} parameters | layout tp={self.rt.tp} pp={self.rt.pp} "
             f"dp={self.rt.dp} vpp={self.rt.vpp} | {tc.steps} steps of {tc.global_batch} packed sequences "
@@ -308,6 +324,7 @@ class Trainer:
         sequence each: stages exchange fixed-shape activations), padded with empty sequences, as
         megatron's interleaved schedule requires; an empty sequence holds no candidate and adds nothing.
         """
+        self._finish_param_sync()
         mb = 1
         for chunk in self.model:
             chunk.eval()

@@ -1,7 +1,8 @@
 """Layer specs: megatron's GPT layer with the shared-prefix core attention swapped in.
 
 A reward model is a spec swap, not a fork: the linear layers, norms and MLP are megatron's (the
-Transformer Engine ones where TE imports, giving FP8 on Hopper), only `core_attention` is ours.
+Transformer Engine ones when model.transformer_impl asks for them), only `core_attention` is ours,
+and with local FP8 the four linear layers are megatron's with an FP8 matrix product.
 """
 from __future__ import annotations
 
@@ -12,17 +13,9 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from engine.model.shared_prefix_attention import SharedPrefixAttention
 
 
-def transformer_engine_available() -> bool:
-    """TE is optional and GPU-only; on a CPU machine even importing it fails (no cuDNN)."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # OSError for missing shared objects, not only ImportError
-        return False
-    return True
-
-
 def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_scaling: str = "none",
-               rope_scaling_factor: float = 1.0, max_position_embeddings: int = 1 << 62) -> ModuleSpec:
+               rope_scaling_factor: float = 1.0, max_position_embeddings: int = 1 << 62,
+               fp8: str = "off") -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -35,4 +28,8 @@ def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_sc
         params={"rotary_base": rotary_base, "backend": attention_backend, "rope_scaling": rope_scaling,
                 "rope_scaling_factor": rope_scaling_factor, "max_position_embeddings": max_position_embeddings},
     )
+    if fp8 != "off" and not use_te:  # TE runs FP8 in its own modules (engine.fp8)
+        from engine.model.fp8_linear import with_fp8_linears
+
+        spec = with_fp8_linears(spec, fp8)
     return spec

@@ -2,8 +2,9 @@
 # The whole GPU check in one command, from the repository root on a GPU machine:
 #   bash tests/gpu/run_all.sh            (carry .whl/ from tests/gpu/fetch_wheels.sh)
 # Installs what the image lacks, builds the C++ extension and the CUDA kernels (engine._C_cuda),
-# runs tests/gpu, the kernel microbenchmark (benchmarks/kernels.py, JSON in $OUT), then the default
-# pre-training configuration in bf16 on one GPU over NCCL, and prints a short table. A failing step
+# runs tests/gpu, the kernel microbenchmark (benchmarks/kernels.py, JSON in $OUT), the default
+# pre-training configuration in bf16 on one GPU over NCCL, then FP8 against bf16 (benchmarks/fp8.py:
+# step throughput and the loss after FP8_STEPS steps, JSON in $OUT), and prints a short table. A failing step
 # is recorded in the table and the next steps still run.
 # A lent GPU comes with minutes, not hours: each step has its own time limit (exit 124 in the table
 # when it ran out) and the benchmark runs its quick shape set unless told otherwise:
@@ -12,6 +13,7 @@ set -uo pipefail
 OUT=${OUT:-/tmp/polar_gpu}; mkdir -p "$OUT"
 KERNELS_ARGS=${KERNELS_ARGS---quick}
 T_BUILD=${T_BUILD:-240} T_TESTS=${T_TESTS:-180} T_KERNELS=${T_KERNELS:-240} T_DEFAULT=${T_DEFAULT:-180}
+T_FP8=${T_FP8:-600} FP8_STEPS=${FP8_STEPS:-200}
 if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH  # ninja for torch's builder
@@ -40,6 +42,8 @@ timeout "$T_DEFAULT" torchrun --standalone --nproc_per_node 1 engine/pretrain.py
   2>&1 | tee "$OUT/default_bf16.log"; RESULT[default_bf16]=${PIPESTATUS[0]}
 echo "default bf16 wall: $(( $(date +%s) - t0 ))s"
 
+timeout "$T_FP8" python3 benchmarks/fp8.py --steps "$FP8_STEPS" --timeout 240 --json "$OUT/fp8.json" 2>&1 | tee "$OUT/fp8.md"; RESULT[fp8]=${PIPESTATUS[0]}
+
 echo; echo "| check | exit | detail |"; echo "|---|---|---|"
 echo "| build engine._C + engine._C_cuda | ${RESULT[build]} | $(ls engine/_C_cuda*.so 2>/dev/null || echo 'no engine._C_cuda') |"
 echo "| tests/gpu | ${RESULT[tests_gpu]} | $(tail -1 "$OUT/tests_gpu.log") |"
@@ -53,4 +57,6 @@ try:
 except Exception as e:
     print(f"| default bf16 | {sys.argv[2]} | no summary: {e} |")
 PY
+echo "| benchmarks/fp8.py | ${RESULT[fp8]} | $(grep -c '^| .*fp8' "$OUT/fp8.md" 2>/dev/null || echo 0) FP8 rows, $OUT/fp8.json |"
 echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$OUT/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"
+echo; grep -E '^(\||[A-Z].*steps; settings)' "$OUT/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"

@@ -1,0 +1,129 @@
+"""FP8 against the training dtype: step throughput and the loss after N steps, one table.
+
+    python benchmarks/fp8.py [--steps 200] [--json OUT] [--cpu] [-- extra.setting=value ...]
+
+Each variant is one run of the pre-training entry script (engine/pretrain.py, its synthetic data,
+same seed, same data order) with only `train.fp8` / `model.transformer_impl` changed:
+  - on a CUDA GPU: bf16 (train.fp8=off), local FP8 tensorwise and rowwise (torch._scaled_mm), and,
+    where transformer_engine imports, TE bf16, TE tensorwise (current scaling) and TE delayed;
+    a ~0.6B-parameter shape (8 layers of a 2048-wide Llama block) at 4096-token packs;
+  - on CPU (or --cpu): a tiny functional version (fp32 against local FP8, a few steps), so the
+    script keeps running where no GPU is; CPU FP8 is an emulation and its speed means nothing.
+Throughput is the median tokens/s over the logged intervals after the first (compilation and
+warm-up excluded); the loss is the mean training loss of the last 10 steps, and its difference is
+relative to the first variant. A variant that fails is reported with its exit code, not dropped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+GPU_SHAPE = ["model.num_layers=8", "model.hidden_size=2048", "model.num_attention_heads=16",
+             "model.num_query_groups=8", "model.ffn_hidden_size=5632", "data.seq_length=4096",
+             "train.global_batch=8", "train.micro_batch=1", "train.precision=bf16"]
+CPU_SHAPE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
+             "model.num_query_groups=2", "model.ffn_hidden_size=64", "train.global_batch=4",
+             "train.micro_batch=1", "train.precision=fp32"]
+
+
+def te_imports() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def variants(cuda: bool) -> list[tuple[str, list[str]]]:
+    if not cuda:
+        return [("fp32", ["train.fp8=off"]), ("local fp8 tensorwise", ["train.fp8=tensorwise"]),
+                ("local fp8 rowwise", ["train.fp8=rowwise"])]
+    out = [("bf16", ["train.fp8=off"]), ("local fp8 tensorwise", ["train.fp8=tensorwise"]),
+           ("local fp8 rowwise", ["train.fp8=rowwise"])]
+    if te_imports():
+        te = ["model.transformer_impl=transformer_engine"]
+        out += [("TE bf16", te + ["train.fp8=off"]), ("TE fp8 tensorwise", te + ["train.fp8=tensorwise"]),
+                ("TE fp8 delayed", te + ["train.fp8=delayed"])]
+    return out
+
+
+def run_variant(name: str, overrides: list[str], run_dir: Path, cuda: bool, timeout: int) -> dict:
+    script = str(ROOT / "engine" / "pretrain.py")
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] if cuda
+           else [sys.executable, script])
+    cmd += [*overrides, f"run_dir={run_dir}"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    t0 = time.time()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
+    except subprocess.TimeoutExpired:
+        rc, tail = 124, "timed out"
+    row = {"variant": name, "overrides": overrides, "exit": rc, "wall_s": time.time() - t0}
+    summary = run_dir / "summary.json"
+    if rc != 0 or not summary.exists():
+        row["error"] = tail
+        return row
+    s = json.loads(summary.read_text())
+    train = [r for r in s["history"] if "loss" in r and "eval" not in r]
+    rates = [r["tokens_per_s"] for r in train[1:]] or [s["tokens_per_second"]]
+    row.update(tokens_per_s=statistics.median(rates), steps=s["steps"],
+               loss_last10=statistics.fmean(r["loss"] for r in train[-10:]),
+               step_time_s=statistics.median(r["step_time_s"] for r in (train[1:] or train)),
+               mfu=statistics.median([r["mfu"] for r in train[1:] if "mfu" in r] or [float("nan")]))
+    return row
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=None, help="default: 200 on a GPU, 5 on CPU")
+    ap.add_argument("--json", help="write the rows here")
+    ap.add_argument("--cpu", action="store_true", help="the tiny CPU version even where a GPU is")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    ap.add_argument("overrides", nargs="*", help="extra settings for every variant (after --)")
+    args = ap.parse_args()
+    import torch
+
+    cuda = torch.cuda.is_available() and not args.cpu
+    steps = args.steps or (200 if cuda else 5)
+    common = (GPU_SHAPE if cuda else CPU_SHAPE) + [
+        f"train.steps={steps}", f"train.warmup_steps={min(10, max(1, steps // 10))}", "log.interval=1", "log.tensorboard=false",
+        "checkpoint.resume=false", "checkpoint.keep=1", "train.eval_interval=0", *args.overrides]
+    device = torch.cuda.get_device_name() if cuda else "CPU (functional check only: FP8 is emulated)"
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="polar_fp8_") as tmp:
+        for name, extra in variants(cuda):
+            row = run_variant(name, common + extra, Path(tmp) / name.replace(" ", "_"), cuda, args.timeout)
+            rows.append(row)
+            print(f"{name}: exit {row['exit']}" + (f" ({row['error'][-300:]})" if "error" in row else ""),
+                  file=sys.stderr, flush=True)
+    base = rows[0] if "tokens_per_s" in rows[0] else None
+    print(f"{device}, torch {torch.__version__}, {steps} steps; settings: {' '.join(common)}\n")
+    print("| variant | exit | tokens/s | speed-up | step s | MFU | loss (last 10) | loss vs first |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"| {r['variant']} | {r['exit']} | - | - | - | - | - | - |")
+            continue
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        dloss = f"{(r['loss_last10'] - base['loss_last10']) / base['loss_last10']:+.2%}" if base else "-"
+        mfu = "-" if r["mfu"] != r["mfu"] else f"{r['mfu']:.1%}"
+        print(f"| {r['variant']} | {r['exit']} | {r['tokens_per_s']:,.0f} | {speed} | {r['step_time_s']:.3f} | "
+              f"{mfu} | {r['loss_last10']:.4f} | {dloss} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "steps": steps,
+                                               "settings": common, "rows": rows}, indent=1))
+    return 0 if all(r["exit"] == 0 for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""FP8 matrix products inside megatron's tensor-parallel linear layers (the local layer spec).
+
+The recipe is float8 training with current scaling, as torchao's float8 training does it: before
+each matrix product every operand is scaled so that its absolute maximum (amax) lands on the FP8
+format's largest finite value, cast with saturation, multiplied by `torch._scaled_mm` (which
+applies the inverse scales and accumulates in high precision), and the result returns in the
+training dtype. Forward operands (activations, weights) are e4m3 (3 mantissa bits, range +-448);
+output gradients are e5m2 (2 mantissa bits, range +-57344: gradients span more octaves). Scales
+are one per tensor (`tensorwise`) or one per row of each operand along the product's
+contraction dimension (`rowwise`, scales rounded down to powers of two as torchao's rowwise recipe
+does, so scaling itself is exact). Weights, their gradients and the optimizer state stay in the
+training dtype: only the operands of the three products are FP8.
+
+A linear y = x W^T runs three products (M tokens, K inputs, N outputs):
+    forward  y [M, N] = x [M, K]     @ W^T [K, N]
+    dgrad   dx [M, K] = dy [M, N]    @ W [N, K]
+    wgrad   dW [N, K] = dy^T [N, M]  @ x [M, K]
+`_scaled_mm` wants the first operand row-major, the second column-major, and (on CUDA) both
+dimensions of the second a multiple of 16; the model dimensions are checked at start-up
+(engine.fp8), the token count M is the contraction dimension of wgrad only, and is padded there
+with zero rows after the scales are taken, so the padding enters neither the amax nor the result.
+
+Tensor parallelism stays megatron's: these classes subclass ColumnParallelLinear and
+RowParallelLinear and replace only `_forward_impl`, the matrix product between megatron's own
+communication (sequence-parallel all-gather / reduce-scatter, dgrad all-reduce, the row-parallel
+output reduction). One thing TP adds: an operand split over the TP ranks along a dimension its
+amax spans would get a different scale on each rank than on one process, so that amax is
+max-reduced over the TP group first (per tensor: the sharded tensors; per row: only where the
+contraction dimension is the sharded one), which makes every scale equal to the single-process one.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    gather_from_sequence_parallel_region,
+)
+
+FORWARD_DTYPE = torch.float8_e4m3fn
+GRAD_DTYPE = torch.float8_e5m2
+RECIPES = ("tensorwise", "rowwise")
+ALIGN = 16  # _scaled_mm on CUDA: the second operand's dimensions are multiples of 16
+_EPS = 1e-12  # an all-zero operand gets a finite scale
+
+
+def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None, group=None, pow2: bool = False):
+    """t [R, C] -> (FP8 data, inverse scale). dim=None: one scale; dim=1 / 0: one per row / column
+    (amax along that dim, kept as [R, 1] / [1, C]). `group`: max-reduce the amax over it first."""
+    a = t.detach()
+    amax = a.abs().amax() if dim is None else a.abs().amax(dim=dim, keepdim=True)
+    amax = amax.float()
+    if group is not None:
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+    # in float64, rounded once to fp32 (as torchao does): the scale is the correctly rounded ratio
+    scale = (torch.finfo(dtype).max / amax.double().clamp(min=_EPS)).float()
+    if pow2:
+        scale = torch.exp2(torch.floor(torch.log2(scale)))
+    fmax = torch.finfo(dtype).max
+    data = (a.float() * scale).clamp(-fmax, fmax).to(dtype)
+    return data, scale.reciprocal()
+
+
+def _column_major(t: torch.Tensor) -> torch.Tensor:
+    """The same matrix, stored column-major (what _scaled_mm wants of its second operand)."""
+    return t.t().contiguous().t()
+
+
+def _pad_inner(a: torch.Tensor, b: torch.Tensor):
+    """a [R, M] (row-major), b [M, C] (column-major) -> both with M zero-padded to a multiple of
+    ALIGN. Zero bytes are +0.0 in both FP8 formats; padding after quantisation keeps it out of
+    the scales, and zero rows add nothing to the product."""
+    pad = (-a.shape[1]) % ALIGN
+    if pad == 0:
+        return a, b
+    a = F.pad(a.view(torch.uint8), (0, pad)).view(a.dtype)
+    b = F.pad(b.t().view(torch.uint8), (0, pad)).view(b.dtype).t()
+    return a, b
+
+
+def _mm(a, b, scale_a, scale_b, out_dtype, fast_accum: bool):
+    """a @ b with inverse scales. Row-wise scaled products on CUDA return bf16 only."""
+    mm_dtype = out_dtype
+    if a.is_cuda and scale_a.numel() > 1 and out_dtype != torch.bfloat16:
+        mm_dtype = torch.bfloat16
+    # row-wise scales with standard strides: a transposed [N, 1] view has stride 48 on its size-1 dim
+    scale_a = scale_a.reshape(()) if scale_a.numel() == 1 else scale_a.reshape(-1).view(scale_a.shape)
+    scale_b = scale_b.reshape(()) if scale_b.numel() == 1 else scale_b.reshape(-1).view(scale_b.shape)
+    out = torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=mm_dtype, use_fast_accum=fast_accum and a.is_cuda)
+    return out.to(out_dtype)
+
+
+class _Fp8Linear(torch.autograd.Function):
+    """y = x W^T (+ bias) with the three products in FP8; see the module docstring.
+
+    `x_group` / `w_group` / `dy_group`: the TP group when that operand is split over TP ranks
+    (x: along K, row-parallel; W: along N or K; dy: along N, column-parallel), else None."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, recipe, x_group, w_group, dy_group):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        rowwise = recipe == "rowwise"
+        if rowwise:  # contraction over K: amax along K for both (reduced where K is split)
+            xq, xs = quantize(x2, FORWARD_DTYPE, 1, x_group, pow2=True)
+            wq, ws = quantize(weight, FORWARD_DTYPE, 1, w_group if x_group is not None else None, pow2=True)
+            ctx.save_for_backward(x2, weight)
+        else:
+            xq, xs = quantize(x2, FORWARD_DTYPE, None, x_group)
+            wq, ws = quantize(weight, FORWARD_DTYPE, None, w_group)
+            ctx.save_for_backward(xq, xs, wq, ws)  # FP8 copies: a quarter of fp32, half of bf16
+        y = _mm(xq, wq.t(), xs, ws.t(), x.dtype, fast_accum=True)
+        if bias is not None:
+            y = y + bias
+        ctx.meta = (recipe, shape, x.dtype, weight.dtype, bias is not None, x_group, w_group, dy_group)
+        return y.view(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        recipe, shape, x_dtype, w_dtype, has_bias, x_group, w_group, dy_group = ctx.meta
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dx = dw = None
+        if recipe == "rowwise":
+            x2, weight = ctx.saved_tensors
+            if need_dx:  # contraction over N: dy and W along N (split on column-parallel ranks)
+                dyq, dys = quantize(dy2, GRAD_DTYPE, 1, dy_group, pow2=True)
+                wq, ws = quantize(weight, FORWARD_DTYPE, 0, w_group if dy_group is not None else None, pow2=True)
+                dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
+            if need_dw:  # contraction over M (never split over TP): along the tokens
+                dyq, dys = quantize(dy2, GRAD_DTYPE, 0, None, pow2=True)
+                xq, xs = quantize(x2, FORWARD_DTYPE, 0, None, pow2=True)
+                a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
+                dw = _mm(a, b, dys.t(), xs, w_dtype, fast_accum=False)
+        else:
+            xq, xs, wq, ws = ctx.saved_tensors
+            dyq, dys = quantize(dy2, GRAD_DTYPE, None, dy_group)
+            if need_dx:
+                dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
+            if need_dw:
+                a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
+                dw = _mm(a, b, dys, xs, w_dtype, fast_accum=False)
+        if dx is not None:
+            dx = dx.view(shape)
+        db = dy2.sum(0).to(w_dtype) if has_bias and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None
+
+
+def fp8_linear(x, weight, bias, recipe: str, x_group=None, w_group=None, dy_group=None):
+    if recipe not in RECIPES:
+        raise ValueError(f"FP8 recipe {recipe!r}: expected one of {RECIPES}")
+    return _Fp8Linear.apply(x, weight, bias, recipe, x_group, w_group, dy_group)
+
+
+def _tp(group):
+    return group if group is not None and group.size() > 1 else None
+
+
+class Fp8ColumnParallelLinear(ColumnParallelLinear):
+    """megatron's ColumnParallelLinear with its matrix product in FP8. W [N/tp, K] is split along
+    N, and so is dy; x is whole (all-gathered first under sequence parallelism)."""
+
+    fp8_recipe = "tensorwise"
+
+    def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
+                      sequence_parallel=False, tp_group=None, **unused):
+        if sequence_parallel:  # megatron's SP all-gather; its backward reduce-scatters dx
+            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
+        elif allreduce_dgrad:  # identity forward, all-reduce of dx backward
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
+        tp = _tp(self.tp_group)
+        return fp8_linear(input, weight, bias, self.fp8_recipe, x_group=None, w_group=tp, dy_group=tp)
+
+
+class Fp8RowParallelLinear(RowParallelLinear):
+    """megatron's RowParallelLinear with its matrix product in FP8. W [N, K/tp] and x [M, K/tp]
+    are split along K; dy is whole. megatron reduces (or reduce-scatters) the output itself."""
+
+    fp8_recipe = "tensorwise"
+
+    def _forward_impl(self, input, weight, bias=None, **unused):
+        tp = _tp(self.tp_group)
+        return fp8_linear(input, weight, bias, self.fp8_recipe, x_group=tp, w_group=tp, dy_group=None)
+
+
+_CLASSES: dict = {}
+
+
+def fp8_classes(recipe: str):
+    """(column, row) classes for one recipe. Subclasses, not partials: megatron builds layers by
+    calling the spec's class, and issubclass checks on it keep working."""
+    if recipe not in RECIPES:
+        raise ValueError(f"FP8 recipe {recipe!r}: expected one of {RECIPES}")
+    if recipe not in _CLASSES:
+        tag = recipe.capitalize()
+        _CLASSES[recipe] = (
+            type(f"Fp8{tag}ColumnParallelLinear", (Fp8ColumnParallelLinear,), {"fp8_recipe": recipe}),
+            type(f"Fp8{tag}RowParallelLinear", (Fp8RowParallelLinear,), {"fp8_recipe": recipe}),
+        )
+    return _CLASSES[recipe]
+
+
+def with_fp8_linears(spec, recipe: str):
+    """The local layer spec with linear_qkv / linear_fc1 (column-parallel) and linear_proj /
+    linear_fc2 (row-parallel) swapped for their FP8 subclasses; everything else untouched."""
+    import copy
+    import dataclasses
+    import functools
+
+    column, row = fp8_classes(recipe)
+    spec = copy.deepcopy(spec)
+    attn = spec.submodules.self_attention.submodules
+    if attn.linear_qkv is not ColumnParallelLinear or attn.linear_proj is not RowParallelLinear:
+        raise ValueError("FP8 linears replace megatron's local ColumnParallelLinear / RowParallelLinear only")
+    attn.linear_qkv, attn.linear_proj = column, row
+    mlp = spec.submodules.mlp
+    if isinstance(mlp, functools.partial):  # megatron-core >= 0.16: MLP.as_mlp_submodule partial
+        subs = dataclasses.replace(mlp.keywords["submodules"], linear_fc1=column, linear_fc2=row)
+        spec.submodules.mlp = functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": subs})
+    else:  # a ModuleSpec
+        mlp.submodules = dataclasses.replace(mlp.submodules, linear_fc1=column, linear_fc2=row)
+    return spec
