@@ -127,22 +127,20 @@ class RewardScorer:
         """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
         initialisation and a random value head (zero when new): for benchmarks of speed."""
         info = CheckpointInfo(Path("."), dict(model), {})
-        scorer = cls._build(_model_config(info.model, Path("model")), info, tp, attention_backend, seed)
+        scorer = cls._build(_model_config(info.model, Path("model")), info, tp, attention_backend, seed,
+                            initialize=True)
         head = scorer.chunk.value_head.weight
         g = torch.Generator().manual_seed(seed)
         head.copy_((torch.randn(head.shape, generator=g) * head_std).to(head.dtype))
         return scorer
 
     @classmethod
-    def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int) -> "RewardScorer":
+    def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
+               initialize: bool = False) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
-        from engine.model.reward_model import RewardModel
-        from engine.fp8 import check_backbone
-        from engine.model.spec import layer_spec
-        from engine.parallelize import check_kernels, resolve_dtype, transformer_config
-        from engine.runtime import validate_layout, world_size_from_env
-
+        from engine.parallelize import build_chunks, check_kernels, resolve_dtype
         from engine.quiet import silence_known_warnings
+        from engine.runtime import validate_layout, world_size_from_env
 
         silence_known_warnings()
         world = world_size_from_env()
@@ -156,13 +154,8 @@ class RewardScorer:
         validate_layout(model, par, train, tp, seq_length=tp)
         rt = _runtime(par, seed)
         check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
-        config = transformer_config(model, par, train, rt)
-        spec = layer_spec(check_backbone(model, rt.is_cuda), model.rotary_base, attention_backend)
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
-        chunk = RewardModel(config, spec, vocab_size=model.vocab_size,
-                            max_sequence_length=model.max_position_embeddings,
-                            pre_process=True, post_process=True, kernels="torch", pg_collection=rt.groups)
-        chunk.to(rt.device)
+        (chunk,), _ = build_chunks(model, par, train, rt, initialize=initialize)
         chunk.eval()
         chunk.requires_grad_(False)
         scorer = cls(chunk, rt, info, resolve_dtype(train, rt))

@@ -138,11 +138,10 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
             raise ConfigError(str(exc)) from exc
 
 
-def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
-    """Returns (list of DDP-wrapped model chunks, TransformerConfig). initialize=False skips the
-    random initialisation of megatron's layers, for a caller that loads every weight next."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
+def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
+    """(bare RewardModel chunks of this rank, one per virtual pipeline stage, TransformerConfig): the
+    model as training, scoring and serving all build it. initialize=False skips the random
+    initialisation of megatron's layers, for a caller that loads every weight next."""
     from engine.fp8 import check_backbone, check_fp8, device_capability
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec
@@ -172,7 +171,14 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
         _zero_padded_vocab_rows(chunk, model.vocab_size)
         chunk.to(rt.device)
         chunks.append(chunk)
+    return chunks, config
 
+
+def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
+    """Returns (list of DDP-wrapped model chunks, TransformerConfig) for training."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    chunks, config = build_chunks(model, par, train, rt, initialize)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=par.overlap_grad_reduce,
