@@ -12,6 +12,7 @@ def runtime():
     """A single-process megatron runtime (gloo, TP1 PP1) shared by in-process engine tests."""
     warnings.filterwarnings("ignore")
     from engine.config import ParallelConfig
-    from engine.runtime import init_runtime
+    from engine.runtime import current_or_new_runtime
 
-    return init_runtime(ParallelConfig(), seed=1234)
+    # megatron's parallel state lives once per process: another test module may have started it
+    return current_or_new_runtime(ParallelConfig(), seed=1234)
