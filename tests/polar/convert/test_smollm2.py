@@ -142,6 +142,7 @@ def test_export_reproduces_the_weights_and_scores_the_same_in_transformers(smoll
     tok = transformers.AutoTokenizer.from_pretrained(str(out))
     text = "What is the capital of France?\nParis<|reward|>What is the capital of France?\nParis![UNUSED_TOKEN_130]"
     ours = smollm2["tok"]
-    assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode(text).tolist()
+    # a server reads the literal reward tokens as their special ids (encode_served: BOS, then the ids)
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours.encode_served(text).tolist()[1:]
     got = helpers.hf_scores(model, helpers.unpacked_inputs(smollm2["groups"]))
     torch.testing.assert_close(got, smollm2["expected"], rtol=RTOL, atol=RTOL * smollm2["expected"].abs().max())
