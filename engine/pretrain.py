@@ -71,15 +71,15 @@ def main(argv=None, recipe=None) -> int:
 
         name = args.config or recipe.DEFAULT_PRESET
         cfg = load_config(recipe.CONFIG_CLASS, resolve_config(name) if name else None, args.overrides)
+        if args.print_config:  # the resolved settings, before the checks that need this machine's layout
+            if rank == 0:
+                print(dump_yaml(cfg))
+            return 0
         recipe.check(cfg)
         check_checkpoints(cfg)
         from engine.runtime import validate_layout, world_size_from_env
 
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
-        if args.print_config:
-            if rank == 0:
-                print(dump_yaml(cfg))
-            return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
     from engine.trainer import NonFiniteError

@@ -59,7 +59,7 @@ def preset_params(name: str) -> tuple[int, str]:
     try:
         path = resolve_config(name)
     except ConfigError as e:
-        raise ValueError(f"--preset {name}: {e}") from None
+        raise ValueError(f"--preset {name}: no such preset or YAML file ({e})") from None
     cfg = load_config(PretrainConfig, path)
     if cfg.model.vocab_size <= 0:
         raise ValueError(f"--preset {name}: {path} sets no model.vocab_size (taken from the "
