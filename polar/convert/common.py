@@ -41,6 +41,24 @@ def rope_to_hf(model) -> dict | None:
     return {"type": model.rope_scaling, "rope_type": model.rope_scaling, "factor": model.rope_scaling_factor}
 
 
+def decoder_settings(cfg: dict, src, add_qkv_bias: bool) -> dict:
+    """The engine's model settings (engine.config.ModelConfig fields) of a Llama-style decoder's
+    config.json: the keys Llama, Mistral, Qwen2 and InternLM2 share."""
+    heads = require(cfg, "num_attention_heads", src)
+    return {
+        "num_layers": require(cfg, "num_hidden_layers", src),
+        "hidden_size": require(cfg, "hidden_size", src),
+        "num_attention_heads": heads,
+        "num_query_groups": cfg.get("num_key_value_heads") or heads,
+        "ffn_hidden_size": require(cfg, "intermediate_size", src),
+        "vocab_size": require(cfg, "vocab_size", src),
+        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
+        "max_position_embeddings": int(cfg.get("max_position_embeddings", 16384)),
+        "add_qkv_bias": add_qkv_bias,
+        **rope_settings(cfg, src),
+    }
+
+
 def check_head_dim(cfg: dict, src) -> None:
     hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
     hd = cfg.get("head_dim")

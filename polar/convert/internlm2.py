@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from engine.weights import fuse_qkv, split_qkv
-from polar.convert.common import Reader, check_head_dim, require, rope_settings, rope_to_hf
+from polar.convert.common import Reader, check_head_dim, decoder_settings, rope_to_hf
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 
 ARCHITECTURES = {"InternLM2ForCausalLM": "internlm2", "InternLM2ForRewardModel": "internlm2"}
@@ -25,19 +25,7 @@ def model_config(cfg: dict, src) -> dict:
     check_head_dim(cfg, src)
     if cfg.get("bias"):
         raise ConvertError(f"{src}/config.json: bias=true (biases on every InternLM2 linear layer) is not supported")
-    heads = require(cfg, "num_attention_heads", src)
-    return {
-        "num_layers": require(cfg, "num_hidden_layers", src),
-        "hidden_size": require(cfg, "hidden_size", src),
-        "num_attention_heads": heads,
-        "num_query_groups": cfg.get("num_key_value_heads") or heads,
-        "ffn_hidden_size": require(cfg, "intermediate_size", src),
-        "vocab_size": require(cfg, "vocab_size", src),
-        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 16384)),
-        "add_qkv_bias": False,
-        **rope_settings(cfg, src),
-    }
+    return decoder_settings(cfg, src, add_qkv_bias=False)
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict, heads: int, groups: int) -> dict[str, torch.Tensor]:

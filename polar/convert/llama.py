@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from polar.convert.common import Reader, check_head_dim, require, rope_settings, rope_to_hf
+from polar.convert.common import Reader, check_head_dim, decoder_settings, rope_to_hf
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 
 ARCHITECTURES = {
@@ -33,19 +33,7 @@ def model_config(cfg: dict, src) -> dict:
     if family == "qwen2" and cfg.get("use_sliding_window"):
         raise ConvertError(f"{src}/config.json: use_sliding_window=true is not supported; the engine attends "
                            "over the whole input")
-    heads = require(cfg, "num_attention_heads", src)
-    return {
-        "num_layers": require(cfg, "num_hidden_layers", src),
-        "hidden_size": require(cfg, "hidden_size", src),
-        "num_attention_heads": heads,
-        "num_query_groups": cfg.get("num_key_value_heads") or heads,
-        "ffn_hidden_size": require(cfg, "intermediate_size", src),
-        "vocab_size": require(cfg, "vocab_size", src),
-        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 16384)),
-        "add_qkv_bias": family == "qwen2",
-        **rope_settings(cfg, src),
-    }
+    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2")
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
