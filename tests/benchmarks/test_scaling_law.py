@@ -1,0 +1,69 @@
+"""benchmarks/scaling_law.py's arithmetic: the power-law fit, the compute frontier, the token and
+FLOP sums read back from a run's log, and the non-embedding parameter count of each rung against
+the engine's real model. The study itself (about 40 minutes) is run by hand; its figures live in
+benchmarks/RESULTS.md."""
+import os
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+
+from benchmarks import scaling_law as sl  # noqa: E402
+
+
+def test_power_fit_recovers_a_known_law():
+    n = np.geomspace(2e4, 1e6, 5)
+    a, b, r2 = sl.power_fit(n, 0.9 * n ** -0.0425)
+    assert a == pytest.approx(0.9, rel=1e-9) and b == pytest.approx(-0.0425, rel=1e-9)
+    assert r2 == pytest.approx(1.0, abs=1e-12)
+
+
+def test_power_fit_r2_drops_with_scatter():
+    n = np.geomspace(2e4, 1e6, 5)
+    wobble = np.array([1.0, 1.03, 0.97, 1.03, 0.97])
+    _, b, r2 = sl.power_fit(n, 0.9 * n ** -0.0425 * wobble)
+    assert b < 0 and 0 < r2 < 0.95  # scatter as large as the trend fails the acceptance bar
+
+
+def test_frontier_keeps_only_points_no_cheaper_point_beats():
+    pts = [(1.0, 0.70), (2.0, 0.72), (3.0, 0.60), (4.0, 0.65), (5.0, 0.50), (5.0, 0.55)]
+    assert sl.compute_frontier(pts) == [(1.0, 0.70), (3.0, 0.60), (5.0, 0.50)]
+
+
+def test_curve_sums_tokens_and_flops_from_interval_rates():
+    # two logged intervals of 10 steps: rate x (step time x steps) gives back each interval's counts
+    history = [
+        {"step": 10, "loss": 0.69, "tokens_per_s": 1000.0, "tflops_per_s": 0.5, "step_time_s": 0.2},
+        {"step": 10, "eval": "held_out", "loss": 0.68, "pair_accuracy": 0.55, "lm_loss": 3.0},
+        {"step": 10, "eval": "seen", "loss": 0.60, "pair_accuracy": 0.60},
+        {"step": 20, "loss": 0.60, "tokens_per_s": 2000.0, "tflops_per_s": 1.0, "step_time_s": 0.1},
+    ]
+    summary = {"history": history, "steps": 20,
+               "evaluations": {"held_out": {"loss": 0.55, "pair_accuracy": 0.7, "pairs": 8, "lm_loss": 2.5}}}
+    pts = sl.curve(summary)
+    assert [p["step"] for p in pts] == [10, 20]
+    assert pts[0]["tokens"] == pytest.approx(2000.0) and pts[0]["flops"] == pytest.approx(1e12)
+    assert pts[1]["tokens"] == pytest.approx(4000.0) and pts[1]["flops"] == pytest.approx(2e12)
+    assert [p["loss"] for p in pts] == [0.68, 0.55] and pts[1]["lm_loss"] == 2.5
+
+
+@pytest.mark.parametrize("rung", [sl.LADDER[0], sl.LADDER[-1]], ids=lambda s: s.name)
+def test_non_embedding_count_matches_the_engine_model(rung):
+    warnings.filterwarnings("ignore")
+    from engine.config import ModelConfig, ParallelConfig, TrainConfig
+    from engine.parallelize import build_chunks, count_parameters
+    from engine.runtime import current_or_new_runtime
+
+    rt = current_or_new_runtime(ParallelConfig(), seed=0)
+    vocab = sl.ByteTokenizer.vocab_size
+    model = ModelConfig(num_layers=rung.layers, hidden_size=rung.hidden, num_attention_heads=rung.heads,
+                        num_query_groups=rung.kv_heads, ffn_hidden_size=rung.ffn, vocab_size=vocab)
+    chunks, _ = build_chunks(model, ParallelConfig(), TrainConfig(precision="fp32", aux_lm_weight=1.0), rt)
+    total = count_parameters(chunks)
+    embedding = sum(p.numel() for c in chunks for name, p in c.named_parameters()
+                    if "embedding" in name or "lm_head" in name)
+    assert embedding == 2 * vocab * rung.hidden
+    assert rung.non_embedding_parameters(total, vocab, lm_head=True) == total - embedding
