@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -252,6 +253,8 @@ def run_engine(overrides: list[str], run_dir: Path, cuda: bool, timeout: int) ->
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] if cuda
            else [sys.executable, script])
     rc, tail, wall = _subprocess(cmd + [*overrides, f"run_dir={run_dir}"], timeout)
+    # the run always saves a checkpoint at its end: on a GPU, gigabytes nobody reads
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     row = {"exit": rc, "wall_s": wall}
     summary = run_dir / "summary.json"
     if rc != 0 or not summary.exists():
@@ -332,6 +335,24 @@ def print_table(header: str, rows: list[dict], ratios: list[dict]) -> None:
         print("| - | - | - | - | - |")
 
 
+def transformers_version() -> str:
+    """Without importing it (seconds): the baseline runs in its own process."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def write_json(path: str, device: str, steps: int, settings: list[str], rows: list[dict]) -> None:
+    import torch
+
+    Path(path).write_text(json.dumps({"device": device, "torch": torch.__version__,
+                                      "transformers": transformers_version(), "steps": steps,
+                                      "settings": settings, "rows": rows, "ratios": ratio_rows(rows)}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="engine steps (default: 10 on a GPU, 8 on CPU)")
@@ -375,23 +396,24 @@ def main() -> int:
             for attn in attns:
                 out = Path(tmp) / f"baseline{i}_{attn}.json"
                 rows.append({"shape": shape, "trainer": f"HF {attn}", **run_baseline_subprocess(overrides, attn, args, out)})
+            # as each shape ends (a run cut short by an outer time limit still leaves these)
             for r in rows[-1 - len(attns):]:
-                print(f"{shape} / {r['trainer']}: exit {r['exit']} in {r['wall_s']:.0f}s"
+                print(f"{shape} / {r['trainer']}: exit {r['exit']} in {r['wall_s']:.0f}s, "
+                      f"{_num(r, 'triplets_per_s', ',.1f')} triplets/s"
                       + (f" ({r['error'][-300:]})" if "error" in r else ""), file=sys.stderr, flush=True)
+            for q in ratio_rows(rows[-1 - len(attns):]):
+                print(f"{shape}: engine / {q['baseline']} {q['triplets_per_s']:.2f}x triplets/s", file=sys.stderr,
+                      flush=True)
+            if args.json:
+                write_json(args.json, device, steps, settings, rows)
     ratios = ratio_rows(rows)
-    import transformers
-
-    header = (f"{device}, torch {torch.__version__}, transformers {transformers.__version__}; engine {steps} steps "
+    header = (f"{device}, torch {torch.__version__}, transformers {transformers_version()}; engine {steps} steps "
               f"(median of the intervals after the first), baseline {args.warmup} warm-up + {args.baseline_steps} "
               f"timed steps, {args.micro_triplets} triplets per micro-batch; settings: {' '.join(settings)}")
     if not cuda:
         header += ("\nCPU: absolute speeds mean nothing here (small shapes, shared cores); the engine/baseline "
                    "ratio is the figure.")
     print_table(header, rows, ratios)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__,
-                                               "transformers": transformers.__version__, "steps": steps,
-                                               "settings": settings, "rows": rows, "ratios": ratios}, indent=1))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 
