@@ -47,10 +47,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,28 +57,26 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: the checkout's engine/polar packages
+if str(ROOT) not in sys.path:  # run as a script: the checkout's engine/polar/benchmarks packages
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.pretrain_runs import run_logged, run_pretrain, train_rows  # noqa: E402
+
+
+def llama_shape(layers: int, hidden: int, heads: int, kv_heads: int, ffn: int) -> list[str]:
+    return [f"model.num_layers={layers}", f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
+            f"model.num_query_groups={kv_heads}", f"model.ffn_hidden_size={ffn}"]
+
+
 # name -> the engine settings of its shape (the baseline reads the same settings)
-GPU_SHAPES = {
-    "~1B (22 x 2048)": ["model.num_layers=22", "model.hidden_size=2048", "model.num_attention_heads=16",
-                        "model.num_query_groups=8", "model.ffn_hidden_size=5632"],
-    "7B-shaped (4 x 4096)": ["model.num_layers=4", "model.hidden_size=4096", "model.num_attention_heads=32",
-                             "model.num_query_groups=32", "model.ffn_hidden_size=11008"],
-}
+GPU_SHAPES = {"~1B (22 x 2048)": llama_shape(22, 2048, 16, 8, 5632),
+              "7B-shaped (4 x 4096)": llama_shape(4, 4096, 32, 32, 11008)}
 GPU_COMMON = ["data.seq_length=8192", "train.global_batch=8", "train.micro_batch=1", "train.precision=bf16",
               "train.attention_backend=triton", "train.kernels=triton", "synthetic.train_triplets=4000"]
-CPU_SHAPES = {
-    "1B-like (4 x 128)": ["model.num_layers=4", "model.hidden_size=128", "model.num_attention_heads=4",
-                          "model.num_query_groups=2", "model.ffn_hidden_size=352"],
-    "7B-like (2 x 256)": ["model.num_layers=2", "model.hidden_size=256", "model.num_attention_heads=8",
-                          "model.num_query_groups=8", "model.ffn_hidden_size=688"],
-}
+CPU_SHAPES = {"1B-like (4 x 128)": llama_shape(4, 128, 4, 2, 352), "7B-like (2 x 256)": llama_shape(2, 256, 8, 8, 688)}
 CPU_COMMON = ["data.seq_length=1024", "train.global_batch=4", "train.micro_batch=1", "train.precision=fp32",
               "synthetic.train_triplets=1000"]
-TINY_SHAPES = {"tiny (1 x 32)": ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-                                 "model.num_query_groups=2", "model.ffn_hidden_size=64"]}
+TINY_SHAPES = {"tiny (1 x 32)": llama_shape(1, 32, 2, 2, 64)}
 TINY_COMMON = ["data.seq_length=512", "train.global_batch=2", "train.micro_batch=1", "train.precision=fp32",
                "synthetic.train_triplets=200"]
 # both sides: ranking loss only (no auxiliary LM head), no time limit, no evaluation during training
@@ -238,30 +234,15 @@ def run_baseline(overrides: list[str], attn: str, warmup: int, steps: int, micro
 
 # ---- the engine --------------------------------------------------------------------------------
 
-def _subprocess(cmd: list[str], timeout: int) -> tuple[int, str, float]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        return proc.returncode, (proc.stdout + proc.stderr)[-2000:], time.time() - t0
-    except subprocess.TimeoutExpired:
-        return 124, "timed out", time.time() - t0
-
-
 def run_engine(overrides: list[str], run_dir: Path, cuda: bool, timeout: int) -> dict:
-    script = str(ROOT / "engine" / "pretrain.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] if cuda
-           else [sys.executable, script])
-    rc, tail, wall = _subprocess(cmd + [*overrides, f"run_dir={run_dir}"], timeout)
+    rc, tail, wall, s = run_pretrain(overrides, run_dir, cuda, timeout)
     # the run always saves a checkpoint at its end: on a GPU, gigabytes nobody reads
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     row = {"exit": rc, "wall_s": wall}
-    summary = run_dir / "summary.json"
-    if rc != 0 or not summary.exists():
+    if s is None:
         row["error"] = tail
         return row
-    s = json.loads(summary.read_text())
-    train = [r for r in s["history"] if "loss" in r and "eval" not in r]
+    train = train_rows(s)
     timed = train[1:] or train
     med = lambda f: statistics.median(f(r) for r in timed)  # noqa: E731
     row.update(triplets_per_step=med(lambda r: r["triplets_per_s"] * r["step_time_s"]),
@@ -278,7 +259,7 @@ def run_baseline_subprocess(overrides: list[str], attn: str, args, out: Path) ->
     cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-worker", str(out), "--attn", attn,
            "--warmup", str(args.warmup), "--baseline-steps", str(args.baseline_steps),
            "--micro-triplets", str(args.micro_triplets)] + (["--cpu"] if args.cpu else []) + ["--", *overrides]
-    rc, tail, wall = _subprocess(cmd, args.timeout)
+    rc, tail, wall = run_logged(cmd, args.timeout)
     row = {"exit": rc, "wall_s": wall}
     if rc != 0 or not out.exists():
         row["error"] = tail
