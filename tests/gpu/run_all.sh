@@ -67,7 +67,8 @@ except Exception as e:
     print(f"| default bf16 | {sys.argv[2]} | no summary: {e} |")
 PY
 echo "| benchmarks/fp8.py | ${RESULT[fp8]} | $(grep -c '^| .*fp8' "$OUT/fp8.md" 2>/dev/null || echo 0) FP8 rows, $OUT/fp8.json |"
-echo "| benchmarks/e2e.py | ${RESULT[e2e]} | $(grep -c '^| .* | HF .*x |$' "$OUT/e2e.md" 2>/dev/null || echo 0) engine/baseline ratios, $OUT/e2e.json |"
+echo "| benchmarks/e2e.py | ${RESULT[e2e]} | triplets/s engine/HF: $(grep '^| .* | HF .*x |$' "$OUT/e2e.md" 2>/dev/null \
+  | awk -F'|' '{printf "%s ", $4}')(per shape and baseline), $OUT/e2e.json |"
 echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$OUT/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"
 echo; grep -E '^(\||[A-Z].*steps; settings)' "$OUT/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"
 echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$OUT/e2e.md" 2>/dev/null || echo "(no e2e benchmark table)"
