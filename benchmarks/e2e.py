@@ -22,6 +22,8 @@ Per model shape, two trainers train on the SAME triplets (prompt + reference, ch
     (polar.format.encode_groups with max_length = data.seq_length) and nothing else is dropped:
     a group that does not fit a packed sequence stops the engine run, and both sides take the
     steps' batches in the same order (the engine's ragged tail of an epoch waits for the next).
+    `padding_check` (run by the tests) shows that the padded batch gives each candidate the reward
+    of its sequence run alone.
 Shapes: on a GPU a ~1B Llama (22 layers of hidden 2048, 16 heads, 8 KV heads, FFN 5632) and a
 7B-shaped model (hidden 4096, 32 heads, FFN 11008; 4 of its 32 layers, to fit one GPU) at 8192-token
 packs in bf16, the engine with the Triton shared-prefix attention; on CPU (no GPU, or --cpu) the
