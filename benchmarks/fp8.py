@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.pretrain_runs import run_pretrain, train_rows  # noqa: E402
 
 GPU_SHAPE = ["model.num_layers=8", "model.hidden_size=2048", "model.num_attention_heads=16",
              "model.num_query_groups=8", "model.ffn_hidden_size=5632", "data.seq_length=4096",
@@ -57,24 +58,12 @@ def variants(cuda: bool) -> list[tuple[str, list[str]]]:
 
 
 def run_variant(name: str, overrides: list[str], run_dir: Path, cuda: bool, timeout: int) -> dict:
-    script = str(ROOT / "engine" / "pretrain.py")
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", script] if cuda
-           else [sys.executable, script])
-    cmd += [*overrides, f"run_dir={run_dir}"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        rc, tail = proc.returncode, (proc.stdout + proc.stderr)[-2000:]
-    except subprocess.TimeoutExpired:
-        rc, tail = 124, "timed out"
-    row = {"variant": name, "overrides": overrides, "exit": rc, "wall_s": time.time() - t0}
-    summary = run_dir / "summary.json"
-    if rc != 0 or not summary.exists():
+    rc, tail, wall, s = run_pretrain(overrides, run_dir, cuda, timeout)
+    row = {"variant": name, "overrides": overrides, "exit": rc, "wall_s": wall}
+    if s is None:
         row["error"] = tail
         return row
-    s = json.loads(summary.read_text())
-    train = [r for r in s["history"] if "loss" in r and "eval" not in r]
+    train = train_rows(s)
     rates = [r["tokens_per_s"] for r in train[1:]] or [s["tokens_per_second"]]
     row.update(tokens_per_s=statistics.median(rates), steps=s["steps"],
                loss_last10=statistics.fmean(r["loss"] for r in train[-10:]),
