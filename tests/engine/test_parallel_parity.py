@@ -69,20 +69,20 @@ LAYOUTS = {
     "tp2": (2, ["parallel.tp=2"]),
     "pp2": (2, ["parallel.pp=2"]),
     "pp2_interleaved": (2, ["parallel.pp=2", "parallel.vpp=2"]),
-    "tp2_pp2": (4, ["parallel.tp=2", "parallel.pp=2"]),
     # evaluation used to die here: megatron's interleaved schedule refuses a micro-batch count that
     # is not a multiple of pp, and the evaluation set's count is whatever the data gives
     "tp2_pp2_interleaved": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2"]),
     "dp2_distributed_optimizer": (2, ["parallel.distributed_optimizer=true"]),
     # the worker's defaults keep the auxiliary LM loss on, so this also covers the LM head under SP
     "tp2_sequence_parallel": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-    # pipeline stages exchange the sequence-sharded [s/tp, b, h] activations
-    "tp2_pp2_sequence_parallel": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true"]),
     # memory and speed options change memory and time only: activation recomputation (selective:
-    # our shared-prefix core attention runs again in the backward; full: whole layers, here under
-    # TP + SP + PP), and DDP's overlapped gradient reduce-scatter / parameter all-gather
+    # our shared-prefix core attention runs again in the backward; full: whole layers), and DDP's
+    # overlapped gradient reduce-scatter / parameter all-gather
     "recompute_selective": (1, ["train.recompute=selective"]),
     "recompute_full": (1, ["train.recompute=full"]),
+    # TP x PP without interleaving, where pipeline stages exchange the sequence-sharded [s/tp, b, h]
+    # activations, with full recomputation of whole layers on top (one 4-process run for three
+    # features: each must be exact for the run to match)
     "tp2_pp2_sequence_parallel_recompute_full": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
                                                      "train.recompute=full", "train.recompute_num_layers=2"]),
     "dp2_overlap_grad_reduce_and_param_gather": (2, ["parallel.overlap_grad_reduce=true",
@@ -250,9 +250,11 @@ def fp8_references(reference):
     return {r: run_worker(tmp, f"fp8_{r}", 1, f"train.fp8={r}", init=init) for r in ("tensorwise", "rowwise")}
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.tp=2", "parallel.sequence_parallel=true"]],
-                         ids=["tp2", "tp2_sequence_parallel"])
+# each recipe under one TP layout: per tensor with TP alone (weights sharded, activations
+# replicated), per row with sequence parallel (activations sharded too: the amax reductions matter)
+@pytest.mark.parametrize("recipe,layout", [("tensorwise", ["parallel.tp=2"]),
+                                           ("rowwise", ["parallel.tp=2", "parallel.sequence_parallel=true"])],
+                         ids=["tensorwise-tp2", "rowwise-tp2_sequence_parallel"])
 def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_references, recipe, layout):
     tmp, init, ref32 = reference
     ref = fp8_references[recipe]
