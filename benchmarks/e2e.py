@@ -90,17 +90,15 @@ RUN_COMMON = ["train.aux_lm_weight=0", "train.time_limit_s=0", "train.eval_inter
 # ---- the baseline: what an HF-style reward-model trainer runs ------------------------------------
 
 def hf_config(model_cfg, pad_id: int, attn: str = "sdpa"):
-    """A LlamaConfig of the engine's shape, a scalar score head, `pad_id` as its pad token."""
+    """A LlamaConfig of the engine's shape, a scalar score head, `pad_id` as its pad token: the
+    config `polar convert engine-to-hf` exports for such a model (bos/eos are never read here)."""
     import transformers
 
-    return transformers.LlamaConfig(
-        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
-        intermediate_size=model_cfg.ffn_hidden_size, num_hidden_layers=model_cfg.num_layers,
-        num_attention_heads=model_cfg.num_attention_heads, num_key_value_heads=model_cfg.num_query_groups,
-        rope_theta=model_cfg.rotary_base, rms_norm_eps=model_cfg.norm_epsilon,
-        max_position_embeddings=model_cfg.max_position_embeddings, initializer_range=model_cfg.init_method_std,
-        tie_word_embeddings=False, attention_bias=False, num_labels=1, pad_token_id=pad_id,
-        attn_implementation=attn)
+    from polar.convert.llama import hf_config as exported_config
+
+    exported = exported_config(model_cfg, pad_token_id=pad_id, bos_token_id=pad_id, eos_token_id=pad_id,
+                               dtype="float32")
+    return transformers.LlamaConfig.from_dict(exported, attn_implementation=attn)
 
 
 def build_baseline(model_cfg, pad_id: int, attn: str = "sdpa", seed: int = 0):
