@@ -285,7 +285,7 @@ def main(argv=None) -> int:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)", file=sys.stderr)
     (out / "scaling_law.json").write_text(json.dumps({
-        "settings": {k: v for k, v in vars(args).items()}, "wall_s": wall, "rows": rows,
+        "settings": vars(args), "wall_s": wall, "rows": rows,
         "size_fit": dict(zip(("a", "b", "r2"), size_fit)),
         "compute_fit": dict(zip(("a", "b", "r2"), compute_fit)) if compute_fit else None,
         "lm_fit": dict(zip(("a", "b", "r2"), lm_fit)) if lm_fit else None, "frontier": frontier,
