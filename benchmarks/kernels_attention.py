@@ -5,6 +5,7 @@ sequences of 512 to 16k tokens holding groups of one prefix, 3 parts in 3 + K, a
 part each; about 16k tokens per batch) it times, on one CUDA GPU:
 
     triton               engine.kernels.shared_prefix_attention (the `train.attention_backend=triton` kernel)
+    torch_blocks         SDPA once per group (the `blocks` backend, the CPU default)
     torch_eager          dense-mask SDPA, the torch backend's math (skipped where the mask does not fit)
     torch_compile        torch.compile of torch_eager
     flex_attention       torch.nn.attention.flex_attention with a block mask built from the layout
@@ -85,7 +86,11 @@ def _impls(layout, q, k, v, scale, device, quick):
     s, b, hq, d = q.shape
     hkv = k.shape[2]
     group = hq // hkv
-    impls = {"triton": (lambda q, k, v: shared_prefix_attention(q, k, v, layout, scale), (q, k, v), (s, b, hq * d))}
+    from engine.model.shared_prefix_attention import blocked_shared_prefix_attention
+
+    impls = {"triton": (lambda q, k, v: shared_prefix_attention(q, k, v, layout, scale), (q, k, v), (s, b, hq * d)),
+             "torch_blocks": (lambda q, k, v: blocked_shared_prefix_attention(q, k, v, layout, scale), (q, k, v),
+                              (s, b, hq * d))}
     qb, kb, vb = (t.detach().permute(1, 2, 0, 3).contiguous().requires_grad_() for t in (q, k, v))
 
     mask_bytes = b * s * s * 3

@@ -16,18 +16,26 @@ number of tokens, evaluated on held-out policies as it trains.
   largest, a share that grows with width only and would bend the law; the total is printed too).
 - C: training FLOPs as the engine counts them for its MFU (matrix products of every layer and
   head, and the exact attention work of the shared-prefix layout), summed over the steps run.
-- size fit: the final held-out loss of each model against N. Compute fit: every evaluation of
-  every model is a (C, L) point; the fit runs over the compute frontier (the points no cheaper
-  evaluation beats), as compute-optimal laws are drawn, from the second half of each run on
-  (--fit-from): before it a model sits at ln 2 and then warms up, a transient and not the law.
+- seeds: each size trains --seeds times (train.seed 1234, 1235, ...: another initialisation and
+  data order). At this budget a model's ranking loss is still falling steeply and when it leaves
+  the ln 2 plateau varies from run to run, so one run per size measures that timing as much as
+  the size; the fits use each size's mean over its seeds, and the fit over every run is printed
+  beside it (the spread between seeds counts against that one).
+- size fit: the final held-out loss (mean of seeds) of each size against N. Compute fit: every
+  evaluation of the seed-averaged curves is a (C, L) point; the fit runs over the compute frontier
+  (the points no cheaper evaluation beats), as compute-optimal laws are drawn, from the second half
+  of each run on (--fit-from): before it a model sits at ln 2 and then warms up, a transient and
+  not the law.
 - fits: least squares of log L on log N (log C); R^2 of that regression.
 
-Every size trains in its own process, single-threaded (`--jobs` at once, largest first), so the
-losses do not depend on --jobs or on the machine's load; only the wall time does. Runs are kept
-under --out: an interrupted study resumes, reusing each size that finished (--fresh retrains).
+Every run trains in its own process, single-threaded (`--jobs` at once, largest first), with the
+engine's CPU attention (`blocks`) and the held-out evaluation only, so the losses do not depend on
+--jobs or on the machine's load; only the wall time does. Runs are kept under --out as
+SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
+(command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py                         # 5 sizes, 2 at a time (about 40 min, 2 cores)
-    python benchmarks/scaling_law.py --sizes xs s --tokens 2e5 --eval-points 2   # a quick look
+    python benchmarks/scaling_law.py            # sizes xs-l x 2 seeds, 2 at a time (about 35 min, 2 cores)
+    python benchmarks/scaling_law.py --sizes xs s --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
 
@@ -81,22 +89,19 @@ LADDER = (
     Size("xl", 6, 128, 8, 4, 352, 2e-3),
 )
 
+# what fits the 60-minute budget on 2 cores with two seeds each (about 70 CPU-minutes)
+DEFAULT_SIZES = ("xs", "s", "m", "l")
 
-def run_size(size: Size, args, run_dir: Path) -> dict:
-    """Train one size (or reuse its finished run); return its summary.json or an error row."""
-    summary = run_dir / "summary.json"
-    if summary.exists() and not args.fresh:
+
+def run_size(size: Size, seed: int, args, run_dir: Path) -> dict:
+    """Train one size with one seed (or reuse its finished run of the same command); return its
+    summary.json or an error row."""
+    summary, command = run_dir / "summary.json", run_dir / "command.json"
+    cmd = train_command(size, seed, args, run_dir)
+    if summary.exists() and command.exists() and json.loads(command.read_text()) == cmd[1:] and not args.fresh:
         return json.loads(summary.read_text())
     if run_dir.exists():
-        shutil.rmtree(run_dir)  # an unfinished run: its checkpoint may be from other settings
-    steps = max(1, round(args.tokens / (args.batch * args.seq)))
-    eval_interval = max(1, steps // args.eval_points) if args.eval_points > 1 else 0
-    cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={run_dir}", *size.overrides(),
-           f"train.steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.micro_batch}",
-           f"data.seq_length={args.seq}", f"train.warmup_steps={min(30, max(1, steps // 10))}",
-           f"train.eval_interval={eval_interval}", "train.time_limit_s=0", f"log.interval={args.log_interval}",
-           "log.tensorboard=false", "checkpoint.keep=1", f"synthetic.eval_triplets={args.eval_triplets}",
-           *args.overrides]
+        shutil.rmtree(run_dir)  # unfinished, or trained with other settings
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,8 +116,36 @@ def run_size(size: Size, args, run_dir: Path) -> dict:
         return {"error": f"exit {rc}: {' '.join(cmd)}\n{tail}"}
     cpu = usage.ru_utime + usage.ru_stime
     (run_dir / "cost.json").write_text(json.dumps({"wall_s": time.time() - t0, "cpu_s": cpu}))
-    print(f"  {size.name}: trained in {time.time() - t0:.0f} s ({cpu:.0f} CPU s)", file=sys.stderr, flush=True)
+    command.write_text(json.dumps(cmd[1:]))  # the interpreter's path aside: a rerun elsewhere may reuse it
+    print(f"  {run_dir.name}: trained in {time.time() - t0:.0f} s ({cpu:.0f} CPU s)", file=sys.stderr, flush=True)
     return json.loads(summary.read_text())
+
+
+def train_command(size: Size, seed: int, args, run_dir: Path) -> list[str]:
+    steps = max(1, round(args.tokens / (args.batch * args.seq)))
+    eval_interval = max(1, steps // args.eval_points) if args.eval_points > 1 else 0
+    cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={run_dir}", *size.overrides(),
+           f"train.steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.micro_batch}",
+           f"data.seq_length={args.seq}", f"train.warmup_steps={min(30, max(1, steps // 10))}",
+           f"train.eval_interval={eval_interval}", "train.time_limit_s=0", f"log.interval={args.log_interval}",
+           "log.tensorboard=false", "checkpoint.keep=1", f"synthetic.eval_triplets={args.eval_triplets}",
+           # only the held-out set is read here: the seen-policy evaluation would be a sixth of the cost
+           "synthetic.eval_seen=false", f"train.seed={seed}", *args.overrides]
+    return cmd
+
+
+BASE_SEED = 1234  # the engine's default train.seed
+
+
+def mean_curve(curves: list[list[dict]]) -> list[dict]:
+    """The seeds' evaluations averaged point by point (every seed evaluates at the same steps)."""
+    if len({tuple(p["step"] for p in c) for c in curves}) != 1:
+        raise ValueError("the seeds of one size evaluated at different steps")
+    out = []
+    for points in zip(*curves):
+        mean = {k: float(np.mean([p[k] for p in points])) for k in points[0] if k != "step"}
+        out.append({"step": points[0]["step"], **mean})
+    return out
 
 
 def cost(run_dir: Path) -> dict:
@@ -171,7 +204,9 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
     n = np.array([r["non_embedding"] for r in rows], float)
-    ax1.loglog(n, [r["final"]["loss"] for r in rows], "o", label="final held-out loss")
+    ax1.loglog(n, [r["final"]["loss"] for r in rows], "o", label="final held-out loss, mean of seeds")
+    ax1.loglog([r["non_embedding"] for r in rows for _ in r["seed_losses"]],
+               [x for r in rows for x in r["seed_losses"]], "x", color="gray", alpha=0.7, label="each seed")
     xs = np.geomspace(n.min(), n.max(), 50)
     a, b, r2 = size_fit
     ax1.loglog(xs, a * xs ** b, "-", label=f"L = {a:.3g} N^{b:.4f}  (R² {r2:.3f})")
@@ -195,14 +230,17 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", nargs="+", default=[s.name for s in LADDER],
-                    choices=[s.name for s in LADDER], help="which rungs of the ladder")
+    ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
+                    help="which rungs of the ladder (xl: 1.1M, about 45 CPU-minutes for two seeds)")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="packed sequences per step")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--eval-points", type=int, default=6, help="held-out evaluations per run, the final one included")
     ap.add_argument("--eval-triplets", type=int, default=1000, help="per evaluation set")
+    ap.add_argument("--seeds", type=int, default=2,
+                    help="runs per size (train.seed 1234, 1235, ...: initialisation and data order); the fits "
+                         "use each size's mean, the spread is printed")
     ap.add_argument("--fit-from", type=float, default=0.5,
                     help="compute fit: evaluations from this fraction of each run on (the warm-up and the "
                          "plateau at ln 2 before a model starts to discriminate are transients, not the law)")
@@ -219,30 +257,42 @@ def main(argv=None) -> int:
     if len(ladder) < 2:
         ap.error("a fit needs at least two sizes")
 
+    if args.seeds < 1:
+        ap.error("--seeds must be at least 1")
+    seeds = [BASE_SEED + k for k in range(args.seeds)]
+
     t0 = time.time()
-    with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest run starts at once
-        futures = {s.name: pool.submit(run_size, s, args, out / s.name) for s in reversed(ladder)}
-    summaries = {name: f.result() for name, f in futures.items()}
+    with ThreadPoolExecutor(args.jobs) as pool:  # largest first: the longest runs start at once
+        futures = {(s.name, seed): pool.submit(run_size, s, seed, args, out / f"{s.name}-seed{seed}")
+                   for s in reversed(ladder) for seed in seeds}
+    summaries = {key: f.result() for key, f in futures.items()}
     wall = time.time() - t0
 
-    failed = {n: s["error"] for n, s in summaries.items() if "error" in s}
+    failed = {f"{n}-seed{seed}": s["error"] for (n, seed), s in summaries.items() if "error" in s}
     for name, err in failed.items():
-        print(f"size {name} failed: {err}", file=sys.stderr)
+        print(f"run {name} failed: {err}", file=sys.stderr)
     rows = []
     for size in ladder:
-        s = summaries[size.name]
-        if "error" in s:
+        runs = [(seed, summaries[size.name, seed]) for seed in seeds if "error" not in summaries[size.name, seed]]
+        if not runs:
             continue
+        s = runs[0][1]
         lm_head = any("lm_loss" in r for r in s["history"])
-        points = curve(s)
+        curves = [curve(summary) for _, summary in runs]
+        costs = [cost(out / f"{size.name}-seed{seed}") for seed, _ in runs]
+        points = mean_curve(curves)
         rows.append({"size": size.name, "shape": asdict(size), "parameters": s["parameters"],
                      "non_embedding": size.non_embedding_parameters(s["parameters"], ByteTokenizer.vocab_size, lm_head),
-                     "curve": points, "final": points[-1], **cost(out / size.name)})
+                     "seeds": [seed for seed, _ in runs], "seed_losses": [c[-1]["loss"] for c in curves],
+                     "seed_curves": curves, "curve": points, "final": points[-1],
+                     **({"cpu_s": sum(c["cpu_s"] for c in costs)} if all("cpu_s" in c for c in costs) else {})})
     if len(rows) < 2:
         print("fewer than two sizes finished: nothing to fit", file=sys.stderr)
         return 1
 
     size_fit = power_fit([r["non_embedding"] for r in rows], [r["final"]["loss"] for r in rows])
+    every_run_fit = (power_fit([r["non_embedding"] for r in rows for _ in r["seed_losses"]],
+                               [x for r in rows for x in r["seed_losses"]]) if args.seeds > 1 else None)
     lm_fit = (power_fit([r["non_embedding"] for r in rows], [r["final"]["lm_loss"] for r in rows])
               if all(r["final"]["lm_loss"] > 0 for r in rows) else None)
     frontier = compute_frontier([(p["flops"], p["loss"]) for r in rows for p in r["curve"]
@@ -250,23 +300,30 @@ def main(argv=None) -> int:
     compute_fit = power_fit(*zip(*frontier)) if len(frontier) >= 3 else None
 
     print(f"scaling law at small scale: {len(rows)} sizes x {args.tokens:,.0f} tokens (seq {args.seq}, "
-          f"{args.batch} sequences a step), held-out ranking loss over {rows[0]['final'].get('pairs', args.eval_triplets)} "
-          f"triplets; {wall / 60:.1f} min wall with {args.jobs} job(s) x {args.threads} thread(s)\n")
-    print("| size | layers x hidden | parameters | non-embedding N | tokens | C (FLOPs) | held-out loss | "
-          "held-out acc | held-out LM loss | CPU s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          f"{args.batch} sequences a step) x {args.seeds} seed(s), held-out ranking loss over "
+          f"{rows[0]['final'].get('pairs', args.eval_triplets):.0f} triplets; {wall / 60:.1f} min wall with "
+          f"{args.jobs} job(s) x {args.threads} thread(s)\n")
+    print("| size | layers x hidden | parameters | non-embedding N | tokens | C (FLOPs) | held-out loss (mean) | "
+          "per seed | held-out acc | held-out LM loss | CPU s |")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         f, sh = r["final"], r["shape"]
         cpu = f"{r['cpu_s']:,.0f}" if "cpu_s" in r else "-"
+        per_seed = " / ".join(f"{x:.4f}" for x in r["seed_losses"])
         print(f"| {r['size']} | {sh['layers']} x {sh['hidden']} | {r['parameters']:,} | {r['non_embedding']:,} | "
-              f"{f['tokens']:,.0f} | {f['flops']:.3g} | {f['loss']:.4f} | {f['accuracy']:.3f} | {f['lm_loss']:.4f} | "
-              f"{cpu} |")
+              f"{f['tokens']:,.0f} | {f['flops']:.3g} | {f['loss']:.4f} | {per_seed} | {f['accuracy']:.3f} | "
+              f"{f['lm_loss']:.4f} | {cpu} |")
     if all("cpu_s" in r for r in rows):
         print(f"\nCPU time: {sum(r['cpu_s'] for r in rows) / 60:.1f} min in all, the largest size "
-              f"{max(r['cpu_s'] for r in rows) / 60:.1f} min (each size single-threaded)")
+              f"{max(r['cpu_s'] for r in rows) / 60:.1f} min (its {args.seeds} seed(s); each run single-threaded)")
     print()
     a, b, r2 = size_fit
-    print(f"size fit:    L = {a:.4g} * N^{b:.4f}   R^2 = {r2:.4f}   (final held-out ranking loss, {len(rows)} sizes)")
+    print(f"size fit:    L = {a:.4g} * N^{b:.4f}   R^2 = {r2:.4f}   (final held-out ranking loss, mean of "
+          f"{args.seeds} seed(s), {len(rows)} sizes)")
+    if every_run_fit:
+        a, b, r2e = every_run_fit
+        print(f"  every run: L = {a:.4g} * N^{b:.4f}   R^2 = {r2e:.4f}   (each seed its own point: the spread "
+              "between seeds counts against it)")
     if compute_fit:
         a, b, r2c = compute_fit
         print(f"compute fit: L = {a:.4g} * C^{b:.4f}   R^2 = {r2c:.4f}   ({len(frontier)} frontier points of "
@@ -287,6 +344,7 @@ def main(argv=None) -> int:
     (out / "scaling_law.json").write_text(json.dumps({
         "settings": vars(args), "wall_s": wall, "rows": rows,
         "size_fit": dict(zip(("a", "b", "r2"), size_fit)),
+        "every_run_fit": dict(zip(("a", "b", "r2"), every_run_fit)) if every_run_fit else None,
         "compute_fit": dict(zip(("a", "b", "r2"), compute_fit)) if compute_fit else None,
         "lm_fit": dict(zip(("a", "b", "r2"), lm_fit)) if lm_fit else None, "frontier": frontier,
         "failed": failed}, indent=1))

@@ -190,9 +190,10 @@ class TrainConfig:
     # auto: bf16 on GPU, fp32 on CPU
     precision: str = setting("auto", one_of("auto", "fp32", "bf16"))
     seed: int = setting(1234, at_least(0))
-    # shared-prefix attention: torch (reference, runs everywhere) | triton (a CUDA GPU, or
+    # shared-prefix attention: torch (reference: the whole pack with a dense mask, runs everywhere) |
+    # blocks (torch, one group at a time: the fast CPU path) | triton (a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing)
-    attention_backend: str = setting("torch", one_of("torch", "triton"))
+    attention_backend: str = setting("blocks", one_of("torch", "blocks", "triton"))
     # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing) | cuda (fused kernels of engine._C_cuda; a CUDA GPU)
     kernels: str = setting("torch", one_of("torch", "triton", "cuda"))

@@ -147,7 +147,7 @@ class RewardScorer:
         if world != tp and not dist.is_initialized():
             raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
         if attention_backend == "auto":
-            attention_backend = "triton" if torch.cuda.is_available() else "torch"
+            attention_backend = "triton" if torch.cuda.is_available() else "blocks"
         par = ParallelConfig(tp=tp, pp=1, distributed_optimizer=False)
         train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)

@@ -121,8 +121,8 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
             import engine.kernels.cuda_ops  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"train.kernels=cuda: {exc}") from exc
-    if train.attention_backend not in ("torch", "triton"):
-        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected torch or triton")
+    if train.attention_backend not in ("torch", "blocks", "triton"):
+        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected torch, blocks or triton")
     if train.attention_backend == "triton":
         if not rt.is_cuda and not interpret:
             raise ConfigError("train.attention_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import at_least, one_of, setting
+from engine.config import at_least, boolean, one_of, setting
 from polar.format import EncodedGroup, encode_groups
 from polar.synthetic import Triplet, make_pool, make_prompts, make_triplets
 from polar.tokenizer import Tokenizer
@@ -23,6 +23,9 @@ class SyntheticDataConfig:
     held_out_policies: int = setting(40, at_least(2))
     train_triplets: int = setting(24000, at_least(1))
     eval_triplets: int = setting(1000, at_least(1))  # per evaluation set (held-out and seen)
+    # also evaluate on fresh triplets of the training policies (memorisation vs discrimination);
+    # false leaves the held-out set and the training data exactly as they are
+    eval_seen: bool = setting(True, boolean)
     prompts: int = setting(5000, at_least(1))
     # the input template (polar/format.py): sft puts "\n" after each prompt, pretrain does not
     wrapper: str = setting("sft", one_of("sft", "pretrain"))

@@ -110,8 +110,9 @@ def synthetic_data(cfg: PretrainConfig) -> RunData:
             raise ConfigError(f"{name}: {e}") from e
 
     train = pack(splits.train, "training data")
-    evals = {"held_out": pack(splits.eval_held_out, "held-out evaluation data"),
-             "seen": pack(splits.eval_seen, "seen-policy evaluation data")}
+    evals = {"held_out": pack(splits.eval_held_out, "held-out evaluation data")}
+    if cfg.synthetic.eval_seen:
+        evals["seen"] = pack(splits.eval_seen, "seen-policy evaluation data")
     dup = sum(len(g.prefix) * (len(g.candidates) - 1) for g in train.groups)
     desc = (f"data: {len(train.groups):,} training groups -> {len(train):,} packed sequences of "
             f"{seq} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "
@@ -132,17 +133,17 @@ def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:
         held = data.splits.eval_held_out
         summary = {
             "held_out_pair_accuracy": results["held_out"]["pair_accuracy"],
-            "train_pair_accuracy": results["seen"]["pair_accuracy"],
+            "train_pair_accuracy": results["seen"]["pair_accuracy"] if "seen" in results else None,
             "held_out_loss": results["held_out"]["loss"],
-            "seen_loss": results["seen"]["loss"],
+            "seen_loss": results["seen"]["loss"] if "seen" in results else None,
             "baselines": {name: baselines.pairwise_accuracy(fn, held)
                           for name, fn in (("word_overlap", baselines.word_overlap),
                                            ("bigram_overlap", baselines.bigram_overlap),
                                            ("length_difference", baselines.length_difference))},
             "held_out_pairs": results["held_out"]["pairs"],
         }
-        line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f} (seen policies "
-                f"{summary['train_pair_accuracy']:.3f}) | "
+        seen = "" if "seen" not in results else f" (seen policies {summary['train_pair_accuracy']:.3f})"
+        line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f}{seen} | "
                 + " | ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items()))
         return summary, [line]
     if "eval" in results:

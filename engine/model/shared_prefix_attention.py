@@ -14,7 +14,15 @@ softmax row is empty.
 The module takes megatron's core-attention slot in the layer spec. It receives the packed layout
 through megatron's `attention_mask` argument as an int tensor [b, 3, s] (rows: position id,
 segment, candidate; built by engine.packing.collate, whose `dense_mask` states the rule) and
-applies RoPE itself (see rope.py). Fast kernels plug in by `backend`.
+applies RoPE itself (see rope.py). Fast kernels plug in by `backend`:
+
+- `torch`: SDPA over the whole pack with the dense mask. The reference: obviously the rule, but
+  it computes every (query, key) pair of the pack, O(L^2) in time and memory.
+- `blocks`: SDPA once per group, on the group's own tokens; padding runs pass their values
+  through. Groups never see each other, so only the diagonal blocks hold work: a pack of n
+  equal groups costs 1/n of `torch`'s attention. The CPU training path (no Triton there).
+- `triton`: engine.kernels.shared_prefix_attention, which also skips the masked tiles inside a
+  group (a candidate's siblings); the GPU path.
 """
 from __future__ import annotations
 
@@ -26,7 +34,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from engine.model.rope import apply_rope, check_rope_window, rope_cos_sin
-from engine.packing import POSITION, LayoutCache, dense_mask
+from engine.packing import CANDIDATE, POSITION, SEGMENT, LayoutCache, dense_mask
 
 # one layout only: the dense mask it keeps is O(L^2)
 _cache = LayoutCache(layouts=1)
@@ -47,7 +55,54 @@ def torch_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torc
     return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)
 
 
-_BACKENDS = {"torch": torch_shared_prefix_attention}
+def group_blocks(layout: torch.Tensor) -> list[list[tuple[int, Optional[torch.Tensor]]]]:
+    """Per pack row, its runs of one segment in order: (length, bool mask [n, n] of the rule within
+    the run), the mask None for a run of padding. One host read of the layout per micro-batch (every
+    layer reuses it through the cache); the loop is over groups, not tokens."""
+    seg = layout[:, SEGMENT].cpu()
+    cand = layout[:, CANDIDATE]
+    b, L = seg.shape
+    starts = [[0] + (torch.nonzero(seg[r, 1:] != seg[r, :-1]).flatten() + 1).tolist() for r in range(b)]
+    plan = []
+    for r in range(b):
+        row = []
+        for a, e in zip(starts[r], starts[r][1:] + [L]):
+            if seg[r, a] < 0:
+                row.append((e - a, None))
+                continue
+            c = cand[r, a:e]
+            causal = torch.ones(e - a, e - a, dtype=torch.bool, device=layout.device).tril_()
+            row.append((e - a, causal & ((c[None, :] == 0) | (c[None, :] == c[:, None]))))
+        plan.append(row)
+    return plan
+
+
+def blocked_shared_prefix_attention(q, k, v, layout, softmax_scale: float) -> torch.Tensor:
+    """`torch_shared_prefix_attention`'s result, computed one group at a time.
+
+    split/unbind (not indexing) so that backward is one cat/stack per row instead of a full-size
+    zero tensor per group."""
+    s, b, hq, d = q.shape
+    rep = hq // k.shape[2]
+    plan = _cache.get(layout, "blocks", lambda: group_blocks(layout))
+    rows = []
+    for r, (qr, kr, vr) in enumerate(zip(q.unbind(1), k.unbind(1), v.unbind(1))):
+        sizes = [n for n, _ in plan[r]]
+        pieces = []
+        for (_, mask), qb, kb, vb in zip(plan[r], qr.split(sizes), kr.split(sizes), vr.split(sizes)):
+            if mask is None:  # a padding query sees only itself: its own value, per query head
+                pieces.append(vb.repeat_interleave(rep, dim=1) if rep > 1 else vb)
+                continue
+            out = F.scaled_dot_product_attention(
+                qb.transpose(0, 1).unsqueeze(0), kb.transpose(0, 1).unsqueeze(0), vb.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, scale=softmax_scale, enable_gqa=rep > 1,
+            )  # [1, hq, n, d]
+            pieces.append(out[0].transpose(0, 1))
+        rows.append(torch.cat(pieces, 0) if len(pieces) > 1 else pieces[0])
+    return torch.stack(rows, 1).reshape(s, b, hq * d)
+
+
+_BACKENDS = {"torch": torch_shared_prefix_attention, "blocks": blocked_shared_prefix_attention}
 # Imported on first request only: importing a kernel module imports triton, which the default
 # torch path must not pay for (or need installed).
 _LAZY_BACKENDS = {"triton": "engine.kernels.shared_prefix_attention"}

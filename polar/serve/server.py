@@ -48,7 +48,8 @@ def parse_args(argv=None):
     ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
     ap.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                     help="tensor-parallel size (= the torchrun processes)")
-    ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "triton"))
+    ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "blocks", "triton"),
+                    help="auto: triton on a GPU, blocks (per-group SDPA) on the CPU; torch is the dense-mask reference")
     ap.add_argument("--graceful-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     return ap.parse_args(argv)

@@ -1,7 +1,10 @@
 """benchmarks/scaling_law.py's arithmetic: the power-law fit, the compute frontier, the token and
 FLOP sums read back from a run's log, and the non-embedding parameter count of each rung against
-the engine's real model. The study itself (about 40 minutes) is run by hand; its figures live in
+the engine's real model, the seed average, and the reuse of finished runs. The study itself (about
+35 minutes) is run by hand; its figures live in
 benchmarks/RESULTS.md."""
+import argparse
+import json
 import os
 import sys
 import warnings
@@ -67,3 +70,33 @@ def test_non_embedding_count_matches_the_engine_model(rung):
                     if "embedding" in name or "lm_head" in name)
     assert embedding == 2 * vocab * rung.hidden
     assert rung.non_embedding_parameters(total, vocab, lm_head=True) == total - embedding
+
+
+def test_mean_curve_averages_seeds_point_by_point():
+    a = [{"step": 5, "tokens": 10.0, "loss": 0.6}, {"step": 9, "tokens": 20.0, "loss": 0.4, "pairs": 8}]
+    b = [{"step": 5, "tokens": 12.0, "loss": 0.7}, {"step": 9, "tokens": 22.0, "loss": 0.2, "pairs": 8}]
+    out = sl.mean_curve([a, b])
+    assert [p["step"] for p in out] == [5, 9]
+    assert out[0]["loss"] == pytest.approx(0.65) and out[1]["loss"] == pytest.approx(0.3)
+    assert out[1]["tokens"] == pytest.approx(21.0) and out[1]["pairs"] == 8
+    with pytest.raises(ValueError, match="different steps"):
+        sl.mean_curve([a, b[:1]])
+
+
+def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path, monkeypatch):
+    args = argparse.Namespace(
+        tokens=2e4, batch=4, seq=512, micro_batch=4, eval_points=2, log_interval=1, eval_triplets=8,
+        overrides=[], threads=1, fresh=False)
+    size, run_dir = sl.LADDER[0], tmp_path / "xs-seed1234"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text('{"steps": 10}')
+    (run_dir / "command.json").write_text(json.dumps(sl.train_command(size, 1234, args, run_dir)[1:]))
+
+    def no_training(*a, **k):
+        raise RuntimeError("would train")
+
+    monkeypatch.setattr(sl.subprocess, "Popen", no_training)
+    assert sl.run_size(size, 1234, args, run_dir) == {"steps": 10}
+    with pytest.raises(RuntimeError, match="would train"):  # another seed: another command
+        sl.run_size(size, 1235, args, run_dir)
+    assert not (run_dir / "summary.json").exists()  # the stale run was cleared before retraining

@@ -83,7 +83,7 @@ def test_memory_estimate_within_10_percent_of_cpu_peak(tmp_path, name):
     nproc, par, layout = MEMORY_LAYOUTS[name]
     out = tmp_path / "memory.json"
     run = [f"data.seq_length={MEMORY_RUN['seq_length']}", f"train.global_batch={MEMORY_RUN['global_batch']}",
-           "train.aux_lm_weight=0", "log.tensorboard=false", "checkpoint.resume=false", f"run_dir={tmp_path / 'run'}"]
+           "train.aux_lm_weight=0", "train.attention_backend=torch", "log.tensorboard=false", "checkpoint.resume=false", f"run_dir={tmp_path / 'run'}"]
     _run(nproc, ["memory", "--out", str(out), *_overrides(MEMORY_MODEL), *run, *par])
     shape = _shape(MEMORY_MODEL)
     for r in json.loads(out.read_text()):

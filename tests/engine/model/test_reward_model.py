@@ -1,5 +1,6 @@
 """Shared-prefix packing is exact: a packed sequence of several groups of K candidates gives the
-same rewards, and the same parameter gradients, as scoring every `prefix + candidate` alone."""
+same rewards, and the same parameter gradients, as scoring every `prefix + candidate` alone, with
+either torch attention backend (the dense-mask reference and the per-group blocks)."""
 from __future__ import annotations
 
 import numpy as np
@@ -10,7 +11,10 @@ from engine.config import ModelConfig, ParallelConfig, TrainConfig
 from engine.packing import Group, collate
 
 
-def build_model(runtime, seed=0):
+BACKENDS = ("torch", "blocks")
+
+
+def build_model(runtime, seed=0, backend="torch"):
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec
     from engine.parallelize import transformer_config
@@ -19,7 +23,7 @@ def build_model(runtime, seed=0):
     m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                     ffn_hidden_size=96, vocab_size=50)
     cfg = transformer_config(m, ParallelConfig(), TrainConfig(precision="fp32"), runtime)
-    model = RewardModel(cfg, layer_spec(False, 10000.0, "torch"), m.vocab_size, 512, True, True)
+    model = RewardModel(cfg, layer_spec(False, 10000.0, backend), m.vocab_size, 512, True, True)
     # a zero value head would make every backbone gradient zero and the gradient check vacuous
     torch.nn.init.normal_(model.value_head.weight, std=0.5)
     return model
@@ -45,10 +49,11 @@ def unpacked_reward(model, ids: np.ndarray) -> torch.Tensor:
     return model(torch.from_numpy(ids.astype(np.int64))[None], layout, torch.tensor([n - 1]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_packed_rewards_and_grads_equal_unpacked(runtime, seed):
+def test_packed_rewards_and_grads_equal_unpacked(runtime, seed, backend):
     rng = np.random.default_rng(seed)
-    model = build_model(runtime, seed)
+    model = build_model(runtime, seed, backend)
     groups = random_groups(rng, 6)
     # two packed sequences with several groups each, and padding at the end
     total = [len(g) for g in groups]
@@ -77,10 +82,11 @@ def test_packed_rewards_and_grads_equal_unpacked(runtime, seed):
         assert p.grad.abs().max() > 0, f"no gradient reached {name}"
 
 
-def test_candidate_ignores_siblings_and_other_groups(runtime):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_candidate_ignores_siblings_and_other_groups(runtime, backend):
     """Changing a sibling candidate or another group's tokens leaves a candidate's reward alone."""
     rng = np.random.default_rng(5)
-    model = build_model(runtime, 5)
+    model = build_model(runtime, 5, backend)
     groups = random_groups(rng, 3, k_range=(3, 4))
     batch = collate([groups], sum(len(g) for g in groups), pad_id=0)
     base = model(batch.tokens, batch.layout, batch.reward_index)

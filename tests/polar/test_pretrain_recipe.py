@@ -1,0 +1,26 @@
+"""The embedded default's evaluation sets: `synthetic.eval_seen=false` drops the seen-policy set
+and leaves the held-out set and the training data exactly as they were."""
+import numpy as np
+
+from engine.config import load_config
+from polar.pretrain_recipe import PretrainConfig, summarize, synthetic_data
+
+SMALL = ["synthetic.train_triplets=40", "synthetic.eval_triplets=12", "synthetic.prompts=50"]
+
+
+def _tokens(packed):
+    return [np.concatenate([g.prefix, *g.candidates]) for g in packed.groups]
+
+
+def test_without_the_seen_set_the_rest_is_unchanged():
+    both = synthetic_data(load_config(PretrainConfig, None, SMALL))
+    held_only = synthetic_data(load_config(PretrainConfig, None, SMALL + ["synthetic.eval_seen=false"]))
+    assert set(both.evals) == {"held_out", "seen"} and set(held_only.evals) == {"held_out"}
+    for a, b in ((both.train, held_only.train), (both.evals["held_out"], held_only.evals["held_out"])):
+        assert len(a.groups) == len(b.groups) > 0
+        assert all(np.array_equal(x, y) for x, y in zip(_tokens(a), _tokens(b)))
+
+    results = {"held_out": {"pair_accuracy": 0.75, "loss": 0.5, "pairs": 12}}
+    summary, lines = summarize(held_only, results)
+    assert summary["held_out_loss"] == 0.5 and summary["seen_loss"] is None
+    assert "seen policies" not in lines[0] and "held-out pair accuracy 0.750" in lines[0]
