@@ -138,13 +138,14 @@ def test_reward_model_triton_backend_matches_torch(runtime):
     tokens = torch.from_numpy(rng.integers(1, 1000, size=tuple(layout_rows[:, 0].shape))).cuda()
     reward_index = torch.nonzero(layout_rows[:, 2].flatten() > 0).flatten()[::37]
     results = {}
-    for backend in ("torch", "triton"):
+    for backend in ("torch", "blocks", "triton"):
         torch.manual_seed(0)
         model = RewardModel(cfg, layer_spec(False, 10000.0, backend), 1000, 2048, True, True).cuda()
         torch.nn.init.normal_(model.value_head.weight, std=0.5)
         rewards = model(tokens, layout_rows, reward_index)
         rewards.sum().backward()
         results[backend] = (rewards.detach(), {n: p.grad for n, p in model.named_parameters()})
-    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-4)
-    for name, g in results["torch"][1].items():
-        torch.testing.assert_close(results["triton"][1][name], g, rtol=1e-3, atol=1e-4, msg=name)
+    for other in ("blocks", "triton"):  # the per-group SDPA path (the CPU default) runs on the GPU too
+        torch.testing.assert_close(results[other][0], results["torch"][0], rtol=1e-4, atol=1e-4, msg=other)
+        for name, g in results["torch"][1].items():
+            torch.testing.assert_close(results[other][1][name], g, rtol=1e-3, atol=1e-4, msg=f"{other}: {name}")
