@@ -34,7 +34,7 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # sizes xs-l x 2 seeds, 2 at a time (about 35 min, 2 cores)
+    python benchmarks/scaling_law.py            # sizes xs-m x 2 seeds, 2 at a time (about 25 min, 2 cores)
     python benchmarks/scaling_law.py --sizes xs s --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
@@ -78,19 +78,24 @@ class Size:
         return total - vocab * self.hidden * (2 if lm_head else 1)
 
 
-# Llama-shaped (head dim 16, SwiGLU ffn ~2.75 x hidden, grouped-query attention), about 2x apart
-# in non-embedding parameters from 23k to 1.1M; "m" is the embedded default's shape. One peak lr
-# for all (the default's): the paper's lr law barely moves with size (LR ~ N^0.011, App. D.1.2).
+# Llama-shaped (head dim 16, SwiGLU ffn ~2.75 x hidden, grouped-query attention) from 23k to 1.1M
+# non-embedding parameters; "m" is the embedded default's shape. One peak lr for all (the
+# default's): the paper's lr law barely moves with size (LR ~ N^0.011, App. D.1.2).
 LADDER = (
     Size("xs", 2, 32, 2, 1, 88, 2e-3),
+    Size("xs2", 4, 32, 2, 1, 88, 2e-3),
     Size("s", 3, 48, 3, 1, 128, 2e-3),
+    Size("s2", 3, 64, 4, 2, 176, 2e-3),
     Size("m", 4, 64, 4, 2, 176, 2e-3),
     Size("l", 5, 96, 6, 2, 256, 2e-3),
     Size("xl", 6, 128, 8, 4, 352, 2e-3),
 )
 
-# what fits the 60-minute budget on 2 cores with two seeds each (about 70 CPU-minutes)
-DEFAULT_SIZES = ("xs", "s", "m", "l")
+# The default study: five rungs from 23k to 185k, about 1.3-2x apart, two seeds each (about 50
+# CPU-minutes). Beyond "m" the synthetic policies' budget, not the size, bounds the loss: "l" (2.7x
+# "m") ends at m's held-out ranking loss at 2.5M and at 5M tokens, and at its next-token loss at 5M
+# (benchmarks/RESULTS.md, 2026-12-02), so those rungs measure the data, not the size law.
+DEFAULT_SIZES = ("xs", "xs2", "s", "s2", "m")
 
 
 def run_size(size: Size, seed: int, args, run_dir: Path) -> dict:
@@ -231,7 +236,7 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
-                    help="which rungs of the ladder (xl: 1.1M, about 45 CPU-minutes for two seeds)")
+                    help="which rungs of the ladder (l and xl, 0.5M and 1.1M: about 25 and 45 CPU-minutes for two seeds)")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="packed sequences per step")
