@@ -39,7 +39,7 @@ BAD = {
     "log.interval": 0, "log.tensorboard": "loud",
     "synthetic.seed": -1, "synthetic.train_policies": 1, "synthetic.held_out_policies": 1,
     "synthetic.train_triplets": 0, "synthetic.eval_triplets": 0, "synthetic.prompts": 0,
-    "synthetic.wrapper": "chat",
+    "synthetic.wrapper": "chat", "synthetic.eval_seen": "maybe",
     "run_dir": A_FILE,
 }
 # values that are fine for their type but meaningless: they must stop the run too (the review's list)

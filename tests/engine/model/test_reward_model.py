@@ -14,6 +14,14 @@ from engine.packing import Group, collate
 BACKENDS = ("torch", "blocks")
 
 
+@pytest.fixture(autouse=True)
+def blocks_on_short_packs(monkeypatch):
+    """These packs are short: without this the blocks backend would hand them to the dense path."""
+    from engine.model import shared_prefix_attention
+
+    monkeypatch.setattr(shared_prefix_attention, "DENSE_BELOW", 0)
+
+
 def build_model(runtime, seed=0, backend="torch"):
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec

@@ -10,6 +10,12 @@ from engine.packing import SEGMENT, collate
 from tests.engine.kernels.attention_cases import NAMES, random_group, random_layout, reference, rel_err, run
 
 
+@pytest.fixture(autouse=True)
+def always_blocks(monkeypatch):
+    """The cases are short packs, which the backend would hand to the dense path."""
+    monkeypatch.setattr(spa, "DENSE_BELOW", 0)
+
+
 def _inputs(seed, layout, hq, hkv, d):
     gen = torch.Generator().manual_seed(seed)
     s, b = layout.shape[-1], layout.shape[0]
@@ -63,3 +69,14 @@ def test_blocks_follow_segments_and_are_built_once_per_layout(monkeypatch):
     for _ in range(3):  # three layers of one forward
         spa.blocked_shared_prefix_attention(q.float(), k.float(), v.float(), layout, 0.3)
     assert len(calls) == 1
+
+
+def test_short_packs_take_the_dense_path(monkeypatch):
+    monkeypatch.setattr(spa, "DENSE_BELOW", 10_000)
+    monkeypatch.setattr(spa, "group_blocks", lambda lay: pytest.fail("a short pack was split into groups"))
+    layout = random_layout(5, 2, 2, (2, 3), p_max=8, c_max=4)
+    q, k, v, grad = _inputs(5, layout, 2, 1, 8)
+    ref = run(reference, q, k, v, grad, layout, torch.float64)
+    got = run(spa.blocked_shared_prefix_attention, q, k, v, grad, layout, torch.float64)
+    for name, g, r in zip(NAMES, got, ref):
+        assert rel_err(g, r) < 1e-12, name
