@@ -130,20 +130,20 @@ def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:
     if data.splits is not None:
         from polar import baselines
 
-        held = data.splits.eval_held_out
+        held, seen = data.splits.eval_held_out, results.get("seen")
         summary = {
             "held_out_pair_accuracy": results["held_out"]["pair_accuracy"],
-            "train_pair_accuracy": results["seen"]["pair_accuracy"] if "seen" in results else None,
+            "train_pair_accuracy": seen["pair_accuracy"] if seen else None,
             "held_out_loss": results["held_out"]["loss"],
-            "seen_loss": results["seen"]["loss"] if "seen" in results else None,
+            "seen_loss": seen["loss"] if seen else None,
             "baselines": {name: baselines.pairwise_accuracy(fn, held)
                           for name, fn in (("word_overlap", baselines.word_overlap),
                                            ("bigram_overlap", baselines.bigram_overlap),
                                            ("length_difference", baselines.length_difference))},
             "held_out_pairs": results["held_out"]["pairs"],
         }
-        seen = "" if "seen" not in results else f" (seen policies {summary['train_pair_accuracy']:.3f})"
-        line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f}{seen} | "
+        seen_part = f" (seen policies {seen['pair_accuracy']:.3f})" if seen else ""
+        line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f}{seen_part} | "
                 + " | ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items()))
         return summary, [line]
     if "eval" in results:

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
 from engine.model.rope import apply_rope, check_rope_window, rope_cos_sin
-from engine.packing import CANDIDATE, POSITION, SEGMENT, LayoutCache, dense_mask
+from engine.packing import POSITION, SEGMENT, LayoutCache, dense_mask
 
 # one layout only: the dense mask it keeps is O(L^2)
 _cache = LayoutCache(layouts=1)
@@ -61,7 +61,6 @@ def group_blocks(layout: torch.Tensor) -> list[list[tuple[int, Optional[torch.Te
     the run), the mask None for a run of padding. One host read of the layout per micro-batch (every
     layer reuses it through the cache); the loop is over groups, not tokens."""
     seg = layout[:, SEGMENT].cpu()
-    cand = layout[:, CANDIDATE]
     b, L = seg.shape
     starts = [[0] + (torch.nonzero(seg[r, 1:] != seg[r, :-1]).flatten() + 1).tolist() for r in range(b)]
     plan = []
@@ -71,9 +70,7 @@ def group_blocks(layout: torch.Tensor) -> list[list[tuple[int, Optional[torch.Te
             if seg[r, a] < 0:
                 row.append((e - a, None))
                 continue
-            c = cand[r, a:e]
-            causal = torch.ones(e - a, e - a, dtype=torch.bool, device=layout.device).tril_()
-            row.append((e - a, causal & ((c[None, :] == 0) | (c[None, :] == c[:, None]))))
+            row.append((e - a, dense_mask(layout[r:r + 1, :, a:e])[0]))  # the rule, on one group
         plan.append(row)
     return plan
 
