@@ -191,23 +191,68 @@ def _unshare_steps(optimizer) -> None:
                 st["step"] = st["step"].clone()
 
 
+# weights a run may add to a checkpoint's model: the auxiliary LM head (train.aux_lm_weight > 0)
+# of a run initialised from a pre-training or a conversion that had none
+OPTIONAL_PREFIXES = ("lm_head.",)
+
+
+def _tensor_keys(path) -> set[str]:
+    from megatron.core import dist_checkpointing
+
+    return set(dist_checkpointing.load_tensors_metadata(str(path)))
+
+
+def has_lm_head(path: str) -> bool:
+    return "lm_head.weight" in _tensor_keys(path)
+
+
+def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
+    """The optional modules this model has and the checkpoint lacks (judged by their `.weight`
+    tensor; their extra state goes with them), removed from the load request so they keep their
+    initialisation; returned per chunk key so they are put back after the load. Resuming needs
+    every weight: the optimizer state would not match."""
+    present = None
+    kept: dict = {}
+    for chunk_key, sd in state.items():
+        for prefix in OPTIONAL_PREFIXES:
+            names = [n for n in sd if n.startswith(prefix)]
+            weight = sd.get(prefix + "weight")
+            if not names or weight is None:
+                continue
+            if present is None:
+                present = _tensor_keys(path)
+            if weight.key in present:
+                continue
+            if resuming:
+                raise ValueError(f"{path}: has no {prefix}weight (saved with train.aux_lm_weight=0); a run resumes "
+                                 "with the settings it was saved with: set train.aux_lm_weight=0, or start a new "
+                                 "run with checkpoint.init_from")
+            kept.setdefault(chunk_key, {}).update({n: sd.pop(n) for n in names})
+    return kept
+
+
 def load(path: str, chunks, optimizer=None) -> dict:
-    """Loads model weights (and optimizer state if given) into this layout; returns trainer state."""
+    """Loads model weights (and optimizer state if given) into this layout; returns trainer state.
+    A weights-only load (optimizer None) into a model with an LM head from a checkpoint without
+    one keeps the head's initialisation (`has_lm_head` tells the caller)."""
     from megatron.core import dist_checkpointing
 
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     state = _model_state(chunks)
+    kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
     loaded = dist_checkpointing.load(state, str(p))
-    if len(chunks) == 1:
-        _unwrap(chunks[0]).load_state_dict(loaded["model"])
-    else:
-        for i, c in enumerate(chunks):
-            _unwrap(c).load_state_dict(loaded[f"model{i}"])
+    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+    for key, c in zip(keys, chunks):
+        module = _unwrap(c)
+        if key in kept:
+            current = module.state_dict()
+            loaded[key].update({name: current[name] for name in kept[key] if name in current})
+        module.load_state_dict(loaded[key])
     if optimizer is not None:
         with _torch_adam_step_tolerated():
             optimizer.load_state_dict(loaded["optimizer"])

@@ -100,6 +100,11 @@ def check_checkpoints(cfg) -> None:
         found = checkpoint.latest(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"))
         if found:
             checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
+            if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
+                raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "
+                                  "saved without an LM head (train.aux_lm_weight=0), and resuming keeps the "
+                                  "settings it was saved with; set train.aux_lm_weight=0, or start a new run "
+                                  "directory with checkpoint.init_from (the head then starts fresh)")
             return  # resuming wins over init_from
     if cfg.checkpoint.init_from:
         checkpoint.check_model_matches(cfg.model, checkpoint.resolve(cfg.checkpoint.init_from),

@@ -27,6 +27,12 @@ _WARNINGS = (
      "megatron's optimizer probes `.grad` on its parameter shards (views) while collecting gradients"),
     (FutureWarning, r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated",
      "megatron's distributed optimizer calls these torch collectives; they still work"),
+    (UserWarning, r"torch\.distributed is disabled, unavailable or uninitialized, assuming the intent is to load",
+     "megatron reads a checkpoint's common state and metadata on each rank by itself (no process group), by design"),
+    (UserWarning, r"The argument order of load has been changed",
+     "megatron calls torch.distributed.checkpoint's load with keyword arguments; nothing is misread"),
+    (FutureWarning, r"Please use DTensor instead and we are deprecating ShardedTensor",
+     "torch's checkpoint planner on megatron's checkpoint format, which is what dist_checkpointing writes"),
 )
 
 

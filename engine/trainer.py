@@ -107,6 +107,9 @@ class Trainer:
             step_dir = checkpoint.resolve(ck.init_from)
             checkpoint.load(step_dir, self.model, None)
             self.log(f"initialised weights from {step_dir}")
+            if self.cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(step_dir):
+                self.log(f"{step_dir} has no LM head: the auxiliary next-token loss (train.aux_lm_weight="
+                         f"{self.cfg.train.aux_lm_weight}) starts from a randomly initialised one")
 
     def _finish_param_sync(self) -> None:
         """With parallel.overlap_param_gather the updated parameter shards are all-gathered by

@@ -14,6 +14,8 @@ h = hidden size, f = FFN size, V = model.vocab_size (real rows, no TP padding):
     layers.{i}.gate, .up    [f, h]        layers.{i}.down      [h, f]
     final_norm              [h]
     value_head              [1, h]
+    lm_head                 [V, h]        optional: a causal LM's output layer, kept for the
+                                          auxiliary next-token loss (train.aux_lm_weight > 0)
 
 Megatron fuses q, k and v into one `linear_qkv` whose output rows are grouped per key-value group:
 for each group g, the rows of its heads/groups query heads, then its key head, then its value head
@@ -39,6 +41,9 @@ def canonical_shapes(model: ModelConfig) -> dict[str, tuple[int, ...]]:
         if model.add_qkv_bias:
             shapes.update({p + "q_bias": (q,), p + "k_bias": (kv,), p + "v_bias": (kv,)})
     return shapes
+
+
+OPTIONAL = ("lm_head",)
 
 
 def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int) -> torch.Tensor:
@@ -87,9 +92,11 @@ def check_canonical(tensors: dict, model: ModelConfig, source: str = "weights") 
     if missing:
         raise ValueError(f"{source}: missing tensor {missing[0]!r} (and {len(missing) - 1} more) for the model "
                          f"configuration (num_layers={model.num_layers}, add_qkv_bias={model.add_qkv_bias})")
-    extra = sorted(set(tensors) - set(shapes))
+    extra = sorted(set(tensors) - set(shapes) - set(OPTIONAL))
     if extra:
         raise ValueError(f"{source}: unexpected tensor {extra[0]!r} for the model configuration")
+    if "lm_head" in tensors:
+        shapes = {**shapes, "lm_head": shapes["embedding"]}
     for name, shape in shapes.items():
         if tuple(tensors[name].shape) != shape:
             raise ValueError(f"{source}: tensor {name!r} has shape {tuple(tensors[name].shape)}, the model "
@@ -106,14 +113,17 @@ def load_canonical(chunks, tensors: dict, model: ModelConfig) -> None:
     def shard(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
         return t.chunk(tp, dim=dim)[rank]
 
+    def vocab_rows(weight: torch.Tensor, full: torch.Tensor, start: int) -> None:
+        # this rank's rows of a vocabulary-parallel weight; rows past the real vocabulary (TP
+        # padding) are no token and stay zero
+        weight.zero_()
+        real = full[start:start + weight.shape[0]]
+        weight[: real.shape[0]].copy_(real)
+
     for chunk in map(_unwrap, chunks):
         if chunk.pre_process:
             emb = chunk.backbone.embedding.word_embeddings
-            rows = emb.weight.shape[0]
-            start = emb.vocab_start_index
-            emb.weight.zero_()
-            real = tensors["embedding"][start:start + rows]
-            emb.weight[: real.shape[0]].copy_(real)
+            vocab_rows(emb.weight, tensors["embedding"], emb.vocab_start_index)
         for layer in chunk.backbone.decoder.layers:
             p = f"layers.{layer.layer_number - 1}."
             att = layer.self_attention
@@ -129,6 +139,8 @@ def load_canonical(chunks, tensors: dict, model: ModelConfig) -> None:
         if chunk.post_process:
             chunk.final_norm.weight.copy_(tensors["final_norm"])
             chunk.value_head.weight.copy_(tensors["value_head"])
+            if chunk.lm_head is not None and "lm_head" in tensors:
+                vocab_rows(chunk.lm_head.weight, tensors["lm_head"], rank * chunk.lm_head.weight.shape[0])
 
 
 @torch.no_grad()
@@ -156,4 +168,6 @@ def export_canonical(chunks, model: ModelConfig) -> dict[str, torch.Tensor]:
         out[p + "down"] = layer.mlp.linear_fc2.weight.clone()
     out["final_norm"] = chunk.final_norm.weight.clone()
     out["value_head"] = chunk.value_head.weight.clone()
+    if chunk.lm_head is not None:
+        out["lm_head"] = chunk.lm_head.weight[: model.vocab_size].clone()
     return out

@@ -27,14 +27,15 @@ def runtime(tp: int, pp: int):
         raise ConvertError(str(e)) from e
 
 
-def build(model: ModelConfig, tp: int = 1, pp: int = 1):
-    """(model chunks, runtime) in fp32 with the torch kernels: conversions move weights, not speed."""
+def build(model: ModelConfig, tp: int = 1, pp: int = 1, lm_head: bool = False):
+    """(model chunks, runtime) in fp32 with the torch kernels: conversions move weights, not speed.
+    lm_head: with the auxiliary LM head (a causal LM's output layer travels with the weights)."""
     from engine.parallelize import build_model
     from engine.runtime import validate_layout, world_size_from_env
 
     par = ParallelConfig(tp=tp, pp=pp, distributed_optimizer=False)
     world = world_size_from_env()
-    train = TrainConfig(precision="fp32", global_batch=max(world // (tp * pp), 1))
+    train = TrainConfig(precision="fp32", global_batch=max(world // (tp * pp), 1), aux_lm_weight=float(lm_head))
     try:
         validate_layout(model, par, train, max(world, tp * pp), model.max_position_embeddings)
     except ConfigError as e:

@@ -170,6 +170,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SRC/tokenizer)")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype to write")
     args = ap.parse_args(argv)
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()
     try:
         convert(args.src, args.dst, fmt=args.format, config=args.config, tokenizer=args.tokenizer, dtype=args.dtype)
     except ConvertError as e:

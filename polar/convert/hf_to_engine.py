@@ -7,7 +7,8 @@ DST afterwards holds
 
 Architectures: Llama, Mistral, Qwen2 (causal LM or one-label sequence classification), InternLM2
 and InternLM2ForRewardModel (POLAR's released class). A value head comes from the checkpoint
-(`score` / `v_head`) or starts at zero (POLAR: a new value head is zero-initialised). Tokens the
+(`score` / `v_head`) or starts at zero (POLAR: a new value head is zero-initialised); a causal LM's
+head is kept for the auxiliary next-token loss (a run without it ignores it). Tokens the
 tokenizer gains (the reward tokens) get embedding rows set to the mean of the existing rows, the
 usual choice for new tokens: it keeps them inside the distribution the network has seen.
 The conversion runs in one process at TP1/PP1 by default (dist_checkpointing reshards on load);
@@ -91,17 +92,23 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
         tok = write_tokenizer(tok_dir, work / "tokenizer", bos, pad, **reward)
         vocab = max(hf_model.vocab_size, tok.vocab_size)
         if vocab > hf_model.vocab_size:
-            emb = tensors["embedding"]
-            mean = emb.float().mean(0, keepdim=True).to(emb.dtype)
-            tensors["embedding"] = torch.cat([emb, mean.expand(vocab - emb.shape[0], -1)])
+            for name in ("embedding", "lm_head"):
+                if name in tensors:
+                    rows = tensors[name]
+                    mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
+                    tensors[name] = torch.cat([rows, mean.expand(vocab - rows.shape[0], -1)])
             log(f"tokenizer grew to {vocab} tokens (the reward tokens were added): "
-                f"{vocab - hf_model.vocab_size} new embedding row(s) set to the mean embedding")
+                f"{vocab - hf_model.vocab_size} new embedding row(s) set to the mean embedding"
+                + (", and LM head row(s) to the mean row" if "lm_head" in tensors else ""))
         if tensors["value_head"] is None:
             tensors["value_head"] = torch.zeros(1, hf_model.hidden_size, dtype=tensors["embedding"].dtype)
             log("no value head in the checkpoint: a zero-initialised one was added")
         model = dataclasses.replace(hf_model, vocab_size=vocab, make_vocab_size_divisible_by=VOCAB_MULTIPLE)
 
-        chunks, rt = build(model, tp, pp)
+        lm_head = "lm_head" in tensors
+        if lm_head:
+            log("the causal LM's head was kept (it starts train.aux_lm_weight > 0 from the trained head)")
+        chunks, rt = build(model, tp, pp, lm_head=lm_head)
         load_canonical(chunks, tensors, model)
         del tensors
         checkpoint.save(str(dst), 0, chunks, None, {"step": 0, "converted_from": str(src), "architecture": arch})
@@ -126,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--bos", default=None, help="BOS token string (default: from the tokenizer config)")
     ap.add_argument("--pad", default=None, help="pad token string (default: pad, else EOS, of the tokenizer config)")
     args = ap.parse_args(argv)
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()
     try:
         convert(args.src, args.dst, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
                 bos=args.bos, pad=args.pad)

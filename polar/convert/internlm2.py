@@ -41,7 +41,8 @@ def to_canonical(ckpt: HFCheckpoint, shapes: dict, heads: int, groups: int) -> d
             out[p + part] = r.take(src + name, shapes[p + part])
     out["final_norm"] = r.take("model.norm.weight", shapes["final_norm"])
     out["value_head"] = r.take("v_head.weight", shapes["value_head"]) if r.has("v_head.weight") else None
-    r.left.discard("output.weight")  # the causal LM's head: a reward model reads no logits
+    if r.has("output.weight"):  # the causal LM's head, kept for the auxiliary next-token loss
+        out["lm_head"] = r.take("output.weight", shapes["embedding"])
     r.finish("InternLM2")
     return out
 

@@ -2,7 +2,9 @@
 
 Qwen2 is Llama with biases on the q, k and v projections (never on o_proj). A sequence
 classification checkpoint's `score` ([1, hidden], no bias) is the value head; a causal LM gets a
-zero value head (POLAR: a new value head starts at zero) and its LM head is dropped.
+zero value head (POLAR: a new value head starts at zero). A causal LM's head (`lm_head`, or the
+embedding when `tie_word_embeddings`) is kept: it starts the auxiliary next-token loss
+(train.aux_lm_weight) from the trained head instead of a random one.
 """
 from __future__ import annotations
 
@@ -37,7 +39,8 @@ def model_config(cfg: dict, src) -> dict:
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
-    """HF tensors -> canonical tensors (engine.weights); value_head is None for a causal LM."""
+    """HF tensors -> canonical tensors (engine.weights); value_head is None for a causal LM, and
+    lm_head is present only for one."""
     r = Reader(ckpt, ignore=("rotary_emb.inv_freq",))
     out = {"embedding": r.take("model.embed_tokens.weight", shapes["embedding"])}
     names = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
@@ -51,7 +54,10 @@ def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
             out[key] = r.take(f"model.layers.{i}.{names[part]}", shape)
     out["final_norm"] = r.take("model.norm.weight", shapes["final_norm"])
     out["value_head"] = r.take("score.weight", shapes["value_head"]) if r.has("score.weight") else None
-    r.left.discard("lm_head.weight")  # a reward model reads no logits
+    if r.has("lm_head.weight"):
+        out["lm_head"] = r.take("lm_head.weight", shapes["embedding"])
+    elif ckpt.config.get("tie_word_embeddings") and out["value_head"] is None:
+        out["lm_head"] = out["embedding"]
     r.finish("Llama-family")
     return out
 

@@ -77,6 +77,33 @@ def engine_scores(dst, groups, per_sequence, pad_id: int) -> torch.Tensor:
     return score(chunks, pack(groups, per_sequence, pad_id), rt)
 
 
+def engine_lm_loss(chunks, batches) -> torch.Tensor:
+    """The summed next-token loss of an engine model built with its LM head (PP1), over packed batches."""
+    with torch.no_grad():
+        total = torch.zeros((), dtype=torch.float64)
+        for b in batches:
+            out = chunks[0](b.tokens, b.layout, b.reward_index)
+            total += out[b.reward_index.numel():].sum().double()
+    return total
+
+
+def hf_lm_loss(model, groups) -> torch.Tensor:
+    """The same sum from a transformers causal LM, each candidate its own input: every prefix token
+    after the first predicted once per group, every candidate token after the candidate's first
+    predicted from the prefix and the candidate so far (the token after the prefix differs per
+    candidate, so it is no target)."""
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for g in groups:
+            p = len(g.prefix)
+            for i, c in enumerate(g.candidates):
+                ids = torch.tensor([np.concatenate([g.prefix, c]).tolist()])
+                ce = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1].double(), ids[0, 1:],
+                                                       reduction="none")
+                total += ce[p:].sum() + (ce[:p - 1].sum() if i == 0 else 0)
+    return total
+
+
 def hf_scores(model, inputs: list[list[int]]) -> torch.Tensor:
     """Each input scored on its own (no padding) by a transformers sequence classifier."""
     with torch.no_grad():
@@ -84,7 +111,8 @@ def hf_scores(model, inputs: list[list[int]]) -> torch.Tensor:
 
 
 def engine_scores_torchrun(tmp: Path, dst, groups, per_sequence, pad_id: int, nproc: int, *layout: str):
-    """Scores under torchrun at a parallel layout (score_worker.py); rewards as seen by every rank."""
+    """Scores under torchrun at a parallel layout (score_worker.py); rewards as seen by every rank
+    (with "--lm" in layout: each rank's summed next-token loss instead)."""
     import pickle
 
     data = tmp / "groups.pkl"
