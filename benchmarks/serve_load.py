@@ -194,11 +194,12 @@ def main(argv=None) -> int:
         from polar.serve.app import ServeSettings, Service
         from polar.serve.batcher import Batcher, score_each_alone
         from polar.serve.metrics import Metrics
-        from engine.inference import RewardScorer, tokenizer_spec
+        from engine.inference import RewardScorer
+        from polar.checkpoint_tokenizer import find
         from polar.serve.server import serve_in_thread
 
         scorer = RewardScorer.load(args.checkpoint)
-        tok = load_tokenizer(tokenizer_spec(scorer.info))
+        tok = load_tokenizer(find(str(scorer.info.step_dir)))
         formatted = format_structured(tok, [StructuredItem(**it) for it in pool], 16384, 4096)
         expected = score_each_alone(scorer.score, [ids for _, ids in formatted], tok.pad_id)
         metrics = Metrics()

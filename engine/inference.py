@@ -222,25 +222,3 @@ class RewardScorer:
         from engine.runtime import shutdown_runtime
 
         shutdown_runtime()
-
-
-def tokenizer_spec(info: CheckpointInfo) -> str:
-    """The tokenizer the checkpoint was trained with: a tokenizer/ directory beside it (written by
-    `polar convert`), the built dataset's (its metadata, written by `polar data build`), or the byte
-    tokenizer of the embedded synthetic data."""
-    import json
-
-    for d in (info.step_dir.parent / "tokenizer", info.step_dir.parent.parent / "tokenizer"):
-        if (d / "tokenizer.json").is_file():
-            return str(d)
-    data = info.run_config.get("data") or {}
-    path = data.get("path")
-    if not path:
-        return "byte"
-    p = Path(path)
-    for f in [Path(str(p) + ".json"), p.with_suffix(".json")] + (sorted(p.glob("*.json")) if p.is_dir() else []):
-        if f.is_file():
-            meta = json.loads(f.read_text())
-            if isinstance(meta.get("tokenizer"), str):
-                return meta["tokenizer"]
-    raise ValueError(f"the run trained on data.path={path}, whose metadata is not readable here: pass --tokenizer")

@@ -13,7 +13,8 @@ written by rank 0 as one line per input line, in input order. This is the refere
 
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
 or the model.yaml a converted checkpoint holds); the tokenizer from `--tokenizer`, else the
-checkpoint's tokenizer/ directory, else the byte tokenizer of the embedded default.
+tokenizer the checkpoint was trained with (polar/checkpoint_tokenizer.py: its tokenizer/ directory, or
+what its run's config.yaml says).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="JSONL: official records, groups or {prompt, reference, output}")
     ap.add_argument("--output", required=True, help="JSONL written by rank 0, one line per input line")
     ap.add_argument("--tokenizer", default="", help="'byte' or a directory with tokenizer.json (default: the "
-                                                   "checkpoint's tokenizer/, else byte)")
+                                                   "tokenizer the checkpoint was trained with)")
     ap.add_argument("--max-length", type=int, default=16384, help="the client's max_length (default 16384)")
     ap.add_argument("--max-response-length", type=int, default=4096,
                     help="the client's max_response_length (default 4096)")
@@ -56,13 +57,14 @@ def parse_args(argv=None):
 
 
 def tokenizer_spec(explicit: str, step_dir: str) -> str:
+    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+
     if explicit:
         return explicit
-    step = Path(step_dir)
-    for d in (step.parent / "tokenizer", step.parent.parent / "tokenizer"):
-        if (d / "tokenizer.json").is_file():
-            return str(d)
-    return "byte"
+    try:
+        return find(step_dir)
+    except TokenizerNotFound as e:
+        raise ConfigError(f"{e} with --tokenizer") from None
 
 
 def model_config(step_dir: str):

@@ -247,6 +247,15 @@ def _input_files(paths: list[str]) -> list[str]:
     return files
 
 
+def _tokenizer_dir(spec: str) -> str:
+    """The tokenizer as the metadata records it: "byte", or the absolute directory of tokenizer.json,
+    so that a run reading the data from any working directory finds it (polar.checkpoint_tokenizer)."""
+    if spec == "byte":
+        return spec
+    p = Path(spec).resolve()
+    return str(p.parent if p.is_file() else p)
+
+
 def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, chunk_records: int = 8192,
           num_shards: int = 1, shard_index: int = 0, rejects_path: str = "", quiet: bool = False,
           force: bool = False) -> dict:
@@ -273,7 +282,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
 
     meta = {
         "format": "polar shared-prefix groups",
-        "tokenizer": cfg.tokenizer, "bos_id": tok.bos_id, "reward_sep_id": tok.reward_sep_id,
+        "tokenizer": _tokenizer_dir(cfg.tokenizer), "bos_id": tok.bos_id, "reward_sep_id": tok.reward_sep_id,
         "reward_token_id": tok.reward_token_id,
         "wrapper_default": cfg.wrapper, "max_length": cfg.max_length or cfg.seq_length,
         "max_response": cfg.max_response, "packing": cfg.packing, "seed": cfg.seed, "on_error": cfg.on_error,

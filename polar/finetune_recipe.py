@@ -46,7 +46,8 @@ class FinetuneDataConfig:
     train: str = setting("", _existing_file)  # official JSONL preference records
     eval: str = setting("", existing_path_or_empty)  # held-out records; empty: split off eval_fraction
     eval_fraction: float = setting(0.05, in_range(0.0, 0.5))
-    # "byte", or a directory holding tokenizer.json; empty: the init checkpoint's tokenizer/ if any, else byte
+    # "byte", or a directory holding tokenizer.json; empty: the tokenizer the init checkpoint was
+    # trained with (polar.checkpoint_tokenizer.find)
     tokenizer: str = setting("", existing_path_or_empty)
     max_length: int = setting(16384, at_least(8))  # POLAR's input budget (paper App. D)
     max_response: int = setting(4096, at_least(1))
@@ -77,16 +78,16 @@ DEFAULT_PRESET = None  # no preset: the defaults above plus the command line
 
 
 def tokenizer_spec(cfg: FinetuneConfig) -> str:
+    """finetune.tokenizer, else the tokenizer the init checkpoint was trained with."""
+    from engine.checkpoint import resolve
+    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+
     if cfg.finetune.tokenizer:
         return cfg.finetune.tokenizer
-    if cfg.checkpoint.init_from:
-        from engine.checkpoint import resolve
-
-        step = Path(resolve(cfg.checkpoint.init_from))
-        for d in (step.parent / "tokenizer", step.parent.parent / "tokenizer"):
-            if (d / "tokenizer.json").is_file():
-                return str(d)
-    return "byte"
+    try:
+        return find(resolve(cfg.checkpoint.init_from))
+    except TokenizerNotFound as e:
+        raise ConfigError(f"{e} with finetune.tokenizer") from None
 
 
 def check(cfg: FinetuneConfig) -> None:
@@ -142,11 +143,14 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str):
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
+    from polar.checkpoint_tokenizer import save_beside
     from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
     f = cfg.finetune
-    tok = load_tokenizer(tokenizer_spec(cfg))
+    spec = tokenizer_spec(cfg)
+    tok = load_tokenizer(spec)
+    save_beside(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"), spec)  # the checkpoints carry it
     records = _read(f.train, f.on_error)
     if f.eval:
         train_records, eval_records = records, _read(f.eval, f.on_error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from engine.config import ConfigError, EngineConfig
@@ -75,7 +76,13 @@ def check(cfg: PretrainConfig) -> None:
 
 
 def built_data(cfg: PretrainConfig) -> RunData:
+    from polar.checkpoint_tokenizer import save_beside
+
     train = open_built(cfg.data.path, cfg, "data.path")
+    spec = train.meta.get("tokenizer")
+    if isinstance(spec, str) and (spec == "byte" or (Path(spec) / "tokenizer.json").is_file()):
+        # the checkpoints carry the tokenizer their ids came from (polar.checkpoint_tokenizer)
+        save_beside(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"), spec)
     evals = {}
     if cfg.data.eval_path:
         evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")

@@ -255,11 +255,12 @@ class InProcessScorer:
 
     @classmethod
     def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
-        from engine.inference import RewardScorer, tokenizer_spec
+        from engine.inference import RewardScorer
+        from polar.checkpoint_tokenizer import find
         from polar.tokenizer import load_tokenizer
 
         scorer = RewardScorer.load(checkpoint)
-        return cls(scorer, load_tokenizer(tokenizer or tokenizer_spec(scorer.info)), **kw)
+        return cls(scorer, load_tokenizer(tokenizer or find(str(scorer.info.step_dir))), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
         from polar.serve.items import StructuredItem, format_structured

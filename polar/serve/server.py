@@ -59,10 +59,10 @@ def build_service(args, scorer):
     from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.serve.metrics import Metrics
-    from engine.inference import tokenizer_spec
+    from polar.checkpoint_tokenizer import find
     from polar.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or tokenizer_spec(scorer.info))
+    tokenizer = load_tokenizer(args.tokenizer or find(str(scorer.info.step_dir)))
     if tokenizer.vocab_size > scorer.model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
                          f"{scorer.model_config.vocab_size}: wrong --tokenizer?")

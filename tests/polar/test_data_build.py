@@ -218,7 +218,7 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     m = ds.meta
     assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (
         tok.vocab_size, tok.pad_id, tok.bos_id, tok.reward_token_id)
-    assert m["tokenizer"] == tok_dir
+    assert m["tokenizer"] == str(Path(tok_dir).resolve())  # absolute: found from any working directory
     seen = 0
     for i in range(len(ds)):
         for g, rid in zip(ds.sequences([i])[0], ds.sources(i)):
@@ -232,3 +232,10 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     assert seen == len(recs)
     summary = pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.steps=2")
     assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in summary["history"])
+    # the checkpoints carry the tokenizer, which scoring finds without being told
+    from engine.checkpoint import resolve
+    from engine.score import tokenizer_spec
+
+    carried = tmp_path / "run" / "checkpoints" / "tokenizer"
+    assert (carried / "tokenizer.json").read_bytes() == (Path(tok_dir) / "tokenizer.json").read_bytes()
+    assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)

@@ -1,0 +1,101 @@
+"""The tokenizer a checkpoint was trained with: one answer for `polar score`, `polar serve`,
+`polar.reward` and `polar finetune`, so that none of them scores or trains a model with ids from
+another tokenizer.
+
+A run that tokenizes with a tokenizer directory copies it into its checkpoints directory
+(`save_beside`), and `polar convert` writes one beside its weights, so a checkpoint carries its
+tokenizer. `find` looks, in order:
+
+1. `tokenizer/` beside the step directory or beside its checkpoints directory;
+2. the run's config.yaml: a fine-tuning run's `finetune.tokenizer`, else the tokenizer of the
+   checkpoint it started from; a pre-training run on built data, the tokenizer its data's metadata
+   names; a run on the embedded synthetic data, the byte tokenizer;
+3. nothing found: an error asking for the tokenizer, never a silent fall-back to bytes (ids of the
+   wrong tokenizer give rewards that look plausible and mean nothing).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import yaml
+
+DIR = "tokenizer"
+FILES = ("tokenizer.json", "polar_tokenizer.json", "tokenizer_config.json")
+
+
+class TokenizerNotFound(ValueError):
+    pass
+
+
+def save_beside(ckpt_dir: str, spec: str) -> None:
+    """Copies the tokenizer directory `spec` into `ckpt_dir/tokenizer/` (nothing for "byte").
+    Every rank may call it: each file is written whole and renamed into place."""
+    if spec == "byte":
+        return
+    src = Path(spec)
+    src = src.parent if src.is_file() else src
+    dst = Path(ckpt_dir) / DIR
+    if dst.resolve() == src.resolve():
+        return
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in FILES:
+        if (src / name).is_file():
+            tmp = dst / f".{name}.{os.getpid()}.tmp"
+            shutil.copyfile(src / name, tmp)
+            os.replace(tmp, dst / name)
+
+
+def _run_config(step: Path) -> tuple[dict, Path] | None:
+    for f in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
+        if f.is_file():
+            values = yaml.safe_load(f.read_text())
+            if isinstance(values, dict):
+                return values, f
+    return None
+
+
+def _built_data_tokenizer(path: str, where: Path) -> str:
+    p = Path(path)
+    metas = [Path(str(p) + ".json"), p.with_suffix(".json")] + (sorted(p.glob("*.json")) if p.is_dir() else [])
+    for f in metas:
+        if f.is_file():
+            spec = json.loads(f.read_text()).get("tokenizer")
+            if spec == "byte" or (isinstance(spec, str) and (Path(spec) / "tokenizer.json").is_file()):
+                return spec
+            raise TokenizerNotFound(f"{where}: the run trained on data.path={path}, whose tokenizer {spec!r} "
+                                    f"(named in {f}) is not found here; pass the tokenizer directory")
+    raise TokenizerNotFound(f"{where}: the run trained on data.path={path}, whose metadata is not readable here; "
+                            "pass the tokenizer directory")
+
+
+def find(step_dir: str) -> str:
+    """"byte" or a tokenizer directory, for the checkpoint step `step_dir` (module docstring)."""
+    step = Path(step_dir)
+    for d in (step.parent / DIR, step.parent.parent / DIR):
+        if (d / "tokenizer.json").is_file():
+            return str(d)
+    found = _run_config(step)
+    if found is None:
+        raise TokenizerNotFound(f"{step}: no tokenizer/ beside the checkpoint and no run config.yaml to tell "
+                                "which tokenizer it was trained with; pass the tokenizer ('byte' or a directory)")
+    run, where = found
+    finetune = run.get("finetune")
+    if isinstance(finetune, dict):
+        if finetune.get("tokenizer"):
+            return str(finetune["tokenizer"])
+        init = (run.get("checkpoint") or {}).get("init_from")
+        if init:
+            from engine.checkpoint import CheckpointNotFound, resolve
+
+            try:
+                return find(resolve(init))
+            except CheckpointNotFound as e:
+                raise TokenizerNotFound(f"{where}: the run started from checkpoint.init_from={init} ({e}), where "
+                                        "its tokenizer would be; pass the tokenizer directory") from None
+    data = run.get("data") or {}
+    if data.get("path"):
+        return _built_data_tokenizer(data["path"], where)
+    return "byte"  # the embedded synthetic data is byte-tokenized
