@@ -50,8 +50,9 @@ def test_convert_finetune_export_scores_the_same_in_transformers(tmp_path):
         "log.tensorboard=false", "train.eval_interval=0", f"run_dir={tmp_path / 'ft'}", cwd=tmp_path)
 
     out = tmp_path / "hf_out"
-    run("-m", "polar.cli", "convert", "engine-to-hf", str(tmp_path / "ft" / "checkpoints"), str(out),
-        "--tokenizer", str(base / "tokenizer"), cwd=tmp_path)
+    # neither the export nor the scoring is told the tokenizer: the fine-tuning run carries it
+    assert (tmp_path / "ft" / "checkpoints" / "tokenizer" / "tokenizer.json").is_file()
+    run("-m", "polar.cli", "convert", "engine-to-hf", str(tmp_path / "ft" / "checkpoints"), str(out), cwd=tmp_path)
 
     items = [{"prompt": sentence(rng, 4), "reference": sentence(rng, 5), "output": sentence(rng, k)}
              for k in (0, 2, 5, 7)]
@@ -59,7 +60,7 @@ def test_convert_finetune_export_scores_the_same_in_transformers(tmp_path):
     inp.write_text("".join(json.dumps(it) + "\n" for it in items))
     scored = tmp_path / "scored.jsonl"
     run("-m", "polar.cli", "score", "--checkpoint", str(tmp_path / "ft" / "checkpoints"), "--input", str(inp),
-        "--output", str(scored), "--tokenizer", str(base / "tokenizer"), cwd=tmp_path)
+        "--output", str(scored), cwd=tmp_path)
     engine_rewards = np.array([json.loads(x)["reward"] for x in scored.read_text().splitlines()])
 
     tok = load_tokenizer(str(base / "tokenizer"))
