@@ -135,6 +135,31 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
     return None
 
 
+def model_config_from(settings: dict, where: str):
+    """engine.config.ModelConfig from recorded settings, checked like a run's; errors name `where`."""
+    from engine.config import ConfigError, ModelConfig, _build, validate
+
+    try:
+        cfg = _build(ModelConfig, settings, "model")
+        validate(cfg, "model")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    if not cfg.vocab_size:
+        raise ConfigError(f"{where}: model.vocab_size is 0; the checkpoint's vocabulary size is needed")
+    return cfg
+
+
+def model_config(step_dir: str):
+    """The model a checkpoint step holds (saved_model_settings), for loaders that build it."""
+    from engine.config import ConfigError
+
+    found = saved_model_settings(step_dir)
+    if found is None:
+        raise ConfigError(f"{step_dir}: no model settings recorded with it (model.json in the step, model.yaml "
+                          "beside it or the run's config.yaml); it was not written by this engine")
+    return model_config_from(*found)
+
+
 def check_model_matches(model_cfg, step_dir: str, setting: str) -> None:
     """Raises ConfigError naming the first weight-shape setting where the run's model and the
     checkpoint's recorded model differ (instead of a shape error deep inside the load)."""

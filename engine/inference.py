@@ -15,7 +15,7 @@ supported by the server (one replica per process group, layers on every rank).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -50,23 +50,15 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
     the model settings recorded with it (engine.checkpoint.saved_model_settings)."""
     from engine import checkpoint
 
-    p = Path(path)
-    if not p.is_dir():
+    if not Path(path).is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
-    step = None
-    for candidate in (p, p / "checkpoints"):
-        try:
-            step = Path(checkpoint.resolve(str(candidate)))
-            break
-        except checkpoint.CheckpointNotFound:
-            continue
-    if step is None:
-        raise FileNotFoundError(f"--checkpoint {path}: no complete engine checkpoint in it (expected a "
-                                "run directory, its checkpoints/ directory or a step_N directory)")
+    try:
+        step = Path(checkpoint.resolve(path))
+    except checkpoint.CheckpointNotFound as e:
+        raise FileNotFoundError(f"--checkpoint {path}: {e}") from None
     found = checkpoint.saved_model_settings(str(step))
     if found is None:
-        raise FileNotFoundError(f"{step}: no model settings recorded with it (model.json, model.yaml beside it "
-                                "or the run's config.yaml): the model's shape is unknown")
+        checkpoint.model_config(str(step))  # raises, naming what is missing
     model, _ = found
     run_config = {}
     for cfg_file in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
@@ -74,19 +66,6 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
             run_config = _read_yaml(cfg_file)
             break
     return CheckpointInfo(step, model, run_config)
-
-
-def _model_config(values: dict, where: Path):
-    from engine.config import ModelConfig
-
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"{where}: unknown model setting {unknown[0]!r}; valid: {', '.join(sorted(known))}")
-    cfg = ModelConfig(**values)
-    if not cfg.vocab_size:
-        raise ValueError(f"{where}: model.vocab_size is 0; the checkpoint's vocabulary size is needed")
-    return cfg
 
 
 def _runtime(par, seed: int):
@@ -117,7 +96,7 @@ class RewardScorer:
         from engine import checkpoint
 
         info = resolve_checkpoint(path)
-        scorer = cls._build(_model_config(info.model, info.step_dir), info, tp, attention_backend, seed)
+        scorer = cls._build(checkpoint.model_config(str(info.step_dir)), info, tp, attention_backend, seed)
         checkpoint.load(str(info.step_dir), [scorer.chunk])
         return scorer
 
@@ -127,7 +106,9 @@ class RewardScorer:
         """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
         initialisation and a random value head (zero when new): for benchmarks of speed."""
         info = CheckpointInfo(Path("."), dict(model), {})
-        scorer = cls._build(_model_config(info.model, Path("model")), info, tp, attention_backend, seed,
+        from engine.checkpoint import model_config_from
+
+        scorer = cls._build(model_config_from(info.model, "model"), info, tp, attention_backend, seed,
                             initialize=True)
         head = scorer.chunk.value_head.weight
         g = torch.Generator().manual_seed(seed)

@@ -67,23 +67,6 @@ def tokenizer_spec(explicit: str, step_dir: str) -> str:
         raise ConfigError(f"{e} with --tokenizer") from None
 
 
-def model_config(step_dir: str):
-    from engine import checkpoint
-    from engine.config import ModelConfig, _build, validate
-
-    found = checkpoint.saved_model_settings(step_dir)
-    if found is None:
-        raise ConfigError(f"--checkpoint {step_dir}: no model settings recorded with it (model.json in the step, "
-                          "model.yaml beside it or the run's config.yaml); it was not written by this engine")
-    settings, where = found
-    try:
-        cfg = _build(ModelConfig, settings, "model")
-        validate(cfg, "model")
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}") from e
-    return cfg
-
-
 def lcp_group(ids: list):
     """One engine Group over a line's outputs: their longest common id prefix held once; every
     candidate keeps at least its last token (the reward token, where its reward is read)."""
@@ -112,7 +95,7 @@ class CheckpointScorer:
             self.step_dir = checkpoint.resolve(checkpoint_path)
         except checkpoint.CheckpointNotFound as e:
             raise ConfigError(f"--checkpoint {checkpoint_path}: {e}") from None
-        self.model_cfg = model_config(self.step_dir)
+        self.model_cfg = checkpoint.model_config(self.step_dir)
         self.tokenizer_spec = tokenizer_spec(tokenizer, self.step_dir)
         try:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)
