@@ -33,7 +33,9 @@ GPU_SHAPE = ["model.num_layers=8", "model.hidden_size=2048", "model.num_attentio
              "train.global_batch=8", "train.micro_batch=1", "train.precision=bf16"]
 CPU_SHAPE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
              "model.num_query_groups=2", "model.ffn_hidden_size=64", "train.global_batch=4",
-             "train.micro_batch=1", "train.precision=fp32"]
+             "train.micro_batch=1", "train.precision=fp32",
+             # a functional check: a small synthetic pool and one evaluation set keep each variant short
+             "synthetic.train_triplets=2000", "synthetic.eval_triplets=100", "synthetic.eval_seen=false"]
 
 
 def te_imports() -> bool:
