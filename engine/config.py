@@ -169,6 +169,10 @@ class ParallelConfig:
     overlap_param_gather: bool = setting(False, boolean)
 
 
+# the shared-prefix attention implementations (train.attention_backend; `polar serve` adds "auto")
+ATTENTION_BACKENDS = ("blocks", "torch", "triton")
+
+
 @dataclass
 class TrainConfig:
     steps: int = setting(200, at_least(0))  # 0: evaluate only
@@ -193,7 +197,7 @@ class TrainConfig:
     # shared-prefix attention: torch (reference: the whole pack with a dense mask, runs everywhere) |
     # blocks (torch, one group at a time: the fast CPU path) | triton (a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing)
-    attention_backend: str = setting("blocks", one_of("torch", "blocks", "triton"))
+    attention_backend: str = setting("blocks", one_of(*ATTENTION_BACKENDS))
     # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing) | cuda (fused kernels of engine._C_cuda; a CUDA GPU)
     kernels: str = setting("torch", one_of("torch", "triton", "cuda"))

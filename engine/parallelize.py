@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from engine.config import ModelConfig, ParallelConfig, TrainConfig
+from engine.config import ATTENTION_BACKENDS, ModelConfig, ParallelConfig, TrainConfig
 from engine.runtime import Runtime
 
 
@@ -121,8 +121,9 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
             import engine.kernels.cuda_ops  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"train.kernels=cuda: {exc}") from exc
-    if train.attention_backend not in ("torch", "blocks", "triton"):
-        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected torch, blocks or triton")
+    if train.attention_backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected one of "
+                          f"{', '.join(ATTENTION_BACKENDS)}")
     if train.attention_backend == "triton":
         if not rt.is_cuda and not interpret:
             raise ConfigError("train.attention_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret "

@@ -16,6 +16,8 @@ import sys
 
 
 def parse_args(argv=None):
+    from engine.config import ATTENTION_BACKENDS
+
     ap = argparse.ArgumentParser(prog="polar serve", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
@@ -48,7 +50,7 @@ def parse_args(argv=None):
     ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
     ap.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
                     help="tensor-parallel size (= the torchrun processes)")
-    ap.add_argument("--attention-backend", default="auto", choices=("auto", "torch", "blocks", "triton"),
+    ap.add_argument("--attention-backend", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                     help="auto: triton on a GPU, blocks (per-group SDPA) on the CPU; torch is the dense-mask reference")
     ap.add_argument("--graceful-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
