@@ -7,11 +7,13 @@ the weights with engine.checkpoint (dist_checkpointing: any saved TP/PP layout r
 process's layout) and scores `engine.packing.PackedBatch`es forward-only: bf16 on a GPU, fp32 on the
 CPU, rewards always returned as fp32.
 
-Tensor parallelism across the local devices (`torchrun --nproc_per_node N -m polar.serve ...`):
-every rank holds a TP shard and all must run each forward together. Rank 0 serves HTTP and, for each
-packed batch, broadcasts a header (command, b, L, n) and the batch's tensors; the other ranks loop
-in `follow()` on receive -> forward until rank 0 broadcasts stop. Pipeline parallelism is not
-supported by the server (one replica per process group, layers on every rank).
+Model parallelism across the local devices (`torchrun --nproc_per_node N -m polar.serve ... --tp T
+--pp P`, N = T x P): every rank holds a TP shard of a pipeline stage's layers and all must run each
+forward together. Rank 0 serves HTTP and, for each packed batch, broadcasts a header (command, b,
+L, n) and the batch's tensors over the model-parallel group; the other ranks loop in `follow()` on
+receive -> forward until rank 0 broadcasts stop. With P > 1 the forward is megatron's pipeline
+schedule (engine.scoring.score: the last stage's rewards reach every stage); with P = 1 the chunk
+is called directly. One replica per process group: more replicas are more servers.
 """
 from __future__ import annotations
 
@@ -77,27 +79,29 @@ def _runtime(par, seed: int):
     try:
         return current_or_new_runtime(par, seed)
     except ConfigError as e:
-        raise ValueError(f"{e}; the scorer needs tp={par.tp} pp=1") from e
+        raise ValueError(f"{e}; the scorer needs tp={par.tp} pp={par.pp}") from e
 
 
 class RewardScorer:
-    """One model replica (a TP group of processes); `score` runs on rank 0, `follow` on the others."""
+    """One model replica (a TP x PP group of processes); `score` runs on rank 0, `follow` on the others."""
 
-    def __init__(self, chunk, rt, info: CheckpointInfo, dtype: torch.dtype):
-        self.chunk = chunk
+    def __init__(self, chunks: list, rt, info: CheckpointInfo, dtype: torch.dtype):
+        self.chunks = chunks
+        self.chunk = chunks[0]
         self.rt = rt
         self.info = info
         self.dtype = dtype
         self.device = rt.device
 
     @classmethod
-    def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234) -> "RewardScorer":
+    def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234,
+             pp: int = 1) -> "RewardScorer":
         """The reward model of an engine checkpoint (module docstring)."""
         from engine import checkpoint
 
         info = resolve_checkpoint(path)
-        scorer = cls._build(checkpoint.model_config(str(info.step_dir)), info, tp, attention_backend, seed)
-        checkpoint.load(str(info.step_dir), [scorer.chunk])
+        scorer = cls._build(checkpoint.model_config(str(info.step_dir)), info, tp, attention_backend, seed, pp=pp)
+        checkpoint.load(str(info.step_dir), scorer.chunks)
         return scorer
 
     @classmethod
@@ -117,7 +121,7 @@ class RewardScorer:
 
     @classmethod
     def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
-               initialize: bool = False) -> "RewardScorer":
+               initialize: bool = False, pp: int = 1) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
         from engine.parallelize import build_chunks, check_kernels, resolve_dtype
         from engine.quiet import silence_known_warnings
@@ -125,21 +129,23 @@ class RewardScorer:
 
         silence_known_warnings()
         world = world_size_from_env()
-        if world != tp and not dist.is_initialized():
-            raise ValueError(f"--tp {tp} needs {tp} processes (torchrun --nproc_per_node {tp}); this run has {world}")
+        if world != tp * pp and not dist.is_initialized():
+            raise ValueError(f"--tp {tp} --pp {pp} needs {tp * pp} processes (torchrun --nproc_per_node {tp * pp}); "
+                             f"this run has {world}")
         if attention_backend == "auto":
             attention_backend = "triton" if torch.cuda.is_available() else "blocks"
-        par = ParallelConfig(tp=tp, pp=1, distributed_optimizer=False)
+        par = ParallelConfig(tp=tp, pp=pp, distributed_optimizer=False)
         train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)
-        validate_layout(model, par, train, tp, seq_length=tp)
+        validate_layout(model, par, train, tp * pp, seq_length=tp)
         rt = _runtime(par, seed)
         check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
-        (chunk,), _ = build_chunks(model, par, train, rt, initialize=initialize)
-        chunk.eval()
-        chunk.requires_grad_(False)
-        scorer = cls(chunk, rt, info, resolve_dtype(train, rt))
+        chunks, _ = build_chunks(model, par, train, rt, initialize=initialize)
+        for chunk in chunks:
+            chunk.eval()
+            chunk.requires_grad_(False)
+        scorer = cls(chunks, rt, info, resolve_dtype(train, rt))
         scorer.model_config = model
         scorer.attention_backend = attention_backend
         return scorer
@@ -150,7 +156,14 @@ class RewardScorer:
 
     @torch.no_grad()
     def _forward(self, tokens, layout, reward_index) -> torch.Tensor:
-        return self.chunk(tokens, layout, reward_index).float()
+        if self.rt.pp == 1:
+            return self.chunk(tokens, layout, reward_index).float()
+        from engine.scoring import score
+
+        empty = torch.zeros(0, dtype=torch.int64, device=tokens.device)  # the schedule reads no labels or pairs
+        batch = PackedBatch(tokens=tokens, layout=layout, reward_index=reward_index, cand_group=empty, labels=empty,
+                            pair_pos=empty, pair_neg=empty, num_groups=0, num_real_tokens=0)
+        return score(self.chunks, [batch], self.rt)
 
     def score(self, batch: PackedBatch) -> np.ndarray:
         """Rewards (fp32, one per candidate in the batch's numbering). The TP leader only; any thread
@@ -164,7 +177,7 @@ class RewardScorer:
         tokens = batch.tokens.to(self.device, non_blocking=True)
         layout = batch.layout.to(self.device, non_blocking=True)
         reward_index = batch.reward_index.to(self.device, non_blocking=True)
-        if self.rt.tp > 1:
+        if self.rt.tp * self.rt.pp > 1:
             header = torch.tensor([_BATCH, *tokens.shape, reward_index.numel()], dtype=torch.int64,
                                   device=self.device)
             for t in (header, tokens, layout, reward_index):
@@ -187,16 +200,17 @@ class RewardScorer:
             self._forward(tokens, layout, reward_index)
 
     def _broadcast(self, t: torch.Tensor) -> None:
-        tp = self.rt.groups.tp
-        dist.broadcast(t, src=dist.get_global_rank(tp, 0), group=tp)
+        mp = self.rt.groups.mp  # tensor x pipeline: every rank of the replica
+        dist.broadcast(t, src=dist.get_global_rank(mp, 0), group=mp)
 
     @property
     def is_leader(self) -> bool:
-        """The TP rank that serves and broadcasts; the others `follow`."""
-        return self.rt.groups.tp.rank() == 0
+        """The model-parallel rank that serves and broadcasts (TP rank 0 of the first stage); the
+        others `follow`."""
+        return self.rt.groups.mp.rank() == 0
 
     def stop_followers(self) -> None:
-        if self.rt.tp > 1:
+        if self.rt.tp * self.rt.pp > 1:
             self._broadcast(torch.tensor([_STOP, 0, 0, 0], dtype=torch.int64, device=self.device))
 
     def close(self) -> None:

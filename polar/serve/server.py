@@ -2,6 +2,7 @@
 
     polar serve --checkpoint runs/default --port 8000
     torchrun --nproc_per_node 2 -m polar.serve --checkpoint RUN --tp 2     # tensor parallel, rank 0 serves HTTP
+    torchrun --nproc_per_node 4 -m polar.serve --checkpoint RUN --tp 2 --pp 2   # and pipeline stages
 
 Requests wait at most --max-wait-ms for others to batch with; items sharing a prefix (n rollouts
 of one prompt against one reference, within and across requests) compute it once.
@@ -48,13 +49,20 @@ def parse_args(argv=None):
     ap.add_argument("--pooling-format", choices=("vllm", "lmdeploy"), default="vllm",
                     help="the answer of POST /pooling (both are always at /vllm/pooling and /lmdeploy/pooling)")
     ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
-    ap.add_argument("--tp", type=int, default=int(os.environ.get("WORLD_SIZE", "1")),
-                    help="tensor-parallel size (= the torchrun processes)")
+    ap.add_argument("--tp", type=int, default=0,
+                    help="tensor-parallel size (default: the torchrun processes divided by --pp)")
+    ap.add_argument("--pp", type=int, default=1,
+                    help="pipeline stages (tp x pp = the torchrun processes: one replica)")
     ap.add_argument("--attention-backend", default="auto", choices=("auto", *ATTENTION_BACKENDS),
                     help="auto: triton on a GPU, blocks (per-group SDPA) on the CPU; torch is the dense-mask reference")
     ap.add_argument("--graceful-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.pp < 1 or args.tp < 0:
+        ap.error("--tp and --pp must be positive")
+    if not args.tp:
+        args.tp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // args.pp)
+    return args
 
 
 def build_service(args, scorer):
@@ -120,7 +128,7 @@ def main(argv=None) -> int:
     from engine.inference import RewardScorer
 
     try:
-        scorer = RewardScorer.load(args.checkpoint, tp=args.tp, attention_backend=args.attention_backend)
+        scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
     except (FileNotFoundError, ValueError) as e:
         print(f"polar serve: {e}", file=sys.stderr)
         return 2
@@ -140,10 +148,10 @@ def main(argv=None) -> int:
     from polar.serve.app import create_app
 
     app = create_app(service, on_shutdown=scorer.stop_followers)
-    print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp}) on http://{args.host}:{args.port}",
-          flush=True)
+    print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp} pp={args.pp}) on "
+          f"http://{args.host}:{args.port}", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers
-    # it found: no-op ones let this process close the runtime (TP ranks meet at its barrier) and exit 0.
+    # it found: no-op ones let this process close the runtime (the replica's ranks meet at its barrier) and exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",

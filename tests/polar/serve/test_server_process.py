@@ -1,6 +1,6 @@
 """`python -m polar.serve` as a process: start-up errors, bearer auth from --api-key-env, graceful
-shutdown on SIGTERM finishing the request in flight, and tensor parallelism (torchrun, TP2 over
-gloo) giving the rewards of one process."""
+shutdown on SIGTERM finishing the request in flight, and model parallelism (torchrun over gloo: TP2,
+or two pipeline stages) giving the rewards of one process."""
 import os
 import signal
 import subprocess
@@ -97,12 +97,13 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
             proc.kill()
 
 
-def test_tensor_parallel_two_ranks_equal_one_process(checkpoint_dir, texts_and_expected):
+@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
+def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_expected, layout):
     texts, expected = texts_and_expected
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), "--tp", "2"])
+                   "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), *layout])
     try:
         _wait_healthy(proc, url, limit_s=400)
         for path, read in (("/classify", lambda a: [e["embedding"][0] for e in a]),
