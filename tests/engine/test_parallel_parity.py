@@ -171,7 +171,7 @@ def test_triton_kernels_refused_without_gpu_or_interpreter(reference):
     ({"kernels": "cuda"}, True, "train.kernels=cuda needs a CUDA GPU"),  # the interpreter is no CUDA
     ({"kernels": "fast"}, False, "expected torch, triton or cuda"),
     ({"attention_backend": "triton"}, False, "train.attention_backend=triton needs a CUDA GPU"),
-    ({"attention_backend": "flash"}, False, "expected torch, blocks or triton"),
+    ({"attention_backend": "flash"}, False, "expected one of blocks, torch, triton"),
     ({"kernels": "triton", "attention_backend": "triton"}, True, None),
     ({}, False, None),
 ])
