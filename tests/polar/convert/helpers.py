@@ -111,8 +111,7 @@ def hf_scores(model, inputs: list[list[int]]) -> torch.Tensor:
 
 
 def engine_scores_torchrun(tmp: Path, dst, groups, per_sequence, pad_id: int, nproc: int, *layout: str):
-    """Scores under torchrun at a parallel layout (score_worker.py); rewards as seen by every rank
-    (with "--lm" in layout: each rank's summed next-token loss instead)."""
+    """Scores under torchrun at a parallel layout (score_worker.py); rewards as seen by every rank."""
     import pickle
 
     data = tmp / "groups.pkl"

@@ -20,7 +20,6 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--lm", action="store_true", help="the summed next-token loss instead of the rewards (PP1)")
     args = ap.parse_args()
 
     import torch.distributed as dist
@@ -28,19 +27,15 @@ def main():
     from engine import checkpoint
     from engine.scoring import score_data_parallel
     from polar.convert.engine_io import build, read_model_config
-    from tests.polar.convert.helpers import engine_lm_loss, pack
+    from tests.polar.convert.helpers import pack
 
     data = pickle.loads(open(args.data, "rb").read())
     model = read_model_config(os.path.join(args.ckpt, "model.yaml"))
-    chunks, rt = build(model, args.tp, args.pp, lm_head=args.lm)
+    chunks, rt = build(model, args.tp, args.pp)
     checkpoint.load(checkpoint.latest(args.ckpt), chunks)
-    batches = pack(data["groups"], data["per_sequence"], data["pad_id"])
-    if args.lm:
-        result = engine_lm_loss(chunks, batches).item()
-    else:
-        result = score_data_parallel(chunks, batches, rt).tolist()
+    rewards = score_data_parallel(chunks, pack(data["groups"], data["per_sequence"], data["pad_id"]), rt)
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, result)
+    dist.all_gather_object(gathered, rewards.tolist())
     if rt.rank == 0:
         with open(args.out, "w") as f:
             json.dump(gathered, f)
