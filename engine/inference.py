@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 
 from engine.packing import PackedBatch
 
@@ -33,23 +32,12 @@ _STOP, _BATCH = 0, 1
 @dataclass
 class CheckpointInfo:
     step_dir: Path  # the dist_checkpointing directory
-    model: dict  # the run's `model` section
-    run_config: dict  # the whole run config (empty when only a model.yaml was found)
-
-
-def _read_yaml(path: Path) -> dict:
-    try:
-        values = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ValueError(f"{path}: not valid YAML: {e}") from e
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping")
-    return values
+    model: object  # engine.config.ModelConfig: the model the weights belong to
 
 
 def resolve_checkpoint(path: str) -> CheckpointInfo:
     """A run directory (its newest checkpoint), a checkpoints directory or one step directory, and
-    the model settings recorded with it (engine.checkpoint.saved_model_settings)."""
+    the model recorded with it (engine.checkpoint.model_config)."""
     from engine import checkpoint
 
     if not Path(path).is_dir():
@@ -58,16 +46,7 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         step = Path(checkpoint.resolve(path))
     except checkpoint.CheckpointNotFound as e:
         raise FileNotFoundError(f"--checkpoint {path}: {e}") from None
-    found = checkpoint.saved_model_settings(str(step))
-    if found is None:
-        checkpoint.model_config(str(step))  # raises, naming what is missing
-    model, _ = found
-    run_config = {}
-    for cfg_file in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
-        if cfg_file.is_file():
-            run_config = _read_yaml(cfg_file)
-            break
-    return CheckpointInfo(step, model, run_config)
+    return CheckpointInfo(step, checkpoint.model_config(str(step)))
 
 
 def _runtime(par, seed: int):
@@ -100,7 +79,7 @@ class RewardScorer:
         from engine import checkpoint
 
         info = resolve_checkpoint(path)
-        scorer = cls._build(checkpoint.model_config(str(info.step_dir)), info, tp, attention_backend, seed, pp=pp)
+        scorer = cls._build(info, tp, attention_backend, seed, pp=pp)
         checkpoint.load(str(info.step_dir), scorer.chunks)
         return scorer
 
@@ -109,18 +88,17 @@ class RewardScorer:
                head_std: float = 0.2) -> "RewardScorer":
         """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
         initialisation and a random value head (zero when new): for benchmarks of speed."""
-        info = CheckpointInfo(Path("."), dict(model), {})
         from engine.checkpoint import model_config_from
 
-        scorer = cls._build(model_config_from(info.model, "model"), info, tp, attention_backend, seed,
-                            initialize=True)
+        info = CheckpointInfo(Path("."), model_config_from(dict(model), "model"))
+        scorer = cls._build(info, tp, attention_backend, seed, initialize=True)
         head = scorer.chunk.value_head.weight
         g = torch.Generator().manual_seed(seed)
         head.copy_((torch.randn(head.shape, generator=g) * head_std).to(head.dtype))
         return scorer
 
     @classmethod
-    def _build(cls, model, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
+    def _build(cls, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
                initialize: bool = False, pp: int = 1) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
         from engine.parallelize import build_chunks, check_kernels, resolve_dtype
@@ -128,6 +106,7 @@ class RewardScorer:
         from engine.runtime import validate_layout, world_size_from_env
 
         silence_known_warnings()
+        model = info.model
         world = world_size_from_env()
         if world != tp * pp and not dist.is_initialized():
             raise ValueError(f"--tp {tp} --pp {pp} needs {tp * pp} processes (torchrun --nproc_per_node {tp * pp}); "
@@ -146,9 +125,12 @@ class RewardScorer:
             chunk.eval()
             chunk.requires_grad_(False)
         scorer = cls(chunks, rt, info, resolve_dtype(train, rt))
-        scorer.model_config = model
         scorer.attention_backend = attention_backend
         return scorer
+
+    @property
+    def model_config(self):
+        return self.info.model
 
     @property
     def max_positions(self) -> int:
