@@ -105,6 +105,11 @@ def resolve(path: str) -> str:
     return found
 
 
+def run_checkpoint_dir(cfg) -> str:
+    """Where a run's checkpoints go: checkpoint.dir, else run_dir/checkpoints."""
+    return cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
+
+
 def latest(ckpt_dir: str) -> str | None:
     """The newest complete checkpoint in `ckpt_dir`, or None."""
     root = Path(ckpt_dir)

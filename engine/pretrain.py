@@ -97,7 +97,7 @@ def check_checkpoints(cfg) -> None:
     from engine import checkpoint
 
     if cfg.checkpoint.resume:
-        found = checkpoint.latest(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"))
+        found = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg))
         if found:
             checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
             if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):

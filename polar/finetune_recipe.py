@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
@@ -143,6 +142,7 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str):
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
+    from engine.checkpoint import run_checkpoint_dir
     from polar.checkpoint_tokenizer import save_beside
     from polar.tokenizer import load_tokenizer
 
@@ -150,7 +150,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     f = cfg.finetune
     spec = tokenizer_spec(cfg)
     tok = load_tokenizer(spec)
-    save_beside(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"), spec)  # the checkpoints carry it
+    save_beside(run_checkpoint_dir(cfg), spec)  # the checkpoints carry it
     records = _read(f.train, f.on_error)
     if f.eval:
         train_records, eval_records = records, _read(f.eval, f.on_error)

@@ -76,13 +76,14 @@ def check(cfg: PretrainConfig) -> None:
 
 
 def built_data(cfg: PretrainConfig) -> RunData:
+    from engine.checkpoint import run_checkpoint_dir
     from polar.checkpoint_tokenizer import save_beside
 
     train = open_built(cfg.data.path, cfg, "data.path")
     spec = train.meta.get("tokenizer")
-    if isinstance(spec, str) and (spec == "byte" or (Path(spec) / "tokenizer.json").is_file()):
+    if isinstance(spec, str) and (Path(spec) / "tokenizer.json").is_file():
         # the checkpoints carry the tokenizer their ids came from (polar.checkpoint_tokenizer)
-        save_beside(cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints"), spec)
+        save_beside(run_checkpoint_dir(cfg), spec)
     evals = {}
     if cfg.data.eval_path:
         evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")
