@@ -6,7 +6,8 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
                 in the dtype the index names (uint16 when the vocabulary fits, else int32)
     NAME.idx    header + index arrays (below); written last, so its presence marks a complete shard
     NAME.json   the builder's metadata (tokenizer, special ids, counts, sources ...), free-form
-                except for the keys this module writes: seq_length, vocab_size, pad_id, token_dtype
+                except for the keys this module writes: seq_length, vocab_size, pad_id, token_dtype,
+                and `build` (below), which it reads
 
     .idx = magic b"PLRIDX\\0\\0", uint32 version, uint32 0, char[8] token dtype (numpy str, padded),
            uint64 seq_length, S sequences, G groups, P pieces, T tokens, then (little-endian):
@@ -18,7 +19,15 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
 
 Concatenating datasets is copying their shard files into one directory under names that sort in
 the wanted order (e.g. `a-part-00000-of-00002.*`, `b-part-...`); all shards must agree on
-seq_length, vocab_size and pad_id. This module knows token ids and groups only, no text format.
+seq_length, vocab_size, pad_id, bos_id and tokenizer. This module knows token ids and groups only,
+no text format.
+
+A builder that splits one dataset over N shards (machines) names the build set in each shard's
+metadata: `build = {"id": str, "shard_index": i, "num_shards": N, "inputs": str}` (`inputs`
+identifies the records read). A directory must hold every shard of each build set exactly once,
+and no two build sets of the same inputs: a missing shard would silently lose its records, and a
+leftover of an earlier build (another --num-shards, say) would read them twice. Shards without
+`build` (other writers) are not checked.
 """
 from __future__ import annotations
 
@@ -228,6 +237,74 @@ class _Shard:
         return Group(prefix=pieces[0], candidates=pieces[1:], labels=self.piece_label[p0 + 1:p1])
 
 
+# The ids the data was written with. Not the tokenizer's name: it is a path on the machine that
+# built the shard, and shards built elsewhere from the same tokenizer name it differently.
+_AGREED = ("vocab_size", "pad_id", "bos_id")
+
+
+def _build_of(name: Path, meta: dict):
+    b = meta.get("build")
+    if b is None:
+        return None
+    ok = (isinstance(b, dict) and isinstance(b.get("id"), str) and isinstance(b.get("inputs"), str)
+          and all(type(b.get(k)) is int for k in ("shard_index", "num_shards"))
+          and 0 <= b["shard_index"] < b["num_shards"])
+    if not ok:
+        raise DatasetFormatError(f"{name}.json: build must be {{id, shard_index, num_shards, inputs}} with "
+                                 f"0 <= shard_index < num_shards, got {b!r:.200}")
+    return b
+
+
+def check_build_sets(directory: Path, shards: list[tuple[Path, dict]]) -> None:
+    """DatasetFormatError naming the directory and the files unless every build set among the
+    (shard name, metadata) pairs is complete, has no shard twice, and no two share their inputs."""
+    sets: dict[str, dict] = {}
+    for name, meta in shards:
+        b = _build_of(name, meta)
+        if b is not None:
+            s = sets.setdefault(b["id"], {"n": b["num_shards"], "inputs": b["inputs"], "at": {}})
+            if (b["num_shards"], b["inputs"]) != (s["n"], s["inputs"]):
+                raise DatasetFormatError(f"{name}.json: build {b['id']} has num_shards {b['num_shards']} and inputs "
+                                         f"{b['inputs']}, other shards of it {s['n']} and {s['inputs']}")
+            s["at"].setdefault(b["shard_index"], []).append(name.name)
+    problems, by_inputs = [], {}
+    for bid, s in sets.items():
+        n, at = s["n"], s["at"]
+        present = ", ".join(sorted(x for names in at.values() for x in names))
+        for i, names in sorted(at.items()):
+            if len(names) > 1:
+                problems.append(f"shard {i} of {n} of build {bid} is there {len(names)} times ({', '.join(names)})")
+        missing = [i for i in range(n) if i not in at]
+        if missing:
+            # Builders name shards part-IIIII-of-NNNNN: the missing names follow from a present one.
+            j, name = next((j, names[0]) for j, names in at.items())
+            tag = f"{j:05d}-of-{n:05d}"
+            hint = ", ".join(name.replace(tag, f"{i:05d}-of-{n:05d}") if tag in name else f"shard {i}"
+                             for i in missing)
+            problems.append(f"build {bid} of {n} shards lacks {len(missing)} ({hint}; present: {present})")
+        by_inputs.setdefault(s["inputs"], []).append(f"build {bid} ({present})")
+    for builds in by_inputs.values():
+        if len(builds) > 1:
+            problems.append(f"the same inputs were built more than once, their records would be read "
+                            f"{len(builds)} times: {'; '.join(builds)} (leftovers of an earlier build?)")
+    if problems:
+        raise DatasetFormatError(f"{directory}: " + "; ".join(problems))
+
+
+def foreign_shards(directory: Path, build_id: str) -> list[str]:
+    """Names of the complete shards in `directory` that are not of build `build_id`."""
+    out = []
+    for idx in sorted(Path(directory).glob("*.idx")):
+        try:
+            meta = json.loads(idx.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            meta = {}
+        b = meta.get("build") if isinstance(meta, dict) else None
+        if not isinstance(b, dict) or b.get("id") != build_id:
+            out.append(idx.stem)
+    return out
+
+
 def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Sum of values[offsets[i]:offsets[i+1]] for each i, in one pass."""
     cs = np.zeros(len(values) + 1, dtype=np.int64)
@@ -254,11 +331,12 @@ class IndexedDataset:
         else:
             raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
         self.shards = [_Shard(p) for p in idx]
+        if self.path.is_dir():
+            check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
         for s in self.shards[1:]:
             for key, a, b in (("seq_length", first.seq_length, s.seq_length),
-                              ("vocab_size", first.meta.get("vocab_size"), s.meta.get("vocab_size")),
-                              ("pad_id", first.meta.get("pad_id"), s.meta.get("pad_id"))):
+                              *((k, first.meta.get(k), s.meta.get(k)) for k in _AGREED)):
                 if a != b:
                     raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}; "
                                              "shards of one dataset must agree")

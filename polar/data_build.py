@@ -6,21 +6,30 @@
 Records (polar/records.py) are tokenized with POLAR's format (polar/format.py: the record's wrapper,
 else --wrapper; truncation to --max-length, default the pack length, and --max-response), each
 becomes one group (shared prefix + K candidates), and groups are packed whole into sequences of
---seq-length tokens by the C++ packer. The result is one shard of an engine.indexed_dataset
-directory: NAME.bin (tokens), NAME.idx (index), NAME.json (metadata: tokenizer, special ids,
-counts, sources), NAME.rejects.jsonl (bad records and groups too long to pack, if any).
+--seq-length tokens by the C++ packer. POLAR's truncation bounds each candidate's input, not the
+group: when the prompt, the reference and all K candidates together exceed --seq-length, the
+prompt keeps a shorter tail so that the group fits (counted and reported as "prompts shortened to
+fit the pack"); a group that does not fit even without its prompt is rejected. The result is one
+shard of an engine.indexed_dataset directory: NAME.bin (tokens), NAME.idx (index), NAME.json
+(metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
+too long to pack, if any).
 
 Determinism: the input lines (files in the order given, directories as their sorted *.jsonl) are
 cut into chunks of --chunk-records lines; each chunk is parsed, tokenized and packed on its own
 (packing reaches across records of one chunk only) and written in chunk order, so the output is
 the same for any --workers. --num-shards N splits the chunks into N contiguous runs; shard i
 writes `part-{i:05d}-of-{N:05d}`, and the directory holding all N shards reads as exactly the
-dataset one machine would have built. To concatenate datasets, copy their shard files into one
-directory under names that sort in the order wanted (see engine/indexed_dataset.py).
+dataset one machine would have built. The shards of one build carry a build id (a hash of the
+settings and of the inputs' names, sizes and line counts); the builder refuses an output directory
+holding shards of any other build, and the reader refuses a directory that lacks a shard of a
+build, holds one twice or holds two builds of the same inputs. To concatenate datasets, copy their
+shard files into one directory under names that sort in the order wanted (see
+engine/indexed_dataset.py).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -67,6 +76,8 @@ class ChunkResult:
     rejects: list = field(default_factory=list)
     records: int = 0
     too_long: int = 0
+    prompts_shortened: int = 0  # groups whose prompt was cut beyond POLAR's rule to fit the pack
+    prompt_tokens_cut: int = 0
     tokens: int = 0
     candidates: int = 0
 
@@ -147,7 +158,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     def encode(recs):
         return encode_groups(tok, [r.prompt for r in recs], [r.reference for r in recs],
                              [r.candidates for r in recs], [r.wrapper or cfg.wrapper for r in recs],
-                             max_length=max_length, max_response=cfg.max_response)
+                             max_length=max_length, max_response=cfg.max_response,
+                             group_capacity=cfg.seq_length)
 
     try:
         encoded = encode(records)  # two batched tokenizer calls for the whole chunk
@@ -164,11 +176,16 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         if enc is None:
             continue
         g = Group(prefix=enc.prefix, candidates=enc.candidates, labels=np.asarray(rec.labels, dtype=np.int8))
-        if len(g) > cfg.seq_length:
+        if len(g) > cfg.seq_length:  # no prompt cut makes it fit (or a BPE merged otherwise)
             res.too_long += 1
+            cut = enc.prompt_cut_to_fit
+            cut = f" even with its prompt cut by {cut} tokens beyond POLAR's rule" if cut else ""
             bad(k, "(group)", f"{len(g)} tokens after truncation to max_length={max_length}, more than "
-                              f"seq_length={cfg.seq_length} (a group is never split)")
+                              f"seq_length={cfg.seq_length}{cut} (a group is never split)")
             continue
+        if enc.prompt_cut_to_fit:
+            res.prompts_shortened += 1
+            res.prompt_tokens_cut += enc.prompt_cut_to_fit
         groups.append(g)
         ids.append(chunk.first_record + k)
     res.records = len(groups)
@@ -256,12 +273,26 @@ def _tokenizer_dir(spec: str) -> str:
     return str(p.parent if p.is_file() else p)
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
+    """The metadata that ties the N shards of one build together (engine/indexed_dataset.py): the
+    same on every machine running the same command. Inputs count by file name, size and lines,
+    not by path, which may differ between machines; the tokenizer by its ids, for the same reason."""
+    inputs = _digest([(Path(s["path"]).name, s["bytes"], s["lines"]) for s in meta["sources"]])
+    settings = {k: v for k, v in meta.items() if k not in ("tokenizer", "shard_index", "chunks", "sources")}
+    return {"id": _digest([settings, inputs, cfg.seq_length, vocab_size]), "shard_index": meta["shard_index"],
+            "num_shards": meta["num_shards"], "inputs": inputs}
+
+
 def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, chunk_records: int = 8192,
           num_shards: int = 1, shard_index: int = 0, rejects_path: str = "", quiet: bool = False,
           force: bool = False) -> dict:
     """Build one shard; returns its metadata (also written next to it). RecordError on a bad record
     with on_error="fail", after which nothing of the shard remains."""
-    from engine.indexed_dataset import ShardWriter
+    from engine.indexed_dataset import ShardWriter, foreign_shards
     from polar.tokenizer import load_tokenizer
 
     if cfg.on_error not in ON_ERROR:
@@ -277,8 +308,6 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
     chunks, sources = plan_chunks(files, chunk_records)
     mine = chunks[shard_index * len(chunks) // num_shards:(shard_index + 1) * len(chunks) // num_shards]
-    rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
-    rejects_file.unlink(missing_ok=True)
 
     meta = {
         "format": "polar shared-prefix groups",
@@ -289,9 +318,17 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         "chunk_records": chunk_records, "num_shards": num_shards, "shard_index": shard_index,
         "chunks": [mine[0].index, mine[-1].index + 1] if mine else [0, 0], "sources": sources,
     }
+    meta["build"] = _build_set(meta, cfg, tok.vocab_size)
+    others = foreign_shards(Path(output), meta["build"]["id"])
+    if others:
+        raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
+                              "would mix with this one: remove them or build into another directory")
+    rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
+    rejects_file.unlink(missing_ok=True)
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
     progress = _Progress(sum(c.end - c.start for c in mine), quiet)
-    counts = dict(lines=0, records=0, rejected=0, too_long=0, groups=0, candidates=0, tokens=0)
+    counts = dict(lines=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0, groups=0,
+                  candidates=0, tokens=0)
     rejects_out = None
     try:
         results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -305,6 +342,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             counts["records"] += res.records
             counts["rejected"] += len(res.rejects)
             counts["too_long"] += res.too_long
+            counts["prompts_shortened"] += res.prompts_shortened
+            counts["prompt_tokens_cut"] += res.prompt_tokens_cut
             counts["groups"] += res.records
             counts["candidates"] += res.candidates
             counts["tokens"] += res.tokens
@@ -328,9 +367,11 @@ def _summary(meta: dict, workers: int) -> str:
     dt = max(meta["elapsed_s"], 1e-9)
     eff = c["tokens"] / max(1, c["sequences"] * L)
     rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
+    cut = (f"\n  truncation {c['prompts_shortened']:,} prompts shortened to fit the pack "
+           f"({c['prompt_tokens_cut']:,} tokens beyond POLAR's rule)") if c["prompts_shortened"] else ""
     return "\n".join([
         f"wrote {meta['path']}.{{bin,idx,json}}",
-        f"  records    {c['lines']:,} lines: {c['records']:,} groups{rej}",
+        f"  records    {c['lines']:,} lines: {c['records']:,} groups{rej}{cut}",
         f"  packed     {c['groups']:,} groups, {c['candidates']:,} candidates -> {c['sequences']:,} sequences of "
         f"{L} tokens, packing efficiency {eff:.2%}",
         f"  tokens     {c['tokens']:,} ({meta['token_dtype']})",
@@ -347,7 +388,9 @@ def parse_args(argv):
     ap.add_argument("--output", "-o", required=True, help="dataset directory (created)")
     ap.add_argument("--tokenizer", default="byte", help="'byte' or a local HF tokenizer directory (default: byte)")
     ap.add_argument("--seq-length", type=int, default=16384, help="pack length in tokens (default 16384)")
-    ap.add_argument("--max-length", type=int, default=0, help="POLAR max_length for truncation (default: --seq-length)")
+    ap.add_argument("--max-length", type=int, default=0,
+                    help="POLAR max_length for truncation (default: --seq-length); a group longer than "
+                         "--seq-length after it gets a shorter prompt, counted in the report")
     ap.add_argument("--max-response", type=int, default=4096, help="reference/candidate head kept (default 4096)")
     ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"), help="for records without one (default sft)")
     ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"))

@@ -45,6 +45,19 @@ the piece boundary (a token merged across it): it is a split of ids, not of text
 keep one prompt for all, the prompt budget is computed with the *longest* (truncated) candidate,
 so a shorter candidate may see a slightly shorter prompt tail than it would alone; for a single
 candidate the result is identical to the per-input rule.
+
+Group capacity (ours): the rule above bounds each candidate's input, but a group is stored as its
+prefix once plus every candidate, so K long candidates can make a group longer than the pack it
+must fit whole (`group_capacity`, the pack length; 0: no cap). Counted as stored: BOS, the prompt
+twice, the reference, <|reward|>, the "\\n"s the wrapper writes (the candidates' shared one
+once), every candidate and a reward token each. When that exceeds the capacity, the prompt keeps
+a shorter tail (halved again: it appears twice) so that the group fits, and the tokens taken
+beyond the rule are recorded (`EncodedGroup.prompt_cut_to_fit`) for the caller to report; when
+the rule's prompt fits, nothing changes. If even an empty prompt does not fit, the prompt is
+dropped and the group stays too long: the caller rejects it. With the byte tokenizer the count
+is an upper bound (candidates with a common start share more of it), so every group that can fit
+does; with a BPE, merges across the pieces make it approximate, so a caller still checks each
+group's length.
 """
 from __future__ import annotations
 
@@ -57,6 +70,7 @@ from polar.tokenizer import REWARD_TOKEN_TEXT, REWARD_SEP_TEXT, Tokenizer
 
 WRAPPERS = ("sft", "pretrain")
 RESERVED_TOKENS = 4
+_CUT_BLOCK_TOKENS = 1 << 20  # token spans per batched offsets call of a truncation
 
 Text = Union[str, Sequence[dict]]
 
@@ -67,6 +81,8 @@ class EncodedGroup:
 
     prefix: np.ndarray  # int32, starts with BOS
     candidates: list  # list[np.ndarray[int32]], each non-empty, ending with the reward token id
+    # Prompt tokens taken beyond the paper's rule so that the group fits `group_capacity`.
+    prompt_cut_to_fit: int = 0
 
     def full(self, i: int) -> np.ndarray:
         return np.concatenate([self.prefix, self.candidates[i]])
@@ -140,17 +156,25 @@ def _keep_tail(text: str, spans: np.ndarray, keep: int) -> tuple[str, int]:
     return text[cut:], int(np.count_nonzero(spans[n - keep:, 0] >= cut))
 
 
-def _cut(tokenizer: Tokenizer, texts: list, counts: list, keep: list, keep_fn) -> None:
-    """In place: texts[i] becomes the text of keep[i] of its counts[i] tokens (head or tail, by
-    `keep_fn`) and counts[i] the tokens that text holds, for the texts with more than keep[i]."""
+def _cut(tokenizer: Tokenizer, texts: list, counts: list, ids: list, keep: list, tail: bool) -> None:
+    """In place: texts[i] becomes the text of keep[i] of its counts[i] tokens (its head, or its
+    tail with `tail`) and counts[i] the tokens that text holds, for the texts with more than
+    keep[i]. ids[i] holds at least the keep[i] + 1 ids at that end of encode(texts[i])."""
     over = [i for i, (n, k) in enumerate(zip(counts, keep)) if n > k]
     if not over:
         return
-    for i, spans in zip(over, tokenizer.offsets_batch([texts[i] for i in over])):
-        if len(spans) != counts[i]:
-            raise RuntimeError(f"{type(tokenizer).__name__}: offsets_batch gives {len(spans)} "
-                               f"tokens where encode_batch gives {counts[i]} for {texts[i]!r:.60}")
-        texts[i], counts[i] = keep_fn(texts[i], spans, keep[i])
+    # Only the kept tokens and the first one dropped place a cut: spans of the whole text would
+    # cost tens of bytes per character of texts that may be megabytes long. Even those spans
+    # take tens of bytes a token, so a batch of long texts is cut a block at a time.
+    keep_fn = _keep_tail if tail else _keep_head
+    edge_tokens = np.cumsum([keep[i] + 1 for i in over])
+    blocks = np.unique(np.searchsorted(edge_tokens, np.arange(0, edge_tokens[-1], _CUT_BLOCK_TOKENS),
+                                       side="right")).tolist()
+    for a, b in zip(blocks, [*blocks[1:], len(over)]):
+        block = over[a:b]
+        edges = [ids[i][len(ids[i]) - keep[i] - 1:] if tail else ids[i][:keep[i] + 1] for i in block]
+        for i, spans in zip(block, tokenizer.edge_offsets_batch([texts[i] for i in block], edges, tail)):
+            texts[i], counts[i] = keep_fn(texts[i], spans, keep[i])
 
 
 def _shared_prefix_length(fulls: list) -> int:
@@ -174,6 +198,17 @@ def _texts(values: Sequence[Text], where: str) -> list[str]:
     return out
 
 
+def _stored_without_prompt(reference: str, reference_n: int, candidates: list, candidate_n: list,
+                           wrapper: str) -> int:
+    """Tokens of a group as stored, less its two prompts: BOS, the reference, <|reward|>, the
+    "\\n"s, every candidate and a reward token each. Candidates that all write their "\\n" share
+    it in the prefix; otherwise the prefix ends at the prompt and each writes its own."""
+    newlines = sum(1 for c in candidates if _sep(wrapper, c))
+    if newlines == len(candidates):
+        newlines = 1
+    return 2 + len(_sep(wrapper, reference)) + reference_n + newlines + sum(candidate_n) + len(candidates)
+
+
 def _check_count(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
         raise ValueError(f"{name} must be a non-negative int, got {value!r}")
@@ -182,9 +217,12 @@ def _check_count(name: str, value) -> int:
 
 def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Sequence[Text],
                   candidates: Sequence[Sequence[Text]], wrapper: Union[str, Sequence[str]] = "sft",
-                  max_length: int = 16384, max_response: int = 4096) -> list[EncodedGroup]:
+                  max_length: int = 16384, max_response: int = 4096,
+                  group_capacity: int = 0) -> list[EncodedGroup]:
     """`encode_group` for many groups at once (group g: prompts[g], references[g], candidates[g],
-    and wrapper[g] if a list is given), with a few batched tokenizer calls in all."""
+    and wrapper[g] if a list is given), with a few batched tokenizer calls in all.
+    `group_capacity` (tokens, 0: none): the prompt is cut further so that each group as stored
+    fits it (module docstring)."""
     n_groups = len(prompts)
     if not (len(references) == len(candidates) == n_groups):
         raise ValueError(f"encode_groups: {n_groups} prompts, {len(references)} references and "
@@ -196,6 +234,7 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
         _check_wrapper(w)
     max_length = _check_count("max_length", max_length)
     max_response = _check_count("max_response", max_response)
+    group_capacity = _check_count("group_capacity", group_capacity)
 
     n_cands = []
     for g, cands in enumerate(candidates):
@@ -208,20 +247,35 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     pieces = _texts(prompts, "prompt {}") + _texts(references, "reference {}")
     for g, cands in enumerate(candidates):
         pieces += _texts(cands, f"group {g}: candidate {{}}")
-    counts = [len(ids) for ids in tokenizer.encode_batch(pieces)]
+    ids = tokenizer.encode_batch(pieces)
+    counts = [len(x) for x in ids]
 
     # Responses (references, then candidates) keep their head: only the pieces over the limit
     # need their token spans.
     responses, response_n = pieces[n_groups:], counts[n_groups:]
-    _cut(tokenizer, responses, response_n, [min(n, max_response) for n in response_n], _keep_head)
+    _cut(tokenizer, responses, response_n, ids[n_groups:], [min(n, max_response) for n in response_n],
+         tail=False)
+    # A prompt keeps at most prompt_budget(max_length, 0, 0) tokens, so only that many of its
+    # last ids (and one more) are ever needed: the batch's ids are freed here.
+    window = prompt_budget(max_length, 0, 0) + 1
+    prompt_ids = [x[-window:].copy() for x in ids[:n_groups]]
+    del ids
     # Prompts keep their tail, budgeted with the tokens the responses kept.
     prompts_kept, prompt_n = pieces[:n_groups], counts[:n_groups]
-    keep, c0 = [], n_groups
+    keep, cut_to_fit, c0 = [], [], n_groups
     for g in range(n_groups):
-        longest = max(response_n[c0:c0 + n_cands[g]])
+        cand, cand_n = responses[c0:c0 + n_cands[g]], response_n[c0:c0 + n_cands[g]]
         c0 += n_cands[g]
-        keep.append(min(prompt_n[g], prompt_budget(max_length, response_n[g], longest)))
-    _cut(tokenizer, prompts_kept, prompt_n, keep, _keep_tail)
+        rule = min(prompt_n[g], prompt_budget(max_length, response_n[g], max(cand_n)))
+        fit = rule
+        if group_capacity:
+            room = group_capacity - _stored_without_prompt(responses[g], response_n[g], cand, cand_n,
+                                                           wrappers[g])
+            fit = min(rule, max(0, room // 2))
+        keep.append(fit)
+        cut_to_fit.append(rule - fit)
+    _cut(tokenizer, prompts_kept, prompt_n, prompt_ids, keep, tail=True)
+    del prompt_ids
 
     # Training form: BOS, the reference side's content ids, <|reward|>, the candidate side's
     # content ids, the reward token: the special ids are placed here, never read from a text, so
@@ -248,13 +302,14 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
         c0 += n_cands[g]
         n = _shared_prefix_length(own)
         # Copies, so that the full arrays are freed and a group holds its prefix once.
-        groups.append(EncodedGroup(prefix=own[0][:n].copy(), candidates=[f[n:].copy() for f in own]))
+        groups.append(EncodedGroup(prefix=own[0][:n].copy(), candidates=[f[n:].copy() for f in own],
+                                   prompt_cut_to_fit=cut_to_fit[g]))
     return groups
 
 
 def encode_group(tokenizer: Tokenizer, prompt: Text, reference: Text, candidates: Sequence[Text],
-                 wrapper: str = "sft", max_length: int = 16384,
-                 max_response: int = 4096) -> EncodedGroup:
+                 wrapper: str = "sft", max_length: int = 16384, max_response: int = 4096,
+                 group_capacity: int = 0) -> EncodedGroup:
     """Tokenize and truncate one reference with its candidates (module docstring for the rules)."""
     return encode_groups(tokenizer, [prompt], [reference], [candidates], wrapper,
-                         max_length, max_response)[0]
+                         max_length, max_response, group_capacity)[0]

@@ -11,13 +11,16 @@ Two record shapes are read; every value that is text may be a string or a messag
 
 `wrapper` is optional (the builder's default applies). A candidate's explicit `label` wins over its
 `policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
-lines are skipped. Rejected: bad JSON, invalid UTF-8, a missing or mistyped field, an empty text
-(after joining messages: an empty response carries no signal, and the format would drop its "\\n"),
-and a group without both a positive and a negative candidate (it gives no pair to learn from).
+lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
+invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
+response carries no signal, and the format would drop its "\\n"), a text holding a lone surrogate
+(a legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), and a
+group without both a positive and a negative candidate (it gives no pair to learn from).
 """
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
@@ -60,11 +63,21 @@ class FieldError(Exception):
 
 _Bad = FieldError
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _no_surrogate(text: str, where: str) -> None:
+    m = _SURROGATE.search(text)
+    if m:
+        raise _Bad(where, f"lone surrogate U+{ord(m.group()):04X} at character {m.start()} (not valid "
+                          "Unicode text; it cannot be tokenized)")
+
 
 def _text(value, where: str) -> Text:
     if isinstance(value, str):
         if not value:
             raise _Bad(where, "empty text")
+        _no_surrogate(value, where)
         return value
     if isinstance(value, list):
         for i, msg in enumerate(value):
@@ -74,6 +87,7 @@ def _text(value, where: str) -> Text:
                 raise _Bad(f"{where}[{i}].content", "missing")
             if not isinstance(msg["content"], str):
                 raise _Bad(f"{where}[{i}].content", f"must be a string, got {type(msg['content']).__name__}")
+            _no_surrogate(msg["content"], f"{where}[{i}].content")
         if not "\n".join(m["content"] for m in value):
             raise _Bad(where, "empty text")
         return value
@@ -160,6 +174,10 @@ def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise RecordError(file, line, "(line)", "JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise RecordError(file, line, "(line)", f"JSON that cannot be read: {e}") from None
     try:
         rec = parse(obj)
     except FieldError as e:

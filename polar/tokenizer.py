@@ -27,6 +27,10 @@ Offsets (`offsets_batch`, of the content ids) are *character* spans [start, end)
 as the HF library gives them. A byte token is part of a character: every byte of a multi-byte character gets that
 character's whole span, as the HF byte-level BPE does for a character split over several tokens.
 So a text cut at a token's span never falls inside a character (polar/format.py relies on this).
+The spans are those of the tokens' own text: an HF post-processor's offset trimming (which moves a
+token's start past its leading space) is not applied. `edge_offsets_batch` gives the spans of a
+text's first or last tokens only, from a slice of the text where that is exact: truncation needs
+no more, and the spans of a whole long text cost tens of bytes per character.
 """
 from __future__ import annotations
 
@@ -85,6 +89,20 @@ class Tokenizer(abc.ABC):
     def offsets_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         """Per text, an int64 array [n_tokens, 2]: the character span [start, end) in the text of
         each token of `encode(text)`. Tokens that share a character share its span."""
+
+    def edge_offsets_batch(self, texts: Sequence[str], edges: Sequence[np.ndarray],
+                           tail: bool = False) -> list[np.ndarray]:
+        """Per text, the rows of `offsets_batch` for its first len(edges[i]) tokens (its last,
+        with `tail`), edges[i] being those tokens' ids in `encode(texts[i])`. Truncation needs no
+        more than that; a tokenizer may compute it from a slice of the text where the result is
+        the same (this default reads the whole text)."""
+        out = []
+        for text, edge, spans in zip(texts, edges, self.offsets_batch(texts)):
+            if len(spans) < len(edge):
+                raise RuntimeError(f"{type(self).__name__}: offsets_batch gives {len(spans)} tokens "
+                                   f"where encode gives at least {len(edge)} for {text!r:.60}")
+            out.append(spans[len(spans) - len(edge):] if tail else spans[:len(edge)])
+        return out
 
     @abc.abstractmethod
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
@@ -223,6 +241,20 @@ class ByteTokenizer(Tokenizer):
         texts = _check_texts(texts, "offsets_batch")
         return self._encode_flat(texts, True, False)[1] if texts else []
 
+    def edge_offsets_batch(self, texts: Sequence[str], edges: Sequence[np.ndarray],
+                           tail: bool = False) -> list[np.ndarray]:
+        # A character is at least one byte, so the first (last) n tokens lie within the first
+        # (last) n characters, and a byte's span depends on its own character only: the spans
+        # of that slice are exact.
+        texts = _check_texts(texts, "edge_offsets_batch")
+        if not texts:
+            return []
+        n = [len(e) for e in edges]
+        starts = [max(0, len(t) - k) if tail else 0 for t, k in zip(texts, n)]
+        sliced = [t[s:] if tail else t[:k] for t, s, k in zip(texts, starts, n)]
+        spans = self._encode_flat(sliced, True, False)[1]
+        return [sp[len(sp) - k:] + s if tail else sp[:k] for sp, s, k in zip(spans, starts, n)]
+
     def encode_served_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         texts = _check_texts(texts, "encode_served_batch")
         if not texts:
@@ -345,6 +377,13 @@ class HFTokenizer(Tokenizer):
         state = tok.to_str()
         self._tok = _Lib.from_str(state)
         self._tok.encode_special_tokens = True  # content: a literal is text
+        # Offsets without the post-processor: with no special tokens added it changes no id, but a
+        # ByteLevel/Roberta one with trim_offsets moves a token's start past its leading space,
+        # and a head cut there would keep that space, which re-tokenizes as one token too many.
+        tree = json.loads(state)
+        tree["post_processor"] = None
+        self._tok_offsets = _Lib.from_str(json.dumps(tree))
+        self._tok_offsets.encode_special_tokens = True
         tree = json.loads(state)
         if _never_prepend(tree):
             self._tok_after = _Lib.from_str(json.dumps(tree))
@@ -382,9 +421,42 @@ class HFTokenizer(Tokenizer):
         return [np.array(e.ids, dtype=np.int32) for e in encs]
 
     def offsets_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        encs = self._tok.encode_batch(list(_check_texts(texts, "offsets_batch")),
-                                      add_special_tokens=False)
+        encs = self._tok_offsets.encode_batch(list(_check_texts(texts, "offsets_batch")),
+                                              add_special_tokens=False)
         return [np.array(e.offsets, dtype=np.int64).reshape(-1, 2) for e in encs]
+
+    def edge_offsets_batch(self, texts: Sequence[str], edges: Sequence[np.ndarray],
+                           tail: bool = False) -> list[np.ndarray]:
+        # A merge or a pre-tokenizer rule near the end of a slice may tokenize it otherwise than
+        # the whole text does, but only there: a slice is taken generously, used when the tokens
+        # wanted lie at least _EDGE_MARGIN tokens away from where it was cut and have the ids of
+        # the whole text (then they cover the same characters); the whole text is read otherwise.
+        texts = list(_check_texts(texts, "edge_offsets_batch"))
+        out, todo = [None] * len(texts), list(range(len(texts)))
+        for whole in (False, True):
+            if not todo:
+                break
+            starts, sliced = [], []
+            for i in todo:
+                size = len(texts[i]) if whole else _EDGE_CHARS_PER_TOKEN * (len(edges[i]) + _EDGE_MARGIN)
+                starts.append(max(0, len(texts[i]) - size) if tail else 0)
+                sliced.append(texts[i][starts[-1]:starts[-1] + size])
+            redo = []
+            encs = self._tok_offsets.encode_batch(sliced, add_special_tokens=False)
+            for i, start, piece, enc in zip(todo, starts, sliced, encs):
+                k = len(edges[i])
+                got = enc.ids[len(enc.ids) - k:] if tail else enc.ids[:k]
+                if not np.array_equal(got, edges[i]) or (len(enc.ids) < k + _EDGE_MARGIN
+                                                         and len(piece) < len(texts[i])):
+                    if len(piece) == len(texts[i]):
+                        raise RuntimeError(f"HFTokenizer: the offsets' tokenization of "
+                                           f"{texts[i]!r:.60} disagrees with encode")
+                    redo.append(i)
+                    continue
+                spans = np.array(enc.offsets, dtype=np.int64).reshape(-1, 2)
+                out[i] = spans[len(spans) - k:] + start if tail else spans[:k]
+            todo = redo
+        return out
 
     def encode_served_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
         # BOS by hand rather than by the file's post-processor, which may be missing or add more.
@@ -405,6 +477,12 @@ class HFTokenizer(Tokenizer):
         kept = [self._textual(_check_ids(ids, self.vocab_size)) for ids in batch]
         return self._served.decode_batch(kept, skip_special_tokens=skip_special_tokens)
 
+
+# HFTokenizer.edge_offsets_batch: a slice of (tokens wanted + margin) * this many characters
+# holds the tokens wanted for nearly any text (about 4 characters a token in English); a text
+# with longer tokens is read whole.
+_EDGE_CHARS_PER_TOKEN = 8
+_EDGE_MARGIN = 64
 
 POLAR_TOKENIZER_FILE = "polar_tokenizer.json"
 _SETTINGS = ("bos", "pad", "reward_sep", "reward_token")

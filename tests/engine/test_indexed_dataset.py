@@ -24,8 +24,8 @@ def random_groups(seed: int, n: int, vocab: int = 300) -> list[Group]:
     return out
 
 
-def write(path, packed: PackedGroups, vocab: int = 300, sources: bool = True) -> None:
-    w = ShardWriter(path, packed.seq_length, vocab_size=vocab, pad_id=1, meta={"note": "test"})
+def write(path, packed: PackedGroups, vocab: int = 300, sources: bool = True, **meta) -> None:
+    w = ShardWriter(path, packed.seq_length, vocab_size=vocab, pad_id=1, meta={"note": "test", **meta})
     for s, plan in enumerate(packed.plan):
         w.add_sequence([packed.groups[g] for g in plan], [int(g) for g in plan] if sources else None)
     w.close()
@@ -124,6 +124,54 @@ def test_shards_must_agree_and_a_dataset_must_exist(tmp_path):
     write(tmp_path / "a", PackedGroups(random_groups(4, 20), SEQ))
     write(tmp_path / "b", PackedGroups(random_groups(4, 20), 2 * SEQ))
     with pytest.raises(DatasetFormatError, match="seq_length 128 differs"):
+        IndexedDataset(tmp_path)
+
+
+def test_shards_must_agree_on_bos_but_not_on_the_tokenizers_path(tmp_path):
+    write(tmp_path / "a", PackedGroups(random_groups(4, 10), SEQ), bos_id=0, tokenizer="/tok/a")
+    write(tmp_path / "b", PackedGroups(random_groups(5, 10), SEQ), bos_id=0, tokenizer="/elsewhere/a")
+    assert IndexedDataset(tmp_path).num_groups == 20
+    write(tmp_path / "c", PackedGroups(random_groups(6, 10), SEQ), bos_id=2)
+    with pytest.raises(DatasetFormatError, match="bos_id 2 differs"):
+        IndexedDataset(tmp_path)
+
+
+def build_set(tmp_path, bid: str, n: int, inputs: str = "in", indices=None, prefix: str = "part") -> None:
+    for i in range(n) if indices is None else indices:
+        write(tmp_path / f"{prefix}-{i:05d}-of-{n:05d}", PackedGroups(random_groups(10 + i, 10), SEQ),
+              build={"id": bid, "shard_index": i, "num_shards": n, "inputs": inputs})
+
+
+def test_complete_build_sets_read_and_incomplete_ones_are_named(tmp_path):
+    build_set(tmp_path / "ok", "A", 3)
+    build_set(tmp_path / "ok", "B", 2, inputs="other", prefix="b-part")  # another dataset, concatenated
+    assert IndexedDataset(tmp_path / "ok").num_groups == 50
+    build_set(tmp_path / "gap", "A", 3, indices=[0, 2])
+    with pytest.raises(DatasetFormatError, match=r"gap: build A of 3 shards lacks 1 \(part-00001-of-00003; "
+                                                 r"present: part-00000-of-00003, part-00002-of-00003\)"):
+        IndexedDataset(tmp_path / "gap")
+
+
+def test_a_shard_twice_or_a_leftover_build_of_the_same_inputs_is_refused(tmp_path):
+    build_set(tmp_path / "twice", "A", 2)
+    build_set(tmp_path / "twice", "A", 2, indices=[1], prefix="copy")
+    with pytest.raises(DatasetFormatError, match=r"twice: shard 1 of 2 of build A is there 2 times "
+                                                 r"\(copy-00001-of-00002, part-00001-of-00002\)"):
+        IndexedDataset(tmp_path / "twice")
+    # an earlier build of the same records with another shard count, left in the directory
+    build_set(tmp_path / "leftover", "old", 1)
+    build_set(tmp_path / "leftover", "new", 2)
+    with pytest.raises(DatasetFormatError, match=r"leftover: the same inputs were built more than once.*"
+                                                 r"build old \(part-00000-of-00001\)"):
+        IndexedDataset(tmp_path / "leftover")
+    # one shard named on its own is read as asked
+    assert IndexedDataset(tmp_path / "leftover" / "part-00000-of-00002").num_groups == 10
+
+
+def test_a_malformed_build_entry_is_named(tmp_path):
+    write(tmp_path / "x", PackedGroups(random_groups(4, 10), SEQ), build={"id": "A", "shard_index": 2,
+                                                                          "num_shards": 2, "inputs": "in"})
+    with pytest.raises(DatasetFormatError, match=r"x\.json: build must be"):
         IndexedDataset(tmp_path)
 
 

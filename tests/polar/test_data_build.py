@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.indexed_dataset import IndexedDataset
+from engine.indexed_dataset import DatasetFormatError, IndexedDataset
 from polar import data_build, data_stats
 from polar.format import encode_groups
 from polar.pretrain_data import SyntheticDataConfig, make_splits
@@ -136,6 +136,50 @@ def test_skip_sets_bad_records_and_too_long_groups_aside(tmp_path, records, caps
     assert ds.num_groups == 20 and ds.meta["counts"]["rejected"] == 3 and ds.meta["counts"]["too_long"] == 1
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2  # an existing shard is not replaced
     assert "exists" in capsys.readouterr().err
+
+
+def test_a_group_longer_than_the_pack_keeps_a_shorter_prompt_and_is_counted(tmp_path, records, capsys):
+    """POLAR's truncation bounds each candidate's input (16384 at the defaults), not the group: a
+    3000-byte prompt with a 4096-byte reference and two 4096-byte candidates is 18294 tokens stored.
+    It builds, with the default --on-error fail, its prompt shortened and reported."""
+    long = {"prompt": "q" * 3000, "reference": "r" * 4096, "chosen": "c" * 4096, "rejected": "x" * 4096}
+    src = write_jsonl(tmp_path / "r.jsonl", [records[0], long])
+    assert build(src, "-o", tmp_path / "ds") == 0
+    assert "1 prompts shortened to fit the pack (955 tokens beyond POLAR's rule)" in capsys.readouterr().out
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.num_groups == 2 and ds.meta["counts"]["prompts_shortened"] == 1
+    assert ds.meta["counts"]["prompt_tokens_cut"] == 955 and ds.meta["counts"]["rejected"] == 0
+    want = encode_groups(ByteTokenizer(), ["q" * 3000], ["r" * 4096], [["c" * 4096, "x" * 4096]],
+                         group_capacity=16384)[0]
+    got = [g for i in range(len(ds)) for g, rid in zip(ds.sequences([i])[0], ds.sources(i)) if rid == 1][0]
+    assert len(got) == 16384 and want.prompt_cut_to_fit == 955
+    for a, b in zip(got.candidates, want.candidates):
+        np.testing.assert_array_equal(np.concatenate([got.prefix, a]), np.concatenate([want.prefix, b]))
+    # four such candidates do not fit even without a prompt: set aside, with why
+    four = {"prompt": "q" * 100, "reference": "r" * 4096,
+            "candidates": [{"text": t * 4096, "label": int(t == "a")} for t in "abcd"]}
+    src = write_jsonl(tmp_path / "four.jsonl", [records[0], four])
+    assert build(src, "-o", tmp_path / "ds4", "--on-error", "skip") == 0
+    rejects = (tmp_path / "ds4" / "part-00000-of-00001.rejects.jsonl").read_text().splitlines()
+    assert len(rejects) == 1 and "more than seq_length=16384 even with its prompt cut by 100 tokens" in rejects[0]
+
+
+def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, records, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10]
+    assert build(*common) == 0
+    capsys.readouterr()
+    for force in ([], ["--force"]):  # rebuilt as 2 shards: the old one would read its records twice
+        assert build(*common, "--num-shards", 2, "--shard-index", 0, *force) == 2
+        assert "holds shards of another build (part-00000-of-00001)" in capsys.readouterr().err
+    assert build(*common, "--force") == 0  # the same build again replaces its shard
+    for i in range(2):
+        assert build(src, "-o", tmp_path / "two", "--seq-length", SEQ, "--chunk-records", 10,
+                     "--num-shards", 2, "--shard-index", i) == 0
+    assert IndexedDataset(tmp_path / "two").num_groups == 40
+    (tmp_path / "two" / "part-00001-of-00002.idx").unlink()  # a shard that did not arrive
+    with pytest.raises(DatasetFormatError, match=r"two: build \w+ of 2 shards lacks 1 \(part-00001-of-00002"):
+        IndexedDataset(tmp_path / "two")
 
 
 def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsys):

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -441,6 +443,140 @@ def test_literals_in_texts_stay_text_with_a_bpe(bpe):
             assert where[0] == 0 and where[2] == len(ids) - 1
             # and the text reads back whole: the literals are there, as text
             assert bpe.decode(ids) == build_text(p, r, c, w)
+
+
+# --- group capacity: a group as stored fits the pack ----------------------------------------------
+
+def stored(g):
+    return len(g.prefix) + sum(len(c) for c in g.candidates)
+
+
+def test_group_capacity_shortens_the_prompt_of_a_group_too_long_for_the_pack():
+    # The paper's rule bounds each candidate's input (16384 at the defaults), not the group, which
+    # holds the prompt twice, the reference and both candidates: 18294 tokens here.
+    p, r, cs = "q" * 3000, "r" * 4096, ["c" * 4096, "x" * 4096]
+    rule = encode_group(TOK, p, r, cs)
+    assert stored(rule) == 18294 and rule.prompt_cut_to_fit == 0
+    g = encode_group(TOK, p, r, cs, group_capacity=16384)
+    # BOS, <|reward|>, two "\n", the reference, two candidates with a reward token each: 12294;
+    # the prompt's two copies get the other 4090
+    assert stored(g) == 16384 and g.prompt_cut_to_fit == 3000 - 2045
+    check_split(g, [full_ids("q" * 2045, r, c) for c in cs])
+    # a group that fits is left to the paper's rule
+    same = encode_group(TOK, p, r, cs, group_capacity=18294)
+    assert same.prompt_cut_to_fit == 0 and [same.full(i).tolist() for i in range(2)] == \
+        [rule.full(i).tolist() for i in range(2)]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_group_capacity_bounds_every_group_that_can_fit(seed):
+    rng = np.random.default_rng(seed)
+    chars = list("ab é😀\n")
+
+    def text(longest):
+        return "".join(rng.choice(chars, size=int(rng.integers(0, longest))))
+
+    groups = [(text(80) + "p", text(40), [text(40) for _ in range(int(rng.integers(1, 5)))],
+               "sft" if rng.random() < 0.6 else "pretrain") for _ in range(400)]
+    max_length, max_response, cap = 100, 30, 120
+    args = ([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], [g[3] for g in groups])
+    rule = encode_groups(TOK, *args, max_length=max_length, max_response=max_response)
+    capped = encode_groups(TOK, *args, max_length=max_length, max_response=max_response, group_capacity=cap)
+    without = encode_groups(TOK, [""] * len(groups), *args[1:], max_length=max_length, max_response=max_response)
+    shortened = dropped = 0
+    for (p, _, cs, w), a, g, e in zip(groups, rule, capped, without):
+        k, fulls = len(cs), [g.full(i) for i in range(len(cs))]
+        kept = (len(fulls[0]) - len(e.full(0))) // 2  # the prompt's bytes, in each of its two places
+        assert fulls[0][1:1 + kept].tolist() == list(p.encode()[len(p.encode()) - kept:])  # a tail
+        # The count the capacity is held to: the group without a prompt, each candidate whole
+        # (only BOS, the reference side and a shared "\n" counted once).
+        head = e.full(0).tolist().index(SEP) + 1
+        shared = int(w == "sft" and all(len(e.full(i)) > head + 1 for i in range(k)))
+        counted = sum(len(e.full(i)) for i in range(k)) - (k - 1) * (head + shared)
+        assert stored(e) <= counted
+        if g.prompt_cut_to_fit == 0:
+            assert [f.tolist() for f in fulls] == [a.full(i).tolist() for i in range(k)]
+        else:
+            shortened += 1
+            assert kept <= (len(a.full(0)) - len(e.full(0))) // 2  # less, unless a character was cut
+        if counted <= cap:
+            assert stored(g) <= cap
+            # as long a tail as fits (a cut through a character drops it: up to 3 bytes fewer)
+            assert g.prompt_cut_to_fit == 0 or counted + 2 * (kept + 4) > cap
+        else:
+            dropped += 1
+            assert kept == 0  # even without a prompt it does not fit: the caller rejects it
+        assert stored(g) <= cap or stored(e) > cap or counted > cap
+        assert stored(a) <= cap or g.prompt_cut_to_fit > 0
+    assert shortened > 50 and dropped > 5
+
+
+def test_group_capacity_must_be_a_count():
+    with pytest.raises(ValueError, match="group_capacity"):
+        encode_group(TOK, "p", "r", ["c"], group_capacity=-1)
+
+
+# --- a post-processor that trims offsets ------------------------------------------------------------
+
+def test_trimmed_offsets_cut_exactly(tmp_path):
+    """A ByteLevel post-processor with trim_offsets moves a token's start past its leading space;
+    a head cut there kept that space, which re-tokenized as one token more than max_response."""
+    from tokenizers import Tokenizer as Lib, processors
+
+    plain_dir = Path(train_bpe(tmp_path / "plain", merge_across_spaces=False))
+    lib = Lib.from_file(str(plain_dir / "tokenizer.json"))
+    lib.post_processor = processors.ByteLevel(trim_offsets=True)
+    (tmp_path / "trim").mkdir()
+    lib.save(str(tmp_path / "trim" / "tokenizer.json"))
+    plain, trim = load_tokenizer(str(plain_dir)), load_tokenizer(str(tmp_path / "trim"))
+    text = "the cat sat on the mat and the dog ran to the answer " * 3
+    for max_response in range(1, 25):
+        g = encode_group(trim, "why?", text, ["the cat"], max_length=4096, max_response=max_response)
+        kept = trim.decode(g.full(0)).split("\n", 1)[1].split(REWARD_SEP_TEXT)[0]
+        assert len(trim.encode(kept)) <= max_response
+    for max_length in range(8, 60, 3):  # the prompt's tail cut too
+        args = (text, "the dog", ["the cat", "a dog"], "sft", max_length, 5)
+        g, want = encode_group(trim, *args), encode_group(plain, *args)
+        assert [g.full(i).tolist() for i in range(2)] == [want.full(i).tolist() for i in range(2)]
+
+
+# --- truncation reads slices of long texts -------------------------------------------------------
+
+def long_groups(rng, n):
+    """Texts of thousands of tokens: multi-byte characters, newlines, long runs."""
+    def text():
+        parts = [random_text(rng, max_words=40) for _ in range(int(rng.integers(1, 80)))]
+        if rng.random() < 0.3:
+            parts.insert(int(rng.integers(0, len(parts))), str(rng.choice(["é", "😀", " ", "x"])) * 3000)
+        return " ".join(parts)
+
+    return [(text(), text(), [text() for _ in range(int(rng.integers(1, 4)))],
+             "sft" if rng.random() < 0.7 else "pretrain") for _ in range(n)]
+
+
+@pytest.mark.parametrize("kind,chars_per_token,margin", [("byte", 8, 64), ("bpe", 8, 64), ("bpe", 1, 64),
+                                                           ("bpe", 2, 0)])
+def test_cuts_on_slices_equal_cuts_on_whole_texts(kind, chars_per_token, margin, bpe, monkeypatch):
+    """Offsets are computed on a slice of each long text; a slice too short or cut too near the
+    tokens wanted (small settings force both) falls back to the whole text: the same groups."""
+    import types
+
+    import polar.tokenizer as tokenizer_module
+    from polar.tokenizer import Tokenizer
+
+    monkeypatch.setattr(tokenizer_module, "_EDGE_CHARS_PER_TOKEN", chars_per_token)
+    monkeypatch.setattr(tokenizer_module, "_EDGE_MARGIN", margin)
+    tok = TOK if kind == "byte" else bpe
+    whole = ByteTokenizer() if kind == "byte" else load_tokenizer(str(bpe.path.parent))
+    whole.edge_offsets_batch = types.MethodType(Tokenizer.edge_offsets_batch, whole)  # reads whole texts
+    groups = long_groups(np.random.default_rng(7), 20)
+    args = ([g[0] for g in groups], [g[1] for g in groups], [g[2] for g in groups], [g[3] for g in groups])
+    for max_length, max_response, cap in ((16384, 4096, 0), (3000, 700, 2500), (40, 9, 0)):
+        got = encode_groups(tok, *args, max_length=max_length, max_response=max_response, group_capacity=cap)
+        want = encode_groups(whole, *args, max_length=max_length, max_response=max_response, group_capacity=cap)
+        for a, b, (_, _, cs, _) in zip(got, want, groups):
+            assert all(np.array_equal(a.full(i), b.full(i)) for i in range(len(cs)))
+            assert a.prompt_cut_to_fit == b.prompt_cut_to_fit
 
 
 # --- the embedded default's data -----------------------------------------------------------------

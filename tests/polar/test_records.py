@@ -75,6 +75,15 @@ GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
      "candidates[1].policy", "a policy id must be"),
     (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, "b"]}),
      "candidates[1]", "must be an object"),
+    # legal JSON escapes that are no character: no tokenizer can encode them
+    (line({**GOOD, "chosen": "fi\udc80ne"}), "chosen", "lone surrogate U+DC80 at character 2"),
+    (line({**GOOD, "prompt": [{"content": "ok"}, {"content": "x\ud800"}]}), "prompt[1].content",
+     "lone surrogate U+D800 at character 1"),
+    (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "\udfff", "label": 0}]}),
+     "candidates[1].text", "lone surrogate U+DFFF at character 0"),
+    # JSON that json.loads refuses with other errors than JSONDecodeError
+    (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}\n", "(line)", "nested too deeply"),
+    (line(GOOD)[:-2] + b', "score": ' + b"9" * 5000 + b"}\n", "(line)", "digits"),
 ])
 def test_bad_records_name_file_line_and_field(raw, field, reason):
     with pytest.raises(RecordError) as exc:
@@ -111,6 +120,20 @@ def test_read_records_skip_keeps_every_reject_whole(tmp_path):
     assert all(r["file"] == p for r in rejects)
     with pytest.raises(ValueError, match="on_error"):
         list(read_records(p, on_error="ignore"))
+
+
+def test_a_surrogate_pair_is_one_character():
+    rec = parse_line(b'{"prompt": "\\ud83d\\ude00", "reference": "r", "chosen": "c", "rejected": "x"}', "f", 1)
+    assert rec.prompt == "\U0001F600"
+
+
+def test_unreadable_json_is_a_named_reject_under_skip(tmp_path):
+    deep = b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}\n"
+    p = write_lines(tmp_path / "r.jsonl", [line(GOOD), deep, line({**GOOD, "chosen": "\ud800"}), line(GOOD)])
+    rejects = []
+    assert [r.line for r in read_records(p, on_error="skip", rejects=rejects)] == [1, 4]
+    assert [(r["file"], r["line"], r["field"]) for r in rejects] == [(p, 2, "(line)"), (p, 3, "chosen")]
+    assert rejects[0]["raw"].encode() + b"\n" == deep
 
 
 def test_record_error_survives_pickling():

@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import polar.tokenizer as tokenizer_module
 from polar.tokenizer import (REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer, HFTokenizer,
                              Tokenizer, load_tokenizer)
 
@@ -278,6 +279,70 @@ def test_hf_batch_offsets_and_decode(bpe):
     # an emoji the BPE never saw stays split in bytes: all its tokens share its character span
     sp = bpe.offsets_batch(["🎉"])[0]
     assert len(sp) > 1 and (sp == [0, 1]).all()
+
+
+def test_hf_offsets_are_not_trimmed_by_the_post_processor(bpe_dir, tmp_path):
+    """A ByteLevel post-processor with trim_offsets would start " cat" after its space; the
+    spans are those of the tokens' own text, which a cut needs."""
+    from tokenizers import Tokenizer as Lib, processors
+
+    lib = Lib.from_file(str(Path(bpe_dir) / "tokenizer.json"))
+    lib.post_processor = processors.ByteLevel(trim_offsets=True)
+    (tmp_path / "trim").mkdir()
+    lib.save(str(tmp_path / "trim" / "tokenizer.json"))
+    trim, plain = load_tokenizer(str(tmp_path / "trim")), load_tokenizer(bpe_dir)
+    texts = corpus(20, seed=2)
+    for text, a, b, ids in zip(texts, trim.offsets_batch(texts), plain.offsets_batch(texts), trim.encode_batch(texts)):
+        assert a.tolist() == b.tolist() and len(a) == len(ids)
+        assert "".join(text[s:e] for s, e in a.tolist()) == text  # the spans tile the text
+
+
+def long_texts(n: int, seed: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        words = rng.choice(WORDS + ["\n", "  "], size=int(rng.integers(1, 3000)))
+        out.append(" ".join(words))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_edge_offsets_are_the_whole_texts_rows_from_a_bounded_slice(kind, bpe):
+    """Truncation asks for the spans of a text's first or last few tokens: they equal those of
+    the whole text, computed from a slice about the size of what is asked, not from the text."""
+    t = ByteTokenizer() if kind == "byte" else load_tokenizer(str(bpe.path.parent))
+    seen = []
+    if kind == "byte":
+        real = t._encode_flat
+
+        def spy(texts, with_offsets, literals):
+            if with_offsets:
+                seen.extend(len(x) for x in texts)
+            return real(texts, with_offsets, literals)
+
+        t._encode_flat = spy
+    else:
+        real_lib = t._tok_offsets
+
+        class Spy:
+            def encode_batch(self, texts, **kw):
+                seen.extend(len(x) for x in texts)
+                return real_lib.encode_batch(texts, **kw)
+
+        t._tok_offsets = Spy()
+    texts = long_texts(40, seed=3)
+    whole = bpe.offsets_batch(texts) if kind == "bpe" else ByteTokenizer().offsets_batch(texts)
+    ids = t.encode_batch(texts)
+    for n in (1, 7, 100):
+        for tail in (False, True):
+            seen.clear()
+            edges = [x[len(x) - min(n, len(x)):] if tail else x[:n] for x in ids]
+            got = t.edge_offsets_batch(texts, edges, tail)
+            for g, w, e in zip(got, whole, edges):
+                assert g.tolist() == (w[len(w) - len(e):] if tail else w[:len(e)]).tolist()
+            bound = n if kind == "byte" else \
+                tokenizer_module._EDGE_CHARS_PER_TOKEN * (n + tokenizer_module._EDGE_MARGIN)
+            assert max(seen) <= bound < max(map(len, texts))
 
 
 def test_hf_decode_drops_control_tokens(bpe):
