@@ -65,15 +65,62 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
         tmp = root / (LATEST + ".tmp")
         tmp.write_text(final.name)
         os.replace(tmp, root / LATEST)
-        _prune(root, keep)
+        _prune(root, keep, final)
     dist.barrier()
     return str(final)
 
 
-def _prune(root: Path, keep: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in done[:-keep] if keep > 0 else []:
+def _prune(root: Path, keep: int, saved: Path) -> None:
+    """Keeps `saved` and the keep-1 newest steps before it. Steps after it (left by another run in
+    the same directory) are not this run's to delete; the newest by name is not necessarily
+    `saved`, which is why pruning by name alone once deleted the step just written."""
+    if keep <= 0:
+        return
+    older = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
+                   and p.name < saved.name)
+    for old in older[:max(len(older) - (keep - 1), 0)]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# train settings the optimizer state and the schedule are made of. megatron restores Adam's
+# hyper-parameters and the schedule (warm-up, decay length, weight decay) from a checkpoint, and
+# refuses optimizer state whose param groups name another lr, so a change on resume would be
+# ignored or crash; it is refused instead. train.grad_clip is read afresh every step: it may change.
+OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "adam_beta1", "adam_beta2",
+                      "adam_eps")
+# recorded in the loader state (engine.data): the data order is a function of them
+ORDER_SETTINGS = ("global_batch", "seed")
+
+
+def optimizer_settings(train) -> dict:
+    return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS}
+
+
+def read_state(step_dir: str) -> dict:
+    """A step's trainer state ({} for a weights-only step)."""
+    f = Path(step_dir) / STATE_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}
+
+
+def check_resume_settings(step_dir: str, train, skip=()) -> None:
+    """Raises ConfigError naming every optimizer, schedule and data-order setting (engine.config.
+    TrainConfig) that differs from what the step was saved with, except those in `skip` (settings
+    not known yet). A step saved before settings were recorded is not checked."""
+    from engine.config import ConfigError
+
+    state = read_state(step_dir)
+    saved = dict(state.get("settings", {}))
+    loader = state.get("loader", {})
+    saved.update({f"train.{name}": loader[name] for name in ORDER_SETTINGS if name in loader})
+    now = {name: getattr(train, name.split(".", 1)[1]) for name in saved}
+    changed = [f"{name}={value} when saved, {now[name]} now" for name, value in saved.items()
+               if name not in skip and now[name] != value]
+    if changed:
+        raise ConfigError(
+            f"resuming from {step_dir}: {'; '.join(changed)}. A run resumes with the optimizer, schedule and "
+            f"data-order settings it was saved with: set them back, or start a new run (a new run_dir) from its "
+            f"weights with checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order "
+            f"start afresh)")
 
 
 class CheckpointNotFound(FileNotFoundError):
@@ -287,5 +334,4 @@ def load(path: str, chunks, optimizer=None) -> dict:
         with _torch_adam_step_tolerated():
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_steps(optimizer)
-    state_file = p / STATE_FILE
-    return json.loads(state_file.read_text()) if state_file.is_file() else {}
+    return read_state(str(p))

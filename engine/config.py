@@ -248,7 +248,9 @@ _checkpoint_or_empty.rule = "empty, or a checkpoint directory (its latest step) 
 class CheckpointConfig:
     dir: str = setting("", directory_to_create)  # empty: <run_dir>/checkpoints
     save_interval: int = setting(0, at_least(0))  # steps; 0 = only at the end
-    resume: bool = setting(True, boolean)  # continue from the newest complete checkpoint in dir
+    # continue from the newest complete checkpoint in dir, with the optimizer, schedule and data-order
+    # settings it was saved with; false: a new run, refused if dir already holds a checkpoint
+    resume: bool = setting(True, boolean)
     # load model weights (any TP/PP layout) before training: a checkpoint directory (its newest
     # complete step) or one step directory
     init_from: str = setting("", _checkpoint_or_empty)

@@ -1,9 +1,11 @@
 """Feeding packed sequences to the training step: deterministic order, DP sharding, exact resume.
 
-The unit of data is a packed sequence (several whole groups). A global batch is
-`train.global_batch` consecutive sequences of a seeded per-epoch permutation, the same for any
-data-parallel size; data-parallel rank r takes the r-th contiguous slice of it and cuts it into
-micro-batches. Progress is the number of global batches consumed, so a run resumed at any DP size
+The unit of data is a packed sequence (several whole groups). The order is one stream of seeded
+per-epoch permutations laid end to end, and a global batch is the next `train.global_batch`
+sequences of it, the same for any data-parallel size; data-parallel rank r takes the r-th
+contiguous slice of it and cuts it into micro-batches. An epoch's last batch is filled from the
+start of the next epoch's permutation, so no sequence is ever dropped. Progress is the number of
+global batches consumed: batch b is a pure function of b, so a run resumed at any DP size
 continues at the exact next sequence.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.config import ConfigError
 from engine.packing import Group, PackedBatch, collate, plan_sequences
 
 
@@ -77,8 +80,9 @@ class GlobalBatchLoader:
     def __init__(self, source: PackedGroups, global_batch: int, micro_batch: int, dp_rank: int,
                  dp_size: int, seed: int, pad_id: int, shuffle: bool = True):
         if len(source) < global_batch:
-            raise ValueError(
-                f"the data packs into {len(source)} sequences, fewer than train.global_batch={global_batch}"
+            # a setting the run cannot honour; the entry script prints it once, without a traceback
+            raise ConfigError(
+                f"train.global_batch={global_batch}: the data packs into only {len(source)} sequences"
             )
         self.source = source
         self.global_batch = global_batch
@@ -89,19 +93,24 @@ class GlobalBatchLoader:
         self.pad_id = pad_id
         self.shuffle = shuffle
         self.state = LoaderState()
-        self.batches_per_epoch = len(source) // global_batch  # the ragged tail waits for the next epoch
-        self._epoch_cache: tuple[int, np.ndarray] | None = None
+        self._orders: dict[int, np.ndarray] = {}
 
     def _order(self, epoch: int) -> np.ndarray:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+        if epoch not in self._orders:
             n = len(self.source)
             order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            self._epoch_cache = (epoch, order)
-        return self._epoch_cache[1]
+            # a batch spans at most two epochs (global_batch <= len): two orders serve any batch
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = order
+        return self._orders[epoch]
 
     def global_batch_indices(self, batch_number: int) -> np.ndarray:
-        epoch, i = divmod(batch_number, self.batches_per_epoch)
-        return self._order(epoch)[i * self.global_batch:(i + 1) * self.global_batch]
+        """Positions b*G .. b*G+G-1 of the stream; position p is sequence order_{p // N}[p % N]."""
+        n = len(self.source)
+        first, last = divmod(batch_number * self.global_batch, n), divmod((batch_number + 1) * self.global_batch - 1, n)
+        if first[0] == last[0]:
+            return self._order(first[0])[first[1]:last[1] + 1]
+        return np.concatenate([self._order(first[0])[first[1]:], self._order(last[0])[:last[1] + 1]])
 
     def next_microbatches(self) -> list[PackedBatch]:
         """This rank's micro-batches of the next global batch."""
@@ -117,10 +126,24 @@ class GlobalBatchLoader:
 
     @property
     def epoch(self) -> float:
-        return self.state.consumed_batches / self.batches_per_epoch
+        return self.state.consumed_batches * self.global_batch / len(self.source)
 
     def state_dict(self) -> dict:
-        return {"consumed_batches": self.state.consumed_batches}
+        # with the settings the order is a function of: a resume that changed one would continue
+        # another order at the same batch number, skipping or repeating sequences
+        return {"consumed_batches": self.state.consumed_batches, "global_batch": self.global_batch,
+                "seed": self.seed, "shuffle": self.shuffle, "sequences": len(self.source)}
 
     def load_state_dict(self, state: dict) -> None:
+        """Refuses (ConfigError) a state saved with another data order; a state that records none
+        (saved before the order's settings were) is taken as it is."""
+        now = {"global_batch": ("train.global_batch", self.global_batch), "seed": ("train.seed", self.seed),
+               "shuffle": ("the loader's shuffle", self.shuffle),
+               "sequences": ("the training data (its packed sequence count)", len(self.source))}
+        changed = [f"{name}: {state[key]} when saved, {value} now" for key, (name, value) in now.items()
+                   if key in state and state[key] != value]
+        if changed:
+            raise ConfigError(f"the data order changed since the checkpoint ({'; '.join(changed)}): resuming would "
+                              "skip or repeat sequences; set it back, or start a new run (a new run_dir) from the "
+                              "checkpoint's weights (checkpoint.init_from)")
         self.state.consumed_batches = int(state["consumed_batches"])

@@ -1,4 +1,8 @@
-"""AdamW (megatron's distributed optimizer where enabled) and the warm-up + cosine schedule."""
+"""AdamW (megatron's distributed optimizer where enabled) and the warm-up + cosine schedule.
+
+The trainer steps the schedule before each optimizer step: step s (1-based) runs at the schedule's
+value at s, so step 1 already trains (max_lr / warmup_steps, not 0) and the last step runs at min_lr.
+"""
 from __future__ import annotations
 
 import torch
@@ -42,3 +46,19 @@ def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtyp
         wd_incr_style="constant",
     )
     return optimizer, scheduler
+
+
+def step_with_norm(optimizer, grad_norm: float) -> bool:
+    """megatron's optimizer.step() after prepare_grads(), with the global gradient norm the caller
+    already has (each computation is an all-reduce and a host sync): every chained optimizer clips
+    by that norm, as ChainedOptimizer.step does, then all step. megatron's separately clipped
+    grad-norm groups (multi-token-prediction layers) do not occur in this model."""
+    from megatron.core.optimizer import clip_grads
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = [] if getattr(opt, "is_stub_optimizer", False) else opt.get_parameters()
+        if opt.config.clip_grad > 0.0 and params:
+            clip_grads.clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=getattr(opt.config, "use_precision_aware_optimizer_no_fp8_or_ds_fp8", False))
+    return bool(optimizer.step_with_ready_grads())

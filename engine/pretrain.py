@@ -76,7 +76,7 @@ def main(argv=None, recipe=None) -> int:
                 print(dump_yaml(cfg))
             return 0
         recipe.check(cfg)
-        check_checkpoints(cfg)
+        check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))
         from engine.runtime import validate_layout, world_size_from_env
 
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
@@ -92,20 +92,28 @@ def main(argv=None, recipe=None) -> int:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
 
 
-def check_checkpoints(cfg) -> None:
-    """The checkpoints a run will load must hold a model of the run's shape."""
+def check_checkpoints(cfg, derived=()) -> None:
+    """The checkpoints a run will load must hold a model of the run's shape, and a resumed run the
+    optimizer, schedule and data-order settings it was saved with (those in `derived`, set by the
+    recipe from its data, are checked once known, by the trainer). A fresh run needs a checkpoint
+    directory of its own: its steps among another run's would be pruned and resumed by step number."""
     from engine import checkpoint
 
-    if cfg.checkpoint.resume:
-        found = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg))
-        if found:
-            checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
-            if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
-                raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "
-                                  "saved without an LM head (train.aux_lm_weight=0), and resuming keeps the "
-                                  "settings it was saved with; set train.aux_lm_weight=0, or start a new run "
-                                  "directory with checkpoint.init_from (the head then starts fresh)")
-            return  # resuming wins over init_from
+    ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
+    found = checkpoint.latest(ckpt_dir)
+    if found and not cfg.checkpoint.resume:
+        raise ConfigError(f"checkpoint.resume=false, but {ckpt_dir} already holds checkpoints (newest {found}): a new "
+                          f"run needs a checkpoint directory of its own; pick a new run_dir or checkpoint.dir (with "
+                          f"checkpoint.init_from={found} to start from its weights), or remove them")
+    if found:
+        checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
+        checkpoint.check_resume_settings(found, cfg.train, skip=derived)
+        if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
+            raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "
+                              "saved without an LM head (train.aux_lm_weight=0), and resuming keeps the "
+                              "settings it was saved with; set train.aux_lm_weight=0, or start a new run "
+                              "directory with checkpoint.init_from (the head then starts fresh)")
+        return  # resuming wins over init_from
     if cfg.checkpoint.init_from:
         checkpoint.check_model_matches(cfg.model, checkpoint.resolve(cfg.checkpoint.init_from),
                                        "checkpoint.init_from")

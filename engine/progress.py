@@ -1,6 +1,7 @@
 """Progress lines with throughput, MFU and ETA, and TensorBoard scalars (main rank only)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 
@@ -77,14 +78,16 @@ def peak_tflops(device: torch.device) -> float | None:
     return resolve_peak(torch.cuda.get_device_name(device), lambda: measure_bf16_tflops(device))
 
 
-def dense_flops_per_token(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int) -> float:
+def dense_flops_per_token(num_layers: int, hidden: int, ffn: int, heads: int, kv_heads: int,
+                          lm_head_vocab: int = 0) -> float:
     """Forward+backward FLOPs per token of the matmuls that do not depend on the context
-    (QKV, output projection, SwiGLU MLP): 3x the forward (backward = 2x forward)."""
+    (QKV, output projection, SwiGLU MLP, and the LM head of the auxiliary next-token loss when
+    `lm_head_vocab` > 0): 3x the forward (backward = 2x forward)."""
     head_dim = hidden // heads
     qkv = 2 * hidden * (hidden + 2 * kv_heads * head_dim)
     proj = 2 * hidden * hidden
     mlp = 2 * 3 * hidden * ffn
-    return 3.0 * num_layers * (qkv + proj + mlp)
+    return 3.0 * (num_layers * (qkv + proj + mlp) + 2 * hidden * lm_head_vocab)
 
 
 def attention_flops_per_pair(num_layers: int, hidden: int) -> float:
@@ -111,6 +114,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self.last_t = self.t0
         self.last_step = start_step
+        self.paused_s = 0.0  # within the current window
         self.peak = peak
         self.world = world_size
         self.writer = None
@@ -126,7 +130,7 @@ class Progress:
             triplets: int, flops: float, lm_loss: float | None = None, skipped: int = 0) -> dict:
         """One progress line for the steps since the last call; `flops` = their model FLOPs."""
         now = time.perf_counter()
-        dt = max(now - self.last_t, 1e-9)
+        dt = max(now - self.last_t - self.paused_s, 1e-9)
         steps = max(step - self.last_step, 1)
         tok_s = real_tokens / dt
         trip_s = triplets / dt
@@ -160,7 +164,18 @@ class Progress:
                         self.writer.add_scalar(f"train/{k}", v, step)
         self.last_t = now
         self.last_step = step
+        self.paused_s = 0.0
         return row
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent inside (evaluation, checkpointing) is no training: it stays out of the
+        throughput, step time and MFU, and in the ETA, which is wall time."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_s += time.perf_counter() - start
 
     def log_eval(self, step: int, name: str, result: dict) -> None:
         if not self.enabled:

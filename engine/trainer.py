@@ -4,7 +4,7 @@
 Read top to bottom: build (model, optimizer, loader) -> resume -> for each step: micro-batches ->
 forward_backward -> optimizer step (skipped when the loss or gradients are not finite) -> log /
 evaluate / checkpoint. Nothing leaves the device except at log steps and the one scalar the step
-decision needs (the global gradient norm, which megatron computes for clipping anyway).
+decision needs (the global gradient norm, computed once and used for clipping too).
 """
 from __future__ import annotations
 
@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from engine import checkpoint
+from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
-from engine.optim import build_optimizer
+from engine.optim import build_optimizer, step_with_norm
 from engine.packing import collate, next_token_mask
 from engine.parallelize import build_model, count_parameters, resolve_dtype
 from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
@@ -95,9 +96,14 @@ class Trainer:
         ck = self.cfg.checkpoint
         path = checkpoint.latest(self.ckpt_dir) if ck.resume else None
         if path:
+            # before the load: megatron would ignore changed settings, or fail deep inside it
+            checkpoint.check_resume_settings(path, self.cfg.train)
+            try:
+                self.loader.load_state_dict(checkpoint.read_state(path)["loader"])
+            except ConfigError as e:
+                raise ConfigError(f"resuming from {path}: {e}") from None
             state = checkpoint.load(path, self.model, self.optimizer)
             self.step = int(state["step"])
-            self.loader.load_state_dict(state["loader"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])
             self.skipped_steps = state.get("skipped_steps", [])
@@ -124,6 +130,7 @@ class Trainer:
         self._finish_param_sync()
         state = {
             "step": self.step,
+            "settings": checkpoint.optimizer_settings(self.cfg.train),
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
@@ -163,26 +170,26 @@ class Trainer:
     def _optimizer_step(self) -> tuple[bool, float]:
         """(updated, grad norm). The norm is global (model-parallel and DP reduced), so every rank
         takes the same decision; a non-finite loss makes the gradients non-finite too. megatron's
-        own step() would clip with a NaN norm (a NaN clip factor is never < 1) and apply the NaNs."""
+        own step() would clip with a NaN norm (a NaN clip factor is never < 1) and apply the NaNs,
+        and would compute the norm a second time."""
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = opt.get_grad_norm()
         if found_inf or not math.isfinite(grad_norm):
             return False, grad_norm
-        ok, clipped_norm, _ = opt.step()  # prepares again (idempotent), clips with the same norm, steps
-        return bool(ok), grad_norm if clipped_norm is None else clipped_norm
+        return step_with_norm(opt, grad_norm), grad_norm
 
     def train_step(self):
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        self.scheduler.step(increment=1)  # this step's lr (engine.optim)
         microbatches = self.loader.next_microbatches()
         g = self.loader.last_global
         count = g["pairs"] if self.cfg.train.loss == "pairwise" else g["positives"]
         lm_scale = self.cfg.train.aux_lm_weight * count / max(g["lm_targets"], 1)
         outputs = self._run_schedule(microbatches, forward_only=False, lm_scale=lm_scale)
         updated, grad_norm = self._optimizer_step()
-        self.scheduler.step(increment=1)
         stats = self._sum_stats(outputs)
         if not updated:
             self._report_nonfinite(outputs, grad_norm)
@@ -233,7 +240,8 @@ class Trainer:
         tc, lc = self.cfg.train, self.cfg.log
         m = self.cfg.model
         self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
-                                                  m.num_attention_heads, m.num_query_groups)
+                                                  m.num_attention_heads, m.num_query_groups,
+                                                  lm_head_vocab=m.vocab_size if tc.aux_lm_weight > 0 else 0)
         self._attn_flops = attention_flops_per_pair(m.num_layers, m.hidden_size)
         peak = peak_tflops(self.rt.device)
         progress = Progress(
@@ -269,12 +277,16 @@ class Trainer:
                 skipped_in_window += 1
                 if skipped_in_row >= tc.max_nonfinite_steps:
                     last = self.skipped_steps[-1]
+                    saved = checkpoint.latest(self.ckpt_dir)
+                    restart = (f"start a new run (a new run_dir) from its weights with a lower train.lr "
+                               f"(checkpoint.init_from={saved})" if saved else "start again with a lower train.lr")
                     raise NonFiniteError(
                         f"{skipped_in_row} optimizer steps in a row had a non-finite loss or gradient "
                         f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); the last: step {last['step']}, "
                         f"global batch {last['global_batch']}, micro-batches {last['micro_batches']}, packed "
-                        f"sequences {last['sequences']}. Every skipped step is listed in the log above; "
-                        f"lower train.lr, check the data at those positions, or resume from the last checkpoint")
+                        f"sequences {last['sequences']}. Every skipped step is listed in the log above; check "
+                        f"the data at those positions, resume from the last checkpoint (train.grad_clip may "
+                        f"change; the optimizer and schedule settings may not), or {restart}")
             window += stats
             real_tokens += self.loader.last_global["tokens"]
             groups += self.loader.last_global["groups"]
@@ -300,9 +312,11 @@ class Trainer:
                     if stop:
                         self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
             if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps:
-                self._evaluate_all(progress)
+                with progress.paused():
+                    self._evaluate_all(progress)
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
-                self.save()
+                with progress.paused():
+                    self.save()
             if exiting:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 stop = True

@@ -10,6 +10,11 @@ gradient clipping 1.0, 3% warm-up then cosine to 0.1 x lr, one epoch, lr 1e-5 (P
 for 7B). The paper's batch of 320 sequences is 160 records (each record is scored twice); here
 the batch counts packed sequences (`train.global_batch`), each holding several records.
 
+`train.steps` and `train.warmup_steps` are derived from the data (`finetune.epochs`,
+`finetune.warmup_fraction`); setting them is refused rather than silently overwritten. With
+ceil(epochs x sequences / global_batch) steps every sequence of the requested epochs is trained,
+and the last batch is topped up from the next epoch's order (engine.data: one continuous stream).
+
 The run starts from `checkpoint.init_from` (a pre-training run's checkpoint, or one made by
 `polar convert hf-to-engine`), holds out `finetune.eval_fraction` of the records (or reads
 `finetune.eval`) and evaluates on them every `train.eval_interval` steps and at the end. Same
@@ -40,6 +45,14 @@ def _existing_file(where, v):
 _existing_file.rule = "an existing JSONL file"
 
 
+def _tokenizer_setting(where, v):
+    if v != "byte":
+        existing_path_or_empty(where, v)
+
+
+_tokenizer_setting.rule = "empty, \"byte\", or an existing tokenizer directory"
+
+
 @dataclass
 class FinetuneDataConfig:
     train: str = setting("", _existing_file)  # official JSONL preference records
@@ -47,7 +60,7 @@ class FinetuneDataConfig:
     eval_fraction: float = setting(0.05, in_range(0.0, 0.5))
     # "byte", or a directory holding tokenizer.json; empty: the tokenizer the init checkpoint was
     # trained with (polar.checkpoint_tokenizer.find)
-    tokenizer: str = setting("", existing_path_or_empty)
+    tokenizer: str = setting("", _tokenizer_setting)
     max_length: int = setting(16384, at_least(8))  # POLAR's input budget (paper App. D)
     max_response: int = setting(4096, at_least(1))
     wrapper: str = setting("sft", one_of("sft", "pretrain"))  # for records that do not name one
@@ -57,8 +70,13 @@ class FinetuneDataConfig:
     seed: int = setting(0, at_least(0))  # the held-out split
 
 
+# set by prepare_data from the data; 0 (their fine-tuning default) means not set by the user
+DERIVED_SETTINGS = ("train.steps", "train.warmup_steps")
+
+
 def _paper_train_defaults() -> TrainConfig:
     t = TrainConfig()
+    t.steps, t.warmup_steps = 0, 0  # derived (DERIVED_SETTINGS)
     t.lr, t.min_lr_ratio, t.weight_decay = 1e-5, 0.1, 0.0
     t.adam_beta1, t.adam_beta2, t.grad_clip = 0.9, 0.95, 1.0
     t.eval_interval = 50
@@ -92,6 +110,11 @@ def tokenizer_spec(cfg: FinetuneConfig) -> str:
 def check(cfg: FinetuneConfig) -> None:
     from polar.tokenizer import load_tokenizer
 
+    for name, derived_from in zip(DERIVED_SETTINGS, ("finetune.epochs", "finetune.warmup_fraction")):
+        value = getattr(cfg.train, name.split(".")[1])
+        if value:
+            raise ConfigError(f"{name}={value}: fine-tuning derives it from the data and {derived_from}; set that "
+                              f"instead (a --config preset's train section sets it too: pass a model section only)")
     if not cfg.checkpoint.init_from:
         raise ConfigError("checkpoint.init_from: fine-tuning starts from a pre-trained checkpoint; name one "
                           "(a run's checkpoints/ directory, one step, or a `polar convert` output)")
@@ -131,7 +154,14 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str):
     f = cfg.finetune
     encoded = encode_groups(tok, [r.prompt for r in records], [r.reference for r in records],
                             [r.candidates for r in records], [r.wrapper or f.wrapper for r in records],
-                            max_length=f.max_length, max_response=f.max_response)
+                            max_length=f.max_length, max_response=f.max_response,
+                            group_capacity=cfg.data.seq_length)
+    shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
+    if shortened:
+        # a group is packed whole: its prompt (stored twice) gives way before the record is lost
+        print(f"{name}: {len(shortened)} record(s) too long for data.seq_length={cfg.data.seq_length} as one "
+              f"group kept a shorter prompt ({sum(shortened)} prompt tokens beyond finetune.max_length's rule)",
+              flush=True)
     groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=np.asarray(r.labels, dtype=np.int8))
               for e, r in zip(encoded, records)]
     try:
@@ -165,12 +195,16 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     if len(train) < cfg.train.global_batch:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
                           f"{len(train)} sequences of {cfg.data.seq_length} tokens")
-    steps = max(1, math.ceil(f.epochs * len(train) / cfg.train.global_batch))
+    wanted = math.ceil(f.epochs * len(train))  # sequences in the requested epochs
+    steps = max(1, math.ceil(wanted / cfg.train.global_batch))
     cfg.train.steps = steps
     cfg.train.warmup_steps = int(round(f.warmup_fraction * steps))
+    extra = steps * cfg.train.global_batch - wanted
+    past = f"of epoch {int(f.epochs) + 1}" if float(f.epochs).is_integer() else f"past {f.epochs:g} epoch(s)"
+    fill = f" (the last batch is filled with {extra} sequence(s) {past})" if extra > 0 else ""
     desc = (f"data: {len(train_records):,} fine-tuning records -> {len(train):,} packed sequences of "
             f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {len(eval_records):,} held out; "
-            f"{f.epochs:g} epoch(s) = {steps} steps, {cfg.train.warmup_steps} warm-up; "
+            f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
     return RunData(train, evals, tok.pad_id, desc)
 

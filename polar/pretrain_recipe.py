@@ -69,6 +69,9 @@ def check(cfg: PretrainConfig) -> None:
     if cfg.data.path:
         ds = open_built(cfg.data.path, cfg, "data.path")  # reads the index headers only
         _set_vocab(cfg, ds.meta["vocab_size"], "dataset tokenizer")
+        if len(ds) < cfg.train.global_batch:
+            raise ConfigError(f"train.global_batch={cfg.train.global_batch}: data.path={cfg.data.path} holds only "
+                              f"{len(ds)} packed sequences; lower train.global_batch (or build more data)")
     else:
         from polar.tokenizer import ByteTokenizer
 

@@ -16,3 +16,12 @@ def runtime():
 
     # megatron's parallel state lives once per process: another test module may have started it
     return current_or_new_runtime(ParallelConfig(), seed=1234)
+
+
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory):
+    """The single-process run every parity module compares against (tests/engine/parity.py), made
+    once per pytest process."""
+    from tests.engine.parity import make_reference
+
+    return make_reference(tmp_path_factory.mktemp("parity"))

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from engine import checkpoint
 
 
@@ -16,3 +18,57 @@ def test_latest_skips_partial_and_incomplete(tmp_path):
 
 def test_latest_on_empty_dir(tmp_path):
     assert checkpoint.latest(str(tmp_path / "nothing")) is None
+
+
+def _step(root, n, state=None):
+    d = root / f"step_{n:08d}"
+    d.mkdir(parents=True)
+    (d / checkpoint.STATE_FILE).write_text(json.dumps(state or {"step": n}))
+    return d
+
+
+def test_pruning_keeps_the_step_just_saved_and_deletes_only_older_ones(tmp_path):
+    """Another run's step 4 in the directory, this run's step 2 just saved with keep=1: pruning by
+    name alone deleted step 2, and resume then took the other run's step 4."""
+    other = _step(tmp_path, 4)
+    older = [_step(tmp_path, 1), _step(tmp_path, 0)]
+    saved = _step(tmp_path, 2)
+    (tmp_path / checkpoint.LATEST).write_text(saved.name)
+    checkpoint._prune(tmp_path, 1, saved)
+    assert saved.is_dir() and other.is_dir() and not any(p.exists() for p in older)
+    assert checkpoint.latest(str(tmp_path)) == str(saved)
+    checkpoint._prune(tmp_path, 0, saved)  # keep=0: all
+    assert other.is_dir()
+
+
+def test_pruning_keeps_keep_steps_up_to_the_saved_one(tmp_path):
+    steps = [_step(tmp_path, n) for n in (1, 2, 3)]
+    checkpoint._prune(tmp_path, 2, steps[-1])
+    assert [p.is_dir() for p in steps] == [False, True, True]
+
+
+def test_changed_optimizer_and_order_settings_are_named(tmp_path):
+    from engine.config import ConfigError, TrainConfig
+
+    train = TrainConfig()
+    step = _step(tmp_path, 3, {"step": 3, "settings": checkpoint.optimizer_settings(train),
+                               "loader": {"consumed_batches": 3, "global_batch": train.global_batch,
+                                          "seed": train.seed}})
+    checkpoint.check_resume_settings(str(step), train)
+    changed = TrainConfig(lr=2e-3, steps=400, adam_beta2=0.99, seed=7)
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_resume_settings(str(step), changed)
+    msg = str(err.value)
+    for part in ("train.lr=0.001 when saved, 0.002 now", "train.steps=200 when saved, 400 now",
+                 "train.adam_beta2=0.95 when saved, 0.99 now", "train.seed=1234 when saved, 7 now",
+                 f"checkpoint.init_from={step}"):
+        assert part in msg, msg
+    assert "warmup" not in msg and "grad_clip" not in msg
+    checkpoint.check_resume_settings(str(step), TrainConfig(steps=400, grad_clip=0.5), skip=("train.steps",))
+
+
+def test_a_step_saved_without_settings_is_not_checked(tmp_path):
+    from engine.config import TrainConfig
+
+    step = _step(tmp_path, 3, {"step": 3, "loader": {"consumed_batches": 3}})
+    checkpoint.check_resume_settings(str(step), TrainConfig(lr=5.0, global_batch=99))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.test_parallel_parity import run_worker
+from tests.engine.parity import run_worker
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=2",
         "model.ffn_hidden_size=64", "train.steps=100", "train.lr=3e-3", "train.warmup_steps=5",

@@ -97,5 +97,7 @@ def test_nonfinite_at_every_step_stops_the_run_with_where(runtime, tmp_path, inj
     msg = str(err.value)
     assert "3 optimizer steps in a row" in msg and "train.max_nonfinite_steps=3" in msg
     assert "step 3" in msg and "global batch 2" in msg and "'micro_batch': 0" in msg
+    # a lower lr is a new run: a resume keeps the optimizer settings it was saved with
+    assert "the optimizer and schedule settings may not" in msg and "start again with a lower train.lr" in msg
     assert trainer.step == 3
     assert all(torch.equal(a, b) for a, b in zip(start, params(trainer)))  # nothing was applied

@@ -40,3 +40,37 @@ def test_bad_input_stops_with_one_message(tmp_path, args, nproc, needle):
         assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     else:
         assert "]: Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def _saved_step(run_dir: Path, state: dict) -> Path:
+    import json
+
+    from engine.checkpoint import STATE_FILE
+
+    step = run_dir / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / STATE_FILE).write_text(json.dumps(state))
+    return step
+
+
+def test_a_new_run_into_a_used_checkpoint_directory_is_refused_at_start_up(tmp_path, capsys):
+    """Its steps among the other run's: pruning and resume go by step number and mix the two runs."""
+    from engine.pretrain import main
+
+    step = _saved_step(tmp_path / "run", {"step": 4})
+    assert main([f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: checkpoint.resume=false, but {step.parent} already holds checkpoints" in err, err
+    assert "pick a new run_dir or checkpoint.dir" in err and f"checkpoint.init_from={step}" in err
+
+
+def test_a_resume_with_changed_optimizer_settings_is_refused_at_start_up(tmp_path, capsys):
+    from engine.pretrain import main
+
+    step = _saved_step(tmp_path / "run", {"step": 4, "settings": {"train.lr": 0.123, "train.steps": 7},
+                                          "loader": {"consumed_batches": 4, "global_batch": 3}})
+    assert main([f"run_dir={tmp_path / 'run'}", "train.steps=9", "train.global_batch=8", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("config error:") == 1 and f"config error: resuming from {step}: train.lr=0.123 when saved" in err
+    assert "train.steps=7 when saved, 9 now" in err and "train.global_batch=3 when saved, 8 now" in err, err
+    assert f"checkpoint.init_from={step}" in err

@@ -45,3 +45,29 @@ def test_unreadable_cache_is_remeasured(tmp_path, monkeypatch):
 
 def test_cpu_has_no_mfu():
     assert peak_tflops(torch.device("cpu")) is None
+
+
+def test_paused_time_stays_out_of_the_step_time_and_in_the_eta(monkeypatch, capsys):
+    import types
+
+    import engine.progress as progress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    p = progress.Progress(4, 0, True, None, None, 1)
+    clock[0] = 1.0
+    first = p.log(1, 0.5, 0.5, 1e-3, 1.0, tokens=100, real_tokens=100, triplets=10, flops=1e9)
+    with p.paused():  # an evaluation, a checkpoint
+        clock[0] += 50.0
+    clock[0] += 1.0
+    second = p.log(2, 0.5, 0.5, 1e-3, 1.0, tokens=100, real_tokens=100, triplets=10, flops=1e9)
+    assert first["step_time_s"] == second["step_time_s"] == 1.0
+    assert second["tokens_per_s"] == 100.0 and second["tflops_per_s"] == 1e-3
+    assert "eta 0m52s" in capsys.readouterr().out.splitlines()[-1]  # 2 steps left at 26 s each, wall time
+
+
+def test_dense_flops_count_the_lm_head_when_there_is_one():
+    from engine.progress import dense_flops_per_token
+
+    backbone = dense_flops_per_token(2, 32, 64, 2, 1)
+    assert dense_flops_per_token(2, 32, 64, 2, 1, lm_head_vocab=100) == backbone + 3 * 2 * 32 * 100

@@ -24,3 +24,24 @@ def test_without_the_seen_set_the_rest_is_unchanged():
     summary, lines = summarize(held_only, results)
     assert summary["held_out_loss"] == 0.5 and summary["seen_loss"] is None
     assert "seen policies" not in lines[0] and "held-out pair accuracy 0.750" in lines[0]
+
+
+def test_a_built_dataset_smaller_than_a_batch_is_refused_before_any_process_group(tmp_path):
+    """Found at start-up, not as a ValueError on every rank once the model is built."""
+    import pytest
+
+    from engine.config import ConfigError
+    from engine.data import PackedGroups
+    from polar.pretrain_recipe import check
+    from tests.engine.test_indexed_dataset import SEQ, random_groups, write
+
+    packed = PackedGroups(random_groups(4, 20), SEQ)
+    write(tmp_path / "ds" / "shard", packed)
+    ok = load_config(PretrainConfig, None, [f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}",
+                                            f"train.global_batch={len(packed)}"])
+    check(ok)
+    big = load_config(PretrainConfig, None, [f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}",
+                                             f"train.global_batch={len(packed) + 1}"])
+    with pytest.raises(ConfigError, match=f"train.global_batch={len(packed) + 1}: data.path=.* holds only "
+                                          f"{len(packed)} packed sequences"):
+        check(big)

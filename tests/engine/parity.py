@@ -1,0 +1,64 @@
+"""The parity harness: tests/engine/dist_worker.py runs (one process or under torchrun over gloo)
+and their per-step comparison with the single-process reference run.
+
+The reference (an initial checkpoint, then 4 steps of one process from it) is a session fixture
+(tests/engine/conftest.py): every parity module on a pytest worker compares against the same run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = Path(__file__).with_name("dist_worker.py")
+ROOT = WORKER.parents[2]
+STEPS = 4
+COMMON = [f"train.steps={STEPS}", "train.lr=1e-2", "train.warmup_steps=1"]
+RTOL, ATOL = 2e-5, 1e-6
+
+
+def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
+               extra_env: dict | None = None) -> dict:
+    out = tmp / f"{name}.json"
+    cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
+    if init:
+        cmd[2:2] = ["--init", init]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return json.loads(out.read_text()) if out.exists() else {}
+
+
+def make_reference(tmp: Path):
+    """(directory, initial checkpoint, reference run's result)."""
+    run_worker(tmp, "init", 1, "--save-init", str(tmp / "init"))
+    init = str(tmp / "init")  # a checkpoint directory: init_from takes its newest step
+    ref = run_worker(tmp, "ref", 1, init=init)
+    return tmp, init, ref
+
+
+def by_step(result: dict) -> dict:
+    return {row["step"]: row for row in result["history"]}
+
+
+def assert_same_run(ref: dict, got: dict, steps=range(1, STEPS + 1)):
+    r, g = by_step(ref), by_step(got)
+    for s in steps:
+        assert g[s]["loss"] == pytest.approx(r[s]["loss"], rel=RTOL, abs=ATOL), f"loss at step {s}"
+        assert g[s]["grad_norm"] == pytest.approx(r[s]["grad_norm"], rel=RTOL, abs=ATOL), f"grad norm at step {s}"
+        assert g[s]["pair_acc"] == pytest.approx(r[s]["pair_acc"], abs=1e-9), f"pair accuracy at step {s}"
+
+
+def assert_layout_matches(reference, name: str, nproc: int, overrides: list):
+    """The layout's run (from the reference's initial weights) trains and evaluates like it."""
+    tmp, init, ref = reference
+    got = run_worker(tmp, name, nproc, *overrides, init=init)
+    assert_same_run(ref, got)
+    assert got["eval"]["pair_accuracy"] == pytest.approx(ref["eval"]["pair_accuracy"], abs=1e-9)
+    assert got["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=RTOL)

@@ -1,0 +1,92 @@
+"""engine.data.GlobalBatchLoader: the order is one stream of per-epoch permutations, so no sequence is
+dropped at an epoch's end and a resumed loader continues exactly; a resume with another data order
+is refused."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.config import ConfigError
+from engine.data import GlobalBatchLoader, PackedGroups
+from tests.engine.dist_worker import random_groups
+
+
+@pytest.fixture(scope="module")
+def source():
+    data = PackedGroups(random_groups(3, 40, 64, 64), 64)
+    assert len(data) == 17  # not a multiple of the batches below but 1
+    return data
+
+
+def loader(source, global_batch, seed=1, dp_rank=0, dp_size=1):
+    return GlobalBatchLoader(source, global_batch, 1, dp_rank, dp_size, seed=seed, pad_id=0)
+
+
+@pytest.mark.parametrize("global_batch", [1, 8, 12, 17])
+def test_one_epoch_of_batches_trains_every_sequence(source, global_batch):
+    """ceil(N/G) batches (what fine-tuning runs for one epoch) hold every sequence at least once and
+    repeat at most G-1, those of the last batch's fill; exactly once when G divides N."""
+    n = len(source)
+    steps = -(-n // global_batch)
+    seen = np.concatenate([loader(source, global_batch).global_batch_indices(b) for b in range(steps)])
+    counts = np.bincount(seen, minlength=n)
+    assert counts.min() >= 1
+    assert len(seen) - n <= global_batch - 1
+    if n % global_batch == 0:
+        assert (counts == 1).all()
+
+
+def test_the_stream_is_consecutive_permutations(source):
+    """Batch after batch, every run of N positions is one epoch's permutation, each epoch another."""
+    n, g = len(source), 12
+    ld = loader(source, g)
+    stream = np.concatenate([ld.global_batch_indices(b) for b in range(4 * n // g + 1)])
+    epochs = [stream[e * n:(e + 1) * n] for e in range(4)]
+    assert all(sorted(e.tolist()) == list(range(n)) for e in epochs)
+    assert len({tuple(e.tolist()) for e in epochs}) == 4
+    assert ld.epoch == 0.0 and loader(source, 17).global_batch_indices(1).tolist() == epochs[1].tolist()
+
+
+def test_resumed_loader_continues_the_uninterrupted_one(source):
+    straight = loader(source, 8)
+    batches = [np.concatenate([mb.tokens.numpy() for mb in straight.next_microbatches()]) for _ in range(7)]
+    first = loader(source, 8)
+    for _ in range(3):
+        first.next_microbatches()
+    # a fresh loader (no cached order) at another data-parallel size, crossing epoch boundaries
+    resumed = [loader(source, 8, dp_rank=r, dp_size=2) for r in range(2)]
+    for ld in resumed:
+        ld.load_state_dict(first.state_dict())
+    for b in range(3, 7):
+        got = np.concatenate([mb.tokens.numpy() for ld in resumed for mb in ld.next_microbatches()])
+        np.testing.assert_array_equal(got, batches[b], err_msg=f"batch {b}")
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"global_batch": 8}, "train.global_batch: 4 when saved, 8 now"),
+    ({"seed": 2}, "train.seed: 1 when saved, 2 now"),
+])
+def test_a_resume_with_another_order_is_refused(source, kwargs, needle):
+    saved = loader(source, 4)
+    saved.next_microbatches()
+    other = loader(source, **{"global_batch": 4, **kwargs})
+    with pytest.raises(ConfigError, match=needle):
+        other.load_state_dict(saved.state_dict())
+
+
+def test_a_resume_on_other_data_is_refused(source):
+    saved = loader(source, 4).state_dict()
+    smaller = PackedGroups(random_groups(3, 30, 64, 64), 64)
+    with pytest.raises(ConfigError, match=f"the training data .*: 17 when saved, {len(smaller)} now"):
+        loader(smaller, 4).load_state_dict(saved)
+
+
+def test_a_state_saved_without_its_settings_still_loads(source):
+    ld = loader(source, 4)
+    ld.load_state_dict({"consumed_batches": 5})
+    assert ld.state.consumed_batches == 5
+
+
+def test_fewer_sequences_than_a_batch_is_a_config_error(source):
+    with pytest.raises(ConfigError, match="train.global_batch=18: the data packs into only 17 sequences"):
+        loader(source, 18)

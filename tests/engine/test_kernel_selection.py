@@ -1,0 +1,96 @@
+"""train.kernels and train.attention_backend: the Triton kernels (interpreted on CPU) train like the
+torch path (the harness: tests/engine/parity.py), and every backend a machine cannot run is refused
+at start-up, naming the setting."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.engine.parity import ROOT, WORKER, assert_same_run, run_worker
+
+
+@pytest.mark.parametrize("loss", ["pairwise", "infonce"])
+def test_triton_kernels_train_like_the_torch_reference(reference, loss):
+    """train.kernels=triton (fused readout and loss, interpreted on CPU) against the torch path."""
+    tmp, init, ref = reference
+    if loss == "infonce":
+        ref = run_worker(tmp, "ref_infonce", 1, "train.loss=infonce", init=init)
+    got = run_worker(tmp, f"triton_{loss}", 1, "train.kernels=triton", f"train.loss={loss}", init=init,
+                     extra_env={"TRITON_INTERPRET": "1"})
+    assert_same_run(ref, got)
+
+
+def test_triton_kernels_refused_without_gpu_or_interpreter(reference):
+    tmp, init, _ = reference
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(tmp / "x.json"), f"run_dir={tmp / 'refused'}",
+                           "train.kernels=triton"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0 and "train.kernels=triton needs a CUDA GPU" in proc.stderr
+
+
+@pytest.mark.parametrize("overrides,interpret,message", [
+    ({"kernels": "cuda"}, False, "train.kernels=cuda needs a CUDA GPU"),
+    ({"kernels": "cuda"}, True, "train.kernels=cuda needs a CUDA GPU"),  # the interpreter is no CUDA
+    ({"kernels": "fast"}, False, "expected torch, triton or cuda"),
+    ({"attention_backend": "triton"}, False, "train.attention_backend=triton needs a CUDA GPU"),
+    ({"attention_backend": "flash"}, False, "expected one of blocks, torch, triton"),
+    ({"kernels": "triton", "attention_backend": "triton"}, True, None),
+    ({}, False, None),
+])
+def test_check_kernels_on_cpu(monkeypatch, overrides, interpret, message):
+    """check_kernels directly (no subprocess): every refusal names the setting; allowed ones pass."""
+    import torch
+
+    from engine.config import ConfigError, TrainConfig
+    from engine.parallelize import check_kernels
+    from engine.runtime import Runtime
+
+    if interpret:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, vpp=None)
+    train = TrainConfig(**overrides)
+    if message is None:
+        check_kernels(train, rt)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            check_kernels(train, rt)
+
+
+def test_triton_attention_refuses_an_unsupported_head_dim_at_start_up(monkeypatch):
+    import torch
+
+    from engine.config import ConfigError, TrainConfig
+    from engine.parallelize import check_kernels
+    from engine.runtime import Runtime
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, vpp=None)
+    check_kernels(TrainConfig(attention_backend="triton"), rt, head_dim=128)
+    with pytest.raises(ConfigError, match="head dims 16, 32, 64, 128 and 256.* = 96"):
+        check_kernels(TrainConfig(attention_backend="triton"), rt, head_dim=96)
+
+
+def test_check_kernels_cuda_without_build_says_how_to_build(monkeypatch):
+    """On a CUDA runtime without engine._C_cuda the refusal carries the build command."""
+    import importlib.util
+    import sys as _sys
+
+    import torch
+
+    from engine.config import ConfigError, TrainConfig
+    from engine.parallelize import check_kernels
+    from engine.runtime import Runtime
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "engine._C_cuda" else real_find_spec(name, *a))
+    monkeypatch.delitem(_sys.modules, "engine.kernels.cuda_ops", raising=False)
+    rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), tp=1, pp=1, dp=1, vpp=None)
+    with pytest.raises(ConfigError, match="POLAR_FORCE_CUDA_BUILD=1 python setup.py build_ext --inplace"):
+        check_kernels(TrainConfig(kernels="cuda"), rt)

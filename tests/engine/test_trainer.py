@@ -1,0 +1,142 @@
+"""engine.trainer.Trainer in one process: the learning rate each step applies and logs, one gradient
+norm per step, throughput without evaluation and checkpoint time, and a resume that refuses
+changed optimizer settings."""
+from __future__ import annotations
+
+import json
+import time
+import types
+
+import pytest
+import torch
+
+from engine import checkpoint
+from engine.config import ConfigError, EngineConfig, load_config
+from engine.progress import dense_flops_per_token
+from tests.engine.dist_worker import random_groups
+
+SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
+         "model.ffn_hidden_size=64", "model.vocab_size=64", "train.global_batch=4", "train.micro_batch=2",
+         "train.lr=1e-2", "train.warmup_steps=2", "train.steps=4", "data.seq_length=64", "log.interval=1",
+         "log.tensorboard=false"]
+
+
+def make_trainer(runtime, run_dir, *overrides, evals=None):
+    from engine.data import PackedGroups
+    from engine.trainer import Trainer
+
+    cfg = load_config(EngineConfig, None, SMALL + [f"run_dir={run_dir}", *overrides])
+    data = PackedGroups(random_groups(3, 40, 64, 64), 64)
+    return Trainer(cfg, runtime, data, str(run_dir), pad_id=0, log=lambda *a, **k: None, evals=evals)
+
+
+def params(trainer):
+    return [p.detach().clone() for c in trainer.model for p in c.parameters()]
+
+
+def test_each_step_logs_the_lr_it_applied_and_the_first_one_trains(runtime, tmp_path):
+    """Step s runs at the schedule's value at s: warm-up from lr/warmup_steps (not 0: a wasted step)
+    to lr, cosine down to min_lr on the last step."""
+    trainer = make_trainer(runtime, tmp_path, "train.aux_lm_weight=0.5")
+    applied = []
+    for opt in trainer.optimizer.chained_optimizers:
+        def spy(real=opt.step_with_ready_grads, opt=opt):
+            applied.append(opt.param_groups[0]["lr"])
+            return real()
+        opt.step_with_ready_grads = spy
+    history = trainer.fit()
+    assert [r["lr"] for r in history] == applied
+    assert applied[:2] == [5e-3, 1e-2] and applied[-1] == pytest.approx(1e-3)
+    # MFU counts the auxiliary loss's LM head (vocab 64, hidden 32) with the backbone
+    m = trainer.cfg.model
+    backbone = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads,
+                                     m.num_query_groups)
+    assert trainer._dense_flops == backbone + 3 * 2 * 32 * 64
+
+
+def _megatron_step(self):
+    """The optimizer step as megatron's own step() takes it (the norm computed again inside)."""
+    import math
+
+    found_inf = self.optimizer.prepare_grads()
+    grad_norm = self.optimizer.get_grad_norm()
+    if found_inf or not math.isfinite(grad_norm):
+        return False, grad_norm
+    ok, clipped, _ = self.optimizer.step()
+    return bool(ok), grad_norm if clipped is None else clipped
+
+
+@pytest.mark.parametrize("clip", ["0.05", "0"])  # 0.05: every step is clipped (norms are about 1)
+def test_one_gradient_norm_per_step_and_the_same_training_as_megatrons_step(runtime, tmp_path, monkeypatch, clip):
+    """Each norm is an all-reduce and a host sync: computed once, used for the decision and the
+    clipping; the weights and losses are bit for bit those of megatron's own step()."""
+    import megatron.core.optimizer.optimizer as megatron_optimizer
+
+    from engine.trainer import Trainer
+
+    init = tmp_path / "init"
+    checkpoint.save(str(init), 0, make_trainer(runtime, tmp_path / "a", "checkpoint.resume=false").model, None,
+                    {"step": 0})
+    runs = {}
+    for name in ("once", "megatron"):
+        trainer = make_trainer(runtime, tmp_path / name, "checkpoint.resume=false", f"checkpoint.init_from={init}",
+                               f"train.grad_clip={clip}", "train.steps=3")
+        if name == "megatron":
+            monkeypatch.setattr(Trainer, "_optimizer_step", _megatron_step)
+        calls = []
+        real = megatron_optimizer.get_grad_norm_fp32
+        monkeypatch.setattr(megatron_optimizer, "get_grad_norm_fp32", lambda *a, **k: calls.append(1) or real(*a, **k))
+        history = trainer.fit()
+        monkeypatch.undo()
+        runs[name] = (history, params(trainer), len(calls))
+    (once, p_once, n_once), (ref, p_ref, n_ref) = runs["once"], runs["megatron"]
+    assert n_once == 3 and n_ref == 6
+    assert [(r["loss"], r["grad_norm"]) for r in once] == [(r["loss"], r["grad_norm"]) for r in ref]
+    assert all(torch.equal(a, b) for a, b in zip(p_once, p_ref))
+    assert float(clip) < min(r["grad_norm"] for r in once) or float(clip) == 0
+
+
+def test_throughput_leaves_out_evaluation_and_checkpoint_time(runtime, tmp_path, monkeypatch):
+    """A slow evaluation and a slow save (1000 s each on the clock progress reads) between steps: the
+    step time stays that of training."""
+    import engine.progress
+
+    offset = [0.0]
+    monkeypatch.setattr(engine.progress, "time",
+                        types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "train.eval_interval=1",
+                           "checkpoint.save_interval=1", evals={"held_out": None})
+
+    def slow_evaluate(data):
+        offset[0] += 1000.0
+        return {"loss": 0.5, "pair_accuracy": 0.5, "pairs": 1}
+
+    def slow_save(real=trainer.save):
+        offset[0] += 1000.0
+        return real()
+
+    trainer.evaluate = slow_evaluate
+    trainer.save = slow_save
+    rows = [r for r in trainer.fit() if "eval" not in r]
+    assert offset[0] == 1000.0 * 7  # evaluated after steps 1-3, saved after 1-4
+    assert len(rows) == 4 and all(r["step_time_s"] < 100 for r in rows), rows
+
+
+def test_a_resume_refuses_changed_optimizer_settings_and_an_old_checkpoint_resumes(runtime, tmp_path):
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2").fit()
+    step = checkpoint.latest(str(tmp_path / "checkpoints"))
+    assert step.endswith("step_00000002")
+    with pytest.raises(ConfigError) as err:
+        make_trainer(runtime, tmp_path, "train.lr=2e-2", "train.adam_beta1=0.8", "train.steps=6")
+    msg = str(err.value)
+    for part in ("train.lr=0.01 when saved, 0.02 now", "train.adam_beta1=0.9 when saved, 0.8 now",
+                 "train.steps=4 when saved, 6 now", f"checkpoint.init_from={step}"):
+        assert part in msg, msg
+    # a checkpoint written before the settings were recorded resumes as before
+    state_file = tmp_path / "checkpoints" / "step_00000002" / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["settings"]
+    state["loader"] = {"consumed_batches": state["loader"]["consumed_batches"]}
+    state_file.write_text(json.dumps(state))
+    resumed = make_trainer(runtime, tmp_path)
+    assert resumed.step == 2 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4]

@@ -1,0 +1,66 @@
+"""polar/finetune_recipe.py without training: the settings it derives from the data (train.steps,
+train.warmup_steps) are refused when set, and the step count covers the requested epochs."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from engine.config import ConfigError, load_config
+from engine.data import GlobalBatchLoader
+from polar import finetune_recipe as recipe
+
+
+@pytest.mark.parametrize("setting,derived_from", [("train.steps=100", "finetune.epochs"),
+                                                  ("train.warmup_steps=5", "finetune.warmup_fraction")])
+def test_a_derived_setting_given_explicitly_is_refused(tmp_path, setting, derived_from):
+    (tmp_path / "r.jsonl").write_text("")
+    cfg = load_config(recipe.FinetuneConfig, None, [setting, f"finetune.train={tmp_path / 'r.jsonl'}"])
+    with pytest.raises(ConfigError, match=f"{setting}: fine-tuning derives it from the data and {derived_from}"):
+        recipe.check(cfg)
+
+
+@pytest.mark.parametrize("global_batch,fill", [(3, " (the last batch is filled with 1 sequence(s) of epoch 2)"),
+                                               (4, "")])
+def test_one_epoch_trains_every_sequence_and_says_how_the_last_batch_is_filled(tmp_path, global_batch, fill):
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": "p" * (i % 7 + 3), "reference": f"ref {i}",
+                                           "chosen": "c" * (i % 5 + 1), "rejected": "x" * (i % 3 + 2),
+                                           "wrapper": "sft"}) + "\n" for i in range(30)))
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=128",
+                                                    f"train.global_batch={global_batch}", "finetune.eval_fraction=0",
+                                                    f"run_dir={tmp_path / 'run'}"])
+    cfg.finetune.tokenizer = "byte"  # no checkpoint to take it from
+    data = recipe.prepare_data(cfg)
+    assert len(data.train) == 8
+    assert cfg.train.steps == math.ceil(8 / global_batch)
+    loader = GlobalBatchLoader(data.train, global_batch, 1, 0, 1, seed=cfg.train.seed, pad_id=0)
+    trained = [i for b in range(cfg.train.steps) for i in loader.global_batch_indices(b).tolist()]
+    assert set(trained) == set(range(8))
+    assert f"1 epoch(s) = {cfg.train.steps} steps{fill}, 0 warm-up" in data.description, data.description
+
+
+def test_byte_is_a_tokenizer_setting_and_a_missing_directory_is_not(tmp_path):
+    (tmp_path / "r.jsonl").write_text("")
+    train = f"finetune.train={tmp_path / 'r.jsonl'}"
+    assert load_config(recipe.FinetuneConfig, None, [train, "finetune.tokenizer=byte"]).finetune.tokenizer == "byte"
+    with pytest.raises(ConfigError, match="finetune.tokenizer=.*nope: no such file"):
+        load_config(recipe.FinetuneConfig, None, [train, f"finetune.tokenizer={tmp_path / 'nope'}"])
+
+
+def test_a_record_too_long_for_the_pack_keeps_a_shorter_prompt_and_says_so(tmp_path, capsys):
+    """max_length bounds each candidate's input; a pair is packed as its prefix once plus both
+    candidates, which can exceed data.seq_length: its prompt is cut further, never the record lost."""
+    records = tmp_path / "r.jsonl"
+    records.write_text(json.dumps({"prompt": "p" * 200, "reference": "r" * 60, "chosen": "c" * 60,
+                                   "rejected": "x" * 60, "wrapper": "sft"}) + "\n")
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=256",
+                                                    "finetune.max_length=256", "finetune.tokenizer=byte",
+                                                    f"run_dir={tmp_path / 'run'}"])
+    from polar.tokenizer import load_tokenizer
+
+    packed = recipe._pack(cfg, load_tokenizer("byte"), recipe._read(str(records), "fail"), "r.jsonl")
+    assert len(packed) == 1
+    out = capsys.readouterr().out
+    assert "r.jsonl: 1 record(s) too long for data.seq_length=256 as one group kept a shorter prompt" in out
