@@ -337,9 +337,18 @@ def _check(q, k, v, layout):
                          f"{v.dtype}")
 
 
+def _extent(x: torch.Tensor) -> int:
+    """Elements from the first to the last one x addresses (its numel when contiguous)."""
+    return 1 + sum((n - 1) * st for n, st in zip(x.shape, x.stride())) if x.numel() else 0
+
+
 def _unit_last(x: torch.Tensor) -> torch.Tensor:
-    # the kernels address the head dim with stride 1 (vector loads); any other layout is copied once
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """x as the kernels can address it, copied once where needed: stride 1 on the head dim (vector
+    loads), and every offset below 2^31 (32-bit offsets). The second matters for megatron's v, a
+    view into the fused QKV projection whose row stride spans all three: its offsets reach
+    (G + 2) / G times its element count (G query heads per key-value head), past 2^31 while its
+    element count, which _check bounds, is still below."""
+    return x if x.stride(-1) == 1 and _extent(x) < 2**31 else x.contiguous()
 
 
 def attention_fwd(q, k, v, layout, softmax_scale: float):

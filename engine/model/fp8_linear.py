@@ -85,9 +85,14 @@ def _mm(a, b, scale_a, scale_b, out_dtype, fast_accum: bool):
     mm_dtype = out_dtype
     if a.is_cuda and scale_a.numel() > 1 and out_dtype != torch.bfloat16:
         mm_dtype = torch.bfloat16
-    # row-wise scales with standard strides: a transposed [N, 1] view has stride 48 on its size-1 dim
-    scale_a = scale_a.reshape(()) if scale_a.numel() == 1 else scale_a.reshape(-1).view(scale_a.shape)
-    scale_b = scale_b.reshape(()) if scale_b.numel() == 1 else scale_b.reshape(-1).view(scale_b.shape)
+    # Tensor-wise scales are scalars; row-wise scales keep their [M, 1] / [1, N] shapes even when
+    # M or N is 1 (a lone [1, 1] row scale beside a [1, N] one is refused by _scaled_mm), with
+    # standard strides: a transposed [N, 1] view has stride 48 on its size-1 dim.
+    if scale_a.numel() == 1 and scale_b.numel() == 1:
+        scale_a, scale_b = scale_a.reshape(()), scale_b.reshape(())
+    else:
+        scale_a = scale_a.reshape(-1).view(scale_a.shape)
+        scale_b = scale_b.reshape(-1).view(scale_b.shape)
     out = torch._scaled_mm(a, b, scale_a, scale_b, out_dtype=mm_dtype, use_fast_accum=fast_accum and a.is_cuda)
     return out.to(out_dtype)
 

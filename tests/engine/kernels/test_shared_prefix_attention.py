@@ -175,6 +175,21 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.polar.shared_prefix_attention.default, args)
 
 
+def test_views_whose_offsets_pass_32_bits_are_copied_for_the_kernels():
+    """megatron's v is a split of the fused QKV output: [s, b, hkv, d] elements, but rows
+    (G + 2) * hkv * d apart. With G = 2 at 600k tokens of d = 128 its element count is under 2^31
+    and its last offset is not; such a view is copied, a compact one is passed through untouched.
+    (On the meta device: no 8 GB allocation.)"""
+    s, b, hkv, d, group = 600_000, 1, 8, 128, 2
+    fused = torch.empty(s, b, hkv, (group + 2) * d, device="meta")
+    v = fused[..., (group + 1) * d:]
+    assert v.numel() < 2**31 <= spa._extent(v)
+    addressed = spa._unit_last(v)
+    assert addressed.is_contiguous() and spa._extent(addressed) == v.numel()
+    small = torch.empty(4, 1, 2, (group + 2) * 16)[..., (group + 1) * 16:]
+    assert spa._unit_last(small) is small
+
+
 def test_backend_registration_is_lazy():
     code = ("import sys; from engine.model import shared_prefix_attention as m; m.get_backend('torch'); "
             "assert 'engine.kernels.shared_prefix_attention' not in sys.modules; "

@@ -90,6 +90,23 @@ def test_close_to_full_precision(recipe):
         assert 1e-3 < rel < 0.1, rel
 
 
+@pytest.mark.parametrize("recipe", RECIPES)
+@pytest.mark.parametrize("m,n", [(1, 48), (37, 1), (1, 1)], ids=["one_token", "one_output", "both"])
+def test_a_single_token_or_output_feature(recipe, m, n):
+    """Row-wise scales of one row are still row scales ([1, 1] beside [1, N]): the product must
+    not mistake them for a per-tensor scalar. Forward and both gradients near full precision."""
+    gen = torch.Generator().manual_seed(1)
+    x, w, g = torch.randn(1, m, 64, generator=gen), torch.randn(n, 64, generator=gen) * 0.05, \
+        torch.randn(1, m, n, generator=gen)
+    y, dx, dw, _ = _run(recipe, x, w, g)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    yr = xr @ wr.t()
+    yr.backward(g)
+    for got, want in [(y, yr), (dx, xr.grad), (dw, wr.grad)]:
+        assert got.shape == want.shape
+        assert ((got - want).norm() / want.norm()).item() < 0.15
+
+
 def test_bias_is_added_in_full_precision():
     x, w, g = _data()
     bias = torch.randn(w.shape[0])
