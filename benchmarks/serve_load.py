@@ -203,7 +203,8 @@ def main(argv=None) -> int:
         expected = score_each_alone(scorer.score, [ids for _, ids in formatted], tok.pad_id)
         metrics = Metrics()
         batcher = Batcher(scorer.score, tok.pad_id, max_wait_s=args.max_wait_ms / 1000, max_queue_items=args.max_queue,
-                          row_tokens=args.row_tokens, max_batch_tokens=args.max_batch_tokens, pack_rows=scorer.attention_backend == "triton", metrics=metrics)
+                          row_tokens=args.row_tokens, max_batch_tokens=args.max_batch_tokens, pack_rows=scorer.attention_backend == "triton", metrics=metrics,
+                          max_positions=scorer.max_positions)
         service = Service(tok, batcher, ServeSettings(max_items=args.max_request), metrics)
         with serve_in_thread(service) as url:
             stats = asyncio.run(run_load(url, pool, [t for t, _ in formatted], expected, args.clients,

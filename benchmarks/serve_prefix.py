@@ -44,7 +44,8 @@ def run(scorer, ids, pad_id, share: bool, max_batch_tokens: int, row_tokens: int
     from polar.serve.batcher import Batcher
 
     b = Batcher(scorer.score, pad_id, max_wait_s=0, max_batch_tokens=max_batch_tokens, row_tokens=row_tokens,
-                share_prefixes=share, pack_rows=scorer.attention_backend == "triton").start()
+                share_prefixes=share, pack_rows=scorer.attention_backend == "triton",
+                max_positions=scorer.max_positions).start()
     try:
         b.score_sync(ids[: max(1, len(ids) // 4)])  # warm-up
         times, rewards = [], None

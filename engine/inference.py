@@ -11,12 +11,15 @@ Model parallelism across the local devices (`torchrun --nproc_per_node N -m pola
 --pp P`, N = T x P): every rank holds a TP shard of a pipeline stage's layers and all must run each
 forward together. Rank 0 serves HTTP and, for each packed batch, broadcasts a header (command, b,
 L, n) and the batch's tensors over the model-parallel group; the other ranks loop in `follow()` on
-receive -> forward until rank 0 broadcasts stop. With P > 1 the forward is megatron's pipeline
-schedule (engine.scoring.score: the last stage's rewards reach every stage); with P = 1 the chunk
-is called directly. One replica per process group: more replicas are more servers.
+receive -> forward until rank 0 broadcasts stop. Rank 0 checks a batch's shape against the model
+before broadcasting it, so the others never receive one the model refuses. With P > 1 the forward
+is megatron's pipeline schedule (engine.scoring.score: the last stage's rewards reach every stage);
+with P = 1 the chunk is called directly. One replica per process group: more replicas are more
+servers.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,6 +159,10 @@ class RewardScorer:
         return self._score(batch)
 
     def _score(self, batch: PackedBatch) -> np.ndarray:
+        from engine.model.rope import check_rope_window
+
+        # Here rather than only inside the model: a refusal after the broadcast would reach every rank.
+        check_rope_window(self.model_config.rope_scaling, batch.tokens.shape[-1], self.max_positions)
         tokens = batch.tokens.to(self.device, non_blocking=True)
         layout = batch.layout.to(self.device, non_blocking=True)
         reward_index = batch.reward_index.to(self.device, non_blocking=True)
@@ -179,7 +186,14 @@ class RewardScorer:
             reward_index = torch.empty(n, dtype=torch.int64, device=self.device)
             for t in (tokens, layout, reward_index):
                 self._broadcast(t)
-            self._forward(tokens, layout, reward_index)
+            try:
+                self._forward(tokens, layout, reward_index)
+            except Exception as e:
+                # A failure that depends on the batch alone (a shape check) happens on every rank
+                # alike, and rank 0's requests get the error; leaving this loop would leave rank 0's
+                # next broadcast unanswered.
+                print(f"polar serve rank {dist.get_rank()}: a forward failed ({type(e).__name__}: {e}); "
+                      "following on", file=sys.stderr, flush=True)
 
     def _broadcast(self, t: torch.Tensor) -> None:
         mp = self.rt.groups.mp  # tensor x pipeline: every rank of the replica

@@ -146,7 +146,9 @@ class CheckpointScorer:
 
         lengths = np.array([len(g) for g in groups], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 1
-        seq = seq_length or -(-longest // 128) * 128
+        # rounded up to 128, but never wider than the model's positions: a dynamic-RoPE model
+        # refuses a packed row past them even when each group in it is shorter
+        seq = seq_length or max(longest, min(-(-longest // 128) * 128, self.model_cfg.max_position_embeddings))
         name = where or (lambda i: f"group {i}")
         if longest > seq:
             raise ConfigError(f"{name(int(lengths.argmax()))}: its outputs take {longest} tokens, more than the "

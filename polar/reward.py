@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import re
 import time
 from typing import Optional, Sequence
 
@@ -173,10 +174,15 @@ class AsyncRewardClient(_Base):
 
 # ---- trainer glue --------------------------------------------------------------------------------
 
+_THINKING = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL)
+
+
 def strip_thinking(text: str) -> str:
-    """The answer after a reasoning model's thinking: the text after the last `</think>`."""
-    i = text.rfind("</think>")
-    return text[i + len("</think>"):].lstrip() if i >= 0 else text
+    """The answer after a reasoning model's thinking, as POLAR's own verl reward function takes it
+    (InternLM/POLAR src/polar/reward_func.py, extract_thinking_content): the text after the first
+    `</think>` that follows a `<think>`, stripped; a text without that pair is scored as it is."""
+    m = _THINKING.search(text)
+    return m.group(2).strip() if m else text
 
 
 def _prompt_of(extra_info, i: int):
@@ -205,9 +211,10 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
                         wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None, **client_kw) -> list[float]:
     """verl's batch reward function (reward_model.reward_manager=batch): one reward per response.
 
-    The response is the text after `</think>`, the ground truth is the reference trajectory, and the
-    prompt comes from extra_info["prompt"] (messages, joined by "\\n" as POLAR's format does). The
-    server is `url` (or $POLAR_REWARD_URL); `scorer` scores in-process instead."""
+    The response is the text after the thinking (`strip_thinking`), the ground truth is the
+    reference trajectory, and the prompt comes from extra_info["prompt"] (messages, joined by "\\n"
+    as POLAR's format does). The server is `url` (or $POLAR_REWARD_URL); `scorer` scores in-process
+    instead."""
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
@@ -224,14 +231,24 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
 
 def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):
     """OpenRLHF's custom reward function (--remote_rm_url reward.py defining it): the response is the
-    query after its prompt, the label the reference. Returns OpenRLHF's dict of tensors."""
+    query after its prompt, the label the reference (a text, or {"reference", "wrapper"} as
+    /get_reward takes it). Returns OpenRLHF's dict of tensors."""
     import torch
 
+    if not (len(queries) == len(prompts) == len(labels)):
+        raise ValueError(f"{len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must match")
     items = []
     for i, (q, p, lab) in enumerate(zip(queries, prompts, labels)):
         if not q.startswith(p):
             raise ValueError(f"queries[{i}] does not start with prompts[{i}]")
-        items.append({"prompt": p, "reference": lab, "output": q[len(p):]})
+        item = {"prompt": p, "reference": lab, "output": q[len(p):]}
+        if isinstance(lab, dict):
+            if "reference" not in lab:
+                raise ValueError(f"labels[{i}] is a dict without a 'reference'")
+            item["reference"] = lab["reference"]
+            if lab.get("wrapper") is not None:
+                item["wrapper"] = lab["wrapper"]
+        items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}
 
@@ -245,12 +262,15 @@ class InProcessScorer:
 
     def __init__(self, scorer, tokenizer, *, max_length: int = 16384, max_response: int = 4096, **batcher_kw):
         from polar.serve.batcher import Batcher
+        from polar.serve.items import check_truncation
 
+        check_truncation(max_length, max_response)
         self.scorer = scorer
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.max_response = max_response
         batcher_kw.setdefault("pack_rows", getattr(scorer, "attention_backend", "torch") == "triton")
+        batcher_kw.setdefault("max_positions", getattr(scorer, "max_positions", None))
         self.batcher = Batcher(scorer.score, tokenizer.pad_id, **batcher_kw).start()
 
     @classmethod

@@ -12,6 +12,7 @@
 vLLM returns one row per token and its clients read the last; only the reward token's row is
 computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads.
 Errors are JSON {"error": {"message", "type", "code"}} with a 4xx status saying what is wrong.
+A request whose client has gone (timed out, retrying) leaves the queue unscored.
 """
 from __future__ import annotations
 
@@ -26,10 +27,11 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.requests import ClientDisconnect
 
 from polar.serve import validation
 from polar.serve.batcher import Batcher, Closed, QueueFull
-from polar.serve.items import format_structured, tokenize_served_text
+from polar.serve.items import check_truncation, format_structured, tokenize_served_text
 from polar.serve.metrics import Metrics
 from polar.serve.validation import RequestError
 from polar.tokenizer import Tokenizer
@@ -48,6 +50,7 @@ class ServeSettings:
     max_response: int = 4096
     max_item_tokens: int = 16385  # a longer already-formatted text is refused
     pooling_format: str = "vllm"
+    max_preparing: int = 32  # requests being read, parsed and tokenized at once; more get 429
 
 
 class Service:
@@ -56,54 +59,116 @@ class Service:
     def __init__(self, tokenizer: Tokenizer, batcher: Batcher, settings: ServeSettings, metrics: Metrics):
         if settings.pooling_format not in POOLING_FORMATS:
             raise ValueError(f"--pooling-format must be one of {POOLING_FORMATS}, got {settings.pooling_format!r}")
+        check_truncation(settings.max_length, settings.max_response)
         self.tokenizer = tokenizer
         self.batcher = batcher
         self.settings = settings
         self.metrics = metrics
+        self.max_item_tokens = settings.max_item_tokens
+        self._limit = f"this server's limit of {settings.max_item_tokens} (--max-item-tokens)"
+        positions = getattr(batcher, "max_positions", None)
+        if positions and positions < self.max_item_tokens:
+            self.max_item_tokens = positions
+            self._limit = f"the model's {positions} positions (max_position_embeddings)"
+        self._preparing = 0
 
-    def texts_to_ids(self, texts: list[str]) -> list[np.ndarray]:
+    def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
         ids = tokenize_served_text(self.tokenizer, texts)
-        limit = self.settings.max_item_tokens
         for i, a in enumerate(ids):
-            if len(a) > limit:
-                raise RequestError(f"item {i} is {len(a)} tokens long, more than this server's limit of {limit} "
-                                   "(--max-item-tokens); truncate it as POLAR's format does (max_length)", 413)
+            if len(a) > self.max_item_tokens:
+                raise RequestError(f"{field}[{i}] is {len(a)} tokens long, more than {self._limit}; truncate it "
+                                   "as POLAR's format does (max_length)", 413)
         return ids
 
-    def items_to_ids(self, items) -> list[np.ndarray]:
+    def items_to_ids(self, items, names: Optional[list[str]] = None) -> list[np.ndarray]:
+        """`names[i]`: where item i is in the request, for errors."""
         s = self.settings
         try:
-            return [ids for _, ids in format_structured(self.tokenizer, items, s.max_length, s.max_response)]
+            ids = [a for _, a in format_structured(self.tokenizer, items, s.max_length, s.max_response)]
         except (TypeError, ValueError) as e:
             raise RequestError(f"cannot format the items: {e}") from None
+        for name, a in zip(names or [f"items[{i}]" for i in range(len(ids))], ids):
+            if len(a) > self.max_item_tokens:
+                raise RequestError(f"{name} is {len(a)} tokens long after POLAR's truncation (--max-length "
+                                   f"{s.max_length}), more than {self._limit}", 413)
+        return ids
 
-    async def rewards(self, ids: list[np.ndarray]) -> np.ndarray:
+    def admit(self, request: Request) -> None:
+        """Before the body is read: under load, reading, parsing and tokenizing a request that the
+        queue then refuses is the work that slows everyone else down."""
+        try:
+            self.batcher.check_room()
+        except QueueFull as e:
+            raise _TooBusy(str(e), e.retry_after_s) from None
+        if self._preparing >= self.settings.max_preparing:
+            raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
+                           "(--max-preparing); retry after 1 s", 1)
+        self._preparing += 1
+        request.state.preparing = True
+
+    @property
+    def preparing(self) -> int:
+        return self._preparing
+
+    def prepared(self, request: Request) -> None:
+        if getattr(request.state, "preparing", False):
+            request.state.preparing = False
+            self._preparing -= 1
+
+    async def rewards(self, ids: list[np.ndarray], request: Request) -> np.ndarray:
         try:
             fut = self.batcher.submit(ids)
         except QueueFull as e:
-            raise _TooBusy(e) from None
+            raise _TooBusy(str(e), e.retry_after_s) from None
         except Closed as e:
             raise RequestError(str(e), 503) from None
+        finally:
+            self.prepared(request)
+        scored = asyncio.wrap_future(fut)
+        # A client that timed out (POLAR's client: after 30 s, then it retries) is not waiting for
+        # this answer: its items leave the queue instead of being scored once per attempt.
+        gone = asyncio.ensure_future(_disconnected(request))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(fut), self.settings.timeout_s)
-        except asyncio.TimeoutError:
-            raise RequestError(f"not scored within {self.settings.timeout_s:g} s (--timeout-s); the server is "
-                               "overloaded or the batch too large", 504) from None
+            done, _ = await asyncio.wait((scored, gone), timeout=self.settings.timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if scored in done:
+            return scored.result()
+        scored.cancel()  # the batcher's future too: skipped unless its round has started
+        if gone in done:
+            raise _ClientGone()
+        raise RequestError(f"not scored within {self.settings.timeout_s:g} s (--timeout-s); the server is "
+                           "overloaded or the batch too large", 504)
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection. The body has been read by now, so the next
+    message the server has for this request is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _TooBusy(Exception):
-    def __init__(self, e: QueueFull):
-        super().__init__(str(e))
-        self.retry_after_s = e.retry_after_s
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class _ClientGone(Exception):
+    pass
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 413: "request_too_large",
-            429: "rate_limit_error", 503: "unavailable", 504: "timeout"}.get(status, "server_error")
+            429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
+            504: "timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int) -> list[bytes]:
+    """The body's chunks: joining them is a copy of up to --max-body-bytes, left to the thread that
+    parses them."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -118,7 +183,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
         if n > limit:
             raise RequestError(f"the body is more than this server's limit of {limit} bytes (--max-body-bytes)", 413)
         chunks.append(chunk)
-    return b"".join(chunks)
+    return chunks
 
 
 def create_app(service: Service, on_shutdown=None) -> FastAPI:
@@ -152,7 +217,9 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 status = 401
                 return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
                               {"WWW-Authenticate": "Bearer"})
-            body = validation.parse_json(await _read_body(request, s.max_body_bytes))
+            service.admit(request)
+            chunks = await _read_body(request, s.max_body_bytes)
+            body = await asyncio.to_thread(lambda: validation.parse_json(b"".join(chunks)))
             return JSONResponse(await work(body, request))
         except RequestError as e:
             status = e.status
@@ -160,23 +227,28 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         except _TooBusy as e:
             status = 429
             return _error(429, str(e), {"Retry-After": str(e.retry_after_s)})
+        except (_ClientGone, ClientDisconnect):
+            status = 499  # nginx's "client closed request": nobody reads this answer
+            return _error(499, "the client closed the connection")
         except Exception as e:  # a bug: say so, keep serving others
             status = 500
             return _error(500, f"internal error: {type(e).__name__}: {e}")
         finally:
+            service.prepared(request)
             m.requests.labels(endpoint, str(status)).inc()
             m.latency.labels(endpoint).observe(time.monotonic() - t0)
 
-    async def text_ids(texts):
-        return await asyncio.to_thread(service.texts_to_ids, texts)
+    async def text_ids(texts, field):
+        return await asyncio.to_thread(service.texts_to_ids, texts, field)
 
-    async def item_ids(items):
-        return await asyncio.to_thread(service.items_to_ids, items)
+    async def item_ids(items, names):
+        return await asyncio.to_thread(service.items_to_ids, items, names)
 
     @app.post("/classify")
     async def classify(request: Request):
-        async def work(body, _):
-            r = await service.rewards(await text_ids(validation.classify(body, s.max_items)))
+        async def work(body, req):
+            texts = validation.classify(body, s.max_items)
+            r = await service.rewards(await text_ids(texts, validation.classify_field(body)), req)
             return [{"index": i, "embedding": [float(x)]} for i, x in enumerate(r)]
         return await handle(request, "classify", work)
 
@@ -186,7 +258,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 fmt = fixed or req.query_params.get("format", s.pooling_format)
                 if fmt not in POOLING_FORMATS:
                     raise RequestError(f"format must be one of {', '.join(POOLING_FORMATS)}, got {fmt!r}")
-                r = await service.rewards(await text_ids(validation.pooling(body, s.max_items)))
+                r = await service.rewards(await text_ids(validation.pooling(body, s.max_items), "input"), req)
                 if fmt == "lmdeploy":
                     data = [{"index": i, "object": "pooling", "data": float(x)} for i, x in enumerate(r)]
                 else:
@@ -201,17 +273,19 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
 
     @app.post("/get_reward")
     async def get_reward(request: Request):
-        async def work(body, _):
-            r = [float(x) for x in await service.rewards(await item_ids(validation.get_reward(body, s.max_items)))]
+        async def work(body, req):
+            items = validation.get_reward(body, s.max_items)
+            ids = await item_ids(items, [f"query[{i}]" for i in range(len(items))])
+            r = [float(x) for x in await service.rewards(ids, req)]
             return {"rewards": r, "scores": r, "extra_logs": {}}
         return await handle(request, "get_reward", work)
 
     @app.post("/v1/rewards")
     async def rewards(request: Request):
-        async def work(body, _):
+        async def work(body, request):
             req = validation.native(body, s.max_items)
-            ids = await item_ids(req.items)
-            r = await service.rewards(ids)
+            ids = await item_ids(req.items, req.names)
+            r = await service.rewards(ids, request)
             data, k = [], 0
             for i, (n, single) in enumerate(zip(req.counts, req.single)):
                 vals = [float(x) for x in r[k:k + n]]
@@ -225,7 +299,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     async def health():
         ok = service.batcher.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": s.model_name,
-                             "queue_items": service.batcher.queued_items}, 200 if ok else 503)
+                             "queue_items": service.batcher.queued_items, "preparing": service.preparing},
+                            200 if ok else 503)
 
     @app.get("/metrics")
     async def metrics(request: Request):

@@ -4,7 +4,9 @@ requests too), packs the groups into rows (engine.packing.plan_sequences) and ru
 forward passes. Each request gets back exactly its own rewards, in its own order.
 
 The model runs in this one worker thread, so the event loop serving HTTP never blocks on it, and
-requests that were cancelled (timed out, client gone) before their round started are skipped.
+requests that were cancelled (timed out, client gone) before their round started leave the queue.
+No row is wider than the model's positions (`max_positions`), and a round that fails is scored
+again request by request, so a request that cannot be scored fails alone.
 """
 from __future__ import annotations
 
@@ -85,15 +87,18 @@ def plan_forwards(groups: list[ServeGroup], row_tokens: int, max_batch_tokens: i
 class Batcher:
     def __init__(self, score: Callable, pad_id: int, *, max_wait_s: float = 0.01, max_batch_tokens: int = 16384,
                  row_tokens: int = 4096, max_queue_items: int = 4096, share_prefixes: bool = True,
-                 pack_rows: bool = True, pad_multiple: int = 16, metrics=None):
+                 pack_rows: bool = True, pad_multiple: int = 16, max_positions: Optional[int] = None,
+                 metrics=None):
         """`pack_rows`: several groups per packed row. Worth it with a kernel that skips masked
         tiles (Triton); the torch reference attention computes a dense L x L mask per row, so one
-        group per row costs less there."""
+        group per row costs less there. `max_positions`: the model's (max_position_embeddings);
+        rows are never wider, and `row_tokens` is lowered to it (RewardScorer.max_positions)."""
         self.score_fn = score
         self.pad_id = pad_id
         self.max_wait_s = max_wait_s
         self.max_batch_tokens = max_batch_tokens
-        self.row_tokens = row_tokens
+        self.max_positions = max_positions
+        self.row_tokens = min(row_tokens, max_positions) if max_positions else row_tokens
         self.max_queue_items = max_queue_items
         self.share_prefixes = share_prefixes
         self.pack_rows = pack_rows
@@ -132,30 +137,59 @@ class Batcher:
     def queued_items(self) -> int:
         return self._pending_items
 
+    def check_room(self) -> None:
+        """QueueFull when the queue is full now: lets a server refuse a request before reading it."""
+        with self._cond:
+            if self._pending_items >= self.max_queue_items:
+                raise self._queue_full()
+
+    def _queue_full(self) -> QueueFull:
+        if self.metrics:
+            self.metrics.rejected.inc()
+        return QueueFull(max(1, math.ceil(self._pending_tokens / (self._tokens_per_s or 1000.0))), self._pending_items)
+
     # ---- submitting ----------------------------------------------------------------------------
     def submit(self, ids: list) -> concurrent.futures.Future:
         """Queue one request's items (int32 id arrays, each non-empty); the future gets their fp32
-        rewards. Raises QueueFull when the queue cannot take them, Closed after close()."""
+        rewards; cancelling it before its round starts takes them off the queue. Raises QueueFull
+        when the queue cannot take them, Closed after close(), ValueError for an item longer than
+        the model's positions (it would fail the forward of every request batched with it)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not ids:
             fut.set_result(np.zeros(0, dtype=np.float32))
             return fut
-        tokens = int(sum(len(a) for a in ids))
+        if self.max_positions:
+            for i, a in enumerate(ids):
+                if len(a) > self.max_positions:
+                    raise ValueError(f"item {i} is {len(a)} tokens long, more than the model's "
+                                     f"{self.max_positions} positions (max_position_embeddings)")
+        job = _Job(list(ids), fut, time.monotonic(), int(sum(len(a) for a in ids)))
         with self._cond:
             if self._closing:
                 raise Closed("the server is shutting down")
             if self._pending_items and self._pending_items + len(ids) > self.max_queue_items:
-                rate = self._tokens_per_s or 1000.0
-                if self.metrics:
-                    self.metrics.rejected.inc()
-                raise QueueFull(max(1, math.ceil(self._pending_tokens / rate)), self._pending_items)
-            self._pending.append(_Job(list(ids), fut, time.monotonic(), tokens))
+                raise self._queue_full()
+            self._pending.append(job)
             self._pending_items += len(ids)
-            self._pending_tokens += tokens
+            self._pending_tokens += job.tokens
             if self.metrics:
                 self.metrics.queue_items.set(self._pending_items)
             self._cond.notify_all()
+        fut.add_done_callback(lambda f: f.cancelled() and self._drop(job))
         return fut
+
+    def _drop(self, job: _Job) -> None:
+        """A cancelled request leaves the queue at once: its items no longer count against the
+        queue's limit (a client that gave up and retries would otherwise be refused by its own ghost)."""
+        with self._cond:
+            try:
+                self._pending.remove(job)
+            except ValueError:
+                return  # already taken by a round, which skips it
+            self._pending_items -= len(job.ids)
+            self._pending_tokens -= job.tokens
+            if self.metrics:
+                self.metrics.queue_items.set(self._pending_items)
 
     async def score(self, ids: list) -> np.ndarray:
         return await asyncio.wrap_future(self.submit(ids))
@@ -195,12 +229,18 @@ class Batcher:
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if not jobs:
                 continue
-            start = time.monotonic()
             try:
-                results = self._score_round(jobs, start)
+                results = self._score_round(jobs, time.monotonic())
             except BaseException as e:  # the requests learn of it; the worker lives on
+                if len(jobs) == 1:
+                    jobs[0].future.set_exception(e)
+                    continue
+                # Which request broke the round is unknown: each alone, so that only it fails.
                 for j in jobs:
-                    j.future.set_exception(e)
+                    try:
+                        j.future.set_result(self._score_round([j], time.monotonic())[0])
+                    except BaseException as e1:
+                        j.future.set_exception(e1)
                 continue
             for j, r in zip(jobs, results):
                 j.future.set_result(r)
@@ -216,6 +256,8 @@ class Batcher:
         for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens, self.pack_rows):
             fills = [sum(len(g) for g in r) for r in rows]
             width = _round_up(max(fills), self.pad_multiple)
+            if self.max_positions:
+                width = min(width, self.max_positions)  # the padding must not pass it either
             batch = collate(rows, width, self.pad_id)
             t0 = time.monotonic()
             out = self.score_fn(batch)

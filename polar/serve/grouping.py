@@ -56,34 +56,45 @@ def group_items(ids: list[np.ndarray], row_tokens: int, window: int = 256, min_p
     order = sorted(range(n), key=lambda i: ids[i].astype(">u4").tobytes())
     seq = [ids[i] for i in order]
     lens = np.array([len(a) for a in seq], dtype=np.int64)
-    lcp = [0] + [_common_prefix(seq[i - 1], seq[i]) for i in range(1, n)]
+    lcp = np.array([0] + [_common_prefix(seq[i - 1], seq[i]) for i in range(1, n)], dtype=np.int64)
+    ends = np.concatenate([[0], np.cumsum(lens)])  # seq[j:i] holds ends[i] - ends[j] tokens
+    # What seq[j] allows a group seq[j:i] (j < i - 1) to share: its common prefix with the next
+    # item, and all of itself but its last token.
+    step = np.minimum(lcp[1:], lens[:-1] - 1)
+    floor = max(min_prefix, 1)
+    more = np.arange(1, window)  # k - 1 for the groups seq[i-2:i], seq[i-3:i], ...
 
-    best = [0] * (n + 1)  # most tokens saved by a partition of seq[:i]
-    start = [0] * (n + 1)  # where the last group of that partition starts
-    for i in range(1, n + 1):
-        best[i], start[i] = best[i - 1], i - 1  # seq[i-1] alone
-        shared = int(lens[i - 1]) - 1
-        total = int(lens[i - 1])
-        for j in range(i - 2, max(-1, i - 1 - window), -1):  # group seq[j:i]
-            shared = min(shared, lcp[j + 1], int(lens[j]) - 1)
-            if shared < max(min_prefix, 1):
-                break  # only shrinks from here, and best[] never decreases: singletons do as well
-            total += int(lens[j])
-            k = i - j
-            if total - (k - 1) * shared > row_tokens:
-                break
-            if best[j] + (k - 1) * shared > best[i]:
-                best[i], start[i] = best[j] + (k - 1) * shared, j
+    # best[i]: most tokens saved by a partition of seq[:i]; start[i]: where its last group starts.
+    # Each i weighs the groups seq[j:i] of its window at once (numpy): a loop over j in Python was
+    # O(n * window) interpreter steps, seconds for thousands of rollouts of one prompt.
+    best = np.zeros(n + 1, dtype=np.int64)
+    start = np.arange(-1, n, dtype=np.int64)  # seq[i-1] alone
+    for i in range(2, n + 1):
+        best[i] = best[i - 1]
+        if min(step[i - 2], lens[i - 1] - 1) < floor:
+            continue  # not even seq[i-2:i] shares enough (items of other prompts)
+        lo = max(0, i - window)
+        shared = np.minimum.accumulate(step[lo:i - 1][::-1])  # j = i-2, i-3, ..., lo
+        np.minimum(shared, lens[i - 1] - 1, out=shared)
+        k1 = more[:len(shared)]
+        fits = (shared >= floor) & (ends[i] - ends[lo:i - 1][::-1] - k1 * shared <= row_tokens)
+        # The candidates end at the first j that fails: both tests only fail more further back.
+        m = len(fits) if fits.all() else int(np.argmin(fits))
+        if m:
+            saved = best[lo:i - 1][::-1][:m] + k1[:m] * shared[:m]
+            t = int(np.argmax(saved))  # the first maximum: the nearest j among equals
+            if saved[t] > best[i]:
+                best[i], start[i] = saved[t], i - 2 - t
 
     groups = []
     i = n
     while i > 0:
-        j = start[i]
+        j = int(start[i])
         members = seq[j:i]
         if len(members) == 1:
             shared = len(members[0]) - 1
         else:
-            shared = min(min(lcp[j + 1:i]), min(len(m) for m in members) - 1)
+            shared = min(int(lcp[j + 1:i].min()), min(len(m) for m in members) - 1)
         groups.append(ServeGroup(prefix=members[0][:shared], candidates=[m[shared:] for m in members],
                                  items=order[j:i]))
         i = j

@@ -30,6 +30,17 @@ class StructuredItem:
     wrapper: str = "sft"
 
 
+def check_truncation(max_length: int, max_response: int) -> None:
+    """The client's prompt budget, (max_length - 4 - |reference| - |output|) // 2, is at least one
+    token for every item only when max_length >= 2 * max_response + 6; below that the client's
+    unguarded slice keeps a whole prompt of any length (polar/client_format.py, rule 4)."""
+    if max_length < 2 * max_response + 6:
+        raise ValueError(f"max_length {max_length} (--max-length) leaves no prompt budget when the reference and "
+                         f"output each take max_response {max_response} (--max-response) tokens: the official "
+                         f"client then keeps the whole prompt, however long; use max_length >= "
+                         f"{2 * max_response + 6} or a smaller max_response")
+
+
 def format_structured(tokenizer: Tokenizer, items: Sequence[StructuredItem], max_length: int,
                       max_response: int) -> list[tuple[str, np.ndarray]]:
     """Per item: (the client's serving string, the ids the model scores: BOS first, the reward

@@ -32,20 +32,23 @@ def parse_args(argv=None):
     ap.add_argument("--max-batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
     ap.add_argument("--row-tokens", type=int, default=4096,
                     help="packed row length, and the most tokens one shared-prefix group may hold "
-                         "(a longer item gets a row of its own)")
+                         "(a longer item gets a row of its own); at most the model's max_position_embeddings")
     ap.add_argument("--pack-rows", choices=("auto", "on", "off"), default="auto",
                     help="several groups per packed row (auto: on with the triton attention kernel, off with "
                          "the torch reference, whose dense mask costs row_length^2)")
     ap.add_argument("--max-queue", type=int, default=8192, help="items waiting before requests get 429")
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
+    ap.add_argument("--max-preparing", type=int, default=32,
+                    help="requests being read, parsed and tokenized at once; more get 429 before their body is read")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit; 504 after it")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
     ap.add_argument("--max-response", type=int, default=4096, help="POLAR truncation of reference and output")
     ap.add_argument("--max-item-tokens", type=int, default=0,
-                    help="longest already-formatted text accepted, in tokens (default: max-length + 1)")
+                    help="longest item accepted, in tokens (default: max-length + 1); never more than the "
+                         "model's max_position_embeddings")
     ap.add_argument("--pooling-format", choices=("vllm", "lmdeploy"), default="vllm",
                     help="the answer of POST /pooling (both are always at /vllm/pooling and /lmdeploy/pooling)")
     ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
@@ -86,12 +89,15 @@ def build_service(args, scorer):
                       max_batch_tokens=args.max_batch_tokens, row_tokens=args.row_tokens,
                       max_queue_items=args.max_queue, share_prefixes=not args.no_share_prefixes,
                       pack_rows=args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton"),
-                      metrics=metrics)
+                      max_positions=scorer.max_positions, metrics=metrics)
+    if batcher.row_tokens < args.row_tokens:
+        print(f"polar serve: --row-tokens {args.row_tokens} lowered to the model's max_position_embeddings "
+              f"{batcher.row_tokens}", file=sys.stderr)
     settings = ServeSettings(model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                              max_items=args.max_items, timeout_s=args.timeout_s, api_key=api_key,
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
-                             pooling_format=args.pooling_format)
+                             pooling_format=args.pooling_format, max_preparing=args.max_preparing)
     return Service(tokenizer, batcher, settings, metrics)
 
 

@@ -10,6 +10,7 @@ where a text (prompt, reference, output) is a str or a list of {"role", "content
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from polar.serve.items import StructuredItem
@@ -24,16 +25,85 @@ class RequestError(Exception):
         self.message = message
 
 
+_DECODE = json.JSONDecoder().raw_decode
+_SPACE = re.compile(r"[ \t\n\r]*").match
+
+
 def parse_json(body: bytes) -> dict:
+    """The body as a JSON object, meant to run in a worker thread. json.loads holds the GIL for the
+    whole document (0.4 s for 60 MB), which stalls the event loop even from another thread; the
+    arrays of the top-level object are decoded element by element, and the interpreter can switch
+    threads between elements."""
     if not body.strip():
         raise RequestError("the request body is empty; expected a JSON object")
     try:
-        value = json.loads(body)
+        # surrogatepass: what json.loads does with bytes (a lone surrogate is refused by field later).
+        value = _loads(body.decode(json.detect_encoding(body), "surrogatepass"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def _loads(s: str):
+    """json.loads(s), in steps of one array element: the same value, a JSONDecodeError where
+    json.loads raises one."""
+    i = _SPACE(s, 0).end()
+    if not s.startswith("{", i):
+        return json.loads(s)
+    obj, i = {}, _SPACE(s, i + 1).end()
+    if s.startswith("}", i):
+        i += 1
+    else:
+        while True:
+            if not s.startswith('"', i):
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", s, i)
+            key, i = _DECODE(s, i)
+            i = _SPACE(s, i).end()
+            if not s.startswith(":", i):
+                raise json.JSONDecodeError("Expecting ':' delimiter", s, i)
+            i = _SPACE(s, i + 1).end()
+            obj[key], i = (_array if s.startswith("[", i) else _DECODE)(s, i)
+            i = _SPACE(s, i).end()
+            if s.startswith("}", i):
+                i += 1
+                break
+            if not s.startswith(",", i):
+                raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
+            i = _SPACE(s, i + 1).end()
+    if _SPACE(s, i).end() != len(s):
+        raise json.JSONDecodeError("Extra data", s, i)
+    return obj
+
+
+def _array(s: str, i: int):
+    out, i = [], _SPACE(s, i + 1).end()
+    if s.startswith("]", i):
+        return out, i + 1
+    while True:
+        value, i = _DECODE(s, i)
+        out.append(value)
+        i = _SPACE(s, i).end()
+        if s.startswith("]", i):
+            return out, i + 1
+        if not s.startswith(",", i):
+            raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
+        i = _SPACE(s, i + 1).end()
+
+
+def _unicode(s: str, where: str) -> str:
+    """A lone surrogate (an escape such as \\ud800 that pairs with nothing) is a str Python holds
+    but cannot encode: the tokenizer, and an answer echoing it, would fail on it."""
+    if not s.isascii():  # O(1): ASCII strings hold no surrogates
+        try:
+            s.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(f"{where} holds a lone surrogate (\\u{ord(s[e.start]):04x} at character "
+                               f"{e.start}), which is not text") from None
+    return s
 
 
 def _type(v) -> str:
@@ -54,6 +124,7 @@ def _str_list(body: dict, key: str, allow_str: bool = True, required: bool = Tru
     for i, s in enumerate(v):
         if not isinstance(s, str):
             raise RequestError(f"{key}[{i}] must be a string, got {_type(s)}")
+        _unicode(s, f"{key}[{i}]")
     return v
 
 
@@ -68,23 +139,31 @@ def _check_count(n: int, max_items: int, what: str) -> None:
 def _text(v, where: str):
     """A str, or a message list (kept as given: polar.format joins the contents)."""
     if isinstance(v, str):
-        return v
+        return _unicode(v, where)
     if isinstance(v, list):
         for i, m in enumerate(v):
             if not isinstance(m, dict) or not isinstance(m.get("content"), str):
                 raise RequestError(f"{where}[{i}] must be an object with a string 'content', got {_type(m)}")
+            _unicode(m["content"], f"{where}[{i}].content")
         return v
     raise RequestError(f"{where} must be a string or an array of messages, got {_type(v)}")
 
 
 def _optional_model(body: dict) -> None:
-    if "model" in body and body["model"] is not None and not isinstance(body["model"], str):
-        raise RequestError(f"field 'model' must be a string, got {_type(body['model'])}")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise RequestError(f"field 'model' must be a string, got {_type(model)}")
+    if model is not None:
+        _unicode(model, "field 'model'")  # the answers echo it
+
+
+def classify_field(body: dict) -> str:
+    return "text" if "text" in body or "input" not in body else "input"
 
 
 def classify(body: dict, max_items: int) -> list[str]:
     _optional_model(body)
-    key = "text" if "text" in body or "input" not in body else "input"
+    key = classify_field(body)
     texts = _str_list(body, key)
     _check_count(len(texts), max_items, f"field {key!r}")
     return texts
@@ -143,6 +222,7 @@ class NativeRequest:
     items: list  # StructuredItem, flattened over every entry's outputs
     counts: list  # outputs per entry
     single: list  # whether entry i gave "output" (one) rather than "outputs"
+    names: list  # where each flattened item is in the request, for errors
 
 
 def native(body: dict, max_items: int) -> NativeRequest:
@@ -154,7 +234,7 @@ def native(body: dict, max_items: int) -> NativeRequest:
         raise RequestError(f"field 'items' must be an array, got {_type(entries)}")
     if not entries:
         raise RequestError("empty batch: field 'items' holds no items")
-    flat, counts, single = [], [], []
+    flat, counts, single, names = [], [], [], []
     for i, e in enumerate(entries):
         where = f"items[{i}]"
         if not isinstance(e, dict):
@@ -172,12 +252,14 @@ def native(body: dict, max_items: int) -> NativeRequest:
             raise RequestError(f"{where}: give exactly one of 'output' (one rollout) or 'outputs' (a list)")
         if "output" in e:
             outs = [_text(e["output"], f"{where}.output")]
+            names.append(f"{where}.output")
         else:
             if not isinstance(e["outputs"], list) or not e["outputs"]:
                 raise RequestError(f"{where}.outputs must be a non-empty array")
             outs = [_text(o, f"{where}.outputs[{k}]") for k, o in enumerate(e["outputs"])]
+            names += [f"{where}.outputs[{k}]" for k in range(len(outs))]
         flat += [StructuredItem(prompt, reference, o, wrapper) for o in outs]
         counts.append(len(outs))
         single.append("output" in e)
     _check_count(len(flat), max_items, "the request")
-    return NativeRequest(flat, counts, single)
+    return NativeRequest(flat, counts, single, names)

@@ -3,7 +3,8 @@
 The model is built and saved by the engine itself (engine.parallelize.build_model, engine.checkpoint.save)
 in RUN_DIR/checkpoints/step_00000000, with the run's config.yaml beside it, as engine/pretrain.py
 leaves a run. The value head, zero at initialisation (POLAR's rule for a new head), gets random
-weights so that rewards differ between inputs and parity tests compare something.
+weights so that rewards differ between inputs and parity tests compare something. A last argument
+N > 0 gives the model dynamic RoPE scaling within N positions (InternLM2's, as POLAR-7B has).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 
 def main(run_dir: str, num_layers: int = 2, hidden: int = 64, heads: int = 4, groups: int = 2, ffn: int = 176,
-         vocab: int = 260) -> None:
+         vocab: int = 260, dynamic_positions: int = 0) -> None:
     warnings.filterwarnings("ignore")
     from engine.config import EngineConfig, dump_yaml
     from engine import checkpoint
@@ -25,6 +26,9 @@ def main(run_dir: str, num_layers: int = 2, hidden: int = 64, heads: int = 4, gr
     cfg = EngineConfig()
     cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = num_layers, hidden, heads
     cfg.model.num_query_groups, cfg.model.ffn_hidden_size, cfg.model.vocab_size = groups, ffn, vocab
+    if dynamic_positions:
+        cfg.model.rope_scaling, cfg.model.rope_scaling_factor = "dynamic", 2.0
+        cfg.model.max_position_embeddings = dynamic_positions
     cfg.train.global_batch = 1
     cfg.parallel.distributed_optimizer = False
     cfg.run_dir = run_dir

@@ -2,6 +2,8 @@
 and /pooling (sglang, vllm, lmdeploy), OpenRLHF's /get_reward, the native /v1/rewards, verl's
 compute_score_batch through polar.reward; rewards equal each item scored alone (fp32, 1e-5)."""
 import asyncio
+import json
+import socket
 import threading
 import time
 
@@ -113,7 +115,7 @@ def test_verl_compute_score_batch_through_the_client(server, _alone_items):
     solutions = [f"<think>scratch {i}</think>  " + it["output"] for i, it in enumerate(items)]
     got = reward.compute_score_batch(["polar"] * len(items), solutions, [it["reference"] for it in items],
                                      [{"prompt": p} for p in prompts], url=url, wrapper="sft")
-    expected = _alone_items([dict(it, prompt=p, wrapper="sft", output=it["output"].lstrip())
+    expected = _alone_items([dict(it, prompt=p, wrapper="sft", output=it["output"].strip())
                              for it, p in zip(items, prompts)])
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
@@ -123,6 +125,12 @@ def test_openrlhf_reward_func(server, _alone_items):
     out = reward.reward_func(["Q: hi A: yes", "Q: hi A: "], ["Q: hi A:", "Q: hi A:"], ["yes", "yes"], url=url)
     expected = _alone_items([{"prompt": "Q: hi A:", "reference": "yes", "output": o, "wrapper": "sft"}
                              for o in (" yes", " ")])
+    np.testing.assert_allclose(out["rewards"].numpy(), expected, rtol=0, atol=1e-5)
+    # labels as /get_reward takes them: {"reference", "wrapper"}
+    labels = [{"reference": "yes", "wrapper": "pretrain"}, {"reference": "yes"}]
+    out = reward.reward_func(["Q: hi A: yes", "Q: hi A: "], ["Q: hi A:", "Q: hi A:"], labels, url=url)
+    expected = _alone_items([{"prompt": "Q: hi A:", "reference": "yes", "output": " yes", "wrapper": "pretrain"},
+                             {"prompt": "Q: hi A:", "reference": "yes", "output": " ", "wrapper": "sft"}])
     np.testing.assert_allclose(out["rewards"].numpy(), expected, rtol=0, atol=1e-5)
 
 
@@ -147,6 +155,17 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/v1/rewards", {"items": [{"prompt": [{"role": "user"}], "reference": "r", "output": "o"}]}, 400, "content"),
     ("/v1/rewards", {"items": []}, 400, "empty batch"),
     ("/classify", {"text": ["x" * 250_000]}, 413, "--max-body-bytes"),
+    ("/classify", b'{"text": ["ok", "abc \\ud800 def"]}', 400, "text[1] holds a lone surrogate"),
+    ("/classify", b'{"input": ["\\udc00"]}', 400, "input[0] holds a lone surrogate"),
+    ("/pooling", b'{"input": ["a"], "model": "m\\ud800"}', 400, "field 'model' holds a lone surrogate"),
+    ("/v1/rewards", b'{"items": [{"prompt": [{"role": "user", "content": "\\ud800"}], "reference": "r", '
+                    b'"output": "o"}]}', 400, "items[0].prompt[0].content holds a lone surrogate"),
+    ("/get_reward", b'{"query": ["ab"], "prompts": ["a"], "labels": ["\\ud800"]}', 400,
+     "labels[0] holds a lone surrogate"),
+    ("/classify", b"[" * 50_000 + b"]" * 50_000, 400, "nested too deeply"),
+    ("/classify", b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "nested too deeply"),
+    ("/classify", b'{"text": ["a"]} x', 400, "not valid JSON"),
+    ("/classify", b'{"text": ["a",]}', 400, "not valid JSON"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     url, _ = server
@@ -173,7 +192,7 @@ def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
     with live_server(scorer, tokenizer, batcher_kw=dict(max_wait_s=1.5, max_queue_items=4)) as (url, service):
         texts = ["<|reward|>a[UNUSED_TOKEN_130]"] * 3
         first = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts},
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts * 2},
                                                                            timeout=60)))
         t.start()
         deadline = time.monotonic() + 20
@@ -182,8 +201,10 @@ def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
         busy = httpx.post(f"{url}/classify", json={"text": texts}, timeout=60)
         assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
         assert "queue is full" in busy.json()["error"]["message"]
+        # the queue is full: refused before its body is read, not even parsed
+        assert httpx.post(f"{url}/classify", content=b"{not json", timeout=60).status_code == 429
         t.join(60)
-        assert first["r"].status_code == 200 and len(first["r"].json()) == 3
+        assert first["r"].status_code == 200 and len(first["r"].json()) == 6
         # polar.reward retries a 429 after Retry-After and gets the answer
         client = reward.RewardClient(url, backoff_s=0.05)
         t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts},
@@ -212,3 +233,138 @@ def test_bearer_auth(scorer, tokenizer):
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
         assert reward.RewardClient(url, api_key="s3cret").score([{"prompt": "p", "reference": "r", "output": "o"}])
+
+
+def _until(condition, limit_s=20.0) -> bool:
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_a_client_that_gave_up_is_not_scored(scorer, tokenizer):
+    """POLAR's client gives up after 30 s and sends the batch again: the abandoned copy must leave
+    the queue, not be scored once per attempt."""
+    gate, rounds = threading.Event(), []
+
+    def held(batch):
+        rounds.append(batch)
+        gate.wait(60)
+        return scorer.score(batch)
+
+    with live_server(scorer, tokenizer, score=held) as (url, service):
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": ["a", "b"]},
+                                                                           timeout=60)))
+        t.start()
+        assert _until(lambda: rounds)  # the first request's round is running, held
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/classify", json={"text": ["c", "d", "e"]}, timeout=0.5)
+        noticed = _until(lambda: service.batcher.queued_items == 0, 10)
+        gate.set()
+        t.join(60)
+        assert first["r"].status_code == 200
+        time.sleep(0.3)
+        assert noticed and service.batcher.totals.items == 2
+        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_requests_beyond_max_preparing_are_refused_before_their_body_is_read(scorer, tokenizer):
+    with live_server(scorer, tokenizer, max_preparing=1) as (url, _):
+        body = json.dumps({"text": ["a"]}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as slow:
+            slow.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+            assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 1)
+            busy = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
+            assert "--max-preparing" in busy.json()["error"]["message"]
+            slow.sendall(body[5:])
+            assert slow.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 0)
+        assert httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30).status_code == 200
+
+
+def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer):
+    body = json.dumps({"model": 5, "text": ["ab\"cd\n" * 2000] * 4000}).encode()  # 61 MB
+    t0 = time.perf_counter()
+    json.loads(body)
+    parse_s = time.perf_counter() - t0
+    with live_server(scorer, tokenizer) as (url, _):
+        latencies, done = [], threading.Event()
+
+        def probe():
+            with httpx.Client(timeout=60) as c:
+                while not done.is_set():
+                    t = time.perf_counter()
+                    c.get(f"{url}/health")
+                    latencies.append(time.perf_counter() - t)
+                    time.sleep(0.005)
+
+        t = threading.Thread(target=probe)
+        t.start()
+        res = httpx.post(f"{url}/classify", content=body, timeout=120)
+        done.set()
+        t.join(60)
+    assert res.status_code == 400 and "'model' must be a string" in res.text  # parsed in full, then refused
+    assert max(latencies) < parse_s / 2, (max(latencies), parse_s)  # parsed on the event loop: >= parse_s
+
+
+def test_structured_items_longer_than_the_item_limit_get_413(scorer, tokenizer):
+    with live_server(scorer, tokenizer, max_item_tokens=300) as (url, _):
+        body = {"items": [{"prompt": "p", "reference": "r", "outputs": ["short", "o" * 400]}]}
+        res = httpx.post(f"{url}/v1/rewards", json=body, timeout=60)
+        assert res.status_code == 413
+        assert "items[0].outputs[1] is" in res.json()["error"]["message"] and "--max-item-tokens" in res.text
+        res = httpx.post(f"{url}/get_reward", json={"query": ["p" + "o" * 400], "prompts": ["p"], "labels": ["r"]},
+                         timeout=60)
+        assert res.status_code == 413 and "query[0] is" in res.json()["error"]["message"]
+        body["items"][0]["outputs"].pop()
+        assert httpx.post(f"{url}/v1/rewards", json=body, timeout=60).status_code == 200
+
+
+def test_settings_that_leave_the_prompt_unbounded_are_refused(tokenizer):
+    from polar.serve.app import ServeSettings, Service
+    from polar.serve.batcher import Batcher
+    from polar.serve.metrics import Metrics
+
+    def service(max_length, max_response):
+        return Service(tokenizer, Batcher(lambda b: None, tokenizer.pad_id), ServeSettings(
+            max_length=max_length, max_response=max_response, max_item_tokens=max_length + 1), Metrics())
+
+    with pytest.raises(ValueError, match=r"--max-length.*8198"):
+        service(8192, 4096)
+    svc = service(8198, 4096)
+    prompt = StructuredItem(prompt="p" * 100_000, reference="r" * 5000, output="o" * 5000)
+    assert len(svc.items_to_ids([prompt], ["items[0].output"])[0]) <= 8199
+
+
+def test_a_round_that_fails_fails_only_its_own_request(scorer, tokenizer, alone):
+    poison, calls = ord("~"), []  # the byte tokenizer: one id per character
+
+    def picky(batch):
+        calls.append(batch)
+        if (batch.tokens == poison).any():
+            raise RuntimeError("this batch cannot be scored")
+        return scorer.score(batch)
+
+    with live_server(scorer, tokenizer, score=picky, batcher_kw=dict(max_wait_s=0.5)) as (url, _):
+        texts = ["<|reward|>a[UNUSED_TOKEN_130]", "<|reward|>b[UNUSED_TOKEN_130]"]
+        answers = {}
+
+        def post(name, text):
+            answers[name] = httpx.post(f"{url}/classify", json={"text": text}, timeout=60)
+
+        threads = [threading.Thread(target=post, args=a) for a in (("good", texts), ("bad", ["~~~"]))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert (calls[0].tokens == poison).any() and calls[0].reward_index.numel() == 3  # one round for both
+    assert answers["bad"].status_code == 500 and "cannot be scored" in answers["bad"].text
+    assert answers["good"].status_code == 200
+    np.testing.assert_allclose([e["embedding"][0] for e in answers["good"].json()],
+                               alone(tokenizer.encode_served_batch(texts)), rtol=0, atol=1e-5)

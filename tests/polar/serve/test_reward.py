@@ -13,9 +13,22 @@ from .items_gen import make_items
 
 
 
-def test_strip_thinking():
-    assert reward.strip_thinking("<think>a</think>b</think>\n answer") == "answer"
+def test_strip_thinking_as_polars_verl_reward_function():
+    # InternLM/POLAR src/polar/reward_func.py: re.search(r"<think>(.*?)</think>(.*)", DOTALL), group 2 stripped
+    assert reward.strip_thinking("<think>hm</think>\n\nThe answer is 4.\n") == "The answer is 4."
+    assert reward.strip_thinking("<think>a</think>x</think>y ") == "x</think>y"
+    assert reward.strip_thinking("reasoning...</think>Answer: 4") == "reasoning...</think>Answer: 4"
     assert reward.strip_thinking("no thinking here ") == "no thinking here "
+
+
+def test_reward_func_refuses_lists_of_different_lengths():
+    with pytest.raises(ValueError, match="3 queries, 3 prompts and 1 labels"):
+        reward.reward_func(["Q: a"] * 3, ["Q:"] * 3, [" a"], url="http://127.0.0.1:9")
+
+
+def test_in_process_scorer_refuses_settings_that_leave_the_prompt_unbounded(scorer, tokenizer):
+    with pytest.raises(ValueError, match="max_length >= 8198"):
+        reward.InProcessScorer(scorer, tokenizer, max_length=8192, max_response=4096)
 
 
 def test_verl_items_need_the_prompt():
@@ -46,7 +59,7 @@ def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
                                        [it["reference"] for it in items], [{"prompt": p} for p in prompts],
                                        wrapper="sft", scorer=s)
         want = alone([ids for _, ids in format_structured(
-            tokenizer, [StructuredItem(it["prompt"], it["reference"], it["output"].lstrip(), "sft") for it in items],
+            tokenizer, [StructuredItem(it["prompt"], it["reference"], it["output"].strip(), "sft") for it in items],
             16384, 4096)])
         np.testing.assert_allclose(v, want, rtol=0, atol=1e-5)
     finally:

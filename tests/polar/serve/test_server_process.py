@@ -118,3 +118,29 @@ def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_ex
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_checkpoint_dir, tokenizer, alone_dynamic):
+    """The model's positions checked before rank 0 broadcasts: a refusal on every rank used to end
+    the other rank's loop, and the next request hung on its broadcast."""
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "-m", "polar.serve", "--checkpoint", dynamic_checkpoint_dir, "--port", str(port), "--tp", "2",
+                   "--pack-rows", "on", "--row-tokens", "1024"])
+    try:
+        _wait_healthy(proc, url, limit_s=400)
+        texts = [f"prompt number {i} and some words\nref<|reward|>prompt number {i}\nout[UNUSED_TOKEN_130]"
+                 for i in range(12)]
+        expected = alone_dynamic(tokenizer.encode_served_batch(texts))
+        for _ in range(2):
+            res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=120)
+            assert res.status_code == 200, res.text
+            np.testing.assert_allclose([e["embedding"][0] for e in res.json()], expected, rtol=0, atol=1e-5)
+            big = httpx.post(f"{url}/classify", json={"text": ["x" * 300 + "[UNUSED_TOKEN_130]"]}, timeout=120)
+            assert big.status_code == 413 and "max_position_embeddings" in big.text
+        os.kill(_rank_zero(proc.pid), signal.SIGTERM)
+        assert proc.wait(120) == 0, proc.stdout.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
