@@ -61,8 +61,9 @@ group's length.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
@@ -100,6 +101,18 @@ def as_text(value: Text) -> str:
             contents.append(msg["content"])
         return "\n".join(contents)
     raise TypeError(f"expected a str or a list of messages, got {type(value).__name__}")
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def lone_surrogate(text: str) -> Optional[str]:
+    """Where `text` holds a lone surrogate ("U+DC80 at character 2"), else None. JSON may escape
+    one ("\\udc80") and Python holds it, but it is no character: no tokenizer can encode it."""
+    if text.isascii():  # cheap, and ASCII holds none
+        return None
+    m = _SURROGATE.search(text)
+    return f"U+{ord(m.group()):04X} at character {m.start()}" if m else None
 
 
 def _check_wrapper(wrapper: str) -> None:

@@ -20,11 +20,10 @@ group without both a positive and a negative candidate (it gives no pair to lear
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from polar.format import WRAPPERS, Text
+from polar.format import WRAPPERS, Text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")
 
@@ -63,14 +62,12 @@ class FieldError(Exception):
 
 _Bad = FieldError
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _no_surrogate(text: str, where: str) -> None:
-    m = _SURROGATE.search(text)
-    if m:
-        raise _Bad(where, f"lone surrogate U+{ord(m.group()):04X} at character {m.start()} (not valid "
-                          "Unicode text; it cannot be tokenized)")
+    found = lone_surrogate(text)
+    if found:
+        raise _Bad(where, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)")
 
 
 def _text(value, where: str) -> Text:

@@ -13,6 +13,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from polar.format import lone_surrogate
 from polar.serve.items import StructuredItem
 
 WRAPPERS = ("sft", "pretrain")
@@ -95,14 +96,11 @@ def _array(s: str, i: int):
 
 
 def _unicode(s: str, where: str) -> str:
-    """A lone surrogate (an escape such as \\ud800 that pairs with nothing) is a str Python holds
-    but cannot encode: the tokenizer, and an answer echoing it, would fail on it."""
-    if not s.isascii():  # O(1): ASCII strings hold no surrogates
-        try:
-            s.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError(f"{where} holds a lone surrogate (\\u{ord(s[e.start]):04x} at character "
-                               f"{e.start}), which is not text") from None
+    """A lone surrogate is a str Python holds but cannot encode: the tokenizer, and an answer
+    echoing it, would fail on it."""
+    found = lone_surrogate(s)
+    if found:
+        raise RequestError(f"{where} holds a lone surrogate ({found}), which is not text")
     return s
 
 
