@@ -12,12 +12,13 @@ number of tokens, evaluated on held-out policies as it trains.
   every size), the objective the paper's laws describe; the auxiliary next-token loss is printed
   and fitted beside it.
 - N: non-embedding parameters (the token embedding and the auxiliary LM head, vocab x hidden
-  each, excluded, as in Kaplan et al.'s laws: they are 42% of the smallest model here and 6% of the
-  largest, a share that grows with width only and would bend the law; the total is printed too).
+  each, excluded, as in Kaplan et al.'s laws: they are 32% of the smallest default rung and 14% of
+  the largest, a share that shrinks as width grows and would bend the law; the total is printed
+  too). The default rungs differ in width only (3 layers, hidden 32 to 96; see WIDTH_LADDER).
 - C: training FLOPs as the engine counts them for its MFU (matrix products of every layer and
   head, and the exact attention work of the shared-prefix layout), summed over the steps run.
 - seeds: each size trains --seeds times (train.seed 1234, 1235, ...: another initialisation and
-  data order). At this budget a model's ranking loss is still falling steeply and when it leaves
+  data order; every size sees the same orders). At this budget a model's ranking loss is still falling steeply and when it leaves
   the ln 2 plateau varies from run to run, so one run per size measures that timing as much as
   the size; the fits use each size's mean over its seeds, and the fit over every run is printed
   beside it (the spread between seeds counts against that one).
@@ -34,8 +35,8 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # sizes xs-m x 2 seeds, 2 at a time (about 25 min, 2 cores)
-    python benchmarks/scaling_law.py --sizes xs s --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
+    python benchmarks/scaling_law.py            # widths 32-96 at 3 layers x 3 seeds, 2 at a time (about 35 min, 2 cores)
+    python benchmarks/scaling_law.py --sizes w32 w48 --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
 
@@ -78,10 +79,29 @@ class Size:
         return total - vocab * self.hidden * (2 if lm_head else 1)
 
 
-# Llama-shaped (head dim 16, SwiGLU ffn ~2.75 x hidden, grouped-query attention) from 23k to 1.1M
-# non-embedding parameters; "m" is the embedded default's shape. One peak lr for all (the
-# default's): the paper's lr law barely moves with size (LR ~ N^0.011, App. D.1.2).
-LADDER = (
+# Llama-shaped rungs (head dim 16, SwiGLU ffn ~2.75 x hidden, grouped-query attention). One peak lr
+# for all (the embedded default's): the paper's lr law barely moves with size (LR ~ N^0.011, App.
+# D.1.2).
+#
+# The default ladder grows width only, at 3 layers: 35k to 296k non-embedding parameters, about
+# 1.4-2x apart. At this budget depth at a fixed width buys nothing measurable (2 -> 4 layers at
+# width 32 and 3 -> 4 at width 64 ended at or above the shallower model in 2-seed and 3-seed
+# studies, at 16 and at 4 sequences a step), so a ladder that mixes depth and width puts rungs
+# off the line whichever seeds are drawn; widths at one depth do not (benchmarks/RESULTS.md,
+# 2026-12-02, fourth session). w128 (554k) ends at w96's loss: from about 300k parameters on,
+# 2.5M tokens, not the size, bound the ranking loss, and L = a N^b has no such floor; it stays in
+# the ladder on request.
+WIDTH_LADDER = (
+    Size("w32", 3, 32, 2, 1, 88, 2e-3),
+    Size("w48", 3, 48, 3, 1, 128, 2e-3),
+    Size("w64", 3, 64, 4, 2, 176, 2e-3),
+    Size("w80", 3, 80, 5, 1, 220, 2e-3),
+    Size("w96", 3, 96, 6, 2, 256, 2e-3),
+    Size("w128", 3, 128, 8, 4, 352, 2e-3),
+)
+# The earlier mixed ladder (depth and width together, 23k to 1.1M), kept so that the notebook's
+# earlier entries rerun as they were written.
+MIXED_LADDER = (
     Size("xs", 2, 32, 2, 1, 88, 2e-3),
     Size("xs2", 4, 32, 2, 1, 88, 2e-3),
     Size("s", 3, 48, 3, 1, 128, 2e-3),
@@ -90,12 +110,9 @@ LADDER = (
     Size("l", 5, 96, 6, 2, 256, 2e-3),
     Size("xl", 6, 128, 8, 4, 352, 2e-3),
 )
+LADDER = WIDTH_LADDER + MIXED_LADDER
 
-# The default study: five rungs from 23k to 185k, about 1.3-2x apart, two seeds each (about 50
-# CPU-minutes). Beyond "m" the synthetic policies' budget, not the size, bounds the loss: "l" (2.7x
-# "m") ends at m's held-out ranking loss at 2.5M and at 5M tokens, and at its next-token loss at 5M
-# (benchmarks/RESULTS.md, 2026-12-02), so those rungs measure the data, not the size law.
-DEFAULT_SIZES = ("xs", "xs2", "s", "s2", "m")
+DEFAULT_SIZES = ("w32", "w48", "w64", "w80", "w96")
 
 
 def run_size(size: Size, seed: int, args, run_dir: Path) -> dict:
@@ -236,14 +253,14 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
-                    help="which rungs of the ladder (l and xl, 0.5M and 1.1M: about 25 and 45 CPU-minutes for two seeds)")
+                    help="which rungs: the width ladder w32-w128 (3 layers) or the earlier mixed ladder xs-xl; w128 about 24 CPU-minutes for three seeds")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="packed sequences per step")
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--eval-points", type=int, default=6, help="held-out evaluations per run, the final one included")
     ap.add_argument("--eval-triplets", type=int, default=1000, help="per evaluation set")
-    ap.add_argument("--seeds", type=int, default=2,
+    ap.add_argument("--seeds", type=int, default=3,
                     help="runs per size (train.seed 1234, 1235, ...: initialisation and data order); the fits "
                          "use each size's mean, the spread is printed")
     ap.add_argument("--fit-from", type=float, default=0.5,
@@ -291,6 +308,7 @@ def main(argv=None) -> int:
                      "seeds": [seed for seed, _ in runs], "seed_losses": [c[-1]["loss"] for c in curves],
                      "seed_curves": curves, "curve": points, "final": points[-1],
                      **({"cpu_s": sum(c["cpu_s"] for c in costs)} if all("cpu_s" in c for c in costs) else {})})
+    rows.sort(key=lambda r: r["non_embedding"])
     if len(rows) < 2:
         print("fewer than two sizes finished: nothing to fit", file=sys.stderr)
         return 1
