@@ -12,7 +12,7 @@ number of tokens, evaluated on held-out policies as it trains.
   every size), the objective the paper's laws describe; the auxiliary next-token loss is printed
   and fitted beside it.
 - N: non-embedding parameters (the token embedding and the auxiliary LM head, vocab x hidden
-  each, excluded, as in Kaplan et al.'s laws: they are 32% of the smallest default rung and 14% of
+  each, excluded, as in Kaplan et al.'s laws: they are 31% of the smallest default rung and 13% of
   the largest, a share that shrinks as width grows and would bend the law; the total is printed
   too). The default rungs differ in width only (3 layers, hidden 32 to 96; see WIDTH_LADDER).
 - C: training FLOPs as the engine counts them for its MFU (matrix products of every layer and
@@ -35,7 +35,7 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # widths 32-96 at 3 layers x 3 seeds, 2 at a time (about 35 min, 2 cores)
+    python benchmarks/scaling_law.py            # widths 32-96 at 3 layers x 3 seeds, 2 at a time (about 52 min, 2 cores)
     python benchmarks/scaling_law.py --sizes w32 w48 --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
@@ -83,7 +83,7 @@ class Size:
 # default's): the paper's lr law barely moves with size (LR ~ N^0.011, App. D.1.2).
 #
 # The default ladder grows width only, at 3 layers, with one key/value head per query head:
-# about 38k-330k non-embedding parameters, 1.4-2.2x apart. At this budget depth at a fixed width
+# 38k-333k non-embedding parameters, 1.4-2.2x apart. At this budget depth at a fixed width
 # buys nothing measurable (2 -> 4 layers at width 32 and 3 -> 4 at width 64 ended at or above the
 # shallower model, in 2- and 3-seed studies at 16 and at 4 sequences a step), so a ladder that
 # mixes depth and width puts rungs off the line whichever seeds are drawn. Grouped-query
@@ -255,7 +255,7 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
-                    help="which rungs: the width ladder w32-w128 (3 layers) or the earlier mixed ladder xs-xl; w128 about 24 CPU-minutes for three seeds")
+                    help="which rungs: the width ladder w32-w128 (3 layers) or the earlier mixed ladder xs-xl; w128 on request (not in the default: see WIDTH_LADDER)")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
     ap.add_argument("--seq", type=int, default=512)
     ap.add_argument("--batch", type=int, default=16, help="packed sequences per step")
