@@ -102,10 +102,11 @@ def read_state(step_dir: str) -> dict:
     return json.loads(f.read_text()) if f.is_file() else {}
 
 
-def check_resume_settings(step_dir: str, train, skip=()) -> None:
+def check_resume_settings(step_dir: str, train, skip=(), derived_from=None) -> None:
     """Raises ConfigError naming every optimizer, schedule and data-order setting (engine.config.
     TrainConfig) that differs from what the step was saved with, except those in `skip` (settings
-    not known yet). A step saved before settings were recorded is not checked."""
+    not known yet). `derived_from` maps a setting a recipe computes to the setting the user sets
+    (the message names that one). A step saved before settings were recorded is not checked."""
     from engine.config import ConfigError
 
     state = read_state(step_dir)
@@ -113,8 +114,10 @@ def check_resume_settings(step_dir: str, train, skip=()) -> None:
     loader = state.get("loader", {})
     saved.update({f"train.{name}": loader[name] for name in ORDER_SETTINGS if name in loader})
     now = {name: getattr(train, name.split(".", 1)[1]) for name in saved}
-    changed = [f"{name}={value} when saved, {now[name]} now" for name, value in saved.items()
-               if name not in skip and now[name] != value]
+    derived_from = derived_from or {}
+    changed = [f"{name}={value} when saved, {now[name]} now"
+               + (f" (derived from {derived_from[name]}: set that as it was)" if name in derived_from else "")
+               for name, value in saved.items() if name not in skip and now[name] != value]
     if changed:
         raise ConfigError(
             f"resuming from {step_dir}: {'; '.join(changed)}. A run resumes with the optimizer, schedule and "

@@ -120,6 +120,7 @@ def check_checkpoints(cfg, derived=()) -> None:
 
 
 def run(cfg, recipe) -> int:
+    from engine import checkpoint
     from engine.runtime import init_runtime, shutdown_runtime
 
     t_start = time.time()
@@ -128,6 +129,10 @@ def run(cfg, recipe) -> int:
     run_dir = Path(cfg.run_dir)
     say(f"run directory: {run_dir.resolve()}")
     data = recipe.prepare_data(cfg)  # may settle derived settings (fine-tuning: steps from epochs)
+    derived = getattr(recipe, "DERIVED_SETTINGS", {})
+    resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
+    if derived and resume_from:  # known now: checked naming what the user sets, before the trainer's check
+        checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
     say(data.description)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

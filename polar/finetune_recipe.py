@@ -71,7 +71,8 @@ class FinetuneDataConfig:
 
 
 # set by prepare_data from the data; 0 (their fine-tuning default) means not set by the user
-DERIVED_SETTINGS = ("train.steps", "train.warmup_steps")
+# the settings this recipe computes from the data -> the setting the user sets instead
+DERIVED_SETTINGS = {"train.steps": "finetune.epochs", "train.warmup_steps": "finetune.warmup_fraction"}
 
 
 def _paper_train_defaults() -> TrainConfig:
@@ -110,7 +111,7 @@ def tokenizer_spec(cfg: FinetuneConfig) -> str:
 def check(cfg: FinetuneConfig) -> None:
     from polar.tokenizer import load_tokenizer
 
-    for name, derived_from in zip(DERIVED_SETTINGS, ("finetune.epochs", "finetune.warmup_fraction")):
+    for name, derived_from in DERIVED_SETTINGS.items():
         value = getattr(cfg.train, name.split(".")[1])
         if value:
             raise ConfigError(f"{name}={value}: fine-tuning derives it from the data and {derived_from}; set that "

@@ -18,6 +18,10 @@ InfoNCE over the positives p of a group (pairs (p, q) list its negatives q), d_p
     dloss_p/dr_q = exp(d_pq - M_p) / (S_p + exp(-M_p)),   dloss_p/dr_p = -sum_q dloss_p/dr_q
 Three passes over the pairs (atomic max for M, atomic add for S, atomic add of the gradient) and one
 over the rewards (the per-positive loss, for positives with at least one pair).
+
+A pair index outside [0, n) is never read or written: checking on the host would cost a device sync
+every step, so, as the CUDA kernels do, such a pair makes the loss sum NaN (which the training loop's
+non-finite check reports) and adds nothing to the counts or the gradient.
 """
 from __future__ import annotations
 
@@ -38,15 +42,23 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _valid_pairs(pos_ptr, neg_ptr, offs, num_pairs, n):
+    """-> (p, q, in_pairs, valid): the pairs at offs, which lanes hold a pair, which of those index in [0, n)."""
+    in_pairs = offs < num_pairs
+    p = tl.load(pos_ptr + offs, mask=in_pairs, other=0)
+    q = tl.load(neg_ptr + offs, mask=in_pairs, other=0)
+    valid = in_pairs & (p >= 0) & (p < n) & (q >= 0) & (q < n)
+    return p, q, in_pairs, valid
+
+
+@triton.jit
 def _pairwise_kernel(
-    rewards_ptr, pos_ptr, neg_ptr, grad_ptr, partial_ptr, num_pairs,
+    rewards_ptr, pos_ptr, neg_ptr, grad_ptr, partial_ptr, num_pairs, n, nan,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    p = tl.load(pos_ptr + offs, mask=mask, other=0)
-    q = tl.load(neg_ptr + offs, mask=mask, other=0)
+    p, q, in_pairs, mask = _valid_pairs(pos_ptr, neg_ptr, offs, num_pairs, n)
     rp = tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
     rq = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32)
     m = rp - rq
@@ -56,43 +68,39 @@ def _pairwise_kernel(
     sig_neg = tl.where(m >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-m)
     tl.atomic_add(grad_ptr + p, -sig_neg, mask=mask)
     tl.atomic_add(grad_ptr + q, sig_neg, mask=mask)
-    tl.store(partial_ptr + pid * 2, _sum(tl.where(mask, loss, 0.0), 0))
+    tl.store(partial_ptr + pid * 2, _sum(tl.where(mask, loss, tl.where(in_pairs, nan, 0.0)), 0))
     tl.store(partial_ptr + pid * 2 + 1, _sum(tl.where(mask, correct, 0.0), 0))
 
 
 @triton.jit
-def _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask):
-    """-> (p, q, d = r_q - r_p in fp32) for the pairs at offs; masked lanes read pair (0, 0)."""
-    p = tl.load(pos_ptr + offs, mask=mask, other=0)
-    q = tl.load(neg_ptr + offs, mask=mask, other=0)
-    d = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32) - \
-        tl.load(rewards_ptr + p, mask=mask, other=0.0).to(tl.float32)
-    return p, q, d
+def _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, num_pairs, n):
+    """-> (p, q, d = r_q - r_p in fp32, valid) for the pairs at offs; lanes not valid read nothing."""
+    p, q, in_pairs, valid = _valid_pairs(pos_ptr, neg_ptr, offs, num_pairs, n)
+    d = tl.load(rewards_ptr + q, mask=valid, other=0.0).to(tl.float32) - \
+        tl.load(rewards_ptr + p, mask=valid, other=0.0).to(tl.float32)
+    return p, q, d, valid
 
 
 @triton.jit
-def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, BLOCK: tl.constexpr):
+def _infonce_max_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, num_pairs, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
+    p, q, d, mask = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, num_pairs, n)
     tl.atomic_max(max_ptr + p, d, mask=mask)  # max_ptr starts at 0, so M_p >= 0
 
 
 @triton.jit
-def _infonce_sum_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, num_pairs, BLOCK: tl.constexpr):
+def _infonce_sum_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, num_pairs, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
+    p, q, d, mask = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, num_pairs, n)
     mp = tl.load(max_ptr + p, mask=mask, other=0.0)
     tl.atomic_add(sum_ptr + p, tl.exp(d - mp), mask=mask)
 
 
 @triton.jit
-def _infonce_grad_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, grad_ptr, num_pairs,
+def _infonce_grad_kernel(rewards_ptr, pos_ptr, neg_ptr, max_ptr, sum_ptr, grad_ptr, num_pairs, n,
                          BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    p, q, d = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, mask)
+    p, q, d, mask = _infonce_pair(rewards_ptr, pos_ptr, neg_ptr, offs, num_pairs, n)
     mp = tl.load(max_ptr + p, mask=mask, other=0.0)
     sp = tl.load(sum_ptr + p, mask=mask, other=1.0)
     wgt = tl.exp(d - mp) / (sp + tl.exp(-mp))
@@ -115,11 +123,12 @@ def _infonce_loss_kernel(max_ptr, sum_ptr, count_ptr, partial_ptr, n, BLOCK: tl.
 
 
 @triton.jit
-def _count_kernel(pos_ptr, count_ptr, num_pairs, BLOCK: tl.constexpr):
+def _count_kernel(pos_ptr, neg_ptr, count_ptr, bad_ptr, num_pairs, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < num_pairs
-    p = tl.load(pos_ptr + offs, mask=mask, other=0)
-    tl.atomic_add(count_ptr + p, tl.full([BLOCK], 1.0, tl.float32), mask=mask)
+    p, q, in_pairs, mask = _valid_pairs(pos_ptr, neg_ptr, offs, num_pairs, n)
+    ones = tl.full([BLOCK], 1.0, tl.float32)
+    tl.atomic_add(count_ptr + p, ones, mask=mask)
+    tl.atomic_add(bad_ptr + offs * 0, ones, mask=in_pairs & ~mask)  # pairs out of range, poison the loss
 
 
 def _empty(shape, device, dtype):
@@ -146,7 +155,7 @@ def pairwise_fwd(rewards, pair_pos, pair_neg):
         partial = _empty((blocks, 2), rewards.device, torch.float32)
         _pairwise_kernel[(blocks,)](
             rewards.contiguous(), pair_pos.contiguous(), pair_neg.contiguous(), grad, partial, num_pairs,
-            BLOCK=BLOCK_P, num_warps=4,
+            rewards.numel(), float("nan"), BLOCK=BLOCK_P, num_warps=4,
         )
     sums = partial.sum(0)
     return sums[0].clone(), sums[1].clone(), grad
@@ -168,12 +177,15 @@ def infonce_fwd(rewards, pair_pos, pair_neg):
     else:
         partial = _empty((blocks_n, 2), dev, torch.float32)
         r, pp, pn = rewards.contiguous(), pair_pos.contiguous(), pair_neg.contiguous()
+        bad = torch.zeros(1, device=dev, dtype=torch.float32)
         grid = (triton.cdiv(num_pairs, BLOCK_P),)
-        _count_kernel[grid](pp, cnt, num_pairs, BLOCK=BLOCK_P)
-        _infonce_max_kernel[grid](r, pp, pn, mx, num_pairs, BLOCK=BLOCK_P)
-        _infonce_sum_kernel[grid](r, pp, pn, mx, sm, num_pairs, BLOCK=BLOCK_P)
-        _infonce_grad_kernel[grid](r, pp, pn, mx, sm, grad, num_pairs, BLOCK=BLOCK_P)
+        _count_kernel[grid](pp, pn, cnt, bad, num_pairs, n, BLOCK=BLOCK_P)
+        _infonce_max_kernel[grid](r, pp, pn, mx, num_pairs, n, BLOCK=BLOCK_P)
+        _infonce_sum_kernel[grid](r, pp, pn, mx, sm, num_pairs, n, BLOCK=BLOCK_P)
+        _infonce_grad_kernel[grid](r, pp, pn, mx, sm, grad, num_pairs, n, BLOCK=BLOCK_P)
         _infonce_loss_kernel[(blocks_n,)](mx, sm, cnt, partial, n, BLOCK=BLOCK_P)
+        # the loss sum becomes NaN if any pair was out of range, without a host sync
+        partial[0, 0] += torch.where(bad[0] > 0, float("nan"), 0.0)
     sums = partial.sum(0)
     return sums[0].clone(), sums[1].clone(), grad
 

@@ -22,6 +22,10 @@ strided set of rows (partials [programs, h]) and then summed over programs in to
 A program handles tiles of BLOCK_N rewards x the whole row (BLOCK_H = next power of two >= h), which
 suits hidden sizes up to several thousand; the readout touches n_candidates rows, so it is never the
 step's bottleneck. The fp32 grad_hidden buffer is [s, b, h] (cast to hidden's dtype at the end).
+
+An index outside [0, s*b) is never read or written: checking on the host would cost a device sync
+every step, so, as the CUDA kernels do, its reward is NaN (which the training loop's non-finite
+check reports) and its row adds nothing to any gradient.
 """
 from __future__ import annotations
 
@@ -42,16 +46,17 @@ def _sum(x, axis: tl.constexpr):
 @triton.jit
 def _readout_fwd_kernel(
     hidden_ptr, index_ptr, norm_w_ptr, head_w_ptr, out_ptr,
-    n, s, h, stride_s, stride_b, stride_h, eps,
+    n, s, num_rows, h, stride_s, stride_b, stride_h, eps, nan,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # one program: BLOCK_N rewards x the whole row
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < n
+    in_n = rows < n
     offs = tl.arange(0, BLOCK_H)
     col_mask = offs < h
+    idx = tl.load(index_ptr + rows, mask=in_n, other=0).to(tl.int64)
+    row_mask = in_n & (idx >= 0) & (idx < num_rows)
     mask = row_mask[:, None] & col_mask[None, :]
-    idx = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
     t = idx % s
     bi = idx // s
     row_off = t * stride_s + bi * stride_b
@@ -60,14 +65,14 @@ def _readout_fwd_kernel(
     v = tl.load(head_w_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
     rstd = 1.0 / tl.sqrt(_sum(x * x, 1) / h + eps)
     r = _sum(x * (w * v)[None, :], 1) * rstd
-    tl.store(out_ptr + rows, r, mask=row_mask)
+    tl.store(out_ptr + rows, tl.where(row_mask, r, nan), mask=in_n)
 
 
 @triton.jit
 def _readout_bwd_kernel(
     hidden_ptr, index_ptr, norm_w_ptr, head_w_ptr, grad_out_ptr,
     grad_hidden_ptr, dw_partial_ptr, dv_partial_ptr,
-    n, s, h, stride_s, stride_b, stride_h, gstride_s, gstride_b, gstride_h, eps,
+    n, s, num_rows, h, stride_s, stride_b, stride_h, gstride_s, gstride_b, gstride_h, eps,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # program pid handles the row tiles pid, pid + P, pid + 2P, ... and writes one partial row of dw, dv
@@ -81,9 +86,10 @@ def _readout_bwd_kernel(
     dv_acc = tl.full([BLOCK_H], 0.0, tl.float32)
     for tile in range(pid, (n + BLOCK_N - 1) // BLOCK_N, num_programs):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        row_mask = rows < n
+        in_n = rows < n
+        idx = tl.load(index_ptr + rows, mask=in_n, other=0).to(tl.int64)
+        row_mask = in_n & (idx >= 0) & (idx < num_rows)
         mask = row_mask[:, None] & col_mask[None, :]
-        idx = tl.load(index_ptr + rows, mask=row_mask, other=0).to(tl.int64)
         t = idx % s
         bi = idx // s
         x = tl.load(hidden_ptr + (t * stride_s + bi * stride_b)[:, None] + offs[None, :] * stride_h,
@@ -147,7 +153,7 @@ def reward_readout_fwd(hidden, reward_index, norm_weight, head_weight, eps: floa
     block_n = _block_n(block_h)
     _readout_fwd_kernel[(triton.cdiv(n, block_n),)](
         hidden, index, norm_w, head_w, out,
-        n, s, h, hidden.stride(0), hidden.stride(1), hidden.stride(2), float(eps),
+        n, s, s * b, h, hidden.stride(0), hidden.stride(1), hidden.stride(2), float(eps), float("nan"),
         BLOCK_N=block_n, BLOCK_H=block_h, num_warps=_num_warps(block_h),
     )
     return out
@@ -180,7 +186,7 @@ def reward_readout_bwd(grad_out, hidden, reward_index, norm_weight, head_weight,
             hidden, reward_index.contiguous(), norm_weight.contiguous().reshape(h),
             head_weight.contiguous().reshape(h), grad_out.contiguous().to(torch.float32),
             grad_hidden, dw_partial, dv_partial,
-            n, s, h, hidden.stride(0), hidden.stride(1), hidden.stride(2),
+            n, s, s * b, h, hidden.stride(0), hidden.stride(1), hidden.stride(2),
             grad_hidden.stride(0), grad_hidden.stride(1), grad_hidden.stride(2), float(eps),
             BLOCK_N=block_n, BLOCK_H=block_h, num_warps=_num_warps(block_h),
         )

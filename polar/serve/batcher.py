@@ -229,21 +229,25 @@ class Batcher:
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
             if not jobs:
                 continue
-            try:
-                results = self._score_round(jobs, time.monotonic())
-            except BaseException as e:  # the requests learn of it; the worker lives on
-                if len(jobs) == 1:
-                    jobs[0].future.set_exception(e)
-                    continue
-                # Which request broke the round is unknown: each alone, so that only it fails.
-                for j in jobs:
-                    try:
-                        j.future.set_result(self._score_round([j], time.monotonic())[0])
-                    except BaseException as e1:
-                        j.future.set_exception(e1)
-                continue
-            for j, r in zip(jobs, results):
-                j.future.set_result(r)
+            self._score_isolating(jobs)
+
+    def _score_isolating(self, jobs: list[_Job]) -> None:
+        """Score the round; if it fails, which request broke it is unknown, so score each half on
+        its own, recursively: only the breaking requests fail, after about 2 log2(len(jobs)) more
+        rounds for one bad request (not len(jobs)), and a round too large for the device (out of
+        memory) is retried in halves that may fit. The worker lives on whatever is raised."""
+        try:
+            results = self._score_round(jobs, time.monotonic())
+        except BaseException as e:
+            if len(jobs) == 1:
+                jobs[0].future.set_exception(e)
+                return
+            half = len(jobs) // 2
+            self._score_isolating(jobs[:half])
+            self._score_isolating(jobs[half:])
+            return
+        for j, r in zip(jobs, results):
+            j.future.set_result(r)
 
     def _score_round(self, jobs: list[_Job], start: float) -> list[np.ndarray]:
         flat = [a for j in jobs for a in j.ids]

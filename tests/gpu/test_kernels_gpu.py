@@ -152,6 +152,43 @@ def test_loss_no_pairs(name, kind):
     assert all(o.item() == 0 for o in out) and (r.grad == 0).all()
 
 
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_out_of_range_indices_poison_without_touching_memory(name):
+    """Neither implementation reads or writes outside its inputs for a bad index (no host check: it
+    would sync every step). Readout: that reward is NaN, the others and the gradients are those of
+    the good indices alone. Losses: the loss sum is NaN, the counts and gradients those of the
+    good pairs alone."""
+    readout, pairwise, infonce = impl(name)
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    s, b, h = 64, 2, 512
+    hidden = torch.randn(s, b, h, device="cuda", generator=gen)
+    norm_w, head_w = 1 + 0.1 * torch.randn(h, device="cuda", generator=gen), torch.randn(1, h, device="cuda")
+    index = torch.tensor([3, s * b, 0, -1, 77, 10**12], device="cuda")
+    bad = torch.tensor([False, True, False, True, False, True], device="cuda")
+    x = hidden.clone().requires_grad_()
+    got = readout(x, index, norm_w, head_w, 1e-6)
+    assert torch.isnan(got[bad]).all()
+    got[~bad].sum().backward()
+    ref_x = hidden.double().requires_grad_()
+    ref = torch_reward_readout(ref_x, index[~bad], norm_w.double(), head_w.double(), 1e-6)
+    ref.sum().backward()
+    assert rel_err(got[~bad], ref) < 2e-5 and rel_err(x.grad, ref_x.grad) < 2e-5
+    r = torch.randn(8, device="cuda", dtype=torch.float64)
+    pos, neg = torch.tensor([0, 0, 1], device="cuda"), torch.tensor([2, 3, 4], device="cuda")
+    for fn, reference in ((pairwise, pairwise_sums), (infonce, infonce_sums)):
+        ref_r = r.clone().requires_grad_()
+        ref_out = reference(ref_r, pos, neg)
+        ref_out[0].backward()
+        for bp, bq in ((8, 0), (0, -1), (-3, 10**9)):
+            rk = r.float().requires_grad_()
+            out = fn(rk, torch.cat([pos, torch.tensor([bp], device="cuda")]),
+                     torch.cat([neg, torch.tensor([bq], device="cuda")]))
+            out[0].backward()
+            assert torch.isnan(out[0]), (fn, bp, bq)
+            assert out[1].item() == ref_out[1].item(), (fn, bp, bq)  # correct pairs / positives
+            assert rel_err(rk.grad, ref_r.grad) < 2e-5, (fn, bp, bq)
+
+
 def test_cuda_ops_pass_opcheck():
     from torch.library import opcheck
 

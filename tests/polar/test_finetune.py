@@ -96,6 +96,11 @@ def test_finetuning_resumes_exactly(pretrained):
         np.testing.assert_allclose(b[step]["loss"], a[step]["loss"], rtol=1e-6, err_msg=f"step {step}")
         np.testing.assert_allclose(b[step]["grad_norm"], a[step]["grad_norm"], rtol=1e-6, err_msg=f"step {step}")
     assert summary(tmp, "ft_resume")["held_out_pair_accuracy"] == summary(tmp, "ft_full")["held_out_pair_accuracy"]
+    # resuming with other epochs changes the derived step count: refused, naming the setting the user set
+    other = finetune(tmp, "ft_resume", *small[:-2], "finetune.epochs=2", "log.interval=1")
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "when saved" in other.stderr and "(derived from finetune.epochs: set that as it was)" in other.stderr, \
+        other.stderr[-3000:]
 
 
 def test_bad_records_are_named(pretrained, tmp_path):

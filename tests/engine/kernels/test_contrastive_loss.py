@@ -119,6 +119,26 @@ def test_backward_scales_with_upstream_gradient():
         assert (r_k.grad.double() - r_r.grad).abs().max().item() <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["pairwise", "infonce"])
+def test_out_of_range_pair_poisons_the_loss_sum_only(kind):
+    """Pairs indexing outside the rewards are never read or written (a host check would sync every
+    step): the loss sum is NaN; the count and gradient are those of the in-range pairs alone."""
+    gen = torch.Generator().manual_seed(13)
+    rewards, pos, neg = ragged_groups(gen, 4)
+    n = rewards.numel()
+    kernel, reference = KERNELS[kind]
+    ref = _run(reference, rewards, pos, neg, torch.float64)
+    for bad_pos, bad_neg in ((n, 0), (0, -1), (-5, n + 7)):
+        got = _run(kernel, rewards, torch.cat([pos, torch.tensor([bad_pos])]),
+                   torch.cat([neg, torch.tensor([bad_neg])]), torch.float32)
+        assert torch.isnan(got[0]), (bad_pos, bad_neg)
+        # pairwise returns the pair count (all pairs, one more than the reference); the rest must match
+        rest_got, rest_ref = (got[1:2] + got[3:], ref[1:2] + ref[3:]) if kind == "pairwise" else (got[1:], ref[1:])
+        for g, r in zip(rest_got, rest_ref):
+            assert torch.isfinite(g).all()
+            assert (g.double() - r).abs().max().item() <= 2e-5 * (r.abs().max().item() + 1)
+
+
 @pytest.mark.parametrize("op", ["pairwise_loss", "infonce_loss"])
 def test_opcheck(op):
     gen = torch.Generator().manual_seed(4)
@@ -133,17 +153,19 @@ def test_compiles_for_sm90():
     for p in ptr.values():
         pairs = dict(rewards_ptr=p, pos_ptr="*i64", neg_ptr="*i64")
         specs += [
-            ("_pairwise_kernel", dict(pairs, grad_ptr="*fp32", partial_ptr="*fp32", num_pairs="i32", BLOCK="constexpr"),
+            ("_pairwise_kernel", dict(pairs, grad_ptr="*fp32", partial_ptr="*fp32", num_pairs="i32", n="i32",
+                                      nan="fp32", BLOCK="constexpr"), consts, 4),
+            ("_infonce_max_kernel", dict(pairs, max_ptr="*fp32", num_pairs="i32", n="i32", BLOCK="constexpr"),
              consts, 4),
-            ("_infonce_max_kernel", dict(pairs, max_ptr="*fp32", num_pairs="i32", BLOCK="constexpr"), consts, 4),
-            ("_infonce_sum_kernel", dict(pairs, max_ptr="*fp32", sum_ptr="*fp32", num_pairs="i32", BLOCK="constexpr"),
-             consts, 4),
+            ("_infonce_sum_kernel", dict(pairs, max_ptr="*fp32", sum_ptr="*fp32", num_pairs="i32", n="i32",
+                                         BLOCK="constexpr"), consts, 4),
             ("_infonce_grad_kernel", dict(pairs, max_ptr="*fp32", sum_ptr="*fp32", grad_ptr="*fp32", num_pairs="i32",
-                                          BLOCK="constexpr"), consts, 4),
+                                          n="i32", BLOCK="constexpr"), consts, 4),
         ]
     specs += [
         ("_infonce_loss_kernel", dict(max_ptr="*fp32", sum_ptr="*fp32", count_ptr="*fp32", partial_ptr="*fp32",
                                       n="i32", BLOCK="constexpr"), consts, 4),
-        ("_count_kernel", dict(pos_ptr="*i64", count_ptr="*fp32", num_pairs="i32", BLOCK="constexpr"), consts, 4),
+        ("_count_kernel", dict(pos_ptr="*i64", neg_ptr="*i64", count_ptr="*fp32", bad_ptr="*fp32", num_pairs="i32",
+                               n="i32", BLOCK="constexpr"), consts, 4),
     ]
     run_compile_check("engine.kernels.contrastive_loss", specs)

@@ -114,6 +114,23 @@ def test_non_contiguous_hidden_and_empty_index():
     assert empty.shape == (0,)
 
 
+def test_out_of_range_index_gives_nan_reward_and_no_gradient():
+    """Out-of-range indices are never read or written (a host check would sync every step): their
+    reward is NaN, the other rewards and every gradient are what the in-range indices alone give."""
+    gen = torch.Generator().manual_seed(11)
+    hidden, _, norm_w, head_w, _ = _case(gen, 1, 64, s=5, b=2)
+    index = torch.tensor([3, 10, 0, -1, 9, 10**9, 3])
+    bad = torch.tensor([False, True, False, True, False, True, False])
+    grad_out = torch.randn(7, generator=gen, dtype=torch.float64)
+    got = _run(rr.reward_readout, hidden, index, norm_w, head_w, grad_out, torch.float32)
+    assert torch.isnan(got[0][bad]).all() and torch.isfinite(got[0][~bad]).all()
+    ref = _run(torch_reward_readout, hidden, index[~bad], norm_w, head_w, grad_out[~bad], torch.float64)
+    assert (got[0][~bad].double() - ref[0]).abs().max().item() <= 2e-5 * (ref[0].abs().max().item() + 1)
+    for g, r in zip(got[1:], ref[1:]):
+        assert torch.isfinite(g).all()
+        assert (g.double() - r).abs().max().item() <= 2e-5 * (r.abs().max().item() + 1)
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(5)
     hidden, index, norm_w, head_w, _ = _case(gen, 9, 64, s=4, b=2)
@@ -125,7 +142,7 @@ def test_opcheck():
 # sm_90 compile check ------------------------------------------------------------------------------
 
 _PTR = {torch.float32: "*fp32", torch.bfloat16: "*bf16", torch.float16: "*fp16"}
-_INTS = ["n", "s", "h", "stride_s", "stride_b", "stride_h"]
+_INTS = ["n", "s", "num_rows", "h", "stride_s", "stride_b", "stride_h"]
 
 
 def compile_specs():
@@ -134,7 +151,8 @@ def compile_specs():
         for block_h in (256, 4096):
             consts = {"BLOCK_N": rr._block_n(block_h), "BLOCK_H": block_h}
             fwd = dict(hidden_ptr=ptr, index_ptr="*i64", norm_w_ptr=ptr, head_w_ptr=ptr, out_ptr="*fp32",
-                       **{k: "i32" for k in _INTS}, eps="fp32", BLOCK_N="constexpr", BLOCK_H="constexpr")
+                       **{k: "i32" for k in _INTS}, eps="fp32", nan="fp32", BLOCK_N="constexpr",
+                       BLOCK_H="constexpr")
             bwd = dict(hidden_ptr=ptr, index_ptr="*i64", norm_w_ptr=ptr, head_w_ptr=ptr, grad_out_ptr="*fp32",
                        grad_hidden_ptr="*fp32", dw_partial_ptr="*fp32", dv_partial_ptr="*fp32",
                        **{k: "i32" for k in _INTS}, gstride_s="i32", gstride_b="i32", gstride_h="i32",

@@ -73,3 +73,30 @@ def test_cancelled_request_is_skipped_and_others_are_served(scorer, tokenizer, a
     np.testing.assert_allclose(kept.result(60), alone(ids), atol=1e-5)
     b.close()
     assert b.totals.items == 1
+
+
+def test_a_failing_round_is_bisected_to_the_request_that_broke_it(scorer, tokenizer, alone):
+    """16 requests in one round, one of them unscorable: it alone fails, the others get their
+    rewards, in 1 + 2 * log2(16) = 9 forwards (halving the round), not 1 + 16 (each request alone)."""
+    poison, calls = 7, []
+
+    def picky(batch):
+        calls.append(batch)
+        if (batch.tokens == poison).any():
+            raise RuntimeError("this batch cannot be scored")
+        return scorer.score(batch)
+
+    b = Batcher(picky, tokenizer.pad_id, max_wait_s=0.5, max_batch_tokens=1 << 20)
+    good = [[np.array([256, 10 + k, 11 + k, 259], dtype=np.int32)] for k in range(16)]
+    bad_at = 11
+    futures = [b.submit([np.array([256, poison, 8, 259], dtype=np.int32)] if k == bad_at else good[k])
+               for k in range(16)]
+    b.start()  # every request is queued before the worker takes its first round
+    for k, f in enumerate(futures):
+        if k == bad_at:
+            with pytest.raises(RuntimeError, match="cannot be scored"):
+                f.result(60)
+        else:
+            np.testing.assert_allclose(f.result(60), alone(good[k]), atol=1e-5)
+    b.close()
+    assert calls[0].reward_index.numel() == 16 and len(calls) == 9
