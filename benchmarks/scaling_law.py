@@ -35,7 +35,7 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (about 38 min, 2 cores)
+    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (about 36 min, 2 cores)
     python benchmarks/scaling_law.py --sizes w32 w48 --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
@@ -247,6 +247,7 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
         a, b, r2 = compute_fit
         ax2.loglog(xs, a * xs ** b, "k--", label=f"frontier: L = {a:.3g} C^{b:.4f}  (R² {r2:.3f})")
     ax2.set_xlabel("training FLOPs C")
+    ax2.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # labelled 2x..9x minors overlap
     ax2.legend(fontsize=8)
     fig.suptitle("POLAR pre-training loss against size and compute (tiny RMs, synthetic policies, CPU)")
     fig.tight_layout()
