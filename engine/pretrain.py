@@ -131,7 +131,9 @@ def run(cfg, recipe) -> int:
     data = recipe.prepare_data(cfg)  # may settle derived settings (fine-tuning: steps from epochs)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
-    if derived and resume_from:  # known now: checked naming what the user sets, before the trainer's check
+    # known only now; checked here, naming what the user sets, before config.yaml below is rewritten
+    # with the refused settings (the trainer's own check comes after it)
+    if derived and resume_from:
         checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
     say(data.description)
     if rt.is_main:

@@ -44,6 +44,16 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _gathered_rows(index_ptr, rows, n, s, num_rows):
+    """-> (t, bi, in_n, valid): the token and sequence of each reward at rows, which lanes hold a
+    reward, which of those index in [0, num_rows) (the others are never read or written)."""
+    in_n = rows < n
+    idx = tl.load(index_ptr + rows, mask=in_n, other=0).to(tl.int64)
+    valid = in_n & (idx >= 0) & (idx < num_rows)
+    return idx % s, idx // s, in_n, valid
+
+
+@triton.jit
 def _readout_fwd_kernel(
     hidden_ptr, index_ptr, norm_w_ptr, head_w_ptr, out_ptr,
     n, s, num_rows, h, stride_s, stride_b, stride_h, eps, nan,
@@ -51,14 +61,10 @@ def _readout_fwd_kernel(
 ):
     # one program: BLOCK_N rewards x the whole row
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    in_n = rows < n
     offs = tl.arange(0, BLOCK_H)
     col_mask = offs < h
-    idx = tl.load(index_ptr + rows, mask=in_n, other=0).to(tl.int64)
-    row_mask = in_n & (idx >= 0) & (idx < num_rows)
+    t, bi, in_n, row_mask = _gathered_rows(index_ptr, rows, n, s, num_rows)
     mask = row_mask[:, None] & col_mask[None, :]
-    t = idx % s
-    bi = idx // s
     row_off = t * stride_s + bi * stride_b
     x = tl.load(hidden_ptr + row_off[:, None] + offs[None, :] * stride_h, mask=mask, other=0.0).to(tl.float32)
     w = tl.load(norm_w_ptr + offs, mask=col_mask, other=0.0).to(tl.float32)
@@ -86,12 +92,8 @@ def _readout_bwd_kernel(
     dv_acc = tl.full([BLOCK_H], 0.0, tl.float32)
     for tile in range(pid, (n + BLOCK_N - 1) // BLOCK_N, num_programs):
         rows = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        in_n = rows < n
-        idx = tl.load(index_ptr + rows, mask=in_n, other=0).to(tl.int64)
-        row_mask = in_n & (idx >= 0) & (idx < num_rows)
+        t, bi, in_n, row_mask = _gathered_rows(index_ptr, rows, n, s, num_rows)
         mask = row_mask[:, None] & col_mask[None, :]
-        t = idx % s
-        bi = idx // s
         x = tl.load(hidden_ptr + (t * stride_s + bi * stride_b)[:, None] + offs[None, :] * stride_h,
                     mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
