@@ -288,20 +288,32 @@ def test_requests_beyond_max_preparing_are_refused_before_their_body_is_read(sco
         assert httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30).status_code == 200
 
 
-def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer):
+def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer, monkeypatch):
+    """/health requests are answered while the server parses a 61 MB body. Counted, not timed: a
+    parse that held the GIL throughout (json.loads) or ran on the event loop lets no request start
+    and finish inside its window, however fast or loaded the machine is."""
+    from polar.serve import validation
+
     body = json.dumps({"model": 5, "text": ["ab\"cd\n" * 2000] * 4000}).encode()  # 61 MB
-    t0 = time.perf_counter()
-    json.loads(body)
-    parse_s = time.perf_counter() - t0
+    windows, parse_json = [], validation.parse_json
+
+    def timed_parse(b):
+        t = time.perf_counter()
+        try:
+            return parse_json(b)
+        finally:
+            windows.append((t, time.perf_counter()))
+
+    monkeypatch.setattr(validation, "parse_json", timed_parse)
     with live_server(scorer, tokenizer) as (url, _):
-        latencies, done = [], threading.Event()
+        probes, done = [], threading.Event()
 
         def probe():
             with httpx.Client(timeout=60) as c:
                 while not done.is_set():
                     t = time.perf_counter()
                     c.get(f"{url}/health")
-                    latencies.append(time.perf_counter() - t)
+                    probes.append((t, time.perf_counter()))
                     time.sleep(0.005)
 
         t = threading.Thread(target=probe)
@@ -310,7 +322,9 @@ def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer):
         done.set()
         t.join(60)
     assert res.status_code == 400 and "'model' must be a string" in res.text  # parsed in full, then refused
-    assert max(latencies) < parse_s / 2, (max(latencies), parse_s)  # parsed on the event loop: >= parse_s
+    (start, end), = windows
+    inside = sum(start <= a and b <= end for a, b in probes)
+    assert inside >= 3, (inside, end - start, len(probes))  # 14-51 here, loaded or not; json.loads: 0
 
 
 def test_structured_items_longer_than_the_item_limit_get_413(scorer, tokenizer):

@@ -32,25 +32,30 @@ def test_parse_json_reads_what_json_loads_reads(body):
 
 
 def test_parsing_a_large_body_lets_other_threads_run():
+    """Counted, not timed: json.loads holds the GIL for the whole document, so another thread
+    completes next to no step (two GIL acquisitions) inside the parse, however fast or loaded the
+    machine is."""
     body = json.dumps({"model": "m", "text": ['ab"cd\n' * 2000] * 4000}).encode()  # 61 MB
-    t0 = time.perf_counter()
-    json.loads(body)
-    parse_s = time.perf_counter() - t0
-    gaps, done = [], threading.Event()
+    ticks, done = [], threading.Event()
 
     def tick():
         last = time.perf_counter()
         while not done.is_set():
             time.sleep(0.001)
             now = time.perf_counter()
-            gaps.append(now - last)
+            ticks.append((last, now))
             last = now
 
     t = threading.Thread(target=tick)
     t.start()
     time.sleep(0.05)
+    start = time.perf_counter()
     value = parse_json(body)
+    end = time.perf_counter()
     done.set()
     t.join()
     assert len(value["text"]) == 4000
-    assert max(gaps) < parse_s / 2, (max(gaps), parse_s)  # json.loads holds the GIL throughout: >= parse_s
+    inside = sum(start <= a and b <= end for a, b in ticks)
+    # ~100 here (the interpreter offers the GIL every 5 ms); json.loads: 2, both while it decodes
+    # the bytes to str, before its scanner holds the GIL to the end.
+    assert inside >= 20, (inside, end - start)
