@@ -15,7 +15,8 @@ so a test can recompute what any policy must have returned. Behaviour per model:
 
 An unknown model gets 404, like vLLM. Setting `fail_after = N` makes every request after the first N
 successful ones get HTTP 503 (a server that starts failing mid-run); set it back to None to heal.
-`delay` seconds are slept before each answer, to keep a run going long enough to be killed.
+`delay` seconds are slept before each answer. Setting `hold_after = N` makes every request after the
+first N successful ones wait until `release()` (a run that can be killed mid-way on any machine).
 """
 from __future__ import annotations
 
@@ -48,10 +49,13 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeOpenAIServer:
-    def __init__(self, models: dict[str, str], fail_after: int | None = None, delay: float = 0.0):
+    def __init__(self, models: dict[str, str], fail_after: int | None = None, delay: float = 0.0,
+                 hold_after: int | None = None):
         self.models = dict(models)
         self.fail_after = fail_after
         self.delay = delay
+        self.hold_after = hold_after
+        self._released = threading.Event()
         self.requests: list[dict] = []
         self.served = 0
         self._seen_busy: set = set()
@@ -90,6 +94,8 @@ class FakeOpenAIServer:
                 seed = body.get("seed")
                 if server.delay:
                     time.sleep(server.delay)
+                if server.hold_after is not None and server.served >= server.hold_after:
+                    server._released.wait(120)
                 if behaviour == "fail":
                     return self._send(500, {"error": {"message": "internal server error"}})
                 with server._lock:
@@ -115,7 +121,11 @@ class FakeOpenAIServer:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        self._released.set()
+
     def __exit__(self, *exc) -> None:
+        self.release()
         self._httpd.shutdown()
         self._httpd.server_close()
 

@@ -137,26 +137,29 @@ def test_restart_after_stop_and_torn_line_gives_the_uninterrupted_result(tmp_pat
 
 
 def test_killed_process_resumes_without_duplicates_or_losses(tmp_path):
-    # A real SIGKILL mid-run: whatever state the output is left in, the rerun must complete it.
-    with FakeOpenAIServer(MODELS, delay=0.02) as srv:
+    # A real SIGKILL mid-run: whatever state the output is left in, the rerun must complete it. The
+    # server holds every request after half of a whole run's, so the kill lands mid-run however
+    # fast or slow the machine is.
+    with FakeOpenAIServer(MODELS) as srv:
         corpus, inst, pool = _write_inputs(tmp_path, srv)
+        full = tmp_path / "full.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, full, n=40)) == 0
+        srv.hold_after = srv.served + srv.served // 2
         out = tmp_path / "killed.jsonl"
         argv = _argv(corpus, inst, pool, out, n=40)
         proc = subprocess.Popen([sys.executable, "-m", "polar.sample", *argv], stderr=subprocess.PIPE,
                                 cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-        deadline = time.time() + 30
-        while time.time() < deadline and proc.poll() is None:
-            if out.exists() and out.read_bytes().count(b"\n") >= 5:
-                break
+        deadline = time.monotonic() + 120
+        while not (out.exists() and out.read_bytes().count(b"\n") >= 5):
+            assert proc.poll() is None and time.monotonic() < deadline, "no 5 records before the hold"
             time.sleep(0.005)
         proc.kill()
         proc.communicate()
         killed_at = out.read_bytes().count(b"\n")
-        assert 5 <= killed_at < 40, "the run ended before it could be killed; raise the server delay"
-        srv.delay = 0.0
+        assert 5 <= killed_at < 40
+        srv.hold_after = None
+        srv.release()
         assert sample.main(argv) == 0
-        full = tmp_path / "full.jsonl"
-        assert sample.main(_argv(corpus, inst, pool, full, n=40)) == 0
     assert _by_id(_records(out)) == _by_id(_records(full))
 
 

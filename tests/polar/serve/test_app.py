@@ -189,32 +189,47 @@ def test_metrics_report_traffic(server, batch):
 # ---- limits: queue, timeout, auth ------------------------------------------------------------
 
 def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
-    with live_server(scorer, tokenizer, batcher_kw=dict(max_wait_s=1.5, max_queue_items=4)) as (url, service):
+    """The batcher's one worker is held inside a round, so the queue stays full for as long as the
+    test needs: no race with the batching window, however slow the machine."""
+    gate, rounds = threading.Event(), []
+
+    def held(batch):
+        rounds.append(batch)
+        gate.wait(60)
+        return scorer.score(batch)
+
+    with live_server(scorer, tokenizer, score=held, batcher_kw=dict(max_queue_items=4)) as (url, service):
         texts = ["<|reward|>a[UNUSED_TOKEN_130]"] * 3
-        first = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts * 2},
-                                                                           timeout=60)))
-        t.start()
-        deadline = time.monotonic() + 20
-        while service.batcher.queued_items == 0 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        answers = {}
+
+        def post(key, n):
+            answers[key] = httpx.post(f"{url}/classify", json={"text": texts[:1] * n}, timeout=60)
+
+        running = threading.Thread(target=post, args=("running", 1))
+        running.start()
+        assert _until(lambda: rounds)  # its round holds the worker
+        queued = threading.Thread(target=post, args=("queued", 6))  # more than the limit: alone, it is taken
+        queued.start()
+        assert _until(lambda: service.batcher.queued_items == 6)
         busy = httpx.post(f"{url}/classify", json={"text": texts}, timeout=60)
         assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
         assert "queue is full" in busy.json()["error"]["message"]
         # the queue is full: refused before its body is read, not even parsed
         assert httpx.post(f"{url}/classify", content=b"{not json", timeout=60).status_code == 429
-        t.join(60)
-        assert first["r"].status_code == 200 and len(first["r"].json()) == 6
-        # polar.reward retries a 429 after Retry-After and gets the answer
-        client = reward.RewardClient(url, backoff_s=0.05)
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": texts},
-                                                                           timeout=60)))
-        t.start()
-        while service.batcher.queued_items == 0 and time.monotonic() < deadline + 20:
-            time.sleep(0.01)
-        got = client.score([{"prompt": "p", "reference": "r", "output": str(i)} for i in range(3)])
-        assert len(got) == 3
-        t.join(60)
+        # polar.reward is refused too, waits Retry-After, and gets the answer once the queue drains
+        got, client = {}, reward.RewardClient(url, backoff_s=0.05)
+        retrying = threading.Thread(target=lambda: got.update(r=client.score(
+            [{"prompt": "p", "reference": "r", "output": str(i)} for i in range(3)])))
+        refusals = lambda: service.metrics.registry.get_sample_value("polar_serve_rejected_total")  # noqa: E731
+        before = refusals()
+        retrying.start()
+        assert _until(lambda: refusals() > before)
+        gate.set()
+        for t in (running, queued, retrying):
+            t.join(60)
+        assert answers["running"].status_code == 200 and len(answers["running"].json()) == 1
+        assert answers["queued"].status_code == 200 and len(answers["queued"].json()) == 6
+        assert len(got["r"]) == 3
 
 
 def test_request_timeout_is_504_and_the_server_lives_on(scorer, tokenizer):
@@ -357,26 +372,34 @@ def test_settings_that_leave_the_prompt_unbounded_are_refused(tokenizer):
 
 
 def test_a_round_that_fails_fails_only_its_own_request(scorer, tokenizer, alone):
-    poison, calls = ord("~"), []  # the byte tokenizer: one id per character
+    poison, calls, gate = ord("~"), [], threading.Event()  # the byte tokenizer: one id per character
 
     def picky(batch):
         calls.append(batch)
+        if len(calls) == 1:
+            gate.wait(60)  # the first round holds the worker while the two requests queue up
         if (batch.tokens == poison).any():
             raise RuntimeError("this batch cannot be scored")
         return scorer.score(batch)
 
-    with live_server(scorer, tokenizer, score=picky, batcher_kw=dict(max_wait_s=0.5)) as (url, _):
+    with live_server(scorer, tokenizer, score=picky) as (url, service):
         texts = ["<|reward|>a[UNUSED_TOKEN_130]", "<|reward|>b[UNUSED_TOKEN_130]"]
         answers = {}
 
         def post(name, text):
             answers[name] = httpx.post(f"{url}/classify", json={"text": text}, timeout=60)
 
+        first = threading.Thread(target=post, args=("first", ["<|reward|>c[UNUSED_TOKEN_130]"]))
+        first.start()
+        assert _until(lambda: calls)
         threads = [threading.Thread(target=post, args=a) for a in (("good", texts), ("bad", ["~~~"]))]
         for t in threads:
             t.start()
-        for t in threads:
+        assert _until(lambda: service.batcher.queued_items == 3)
+        gate.set()
+        for t in (first, *threads):
             t.join(60)
+    calls = calls[1:]  # the rounds after the one that held the worker
     assert (calls[0].tokens == poison).any() and calls[0].reward_index.numel() == 3  # one round for both
     assert answers["bad"].status_code == 500 and "cannot be scored" in answers["bad"].text
     assert answers["good"].status_code == 200

@@ -74,7 +74,7 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     proc = _start([sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port),
-                   "--max-wait-ms", "2000", "--api-key-env", "POLAR_TEST_KEY"], {"POLAR_TEST_KEY": "k3y"})
+                   "--max-wait-ms", "5000", "--api-key-env", "POLAR_TEST_KEY"], {"POLAR_TEST_KEY": "k3y"})
     try:
         _wait_healthy(proc, url)
         assert httpx.post(f"{url}/classify", json={"text": texts}).status_code == 401
@@ -86,7 +86,11 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
 
         t = threading.Thread(target=in_flight)
         t.start()
-        time.sleep(0.7)  # the request now waits in the batcher's queue (--max-wait-ms 2000)
+        # SIGTERM while the request waits in the batcher's queue (--max-wait-ms 5000; closing ends the wait)
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{url}/health").json()["queue_items"] == 0:
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         assert answer["r"].status_code == 200
