@@ -167,8 +167,8 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
 
 
 async def _read_body(request: Request, limit: int) -> list[bytes]:
-    """The body's chunks: joining them is a copy of up to --max-body-bytes, left to the thread that
-    parses them."""
+    """The body's chunks, as they arrived: the thread that parses them decodes them one by one
+    (joining them here would hold the event loop for a copy of up to --max-body-bytes)."""
     declared = request.headers.get("content-length")
     if declared is not None:
         try:
@@ -219,7 +219,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                               {"WWW-Authenticate": "Bearer"})
             service.admit(request)
             chunks = await _read_body(request, s.max_body_bytes)
-            body = await asyncio.to_thread(lambda: validation.parse_json(b"".join(chunks)))
+            body = await asyncio.to_thread(validation.parse_json, chunks)
             return JSONResponse(await work(body, request))
         except RequestError as e:
             status = e.status

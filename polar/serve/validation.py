@@ -9,8 +9,10 @@ where a text (prompt, reference, output) is a str or a list of {"role", "content
 """
 from __future__ import annotations
 
+import codecs
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from polar.format import lone_surrogate
@@ -30,23 +32,50 @@ _DECODE = json.JSONDecoder().raw_decode
 _SPACE = re.compile(r"[ \t\n\r]*").match
 
 
-def parse_json(body: bytes) -> dict:
-    """The body as a JSON object, meant to run in a worker thread. json.loads holds the GIL for the
-    whole document (0.4 s for 60 MB), which stalls the event loop even from another thread; the
-    arrays of the top-level object are decoded element by element, and the interpreter can switch
-    threads between elements."""
-    if not body.strip():
-        raise RequestError("the request body is empty; expected a JSON object")
+def parse_json(body: bytes | Sequence[bytes]) -> dict:
+    """The body (bytes, or the chunks it arrived in) as a JSON object, meant to run in a worker
+    thread. json.loads holds the GIL for the whole document (0.4 s for 60 MB), which stalls the
+    event loop even from another thread: the body is decoded a slice at a time and the arrays of
+    the top-level object are decoded element by element, and the interpreter can switch threads
+    between steps."""
     try:
         # surrogatepass: what json.loads does with bytes (a lone surrogate is refused by field later).
-        value = _loads(body.decode(json.detect_encoding(body), "surrogatepass"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        text = _decoded([body] if isinstance(body, (bytes, bytearray, memoryview)) else body)
+        if not text.strip():
+            raise RequestError("the request body is empty; expected a JSON object")
+        value = _loads(text)
+    except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {type(value).__name__}")
     return value
+
+
+_SLICE_BYTES = 1 << 20  # ~1 ms of decoding
+
+
+def _decoded(chunks: Sequence[bytes]) -> str:
+    """The chunks, joined, as json.loads decodes bytes (the encoding it detects from the first 4
+    bytes, surrogatepass), a slice at a time; an undecodable byte is named by its offset in the body."""
+    head = b"".join(bytes(c[:4]) for c in chunks[:4])  # the body's first 4 bytes (or all of a shorter one)
+    encoding = json.detect_encoding(head)
+    decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
+    parts, offset = [], 0
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk)
+            for i in range(0, len(view), _SLICE_BYTES):
+                parts.append(decoder.decode(view[i:i + _SLICE_BYTES]))
+                offset += len(view[i:i + _SLICE_BYTES])
+        parts.append(decoder.decode(b"", final=True))
+    except UnicodeDecodeError as e:
+        # e.start counts from what the failing call decoded: the bytes the decoder held back from
+        # the slice before (an incomplete character), then this slice.
+        at = offset - len(decoder.getstate()[0]) + e.start
+        raise RequestError(f"the request body is not valid {encoding}: {e.reason} at byte {at}") from None
+    return "".join(parts)
 
 
 def _loads(s: str):

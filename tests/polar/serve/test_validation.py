@@ -31,6 +31,34 @@ def test_parse_json_reads_what_json_loads_reads(body):
             parse_json(body)
 
 
+def _outcome(body):
+    try:
+        return repr(parse_json(body))
+    except RequestError as e:
+        return e.message
+
+
+@pytest.mark.parametrize("body", BODIES)
+def test_a_body_in_chunks_reads_as_the_whole(body):
+    """The server hands parse_json the chunks the body arrived in: any split, even one inside a
+    multi-byte character or the byte-order mark, reads (or is refused) exactly as the whole body."""
+    whole = _outcome(body)
+    for cut in range(len(body) + 1):
+        assert _outcome([body[:cut], body[cut:]]) == whole, cut
+    assert _outcome([body[i:i + 1] for i in range(len(body))]) == whole
+
+
+def test_an_undecodable_byte_is_named_by_its_offset_in_the_body():
+    body = '{"text": ["état", "x'.encode() + b"\xff" + b'"]}'
+    at = body.index(b"\xff")
+    threes = [body[i:i + 3] for i in range(0, len(body), 3)]
+    for chunks in ([body], [body[:at], body[at:]], [body[:at - 1], body[at - 1:]], threes):
+        with pytest.raises(RequestError, match=f"not valid utf-8: invalid start byte at byte {at}$"):
+            parse_json(chunks)
+    with pytest.raises(RequestError, match=r"not valid utf-8: unexpected end of data at byte 9$"):
+        parse_json([b'{"a": "', b"\xc3\xa9\xc3"])  # a character cut off at the end
+
+
 def test_parsing_a_large_body_lets_other_threads_run():
     """Counted, not timed: json.loads holds the GIL for the whole document, so another thread
     completes next to no step (two GIL acquisitions) inside the parse, however fast or loaded the
