@@ -6,7 +6,8 @@ millisecond measures that wait: its longest gap while the body is parsed. Rows, 
 
     json.loads        json.loads(body): one C call for the whole document
     whole body        the chunks joined, decoded in one call, then parsed element by element
-    chunks (served)   parse_json(chunks): decoded a slice at a time, then parsed element by element
+                      (the served parser before the slice-at-a-time one)
+    chunks (served)   parse_json(chunks): parsed as decoded, a slice at a time, element by element
 
     python benchmarks/serve_body.py [--mb 1 16 61] [--repeats 3]
 """

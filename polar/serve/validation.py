@@ -12,7 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from polar.format import lone_surrogate
@@ -35,15 +35,17 @@ _SPACE = re.compile(r"[ \t\n\r]*").match
 def parse_json(body: bytes | Sequence[bytes]) -> dict:
     """The body (bytes, or the chunks it arrived in) as a JSON object, meant to run in a worker
     thread. json.loads holds the GIL for the whole document (0.4 s for 60 MB), which stalls the
-    event loop even from another thread: the body is decoded a slice at a time and the arrays of
-    the top-level object are decoded element by element, and the interpreter can switch threads
-    between steps."""
+    event loop even from another thread. Here no step holds it for more than about one slice of
+    the body or one element of a top-level array: the body is decoded a slice at a time and
+    parsed as it is decoded, and the interpreter can switch threads between steps."""
+    chunks = [body] if isinstance(body, (bytes, bytearray, memoryview)) else body
     try:
-        # surrogatepass: what json.loads does with bytes (a lone surrogate is refused by field later).
-        text = _decoded([body] if isinstance(body, (bytes, bytearray, memoryview)) else body)
-        if not text.strip():
-            raise RequestError("the request body is empty; expected a JSON object")
-        value = _loads(text)
+        try:
+            value = _parse(_Text(_slices(chunks), whole=False))
+        except (json.JSONDecodeError, _ReadWhole):
+            # Read again, whole: the error where json.loads names it, or what json.loads makes
+            # of a top-level value that is not an object.
+            value = _loads(_decoded(chunks))
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
     except RecursionError:
@@ -56,72 +58,147 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
 _SLICE_BYTES = 1 << 20  # ~1 ms of decoding
 
 
-def _decoded(chunks: Sequence[bytes]) -> str:
-    """The chunks, joined, as json.loads decodes bytes (the encoding it detects from the first 4
+def _slices(chunks: Sequence[bytes]) -> Iterator[str]:
+    """The chunks' text, as json.loads decodes bytes (the encoding it detects from the first 4
     bytes, surrogatepass), a slice at a time; an undecodable byte is named by its offset in the body."""
     head = b"".join(bytes(c[:4]) for c in chunks[:4])  # the body's first 4 bytes (or all of a shorter one)
     encoding = json.detect_encoding(head)
     decoder = codecs.getincrementaldecoder(encoding)("surrogatepass")
-    parts, offset = [], 0
+    offset = 0
     try:
         for chunk in chunks:
             view = memoryview(chunk)
             for i in range(0, len(view), _SLICE_BYTES):
-                parts.append(decoder.decode(view[i:i + _SLICE_BYTES]))
-                offset += len(view[i:i + _SLICE_BYTES])
-        parts.append(decoder.decode(b"", final=True))
+                piece = view[i:i + _SLICE_BYTES]
+                text = decoder.decode(piece)
+                offset += len(piece)
+                yield text
+        yield decoder.decode(b"", final=True)
     except UnicodeDecodeError as e:
         # e.start counts from what the failing call decoded: the bytes the decoder held back from
         # the slice before (an incomplete character), then this slice.
         at = offset - len(decoder.getstate()[0]) + e.start
         raise RequestError(f"the request body is not valid {encoding}: {e.reason} at byte {at}") from None
-    return "".join(parts)
+
+
+def _decoded(chunks: Sequence[bytes]) -> str:
+    return "".join(_slices(chunks))
 
 
 def _loads(s: str):
     """json.loads(s), in steps of one array element: the same value, a JSONDecodeError where
     json.loads raises one."""
-    i = _SPACE(s, 0).end()
-    if not s.startswith("{", i):
-        return json.loads(s)
-    obj, i = {}, _SPACE(s, i + 1).end()
-    if s.startswith("}", i):
+    return _parse(_Text(iter([s]), whole=True))
+
+
+class _ReadWhole(Exception):
+    """The body's top-level value is not an object: json.loads reads it, whole."""
+
+
+_TOKEN_TAIL = re.compile(r"[\w.+-]*\Z").match  # what a number or a literal cut off at the end may be
+
+
+class _Text:
+    """The document as the parser reads it: `buf`, and more on demand. Whole, `buf` is all of it;
+    streaming, `buf` holds the text from the current top-level element on, a slice or two."""
+
+    def __init__(self, pieces: Iterator[str], whole: bool):
+        self.buf, self._pieces, self._whole, self._ended = "", pieces, whole, False
+
+    def more(self) -> bool:
+        """Appends at least as much text as `buf` holds (so a value retried from its start after
+        each call is scanned O(its length) times in all); False at the end of the document."""
+        got, n = [], 0
+        for piece in self._pieces:
+            got.append(piece)
+            n += len(piece)
+            if n > len(self.buf):
+                break
+        else:
+            self._ended = True
+        if n:
+            self.buf += "".join(got)
+        return n > 0
+
+    def space(self, i: int) -> int:
+        j = _SPACE(self.buf, i).end()
+        while j == len(self.buf) and self.more():
+            j = _SPACE(self.buf, j).end()
+        return j
+
+    def at(self, i: int, c: str) -> bool:
+        while len(self.buf) <= i and self.more():
+            pass
+        return self.buf.startswith(c, i)
+
+    def value(self, i: int):
+        """The JSON value at i and where it ends; read again with more text while it may be cut
+        off: an error (an unterminated string, say), or a number or literal up to the end."""
+        while True:
+            try:
+                value, end = _DECODE(self.buf, i)
+            except json.JSONDecodeError:
+                if self.more():
+                    continue
+                raise
+            if not self._ended and _TOKEN_TAIL(self.buf, end) and self.more():
+                continue
+            return value, end
+
+    def forget(self, i: int) -> int:
+        """Drops the text before i once it is a slice long (streaming); i's index after that."""
+        if self._whole or i < _SLICE_BYTES:
+            return i
+        self.buf = self.buf[i:]
+        return 0
+
+
+def _parse(t: _Text):
+    i = t.space(0)
+    if i == len(t.buf):
+        raise RequestError("the request body is empty; expected a JSON object")
+    if not t.at(i, "{"):
+        if t._whole:
+            return json.loads(t.buf)
+        raise _ReadWhole
+    obj, i = {}, t.space(i + 1)
+    if t.at(i, "}"):
         i += 1
     else:
         while True:
-            if not s.startswith('"', i):
-                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", s, i)
-            key, i = _DECODE(s, i)
-            i = _SPACE(s, i).end()
-            if not s.startswith(":", i):
-                raise json.JSONDecodeError("Expecting ':' delimiter", s, i)
-            i = _SPACE(s, i + 1).end()
-            obj[key], i = (_array if s.startswith("[", i) else _DECODE)(s, i)
-            i = _SPACE(s, i).end()
-            if s.startswith("}", i):
+            if not t.at(i, '"'):
+                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", t.buf, i)
+            key, i = t.value(i)
+            i = t.space(i)
+            if not t.at(i, ":"):
+                raise json.JSONDecodeError("Expecting ':' delimiter", t.buf, i)
+            i = t.space(i + 1)
+            obj[key], i = _array(t, i) if t.at(i, "[") else t.value(i)
+            i = t.space(i)
+            if t.at(i, "}"):
                 i += 1
                 break
-            if not s.startswith(",", i):
-                raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
-            i = _SPACE(s, i + 1).end()
-    if _SPACE(s, i).end() != len(s):
-        raise json.JSONDecodeError("Extra data", s, i)
+            if not t.at(i, ","):
+                raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
+            i = t.forget(t.space(i + 1))
+    if t.space(i) != len(t.buf):
+        raise json.JSONDecodeError("Extra data", t.buf, i)
     return obj
 
 
-def _array(s: str, i: int):
-    out, i = [], _SPACE(s, i + 1).end()
-    if s.startswith("]", i):
+def _array(t: _Text, i: int):
+    out, i = [], t.space(i + 1)
+    if t.at(i, "]"):
         return out, i + 1
     while True:
-        value, i = _DECODE(s, i)
+        value, i = t.value(i)
         out.append(value)
-        i = _SPACE(s, i).end()
-        if s.startswith("]", i):
+        i = t.space(i)
+        if t.at(i, "]"):
             return out, i + 1
-        if not s.startswith(",", i):
-            raise json.JSONDecodeError("Expecting ',' delimiter", s, i)
-        i = _SPACE(s, i + 1).end()
+        if not t.at(i, ","):
+            raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
+        i = t.forget(t.space(i + 1))
 
 
 def _unicode(s: str, where: str) -> str:

@@ -15,6 +15,10 @@ BODIES = [
     b'{"n": [NaN, -Infinity, 1e400]}', b'[1, 2]', b'"text"', b'3',
     b'{"a": 1,}', b'{"a": [1,]}', b'{"a" 1}', b'{"a": [1 2]}', b'{a: 1}', b'{"a": 1} {}', b'{"a": [1]', b'{"a": "',
     b'{"a": [1], }', b'{"a": tru}', b'\xff\xfe\xfd', b'{"a": "\xc3"}',
+    # numbers, literals and escapes that a slice boundary may cut
+    b'{"a": [12345, -6.5e+10, 0, true, false, null, 1E-5, -0], "b": 123456789, "c": "\\u00e9x"}',
+    b'{"a" :[ 1 , 2 ] ,"b":  {"c": [ ]} , "d" : [[], [[]], ""] }', b'{"a": 12 3}', b'{"a": [1.]}',
+    b'{"a": [1]] }', b'{"a": [tr ue]}', b'{"a": [-]}', b'{"a": "\\u00"}', b'{"a": [1e5x]}', b'  ', b'',
 ]
 
 
@@ -46,6 +50,24 @@ def test_a_body_in_chunks_reads_as_the_whole(body):
     for cut in range(len(body) + 1):
         assert _outcome([body[:cut], body[cut:]]) == whole, cut
     assert _outcome([body[i:i + 1] for i in range(len(body))]) == whole
+
+
+@pytest.mark.parametrize("slice_bytes", [1, 2, 3, 5])
+def test_a_body_parsed_a_few_bytes_at_a_time_reads_as_the_whole(monkeypatch, slice_bytes):
+    """The body is parsed as it is decoded, and the text before the current array element is
+    dropped: a slice that ends inside a number, a literal, a string, an escape or a character
+    changes nothing."""
+    from polar.serve import validation
+
+    whole = [_outcome(body) for body in BODIES]
+    monkeypatch.setattr(validation, "_SLICE_BYTES", slice_bytes)
+    read_whole, decoded = [], validation._decoded
+    monkeypatch.setattr(validation, "_decoded", lambda chunks: read_whole.append(1) or decoded(chunks))
+    for body, expected in zip(BODIES, whole):
+        read_whole.clear()
+        assert _outcome(body) == expected, body
+        if expected.startswith("{"):  # an object: read in slices to the end, never again whole
+            assert not read_whole, body
 
 
 def test_an_undecodable_byte_is_named_by_its_offset_in_the_body():
