@@ -241,10 +241,10 @@ def test_request_timeout_is_504_and_the_server_lives_on(scorer, tokenizer):
 
 def test_bearer_auth(scorer, tokenizer):
     with live_server(scorer, tokenizer, api_key="s3cret") as (url, _):
-        assert httpx.post(f"{url}/classify", json={"text": ["a"]}).status_code == 401
-        bad = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer nope"})
+        assert httpx.post(f"{url}/classify", json={"text": ["a"]}, timeout=60).status_code == 401
+        bad = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer nope"}, timeout=60)
         assert bad.status_code == 401
-        ok = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer s3cret"})
+        ok = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer s3cret"}, timeout=60)
         assert ok.status_code == 200
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
         assert reward.RewardClient(url, api_key="s3cret").score([{"prompt": "p", "reference": "r", "output": "o"}])

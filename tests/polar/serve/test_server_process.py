@@ -77,7 +77,7 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
                    "--max-wait-ms", "5000", "--api-key-env", "POLAR_TEST_KEY"], {"POLAR_TEST_KEY": "k3y"})
     try:
         _wait_healthy(proc, url)
-        assert httpx.post(f"{url}/classify", json={"text": texts}).status_code == 401
+        assert httpx.post(f"{url}/classify", json={"text": texts}, timeout=120).status_code == 401
         answer = {}
 
         def in_flight():
