@@ -9,6 +9,10 @@ ends every POLAR input). No remote code is needed.
 group, v_head) and config (reward_token_id) that POLAR's official tooling loads; the modeling code
 itself is InternLM's remote code, which is not shipped here.
 
+The tokenizer: --tokenizer DIR (or `byte`), else `tokenizer/` beside the checkpoint, else the one
+the run trained with (polar.checkpoint_tokenizer.find); a byte-tokenized run (the embedded default)
+gets the byte tokenizer written as a tokenizer.json (polar/convert/byte_tokenizer.py).
+
 The checkpoint is loaded at TP1/PP1 in one process (dist_checkpointing reshards it), so the whole
 model must fit in this machine's memory.
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -102,9 +107,6 @@ Reward Models", arXiv 2507.05197) exported by `polar convert engine-to-hf`.
 
 def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: str | None = None,
             dtype: str = "float32", log=print) -> Path:
-    from engine import checkpoint
-    from engine.weights import export_canonical
-
     if fmt not in ("hf", "internlm2-reward"):
         raise ConvertError(f"--format {fmt!r}: expected hf or internlm2-reward")
     if dtype not in DTYPES:
@@ -116,8 +118,33 @@ def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: 
     cfg_path = Path(config) if config else _find(step, (MODEL_YAML, "config.yaml"), "model.yaml or config.yaml",
                                                  "--config FILE")
     model = read_model_config(cfg_path)
-    tok_dir = Path(tokenizer) if tokenizer else _find(step, ("tokenizer",), "tokenizer directory", "--tokenizer DIR")
-    tok = load_tokenizer(tok_dir)
+    with tempfile.TemporaryDirectory() as work:
+        tok_dir = _tokenizer_dir(step, tokenizer, Path(work))
+        tok = load_tokenizer(tok_dir)
+        return _convert(step, dst, fmt, cfg_path, model, tok_dir, tok, dtype, log)
+
+
+def _tokenizer_dir(step: Path, tokenizer: str | None, work: Path) -> Path:
+    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+
+    spec = tokenizer
+    if spec is None:
+        beside = [d / "tokenizer" for d in (step, step.parent, step.parent.parent) if (d / "tokenizer").is_dir()]
+        try:
+            spec = str(beside[0]) if beside else find(str(step))
+        except TokenizerNotFound as e:
+            raise ConvertError(f"{e} (--tokenizer DIR, or --tokenizer byte)") from None
+    if spec == "byte":
+        from polar.convert.byte_tokenizer import write_byte_tokenizer
+
+        return write_byte_tokenizer(work / "tokenizer")
+    return Path(spec)
+
+
+def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Path, tok, dtype: str, log) -> Path:
+    from engine import checkpoint
+    from engine.weights import export_canonical
+
     if tok.vocab_size > model.vocab_size:
         raise ConvertError(f"{tok_dir}: the tokenizer has {tok.vocab_size} tokens but {cfg_path} gives "
                            f"model.vocab_size={model.vocab_size}; pass the tokenizer the model was trained with")
@@ -167,7 +194,8 @@ def main(argv=None) -> int:
     ap.add_argument("--format", default="hf", choices=["hf", "internlm2-reward"],
                     help="hf: Llama/Qwen2ForSequenceClassification (default); internlm2-reward: POLAR's released layout")
     ap.add_argument("--config", default=None, help="model.yaml or run config.yaml (default: found beside SRC)")
-    ap.add_argument("--tokenizer", default=None, help="tokenizer directory (default: SRC/tokenizer)")
+    ap.add_argument("--tokenizer", default=None,
+                    help="tokenizer directory, or byte (default: SRC's tokenizer/, else the one its run trained with)")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype to write")
     args = ap.parse_args(argv)
     from engine.quiet import silence_known_warnings
