@@ -51,12 +51,20 @@ def _step_dir(src: Path) -> Path:
                        "step directory (step_XXXXXXXX/)")
 
 
-def _find(start: Path, names: tuple[str, ...], what: str, flag: str) -> Path:
+def _beside(start: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of `names` in the step directory, its checkpoints directory or the run directory."""
     for d in (start, start.parent, start.parent.parent):
         for n in names:
             if (d / n).exists():
                 return d / n
-    raise ConvertError(f"{start}: no {what} found beside the checkpoint ({', '.join(names)}); pass {flag}")
+    return None
+
+
+def _find(start: Path, names: tuple[str, ...], what: str, flag: str) -> Path:
+    found = _beside(start, names)
+    if found is None:
+        raise ConvertError(f"{start}: no {what} found beside the checkpoint ({', '.join(names)}); pass {flag}")
+    return found
 
 
 def _save_safetensors(tensors: dict, dst: Path) -> None:
@@ -129,9 +137,9 @@ def _tokenizer_dir(step: Path, tokenizer: str | None, work: Path) -> Path:
 
     spec = tokenizer
     if spec is None:
-        beside = [d / "tokenizer" for d in (step, step.parent, step.parent.parent) if (d / "tokenizer").is_dir()]
+        beside = _beside(step, ("tokenizer",))
         try:
-            spec = str(beside[0]) if beside else find(str(step))
+            spec = str(beside) if beside else find(str(step))
         except TokenizerNotFound as e:
             raise ConvertError(f"{e} (--tokenizer DIR, or --tokenizer byte)") from None
     if spec == "byte":

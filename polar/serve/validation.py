@@ -103,7 +103,7 @@ class _Text:
     streaming, `buf` holds the text from the current top-level element on, a slice or two."""
 
     def __init__(self, pieces: Iterator[str], whole: bool):
-        self.buf, self._pieces, self._whole, self._ended = "", pieces, whole, False
+        self.buf, self._pieces, self.whole, self._ended = "", pieces, whole, False
 
     def more(self) -> bool:
         """Appends at least as much text as `buf` holds (so a value retried from its start after
@@ -147,7 +147,7 @@ class _Text:
 
     def forget(self, i: int) -> int:
         """Drops the text before i once it is a slice long (streaming); i's index after that."""
-        if self._whole or i < _SLICE_BYTES:
+        if self.whole or i < _SLICE_BYTES:
             return i
         self.buf = self.buf[i:]
         return 0
@@ -158,7 +158,7 @@ def _parse(t: _Text):
     if i == len(t.buf):
         raise RequestError("the request body is empty; expected a JSON object")
     if not t.at(i, "{"):
-        if t._whole:
+        if t.whole:
             return json.loads(t.buf)
         raise _ReadWhole
     obj, i = {}, t.space(i + 1)
