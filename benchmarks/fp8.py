@@ -6,7 +6,7 @@ Each variant is one run of the pre-training entry script (engine/pretrain.py, it
 same seed, same data order) with only `train.fp8` / `model.transformer_impl` changed:
   - on a CUDA GPU: bf16 (train.fp8=off), local FP8 tensorwise and rowwise (torch._scaled_mm), and,
     where transformer_engine imports, TE bf16, TE tensorwise (current scaling) and TE delayed;
-    a ~0.6B-parameter shape (8 layers of a 2048-wide Llama block) at 4096-token packs;
+    a ~0.38B-parameter shape (8 layers of a 2048-wide Llama block) at 4096-token packs;
   - on CPU (or --cpu): a tiny functional version (fp32 against local FP8, a few steps), so the
     script keeps running where no GPU is; CPU FP8 is an emulation and its speed means nothing.
 Throughput is the median tokens/s over the logged intervals after the first (compilation and
@@ -30,7 +30,9 @@ from benchmarks.pretrain_runs import run_pretrain, train_rows  # noqa: E402
 
 GPU_SHAPE = ["model.num_layers=8", "model.hidden_size=2048", "model.num_attention_heads=16",
              "model.num_query_groups=8", "model.ffn_hidden_size=5632", "data.seq_length=4096",
-             "train.global_batch=8", "train.micro_batch=1", "train.precision=bf16"]
+             # four 4096-token micro-batches a step: the GEMMs are as large as at any batch, and
+             # 200 steps of three variants fit the GPU check's few minutes (tests/gpu/run_all.sh)
+             "train.global_batch=4", "train.micro_batch=1", "train.precision=bf16"]
 CPU_SHAPE = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2",
              "model.num_query_groups=2", "model.ffn_hidden_size=64", "train.global_batch=4",
              "train.micro_batch=1", "train.precision=fp32",
@@ -74,6 +76,13 @@ def run_variant(name: str, overrides: list[str], run_dir: Path, cuda: bool, time
     return row
 
 
+def write_json(path: str, device: str, steps: int, settings: list[str], rows: list[dict]) -> None:
+    import torch
+
+    Path(path).write_text(json.dumps({"device": device, "torch": torch.__version__, "steps": steps,
+                                      "settings": settings, "rows": rows}, indent=1))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="default: 200 on a GPU, 5 on CPU")
@@ -95,8 +104,11 @@ def main() -> int:
         for name, extra in variants(cuda):
             row = run_variant(name, common + extra, Path(tmp) / name.replace(" ", "_"), cuda, args.timeout)
             rows.append(row)
-            print(f"{name}: exit {row['exit']}" + (f" ({row['error'][-300:]})" if "error" in row else ""),
-                  file=sys.stderr, flush=True)
+            done = (f"{row['tokens_per_s']:,.0f} tokens/s, loss (last 10) {row['loss_last10']:.4f}"
+                    if "tokens_per_s" in row else row["error"][-300:])
+            print(f"{name}: exit {row['exit']} in {row['wall_s']:.0f}s ({done})", file=sys.stderr, flush=True)
+            if args.json:  # as each variant ends: a run cut short by an outer time limit still leaves these
+                write_json(args.json, device, steps, common, rows)
     base = rows[0] if "tokens_per_s" in rows[0] else None
     print(f"{device}, torch {torch.__version__}, {steps} steps; settings: {' '.join(common)}\n")
     print("| variant | exit | tokens/s | speed-up | step s | MFU | loss (last 10) | loss vs first |")
@@ -110,9 +122,6 @@ def main() -> int:
         mfu = "-" if r["mfu"] != r["mfu"] else f"{r['mfu']:.1%}"
         print(f"| {r['variant']} | {r['exit']} | {r['tokens_per_s']:,.0f} | {speed} | {r['step_time_s']:.3f} | "
               f"{mfu} | {r['loss_last10']:.4f} | {dloss} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"device": device, "torch": torch.__version__, "steps": steps,
-                                               "settings": common, "rows": rows}, indent=1))
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 

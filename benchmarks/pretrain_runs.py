@@ -17,11 +17,32 @@ def run_logged(cmd: list[str], timeout: int) -> tuple[int, str, float]:
     The checkout's packages come first on its path."""
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t0 = time.time()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        return proc.returncode, (proc.stdout + proc.stderr)[-2000:], time.time() - t0
+        out, _ = proc.communicate(timeout=timeout)
+        return proc.returncode, out[-2000:], time.time() - t0
     except subprocess.TimeoutExpired:
+        _kill_tree(proc)
         return 124, "timed out", time.time() - t0
+
+
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """Kills a run and every process under it. torchrun's workers outlive a killed torchrun, and
+    one left holding the GPU would slow every run after it."""
+    import psutil
+
+    try:
+        procs = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.kill()
+    proc.communicate()
+    psutil.wait_procs(procs, timeout=30)
 
 
 def run_pretrain(overrides: list[str], run_dir: Path, cuda: bool, timeout: int) -> tuple[int, str, float, dict | None]:
