@@ -9,6 +9,10 @@ millisecond measures that wait: its longest gap while the body is parsed. Rows, 
                       (the served parser before the slice-at-a-time one)
     chunks (served)   parse_json(chunks): parsed as decoded, a slice at a time, element by element
 
+A second table times bodies the server refuses, against json.loads on the same bytes: one cut
+off at its end and one with a stray character in its middle (invalid JSON: read again whole for
+json.loads's exact error), and a top-level array (valid JSON, not an object).
+
     python benchmarks/serve_body.py [--mb 1 16 61] [--repeats 3]
 """
 from __future__ import annotations
@@ -56,12 +60,37 @@ def longest_gap(parse, arg) -> tuple[float, float]:
     t.start()
     time.sleep(0.02)
     gaps.clear()
-    t0 = time.perf_counter()
-    parse(arg)
-    elapsed = time.perf_counter() - t0
-    done.set()
-    t.join()
+    try:
+        t0 = time.perf_counter()
+        parse(arg)
+        elapsed = time.perf_counter() - t0
+    finally:
+        done.set()
+        t.join()
     return elapsed, max(gaps)
+
+
+def refused_bodies(mb: float) -> dict[str, bytes]:
+    body = body_of(mb, True)
+    # after the string that ends nearest past the middle (inside a string it would be text)
+    cut = body.find(b'", "', len(body) // 2)
+    if cut < 0:
+        cut = body.rindex(b'"]')
+    return {"cut off": body[:-3], "stray '}' inside": body[:cut + 1] + b"}" + body[cut + 1:],
+            "top-level array": json.dumps(json.loads(body)["text"]).encode()}
+
+
+def refused(parse):
+    """parse, for a body the server refuses: the time to the error answer (json.loads reads a
+    top-level array without an error; the server then refuses what it read)."""
+    def run(arg):
+        try:
+            value = parse(arg)
+        except (validation.RequestError, ValueError):
+            return
+        if isinstance(value, dict):
+            raise AssertionError("a refused body was accepted")
+    return run
 
 
 def main(argv=None) -> None:
@@ -81,6 +110,16 @@ def main(argv=None) -> None:
             elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
             base = base or stall
             print(f"{len(body) / 1e6:>6.1f}MB {'ascii' if ascii else 'utf-8':<8} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
+    print(f"\nrefused bodies\n{'body':>8} {'case':<18} {'parser':<16} {'answer s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
+    for mb in args.mb:
+        for case, body in refused_bodies(mb).items():
+            chunks = [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
+            base = None
+            for name, parse, arg in (("json.loads", json.loads, body), ("chunks (served)", validation.parse_json, chunks)):
+                runs = sorted(longest_gap(refused(parse), arg) for _ in range(args.repeats))
+                elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
+                base = base or stall
+                print(f"{len(body) / 1e6:>6.1f}MB {case:<18} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
 
 
 if __name__ == "__main__":

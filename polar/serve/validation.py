@@ -42,9 +42,9 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
     try:
         try:
             value = _parse(_Text(_slices(chunks), whole=False))
-        except (json.JSONDecodeError, _ReadWhole):
-            # Read again, whole: the error where json.loads names it, or what json.loads makes
-            # of a top-level value that is not an object.
+        except json.JSONDecodeError:
+            # Read again, whole: the error where json.loads names it (streaming, the text
+            # before the current element is gone, and with it the line and column).
             value = _loads(_decoded(chunks))
     except json.JSONDecodeError as e:
         raise RequestError(f"the request body is not valid JSON: {e}") from None
@@ -89,10 +89,6 @@ def _loads(s: str):
     """json.loads(s), in steps of one array element: the same value, a JSONDecodeError where
     json.loads raises one."""
     return _parse(_Text(iter([s]), whole=True))
-
-
-class _ReadWhole(Exception):
-    """The body's top-level value is not an object: json.loads reads it, whole."""
 
 
 _TOKEN_TAIL = re.compile(r"[\w.+-]*\Z").match  # what a number or a literal cut off at the end may be
@@ -157,33 +153,34 @@ def _parse(t: _Text):
     i = t.space(0)
     if i == len(t.buf):
         raise RequestError("the request body is empty; expected a JSON object")
-    if not t.at(i, "{"):
-        if t.whole:
-            return json.loads(t.buf)
-        raise _ReadWhole
+    # the top-level value's containers element by element, so that no step holds the GIL for
+    # more than one element; an array or a scalar is refused by the caller, once it is valid JSON
+    value, i = _object(t, i) if t.at(i, "{") else _array(t, i) if t.at(i, "[") else t.value(i)
+    i = t.space(i)
+    if i != len(t.buf):
+        raise json.JSONDecodeError("Extra data", t.buf, i)
+    return value
+
+
+def _object(t: _Text, i: int):
     obj, i = {}, t.space(i + 1)
     if t.at(i, "}"):
-        i += 1
-    else:
-        while True:
-            if not t.at(i, '"'):
-                raise json.JSONDecodeError("Expecting property name enclosed in double quotes", t.buf, i)
-            key, i = t.value(i)
-            i = t.space(i)
-            if not t.at(i, ":"):
-                raise json.JSONDecodeError("Expecting ':' delimiter", t.buf, i)
-            i = t.space(i + 1)
-            obj[key], i = _array(t, i) if t.at(i, "[") else t.value(i)
-            i = t.space(i)
-            if t.at(i, "}"):
-                i += 1
-                break
-            if not t.at(i, ","):
-                raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
-            i = t.forget(t.space(i + 1))
-    if t.space(i) != len(t.buf):
-        raise json.JSONDecodeError("Extra data", t.buf, i)
-    return obj
+        return obj, i + 1
+    while True:
+        if not t.at(i, '"'):
+            raise json.JSONDecodeError("Expecting property name enclosed in double quotes", t.buf, i)
+        key, i = t.value(i)
+        i = t.space(i)
+        if not t.at(i, ":"):
+            raise json.JSONDecodeError("Expecting ':' delimiter", t.buf, i)
+        i = t.space(i + 1)
+        obj[key], i = _array(t, i) if t.at(i, "[") else t.value(i)
+        i = t.space(i)
+        if t.at(i, "}"):
+            return obj, i + 1
+        if not t.at(i, ","):
+            raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
+        i = t.forget(t.space(i + 1))
 
 
 def _array(t: _Text, i: int):

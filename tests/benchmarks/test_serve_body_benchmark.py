@@ -3,6 +3,8 @@ stalls it compares are of the same work), and its smallest version prints a row 
 not asserted."""
 import json
 
+import pytest
+
 from benchmarks import serve_body as bench  # the repository root is on the path: tests/ is a package
 
 
@@ -19,5 +21,24 @@ def test_the_parsers_read_the_same_value():
 
 def test_smallest_run_prints_every_row(capsys):
     bench.main(["--mb", "0.05", "--repeats", "1"])
-    rows = capsys.readouterr().out.strip().splitlines()[1:]
+    accepted, refused = capsys.readouterr().out.strip().split("\n\nrefused bodies\n")
+    rows = accepted.splitlines()[1:]
     assert len(rows) == 6 and sum("chunks (served)" in r for r in rows) == 2
+    rows = refused.splitlines()[1:]  # three bodies, each by json.loads and by the served parser
+    assert len(rows) == 6 and sum("chunks (served)" in r for r in rows) == 3
+
+
+def test_the_refused_bodies_are_refused_by_both_parsers():
+    """Each is an error answer (json.loads raises, or reads a value that is not an object), so
+    its row times the way to that answer; a body either parser accepted would fail the run."""
+    from polar.serve import validation
+
+    for case, body in bench.refused_bodies(0.2).items():
+        with pytest.raises(validation.RequestError):
+            validation.parse_json([body[i:i + bench.CHUNK] for i in range(0, len(body), bench.CHUNK)])
+        try:
+            assert not isinstance(json.loads(body), dict), case
+        except ValueError:
+            pass
+    with pytest.raises(AssertionError, match="accepted"):
+        bench.refused(validation.parse_json)(bench.body_of(0.01, True))

@@ -66,8 +66,35 @@ def test_a_body_parsed_a_few_bytes_at_a_time_reads_as_the_whole(monkeypatch, sli
     for body, expected in zip(BODIES, whole):
         read_whole.clear()
         assert _outcome(body) == expected, body
-        if expected.startswith("{"):  # an object: read in slices to the end, never again whole
+        if _valid(body):  # read in slices to the end, never again whole (an array or a scalar too)
             assert not read_whole, body
+
+
+def _valid(body) -> bool:
+    try:
+        json.loads(body)
+    except ValueError:
+        return False
+    return True
+
+
+def _json_error(body) -> str | None:
+    try:
+        json.loads(body)
+    except json.JSONDecodeError as e:
+        return str(e)
+    except ValueError:  # an undecodable byte: named by its offset in the body (the test below)
+        return None
+    return None
+
+
+@pytest.mark.parametrize("body", [b for b in BODIES if b.strip() and _json_error(b)])
+def test_invalid_json_is_refused_with_json_loads_own_message(body):
+    """Where json.loads raises a JSONDecodeError, the answer carries its message: the same error
+    at the same line and column."""
+    with pytest.raises(RequestError) as got:
+        parse_json(body)
+    assert got.value.message == f"the request body is not valid JSON: {_json_error(body)}"
 
 
 def test_an_undecodable_byte_is_named_by_its_offset_in_the_body():
