@@ -23,6 +23,16 @@ def test_triton_kernels_train_like_the_torch_reference(reference, loss):
     assert_same_run(ref, got)
 
 
+def test_triton_attention_trains_like_the_reference(reference):
+    """train.attention_backend=triton (the shared-prefix attention kernels, interpreted on CPU)
+    inside megatron's layers, forward and backward, against the reference's attention: the path
+    a GPU run takes (benchmarks/e2e.py, polar serve), checked before a GPU runs it."""
+    tmp, init, ref = reference
+    got = run_worker(tmp, "triton_attention", 1, "train.attention_backend=triton", init=init,
+                     extra_env={"TRITON_INTERPRET": "1"})
+    assert_same_run(ref, got)
+
+
 def test_triton_kernels_refused_without_gpu_or_interpreter(reference):
     tmp, init, _ = reference
     env = dict(os.environ, PYTHONPATH=str(ROOT))
