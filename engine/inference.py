@@ -106,7 +106,7 @@ class RewardScorer:
         from engine.config import ParallelConfig, TrainConfig
         from engine.parallelize import build_chunks, check_kernels, resolve_dtype
         from engine.quiet import silence_known_warnings
-        from engine.runtime import validate_layout, world_size_from_env
+        from engine.runtime import seed_model_parallel, validate_layout, world_size_from_env
 
         silence_known_warnings()
         model = info.model
@@ -121,6 +121,8 @@ class RewardScorer:
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)
         validate_layout(model, par, train, tp * pp, seq_length=tp)
         rt = _runtime(par, seed)
+        if initialize:  # the runtime may be an earlier one's, seeded then
+            seed_model_parallel(rt.device, seed, rt.groups.tp.rank())
         check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
         chunks, _ = build_chunks(model, par, train, rt, initialize=initialize)

@@ -159,7 +159,7 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
 
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
 
     parallel_state.initialize_model_parallel(
@@ -169,13 +169,7 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
     )
     # The one place megatron's globals are read: from here on the groups are passed along.
     groups = ProcessGroupCollection.use_mpu_process_groups()
-    tp_rank = groups.tp.rank()
-    if device.type == "cuda":
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
-    else:
-        from engine.cpu_compat import cpu_model_parallel_seed
-
-        cpu_model_parallel_seed(seed, tp_rank)
+    seed_model_parallel(device, seed, groups.tp.rank())
     return Runtime(
         rank=rank,
         world_size=world,
@@ -187,6 +181,20 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         vpp=par.vpp,
         groups=groups,
     )
+
+
+def seed_model_parallel(device: torch.device, seed: int, tp_rank: int) -> None:
+    """The random states a model's initialisation draws from (megatron's RNG tracker, with its
+    per-TP-rank offsets): set again before a second model is built in the same process, the same
+    seed gives it the same weights."""
+    if device.type == "cuda":
+        from megatron.core import tensor_parallel
+
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    else:
+        from engine.cpu_compat import cpu_model_parallel_seed
+
+        cpu_model_parallel_seed(seed, tp_rank)
 
 
 def current_or_new_runtime(par: ParallelConfig, seed: int) -> Runtime:
