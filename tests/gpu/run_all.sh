@@ -7,7 +7,7 @@
 # rerun what it did not reach while the machine is still warm (it goes back after 30 s idle; built
 # files stay until then). Stages, in this order, the open issue's acceptance figures first:
 #   build    setup.py against the image's CUDA torch: engine._C and the CUDA kernels (engine._C_cuda)
-#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references)
+#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references), TEST_WORKERS processes
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
 #   e2e      benchmarks/e2e.py: the engine against an HF-style trainer on the same triplets (~1B and
 #            7B-shaped models at 8k packs: triplets/s ratio, MFU), JSON in $OUT
@@ -26,7 +26,7 @@ STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=("${ORDER[@]}")
 BUDGET_S=${BUDGET_S:-480} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-10}
 T_BUILD=${T_BUILD:-150} T_TESTS=${T_TESTS:-120} T_FP8=${T_FP8:-180} T_E2E=${T_E2E:-200}
 T_KERNELS=${T_KERNELS:-150} T_SERVE=${T_SERVE:-90} T_DEFAULT=${T_DEFAULT:-120}
-FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick}
+FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${TEST_WORKERS:-6}
 # e2e: two shapes, each one engine run and one baseline run (two where flash_attn imports); each
 # run gets a quarter of the stage's limit, so one stuck run leaves time for the others
 E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3}
@@ -55,7 +55,8 @@ stage_build() {
   fi
   return $rc
 }
-stage_tests() { timeout "$1" python3 -m pytest tests/gpu -q 2>&1 | tee "$OUT/tests_gpu.log"; }
+# several workers: most of the stage is Triton compiling each test's kernel variant, on the CPU
+stage_tests() { timeout "$1" python3 -m pytest tests/gpu -q -n "$TEST_WORKERS" 2>&1 | tee "$OUT/tests_gpu.log"; }
 stage_fp8() {
   timeout "$1" python3 benchmarks/fp8.py --steps "$FP8_STEPS" --timeout $(($1 / 3)) --json "$OUT/fp8.json" 2>&1 \
     | tee "$OUT/fp8.md"
