@@ -119,9 +119,9 @@ def test_stages_past_the_budget_are_not_started_and_the_rerun_names_them(tmp_pat
     assert r.returncode == 0, r.stderr
     assert len(calls) == 1 and "setup.py build_ext" in calls[0], calls
     assert "| build | 0 |" in r.stdout
-    for stage in ("tests", "fp8", "e2e", "kernels", "serve", "default"):
+    for stage in ("e2e", "fp8", "tests", "kernels", "serve", "default"):
         assert f"| {stage} | not run | - | budget spent before it |" in r.stdout
-    assert r.stdout.rstrip().endswith("bash tests/gpu/run_all.sh tests fp8 e2e kernels serve default")
+    assert r.stdout.rstrip().endswith("bash tests/gpu/run_all.sh e2e fp8 tests kernels serve default")
 
 
 def test_a_stage_past_its_cap_is_cut_and_the_next_still_runs(tmp_path):

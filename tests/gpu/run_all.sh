@@ -7,10 +7,10 @@
 # rerun what it did not reach while the machine is still warm (it goes back after 30 s idle; built
 # files stay until then). Stages, in this order, the open issue's acceptance figures first:
 #   build    setup.py against the image's CUDA torch: engine._C and the CUDA kernels (engine._C_cuda)
-#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references), TEST_WORKERS processes
-#   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
 #   e2e      benchmarks/e2e.py: the engine against an HF-style trainer on the same triplets (~1B and
 #            7B-shaped models at 8k packs: triplets/s ratio, MFU), JSON in $OUT
+#   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
+#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references), TEST_WORKERS processes
 #   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $OUT
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
@@ -21,14 +21,14 @@
 # with the command that reruns the stages not run. A failing stage does not stop the next ones.
 set -uo pipefail
 OUT=${OUT:-/tmp/polar_gpu}; mkdir -p "$OUT"
-ORDER=(build tests fp8 e2e kernels serve default)
+ORDER=(build e2e fp8 tests kernels serve default)
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=("${ORDER[@]}")
 BUDGET_S=${BUDGET_S:-480} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-10}
-T_BUILD=${T_BUILD:-150} T_TESTS=${T_TESTS:-120} T_FP8=${T_FP8:-180} T_E2E=${T_E2E:-200}
+T_BUILD=${T_BUILD:-150} T_E2E=${T_E2E:-240} T_FP8=${T_FP8:-180} T_TESTS=${T_TESTS:-120}
 T_KERNELS=${T_KERNELS:-150} T_SERVE=${T_SERVE:-90} T_DEFAULT=${T_DEFAULT:-120}
 FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${TEST_WORKERS:-6}
 # e2e: two shapes, each one engine run and one baseline run (two where flash_attn imports); each
-# run gets a quarter of the stage's limit, so one stuck run leaves time for the others
+# run gets a third of the stage's limit, so one stuck run leaves time for the others
 E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3}
 SERVE_ARGS=${SERVE_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --groups 8 --n 8}
 for s in "${STAGES[@]}"; do
@@ -62,7 +62,7 @@ stage_fp8() {
     | tee "$OUT/fp8.md"
 }
 stage_e2e() {
-  timeout "$1" python3 benchmarks/e2e.py $E2E_ARGS --timeout $(($1 / 4)) --json "$OUT/e2e.json" 2>&1 \
+  timeout "$1" python3 benchmarks/e2e.py $E2E_ARGS --timeout $(($1 / 3)) --json "$OUT/e2e.json" 2>&1 \
     | tee "$OUT/e2e.md"
 }
 stage_kernels() {
@@ -99,10 +99,10 @@ row() {  # stage, detail (left out for a stage not run: its files would be an ea
 count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }  # matching lines, 0 without the file
 echo; echo "| stage | exit | wall s | detail |"; echo "|---|---|---|---|"
 wants build && row build "$(ls engine/_C_cuda*.so 2>/dev/null || echo 'no engine._C_cuda')"
-wants tests && row tests "$(tail -1 "$OUT/tests_gpu.log" 2>/dev/null)"
-wants fp8 && row fp8 "$(count '^| .*fp8' "$OUT/fp8.md") FP8 rows, $OUT/fp8.json"
 wants e2e && row e2e "triplets/s engine/HF: $(grep '^| .* | HF .*x |$' "$OUT/e2e.md" 2>/dev/null \
   | awk -F'|' '{printf "%s ", $4}')(per shape and baseline), $OUT/e2e.json"
+wants fp8 && row fp8 "$(count '^| .*fp8' "$OUT/fp8.md") FP8 rows, $OUT/fp8.json"
+wants tests && row tests "$(tail -1 "$OUT/tests_gpu.log" 2>/dev/null)"
 wants kernels && row kernels "$(count '^| .* fwd+bwd' "$OUT/kernels.md") readout/loss rows, $OUT/kernels.json"
 wants serve && row serve "$(grep '^tokens computed' "$OUT/serve_prefix.md" 2>/dev/null)"
 wants default && row default "$(python3 - "$OUT/default_bf16/summary.json" <<'PY'
@@ -117,9 +117,10 @@ except Exception as e:
     print(f"no summary: {e}")
 PY
 )"
-wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$OUT/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
 wants e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$OUT/e2e.md" 2>/dev/null || echo "(no e2e benchmark table)"; }
+wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$OUT/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
 wants kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$OUT/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"; }
+wants serve && { echo; grep -E '^(\||model:|items:)' "$OUT/serve_prefix.md" 2>/dev/null || echo "(no serve_prefix table)"; }
 echo; echo "budget: $(( $(date +%s) - START ))s of ${BUDGET_S}s used"
 if [ ${#NOT_RUN[@]} -gt 0 ]; then
   echo "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/run_all.sh ${NOT_RUN[*]}"
