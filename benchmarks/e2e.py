@@ -250,7 +250,8 @@ def run_engine(overrides: list[str], run_dir: Path, cuda: bool, timeout: int) ->
                triplets_per_s=med(lambda r: r["triplets_per_s"]),
                tokens_per_s_processed=med(lambda r: r["tokens_per_s"] / r["packing"]),
                tokens_per_s_real=med(lambda r: r["tokens_per_s"]), tflops_per_s=med(lambda r: r["tflops_per_s"]),
-               step_time_s=med(lambda r: r["step_time_s"]), loss=train[-1]["loss"], parameters=s["parameters"])
+               step_time_s=med(lambda r: r["step_time_s"]), loss=train[-1]["loss"], parameters=s["parameters"],
+               peak_memory_gb=s.get("peak_memory_gb"))
     if all("mfu" in r for r in timed):
         row["mfu"] = med(lambda r: r["mfu"])
     return row
@@ -372,8 +373,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="polar_e2e_") as tmp:
         for i, (shape, shape_settings) in enumerate(shapes.items()):
             overrides = shape_settings + settings
-            row = {"shape": shape, "trainer": "engine", **run_engine(overrides, Path(tmp) / f"engine{i}", cuda,
-                                                                     args.timeout)}
+            row = {"shape": shape, "trainer": "engine", "overrides": overrides,
+                   **run_engine(overrides, Path(tmp) / f"engine{i}", cuda, args.timeout)}
             rows.append(row)
             for attn in attns:
                 out = Path(tmp) / f"baseline{i}_{attn}.json"

@@ -121,7 +121,7 @@ def check_checkpoints(cfg, derived=()) -> None:
 
 def run(cfg, recipe) -> int:
     from engine import checkpoint
-    from engine.runtime import init_runtime, shutdown_runtime
+    from engine.runtime import init_runtime, peak_memory_gb, shutdown_runtime
 
     t_start = time.time()
     rt = init_runtime(cfg.parallel, cfg.train.seed)
@@ -147,6 +147,7 @@ def run(cfg, recipe) -> int:
     start_step = trainer.step
     history = trainer.fit()
     train_time = time.time() - t_train
+    peak_gb = peak_memory_gb(rt)  # training's peak, before evaluation (polar plan compares against it)
 
     if data.evals:
         say("evaluating ...")
@@ -166,6 +167,7 @@ def run(cfg, recipe) -> int:
             "wall_seconds": time.time() - t_start,
             "parameters": trainer.num_parameters,
             "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "vpp": rt.vpp},
+            "peak_memory_gb": peak_gb,
             "packing_efficiency": data.train.packing_efficiency,
             "data": cfg.data.path or "synthetic",
             "evaluations": results,

@@ -218,6 +218,16 @@ def current_or_new_runtime(par: ParallelConfig, seed: int) -> Runtime:
                    tp=par.tp, pp=par.pp, dp=groups.dp.size(), vpp=par.vpp, groups=groups)
 
 
+def peak_memory_gb(rt: Runtime) -> float | None:
+    """The most GPU memory torch's allocator has reserved on any rank since the process started
+    (what the card needed free), in GB; None on CPU. A collective: every rank calls it."""
+    if not rt.is_cuda:
+        return None
+    peak = torch.tensor([torch.cuda.max_memory_reserved(rt.device) / 1e9], device=rt.device)
+    dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+    return float(peak.item())
+
+
 def shutdown_runtime() -> None:
     from megatron.core import parallel_state
 

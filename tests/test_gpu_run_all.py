@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 from importlib import import_module
 from importlib.util import find_spec
 from pathlib import Path
@@ -105,7 +106,7 @@ def _run_all(tmp_path, *stages, **env):
     for name in ("python3", "torchrun", "nvidia-smi"):
         (bin_dir / name).write_text(FAKE.replace("PYTHON", sys.executable))
         (bin_dir / name).chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
            "FAKE_LOG": str(tmp_path / "calls.log"), **{k: str(v) for k, v in env.items()}}
     r = subprocess.run(["bash", str(RUN_ALL), *stages], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
@@ -121,7 +122,14 @@ def test_stages_past_the_budget_are_not_started_and_the_rerun_names_them(tmp_pat
     assert "| build | 0 |" in r.stdout
     for stage in ("e2e", "fp8", "tests", "kernels", "serve", "default"):
         assert f"| {stage} | not run | - | budget spent before it |" in r.stdout
-    assert r.stdout.rstrip().endswith("bash tests/gpu/run_all.sh e2e fp8 tests kernels serve default")
+    assert "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/" \
+           "run_all.sh e2e fp8 tests kernels serve default\n" in r.stdout
+    # what comes back from the device: the table, and every file of the call in one archive
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["polar_gpu.tgz", "table.md"]
+    assert "| build | 0 |" in (out / "table.md").read_text()
+    with tarfile.open(out / "polar_gpu.tgz") as tar:
+        assert {"./gpu.txt", "./commit.txt", "./build.log", "./table.md"} <= set(tar.getnames())
 
 
 def test_a_stage_past_its_cap_is_cut_and_the_next_still_runs(tmp_path):
@@ -138,3 +146,13 @@ def test_a_stage_past_its_cap_is_cut_and_the_next_still_runs(tmp_path):
 def test_an_unknown_stage_is_refused(tmp_path):
     r, calls = _run_all(tmp_path, "tests", "bench", STAGE_SLEEP=0)
     assert r.returncode == 2 and "unknown stage: bench" in r.stdout and calls == []
+
+
+def test_the_plan_comparison_reads_the_benchmarks_json_after_the_stages(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "fp8.json").write_text("{}")  # an earlier call's (the machine is warm)
+    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert calls[0].startswith("python3 benchmarks/serve_prefix.py"), calls
+    assert calls[1] == (f"python3 benchmarks/plan_measured.py {tmp_path}/work/fp8.json "
+                        f"--write {tmp_path}/work/plan_measured.json"), calls

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -103,3 +104,15 @@ def test_tiny_run_reports_both_trainers_and_their_ratio(tmp_path):
     assert "| tiny (1 x 32) | engine | 0 |" in proc.stdout
     assert "| tiny (1 x 32) | HF sdpa | 0 |" in proc.stdout
     assert "| tiny (1 x 32) | HF sdpa | " in proc.stdout.split("engine / baseline")[1]
+    # polar plan's prediction beside the engine run (the baseline has no plan); on CPU only the
+    # plumbing counts: the prediction is for the GPU named
+    from benchmarks import plan_measured
+
+    (run,) = plan_measured.measured_runs(str(out), "H100")
+    assert run["step_time_s"] == engine["step_time_s"] and run["layout"]["micro_batch"] == 1 and not run["fp8"]
+    assert "model.num_layers=1" in run["overrides"] and not any(o.startswith("log.") for o in run["overrides"])
+    plan = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_measured.py"), str(out), "--gpu", "H100"],
+                          capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert re.search(r"^e2e: tiny \(1 x 32\) +H100x1 +TP1xPP1xDP1 mb1 ", plan.stdout, re.M), plan.stdout
+    assert f"/ {engine['step_time_s']:.2f}" in plan.stdout

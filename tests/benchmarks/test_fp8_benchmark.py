@@ -24,3 +24,16 @@ def test_cpu_version_runs_every_variant(tmp_path):
     assert [r["variant"] for r in rows] == ["fp32", "local fp8 tensorwise", "local fp8 rowwise"]
     assert all(r["exit"] == 0 and r["tokens_per_s"] > 0 and r["loss_last10"] > 0 for r in rows), rows
     assert "| local fp8 rowwise | 0 |" in proc.stdout
+    from benchmarks import plan_measured
+
+    runs = plan_measured.measured_runs(str(out), "H100")
+    assert [r["fp8"] for r in runs] == [False, True, True]
+    assert [r["step_time_s"] for r in runs] == [r["step_time_s"] for r in rows]
+
+
+def test_the_gpu_type_is_read_from_the_device_name():
+    from benchmarks.plan_measured import gpu_type
+
+    assert gpu_type("NVIDIA H200") == "H200" and gpu_type("NVIDIA H100 80GB HBM3") == "H100"
+    with pytest.raises(ValueError, match="give --gpu"):
+        gpu_type("CPU (functional check only: FP8 is emulated)")

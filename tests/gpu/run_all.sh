@@ -8,19 +8,21 @@
 # files stay until then). Stages, in this order, the open issue's acceptance figures first:
 #   build    setup.py against the image's CUDA torch: engine._C and the CUDA kernels (engine._C_cuda)
 #   e2e      benchmarks/e2e.py: the engine against an HF-style trainer on the same triplets (~1B and
-#            7B-shaped models at 8k packs: triplets/s ratio, MFU), JSON in $OUT
+#            7B-shaped models at 8k packs: triplets/s ratio, MFU), JSON in $WORK
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
 #   tests    pytest tests/gpu (Triton and CUDA kernels against torch references), TEST_WORKERS processes
-#   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $OUT
+#   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
 #   default  the default pre-training configuration in bf16 on one GPU over NCCL
 #   bash tests/gpu/run_all.sh kernels default      some stages only (a rerun)
+# What comes back: the device returns at most 8 files from $OUT, so everything (logs, JSON, tables,
+# the default run's summary; no checkpoints) goes into $OUT/polar_gpu.tgz, beside $OUT/table.md.
 # Each stage runs under the smaller of its own cap (T_<STAGE>) and the budget left; a stage with
 # under MIN_STAGE_S left is not started. Exit 124 in the table: cut at its limit. The table ends
 # with the command that reruns the stages not run. A failing stage does not stop the next ones.
 set -uo pipefail
-OUT=${OUT:-/tmp/polar_gpu}; mkdir -p "$OUT"
+WORK=${WORK:-/tmp/polar_gpu}; mkdir -p "$WORK"  # every stage's files; a rerun adds to them
 ORDER=(build e2e fp8 tests kernels serve default)
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=("${ORDER[@]}")
 BUDGET_S=${BUDGET_S:-480} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-10}
@@ -41,35 +43,35 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PATH=/tmp/site/bin:$PATH  # ninja for torch's builder
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$WORK/gpu.txt"
+git rev-parse --short HEAD 2>/dev/null | tee "$WORK/commit.txt"
 
 stage_build() {
   # forced, so a CUDA build problem is an error here; if it fails, build engine._C alone so the
   # later stages still have the packer
-  POLAR_FORCE_CUDA_BUILD=1 timeout "$1" python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1; local rc=$?
+  POLAR_FORCE_CUDA_BUILD=1 timeout "$1" python3 setup.py build_ext --inplace > "$WORK/build.log" 2>&1; local rc=$?
   if [ $rc != 0 ]; then
-    tail -30 "$OUT/build.log"
-    POLAR_SKIP_CUDA_BUILD=1 python3 setup.py -q build_ext --inplace > "$OUT/build_cpu.log" 2>&1 \
-      || tail -20 "$OUT/build_cpu.log"
+    tail -30 "$WORK/build.log"
+    POLAR_SKIP_CUDA_BUILD=1 python3 setup.py -q build_ext --inplace > "$WORK/build_cpu.log" 2>&1 \
+      || tail -20 "$WORK/build_cpu.log"
   fi
   return $rc
 }
 # several workers: most of the stage is Triton compiling each test's kernel variant, on the CPU
-stage_tests() { timeout "$1" python3 -m pytest tests/gpu -q -n "$TEST_WORKERS" 2>&1 | tee "$OUT/tests_gpu.log"; }
+stage_tests() { timeout "$1" python3 -m pytest tests/gpu -q -n "$TEST_WORKERS" 2>&1 | tee "$WORK/tests_gpu.log"; }
 stage_fp8() {
-  timeout "$1" python3 benchmarks/fp8.py --steps "$FP8_STEPS" --timeout $(($1 / 3)) --json "$OUT/fp8.json" 2>&1 \
-    | tee "$OUT/fp8.md"
+  timeout "$1" python3 benchmarks/fp8.py --steps "$FP8_STEPS" --timeout $(($1 / 3)) --json "$WORK/fp8.json" 2>&1 \
+    | tee "$WORK/fp8.md"
 }
 stage_e2e() {
-  timeout "$1" python3 benchmarks/e2e.py $E2E_ARGS --timeout $(($1 / 3)) --json "$OUT/e2e.json" 2>&1 \
-    | tee "$OUT/e2e.md"
+  timeout "$1" python3 benchmarks/e2e.py $E2E_ARGS --timeout $(($1 / 3)) --json "$WORK/e2e.json" 2>&1 \
+    | tee "$WORK/e2e.md"
 }
 stage_kernels() {
-  timeout "$1" python3 benchmarks/kernels.py $KERNELS_ARGS --json "$OUT/kernels.json" 2>&1 | tee "$OUT/kernels.md"
+  timeout "$1" python3 benchmarks/kernels.py $KERNELS_ARGS --json "$WORK/kernels.json" 2>&1 | tee "$WORK/kernels.md"
 }
 stage_serve() {
-  timeout "$1" python3 benchmarks/serve_prefix.py $SERVE_ARGS 2>&1 | tee "$OUT/serve_prefix.md"
+  timeout "$1" python3 benchmarks/serve_prefix.py $SERVE_ARGS 2>&1 | tee "$WORK/serve_prefix.md"
 }
 stage_default() {
   # one micro-batch per step: at 512-token packs the default model is too small to fill the GPU,
@@ -77,8 +79,8 @@ stage_default() {
   # early enough to leave its evaluation and summary inside the stage's limit.
   local train_limit=$(($1 * 3 / 4))
   timeout "$1" torchrun --standalone --nproc_per_node 1 engine/pretrain.py train.precision=bf16 \
-    train.micro_batch=16 train.time_limit_s=$train_limit run_dir="$OUT/default_bf16" 2>&1 \
-    | tee "$OUT/default_bf16.log"
+    train.micro_batch=16 train.time_limit_s=$train_limit run_dir="$WORK/default_bf16" 2>&1 \
+    | tee "$WORK/default_bf16.log"
 }
 
 declare -A RESULT WALL
@@ -97,15 +99,21 @@ row() {  # stage, detail (left out for a stage not run: its files would be an ea
   else echo "| $1 | ${RESULT[$1]} | ${WALL[$1]} | $2 |"; fi
 }
 count() { local n; n=$(grep -c "$1" "$2" 2>/dev/null); echo "${n:-0}"; }  # matching lines, 0 without the file
+# polar plan's prediction beside each measured engine run (seconds, CPU only)
+plan_files=$(ls "$WORK/e2e.json" "$WORK/fp8.json" 2>/dev/null)
+if [ -n "$plan_files" ]; then
+  timeout 120 python3 benchmarks/plan_measured.py $plan_files --write "$WORK/plan_measured.json" > "$WORK/plan_measured.md" 2>&1
+fi
+table() {
 echo; echo "| stage | exit | wall s | detail |"; echo "|---|---|---|---|"
 wants build && row build "$(ls engine/_C_cuda*.so 2>/dev/null || echo 'no engine._C_cuda')"
-wants e2e && row e2e "triplets/s engine/HF: $(grep '^| .* | HF .*x |$' "$OUT/e2e.md" 2>/dev/null \
-  | awk -F'|' '{printf "%s ", $4}')(per shape and baseline), $OUT/e2e.json"
-wants fp8 && row fp8 "$(count '^| .*fp8' "$OUT/fp8.md") FP8 rows, $OUT/fp8.json"
-wants tests && row tests "$(tail -1 "$OUT/tests_gpu.log" 2>/dev/null)"
-wants kernels && row kernels "$(count '^| .* fwd+bwd' "$OUT/kernels.md") readout/loss rows, $OUT/kernels.json"
-wants serve && row serve "$(grep '^tokens computed' "$OUT/serve_prefix.md" 2>/dev/null)"
-wants default && row default "$(python3 - "$OUT/default_bf16/summary.json" <<'PY'
+wants e2e && row e2e "triplets/s engine/HF: $(grep '^| .* | HF .*x |$' "$WORK/e2e.md" 2>/dev/null \
+  | awk -F'|' '{printf "%s ", $4}')(per shape and baseline), $WORK/e2e.json"
+wants fp8 && row fp8 "$(count '^| .*fp8' "$WORK/fp8.md") FP8 rows, $WORK/fp8.json"
+wants tests && row tests "$(tail -1 "$WORK/tests_gpu.log" 2>/dev/null)"
+wants kernels && row kernels "$(count '^| .* fwd+bwd' "$WORK/kernels.md") readout/loss rows, $WORK/kernels.json"
+wants serve && row serve "$(grep '^tokens computed' "$WORK/serve_prefix.md" 2>/dev/null)"
+wants default && row default "$(python3 - "$WORK/default_bf16/summary.json" <<'PY'
 import json, sys
 try:
     s = json.load(open(sys.argv[1]))
@@ -117,12 +125,19 @@ except Exception as e:
     print(f"no summary: {e}")
 PY
 )"
-wants e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$OUT/e2e.md" 2>/dev/null || echo "(no e2e benchmark table)"; }
-wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$OUT/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
-wants kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$OUT/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"; }
-wants serve && { echo; grep -E '^(\||model:|items:)' "$OUT/serve_prefix.md" 2>/dev/null || echo "(no serve_prefix table)"; }
+wants e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$WORK/e2e.md" 2>/dev/null || echo "(no e2e benchmark table)"; }
+wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$WORK/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
+[ -s "$WORK/plan_measured.md" ] && { echo; cat "$WORK/plan_measured.md"; }
+wants kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$WORK/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"; }
+wants serve && { echo; grep -E '^(\||model:|items:)' "$WORK/serve_prefix.md" 2>/dev/null || echo "(no serve_prefix table)"; }
 echo; echo "budget: $(( $(date +%s) - START ))s of ${BUDGET_S}s used"
 if [ ${#NOT_RUN[@]} -gt 0 ]; then
   echo "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/run_all.sh ${NOT_RUN[*]}"
+fi
+}
+table | tee "$WORK/table.md"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT" && cp "$WORK/table.md" "$OUT/" \
+    && tar czf "$OUT/polar_gpu.tgz" --exclude=checkpoints -C "$WORK" . && echo "files: $OUT/table.md, $OUT/polar_gpu.tgz"
 fi
 exit 0
