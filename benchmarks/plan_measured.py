@@ -66,7 +66,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", choices=sorted(GPUS), help="the GPU type (default: read from each file's device)")
     ap.add_argument("--write", help="also write the `polar plan --measured` list here")
     args = ap.parse_args(argv)
-    runs = [r for path in args.results for r in measured_runs(path, args.gpu)]
+    try:
+        runs = [r for path in args.results for r in measured_runs(path, args.gpu)]
+    except (OSError, KeyError, ValueError) as exc:  # a missing file or field, a device the plan does not know
+        print(f"plan_measured: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     if not runs:
         print("no engine run with a measured step time in " + ", ".join(args.results), file=sys.stderr)
         return 1

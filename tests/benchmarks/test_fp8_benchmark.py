@@ -29,6 +29,11 @@ def test_cpu_version_runs_every_variant(tmp_path):
     runs = plan_measured.measured_runs(str(out), "H100")
     assert [r["fp8"] for r in runs] == [False, True, True]
     assert [r["step_time_s"] for r in runs] == [r["step_time_s"] for r in rows]
+    # without --gpu a CPU run names no GPU the plan knows: said in one line, not a traceback
+    plan = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plan_measured.py"), str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert plan.returncode == 2 and plan.stderr.startswith("plan_measured: ValueError: device") \
+        and "give --gpu" in plan.stderr and "Traceback" not in plan.stderr, plan.stderr
 
 
 def test_the_gpu_type_is_read_from_the_device_name():
