@@ -10,8 +10,9 @@ millisecond measures that wait: its longest gap while the body is parsed. Rows, 
     chunks (served)   parse_json(chunks): parsed as decoded, a slice at a time, element by element
 
 A second table times bodies the server refuses, against json.loads on the same bytes: one cut
-off at its end and one with a stray character in its middle (invalid JSON: read again whole for
-json.loads's exact error), and a top-level array (valid JSON, not an object).
+off at its end and one with a stray character in its middle (invalid JSON, answered with
+json.loads's own error, its line and column counted over the text already dropped), and a
+top-level array (valid JSON, not an object).
 
     python benchmarks/serve_body.py [--mb 1 16 61] [--repeats 3]
 """

@@ -39,15 +39,11 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
     the body or one element of a top-level array: the body is decoded a slice at a time and
     parsed as it is decoded, and the interpreter can switch threads between steps."""
     chunks = [body] if isinstance(body, (bytes, bytearray, memoryview)) else body
+    text = _Text(_slices(chunks), whole=False)
     try:
-        try:
-            value = _parse(_Text(_slices(chunks), whole=False))
-        except json.JSONDecodeError:
-            # Read again, whole: the error where json.loads names it (streaming, the text
-            # before the current element is gone, and with it the line and column).
-            value = _loads(_decoded(chunks))
+        value = _parse(text)
     except json.JSONDecodeError as e:
-        raise RequestError(f"the request body is not valid JSON: {e}") from None
+        raise RequestError(f"the request body is not valid JSON: {text.located(e)}") from None
     except RecursionError:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
@@ -81,13 +77,10 @@ def _slices(chunks: Sequence[bytes]) -> Iterator[str]:
         raise RequestError(f"the request body is not valid {encoding}: {e.reason} at byte {at}") from None
 
 
-def _decoded(chunks: Sequence[bytes]) -> str:
-    return "".join(_slices(chunks))
-
-
 def _loads(s: str):
     """json.loads(s), in steps of one array element: the same value, a JSONDecodeError where
-    json.loads raises one."""
+    json.loads raises one. The whole text at once: what the server did before it parsed slices as
+    they are decoded (benchmarks/serve_body.py's "whole body" row)."""
     return _parse(_Text(iter([s]), whole=True))
 
 
@@ -100,6 +93,8 @@ class _Text:
 
     def __init__(self, pieces: Iterator[str], whole: bool):
         self.buf, self._pieces, self.whole, self._ended = "", pieces, whole, False
+        # the text dropped so far: its length, its newlines, where the line after the last one starts
+        self._dropped = self._dropped_lines = self._line_start = 0
 
     def more(self) -> bool:
         """Appends at least as much text as `buf` holds (so a value retried from its start after
@@ -145,8 +140,22 @@ class _Text:
         """Drops the text before i once it is a slice long (streaming); i's index after that."""
         if self.whole or i < _SLICE_BYTES:
             return i
+        newlines = self.buf.count("\n", 0, i)
+        if newlines:
+            self._dropped_lines += newlines
+            self._line_start = self._dropped + self.buf.rindex("\n", 0, i) + 1
+        self._dropped += i
         self.buf = self.buf[i:]
         return 0
+
+    def located(self, e: json.JSONDecodeError) -> str:
+        """An error in `buf`, as json.loads words it for the whole document: message, line,
+        column and character offset (the text before `buf` counted, not kept)."""
+        pos = self._dropped + e.pos
+        newlines = self.buf.count("\n", 0, e.pos)
+        line = self._dropped_lines + newlines + 1
+        column = e.pos - self.buf.rindex("\n", 0, e.pos) if newlines else pos - self._line_start + 1
+        return f"{e.msg}: line {line} column {column} (char {pos})"
 
 
 def _parse(t: _Text):

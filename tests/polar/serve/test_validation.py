@@ -19,6 +19,9 @@ BODIES = [
     b'{"a": [12345, -6.5e+10, 0, true, false, null, 1E-5, -0], "b": 123456789, "c": "\\u00e9x"}',
     b'{"a" :[ 1 , 2 ] ,"b":  {"c": [ ]} , "d" : [[], [[]], ""] }', b'{"a": 12 3}', b'{"a": [1.]}',
     b'{"a": [1]] }', b'{"a": [tr ue]}', b'{"a": [-]}', b'{"a": "\\u00"}', b'{"a": [1e5x]}', b'  ', b'',
+    # errors after newlines, some of them in text already dropped: json.loads's line and column
+    b'{"a": [1,\n 2,\n 3 4]}', b'{\n"a": "x",\n "b": [\n1,\n2\n]\n,\n}', b'{"a": [\n"x\ny"]}',
+    b'{"a": [\n\n"xy", "z"\n]}\n\n x', b'{"a": "b"}\n[', b'\n\n{"a": [1, 2,, 3]}',
 ]
 
 
@@ -61,21 +64,8 @@ def test_a_body_parsed_a_few_bytes_at_a_time_reads_as_the_whole(monkeypatch, sli
 
     whole = [_outcome(body) for body in BODIES]
     monkeypatch.setattr(validation, "_SLICE_BYTES", slice_bytes)
-    read_whole, decoded = [], validation._decoded
-    monkeypatch.setattr(validation, "_decoded", lambda chunks: read_whole.append(1) or decoded(chunks))
     for body, expected in zip(BODIES, whole):
-        read_whole.clear()
         assert _outcome(body) == expected, body
-        if _valid(body):  # read in slices to the end, never again whole (an array or a scalar too)
-            assert not read_whole, body
-
-
-def _valid(body) -> bool:
-    try:
-        json.loads(body)
-    except ValueError:
-        return False
-    return True
 
 
 def _json_error(body) -> str | None:
@@ -88,10 +78,15 @@ def _json_error(body) -> str | None:
     return None
 
 
+@pytest.mark.parametrize("slice_bytes", [1 << 20, 1, 3])
 @pytest.mark.parametrize("body", [b for b in BODIES if b.strip() and _json_error(b)])
-def test_invalid_json_is_refused_with_json_loads_own_message(body):
+def test_invalid_json_is_refused_with_json_loads_own_message(monkeypatch, body, slice_bytes):
     """Where json.loads raises a JSONDecodeError, the answer carries its message: the same error
-    at the same line and column."""
+    at the same line, column and character, also where the parser has dropped the text before the
+    error (small slices) and counts it instead of reading the body again."""
+    from polar.serve import validation
+
+    monkeypatch.setattr(validation, "_SLICE_BYTES", slice_bytes)
     with pytest.raises(RequestError) as got:
         parse_json(body)
     assert got.value.message == f"the request body is not valid JSON: {_json_error(body)}"
