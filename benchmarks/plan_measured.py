@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
-from polar.plan import compare_measurements  # noqa: E402
+from polar.plan import compare_runs  # noqa: E402
 from polar.plan_model import GPUS, Assumptions  # noqa: E402
 
 PLAN_SECTIONS = ("model.", "parallel.", "train.", "data.")
@@ -74,14 +73,13 @@ def main(argv=None) -> int:
     if not runs:
         print("no engine run with a measured step time in " + ", ".join(args.results), file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(args.write) if args.write else Path(tmp) / "runs.json"
-        path.write_text(json.dumps(runs, indent=1))
-        a = Assumptions()
-        print(f"polar plan --measured: {len(runs)} runs{f' ({path})' if args.write else ''}; assumptions: "
-              f"MFU {a.compute_efficiency:.0%} while computing, the rest polar/plan_model.py's defaults\n")
-        for line in compare_measurements(str(path), a):
-            print(line)
+    if args.write:
+        Path(args.write).write_text(json.dumps(runs, indent=1))
+    a = Assumptions()
+    print(f"polar plan --measured: {len(runs)} runs{f' ({args.write})' if args.write else ''}; assumptions: "
+          f"MFU {a.compute_efficiency:.0%} while computing, the rest polar/plan_model.py's defaults\n")
+    for line in compare_runs(runs, a, "plan_measured"):
+        print(line)
     return 0
 
 

@@ -102,26 +102,32 @@ def main(argv=None) -> None:
     print(f"{'body':>8} {'encoding':<8} {'parser':<16} {'parse s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
     for mb, ascii in ((mb, ascii) for mb in args.mb for ascii in (True, False)):
         body = body_of(mb, ascii)
-        chunks = [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
-        rows = [("json.loads", json.loads, body), ("whole body", whole, chunks),
-                ("chunks (served)", validation.parse_json, chunks)]
-        base = None
-        for name, parse, arg in rows:
-            runs = sorted(longest_gap(parse, arg) for _ in range(args.repeats))
-            elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
-            base = base or stall
-            print(f"{len(body) / 1e6:>6.1f}MB {'ascii' if ascii else 'utf-8':<8} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
+        chunks = chunked(body)
+        print_rows(body, f"{'ascii' if ascii else 'utf-8':<8}", [
+            ("json.loads", json.loads, body), ("whole body", whole, chunks),
+            ("chunks (served)", validation.parse_json, chunks)], args.repeats)
     print(f"\nrefused bodies\n{'body':>8} {'case':<18} {'parser':<16} {'answer s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
     for mb in args.mb:
         for case, body in refused_bodies(mb).items():
-            chunks = [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
-            base = None
-            for name, parse, arg in (("json.loads", json.loads, body), ("chunks (served)", validation.parse_json, chunks)):
-                runs = sorted(longest_gap(refused(parse), arg) for _ in range(args.repeats))
-                elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
-                base = base or stall
-                print(f"{len(body) / 1e6:>6.1f}MB {case:<18} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
+            print_rows(body, f"{case:<18}", [("json.loads", refused(json.loads), body),
+                                             ("chunks (served)", refused(validation.parse_json), chunked(body))],
+                       args.repeats)
 
+
+def chunked(body: bytes) -> list[bytes]:
+    """The body as uvicorn hands it to the app."""
+    return [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
+
+
+def print_rows(body: bytes, label: str, parsers: list, repeats: int) -> None:
+    """One row per (name, parse, arg): the medians of `repeats` runs, the stall also against the
+    first row's."""
+    base = None
+    for name, parse, arg in parsers:
+        runs = sorted(longest_gap(parse, arg) for _ in range(repeats))
+        elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
+        base = base or stall
+        print(f"{len(body) / 1e6:>6.1f}MB {label} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
 
 if __name__ == "__main__":
     main()

@@ -235,11 +235,16 @@ def compare_measurements(path: str, a: Assumptions) -> list[str]:
         raise ValueError(f"--measured {path}: {exc}") from None
     if not isinstance(runs, list):
         raise ValueError(f"--measured {path}: expected a JSON list of runs")
+    return compare_runs(runs, a, f"--measured {path}")
+
+
+def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
+    """compare_measurements for runs already read; `source` names them in errors."""
     head = (f"{'run':<28} {'gpu':<9} {'layout':<30} {'memory GB pred/meas':>20} {'step s pred/meas':>17} "
             f"{'MFU pred/meas':>14}")
     rows = [head, "-" * len(head)]
     for i, run in enumerate(runs):
-        where = f"--measured {path}: run {i}"
+        where = f"{source}: run {i}"
         try:
             cfg = load_plan_config(run.get("config"), list(run.get("overrides", [])))
             gpu = GPUS[run["gpu"]]

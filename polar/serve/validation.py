@@ -184,12 +184,9 @@ def _object(t: _Text, i: int):
             raise json.JSONDecodeError("Expecting ':' delimiter", t.buf, i)
         i = t.space(i + 1)
         obj[key], i = _array(t, i) if t.at(i, "[") else t.value(i)
-        i = t.space(i)
-        if t.at(i, "}"):
-            return obj, i + 1
-        if not t.at(i, ","):
-            raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
-        i = t.forget(t.space(i + 1))
+        closed, i = _after_element(t, i, "}")
+        if closed:
+            return obj, i
 
 
 def _array(t: _Text, i: int):
@@ -199,12 +196,20 @@ def _array(t: _Text, i: int):
     while True:
         value, i = t.value(i)
         out.append(value)
-        i = t.space(i)
-        if t.at(i, "]"):
-            return out, i + 1
-        if not t.at(i, ","):
-            raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
-        i = t.forget(t.space(i + 1))
+        closed, i = _after_element(t, i, "]")
+        if closed:
+            return out, i
+
+
+def _after_element(t: _Text, i: int, close: str) -> tuple[bool, int]:
+    """After an element of an object or array: (True, past `close`) at its end, else (False, the
+    next element's start) past the ',', the text before it dropped."""
+    i = t.space(i)
+    if t.at(i, close):
+        return True, i + 1
+    if not t.at(i, ","):
+        raise json.JSONDecodeError("Expecting ',' delimiter", t.buf, i)
+    return False, t.forget(t.space(i + 1))
 
 
 def _unicode(s: str, where: str) -> str:

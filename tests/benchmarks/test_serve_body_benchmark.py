@@ -14,7 +14,7 @@ def test_the_parsers_read_the_same_value():
     for ascii in (True, False):
         body = bench.body_of(0.2, ascii)
         assert (b"\\u" in body) == ascii and len(body) > 150_000
-        chunks = [body[i:i + bench.CHUNK] for i in range(0, len(body), bench.CHUNK)]
+        chunks = bench.chunked(body)
         expected = json.loads(body)
         assert bench.whole(chunks) == expected and validation.parse_json(chunks) == expected
 
@@ -35,7 +35,7 @@ def test_the_refused_bodies_are_refused_by_both_parsers():
 
     for case, body in bench.refused_bodies(0.2).items():
         with pytest.raises(validation.RequestError):
-            validation.parse_json([body[i:i + bench.CHUNK] for i in range(0, len(body), bench.CHUNK)])
+            validation.parse_json(bench.chunked(body))
         try:
             assert not isinstance(json.loads(body), dict), case
         except ValueError:
