@@ -19,9 +19,11 @@ import torch.distributed as dist
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
-# settings that decide the shapes of the weights: a checkpoint loads only into a model that agrees
+# settings that decide which weights exist and their shapes: a checkpoint loads only into a model
+# that agrees (add_qkv_bias adds q/k/v biases; transformer_impl names the norms differently: TE fuses
+# them into the linear layers that follow)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "vocab_size")
+                "vocab_size", "add_qkv_bias", "transformer_impl")
 # optimizer state in the canonical per-parameter layout, so a checkpoint reloads at any TP/PP/DP
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"

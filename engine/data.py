@@ -10,6 +10,7 @@ continues at the exact next sequence.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,14 +133,27 @@ class GlobalBatchLoader:
         # with the settings the order is a function of: a resume that changed one would continue
         # another order at the same batch number, skipping or repeating sequences
         return {"consumed_batches": self.state.consumed_batches, "global_batch": self.global_batch,
-                "seed": self.seed, "shuffle": self.shuffle, "sequences": len(self.source)}
+                "seed": self.seed, "shuffle": self.shuffle, "sequences": len(self.source),
+                "data_digest": self.data_digest()}
+
+    def data_digest(self) -> str:
+        """A fingerprint of the training data as packed: every sequence's token, group and attention
+        counts, in order. Other records (another held-out split, another build) that pack into as
+        many sequences still change it; it reads no token ids, so it costs O(sequences)."""
+        h = hashlib.sha1()
+        for key in sorted(self.source.per_sequence):
+            h.update(key.encode())
+            h.update(np.ascontiguousarray(self.source.per_sequence[key], dtype=np.int64).tobytes())
+        return h.hexdigest()[:16]
 
     def load_state_dict(self, state: dict) -> None:
         """Refuses (ConfigError) a state saved with another data order; a state that records none
         (saved before the order's settings were) is taken as it is."""
         now = {"global_batch": ("train.global_batch", self.global_batch), "seed": ("train.seed", self.seed),
                "shuffle": ("the loader's shuffle", self.shuffle),
-               "sequences": ("the training data (its packed sequence count)", len(self.source))}
+               "sequences": ("the training data (its packed sequence count)", len(self.source)),
+               "data_digest": ("the training data (a digest of its packed sequences' token counts)",
+                               self.data_digest())}
         changed = [f"{name}: {state[key]} when saved, {value} now" for key, (name, value) in now.items()
                    if key in state and state[key] != value]
         if changed:

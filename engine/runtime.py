@@ -103,6 +103,11 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig,
             f"model.num_attention_heads={model.num_attention_heads} does not divide "
             f"model.hidden_size={model.hidden_size}"
         )
+    if (model.hidden_size // model.num_attention_heads) % 2:
+        raise ConfigError(
+            f"model.hidden_size={model.hidden_size} / model.num_attention_heads={model.num_attention_heads} "
+            f"= {model.hidden_size // model.num_attention_heads} channels per head: rotary embeddings rotate "
+            "channel pairs, so it must be even")
     if model.ffn_hidden_size % par.tp:
         raise ConfigError(f"parallel.tp={par.tp} does not divide model.ffn_hidden_size={model.ffn_hidden_size}")
     stages = par.pp * (par.vpp or 1)

@@ -293,7 +293,14 @@ class Trainer:
             tokens += tc.global_batch * self.loader.source.seq_length
             flops += self._step_flops(batch_indices)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
-            if self.step % lc.interval == 0 or self.step == tc.steps or exiting:
+            out_of_time = False
+            if tc.time_limit_s > 0 and self.step < tc.steps:
+                # every step, so a run sized to a job slot stops within one step of its limit; rank
+                # 0's clock decides for all (one scalar, and only when a limit is set)
+                flag = torch.tensor([float(time.time() - start > tc.time_limit_s)], device=self.rt.device)
+                dist.broadcast(flag, src=0)
+                out_of_time = bool(flag.item())
+            if self.step % lc.interval == 0 or self.step == tc.steps or exiting or out_of_time:
                 s = self._reduce(window).tolist()
                 row = progress.log(
                     self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
@@ -305,12 +312,9 @@ class Trainer:
                 window.zero_()
                 tokens = real_tokens = groups = skipped_in_window = 0
                 flops = 0.0
-                if tc.time_limit_s > 0:
-                    flag = torch.tensor([float(time.time() - start > tc.time_limit_s)], device=self.rt.device)
-                    dist.broadcast(flag, src=0)
-                    stop = bool(flag.item())
-                    if stop:
-                        self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
+            if out_of_time:
+                self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
+                stop = True
             if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps:
                 with progress.paused():
                     self._evaluate_all(progress)

@@ -157,18 +157,34 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str):
                             [r.candidates for r in records], [r.wrapper or f.wrapper for r in records],
                             max_length=f.max_length, max_response=f.max_response,
                             group_capacity=cfg.data.seq_length)
+    seq = cfg.data.seq_length
+    groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=np.asarray(r.labels, dtype=np.int8))
+              for e, r in zip(encoded, records)]
+    lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+    over = np.flatnonzero(lengths > seq)
+    if over.size:
+        # even with its prompt cut to nothing beyond the rule, the reference and candidates alone
+        # overflow the pack: a group is never split, so the record cannot train at this length
+        shown = ", ".join(f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:3])
+        what = (f"{name}: {over.size} record(s) do not fit data.seq_length={seq} as one group even with a "
+                f"shorter prompt: {shown}{', ...' if over.size > 3 else ''}; raise data.seq_length to "
+                f"{lengths.max()} or lower finetune.max_response={f.max_response}")
+        if f.on_error != "skip":
+            raise ConfigError(f"{what} (finetune.on_error=skip sets them aside)")
+        print(f"{what}; skipped (finetune.on_error=skip)", flush=True)
+        fits = lengths <= seq
+        groups = [g for g, ok in zip(groups, fits) if ok]
+        encoded = [e for e, ok in zip(encoded, fits) if ok]
     shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
     if shortened:
         # a group is packed whole: its prompt (stored twice) gives way before the record is lost
-        print(f"{name}: {len(shortened)} record(s) too long for data.seq_length={cfg.data.seq_length} as one "
+        print(f"{name}: {len(shortened)} record(s) too long for data.seq_length={seq} as one "
               f"group kept a shorter prompt ({sum(shortened)} prompt tokens beyond finetune.max_length's rule)",
               flush=True)
-    groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=np.asarray(r.labels, dtype=np.int8))
-              for e, r in zip(encoded, records)]
     try:
-        return PackedGroups(groups, cfg.data.seq_length, method=cfg.data.packing)
+        return PackedGroups(groups, seq, method=cfg.data.packing)
     except ValueError as e:
-        raise ConfigError(f"{name}: {e}; raise data.seq_length or lower finetune.max_length") from e
+        raise ConfigError(f"{name}: {e}") from e
 
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:

@@ -52,11 +52,12 @@ def make_splits(cfg: SyntheticDataConfig) -> SyntheticSplits:
     )
 
 
-def encode_triplets(tokenizer: Tokenizer, triplets: list[Triplet], wrapper: str, max_length: int
-                    ) -> list[tuple[EncodedGroup, np.ndarray]]:
-    """Each triplet becomes one group of K=2 candidates, chosen (label 1) then rejected (label 0)."""
+def encode_triplets(tokenizer: Tokenizer, triplets: list[Triplet], wrapper: str, max_length: int,
+                    group_capacity: int = 0) -> list[tuple[EncodedGroup, np.ndarray]]:
+    """Each triplet becomes one group of K=2 candidates, chosen (label 1) then rejected (label 0);
+    `group_capacity` (the pack length) cuts a prompt further so that its group fits whole."""
     labels = np.array([1, 0], dtype=np.int8)
     groups = encode_groups(tokenizer, [t.prompt for t in triplets], [t.reference for t in triplets],
                            [[t.chosen, t.rejected] for t in triplets], wrapper=wrapper,
-                           max_length=max_length)
+                           max_length=max_length, group_capacity=group_capacity)
     return [(g, labels) for g in groups]

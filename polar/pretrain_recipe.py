@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
+
 from engine.config import ConfigError, EngineConfig
 from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
 
@@ -112,18 +114,34 @@ def synthetic_data(cfg: PretrainConfig) -> RunData:
     splits = make_splits(cfg.synthetic)
     seq = cfg.data.seq_length
 
-    def pack(triplets, name):
-        encoded = encode_triplets(tok, triplets, cfg.synthetic.wrapper, max_length=seq)
-        groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=lab) for e, lab in encoded]
+    def encode(triplets):
+        encoded = encode_triplets(tok, triplets, cfg.synthetic.wrapper, max_length=seq, group_capacity=seq)
+        return [Group(prefix=e.prefix, candidates=list(e.candidates), labels=lab) for e, lab in encoded]
+
+    sets = {"training data": encode(splits.train), "held-out evaluation data": encode(splits.eval_held_out)}
+    if cfg.synthetic.eval_seen:
+        sets["seen-policy evaluation data"] = encode(splits.eval_seen)
+    lengths = {name: np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+               for name, groups in sets.items()}
+    over = {name: int((n > seq).sum()) for name, n in lengths.items() if (n > seq).any()}
+    if over:
+        # prompts are already cut to fit: what is left is the responses, which do not grow with
+        # data.seq_length, so the longest group of all the sets is the length that fits them all
+        longest = max(int(n.max()) for n in lengths.values())
+        raise ConfigError("; ".join(f"{name}: {k} of {len(sets[name])} triplets" for name, k in over.items())
+                          + f" do not fit data.seq_length={seq} as one group even with a shorter prompt (a group "
+                          f"is never split); raise data.seq_length to at least {longest}")
+
+    def pack(name):
         try:
-            return PackedGroups(groups, seq, method=cfg.data.packing)
+            return PackedGroups(sets[name], seq, method=cfg.data.packing)
         except ValueError as e:
             raise ConfigError(f"{name}: {e}") from e
 
-    train = pack(splits.train, "training data")
-    evals = {"held_out": pack(splits.eval_held_out, "held-out evaluation data")}
+    train = pack("training data")
+    evals = {"held_out": pack("held-out evaluation data")}
     if cfg.synthetic.eval_seen:
-        evals["seen"] = pack(splits.eval_seen, "seen-policy evaluation data")
+        evals["seen"] = pack("seen-policy evaluation data")
     dup = sum(len(g.prefix) * (len(g.candidates) - 1) for g in train.groups)
     desc = (f"data: {len(train.groups):,} training groups -> {len(train):,} packed sequences of "
             f"{seq} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "

@@ -72,3 +72,21 @@ def test_a_step_saved_without_settings_is_not_checked(tmp_path):
 
     step = _step(tmp_path, 3, {"step": 3, "loader": {"consumed_batches": 3}})
     checkpoint.check_resume_settings(str(step), TrainConfig(lr=5.0, global_batch=99))
+
+
+@pytest.mark.parametrize("field,saved,now", [("add_qkv_bias", False, True),
+                                             ("transformer_impl", "transformer_engine", "local"),
+                                             ("hidden_size", 64, 128)])
+def test_a_model_setting_that_changes_which_weights_exist_is_named(tmp_path, field, saved, now):
+    """A checkpoint whose model has other weights (another shape, q/k/v biases, TE's fused norms)
+    is refused with the setting to change, not a missing-key error from inside the load."""
+    import dataclasses
+
+    from engine.config import ConfigError, ModelConfig
+
+    step = tmp_path / "step_00000003"
+    step.mkdir()
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), field: saved}))
+    checkpoint.check_model_matches(ModelConfig(**{field: saved}), str(step), "checkpoint.init_from")
+    with pytest.raises(ConfigError, match=f"model.{field}={saved}.*but this run has model.{field}={now}"):
+        checkpoint.check_model_matches(ModelConfig(**{field: now}), str(step), "checkpoint.init_from")

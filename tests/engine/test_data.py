@@ -81,6 +81,17 @@ def test_a_resume_on_other_data_is_refused(source):
         loader(smaller, 4).load_state_dict(saved)
 
 
+def test_a_resume_on_other_data_of_the_same_size_is_refused(source):
+    """Other records that pack into as many sequences (fine-tuning with another finetune.seed holds
+    out other records) would continue another order: the data's digest tells them apart."""
+    saved = loader(source, 4).state_dict()
+    other = PackedGroups(random_groups(5, 40, 64, 64), 64)
+    assert len(other) == len(source)
+    with pytest.raises(ConfigError, match="a digest of its packed sequences' token counts"):
+        loader(other, 4).load_state_dict(saved)
+    loader(PackedGroups(random_groups(3, 40, 64, 64), 64), 4).load_state_dict(saved)  # the same data
+
+
 def test_a_state_saved_without_its_settings_still_loads(source):
     ld = loader(source, 4)
     ld.load_state_dict({"consumed_batches": 5})

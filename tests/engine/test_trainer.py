@@ -140,3 +140,14 @@ def test_a_resume_refuses_changed_optimizer_settings_and_an_old_checkpoint_resum
     state_file.write_text(json.dumps(state))
     resumed = make_trainer(runtime, tmp_path)
     assert resumed.step == 2 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4]
+
+
+def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtime, tmp_path):
+    """train.time_limit_s is checked every step, not only on logged ones: a run sized to a job slot
+    must not overshoot by up to log.interval - 1 steps. The stop step gets a row and a checkpoint."""
+    trainer = make_trainer(runtime, tmp_path, "train.time_limit_s=1e-6", "log.interval=100",
+                           "checkpoint.save_interval=0")
+    history = trainer.fit()
+    assert [r["step"] for r in history] == [1]
+    assert history[0]["loss"] > 0
+    assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step_00000001")

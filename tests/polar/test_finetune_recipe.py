@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -64,3 +65,29 @@ def test_a_record_too_long_for_the_pack_keeps_a_shorter_prompt_and_says_so(tmp_p
     assert len(packed) == 1
     out = capsys.readouterr().out
     assert "r.jsonl: 1 record(s) too long for data.seq_length=256 as one group kept a shorter prompt" in out
+
+
+@pytest.mark.parametrize("on_error", ["fail", "skip"])
+def test_a_record_whose_responses_alone_overflow_the_pack_is_named_by_its_line(tmp_path, capsys, on_error):
+    """No prompt cut makes it fit: it is named by file:line (not by its position after the held-out
+    split) and stops the run, or with finetune.on_error=skip is set aside and counted."""
+    records = tmp_path / "r.jsonl"
+    small = {"prompt": "q", "reference": "r", "chosen": "c", "rejected": "x", "wrapper": "sft"}
+    big = {**small, "reference": "r" * 300, "chosen": "c" * 300, "rejected": "d" * 300}
+    records.write_text("".join(json.dumps(r) + "\n" for r in [small] * 4 + [big] + [small]))
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=512",
+                                                    "finetune.tokenizer=byte", f"finetune.on_error={on_error}",
+                                                    f"run_dir={tmp_path / 'run'}"])
+    from polar.tokenizer import load_tokenizer
+
+    tok, read = load_tokenizer("byte"), recipe._read(str(records), on_error)
+    needle = rf"train: 1 record\(s\) do not fit data.seq_length=512 as one group even with a shorter prompt: {records}:5"
+    if on_error == "fail":
+        with pytest.raises(ConfigError, match=needle):
+            recipe._pack(cfg, tok, read, "train")
+        return
+    packed = recipe._pack(cfg, tok, read, "train")
+    assert len(packed.groups) == 5
+    out = capsys.readouterr().out
+    assert re.search(needle, out) and "skipped (finetune.on_error=skip)" in out, out
+    assert "kept a shorter prompt" not in out

@@ -45,3 +45,20 @@ def test_a_built_dataset_smaller_than_a_batch_is_refused_before_any_process_grou
     with pytest.raises(ConfigError, match=f"train.global_batch={len(packed) + 1}: data.path=.* holds only "
                                           f"{len(packed)} packed sequences"):
         check(big)
+
+
+def test_a_seq_length_too_short_names_the_length_that_fits():
+    """Prompts give way to the pack length first; the length the error asks for is the longest
+    group's, so following the advice once is enough (it used to name the first too-long group's
+    length at the old truncation, which a retry outgrew)."""
+    import re
+
+    import pytest
+
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"training data: 40 of 40 triplets; .* do not fit data.seq_length=64") as e:
+        synthetic_data(load_config(PretrainConfig, None, SMALL + ["data.seq_length=64"]))
+    need = int(re.search(r"at least (\d+)", str(e.value)).group(1))
+    data = synthetic_data(load_config(PretrainConfig, None, SMALL + [f"data.seq_length={need}"]))
+    assert max(len(g) for g in data.train.groups) <= need
