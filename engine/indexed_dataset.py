@@ -34,6 +34,8 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -176,10 +178,40 @@ class ShardWriter:
             p.unlink(missing_ok=True)
 
 
+class _TokenMaps:
+    """The memory maps of shards' .bin files, at most `size` open at once, least recently used
+    closed first. Each map holds a file descriptor (mmap keeps a duplicate), so a dataset of
+    hundreds of shards mapped all at once runs into the open-file limit (1024 by default)."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._maps: OrderedDict[Path, np.memmap] = OrderedDict()
+        self._lock = threading.Lock()  # loaders may read from threads
+
+    def get(self, path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+        with self._lock:
+            m = self._maps.get(path)
+            if m is not None:
+                self._maps.move_to_end(path)
+                return m
+        m = np.memmap(path, dtype=dtype, mode="r")
+        if m.size != count:
+            raise DatasetFormatError(f"{path}: {m.size} tokens, expected {count} (changed since it was opened?)")
+        with self._lock:
+            self._maps[path] = m
+            # A dropped map stays valid for the groups already handed out; its descriptor is
+            # released with the last of them.
+            while len(self._maps) > self.size:
+                self._maps.popitem(last=False)
+        return m
+
+
 class _Shard:
-    def __init__(self, idx_path: Path):
+    def __init__(self, idx_path: Path, token_maps: _TokenMaps):
         self.name = idx_path.with_suffix("")
-        raw = np.memmap(idx_path, dtype=np.uint8, mode="r") if idx_path.stat().st_size else np.zeros(0, np.uint8)
+        # Read whole, not mapped: the index is a few int64 per group, and a map would hold a file
+        # descriptor per shard for as long as the dataset lives.
+        raw = np.fromfile(idx_path, dtype=np.uint8)
         if raw.size < _HEADER.size:
             raise DatasetFormatError(f"{idx_path}: {raw.size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
         magic, version, _, dt, seq_length, S, G, P, T = _HEADER.unpack(bytes(raw[:_HEADER.size]))
@@ -217,7 +249,7 @@ class _Shard:
         is_prefix[self.group_pieces[:-1]] = True
         if (is_prefix != (self.piece_label == -1)).any() or not np.isin(self.piece_label[~is_prefix], (0, 1)).all():
             raise DatasetFormatError(f"{idx_path}: piece labels are not -1 on prefixes and 0/1 on candidates (corrupt)")
-        self.tokens = np.memmap(bin_path, dtype=self.dtype, mode="r") if T else np.zeros(0, self.dtype)
+        self._bin_path, self._num_tokens, self._token_maps = bin_path, int(T), token_maps
         meta_path = idx_path.with_suffix(".json")
         try:
             self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -230,10 +262,22 @@ class _Shard:
     def __len__(self) -> int:
         return len(self.seq_groups) - 1
 
-    def group(self, g: int) -> Group:
+    @property
+    def tokens(self) -> np.ndarray:
+        """The shard's tokens, memory-mapped on first use."""
+        if not self._num_tokens:
+            return np.zeros(0, self.dtype)
+        return self._token_maps.get(self._bin_path, self.dtype, self._num_tokens)
+
+    def group(self, g: int, tokens: np.ndarray | None = None) -> Group:
+        tokens = self.tokens if tokens is None else tokens
         p0, p1 = int(self.group_pieces[g]), int(self.group_pieces[g + 1])
         bounds = self.piece_tokens[p0:p1 + 1]
-        pieces = [self.tokens[bounds[i]:bounds[i + 1]] for i in range(p1 - p0)]
+        # One copy of the group's tokens (its pieces are contiguous), so that a group kept by the
+        # caller does not keep a map, and its file descriptor, open after _TokenMaps dropped it.
+        span = np.array(tokens[bounds[0]:bounds[-1]])
+        bounds = bounds - bounds[0]
+        pieces = [span[bounds[i]:bounds[i + 1]] for i in range(p1 - p0)]
         return Group(prefix=pieces[0], candidates=pieces[1:], labels=self.piece_label[p0 + 1:p1])
 
 
@@ -313,11 +357,12 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 class IndexedDataset:
-    """A directory of shards (or one shard's path without suffix), memory-mapped.
+    """A directory of shards (or one shard's path without suffix), memory-mapped (the token files of
+    at most 64 shards at once; an index is read into memory).
 
     Offers what GlobalBatchLoader and Trainer.evaluate use: len (packed sequences), seq_length,
     sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Groups handed out are
-    built from views of the memory map; only the requested sequences are read.
+    copied from the memory map; only the requested sequences are read.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -330,7 +375,8 @@ class IndexedDataset:
             idx = [self.path.with_name(self.path.name + ".idx")]
         else:
             raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
-        self.shards = [_Shard(p) for p in idx]
+        self._token_maps = _TokenMaps()
+        self.shards = [_Shard(p, self._token_maps) for p in idx]
         if self.path.is_dir():
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
@@ -380,7 +426,8 @@ class IndexedDataset:
         out = []
         for i in indices:
             shard, j = self._locate(int(i))
-            out.append([shard.group(g) for g in range(int(shard.seq_groups[j]), int(shard.seq_groups[j + 1]))])
+            tokens = shard.tokens
+            out.append([shard.group(g, tokens) for g in range(int(shard.seq_groups[j]), int(shard.seq_groups[j + 1]))])
         return out
 
     def sources(self, i: int) -> np.ndarray:

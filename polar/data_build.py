@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polar.records import ON_ERROR, RecordError, parse_line, reject_entry
+from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
 
 _SCAN_BLOCK = 1 << 26
 
@@ -72,6 +72,7 @@ class ChunkResult:
     index: int
     lines: int
     bytes: int
+    blank: int = 0  # lines that hold no record (whitespace only): not records, not rejected
     arrays: dict = field(default_factory=dict)  # ShardWriter.add_sequences arguments; empty if no group
     rejects: list = field(default_factory=list)
     records: int = 0
@@ -133,10 +134,13 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     with open(chunk.file, "rb") as f:
         f.seek(chunk.start)
         data = f.read(chunk.end - chunk.start)
+    res = ChunkResult(chunk.index, 0, len(data))
+    if chunk.start == 0:
+        data = strip_bom(data)
     lines = data.split(b"\n")
     if data.endswith(b"\n"):
         lines.pop()
-    res = ChunkResult(chunk.index, len(lines), len(data))
+    res.lines = len(lines)
 
     def bad(k: int, field: str, reason: str) -> None:
         line = chunk.first_line + k
@@ -154,6 +158,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         if rec is not None:
             records.append(rec)
             where.append(k)
+        else:
+            res.blank += 1
 
     def encode(recs):
         return encode_groups(tok, [r.prompt for r in recs], [r.reference for r in recs],
@@ -237,7 +243,7 @@ class _Progress:
 
     def update(self, res: ChunkResult) -> None:
         self.bytes += res.bytes
-        self.records += res.lines
+        self.records += res.lines - res.blank
         self.tokens += res.tokens
         now = time.time()
         if self.quiet or now - self.last < self.interval:
@@ -301,6 +307,12 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         raise ValueError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
     if chunk_records < 1 or workers < 1:
         raise ValueError("--chunk-records and --workers must be >= 1")
+    # Checked here, not left to the format: a bad setting would otherwise be blamed on every record
+    # (--on-error skip sets them all aside) or fail in the index header after the tokens are written.
+    for flag, value, least in (("--seq-length", cfg.seq_length, 1), ("--max-length", cfg.max_length, 0),
+                               ("--max-response", cfg.max_response, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
     files = _input_files(inputs)
     tok = load_tokenizer(cfg.tokenizer)
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
@@ -319,16 +331,20 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         "chunks": [mine[0].index, mine[-1].index + 1] if mine else [0, 0], "sources": sources,
     }
     meta["build"] = _build_set(meta, cfg, tok.vocab_size)
-    others = foreign_shards(Path(output), meta["build"]["id"])
+    # The shard this build replaces (--force) is no leftover: its name is taken over whole.
+    others = [o for o in foreign_shards(Path(output), meta["build"]["id"]) if not (force and o == name.name)]
     if others:
         raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
                               "would mix with this one: remove them or build into another directory")
     rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
-    rejects_file.unlink(missing_ok=True)
+    # Written under a temporary name and put in place with the shard, so that a failed rebuild
+    # (--force) leaves the old shard with its own rejects.
+    rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
+    rejects_tmp.unlink(missing_ok=True)
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
     progress = _Progress(sum(c.end - c.start for c in mine), quiet)
-    counts = dict(lines=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0, groups=0,
-                  candidates=0, tokens=0)
+    counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
+                  groups=0, candidates=0, tokens=0)
     rejects_out = None
     try:
         results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -336,9 +352,10 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             if res.arrays:
                 writer.add_sequences(**res.arrays)
             if res.rejects:
-                rejects_out = rejects_out or open(rejects_file, "w")
+                rejects_out = rejects_out or open(rejects_tmp, "w")
                 rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
             counts["lines"] += res.lines
+            counts["blank"] += res.blank
             counts["records"] += res.records
             counts["rejected"] += len(res.rejects)
             counts["too_long"] += res.too_long
@@ -348,15 +365,21 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             counts["candidates"] += res.candidates
             counts["tokens"] += res.tokens
             progress.update(res)
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
         if rejects_out:
             rejects_out.close()
-    writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
-    writer.meta["rejects_file"] = str(rejects_file) if counts["rejected"] else None
-    meta = writer.close()
+        writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
+        writer.meta["rejects_file"] = str(rejects_file) if counts["rejected"] else None
+        meta = writer.close()
+    except BaseException:
+        if rejects_out:
+            rejects_out.close()
+        writer.abort()
+        rejects_tmp.unlink(missing_ok=True)
+        raise
+    if counts["rejected"]:
+        os.replace(rejects_tmp, rejects_file)
+    else:
+        rejects_file.unlink(missing_ok=True)  # an earlier build's, now replaced
     meta["elapsed_s"] = time.time() - progress.start
     meta["path"] = str(name)
     return meta
@@ -369,13 +392,15 @@ def _summary(meta: dict, workers: int) -> str:
     rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
     cut = (f"\n  truncation {c['prompts_shortened']:,} prompts shortened to fit the pack "
            f"({c['prompt_tokens_cut']:,} tokens beyond POLAR's rule)") if c["prompts_shortened"] else ""
+    records = c["lines"] - c["blank"]
+    blank = f" ({c['blank']:,} blank lines skipped)" if c["blank"] else ""
     return "\n".join([
         f"wrote {meta['path']}.{{bin,idx,json}}",
-        f"  records    {c['lines']:,} lines: {c['records']:,} groups{rej}{cut}",
+        f"  records    {records:,}{blank}: {c['records']:,} groups{rej}{cut}",
         f"  packed     {c['groups']:,} groups, {c['candidates']:,} candidates -> {c['sequences']:,} sequences of "
         f"{L} tokens, packing efficiency {eff:.2%}",
         f"  tokens     {c['tokens']:,} ({meta['token_dtype']})",
-        f"  time       {dt:.1f}s: {c['lines'] / dt:,.0f} records/s, {c['tokens'] / dt / 1e6:.2f}M tokens/s "
+        f"  time       {dt:.1f}s: {records / dt:,.0f} records/s, {c['tokens'] / dt / 1e6:.2f}M tokens/s "
         f"({workers} worker{'s' if workers > 1 else ''})",
     ])
 

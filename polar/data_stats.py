@@ -31,7 +31,9 @@ def compute(path: str) -> dict:
     k = ds.candidates_per_group
     duplicated = int((prefix * (k - 1)).sum())
     real = ds.num_real_tokens
-    records = [s.meta.get("counts", {}).get("lines") for s in ds.shards]
+    # Lines less blank ones; metadata from before "blank" was counted gives lines.
+    records = [c["lines"] - c.get("blank", 0) if "lines" in c else None
+               for c in (s.meta.get("counts", {}) for s in ds.shards)]
     rejected = [s.meta.get("counts", {}).get("rejected") for s in ds.shards]
     top = int(max(group.max(initial=1), ds.seq_length))
     edges, _ = log2_histogram(np.zeros(0, dtype=np.int64), top)

@@ -4,10 +4,11 @@ Standard library only (urllib); `polar sample` runs these calls in threads and d
 so this module only says *what* went wrong:
 
     retryable        connection refused/reset, timeouts, HTTP 5xx, 408, 429, a reply that is not
-                     the API's JSON: the same request may succeed later
-    endpoint_fault   the endpoint, not the prompt, is at fault (everything retryable except 429,
-                     plus 401/403/404: a wrong key, model name or URL fails every request): these
-                     count towards taking the endpoint out of the pool. A 429 only asks us to slow down.
+                     the API's JSON, an empty completion: the same request may succeed later
+    endpoint_fault   the endpoint, not the prompt, is at fault (everything retryable except 429
+                     and an empty completion, plus 401/403/404: a wrong key, model name or URL fails
+                     every request): these count towards taking the endpoint out of the pool. A 429
+                     only asks us to slow down, and an empty completion is the answer to one prompt.
     neither          other 4xx (400 prompt too long, 422 bad parameter): this prompt fails here
 """
 from __future__ import annotations
@@ -98,11 +99,14 @@ def parse_reply(policy: Policy, raw: bytes) -> Completion:
     except (ValueError, KeyError, IndexError, TypeError):
         raise RequestFailure("bad response", f"not an OpenAI {policy.kind} reply: {raw[:200]!r}",
                              retryable=True, endpoint_fault=True) from None
-    if text is None:  # chat servers send null content for an empty message
-        text = ""
-    if not isinstance(text, str):
+    if not isinstance(text, (str, type(None))):
         raise RequestFailure("bad response", f"completion text is {type(text).__name__}, not a string",
                              retryable=True, endpoint_fault=True)
+    if not text:  # "", or the null content chat servers send for an empty message
+        # A record with an empty response is one every build rejects; a failure is retried, and
+        # listed for the next run, instead of marking the prompt done.
+        raise RequestFailure("empty completion", f"the server returned no text (finish_reason "
+                             f"{choice.get('finish_reason')!r})", retryable=True, endpoint_fault=False)
     return Completion(text=text, finish_reason=choice.get("finish_reason"))
 
 

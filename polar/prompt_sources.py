@@ -8,6 +8,7 @@ from array import array
 from dataclasses import dataclass
 
 from polar.format import as_text
+from polar.records import strip_bom
 
 
 class SampleError(ValueError):
@@ -20,7 +21,7 @@ class TextSource:
     `fmt` is "text" (one document per line) or "jsonl" (the document in `text_field`, a string or
     a message list). Every line is checked once at start-up, so a bad line stops the run before any
     request is sent. Blank lines / empty texts are not documents (a prefix needs one token); they are
-    counted in `empty`, not dropped silently.
+    counted in `empty`, not dropped silently. A UTF-8 byte order mark opening a file is not text.
     """
 
     def __init__(self, paths: list[str], fmt: str, text_field: str):
@@ -43,7 +44,7 @@ class TextSource:
         with f:
             offset = 0
             for line_no, raw in enumerate(f, 1):
-                text = self._parse(raw, path, line_no, kind)
+                text = self._parse(strip_bom(raw) if offset == 0 else raw, path, line_no, kind)
                 if text.strip():
                     self._file.append(k)
                     self._line.append(line_no)
@@ -86,6 +87,8 @@ class TextSource:
             f = self._handles[k] = open(self.paths[k], "rb")
         f.seek(self._offset[d])
         raw = f.readline()
+        if self._offset[d] == 0:
+            raw = strip_bom(raw)
         return self._parse(raw, self.paths[k], self._line[d], self._kinds[k]), f"{self.paths[k]}:{self._line[d]}"
 
     def close(self) -> None:

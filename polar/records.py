@@ -9,7 +9,8 @@ Two record shapes are read; every value that is text may be a string or a messag
         {"prompt": T, "reference": T, "candidates": [C, ...], "reference_policy": id, "wrapper": ...}
         C = {"text": T, "label": 0|1}  or  {"text": T, "policy": id}  (label 1 iff policy == reference_policy)
 
-`wrapper` is optional (the builder's default applies). A candidate's explicit `label` wins over its
+`wrapper` is optional (the builder's default applies). A UTF-8 byte order mark opening a file is
+skipped. A candidate's explicit `label` wins over its
 `policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
 lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
 invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
@@ -19,6 +20,7 @@ group without both a positive and a negative candidate (it gives no pair to lear
 """
 from __future__ import annotations
 
+import codecs
 import json
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -207,6 +209,13 @@ def reject_entry(file: str, line: int, field: str, reason: str, raw: Union[bytes
     return row
 
 
+def strip_bom(data: bytes) -> bytes:
+    """`data` without a leading UTF-8 byte order mark. For the bytes at the start of a file only:
+    editors on Windows write one there, and it is not part of the first record; anywhere else it is
+    the text's own character (U+FEFF)."""
+    return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
+
+
 def iter_lines(path: str, start: int = 0, end: Optional[int] = None, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
     that one bad byte rejects its line rather than the file."""
@@ -216,7 +225,7 @@ def iter_lines(path: str, start: int = 0, end: Optional[int] = None, first_line:
         for raw in f:
             if end is not None and pos >= end:
                 break
-            yield n, raw
+            yield n, strip_bom(raw) if pos == 0 else raw
             pos += len(raw)
             n += 1
 

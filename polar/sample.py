@@ -72,30 +72,40 @@ def read_done_ids(path: str) -> set[int]:
     done: dict[int, int] = {}
     if not os.path.exists(path):
         return set()
+    # Line by line: the output of a large run does not fit in memory twice.
+    torn_at = None
     with open(path, "rb") as f:
-        data = f.read()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        print(f"polar sample: {path}: the last line ({len(data) - end} bytes at byte {end}) is incomplete, "
+        end = 0
+        for line_no, raw in enumerate(f, 1):
+            if not raw.endswith(b"\n"):  # only the last line can lack its newline
+                torn_at = (end, len(raw))
+                break
+            end += len(raw)
+            if not raw.strip():
+                continue
+            _add_done(done, raw, path, line_no)
+    if torn_at is not None:
+        end, size = torn_at
+        print(f"polar sample: {path}: the last line ({size} bytes at byte {end}) is incomplete, "
               f"cut by a stop mid-write; removing it (its prompt is sampled again)", file=sys.stderr)
         with open(path, "r+b") as f:
             f.truncate(end)
-    for line_no, raw in enumerate(data[:end].splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw)
-            i = rec["id"]
-        except (ValueError, KeyError, TypeError):
-            raise SampleError(f"{path}:{line_no}: not a record of polar sample (a JSON object with an "
-                              f"integer 'id'); is this the right --output?") from None
-        if not isinstance(i, int) or isinstance(i, bool):
-            raise SampleError(f"{path}:{line_no}: field 'id' must be an integer, got {i!r}")
-        if i in done:
-            raise SampleError(f"{path}:{line_no}: id {i} repeats line {done[i]}; the file was written by "
-                              f"something else or edited")
-        done[i] = line_no
     return set(done)
+
+
+def _add_done(done: dict[int, int], raw: bytes, path: str, line_no: int) -> None:
+    try:
+        rec = json.loads(raw)
+        i = rec["id"]
+    except (ValueError, KeyError, TypeError):
+        raise SampleError(f"{path}:{line_no}: not a record of polar sample (a JSON object with an "
+                          f"integer 'id'); is this the right --output?") from None
+    if not isinstance(i, int) or isinstance(i, bool):
+        raise SampleError(f"{path}:{line_no}: field 'id' must be an integer, got {i!r}")
+    if i in done:
+        raise SampleError(f"{path}:{line_no}: id {i} repeats line {done[i]}; the file was written by "
+                          f"something else or edited")
+    done[i] = line_no
 
 
 def check_settings(path: str, settings: dict, allow_changed: bool) -> None:

@@ -1,6 +1,10 @@
 """engine.indexed_dataset: what ShardWriter writes, IndexedDataset reads back, and the loader on it."""
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -205,3 +209,26 @@ def test_loader_sharding_and_resume_on_a_built_dataset(tmp_path, packed):
     # every sequence once per epoch
     epoch = [one.global_batch_indices(b) for b in range(len(ds) // 4)]
     assert len(np.unique(np.concatenate(epoch))) == 4 * (len(ds) // 4)
+
+
+def test_hundreds_of_shards_read_within_a_small_open_file_limit(tmp_path):
+    """A shard holds no file descriptor while unread, and the memory maps of the .bin files are
+    bounded: 300 shards read (and their groups kept) under a limit of 256 open files."""
+    expected = 0
+    for k in range(300):
+        packed = PackedGroups(random_groups(k, 3), SEQ)
+        write(tmp_path / f"s-{k:03d}", packed)
+        expected += sum(int(p.sum()) for g in packed.groups for p in (g.prefix, *g.candidates))
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+from engine.indexed_dataset import IndexedDataset
+ds = IndexedDataset({str(tmp_path)!r})
+kept = ds.sequences(range(len(ds))) + ds.sequences(range(len(ds) - 1, -1, -1))
+print(len(ds.shards), sum(int(p.sum()) for seq in kept[:len(ds)] for g in seq for p in (g.prefix, *g.candidates)))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["300", str(expected)]

@@ -12,6 +12,7 @@ so a test can recompute what any policy must have returned. Behaviour per model:
     loop   the text followed by LOOP_CHUNK x LOOP_COPIES and a partial copy (a repetition loop)
     fail   always HTTP 500
     busy   HTTP 429 on the first attempt of each (prompt, seed), the text on the next
+    empty  an empty completion: "" as completion text, null as chat message content
 
 An unknown model gets 404, like vLLM. Setting `fail_after = N` makes every request after the first N
 successful ones get HTTP 503 (a server that starts failing mid-run); set it back to None to heal.
@@ -106,6 +107,8 @@ class FakeOpenAIServer:
                         return self._send(429, {"error": {"message": "slow down"}})
                     server.served += 1
                 text = (fake_loop_text if behaviour == "loop" else fake_text)(model, prompt, seed)
+                if behaviour == "empty":
+                    text = None if chat else ""
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                           if chat else {"index": 0, "text": text, "finish_reason": "stop"})
                 self._send(200, {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",

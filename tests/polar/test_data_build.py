@@ -177,6 +177,10 @@ def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, recor
         assert build(src, "-o", tmp_path / "two", "--seq-length", SEQ, "--chunk-records", 10,
                      "--num-shards", 2, "--shard-index", i) == 0
     assert IndexedDataset(tmp_path / "two").num_groups == 40
+    # --force replaces a shard of the same name built with other settings (and still refuses the
+    # shards of another name above)
+    assert build(*common, "--force", "--seed", 1) == 0
+    assert IndexedDataset(tmp_path / "ds").meta["seed"] == 1
     (tmp_path / "two" / "part-00001-of-00002.idx").unlink()  # a shard that did not arrive
     with pytest.raises(DatasetFormatError, match=r"two: build \w+ of 2 shards lacks 1 \(part-00001-of-00002"):
         IndexedDataset(tmp_path / "two")
@@ -283,3 +287,56 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     carried = tmp_path / "run" / "checkpoints" / "tokenizer"
     assert (carried / "tokenizer.json").read_bytes() == (Path(tok_dir) / "tokenizer.json").read_bytes()
     assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)
+
+
+@pytest.mark.parametrize("option, value", [("--seq-length", 0), ("--seq-length", -5), ("--max-length", -1),
+                                           ("--max-response", -1), ("--max-response", 0)])
+def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys, option, value):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:5])
+    assert build(src, "-o", tmp_path / "ds", "--on-error", "skip", option, value) == 2
+    assert f"{option} must be an integer >= " in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records, capsys, monkeypatch):
+    from engine import indexed_dataset
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    ds = tmp_path / "ds"
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 0
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    assert "part-00000-of-00001.rejects.jsonl" in before
+    # a rebuild stopped by a bad record
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--force") == 1
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+    def failing_close(self):
+        raise OSError("disk full")
+
+    # a rebuild whose index cannot be written leaves no temporary file either
+    monkeypatch.setattr(indexed_dataset.ShardWriter, "close", failing_close)
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force", "--seed", 3) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+
+def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
+    lines = [(json.dumps(r) + "\n").encode() for r in records[:4]]
+    src = tmp_path / "r.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + lines[1] + b"  \n" + b"{oops\n" + b"".join(lines[2:]))
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip") == 0
+    out = capsys.readouterr().out
+    assert "records    5 (2 blank lines skipped): 4 groups, 1 rejected" in out
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.num_groups == 4 and ds.meta["counts"]["blank"] == 2
+    enc, _ = expected_group(records[0])  # the BOM is not part of the first record
+    first = [g for i in range(len(ds)) for g, rid in zip(ds.sequences([i])[0], ds.sources(i)) if rid == 0]
+    np.testing.assert_array_equal(first[0].prefix, enc.prefix)
+    assert data_stats.main([str(tmp_path / "ds")]) == 0
+    assert "records 5 (1 rejected) | groups 4" in capsys.readouterr().out
+    # metadata written before blank lines were counted still reads (its lines are the records)
+    meta_path = tmp_path / "ds" / "part-00000-of-00001.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["counts"]["blank"]
+    meta_path.write_text(json.dumps(meta))
+    assert data_stats.compute(str(tmp_path / "ds"))["records"] == 7

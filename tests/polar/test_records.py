@@ -141,3 +141,10 @@ def test_record_error_survives_pickling():
 
     e = pickle.loads(pickle.dumps(RecordError("f", 2, "prompt", "missing")))
     assert (e.file, e.line, e.field, str(e)) == ("f", 2, "prompt", "f:2: prompt: missing")
+
+
+def test_a_bom_opening_the_file_is_not_part_of_line_1(tmp_path):
+    p = write_lines(tmp_path / "r.jsonl", [b"\xef\xbb\xbf" + line(GOOD), b"\xef\xbb\xbf" + line(GOOD)])
+    rejects = []
+    assert [r.line for r in read_records(p, on_error="skip", rejects=rejects)] == [1]
+    assert [(r["line"], r["field"]) for r in rejects] == [(2, "(line)")]  # elsewhere it is no BOM

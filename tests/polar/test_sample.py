@@ -316,6 +316,66 @@ def test_read_done_ids_cuts_a_torn_line_and_rejects_duplicates(tmp_path, capsys)
         read_done_ids(str(out))
 
 
+def test_read_done_ids_streams_the_output(tmp_path):
+    import tracemalloc
+
+    out = tmp_path / "o.jsonl"
+    pad = "x" * 100_000
+    with open(out, "w") as f:
+        f.writelines(json.dumps({"id": i, "text": pad}) + "\n" for i in range(300))
+        f.write('{"id": 300, "te')
+    tracemalloc.start()
+    try:
+        assert read_done_ids(str(out)) == set(range(300))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3_000_000, f"{peak} bytes held for a {out.stat().st_size}-byte output"
+    assert out.read_bytes().endswith(b'"}\n') and read_done_ids(str(out)) == set(range(300))
+
+
+def test_empty_completions_are_failures_retried_by_the_next_run(tmp_path, capsys):
+    # Every prompt draws two of these three policies, so each meets an empty reply ("" from the
+    # completions API, null content from the chat API).
+    models = {"base-a": "ok", "silent": "empty", "mute": "empty"}
+    with FakeOpenAIServer(models) as srv:
+        pool = [{"name": m, "base_url": srv.base_url, "model": m, "max_concurrency": 2,
+                 **({"kind": "chat"} if m == "mute" else {})} for m in models]
+        pool_path = tmp_path / "pool.yaml"
+        pool_path.write_text(yaml.safe_dump(pool), encoding="utf-8")
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text("\n".join(d for d in DOCS if d) + "\n", encoding="utf-8")
+        out = tmp_path / "out.jsonl"
+        argv = ["--corpus", str(corpus), "--pool", str(pool_path), "--output", str(out), "--num-prompts", "4",
+                "--retry-base", "0.001", "--retry-cap", "0.01", "--max-retries", "2", "--progress-interval", "0.05"]
+        assert sample.main(argv) == 1
+        err = capsys.readouterr().err
+        assert out.read_text() == ""
+        failures = _records(str(out) + ".failures.jsonl")
+        assert sorted(f["id"] for f in failures) == [0, 1, 2, 3]
+        assert all("empty completion" in f["reason"] for f in failures)
+        assert "4 prompts failed" in err and "empty completion x" in err
+        srv.models["silent"] = srv.models["mute"] = "ok"  # the next run retries them
+        assert sample.main(argv) == 0
+    assert sorted(_by_id(_records(out))) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name, content", [("c.txt", "first doc\nsecond \ufeff doc\n"),
+                                           ("c.jsonl", '{"text": "first doc"}\n{"text": "second \ufeff doc"}\n')])
+def test_a_bom_opening_a_corpus_file_is_not_text(tmp_path, name, content):
+    from polar.prompt_sources import TextSource
+
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    src = TextSource([str(path)], "auto", "text")
+    try:
+        assert len(src) == 2
+        assert src.get(0) == ("first doc", f"{path}:1")
+        assert src.get(1)[0] == "second \ufeff doc"  # inside a text it is the text's own character
+    finally:
+        src.close()
+
+
 def test_help_documents_the_flags(capsys):
     with pytest.raises(SystemExit) as e:
         sample.main(["--help"])
