@@ -6,7 +6,9 @@
 
 Each input line (polar/score_input.py: an official record, a group, or one output) becomes the
 exact strings and ids of the official POLAR client (polar/client_format.py); the outputs of one
-line share their longest common id prefix, which the packed layout holds once. Packed sequences
+line share their longest common id prefix, which the packed layout holds once (a line whose outputs
+together pass the model's positions, or --seq-length, is split into groups that fit, as `polar
+serve` groups rollouts: each output's reward is the one it gets in one group). Packed sequences
 are split over the data-parallel ranks, scored with the engine's forward (engine/scoring.py) and
 written by rank 0 as one line per input line, in input order. This is the reference that
 `polar serve` is tested against.
@@ -81,6 +83,41 @@ def lcp_group(ids: list):
     return Group(prefix=ids[0][:n], candidates=[x[n:] for x in ids], labels=None)
 
 
+class SplitLine:
+    """A line's outputs as several groups, when together they do not fit one packed sequence (n
+    rollouts of one prompt, each short): `parts[j]` scores the outputs `members[j]` (their indices in
+    the line). Each output still attends to exactly its own prompt, reference and text, so its
+    reward is the one it gets in a single group. `len()` is its longest part: what one packed
+    sequence must hold."""
+
+    def __init__(self, parts: list, members: list):
+        self.parts, self.members = parts, members
+        self.outputs = sum(len(m) for m in members)
+
+    def __len__(self) -> int:
+        return max(len(g) for g in self.parts)
+
+
+def line_groups(ids: list, max_tokens: int):
+    """The Group of a line's outputs (lcp_group), or a SplitLine when that group holds more than
+    `max_tokens` tokens: the outputs partitioned as `polar serve` does (polar.serve.grouping), into
+    groups that each fit and share as much prefix as they can. A single output longer than
+    `max_tokens` stays alone (and is refused by score_groups, naming its line)."""
+    import numpy as np
+
+    from polar.serve.grouping import group_items
+
+    group = lcp_group(ids)
+    if not max_tokens or len(group) <= max_tokens or len(ids) == 1:
+        return group
+
+    # min_prefix=1: every output of a line shares at least BOS, prompt and reference; the serve
+    # default (32) is there to avoid grouping unrelated items from different requests
+    split = group_items([np.asarray(x, dtype=np.int32) for x in ids], max_tokens, min_prefix=1)
+    members = [list(g.items) for g in split]
+    return SplitLine([lcp_group([ids[i] for i in m]) for m in members], members)
+
+
 class CheckpointScorer:
     """An engine checkpoint loaded at a TP x PP x DP layout, scoring lists of outputs that share a
     prompt and reference. Every rank builds the same inputs; the packed sequences are split over the
@@ -124,21 +161,46 @@ class CheckpointScorer:
         self.chunks, _ = build_model(self.model_cfg, par, TrainConfig(precision=self.precision), self.rt)
         checkpoint.load(self.step_dir, self.chunks, None)
 
-    def groups(self, item_lists: list) -> list:
-        """Per list of ScoringItems: the client's exact ids of each, as one Group."""
+    def groups(self, item_lists: list, max_tokens: int = 0) -> list:
+        """Per list of ScoringItems: the client's exact ids of each, as one Group, or as a SplitLine
+        of several when one would hold more than `max_tokens` (default: the model's positions)."""
         from polar.client_format import client_encode_batch
 
+        cap = min(max_tokens or self.model_cfg.max_position_embeddings, self.model_cfg.max_position_embeddings)
         flat = [it for items in item_lists for it in items]
         served = client_encode_batch(self.tokenizer, flat, max_length=self.max_length,
                                      max_response_length=self.max_response_length)
         out, k = [], 0
         for items in item_lists:
-            out.append(lcp_group([s.ids for s in served[k:k + len(items)]]))
+            out.append(line_groups([s.ids for s in served[k:k + len(items)]], cap))
             k += len(items)
         return out
 
-    def score_groups(self, groups: list, seq_length: int = 0, where=None) -> tuple[list, dict]:
-        """Rewards (list of floats per group) and packing facts; `where(i)` names group i in errors."""
+    def score_groups(self, lines: list, seq_length: int = 0, where=None) -> tuple[list, dict]:
+        """Rewards (list of floats per line, in its outputs' order) and packing facts, for lines as
+        groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors."""
+        groups, owner = [], []  # every group to pack, and the line it comes from
+        for i, line in enumerate(lines):
+            parts = line.parts if isinstance(line, SplitLine) else [line]
+            groups += parts
+            owner += [i] * len(parts)
+        name = where or (lambda i: f"line {i}")
+        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]))
+        out, g = [], 0
+        for line in lines:
+            if isinstance(line, SplitLine):
+                rewards = [None] * line.outputs
+                for members in line.members:
+                    for m, r in zip(members, per_group[g]):
+                        rewards[m] = r
+                    g += 1
+                out.append(rewards)
+            else:
+                out.append(per_group[g])
+                g += 1
+        return out, facts
+
+    def _score_groups(self, groups: list, seq_length: int, name) -> tuple[list, dict]:
         import numpy as np
 
         from engine.packing import collate, plan_sequences
@@ -149,7 +211,6 @@ class CheckpointScorer:
         # rounded up to 128, but never wider than the model's positions: a dynamic-RoPE model
         # refuses a packed row past them even when each group in it is shorter
         seq = seq_length or max(longest, min(-(-longest // 128) * 128, self.model_cfg.max_position_embeddings))
-        name = where or (lambda i: f"group {i}")
         if longest > seq:
             raise ConfigError(f"{name(int(lengths.argmax()))}: its outputs take {longest} tokens, more than the "
                               f"packed sequence length {seq}")
@@ -201,7 +262,8 @@ def run(args) -> int:
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
     scored = [ln for ln in lines if ln.error is None]
-    groups = scorer.groups([ln.items for ln in scored])
+    # a line whose outputs together pass the packed sequence is scored in several groups that fit
+    groups = scorer.groups([ln.items for ln in scored], args.seq_length)
     if groups:  # checked before any process group is made
         longest = max(len(g) for g in groups)
         if args.seq_length and longest > args.seq_length:

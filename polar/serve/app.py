@@ -45,6 +45,7 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_items: int = 4096
     timeout_s: float = 300.0
+    read_timeout_s: float = 60.0  # the body must arrive within it, or 408 frees the --max-preparing slot
     api_key: Optional[str] = None
     max_length: int = 16384  # POLAR's truncation of structured items (polar.format)
     max_response: int = 4096
@@ -70,6 +71,12 @@ class Service:
         if positions and positions < self.max_item_tokens:
             self.max_item_tokens = positions
             self._limit = f"the model's {positions} positions (max_position_embeddings)"
+        # Structured items are bounded by POLAR's own truncation (--max-length), not by
+        # --max-item-tokens: that truncation can end longer than max_length + 1 (a cut inside a
+        # character decodes to U+FFFD, 3 bytes per orphaned byte; a BPE may re-tokenize a cut text
+        # into more tokens), and `polar score` scores such items, so only the model's positions,
+        # which no item may pass, bound them here.
+        self.max_structured_tokens = positions or None
         self._preparing = 0
 
     def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
@@ -87,10 +94,13 @@ class Service:
             ids = [a for _, a in format_structured(self.tokenizer, items, s.max_length, s.max_response)]
         except (TypeError, ValueError) as e:
             raise RequestError(f"cannot format the items: {e}") from None
+        limit = self.max_structured_tokens
         for name, a in zip(names or [f"items[{i}]" for i in range(len(ids))], ids):
-            if len(a) > self.max_item_tokens:
+            if limit and len(a) > limit:
                 raise RequestError(f"{name} is {len(a)} tokens long after POLAR's truncation (--max-length "
-                                   f"{s.max_length}), more than {self._limit}", 413)
+                                   f"{s.max_length}), more than the model's {limit} positions "
+                                   "(max_position_embeddings); shorten its prompt, reference or output, or run "
+                                   "the server with a smaller --max-length", 413)
         return ids
 
     def admit(self, request: Request) -> None:
@@ -160,7 +170,7 @@ class _ClientGone(Exception):
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
-    kind = {400: "invalid_request_error", 401: "authentication_error", 413: "request_too_large",
+    kind = {400: "invalid_request_error", 401: "authentication_error", 408: "timeout", 413: "request_too_large",
             429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
             504: "timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
@@ -218,7 +228,14 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
                               {"WWW-Authenticate": "Bearer"})
             service.admit(request)
-            chunks = await _read_body(request, s.max_body_bytes)
+            try:
+                # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
+                # its --max-preparing slot forever, and enough of them refuse everyone with 429.
+                chunks = await asyncio.wait_for(_read_body(request, s.max_body_bytes), s.read_timeout_s)
+            except asyncio.TimeoutError:
+                status = 408
+                return _error(408, f"the request body did not arrive within {s.read_timeout_s:g} s "
+                                   "(--read-timeout-s)", {"Connection": "close"})
             body = await asyncio.to_thread(validation.parse_json, chunks)
             return JSONResponse(await work(body, request))
         except RequestError as e:

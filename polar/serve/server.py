@@ -41,14 +41,18 @@ def parse_args(argv=None):
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
     ap.add_argument("--max-preparing", type=int, default=32,
                     help="requests being read, parsed and tokenized at once; more get 429 before their body is read")
-    ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit; 504 after it")
+    ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit on scoring; 504 after it")
+    ap.add_argument("--read-timeout-s", type=float, default=60.0,
+                    help="the whole body must arrive within this many seconds of the request being admitted; "
+                         "a client that stalls gets 408 and its --max-preparing slot back")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
     ap.add_argument("--max-response", type=int, default=4096, help="POLAR truncation of reference and output")
     ap.add_argument("--max-item-tokens", type=int, default=0,
-                    help="longest item accepted, in tokens (default: max-length + 1); never more than the "
-                         "model's max_position_embeddings")
+                    help="longest already-formatted text (/classify, /pooling) accepted, in tokens (default: "
+                         "max-length + 1); never more than the model's max_position_embeddings. Structured "
+                         "items (/v1/rewards, /get_reward) are bounded by --max-length and the model's positions")
     ap.add_argument("--pooling-format", choices=("vllm", "lmdeploy"), default="vllm",
                     help="the answer of POST /pooling (both are always at /vllm/pooling and /lmdeploy/pooling)")
     ap.add_argument("--no-share-prefixes", action="store_true", help="score every item as its own sequence")
@@ -61,6 +65,8 @@ def parse_args(argv=None):
     ap.add_argument("--graceful-timeout-s", type=float, default=60.0,
                     help="on SIGTERM/SIGINT, how long in-flight requests may take to finish")
     args = ap.parse_args(argv)
+    if not args.read_timeout_s > 0:
+        ap.error("--read-timeout-s must be positive")
     if args.pp < 1 or args.tp < 0:
         ap.error("--tp and --pp must be positive")
     if not args.tp:
@@ -94,7 +100,8 @@ def build_service(args, scorer):
         print(f"polar serve: --row-tokens {args.row_tokens} lowered to the model's max_position_embeddings "
               f"{batcher.row_tokens}", file=sys.stderr)
     settings = ServeSettings(model_name=args.model_name, max_body_bytes=args.max_body_bytes,
-                             max_items=args.max_items, timeout_s=args.timeout_s, api_key=api_key,
+                             max_items=args.max_items, timeout_s=args.timeout_s,
+                             read_timeout_s=args.read_timeout_s, api_key=api_key,
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
                              pooling_format=args.pooling_format, max_preparing=args.max_preparing)

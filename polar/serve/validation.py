@@ -47,7 +47,7 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
     except RecursionError:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
-        raise RequestError(f"the request body must be a JSON object, got {type(value).__name__}")
+        raise RequestError(f"the request body must be a JSON object, got {_type(value)}")
     return value
 
 
@@ -222,7 +222,9 @@ def _unicode(s: str, where: str) -> str:
 
 
 def _type(v) -> str:
-    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(v), type(v).__name__)
+    """The JSON type the client sent: its own words, not the Python class json.loads made of it."""
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null", int: "number",
+            float: "number"}.get(type(v), type(v).__name__)
 
 
 def _str_list(body: dict, key: str, allow_str: bool = True, required: bool = True) -> list:
@@ -257,8 +259,12 @@ def _text(v, where: str):
         return _unicode(v, where)
     if isinstance(v, list):
         for i, m in enumerate(v):
-            if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            if not isinstance(m, dict):
                 raise RequestError(f"{where}[{i}] must be an object with a string 'content', got {_type(m)}")
+            if "content" not in m:
+                raise RequestError(f"{where}[{i}]: missing field 'content' (a string)")
+            if not isinstance(m["content"], str):
+                raise RequestError(f"{where}[{i}].content must be a string, got {_type(m['content'])}")
             _unicode(m["content"], f"{where}[{i}].content")
         return v
     raise RequestError(f"{where} must be a string or an array of messages, got {_type(v)}")
@@ -367,12 +373,13 @@ def native(body: dict, max_items: int) -> NativeRequest:
             raise RequestError(f"{where}: give exactly one of 'output' (one rollout) or 'outputs' (a list)")
         if "output" in e:
             outs = [_text(e["output"], f"{where}.output")]
-            names.append(f"{where}.output")
+            # the item is the whole entry (prompt, reference and output): any of them may be the long part
+            names.append(where)
         else:
             if not isinstance(e["outputs"], list) or not e["outputs"]:
                 raise RequestError(f"{where}.outputs must be a non-empty array")
             outs = [_text(o, f"{where}.outputs[{k}]") for k, o in enumerate(e["outputs"])]
-            names += [f"{where}.outputs[{k}]" for k in range(len(outs))]
+            names += [f"{where} (outputs[{k}])" for k in range(len(outs))]
         flat += [StructuredItem(prompt, reference, o, wrapper) for o in outs]
         counts.append(len(outs))
         single.append("output" in e)

@@ -139,7 +139,11 @@ def test_openrlhf_reward_func(server, _alone_items):
 @pytest.mark.parametrize("path,body,status,words", [
     ("/classify", b"{not json", 400, "not valid JSON"),
     ("/classify", b"", 400, "empty"),
-    ("/classify", b"[1, 2]", 400, "JSON object"),
+    ("/classify", b"[1, 2]", 400, "must be a JSON object, got array"),
+    ("/classify", b"null", 400, "must be a JSON object, got null"),
+    ("/classify", b"3.5", 400, "must be a JSON object, got number"),
+    ("/classify", b'"text"', 400, "must be a JSON object, got string"),
+    ("/classify", {"text": [None]}, 400, "text[0] must be a string, got null"),
     ("/classify", {"model": "m"}, 400, "missing field 'text'"),
     ("/classify", {"text": [1]}, 400, "text[0] must be a string"),
     ("/classify", {"text": []}, 400, "empty batch"),
@@ -152,7 +156,16 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r"}]}, 400, "exactly one of 'output'"),
     ("/v1/rewards", {"items": [{"prompt": "p", "reference": 3, "output": "o"}]}, 400, "items[0].reference"),
     ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o", "wrapper": "chat"}]}, 400, "wrapper"),
-    ("/v1/rewards", {"items": [{"prompt": [{"role": "user"}], "reference": "r", "output": "o"}]}, 400, "content"),
+    ("/v1/rewards", {"items": [{"prompt": [{"role": "user"}], "reference": "r", "output": "o"}]}, 400,
+     "items[0].prompt[0]: missing field 'content'"),
+    ("/v1/rewards", {"items": [{"prompt": [{"role": "user", "content": 5}], "reference": "r", "output": "o"}]}, 400,
+     "items[0].prompt[0].content must be a string, got number"),
+    ("/v1/rewards", {"items": [{"prompt": ["hi"], "reference": "r", "output": "o"}]}, 400,
+     "items[0].prompt[0] must be an object with a string 'content', got string"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["a"], "labels": [[{"role": "user", "content": 5}]]}, 400,
+     "labels[0][0].content must be a string, got number"),
+    ("/get_reward", {"query": ["ab"], "prompts": ["a"], "labels": [[{"role": "user", "content": None}]]}, 400,
+     "labels[0][0].content must be a string, got null"),
     ("/v1/rewards", {"items": []}, 400, "empty batch"),
     ("/classify", {"text": ["x" * 250_000]}, 413, "--max-body-bytes"),
     ("/classify", b'{"text": ["ok", "abc \\ud800 def"]}', 400, "text[1] holds a lone surrogate"),
@@ -342,17 +355,69 @@ def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer, monkeypat
     assert inside >= 3, (inside, end - start, len(probes))  # 14-51 here, loaded or not; json.loads: 0
 
 
-def test_structured_items_longer_than_the_item_limit_get_413(scorer, tokenizer):
+def test_max_item_tokens_bounds_formatted_texts_and_not_structured_items(scorer, tokenizer, _alone_items):
+    """Structured items are bounded by POLAR's truncation (--max-length), as `polar score` bounds
+    them; --max-item-tokens is for the already-formatted texts of /classify and /pooling."""
     with live_server(scorer, tokenizer, max_item_tokens=300) as (url, _):
+        items = [{"prompt": "p", "reference": "r", "output": o, "wrapper": "sft"} for o in ("short", "o" * 400)]
+        expected = _alone_items(items)
         body = {"items": [{"prompt": "p", "reference": "r", "outputs": ["short", "o" * 400]}]}
         res = httpx.post(f"{url}/v1/rewards", json=body, timeout=60)
-        assert res.status_code == 413
-        assert "items[0].outputs[1] is" in res.json()["error"]["message"] and "--max-item-tokens" in res.text
+        assert res.status_code == 200, res.text
+        np.testing.assert_allclose(res.json()["data"][0]["rewards"], expected, rtol=0, atol=1e-5)
         res = httpx.post(f"{url}/get_reward", json={"query": ["p" + "o" * 400], "prompts": ["p"], "labels": ["r"]},
                          timeout=60)
-        assert res.status_code == 413 and "query[0] is" in res.json()["error"]["message"]
-        body["items"][0]["outputs"].pop()
-        assert httpx.post(f"{url}/v1/rewards", json=body, timeout=60).status_code == 200
+        assert res.status_code == 200, res.text
+        np.testing.assert_allclose(res.json()["rewards"], expected[1:], rtol=0, atol=1e-5)
+        text = _formatted(tokenizer, items[1:])[0][0]
+        for path, key in (("/classify", "text"), ("/pooling", "input")):
+            res = httpx.post(f"{url}{path}", json={key: ["ok", text]}, timeout=60)
+            assert res.status_code == 413, res.text
+            message = res.json()["error"]["message"]
+            assert f"{key}[1] is" in message and "--max-item-tokens" in message, message
+
+
+def test_a_truncation_cut_inside_a_character_is_scored_as_polar_score_scores_it(dynamic_scorer, tokenizer,
+                                                                                alone_dynamic):
+    """POLAR's truncation keeps a prompt's last tokens: a cut inside a UTF-8 character leaves bytes
+    that decode to U+FFFD, 3 bytes each, so the item ends longer than max_length + 1 (here 256 >
+    251), yet within the model's 256 positions; `polar score` scores it, and so does the server."""
+    item = {"prompt": "x" + "\u4e2d" * 100, "reference": "reference", "output": "\u00e9" * 10}
+    (_, ids), = format_structured(tokenizer, [StructuredItem(**item)], 250, 64)
+    assert 250 + 1 < len(ids) <= 256
+    with live_server(dynamic_scorer, tokenizer, max_length=250, max_response=64, max_item_tokens=251) as (url, _):
+        res = httpx.post(f"{url}/v1/rewards", json={"items": [item]}, timeout=60)
+        assert res.status_code == 200, res.text
+        np.testing.assert_allclose(res.json()["data"][0]["reward"], alone_dynamic([ids])[0], rtol=0, atol=1e-5)
+        body = {"query": [item["prompt"] + item["output"]], "prompts": [item["prompt"]], "labels": [item["reference"]]}
+        res = httpx.post(f"{url}/get_reward", json=body, timeout=60)
+        assert res.status_code == 200, res.text
+        np.testing.assert_allclose(res.json()["rewards"], alone_dynamic([ids]), rtol=0, atol=1e-5)
+
+
+def test_a_stalled_body_gets_408_and_frees_its_slot(scorer, tokenizer):
+    """A client that sends its headers and part of its body, then nothing (a hung worker, a stuck
+    proxy), must not hold its --max-preparing slot: with one slot, every other request would get
+    429 for as long as that connection stays open."""
+    with live_server(scorer, tokenizer, max_preparing=1, read_timeout_s=0.5) as (url, _):
+        body = json.dumps({"text": ["a"]}).encode()
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as stalled:
+            stalled.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: %d\r\n\r\n" % len(body) + body[:5])
+            answer = b""
+            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+                got = stalled.recv(65536)
+                if not got:
+                    break
+                answer += got
+            assert answer.startswith(b"HTTP/1.1 408"), answer
+            assert b"--read-timeout-s" in answer
+            assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 0)
+            # the stalled connection is still open on this side: the slot is free all the same
+            res = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
+            assert res.status_code == 200, res.text
+        assert 'polar_serve_requests_total{endpoint="classify",status="408"} 1.0' in httpx.get(f"{url}/metrics").text
 
 
 def test_settings_that_leave_the_prompt_unbounded_are_refused(tokenizer):

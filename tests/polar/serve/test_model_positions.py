@@ -42,7 +42,22 @@ def test_an_item_longer_than_the_positions_gets_413_and_its_round_mates_200(dyna
     assert answers["small"].status_code == 200
     np.testing.assert_allclose(answers["small"].json()[0]["embedding"][0],
                                alone_dynamic(tokenizer.encode_served_batch(small))[0], rtol=0, atol=1e-5)
-    for name, where in (("big", "text[0] is 302 tokens long"), ("structured", "items[0].output is")):
+    for name, where in (("big", "text[0] is 302 tokens long"), ("structured", "items[0] is")):
         message = answers[name].json()["error"]["message"]
         assert answers[name].status_code == 413 and where in message, message
         assert f"the model's {DYNAMIC_POSITIONS} positions" in message
+
+
+def test_a_structured_item_past_the_positions_is_named_as_a_whole(dynamic_scorer, tokenizer):
+    """The long part may be the prompt or the reference, not the output: the message names the
+    item (and which of its outputs), not a field that may be short."""
+    with live_server(dynamic_scorer, tokenizer) as (url, _):
+        cases = (({"items": [{"prompt": "p", "reference": "r", "output": "o"},
+                             {"prompt": "p" * 300, "reference": "r", "output": "o"}]}, "items[1] is"),
+                 ({"items": [{"prompt": "p", "reference": "r" * 300, "outputs": ["a", "b"]}]},
+                  "items[0] (outputs[0]) is"))
+        for body, where in cases:
+            res = httpx.post(f"{url}/v1/rewards", json=body, timeout=60)
+            message = res.json()["error"]["message"]
+            assert res.status_code == 413 and message.startswith(where), message
+            assert ".output" not in message and "--max-length" in message

@@ -1,0 +1,96 @@
+"""`polar score` (engine/score.py) on a line of n rollouts that together pass the packed sequence
+or the model's positions, each one short: the line is split into groups that fit (as `polar serve`
+groups them), and every output's reward is the one it gets with the whole line in one group."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+LINE = {"prompt": "What is 6*7? Show the steps.", "reference": "6*7 = 42, so the answer is 42.",
+        # different lengths and prefixes among the outputs: the split shares what it can
+        "candidates": [f"The answer is {i}. " + "x" * (i % 7) * 5 for i in range(24)]}
+
+
+def _checkpoint(run_dir: Path, *model_args) -> str:
+    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run_dir), *map(str, model_args)],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    return str(run_dir / "checkpoints")
+
+
+def _score(tmp: Path, checkpoint: str, lines: list, name: str, *extra) -> subprocess.CompletedProcess:
+    inp, out = tmp / f"{name}.jsonl", tmp / f"{name}_out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", "score", "--checkpoint", checkpoint, "--input",
+                           str(inp), "--output", str(out), "--tokenizer", "byte", *extra],
+                          cwd=tmp, env=ENV, capture_output=True, text=True, timeout=600)
+    proc.rows = [json.loads(x) for x in out.read_text().splitlines()] if proc.returncode == 0 else None
+    return proc
+
+
+def _one_group_tokens() -> tuple[int, int]:
+    """The line's tokens as one group, and its longest output's."""
+    from engine.score import lcp_group
+    from polar.client_format import ScoringItem, client_encode_batch
+    from polar.tokenizer import ByteTokenizer
+
+    served = client_encode_batch(ByteTokenizer(), [ScoringItem(LINE["prompt"], LINE["reference"], c)
+                                                   for c in LINE["candidates"]])
+    return len(lcp_group([s.ids for s in served])), max(len(s.ids) for s in served)
+
+
+def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path):
+    whole, longest = _one_group_tokens()
+    seq = 256
+    assert longest < seq < whole  # each output fits, the line does not
+    ckpt = _checkpoint(tmp_path / "run")
+    one = _score(tmp_path, ckpt, [LINE], "one")  # 16384 positions: the whole line in one group
+    assert one.returncode == 0, one.stderr[-3000:]
+    split = _score(tmp_path, ckpt, [LINE, {"prompt": "p", "reference": "r", "output": "o"}], "split",
+                   "--seq-length", str(seq))
+    assert split.returncode == 0, split.stderr[-3000:]
+    assert "packed sequences of 256 tokens" in split.stdout
+    assert [r["line"] for r in split.rows] == [1, 2] and len(split.rows[0]["rewards"]) == len(LINE["candidates"])
+    np.testing.assert_allclose(split.rows[0]["rewards"], one.rows[0]["rewards"], rtol=0, atol=1e-5)
+    assert np.ptp(one.rows[0]["rewards"]) > 1e-4  # the outputs' rewards differ: the order is checked
+
+
+def test_a_line_past_the_models_positions_is_scored(tmp_path):
+    """A dynamic-RoPE model (POLAR-7B's) refuses any row past its positions: a line of short
+    rollouts longer than them together was refused, while `polar serve` scored it."""
+    whole, longest = _one_group_tokens()
+    assert longest < 256 < whole
+    ckpt = _checkpoint(tmp_path / "run", 2, 64, 4, 2, 176, 260, 256)
+    split = _score(tmp_path, ckpt, [LINE], "split")
+    assert split.returncode == 0, split.stderr[-3000:]
+    # each output on its own line: its reward alone
+    alone = _score(tmp_path, ckpt, [{"prompt": LINE["prompt"], "reference": LINE["reference"], "output": c}
+                                    for c in LINE["candidates"]], "alone")
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    np.testing.assert_allclose(split.rows[0]["rewards"], [r["reward"] for r in alone.rows], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("max_tokens", [40, 100, 257])
+def test_split_groups_fit_and_cover_every_output_once(max_tokens):
+    from engine.score import SplitLine, lcp_group, line_groups
+
+    rng = np.random.default_rng(0)
+    prefix = rng.integers(0, 250, 30).astype(np.int32)
+    ids = [np.concatenate([prefix, rng.integers(0, 250, int(rng.integers(1, 9))).astype(np.int32)])
+           for _ in range(20)]
+    line = line_groups(ids, max_tokens)
+    if max_tokens >= len(lcp_group(ids)):
+        assert not isinstance(line, SplitLine)
+        return
+    assert isinstance(line, SplitLine) and len(line) <= max_tokens
+    assert sorted(m for members in line.members for m in members) == list(range(len(ids)))
+    for group, members in zip(line.parts, line.members):
+        for c, m in zip(group.candidates, members):
+            assert np.array_equal(np.concatenate([group.prefix, c]), ids[m])
