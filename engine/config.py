@@ -8,6 +8,7 @@ names the setting, long before a cluster allocation is wasted.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import math
 import typing
 from dataclasses import dataclass, field
@@ -337,10 +338,37 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
     if typ is str:
         if isinstance(value, str):
             return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
+        if isinstance(value, (int, float, bool, datetime.date)):
+            # YAML 1.1 has already rewritten an unquoted 0700, 12:30, 1.10, 1_000 or yes into
+            # another value; str() of it would silently be a different string from the one written
+            raise ConfigError(f"{where}: expected a string, but the YAML value was read as "
+                              f"{type(value).__name__} {value!r}; quote it ({where.rsplit('.', 1)[-1]}: "
+                              f"\"...\") so it is kept exactly as written")
         raise ConfigError(f"{where}: expected a string, got {value!r}")
     return value
+
+
+@dataclass(frozen=True)
+class _Override:
+    """A command-line value: its text as typed and that text read as a YAML scalar. A string setting
+    takes the text (YAML would turn run_dir=0700 into 448 and 12:30 into 750), or the string a quoted
+    text stands for (run_dir='' is the empty string); others take the value."""
+
+    text: str
+    value: Any
+
+    def _string(self) -> str:
+        quoted = len(self.text) >= 2 and self.text[0] == self.text[-1] and self.text[0] in "'\""
+        return self.value if quoted and isinstance(self.value, str) else self.text
+
+    def resolve(self, typ: Any, false_means: Optional[str] = None) -> Any:
+        if self.value is False and false_means is not None:
+            return false_means
+        if typ is str:
+            return self._string()
+        if typing.get_origin(typ) is typing.Union and str in typing.get_args(typ):
+            return None if self.value is None else self._string()
+        return self.value
 
 
 def _build(cls, values: dict, where: str):
@@ -357,7 +385,9 @@ def _build(cls, values: dict, where: str):
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for key, value in values.items():
         sub = f"{where}.{key}" if where else key
-        if value is False and "false_means" in meta[key]:
+        if isinstance(value, _Override):
+            value = value.resolve(types[key], meta[key].get("false_means"))
+        elif value is False and "false_means" in meta[key]:
             value = meta[key]["false_means"]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
@@ -383,7 +413,8 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """`train.lr=1e-5 parallel.tp=2` -> nested dict. Values are parsed as YAML scalars."""
+    """`train.lr=1e-5 parallel.tp=2` -> nested dict. A scalar value is an _Override (its text, and the
+    text parsed as YAML), resolved by the type of the setting it lands on; a mapping or list stays parsed."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -391,7 +422,11 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            parsed = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            parsed = raw  # not YAML (run_dir=[x): fine for a string setting, refused by any other
+        value = parsed if isinstance(parsed, (dict, list)) else _Override(raw, parsed)
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -402,13 +437,20 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None):
-    """Defaults of `cls`, then the YAML file at `path`, then command-line overrides."""
+def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None, *,
+                ignore: tuple = (), _chain: tuple = ()):
+    """Defaults of `cls`, then the YAML file at `path`, then command-line overrides. `ignore`: top-level
+    sections dropped from the file (and its bases) and the overrides, for a reader of one recipe's
+    files that does not know the other recipes' sections (`polar plan`)."""
     values: dict = {}
     if path:
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
+        here = p.resolve()
+        if here in _chain:
+            names = [str(f) for f in _chain[_chain.index(here):]] + [str(here)]
+            raise ConfigError(f"{path}: base: files name each other in a cycle: {' -> '.join(names)}")
         try:
             loaded = yaml.safe_load(p.read_text())
         except yaml.YAMLError as e:
@@ -416,13 +458,21 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         values = loaded or {}
+        for name in ignore:
+            values.pop(name, None)
         if "base" in values:  # presets may build on another file, relative to themselves
             base = values.pop("base")
-            base_values = dataclasses.asdict(load_config(cls, str(p.parent / base)))
+            if not isinstance(base, str) or not base:
+                raise ConfigError(f"{path}: base={base!r}: expected the path of another config file")
+            base_cfg = load_config(cls, str(p.parent / base), ignore=ignore, _chain=_chain + (here,))
+            base_values = dataclasses.asdict(base_cfg)
             _deep_update(base_values, values)
             values = base_values
     if overrides:
-        _deep_update(values, parse_overrides(overrides))
+        parsed = parse_overrides(overrides)
+        for name in ignore:
+            parsed.pop(name, None)
+        _deep_update(values, parsed)
     cfg = _build(cls, values, "")
     validate(cfg)
     return cfg

@@ -35,11 +35,12 @@ def _divisors(n: int) -> list[int]:
 
 def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
                       micro_batches=(1, 2, 4), recomputes=("none", "selective", "full")) -> list[Layout]:
-    """Every layout engine.runtime.validate_layout accepts, TP within a node, SP on with TP."""
+    """Every layout engine.runtime.validate_layout accepts, TP within a node, SP on with TP. The vocabulary
+    need not divide by TP: the engine pads the embedding table to a multiple of it (Shape.padded_vocab)."""
     out = []
     for tp in _divisors(gpus):
         if tp > gpus_per_node or any(x % tp for x in (shape.num_attention_heads, shape.num_query_groups,
-                                                      shape.ffn_hidden_size, shape.vocab_size)):
+                                                      shape.ffn_hidden_size)):
             continue
         if tp > 1 and seq_length % tp:
             continue
@@ -160,19 +161,59 @@ def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) ->
 def shape_from_config(cfg) -> Shape:
     m = cfg.model
     return Shape(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
-                 m.vocab_size, lm_head=cfg.train.aux_lm_weight > 0)
+                 m.vocab_size, lm_head=cfg.train.aux_lm_weight > 0, vocab_multiple=m.make_vocab_size_divisible_by)
+
+
+def _recipe_sections() -> tuple:
+    """Top-level sections only a training recipe reads (synthetic:, finetune:): a plan needs none of them,
+    and checking them would ask for the recipe's data files on the machine that plans."""
+    import dataclasses
+
+    from engine.config import EngineConfig
+    from polar.finetune_recipe import FinetuneConfig
+    from polar.pretrain_recipe import PretrainConfig
+
+    engine = {f.name for f in dataclasses.fields(EngineConfig)}
+    return tuple(sorted({f.name for cls in (PretrainConfig, FinetuneConfig) for f in dataclasses.fields(cls)}
+                        - engine))
+
+
+def _file_names_section(path: str, section: str) -> bool:
+    """Whether a config file or one of its bases has a top-level `section` (load_config has already refused
+    a missing base or a cycle)."""
+    import yaml
+
+    p: Optional[Path] = Path(path)
+    while p is not None:
+        values = yaml.safe_load(p.read_text()) or {}
+        if section in values:
+            return True
+        base = values.get("base")
+        p = p.parent / base if isinstance(base, str) and base else None
+    return False
 
 
 def load_plan_config(config: Optional[str], overrides: list[str]):
-    """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config rules)."""
-    from engine.config import EngineConfig, load_config
+    """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config rules), the
+    recipes' own sections ignored. model.vocab_size=0 (the recipe takes it from its tokenizer) becomes the
+    vocabulary pre-training would use: a built dataset's (data.path), else the byte tokenizer's."""
+    from engine.config import ConfigError, EngineConfig, load_config
     from polar.presets import resolve_config
 
-    cfg = load_config(EngineConfig, resolve_config(config), overrides)
+    path = resolve_config(config)
+    cfg = load_config(EngineConfig, path, overrides, ignore=_recipe_sections())
     if cfg.model.vocab_size == 0:
-        from engine.config import ConfigError
+        if _file_names_section(path, "finetune") or any(o.startswith("finetune.") for o in overrides):
+            raise ConfigError("model.vocab_size=0: fine-tuning takes it from its tokenizer (finetune.tokenizer "
+                              "or the init checkpoint's); a plan needs it: set model.vocab_size")
+        if cfg.data.path:
+            from polar.pretrain_recipe import open_built
 
-        raise ConfigError("model.vocab_size=0: a plan needs the vocabulary size (set model.vocab_size)")
+            cfg.model.vocab_size = open_built(cfg.data.path, cfg, "data.path").meta["vocab_size"]
+        else:
+            from polar.tokenizer import ByteTokenizer
+
+            cfg.model.vocab_size = ByteTokenizer.vocab_size
     return cfg
 
 
@@ -286,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--overlap", action="store_true",
                     help="assume data-parallel communication overlaps compute")
     ap.add_argument("--group-length", type=int, default=None,
-                    help="tokens per group (prefix + candidates) in a pack; default: the whole pack")
-    ap.add_argument("--top", type=int, default=12, help="rows of the table (default 12)")
+                    help="tokens per group (prefix + candidates) in a pack, >= 1; default: the whole pack")
+    ap.add_argument("--top", type=int, default=12, help="rows of the table, >= 1 (default 12)")
     ap.add_argument("--measured", default=None,
                     help="JSON list of GPU runs: print the prediction beside each measurement")
     ap.add_argument("overrides", nargs="*", help="section.key=value")
@@ -305,6 +346,11 @@ def main(argv=None) -> int:
             raise ConfigError(f"--mfu {args.mfu}: must lie in (0, 1]")
         if args.gpus < 1:
             raise ConfigError(f"--gpus {args.gpus}: must be >= 1")
+        # 0 would silently mean the whole pack and a negative length a negative attention cost
+        if args.group_length is not None and args.group_length < 1:
+            raise ConfigError(f"--group-length {args.group_length}: must be >= 1 (leave it out for the whole pack)")
+        if args.top < 1:
+            raise ConfigError(f"--top {args.top}: must be >= 1")
         if args.fp8 and gpu.fp8_tflops is None:
             raise ConfigError(f"--fp8: the {gpu.name} has no FP8 tensor cores")
         cfg = load_plan_config(args.config, args.overrides)
@@ -357,9 +403,13 @@ def main(argv=None) -> int:
         print(line)
     lay = best.layout
     print(f"launch with: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.vpp={lay.vpp or 'null'} "
-          f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()} train.micro_batch={lay.micro_batch}"
-          + (" train.fp8=<recipe>" if args.fp8 else "")
-          + ("" if lay.recompute == "none" else f"  (and {lay.recompute} activation recomputation)"))
+          f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()} train.micro_batch={lay.micro_batch} "
+          f"train.recompute={lay.recompute}"
+          # the cost model's full recomputation is megatron's uniform one-layer units
+          + (" train.recompute_num_layers=1" if lay.recompute == "full" else "")
+          # tensorwise: the FP8 recipe both backbones (local, TE) run on every FP8 card in GPUS; the cost
+          # model does not tell the recipes apart. A placeholder here would be a shell redirection.
+          + (" train.fp8=tensorwise" if args.fp8 else ""))
     return 0
 
 

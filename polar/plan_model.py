@@ -4,8 +4,9 @@ The model behind the estimates (every constant is printed with the plan):
 
 Parameters per rank are counted exactly as the engine builds them (megatron's parallel linears, no
 biases, SwiGLU, grouped-query attention; the embedding on the first pipeline stage, the final norm and
-value head (and the auxiliary LM head, if on) on the last); tests/polar/test_plan.py checks the counts
-against the engine's model at TP1, TP2, PP2 and TP2 x PP2.
+value head (and the auxiliary LM head, if on) on the last; embedding and LM head with the vocabulary padded
+as the engine pads it, Shape.padded_vocab); tests/polar/test_plan.py checks the counts against the
+engine's model at TP1, TP2, PP2 and TP2 x PP2.
 
 Memory per GPU, for the pipeline rank that needs most:
 - weights: 2 bytes per parameter in bf16 (4 in fp32);
@@ -122,6 +123,14 @@ class Shape:
     ffn_hidden_size: int
     vocab_size: int
     lm_head: bool = False  # train.aux_lm_weight > 0 adds a vocabulary-parallel LM head on the last stage
+    vocab_multiple: int = 1  # model.make_vocab_size_divisible_by
+
+    def padded_vocab(self, tp: int) -> int:
+        """Rows of the embedding table (and LM head) at tensor parallelism tp: the vocabulary rounded up to
+        a multiple of lcm(vocab_multiple, tp), as engine.parallelize.padded_vocab_size builds it (not
+        imported: that module loads torch and megatron, which a plan does not need)."""
+        multiple = math.lcm(max(self.vocab_multiple, 1), tp)
+        return -(-self.vocab_size // multiple) * multiple
 
     @property
     def head_dim(self) -> int:
@@ -176,11 +185,11 @@ def params_per_rank(shape: Shape, tp: int, pp: int, pp_rank: int) -> int:
     """Parameters one process holds at pipeline position pp_rank (any TP rank: shards are equal)."""
     n = shape.num_layers // pp * layer_params(shape, tp)
     if pp_rank == 0:
-        n += shape.vocab_size // tp * shape.hidden_size  # vocabulary-parallel embedding
+        n += shape.padded_vocab(tp) // tp * shape.hidden_size  # vocabulary-parallel embedding
     if pp_rank == pp - 1:
         n += 2 * shape.hidden_size  # final RMSNorm + value head Linear(h, 1)
         if shape.lm_head:
-            n += shape.hidden_size * shape.vocab_size // tp
+            n += shape.hidden_size * shape.padded_vocab(tp) // tp
     return n
 
 
@@ -249,11 +258,11 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     backward_working = 2 * w_bytes * tokens * 2 * shape.ffn_hidden_size / layout.tp
     if pp_rank == layout.pp - 1 and shape.lm_head:
         # logits [s, b, V/t] in the compute dtype, their fp32 copy and the softmax kept by the cross-entropy
-        activations += tokens * shape.vocab_size / layout.tp * (w_bytes + 8)
+        activations += tokens * shape.padded_vocab(layout.tp) / layout.tp * (w_bytes + 8)
     largest = max(shape.hidden_size * (shape.num_attention_heads * shape.head_dim + 2 * shape.kv_size),
                   2 * shape.ffn_hidden_size * shape.hidden_size) // layout.tp
     if pp_rank == 0 or (pp_rank == layout.pp - 1 and shape.lm_head):
-        largest = max(largest, shape.vocab_size // layout.tp * shape.hidden_size)
+        largest = max(largest, shape.padded_vocab(layout.tp) // layout.tp * shape.hidden_size)
     backward_extra = largest * w_bytes + backward_working
     if device == "cpu":
         # torch's single-tensor AdamW (CPU): sqrt(v) and its quotient, two fp32 temporaries of one parameter

@@ -60,3 +60,91 @@ def test_sequence_parallel_accepted_with_tp_dividing_the_sequence():
     assert validate_layout(ModelConfig(), ParallelConfig(tp=2, sequence_parallel=True), TrainConfig(), 4, 64) == 2
     # without sequence parallelism the sequence length is not constrained by tp
     assert validate_layout(ModelConfig(), ParallelConfig(tp=2), TrainConfig(), 2, 63) == 1
+
+
+# ---- command-line strings, YAML scalars, base: chains ----
+
+@pytest.mark.parametrize("text", ["20240101_1230", "0700", "12:30", "1.10", "0x1f", "yes", "off", "1e3", "null", "[x"])
+def test_a_string_setting_takes_the_command_line_text_as_typed(text):
+    # YAML 1.1 reads these as 202401011230, 448, 750, 1.1, 31, True, False, 1000.0 and None, and refuses [x
+    cfg = load_config(EngineConfig, None, [f"run_dir={text}", f"checkpoint.dir={text}"])
+    assert cfg.run_dir == text and cfg.checkpoint.dir == text
+
+
+def test_other_settings_still_read_the_command_line_as_yaml():
+    cfg = load_config(EngineConfig, None, ["model.num_layers=0x10", "train.lr=1e-5", "parallel.vpp=null",
+                                           "log.tensorboard=no", "train.fp8=off"])
+    assert cfg.model.num_layers == 16 and cfg.train.lr == 1e-5 and cfg.parallel.vpp is None
+    assert cfg.log.tensorboard is False and cfg.train.fp8 == "off"
+    assert load_config(EngineConfig, None, ["train.fp8=false"]).train.fp8 == "off"  # false_means
+
+
+def test_an_optional_string_setting_takes_the_text_or_null():
+    from typing import Optional
+
+    from engine.config import parse_overrides
+
+    tree = parse_overrides(["a=0700", "b=null"])
+    assert tree["a"].resolve(Optional[str]) == "0700" and tree["b"].resolve(Optional[str]) is None
+    assert tree["a"].resolve(int) == 448  # a number setting gets YAML's reading (0700 is octal in YAML 1.1)
+
+
+@pytest.mark.parametrize("text,read_as", [("0700", "int 448"), ("12:30", "int 750"), ("1.10", "float 1.1"),
+                                          ("yes", "bool True"), ("2024-01-01", "date")])
+def test_an_unquoted_yaml_value_yaml_rewrites_is_refused_for_a_string_setting(tmp_path, text, read_as):
+    f = tmp_path / "c.yaml"
+    f.write_text(f"run_dir: {text}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"run_dir: expected a string, but the YAML value was read as "
+                                                    f"{read_as}") + r".*quote it"):
+        load_config(EngineConfig, str(f))
+    f.write_text(f"run_dir: '{text}'\n")
+    assert load_config(EngineConfig, str(f)).run_dir == text
+
+
+def test_a_base_cycle_is_named(tmp_path):
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml"):
+        load_config(EngineConfig, str(tmp_path / "self.yaml"))
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(EngineConfig, str(tmp_path / "a.yaml"))
+
+
+def test_an_empty_base_is_refused(tmp_path):
+    (tmp_path / "c.yaml").write_text("base:\n")
+    with pytest.raises(ConfigError, match=r"base=None: expected the path of another config file"):
+        load_config(EngineConfig, str(tmp_path / "c.yaml"))
+
+
+def test_the_entry_script_prints_one_config_error_line_for_a_cycle(tmp_path, capsys):
+    from engine.pretrain import main
+
+    (tmp_path / "cyc.yaml").write_text("base: cyc.yaml\n")
+    assert main(["--print-config", "--config", str(tmp_path / "cyc.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: ") and "cycle" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_entry_script_prints_a_command_line_string_as_typed(capsys):
+    from engine.pretrain import main
+
+    assert main(["--print-config", "run_dir=20240101_1230"]) == 0
+    assert "run_dir: '20240101_1230'" in capsys.readouterr().out
+
+
+def test_ignored_sections_are_dropped_from_files_bases_and_overrides(tmp_path):
+    (tmp_path / "base.yaml").write_text("recipe_only:\n  x: 1\nmodel:\n  num_layers: 3\n")
+    (tmp_path / "c.yaml").write_text("base: base.yaml\nrecipe_only:\n  y: 2\n")
+    with pytest.raises(ConfigError, match="unknown setting 'recipe_only'"):
+        load_config(EngineConfig, str(tmp_path / "c.yaml"))
+    cfg = load_config(EngineConfig, str(tmp_path / "c.yaml"), ["recipe_only.z=3"], ignore=("recipe_only",))
+    assert cfg.model.num_layers == 3
+
+
+@pytest.mark.parametrize("text,value", [("''", ""), ('"0700"', "0700"), ("'a b'", "a b"), ("'x", "'x")])
+def test_a_quoted_command_line_string_stands_for_what_it_quotes(text, value):
+    assert load_config(EngineConfig, None, [f"checkpoint.dir={text}"]).checkpoint.dir == value
+    if value == "":
+        with pytest.raises(ConfigError, match="run_dir: must not be empty"):
+            load_config(EngineConfig, None, [f"run_dir={text}"])

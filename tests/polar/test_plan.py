@@ -24,8 +24,10 @@ from polar import cli, plan
 WORKER = Path(__file__).with_name("plan_worker.py")
 ROOT = WORKER.parents[2]
 
+# a vocabulary that neither TP size nor the multiple divides: the engine pads the table (to 102 rows at TP1
+# and TP2 with make_vocab_size_divisible_by=3) and the plan must count the padded rows
 COUNT_MODEL = {"num_layers": 4, "hidden_size": 48, "num_attention_heads": 4, "num_query_groups": 2,
-               "ffn_hidden_size": 80, "vocab_size": 100}
+               "ffn_hidden_size": 80, "vocab_size": 101, "make_vocab_size_divisible_by": 3}
 # model state (16 bytes per parameter at DP1 in fp32) dominates the activations of 128-token sequences
 MEMORY_MODEL = {"num_layers": 4, "hidden_size": 512, "num_attention_heads": 8, "num_query_groups": 4,
                 "ffn_hidden_size": 1408, "vocab_size": 32000}
@@ -38,7 +40,8 @@ def _overrides(model: dict) -> list[str]:
 
 def _shape(model: dict, lm_head: bool = False) -> plan.Shape:
     return plan.Shape(model["num_layers"], model["hidden_size"], model["num_attention_heads"],
-                      model["num_query_groups"], model["ffn_hidden_size"], model["vocab_size"], lm_head)
+                      model["num_query_groups"], model["ffn_hidden_size"], model["vocab_size"], lm_head,
+                      model.get("make_vocab_size_divisible_by", 1))
 
 
 def _run(nproc: int, args: list[str], timeout: int = 900) -> None:
@@ -180,3 +183,90 @@ def test_a_gpu_count_no_layout_divides_names_the_nearest_batches(capsys):
 def test_fp8_is_refused_on_a_card_without_it(capsys):
     assert plan.main(["--config", "polar_1_8b", "--gpu", "A100", "--gpus", "8", "--fp8"]) == 2
     assert "A100 has no FP8" in capsys.readouterr().err
+
+
+def test_padded_vocabulary_is_the_engines():
+    from engine.config import ModelConfig
+    from engine.parallelize import padded_vocab_size
+
+    for vocab in (100, 101, 261, 92544, 92545, 151665):
+        for multiple in (1, 3, 64, 128):
+            for tp in (1, 2, 3, 4, 8):
+                shape = plan.Shape(4, 64, 8, 8, 128, vocab, vocab_multiple=multiple)
+                model = ModelConfig(vocab_size=vocab, make_vocab_size_divisible_by=multiple)
+                assert shape.padded_vocab(tp) == padded_vocab_size(model, tp), (vocab, multiple, tp)
+
+
+def test_layouts_whose_tp_does_not_divide_the_vocabulary_are_planned(capsys):
+    # the engine pads a 92545-token vocabulary for any TP; the plan used to keep only TP1
+    assert plan.main(["--config", "polar_7b", "--gpus", "8", "model.vocab_size=92545"]) == 0
+    out = capsys.readouterr().out
+    assert "launch with: parallel.tp=4" in out
+    shape = plan.Shape(32, 4096, 32, 8, 14336, 92545)
+    layouts = plan.candidate_layouts(shape, 8, 2048, 16384, 8)
+    assert {lay.tp for lay in layouts} == {1, 2, 4, 8}
+    # the embedding's share at TP8 is the padded table's: 92552 rows / 8
+    no_vocab = plan.params_per_rank(plan.Shape(32, 4096, 32, 8, 14336, 0), 8, 1, 0)
+    assert plan.params_per_rank(shape, 8, 1, 0) - no_vocab == 92552 // 8 * 4096
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--group-length", "-5"], "--group-length -5: must be >= 1"),
+    (["--group-length", "0"], "--group-length 0: must be >= 1"),
+    (["--top", "-3"], "--top -3: must be >= 1"),
+    (["--top", "0"], "--top 0: must be >= 1"),
+])
+def test_bad_plan_options_are_refused(args, needle, capsys):
+    assert plan.main(["--config", "polar_7b", *args]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_tiny_cpu_preset_is_planned_with_the_byte_tokenizers_vocabulary(capsys):
+    from polar.tokenizer import ByteTokenizer
+
+    assert plan.main(["--config", "tiny_cpu", "--gpus", "2"]) == 0
+    assert f"vocab {ByteTokenizer.vocab_size})" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("section", [
+    "synthetic:\n  train_policies: 6\n",
+    "finetune:\n  train: /no/such/records.jsonl\n  tokenizer: byte\n",
+])
+def test_a_recipe_config_with_its_own_section_is_planned(tmp_path, section, capsys):
+    f = tmp_path / "run.yaml"
+    f.write_text("model:\n  num_layers: 2\n  vocab_size: 300\ntrain:\n  global_batch: 4\ndata:\n  seq_length: 512\n"
+                 + section)
+    assert plan.main(["--config", str(f), "--gpus", "2"]) == 0, capsys.readouterr().err
+    assert "vocab 300)" in capsys.readouterr().out
+
+
+def test_the_launch_line_is_settings_the_engine_accepts(capsys):
+    from engine.config import EngineConfig, load_config
+    from polar.presets import resolve_config
+
+    # one H100 holds POLAR-1.8B at 16k tokens only with full recomputation
+    assert plan.main(["--config", "polar_1_8b", "--gpus", "1"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("launch with: "))
+    overrides = line[len("launch with: "):].split()
+    assert "train.recompute=full" in overrides, line
+    cfg = load_config(EngineConfig, resolve_config("polar_1_8b"), overrides)
+    assert cfg.train.recompute == "full" and cfg.train.recompute_num_layers == 1
+
+
+def test_the_fp8_launch_line_names_a_recipe(capsys):
+    from engine.config import EngineConfig, load_config
+
+    assert plan.main(["--config", "polar_1_8b", "--gpus", "8", "--fp8"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("launch with: "))
+    assert load_config(EngineConfig, None, line[len("launch with: "):].split()).train.fp8 == "tensorwise"
+
+
+def test_a_fine_tuning_config_without_a_vocabulary_size_is_asked_for_one(tmp_path, capsys):
+    f = tmp_path / "ft.yaml"
+    f.write_text("finetune:\n  tokenizer: byte\n")
+    (tmp_path / "child.yaml").write_text("base: ft.yaml\n")
+    for config in (f, tmp_path / "child.yaml"):
+        assert plan.main(["--config", str(config), "--gpus", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "model.vocab_size=0: fine-tuning takes it from its tokenizer" in err and len(err.splitlines()) == 1
