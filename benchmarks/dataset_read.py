@@ -1,0 +1,79 @@
+"""Random reads from a built dataset of many shards: the cost of bounding the open token maps.
+
+    python benchmarks/dataset_read.py [--shards 8 300] [--reads 3000] [--seq-length 16384]
+
+engine/indexed_dataset.py maps at most 64 shards' token files at once (each map holds a file
+descriptor, and a dataset of hundreds of shards mapped whole runs into the open-file limit). This
+measures what that costs a loader reading packed sequences in random order (what a shuffled
+epoch does): microseconds per sequence with the default bound against a bound no smaller than the
+shard count (every map kept open, as before the bound), in the same run on the same files. Shards
+are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2 candidates of 100-2000)
+packed into `--seq-length` sequences, `--sequences` per shard, int32 tokens; the page cache is warm
+after the first pass, which is what a training run that rereads its data sees.
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from engine.data import PackedGroups  # noqa: E402
+from engine.indexed_dataset import IndexedDataset, ShardWriter  # noqa: E402
+from engine.packing import Group  # noqa: E402
+
+
+def write_shards(root: str, shards: int, sequences: int, seq_length: int) -> None:
+    rng = np.random.default_rng(0)
+    for s in range(shards):
+        groups = []
+        while sum(len(g) for g in groups) < sequences * seq_length * 0.95:
+            prefix = rng.integers(1, 90000, size=int(rng.integers(200, 3000)), dtype=np.int32)
+            cands = [rng.integers(1, 90000, size=int(rng.integers(100, 2000)), dtype=np.int32) for _ in range(2)]
+            groups.append(Group(prefix=prefix, candidates=cands, labels=np.array([1, 0], dtype=np.int8)))
+        packed = PackedGroups(groups, seq_length)
+        w = ShardWriter(os.path.join(root, f"part-{s:05d}-of-{shards:05d}"), seq_length, 92544, 0)
+        for plan in packed.plan:
+            w.add_sequence([packed.groups[g] for g in plan])
+        w.close()
+
+
+def per_sequence_us(ds: IndexedDataset, order: np.ndarray) -> float:
+    for i in range(len(ds)):  # warm the page cache (and, where they all fit, the maps)
+        ds.sequences([i])
+    t = time.perf_counter()
+    for i in order:
+        ds.sequences([int(i)])
+    return (time.perf_counter() - t) / len(order) * 1e6
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, nargs="+", default=[8, 300])
+    ap.add_argument("--sequences", type=int, default=4, help="packed sequences per shard")
+    ap.add_argument("--seq-length", type=int, default=16384)
+    ap.add_argument("--reads", type=int, default=20000, help="random sequence reads timed per row")
+    args = ap.parse_args()
+    print("| shards | maps open at most | us per sequence (random order) | vs every map open |")
+    print("|---:|---:|---:|---:|")
+    for shards in args.shards:
+        with tempfile.TemporaryDirectory(prefix="polar_dsread_") as root:
+            write_shards(root, shards, args.sequences, args.seq_length)
+            order = np.random.default_rng(1).integers(0, shards * args.sequences, size=args.reads)
+            rows = {}
+            for bound in (shards + 1, 64) if shards > 64 else (shards + 1,):  # the baseline first: all open
+                ds = IndexedDataset(root)
+                ds._token_maps.size = bound
+                rows[bound] = per_sequence_us(ds, order)
+                del ds
+            for bound, us in rows.items():
+                label = "all" if bound > shards else str(bound)
+                print(f"| {shards} | {label} | {us:.0f} | {us / rows[shards + 1]:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
