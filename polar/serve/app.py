@@ -144,7 +144,16 @@ class Service:
         finally:
             gone.cancel()
         if scored in done:
-            return scored.result()
+            rewards = scored.result()
+            bad = np.flatnonzero(~np.isfinite(rewards))
+            if bad.size:
+                # a trainer would take NaN or inf as a reward (or fail to parse the JSON): refuse the
+                # request, naming the items, rather than answer numbers that are not rewards
+                raise RequestError(f"the model gave non-finite rewards ({rewards[bad[0]]}) for {bad.size} of the "
+                                   f"{len(rewards)} items (item {', '.join(map(str, bad[:8].tolist()))}"
+                                   f"{', ...' if bad.size > 8 else ''}); an overflow in the model's precision "
+                                   "or a broken checkpoint", 500)
+            return rewards
         scored.cancel()  # the batcher's future too: skipped unless its round has started
         if gone in done:
             raise _ClientGone()

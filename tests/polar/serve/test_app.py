@@ -470,3 +470,21 @@ def test_a_round_that_fails_fails_only_its_own_request(scorer, tokenizer, alone)
     assert answers["good"].status_code == 200
     np.testing.assert_allclose([e["embedding"][0] for e in answers["good"].json()],
                                alone(tokenizer.encode_served_batch(texts)), rtol=0, atol=1e-5)
+
+
+def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
+    """NaN or inf is not a reward: JSON cannot carry it, and a trainer would take it as one. The
+    request gets a 500 naming its items; a request scored in the same server stays answered."""
+    poison = ord("~")
+
+    def overflowing(batch):
+        rewards = scorer.score(batch)
+        return np.full_like(rewards, np.nan) if (batch.tokens == poison).any() else rewards
+
+    with live_server(scorer, tokenizer, score=overflowing) as (url, _):
+        texts = ["<|reward|>~a[UNUSED_TOKEN_130]", "<|reward|>~[UNUSED_TOKEN_130]", "<|reward|>b~[UNUSED_TOKEN_130]"]
+        res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=60)
+        assert res.status_code == 500, res.text
+        assert "non-finite rewards (nan) for 3 of the 3 items (item 0, 1, 2)" in res.json()["error"]["message"]
+        ok = httpx.post(f"{url}/classify", json={"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}, timeout=60)
+        assert ok.status_code == 200 and np.isfinite(ok.json()[0]["embedding"][0])
