@@ -53,6 +53,10 @@ def parse_args(argv=None, prog: str | None = None, description: str = "POLAR rew
                     help="a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: the "
                          "recipe's own; tiny_cpu for pre-training)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    ap.add_argument("--check-config", action="store_true",
+                    help="run the start-up checks for WORLD_SIZE processes (default 1) and exit: 0 when the "
+                         "run would start, 2 with the config error otherwise (what `polar pretrain --nproc N` "
+                         "does before launching torchrun)")
     ap.add_argument("overrides", nargs="*", help="section.key=value settings")
     return ap.parse_args(argv)
 
@@ -80,6 +84,8 @@ def main(argv=None, recipe=None) -> int:
         from engine.runtime import validate_layout, world_size_from_env
 
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
+        if args.check_config:
+            return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
     from engine.trainer import NonFiniteError

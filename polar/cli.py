@@ -48,6 +48,13 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
 
 def _launch(module: str):
     def launch(args, rest) -> int:
+        if args.nproc > 1 and "--print-config" not in rest and "-h" not in rest and "--help" not in rest:
+            # the start-up checks in one process first: a bad setting then ends with its one
+            # `config error:` line and exit code 2, not torchrun's failure report around it (exit 1)
+            env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
+            code = subprocess.call([sys.executable, "-m", module, "--check-config", *rest], env=env)
+            if code:
+                return code
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]
         print("+", " ".join(cmd), flush=True)
