@@ -33,6 +33,11 @@ def _token_ids(x, what: str) -> np.ndarray:
     # An empty list arrives as float64; anything else non-integer is a caller bug, not something to cast.
     if a.ndim != 1 or (a.size and not np.issubdtype(a.dtype, np.integer)):
         raise TypeError(f"Group.{what} must be a 1-D array of integer token ids, got {a.dtype} with shape {a.shape}")
+    # ids wider than int32 (a Python list arrives as int64) past its range would wrap into other,
+    # valid-looking ids; narrower ones (what datasets store) cannot, and skip the scan
+    if a.size and (a.dtype.itemsize > 4 or a.dtype == np.uint32) and (a.min() < 0 or a.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"Group.{what}: token ids must lie in 0..{np.iinfo(np.int32).max}, got "
+                         f"{a.min()}..{a.max()}")
     return np.ascontiguousarray(a, dtype=np.int32)
 
 

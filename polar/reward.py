@@ -15,6 +15,7 @@ with the reference trajectory for the same prompt).
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import random
 import re
@@ -79,9 +80,11 @@ class _Base:
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
         if resp is not None and resp.status_code == 429:
             try:
-                return min(float(resp.headers.get("retry-after", "")), self.max_backoff_s)
+                wait = float(resp.headers.get("retry-after", ""))
             except ValueError:
-                pass
+                wait = math.nan
+            if math.isfinite(wait) and wait >= 0:  # a proxy may send a negative or NaN one: back off as usual
+                return min(wait, self.max_backoff_s)
         # Exponential backoff with jitter, so retrying clients do not arrive in step.
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
 

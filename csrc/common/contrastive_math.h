@@ -64,6 +64,9 @@ POLAR_HD Acc infonce_margin(Acc r_pos, Acc r_neg) {
 
 template <typename Acc>
 POLAR_HD LogSumExp<Acc> lse_merge(const LogSumExp<Acc>& st, Acc d) {
+  // A NaN margin poisons the state, as it does the torch reference: fmax would drop it, and a
+  // state left at max = -inf reads as "no pair", skipping the positive from the loss and the count.
+  if (d != d || st.max != st.max) return {d + st.max, d + st.max};
   const Acc m = hd::max(st.max, d);
   return {m, st.sum * hd::exp(st.max - m) + hd::exp(d - m)};
 }

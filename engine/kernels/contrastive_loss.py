@@ -139,6 +139,12 @@ def _empty(shape, device, dtype):
 def _check(rewards, pair_pos, pair_neg):
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-d, got {tuple(rewards.shape)}")
+    # the kernels read any dtype; integer rewards would come back as a truncated loss
+    if not rewards.dtype.is_floating_point:
+        raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    for name, t in (("pair_pos", pair_pos), ("pair_neg", pair_neg)):
+        if t.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"{name} must be int32 or int64 indices into rewards, got {t.dtype}")
     if pair_pos.shape != pair_neg.shape or pair_pos.dim() != 1:
         raise ValueError(f"pair_pos {tuple(pair_pos.shape)} and pair_neg {tuple(pair_neg.shape)} must be equal 1-d")
 

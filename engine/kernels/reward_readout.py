@@ -97,8 +97,9 @@ def _readout_bwd_kernel(
         x = tl.load(hidden_ptr + (t * stride_s + bi * stride_b)[:, None] + offs[None, :] * stride_h,
                     mask=mask, other=0.0).to(tl.float32)
         g = tl.load(grad_out_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(_sum(x * x, 1) / h + eps)
-        gxhat = x * (g * rstd)[:, None]                      # g_i * xhat_i (masked rows: g = 0)
+        # rows past n are zeros: with eps = 0 their 1/sqrt(0) would turn 0 * inf into NaN in the sums
+        rstd = tl.where(row_mask, 1.0 / tl.sqrt(_sum(x * x, 1) / h + eps), 0.0)
+        gxhat = x * (g * rstd)[:, None]                      # g_i * xhat_i (masked rows: 0)
         dv_acc += _sum(gxhat, 0) * w
         dw_acc += _sum(gxhat, 0) * v
         xhat = x * rstd[:, None]

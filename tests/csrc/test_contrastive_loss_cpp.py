@@ -98,6 +98,21 @@ def test_infonce_extreme_values():
     np.testing.assert_allclose(grad, [1.0, -1.0, -0.5, 0.5])
 
 
+@pytest.mark.parametrize("rewards,pos,neg", [
+    ([np.nan, 0.0, 1.0], [0, 0], [1, 2]),             # a NaN positive
+    ([np.nan, 0.0, 1.0], [1], [0]),                   # a positive whose only negative is NaN
+    ([np.nan, 0.0, 1.0, 2.0], [1, 2, 3], [0, 0, 1]),  # two of three positives see a NaN
+])
+def test_a_nan_reward_makes_the_loss_nan_and_keeps_its_positive_counted(rewards, pos, neg):
+    """As the torch reference: a NaN must reach the loss, not leave its positive out of the loss and
+    the count (fmax in the logsumexp merge dropped it, and the state read as "no pair")."""
+    rewards, pos, neg = np.array(rewards, np.float32), np.array(pos, np.int64), np.array(neg, np.int64)
+    (loss_ref, count_ref), _ = _ref(infonce_sums, rewards, pos, neg)
+    loss, count, grad = _C.infonce_loss(rewards, pos, neg)
+    assert np.isnan(loss_ref) and np.isnan(loss)
+    assert count == count_ref == len(set(pos.tolist()))
+
+
 def test_no_pairs_and_unpaired_candidates():
     rewards = np.arange(5, dtype=np.float32)
     empty = np.zeros(0, np.int64)

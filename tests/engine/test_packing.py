@@ -187,6 +187,10 @@ def test_group_validation():
         group([1], [[2], []], [1, 0])
     with pytest.raises(TypeError, match="integer token ids"):
         Group(np.array([1.5]), [np.array([2]), np.array([3])], np.array([1, 0]))
+    # int64 ids (what a Python list becomes) outside int32 would wrap into other, valid ids
+    for bad in ([1, 2**32 + 7], [2**31], [-3]):
+        with pytest.raises(ValueError, match=r"Group.prefix: token ids must lie in 0..2147483647"):
+            Group(np.array(bad, dtype=np.int64), [np.array([2]), np.array([3])], np.array([1, 0]))
     g = group([], [[2], [3, 4]], [0, 1])  # an empty prefix is allowed
     assert len(g) == 3 and g.prefix.dtype == np.int32 and g.labels.dtype == np.int8
 

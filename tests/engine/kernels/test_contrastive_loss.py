@@ -97,6 +97,17 @@ def test_many_pairs_span_blocks_and_repeat_rewards():
             assert (g.double() - r).abs().max().item() <= 2e-5 * (r.abs().max().item() + 1)
 
 
+@pytest.mark.parametrize("op", [cl.pairwise_loss, cl.infonce_loss])
+def test_integer_rewards_and_float_indices_are_refused_by_name(op):
+    """The kernels read any dtype: integer rewards came back as a truncated loss, float indices as
+    a Triton type error naming neither argument."""
+    pos, neg = torch.tensor([0, 1]), torch.tensor([1, 2])
+    with pytest.raises(TypeError, match="rewards must be a floating-point tensor, got torch.int64"):
+        op(torch.tensor([3, 0, 1]), pos, neg)
+    with pytest.raises(TypeError, match="pair_neg must be int32 or int64 indices"):
+        op(torch.tensor([3.0, 0.0, 1.0]), pos, neg.float())
+
+
 def test_no_pairs():
     rewards = torch.randn(4, requires_grad=True)
     empty = torch.zeros(0, dtype=torch.long)

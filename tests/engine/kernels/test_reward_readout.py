@@ -71,6 +71,21 @@ def test_fp32_matches_float64_reference(n, h):
         assert (g.double() - r).abs().max().item() <= 2e-5 * scale, name
 
 
+def test_zero_eps_leaves_the_unused_rows_of_a_tile_out_of_the_weight_gradients():
+    """eps = 0 is a valid RMSNorm (the op accepts eps >= 0): the rows a tile holds past n are zeros,
+    whose 1/sqrt(0) must not reach the summed norm and head gradients as 0 * inf."""
+    gen = torch.Generator().manual_seed(3)
+    hidden, index, norm_w, head_w, grad_out = _case(gen, 3, 64)
+    leaves = [[t.detach().to(dt).requires_grad_() for t in (hidden, norm_w, head_w)]
+              for dt in (torch.float32, torch.float64)]
+    for fn, (x, w, v) in zip((rr.reward_readout, torch_reward_readout), leaves):
+        out = fn(x, index, w, v, 0.0)
+        out.backward(grad_out.to(out.dtype))
+    for name, got, ref in zip(("hidden", "norm", "head"), *leaves):
+        assert torch.isfinite(got.grad).all(), name
+        assert (got.grad.double() - ref.grad).abs().max().item() <= 2e-5 * (ref.grad.abs().max().item() + 1), name
+
+
 def test_repeated_index_accumulates():
     gen = torch.Generator().manual_seed(7)
     hidden, _, norm_w, head_w, _ = _case(gen, 1, 128, s=5, b=2)

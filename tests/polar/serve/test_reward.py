@@ -64,3 +64,18 @@ def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
         np.testing.assert_allclose(v, want, rtol=0, atol=1e-5)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("header,expected", [("3", 3.0), ("1000", 8.0), ("0", 0.0), ("-1", None), ("nan", None),
+                                             ("inf", None), ("soon", None)])
+def test_a_429s_retry_after_is_used_only_when_it_is_a_usable_wait(header, expected):
+    """A proxy's negative or NaN Retry-After crashed the blocking client (time.sleep refused it); it
+    now falls back to the exponential backoff, and a usable one is capped at max_backoff_s."""
+    import httpx
+
+    client = reward.RewardClient("http://127.0.0.1:9", backoff_s=0.5, max_backoff_s=8.0)
+    wait = client._delay(2, httpx.Response(429, headers={"Retry-After": header}))
+    if expected is None:
+        assert 0.5 * 2.0 <= wait <= 2.0  # the backoff for attempt 2: 0.5 * 2**2, with jitter in [1/2, 1]
+    else:
+        assert wait == expected
