@@ -186,7 +186,8 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
     for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
         if f.is_file():
             loaded = yaml.safe_load(f.read_text()) or {}
-            model = loaded.get("model", loaded) if f.name == "config.yaml" else loaded
+            # both hold a `model:` section (a converter's model.yaml is a run config's model part)
+            model = loaded.get("model", loaded) if isinstance(loaded, dict) else None
             if isinstance(model, dict):
                 return model, str(f)
     return None

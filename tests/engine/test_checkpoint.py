@@ -90,3 +90,18 @@ def test_a_model_setting_that_changes_which_weights_exist_is_named(tmp_path, fie
     checkpoint.check_model_matches(ModelConfig(**{field: saved}), str(step), "checkpoint.init_from")
     with pytest.raises(ConfigError, match=f"model.{field}={saved}.*but this run has model.{field}={now}"):
         checkpoint.check_model_matches(ModelConfig(**{field: now}), str(step), "checkpoint.init_from")
+
+
+def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
+    """`polar convert hf-to-engine` writes model.yaml beside its step as a run config's `model:`
+    section: read as the settings themselves it was refused ("unknown setting 'model.model'") by
+    polar score/eval/serve, and a mismatched init_from passed unchecked."""
+    from engine.config import ConfigError, ModelConfig
+    from polar.convert.engine_io import write_model_yaml
+
+    step = tmp_path / "ckpt" / "step_00000000"
+    step.mkdir(parents=True)
+    write_model_yaml(step.parent / "model.yaml", ModelConfig(hidden_size=64, num_layers=2, vocab_size=300))
+    assert checkpoint.model_config(str(step)) == ModelConfig(hidden_size=64, num_layers=2, vocab_size=300)
+    with pytest.raises(ConfigError, match="model.hidden_size=64 .*but this run has model.hidden_size=128"):
+        checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step), "checkpoint.init_from")
