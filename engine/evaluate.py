@@ -52,7 +52,7 @@ def main(argv=None) -> int:
 
 def run(args, rank: int) -> int:
     from engine.runtime import shutdown_runtime
-    from engine.score import CheckpointScorer
+    from engine.score import CheckpointScorer, writable_output
     from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, write_result
     from polar.records import RecordError
 
@@ -64,6 +64,12 @@ def run(args, rank: int) -> int:
         raise ConfigError(str(e)) from None
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
+    if not records:
+        raise ConfigError(f"--input {args.input}: no ranked record to evaluate")
+    scorer.check_seq_length(args.seq_length)
+    if args.json:
+        writable_output(args.json, "--json")
+    line_of = {id(r.prompt): r.line for r in records}  # a record's items carry its prompt object
     scorer.start()
 
     def score_fn(items):
@@ -75,7 +81,10 @@ def run(args, rank: int) -> int:
                 lists[-1].append(it)
             else:
                 lists.append([it])
-        rewards, _ = scorer.score_groups(scorer.groups(lists), args.seq_length)
+        # --seq-length also splits a record whose responses together pass it, as polar score does
+        rewards, _ = scorer.score_groups(
+            scorer.groups(lists, args.seq_length), args.seq_length,
+            where=lambda i: f"{args.input}:{line_of.get(id(lists[i][0].prompt), '?')}")
         return [r for group in rewards for r in group]
 
     result = evaluate_ranked(records, score_fn)

@@ -83,6 +83,19 @@ def lcp_group(ids: list):
     return Group(prefix=ids[0][:n], candidates=[x[n:] for x in ids], labels=None)
 
 
+def writable_output(path: str, option: str) -> None:
+    """Found before the scoring, not after it, where an unwritable path would lose the results."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"{option} {path} is a directory; name a file")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{option} {path}: cannot create its directory ({e})") from None
+    if not os.access(p.parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{option} {path}: not writable")
+
+
 class SplitLine:
     """A line's outputs as several groups, when together they do not fit one packed sequence (n
     rollouts of one prompt, each short): `parts[j]` scores the outputs `members[j]` (their indices in
@@ -160,6 +173,14 @@ class CheckpointScorer:
         self.rt = init_runtime(par, seed=0)
         self.chunks, _ = build_model(self.model_cfg, par, TrainConfig(precision=self.precision), self.rt)
         checkpoint.load(self.step_dir, self.chunks, None)
+
+    def check_seq_length(self, seq_length: int) -> None:
+        """An explicit packed length, checked before any process group is made."""
+        m = self.model_cfg
+        if seq_length and m.rope_scaling == "dynamic" and seq_length > m.max_position_embeddings:
+            raise ConfigError(f"--seq-length {seq_length} is past the model's {m.max_position_embeddings} positions, "
+                              "beyond which its dynamic RoPE scaling (model.rope_scaling=dynamic) is not exact; "
+                              f"pass at most {m.max_position_embeddings}")
 
     def groups(self, item_lists: list, max_tokens: int = 0) -> list:
         """Per list of ScoringItems: the client's exact ids of each, as one Group, or as a SplitLine
@@ -262,6 +283,8 @@ def run(args) -> int:
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
     scored = [ln for ln in lines if ln.error is None]
+    scorer.check_seq_length(args.seq_length)
+    writable_output(args.output, "--output")
     # a line whose outputs together pass the packed sequence is scored in several groups that fit
     groups = scorer.groups([ln.items for ln in scored], args.seq_length)
     if groups:  # checked before any process group is made

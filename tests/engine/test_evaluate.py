@@ -1,0 +1,53 @@
+"""`polar eval` (engine/evaluate.py): --seq-length splits a record whose responses together pass
+it (as `polar score` does), and bad arguments stop before any scoring with one message, exit 2."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+RECORDS = [{"prompt": "Name a prime.", "category": "small", "responses": ["7", "8", "9"]},
+           {"prompt": "Count to ten.", "category": "big",  # 12 responses: past 128 tokens together
+            "responses": [" ".join(str(k) for k in range(1, 11 - i % 4)) + "." * i for i in range(12)]}]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    run = tmp_path_factory.mktemp("eval") / "run"  # dynamic RoPE, 256 positions (POLAR-7B's kind)
+    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run), "2", "64", "4", "2", "176",
+                    "260", "256"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    return str(run / "checkpoints")
+
+
+def _eval(tmp: Path, checkpoint: str, records: list, *extra) -> subprocess.CompletedProcess:
+    inp = tmp / "ranked.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return subprocess.run([sys.executable, "-m", "polar.cli", "eval", "--checkpoint", checkpoint, "--input", str(inp),
+                           "--tokenizer", "byte", *extra], cwd=tmp, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
+    whole = _eval(tmp_path, checkpoint, RECORDS, "--json", str(tmp_path / "whole.json"))
+    split = _eval(tmp_path, checkpoint, RECORDS, "--seq-length", "128", "--json", str(tmp_path / "out" / "split.json"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    assert split.returncode == 0, split.stderr[-3000:]  # it stopped at the big record's line before
+    a, b = (json.loads((tmp_path / p).read_text()) for p in ("whole.json", "out/split.json"))
+    assert a["overall"] == b["overall"] and a["overall"]["pairs"] == 1 + 55  # the first response is the reference
+
+
+@pytest.mark.parametrize("args,records,needle", [
+    (["--seq-length", "512"], RECORDS, "--seq-length 512 is past the model's 256 positions"),
+    ([], [], "no ranked record to evaluate"),
+    (["--json", "."], RECORDS, "--json . is a directory"),
+])
+def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path, args, records, needle):
+    proc = _eval(tmp_path, checkpoint, records, *args)
+    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
