@@ -22,7 +22,7 @@ from typing import Optional
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
 from polar.format import WRAPPERS
-from polar.records import RecordError, iter_lines
+from polar.records import FieldError, RecordError, iter_lines, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
@@ -49,29 +49,29 @@ def _text(obj: dict, key: str):
 
 def parse_item(raw: bytes, file: str, line: int) -> ScoringItem:
     """One input line -> ScoringItem, or RecordError naming file, line and field."""
-    try:
-        s = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecordError(file, line, "(line)", f"invalid UTF-8 at byte {e.start}") from None
-    if not s.strip():
+    # records.parse_jsonl_line reads the line the way every other command does (bad UTF-8, bad JSON,
+    # over-long integers and too-deep nesting all become RecordError); only a blank line differs:
+    # it returns None there, but here output line i must answer input line i, so a blank is an error
+    item = parse_jsonl_line(raw, file, line, _item)
+    if item is None:
         raise RecordError(file, line, "(line)", "blank line (output line i answers input line i)")
-    try:
-        obj = json.loads(s)
-    except json.JSONDecodeError as e:
-        raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    return item
+
+
+def _item(obj) -> ScoringItem:
     if not isinstance(obj, dict):
-        raise RecordError(file, line, "(record)", f"must be a JSON object, got {type(obj).__name__}")
+        raise FieldError("(record)", f"must be a JSON object, got {type(obj).__name__}")
     values = []
     for key in ("prompt", "reference", "output"):
         v, bad = _text(obj, key)
         if bad:
-            raise RecordError(file, line, *bad)
+            raise FieldError(*bad)
         values.append(v)
     wrapper = obj.get("wrapper")
     if wrapper is None:
         wrapper = "sft"
     elif wrapper not in WRAPPERS:
-        raise RecordError(file, line, "wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
+        raise FieldError("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
     return ScoringItem(*values, wrapper=wrapper)
 
 

@@ -9,21 +9,48 @@ from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic"}
 
 
-def require(cfg: dict, key: str, src) -> object:
-    if cfg.get(key) is None:
-        raise ConvertError(f"{src}/config.json: no {key!r}")
-    return cfg[key]
+def positive_int(cfg: dict, key: str, src, default=None) -> int:
+    """cfg[key] (or `default` when absent) as a positive integer; a string, float or 0 read from a
+    hand-edited config.json would otherwise fail later as a TypeError or ZeroDivisionError."""
+    value = cfg.get(key)
+    if value is None:
+        if default is None:
+            raise ConvertError(f"{src}/config.json: no {key!r}")
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConvertError(f"{src}/config.json: {key} must be a positive integer, got {value!r:.60}")
+    return value
+
+
+def _number(cfg: dict, key: str, src, default: float, within: str = "") -> float:
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConvertError(f"{src}/config.json: {within}{key} must be a number, got {value!r:.60}")
+    return float(value)
+
+
+def _object(cfg: dict, key: str, src) -> dict:
+    value = cfg.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConvertError(f"{src}/config.json: {key} must be an object such as {{\"rope_type\": \"linear\", "
+                           f"\"factor\": 2.0}} or null, got {value!r:.60}")
+    return value
 
 
 def rope_settings(cfg: dict, src) -> dict:
     """rotary_base, rope_scaling and its factor from a config.json (transformers 4 `rope_theta` +
     `rope_scaling`, or transformers 5 `rope_parameters`)."""
-    params = cfg.get("rope_parameters") or {}
-    scaling = cfg.get("rope_scaling") or {}
-    theta = cfg.get("rope_theta", params.get("rope_theta", 10000.0))
+    params = _object(cfg, "rope_parameters", src)
+    scaling = _object(cfg, "rope_scaling", src)
+    theta = _number(cfg, "rope_theta", src, _number(params, "rope_theta", src, 10000.0, "rope_parameters."))
     kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
-    factor = float(scaling.get("factor", params.get("factor", 1.0)) or 1.0)
-    if kind not in ROPE_TYPES:
+    factor = _number(scaling, "factor", src, _number(params, "factor", src, 1.0, "rope_parameters."),
+                     "rope_scaling.") or 1.0
+    if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise ConvertError(f"{src}/config.json: RoPE scaling type {kind!r} is not supported (supported: "
                            f"none, linear, dynamic); convert a checkpoint without it")
     original = scaling.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
@@ -31,7 +58,7 @@ def rope_settings(cfg: dict, src) -> dict:
         raise ConvertError(f"{src}/config.json: dynamic RoPE with original_max_position_embeddings={original} "
                            f"different from max_position_embeddings={cfg.get('max_position_embeddings')} is "
                            "not supported")
-    return {"rotary_base": float(theta), "rope_scaling": ROPE_TYPES[kind],
+    return {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind],
             "rope_scaling_factor": factor if kind != "default" else 1.0}
 
 
@@ -44,24 +71,29 @@ def rope_to_hf(model) -> dict | None:
 def decoder_settings(cfg: dict, src, add_qkv_bias: bool) -> dict:
     """The engine's model settings (engine.config.ModelConfig fields) of a Llama-style decoder's
     config.json: the keys Llama, Mistral, Qwen2 and InternLM2 share."""
-    heads = require(cfg, "num_attention_heads", src)
+    heads = positive_int(cfg, "num_attention_heads", src)
     return {
-        "num_layers": require(cfg, "num_hidden_layers", src),
-        "hidden_size": require(cfg, "hidden_size", src),
+        "num_layers": positive_int(cfg, "num_hidden_layers", src),
+        "hidden_size": positive_int(cfg, "hidden_size", src),
         "num_attention_heads": heads,
-        "num_query_groups": cfg.get("num_key_value_heads") or heads,
-        "ffn_hidden_size": require(cfg, "intermediate_size", src),
-        "vocab_size": require(cfg, "vocab_size", src),
-        "norm_epsilon": float(cfg.get("rms_norm_eps", 1e-6)),
-        "max_position_embeddings": int(cfg.get("max_position_embeddings", 16384)),
+        "num_query_groups": positive_int(cfg, "num_key_value_heads", src, default=heads),
+        "ffn_hidden_size": positive_int(cfg, "intermediate_size", src),
+        "vocab_size": positive_int(cfg, "vocab_size", src),
+        "norm_epsilon": _number(cfg, "rms_norm_eps", src, 1e-6),
+        "max_position_embeddings": positive_int(cfg, "max_position_embeddings", src, default=16384),
         "add_qkv_bias": add_qkv_bias,
         **rope_settings(cfg, src),
     }
 
 
 def check_head_dim(cfg: dict, src) -> None:
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    # validated before the arithmetic below, which runs ahead of decoder_settings
+    hidden, heads = positive_int(cfg, "hidden_size", src), positive_int(cfg, "num_attention_heads", src)
     hd = cfg.get("head_dim")
+    groups = positive_int(cfg, "num_key_value_heads", src, default=heads)
+    if heads % groups:
+        raise ConvertError(f"{src}/config.json: num_key_value_heads={groups} does not divide "
+                           f"num_attention_heads={heads}")
     if hidden % heads:
         raise ConvertError(f"{src}/config.json: num_attention_heads={heads} does not divide hidden_size={hidden}")
     if hd is not None and hd != hidden // heads:

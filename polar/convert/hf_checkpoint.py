@@ -19,10 +19,30 @@ class ConvertError(ValueError):
 
 
 def _read_json(path: Path) -> dict:
+    """A JSON object file; anything else (unreadable, not JSON, a list) is a ConvertError naming it."""
     try:
-        return json.loads(path.read_text())
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConvertError(f"{path}: cannot be read ({e})") from e
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e})") from e
+    except (RecursionError, ValueError) as e:  # nesting or an integer too long for json to decode
+        raise ConvertError(f"{path}: JSON that cannot be read ({type(e).__name__}: {e})") from e
+    if not isinstance(obj, dict):
+        raise ConvertError(f"{path}: must hold a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _safe_open(path: Path):
+    """safe_open, with a corrupt or truncated file reported as a ConvertError naming it (the library
+    raises its own SafetensorError, which the command line would show as a traceback)."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError: the file, not the caller, is at fault
+        raise ConvertError(f"{path}: not a readable safetensors file ({e}); is it complete? download it "
+                           "again") from e
 
 
 class HFCheckpoint:
@@ -68,9 +88,7 @@ class HFCheckpoint:
                                    "missing in all); download the checkpoint again or copy the missing shards")
             self._files = {name: src / f for name, f in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as f:
+            with _safe_open(single) as f:
                 self._files = {name: single for name in f.keys()}
         else:
             other = sorted(p.name for p in src.glob("*.bin")) + sorted(p.name for p in src.glob("*.pt"))
@@ -109,10 +127,8 @@ class HFCheckpoint:
         if name not in self._files:
             raise ConvertError(f"{self.src}: the checkpoint has no tensor {name!r}")
         path = self._files[name]
-        if path not in self._open:
-            from safetensors import safe_open
-
-            self._open[path] = safe_open(str(path), framework="pt")
+        if path not in self._open:  # shards are opened when first read: a corrupt one fails here
+            self._open[path] = _safe_open(path)
         handle = self._open[path]
         try:
             return handle.get_tensor(name)

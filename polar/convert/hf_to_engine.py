@@ -28,7 +28,9 @@ import torch
 from polar.convert import internlm2, llama
 from polar.convert.engine_io import MODEL_YAML, build, write_model_yaml
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
-from polar.convert.tokenizer_files import gguf_tokenizer_dir, special_strings, write_tokenizer
+from polar.convert.tokenizer_files import (gguf_tokenizer_dir, library_vocab_size, read_library, special_strings,
+                                           write_tokenizer)
+from polar.tokenizer import REWARD_SEP_TEXT, REWARD_TOKEN_TEXT
 
 # the embedding is padded to a multiple of lcm(128, tp): the same shape for TP 1, 2, 4, 8
 VOCAB_MULTIPLE = 128
@@ -38,6 +40,10 @@ def _architecture(cfg: dict, src) -> tuple[str, object]:
     archs = cfg.get("architectures") or []
     if not archs:
         raise ConvertError(f"{src}/config.json: no 'architectures' entry naming the model class")
+    # a bare string would be indexed to its first letter and reported as architecture 'L'
+    if not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ConvertError(f"{src}/config.json: 'architectures' must be a list of class names such as "
+                           f"[\"LlamaForCausalLM\"], got {archs!r:.80}")
     arch = archs[0]
     for module in (llama, internlm2):
         if arch in module.ARCHITECTURES:
@@ -80,16 +86,34 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
         if not (tok_dir / "tokenizer.json").is_file():
             raise ConvertError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR holding the model's tokenizer.json")
         bos, pad = special_strings(tok_dir, cfg, bos, pad)
+        source = read_library(tok_dir / "tokenizer.json")
+        # every id of the source tokenizer needs a trained embedding row: a larger tokenizer is not
+        # this model's (padding it would score its extra ids with made-up rows)
+        source_vocab = library_vocab_size(source)
+        if source_vocab > hf_model.vocab_size:
+            raise ConvertError(f"{tok_dir / 'tokenizer.json'}: the tokenizer has {source_vocab} tokens but "
+                               f"{src}/config.json gives vocab_size={hf_model.vocab_size}; pass the tokenizer the "
+                               "model was trained with (--tokenizer DIR)")
         reward = {}
         if "reward_token_id" in cfg:  # InternLM2ForRewardModel: the token its reward is read at
-            from tokenizers import Tokenizer
-
-            text = Tokenizer.from_file(str(tok_dir / "tokenizer.json")).id_to_token(cfg["reward_token_id"])
+            tid = cfg["reward_token_id"]
+            text = source.id_to_token(tid) if isinstance(tid, int) and not isinstance(tid, bool) and tid >= 0 else None
             if text is None:
                 raise ConvertError(f"{src}/config.json: reward_token_id={cfg['reward_token_id']} is not in "
                                    f"{tok_dir}/tokenizer.json; pass the tokenizer the model was trained with")
             reward["reward_token"] = text
-        tok = write_tokenizer(tok_dir, work / "tokenizer", bos, pad, **reward)
+        sep_text, reward_text = REWARD_SEP_TEXT, reward.get("reward_token", REWARD_TOKEN_TEXT)
+        if {bos, pad} & {sep_text, reward_text}:
+            raise ConvertError(f"{tok_dir}: BOS {bos!r} / pad {pad!r} would share an id with a reward token "
+                               f"({sep_text!r}, {reward_text!r}); pass other tokens with --bos / --pad")
+        try:
+            tok = write_tokenizer(tok_dir, work / "tokenizer", bos, pad, **reward)
+        except ConvertError:
+            raise
+        except ValueError as e:  # HFTokenizer's checks of the written file (which lives in a temporary directory)
+            raise ConvertError(f"{tok_dir / 'tokenizer.json'}: the tokenizer with the reward tokens added is not "
+                               f"usable: {e}") from e
+        # past the model's rows now only the ids write_tokenizer appended (the missing reward tokens)
         vocab = max(hf_model.vocab_size, tok.vocab_size)
         if vocab > hf_model.vocab_size:
             for name in ("embedding", "lm_head"):

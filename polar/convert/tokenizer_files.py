@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from polar.convert.hf_checkpoint import ConvertError
+from polar.convert.hf_checkpoint import ConvertError, _read_json
 from polar.tokenizer import REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, HFTokenizer
 
 SETTINGS = "polar_tokenizer.json"
@@ -23,6 +23,23 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):  # tokenizer_config.json may store an AddedToken as a dict
         return value.get("content")
     return value if isinstance(value, str) else None
+
+
+def read_library(path: Path):
+    """tokenizer.json as a `tokenizers` Tokenizer; a file the library cannot read is a ConvertError
+    naming it (the library raises a bare Exception)."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ConvertError(f"{path}: not a tokenizer.json the `tokenizers` library can read ({e})") from e
+
+
+def library_vocab_size(lib) -> int:
+    """The rows an embedding needs for every id of `lib` (ids may leave holes), as HFTokenizer counts."""
+    ids = lib.get_vocab(with_added_tokens=True).values()
+    return max(lib.get_vocab_size(with_added_tokens=True), max(ids, default=-1) + 1)
 
 
 def gguf_tokenizer_dir(src: Path, gguf_file: str, work: Path) -> Path:
@@ -36,11 +53,9 @@ def gguf_tokenizer_dir(src: Path, gguf_file: str, work: Path) -> Path:
 
 def special_strings(tok_dir: Path, config: dict, bos: str | None, pad: str | None) -> tuple[str, str]:
     """BOS and PAD strings: the arguments, else tokenizer_config.json, else config.json's ids."""
-    from tokenizers import Tokenizer
-
     tc_path = tok_dir / "tokenizer_config.json"
-    tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-    lib = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
+    tc = _read_json(tc_path) if tc_path.is_file() else {}
+    lib = read_library(tok_dir / "tokenizer.json")
 
     def from_id(key: str) -> str | None:
         tid = config.get(key)
@@ -59,27 +74,42 @@ def special_strings(tok_dir: Path, config: dict, bos: str | None, pad: str | Non
     return bos, pad
 
 
+def _serve_with_bos(lib, bos: str) -> None:
+    """The engine reads every input as BOS + the text's ids (POLAR's inputs start with BOS, as
+    InternLM2's tokenizer adds it). A server (transformers, vLLM, SGLang) encodes the serving string
+    through the file's post-processor, which some sources leave without BOS (Qwen2's only adjusts
+    offsets): the exported file prepends it, keeping the source's own processor for the rest."""
+    from tokenizers import processors
+
+    bos_id = lib.token_to_id(bos)
+    if lib.encode("a", add_special_tokens=True).ids[:1] == [bos_id]:
+        return  # the source already serves BOS first (Llama's template)
+    template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, bos_id)])
+    lib.post_processor = template if lib.post_processor is None else processors.Sequence([lib.post_processor, template])
+
+
 def write_tokenizer(tok_dir: Path, dst: Path, bos: str, pad: str, reward_sep: str = REWARD_SEP_TEXT,
                     reward_token: str = REWARD_TOKEN_TEXT) -> HFTokenizer:
     """dst/tokenizer.json (the reward tokens added as special tokens where missing),
     dst/tokenizer_config.json and dst/polar_tokenizer.json; returns the loaded tokenizer."""
-    from tokenizers import AddedToken, Tokenizer
+    from tokenizers import AddedToken
 
     src_file = tok_dir / "tokenizer.json"
     if not src_file.is_file():
         raise ConvertError(f"{tok_dir}: no tokenizer.json; pass --tokenizer DIR with the model's tokenizer.json "
                            "(e.g. AutoTokenizer.from_pretrained(...).save_pretrained(DIR))")
     dst.mkdir(parents=True, exist_ok=True)
-    lib = Tokenizer.from_file(str(src_file))
+    lib = read_library(src_file)
     for text in (bos, pad):
         if lib.token_to_id(text) is None:
             raise ConvertError(f"{src_file}: the vocabulary has no {text!r}; pass the tokenizer's own token with "
                                "--bos / --pad")
     lib.add_special_tokens([AddedToken(t, special=True, normalized=False, lstrip=False, rstrip=False,
                                        single_word=False) for t in (reward_sep, reward_token)])
+    _serve_with_bos(lib, bos)
     lib.save(str(dst / "tokenizer.json"))
     tc_src = tok_dir / "tokenizer_config.json"
-    tc = json.loads(tc_src.read_text()) if tc_src.is_file() else {}
+    tc = _read_json(tc_src) if tc_src.is_file() else {}
     # a self-contained fast tokenizer: no slow-tokenizer class or remote code needed to load it
     tc = {k: v for k, v in tc.items() if k not in ("auto_map", "tokenizer_file", "added_tokens_decoder")}
     tc.update({"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "pad_token": pad,
@@ -97,13 +127,30 @@ def read_settings(tok_dir: Path) -> dict:
     if not path.is_file():
         raise ConvertError(f"{tok_dir}: no {SETTINGS}; the tokenizer directory of a converted checkpoint holds "
                            "it (pass --tokenizer DIR)")
-    return json.loads(path.read_text())
+    settings = _read_json(path)
+    for key in ("bos", "pad", "reward_sep", "reward_token"):
+        if not isinstance(settings.get(key), str) or not settings[key]:
+            got = "missing" if key not in settings else f"got {settings[key]!r:.60}"
+            raise ConvertError(f"{path}: {key!r} must name a token string ({got})")
+    return settings
 
 
 def load(tok_dir: Path) -> HFTokenizer:
     s = read_settings(tok_dir)
-    return HFTokenizer(tok_dir, bos=s["bos"], pad=s["pad"], reward_sep=s["reward_sep"],
-                       reward_token=s["reward_token"])
+    file = tok_dir / "tokenizer.json"
+    if not file.is_file():
+        raise ConvertError(f"{tok_dir}: no tokenizer.json beside {SETTINGS}")
+    lib = read_library(file)
+    # checked here so the message names the setting at fault; HFTokenizer would only name the token
+    for key in ("bos", "pad"):
+        if lib.token_to_id(s[key]) is None:
+            raise ConvertError(f"{tok_dir / SETTINGS}: {key}={s[key]!r} is not in {file}'s vocabulary; the two "
+                               "files do not belong together")
+    try:
+        return HFTokenizer(tok_dir, bos=s["bos"], pad=s["pad"], reward_sep=s["reward_sep"],
+                           reward_token=s["reward_token"])
+    except ValueError as e:  # e.g. reward tokens that share an id with BOS or PAD
+        raise ConvertError(f"{e} (tokens named by {tok_dir / SETTINGS})") from e
 
 
 def copy_tokenizer(tok_dir: Path, dst: Path) -> None:

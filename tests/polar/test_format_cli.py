@@ -84,3 +84,18 @@ def test_bad_arguments(tmp_path, capsys):
     assert main(["--tokenizer", str(tmp_path / "no_tok"), "--input", p, "--output",
                  str(tmp_path / "o")]) == 2
     assert "no_tok" in capsys.readouterr().err
+
+
+def test_unreadable_json_lines_are_reported_not_raised(tmp_path, capsys):
+    # json.loads raises ValueError (not JSONDecodeError) for an integer past Python's digit limit and
+    # RecursionError for deep nesting: both must be reported as bad lines like any other
+    lines = [json.dumps(ITEMS[0]),
+             '{"prompt": "a", "reference": "b", "output": "c", "x": ' + "1" * 5000 + "}",
+             '{"prompt": "a", "reference": "b", "output": "c", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "o.jsonl"
+    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert f"{inp}:2: (line): JSON that cannot be read" in err
+    assert f"{inp}:3: (line): JSON nested too deeply" in err
+    assert "2 bad line(s)" in err and not out.exists()
