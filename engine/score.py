@@ -297,7 +297,6 @@ def run(args) -> int:
     rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}")
     rt = scorer.rt
     if rt.is_main:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         with open(args.output, "w") as f:
             gi = 0
             for ln in lines:
