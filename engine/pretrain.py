@@ -136,6 +136,9 @@ def run(cfg, recipe) -> int:
     say(f"run directory: {run_dir.resolve()}")
     data = recipe.prepare_data(cfg)  # may settle derived settings (fine-tuning: steps from epochs)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
+    if 0 < cfg.train.steps < cfg.train.warmup_steps:  # legal (a smoke run), but rarely what was meant
+        say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
+            f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
     resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
     # known only now; checked here, naming what the user sets, before config.yaml below is rewritten
     # with the refused settings (the trainer's own check comes after it)
@@ -160,14 +163,17 @@ def run(cfg, recipe) -> int:
     results = {name: trainer.evaluate(d) for name, d in data.evals.items()}
     if rt.is_main:
         seq_tokens = data.train.per_sequence["tokens"]
-        tokens = sum(int(seq_tokens[trainer.loader.global_batch_indices(b)].sum())
-                     for b in range(start_step, trainer.step))
+        step_tokens = [int(seq_tokens[trainer.loader.global_batch_indices(b)].sum()) for b in range(trainer.step)]
+        # a resumed run: `steps` and `tokens` count the whole training, the rate only this process's part
+        tokens = sum(step_tokens[start_step:])
         summary, lines = recipe.summarize(data, results)
         train_rows = [r for r in history if "loss" in r and "eval" not in r]
         summary.update({
             "final_loss": train_rows[-1]["loss"] if train_rows else None,
             "steps": trainer.step,
-            "tokens": tokens,
+            "tokens": sum(step_tokens),
+            "resumed_at_step": start_step,
+            "tokens_this_run": tokens,
             "tokens_per_second": tokens / train_time if train_time > 0 else None,
             "train_seconds": train_time,
             "wall_seconds": time.time() - t_start,

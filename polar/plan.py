@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
+from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute, inside_nodes,
                               layers_in_flight, memory_per_rank, params_per_rank, step_time, total_params)
 
 # re-exported: the cost model's names are the plan's public names too (tests/polar/test_plan.py)
 __all__ = ["GB", "GPU", "GPUS", "Assumptions", "Layout", "Shape", "activation_bytes_by_recompute",
-           "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time", "total_params", "main"]
+           "inside_nodes", "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time", "total_params",
+           "main"]
 
 
 def _divisors(n: int) -> list[int]:
@@ -136,8 +137,10 @@ def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) ->
              + f": {t['total']:.2f} s per step, MFU {t['mfu']:.1%}, {best.memory['total'] / GB:.1f} GB of "
              f"{gpu.memory_gb:g} GB on the fullest GPU (pipeline rank {best.memory_rank})."]
     why = []
-    why.append("tensor parallelism stays inside a node's NVLink" if 1 < lay.tp <= gpu.gpus_per_node
-               else "no tensor-parallel traffic" if lay.tp == 1 else "")
+    world = lay.tp * lay.pp * lay.dp
+    why.append("no tensor-parallel traffic" if lay.tp == 1 else
+               "tensor parallelism stays inside a node's NVLink" if inside_nodes(lay.tp, world, gpu.gpus_per_node)
+               else "tensor-parallel groups straddle nodes")
     why.append("no pipeline bubble" if lay.pp == 1 else
                f"pipeline bubble {t['bubble'] / t['total']:.1%} of the step")
     why.append("no recomputation needed" if lay.recompute == "none" else

@@ -299,6 +299,15 @@ def _ring(kind: str, n: int, nbytes: float, gbs: float, eff: float) -> float:
     return factor * nbytes / (gbs * eff * GB)
 
 
+def inside_nodes(span: int, world: int, gpus_per_node: int) -> bool:
+    """Whether every group of `span` consecutive ranks lies inside one node. Megatron numbers ranks
+    tensor-parallel fastest, then data-parallel, then pipeline: a TP group is `tp` consecutive ranks
+    and a DP group spans `tp * dp` of them. Groups tile the ranks from 0, so they stay inside nodes
+    only when their span divides the node (DP3 of 24 ranks on 8-GPU nodes straddles two nodes in
+    [6, 7, 8]), or when the whole job fits one node. The slowest group sets the collective's time."""
+    return world <= gpus_per_node or gpus_per_node % span == 0
+
+
 def model_flops(shape: Shape, seq_length: int, global_batch: int, group_length: Optional[int]) -> dict:
     """Forward + backward FLOPs of one global batch: dense matmuls and attention (engine.progress)."""
     from engine.progress import attention_flops_per_pair, dense_flops_per_token
@@ -335,7 +344,7 @@ def step_time(shape: Shape, layout: Layout, seq_length: int, global_batch: int, 
 
     node = gpu.gpus_per_node
     eff = a.collective_efficiency
-    tp_bw = gpu.nvlink_gbs if layout.tp <= node else gpu.network_gbs
+    tp_bw = gpu.nvlink_gbs if inside_nodes(layout.tp, world, node) else gpu.network_gbs
     act = 2.0 * seq_length * layout.micro_batch * shape.hidden_size  # one [s, b, h] bf16 tensor
     ar_per_layer = 4 + (2 if layout.recompute == "full" else 0)  # 2 forward, 2 backward (+2 recomputed)
     layers = shape.num_layers // layout.pp
@@ -343,12 +352,12 @@ def step_time(shape: Shape, layout: Layout, seq_length: int, global_batch: int, 
 
     pp_comm = 0.0
     if layout.pp > 1:
-        pp_bw = gpu.nvlink_gbs if layout.tp * layout.dp * layout.pp <= node else gpu.network_gbs
+        pp_bw = gpu.nvlink_gbs if world <= node else gpu.network_gbs
         msg = act / (layout.tp if layout.sequence_parallel else 1)
         pp_comm = 2 * (m * layout.chunks + layout.pp - 1) * msg / (pp_bw * eff * GB)
 
     n_max = max(params_per_rank(shape, layout.tp, layout.pp, r) for r in range(layout.pp))
-    dp_bw = gpu.nvlink_gbs if layout.tp * layout.dp <= node else gpu.network_gbs
+    dp_bw = gpu.nvlink_gbs if inside_nodes(layout.tp * layout.dp, world, node) else gpu.network_gbs
     if layout.distributed_optimizer:
         rs = _ring("reduce_scatter", layout.dp, 4.0 * n_max, dp_bw, eff)
         ag = _ring("all_gather", layout.dp, 2.0 * n_max, dp_bw, eff)

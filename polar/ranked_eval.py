@@ -84,8 +84,10 @@ def _parse(obj) -> RankedRecord:
     category = obj.get("category", DEFAULT_CATEGORY)
     if not isinstance(category, str) or not category:
         raise _Bad("category", f"must be a non-empty string, got {category!r:.60}")
-    wrapper = obj.get("wrapper") or "sft"
-    if wrapper not in WRAPPERS:
+    wrapper = obj.get("wrapper")
+    if wrapper is None:  # absent or null; "" or 0 is a mistake, not the default
+        wrapper = "sft"
+    elif wrapper not in WRAPPERS:
         raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
     resp = obj.get("responses")
     if resp is None:

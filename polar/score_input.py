@@ -50,10 +50,17 @@ def _text(obj: dict, key: str, where: Optional[str] = None):
 def _parse(obj) -> tuple[str, list]:
     if not isinstance(obj, dict):
         raise _Bad("line", f"expected a JSON object, got {type(obj).__name__}")
-    wrapper = obj.get("wrapper") or "sft"
-    if wrapper not in WRAPPERS:
+    wrapper = obj.get("wrapper")
+    if wrapper is None:  # absent or null; "" or 0 is a mistake, not the default
+        wrapper = "sft"
+    elif wrapper not in WRAPPERS:
         raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
     prompt, reference = _text(obj, "prompt"), _text(obj, "reference")
+    shapes = [name for name, keys in (("chosen/rejected", ("chosen", "rejected")), ("candidates", ("candidates",)),
+                                      ("output", ("output",))) if any(k in obj for k in keys)]
+    if len(shapes) > 1:  # which one was meant is a guess; scoring one of them would drop the others' outputs
+        raise _Bad(shapes[1].split("/")[0], f"a line gives one of chosen/rejected, candidates or output, not "
+                                            f"{' and '.join(shapes)}")
     if "chosen" in obj or "rejected" in obj:
         outs, kind = [_text(obj, "chosen"), _text(obj, "rejected")], "record"
     elif "candidates" in obj:

@@ -1,6 +1,7 @@
 """engine/pretrain.py stops at start-up with one clear message naming the bad setting."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -74,3 +75,13 @@ def test_a_resume_with_changed_optimizer_settings_is_refused_at_start_up(tmp_pat
     assert err.count("config error:") == 1 and f"config error: resuming from {step}: train.lr=0.123 when saved" in err
     assert "train.steps=7 when saved, 9 now" in err and "train.global_batch=3 when saved, 8 now" in err, err
     assert f"checkpoint.init_from={step}" in err
+
+
+def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_path):
+    proc = run("train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
+               "model.num_layers=1", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ("warning: train.warmup_steps=5 > train.steps=2: the learning rate stops at 40% of train.lr=0.001 "
+            "and never decays") in proc.stdout, proc.stdout[-3000:]
+    history = json.loads((tmp_path / "summary.json").read_text())["history"]
+    assert [r["lr"] for r in history if "loss" in r and "eval" not in r] == pytest.approx([2e-4, 4e-4])

@@ -236,6 +236,10 @@ def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, recor
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7), a["step"]
     assert len({round(r["loss"], 6) for r in straight["history"]}) > 1  # steps differ, so order matters
     assert straight["eval_pair_accuracy"] == pytest.approx(resumed["eval_pair_accuracy"])
+    # the totals count the whole training; only the rate is the resumed process's own
+    assert resumed["steps"] == straight["steps"] == 4 and resumed["tokens"] == straight["tokens"] > 0
+    assert resumed["resumed_at_step"] == 2 and straight["resumed_at_step"] == 0
+    assert 0 < resumed["tokens_this_run"] < resumed["tokens"] == straight["tokens_this_run"]
     assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
 
 

@@ -11,6 +11,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -164,6 +165,18 @@ def test_recomputation_trades_time_for_activation_memory():
     t1 = plan.step_time(shape, inter, 16384, 2048, plan.GPUS["H100"], plan.Assumptions())
     assert t1["bubble"] == pytest.approx(t0["bubble"] / 2)
     assert plan.layers_in_flight(shape, inter, 0, 64) > plan.layers_in_flight(shape, base, 0, 64)
+
+
+def test_groups_that_straddle_nodes_are_charged_the_network():
+    assert plan.inside_nodes(4, 24, 8) and plan.inside_nodes(8, 64, 8) and plan.inside_nodes(3, 6, 8)
+    assert not plan.inside_nodes(3, 24, 8) and not plan.inside_nodes(16, 64, 8)
+    shape = plan.shape_from_config(plan.load_plan_config("polar_7b", []))
+    h100 = plan.GPUS["H100"]
+    all_network = dataclasses.replace(h100, nvlink_gbs=h100.network_gbs)
+    for dp, pp, straddles in ((3, 8, True), (4, 6, False)):  # 24 GPUs on three 8-GPU nodes
+        lay = plan.Layout(tp=1, pp=pp, dp=dp)
+        got, slow = (plan.step_time(shape, lay, 4096, 2304, g, plan.Assumptions())["dp_comm"] for g in (h100, all_network))
+        assert (got == pytest.approx(slow)) == straddles, (dp, pp)
 
 
 def test_plan_for_polar_7b_recommends_a_layout_that_fits(capsys):

@@ -120,6 +120,7 @@ def test_score_fn_contract(records):
     ({"prompt": "p", "responses": ["a", [{"role": "x"}], "c"]}, "responses[1][0].content", "missing"),
     ({"prompt": "p", "category": 3, "responses": ["a", "b", "c"]}, "category", "non-empty string"),
     ({"prompt": "p", "wrapper": "chat", "responses": ["a", "b", "c"]}, "wrapper", "one of"),
+    ({"prompt": "p", "wrapper": "", "responses": ["a", "b", "c"]}, "wrapper", "one of"),  # not the default
     (["not", "an", "object"], "(record)", "JSON object"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, obj, field, reason):

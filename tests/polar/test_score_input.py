@@ -1,0 +1,47 @@
+"""polar/score_input.py: the three line shapes of `polar score`, and bad lines named by file:line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from polar.records import RecordError
+from polar.score_input import output_row, read_score_input
+
+
+def write(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return str(path)
+
+
+BASE = {"prompt": "p", "reference": "r"}
+
+
+def test_each_shape_gives_its_items_and_output_row(tmp_path):
+    path = write(tmp_path / "in.jsonl", [{**BASE, "chosen": "a", "rejected": "b", "wrapper": "pretrain"},
+                                         {**BASE, "candidates": ["x", {"text": "y", "id": 3}]},
+                                         {**BASE, "output": "", "wrapper": None}])
+    lines = read_score_input(path)
+    assert [ln.kind for ln in lines] == ["record", "group", "output"]
+    assert [[i.output for i in ln.items] for ln in lines] == [["a", "b"], ["x", "y"], [""]]
+    assert [ln.items[0].wrapper for ln in lines] == ["pretrain", "sft", "sft"]
+    assert output_row(lines[0], [1.0, 2.0]) == {"line": 1, "rewards": [1.0, 2.0], "chosen_reward": 1.0,
+                                                "rejected_reward": 2.0}
+    assert output_row(lines[2], [0.5]) == {"line": 3, "rewards": [0.5], "reward": 0.5}
+
+
+@pytest.mark.parametrize("extra,field,reason", [
+    ({"output": "o", "wrapper": ""}, "wrapper", "must be one of"),  # only absent or null means sft
+    ({"output": "o", "wrapper": 0}, "wrapper", "must be one of"),
+    ({"candidates": ["x"], "output": "o"}, "output", "not candidates and output"),
+    ({"chosen": "a", "rejected": "b", "candidates": ["x"]}, "candidates", "not chosen/rejected and candidates"),
+    ({"candidates": []}, "candidates", "non-empty list"),
+    ({}, "output", "missing"),
+])
+def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
+    path = write(tmp_path / "in.jsonl", [{**BASE, "output": "fine"}, {**BASE, **extra}])
+    with pytest.raises(RecordError) as e:
+        read_score_input(path)
+    assert str(e.value).startswith(f"{path}:2: {field}: ") and reason in str(e.value), str(e.value)
+    kept = read_score_input(path, on_error="skip")
+    assert [ln.line for ln in kept] == [1, 2] and kept[1].kind == "error" and reason in kept[1].error
