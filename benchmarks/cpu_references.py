@@ -80,6 +80,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
+    if args.repeat < 1:
+        ap.error(f"--repeat must be at least 1, not {args.repeat}")
     torch.set_num_threads(1)
     rows = [readout_case(args.repeat)]
     for kind in ("pairwise", "infonce"):

@@ -86,6 +86,11 @@ def main():
     ap.add_argument("--python-groups", type=int, default=20000, help="groups for the quadratic Python first-fit")
     ap.add_argument("--keep", default="", help="work in this directory and keep it")
     args = ap.parse_args()
+    for name in ("records", "seq_length", "k8_records", "python_groups"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if min(args.workers) < 1:
+        ap.error(f"--workers must all be at least 1, not {min(args.workers)}")
     work = args.keep or tempfile.mkdtemp(prefix="polar_data_build_")
     os.makedirs(work, exist_ok=True)
     try:
@@ -98,8 +103,11 @@ def main():
         rows, first = [], None
         for w in args.workers:
             out = os.path.join(work, f"ds_w{w}")
-            meta = data_build.build([records], out, data_build.BuildConfig(seq_length=args.seq_length),
-                                    workers=w, quiet=True, force=True)
+            try:
+                meta = data_build.build([records], out, data_build.BuildConfig(seq_length=args.seq_length),
+                                        workers=w, quiet=True, force=True)
+            except ValueError as exc:  # a group longer than --seq-length, as `polar data build` says it
+                sys.exit(f"data_build.py: error: polar data build refused the records: {exc}")
             c, dt = meta["counts"], meta["elapsed_s"]
             same = "-" if first is None else str(filecmp.cmp(first + ".bin", meta["path"] + ".bin", shallow=False)
                                                   and filecmp.cmp(first + ".idx", meta["path"] + ".idx", shallow=False))
@@ -122,14 +130,16 @@ def main():
         lengths = IndexedDataset(dataset).group_lengths
         n_py = min(args.python_groups, len(lengths))
         cap = args.seq_length
-        print("\n| packer on the built group lengths | groups | groups/s | sequences | efficiency |")
-        print("|---|---:|---:|---:|---:|")
+        print("\n| packer on the built group lengths | groups | groups/s | vs Python | sequences | efficiency |")
+        print("|---|---:|---:|---:|---:|---:|")
+        base = None
         for name, fn, lens, repeat in (("python first-fit (benchmarks/packer.py)", python_first_fit, lengths[:n_py].tolist(), 1),
                                        ("C++ best-fit decreasing (engine._C)", _C.pack_best_fit, lengths[:n_py], 5),
                                        ("C++ best-fit decreasing, all groups", _C.pack_best_fit, lengths, 5)):
             bins, sec = timed(fn, lens, cap, repeat=repeat)
             n_seq = int(bins.max()) + 1
-            print(f"| {name} | {len(lens):,} | {len(lens) / sec:,.3g} | {n_seq:,} | "
+            base = base or len(lens) / sec  # the Python first-fit's rate, measured in this run
+            print(f"| {name} | {len(lens):,} | {len(lens) / sec:,.3g} | {len(lens) / sec / base:,.0f}x | {n_seq:,} | "
                   f"{np.sum(lens) / (n_seq * cap):.2%} |")
 
         k8 = os.path.join(work, "records_k8.jsonl")

@@ -1,6 +1,6 @@
 """Random reads from a built dataset of many shards: the cost of bounding the open token maps.
 
-    python benchmarks/dataset_read.py [--shards 8 300] [--reads 3000] [--seq-length 16384]
+    python benchmarks/dataset_read.py [--shards 8 300] [--reads 20000] [--seq-length 16384]
 
 engine/indexed_dataset.py maps at most 64 shards' token files at once (each map holds a file
 descriptor, and a dataset of hundreds of shards mapped whole runs into the open-file limit). This
@@ -8,7 +8,7 @@ measures what that costs a loader reading packed sequences in random order (what
 epoch does): microseconds per sequence with the default bound against a bound no smaller than the
 shard count (every map kept open, as before the bound), in the same run on the same files. Shards
 are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2 candidates of 100-2000)
-packed into `--seq-length` sequences, `--sequences` per shard, int32 tokens; the page cache is warm
+packed into `--seq-length` sequences, about `--sequences` per shard (the packer may need a few more), int32 tokens; the page cache is warm
 after the first pass, which is what a training run that rereads its data sees.
 """
 import argparse
@@ -27,6 +27,9 @@ from engine.indexed_dataset import IndexedDataset, ShardWriter  # noqa: E402
 from engine.packing import Group  # noqa: E402
 
 
+LONGEST_GROUP = 2999 + 2 * 1999  # write_shards' longest prefix and candidates
+
+
 def write_shards(root: str, shards: int, sequences: int, seq_length: int) -> None:
     rng = np.random.default_rng(0)
     for s in range(shards):
@@ -40,6 +43,13 @@ def write_shards(root: str, shards: int, sequences: int, seq_length: int) -> Non
         for plan in packed.plan:
             w.add_sequence([packed.groups[g] for g in plan])
         w.close()
+
+
+def random_order(root: str, reads: int, seed: int = 1) -> np.ndarray:
+    """`reads` sequence indexes drawn over the whole dataset. The packer may need more sequences than
+    --sequences per shard, so the range is the dataset's length (shards * --sequences left the last
+    shards unread, and fewer shards to map made the bound look cheaper)."""
+    return np.random.default_rng(seed).integers(0, len(IndexedDataset(root)), size=reads)
 
 
 def per_sequence_us(ds: IndexedDataset, order: np.ndarray) -> float:
@@ -58,12 +68,17 @@ def main():
     ap.add_argument("--seq-length", type=int, default=16384)
     ap.add_argument("--reads", type=int, default=20000, help="random sequence reads timed per row")
     args = ap.parse_args()
+    if min(args.shards) < 1 or args.sequences < 1 or args.reads < 1:
+        ap.error("--shards, --sequences and --reads must be at least 1")
+    if args.seq_length < LONGEST_GROUP:
+        ap.error(f"--seq-length must be at least {LONGEST_GROUP}: the synthetic groups run up to that many "
+                 "tokens and are never split across sequences")
     print("| shards | maps open at most | us per sequence (random order) | vs every map open |")
     print("|---:|---:|---:|---:|")
     for shards in args.shards:
         with tempfile.TemporaryDirectory(prefix="polar_dsread_") as root:
             write_shards(root, shards, args.sequences, args.seq_length)
-            order = np.random.default_rng(1).integers(0, shards * args.sequences, size=args.reads)
+            order = random_order(root, args.reads)
             rows = {}
             for bound in (shards + 1, 64) if shards > 64 else (shards + 1,):  # the baseline first: all open
                 ds = IndexedDataset(root)

@@ -336,6 +336,23 @@ def write_json(path: str, device: str, steps: int, settings: list[str], rows: li
                                       "settings": settings, "rows": rows, "ratios": ratio_rows(rows)}, indent=1))
 
 
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Refuses counts that would time nothing, or time the warm-up: `--steps 0` and `--micro-triplets 0`
+    read as the defaults, `--baseline-steps 0` timed the warm-up step, and a negative count was a
+    traceback or a ratio of the wrong steps."""
+    if args.steps is not None and args.steps < 2:
+        ap.error(f"--steps must be at least 2 (the first interval is warm-up, left out of the medians), "
+                 f"not {args.steps}")
+    if args.baseline_steps < 1:
+        ap.error(f"--baseline-steps must be at least 1, not {args.baseline_steps}")
+    if args.warmup is not None and args.warmup < 0:
+        ap.error(f"--warmup must be at least 0, not {args.warmup}")
+    if args.micro_triplets is not None and args.micro_triplets < 1:
+        ap.error(f"--micro-triplets must be at least 1, not {args.micro_triplets}")
+    if args.timeout < 1:
+        ap.error(f"--timeout must be at least 1 second, not {args.timeout}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="engine steps (default: 10 on a GPU, 8 on CPU)")
@@ -351,6 +368,7 @@ def main() -> int:
     ap.add_argument("--attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra settings for every run, engine and baseline (after --)")
     args = ap.parse_args()
+    check_args(ap, args)
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu

@@ -92,6 +92,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=int, default=900, help="seconds per variant")
     ap.add_argument("overrides", nargs="*", help="extra settings for every variant (after --)")
     args = ap.parse_args()
+    if args.steps is not None and args.steps < 2:  # 0 read as the default; 1 timed only the warm-up
+        ap.error(f"--steps must be at least 2 (the first interval is warm-up, left out of the medians), "
+                 f"not {args.steps}")
+    if args.timeout < 1:
+        ap.error(f"--timeout must be at least 1 second, not {args.timeout}")
     import torch
 
     cuda = torch.cuda.is_available() and not args.cpu

@@ -179,7 +179,7 @@ def attention_section(peaks: dict, quick: bool) -> list[dict]:
         return []
 
 
-def cpu_section(quick: bool) -> None:
+def cpu_section(quick: bool) -> list[dict]:
     import cpu_references
 
     repeat = 2 if quick else 5
@@ -193,6 +193,8 @@ def cpu_section(quick: bool) -> None:
     print("|---|---:|---:|---:|")
     for name, t_torch, t_cpp in rows:
         print(f"| {name} | {t_torch * 1e3:.3f} | {t_cpp * 1e3:.3f} | {t_torch / t_cpp:.2f}x |")
+    return [{"kernel": "cpu reference", "shape": name, "torch_eager_ms": t_torch * 1e3, "cpp_ms": t_cpp * 1e3,
+             "ratio": t_torch / t_cpp} for name, t_torch, t_cpp in rows]
 
 
 def fmt(x, spec):
@@ -229,7 +231,10 @@ def main() -> int:
         if args.only != "cpu":
             print("No CUDA GPU: the GPU sections (readout, loss, attention) need CUDA and are not run. "
                   "Running the C++ CPU references against torch instead.\n")
-        cpu_section(args.quick)
+        rows = cpu_section(args.quick)
+        if args.json:  # the CPU rows too: --json wrote nothing here before
+            with open(args.json, "w") as f:
+                json.dump({"peaks": None, "torch": torch.__version__, "device": "CPU", "rows": rows}, f, indent=1)
         return 0
 
     peaks = measure_peaks()

@@ -209,13 +209,19 @@ def run(peaks: dict, quick: bool) -> list[dict]:
     return rows
 
 
-def main():
-    quick = "--quick" in sys.argv
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (with TRITON_INTERPRET=1 and no GPU: "
+                    "a CPU smoke test of the script)")
+    quick = ap.parse_args(argv).quick  # --help and unknown arguments used to run the benchmark
     peaks = {}
     if torch.cuda.is_available():  # fractions of the card's own measured peak, never a quoted one
         from kernels import measure_peaks
 
         peaks = measure_peaks()
+    print(f"{'shape':<48} {'impl':<18} {'time':>12} {'useful rate':>15} {'shared/dup.':>6} note")
     for row in run(peaks, quick):
         ms = f"{row['ms']:.3f}" if row["ms"] else "-"
         tf = f"{row['tflops']:.1f}" if row["tflops"] else "-"

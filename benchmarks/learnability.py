@@ -197,6 +197,10 @@ def main():
                     choices=["default", "default+aux", "transition", "transition+aux"])
     ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
     args = ap.parse_args()
+    for name, least in (("steps", 1), ("batch", 1), ("eval_triplets", 1), ("train_policies", 2),
+                        ("held_out_policies", 2), ("max_length", 1), ("jobs", 1)):
+        if getattr(args, name) < least:  # each was a traceback in a worker process, or a silent default
+            ap.error(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
 
     styles = {"default": StyleConfig(), "transition": StyleConfig.transition_only()}
     print(f"{args.steps} steps x {args.batch} triplets, lr {args.lr}, hidden 64, 3 layers, GQA 4/2, "

@@ -56,9 +56,16 @@ def main():
     ap.add_argument("--capacity", type=int, default=16384)
     ap.add_argument("--python-groups", type=int, default=0, help="groups for the Python first-fit (0 = all)")
     args = ap.parse_args()
+    if args.groups < 1:
+        ap.error(f"--groups must be at least 1, not {args.groups}")
+    if args.python_groups < 0:
+        ap.error(f"--python-groups must be 0 (all) or more, not {args.python_groups}")
     lengths = polar_like_lengths(args.groups)
     cap = args.capacity
-    n_py = args.python_groups or args.groups
+    if cap < lengths.max():
+        ap.error(f"--capacity {cap} is below the longest group ({lengths.max()} tokens; lengths run up to "
+                 f"12000): groups are never split, so give at least {lengths.max()}")
+    n_py = min(args.python_groups or args.groups, args.groups)
     print(f"{args.groups} groups, capacity {cap}; lengths mean {lengths.mean():.0f}, "
           f"p50 {np.median(lengths):.0f}, p99 {np.percentile(lengths, 99):.0f}, max {lengths.max()}")
 

@@ -70,6 +70,10 @@ def main(argv=None) -> int:
     except (OSError, KeyError, ValueError) as exc:  # a missing file or field, a device the plan does not know
         print(f"plan_measured: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except (TypeError, AttributeError) as exc:  # JSON of another shape (a list, rows that are not objects)
+        print(f"plan_measured: {type(exc).__name__}: {exc} (expected the JSON that benchmarks/e2e.py or "
+              "benchmarks/fp8.py writes with --json)", file=sys.stderr)
+        return 2
     if not runs:
         print("no engine run with a measured step time in " + ", ".join(args.results), file=sys.stderr)
         return 1

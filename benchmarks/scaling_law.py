@@ -277,6 +277,13 @@ def main(argv=None) -> int:
     ap.add_argument("--fresh", action="store_true", help="retrain sizes whose runs already finished")
     ap.add_argument("overrides", nargs="*", help="extra engine settings for every size (after --)")
     args = ap.parse_args(argv)
+    for name in ("seq", "batch", "micro_batch", "eval_points", "eval_triplets", "log_interval", "jobs", "threads"):
+        if getattr(args, name) < 1:  # --jobs 0 was a traceback, --seq/--batch 0 a division by zero
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if not args.tokens > 0:
+        ap.error(f"--tokens must be above 0, not {args.tokens:g}")
+    if not 0 <= args.fit_from <= 1:
+        ap.error(f"--fit-from is a fraction of each run, in [0, 1], not {args.fit_from:g}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     ladder = [s for s in LADDER if s.name in args.sizes]

@@ -99,6 +99,8 @@ def main(argv=None) -> None:
     ap.add_argument("--mb", type=float, nargs="+", default=[1, 16, 61], help="body sizes in MB")
     ap.add_argument("--repeats", type=int, default=3, help="runs per row; the table shows the median")
     args = ap.parse_args(argv)
+    if args.repeats < 1 or min(args.mb) <= 0:
+        ap.error("--repeats must be at least 1 and every --mb above 0")
     print(f"{'body':>8} {'encoding':<8} {'parser':<16} {'parse s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
     for mb, ascii in ((mb, ascii) for mb in args.mb for ascii in (True, False)):
         body = body_of(mb, ascii)

@@ -28,6 +28,11 @@ def main(argv=None) -> None:
     ap.add_argument("--row-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
+    for name in ("prompts", "row_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if min(args.items) < 1 or args.prefix < 0 or args.tail < 0:
+        ap.error("--items must be at least 1, --prefix and --tail at least 0")
 
     from polar.serve.grouping import group_items
 

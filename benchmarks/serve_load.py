@@ -90,7 +90,7 @@ async def run_load(url: str, pool: list[dict], texts: list[str], expected, clien
                     stats["bad_not_4xx"] += 1
                 continue
             # n rollouts of a few prompts: consecutive pool entries share (prompt, reference).
-            n = int(rng.integers(1, max_request + 1))
+            n = int(rng.integers(1, min(max_request, len(pool)) + 1))  # a request never runs past the pool
             start = int(rng.integers(0, len(pool) - n + 1))
             idx = list(range(start, start + n))
             kind = ["classify", "pooling", "get_reward", "native"][int(rng.integers(4))]
@@ -125,7 +125,10 @@ async def run_load(url: str, pool: list[dict], texts: list[str], expected, clien
                                  limits=httpx.Limits(max_connections=clients)) as http:
         await asyncio.gather(*(client(c, http) for c in range(clients)))
         elapsed = time.monotonic() - t0
-        health = (await http.get(url + "/health")).status_code
+        try:
+            health = (await http.get(url + "/health")).status_code
+        except httpx.HTTPError:  # no answer at all: unhealthy, not a traceback
+            health = 0
     lat = np.array(latencies) * 1000 if latencies else np.zeros(1)
     stats.update(clients=clients, seconds=round(elapsed, 1), requests=len(latencies),
                  requests_per_s=len(latencies) / elapsed, items_per_s=stats["items"] / elapsed,
@@ -177,6 +180,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
+    for name in ("clients", "max_request", "prompts", "rollouts", "words", "max_queue", "row_tokens",
+                 "max_batch_tokens"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
+    if args.seconds <= 0 or not 0 <= args.bad_fraction <= 1 or args.max_wait_ms < 0:
+        ap.error("--seconds must be above 0, --bad-fraction within [0, 1] and --max-wait-ms at least 0")
 
     from polar.serve.items import StructuredItem, format_structured
     from polar.tokenizer import load_tokenizer
@@ -185,6 +194,12 @@ def main(argv=None) -> int:
     if args.url:
         from polar.tokenizer import ByteTokenizer
 
+        import httpx
+
+        try:
+            httpx.get(args.url.rstrip("/") + "/health", timeout=10)
+        except httpx.HTTPError as exc:
+            ap.error(f"--url {args.url}: no server answers there ({type(exc).__name__}: {exc})")
         tok = ByteTokenizer()
         formatted = format_structured(tok, [StructuredItem(**it) for it in pool], 16384, 4096)
         stats = asyncio.run(run_load(args.url.rstrip("/"), pool, [t for t, _ in formatted], None, args.clients,
@@ -197,7 +212,12 @@ def main(argv=None) -> int:
         from polar.checkpoint_tokenizer import find
         from polar.serve.server import serve_in_thread
 
-        scorer = RewardScorer.load(args.checkpoint)
+        from engine.config import ConfigError
+
+        try:
+            scorer = RewardScorer.load(args.checkpoint)
+        except (ConfigError, FileNotFoundError) as exc:
+            ap.error(str(exc))
         tok = load_tokenizer(find(str(scorer.info.step_dir)))
         formatted = format_structured(tok, [StructuredItem(**it) for it in pool], 16384, 4096)
         expected = score_each_alone(scorer.score, [ids for _, ids in formatted], tok.pad_id)

@@ -80,20 +80,28 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    for name in ("prompt", "reference", "rollout", "n", "groups", "max_batch_tokens", "row_tokens", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
 
     import torch
+
+    from engine.config import ConfigError
 
     from polar.serve.items import format_structured
     from engine.inference import RewardScorer
     from polar.tokenizer import ByteTokenizer
 
     tok = ByteTokenizer()
-    if args.checkpoint:
-        scorer = RewardScorer.load(args.checkpoint)
-    else:
-        scorer = RewardScorer.random({"num_layers": args.layers, "hidden_size": args.hidden,
-                                      "num_attention_heads": args.heads, "num_query_groups": args.kv_heads,
-                                      "ffn_hidden_size": args.ffn, "vocab_size": tok.vocab_size})
+    try:
+        if args.checkpoint:
+            scorer = RewardScorer.load(args.checkpoint)
+        else:
+            scorer = RewardScorer.random({"num_layers": args.layers, "hidden_size": args.hidden,
+                                          "num_attention_heads": args.heads, "num_query_groups": args.kv_heads,
+                                          "ffn_hidden_size": args.ffn, "vocab_size": tok.vocab_size})
+    except (ConfigError, FileNotFoundError) as exc:  # a model shape or checkpoint the engine refuses
+        ap.error(str(exc))
     items = make_items(args.groups, args.n, args.prompt, args.reference, args.rollout, args.seed)
     ids = [i for _, i in format_structured(tok, items, 16384, 4096)]
     alone = run(scorer, ids, tok.pad_id, False, args.max_batch_tokens, args.row_tokens, args.repeats)

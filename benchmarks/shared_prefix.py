@@ -34,6 +34,14 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")
 warnings.filterwarnings("ignore")
 
 
+def candidate_pairs(candidates: list) -> list:
+    """The duplicated layout's candidates two to a group (a group needs two); an odd K puts three in
+    the last one."""
+    k = len(candidates)
+    last = 3 if k % 2 else 2
+    return [candidates[i:i + 2] for i in range(0, k - last, 2)] + [candidates[k - last:]]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, nargs="+", default=[2, 8])
@@ -46,6 +54,13 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-time", action="store_true", help="exact counts only: skip the timed forward+backward")
     args = ap.parse_args()
+    if min(args.k) < 2:
+        ap.error("--k: a group needs at least 2 candidates")
+    for name in ("prefix", "cand", "seq", "groups", "layers", "repeats"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, not {getattr(args, name)}")
+    if args.hidden < 16 or args.hidden % 16:
+        ap.error(f"--hidden must be a positive multiple of 16 (8 heads of an even size, for RoPE), not {args.hidden}")
 
     from engine.config import ModelConfig, ParallelConfig, TrainConfig
     from engine.data import PackedGroups
@@ -100,13 +115,19 @@ def main():
             duplicated.append([np.concatenate([prefix, c]) for c in cands])
         # an empty prefix makes each candidate a self-contained `prefix + candidate` sequence: the
         # duplicated layout; candidates go two to a group so groups stay small enough to pack
-        dup_groups = [Group(np.zeros(0, np.int32), d[i:i + 2], np.array([1, 0], np.int8))
-                      for d in duplicated for i in range(0, k, 2)]
+        dup_groups = [Group(np.zeros(0, np.int32), c, np.array([1] + [0] * (len(c) - 1), np.int8))
+                      for d in duplicated for c in candidate_pairs(d)]
+        longest = max(len(g) for g in shared + dup_groups)
+        if longest > args.seq:
+            sys.exit(f"shared_prefix.py: error: a group of {longest} tokens does not fit --seq {args.seq} "
+                     "(groups are never split): raise --seq or lower --prefix/--cand")
         sh, du = run(shared), run(dup_groups)
         for name, r in (("shared", sh), ("duplicated", du)):
-            ratios = ", ".join(f"{r[key] / du[key]:.2f}x" for key in ("tokens", "pairs", "dense", "time"))
+            ratios = ", ".join("-" if args.no_time and key == "time" else f"{r[key] / du[key]:.2f}x"
+                               for key in ("tokens", "pairs", "dense", "time"))
+            seconds = "-" if args.no_time else f"{r['time']:.3f}"
             print(f"{k:>3} | {name:<10} | {r['tokens']:>8,} | {r['seqs']:>4} | {r['pairs']:>13,} | {r['dense']:>12,} | "
-                  f"{r['flops'] / 1e9:>10.3f} | {r['time']:>9.3f} | {ratios}")
+                  f"{r['flops'] / 1e9:>10.3f} | {seconds:>9} | {ratios}")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,11 @@
 
 Each checkpoint is written into `step_XXXXXXXX.partial/` and renamed to `step_XXXXXXXX/` only once
 every rank has finished and the trainer state is on disk; `latest` (written atomically) then
-names it. A run killed mid-save leaves only a `.partial` directory, which resume ignores, so it
-continues from the last complete checkpoint.
+names it. A run killed mid-save leaves only a `.partial` directory, which resume ignores (and names),
+so it continues from the last complete checkpoint; the next save deletes it. A step saved again (a
+resume from an older one) is replaced only once the new one is complete. Only `step_N` directories
+are steps: other entries in the directory are neither resumed nor pruned. A file that does not read
+back, an unwritable directory or a failed save is an error naming the path and what to do.
 """
 from __future__ import annotations
 
@@ -11,11 +14,15 @@ import collections
 import contextlib
 import json
 import os
+import pickle
+import re
 import shutil
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from engine.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
@@ -27,6 +34,79 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
 # optimizer state in the canonical per-parameter layout, so a checkpoint reloads at any TP/PP/DP
 _OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 LATEST = "latest"
+# a step directory's name: `step_` and the step number (8 digits, more past 99,999,999). Nothing else
+# in a checkpoint directory is a step: a copy such as step_00000004.bak is never resumed or pruned
+_STEP_NAME = re.compile(r"step_(\d{8,})")
+_PARTIAL_NAME = re.compile(r"step_(\d{8,})\.partial")
+_DELETING = ".deleting"  # a pruned step while it is deleted
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint a run would load that does not read back, or a checkpoint directory it cannot
+    write: found at start-up, like a bad setting (`config error:`, exit 2). The message names the
+    file and what to do."""
+
+
+class CheckpointWriteError(RuntimeError):
+    """A save that failed during training (a full disk, say); the message names the directory,
+    the checkpoints kept and what to do."""
+
+
+def step_number(path) -> int | None:
+    """The step of a step directory's name (step_00000042 -> 42), None for any other name."""
+    m = _STEP_NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
+def _steps(root: Path) -> list[Path]:
+    """The complete step directories in `root`, oldest first (by step number, not by name)."""
+    found = [p for p in root.glob("step_*") if step_number(p) is not None and is_step(p)]
+    return sorted(found, key=step_number)
+
+
+def partial_saves(root, after: int = -1) -> list[Path]:
+    """`step_N.partial` directories (saves that did not finish) with N > `after`, oldest first."""
+    found = [(int(m.group(1)), p) for p in Path(root).glob("step_*.partial")
+             if (m := _PARTIAL_NAME.fullmatch(p.name)) and p.is_dir()]
+    return [p for n, p in sorted(found) if n > after]
+
+
+def _cause(e: BaseException) -> BaseException:
+    """The error inside torch.distributed.checkpoint's CheckpointException (a BaseException that
+    wraps each failed rank's error, and whose own text starts with the ranks, not the error)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            return inner[0]
+    return e
+
+
+def _dcp_error() -> tuple[type, ...]:
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # pragma: no cover
+        return ()
+    return (CheckpointException,)
+
+
+def _first_line(e: BaseException) -> str:
+    e = _cause(e)
+    text = (str(e).strip().splitlines() or [""])[0]
+    text = text.split(". ")[0]  # torch's reader adds sentences of advice after the error
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _damaged(path, e: Exception):
+    """The error for a checkpoint file that does not read back: names it, and what to do."""
+    path = Path(path)
+    step = next((q for q in (path, *path.parents) if step_number(q) is not None), path)
+    before = [p for p in _steps(step.parent) if step_number(p) < (step_number(step) or 0)]
+    instead = (f"move {step} out of {step.parent} and run again: the newest complete step there is then "
+               f"{before[-1]}" if before else
+               f"move {step} out of {step.parent}, or point the run at another checkpoint")
+    return CheckpointError(f"{path}: the checkpoint does not read back ({_first_line(e)}). If its files were "
+                           f"damaged after it was written (a full disk, a copy cut short): {instead}")
 
 
 def _unwrap(chunk):
@@ -48,40 +128,112 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
-        partial.mkdir()
-    dist.barrier()
+    # rank 0's file operations: a failure is broadcast so that every rank raises it (instead of the
+    # others waiting at the next barrier)
+    error = _on_rank0(rank, lambda: _start_save(root, partial))
+    if error:
+        raise _write_failed(root, partial, error)
     state = _model_state(chunks)
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
-    dist_checkpointing.save(state, str(partial))
+    try:
+        dist_checkpointing.save(state, str(partial))
+    except (OSError, *_dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
+        if not isinstance(_cause(e), OSError):
+            raise
+        raise _write_failed(root, partial, _first_line(e)) from e
     dist.barrier()
-    if rank == 0:
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
-        if model_settings is not None:
-            (partial / MODEL_FILE).write_text(json.dumps(model_settings, indent=1))
-        os.replace(partial, final)
-        tmp = root / (LATEST + ".tmp")
-        tmp.write_text(final.name)
-        os.replace(tmp, root / LATEST)
-        _prune(root, keep, final)
-    dist.barrier()
+    error = _on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
+    if error:
+        raise _write_failed(root, partial, error)
     return str(final)
+
+
+def _on_rank0(rank: int, fn) -> str:
+    """Runs `fn` on rank 0; returns its OSError's text (on every rank), '' when it succeeded."""
+    error = ""
+    if rank == 0:
+        try:
+            fn()
+        except OSError as e:
+            error = _first_line(e)
+    box = [error]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _start_save(root: Path, partial: Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+
+
+def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, model_settings, keep: int) -> None:
+    (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    if model_settings is not None:
+        (partial / MODEL_FILE).write_text(json.dumps(model_settings, indent=1))
+    # a step saved before (a resume from an older step) is replaced only now that the new one is
+    # complete: deleted when the save began, a save cut short lost it
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(partial, final)
+    tmp = root / (LATEST + ".tmp")
+    tmp.write_text(final.name)
+    os.replace(tmp, root / LATEST)
+    _prune(root, keep, final)
+
+
+def _write_failed(root: Path, partial: Path, error: str) -> CheckpointWriteError:
+    done = latest(str(root))
+    kept = f"the complete checkpoints are kept (newest: {done})" if done else "no complete checkpoint was written yet"
+    return CheckpointWriteError(
+        f"writing the checkpoint {partial} failed ({error}); {kept}. Free space or make {root} writable "
+        f"(or set checkpoint.dir), then run the same command again to resume")
+
+
+def check_writable(ckpt_dir: str) -> None:
+    """Raises CheckpointError on every rank when rank 0 cannot write into `ckpt_dir` (created if
+    missing): found at start-up, not at the first save after checkpoint.save_interval steps."""
+    root = Path(ckpt_dir)
+
+    def probe():
+        root.mkdir(parents=True, exist_ok=True)
+        f = root / f".write_test.{os.getpid()}"
+        f.write_text("")
+        f.unlink()
+
+    error = _on_rank0(dist.get_rank(), probe)
+    if error:
+        raise CheckpointError(f"checkpoint directory {root} is not writable ({error}); the run would lose its "
+                              f"checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
+                              f"that is")
 
 
 def _prune(root: Path, keep: int, saved: Path) -> None:
     """Keeps `saved` and the keep-1 newest steps before it. Steps after it (left by another run in
     the same directory) are not this run's to delete; the newest by name is not necessarily
-    `saved`, which is why pruning by name alone once deleted the step just written."""
+    `saved`, which is why pruning by name alone once deleted the step just written. Only step_N
+    directories are steps (a user's copy, step_00000004.bak, stays). Saves cut short before
+    `saved` (step_N.partial, never loaded) are deleted whatever `keep` is: they held disk space
+    for good."""
+    n = step_number(saved)
+    for old in partial_saves(root):
+        if int(_PARTIAL_NAME.fullmatch(old.name).group(1)) < n:
+            shutil.rmtree(old, ignore_errors=True)
+    for old in root.glob(f"step_*{_DELETING}"):  # a deletion cut short by a kill
+        shutil.rmtree(old, ignore_errors=True)
     if keep <= 0:
         return
-    older = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial")
-                   and p.name < saved.name)
+    older = [p for p in root.glob("step_*") if p.is_dir() and (m := step_number(p)) is not None and m < n]
+    older.sort(key=step_number)
     for old in older[:max(len(older) - (keep - 1), 0)]:
-        shutil.rmtree(old, ignore_errors=True)
+        # renamed first (atomic): a kill during the deletion leaves no half-deleted step that still
+        # looks complete (its trainer_state.json there, shards gone)
+        trash = old.with_name(old.name + _DELETING)
+        try:
+            os.replace(old, trash)
+        except OSError:  # pruning is housekeeping: the step just saved is complete either way
+            continue
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # train settings the optimizer state and the schedule are made of. megatron restores Adam's
@@ -101,7 +253,15 @@ def optimizer_settings(train) -> dict:
 def read_state(step_dir: str) -> dict:
     """A step's trainer state ({} for a weights-only step)."""
     f = Path(step_dir) / STATE_FILE
-    return json.loads(f.read_text()) if f.is_file() else {}
+    if not f.is_file():
+        return {}
+    try:
+        state = json.loads(f.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _damaged(f, e) from None
+    if not isinstance(state, dict):
+        raise _damaged(f, ValueError(f"a JSON object is expected, not {type(state).__name__}"))
+    return state
 
 
 def check_resume_settings(step_dir: str, train, skip=(), derived_from=None) -> None:
@@ -151,9 +311,16 @@ def resolve(path: str) -> str:
     if found is None and (p / "checkpoints").is_dir():
         found = latest(str(p / "checkpoints"))
     if found is None:
+        if p.name.endswith(".partial") and p.is_dir():
+            newest = latest(str(p.parent))
+            raise CheckpointNotFound(f"a save that did not finish (the run was stopped while writing it), not a "
+                                     f"checkpoint; the newest complete one beside it: "
+                                     f"{newest or 'none'}")
+        cut = [c for d in (p, p / "checkpoints") if d.is_dir() for c in partial_saves(d)]
         raise CheckpointNotFound(
             "neither a checkpoint directory (with a `latest` marker or step_* directories), a run "
-            "directory holding one, nor one complete step directory")
+            "directory holding one, nor one complete step directory"
+            + (f"; it holds only saves that did not finish ({', '.join(c.name for c in cut)})" if cut else ""))
     return found
 
 
@@ -168,9 +335,9 @@ def latest(ckpt_dir: str) -> str | None:
     marker = root / LATEST
     if marker.is_file():
         path = root / marker.read_text().strip()
-        if is_step(path):
+        if step_number(path) is not None and is_step(path):
             return str(path)
-    done = sorted(p for p in root.glob("step_*") if is_step(p))
+    done = _steps(root)
     return str(done[-1]) if done else None
 
 
@@ -182,10 +349,20 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
 
     p = Path(step_dir)
     if (p / MODEL_FILE).is_file():
-        return json.loads((p / MODEL_FILE).read_text()), str(p / MODEL_FILE)
+        try:
+            settings = json.loads((p / MODEL_FILE).read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise _damaged(p / MODEL_FILE, e) from None
+        if not isinstance(settings, dict):
+            raise _damaged(p / MODEL_FILE, ValueError("a JSON object is expected"))
+        return settings, str(p / MODEL_FILE)
     for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
         if f.is_file():
-            loaded = yaml.safe_load(f.read_text()) or {}
+            try:
+                loaded = yaml.safe_load(f.read_text()) or {}
+            except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+                raise CheckpointError(f"{f}: not readable as YAML ({_first_line(e)}); it records the model "
+                                      f"of {step_dir}: repair it or move it away") from None
             # both hold a `model:` section (a converter's model.yaml is a run config's model part)
             model = loaded.get("model", loaded) if isinstance(loaded, dict) else None
             if isinstance(model, dict):
@@ -232,7 +409,7 @@ def check_model_matches(model_cfg, step_dir: str, setting: str) -> None:
             raise ConfigError(
                 f"{setting}={step_dir} holds a model with model.{name}={saved[name]} (recorded in {where}), "
                 f"but this run has model.{name}={getattr(model_cfg, name)}: set model.{name}={saved[name]} "
-                f"(or take the model section of {where})")
+                f"(every model.* setting it was saved with is in {where})")
 
 
 def _materialise_optimizer_state(optimizer) -> None:
@@ -282,7 +459,10 @@ OPTIONAL_PREFIXES = ("lm_head.",)
 def _tensor_keys(path) -> set[str]:
     from megatron.core import dist_checkpointing
 
-    return set(dist_checkpointing.load_tensors_metadata(str(path)))
+    try:
+        return set(dist_checkpointing.load_tensors_metadata(str(path)))
+    except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata / metadata.json
+        raise _damaged(path, e) from e
 
 
 def has_lm_head(path: str) -> bool:
@@ -328,7 +508,14 @@ def load(path: str, chunks, optimizer=None) -> dict:
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
-    loaded = dist_checkpointing.load(state, str(p))
+    try:
+        loaded = dist_checkpointing.load(state, str(p))
+    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *_dcp_error()) as e:
+        # a truncated or missing shard file (torch: "PytorchStreamReader failed reading zip archive",
+        # EOF, a missing file), wrapped by torch.distributed.checkpoint in a CheckpointException
+        if _cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
+            raise  # (a CheckpointException wraps any read failure: a truncated .metadata is an AssertionError)
+        raise _damaged(p, e) from e
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, c in zip(keys, chunks):
         module = _unwrap(c)

@@ -123,7 +123,7 @@ class RewardScorer:
         rt = _runtime(par, seed)
         if initialize:  # the runtime may be an earlier one's, seeded then
             seed_model_parallel(rt.device, seed, rt.groups.tp.rank())
-        check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
+        check_kernels(train, rt.is_cuda, model.hidden_size // model.num_attention_heads)
         # The bare chunk, not build_model's DDP wrapper: serving needs no gradient buffers.
         chunks, _ = build_chunks(model, par, train, rt, initialize=initialize)
         for chunk in chunks:

@@ -98,7 +98,7 @@ def _zero_padded_vocab_rows(chunk, vocab_size: int) -> None:
         emb.weight[max(vocab_size - start, 0):].zero_()
 
 
-def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) -> None:
+def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None) -> None:
     """An explicit kernel request never silently falls back: a missing backend stops the run here.
 
     Covers `train.kernels` (readout + loss) and `train.attention_backend`. Triton needs a CUDA GPU or
@@ -112,10 +112,10 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
     if train.kernels not in ("torch", "triton", "cuda"):
         raise ConfigError(f"train.kernels={train.kernels!r}: expected torch, triton or cuda")
-    if train.kernels == "triton" and not rt.is_cuda and not interpret:
+    if train.kernels == "triton" and not on_cuda and not interpret:
         raise ConfigError("train.kernels=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret on CPU)")
     if train.kernels == "cuda":
-        if not rt.is_cuda:
+        if not on_cuda:
             raise ConfigError("train.kernels=cuda needs a CUDA GPU; use train.kernels=torch on CPU")
         try:  # loads engine._C_cuda now, so a missing or mismatched build stops the run here
             import engine.kernels.cuda_ops  # noqa: F401
@@ -125,7 +125,7 @@ def check_kernels(train: TrainConfig, rt: Runtime, head_dim: int | None = None) 
         raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
     if train.attention_backend == "triton":
-        if not rt.is_cuda and not interpret:
+        if not on_cuda and not interpret:
             raise ConfigError("train.attention_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret "
                               "on CPU)")
         if head_dim is not None and head_dim not in (16, 32, 64, 128, 256):
@@ -147,7 +147,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec
 
-    check_kernels(train, rt, model.hidden_size // model.num_attention_heads)
+    check_kernels(train, rt.is_cuda, model.hidden_size // model.num_attention_heads)
     use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
     check_fp8(model, par, train, use_te, device_capability(rt.device))
     config = transformer_config(model, par, train, rt, initialize)

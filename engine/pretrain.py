@@ -54,11 +54,11 @@ def parse_args(argv=None, prog: str | None = None, description: str = "POLAR rew
                          "recipe's own; tiny_cpu for pre-training)")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--check-config", action="store_true",
-                    help="run the start-up checks for WORLD_SIZE processes (default 1) and exit: 0 when the "
-                         "run would start, 2 with the config error otherwise (what `polar pretrain --nproc N` "
-                         "does before launching torchrun)")
+                    help="run the start-up checks for WORLD_SIZE processes (default 1), the kernel choice and "
+                         "the data, and exit: 0 when the run would start, 2 with the config error otherwise "
+                         "(what `polar pretrain --nproc N` does before launching torchrun)")
     ap.add_argument("overrides", nargs="*", help="section.key=value settings")
-    return ap.parse_args(argv)
+    return ap.parse_intermixed_args(argv)  # settings before and after --config alike
 
 
 def main(argv=None, recipe=None) -> int:
@@ -85,6 +85,7 @@ def main(argv=None, recipe=None) -> int:
 
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
         if args.check_config:
+            check_before_launch(cfg, recipe)
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
@@ -96,6 +97,23 @@ def main(argv=None, recipe=None) -> int:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
     except NonFiniteError as e:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
+
+
+def check_before_launch(cfg, recipe) -> None:
+    """What the run itself checks only after torch.distributed starts: that this machine can run the
+    requested kernels, and the data (a group longer than data.seq_length, a bad fine-tuning record, a
+    resume whose data-derived settings changed). Reading the data costs what the run's own start does."""
+    import torch
+
+    from engine import checkpoint
+    from engine.parallelize import check_kernels
+
+    check_kernels(cfg.train, torch.cuda.is_available(), cfg.model.hidden_size // cfg.model.num_attention_heads)
+    recipe.prepare_data(cfg)
+    derived = getattr(recipe, "DERIVED_SETTINGS", {})
+    resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
+    if derived and resume_from:
+        checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
 
 
 def check_checkpoints(cfg, derived=()) -> None:

@@ -94,12 +94,21 @@ class Trainer:
     # ---- checkpoints -------------------------------------------------------------------------
     def _resume(self) -> None:
         ck = self.cfg.checkpoint
+        # a checkpoint directory that cannot be written is found now, not at the first save
+        checkpoint.check_writable(self.ckpt_dir)
         path = checkpoint.latest(self.ckpt_dir) if ck.resume else None
         if path:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             checkpoint.check_resume_settings(path, self.cfg.train)
+            saved = checkpoint.read_state(path)
+            if "loader" not in saved or "scheduler" not in saved:
+                raise ConfigError(
+                    f"checkpoint.resume: {path} holds weights only (no optimizer, schedule or data position: a "
+                    f"converted model or initial weights), so there is nothing to resume; start from it with "
+                    f"checkpoint.init_from={path} and a checkpoint directory of its own (a new run_dir or "
+                    f"checkpoint.dir)")
             try:
-                self.loader.load_state_dict(checkpoint.read_state(path)["loader"])
+                self.loader.load_state_dict(saved["loader"])
             except ConfigError as e:
                 raise ConfigError(f"resuming from {path}: {e}") from None
             state = checkpoint.load(path, self.model, self.optimizer)
@@ -108,7 +117,10 @@ class Trainer:
             self.history = state.get("history", [])
             self.skipped_steps = state.get("skipped_steps", [])
             self.last_saved_step = self.step
-            self.log(f"resumed from {path} at step {self.step}")
+            cut = checkpoint.partial_saves(self.ckpt_dir, after=self.step)
+            self.log(f"resumed from {path} at step {self.step}"
+                     + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
+                        f"{', '.join(p.name for p in cut)})" if cut else ""))
         elif ck.init_from:
             step_dir = checkpoint.resolve(ck.init_from)
             checkpoint.load(step_dir, self.model, None)

@@ -41,7 +41,9 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
                              `polar convert hf-to-engine` output (required)
   finetune.train=FILE        official JSONL preference records (required); finetune.eval=FILE or
                              finetune.eval_fraction=0.05 for the held-out split
-  --config PRESET|FILE       optional ({presets}); model.* settings must match the checkpoint
+  --config FILE              optional: a YAML with a model section only (e.g. ckpt/base/model.yaml; the
+                             presets set train.steps, which fine-tuning derives from finetune.epochs);
+                             model.* settings must match the checkpoint
   section.key=value          e.g. train.lr=2e-5 finetune.epochs=1 train.eval_interval=50
 """
 

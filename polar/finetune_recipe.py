@@ -22,9 +22,14 @@ engine, layouts, logging, checkpoints and exact resume as pre-training (engine/p
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -36,10 +41,19 @@ CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning 
        "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too)."}
 
 
+def _existing_file_or_empty(where, v):
+    existing_path_or_empty(where, v)
+    if v and Path(v).is_dir():
+        raise ConfigError(f"{where}={v}: is a directory; name a JSONL file of records")
+
+
+_existing_file_or_empty.rule = "empty, or an existing JSONL file"
+
+
 def _existing_file(where, v):
     if not v:
         raise ConfigError(f"{where}: name the training records (a JSONL file)")
-    existing_path_or_empty(where, v)
+    _existing_file_or_empty(where, v)
 
 
 _existing_file.rule = "an existing JSONL file"
@@ -56,7 +70,7 @@ _tokenizer_setting.rule = "empty, \"byte\", or an existing tokenizer directory"
 @dataclass
 class FinetuneDataConfig:
     train: str = setting("", _existing_file)  # official JSONL preference records
-    eval: str = setting("", existing_path_or_empty)  # held-out records; empty: split off eval_fraction
+    eval: str = setting("", _existing_file_or_empty)  # held-out records; empty: split off eval_fraction
     eval_fraction: float = setting(0.05, in_range(0.0, 0.5))
     # "byte", or a directory holding tokenizer.json; empty: the tokenizer the init checkpoint was
     # trained with (polar.checkpoint_tokenizer.find)
@@ -66,7 +80,8 @@ class FinetuneDataConfig:
     wrapper: str = setting("sft", one_of("sft", "pretrain"))  # for records that do not name one
     epochs: float = setting(1.0, positive)  # sets train.steps from the data
     warmup_fraction: float = setting(0.03, in_range(0.0, 1.0))  # sets train.warmup_steps
-    on_error: str = setting("fail", one_of("fail", "skip"))  # a bad record: stop, or skip and report
+    # a bad record (or one too long for the pack): stop, or skip and list it in run_dir/rejects.jsonl
+    on_error: str = setting("fail", one_of("fail", "skip"))
     seed: int = setting(0, at_least(0))  # the held-out split
 
 
@@ -131,7 +146,16 @@ def check(cfg: FinetuneConfig) -> None:
                           f"{tok.vocab_size} ({spec})")
 
 
-def _read(path: str, on_error: str):
+def _say(*args, **kw) -> None:
+    """Every rank reads the same records; one of them reports."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kw)
+
+
+REJECTS_FILE = "rejects.jsonl"  # in run_dir: every record finetune.on_error=skip set aside, with its reason
+
+
+def _read(path: str, on_error: str, set_aside: Optional[list] = None):
     from polar.records import RecordError, read_records
 
     rejects: list = []
@@ -140,14 +164,16 @@ def _read(path: str, on_error: str):
     except RecordError as e:
         raise ConfigError(f"finetune records: {e} (finetune.on_error=skip skips bad records and reports them)") from e
     if rejects:
-        print(f"{path}: skipped {len(rejects)} bad record(s), e.g. {rejects[0]['file']}:{rejects[0]['line']}: "
-              f"{rejects[0]['field']}: {rejects[0]['reason']}", flush=True)
+        _say(f"{path}: skipped {len(rejects)} bad record(s), e.g. {rejects[0]['file']}:{rejects[0]['line']}: "
+             f"{rejects[0]['field']}: {rejects[0]['reason']}", flush=True)
+        if set_aside is not None:
+            set_aside += rejects
     if not records:
         raise ConfigError(f"{path}: no usable record")
     return records
 
 
-def _pack(cfg: FinetuneConfig, tok, records, name: str):
+def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list] = None):
     from engine.data import PackedGroups
     from engine.packing import Group
     from polar.format import encode_groups
@@ -171,16 +197,23 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str):
                 f"{lengths.max()} or lower finetune.max_response={f.max_response}")
         if f.on_error != "skip":
             raise ConfigError(f"{what} (finetune.on_error=skip sets them aside)")
-        print(f"{what}; skipped (finetune.on_error=skip)", flush=True)
+        _say(f"{what}; skipped (finetune.on_error=skip)", flush=True)
+        if set_aside is not None:
+            set_aside += [{"file": records[i].file, "line": records[i].line, "field": "(record)",
+                           "reason": f"{lengths[i]} tokens as one group, more than data.seq_length={seq}"}
+                          for i in over.tolist()]
         fits = lengths <= seq
         groups = [g for g, ok in zip(groups, fits) if ok]
         encoded = [e for e, ok in zip(encoded, fits) if ok]
+        if not groups:  # nothing left to train or evaluate on: an empty set would report 0 pairs as 0.0
+            raise ConfigError(f"{name}: none of its {len(records)} record(s) fits data.seq_length={seq}; raise "
+                              f"data.seq_length to {lengths.max()} or lower finetune.max_response={f.max_response}")
     shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
     if shortened:
         # a group is packed whole: its prompt (stored twice) gives way before the record is lost
-        print(f"{name}: {len(shortened)} record(s) too long for data.seq_length={seq} as one "
-              f"group kept a shorter prompt ({sum(shortened)} prompt tokens beyond finetune.max_length's rule)",
-              flush=True)
+        _say(f"{name}: {len(shortened)} record(s) too long for data.seq_length={seq} as one "
+             f"group kept a shorter prompt ({sum(shortened)} prompt tokens beyond finetune.max_length's rule)",
+             flush=True)
     try:
         return PackedGroups(groups, seq, method=cfg.data.packing)
     except ValueError as e:
@@ -198,29 +231,39 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     spec = tokenizer_spec(cfg)
     tok = load_tokenizer(spec)
     save_beside(run_checkpoint_dir(cfg), spec)  # the checkpoints carry it
-    records = _read(f.train, f.on_error)
+    set_aside: list = []  # finetune.on_error=skip: listed in run_dir/REJECTS_FILE
+    records = _read(f.train, f.on_error, set_aside)
     if f.eval:
-        train_records, eval_records = records, _read(f.eval, f.on_error)
+        train_records, eval_records = records, _read(f.eval, f.on_error, set_aside)
     else:
         order = np.random.default_rng([f.seed, 7]).permutation(len(records))
         n_eval = int(round(f.eval_fraction * len(records)))
         held = set(order[:n_eval].tolist())
         train_records = [r for i, r in enumerate(records) if i not in held]
         eval_records = [r for i, r in enumerate(records) if i in held]
-    train = _pack(cfg, tok, train_records, "fine-tuning data")
-    evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data")} if eval_records else {}
+    train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside)
+    evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside)} if eval_records else {}
+    if set_aside and int(os.environ.get("RANK", "0")) == 0:
+        out = Path(cfg.run_dir) / REJECTS_FILE
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in set_aside)
+        _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each with its reason: {out}", flush=True)
     if len(train) < cfg.train.global_batch:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
                           f"{len(train)} sequences of {cfg.data.seq_length} tokens")
-    wanted = math.ceil(f.epochs * len(train))  # sequences in the requested epochs
+    # sequences in the requested epochs, from the epochs as written (1.1 x 50 is 55, not the float 55.00000000000001)
+    wanted = math.ceil(Fraction(repr(f.epochs)) * len(train))
     steps = max(1, math.ceil(wanted / cfg.train.global_batch))
     cfg.train.steps = steps
     cfg.train.warmup_steps = int(round(f.warmup_fraction * steps))
     extra = steps * cfg.train.global_batch - wanted
     past = f"of epoch {int(f.epochs) + 1}" if float(f.epochs).is_integer() else f"past {f.epochs:g} epoch(s)"
     fill = f" (the last batch is filled with {extra} sequence(s) {past})" if extra > 0 else ""
-    desc = (f"data: {len(train_records):,} fine-tuning records -> {len(train):,} packed sequences of "
-            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {len(eval_records):,} held out; "
+    # the records packed: those set aside by finetune.on_error=skip as too long are not counted
+    n_held = len(evals["held_out"].groups) if evals else 0
+    desc = (f"data: {len(train.groups):,} fine-tuning records -> {len(train):,} packed sequences of "
+            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
     return RunData(train, evals, tok.pad_id, desc)

@@ -15,7 +15,9 @@ def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
     rest, nproc, i = [], default, 0
     while i < len(argv):
         a = argv[i]
-        if a == "--nproc" and i + 1 < len(argv):
+        if a == "--nproc":
+            if i + 1 == len(argv):  # passed on, it was the entry point's "unrecognized arguments: --nproc"
+                raise SystemExit("--nproc: expected a number of processes after it")
             nproc, i = argv[i + 1], i + 2
             continue
         if a.startswith("--nproc="):

@@ -4,9 +4,10 @@ Standard library only (urllib); `polar sample` runs these calls in threads and d
 so this module only says *what* went wrong:
 
     retryable        connection refused/reset, timeouts, HTTP 5xx, 408, 429, a reply that is not
-                     the API's JSON, an empty completion: the same request may succeed later
+                     the API's JSON, an empty completion or one holding a lone surrogate: the same
+                     request may succeed later
     endpoint_fault   the endpoint, not the prompt, is at fault (everything retryable except 429
-                     and an empty completion, plus 401/403/404: a wrong key, model name or URL fails
+                     and an unusable completion, plus 401/403/404: a wrong key, model name or URL fails
                      every request): these count towards taking the endpoint out of the pool. A 429
                      only asks us to slow down, and an empty completion is the answer to one prompt.
     neither          other 4xx (400 prompt too long, 422 bad parameter): this prompt fails here
@@ -22,6 +23,7 @@ import urllib.request
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from polar.format import lone_surrogate
 from polar.policy_pool import Policy
 
 
@@ -107,6 +109,11 @@ def parse_reply(policy: Policy, raw: bytes) -> Completion:
         # listed for the next run, instead of marking the prompt done.
         raise RequestFailure("empty completion", f"the server returned no text (finish_reason "
                              f"{choice.get('finish_reason')!r})", retryable=True, endpoint_fault=False)
+    if lone_surrogate(text):
+        # JSON can escape one ("\ud800") but it is no character: a record holding it is one every
+        # build rejects, so, like an empty completion, the prompt fails here and is retried.
+        raise RequestFailure("invalid text", f"the completion holds a lone surrogate ({lone_surrogate(text)})",
+                             retryable=True, endpoint_fault=False)
     return Completion(text=text, finish_reason=choice.get("finish_reason"))
 
 

@@ -412,7 +412,11 @@ def main(argv=None) -> int:
           + (" train.recompute_num_layers=1" if lay.recompute == "full" else "")
           # tensorwise: the FP8 recipe both backbones (local, TE) run on every FP8 card in GPUS; the cost
           # model does not tell the recipes apart. A placeholder here would be a shell redirection.
-          + (" train.fp8=tensorwise" if args.fp8 else ""))
+          + (" train.fp8=tensorwise" if args.fp8 else "")
+          # the memory and time above assume the sharded optimizer; --overlap, both overlaps it prices
+          + f" parallel.distributed_optimizer={str(lay.distributed_optimizer).lower()}"
+          + (" parallel.overlap_grad_reduce=true"
+             + (" parallel.overlap_param_gather=true" if lay.distributed_optimizer else "") if args.overlap else ""))
     return 0
 
 

@@ -100,7 +100,7 @@ def load_pool(path: str) -> list[Policy]:
     except yaml.YAMLError as e:
         raise PoolError(f"{path}: not valid YAML: {e}") from None
     # A top-level `policies:` key is accepted too, so a pool can sit next to other settings.
-    if isinstance(data, dict) and set(data) == {"policies"}:
+    if isinstance(data, dict) and "policies" in data:
         data = data["policies"]
     if not isinstance(data, list):
         raise PoolError(f"{path}: expected a YAML list of endpoints, got {type(data).__name__}")

@@ -7,7 +7,7 @@ import random
 from array import array
 from dataclasses import dataclass
 
-from polar.format import as_text
+from polar.format import as_text, lone_surrogate
 from polar.records import strip_bom
 
 
@@ -72,9 +72,14 @@ class TextSource:
             raise SampleError(f"{path}:{line_no}: field '{self.text_field}' is missing "
                               f"(fields: {', '.join(sorted(rec)[:10])})")
         try:
-            return as_text(rec[self.text_field])
+            text = as_text(rec[self.text_field])
         except TypeError as e:
             raise SampleError(f"{path}:{line_no}: field '{self.text_field}': {e}") from None
+        found = lone_surrogate(text)
+        if found:  # a legal JSON escape ("\ud800") that is no character: no tokenizer or record takes it
+            raise SampleError(f"{path}:{line_no}: field '{self.text_field}': lone surrogate {found} "
+                              f"(not valid Unicode text)")
+        return text
 
     def __len__(self) -> int:
         return len(self._offset)

@@ -42,6 +42,13 @@ def _message(resp: httpx.Response) -> str:
         return resp.text[:500]
 
 
+def _json(resp: httpx.Response):
+    try:
+        return resp.json()
+    except ValueError:
+        raise RewardServerError(resp.status_code, f"an answer that is not JSON: {resp.text[:200]!r}") from None
+
+
 def _chunks(seq: Sequence, n: int) -> list:
     return [seq[i:i + n] for i in range(0, len(seq), n)]
 
@@ -70,6 +77,10 @@ class _Base:
         self.base_url = base_url.rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer (items per request), got {chunk_size!r}")
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.backoff_s = backoff_s
@@ -97,8 +108,22 @@ class _Base:
         raise RewardServerError(resp.status_code, _message(resp))
 
     @staticmethod
-    def _rewards(payload: dict) -> list[float]:
-        return [d["reward"] for d in payload["data"]]
+    def _rewards(payload, n: int) -> list[float]:
+        """One reward per item sent, in the items' order (by each answer's "index" where given): an
+        answer of another length or shape is an error, never rewards paired with the wrong items."""
+        try:
+            data = payload["data"]
+            if not isinstance(data, list) or len(data) != n:
+                raise ValueError(f"{len(data) if isinstance(data, list) else 'no list of'} rewards for {n} items")
+            order = [d.get("index", k) for k, d in enumerate(data)]
+            if sorted(order) != list(range(n)):
+                raise ValueError(f"indices {order[:8]} are not 0..{n - 1}")
+            out = [0.0] * n
+            for k, d in zip(order, data):
+                out[k] = float(d["reward"])
+            return out
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise RewardServerError(200, f"an answer that is not one reward per item: {e}") from None
 
 
 class RewardClient(_Base):
@@ -114,7 +139,7 @@ class RewardClient(_Base):
             try:
                 resp = self._http.post(self.base_url + path, json=body)
                 if self._check(resp, attempt):
-                    return resp.json()
+                    return _json(resp)
             except httpx.TransportError:
                 if attempt == self.max_retries:
                     raise
@@ -124,7 +149,7 @@ class RewardClient(_Base):
     def score(self, items: Sequence[dict]) -> list[float]:
         out: list[float] = []
         for chunk in _chunks(list(items), self.chunk_size):
-            out += self._rewards(self._post("/v1/rewards", _items_body(chunk, self.model)))
+            out += self._rewards(self._post("/v1/rewards", _items_body(chunk, self.model)), len(chunk))
         return out
 
     def health(self) -> dict:
@@ -153,7 +178,7 @@ class AsyncRewardClient(_Base):
             try:
                 resp = await self._http.post(self.base_url + path, json=body)
                 if self._check(resp, attempt):
-                    return resp.json()
+                    return _json(resp)
             except httpx.TransportError:
                 if attempt == self.max_retries:
                     raise
@@ -161,9 +186,9 @@ class AsyncRewardClient(_Base):
         raise AssertionError("unreachable")
 
     async def score(self, items: Sequence[dict]) -> list[float]:
-        parts = await asyncio.gather(*(self._post("/v1/rewards", _items_body(c, self.model))
-                                       for c in _chunks(list(items), self.chunk_size)))
-        return [r for p in parts for r in self._rewards(p)]
+        chunks = _chunks(list(items), self.chunk_size)
+        parts = await asyncio.gather(*(self._post("/v1/rewards", _items_body(c, self.model)) for c in chunks))
+        return [r for p, c in zip(parts, chunks) for r in self._rewards(p, len(c))]
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -258,6 +283,31 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
 
 # ---- in-process ----------------------------------------------------------------------------------
 
+def _structured_items(items: Sequence[dict]) -> list:
+    """Items checked as `polar serve` checks /v1/rewards entries (a null wrapper is sft; a missing or
+    mistyped field, a lone surrogate, is a ValueError naming the item), so in-process scoring takes
+    and refuses exactly what the HTTP clients do."""
+    from polar.serve import validation
+    from polar.serve.items import StructuredItem
+
+    out = []
+    for i, it in enumerate(items):
+        if not isinstance(it, dict):
+            raise TypeError(f"item {i} must be a dict with prompt, reference and output, got {type(it).__name__}")
+        where = f"item {i}"
+        try:
+            for key in ("prompt", "reference", "output"):
+                if key not in it:
+                    raise validation.RequestError(f"{where}: missing field {key!r}")
+            out.append(StructuredItem(validation._text(it["prompt"], f"{where}.prompt"),
+                                      validation._text(it["reference"], f"{where}.reference"),
+                                      validation._text(it["output"], f"{where}.output"),
+                                      validation._wrapper(it.get("wrapper"), f"{where}.wrapper")))
+        except validation.RequestError as e:
+            raise ValueError(e.message) from None
+    return out
+
+
 class InProcessScorer:
     """The reward model in this process, with the server's batching and shared prefixes: calls
     from several threads are batched together. `score(items)` -> floats; `score_texts(texts)` for
@@ -286,10 +336,11 @@ class InProcessScorer:
         return cls(scorer, load_tokenizer(tokenizer or find(str(scorer.info.step_dir))), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
-        from polar.serve.items import StructuredItem, format_structured
+        from polar.serve.items import format_structured
 
-        structured = [StructuredItem(it["prompt"], it["reference"], it["output"], it.get("wrapper", "sft"))
-                      for it in items]
+        structured = _structured_items(items)
+        if not structured:
+            return []
         ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response)]
         return [float(x) for x in self.batcher.score_sync(ids)]
 

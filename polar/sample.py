@@ -51,6 +51,7 @@ from polar.prompt_sources import PromptMaker, SampleError, TextSource
 from polar.repetition import truncate_loop
 
 ROLES = ("reference", "chosen", "rejected")
+DEFAULT_INSTRUCTION_SHARE = 0.1
 
 
 # ----------------------------------------------------------------------------- policies
@@ -437,8 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--instruction-prompts", nargs="+", metavar="FILE",
                    help="instruction prompts, used whole (same formats as --corpus)")
     g.add_argument("--instruction-field", default="prompt", help="JSONL field of an instruction prompt")
-    g.add_argument("--instruction-share", type=float, default=0.1,
-                   help="fraction of prompts drawn from --instruction-prompts (when given)")
+    g.add_argument("--instruction-share", type=float, default=argparse.SUPPRESS,
+                   help=f"fraction of prompts drawn from --instruction-prompts (default {DEFAULT_INSTRUCTION_SHARE} "
+                        "when they are given)")
     g.add_argument("--prefix-min-tokens", type=int, default=1, help="shortest corpus prefix, in tokens")
     g.add_argument("--prefix-max-tokens", type=int, default=1024, help="longest corpus prefix, in tokens")
     g.add_argument("--tokenizer", default="byte",
@@ -486,6 +488,11 @@ def _check_args(ap: argparse.ArgumentParser, a) -> None:
             ap.error(f"{flag} must be at least 1, got {v}")
     if a.prefix_max_tokens < a.prefix_min_tokens:
         ap.error(f"--prefix-max-tokens ({a.prefix_max_tokens}) is below --prefix-min-tokens ({a.prefix_min_tokens})")
+    if getattr(a, "instruction_share", None) is None:  # not given
+        a.instruction_share = DEFAULT_INSTRUCTION_SHARE
+    elif a.instruction_share > 0 and not a.instruction_prompts:
+        # the share was silently ignored: every prompt came from the corpus
+        ap.error(f"--instruction-share {a.instruction_share} needs --instruction-prompts to draw from")
     if not 0.0 <= a.instruction_share <= 1.0:
         ap.error(f"--instruction-share must lie in [0, 1], got {a.instruction_share}")
     if not 0.0 < a.top_p <= 1.0:
@@ -493,6 +500,10 @@ def _check_args(ap: argparse.ArgumentParser, a) -> None:
     if a.temperature < 0 or a.max_retries < 0 or a.request_timeout <= 0 or a.retry_base < 0 or a.loop_min_chars < 0:
         ap.error("--temperature, --max-retries, --retry-base and --loop-min-chars must be >= 0, "
                  "--request-timeout > 0")
+    if not a.progress_interval > 0:  # 0 printed a progress line on every turn of the event loop
+        ap.error(f"--progress-interval must be > 0 seconds, got {a.progress_interval}")
+    if a.retry_cap < 0:
+        ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
     if a.max_records is not None and a.max_records < 1:
         ap.error(f"--max-records must be at least 1, got {a.max_records}")
 
@@ -525,6 +536,10 @@ def main(argv: list[str]) -> int:
             "policies": {p.name: f"{p.model} ({p.kind})" for p in sorted(policies, key=lambda p: p.name)},
             "sampling": asdict(sampling),
             "request_seed": not a.no_request_seed, "loop": [a.loop_min_repeats, a.loop_min_chars]}
+        failures = a.failures or a.output + ".failures.jsonl"
+        for flag, path in (("--output", a.output), ("--failures", failures)):
+            if os.path.isdir(path):
+                raise SampleError(f"{flag} {path}: is a directory; name a JSONL file")
         os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
         done = read_done_ids(a.output)
@@ -542,7 +557,7 @@ def main(argv: list[str]) -> int:
                     progress_interval=a.progress_interval, max_records=a.max_records)
     prompts = PromptMaker(a.seed, tokenizer, corpus, instructions, a.instruction_share,
                           a.prefix_min_tokens, a.prefix_max_tokens)
-    sampler = Sampler(cfg, prompts, policies, a.output, a.failures or a.output + ".failures.jsonl")
+    sampler = Sampler(cfg, prompts, policies, a.output, failures)
     interrupted = False
     try:
         asyncio.run(sampler.run(done))

@@ -105,3 +105,61 @@ def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
     assert checkpoint.model_config(str(step)) == ModelConfig(hidden_size=64, num_layers=2, vocab_size=300)
     with pytest.raises(ConfigError, match="model.hidden_size=64 .*but this run has model.hidden_size=128"):
         checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step), "checkpoint.init_from")
+
+
+def test_a_damaged_trainer_state_names_the_file_and_the_step_to_fall_back_to(tmp_path):
+    """A truncated trainer_state.json was a JSONDecodeError traceback naming neither the file nor
+    what to do; it is a config error naming both (the step before it to resume from)."""
+    from engine.config import ConfigError
+
+    before = _step(tmp_path, 4)
+    damaged = _step(tmp_path, 6)
+    (damaged / checkpoint.STATE_FILE).write_text('{"step": 6, "settings": {"train.lr"')
+    (damaged / checkpoint.MODEL_FILE).write_text('{"num_layers": ')
+    for read in (checkpoint.read_state, checkpoint.saved_model_settings):
+        with pytest.raises(ConfigError) as err:
+            read(str(damaged))
+        msg = str(err.value)
+        assert str(damaged) in msg and f"move {damaged} out of {tmp_path}" in msg and str(before) in msg, msg
+
+
+def test_only_step_directories_are_resumed_and_pruned_and_stale_partial_saves_go(tmp_path):
+    """A user's copy beside the steps (step_00000002.bak) was deleted by pruning and, named after
+    the newest step (step_00000009_old), resumed from; step numbers past 8 digits sorted by name
+    before smaller ones; a save cut short at an earlier step (step_N.partial) stayed on disk for good."""
+    backup = _step(tmp_path, 2).rename(tmp_path / "step_00000002.bak")
+    _step(tmp_path, 2)
+    (tmp_path / "notes.txt").write_text("stray file")
+    (tmp_path / "step_00000001.partial").mkdir()
+    late = _step(tmp_path, 3).rename(tmp_path / "step_00000009_old")
+    saved = _step(tmp_path, 4)
+    assert checkpoint.latest(str(tmp_path)) == str(saved)  # no marker: the newest by step number
+    checkpoint._prune(tmp_path, 1, saved)
+    assert backup.is_dir() and late.is_dir() and (tmp_path / "notes.txt").is_file()
+    assert not (tmp_path / "step_00000002").exists() and not (tmp_path / "step_00000001.partial").exists()
+    # a deletion cut short by a kill: renamed before it began, so never taken for a complete step
+    leftover = _step(tmp_path, 0).rename(tmp_path / "step_00000000.deleting")
+    assert checkpoint.latest(str(tmp_path)) == str(saved)
+    checkpoint._prune(tmp_path, 1, saved)
+    assert not leftover.exists()
+    (tmp_path / "step_00000005.partial").mkdir()  # a later save that did not finish: not this call's
+    checkpoint._prune(tmp_path, 0, saved)
+    assert (tmp_path / "step_00000005.partial").is_dir()
+    big = _step(tmp_path, 100_000_000)
+    _step(tmp_path, 99_999_999)
+    assert checkpoint.latest(str(tmp_path)) == str(big)
+    assert [p.name for p in checkpoint.partial_saves(tmp_path, after=4)] == ["step_00000005.partial"]
+
+
+def test_init_from_a_save_that_did_not_finish_says_so(tmp_path):
+    """checkpoint.init_from at step_N.partial, or at a run whose only save was cut short, said only
+    that the path was not a checkpoint directory."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000004.partial").mkdir(parents=True)
+    with pytest.raises(checkpoint.CheckpointNotFound, match=r"holds only saves that did not finish "
+                                                             r"\(step_00000004.partial\)"):
+        checkpoint.resolve(str(run))
+    done = _step(run / "checkpoints", 2)
+    assert checkpoint.resolve(str(run)) == str(done)
+    with pytest.raises(checkpoint.CheckpointNotFound, match=f"a save that did not finish .* beside it: {done}"):
+        checkpoint.resolve(str(run / "checkpoints" / "step_00000004.partial"))

@@ -66,10 +66,10 @@ def test_check_kernels_on_cpu(monkeypatch, overrides, interpret, message):
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, vpp=None)
     train = TrainConfig(**overrides)
     if message is None:
-        check_kernels(train, rt)
+        check_kernels(train, rt.is_cuda)
     else:
         with pytest.raises(ConfigError, match=message):
-            check_kernels(train, rt)
+            check_kernels(train, rt.is_cuda)
 
 
 def test_triton_attention_refuses_an_unsupported_head_dim_at_start_up(monkeypatch):
@@ -81,9 +81,9 @@ def test_triton_attention_refuses_an_unsupported_head_dim_at_start_up(monkeypatc
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), tp=1, pp=1, dp=1, vpp=None)
-    check_kernels(TrainConfig(attention_backend="triton"), rt, head_dim=128)
+    check_kernels(TrainConfig(attention_backend="triton"), rt.is_cuda, head_dim=128)
     with pytest.raises(ConfigError, match="head dims 16, 32, 64, 128 and 256.* = 96"):
-        check_kernels(TrainConfig(attention_backend="triton"), rt, head_dim=96)
+        check_kernels(TrainConfig(attention_backend="triton"), rt.is_cuda, head_dim=96)
 
 
 def test_check_kernels_cuda_without_build_says_how_to_build(monkeypatch):
@@ -103,4 +103,4 @@ def test_check_kernels_cuda_without_build_says_how_to_build(monkeypatch):
     monkeypatch.delitem(_sys.modules, "engine.kernels.cuda_ops", raising=False)
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), tp=1, pp=1, dp=1, vpp=None)
     with pytest.raises(ConfigError, match="POLAR_FORCE_CUDA_BUILD=1 python setup.py build_ext --inplace"):
-        check_kernels(TrainConfig(kernels="cuda"), rt)
+        check_kernels(TrainConfig(kernels="cuda"), rt.is_cuda)

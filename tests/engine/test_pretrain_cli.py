@@ -85,3 +85,11 @@ def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_pat
             "and never decays") in proc.stdout, proc.stdout[-3000:]
     history = json.loads((tmp_path / "summary.json").read_text())["history"]
     assert [r["lr"] for r in history if "loss" in r and "eval" not in r] == pytest.approx([2e-4, 4e-4])
+
+
+def test_settings_may_come_before_and_after_the_options(capsys):
+    from engine.pretrain import main
+
+    assert main(["train.lr=1e-4", "--config", "tiny_cpu", "run_dir=somewhere", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0001" in out and "run_dir: somewhere" in out, out

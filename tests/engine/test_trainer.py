@@ -151,3 +151,78 @@ def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtim
     assert [r["step"] for r in history] == [1]
     assert history[0]["loss"] > 0
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step_00000001")
+
+
+@pytest.mark.parametrize("damaged", ["*.distcp", ".metadata"])
+def test_a_damaged_newest_checkpoint_is_named_with_the_step_to_resume_from(runtime, tmp_path, damaged):
+    """A truncated shard file (or torch's .metadata) in the newest complete step was a torch
+    CheckpointException (a BaseException, past `except Exception`) or an AssertionError, naming
+    neither the step nor what to do."""
+    make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "train.exit_at_step=3",
+                 "train.aux_lm_weight=0").fit()
+    ckpts = tmp_path / "checkpoints"
+    shard = next((ckpts / "step_00000003").glob(damaged))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 3])
+    with pytest.raises(ConfigError) as err:
+        make_trainer(runtime, tmp_path, "train.aux_lm_weight=0")
+    msg = str(err.value)
+    assert f"move {ckpts / 'step_00000003'} out of {ckpts}" in msg and str(ckpts / "step_00000002") in msg, msg
+    (ckpts / "step_00000003").rename(tmp_path / "damaged")  # what the message says: resumes from step 2
+    assert make_trainer(runtime, tmp_path, "train.aux_lm_weight=0").step == 2
+
+
+def test_a_resume_names_the_save_that_did_not_finish(runtime, tmp_path):
+    """Killed mid-save: the run resumes from the newest complete step and says which save it ignored."""
+    from engine.data import PackedGroups
+    from engine.trainer import Trainer
+    from tests.engine.dist_worker import random_groups
+
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2").fit()
+    (tmp_path / "checkpoints" / "step_00000003.partial").mkdir()
+    lines = []
+    cfg = load_config(EngineConfig, None, SMALL + [f"run_dir={tmp_path}"])
+    trainer = Trainer(cfg, runtime, PackedGroups(random_groups(3, 40, 64, 64), 64), str(tmp_path), pad_id=0,
+                      log=lines.append)
+    assert trainer.step == 2
+    assert any("step_00000002 at step 2" in line and "step_00000003.partial" in line for line in lines), lines
+
+
+def test_a_weights_only_step_in_the_checkpoint_directory_says_to_use_init_from(runtime, tmp_path):
+    """checkpoint.dir pointed at a converted model (weights only): a KeyError 'loader' traceback."""
+    weights = tmp_path / "converted"
+    checkpoint.save(str(weights), 0, make_trainer(runtime, tmp_path / "a", "checkpoint.resume=false").model, None,
+                    {"step": 0})
+    with pytest.raises(ConfigError, match=f"holds weights only.*checkpoint.init_from={weights / 'step_00000000'}"):
+        make_trainer(runtime, tmp_path / "b", f"checkpoint.dir={weights}")
+
+
+def test_an_unwritable_checkpoint_directory_is_refused_before_training(runtime, tmp_path):
+    """It failed at the first save, after checkpoint.save_interval steps of training."""
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ConfigError, match=f"checkpoint directory {tmp_path / 'a_file' / 'ckpt'} is not writable"):
+        make_trainer(runtime, tmp_path, f"checkpoint.dir={tmp_path / 'a_file' / 'ckpt'}")
+
+
+def test_a_failed_save_keeps_the_step_it_replaces_and_says_what_was_kept(runtime, tmp_path, monkeypatch):
+    """Saving a step that exists (a resume from before it) deleted the complete one when the save
+    began, so a save cut short (a full disk) lost it; the error now names the checkpoints kept."""
+    import errno
+
+    from megatron.core import dist_checkpointing
+
+    make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "checkpoint.keep=0", "train.exit_at_step=3").fit()
+    ckpts = tmp_path / "checkpoints"
+    (ckpts / checkpoint.LATEST).write_text("step_00000002")  # rolled back to step 2: step 3 is saved again
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "checkpoint.keep=0")
+    assert trainer.step == 2
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(dist_checkpointing, "save", full_disk)
+    with pytest.raises(checkpoint.CheckpointWriteError) as err:
+        trainer.fit()
+    msg = str(err.value)
+    assert "No space left on device" in msg and str(ckpts / "step_00000003.partial") in msg, msg
+    assert f"newest: {ckpts / 'step_00000002'}" in msg and "run the same command again" in msg, msg
+    assert checkpoint.read_state(str(ckpts / "step_00000003"))["step"] == 3

@@ -13,6 +13,7 @@ so a test can recompute what any policy must have returned. Behaviour per model:
     fail   always HTTP 500
     busy   HTTP 429 on the first attempt of each (prompt, seed), the text on the next
     empty  an empty completion: "" as completion text, null as chat message content
+    surrogate  the text ending in a lone surrogate (JSON "\ud800", which Python's json writes and reads)
 
 An unknown model gets 404, like vLLM. Setting `fail_after = N` makes every request after the first N
 successful ones get HTTP 503 (a server that starts failing mid-run); set it back to None to heal.
@@ -109,6 +110,8 @@ class FakeOpenAIServer:
                 text = (fake_loop_text if behaviour == "loop" else fake_text)(model, prompt, seed)
                 if behaviour == "empty":
                     text = None if chat else ""
+                elif behaviour == "surrogate":
+                    text += "\ud800"
                 choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
                           if chat else {"index": 0, "text": text, "finish_reason": "stop"})
                 self._send(200, {"id": "cmpl-fake", "object": "chat.completion" if chat else "text_completion",

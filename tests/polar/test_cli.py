@@ -22,13 +22,19 @@ def test_pretrain_passes_settings_to_the_entry_point(tmp_path):
     assert "lr: 0.5" in proc.stdout
 
 
-def test_a_bad_setting_stops_before_torchrun_with_its_one_message(tmp_path):
+@pytest.mark.parametrize("setting, needle", [
+    ("parallel.tp=3", "world size 2 is not divisible"),
+    # found by reading the data and asking the machine, which the runs themselves do after torchrun starts
+    ("data.seq_length=64", "data.seq_length=64"),
+    ("train.kernels=cuda", "train.kernels=cuda needs a CUDA GPU"),
+])
+def test_a_bad_setting_stops_before_torchrun_with_its_one_message(tmp_path, setting, needle):
     """The launcher checks the settings for --nproc processes in one process first: exit 2 and the
     one `config error:` line, not torchrun's failure report (exit 1) around a worker's."""
-    proc = subprocess.run([sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "2", "parallel.tp=3"],
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "2", setting],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert proc.stderr.count("config error:") == 1 and "world size 2 is not divisible" in proc.stderr
+    assert proc.stderr.count("config error:") == 1 and needle in proc.stderr, proc.stderr[-2000:]
     assert "torch.distributed.run" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     ok = subprocess.run([sys.executable, "-m", "engine.pretrain", "--check-config", f"run_dir={tmp_path / 'r'}"],
                         capture_output=True, text=True, timeout=300, cwd=tmp_path,

@@ -91,3 +91,64 @@ def test_a_record_whose_responses_alone_overflow_the_pack_is_named_by_its_line(t
     out = capsys.readouterr().out
     assert re.search(needle, out) and "skipped (finetune.on_error=skip)" in out, out
     assert "kept a shorter prompt" not in out
+
+
+def _one_per_sequence(tmp_path, n, *overrides):
+    """n records, each too long to share a 128-token sequence with another: n packed sequences."""
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"prompt {i:03d} " + "p" * 20, "reference": "r" * 20,
+                                           "chosen": "c" * 20, "rejected": "x" * 20}) + "\n" for i in range(n)))
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=128",
+                                                    "finetune.eval_fraction=0", "finetune.tokenizer=byte",
+                                                    f"run_dir={tmp_path / 'run'}", *overrides])
+    return cfg
+
+
+def test_epochs_to_steps_counts_the_epochs_as_written_not_their_float_product(tmp_path):
+    # 0.28 x 25 is 7.000000000000001 in floating point: its ceiling trained one sequence (step) too many
+    cfg = _one_per_sequence(tmp_path, 25, "finetune.epochs=0.28", "train.global_batch=1")
+    data = recipe.prepare_data(cfg)
+    assert len(data.train) == 25
+    assert cfg.train.steps == 7, data.description
+
+
+@pytest.mark.parametrize("key", ["train", "eval"])
+def test_a_directory_of_records_is_refused_at_start_up(tmp_path, key):
+    (tmp_path / "r.jsonl").write_text("")
+    overrides = [f"finetune.train={tmp_path / 'r.jsonl'}", f"finetune.{key}={tmp_path}"]
+    with pytest.raises(ConfigError, match=f"finetune.{key}={tmp_path}: is a directory"):
+        load_config(recipe.FinetuneConfig, None, overrides)
+
+
+def test_held_out_records_that_are_all_set_aside_stop_the_run_instead_of_scoring_zero_pairs(tmp_path):
+    """finetune.on_error=skip sets aside records too long for the pack; when that is every held-out
+    record, the run used to evaluate on nothing and report accuracy 0.000 and loss 0 over 0 pairs."""
+    cfg = _one_per_sequence(tmp_path, 4, "train.global_batch=1", "finetune.on_error=skip")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "q", "reference": "r" * 200, "chosen": "c" * 200,
+                                "rejected": "x" * 200}) + "\n")
+    cfg.finetune.eval = str(held)
+    with pytest.raises(ConfigError, match=r"held-out data: none of its 1 record\(s\) fits data.seq_length=128"):
+        recipe.prepare_data(cfg)
+
+
+def test_the_record_count_leaves_out_records_set_aside_as_too_long(tmp_path):
+    cfg = _one_per_sequence(tmp_path, 4, "train.global_batch=1", "finetune.on_error=skip")
+    with open(cfg.finetune.train, "a") as f:
+        f.write(json.dumps({"prompt": "q", "reference": "r" * 200, "chosen": "c" * 200, "rejected": "x" * 200}) + "\n")
+    data = recipe.prepare_data(cfg)
+    assert data.description.startswith("data: 4 fine-tuning records -> 4 packed sequences"), data.description
+
+
+def test_every_record_set_aside_by_skip_is_listed_with_its_reason(tmp_path, capsys):
+    """finetune.on_error=skip printed a count and the first reject only: the others could not be found."""
+    cfg = _one_per_sequence(tmp_path, 4, "train.global_batch=1", "finetune.on_error=skip")
+    with open(cfg.finetune.train, "a") as f:
+        f.write('{"prompt": "q", "reference": "r", "chosen": "", "rejected": "x"}\nnot json\n')
+        f.write(json.dumps({"prompt": "q", "reference": "r" * 200, "chosen": "c" * 200, "rejected": "x" * 200}) + "\n")
+    recipe.prepare_data(cfg)
+    listed = [json.loads(line) for line in (tmp_path / "run" / recipe.REJECTS_FILE).read_text().splitlines()]
+    assert [(r["line"], r["field"]) for r in listed] == [(5, "chosen"), (6, "(line)"), (7, "(record)")]
+    assert listed[1]["raw"] == "not json" and "more than data.seq_length=128" in listed[2]["reason"]
+    assert f"3 record(s) set aside (finetune.on_error=skip), each with its reason: {tmp_path / 'run'}" in \
+        capsys.readouterr().out

@@ -265,6 +265,20 @@ def test_the_launch_line_is_settings_the_engine_accepts(capsys):
     assert "train.recompute=full" in overrides, line
     cfg = load_config(EngineConfig, resolve_config("polar_1_8b"), overrides)
     assert cfg.train.recompute == "full" and cfg.train.recompute_num_layers == 1
+    assert not cfg.parallel.overlap_grad_reduce
+
+
+def test_an_overlapped_plan_launches_with_the_overlaps_it_priced(capsys):
+    from engine.config import EngineConfig, load_config
+    from engine.runtime import validate_layout
+    from polar.presets import resolve_config
+
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", "--overlap"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("launch with: "))
+    cfg = load_config(EngineConfig, resolve_config("polar_7b"), line[len("launch with: "):].split())
+    par = cfg.parallel
+    assert par.distributed_optimizer and par.overlap_grad_reduce and par.overlap_param_gather, line
+    validate_layout(cfg.model, par, cfg.train, 64, cfg.data.seq_length)
 
 
 def test_the_fp8_launch_line_names_a_recipe(capsys):

@@ -260,6 +260,8 @@ def test_pool_yaml_syntax_error(tmp_path, capsys):
     ("c.jsonl", '[1, 2]\n', "c.jsonl:1: expected a JSON object"),
     ("c.txt", b"good line\nbad \xff byte\n", "c.txt:2: not valid UTF-8"),
     ("c.txt", "\n\n", "no non-empty documents"),
+    # a JSON escape of a lone surrogate crashed the run at its first request (UnicodeEncodeError)
+    ("c.jsonl", '{"text": "fine"}\n{"text": "bad \\ud800 doc"}\n', "c.jsonl:2: field 'text': lone surrogate U+D800"),
 ])
 def test_bad_corpus_lines_name_file_and_line(tmp_path, capsys, name, content, expected):
     corpus = tmp_path / name
@@ -395,3 +397,68 @@ def test_unknown_tokenizer_is_a_clear_error(tmp_path, capsys):
                       "--num-prompts", "1", "--tokenizer", str(tmp_path / "no-such-tokenizer")])
     err = capsys.readouterr().err
     assert rc == 2 and "--tokenizer" in err and "no-such-tokenizer" in err, err
+
+
+def _minimal_argv(tmp_path, srv_url, *extra, models=("a", "b")):
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump([{"model": m, "base_url": srv_url} for m in models]))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one document\nanother document\n")
+    return ["--corpus", str(corpus), "--pool", str(pool), "--num-prompts", "2", "--retry-base", "0.001",
+            "--retry-cap", "0.01", "--max-retries", "1", *extra]
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_a_progress_interval_that_is_not_positive_is_refused(tmp_path, capsys, value):
+    # 0 printed a progress line on every turn of the event loop: tens of thousands a second
+    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"),
+                         "--progress-interval", value)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+    assert f"--progress-interval must be > 0 seconds, got {float(value)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--output", "--failures"])
+def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
+    (tmp_path / "d").mkdir()
+    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"))
+    argv += [flag, str(tmp_path / "d")]
+    assert sample.main(argv) == 2
+    assert f"{flag} {tmp_path / 'd'}: is a directory" in capsys.readouterr().err
+
+
+def test_a_completion_holding_a_lone_surrogate_is_a_failure_retried_by_the_next_run(tmp_path, capsys):
+    """Such a record is one every build rejects (records.py): like an empty completion, the prompt
+    is listed as failed and sampled again, instead of being marked done and lost at build time."""
+    with FakeOpenAIServer({"a": "ok", "b": "surrogate"}) as srv:
+        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
+        assert sample.main(argv) == 1
+        assert (tmp_path / "o.jsonl").read_text() == ""
+        failures = _records(str(tmp_path / "o.jsonl") + ".failures.jsonl")
+        assert sorted(f["id"] for f in failures) == [0, 1]
+        assert all("lone surrogate" in f["reason"] for f in failures)
+        err = capsys.readouterr().err
+        assert "invalid text x" in err and "DOWN" not in err, err  # counted, and not the endpoint's fault
+        srv.models["b"] = "ok"
+        assert sample.main(argv) == 0
+    assert sorted(_by_id(_records(tmp_path / "o.jsonl"))) == [0, 1]
+
+
+def test_a_pool_under_a_policies_key_may_sit_beside_other_settings(tmp_path):
+    from polar.policy_pool import load_pool
+
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump({"policies": [{"model": m, "base_url": "http://h:1/v1"} for m in "ab"],
+                                    "notes": "sampling run 3"}))
+    assert [p.name for p in load_pool(str(pool))] == ["a", "b"]
+
+
+def test_an_instruction_share_without_instruction_prompts_is_refused(tmp_path, capsys):
+    # it was ignored without a word: every prompt came from the corpus
+    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"),
+                         "--instruction-share", "0.5")
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+    assert "--instruction-share 0.5 needs --instruction-prompts" in capsys.readouterr().err

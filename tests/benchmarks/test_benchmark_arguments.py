@@ -1,0 +1,89 @@
+"""Every benchmark script refuses counts it cannot run with a one-line usage error (exit 2), not a
+traceback, a silent default, or a table of the wrong steps. Each case below was one of those."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+CASES = [
+    ("packer.py", ["--groups", "0"]),  # IndexError
+    ("packer.py", ["--groups", "100", "--capacity", "100"]),  # ValueError from the packer
+    ("packer.py", ["--groups", "100", "--python-groups", "-5"]),  # a negative ratio
+    ("cpu_references.py", ["--repeat", "0"]),  # inf ms, nan ratio
+    ("serve_grouping.py", ["--items", "0"]),  # ZeroDivisionError
+    ("serve_grouping.py", ["--prompts", "0"]),  # ZeroDivisionError
+    ("serve_grouping.py", ["--repeats", "0"]),  # UnboundLocalError
+    ("serve_body.py", ["--repeats", "0"]),  # IndexError
+    ("shared_prefix.py", ["--k", "1"]),  # ValueError deep in the run
+    ("shared_prefix.py", ["--hidden", "12"]),
+    ("serve_prefix.py", ["--repeats", "0"]),  # UnboundLocalError
+    ("serve_prefix.py", ["--hidden", "30", "--heads", "2"]),  # the engine's ConfigError as a traceback
+    ("serve_prefix.py", ["--checkpoint", "/nonexistent/run"]),  # FileNotFoundError
+    ("serve_load.py", ["--checkpoint", "/nonexistent/run"]),
+    ("serve_load.py", ["--url", "http://127.0.0.1:1", "--seconds", "1"]),  # httpx.ConnectError
+    ("serve_load.py", ["--url", "http://127.0.0.1:1", "--max-request", "0"]),
+    ("e2e.py", ["--steps", "0"]),  # read as the default, 8
+    ("e2e.py", ["--steps", "1"]),  # timed the warm-up interval
+    ("e2e.py", ["--baseline-steps", "0"]),  # timed the baseline's warm-up step
+    ("e2e.py", ["--micro-triplets", "-1"]),  # ZeroDivisionError
+    ("e2e.py", ["--warmup", "-1"]),
+    ("fp8.py", ["--steps", "0"]),
+    ("fp8.py", ["--steps", "1"]),
+    ("data_build.py", ["--records", "0"]),
+    ("data_build.py", ["--workers", "0"]),
+    ("learnability.py", ["--batch", "0"]),  # a traceback in a worker process
+    ("learnability.py", ["--eval-triplets", "0"]),
+    ("scaling_law.py", ["--jobs", "0"]),
+    ("scaling_law.py", ["--batch", "0"]),
+    ("scaling_law.py", ["--tokens", "0"]),
+    ("kernels_attention.py", ["--bogus"]),  # ignored: ran the benchmark
+]
+
+
+@pytest.mark.parametrize("script,args", CASES, ids=[f"{s} {' '.join(a)}" for s, a in CASES])
+def test_bad_arguments_get_a_usage_error(script, args, tmp_path):
+    if script == "scaling_law.py":
+        args = [*args, "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
+                          text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_kernels_attention_help_does_not_run_the_benchmark():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_attention.py"), "--help"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:") and "TFLOP/s" not in proc.stdout
+
+
+def test_kernels_json_is_written_without_a_gpu(tmp_path):
+    """--json wrote nothing where the CPU references ran instead of the GPU sections."""
+    import json
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU path runs without a GPU")
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels.py"), "--only", "cpu", "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 5 and all(r["ratio"] > 0 for r in rows)
+
+
+def test_shared_prefix_pairs_every_candidate_for_odd_k():
+    """The duplicated layout put an odd K's last candidate alone in a group (ValueError: a group
+    needs at least 2 candidates)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from shared_prefix import candidate_pairs
+
+    for k in range(2, 10):
+        chunks = candidate_pairs(list(range(k)))
+        assert [c for chunk in chunks for c in chunk] == list(range(k))
+        assert all(2 <= len(chunk) <= 3 for chunk in chunks)

@@ -1,0 +1,89 @@
+"""engine/launch/slurm_pretrain.sbatch without a cluster: `srun` and `scontrol` are stubs on PATH
+that record the command, so the torchrun arguments each node's agent gets are checked here (the
+launch itself is run on one machine by tests/engine/test_multinode_restart.py)."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+SCRIPT = ROOT / "engine" / "launch" / "slurm_pretrain.sbatch"
+
+pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+
+
+def _stubs(tmp_path: Path) -> Path:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n'
+                                  'echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" '
+                                  '>> "$STUB_OUT"\n')
+    # the node list in two writes, as scontrol writes a long one: a reader that stops after the
+    # first line makes the second write die of SIGPIPE
+    (bin_dir / "scontrol").write_text('#!/bin/bash\necho gpu-node-07\nsleep 0.3\necho gpu-node-08\n')
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir
+
+
+def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
+    """(the script's process, the arguments srun got or None), run in a fresh `tmp_path`."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "srun_args.txt"
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
+    run_env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out))
+    if slurm:
+        run_env.update(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
+                       SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4")
+    run_env.update(env)
+    proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
+                          timeout=60)
+    return proc, out.read_text().splitlines() if out.is_file() else None
+
+
+def _after(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_path):
+    """Also: the first node's name came from `scontrol ... | head -n 1`; scontrol writing the rest of
+    a long node list after head had exited died of SIGPIPE, and pipefail with set -e ended the job
+    there, silently (status 141)."""
+    proc, argv = _sbatch(tmp_path, "--config", "polar_7b", "run_dir=/shared/runs/x", MAX_RESTARTS="5")
+    assert proc.returncode == 0, proc.stderr
+    assert argv[:3] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", argv[2]]
+    assert argv[3:5] == ["-m", "torch.distributed.run"]
+    assert _after(argv, "--nnodes") == "2" and _after(argv, "--nproc-per-node") == "4"
+    assert _after(argv, "--rdzv-backend") == "c10d" and _after(argv, "--rdzv-endpoint") == "gpu-node-07:29500"
+    assert _after(argv, "--rdzv-id") == "4242" and _after(argv, "--max-restarts") == "5"
+    entry = argv.index(str(ROOT / "engine" / "pretrain.py"))
+    assert argv[entry + 1:-1] == ["--config", "polar_7b", "run_dir=/shared/runs/x"]
+    assert argv[-1] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    # the repository's virtual environment (install.sh) when there is one, else python on PATH
+    venv = ROOT / ".venv" / "bin" / "python"
+    assert argv[2] == (str(venv) if os.access(venv, os.X_OK) else "python")
+    _, argv = _sbatch(tmp_path / "own_python", PYTHON="/opt/py/bin/python3")
+    assert argv[2] == "/opt/py/bin/python3"
+
+
+def test_a_requeued_job_appends_to_its_log():
+    """--requeue restarts the job under the same id, so the same %x-%j.out: SLURM's default open
+    mode (truncate) erased the log of the attempt that failed."""
+    header = [line for line in SCRIPT.read_text().splitlines() if line.startswith("#SBATCH")]
+    assert "#SBATCH --requeue" in header and "#SBATCH --open-mode=append" in header
+
+
+def test_outside_slurm_or_away_from_the_repository_it_says_what_to_do(tmp_path):
+    """Run without sbatch it stopped at `SLURM_JOB_NODELIST: unbound variable`; submitted from
+    another directory, every node's agent failed on a missing engine/pretrain.py."""
+    proc, argv = _sbatch(tmp_path, slurm=False)
+    assert proc.returncode == 2 and argv is None and "submit it with sbatch" in proc.stderr, proc.stderr
+    proc, argv = _sbatch(tmp_path / "elsewhere", SLURM_SUBMIT_DIR=str(tmp_path))
+    assert proc.returncode == 2 and argv is None, proc.stderr
+    assert f"{tmp_path}/engine/pretrain.py not found" in proc.stderr and "POLAR_REPO" in proc.stderr
+    proc, argv = _sbatch(tmp_path / "with_repo", SLURM_SUBMIT_DIR=str(tmp_path), POLAR_REPO=str(ROOT))
+    assert proc.returncode == 0 and str(ROOT / "engine" / "pretrain.py") in argv, proc.stderr

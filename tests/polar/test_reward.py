@@ -1,0 +1,120 @@
+"""polar/reward.py against a small stand-in for `polar serve` on loopback (real HTTP, no mocks of the
+client), and the in-process scorer's checks of its items (with a stub model: the checks come first)."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from polar import reward
+
+
+class RewardsServer:
+    """POST /v1/rewards -> one reward per item (len(output)), answered as `mode` says:
+    "ok" in order; "reversed" in reverse order, each with its index; "short" one reward fewer;
+    "html" a 200 that is not JSON."""
+
+    def __init__(self, mode: str = "ok"):
+        self.mode = mode
+        self.bodies: list = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.bodies.append(body)
+                data = [{"index": i, "reward": float(len(it["output"]))} for i, it in enumerate(body["items"])]
+                if server.mode == "reversed":
+                    data = data[::-1]
+                elif server.mode == "short":
+                    data = data[:-1]
+                raw = b"<html>proxy</html>" if server.mode == "html" else json.dumps({"data": data}).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+ITEMS = [{"prompt": "p", "reference": "r", "output": "x" * n} for n in (1, 2, 3, 4, 5)]
+
+
+def test_rewards_follow_the_answers_indices_in_every_chunk():
+    with RewardsServer("reversed") as srv:
+        with reward.RewardClient(srv.url, chunk_size=2) as client:
+            assert client.score(ITEMS) == [1.0, 2.0, 3.0, 4.0, 5.0]
+
+        async def go():
+            async with reward.AsyncRewardClient(srv.url, chunk_size=2) as client:
+                return await client.score(ITEMS)
+
+        assert asyncio.run(go()) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    sizes = [len(b["items"]) for b in srv.bodies]
+    assert sizes[:3] == [2, 2, 1] and sorted(sizes[3:]) == [1, 2, 2]  # the async chunks arrive in any order
+
+
+@pytest.mark.parametrize("mode,message", [("short", "4 rewards for 5 items"), ("html", "not JSON")])
+def test_an_answer_that_is_not_one_reward_per_item_is_an_error_not_misaligned_rewards(mode, message):
+    with RewardsServer(mode) as srv, reward.RewardClient(srv.url) as client:
+        with pytest.raises(reward.RewardServerError, match=message):
+            client.score(ITEMS)
+
+
+@pytest.mark.parametrize("kw,message", [({"chunk_size": 0}, "chunk_size"), ({"max_retries": -1}, "max_retries")])
+def test_client_settings_that_could_never_send_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        reward.RewardClient("http://127.0.0.1:9", **kw)
+
+
+class _StubModel:
+    """Reward = the position of the item's last token (its length - 1): enough to see which ids
+    were scored."""
+
+    def score(self, batch):
+        return batch.layout[:, 0].reshape(-1)[batch.reward_index].numpy().astype(np.float32)
+
+
+@pytest.fixture
+def in_process():
+    from polar.tokenizer import ByteTokenizer
+
+    s = reward.InProcessScorer(_StubModel(), ByteTokenizer(), max_length=256, max_response=64, max_wait_s=0.001)
+    yield s
+    s.close()
+
+
+def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_process):
+    item = {"prompt": "hello", "reference": "world", "output": "earth"}
+    sft = in_process.score([{**item, "wrapper": "sft"}])
+    assert in_process.score([{**item, "wrapper": None}]) == in_process.score([item]) == sft
+    assert in_process.score([{**item, "wrapper": "pretrain"}]) != sft
+
+
+@pytest.mark.parametrize("item,error,message", [
+    ({"prompt": "a", "reference": "b"}, ValueError, "item 0: missing field 'output'"),
+    ({"prompt": "a", "reference": "b", "output": 5}, ValueError, "item 0.output must be a string or an array"),
+    ({"prompt": "a", "reference": "b", "output": "\ud800"}, ValueError, "item 0.output holds a lone surrogate"),
+    ("just text", TypeError, "item 0 must be a dict"),
+])
+def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error, message):
+    with pytest.raises(error, match=message):
+        in_process.score([item])
