@@ -271,6 +271,10 @@ class Trainer:
             f"x {self.loader.source.seq_length} tokens | packing efficiency "
             f"{self.loader.source.packing_efficiency:.1%} | {self.dtype} on {self.rt.device.type}"
         )
+        if tc.exit_at_step and 0 < tc.exit_at_step <= self.step < tc.steps:
+            # a requeued job that kept its exit_at_step would otherwise stop at once, every time
+            self.log(f"train.exit_at_step={tc.exit_at_step} is not after the resumed step {self.step}: it has no "
+                     f"effect, the run trains to train.steps={tc.steps} (set a later one to stop again)")
         window = torch.zeros(STATS, device=self.rt.device)
         tokens = real_tokens = groups = 0
         flops = 0.0

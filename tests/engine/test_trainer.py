@@ -226,3 +226,13 @@ def test_a_failed_save_keeps_the_step_it_replaces_and_says_what_was_kept(runtime
     assert "No space left on device" in msg and str(ckpts / "step_00000003.partial") in msg, msg
     assert f"newest: {ckpts / 'step_00000002'}" in msg and "run the same command again" in msg, msg
     assert checkpoint.read_state(str(ckpts / "step_00000003"))["step"] == 3
+
+
+def test_an_exit_step_behind_a_resume_is_reported_and_the_run_trains_on(runtime, tmp_path):
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2").fit()
+    again = make_trainer(runtime, tmp_path, "train.exit_at_step=2")  # a requeued job's same command
+    lines = []
+    again.log = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    again.fit()
+    assert again.step == 4
+    assert any("train.exit_at_step=2 is not after the resumed step 2: it has no effect" in x for x in lines), lines
