@@ -131,6 +131,9 @@ def _usage_of_tools() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()  # every tool that imports megatron (env, plan, data, ...) prints only what matters
     # The tools parse their own arguments (their --help is theirs), so they bypass argparse here.
     tool = _tool(argv)
     if tool is not None:
