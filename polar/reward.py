@@ -5,6 +5,8 @@ in-process scorer.
                                        batches split into chunks (sent concurrently by the async one,
                                        so the server batches them together)
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
+    compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
+                                       request per response, batched with the others by the server
     reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
     InProcessScorer                    the model beside the trainer, same batching, no HTTP
 
@@ -213,11 +215,11 @@ def strip_thinking(text: str) -> str:
     return m.group(2).strip() if m else text
 
 
-def _prompt_of(extra_info, i: int):
-    if not isinstance(extra_info, dict) or "prompt" not in extra_info:
-        raise ValueError(f"extra_infos[{i}] has no 'prompt': POLAR compares each response with the reference "
-                         "for the same prompt (put the prompt messages in extra_info['prompt'])")
-    prompt = extra_info["prompt"]
+def _prompt_of(extra_info, i: int, key: str = "prompt"):
+    if not isinstance(extra_info, dict) or key not in extra_info:
+        raise ValueError(f"extra_infos[{i}] has no {key!r}: POLAR compares each response with the reference "
+                         f"for the same prompt (put the prompt messages in extra_info[{key!r}])")
+    prompt = extra_info[key]
     if hasattr(prompt, "tolist"):  # verl hands numpy object arrays of messages
         prompt = prompt.tolist()
     if isinstance(prompt, (list, tuple)):
@@ -235,14 +237,15 @@ def _client_for(url: Optional[str], **kw) -> RewardClient:
     return _clients[key]
 
 
-def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, *, url: Optional[str] = None,
-                        wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None, **client_kw) -> list[float]:
+def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, prompt_key: str = "prompt", *,
+                        url: Optional[str] = None, wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None,
+                        **client_kw) -> list[float]:
     """verl's batch reward function (reward_model.reward_manager=batch): one reward per response.
 
     The response is the text after the thinking (`strip_thinking`), the ground truth is the
-    reference trajectory, and the prompt comes from extra_info["prompt"] (messages, joined by "\\n"
-    as POLAR's format does). The server is `url` (or $POLAR_REWARD_URL); `scorer` scores in-process
-    instead."""
+    reference trajectory, and the prompt comes from extra_info[prompt_key] (messages, joined by "\\n"
+    as POLAR's format does; `prompt_key` as in POLAR's own compute_score_batch). The server is `url`
+    (or $POLAR_REWARD_URL); `scorer` scores in-process instead."""
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
@@ -250,11 +253,22 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     for i, (sol, ref, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
         if hasattr(ref, "tolist"):
             ref = ref.tolist()
-        items.append({"prompt": _prompt_of(info, i), "reference": ref, "output": strip_thinking(sol),
+        items.append({"prompt": _prompt_of(info, i, prompt_key), "reference": ref, "output": strip_thinking(sol),
                       "wrapper": wrapper})
     if scorer is not None:
         return scorer.score(items)
     return _client_for(url, **client_kw).score(items)
+
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt", *,
+                  url: Optional[str] = None, wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None,
+                  reward_router_address=None, reward_model_tokenizer=None, **client_kw) -> float:
+    """verl's per-item reward function (reward_model.reward_manager=naive, which verl's reward loop
+    runs by default, calling it for each response at once from worker threads): compute_score_batch
+    for one response. `reward_router_address` and `reward_model_tokenizer` (which verl passes when
+    it runs a reward model of its own) are not used: the rewards come from `polar serve`."""
+    return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], prompt_key, url=url,
+                               wrapper=wrapper, scorer=scorer, **client_kw)[0]
 
 
 def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):

@@ -99,7 +99,7 @@ def test_finetuning_resumes_exactly(pretrained):
     # resuming with other epochs changes the derived step count: refused, naming the setting the user set
     other = finetune(tmp, "ft_resume", *small[:-2], "finetune.epochs=2", "log.interval=1")
     assert other.returncode == 2, other.stderr[-3000:]
-    assert "when saved" in other.stderr and "(derived from finetune.epochs: set that as it was)" in other.stderr, \
+    assert "when saved" in other.stderr and "(derived from finetune.epochs and the data: both as they were)" in other.stderr, \
         other.stderr[-3000:]
 
 

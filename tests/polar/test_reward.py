@@ -118,3 +118,44 @@ def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_pro
 def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error, message):
     with pytest.raises(error, match=message):
         in_process.score([item])
+
+
+def _verl_call(fn, reward_kwargs, **call_kw):
+    """How verl calls a custom reward function (verl/trainer/ppo/reward.py, _call_with_kwargs): by
+    keyword, with custom_reward_function.reward_kwargs merged in."""
+    return fn(**{**call_kw, **reward_kwargs})
+
+
+def test_verl_batch_function_takes_polars_prompt_key():
+    # InternLM/POLAR's compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
+    # prompt_key="prompt"): a config written for it (reward_kwargs.prompt_key) must work here too
+    with RewardsServer() as srv:
+        got = _verl_call(reward.compute_score_batch, {"url": srv.url, "prompt_key": "raw_prompt"},
+                         data_sources=np.array(["d", "d"], dtype=object), solution_strs=["ab", "<think>x</think> abc"],
+                         ground_truths=["r", "r"],
+                         extra_infos=np.array([{"raw_prompt": "p"}, {"raw_prompt": [{"role": "user", "content": "p"}]}],
+                                              dtype=object))
+    assert got == [2.0, 3.0]
+    assert [it["prompt"] for it in srv.bodies[0]["items"]] == ["p", [{"role": "user", "content": "p"}]]
+
+
+def test_verl_per_item_function_as_the_reward_loop_calls_it():
+    # verl's reward loop (use_reward_loop, on by default) runs per-item managers only (naive, dapo, ...):
+    # compute_score(data_source=, solution_str=, ground_truth=, extra_info=) -> a float, from threads
+    import concurrent.futures
+
+    prompt = np.array([{"role": "user", "content": "q"}], dtype=object)
+    with RewardsServer() as srv:
+        def one(n):
+            return _verl_call(reward.compute_score, {"url": srv.url}, data_source="d", solution_str="x" * n,
+                              ground_truth=np.array([{"role": "assistant", "content": "r"}], dtype=object),
+                              extra_info={"prompt": prompt, "num_turns": None, "rollout_reward_scores": {}})
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(one, [1, 2, 3, 4]))
+        # with verl's own reward model configured, it adds these two keywords
+        extra = reward.compute_score("d", "xy", "r", {"prompt": "q"}, url=srv.url, reward_router_address=None,
+                                     reward_model_tokenizer=None)
+    assert got == [1.0, 2.0, 3.0, 4.0] and all(type(g) is float for g in got)
+    assert extra == 2.0
+    assert srv.bodies[0]["items"][0]["reference"] == [{"role": "assistant", "content": "r"}]
