@@ -17,6 +17,7 @@ with the reference trajectory for the same prompt).
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import os
 import random
@@ -29,6 +30,10 @@ import httpx
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+# half of `polar serve`'s default --max-body-bytes (64 MiB): 512 long rollouts, each with its prompt
+# and reference, can pass the server's limit
+DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+_BODY_LIMIT_HINT = "--max-body-bytes"  # in the 413 of a body over `polar serve`'s limit (not an item's)
 
 
 class RewardServerError(RuntimeError):
@@ -51,26 +56,54 @@ def _json(resp: httpx.Response):
         raise RewardServerError(resp.status_code, f"an answer that is not JSON: {resp.text[:200]!r}") from None
 
 
-def _chunks(seq: Sequence, n: int) -> list:
-    return [seq[i:i + n] for i in range(0, len(seq), n)]
-
-
-def _items_body(items: Sequence[dict], model: Optional[str]) -> dict:
-    entries = []
+def _entries(items: Sequence[dict]) -> list[bytes]:
+    """Each item as the JSON of its request entry, encoded once: the bodies are joined from these,
+    so their sizes are known before sending."""
+    out = []
     for i, it in enumerate(items):
         if not isinstance(it, dict):
             raise TypeError(f"item {i} must be a dict with prompt, reference and output, got {type(it).__name__}")
-        entries.append({k: it[k] for k in ("prompt", "reference", "output", "wrapper") if k in it})
-    body = {"items": entries}
-    if model:
-        body["model"] = model
-    return body
+        entry = {k: it[k] for k in ("prompt", "reference", "output", "wrapper") if k in it}
+        try:
+            out.append(json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8"))
+        except UnicodeEncodeError as e:
+            raise ValueError(f"item {i} holds a lone surrogate ({e.object[e.start:e.end]!r}), which is not text") from None
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"item {i} is not JSON: {e}") from None
+    return out
+
+
+def _spans(entries: list[bytes], chunk_size: int, max_bytes: int) -> list[tuple[int, int]]:
+    """Consecutive runs of entries, each at most chunk_size entries and max_bytes of body (an entry
+    larger than that alone is sent alone: the server judges it)."""
+    spans, start, size = [], 0, 0
+    for i, e in enumerate(entries):
+        if i > start and (i - start == chunk_size or size + len(e) + 1 > max_bytes):
+            spans.append((start, i))
+            start, size = i, 0
+        size += len(e) + 1
+    if start < len(entries):
+        spans.append((start, len(entries)))
+    return spans
+
+
+def _body(entries: list[bytes], model: Optional[str]) -> bytes:
+    tail = b',"model":' + json.dumps(model).encode() if model else b""
+    return b'{"items":[' + b",".join(entries) + b"]" + tail + b"}"
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+def _over_body_limit(e: Exception, n: int) -> bool:
+    """A 413 for the body's size (not for one item's length), on a body that can be halved."""
+    return isinstance(e, RewardServerError) and e.status == 413 and _BODY_LIMIT_HINT in str(e) and n > 1
 
 
 class _Base:
     def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
-                 model: Optional[str] = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: Optional[str] = None):
         base_url = base_url or os.environ.get(URL_ENV)
         if not base_url:
             raise ValueError(f"no reward server URL: pass base_url or set {URL_ENV}")
@@ -81,6 +114,8 @@ class _Base:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive integer (items per request), got {chunk_size!r}")
+        if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+            raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         self.timeout_s = timeout_s
@@ -88,6 +123,7 @@ class _Base:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.chunk_size = chunk_size
+        self.max_body_bytes = max_body_bytes
         self.model = model
 
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
@@ -135,11 +171,11 @@ class RewardClient(_Base):
         super().__init__(base_url, **kw)
         self._http = httpx.Client(timeout=self.timeout_s, headers=self.headers)
 
-    def _post(self, path: str, body: dict) -> dict:
+    def _post(self, path: str, body: bytes) -> dict:
         for attempt in range(self.max_retries + 1):
             resp = None
             try:
-                resp = self._http.post(self.base_url + path, json=body)
+                resp = self._http.post(self.base_url + path, content=body, headers=_JSON)
                 if self._check(resp, attempt):
                     return _json(resp)
             except httpx.TransportError:
@@ -149,10 +185,20 @@ class RewardClient(_Base):
         raise AssertionError("unreachable")
 
     def score(self, items: Sequence[dict]) -> list[float]:
+        entries = _entries(items)
         out: list[float] = []
-        for chunk in _chunks(list(items), self.chunk_size):
-            out += self._rewards(self._post("/v1/rewards", _items_body(chunk, self.model)), len(chunk))
+        for a, b in _spans(entries, self.chunk_size, self.max_body_bytes):
+            out += self._score(entries[a:b])
         return out
+
+    def _score(self, entries: list[bytes]) -> list[float]:
+        try:
+            return self._rewards(self._post("/v1/rewards", _body(entries, self.model)), len(entries))
+        except RewardServerError as e:
+            if not _over_body_limit(e, len(entries)):
+                raise
+        half = len(entries) // 2  # the server's limit is below this client's max_body_bytes: halve
+        return self._score(entries[:half]) + self._score(entries[half:])
 
     def health(self) -> dict:
         return self._http.get(self.base_url + "/health").json()
@@ -174,11 +220,11 @@ class AsyncRewardClient(_Base):
         super().__init__(base_url, **kw)
         self._http = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
 
-    async def _post(self, path: str, body: dict) -> dict:
+    async def _post(self, path: str, body: bytes) -> dict:
         for attempt in range(self.max_retries + 1):
             resp = None
             try:
-                resp = await self._http.post(self.base_url + path, json=body)
+                resp = await self._http.post(self.base_url + path, content=body, headers=_JSON)
                 if self._check(resp, attempt):
                     return _json(resp)
             except httpx.TransportError:
@@ -188,9 +234,20 @@ class AsyncRewardClient(_Base):
         raise AssertionError("unreachable")
 
     async def score(self, items: Sequence[dict]) -> list[float]:
-        chunks = _chunks(list(items), self.chunk_size)
-        parts = await asyncio.gather(*(self._post("/v1/rewards", _items_body(c, self.model)) for c in chunks))
-        return [r for p, c in zip(parts, chunks) for r in self._rewards(p, len(c))]
+        entries = _entries(items)
+        spans = _spans(entries, self.chunk_size, self.max_body_bytes)
+        parts = await asyncio.gather(*(self._score(entries[a:b]) for a, b in spans))
+        return [r for p in parts for r in p]
+
+    async def _score(self, entries: list[bytes]) -> list[float]:
+        try:
+            return self._rewards(await self._post("/v1/rewards", _body(entries, self.model)), len(entries))
+        except RewardServerError as e:
+            if not _over_body_limit(e, len(entries)):
+                raise
+        half = len(entries) // 2
+        first, second = await asyncio.gather(self._score(entries[:half]), self._score(entries[half:]))
+        return first + second
 
     async def aclose(self) -> None:
         await self._http.aclose()

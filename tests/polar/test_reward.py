@@ -21,6 +21,7 @@ class RewardsServer:
     def __init__(self, mode: str = "ok"):
         self.mode = mode
         self.bodies: list = []
+        self.sizes: list = []  # bytes of each body
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -28,8 +29,10 @@ class RewardsServer:
                 pass
 
             def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                raw_body = self.rfile.read(int(self.headers["Content-Length"]))
+                body = json.loads(raw_body)
                 server.bodies.append(body)
+                server.sizes.append(len(raw_body))
                 data = [{"index": i, "reward": float(len(it["output"]))} for i, it in enumerate(body["items"])]
                 if server.mode == "reversed":
                     data = data[::-1]
@@ -159,3 +162,18 @@ def test_verl_per_item_function_as_the_reward_loop_calls_it():
     assert got == [1.0, 2.0, 3.0, 4.0] and all(type(g) is float for g in got)
     assert extra == 2.0
     assert srv.bodies[0]["items"][0]["reference"] == [{"role": "assistant", "content": "r"}]
+
+
+def test_chunks_keep_under_the_clients_body_budget_in_order():
+    items = [{"prompt": "p", "reference": "r" * 300, "output": "x" * n} for n in range(1, 41)]
+    with RewardsServer() as srv, reward.RewardClient(srv.url, max_body_bytes=2_000) as client:
+        assert client.score(items) == [float(n) for n in range(1, 41)]
+    assert len(srv.sizes) > 5 and max(srv.sizes) <= 2_000, srv.sizes
+    assert [it["output"] for b in srv.bodies for it in b["items"]] == [it["output"] for it in items]
+
+
+def test_an_item_that_is_not_text_is_named_before_sending():
+    with pytest.raises(ValueError, match="item 1 holds a lone surrogate"):
+        reward.RewardClient("http://127.0.0.1:9").score([ITEMS[0], {"prompt": "p", "reference": "r", "output": "\ud800"}])
+    with pytest.raises(ValueError, match="max_body_bytes must be a positive integer"):
+        reward.RewardClient("http://127.0.0.1:9", max_body_bytes=0)

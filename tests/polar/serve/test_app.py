@@ -107,6 +107,20 @@ def test_concurrent_clients_get_their_own_answers(server, tokenizer, _alone_item
     assert service.batcher.totals.tokens - service.batcher.totals.computed > before  # prefixes shared
 
 
+def test_a_batch_over_the_servers_body_limit_is_halved_until_it_fits(server, _alone_items):
+    """The fixture's server takes bodies of at most 200,000 bytes; 48 items that repeat a 5 KB
+    reference make one of about 250 KB, which the client (its own budget, 32 MiB, is larger) sends
+    whole, then in halves after the 413, and every reward is the item's own."""
+    url, service = server
+    reference = "a long reference trajectory " * 180
+    items = [{"prompt": "question?", "reference": reference, "output": f"answer {i}", "wrapper": "sft"}
+             for i in range(48)]
+    for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
+        client = client_cls(url, chunk_size=64)
+        got = client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
+        np.testing.assert_allclose(got, _alone_items(items), rtol=0, atol=1e-5)
+
+
 def test_verl_compute_score_batch_through_the_client(server, _alone_items):
     url, _ = server
     items = make_items(7, groups=2, rollouts=3)
