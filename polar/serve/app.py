@@ -1,6 +1,6 @@
 """The HTTP endpoints (FastAPI on uvicorn).
 
-    POST /classify        SGLang:   {"model", "text": [str]}  -> [{"embedding": [r]}, ...]
+    POST /classify        SGLang:   {"model", "text": [str]}  -> [{"embedding": [r]}, ...] (one str: one object)
     POST /pooling         vLLM:     {"input": [str]}          -> {"data": [{"data": [[r]]}, ...]}
                           (lmdeploy's answer, {"data": [{"data": r}]}, with --pooling-format lmdeploy,
                           ?format=lmdeploy, or at /lmdeploy/pooling; /vllm/pooling is always vLLM's)
@@ -274,8 +274,11 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     async def classify(request: Request):
         async def work(body, req):
             texts = validation.classify(body, s.max_items)
-            r = await service.rewards(await text_ids(texts, validation.classify_field(body)), req)
-            return [{"index": i, "embedding": [float(x)]} for i, x in enumerate(r)]
+            field = validation.classify_field(body)
+            r = await service.rewards(await text_ids(texts, field), req)
+            out = [{"index": i, "embedding": [float(x)]} for i, x in enumerate(r)]
+            # as SGLang answers: one text, one object; a list of texts (POLAR's client), a list
+            return out[0] if isinstance(body.get(field), str) else out
         return await handle(request, "classify", work)
 
     def pooling_route(fixed: Optional[str]):

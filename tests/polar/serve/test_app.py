@@ -46,6 +46,13 @@ def test_sglang_classify(server, batch):
     np.testing.assert_allclose(rewards, expected, rtol=0, atol=1e-5)
 
 
+def test_sglang_classify_one_text_answers_one_object(server, batch):
+    url, _ = server
+    _, texts, expected = batch
+    res = httpx.post(f"{url}/classify", json={"text": texts[0]}, timeout=60).json()
+    assert isinstance(res, dict) and res["embedding"][0] == pytest.approx(expected[0], abs=1e-5)
+
+
 def test_vllm_pooling(server, batch):
     url, _ = server
     _, texts, expected = batch
