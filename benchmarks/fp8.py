@@ -103,7 +103,7 @@ def main() -> int:
     steps = args.steps or (200 if cuda else 5)
     common = (GPU_SHAPE if cuda else CPU_SHAPE) + [
         f"train.steps={steps}", f"train.warmup_steps={min(10, max(1, steps // 10))}", "log.interval=1", "log.tensorboard=false",
-        "checkpoint.resume=false", "checkpoint.keep=1", "train.eval_interval=0", *args.overrides]
+        "checkpoint.resume=false", "checkpoint.keep=1", "checkpoint.save_at_end=false", "train.eval_interval=0", *args.overrides]
     device = torch.cuda.get_device_name() if cuda else "CPU (functional check only: FP8 is emulated)"
     rows = []
     with tempfile.TemporaryDirectory(prefix="polar_fp8_") as tmp:

@@ -170,7 +170,7 @@ class ParallelConfig:
     overlap_param_gather: bool = setting(False, boolean)
 
 
-# the shared-prefix attention implementations (train.attention_backend; `polar serve` adds "auto")
+# the shared-prefix attention implementations (train.attention_backend and `polar serve` also take "auto")
 ATTENTION_BACKENDS = ("blocks", "torch", "triton")
 
 
@@ -195,10 +195,11 @@ class TrainConfig:
     # auto: bf16 on GPU, fp32 on CPU
     precision: str = setting("auto", one_of("auto", "fp32", "bf16"))
     seed: int = setting(1234, at_least(0))
-    # shared-prefix attention: torch (reference: the whole pack with a dense mask, runs everywhere) |
-    # blocks (torch, one group at a time: the fast CPU path) | triton (a CUDA GPU, or
-    # TRITON_INTERPRET=1 on CPU for testing)
-    attention_backend: str = setting("blocks", one_of(*ATTENTION_BACKENDS))
+    # shared-prefix attention: auto (triton on a CUDA GPU where its head dims fit, else blocks) |
+    # torch (reference: the whole pack with a dense mask, runs everywhere) | blocks (torch, one group
+    # at a time: the fast CPU path) | triton (a CUDA GPU, or TRITON_INTERPRET=1 on CPU for testing).
+    # An explicit choice that cannot run here stops the run at start-up
+    attention_backend: str = setting("auto", one_of("auto", *ATTENTION_BACKENDS))
     # reward readout + contrastive loss: torch (reference) | triton (fused kernels; a CUDA GPU, or
     # TRITON_INTERPRET=1 on CPU for testing) | cuda (fused kernels of engine._C_cuda; a CUDA GPU)
     kernels: str = setting("torch", one_of("torch", "triton", "cuda"))
@@ -256,6 +257,9 @@ class CheckpointConfig:
     # complete step) or one step directory
     init_from: str = setting("", _checkpoint_or_empty)
     keep: int = setting(2, at_least(0))  # complete checkpoints kept (0 = all)
+    # the checkpoint after the last step (false: none, e.g. a throughput benchmark; an early stop by
+    # train.time_limit_s or train.exit_at_step still saves, as does save_interval)
+    save_at_end: bool = setting(True, boolean)
 
 
 @dataclass

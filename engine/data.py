@@ -55,7 +55,14 @@ class PackedGroups:
         cand_sq = np.fromiter((sum(len(c) ** 2 for c in g.candidates) for g in groups), dtype=np.int64,
                               count=len(groups))
         per_group = per_group_counts(lengths, n_pos, n_cand, prefix_len, cand_sq)
-        self.per_sequence = {k: np.array([v[p].sum() for p in self.plan], dtype=np.int64) for k, v in per_group.items()}
+        # summed per sequence in one pass per key (not a Python loop over the sequences)
+        order = np.concatenate(self.plan) if self.plan else np.zeros(0, dtype=np.int64)
+        seq_of = np.repeat(np.arange(len(self.plan)), [len(p) for p in self.plan])
+        self.per_sequence = {}
+        for k, v in per_group.items():
+            sums = np.zeros(len(self.plan), dtype=np.int64)
+            np.add.at(sums, seq_of, np.asarray(v, dtype=np.int64)[order])
+            self.per_sequence[k] = sums
         self.seq_tokens = self.per_sequence["tokens"]
 
     def __len__(self) -> int:

@@ -104,7 +104,7 @@ class RewardScorer:
     def _build(cls, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
                initialize: bool = False, pp: int = 1) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
-        from engine.parallelize import build_chunks, check_kernels, resolve_dtype
+        from engine.parallelize import build_chunks, check_kernels, resolve_attention_backend, resolve_dtype
         from engine.quiet import silence_known_warnings
         from engine.runtime import seed_model_parallel, validate_layout, world_size_from_env
 
@@ -114,8 +114,8 @@ class RewardScorer:
         if world != tp * pp and not dist.is_initialized():
             raise ValueError(f"--tp {tp} --pp {pp} needs {tp * pp} processes (torchrun --nproc_per_node {tp * pp}); "
                              f"this run has {world}")
-        if attention_backend == "auto":
-            attention_backend = "triton" if torch.cuda.is_available() else "blocks"
+        attention_backend = resolve_attention_backend(attention_backend, torch.cuda.is_available(),
+                                                      model.hidden_size // model.num_attention_heads)
         par = ParallelConfig(tp=tp, pp=pp, distributed_optimizer=False)
         train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)

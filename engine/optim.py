@@ -10,6 +10,31 @@ import torch
 from engine.config import ParallelConfig, TrainConfig
 
 
+def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+    """megatron's local multi_tensor_l2norm (its fallback without Transformer Engine or Apex)
+    without the host round trip: megatron's copies every per-tensor norm to the host
+    (`torch.tensor(list of device scalars)`, a device sync per gradient tensor), takes the norm
+    there and copies it back. The same norms of the same values in the same dtype, stacked on the
+    device: bit for bit megatron's result on the CPU; on a GPU the final norm of the per-tensor
+    norms is reduced there instead (last-bit differences at most). The step's one sync stays the
+    caller's `total_norm.item()`."""
+    norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
+    if not norms:
+        return torch.zeros(1, dtype=torch.float, device=noop_flag.device), None
+    total = torch.norm(torch.stack(norms).reshape(len(tensor_lists), -1))
+    return total.reshape(1).to(torch.float), None
+
+
+def use_device_grad_norm() -> None:
+    """Swaps megatron's local l2-norm fallback for `_device_l2_norm`; a no-op where megatron uses
+    Transformer Engine's or Apex's fused kernel (neither syncs)."""
+    from megatron.core import utils
+    from megatron.core.optimizer import clip_grads
+
+    if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
+        clip_grads.l2_norm_impl = _device_l2_norm
+
+
 def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtype: torch.dtype):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -32,6 +57,7 @@ def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtyp
     # pg_collection is provided"), so the optimizer alone reads megatron's groups itself: they are
     # the same groups the runtime's collection was taken from.
     optimizer = get_megatron_optimizer(cfg, chunks)
+    use_device_grad_norm()
     scheduler = OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,

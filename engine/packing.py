@@ -157,6 +157,19 @@ def _exclusive_cumsum(x: np.ndarray) -> np.ndarray:
     return out
 
 
+def _pairs(labels: np.ndarray, cand_group: np.ndarray, num_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """Every (positive, negative) candidate pair of each group, ordered by group, then positive,
+    then negative (candidates numbered in group order): for each positive, its group's negatives."""
+    pos = np.flatnonzero(labels == 1)
+    neg = np.flatnonzero(labels == 0)
+    neg_count = np.bincount(cand_group[neg], minlength=num_groups)
+    reps = neg_count[cand_group[pos]]  # pairs of each positive
+    pair_pos = np.repeat(pos, reps)
+    first_neg = np.repeat(_exclusive_cumsum(neg_count)[cand_group[pos]], reps)  # into `neg`
+    within = np.arange(pair_pos.size, dtype=np.int64) - np.repeat(_exclusive_cumsum(reps), reps)
+    return pair_pos.astype(np.int64, copy=False), neg[first_neg + within].astype(np.int64, copy=False)
+
+
 def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> PackedBatch:
     """Lay out b sequences of whole groups as one PackedBatch of shape [b, seq_length].
 
@@ -164,45 +177,40 @@ def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> Packe
     reward_index, cand_group, labels and the pair indices all use that numbering.
     """
     b, L = len(sequences), int(seq_length)
-    # Per-group loop gathers "pieces" (a prefix or one candidate) and their attributes; every
-    # per-token array is then made from the pieces with repeat/cumsum in one pass.
+    # The per-group loop only gathers "pieces" (a prefix or one candidate) and their group's
+    # attributes; every per-token, per-candidate and per-pair array is then made from them with
+    # repeat/cumsum in one pass.
     pieces: list[np.ndarray] = []
     group_pieces, group_prefix, group_slot, group_row = [], [], [], []
     labels: list[np.ndarray] = []
-    pair_pos: list[np.ndarray] = []
-    pair_neg: list[np.ndarray] = []
-    row_tokens = np.zeros(b, dtype=np.int64)
-    n_cand = 0
     for row, groups in enumerate(sequences):
         for slot, g in enumerate(groups):
-            k = len(g.candidates)
             pieces.append(g.prefix)
             pieces.extend(g.candidates)
-            group_pieces.append(k + 1)
+            group_pieces.append(len(g.candidates) + 1)
             group_prefix.append(len(g.prefix))
             group_slot.append(slot)
             group_row.append(row)
             labels.append(g.labels)
-            pos = np.flatnonzero(g.labels == 1) + n_cand
-            neg = np.flatnonzero(g.labels == 0) + n_cand
-            pair_pos.append(np.repeat(pos, len(neg)))
-            pair_neg.append(np.tile(neg, len(pos)))
-            n_cand += k
-            row_tokens[row] += len(g)
-        if row_tokens[row] > L:
-            raise ValueError(
-                f"sequence {row} of the batch holds {row_tokens[row]} tokens in {len(groups)} groups, "
-                f"more than seq_length={L}; plan it with plan_sequences(..., {L})"
-            )
 
     num_groups = len(group_pieces)
     group_pieces = np.asarray(group_pieces, dtype=np.int64)
+    group_row = np.asarray(group_row, dtype=np.int64)
     piece_len = np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces))
+    piece_row = np.repeat(group_row, group_pieces)
+    row_tokens = np.zeros(b, dtype=np.int64)
+    np.add.at(row_tokens, piece_row, piece_len)
+    over = np.flatnonzero(row_tokens > L)
+    if over.size:
+        row = int(over[0])
+        raise ValueError(
+            f"sequence {row} of the batch holds {row_tokens[row]} tokens in {len(sequences[row])} groups, "
+            f"more than seq_length={L}; plan it with plan_sequences(..., {L})"
+        )
     # k-th piece of its group: 0 = prefix, k = candidate k.
     piece_cand = np.arange(len(pieces), dtype=np.int64) - np.repeat(_exclusive_cumsum(group_pieces), group_pieces)
     piece_base = np.where(piece_cand == 0, 0, np.repeat(np.asarray(group_prefix, dtype=np.int64), group_pieces))
     piece_slot = np.repeat(np.asarray(group_slot, dtype=np.int64), group_pieces)
-    piece_row = np.repeat(np.asarray(group_row, dtype=np.int64), group_pieces)
     piece_start = _exclusive_cumsum(piece_len)  # in the concatenation of all real tokens
     # Shifts a piece from the concatenation of all real tokens to its place in the flat [b*L] batch.
     piece_shift = piece_row * L - _exclusive_cumsum(row_tokens)[piece_row]
@@ -222,15 +230,17 @@ def collate(sequences: list[list[Group]], seq_length: int, pad_id: int) -> Packe
     is_cand = piece_cand > 0
     reward_index = (piece_start + piece_len - 1 + piece_shift)[is_cand]
     cand_group = np.repeat(np.arange(num_groups, dtype=np.int64), group_pieces - 1)
+    cand_labels = _cat(labels, np.int64)
+    pair_pos, pair_neg = _pairs(cand_labels, cand_group, num_groups)
 
     return PackedBatch(
         tokens=torch.from_numpy(tokens.reshape(b, L)),
         layout=torch.from_numpy(np.ascontiguousarray(layout.reshape(3, b, L).transpose(1, 0, 2))),
         reward_index=torch.from_numpy(reward_index),
         cand_group=torch.from_numpy(cand_group),
-        labels=torch.from_numpy(_cat(labels, np.int64)),
-        pair_pos=torch.from_numpy(_cat(pair_pos, np.int64)),
-        pair_neg=torch.from_numpy(_cat(pair_neg, np.int64)),
+        labels=torch.from_numpy(cand_labels),
+        pair_pos=torch.from_numpy(pair_pos),
+        pair_neg=torch.from_numpy(pair_neg),
         num_groups=num_groups,
         num_real_tokens=n_tokens,
     )

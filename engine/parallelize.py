@@ -98,6 +98,18 @@ def _zero_padded_vocab_rows(chunk, vocab_size: int) -> None:
         emb.weight[max(vocab_size - start, 0):].zero_()
 
 
+TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
+
+
+def resolve_attention_backend(name: str, on_cuda: bool, head_dim: int | None = None) -> str:
+    """`auto`: the Triton shared-prefix kernel on a CUDA GPU when it takes this head dim, else the
+    per-group torch path (one SDPA call per group and layer, and a host read of the layout per
+    micro-batch: fine on CPU, slow on a GPU). Any other name is returned as asked."""
+    if name != "auto":
+        return name
+    return "triton" if on_cuda and (head_dim is None or head_dim in TRITON_HEAD_DIMS) else "blocks"
+
+
 def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None) -> None:
     """An explicit kernel request never silently falls back: a missing backend stops the run here.
 
@@ -121,14 +133,15 @@ def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None
             import engine.kernels.cuda_ops  # noqa: F401
         except ImportError as exc:
             raise ConfigError(f"train.kernels=cuda: {exc}") from exc
-    if train.attention_backend not in ATTENTION_BACKENDS:
-        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected one of "
+    backend = resolve_attention_backend(train.attention_backend, on_cuda, head_dim)
+    if backend not in ATTENTION_BACKENDS:
+        raise ConfigError(f"train.attention_backend={train.attention_backend!r}: expected auto or one of "
                           f"{', '.join(ATTENTION_BACKENDS)}")
-    if train.attention_backend == "triton":
+    if backend == "triton":
         if not on_cuda and not interpret:
             raise ConfigError("train.attention_backend=triton needs a CUDA GPU (or TRITON_INTERPRET=1 to interpret "
                               "on CPU)")
-        if head_dim is not None and head_dim not in (16, 32, 64, 128, 256):
+        if head_dim is not None and head_dim not in TRITON_HEAD_DIMS:
             raise ConfigError(f"train.attention_backend=triton supports head dims 16, 32, 64, 128 and 256; "
                               f"model.hidden_size / model.num_attention_heads = {head_dim}")
         from engine.model.shared_prefix_attention import get_backend
@@ -147,11 +160,13 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     from engine.model.reward_model import RewardModel
     from engine.model.spec import layer_spec
 
-    check_kernels(train, rt.is_cuda, model.hidden_size // model.num_attention_heads)
+    head_dim = model.hidden_size // model.num_attention_heads
+    check_kernels(train, rt.is_cuda, head_dim)
+    backend = resolve_attention_backend(train.attention_backend, rt.is_cuda, head_dim)
     use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
     check_fp8(model, par, train, use_te, device_capability(rt.device))
     config = transformer_config(model, par, train, rt, initialize)
-    spec = layer_spec(use_te, model.rotary_base, train.attention_backend, model.rope_scaling,
+    spec = layer_spec(use_te, model.rotary_base, backend, model.rope_scaling,
                       model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8)
     chunks = []
     for vp_stage in range(par.vpp or 1):

@@ -11,6 +11,7 @@ the rewards back into input order.
 """
 from __future__ import annotations
 
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -113,7 +114,7 @@ def score_data_parallel(chunks, batches: list[PackedBatch], rt) -> torch.Tensor:
     # rank q's rewards hold batches q, q+dp, ... back to back: cut them per batch, then interleave
     per_batch: list[torch.Tensor] = [None] * len(batches)  # type: ignore[list-item]
     for q in range(dp):
-        offsets = torch.tensor([0] + counts[q::dp]).cumsum(0).tolist()
+        offsets = list(itertools.accumulate(counts[q::dp], initial=0))  # host ints: no tensor round trip
         for j, idx in enumerate(range(q, len(batches), dp)):
             per_batch[idx] = gathered[q][offsets[j]:offsets[j + 1]]
     return torch.cat(per_batch) if per_batch else torch.zeros(0, device=device)

@@ -24,7 +24,7 @@ from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
 from engine.optim import build_optimizer, step_with_norm
 from engine.packing import collate, next_token_mask
-from engine.parallelize import build_model, count_parameters, resolve_dtype
+from engine.parallelize import build_model, count_parameters, resolve_attention_backend, resolve_dtype
 from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
                              spec_sheet_tflops)
 from engine.runtime import Runtime
@@ -81,6 +81,8 @@ class Trainer:
             seed=cfg.train.seed, pad_id=pad_id,
         )
         self.step = 0
+        self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit
+        self.out_of_time = False  # the last train_step found train.time_limit_s reached
         self.last_saved_step = -1
         self.history: list[dict] = []
         self.skipped_steps: list[dict] = []
@@ -187,9 +189,22 @@ class Trainer:
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = opt.get_grad_norm()
+        self.out_of_time = self._time_is_up()
         if found_inf or not math.isfinite(grad_norm):
             return False, grad_norm
         return step_with_norm(opt, grad_norm), grad_norm
+
+    def _time_is_up(self) -> bool:
+        """train.time_limit_s, checked every step (but the last), so a run sized to a job slot stops
+        within one step of its limit; rank 0's clock decides for all (one scalar). Called right after
+        the gradient norm's host sync, when nothing is queued on the device: its round trip waits for
+        no compute (after the optimizer step it would wait for the whole update to run)."""
+        limit = self.cfg.train.time_limit_s
+        if limit <= 0 or self._fit_start is None or self.step + 1 >= self.cfg.train.steps:
+            return False
+        flag = torch.full((1,), float(time.time() - self._fit_start > limit), device=self.rt.device)  # no host copy
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
     def train_step(self):
         for chunk in self.model:
@@ -269,7 +284,8 @@ class Trainer:
             f"training {self.num_parameters:,} parameters | layout tp={self.rt.tp} pp={self.rt.pp} "
             f"dp={self.rt.dp} vpp={self.rt.vpp} | {tc.steps} steps of {tc.global_batch} packed sequences "
             f"x {self.loader.source.seq_length} tokens | packing efficiency "
-            f"{self.loader.source.packing_efficiency:.1%} | {self.dtype} on {self.rt.device.type}"
+            f"{self.loader.source.packing_efficiency:.1%} | {self.dtype} on {self.rt.device.type}, attention "
+            f"{resolve_attention_backend(tc.attention_backend, self.rt.is_cuda, m.hidden_size // m.num_attention_heads)}"
         )
         if tc.exit_at_step and 0 < tc.exit_at_step <= self.step < tc.steps:
             # a requeued job that kept its exit_at_step would otherwise stop at once, every time
@@ -281,6 +297,7 @@ class Trainer:
         skipped_in_row = 0
         skipped_in_window = 0
         start = time.time()
+        self._fit_start = start
         stop = False
         while self.step < tc.steps and not stop:
             batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
@@ -309,13 +326,7 @@ class Trainer:
             tokens += tc.global_batch * self.loader.source.seq_length
             flops += self._step_flops(batch_indices)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
-            out_of_time = False
-            if tc.time_limit_s > 0 and self.step < tc.steps:
-                # every step, so a run sized to a job slot stops within one step of its limit; rank
-                # 0's clock decides for all (one scalar, and only when a limit is set)
-                flag = torch.tensor([float(time.time() - start > tc.time_limit_s)], device=self.rt.device)
-                dist.broadcast(flag, src=0)
-                out_of_time = bool(flag.item())
+            out_of_time = self.out_of_time  # decided inside the step (_time_is_up)
             if self.step % lc.interval == 0 or self.step == tc.steps or exiting or out_of_time:
                 s = self._reduce(window).tolist()
                 row = progress.log(
@@ -341,8 +352,11 @@ class Trainer:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 stop = True
         progress.close()
-        if self.last_saved_step != self.step and self.step > 0:
-            self.save()  # the end of training, or an early stop, always leaves a resumable checkpoint
+        self._fit_start = None
+        # an early stop (time limit, exit step) always leaves a resumable checkpoint; the end of
+        # training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)
+        if self.last_saved_step != self.step and self.step > 0 and (stop or self.cfg.checkpoint.save_at_end):
+            self.save()
         return self.history
 
     def _evaluate_all(self, progress: Progress) -> None:

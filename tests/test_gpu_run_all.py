@@ -90,24 +90,38 @@ def test_every_name_the_gpu_tests_import_exists():
 
 
 # python3, torchrun and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself,
-# sleeps STAGE_SLEEP seconds and exits 0; the table's summary reader (python3 -) is the real Python
+# leaves a file in its stage's scratch folder (as a benchmark cut at its limit leaves its run
+# directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run),
+# sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
+# (the wheel choice, the table's summary reader, the xdist check, a cut benchmark's table) are the
+# real Python; pip logs its arguments
+# to PIP_LOG and exits PIP_RC
 FAKE = """#!/usr/bin/env bash
-if [ "${1:-}" = - ]; then exec PYTHON "$@"; fi
-case " $* " in *" -m pip "*) exit 0 ;; esac
+case "${1:-}" in -|-c|tests/gpu/partial_tables.py) exec PYTHON "$@" ;; esac
+case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esac
 [ "$(basename "$0")" = nvidia-smi ] && { echo "no GPU (fake)"; exit 0; }
 echo "$(basename "$0") $*" >> "$FAKE_LOG"
+case "${TMPDIR:-}" in "$WORK"/scratch/*) echo "$TMPDIR" >> "$FAKE_LOG.tmp"; mkdir -p "$TMPDIR/run/checkpoints" ;; esac
+prev=""; for a in "$@"; do [ "$prev" = --json ] && [ -n "${FAKE_JSON:-}" ] && cp "$FAKE_JSON" "$a"; prev=$a; done
 sleep "$STAGE_SLEEP"
 """
 
 
-def _run_all(tmp_path, *stages, **env):
+def _run_all(tmp_path, *stages, built=True, **env):
+    """run_all.sh with the stand-ins; `built`: this machine built before (its $WORK/build.log)."""
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir(exist_ok=True)
+    bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("python3", "torchrun", "nvidia-smi"):
         (bin_dir / name).write_text(FAKE.replace("PYTHON", sys.executable))
         (bin_dir / name).chmod(0o755)
+    if built:
+        (tmp_path / "work").mkdir(exist_ok=True)
+        (tmp_path / "work" / "build.log").write_text("an earlier call's build\n")
+    (tmp_path / "wheels").mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
-           "FAKE_LOG": str(tmp_path / "calls.log"), **{k: str(v) for k, v in env.items()}}
+           "FAKE_LOG": str(tmp_path / "calls.log"), "PIP_LOG": str(tmp_path / "pip.log"),
+           "WHEELS_DIR": str(tmp_path / "wheels"), "SITE": str(tmp_path / "site"),
+           **{k: str(v) for k, v in env.items()}}
     r = subprocess.run(["bash", str(RUN_ALL), *stages], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=300)
     calls = (tmp_path / "calls.log").read_text().splitlines() if (tmp_path / "calls.log").exists() else []
@@ -116,7 +130,7 @@ def _run_all(tmp_path, *stages, **env):
 
 def test_stages_past_the_budget_are_not_started_and_the_rerun_names_them(tmp_path):
     # the build's 6 s fit its 10 s limit; then 4 s at most are left, under the 5 s a stage needs
-    r, calls = _run_all(tmp_path, BUDGET_S=10, MIN_STAGE_S=5, RESERVE_S=0, STAGE_SLEEP=6)
+    r, calls = _run_all(tmp_path, built=False, BUDGET_S=10, MIN_STAGE_S=5, RESERVE_S=0, STAGE_SLEEP=6)
     assert r.returncode == 0, r.stderr
     assert len(calls) == 1 and "setup.py build_ext" in calls[0], calls
     assert "| build | 0 |" in r.stdout
@@ -156,3 +170,133 @@ def test_the_plan_comparison_reads_the_benchmarks_json_after_the_stages(tmp_path
     assert calls[0].startswith("python3 benchmarks/serve_prefix.py"), calls
     assert calls[1] == (f"python3 benchmarks/plan_measured.py {tmp_path}/work/fp8.json "
                         f"--write {tmp_path}/work/plan_measured.json"), calls
+
+
+def test_e2e_runs_get_three_fifths_of_the_stage(tmp_path):
+    # the ~1B engine run (start, Triton compiles, 8 steps, a ~15 GB checkpoint) needs more than the
+    # third it had; the 7B-shaped shape after it takes what is left
+    r, calls = _run_all(tmp_path, "e2e", T_E2E=100, STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert calls[0].startswith("python3 benchmarks/e2e.py") and " --timeout 60 " in calls[0], calls
+
+
+def test_a_fresh_machine_builds_before_a_rerun_of_later_stages(tmp_path):
+    # the rerun command after the warm machine went back: no engine._C there, no $WORK either
+    r, calls = _run_all(tmp_path, "tests", built=False, STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert "setup.py build_ext" in calls[0] and "pytest tests/gpu" in calls[1], calls
+    assert "| build | 0 |" in r.stdout
+    r, calls = _run_all(tmp_path / "again", "tests", built=False, AUTO_BUILD=0, STAGE_SLEEP=0)
+    assert len(calls) == 1 and "pytest tests/gpu" in calls[0], calls
+
+
+def test_each_stage_has_its_own_scratch_folder_removed_after_it(tmp_path):
+    # a benchmark cut at its limit leaves its temporary run directories (checkpoints of gigabytes)
+    r, calls = _run_all(tmp_path, "fp8", "tests", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    work = tmp_path / "work"
+    assert (tmp_path / "calls.log.tmp").read_text().split() == [str(work / "scratch" / "fp8"),
+                                                                str(work / "scratch" / "tests")]
+    assert not (work / "scratch" / "fp8").exists() and not (work / "scratch" / "tests").exists()
+    with tarfile.open(tmp_path / "out" / "polar_gpu.tgz") as tar:
+        assert not [n for n in tar.getnames() if "scratch" in n]
+
+
+def test_the_default_run_starts_anew_on_a_rerun(tmp_path):
+    old = tmp_path / "work" / "default_bf16" / "checkpoints"
+    old.mkdir(parents=True)
+    (old.parent / "summary.json").write_text('{"steps": 450}')
+    r, calls = _run_all(tmp_path, "default", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert not old.exists() and "no summary" in r.stdout  # not the earlier call's summary
+
+
+def _wheel(folder, name):
+    (folder / name).write_bytes(b"")
+
+
+def test_carried_wheels_only_what_the_image_lacks_newest_of_each(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    for name in ("megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl",  # present here: installed anyway
+                 "pybind11-3.0.1-py3-none-any.whl", "pybind11-3.1.0-py3-none-any.whl",  # present here: kept
+                 "polar_absent_pkg-1.9.0-py3-none-any.whl", "polar_absent_pkg-1.10.0-py3-none-any.whl"):
+        _wheel(wheels, name)
+    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    (pip,) = (tmp_path / "pip.log").read_text().splitlines()
+    assert f"--target {tmp_path / 'site'} " in pip
+    installed = sorted(os.path.basename(w) for w in pip.split() if w.endswith(".whl"))
+    assert installed == ["megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl",
+                         "polar_absent_pkg-1.10.0-py3-none-any.whl"], pip
+    assert "kept the image's pybind11" in r.stderr
+    assert "| install |" not in r.stdout
+
+
+def test_a_failed_install_is_a_row_not_the_end_of_the_call(tmp_path):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "polar_absent_pkg-1.0.0-py3-none-any.whl")
+    r, calls = _run_all(tmp_path, "serve", PIP_RC=1, STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert "| install | failed" in r.stdout and "| serve | 0 |" in r.stdout
+    assert calls[0].startswith("python3 benchmarks/serve_prefix.py"), calls
+    assert (tmp_path / "out" / "table.md").exists()
+
+
+def test_fetch_wheels_pins_each_wheel_and_empties_the_folder_first():
+    text = (GPU / "fetch_wheels.sh").read_text()
+    line = text.replace("\\\n", " ").split("pip download", 1)[1].splitlines()[0]
+    names = line.split("-d .whl", 1)[1].split()
+    assert "megatron-core==0.19.2" in names and all("==" in w for w in names), names
+    assert "rm -f .whl/*.whl" in text.split("pip download", 1)[0]
+
+
+E2E_JSON = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "transformers": "5.17.0", "steps": 8, "settings": [],
+            "rows": [{"shape": "~1B (22 x 2048)", "trainer": "engine", "exit": 0, "wall_s": 95.0,
+                      "triplets_per_step": 267.0, "triplets_per_s": 240.0, "tokens_per_s_processed": 60000.0,
+                      "tokens_per_s_real": 59000.0, "tflops_per_s": 380.0, "mfu": 0.48, "loss": 0.69,
+                      "step_time_s": 1.1},
+                     {"shape": "~1B (22 x 2048)", "trainer": "HF sdpa", "exit": 0, "wall_s": 50.0,
+                      "triplets_per_step": 267.0, "triplets_per_s": 150.0, "tokens_per_s_processed": 70000.0,
+                      "tokens_per_s_real": 50000.0, "tflops_per_s": 300.0, "mfu": 0.38, "loss": 0.70,
+                      "step_time_s": 1.8},
+                     {"shape": "7B-shaped (4 x 4096)", "trainer": "engine", "exit": 124, "wall_s": 40.0,
+                      "error": "timed out"}]}
+FP8_JSON = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "steps": 200, "settings": ["train.steps=200"],
+            "rows": [{"variant": "bf16", "exit": 0, "tokens_per_s": 400000.0, "steps": 200, "loss_last10": 0.5,
+                      "step_time_s": 0.04, "mfu": float("nan")},
+                     {"variant": "local fp8 tensorwise", "exit": 0, "tokens_per_s": 520000.0, "steps": 200,
+                      "loss_last10": 0.503, "step_time_s": 0.031, "mfu": 0.41}]}
+
+
+@pytest.mark.parametrize("stage", ["e2e", "fp8"])
+def test_a_benchmark_cut_at_its_limit_still_has_its_table_from_its_json(tmp_path, stage):
+    # e2e.py and fp8.py print their tables at the end; cut by the stage's limit (the 7B-shaped e2e
+    # runs usually are), only their JSON of the runs that ended is left
+    import json
+
+    (tmp_path / "bench.json").write_text(json.dumps(E2E_JSON if stage == "e2e" else FP8_JSON))
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / f"{stage}.json").write_text('{"rows": []}')  # an earlier call's: removed first
+    r, calls = _run_all(tmp_path, stage, **{f"T_{stage.upper()}": 1}, MIN_STAGE_S=1, STAGE_SLEEP=3,
+                        FAKE_JSON=tmp_path / "bench.json")
+    assert r.returncode == 0, r.stderr
+    assert f"| {stage} | 124 |" in r.stdout
+    if stage == "e2e":
+        assert "| ~1B (22 x 2048) | engine | 0 | 267.0 | 240.0 |" in r.stdout and "| 48.0% |" in r.stdout
+        assert "| ~1B (22 x 2048) | HF sdpa | 1.60x |" in r.stdout
+        assert "triplets/s engine/HF:  1.60x" in r.stdout  # the stage row's detail
+        assert "| 7B-shaped (4 x 4096) | engine | 124 |" in r.stdout
+    else:
+        assert "| bf16 | 0 | 400,000 | 1.00x | 0.040 | - | 0.5000 | +0.00% |" in r.stdout
+        assert "| local fp8 tensorwise | 0 | 520,000 | 1.30x | 0.031 | 41.0% | 0.5030 | +0.60% |" in r.stdout
+        assert "| fp8 | 124 | " in r.stdout and " 1 FP8 rows" in r.stdout
+
+
+def test_an_earlier_calls_json_is_not_rendered_as_this_calls(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "e2e.json").write_text(__import__("json").dumps(E2E_JSON))
+    r, calls = _run_all(tmp_path, "e2e", T_E2E=1, MIN_STAGE_S=1, STAGE_SLEEP=3)
+    assert r.returncode == 0, r.stderr
+    assert "~1B" not in r.stdout and "(no e2e benchmark table)" in r.stdout

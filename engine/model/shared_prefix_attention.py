@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -60,13 +61,13 @@ def group_blocks(layout: torch.Tensor) -> list[list[tuple[int, Optional[torch.Te
     """Per pack row, its runs of one segment in order: (length, bool mask [n, n] of the rule within
     the run), the mask None for a run of padding. One host read of the layout per micro-batch (every
     layer reuses it through the cache); the loop is over groups, not tokens."""
-    seg = layout[:, SEGMENT].cpu()
+    seg = layout[:, SEGMENT].cpu().numpy()  # the one device-to-host read
     b, L = seg.shape
-    starts = [[0] + (torch.nonzero(seg[r, 1:] != seg[r, :-1]).flatten() + 1).tolist() for r in range(b)]
     plan = []
     for r in range(b):
+        starts = [0] + (np.flatnonzero(seg[r, 1:] != seg[r, :-1]) + 1).tolist()
         row = []
-        for a, e in zip(starts[r], starts[r][1:] + [L]):
+        for a, e in zip(starts, starts[1:] + [L]):
             if seg[r, a] < 0:
                 row.append((e - a, None))
                 continue

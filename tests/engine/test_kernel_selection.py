@@ -47,7 +47,7 @@ def test_triton_kernels_refused_without_gpu_or_interpreter(reference):
     ({"kernels": "cuda"}, True, "train.kernels=cuda needs a CUDA GPU"),  # the interpreter is no CUDA
     ({"kernels": "fast"}, False, "expected torch, triton or cuda"),
     ({"attention_backend": "triton"}, False, "train.attention_backend=triton needs a CUDA GPU"),
-    ({"attention_backend": "flash"}, False, "expected one of blocks, torch, triton"),
+    ({"attention_backend": "flash"}, False, "expected auto or one of blocks, torch, triton"),
     ({"kernels": "triton", "attention_backend": "triton"}, True, None),
     ({}, False, None),
 ])
@@ -104,3 +104,16 @@ def test_check_kernels_cuda_without_build_says_how_to_build(monkeypatch):
     rt = Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0), tp=1, pp=1, dp=1, vpp=None)
     with pytest.raises(ConfigError, match="POLAR_FORCE_CUDA_BUILD=1 python setup.py build_ext --inplace"):
         check_kernels(TrainConfig(kernels="cuda"), rt.is_cuda)
+
+
+def test_auto_attention_is_triton_on_a_gpu_where_its_head_dims_fit_and_blocks_elsewhere(monkeypatch):
+    from engine.config import TrainConfig
+    from engine.parallelize import check_kernels, resolve_attention_backend
+
+    assert TrainConfig().attention_backend == "auto"
+    assert resolve_attention_backend("auto", on_cuda=False, head_dim=64) == "blocks"
+    assert resolve_attention_backend("auto", on_cuda=True, head_dim=64) == "triton"
+    assert resolve_attention_backend("auto", on_cuda=True, head_dim=96) == "blocks"  # not a Triton head dim
+    assert resolve_attention_backend("torch", on_cuda=True, head_dim=64) == "torch"  # asked for: kept
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    check_kernels(TrainConfig(), False, head_dim=96)  # auto on CPU: nothing to refuse

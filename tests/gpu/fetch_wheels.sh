@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
-# Run on the development machine: downloads the pure-Python wheels the GPU image lacks into .whl/
-# (git-ignored; the device call carries it). The GPU image: Python 3.12, torch 2.11+cu130, triton,
-# numpy, pytest; no megatron-core, pybind11 or tensorboard. setuptools and ninja build the extensions
-# (engine._C and the CUDA engine._C_cuda) with the image's torch, without build isolation.
+# Run on the development machine: downloads the wheels the GPU image may lack into .whl/ (git-ignored;
+# the device call carries it: run(..., carry=[".whl"])). The GPU image (/work/.library/device/KINDS.md):
+# Python 3.12, torch 2.11+cu130, triton 3.6, numpy, pytest, pytest-xdist, pybind11, psutil, pyyaml,
+# setuptools, ninja, tensorboard; no megatron-core. run_all.sh installs megatron-core always and the
+# others only where the image lacks them (its own builds are kept); setuptools and ninja build the
+# extensions (engine._C and the CUDA engine._C_cuda) with the image's torch, without build isolation.
+# Pinned, and .whl/ emptied first: two versions of one package would stop pip's whole install.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+# kept out of git (.gitignore has it; else the clone's info/exclude, which a clone may lack)
+if git rev-parse --git-dir >/dev/null 2>&1 && ! git check-ignore -q .whl/x.whl; then
+  exclude=$(git rev-parse --git-path info/exclude); mkdir -p "$(dirname "$exclude")"; echo '/.whl/' >> "$exclude"
+fi
+mkdir -p .whl && rm -f .whl/*.whl
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-  -d .whl megatron-core==0.19.2 pybind11 psutil pyyaml setuptools ninja
+  -d .whl megatron-core==0.19.2 pybind11==3.1.0 psutil==7.2.2 pyyaml==6.0.4 setuptools==84.2.1 ninja==1.13.2
 ls -la .whl
+du -sh .whl  # a device call carries at most 64 MiB in all

@@ -1,0 +1,121 @@
+"""Host syncs per training step, counted (tests/engine/sync_count.py): a regression guard. On a GPU
+every device-to-host read stalls the host until the device has caught up, so the step makes one,
+the global gradient norm (the skip decision and the clipping need it on the host), plus one
+scalar when train.time_limit_s is set. A new sync anywhere in the step (data, model, loss,
+optimizer) fails here with its call site."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from tests.engine.sync_count import count_syncs
+from tests.engine.test_trainer import make_trainer
+
+GRAD_NORM = "megatron/core/optimizer/clip_grads.py"  # total_norm.item(): the step's one sync
+
+
+def step_syncs(trainer) -> list[tuple[str, str]]:
+    trainer.train_step()  # first step: lazy initialisation (optimizer state, caches)
+    with count_syncs() as events:
+        trainer.train_step()
+    return events
+
+
+def show(events) -> str:
+    return "\n".join(f"{n} x {kind} at {site}" for (kind, site), n in collections.Counter(events).items())
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["train.loss=infonce", "train.aux_lm_weight=0.5"],
+    ["train.attention_backend=torch", "train.micro_batch=1"],
+], ids=["pairwise", "infonce+lm", "dense-attention"])
+def test_a_training_step_makes_one_host_sync_the_gradient_norm(runtime, tmp_path, overrides):
+    """Before: two; megatron's l2-norm fallback (no Transformer Engine, no Apex) read every
+    per-tensor norm to the host (a sync per gradient tensor on a GPU) and the total once more."""
+    events = step_syncs(make_trainer(runtime, tmp_path, "checkpoint.resume=false", *overrides))
+    assert len(events) == 1 and events[0][1].startswith(GRAD_NORM), show(events)
+
+
+def test_the_time_limit_adds_one_scalar_read_before_the_optimizer_update(runtime, tmp_path, monkeypatch):
+    """train.time_limit_s costs one broadcast scalar per step, read right after the gradient norm's
+    sync while nothing is queued on the device: not after the update, which it would wait for."""
+    import time
+
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "train.time_limit_s=1e6")
+    trainer._fit_start = time.time()  # as inside fit
+    order = []
+    real_time_is_up = trainer._time_is_up
+    monkeypatch.setattr(trainer, "_time_is_up", lambda: order.append("time check") or real_time_is_up())
+    for opt in trainer.optimizer.chained_optimizers:
+        real = opt.step_with_ready_grads
+        monkeypatch.setattr(opt, "step_with_ready_grads", lambda real=real: order.append("update") or real())
+    events = step_syncs(trainer)
+    assert len(events) == 2 and events[0][1].startswith(GRAD_NORM), show(events)
+    assert events[1][0] == "aten._local_scalar_dense" and events[1][1].startswith("engine/trainer.py"), show(events)
+    assert order[-2:] == ["time check", "update"] and trainer.out_of_time is False
+
+
+def test_the_blocks_attention_reads_each_micro_batch_layout_once(runtime, tmp_path):
+    """The `blocks` backend (the CPU path) cuts packs into groups on the host: one read of the layout
+    per micro-batch, shared by every layer; none for packs short enough for the dense path."""
+    from engine.data import PackedGroups
+    from engine.model import shared_prefix_attention as spa
+    from tests.engine.dist_worker import random_groups
+
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "data.seq_length=512",
+                           "model.max_position_embeddings=512")
+    trainer.loader.source = PackedGroups(random_groups(3, 200, 64, 512), 512)
+    assert trainer.loader.source.seq_length >= spa.DENSE_BELOW
+    events = step_syncs(trainer)
+    layout_reads = [e for e in events if "shared_prefix_attention.py" in e[1]]
+    micro_batches = trainer.cfg.train.global_batch // trainer.cfg.train.micro_batch
+    assert [k for k, _ in layout_reads] == ["Tensor.cpu"] * micro_batches, show(events)
+    assert len(events) == micro_batches + 1, show(events)
+
+
+def test_the_counter_sees_a_sync_planted_in_the_loss(runtime, tmp_path, monkeypatch):
+    """The guard itself: a `.item()` or a boolean mask in the per-micro-batch loss is counted (once
+    per micro-batch), forward and backward alike."""
+    import engine.trainer as trainer_module
+
+    real = trainer_module.contrastive_loss
+
+    def with_syncs(kind, rewards, batch, kernels):
+        float(rewards.sum())  # a stray host read
+        rewards = rewards[rewards == rewards]  # a boolean mask: its shape comes from values
+        return real(kind, rewards, batch, kernels)
+
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false")
+    monkeypatch.setattr(trainer_module, "contrastive_loss", with_syncs)
+    kinds = collections.Counter(kind for kind, _ in step_syncs(trainer))
+    micro_batches = trainer.cfg.train.global_batch // trainer.cfg.train.micro_batch
+    assert kinds["aten._local_scalar_dense"] == micro_batches + 1  # + the gradient norm
+    assert kinds["aten.index[bool mask]"] == micro_batches  # the forward
+    assert kinds["aten.index_put[bool mask]"] == micro_batches  # its backward
+
+
+def test_the_device_gradient_norm_is_megatrons_fallback_bit_for_bit(runtime):
+    """engine.optim._device_l2_norm replaces megatron's local l2-norm fallback (no TE, no Apex):
+    the same per-tensor norms and the same norm of them, without their trip to the host."""
+    import torch
+    from megatron.core.optimizer import clip_grads
+    from megatron.core.utils import local_multi_tensor_l2_norm
+
+    from engine.optim import _device_l2_norm, use_device_grad_norm
+
+    use_device_grad_norm()  # what build_optimizer does (this test may run before any optimizer is built)
+    assert clip_grads.l2_norm_impl in (_device_l2_norm, getattr(clip_grads, "multi_tensor_l2norm", None),
+                                       getattr(getattr(clip_grads, "amp_C", None), "multi_tensor_l2norm", None))
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        for n in (1, 3, 40):
+            grads = [(torch.randn(int(torch.randint(1, 3000, (1,), generator=g)), generator=g)
+                      * 10 ** float(torch.randn(1, generator=g) * 3)).to(dtype) for _ in range(n)]
+            with count_syncs() as events:
+                ours, _ = _device_l2_norm(2048 * 32, torch.zeros(1, dtype=torch.int), [grads], False)
+            theirs, _ = local_multi_tensor_l2_norm(2048 * 32, None, [grads], False)
+            assert events == []
+            assert ours.dtype == theirs.dtype == torch.float32 and ours.shape == theirs.shape == (1,)
+            assert torch.equal(ours, theirs), (dtype, n, ours, theirs)
