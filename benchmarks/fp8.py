@@ -84,6 +84,24 @@ def write_json(path: str, device: str, steps: int, settings: list[str], rows: li
                                       "settings": settings, "rows": rows}, indent=1))
 
 
+def print_table(title: str, rows: list[dict]) -> None:
+    """The variants against the first (bf16), as they ended (tests/gpu/partial_tables.py prints a
+    stage cut at its limit with it, from the JSON)."""
+    base = rows[0] if rows and "tokens_per_s" in rows[0] else None
+    print(f"{title}\n")
+    print("| variant | exit | tokens/s | speed-up | step s | MFU | loss (last 10) | loss vs first |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"| {r['variant']} | {r['exit']} | - | - | - | - | - | - |")
+            continue
+        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
+        dloss = f"{(r['loss_last10'] - base['loss_last10']) / base['loss_last10']:+.2%}" if base else "-"
+        mfu = "-" if r.get("mfu") is None or r["mfu"] != r["mfu"] else f"{r['mfu']:.1%}"
+        print(f"| {r['variant']} | {r['exit']} | {r['tokens_per_s']:,.0f} | {speed} | {r['step_time_s']:.3f} | "
+              f"{mfu} | {r['loss_last10']:.4f} | {dloss} |")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=None, help="default: 200 on a GPU, 5 on CPU")
@@ -115,19 +133,7 @@ def main() -> int:
             print(f"{name}: exit {row['exit']} in {row['wall_s']:.0f}s ({done})", file=sys.stderr, flush=True)
             if args.json:  # as each variant ends: a run cut short by an outer time limit still leaves these
                 write_json(args.json, device, steps, common, rows)
-    base = rows[0] if "tokens_per_s" in rows[0] else None
-    print(f"{device}, torch {torch.__version__}, {steps} steps; settings: {' '.join(common)}\n")
-    print("| variant | exit | tokens/s | speed-up | step s | MFU | loss (last 10) | loss vs first |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        if "tokens_per_s" not in r:
-            print(f"| {r['variant']} | {r['exit']} | - | - | - | - | - | - |")
-            continue
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        dloss = f"{(r['loss_last10'] - base['loss_last10']) / base['loss_last10']:+.2%}" if base else "-"
-        mfu = "-" if r["mfu"] != r["mfu"] else f"{r['mfu']:.1%}"
-        print(f"| {r['variant']} | {r['exit']} | {r['tokens_per_s']:,.0f} | {speed} | {r['step_time_s']:.3f} | "
-              f"{mfu} | {r['loss_last10']:.4f} | {dloss} |")
+    print_table(f"{device}, torch {torch.__version__}, {steps} steps; settings: {' '.join(common)}", rows)
     return 0 if all(r["exit"] == 0 for r in rows) else 1
 
 

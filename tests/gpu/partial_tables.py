@@ -25,21 +25,11 @@ def e2e(doc: dict) -> None:
 
 
 def fp8(doc: dict) -> None:
+    from benchmarks.fp8 import print_table
+
     rows = doc.get("rows", [])
-    print(f"FP8 cut at the stage's limit: the {len(rows)} variants that ended, from its JSON; {doc.get('device')}, "
-          f"torch {doc.get('torch')}, {doc.get('steps')} steps; settings: {' '.join(doc.get('settings', []))}\n")
-    print("| variant | exit | tokens/s | speed-up | step s | MFU | loss (last 10) | loss vs first |")
-    print("|---|---|---|---|---|---|---|---|")
-    base = rows[0] if rows and "tokens_per_s" in rows[0] else None
-    for r in rows:
-        if "tokens_per_s" not in r:
-            print(f"| {r['variant']} | {r['exit']} | - | - | - | - | - | - |")
-            continue
-        speed = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else "-"
-        dloss = f"{(r['loss_last10'] - base['loss_last10']) / base['loss_last10']:+.2%}" if base else "-"
-        mfu = "-" if r.get("mfu") is None or r["mfu"] != r["mfu"] else f"{r['mfu']:.1%}"
-        print(f"| {r['variant']} | {r['exit']} | {r['tokens_per_s']:,.0f} | {speed} | {r['step_time_s']:.3f} | "
-              f"{mfu} | {r['loss_last10']:.4f} | {dloss} |")
+    print_table(f"FP8 cut at the stage's limit: the {len(rows)} variants that ended, from its JSON; {doc.get('device')}, "
+                f"torch {doc.get('torch')}, {doc.get('steps')} steps; settings: {' '.join(doc.get('settings', []))}", rows)
 
 
 def main(argv: list[str]) -> int:
