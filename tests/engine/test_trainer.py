@@ -236,3 +236,10 @@ def test_an_exit_step_behind_a_resume_is_reported_and_the_run_trains_on(runtime,
     again.fit()
     assert again.step == 4
     assert any("train.exit_at_step=2 is not after the resumed step 2: it has no effect" in x for x in lines), lines
+
+
+def test_save_at_end_false_writes_no_final_checkpoint_but_an_early_stop_still_saves(runtime, tmp_path):
+    make_trainer(runtime, tmp_path / "a", "checkpoint.save_at_end=false").fit()
+    assert checkpoint.latest(str(tmp_path / "a" / "checkpoints")) is None
+    make_trainer(runtime, tmp_path / "b", "checkpoint.save_at_end=false", "train.exit_at_step=2").fit()
+    assert checkpoint.latest(str(tmp_path / "b" / "checkpoints")).endswith("step_00000002")  # resumable
