@@ -110,8 +110,9 @@ def resolve_attention_backend(name: str, on_cuda: bool, head_dim: int | None = N
     return "triton" if on_cuda and (head_dim is None or head_dim in TRITON_HEAD_DIMS) else "blocks"
 
 
-def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None) -> None:
+def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None) -> str:
     """An explicit kernel request never silently falls back: a missing backend stops the run here.
+    Returns the attention backend to build (`auto` resolved).
 
     Covers `train.kernels` (readout + loss) and `train.attention_backend`. Triton needs a CUDA GPU or
     TRITON_INTERPRET=1 (CPU testing); the CUDA kernels need a CUDA GPU and the built engine._C_cuda.
@@ -150,6 +151,7 @@ def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None
             get_backend("triton")
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
+    return backend
 
 
 def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt: Runtime, initialize: bool = True):
@@ -161,8 +163,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     from engine.model.spec import layer_spec
 
     head_dim = model.hidden_size // model.num_attention_heads
-    check_kernels(train, rt.is_cuda, head_dim)
-    backend = resolve_attention_backend(train.attention_backend, rt.is_cuda, head_dim)
+    backend = check_kernels(train, rt.is_cuda, head_dim)
     use_te = check_backbone(model, rt.is_cuda)  # TE only when model.transformer_impl asks for it
     check_fp8(model, par, train, use_te, device_capability(rt.device))
     config = transformer_config(model, par, train, rt, initialize)

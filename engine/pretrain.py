@@ -105,15 +105,24 @@ def check_before_launch(cfg, recipe) -> None:
     resume whose data-derived settings changed). Reading the data costs what the run's own start does."""
     import torch
 
-    from engine import checkpoint
     from engine.parallelize import check_kernels
 
     check_kernels(cfg.train, torch.cuda.is_available(), cfg.model.hidden_size // cfg.model.num_attention_heads)
-    recipe.prepare_data(cfg)
+    prepare_checked_data(cfg, recipe)
+
+
+def prepare_checked_data(cfg, recipe):
+    """The recipe's data, which may settle derived settings (fine-tuning: steps from epochs); a
+    resume is then checked against them, naming what the user sets, before config.yaml is rewritten
+    with refused settings (the trainer's own check comes later)."""
+    from engine import checkpoint
+
+    data = recipe.prepare_data(cfg)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
     if derived and resume_from:
         checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
+    return data
 
 
 def check_checkpoints(cfg, derived=()) -> None:
@@ -144,7 +153,6 @@ def check_checkpoints(cfg, derived=()) -> None:
 
 
 def run(cfg, recipe) -> int:
-    from engine import checkpoint
     from engine.runtime import init_runtime, peak_memory_gb, shutdown_runtime
 
     t_start = time.time()
@@ -152,16 +160,10 @@ def run(cfg, recipe) -> int:
     say = print if rt.is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.run_dir)
     say(f"run directory: {run_dir.resolve()}")
-    data = recipe.prepare_data(cfg)  # may settle derived settings (fine-tuning: steps from epochs)
-    derived = getattr(recipe, "DERIVED_SETTINGS", {})
+    data = prepare_checked_data(cfg, recipe)
     if 0 < cfg.train.steps < cfg.train.warmup_steps:  # legal (a smoke run), but rarely what was meant
         say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
             f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
-    resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
-    # known only now; checked here, naming what the user sets, before config.yaml below is rewritten
-    # with the refused settings (the trainer's own check comes after it)
-    if derived and resume_from:
-        checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
     say(data.description)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

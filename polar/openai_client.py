@@ -109,10 +109,11 @@ def parse_reply(policy: Policy, raw: bytes) -> Completion:
         # listed for the next run, instead of marking the prompt done.
         raise RequestFailure("empty completion", f"the server returned no text (finish_reason "
                              f"{choice.get('finish_reason')!r})", retryable=True, endpoint_fault=False)
-    if lone_surrogate(text):
+    found = lone_surrogate(text)
+    if found:
         # JSON can escape one ("\ud800") but it is no character: a record holding it is one every
         # build rejects, so, like an empty completion, the prompt fails here and is retried.
-        raise RequestFailure("invalid text", f"the completion holds a lone surrogate ({lone_surrogate(text)})",
+        raise RequestFailure("invalid text", f"the completion holds a lone surrogate ({found})",
                              retryable=True, endpoint_fault=False)
     return Completion(text=text, finish_reason=choice.get("finish_reason"))
 
