@@ -30,6 +30,9 @@ import httpx
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+# `polar serve` answers "false" in it where the same request meets the same error (non-finite rewards);
+# the name is polar.serve.validation.NO_RETRY_HEADER, spelled out so this client imports no server code
+_NO_RETRY_HEADER = "x-polar-retryable"
 # half of `polar serve`'s default --max-body-bytes (64 MiB): 512 long rollouts, each with its prompt
 # and reference, can pass the server's limit
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -141,7 +144,8 @@ class _Base:
         """True: the answer is usable; False: retry; raises when retrying cannot help."""
         if resp.status_code == 200:
             return True
-        if resp.status_code in _RETRY_STATUS and attempt < self.max_retries:
+        if (resp.status_code in _RETRY_STATUS and attempt < self.max_retries
+                and resp.headers.get(_NO_RETRY_HEADER, "").lower() != "false"):
             return False
         raise RewardServerError(resp.status_code, _message(resp))
 

@@ -33,7 +33,7 @@ from polar.serve import validation
 from polar.serve.batcher import Batcher, Closed, QueueFull
 from polar.serve.items import check_truncation, format_structured, tokenize_served_text
 from polar.serve.metrics import Metrics
-from polar.serve.validation import RequestError
+from polar.serve.validation import NO_RETRY_HEADER, RequestError
 from polar.tokenizer import Tokenizer
 
 POOLING_FORMATS = ("vllm", "lmdeploy")
@@ -152,7 +152,7 @@ class Service:
                 raise RequestError(f"the model gave non-finite rewards ({rewards[bad[0]]}) for {bad.size} of the "
                                    f"{len(rewards)} items (item {', '.join(map(str, bad[:8].tolist()))}"
                                    f"{', ...' if bad.size > 8 else ''}); an overflow in the model's precision "
-                                   "or a broken checkpoint", 500)
+                                   "or a broken checkpoint", 500, retryable=False)
             return rewards
         scored.cancel()  # the batcher's future too: skipped unless its round has started
         if gone in done:
@@ -249,7 +249,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             return JSONResponse(await work(body, request))
         except RequestError as e:
             status = e.status
-            return _error(e.status, e.message)
+            return _error(e.status, e.message, None if e.retryable else {NO_RETRY_HEADER: "false"})
         except _TooBusy as e:
             status = 429
             return _error(429, str(e), {"Retry-After": str(e.retry_after_s)})

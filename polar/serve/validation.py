@@ -19,13 +19,20 @@ from polar.format import lone_surrogate
 from polar.serve.items import StructuredItem
 
 WRAPPERS = ("sft", "pretrain")
+# on an error answer: "false" where sending the request again meets the same error (POLAR's clients
+# then do not retry it); read by polar/reward.py
+NO_RETRY_HEADER = "X-Polar-Retryable"
 
 
 class RequestError(Exception):
-    def __init__(self, message: str, status: int = 400):
+    """`retryable=False` marks a server-side failure (a 5xx) that the same request meets again, so
+    POLAR's clients do not spend their retries on it."""
+
+    def __init__(self, message: str, status: int = 400, retryable: bool = True):
         super().__init__(message)
         self.status = status
         self.message = message
+        self.retryable = retryable
 
 
 _DECODE = json.JSONDecoder().raw_decode

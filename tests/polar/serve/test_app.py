@@ -495,12 +495,17 @@ def test_a_round_that_fails_fails_only_its_own_request(scorer, tokenizer, alone)
 
 def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
     """NaN or inf is not a reward: JSON cannot carry it, and a trainer would take it as one. The
-    request gets a 500 naming its items; a request scored in the same server stays answered."""
+    request gets a 500 naming its items, which POLAR's client does not retry (the same items overflow
+    again); a request scored in the same server stays answered."""
     poison = ord("~")
+    poisoned = []
 
     def overflowing(batch):
         rewards = scorer.score(batch)
-        return np.full_like(rewards, np.nan) if (batch.tokens == poison).any() else rewards
+        if (batch.tokens == poison).any():
+            poisoned.append(1)
+            return np.full_like(rewards, np.nan)
+        return rewards
 
     with live_server(scorer, tokenizer, score=overflowing) as (url, _):
         texts = ["<|reward|>~a[UNUSED_TOKEN_130]", "<|reward|>~[UNUSED_TOKEN_130]", "<|reward|>b~[UNUSED_TOKEN_130]"]
@@ -509,3 +514,9 @@ def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
         assert "non-finite rewards (nan) for 3 of the 3 items (item 0, 1, 2)" in res.json()["error"]["message"]
         ok = httpx.post(f"{url}/classify", json={"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}, timeout=60)
         assert ok.status_code == 200 and np.isfinite(ok.json()[0]["embedding"][0])
+
+        poisoned.clear()
+        client = reward.RewardClient(url, max_retries=3, backoff_s=0.05)
+        with pytest.raises(reward.RewardServerError, match="non-finite rewards") as err:
+            client.score([{"prompt": "p", "reference": "r", "output": "~"}])
+        assert err.value.status == 500 and len(poisoned) == 1  # one request, no retries
