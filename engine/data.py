@@ -11,6 +11,8 @@ continues at the exact next sequence.
 from __future__ import annotations
 
 import hashlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,10 +85,15 @@ class LoaderState:
 
 class GlobalBatchLoader:
     """`source` is PackedGroups (built in memory) or engine.indexed_dataset.IndexedDataset (built on
-    disk): anything with len, seq_length, sequences(indices) and per_sequence."""
+    disk): anything with len, seq_length, sequences(indices) and per_sequence (thread-safe reads).
+
+    Each batch is read and collated by one background thread, the next one while the current step
+    runs, so neither the shard reads nor the collation sit between two steps; with `pin_memory` (on
+    a GPU) its tensors are page-locked there, so the step's host-to-device copies are asynchronous.
+    Batch b being a pure function of b, prefetching changes no batch."""
 
     def __init__(self, source: PackedGroups, global_batch: int, micro_batch: int, dp_rank: int,
-                 dp_size: int, seed: int, pad_id: int, shuffle: bool = True):
+                 dp_size: int, seed: int, pad_id: int, shuffle: bool = True, pin_memory: bool = False):
         if len(source) < global_batch:
             # a setting the run cannot honour; the entry script prints it once, without a traceback
             raise ConfigError(
@@ -100,17 +107,23 @@ class GlobalBatchLoader:
         self.seed = seed
         self.pad_id = pad_id
         self.shuffle = shuffle
+        self.pin_memory = pin_memory
         self.state = LoaderState()
         self._orders: dict[int, np.ndarray] = {}
+        self._orders_lock = threading.Lock()  # the step's thread and the reading thread both ask
+        self._reader: ThreadPoolExecutor | None = None
+        self._ahead: dict[int, Future] = {}  # batch number -> its micro-batches, being read
 
     def _order(self, epoch: int) -> np.ndarray:
-        if epoch not in self._orders:
-            n = len(self.source)
-            order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-            # a batch spans at most two epochs (global_batch <= len): two orders serve any batch
-            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
-            self._orders[epoch] = order
-        return self._orders[epoch]
+        with self._orders_lock:
+            if epoch not in self._orders:
+                n = len(self.source)
+                order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+                # a batch spans at most two epochs (global_batch <= len): two orders serve any batch; an
+                # older one stays too, for a prefetch of the next batch crossing into a newer epoch
+                self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 2}
+                self._orders[epoch] = order
+            return self._orders[epoch]
 
     def global_batch_indices(self, batch_number: int) -> np.ndarray:
         """Positions b*G .. b*G+G-1 of the stream; position p is sequence order_{p // N}[p % N]."""
@@ -120,17 +133,47 @@ class GlobalBatchLoader:
             return self._order(first[0])[first[1]:last[1] + 1]
         return np.concatenate([self._order(first[0])[first[1]:], self._order(last[0])[:last[1] + 1]])
 
-    def next_microbatches(self) -> list[PackedBatch]:
-        """This rank's micro-batches of the next global batch."""
-        idx = self.global_batch_indices(self.state.consumed_batches)
-        self.last_global = {k: int(v[idx].sum()) for k, v in self.source.per_sequence.items()}
+    def microbatches(self, batch_number: int) -> list[PackedBatch]:
+        """This rank's micro-batches of global batch `batch_number` (read now, in this thread)."""
+        idx = self.global_batch_indices(batch_number)
         per_rank = self.global_batch // self.dp_size
         mine = idx[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        self.state.consumed_batches += 1
-        return [
+        batches = [
             collate(self.source.sequences(mine[j:j + self.micro_batch]), self.source.seq_length, self.pad_id)
             for j in range(0, per_rank, self.micro_batch)
         ]
+        return [b.pin_memory() for b in batches] if self.pin_memory else batches
+
+    def _read(self, batch_number: int) -> Future:
+        if batch_number not in self._ahead:
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="batch-reader")
+            self._ahead[batch_number] = self._reader.submit(self.microbatches, batch_number)
+        return self._ahead[batch_number]
+
+    def next_microbatches(self, prefetch: bool = True) -> list[PackedBatch]:
+        """This rank's micro-batches of the next global batch; with `prefetch` (unless the run ends
+        with this batch) the reading thread starts on the one after. An error reading a batch is
+        raised here, by the step that needs it."""
+        number = self.state.consumed_batches
+        pending = self._read(number)
+        if prefetch:
+            self._read(number + 1)
+        batches = pending.result()
+        del self._ahead[number]
+        idx = self.global_batch_indices(number)
+        self.last_global = {k: int(v[idx].sum()) for k, v in self.source.per_sequence.items()}
+        self.state.consumed_batches += 1
+        return batches
+
+    def close(self) -> None:
+        """Stops the reading thread (after the batch it is reading, if any)."""
+        for fut in self._ahead.values():
+            fut.cancel()
+        self._ahead.clear()
+        if self._reader is not None:
+            self._reader.shutdown(wait=True)
+            self._reader = None
 
     @property
     def epoch(self) -> float:
@@ -167,4 +210,5 @@ class GlobalBatchLoader:
             raise ConfigError(f"the data order changed since the checkpoint ({'; '.join(changed)}): resuming would "
                               "skip or repeat sequences; set it back, or start a new run (a new run_dir) from the "
                               "checkpoint's weights (checkpoint.init_from)")
+        self.close()  # batches read ahead for the old position
         self.state.consumed_batches = int(state["consumed_batches"])

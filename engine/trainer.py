@@ -78,7 +78,7 @@ class Trainer:
         self.evals = evals or {}
         self.loader = GlobalBatchLoader(
             train_data, cfg.train.global_batch, cfg.train.micro_batch, rt.dp_rank, rt.dp,
-            seed=cfg.train.seed, pad_id=pad_id,
+            seed=cfg.train.seed, pad_id=pad_id, pin_memory=rt.is_cuda,
         )
         self.step = 0
         self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit
@@ -101,8 +101,8 @@ class Trainer:
         path = checkpoint.latest(self.ckpt_dir) if ck.resume else None
         if path:
             # before the load: megatron would ignore changed settings, or fail deep inside it
-            checkpoint.check_resume_settings(path, self.cfg.train)
             saved = checkpoint.read_state(path)
+            checkpoint.check_resume_settings(path, self.cfg.train, state=saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
                     f"checkpoint.resume: {path} holds weights only (no optimizer, schedule or data position: a "
@@ -211,7 +211,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         self.scheduler.step(increment=1)  # this step's lr (engine.optim)
-        microbatches = self.loader.next_microbatches()
+        # the next step's batch is read while this one runs, unless this is the run's last
+        microbatches = self.loader.next_microbatches(prefetch=self.step + 1 < self.cfg.train.steps)
         g = self.loader.last_global
         count = g["pairs"] if self.cfg.train.loss == "pairwise" else g["positives"]
         lm_scale = self.cfg.train.aux_lm_weight * count / max(g["lm_targets"], 1)
@@ -352,6 +353,7 @@ class Trainer:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 stop = True
         progress.close()
+        self.loader.close()  # a batch read ahead for a step that an early stop will not run
         self._fit_start = None
         # an early stop (time limit, exit step) always leaves a resumable checkpoint; the end of
         # training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)

@@ -101,3 +101,62 @@ def test_a_state_saved_without_its_settings_still_loads(source):
 def test_fewer_sequences_than_a_batch_is_a_config_error(source):
     with pytest.raises(ConfigError, match="train.global_batch=18: the data packs into only 17 sequences"):
         loader(source, 18)
+
+
+class WatchedSource:
+    """`source`, recording which thread reads which sequences; `fail_at` makes reading it raise."""
+
+    def __init__(self, source, fail_at=None):
+        self.inner, self.fail_at, self.reads = source, fail_at, []
+        self.seq_length, self.per_sequence = source.seq_length, source.per_sequence
+
+    def __len__(self):
+        return len(self.inner)
+
+    def sequences(self, indices):
+        import threading
+        indices = [int(i) for i in indices]
+        self.reads.append((threading.current_thread().name, indices))
+        if self.fail_at in indices:
+            raise OSError(f"shard unreadable at sequence {self.fail_at}")
+        return self.inner.sequences(indices)
+
+
+def test_the_next_batch_is_read_ahead_in_another_thread_and_changes_nothing(source):
+    """Prefetching reads batch b+1 in the reading thread while step b runs; the batches, and the
+    state a checkpoint saves, are those of a loader that reads each batch when asked."""
+    watched = WatchedSource(source)
+    ahead, plain = loader(watched, 8), loader(source, 8)
+    for b in range(6):  # across epoch boundaries (17 sequences, 8 a batch)
+        got = ahead.next_microbatches()
+        want = plain.next_microbatches(prefetch=False)
+        for g, w in zip(got, want):
+            for name in ("tokens", "layout", "reward_index"):
+                np.testing.assert_array_equal(getattr(g, name).numpy(), getattr(w, name).numpy(), err_msg=f"{b} {name}")
+        assert ahead.last_global == plain.last_global and ahead.state_dict() == plain.state_dict()
+        ahead._ahead[b + 1].result()  # batch b+1 was read before it was asked for
+        assert watched.reads[-1] == ("batch-reader_0", [int(ahead.global_batch_indices(b + 1)[-1])])
+    assert all(thread.startswith("batch-reader") for thread, _ in watched.reads)
+    ahead.close()
+    assert not ahead._ahead and ahead._reader is None
+
+
+def test_a_resume_drops_the_batches_read_ahead(source):
+    ld = loader(source, 8)
+    ld.next_microbatches()  # batch 1 read ahead
+    ld.load_state_dict({"consumed_batches": 5})
+    got = np.concatenate([mb.tokens.numpy() for mb in ld.next_microbatches()])
+    want = np.concatenate([mb.tokens.numpy() for mb in loader(source, 8).microbatches(5)])
+    np.testing.assert_array_equal(got, want)
+
+
+def test_an_error_reading_a_batch_reaches_the_step_that_needs_it(source):
+    """A failed read ahead does not pass unseen, nor fail the step before it: the step that would
+    train on the batch raises the reader's error."""
+    bad = int(loader(source, 8).global_batch_indices(1)[0])
+    ld = loader(WatchedSource(source, fail_at=bad), 8)
+    ld.next_microbatches()  # batch 0 is fine; batch 1 fails in the reading thread
+    with pytest.raises(OSError, match=f"shard unreadable at sequence {bad}"):
+        ld.next_microbatches()
+    assert ld.state.consumed_batches == 1
+    ld.close()
