@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.arguments import at_least  # noqa: E402
 from engine import _C  # noqa: E402
 from engine.loss import infonce_sums, pairwise_sums  # noqa: E402
 from engine.model.readout import torch_reward_readout  # noqa: E402
@@ -78,10 +79,8 @@ def loss_case(kind, k, repeat, n=4096):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--repeat", type=at_least(1), default=5)
     args = ap.parse_args()
-    if args.repeat < 1:
-        ap.error(f"--repeat must be at least 1, not {args.repeat}")
     torch.set_num_threads(1)
     rows = [readout_case(args.repeat)]
     for kind in ("pairwise", "infonce"):

@@ -26,6 +26,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.arguments import at_least  # noqa: E402
 from benchmarks.packer import python_first_fit, timed  # noqa: E402
 from engine import _C  # noqa: E402
 from polar import data_build, data_stats  # noqa: E402
@@ -79,18 +80,13 @@ def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[flo
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=int, default=100_000)
-    ap.add_argument("--seq-length", type=int, default=16384)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--k8-records", type=int, default=5000, help="records of the K=8 savings sample")
-    ap.add_argument("--python-groups", type=int, default=20000, help="groups for the quadratic Python first-fit")
+    ap.add_argument("--records", type=at_least(1), default=100_000)
+    ap.add_argument("--seq-length", type=at_least(1), default=16384)
+    ap.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2])
+    ap.add_argument("--k8-records", type=at_least(1), default=5000, help="records of the K=8 savings sample")
+    ap.add_argument("--python-groups", type=at_least(1), default=20000, help="groups for the quadratic Python first-fit")
     ap.add_argument("--keep", default="", help="work in this directory and keep it")
     args = ap.parse_args()
-    for name in ("records", "seq_length", "k8_records", "python_groups"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if min(args.workers) < 1:
-        ap.error(f"--workers must all be at least 1, not {min(args.workers)}")
     work = args.keep or tempfile.mkdtemp(prefix="polar_data_build_")
     os.makedirs(work, exist_ok=True)
     try:

@@ -22,6 +22,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.arguments import at_least  # noqa: E402
 from engine.data import PackedGroups  # noqa: E402
 from engine.indexed_dataset import IndexedDataset, ShardWriter  # noqa: E402
 from engine.packing import Group  # noqa: E402
@@ -63,13 +64,11 @@ def per_sequence_us(ds: IndexedDataset, order: np.ndarray) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=int, nargs="+", default=[8, 300])
-    ap.add_argument("--sequences", type=int, default=4, help="packed sequences per shard")
+    ap.add_argument("--shards", type=at_least(1), nargs="+", default=[8, 300])
+    ap.add_argument("--sequences", type=at_least(1), default=4, help="packed sequences per shard")
     ap.add_argument("--seq-length", type=int, default=16384)
-    ap.add_argument("--reads", type=int, default=20000, help="random sequence reads timed per row")
+    ap.add_argument("--reads", type=at_least(1), default=20000, help="random sequence reads timed per row")
     args = ap.parse_args()
-    if min(args.shards) < 1 or args.sequences < 1 or args.reads < 1:
-        ap.error("--shards, --sequences and --reads must be at least 1")
     if args.seq_length < LONGEST_GROUP:
         ap.error(f"--seq-length must be at least {LONGEST_GROUP}: the synthetic groups run up to that many "
                  "tokens and are never split across sequences")

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
+from benchmarks.arguments import at_least  # noqa: E402
 from polar import baselines  # noqa: E402
 from polar.format import encode_groups  # noqa: E402
 from polar.synthetic import StyleConfig, make_pool, make_prompts, make_triplets  # noqa: E402
@@ -186,21 +187,17 @@ def run(variant, style, aux_weight, seed, args):
 def main():
     ap = argparse.ArgumentParser(description="from-scratch learnability of the synthetic policies")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch", type=int, default=16, help="triplets per step")
+    ap.add_argument("--steps", type=at_least(1), default=200)
+    ap.add_argument("--batch", type=at_least(1), default=16, help="triplets per step")
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-triplets", type=int, default=300)
-    ap.add_argument("--train-policies", type=int, default=160)
-    ap.add_argument("--held-out-policies", type=int, default=40)
-    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--eval-triplets", type=at_least(1), default=300)
+    ap.add_argument("--train-policies", type=at_least(2), default=160)
+    ap.add_argument("--held-out-policies", type=at_least(2), default=40)
+    ap.add_argument("--max-length", type=at_least(1), default=512)
     ap.add_argument("--variants", nargs="+", default=["default", "default+aux", "transition", "transition+aux"],
                     choices=["default", "default+aux", "transition", "transition+aux"])
-    ap.add_argument("--jobs", type=int, default=1, help="runs at once, one process each")
+    ap.add_argument("--jobs", type=at_least(1), default=1, help="runs at once, one process each")
     args = ap.parse_args()
-    for name, least in (("steps", 1), ("batch", 1), ("eval_triplets", 1), ("train_policies", 2),
-                        ("held_out_policies", 2), ("max_length", 1), ("jobs", 1)):
-        if getattr(args, name) < least:  # each was a traceback in a worker process, or a silent default
-            ap.error(f"--{name.replace('_', '-')} must be at least {least}, not {getattr(args, name)}")
 
     styles = {"default": StyleConfig(), "transition": StyleConfig.transition_only()}
     print(f"{args.steps} steps x {args.batch} triplets, lr {args.lr}, hidden 64, 3 layers, GQA 4/2, "

@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.arguments import at_least  # noqa: E402
 from engine import _C  # noqa: E402
 from tests.csrc.test_packer import ref_next_fit  # noqa: E402  (the tests' reference, timed as-is)
 
@@ -52,14 +53,10 @@ def timed(fn, *args, repeat=1):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", type=int, default=100_000)
+    ap.add_argument("--groups", type=at_least(1), default=100_000)
     ap.add_argument("--capacity", type=int, default=16384)
-    ap.add_argument("--python-groups", type=int, default=0, help="groups for the Python first-fit (0 = all)")
+    ap.add_argument("--python-groups", type=at_least(0), default=0, help="groups for the Python first-fit (0 = all)")
     args = ap.parse_args()
-    if args.groups < 1:
-        ap.error(f"--groups must be at least 1, not {args.groups}")
-    if args.python_groups < 0:
-        ap.error(f"--python-groups must be 0 (all) or more, not {args.python_groups}")
     lengths = polar_like_lengths(args.groups)
     cap = args.capacity
     if cap < lengths.max():

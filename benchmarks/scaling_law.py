@@ -57,6 +57,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.arguments import at_least  # noqa: E402
 from polar.tokenizer import ByteTokenizer  # noqa: E402  (the embedded default's tokenizer: its vocabulary)
 
 
@@ -259,27 +260,24 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
                     help="which rungs: the width ladder w32-w128 (3 layers) or the earlier mixed ladder xs-xl; w96 and w128 on request (not in the default: see WIDTH_LADDER)")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
-    ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--batch", type=int, default=16, help="packed sequences per step")
-    ap.add_argument("--micro-batch", type=int, default=4)
-    ap.add_argument("--eval-points", type=int, default=6, help="held-out evaluations per run, the final one included")
-    ap.add_argument("--eval-triplets", type=int, default=1000, help="per evaluation set")
-    ap.add_argument("--seeds", type=int, default=3,
+    ap.add_argument("--seq", type=at_least(1), default=512)
+    ap.add_argument("--batch", type=at_least(1), default=16, help="packed sequences per step")
+    ap.add_argument("--micro-batch", type=at_least(1), default=4)
+    ap.add_argument("--eval-points", type=at_least(1), default=6, help="held-out evaluations per run, the final one included")
+    ap.add_argument("--eval-triplets", type=at_least(1), default=1000, help="per evaluation set")
+    ap.add_argument("--seeds", type=at_least(1), default=3,
                     help="runs per size (train.seed 1234, 1235, ...: initialisation and data order); the fits "
                          "use each size's mean, the spread is printed")
     ap.add_argument("--fit-from", type=float, default=0.5,
                     help="compute fit: evaluations from this fraction of each run on (the warm-up and the "
                          "plateau at ln 2 before a model starts to discriminate are transients, not the law)")
-    ap.add_argument("--log-interval", type=int, default=10)
-    ap.add_argument("--jobs", type=int, default=2, help="sizes trained at once")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per size")
+    ap.add_argument("--log-interval", type=at_least(1), default=10)
+    ap.add_argument("--jobs", type=at_least(1), default=2, help="sizes trained at once")
+    ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads per size")
     ap.add_argument("--out", default=str(ROOT / "runs" / "scaling_law"), help="run directories, the PNG and the JSON")
     ap.add_argument("--fresh", action="store_true", help="retrain sizes whose runs already finished")
     ap.add_argument("overrides", nargs="*", help="extra engine settings for every size (after --)")
     args = ap.parse_args(argv)
-    for name in ("seq", "batch", "micro_batch", "eval_points", "eval_triplets", "log_interval", "jobs", "threads"):
-        if getattr(args, name) < 1:  # --jobs 0 was a traceback, --seq/--batch 0 a division by zero
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if not args.tokens > 0:
         ap.error(f"--tokens must be above 0, not {args.tokens:g}")
     if not 0 <= args.fit_from <= 1:
@@ -290,8 +288,6 @@ def main(argv=None) -> int:
     if len(ladder) < 2:
         ap.error("a fit needs at least two sizes")
 
-    if args.seeds < 1:
-        ap.error("--seeds must be at least 1")
     seeds = [BASE_SEED + k for k in range(args.seeds)]
 
     t0 = time.time()

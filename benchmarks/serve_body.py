@@ -27,6 +27,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.arguments import at_least  # noqa: E402
 from polar.serve import validation  # noqa: E402
 
 CHUNK = 64 * 1024  # what uvicorn hands the app per receive
@@ -97,10 +98,10 @@ def refused(parse):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, nargs="+", default=[1, 16, 61], help="body sizes in MB")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per row; the table shows the median")
+    ap.add_argument("--repeats", type=at_least(1), default=3, help="runs per row; the table shows the median")
     args = ap.parse_args(argv)
-    if args.repeats < 1 or min(args.mb) <= 0:
-        ap.error("--repeats must be at least 1 and every --mb above 0")
+    if min(args.mb) <= 0:
+        ap.error("every --mb must be above 0")
     print(f"{'body':>8} {'encoding':<8} {'parser':<16} {'parse s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
     for mb, ascii in ((mb, ascii) for mb in args.mb for ascii in (True, False)):
         body = body_of(mb, ascii)

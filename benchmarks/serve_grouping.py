@@ -18,21 +18,18 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.arguments import at_least  # noqa: E402
+
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=int, nargs="+", default=[1024, 4096, 16384])
-    ap.add_argument("--prompts", type=int, default=1, help="distinct prompts the rollouts share")
-    ap.add_argument("--prefix", type=int, default=40, help="tokens of the shared prefix")
-    ap.add_argument("--tail", type=int, default=8, help="tokens of each rollout after it")
-    ap.add_argument("--row-tokens", type=int, default=4096)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--items", type=at_least(1), nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--prompts", type=at_least(1), default=1, help="distinct prompts the rollouts share")
+    ap.add_argument("--prefix", type=at_least(0), default=40, help="tokens of the shared prefix")
+    ap.add_argument("--tail", type=at_least(0), default=8, help="tokens of each rollout after it")
+    ap.add_argument("--row-tokens", type=at_least(1), default=4096)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     args = ap.parse_args(argv)
-    for name in ("prompts", "row_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
-    if min(args.items) < 1 or args.prefix < 0 or args.tail < 0:
-        ap.error("--items must be at least 1, --prefix and --tail at least 0")
 
     from polar.serve.grouping import group_items
 

@@ -23,6 +23,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.arguments import at_least  # noqa: E402
+
 WORDS = ["alpha", "beta", "gamma", "delta", "état", "数据", "x", "reward", "policy", "\n", "42", "the"]
 
 
@@ -166,24 +168,20 @@ def main(argv=None) -> int:
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="serve this engine checkpoint in-process")
     src.add_argument("--url", help="load a server already running (loopback)")
-    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--clients", type=at_least(1), default=16)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--bad-fraction", type=float, default=0.2)
-    ap.add_argument("--max-request", type=int, default=16, help="items per valid request, at most")
-    ap.add_argument("--prompts", type=int, default=32)
-    ap.add_argument("--rollouts", type=int, default=8)
-    ap.add_argument("--words", type=int, default=24, help="words per prompt/reference/rollout, at most")
-    ap.add_argument("--max-queue", type=int, default=512)
+    ap.add_argument("--max-request", type=at_least(1), default=16, help="items per valid request, at most")
+    ap.add_argument("--prompts", type=at_least(1), default=32)
+    ap.add_argument("--rollouts", type=at_least(1), default=8)
+    ap.add_argument("--words", type=at_least(1), default=24, help="words per prompt/reference/rollout, at most")
+    ap.add_argument("--max-queue", type=at_least(1), default=512)
     ap.add_argument("--max-wait-ms", type=float, default=10.0)
-    ap.add_argument("--row-tokens", type=int, default=4096, help="polar serve --row-tokens")
-    ap.add_argument("--max-batch-tokens", type=int, default=16384, help="polar serve --max-batch-tokens")
+    ap.add_argument("--row-tokens", type=at_least(1), default=4096, help="polar serve --row-tokens")
+    ap.add_argument("--max-batch-tokens", type=at_least(1), default=16384, help="polar serve --max-batch-tokens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
-    for name in ("clients", "max_request", "prompts", "rollouts", "words", "max_queue", "row_tokens",
-                 "max_batch_tokens"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
     if args.seconds <= 0 or not 0 <= args.bad_fraction <= 1 or args.max_wait_ms < 0:
         ap.error("--seconds must be above 0, --bad-fraction within [0, 1] and --max-wait-ms at least 0")
 

@@ -26,6 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.arguments import at_least  # noqa: E402
+
 
 def make_items(groups: int, n: int, prompt: int, reference: int, rollout: int, seed: int) -> list:
     from polar.serve.items import StructuredItem
@@ -65,24 +67,21 @@ def run(scorer, ids, pad_id, share: bool, max_batch_tokens: int, row_tokens: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an engine checkpoint (default: a random model of the shape below)")
-    ap.add_argument("--prompt", type=int, default=512)
-    ap.add_argument("--reference", type=int, default=512)
-    ap.add_argument("--rollout", type=int, default=512)
-    ap.add_argument("--n", type=int, default=8, help="rollouts per (prompt, reference)")
-    ap.add_argument("--groups", type=int, default=2, help="(prompt, reference) pairs")
+    ap.add_argument("--prompt", type=at_least(1), default=512)
+    ap.add_argument("--reference", type=at_least(1), default=512)
+    ap.add_argument("--rollout", type=at_least(1), default=512)
+    ap.add_argument("--n", type=at_least(1), default=8, help="rollouts per (prompt, reference)")
+    ap.add_argument("--groups", type=at_least(1), default=2, help="(prompt, reference) pairs")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--ffn", type=int, default=704)
-    ap.add_argument("--max-batch-tokens", type=int, default=8192)
-    ap.add_argument("--row-tokens", type=int, default=8192)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-batch-tokens", type=at_least(1), default=8192)
+    ap.add_argument("--row-tokens", type=at_least(1), default=8192)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    for name in ("prompt", "reference", "rollout", "n", "groups", "max_batch_tokens", "row_tokens", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}")
 
     import torch
 

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from benchmarks.arguments import at_least  # noqa: E402
 warnings.filterwarnings("ignore")
 
 
@@ -45,20 +47,17 @@ def candidate_pairs(candidates: list) -> list:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--k", type=int, nargs="+", default=[2, 8])
-    ap.add_argument("--prefix", type=int, default=400, help="mean prefix tokens")
-    ap.add_argument("--cand", type=int, default=100, help="mean candidate tokens")
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--groups", type=int, default=16)
+    ap.add_argument("--prefix", type=at_least(1), default=400, help="mean prefix tokens")
+    ap.add_argument("--cand", type=at_least(1), default=100, help="mean candidate tokens")
+    ap.add_argument("--seq", type=at_least(1), default=2048)
+    ap.add_argument("--groups", type=at_least(1), default=16)
     ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--layers", type=at_least(1), default=4)
+    ap.add_argument("--repeats", type=at_least(1), default=3)
     ap.add_argument("--no-time", action="store_true", help="exact counts only: skip the timed forward+backward")
     args = ap.parse_args()
     if min(args.k) < 2:
         ap.error("--k: a group needs at least 2 candidates")
-    for name in ("prefix", "cand", "seq", "groups", "layers", "repeats"):
-        if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1, not {getattr(args, name)}")
     if args.hidden < 16 or args.hidden % 16:
         ap.error(f"--hidden must be a positive multiple of 16 (8 heads of an even size, for RoPE), not {args.hidden}")
 

@@ -264,14 +264,15 @@ def read_state(step_dir: str) -> dict:
     return state
 
 
-def check_resume_settings(step_dir: str, train, skip=(), derived_from=None) -> None:
+def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, state: dict | None = None) -> None:
     """Raises ConfigError naming every optimizer, schedule and data-order setting (engine.config.
     TrainConfig) that differs from what the step was saved with, except those in `skip` (settings
     not known yet). `derived_from` maps a setting a recipe computes to the setting the user sets
-    (the message names that one). A step saved before settings were recorded is not checked."""
+    (the message names that one). A step saved before settings were recorded is not checked.
+    `state`: the step's read_state, where the caller has it."""
     from engine.config import ConfigError
 
-    state = read_state(step_dir)
+    state = read_state(step_dir) if state is None else state
     saved = dict(state.get("settings", {}))
     loader = state.get("loader", {})
     saved.update({f"train.{name}": loader[name] for name in ORDER_SETTINGS if name in loader})

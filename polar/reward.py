@@ -374,10 +374,10 @@ def _structured_items(items: Sequence[dict]) -> list:
             for key in ("prompt", "reference", "output"):
                 if key not in it:
                     raise validation.RequestError(f"{where}: missing field {key!r}")
-            out.append(StructuredItem(validation._text(it["prompt"], f"{where}.prompt"),
-                                      validation._text(it["reference"], f"{where}.reference"),
-                                      validation._text(it["output"], f"{where}.output"),
-                                      validation._wrapper(it.get("wrapper"), f"{where}.wrapper")))
+            out.append(StructuredItem(validation.text_field(it["prompt"], f"{where}.prompt"),
+                                      validation.text_field(it["reference"], f"{where}.reference"),
+                                      validation.text_field(it["output"], f"{where}.output"),
+                                      validation.wrapper_field(it.get("wrapper"), f"{where}.wrapper")))
         except validation.RequestError as e:
             raise ValueError(e.message) from None
     return out

@@ -260,7 +260,7 @@ def _check_count(n: int, max_items: int, what: str) -> None:
                            "(--max-items); split the batch", status=413)
 
 
-def _text(v, where: str):
+def text_field(v, where: str):
     """A str, or a message list (kept as given: polar.format joins the contents)."""
     if isinstance(v, str):
         return _unicode(v, where)
@@ -304,7 +304,8 @@ def pooling(body: dict, max_items: int) -> list[str]:
     return texts
 
 
-def _wrapper(v, where: str) -> str:
+def wrapper_field(v, where: str) -> str:
+    """A wrapper name; null (or absent) is sft, as the official client sends it."""
     if v is None:
         return "sft"
     if v not in WRAPPERS:
@@ -337,10 +338,10 @@ def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
         if isinstance(lab, dict):
             if "reference" not in lab:
                 raise RequestError(f"labels[{i}] is an object without a 'reference'")
-            wrapper = _wrapper(lab.get("wrapper"), f"labels[{i}].wrapper")
-            ref = _text(lab["reference"], f"labels[{i}].reference")
+            wrapper = wrapper_field(lab.get("wrapper"), f"labels[{i}].wrapper")
+            ref = text_field(lab["reference"], f"labels[{i}].reference")
         else:
-            ref = _text(lab, f"labels[{i}]")
+            ref = text_field(lab, f"labels[{i}]")
         items.append(StructuredItem(prompt=p, reference=ref, output=q[len(p):], wrapper=wrapper))
     return items
 
@@ -373,19 +374,19 @@ def native(body: dict, max_items: int) -> NativeRequest:
         unknown = sorted(set(e) - {"prompt", "reference", "output", "outputs", "wrapper"})
         if unknown:
             raise RequestError(f"{where}: unknown field {unknown[0]!r}")
-        prompt = _text(e["prompt"], f"{where}.prompt")
-        reference = _text(e["reference"], f"{where}.reference")
-        wrapper = _wrapper(e.get("wrapper"), f"{where}.wrapper")
+        prompt = text_field(e["prompt"], f"{where}.prompt")
+        reference = text_field(e["reference"], f"{where}.reference")
+        wrapper = wrapper_field(e.get("wrapper"), f"{where}.wrapper")
         if ("output" in e) == ("outputs" in e):
             raise RequestError(f"{where}: give exactly one of 'output' (one rollout) or 'outputs' (a list)")
         if "output" in e:
-            outs = [_text(e["output"], f"{where}.output")]
+            outs = [text_field(e["output"], f"{where}.output")]
             # the item is the whole entry (prompt, reference and output): any of them may be the long part
             names.append(where)
         else:
             if not isinstance(e["outputs"], list) or not e["outputs"]:
                 raise RequestError(f"{where}.outputs must be a non-empty array")
-            outs = [_text(o, f"{where}.outputs[{k}]") for k, o in enumerate(e["outputs"])]
+            outs = [text_field(o, f"{where}.outputs[{k}]") for k, o in enumerate(e["outputs"])]
             names += [f"{where} (outputs[{k}])" for k in range(len(outs))]
         flat += [StructuredItem(prompt, reference, o, wrapper) for o in outs]
         counts.append(len(outs))

@@ -41,6 +41,12 @@ CASES = [
     ("scaling_law.py", ["--batch", "0"]),
     ("scaling_law.py", ["--tokens", "0"]),
     ("kernels_attention.py", ["--bogus"]),  # ignored: ran the benchmark
+    ("dataset_read.py", ["--shards", "8", "0"]),  # each value of a list option is checked
+    ("serve_grouping.py", ["--tail", "-1"]),
+    ("batch_prefetch.py", ["--steps", "0"]),
+    ("batch_prefetch.py", ["--compute-ms", "5", "-1"]),
+    ("batch_prefetch.py", ["--global-batch", "3", "--micro-batch", "2"]),
+    ("scaling_law.py", ["--seeds", "nan"]),  # not an integer
 ]
 
 
@@ -87,3 +93,16 @@ def test_shared_prefix_pairs_every_candidate_for_odd_k():
         chunks = candidate_pairs(list(range(k)))
         assert [c for chunk in chunks for c in chunk] == list(range(k))
         assert all(2 <= len(chunk) <= 3 for chunk in chunks)
+
+
+@pytest.mark.parametrize("kind,text,message", [
+    (int, "0", "must be at least 1, not 0"), (int, "2.5", "'2.5' is not an integer"),
+    (float, "nan", "must be at least 1, not nan"), (float, "x", "'x' is not a number")])
+def test_the_shared_count_type_names_what_is_wrong(kind, text, message):
+    import argparse
+
+    from benchmarks.arguments import at_least
+
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        at_least(1, kind)(text)
+    assert at_least(1, kind)("3") == 3 and isinstance(at_least(1, kind)("3"), kind)
