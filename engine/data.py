@@ -77,6 +77,24 @@ class PackedGroups:
     def packing_efficiency(self) -> float:
         return self.num_real_tokens / max(1, len(self.plan) * self.seq_length)
 
+    def tokens_digest(self) -> str:
+        """A fingerprint of every token id and label in packed order, so that a resume notices records
+        edited in place (the per-sequence counts do not change when a text keeps its length). O(tokens):
+        data held in memory only, which is small (fine-tuning sets, the embedded default)."""
+        if getattr(self, "_tokens_digest", None) is None:
+            h = hashlib.sha1()
+            for seq in self.plan:
+                for g in seq:
+                    group = self.groups[g]
+                    parts = [group.prefix, *group.candidates]
+                    h.update(np.array([len(a) for a in parts], dtype=np.int64).tobytes())
+                    for a in parts:
+                        h.update(a.tobytes())
+                    if group.labels is not None:
+                        h.update(group.labels.tobytes())
+            self._tokens_digest = h.hexdigest()[:16]
+        return self._tokens_digest
+
 
 @dataclass
 class LoaderState:
@@ -88,12 +106,12 @@ class GlobalBatchLoader:
     disk): anything with len, seq_length, sequences(indices) and per_sequence (thread-safe reads).
 
     Each batch is read and collated by one background thread, the next one while the current step
-    runs, so neither the shard reads nor the collation sit between two steps; with `pin_memory` (on
-    a GPU) its tensors are page-locked there, so the step's host-to-device copies are asynchronous.
-    Batch b being a pure function of b, prefetching changes no batch."""
+    runs, so neither the shard reads nor the collation sit between two steps; with `pin_memory` (the
+    step's CUDA device) its tensors are page-locked there, so the step's host-to-device copies are
+    asynchronous. Batch b being a pure function of b, prefetching changes no batch."""
 
     def __init__(self, source: PackedGroups, global_batch: int, micro_batch: int, dp_rank: int,
-                 dp_size: int, seed: int, pad_id: int, shuffle: bool = True, pin_memory: bool = False):
+                 dp_size: int, seed: int, pad_id: int, shuffle: bool = True, pin_memory=None):
         if len(source) < global_batch:
             # a setting the run cannot honour; the entry script prints it once, without a traceback
             raise ConfigError(
@@ -142,12 +160,20 @@ class GlobalBatchLoader:
             collate(self.source.sequences(mine[j:j + self.micro_batch]), self.source.seq_length, self.pad_id)
             for j in range(0, per_rank, self.micro_batch)
         ]
-        return [b.pin_memory() for b in batches] if self.pin_memory else batches
+        return [b.pin_memory() for b in batches] if self.pin_memory is not None else batches
+
+    def _on_device(self) -> None:
+        # the current CUDA device is per thread: pinning from a thread left on device 0 would make
+        # every rank of a node create a context on GPU 0
+        if self.pin_memory is not None:
+            import torch
+
+            torch.cuda.set_device(self.pin_memory)
 
     def _read(self, batch_number: int) -> Future:
         if batch_number not in self._ahead:
             if self._reader is None:
-                self._reader = ThreadPoolExecutor(1, thread_name_prefix="batch-reader")
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="batch-reader", initializer=self._on_device)
             self._ahead[batch_number] = self._reader.submit(self.microbatches, batch_number)
         return self._ahead[batch_number]
 
@@ -184,7 +210,8 @@ class GlobalBatchLoader:
         # another order at the same batch number, skipping or repeating sequences
         return {"consumed_batches": self.state.consumed_batches, "global_batch": self.global_batch,
                 "seed": self.seed, "shuffle": self.shuffle, "sequences": len(self.source),
-                "data_digest": self.data_digest()}
+                "data_digest": self.data_digest(),
+                **({"tokens_digest": self.source.tokens_digest()} if hasattr(self.source, "tokens_digest") else {})}
 
     def data_digest(self) -> str:
         """A fingerprint of the training data as packed: every sequence's token, group and attention
@@ -210,5 +237,14 @@ class GlobalBatchLoader:
             raise ConfigError(f"the data order changed since the checkpoint ({'; '.join(changed)}): resuming would "
                               "skip or repeat sequences; set it back, or start a new run (a new run_dir) from the "
                               "checkpoint's weights (checkpoint.init_from)")
+        if "tokens_digest" in state and hasattr(self.source, "tokens_digest"):
+            now_tokens = self.source.tokens_digest()
+            if state["tokens_digest"] != now_tokens:
+                raise ConfigError(f"the training data changed since the checkpoint: the same number of packed "
+                                  f"sequences with the same token counts, but other token ids or labels (digest "
+                                  f"{state['tokens_digest']} when saved, {now_tokens} now; a record edited in "
+                                  "place?); resuming would train on data the run's first steps never saw in that "
+                                  "order; restore the data, or start a new run (a new run_dir) from the "
+                                  "checkpoint's weights (checkpoint.init_from)")
         self.close()  # batches read ahead for the old position
         self.state.consumed_batches = int(state["consumed_batches"])

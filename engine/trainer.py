@@ -78,7 +78,7 @@ class Trainer:
         self.evals = evals or {}
         self.loader = GlobalBatchLoader(
             train_data, cfg.train.global_batch, cfg.train.micro_batch, rt.dp_rank, rt.dp,
-            seed=cfg.train.seed, pad_id=pad_id, pin_memory=rt.is_cuda,
+            seed=cfg.train.seed, pad_id=pad_id, pin_memory=rt.device if rt.is_cuda else None,
         )
         self.step = 0
         self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit

@@ -92,6 +92,24 @@ def test_a_resume_on_other_data_of_the_same_size_is_refused(source):
     loader(PackedGroups(random_groups(3, 40, 64, 64), 64), 4).load_state_dict(saved)  # the same data
 
 
+@pytest.mark.parametrize("edit", ["token", "label"])
+def test_a_resume_on_records_edited_in_place_is_refused(source, edit):
+    """An edited record that keeps its length changes no count the data digest reads; the token
+    digest (data held in memory) tells it apart, naming what changed."""
+    saved = loader(source, 4).state_dict()
+    groups = random_groups(3, 40, 64, 64)
+    if edit == "token":
+        groups[7].candidates[1][0] = groups[7].candidates[1][0] % 63 + 1
+    else:
+        groups[7].labels = 1 - groups[7].labels
+    edited = PackedGroups(groups, 64)
+    assert edited.per_sequence["tokens"].tolist() == source.per_sequence["tokens"].tolist()
+    with pytest.raises(ConfigError, match="other token ids or labels .* a record edited in place"):
+        loader(edited, 4).load_state_dict(saved)
+    without = {k: v for k, v in saved.items() if k != "tokens_digest"}  # saved before the token digest
+    loader(edited, 4).load_state_dict(without)
+
+
 def test_a_state_saved_without_its_settings_still_loads(source):
     ld = loader(source, 4)
     ld.load_state_dict({"consumed_batches": 5})
@@ -109,6 +127,7 @@ class WatchedSource:
     def __init__(self, source, fail_at=None):
         self.inner, self.fail_at, self.reads = source, fail_at, []
         self.seq_length, self.per_sequence = source.seq_length, source.per_sequence
+        self.tokens_digest = source.tokens_digest
 
     def __len__(self):
         return len(self.inner)
