@@ -96,6 +96,14 @@ class PackedGroups:
         return self._tokens_digest
 
 
+def _use_device(device) -> None:
+    # the current CUDA device is per thread: pinning from a thread left on device 0 would make every
+    # rank of a node create a context on GPU 0
+    import torch
+
+    torch.cuda.set_device(device)
+
+
 @dataclass
 class LoaderState:
     consumed_batches: int = 0
@@ -162,31 +170,29 @@ class GlobalBatchLoader:
         ]
         return [b.pin_memory() for b in batches] if self.pin_memory is not None else batches
 
-    def _on_device(self) -> None:
-        # the current CUDA device is per thread: pinning from a thread left on device 0 would make
-        # every rank of a node create a context on GPU 0
-        if self.pin_memory is not None:
-            import torch
-
-            torch.cuda.set_device(self.pin_memory)
-
     def _read(self, batch_number: int) -> Future:
         if batch_number not in self._ahead:
             if self._reader is None:
-                self._reader = ThreadPoolExecutor(1, thread_name_prefix="batch-reader", initializer=self._on_device)
+                # the initializer must not be a method: the idle thread keeps it, and with it the loader
+                self._reader = ThreadPoolExecutor(
+                    1, thread_name_prefix="batch-reader",
+                    **({"initializer": _use_device, "initargs": (self.pin_memory,)} if self.pin_memory is not None else {}))
             self._ahead[batch_number] = self._reader.submit(self.microbatches, batch_number)
         return self._ahead[batch_number]
 
     def next_microbatches(self, prefetch: bool = True) -> list[PackedBatch]:
         """This rank's micro-batches of the next global batch; with `prefetch` (unless the run ends
         with this batch) the reading thread starts on the one after. An error reading a batch is
-        raised here, by the step that needs it."""
+        raised here, by the step that needs it. Without `prefetch` a batch not read ahead is read in
+        this thread."""
         number = self.state.consumed_batches
-        pending = self._read(number)
+        pending = self._ahead.pop(number, None)
+        if pending is None and prefetch:
+            pending = self._read(number)
+            del self._ahead[number]
         if prefetch:
             self._read(number + 1)
-        batches = pending.result()
-        del self._ahead[number]
+        batches = pending.result() if pending is not None else self.microbatches(number)
         idx = self.global_batch_indices(number)
         self.last_global = {k: int(v[idx].sum()) for k, v in self.source.per_sequence.items()}
         self.state.consumed_batches += 1
@@ -198,7 +204,7 @@ class GlobalBatchLoader:
             fut.cancel()
         self._ahead.clear()
         if self._reader is not None:
-            self._reader.shutdown(wait=True)
+            self._reader.shutdown(wait=True, cancel_futures=True)
             self._reader = None
 
     @property

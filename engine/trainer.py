@@ -265,6 +265,14 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        try:
+            return self._fit()
+        finally:
+            # a failed run (a non-finite streak, out of memory, Ctrl-C) stops reading ahead too,
+            # instead of exiting only after the reads queued for steps it will not run
+            self.loader.close()
+
+    def _fit(self) -> list[dict]:
         tc, lc = self.cfg.train, self.cfg.log
         m = self.cfg.model
         self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,

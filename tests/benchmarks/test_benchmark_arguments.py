@@ -97,7 +97,8 @@ def test_shared_prefix_pairs_every_candidate_for_odd_k():
 
 @pytest.mark.parametrize("kind,text,message", [
     (int, "0", "must be at least 1, not 0"), (int, "2.5", "'2.5' is not an integer"),
-    (float, "nan", "must be at least 1, not nan"), (float, "x", "'x' is not a number")])
+    (float, "nan", "must be at least 1, not nan"), (float, "inf", "must be finite, not inf"),
+    (float, "x", "'x' is not a number")])
 def test_the_shared_count_type_names_what_is_wrong(kind, text, message):
     import argparse
 

@@ -179,3 +179,38 @@ def test_an_error_reading_a_batch_reaches_the_step_that_needs_it(source):
         ld.next_microbatches()
     assert ld.state.consumed_batches == 1
     ld.close()
+
+
+def test_a_loader_left_open_is_freed_with_its_reading_thread(source):
+    """The reading thread holds no reference to its loader: a loader dropped without close() (a
+    test, a failed run's trainer) is freed, its read-ahead batches with it, and the thread ends."""
+    import gc
+    import threading
+    import time
+    import weakref
+
+    before = {t for t in threading.enumerate() if t.name.startswith("batch-reader")}
+    ld = loader(source, 8)
+    ld.next_microbatches()
+    ld._ahead[1].result()
+    gone = weakref.ref(ld)
+    del ld
+    gc.collect()
+    assert gone() is None
+    deadline = time.time() + 10
+    while {t for t in threading.enumerate() if t.name.startswith("batch-reader")} - before and time.time() < deadline:
+        time.sleep(0.05)
+    assert not {t for t in threading.enumerate() if t.name.startswith("batch-reader")} - before
+
+
+def test_without_prefetch_a_batch_is_read_in_the_calling_thread(source):
+    watched = WatchedSource(source)
+    ld = loader(watched, 8)
+    ld.next_microbatches(prefetch=False)
+    assert watched.reads and all(t == threading_main() for t, _ in watched.reads) and ld._reader is None
+
+
+def threading_main() -> str:
+    import threading
+
+    return threading.main_thread().name

@@ -101,3 +101,4 @@ def test_nonfinite_at_every_step_stops_the_run_with_where(runtime, tmp_path, inj
     assert "the optimizer and schedule settings may not" in msg and "start again with a lower train.lr" in msg
     assert trainer.step == 3
     assert all(torch.equal(a, b) for a, b in zip(start, params(trainer)))  # nothing was applied
+    assert trainer.loader._reader is None and not trainer.loader._ahead  # the read ahead stopped with it
