@@ -113,16 +113,46 @@ def check_before_launch(cfg, recipe) -> None:
 
 def prepare_checked_data(cfg, recipe):
     """The recipe's data, which may settle derived settings (fine-tuning: steps from epochs); a
-    resume is then checked against them, naming what the user sets, before config.yaml is rewritten
-    with refused settings (the trainer's own check comes later)."""
+    resume is then checked against them, naming what the user sets, and against the data itself
+    (its order and digests, the tokenizer the checkpoints carry), before anything of the run
+    directory is written (config.yaml, the tokenizer): a refused resume leaves it as it was, and
+    --check-config refuses what the run would. The trainer checks the loader state again."""
     from engine import checkpoint
 
     data = recipe.prepare_data(cfg)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
-    if derived and resume_from:
-        checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
+    if resume_from:
+        if derived:
+            checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
+        check_resume_data(cfg, data, resume_from)
     return data
+
+
+def check_resume_data(cfg, data, step_dir) -> None:
+    """The data a resumed run reads must be the data its steps were trained on, in the same order
+    (engine.data.GlobalBatchLoader.load_state_dict), and tokenized by the tokenizer its checkpoints
+    carry."""
+    from engine import checkpoint
+    from engine.data import GlobalBatchLoader
+    from polar.checkpoint_tokenizer import DIR, differs_from_saved
+
+    saved = checkpoint.read_state(step_dir).get("loader")
+    if saved is not None:
+        loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
+                                   seed=cfg.train.seed, pad_id=data.pad_id)
+        try:
+            loader.load_state_dict(saved)
+        except ConfigError as e:
+            raise ConfigError(f"resuming from {step_dir}: {e}") from None
+    ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
+    name = differs_from_saved(ckpt_dir, data.tokenizer or "byte")
+    if name:
+        now = data.tokenizer or "the byte tokenizer"
+        raise ConfigError(f"resuming from {step_dir}: the run's data is tokenized by {now}, but "
+                          f"{Path(ckpt_dir) / DIR} holds another tokenizer ({name} differs), the one the run's "
+                          "steps were trained with; use that tokenizer's data, or start a new run (a new run_dir) "
+                          "from the checkpoint's weights (checkpoint.init_from)")
 
 
 def check_checkpoints(cfg, derived=()) -> None:
@@ -165,6 +195,11 @@ def run(cfg, recipe) -> int:
         say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
             f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
     say(data.description)
+    if data.tokenizer:
+        from engine.checkpoint import run_checkpoint_dir
+        from polar.checkpoint_tokenizer import save_beside
+
+        save_beside(run_checkpoint_dir(cfg), data.tokenizer)  # the checkpoints carry the tokenizer of their ids
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))

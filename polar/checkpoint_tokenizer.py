@@ -48,6 +48,26 @@ def save_beside(ckpt_dir: str, spec: str) -> None:
             os.replace(tmp, dst / name)
 
 
+def differs_from_saved(ckpt_dir: str, spec: str) -> str | None:
+    """The first of the tokenizer files that `ckpt_dir/tokenizer/` holds and `spec` lacks or has
+    otherwise ("byte": the saved tokenizer.json), None when they agree or nothing was saved: what a
+    resume must not replace, since the run's steps were trained with the saved one."""
+    dst = Path(ckpt_dir) / DIR
+    if not dst.is_dir():
+        return None
+    if spec == "byte":
+        return "tokenizer.json" if (dst / "tokenizer.json").is_file() else None
+    src = Path(spec)
+    src = src.parent if src.is_file() else src
+    if dst.resolve() == src.resolve():
+        return None
+    for name in FILES:
+        if (dst / name).is_file() and (not (src / name).is_file()
+                                       or (src / name).read_bytes() != (dst / name).read_bytes()):
+            return name
+    return None
+
+
 def _run_config(step: Path) -> tuple[dict, Path] | None:
     for f in (step.parent.parent / "config.yaml", step.parent / "config.yaml"):
         if f.is_file():

@@ -228,10 +228,40 @@ def _run_inline(cfg: BuildConfig, chunks: list[Chunk]):
         yield process_chunk(c)
 
 
+class WorkerDied(RuntimeError):
+    """A worker process ended without an answer (killed: the out-of-memory killer, a signal)."""
+
+
 def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
-    with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(cfg,)) as pool:
-        # imap keeps chunk order; chunksize 1 because one chunk is already seconds of work
-        yield from pool.imap(process_chunk, chunks, chunksize=1)
+    """Results in chunk order, with at most 2 x workers chunks in flight (bounded memory). A pool
+    whose worker dies is an error naming the chunk, where multiprocessing.Pool waited forever."""
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_init_worker,
+                               initargs=(cfg,))
+    todo, pending = iter(chunks), deque()
+    try:
+        for c in todo:
+            pending.append((c, pool.submit(process_chunk, c)))
+            if len(pending) == 2 * workers:
+                break
+        while pending:
+            c, fut = pending.popleft()
+            try:
+                res = fut.result()
+            except BrokenProcessPool:
+                raise WorkerDied(f"a build worker died (killed: out of memory?) while the pool was reading {c.file} "
+                                 f"from line {c.first_line} (chunk {c.index}) or a chunk after it; nothing of the "
+                                 "shard was written: run again (fewer --workers or --chunk-records use less "
+                                 "memory)") from None
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append((nxt, pool.submit(process_chunk, nxt)))
+            yield res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- main side ----------------------------------------------------------------------------------
@@ -337,6 +367,14 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
                               "would mix with this one: remove them or build into another directory")
     rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
+    # The rejects list this build may replace: its shard's own (default name), or the one the shard it
+    # replaces (--force) names. Another file at a --rejects path is another shard's or build's list
+    # (shards given one --rejects path): replacing or deleting it would lose those records' reasons.
+    replaced = _replaced_rejects(name) if force else None
+    if rejects_path and rejects_file.exists() and not _same_file(rejects_file, replaced):
+        raise FileExistsError(f"--rejects {rejects_file} exists and is not the rejects list of the shard this build "
+                              f"replaces (another shard's or build's?): give each shard its own --rejects path, or "
+                              "remove the file")
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
@@ -378,11 +416,24 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         raise
     if counts["rejected"]:
         os.replace(rejects_tmp, rejects_file)
-    else:
-        rejects_file.unlink(missing_ok=True)  # an earlier build's, now replaced
+    elif not rejects_path or _same_file(rejects_file, replaced):
+        rejects_file.unlink(missing_ok=True)  # the replaced shard's, or a leftover of this shard's name
     meta["elapsed_s"] = time.time() - progress.start
     meta["path"] = str(name)
     return meta
+
+
+def _replaced_rejects(name: Path) -> Path | None:
+    """The rejects file named by the metadata of the shard at `name` (None: no shard, or no rejects)."""
+    try:
+        old = json.loads(name.with_suffix(".json").read_text()).get("rejects_file")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return Path(old) if isinstance(old, str) else None
+
+
+def _same_file(a: Path, b: Path | None) -> bool:
+    return b is not None and os.path.abspath(a) == os.path.abspath(b)
 
 
 def _summary(meta: dict, workers: int) -> str:
@@ -443,6 +494,9 @@ def main(argv=None) -> int:
                      quiet=args.quiet, force=args.force)
     except RecordError as e:
         print(f"error: {e} (nothing written; --on-error skip sets bad records aside)", file=sys.stderr)
+        return 1
+    except WorkerDied as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -222,15 +222,12 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
-    from engine.checkpoint import run_checkpoint_dir
-    from polar.checkpoint_tokenizer import save_beside
     from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
     f = cfg.finetune
     spec = tokenizer_spec(cfg)
     tok = load_tokenizer(spec)
-    save_beside(run_checkpoint_dir(cfg), spec)  # the checkpoints carry it
     set_aside: list = []  # finetune.on_error=skip: listed in run_dir/REJECTS_FILE
     records = _read(f.train, f.on_error, set_aside)
     if f.eval:
@@ -266,7 +263,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
             f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
-    return RunData(train, evals, tok.pad_id, desc)
+    return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec)
 
 
 def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:

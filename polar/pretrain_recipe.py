@@ -38,6 +38,10 @@ class RunData:
     pad_id: int
     description: str  # one line for the log
     splits: Optional[SyntheticSplits] = None  # the embedded default's texts, for the baselines
+    # the tokenizer directory the token ids came from, which the checkpoints carry
+    # (polar.checkpoint_tokenizer); None for the byte tokenizer. Copied by the entry script once the
+    # run is known to start: a refused resume must not replace the one its steps were trained with
+    tokenizer: Optional[str] = None
 
 
 def _set_vocab(cfg: EngineConfig, vocab_size: int, source: str) -> None:
@@ -81,14 +85,9 @@ def check(cfg: PretrainConfig) -> None:
 
 
 def built_data(cfg: PretrainConfig) -> RunData:
-    from engine.checkpoint import run_checkpoint_dir
-    from polar.checkpoint_tokenizer import save_beside
-
     train = open_built(cfg.data.path, cfg, "data.path")
     spec = train.meta.get("tokenizer")
-    if isinstance(spec, str) and (Path(spec) / "tokenizer.json").is_file():
-        # the checkpoints carry the tokenizer their ids came from (polar.checkpoint_tokenizer)
-        save_beside(run_checkpoint_dir(cfg), spec)
+    tokenizer = spec if isinstance(spec, str) and (Path(spec) / "tokenizer.json").is_file() else None
     evals = {}
     if cfg.data.eval_path:
         evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")
@@ -98,7 +97,7 @@ def built_data(cfg: PretrainConfig) -> RunData:
                                   f"{evals['eval'].meta[key]} vs {train.meta[key]} (different tokenizers?)")
     desc = (f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
             f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
-    return RunData(train, evals, train.meta["pad_id"], desc)
+    return RunData(train, evals, train.meta["pad_id"], desc, tokenizer=tokenizer)
 
 
 def synthetic_data(cfg: PretrainConfig) -> RunData:

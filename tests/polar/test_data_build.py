@@ -293,6 +293,42 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)
 
 
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records):
+    """A resume the engine refuses (other data, or data tokenized by another tokenizer than the one
+    the checkpoints carry) is refused before anything of the run directory is written: the carried
+    tokenizer and config.yaml stay those of the trained steps; --check-config refuses it too (it
+    passed, and the launched run then failed under torchrun)."""
+    from tests.polar.test_tokenizer import train_bpe
+
+    tok_dir = Path(train_bpe(tmp_path / "bpe"))
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
+    pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.exit_at_step=2")
+    carried = tmp_path / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
+    trained = (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes())
+
+    # the same ids from a tokenizer file written otherwise (another version of the library, say)
+    other_tok = tmp_path / "bpe2"
+    other_tok.mkdir()
+    (other_tok / "tokenizer.json").write_text(json.dumps(json.loads((tok_dir / "tokenizer.json").read_text()), indent=1))
+    assert build(src, "-o", tmp_path / "ds_other_tok", "--seq-length", SEQ, "--tokenizer", other_tok) == 0
+    other_src = write_jsonl(tmp_path / "r2.jsonl", records[40:80])
+    assert build(other_src, "-o", tmp_path / "ds_other_data", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
+
+    base = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}",
+            "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
+            "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
+            "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
+            f"data.seq_length={SEQ}"]
+    for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
+                        ("ds_other_data", "the data order changed since the checkpoint")):
+        for check in ([], ["--check-config"]):
+            proc = subprocess.run([*base, f"data.path={tmp_path / ds}", *check], capture_output=True, text=True,
+                                  timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+            assert proc.returncode == 2 and message in proc.stderr, (ds, check, proc.stderr[-2000:])
+            assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, (ds, check)
+
+
 @pytest.mark.parametrize("option, value", [("--seq-length", 0), ("--seq-length", -5), ("--max-length", -1),
                                            ("--max-response", -1), ("--max-response", 0)])
 def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys, option, value):
@@ -322,6 +358,47 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
     assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force", "--seed", 3) == 2
     assert "disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+
+def test_a_worker_killed_mid_build_is_an_error_naming_where_not_a_hang(tmp_path, records):
+    """multiprocessing.Pool waits forever for the chunk of a worker that died (the out-of-memory
+    killer): the build hung with its progress line and left a temporary file."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:60])
+    script = ("import os, signal, sys\n"
+              "from polar import data_build\n"
+              "real = data_build.process_chunk\n"
+              "def dying(chunk):\n"
+              "    if chunk.index == 2:\n"
+              "        os.kill(os.getpid(), signal.SIGKILL)\n"
+              "    return real(chunk)\n"
+              "data_build.process_chunk = dying\n"
+              "sys.exit(data_build.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(src), "-o", str(tmp_path / "ds"), "--seq-length",
+                           str(SEQ), "--workers", "2", "--chunk-records", "10", "--quiet"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "a build worker died (killed: out of memory?)" in proc.stderr and "r.jsonl from line" in proc.stderr
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+def test_shards_given_one_rejects_path_keep_every_list(tmp_path, records, capsys):
+    """Shard 0's rejects were deleted by shard 1 (no rejects) or replaced by it (some) when both were
+    given one --rejects path: the second shard is refused, naming the file; a --force rebuild of the
+    shard that wrote it may replace it, and one without rejects removes it."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    rejects = tmp_path / "rej.jsonl"
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip", "--chunk-records", 10,
+              "--num-shards", 2, "--rejects", rejects]
+    assert build(*common, "--shard-index", 0) == 0
+    kept = rejects.read_bytes()
+    assert b"oops" in kept
+    assert build(*common, "--shard-index", 1) == 2
+    assert f"--rejects {rejects} exists and is not the rejects list of the shard this build replaces" \
+        in capsys.readouterr().err
+    assert rejects.read_bytes() == kept
+    assert build(*common, "--shard-index", 0, "--force") == 0 and rejects.read_bytes() == kept
+    clean = write_jsonl(tmp_path / "r.jsonl", records[:20])
+    assert build(clean, *common[1:], "--shard-index", 0, "--force") == 0 and not rejects.exists()
 
 
 def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
