@@ -113,6 +113,16 @@ def existing_path_or_empty(where, v):
 existing_path_or_empty.rule = "empty, or an existing path"
 
 
+def dataset_path_or_empty(where, v):
+    # a dataset directory, or one shard named without its suffix (part-00000-of-00001)
+    if v and not Path(v).exists() and not Path(v + ".idx").is_file():
+        raise ConfigError(f"{where}={v}: no such dataset directory or shard (a shard is named without its "
+                          "suffix: the path of its .idx without .idx)")
+
+
+dataset_path_or_empty.rule = "empty, or a built dataset (a directory, or one shard's path without its suffix)"
+
+
 def setting(default, check, false_means=None, **kw):
     """A dataclass field with its start-up check (see `validate`). `false_means`: the string a YAML
     `false` stands for (YAML 1.1 reads a bare `off` or `no` as false, so `train.fp8=off` arrives as it)."""
@@ -228,9 +238,9 @@ class DataConfig:
     # best_fit | ordered (data built in memory; a built dataset is packed already)
     packing: str = setting("best_fit", one_of("best_fit", "ordered"))
     # a built dataset directory (`polar data build`); empty = the entry script's own data
-    path: str = setting("", existing_path_or_empty)
+    path: str = setting("", dataset_path_or_empty)
     # a built dataset to evaluate on; empty = none (or the script's own)
-    eval_path: str = setting("", existing_path_or_empty)
+    eval_path: str = setting("", dataset_path_or_empty)
 
 
 def _checkpoint_or_empty(where, v):

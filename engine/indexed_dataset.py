@@ -323,8 +323,11 @@ def check_build_sets(directory: Path, shards: list[tuple[Path, dict]]) -> None:
             # Builders name shards part-IIIII-of-NNNNN: the missing names follow from a present one.
             j, name = next((j, names[0]) for j, names in at.items())
             tag = f"{j:05d}-of-{n:05d}"
-            hint = ", ".join(name.replace(tag, f"{i:05d}-of-{n:05d}") if tag in name else f"shard {i}"
-                             for i in missing)
+            names = [name.replace(tag, f"{i:05d}-of-{n:05d}") if tag in name else f"shard {i}" for i in missing]
+            # a shard whose metadata was lost is there but not known as this build's
+            hint = ", ".join(m + (" (its .idx is there, its .json metadata is missing)"
+                                  if (directory / f"{m}.idx").is_file() and not (directory / f"{m}.json").is_file()
+                                  else "") for m in names)
             problems.append(f"build {bid} of {n} shards lacks {len(missing)} ({hint}; present: {present})")
         by_inputs.setdefault(s["inputs"], []).append(f"build {bid} ({present})")
     for builds in by_inputs.values():

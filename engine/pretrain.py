@@ -86,6 +86,9 @@ def main(argv=None, recipe=None) -> int:
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
         if args.check_config:
             check_before_launch(cfg, recipe)
+            if rank == 0:
+                print(f"config ok: the settings, kernels and data pass the start-up checks for "
+                      f"{world_size_from_env()} process(es)", flush=True)
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)

@@ -32,6 +32,9 @@ passed on to engine/pretrain.py:
   --config PRESET|FILE  a preset shipped with polar ({presets}) or a YAML file;
                         default tiny_cpu (a tiny model on synthetic data, minutes on CPU)
   --print-config        print the resolved config and exit
+  --check-config        run the start-up checks (settings, kernels, data, a resume) for --nproc
+                        processes and exit: 0 when the run would start, 2 with the error otherwise
+                        (done before every launch with --nproc > 1)
   section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
 """
 
@@ -41,6 +44,7 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
                              `polar convert hf-to-engine` output (required)
   finetune.train=FILE        official JSONL preference records (required); finetune.eval=FILE or
                              finetune.eval_fraction=0.05 for the held-out split
+  --check-config             the start-up checks (settings, checkpoint, records) only: exit 0 or 2
   --config FILE              optional: a YAML with a model section only (e.g. ckpt/base/model.yaml; the
                              presets set train.steps, which fine-tuning derives from finetune.epochs);
                              model.* settings must match the checkpoint
@@ -54,8 +58,10 @@ def _launch(module: str):
             # the start-up checks in one process first: a bad setting then ends with its one
             # `config error:` line and exit code 2, not torchrun's failure report around it (exit 1)
             env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
-            code = subprocess.call([sys.executable, "-m", module, "--check-config", *rest], env=env)
-            if code:
+            asked = "--check-config" in rest  # the check is all that was asked for
+            code = subprocess.call([sys.executable, "-m", module, *([] if asked else ["--check-config"]), *rest],
+                                   env=env)
+            if code or asked:
                 return code
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]

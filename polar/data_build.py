@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
+from polar.records import ON_ERROR, RecordError, compressed_format, parse_line, reject_entry, strip_bom
 
 _SCAN_BLOCK = 1 << 26
 
@@ -297,6 +297,17 @@ def _input_files(paths: list[str]) -> list[str]:
             files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
+    seen: dict = {}
+    for f in files:
+        found = compressed_format(f)
+        if found:
+            raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
+        real = os.path.realpath(f)
+        if real in seen:
+            # its records would be built twice, and trained twice as often as the others
+            raise ValueError(f"{f} is given twice (also as {seen[real]}), directly or through a directory: "
+                             "list each input once")
+        seen[real] = f
     return files
 
 

@@ -216,9 +216,26 @@ def strip_bom(data: bytes) -> bytes:
     return data[len(codecs.BOM_UTF8):] if data.startswith(codecs.BOM_UTF8) else data
 
 
+_COMPRESSED = ((b"\x1f\x8b", "gzip", "gunzip -k"), (b"\x28\xb5\x2f\xfd", "zstd", "zstd -d"),
+               (b"BZh", "bzip2", "bunzip2 -k"), (b"\xfd7zXZ\x00", "xz", "unxz -k"))
+
+
+def compressed_format(path: str) -> Optional[tuple[str, str]]:
+    """(format, decompress command) when the file starts with a compressor's signature."""
+    with open(path, "rb") as f:
+        head = f.read(6)
+    return next(((name, cmd) for magic, name, cmd in _COMPRESSED if head.startswith(magic)), None)
+
+
 def iter_lines(path: str, start: int = 0, end: Optional[int] = None, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
-    that one bad byte rejects its line rather than the file."""
+    that one bad byte rejects its line rather than the file. A compressed file is one error for
+    the file (RecordError at line 1, whatever on_error says), not an invalid-UTF-8 reject per line."""
+    if start == 0:
+        found = compressed_format(path)
+        if found:
+            raise RecordError(path, 1, "(file)", f"{found[0]}-compressed, not JSONL text: decompress it first "
+                                                 f"({found[1]} {path})")
     with open(path, "rb") as f:
         f.seek(start)
         pos, n = start, first_line

@@ -49,6 +49,12 @@ def test_a_bad_setting_stops_before_torchrun_with_its_one_message(tmp_path, sett
                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
                         env={**os.environ, "WORLD_SIZE": "2"})
     assert ok.returncode == 0 and not (tmp_path / "r").exists(), ok.stderr[-2000:]
+    assert "config ok: the settings, kernels and data pass the start-up checks for 2 process(es)" in ok.stdout
+    # asked through the launcher, the check is all that runs (torchrun ran it again in every process)
+    asked = subprocess.run([sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "2", "--check-config",
+                            f"run_dir={tmp_path / 'r'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert asked.returncode == 0 and asked.stdout.count("config ok:") == 1, asked.stdout[-2000:] + asked.stderr[-2000:]
+    assert "torch.distributed.run" not in asked.stdout and not (tmp_path / "r").exists()
 
 
 @pytest.mark.parametrize("argv, usage", [

@@ -42,6 +42,7 @@ def write_jsonl(path: Path, records: list, extra_lines: dict | None = None) -> P
     lines = [(json.dumps(r) + "\n").encode() for r in records]
     for at, raw in sorted((extra_lines or {}).items()):
         lines.insert(at, raw)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"".join(lines))
     return path
 
@@ -181,9 +182,35 @@ def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, recor
     # shards of another name above)
     assert build(*common, "--force", "--seed", 1) == 0
     assert IndexedDataset(tmp_path / "ds").meta["seed"] == 1
-    (tmp_path / "two" / "part-00001-of-00002.idx").unlink()  # a shard that did not arrive
-    with pytest.raises(DatasetFormatError, match=r"two: build \w+ of 2 shards lacks 1 \(part-00001-of-00002"):
+    (tmp_path / "two" / "part-00000-of-00002.json").rename(tmp_path / "meta0.json")  # metadata lost
+    with pytest.raises(DatasetFormatError, match=r"lacks 1 \(part-00000-of-00002 \(its .idx is there, its .json "
+                                                 r"metadata is missing\)"):
         IndexedDataset(tmp_path / "two")
+    (tmp_path / "meta0.json").rename(tmp_path / "two" / "part-00000-of-00002.json")
+    (tmp_path / "two" / "part-00001-of-00002.idx").unlink()  # a shard that did not arrive
+    with pytest.raises(DatasetFormatError, match=r"two: build \w+ of 2 shards lacks 1 \(part-00001-of-00002;"):
+        IndexedDataset(tmp_path / "two")
+
+
+def test_inputs_given_twice_or_compressed_are_refused_by_name(tmp_path, records, capsys):
+    """A file listed twice (or again through its directory) was built twice, silently; a gzip file
+    was 'invalid UTF-8' at every line (and with --on-error skip, a build of nothing that exits 0)."""
+    import gzip
+
+    src = write_jsonl(tmp_path / "in" / "r.jsonl", records[:10])
+    for inputs in ([src, src], [tmp_path / "in", src]):
+        assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
+        assert f"{src} is given twice" in capsys.readouterr().err
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress(src.read_bytes()))
+    assert build(packed, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip") == 2
+    assert f"{packed}: gzip-compressed, not JSONL text: decompress it first (gunzip -k {packed})" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    from polar.records import RecordError, read_records
+
+    with pytest.raises(RecordError, match="gzip-compressed"):  # fine-tuning, scoring and eval read this way
+        list(read_records(str(packed), on_error="skip"))
 
 
 def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsys):
@@ -241,6 +268,24 @@ def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, recor
     assert resumed["resumed_at_step"] == 2 and straight["resumed_at_step"] == 0
     assert 0 < resumed["tokens_this_run"] < resumed["tokens"] == straight["tokens_this_run"]
     assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
+
+
+def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, records):
+    """data.path may name one shard (as `polar data stats` takes it); an evaluation set whose every
+    record was rejected reported accuracy 0.000 over 0 pairs."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    empty = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
+    assert build(empty, "-o", tmp_path / "ev", "--seq-length", SEQ, "--on-error", "skip") == 0
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    base = [sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config", f"run_dir={tmp_path / 'run'}",
+            f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={shard}"]
+    ok = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    bad = subprocess.run([*base, f"data.eval_path={tmp_path / 'ev'}"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert bad.returncode == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in bad.stderr, \
+        bad.stderr[-2000:]
 
 
 def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
