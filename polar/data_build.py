@@ -83,8 +83,9 @@ class ChunkResult:
     candidates: int = 0
 
 
-def line_starts(path: str) -> np.ndarray:
-    """Byte offset of every line of a file (a last line without "\\n" counts), scanned in blocks."""
+def line_starts(path: str, on_block=None) -> np.ndarray:
+    """Byte offset of every line of a file (a last line without "\\n" counts), scanned in blocks;
+    `on_block(nbytes)` after each block (progress)."""
     starts, offset = [np.zeros(1, dtype=np.int64)], 0
     size = os.path.getsize(path)
     if size == 0:
@@ -93,14 +94,38 @@ def line_starts(path: str) -> np.ndarray:
         while block := f.read(_SCAN_BLOCK):
             starts.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + offset + 1)
             offset += len(block)
+            if on_block:
+                on_block(len(block))
     out = np.concatenate(starts)
     return out[out < size]
 
 
-def plan_chunks(files: list[str], chunk_records: int) -> tuple[list[Chunk], list[dict]]:
+class _ScanProgress:
+    """Every shard's build scans all inputs for line starts first (at ~1 GB/s, minutes for a large
+    corpus): said every `interval` seconds, with rate and ETA, on stderr."""
+
+    def __init__(self, total: int, quiet: bool, interval: float = 2.0):
+        self.total, self.quiet, self.interval = total, quiet, interval
+        self.done, self.start = 0, time.time()
+        self.last = self.start
+
+    def __call__(self, nbytes: int) -> None:
+        self.done += nbytes
+        now = time.time()
+        if self.quiet or now - self.last < self.interval:
+            return
+        self.last = now
+        rate = self.done / max(now - self.start, 1e-9)
+        print(f"  scanning inputs for lines: {self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB "
+              f"({self.done / max(self.total, 1):.0%}) | {rate / 1e6:,.0f} MB/s | ETA "
+              f"{(self.total - self.done) / max(rate, 1):.0f}s", file=sys.stderr, flush=True)
+
+
+def plan_chunks(files: list[str], chunk_records: int, quiet: bool = True) -> tuple[list[Chunk], list[dict]]:
     chunks, sources, base = [], [], 0
+    progress = _ScanProgress(sum(os.path.getsize(p) for p in files), quiet)
     for path in files:
-        starts = line_starts(path)
+        starts = line_starts(path, progress)
         size = os.path.getsize(path)
         bounds = np.append(starts, size)
         for a in range(0, len(starts), chunk_records):
@@ -359,7 +384,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
     if name.with_suffix(".idx").exists() and not force:
         raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
-    chunks, sources = plan_chunks(files, chunk_records)
+    chunks, sources = plan_chunks(files, chunk_records, quiet)
     mine = chunks[shard_index * len(chunks) // num_shards:(shard_index + 1) * len(chunks) // num_shards]
 
     meta = {

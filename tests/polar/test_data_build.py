@@ -466,3 +466,13 @@ def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
     del meta["counts"]["blank"]
     meta_path.write_text(json.dumps(meta))
     assert data_stats.compute(str(tmp_path / "ds"))["records"] == 7
+
+
+def test_the_input_scan_reports_progress(tmp_path, records, capsys):
+    """Each shard's build scans every input for its lines before the first record is built: on a
+    large corpus minutes that printed nothing."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    progress = data_build._ScanProgress(src.stat().st_size, quiet=False, interval=0)
+    starts = data_build.line_starts(str(src), progress)
+    assert len(starts) == 40 and progress.done == src.stat().st_size
+    assert "scanning inputs for lines: 0.00 of 0.00 GB (100%)" in capsys.readouterr().err
