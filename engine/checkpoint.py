@@ -120,8 +120,23 @@ def _model_state(chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _parallel_save_strategy(dp_group):
+    """megatron's fully parallel save over the data-parallel group: each DP replica writes a 1/DP
+    part of the replicated shards, instead of DP rank 0 of each model-parallel shard writing them
+    all (at 200+ replicas, a few ranks of one node write the whole checkpoint while the others
+    wait). The files are the same. Loading stays megatron's default: its fully parallel load
+    exchanges the parts through CUDA tensors only. None: one replica, nothing to share."""
+    if dp_group is None or dp_group.size() == 1:
+        return None
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
+
+
 def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2,
-         model_settings: dict | None = None) -> str:
+         model_settings: dict | None = None, dp_group=None) -> str:
+    """`dp_group`: the data-parallel group, whose replicas then share the writing."""
     from megatron.core import dist_checkpointing
 
     root = Path(ckpt_dir)
@@ -137,7 +152,7 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
     try:
-        dist_checkpointing.save(state, str(partial))
+        dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group))
     except (OSError, *_dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
         if not isinstance(_cause(e), OSError):
             raise
@@ -341,6 +356,14 @@ def latest(ckpt_dir: str) -> str | None:
             return str(path)
     done = _steps(root)
     return str(done[-1]) if done else None
+
+
+def latest_agreed(ckpt_dir: str) -> str | None:
+    """`latest` as rank 0 sees it, on every rank: on a file system that caches attributes (NFS) a
+    rank restarted soon after a save could see an older step than the others, and load it."""
+    box = [latest(ckpt_dir) if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:

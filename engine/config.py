@@ -178,6 +178,9 @@ class ParallelConfig:
     # updated parameter shards (distributed optimizer) while the next forward runs; same results
     overlap_grad_reduce: bool = setting(False, boolean)
     overlap_param_gather: bool = setting(False, boolean)
+    # how long a collective may wait for the slowest rank before the job fails: checkpoint saves and
+    # loads, and data preparation before the first step, take minutes at scale (torch's default is 10)
+    timeout_minutes: int = setting(30, at_least(1))
 
 
 # the shared-prefix attention implementations (train.attention_backend and `polar serve` also take "auto")

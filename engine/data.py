@@ -222,12 +222,15 @@ class GlobalBatchLoader:
     def data_digest(self) -> str:
         """A fingerprint of the training data as packed: every sequence's token, group and attention
         counts, in order. Other records (another held-out split, another build) that pack into as
-        many sequences still change it; it reads no token ids, so it costs O(sequences)."""
-        h = hashlib.sha1()
-        for key in sorted(self.source.per_sequence):
-            h.update(key.encode())
-            h.update(np.ascontiguousarray(self.source.per_sequence[key], dtype=np.int64).tobytes())
-        return h.hexdigest()[:16]
+        many sequences still change it; it reads no token ids, so it costs O(sequences), once (the data
+        does not change under a run; at scale every rank saves it with every checkpoint)."""
+        if getattr(self, "_data_digest", None) is None:
+            h = hashlib.sha1()
+            for key in sorted(self.source.per_sequence):
+                h.update(key.encode())
+                h.update(np.ascontiguousarray(self.source.per_sequence[key], dtype=np.int64).tobytes())
+            self._data_digest = h.hexdigest()[:16]
+        return self._data_digest
 
     def load_state_dict(self, state: dict) -> None:
         """Refuses (ConfigError) a state saved with another data order; a state that records none

@@ -359,6 +359,17 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return cs[offsets[1:]] - cs[offsets[:-1]]
 
 
+def _per_group(s: "_Shard") -> dict:
+    """engine.data.per_group_counts of one shard's groups, from its index."""
+    piece_len = np.diff(s.piece_tokens)
+    is_prefix = s.piece_label < 0
+    lengths = _segment_sums(piece_len, s.group_pieces)
+    n_cand = np.diff(s.group_pieces) - 1
+    n_pos = _segment_sums((s.piece_label == 1).astype(np.int64), s.group_pieces)
+    cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), s.group_pieces)
+    return per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
+
+
 class IndexedDataset:
     """A directory of shards (or one shard's path without suffix), memory-mapped (the token files of
     at most 64 shards at once; an index is read into memory).
@@ -395,26 +406,42 @@ class IndexedDataset:
 
         per_group_parts = {k: [] for k in ("tokens", "groups", "pairs", "positives", "lm_targets",
                                            "attention_pairs")}
-        self.group_lengths, self.prefix_lengths, self.candidate_lengths, self.candidates_per_group = [], [], [], []
         for s in self.shards:
-            piece_len = np.diff(s.piece_tokens)
-            is_prefix = s.piece_label < 0
-            lengths = _segment_sums(piece_len, s.group_pieces)
-            n_cand = np.diff(s.group_pieces) - 1
-            n_pos = _segment_sums((s.piece_label == 1).astype(np.int64), s.group_pieces)
-            cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), s.group_pieces)
-            per_group = per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
-            for k, v in per_group.items():
+            # per group, then summed per sequence: what training keeps is O(sequences); the per-group
+            # arrays (O(groups), tens of bytes a group on every rank) are built again on demand
+            for k, v in _per_group(s).items():
                 per_group_parts[k].append(_segment_sums(v, s.seq_groups))
-            self.group_lengths.append(lengths)
-            self.prefix_lengths.append(piece_len[is_prefix])
-            self.candidate_lengths.append(piece_len[~is_prefix])
-            self.candidates_per_group.append(n_cand)
         self.per_sequence = {k: np.concatenate(v) for k, v in per_group_parts.items()}
-        for name in ("group_lengths", "prefix_lengths", "candidate_lengths", "candidates_per_group"):
-            setattr(self, name, np.concatenate(getattr(self, name)))
         self.num_real_tokens = int(self.per_sequence["tokens"].sum())
-        self.num_groups = len(self.group_lengths)
+        self.num_groups = int(self.per_sequence["groups"].sum())
+
+    def _lengths(self, key: str) -> np.ndarray:
+        """Per-group or per-piece lengths over all shards (polar data stats, benchmarks)."""
+        parts = []
+        for s in self.shards:
+            if key == "candidates_per_group":
+                parts.append(np.diff(s.group_pieces) - 1)
+            elif key == "group":
+                parts.append(_segment_sums(np.diff(s.piece_tokens), s.group_pieces))
+            else:  # pieces: a group's first is its prefix (label -1), the others its candidates
+                parts.append(np.diff(s.piece_tokens)[(s.piece_label < 0) == (key == "prefix")])
+        return np.concatenate(parts)
+
+    @property
+    def group_lengths(self) -> np.ndarray:
+        return self._lengths("group")
+
+    @property
+    def prefix_lengths(self) -> np.ndarray:
+        return self._lengths("prefix")
+
+    @property
+    def candidate_lengths(self) -> np.ndarray:
+        return self._lengths("candidate")
+
+    @property
+    def candidates_per_group(self) -> np.ndarray:
+        return self._lengths("candidates_per_group")
 
     def __len__(self) -> int:
         return int(self._seq_start[-1])

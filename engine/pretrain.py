@@ -199,10 +199,16 @@ def run(cfg, recipe) -> int:
             f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
     say(data.description)
     if data.tokenizer:
+        import torch.distributed as dist
+
         from engine.checkpoint import run_checkpoint_dir
         from polar.checkpoint_tokenizer import save_beside
 
-        save_beside(run_checkpoint_dir(cfg), data.tokenizer)  # the checkpoints carry the tokenizer of their ids
+        # the checkpoints carry the tokenizer of their ids; written once, by rank 0, after every rank
+        # has compared it (check_resume_data): a rename under a rank still reading it fails on NFS
+        dist.barrier()
+        if rt.is_main:
+            save_beside(run_checkpoint_dir(cfg), data.tokenizer)
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))

@@ -4,6 +4,7 @@ Works under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) and as a plain single pr
 """
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -157,12 +158,13 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         cpu_compat.apply()
         device = torch.device("cpu")
         backend = "gloo"
+    timeout = datetime.timedelta(minutes=par.timeout_minutes)
     if not dist.is_initialized():
         if world == 1 and "MASTER_ADDR" not in os.environ:
             # a plain single process: an in-memory store, no TCP port to race other processes for
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         else:
-            dist.init_process_group(backend=backend, rank=rank, world_size=world)
+            dist.init_process_group(backend=backend, rank=rank, world_size=world, timeout=timeout)
 
     from megatron.core import parallel_state
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -171,6 +173,7 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         tensor_model_parallel_size=par.tp,
         pipeline_model_parallel_size=par.pp,
         virtual_pipeline_model_parallel_size=par.vpp,
+        distributed_timeout_minutes=par.timeout_minutes,
     )
     # The one place megatron's globals are read: from here on the groups are passed along.
     groups = ProcessGroupCollection.use_mpu_process_groups()

@@ -98,7 +98,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         # a checkpoint directory that cannot be written is found now, not at the first save
         checkpoint.check_writable(self.ckpt_dir)
-        path = checkpoint.latest(self.ckpt_dir) if ck.resume else None
+        path = checkpoint.latest_agreed(self.ckpt_dir) if ck.resume else None
         if path:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             saved = checkpoint.read_state(path)
@@ -119,7 +119,7 @@ class Trainer:
             self.history = state.get("history", [])
             self.skipped_steps = state.get("skipped_steps", [])
             self.last_saved_step = self.step
-            cut = checkpoint.partial_saves(self.ckpt_dir, after=self.step)
+            cut = checkpoint.partial_saves(self.ckpt_dir, after=self.step) if self.rt.is_main else []  # logged by rank 0
             self.log(f"resumed from {path} at step {self.step}"
                      + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
                         f"{', '.join(p.name for p in cut)})" if cut else ""))
@@ -152,7 +152,7 @@ class Trainer:
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
-                               model_settings=dataclasses.asdict(self.cfg.model))
+                               model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp)
         self.last_saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path

@@ -51,14 +51,23 @@ def _set_vocab(cfg: EngineConfig, vocab_size: int, source: str) -> None:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the {source}'s {vocab_size}")
 
 
+_OPENED: dict = {}  # (absolute path, its indexes' names, times, sizes) -> IndexedDataset
+
+
 def open_built(path: str, cfg: EngineConfig, setting: str):
-    """A dataset written by `polar data build`, checked against the run's settings."""
+    """A dataset written by `polar data build`, checked against the run's settings. Opening reads
+    and checks every shard's index (seconds per 10^7 groups, on every rank), so once per process."""
     from engine.indexed_dataset import DatasetFormatError, IndexedDataset
 
+    p = Path(path).resolve()
+    # a dataset rebuilt in place since (another run in this process) is opened again
+    key = (str(p), tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size)
+                         for f in (sorted(p.glob("*.idx")) if p.is_dir() else [Path(f"{p}.idx")]) if f.is_file()))
     try:
-        ds = IndexedDataset(path)
+        ds = _OPENED.get(key) or IndexedDataset(path)
     except (DatasetFormatError, OSError) as e:
         raise ConfigError(f"{setting}={path}: {e}") from e
+    _OPENED[key] = ds
     if ds.seq_length != cfg.data.seq_length:
         raise ConfigError(f"data.seq_length={cfg.data.seq_length}, but {setting}={path} is packed at "
                           f"{ds.seq_length}: set data.seq_length={ds.seq_length} (or rebuild the data)")
@@ -69,7 +78,8 @@ def open_built(path: str, cfg: EngineConfig, setting: str):
 
 
 def check(cfg: PretrainConfig) -> None:
-    """Start-up checks of the data settings that need no data read (before any process group)."""
+    """Start-up checks of the data settings (before any process group): a built dataset's indexes
+    are read, not its tokens."""
     if cfg.data.eval_path and not cfg.data.path:
         raise ConfigError("data.eval_path needs data.path (the embedded default evaluates on its own data)")
     if cfg.data.path:

@@ -18,3 +18,20 @@ def test_checkpoint_saved_at_tp2_resumes_at_tp1(reference):
     run_worker(tmp, "reshard", 2, "parallel.tp=2", "train.exit_at_step=2", init=init)
     resumed = run_worker(tmp, "reshard", 1, "checkpoint.resume=true", init=init)
     assert_same_run(ref, resumed, steps=range(3, STEPS + 1))
+
+
+def test_dp2_saves_and_loads_in_parallel_and_resumes_at_dp2_and_dp1(reference):
+    """With two data-parallel replicas both write the checkpoint (megatron's fully parallel save:
+    each replica about half of the replicated shards; DP rank 0 wrote them all before); the files
+    are the same format, so the save resumes at DP2 and at DP1 alike."""
+    tmp, init, ref = reference
+    run_worker(tmp, "dp2", 2, "train.exit_at_step=2", init=init)
+    sizes = {f.name: f.stat().st_size for f in (tmp / "dp2" / "checkpoints" / "step_00000002").glob("__*.distcp")}
+    by_rank = [sum(v for k, v in sizes.items() if k.startswith(f"__{r}_")) for r in range(2)]
+    assert min(by_rank) > 0.25 * sum(by_rank), sizes  # both replicas wrote a share
+    resumed = run_worker(tmp, "dp2", 2, "checkpoint.resume=true", init=init)
+    assert_same_run(ref, resumed)
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
+    run_worker(tmp, "dp2_to_dp1", 2, "train.exit_at_step=2", init=init)
+    one = run_worker(tmp, "dp2_to_dp1", 1, "checkpoint.resume=true", init=init)
+    assert_same_run(ref, one, steps=range(3, STEPS + 1))

@@ -13,3 +13,24 @@ def test_an_odd_head_dimension_is_refused_at_start_up(hidden, heads):
         validate_layout(model, ParallelConfig(), TrainConfig(), 1, 1024)
     validate_layout(ModelConfig(hidden_size=hidden + heads, num_attention_heads=heads, num_query_groups=heads),
                     ParallelConfig(), TrainConfig(), 1, 1024)
+
+
+def test_parallel_timeout_reaches_every_process_group():
+    """torch's default (10 min) on the world group ended saves and data preparation that take longer
+    at scale while megatron's own groups waited 30 min; parallel.timeout_minutes sets them all."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("import warnings; warnings.filterwarnings('ignore')\n"
+              "import torch, torch.distributed as dist\n"
+              "from engine.config import ParallelConfig\n"
+              "from engine.runtime import init_runtime\n"
+              "rt = init_runtime(ParallelConfig(timeout_minutes=7), seed=1)\n"
+              "cpu = torch.device('cpu')\n"
+              "groups = [dist.distributed_c10d._get_default_group(), rt.groups.tp, rt.groups.dp, rt.groups.pp]\n"
+              "print(sorted({g._get_backend(cpu).options._timeout.total_seconds() for g in groups}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[420.0]", proc.stdout

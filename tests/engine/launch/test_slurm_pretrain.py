@@ -38,7 +38,7 @@ def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
     run_env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out))
     if slurm:
         run_env.update(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
-                       SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4")
+                       SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="96")
     run_env.update(env)
     proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
                           timeout=60)
@@ -55,8 +55,9 @@ def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_pat
     there, silently (status 141)."""
     proc, argv = _sbatch(tmp_path, "--config", "polar_7b", "run_dir=/shared/runs/x", MAX_RESTARTS="5")
     assert proc.returncode == 0, proc.stderr
-    assert argv[:3] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", argv[2]]
-    assert argv[3:5] == ["-m", "torch.distributed.run"]
+    # the agent's task holds the node's CPUs, unbound (srun no longer inherits sbatch's --cpus-per-task)
+    assert argv[:5] == ["--kill-on-bad-exit=1", "--ntasks-per-node=1", "--cpus-per-task=96", "--cpu-bind=none", argv[4]]
+    assert argv[5:7] == ["-m", "torch.distributed.run"]
     assert _after(argv, "--nnodes") == "2" and _after(argv, "--nproc-per-node") == "4"
     assert _after(argv, "--rdzv-backend") == "c10d" and _after(argv, "--rdzv-endpoint") == "gpu-node-07:29500"
     assert _after(argv, "--rdzv-id") == "4242" and _after(argv, "--max-restarts") == "5"
@@ -65,9 +66,9 @@ def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_pat
     assert argv[-1] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
     # the repository's virtual environment (install.sh) when there is one, else python on PATH
     venv = ROOT / ".venv" / "bin" / "python"
-    assert argv[2] == (str(venv) if os.access(venv, os.X_OK) else "python")
+    assert argv[4] == (str(venv) if os.access(venv, os.X_OK) else "python")
     _, argv = _sbatch(tmp_path / "own_python", PYTHON="/opt/py/bin/python3")
-    assert argv[2] == "/opt/py/bin/python3"
+    assert argv[4] == "/opt/py/bin/python3"
 
 
 def test_a_requeued_job_appends_to_its_log():
