@@ -120,6 +120,9 @@ def _model_state(chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+_SAVES_CHECKED: dict = {}  # id(model chunks) -> their first save checked the sharding's integrity
+
+
 def _parallel_save_strategy(dp_group):
     """megatron's fully parallel save over the data-parallel group: each DP replica writes a 1/DP
     part of the replicated shards, instead of DP rank 0 of each model-parallel shard writing them
@@ -152,7 +155,12 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
     try:
-        dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group))
+        # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
+        # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not
+        # change within a run, so the first save of the process checks it
+        dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group),
+                                validate_access_integrity=not _SAVES_CHECKED.get(id(chunks), False))
+        _SAVES_CHECKED[id(chunks)] = True
     except (OSError, *_dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
         if not isinstance(_cause(e), OSError):
             raise

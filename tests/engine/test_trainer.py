@@ -243,3 +243,16 @@ def test_save_at_end_false_writes_no_final_checkpoint_but_an_early_stop_still_sa
     assert checkpoint.latest(str(tmp_path / "a" / "checkpoints")) is None
     make_trainer(runtime, tmp_path / "b", "checkpoint.save_at_end=false", "train.exit_at_step=2").fit()
     assert checkpoint.latest(str(tmp_path / "b" / "checkpoints")).endswith("step_00000002")  # resumable
+
+
+def test_the_sharding_integrity_check_runs_at_a_runs_first_save_only(runtime, tmp_path, monkeypatch):
+    """megatron's check gathers every rank's shard metadata on every rank at each save (seconds per
+    save at hundreds of ranks); the layout does not change within a run, so the first save checks."""
+    from megatron.core.dist_checkpointing import state_dict_utils
+
+    calls = []
+    real = state_dict_utils.validate_sharding_integrity
+    monkeypatch.setattr(state_dict_utils, "validate_sharding_integrity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "train.steps=3")
+    trainer.fit()
+    assert len(calls) == 1 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 2  # keep=2 of 3 saves
