@@ -24,7 +24,7 @@ BAD = {
     "model.rope_scaling_factor": 0, "model.make_vocab_size_divisible_by": 0, "model.transformer_impl": "te",
     "parallel.tp": 0, "parallel.pp": 0, "parallel.vpp": 1, "parallel.sequence_parallel": "maybe",
     "parallel.distributed_optimizer": 2, "parallel.overlap_grad_reduce": "soon",
-    "parallel.overlap_param_gather": "later",
+    "parallel.overlap_param_gather": "later", "parallel.timeout_minutes": 0,
     "train.steps": -1, "train.global_batch": 0, "train.micro_batch": 0, "train.lr": -1e-3,
     "train.min_lr_ratio": 1.5, "train.warmup_steps": -1, "train.weight_decay": -0.1,
     "train.adam_beta1": 1.0, "train.adam_beta2": -0.1, "train.adam_eps": 0, "train.grad_clip": -1,
