@@ -83,14 +83,13 @@ def check(cfg: PretrainConfig) -> None:
     if cfg.data.eval_path and not cfg.data.path:
         raise ConfigError("data.eval_path needs data.path (the embedded default evaluates on its own data)")
     if cfg.data.path:
-        ds = open_built(cfg.data.path, cfg, "data.path")  # reads the index headers only
+        ds = open_built(cfg.data.path, cfg, "data.path")
         _set_vocab(cfg, ds.meta["vocab_size"], "dataset tokenizer")
         if len(ds) < cfg.train.global_batch:
             raise ConfigError(f"train.global_batch={cfg.train.global_batch}: data.path={cfg.data.path} holds only "
                               f"{len(ds)} packed sequences; lower train.global_batch (or build more data)")
-    if cfg.data.eval_path:
-        ev = open_built(cfg.data.eval_path, cfg, "data.eval_path")
-        if len(ev) == 0:  # its accuracy would be reported as 0.000 over 0 pairs
+        if cfg.data.eval_path and len(open_built(cfg.data.eval_path, cfg, "data.eval_path")) == 0:
+            # its accuracy would be reported as 0.000 over 0 pairs
             raise ConfigError(f"data.eval_path={cfg.data.eval_path} holds no packed sequences (every record "
                               "rejected? see its build's rejects file); rebuild it, or leave data.eval_path empty")
     else:

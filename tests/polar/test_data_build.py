@@ -476,3 +476,19 @@ def test_the_input_scan_reports_progress(tmp_path, records, capsys):
     starts = data_build.line_starts(str(src), progress)
     assert len(starts) == 40 and progress.done == src.stat().st_size
     assert "scanning inputs for lines: 0.00 of 0.00 GB (100%)" in capsys.readouterr().err
+
+
+def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
+    """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
+    for every built dataset without data.eval_path, refusing a vocabulary smaller than its 260."""
+    from engine.config import load_config
+    from polar import pretrain_recipe
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    meta = tmp_path / "ds" / "part-00000-of-00001.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "vocab_size": 200}))
+    cfg = load_config(pretrain_recipe.PretrainConfig, None,
+                      [f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}", "train.global_batch=2"])
+    pretrain_recipe.check(cfg)
+    assert cfg.model.vocab_size == 200
