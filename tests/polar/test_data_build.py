@@ -237,14 +237,17 @@ def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsy
     assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
 
 
+def pretrain_cmd(tmp_path: Path, name: str, *overrides: str) -> list:
+    return [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / name}",
+            "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
+            "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
+            "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
+            f"data.seq_length={SEQ}", *overrides]
+
+
 def pretrain(tmp_path: Path, name: str, *overrides: str) -> dict:
-    cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / name}",
-           "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
-           "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
-           "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
-           f"data.seq_length={SEQ}", *overrides]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    proc = subprocess.run(pretrain_cmd(tmp_path, name, *overrides), capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((tmp_path / name / "summary.json").read_text())
 
@@ -360,11 +363,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records):
     other_src = write_jsonl(tmp_path / "r2.jsonl", records[40:80])
     assert build(other_src, "-o", tmp_path / "ds_other_data", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
 
-    base = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}",
-            "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
-            "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
-            "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
-            f"data.seq_length={SEQ}"]
+    base = pretrain_cmd(tmp_path, "run")
     for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
                         ("ds_other_data", "the data order changed since the checkpoint")):
         for check in ([], ["--check-config"]):
