@@ -1,15 +1,16 @@
-"""Random reads from a built dataset of many shards: the cost of bounding the open token maps.
+"""Random reads from a built dataset of many shards: the cost of bounding the open memory maps.
 
     python benchmarks/dataset_read.py [--shards 8 300] [--reads 20000] [--seq-length 16384]
 
-engine/indexed_dataset.py maps at most 64 shards' token files at once (each map holds a file
-descriptor, and a dataset of hundreds of shards mapped whole runs into the open-file limit). This
-measures what that costs a loader reading packed sequences in random order (what a shuffled
-epoch does): microseconds per sequence with the default bound against a bound no smaller than the
-shard count (every map kept open, as before the bound), in the same run on the same files. Shards
-are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2 candidates of 100-2000)
-packed into `--seq-length` sequences, about `--sequences` per shard (the packer may need a few more), int32 tokens; the page cache is warm
-after the first pass, which is what a training run that rereads its data sees.
+engine/indexed_dataset.py maps at most 128 shard files at once (a shard's token .bin and its index
+.idx, so 64 shards; each map holds a file descriptor, and a dataset of hundreds of shards mapped
+whole runs into the open-file limit). This measures what that costs a loader reading packed
+sequences in random order (what a shuffled epoch does): microseconds per sequence with the default
+bound against a bound no smaller than the shard count (every map kept open), in the same run on
+the same files. Shards are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2
+candidates of 100-2000) packed into `--seq-length` sequences, about `--sequences` per shard (the
+packer may need a few more), int32 tokens; the page cache is warm after the first pass, which is
+what a training run that rereads its data sees.
 """
 import argparse
 import os
@@ -72,7 +73,7 @@ def main():
     if args.seq_length < LONGEST_GROUP:
         ap.error(f"--seq-length must be at least {LONGEST_GROUP}: the synthetic groups run up to that many "
                  "tokens and are never split across sequences")
-    print("| shards | maps open at most | us per sequence (random order) | vs every map open |")
+    print("| shards | shards mapped at most | us per sequence (random order) | vs every map open |")
     print("|---:|---:|---:|---:|")
     for shards in args.shards:
         with tempfile.TemporaryDirectory(prefix="polar_dsread_") as root:
@@ -81,7 +82,7 @@ def main():
             rows = {}
             for bound in (shards + 1, 64) if shards > 64 else (shards + 1,):  # the baseline first: all open
                 ds = IndexedDataset(root)
-                ds._token_maps.size = bound
+                ds._maps.size = 2 * bound  # two files a shard
                 rows[bound] = per_sequence_us(ds, order)
                 del ds
             for bound, us in rows.items():

@@ -37,6 +37,7 @@ import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -178,17 +179,20 @@ class ShardWriter:
             p.unlink(missing_ok=True)
 
 
-class _TokenMaps:
-    """The memory maps of shards' .bin files, at most `size` open at once, least recently used
-    closed first. Each map holds a file descriptor (mmap keeps a duplicate), so a dataset of
-    hundreds of shards mapped all at once runs into the open-file limit (1024 by default)."""
+class _FileMaps:
+    """Read-only memory maps of shard files (token .bin and index .idx), at most `size` open at once,
+    least recently used closed first. Each map holds a file descriptor (mmap keeps a duplicate), so
+    a dataset of hundreds of shards mapped all at once runs into the open-file limit (1024 by
+    default). Mapped, not read: every rank of a node shares one copy of a file in the page cache,
+    where a private read would hold the whole index (tens of bytes a group) once per rank."""
 
-    def __init__(self, size: int = 64):
+    def __init__(self, size: int = 128):
         self.size = size
-        self._maps: OrderedDict[Path, np.memmap] = OrderedDict()
+        self._maps: OrderedDict[Path, object] = OrderedDict()
         self._lock = threading.Lock()  # loaders may read from threads
 
-    def get(self, path: Path, dtype: np.dtype, count: int) -> np.ndarray:
+    def get(self, path: Path, dtype: np.dtype, count: int, view=None):
+        """The map of `path` (`count` items of `dtype`), or `view(map)` where given, kept with it."""
         with self._lock:
             m = self._maps.get(path)
             if m is not None:
@@ -196,25 +200,36 @@ class _TokenMaps:
                 return m
         m = np.memmap(path, dtype=dtype, mode="r")
         if m.size != count:
-            raise DatasetFormatError(f"{path}: {m.size} tokens, expected {count} (changed since it was opened?)")
+            raise DatasetFormatError(f"{path}: {m.size} items of {np.dtype(dtype).name}, expected {count} "
+                                     "(changed since it was opened?)")
+        m = m if view is None else view(m)
         with self._lock:
             self._maps[path] = m
-            # A dropped map stays valid for the groups already handed out; its descriptor is
+            # A dropped map stays valid for the arrays already handed out; its descriptor is
             # released with the last of them.
             while len(self._maps) > self.size:
                 self._maps.popitem(last=False)
         return m
 
 
+class _Index(NamedTuple):
+    """A shard's index arrays (views of its mapped .idx; see the module docstring)."""
+    seq_groups: np.ndarray
+    group_pieces: np.ndarray
+    piece_tokens: np.ndarray
+    group_source: np.ndarray
+    piece_label: np.ndarray
+
+
 class _Shard:
-    def __init__(self, idx_path: Path, token_maps: _TokenMaps):
+    def __init__(self, idx_path: Path, maps: _FileMaps):
         self.name = idx_path.with_suffix("")
-        # Read whole, not mapped: the index is a few int64 per group, and a map would hold a file
-        # descriptor per shard for as long as the dataset lives.
-        raw = np.fromfile(idx_path, dtype=np.uint8)
-        if raw.size < _HEADER.size:
-            raise DatasetFormatError(f"{idx_path}: {raw.size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
-        magic, version, _, dt, seq_length, S, G, P, T = _HEADER.unpack(bytes(raw[:_HEADER.size]))
+        size = idx_path.stat().st_size
+        with open(idx_path, "rb") as f:
+            head = f.read(_HEADER.size)
+        if len(head) < _HEADER.size:
+            raise DatasetFormatError(f"{idx_path}: {size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
+        magic, version, _, dt, seq_length, S, G, P, T = _HEADER.unpack(head)
         if magic != MAGIC:
             raise DatasetFormatError(f"{idx_path}: not a dataset index (magic {magic!r}, expected {MAGIC!r})")
         if version != VERSION:
@@ -223,16 +238,17 @@ class _Shard:
         self.seq_length = int(seq_length)
         sizes = [(S + 1, np.int64), (G + 1, np.int64), (P + 1, np.int64), (G, np.int64), (P, np.int8)]
         expected = _HEADER.size + sum(n * np.dtype(t).itemsize for n, t in sizes)
-        if raw.size != expected:
+        if size != expected:
             raise DatasetFormatError(
-                f"{idx_path}: {raw.size} bytes, expected {expected} for {S} sequences, {G} groups and {P} pieces "
+                f"{idx_path}: {size} bytes, expected {expected} for {S} sequences, {G} groups and {P} pieces "
                 "(truncated or corrupt)")
-        arrays, off = [], _HEADER.size
+        self._layout, off = [], _HEADER.size
         for n, t in sizes:
             nbytes = n * np.dtype(t).itemsize
-            arrays.append(raw[off:off + nbytes].view(np.dtype(t).newbyteorder("<")))
+            self._layout.append((off, off + nbytes, np.dtype(t).newbyteorder("<")))
             off += nbytes
-        self.seq_groups, self.group_pieces, self.piece_tokens, self.group_source, self.piece_label = arrays
+        self._idx_path, self._idx_bytes, self._maps, self._num_sequences = idx_path, size, maps, int(S)
+        ix = self.index
         bin_path = idx_path.with_suffix(".bin")
         if not bin_path.is_file():
             raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
@@ -241,15 +257,15 @@ class _Shard:
                 f"{bin_path}: {bin_path.stat().st_size} bytes, expected {T * self.dtype.itemsize} "
                 f"({T} tokens of {self.dtype.name}; truncated or corrupt)")
         # Sequences hold >= 1 group and groups >= 1 piece; a piece (an engine-level prefix) may be empty.
-        for name, a, last, least in (("sequence", self.seq_groups, G, 1), ("group", self.group_pieces, P, 1),
-                                     ("piece", self.piece_tokens, T, 0)):
+        for name, a, last, least in (("sequence", ix.seq_groups, G, 1), ("group", ix.group_pieces, P, 1),
+                                     ("piece", ix.piece_tokens, T, 0)):
             if a[0] != 0 or a[-1] != last or (np.diff(a) < least).any():
                 raise DatasetFormatError(f"{idx_path}: {name} offsets do not run from 0 to {last} (corrupt)")
         is_prefix = np.zeros(P, dtype=bool)
-        is_prefix[self.group_pieces[:-1]] = True
-        if (is_prefix != (self.piece_label == -1)).any() or not np.isin(self.piece_label[~is_prefix], (0, 1)).all():
+        is_prefix[ix.group_pieces[:-1]] = True
+        if (is_prefix != (ix.piece_label == -1)).any() or not np.isin(ix.piece_label[~is_prefix], (0, 1)).all():
             raise DatasetFormatError(f"{idx_path}: piece labels are not -1 on prefixes and 0/1 on candidates (corrupt)")
-        self._bin_path, self._num_tokens, self._token_maps = bin_path, int(T), token_maps
+        self._bin_path, self._num_tokens = bin_path, int(T)
         meta_path = idx_path.with_suffix(".json")
         try:
             self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -259,26 +275,33 @@ class _Shard:
             raise DatasetFormatError(f"{meta_path}: seq_length {self.meta['seq_length']} disagrees with the "
                                      f"index's {self.seq_length}")
 
+    @property
+    def index(self) -> _Index:
+        """The index arrays, memory-mapped on use."""
+        return self._maps.get(self._idx_path, np.uint8, self._idx_bytes,
+                              lambda raw: _Index(*(raw[a:b].view(dt) for a, b, dt in self._layout)))
+
     def __len__(self) -> int:
-        return len(self.seq_groups) - 1
+        return self._num_sequences
 
     @property
     def tokens(self) -> np.ndarray:
         """The shard's tokens, memory-mapped on first use."""
         if not self._num_tokens:
             return np.zeros(0, self.dtype)
-        return self._token_maps.get(self._bin_path, self.dtype, self._num_tokens)
+        return self._maps.get(self._bin_path, self.dtype, self._num_tokens)
 
-    def group(self, g: int, tokens: np.ndarray | None = None) -> Group:
+    def group(self, g: int, tokens: np.ndarray | None = None, ix: _Index | None = None) -> Group:
         tokens = self.tokens if tokens is None else tokens
-        p0, p1 = int(self.group_pieces[g]), int(self.group_pieces[g + 1])
-        bounds = self.piece_tokens[p0:p1 + 1]
+        ix = self.index if ix is None else ix
+        p0, p1 = int(ix.group_pieces[g]), int(ix.group_pieces[g + 1])
+        bounds = ix.piece_tokens[p0:p1 + 1]
         # One copy of the group's tokens (its pieces are contiguous), so that a group kept by the
-        # caller does not keep a map, and its file descriptor, open after _TokenMaps dropped it.
+        # caller does not keep a map, and its file descriptor, open after _FileMaps dropped it.
         span = np.array(tokens[bounds[0]:bounds[-1]])
         bounds = bounds - bounds[0]
         pieces = [span[bounds[i]:bounds[i + 1]] for i in range(p1 - p0)]
-        return Group(prefix=pieces[0], candidates=pieces[1:], labels=self.piece_label[p0 + 1:p1])
+        return Group(prefix=pieces[0], candidates=pieces[1:], labels=np.array(ix.piece_label[p0 + 1:p1]))
 
 
 # The ids the data was written with. Not the tokenizer's name: it is a path on the machine that
@@ -361,18 +384,20 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 def _per_group(s: "_Shard") -> dict:
     """engine.data.per_group_counts of one shard's groups, from its index."""
-    piece_len = np.diff(s.piece_tokens)
-    is_prefix = s.piece_label < 0
-    lengths = _segment_sums(piece_len, s.group_pieces)
-    n_cand = np.diff(s.group_pieces) - 1
-    n_pos = _segment_sums((s.piece_label == 1).astype(np.int64), s.group_pieces)
-    cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), s.group_pieces)
+    ix = s.index
+    piece_len = np.diff(ix.piece_tokens)
+    is_prefix = ix.piece_label < 0
+    lengths = _segment_sums(piece_len, ix.group_pieces)
+    n_cand = np.diff(ix.group_pieces) - 1
+    n_pos = _segment_sums((ix.piece_label == 1).astype(np.int64), ix.group_pieces)
+    cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), ix.group_pieces)
     return per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
 
 
 class IndexedDataset:
-    """A directory of shards (or one shard's path without suffix), memory-mapped (the token files of
-    at most 64 shards at once; an index is read into memory).
+    """A directory of shards (or one shard's path without suffix), memory-mapped (at most 128 of the
+    shards' token and index files at once). What a dataset keeps in private memory is O(sequences):
+    the per-sequence counts below and the shard offsets.
 
     Offers what GlobalBatchLoader and Trainer.evaluate use: len (packed sequences), seq_length,
     sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Groups handed out are
@@ -389,8 +414,8 @@ class IndexedDataset:
             idx = [self.path.with_name(self.path.name + ".idx")]
         else:
             raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
-        self._token_maps = _TokenMaps()
-        self.shards = [_Shard(p, self._token_maps) for p in idx]
+        self._maps = _FileMaps()
+        self.shards = [_Shard(p, self._maps) for p in idx]
         if self.path.is_dir():
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
@@ -410,7 +435,7 @@ class IndexedDataset:
             # per group, then summed per sequence: what training keeps is O(sequences); the per-group
             # arrays (O(groups), tens of bytes a group on every rank) are built again on demand
             for k, v in _per_group(s).items():
-                per_group_parts[k].append(_segment_sums(v, s.seq_groups))
+                per_group_parts[k].append(_segment_sums(v, s.index.seq_groups))
         self.per_sequence = {k: np.concatenate(v) for k, v in per_group_parts.items()}
         self.num_real_tokens = int(self.per_sequence["tokens"].sum())
         self.num_groups = int(self.per_sequence["groups"].sum())
@@ -418,13 +443,13 @@ class IndexedDataset:
     def _lengths(self, key: str) -> np.ndarray:
         """Per-group or per-piece lengths over all shards (polar data stats, benchmarks)."""
         parts = []
-        for s in self.shards:
+        for ix in (s.index for s in self.shards):
             if key == "candidates_per_group":
-                parts.append(np.diff(s.group_pieces) - 1)
+                parts.append(np.diff(ix.group_pieces) - 1)
             elif key == "group":
-                parts.append(_segment_sums(np.diff(s.piece_tokens), s.group_pieces))
+                parts.append(_segment_sums(np.diff(ix.piece_tokens), ix.group_pieces))
             else:  # pieces: a group's first is its prefix (label -1), the others its candidates
-                parts.append(np.diff(s.piece_tokens)[(s.piece_label < 0) == (key == "prefix")])
+                parts.append(np.diff(ix.piece_tokens)[(ix.piece_label < 0) == (key == "prefix")])
         return np.concatenate(parts)
 
     @property
@@ -456,14 +481,15 @@ class IndexedDataset:
         out = []
         for i in indices:
             shard, j = self._locate(int(i))
-            tokens = shard.tokens
-            out.append([shard.group(g, tokens) for g in range(int(shard.seq_groups[j]), int(shard.seq_groups[j + 1]))])
+            tokens, ix = shard.tokens, shard.index
+            out.append([shard.group(g, tokens, ix) for g in range(int(ix.seq_groups[j]), int(ix.seq_groups[j + 1]))])
         return out
 
     def sources(self, i: int) -> np.ndarray:
         """The builder's record ids of the groups in sequence i (tests and debugging)."""
         shard, j = self._locate(int(i))
-        return np.asarray(shard.group_source[shard.seq_groups[j]:shard.seq_groups[j + 1]])
+        ix = shard.index
+        return np.array(ix.group_source[ix.seq_groups[j]:ix.seq_groups[j + 1]])
 
     @property
     def packing_efficiency(self) -> float:
