@@ -31,8 +31,9 @@ MODEL_FILE = "model.json"  # the model settings the weights were saved with (eng
 # them into the linear layers that follow)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                 "vocab_size", "add_qkv_bias", "transformer_impl")
-# optimizer state in the canonical per-parameter layout, so a checkpoint reloads at any TP/PP/DP
-_OPTIM_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# megatron's distributed-optimizer formats (engine.config.CheckpointConfig.optimizer_format); a
+# step saved before the setting existed holds the first
+OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 LATEST = "latest"
 # a step directory's name: `step_` and the step number (8 digits, more past 99,999,999). Nothing else
 # in a checkpoint directory is a step: a copy such as step_00000004.bak is never resumed or pruned
@@ -137,9 +138,16 @@ def _parallel_save_strategy(dp_group):
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
 
 
+def _optimizer_metadata(fmt: str) -> dict:
+    if fmt not in OPTIMIZER_FORMATS:
+        raise ValueError(f"optimizer format {fmt!r}: expected one of {', '.join(OPTIMIZER_FORMATS)}")
+    return {"distrib_optim_sharding_type": fmt}
+
+
 def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2,
-         model_settings: dict | None = None, dp_group=None) -> str:
-    """`dp_group`: the data-parallel group, whose replicas then share the writing."""
+         model_settings: dict | None = None, dp_group=None, optimizer_format: str = OPTIMIZER_FORMATS[0]) -> str:
+    """`dp_group`: the data-parallel group, whose replicas then share the writing. The optimizer
+    format is recorded in the trainer state, which `load` reads it from."""
     from megatron.core import dist_checkpointing
 
     root = Path(ckpt_dir)
@@ -153,7 +161,8 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
         raise _write_failed(root, partial, error)
     state = _model_state(chunks)
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_OPTIM_METADATA)
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer_format))
+        trainer_state = {**trainer_state, "optimizer_format": optimizer_format}
     try:
         # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
         # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not
@@ -313,6 +322,28 @@ def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, stat
             f"start afresh)")
 
 
+def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state: dict | None = None) -> None:
+    """ConfigError unless this layout can load the step's optimizer state: one saved as
+    dp_reshardable (megatron's distributed-optimizer buffers as they lie) loads only at the TP, PP
+    and VPP it was saved at; megatron would fail inside the load, or read the wrong slices."""
+    from engine.config import ConfigError
+
+    state = read_state(step_dir) if state is None else state
+    saved = state.get("layout")
+    if state.get("optimizer_format") != "dp_reshardable" or not saved:
+        return
+    now = {"tp": tp, "pp": pp, "vpp": vpp}
+    changed = [f"parallel.{k}={saved.get(k)} when saved, {v} now" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"resuming from {step_dir}: {'; '.join(changed)}. Its optimizer state was saved with "
+            f"checkpoint.optimizer_format=dp_reshardable, which loads only at the tensor/pipeline layout it was "
+            f"saved at (any data-parallel size): set " + " ".join(f"parallel.{k}={'null' if saved.get(k) is None else saved.get(k)}"
+                                                                   for k in now if saved.get(k) != now[k])
+            + f", or start a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir} "
+            f"(weights load at any layout; optimizer, schedule and data order start afresh)")
+
+
 class CheckpointNotFound(FileNotFoundError):
     """A path that is neither a checkpoint directory nor one complete step inside one."""
 
@@ -456,15 +487,19 @@ def _materialise_optimizer_state(optimizer) -> None:
 @contextlib.contextmanager
 def _torch_adam_step_tolerated():
     """Without Apex/TE, megatron's distributed optimizer wraps torch's AdamW, whose per-parameter
-    state holds a `step` tensor. DistributedOptimizer._set_main_param_and_optimizer_states (0.19)
-    then expects a `step` entry in the reshardable parameter state, which never carries one (the
-    step is restored from the param groups), and raises KeyError. Absent keys are skipped here."""
+    state holds a `step` tensor, restored from the param groups before the parameter state is set
+    by DistributedOptimizer._set_main_param_and_optimizer_states (0.19). That method then copies a
+    `step` entry from the parameter state: the fully_reshardable state never carries one (KeyError),
+    and the dp_reshardable one carries the loading optimizer's own placeholder (a non-persistent
+    entry), which overwrote the restored step and so the bias correction of the next update. The
+    step is left to the param groups here: absent, and dropped where present."""
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def tolerant(self, model_param, tensors):
-        return original(self, model_param, collections.defaultdict(lambda: None, tensors))
+        kept = {k: v for k, v in tensors.items() if k != "step"}
+        return original(self, model_param, collections.defaultdict(lambda: None, kept))
 
     DistributedOptimizer._set_main_param_and_optimizer_states = tolerant
     try:
@@ -540,7 +575,8 @@ def load(path: str, chunks, optimizer=None) -> dict:
     kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
     if optimizer is not None:
         _materialise_optimizer_state(optimizer)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_OPTIM_METADATA)
+        fmt = read_state(str(p)).get("optimizer_format", OPTIMIZER_FORMATS[0])
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata(fmt))
     try:
         loaded = dist_checkpointing.load(state, str(p))
     except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *_dcp_error()) as e:
@@ -557,7 +593,9 @@ def load(path: str, chunks, optimizer=None) -> dict:
             loaded[key].update({name: current[name] for name in kept[key] if name in current})
         module.load_state_dict(loaded[key])
     if optimizer is not None:
-        with _torch_adam_step_tolerated():
+        # no_grad: megatron's dp_reshardable load copies into the main parameters without it (its
+        # other loads have it), which autograd refuses where they are the model's fp32 leaves
+        with _torch_adam_step_tolerated(), torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
         _unshare_steps(optimizer)
     return read_state(str(p))

@@ -273,6 +273,12 @@ class CheckpointConfig:
     # the checkpoint after the last step (false: none, e.g. a throughput benchmark; an early stop by
     # train.time_limit_s or train.exit_at_step still saves, as does save_interval)
     save_at_end: bool = setting(True, boolean)
+    # how the distributed optimizer's state is written. fully_reshardable: per parameter, so a run
+    # resumes at any TP/PP/VPP/DP, but each save all-gathers a model shard's whole optimizer state on
+    # every DP replica and each rank reads it whole at load (memory and I/O that grow with the model
+    # shard, not the rank's share). dp_reshardable: every rank writes and reads its own share only,
+    # no exchange; a run resumes at the same TP/PP/VPP (any DP), refused otherwise before the load
+    optimizer_format: str = setting("fully_reshardable", one_of("fully_reshardable", "dp_reshardable"))
 
 
 @dataclass

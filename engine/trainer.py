@@ -71,6 +71,9 @@ class Trainer:
         self.dtype = resolve_dtype(cfg.train, rt)
         self.model, self.mcfg = build_model(cfg.model, cfg.parallel, cfg.train, rt)
         self.optimizer, self.scheduler = build_optimizer(cfg.train, cfg.parallel, self.model, self.dtype)
+        # the non-distributed optimizers' state is per parameter whatever the setting (reshardable)
+        self.optimizer_format = (cfg.checkpoint.optimizer_format if cfg.parallel.distributed_optimizer
+                                 else "fully_reshardable")
         self.mcfg.finalize_model_grads_func = finalize_model_grads
         no_sync = [m.no_sync for m in self.model]
         self.mcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -103,6 +106,7 @@ class Trainer:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             saved = checkpoint.read_state(path)
             checkpoint.check_resume_settings(path, self.cfg.train, state=saved)
+            checkpoint.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
                     f"checkpoint.resume: {path} holds weights only (no optimizer, schedule or data position: a "
@@ -152,7 +156,8 @@ class Trainer:
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
-                               model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp)
+                               model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp,
+                               optimizer_format=self.optimizer_format)
         self.last_saved_step = self.step
         self.log(f"saved checkpoint {path}")
         return path

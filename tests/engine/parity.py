@@ -22,7 +22,8 @@ RTOL, ATOL = 2e-5, 1e-6
 
 
 def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
-               extra_env: dict | None = None) -> dict:
+               extra_env: dict | None = None, refused: bool = False):
+    """The run's result; with `refused`, the finished process of a run expected to fail."""
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
     if init:
@@ -31,6 +32,9 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    if refused:
+        assert proc.returncode != 0, f"{name} ran, expected to be refused:\n{proc.stdout[-3000:]}"
+        return proc
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text()) if out.exists() else {}
 

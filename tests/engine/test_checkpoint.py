@@ -74,6 +74,23 @@ def test_a_step_saved_without_settings_is_not_checked(tmp_path):
     checkpoint.check_resume_settings(str(step), TrainConfig(lr=5.0, global_batch=99))
 
 
+def test_a_dp_reshardable_optimizer_state_resumes_only_at_its_tensor_and_pipeline_layout(tmp_path):
+    from engine.config import ConfigError
+
+    layout = {"tp": 2, "pp": 2, "dp": 4, "vpp": 2}
+    d = _step(tmp_path, 3, {"step": 3, "optimizer_format": "dp_reshardable", "layout": layout})
+    checkpoint.check_resume_layout(str(d), tp=2, pp=2, vpp=2)  # any data-parallel size
+    for now, named in (((1, 2, 2), "parallel.tp=2 when saved, 1 now"), ((2, 4, 2), "parallel.pp=2 when saved, 4 now"),
+                       ((2, 2, None), "parallel.vpp=2 when saved, None now")):
+        with pytest.raises(ConfigError, match="optimizer_format=dp_reshardable") as e:
+            checkpoint.check_resume_layout(str(d), *now)
+        assert named in str(e.value) and str(d) in str(e.value)
+    # the per-parameter format, and a step saved before the setting, resume at any layout
+    for state in ({"step": 3, "optimizer_format": "fully_reshardable", "layout": layout}, {"step": 3, "layout": layout}):
+        (d / checkpoint.STATE_FILE).write_text(json.dumps(state))
+        checkpoint.check_resume_layout(str(d), tp=1, pp=1, vpp=None)
+
+
 @pytest.mark.parametrize("field,saved,now", [("add_qkv_bias", False, True),
                                              ("transformer_impl", "transformer_engine", "local"),
                                              ("hidden_size", 64, 128)])

@@ -2,6 +2,9 @@
 the same layout and from a TP2 checkpoint at TP1."""
 from __future__ import annotations
 
+import json
+import shutil
+
 from tests.engine.parity import STEPS, assert_same_run, run_worker
 
 
@@ -14,8 +17,14 @@ def test_resume_gives_the_uninterrupted_losses(reference):
 
 
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(reference):
+    """Also a checkpoint from before checkpoint.optimizer_format: its state names no format, and
+    loads as the one it was written in (fully_reshardable)."""
     tmp, init, ref = reference
     run_worker(tmp, "reshard", 2, "parallel.tp=2", "train.exit_at_step=2", init=init)
+    state_file = tmp / "reshard" / "checkpoints" / "step_00000002" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state.pop("optimizer_format") == "fully_reshardable"
+    state_file.write_text(json.dumps(state))
     resumed = run_worker(tmp, "reshard", 1, "checkpoint.resume=true", init=init)
     assert_same_run(ref, resumed, steps=range(3, STEPS + 1))
 
@@ -35,3 +44,24 @@ def test_dp2_saves_and_loads_in_parallel_and_resumes_at_dp2_and_dp1(reference):
     run_worker(tmp, "dp2_to_dp1", 2, "train.exit_at_step=2", init=init)
     one = run_worker(tmp, "dp2_to_dp1", 1, "checkpoint.resume=true", init=init)
     assert_same_run(ref, one, steps=range(3, STEPS + 1))
+
+
+def test_dp_reshardable_optimizer_state_resumes_at_any_dp_and_is_refused_at_another_tp(reference):
+    """checkpoint.optimizer_format=dp_reshardable: every rank writes and reads its own share of the
+    optimizer state; a DP2 save resumes at DP2 and DP1 with the uninterrupted losses (step 4 depends
+    on the restored Adam moments and step count), and a TP2 resume is refused before any load."""
+    tmp, init, ref = reference
+    fmt = "checkpoint.optimizer_format=dp_reshardable"
+    run_worker(tmp, "dpr", 2, fmt, "train.exit_at_step=2", init=init)
+    state = json.loads((tmp / "dpr" / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["optimizer_format"] == "dp_reshardable"
+    for copy in ("dpr_dp1", "dpr_tp2"):
+        shutil.copytree(tmp / "dpr", tmp / copy)
+    resumed = run_worker(tmp, "dpr", 2, fmt, "checkpoint.resume=true", init=init)
+    assert_same_run(ref, resumed)
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
+    one = run_worker(tmp, "dpr_dp1", 1, fmt, "checkpoint.resume=true", init=init)
+    assert_same_run(ref, one, steps=range(3, STEPS + 1))
+    proc = run_worker(tmp, "dpr_tp2", 2, fmt, "parallel.tp=2", "checkpoint.resume=true", init=init, refused=True)
+    assert "parallel.tp=1 when saved, 2 now" in proc.stderr + proc.stdout
+    assert "checkpoint.optimizer_format=dp_reshardable" in proc.stderr + proc.stdout
