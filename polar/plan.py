@@ -21,12 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute, inside_nodes,
-                              layers_in_flight, memory_per_rank, params_per_rank, step_time, total_params)
+from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
+                              checkpoint_bytes, inside_nodes, layers_in_flight, memory_per_rank, params_per_rank,
+                              step_time, total_params)
 
 # re-exported: the cost model's names are the plan's public names too (tests/polar/test_plan.py)
 __all__ = ["GB", "GPU", "GPUS", "Assumptions", "Layout", "Shape", "activation_bytes_by_recompute",
-           "inside_nodes", "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time", "total_params",
+           "checkpoint_bytes", "inside_nodes", "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time", "total_params",
            "main"]
 
 
@@ -257,6 +258,17 @@ def memory_lines(shape: Shape, e: Estimate, seq_length: int, global_batch: int, 
     ]
 
 
+def checkpoint_line(shape: Shape, layout: Layout, gpus_per_node: int) -> str:
+    c = checkpoint_bytes(shape, layout, gpus_per_node)
+    node = min(gpus_per_node, layout.tp * layout.pp * layout.dp)
+    return (f"checkpoint: {_gb(c['step'])} GB a step (bf16 weights {_gb(c['weights'])} GB, optimizer {_gb(c['optimizer'])} "
+            f"GB). checkpoint.optimizer_format=fully_reshardable (resumes at any layout) gathers "
+            f"{_gb(c['save_host_per_gpu'])} GB of host memory per GPU at each save ({_gb(c['save_host_per_node'])} GB "
+            f"per {node}-GPU node) and a resume reads {_gb(c['resume_read_fully_reshardable'])} GB in all; "
+            f"dp_reshardable: no gather, a resume reads {_gb(c['resume_read_dp_reshardable'])} GB, at "
+            f"TP{layout.tp}xPP{layout.pp}{f'xVPP{layout.vpp}' if layout.vpp else ''} only")
+
+
 def _layout_from_dict(d: dict, gpus: int) -> Layout:
     tp, pp = int(d.get("tp", 1)), int(d.get("pp", 1))
     dp = int(d.get("dp", gpus // (tp * pp)))
@@ -404,6 +416,7 @@ def main(argv=None) -> int:
         print(line)
     for line in memory_lines(shape, best, seq, gb, args.fp8, cfg.train.attention_backend, a):
         print(line)
+    print(checkpoint_line(shape, best.layout, gpu.gpus_per_node))
     lay = best.layout
     print(f"launch with: parallel.tp={lay.tp} parallel.pp={lay.pp} parallel.vpp={lay.vpp or 'null'} "
           f"parallel.sequence_parallel={str(lay.sequence_parallel).lower()} train.micro_batch={lay.micro_batch} "

@@ -197,6 +197,34 @@ def total_params(shape: Shape) -> int:
     return params_per_rank(shape, 1, 1, 0)
 
 
+def checkpoint_bytes(shape: Shape, layout: Layout, gpus_per_node: int, weight_bytes: int = 2) -> dict:
+    """What one checkpoint step holds, and what saving and resuming it costs in each of megatron's
+    distributed-optimizer formats (engine: checkpoint.optimizer_format).
+
+    A step holds the weights (`weight_bytes` each) and the optimizer state: fp32 main parameters and
+    Adam's two moments, 12 bytes a parameter. fully_reshardable turns every TP/PP shard's state into
+    per-parameter tensors by gathering it in host memory on every data-parallel replica at each save,
+    and each rank reads its shard's whole state at a resume; dp_reshardable writes and reads each
+    rank's own share (no gather, one read of the checkpoint in all)."""
+    shards = [params_per_rank(shape, layout.tp, layout.pp, r) for r in range(layout.pp)]
+    # the RMSNorm weights and the value head are replicated over the TP ranks, saved once
+    replicated = 2 * shape.hidden_size * shape.num_layers + 2 * shape.hidden_size
+    total = sum(shards) * layout.tp - (layout.tp - 1) * replicated
+    optimizer = 12 * total
+    world = layout.tp * layout.pp * layout.dp
+    return {
+        "parameters": total,
+        "weights": weight_bytes * total,
+        "optimizer": optimizer,
+        "step": weight_bytes * total + optimizer,
+        # fully_reshardable: the gathered shard, plus the rank's own copy of its share
+        "save_host_per_gpu": 12 * max(shards) * (1 + 1 / layout.dp),
+        "save_host_per_node": 12 * max(shards) * (1 + 1 / layout.dp) * min(gpus_per_node, world),
+        "resume_read_fully_reshardable": optimizer * layout.dp,
+        "resume_read_dp_reshardable": optimizer,
+    }
+
+
 # ---- memory ----------------------------------------------------------------------------------------------
 
 def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_bytes: int = 2,

@@ -184,6 +184,10 @@ def test_plan_for_polar_7b_recommends_a_layout_that_fits(capsys):
     out = capsys.readouterr().out
     assert "recommended: " in out and "launch with: parallel.tp=" in out
     assert "assumed: compute at 50% of the dense bf16 peak" in out
+    # the recommended TP2xPP4xDP8: 7.36 B parameters, 14 bytes each; every replica gathers its shard's state
+    c = plan.checkpoint_bytes(plan.Shape(32, 4096, 32, 8, 14336, 92544), plan.Layout(2, 4, 8), gpus_per_node=8)
+    assert f"checkpoint: {c['step'] / plan.GB:.1f} GB a step" in out and 100 * plan.GB < c["step"] < 105 * plan.GB
+    assert f"a resume reads {8 * c['optimizer'] / plan.GB:.1f} GB in all" in out
 
 
 def test_a_gpu_count_no_layout_divides_names_the_nearest_batches(capsys):
@@ -297,3 +301,25 @@ def test_a_fine_tuning_config_without_a_vocabulary_size_is_asked_for_one(tmp_pat
         assert plan.main(["--config", str(config), "--gpus", "2"]) == 2
         err = capsys.readouterr().err
         assert "model.vocab_size=0: fine-tuning takes it from its tokenizer" in err and len(err.splitlines()) == 1
+
+
+CHECKPOINT_MODEL = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "num_query_groups": 4,
+                    "ffn_hidden_size": 704, "vocab_size": 4096}
+
+
+@pytest.mark.parametrize("layout, overrides", [
+    (plan.Layout(tp=2, pp=1, dp=1), ["parallel.tp=2"]),
+    (plan.Layout(tp=1, pp=1, dp=2), ["checkpoint.optimizer_format=dp_reshardable"]),
+], ids=["tp2", "dp2-dp_reshardable"])
+def test_checkpoint_size_is_a_real_steps_within_5_percent(tmp_path, layout, overrides):
+    """The plan's bytes of a checkpoint step (weights and fp32 optimizer state; the TP-replicated
+    norms and value head once) against a step the engine saved: fp32 weights on CPU, with the
+    auxiliary LM head the test worker trains."""
+    from tests.engine.parity import run_worker
+
+    run_worker(tmp_path, "ckpt", 2, *_overrides(CHECKPOINT_MODEL), "train.steps=1", *overrides)
+    step = tmp_path / "ckpt" / "checkpoints" / "step_00000001"
+    saved = sum(f.stat().st_size for f in step.glob("*.distcp"))
+    est = plan.checkpoint_bytes(_shape(CHECKPOINT_MODEL, lm_head=True), layout, gpus_per_node=8, weight_bytes=4)
+    print(f"{layout.name()}: estimate {est['step'] / 1e6:.2f} MB, saved {saved / 1e6:.2f} MB")
+    assert est["step"] == pytest.approx(saved, rel=0.05)
