@@ -258,14 +258,18 @@ def memory_lines(shape: Shape, e: Estimate, seq_length: int, global_batch: int, 
     ]
 
 
+def _size(x: float) -> str:
+    return f"{x / 1e12:.1f} TB" if x >= 1e12 else f"{x / GB:.1f} GB"
+
+
 def checkpoint_line(shape: Shape, layout: Layout, gpus_per_node: int) -> str:
     c = checkpoint_bytes(shape, layout, gpus_per_node)
     node = min(gpus_per_node, layout.tp * layout.pp * layout.dp)
     return (f"checkpoint: {_gb(c['step'])} GB a step (bf16 weights {_gb(c['weights'])} GB, optimizer {_gb(c['optimizer'])} "
             f"GB). checkpoint.optimizer_format=fully_reshardable (resumes at any layout) gathers "
             f"{_gb(c['save_host_per_gpu'])} GB of host memory per GPU at each save ({_gb(c['save_host_per_node'])} GB "
-            f"per {node}-GPU node) and a resume reads {_gb(c['resume_read_fully_reshardable'])} GB in all; "
-            f"dp_reshardable: no gather, a resume reads {_gb(c['resume_read_dp_reshardable'])} GB, at "
+            f"per {node}-GPU node) and a resume reads {_size(c['resume_read_fully_reshardable'])} in all; "
+            f"dp_reshardable: no gather, a resume reads {_size(c['resume_read_dp_reshardable'])}, at "
             f"TP{layout.tp}xPP{layout.pp}{f'xVPP{layout.vpp}' if layout.vpp else ''} only")
 
 
