@@ -97,6 +97,15 @@ def directory_to_create(where, v):
 directory_to_create.rule = "empty, or a directory (created if missing)"
 
 
+def file_path_or_empty(where, v):
+    """Empty (none) or a file's path: it need not exist, but must not be a directory."""
+    if v and Path(v).is_dir():
+        raise ConfigError(f"{where}={v}: is a directory; a file's path is expected")
+
+
+file_path_or_empty.rule = "empty, or a file's path (need not exist)"
+
+
 def run_directory(where, v):
     non_empty(where, v)
     directory_to_create(where, v)
@@ -220,6 +229,10 @@ class TrainConfig:
     time_limit_s: float = setting(0.0, at_least(0.0))
     # 0 = none; otherwise save and exit after this step (fits a job slot)
     exit_at_step: int = setting(0, at_least(0))
+    # empty = none; otherwise a path rank 0 looks for after every step: once it exists the run saves a
+    # checkpoint, removes the file and exits (0), so a scheduler's warning (SLURM --signal) or a user's
+    # `touch` stops it with nothing lost. On a file system rank 0's node sees
+    stop_file: str = setting("", file_path_or_empty)
     # evaluate on the run's evaluation data every this many steps (0 = only at the end)
     eval_interval: int = setting(0, at_least(0))
     # a step whose loss or gradients are not finite is skipped (no update) and reported; this many

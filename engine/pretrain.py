@@ -223,19 +223,26 @@ def run(cfg, recipe) -> int:
     train_time = time.time() - t_train
     peak_gb = peak_memory_gb(rt)  # training's peak, before evaluation (polar plan compares against it)
 
-    if data.evals:
+    # a stop file is a scheduler's warning that the job ends soon: the checkpoint is saved, and the
+    # final evaluation (minutes at scale) is left to the resumed run that finishes the training
+    evals = {} if trainer.stopped_by == "stop_file" else data.evals
+    if trainer.stopped_by == "stop_file":
+        say(f"stopped at step {trainer.step} of {cfg.train.steps} (train.stop_file): final evaluation skipped; "
+            "the same command resumes")
+    elif evals:
         say("evaluating ...")
-    results = {name: trainer.evaluate(d) for name, d in data.evals.items()}
+    results = {name: trainer.evaluate(d) for name, d in evals.items()}
     if rt.is_main:
         seq_tokens = data.train.per_sequence["tokens"]
         step_tokens = [int(seq_tokens[trainer.loader.global_batch_indices(b)].sum()) for b in range(trainer.step)]
         # a resumed run: `steps` and `tokens` count the whole training, the rate only this process's part
         tokens = sum(step_tokens[start_step:])
-        summary, lines = recipe.summarize(data, results)
+        summary, lines = recipe.summarize(data, results) if evals is data.evals else ({}, [])
         train_rows = [r for r in history if "loss" in r and "eval" not in r]
         summary.update({
             "final_loss": train_rows[-1]["loss"] if train_rows else None,
             "steps": trainer.step,
+            "stopped_by": trainer.stopped_by or None,  # time_limit, stop_file, exit_at_step; None: all steps
             "tokens": sum(step_tokens),
             "resumed_at_step": start_step,
             "tokens_this_run": tokens,

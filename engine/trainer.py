@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from functools import partial
 from pathlib import Path
@@ -85,7 +86,10 @@ class Trainer:
         )
         self.step = 0
         self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit
-        self.out_of_time = False  # the last train_step found train.time_limit_s reached
+        # why the last train_step asked the run to stop early: "" (it did not), "time_limit"
+        # (train.time_limit_s reached) or "stop_file" (train.stop_file found); see _stop_requested
+        self.stop_request = ""
+        self.stopped_by = ""  # the reason the last fit stopped before train.steps ("" if it did not)
         self.last_saved_step = -1
         self.history: list[dict] = []
         self.skipped_steps: list[dict] = []
@@ -194,22 +198,30 @@ class Trainer:
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = opt.get_grad_norm()
-        self.out_of_time = self._time_is_up()
+        self.stop_request = self._stop_requested()
         if found_inf or not math.isfinite(grad_norm):
             return False, grad_norm
         return step_with_norm(opt, grad_norm), grad_norm
 
-    def _time_is_up(self) -> bool:
-        """train.time_limit_s, checked every step (but the last), so a run sized to a job slot stops
-        within one step of its limit; rank 0's clock decides for all (one scalar). Called right after
-        the gradient norm's host sync, when nothing is queued on the device: its round trip waits for
-        no compute (after the optimizer step it would wait for the whole update to run)."""
-        limit = self.cfg.train.time_limit_s
-        if limit <= 0 or self._fit_start is None or self.step + 1 >= self.cfg.train.steps:
-            return False
-        flag = torch.full((1,), float(time.time() - self._fit_start > limit), device=self.rt.device)  # no host copy
+    def _stop_requested(self) -> str:
+        """train.time_limit_s and train.stop_file, checked every step (but the last), so a run sized
+        to a job slot, or told by its scheduler that the slot is ending, stops within one step; rank 0
+        decides for all (one scalar; ranks that looked at a shared file system themselves could see
+        the file at different steps and part ways). Called right after the gradient norm's host sync,
+        when nothing is queued on the device: its round trip waits for no compute (after the optimizer
+        step it would wait for the whole update to run). Neither set: no check, no sync."""
+        tc = self.cfg.train
+        if (tc.time_limit_s <= 0 and not tc.stop_file) or self._fit_start is None or self.step + 1 >= tc.steps:
+            return ""
+        code = 0.0
+        if self.rt.is_main:
+            if tc.time_limit_s > 0 and time.time() - self._fit_start > tc.time_limit_s:
+                code = 1.0
+            elif tc.stop_file and os.path.exists(tc.stop_file):
+                code = 2.0
+        flag = torch.full((1,), code, device=self.rt.device)  # no host copy
         dist.broadcast(flag, src=0)
-        return bool(flag.item())
+        return ("", "time_limit", "stop_file")[int(flag.item())]
 
     def train_step(self):
         for chunk in self.model:
@@ -312,6 +324,7 @@ class Trainer:
         skipped_in_window = 0
         start = time.time()
         self._fit_start = start
+        self.stopped_by = ""
         stop = False
         while self.step < tc.steps and not stop:
             batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
@@ -340,8 +353,8 @@ class Trainer:
             tokens += tc.global_batch * self.loader.source.seq_length
             flops += self._step_flops(batch_indices)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
-            out_of_time = self.out_of_time  # decided inside the step (_time_is_up)
-            if self.step % lc.interval == 0 or self.step == tc.steps or exiting or out_of_time:
+            request = self.stop_request  # decided inside the step (_stop_requested)
+            if self.step % lc.interval == 0 or self.step == tc.steps or exiting or request:
                 s = self._reduce(window).tolist()
                 row = progress.log(
                     self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
@@ -353,8 +366,12 @@ class Trainer:
                 window.zero_()
                 tokens = real_tokens = groups = skipped_in_window = 0
                 flops = 0.0
-            if out_of_time:
+            if request == "time_limit":
                 self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
+            elif request == "stop_file":
+                self.log(f"train.stop_file {tc.stop_file} found at step {self.step}: saving and stopping")
+            if request:
+                self.stopped_by = request
                 stop = True
             if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps:
                 with progress.paused():
@@ -364,14 +381,23 @@ class Trainer:
                     self.save()
             if exiting:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
+                self.stopped_by = "exit_at_step"
                 stop = True
         progress.close()
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
         self._fit_start = None
-        # an early stop (time limit, exit step) always leaves a resumable checkpoint; the end of
-        # training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)
+        # an early stop (time limit, stop file, exit step) always leaves a resumable checkpoint; the
+        # end of training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)
         if self.last_saved_step != self.step and self.step > 0 and (stop or self.cfg.checkpoint.save_at_end):
             self.save()
+        if self.stopped_by == "stop_file" and self.rt.is_main:
+            # answered, once the checkpoint is complete (a save cut short leaves the request standing);
+            # the same command then resumes instead of stopping again after one step. Its absence
+            # tells a launcher (engine/launch/slurm_pretrain.sbatch) that the run stopped for it
+            try:
+                os.remove(self.cfg.train.stop_file)
+            except FileNotFoundError:
+                pass
         return self.history
 
     def _evaluate_all(self, progress: Progress) -> None:

@@ -65,3 +65,17 @@ def test_dp_reshardable_optimizer_state_resumes_at_any_dp_and_is_refused_at_anot
     proc = run_worker(tmp, "dpr_tp2", 2, fmt, "parallel.tp=2", "checkpoint.resume=true", init=init, refused=True)
     assert "parallel.tp=1 when saved, 2 now" in proc.stderr + proc.stdout
     assert "checkpoint.optimizer_format=dp_reshardable" in proc.stderr + proc.stdout
+
+
+def test_a_stop_file_seen_by_rank_0_stops_every_rank_at_the_same_step(reference):
+    """train.stop_file over two data-parallel ranks: rank 0 looks, every rank stops after the same
+    step (one broadcast scalar), the checkpoint is complete, and the resumed run gives the
+    uninterrupted losses."""
+    tmp, init, ref = reference
+    stop = tmp / "STOP_dp2"
+    stop.touch()
+    first = run_worker(tmp, "stopfile", 2, f"train.stop_file={stop}", init=init)
+    assert [r["step"] for r in first["history"]] == [1] and not stop.exists()
+    resumed = run_worker(tmp, "stopfile", 2, f"train.stop_file={stop}", "checkpoint.resume=true", init=init)
+    assert_same_run(ref, resumed)
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS

@@ -1,7 +1,7 @@
 """Host syncs per training step, counted (tests/engine/sync_count.py): a regression guard. On a GPU
 every device-to-host read stalls the host until the device has caught up, so the step makes one,
 the global gradient norm (the skip decision and the clipping need it on the host), plus one
-scalar when train.time_limit_s is set. A new sync anywhere in the step (data, model, loss,
+scalar when train.time_limit_s or train.stop_file is set. A new sync anywhere in the step (data, model, loss,
 optimizer) fails here with its call site."""
 from __future__ import annotations
 
@@ -38,23 +38,26 @@ def test_a_training_step_makes_one_host_sync_the_gradient_norm(runtime, tmp_path
     assert len(events) == 1 and events[0][1].startswith(GRAD_NORM), show(events)
 
 
-def test_the_time_limit_adds_one_scalar_read_before_the_optimizer_update(runtime, tmp_path, monkeypatch):
-    """train.time_limit_s costs one broadcast scalar per step, read right after the gradient norm's
-    sync while nothing is queued on the device: not after the update, which it would wait for."""
+@pytest.mark.parametrize("setting", ["train.time_limit_s=1e6", "train.stop_file={tmp}/STOP"],
+                         ids=["time_limit", "stop_file"])
+def test_a_stop_check_adds_one_scalar_read_before_the_optimizer_update(runtime, tmp_path, monkeypatch, setting):
+    """train.time_limit_s and train.stop_file cost one broadcast scalar per step (both together:
+    still one), read right after the gradient norm's sync while nothing is queued on the device: not
+    after the update, which it would wait for."""
     import time
 
-    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "train.time_limit_s=1e6")
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", setting.format(tmp=tmp_path))
     trainer._fit_start = time.time()  # as inside fit
     order = []
-    real_time_is_up = trainer._time_is_up
-    monkeypatch.setattr(trainer, "_time_is_up", lambda: order.append("time check") or real_time_is_up())
+    real_check = trainer._stop_requested
+    monkeypatch.setattr(trainer, "_stop_requested", lambda: order.append("stop check") or real_check())
     for opt in trainer.optimizer.chained_optimizers:
         real = opt.step_with_ready_grads
         monkeypatch.setattr(opt, "step_with_ready_grads", lambda real=real: order.append("update") or real())
     events = step_syncs(trainer)
     assert len(events) == 2 and events[0][1].startswith(GRAD_NORM), show(events)
     assert events[1][0] == "aten._local_scalar_dense" and events[1][1].startswith("engine/trainer.py"), show(events)
-    assert order[-2:] == ["time check", "update"] and trainer.out_of_time is False
+    assert order[-2:] == ["stop check", "update"] and trainer.stop_request == ""
 
 
 def test_the_blocks_attention_reads_each_micro_batch_layout_once(runtime, tmp_path):

@@ -153,6 +153,23 @@ def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtim
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step_00000001")
 
 
+def test_a_stop_file_stops_after_the_step_that_found_it_saves_and_is_answered(runtime, tmp_path):
+    """train.stop_file (a scheduler's warning turned into a file): the run saves at the step that
+    found it and exits; the file is removed once the checkpoint is complete, so the same command
+    resumes and trains to the end instead of stopping again (the losses against an uninterrupted
+    run, over two ranks: tests/engine/test_parallel_resume.py)."""
+    stop = tmp_path / "STOP"
+    lines = []
+    trainer = make_trainer(runtime, tmp_path / "a", f"train.stop_file={stop}", "log.interval=100")
+    trainer.log = lambda *a, **k: lines.append(" ".join(map(str, a)))
+    stop.touch()
+    assert [r["step"] for r in trainer.fit()] == [1] and trainer.stopped_by == "stop_file"
+    assert checkpoint.latest(str(tmp_path / "a" / "checkpoints")).endswith("step_00000001")
+    assert not stop.exists() and any(f"train.stop_file {stop} found at step 1" in x for x in lines), lines
+    resumed = make_trainer(runtime, tmp_path / "a", f"train.stop_file={stop}")
+    assert resumed.step == 1 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4] and resumed.stopped_by == ""
+
+
 @pytest.mark.parametrize("damaged", ["*.distcp", ".metadata"])
 def test_a_damaged_newest_checkpoint_is_named_with_the_step_to_resume_from(runtime, tmp_path, damaged):
     """A truncated shard file (or torch's .metadata) in the newest complete step was a torch

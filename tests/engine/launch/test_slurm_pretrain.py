@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -19,12 +21,21 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash
 def _stubs(tmp_path: Path) -> Path:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT"\n'
+    # with STUB_RUN=answer, srun stands for a run that is asked to stop: it waits for the stop file and
+    # removes it, as the trainer does once its checkpoint is saved; STUB_RUN=ignore runs to the end
+    # without looking (a warning that came too late)
+    (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT.tmp"\n'
                                   'echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" '
-                                  '>> "$STUB_OUT"\n')
+                                  '>> "$STUB_OUT.tmp"\nmv "$STUB_OUT.tmp" "$STUB_OUT"\n'
+                                  'if [ "${STUB_RUN:-}" = answer ]; then\n'
+                                  '  for i in $(seq 200); do [ -e "$POLAR_STOP_FILE" ] && break; sleep 0.05; done\n'
+                                  '  rm "$POLAR_STOP_FILE" || exit 7\n'
+                                  'elif [ "${STUB_RUN:-}" = ignore ]; then sleep 1; fi\n')
     # the node list in two writes, as scontrol writes a long one: a reader that stops after the
-    # first line makes the second write die of SIGPIPE
-    (bin_dir / "scontrol").write_text('#!/bin/bash\necho gpu-node-07\nsleep 0.3\necho gpu-node-08\n')
+    # first line makes the second write die of SIGPIPE; other commands (requeue) are recorded
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then\n'
+                                      '  echo gpu-node-07\n  sleep 0.3\n  echo gpu-node-08\n'
+                                      'else\n  echo "$@" >> "$STUB_OUT.scontrol"\nfi\n')
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     return bin_dir
@@ -35,7 +46,8 @@ def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "srun_args.txt"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
-    run_env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out))
+    run_env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out),
+                   POLAR_STOP_FILE=str(tmp_path / "STOP"))
     if slurm:
         run_env.update(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
                        SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="96")
@@ -62,8 +74,10 @@ def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_pat
     assert _after(argv, "--rdzv-backend") == "c10d" and _after(argv, "--rdzv-endpoint") == "gpu-node-07:29500"
     assert _after(argv, "--rdzv-id") == "4242" and _after(argv, "--max-restarts") == "5"
     entry = argv.index(str(ROOT / "engine" / "pretrain.py"))
-    assert argv[entry + 1:-1] == ["--config", "polar_7b", "run_dir=/shared/runs/x"]
+    assert argv[entry + 1:-2] == ["--config", "polar_7b", "run_dir=/shared/runs/x"]
+    assert argv[-2] == f"train.stop_file={tmp_path / 'STOP'}"  # where a SLURM warning asks the run to stop
     assert argv[-1] == "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"
+    assert not (tmp_path / "srun_args.txt.scontrol").exists()  # no warning: no requeue
     # the repository's virtual environment (install.sh) when there is one, else python on PATH
     venv = ROOT / ".venv" / "bin" / "python"
     assert argv[4] == (str(venv) if os.access(venv, os.X_OK) else "python")
@@ -88,3 +102,43 @@ def test_outside_slurm_or_away_from_the_repository_it_says_what_to_do(tmp_path):
     assert f"{tmp_path}/engine/pretrain.py not found" in proc.stderr and "POLAR_REPO" in proc.stderr
     proc, argv = _sbatch(tmp_path / "with_repo", SLURM_SUBMIT_DIR=str(tmp_path), POLAR_REPO=str(ROOT))
     assert proc.returncode == 0 and str(ROOT / "engine" / "pretrain.py") in argv, proc.stderr
+
+
+def _warned(tmp_path: Path, run: str):
+    """The script under SLURM's USR1 warning, sent once srun (a stub doing `run`) has started: (its
+    process, what it printed, the scontrol commands other than `show`)."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    out = tmp_path / "srun_args.txt"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
+    env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out), STUB_RUN=run,
+               POLAR_STOP_FILE=str(tmp_path / "STOP"), SLURM_JOB_ID="4242", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4")
+    proc = subprocess.Popen(["bash", str(SCRIPT), "run_dir=/shared/runs/x"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
+    for _ in range(400):
+        if out.exists():
+            break
+        time.sleep(0.025)
+    proc.send_signal(signal.SIGUSR1)
+    printed, _ = proc.communicate(timeout=60)
+    recorded = tmp_path / "srun_args.txt.scontrol"
+    return proc, printed, recorded.read_text().splitlines() if recorded.exists() else []
+
+
+def test_a_slurm_warning_stops_the_run_through_its_stop_file_and_requeues_the_job(tmp_path):
+    """--signal=B:USR1@600: SLURM warns the batch script before the time limit. The script touches the
+    run's train.stop_file; the run (here a stub) saves, removes the file and exits 0; the job is
+    requeued under its id and resumes from that checkpoint."""
+    assert "#SBATCH --signal=B:USR1@600" in SCRIPT.read_text().splitlines()
+    proc, printed, scontrol = _warned(tmp_path, "answer")
+    assert proc.returncode == 0, printed
+    assert "asking the run to save and stop" in printed and scontrol == ["requeue 4242"], printed
+    assert not (tmp_path / "STOP").exists()
+
+
+def test_a_warning_the_run_did_not_answer_is_no_requeue(tmp_path):
+    """A run that ended without seeing the file (it finished its steps first) is not requeued, and
+    the file is not left for the next job to stop at once."""
+    proc, printed, scontrol = _warned(tmp_path, "ignore")
+    assert proc.returncode == 0 and scontrol == [], printed
+    assert not (tmp_path / "STOP").exists()
