@@ -14,7 +14,8 @@
 #            3/5 of the stage, so the ~1B shape (the acceptance figures) completes and the 7B-shaped
 #            one gets what is left (its runs are usually cut at the stage's limit)
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
-#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references), TEST_WORKERS processes
+#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references, bf16 resume in each
+#            optimizer format), TEST_WORKERS processes
 #   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
