@@ -65,6 +65,11 @@ def test_dp_reshardable_optimizer_state_resumes_at_any_dp_and_is_refused_at_anot
     proc = run_worker(tmp, "dpr_tp2", 2, fmt, "parallel.tp=2", "checkpoint.resume=true", init=init, refused=True)
     assert "parallel.tp=1 when saved, 2 now" in proc.stderr + proc.stdout
     assert "checkpoint.optimizer_format=dp_reshardable" in proc.stderr + proc.stdout
+    # its weights load at any layout (checkpoint.init_from): a TP2 run from them trains as a TP1 run does
+    step = str(tmp / "dpr" / "checkpoints" / "step_00000002")
+    tp2 = run_worker(tmp, "from_dpr_tp2", 2, "parallel.tp=2", "train.steps=1", init=step)
+    tp1 = run_worker(tmp, "from_dpr_tp1", 1, "train.steps=1", init=step)
+    assert_same_run(tp1, tp2, steps=[1])
 
 
 def test_a_stop_file_seen_by_rank_0_stops_every_rank_at_the_same_step(reference):
