@@ -253,7 +253,7 @@ def run(cfg, recipe) -> int:
             "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "vpp": rt.vpp},
             "peak_memory_gb": peak_gb,
             "packing_efficiency": data.train.packing_efficiency,
-            "data": cfg.data.path or "synthetic",
+            "data": data.source or "synthetic",
             "evaluations": results,
             "skipped_steps": trainer.skipped_steps,
             "history": history,

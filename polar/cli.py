@@ -70,6 +70,16 @@ def _launch(module: str):
     return launch
 
 
+def _nproc(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:  # torchrun meets 0 with a bare AssertionError
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return n
+
+
 def _version(name: str) -> str:
     try:
         mod = importlib.import_module(name)
@@ -163,7 +173,7 @@ def main(argv=None) -> int:
                                       "are passed on (--config, section.key=value)",
                            epilog=epilog.format(presets=", ".join(preset_names())),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--nproc", type=int, default=int(os.environ.get("POLAR_NPROC", "2")),
+        p.add_argument("--nproc", type=_nproc, default=os.environ.get("POLAR_NPROC", "2"),
                        help="processes on this machine (default 2)")
         p.set_defaults(func=_launch(module))
     e = sub.add_parser("env", help="print the versions and devices polar sees")

@@ -263,7 +263,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
             f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
-    return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec)
+    return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train)
 
 
 def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:

@@ -42,6 +42,9 @@ class RunData:
     # (polar.checkpoint_tokenizer); None for the byte tokenizer. Copied by the entry script once the
     # run is known to start: a refused resume must not replace the one its steps were trained with
     tokenizer: Optional[str] = None
+    # what the run trains on, for summary.json: a built dataset's path, the fine-tuning records'
+    # file; None: the embedded synthetic pool
+    source: Optional[str] = None
 
 
 def _set_vocab(cfg: EngineConfig, vocab_size: int, source: str) -> None:
@@ -111,7 +114,7 @@ def built_data(cfg: PretrainConfig) -> RunData:
                                   f"{evals['eval'].meta[key]} vs {train.meta[key]} (different tokenizers?)")
     desc = (f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
             f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
-    return RunData(train, evals, train.meta["pad_id"], desc, tokenizer=tokenizer)
+    return RunData(train, evals, train.meta["pad_id"], desc, tokenizer=tokenizer, source=cfg.data.path)
 
 
 def synthetic_data(cfg: PretrainConfig) -> RunData:

@@ -43,6 +43,18 @@ class RewardServerError(RuntimeError):
     def __init__(self, status: int, message: str):
         super().__init__(f"reward server answered {status}: {message}")
         self.status = status
+        self.message = message
+
+
+_ITEM_INDEX = re.compile(r"\bitems\[(\d+)\]")
+
+
+def _in_call(e: RewardServerError, offset: int) -> RewardServerError:
+    """The server names an item by its index in the request it got; a call sent in chunks names it
+    by its index in the caller's list (the chunk starting at `offset`)."""
+    if not offset:
+        return e
+    return RewardServerError(e.status, _ITEM_INDEX.sub(lambda m: f"items[{int(m.group(1)) + offset}]", e.message))
 
 
 def _message(resp: httpx.Response) -> str:
@@ -192,17 +204,17 @@ class RewardClient(_Base):
         entries = _entries(items)
         out: list[float] = []
         for a, b in _spans(entries, self.chunk_size, self.max_body_bytes):
-            out += self._score(entries[a:b])
+            out += self._score(entries[a:b], a)
         return out
 
-    def _score(self, entries: list[bytes]) -> list[float]:
+    def _score(self, entries: list[bytes], offset: int = 0) -> list[float]:
         try:
             return self._rewards(self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
             if not _over_body_limit(e, len(entries)):
-                raise
+                raise _in_call(e, offset) from None
         half = len(entries) // 2  # the server's limit is below this client's max_body_bytes: halve
-        return self._score(entries[:half]) + self._score(entries[half:])
+        return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
 
     def health(self) -> dict:
         return self._http.get(self.base_url + "/health").json()
@@ -240,17 +252,18 @@ class AsyncRewardClient(_Base):
     async def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
         spans = _spans(entries, self.chunk_size, self.max_body_bytes)
-        parts = await asyncio.gather(*(self._score(entries[a:b]) for a, b in spans))
+        parts = await asyncio.gather(*(self._score(entries[a:b], a) for a, b in spans))
         return [r for p in parts for r in p]
 
-    async def _score(self, entries: list[bytes]) -> list[float]:
+    async def _score(self, entries: list[bytes], offset: int = 0) -> list[float]:
         try:
             return self._rewards(await self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
             if not _over_body_limit(e, len(entries)):
-                raise
+                raise _in_call(e, offset) from None
         half = len(entries) // 2
-        first, second = await asyncio.gather(self._score(entries[:half]), self._score(entries[half:]))
+        first, second = await asyncio.gather(self._score(entries[:half], offset),
+                                             self._score(entries[half:], offset + half))
         return first + second
 
     async def aclose(self) -> None:
@@ -420,9 +433,21 @@ class InProcessScorer:
         return [float(x) for x in self.batcher.score_sync(ids)]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
+        """Texts checked as `polar serve`'s /classify checks them: one string is one text (a list
+        of its characters otherwise), and a non-string or a lone surrogate names the text."""
+        from polar.format import lone_surrogate
         from polar.serve.items import tokenize_served_text
 
-        return [float(x) for x in self.batcher.score_sync(tokenize_served_text(self.tokenizer, list(texts)))]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} must be a string, got {type(t).__name__}")
+            found = lone_surrogate(t)
+            if found:
+                raise ValueError(f"text {i} holds a lone surrogate ({found}), which is not text")
+        if not texts:
+            return []
+        return [float(x) for x in self.batcher.score_sync(tokenize_served_text(self.tokenizer, texts))]
 
     def close(self) -> None:
         self.batcher.close()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, as_text
+from polar.format import WRAPPERS, as_text, lone_surrogate
 from polar.records import FieldError as _Bad
 from polar.records import RecordError, iter_lines, parse_jsonl_line
 
@@ -41,9 +41,12 @@ def _text(obj: dict, key: str, where: Optional[str] = None):
         raise _Bad(where or key, "missing")
     value = obj[key]
     try:
-        as_text(value)
+        text = as_text(value)
     except TypeError as e:
         raise _Bad(where or key, str(e)) from None
+    found = lone_surrogate(text)
+    if found:  # a legal JSON escape but no character: the tokenizer cannot encode it (polar serve: 400)
+        raise _Bad(where or key, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)")
     return value
 
 

@@ -53,6 +53,8 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
         raise RequestError(f"the request body is not valid JSON: {text.located(e)}") from None
     except RecursionError:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts: the client's error
+        raise RequestError(f"the request body cannot be read as JSON: {e}") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {_type(value)}")
     return value

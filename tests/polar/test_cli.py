@@ -81,3 +81,13 @@ def test_data_without_a_tool_lists_the_tools(capsys):
     assert cli.main(["data"]) == 2
     err = capsys.readouterr().err
     assert "polar data build" in err and "polar data stats" in err
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+@pytest.mark.parametrize("nproc", ["0", "-2"])
+def test_a_process_count_below_one_is_refused_by_name(capsys, command, nproc):
+    # torchrun met --nproc_per_node=0 with a bare AssertionError traceback
+    with pytest.raises(SystemExit) as e:
+        cli.main([command, "--nproc", nproc, "train.steps=1"])
+    assert e.value.code == 2
+    assert f"--nproc: must be a positive integer, got {nproc}" in capsys.readouterr().err

@@ -70,6 +70,7 @@ def test_finetuning_raises_held_out_accuracy(pretrained):
     assert base.returncode == 0, base.stderr[-3000:]
     tuned, before = summary(tmp, "ft"), summary(tmp, "ft_lr0")
     assert tuned["held_out_pairs"] == before["held_out_pairs"] == 200
+    assert tuned["data"] == str(tmp / "prefs.jsonl")  # what it trained on (it said "synthetic")
     assert tuned["held_out_pair_accuracy"] > before["held_out_pair_accuracy"] + 0.05, (tuned, before)
     # paper defaults that the command line did not override (Sec. 3): cosine to 0.1 x lr, 3% warm-up
     import yaml

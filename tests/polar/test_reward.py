@@ -33,6 +33,15 @@ class RewardsServer:
                 body = json.loads(raw_body)
                 server.bodies.append(body)
                 server.sizes.append(len(raw_body))
+                bad = [i for i, it in enumerate(body["items"]) if not isinstance(it["output"], str)]
+                if bad:  # as `polar serve` names a bad item: by its index in the request it got
+                    raw = json.dumps({"error": {"message": f"items[{bad[0]}].output must be a string or an "
+                                                           "array of messages, got number"}}).encode()
+                    self.send_response(400)
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                    return
                 data = [{"index": i, "reward": float(len(it["output"]))} for i, it in enumerate(body["items"])]
                 if server.mode == "reversed":
                     data = data[::-1]
@@ -123,6 +132,16 @@ def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error,
         in_process.score([item])
 
 
+def test_in_process_texts_are_read_as_classify_reads_them(in_process):
+    # a bare string was iterated: "abc" gave three rewards, one per character
+    assert in_process.score_texts("abc") == in_process.score_texts(["abc"]) and len(in_process.score_texts("abc")) == 1
+    assert in_process.score_texts([]) == []
+    with pytest.raises(ValueError, match="text 1 holds a lone surrogate"):
+        in_process.score_texts(["ok", "a\ud800"])
+    with pytest.raises(TypeError, match="text 1 must be a string, got int"):
+        in_process.score_texts(["ok", 5])
+
+
 def _verl_call(fn, reward_kwargs, **call_kw):
     """How verl calls a custom reward function (verl/trainer/ppo/reward.py, _call_with_kwargs): by
     keyword, with custom_reward_function.reward_kwargs merged in."""
@@ -177,3 +196,19 @@ def test_an_item_that_is_not_text_is_named_before_sending():
         reward.RewardClient("http://127.0.0.1:9").score([ITEMS[0], {"prompt": "p", "reference": "r", "output": "\ud800"}])
     with pytest.raises(ValueError, match="max_body_bytes must be a positive integer"):
         reward.RewardClient("http://127.0.0.1:9", max_body_bytes=0)
+
+
+def test_a_bad_item_is_named_by_its_index_in_the_call_not_in_its_chunk():
+    # the server numbers the items of the request it got: sent in chunks of 2, item 5 was "items[1]"
+    items = ITEMS + [{"prompt": "p", "reference": "r", "output": 7}]
+    with RewardsServer() as srv:
+        with reward.RewardClient(srv.url, chunk_size=2) as client:
+            with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be"):
+                client.score(items)
+
+        async def go():
+            async with reward.AsyncRewardClient(srv.url, chunk_size=4) as client:
+                return await client.score(items)
+
+        with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be"):
+            asyncio.run(go())

@@ -45,3 +45,20 @@ def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
     assert str(e.value).startswith(f"{path}:2: {field}: ") and reason in str(e.value), str(e.value)
     kept = read_score_input(path, on_error="skip")
     assert [ln.line for ln in kept] == [1, 2] and kept[1].kind == "error" and reason in kept[1].error
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"output": "o\udc80"}, "output"),
+    ({"candidates": ["x", {"text": [{"role": "a", "content": "\ud800"}]}]}, "candidates[1].text"),
+    ({"chosen": "a", "rejected": [{"content": "\udfff"}]}, "rejected"),
+])
+def test_a_lone_surrogate_is_a_bad_line_not_a_crash(tmp_path, extra, field):
+    # JSON may escape one ("\udc80") but no tokenizer can encode it: `polar score` crashed with a
+    # UnicodeEncodeError naming no line, even with --on-error skip, where `polar serve` answers 400
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({**BASE, "output": "fine"}) + "\n" + json.dumps({**BASE, **extra}) + "\n")
+    with pytest.raises(RecordError) as e:
+        read_score_input(str(path))
+    assert str(e.value).startswith(f"{path}:2: {field}: lone surrogate"), str(e.value)
+    kept = read_score_input(str(path), on_error="skip")
+    assert [ln.kind for ln in kept] == ["output", "error"]

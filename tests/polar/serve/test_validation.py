@@ -131,3 +131,16 @@ def test_parsing_a_large_body_lets_other_threads_run():
     # ~100 here (the interpreter offers the GIL every 5 ms); json.loads: 2, both while it decodes
     # the bytes to str, before its scanner holds the GIL to the end.
     assert inside >= 20, (inside, end - start)
+
+
+@pytest.mark.parametrize("slice_bytes", [1 << 20, 7])
+def test_a_number_too_long_to_read_is_a_bad_request_not_a_server_error(monkeypatch, slice_bytes):
+    # json refuses integers of more than 4300 digits with a plain ValueError; it reached the app as
+    # a 500, which POLAR's clients retry (the same body fails each time)
+    from polar.serve import validation
+
+    monkeypatch.setattr(validation, "_SLICE_BYTES", slice_bytes)
+    for body in (b'{"text": ["a"], "n": ' + b"1" * 5000 + b"}", b'{"text": [' + b"9" * 5000 + b"]}"):
+        with pytest.raises(RequestError) as got:
+            parse_json(body)
+        assert got.value.status == 400 and "digits" in got.value.message, got.value.message
