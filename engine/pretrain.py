@@ -213,6 +213,8 @@ def run(cfg, recipe) -> int:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        if hasattr(recipe, "write_run_files"):  # the recipe's own files (fine-tuning: the records set aside)
+            recipe.write_run_files(cfg, data)
 
     from engine.trainer import Trainer
 

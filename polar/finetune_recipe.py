@@ -240,12 +240,9 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         eval_records = [r for i, r in enumerate(records) if i in held]
     train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside)
     evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside)} if eval_records else {}
-    if set_aside and int(os.environ.get("RANK", "0")) == 0:
-        out = Path(cfg.run_dir) / REJECTS_FILE
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in set_aside)
-        _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each with its reason: {out}", flush=True)
+    if set_aside:  # listed by write_run_files once the run starts (--check-config writes nothing)
+        _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each listed with its reason in "
+             f"{Path(cfg.run_dir) / REJECTS_FILE} when the run starts", flush=True)
     if len(train) < cfg.train.global_batch:
         raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
                           f"{len(train)} sequences of {cfg.data.seq_length} tokens")
@@ -263,7 +260,23 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
             f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
-    return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train)
+    return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train,
+                   set_aside=set_aside)
+
+
+def write_run_files(cfg: FinetuneConfig, data: RunData) -> None:
+    """Rank 0, once the run starts: run_dir/REJECTS_FILE lists the records this run set aside, and a
+    list left by an earlier run in the same directory goes when this one sets none aside (it would
+    describe other data or settings)."""
+    out = Path(cfg.run_dir) / REJECTS_FILE
+    if data.set_aside:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data.set_aside)
+        _say(f"wrote the {len(data.set_aside)} record(s) set aside, each with its reason: {out}", flush=True)
+    elif out.exists():
+        out.unlink()
+        _say(f"removed {out} of an earlier run: this one set no record aside", flush=True)
 
 
 def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:

@@ -45,6 +45,9 @@ class RunData:
     # what the run trains on, for summary.json: a built dataset's path, the fine-tuning records'
     # file; None: the embedded synthetic pool
     source: Optional[str] = None
+    # records a recipe set aside (fine-tuning under finetune.on_error=skip), each with its reason;
+    # written into the run directory by the recipe's write_run_files once the run starts
+    set_aside: list = field(default_factory=list)
 
 
 def _set_vocab(cfg: EngineConfig, vocab_size: int, source: str) -> None:

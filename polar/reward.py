@@ -29,14 +29,16 @@ import httpx
 
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
-_RETRY_STATUS = {429, 500, 502, 503, 504}
+# 408: `polar serve` gave up reading a body that came too slowly (--read-timeout-s); it may come faster
+_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 # `polar serve` answers "false" in it where the same request meets the same error (non-finite rewards);
 # the name is polar.serve.validation.NO_RETRY_HEADER, spelled out so this client imports no server code
 _NO_RETRY_HEADER = "x-polar-retryable"
 # half of `polar serve`'s default --max-body-bytes (64 MiB): 512 long rollouts, each with its prompt
 # and reference, can pass the server's limit
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
-_BODY_LIMIT_HINT = "--max-body-bytes"  # in the 413 of a body over `polar serve`'s limit (not an item's)
+# in the 413 of a request over `polar serve`'s limits on the body and the item count (not an item's length)
+_REQUEST_LIMIT_HINTS = ("--max-body-bytes", "--max-items")
 
 
 class RewardServerError(RuntimeError):
@@ -110,9 +112,23 @@ def _body(entries: list[bytes], model: Optional[str]) -> bytes:
 _JSON = {"Content-Type": "application/json"}
 
 
-def _over_body_limit(e: Exception, n: int) -> bool:
-    """A 413 for the body's size (not for one item's length), on a body that can be halved."""
-    return isinstance(e, RewardServerError) and e.status == 413 and _BODY_LIMIT_HINT in str(e) and n > 1
+def _over_request_limit(e: Exception, n: int) -> bool:
+    """A 413 for the request's size or item count (not for one item's length; a server run with limits
+    below this client's chunk_size and max_body_bytes), on a request that can be halved."""
+    return (isinstance(e, RewardServerError) and e.status == 413 and n > 1
+            and any(hint in str(e) for hint in _REQUEST_LIMIT_HINTS))
+
+
+async def _gather(*coros):
+    """asyncio.gather whose first failure cancels the others: a call that has failed stops sending
+    (and retrying) its other chunks, instead of leaving them running in the caller's event loop."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        raise
 
 
 class _Base:
@@ -211,9 +227,9 @@ class RewardClient(_Base):
         try:
             return self._rewards(self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
-            if not _over_body_limit(e, len(entries)):
+            if not _over_request_limit(e, len(entries)):
                 raise _in_call(e, offset) from None
-        half = len(entries) // 2  # the server's limit is below this client's max_body_bytes: halve
+        half = len(entries) // 2  # the server's limits are below this client's chunks: halve
         return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
 
     def health(self) -> dict:
@@ -252,18 +268,17 @@ class AsyncRewardClient(_Base):
     async def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
         spans = _spans(entries, self.chunk_size, self.max_body_bytes)
-        parts = await asyncio.gather(*(self._score(entries[a:b], a) for a, b in spans))
+        parts = await _gather(*(self._score(entries[a:b], a) for a, b in spans))
         return [r for p in parts for r in p]
 
     async def _score(self, entries: list[bytes], offset: int = 0) -> list[float]:
         try:
             return self._rewards(await self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
-            if not _over_body_limit(e, len(entries)):
+            if not _over_request_limit(e, len(entries)):
                 raise _in_call(e, offset) from None
         half = len(entries) // 2
-        first, second = await asyncio.gather(self._score(entries[:half], offset),
-                                             self._score(entries[half:], offset + half))
+        first, second = await _gather(self._score(entries[:half], offset), self._score(entries[half:], offset + half))
         return first + second
 
     async def aclose(self) -> None:

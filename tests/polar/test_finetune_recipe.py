@@ -146,9 +146,17 @@ def test_every_record_set_aside_by_skip_is_listed_with_its_reason(tmp_path, caps
     with open(cfg.finetune.train, "a") as f:
         f.write('{"prompt": "q", "reference": "r", "chosen": "", "rejected": "x"}\nnot json\n')
         f.write(json.dumps({"prompt": "q", "reference": "r" * 200, "chosen": "c" * 200, "rejected": "x" * 200}) + "\n")
-    recipe.prepare_data(cfg)
-    listed = [json.loads(line) for line in (tmp_path / "run" / recipe.REJECTS_FILE).read_text().splitlines()]
+    data = recipe.prepare_data(cfg)
+    rejects = tmp_path / "run" / recipe.REJECTS_FILE
+    assert not rejects.exists()  # reading the data (also for --check-config) writes nothing
+    recipe.write_run_files(cfg, data)  # the run's start
+    listed = [json.loads(line) for line in rejects.read_text().splitlines()]
     assert [(r["line"], r["field"]) for r in listed] == [(5, "chosen"), (6, "(line)"), (7, "(record)")]
     assert listed[1]["raw"] == "not json" and "more than data.seq_length=128" in listed[2]["reason"]
-    assert f"3 record(s) set aside (finetune.on_error=skip), each with its reason: {tmp_path / 'run'}" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "3 record(s) set aside (finetune.on_error=skip)" in out
+    assert f"wrote the 3 record(s) set aside, each with its reason: {rejects}" in out
+    # a later run in the same directory that sets none aside: the old list goes (it described other data)
+    clean = _one_per_sequence(tmp_path, 4, "train.global_batch=1", "finetune.on_error=skip")
+    recipe.write_run_files(clean, recipe.prepare_data(clean))
+    assert not rejects.exists() and f"removed {rejects} of an earlier run" in capsys.readouterr().out

@@ -16,7 +16,8 @@ from polar import reward
 class RewardsServer:
     """POST /v1/rewards -> one reward per item (len(output)), answered as `mode` says:
     "ok" in order; "reversed" in reverse order, each with its index; "short" one reward fewer;
-    "html" a 200 that is not JSON."""
+    "html" a 200 that is not JSON; "408-once" a 408 (the body came too slowly) to the first request.
+    An item whose output is a number gets a 400 naming it, one whose output is "busy" a 503."""
 
     def __init__(self, mode: str = "ok"):
         self.mode = mode
@@ -34,6 +35,13 @@ class RewardsServer:
                 server.bodies.append(body)
                 server.sizes.append(len(raw_body))
                 bad = [i for i, it in enumerate(body["items"]) if not isinstance(it["output"], str)]
+                status = (408 if server.mode == "408-once" and len(server.bodies) == 1 else
+                          503 if any(it["output"] == "busy" for it in body["items"]) else 0)
+                if status and not bad:
+                    self.send_response(status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 if bad:  # as `polar serve` names a bad item: by its index in the request it got
                     raw = json.dumps({"error": {"message": f"items[{bad[0]}].output must be a string or an "
                                                            "array of messages, got number"}}).encode()
@@ -212,3 +220,31 @@ def test_a_bad_item_is_named_by_its_index_in_the_call_not_in_its_chunk():
 
         with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be"):
             asyncio.run(go())
+
+
+def test_a_408_is_retried():
+    """`polar serve` answers 408 to a body that came slower than its --read-timeout-s; the same body
+    sent again may come in time."""
+    with RewardsServer("408-once") as srv, reward.RewardClient(srv.url, backoff_s=0.01) as client:
+        assert client.score(ITEMS) == [1.0, 2.0, 3.0, 4.0, 5.0] and len(srv.bodies) == 2
+
+
+def test_an_async_call_that_failed_stops_its_other_chunks():
+    """One chunk refused (400): the call raises, and its other chunk, retrying a busy server (503),
+    is cancelled with it instead of retrying on in the caller's event loop."""
+    items = [{"prompt": "p", "reference": "r", "output": 3}, {"prompt": "p", "reference": "r", "output": "busy"}]
+
+    async def go(srv):
+        async with reward.AsyncRewardClient(srv.url, chunk_size=1, backoff_s=0.05, max_backoff_s=0.05,
+                                            max_retries=100) as client:
+            with pytest.raises(reward.RewardServerError, match=r"items\[0\]"):
+                await client.score(items)
+            await asyncio.sleep(0.2)  # a request already on its way when the call failed arrives
+            sent = len(srv.bodies)
+            await asyncio.sleep(0.5)  # the loop runs on, as an RL trainer's does
+            return sent, len(srv.bodies)
+
+    with RewardsServer() as srv:
+        sent, later = asyncio.run(go(srv))
+    # retrying every 0.05 s, the busy chunk sent about ten in 0.5 s; one more may have been in flight
+    assert later - sent <= 1, f"{later - sent} requests after the call had failed"

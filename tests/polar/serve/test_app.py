@@ -128,6 +128,17 @@ def test_a_batch_over_the_servers_body_limit_is_halved_until_it_fits(server, _al
         np.testing.assert_allclose(got, _alone_items(items), rtol=0, atol=1e-5)
 
 
+def test_a_batch_over_the_servers_item_limit_is_halved_until_it_fits(server, _alone_items):
+    """A server run with --max-items (64 here) below the client's chunk_size: the 413 naming
+    --max-items is met by halving, as one over --max-body-bytes is (every call failed)."""
+    url, _ = server
+    items = [{"prompt": "question?", "reference": "ref", "output": f"answer {i}", "wrapper": "sft"} for i in range(80)]
+    for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
+        client = client_cls(url, chunk_size=100)
+        got = client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
+        np.testing.assert_allclose(got, _alone_items(items), rtol=0, atol=1e-5)
+
+
 def test_verl_compute_score_batch_through_the_client(server, _alone_items):
     url, _ = server
     items = make_items(7, groups=2, rollouts=3)
