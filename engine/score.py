@@ -287,12 +287,23 @@ def run(args) -> int:
     writable_output(args.output, "--output")
     # a line whose outputs together pass the packed sequence is scored in several groups that fit
     groups = scorer.groups([ln.items for ln in scored], args.seq_length)
-    if groups:  # checked before any process group is made
-        longest = max(len(g) for g in groups)
-        if args.seq_length and longest > args.seq_length:
-            i = max(range(len(groups)), key=lambda j: len(groups[j]))
-            raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {longest} tokens, more than "
-                              f"--seq-length {args.seq_length}")
+    if groups and args.seq_length:  # checked before any process group is made
+        # a line whose prefix and one output alone pass --seq-length cannot be split to fit
+        over = [i for i, g in enumerate(groups) if len(g) > args.seq_length]
+        if over and args.on_error != "skip":
+            i = max(over, key=lambda j: len(groups[j]))
+            raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {len(groups[i])} tokens, more than "
+                              f"--seq-length {args.seq_length} (--on-error skip writes an error line instead)")
+        for i in over:
+            scored[i].error = f"its outputs take {len(groups[i])} tokens, more than --seq-length {args.seq_length}"
+        if over:
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"{len(over)} line(s) longer than --seq-length {args.seq_length}, written as error lines "
+                      f"(--on-error skip): {', '.join(f'{args.input}:{scored[i].line}' for i in over[:5])}"
+                      + (" ..." if len(over) > 5 else ""), flush=True)
+            dropped = set(over)
+            groups = [g for i, g in enumerate(groups) if i not in dropped]
+            scored = [ln for ln in scored if ln.error is None]
     scorer.start()
     rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}")
     rt = scorer.rt

@@ -94,3 +94,19 @@ def test_split_groups_fit_and_cover_every_output_once(max_tokens):
     for group, members in zip(line.parts, line.members):
         for c, m in zip(group.candidates, members):
             assert np.array_equal(np.concatenate([group.prefix, c]), ids[m])
+
+
+def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path):
+    """A prefix and one output longer than --seq-length cannot be split to fit: refused by file:line
+    (exit 2), or under --on-error skip an error line while the others are scored (it stopped the
+    whole run under skip too)."""
+    ckpt = _checkpoint(tmp_path / "run")
+    short = {"prompt": "p", "reference": "r", "output": "o"}
+    lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
+    refused = _score(tmp_path, ckpt, lines, "fail", "--seq-length", "256")
+    assert refused.returncode == 2 and "fail.jsonl:2: its outputs take" in refused.stderr, refused.stderr[-2000:]
+    skipped = _score(tmp_path, ckpt, lines, "skip", "--seq-length", "256", "--on-error", "skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert [r["line"] for r in skipped.rows] == [1, 2, 3] and "more than --seq-length 256" in skipped.rows[1]["error"]
+    assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)  # the same line
+    assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
