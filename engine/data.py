@@ -145,6 +145,8 @@ class GlobalBatchLoader:
             if epoch not in self._orders:
                 n = len(self.source)
                 order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
+                if n <= np.iinfo(np.int32).max:  # the same order in half the memory (every rank holds up to three)
+                    order = order.astype(np.int32)
                 # a batch spans at most two epochs (global_batch <= len): two orders serve any batch; an
                 # older one stays too, for a prefetch of the next batch crossing into a newer epoch
                 self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 2}

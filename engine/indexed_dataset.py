@@ -394,6 +394,11 @@ def _per_group(s: "_Shard") -> dict:
     return per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
 
 
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """`a` (non-negative integers) as int32 when its values fit, else as it is."""
+    return a.astype(np.int32) if a.size == 0 or a.max() <= np.iinfo(np.int32).max else a
+
+
 class IndexedDataset:
     """A directory of shards (or one shard's path without suffix), memory-mapped (at most 128 of the
     shards' token and index files at once). What a dataset keeps in private memory is O(sequences):
@@ -436,7 +441,9 @@ class IndexedDataset:
             # arrays (O(groups), tens of bytes a group on every rank) are built again on demand
             for k, v in _per_group(s).items():
                 per_group_parts[k].append(_segment_sums(v, s.index.seq_groups))
-        self.per_sequence = {k: np.concatenate(v) for k, v in per_group_parts.items()}
+        # int32 where the values fit (all but attention pairs of very long packs): every rank holds
+        # these for the whole dataset, 5-6 numbers a packed sequence (sums are taken in int64)
+        self.per_sequence = {k: _narrow(np.concatenate(v)) for k, v in per_group_parts.items()}
         self.num_real_tokens = int(self.per_sequence["tokens"].sum())
         self.num_groups = int(self.per_sequence["groups"].sum())
 

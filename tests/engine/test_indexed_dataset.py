@@ -272,3 +272,16 @@ print(rss_anon() - before)
     held = int(proc.stdout)
     # per sequence: six int64 counts and an offset, ~1 MB here against a 41 MB index
     assert held < 0.1 * idx_bytes, f"{held / 2**20:.1f} MiB held privately for a {idx_bytes / 2**20:.1f} MiB index"
+
+
+def test_per_sequence_counts_are_int32_where_they_fit_and_sum_exactly(tmp_path, packed):
+    from engine.indexed_dataset import _narrow
+
+    write(tmp_path / "s", packed)
+    ds = IndexedDataset(tmp_path / "s")
+    assert all(v.dtype == np.int32 for v in ds.per_sequence.values())
+    for k, v in ds.per_sequence.items():
+        np.testing.assert_array_equal(v, packed.per_sequence[k], err_msg=k)
+    assert _narrow(np.array([2**31], np.int64)).dtype == np.int64  # e.g. the attention pairs of 64k packs
+    big = _narrow(np.full(4, 2**31 - 1, np.int64))
+    assert big.dtype == np.int32 and int(big.sum()) == 4 * (2**31 - 1)  # a batch's sum does not wrap
