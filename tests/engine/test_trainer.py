@@ -166,6 +166,7 @@ def test_a_stop_file_stops_after_the_step_that_found_it_saves_and_is_answered(ru
     assert [r["step"] for r in trainer.fit()] == [1] and trainer.stopped_by == "stop_file"
     assert checkpoint.latest(str(tmp_path / "a" / "checkpoints")).endswith("step_00000001")
     assert not stop.exists() and any(f"train.stop_file {stop} found at step 1" in x for x in lines), lines
+    assert any(f"train.stop_file {stop} exists already" in x for x in lines), lines
     resumed = make_trainer(runtime, tmp_path / "a", f"train.stop_file={stop}")
     assert resumed.step == 1 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4] and resumed.stopped_by == ""
 
