@@ -322,15 +322,28 @@ def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, stat
             f"start afresh)")
 
 
-def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state: dict | None = None) -> None:
+def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state: dict | None = None,
+                        distributed_optimizer: bool = True) -> None:
     """ConfigError unless this layout can load the step's optimizer state: one saved as
-    dp_reshardable (megatron's distributed-optimizer buffers as they lie) loads only at the TP, PP
-    and VPP it was saved at; megatron would fail inside the load, or read the wrong slices."""
+    dp_reshardable (megatron's distributed-optimizer buffers as they lie) loads only into the
+    distributed optimizer, at the TP, PP and VPP it was saved at; megatron would fail inside the
+    load, or read the wrong slices."""
     from engine.config import ConfigError
 
     state = read_state(step_dir) if state is None else state
+    if state.get("optimizer_format") != "dp_reshardable":
+        return
+    if not distributed_optimizer:
+        # the plain optimizer asks for per-parameter tensors that the buckets do not hold: the load
+        # fails as if the files were damaged
+        raise ConfigError(
+            f"resuming from {step_dir}: parallel.distributed_optimizer=false now. Its optimizer state was saved "
+            f"with checkpoint.optimizer_format=dp_reshardable, which only the distributed optimizer reads: set "
+            f"parallel.distributed_optimizer=true, or start a new run (a new run_dir) from its weights with "
+            f"checkpoint.init_from={step_dir} (weights load at any layout; optimizer, schedule and data order "
+            f"start afresh)")
     saved = state.get("layout")
-    if state.get("optimizer_format") != "dp_reshardable" or not saved:
+    if not saved:
         return
     now = {"tp": tp, "pp": pp, "vpp": vpp}
     changed = [f"parallel.{k}={saved.get(k)} when saved, {v} now" for k, v in now.items() if saved.get(k) != v]
@@ -342,6 +355,33 @@ def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state:
                                                                    for k in now if saved.get(k) != now[k])
             + f", or start a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir} "
             f"(weights load at any layout; optimizer, schedule and data order start afresh)")
+
+
+def optimizer_buckets(optimizer) -> list:
+    """The distributed optimizer's gradient buckets (elements of each, per buffer, per optimizer in
+    the chain): the layout a dp_reshardable state is written in. megatron sizes buckets from
+    parallel.overlap_grad_reduce (one bucket without it) and, with it, from the data-parallel size
+    above 40 replicas."""
+    return [[next(iter(b.values())) for b in getattr(opt, "per_bucket_numel_unpadded", [])]
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def check_resume_buckets(step_dir: str, optimizer, state: dict) -> None:
+    """ConfigError unless this run's gradient buckets are those a dp_reshardable state was saved in
+    (megatron asserts it deep inside the load)."""
+    from engine.config import ConfigError
+
+    saved = state.get("optimizer_buckets")
+    if state.get("optimizer_format") != "dp_reshardable" or saved is None:
+        return
+    now = optimizer_buckets(optimizer)
+    if now != saved:
+        raise ConfigError(
+            f"resuming from {step_dir}: its optimizer state was saved with checkpoint.optimizer_format=dp_reshardable "
+            f"in gradient buckets of {saved} elements, this run has {now}. megatron sizes them from "
+            f"parallel.overlap_grad_reduce and, with it on, from the data-parallel size above 40 replicas: resume "
+            f"with the overlap setting (and, above 40 replicas, the data-parallel size) it was saved with, or start "
+            f"a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir}")
 
 
 class CheckpointNotFound(FileNotFoundError):

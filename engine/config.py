@@ -290,7 +290,8 @@ class CheckpointConfig:
     # resumes at any TP/PP/VPP/DP, but each save all-gathers a model shard's whole optimizer state on
     # every DP replica and each rank reads it whole at load (memory and I/O that grow with the model
     # shard, not the rank's share). dp_reshardable: every rank writes and reads its own share only,
-    # no exchange; a run resumes at the same TP/PP/VPP (any DP), refused otherwise before the load
+    # no exchange; a run resumes at the same TP/PP/VPP (any DP) with the distributed optimizer,
+    # refused otherwise before the load
     optimizer_format: str = setting("fully_reshardable", one_of("fully_reshardable", "dp_reshardable"))
 
 

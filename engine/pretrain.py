@@ -173,7 +173,8 @@ def check_checkpoints(cfg, derived=()) -> None:
                           f"checkpoint.init_from={found} to start from its weights), or remove them")
     if found:
         checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
-        checkpoint.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp)
+        checkpoint.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
+                                       distributed_optimizer=cfg.parallel.distributed_optimizer)
         checkpoint.check_resume_settings(found, cfg.train, skip=derived)
         if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
             raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "

@@ -287,18 +287,22 @@ def run(args) -> int:
     writable_output(args.output, "--output")
     # a line whose outputs together pass the packed sequence is scored in several groups that fit
     groups = scorer.groups([ln.items for ln in scored], args.seq_length)
-    if groups and args.seq_length:  # checked before any process group is made
-        # a line whose prefix and one output alone pass --seq-length cannot be split to fit
-        over = [i for i, g in enumerate(groups) if len(g) > args.seq_length]
+    # without --seq-length, or with one past them, the model's positions bound a packed row (as in groups())
+    positions = scorer.model_cfg.max_position_embeddings
+    limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
+                    else (positions, f"model.max_position_embeddings={positions}"))
+    if groups:  # checked before any process group is made
+        # a line whose prefix and one output alone pass the bound cannot be split to fit
+        over = [i for i, g in enumerate(groups) if len(g) > limit]
         if over and args.on_error != "skip":
             i = max(over, key=lambda j: len(groups[j]))
             raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {len(groups[i])} tokens, more than "
-                              f"--seq-length {args.seq_length} (--on-error skip writes an error line instead)")
+                              f"{bound} (--on-error skip writes an error line instead)")
         for i in over:
-            scored[i].error = f"its outputs take {len(groups[i])} tokens, more than --seq-length {args.seq_length}"
+            scored[i].error = f"its outputs take {len(groups[i])} tokens, more than {bound}"
         if over:
             if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{len(over)} line(s) longer than --seq-length {args.seq_length}, written as error lines "
+                print(f"{len(over)} line(s) longer than {bound}, written as error lines "
                       f"(--on-error skip): {', '.join(f'{args.input}:{scored[i].line}' for i in over[:5])}"
                       + (" ..." if len(over) > 5 else ""), flush=True)
             dropped = set(over)

@@ -110,7 +110,9 @@ class Trainer:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             saved = checkpoint.read_state(path)
             checkpoint.check_resume_settings(path, self.cfg.train, state=saved)
-            checkpoint.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved)
+            checkpoint.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
+                                           distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+            checkpoint.check_resume_buckets(path, self.optimizer, saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
                     f"checkpoint.resume: {path} holds weights only (no optimizer, schedule or data position: a "
@@ -159,6 +161,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
+        if self.optimizer_format == "dp_reshardable":  # the state lies in these buckets
+            state["optimizer_buckets"] = checkpoint.optimizer_buckets(self.optimizer)
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
                                model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp,
                                optimizer_format=self.optimizer_format)
@@ -215,10 +219,12 @@ class Trainer:
             return ""
         code = 0.0
         if self.rt.is_main:
-            if tc.time_limit_s > 0 and time.time() - self._fit_start > tc.time_limit_s:
-                code = 1.0
-            elif tc.stop_file and os.path.exists(tc.stop_file):
+            # the file first: only a stop made for it removes it, which is what tells a launcher that
+            # the run saved for its request (engine/launch/slurm_pretrain.sbatch then requeues)
+            if tc.stop_file and os.path.exists(tc.stop_file):
                 code = 2.0
+            elif tc.time_limit_s > 0 and time.time() - self._fit_start > tc.time_limit_s:
+                code = 1.0
         flag = torch.full((1,), code, device=self.rt.device)  # no host copy
         dist.broadcast(flag, src=0)
         return ("", "time_limit", "stop_file")[int(flag.item())]
@@ -376,7 +382,9 @@ class Trainer:
             if request:
                 self.stopped_by = request
                 stop = True
-            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps:
+            # a stop file's warning time goes to the checkpoint, not to an evaluation due at this step
+            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps \
+                    and self.stopped_by != "stop_file":
                 with progress.paused():
                     self._evaluate_all(progress)
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:

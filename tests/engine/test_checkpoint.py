@@ -91,6 +91,23 @@ def test_a_dp_reshardable_optimizer_state_resumes_only_at_its_tensor_and_pipelin
         checkpoint.check_resume_layout(str(d), tp=1, pp=1, vpp=None)
 
 
+def test_a_dp_reshardable_optimizer_state_is_refused_without_the_distributed_optimizer(tmp_path):
+    """Only megatron's distributed optimizer reads its buckets: a resume with
+    parallel.distributed_optimizer=false is refused before the load, at the same layout too (the load
+    failed as a checkpoint that 'does not read back', and advised moving the step away)."""
+    from engine.config import ConfigError
+
+    layout = {"tp": 1, "pp": 1, "dp": 2, "vpp": None}
+    d = _step(tmp_path, 3, {"step": 3, "optimizer_format": "dp_reshardable", "layout": layout})
+    checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=True)
+    with pytest.raises(ConfigError, match="optimizer_format=dp_reshardable") as e:
+        checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=False)
+    assert "parallel.distributed_optimizer=true" in str(e.value) and "checkpoint.init_from" in str(e.value)
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "optimizer_format": "fully_reshardable",
+                                                       "layout": layout}))
+    checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=False)
+
+
 @pytest.mark.parametrize("field,saved,now", [("add_qkv_bias", False, True),
                                              ("transformer_impl", "transformer_engine", "local"),
                                              ("hidden_size", 64, 128)])

@@ -84,3 +84,14 @@ def test_a_stop_file_seen_by_rank_0_stops_every_rank_at_the_same_step(reference)
     resumed = run_worker(tmp, "stopfile", 2, f"train.stop_file={stop}", "checkpoint.resume=true", init=init)
     assert_same_run(ref, resumed)
     assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
+
+
+def test_dp_reshardable_optimizer_state_is_refused_without_the_distributed_optimizer(tmp_path):
+    """A resume with parallel.distributed_optimizer=false from a dp_reshardable step is refused before
+    the load, naming the setting (the load failed, calling the checkpoint damaged)."""
+    fmt = "checkpoint.optimizer_format=dp_reshardable"
+    run_worker(tmp_path, "dpr", 1, fmt, "train.exit_at_step=2")
+    proc = run_worker(tmp_path, "dpr", 1, fmt, "parallel.distributed_optimizer=false", "checkpoint.resume=true",
+                      refused=True)
+    out = proc.stderr + proc.stdout
+    assert "parallel.distributed_optimizer=true" in out and "does not read back" not in out, out[-3000:]

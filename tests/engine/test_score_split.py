@@ -110,3 +110,20 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert [r["line"] for r in skipped.rows] == [1, 2, 3] and "more than --seq-length 256" in skipped.rows[1]["error"]
     assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)  # the same line
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
+
+
+def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_under_skip(tmp_path):
+    """Without --seq-length (or with one past the model's positions) the bound a line must fit is the
+    model's positions: a line past them is an error line under --on-error skip, not the end of the
+    run."""
+    ckpt = _checkpoint(tmp_path / "run", 2, 64, 4, 2, 176, 260, 256)
+    short = {"prompt": "p", "reference": "r", "output": "o"}
+    lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
+    refused = _score(tmp_path, ckpt, lines, "fail")
+    assert refused.returncode == 2 and "fail.jsonl:2: " in refused.stderr, refused.stderr[-2000:]
+    assert "more than model.max_position_embeddings=256" in refused.stderr
+    skipped = _score(tmp_path, ckpt, lines, "skip", "--on-error", "skip")
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert [r["line"] for r in skipped.rows] == [1, 2, 3]
+    assert "more than model.max_position_embeddings=256" in skipped.rows[1]["error"]
+    assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)

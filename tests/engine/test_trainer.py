@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -171,6 +172,19 @@ def test_a_stop_file_stops_after_the_step_that_found_it_saves_and_is_answered(ru
     assert resumed.step == 1 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4] and resumed.stopped_by == ""
 
 
+def test_a_stop_file_found_at_the_step_the_time_limit_ends_is_still_answered(runtime, tmp_path):
+    """Both stops at one step (a time limit reached while the scheduler's warning came): the stop
+    file is answered, removed once saved, so the SLURM script requeues the job; as a time-limit stop
+    the file stayed, and a job stopped early with a checkpoint was left unrequeued."""
+    stop = tmp_path / "STOP"
+    trainer = make_trainer(runtime, tmp_path / "a", f"train.stop_file={stop}", "train.time_limit_s=1e-6",
+                           "log.interval=100")
+    stop.touch()
+    assert [r["step"] for r in trainer.fit()] == [1] and trainer.stopped_by == "stop_file"
+    assert checkpoint.latest(str(tmp_path / "a" / "checkpoints")).endswith("step_00000001")
+    assert not stop.exists()
+
+
 @pytest.mark.parametrize("damaged", ["*.distcp", ".metadata"])
 def test_a_damaged_newest_checkpoint_is_named_with_the_step_to_resume_from(runtime, tmp_path, damaged):
     """A truncated shard file (or torch's .metadata) in the newest complete step was a torch
@@ -274,3 +288,34 @@ def test_the_sharding_integrity_check_runs_at_a_runs_first_save_only(runtime, tm
     trainer = make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "train.steps=3")
     trainer.fit()
     assert len(calls) == 1 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 2  # keep=2 of 3 saves
+
+
+def test_a_dp_reshardable_state_in_other_gradient_buckets_is_refused_before_the_load(runtime, tmp_path):
+    """megatron writes a dp_reshardable state bucket by bucket, and sizes the buckets from
+    parallel.overlap_grad_reduce and the data-parallel size (above 40 replicas): a resume whose
+    buckets differ was an assertion deep inside the load."""
+    fmt = "checkpoint.optimizer_format=dp_reshardable"
+    first = make_trainer(runtime, tmp_path, fmt, "train.exit_at_step=2")
+    first.fit()
+    state_file = Path(checkpoint.latest(str(tmp_path / "checkpoints"))) / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["optimizer_buckets"] == checkpoint.optimizer_buckets(first.optimizer) != []
+    assert make_trainer(runtime, tmp_path, fmt).step == 2  # the same buckets: resumes
+    state["optimizer_buckets"] = [[7, 11]]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"gradient buckets of \[\[7, 11\]\] elements.*overlap_grad_reduce"):
+        make_trainer(runtime, tmp_path, fmt)
+
+
+def test_a_stop_file_skips_the_evaluation_due_at_its_step(runtime, tmp_path):
+    from engine.data import PackedGroups
+
+    stop = tmp_path / "STOP"
+    stop.touch()
+    held = PackedGroups(random_groups(5, 10, 64, 64), 64)
+    history = make_trainer(runtime, tmp_path, f"train.stop_file={stop}", "train.eval_interval=1",
+                           evals={"held": held}).fit()
+    assert [r["step"] for r in history] == [1] and not any("eval" in r for r in history), history
+    # without the file the same settings evaluate at step 1
+    again = make_trainer(runtime, tmp_path / "b", "train.eval_interval=1", evals={"held": held}).fit()
+    assert any(r.get("eval") == "held" and r["step"] == 1 for r in again), again
