@@ -128,6 +128,8 @@ async def _gather(*coros):
     except BaseException:
         for t in tasks:
             t.cancel()
+        # wait for them to end, retrieving what each raised (asyncio logs an exception never retrieved)
+        await asyncio.gather(*tasks, return_exceptions=True)
         raise
 
 
