@@ -12,12 +12,18 @@ from tests.engine.parity import make_reference, run_worker, by_step
 RTOL = 2e-3
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """Initial weights and the uninterrupted run from them, shared by the formats on a worker."""
+    return make_reference(tmp_path_factory.mktemp("resume_gpu"))
+
+
 @pytest.mark.parametrize("fmt", ["fully_reshardable", "dp_reshardable"])
-def test_bf16_resume_gives_the_uninterrupted_losses(tmp_path, fmt):
-    tmp, init, ref = make_reference(tmp_path)
+def test_bf16_resume_gives_the_uninterrupted_losses(reference, fmt):
+    tmp, init, ref = reference
     setting = f"checkpoint.optimizer_format={fmt}"
-    run_worker(tmp, "resume", 1, setting, "train.exit_at_step=2", init=init)
-    resumed = run_worker(tmp, "resume", 1, setting, "checkpoint.resume=true", init=init)
+    run_worker(tmp, f"resume_{fmt}", 1, setting, "train.exit_at_step=2", init=init)
+    resumed = run_worker(tmp, f"resume_{fmt}", 1, setting, "checkpoint.resume=true", init=init)
     r, g = by_step(ref), by_step(resumed)
     for step in (3, 4):
         assert g[step]["loss"] == pytest.approx(r[step]["loss"], rel=RTOL), (fmt, step, r[step], g[step])
