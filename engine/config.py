@@ -475,10 +475,11 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None, *,
-                ignore: tuple = (), _chain: tuple = ()):
+                ignore: tuple = (), check: bool = True, _chain: tuple = ()):
     """Defaults of `cls`, then the YAML file at `path`, then command-line overrides. `ignore`: top-level
     sections dropped from the file (and its bases) and the overrides, for a reader of one recipe's
-    files that does not know the other recipes' sections (`polar plan`)."""
+    files that does not know the other recipes' sections (`polar plan`). `check=False`: the values
+    are not checked (--print-config shows a config that still lacks a required setting)."""
     values: dict = {}
     if path:
         p = Path(path)
@@ -511,7 +512,8 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
             parsed.pop(name, None)
         _deep_update(values, parsed)
     cfg = _build(cls, values, "")
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

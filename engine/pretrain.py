@@ -74,7 +74,8 @@ def main(argv=None, recipe=None) -> int:
         from polar.presets import resolve_config
 
         name = args.config or recipe.DEFAULT_PRESET
-        cfg = load_config(recipe.CONFIG_CLASS, resolve_config(name) if name else None, args.overrides)
+        cfg = load_config(recipe.CONFIG_CLASS, resolve_config(name) if name else None, args.overrides,
+                          check=not args.print_config)
         if args.print_config:  # the resolved settings, before the checks that need this machine's layout
             if rank == 0:
                 print(dump_yaml(cfg))

@@ -54,7 +54,9 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
 
 def _launch(module: str):
     def launch(args, rest) -> int:
-        if args.nproc > 1 and "--print-config" not in rest and "-h" not in rest and "--help" not in rest:
+        if {"--print-config", "-h", "--help"} & set(rest):  # nothing to run: one process, no torchrun
+            return subprocess.call([sys.executable, "-m", module, *rest])
+        if args.nproc > 1:
             # the start-up checks in one process first: a bad setting then ends with its one
             # `config error:` line and exit code 2, not torchrun's failure report around it (exit 1)
             env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")

@@ -31,6 +31,16 @@ def test_pretrain_passes_settings_to_the_entry_point(tmp_path):
     assert "lr: 0.5" in proc.stdout
 
 
+def test_print_config_runs_one_process_and_shows_a_config_still_lacking_a_required_setting(tmp_path):
+    """`polar finetune --print-config` (default --nproc 2) started torchrun's two processes to print a
+    config, and without finetune.train ended in a config error inside torchrun's failure report."""
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", "finetune", "--print-config", "train.lr=0.25"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "lr: 0.25" in proc.stdout and "train: ''" in proc.stdout
+    assert "torch.distributed.run" not in proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("setting, needle", [
     ("parallel.tp=3", "world size 2 is not divisible"),
     # found by reading the data and asking the machine, which the runs themselves do after torchrun starts
