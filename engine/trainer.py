@@ -323,7 +323,8 @@ class Trainer:
             # a requeued job that kept its exit_at_step would otherwise stop at once, every time
             self.log(f"train.exit_at_step={tc.exit_at_step} is not after the resumed step {self.step}: it has no "
                      f"effect, the run trains to train.steps={tc.steps} (set a later one to stop again)")
-        if tc.stop_file and self.rt.is_main and os.path.exists(tc.stop_file):
+        if tc.stop_file and self.rt.is_main and os.path.exists(tc.stop_file) and self.step + 1 < tc.steps:
+            # (the last step is not checked: a run with one step left ends as planned)
             self.log(f"train.stop_file {tc.stop_file} exists already: the run stops after its first step "
                      f"(remove the file to train on)")
         window = torch.zeros(STATS, device=self.rt.device)
