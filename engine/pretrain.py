@@ -121,14 +121,14 @@ def prepare_checked_data(cfg, recipe):
     (its order and digests, the tokenizer the checkpoints carry), before anything of the run
     directory is written (config.yaml, the tokenizer): a refused resume leaves it as it was, and
     --check-config refuses what the run would. The trainer checks the loader state again."""
-    from engine import checkpoint
+    from engine import checkpoint, resume_checks
 
     data = recipe.prepare_data(cfg)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
     if resume_from:
         if derived:
-            checkpoint.check_resume_settings(resume_from, cfg.train, derived_from=derived)
+            resume_checks.check_resume_settings(resume_from, cfg.train, derived_from=derived)
         check_resume_data(cfg, data, resume_from)
     return data
 
@@ -164,7 +164,7 @@ def check_checkpoints(cfg, derived=()) -> None:
     optimizer, schedule and data-order settings it was saved with (those in `derived`, set by the
     recipe from its data, are checked once known, by the trainer). A fresh run needs a checkpoint
     directory of its own: its steps among another run's would be pruned and resumed by step number."""
-    from engine import checkpoint
+    from engine import checkpoint, resume_checks
 
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
     found = checkpoint.latest(ckpt_dir)
@@ -174,9 +174,10 @@ def check_checkpoints(cfg, derived=()) -> None:
                           f"checkpoint.init_from={found} to start from its weights), or remove them")
     if found:
         checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
-        checkpoint.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp,
-                                       distributed_optimizer=cfg.parallel.distributed_optimizer)
-        checkpoint.check_resume_settings(found, cfg.train, skip=derived)
+        state = checkpoint.read_state(found)
+        resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
+                                          distributed_optimizer=cfg.parallel.distributed_optimizer)
+        resume_checks.check_resume_settings(found, cfg.train, skip=derived, state=state)
         if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
             raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "
                               "saved without an LM head (train.aux_lm_weight=0), and resuming keeps the "

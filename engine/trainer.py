@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint
+from engine import checkpoint, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
@@ -109,10 +109,10 @@ class Trainer:
         if path:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             saved = checkpoint.read_state(path)
-            checkpoint.check_resume_settings(path, self.cfg.train, state=saved)
-            checkpoint.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
+            resume_checks.check_resume_settings(path, self.cfg.train, state=saved)
+            resume_checks.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
                                            distributed_optimizer=self.cfg.parallel.distributed_optimizer)
-            checkpoint.check_resume_buckets(path, self.optimizer, saved)
+            resume_checks.check_resume_buckets(path, self.optimizer, saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
                     f"checkpoint.resume: {path} holds weights only (no optimizer, schedule or data position: a "
@@ -154,7 +154,7 @@ class Trainer:
         self._finish_param_sync()
         state = {
             "step": self.step,
-            "settings": checkpoint.optimizer_settings(self.cfg.train),
+            "settings": resume_checks.optimizer_settings(self.cfg.train),
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
@@ -162,7 +162,7 @@ class Trainer:
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
         }
         if self.optimizer_format == "dp_reshardable":  # the state lies in these buckets
-            state["optimizer_buckets"] = checkpoint.optimizer_buckets(self.optimizer)
+            state["optimizer_buckets"] = resume_checks.optimizer_buckets(self.optimizer)
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
                                model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp,
                                optimizer_format=self.optimizer_format)

@@ -47,67 +47,6 @@ def test_pruning_keeps_keep_steps_up_to_the_saved_one(tmp_path):
     assert [p.is_dir() for p in steps] == [False, True, True]
 
 
-def test_changed_optimizer_and_order_settings_are_named(tmp_path):
-    from engine.config import ConfigError, TrainConfig
-
-    train = TrainConfig()
-    step = _step(tmp_path, 3, {"step": 3, "settings": checkpoint.optimizer_settings(train),
-                               "loader": {"consumed_batches": 3, "global_batch": train.global_batch,
-                                          "seed": train.seed}})
-    checkpoint.check_resume_settings(str(step), train)
-    changed = TrainConfig(lr=2e-3, steps=400, adam_beta2=0.99, seed=7)
-    with pytest.raises(ConfigError) as err:
-        checkpoint.check_resume_settings(str(step), changed)
-    msg = str(err.value)
-    for part in ("train.lr=0.001 when saved, 0.002 now", "train.steps=200 when saved, 400 now",
-                 "train.adam_beta2=0.95 when saved, 0.99 now", "train.seed=1234 when saved, 7 now",
-                 f"checkpoint.init_from={step}"):
-        assert part in msg, msg
-    assert "warmup" not in msg and "grad_clip" not in msg
-    checkpoint.check_resume_settings(str(step), TrainConfig(steps=400, grad_clip=0.5), skip=("train.steps",))
-
-
-def test_a_step_saved_without_settings_is_not_checked(tmp_path):
-    from engine.config import TrainConfig
-
-    step = _step(tmp_path, 3, {"step": 3, "loader": {"consumed_batches": 3}})
-    checkpoint.check_resume_settings(str(step), TrainConfig(lr=5.0, global_batch=99))
-
-
-def test_a_dp_reshardable_optimizer_state_resumes_only_at_its_tensor_and_pipeline_layout(tmp_path):
-    from engine.config import ConfigError
-
-    layout = {"tp": 2, "pp": 2, "dp": 4, "vpp": 2}
-    d = _step(tmp_path, 3, {"step": 3, "optimizer_format": "dp_reshardable", "layout": layout})
-    checkpoint.check_resume_layout(str(d), tp=2, pp=2, vpp=2)  # any data-parallel size
-    for now, named in (((1, 2, 2), "parallel.tp=2 when saved, 1 now"), ((2, 4, 2), "parallel.pp=2 when saved, 4 now"),
-                       ((2, 2, None), "parallel.vpp=2 when saved, None now")):
-        with pytest.raises(ConfigError, match="optimizer_format=dp_reshardable") as e:
-            checkpoint.check_resume_layout(str(d), *now)
-        assert named in str(e.value) and str(d) in str(e.value)
-    # the per-parameter format, and a step saved before the setting, resume at any layout
-    for state in ({"step": 3, "optimizer_format": "fully_reshardable", "layout": layout}, {"step": 3, "layout": layout}):
-        (d / checkpoint.STATE_FILE).write_text(json.dumps(state))
-        checkpoint.check_resume_layout(str(d), tp=1, pp=1, vpp=None)
-
-
-def test_a_dp_reshardable_optimizer_state_is_refused_without_the_distributed_optimizer(tmp_path):
-    """Only megatron's distributed optimizer reads its buckets: a resume with
-    parallel.distributed_optimizer=false is refused before the load, at the same layout too (the load
-    failed as a checkpoint that 'does not read back', and advised moving the step away)."""
-    from engine.config import ConfigError
-
-    layout = {"tp": 1, "pp": 1, "dp": 2, "vpp": None}
-    d = _step(tmp_path, 3, {"step": 3, "optimizer_format": "dp_reshardable", "layout": layout})
-    checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=True)
-    with pytest.raises(ConfigError, match="optimizer_format=dp_reshardable") as e:
-        checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=False)
-    assert "parallel.distributed_optimizer=true" in str(e.value) and "checkpoint.init_from" in str(e.value)
-    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "optimizer_format": "fully_reshardable",
-                                                       "layout": layout}))
-    checkpoint.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=False)
-
-
 @pytest.mark.parametrize("field,saved,now", [("add_qkv_bias", False, True),
                                              ("transformer_impl", "transformer_engine", "local"),
                                              ("hidden_size", 64, 128)])

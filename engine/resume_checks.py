@@ -1,0 +1,104 @@
+"""What a resumed run must agree with in the step it resumes from, checked before the load (megatron
+would ignore a changed setting, or fail deep inside the load): the optimizer, schedule and data-order
+settings, and, for an optimizer state saved as dp_reshardable, the layout and the gradient buckets it
+lies in. The trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint reads the
+step's state (read_state)."""
+from __future__ import annotations
+
+from engine.checkpoint import read_state
+from engine.config import ConfigError
+
+# train settings the optimizer state and the schedule are made of. megatron restores Adam's
+# hyper-parameters and the schedule (warm-up, decay length, weight decay) from a checkpoint, and
+# refuses optimizer state whose param groups name another lr, so a change on resume would be
+# ignored or crash; it is refused instead. train.grad_clip is read afresh every step: it may change.
+OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "adam_beta1", "adam_beta2",
+                      "adam_eps")
+# recorded in the loader state (engine.data): the data order is a function of them
+ORDER_SETTINGS = ("global_batch", "seed")
+
+
+def optimizer_settings(train) -> dict:
+    return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS}
+
+
+def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, state: dict | None = None) -> None:
+    """Raises ConfigError naming every optimizer, schedule and data-order setting (engine.config.
+    TrainConfig) that differs from what the step was saved with, except those in `skip` (settings
+    not known yet). `derived_from` maps a setting a recipe computes to the setting the user sets
+    (the message names that one). A step saved before settings were recorded is not checked.
+    `state`: the step's read_state, where the caller has it."""
+    state = read_state(step_dir) if state is None else state
+    saved = dict(state.get("settings", {}))
+    loader = state.get("loader", {})
+    saved.update({f"train.{name}": loader[name] for name in ORDER_SETTINGS if name in loader})
+    now = {name: getattr(train, name.split(".", 1)[1]) for name in saved}
+    derived_from = derived_from or {}
+    changed = [f"{name}={value} when saved, {now[name]} now"
+               + (f" (derived from {derived_from[name]} and the data: both as they were)" if name in derived_from
+                  else "")
+               for name, value in saved.items() if name not in skip and now[name] != value]
+    if changed:
+        raise ConfigError(
+            f"resuming from {step_dir}: {'; '.join(changed)}. A run resumes with the optimizer, schedule and "
+            f"data-order settings it was saved with: set them back, or start a new run (a new run_dir) from its "
+            f"weights with checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order "
+            f"start afresh)")
+
+
+def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state: dict | None = None,
+                        distributed_optimizer: bool = True) -> None:
+    """ConfigError unless this layout can load the step's optimizer state: one saved as
+    dp_reshardable (megatron's distributed-optimizer buffers as they lie) loads only into the
+    distributed optimizer, at the TP, PP and VPP it was saved at; megatron would fail inside the
+    load, or read the wrong slices."""
+    state = read_state(step_dir) if state is None else state
+    if state.get("optimizer_format") != "dp_reshardable":
+        return
+    if not distributed_optimizer:
+        # the plain optimizer asks for per-parameter tensors that the buckets do not hold: the load
+        # fails as if the files were damaged
+        raise ConfigError(
+            f"resuming from {step_dir}: parallel.distributed_optimizer=false now. Its optimizer state was saved "
+            f"with checkpoint.optimizer_format=dp_reshardable, which only the distributed optimizer reads: set "
+            f"parallel.distributed_optimizer=true, or start a new run (a new run_dir) from its weights with "
+            f"checkpoint.init_from={step_dir} (weights load at any layout; optimizer, schedule and data order "
+            f"start afresh)")
+    saved = state.get("layout")
+    if not saved:
+        return
+    now = {"tp": tp, "pp": pp, "vpp": vpp}
+    changed = [f"parallel.{k}={saved.get(k)} when saved, {v} now" for k, v in now.items() if saved.get(k) != v]
+    if changed:
+        raise ConfigError(
+            f"resuming from {step_dir}: {'; '.join(changed)}. Its optimizer state was saved with "
+            f"checkpoint.optimizer_format=dp_reshardable, which loads only at the tensor/pipeline layout it was "
+            f"saved at (any data-parallel size): set " + " ".join(f"parallel.{k}={'null' if saved.get(k) is None else saved.get(k)}"
+                                                                   for k in now if saved.get(k) != now[k])
+            + f", or start a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir} "
+            f"(weights load at any layout; optimizer, schedule and data order start afresh)")
+
+
+def optimizer_buckets(optimizer) -> list:
+    """The distributed optimizer's gradient buckets (elements of each, per buffer, per optimizer in
+    the chain): the layout a dp_reshardable state is written in. megatron sizes buckets from
+    parallel.overlap_grad_reduce (one bucket without it) and, with it, from the data-parallel size
+    above 40 replicas."""
+    return [[next(iter(b.values())) for b in getattr(opt, "per_bucket_numel_unpadded", [])]
+            for opt in getattr(optimizer, "chained_optimizers", [optimizer])]
+
+
+def check_resume_buckets(step_dir: str, optimizer, state: dict) -> None:
+    """ConfigError unless this run's gradient buckets are those a dp_reshardable state was saved in
+    (megatron asserts it deep inside the load)."""
+    saved = state.get("optimizer_buckets")
+    if state.get("optimizer_format") != "dp_reshardable" or saved is None:
+        return
+    now = optimizer_buckets(optimizer)
+    if now != saved:
+        raise ConfigError(
+            f"resuming from {step_dir}: its optimizer state was saved with checkpoint.optimizer_format=dp_reshardable "
+            f"in gradient buckets of {saved} elements, this run has {now}. megatron sizes them from "
+            f"parallel.overlap_grad_reduce and, with it on, from the data-parallel size above 40 replicas: resume "
+            f"with the overlap setting (and, above 40 replicas, the data-parallel size) it was saved with, or start "
+            f"a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir}")
