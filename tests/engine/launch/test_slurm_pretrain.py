@@ -41,8 +41,9 @@ def _stubs(tmp_path: Path) -> Path:
     return bin_dir
 
 
-def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
-    """(the script's process, the arguments srun got or None), run in a fresh `tmp_path`."""
+def _env(tmp_path: Path, slurm: bool = True, **env: str) -> tuple[dict, Path]:
+    """(the script's environment: stubs first on PATH, a job's SLURM variables; the file where srun
+    records its arguments), in a fresh `tmp_path`."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / "srun_args.txt"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
@@ -52,6 +53,12 @@ def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
         run_env.update(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
                        SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="96")
     run_env.update(env)
+    return run_env, out
+
+
+def _sbatch(tmp_path: Path, *args: str, slurm: bool = True, **env: str):
+    """(the script's process, the arguments srun got or None), run in a fresh `tmp_path`."""
+    run_env, out = _env(tmp_path, slurm, **env)
     proc = subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=run_env, cwd=tmp_path,
                           timeout=60)
     return proc, out.read_text().splitlines() if out.is_file() else None
@@ -107,12 +114,7 @@ def test_outside_slurm_or_away_from_the_repository_it_says_what_to_do(tmp_path):
 def _warned(tmp_path: Path, run: str):
     """The script under SLURM's USR1 warning, sent once srun (a stub doing `run`) has started: (its
     process, what it printed, the scontrol commands other than `show`)."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    out = tmp_path / "srun_args.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
-    env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out), STUB_RUN=run,
-               POLAR_STOP_FILE=str(tmp_path / "STOP"), SLURM_JOB_ID="4242", SLURM_NNODES="2",
-               SLURM_JOB_NODELIST="gpu-node-[07-08]", SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4")
+    env, out = _env(tmp_path, STUB_RUN=run)
     proc = subprocess.Popen(["bash", str(SCRIPT), "run_dir=/shared/runs/x"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     for _ in range(400):
