@@ -9,13 +9,25 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
                 except for the keys this module writes: seq_length, vocab_size, pad_id, token_dtype,
                 and `build` (below), which it reads
 
-    .idx = magic b"PLRIDX\\0\\0", uint32 version, uint32 0, char[8] token dtype (numpy str, padded),
+    .idx = magic b"PLRIDX\\0\\0", uint32 version, uint32 K, char[8] token dtype (numpy str, padded),
            uint64 seq_length, S sequences, G groups, P pieces, T tokens, then (little-endian):
            int64 seq_groups[S+1]    groups of sequence s: seq_groups[s] .. seq_groups[s+1]
            int64 group_pieces[G+1]  pieces of group g; the first is its prefix, the rest candidates
            int64 piece_tokens[P+1]  tokens of piece p in .bin: piece_tokens[p] .. piece_tokens[p+1]
            int64 group_source[G]    the builder's id of the record a group came from (-1 = none)
            int8  piece_label[P]     -1 on a prefix, else the candidate's label (1 positive, 0 negative)
+           (version 2: zero padding to a multiple of 8 bytes, then)
+           int64 counts[K][S]       per sequence, what training needs before it reads a sequence
+                                    (COUNTS: tokens, groups, pairs, ...; engine.data.per_group_counts
+                                    summed over the sequence's groups); K = 0 in version 1
+
+Opening a version-2 shard reads O(sequences) of its index (seq_groups and counts), not O(groups):
+at 10^9 groups every rank of every node would otherwise read and check the whole index (tens of
+GB) before the first step. What a rank reads of a sequence is checked as it is read (offsets,
+labels, and its counts recomputed), so a damaged index still stops the run with the file and
+sequence named instead of training on garbage; `IndexedDataset.verify()` (`polar data stats`,
+`engine/pretrain.py --check-config`) checks every sequence at once. Version 1 (no counts) is read,
+checked and counted whole at open.
 
 Concatenating datasets is copying their shard files into one directory under names that sort in
 the wanted order (e.g. `a-part-00000-of-00002.*`, `b-part-...`); all shards must agree on
@@ -45,7 +57,10 @@ from engine.data import per_group_counts
 from engine.packing import Group
 
 MAGIC = b"PLRIDX\0\0"
-VERSION = 1
+VERSION = 2  # the version ShardWriter writes; the reader also reads 1
+# The per-sequence count columns of a version-2 index, in file order: engine.data.per_group_counts'
+# keys (another set or order is another version).
+COUNTS = ("tokens", "groups", "pairs", "positives", "lm_targets", "attention_pairs")
 _HEADER = struct.Struct("<8sII8sQQQQQ")
 
 
@@ -156,7 +171,8 @@ class ShardWriter:
         arrays = [offsets(parts["seq_groups"]), offsets(parts["group_pieces"]), offsets(parts["piece_lengths"]),
                   parts["sources"], parts["piece_labels"]]
         S, G, P = self.num_sequences, parts["group_pieces"].size, parts["piece_lengths"].size
-        header = _HEADER.pack(MAGIC, VERSION, 0, self.dtype.str.encode().ljust(8, b"\0"),
+        counts = _sequence_counts(_Index(*arrays, counts=None))
+        header = _HEADER.pack(MAGIC, VERSION, len(COUNTS), self.dtype.str.encode().ljust(8, b"\0"),
                               self.seq_length, S, G, P, self._tokens)
         meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "token_dtype": self.dtype.name,
@@ -166,6 +182,9 @@ class ShardWriter:
             f.write(header)
             for a in arrays:
                 f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            f.write(b"\0" * (-f.tell() % 8))
+            for k in COUNTS:
+                f.write(counts[k].astype("<i8", copy=False).tobytes())
         self.path.with_name(self.path.name + ".json").write_text(json.dumps(meta, indent=1))
         os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
         os.replace(tmp_idx, self.path.with_name(self.path.name + ".idx"))  # last: the shard is complete
@@ -219,6 +238,22 @@ class _Index(NamedTuple):
     piece_tokens: np.ndarray
     group_source: np.ndarray
     piece_label: np.ndarray
+    counts: np.ndarray | None  # [len(COUNTS), S] (version 2), None (version 1)
+
+
+def _check_offsets(ix: _Index, tokens: int) -> str | None:
+    """What is wrong with the offsets and labels of `ix` (whose last piece ends at `tokens`), or None.
+    Sequences hold >= 1 group and groups >= 1 piece; a piece (an engine-level prefix) may be empty."""
+    for name, a, last, least in (("sequence", ix.seq_groups, len(ix.group_pieces) - 1, 1),
+                                 ("group", ix.group_pieces, len(ix.piece_label), 1),
+                                 ("piece", ix.piece_tokens, tokens, 0)):
+        if a.size == 0 or a[0] != 0 or a[-1] != last or (np.diff(a) < least).any():
+            return f"{name} offsets do not run from 0 to {last}"
+    is_prefix = np.zeros(len(ix.piece_label), dtype=bool)
+    is_prefix[ix.group_pieces[:-1]] = True
+    if (is_prefix != (ix.piece_label == -1)).any() or not np.isin(ix.piece_label[~is_prefix], (0, 1)).all():
+        return "piece labels are not -1 on prefixes and 0/1 on candidates"
+    return None
 
 
 class _Shard:
@@ -229,26 +264,31 @@ class _Shard:
             head = f.read(_HEADER.size)
         if len(head) < _HEADER.size:
             raise DatasetFormatError(f"{idx_path}: {size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
-        magic, version, _, dt, seq_length, S, G, P, T = _HEADER.unpack(head)
+        magic, version, k, dt, seq_length, S, G, P, T = _HEADER.unpack(head)
         if magic != MAGIC:
             raise DatasetFormatError(f"{idx_path}: not a dataset index (magic {magic!r}, expected {MAGIC!r})")
-        if version != VERSION:
-            raise DatasetFormatError(f"{idx_path}: index version {version}, this reader knows {VERSION}")
+        if version not in (1, VERSION):
+            raise DatasetFormatError(f"{idx_path}: index version {version}, this reader knows 1 and {VERSION}")
+        if k != (len(COUNTS) if version == VERSION else 0):
+            raise DatasetFormatError(f"{idx_path}: {k} per-sequence count columns in a version-{version} index "
+                                     "(corrupt header)")
         self.dtype = np.dtype(dt.rstrip(b"\0").decode())
         self.seq_length = int(seq_length)
         sizes = [(S + 1, np.int64), (G + 1, np.int64), (P + 1, np.int64), (G, np.int64), (P, np.int8)]
-        expected = _HEADER.size + sum(n * np.dtype(t).itemsize for n, t in sizes)
-        if size != expected:
-            raise DatasetFormatError(
-                f"{idx_path}: {size} bytes, expected {expected} for {S} sequences, {G} groups and {P} pieces "
-                "(truncated or corrupt)")
         self._layout, off = [], _HEADER.size
         for n, t in sizes:
             nbytes = n * np.dtype(t).itemsize
             self._layout.append((off, off + nbytes, np.dtype(t).newbyteorder("<")))
             off += nbytes
+        if k:
+            off += -off % 8
+            self._layout.append((off, off + k * S * 8, np.dtype("<i8")))
+            off += k * S * 8
+        if size != off:
+            raise DatasetFormatError(
+                f"{idx_path}: {size} bytes, expected {off} for {S} sequences, {G} groups and {P} pieces "
+                "(truncated or corrupt)")
         self._idx_path, self._idx_bytes, self._maps, self._num_sequences = idx_path, size, maps, int(S)
-        ix = self.index
         bin_path = idx_path.with_suffix(".bin")
         if not bin_path.is_file():
             raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
@@ -256,16 +296,18 @@ class _Shard:
             raise DatasetFormatError(
                 f"{bin_path}: {bin_path.stat().st_size} bytes, expected {T * self.dtype.itemsize} "
                 f"({T} tokens of {self.dtype.name}; truncated or corrupt)")
-        # Sequences hold >= 1 group and groups >= 1 piece; a piece (an engine-level prefix) may be empty.
-        for name, a, last, least in (("sequence", ix.seq_groups, G, 1), ("group", ix.group_pieces, P, 1),
-                                     ("piece", ix.piece_tokens, T, 0)):
-            if a[0] != 0 or a[-1] != last or (np.diff(a) < least).any():
-                raise DatasetFormatError(f"{idx_path}: {name} offsets do not run from 0 to {last} (corrupt)")
-        is_prefix = np.zeros(P, dtype=bool)
-        is_prefix[ix.group_pieces[:-1]] = True
-        if (is_prefix != (ix.piece_label == -1)).any() or not np.isin(ix.piece_label[~is_prefix], (0, 1)).all():
-            raise DatasetFormatError(f"{idx_path}: piece labels are not -1 on prefixes and 0/1 on candidates (corrupt)")
         self._bin_path, self._num_tokens = bin_path, int(T)
+        ix = self.index
+        if ix.counts is None:
+            self.verify()  # its counts are computed from the whole index anyway
+        else:
+            # O(sequences): the sequence offsets, and the counts the run plans with against them
+            sg, c = ix.seq_groups, ix.counts
+            if sg[0] != 0 or sg[-1] != G or (np.diff(sg) < 1).any():
+                self._corrupt(f"sequence offsets do not run from 0 to {G}")
+            if ((c < 0).any() or (c[COUNTS.index("groups")] != np.diff(sg)).any()
+                    or c[COUNTS.index("tokens")].sum() != T):
+                self._corrupt(f"per-sequence counts disagree with the index's {G} groups and {T} tokens")
         meta_path = idx_path.with_suffix(".json")
         try:
             self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
@@ -275,11 +317,71 @@ class _Shard:
             raise DatasetFormatError(f"{meta_path}: seq_length {self.meta['seq_length']} disagrees with the "
                                      f"index's {self.seq_length}")
 
+    def _corrupt(self, what: str, sequence: int | None = None):
+        at = "" if sequence is None else f"packed sequence {sequence}: "
+        raise DatasetFormatError(f"{self._idx_path}: {at}{what} (corrupt; rebuild the shard)")
+
+    def verify(self) -> None:
+        """Checks the whole index: offsets, labels, and (version 2) every sequence's counts."""
+        ix = self.index
+        problem = _check_offsets(ix, self._num_tokens)
+        if problem:
+            self._corrupt(problem)
+        if ix.counts is not None:
+            counts = _sequence_counts(ix)
+            for c, key in enumerate(COUNTS):
+                bad = np.flatnonzero(counts[key] != ix.counts[c])
+                if bad.size:
+                    self._corrupt(f"its {key} count is {ix.counts[c][bad[0]]}, its groups hold "
+                                  f"{counts[key][bad[0]]} ({bad.size} sequence(s) disagree)", int(bad[0]))
+
+    def check_sequence(self, j: int, ix: _Index) -> tuple[int, int]:
+        """Its groups' range, once sequence j of a version-2 index is found whole: offsets within
+        the shard, labels, counts equal to what its groups hold. Costs O(its pieces)."""
+        g0, g1 = int(ix.seq_groups[j]), int(ix.seq_groups[j + 1])  # checked at open
+        if ix.counts is None:
+            return g0, g1  # checked whole at open
+        gp = ix.group_pieces[g0:g1 + 1]
+        p0, p1 = int(gp[0]), int(gp[-1])
+        if p0 < 0 or p1 > len(ix.piece_label) or (gp[1:] <= gp[:-1]).any():
+            self._corrupt("group offsets out of order or out of the index", j)
+        pt = ix.piece_tokens[p0:p1 + 1]
+        if pt[0] < 0 or pt[-1] > self._num_tokens or (pt[1:] < pt[:-1]).any():
+            self._corrupt("piece offsets out of order or out of the token file", j)
+        labels = ix.piece_label[p0:p1]
+        starts = gp[:-1] - p0
+        # -1 exactly on each group's first piece, 0/1 elsewhere
+        if (labels[starts] != -1).any() or int((labels == -1).sum()) != g1 - g0 or (labels > 1).any():
+            self._corrupt("piece labels are not -1 on prefixes and 0/1 on candidates", j)
+        piece_len = np.diff(pt)
+        is_cand = labels >= 0
+        per_group = per_group_counts(np.add.reduceat(piece_len, starts), np.add.reduceat(labels == 1, starts, dtype=np.int64),
+                                     np.diff(gp) - 1, piece_len[starts],
+                                     np.add.reduceat(np.where(is_cand, piece_len * piece_len, 0), starts))
+        for c, key in enumerate(COUNTS):
+            held, said = int(per_group[key].sum()), int(ix.counts[c, j])
+            if held != said:
+                self._corrupt(f"its {key} count is {said}, its groups hold {held}", j)
+        return g0, g1
+
+    def sequence_counts(self) -> dict:
+        """COUNTS of every sequence (int64 arrays): read from a version-2 index, else computed."""
+        ix = self.index
+        if ix.counts is None:
+            return _sequence_counts(ix)
+        return {k: np.array(ix.counts[c]) for c, k in enumerate(COUNTS)}
+
     @property
     def index(self) -> _Index:
         """The index arrays, memory-mapped on use."""
-        return self._maps.get(self._idx_path, np.uint8, self._idx_bytes,
-                              lambda raw: _Index(*(raw[a:b].view(dt) for a, b, dt in self._layout)))
+        def view(raw):
+            # plain arrays over the map: numpy's memmap subclass costs microseconds on every slice
+            raw = raw.view(np.ndarray)
+            arrays = [raw[a:b].view(dt) for a, b, dt in self._layout]
+            counts = arrays[5].reshape(len(COUNTS), -1) if len(arrays) > 5 else None
+            return _Index(*arrays[:5], counts=counts)
+
+        return self._maps.get(self._idx_path, np.uint8, self._idx_bytes, view)
 
     def __len__(self) -> int:
         return self._num_sequences
@@ -382,16 +484,16 @@ def _segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return cs[offsets[1:]] - cs[offsets[:-1]]
 
 
-def _per_group(s: "_Shard") -> dict:
-    """engine.data.per_group_counts of one shard's groups, from its index."""
-    ix = s.index
+def _sequence_counts(ix: _Index) -> dict:
+    """engine.data.per_group_counts of the index's groups, summed per sequence (int64 arrays)."""
     piece_len = np.diff(ix.piece_tokens)
     is_prefix = ix.piece_label < 0
     lengths = _segment_sums(piece_len, ix.group_pieces)
     n_cand = np.diff(ix.group_pieces) - 1
     n_pos = _segment_sums((ix.piece_label == 1).astype(np.int64), ix.group_pieces)
     cand_sq = _segment_sums(np.where(is_prefix, 0, piece_len * piece_len), ix.group_pieces)
-    return per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
+    per_group = per_group_counts(lengths, n_pos, n_cand, piece_len[is_prefix], cand_sq)
+    return {k: _segment_sums(per_group[k], ix.seq_groups) for k in COUNTS}
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -434,16 +536,10 @@ class IndexedDataset:
         self.meta = dict(first.meta)
         self._seq_start = np.cumsum([0] + [len(s) for s in self.shards])
 
-        per_group_parts = {k: [] for k in ("tokens", "groups", "pairs", "positives", "lm_targets",
-                                           "attention_pairs")}
-        for s in self.shards:
-            # per group, then summed per sequence: what training keeps is O(sequences); the per-group
-            # arrays (O(groups), tens of bytes a group on every rank) are built again on demand
-            for k, v in _per_group(s).items():
-                per_group_parts[k].append(_segment_sums(v, s.index.seq_groups))
+        parts = [s.sequence_counts() for s in self.shards]
         # int32 where the values fit (all but attention pairs of very long packs): every rank holds
         # these for the whole dataset, 5-6 numbers a packed sequence (sums are taken in int64)
-        self.per_sequence = {k: _narrow(np.concatenate(v)) for k, v in per_group_parts.items()}
+        self.per_sequence = {k: _narrow(np.concatenate([p[k] for p in parts])) for k in COUNTS}
         self.num_real_tokens = int(self.per_sequence["tokens"].sum())
         self.num_groups = int(self.per_sequence["groups"].sum())
 
@@ -485,12 +581,24 @@ class IndexedDataset:
         return self.shards[k], i - int(self._seq_start[k])
 
     def sequences(self, indices) -> list[list[Group]]:
-        out = []
+        # Every sequence is checked before any group is copied: the checks' short-lived arrays,
+        # interleaved with the groups kept, would leave the heap fragmented (numpy keeps small freed
+        # buffers for reuse, and each pins a page between the groups once they are freed).
+        spans = []
         for i in indices:
             shard, j = self._locate(int(i))
+            spans.append((shard, shard.check_sequence(j, shard.index)))
+        out = []
+        for shard, (g0, g1) in spans:
             tokens, ix = shard.tokens, shard.index
-            out.append([shard.group(g, tokens, ix) for g in range(int(ix.seq_groups[j]), int(ix.seq_groups[j + 1]))])
+            out.append([shard.group(g, tokens, ix) for g in range(g0, g1)])
         return out
+
+    def verify(self) -> None:
+        """Checks every shard's whole index (a run checks only the sequences it reads, as it reads
+        them); DatasetFormatError names the file and the first bad sequence."""
+        for s in self.shards:
+            s.verify()
 
     def sources(self, i: int) -> np.ndarray:
         """The builder's record ids of the groups in sequence i (tests and debugging)."""

@@ -112,7 +112,15 @@ def check_before_launch(cfg, recipe) -> None:
     from engine.parallelize import check_kernels
 
     check_kernels(cfg.train, torch.cuda.is_available(), cfg.model.hidden_size // cfg.model.num_attention_heads)
-    prepare_checked_data(cfg, recipe)
+    data = prepare_checked_data(cfg, recipe)
+    # A run checks each packed sequence of a data set on disk as it reads it; before a launch every
+    # one is (a damaged index would otherwise stop the run at the step that reads it).
+    for name, source in (("data.path", data.train), *((f"evaluation set {k}", v) for k, v in data.evals.items())):
+        if hasattr(source, "verify"):
+            try:
+                source.verify()
+            except ValueError as e:
+                raise ConfigError(f"{name}: {e}") from e
 
 
 def prepare_checked_data(cfg, recipe):

@@ -1,4 +1,5 @@
-"""`polar data stats`: what a built dataset holds, from its index alone (no token is read).
+"""`polar data stats`: what a built dataset holds, from its index alone (no token is read); it also
+checks every shard's whole index (a training run checks only what it reads, as it reads it).
 
     polar data stats ds/ [--json]
 
@@ -27,6 +28,7 @@ def compute(path: str) -> dict:
     from engine.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(path)
+    ds.verify()
     prefix, cand, group = ds.prefix_lengths, ds.candidate_lengths, ds.group_lengths
     k = ds.candidates_per_group
     duplicated = int((prefix * (k - 1)).sum())

@@ -285,3 +285,91 @@ def test_per_sequence_counts_are_int32_where_they_fit_and_sum_exactly(tmp_path, 
     assert _narrow(np.array([2**31], np.int64)).dtype == np.int64  # e.g. the attention pairs of 64k packs
     big = _narrow(np.full(4, 2**31 - 1, np.int64))
     assert big.dtype == np.int32 and int(big.sum()) == 4 * (2**31 - 1)  # a batch's sum does not wrap
+
+
+# ---- a damaged index: found when its sequence is read, by verify(), and at open in version 1 ---------
+
+def poke(stem: Path, array: int, element: int, value: int) -> None:
+    """Writes `value` into element `element` of index array `array` (the order of the module
+    docstring; 5 is the per-sequence counts, column-major) of the shard at `stem`."""
+    from engine.indexed_dataset import _FileMaps, _Shard
+
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), _FileMaps())._layout[array]
+    m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start, shape=((end - start) // dtype.itemsize,))
+    m[element] = value
+    m.flush()
+    del m
+
+
+def a_sequence_of_several_groups(packed) -> tuple[int, int]:
+    """(sequence, the index of its second group) for a sequence holding at least two groups."""
+    j = next(j for j, plan in enumerate(packed.plan) if j > 0 and len(plan) >= 2)
+    return j, sum(len(p) for p in packed.plan[:j]) + 1
+
+
+def test_counts_are_the_per_group_counts_of_the_engine():
+    from engine.data import per_group_counts
+    from engine.indexed_dataset import COUNTS
+
+    assert tuple(per_group_counts(*(np.zeros(0, np.int64),) * 5)) == COUNTS
+
+
+def test_version_1_shards_read_as_version_2_ones(tmp_path, packed):
+    from benchmarks.dataset_open import as_version_1
+
+    write(tmp_path / "v2", packed)
+    write(tmp_path / "v1", packed)
+    as_version_1(tmp_path / "v1.idx")
+    a, b = IndexedDataset(tmp_path / "v2"), IndexedDataset(tmp_path / "v1")
+    assert b.shards[0].index.counts is None and a.shards[0].index.counts is not None
+    same_groups(a.sequences(range(len(a))), b.sequences(range(len(b))))
+    for k in a.per_sequence:
+        np.testing.assert_array_equal(a.per_sequence[k], b.per_sequence[k], err_msg=k)
+    a.verify(), b.verify()
+
+
+def test_a_damaged_group_offset_stops_the_read_of_its_sequence_only(tmp_path, packed):
+    """Opening reads O(sequences) of the index, so a damaged group offset is not seen then; the
+    sequence holding it is refused when read (the file and sequence named), the others read as
+    written, and verify() finds it. A version-1 index, read whole at open, is refused there."""
+    from benchmarks.dataset_open import as_version_1
+
+    j, g = a_sequence_of_several_groups(packed)
+    write(tmp_path / "p", packed)
+    poke(tmp_path / "p", 1, g, 10**9)
+    ds = IndexedDataset(tmp_path / "p")
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: group offsets out of order"):
+        ds.sequences([j])
+    others = [i for i in range(len(ds)) if i != j]
+    same_groups(ds.sequences(others), packed.sequences(others))
+    with pytest.raises(DatasetFormatError, match=r"p\.idx: group offsets do not run from 0"):
+        ds.verify()
+    as_version_1(tmp_path / "p.idx")
+    with pytest.raises(DatasetFormatError, match=r"p\.idx: group offsets do not run from 0"):
+        IndexedDataset(tmp_path / "p")
+
+
+def test_a_damaged_label_or_count_is_named_with_its_sequence(tmp_path, packed):
+    j, g = a_sequence_of_several_groups(packed)
+    first_piece = sum(1 + len(packed.groups[x].candidates) for p in packed.plan[:j] for x in p)
+    write(tmp_path / "lab", packed)
+    poke(tmp_path / "lab", 4, first_piece, 1)  # the sequence's first prefix labelled as a candidate
+    with pytest.raises(DatasetFormatError, match=rf"packed sequence {j}: piece labels are not -1 on prefixes"):
+        IndexedDataset(tmp_path / "lab").sequences([j])
+
+    S, pairs = len(packed), list(packed.per_sequence).index("pairs")
+    write(tmp_path / "cnt", packed)
+    wrong = int(packed.per_sequence["pairs"][j]) + 1
+    poke(tmp_path / "cnt", 5, pairs * S + j, wrong)
+    ds = IndexedDataset(tmp_path / "cnt")
+    assert ds.per_sequence["pairs"][j] == wrong  # what the run plans with until it reads the sequence
+    with pytest.raises(DatasetFormatError, match=rf"packed sequence {j}: its pairs count is {wrong}, its groups "
+                                                 rf"hold {wrong - 1}"):
+        ds.sequences([j])
+    with pytest.raises(DatasetFormatError, match=rf"packed sequence {j}: its pairs count is {wrong}.*\(1 sequence"):
+        ds.verify()
+
+    write(tmp_path / "tok", packed)  # token and group counts are checked against the index at open
+    poke(tmp_path / "tok", 5, j, int(packed.per_sequence["tokens"][j]) + 1)
+    with pytest.raises(DatasetFormatError, match=r"tok\.idx: per-sequence counts disagree with the index"):
+        IndexedDataset(tmp_path / "tok")

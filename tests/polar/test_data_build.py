@@ -491,3 +491,22 @@ def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(
                       [f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}", "train.global_batch=2"])
     pretrain_recipe.check(cfg)
     assert cfg.model.vocab_size == 200
+
+
+def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
+    """A run checks a packed sequence when it reads it; `polar data stats` and --check-config check
+    the whole index before, naming the shard."""
+    from tests.engine.test_indexed_dataset import poke
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    poke(shard, 1, 1, 10**9)  # the second group's first piece
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds")]) == 2
+    assert f"{shard}.idx: group offsets do not run from 0" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
+                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
+                           f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in proc.stderr, \
+        proc.stderr[-2000:]
