@@ -21,8 +21,6 @@ production shard of 10^7-10^8 groups is far larger than the read-ahead). Groups 
 2-token prefix and two 1-token candidates): the index is what is measured.
 """
 import argparse
-import ctypes
-import mmap
 import os
 import shutil
 import subprocess
@@ -36,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
+from benchmarks.page_cache import cached_bytes, drop  # noqa: E402
 from benchmarks.dataset_memory import SEQ_LENGTH, write_shards  # noqa: E402
 from engine.indexed_dataset import _FileMaps, _Shard  # noqa: E402
 
@@ -84,42 +83,22 @@ def _indexes(root: str) -> list[str]:
 
 def drop_cached(root: str) -> None:
     for path in _indexes(root):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop(path)
 
 
-def cached_bytes(root: str) -> int:
-    """Bytes of the shards' index files now in the page cache (mincore of a mapping of each)."""
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    page = mmap.PAGESIZE
-    total = 0
-    for path in _indexes(root):
-        size = os.path.getsize(path)
-        if not size:
-            continue
-        with open(path, "rb") as f:
-            m = np.memmap(f, dtype=np.uint8, mode="r")
-            pages = -(-size // page)
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(ctypes.c_void_p(m.ctypes.data), ctypes.c_size_t(size), vec) != 0:
-                raise OSError(ctypes.get_errno(), "mincore failed")
-            total += sum(v & 1 for v in vec) * page
-            del m
-    return min(total, sum(os.path.getsize(p) for p in _indexes(root)))
+def cached(root: str) -> int:
+    """Bytes of the shards' index files now in the page cache."""
+    return sum(cached_bytes(p) for p in _indexes(root))
 
 
 def measure_open(root: str) -> dict:
     drop_cached(root)
-    before = cached_bytes(root)
+    before = cached(root)
     probe = subprocess.run([sys.executable, "-c", OPEN.format(root=ROOT, path=root)],
                            capture_output=True, text=True, check=True)
     seconds, sequences, groups = probe.stdout.split()
     return {"s": float(seconds), "sequences": int(sequences), "groups": int(groups),
-            "read": cached_bytes(root) - before, "index": sum(os.path.getsize(p) for p in _indexes(root))}
+            "read": cached(root) - before, "index": sum(os.path.getsize(p) for p in _indexes(root))}
 
 
 def measure_reads(roots: list[str], reads: int) -> list[float]:

@@ -2,9 +2,9 @@
 
     python benchmarks/dataset_read.py [--shards 8 300] [--reads 20000] [--seq-length 16384]
 
-engine/indexed_dataset.py maps at most 128 shard files at once (a shard's token .bin and its index
-.idx, so 64 shards; each map holds a file descriptor, and a dataset of hundreds of shards mapped
-whole runs into the open-file limit). This measures what that costs a loader reading packed
+engine/indexed_dataset.py keeps at most 128 shard files open at once (a shard's index .idx,
+memory-mapped, and its token .bin, open for positional reads: 64 shards; each holds a file
+descriptor, and a dataset of hundreds of shards opened whole runs into the open-file limit). This measures what that costs a loader reading packed
 sequences in random order (what a shuffled epoch does): microseconds per sequence with the default
 bound against a bound no smaller than the shard count (every map kept open), in the same run on
 the same files. Shards are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2

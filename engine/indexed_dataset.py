@@ -1,4 +1,5 @@
-"""Packed groups on disk: a writer for dataset builders and a memory-mapped reader for training.
+"""Packed groups on disk: a writer for dataset builders and a reader for training (indexes
+memory-mapped, tokens read a packed sequence at a time).
 
 A dataset is a directory of shards, read as their concatenation in file-name order. A shard is
 
@@ -198,37 +199,82 @@ class ShardWriter:
             p.unlink(missing_ok=True)
 
 
+class _TokenFile:
+    """A shard's token file, open for positional reads (os.preadv) from any thread. Closed when the
+    last holder lets go: _FileMaps may drop it while a loader thread is reading from it, and an
+    explicit close there could hand its descriptor number to another file mid-read."""
+
+    def __init__(self, path: Path, nbytes: int):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+        size = os.fstat(self.fd).st_size
+        if size != nbytes:
+            os.close(self.fd)
+            raise DatasetFormatError(f"{path}: {size} bytes, expected {nbytes} (changed since it was opened?)")
+
+    def __del__(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+
+    def read_into(self, out: np.ndarray, offset: int) -> None:
+        """Fills `out` (C-contiguous) with the bytes at `offset`: one system call, exactly these bytes."""
+        view, got = memoryview(out).cast("B"), 0
+        while got < len(view):
+            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if n == 0:
+                raise DatasetFormatError(f"{self.path}: ends at byte {offset + got}, a read needs "
+                                         f"{offset + len(view)} (truncated since it was opened?)")
+            got += n
+
+
 class _FileMaps:
-    """Read-only memory maps of shard files (token .bin and index .idx), at most `size` open at once,
-    least recently used closed first. Each map holds a file descriptor (mmap keeps a duplicate), so
-    a dataset of hundreds of shards mapped all at once runs into the open-file limit (1024 by
-    default). Mapped, not read: every rank of a node shares one copy of a file in the page cache,
-    where a private read would hold the whole index (tens of bytes a group) once per rank."""
+    """Read-only memory maps of shard indexes (.idx) and open token files (.bin), at most `size` at
+    once, least recently used dropped first. Each holds a file descriptor (a map keeps a
+    duplicate), so a dataset of hundreds of shards opened all at once runs into the open-file limit
+    (1024 by default). Indexes are mapped, not read: every rank of a node shares one copy of a file
+    in the page cache, where a private read would hold the whole index (tens of bytes a group) once
+    per rank."""
 
     def __init__(self, size: int = 128):
         self.size = size
         self._maps: OrderedDict[Path, object] = OrderedDict()
         self._lock = threading.Lock()  # loaders may read from threads
 
-    def get(self, path: Path, dtype: np.dtype, count: int, view=None):
-        """The map of `path` (`count` items of `dtype`), or `view(map)` where given, kept with it."""
+    def _cached(self, path: Path):
         with self._lock:
             m = self._maps.get(path)
             if m is not None:
                 self._maps.move_to_end(path)
-                return m
+            return m
+
+    def _keep(self, path: Path, m) -> None:
+        with self._lock:
+            self._maps[path] = m
+            # A dropped map (or file) stays valid for the arrays (or readers) already holding it;
+            # its descriptor is released with the last of them.
+            while len(self._maps) > self.size:
+                self._maps.popitem(last=False)
+
+    def get(self, path: Path, dtype: np.dtype, count: int, view=None):
+        """The map of `path` (`count` items of `dtype`), or `view(map)` where given, kept with it."""
+        m = self._cached(path)
+        if m is not None:
+            return m
         m = np.memmap(path, dtype=dtype, mode="r")
         if m.size != count:
             raise DatasetFormatError(f"{path}: {m.size} items of {np.dtype(dtype).name}, expected {count} "
                                      "(changed since it was opened?)")
         m = m if view is None else view(m)
-        with self._lock:
-            self._maps[path] = m
-            # A dropped map stays valid for the arrays already handed out; its descriptor is
-            # released with the last of them.
-            while len(self._maps) > self.size:
-                self._maps.popitem(last=False)
+        self._keep(path, m)
         return m
+
+    def file(self, path: Path, nbytes: int) -> _TokenFile:
+        """`path` (`nbytes` long) open for positional reads."""
+        f = self._cached(path)
+        if f is None:
+            f = _TokenFile(path, nbytes)
+            self._keep(path, f)
+        return f
 
 
 class _Index(NamedTuple):
@@ -386,24 +432,24 @@ class _Shard:
     def __len__(self) -> int:
         return self._num_sequences
 
-    @property
-    def tokens(self) -> np.ndarray:
-        """The shard's tokens, memory-mapped on first use."""
-        if not self._num_tokens:
-            return np.zeros(0, self.dtype)
-        return self._maps.get(self._bin_path, self.dtype, self._num_tokens)
-
-    def group(self, g: int, tokens: np.ndarray | None = None, ix: _Index | None = None) -> Group:
-        tokens = self.tokens if tokens is None else tokens
-        ix = self.index if ix is None else ix
-        p0, p1 = int(ix.group_pieces[g]), int(ix.group_pieces[g + 1])
+    def read_groups(self, g0: int, g1: int, ix: _Index) -> list[Group]:
+        """Groups g0 .. g1 - 1 (a packed sequence), whose tokens lie back to back in the .bin: read
+        with one positional read of exactly their bytes into one array the groups' pieces view.
+        Not through a map: a page fault reads around the page (the device's read-ahead, 128 KB to
+        MBs), and on data larger than the page cache that reads many times the bytes used
+        (benchmarks/dataset_cold_read.py)."""
+        p0, p1 = int(ix.group_pieces[g0]), int(ix.group_pieces[g1])
         bounds = ix.piece_tokens[p0:p1 + 1]
-        # One copy of the group's tokens (its pieces are contiguous), so that a group kept by the
-        # caller does not keep a map, and its file descriptor, open after _FileMaps dropped it.
-        span = np.array(tokens[bounds[0]:bounds[-1]])
-        bounds = bounds - bounds[0]
-        pieces = [span[bounds[i]:bounds[i + 1]] for i in range(p1 - p0)]
-        return Group(prefix=pieces[0], candidates=pieces[1:], labels=np.array(ix.piece_label[p0 + 1:p1]))
+        t0 = int(bounds[0])
+        span = np.empty(int(bounds[-1]) - t0, self.dtype)
+        if span.size:
+            self._maps.file(self._bin_path, self._num_tokens * self.dtype.itemsize).read_into(
+                span, t0 * self.dtype.itemsize)
+        pieces = np.split(span, bounds[1:-1] - t0)
+        labels = np.array(ix.piece_label[p0:p1])
+        firsts = ix.group_pieces[g0:g1 + 1] - p0
+        return [Group(prefix=pieces[a], candidates=pieces[a + 1:b], labels=labels[a + 1:b])
+                for a, b in zip(firsts[:-1].tolist(), firsts[1:].tolist())]
 
 
 # The ids the data was written with. Not the tokenizer's name: it is a path on the machine that
@@ -502,13 +548,14 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 
 
 class IndexedDataset:
-    """A directory of shards (or one shard's path without suffix), memory-mapped (at most 128 of the
-    shards' token and index files at once). What a dataset keeps in private memory is O(sequences):
-    the per-sequence counts below and the shard offsets.
+    """A directory of shards (or one shard's path without suffix): indexes memory-mapped, tokens
+    read with one positional read per packed sequence (at most 128 of the shards' index maps and
+    token files open at once). What a dataset keeps in private memory is O(sequences): the
+    per-sequence counts below and the shard offsets.
 
     Offers what GlobalBatchLoader and Trainer.evaluate use: len (packed sequences), seq_length,
-    sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Groups handed out are
-    copied from the memory map; only the requested sequences are read.
+    sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Only the requested
+    sequences are read; a sequence's groups view one array of its tokens.
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -588,11 +635,7 @@ class IndexedDataset:
         for i in indices:
             shard, j = self._locate(int(i))
             spans.append((shard, shard.check_sequence(j, shard.index)))
-        out = []
-        for shard, (g0, g1) in spans:
-            tokens, ix = shard.tokens, shard.index
-            out.append([shard.group(g, tokens, ix) for g in range(g0, g1)])
-        return out
+        return [shard.read_groups(g0, g1, shard.index) for shard, (g0, g1) in spans]
 
     def verify(self) -> None:
         """Checks every shard's whole index (a run checks only the sequences it reads, as it reads

@@ -373,3 +373,50 @@ def test_a_damaged_label_or_count_is_named_with_its_sequence(tmp_path, packed):
     poke(tmp_path / "tok", 5, j, int(packed.per_sequence["tokens"][j]) + 1)
     with pytest.raises(DatasetFormatError, match=r"tok\.idx: per-sequence counts disagree with the index"):
         IndexedDataset(tmp_path / "tok")
+
+
+# ---- tokens are read, not mapped ---------------------------------------------------------------------
+
+def test_tokens_are_read_not_mapped_and_a_file_cut_short_is_named(tmp_path, packed):
+    """A page fault reads around the page (read-ahead), many times a sequence's bytes on data larger
+    than the page cache: token files are read with positional reads, and only indexes are mapped."""
+    write(tmp_path / "p", packed)
+    ds = IndexedDataset(tmp_path / "p")
+    same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
+    maps = Path("/proc/self/maps").read_text()
+    assert str(tmp_path / "p.idx") in maps and str(tmp_path / "p.bin") not in maps
+    bin_path = tmp_path / "p.bin"
+    bin_path.write_bytes(bin_path.read_bytes()[:-2])  # the open file now ends a token early
+    with pytest.raises(DatasetFormatError, match=r"p\.bin: ends at byte .* \(truncated since it was opened\?\)"):
+        ds.sequences([len(ds) - 1])
+
+
+def test_threads_reading_while_the_open_files_are_dropped_get_their_own_bytes(tmp_path):
+    """Two loader threads read from 40 shards while at most 4 files stay open: a file dropped by one
+    thread is still read by the other (a descriptor closed under a reader could be reused by the
+    next file opened, and the read would return another shard's bytes)."""
+    import threading
+
+    expected = []
+    for k in range(40):
+        packed = PackedGroups(random_groups(100 + k, 6), SEQ)
+        write(tmp_path / f"s-{k:02d}", packed)
+        expected += packed.sequences(range(len(packed)))
+    ds = IndexedDataset(tmp_path)
+    ds._maps.size = 4
+    errors = []
+
+    def reader(seed):
+        try:
+            order = np.random.default_rng(seed).integers(0, len(ds), size=400)
+            for i in order:
+                same_groups(ds.sequences([int(i)]), [expected[int(i)]])
+        except Exception as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
