@@ -14,7 +14,7 @@ so each random sequence brings in more than its own bytes.
 Each row drops the token file's pages from the page cache (posix_fadvise DONTNEED; ext4 and xfs
 honour it), reads `--reads` random sequences, and reports the bytes that came into the page cache
 (mincore), against the bytes the sequences hold, and the wall time; then the same reads again
-with the pages cached (median of 5 passes). The index is read beforehand
+with the pages cached (median of 7 passes, the two readers' passes alternating). The index is read beforehand
 and stays cached: the tokens are what is measured. int16-sized tokens (vocabulary <= 65,536).
 """
 import argparse
@@ -101,31 +101,34 @@ def main():
         print("|---|---:|---:|---:|---:|")
         # The engine first: pages a map has faulted in stay cached (DONTNEED skips mapped pages)
         # while the map lives.
+        readers, rows = {}, {}
         for name, make in (("positional reads (engine)", lambda: lambda j: ds.sequences([j])),
                            ("memory map (before)", lambda: mapped_reader(ds))):
-            read = make()
+            read = readers[name] = make()
             read(int(order[0]))  # the index pages, and anything else a first read sets up
             drop(bin_path)
             before = cached_bytes(bin_path)
             if before > 0.01 * size:
-                print(f"| {name} | (the page cache kept {before / 2**20:.0f} MiB of the file after DONTNEED: "
-                      "this file system cannot be measured) | | |")
+                rows[name] = (f"(the page cache kept {before / 2**20:.0f} MiB of the file after DONTNEED: this "
+                              "file system cannot be measured) | |")
                 continue
             t = time.perf_counter()
             for j in order:
                 read(int(j))
             dt = time.perf_counter() - t
             got = cached_bytes(bin_path) - before
-            warm = []
-            for _ in range(5):  # the same sequences again, now cached
+            rows[name] = f"{got / 2**20:.1f} | {got / wanted:.2f}x | {1e3 * dt / args.reads:.2f}"
+        # Warm: the same sequences again, now cached, the readers' passes alternating (the
+        # machine's load drifts over seconds and would otherwise land on one reader).
+        warm = {name: [] for name in readers}
+        for _ in range(7):
+            for name, read in readers.items():
                 t = time.perf_counter()
                 for j in order:
                     read(int(j))
-                warm.append((time.perf_counter() - t) / args.reads)
-            print(f"| {name} | {got / 2**20:.1f} | {got / wanted:.2f}x | {1e3 * dt / args.reads:.2f} | "
-                  f"{1e6 * float(np.median(warm)):.0f} |", flush=True)
-            del read
-
+                warm[name].append((time.perf_counter() - t) / args.reads)
+        for name, row in rows.items():
+            print(f"| {name} | {row} | {1e6 * float(np.median(warm[name])):.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
