@@ -206,6 +206,7 @@ class _TokenFile:
 
     def __init__(self, path: Path, nbytes: int):
         self.path = path
+        self._close = os.close  # held: at interpreter exit the module's globals may be gone first
         self.fd = os.open(path, os.O_RDONLY)
         size = os.fstat(self.fd).st_size
         if size != nbytes:
@@ -214,13 +215,17 @@ class _TokenFile:
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
-            os.close(self.fd)
+            self._close(self.fd)
 
     def read_into(self, out: np.ndarray, offset: int) -> None:
         """Fills `out` (C-contiguous) with the bytes at `offset`: one system call, exactly these bytes."""
         view, got = memoryview(out).cast("B"), 0
         while got < len(view):
-            n = os.preadv(self.fd, [view[got:]], offset + got)
+            if hasattr(os, "preadv"):
+                n = os.preadv(self.fd, [view[got:]], offset + got)
+            else:  # no preadv (macOS before 11): one copy more
+                chunk = os.pread(self.fd, len(view) - got, offset + got)
+                view[got:got + len(chunk)], n = chunk, len(chunk)
             if n == 0:
                 raise DatasetFormatError(f"{self.path}: ends at byte {offset + got}, a read needs "
                                          f"{offset + len(view)} (truncated since it was opened?)")

@@ -420,3 +420,12 @@ def test_threads_reading_while_the_open_files_are_dropped_get_their_own_bytes(tm
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_without_preadv_tokens_are_read_with_pread(tmp_path, packed, monkeypatch):
+    import os
+
+    write(tmp_path / "p", packed)
+    monkeypatch.delattr(os, "preadv")
+    ds = IndexedDataset(tmp_path / "p")
+    same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
