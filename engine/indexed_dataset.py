@@ -14,6 +14,7 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
            uint64 seq_length, S sequences, G groups, P pieces, T tokens, then (little-endian):
            int64 seq_groups[S+1]    groups of sequence s: seq_groups[s] .. seq_groups[s+1]
            int64 group_pieces[G+1]  pieces of group g; the first is its prefix, the rest candidates
+                                    (non-empty, a positive and a negative among them)
            int64 piece_tokens[P+1]  tokens of piece p in .bin: piece_tokens[p] .. piece_tokens[p+1]
            int64 group_source[G]    the builder's id of the record a group came from (-1 = none)
            int8  piece_label[P]     -1 on a prefix, else the candidate's label (1 positive, 0 negative)
@@ -133,6 +134,10 @@ class ShardWriter:
         is_prefix[starts[:-1]] = True
         if (is_prefix != (piece_labels == -1)).any() or not np.isin(piece_labels[~is_prefix], (0, 1)).all():
             raise ValueError("piece labels must be -1 on each group's first piece (its prefix) and 0/1 on candidates")
+        problem = _groups_problem(group_pieces - 1, _segment_sums((piece_labels == 1).astype(np.int64), starts),
+                                  piece_lengths[~is_prefix])
+        if problem:
+            raise ValueError(f"{problem}: engine.packing.Group refuses it")
         group_tokens = _segment_sums(piece_lengths, starts)
         seq_starts = np.zeros(seq_groups.size + 1, dtype=np.int64)
         np.cumsum(seq_groups, out=seq_starts[1:])
@@ -204,14 +209,18 @@ class _TokenFile:
     last holder lets go: _FileMaps may drop it while a loader thread is reading from it, and an
     explicit close there could hand its descriptor number to another file mid-read."""
 
-    def __init__(self, path: Path, nbytes: int):
+    def __init__(self, path: Path, opened: os.stat_result):
         self.path = path
         self._close = os.close  # held: at interpreter exit the module's globals may be gone first
-        self.fd = os.open(path, os.O_RDONLY)
-        size = os.fstat(self.fd).st_size
-        if size != nbytes:
-            os.close(self.fd)
-            raise DatasetFormatError(f"{path}: {size} bytes, expected {nbytes} (changed since it was opened?)")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            _check_unchanged(path, os.fstat(fd), opened)
+        except BaseException:
+            os.close(fd)
+            raise
+        # Set only now: a refused file's object is dropped when its error is (much later, if the error
+        # is kept), and __del__ would close the number again, by then another file's.
+        self.fd = fd
 
     def __del__(self):
         if getattr(self, "fd", None) is not None:
@@ -260,26 +269,44 @@ class _FileMaps:
             while len(self._maps) > self.size:
                 self._maps.popitem(last=False)
 
-    def get(self, path: Path, dtype: np.dtype, count: int, view=None):
-        """The map of `path` (`count` items of `dtype`), or `view(map)` where given, kept with it."""
+    def get(self, path: Path, opened: os.stat_result, view=None):
+        """The map of `path` (bytes; the file `opened` describes), or `view(map)` where given, kept with it."""
         m = self._cached(path)
         if m is not None:
             return m
-        m = np.memmap(path, dtype=dtype, mode="r")
-        if m.size != count:
-            raise DatasetFormatError(f"{path}: {m.size} items of {np.dtype(dtype).name}, expected {count} "
-                                     "(changed since it was opened?)")
+        with open(path, "rb") as f:
+            _check_unchanged(path, os.fstat(f.fileno()), opened)
+            m = np.memmap(f, dtype=np.uint8, mode="r")
         m = m if view is None else view(m)
         self._keep(path, m)
         return m
 
-    def file(self, path: Path, nbytes: int) -> _TokenFile:
-        """`path` (`nbytes` long) open for positional reads."""
+    def file(self, path: Path, opened: os.stat_result) -> _TokenFile:
+        """`path` (the file `opened` describes) open for positional reads."""
         f = self._cached(path)
         if f is None:
-            f = _TokenFile(path, nbytes)
+            f = _TokenFile(path, opened)
             self._keep(path, f)
         return f
+
+
+def _check_unchanged(path: Path, now: os.stat_result, opened: os.stat_result) -> None:
+    """DatasetFormatError unless `now` is the file `opened` was: what was checked at open (sizes,
+    sequence offsets, counts) holds for that file only, and a shard rebuilt under an open dataset
+    (another seed: files of the same sizes) would be read under the old counts and order."""
+    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (opened.st_dev, opened.st_ino, opened.st_size,
+                                                                   opened.st_mtime_ns):
+        raise DatasetFormatError(f"{path}: replaced or rewritten since the dataset was opened (now {now.st_size} "
+                                 f"bytes, then {opened.st_size}); open the dataset again")
+
+
+def _groups_problem(n_cand: np.ndarray, n_pos: np.ndarray, cand_lengths: np.ndarray) -> str | None:
+    """What engine.packing.Group would refuse of groups of n_cand candidates, n_pos of them positive
+    (`cand_lengths`: their candidates' lengths), or None. Read, such a group would stop a run with
+    Group's error, which names neither the shard nor the sequence."""
+    if (n_pos < 1).any() or (n_pos >= n_cand).any() or (cand_lengths < 1).any():
+        return "a group without a positive and a negative candidate, or with an empty candidate"
+    return None
 
 
 class _Index(NamedTuple):
@@ -294,7 +321,8 @@ class _Index(NamedTuple):
 
 def _check_offsets(ix: _Index, tokens: int) -> str | None:
     """What is wrong with the offsets and labels of `ix` (whose last piece ends at `tokens`), or None.
-    Sequences hold >= 1 group and groups >= 1 piece; a piece (an engine-level prefix) may be empty."""
+    Sequences hold >= 1 group, and groups a prefix (which may be empty) and candidates as
+    _groups_problem asks."""
     for name, a, last, least in (("sequence", ix.seq_groups, len(ix.group_pieces) - 1, 1),
                                  ("group", ix.group_pieces, len(ix.piece_label), 1),
                                  ("piece", ix.piece_tokens, tokens, 0)):
@@ -304,15 +332,18 @@ def _check_offsets(ix: _Index, tokens: int) -> str | None:
     is_prefix[ix.group_pieces[:-1]] = True
     if (is_prefix != (ix.piece_label == -1)).any() or not np.isin(ix.piece_label[~is_prefix], (0, 1)).all():
         return "piece labels are not -1 on prefixes and 0/1 on candidates"
-    return None
+    return _groups_problem(np.diff(ix.group_pieces) - 1,
+                           _segment_sums((ix.piece_label == 1).astype(np.int64), ix.group_pieces),
+                           np.diff(ix.piece_tokens)[~is_prefix])
 
 
 class _Shard:
     def __init__(self, idx_path: Path, maps: _FileMaps):
         self.name = idx_path.with_suffix("")
-        size = idx_path.stat().st_size
         with open(idx_path, "rb") as f:
+            self._idx_stat = os.fstat(f.fileno())  # the file every later map must be
             head = f.read(_HEADER.size)
+        size = self._idx_stat.st_size
         if len(head) < _HEADER.size:
             raise DatasetFormatError(f"{idx_path}: {size} bytes, shorter than the {_HEADER.size}-byte header (truncated?)")
         magic, version, k, dt, seq_length, S, G, P, T = _HEADER.unpack(head)
@@ -323,7 +354,15 @@ class _Shard:
         if k != (len(COUNTS) if version == VERSION else 0):
             raise DatasetFormatError(f"{idx_path}: {k} per-sequence count columns in a version-{version} index "
                                      "(corrupt header)")
-        self.dtype = np.dtype(dt.rstrip(b"\0").decode())
+        dt = dt.rstrip(b"\0")
+        try:
+            self.dtype = np.dtype(dt.decode())
+        except (TypeError, ValueError):  # no dtype's name (UnicodeDecodeError is a ValueError)
+            self.dtype = None
+        # What the writer writes (token_dtype), in either byte order: the ids of another would be
+        # wrong (int16 turns ids >= 32768 negative, and Group checks no range of 16-bit ids).
+        if self.dtype is None or self.dtype.newbyteorder("=") not in (np.dtype(np.uint16), np.dtype(np.int32)):
+            raise DatasetFormatError(f"{idx_path}: token dtype {dt!r}, expected uint16 or int32 (corrupt header)")
         self.seq_length = int(seq_length)
         sizes = [(S + 1, np.int64), (G + 1, np.int64), (P + 1, np.int64), (G, np.int64), (P, np.int8)]
         self._layout, off = [], _HEADER.size
@@ -339,13 +378,14 @@ class _Shard:
             raise DatasetFormatError(
                 f"{idx_path}: {size} bytes, expected {off} for {S} sequences, {G} groups and {P} pieces "
                 "(truncated or corrupt)")
-        self._idx_path, self._idx_bytes, self._maps, self._num_sequences = idx_path, size, maps, int(S)
+        self._idx_path, self._maps, self._num_sequences = idx_path, maps, int(S)
         bin_path = idx_path.with_suffix(".bin")
         if not bin_path.is_file():
             raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
-        if bin_path.stat().st_size != T * self.dtype.itemsize:
+        self._bin_stat = bin_path.stat()
+        if self._bin_stat.st_size != T * self.dtype.itemsize:
             raise DatasetFormatError(
-                f"{bin_path}: {bin_path.stat().st_size} bytes, expected {T * self.dtype.itemsize} "
+                f"{bin_path}: {self._bin_stat.st_size} bytes, expected {T * self.dtype.itemsize} "
                 f"({T} tokens of {self.dtype.name}; truncated or corrupt)")
         self._bin_path, self._num_tokens = bin_path, int(T)
         ix = self.index
@@ -354,16 +394,23 @@ class _Shard:
         else:
             # O(sequences): the sequence offsets, and the counts the run plans with against them
             sg, c = ix.seq_groups, ix.counts
+            tokens = c[COUNTS.index("tokens")]
             if sg[0] != 0 or sg[-1] != G or (np.diff(sg) < 1).any():
                 self._corrupt(f"sequence offsets do not run from 0 to {G}")
-            if ((c < 0).any() or (c[COUNTS.index("groups")] != np.diff(sg)).any()
-                    or c[COUNTS.index("tokens")].sum() != T):
+            if (c < 0).any() or (c[COUNTS.index("groups")] != np.diff(sg)).any() or tokens.sum() != T:
                 self._corrupt(f"per-sequence counts disagree with the index's {G} groups and {T} tokens")
+            # as written; and token counts wrapping around int64 add up to T as well
+            over = np.flatnonzero(tokens > self.seq_length)
+            if over.size:
+                self._corrupt(f"its tokens count is {tokens[over[0]]}, more than seq_length {self.seq_length}",
+                              int(over[0]))
         meta_path = idx_path.with_suffix(".json")
         try:
-            self.meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-        except json.JSONDecodeError as e:
+            self.meta = json.loads(meta_path.read_bytes()) if meta_path.is_file() else {}
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise DatasetFormatError(f"{meta_path}: not valid JSON: {e}") from e
+        if not isinstance(self.meta, dict):
+            raise DatasetFormatError(f"{meta_path}: not a JSON object (got {type(self.meta).__name__})")
         if self.meta.get("seq_length", self.seq_length) != self.seq_length:
             raise DatasetFormatError(f"{meta_path}: seq_length {self.meta['seq_length']} disagrees with the "
                                      f"index's {self.seq_length}")
@@ -402,12 +449,16 @@ class _Shard:
         labels = ix.piece_label[p0:p1]
         starts = gp[:-1] - p0
         # -1 exactly on each group's first piece, 0/1 elsewhere
-        if (labels[starts] != -1).any() or int((labels == -1).sum()) != g1 - g0 or (labels > 1).any():
+        if ((labels[starts] != -1).any() or int((labels == -1).sum()) != g1 - g0 or (labels < -1).any()
+                or (labels > 1).any()):
             self._corrupt("piece labels are not -1 on prefixes and 0/1 on candidates", j)
         piece_len = np.diff(pt)
         is_cand = labels >= 0
-        per_group = per_group_counts(np.add.reduceat(piece_len, starts), np.add.reduceat(labels == 1, starts, dtype=np.int64),
-                                     np.diff(gp) - 1, piece_len[starts],
+        n_pos, n_cand = np.add.reduceat(labels == 1, starts, dtype=np.int64), np.diff(gp) - 1
+        problem = _groups_problem(n_cand, n_pos, piece_len[is_cand])
+        if problem:
+            self._corrupt(problem, j)
+        per_group = per_group_counts(np.add.reduceat(piece_len, starts), n_pos, n_cand, piece_len[starts],
                                      np.add.reduceat(np.where(is_cand, piece_len * piece_len, 0), starts))
         for c, key in enumerate(COUNTS):
             held, said = int(per_group[key].sum()), int(ix.counts[c, j])
@@ -432,7 +483,7 @@ class _Shard:
             counts = arrays[5].reshape(len(COUNTS), -1) if len(arrays) > 5 else None
             return _Index(*arrays[:5], counts=counts)
 
-        return self._maps.get(self._idx_path, np.uint8, self._idx_bytes, view)
+        return self._maps.get(self._idx_path, self._idx_stat, view)
 
     def __len__(self) -> int:
         return self._num_sequences
@@ -448,7 +499,7 @@ class _Shard:
         t0 = int(bounds[0])
         span = np.empty(int(bounds[-1]) - t0, self.dtype)
         if span.size:
-            self._maps.file(self._bin_path, self._num_tokens * self.dtype.itemsize).read_into(
+            self._maps.file(self._bin_path, self._bin_stat).read_into(
                 span, t0 * self.dtype.itemsize)
         pieces = np.split(span, bounds[1:-1] - t0)
         labels = np.array(ix.piece_label[p0:p1])

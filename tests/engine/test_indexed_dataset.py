@@ -429,3 +429,182 @@ def test_without_preadv_tokens_are_read_with_pread(tmp_path, packed, monkeypatch
     monkeypatch.delattr(os, "preadv")
     ds = IndexedDataset(tmp_path / "p")
     same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
+
+
+# ---- damaged or replaced files the checks above let through ------------------------------------------
+
+def write_counts(stem: Path, counts: dict) -> None:
+    """Overwrites per-sequence count columns of the shard at `stem` ({key: values}) in one write, so
+    that no check runs between two damaged columns."""
+    from engine.indexed_dataset import COUNTS, _FileMaps, _Shard
+
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), _FileMaps())._layout[5]
+    m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
+                  shape=(len(COUNTS), (end - start) // dtype.itemsize // len(COUNTS)))
+    for key, values in counts.items():
+        m[COUNTS.index(key)] = values
+    m.flush()
+    del m
+
+
+def recount(stem: Path, packed: PackedGroups, j: int, groups: list[tuple]) -> None:
+    """Makes sequence j's counts agree with what its damaged index now describes, `groups` of
+    (prefix length, candidate lengths, labels): a damage the counts do not give away. A label below
+    0 is not a candidate's (as check_sequence counts)."""
+    from engine.data import per_group_counts
+
+    cols = {k: np.array(v, np.int64) for k, v in packed.per_sequence.items()}
+    per_group = per_group_counts(
+        np.array([p + sum(c) for p, c, _ in groups]), np.array([sum(x == 1 for x in lab) for _, _, lab in groups]),
+        np.array([len(c) for _, c, _ in groups]), np.array([p for p, _, _ in groups]),
+        np.array([sum(n * n for n, x in zip(c, lab) if x >= 0) for _, c, lab in groups]))
+    for k, v in per_group.items():
+        cols[k][j] = int(v.sum())
+    write_counts(stem, cols)
+
+
+def described(packed: PackedGroups, j: int) -> tuple[int, list]:
+    """(the first piece of sequence j, its groups as recount takes them)."""
+    first = sum(1 + len(packed.groups[g].candidates) for p in packed.plan[:j] for g in p)
+    return first, [(len(g.prefix), [len(c) for c in g.candidates], g.labels.tolist())
+                   for g in (packed.groups[i] for i in packed.plan[j])]
+
+
+def test_a_token_file_refused_when_reopened_leaves_other_descriptors_open(tmp_path, packed):
+    """A token file whose size changed since the dataset was opened is refused; its descriptor,
+    closed then, is not closed again when the refused object goes (by then the number may be another
+    file's, here a log's)."""
+    import gc
+
+    write(tmp_path / "p", packed)
+    ds = IndexedDataset(tmp_path / "p")
+    (tmp_path / "p.bin").write_bytes((tmp_path / "p.bin").read_bytes() + b"\0\0")
+    errors = []
+    try:
+        ds.sequences([0])
+    except DatasetFormatError as e:  # kept, as a loader thread's error is until the step raises it
+        errors.append(e)
+    assert errors and "p.bin: " in str(errors[0])
+    with open(tmp_path / "log", "w") as log:
+        errors.clear()
+        gc.collect()
+        log.write("step 1\n")
+        log.flush()  # EBADF had its descriptor been closed under it
+    assert (tmp_path / "log").read_text() == "step 1\n"
+
+
+@pytest.mark.parametrize("replaced", [".idx", ".bin"])
+def test_a_shard_replaced_on_disk_while_open_is_refused_not_read(tmp_path, replaced):
+    """What was checked at open (sequence offsets, counts, sizes) holds for the files then opened: a
+    shard rebuilt under an open dataset (the same records in another order: files of the same
+    sizes) is refused when its files are opened again, not read under the old counts and order."""
+    groups = random_groups(0, 120)
+    a = PackedGroups(groups, SEQ)
+    write(tmp_path / "ds" / "a", a)
+    write(tmp_path / "ds" / "b", PackedGroups(random_groups(1, 50), SEQ))
+    write(tmp_path / "new" / "a", PackedGroups(groups[::-1], SEQ))
+    ds = IndexedDataset(tmp_path / "ds")
+    ds._maps.size = 2
+    ds.sequences([0]), ds.sequences([len(a)])  # a's files are dropped from the open ones
+    old, new = tmp_path / "ds" / f"a{replaced}", tmp_path / "new" / f"a{replaced}"
+    assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
+    new.replace(old)
+    with pytest.raises(DatasetFormatError, match=rf"a\{replaced}: replaced or rewritten since the dataset was opened"):
+        ds.sequences(range(len(a)))
+
+
+@pytest.mark.parametrize("dtype", [b"zz", b"\xff\xfe", b"<f2", b"V2", b"<i2", b"O"])
+def test_a_header_naming_no_token_dtype_is_named(tmp_path, packed, dtype):
+    """The header's token dtype is one the writer writes (uint16 or int32), else the index is refused
+    at open: a float or void dtype would be read as tokens, int16 would turn ids >= 32768 negative."""
+    write(tmp_path / "p", packed)
+    with open(tmp_path / "p.idx", "r+b") as f:
+        f.seek(16)
+        f.write(dtype.ljust(8, b"\0"))
+    with pytest.raises(DatasetFormatError, match=r"p\.idx: token dtype .*, expected uint16 or int32"):
+        IndexedDataset(tmp_path / "p")
+
+
+def test_a_big_endian_token_file_reads_the_same(tmp_path, packed):
+    """A shard written on a big-endian machine names its byte order in the header."""
+    write(tmp_path / "p", packed)
+    b = tmp_path / "p.bin"
+    b.write_bytes(np.fromfile(b, "<u2").astype(">u2").tobytes())
+    with open(tmp_path / "p.idx", "r+b") as f:
+        f.seek(16)
+        f.write(b">u2".ljust(8, b"\0"))
+    same_groups(IndexedDataset(tmp_path / "p").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+
+
+def test_token_counts_past_seq_length_are_refused_at_open(tmp_path, packed):
+    """The token counts add up to the shard's tokens, and each fits seq_length: counts that wrap
+    around int64 add up too, and the run would plan with them until it read their sequences."""
+    T, tokens = packed.num_real_tokens, np.array(packed.per_sequence["tokens"], np.int64)
+    wrapped = tokens.copy()
+    wrapped[:3] = 2**63 - 1, 2**63 - 1, T - int(tokens[3:].sum()) + 2  # sums to T modulo 2**64
+    moved = tokens.copy()
+    moved[0], moved[1] = SEQ + 1, tokens[0] + tokens[1] - SEQ - 1
+    assert moved[1] >= 0
+    for name, column in (("wrapped", wrapped), ("moved", moved)):
+        write(tmp_path / name, packed)
+        write_counts(tmp_path / name, {"tokens": column})
+        with pytest.raises(DatasetFormatError, match=rf"{name}\.idx: packed sequence 0: its tokens count is "
+                                                     rf"{column[0]}, more than seq_length {SEQ}"):
+            IndexedDataset(tmp_path / name)
+
+
+def test_a_label_below_minus_1_is_refused_even_where_the_counts_agree(tmp_path, packed):
+    j = 3
+    first, groups = described(packed, j)
+    k = groups[0][2].index(0)
+    groups[0][2][k] = -5
+    write(tmp_path / "p", packed)
+    poke(tmp_path / "p", 4, first + 1 + k, -5)
+    recount(tmp_path / "p", packed, j, groups)
+    ds = IndexedDataset(tmp_path / "p")
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: piece labels are not -1"):
+        ds.sequences([j])
+    with pytest.raises(DatasetFormatError, match=r"p\.idx: piece labels are not -1"):
+        ds.verify()
+
+
+@pytest.mark.parametrize("damage", ["all positive", "empty candidate"])
+def test_a_group_the_engine_refuses_is_named_when_read_and_by_verify(tmp_path, packed, damage):
+    """engine.packing.Group refuses a group without a positive and a negative candidate, or with an
+    empty candidate; an index describing one (its counts agreeing) is refused naming the shard and
+    the sequence, not by Group naming neither, and verify() finds it."""
+    j = 3
+    first, groups = described(packed, j)
+    prefix, cands, labels = groups[0]
+    write(tmp_path / "p", packed)
+    if damage == "all positive":
+        for i in np.flatnonzero(np.array(labels) == 0):
+            poke(tmp_path / "p", 4, first + 1 + int(i), 1)
+        groups[0] = (prefix, cands, [1] * len(cands))
+    else:  # the first candidate's tokens given to the prefix
+        start = int(packed.per_sequence["tokens"][:j].sum())  # pieces lie back to back
+        poke(tmp_path / "p", 2, first + 1, start + prefix + cands[0])
+        groups[0] = (prefix + cands[0], [0, *cands[1:]], labels)
+    recount(tmp_path / "p", packed, j, groups)
+    ds = IndexedDataset(tmp_path / "p")
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: a group without"):
+        ds.sequences([j])
+    with pytest.raises(DatasetFormatError, match=r"p\.idx: a group without"):
+        ds.verify()
+
+
+def test_the_writer_refuses_groups_the_reader_refuses(tmp_path):
+    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
+    for lengths, labels in (([1, 1, 1], [-1, 1, 1]), ([1, 0, 1], [-1, 1, 0])):
+        with pytest.raises(ValueError, match="a group without"):
+            w.add_sequences(tokens=np.ones(sum(lengths), np.int64), piece_lengths=lengths, piece_labels=labels,
+                            group_pieces=[3], seq_groups=[1])
+    w.abort()
+
+
+@pytest.mark.parametrize("text", [b"[]", b"3", b'{"note": "\xff\xfe"}'])
+def test_metadata_that_is_no_json_object_is_named(tmp_path, packed, text):
+    write(tmp_path / "p", packed)
+    (tmp_path / "p.json").write_bytes(text)
+    with pytest.raises(DatasetFormatError, match=r"p\.json: not "):
+        IndexedDataset(tmp_path)

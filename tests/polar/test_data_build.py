@@ -510,3 +510,20 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, reco
                            f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in proc.stderr, \
         proc.stderr[-2000:]
+
+
+def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(tmp_path, records, capsys):
+    """A damaged header is a named error with exit code 2, not a numpy traceback."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    with open(f"{shard}.idx", "r+b") as f:
+        f.seek(16)  # the token dtype's name
+        f.write(b"zz".ljust(8, b"\0"))
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds")]) == 2
+    assert f"{shard}.idx: token dtype b'zz', expected uint16 or int32" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
+                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
+                           f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2 and f"{shard}.idx: token dtype b'zz'" in proc.stderr, proc.stderr[-2000:]
