@@ -93,12 +93,19 @@ def main(argv=None, recipe=None) -> int:
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    from engine.indexed_dataset import DatasetFormatError
     from engine.trainer import NonFiniteError
 
     try:
         return run(cfg, recipe)
     except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    except DatasetFormatError as e:
+        # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
+        # so it is printed here, not by rank 0 alone).
+        print(f"data error on rank {rank}: {e}; `polar data stats PATH` (or --check-config) checks every "
+              "shard", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     except NonFiniteError as e:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -494,8 +495,8 @@ def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(
 
 
 def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
-    """A run checks a packed sequence when it reads it; `polar data stats` and --check-config check
-    the whole index before, naming the shard."""
+    """A run checks a packed sequence when it reads it, and stops there naming it; `polar data
+    stats` and --check-config check the whole index before, naming the shard."""
     from tests.engine.test_indexed_dataset import poke
 
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
@@ -510,6 +511,13 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, reco
                            f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in proc.stderr, \
         proc.stderr[-2000:]
+    epoch = -(-len(IndexedDataset(tmp_path / "ds")) // 2)  # steps of 2 sequences that read every one
+    run = subprocess.run(pretrain_cmd(tmp_path, "run", "train.global_batch=2", f"train.steps={epoch}",
+                                      f"data.path={tmp_path / 'ds'}"),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.search(rf"data error on rank 0: {re.escape(str(shard))}\.idx: packed sequence \d+: group offsets",
+                     run.stderr), run.stderr[-3000:]
 
 
 def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(tmp_path, records, capsys):
