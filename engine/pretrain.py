@@ -125,7 +125,8 @@ def check_before_launch(cfg, recipe) -> None:
     for name, source in (("data.path", data.train), *((f"evaluation set {k}", v) for k, v in data.evals.items())):
         if hasattr(source, "verify"):
             try:
-                source.verify()
+                source.verify(log=(lambda line: print(line, file=sys.stderr, flush=True))
+                              if int(os.environ.get("RANK", "0")) == 0 else None)
             except ValueError as e:
                 raise ConfigError(f"{name}: {e}") from e
 

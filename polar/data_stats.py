@@ -28,7 +28,7 @@ def compute(path: str) -> dict:
     from engine.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(path)
-    ds.verify()
+    ds.verify(log=lambda line: print(line, file=sys.stderr, flush=True))
     prefix, cand, group = ds.prefix_lengths, ds.candidate_lengths, ds.group_lengths
     k = ds.candidates_per_group
     duplicated = int((prefix * (k - 1)).sum())

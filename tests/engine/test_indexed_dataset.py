@@ -608,3 +608,17 @@ def test_metadata_that_is_no_json_object_is_named(tmp_path, packed, text):
     (tmp_path / "p.json").write_bytes(text)
     with pytest.raises(DatasetFormatError, match=r"p\.json: not "):
         IndexedDataset(tmp_path)
+
+
+def test_verify_reports_progress_between_shards(tmp_path):
+    sizes = [40, 50, 30]
+    for k, n in enumerate(sizes):
+        write(tmp_path / f"s-{k}", PackedGroups(random_groups(200 + k, n), SEQ))
+    ds = IndexedDataset(tmp_path)
+    lines = []
+    ds.verify(log=lines.append, every_s=0)
+    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == [
+        "checked 1/3 shards, 40/120 groups", "checked 2/3 shards, 90/120 groups"]
+    assert all("groups/s, ETA " in line for line in lines)
+    ds.verify(log=lines.append, every_s=3600)
+    assert len(lines) == 2
