@@ -34,7 +34,7 @@ passed on to engine/pretrain.py:
   --print-config        print the resolved config and exit
   --check-config        run the start-up checks (settings, kernels, data, a resume) for --nproc
                         processes and exit: 0 when the run would start, 2 with the error otherwise
-                        (done before every launch with --nproc > 1)
+                        (done before every launch)
   section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
 """
 
@@ -56,15 +56,15 @@ def _launch(module: str):
     def launch(args, rest) -> int:
         if {"--print-config", "-h", "--help"} & set(rest):  # nothing to run: one process, no torchrun
             return subprocess.call([sys.executable, "-m", module, *rest])
-        if args.nproc > 1:
-            # the start-up checks in one process first: a bad setting then ends with its one
-            # `config error:` line and exit code 2, not torchrun's failure report around it (exit 1)
-            env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
-            asked = "--check-config" in rest  # the check is all that was asked for
-            code = subprocess.call([sys.executable, "-m", module, *([] if asked else ["--check-config"]), *rest],
-                                   env=env)
-            if code or asked:
-                return code
+        # the start-up checks in one process first: a bad setting then ends with its one `config
+        # error:` line and exit code 2, not torchrun's failure report around it (exit 1); with
+        # --nproc 1 too, since that one process still runs under torchrun
+        env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
+        asked = "--check-config" in rest  # the check is all that was asked for
+        code = subprocess.call([sys.executable, "-m", module, *([] if asked else ["--check-config"]), *rest],
+                               env=env)
+        if code or asked:
+            return code
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]
         print("+", " ".join(cmd), flush=True)

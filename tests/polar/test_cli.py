@@ -67,6 +67,17 @@ def test_a_bad_setting_stops_before_torchrun_with_its_one_message(tmp_path, sett
     assert "torch.distributed.run" not in asked.stdout and not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_one_process_is_checked_before_torchrun_too(tmp_path, command):
+    """With --nproc 1 the launcher went straight to torchrun, whose one worker's config error came
+    back inside its failure report, exit 1, where the README promises exit 2 and the one line."""
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", command, "--nproc", "1", "train.lr=-1"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.count("config error:") == 1 and "train.lr=-1" in proc.stderr, proc.stderr[-2000:]
+    assert "torch.distributed.run" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("argv, usage", [
     (["sample", "--help"], "usage: polar sample"),
     (["data", "build", "--help"], "usage: polar data build"),
