@@ -6,10 +6,11 @@ reads bring in, against reading the tokens through a memory map.
 POLAR's pre-training data (trillions of tokens) is far larger than a node's page cache, so a
 shuffled epoch reads most packed sequences from storage. engine/indexed_dataset.py reads a
 sequence's tokens with one positional read of exactly its bytes; the baseline, measured in the
-same run on the same file, is the same reader (the same checks and groups) copying the span out
-of a memory map of the token file (where the reader took its tokens before). A map's page fault reads around the faulting page (the block device's
-read-ahead, `read_ahead_kb`: often 128 KB, several MB on some machines and network file systems),
-so each random sequence brings in more than its own bytes.
+same run on the same file, is the same reader (the same checks and groups) copying the span out of
+a memory map of the token file (where the reader took its tokens before). A map's page fault reads
+around the faulting page (the block device's read-ahead, `read_ahead_kb`: often 128 KB, several MB
+on some machines and network file systems), so each random sequence brings in more than its own
+bytes.
 
 Each row drops the token file's pages from the page cache (posix_fadvise DONTNEED; ext4 and xfs
 honour it), reads `--reads` random sequences, and reports the bytes that came into the page cache
@@ -45,7 +46,8 @@ def write_shard(stem: str, sequences: int, seq_length: int) -> None:
     for start in range(0, sequences, 1000):
         n = min(1000, sequences - start)
         groups = n * GROUPS_PER_SEQUENCE
-        w.add_sequences(tokens=rng.integers(0, 32000, int(pieces.sum()) * groups), piece_lengths=np.tile(pieces, groups),
+        w.add_sequences(tokens=rng.integers(0, 32000, int(pieces.sum()) * groups),
+                        piece_lengths=np.tile(pieces, groups),
                         piece_labels=np.tile(np.array([-1, 1, 0], np.int8), groups),
                         group_pieces=np.full(groups, 3, np.int64), seq_groups=np.full(n, GROUPS_PER_SEQUENCE))
     w.close()

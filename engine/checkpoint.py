@@ -397,9 +397,10 @@ def model_config(step_dir: str):
     return model_config_from(*found)
 
 
-def check_model_matches(model_cfg, step_dir: str, setting: str) -> None:
+def check_model_matches(model_cfg, step_dir: str, what: str) -> None:
     """Raises ConfigError naming the first weight-shape setting where the run's model and the
-    checkpoint's recorded model differ (instead of a shape error deep inside the load)."""
+    checkpoint's recorded model differ (instead of a shape error deep inside the load); `what` names
+    the step in the message (e.g. "checkpoint.init_from=DIR")."""
     from engine.config import ConfigError
 
     found = saved_model_settings(step_dir)
@@ -409,7 +410,7 @@ def check_model_matches(model_cfg, step_dir: str, setting: str) -> None:
     for name in SHAPE_FIELDS:
         if name in saved and saved[name] != getattr(model_cfg, name):
             raise ConfigError(
-                f"{setting}={step_dir} holds a model with model.{name}={saved[name]} (recorded in {where}), "
+                f"{what} holds a model with model.{name}={saved[name]} (recorded in {where}), "
                 f"but this run has model.{name}={getattr(model_cfg, name)}: set model.{name}={saved[name]} "
                 f"(every model.* setting it was saved with is in {where})")
 

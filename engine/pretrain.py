@@ -189,7 +189,8 @@ def check_checkpoints(cfg, derived=()) -> None:
                           f"run needs a checkpoint directory of its own; pick a new run_dir or checkpoint.dir (with "
                           f"checkpoint.init_from={found} to start from its weights), or remove them")
     if found:
-        checkpoint.check_model_matches(cfg.model, found, "checkpoint.resume from")
+        checkpoint.check_model_matches(cfg.model, found, f"{found}, the step this run resumes from "
+                                                         "(checkpoint.resume=true),")
         state = checkpoint.read_state(found)
         resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
                                           distributed_optimizer=cfg.parallel.distributed_optimizer)
@@ -201,8 +202,8 @@ def check_checkpoints(cfg, derived=()) -> None:
                               "directory with checkpoint.init_from (the head then starts fresh)")
         return  # resuming wins over init_from
     if cfg.checkpoint.init_from:
-        checkpoint.check_model_matches(cfg.model, checkpoint.resolve(cfg.checkpoint.init_from),
-                                       "checkpoint.init_from")
+        step = checkpoint.resolve(cfg.checkpoint.init_from)
+        checkpoint.check_model_matches(cfg.model, step, f"checkpoint.init_from={step}")
 
 
 def run(cfg, recipe) -> int:

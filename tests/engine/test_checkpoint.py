@@ -60,9 +60,10 @@ def test_a_model_setting_that_changes_which_weights_exist_is_named(tmp_path, fie
     step = tmp_path / "step_00000003"
     step.mkdir()
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), field: saved}))
-    checkpoint.check_model_matches(ModelConfig(**{field: saved}), str(step), "checkpoint.init_from")
-    with pytest.raises(ConfigError, match=f"model.{field}={saved}.*but this run has model.{field}={now}"):
-        checkpoint.check_model_matches(ModelConfig(**{field: now}), str(step), "checkpoint.init_from")
+    checkpoint.check_model_matches(ModelConfig(**{field: saved}), str(step), f"checkpoint.init_from={step}")
+    with pytest.raises(ConfigError, match=f"checkpoint.init_from={step} holds a model with model.{field}={saved}.*"
+                                          f"but this run has model.{field}={now}"):
+        checkpoint.check_model_matches(ModelConfig(**{field: now}), str(step), f"checkpoint.init_from={step}")
 
 
 def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
@@ -77,7 +78,8 @@ def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
     write_model_yaml(step.parent / "model.yaml", ModelConfig(hidden_size=64, num_layers=2, vocab_size=300))
     assert checkpoint.model_config(str(step)) == ModelConfig(hidden_size=64, num_layers=2, vocab_size=300)
     with pytest.raises(ConfigError, match="model.hidden_size=64 .*but this run has model.hidden_size=128"):
-        checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step), "checkpoint.init_from")
+        checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step),
+                                       f"checkpoint.init_from={step}")
 
 
 def test_a_damaged_trainer_state_names_the_file_and_the_step_to_fall_back_to(tmp_path):

@@ -295,7 +295,8 @@ def poke(stem: Path, array: int, element: int, value: int) -> None:
     from engine.indexed_dataset import _FileMaps, _Shard
 
     start, end, dtype = _Shard(stem.with_suffix(".idx"), _FileMaps())._layout[array]
-    m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start, shape=((end - start) // dtype.itemsize,))
+    m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
+                  shape=((end - start) // dtype.itemsize,))
     m[element] = value
     m.flush()
     del m

@@ -77,6 +77,21 @@ def test_a_resume_with_changed_optimizer_settings_is_refused_at_start_up(tmp_pat
     assert f"checkpoint.init_from={step}" in err
 
 
+def test_a_resume_into_another_model_shape_names_the_step_and_the_setting(tmp_path, capsys):
+    import dataclasses
+
+    from engine import checkpoint
+    from engine.config import ModelConfig
+    from engine.pretrain import main
+
+    step = _saved_step(tmp_path / "run", {"step": 4})
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), "hidden_size": 96}))
+    assert main([f"run_dir={tmp_path / 'run'}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert (f"config error: {step}, the step this run resumes from (checkpoint.resume=true), holds a model with "
+            "model.hidden_size=96") in err, err
+
+
 def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_path):
     proc = run("train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
                "model.num_layers=1", tmp_path=tmp_path)
