@@ -436,7 +436,9 @@ class _Shard:
 
     def check_sequence(self, j: int, ix: _Index) -> tuple[int, int]:
         """Its groups' range, once sequence j of a version-2 index is found whole: offsets within
-        the shard, labels, counts equal to what its groups hold. Costs O(its pieces)."""
+        the shard, labels, counts equal to what its groups hold. Costs O(its pieces). The same checks
+        as _check_offsets and _sequence_counts, written for one sequence (reduceat, no offset
+        rebasing): through those two it took about 3x as long per read (~200 against ~70 us)."""
         g0, g1 = int(ix.seq_groups[j]), int(ix.seq_groups[j + 1])  # checked at open
         if ix.counts is None:
             return g0, g1  # checked whole at open

@@ -471,6 +471,15 @@ def described(packed: PackedGroups, j: int) -> tuple[int, list]:
                    for g in (packed.groups[i] for i in packed.plan[j])]
 
 
+def refused_when_read_and_by_verify(ds: IndexedDataset, j: int, problem: str) -> None:
+    """Reading sequence j of the one-shard dataset at p names the shard, the sequence and `problem`;
+    verify() names the shard and `problem`."""
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: {problem}"):
+        ds.sequences([j])
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: {problem}"):
+        ds.verify()
+
+
 def test_a_token_file_refused_when_reopened_leaves_other_descriptors_open(tmp_path, packed):
     """A token file whose size changed since the dataset was opened is refused; its descriptor,
     closed then, is not closed again when the refused object goes (by then the number may be another
@@ -562,11 +571,7 @@ def test_a_label_below_minus_1_is_refused_even_where_the_counts_agree(tmp_path, 
     write(tmp_path / "p", packed)
     poke(tmp_path / "p", 4, first + 1 + k, -5)
     recount(tmp_path / "p", packed, j, groups)
-    ds = IndexedDataset(tmp_path / "p")
-    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: piece labels are not -1"):
-        ds.sequences([j])
-    with pytest.raises(DatasetFormatError, match=r"p\.idx: piece labels are not -1"):
-        ds.verify()
+    refused_when_read_and_by_verify(IndexedDataset(tmp_path / "p"), j, "piece labels are not -1")
 
 
 @pytest.mark.parametrize("damage", ["all positive", "empty candidate"])
@@ -587,11 +592,7 @@ def test_a_group_the_engine_refuses_is_named_when_read_and_by_verify(tmp_path, p
         poke(tmp_path / "p", 2, first + 1, start + prefix + cands[0])
         groups[0] = (prefix + cands[0], [0, *cands[1:]], labels)
     recount(tmp_path / "p", packed, j, groups)
-    ds = IndexedDataset(tmp_path / "p")
-    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: a group without"):
-        ds.sequences([j])
-    with pytest.raises(DatasetFormatError, match=r"p\.idx: a group without"):
-        ds.verify()
+    refused_when_read_and_by_verify(IndexedDataset(tmp_path / "p"), j, "a group without")
 
 
 def test_the_writer_refuses_groups_the_reader_refuses(tmp_path):

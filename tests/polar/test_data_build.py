@@ -494,6 +494,13 @@ def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(
     assert cfg.model.vocab_size == 200
 
 
+def check_config(tmp_path: Path, data: Path) -> subprocess.CompletedProcess:
+    """engine/pretrain.py --check-config on the built dataset `data`."""
+    return subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
+                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
+                           f"data.path={data}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
 def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
     """A run checks a packed sequence when it reads it, and stops there naming it; `polar data
     stats` and --check-config check the whole index before, naming the shard."""
@@ -506,9 +513,7 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, reco
     capsys.readouterr()
     assert data_stats.main([str(tmp_path / "ds")]) == 2
     assert f"{shard}.idx: group offsets do not run from 0" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
-                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
-                           f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = check_config(tmp_path, tmp_path / "ds")
     assert proc.returncode == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in proc.stderr, \
         proc.stderr[-2000:]
     epoch = -(-len(IndexedDataset(tmp_path / "ds")) // 2)  # steps of 2 sequences that read every one
@@ -531,7 +536,5 @@ def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(t
     capsys.readouterr()
     assert data_stats.main([str(tmp_path / "ds")]) == 2
     assert f"{shard}.idx: token dtype b'zz', expected uint16 or int32" in capsys.readouterr().err
-    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
-                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
-                           f"data.path={tmp_path / 'ds'}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = check_config(tmp_path, tmp_path / "ds")
     assert proc.returncode == 2 and f"{shard}.idx: token dtype b'zz'" in proc.stderr, proc.stderr[-2000:]
