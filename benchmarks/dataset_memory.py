@@ -26,7 +26,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
-from engine.indexed_dataset import ShardWriter  # noqa: E402
+from engine.shard_writer import ShardWriter  # noqa: E402
 
 SEQ_LENGTH = 4096
 

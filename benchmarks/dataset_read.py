@@ -25,7 +25,8 @@ sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
 from engine.data import PackedGroups  # noqa: E402
-from engine.indexed_dataset import IndexedDataset, ShardWriter  # noqa: E402
+from engine.indexed_dataset import IndexedDataset  # noqa: E402
+from engine.shard_writer import ShardWriter  # noqa: E402
 from engine.packing import Group  # noqa: E402
 
 

@@ -93,7 +93,7 @@ def main(argv=None, recipe=None) -> int:
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
-    from engine.indexed_dataset import DatasetFormatError
+    from engine.shard_format import DatasetFormatError
     from engine.trainer import NonFiniteError
 
     try:

@@ -10,7 +10,7 @@ becomes one group (shared prefix + K candidates), and groups are packed whole in
 group: when the prompt, the reference and all K candidates together exceed --seq-length, the
 prompt keeps a shorter tail so that the group fits (counted and reported as "prompts shortened to
 fit the pack"); a group that does not fit even without its prompt is rejected. The result is one
-shard of an engine.indexed_dataset directory: NAME.bin (tokens), NAME.idx (index), NAME.json
+shard of a packed dataset directory (engine/shard_format.py): NAME.bin (tokens), NAME.idx (index), NAME.json
 (metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
 too long to pack, if any).
 
@@ -24,7 +24,7 @@ settings and of the inputs' names, sizes and line counts); the builder refuses a
 holding shards of any other build, and the reader refuses a directory that lacks a shard of a
 build, holds one twice or holds two builds of the same inputs. To concatenate datasets, copy their
 shard files into one directory under names that sort in the order wanted (see
-engine/indexed_dataset.py).
+engine/shard_format.py).
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ def _init_worker(cfg: BuildConfig) -> None:
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, tokenize and pack one chunk; a pure function of the chunk's bytes and the config."""
-    from engine.indexed_dataset import token_dtype
+    from engine.shard_format import token_dtype
     from engine.packing import Group, plan_sequences
     from polar.format import encode_groups
 
@@ -350,7 +350,7 @@ def _digest(obj) -> str:
 
 
 def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
-    """The metadata that ties the N shards of one build together (engine/indexed_dataset.py): the
+    """The metadata that ties the N shards of one build together (engine/build_sets.py): the
     same on every machine running the same command. Inputs count by file name, size and lines,
     not by path, which may differ between machines; the tokenizer by its ids, for the same reason."""
     inputs = _digest([(Path(s["path"]).name, s["bytes"], s["lines"]) for s in meta["sources"]])
@@ -364,7 +364,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
           force: bool = False) -> dict:
     """Build one shard; returns its metadata (also written next to it). RecordError on a bad record
     with on_error="fail", after which nothing of the shard remains."""
-    from engine.indexed_dataset import ShardWriter, foreign_shards
+    from engine.build_sets import foreign_shards
+    from engine.shard_writer import ShardWriter
     from polar.tokenizer import load_tokenizer
 
     if cfg.on_error not in ON_ERROR:

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("path", help="dataset directory (or one shard path without suffix)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
     args = ap.parse_args(argv)
-    from engine.indexed_dataset import DatasetFormatError
+    from engine.shard_format import DatasetFormatError
 
     try:
         stats = compute(args.path)

@@ -61,9 +61,10 @@ _OPENED: dict = {}  # (absolute path, its indexes' names, times, sizes) -> Index
 
 
 def open_built(path: str, cfg: EngineConfig, setting: str):
-    """A dataset written by `polar data build`, checked against the run's settings. Opening reads
-    and checks every shard's index (seconds per 10^7 groups, on every rank), so once per process."""
-    from engine.indexed_dataset import DatasetFormatError, IndexedDataset
+    """A dataset written by `polar data build`, checked against the run's settings. Opened once per
+    process: opening reads every shard's per-sequence counts (version-1 shards: the whole index)."""
+    from engine.indexed_dataset import IndexedDataset
+    from engine.shard_format import DatasetFormatError
 
     p = Path(path).resolve()
     # a dataset rebuilt in place since (another run in this process) is opened again

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from engine.data import GlobalBatchLoader, PackedGroups
-from engine.indexed_dataset import DatasetFormatError, IndexedDataset, ShardWriter
+from engine.indexed_dataset import IndexedDataset
 from engine.packing import Group
+from engine.shard_format import DatasetFormatError
+from engine.shard_writer import ShardWriter
 
 SEQ = 64
 
@@ -66,15 +68,6 @@ def test_round_trip_matches_packed_groups(tmp_path, packed):
     assert ds.num_groups == 120 and ds.candidates_per_group.sum() == sum(len(g.candidates) for g in packed.groups)
 
 
-@pytest.mark.parametrize("vocab,dtype", [(300, np.uint16), (1 << 16, np.uint16), (70000, np.int32)])
-def test_token_dtype_follows_the_vocabulary(tmp_path, vocab, dtype):
-    groups = random_groups(1, 30, vocab=vocab)
-    packed = PackedGroups(groups, SEQ)
-    write(tmp_path / "p", packed, vocab=vocab)
-    assert (tmp_path / "p.bin").stat().st_size == packed.num_real_tokens * np.dtype(dtype).itemsize
-    same_groups(IndexedDataset(tmp_path / "p").sequences(range(len(packed))), packed.sequences(range(len(packed))))
-
-
 def test_shards_read_as_their_concatenation_in_name_order(tmp_path):
     a, b = PackedGroups(random_groups(2, 40), SEQ), PackedGroups(random_groups(3, 50), SEQ)
     write(tmp_path / "b-second", b)  # written first, read second: name order decides
@@ -86,24 +79,6 @@ def test_shards_read_as_their_concatenation_in_name_order(tmp_path):
                                   np.concatenate([a.per_sequence["pairs"], b.per_sequence["pairs"]]))
     with pytest.raises(IndexError):
         ds.sequences([len(ds)])
-
-
-def test_writer_refuses_an_overfull_sequence_and_out_of_vocab_ids(tmp_path):
-    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
-    g = Group(prefix=[1, 2, 3], candidates=[[4, 5], [6]], labels=[1, 0])
-    with pytest.raises(ValueError, match="does not fit seq_length=8"):
-        w.add_sequence([g, g])
-    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
-        w.add_sequence([Group(prefix=[1], candidates=[[11], [2]], labels=[1, 0])])
-    w.abort()
-    assert list(tmp_path.iterdir()) == []  # nothing of an aborted shard remains
-
-
-def test_an_unfinished_shard_is_invisible(tmp_path, packed):
-    write(tmp_path / "done", packed)
-    w = ShardWriter(tmp_path / "zz-running", SEQ, vocab_size=300, pad_id=1)
-    w.add_sequence(packed.sequences([0])[0])
-    assert len(IndexedDataset(tmp_path)) == len(packed)  # the open writer's files are .tmp
 
 
 @pytest.mark.parametrize("damage,needle", [
@@ -137,45 +112,6 @@ def test_shards_must_agree_on_bos_but_not_on_the_tokenizers_path(tmp_path):
     assert IndexedDataset(tmp_path).num_groups == 20
     write(tmp_path / "c", PackedGroups(random_groups(6, 10), SEQ), bos_id=2)
     with pytest.raises(DatasetFormatError, match="bos_id 2 differs"):
-        IndexedDataset(tmp_path)
-
-
-def build_set(tmp_path, bid: str, n: int, inputs: str = "in", indices=None, prefix: str = "part") -> None:
-    for i in range(n) if indices is None else indices:
-        write(tmp_path / f"{prefix}-{i:05d}-of-{n:05d}", PackedGroups(random_groups(10 + i, 10), SEQ),
-              build={"id": bid, "shard_index": i, "num_shards": n, "inputs": inputs})
-
-
-def test_complete_build_sets_read_and_incomplete_ones_are_named(tmp_path):
-    build_set(tmp_path / "ok", "A", 3)
-    build_set(tmp_path / "ok", "B", 2, inputs="other", prefix="b-part")  # another dataset, concatenated
-    assert IndexedDataset(tmp_path / "ok").num_groups == 50
-    build_set(tmp_path / "gap", "A", 3, indices=[0, 2])
-    with pytest.raises(DatasetFormatError, match=r"gap: build A of 3 shards lacks 1 \(part-00001-of-00003; "
-                                                 r"present: part-00000-of-00003, part-00002-of-00003\)"):
-        IndexedDataset(tmp_path / "gap")
-
-
-def test_a_shard_twice_or_a_leftover_build_of_the_same_inputs_is_refused(tmp_path):
-    build_set(tmp_path / "twice", "A", 2)
-    build_set(tmp_path / "twice", "A", 2, indices=[1], prefix="copy")
-    with pytest.raises(DatasetFormatError, match=r"twice: shard 1 of 2 of build A is there 2 times "
-                                                 r"\(copy-00001-of-00002, part-00001-of-00002\)"):
-        IndexedDataset(tmp_path / "twice")
-    # an earlier build of the same records with another shard count, left in the directory
-    build_set(tmp_path / "leftover", "old", 1)
-    build_set(tmp_path / "leftover", "new", 2)
-    with pytest.raises(DatasetFormatError, match=r"leftover: the same inputs were built more than once.*"
-                                                 r"build old \(part-00000-of-00001\)"):
-        IndexedDataset(tmp_path / "leftover")
-    # one shard named on its own is read as asked
-    assert IndexedDataset(tmp_path / "leftover" / "part-00000-of-00002").num_groups == 10
-
-
-def test_a_malformed_build_entry_is_named(tmp_path):
-    write(tmp_path / "x", PackedGroups(random_groups(4, 10), SEQ), build={"id": "A", "shard_index": 2,
-                                                                          "num_shards": 2, "inputs": "in"})
-    with pytest.raises(DatasetFormatError, match=r"x\.json: build must be"):
         IndexedDataset(tmp_path)
 
 
@@ -292,9 +228,10 @@ def test_per_sequence_counts_are_int32_where_they_fit_and_sum_exactly(tmp_path, 
 def poke(stem: Path, array: int, element: int, value: int) -> None:
     """Writes `value` into element `element` of index array `array` (the order of the module
     docstring; 5 is the per-sequence counts, column-major) of the shard at `stem`."""
-    from engine.indexed_dataset import _FileMaps, _Shard
+    from engine.indexed_dataset import _Shard
+    from engine.shard_files import FileMaps
 
-    start, end, dtype = _Shard(stem.with_suffix(".idx"), _FileMaps())._layout[array]
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), FileMaps())._layout[array]
     m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
                   shape=((end - start) // dtype.itemsize,))
     m[element] = value
@@ -306,13 +243,6 @@ def a_sequence_of_several_groups(packed) -> tuple[int, int]:
     """(sequence, the index of its second group) for a sequence holding at least two groups."""
     j = next(j for j, plan in enumerate(packed.plan) if j > 0 and len(plan) >= 2)
     return j, sum(len(p) for p in packed.plan[:j]) + 1
-
-
-def test_counts_are_the_per_group_counts_of_the_engine():
-    from engine.data import per_group_counts
-    from engine.indexed_dataset import COUNTS
-
-    assert tuple(per_group_counts(*(np.zeros(0, np.int64),) * 5)) == COUNTS
 
 
 def test_version_1_shards_read_as_version_2_ones(tmp_path, packed):
@@ -437,9 +367,11 @@ def test_without_preadv_tokens_are_read_with_pread(tmp_path, packed, monkeypatch
 def write_counts(stem: Path, counts: dict) -> None:
     """Overwrites per-sequence count columns of the shard at `stem` ({key: values}) in one write, so
     that no check runs between two damaged columns."""
-    from engine.indexed_dataset import COUNTS, _FileMaps, _Shard
+    from engine.indexed_dataset import _Shard
+    from engine.shard_files import FileMaps
+    from engine.shard_format import COUNTS
 
-    start, end, dtype = _Shard(stem.with_suffix(".idx"), _FileMaps())._layout[5]
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), FileMaps())._layout[5]
     m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
                   shape=(len(COUNTS), (end - start) // dtype.itemsize // len(COUNTS)))
     for key, values in counts.items():
@@ -593,15 +525,6 @@ def test_a_group_the_engine_refuses_is_named_when_read_and_by_verify(tmp_path, p
         groups[0] = (prefix + cands[0], [0, *cands[1:]], labels)
     recount(tmp_path / "p", packed, j, groups)
     refused_when_read_and_by_verify(IndexedDataset(tmp_path / "p"), j, "a group without")
-
-
-def test_the_writer_refuses_groups_the_reader_refuses(tmp_path):
-    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
-    for lengths, labels in (([1, 1, 1], [-1, 1, 1]), ([1, 0, 1], [-1, 1, 0])):
-        with pytest.raises(ValueError, match="a group without"):
-            w.add_sequences(tokens=np.ones(sum(lengths), np.int64), piece_lengths=lengths, piece_labels=labels,
-                            group_pieces=[3], seq_groups=[1])
-    w.abort()
 
 
 @pytest.mark.parametrize("text", [b"[]", b"3", b'{"note": "\xff\xfe"}'])

@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.indexed_dataset import DatasetFormatError, IndexedDataset
+from engine.indexed_dataset import IndexedDataset
+from engine.shard_format import DatasetFormatError
 from polar import data_build, data_stats
 from polar.format import encode_groups
 from polar.pretrain_data import SyntheticDataConfig, make_splits
@@ -384,7 +385,7 @@ def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys
 
 
 def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records, capsys, monkeypatch):
-    from engine import indexed_dataset
+    from engine import shard_writer
 
     src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
     ds = tmp_path / "ds"
@@ -399,7 +400,7 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
         raise OSError("disk full")
 
     # a rebuild whose index cannot be written leaves no temporary file either
-    monkeypatch.setattr(indexed_dataset.ShardWriter, "close", failing_close)
+    monkeypatch.setattr(shard_writer.ShardWriter, "close", failing_close)
     assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force", "--seed", 3) == 2
     assert "disk full" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before

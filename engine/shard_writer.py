@@ -1,0 +1,142 @@
+"""Writes one shard of a packed dataset (the format: engine/shard_format.py)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from engine.packing import Group
+from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
+                                 sequence_counts, token_dtype)
+
+
+class ShardWriter:
+    """Appends packed sequences to one shard; `close()` makes it visible to readers.
+
+    Tokens stream to disk as they come; the index (a few int64 per group and piece) stays in
+    memory until close. Files are written under `.tmp` names and renamed at close, so a build
+    killed midway leaves no shard a reader would mistake for complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int, meta: dict | None = None):
+        self.path = Path(path)
+        self.seq_length = int(seq_length)
+        self.vocab_size = int(vocab_size)
+        self.pad_id = int(pad_id)
+        self.meta = dict(meta or {})
+        self.dtype = token_dtype(self.vocab_size)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp_bin = self.path.with_name(self.path.name + ".bin.tmp")
+        self._bin = open(self._tmp_bin, "wb")
+        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in
+                                                    ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
+        self._tokens = 0
+        self._sequences = 0
+        self._closed = False
+
+    def add_sequence(self, groups: list[Group], sources: list[int] | None = None) -> None:
+        """One packed sequence: whole groups whose lengths sum to at most seq_length."""
+        if not groups:
+            raise ValueError("a packed sequence needs at least one group")
+        pieces = [p for g in groups for p in (g.prefix, *g.candidates)]
+        self.add_sequences(
+            tokens=np.concatenate(pieces),
+            piece_lengths=np.fromiter((len(p) for p in pieces), dtype=np.int64, count=len(pieces)),
+            piece_labels=np.concatenate([np.concatenate([[-1], g.labels]) for g in groups]),
+            group_pieces=np.array([1 + len(g.candidates) for g in groups]),
+            seq_groups=np.array([len(groups)]),
+            sources=sources,
+        )
+
+    def add_sequences(self, tokens, piece_lengths, piece_labels, group_pieces, seq_groups, sources=None) -> None:
+        """Many packed sequences as flat arrays (what a build worker sends, no Group objects):
+        tokens of every piece back to back; per piece its length and label (-1 on a prefix);
+        per group its piece count; per sequence its group count; per group an optional source id."""
+        tokens = np.asarray(tokens)
+        piece_lengths, group_pieces, seq_groups = (np.asarray(a, dtype=np.int64) for a in
+                                                   (piece_lengths, group_pieces, seq_groups))
+        piece_labels = np.asarray(piece_labels, dtype=np.int8)
+        for what, total, n in (("piece lengths", piece_lengths.sum(), tokens.size),
+                               ("group piece counts", group_pieces.sum(), piece_lengths.size),
+                               ("sequence group counts", seq_groups.sum(), group_pieces.size),
+                               ("piece labels", piece_labels.size, piece_lengths.size)):
+            if total != n:
+                raise ValueError(f"{what} add up to {total}, expected {n}")
+        if (seq_groups < 1).any() or (group_pieces < 3).any():
+            raise ValueError("every sequence needs a group, and every group a prefix and at least 2 candidates")
+        starts = np.zeros(group_pieces.size + 1, dtype=np.int64)
+        np.cumsum(group_pieces, out=starts[1:])
+        is_prefix = np.zeros(piece_lengths.size, dtype=bool)
+        is_prefix[starts[:-1]] = True
+        if (is_prefix != (piece_labels == -1)).any() or not np.isin(piece_labels[~is_prefix], (0, 1)).all():
+            raise ValueError("piece labels must be -1 on each group's first piece (its prefix) and 0/1 on candidates")
+        problem = groups_problem(group_pieces - 1, segment_sums((piece_labels == 1).astype(np.int64), starts),
+                                  piece_lengths[~is_prefix])
+        if problem:
+            raise ValueError(f"{problem}: engine.packing.Group refuses it")
+        group_tokens = segment_sums(piece_lengths, starts)
+        seq_starts = np.zeros(seq_groups.size + 1, dtype=np.int64)
+        np.cumsum(seq_groups, out=seq_starts[1:])
+        seq_tokens = segment_sums(group_tokens, seq_starts)
+        if seq_tokens.size and seq_tokens.max() > self.seq_length:
+            raise ValueError(f"a sequence of {seq_tokens.max()} tokens does not fit seq_length={self.seq_length}")
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}), got [{tokens.min()}, {tokens.max()}]")
+        sources = np.full(group_pieces.size, -1, np.int64) if sources is None else np.asarray(sources, dtype=np.int64)
+        if sources.shape != group_pieces.shape:
+            raise ValueError(f"{sources.size} sources for {group_pieces.size} groups")
+        self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._tokens += tokens.size
+        self._sequences += seq_groups.size
+        for k, v in (("seq_groups", seq_groups), ("group_pieces", group_pieces), ("piece_lengths", piece_lengths),
+                     ("piece_labels", piece_labels), ("sources", sources)):
+            self._parts[k].append(v)
+
+    @property
+    def num_sequences(self) -> int:
+        return self._sequences
+
+    def close(self) -> dict:
+        """Write the index and metadata, rename into place; returns the metadata written."""
+        if self._closed:
+            raise ValueError(f"{self.path}: shard already closed")
+        self._closed = True
+        self._bin.close()
+        parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
+                 for k, v in self._parts.items()}
+
+        def offsets(counts):
+            out = np.zeros(counts.size + 1, dtype=np.int64)
+            np.cumsum(counts, out=out[1:])
+            return out
+
+        arrays = [offsets(parts["seq_groups"]), offsets(parts["group_pieces"]), offsets(parts["piece_lengths"]),
+                  parts["sources"], parts["piece_labels"]]
+        S, G, P = self.num_sequences, parts["group_pieces"].size, parts["piece_lengths"].size
+        counts = sequence_counts(ShardIndex(*arrays, counts=None))
+        header = HEADER.pack(MAGIC, VERSION, len(COUNTS), self.dtype.str.encode().ljust(8, b"\0"),
+                              self.seq_length, S, G, P, self._tokens)
+        meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
+                "pad_id": self.pad_id, "token_dtype": self.dtype.name,
+                "shard": {"sequences": S, "groups": G, "pieces": P, "tokens": self._tokens}}
+        tmp_idx = self.path.with_name(self.path.name + ".idx.tmp")
+        with open(tmp_idx, "wb") as f:
+            f.write(header)
+            for a in arrays:
+                f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            f.write(b"\0" * (-f.tell() % 8))
+            for k in COUNTS:
+                f.write(counts[k].astype("<i8", copy=False).tobytes())
+        self.path.with_name(self.path.name + ".json").write_text(json.dumps(meta, indent=1))
+        os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
+        os.replace(tmp_idx, self.path.with_name(self.path.name + ".idx"))  # last: the shard is complete
+        return meta
+
+    def abort(self) -> None:
+        """Drop everything written so far (a failed build leaves nothing behind)."""
+        self._closed = True
+        self._bin.close()
+        for p in (self._tmp_bin, self.path.with_name(self.path.name + ".idx.tmp")):
+            p.unlink(missing_ok=True)

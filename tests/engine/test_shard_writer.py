@@ -1,0 +1,52 @@
+"""engine.shard_writer: what it writes, what it refuses, and that nothing unfinished is read."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.data import PackedGroups
+from engine.indexed_dataset import IndexedDataset
+from engine.packing import Group
+from engine.shard_writer import ShardWriter
+from tests.engine.test_indexed_dataset import SEQ, random_groups, same_groups, write
+
+
+@pytest.fixture
+def packed():
+    return PackedGroups(random_groups(0, 120), SEQ)
+
+
+@pytest.mark.parametrize("vocab,dtype", [(300, np.uint16), (1 << 16, np.uint16), (70000, np.int32)])
+def test_token_dtype_follows_the_vocabulary(tmp_path, vocab, dtype):
+    groups = random_groups(1, 30, vocab=vocab)
+    packed = PackedGroups(groups, SEQ)
+    write(tmp_path / "p", packed, vocab=vocab)
+    assert (tmp_path / "p.bin").stat().st_size == packed.num_real_tokens * np.dtype(dtype).itemsize
+    same_groups(IndexedDataset(tmp_path / "p").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+
+
+def test_writer_refuses_an_overfull_sequence_and_out_of_vocab_ids(tmp_path):
+    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
+    g = Group(prefix=[1, 2, 3], candidates=[[4, 5], [6]], labels=[1, 0])
+    with pytest.raises(ValueError, match="does not fit seq_length=8"):
+        w.add_sequence([g, g])
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 10\)"):
+        w.add_sequence([Group(prefix=[1], candidates=[[11], [2]], labels=[1, 0])])
+    w.abort()
+    assert list(tmp_path.iterdir()) == []  # nothing of an aborted shard remains
+
+
+def test_an_unfinished_shard_is_invisible(tmp_path, packed):
+    write(tmp_path / "done", packed)
+    w = ShardWriter(tmp_path / "zz-running", SEQ, vocab_size=300, pad_id=1)
+    w.add_sequence(packed.sequences([0])[0])
+    assert len(IndexedDataset(tmp_path)) == len(packed)  # the open writer's files are .tmp
+
+
+def test_the_writer_refuses_groups_the_reader_refuses(tmp_path):
+    w = ShardWriter(tmp_path / "x", 8, vocab_size=10, pad_id=0)
+    for lengths, labels in (([1, 1, 1], [-1, 1, 1]), ([1, 0, 1], [-1, 1, 0])):
+        with pytest.raises(ValueError, match="a group without"):
+            w.add_sequences(tokens=np.ones(sum(lengths), np.int64), piece_lengths=lengths, piece_labels=labels,
+                            group_pieces=[3], seq_groups=[1])
+    w.abort()
