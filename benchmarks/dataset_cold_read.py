@@ -22,7 +22,6 @@ import argparse
 import os
 import sys
 import tempfile
-import time
 
 import numpy as np
 
@@ -30,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
-from benchmarks.page_cache import cached_bytes, drop  # noqa: E402
+from benchmarks.page_cache import cold_then_warm  # noqa: E402
 from engine.indexed_dataset import IndexedDataset  # noqa: E402
+from engine.shard_format import COUNTS  # noqa: E402
 from engine.shard_writer import ShardWriter  # noqa: E402
 from engine.packing import Group  # noqa: E402
 
@@ -65,21 +65,21 @@ def read_ahead_kb(path: str) -> str:
 
 def mapped_reader(ds: IndexedDataset):
     """The engine's reader with the previous token source: the sequence's span copied out of a
-    memory map of the .bin (the same checks and groups)."""
+    memory map of the .bin (the same index reads, checks and groups)."""
     shard = ds.shards[0]
     tokens = np.memmap(shard._bin_path, dtype=shard.dtype, mode="r")
+    counts = [ds.per_sequence[k] for k in COUNTS]
 
     def read(j: int) -> list[Group]:
-        ix = shard.index
-        g0, g1 = shard.check_sequence(j, ix)
-        p0, p1 = int(ix.group_pieces[g0]), int(ix.group_pieces[g1])
-        bounds = ix.piece_tokens[p0:p1 + 1]
-        span = np.array(tokens[int(bounds[0]):int(bounds[-1])])
-        pieces = np.split(span, bounds[1:-1] - bounds[0])
-        labels = np.array(ix.piece_label[p0:p1])
-        firsts = ix.group_pieces[g0:g1 + 1] - p0
-        return [Group(prefix=pieces[a], candidates=pieces[a + 1:b], labels=labels[a + 1:b])
-                for a, b in zip(firsts[:-1].tolist(), firsts[1:].tolist())]
+        si = shard.sequence_index(j)
+        shard.check_sequence(j, si, [c[j] for c in counts])
+        bounds = (si.piece_tokens - si.piece_tokens[0]).tolist()
+        t0 = int(si.piece_tokens[0])
+        span = tokens[t0:t0 + bounds[-1]].astype(np.int32)
+        pieces = [span[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        firsts = (si.group_pieces - si.group_pieces[0]).tolist()
+        return [Group.checked(pieces[a], pieces[a + 1:b], si.piece_label[a + 1:b])
+                for a, b in zip(firsts[:-1], firsts[1:])]
     return read
 
 
@@ -99,39 +99,11 @@ def main():
         size = os.path.getsize(bin_path)
         print(f"token file {size / 2**20:.0f} MiB ({len(ds):,} sequences of {args.seq_length:,} tokens), "
               f"{args.reads} random sequences ({wanted / 2**20:.1f} MiB); read_ahead_kb {read_ahead_kb(bin_path)}\n")
-        print("| reader | read into the page cache (MiB) | vs the bytes used | cold (ms a sequence) "
-              "| warm (us a sequence) |")
-        print("|---|---:|---:|---:|---:|")
-        # The engine first: pages a map has faulted in stay cached (DONTNEED skips mapped pages)
-        # while the map lives.
-        readers, rows = {}, {}
-        for name, make in (("positional reads (engine)", lambda: lambda j: ds.sequences([j])),
-                           ("memory map (before)", lambda: mapped_reader(ds))):
-            read = readers[name] = make()
-            read(int(order[0]))  # the index pages, and anything else a first read sets up
-            drop(bin_path)
-            before = cached_bytes(bin_path)
-            if before > 0.01 * size:
-                rows[name] = (f"(the page cache kept {before / 2**20:.0f} MiB of the file after DONTNEED: this "
-                              "file system cannot be measured) | |")
-                continue
-            t = time.perf_counter()
-            for j in order:
-                read(int(j))
-            dt = time.perf_counter() - t
-            got = cached_bytes(bin_path) - before
-            rows[name] = f"{got / 2**20:.1f} | {got / wanted:.2f}x | {1e3 * dt / args.reads:.2f}"
-        # Warm: the same sequences again, now cached, the readers' passes alternating (the
-        # machine's load drifts over seconds and would otherwise land on one reader).
-        warm = {name: [] for name in readers}
-        for _ in range(7):
-            for name, read in readers.items():
-                t = time.perf_counter()
-                for j in order:
-                    read(int(j))
-                warm[name].append((time.perf_counter() - t) / args.reads)
-        for name, row in rows.items():
-            print(f"| {name} | {row} | {1e6 * float(np.median(warm[name])):.0f} |", flush=True)
+        ds.sequences([int(order[0])])  # opens the files, and anything else a first read sets up
+        makers = {"positional reads (engine)": lambda: lambda j: ds.sequences([j]),
+                  "memory map (before)": lambda: mapped_reader(ds)}
+        cold_then_warm(makers, bin_path, order, wanted, "reader", "the bytes used")
+
 
 if __name__ == "__main__":
     main()

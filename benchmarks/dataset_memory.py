@@ -3,9 +3,9 @@
     python benchmarks/dataset_memory.py [--groups 4000000] [--shards 8] [--groups-per-sequence 64]
 
 Every rank of a training job opens the whole dataset (it plans the global batch order), so what the
-reader keeps per rank is multiplied by the ranks of a node. engine/indexed_dataset.py memory-maps
-the shards' .idx files (the page cache holds one copy per node) and keeps only per-sequence counts
-in private memory. The baseline, measured in the same run on the same files, is the index read into
+reader keeps per rank is multiplied by the ranks of a node. engine/indexed_dataset.py reads a
+sequence's index entries when it reads the sequence (positional reads; the page cache holds one
+copy of what is read per node) and keeps only per-sequence counts in private memory. The baseline, measured in the same run on the same files, is the index read into
 memory (what the reader did before: every index array, tens of bytes a group, once per rank).
 
 Each row runs in a fresh process and reports its anonymous resident memory (RssAnon, Linux) after
@@ -101,7 +101,7 @@ def main():
         print(f"{args.groups:,} groups in {args.shards} shards, .idx files {idx_bytes / 2**20:.1f} MiB\n")
         print("| reader | sequences | private memory held (MiB) | per group (bytes) | vs index size |")
         print("|---|---:|---:|---:|---:|")
-        for mode in ("read into memory", "memory-mapped (engine)"):
+        for mode in ("read into memory", "positional reads (engine)"):
             r = measure(root, mode)
             print(f"| {mode} | {r['sequences']:,} | {r['held'] / 2**20:.1f} | {r['held'] / r['groups']:.1f} | "
                   f"{r['held'] / idx_bytes:.2f}x |", flush=True)

@@ -37,7 +37,7 @@ from benchmarks.arguments import at_least  # noqa: E402
 from benchmarks.page_cache import cached_bytes, drop  # noqa: E402
 from benchmarks.dataset_memory import SEQ_LENGTH, write_shards  # noqa: E402
 from engine.indexed_dataset import _Shard  # noqa: E402
-from engine.shard_files import FileMaps  # noqa: E402
+from engine.shard_files import OpenFiles  # noqa: E402
 
 OPEN = """
 import sys, time
@@ -71,7 +71,7 @@ print(*(float(np.median(times)) for times in passes))
 
 def as_version_1(idx_path) -> None:
     """Rewrites a version-2 shard index (`NAME.idx`) as version 1: the same index without its counts."""
-    end = _Shard(Path(idx_path), FileMaps())._layout[4][1]
+    end = _Shard(Path(idx_path), OpenFiles())._layout[4][1]
     with open(idx_path, "r+b") as f:
         f.seek(8)
         f.write(np.array([1, 0], "<u4").tobytes())

@@ -1,16 +1,17 @@
-"""Random reads from a built dataset of many shards: the cost of bounding the open memory maps.
+"""Random reads from a built dataset of many shards: the cost of bounding the open shard files.
 
     python benchmarks/dataset_read.py [--shards 8 300] [--reads 20000] [--seq-length 16384]
 
-engine/indexed_dataset.py keeps at most 128 shard files open at once (a shard's index .idx,
-memory-mapped, and its token .bin, open for positional reads: 64 shards; each holds a file
-descriptor, and a dataset of hundreds of shards opened whole runs into the open-file limit). This measures what that costs a loader reading packed
-sequences in random order (what a shuffled epoch does): microseconds per sequence with the default
-bound against a bound no smaller than the shard count (every map kept open), in the same run on
-the same files. Shards are written with POLAR-like group lengths (shared prefix 200-3000 tokens, 2
-candidates of 100-2000) packed into `--seq-length` sequences, about `--sequences` per shard (the
-packer may need a few more), int32 tokens; the page cache is warm after the first pass, which is
-what a training run that rereads its data sees.
+engine/indexed_dataset.py keeps a bounded number of shard files open (engine.shard_files: a quarter
+of the open-file limit, 256 files under the common 1024; a shard's index .idx and its tokens .bin,
+both read with positional reads), so a dataset of thousands of shards opened whole does not run
+into the limit. This measures what that costs a loader reading packed sequences in random order
+(what a shuffled epoch does): microseconds per sequence with at most 64 shards' files open (the
+bound before it followed the limit) against a bound no smaller than the shard count (every file
+kept open), in the same run on the same files. Shards are written with POLAR-like group lengths
+(shared prefix 200-3000 tokens, 2 candidates of 100-2000) packed into `--seq-length` sequences,
+about `--sequences` per shard (the packer may need a few more), int32 tokens; the page cache is
+warm after the first pass, which is what a training run that rereads its data sees.
 """
 import argparse
 import os
@@ -51,12 +52,12 @@ def write_shards(root: str, shards: int, sequences: int, seq_length: int) -> Non
 def random_order(root: str, reads: int, seed: int = 1) -> np.ndarray:
     """`reads` sequence indexes drawn over the whole dataset. The packer may need more sequences than
     --sequences per shard, so the range is the dataset's length (shards * --sequences left the last
-    shards unread, and fewer shards to map made the bound look cheaper)."""
+    shards unread, and fewer shards to open made the bound look cheaper)."""
     return np.random.default_rng(seed).integers(0, len(IndexedDataset(root)), size=reads)
 
 
 def per_sequence_us(ds: IndexedDataset, order: np.ndarray) -> float:
-    for i in range(len(ds)):  # warm the page cache (and, where they all fit, the maps)
+    for i in range(len(ds)):  # warm the page cache (and, where they all fit, the open files)
         ds.sequences([i])
     t = time.perf_counter()
     for i in order:
@@ -74,7 +75,7 @@ def main():
     if args.seq_length < LONGEST_GROUP:
         ap.error(f"--seq-length must be at least {LONGEST_GROUP}: the synthetic groups run up to that many "
                  "tokens and are never split across sequences")
-    print("| shards | shards mapped at most | us per sequence (random order) | vs every map open |")
+    print("| shards | shards open at most | us per sequence (random order) | vs every file open |")
     print("|---:|---:|---:|---:|")
     for shards in args.shards:
         with tempfile.TemporaryDirectory(prefix="polar_dsread_") as root:
@@ -83,7 +84,7 @@ def main():
             rows = {}
             for bound in (shards + 1, 64) if shards > 64 else (shards + 1,):  # the baseline first: all open
                 ds = IndexedDataset(root)
-                ds._maps.size = 2 * bound  # two files a shard
+                ds._files.size = 2 * bound  # two files a shard
                 rows[bound] = per_sequence_us(ds, order)
                 del ds
             for bound, us in rows.items():

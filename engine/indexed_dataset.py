@@ -1,5 +1,6 @@
-"""The reader of a packed dataset for training (the format: engine/shard_format.py): indexes
-memory-mapped, tokens read a packed sequence at a time.
+"""The reader of a packed dataset for training (the format: engine/shard_format.py): a packed
+sequence at a time, its part of the index and its tokens read with positional reads of exactly
+their bytes.
 
 Opening a version-2 shard reads O(sequences) of its index (seq_groups and counts), not O(groups):
 at 10^9 groups every rank of every node would otherwise read and check the whole index (tens of
@@ -15,22 +16,33 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from engine.build_sets import AGREED, check_build_sets
 from engine.data import per_group_counts
 from engine.packing import Group
-from engine.shard_files import FileMaps
+from engine.shard_files import OpenFiles, check_unchanged
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, ShardIndex, check_offsets,
                                  groups_problem, segment_sums, sequence_counts)
 
 
+class SequenceIndex(NamedTuple):
+    """What a shard's index says of one packed sequence: its groups g0 .. g1 - 1, their first pieces
+    (group_pieces[g0 .. g1], shard-wide numbers), and the pieces' token offsets and labels."""
+    g0: int
+    g1: int
+    group_pieces: np.ndarray  # [g1 - g0 + 1]
+    piece_tokens: np.ndarray  # [pieces + 1], offsets into the token file
+    piece_label: np.ndarray  # [pieces]
+
+
 class _Shard:
-    def __init__(self, idx_path: Path, maps: FileMaps):
+    def __init__(self, idx_path: Path, files: OpenFiles):
         self.name = idx_path.with_suffix("")
         with open(idx_path, "rb") as f:
-            self._idx_stat = os.fstat(f.fileno())  # the file every later map must be
+            self._idx_stat = os.fstat(f.fileno())  # the file every later read must be
             head = f.read(HEADER.size)
         size = self._idx_stat.st_size
         if len(head) < HEADER.size:
@@ -67,7 +79,7 @@ class _Shard:
             raise DatasetFormatError(
                 f"{idx_path}: {size} bytes, expected {off} for {S} sequences, {G} groups and {P} pieces "
                 "(truncated or corrupt)")
-        self._idx_path, self._maps, self._num_sequences = idx_path, maps, int(S)
+        self._idx_path, self._files, self._num_sequences, self._version = idx_path, files, int(S), version
         bin_path = idx_path.with_suffix(".bin")
         if not bin_path.is_file():
             raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
@@ -76,13 +88,12 @@ class _Shard:
             raise DatasetFormatError(
                 f"{bin_path}: {self._bin_stat.st_size} bytes, expected {T * self.dtype.itemsize} "
                 f"({T} tokens of {self.dtype.name}; truncated or corrupt)")
-        self._bin_path, self._num_tokens, self.num_groups = bin_path, int(T), int(G)
-        ix = self.index
-        if ix.counts is None:
+        self._bin_path, self._num_tokens, self.num_groups, self._num_pieces = bin_path, int(T), int(G), int(P)
+        if version == 1:
             self.verify()  # its counts are computed from the whole index anyway
         else:
             # O(sequences): the sequence offsets, and the counts the run plans with against them
-            sg, c = ix.seq_groups, ix.counts
+            sg, c = self._read(0, 0, S + 1), self._counts()
             tokens = c[COUNTS.index("tokens")]
             if sg[0] != 0 or sg[-1] != G or (np.diff(sg) < 1).any():
                 self._corrupt(f"sequence offsets do not run from 0 to {G}")
@@ -108,9 +119,29 @@ class _Shard:
         at = "" if sequence is None else f"packed sequence {sequence}: "
         raise DatasetFormatError(f"{self._idx_path}: {at}{what} (corrupt; rebuild the shard)")
 
+    def _read(self, array: int, start: int, stop: int) -> np.ndarray:
+        """Elements start .. stop - 1 of index array `array` (the module docstring's order), read."""
+        begin, _, dtype = self._layout[array]
+        return self._files.read(self._idx_path, self._idx_stat, begin + start * dtype.itemsize, stop - start, dtype)
+
+    def _counts(self) -> np.ndarray:
+        """The per-sequence counts of a version-2 index, [len(COUNTS), sequences], read."""
+        return self._read(5, 0, len(COUNTS) * self._num_sequences).reshape(len(COUNTS), -1)
+
+    def mapped_index(self) -> ShardIndex:
+        """The whole index, memory-mapped for one pass over it (verify, statistics): not kept, so
+        the map and its descriptor go with the caller's last array."""
+        with open(self._idx_path, "rb") as f:
+            check_unchanged(self._idx_path, os.fstat(f.fileno()), self._idx_stat)
+            raw = np.memmap(f, dtype=np.uint8, mode="r")
+        # plain arrays over the map: numpy's memmap subclass costs microseconds on every slice
+        raw = raw.view(np.ndarray)
+        arrays = [raw[a:b].view(dt) for a, b, dt in self._layout]
+        return ShardIndex(*arrays[:5], counts=arrays[5].reshape(len(COUNTS), -1) if len(arrays) > 5 else None)
+
     def verify(self) -> None:
         """Checks the whole index: offsets, labels, and (version 2) every sequence's counts."""
-        ix = self.index
+        ix = self.mapped_index()
         problem = check_offsets(ix, self._num_tokens)
         if problem:
             self._corrupt(problem)
@@ -122,25 +153,31 @@ class _Shard:
                     self._corrupt(f"its {key} count is {ix.counts[c][bad[0]]}, its groups hold "
                                   f"{counts[key][bad[0]]} ({bad.size} sequence(s) disagree)", int(bad[0]))
 
-    def check_sequence(self, j: int, ix: ShardIndex) -> tuple[int, int]:
-        """Its groups' range, once sequence j of a version-2 index is found whole: offsets within
-        the shard, labels, counts equal to what its groups hold. Costs O(its pieces). The same checks
-        as check_offsets and sequence_counts, written for one sequence (reduceat, no offset
-        rebasing): through those two it took about 3x as long per read (~200 against ~70 us)."""
-        g0, g1 = int(ix.seq_groups[j]), int(ix.seq_groups[j + 1])  # checked at open
-        if ix.counts is None:
-            return g0, g1  # checked whole at open
-        gp = ix.group_pieces[g0:g1 + 1]
+    def sequence_index(self, j: int) -> SequenceIndex:
+        """Sequence j's part of the index: one positional read of each array, exactly its elements
+        (a map's page fault would read around it, the device's read-ahead). Offsets are checked
+        before they are used to read."""
+        g0, g1 = self._read(0, j, j + 2).tolist()  # checked at open
+        gp = self._read(1, g0, g1 + 1)
         p0, p1 = int(gp[0]), int(gp[-1])
-        if p0 < 0 or p1 > len(ix.piece_label) or (gp[1:] <= gp[:-1]).any():
+        if p0 < 0 or p1 > self._num_pieces or (gp[1:] <= gp[:-1]).any():
             self._corrupt("group offsets out of order or out of the index", j)
-        pt = ix.piece_tokens[p0:p1 + 1]
+        return SequenceIndex(g0, g1, gp, self._read(2, p0, p1 + 1), self._read(4, p0, p1))
+
+    def check_sequence(self, j: int, si: SequenceIndex, said) -> None:
+        """Unless sequence j of a version-2 index is whole, DatasetFormatError naming it: piece
+        offsets within the token file, labels, and the counts the run planned with (`said`, in
+        COUNTS' order) equal to what its groups hold. Costs O(its pieces). The same checks as
+        check_offsets and sequence_counts, written for one sequence (reduceat, no offset
+        rebasing): through those two it took about 3x as long per read (~200 against ~70 us)."""
+        if self._version == 1:
+            return  # checked whole at open
+        gp, pt, labels = si.group_pieces, si.piece_tokens, si.piece_label
         if pt[0] < 0 or pt[-1] > self._num_tokens or (pt[1:] < pt[:-1]).any():
             self._corrupt("piece offsets out of order or out of the token file", j)
-        labels = ix.piece_label[p0:p1]
-        starts = gp[:-1] - p0
+        starts = gp[:-1] - gp[0]
         # -1 exactly on each group's first piece, 0/1 elsewhere
-        if ((labels[starts] != -1).any() or int((labels == -1).sum()) != g1 - g0 or (labels < -1).any()
+        if ((labels[starts] != -1).any() or int((labels == -1).sum()) != si.g1 - si.g0 or (labels < -1).any()
                 or (labels > 1).any()):
             self._corrupt("piece labels are not -1 on prefixes and 0/1 on candidates", j)
         piece_len = np.diff(pt)
@@ -151,53 +188,36 @@ class _Shard:
             self._corrupt(problem, j)
         per_group = per_group_counts(np.add.reduceat(piece_len, starts), n_pos, n_cand, piece_len[starts],
                                      np.add.reduceat(np.where(is_cand, piece_len * piece_len, 0), starts))
-        for c, key in enumerate(COUNTS):
-            held, said = int(per_group[key].sum()), int(ix.counts[c, j])
-            if held != said:
-                self._corrupt(f"its {key} count is {said}, its groups hold {held}", j)
-        return g0, g1
+        for key, s in zip(COUNTS, said):
+            held = int(per_group[key].sum())
+            if held != int(s):
+                self._corrupt(f"its {key} count is {s}, its groups hold {held}", j)
 
     def sequence_counts(self) -> dict:
         """COUNTS of every sequence (int64 arrays): read from a version-2 index, else computed."""
-        ix = self.index
-        if ix.counts is None:
-            return sequence_counts(ix)
-        return {k: np.array(ix.counts[c]) for c, k in enumerate(COUNTS)}
+        if self._version == 1:
+            return sequence_counts(self.mapped_index())
+        return dict(zip(COUNTS, self._counts()))
 
-    @property
-    def index(self) -> ShardIndex:
-        """The index arrays, memory-mapped on use."""
-        def view(raw):
-            # plain arrays over the map: numpy's memmap subclass costs microseconds on every slice
-            raw = raw.view(np.ndarray)
-            arrays = [raw[a:b].view(dt) for a, b, dt in self._layout]
-            counts = arrays[5].reshape(len(COUNTS), -1) if len(arrays) > 5 else None
-            return ShardIndex(*arrays[:5], counts=counts)
-
-        return self._maps.get(self._idx_path, self._idx_stat, view)
+    def sources(self, j: int) -> np.ndarray:
+        g0, g1 = self._read(0, j, j + 2).tolist()
+        return self._read(3, g0, g1)
 
     def __len__(self) -> int:
         return self._num_sequences
 
-    def read_groups(self, g0: int, g1: int, ix: ShardIndex) -> list[Group]:
-        """Groups g0 .. g1 - 1 (a packed sequence), whose tokens lie back to back in the .bin: read
-        with one positional read of exactly their bytes into one array the groups' pieces view.
-        Not through a map: a page fault reads around the page (the device's read-ahead, 128 KB to
-        MBs), and on data larger than the page cache that reads many times the bytes used
-        (benchmarks/dataset_cold_read.py)."""
-        p0, p1 = int(ix.group_pieces[g0]), int(ix.group_pieces[g1])
-        bounds = ix.piece_tokens[p0:p1 + 1]
-        t0 = int(bounds[0])
-        span = np.empty(int(bounds[-1]) - t0, self.dtype)
-        if span.size:
-            self._maps.file(self._bin_path, self._bin_stat).read_into(
-                span, t0 * self.dtype.itemsize)
-        pieces = np.split(span, bounds[1:-1] - t0)
-        labels = np.array(ix.piece_label[p0:p1])
-        firsts = ix.group_pieces[g0:g1 + 1] - p0
-        return [Group(prefix=pieces[a], candidates=pieces[a + 1:b], labels=labels[a + 1:b])
-                for a, b in zip(firsts[:-1].tolist(), firsts[1:].tolist())]
-
+    def read_groups(self, si: SequenceIndex) -> list[Group]:
+        """The groups of a sequence check_sequence has passed, whose tokens lie back to back in the
+        .bin: read with one positional read of exactly their bytes, widened to int32 once (not per
+        piece), into one array the groups' pieces view."""
+        bounds = (si.piece_tokens - si.piece_tokens[0]).tolist()
+        t0 = int(si.piece_tokens[0])
+        span = self._files.read(self._bin_path, self._bin_stat, t0 * self.dtype.itemsize, bounds[-1],
+                                self.dtype).astype(np.int32, copy=False)
+        pieces = [span[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        labels = si.piece_label
+        firsts = (si.group_pieces - si.group_pieces[0]).tolist()
+        return [Group.checked(pieces[a], pieces[a + 1:b], labels[a + 1:b]) for a, b in zip(firsts[:-1], firsts[1:])]
 
 
 def _narrow(a: np.ndarray) -> np.ndarray:
@@ -206,10 +226,11 @@ def _narrow(a: np.ndarray) -> np.ndarray:
 
 
 class IndexedDataset:
-    """A directory of shards (or one shard's path without suffix): indexes memory-mapped, tokens
-    read with one positional read per packed sequence (at most 128 of the shards' index maps and
-    token files open at once). What a dataset keeps in private memory is O(sequences): the
-    per-sequence counts below and the shard offsets.
+    """A directory of shards (or one shard's path without suffix), read with positional reads of
+    exactly the bytes a packed sequence needs: a read of each index array, one of its tokens (at most
+    a quarter of the open-file limit of the shards' files open at once, engine.shard_files). What a
+    dataset keeps in private memory is O(sequences): the per-sequence counts below and the shard
+    offsets.
 
     Offers what GlobalBatchLoader and Trainer.evaluate use: len (packed sequences), seq_length,
     sequences(indices), per_sequence, num_real_tokens, packing_efficiency. Only the requested
@@ -226,8 +247,8 @@ class IndexedDataset:
             idx = [self.path.with_name(self.path.name + ".idx")]
         else:
             raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
-        self._maps = FileMaps()
-        self.shards = [_Shard(p, self._maps) for p in idx]
+        self._files = OpenFiles()
+        self.shards = [_Shard(p, self._files) for p in idx]
         if self.path.is_dir():
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
@@ -251,7 +272,7 @@ class IndexedDataset:
     def _lengths(self, key: str) -> np.ndarray:
         """Per-group or per-piece lengths over all shards (polar data stats, benchmarks)."""
         parts = []
-        for ix in (s.index for s in self.shards):
+        for ix in (s.mapped_index() for s in self.shards):
             if key == "candidates_per_group":
                 parts.append(np.diff(ix.group_pieces) - 1)
             elif key == "group":
@@ -289,11 +310,13 @@ class IndexedDataset:
         # Every sequence is checked before any group is copied: the checks' short-lived arrays,
         # interleaved with the groups kept, would leave the heap fragmented (numpy keeps small freed
         # buffers for reuse, and each pins a page between the groups once they are freed).
-        spans = []
+        spans, counts = [], [self.per_sequence[k] for k in COUNTS]
         for i in indices:
             shard, j = self._locate(int(i))
-            spans.append((shard, shard.check_sequence(j, shard.index)))
-        return [shard.read_groups(g0, g1, shard.index) for shard, (g0, g1) in spans]
+            si = shard.sequence_index(j)
+            shard.check_sequence(j, si, [c[i] for c in counts])
+            spans.append((shard, si))
+        return [shard.read_groups(si) for shard, si in spans]
 
     def verify(self, log=None, every_s: float = 10.0) -> None:
         """Checks every shard's whole index (a run checks only the sequences it reads, as it reads
@@ -315,8 +338,7 @@ class IndexedDataset:
     def sources(self, i: int) -> np.ndarray:
         """The builder's record ids of the groups in sequence i (tests and debugging)."""
         shard, j = self._locate(int(i))
-        ix = shard.index
-        return np.array(ix.group_source[ix.seq_groups[j]:ix.seq_groups[j + 1]])
+        return shard.sources(j)
 
     @property
     def packing_efficiency(self) -> float:

@@ -66,7 +66,7 @@ class Group:
             raise ValueError(f"a group needs at least 2 candidates to compare, got {k}")
         if labels.shape != (k,):
             raise ValueError(f"a group with {k} candidates needs {k} labels, got shape {labels.shape}")
-        if not np.isin(labels, (0, 1)).all():
+        if not ((labels == 0) | (labels == 1)).all():  # np.isin costs ~35 us a call, per group read
             raise ValueError(f"labels must be 1 (positive) or 0 (negative), got {labels.tolist()}")
         # A group without both kinds yields no (positive, negative) pair: its tokens would cost
         # compute and contribute nothing to the loss, which is a data bug worth stopping on.
@@ -79,6 +79,15 @@ class Group:
         for j, c in enumerate(self.candidates):
             if c.size == 0:
                 raise ValueError(f"candidate {j} is empty: its reward is read at its last token, so it needs one")
+
+    @classmethod
+    def checked(cls, prefix: np.ndarray, candidates: list[np.ndarray], labels: np.ndarray) -> "Group":
+        """A group whose parts a reader has already checked as __post_init__ would (int32 ids,
+        non-empty candidates, int8 0/1 labels with a positive and a negative): built without
+        checking again, which cost a dataset read ~20 us a group."""
+        g = cls.__new__(cls)
+        g.prefix, g.candidates, g.labels = prefix, candidates, labels
+        return g
 
     def __len__(self) -> int:
         return len(self.prefix) + sum(len(c) for c in self.candidates)

@@ -1,4 +1,5 @@
-"""The open files of a dataset's shards: index maps and token files, at most N at once."""
+"""The open files of a dataset's shards, read with positional reads of exactly the bytes wanted;
+at most N open at once, least recently used closed first."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,10 @@ import numpy as np
 from engine.shard_format import DatasetFormatError
 
 
-class TokenFile:
-    """A shard's token file, open for positional reads (os.preadv) from any thread. Closed when the
-    last holder lets go: FileMaps may drop it while a loader thread is reading from it, and an
-    explicit close there could hand its descriptor number to another file mid-read."""
+class ShardFile:
+    """One file of a shard (.idx or .bin), open for positional reads (os.preadv) from any thread.
+    Closed when the last holder lets go: OpenFiles may drop it while a loader thread is reading
+    from it, and an explicit close there could hand its descriptor number to another file mid-read."""
 
     def __init__(self, path: Path, opened: os.stat_result):
         self.path = path
@@ -25,6 +26,10 @@ class TokenFile:
         except BaseException:
             os.close(fd)
             raise
+        if hasattr(os, "posix_fadvise"):
+            # Reads land anywhere (a shuffled epoch): no read-ahead around them, which the kernel
+            # still does for some small reads it takes for sequential (2.45x the pages used, here).
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         # Set only now: a refused file's object is dropped when its error is (much later, if the error
         # is kept), and __del__ would close the number again, by then another file's.
         self.fd = fd
@@ -48,53 +53,53 @@ class TokenFile:
             got += n
 
 
-class FileMaps:
-    """Read-only memory maps of shard indexes (.idx) and open token files (.bin), at most `size` at
-    once, least recently used dropped first. Each holds a file descriptor (a map keeps a
-    duplicate), so a dataset of hundreds of shards opened all at once runs into the open-file limit
-    (1024 by default). Indexes are mapped, not read: every rank of a node shares one copy of a file
-    in the page cache, where a private read would hold the whole index (tens of bytes a group) once
-    per rank."""
+def default_size() -> int:
+    """A quarter of the process's open-file limit (the rest is the run's: sockets, logs, torch's
+    shared memory), at least 16: 256 files (128 shards) under the common default of 1024."""
+    import resource
 
-    def __init__(self, size: int = 128):
-        self.size = size
-        self._maps: OrderedDict[Path, object] = OrderedDict()
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(16, soft // 4)
+
+
+class OpenFiles:
+    """The shard files a dataset has open, at most `size` at once (default_size()), least recently
+    used dropped first: a dataset of thousands of shards opened whole runs into the open-file limit.
+    A file holds only a descriptor (no map, no buffer), so the bound follows the limit.
+
+    Nothing is mapped: a page fault on a map reads around the page (the device's read-ahead, 128 KB
+    to MBs) where a positional read brings in only what it asks, and on data larger than the page
+    cache that is many times the bytes used (benchmarks/dataset_cold_read.py). The ranks of a node
+    still share one copy of what they read, in the page cache."""
+
+    def __init__(self, size: int | None = None):
+        self.size = default_size() if size is None else size
+        self._files: OrderedDict[Path, ShardFile] = OrderedDict()
         self._lock = threading.Lock()  # loaders may read from threads
 
-    def _cached(self, path: Path):
-        with self._lock:
-            m = self._maps.get(path)
-            if m is not None:
-                self._maps.move_to_end(path)
-            return m
-
-    def _keep(self, path: Path, m) -> None:
-        with self._lock:
-            self._maps[path] = m
-            # A dropped map (or file) stays valid for the arrays (or readers) already holding it;
-            # its descriptor is released with the last of them.
-            while len(self._maps) > self.size:
-                self._maps.popitem(last=False)
-
-    def get(self, path: Path, opened: os.stat_result, view=None):
-        """The map of `path` (bytes; the file `opened` describes), or `view(map)` where given, kept with it."""
-        m = self._cached(path)
-        if m is not None:
-            return m
-        with open(path, "rb") as f:
-            check_unchanged(path, os.fstat(f.fileno()), opened)
-            m = np.memmap(f, dtype=np.uint8, mode="r")
-        m = m if view is None else view(m)
-        self._keep(path, m)
-        return m
-
-    def file(self, path: Path, opened: os.stat_result) -> TokenFile:
+    def get(self, path: Path, opened: os.stat_result) -> ShardFile:
         """`path` (the file `opened` describes) open for positional reads."""
-        f = self._cached(path)
-        if f is None:
-            f = TokenFile(path, opened)
-            self._keep(path, f)
+        with self._lock:
+            f = self._files.get(path)
+            if f is not None:
+                self._files.move_to_end(path)
+                return f
+        f = ShardFile(path, opened)
+        with self._lock:
+            self._files[path] = f
+            # a dropped file stays open for the readers holding it, and closes with the last of them
+            while len(self._files) > self.size:
+                self._files.popitem(last=False)
         return f
+
+    def read(self, path: Path, opened: os.stat_result, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
+        """`count` elements of `dtype` at byte `offset` of `path`, in a new array."""
+        out = np.empty(count, dtype)
+        if count:
+            self.get(path, opened).read_into(out, offset)
+        return out
 
 
 def check_unchanged(path: Path, now: os.stat_result, opened: os.stat_result) -> None:

@@ -7,7 +7,7 @@
     polar eval ...            # ranked-data preference accuracy with references (engine/evaluate.py)
     polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
-    polar data build ...      # records -> packed, memory-mapped dataset (polar/data_build.py)
+    polar data build ...      # records -> packed dataset on disk (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
     polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
     polar hparams ...         # the paper's learning-rate and batch-size laws (polar/hparams.py)
@@ -123,8 +123,8 @@ _TOOLS = {
                                             "exact format (engine/score.py; --nproc N runs torchrun)"),
     ("sample",): ("polar.sample", "pre-training triplets from a prompt corpus and a policy pool of "
                                   "OpenAI-compatible endpoints"),
-    ("data", "build"): ("polar.data_build", "records (JSONL) -> tokenized, shared-prefix packed, "
-                                            "memory-mapped dataset"),
+    ("data", "build"): ("polar.data_build", "records (JSONL) -> tokenized, shared-prefix packed "
+                                            "dataset on disk"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
     ("format",): ("polar.format_cli", "the exact string the official POLAR client sends and the "

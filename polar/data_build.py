@@ -1,4 +1,4 @@
-"""`polar data build`: JSONL records -> tokenized shared-prefix groups -> packed, memory-mapped shard.
+"""`polar data build`: JSONL records -> tokenized shared-prefix groups -> packed shard on disk.
 
     polar data build data/*.jsonl --output ds/ --tokenizer byte --seq-length 16384 --workers 8
     polar data build data/ --output ds/ --num-shards 4 --shard-index 2     # one machine of four

@@ -24,7 +24,7 @@ def test_a_small_run_prints_both_readers():
     out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dataset_memory.py"), "--groups", "20000",
                           "--shards", "2"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = [line for line in out.stdout.splitlines() if line.startswith("| read into") or line.startswith("| memory")]
+    rows = [line for line in out.stdout.splitlines() if line.startswith("| read into") or line.startswith("| positional")]
     # 2 shards of 10,000 groups, 64 a sequence: 157 sequences each
     assert len(rows) == 2 and all(r.split("|")[2].strip() == "314" for r in rows), out.stdout
 

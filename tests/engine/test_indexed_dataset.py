@@ -170,10 +170,10 @@ print(len(ds.shards), sum(int(p.sum()) for seq in kept[:len(ds)] for g in seq fo
     assert proc.stdout.split() == ["300", str(expected)]
 
 
-def test_an_open_dataset_holds_its_index_mapped_not_in_private_memory(tmp_path):
-    """Every rank opens the whole dataset: the index (tens of bytes a group) is memory-mapped, so the
-    ranks of a node share one copy in the page cache; what a rank holds privately is per sequence.
-    The reader that read the index into memory held 1.04x the index here."""
+def test_an_open_dataset_holds_no_index_in_private_memory(tmp_path):
+    """Every rank opens the whole dataset: the index (tens of bytes a group) is read a sequence at a
+    time, so the ranks of a node share one copy in the page cache; what a rank holds privately is
+    per sequence. The reader that read the index into memory held 1.04x the index here."""
     groups, per_seq = 1_000_000, 64
     w = ShardWriter(tmp_path / "big", 4096, vocab_size=300, pad_id=1)
     w.add_sequences(tokens=np.ones(4 * groups, np.int64), piece_lengths=np.tile([2, 1, 1], groups),
@@ -229,9 +229,9 @@ def poke(stem: Path, array: int, element: int, value: int) -> None:
     """Writes `value` into element `element` of index array `array` (the order of the module
     docstring; 5 is the per-sequence counts, column-major) of the shard at `stem`."""
     from engine.indexed_dataset import _Shard
-    from engine.shard_files import FileMaps
+    from engine.shard_files import OpenFiles
 
-    start, end, dtype = _Shard(stem.with_suffix(".idx"), FileMaps())._layout[array]
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), OpenFiles())._layout[array]
     m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
                   shape=((end - start) // dtype.itemsize,))
     m[element] = value
@@ -252,7 +252,7 @@ def test_version_1_shards_read_as_version_2_ones(tmp_path, packed):
     write(tmp_path / "v1", packed)
     as_version_1(tmp_path / "v1.idx")
     a, b = IndexedDataset(tmp_path / "v2"), IndexedDataset(tmp_path / "v1")
-    assert b.shards[0].index.counts is None and a.shards[0].index.counts is not None
+    assert b.shards[0]._version == 1 and a.shards[0]._version == 2
     same_groups(a.sequences(range(len(a))), b.sequences(range(len(b))))
     for k in a.per_sequence:
         np.testing.assert_array_equal(a.per_sequence[k], b.per_sequence[k], err_msg=k)
@@ -306,20 +306,54 @@ def test_a_damaged_label_or_count_is_named_with_its_sequence(tmp_path, packed):
         IndexedDataset(tmp_path / "tok")
 
 
-# ---- tokens are read, not mapped ---------------------------------------------------------------------
+# ---- nothing is mapped: positional reads ---------------------------------------------------------
 
-def test_tokens_are_read_not_mapped_and_a_file_cut_short_is_named(tmp_path, packed):
+def test_nothing_is_mapped_and_a_file_cut_short_is_named(tmp_path, packed):
     """A page fault reads around the page (read-ahead), many times a sequence's bytes on data larger
-    than the page cache: token files are read with positional reads, and only indexes are mapped."""
+    than the page cache: index and token files are read with positional reads, neither is mapped
+    (verify maps an index for its one pass, and lets it go)."""
     write(tmp_path / "p", packed)
     ds = IndexedDataset(tmp_path / "p")
     same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
+    ds.verify()
     maps = Path("/proc/self/maps").read_text()
-    assert str(tmp_path / "p.idx") in maps and str(tmp_path / "p.bin") not in maps
+    assert str(tmp_path / "p.idx") not in maps and str(tmp_path / "p.bin") not in maps
+    assert sorted(f.name for f in ds._files._files) == ["p.bin", "p.idx"]
     bin_path = tmp_path / "p.bin"
     bin_path.write_bytes(bin_path.read_bytes()[:-2])  # the open file now ends a token early
     with pytest.raises(DatasetFormatError, match=r"p\.bin: ends at byte .* \(truncated since it was opened\?\)"):
         ds.sequences([len(ds) - 1])
+
+
+def test_a_sequences_pieces_view_one_int32_array(tmp_path, packed):
+    """uint16 tokens on disk are widened once per sequence, not once per piece, and the groups are
+    the engine's (what Group would build from the same parts)."""
+    write(tmp_path / "p", packed)
+    ds = IndexedDataset(tmp_path / "p")
+    assert ds.shards[0].dtype == np.uint16
+    j = max(range(len(ds)), key=lambda j: len(packed.plan[j]))
+    groups = ds.sequences([j])[0]
+    pieces = [p for g in groups for p in (g.prefix, *g.candidates)]
+    assert len(groups) >= 2 and all(p.dtype == np.int32 and p.flags.c_contiguous for p in pieces)
+    assert len({id(p.base) for p in pieces}) == 1 and pieces[0].base is not None
+    for g in groups:
+        rebuilt = Group(prefix=g.prefix, candidates=g.candidates, labels=g.labels)
+        same_groups([[g]], [[rebuilt]])
+        assert g.labels.dtype == rebuilt.labels.dtype == np.int8
+
+
+@pytest.mark.parametrize("limit,size", [(1024, 256), (40, 16)])
+def test_the_open_files_follow_the_open_file_limit(limit, size):
+    script = f"""
+import resource, sys
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+from engine.shard_files import OpenFiles
+print(OpenFiles().size)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout) == size
 
 
 def test_threads_reading_while_the_open_files_are_dropped_get_their_own_bytes(tmp_path):
@@ -334,7 +368,7 @@ def test_threads_reading_while_the_open_files_are_dropped_get_their_own_bytes(tm
         write(tmp_path / f"s-{k:02d}", packed)
         expected += packed.sequences(range(len(packed)))
     ds = IndexedDataset(tmp_path)
-    ds._maps.size = 4
+    ds._files.size = 4
     errors = []
 
     def reader(seed):
@@ -368,10 +402,10 @@ def write_counts(stem: Path, counts: dict) -> None:
     """Overwrites per-sequence count columns of the shard at `stem` ({key: values}) in one write, so
     that no check runs between two damaged columns."""
     from engine.indexed_dataset import _Shard
-    from engine.shard_files import FileMaps
+    from engine.shard_files import OpenFiles
     from engine.shard_format import COUNTS
 
-    start, end, dtype = _Shard(stem.with_suffix(".idx"), FileMaps())._layout[5]
+    start, end, dtype = _Shard(stem.with_suffix(".idx"), OpenFiles())._layout[5]
     m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
                   shape=(len(COUNTS), (end - start) // dtype.itemsize // len(COUNTS)))
     for key, values in counts.items():
@@ -446,7 +480,7 @@ def test_a_shard_replaced_on_disk_while_open_is_refused_not_read(tmp_path, repla
     write(tmp_path / "ds" / "b", PackedGroups(random_groups(1, 50), SEQ))
     write(tmp_path / "new" / "a", PackedGroups(groups[::-1], SEQ))
     ds = IndexedDataset(tmp_path / "ds")
-    ds._maps.size = 2
+    ds._files.size = 2
     ds.sequences([0]), ds.sequences([len(a)])  # a's files are dropped from the open ones
     old, new = tmp_path / "ds" / f"a{replaced}", tmp_path / "new" / f"a{replaced}"
     assert old.stat().st_size == new.stat().st_size and old.read_bytes() != new.read_bytes()
