@@ -200,25 +200,20 @@ class CheckpointScorer:
     def score_groups(self, lines: list, seq_length: int = 0, where=None) -> tuple[list, dict]:
         """Rewards (list of floats per line, in its outputs' order) and packing facts, for lines as
         groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors."""
-        groups, owner = [], []  # every group to pack, and the line it comes from
-        for i, line in enumerate(lines):
-            parts = line.parts if isinstance(line, SplitLine) else [line]
-            groups += parts
-            owner += [i] * len(parts)
+        # a Group is a SplitLine of one part holding every output in order: one path for both
+        splits = [line if isinstance(line, SplitLine) else SplitLine([line], [range(len(line.candidates))])
+                  for line in lines]
+        groups = [g for s in splits for g in s.parts]
+        owner = [i for i, s in enumerate(splits) for _ in s.parts]  # the line each group comes from
         name = where or (lambda i: f"line {i}")
         per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]))
-        out, g = [], 0
-        for line in lines:
-            if isinstance(line, SplitLine):
-                rewards = [None] * line.outputs
-                for members in line.members:
-                    for m, r in zip(members, per_group[g]):
-                        rewards[m] = r
-                    g += 1
-                out.append(rewards)
-            else:
-                out.append(per_group[g])
-                g += 1
+        out, scored = [], iter(per_group)
+        for s in splits:
+            rewards = [None] * s.outputs
+            for members, group_rewards in zip(s.members, scored):
+                for m, r in zip(members, group_rewards):
+                    rewards[m] = r
+            out.append(rewards)
         return out, facts
 
     def _score_groups(self, groups: list, seq_length: int, name) -> tuple[list, dict]:

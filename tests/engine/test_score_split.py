@@ -127,3 +127,33 @@ def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_un
     assert [r["line"] for r in skipped.rows] == [1, 2, 3]
     assert "more than model.max_position_embeddings=256" in skipped.rows[1]["error"]
     assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)
+
+
+def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
+    """Plain and split lines mixed: every reward lands on its own line and output, and a group past the
+    sequence length is named by its line (the packing and the model stubbed)."""
+    from engine.score import CheckpointScorer, SplitLine, lcp_group
+
+    def ids(*xs):
+        return [np.asarray(x, dtype=np.int32) for x in xs]
+
+    plain = lcp_group(ids([1, 2, 3], [1, 2, 4, 5]))
+    split = SplitLine([lcp_group(ids([1, 7], [1, 8, 8])), lcp_group(ids([1, 9]))], [[2, 0], [1]])
+    single = lcp_group(ids([6, 6]))
+    scorer = object.__new__(CheckpointScorer)
+    seen = {}
+
+    def fake(groups, seq_length, name):
+        seen.update(groups=groups, seq_length=seq_length, names=[name(g) for g in range(len(groups))])
+        # a reward per candidate that says which group and which candidate it is
+        return [[10.0 * g + k for k in range(len(group.candidates))] for g, group in enumerate(groups)], {"facts": 1}
+
+    scorer._score_groups = fake
+    rewards, facts = scorer.score_groups([plain, split, single], 64, where=lambda i: f"f.jsonl:{i + 1}")
+    assert rewards == [[0.0, 1.0], [11.0, 20.0, 10.0], [30.0]] and facts == {"facts": 1}
+    assert [id(g) for g in seen["groups"]] == [id(g) for g in (plain, *split.parts, single)]
+    assert seen["seq_length"] == 64
+    assert seen["names"] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:2", "f.jsonl:3"]
+    scorer.score_groups([split, plain], 0)
+    assert seen["names"] == ["line 0", "line 0", "line 1"] and seen["seq_length"] == 0
+    assert scorer.score_groups([], 0)[0] == []
