@@ -21,15 +21,15 @@ class ShardFile:
         self.path = path
         self._close = os.close  # held: at interpreter exit the module's globals may be gone first
         fd = os.open(path, os.O_RDONLY)
-        try:
+        try:  # until self.fd is set, nothing else closes fd
             check_unchanged(path, os.fstat(fd), opened)
+            if hasattr(os, "posix_fadvise"):
+                # Reads land anywhere (a shuffled epoch): no read-ahead around them, which the kernel
+                # still does for some small reads it takes for sequential (2.45x the pages used, here).
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         except BaseException:
             os.close(fd)
             raise
-        if hasattr(os, "posix_fadvise"):
-            # Reads land anywhere (a shuffled epoch): no read-ahead around them, which the kernel
-            # still does for some small reads it takes for sequential (2.45x the pages used, here).
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
         # Set only now: a refused file's object is dropped when its error is (much later, if the error
         # is kept), and __del__ would close the number again, by then another file's.
         self.fd = fd

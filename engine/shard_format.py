@@ -78,10 +78,11 @@ def check_offsets(ix: ShardIndex, tokens: int) -> str | None:
     """What is wrong with the offsets and labels of `ix` (whose last piece ends at `tokens`), or None.
     Sequences hold >= 1 group, and groups a prefix (which may be empty) and candidates as
     groups_problem asks."""
-    for name, a, last, least in (("sequence", ix.seq_groups, len(ix.group_pieces) - 1, 1),
-                                 ("group", ix.group_pieces, len(ix.piece_label), 1),
-                                 ("piece", ix.piece_tokens, tokens, 0)):
-        if a.size == 0 or a[0] != 0 or a[-1] != last or (np.diff(a) < least).any():
+    for name, a, last, empty in (("sequence", ix.seq_groups, len(ix.group_pieces) - 1, False),
+                                 ("group", ix.group_pieces, len(ix.piece_label), False),
+                                 ("piece", ix.piece_tokens, tokens, True)):
+        # compared, not subtracted: differences of offsets past 2**62 wrap around int64 to positive ones
+        if a.size == 0 or a[0] != 0 or a[-1] != last or ((a[1:] < a[:-1]) if empty else (a[1:] <= a[:-1])).any():
             return f"{name} offsets do not run from 0 to {last}"
     is_prefix = np.zeros(len(ix.piece_label), dtype=bool)
     is_prefix[ix.group_pieces[:-1]] = True

@@ -1,12 +1,16 @@
 """`polar data stats`: what a built dataset holds, from its index alone (no token is read); it also
 checks every shard's whole index (a training run checks only what it reads, as it reads it).
 
-    polar data stats ds/ [--json]
+    polar data stats ds/ [--json] [--workers N]
 
 Counts (records, groups, candidates, sequences, tokens), length histograms of prefixes,
 candidates and whole groups (log2 bins), packing efficiency (real tokens / sequences x
 seq_length), and the tokens the shared prefix saves: a layout that repeats the prefix for every
 candidate would hold sum(prefix x (K - 1)) more tokens.
+
+Each shard is read (and checked) on its own and only length counts are kept, so memory does not
+grow with the dataset; at 5*10^7 groups and more the shards are shared out to one process a core
+(`--workers`), and a progress line with an ETA comes every 10 s.
 """
 from __future__ import annotations
 
@@ -17,28 +21,70 @@ import sys
 import numpy as np
 
 
-def log2_histogram(lengths: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    """Bin edges 0, 1, 2, 4, ..., >= top (bin i holds edges[i] <= n < edges[i+1]) and the counts."""
+def log2_histogram(counts: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    """Bin edges 0, 1, 2, 4, ..., >= top (bin i holds edges[i] <= n < edges[i+1]) and the counts of
+    the lengths `counts` holds (a bincount: counts[v] lengths equal v)."""
     edges = np.concatenate([[0], 2 ** np.arange(int(np.ceil(np.log2(max(top, 2)))) + 1)]).astype(np.int64)
-    counts = np.bincount(np.searchsorted(edges, lengths, side="right") - 1, minlength=len(edges))
-    return edges, counts[:len(edges)]
+    padded = np.zeros(max(len(counts), int(edges[-1]) + 1), np.int64)
+    padded[:len(counts)] = counts
+    return edges, np.add.reduceat(padded, edges)
 
 
-def compute(path: str) -> dict:
+def shard_summary(shard) -> dict:
+    """One shard's index checked whole, and what the statistics need of it: how many prefixes,
+    candidates and groups have each length (bincounts up to seq_length, which no group exceeds in
+    a checked index), candidates, and the tokens a per-candidate layout would repeat. O(seq_length)
+    to send back and merge, whatever the shard holds (at 10^9 groups the lengths themselves are
+    tens of GB)."""
+    shard.verify()
+    ix = shard.mapped_index()
+    piece = np.diff(ix.piece_tokens)
+    is_prefix = ix.piece_label < 0
+    k = np.diff(ix.group_pieces) - 1
+    prefix = piece[is_prefix]
+    cs = np.concatenate([[0], np.cumsum(piece)])
+    group = cs[ix.group_pieces[1:]] - cs[ix.group_pieces[:-1]]
+    n = shard.seq_length + 1
+    return {"prefix": np.bincount(prefix, minlength=n), "candidate": np.bincount(piece[~is_prefix], minlength=n),
+            "group": np.bincount(group, minlength=n), "candidates": int(k.sum()),
+            "duplicated": int((prefix * (k - 1)).sum())}
+
+
+def length_summary(counts: np.ndarray) -> dict:
+    """mean, p50, p99 (numpy's default, linear interpolation) and max of the lengths that
+    `counts` (a bincount: counts[v] lengths equal v) holds, exactly."""
+    n = int(counts.sum())
+    if n == 0:
+        return {"mean": 0.0, "p50": 0.0, "p99": 0.0, "max": 0}
+    values = np.arange(len(counts))
+    cum = np.cumsum(counts)
+
+    def at(i: int) -> int:  # the i-th smallest length (0-based)
+        return int(np.searchsorted(cum, i, side="right"))
+
+    def percentile(q: float) -> float:
+        pos = (n - 1) * q / 100
+        lo = int(np.floor(pos))
+        a, b = at(lo), at(min(lo + 1, n - 1))
+        return float(a + (b - a) * (pos - lo))
+
+    return {"mean": float((values * counts).sum() / n), "p50": percentile(50), "p99": percentile(99),
+            "max": int(np.flatnonzero(counts)[-1])}
+
+
+def compute(path: str, workers: int | None = None) -> dict:
     from engine.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(path)
-    ds.verify(log=lambda line: print(line, file=sys.stderr, flush=True))
-    prefix, cand, group = ds.prefix_lengths, ds.candidate_lengths, ds.group_lengths
-    k = ds.candidates_per_group
-    duplicated = int((prefix * (k - 1)).sum())
+    parts = ds.over_shards(shard_summary, workers, log=lambda line: print(line, file=sys.stderr, flush=True))
+    lengths = {name: np.sum([p[name] for p in parts], axis=0) for name in ("prefix", "candidate", "group")}
+    duplicated = sum(p["duplicated"] for p in parts)
     real = ds.num_real_tokens
     # Lines less blank ones; metadata from before "blank" was counted gives lines.
     records = [c["lines"] - c.get("blank", 0) if "lines" in c else None
                for c in (s.meta.get("counts", {}) for s in ds.shards)]
     rejected = [s.meta.get("counts", {}).get("rejected") for s in ds.shards]
-    top = int(max(group.max(initial=1), ds.seq_length))
-    edges, _ = log2_histogram(np.zeros(0, dtype=np.int64), top)
+    edges, _ = log2_histogram(np.zeros(0, np.int64), ds.seq_length)
     return {
         "path": str(path),
         "shards": len(ds.shards),
@@ -47,7 +93,7 @@ def compute(path: str) -> dict:
         "records": sum(records) if None not in records else None,
         "rejected": sum(rejected) if None not in rejected else None,
         "groups": ds.num_groups,
-        "candidates": int(k.sum()),
+        "candidates": sum(p["candidates"] for p in parts),
         "sequences": len(ds),
         "tokens": real,
         "packing_efficiency": ds.packing_efficiency,
@@ -56,17 +102,10 @@ def compute(path: str) -> dict:
             "percent_saved": 100.0 * duplicated / max(1, real + duplicated),
             "tokens_if_duplicated": real + duplicated,
         },
-        "lengths": {
-            name: {"mean": float(a.mean()) if a.size else 0.0,
-                   "p50": float(np.percentile(a, 50)) if a.size else 0.0,
-                   "p99": float(np.percentile(a, 99)) if a.size else 0.0,
-                   "max": int(a.max(initial=0))}
-            for name, a in (("prefix", prefix), ("candidate", cand), ("group", group))
-        },
+        "lengths": {name: length_summary(c) for name, c in lengths.items()},
         "histogram": {
             "bin_start": edges.tolist(),
-            **{name: log2_histogram(a, top)[1].tolist() for name, a in (("prefix", prefix), ("candidate", cand),
-                                                                        ("group", group))},
+            **{name: log2_histogram(c, ds.seq_length)[1].tolist() for name, c in lengths.items()},
         },
     }
 
@@ -102,11 +141,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="polar data stats", description=__doc__.split("\n\n")[0])
     ap.add_argument("path", help="dataset directory (or one shard path without suffix)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes reading the shards' indexes (default: 1 below 5*10^7 groups, else one a core, "
+                         "at most 32)")
     args = ap.parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
     from engine.shard_format import DatasetFormatError
 
     try:
-        stats = compute(args.path)
+        stats = compute(args.path, args.workers)
     except (DatasetFormatError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -581,3 +581,116 @@ def test_verify_reports_progress_between_shards(tmp_path):
     assert all("groups/s, ETA " in line for line in lines)
     ds.verify(log=lines.append, every_s=3600)
     assert len(lines) == 2
+
+
+# ---- offsets that wrap around int64, version-1 sequence lengths, descriptors -------------------------
+
+def overwrite(stem: Path, values: dict) -> None:
+    """Writes {array: {element: value}} into the index arrays of the shard at `stem` (poke's order
+    and numbering) with no check between two writes: poke opens the shard before each, and a shard
+    damaged by the first may be refused."""
+    from engine.indexed_dataset import _Shard
+    from engine.shard_files import OpenFiles
+
+    layout = _Shard(stem.with_suffix(".idx"), OpenFiles())._layout
+    for array, elements in values.items():
+        start, end, dtype = layout[array]
+        m = np.memmap(stem.with_suffix(".idx"), dtype=dtype, mode="r+", offset=start,
+                      shape=((end - start) // dtype.itemsize,))
+        for element, value in elements.items():
+            m[element] = value
+        m.flush()
+        del m
+
+
+def test_offsets_whose_differences_wrap_around_int64_are_refused(tmp_path, packed):
+    """Two offsets past 2**62 whose differences wrap around int64 to positive numbers (as do the group
+    counts written to agree): offsets checked by their differences passed at open, and a read then
+    failed allocating 2**62 elements (naming nothing); a version-1 index passed verify() and read a
+    group with an empty candidate, the whole sequence as its prefix."""
+    from benchmarks.dataset_open import as_version_1
+    from engine.shard_format import COUNTS
+
+    sg = np.concatenate([[0], np.cumsum([len(p) for p in packed.plan])]).astype(np.int64)
+    sg[1], sg[2] = 2**62, -2**63 + 2**61
+    with np.errstate(over="ignore"):
+        wrapped = np.diff(sg)
+    assert (wrapped >= 1).all() and int(wrapped.sum()) == len(packed.groups)  # what a check by differences sees
+    write(tmp_path / "sg", packed)
+    column = COUNTS.index("groups") * len(packed)
+    overwrite(tmp_path / "sg", {0: {1: int(sg[1]), 2: int(sg[2])},
+                                5: {column + j: int(n) for j, n in enumerate(wrapped)}})
+    with pytest.raises(DatasetFormatError, match=r"sg\.idx: sequence offsets do not run from 0"):
+        IndexedDataset(tmp_path / "sg")
+
+    first, _ = described(packed, 3)
+    write(tmp_path / "pt", packed)
+    as_version_1(tmp_path / "pt.idx")
+    overwrite(tmp_path / "pt", {2: {first + 1: 2**62, first + 2: -2**63 + 2**61}})
+    with pytest.raises(DatasetFormatError, match=r"pt\.idx: piece offsets do not run from 0"):
+        IndexedDataset(tmp_path / "pt")
+
+
+def test_a_version_1_sequence_past_seq_length_is_refused_at_open(tmp_path, packed):
+    """A version-2 index is refused at open where a sequence's tokens count passes seq_length; a
+    version-1 one (counts computed from its offsets) held such a sequence through open and verify(),
+    and the run stopped in collate, naming neither the shard nor the sequence."""
+    from benchmarks.dataset_open import as_version_1
+
+    toks = packed.per_sequence["tokens"]
+    j = next(j for j in range(len(packed) - 1)
+             if toks[j] == SEQ and len(packed.groups[packed.plan[j + 1][0]].prefix) >= 3)
+    first_next, _ = described(packed, j + 1)
+    write(tmp_path / "p", packed)
+    # the boundary between sequences j and j + 1 moved 3 tokens on: j's last candidate takes them
+    poke(tmp_path / "p", 2, first_next, int(toks[:j + 1].sum()) + 3)
+    as_version_1(tmp_path / "p.idx")
+    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: its groups hold {SEQ + 3} tokens, "
+                                                 rf"more than seq_length {SEQ}"):
+        IndexedDataset(tmp_path / "p")
+
+
+def test_a_file_whose_read_advice_fails_is_closed(tmp_path, packed, monkeypatch):
+    """The read-ahead advice comes after the open: a failure there leaves no descriptor behind."""
+    import os
+
+    write(tmp_path / "p", packed)
+    ds = IndexedDataset(tmp_path / "p")
+    ds._files.size = 0  # every read opens its file again
+
+    def refused(fd, offset, length, advice):
+        raise OSError(22, "Invalid argument")
+
+    monkeypatch.setattr(os, "posix_fadvise", refused, raising=False)
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        with pytest.raises(OSError):
+            ds.sequences([0])
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+# ---- a pass over every shard's index in worker processes ------------------------------------------------
+
+def test_a_pass_over_the_shards_in_worker_processes_keeps_their_order(tmp_path):
+    sizes = [40, 50, 30]
+    for k, n in enumerate(sizes):
+        write(tmp_path / f"s-{k}", PackedGroups(random_groups(400 + k, n), SEQ))
+    ds = IndexedDataset(tmp_path)
+    assert ds.over_shards(len, workers=2) == ds.over_shards(len, workers=1) == [len(s) for s in ds.shards]
+    ds.verify(workers=2)
+    write(tmp_path / "s-1", PackedGroups(random_groups(0, 50), SEQ))  # rebuilt under the open dataset
+    with pytest.raises(DatasetFormatError, match=r"s-1\.idx: replaced or rewritten since the dataset was opened"):
+        ds.verify(workers=2)
+
+
+def test_a_script_that_starts_the_pass_on_import_is_told_so(tmp_path):
+    """Spawned workers import the calling script again: one without a __main__ guard would start
+    the pass in each worker, which multiprocessing refuses; the error says what to do, no hang."""
+    for k in range(2):
+        write(tmp_path / f"s-{k}", PackedGroups(random_groups(500 + k, 20), SEQ))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
+                      f"from engine.indexed_dataset import IndexedDataset\n"
+                      f"IndexedDataset({str(tmp_path)!r}).verify(workers=2)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and 'put it under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]

@@ -1,0 +1,63 @@
+"""polar data stats: exact length statistics from per-shard length counts, the same with the
+shards shared out to worker processes, and a damaged shard named from a worker."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine.data import PackedGroups
+from polar import data_stats
+from tests.engine.test_indexed_dataset import SEQ, poke, random_groups, write
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [0, 7], list(range(1, 101)),
+                                     np.random.default_rng(0).integers(0, 300, 1001).tolist(),
+                                     np.random.default_rng(1).geometric(0.01, 5000).clip(0, 4096).tolist()])
+def test_length_summary_equals_numpy_on_the_lengths(lengths):
+    a = np.array(lengths, np.int64)
+    s = data_stats.length_summary(np.bincount(a, minlength=4097))
+    assert s["mean"] == pytest.approx(a.mean(), rel=1e-12)
+    assert s["p50"] == pytest.approx(np.percentile(a, 50), rel=1e-12)
+    assert s["p99"] == pytest.approx(np.percentile(a, 99), rel=1e-12)
+    assert s["max"] == a.max()
+
+
+def test_length_summary_of_no_lengths():
+    assert data_stats.length_summary(np.zeros(65, np.int64)) == {"mean": 0.0, "p50": 0.0, "p99": 0.0, "max": 0}
+
+
+@pytest.mark.parametrize("top", [64, 100])
+def test_log2_histogram_bins_as_the_lengths_fall(top):
+    lengths = np.random.default_rng(2).integers(0, top + 1, 500)
+    edges, counts = data_stats.log2_histogram(np.bincount(lengths, minlength=top + 1), top)
+    assert edges[-1] >= top and list(edges[:3]) == [0, 1, 2]
+    expected = np.bincount(np.searchsorted(edges, lengths, side="right") - 1, minlength=len(edges))
+    np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    for k in range(3):
+        write(tmp_path / "ds" / f"s-{k}", PackedGroups(random_groups(300 + k, 40 + 20 * k), SEQ))
+    return tmp_path / "ds"
+
+
+def test_workers_give_the_same_statistics(dataset):
+    one = data_stats.compute(str(dataset), workers=1)
+    assert data_stats.compute(str(dataset), workers=2) == one
+    lengths = PackedGroups([g for k in range(3) for g in random_groups(300 + k, 40 + 20 * k)], SEQ)
+    group = np.array([len(g) for g in lengths.groups])
+    assert one["groups"] == len(group) and one["lengths"]["group"]["max"] == group.max()
+    assert one["lengths"]["group"]["p50"] == pytest.approx(np.percentile(group, 50))
+
+
+def test_a_damaged_shard_is_named_from_a_worker(dataset, capsys):
+    poke(dataset / "s-1", 2, 5, 10**9)  # a piece offset far past the token file
+    assert data_stats.main([str(dataset), "--workers", "2"]) == 2
+    assert "s-1.idx: " in capsys.readouterr().err
+
+
+def test_workers_below_1_are_refused(dataset, capsys):
+    with pytest.raises(SystemExit) as e:
+        data_stats.main([str(dataset), "--workers", "0"])
+    assert e.value.code == 2 and "--workers must be at least 1" in capsys.readouterr().err
