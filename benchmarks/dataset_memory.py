@@ -85,20 +85,32 @@ def measure(path: str, mode: str) -> dict:
     return json.loads(out.stdout)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", type=at_least(1), default=4_000_000)
+def shard_arguments(ap: argparse.ArgumentParser, groups: int) -> None:
+    """The options of write_shards (`groups` the default group count)."""
+    ap.add_argument("--groups", type=at_least(1), default=groups)
     ap.add_argument("--shards", type=at_least(1), default=8)
     ap.add_argument("--groups-per-sequence", type=at_least(1), default=64,
-                    help="at most 1024 (4 tokens a group in 4096-token sequences)")
-    args = ap.parse_args()
+                    help=f"at most {SEQ_LENGTH // 4} (4 tokens a group in {SEQ_LENGTH}-token sequences)")
+
+
+def written_shards(ap: argparse.ArgumentParser, args, root: str) -> int:
+    """The shards shard_arguments' options ask for, written to `root` (refused with a usage error
+    where they cannot be), and a line saying what they are."""
     if args.groups_per_sequence > SEQ_LENGTH // 4:
         ap.error(f"--groups-per-sequence must be at most {SEQ_LENGTH // 4}: a group here is 4 tokens")
     if args.shards > args.groups:
         ap.error("--shards must be at most --groups (a shard holds at least one group)")
+    idx_bytes = write_shards(root, args.groups, args.shards, args.groups_per_sequence)
+    print(f"{args.groups:,} groups in {args.shards} shards, .idx files {idx_bytes / 2**20:.1f} MiB\n")
+    return idx_bytes
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    shard_arguments(ap, 4_000_000)
+    args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="polar_dsmem_") as root:
-        idx_bytes = write_shards(root, args.groups, args.shards, args.groups_per_sequence)
-        print(f"{args.groups:,} groups in {args.shards} shards, .idx files {idx_bytes / 2**20:.1f} MiB\n")
+        idx_bytes = written_shards(ap, args, root)
         print("| reader | sequences | private memory held (MiB) | per group (bytes) | vs index size |")
         print("|---|---:|---:|---:|---:|")
         for mode in ("read into memory", "positional reads (engine)"):

@@ -210,17 +210,36 @@ print(rss_anon() - before)
     assert held < 0.1 * idx_bytes, f"{held / 2**20:.1f} MiB held privately for a {idx_bytes / 2**20:.1f} MiB index"
 
 
-def test_per_sequence_counts_are_int32_where_they_fit_and_sum_exactly(tmp_path, packed):
+def test_per_sequence_counts_are_as_narrow_as_they_fit_and_sum_exactly(tmp_path, packed):
     from engine.indexed_dataset import _narrow
 
     write(tmp_path / "s", packed)
     ds = IndexedDataset(tmp_path / "s")
-    assert all(v.dtype == np.int32 for v in ds.per_sequence.values())
+    assert all(v.dtype == np.int16 for v in ds.per_sequence.values())  # 64-token packs
     for k, v in ds.per_sequence.items():
         np.testing.assert_array_equal(v, packed.per_sequence[k], err_msg=k)
+    assert _narrow(np.array([2**15], np.int64)).dtype == np.int32
     assert _narrow(np.array([2**31], np.int64)).dtype == np.int64  # e.g. the attention pairs of 64k packs
-    big = _narrow(np.full(4, 2**31 - 1, np.int64))
-    assert big.dtype == np.int32 and int(big.sum()) == 4 * (2**31 - 1)  # a batch's sum does not wrap
+    for t in (np.int16, np.int32):
+        top = _narrow(np.full(4, np.iinfo(t).max, np.int64))
+        assert top.dtype == t and int(top.sum()) == 4 * int(np.iinfo(t).max)  # a batch's sum does not wrap
+        assert (top.sum() + np.int64(1)).dtype == np.int64  # stays an integer next to int64
+
+
+def test_a_column_takes_the_widest_type_of_its_shards(tmp_path):
+    """A shard of short groups (int16 attention pairs) between two of a long one (int32)."""
+    short = PackedGroups(random_groups(1, 3), 512)
+    long = PackedGroups([Group(prefix=np.ones(300, np.int64), candidates=[np.ones(100, np.int64)] * 2,
+                               labels=[1, 0])], 512)
+    for name, packed in (("a", long), ("b", short), ("c", long)):
+        write(tmp_path / "ds" / name, packed)
+    alone = [IndexedDataset(tmp_path / "ds" / n).per_sequence["attention_pairs"] for n in "abc"]
+    assert [c.dtype for c in alone] == [np.int32, np.int16, np.int32]
+    merged = IndexedDataset(tmp_path / "ds").per_sequence["attention_pairs"]
+    assert merged.dtype == np.int32
+    np.testing.assert_array_equal(merged, np.concatenate([long.per_sequence["attention_pairs"],
+                                                          short.per_sequence["attention_pairs"],
+                                                          long.per_sequence["attention_pairs"]]))
 
 
 # ---- a damaged index: found when its sequence is read, by verify(), and at open in version 1 ---------
