@@ -21,8 +21,7 @@ from typing import NamedTuple
 import numpy as np
 
 from engine.build_sets import AGREED, check_build_sets
-from engine.data import per_group_counts
-from engine.packing import Group
+from engine.group import Group, per_group_counts
 from engine.shard_files import OpenFiles, check_unchanged
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, ShardIndex, check_offsets,
                                  groups_problem, segment_sums, sequence_counts)
@@ -232,11 +231,12 @@ def verify_shard(shard: _Shard) -> None:
 
 
 def auto_workers(groups: int) -> int:
-    """Processes for a pass over the whole index of `groups` groups: one below 5*10^7 groups, else
-    one a core, at most 32. A pass takes ~0.17 s per 10^6 groups in one process and a fresh worker
-    ~2.5 s to start (it imports torch): at 10^7 groups on 2 cores two workers took 5.1 s against
-    4.2 s for one; at POLAR's 10^9 one process takes minutes."""
-    return 1 if groups < 50_000_000 else max(1, min(32, os.cpu_count() or 1))
+    """Processes for a pass over the whole index of `groups` groups: one below 10^7 groups, else one
+    a core, at most 32. A pass takes ~0.15 s per 10^6 groups in one process and a fresh worker a
+    fraction of a second to start (the reader imports no torch): at 10^7 groups on 2 cores two
+    workers took 1.32 s against 1.63 s for one (benchmarks/data_stats.py); at POLAR's 10^9 one
+    process takes minutes."""
+    return 1 if groups < 10_000_000 else max(1, min(32, os.cpu_count() or 1))
 
 
 def _identity(st: os.stat_result) -> tuple:

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.data import per_group_counts
+from engine.group import per_group_counts
 
 MAGIC = b"PLRIDX\0\0"
 VERSION = 2  # the version ShardWriter writes; the reader also reads 1

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.packing import Group
+from engine.group import Group
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
                                  sequence_counts, token_dtype)
 

@@ -9,7 +9,7 @@ seq_length), and the tokens the shared prefix saves: a layout that repeats the p
 candidate would hold sum(prefix x (K - 1)) more tokens.
 
 Each shard is read (and checked) on its own and only length counts are kept, so memory does not
-grow with the dataset; at 5*10^7 groups and more the shards are shared out to one process a core
+grow with the dataset; at 10^7 groups and more the shards are shared out to one process a core
 (`--workers`), and a progress line with an ETA comes every 10 s.
 """
 from __future__ import annotations
@@ -142,7 +142,7 @@ def main(argv=None) -> int:
     ap.add_argument("path", help="dataset directory (or one shard path without suffix)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
     ap.add_argument("--workers", type=int, default=None,
-                    help="processes reading the shards' indexes (default: 1 below 5*10^7 groups, else one a core, "
+                    help="processes reading the shards' indexes (default: 1 below 10^7 groups, else one a core, "
                          "at most 32)")
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:

@@ -176,25 +176,6 @@ def test_plan_errors():
     assert [p.tolist() for p in plan_sequences([5, 9, 2, 8], 10, method="ordered")] == [[0], [1], [2, 3]]
 
 
-def test_group_validation():
-    with pytest.raises(ValueError, match="at least 2 candidates"):
-        group([1], [[2]], [1])
-    with pytest.raises(ValueError, match="needs 2 labels"):
-        group([1], [[2], [3]], [1, 0, 0])
-    with pytest.raises(ValueError, match="one positive and one negative"):
-        group([1], [[2], [3]], [1, 1])
-    with pytest.raises(ValueError, match="candidate 1 is empty"):
-        group([1], [[2], []], [1, 0])
-    with pytest.raises(TypeError, match="integer token ids"):
-        Group(np.array([1.5]), [np.array([2]), np.array([3])], np.array([1, 0]))
-    # int64 ids (what a Python list becomes) outside int32 would wrap into other, valid ids
-    for bad in ([1, 2**32 + 7], [2**31], [-3]):
-        with pytest.raises(ValueError, match=r"Group.prefix: token ids must lie in 0..2147483647"):
-            Group(np.array(bad, dtype=np.int64), [np.array([2]), np.array([3])], np.array([1, 0]))
-    g = group([], [[2], [3, 4]], [0, 1])  # an empty prefix is allowed
-    assert len(g) == 3 and g.prefix.dtype == np.int32 and g.labels.dtype == np.int8
-
-
 def test_to_moves_every_tensor():
     g0, g1, _ = hand_built()
     b = collate([[g0, g1]], seq_length=16, pad_id=P)
