@@ -27,6 +27,10 @@ from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatEr
                                  groups_problem, segment_sums, sequence_counts)
 
 
+# Groups a pass over a whole index checks at once (Shard.verify): ~100 MB of transient arrays.
+CHUNK_GROUPS = 1 << 20
+
+
 class SequenceIndex(NamedTuple):
     """What a shard's index says of one packed sequence: its groups g0 .. g1 - 1, their first pieces
     (group_pieces[g0 .. g1], shard-wide numbers), and the pieces' token offsets and labels."""
@@ -138,26 +142,52 @@ class _Shard:
         arrays = [raw[a:b].view(dt) for a, b, dt in self._layout]
         return ShardIndex(*arrays[:5], counts=arrays[5].reshape(len(COUNTS), -1) if len(arrays) > 5 else None)
 
-    def verify(self) -> None:
+    def verify(self, each=None) -> None:
         """Checks the whole index: offsets, labels, every sequence's tokens against seq_length, and
-        (version 2) every sequence's counts."""
+        (version 2) every sequence's counts. A run of whole sequences of about CHUNK_GROUPS groups
+        at a time, so the memory it takes follows that, not the shard (~100 bytes a group checked
+        at once: GBs for a shard of 10^7 groups, in every worker of a pass). `each(chunk)`, where
+        given, is called with every chunk once checked (a ShardIndex whose offsets start at 0)."""
         ix = self.mapped_index()
-        problem = check_offsets(ix, self._num_tokens)
-        if problem:
-            self._corrupt(problem)
-        counts = sequence_counts(ix)
-        if ix.counts is not None:
-            for c, key in enumerate(COUNTS):
-                bad = np.flatnonzero(counts[key] != ix.counts[c])
-                if bad.size:
-                    self._corrupt(f"its {key} count is {ix.counts[c][bad[0]]}, its groups hold "
-                                  f"{counts[key][bad[0]]} ({bad.size} sequence(s) disagree)", int(bad[0]))
-        # Version 2 checks its token counts at open; a version-1 sequence is as long as its offsets say,
-        # and one past seq_length would stop the run in collate, naming neither the shard nor the sequence.
-        over = np.flatnonzero(counts["tokens"] > self.seq_length)
-        if over.size:
-            self._corrupt(f"its groups hold {counts['tokens'][over[0]]} tokens, more than seq_length "
-                          f"{self.seq_length}", int(over[0]))
+        S, G, P, T = self._num_sequences, self.num_groups, self._num_pieces, self._num_tokens
+        sg = np.array(ix.seq_groups)  # O(sequences)
+        ends = (("sequence", sg, G), ("group", ix.group_pieces, P), ("piece", ix.piece_tokens, T))
+        for name, a, last in ends:
+            if a[0] != 0 or a[-1] != last:
+                self._corrupt(f"{name} offsets do not run from 0 to {last}")
+        if (sg[1:] <= sg[:-1]).any():  # compared, not subtracted: differences past 2**62 wrap around
+            self._corrupt(f"sequence offsets do not run from 0 to {G}")
+        starts = np.searchsorted(sg, np.arange(0, G, CHUNK_GROUPS), side="right") - 1
+        edges = np.unique(np.concatenate([starts, [S]])).tolist()
+        for s0, s1 in zip(edges[:-1], edges[1:]):
+            g0, g1 = int(sg[s0]), int(sg[s1])
+            gp = ix.group_pieces[g0:g1 + 1]
+            if gp[0] < 0 or gp[-1] > P or (gp[1:] <= gp[:-1]).any():  # within 0..P before it is used to slice
+                self._corrupt(f"group offsets do not run from 0 to {P}")
+            p0, p1 = int(gp[0]), int(gp[-1])
+            pt = ix.piece_tokens[p0:p1 + 1]
+            if pt[0] < 0 or pt[-1] > T or (pt[1:] < pt[:-1]).any():
+                self._corrupt(f"piece offsets do not run from 0 to {T}")
+            chunk = ShardIndex(sg[s0:s1 + 1] - g0, gp - p0, pt - pt[0], ix.group_source[g0:g1], ix.piece_label[p0:p1],
+                               counts=None if ix.counts is None else ix.counts[:, s0:s1])
+            problem = check_offsets(chunk, int(pt[-1] - pt[0]))  # the offsets pass: labels and groups
+            if problem:
+                self._corrupt(problem)
+            counts = sequence_counts(chunk)
+            if chunk.counts is not None:
+                for c, key in enumerate(COUNTS):
+                    bad = np.flatnonzero(counts[key] != chunk.counts[c])
+                    if bad.size:
+                        self._corrupt(f"its {key} count is {chunk.counts[c][bad[0]]}, its groups hold "
+                                      f"{counts[key][bad[0]]} ({bad.size} sequence(s) disagree)", s0 + int(bad[0]))
+            # Version 2 checks its token counts at open; a version-1 sequence is as long as its offsets
+            # say, and one past seq_length would stop the run in collate, naming neither shard nor sequence.
+            over = np.flatnonzero(counts["tokens"] > self.seq_length)
+            if over.size:
+                self._corrupt(f"its groups hold {counts['tokens'][over[0]]} tokens, more than seq_length "
+                              f"{self.seq_length}", s0 + int(over[0]))
+            if each is not None:
+                each(chunk)
 
     def sequence_index(self, j: int) -> SequenceIndex:
         """Sequence j's part of the index: one positional read of each array, exactly its elements
@@ -236,7 +266,11 @@ def auto_workers(groups: int) -> int:
     fraction of a second to start (the reader imports no torch): at 10^7 groups on 2 cores two
     workers took 1.32 s against 1.63 s for one (benchmarks/data_stats.py); at POLAR's 10^9 one
     process takes minutes."""
-    return 1 if groups < 10_000_000 else max(1, min(32, os.cpu_count() or 1))
+    if groups < 10_000_000:
+        return 1
+    # the cores this process may run on: under Slurm, taskset or a container's cpuset, cpu_count() is the node's
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(32, cores))
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -246,10 +280,17 @@ def _identity(st: os.stat_result) -> tuple:
 def _in_worker(task):
     """fn of a shard, in a worker process: the shard opened again, as the file the dataset opened."""
     fn, idx_path, identity = task
+
+    def check(st: os.stat_result) -> None:
+        if _identity(st) != identity:
+            raise DatasetFormatError(f"{idx_path}: replaced or rewritten since the dataset was opened; open the "
+                                     "dataset again")
+
+    # before the file is opened as a shard, which reads it (a version-1 index whole) and checks it against
+    # the .bin: another index (a rebuild caught half-way) would be refused as a corrupt shard instead
+    check(os.stat(idx_path))
     shard = _Shard(Path(idx_path), OpenFiles(16))
-    if _identity(shard._idx_stat) != identity:
-        raise DatasetFormatError(f"{idx_path}: replaced or rewritten since the dataset was opened; open the "
-                                 "dataset again")
+    check(shard._idx_stat)  # the file opened: replaced after the stat
     return fn(shard)
 
 

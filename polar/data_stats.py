@@ -8,9 +8,10 @@ candidates and whole groups (log2 bins), packing efficiency (real tokens / seque
 seq_length), and the tokens the shared prefix saves: a layout that repeats the prefix for every
 candidate would hold sum(prefix x (K - 1)) more tokens.
 
-Each shard is read (and checked) on its own and only length counts are kept, so memory does not
-grow with the dataset; at 10^7 groups and more the shards are shared out to one process a core
-(`--workers`), and a progress line with an ETA comes every 10 s.
+Each shard is read (and checked) a run of sequences at a time (about 10^6 groups) and only length
+counts are kept, so memory grows with neither the dataset nor its shards; at 10^7 groups and more
+the shards are shared out to one process a core (`--workers`), and a progress line with an ETA
+comes every 10 s.
 """
 from __future__ import annotations
 
@@ -35,19 +36,25 @@ def shard_summary(shard) -> dict:
     candidates and groups have each length (bincounts up to seq_length, which no group exceeds in
     a checked index), candidates, and the tokens a per-candidate layout would repeat. O(seq_length)
     to send back and merge, whatever the shard holds (at 10^9 groups the lengths themselves are
-    tens of GB)."""
-    shard.verify()
-    ix = shard.mapped_index()
-    piece = np.diff(ix.piece_tokens)
-    is_prefix = ix.piece_label < 0
-    k = np.diff(ix.group_pieces) - 1
-    prefix = piece[is_prefix]
-    cs = np.concatenate([[0], np.cumsum(piece)])
-    group = cs[ix.group_pieces[1:]] - cs[ix.group_pieces[:-1]]
+    tens of GB); counted chunk by chunk as verify checks them."""
     n = shard.seq_length + 1
-    return {"prefix": np.bincount(prefix, minlength=n), "candidate": np.bincount(piece[~is_prefix], minlength=n),
-            "group": np.bincount(group, minlength=n), "candidates": int(k.sum()),
-            "duplicated": int((prefix * (k - 1)).sum())}
+    out = {"prefix": np.zeros(n, np.int64), "candidate": np.zeros(n, np.int64), "group": np.zeros(n, np.int64),
+           "candidates": 0, "duplicated": 0}
+
+    def add(ix) -> None:
+        piece = np.diff(ix.piece_tokens)
+        is_prefix = ix.piece_label < 0
+        k = np.diff(ix.group_pieces) - 1
+        prefix = piece[is_prefix]
+        cs = np.concatenate([[0], np.cumsum(piece)])
+        for name, lengths in (("prefix", prefix), ("candidate", piece[~is_prefix]),
+                              ("group", cs[ix.group_pieces[1:]] - cs[ix.group_pieces[:-1]])):
+            out[name] += np.bincount(lengths, minlength=n)
+        out["candidates"] += int(k.sum())
+        out["duplicated"] += int((prefix * (k - 1)).sum())
+
+    shard.verify(each=add)
+    return out
 
 
 def length_summary(counts: np.ndarray) -> dict:
@@ -63,10 +70,15 @@ def length_summary(counts: np.ndarray) -> dict:
         return int(np.searchsorted(cum, i, side="right"))
 
     def percentile(q: float) -> float:
-        pos = (n - 1) * q / 100
+        # numpy's own steps and rounding (numpy.lib._function_base_impl: the "linear" virtual index,
+        # _lerp from the nearer end), not just its formula: (n - 1) * q / 100 or a + (b - a) * t
+        # alone differ from it in the last bits of most p99s
+        pos = (n - 1) * (q / 100)
+        if pos >= n - 1:
+            return float(at(n - 1))
         lo = int(np.floor(pos))
-        a, b = at(lo), at(min(lo + 1, n - 1))
-        return float(a + (b - a) * (pos - lo))
+        a, b, t = at(lo), at(lo + 1), pos - lo
+        return float(b - (b - a) * (1 - t)) if t >= 0.5 else float(a + (b - a) * t)
 
     return {"mean": float((values * counts).sum() / n), "p50": percentile(50), "p99": percentile(99),
             "max": int(np.flatnonzero(counts)[-1])}

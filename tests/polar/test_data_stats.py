@@ -22,6 +22,18 @@ def test_length_summary_equals_numpy_on_the_lengths(lengths):
     assert s["max"] == a.max()
 
 
+def test_length_summary_is_numpys_to_the_last_bit():
+    # what the statistics printed before (numpy over every length), not merely close: a p99 between
+    # two lengths is interpolated as numpy does, from the nearer one
+    rng = np.random.default_rng(3)
+    for n in [1, 2, 42, 101, 165, 218, 354, 1000]:
+        for top in [1, 100, 5000, 100_000]:
+            a = rng.integers(0, top + 1, n)
+            s = data_stats.length_summary(np.bincount(a))
+            assert (s["mean"], s["p50"], s["p99"], s["max"]) == (
+                float(a.mean()), float(np.percentile(a, 50)), float(np.percentile(a, 99)), int(a.max())), (n, top)
+
+
 def test_length_summary_of_no_lengths():
     assert data_stats.length_summary(np.zeros(65, np.int64)) == {"mean": 0.0, "p50": 0.0, "p99": 0.0, "max": 0}
 
