@@ -126,9 +126,12 @@ class GlobalBatchLoader:
         with self._orders_lock:
             if epoch not in self._orders:
                 n = len(self.source)
-                order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.shuffle else np.arange(n)
-                if n <= np.iinfo(np.int32).max:  # the same order in half the memory (every rank holds up to three)
-                    order = order.astype(np.int32)
+                # Generator.permutation(n) is a shuffle of arange(n): shuffled in place as int32, the same
+                # order in half the memory (every rank holds up to three) and no int64 copy on the way
+                # (1.6 GB at POLAR's ~2*10^8 packed sequences)
+                order = np.arange(n, dtype=np.int32 if n <= np.iinfo(np.int32).max else np.int64)
+                if self.shuffle:
+                    np.random.default_rng([self.seed, epoch]).shuffle(order)
                 # a batch spans at most two epochs (global_batch <= len): two orders serve any batch; an
                 # older one stays too, for a prefetch of the next batch crossing into a newer epoch
                 self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 2}
