@@ -413,7 +413,12 @@ class IndexedDataset:
         return [shard.read_groups(si) for shard, si in spans]
 
     def over_shards(self, fn, workers: int | None = None, log=None, every_s: float = 10.0) -> list:
-        """[fn(shard) for each shard], fn reading each shard's whole index (checks, statistics): at
+        """[fn(shard) for each shard]: each_shard's results in a list."""
+        return list(self.each_shard(fn, workers, log, every_s))
+
+    def each_shard(self, fn, workers: int | None = None, log=None, every_s: float = 10.0):
+        """fn(shard) for each shard in order, yielded as they come (a caller reducing them keeps one
+        at a time), fn reading each shard's whole index (checks, statistics): at
         10^9 groups that is minutes in one process. With `workers` > 1 (None: auto_workers) the
         shards are shared out to that many fresh processes, each opening the shard the dataset
         opened (a file replaced since is refused); fn must then be a module-level function. With
@@ -433,11 +438,11 @@ class IndexedDataset:
             results = pool.map(_in_worker, [(fn, str(s._idx_path), _identity(s._idx_stat)) for s in self.shards])
         else:
             results = (fn(s) for s in self.shards)
-        out, total, done = [], self.num_groups, 0
+        total, done = self.num_groups, 0
         start = last = time.monotonic()
         try:
             for k, (s, r) in enumerate(zip(self.shards, _explained(results))):
-                out.append(r)
+                yield r
                 done += s.num_groups
                 now = time.monotonic()
                 if log is not None and k + 1 < n and now - last >= every_s:
@@ -448,7 +453,6 @@ class IndexedDataset:
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-        return out
 
     def verify(self, log=None, every_s: float = 10.0, workers: int | None = None) -> None:
         """Checks every shard's whole index (a run checks only the sequences it reads, as it reads

@@ -88,9 +88,11 @@ def compute(path: str, workers: int | None = None) -> dict:
     from engine.indexed_dataset import IndexedDataset
 
     ds = IndexedDataset(path)
-    parts = ds.over_shards(shard_summary, workers, log=lambda line: print(line, file=sys.stderr, flush=True))
-    lengths = {name: np.sum([p[name] for p in parts], axis=0) for name in ("prefix", "candidate", "group")}
-    duplicated = sum(p["duplicated"] for p in parts)
+    total = None  # summed as the shards come: one shard's counts held at a time, not every shard's
+    for part in ds.each_shard(shard_summary, workers, log=lambda line: print(line, file=sys.stderr, flush=True)):
+        total = part if total is None else {k: total[k] + v for k, v in part.items()}
+    lengths = {name: total[name] for name in ("prefix", "candidate", "group")}
+    duplicated = total["duplicated"]
     real = ds.num_real_tokens
     # Lines less blank ones; metadata from before "blank" was counted gives lines.
     records = [c["lines"] - c.get("blank", 0) if "lines" in c else None
@@ -105,7 +107,7 @@ def compute(path: str, workers: int | None = None) -> dict:
         "records": sum(records) if None not in records else None,
         "rejected": sum(rejected) if None not in rejected else None,
         "groups": ds.num_groups,
-        "candidates": sum(p["candidates"] for p in parts),
+        "candidates": total["candidates"],
         "sequences": len(ds),
         "tokens": real,
         "packing_efficiency": ds.packing_efficiency,
