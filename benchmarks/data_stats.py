@@ -10,8 +10,9 @@ login node. `polar data stats` now reads and checks each shard on its own and ke
 prefixes, candidates and groups have each length (O(seq_length)), merging them into the same
 figures. Each row runs in a fresh process; "peak" is the most memory numpy and Python held at once
 in that process during the statistics (tracemalloc), the dataset's own open included in both: the
-baseline's grows with the dataset, the per-shard one's with the largest shard (with workers, each
-worker holds that, and the calling process only the counts). Groups are short (a 2-token prefix
+baseline's grows with the dataset, the per-shard one's with a chunk of about 2^20 groups
+(CHUNK_GROUPS, engine/indexed_dataset.py), whatever the shards hold (with workers, each worker
+holds that, and the calling process only the counts). Groups are short (a 2-token prefix
 and two 1-token candidates): the index is what is measured. Every row checks every shard's index,
 as `polar data stats` does.
 """

@@ -15,8 +15,9 @@ bytes.
 Each row drops the token file's pages from the page cache (posix_fadvise DONTNEED; ext4 and xfs
 honour it), reads `--reads` random sequences, and reports the bytes that came into the page cache
 (mincore), against the bytes the sequences hold, and the wall time; then the same reads again
-with the pages cached (median of 7 passes, the two readers' passes alternating). The index is read beforehand
-and stays cached: the tokens are what is measured. int16-sized tokens (vocabulary <= 65,536).
+with the pages cached (median of 7 passes, the two readers' passes alternating). The index's pages
+are not dropped (written just before, they stay cached): the tokens are what is measured.
+int16-sized tokens (vocabulary <= 65,536).
 """
 import argparse
 import os

@@ -7,8 +7,8 @@ at 10^9 groups every rank of every node would otherwise read and check the whole
 GB) before the first step. What a rank reads of a sequence is checked as it is read (offsets,
 labels, and its counts recomputed), so a damaged index still stops the run with the file and
 sequence named instead of training on garbage; `IndexedDataset.verify()` (`polar data stats`,
-`engine/pretrain.py --check-config`) checks every sequence at once. Version 1 (no counts) is read,
-checked and counted whole at open.
+`engine/pretrain.py --check-config`) checks every sequence in one pass. Version 1 (no counts) is
+read, checked and counted whole at open.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatEr
                                  groups_problem, segment_sums, sequence_counts)
 
 
-# Groups a pass over a whole index checks at once (Shard.verify): ~100 MB of transient arrays.
+# Groups a pass over a whole index checks at once (_Shard.verify): ~150 bytes a group of transient arrays,
+# 157.7 MiB for a chunk of 2^20 (benchmarks/RESULTS.md, thirteenth session).
 CHUNK_GROUPS = 1 << 20
 
 
@@ -123,7 +124,7 @@ class _Shard:
         raise DatasetFormatError(f"{self._idx_path}: {at}{what} (corrupt; rebuild the shard)")
 
     def _read(self, array: int, start: int, stop: int) -> np.ndarray:
-        """Elements start .. stop - 1 of index array `array` (the module docstring's order), read."""
+        """Elements start .. stop - 1 of index array `array` (in engine/shard_format.py's order), read."""
         begin, _, dtype = self._layout[array]
         return self._files.read(self._idx_path, self._idx_stat, begin + start * dtype.itemsize, stop - start, dtype)
 
@@ -145,7 +146,7 @@ class _Shard:
     def verify(self, each=None) -> None:
         """Checks the whole index: offsets, labels, every sequence's tokens against seq_length, and
         (version 2) every sequence's counts. A run of whole sequences of about CHUNK_GROUPS groups
-        at a time, so the memory it takes follows that, not the shard (~100 bytes a group checked
+        at a time, so the memory it takes follows that, not the shard (~150 bytes a group checked
         at once: GBs for a shard of 10^7 groups, in every worker of a pass). `each(chunk)`, where
         given, is called with every chunk once checked (a ShardIndex whose offsets start at 0)."""
         ix = self.mapped_index()
@@ -457,7 +458,7 @@ class IndexedDataset:
     def verify(self, log=None, every_s: float = 10.0, workers: int | None = None) -> None:
         """Checks every shard's whole index (a run checks only the sequences it reads, as it reads
         them); DatasetFormatError names the file (and the sequence, for a count). `workers`, `log`
-        and `every_s` as in over_shards."""
+        and `every_s` as in each_shard."""
         self.over_shards(verify_shard, workers, log, every_s)
 
     def sources(self, i: int) -> np.ndarray:

@@ -7,9 +7,9 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
                 in the dtype the index names (uint16 when the vocabulary fits, else int32)
     NAME.idx    header + index arrays (below); written last, so its presence marks a complete shard
     NAME.json   the builder's metadata (tokenizer, special ids, counts, sources ...), free-form
-                except for the keys this module writes: seq_length, vocab_size, pad_id, token_dtype,
-                and `build` (engine/build_sets.py), which
-                the reader checks
+                except for the keys ShardWriter writes (seq_length, vocab_size, pad_id, token_dtype,
+                shard) and `build` (engine/build_sets.py); the reader checks seq_length, vocab_size,
+                pad_id, bos_id and build
 
     .idx = magic b"PLRIDX\\0\\0", uint32 version, uint32 K, char[8] token dtype (numpy str, padded),
            uint64 seq_length, S sequences, G groups, P pieces, T tokens, then (little-endian):
@@ -21,13 +21,14 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
            int8  piece_label[P]     -1 on a prefix, else the candidate's label (1 positive, 0 negative)
            (version 2: zero padding to a multiple of 8 bytes, then)
            int64 counts[K][S]       per sequence, what training needs before it reads a sequence
-                                    (COUNTS: tokens, groups, pairs, ...; engine.data.per_group_counts
+                                    (COUNTS: tokens, groups, pairs, ...; engine.group.per_group_counts
                                     summed over the sequence's groups); K = 0 in version 1
 
 Concatenating datasets is copying their shard files into one directory under names that sort in
 the wanted order (e.g. `a-part-00000-of-00002.*`, `b-part-...`); all shards must agree on
-seq_length, vocab_size, pad_id, bos_id and tokenizer (engine/build_sets.py). This format knows
-token ids and groups only, no text format.
+seq_length, vocab_size, pad_id and bos_id (engine/build_sets.py's AGREED; not on the tokenizer's
+name, a path on the machine that built the shard). This format knows token ids and groups only, no
+text format.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from engine.group import per_group_counts
 
 MAGIC = b"PLRIDX\0\0"
 VERSION = 2  # the version ShardWriter writes; the reader also reads 1
-# The per-sequence count columns of a version-2 index, in file order: engine.data.per_group_counts'
+# The per-sequence count columns of a version-2 index, in file order: engine.group.per_group_counts'
 # keys (another set or order is another version).
 COUNTS = ("tokens", "groups", "pairs", "positives", "lm_targets", "attention_pairs")
 HEADER = struct.Struct("<8sII8sQQQQQ")
@@ -56,7 +57,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 
 def groups_problem(n_cand: np.ndarray, n_pos: np.ndarray, cand_lengths: np.ndarray) -> str | None:
-    """What engine.packing.Group would refuse of groups of n_cand candidates, n_pos of them positive
+    """What engine.group.Group would refuse of groups of n_cand candidates, n_pos of them positive
     (`cand_lengths`: their candidates' lengths), or None. Read, such a group would stop a run with
     Group's error, which names neither the shard nor the sequence."""
     if (n_pos < 1).any() or (n_pos >= n_cand).any() or (cand_lengths < 1).any():
@@ -65,7 +66,8 @@ def groups_problem(n_cand: np.ndarray, n_pos: np.ndarray, cand_lengths: np.ndarr
 
 
 class ShardIndex(NamedTuple):
-    """A shard's index arrays (views of its mapped .idx; see the module docstring)."""
+    """A shard's index arrays (see the module docstring): views of its mapped .idx, or arrays like them
+    (ShardWriter's before it writes them; a run of sequences _Shard.verify checks, offsets from 0)."""
     seq_groups: np.ndarray
     group_pieces: np.ndarray
     piece_tokens: np.ndarray
@@ -101,7 +103,7 @@ def segment_sums(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
 
 
 def sequence_counts(ix: ShardIndex) -> dict:
-    """engine.data.per_group_counts of the index's groups, summed per sequence (int64 arrays)."""
+    """engine.group.per_group_counts of the index's groups, summed per sequence (int64 arrays)."""
     piece_len = np.diff(ix.piece_tokens)
     is_prefix = ix.piece_label < 0
     lengths = segment_sums(piece_len, ix.group_pieces)

@@ -156,8 +156,8 @@ def main(argv=None) -> int:
     ap.add_argument("path", help="dataset directory (or one shard path without suffix)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
     ap.add_argument("--workers", type=int, default=None,
-                    help="processes reading the shards' indexes (default: 1 below 10^7 groups, else one a core, "
-                         "at most 32)")
+                    help="processes reading the shards' indexes, at most one a shard (default: 1 below 10^7 "
+                         "groups, else one a core, at most 32)")
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")

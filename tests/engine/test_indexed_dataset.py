@@ -783,7 +783,7 @@ def test_statistics_do_not_depend_on_the_chunks(tmp_path, monkeypatch):
 
 def test_verify_takes_memory_by_the_chunk_not_by_the_shard(tmp_path):
     """A shard of 2^20 groups checked 2^16 groups at a time: the arrays verify holds at once follow
-    the chunk (the whole-shard check held ~100 bytes a group, ~100 MB here)."""
+    the chunk (the whole-shard check held ~150 bytes a group, 158 MiB here)."""
     groups = 1 << 20
     w = ShardWriter(tmp_path / "big", 4096, vocab_size=300, pad_id=1)
     w.add_sequences(tokens=np.ones(4 * groups, np.int64), piece_lengths=np.tile([2, 1, 1], groups),
