@@ -93,7 +93,7 @@ def dense_flops_per_token(num_layers: int, hidden: int, ffn: int, heads: int, kv
 def attention_flops_per_pair(num_layers: int, hidden: int) -> float:
     """Forward+backward FLOPs per visible (query, key) pair: QK^T and PV, 2 FLOPs per multiply-add
     over heads x head_dim = hidden, times 3. The pairs are counted exactly from the shared-prefix
-    layout (engine.data.per_group_counts), not estimated from the sequence length."""
+    layout (engine.group.per_group_counts), not estimated from the sequence length."""
     return 3.0 * num_layers * 2 * 2 * hidden
 
 

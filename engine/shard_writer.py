@@ -75,7 +75,7 @@ class ShardWriter:
         problem = groups_problem(group_pieces - 1, segment_sums((piece_labels == 1).astype(np.int64), starts),
                                   piece_lengths[~is_prefix])
         if problem:
-            raise ValueError(f"{problem}: engine.packing.Group refuses it")
+            raise ValueError(f"{problem}: engine.group.Group refuses it")
         group_tokens = segment_sums(piece_lengths, starts)
         seq_starts = np.zeros(seq_groups.size + 1, dtype=np.int64)
         np.cumsum(seq_groups, out=seq_starts[1:])

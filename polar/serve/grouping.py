@@ -19,7 +19,7 @@ import numpy as np
 @dataclass
 class ServeGroup:
     """A prefix and its candidates, scored in one segment of a packed row. Duck-types
-    engine.packing.Group for `collate` (which reads prefix, candidates, labels and len), without
+    engine.group.Group for `collate` (which reads prefix, candidates, labels and len), without
     Group's training checks (two or more candidates with both labels)."""
 
     prefix: np.ndarray

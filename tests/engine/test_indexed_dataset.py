@@ -561,7 +561,7 @@ def test_a_label_below_minus_1_is_refused_even_where_the_counts_agree(tmp_path, 
 
 @pytest.mark.parametrize("damage", ["all positive", "empty candidate"])
 def test_a_group_the_engine_refuses_is_named_when_read_and_by_verify(tmp_path, packed, damage):
-    """engine.packing.Group refuses a group without a positive and a negative candidate, or with an
+    """engine.group.Group refuses a group without a positive and a negative candidate, or with an
     empty candidate; an index describing one (its counts agreeing) is refused naming the shard and
     the sequence, not by Group naming neither, and verify() finds it."""
     j = 3
