@@ -30,8 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
-from benchmarks.dataset_cold_read import read_ahead_kb  # noqa: E402
-from benchmarks.page_cache import cold_then_warm  # noqa: E402
+from benchmarks.dataset_cold_read import engine_against_map, read_ahead_kb  # noqa: E402
 from engine.indexed_dataset import IndexedDataset, SequenceIndex  # noqa: E402
 from engine.shard_format import COUNTS  # noqa: E402
 from engine.shard_writer import ShardWriter  # noqa: E402
@@ -105,10 +104,7 @@ def main():
         print(f"index {size / 2**20:.0f} MiB ({args.groups:,} groups, {len(ds):,} sequences of "
               f"{args.groups_per_sequence}), {args.reads} random sequences (their entries span "
               f"{touched / 2**20:.2f} MiB of pages); read_ahead_kb {read_ahead_kb(idx_path)}\n")
-        ds.sequences([int(order[0])])  # opens the files, and anything else a first read sets up
-        makers = {"positional reads (engine)": lambda: lambda j: ds.sequences([j]),
-                  "memory map (before)": lambda: mapped_reader(ds)}
-        cold_then_warm(makers, idx_path, order, touched, "index entries", "the pages used")
+        engine_against_map(ds, mapped_reader, idx_path, order, touched, "index entries", "the pages used")
 
 
 if __name__ == "__main__":

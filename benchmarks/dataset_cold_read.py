@@ -84,6 +84,15 @@ def mapped_reader(ds: IndexedDataset):
     return read
 
 
+def engine_against_map(ds: IndexedDataset, mapped_reader, path: str, order, used: int, first: str,
+                       used_is: str) -> None:
+    """cold_then_warm's table for the engine's reads of `ds` against `mapped_reader(ds)`'s."""
+    ds.sequences([int(order[0])])  # opens the files, and anything else a first read sets up
+    makers = {"positional reads (engine)": lambda: lambda j: ds.sequences([j]),
+              "memory map (before)": lambda: mapped_reader(ds)}
+    cold_then_warm(makers, path, order, used, first, used_is)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sequences", type=at_least(1), default=12000)
@@ -100,10 +109,7 @@ def main():
         size = os.path.getsize(bin_path)
         print(f"token file {size / 2**20:.0f} MiB ({len(ds):,} sequences of {args.seq_length:,} tokens), "
               f"{args.reads} random sequences ({wanted / 2**20:.1f} MiB); read_ahead_kb {read_ahead_kb(bin_path)}\n")
-        ds.sequences([int(order[0])])  # opens the files, and anything else a first read sets up
-        makers = {"positional reads (engine)": lambda: lambda j: ds.sequences([j]),
-                  "memory map (before)": lambda: mapped_reader(ds)}
-        cold_then_warm(makers, bin_path, order, wanted, "reader", "the bytes used")
+        engine_against_map(ds, mapped_reader, bin_path, order, wanted, "reader", "the bytes used")
 
 
 if __name__ == "__main__":

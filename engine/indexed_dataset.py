@@ -257,10 +257,6 @@ class _Shard:
         return [Group.checked(pieces[a], pieces[a + 1:b], labels[a + 1:b]) for a, b in zip(firsts[:-1], firsts[1:])]
 
 
-def verify_shard(shard: _Shard) -> None:
-    shard.verify()
-
-
 def auto_workers(groups: int) -> int:
     """Processes for a pass over the whole index of `groups` groups: one below 10^7 groups, else one
     a core, at most 32. A pass takes ~0.15 s per 10^6 groups in one process and a fresh worker a
@@ -274,24 +270,15 @@ def auto_workers(groups: int) -> int:
     return max(1, min(32, cores))
 
 
-def _identity(st: os.stat_result) -> tuple:
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
-
-
 def _in_worker(task):
     """fn of a shard, in a worker process: the shard opened again, as the file the dataset opened."""
-    fn, idx_path, identity = task
-
-    def check(st: os.stat_result) -> None:
-        if _identity(st) != identity:
-            raise DatasetFormatError(f"{idx_path}: replaced or rewritten since the dataset was opened; open the "
-                                     "dataset again")
-
+    fn, idx_path, opened = task
+    idx_path = Path(idx_path)
     # before the file is opened as a shard, which reads it (a version-1 index whole) and checks it against
     # the .bin: another index (a rebuild caught half-way) would be refused as a corrupt shard instead
-    check(os.stat(idx_path))
-    shard = _Shard(Path(idx_path), OpenFiles(16))
-    check(shard._idx_stat)  # the file opened: replaced after the stat
+    check_unchanged(idx_path, os.stat(idx_path), opened)
+    shard = _Shard(idx_path, OpenFiles(16))
+    check_unchanged(idx_path, shard._idx_stat, opened)  # the file opened: replaced after the stat
     return fn(shard)
 
 
@@ -365,7 +352,8 @@ class IndexedDataset:
         self.num_groups = int(self.per_sequence["groups"].sum())
 
     def _lengths(self, key: str) -> np.ndarray:
-        """Per-group or per-piece lengths over all shards (polar data stats, benchmarks)."""
+        """Per-group or per-piece lengths over all shards, whole (O(groups): benchmarks and tests;
+        polar data stats counts them chunk by chunk instead)."""
         parts = []
         for ix in (s.mapped_index() for s in self.shards):
             if key == "candidates_per_group":
@@ -436,7 +424,7 @@ class IndexedDataset:
             # An executor, not multiprocessing.Pool: a worker that dies (killed, or a script that starts
             # work on import) raises BrokenProcessPool here instead of being replaced forever.
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-            results = pool.map(_in_worker, [(fn, str(s._idx_path), _identity(s._idx_stat)) for s in self.shards])
+            results = pool.map(_in_worker, [(fn, str(s._idx_path), s._idx_stat) for s in self.shards])
         else:
             results = (fn(s) for s in self.shards)
         total, done = self.num_groups, 0
@@ -459,7 +447,7 @@ class IndexedDataset:
         """Checks every shard's whole index (a run checks only the sequences it reads, as it reads
         them); DatasetFormatError names the file (and the sequence, for a count). `workers`, `log`
         and `every_s` as in each_shard."""
-        self.over_shards(verify_shard, workers, log, every_s)
+        self.over_shards(_Shard.verify, workers, log, every_s)
 
     def sources(self, i: int) -> np.ndarray:
         """The builder's record ids of the groups in sequence i (tests and debugging)."""

@@ -37,6 +37,8 @@ def shard_summary(shard) -> dict:
     a checked index), candidates, and the tokens a per-candidate layout would repeat. O(seq_length)
     to send back and merge, whatever the shard holds (at 10^9 groups the lengths themselves are
     tens of GB); counted chunk by chunk as verify checks them."""
+    from engine.shard_format import segment_sums
+
     n = shard.seq_length + 1
     out = {"prefix": np.zeros(n, np.int64), "candidate": np.zeros(n, np.int64), "group": np.zeros(n, np.int64),
            "candidates": 0, "duplicated": 0}
@@ -46,9 +48,8 @@ def shard_summary(shard) -> dict:
         is_prefix = ix.piece_label < 0
         k = np.diff(ix.group_pieces) - 1
         prefix = piece[is_prefix]
-        cs = np.concatenate([[0], np.cumsum(piece)])
         for name, lengths in (("prefix", prefix), ("candidate", piece[~is_prefix]),
-                              ("group", cs[ix.group_pieces[1:]] - cs[ix.group_pieces[:-1]])):
+                              ("group", segment_sums(piece, ix.group_pieces))):
             out[name] += np.bincount(lengths, minlength=n)
         out["candidates"] += int(k.sum())
         out["duplicated"] += int((prefix * (k - 1)).sum())
