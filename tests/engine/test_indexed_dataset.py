@@ -147,29 +147,6 @@ def test_loader_sharding_and_resume_on_a_built_dataset(tmp_path, packed):
     assert len(np.unique(np.concatenate(epoch))) == 4 * (len(ds) // 4)
 
 
-def test_hundreds_of_shards_read_within_a_small_open_file_limit(tmp_path):
-    """A shard holds no file descriptor while unread, and the memory maps of the .bin files are
-    bounded: 300 shards read (and their groups kept) under a limit of 256 open files."""
-    expected = 0
-    for k in range(300):
-        packed = PackedGroups(random_groups(k, 3), SEQ)
-        write(tmp_path / f"s-{k:03d}", packed)
-        expected += sum(int(p.sum()) for g in packed.groups for p in (g.prefix, *g.candidates))
-    script = f"""
-import resource, sys
-sys.path.insert(0, {str(Path(__file__).parents[2])!r})
-hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
-from engine.indexed_dataset import IndexedDataset
-ds = IndexedDataset({str(tmp_path)!r})
-kept = ds.sequences(range(len(ds))) + ds.sequences(range(len(ds) - 1, -1, -1))
-print(len(ds.shards), sum(int(p.sum()) for seq in kept[:len(ds)] for g in seq for p in (g.prefix, *g.candidates)))
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["300", str(expected)]
-
-
 def test_an_open_dataset_holds_no_index_in_private_memory(tmp_path):
     """Every rank opens the whole dataset: the index (tens of bytes a group) is read a sequence at a
     time, so the ranks of a node share one copy in the page cache; what a rank holds privately is
@@ -361,60 +338,6 @@ def test_a_sequences_pieces_view_one_int32_array(tmp_path, packed):
         assert g.labels.dtype == rebuilt.labels.dtype == np.int8
 
 
-@pytest.mark.parametrize("limit,size", [(1024, 256), (40, 16)])
-def test_the_open_files_follow_the_open_file_limit(limit, size):
-    script = f"""
-import resource, sys
-sys.path.insert(0, {str(Path(__file__).parents[2])!r})
-resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-from engine.shard_files import OpenFiles
-print(OpenFiles().size)
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert int(proc.stdout) == size
-
-
-def test_threads_reading_while_the_open_files_are_dropped_get_their_own_bytes(tmp_path):
-    """Two loader threads read from 40 shards while at most 4 files stay open: a file dropped by one
-    thread is still read by the other (a descriptor closed under a reader could be reused by the
-    next file opened, and the read would return another shard's bytes)."""
-    import threading
-
-    expected = []
-    for k in range(40):
-        packed = PackedGroups(random_groups(100 + k, 6), SEQ)
-        write(tmp_path / f"s-{k:02d}", packed)
-        expected += packed.sequences(range(len(packed)))
-    ds = IndexedDataset(tmp_path)
-    ds._files.size = 4
-    errors = []
-
-    def reader(seed):
-        try:
-            order = np.random.default_rng(seed).integers(0, len(ds), size=400)
-            for i in order:
-                same_groups(ds.sequences([int(i)]), [expected[int(i)]])
-        except Exception as e:  # noqa: BLE001 - reported by the main thread
-            errors.append(e)
-
-    threads = [threading.Thread(target=reader, args=(s,)) for s in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
-
-
-def test_without_preadv_tokens_are_read_with_pread(tmp_path, packed, monkeypatch):
-    import os
-
-    write(tmp_path / "p", packed)
-    monkeypatch.delattr(os, "preadv")
-    ds = IndexedDataset(tmp_path / "p")
-    same_groups(ds.sequences(range(len(ds))), packed.sequences(range(len(packed))))
-
-
 # ---- damaged or replaced files the checks above let through ------------------------------------------
 
 def write_counts(stem: Path, counts: dict) -> None:
@@ -463,29 +386,6 @@ def refused_when_read_and_by_verify(ds: IndexedDataset, j: int, problem: str) ->
         ds.sequences([j])
     with pytest.raises(DatasetFormatError, match=rf"p\.idx: {problem}"):
         ds.verify()
-
-
-def test_a_token_file_refused_when_reopened_leaves_other_descriptors_open(tmp_path, packed):
-    """A token file whose size changed since the dataset was opened is refused; its descriptor,
-    closed then, is not closed again when the refused object goes (by then the number may be another
-    file's, here a log's)."""
-    import gc
-
-    write(tmp_path / "p", packed)
-    ds = IndexedDataset(tmp_path / "p")
-    (tmp_path / "p.bin").write_bytes((tmp_path / "p.bin").read_bytes() + b"\0\0")
-    errors = []
-    try:
-        ds.sequences([0])
-    except DatasetFormatError as e:  # kept, as a loader thread's error is until the step raises it
-        errors.append(e)
-    assert errors and "p.bin: " in str(errors[0])
-    with open(tmp_path / "log", "w") as log:
-        errors.clear()
-        gc.collect()
-        log.write("step 1\n")
-        log.flush()  # EBADF had its descriptor been closed under it
-    assert (tmp_path / "log").read_text() == "step 1\n"
 
 
 @pytest.mark.parametrize("replaced", [".idx", ".bin"])
@@ -588,21 +488,7 @@ def test_metadata_that_is_no_json_object_is_named(tmp_path, packed, text):
         IndexedDataset(tmp_path)
 
 
-def test_verify_reports_progress_between_shards(tmp_path):
-    sizes = [40, 50, 30]
-    for k, n in enumerate(sizes):
-        write(tmp_path / f"s-{k}", PackedGroups(random_groups(200 + k, n), SEQ))
-    ds = IndexedDataset(tmp_path)
-    lines = []
-    ds.verify(log=lines.append, every_s=0)
-    assert [line.split(": ", 1)[1].split(" (")[0] for line in lines] == [
-        "checked 1/3 shards, 40/120 groups", "checked 2/3 shards, 90/120 groups"]
-    assert all("groups/s, ETA " in line for line in lines)
-    ds.verify(log=lines.append, every_s=3600)
-    assert len(lines) == 2
-
-
-# ---- offsets that wrap around int64, version-1 sequence lengths, descriptors -------------------------
+# ---- offsets that wrap around int64, version-1 sequence lengths ------------------------------------
 
 def overwrite(stem: Path, values: dict) -> None:
     """Writes {array: {element: value}} into the index arrays of the shard at `stem` (poke's order
@@ -667,140 +553,3 @@ def test_a_version_1_sequence_past_seq_length_is_refused_at_open(tmp_path, packe
     with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: its groups hold {SEQ + 3} tokens, "
                                                  rf"more than seq_length {SEQ}"):
         IndexedDataset(tmp_path / "p")
-
-
-def test_a_file_whose_read_advice_fails_is_closed(tmp_path, packed, monkeypatch):
-    """The read-ahead advice comes after the open: a failure there leaves no descriptor behind."""
-    import os
-
-    write(tmp_path / "p", packed)
-    ds = IndexedDataset(tmp_path / "p")
-    ds._files.size = 0  # every read opens its file again
-
-    def refused(fd, offset, length, advice):
-        raise OSError(22, "Invalid argument")
-
-    monkeypatch.setattr(os, "posix_fadvise", refused, raising=False)
-    before = len(os.listdir("/proc/self/fd"))
-    for _ in range(5):
-        with pytest.raises(OSError):
-            ds.sequences([0])
-    assert len(os.listdir("/proc/self/fd")) == before
-
-
-# ---- a pass over every shard's index in worker processes ------------------------------------------------
-
-def test_a_pass_over_the_shards_in_worker_processes_keeps_their_order(tmp_path):
-    sizes = [40, 50, 30]
-    for k, n in enumerate(sizes):
-        write(tmp_path / f"s-{k}", PackedGroups(random_groups(400 + k, n), SEQ))
-    ds = IndexedDataset(tmp_path)
-    assert ds.over_shards(len, workers=2) == ds.over_shards(len, workers=1) == [len(s) for s in ds.shards]
-    ds.verify(workers=2)
-    write(tmp_path / "s-1", PackedGroups(random_groups(0, 50), SEQ))  # rebuilt under the open dataset
-    with pytest.raises(DatasetFormatError, match=r"s-1\.idx: replaced or rewritten since the dataset was opened"):
-        ds.verify(workers=2)
-
-
-def test_a_script_that_starts_the_pass_on_import_is_told_so(tmp_path):
-    """Spawned workers import the calling script again: one without a __main__ guard would start
-    the pass in each worker, which multiprocessing refuses; the error says what to do, no hang."""
-    for k in range(2):
-        write(tmp_path / f"s-{k}", PackedGroups(random_groups(500 + k, 20), SEQ))
-    script = tmp_path / "unguarded.py"
-    script.write_text(f"import sys\nsys.path.insert(0, {str(Path(__file__).parents[2])!r})\n"
-                      f"from engine.indexed_dataset import IndexedDataset\n"
-                      f"IndexedDataset({str(tmp_path)!r}).verify(workers=2)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode != 0 and 'put it under `if __name__ == "__main__":`' in proc.stderr, proc.stderr[-2000:]
-
-
-@pytest.mark.parametrize("version", [2, 1])
-def test_an_index_replaced_alone_is_named_as_replaced_by_a_worker_too(tmp_path, version):
-    """A worker reopening a shard whose .idx was replaced (a rebuild caught half-way: its .bin not
-    yet) is told so before it reads the new file as the shard: read, it disagreed with the old .bin
-    ("truncated or corrupt") or, in version 1, was checked whole first."""
-    from benchmarks.dataset_open import as_version_1
-
-    for k in range(2):
-        write(tmp_path / "ds" / f"s-{k}", PackedGroups(random_groups(600 + k, 30), SEQ))
-    write(tmp_path / "other", PackedGroups(random_groups(7, 45), SEQ))
-    if version == 1:
-        for stem in (tmp_path / "ds" / "s-0", tmp_path / "ds" / "s-1", tmp_path / "other"):
-            as_version_1(stem.with_suffix(".idx"))
-    ds = IndexedDataset(tmp_path / "ds")
-    (tmp_path / "ds" / "s-1.idx").write_bytes((tmp_path / "other.idx").read_bytes())
-    for workers in (1, 2):
-        with pytest.raises(DatasetFormatError, match=r"s-1\.idx: replaced or rewritten since the dataset was opened"):
-            ds.verify(workers=workers)
-
-
-def test_auto_workers_count_the_cores_this_process_may_use(monkeypatch):
-    """A job given 4 cores of a 128-core node (Slurm, taskset, a container's cpuset) sees 128 in
-    os.cpu_count(): 32 workers there would share 4 cores, each holding its shard's arrays."""
-    from engine import indexed_dataset
-
-    monkeypatch.setattr(indexed_dataset.os, "cpu_count", lambda: 128)
-    monkeypatch.setattr(indexed_dataset.os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
-    assert indexed_dataset.auto_workers(10**9) == 4 and indexed_dataset.auto_workers(10**6) == 1
-    monkeypatch.delattr(indexed_dataset.os, "sched_getaffinity")  # macOS, Windows
-    assert indexed_dataset.auto_workers(10**9) == 32
-
-
-# ---- verify checks a run of sequences at a time ----------------------------------------------------
-
-@pytest.mark.parametrize("chunk", [1, 7, 1 << 20])
-def test_verify_in_chunks_finds_a_damage_anywhere_and_names_its_sequence(tmp_path, packed, monkeypatch, chunk):
-    from engine import indexed_dataset
-
-    monkeypatch.setattr(indexed_dataset, "CHUNK_GROUPS", chunk)
-    write(tmp_path / "p", packed)
-    IndexedDataset(tmp_path / "p").verify()
-    last = len(packed) - 1  # in the last chunk, whatever its size
-    cols = {k: np.array(v, np.int64) for k, v in packed.per_sequence.items()}
-    cols["pairs"][last] += 1
-    write_counts(tmp_path / "p", cols)
-    with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {last}: its pairs count is"):
-        IndexedDataset(tmp_path / "p").verify()
-    write(tmp_path / "q", packed)
-    # the first group offset of the last sequence: shared by the last two chunks when chunks are small
-    g = sum(len(p) for p in packed.plan[:last])
-    poke(tmp_path / "q", 1, g, 10**6)
-    with pytest.raises(DatasetFormatError, match=r"q\.idx: group offsets do not run from 0 to"):
-        IndexedDataset(tmp_path / "q").verify()
-
-
-def test_statistics_do_not_depend_on_the_chunks(tmp_path, monkeypatch):
-    from engine import indexed_dataset
-    from polar import data_stats
-
-    for k in range(2):
-        write(tmp_path / f"s-{k}", PackedGroups(random_groups(600 + k, 70), SEQ))
-    whole = data_stats.compute(str(tmp_path), workers=1)
-    monkeypatch.setattr(indexed_dataset, "CHUNK_GROUPS", 5)
-    assert data_stats.compute(str(tmp_path), workers=1) == whole
-
-
-def test_verify_takes_memory_by_the_chunk_not_by_the_shard(tmp_path):
-    """A shard of 2^20 groups checked 2^16 groups at a time: the arrays verify holds at once follow
-    the chunk (the whole-shard check held ~150 bytes a group, 158 MiB here)."""
-    groups = 1 << 20
-    w = ShardWriter(tmp_path / "big", 4096, vocab_size=300, pad_id=1)
-    w.add_sequences(tokens=np.ones(4 * groups, np.int64), piece_lengths=np.tile([2, 1, 1], groups),
-                    piece_labels=np.tile(np.array([-1, 1, 0], np.int8), groups),
-                    group_pieces=np.full(groups, 3, np.int64), seq_groups=np.full(groups // 64, 64))
-    w.close()
-    script = f"""
-import sys, tracemalloc
-sys.path.insert(0, {str(Path(__file__).parents[2])!r})
-from engine import indexed_dataset
-indexed_dataset.CHUNK_GROUPS = 1 << 16
-ds = indexed_dataset.IndexedDataset({str(tmp_path / "big")!r})
-tracemalloc.start()
-ds.verify(workers=1)
-print(tracemalloc.get_traced_memory()[1])
-"""
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    peak = int(proc.stdout)
-    assert peak < 16 * 2**20, f"{peak / 2**20:.1f} MiB held at once"
