@@ -23,44 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from engine import pack_plan
 from engine.group import Group
 
 POSITION, SEGMENT, CANDIDATE = 0, 1, 2  # rows of PackedBatch.layout
-
-_PACKERS = {"best_fit": "pack_best_fit", "ordered": "pack_first_fit_ordered"}
-
-
-def _native():
-    try:
-        from engine import _C
-    except ImportError as exc:
-        raise ImportError(
-            "engine._C, the C++ packer, is not built: run `pip install -e .` in the repository root "
-            "(or `python setup.py build_ext --inplace`)"
-        ) from exc
-    return _C
-
-
-def plan_sequences(groups_lengths: np.ndarray, seq_length: int, method: str = "best_fit") -> list[np.ndarray]:
-    """Group indices (int64, ascending) of each packed sequence of at most `seq_length` tokens.
-
-    method: "best_fit" (best-fit decreasing, fewest sequences; for training data packed once) or
-    "ordered" (keeps the input order, starts a new sequence when the next group does not fit; for
-    streaming and evaluation). Deterministic for a given input. A group longer than seq_length
-    raises ValueError naming it.
-    """
-    if method not in _PACKERS:
-        raise ValueError(f"data.packing={method!r}: expected one of {', '.join(_PACKERS)}")
-    lengths = np.asarray(groups_lengths)
-    if lengths.ndim != 1 or (lengths.size and not np.issubdtype(lengths.dtype, np.integer)):
-        raise TypeError(f"groups_lengths must be a 1-D integer array, got {lengths.dtype} with shape {lengths.shape}")
-    lengths = np.ascontiguousarray(lengths, dtype=np.int64)
-    bins = getattr(_native(), _PACKERS[method])(lengths, int(seq_length))
-    if bins.size == 0:
-        return []
-    # A stable sort by sequence id keeps each sequence's groups in input order.
-    order = np.argsort(bins, kind="stable")
-    return np.split(order, np.cumsum(np.bincount(bins))[:-1])
+plan_sequences = pack_plan.plan_sequences  # the packer's plan lives without torch (engine.pack_plan)
 
 
 @dataclass

@@ -150,7 +150,8 @@ def _init_worker(cfg: BuildConfig) -> None:
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, tokenize and pack one chunk; a pure function of the chunk's bytes and the config."""
     from engine.shard_format import token_dtype
-    from engine.packing import Group, plan_sequences
+    from engine.group import Group
+    from engine.pack_plan import plan_sequences
     from polar.format import encode_groups
 
     cfg: BuildConfig = _WORKER["cfg"]

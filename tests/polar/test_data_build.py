@@ -406,25 +406,42 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
 
 
+def build_with_wrapped_chunks(tmp_path: Path, src: Path, body: str) -> subprocess.CompletedProcess:
+    """`polar data build` into tmp_path/ds in a fresh process, 2 workers and 10 records a chunk, each
+    chunk processed by a wrapper whose code is `body` (`chunk` its argument, `real` the original)."""
+    script = ("import os, signal, sys\n"
+              "from polar import data_build\n"
+              "real = data_build.process_chunk\n"
+              f"def wrapped(chunk):\n{body}"
+              "data_build.process_chunk = wrapped\n"
+              "sys.exit(data_build.main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, "-c", script, str(src), "-o", str(tmp_path / "ds"), "--seq-length",
+                           str(SEQ), "--workers", "2", "--chunk-records", "10", "--quiet"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
 def test_a_worker_killed_mid_build_is_an_error_naming_where_not_a_hang(tmp_path, records):
     """multiprocessing.Pool waits forever for the chunk of a worker that died (the out-of-memory
     killer): the build hung with its progress line and left a temporary file."""
     src = write_jsonl(tmp_path / "r.jsonl", records[:60])
-    script = ("import os, signal, sys\n"
-              "from polar import data_build\n"
-              "real = data_build.process_chunk\n"
-              "def dying(chunk):\n"
-              "    if chunk.index == 2:\n"
-              "        os.kill(os.getpid(), signal.SIGKILL)\n"
-              "    return real(chunk)\n"
-              "data_build.process_chunk = dying\n"
-              "sys.exit(data_build.main(sys.argv[1:]))\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(src), "-o", str(tmp_path / "ds"), "--seq-length",
-                           str(SEQ), "--workers", "2", "--chunk-records", "10", "--quiet"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = build_with_wrapped_chunks(tmp_path, src, "    if chunk.index == 2:\n"
+                                                    "        os.kill(os.getpid(), signal.SIGKILL)\n"
+                                                    "    return real(chunk)\n")
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "a build worker died (killed: out of memory?)" in proc.stderr and "r.jsonl from line" in proc.stderr
     assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+def test_build_workers_plan_without_importing_torch(tmp_path, records):
+    """A worker only tokenizes and plans (engine.pack_plan); importing torch cost each of them
+    ~2.5 s and ~250 MB before its first chunk."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    proc = build_with_wrapped_chunks(tmp_path, src, "    out = real(chunk)\n"
+                                                    "    if 'torch' in sys.modules:\n"
+                                                    "        raise RuntimeError('a build worker imported torch')\n"
+                                                    "    return out\n")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert IndexedDataset(tmp_path / "ds").num_groups == 40
 
 
 def test_shards_given_one_rejects_path_keep_every_list(tmp_path, records, capsys):
