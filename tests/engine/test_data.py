@@ -92,6 +92,34 @@ def test_a_resume_on_other_data_of_the_same_size_is_refused(source):
     loader(PackedGroups(random_groups(3, 40, 64, 64), 64), 4).load_state_dict(saved)  # the same data
 
 
+class CountsOnly:
+    """A source of many sequences known only by their per-sequence counts (nothing is read)."""
+
+    def __init__(self, per_sequence: dict):
+        self.per_sequence, self.seq_length = per_sequence, 64
+
+    def __len__(self):
+        return len(self.per_sequence["tokens"])
+
+
+def test_the_data_digest_reads_narrow_counts_as_the_int64_they_stand_for():
+    """Checkpoints hold the digest of every count column's int64 bytes; columns kept narrower
+    (int16) and hashed a piece at a time must give the very same digest, or every resume of a run
+    saved before would be refused."""
+    import hashlib
+    rng = np.random.default_rng(0)
+    n = (1 << 20) * 2 + 12345  # past the pieces the digest is taken in
+    wide = {"tokens": rng.integers(1, 16384, n), "groups": rng.integers(1, 30, n)}
+    h = hashlib.sha1()
+    for key in sorted(wide):
+        h.update(key.encode())
+        h.update(wide[key].astype(np.int64).tobytes())
+    narrow = CountsOnly({k: v.astype(np.int16) for k, v in wide.items()})
+    assert loader(narrow, 4).data_digest() == h.hexdigest()[:16]
+    wide["groups"][n - 1] += 1  # the last piece is hashed too
+    assert loader(CountsOnly(wide), 4).data_digest() != h.hexdigest()[:16]
+
+
 @pytest.mark.parametrize("edit", ["token", "label"])
 def test_a_resume_on_records_edited_in_place_is_refused(source, edit):
     """An edited record that keeps its length changes no count the data digest reads; the token
