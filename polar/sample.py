@@ -23,7 +23,8 @@ that format ignores:
 
 Failures: a request is retried (exponential backoff with full jitter) on connection errors,
 timeouts, 5xx and 429. An endpoint with --endpoint-max-failures consecutive failed attempts leaves
-the pool for the rest of the run; prompts waiting on it are re-drawn (the next live policies of their
+the pool for the rest of the run, and one that refuses a request with 401, 403 or 404 (a wrong key,
+model name or URL, which fails every request) at that first refusal; prompts waiting on it are re-drawn (the next live policies of their
 own order). A prompt that still cannot be completed goes to the failures file with the reason; the
 next run with the same arguments retries it, because a run samples every id that is not yet in the
 output. Records are written one line at a time and flushed; a line torn by a kill mid-write is cut
@@ -249,10 +250,17 @@ class Sampler:
             ep.errors[failure.kind] += 1
             if failure.endpoint_fault:
                 ep.consecutive_failures += 1
-                if ep.consecutive_failures >= cfg.endpoint_max_failures and not ep.down:
-                    ep.down_reason = f"{ep.consecutive_failures} consecutive failures, last: {failure}"
-                    print(f"polar sample: endpoint {ep.policy.name!r} ({ep.policy.url}) leaves the pool: "
-                          f"{ep.down_reason}", file=self.log, flush=True)
+                # A refusal that is the endpoint's and not retryable (401/403/404: a wrong key, model
+                # name or URL) fails every request it will get: counting up to the limit failed a
+                # prompt per refusal, and a rerun of those few prompts never reached the limit.
+                if not ep.down:  # else taken out by a request that failed beside this one
+                    if not failure.retryable:
+                        ep.down_reason = f"{failure} (every request to it will fail: check its pool entry)"
+                    elif ep.consecutive_failures >= cfg.endpoint_max_failures:
+                        ep.down_reason = f"{ep.consecutive_failures} consecutive failures, last: {failure}"
+                    if ep.down:
+                        print(f"polar sample: endpoint {ep.policy.name!r} ({ep.policy.url}) leaves the pool: "
+                              f"{ep.down_reason}", file=self.log, flush=True)
             if ep.down:
                 raise EndpointDown(ep.policy.name)
             if not failure.retryable or attempt > cfg.max_retries:

@@ -183,6 +183,24 @@ def test_server_that_starts_failing_then_recovers(tmp_path, capsys):
     assert os.path.getsize(str(out) + ".failures.jsonl") == 0
 
 
+def test_an_endpoint_refusing_every_request_leaves_at_once_and_fails_no_prompt(tmp_path, capsys):
+    """A 404 (model name), 401 or 403 fails every request of that endpoint: it used to fail each prompt
+    drawn for it until --endpoint-max-failures was reached, and a rerun retried only those few
+    prompts, never reaching the limit, so they failed again on every rerun."""
+    ghost = {"name": "ghost", "model": "no-such-model", "max_concurrency": 2}
+    with FakeOpenAIServer(MODELS) as srv:
+        corpus, inst, pool = _write_inputs(tmp_path, srv, [{**ghost, "base_url": srv.base_url}])
+        out = tmp_path / "out.jsonl"
+        assert sample.main(_argv(corpus, inst, pool, out)) == 0  # --endpoint-max-failures 3
+        err = capsys.readouterr().err
+    recs = _records(out)
+    assert len(recs) == 24 and os.path.getsize(str(out) + ".failures.jsonl") == 0
+    assert not any("ghost" in (r["policy_a"], r["policy_b"]) for r in recs)
+    assert any("ghost" in r["skipped_policies"] for r in recs)
+    assert len(re.findall(r"endpoint 'ghost' .* leaves the pool: http 404", err)) == 1, err
+    assert re.search(r"ghost: 0/[12] requests ok", err), err  # the first refusals (2 at once), not one a prompt
+
+
 def test_rate_limited_endpoint_is_retried_not_dropped(tmp_path, capsys):
     models = {"base-a": "busy", "base-b": "busy"}
     with FakeOpenAIServer(models) as srv:
