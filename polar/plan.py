@@ -134,8 +134,9 @@ _COMPONENT_WORDS = {"compute": "compute", "recompute": "recomputation", "bubble"
 def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) -> list[str]:
     """Why the recommended layout: its costs, and what makes the nearest alternatives slower."""
     t, lay = best.time, best.layout
+    unit = _time_unit([t["total"]])
     lines = [f"recommended: {lay.name()}" + (" with sequence parallelism" if lay.sequence_parallel else "")
-             + f": {t['total']:.2f} s per step, MFU {t['mfu']:.1%}, {best.memory['total'] / GB:.1f} GB of "
+             + f": {_dur(t['total'], unit)} per step, MFU {t['mfu']:.1%}, {best.memory['total'] / GB:.1f} GB of "
              f"{gpu.memory_gb:g} GB on the fullest GPU (pipeline rank {best.memory_rank})."]
     why = []
     world = lay.tp * lay.pp * lay.dp
@@ -145,18 +146,18 @@ def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) ->
     why.append("no pipeline bubble" if lay.pp == 1 else
                f"pipeline bubble {t['bubble'] / t['total']:.1%} of the step")
     why.append("no recomputation needed" if lay.recompute == "none" else
-               f"{lay.recompute} recomputation is needed to fit ({t['recompute']:.2f} s)")
+               f"{lay.recompute} recomputation is needed to fit ({_dur(t['recompute'], unit)})")
     fastest = next(e for e in ranked if e.fits)
     lead = ("It is the fastest layout that fits" if fastest is best else
             f"It ties with the fastest layout that fits ({fastest.layout.name()}, "
-            f"{fastest.time['total']:.2f} s) and needs less memory")
+            f"{_dur(fastest.time['total'], unit)}) and needs less memory")
     lines.append(lead + ": " + "; ".join(w for w in why if w) + ".")
     others = [e for e in ranked if e is not best and e.fits][:3]
     for e in others:
         diff = {k: e.time[k] - t[k] for k in _COMPONENT_WORDS}
         worst = max(diff, key=diff.get)
         lines.append(f"  next: {e.layout.name()}: {e.time['total'] / t['total'] - 1:+.1%}, mostly "
-                     f"{_COMPONENT_WORDS[worst]} ({diff[worst]:+.2f} s)")
+                     f"{_COMPONENT_WORDS[worst]} ({_dur(diff[worst], unit, '+')})")
     return lines
 
 
@@ -225,13 +226,34 @@ def _gb(x: float) -> str:
     return f"{x / GB:.1f}"
 
 
+def _count(n: int) -> str:
+    """A parameter count at the scale it has: a tiny CPU model is not "0.00 B"."""
+    for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n}"
+
+
+def _time_unit(seconds: list[float]) -> tuple[str, float]:
+    """The unit a set of times is shown in, the longest's: a tiny model's microseconds are not 0.00 s."""
+    top = max(seconds, default=0.0)
+    return ("s", 1.0) if top >= 1.0 else ("ms", 1e3) if top >= 1e-3 else ("us", 1e6)
+
+
+def _dur(x: float, unit: tuple[str, float], sign: str = "") -> str:
+    return f"{x * unit[1]:{sign}.2f} {unit[0]}"
+
+
 def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = None) -> list[str]:
-    head = (f"{'#':>3} {'layout (* recommended)':<30} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} {'step s':>7} "
+    name, k = _time_unit([e.time["total"] for e in ranked[:top]])  # every time column in it
+    head = (f"{'#':>3} {'layout (* recommended)':<30} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} "
+            f"{'step ' + name:>7} "
             f"{'compute':>7} {'recomp':>6} {'bubble':>6} {'TP comm':>7} {'PP comm':>7} {'DP comm':>7} "
             f"{'MFU':>6} {'tok/s/GPU':>9}")
     rows = [head, "-" * len(head)]
     for i, e in enumerate(ranked[:top], 1):
-        t, lay = e.time, e.layout
+        lay = e.layout
+        t = {key: v * k if key not in ("mfu", "tokens_per_s") else v for key, v in e.time.items()}
         world = lay.tp * lay.pp * lay.dp
         rows.append(
             f"{i:>3}{'*' if e is best else ' '}{lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} "
@@ -393,7 +415,9 @@ def main(argv=None) -> int:
         return 2
     ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, args.fp8,
                                                     cfg.train.attention_backend) for lay in layouts]))
-    print(f"polar plan: {args.config} ({total_params(shape) / 1e9:.2f} B parameters: {shape.num_layers} layers, "
+    # the overrides named with the preset: `polar_7b` with model.num_layers=48 is not POLAR-7B
+    what = " ".join([args.config, *args.overrides])
+    print(f"polar plan: {what} ({_count(total_params(shape))} parameters: {shape.num_layers} layers, "
           f"hidden {shape.hidden_size}, {shape.num_attention_heads} heads, {shape.num_query_groups} KV groups, FFN "
           f"{shape.ffn_hidden_size}, vocab {shape.vocab_size}) on {args.gpus} x {gpu.name}, "
           f"{gb} packed sequences x {seq} tokens per step, {'FP8' if args.fp8 else 'bf16'}")

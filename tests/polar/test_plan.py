@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,7 +244,17 @@ def test_the_tiny_cpu_preset_is_planned_with_the_byte_tokenizers_vocabulary(caps
     from polar.tokenizer import ByteTokenizer
 
     assert plan.main(["--config", "tiny_cpu", "--gpus", "2"]) == 0
-    assert f"vocab {ByteTokenizer.vocab_size})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"vocab {ByteTokenizer.vocab_size})" in out
+    # its size and times at their own scale, not "0.00 B parameters" and "0.00 s per step"
+    assert re.search(r"tiny_cpu \(\d+\.\d\d K parameters", out) and "0.00 B" not in out, out
+    step = re.search(r"recommended: .*?: (\d+\.\d\d) us per step", out)
+    assert step and float(step.group(1)) > 0 and "step us" in out, out
+
+
+def test_a_preset_with_its_shape_overridden_is_named_with_the_overrides(capsys):
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", "model.num_layers=48"]) == 0
+    assert "polar plan: polar_7b model.num_layers=48 (10.85 B parameters: 48 layers" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("section", [
