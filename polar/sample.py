@@ -430,13 +430,23 @@ def _load_tokenizer(spec: str):
         raise SampleError(f"--tokenizer {spec!r}: {e}") from None
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds a default only where it says something: not None, not a flag's False, not one the help
+    already states (which read "(default: OUTPUT.failures.jsonl) (default: None)")."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="polar sample",
         description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from "
                     "policy B != A) from a prompt corpus and a pool of OpenAI-compatible endpoints. Re-running "
                     "the same command continues an interrupted run and retries failed prompts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_DefaultsHelp)
     g = ap.add_argument_group("prompts")
     g.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                    help="prompt corpus: text files (one document per line) or JSONL (see --corpus-format)")

@@ -404,6 +404,10 @@ def test_help_documents_the_flags(capsys):
     for flag in ("--corpus", "--pool", "--instruction-share", "--top-k", "--max-tokens", "--endpoint-max-failures",
                  "--max-records", "--tokenizer"):
         assert flag in out
+    # defaults that say something, once: not "(default: OUTPUT.failures.jsonl) (default: None)"
+    flat = " ".join(out.split())
+    assert "(default: None)" not in flat and "(default: False)" not in flat, out
+    assert "(default: 64)" in flat and "(default: OUTPUT.failures.jsonl)" in flat
 
 
 def test_unknown_tokenizer_is_a_clear_error(tmp_path, capsys):
