@@ -223,6 +223,9 @@ def main() -> int:
     ap.add_argument("--only", choices=(*GPU_SECTIONS, "cpu"))
     ap.add_argument("--json", help="write peaks and rows here")
     args = ap.parse_args()
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()  # the attention section imports megatron, whose warnings come at import
 
     if args.only == "cpu" or not torch.cuda.is_available():
         if args.only in GPU_SECTIONS:

@@ -216,17 +216,22 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer shapes (with TRITON_INTERPRET=1 and no GPU: "
                     "a CPU smoke test of the script)")
     quick = ap.parse_args(argv).quick  # --help and unknown arguments used to run the benchmark
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before run() imports megatron: some of its warnings come at import
     peaks = {}
     if torch.cuda.is_available():  # fractions of the card's own measured peak, never a quoted one
         from kernels import measure_peaks
 
         peaks = measure_peaks()
-    print(f"{'shape':<48} {'impl':<18} {'time':>12} {'useful rate':>15} {'shared/dup.':>6} note")
+    print(f"| {'shape':<48} | {'impl':<18} | {'time (ms)':>9} | {'useful rate (TFLOP/s)':>21} | {'shared/dup.':>11} "
+          "| note |")
+    print("|---|---|---:|---:|---:|---|")
     for row in run(peaks, quick):
         ms = f"{row['ms']:.3f}" if row["ms"] else "-"
         tf = f"{row['tflops']:.1f}" if row["tflops"] else "-"
         ratio = f"{row['shared_over_duplicated']:.2f}" if "shared_over_duplicated" in row else ""
-        print(f"{row['shape']:<48} {row['impl']:<18} {ms:>9} ms {tf:>7} TFLOP/s {ratio:>6} {row.get('note', '')}")
+        print(f"| {row['shape']:<48} | {row['impl']:<18} | {ms:>9} | {tf:>21} | {ratio:>11} | {row.get('note', '')} |")
 
 
 if __name__ == "__main__":

@@ -102,14 +102,18 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if min(args.mb) <= 0:
         ap.error("every --mb must be above 0")
-    print(f"{'body':>8} {'encoding':<8} {'parser':<16} {'parse s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
+    print(f"| {'body':>7} | {'encoding':<8} | {'parser':<16} | {'parse s':>8} | {'longest stall ms':>17} | "
+          f"{'vs json.loads':>14} |")
+    print("|---:|---|---|---:|---:|---:|")
     for mb, ascii in ((mb, ascii) for mb in args.mb for ascii in (True, False)):
         body = body_of(mb, ascii)
         chunks = chunked(body)
         print_rows(body, f"{'ascii' if ascii else 'utf-8':<8}", [
             ("json.loads", json.loads, body), ("whole body", whole, chunks),
             ("chunks (served)", validation.parse_json, chunks)], args.repeats)
-    print(f"\nrefused bodies\n{'body':>8} {'case':<18} {'parser':<16} {'answer s':>8} {'longest stall ms':>17} {'vs json.loads':>14}")
+    print(f"\nrefused bodies\n\n| {'body':>7} | {'case':<18} | {'parser':<16} | {'answer s':>8} | "
+          f"{'longest stall ms':>17} | {'vs json.loads':>14} |")
+    print("|---:|---|---|---:|---:|---:|")
     for mb in args.mb:
         for case, body in refused_bodies(mb).items():
             print_rows(body, f"{case:<18}", [("json.loads", refused(json.loads), body),
@@ -130,7 +134,8 @@ def print_rows(body: bytes, label: str, parsers: list, repeats: int) -> None:
         runs = sorted(longest_gap(parse, arg) for _ in range(repeats))
         elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
         base = base or stall
-        print(f"{len(body) / 1e6:>6.1f}MB {label} {name:<16} {elapsed:>8.3f} {stall * 1e3:>17.1f} {stall / base:>13.2f}x")
+        print(f"| {len(body) / 1e6:>5.1f}MB | {label} | {name:<16} | {elapsed:>8.3f} | {stall * 1e3:>17.1f} | "
+              f"{stall / base:>13.2f}x |")
 
 if __name__ == "__main__":
     main()

@@ -35,7 +35,8 @@ def main(argv=None) -> None:
 
     rng = np.random.default_rng(0)
     prefixes = [rng.integers(3, 250, args.prefix) for _ in range(args.prompts)]
-    print(f"{'items':>8} {'groups':>7} {'seconds (best of ' + str(args.repeats) + ')':>24} {'us/item':>8}")
+    print(f"| {'items':>8} | {'groups':>7} | {'seconds (best of ' + str(args.repeats) + ')':>24} | {'us/item':>8} |")
+    print("|---:|---:|---:|---:|")
     for n in args.items:
         ids = [np.concatenate([[1], prefixes[i % args.prompts], rng.integers(3, 250, args.tail)]).astype(np.int32)
                for i in range(n)]
@@ -44,7 +45,7 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             groups = group_items(ids, args.row_tokens)
             best = min(best, time.perf_counter() - t0)
-        print(f"{n:>8} {len(groups):>7} {best:>24.3f} {best / n * 1e6:>8.1f}")
+        print(f"| {n:>8} | {len(groups):>7} | {best:>24.3f} | {best / n * 1e6:>8.1f} |")
 
 
 if __name__ == "__main__":

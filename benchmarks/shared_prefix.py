@@ -25,7 +25,6 @@ import argparse
 import os
 import sys
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -33,7 +32,6 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 
 from benchmarks.arguments import at_least  # noqa: E402
-warnings.filterwarnings("ignore")
 
 
 def candidate_pairs(candidates: list) -> list:
@@ -61,6 +59,9 @@ def main():
     if args.hidden < 16 or args.hidden % 16:
         ap.error(f"--hidden must be a positive multiple of 16 (8 heads of an even size, for RoPE), not {args.hidden}")
 
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before megatron is imported: some of its warnings come at import
     from engine.config import ModelConfig, ParallelConfig, TrainConfig
     from engine.data import PackedGroups
     from engine.kernels.attention_schedule import attention_flops, visible_pairs
@@ -96,10 +97,10 @@ def main():
         return dict(tokens=data.num_real_tokens, seqs=len(data), pairs=pairs, dense=len(data) * args.seq ** 2,
                     flops=flops, time=best)
 
-    print(f"{'K':>3} | {'layout':<10} | {'tokens':>8} | {'seqs':>4} | {'visible pairs':>13} | "
+    print(f"| {'K':>3} | {'layout':<10} | {'tokens':>8} | {'seqs':>4} | {'visible pairs':>13} | "
           f"{'dense pairs':>12} | {'attn GFLOP':>10} | {'fwd+bwd s':>9} | ratios shared/duplicated: "
-          f"tokens, visible pairs, dense pairs, time")
-    print("-" * 140)
+          f"tokens, visible pairs, dense pairs, time |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---|")
     for k in args.k:
         rng = np.random.default_rng(k)
         shared, duplicated = [], []
@@ -125,8 +126,8 @@ def main():
             ratios = ", ".join("-" if args.no_time and key == "time" else f"{r[key] / du[key]:.2f}x"
                                for key in ("tokens", "pairs", "dense", "time"))
             seconds = "-" if args.no_time else f"{r['time']:.3f}"
-            print(f"{k:>3} | {name:<10} | {r['tokens']:>8,} | {r['seqs']:>4} | {r['pairs']:>13,} | {r['dense']:>12,} | "
-                  f"{r['flops'] / 1e9:>10.3f} | {seconds:>9} | {ratios}")
+            print(f"| {k:>3} | {name:<10} | {r['tokens']:>8,} | {r['seqs']:>4} | {r['pairs']:>13,} | "
+                  f"{r['dense']:>12,} | {r['flops'] / 1e9:>10.3f} | {seconds:>9} | {ratios} |")
 
 
 if __name__ == "__main__":

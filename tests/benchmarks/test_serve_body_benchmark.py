@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks import serve_body as bench  # the repository root is on the path: tests/ is a package
+from tests.benchmarks.benchmark_output import markdown_tables
 
 
 def test_the_parsers_read_the_same_value():
@@ -21,11 +22,15 @@ def test_the_parsers_read_the_same_value():
 
 def test_smallest_run_prints_every_row(capsys):
     bench.main(["--mb", "0.05", "--repeats", "1"])
-    accepted, refused = capsys.readouterr().out.strip().split("\n\nrefused bodies\n")
-    rows = accepted.splitlines()[1:]
-    assert len(rows) == 6 and sum("chunks (served)" in r for r in rows) == 2
-    rows = refused.splitlines()[1:]  # three bodies, each by json.loads and by the served parser
-    assert len(rows) == 6 and sum("chunks (served)" in r for r in rows) == 3
+    out = capsys.readouterr().out
+    accepted, refused = markdown_tables(out)
+    assert "\nrefused bodies\n" in out
+    assert accepted[0] == ["body", "encoding", "parser", "parse s", "longest stall ms", "vs json.loads"]
+    rows = accepted[1:]
+    assert len(rows) == 6 and sum(r[2] == "chunks (served)" for r in rows) == 2
+    assert refused[0][1:3] == ["case", "parser"]
+    rows = refused[1:]  # three bodies, each by json.loads and by the served parser
+    assert len(rows) == 6 and sum(r[2] == "chunks (served)" for r in rows) == 3
 
 
 def test_the_refused_bodies_are_refused_by_both_parsers():
