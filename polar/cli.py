@@ -143,11 +143,38 @@ def _tool(argv: list[str]):
     return None
 
 
-def _usage_of_tools() -> str:
-    return "\n".join(f"  polar {' '.join(w):<12} {h}" for w, (_, h) in _TOOLS.items())
+_COMMANDS = ("pretrain", "finetune", "env")  # argparse's; the tools' first words are the others
+
+
+def _unknown(word: str, known: list[str], where: str) -> str:
+    """The line for a command word that names nothing: argparse named only its own three commands,
+    and `polar data biuld` printed the usage without the word that was wrong."""
+    import difflib
+
+    near = difflib.get_close_matches(word, known, n=1)
+    return (f"{where}: no command {word!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+            + f"; the commands: {', '.join(known)}")
+
+
+def _usage_of_tools(group: str | None = None) -> str:
+    shown = [(" ".join(w), h) for w, (_, h) in _TOOLS.items() if group in (None, w[0])]
+    width = max(len(w) for w, _ in shown)
+    return "\n".join(f"  polar {w:<{width}}  {h}" for w, h in shown)
 
 
 def main(argv=None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a short output is still buffered here: its broken pipe is this one's too
+        return code
+    except BrokenPipeError:
+        # the reader went away (`polar data stats ds | head`): no traceback, and none again at exit
+        # when Python flushes stdout into the closed pipe
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from engine.quiet import silence_known_warnings
 
@@ -161,8 +188,18 @@ def main(argv=None) -> int:
     for group in ("data", "convert"):
         if argv[:1] == [group]:
             subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
-            print(f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(), file=sys.stderr)
+            usage = f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(group)
+            if argv[1:2] in (["-h"], ["--help"]):
+                print(usage)
+                return 0
+            if argv[1:] and not argv[1].startswith("-"):
+                print(_unknown(argv[1], subs, f"polar {group}"), file=sys.stderr)
+            print(usage, file=sys.stderr)
             return 2
+    first_words = list(dict.fromkeys([*_COMMANDS, *(w[0] for w in _TOOLS)]))
+    if argv and not argv[0].startswith("-") and argv[0] not in first_words:
+        print(_unknown(argv[0], first_words, "polar"), file=sys.stderr)
+        return 2
     ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.",
                                  epilog="tools:\n" + _usage_of_tools(),
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

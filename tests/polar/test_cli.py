@@ -1,10 +1,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from polar import cli
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_env_reports_versions(capsys):
@@ -102,6 +105,35 @@ def test_data_without_a_tool_lists_the_tools(capsys):
     assert cli.main(["data"]) == 2
     err = capsys.readouterr().err
     assert "polar data build" in err and "polar data stats" in err
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["smaple"], "polar: no command 'smaple' (did you mean 'sample'?); the commands: pretrain, finetune, env, convert"),
+    (["data", "biuld", "x.jsonl"], "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, stats"),
+    (["convert", "hf2engine"], "polar convert: no command 'hf2engine' (did you mean 'hf-to-engine'?)"),
+])
+def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
+    # argparse listed only pretrain, finetune and env; `polar data biuld` did not say which word was wrong
+    assert cli.main(argv) == 2
+    assert line in capsys.readouterr().err
+
+
+def test_a_tool_groups_help_is_its_tools_on_stdout(capsys):
+    assert cli.main(["data", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: polar data {build,stats}") and "polar data stats" in out and "polar plan" not in out
+
+
+def test_output_into_a_closed_pipe_ends_without_a_traceback():
+    """`polar plan | head -1`: the reader is gone before the (buffered) output is written."""
+    script = ("import os, sys\n"
+              "r, w = os.pipe()\n"
+              "os.close(r)\n"
+              "os.dup2(w, 1)\n"
+              "from polar import cli\n"
+              "sys.exit(cli.main(['plan', '--config', 'polar_7b', '--gpus', '64']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
