@@ -59,14 +59,14 @@ def parse_args(argv=None):
 
 
 def tokenizer_spec(explicit: str, step_dir: str) -> str:
-    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+    from polar.checkpoint_tokenizer import TokenizerMismatch, TokenizerNotFound, choose
 
-    if explicit:
-        return explicit
     try:
-        return find(step_dir)
+        return choose(explicit or None, step_dir, "--tokenizer")
     except TokenizerNotFound as e:
         raise ConfigError(f"{e} with --tokenizer") from None
+    except TokenizerMismatch as e:
+        raise ConfigError(str(e)) from None
 
 
 def lcp_group(ids: list):

@@ -6,7 +6,7 @@ A run that tokenizes with a tokenizer directory copies it into its checkpoints d
 (`save_beside`), and `polar convert` writes one beside its weights, so a checkpoint carries its
 tokenizer. `find` looks, in order:
 
-1. `tokenizer/` beside the step directory or beside its checkpoints directory;
+1. `tokenizer/` in the step directory, beside it or beside its checkpoints directory;
 2. the run's config.yaml: a fine-tuning run's `finetune.tokenizer`, else the tokenizer of the
    checkpoint it started from; a pre-training run on built data, the tokenizer its data's metadata
    names; a run on the embedded synthetic data, the byte tokenizer;
@@ -28,6 +28,57 @@ FILES = ("tokenizer.json", "polar_tokenizer.json", "tokenizer_config.json")
 
 class TokenizerNotFound(ValueError):
     pass
+
+
+class TokenizerMismatch(ValueError):
+    pass
+
+
+# Content with the structural literals and multi-byte characters: two tokenizers that read it alike, as
+# content and as a server does, with the same special ids and vocabulary size, give a model the same ids.
+_PROBE = "POLAR probe: naïve café 日本語 123, <|reward|> [UNUSED_TOKEN_130]\n  x"
+
+
+def same(a: str, b: str) -> bool:
+    """Whether the tokenizers `a` and `b` ("byte" or directories) give the same ids: the same
+    spec or directory, else the same vocabulary size, special ids and ids of a probe text (a copy
+    of a tokenizer elsewhere, or saved by another transformers version, is the same one)."""
+    if a == b or (a != "byte" and b != "byte" and Path(a).resolve() == Path(b).resolve()):
+        return True
+    from polar.tokenizer import load_tokenizer
+
+    ta, tb = load_tokenizer(a), load_tokenizer(b)
+    ids = ("vocab_size", "bos_id", "pad_id", "reward_sep_id", "reward_token_id")
+    return (all(getattr(ta, k) == getattr(tb, k) for k in ids)
+            and ta.encode(_PROBE).tolist() == tb.encode(_PROBE).tolist()
+            and ta.encode_served(_PROBE).tolist() == tb.encode_served(_PROBE).tolist())
+
+
+def _describe(spec: str) -> str:
+    return "the byte tokenizer" if spec == "byte" else spec
+
+
+def choose(explicit: str | None, step_dir: str, setting: str) -> str:
+    """The tokenizer to read checkpoint `step_dir` with: `explicit` (the user's `setting`) where
+    given, refused (TokenizerMismatch) when the checkpoint's own (`find`) is known and gives other
+    ids: a model fed another tokenizer's ids scores plausibly and means nothing, and one with fewer
+    ids than the model's vocabulary is not caught by any size check. Without `explicit`, the
+    checkpoint's own (TokenizerNotFound when unknown)."""
+    try:
+        own = find(step_dir)
+    except TokenizerNotFound:
+        if explicit:
+            return explicit  # nothing to compare with: the user's word
+        raise
+    try:
+        agree = not explicit or same(explicit, own)
+    except (OSError, ValueError):
+        return explicit  # not loadable: the caller's load_tokenizer says why, naming it
+    if not agree:
+        given = f"{setting} {explicit}" if setting.startswith("-") else f"{setting}={explicit}"
+        raise TokenizerMismatch(f"{given}: {step_dir} was trained with {_describe(own)}, which gives other ids; "
+                                f"leave {setting} out to use that one")
+    return explicit or own
 
 
 def save_beside(ckpt_dir: str, spec: str) -> None:
@@ -94,7 +145,7 @@ def _built_data_tokenizer(path: str, where: Path) -> str:
 def find(step_dir: str) -> str:
     """"byte" or a tokenizer directory, for the checkpoint step `step_dir` (module docstring)."""
     step = Path(step_dir)
-    for d in (step.parent / DIR, step.parent.parent / DIR):
+    for d in (step / DIR, step.parent / DIR, step.parent.parent / DIR):
         if (d / "tokenizer.json").is_file():
             return str(d)
     found = _run_config(step)

@@ -112,15 +112,21 @@ DEFAULT_PRESET = None  # no preset: the defaults above plus the command line
 
 def tokenizer_spec(cfg: FinetuneConfig) -> str:
     """finetune.tokenizer, else the tokenizer the init checkpoint was trained with."""
-    from engine.checkpoint import resolve
-    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+    from engine.checkpoint import CheckpointNotFound, resolve
+    from polar.checkpoint_tokenizer import TokenizerMismatch, TokenizerNotFound, choose
 
-    if cfg.finetune.tokenizer:
-        return cfg.finetune.tokenizer
     try:
-        return find(resolve(cfg.checkpoint.init_from))
+        step = resolve(cfg.checkpoint.init_from)
+    except CheckpointNotFound:
+        if cfg.finetune.tokenizer:
+            return cfg.finetune.tokenizer  # the checkpoint checks name what is missing
+        raise
+    try:
+        return choose(cfg.finetune.tokenizer or None, step, "finetune.tokenizer")
     except TokenizerNotFound as e:
         raise ConfigError(f"{e} with finetune.tokenizer") from None
+    except TokenizerMismatch as e:
+        raise ConfigError(str(e)) from None
 
 
 def check(cfg: FinetuneConfig) -> None:

@@ -103,6 +103,28 @@ def check(cfg: PretrainConfig) -> None:
         from polar.tokenizer import ByteTokenizer
 
         _set_vocab(cfg, ByteTokenizer.vocab_size, "tokenizer")
+    if cfg.checkpoint.init_from:
+        _check_init_tokenizer(cfg)
+
+
+def _check_init_tokenizer(cfg: PretrainConfig) -> None:
+    """The weights of checkpoint.init_from were trained on the ids of its tokenizer: data of another
+    (the embedded synthetic data is byte-tokenized) trains a model whose every embedding means
+    another token, silently where that tokenizer has fewer ids than the model's vocabulary."""
+    from engine.checkpoint import CheckpointNotFound, resolve
+    from polar.checkpoint_tokenizer import TokenizerNotFound, find, same
+
+    try:
+        own = find(resolve(cfg.checkpoint.init_from))
+    except (CheckpointNotFound, TokenizerNotFound):
+        return  # the checkpoint checks name a missing checkpoint; an unknown tokenizer is the user's word
+    data = open_built(cfg.data.path, cfg, "data.path").meta.get("tokenizer", "byte") if cfg.data.path else "byte"
+    if not same(str(data), own):
+        what = f"data.path={cfg.data.path} is tokenized by {data}" if cfg.data.path else \
+            "the embedded synthetic data is tokenized by the byte tokenizer"
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} was trained with the tokenizer {own}, but "
+                          f"{what}: its ids would mean other tokens to the model; build the data with that "
+                          f"tokenizer (polar data build RECORDS -o DIR --tokenizer {own}) and set data.path=DIR")
 
 
 def built_data(cfg: PretrainConfig) -> RunData:

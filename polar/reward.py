@@ -434,11 +434,11 @@ class InProcessScorer:
     @classmethod
     def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
         from engine.inference import RewardScorer
-        from polar.checkpoint_tokenizer import find
+        from polar.checkpoint_tokenizer import choose
         from polar.tokenizer import load_tokenizer
 
         scorer = RewardScorer.load(checkpoint)
-        return cls(scorer, load_tokenizer(tokenizer or find(str(scorer.info.step_dir))), **kw)
+        return cls(scorer, load_tokenizer(choose(tokenizer, str(scorer.info.step_dir), "tokenizer")), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
         from polar.serve.items import format_structured

@@ -133,15 +133,14 @@ def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: 
 
 
 def _tokenizer_dir(step: Path, tokenizer: str | None, work: Path) -> Path:
-    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+    from polar.checkpoint_tokenizer import TokenizerMismatch, TokenizerNotFound, choose
 
-    spec = tokenizer
-    if spec is None:
-        beside = _beside(step, ("tokenizer",))
-        try:
-            spec = str(beside) if beside else find(str(step))
-        except TokenizerNotFound as e:
-            raise ConvertError(f"{e} (--tokenizer DIR, or --tokenizer byte)") from None
+    try:
+        spec = choose(tokenizer, str(step), "--tokenizer")
+    except TokenizerNotFound as e:
+        raise ConvertError(f"{e} (--tokenizer DIR, or --tokenizer byte)") from None
+    except TokenizerMismatch as e:
+        raise ConvertError(str(e)) from None
     if spec == "byte":
         from polar.convert.byte_tokenizer import write_byte_tokenizer
 

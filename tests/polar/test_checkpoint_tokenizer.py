@@ -83,3 +83,44 @@ def test_save_beside_copies_the_tokenizer_files_and_skips_bytes(tmp_path):
     assert sorted(p.name for p in got.iterdir()) == ["polar_tokenizer.json", "tokenizer.json"]
     for name in ("tokenizer.json", "polar_tokenizer.json"):
         assert (got / name).read_bytes() == (src / name).read_bytes()
+
+
+def test_same_tells_tokenizers_apart_by_their_ids_not_their_paths(tmp_path):
+    import shutil
+
+    from polar.checkpoint_tokenizer import same
+    from tests.polar.test_tokenizer import train_bpe
+
+    bpe = train_bpe(tmp_path / "bpe")
+    copy = shutil.copytree(bpe, tmp_path / "elsewhere")
+    other = train_bpe(tmp_path / "bpe_small", vocab_size=500)
+    assert same("byte", "byte") and same(bpe, str(copy)) and same(bpe, bpe + "/")
+    assert not same("byte", bpe) and not same(bpe, other)
+
+
+def test_a_tokenizer_given_against_the_checkpoints_own_is_refused(tmp_path):
+    """`polar score/serve/convert --tokenizer byte` on a model trained with a 602-id BPE ran: the
+    byte tokenizer's 260 ids fit the model's vocabulary, so no size check caught it."""
+    import shutil
+
+    from polar.checkpoint_tokenizer import TokenizerMismatch, choose
+    from tests.polar.test_tokenizer import train_bpe
+
+    bpe = train_bpe(tmp_path / "run" / "checkpoints" / "tokenizer")
+    step = _run(tmp_path / "run", {"data": {"path": ""}})
+    with pytest.raises(TokenizerMismatch, match=r"--tokenizer byte: .*step_00000004 was trained with .*tokenizer, "
+                                                r"which gives other ids; leave --tokenizer out"):
+        choose("byte", str(step), "--tokenizer")
+    with pytest.raises(TokenizerMismatch, match=r"^finetune.tokenizer=byte: "):
+        choose("byte", str(step), "finetune.tokenizer")
+    copy = str(shutil.copytree(bpe, tmp_path / "copy"))
+    assert choose(copy, str(step), "--tokenizer") == copy  # the same tokenizer, elsewhere
+    assert choose(None, str(step), "--tokenizer") == bpe
+    # a checkpoint that does not say: the user's word is taken
+    bare = tmp_path / "bare" / "step_00000001"
+    bare.mkdir(parents=True)
+    assert choose("byte", str(bare), "--tokenizer") == "byte"
+    with pytest.raises(TokenizerNotFound):
+        choose(None, str(bare), "--tokenizer")
+    # one that cannot be loaded is left to the caller's load, which names it
+    assert choose(str(tmp_path / "nothing"), str(step), "--tokenizer") == str(tmp_path / "nothing")

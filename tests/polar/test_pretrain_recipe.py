@@ -62,3 +62,29 @@ def test_a_seq_length_too_short_names_the_length_that_fits():
     need = int(re.search(r"at least (\d+)", str(e.value)).group(1))
     data = synthetic_data(load_config(PretrainConfig, None, SMALL + [f"data.seq_length={need}"]))
     assert max(len(g) for g in data.train.groups) <= need
+
+
+def test_pretraining_from_a_checkpoint_on_data_of_another_tokenizer_is_refused(tmp_path):
+    """`engine/pretrain.py checkpoint.init_from=ckpt/base` (an imported model with its BPE) trained
+    on the byte-tokenized synthetic data without a word: the 260 byte ids fit its vocabulary."""
+    import pytest
+    import yaml
+
+    from engine.config import ConfigError
+    from polar.pretrain_recipe import check
+    from tests.polar.test_tokenizer import train_bpe
+
+    def base(name, tokenizer):
+        step = tmp_path / name / "checkpoints" / "step_00000000"
+        step.mkdir(parents=True)
+        (step / "trainer_state.json").write_text("{}")
+        (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"data": {"path": ""}}))
+        if tokenizer:
+            train_bpe(tmp_path / name / "checkpoints" / "tokenizer")
+        return tmp_path / name
+
+    bpe_base = base("bpe", True)
+    with pytest.raises(ConfigError, match=r"checkpoint.init_from=.*bpe was trained with the tokenizer .*tokenizer, "
+                                          r"but the embedded synthetic data is tokenized by the byte tokenizer"):
+        check(load_config(PretrainConfig, None, [*SMALL, f"checkpoint.init_from={bpe_base}"]))
+    check(load_config(PretrainConfig, None, [*SMALL, f"checkpoint.init_from={base('bytes', False)}"]))
