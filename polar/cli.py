@@ -9,6 +9,7 @@
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed dataset on disk (polar/data_build.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
+    polar data synthetic ...  # the default run's synthetic policies as example files (polar/synthetic_files.py)
     polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
     polar hparams ...         # the paper's learning-rate and batch-size laws (polar/hparams.py)
     polar plan ...            # which parallel layout to launch, its memory and step time (polar/plan.py)
@@ -127,6 +128,8 @@ _TOOLS = {
                                             "dataset on disk"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
+    ("data", "synthetic"): ("polar.synthetic_files", "the default run's synthetic policies as files: triplets, "
+                                                     "preference records, groups to score, ranked data"),
     ("format",): ("polar.format_cli", "the exact string the official POLAR client sends and the "
                                       "server's token ids, per structured input"),
     ("hparams",): ("polar.hparams", "learning rate and batch size from the paper's scaling laws"),

@@ -109,7 +109,8 @@ def test_data_without_a_tool_lists_the_tools(capsys):
 
 @pytest.mark.parametrize("argv, line", [
     (["smaple"], "polar: no command 'smaple' (did you mean 'sample'?); the commands: pretrain, finetune, env, convert"),
-    (["data", "biuld", "x.jsonl"], "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, stats"),
+    (["data", "biuld", "x.jsonl"],
+     "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, stats, synthetic"),
     (["convert", "hf2engine"], "polar convert: no command 'hf2engine' (did you mean 'hf-to-engine'?)"),
 ])
 def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
@@ -121,7 +122,7 @@ def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
 def test_a_tool_groups_help_is_its_tools_on_stdout(capsys):
     assert cli.main(["data", "--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: polar data {build,stats}") and "polar data stats" in out and "polar plan" not in out
+    assert out.startswith("usage: polar data {build,stats,synthetic}") and "polar data stats" in out and "polar plan" not in out
 
 
 def test_output_into_a_closed_pipe_ends_without_a_traceback():
