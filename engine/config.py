@@ -408,16 +408,22 @@ class _Override:
         return self.value
 
 
+def _unknown_setting(cls, values: dict, where: str) -> Optional[tuple[str, str]]:
+    """(key, message) for the first key of `values` that names no field of `cls`, else None."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names, key=str)
+    if not unknown:
+        return None
+    prefix = f"{where}." if where else ""
+    return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: "
+                        + ", ".join(sorted(names)))
+
+
 def _build(cls, values: dict, where: str):
     types = _field_types(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = _unknown_setting(cls, values, where)
     if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(
-            f"unknown setting '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: "
-            + ", ".join(sorted(names))
-        )
+        raise ConfigError(unknown[1])
     obj = cls()
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for key, value in values.items():
@@ -447,6 +453,69 @@ def _deep_update(dst: dict, src: dict) -> None:
             _deep_update(dst[k], v)
         else:
             dst[k] = v
+
+
+def _misplaced_key(cls, values: dict, where: str = "") -> Optional[tuple[list, str]]:
+    """(the keys leading to it, message) for the first key of a file's `values` that is no setting of
+    `cls`, or a section given a value that is no mapping; None when the keys fit. The values
+    themselves are checked once merged: a command-line override may still replace one."""
+    unknown = _unknown_setting(cls, values, where)
+    if unknown:
+        return [unknown[0]], unknown[1]
+    for f in dataclasses.fields(cls):
+        sub = f"{where}.{f.name}" if where else f.name
+        if f.name not in values or not dataclasses.is_dataclass(_field_types(cls)[f.name]):
+            continue
+        value = values[f.name]
+        if not isinstance(value, dict):
+            return [f.name], f"{sub}: expected a mapping of settings, got {value!r}"
+        inner = _misplaced_key(_field_types(cls)[f.name], value, sub)
+        if inner:
+            return [f.name, *inner[0]], inner[1]
+    return None
+
+
+def _line_of(text: str, keys: list) -> Optional[int]:
+    """The 1-based line of the key reached through `keys` in a YAML text, None where not found."""
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError:
+        return None
+    line = None
+    for key in keys:
+        if not isinstance(node, yaml.MappingNode):
+            return None
+        found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)]
+        if not found:
+            return None
+        line = found[-1][0].start_mark.line + 1  # YAML keeps the last of a repeated key
+        node = found[-1][1]
+    return line
+
+
+# `base:` names that are no file beside the config naming them: engine/ must not import polar/, so
+# polar/presets.py registers its presets here when imported (`base: tiny_cpu` is the shipped file)
+_named_bases: list = []
+
+
+def register_named_bases(find, names) -> None:
+    """`find(name)`: the config file a `base:` name stands for, or None; `names()`: the names, for
+    the message when a base is neither a file nor one of them."""
+    if (find, names) not in _named_bases:
+        _named_bases.append((find, names))
+
+
+def _base_file(config: Path, base: str) -> str:
+    beside = config.parent / base
+    if beside.is_file():  # a file wins over a name, as for --config
+        return str(beside)
+    for find, _ in _named_bases:
+        found = find(base)
+        if found is not None:
+            return str(found)
+    known = sorted(n for _, names in _named_bases for n in names())
+    raise ConfigError(f"{config}: base: {base}: no such file ({beside})"
+                      + (f", and not a preset (presets: {', '.join(known)})" if known else ""))
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -489,8 +558,9 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
         if here in _chain:
             names = [str(f) for f in _chain[_chain.index(here):]] + [str(here)]
             raise ConfigError(f"{path}: base: files name each other in a cycle: {' -> '.join(names)}")
+        text = p.read_text()
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):
@@ -498,11 +568,17 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
         values = loaded or {}
         for name in ignore:
             values.pop(name, None)
-        if "base" in values:  # presets may build on another file, relative to themselves
-            base = values.pop("base")
+        has_base, base = "base" in values, values.pop("base", None)
+        # once merged with its bases and the command line, a key can no longer be traced to its file
+        misplaced = _misplaced_key(cls, values)
+        if misplaced:
+            line = _line_of(text, misplaced[0])
+            raise ConfigError(f"{path}{f':{line}' if line else ''}: {misplaced[1]}")
+        if has_base:  # a file may build on another: a file beside it, or a preset's name
             if not isinstance(base, str) or not base:
-                raise ConfigError(f"{path}: base={base!r}: expected the path of another config file")
-            base_cfg = load_config(cls, str(p.parent / base), ignore=ignore, _chain=_chain + (here,))
+                raise ConfigError(f"{path}: base={base!r}: expected the path of another config file, or a preset's "
+                                  "name")
+            base_cfg = load_config(cls, _base_file(p, base), ignore=ignore, _chain=_chain + (here,))
             base_values = dataclasses.asdict(base_cfg)
             _deep_update(base_values, values)
             values = base_values

@@ -6,13 +6,14 @@
 
 A file that exists wins over a preset of the same name, so a user's own `tiny_cpu.yaml` in the working
 directory is never shadowed. Presets are plain files on disk (pip unpacks wheels), so a `base:` line inside
-one resolves next to it, as for any other config file.
+one resolves next to it, as for any other config file. A config file's `base:` may name a preset too
+(`base: tiny_cpu`), unless a file of that name lies beside it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError
+from engine.config import ConfigError, register_named_bases
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "tiny_cpu"
@@ -50,3 +51,6 @@ def resolve_config(name_or_path: str | None = None) -> str:
         return str(preset)
     raise ConfigError(f"--config {name_or_path}: no such file, and not a preset "
                       f"(presets: {', '.join(preset_names())})")
+
+
+register_named_bases(preset_path, preset_names)

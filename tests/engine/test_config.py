@@ -113,7 +113,7 @@ def test_a_base_cycle_is_named(tmp_path):
 
 def test_an_empty_base_is_refused(tmp_path):
     (tmp_path / "c.yaml").write_text("base:\n")
-    with pytest.raises(ConfigError, match=r"base=None: expected the path of another config file"):
+    with pytest.raises(ConfigError, match=r"base=None: expected the path of another config file, or a preset.s name"):
         load_config(EngineConfig, str(tmp_path / "c.yaml"))
 
 
@@ -148,3 +148,43 @@ def test_a_quoted_command_line_string_stands_for_what_it_quotes(text, value):
     if value == "":
         with pytest.raises(ConfigError, match="run_dir: must not be empty"):
             load_config(EngineConfig, None, [f"run_dir={text}"])
+
+
+# ---- a mistake inside a file names the file ----
+
+def test_an_unknown_key_in_a_file_names_the_file_and_its_line(tmp_path):
+    f = tmp_path / "typo.yaml"
+    f.write_text("model:\n  num_layers: 2\ntrain: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:3: unknown setting 'train.lrr'; valid keys of train: ")):
+        load_config(EngineConfig, str(f))
+    f.write_text("# a comment\nmodle:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:2: unknown setting 'modle'; valid keys: ")):
+        load_config(EngineConfig, str(f))
+
+
+def test_an_unknown_key_in_a_base_names_the_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("train:\n  steps: 3\n  lrr: 1\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'base.yaml'}:3: unknown setting 'train.lrr'")):
+        load_config(EngineConfig, str(tmp_path / "child.yaml"))
+
+
+def test_a_section_that_is_no_mapping_in_a_file_names_the_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train: 5\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:1: train: expected a mapping of settings, got 5")):
+        load_config(EngineConfig, str(f))
+
+
+def test_an_unknown_key_on_the_command_line_names_no_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  lr: 0.5\n")
+    with pytest.raises(ConfigError, match=r"^unknown setting 'train\.lrr'"):
+        load_config(EngineConfig, str(f), ["train.lrr=1"])
+
+
+def test_a_missing_base_names_the_file_that_names_it(tmp_path):
+    (tmp_path / "c.yaml").write_text("base: nothing_here.yaml\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'c.yaml'}: base: nothing_here.yaml: no such "
+                                                    f"file ({tmp_path / 'nothing_here.yaml'})")):
+        load_config(EngineConfig, str(tmp_path / "c.yaml"))

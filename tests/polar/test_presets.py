@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from engine.config import ConfigError, EngineConfig, load_config
@@ -46,3 +48,37 @@ def test_a_user_file_builds_on_a_preset_through_base(tmp_path):
     (tmp_path / "mine.yaml").write_text(f"base: {PRESETS_DIR / 'polar_7b.yaml'}\nparallel:\n  tp: 8\n")
     cfg = load_config(EngineConfig, resolve_config(str(tmp_path / "mine.yaml")))
     assert cfg.parallel.tp == 8 and cfg.model.hidden_size == 4096
+
+
+@pytest.mark.parametrize("name", ["tiny_cpu", "tiny_cpu.yaml"])
+def test_a_preset_name_is_a_base(tmp_path, name):
+    (tmp_path / "mine.yaml").write_text(f"base: {name}\ntrain:\n  lr: 0.25\n")
+    cfg = load_config(EngineConfig, str(tmp_path / "mine.yaml"))
+    assert cfg.train.lr == 0.25 and cfg.model.hidden_size == 64 and cfg.run_dir == "runs/default"
+
+
+def test_a_file_beside_the_config_wins_over_a_preset_of_the_same_name(tmp_path):
+    (tmp_path / "tiny_cpu.yaml").write_text("model:\n  hidden_size: 32\n")
+    (tmp_path / "mine.yaml").write_text("base: tiny_cpu.yaml\n")
+    assert load_config(EngineConfig, str(tmp_path / "mine.yaml")).model.hidden_size == 32
+
+
+def test_a_base_that_is_neither_a_file_nor_a_preset_lists_the_presets(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: tiny_gpu\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'mine.yaml'}: base: tiny_gpu: no such file "
+                                                    f"({tmp_path / 'tiny_gpu'}), and not a preset (presets: "
+                                                    "polar_1_8b, polar_7b, tiny_cpu)")):
+        load_config(EngineConfig, str(tmp_path / "mine.yaml"))
+    # a path with folders is never a preset name
+    (tmp_path / "mine.yaml").write_text("base: sub/tiny_cpu\n")
+    with pytest.raises(ConfigError, match="no such file"):
+        load_config(EngineConfig, str(tmp_path / "mine.yaml"))
+
+
+def test_the_entry_script_runs_a_file_built_on_a_preset(tmp_path, capsys):
+    from engine.pretrain import main
+
+    (tmp_path / "mine.yaml").write_text("base: tiny_cpu\ntrain:\n  lr: 0.25\n")
+    assert main(["--print-config", "--config", str(tmp_path / "mine.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.25" in out and "hidden_size: 64" in out, out
