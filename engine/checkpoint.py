@@ -397,22 +397,24 @@ def model_config(step_dir: str):
     return model_config_from(*found)
 
 
-def check_model_matches(model_cfg, step_dir: str, what: str) -> None:
-    """Raises ConfigError naming the first weight-shape setting where the run's model and the
-    checkpoint's recorded model differ (instead of a shape error deep inside the load); `what` names
-    the step in the message (e.g. "checkpoint.init_from=DIR")."""
+def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = "") -> None:
+    """Raises ConfigError naming every weight-shape setting where the run's model and the checkpoint's
+    recorded model differ (instead of a shape error deep inside the load; named one at a time, each
+    fix met the next refusal); `what` names the step in the message (e.g. "checkpoint.init_from=DIR"),
+    `otherwise` adds the way out besides setting them back."""
     from engine.config import ConfigError
 
     found = saved_model_settings(step_dir)
     if found is None:
         return
     saved, where = found
-    for name in SHAPE_FIELDS:
-        if name in saved and saved[name] != getattr(model_cfg, name):
-            raise ConfigError(
-                f"{what} holds a model with model.{name}={saved[name]} (recorded in {where}), "
-                f"but this run has model.{name}={getattr(model_cfg, name)}: set model.{name}={saved[name]} "
-                f"(every model.* setting it was saved with is in {where})")
+    differ = [name for name in SHAPE_FIELDS if name in saved and saved[name] != getattr(model_cfg, name)]
+    if differ:
+        raise ConfigError(
+            f"{what} holds a model with {', '.join(f'model.{n}={saved[n]}' for n in differ)} (recorded in {where}), "
+            f"but this run has {', '.join(f'model.{n}={getattr(model_cfg, n)}' for n in differ)}: set "
+            f"{' '.join(f'model.{n}={saved[n]}' for n in differ)} (every model.* setting it was saved with is in "
+            f"{where}){otherwise}")
 
 
 def _materialise_optimizer_state(optimizer) -> None:

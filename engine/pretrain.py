@@ -80,6 +80,7 @@ def main(argv=None, recipe=None) -> int:
             if rank == 0:
                 print(dump_yaml(cfg))
             return 0
+        check_machine(cfg)
         recipe.check(cfg)
         check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))
         from engine.runtime import validate_layout, world_size_from_env
@@ -110,15 +111,25 @@ def main(argv=None, recipe=None) -> int:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
 
 
-def check_before_launch(cfg, recipe) -> None:
-    """What the run itself checks only after torch.distributed starts: that this machine can run the
-    requested kernels, and the data (a group longer than data.seq_length, a bad fine-tuning record, a
-    resume whose data-derived settings changed). Reading the data costs what the run's own start does."""
+def check_machine(cfg) -> None:
+    """Settings this machine cannot run at all (Transformer Engine or an FP8 recipe without the GPU
+    for it, Triton or CUDA kernels without a GPU), checked before any checkpoint is compared: a
+    resumed step recorded with other settings would otherwise be reported first, with the advice to
+    set them back, which cannot help while this machine refuses them (build_model checks again on
+    the device the run is given)."""
     import torch
 
+    from engine.fp8 import check_start_up
     from engine.parallelize import check_kernels
 
+    check_start_up(cfg.model, cfg.parallel, cfg.train)
     check_kernels(cfg.train, torch.cuda.is_available(), cfg.model.hidden_size // cfg.model.num_attention_heads)
+
+
+def check_before_launch(cfg, recipe) -> None:
+    """What the run itself checks only after torch.distributed starts: the data (a group longer than
+    data.seq_length, a bad fine-tuning record, a resume whose data-derived settings changed). Reading
+    the data costs what the run's own start does."""
     data = prepare_checked_data(cfg, recipe)
     # A run checks each packed sequence of a data set on disk as it reads it; before a launch every
     # one is (a damaged index would otherwise stop the run at the step that reads it).
@@ -189,8 +200,14 @@ def check_checkpoints(cfg, derived=()) -> None:
                           f"run needs a checkpoint directory of its own; pick a new run_dir or checkpoint.dir (with "
                           f"checkpoint.init_from={found} to start from its weights), or remove them")
     if found:
+        # the user may have meant a new run (pre-training from an imported checkpoint with the default
+        # run_dir, say): setting the model back is only one way out
+        new_run = ", or start a new run (a new run_dir=..., or checkpoint.dir=...)"
+        if cfg.checkpoint.init_from:
+            new_run += (f". checkpoint.init_from={cfg.checkpoint.init_from} is not loaded: a resume from the run's "
+                        f"checkpoints ({ckpt_dir}) takes precedence over it")
         checkpoint.check_model_matches(cfg.model, found, f"{found}, the step this run resumes from "
-                                                         "(checkpoint.resume=true),")
+                                                         "(checkpoint.resume=true),", otherwise=new_run)
         state = checkpoint.read_state(found)
         resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
                                           distributed_optimizer=cfg.parallel.distributed_optimizer)

@@ -138,3 +138,22 @@ def test_init_from_a_save_that_did_not_finish_says_so(tmp_path):
     assert checkpoint.resolve(str(run)) == str(done)
     with pytest.raises(checkpoint.CheckpointNotFound, match=f"a save that did not finish .* beside it: {done}"):
         checkpoint.resolve(str(run / "checkpoints" / "step_00000004.partial"))
+
+
+def test_every_model_setting_that_differs_is_named_in_one_message(tmp_path):
+    """Named one at a time, a user who set the first back was refused again for the next."""
+    import dataclasses
+
+    from engine.config import ConfigError, ModelConfig
+
+    step = tmp_path / "step_00000003"
+    step.mkdir()
+    saved = {**dataclasses.asdict(ModelConfig()), "hidden_size": 64, "ffn_hidden_size": 176, "num_layers": 2}
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps(saved))
+    with pytest.raises(ConfigError) as err:
+        checkpoint.check_model_matches(ModelConfig(num_layers=2), str(step), f"checkpoint.init_from={step}")
+    msg = str(err.value)
+    assert (f"checkpoint.init_from={step} holds a model with model.hidden_size=64, model.ffn_hidden_size=176 "
+            f"(recorded in {step / checkpoint.MODEL_FILE}), but this run has model.hidden_size=128, "
+            "model.ffn_hidden_size=384: set model.hidden_size=64 model.ffn_hidden_size=176") in msg, msg
+    assert "num_layers" not in msg, msg

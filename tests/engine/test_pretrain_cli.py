@@ -108,3 +108,63 @@ def test_settings_may_come_before_and_after_the_options(capsys):
     assert main(["train.lr=1e-4", "--config", "tiny_cpu", "run_dir=somewhere", "--print-config"]) == 0
     out = capsys.readouterr().out
     assert "lr: 0.0001" in out and "run_dir: somewhere" in out, out
+
+
+def _step_of_model(step: Path, **model) -> Path:
+    """A step of the default run's model (tiny_cpu, the byte tokenizer's vocabulary) but for `model`."""
+    import dataclasses
+
+    from engine import checkpoint
+    from engine.config import load_config
+    from polar.presets import resolve_config
+    from polar.pretrain_recipe import PretrainConfig
+
+    default = dataclasses.asdict(load_config(PretrainConfig, resolve_config("tiny_cpu")).model)
+    step.mkdir(parents=True)
+    (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 4}))
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps({**default, "vocab_size": 260, **model}))
+    return step
+
+
+def test_a_resume_into_another_model_offers_a_new_run_and_says_it_wins_over_init_from(tmp_path, capsys):
+    """Pre-training from an imported checkpoint in a run_dir that holds another run: the run resumes
+    that run (init_from is never read), so setting the model back is only one way out."""
+    from engine.pretrain import main
+
+    step = _step_of_model(tmp_path / "run" / "checkpoints" / "step_00000004", num_layers=4)
+    base = _step_of_model(tmp_path / "base" / "step_00000000", num_layers=2)
+    assert main([f"run_dir={tmp_path / 'run'}", "model.num_layers=2", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"set model.num_layers=4 (every model.* setting it was saved with is in {step / 'model.json'}), or " \
+           "start a new run (a new run_dir=..." in err, err
+    assert "init_from" not in err, err
+    assert main([f"run_dir={tmp_path / 'run'}", "model.num_layers=2", f"checkpoint.init_from={base}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("config error:") == 1 and f"config error: {step}, the step this run resumes from" in err, err
+    assert (f"checkpoint.init_from={base} is not loaded: a resume from the run's checkpoints "
+            f"({step.parent}) takes precedence over it") in err, err
+
+
+@pytest.mark.parametrize("setting,needle", [
+    ("model.transformer_impl=transformer_engine", "model.transformer_impl=transformer_engine needs a CUDA GPU"),
+    ("train.fp8=delayed", "train.fp8=delayed is a Transformer Engine recipe"),
+    ("train.kernels=cuda", "train.kernels=cuda needs a CUDA GPU"),
+    ("train.kernels=triton", "train.kernels=triton needs a CUDA GPU"),
+    ("train.attention_backend=triton", "train.attention_backend=triton needs a CUDA GPU"),
+])
+@pytest.mark.parametrize("check_config", [True, False])
+def test_a_setting_this_machine_cannot_run_is_named_before_the_resume_is_compared(tmp_path, capsys, monkeypatch,
+                                                                                  setting, needle, check_config):
+    """The resumed step's model differs from every setting here: what cannot run on this machine at
+    all is reported first (asking to set it back to resume would be no help)."""
+    import torch
+
+    from engine.pretrain import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _step_of_model(tmp_path / "run" / "checkpoints" / "step_00000004", num_layers=4, hidden_size=96)
+    args = [f"run_dir={tmp_path / 'run'}", setting, *SMALL] + (["--check-config"] if check_config else [])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("config error:") == 1 and needle in err and "resumes from" not in err, err

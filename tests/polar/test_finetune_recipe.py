@@ -160,3 +160,27 @@ def test_every_record_set_aside_by_skip_is_listed_with_its_reason(tmp_path, caps
     clean = _one_per_sequence(tmp_path, 4, "train.global_batch=1", "finetune.on_error=skip")
     recipe.write_run_files(clean, recipe.prepare_data(clean))
     assert not rejects.exists() and f"removed {rejects} of an earlier run" in capsys.readouterr().out
+
+
+def test_every_model_setting_init_from_differs_in_is_named_at_once(tmp_path, capsys):
+    """`polar finetune ... model.hidden_size=64` against a checkpoint of hidden 64 and FFN 176 named
+    only ffn_hidden_size, after a run without it had named only hidden_size."""
+    import dataclasses
+
+    from engine import checkpoint
+    from engine.config import ModelConfig
+    from engine.finetune import main
+
+    step = tmp_path / "base" / "step_00000000"
+    step.mkdir(parents=True)
+    (step / "metadata.json").write_text("{}")
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), "vocab_size": 260,
+                                                          "hidden_size": 64, "ffn_hidden_size": 176}))
+    (tmp_path / "r.jsonl").write_text("")
+    args = [f"checkpoint.init_from={step}", f"finetune.train={tmp_path / 'r.jsonl'}", "finetune.tokenizer=byte",
+            f"run_dir={tmp_path / 'run'}"]
+    for extra in ([], ["model.hidden_size=32"]):
+        assert main([*args, *extra]) == 2
+        err = capsys.readouterr().err
+        assert (f"config error: checkpoint.init_from={step} holds a model with model.hidden_size=64, "
+                "model.ffn_hidden_size=176") in err and "set model.hidden_size=64 model.ffn_hidden_size=176" in err, err
