@@ -168,6 +168,11 @@ class CheckpointScorer:
 
         par = ParallelConfig(tp=self.tp, pp=self.pp, distributed_optimizer=False)
         world = world_size_from_env()
+        if world % (self.tp * self.pp):  # validate_layout says it in settings a scoring user never wrote
+            n = self.tp * self.pp
+            raise ConfigError(f"--tp {self.tp} x --pp {self.pp}: a model replica spans {n} processes, but this "
+                              f"run has {world}; start {n} (or a multiple): --nproc {n} (torchrun: "
+                              f"--nproc_per_node {n})")
         self.dp = validate_layout(self.model_cfg, par, TrainConfig(global_batch=max(1, world // (self.tp * self.pp))),
                                   world, 128)
         self.rt = init_runtime(par, seed=0)

@@ -17,6 +17,7 @@ The conversion runs in one process at TP1/PP1 by default (dist_checkpointing res
 from __future__ import annotations
 
 import argparse
+import os
 import dataclasses
 import shutil
 import sys
@@ -161,8 +162,10 @@ def main(argv=None) -> int:
 
     silence_known_warnings()
     try:
+        # under torchrun every rank converts its shard; one of them says what was written
+        quiet = int(os.environ.get("RANK", "0")) != 0
         convert(args.src, args.dst, tp=args.tp, pp=args.pp, gguf_file=args.gguf_file, tokenizer=args.tokenizer,
-                bos=args.bos, pad=args.pad)
+                bos=args.bos, pad=args.pad, log=(lambda *a, **k: None) if quiet else print)
     except ConvertError as e:
         print(f"polar convert hf-to-engine: {e}", file=sys.stderr)
         return 2

@@ -151,6 +151,18 @@ def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path):
     assert "reward" in rows[0] and "reference: missing" in rows[1]["error"] and "not valid JSON" in rows[2]["error"]
 
 
+def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path):
+    """`polar score --tp 2` in one process said "world size 1 is not divisible by parallel.tp x
+    parallel.pp", settings a scoring user never wrote, and not how to start two processes."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"prompt": "p", "reference": "r", "output": "o"}\n')
+    proc = run(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp), "--output",
+                str(tmp_path / "out.jsonl"), "--tp", "2"], tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--tp 2 x --pp 1: a model replica spans 2 processes, but this run has 1; start 2 (or a multiple): " \
+           "--nproc 2" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path):
     """`polar eval` pairs below the reference and scores them with the model; its accuracy equals
     the one computed by hand from `polar score` rewards of the same responses."""

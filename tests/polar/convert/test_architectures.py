@@ -84,6 +84,7 @@ def test_conversion_at_tp2_under_torchrun_gives_the_same_rewards(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(helpers.ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=helpers.ROOT)
     assert proc.returncode == 0, proc.stderr[-5000:]
+    assert proc.stdout.count("wrote ") == 1, proc.stdout  # said once, not by every rank
     _check_scores(tmp_path / "engine", ref, seed=4)
 
 
