@@ -6,7 +6,7 @@
                           ?format=lmdeploy, or at /lmdeploy/pooling; /vllm/pooling is always vLLM's)
     POST /get_reward      OpenRLHF: {"query", "prompts", "labels"} -> {"rewards", "scores", "extra_logs"}
     POST /v1/rewards      native:   {"items": [{"prompt", "reference", "output"|"outputs", "wrapper"}]}
-    GET  /health          200 {"status": "ok", ...}, 503 while shutting down
+    GET  /health          200 {"status": "ok", ...}, 503 while shutting down; never needs the bearer token
     GET  /metrics         Prometheus text format
 
 vLLM returns one row per token and its clients read the last; only the reward token's row is
@@ -226,6 +226,10 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         got = request.headers.get("authorization", "")
         return hmac.compare_digest(got.encode(), f"Bearer {s.api_key}".encode())
 
+    def unauthorized() -> JSONResponse:
+        return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
+                      {"WWW-Authenticate": "Bearer"})
+
     async def handle(request: Request, endpoint: str, work):
         """Auth, body, JSON, then `work(body) -> response`; every failure becomes a 4xx/5xx answer
         for this request alone."""
@@ -234,8 +238,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         try:
             if not authorized(request):
                 status = 401
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",
-                              {"WWW-Authenticate": "Bearer"})
+                return unauthorized()
             service.admit(request)
             try:
                 # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
@@ -324,6 +327,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                     "usage": {"items": len(ids), "tokens": int(sum(len(a) for a in ids))}}
         return await handle(request, "v1_rewards", work)
 
+    # Open with --api-key-env too, on purpose: load balancers and Kubernetes probes call it without
+    # credentials, and it tells only whether this replica takes work (and how much waits), no rewards.
     @app.get("/health")
     async def health():
         ok = service.batcher.alive
@@ -334,7 +339,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     @app.get("/metrics")
     async def metrics(request: Request):
         if not authorized(request):
-            return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)")
+            return unauthorized()
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

@@ -5,13 +5,16 @@
     torchrun --nproc_per_node 4 -m polar.serve --checkpoint RUN --tp 2 --pp 2   # and pipeline stages
 
 Requests wait at most --max-wait-ms for others to batch with; items sharing a prefix (n rollouts
-of one prompt against one reference, within and across requests) compute it once.
+of one prompt against one reference, within and across requests) compute it once. SIGTERM or SIGINT
+to torchrun or to any rank (a follower hands it to rank 0 on its host) finishes the requests in
+flight, then every rank exits 0.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import os
+import re
 import signal
 import sys
 
@@ -74,6 +77,24 @@ def parse_args(argv=None):
     return args
 
 
+# The engine's settings that `polar serve` flags set: the engine names the setting in its messages,
+# which the serve user knows by its flag. No vpp flag: a serve replica never interleaves its stages.
+FLAG_OF_SETTING = {"train.attention_backend": "--attention-backend", "parallel.tp": "--tp", "parallel.pp": "--pp"}
+_SETTING = re.compile(r"\b(parallel\.pp x parallel\.vpp = |(?:%s)(?!\w)(?:=('?)([\w.-]+)\2)?)"
+                      % "|".join(map(re.escape, FLAG_OF_SETTING)))
+
+
+def as_flags(message: str) -> str:
+    """An engine message with `polar serve`'s flags for the settings they set: `train.attention_backend=triton`
+    reads `--attention-backend triton`."""
+    def flag(m):
+        if m[1].startswith("parallel.pp x"):
+            return "--pp "
+        name = m[1].split("=", 1)[0]
+        return FLAG_OF_SETTING[name] + (f" {m[3]}" if m[3] is not None else "")
+    return _SETTING.sub(flag, message)
+
+
 def build_service(args, scorer):
     from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
@@ -91,10 +112,10 @@ def build_service(args, scorer):
         if not api_key:
             raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
     metrics = Metrics()
+    pack_rows = args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton")
     batcher = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=args.max_wait_ms / 1000,
                       max_batch_tokens=args.max_batch_tokens, row_tokens=args.row_tokens,
-                      max_queue_items=args.max_queue, share_prefixes=not args.no_share_prefixes,
-                      pack_rows=args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton"),
+                      max_queue_items=args.max_queue, share_prefixes=not args.no_share_prefixes, pack_rows=pack_rows,
                       max_positions=scorer.max_positions, metrics=metrics)
     if batcher.row_tokens < args.row_tokens:
         print(f"polar serve: --row-tokens {args.row_tokens} lowered to the model's max_position_embeddings "
@@ -143,17 +164,22 @@ def main(argv=None) -> int:
     try:
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
     except (FileNotFoundError, ValueError) as e:
-        print(f"polar serve: {e}", file=sys.stderr)
+        print(f"polar serve: {as_flags(str(e))}", file=sys.stderr)
         return 2
     if not scorer.is_leader:
-        scorer.follow()  # until rank 0 shuts down
+        _follow(scorer, _leader(scorer))
         scorer.close()
         return 0
+    stop = _StopRequest()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    _leader(scorer)  # a collective: the followers learn where to forward their signals
     try:
         service = build_service(args, scorer)
     except ValueError as e:
         print(f"polar serve: {e}", file=sys.stderr)
         scorer.stop_followers()
+        scorer.close()  # the followers wait at its barrier: leaving without it fails theirs
         return 2
 
     import uvicorn
@@ -161,16 +187,94 @@ def main(argv=None) -> int:
     from polar.serve.app import create_app
 
     app = create_app(service, on_shutdown=scorer.stop_followers)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                                           timeout_graceful_shutdown=args.graceful_timeout_s))
+    stop.attach(server)
     print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp} pp={args.pp}) on "
           f"http://{args.host}:{args.port}", flush=True)
-    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers
-    # it found: no-op ones let this process close the runtime (the replica's ranks meet at its barrier) and exit 0.
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.graceful_timeout_s)
+    # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers it
+    # found: `stop`'s let this process close the runtime (the replica's ranks meet at its barrier) and exit 0.
+    server.run()
     scorer.close()
     return 0
+
+
+class _StopRequest:
+    """Rank 0's SIGINT/SIGTERM handler outside uvicorn's (which it installs only while serving): a
+    signal that arrives while the service is built, from the operator or forwarded by a follower,
+    stops the server right after it starts, through the same graceful shutdown."""
+
+    def __init__(self):
+        self.requested = False
+        self.server = None
+
+    def __call__(self, *_):
+        self.requested = True
+        if self.server is not None:
+            self.server.should_exit = True
+
+    def attach(self, server) -> None:
+        self.server = server  # first: a signal from here on reaches the server itself
+        server.should_exit = self.requested
+
+
+def _leader(scorer) -> tuple[str, int]:
+    """(host name, pid) of the replica's rank 0, on every rank (a collective: all must call it)."""
+    import socket
+
+    import torch.distributed as dist
+
+    if scorer.rt.tp * scorer.rt.pp == 1:
+        return socket.gethostname(), os.getpid()
+    mp = scorer.rt.groups.mp
+    box = [(socket.gethostname(), os.getpid())]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(mp, 0), group=mp, device=scorer.device)
+    return box[0]
+
+
+def _follow(scorer, leader: tuple[str, int]) -> None:
+    """A rank > 0: forward passes until rank 0 broadcasts stop.
+
+    torchrun and SLURM send SIGTERM to every rank at once. A follower that died of it would leave
+    rank 0 without the ranks it needs to finish the requests in flight and to hear its stop (gloo:
+    "Connection closed by peer" tracebacks; NCCL: a hang). So a follower's SIGINT/SIGTERM goes to
+    rank 0 as SIGTERM (a second SIGINT would make uvicorn drop the requests in flight), and the
+    follower stops when rank 0 says so: one sent to a follower alone stops the replica the same way.
+    The loop runs in a thread because Python runs a signal handler in the main thread between
+    bytecodes, never while it waits inside a broadcast, and a follower waits there between batches.
+    """
+    import socket
+    import threading
+
+    import torch
+
+    host, pid = leader
+
+    def to_leader(*_):
+        if host != socket.gethostname():
+            print(f"polar serve rank {os.environ.get('RANK', '?')}: signalled; rank 0 (pid {pid} on {host}) "
+                  "stops this replica: signal it there", file=sys.stderr, flush=True)
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+    failed = []
+
+    def follow():
+        try:
+            # the current CUDA device is per thread (rank 0's batcher thread sets it the same way)
+            with torch.cuda.device(scorer.device) if scorer.rt.is_cuda else contextlib.nullcontext():
+                scorer.follow()
+        except BaseException as e:  # re-raised in the main thread: a real failure, traceback and all
+            failed.append(e)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, to_leader)
+    thread = threading.Thread(target=follow, name="polar-serve-follow", daemon=True)
+    thread.start()
+    thread.join()  # interruptible: the handler runs while the main thread waits here
+    if failed:
+        raise failed[0]
 
 
 if __name__ == "__main__":

@@ -295,6 +295,24 @@ def test_bearer_auth(scorer, tokenizer):
         assert reward.RewardClient(url, api_key="s3cret").score([{"prompt": "p", "reference": "r", "output": "o"}])
 
 
+def test_with_a_key_only_health_answers_without_it(scorer, tokenizer):
+    """/health is open on purpose (load balancers and Kubernetes probes carry no credentials); every
+    other route, present or added later, needs the key."""
+    from polar.serve.app import create_app
+
+    with live_server(scorer, tokenizer, api_key="s3cret") as (url, service):
+        routes = [(m, r.path) for r in create_app(service).routes for m in getattr(r, "methods", ()) if m != "HEAD"]
+        assert {p for _, p in routes} >= {"/health", "/metrics", "/classify", "/pooling", "/vllm/pooling",
+                                          "/lmdeploy/pooling", "/get_reward", "/v1/rewards"}
+        for method, path in routes:
+            res = httpx.request(method, f"{url}{path}", json={}, timeout=60)
+            if path == "/health":
+                assert res.status_code == 200 and res.json()["status"] == "ok"
+            else:
+                assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer", (method, path)
+                assert "bearer token" in res.json()["error"]["message"]
+
+
 def _until(condition, limit_s=20.0) -> bool:
     deadline = time.monotonic() + limit_s
     while not condition():

@@ -1,6 +1,7 @@
-"""`python -m polar.serve` as a process: start-up errors, bearer auth from --api-key-env, graceful
-shutdown on SIGTERM finishing the request in flight, and model parallelism (torchrun over gloo: TP2,
-or two pipeline stages) giving the rewards of one process."""
+"""`python -m polar.serve` as a process: start-up errors (settings named by their flags), bearer auth
+from --api-key-env, graceful shutdown on SIGTERM finishing the request in flight (with TP2: SIGTERM to
+rank 0, to the launcher, to every rank or to a follower alone), and model parallelism (torchrun over
+gloo: TP2, or two pipeline stages) giving the rewards of one process."""
 import os
 import signal
 import subprocess
@@ -46,14 +47,35 @@ def _wait_healthy(proc, url, limit_s=300):
     raise AssertionError("the server did not become healthy")
 
 
-def _rank_zero(launcher_pid: int) -> int:
-    """The worker of RANK=0 among the launcher's children (read from /proc)."""
+def _workers(launcher_pid: int) -> dict[int, int]:
+    """{RANK: pid} of the launcher's worker processes (read from /proc)."""
     kids = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
+    ranks = {}
     for pid in kids:
-        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        if b"RANK=0" in env:
-            return int(pid)
-    raise AssertionError(f"no RANK=0 worker among {kids}")
+        for var in open(f"/proc/{pid}/environ", "rb").read().split(b"\0"):
+            if var.startswith(b"RANK="):
+                ranks[int(var[5:])] = int(pid)
+    return ranks
+
+
+def _rank_zero(launcher_pid: int) -> int:
+    ranks = _workers(launcher_pid)
+    assert 0 in ranks, f"no RANK=0 worker among {ranks}"
+    return ranks[0]
+
+
+def _classify_in_flight(url, texts, answer, headers=None):
+    """POST /classify in a thread; returns once the request waits in the batcher's queue."""
+    def post():
+        answer["r"] = httpx.post(f"{url}/classify", json={"model": "m", "text": texts}, headers=headers, timeout=120)
+
+    t = threading.Thread(target=post)
+    t.start()
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{url}/health").json()["queue_items"] == 0:
+        assert time.monotonic() < deadline, "the request never reached the queue"
+        time.sleep(0.01)
+    return t
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -62,11 +84,51 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     assert r.returncode == 2 and "no such directory" in r.stderr
 
 
+@pytest.mark.parametrize("flags, world, says", [
+    (["--attention-backend", "triton"], 1, "--attention-backend triton needs a CUDA GPU"),
+    (["--tp", "3"], 3, "--tp 3 does not divide model.num_attention_heads=4"),
+    (["--pp", "3"], 3, "model.num_layers=2 is not divisible by --pp 3"),
+], ids=["attention_backend", "tp", "pp"])
+def test_a_refused_setting_is_named_by_its_flag(checkpoint_dir, flags, world, says):
+    """The engine names the settings it refuses by their config keys (train.attention_backend=triton,
+    parallel.tp=3), which a `polar serve` user never wrote. WORLD_SIZE alone stands in for torchrun:
+    the layout is refused before any process group starts."""
+    if flags[0] == "--attention-backend":
+        import torch
+
+        if torch.cuda.is_available():
+            pytest.skip("triton attention runs on this machine's GPU")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, *flags], cwd=ROOT,
+                       env=dict(env, PYTHONPATH=ROOT, WORLD_SIZE=str(world)), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and says in r.stderr, r.stderr[-3000:]
+    assert "train." not in r.stderr and "parallel." not in r.stderr, r.stderr[-3000:]
+
+
 @pytest.fixture(scope="module")
 def texts_and_expected(tokenizer, alone):
     items = make_items(31, groups=2, rollouts=3)
     formatted = format_structured(tokenizer, [StructuredItem(**it) for it in items], 16384, 4096)
     return [t for t, _ in formatted], alone([i for _, i in formatted])
+
+
+def test_a_signal_before_the_server_exists_stops_it_once_started():
+    """Rank 0 builds its service (tokenizer, batcher) before uvicorn takes the signals over: a SIGTERM
+    then, from the operator or forwarded by a follower, used to be swallowed and the server served on."""
+    from types import SimpleNamespace
+
+    from polar.serve.server import _StopRequest
+
+    early, server = _StopRequest(), SimpleNamespace(should_exit=False)
+    early(signal.SIGTERM, None)
+    early.attach(server)
+    assert server.should_exit
+    late, server = _StopRequest(), SimpleNamespace(should_exit=False)
+    late.attach(server)
+    assert not server.should_exit
+    late(signal.SIGTERM, None)
+    assert server.should_exit
 
 
 def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
@@ -79,18 +141,8 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
         _wait_healthy(proc, url)
         assert httpx.post(f"{url}/classify", json={"text": texts}, timeout=120).status_code == 401
         answer = {}
-
-        def in_flight():
-            answer["r"] = httpx.post(f"{url}/classify", json={"model": "m", "text": texts},
-                                     headers={"Authorization": "Bearer k3y"}, timeout=120)
-
-        t = threading.Thread(target=in_flight)
-        t.start()
         # SIGTERM while the request waits in the batcher's queue (--max-wait-ms 5000; closing ends the wait)
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/health").json()["queue_items"] == 0:
-            assert time.monotonic() < deadline, "the request never reached the queue"
-            time.sleep(0.01)
+        t = _classify_in_flight(url, texts, answer, {"Authorization": "Bearer k3y"})
         proc.send_signal(signal.SIGTERM)
         t.join(120)
         assert answer["r"].status_code == 200
@@ -148,3 +200,61 @@ def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_chec
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.parametrize("target", ["launcher", "every_rank", "follower"])
+def test_tp2_stops_cleanly_on_sigterm_to_every_rank(checkpoint_dir, texts_and_expected, tmp_path, target):
+    """torchrun (on its own SIGTERM) and SLURM signal every rank at once. The follower used to die of
+    it while rank 0 still needed it for the request in flight and for its stop broadcast: tracebacks
+    ("Application shutdown failed", "Connection closed by peer") and a failed exit. A follower
+    signalled alone hands the signal to rank 0. Each rank's output goes to its own log (--redirects)
+    so the launcher's own SignalException traceback (launcher case) is not counted against them."""
+    texts, expected = texts_and_expected
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    logs = tmp_path / "logs"
+    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                   "--redirects", "3", "--log-dir", str(logs), "-m", "polar.serve", "--checkpoint", checkpoint_dir,
+                   "--port", str(port), "--tp", "2", "--max-wait-ms", "5000"])
+    try:
+        _wait_healthy(proc, url, limit_s=400)
+        answer = {}
+        t = _classify_in_flight(url, texts, answer)
+        ranks = _workers(proc.pid)
+        if target == "launcher":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            for rank in ((0, 1) if target == "every_rank" else (1,)):
+                os.kill(ranks[rank], signal.SIGTERM)
+        t.join(120)
+        rc = proc.wait(120)
+        launcher_output = proc.stdout.read()
+        assert answer["r"].status_code == 200, answer["r"].text
+        np.testing.assert_allclose([e["embedding"][0] for e in answer["r"].json()], expected, rtol=0, atol=1e-5)
+        for rank in (0, 1):
+            (log,) = logs.glob(f"*/attempt_0/{rank}/stderr.log")
+            err = log.read_text()
+            assert "Traceback" not in err and "ERROR" not in err, f"rank {rank}:\n{err[-3000:]}"
+        if target == "launcher":  # its exit is its own SignalException; the ranks must not need its SIGKILL
+            assert "forcefully exiting" not in launcher_output, launcher_output[-3000:]
+        else:
+            assert rc == 0, launcher_output[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_tp2_start_up_error_on_rank_zero_stops_the_follower_cleanly(checkpoint_dir, tmp_path):
+    """Rank 0 refusing to start (here: --api-key-env naming an unset variable) used to leave without
+    the runtime's closing barrier, where the follower then failed with a traceback."""
+    logs = tmp_path / "logs"
+    env = {k: v for k, v in os.environ.items() if k != "POLAR_TEST_UNSET"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--redirects", "3", "--log-dir", str(logs), "-m", "polar.serve", "--checkpoint", checkpoint_dir,
+                        "--port", str(_free_port()), "--tp", "2", "--api-key-env", "POLAR_TEST_UNSET"], cwd=ROOT,
+                       env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True, text=True, timeout=400)
+    assert r.returncode != 0
+    (leader,) = logs.glob("*/attempt_0/0/stderr.log")
+    assert "--api-key-env POLAR_TEST_UNSET: that environment variable is not set" in leader.read_text()
+    (follower,) = logs.glob("*/attempt_0/1/stderr.log")
+    assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
