@@ -99,10 +99,11 @@ def build_service(args, scorer):
     from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.serve.metrics import Metrics
-    from polar.checkpoint_tokenizer import find
+    from polar.checkpoint_tokenizer import choose
     from polar.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer or find(str(scorer.info.step_dir)))
+    # a tokenizer given that is not the checkpoint's is refused (TokenizerMismatch, a ValueError)
+    tokenizer = load_tokenizer(choose(args.tokenizer, str(scorer.info.step_dir), "--tokenizer"))
     if tokenizer.vocab_size > scorer.model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
                          f"{scorer.model_config.vocab_size}: wrong --tokenizer?")

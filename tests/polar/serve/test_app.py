@@ -549,3 +549,20 @@ def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
         with pytest.raises(reward.RewardServerError, match="non-finite rewards") as err:
             client.score([{"prompt": "p", "reference": "r", "output": "~"}])
         assert err.value.status == 500 and len(poisoned) == 1  # one request, no retries
+
+
+def test_a_tokenizer_other_than_the_checkpoints_is_refused_at_start_up(scorer, tmp_path):
+    """`polar serve --tokenizer DIR` on a byte-tokenized model: refused by what the checkpoint was
+    trained with (polar.checkpoint_tokenizer.choose), before any size comparison; the checkpoint's
+    own tokenizer, named or found, is taken."""
+    from polar.serve.server import build_service, parse_args
+    from tests.polar.test_tokenizer import train_bpe
+
+    bpe = train_bpe(tmp_path / "bpe")
+    ckpt = str(scorer.info.step_dir)
+    with pytest.raises(ValueError, match=r"--tokenizer .*bpe: .* was trained with the byte tokenizer, which gives "
+                                         r"other ids; leave --tokenizer out"):
+        build_service(parse_args(["--checkpoint", ckpt, "--tokenizer", bpe]), scorer)
+    for named in ([], ["--tokenizer", "byte"]):
+        service = build_service(parse_args(["--checkpoint", ckpt, *named]), scorer)  # its batcher not started
+        assert service.tokenizer.vocab_size == 260
