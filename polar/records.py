@@ -150,7 +150,12 @@ def _parse(obj) -> Record:
     else:
         if not has_pair:
             raise _Bad("candidates", "missing (or chosen and rejected)")
-        texts = [_text(_required(obj, "chosen"), "chosen"), _text(_required(obj, "rejected"), "rejected")]
+        for key in ("chosen", "rejected"):
+            if key not in obj:  # "rejected: missing" alone did not say what the record is short of
+                other = "rejected" if key == "chosen" else "chosen"
+                raise _Bad(key, f"missing: a record with {other} needs {key} too (the pair), or gives "
+                                "candidates instead")
+        texts = [_text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")]
         labels = [1, 0]
     wrapper = obj.get("wrapper")
     if wrapper is not None and wrapper not in WRAPPERS:
