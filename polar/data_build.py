@@ -268,9 +268,21 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_init_worker,
                                initargs=(cfg,))
     todo, pending = iter(chunks), deque()
+
+    def died(c: Chunk) -> WorkerDied:
+        return WorkerDied(f"a build worker died (killed: out of memory?) while the pool was reading {c.file} from "
+                          f"line {c.first_line} (chunk {c.index}) or a chunk after it; nothing of the shard was "
+                          "written: run again (fewer --workers or --chunk-records use less memory)")
+
+    def submit(c: Chunk) -> None:
+        try:
+            pending.append((c, pool.submit(process_chunk, c)))
+        except BrokenProcessPool:  # a worker died since the last answer: the oldest chunk in flight is named
+            raise died(pending[0][0] if pending else c) from None
+
     try:
         for c in todo:
-            pending.append((c, pool.submit(process_chunk, c)))
+            submit(c)
             if len(pending) == 2 * workers:
                 break
         while pending:
@@ -278,13 +290,10 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
             try:
                 res = fut.result()
             except BrokenProcessPool:
-                raise WorkerDied(f"a build worker died (killed: out of memory?) while the pool was reading {c.file} "
-                                 f"from line {c.first_line} (chunk {c.index}) or a chunk after it; nothing of the "
-                                 "shard was written: run again (fewer --workers or --chunk-records use less "
-                                 "memory)") from None
+                raise died(c) from None
             nxt = next(todo, None)
             if nxt is not None:
-                pending.append((nxt, pool.submit(process_chunk, nxt)))
+                submit(nxt)
             yield res
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

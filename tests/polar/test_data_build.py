@@ -444,6 +444,36 @@ def test_build_workers_plan_without_importing_torch(tmp_path, records):
     assert IndexedDataset(tmp_path / "ds").num_groups == 40
 
 
+def test_a_worker_dying_between_two_answers_is_the_same_error(monkeypatch):
+    """The pool can break after one chunk's answer and before the next chunk is handed out: submit
+    then raised BrokenProcessPool, a traceback instead of the error naming where (seen in CI once
+    the workers no longer imported torch and answered sooner)."""
+    import concurrent.futures
+    from concurrent.futures import Future
+    from concurrent.futures.process import BrokenProcessPool
+
+    class BreaksOnThirdSubmit:
+        def __init__(self, *args, **kwargs):
+            self.submitted = 0
+
+        def submit(self, fn, chunk):
+            self.submitted += 1
+            if self.submitted == 3:
+                raise BrokenProcessPool("A child process terminated abruptly")
+            done = Future()
+            done.set_result(chunk.index)
+            return done
+
+        def shutdown(self, wait=True, cancel_futures=False):
+            pass
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BreaksOnThirdSubmit)
+    chunks = [data_build.Chunk(i, "in.jsonl", 0, 1, 10 * i + 1, 10 * i) for i in range(4)]
+    # chunks 0 and 1 in flight; chunk 0 answers, and handing out chunk 2 finds the pool broken
+    with pytest.raises(data_build.WorkerDied, match=r"reading in.jsonl from line 11 \(chunk 1\) or a chunk after"):
+        list(data_build._run_pool(None, chunks, workers=1))
+
+
 def test_shards_given_one_rejects_path_keep_every_list(tmp_path, records, capsys):
     """Shard 0's rejects were deleted by shard 1 (no rejects) or replaced by it (some) when both were
     given one --rejects path: the second shard is refused, naming the file; a --force rebuild of the
