@@ -47,6 +47,25 @@ def _wait_healthy(proc, url, limit_s=300):
     raise AssertionError("the server did not become healthy")
 
 
+def _serve(make_cmd, limit_s=300, env_extra=None):
+    """(proc, url) of a server that became healthy. make_cmd(port, attempt) -> its command. The port
+    is free when chosen but can be taken before the server binds it (other tests run beside these, and
+    torchrun's own store picks ports): uvicorn then exits 3 (startup failure), which is retried on
+    another port, twice at most; any other failure is raised."""
+    for attempt in range(3):
+        port = _free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = _start(make_cmd(port, attempt), env_extra)
+        try:
+            _wait_healthy(proc, url, limit_s)
+            return proc, url
+        except AssertionError as e:
+            taken = "address already in use" in str(e) or "exitcode  : 3 " in str(e) or proc.returncode == 3
+            if not taken or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _workers(launcher_pid: int) -> dict[int, int]:
     """{RANK: pid} of the launcher's worker processes (read from /proc)."""
     kids = open(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read().split()
@@ -133,12 +152,10 @@ def test_a_signal_before_the_server_exists_stops_it_once_started():
 
 def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
     texts, expected = texts_and_expected
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port),
-                   "--max-wait-ms", "5000", "--api-key-env", "POLAR_TEST_KEY"], {"POLAR_TEST_KEY": "k3y"})
+    proc, url = _serve(lambda port, _: [sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir,
+                                        "--port", str(port), "--max-wait-ms", "5000", "--api-key-env",
+                                        "POLAR_TEST_KEY"], env_extra={"POLAR_TEST_KEY": "k3y"})
     try:
-        _wait_healthy(proc, url)
         assert httpx.post(f"{url}/classify", json={"text": texts}, timeout=120).status_code == 401
         answer = {}
         # SIGTERM while the request waits in the batcher's queue (--max-wait-ms 5000; closing ends the wait)
@@ -156,12 +173,10 @@ def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
 @pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
 def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_expected, layout):
     texts, expected = texts_and_expected
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), *layout])
+    proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint", checkpoint_dir,
+                                        "--port", str(port), *layout], limit_s=400)
     try:
-        _wait_healthy(proc, url, limit_s=400)
         for path, read in (("/classify", lambda a: [e["embedding"][0] for e in a]),
                            ("/pooling", lambda a: [e["data"][-1][0] for e in a["data"]])):
             body = {"text": texts} if path == "/classify" else {"input": texts}
@@ -179,13 +194,11 @@ def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_ex
 def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_checkpoint_dir, tokenizer, alone_dynamic):
     """The model's positions checked before rank 0 broadcasts: a refusal on every rank used to end
     the other rank's loop, and the next request hung on its broadcast."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "-m", "polar.serve", "--checkpoint", dynamic_checkpoint_dir, "--port", str(port), "--tp", "2",
-                   "--pack-rows", "on", "--row-tokens", "1024"])
+    proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                        "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint",
+                                        dynamic_checkpoint_dir, "--port", str(port), "--tp", "2", "--pack-rows",
+                                        "on", "--row-tokens", "1024"], limit_s=400)
     try:
-        _wait_healthy(proc, url, limit_s=400)
         texts = [f"prompt number {i} and some words\nref<|reward|>prompt number {i}\nout[UNUSED_TOKEN_130]"
                  for i in range(12)]
         expected = alone_dynamic(tokenizer.encode_served_batch(texts))
@@ -202,30 +215,33 @@ def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_chec
             proc.kill()
 
 
-@pytest.mark.parametrize("target", ["launcher", "every_rank", "follower"])
+@pytest.mark.parametrize("target", ["launcher", "follower"])
 def test_tp2_stops_cleanly_on_sigterm_to_every_rank(checkpoint_dir, texts_and_expected, tmp_path, target):
     """torchrun (on its own SIGTERM) and SLURM signal every rank at once. The follower used to die of
     it while rank 0 still needed it for the request in flight and for its stop broadcast: tracebacks
     ("Application shutdown failed", "Connection closed by peer") and a failed exit. A follower
     signalled alone hands the signal to rank 0. Each rank's output goes to its own log (--redirects)
-    so the launcher's own SignalException traceback (launcher case) is not counted against them."""
+    so the launcher's own SignalException traceback (launcher case) is not counted against them. The
+    launcher forwards its SIGTERM to every rank at once, as SLURM signals them: that case is both."""
     texts, expected = texts_and_expected
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    logs = tmp_path / "logs"
-    proc = _start([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                   "--redirects", "3", "--log-dir", str(logs), "-m", "polar.serve", "--checkpoint", checkpoint_dir,
-                   "--port", str(port), "--tp", "2", "--max-wait-ms", "5000"])
+    where = {}
+
+    def cmd(port, attempt):
+        where["logs"] = tmp_path / f"logs{attempt}"  # a retried start writes logs of its own
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects",
+                "3", "--log-dir", str(where["logs"]), "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port",
+                str(port), "--tp", "2", "--max-wait-ms", "5000"]
+
+    proc, url = _serve(cmd, limit_s=400)
+    logs = where["logs"]
     try:
-        _wait_healthy(proc, url, limit_s=400)
         answer = {}
         t = _classify_in_flight(url, texts, answer)
         ranks = _workers(proc.pid)
         if target == "launcher":
             proc.send_signal(signal.SIGTERM)
         else:
-            for rank in ((0, 1) if target == "every_rank" else (1,)):
-                os.kill(ranks[rank], signal.SIGTERM)
+            os.kill(ranks[1], signal.SIGTERM)
         t.join(120)
         rc = proc.wait(120)
         launcher_output = proc.stdout.read()
