@@ -112,19 +112,25 @@ def _check_init_tokenizer(cfg: PretrainConfig) -> None:
     (the embedded synthetic data is byte-tokenized) trains a model whose every embedding means
     another token, silently where that tokenizer has fewer ids than the model's vocabulary."""
     from engine.checkpoint import CheckpointNotFound, resolve
-    from polar.checkpoint_tokenizer import TokenizerNotFound, find, same
+    from polar.checkpoint_tokenizer import TokenizerMismatch, choose, find
 
     try:
-        own = find(resolve(cfg.checkpoint.init_from))
-    except (CheckpointNotFound, TokenizerNotFound):
-        return  # the checkpoint checks name a missing checkpoint; an unknown tokenizer is the user's word
+        step = resolve(cfg.checkpoint.init_from)
+    except CheckpointNotFound:
+        return  # the checkpoint checks name a missing checkpoint
     data = open_built(cfg.data.path, cfg, "data.path").meta.get("tokenizer", "byte") if cfg.data.path else "byte"
-    if not same(str(data), own):
+    try:
+        # as for a tokenizer a user names: one the checkpoint does not record, or that cannot be loaded
+        # here, is taken at its word
+        choose(str(data), step, "data")
+    except TokenizerMismatch:
+        own = find(step)
         what = f"data.path={cfg.data.path} is tokenized by {data}" if cfg.data.path else \
             "the embedded synthetic data is tokenized by the byte tokenizer"
-        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} was trained with the tokenizer {own}, but "
-                          f"{what}: its ids would mean other tokens to the model; build the data with that "
-                          f"tokenizer (polar data build RECORDS -o DIR --tokenizer {own}) and set data.path=DIR")
+        raise ConfigError(f"checkpoint.init_from={cfg.checkpoint.init_from} was trained with the tokenizer {own}, "
+                          f"but {what}: its ids would mean other tokens to the model; build the data with that "
+                          f"tokenizer (polar data build RECORDS -o DIR --tokenizer {own}) and set data.path=DIR") \
+            from None
 
 
 def built_data(cfg: PretrainConfig) -> RunData:
