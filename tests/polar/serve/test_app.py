@@ -114,29 +114,40 @@ def test_concurrent_clients_get_their_own_answers(server, tokenizer, _alone_item
     assert service.batcher.totals.tokens - service.batcher.totals.computed > before  # prefixes shared
 
 
-def test_a_batch_over_the_servers_body_limit_is_halved_until_it_fits(server, _alone_items):
-    """The fixture's server takes bodies of at most 200,000 bytes; 48 items that repeat a 5 KB
-    reference make one of about 250 KB, which the client (its own budget, 32 MiB, is larger) sends
-    whole, then in halves after the 413, and every reward is the item's own."""
-    url, service = server
-    reference = "a long reference trajectory " * 180
+def test_a_batch_over_the_servers_body_limit_is_halved_until_it_fits(scorer, tokenizer, _alone_items):
+    """A server taking bodies of at most 20,000 bytes; 48 items that repeat a 500-byte reference make
+    one of about 29 KB, which the client (its own budget, 32 MiB, is larger) sends whole, then in
+    halves after the 413, and every reward is the item's own. (Its own server: the module's allows
+    200,000 bytes, and items long enough to pass that cost minutes to score alone on a CPU.)"""
+    reference = "a long reference trajectory " * 18
     items = [{"prompt": "question?", "reference": reference, "output": f"answer {i}", "wrapper": "sft"}
              for i in range(48)]
-    for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
-        client = client_cls(url, chunk_size=64)
-        got = client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
-        np.testing.assert_allclose(got, _alone_items(items), rtol=0, atol=1e-5)
+    expected = _alone_items(items)
+    with live_server(scorer, tokenizer, max_items=64, max_body_bytes=20_000) as (url, service):
+        for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
+            refused = _requests_refused_for_size(service)
+            client = client_cls(url, chunk_size=64)
+            got = client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
+            np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+            assert _requests_refused_for_size(service) > refused  # the whole batch was sent, and refused
+
+
+def _requests_refused_for_size(service) -> float:
+    return sum(s.value for m in service.metrics.requests.collect() for s in m.samples
+               if s.name.endswith("_total") and s.labels.get("status") == "413")
 
 
 def test_a_batch_over_the_servers_item_limit_is_halved_until_it_fits(server, _alone_items):
     """A server run with --max-items (64 here) below the client's chunk_size: the 413 naming
     --max-items is met by halving, as one over --max-body-bytes is (every call failed)."""
-    url, _ = server
+    url, service = server
     items = [{"prompt": "question?", "reference": "ref", "output": f"answer {i}", "wrapper": "sft"} for i in range(80)]
     for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
+        refused = _requests_refused_for_size(service)
         client = client_cls(url, chunk_size=100)
         got = client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
         np.testing.assert_allclose(got, _alone_items(items), rtol=0, atol=1e-5)
+        assert _requests_refused_for_size(service) > refused
 
 
 def test_verl_compute_score_batch_through_the_client(server, _alone_items):
