@@ -5,7 +5,13 @@ of work, so a file's module-scoped fixtures (a reference run, a trained checkpoi
 One exception: tests/engine/kernels/ goes to one worker as a whole, because its isolation test
 checks the very process in which the Triton-interpreter modules' child processes were started
 (tests/engine/kernels/conftest.py orders it after them).
+
+Files are handed out longest first (SLOWEST_FIRST): xdist's own order (most tests first) left the
+files of one or two long multi-process tests to the end, with one worker idle while the other ran
+them. Only the order depends on the list; a file missing from it runs after those in it.
 """
+import pytest
+
 try:
     from xdist.scheduler import LoadFileScheduling
 except ImportError:  # xdist absent: plain sequential pytest, nothing to schedule
@@ -13,16 +19,61 @@ except ImportError:  # xdist absent: plain sequential pytest, nothing to schedul
 
 KEPT_TOGETHER = ("tests/engine/kernels/",)
 
+# Longest first, from `pytest tests -n 2 --dist loadfile --durations=0` on 2 cores (2026-12-04).
+SLOWEST_FIRST = (
+    "tests/engine/test_parallel_resume.py",
+    "tests/engine/test_parallel_parity.py",
+    "tests/engine/test_kernel_selection.py",
+    "tests/polar/test_plan.py",
+    "tests/engine/test_parallel_data.py",
+    "tests/polar/test_finetune.py",
+    "tests/polar/serve/test_server_process.py",
+    "tests/engine/test_multinode_restart.py",
+    "tests/polar/test_score.py",
+    "tests/engine/kernels/",
+    "tests/polar/test_data_build.py",
+    "tests/polar/convert/test_smollm2.py",
+    "tests/engine/test_score_split.py",
+    "tests/engine/test_parallel_fp8.py",
+    "tests/polar/test_convergence.py",
+    "tests/polar/test_cli.py",
+    "tests/polar/serve/test_triton_scoring.py",
+    "tests/polar/serve/test_app.py",
+    "tests/engine/test_fp8_training.py",
+    "tests/test_package.py",
+    "tests/polar/convert/test_trained_export.py",
+    "tests/polar/convert/test_architectures.py",
+    "tests/engine/test_pretrain_cli.py",
+    "tests/benchmarks/test_fp8_benchmark.py",
+    "tests/engine/test_evaluate.py",
+    "tests/csrc/test_cuda_compile.py",
+    "tests/polar/convert/test_lm_head.py",
+    "tests/benchmarks/test_e2e_benchmark.py",
+    "tests/engine/test_megatron_jit.py",
+    "tests/polar/convert/test_byte_tokenizer.py",
+)
+
+
+def _unit(nodeid: str) -> str:
+    for folder in KEPT_TOGETHER:
+        if nodeid.startswith(folder):
+            return folder
+    return nodeid.split("::", 1)[0]
+
+
+@pytest.hookimpl(trylast=True)  # after tests/engine/kernels/conftest.py's order inside its folder
+def pytest_collection_modifyitems(config, items):
+    rank = {unit: i for i, unit in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(_unit(item.nodeid), len(rank)))  # stable: a file's order is kept
+
 if LoadFileScheduling is not None:
 
     class _FileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            for folder in KEPT_TOGETHER:
-                if nodeid.startswith(folder):
-                    return folder
-            return super()._split_scope(nodeid)
+            return _unit(nodeid)
 
     def pytest_xdist_make_scheduler(config, log):
         if config.getvalue("dist") == "loadfile":
+            config.option.loadscopereorder = False  # hand files out in the collection's order (above)
             return _FileScheduling(config, log)
         return None  # any other --dist: xdist's own scheduler
