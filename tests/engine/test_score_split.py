@@ -25,6 +25,18 @@ def _checkpoint(run_dir: Path, *model_args) -> str:
     return str(run_dir / "checkpoints")
 
 
+# Scoring only reads a checkpoint: the tests share one of each model (a checkpoint costs a process).
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    return _checkpoint(tmp_path_factory.mktemp("score_split") / "run")
+
+
+@pytest.fixture(scope="module")
+def dynamic_checkpoint(tmp_path_factory) -> str:
+    """A dynamic-RoPE model (POLAR-7B's) within 256 positions."""
+    return _checkpoint(tmp_path_factory.mktemp("score_split_dynamic") / "run", 2, 64, 4, 2, 176, 260, 256)
+
+
 def _score(tmp: Path, checkpoint: str, lines: list, name: str, *extra) -> subprocess.CompletedProcess:
     inp, out = tmp / f"{name}.jsonl", tmp / f"{name}_out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
@@ -46,11 +58,11 @@ def _one_group_tokens() -> tuple[int, int]:
     return len(lcp_group([s.ids for s in served])), max(len(s.ids) for s in served)
 
 
-def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path):
+def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path, checkpoint):
     whole, longest = _one_group_tokens()
     seq = 256
     assert longest < seq < whole  # each output fits, the line does not
-    ckpt = _checkpoint(tmp_path / "run")
+    ckpt = checkpoint
     one = _score(tmp_path, ckpt, [LINE], "one")  # 16384 positions: the whole line in one group
     assert one.returncode == 0, one.stderr[-3000:]
     split = _score(tmp_path, ckpt, [LINE, {"prompt": "p", "reference": "r", "output": "o"}], "split",
@@ -62,12 +74,12 @@ def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_pa
     assert np.ptp(one.rows[0]["rewards"]) > 1e-4  # the outputs' rewards differ: the order is checked
 
 
-def test_a_line_past_the_models_positions_is_scored(tmp_path):
+def test_a_line_past_the_models_positions_is_scored(tmp_path, dynamic_checkpoint):
     """A dynamic-RoPE model (POLAR-7B's) refuses any row past its positions: a line of short
     rollouts longer than them together was refused, while `polar serve` scored it."""
     whole, longest = _one_group_tokens()
     assert longest < 256 < whole
-    ckpt = _checkpoint(tmp_path / "run", 2, 64, 4, 2, 176, 260, 256)
+    ckpt = dynamic_checkpoint
     split = _score(tmp_path, ckpt, [LINE], "split")
     assert split.returncode == 0, split.stderr[-3000:]
     # each output on its own line: its reward alone
@@ -96,11 +108,11 @@ def test_split_groups_fit_and_cover_every_output_once(max_tokens):
             assert np.array_equal(np.concatenate([group.prefix, c]), ids[m])
 
 
-def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path):
+def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path, checkpoint):
     """A prefix and one output longer than --seq-length cannot be split to fit: refused by file:line
     (exit 2), or under --on-error skip an error line while the others are scored (it stopped the
     whole run under skip too)."""
-    ckpt = _checkpoint(tmp_path / "run")
+    ckpt = checkpoint
     short = {"prompt": "p", "reference": "r", "output": "o"}
     lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
     refused = _score(tmp_path, ckpt, lines, "fail", "--seq-length", "256")
@@ -112,11 +124,12 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
 
-def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_under_skip(tmp_path):
+def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_under_skip(tmp_path,
+                                                                                           dynamic_checkpoint):
     """Without --seq-length (or with one past the model's positions) the bound a line must fit is the
     model's positions: a line past them is an error line under --on-error skip, not the end of the
     run."""
-    ckpt = _checkpoint(tmp_path / "run", 2, 64, 4, 2, 176, 260, 256)
+    ckpt = dynamic_checkpoint
     short = {"prompt": "p", "reference": "r", "output": "o"}
     lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
     refused = _score(tmp_path, ckpt, lines, "fail")

@@ -58,6 +58,11 @@ def test_a_bad_setting_stops_before_torchrun_with_its_one_message(tmp_path, sett
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("config error:") == 1 and needle in proc.stderr, proc.stderr[-2000:]
     assert "torch.distributed.run" not in proc.stdout and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_defaults_pass_the_check_and_asked_for_it_is_all_that_runs(tmp_path):
+    """The control of the refusals above, once for all of them (it does not depend on the bad setting):
+    the defaults pass the same check for 2 processes, so each refusal is its setting's."""
     ok = subprocess.run([sys.executable, "-m", "engine.pretrain", "--check-config", f"run_dir={tmp_path / 'r'}"],
                         capture_output=True, text=True, timeout=300, cwd=tmp_path,
                         env={**os.environ, "WORLD_SIZE": "2"})

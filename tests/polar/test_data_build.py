@@ -254,11 +254,21 @@ def pretrain(tmp_path: Path, name: str, *overrides: str) -> dict:
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
+def check_here(capsys, *overrides) -> tuple[int, str]:
+    """`engine/pretrain.py --check-config` run by its main in this process, and what it wrote to stderr:
+    the check ends before any process group starts, and a process of its own costs seconds of imports."""
+    from engine import pretrain as entry
+
+    capsys.readouterr()
+    code = entry.main(["--check-config", *map(str, overrides)])
+    return code, capsys.readouterr().err
+
+
 def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, records):
     src = write_jsonl(tmp_path / "r.jsonl", records)
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
     data = [f"data.path={tmp_path / 'ds'}", f"data.eval_path={tmp_path / 'ds'}"]
-    straight = pretrain(tmp_path, "straight", *data)
+    straight = pretrain(tmp_path, "straight", *data, "checkpoint.save_at_end=false")  # no resume from it
     pretrain(tmp_path, "resumed", *data, "train.exit_at_step=2")
     resumed = pretrain(tmp_path, "resumed", *data)
     assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4]
@@ -275,7 +285,7 @@ def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, recor
     assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
 
 
-def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, records):
+def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, records, capsys):
     """data.path may name one shard (as `polar data stats` takes it); an evaluation set whose every
     record was rejected reported accuracy 0.000 over 0 pairs."""
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
@@ -283,14 +293,11 @@ def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, 
     empty = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
     assert build(empty, "-o", tmp_path / "ev", "--seq-length", SEQ, "--on-error", "skip") == 0
     shard = tmp_path / "ds" / "part-00000-of-00001"
-    base = [sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config", f"run_dir={tmp_path / 'run'}",
-            f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={shard}"]
-    ok = subprocess.run(base, capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert ok.returncode == 0, ok.stderr[-2000:]
-    bad = subprocess.run([*base, f"data.eval_path={tmp_path / 'ev'}"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
-    assert bad.returncode == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in bad.stderr, \
-        bad.stderr[-2000:]
+    base = [f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={shard}"]
+    code, err = check_here(capsys, *base)
+    assert code == 0, err[-2000:]
+    code, err = check_here(capsys, *base, f"data.eval_path={tmp_path / 'ev'}")
+    assert code == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in err, err[-2000:]
 
 
 def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
@@ -343,7 +350,7 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)
 
 
-def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records):
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records, capsys):
     """A resume the engine refuses (other data, or data tokenized by another tokenizer than the one
     the checkpoints carry) is refused before anything of the run directory is written: the carried
     tokenizer and config.yaml stay those of the trained steps; --check-config refuses it too (it
@@ -368,11 +375,14 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records):
     base = pretrain_cmd(tmp_path, "run")
     for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
                         ("ds_other_data", "the data order changed since the checkpoint")):
-        for check in ([], ["--check-config"]):
-            proc = subprocess.run([*base, f"data.path={tmp_path / ds}", *check], capture_output=True, text=True,
-                                  timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            assert proc.returncode == 2 and message in proc.stderr, (ds, check, proc.stderr[-2000:])
-            assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, (ds, check)
+        # the run refuses after its process group started: in a process of its own
+        proc = subprocess.run([*base, f"data.path={tmp_path / ds}"], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 2 and message in proc.stderr, (ds, proc.stderr[-2000:])
+        assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, ds
+        code, err = check_here(capsys, *base[2:], f"data.path={tmp_path / ds}")
+        assert code == 2 and message in err, (ds, "--check-config", err[-2000:])
+        assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, (ds, "check")
 
 
 @pytest.mark.parametrize("option, value", [("--seq-length", 0), ("--seq-length", -5), ("--max-length", -1),
@@ -542,11 +552,10 @@ def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(
     assert cfg.model.vocab_size == 200
 
 
-def check_config(tmp_path: Path, data: Path) -> subprocess.CompletedProcess:
-    """engine/pretrain.py --check-config on the built dataset `data`."""
-    return subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), "--check-config",
-                           f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
-                           f"data.path={data}"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+def check_config(tmp_path: Path, data: Path, capsys) -> tuple[int, str]:
+    """engine/pretrain.py --check-config on the built dataset `data`: (exit code, stderr)."""
+    return check_here(capsys, f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
+                      f"data.path={data}")
 
 
 def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
@@ -561,9 +570,8 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, reco
     capsys.readouterr()
     assert data_stats.main([str(tmp_path / "ds")]) == 2
     assert f"{shard}.idx: group offsets do not run from 0" in capsys.readouterr().err
-    proc = check_config(tmp_path, tmp_path / "ds")
-    assert proc.returncode == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in proc.stderr, \
-        proc.stderr[-2000:]
+    code, err = check_config(tmp_path, tmp_path / "ds", capsys)
+    assert code == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in err, err[-2000:]
     epoch = -(-len(IndexedDataset(tmp_path / "ds")) // 2)  # steps of 2 sequences that read every one
     run = subprocess.run(pretrain_cmd(tmp_path, "run", "train.global_batch=2", f"train.steps={epoch}",
                                       f"data.path={tmp_path / 'ds'}"),
@@ -584,5 +592,5 @@ def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(t
     capsys.readouterr()
     assert data_stats.main([str(tmp_path / "ds")]) == 2
     assert f"{shard}.idx: token dtype b'zz', expected uint16 or int32" in capsys.readouterr().err
-    proc = check_config(tmp_path, tmp_path / "ds")
-    assert proc.returncode == 2 and f"{shard}.idx: token dtype b'zz'" in proc.stderr, proc.stderr[-2000:]
+    code, err = check_config(tmp_path, tmp_path / "ds", capsys)
+    assert code == 2 and f"{shard}.idx: token dtype b'zz'" in err, err[-2000:]

@@ -25,6 +25,14 @@ def run(*args, cwd):
     return proc
 
 
+def convert(*args):
+    """`polar convert ...` in this process, as the other conversion tests run it: a conversion joins the
+    runtime a process already has, and an interpreter of its own costs seconds of imports."""
+    from polar import cli
+
+    assert cli.main(["convert", *map(str, args)]) == 0
+
+
 def sentence(rng, n):
     return " ".join(rng.choice(WORDS, size=n))
 
@@ -37,7 +45,7 @@ def test_convert_finetune_export_scores_the_same_in_transformers(tmp_path):
 
     src = save(random_seq_cls(llama_config("llama")), tmp_path / "hf_src")
     base = tmp_path / "base"
-    run("-m", "polar.cli", "convert", "hf-to-engine", str(src), str(base), cwd=tmp_path)
+    convert("hf-to-engine", src, base)
 
     rng = np.random.default_rng(3)
     with open(tmp_path / "prefs.jsonl", "w") as f:
@@ -52,7 +60,7 @@ def test_convert_finetune_export_scores_the_same_in_transformers(tmp_path):
     out = tmp_path / "hf_out"
     # neither the export nor the scoring is told the tokenizer: the fine-tuning run carries it
     assert (tmp_path / "ft" / "checkpoints" / "tokenizer" / "tokenizer.json").is_file()
-    run("-m", "polar.cli", "convert", "engine-to-hf", str(tmp_path / "ft" / "checkpoints"), str(out), cwd=tmp_path)
+    convert("engine-to-hf", tmp_path / "ft" / "checkpoints", out)
 
     items = [{"prompt": sentence(rng, 4), "reference": sentence(rng, 5), "output": sentence(rng, k)}
              for k in (0, 2, 5, 7)]
