@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import pickle
+import queue
 import re
 import shutil
 from pathlib import Path
@@ -138,6 +139,19 @@ def _parallel_save_strategy(dp_group):
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
 
 
+def _write_results_in_this_process() -> None:
+    """megatron's file writer hands its write results back through a queue it makes on first use:
+    a multiprocessing Manager started with `spawn`, i.e. a server process that re-imports the entry
+    script (seconds and a few hundred MB a rank, and a RuntimeError in a script without a
+    `__main__` guard). The engine saves synchronously: the writer runs in this process, so a
+    thread-safe queue here is the same channel without the process. Set once, before the first
+    save; a megatron without that module attribute keeps its own queue."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", ()) is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def _optimizer_metadata(fmt: str) -> dict:
     if fmt not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer format {fmt!r}: expected one of {', '.join(OPTIMIZER_FORMATS)}")
@@ -163,6 +177,7 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer_format))
         trainer_state = {**trainer_state, "optimizer_format": optimizer_format}
+    _write_results_in_this_process()
     try:
         # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
         # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not

@@ -157,3 +157,46 @@ def test_every_model_setting_that_differs_is_named_in_one_message(tmp_path):
             f"(recorded in {step / checkpoint.MODEL_FILE}), but this run has model.hidden_size=128, "
             "model.ffn_hidden_size=384: set model.hidden_size=64 model.ffn_hidden_size=176") in msg, msg
     assert "num_layers" not in msg, msg
+
+
+_SAVE_WITHOUT_MAIN_GUARD = """
+import multiprocessing, sys, warnings
+warnings.filterwarnings("ignore")
+import torch
+from engine import checkpoint
+from engine.config import EngineConfig
+from engine.parallelize import build_model
+from engine.runtime import init_runtime
+cfg = EngineConfig()
+cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 1, 32, 4
+cfg.model.num_query_groups, cfg.model.ffn_hidden_size, cfg.model.vocab_size = 2, 64, 260
+cfg.parallel.distributed_optimizer = False
+rt = init_runtime(cfg.parallel, seed=7)
+chunks, _ = build_model(cfg.model, cfg.parallel, cfg.train, rt)
+path = checkpoint.save(sys.argv[1], 3, chunks, None, {"step": 3})
+print("children", len(multiprocessing.active_children()))
+before = {k: v.clone() for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor)}
+with torch.no_grad():
+    for p in chunks[0].parameters():
+        p.zero_()
+checkpoint.load(path, chunks, None)
+after = chunks[0].state_dict()
+print("same", all(torch.equal(v, after[k]) for k, v in before.items()))
+"""
+
+
+def test_a_save_starts_no_process_and_needs_no_main_guard(tmp_path):
+    """megatron's writer would start a spawn-method Manager for its results on the first save: a
+    process re-importing the script (a RuntimeError here, where the script has no __main__ guard)."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "save_unguarded.py"
+    script.write_text(_SAVE_WITHOUT_MAIN_GUARD)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "children 0" in proc.stdout and "same True" in proc.stdout, proc.stdout
