@@ -1,8 +1,13 @@
 """The parity harness: tests/engine/dist_worker.py runs (one process or under torchrun over gloo)
 and their per-step comparison with the single-process reference run.
 
-The reference (an initial checkpoint, then 4 steps of one process from it) is a session fixture
-(tests/engine/conftest.py): every parity module on a pytest worker compares against the same run.
+The reference (one process that saves its initial weights, then trains 4 steps from them) is a
+session fixture (tests/engine/conftest.py): every parity module on a pytest worker compares against
+the same run.
+
+Most of a run's time is starting it (python, torch, megatron) and, by default, the checkpoint it saves
+at the end: a run whose checkpoint nothing reads passes NO_END_SAVE, one whose evaluation nothing
+compares `evaluate=False`.
 """
 from __future__ import annotations
 
@@ -19,15 +24,22 @@ ROOT = WORKER.parents[2]
 STEPS = 4
 COMMON = [f"train.steps={STEPS}", "train.lr=1e-2", "train.warmup_steps=1"]
 RTOL, ATOL = 2e-5, 1e-6
+NO_END_SAVE = "checkpoint.save_at_end=false"  # an early stop (exit step, stop file) still saves
 
 
 def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
-               extra_env: dict | None = None, refused: bool = False):
-    """The run's result; with `refused`, the finished process of a run expected to fail."""
+               extra_env: dict | None = None, refused: bool = False, evaluate: bool = True,
+               save_init: str | None = None):
+    """The run's result; with `refused`, the finished process of a run expected to fail. Without
+    `evaluate` its "eval" is None; `save_init`: a directory for its initial weights, saved first."""
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
     if init:
         cmd[2:2] = ["--init", init]
+    if save_init:
+        cmd[2:2] = ["--save-init", save_init]
+    if not evaluate:
+        cmd[2:2] = ["--no-eval"]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
@@ -41,9 +53,8 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
 
 def make_reference(tmp: Path):
     """(directory, initial checkpoint, reference run's result)."""
-    run_worker(tmp, "init", 1, "--save-init", str(tmp / "init"))
     init = str(tmp / "init")  # a checkpoint directory: init_from takes its newest step
-    ref = run_worker(tmp, "ref", 1, init=init)
+    ref = run_worker(tmp, "ref", 1, NO_END_SAVE, save_init=init)
     return tmp, init, ref
 
 
@@ -62,7 +73,7 @@ def assert_same_run(ref: dict, got: dict, steps=range(1, STEPS + 1)):
 def assert_layout_matches(reference, name: str, nproc: int, overrides: list):
     """The layout's run (from the reference's initial weights) trains and evaluates like it."""
     tmp, init, ref = reference
-    got = run_worker(tmp, name, nproc, *overrides, init=init)
+    got = run_worker(tmp, name, nproc, NO_END_SAVE, *overrides, init=init)
     assert_same_run(ref, got)
     assert got["eval"]["pair_accuracy"] == pytest.approx(ref["eval"]["pair_accuracy"], abs=1e-9)
     assert got["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=RTOL)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.parity import assert_layout_matches, assert_same_run, run_worker
+from tests.engine.parity import NO_END_SAVE, assert_layout_matches, assert_same_run, run_worker
 
 LAYOUTS = {
     "dp2_distributed_optimizer": (2, ["parallel.distributed_optimizer=true"]),
@@ -34,4 +34,4 @@ def test_layout_matches_single_process(reference, name):
 def test_loss_is_mean_over_global_batch(reference, name, nproc, overrides):
     """Same global batch, split over DP ranks and micro-batches differently: same loss."""
     tmp, init, ref = reference
-    assert_same_run(ref, run_worker(tmp, name, nproc, *overrides, init=init))
+    assert_same_run(ref, run_worker(tmp, name, nproc, NO_END_SAVE, *overrides, init=init, evaluate=False))

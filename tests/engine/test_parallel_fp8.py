@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.parity import STEPS, by_step, run_worker
+from tests.engine.parity import NO_END_SAVE, STEPS, by_step, run_worker
 
 
 # FP8 (train.fp8, local linears): TP2 against one process, both in FP8, same initial weights. With
@@ -14,8 +14,9 @@ from tests.engine.parity import STEPS, by_step, run_worker
 # sign(gradient), turn a changed sign of a near-zero gradient into a full lr-sized step. FP8_LATER
 # bounds that (measured on this harness, where every step trains at lr 1e-2: tensorwise loss 3.6e-3,
 # grad norm 1.8e-2 at step 4; rowwise 1e-7 and 7e-8). Without the TP amax reduction the per-tensor
-# step-1 gradient norm moves by 3e-3 (measured) and fails FP8_FIRST; per row, the power-of-two scales of a shard's rows happened to
-# equal the whole rows' here, so this harness does not see a missing per-row reduction.
+# step-1 gradient norm moves by 3e-3 (measured) and fails FP8_FIRST; per row, the power-of-two scales of
+# a shard's rows happened to equal the whole rows' here, so this harness does not see a missing per-row
+# reduction.
 FP8_FIRST = dict(rel=1e-5, abs=1e-6)
 FP8_LATER = {"loss": 1e-2, "grad_norm": 5e-2}
 
@@ -23,7 +24,8 @@ FP8_LATER = {"loss": 1e-2, "grad_norm": 5e-2}
 @pytest.fixture(scope="module")
 def fp8_references(reference):
     tmp, init, _ = reference
-    return {r: run_worker(tmp, f"fp8_{r}", 1, f"train.fp8={r}", init=init) for r in ("tensorwise", "rowwise")}
+    return {r: run_worker(tmp, f"fp8_{r}", 1, f"train.fp8={r}", NO_END_SAVE, init=init, evaluate=False)
+            for r in ("tensorwise", "rowwise")}
 
 
 # each recipe under one TP layout: per tensor with TP alone (weights sharded, activations
@@ -35,7 +37,7 @@ def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_reference
     tmp, init, ref32 = reference
     ref = fp8_references[recipe]
     got = run_worker(tmp, f"fp8_{recipe}_tp2{'_sp' if len(layout) > 1 else ''}", 2, f"train.fp8={recipe}", *layout,
-                     init=init)
+                     NO_END_SAVE, init=init, evaluate=False)
     r, g = by_step(ref), by_step(got)
     assert g[1]["loss"] == pytest.approx(r[1]["loss"], **FP8_FIRST)
     assert g[1]["grad_norm"] == pytest.approx(r[1]["grad_norm"], **FP8_FIRST)

@@ -36,7 +36,8 @@ LAYOUTS = {
     # TP x PP without interleaving, where pipeline stages exchange the sequence-sharded [s/tp, b, h]
     # activations, with full recomputation of whole layers on top (one 4-process run for three
     # features: each must be exact for the run to match)
-    "tp2_pp2_sequence_parallel_recompute_full": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.sequence_parallel=true",
+    "tp2_pp2_sequence_parallel_recompute_full": (4, ["parallel.tp=2", "parallel.pp=2",
+                                                     "parallel.sequence_parallel=true",
                                                      "train.recompute=full", "train.recompute_num_layers=2"]),
 }
 
