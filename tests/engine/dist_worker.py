@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import queue
 import sys
 import warnings
 
@@ -63,7 +62,6 @@ def main():
 
     validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
-    _thread_queue_for_save_results()  # megatron imported (and made CPU-ready) by the runtime now
     data = PackedGroups(random_groups(7, 60, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
     trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
     if args.save_init:
@@ -76,16 +74,6 @@ def main():
             start = history[0]["step"] if history else None
             json.dump({"history": history, "eval": evaluation, "start_step": start}, f)
     shutdown_runtime()
-
-
-def _thread_queue_for_save_results():
-    """megatron's synchronous checkpoint save writes from threads of this process, but hands their
-    results back through a multiprocessing Manager queue that it starts with spawn: a new interpreter
-    that imports torch to unpickle them, seconds of CPU in every saving process of every test. A
-    thread queue carries the same results (engine/launch runs keep megatron's own)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    filesystem_async._results_queue = queue.Queue()
 
 
 if __name__ == "__main__":
