@@ -8,8 +8,7 @@ import pytest
 from tests.polar import convergence as guard
 
 
-# Writing the last step's checkpoint leaves the weights, so every loss compared, as they are, and no test
-# reads the runs' weights again: the runs skip it.
+# The end-of-run checkpoint changes no loss compared here and no test reads its weights: the runs skip it.
 NO_CHECKPOINT = "checkpoint.save_at_end=false"
 
 
