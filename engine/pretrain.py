@@ -8,12 +8,15 @@
 With no arguments it builds its own data (synthetic policies, byte-level tokenizer), trains a
 tiny reward model, evaluates pairwise accuracy on held-out and seen policies next to non-learned
 baselines, and writes `summary.json` and a checkpoint into the run directory. With data.path it
-trains on a dataset built by `polar data build` instead (vocabulary size and pad id from its
-metadata) and evaluates on data.eval_path if given.
+trains on a dataset built by `polar data build` instead (pad id from its metadata, and the
+vocabulary size too where model.vocab_size=0; a larger one is kept) and evaluates on data.eval_path
+if given.
 
 This script is where the engine (model, parallelism, loop) meets the POLAR recipe
 (polar/pretrain_recipe.py: the data and the summary). Every setting is checked before any process
-group or data is built: a bad one stops every rank with one `config error:` line and exit code 2.
+group or data is built; what only the data can show (a group longer than data.seq_length, say) is
+found once the ranks read it. Either way a bad one stops every rank with one `config error:` line
+and exit code 2 (`--check-config` runs both checks before a launch).
 """
 from __future__ import annotations
 
@@ -44,19 +47,19 @@ def _stop(rank: int, message: str, code: int) -> int:
 
 
 def parse_args(argv=None, prog: str | None = None, description: str = "POLAR reward-model pre-training "
-               "(run under torchrun; a plain single process works too)."):
+               "(run under torchrun; a plain single process works too).",
+               config_help: str = "a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: "
+               "tiny_cpu)"):
     ap = argparse.ArgumentParser(
         prog=prog, description=description,
         epilog="Overrides: section.key=value, e.g. train.lr=1e-4 parallel.tp=2 model.num_layers=8",
     )
-    ap.add_argument("--config", default=None,
-                    help="a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: the "
-                         "recipe's own; tiny_cpu for pre-training)")
+    ap.add_argument("--config", default=None, help=config_help)
     ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     ap.add_argument("--check-config", action="store_true",
                     help="run the start-up checks for WORLD_SIZE processes (default 1), the kernel choice and "
                          "the data, and exit: 0 when the run would start, 2 with the config error otherwise "
-                         "(what `polar pretrain --nproc N` does before launching torchrun)")
+                         "(what `polar pretrain` and `polar finetune --nproc N` do before launching torchrun)")
     ap.add_argument("overrides", nargs="*", help="section.key=value settings")
     return ap.parse_intermixed_args(argv)  # settings before and after --config alike
 

@@ -46,6 +46,7 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
   finetune.train=FILE        official JSONL preference records (required); finetune.eval=FILE or
                              finetune.eval_fraction=0.05 for the held-out split
   --check-config             the start-up checks (settings, checkpoint, records) only: exit 0 or 2
+  --print-config             print the resolved config (the fine-tuning defaults and yours) and exit
   --config FILE              optional: a YAML with a model section only (e.g. ckpt/base/model.yaml; the
                              presets set train.steps, which fine-tuning derives from finetune.epochs);
                              model.* settings must match the checkpoint

@@ -38,7 +38,10 @@ from engine.config import (ConfigError, EngineConfig, TrainConfig, at_least, exi
 from polar.pretrain_recipe import RunData
 
 CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "
-       "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too)."}
+       "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too).",
+       # the presets set train.steps, which fine-tuning derives from finetune.epochs: they are refused
+       "config_help": "a YAML file holding a model section only (e.g. ckpt/base/model.yaml); model.* settings "
+                      "must match the checkpoint"}
 
 
 def _existing_file_or_empty(where, v):

@@ -3,7 +3,7 @@ step takes, before a cluster allocation is spent.
 
     polar plan --config polar_7b --gpu H100 --gpus 64
     polar plan --config polar_1_8b --gpu H200 --gpus 16 data.seq_length=8192 train.global_batch=512
-    polar plan --config polar_7b --gpu H100 --gpus 64 --measured gpu_runs.json   # predictions beside runs
+    polar plan --measured gpu_runs.json   # predictions beside GPU runs (each names its config, GPU and count)
 
 It enumerates every layout the engine accepts for the model, the GPU count and the batch
 (engine.runtime.validate_layout's rules, tensor parallelism inside one node, sequence parallelism with

@@ -111,6 +111,14 @@ def test_outside_slurm_or_away_from_the_repository_it_says_what_to_do(tmp_path):
     assert proc.returncode == 0 and str(ROOT / "engine" / "pretrain.py") in argv, proc.stderr
 
 
+def test_a_stop_file_setting_of_its_own_is_refused_for_the_variable_that_chooses_it(tmp_path):
+    """The script appends train.stop_file=$POLAR_STOP_FILE after the user's settings, so one given on
+    the command line was overridden without a word."""
+    proc, argv = _sbatch(tmp_path, "run_dir=/shared/runs/x", "train.stop_file=/shared/stop")
+    assert proc.returncode == 2 and argv is None, proc.stderr
+    assert "train.stop_file=/shared/stop" in proc.stderr and "POLAR_STOP_FILE" in proc.stderr
+
+
 def _warned(tmp_path: Path, run: str):
     """The script under SLURM's USR1 warning, sent once srun (a stub doing `run`) has started: (its
     process, what it printed, the scontrol commands other than `show`)."""
