@@ -344,7 +344,7 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     if args.steps is not None and args.steps < 2:
         ap.error(f"--steps must be at least 2 (the first interval is warm-up, left out of the medians), "
                  f"not {args.steps}")
-    if args.baseline_steps < 1:
+    if args.baseline_steps is not None and args.baseline_steps < 1:
         ap.error(f"--baseline-steps must be at least 1, not {args.baseline_steps}")
     if args.warmup is not None and args.warmup < 0:
         ap.error(f"--warmup must be at least 0, not {args.warmup}")
@@ -356,9 +356,12 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=None, help="engine steps (default: 10 on a GPU, 8 on CPU)")
+    # on CPU a few timed steps spread the ratio by ~0.1 between runs (benchmarks/RESULTS.md, 2026-12-04)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="engine steps (default: 10 on a GPU, 24 on CPU, 8 --tiny)")
     ap.add_argument("--warmup", type=int, default=None, help="baseline steps before timing (default 2 GPU, 1 CPU)")
-    ap.add_argument("--baseline-steps", type=int, default=4, help="baseline steps timed")
+    ap.add_argument("--baseline-steps", type=int, default=None,
+                    help="baseline steps timed (default 4 GPU or --tiny, 12 CPU)")
     ap.add_argument("--micro-triplets", type=int, default=None,
                     help="baseline triplets per forward (2 sequences each; default 16 GPU, 4 CPU)")
     ap.add_argument("--json", help="write the rows and ratios here")
@@ -375,6 +378,7 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.cpu
     args.cpu = not cuda
     args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
+    args.baseline_steps = args.baseline_steps or (4 if cuda or args.tiny else 12)
     args.micro_triplets = args.micro_triplets or (16 if cuda else (2 if args.tiny else 4))
     if args.baseline_worker:
         result = run_baseline(args.overrides, args.attn, args.warmup, args.baseline_steps, args.micro_triplets,
@@ -382,7 +386,7 @@ def main() -> int:
         Path(args.baseline_worker).write_text(json.dumps(result, indent=1))
         return 0
 
-    steps = args.steps or (10 if cuda else 8)
+    steps = args.steps or (10 if cuda else 8 if args.tiny else 24)
     shapes, common = ((TINY_SHAPES, TINY_COMMON) if args.tiny else (GPU_SHAPES, GPU_COMMON) if cuda
                       else (CPU_SHAPES, CPU_COMMON))
     settings = common + RUN_COMMON + [f"train.steps={steps}", *args.overrides]

@@ -26,7 +26,7 @@ CASES = [
     ("serve_load.py", ["--checkpoint", "/nonexistent/run"]),
     ("serve_load.py", ["--url", "http://127.0.0.1:1", "--seconds", "1"]),  # httpx.ConnectError
     ("serve_load.py", ["--url", "http://127.0.0.1:1", "--max-request", "0"]),
-    ("e2e.py", ["--steps", "0"]),  # read as the default, 8
+    ("e2e.py", ["--steps", "0"]),  # read as the default, 24
     ("e2e.py", ["--steps", "1"]),  # timed the warm-up interval
     ("e2e.py", ["--baseline-steps", "0"]),  # timed the baseline's warm-up step
     ("e2e.py", ["--micro-triplets", "-1"]),  # ZeroDivisionError
