@@ -21,11 +21,16 @@ from typing import Optional
 
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
-from polar.format import WRAPPERS
+from polar.format import WRAPPERS, lone_surrogate
 from polar.records import FieldError, RecordError, iter_lines, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
+
+
+def _surrogate(text: str, where: str):
+    found = lone_surrogate(text)  # a legal JSON escape but no character: the tokenizer cannot encode it
+    return (where, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)") if found else None
 
 
 def _text(obj: dict, key: str):
@@ -34,7 +39,7 @@ def _text(obj: dict, key: str):
         return None, (key, "missing")
     v = obj[key]
     if isinstance(v, str):
-        return v, None
+        return (None, bad) if (bad := _surrogate(v, key)) else (v, None)
     if isinstance(v, list):
         for i, m in enumerate(v):
             if not isinstance(m, dict):
@@ -43,6 +48,8 @@ def _text(obj: dict, key: str):
                 return None, (f"{key}[{i}].content",
                               "missing" if "content" not in m else
                               f"must be a string, got {type(m['content']).__name__}")
+            if bad := _surrogate(m["content"], f"{key}[{i}].content"):
+                return None, bad
         return v, None
     return None, (key, f"must be a string or a list of messages, got {type(v).__name__}")
 
@@ -92,7 +99,8 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
     err = err or sys.stderr
 
     if not os.path.isfile(input_path):
-        print(f"polar format: --input {input_path}: no such file", file=err)
+        what = "a directory, not a file" if os.path.isdir(input_path) else "no such file"
+        print(f"polar format: --input {input_path}: {what}", file=err)
         return 2
     try:
         tok = load_tokenizer(tokenizer_spec)

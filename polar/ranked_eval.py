@@ -31,7 +31,7 @@ import numpy as np
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS, Text
 from polar.records import FieldError as _Bad
-from polar.records import iter_lines, parse_jsonl_line
+from polar.records import iter_lines, no_surrogate, parse_jsonl_line
 
 DEFAULT_CATEGORY = "uncategorized"
 
@@ -56,7 +56,10 @@ class RankedRecord:
 
 
 def _text(value, where: str) -> Text:
+    # a lone surrogate is refused here, as every record reader does: found later, it stopped the
+    # scoring with a traceback, or (in a category) the table after every record was scored
     if isinstance(value, str):
+        no_surrogate(value, where)
         return value
     if isinstance(value, list):
         for i, m in enumerate(value):
@@ -65,9 +68,10 @@ def _text(value, where: str) -> Text:
             if not isinstance(m.get("content"), str):
                 raise _Bad(f"{where}[{i}].content", "missing" if "content" not in m else
                            f"must be a string, got {type(m['content']).__name__}")
+            no_surrogate(m["content"], f"{where}[{i}].content")
         return value
     if value is None:
-        raise _Bad(where, "missing")
+        raise _Bad(where, "missing (or null)")
     raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
 
 
@@ -84,6 +88,7 @@ def _parse(obj) -> RankedRecord:
     category = obj.get("category", DEFAULT_CATEGORY)
     if not isinstance(category, str) or not category:
         raise _Bad("category", f"must be a non-empty string, got {category!r:.60}")
+    no_surrogate(category, "category")
     wrapper = obj.get("wrapper")
     if wrapper is None:  # absent or null; "" or 0 is a mistake, not the default
         wrapper = "sft"

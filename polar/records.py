@@ -15,8 +15,10 @@ skipped. A candidate's explicit `label` wins over its
 lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
 invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
 response carries no signal, and the format would drop its "\\n"), a text holding a lone surrogate
-(a legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), and a
-group without both a positive and a negative candidate (it gives no pair to learn from).
+(a legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), a key
+given twice in one object (JSON readers keep the last silently, so one of the two texts would be
+lost without a word), and a group without both a positive and a negative candidate (it gives no
+pair to learn from).
 """
 from __future__ import annotations
 
@@ -66,7 +68,8 @@ _Bad = FieldError
 
 
 
-def _no_surrogate(text: str, where: str) -> None:
+def no_surrogate(text: str, where: str) -> None:
+    """FieldError where `text` holds a lone surrogate (polar.format.lone_surrogate)."""
     found = lone_surrogate(text)
     if found:
         raise _Bad(where, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)")
@@ -76,7 +79,7 @@ def _text(value, where: str) -> Text:
     if isinstance(value, str):
         if not value:
             raise _Bad(where, "empty text")
-        _no_surrogate(value, where)
+        no_surrogate(value, where)
         return value
     if isinstance(value, list):
         for i, msg in enumerate(value):
@@ -86,12 +89,12 @@ def _text(value, where: str) -> Text:
                 raise _Bad(f"{where}[{i}].content", "missing")
             if not isinstance(msg["content"], str):
                 raise _Bad(f"{where}[{i}].content", f"must be a string, got {type(msg['content']).__name__}")
-            _no_surrogate(msg["content"], f"{where}[{i}].content")
+            no_surrogate(msg["content"], f"{where}[{i}].content")
         if not "\n".join(m["content"] for m in value):
             raise _Bad(where, "empty text")
         return value
     if value is None:
-        raise _Bad(where, "missing")
+        raise _Bad(where, "missing (or null)")
     raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
 
 
@@ -164,9 +167,27 @@ def _parse(obj) -> Record:
     return Record(prompt, reference, texts, labels, wrapper, extra={k: v for k, v in obj.items() if k not in known})
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        for k, _ in pairs:
+            if k in seen:
+                raise _DuplicateKey(k)
+            seen.add(k)
+    return obj
+
+
 def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     """One JSONL line (bytes, newline optional) -> parse(obj), None for a blank line. Invalid UTF-8,
-    bad JSON and a FieldError raised by `parse` become RecordError naming file:line: field. The
+    bad JSON, a key given twice in one object and a FieldError raised by `parse` become RecordError
+    naming file:line: field. The
     records here, `polar eval`'s ranked records and `polar score`'s lines are all read this way."""
     try:
         text = raw.decode("utf-8")
@@ -175,7 +196,10 @@ def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     if not text.strip():
         return None
     try:
-        obj = json.loads(text)
+        obj = json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise RecordError(file, line, f"{e.key:.60}", "given twice in one object (which one is meant? a JSON reader "
+                                                      "keeps the last and drops the other without a word)") from None
     except json.JSONDecodeError as e:
         raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:

@@ -80,22 +80,32 @@ def test_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--tokenizer", "byte", "--input", "x", "--output", "y", "--max-length", "-1"])
     assert main(["--tokenizer", "byte", "--input", str(tmp_path / "nope"), "--output", "y"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["--tokenizer", "byte", "--input", str(tmp_path), "--output", "y"]) == 2
+    assert f"--input {tmp_path}: a directory, not a file" in capsys.readouterr().err
     p = write_lines(tmp_path / "in.jsonl", [json.dumps(ITEMS[0])])
     assert main(["--tokenizer", str(tmp_path / "no_tok"), "--input", p, "--output",
                  str(tmp_path / "o")]) == 2
     assert "no_tok" in capsys.readouterr().err
 
 
-def test_unreadable_json_lines_are_reported_not_raised(tmp_path, capsys):
+def test_lines_that_would_raise_are_reported_not_raised(tmp_path, capsys):
     # json.loads raises ValueError (not JSONDecodeError) for an integer past Python's digit limit and
-    # RecursionError for deep nesting: both must be reported as bad lines like any other
+    # RecursionError for deep nesting; "\\ud800" is a legal JSON escape but no character, which reached
+    # the tokenizer as a UnicodeEncodeError; a key given twice was kept last-wins without a word
     lines = [json.dumps(ITEMS[0]),
              '{"prompt": "a", "reference": "b", "output": "c", "x": ' + "1" * 5000 + "}",
-             '{"prompt": "a", "reference": "b", "output": "c", "x": ' + "[" * 200_000 + "]" * 200_000 + "}"]
+             '{"prompt": "a", "reference": "b", "output": "c", "x": ' + "[" * 200_000 + "]" * 200_000 + "}",
+             '{"prompt": "p", "reference": "r", "output": "o\\ud800"}',
+             '{"prompt": [{"content": "\\udc80"}], "reference": "r", "output": "o"}',
+             '{"prompt": "p", "reference": "r", "output": "o", "output": "x"}']
     inp = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "o.jsonl"
     assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 1
     err = capsys.readouterr().err
     assert f"{inp}:2: (line): JSON that cannot be read" in err
     assert f"{inp}:3: (line): JSON nested too deeply" in err
-    assert "2 bad line(s)" in err and not out.exists()
+    assert f"{inp}:4: output: lone surrogate U+D800 at character 1" in err
+    assert f"{inp}:5: prompt[0].content: lone surrogate U+DC80" in err
+    assert f"{inp}:6: output: given twice in one object" in err
+    assert "5 bad line(s)" in err and not out.exists()

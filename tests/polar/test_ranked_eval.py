@@ -122,6 +122,17 @@ def test_score_fn_contract(records):
     ({"prompt": "p", "wrapper": "chat", "responses": ["a", "b", "c"]}, "wrapper", "one of"),
     ({"prompt": "p", "wrapper": "", "responses": ["a", "b", "c"]}, "wrapper", "one of"),  # not the default
     (["not", "an", "object"], "(record)", "JSON object"),
+    ({"prompt": None, "responses": ["a", "b", "c"]}, "prompt", "missing (or null)"),
+    # lone surrogates (legal JSON escapes, no characters): found at scoring, they were a traceback,
+    # and in a category one that came after every record was scored, so no result was written
+    ({"prompt": "p\ud800", "responses": ["a", "b", "c"]}, "prompt", "lone surrogate U+D800 at character 1"),
+    ({"prompt": "p", "responses": ["a", "b", "\udc80"]}, "responses[2]", "lone surrogate U+DC80"),
+    ({"prompt": "p", "responses": [{"text": "a", "rank": 1}, {"text": "b\udfff", "rank": 2},
+                                   {"text": "c", "rank": 3}]}, "responses[1].text", "lone surrogate U+DFFF"),
+    ({"prompt": [{"content": "\ud800"}], "responses": ["a", "b", "c"]}, "prompt[0].content", "lone surrogate"),
+    ({"prompt": "p", "category": "m\ud800", "responses": ["a", "b", "c"]}, "category", "lone surrogate"),
+    # a key twice: JSON readers keep the last one without a word
+    ('{"prompt": "p", "responses": ["a", "b", "c"], "prompt": "q"}', "prompt", "given twice in one object"),
 ])
 def test_bad_records_name_file_line_and_field(tmp_path, obj, field, reason):
     path = write(tmp_path / "bad.jsonl", [RECORDS[0], obj])

@@ -83,6 +83,12 @@ GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
      "lone surrogate U+D800 at character 1"),
     (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}, {"text": "\udfff", "label": 0}]}),
      "candidates[1].text", "lone surrogate U+DFFF at character 0"),
+    (line({**GOOD, "prompt": None}), "prompt", "missing (or null)"),
+    # a key twice in one object: JSON readers keep the last and drop the other text without a word
+    (line(GOOD)[:-2] + b', "chosen": "other"}\n', "chosen", "given twice in one object"),
+    (line({**GOOD, "prompt": [{"role": "user", "content": "a"}]}).replace(b'"content": "a"', b'"content": "a", '
+                                                                           b'"content": "b"'),
+     "content", "given twice in one object"),
     # JSON that json.loads refuses with other errors than JSONDecodeError
     (b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}\n", "(line)", "nested too deeply"),
     (line(GOOD)[:-2] + b', "score": ' + b"9" * 5000 + b"}\n", "(line)", "digits"),
