@@ -283,6 +283,10 @@ def run(args) -> int:
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
     scored = [ln for ln in lines if ln.error is None]
+    if len(scored) < len(lines) and int(os.environ.get("RANK", "0")) == 0:
+        first = next(ln for ln in lines if ln.error is not None)  # the output file holds them all
+        print(f"{len(lines) - len(scored)} bad line(s), written as error lines (--on-error skip); the first: "
+              f"{first.error}", flush=True)
     scorer.check_seq_length(args.seq_length)
     writable_output(args.output, "--output")
     # a line whose outputs together pass the packed sequence is scored in several groups that fit

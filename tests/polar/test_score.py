@@ -149,6 +149,9 @@ def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path):
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert [r["line"] for r in rows] == [1, 2, 3]
     assert "reward" in rows[0] and "reference: missing" in rows[1]["error"] and "not valid JSON" in rows[2]["error"]
+    # the output file holds every error; the console names how many and the first
+    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:2: reference: missing" \
+        in proc.stdout, proc.stdout[-2000:]
 
 
 def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path):
