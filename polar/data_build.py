@@ -12,19 +12,21 @@ prompt keeps a shorter tail so that the group fits (counted and reported as "pro
 fit the pack"); a group that does not fit even without its prompt is rejected. The result is one
 shard of a packed dataset directory (engine/shard_format.py): NAME.bin (tokens), NAME.idx (index), NAME.json
 (metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
-too long to pack, if any).
+too long to pack, if any). A build that makes no group at all (an empty input, every record
+rejected) is an error that writes no shard; one shard of several (--num-shards) is written all
+the same, with a note.
 
-Determinism: the input lines (files in the order given, directories as their sorted *.jsonl) are
-cut into chunks of --chunk-records lines; each chunk is parsed, tokenized and packed on its own
-(packing reaches across records of one chunk only) and written in chunk order, so the output is
-the same for any --workers. --num-shards N splits the chunks into N contiguous runs; shard i
-writes `part-{i:05d}-of-{N:05d}`, and the directory holding all N shards reads as exactly the
-dataset one machine would have built. The shards of one build carry a build id (a hash of the
-settings and of the inputs' names, sizes and line counts); the builder refuses an output directory
-holding shards of any other build, and the reader refuses a directory that lacks a shard of a
-build, holds one twice or holds two builds of the same inputs. To concatenate datasets, copy their
-shard files into one directory under names that sort in the order wanted (see
-engine/shard_format.py).
+Determinism: the input lines (files in the order given, directories as their sorted *.jsonl in any
+case; their other files are named on stderr, not read) are cut into chunks of --chunk-records
+lines; each chunk is parsed, tokenized and packed on its own (packing reaches across records of
+one chunk only) and written in chunk order, so the output is the same for any --workers.
+--num-shards N splits the chunks into N contiguous runs; shard i writes `part-{i:05d}-of-{N:05d}`,
+and the directory holding all N shards reads as exactly the dataset one machine would have built.
+The shards of one build carry a build id (a hash of the settings and of the inputs' names, sizes
+and line counts); the builder refuses an output directory holding shards of any other build, and
+the reader refuses a directory that lacks a shard of a build, holds one twice or holds two builds
+of the same inputs. To concatenate datasets, copy their shard files into one directory under names
+that sort in the order wanted (see engine/shard_format.py).
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -320,14 +323,69 @@ class _Progress:
               f"{self.tokens / dt / 1e6:.2f}M tokens/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
-def _input_files(paths: list[str]) -> list[str]:
+# Compressed JSONL a directory may hold: `gunzip -k` and `zstd -d` keep it beside the text they write.
+_PACKED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+_SHARD_SUFFIXES = (".rejects.jsonl", ".bin", ".idx", ".json")
+
+
+def _names(items: list[str], first: int = 5) -> str:
+    more = f" and {len(items) - first} more" if len(items) > first else ""
+    return ", ".join(items[:first]) + more
+
+
+def _shard_file(entry: Path) -> bool:
+    """A file of a shard (or of one being written) in a dataset directory: a rerun, or another
+    shard's build, into a directory that is also an input finds them there."""
+    name = entry.name[:-len(".tmp")] if entry.name.endswith(".tmp") else entry.name
+    suffix = next((x for x in _SHARD_SUFFIXES if name.endswith(x)), None)
+    if suffix is None:
+        return False
+    stem = name[:-len(suffix)]
+    return bool(re.fullmatch(r"part-\d{5}-of-\d{5}", stem)) or (entry.parent / f"{stem}.idx").exists()
+
+
+def _directory_files(directory: str, output: str, rejects: str) -> list[str]:
+    """The files read from an input directory: names ending in .jsonl, in any case (a .JSONL file is
+    meant as data too), sorted. Its other entries are named on stderr: data skipped without a word is
+    data lost. A compressed JSONL file (r.jsonl.gz) is taken, to be refused with the command that
+    decompresses it, unless its decompressed copy lies beside it. Shard files (a rejects list too) are
+    not read. Hidden files and the build's own outputs (an output directory inside this one, its
+    shards if it is this one, the rejects list) are not data, and not named."""
+    ours = {os.path.realpath(p) for p in (output, rejects, rejects + ".tmp" if rejects else "") if p}
+    out_here = bool(output) and os.path.realpath(output) == os.path.realpath(directory)
+    read, other = [], []
+    for entry in sorted(Path(directory).iterdir(), key=str):
+        name, low = entry.name, entry.name.lower()
+        if os.path.realpath(entry) in ours:
+            continue
+        if _shard_file(entry):  # a rejects list holds no record; another dataset's shards are named
+            if not out_here:
+                other.append(name)
+        elif low.endswith(".jsonl") and not entry.is_dir():  # a hidden one too, as the *.jsonl glob read it
+            read.append(str(entry))
+        elif name.startswith("."):
+            continue
+        elif entry.is_dir():
+            other.append(name + "/")
+        elif (low.endswith(_PACKED) and low.rsplit(".", 1)[0].endswith(".jsonl")
+              and not (entry.parent / name.rsplit(".", 1)[0]).exists() and compressed_format(str(entry))):
+            read.append(str(entry))
+        else:
+            other.append(name)
+    if not read:
+        holds = f" (it holds {_names(other)})" if other else ""
+        raise FileNotFoundError(f"{directory}: no *.jsonl file in this directory{holds}")
+    if other:
+        print(f"note: {directory}: {len(other)} entr{'y' if len(other) == 1 else 'ies'} not read (a directory is "
+              f"read as its *.jsonl files, in any case): {_names(other)}", file=sys.stderr, flush=True)
+    return read
+
+
+def _input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
     files = []
     for p in paths:
         if os.path.isdir(p):
-            found = sorted(str(f) for f in Path(p).glob("*.jsonl"))
-            if not found:
-                raise FileNotFoundError(f"{p}: no *.jsonl files in this directory")
-            files.extend(found)
+            files.extend(_directory_files(p, output, rejects))
         elif os.path.isfile(p):
             files.append(p)
         else:
@@ -390,7 +448,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                                ("--max-response", cfg.max_response, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-    files = _input_files(inputs)
+    files = _input_files(inputs, output, rejects_path)
     tok = load_tokenizer(cfg.tokenizer)
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
     if name.with_suffix(".idx").exists() and not force:
@@ -430,13 +488,14 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     progress = _Progress(sum(c.end - c.start for c in mine), quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   groups=0, candidates=0, tokens=0)
-    rejects_out = None
+    rejects_out, first_reject = None, None
     try:
         results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
         for res in results:
             if res.arrays:
                 writer.add_sequences(**res.arrays)
             if res.rejects:
+                first_reject = first_reject or res.rejects[0]
                 rejects_out = rejects_out or open(rejects_tmp, "w")
                 rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
             counts["lines"] += res.lines
@@ -452,6 +511,20 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             progress.update(res)
         if rejects_out:
             rejects_out.close()
+        # A shard of no group exited 0 and looked like a dataset; fine-tuning and evaluation stop on
+        # such input ("no usable record"), so the build does too. One shard of several is written all
+        # the same: the directory needs every shard, and the others may hold groups.
+        if not counts["groups"] and num_shards == 1:
+            old = force and name.with_suffix(".idx").exists()
+            where = None
+            if counts["rejected"]:
+                # kept to say why, but not under the name of the old shard's list, which stays with it
+                if old and (not rejects_path or _same_file(rejects_file, replaced)):
+                    where = f"not listed: {rejects_file} is the kept shard's; --rejects PATH lists them"
+                else:
+                    os.replace(rejects_tmp, rejects_file)
+                    where = f"listed with their reasons in {rejects_file}"
+            raise ValueError(_no_group(files, counts, first_reject, where, old))
         writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
         writer.meta["rejects_file"] = str(rejects_file) if counts["rejected"] else None
         meta = writer.close()
@@ -467,7 +540,23 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         rejects_file.unlink(missing_ok=True)  # the replaced shard's, or a leftover of this shard's name
     meta["elapsed_s"] = time.time() - progress.start
     meta["path"] = str(name)
+    if not counts["groups"]:
+        print(f"note: {name} holds no group ({counts['lines'] - counts['blank']:,} records read, "
+              f"{counts['rejected']:,} rejected): shard {shard_index} of {num_shards} is written for the directory "
+              "to be complete; training refuses a dataset whose shards hold none", file=sys.stderr, flush=True)
     return meta
+
+
+def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: str | None, old: bool) -> str:
+    read = counts["lines"] - counts["blank"]
+    blank = f" and {counts['blank']:,} blank lines" if counts["blank"] else ""
+    msg = f"no usable record in {_names(files, 3)}: {read:,} records read{blank}"
+    if counts["rejected"]:
+        r = first_reject
+        too_long = f", {counts['too_long']:,} of them too long to pack" if counts["too_long"] else ""
+        msg += (f", {counts['rejected']:,} rejected{too_long}, the first {r['file']}:{r['line']}: {r['field']}: "
+                f"{r['reason']} ({where})")
+    return msg + ("; the shard was not replaced" if old else "; no shard was written")
 
 
 def _replaced_rejects(name: Path) -> Path | None:

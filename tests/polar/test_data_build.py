@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -215,6 +216,81 @@ def test_inputs_given_twice_or_compressed_are_refused_by_name(tmp_path, records,
         list(read_records(str(packed), on_error="skip"))
 
 
+def test_a_directorys_other_files_are_named_and_a_compressed_one_refused(tmp_path, records, capsys):
+    """A directory was read as its *.jsonl files only: b.json, c.JSONL and d.jsonl.gz beside a.jsonl
+    were skipped without a word (10 of 30 records built, exit 0)."""
+    import gzip
+
+    d = tmp_path / "in"
+    write_jsonl(d / "a.jsonl", records[:10], {3: b"{oops\n"})
+    write_jsonl(d / "b.json", records[10:20])
+    write_jsonl(d / "c.JSONL", records[20:25])
+    (d / "d.jsonl.gz").write_bytes(gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in records[25:30])))
+    (d / ".notes").write_text("not data")
+    (d / "sub").mkdir()
+    ds = d / "ds"  # the output inside the input: not data either
+    common = ["-o", ds, "--seq-length", SEQ, "--on-error", "skip"]
+    assert build(d, *common) == 2
+    err = capsys.readouterr().err
+    assert f"{d / 'd.jsonl.gz'}: gzip-compressed, not JSONL text: decompress it first" in err
+    assert not ds.exists()
+    write_jsonl(d / "d.jsonl", records[25:30])  # gunzip -k keeps the compressed file beside it
+    for again in ([], ["--force"]):
+        assert build(d, *common, *again) == 0
+        err = capsys.readouterr().err
+        assert f"note: {d}: 3 entries not read (a directory is read as its *.jsonl files, in any case): " \
+               "b.json, d.jsonl.gz, sub/" in err, err
+        meta = IndexedDataset(ds).meta
+        assert [Path(s["path"]).name for s in meta["sources"]] == ["a.jsonl", "c.JSONL", "d.jsonl"]
+        assert meta["counts"]["records"] == 20 and meta["counts"]["rejected"] == 1
+    # built into the input directory itself: its shards and rejects list are not read the next time,
+    # nor named; read into another build, they are named, not read
+    shutil.rmtree(ds)
+    for again in ([], ["--force"]):
+        assert build(d, *common[2:], "-o", d, *again) == 0
+        assert "3 entries not read" in capsys.readouterr().err
+        assert IndexedDataset(d).meta["counts"]["records"] == 20
+    assert build(d, *common[2:], "-o", tmp_path / "other") == 0
+    assert "7 entries not read (a directory is read as its *.jsonl files, in any case): b.json, d.jsonl.gz, " \
+           "part-00000-of-00001.bin, part-00000-of-00001.idx, part-00000-of-00001.json and 2 more" \
+        in capsys.readouterr().err
+    assert IndexedDataset(tmp_path / "other").meta["counts"]["records"] == 20
+    for f in ("a.jsonl", "c.JSONL", "d.jsonl", "d.jsonl.gz"):
+        (d / f).unlink()
+    assert build(d, *common[2:], "-o", d, "--force") == 2
+    assert f"{d}: no *.jsonl file in this directory (it holds b.json, sub/)" in capsys.readouterr().err
+
+
+def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records, capsys):
+    """An empty input, or --on-error skip rejecting every record, wrote a shard of 0 groups and
+    exited 0, where fine-tuning and evaluation stop on the same input ("no usable record")."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"\n")
+    assert build(empty, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
+    assert f"error: no usable record in {empty}: 0 records read and 1 blank lines; no shard was written" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, {**records[0], "chosen": "x" * 400,
+                                                                  "rejected": "y" * 400}])
+    ds, rejects = tmp_path / "ds", tmp_path / "ds" / "part-00000-of-00001.rejects.jsonl"
+    assert build(bad, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 2
+    assert (f"error: no usable record in {bad}: 2 records read, 2 rejected, 1 of them too long to pack, the first "
+            f"{bad}:1: reference: missing (listed with their reasons in {rejects}); no shard was written") \
+        in capsys.readouterr().err
+    assert [p.name for p in ds.iterdir()] == [rejects.name]  # why, but nothing a reader takes for a dataset
+    assert [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [1, 2]
+    with pytest.raises(DatasetFormatError):
+        IndexedDataset(ds)
+    # a --force rebuild of no group keeps the shard it would have replaced, and that shard's rejects
+    good = write_jsonl(tmp_path / "good.jsonl", records[:10], {3: b"{oops\n"})
+    assert build(good, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force") == 0
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    assert build(bad, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force") == 2
+    assert f"(not listed: {rejects} is the kept shard's; --rejects PATH lists them); the shard was not replaced" \
+        in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+
 def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsys):
     src = write_jsonl(tmp_path / "r.jsonl", records)
     build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
@@ -291,7 +367,11 @@ def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, 
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
     build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
     empty = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
-    assert build(empty, "-o", tmp_path / "ev", "--seq-length", SEQ, "--on-error", "skip") == 0
+    # one build refuses to make no group; two shards (the first gets no chunk) are written all the same
+    for i in range(2):
+        assert build(empty, "-o", tmp_path / "ev", "--seq-length", SEQ, "--on-error", "skip", "--num-shards", 2,
+                     "--shard-index", i) == 0
+    assert "holds no group (0 records read, 0 rejected): shard 0 of 2 is written" in capsys.readouterr().err
     shard = tmp_path / "ds" / "part-00000-of-00001"
     base = [f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={shard}"]
     code, err = check_here(capsys, *base)
