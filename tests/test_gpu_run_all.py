@@ -89,7 +89,7 @@ def test_every_name_the_gpu_tests_import_exists():
     assert missing == []
 
 
-# python3, torchrun and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself,
+# python3 and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself,
 # leaves a file in its stage's scratch folder (as a benchmark cut at its limit leaves its run
 # directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run),
 # sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
@@ -111,7 +111,7 @@ def _run_all(tmp_path, *stages, built=True, **env):
     """run_all.sh with the stand-ins; `built`: this machine built before (its $WORK/build.log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("python3", "torchrun", "nvidia-smi"):
+    for name in ("python3", "nvidia-smi"):
         (bin_dir / name).write_text(FAKE.replace("PYTHON", sys.executable))
         (bin_dir / name).chmod(0o755)
     if built:
@@ -151,7 +151,8 @@ def test_a_stage_past_its_cap_is_cut_and_the_next_still_runs(tmp_path):
                         STAGE_SLEEP=6)
     assert r.returncode == 0, r.stderr
     # the script's order, not the command line's; each under its own cap
-    assert [c.split()[0] for c in calls] == ["python3", "torchrun"] and "pytest tests/gpu" in calls[0], calls
+    assert [c.split()[:3] for c in calls] == [["python3", "-m", "pytest"], ["python3", "-m", "torch.distributed.run"]]
+    assert "pytest tests/gpu" in calls[0], calls
     assert "train.time_limit_s=1 " in calls[1]  # three quarters of the stage's 2 s
     assert "| tests | 124 |" in r.stdout and "| default | 124 |" in r.stdout and "no summary" in r.stdout
     assert "not run" not in r.stdout
