@@ -35,7 +35,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-from polar.records import ON_ERROR, RecordError, compressed_format, parse_line, reject_entry, strip_bom
+from polar.data_inputs import input_files, names
+from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
 
 _SCAN_BLOCK = 1 << 26
 
@@ -323,87 +323,6 @@ class _Progress:
               f"{self.tokens / dt / 1e6:.2f}M tokens/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
-# Compressed JSONL a directory may hold: `gunzip -k` and `zstd -d` keep it beside the text they write.
-_PACKED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
-_SHARD_SUFFIXES = (".rejects.jsonl", ".bin", ".idx", ".json")
-
-
-def _names(items: list[str], first: int = 5) -> str:
-    more = f" and {len(items) - first} more" if len(items) > first else ""
-    return ", ".join(items[:first]) + more
-
-
-def _shard_file(entry: Path) -> bool:
-    """A file of a shard (or of one being written) in a dataset directory: a rerun, or another
-    shard's build, into a directory that is also an input finds them there."""
-    name = entry.name[:-len(".tmp")] if entry.name.endswith(".tmp") else entry.name
-    suffix = next((x for x in _SHARD_SUFFIXES if name.endswith(x)), None)
-    if suffix is None:
-        return False
-    stem = name[:-len(suffix)]
-    return bool(re.fullmatch(r"part-\d{5}-of-\d{5}", stem)) or (entry.parent / f"{stem}.idx").exists()
-
-
-def _directory_files(directory: str, output: str, rejects: str) -> list[str]:
-    """The files read from an input directory: names ending in .jsonl, in any case (a .JSONL file is
-    meant as data too), sorted. Its other entries are named on stderr: data skipped without a word is
-    data lost. A compressed JSONL file (r.jsonl.gz) is taken, to be refused with the command that
-    decompresses it, unless its decompressed copy lies beside it. Shard files (a rejects list too) are
-    not read. Hidden files and the build's own outputs (an output directory inside this one, its
-    shards if it is this one, the rejects list) are not data, and not named."""
-    ours = {os.path.realpath(p) for p in (output, rejects, rejects + ".tmp" if rejects else "") if p}
-    out_here = bool(output) and os.path.realpath(output) == os.path.realpath(directory)
-    read, other = [], []
-    for entry in sorted(Path(directory).iterdir(), key=str):
-        name, low = entry.name, entry.name.lower()
-        if os.path.realpath(entry) in ours:
-            continue
-        if _shard_file(entry):  # a rejects list holds no record; another dataset's shards are named
-            if not out_here:
-                other.append(name)
-        elif low.endswith(".jsonl") and not entry.is_dir():  # a hidden one too, as the *.jsonl glob read it
-            read.append(str(entry))
-        elif name.startswith("."):
-            continue
-        elif entry.is_dir():
-            other.append(name + "/")
-        elif (low.endswith(_PACKED) and low.rsplit(".", 1)[0].endswith(".jsonl")
-              and not (entry.parent / name.rsplit(".", 1)[0]).exists() and compressed_format(str(entry))):
-            read.append(str(entry))
-        else:
-            other.append(name)
-    if not read:
-        holds = f" (it holds {_names(other)})" if other else ""
-        raise FileNotFoundError(f"{directory}: no *.jsonl file in this directory{holds}")
-    if other:
-        print(f"note: {directory}: {len(other)} entr{'y' if len(other) == 1 else 'ies'} not read (a directory is "
-              f"read as its *.jsonl files, in any case): {_names(other)}", file=sys.stderr, flush=True)
-    return read
-
-
-def _input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
-    files = []
-    for p in paths:
-        if os.path.isdir(p):
-            files.extend(_directory_files(p, output, rejects))
-        elif os.path.isfile(p):
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
-    seen: dict = {}
-    for f in files:
-        found = compressed_format(f)
-        if found:
-            raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
-        real = os.path.realpath(f)
-        if real in seen:
-            # its records would be built twice, and trained twice as often as the others
-            raise ValueError(f"{f} is given twice (also as {seen[real]}), directly or through a directory: "
-                             "list each input once")
-        seen[real] = f
-    return files
-
-
 def _tokenizer_dir(spec: str) -> str:
     """The tokenizer as the metadata records it: "byte", or the absolute directory of tokenizer.json,
     so that a run reading the data from any working directory finds it (polar.checkpoint_tokenizer)."""
@@ -448,7 +367,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                                ("--max-response", cfg.max_response, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
-    files = _input_files(inputs, output, rejects_path)
+    files = input_files(inputs, output, rejects_path)
     tok = load_tokenizer(cfg.tokenizer)
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
     if name.with_suffix(".idx").exists() and not force:
@@ -550,7 +469,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
 def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: str | None, old: bool) -> str:
     read = counts["lines"] - counts["blank"]
     blank = f" and {counts['blank']:,} blank lines" if counts["blank"] else ""
-    msg = f"no usable record in {_names(files, 3)}: {read:,} records read{blank}"
+    msg = f"no usable record in {names(files, 3)}: {read:,} records read{blank}"
     if counts["rejected"]:
         r = first_reject
         too_long = f", {counts['too_long']:,} of them too long to pack" if counts["too_long"] else ""

@@ -1,0 +1,99 @@
+"""Which files `polar data build` reads: the inputs as given, directories as their JSONL files.
+
+Nothing is skipped without a word: a directory's other files are named on stderr, a compressed
+file is refused with the command that decompresses it, and a file given twice is refused (its
+records would be trained twice as often as the others'). A dataset directory among the inputs
+(a rerun into its own input directory, say) is never read back as records.
+"""
+from __future__ import annotations
+
+import os
+import re
+import sys
+from pathlib import Path
+
+from polar.records import compressed_format
+
+# Compressed JSONL a directory may hold: `gunzip -k` and `zstd -d` keep it beside the text they write.
+_PACKED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
+_SHARD_SUFFIXES = (".rejects.jsonl", ".bin", ".idx", ".json")
+
+
+def names(items: list[str], first: int = 5) -> str:
+    """The first `first` of `items`, comma-separated, and how many more."""
+    more = f" and {len(items) - first} more" if len(items) > first else ""
+    return ", ".join(items[:first]) + more
+
+
+def _shard_file(entry: Path) -> bool:
+    """A file of a shard (or of one being written) in a dataset directory: a rerun, or another
+    shard's build, into a directory that is also an input finds them there."""
+    name = entry.name[:-len(".tmp")] if entry.name.endswith(".tmp") else entry.name
+    suffix = next((x for x in _SHARD_SUFFIXES if name.endswith(x)), None)
+    if suffix is None:
+        return False
+    stem = name[:-len(suffix)]
+    return bool(re.fullmatch(r"part-\d{5}-of-\d{5}", stem)) or (entry.parent / f"{stem}.idx").exists()
+
+
+def directory_files(directory: str, output: str, rejects: str) -> list[str]:
+    """The files read from an input directory: names ending in .jsonl, in any case (a .JSONL file is
+    meant as data too), sorted. Its other entries are named on stderr: data skipped without a word is
+    data lost. A compressed JSONL file (r.jsonl.gz) is taken, to be refused with the command that
+    decompresses it, unless its decompressed copy lies beside it. Shard files (a rejects list too) are
+    not read. Hidden files and the build's own outputs (an output directory inside this one, its
+    shards if it is this one, the rejects list) are not data, and not named."""
+    ours = {os.path.realpath(p) for p in (output, rejects, rejects + ".tmp" if rejects else "") if p}
+    out_here = bool(output) and os.path.realpath(output) == os.path.realpath(directory)
+    read, other = [], []
+    for entry in sorted(Path(directory).iterdir(), key=str):
+        name, low = entry.name, entry.name.lower()
+        if os.path.realpath(entry) in ours:
+            continue
+        if _shard_file(entry):  # a rejects list holds no record; another dataset's shards are named
+            if not out_here:
+                other.append(name)
+        elif low.endswith(".jsonl") and not entry.is_dir():  # a hidden one too, as the *.jsonl glob read it
+            read.append(str(entry))
+        elif name.startswith("."):
+            continue
+        elif entry.is_dir():
+            other.append(name + "/")
+        elif (low.endswith(_PACKED) and low.rsplit(".", 1)[0].endswith(".jsonl")
+              and not (entry.parent / name.rsplit(".", 1)[0]).exists() and compressed_format(str(entry))):
+            read.append(str(entry))
+        else:
+            other.append(name)
+    if not read:
+        holds = f" (it holds {names(other)})" if other else ""
+        raise FileNotFoundError(f"{directory}: no *.jsonl file in this directory{holds}")
+    if other:
+        print(f"note: {directory}: {len(other)} entr{'y' if len(other) == 1 else 'ies'} not read (a directory is "
+              f"read as its *.jsonl files, in any case): {names(other)}", file=sys.stderr, flush=True)
+    return read
+
+
+def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
+    """The JSONL files a build reads, in order: each file as given, each directory as its files
+    (directory_files). Refused by name: a path that does not exist, a compressed file, and a file
+    given twice (directly or through a directory)."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            files.extend(directory_files(p, output, rejects))
+        elif os.path.isfile(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")
+    seen: dict = {}
+    for f in files:
+        found = compressed_format(f)
+        if found:
+            raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
+        real = os.path.realpath(f)
+        if real in seen:
+            # its records would be built twice, and trained twice as often as the others
+            raise ValueError(f"{f} is given twice (also as {seen[real]}), directly or through a directory: "
+                             "list each input once")
+        seen[real] = f
+    return files
