@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -195,72 +194,6 @@ def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, recor
         IndexedDataset(tmp_path / "two")
 
 
-def test_inputs_given_twice_or_compressed_are_refused_by_name(tmp_path, records, capsys):
-    """A file listed twice (or again through its directory) was built twice, silently; a gzip file
-    was 'invalid UTF-8' at every line (and with --on-error skip, a build of nothing that exits 0)."""
-    import gzip
-
-    src = write_jsonl(tmp_path / "in" / "r.jsonl", records[:10])
-    for inputs in ([src, src], [tmp_path / "in", src]):
-        assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
-        assert f"{src} is given twice" in capsys.readouterr().err
-    packed = tmp_path / "r.jsonl.gz"
-    packed.write_bytes(gzip.compress(src.read_bytes()))
-    assert build(packed, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip") == 2
-    assert f"{packed}: gzip-compressed, not JSONL text: decompress it first (gunzip -k {packed})" \
-        in capsys.readouterr().err
-    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
-    from polar.records import RecordError, read_records
-
-    with pytest.raises(RecordError, match="gzip-compressed"):  # fine-tuning, scoring and eval read this way
-        list(read_records(str(packed), on_error="skip"))
-
-
-def test_a_directorys_other_files_are_named_and_a_compressed_one_refused(tmp_path, records, capsys):
-    """A directory was read as its *.jsonl files only: b.json, c.JSONL and d.jsonl.gz beside a.jsonl
-    were skipped without a word (10 of 30 records built, exit 0)."""
-    import gzip
-
-    d = tmp_path / "in"
-    write_jsonl(d / "a.jsonl", records[:10], {3: b"{oops\n"})
-    write_jsonl(d / "b.json", records[10:20])
-    write_jsonl(d / "c.JSONL", records[20:25])
-    (d / "d.jsonl.gz").write_bytes(gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in records[25:30])))
-    (d / ".notes").write_text("not data")
-    (d / "sub").mkdir()
-    ds = d / "ds"  # the output inside the input: not data either
-    common = ["-o", ds, "--seq-length", SEQ, "--on-error", "skip"]
-    assert build(d, *common) == 2
-    err = capsys.readouterr().err
-    assert f"{d / 'd.jsonl.gz'}: gzip-compressed, not JSONL text: decompress it first" in err
-    assert not ds.exists()
-    write_jsonl(d / "d.jsonl", records[25:30])  # gunzip -k keeps the compressed file beside it
-    for again in ([], ["--force"]):
-        assert build(d, *common, *again) == 0
-        err = capsys.readouterr().err
-        assert f"note: {d}: 3 entries not read (a directory is read as its *.jsonl files, in any case): " \
-               "b.json, d.jsonl.gz, sub/" in err, err
-        meta = IndexedDataset(ds).meta
-        assert [Path(s["path"]).name for s in meta["sources"]] == ["a.jsonl", "c.JSONL", "d.jsonl"]
-        assert meta["counts"]["records"] == 20 and meta["counts"]["rejected"] == 1
-    # built into the input directory itself: its shards and rejects list are not read the next time,
-    # nor named; read into another build, they are named, not read
-    shutil.rmtree(ds)
-    for again in ([], ["--force"]):
-        assert build(d, *common[2:], "-o", d, *again) == 0
-        assert "3 entries not read" in capsys.readouterr().err
-        assert IndexedDataset(d).meta["counts"]["records"] == 20
-    assert build(d, *common[2:], "-o", tmp_path / "other") == 0
-    assert "7 entries not read (a directory is read as its *.jsonl files, in any case): b.json, d.jsonl.gz, " \
-           "part-00000-of-00001.bin, part-00000-of-00001.idx, part-00000-of-00001.json and 2 more" \
-        in capsys.readouterr().err
-    assert IndexedDataset(tmp_path / "other").meta["counts"]["records"] == 20
-    for f in ("a.jsonl", "c.JSONL", "d.jsonl", "d.jsonl.gz"):
-        (d / f).unlink()
-    assert build(d, *common[2:], "-o", d, "--force") == 2
-    assert f"{d}: no *.jsonl file in this directory (it holds b.json, sub/)" in capsys.readouterr().err
-
-
 def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records, capsys):
     """An empty input, or --on-error skip rejecting every record, wrote a shard of 0 groups and
     exited 0, where fine-tuning and evaluation stop on the same input ("no usable record")."""
@@ -289,30 +222,6 @@ def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records,
     assert f"(not listed: {rejects} is the kept shard's; --rejects PATH lists them); the shard was not replaced" \
         in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
-
-
-def test_stats_report_counts_packing_and_prefix_savings(tmp_path, records, capsys):
-    src = write_jsonl(tmp_path / "r.jsonl", records)
-    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
-    capsys.readouterr()
-    assert data_stats.main([str(tmp_path / "ds"), "--json"]) == 0
-    s = json.loads(capsys.readouterr().out)
-    groups = [expected_group(r)[0] for r in records]
-    real = sum(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
-    saved = sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups)
-    assert (s["records"], s["groups"], s["candidates"], s["tokens"]) == (120, 120, 2 * 96 + 3 * 24, real)
-    assert s["shared_prefix"]["tokens_saved"] == saved
-    assert s["shared_prefix"]["percent_saved"] == pytest.approx(100 * saved / (real + saved))
-    assert s["packing_efficiency"] == pytest.approx(real / (s["sequences"] * SEQ))
-    for name, total in (("prefix", 120), ("candidate", s["candidates"]), ("group", 120)):
-        assert sum(s["histogram"][name]) == total, name
-    starts = s["histogram"]["bin_start"]
-    longest = max(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
-    top_bin = max(i for i, c in enumerate(s["histogram"]["group"]) if c)
-    assert starts[top_bin] <= longest < starts[top_bin + 1]
-    assert data_stats.main([str(tmp_path / "ds")]) == 0
-    text = capsys.readouterr().out
-    assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
 
 
 def pretrain_cmd(tmp_path: Path, name: str, *overrides: str) -> list:

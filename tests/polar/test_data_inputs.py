@@ -1,10 +1,20 @@
-"""polar/data_inputs.py: which files a build reads, and that nothing else is skipped without a word
-(the build through them: tests/polar/test_data_build.py)."""
+"""polar/data_inputs.py: which files a build reads, and that nothing else is skipped without a word;
+then the same through `polar data build`."""
 import gzip
+import json
+import shutil
+from pathlib import Path
 
 import pytest
 
+from engine.indexed_dataset import IndexedDataset
 from polar.data_inputs import input_files, names
+from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(30)
 
 
 def test_a_directory_is_its_jsonl_files_in_any_case_and_its_other_entries_are_named(tmp_path, capsys):
@@ -47,3 +57,65 @@ def test_compressed_missing_and_repeated_inputs_are_refused_by_name(tmp_path):
 def test_names_shows_the_first_few_and_counts_the_rest():
     assert names(["a", "b"]) == "a, b"
     assert names(list("abcdefg"), 3) == "a, b, c and 4 more"
+
+
+def test_inputs_given_twice_or_compressed_are_refused_by_name(tmp_path, records, capsys):
+    """A file listed twice (or again through its directory) was built twice, silently; a gzip file
+    was 'invalid UTF-8' at every line (and with --on-error skip, a build of nothing that exits 0)."""
+    src = write_jsonl(tmp_path / "in" / "r.jsonl", records[:10])
+    for inputs in ([src, src], [tmp_path / "in", src]):
+        assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
+        assert f"{src} is given twice" in capsys.readouterr().err
+    packed = tmp_path / "r.jsonl.gz"
+    packed.write_bytes(gzip.compress(src.read_bytes()))
+    assert build(packed, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip") == 2
+    assert f"{packed}: gzip-compressed, not JSONL text: decompress it first (gunzip -k {packed})" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    from polar.records import RecordError, read_records
+
+    with pytest.raises(RecordError, match="gzip-compressed"):  # fine-tuning, scoring and eval read this way
+        list(read_records(str(packed), on_error="skip"))
+
+
+def test_a_directorys_other_files_are_named_and_a_compressed_one_refused(tmp_path, records, capsys):
+    """A directory was read as its *.jsonl files only: b.json, c.JSONL and d.jsonl.gz beside a.jsonl
+    were skipped without a word (10 of 30 records built, exit 0)."""
+    d = tmp_path / "in"
+    write_jsonl(d / "a.jsonl", records[:10], {3: b"{oops\n"})
+    write_jsonl(d / "b.json", records[10:20])
+    write_jsonl(d / "c.JSONL", records[20:25])
+    (d / "d.jsonl.gz").write_bytes(gzip.compress(b"".join((json.dumps(r) + "\n").encode() for r in records[25:30])))
+    (d / ".notes").write_text("not data")
+    (d / "sub").mkdir()
+    ds = d / "ds"  # the output inside the input: not data either
+    common = ["-o", ds, "--seq-length", SEQ, "--on-error", "skip"]
+    assert build(d, *common) == 2
+    err = capsys.readouterr().err
+    assert f"{d / 'd.jsonl.gz'}: gzip-compressed, not JSONL text: decompress it first" in err
+    assert not ds.exists()
+    write_jsonl(d / "d.jsonl", records[25:30])  # gunzip -k keeps the compressed file beside it
+    for again in ([], ["--force"]):
+        assert build(d, *common, *again) == 0
+        err = capsys.readouterr().err
+        assert f"note: {d}: 3 entries not read (a directory is read as its *.jsonl files, in any case): " \
+               "b.json, d.jsonl.gz, sub/" in err, err
+        meta = IndexedDataset(ds).meta
+        assert [Path(s["path"]).name for s in meta["sources"]] == ["a.jsonl", "c.JSONL", "d.jsonl"]
+        assert meta["counts"]["records"] == 20 and meta["counts"]["rejected"] == 1
+    # built into the input directory itself: its shards and rejects list are not read the next time,
+    # nor named; read into another build, they are named, not read
+    shutil.rmtree(ds)
+    for again in ([], ["--force"]):
+        assert build(d, *common[2:], "-o", d, *again) == 0
+        assert "3 entries not read" in capsys.readouterr().err
+        assert IndexedDataset(d).meta["counts"]["records"] == 20
+    assert build(d, *common[2:], "-o", tmp_path / "other") == 0
+    assert "7 entries not read (a directory is read as its *.jsonl files, in any case): b.json, d.jsonl.gz, " \
+           "part-00000-of-00001.bin, part-00000-of-00001.idx, part-00000-of-00001.json and 2 more" \
+        in capsys.readouterr().err
+    assert IndexedDataset(tmp_path / "other").meta["counts"]["records"] == 20
+    for f in ("a.jsonl", "c.JSONL", "d.jsonl", "d.jsonl.gz"):
+        (d / f).unlink()
+    assert build(d, *common[2:], "-o", d, "--force") == 2
+    assert f"{d}: no *.jsonl file in this directory (it holds b.json, sub/)" in capsys.readouterr().err

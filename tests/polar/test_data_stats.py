@@ -2,12 +2,15 @@
 shards shared out to worker processes, and a damaged shard named from a worker."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from engine.data import PackedGroups
 from polar import data_stats
 from tests.engine.test_indexed_dataset import SEQ, poke, random_groups, write
+from tests.polar import test_data_build as built
 
 
 @pytest.mark.parametrize("lengths", [[5], [3, 3, 3], [0, 7], list(range(1, 101)),
@@ -73,3 +76,28 @@ def test_workers_below_1_are_refused(dataset, capsys):
     with pytest.raises(SystemExit) as e:
         data_stats.main([str(dataset), "--workers", "0"])
     assert e.value.code == 2 and "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_stats_report_counts_packing_and_prefix_savings(tmp_path, capsys):
+    records = built.synthetic_records(120)  # as tests/polar/test_data_build.py builds them
+    src = built.write_jsonl(tmp_path / "r.jsonl", records)
+    built.build(src, "-o", tmp_path / "ds", "--seq-length", built.SEQ)
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds"), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    groups = [built.expected_group(r)[0] for r in records]
+    real = sum(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
+    saved = sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups)
+    assert (s["records"], s["groups"], s["candidates"], s["tokens"]) == (120, 120, 2 * 96 + 3 * 24, real)
+    assert s["shared_prefix"]["tokens_saved"] == saved
+    assert s["shared_prefix"]["percent_saved"] == pytest.approx(100 * saved / (real + saved))
+    assert s["packing_efficiency"] == pytest.approx(real / (s["sequences"] * built.SEQ))
+    for name, total in (("prefix", 120), ("candidate", s["candidates"]), ("group", 120)):
+        assert sum(s["histogram"][name]) == total, name
+    starts = s["histogram"]["bin_start"]
+    longest = max(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
+    top_bin = max(i for i, c in enumerate(s["histogram"]["group"]) if c)
+    assert starts[top_bin] <= longest < starts[top_bin + 1]
+    assert data_stats.main([str(tmp_path / "ds")]) == 0
+    text = capsys.readouterr().out
+    assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
