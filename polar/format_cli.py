@@ -21,37 +21,32 @@ from typing import Optional
 
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
-from polar.format import WRAPPERS, lone_surrogate
-from polar.records import FieldError, RecordError, iter_lines, parse_jsonl_line
+from polar.format import WRAPPERS
+from polar.records import FieldError, RecordError, iter_lines, no_surrogate, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
 
 
-def _surrogate(text: str, where: str):
-    found = lone_surrogate(text)  # a legal JSON escape but no character: the tokenizer cannot encode it
-    return (where, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)") if found else None
-
-
 def _text(obj: dict, key: str):
-    """A str or message list, possibly empty; RecordError fields without the file and line."""
+    """A str or message list, possibly empty; FieldError (without the file and line) where it is
+    missing, mistyped or holds a lone surrogate (the tokenizer cannot encode one)."""
     if key not in obj:
-        return None, (key, "missing")
+        raise FieldError(key, "missing")
     v = obj[key]
     if isinstance(v, str):
-        return (None, bad) if (bad := _surrogate(v, key)) else (v, None)
+        no_surrogate(v, key)
+        return v
     if isinstance(v, list):
         for i, m in enumerate(v):
             if not isinstance(m, dict):
-                return None, (f"{key}[{i}]", f"a message must be an object, got {type(m).__name__}")
+                raise FieldError(f"{key}[{i}]", f"a message must be an object, got {type(m).__name__}")
             if not isinstance(m.get("content"), str):
-                return None, (f"{key}[{i}].content",
-                              "missing" if "content" not in m else
-                              f"must be a string, got {type(m['content']).__name__}")
-            if bad := _surrogate(m["content"], f"{key}[{i}].content"):
-                return None, bad
-        return v, None
-    return None, (key, f"must be a string or a list of messages, got {type(v).__name__}")
+                raise FieldError(f"{key}[{i}].content", "missing" if "content" not in m else
+                                 f"must be a string, got {type(m['content']).__name__}")
+            no_surrogate(m["content"], f"{key}[{i}].content")
+        return v
+    raise FieldError(key, f"must be a string or a list of messages, got {type(v).__name__}")
 
 
 def parse_item(raw: bytes, file: str, line: int) -> ScoringItem:
@@ -68,12 +63,7 @@ def parse_item(raw: bytes, file: str, line: int) -> ScoringItem:
 def _item(obj) -> ScoringItem:
     if not isinstance(obj, dict):
         raise FieldError("(record)", f"must be a JSON object, got {type(obj).__name__}")
-    values = []
-    for key in ("prompt", "reference", "output"):
-        v, bad = _text(obj, key)
-        if bad:
-            raise FieldError(*bad)
-        values.append(v)
+    values = [_text(obj, key) for key in ("prompt", "reference", "output")]
     wrapper = obj.get("wrapper")
     if wrapper is None:
         wrapper = "sft"

@@ -187,8 +187,8 @@ def _unique_keys(pairs: list) -> dict:
 def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     """One JSONL line (bytes, newline optional) -> parse(obj), None for a blank line. Invalid UTF-8,
     bad JSON, a key given twice in one object and a FieldError raised by `parse` become RecordError
-    naming file:line: field. The
-    records here, `polar eval`'s ranked records and `polar score`'s lines are all read this way."""
+    naming file:line: field. The records here, `polar eval`'s ranked records, `polar score`'s and
+    `polar format`'s lines are all read this way."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

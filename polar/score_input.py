@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, as_text, lone_surrogate
+from polar.format import WRAPPERS, as_text
 from polar.records import FieldError as _Bad
-from polar.records import RecordError, iter_lines, parse_jsonl_line
+from polar.records import RecordError, iter_lines, no_surrogate, parse_jsonl_line
 
 KINDS = ("record", "group", "output")
 
@@ -44,9 +44,7 @@ def _text(obj: dict, key: str, where: Optional[str] = None):
         text = as_text(value)
     except TypeError as e:
         raise _Bad(where or key, str(e)) from None
-    found = lone_surrogate(text)
-    if found:  # a legal JSON escape but no character: the tokenizer cannot encode it (polar serve: 400)
-        raise _Bad(where or key, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)")
+    no_surrogate(text, where or key)  # a legal JSON escape but no character (polar serve: 400)
     return value
 
 
