@@ -128,8 +128,8 @@ stage_default() {
   rm -rf "$WORK/default_bf16"  # a rerun: a new run, not a resume of the last call's finished one
   # the module, not the torchrun script: a torch installed from a carried wheel (pip --target) puts
   # its scripts in $SITE/bin, which is not on PATH
-  timeout "$1" python3 -m torch.distributed.run --standalone --nproc_per_node 1 engine/pretrain.py train.precision=bf16 \
-    train.micro_batch=16 train.time_limit_s=$train_limit run_dir="$WORK/default_bf16" 2>&1 \
+  timeout "$1" python3 -m torch.distributed.run --standalone --nproc_per_node 1 engine/pretrain.py \
+    train.precision=bf16 train.micro_batch=16 train.time_limit_s=$train_limit run_dir="$WORK/default_bf16" 2>&1 \
     | tee "$WORK/default_bf16.log"
 }
 
