@@ -9,7 +9,11 @@ millisecond measures that wait: its longest gap while the body is parsed. Rows, 
                       (the served parser before the slice-at-a-time one)
     chunks (served)   parse_json(chunks): parsed as decoded, a slice at a time, element by element
 
-A second table times bodies the server refuses, against json.loads on the same bytes: one cut
+A second table times native requests (POST /v1/rewards): an object per item, each checked for a key
+given twice; its "no key check" row parses the same chunks with a plain decoder, so the ratio of the
+two rows is that check's cost.
+
+A third table times bodies the server refuses, against json.loads on the same bytes: one cut
 off at its end and one with a stray character in its middle (invalid JSON, answered with
 json.loads's own error, its line and column counted over the text already dropped), and a
 top-level array (valid JSON, not an object).
@@ -72,6 +76,24 @@ def longest_gap(parse, arg) -> tuple[float, float]:
     return elapsed, max(gaps)
 
 
+def items_body(mb: float) -> bytes:
+    """A native request of small objects, chat prompts among them: the most objects per MB."""
+    item = {"prompt": [{"role": "user", "content": "hello there " * 5}], "reference": "ref text " * 30,
+            "output": "out " * 30}
+    n = max(1, int(mb * 1e6 / len(json.dumps(item))))
+    return json.dumps({"items": [item] * n}).encode()
+
+
+def without_key_check(chunks):
+    """parse_json with a decoder that keeps json.loads's last-wins for a key given twice."""
+    served = validation._DECODE
+    validation._DECODE = json.JSONDecoder().raw_decode
+    try:
+        return validation.parse_json(chunks)
+    finally:
+        validation._DECODE = served
+
+
 def refused_bodies(mb: float) -> dict[str, bytes]:
     body = body_of(mb, True)
     # after the string that ends nearest past the middle (inside a string it would be text)
@@ -111,6 +133,14 @@ def main(argv=None) -> None:
         print_rows(body, f"{'ascii' if ascii else 'utf-8':<8}", [
             ("json.loads", json.loads, body), ("whole body", whole, chunks),
             ("chunks (served)", validation.parse_json, chunks)], args.repeats)
+    print(f"\nnative requests (an object per item)\n\n| {'body':>7} | {'parser':<16} | {'parse s':>8} | "
+          f"{'longest stall ms':>17} | {'vs json.loads':>14} |")
+    print("|---:|---|---:|---:|---:|")
+    for mb in args.mb:
+        body = items_body(mb)
+        chunks = chunked(body)
+        print_rows(body, None, [("json.loads", json.loads, body), ("no key check", without_key_check, chunks),
+                                ("chunks (served)", validation.parse_json, chunks)], args.repeats)
     print(f"\nrefused bodies\n\n| {'body':>7} | {'case':<18} | {'parser':<16} | {'answer s':>8} | "
           f"{'longest stall ms':>17} | {'vs json.loads':>14} |")
     print("|---:|---|---|---:|---:|---:|")
@@ -126,7 +156,7 @@ def chunked(body: bytes) -> list[bytes]:
     return [body[i:i + CHUNK] for i in range(0, len(body), CHUNK)]
 
 
-def print_rows(body: bytes, label: str, parsers: list, repeats: int) -> None:
+def print_rows(body: bytes, label: str | None, parsers: list, repeats: int) -> None:
     """One row per (name, parse, arg): the medians of `repeats` runs, the stall also against the
     first row's."""
     base = None
@@ -134,8 +164,10 @@ def print_rows(body: bytes, label: str, parsers: list, repeats: int) -> None:
         runs = sorted(longest_gap(parse, arg) for _ in range(repeats))
         elapsed, stall = runs[len(runs) // 2][0], sorted(r[1] for r in runs)[len(runs) // 2]
         base = base or stall
-        print(f"| {len(body) / 1e6:>5.1f}MB | {label} | {name:<16} | {elapsed:>8.3f} | {stall * 1e3:>17.1f} | "
+        label_cell = "" if label is None else f" {label} |"
+        print(f"| {len(body) / 1e6:>5.1f}MB |{label_cell} {name:<16} | {elapsed:>8.3f} | {stall * 1e3:>17.1f} | "
               f"{stall / base:>13.2f}x |")
+
 
 if __name__ == "__main__":
     main()

@@ -167,19 +167,24 @@ def _parse(obj) -> Record:
     return Record(prompt, reference, texts, labels, wrapper, extra={k: v for k, v in obj.items() if k not in known})
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
+    """A key given twice in one JSON object: json.loads keeps the last value and drops the other
+    without a word. `path`: where the object sits, for a reader that knows it (polar serve names
+    the request's field and element)."""
+
     def __init__(self, key: str):
         super().__init__(key)
-        self.key = key
+        self.key, self.path = key, []
 
 
-def _unique_keys(pairs: list) -> dict:
+def unique_keys(pairs: list) -> dict:
+    """json's object_pairs_hook refusing a key given twice (dict() keeps C speed where none is)."""
     obj = dict(pairs)
     if len(obj) != len(pairs):
         seen = set()
         for k, _ in pairs:
             if k in seen:
-                raise _DuplicateKey(k)
+                raise DuplicateKey(k)
             seen.add(k)
     return obj
 
@@ -196,8 +201,8 @@ def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     if not text.strip():
         return None
     try:
-        obj = json.loads(text, object_pairs_hook=_unique_keys)
-    except _DuplicateKey as e:
+        obj = json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
         raise RecordError(file, line, f"{e.key:.60}", "given twice in one object (which one is meant? a JSON reader "
                                                       "keeps the last and drops the other without a word)") from None
     except json.JSONDecodeError as e:

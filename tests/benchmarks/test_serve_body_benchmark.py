@@ -18,13 +18,30 @@ def test_the_parsers_read_the_same_value():
         chunks = bench.chunked(body)
         expected = json.loads(body)
         assert bench.whole(chunks) == expected and validation.parse_json(chunks) == expected
+    body = bench.items_body(0.2)
+    chunks, expected = bench.chunked(body), json.loads(body)
+    assert len(expected["items"]) > 300 and len(chunks) > 1
+    assert bench.without_key_check(chunks) == expected and validation.parse_json(chunks) == expected
+
+
+def test_the_no_key_check_row_parses_without_the_check_and_restores_it():
+    """Its ratio to the served row is the check's cost only if it really skips the check."""
+    from polar.serve import validation
+
+    served = validation._DECODE
+    twice = [b'{"items": [{"a": 1, "a": 2}]}']
+    assert bench.without_key_check(twice) == {"items": [{"a": 2}]}
+    assert validation._DECODE is served
+    with pytest.raises(validation.RequestError, match="twice"):
+        validation.parse_json(twice)
 
 
 def test_smallest_run_prints_every_row(capsys):
     bench.main(["--mb", "0.05", "--repeats", "1"])
     out = capsys.readouterr().out
-    accepted, refused = markdown_tables(out)
-    assert "\nrefused bodies\n" in out
+    accepted, native, refused = markdown_tables(out)
+    assert "\nrefused bodies\n" in out and "\nnative requests (an object per item)\n" in out
+    assert [r[1] for r in native] == ["parser", "json.loads", "no key check", "chunks (served)"]
     assert accepted[0] == ["body", "encoding", "parser", "parse s", "longest stall ms", "vs json.loads"]
     rows = accepted[1:]
     assert len(rows) == 6 and sum(r[2] == "chunks (served)" for r in rows) == 2

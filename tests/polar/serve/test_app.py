@@ -222,6 +222,9 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/classify", b'{"text": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, "nested too deeply"),
     ("/classify", b'{"text": ["a"]} x', 400, "not valid JSON"),
     ("/classify", b'{"text": ["a",]}', 400, "not valid JSON"),
+    ("/v1/rewards", b'{"items": [{"prompt": "p", "reference": "r", "output": "o", "output": "x"}]}', 400,
+     'the key "output" twice in one object (inside "items"[0])'),
+    ("/classify", b'{"text": ["a"], "text": ["b", "c"]}', 400, 'the key "text" twice in one object:'),
 ])
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     url, _ = server

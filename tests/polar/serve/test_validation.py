@@ -1,5 +1,6 @@
-"""Request bodies: parse_json reads exactly what json.loads reads, without holding the GIL for
-the whole document (the server parses in a worker thread while its event loop answers others)."""
+"""Request bodies: parse_json reads exactly what json.loads reads (less a key given twice in one
+object, which it refuses), without holding the GIL for the whole document (the server parses in a
+worker thread while its event loop answers others)."""
 import json
 import threading
 import time
@@ -22,14 +23,27 @@ BODIES = [
     # errors after newlines, some of them in text already dropped: json.loads's line and column
     b'{"a": [1,\n 2,\n 3 4]}', b'{\n"a": "x",\n "b": [\n1,\n2\n]\n,\n}', b'{"a": [\n"x\ny"]}',
     b'{"a": [\n\n"xy", "z"\n]}\n\n x', b'{"a": "b"}\n[', b'\n\n{"a": [1, 2,, 3]}',
+    # a key twice in one object, at the top level, in a nested object, in an array's element
+    b'{"items": [{"a": 1}, {"b": {"c": 1, "c": 1}}]}', b'{"x": {"k": [1], "k": [2]}}', b'[{"a": 1, "a": 2}]',
+    b'{"items": [{"a": 1, "b": {"a": 2}}], "b": {"a": 1, "c": {"a": 3}}}',
 ]
+
+
+class _Twice(Exception):
+    pass
+
+
+def _refuse_twice(pairs):
+    if len({k for k, _ in pairs}) != len(pairs):
+        raise _Twice
+    return dict(pairs)
 
 
 @pytest.mark.parametrize("body", BODIES)
 def test_parse_json_reads_what_json_loads_reads(body):
     try:
-        expected = json.loads(body)
-    except ValueError:
+        expected = json.loads(body, object_pairs_hook=_refuse_twice)
+    except (ValueError, _Twice):
         expected = None
     if isinstance(expected, dict):
         assert repr(parse_json(body)) == repr(expected)
@@ -144,3 +158,25 @@ def test_a_number_too_long_to_read_is_a_bad_request_not_a_server_error(monkeypat
         with pytest.raises(RequestError) as got:
             parse_json(body)
         assert got.value.status == 400 and "digits" in got.value.message, got.value.message
+
+
+@pytest.mark.parametrize("slice_bytes", [1 << 20, 1, 3])
+@pytest.mark.parametrize("body, key, where", [
+    (b'{"model": "m", "text": ["a"], "model": "n"}', '"model"', ""),
+    (b'{"items": [{"prompt": "p", "output": "x"}, {"prompt": "p", "output": "y", "output": "z"}]}', '"output"',
+     ' (inside "items"[1])'),
+    (b'{"items": [{"prompt": [{"role": "user", "role": "system", "content": "c"}]}]}', '"role"',
+     ' (inside "items"[0])'),
+    (b'{"labels": {"reference": 1, "reference": 2}}', '"reference"', ' (inside "labels")'),
+])
+def test_a_key_given_twice_is_refused_naming_it_and_where(monkeypatch, body, key, where, slice_bytes):
+    """json.loads keeps the last of two values under one key and drops the other without a word: a
+    request naming "output" twice would be scored on one of them, silently."""
+    from polar.serve import validation
+
+    monkeypatch.setattr(validation, "_SLICE_BYTES", slice_bytes)
+    with pytest.raises(RequestError) as got:
+        parse_json(body)
+    assert got.value.status == 400
+    assert got.value.message.startswith(f"the request body gives the key {key} twice in one object{where}: "), \
+        got.value.message
