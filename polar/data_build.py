@@ -549,7 +549,7 @@ def main(argv=None) -> int:
                      quiet=args.quiet, force=args.force)
     except RecordError as e:
         print(f"error: {e} (nothing written; --on-error skip sets bad records aside)", file=sys.stderr)
-        return 1
+        return 2
     except WorkerDied as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -8,7 +8,7 @@ Input: one JSON object per line, {"prompt": T, "reference": T, "output": T, "wra
 default sft; other fields ignored). Output: line i answers input line i, {"text": the string the
 official POLAR client sends, "ids": the server's token ids of it} (polar/client_format.py holds the
 client's rules). Bad lines, blank lines included, are reported as `file:line: field: reason`, all of
-them; then nothing is written and the exit status is 1.
+them; then nothing is written and the exit status is 2 (bad input, as for every polar command).
 """
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
                 print(line, file=err)
             more = f" ({n_bad - len(errors)} more not shown)" if n_bad > len(errors) else ""
             print(f"polar format: {n_bad} bad line(s){more}; nothing written", file=err)
-            return 1
+            return 2
         os.replace(tmp, output_path)
         tmp = None
     finally:

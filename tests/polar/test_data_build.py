@@ -119,7 +119,7 @@ BAD = {3: b"{oops\n", 9: b'{"prompt": "\xff"}\n', 12: b"\n"}
 
 def test_fail_names_the_first_bad_record_and_writes_nothing(tmp_path, records, capsys):
     src = write_jsonl(tmp_path / "r.jsonl", records[:20], BAD)
-    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--workers", 2, "--chunk-records", 2) == 1
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--workers", 2, "--chunk-records", 2) == 2
     assert f"{src}:4: (line): not valid JSON" in capsys.readouterr().err
     assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
 
@@ -392,7 +392,7 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
     before = {p.name: p.read_bytes() for p in ds.iterdir()}
     assert "part-00000-of-00001.rejects.jsonl" in before
     # a rebuild stopped by a bad record
-    assert build(src, "-o", ds, "--seq-length", SEQ, "--force") == 1
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--force") == 2
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
 
     def failing_close(self):

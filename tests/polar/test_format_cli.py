@@ -58,7 +58,7 @@ def test_bad_lines_are_all_reported_and_nothing_is_written(tmp_path, capsys):
              json.dumps(["a list"])]
     inp = write_lines(tmp_path / "bad.jsonl", lines)
     out = tmp_path / "o.jsonl"
-    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 1
+    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     for expected in [f"{inp}:2: output: missing", f"{inp}:3: (line): not valid JSON",
                      f"{inp}:4: (line): blank line", f"{inp}:5: reference: must be a string",
@@ -72,7 +72,7 @@ def test_bad_lines_are_all_reported_and_nothing_is_written(tmp_path, capsys):
 def test_invalid_utf8_line(tmp_path, capsys):
     p = tmp_path / "in.jsonl"
     p.write_bytes(b'{"prompt": "\xff", "reference": "r", "output": "o"}\n')
-    assert main(["--tokenizer", "byte", "--input", str(p), "--output", str(tmp_path / "o")]) == 1
+    assert main(["--tokenizer", "byte", "--input", str(p), "--output", str(tmp_path / "o")]) == 2
     assert f"{p}:1: (line): invalid UTF-8" in capsys.readouterr().err
 
 
@@ -101,7 +101,7 @@ def test_lines_that_would_raise_are_reported_not_raised(tmp_path, capsys):
              '{"prompt": "p", "reference": "r", "output": "o", "output": "x"}']
     inp = write_lines(tmp_path / "in.jsonl", lines)
     out = tmp_path / "o.jsonl"
-    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 1
+    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"{inp}:2: (line): JSON that cannot be read" in err
     assert f"{inp}:3: (line): JSON nested too deeply" in err
