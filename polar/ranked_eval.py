@@ -6,9 +6,10 @@ Ranked record (JSONL, one per line; T = a string or a message list, joined by "\
     {"prompt": T, "category": str, "responses": [{"text": T, "rank": int}, ...], "wrapper": ...}
     {"prompt": T, "category": str, "responses": [T, T, ...], ...}     # best first: rank = position
 
-Rank 1 is the reference (exactly one response has it); a smaller rank is better; ranks are
-integers >= 1, gaps allowed. `category` is optional ("uncategorized"); `wrapper` is optional (sft
-or pretrain, default sft); other fields are ignored. Every ordered pair of responses below the
+Rank 1 is the reference (exactly one response has it, and it is not empty); a smaller rank is
+better; ranks are integers >= 1, gaps allowed; an empty response below the reference is scored.
+`category` is optional ("uncategorized"); `wrapper` is optional (sft or pretrain, default sft);
+other fields are ignored. Every ordered pair of responses below the
 reference counts once: responses i, j (ranks >= 2) with rank_i < rank_j form the pair "i over j",
 and equal ranks form no pair. A pair is correct when r(prompt, reference, i) > r(prompt,
 reference, j), strictly: a tied reward counts as wrong (and is counted in `ties`). A record
@@ -75,6 +76,10 @@ def _text(value, where: str) -> Text:
     raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
 
 
+def _joined(text: Text) -> str:
+    return text if isinstance(text, str) else "\n".join(m["content"] for m in text)
+
+
 def _rank(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _Bad(where, f"must be an integer >= 1, got {value!r:.60}")
@@ -116,6 +121,11 @@ def _parse(obj) -> RankedRecord:
     if len(first) != 1:
         raise _Bad("responses", f"exactly one response must have rank 1 (the reference), "
                                 f"got {len(first)}")
+    if _joined(texts[first[0]]) == "":
+        # every reward is a comparison with it: an empty one (a field lost upstream, most likely)
+        # would give an accuracy that measures nothing, without a word
+        where = f"responses[{first[0]}]" + (".text" if isinstance(resp[first[0]], dict) else "")
+        raise _Bad(where, "the rank-1 response (the reference) is empty: there is nothing to compare to")
     below = [i for i in range(len(ranks)) if i != first[0]]
     rec = RankedRecord(prompt, category, texts[first[0]], [texts[i] for i in below],
                        [ranks[i] for i in below], wrapper)

@@ -131,6 +131,10 @@ def test_score_fn_contract(records):
                                    {"text": "c", "rank": 3}]}, "responses[1].text", "lone surrogate U+DFFF"),
     ({"prompt": [{"content": "\ud800"}], "responses": ["a", "b", "c"]}, "prompt[0].content", "lone surrogate"),
     ({"prompt": "p", "category": "m\ud800", "responses": ["a", "b", "c"]}, "category", "lone surrogate"),
+    # an empty reference: every reward compares with it, so the accuracy would measure nothing
+    ({"prompt": "p", "responses": ["", "b", "c"]}, "responses[0]", "the reference) is empty"),
+    ({"prompt": "p", "responses": [{"text": "b", "rank": 2}, {"text": [{"content": ""}], "rank": 1},
+                                   {"text": "c", "rank": 3}]}, "responses[1].text", "the reference) is empty"),
     # a key twice: JSON readers keep the last one without a word
     ('{"prompt": "p", "responses": ["a", "b", "c"], "prompt": "q"}', "prompt", "given twice in one object"),
 ])
@@ -140,6 +144,15 @@ def test_bad_records_name_file_line_and_field(tmp_path, obj, field, reason):
         read_ranked(path)
     assert str(e.value).startswith(f"{path}:2: {field}: ")
     assert reason in e.value.reason
+
+
+def test_an_empty_response_below_the_reference_is_scored(tmp_path):
+    """An empty answer is a candidate like any other (a policy may give one); only the reference,
+    which every reward compares with, must hold text."""
+    (rec,) = read_ranked(write(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["ref", "", [{"content": ""}]]}]))
+    assert rec.reference == "ref" and rec.responses == ["", [{"content": ""}]] and rec.pairs() == [(0, 1)]
+    items, _ = scoring_items([rec])
+    assert [it.output for it in items] == ["", [{"content": ""}]]
 
 
 def test_bad_json_and_utf8(tmp_path):
