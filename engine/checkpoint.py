@@ -364,6 +364,8 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
     training run's config.yaml (run_dir/checkpoints/step_N). None when nothing is recorded."""
     import yaml
 
+    from engine.yaml_load import safe_load
+
     p = Path(step_dir)
     if (p / MODEL_FILE).is_file():
         try:
@@ -376,7 +378,7 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
     for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
         if f.is_file():
             try:
-                loaded = yaml.safe_load(f.read_text()) or {}
+                loaded = safe_load(f.read_text()) or {}
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 raise CheckpointError(f"{f}: not readable as YAML ({_first_line(e)}); it records the model "
                                       f"of {step_dir}: repair it or move it away") from None

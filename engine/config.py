@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import yaml
 
+from engine import yaml_load
+
 
 class ConfigError(ValueError):
     """A configuration problem, always naming the offending setting."""
@@ -529,7 +531,9 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not key:
             raise ConfigError(f"override '{item}' has an empty key")
         try:
-            parsed = yaml.safe_load(raw) if raw != "" else ""
+            parsed = yaml_load.safe_load(raw) if raw != "" else ""
+        except yaml_load.DuplicateKeyError as e:
+            raise ConfigError(f"override '{item}': {e.reason}") from None
         except yaml.YAMLError:
             parsed = raw  # not YAML (run_dir=[x): fine for a string setting, refused by any other
         value = parsed if isinstance(parsed, (dict, list)) else _Override(raw, parsed)
@@ -560,7 +564,9 @@ def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] 
             raise ConfigError(f"{path}: base: files name each other in a cycle: {' -> '.join(names)}")
         text = p.read_text()
         try:
-            loaded = yaml.safe_load(text)
+            loaded = yaml_load.safe_load(text)
+        except yaml_load.DuplicateKeyError as e:
+            raise ConfigError(f"{path}:{e.line}: {e.reason}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: not valid YAML: {e}") from e
         if loaded is not None and not isinstance(loaded, dict):

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 
 import yaml
 
+from engine.yaml_load import safe_load
+
 KINDS = ("completions", "chat")
 DEFAULT_MAX_CONCURRENCY = 16
 _FIELDS = {"name", "base_url", "model", "api_key_env", "max_concurrency", "kind"}
@@ -94,7 +96,7 @@ def load_pool(path: str) -> list[Policy]:
     """The validated pool in file order; at least two policies with distinct names."""
     try:
         with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
+            data = safe_load(f)
     except OSError as e:
         raise PoolError(f"{path}: cannot read the policy pool: {e.strerror or e}") from None
     except yaml.YAMLError as e:

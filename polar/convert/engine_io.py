@@ -7,6 +7,7 @@ from pathlib import Path
 import yaml
 
 from engine.config import ConfigError, ModelConfig, ParallelConfig, TrainConfig
+from engine.yaml_load import safe_load
 from polar.convert.hf_checkpoint import ConvertError
 
 MODEL_YAML = "model.yaml"
@@ -58,7 +59,7 @@ def read_model_config(path: Path) -> ModelConfig:
     path = Path(path)
 
     try:
-        values = yaml.safe_load(path.read_text())
+        values = safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConvertError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):

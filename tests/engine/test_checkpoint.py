@@ -80,6 +80,18 @@ def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
     with pytest.raises(ConfigError, match="model.hidden_size=64 .*but this run has model.hidden_size=128"):
         checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step),
                                        f"checkpoint.init_from={step}")
+    # a hand-edited model.yaml with a setting given twice: YAML would keep the last without a word, and
+    # both readers of the file (a checkpoint's settings, the converter's back-conversion) refuse it
+    from polar.convert.engine_io import read_model_config
+    from polar.convert.hf_checkpoint import ConvertError
+
+    path = step.parent / "model.yaml"
+    path.write_text(path.read_text() + "  num_layers: 4\n")
+    with pytest.raises(ConfigError,
+                       match=r"model\.yaml: not readable as YAML \(.*line \d+: key 'num_layers' given twice"):
+        checkpoint.model_config(str(step))
+    with pytest.raises(ConvertError, match="key 'num_layers' given twice in one mapping"):
+        read_model_config(path)
 
 
 def test_a_damaged_trainer_state_names_the_file_and_the_step_to_fall_back_to(tmp_path):

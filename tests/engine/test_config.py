@@ -152,14 +152,26 @@ def test_a_quoted_command_line_string_stands_for_what_it_quotes(text, value):
 
 # ---- a mistake inside a file names the file ----
 
-def test_an_unknown_key_in_a_file_names_the_file_and_its_line(tmp_path):
-    f = tmp_path / "typo.yaml"
-    f.write_text("model:\n  num_layers: 2\ntrain: {lrr: 1}\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{f}:3: unknown setting 'train.lrr'; valid keys of train: ")):
+@pytest.mark.parametrize("text, line, needle", [
+    ("model:\n  num_layers: 2\ntrain: {lrr: 1}\n", 3, "unknown setting 'train.lrr'; valid keys of train: "),
+    ("# a comment\nmodle:\n  num_layers: 2\n", 2, "unknown setting 'modle'; valid keys: "),
+    # YAML keeps the last of two `train:` sections without a word: every setting of the first was lost
+    ("train:\n  steps: 5\nmodel:\n  num_layers: 2\ntrain:\n  lr: 0.1\n", 5,
+     "key 'train' given twice in one mapping"),
+    ("train:\n  steps: 5\n  lr: 0.1\n  steps: 6\n", 4, "key 'steps' given twice in one mapping"),
+])
+def test_a_mistake_in_a_file_names_the_file_and_its_line(tmp_path, text, line, needle):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{f}:{line}: {needle}")):
         load_config(EngineConfig, str(f))
-    f.write_text("# a comment\nmodle:\n  num_layers: 2\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{f}:2: unknown setting 'modle'; valid keys: ")):
-        load_config(EngineConfig, str(f))
+
+
+def test_a_key_given_twice_in_a_command_line_mapping_is_refused():
+    with pytest.raises(ConfigError, match=re.escape("override 'train={steps: 1, steps: 2}': key 'steps' given "
+                                                    "twice in one mapping")):
+        load_config(EngineConfig, None, ["train={steps: 1, steps: 2}"])
+    assert load_config(EngineConfig, None, ["train={steps: 1, lr: 0.5}"]).train.steps == 1
 
 
 def test_an_unknown_key_in_a_base_names_the_base(tmp_path):

@@ -271,6 +271,19 @@ def test_pool_yaml_syntax_error(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
+def test_pool_yaml_with_a_key_given_twice_is_refused(tmp_path, capsys):
+    """PyYAML keeps the last value: an entry with two `model:` keys would query one model silently."""
+    pool = tmp_path / "pool.yaml"
+    pool.write_text("- name: a\n  base_url: http://127.0.0.1:1/v1\n  model: m1\n  model: m2\n"
+                    "- name: b\n  base_url: http://127.0.0.1:1/v1\n  model: m3\n")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("doc\n")
+    assert sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o"),
+                        "--num-prompts", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{pool}: not valid YAML: line 4: key 'model' given twice in one mapping" in err, err
+
+
 @pytest.mark.parametrize("name, content, expected", [
     ("c.jsonl", '{"text": "fine"}\n{"text": "ok"}\n{"text": broken\n', "c.jsonl:3: not valid JSON"),
     ("c.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', "c.jsonl:2: field 'text' is missing"),
