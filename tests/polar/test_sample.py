@@ -289,6 +289,11 @@ def test_pool_yaml_with_a_key_given_twice_is_refused(tmp_path, capsys):
     ("c.jsonl", '{"text": "fine"}\n{"body": "no text"}\n', "c.jsonl:2: field 'text' is missing"),
     ("c.jsonl", '{"text": 12}\n', "c.jsonl:1: field 'text': expected a str"),
     ("c.jsonl", '[1, 2]\n', "c.jsonl:1: expected a JSON object"),
+    # a key twice: which text is the document? (json.loads kept the last without a word)
+    ("c.jsonl", '{"text": "fine"}\n{"text": "a", "text": "b"}\n', "c.jsonl:2: field 'text' given twice in one object"),
+    # an integer json refuses to convert, and nesting too deep for it: were tracebacks
+    ("c.jsonl", '{"text": "a", "n": ' + "1" * 5000 + '}\n', "c.jsonl:1: JSON that cannot be read: "),
+    ("c.jsonl", '{"text": "a", "n": ' + "[" * 100_000 + "]" * 100_000 + '}\n', "c.jsonl:1: JSON nested too deeply"),
     ("c.txt", b"good line\nbad \xff byte\n", "c.txt:2: not valid UTF-8"),
     ("c.txt", "\n\n", "no non-empty documents"),
     # a JSON escape of a lone surrogate crashed the run at its first request (UnicodeEncodeError)
