@@ -543,7 +543,12 @@ def parse_overrides(overrides: list[str]) -> dict:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' conflicts with an earlier override")
-        node[parts[-1]] = value
+        if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+            # `train={lr: 1}` sets train.lr, as a file's `train:` section does: it replaced the whole
+            # section, so an earlier `train.steps=10` was dropped without a word
+            _deep_update(node[parts[-1]], value)
+        else:
+            node[parts[-1]] = value  # a setting given twice: the last wins, as wrappers appending rely on
     return tree
 
 

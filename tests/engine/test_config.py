@@ -79,6 +79,17 @@ def test_other_settings_still_read_the_command_line_as_yaml():
     assert load_config(EngineConfig, None, ["train.fp8=false"]).train.fp8 == "off"  # false_means
 
 
+@pytest.mark.parametrize("overrides", [
+    ["train.steps=10", "train={lr: 0.5}"], ["train={lr: 0.5}", "train.steps=10"],
+    ["train={lr: 0.5}", "train={steps: 10}"], ["train={steps: 10, lr: 0.1}", "train.lr=0.5"],
+])
+def test_a_section_given_as_a_mapping_on_the_command_line_sets_its_keys_only(overrides):
+    """`train={lr: 0.5}` replaced the whole section, so a `train.steps=10` before it was dropped without
+    a word; a setting given twice still takes the last (wrappers append their defaults' overrides)."""
+    cfg = load_config(EngineConfig, None, overrides)
+    assert (cfg.train.steps, cfg.train.lr) == (10, 0.5)
+
+
 def test_an_optional_string_setting_takes_the_text_or_null():
     from typing import Optional
 
