@@ -4,8 +4,8 @@
     polar data build data/ --output ds/ --num-shards 4 --shard-index 2     # one machine of four
 
 Records (polar/records.py) are tokenized with POLAR's format (polar/format.py: the record's wrapper,
-else --wrapper; truncation to --max-length, default the pack length, and --max-response), each
-becomes one group (shared prefix + K candidates), and groups are packed whole into sequences of
+else --wrapper; truncation to --max-length, default the pack length, and --max-response, counted
+and reported), each becomes one group (shared prefix + K candidates), and groups are packed whole into sequences of
 --seq-length tokens by the C++ packer. POLAR's truncation bounds each candidate's input, not the
 group: when the prompt, the reference and all K candidates together exceed --seq-length, the
 prompt keeps a shorter tail so that the group fits (counted and reported as "prompts shortened to
@@ -82,6 +82,8 @@ class ChunkResult:
     too_long: int = 0
     prompts_shortened: int = 0  # groups whose prompt was cut beyond POLAR's rule to fit the pack
     prompt_tokens_cut: int = 0
+    responses_cut: int = 0  # references and candidates cut to --max-response by POLAR's rule
+    prompts_cut: int = 0  # prompts cut to their tail by POLAR's rule (--max-length)
     tokens: int = 0
     candidates: int = 0
 
@@ -221,6 +223,8 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         if enc.prompt_cut_to_fit:
             res.prompts_shortened += 1
             res.prompt_tokens_cut += enc.prompt_cut_to_fit
+        res.responses_cut += enc.responses_cut
+        res.prompts_cut += enc.prompt_cut
         groups.append(g)
         ids.append(chunk.first_record + k)
     res.records = len(groups)
@@ -406,7 +410,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
     progress = _Progress(sum(c.end - c.start for c in mine), quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
-                  groups=0, candidates=0, tokens=0)
+                  responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
     rejects_out, first_reject = None, None
     try:
         results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -424,6 +428,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             counts["too_long"] += res.too_long
             counts["prompts_shortened"] += res.prompts_shortened
             counts["prompt_tokens_cut"] += res.prompt_tokens_cut
+            counts["responses_cut"] += res.responses_cut
+            counts["prompts_cut"] += res.prompts_cut
             counts["groups"] += res.records
             counts["candidates"] += res.candidates
             counts["tokens"] += res.tokens
@@ -496,8 +502,14 @@ def _summary(meta: dict, workers: int) -> str:
     dt = max(meta["elapsed_s"], 1e-9)
     eff = c["tokens"] / max(1, c["sequences"] * L)
     rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
-    cut = (f"\n  truncation {c['prompts_shortened']:,} prompts shortened to fit the pack "
-           f"({c['prompt_tokens_cut']:,} tokens beyond POLAR's rule)") if c["prompts_shortened"] else ""
+    # what POLAR's rule cut is reported too: a model never sees the end of a response cut to its head
+    cut = [f"{c['responses_cut']:,} of {c['records'] + c['candidates']:,} responses (references and candidates) cut to "
+           f"their first {meta['max_response']} tokens" if c.get("responses_cut") else "",
+           f"{c['prompts_cut']:,} prompts to their last tokens within max_length {meta['max_length']}"
+           if c.get("prompts_cut") else "",
+           f"{c['prompts_shortened']:,} prompts shortened to fit the pack ({c['prompt_tokens_cut']:,} tokens beyond "
+           "POLAR's rule)" if c["prompts_shortened"] else ""]
+    cut = f"\n  truncation {'; '.join(x for x in cut if x)}" if any(cut) else ""
     records = c["lines"] - c["blank"]
     blank = f" ({c['blank']:,} blank lines skipped)" if c["blank"] else ""
     return "\n".join([

@@ -217,6 +217,12 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
         if not groups:  # nothing left to train or evaluate on: an empty set would report 0 pairs as 0.0
             raise ConfigError(f"{name}: none of its {len(records)} record(s) fits data.seq_length={seq}; raise "
                               f"data.seq_length to {lengths.max()} or lower finetune.max_response={f.max_response}")
+    responses_cut, prompts_cut = sum(e.responses_cut for e in encoded), sum(e.prompt_cut for e in encoded)
+    if responses_cut or prompts_cut:  # the rule's own cuts: not errors, but the model never sees what they cut
+        total = sum(1 + len(e.candidates) for e in encoded)
+        _say(f"{name}: truncation (POLAR's rule) {responses_cut} of {total} responses cut to their first "
+             f"finetune.max_response={f.max_response} tokens, {prompts_cut} prompts to their last tokens within "
+             f"finetune.max_length={f.max_length}", flush=True)
     shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
     if shortened:
         # a group is packed whole: its prompt (stored twice) gives way before the record is lost

@@ -84,6 +84,10 @@ class EncodedGroup:
     candidates: list  # list[np.ndarray[int32]], each non-empty, ending with the reward token id
     # Prompt tokens taken beyond the paper's rule so that the group fits `group_capacity`.
     prompt_cut_to_fit: int = 0
+    # What the paper's rule itself cut, for a caller to report: the reference and candidates cut to
+    # their first max_response tokens (a count of texts), and whether the prompt lost its head.
+    responses_cut: int = 0
+    prompt_cut: bool = False
 
     def full(self, i: int) -> np.ndarray:
         return np.concatenate([self.prefix, self.candidates[i]])
@@ -266,6 +270,7 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     # Responses (references, then candidates) keep their head: only the pieces over the limit
     # need their token spans.
     responses, response_n = pieces[n_groups:], counts[n_groups:]
+    over = [n > max_response for n in response_n]
     _cut(tokenizer, responses, response_n, ids[n_groups:], [min(n, max_response) for n in response_n],
          tail=False)
     # A prompt keeps at most prompt_budget(max_length, 0, 0) tokens, so only that many of its
@@ -275,11 +280,13 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     del ids
     # Prompts keep their tail, budgeted with the tokens the responses kept.
     prompts_kept, prompt_n = pieces[:n_groups], counts[:n_groups]
-    keep, cut_to_fit, c0 = [], [], n_groups
+    keep, cut_to_fit, responses_cut, prompt_cut, c0 = [], [], [], [], n_groups
     for g in range(n_groups):
         cand, cand_n = responses[c0:c0 + n_cands[g]], response_n[c0:c0 + n_cands[g]]
+        responses_cut.append(over[g] + sum(over[c0:c0 + n_cands[g]]))
         c0 += n_cands[g]
         rule = min(prompt_n[g], prompt_budget(max_length, response_n[g], max(cand_n)))
+        prompt_cut.append(rule < prompt_n[g])
         fit = rule
         if group_capacity:
             room = group_capacity - _stored_without_prompt(responses[g], response_n[g], cand, cand_n,
@@ -316,7 +323,8 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
         n = _shared_prefix_length(own)
         # Copies, so that the full arrays are freed and a group holds its prefix once.
         groups.append(EncodedGroup(prefix=own[0][:n].copy(), candidates=[f[n:].copy() for f in own],
-                                   prompt_cut_to_fit=cut_to_fit[g]))
+                                   prompt_cut_to_fit=cut_to_fit[g], responses_cut=responses_cut[g],
+                                   prompt_cut=prompt_cut[g]))
     return groups
 
 

@@ -167,6 +167,22 @@ def test_a_group_longer_than_the_pack_keeps_a_shorter_prompt_and_is_counted(tmp_
     assert len(rejects) == 1 and "more than seq_length=16384 even with its prompt cut by 100 tokens" in rejects[0]
 
 
+def test_what_polars_truncation_cut_is_counted_and_reported(tmp_path, capsys):
+    """The rule's own cuts are not errors, but a model never sees the end of a response cut to its head:
+    the report says how many (an answer at the end of long reasoning would be lost on most)."""
+    recs = [{"prompt": "q" * 50, "reference": "r" * 30, "chosen": "c" * 10, "rejected": "x" * 40},
+            {"prompt": "q", "reference": "r", "chosen": "c", "rejected": "x"}]
+    src = write_jsonl(tmp_path / "r.jsonl", recs)
+    assert data_build.main([str(src), "-o", str(tmp_path / "ds"), "--seq-length", "256", "--max-length", "100",
+                            "--max-response", "20"]) == 0
+    out = capsys.readouterr().out
+    # group 0: reference 30 and rejected 40 cut to 20; its prompt budget (100 - 4 - 20 - 20) // 2 = 28 < 50
+    assert "truncation 2 of 6 responses (references and candidates) cut to their first 20 tokens; 1 prompts to " \
+           "their last tokens within max_length 100\n" in out, out
+    counts = IndexedDataset(tmp_path / "ds").meta["counts"]
+    assert (counts["responses_cut"], counts["prompts_cut"], counts["prompts_shortened"]) == (2, 1, 0)
+
+
 def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, records, capsys):
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
     common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10]

@@ -160,6 +160,17 @@ def test_truncation_budgets_exactly():
     assert len(g.full(0)) == 20 + 1
 
 
+def test_what_the_rule_cut_is_reported_per_group():
+    """The responses cut to their head and whether the prompt lost its head, for a builder's report (a
+    model never sees the end of a response cut to its first max_response tokens)."""
+    groups = encode_groups(TOK, ["0123456789", "01", "012"], ["abcdefgh", "ab", "abcde"],
+                           [["xyz", "uvwxyz"], ["x"], ["xyzuv"]], max_length=20, max_response=5)
+    assert [(g.responses_cut, g.prompt_cut) for g in groups] == [(2, True), (0, False), (0, False)]
+    assert [g.prompt_cut_to_fit for g in groups] == [0, 0, 0]
+    # "012": budget (20 - 4 - 5 - 5) // 2 = 3 holds it exactly; one byte more is cut
+    assert encode_group(TOK, "0123", "abcde", ["xyzuv"], max_length=20, max_response=5).prompt_cut
+
+
 def test_odd_budget_rounds_down():
     assert prompt_budget(21, 5, 3) == 4
     assert prompt_budget(16384, 4096, 4096) == 4094
