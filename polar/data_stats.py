@@ -3,7 +3,8 @@ checks every shard's whole index (a training run checks only what it reads, as i
 
     polar data stats ds/ [--json] [--workers N]
 
-Counts (records, groups, candidates, sequences, tokens), length histograms of prefixes,
+Counts (records, groups, candidates, sequences, tokens; what the build's truncation cut, from its
+metadata), length histograms of prefixes,
 candidates and whole groups (log2 bins), packing efficiency (real tokens / sequences x
 seq_length), and the tokens the shared prefix saves: a layout that repeats the prefix for every
 candidate would hold sum(prefix x (K - 1)) more tokens.
@@ -99,6 +100,10 @@ def compute(path: str, workers: int | None = None) -> dict:
     records = [c["lines"] - c.get("blank", 0) if "lines" in c else None
                for c in (s.meta.get("counts", {}) for s in ds.shards)]
     rejected = [s.meta.get("counts", {}).get("rejected") for s in ds.shards]
+
+    def summed(key: str):  # None where a shard's build did not count it (built before it was counted)
+        values = [s.meta.get("counts", {}).get(key) for s in ds.shards]
+        return sum(values) if None not in values else None
     edges, _ = log2_histogram(np.zeros(0, np.int64), ds.seq_length)
     return {
         "path": str(path),
@@ -112,6 +117,8 @@ def compute(path: str, workers: int | None = None) -> dict:
         "sequences": len(ds),
         "tokens": real,
         "packing_efficiency": ds.packing_efficiency,
+        # what the build cut: POLAR's rule (responses to their head, prompts to their tail) and beyond it
+        "truncation": {key: summed(key) for key in ("responses_cut", "prompts_cut", "prompts_shortened")},
         "shared_prefix": {
             "tokens_saved": duplicated,
             "percent_saved": 100.0 * duplicated / max(1, real + duplicated),
@@ -125,6 +132,14 @@ def compute(path: str, workers: int | None = None) -> dict:
     }
 
 
+def _truncation_line(t: dict) -> list[str]:
+    if t["responses_cut"] is None:
+        return ["  truncation not counted by the build that wrote a shard (rebuild to see it)"]
+    return [f"  truncation {t['responses_cut']:,} responses cut to their head (max_response), "
+            f"{t['prompts_cut']:,} prompts to their tail (max_length); {t['prompts_shortened']:,} prompts "
+            "shortened further to fit the pack"]
+
+
 def format_text(s: dict) -> str:
     sp = s["shared_prefix"]
     rec = f"{s['records']:,}" if s["records"] is not None else "?"
@@ -134,6 +149,7 @@ def format_text(s: dict) -> str:
         f"  records {rec}{rej} | groups {s['groups']:,} | candidates {s['candidates']:,} | "
         f"sequences {s['sequences']:,} | tokens {s['tokens']:,}",
         f"  packing efficiency {s['packing_efficiency']:.2%} (real tokens / sequences x seq_length)",
+        *_truncation_line(s["truncation"]),
         f"  shared prefixes save {sp['tokens_saved']:,} tokens ({sp['percent_saved']:.1f}% of the "
         f"{sp['tokens_if_duplicated']:,} a per-candidate layout would hold)",
         "",

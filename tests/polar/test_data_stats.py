@@ -98,6 +98,24 @@ def test_stats_report_counts_packing_and_prefix_savings(tmp_path, capsys):
     longest = max(len(g.prefix) + sum(map(len, g.candidates)) for g in groups)
     top_bin = max(i for i, c in enumerate(s["histogram"]["group"]) if c)
     assert starts[top_bin] <= longest < starts[top_bin + 1]
+    assert s["truncation"] == {"responses_cut": 0, "prompts_cut": 0, "prompts_shortened": 0}
     assert data_stats.main([str(tmp_path / "ds")]) == 0
     text = capsys.readouterr().out
     assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
+
+
+def test_stats_sum_what_the_builds_truncated_over_the_shards(tmp_path, dataset, capsys):
+    long = {"prompt": "q" * 50, "reference": "r" * 30, "chosen": "c" * 10, "rejected": "x" * 40}
+    src = built.write_jsonl(tmp_path / "r.jsonl", [long, {**long, "prompt": "q"}, long])
+    for k in range(2):  # each shard cuts its own records' responses and prompts
+        built.build(src, "-o", tmp_path / "cut", "--seq-length", 256, "--max-length", 100, "--max-response", 20,
+                    "--num-shards", 2, "--shard-index", k, "--chunk-records", 1)
+    capsys.readouterr()
+    s = data_stats.compute(str(tmp_path / "cut"))
+    assert s["groups"] == 3 and s["truncation"] == {"responses_cut": 6, "prompts_cut": 2, "prompts_shortened": 0}
+    assert "  truncation 6 responses cut to their head (max_response), 2 prompts to their tail (max_length); 0 " \
+           "prompts shortened further to fit the pack" in data_stats.format_text(s)
+    # shards written without the counts (the fixture's, as by a build before them): unknown, not 0
+    s = data_stats.compute(str(dataset))
+    assert s["truncation"] == {"responses_cut": None, "prompts_cut": None, "prompts_shortened": None}
+    assert "truncation not counted by the build that wrote a shard" in data_stats.format_text(s)
