@@ -504,9 +504,9 @@ def _summary(meta: dict, workers: int) -> str:
     rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
     # what POLAR's rule cut is reported too: a model never sees the end of a response cut to its head
     cut = [f"{c['responses_cut']:,} of {c['records'] + c['candidates']:,} responses (references and candidates) cut to "
-           f"their first {meta['max_response']} tokens" if c.get("responses_cut") else "",
+           f"their first {meta['max_response']} tokens" if c["responses_cut"] else "",
            f"{c['prompts_cut']:,} prompts to their last tokens within max_length {meta['max_length']}"
-           if c.get("prompts_cut") else "",
+           if c["prompts_cut"] else "",
            f"{c['prompts_shortened']:,} prompts shortened to fit the pack ({c['prompt_tokens_cut']:,} tokens beyond "
            "POLAR's rule)" if c["prompts_shortened"] else ""]
     cut = f"\n  truncation {'; '.join(x for x in cut if x)}" if any(cut) else ""

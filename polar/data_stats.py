@@ -99,11 +99,11 @@ def compute(path: str, workers: int | None = None) -> dict:
     # Lines less blank ones; metadata from before "blank" was counted gives lines.
     records = [c["lines"] - c.get("blank", 0) if "lines" in c else None
                for c in (s.meta.get("counts", {}) for s in ds.shards)]
-    rejected = [s.meta.get("counts", {}).get("rejected") for s in ds.shards]
 
     def summed(key: str):  # None where a shard's build did not count it (built before it was counted)
         values = [s.meta.get("counts", {}).get(key) for s in ds.shards]
         return sum(values) if None not in values else None
+
     edges, _ = log2_histogram(np.zeros(0, np.int64), ds.seq_length)
     return {
         "path": str(path),
@@ -111,7 +111,7 @@ def compute(path: str, workers: int | None = None) -> dict:
         "seq_length": ds.seq_length,
         "tokenizer": ds.meta.get("tokenizer"),
         "records": sum(records) if None not in records else None,
-        "rejected": sum(rejected) if None not in rejected else None,
+        "rejected": summed("rejected"),
         "groups": ds.num_groups,
         "candidates": total["candidates"],
         "sequences": len(ds),

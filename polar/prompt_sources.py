@@ -2,13 +2,12 @@
 number of tokens at a token boundary, or whole instruction prompts; each a function of (seed, i)."""
 from __future__ import annotations
 
-import json
 import random
 from array import array
 from dataclasses import dataclass
 
 from polar.format import as_text, lone_surrogate
-from polar.records import DuplicateKey, strip_bom, unique_keys
+from polar.records import FieldError, parse_json_text, strip_bom
 
 
 class SampleError(ValueError):
@@ -63,16 +62,10 @@ class TextSource:
         if not line.strip():
             return ""
         try:
-            rec = json.loads(line, object_pairs_hook=unique_keys)
-        except DuplicateKey as e:
-            raise SampleError(f"{path}:{line_no}: field {e.key[:60]!r} given twice in one object (which one is "
-                              "meant? a JSON reader keeps the last and drops the other)") from None
-        except json.JSONDecodeError as e:
-            raise SampleError(f"{path}:{line_no}: not valid JSON ({e.msg} at column {e.colno})") from None
-        except RecursionError:
-            raise SampleError(f"{path}:{line_no}: JSON nested too deeply to read") from None
-        except ValueError as e:  # e.g. an integer of more digits than Python converts (was a traceback)
-            raise SampleError(f"{path}:{line_no}: JSON that cannot be read: {e}") from None
+            rec = parse_json_text(line)  # as every record reader reads a line
+        except FieldError as e:
+            what = e.reason if e.field == "(line)" else f"field {e.field!r} {e.reason}"
+            raise SampleError(f"{path}:{line_no}: {what}") from None
         if not isinstance(rec, dict):
             raise SampleError(f"{path}:{line_no}: expected a JSON object, got {type(rec).__name__}")
         if self.text_field not in rec:

@@ -30,7 +30,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, Text
+from polar.format import WRAPPERS, Text, as_text
 from polar.records import FieldError as _Bad
 from polar.records import iter_lines, no_surrogate, parse_jsonl_line
 
@@ -76,10 +76,6 @@ def _text(value, where: str) -> Text:
     raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
 
 
-def _joined(text: Text) -> str:
-    return text if isinstance(text, str) else "\n".join(m["content"] for m in text)
-
-
 def _rank(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _Bad(where, f"must be an integer >= 1, got {value!r:.60}")
@@ -121,7 +117,7 @@ def _parse(obj) -> RankedRecord:
     if len(first) != 1:
         raise _Bad("responses", f"exactly one response must have rank 1 (the reference), "
                                 f"got {len(first)}")
-    if _joined(texts[first[0]]) == "":
+    if as_text(texts[first[0]]) == "":
         # every reward is a comparison with it: an empty one (a field lost upstream, most likely)
         # would give an accuracy that measures nothing, without a word
         where = f"responses[{first[0]}]" + (".text" if isinstance(resp[first[0]], dict) else "")

@@ -189,6 +189,22 @@ def unique_keys(pairs: list) -> dict:
     return obj
 
 
+def parse_json_text(text: str):
+    """json.loads(text), refusing a key given twice in one object; a FieldError for what cannot be
+    read, its field the key given twice, else "(line)"."""
+    try:
+        return json.loads(text, object_pairs_hook=unique_keys)
+    except DuplicateKey as e:
+        raise _Bad(f"{e.key:.60}", "given twice in one object (which one is meant? a JSON reader keeps the last "
+                                   "and drops the other without a word)") from None
+    except json.JSONDecodeError as e:
+        raise _Bad("(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise _Bad("(line)", "JSON nested too deeply to read") from None
+    except ValueError as e:  # e.g. an integer of more digits than Python converts
+        raise _Bad("(line)", f"JSON that cannot be read: {e}") from None
+
+
 def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     """One JSONL line (bytes, newline optional) -> parse(obj), None for a blank line. Invalid UTF-8,
     bad JSON, a key given twice in one object and a FieldError raised by `parse` become RecordError
@@ -201,18 +217,7 @@ def parse_jsonl_line(raw: bytes, file: str, line: int, parse):
     if not text.strip():
         return None
     try:
-        obj = json.loads(text, object_pairs_hook=unique_keys)
-    except DuplicateKey as e:
-        raise RecordError(file, line, f"{e.key:.60}", "given twice in one object (which one is meant? a JSON reader "
-                                                      "keeps the last and drops the other without a word)") from None
-    except json.JSONDecodeError as e:
-        raise RecordError(file, line, "(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
-    except RecursionError:
-        raise RecordError(file, line, "(line)", "JSON nested too deeply to read") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts
-        raise RecordError(file, line, "(line)", f"JSON that cannot be read: {e}") from None
-    try:
-        rec = parse(obj)
+        rec = parse(parse_json_text(text))
     except FieldError as e:
         raise RecordError(file, line, e.field, e.reason) from None
     return rec
