@@ -22,7 +22,7 @@ from typing import Optional
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
 from polar.format import WRAPPERS
-from polar.records import FieldError, RecordError, iter_lines, no_surrogate, parse_jsonl_line
+from polar.records import FieldError, RecordError, any_text, iter_lines, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
@@ -33,20 +33,7 @@ def _text(obj: dict, key: str):
     missing, mistyped or holds a lone surrogate (the tokenizer cannot encode one)."""
     if key not in obj:
         raise FieldError(key, "missing")
-    v = obj[key]
-    if isinstance(v, str):
-        no_surrogate(v, key)
-        return v
-    if isinstance(v, list):
-        for i, m in enumerate(v):
-            if not isinstance(m, dict):
-                raise FieldError(f"{key}[{i}]", f"a message must be an object, got {type(m).__name__}")
-            if not isinstance(m.get("content"), str):
-                raise FieldError(f"{key}[{i}].content", "missing" if "content" not in m else
-                                 f"must be a string, got {type(m['content']).__name__}")
-            no_surrogate(m["content"], f"{key}[{i}].content")
-        return v
-    raise FieldError(key, f"must be a string or a list of messages, got {type(v).__name__}")
+    return any_text(obj[key], key)
 
 
 def parse_item(raw: bytes, file: str, line: int) -> ScoringItem:

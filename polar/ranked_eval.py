@@ -32,7 +32,7 @@ import numpy as np
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS, Text, as_text
 from polar.records import FieldError as _Bad
-from polar.records import iter_lines, no_surrogate, parse_jsonl_line
+from polar.records import any_text, iter_lines, no_surrogate, parse_jsonl_line
 
 DEFAULT_CATEGORY = "uncategorized"
 
@@ -56,26 +56,6 @@ class RankedRecord:
 
 
 
-def _text(value, where: str) -> Text:
-    # a lone surrogate is refused here, as every record reader does: found later, it stopped the
-    # scoring with a traceback, or (in a category) the table after every record was scored
-    if isinstance(value, str):
-        no_surrogate(value, where)
-        return value
-    if isinstance(value, list):
-        for i, m in enumerate(value):
-            if not isinstance(m, dict):
-                raise _Bad(f"{where}[{i}]", f"a message must be an object, got {type(m).__name__}")
-            if not isinstance(m.get("content"), str):
-                raise _Bad(f"{where}[{i}].content", "missing" if "content" not in m else
-                           f"must be a string, got {type(m['content']).__name__}")
-            no_surrogate(m["content"], f"{where}[{i}].content")
-        return value
-    if value is None:
-        raise _Bad(where, "missing (or null)")
-    raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
-
-
 def _rank(value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise _Bad(where, f"must be an integer >= 1, got {value!r:.60}")
@@ -85,7 +65,7 @@ def _rank(value, where: str) -> int:
 def _parse(obj) -> RankedRecord:
     if not isinstance(obj, dict):
         raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")
-    prompt = _text(obj.get("prompt"), "prompt")
+    prompt = any_text(obj.get("prompt"), "prompt")
     category = obj.get("category", DEFAULT_CATEGORY)
     if not isinstance(category, str) or not category:
         raise _Bad("category", f"must be a non-empty string, got {category!r:.60}")
@@ -106,12 +86,12 @@ def _parse(obj) -> RankedRecord:
     for i, r in enumerate(resp):
         where = f"responses[{i}]"
         if isinstance(r, dict):
-            texts.append(_text(r.get("text"), f"{where}.text"))
+            texts.append(any_text(r.get("text"), f"{where}.text"))
             if "rank" not in r:
                 raise _Bad(f"{where}.rank", "missing (or give the responses as a list of texts, best first)")
             ranks.append(_rank(r["rank"], f"{where}.rank"))
         else:
-            texts.append(_text(r, where))
+            texts.append(any_text(r, where))
             ranks.append(i + 1)
     first = [i for i, k in enumerate(ranks) if k == 1]
     if len(first) != 1:

@@ -27,7 +27,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from polar.format import WRAPPERS, Text, lone_surrogate
+from polar.format import WRAPPERS, Text, as_text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")
 
@@ -75,10 +75,10 @@ def no_surrogate(text: str, where: str) -> None:
         raise _Bad(where, f"lone surrogate {found} (not valid Unicode text; it cannot be tokenized)")
 
 
-def _text(value, where: str) -> Text:
+def any_text(value, where: str) -> Text:
+    """A str or a message list, possibly empty: FieldError where it is missing (None), mistyped or
+    holds a lone surrogate. Every reader of texts in JSON lines checks them this way."""
     if isinstance(value, str):
-        if not value:
-            raise _Bad(where, "empty text")
         no_surrogate(value, where)
         return value
     if isinstance(value, list):
@@ -90,12 +90,17 @@ def _text(value, where: str) -> Text:
             if not isinstance(msg["content"], str):
                 raise _Bad(f"{where}[{i}].content", f"must be a string, got {type(msg['content']).__name__}")
             no_surrogate(msg["content"], f"{where}[{i}].content")
-        if not "\n".join(m["content"] for m in value):
-            raise _Bad(where, "empty text")
         return value
     if value is None:
         raise _Bad(where, "missing (or null)")
     raise _Bad(where, f"must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _text(value, where: str) -> Text:
+    value = any_text(value, where)
+    if not as_text(value):
+        raise _Bad(where, "empty text")
+    return value
 
 
 def _required(obj: dict, key: str):
