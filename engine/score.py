@@ -156,6 +156,7 @@ class CheckpointScorer:
                               f"model's vocabulary only {self.model_cfg.vocab_size}: pass the tokenizer the model "
                               "was trained with (--tokenizer)")
         self.max_length, self.max_response_length = max_length, max_response_length
+        self.cuts = None  # set by groups()
         self.tp, self.pp, self.precision = tp, pp, precision
         self.rt = None
 
@@ -189,13 +190,15 @@ class CheckpointScorer:
 
     def groups(self, item_lists: list, max_tokens: int = 0) -> list:
         """Per list of ScoringItems: the client's exact ids of each, as one Group, or as a SplitLine
-        of several when one would hold more than `max_tokens` (default: the model's positions)."""
-        from polar.client_format import client_encode_batch
+        of several when one would hold more than `max_tokens` (default: the model's positions).
+        What the client's truncation cut is left in self.cuts."""
+        from polar.client_format import Cuts, client_encode_batch
 
         cap = min(max_tokens or self.model_cfg.max_position_embeddings, self.model_cfg.max_position_embeddings)
         flat = [it for items in item_lists for it in items]
+        self.cuts = Cuts()
         served = client_encode_batch(self.tokenizer, flat, max_length=self.max_length,
-                                     max_response_length=self.max_response_length)
+                                     max_response_length=self.max_response_length, cuts=self.cuts)
         out, k = [], 0
         for items in item_lists:
             out.append(line_groups([s.ids for s in served[k:k + len(items)]], cap))
@@ -328,6 +331,9 @@ def run(args) -> int:
               f"{facts['sequences']:,} packed sequences of {facts['seq_length']} tokens at tp={rt.tp} pp={rt.pp} "
               f"dp={rt.dp}; shared prefixes saved {facts['prefix_tokens_saved']:,} tokens; "
               f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)
+        # a reward read from a response cut to its head never saw its end; nothing in the output says so
+        print(f"the client's truncation (--max-length {args.max_length}, --max-response-length "
+              f"{args.max_response_length}) cut {scorer.cuts} of the input", flush=True)
     shutdown_runtime()
     return 0
 

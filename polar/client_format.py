@@ -28,7 +28,7 @@ two reward strings are the tokenizer's (`reward_sep_text`, `reward_token_text`):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -44,6 +44,27 @@ CLIENT_RESERVED = 4  # <|reward|>, two "\n", the reward token
 class ServedInput:
     text: str  # the string the client sends
     ids: np.ndarray  # int32: what the server tokenizes it to (BOS first, reward token last)
+
+
+@dataclass
+class Cuts:
+    """What rules 3 and 4 cut, counted across the calls given the same Cuts: a reward read from an
+    output cut to its head never saw its end, and nothing in the string says so."""
+
+    items: int = 0  # items formatted
+    outputs: int = 0  # outputs cut to their first max_response_length ids
+    references: int = 0  # the same, of references (one per item: a shared reference counts each time)
+    prompts: int = 0  # prompts that lost text from their start to the budget
+
+    def add(self, other: "Cuts") -> None:
+        self.items += other.items
+        self.outputs += other.outputs
+        self.references += other.references
+        self.prompts += other.prompts
+
+    def __str__(self) -> str:
+        return (f"{self.outputs:,} output(s), {self.references:,} reference(s) and {self.prompts:,} prompt(s) "
+                f"of {self.items:,} item(s)")
 
 
 @dataclass
@@ -79,9 +100,10 @@ def _item(x, i: int) -> ScoringItem:
 
 
 def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLIENT_MAX_LENGTH,
-                 max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH) -> list[str]:
+                 max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH, cuts: Optional[Cuts] = None) -> list[str]:
     """The client's string for each item (dicts with prompt, reference, output and an optional
-    wrapper, or ScoringItem), in a few batched tokenizer calls."""
+    wrapper, or ScoringItem), in a few batched tokenizer calls; `cuts`, when given, is added what
+    the truncation cut."""
     max_length = _check_length("max_length", max_length)
     mr = _check_length("max_response_length", max_response_length)
     items = [_item(x, i) for i, x in enumerate(items)]
@@ -95,15 +117,23 @@ def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLI
             except TypeError as e:
                 raise TypeError(f"item {i}: {field}: {e}") from None
     ids = tokenizer.encode_served_batch(pieces)
-    kept = []
+    kept, references_cut, outputs_cut, prompts_cut = [], 0, 0, 0
     for k in range(len(items)):
         p, r, o = ids[3 * k:3 * k + 3]
+        references_cut += len(r) > mr
+        outputs_cut += len(o) > mr
         # The client's slices, Python semantics included (rule 4's unguarded budget).
         r = r[:mr] if len(r) > mr else r
         o = o[:mr] if len(o) > mr else o
         budget = (max_length - CLIENT_RESERVED - len(r) - len(o)) // 2
+        whole = len(p)
         p = p[-budget:] if len(p) > budget else p
+        # BOS goes first and the decode drops it anyway: text is lost from the second id on (a
+        # budget of 0 keeps the whole prompt: `ids[-0:]`)
+        prompts_cut += len(p) < whole - 1
         kept += [p, r, o]
+    if cuts is not None:
+        cuts.add(Cuts(len(items), outputs_cut, references_cut, prompts_cut))
     p_r_o = tokenizer.decode_batch(kept, skip_special_tokens=True)
     out = []
     for k, it in enumerate(items):
@@ -115,16 +145,17 @@ def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLI
 
 def client_encode_batch(tokenizer: Tokenizer, items: Sequence, *,
                         max_length: int = CLIENT_MAX_LENGTH,
-                        max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH) -> list[ServedInput]:
-    """Per item, the client's string and the ids the server gives it."""
+                        max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH,
+                        cuts: Optional[Cuts] = None) -> list[ServedInput]:
+    """Per item, the client's string and the ids the server gives it (`cuts` as in client_texts)."""
     texts = client_texts(tokenizer, items, max_length=max_length,
-                         max_response_length=max_response_length)
+                         max_response_length=max_response_length, cuts=cuts)
     return [ServedInput(t, ids) for t, ids in zip(texts, tokenizer.encode_served_batch(texts))]
 
 
 def client_encode(tokenizer: Tokenizer, prompt: Text, reference: Text, output: Text,
                   wrapper: str = "sft", *, max_length: int = CLIENT_MAX_LENGTH,
-                  max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH) -> ServedInput:
+                  max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH, cuts: Optional[Cuts] = None) -> ServedInput:
     """One structured input's serving string and ids (module docstring for the rules)."""
     return client_encode_batch(tokenizer, [ScoringItem(prompt, reference, output, wrapper)],
-                               max_length=max_length, max_response_length=max_response_length)[0]
+                               max_length=max_length, max_response_length=max_response_length, cuts=cuts)[0]

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import re
+import threading
 import time
 from typing import Optional, Sequence
 
@@ -416,13 +417,16 @@ def _structured_items(items: Sequence[dict]) -> list:
 class InProcessScorer:
     """The reward model in this process, with the server's batching and shared prefixes: calls
     from several threads are batched together. `score(items)` -> floats; `score_texts(texts)` for
-    strings already in POLAR's serving format."""
+    strings already in POLAR's serving format. `cuts`: what POLAR's truncation cut in the items
+    formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics."""
 
     def __init__(self, scorer, tokenizer, *, max_length: int = 16384, max_response: int = 4096, **batcher_kw):
+        from polar.client_format import Cuts
         from polar.serve.batcher import Batcher
         from polar.serve.items import check_truncation
 
         check_truncation(max_length, max_response)
+        self.cuts, self._cuts_lock = Cuts(), threading.Lock()
         self.scorer = scorer
         self.tokenizer = tokenizer
         self.max_length = max_length
@@ -441,12 +445,16 @@ class InProcessScorer:
         return cls(scorer, load_tokenizer(choose(tokenizer, str(scorer.info.step_dir), "tokenizer")), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
+        from polar.client_format import Cuts
         from polar.serve.items import format_structured
 
         structured = _structured_items(items)
         if not structured:
             return []
-        ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response)]
+        cuts = Cuts()  # this call's, added under the lock: calls come from several threads
+        ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response, cuts)]
+        with self._cuts_lock:
+            self.cuts.add(cuts)
         return [float(x) for x in self.batcher.score_sync(ids)]
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:

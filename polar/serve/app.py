@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.requests import ClientDisconnect
 
+from polar.client_format import Cuts
 from polar.serve import validation
 from polar.serve.batcher import Batcher, Closed, QueueFull
 from polar.serve.items import check_truncation, format_structured, tokenize_served_text
@@ -90,8 +91,9 @@ class Service:
     def items_to_ids(self, items, names: Optional[list[str]] = None) -> list[np.ndarray]:
         """`names[i]`: where item i is in the request, for errors."""
         s = self.settings
+        cuts = Cuts()
         try:
-            ids = [a for _, a in format_structured(self.tokenizer, items, s.max_length, s.max_response)]
+            ids = [a for _, a in format_structured(self.tokenizer, items, s.max_length, s.max_response, cuts)]
         except (TypeError, ValueError) as e:
             raise RequestError(f"cannot format the items: {e}") from None
         limit = self.max_structured_tokens
@@ -101,6 +103,8 @@ class Service:
                                    f"{s.max_length}), more than the model's {limit} positions "
                                    "(max_position_embeddings); shorten its prompt, reference or output, or run "
                                    "the server with a smaller --max-length", 413)
+        for field in ("outputs", "references", "prompts"):
+            self.metrics.cut.labels(field=field[:-1]).inc(getattr(cuts, field))
         return ids
 
     def admit(self, request: Request) -> None:

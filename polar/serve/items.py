@@ -12,11 +12,11 @@ Two kinds of item reach the server:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from polar.client_format import ScoringItem, client_encode_batch
+from polar.client_format import Cuts, ScoringItem, client_encode_batch
 from polar.tokenizer import Tokenizer
 
 Text = Union[str, Sequence[dict]]
@@ -42,14 +42,15 @@ def check_truncation(max_length: int, max_response: int) -> None:
 
 
 def format_structured(tokenizer: Tokenizer, items: Sequence[StructuredItem], max_length: int,
-                      max_response: int) -> list[tuple[str, np.ndarray]]:
+                      max_response: int, cuts: Optional[Cuts] = None) -> list[tuple[str, np.ndarray]]:
     """Per item: (the client's serving string, the ids the model scores: BOS first, the reward
-    token last), exactly as the official client and a server would produce them."""
+    token last), exactly as the official client and a server would produce them; `cuts`, when
+    given, is added what the truncation cut."""
     if not items:
         return []
     served = client_encode_batch(tokenizer, [ScoringItem(it.prompt, it.reference, it.output, it.wrapper)
                                              for it in items],
-                                 max_length=max_length, max_response_length=max_response)
+                                 max_length=max_length, max_response_length=max_response, cuts=cuts)
     return [(s.text, s.ids) for s in served]
 
 

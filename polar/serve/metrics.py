@@ -19,6 +19,12 @@ class Metrics:
                                        "tokens run through the model (shared prefixes counted once)", registry=r)
         self.prefix_saved = Counter("polar_serve_prefix_tokens_saved",
                                     "tokens not computed thanks to shared prefixes", registry=r)
+        # a reward read from an output cut to its head never saw its end: how often, per field
+        self.cut = Counter("polar_serve_truncated", "structured items' fields cut by POLAR's truncation "
+                           "(--max-response for outputs and references, --max-length for prompts)",
+                           ["field"], registry=r)
+        for field in ("output", "reference", "prompt"):  # exported at 0 before the first cut
+            self.cut.labels(field=field)
         self.batch_items = Histogram("polar_serve_batch_items", "items per forward pass",
                                      buckets=_SIZE_BUCKETS, registry=r)
         self.batch_tokens = Histogram("polar_serve_batch_tokens", "padded tokens per forward pass",

@@ -170,3 +170,18 @@ def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
     scorer.score_groups([split, plain], 0)
     assert seen["names"] == ["line 0", "line 0", "line 1"] and seen["seq_length"] == 0
     assert scorer.score_groups([], 0)[0] == []
+
+
+def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint):
+    """A reward read from an output cut to its head never saw its end: the summary says how many."""
+    # byte ids: BOS + the text's bytes; the reference (31 ids) passes 24, the outputs from 24 ids on
+    outputs_cut = sum(len(c.encode()) + 1 > 24 for c in LINE["candidates"])
+    assert 0 < outputs_cut < len(LINE["candidates"])
+    # the prompt's budget (60 - 4 - 24 - |output ids|) // 2 <= 16 ids: every prompt (29 ids) is cut
+    proc = _score(tmp_path, checkpoint, [LINE], "cut", "--max-response-length", "24", "--max-length", "60")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    n = len(LINE["candidates"])
+    assert (f"the client's truncation (--max-length 60, --max-response-length 24) cut {outputs_cut} output(s), "
+            f"{n} reference(s) and {n} prompt(s) of {n} item(s) of the input") in proc.stdout, proc.stdout
+    whole = _score(tmp_path, checkpoint, [LINE], "whole")
+    assert "cut 0 output(s), 0 reference(s) and 0 prompt(s) of 24 item(s)" in whole.stdout, whole.stdout

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polar.client_format import ScoringItem, client_encode, client_encode_batch, client_texts
+from polar.client_format import Cuts, ScoringItem, client_encode, client_encode_batch, client_texts
 from polar.tokenizer import REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer, load_tokenizer
 
 from .test_tokenizer import WORDS, train_bpe
@@ -230,3 +230,50 @@ def test_bad_items():
         client_texts(TOK, ["p"])
     with pytest.raises(ValueError, match="max_length"):
         client_texts(TOK, [], max_length=-1)
+
+
+def test_cuts_count_what_the_truncation_drops_across_calls():
+    cuts = Cuts()
+    # ids: BOS + 6 bytes > 4 kept: the reference is cut; the output ("xy", 3 ids) is not
+    client_encode(TOK, "p", "abcdef", "xy", max_response_length=4, cuts=cuts)
+    assert (cuts.items, cuts.outputs, cuts.references, cuts.prompts) == (1, 0, 1, 0)
+    # every response is past 2 ids; budget (20 - 4 - 2 - 2) // 2 = 6 of the first prompt's 11 ids
+    client_texts(TOK, [{"prompt": "0123456789", "reference": "ab", "output": "cd"},
+                       {"prompt": "q", "reference": "abc", "output": "cde"}],
+                 max_length=20, max_response_length=2, cuts=cuts)
+    assert (cuts.items, cuts.outputs, cuts.references, cuts.prompts) == (3, 2, 3, 1)
+    assert str(cuts) == "2 output(s), 3 reference(s) and 1 prompt(s) of 3 item(s)"
+
+
+def test_a_prompt_losing_only_its_bos_is_not_cut():
+    cuts = Cuts()
+    # budget (20 - 4 - 3 - 3) // 2 = 5 ids of BOS + "01234": the BOS goes, the text stays whole
+    assert client_encode(TOK, "01234", "ab", "cd", max_length=20, cuts=cuts).text.startswith("01234\nab")
+    # budget 0 keeps the whole prompt; -1 drops the BOS only; -2 drops "0" too
+    for max_length in (10, 8):
+        client_encode(TOK, "0123", "ab", "cd", max_length=max_length, cuts=cuts)
+    assert (cuts.items, cuts.outputs, cuts.references, cuts.prompts) == (3, 0, 0, 0)
+    client_encode(TOK, "0123", "ab", "cd", max_length=6, cuts=cuts)
+    assert cuts.prompts == 1
+
+
+def test_cuts_agree_with_the_reference_on_fuzzed_records():
+    records = fuzz_records(600, seed=3)
+    seen = Cuts()
+    for rec, lengths in records:
+        cuts = Cuts()
+        served = client_encode_batch(TOK, [rec], cuts=cuts, **lengths)[0]
+        flat = [v if isinstance(v, str) else "\n".join(m["content"] for m in v)
+                for v in (rec["prompt"], rec["reference"], rec["output"])]
+        p, r, o = (byte_tokenize(t) for t in flat)
+        mr = lengths["max_response_length"]
+        room = (lengths["max_length"] - 4 - min(len(r), mr) - min(len(o), mr)) // 2
+        kept = p[-room:] if len(p) > room else p
+        assert (cuts.items, cuts.references, cuts.outputs) == (1, len(r) > mr, len(o) > mr), (rec, lengths)
+        # text lost: more than the BOS went from the prompt's start
+        assert cuts.prompts == (len(kept) < len(p) - 1), (rec, lengths, served.text)
+        seen.outputs += cuts.outputs
+        seen.references += cuts.references
+        seen.prompts += cuts.prompts
+    # both outcomes reached, for each count
+    assert all(0 < n < len(records) for n in (seen.outputs, seen.references, seen.prompts)), seen

@@ -3,6 +3,7 @@ and /pooling (sglang, vllm, lmdeploy), OpenRLHF's /get_reward, the native /v1/re
 compute_score_batch through polar.reward; rewards equal each item scored alone (fp32, 1e-5)."""
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -457,6 +458,27 @@ def test_a_truncation_cut_inside_a_character_is_scored_as_polar_score_scores_it(
         res = httpx.post(f"{url}/get_reward", json=body, timeout=60)
         assert res.status_code == 200, res.text
         np.testing.assert_allclose(res.json()["rewards"], alone_dynamic([ids]), rtol=0, atol=1e-5)
+
+
+def _cut_counts(url):
+    text = httpx.get(f"{url}/metrics").text
+    return {f: float(re.search(rf'polar_serve_truncated_total{{field="{f}"}} (\S+)', text).group(1))
+            for f in ("output", "reference", "prompt")}
+
+
+def test_metrics_count_what_polar_truncation_cut(dynamic_scorer, tokenizer):
+    """A reward read from an output cut to its head never saw its end: /metrics says how often."""
+    with live_server(dynamic_scorer, tokenizer, max_length=250, max_response=64) as (url, _):
+        assert _cut_counts(url) == {"output": 0, "reference": 0, "prompt": 0}
+        items = [{"prompt": "p", "reference": "r", "output": "o" * 100},  # output: 101 ids > 64
+                 {"prompt": "q" * 300, "reference": "r" * 64, "output": "o"},  # reference: 65 ids; prompt
+                 {"prompt": "p" * 10, "reference": "r" * 63, "output": "o" * 63}]  # 64 ids each: kept whole
+        res = httpx.post(f"{url}/v1/rewards", json={"items": items}, timeout=60)
+        assert res.status_code == 200, res.text
+        assert _cut_counts(url) == {"output": 1, "reference": 1, "prompt": 1}
+        body = {"query": ["p" + "o" * 100], "prompts": ["p"], "labels": ["r"]}  # OpenRLHF's form
+        assert httpx.post(f"{url}/get_reward", json=body, timeout=60).status_code == 200
+        assert _cut_counts(url) == {"output": 2, "reference": 1, "prompt": 1}
 
 
 def test_a_stalled_body_gets_408_and_frees_its_slot(scorer, tokenizer):

@@ -66,6 +66,17 @@ def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
         s.close()
 
 
+def test_in_process_scorer_counts_what_the_truncation_cut_across_threads(scorer, tokenizer):
+    s = reward.InProcessScorer(scorer, tokenizer, max_length=300, max_response=64, max_wait_s=0.01)
+    try:
+        one = [{"prompt": "p", "reference": "r", "output": "o" * 100}, {"prompt": "q", "reference": "r", "output": "o"}]
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            list(pool.map(s.score, [one] * 40))
+        assert (s.cuts.items, s.cuts.outputs, s.cuts.references, s.cuts.prompts) == (80, 40, 0, 0)
+    finally:
+        s.close()
+
+
 @pytest.mark.parametrize("header,expected", [("3", 3.0), ("1000", 8.0), ("0", 0.0), ("-1", None), ("nan", None),
                                              ("inf", None), ("soon", None)])
 def test_a_429s_retry_after_is_used_only_when_it_is_a_usable_wait(header, expected):
