@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, as_text
+from polar.format import WRAPPERS
 from polar.records import FieldError as _Bad
-from polar.records import RecordError, iter_lines, no_surrogate, parse_jsonl_line
+from polar.records import RecordError, any_text, iter_lines, parse_jsonl_line
 
 KINDS = ("record", "group", "output")
 
@@ -39,13 +39,8 @@ class ScoreLine:
 def _text(obj: dict, key: str, where: Optional[str] = None):
     if key not in obj:
         raise _Bad(where or key, "missing")
-    value = obj[key]
-    try:
-        text = as_text(value)
-    except TypeError as e:
-        raise _Bad(where or key, str(e)) from None
-    no_surrogate(text, where or key)  # a legal JSON escape but no character (polar serve: 400)
-    return value
+    # a lone surrogate is a legal JSON escape but no character (polar serve: 400)
+    return any_text(obj[key], where or key)
 
 
 def _parse(obj) -> tuple[str, list]:

@@ -49,8 +49,8 @@ def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
 
 @pytest.mark.parametrize("extra,field", [
     ({"output": "o\udc80"}, "output"),
-    ({"candidates": ["x", {"text": [{"role": "a", "content": "\ud800"}]}]}, "candidates[1].text"),
-    ({"chosen": "a", "rejected": [{"content": "\udfff"}]}, "rejected"),
+    ({"candidates": ["x", {"text": [{"role": "a", "content": "\ud800"}]}]}, "candidates[1].text[0].content"),
+    ({"chosen": "a", "rejected": [{"content": "\udfff"}]}, "rejected[0].content"),
 ])
 def test_a_lone_surrogate_is_a_bad_line_not_a_crash(tmp_path, extra, field):
     # JSON may escape one ("\udc80") but no tokenizer can encode it: `polar score` crashed with a
