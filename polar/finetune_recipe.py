@@ -33,8 +33,9 @@ from typing import Optional
 
 import numpy as np
 
-from engine.config import (ConfigError, EngineConfig, TrainConfig, at_least, existing_path_or_empty, in_range,
-                           one_of, positive, run_directory, setting)
+from engine.config import EngineConfig, TrainConfig
+from engine.setting_checks import (ConfigError, at_least, existing_path_or_empty, in_range, one_of, positive,
+                                   run_directory, setting)
 from polar.pretrain_recipe import RunData
 
 CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import at_least, boolean, one_of, setting
+from engine.setting_checks import at_least, boolean, one_of, setting
 from polar.format import EncodedGroup, encode_groups
 from polar.synthetic import Triplet, make_pool, make_prompts, make_triplets
 from polar.tokenizer import Tokenizer
