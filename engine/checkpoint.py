@@ -32,6 +32,9 @@ MODEL_FILE = "model.json"  # the model settings the weights were saved with (eng
 # them into the linear layers that follow)
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
                 "vocab_size", "add_qkv_bias", "transformer_impl")
+# settings that change what the same weights compute: a run started from a checkpoint's weights may
+# change them (longer contexts, say), a resumed one may not (it went on training another function)
+FUNCTION_FIELDS = ("rotary_base", "norm_epsilon", "rope_scaling", "rope_scaling_factor")
 # megatron's distributed-optimizer formats (engine.config.CheckpointConfig.optimizer_format); a
 # step saved before the setting existed holds the first
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
@@ -237,10 +240,10 @@ def _write_failed(root: Path, partial: Path, error: str) -> CheckpointWriteError
         f"(or set checkpoint.dir), then run the same command again to resume")
 
 
-def check_writable(ckpt_dir: str) -> None:
-    """Raises CheckpointError on every rank when rank 0 cannot write into `ckpt_dir` (created if
-    missing): found at start-up, not at the first save after checkpoint.save_interval steps."""
-    root = Path(ckpt_dir)
+def unwritable(directory: str) -> str:
+    """'' when rank 0 can write into `directory` (created if missing), else the error's text, on
+    every rank (so that every rank stops, not rank 0 alone)."""
+    root = Path(directory)
 
     def probe():
         root.mkdir(parents=True, exist_ok=True)
@@ -248,7 +251,14 @@ def check_writable(ckpt_dir: str) -> None:
         f.write_text("")
         f.unlink()
 
-    error = _on_rank0(dist.get_rank(), probe)
+    return _on_rank0(dist.get_rank(), probe)
+
+
+def check_writable(ckpt_dir: str) -> None:
+    """Raises CheckpointError on every rank when rank 0 cannot write into `ckpt_dir` (created if
+    missing): found at start-up, not at the first save after checkpoint.save_interval steps."""
+    root = Path(ckpt_dir)
+    error = unwritable(ckpt_dir)
     if error:
         raise CheckpointError(f"checkpoint directory {root} is not writable ({error}); the run would lose its "
                               f"checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
@@ -414,18 +424,18 @@ def model_config(step_dir: str):
     return model_config_from(*found)
 
 
-def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = "") -> None:
-    """Raises ConfigError naming every weight-shape setting where the run's model and the checkpoint's
-    recorded model differ (instead of a shape error deep inside the load; named one at a time, each
-    fix met the next refusal); `what` names the step in the message (e.g. "checkpoint.init_from=DIR"),
-    `otherwise` adds the way out besides setting them back."""
+def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = "", fields=SHAPE_FIELDS) -> None:
+    """Raises ConfigError naming every setting of `fields` (the weight shapes) where the run's model and
+    the checkpoint's recorded model differ (instead of a shape error deep inside the load; named one at
+    a time, each fix met the next refusal); `what` names the step in the message (e.g.
+    "checkpoint.init_from=DIR"), `otherwise` adds the way out besides setting them back."""
     from engine.config import ConfigError
 
     found = saved_model_settings(step_dir)
     if found is None:
         return
     saved, where = found
-    differ = [name for name in SHAPE_FIELDS if name in saved and saved[name] != getattr(model_cfg, name)]
+    differ = [name for name in fields if name in saved and saved[name] != getattr(model_cfg, name)]
     if differ:
         raise ConfigError(
             f"{what} holds a model with {', '.join(f'model.{n}={saved[n]}' for n in differ)} (recorded in {where}), "

@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 
 from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
 
-EXIT_CONFIG, EXIT_NONFINITE = 2, 3
+EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
 
 def _stop(rank: int, message: str, code: int) -> int:
@@ -97,6 +97,7 @@ def main(argv=None, recipe=None) -> int:
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    from engine.checkpoint import CheckpointWriteError
     from engine.shard_format import DatasetFormatError
     from engine.trainer import NonFiniteError
 
@@ -112,6 +113,8 @@ def main(argv=None, recipe=None) -> int:
         return EXIT_CONFIG
     except NonFiniteError as e:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
+    except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
+        return _stop(rank, f"error: {e}", EXIT_FAILED)
 
 
 def check_machine(cfg) -> None:
@@ -191,9 +194,10 @@ def check_resume_data(cfg, data, step_dir) -> None:
 
 def check_checkpoints(cfg, derived=()) -> None:
     """The checkpoints a run will load must hold a model of the run's shape, and a resumed run the
-    optimizer, schedule and data-order settings it was saved with (those in `derived`, set by the
-    recipe from its data, are checked once known, by the trainer). A fresh run needs a checkpoint
-    directory of its own: its steps among another run's would be pruned and resumed by step number."""
+    model (shapes and what they compute: RoPE, norms) and the optimizer, schedule, loss and data-order
+    settings it was saved with (those in `derived`, set by the recipe from its data, are checked once
+    known, by the trainer). A fresh run needs a checkpoint directory of its own: its steps among
+    another run's would be pruned and resumed by step number."""
     from engine import checkpoint, resume_checks
 
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
@@ -210,7 +214,8 @@ def check_checkpoints(cfg, derived=()) -> None:
             new_run += (f". checkpoint.init_from={cfg.checkpoint.init_from} is not loaded: a resume from the run's "
                         f"checkpoints ({ckpt_dir}) takes precedence over it")
         checkpoint.check_model_matches(cfg.model, found, f"{found}, the step this run resumes from "
-                                                         "(checkpoint.resume=true),", otherwise=new_run)
+                                                         "(checkpoint.resume=true),", otherwise=new_run,
+                                       fields=checkpoint.SHAPE_FIELDS + checkpoint.FUNCTION_FIELDS)
         state = checkpoint.read_state(found)
         resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
                                           distributed_optimizer=cfg.parallel.distributed_optimizer)
@@ -239,10 +244,18 @@ def run(cfg, recipe) -> int:
         say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
             f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
     say(data.description)
+    # rank 0 writes into both from here on: one that cannot be written (a read-only mount, a file in its
+    # path) stops every rank with a message naming it, not rank 0 alone with a traceback
+    from engine.checkpoint import check_writable, run_checkpoint_dir, unwritable
+
+    error = unwritable(str(run_dir))
+    if error:
+        raise ConfigError(f"run_dir={run_dir} is not writable ({error}); the run writes its config.yaml and "
+                          f"summary.json there: make it writable or set run_dir to a directory that is")
+    check_writable(run_checkpoint_dir(cfg))
     if data.tokenizer:
         import torch.distributed as dist
 
-        from engine.checkpoint import run_checkpoint_dir
         from polar.checkpoint_tokenizer import save_beside
 
         # the checkpoints carry the tokenizer of their ids; written once, by rank 0, after every rank

@@ -1,8 +1,8 @@
 """What a resumed run must agree with in the step it resumes from, checked before the load (megatron
-would ignore a changed setting, or fail deep inside the load): the optimizer, schedule and data-order
-settings, and, for an optimizer state saved as dp_reshardable, the layout and the gradient buckets it
-lies in. The trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint reads the
-step's state (read_state)."""
+would ignore a changed setting, or fail deep inside the load): the optimizer, schedule, loss and
+data-order settings, and, for an optimizer state saved as dp_reshardable, the layout and the gradient
+buckets it lies in. The trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint
+reads the step's state (read_state)."""
 from __future__ import annotations
 
 from engine.checkpoint import read_state
@@ -14,16 +14,19 @@ from engine.config import ConfigError
 # ignored or crash; it is refused instead. train.grad_clip is read afresh every step: it may change.
 OPTIMIZER_SETTINGS = ("lr", "min_lr_ratio", "warmup_steps", "steps", "weight_decay", "adam_beta1", "adam_beta2",
                       "adam_eps")
+# what the steps optimise: a resume that changed them went on with another objective, without a word
+LOSS_SETTINGS = ("loss", "aux_lm_weight")
 # recorded in the loader state (engine.data): the data order is a function of them
 ORDER_SETTINGS = ("global_batch", "seed")
 
 
 def optimizer_settings(train) -> dict:
-    return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS}
+    """The settings a step records (its trainer state's `settings`) and a resume must keep."""
+    return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS + LOSS_SETTINGS}
 
 
 def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, state: dict | None = None) -> None:
-    """Raises ConfigError naming every optimizer, schedule and data-order setting (engine.config.
+    """Raises ConfigError naming every optimizer, schedule, loss and data-order setting (engine.config.
     TrainConfig) that differs from what the step was saved with, except those in `skip` (settings
     not known yet). `derived_from` maps a setting a recipe computes to the setting the user sets
     (the message names that one). A step saved before settings were recorded is not checked.
@@ -40,7 +43,7 @@ def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, stat
                for name, value in saved.items() if name not in skip and now[name] != value]
     if changed:
         raise ConfigError(
-            f"resuming from {step_dir}: {'; '.join(changed)}. A run resumes with the optimizer, schedule and "
+            f"resuming from {step_dir}: {'; '.join(changed)}. A run resumes with the optimizer, schedule, loss and "
             f"data-order settings it was saved with: set them back, or start a new run (a new run_dir) from its "
             f"weights with checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order "
             f"start afresh)")

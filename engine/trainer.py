@@ -133,6 +133,12 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}"
                      + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
                         f"{', '.join(p.name for p in cut)})" if cut else ""))
+            if ck.init_from:
+                # a requeued job names it again (it is no change); another base model meant for a new
+                # run would otherwise be dropped without a word
+                self.log(f"checkpoint.init_from={ck.init_from} is not loaded: the run resumes from its own "
+                         f"checkpoint in {self.ckpt_dir} (a new run from those weights needs a new run_dir or "
+                         f"checkpoint.dir)")
         elif ck.init_from:
             step_dir = checkpoint.resolve(ck.init_from)
             checkpoint.load(step_dir, self.model, None)

@@ -168,3 +168,52 @@ def test_a_setting_this_machine_cannot_run_is_named_before_the_resume_is_compare
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("config error:") == 1 and needle in err and "resumes from" not in err, err
+
+
+def test_a_save_that_fails_during_training_stops_with_one_message_and_no_traceback(tmp_path):
+    """A full disk at a save during training: the error names the checkpoint and what was kept, as a
+    message (exit 1: not the settings' fault), not a traceback from every rank."""
+    script = tmp_path / "full_disk.py"
+    script.write_text("import errno, sys\n"
+                      "from megatron.core import dist_checkpointing\n"
+                      "def full(*a, **k):\n"
+                      "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
+                      "dist_checkpointing.save = full\n"
+                      "from engine.pretrain import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, str(script), f"run_dir={tmp_path}", *SMALL, "train.steps=2", "checkpoint.save_interval=1",
+           "model.num_layers=1", "log.tensorboard=false"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("error: writing the checkpoint") == 1, proc.stderr[-3000:]
+    assert (f"error: writing the checkpoint {tmp_path / 'checkpoints' / 'step_00000001.partial'} failed (OSError: "
+            "[Errno 28] No space left on device); no complete checkpoint was written yet") in proc.stderr
+
+
+def test_a_run_directory_that_cannot_be_written_is_named_at_start_up(tmp_path):
+    """A file in the run directory's path (or a read-only mount): one config error naming it, before
+    training, not a traceback."""
+    (tmp_path / "a_file").write_text("")
+    run_dir = tmp_path / "a_file" / "run"
+    proc = run("train.steps=2", "model.num_layers=1", f"run_dir={run_dir}", tmp_path=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("config error:") == 1, proc.stderr[-3000:]
+    assert f"config error: run_dir={run_dir} is not writable (NotADirectoryError" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_resume_into_a_model_that_computes_otherwise_is_refused(tmp_path, capsys):
+    """The same weight shapes, another function: RoPE base and scaling and the norms' epsilon change
+    what the resumed weights compute, so a resume refuses them as it does a shape (a run started from
+    the weights with checkpoint.init_from may change them)."""
+    from engine.pretrain import main
+
+    step = _step_of_model(tmp_path / "run" / "checkpoints" / "step_00000004", rotary_base=500000.0,
+                          norm_epsilon=1e-6)
+    assert main([f"run_dir={tmp_path / 'run'}", *SMALL, "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("config error:") == 1 and f"config error: {step}, the step this run resumes from" in err, err
+    assert "model.rotary_base=500000.0, model.norm_epsilon=1e-06 (recorded in" in err, err
+    assert "set model.rotary_base=500000.0 model.norm_epsilon=1e-06" in err, err

@@ -22,13 +22,13 @@ SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_head
          "log.tensorboard=false"]
 
 
-def make_trainer(runtime, run_dir, *overrides, evals=None):
+def make_trainer(runtime, run_dir, *overrides, evals=None, log=None):
     from engine.data import PackedGroups
     from engine.trainer import Trainer
 
     cfg = load_config(EngineConfig, None, SMALL + [f"run_dir={run_dir}", *overrides])
     data = PackedGroups(random_groups(3, 40, 64, 64), 64)
-    return Trainer(cfg, runtime, data, str(run_dir), pad_id=0, log=lambda *a, **k: None, evals=evals)
+    return Trainer(cfg, runtime, data, str(run_dir), pad_id=0, log=log or (lambda *a, **k: None), evals=evals)
 
 
 def params(trainer):
@@ -141,6 +141,32 @@ def test_a_resume_refuses_changed_optimizer_settings_and_an_old_checkpoint_resum
     state_file.write_text(json.dumps(state))
     resumed = make_trainer(runtime, tmp_path)
     assert resumed.step == 2 and [r["step"] for r in resumed.fit()] == [1, 2, 3, 4]
+
+
+def test_a_resume_refuses_a_changed_loss(runtime, tmp_path):
+    """The loss decides what the steps optimise: a requeued job whose config switched it went on
+    silently with another objective, its logged loss no longer comparable with the rows before."""
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.aux_lm_weight=0.5").fit()
+    step = checkpoint.latest(str(tmp_path / "checkpoints"))
+    with pytest.raises(ConfigError) as err:
+        make_trainer(runtime, tmp_path, "train.loss=infonce", "train.aux_lm_weight=0.2")
+    msg = str(err.value)
+    for part in ("train.loss=pairwise when saved, infonce now", "train.aux_lm_weight=0.5 when saved, 0.2 now",
+                 f"checkpoint.init_from={step}"):
+        assert part in msg, msg
+    assert make_trainer(runtime, tmp_path, "train.aux_lm_weight=0.5", "train.grad_clip=0.5").step == 2
+
+
+def test_a_resume_says_that_a_checkpoint_to_initialise_from_is_not_loaded(runtime, tmp_path):
+    """Another base model named in checkpoint.init_from, same shape and data, same run_dir (a second
+    fine-tuning, say): the run went on with the first one's weights without a word."""
+    make_trainer(runtime, tmp_path / "base", "train.exit_at_step=1").fit()
+    make_trainer(runtime, tmp_path / "run", "train.exit_at_step=2").fit()
+    lines = []
+    resumed = make_trainer(runtime, tmp_path / "run", f"checkpoint.init_from={tmp_path / 'base'}",
+                           log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    assert resumed.step == 2
+    assert any(f"checkpoint.init_from={tmp_path / 'base'} is not loaded: the run resumes" in x for x in lines), lines
 
 
 def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtime, tmp_path):
