@@ -47,7 +47,8 @@ def run(ds, args, compute_s: float, prefetch: bool) -> tuple[float, float]:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the docstring's first paragraph: its first line alone stopped --help mid-sentence
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--shards", type=at_least(1), default=16)
     ap.add_argument("--sequences", type=at_least(1), default=8, help="packed sequences per shard")
     ap.add_argument("--seq-length", type=int, default=16384)

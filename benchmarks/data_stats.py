@@ -71,7 +71,8 @@ def measure(path: str, mode: str, workers: int = 1) -> dict:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the docstring's first paragraph: its first line alone stopped --help mid-sentence
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     shard_arguments(ap, 10_000_000)
     ap.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2],
                     help="worker processes of the per-shard rows")

@@ -86,7 +86,8 @@ def pages_touched(ds: IndexedDataset, order: np.ndarray) -> int:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the docstring's first paragraph: its first line alone stopped --help mid-sentence
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--groups", type=at_least(1), default=4_000_000)
     ap.add_argument("--groups-per-sequence", type=at_least(1), default=64,
                     help=f"at most {SEQ_LENGTH // 4} (4 tokens a group in {SEQ_LENGTH}-token sequences)")

@@ -94,7 +94,8 @@ def engine_against_map(ds: IndexedDataset, mapped_reader, path: str, order, used
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    # the docstring's first paragraph: its first line alone stopped --help mid-sentence
+    ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--sequences", type=at_least(1), default=12000)
     ap.add_argument("--seq-length", type=at_least(64), default=16384)
     ap.add_argument("--reads", type=at_least(1), default=200)

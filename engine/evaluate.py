@@ -26,12 +26,15 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")
     ap.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the checkpoint's)")
-    ap.add_argument("--max-length", type=int, default=16384)
-    ap.add_argument("--max-response-length", type=int, default=4096)
+    ap.add_argument("--max-length", type=int, default=16384, help="the client's max_length (default 16384)")
+    ap.add_argument("--max-response-length", type=int, default=4096,
+                    help="the client's max_response_length (default 4096)")
     ap.add_argument("--seq-length", type=int, default=0, help="packed sequence length (default: the longest record)")
-    ap.add_argument("--tp", type=int, default=1)
-    ap.add_argument("--pp", type=int, default=1)
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world size divided by tp x pp "
+                                                     "is data parallel)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
     return ap.parse_args(argv)
 

@@ -326,7 +326,12 @@ class IndexedDataset:
         elif self.path.with_name(self.path.name + ".idx").is_file():
             idx = [self.path.with_name(self.path.name + ".idx")]
         else:
-            raise DatasetFormatError(f"{self.path}: no such dataset directory or shard")
+            # `ds/part-00000-of-00001.idx` exists, but a shard is named without its suffix: say so
+            stem = self.path.with_suffix("")
+            hint = (f" (a shard is named without its suffix: {stem})"
+                    if self.path.suffix in (".idx", ".bin", ".json") and stem.with_name(stem.name + ".idx").is_file()
+                    else "")
+            raise DatasetFormatError(f"{self.path}: no such dataset directory or shard{hint}")
         self._files = OpenFiles()
         self.shards = [_Shard(p, self._files) for p in idx]
         if self.path.is_dir():

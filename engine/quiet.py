@@ -35,6 +35,14 @@ _WARNINGS = (
      "torch's checkpoint planner on megatron's checkpoint format, which is what dist_checkpointing writes"),
 )
 
+# (category, message regex, why): benign only on a CPU, so silenced by the runtime once it runs there
+_CPU_WARNINGS = (
+    (UserWarning, r"When using (async grad allreduce|sequence parallelism) it is recommended to set the "
+                  r"environment variable CUDA_DEVICE_MAX_CONNECTIONS",
+     "megatron's tensor-parallel linear layers ask for it to order CUDA streams; a CPU run has none, and "
+     "every TP > 1 run on CPU printed it once per rank"),
+)
+
 
 class _DropPrefixes(logging.Filter):
     def __init__(self, prefixes):
@@ -56,4 +64,12 @@ def silence_known_warnings() -> None:
         if not any(isinstance(f, _DropPrefixes) for f in logger.filters):
             logger.addFilter(_DropPrefixes(prefixes))
     for category, message, _ in _WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+def silence_cpu_warnings() -> None:
+    """_CPU_WARNINGS, for a process that runs on the CPU (engine.runtime calls it there)."""
+    if os.environ.get("POLAR_SHOW_ALL_WARNINGS") == "1":
+        return
+    for category, message, _ in _CPU_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category)

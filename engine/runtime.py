@@ -154,8 +154,10 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         backend = "nccl"
     else:
         from engine import cpu_compat
+        from engine.quiet import silence_cpu_warnings
 
         cpu_compat.apply()
+        silence_cpu_warnings()  # megatron's CUDA-only hints (engine/quiet.py)
         device = torch.device("cpu")
         backend = "gloo"
     timeout = datetime.timedelta(minutes=par.timeout_minutes)

@@ -536,15 +536,19 @@ def parse_args(argv):
                          "--seq-length after it gets a shorter prompt, counted in the report")
     ap.add_argument("--max-response", type=int, default=4096, help="reference/candidate head kept (default 4096)")
     ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"), help="for records without one (default sft)")
-    ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"))
-    ap.add_argument("--workers", type=int, default=1, help="worker processes (output is the same for any number)")
-    ap.add_argument("--chunk-records", type=int, default=8192, help="lines per independently packed chunk")
+    ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"),
+                    help="best_fit: best-fit decreasing, fewest sequences (default); ordered: input order, a "
+                         "new sequence when the next group does not fit")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="worker processes (default 1; the output is the same for any number)")
+    ap.add_argument("--chunk-records", type=int, default=8192,
+                    help="lines per independently packed chunk (default 8192)")
     ap.add_argument("--num-shards", type=int, default=1, help="machines sharing the build")
     ap.add_argument("--shard-index", type=int, default=0, help="this machine's shard, 0..num_shards-1")
     ap.add_argument("--on-error", default="fail", choices=ON_ERROR,
                     help="fail: stop at the first bad record; skip: write it to the rejects file and go on")
     ap.add_argument("--rejects", default="", help="rejects JSONL (default: <output>/<shard>.rejects.jsonl)")
-    ap.add_argument("--seed", type=int, default=0, help="orders the packed sequences within each chunk")
+    ap.add_argument("--seed", type=int, default=0, help="orders the packed sequences within each chunk (default 0)")
     ap.add_argument("--force", action="store_true", help="replace an existing shard of the same name")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)

@@ -260,8 +260,11 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each listed with its reason in "
              f"{Path(cfg.run_dir) / REJECTS_FILE} when the run starts", flush=True)
     if len(train) < cfg.train.global_batch:
+        # what to change, since the README's own commands meet this with a small example file
         raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
-                          f"{len(train)} sequences of {cfg.data.seq_length} tokens")
+                          f"{len(train)} sequences of {cfg.data.seq_length} tokens: set train.global_batch to "
+                          f"at most {len(train)}, or a smaller data.seq_length (more, shorter sequences), "
+                          f"or give more records")
     # sequences in the requested epochs, from the epochs as written (1.1 x 50 is 55, not the float 55.00000000000001)
     wanted = math.ceil(Fraction(repr(f.epochs)) * len(train))
     steps = max(1, math.ceil(wanted / cfg.train.global_batch))

@@ -89,6 +89,11 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
     errors, n_bad, n_done = [], 0, 0
     fd, tmp = tempfile.mkstemp(prefix=".polar_format.", dir=out_dir)
     try:
+        # mkstemp makes the file 0600, and os.replace keeps that mode: give the output the mode any new
+        # file gets (0666 less the umask), as the other tools' outputs have
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             chunk = []
 

@@ -295,13 +295,41 @@ def checkpoint_line(shape: Shape, layout: Layout, gpus_per_node: int) -> str:
             f"TP{layout.tp}xPP{layout.pp}{f'xVPP{layout.vpp}' if layout.vpp else ''} only")
 
 
+_LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "micro_batch", "recompute", "sequence_parallel", "distributed_optimizer")
+_RECOMPUTE = ("none", "selective", "full")
+
+
 def _layout_from_dict(d: dict, gpus: int) -> Layout:
-    tp, pp = int(d.get("tp", 1)), int(d.get("pp", 1))
-    dp = int(d.get("dp", gpus // (tp * pp)))
+    # a misspelt key or value named, not dropped or passed on: `"tpp": 2` planned TP1 silently, and
+    # `"recompute": "ful"` was planned as no recomputation
+    if not isinstance(d, dict):
+        raise ValueError(f"layout: expected an object {{{', '.join(_LAYOUT_KEYS)}}}, got {d!r}")
+    unknown = sorted(set(d) - set(_LAYOUT_KEYS))
+    if unknown:
+        raise ValueError(f"layout: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"the keys: {', '.join(_LAYOUT_KEYS)}")
+
+    def whole(key: str, default) -> int:
+        value = d.get(key, default)
+        try:  # 2, 2.0 and "2", not 2.5, true or "two"
+            n = int(value)
+            ok = not isinstance(value, bool) and n >= 1 and (n == value or str(n) == value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"layout.{key}: expected a whole number >= 1, got {value!r}")
+        return n
+
+    tp, pp = whole("tp", 1), whole("pp", 1)
+    dp = whole("dp", max(1, gpus // (tp * pp)))
     if tp * pp * dp != gpus:
         raise ValueError(f"layout {d}: tp x pp x dp = {tp * pp * dp}, but gpus = {gpus}")
-    return Layout(tp=tp, pp=pp, dp=dp, vpp=d.get("vpp"), micro_batch=int(d.get("micro_batch", 1)),
-                  recompute=d.get("recompute", "none"),
+    vpp = None if d.get("vpp") is None else whole("vpp", None)
+    recompute = d.get("recompute", "none")
+    if recompute not in _RECOMPUTE:
+        raise ValueError(f"layout.recompute: expected one of {', '.join(_RECOMPUTE)}, got {recompute!r}")
+    return Layout(tp=tp, pp=pp, dp=dp, vpp=vpp, micro_batch=whole("micro_batch", 1),
+                  recompute=recompute,
                   sequence_parallel=bool(d.get("sequence_parallel", tp > 1)),
                   distributed_optimizer=bool(d.get("distributed_optimizer", True)))
 

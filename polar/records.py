@@ -103,9 +103,22 @@ def _text(value, where: str) -> Text:
     return value
 
 
+def misspelt(obj: dict, *fields: str) -> str:
+    """`; 'chosn' given: is it 'chosen'?` for a key of `obj` close to one of `fields`, else "". A
+    record's other keys are metadata and allowed, so a misspelt field was reported only as missing."""
+    import difflib
+
+    for key in obj:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.75)
+            if near:
+                return f"; {key!r} given: is it {near[0]!r}?"
+    return ""
+
+
 def _required(obj: dict, key: str):
     if key not in obj:
-        raise _Bad(key, "missing")
+        raise _Bad(key, "missing" + misspelt(obj, key))
     return obj[key]
 
 
@@ -157,12 +170,13 @@ def _parse(obj) -> Record:
         texts, labels = _candidates(obj)
     else:
         if not has_pair:
-            raise _Bad("candidates", "missing (or chosen and rejected)")
+            raise _Bad("candidates", "missing (or chosen and rejected)"
+                       + misspelt(obj, "candidates", "chosen", "rejected"))
         for key in ("chosen", "rejected"):
             if key not in obj:  # "rejected: missing" alone did not say what the record is short of
                 other = "rejected" if key == "chosen" else "chosen"
                 raise _Bad(key, f"missing: a record with {other} needs {key} too (the pair), or gives "
-                                "candidates instead")
+                                "candidates instead" + misspelt(obj, key))
         texts = [_text(obj["chosen"], "chosen"), _text(obj["rejected"], "rejected")]
         labels = [1, 0]
     wrapper = obj.get("wrapper")

@@ -23,7 +23,7 @@ from typing import Optional
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS
 from polar.records import FieldError as _Bad
-from polar.records import RecordError, any_text, iter_lines, parse_jsonl_line
+from polar.records import RecordError, any_text, iter_lines, misspelt, parse_jsonl_line
 
 KINDS = ("record", "group", "output")
 
@@ -38,9 +38,16 @@ class ScoreLine:
 
 def _text(obj: dict, key: str, where: Optional[str] = None):
     if key not in obj:
-        raise _Bad(where or key, "missing")
+        raise _Bad(where or key, "missing" + (misspelt(obj, key) if where is None else ""))
     # a lone surrogate is a legal JSON escape but no character (polar serve: 400)
     return any_text(obj[key], where or key)
+
+
+def _misspelt(obj: dict) -> str:
+    """records.misspelt for the output fields, and a word on polar serve's /v1/rewards shape."""
+    if "outputs" in obj:  # a list of outputs is a group here
+        return "; 'outputs' given: a list of outputs is given here as candidates"
+    return misspelt(obj, "chosen", "rejected", "candidates", "output")
 
 
 def _parse(obj) -> tuple[str, list]:
@@ -73,7 +80,7 @@ def _parse(obj) -> tuple[str, list]:
     elif "output" in obj:
         outs, kind = [_text(obj, "output")], "output"
     else:
-        raise _Bad("output", "missing (a line needs chosen/rejected, candidates or output)")
+        raise _Bad("output", "missing (a line needs chosen/rejected, candidates or output)" + _misspelt(obj))
     return kind, [ScoringItem(prompt, reference, o, wrapper) for o in outs]
 
 

@@ -117,9 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--part", type=int, default=0,
                     help="which independent draw from the pool (default 0): files of other parts share no draw, "
                          "e.g. training records (part 0) and their held-out records (part 1)")
-    ap.add_argument("--train-policies", type=int, default=d.train_policies)
-    ap.add_argument("--held-out-policies", type=int, default=d.held_out_policies)
-    ap.add_argument("--prompts", type=int, default=d.prompts)
+    # the pool's shape: the default run's (synthetic.*) unless a run changed it, then the same values here
+    ap.add_argument("--train-policies", type=int, default=d.train_policies,
+                    help=f"policies the run trains on, `seen` (default {d.train_policies}: synthetic.train_policies)")
+    ap.add_argument("--held-out-policies", type=int, default=d.held_out_policies,
+                    help=f"policies it never sees, `held-out` (default {d.held_out_policies}: "
+                         "synthetic.held_out_policies)")
+    ap.add_argument("--prompts", type=int, default=d.prompts,
+                    help=f"the pool's prompts (default {d.prompts}: synthetic.prompts)")
     ap.add_argument("--force", action="store_true", help="replace an existing output file")
     return ap
 

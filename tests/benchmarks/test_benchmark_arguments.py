@@ -107,3 +107,15 @@ def test_the_shared_count_type_names_what_is_wrong(kind, text, message):
     with pytest.raises(argparse.ArgumentTypeError, match=message):
         at_least(1, kind)(text)
     assert at_least(1, kind)("3") == 3 and isinstance(at_least(1, kind)("3"), kind)
+
+
+def test_help_descriptions_end_where_their_sentence_does():
+    # `--help` of five scripts opened with the docstring's first line (`description=__doc__.splitlines()[0]`),
+    # which ended mid-sentence ("... training-loop time per step with the"); they now take its first paragraph
+    import ast
+
+    for path in sorted((ROOT / "benchmarks").glob("*.py")):
+        text = path.read_text()
+        if "description=__doc__.splitlines()[0]" in text:
+            first = ast.get_docstring(ast.parse(text), clean=False).split("\n\n")[0]
+            assert "\n" not in first.strip(), f"{path.name}: --help shows only the first line of {first!r}"

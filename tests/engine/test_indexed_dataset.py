@@ -95,6 +95,15 @@ def test_damaged_shards_are_named(tmp_path, packed, damage, needle):
         IndexedDataset(tmp_path)
 
 
+@pytest.mark.parametrize("suffix", [".idx", ".bin", ".json"])
+def test_a_shard_named_by_one_of_its_files_is_told_its_name(tmp_path, packed, suffix):
+    # `polar data stats ds/p.idx` said only "no such dataset directory or shard", of a file that exists
+    write(tmp_path / "p", packed)
+    with pytest.raises(DatasetFormatError, match=f"a shard is named without its suffix: {tmp_path / 'p'}\\)"):
+        IndexedDataset(tmp_path / f"p{suffix}")
+    assert IndexedDataset(tmp_path / "p").seq_length == packed.seq_length
+
+
 def test_shards_must_agree_and_a_dataset_must_exist(tmp_path):
     with pytest.raises(DatasetFormatError, match="no such dataset"):
         IndexedDataset(tmp_path / "nothing")

@@ -150,3 +150,23 @@ def test_a_process_count_below_one_is_refused_by_name(capsys, command, nproc):
         cli.main([command, "--nproc", nproc, "train.steps=1"])
     assert e.value.code == 2
     assert f"--nproc: must be a positive integer, got {nproc}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["data", "synthetic"], ["data", "build"], ["data", "stats"], ["eval"], ["format"],
+                                  ["hparams"], ["plan"], ["sample"], ["convert", "hf-to-engine"]])
+def test_every_option_of_a_tool_says_what_it_does(monkeypatch, argv):
+    """`--help` listed --train-policies, --held-out-policies, --prompts (data synthetic), --packing
+    (data build), --max-length, --tp, --pp, --precision (eval) with no word on what they do."""
+    import argparse
+
+    seen = []
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", capture)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    bare = [a.option_strings[-1] for a in seen[0]._actions if a.option_strings and not a.help]
+    assert not bare, f"polar {' '.join(argv)}: options without a help text: {bare}"

@@ -187,3 +187,13 @@ def test_every_model_setting_init_from_differs_in_is_named_at_once(tmp_path, cap
         err = capsys.readouterr().err
         assert (f"config error: checkpoint.init_from={step} holds a model with model.hidden_size=64, "
                 "model.ffn_hidden_size=176") in err and "set model.hidden_size=64 model.ffn_hidden_size=176" in err, err
+
+
+def test_too_few_sequences_for_the_batch_says_what_to_change(tmp_path):
+    # `polar finetune ... data.seq_length=16384` (the README's line) on the 200 example records named
+    # the problem only: "the fine-tuning data packs into only 3 sequences of 16384 tokens"
+    cfg = _one_per_sequence(tmp_path, 5, "train.global_batch=8")
+    with pytest.raises(ConfigError, match=re.escape(
+            "train.global_batch=8: the fine-tuning data packs into only 5 sequences of 128 tokens: set "
+            "train.global_batch to at most 5, or a smaller data.seq_length")):
+        recipe.prepare_data(cfg)

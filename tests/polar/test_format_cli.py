@@ -109,3 +109,17 @@ def test_lines_that_would_raise_are_reported_not_raised(tmp_path, capsys):
     assert f"{inp}:5: prompt[0].content: lone surrogate U+DC80" in err
     assert f"{inp}:6: output: given twice in one object" in err
     assert "5 bad line(s)" in err and not out.exists()
+
+
+def test_output_gets_the_mode_of_any_new_file(tmp_path):
+    # the output was written through mkstemp, whose 0600 mode os.replace kept: unreadable to the group
+    import os
+
+    inp = write_lines(tmp_path / "in.jsonl", [json.dumps(ITEMS[0])])
+    out = tmp_path / "o.jsonl"
+    old = os.umask(0o022)
+    try:
+        assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o644

@@ -136,6 +136,24 @@ def test_a_bad_measurement_file_is_named(tmp_path, capsys):
     assert str(path) in err and "run 0" in err
 
 
+@pytest.mark.parametrize("layout,named", [
+    ({"tpp": 2}, "layout: unknown key(s) 'tpp'"),  # was planned as TP1, silently
+    ({"tp": "two"}, "layout.tp: expected a whole number >= 1, got 'two'"),
+    ({"tp": 2, "micro_batch": 1.5}, "layout.micro_batch: expected a whole number >= 1, got 1.5"),
+    ({"tp": 2, "recompute": "ful"}, "layout.recompute: expected one of none, selective, full, got 'ful'"),
+])
+def test_a_misspelt_layout_key_or_value_is_named(tmp_path, capsys, layout, named):
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps([{"config": "polar_7b", "gpu": "H100", "gpus": 64, "layout": layout}]))
+    assert plan.main(["--measured", str(path)]) == 2
+    assert f"--measured {path}: run 0: {named}" in capsys.readouterr().err
+
+
+def test_layout_numbers_as_json_writes_them_are_read():
+    layout = plan._layout_from_dict({"tp": "2", "pp": 2.0, "vpp": 2, "recompute": "full"}, 16)
+    assert (layout.tp, layout.pp, layout.dp, layout.vpp, layout.recompute) == (2, 2, 4, 2, "full")
+
+
 def test_every_candidate_is_a_layout_the_engine_accepts():
     from engine.config import ParallelConfig, TrainConfig
     from engine.runtime import validate_layout

@@ -54,6 +54,13 @@ GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
      "missing: a record with chosen needs rejected too (the pair), or gives candidates instead"),
     (line({k: v for k, v in GOOD.items() if k != "chosen"}), "chosen", "missing: a record with rejected needs chosen"),
     (line({"prompt": "p", "reference": "r"}), "candidates", "missing"),
+    # a misspelt field is named: other keys are metadata, so it was reported only as missing
+    (line({**{k: v for k, v in GOOD.items() if k != "rejected"}, "rejectd": "x"}), "rejected",
+     "or gives candidates instead; 'rejectd' given: is it 'rejected'?"),
+    (line({**{k: v for k, v in GOOD.items() if k != "reference"}, "referenc": "r"}), "reference",
+     "missing; 'referenc' given: is it 'reference'?"),
+    (line({"prompt": "p", "reference": "r", "candidate": [{"text": "a", "label": 1}]}), "candidates",
+     "missing (or chosen and rejected); 'candidate' given: is it 'candidates'?"),
     (line({**GOOD, "wrapper": "chat"}), "wrapper", "must be one of sft, pretrain"),
     (line({**GOOD, "candidates": []}), "candidates", "not both"),
     (line({"prompt": "p", "reference": "r", "candidates": [{"text": "a", "label": 1}]}), "candidates", "at least 2"),

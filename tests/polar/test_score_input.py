@@ -37,6 +37,11 @@ def test_each_shape_gives_its_items_and_output_row(tmp_path):
     ({"chosen": "a", "rejected": "b", "candidates": ["x"]}, "candidates", "not chosen/rejected and candidates"),
     ({"candidates": []}, "candidates", "non-empty list"),
     ({}, "output", "missing"),
+    # a misspelt field was reported only as `output: missing`, since other keys are metadata
+    ({"candidate": ["x"], "id": 3}, "output", "missing (a line needs chosen/rejected, candidates or output); "
+                                              "'candidate' given: is it 'candidates'?"),
+    ({"ouput": "o"}, "output", "'ouput' given: is it 'output'?"),
+    ({"outputs": ["x", "y"]}, "output", "'outputs' given: a list of outputs is given here as candidates"),
 ])
 def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
     path = write(tmp_path / "in.jsonl", [{**BASE, "output": "fine"}, {**BASE, **extra}])
