@@ -50,7 +50,8 @@ def parse_args(argv=None):
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world size divided by tp x pp "
                                                        "is data parallel)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                    help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (`polar score` runs torchrun "
                                                          "when > 1; under torchrun it is the world size)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),

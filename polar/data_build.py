@@ -534,7 +534,9 @@ def parse_args(argv):
     ap.add_argument("--max-length", type=int, default=0,
                     help="POLAR max_length for truncation (default: --seq-length); a group longer than "
                          "--seq-length after it gets a shorter prompt, counted in the report")
-    ap.add_argument("--max-response", type=int, default=4096, help="reference/candidate head kept (default 4096)")
+    # --max-response-length: the name of `polar score`, `polar eval` and `polar format` (the client's)
+    ap.add_argument("--max-response", "--max-response-length", type=int, default=4096,
+                    help="reference/candidate head kept (default 4096)")
     ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"), help="for records without one (default sft)")
     ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"),
                     help="best_fit: best-fit decreasing, fewest sequences (default); ordered: input order, a "

@@ -22,12 +22,22 @@ import sys
 def parse_args(argv=None):
     from engine.config import ATTENTION_BACKENDS
 
-    ap = argparse.ArgumentParser(prog="polar serve", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter):
+        """The module docstring as written, and each option's default after its help where the help
+        does not already say it."""
+
+        def _get_help_string(self, action):
+            text = action.help or ""
+            if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+                return text
+            return f"{text} (default: %(default)s)"
+
+    ap = argparse.ArgumentParser(prog="polar serve", description=__doc__, formatter_class=Formatter)
     ap.add_argument("--checkpoint", required=True,
                     help="engine checkpoint: a run directory, its checkpoints/ directory or one step_N directory")
-    ap.add_argument("--host", default="127.0.0.1")
-    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--host", default="127.0.0.1",
+                    help="address to listen on (0.0.0.0 for every interface; set --api-key-env then)")
+    ap.add_argument("--port", type=int, default=8000, help="port to listen on")
     ap.add_argument("--tokenizer", default=None,
                     help="'byte' or a directory holding tokenizer.json (default: the one the run trained with)")
     ap.add_argument("--model-name", default="polar", help="the name answers report")
@@ -40,7 +50,8 @@ def parse_args(argv=None):
                     help="several groups per packed row (auto: on with the triton attention kernel, off with "
                          "the torch reference, whose dense mask costs row_length^2)")
     ap.add_argument("--max-queue", type=int, default=8192, help="items waiting before requests get 429")
-    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024,
+                    help="largest request body; a longer one gets 413")
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
     ap.add_argument("--max-preparing", type=int, default=32,
                     help="requests being read, parsed and tokenized at once; more get 429 before their body is read")
@@ -51,7 +62,9 @@ def parse_args(argv=None):
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
-    ap.add_argument("--max-response", type=int, default=4096, help="POLAR truncation of reference and output")
+    # --max-response-length is the name `polar score`, `polar eval` and `polar format` use (the client's)
+    ap.add_argument("--max-response", "--max-response-length", type=int, default=4096,
+                    help="POLAR truncation of reference and output")
     ap.add_argument("--max-item-tokens", type=int, default=0,
                     help="longest already-formatted text (/classify, /pooling) accepted, in tokens (default: "
                          "max-length + 1); never more than the model's max_position_embeddings. Structured "

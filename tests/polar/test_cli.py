@@ -153,7 +153,8 @@ def test_a_process_count_below_one_is_refused_by_name(capsys, command, nproc):
 
 
 @pytest.mark.parametrize("argv", [["data", "synthetic"], ["data", "build"], ["data", "stats"], ["eval"], ["format"],
-                                  ["hparams"], ["plan"], ["sample"], ["convert", "hf-to-engine"]])
+                                  ["hparams"], ["plan"], ["sample"], ["convert", "hf-to-engine"],
+                                  ["score"], ["serve"]])
 def test_every_option_of_a_tool_says_what_it_does(monkeypatch, argv):
     """`--help` listed --train-policies, --held-out-policies, --prompts (data synthetic), --packing
     (data build), --max-length, --tp, --pp, --precision (eval) with no word on what they do."""
@@ -170,3 +171,14 @@ def test_every_option_of_a_tool_says_what_it_does(monkeypatch, argv):
         cli.main(argv)
     bare = [a.option_strings[-1] for a in seen[0]._actions if a.option_strings and not a.help]
     assert not bare, f"polar {' '.join(argv)}: options without a help text: {bare}"
+
+
+def test_the_response_truncation_has_the_clients_name_in_every_tool():
+    """`polar score`, `eval` and `format` say --max-response-length (the client's max_response_length);
+    `polar serve` and `polar data build` said only --max-response."""
+    from polar import data_build
+    from polar.serve import server
+
+    assert data_build.parse_args(["in.jsonl", "-o", "ds", "--max-response-length", "7"]).max_response == 7
+    assert server.parse_args(["--checkpoint", "c", "--max-response-length", "7"]).max_response == 7
+    assert server.parse_args(["--checkpoint", "c", "--max-response", "9"]).max_response == 9
