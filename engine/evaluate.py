@@ -42,8 +42,10 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    from engine.cuda_env import order_tp_launches
     from engine.quiet import silence_known_warnings
 
+    order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
     try:
         return run(args, rank)

@@ -83,6 +83,9 @@ def main(argv=None, recipe=None) -> int:
             if rank == 0:
                 print(dump_yaml(cfg))
             return 0
+        from engine.cuda_env import order_tp_launches
+
+        order_tp_launches(cfg.parallel.tp)  # before the first CUDA call (check_machine makes one)
         check_machine(cfg)
         recipe.check(cfg)
         check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))

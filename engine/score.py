@@ -261,8 +261,10 @@ class CheckpointScorer:
 def main(argv=None) -> int:
     args = parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
+    from engine.cuda_env import order_tp_launches
     from engine.quiet import silence_known_warnings
 
+    order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
     try:
         return run(args)

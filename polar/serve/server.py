@@ -173,7 +173,10 @@ def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeo
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from engine.cuda_env import order_tp_launches
     from engine.inference import RewardScorer
+
+    order_tp_launches(args.tp)  # before the first CUDA call
 
     try:
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
