@@ -14,6 +14,8 @@ so this module only says *what* went wrong:
 """
 from __future__ import annotations
 
+import datetime
+import email.utils
 import http.client
 import json
 import random
@@ -75,11 +77,22 @@ def request_body(policy: Policy, prompt: str, params: SamplingParams, seed: int 
 
 
 def _retry_after(headers) -> float | None:
+    """Seconds the server asks us to wait: Retry-After is a number of seconds or an HTTP date (RFC
+    9110), which proxies and gateways send; ignoring the date retried within milliseconds."""
     value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return max(0.0, float(value)) if value is not None else None
-    except ValueError:  # an HTTP date; rare enough to fall back to our own backoff
+    if value is None:
         return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):  # neither form: our own backoff decides
+            return None
+        if when.tzinfo is None:  # "-0000": a date in UTC without a stated zone
+            when = when.replace(tzinfo=datetime.timezone.utc)
+        seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+    return max(0.0, seconds) if seconds == seconds else None  # a NaN is no wait either
 
 
 def _http_failure(code: int, detail: str, headers) -> RequestFailure:

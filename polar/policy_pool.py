@@ -47,9 +47,24 @@ class Policy:
         return os.environ.get(self.api_key_env) if self.api_key_env else None
 
 
-def _entry_label(path: str, i: int, raw: dict) -> str:
-    name = raw.get("name") or raw.get("model")
-    return f"{path}: entry {i}" + (f" ({name!r})" if isinstance(name, str) else "")
+def _entry_label(path: str, line: int | None, i: int, raw) -> str:
+    name = (raw.get("name") or raw.get("model")) if isinstance(raw, dict) else None
+    label = f"{path}:{line}: entry {i}" if line else f"{path}: entry {i}"
+    return label + (f" ({name!r})" if isinstance(name, str) else "")
+
+
+def _entry_lines(text: str) -> list[int]:
+    """Line (from 1) where each entry of the pool's list starts: "entry 37", counted from 0, of a pool
+    of dozens of endpoints left the reader counting entries by hand."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:  # safe_load has read it; a line is a help, never a reason to fail
+        return []
+    if isinstance(node, yaml.MappingNode):
+        node = next((v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == "policies"), None)
+    if not isinstance(node, yaml.SequenceNode):
+        return []
+    return [item.start_mark.line + 1 for item in node.value]
 
 
 def parse_policy(raw, where: str) -> Policy:
@@ -95,8 +110,13 @@ def parse_policy(raw, where: str) -> Policy:
 def load_pool(path: str) -> list[Policy]:
     """The validated pool in file order; at least two policies with distinct names."""
     try:
-        with open(path, encoding="utf-8") as f:
-            data = safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = raw.decode("utf-8")
+        data = safe_load(text)
+    except UnicodeDecodeError as e:  # was a traceback from inside the YAML reader
+        line = raw[:e.start].count(b"\n") + 1
+        raise PoolError(f"{path}:{line}: not valid UTF-8") from None
     except OSError as e:
         raise PoolError(f"{path}: cannot read the policy pool: {e.strerror or e}") from None
     except yaml.YAMLError as e:
@@ -106,9 +126,9 @@ def load_pool(path: str) -> list[Policy]:
         data = data["policies"]
     if not isinstance(data, list):
         raise PoolError(f"{path}: expected a YAML list of endpoints, got {type(data).__name__}")
-    policies, seen = [], {}
+    policies, seen, lines = [], {}, _entry_lines(text)
     for i, raw in enumerate(data):
-        where = _entry_label(path, i, raw) if isinstance(raw, dict) else f"{path}: entry {i}"
+        where = _entry_label(path, lines[i] if i < len(lines) else None, i, raw)
         p = parse_policy(raw, where)
         if p.name in seen:
             raise PoolError(f"{where}: field 'name' {p.name!r} repeats entry {seen[p.name]}; give each "

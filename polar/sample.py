@@ -23,22 +23,27 @@ that format ignores:
 
 Failures: a request is retried (exponential backoff with full jitter) on connection errors,
 timeouts, 5xx and 429. An endpoint with --endpoint-max-failures consecutive failed attempts leaves
-the pool for the rest of the run, and one that refuses a request with 401, 403 or 404 (a wrong key,
-model name or URL, which fails every request) at that first refusal; prompts waiting on it are re-drawn (the next live policies of their
-own order). A prompt that still cannot be completed goes to the failures file with the reason; the
-next run with the same arguments retries it, because a run samples every id that is not yet in the
-output. Records are written one line at a time and flushed; a line torn by a kill mid-write is cut
-off (with a message) on restart. `<output>.run.json` keeps the settings that decide what a record
-contains, so a restart with different ones stops instead of mixing two datasets.
+the pool for the rest of the run once they have lasted --retry-cap seconds (from the first one's
+sending) or used up a request's retries, so a blip that fails every request in flight at once does
+not take it out; one that refuses a request with 401, 403 or 404 (a wrong key, model name or URL,
+which fails every request) at that first refusal; prompts waiting on it are re-drawn (the next live
+policies of their own order). A prompt that still cannot be completed goes to the failures file with
+the reason; the next run with the same arguments retries it, because a run samples every id that is
+not yet in the output. Records are written one line at a time and flushed; a line torn by a kill
+mid-write is cut off (with a message) on restart. `<output>.run.json` keeps the settings that decide
+what a record contains, so a restart with different ones stops instead of mixing two datasets. The
+output is locked while a run writes it: a second run on it stops at once.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import hashlib
 import json
 import os
 import random
+import signal
 import sys
 import threading
 import time
@@ -110,6 +115,23 @@ def _add_done(done: dict[int, int], raw: bytes, path: str, line_no: int) -> None
     done[i] = line_no
 
 
+def lock_output(path: str) -> int:
+    """An exclusive lock on the output for this process's life (the kernel drops it when the process
+    dies, killed or not). Two runs of one command (a requeued job whose first copy still runs, a
+    second terminal) both appended every prompt, and each later run stopped at the first repeated id."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SampleError(f"{path}: another polar sample is writing this output; wait for it to end or stop "
+                          f"it (two runs would sample every prompt twice)") from None
+    except OSError as e:  # a file system without locks (some network mounts): run as before
+        print(f"polar sample: note: {path}: cannot lock ({e.strerror}); do not start a second run on it",
+              file=sys.stderr)
+    return fd
+
+
 def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
     """Stop a restart whose settings would give different records than the ones already written."""
     if os.path.exists(path):
@@ -164,6 +186,7 @@ class Endpoint:
         self.policy = policy
         self.slots = asyncio.Semaphore(policy.max_concurrency)
         self.consecutive_failures = 0
+        self.failing_since: float | None = None  # when the first failed attempt of the streak was sent
         self.down_reason: str | None = None
         self.requests = 0
         self.ok = 0
@@ -238,6 +261,7 @@ class Sampler:
                     raise EndpointDown(ep.policy.name)
                 async with self.global_slots:
                     ep.requests += 1
+                    sent = time.monotonic()
                     try:
                         result = await _in_thread(complete, ep.policy, prompt, cfg.sampling, seed,
                                                   cfg.request_timeout)
@@ -245,18 +269,26 @@ class Sampler:
                         failure = e
                     else:
                         ep.ok += 1
-                        ep.consecutive_failures = 0
+                        ep.consecutive_failures, ep.failing_since = 0, None
                         return result
             ep.errors[failure.kind] += 1
             if failure.endpoint_fault:
                 ep.consecutive_failures += 1
+                if ep.failing_since is None:
+                    ep.failing_since = sent
                 # A refusal that is the endpoint's and not retryable (401/403/404: a wrong key, model
                 # name or URL) fails every request it will get: counting up to the limit failed a
                 # prompt per refusal, and a rerun of those few prompts never reached the limit.
                 if not ep.down:  # else taken out by a request that failed beside this one
                     if not failure.retryable:
                         ep.down_reason = f"{failure} (every request to it will fail: check its pool entry)"
-                    elif ep.consecutive_failures >= cfg.endpoint_max_failures:
+                    elif ep.consecutive_failures >= cfg.endpoint_max_failures and (
+                            attempt > cfg.max_retries or time.monotonic() - ep.failing_since >= cfg.retry_cap):
+                        # The requests in flight to an endpoint fail together when it or a proxy
+                        # hiccups: counted alone, that burst took it out for the rest of the run though
+                        # every request would have succeeded at its next try. So the failures must also
+                        # last a whole backoff (--retry-cap), or use up a request's retries, which
+                        # leaves before that request would fail its prompt.
                         ep.down_reason = f"{ep.consecutive_failures} consecutive failures, last: {failure}"
                     if ep.down:
                         print(f"polar sample: endpoint {ep.policy.name!r} ({ep.policy.url}) leaves the pool: "
@@ -485,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--retry-base", type=float, default=1.0, help="first backoff ceiling, seconds (doubles per retry)")
     g.add_argument("--retry-cap", type=float, default=60.0, help="largest backoff, seconds")
     g.add_argument("--endpoint-max-failures", type=int, default=10,
-                   help="consecutive failed attempts after which an endpoint leaves the pool for this run")
+                   help="consecutive failed attempts after which an endpoint leaves the pool for this run, once "
+                        "they span --retry-cap seconds or use up a request's retries")
     g = ap.add_argument_group("output")
     g.add_argument("--output", required=True, help="JSONL records; appended to, so a rerun continues")
     g.add_argument("--failures", help="prompts that failed in this run, with reasons (default: OUTPUT.failures.jsonl)")
@@ -530,6 +563,7 @@ def main(argv: list[str]) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     _check_args(ap, a)
+    lock = None
     try:
         policies = load_pool(a.pool)
         tokenizer = _load_tokenizer(a.tokenizer)
@@ -559,9 +593,13 @@ def main(argv: list[str]) -> int:
             if os.path.isdir(path):
                 raise SampleError(f"{flag} {path}: is a directory; name a JSONL file")
         os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+        # before the settings record, which a second run with other settings would overwrite
+        lock = lock_output(a.output)
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
         done = read_done_ids(a.output)
     except (SampleError, PoolError) as e:
+        if lock is not None:
+            os.close(lock)
         print(f"polar sample: error: {e}", file=sys.stderr)
         return 2
     print(f"polar sample: {len(corpus)} corpus documents ({corpus.empty} empty lines skipped)"
@@ -577,14 +615,22 @@ def main(argv: list[str]) -> int:
                           a.prefix_min_tokens, a.prefix_max_tokens)
     sampler = Sampler(cfg, prompts, policies, a.output, failures)
     interrupted = False
+    # A scheduler's stop (Slurm at the time limit, Kubernetes, kill) is SIGTERM, which ended the run at
+    # once without its summary or exit status 130; as SIGINT, asyncio cancels the run as for Ctrl-C.
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if main_thread:
+        on_term = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
         asyncio.run(sampler.run(done))
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         corpus.close()
         if instructions:
             instructions.close()
+        os.close(lock)
     if hasattr(sampler, "t0"):
         print(sampler.summary(), file=sys.stderr, flush=True)
     if interrupted:
