@@ -21,7 +21,8 @@ VARIABLE = "CUDA_DEVICE_MAX_CONNECTIONS"
 
 
 def nvidia_smi_capability() -> Optional[float]:
-    """The first visible GPU's compute capability (9.0 on an H100), None without a GPU or nvidia-smi."""
+    """The compute capability of the first GPU nvidia-smi lists (9.0 on an H100; it ignores
+    CUDA_VISIBLE_DEVICES, and a node's GPUs are of one kind), None without a GPU or nvidia-smi."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         return None
