@@ -27,7 +27,10 @@ the pool for the rest of the run once they have lasted --retry-cap seconds (from
 sending) or used up a request's retries, so a blip that fails every request in flight at once does
 not take it out; one that refuses a request with 401, 403 or 404 (a wrong key, model name or URL,
 which fails every request) at that first refusal; prompts waiting on it are re-drawn (the next live
-policies of their own order). A prompt that still cannot be completed goes to the failures file with
+policies of their own order). A prompt a policy refuses (HTTP 400, 413, 422: too long for its
+context, say) goes to the next policies of its order too, and an endpoint that refuses
+--endpoint-max-failures requests in a row without answering one (a hosted API rejecting top_k or
+seed) leaves the pool. A prompt that still cannot be completed goes to the failures file with
 the reason; the next run with the same arguments retries it, because a run samples every id that is
 not yet in the output. Records are written one line at a time and flushed; a line torn by a kill
 mid-write is cut off (with a message) on restart. `<output>.run.json` keeps the settings that decide
@@ -179,6 +182,11 @@ class PromptFailed(Exception):
     pass
 
 
+class PolicyRefused(PromptFailed):
+    """A policy refused this prompt (HTTP 400, 413, 422: the prompt's, or the endpoint's settings):
+    the prompt goes to the next policies of its order, as for an endpoint that is down."""
+
+
 class Endpoint:
     """Run-time state of one policy: its concurrency limit, health and error counts."""
 
@@ -187,6 +195,7 @@ class Endpoint:
         self.slots = asyncio.Semaphore(policy.max_concurrency)
         self.consecutive_failures = 0
         self.failing_since: float | None = None  # when the first failed attempt of the streak was sent
+        self.refusals_in_a_row = 0  # requests refused (PolicyRefused) since its last answer
         self.down_reason: str | None = None
         self.requests = 0
         self.ok = 0
@@ -269,9 +278,22 @@ class Sampler:
                         failure = e
                     else:
                         ep.ok += 1
-                        ep.consecutive_failures, ep.failing_since = 0, None
+                        ep.consecutive_failures, ep.failing_since, ep.refusals_in_a_row = 0, None, 0
                         return result
             ep.errors[failure.kind] += 1
+            if not failure.endpoint_fault and not failure.retryable:
+                # A server that refuses every request (a hosted API rejecting top_k or seed, max_tokens
+                # past its context) failed a prompt per request, and a rerun of those few the same
+                # way: refused in a row with no answer between, it is its settings, not the prompts.
+                ep.refusals_in_a_row += 1
+                if not ep.down and ep.refusals_in_a_row >= cfg.endpoint_max_failures:
+                    ep.down_reason = (f"{ep.refusals_in_a_row} requests in a row refused and none answered, last: "
+                                      f"{failure} (its settings are refused, not the prompts: check its pool entry)")
+                    print(f"polar sample: endpoint {ep.policy.name!r} ({ep.policy.url}) leaves the pool: "
+                          f"{ep.down_reason}", file=self.log, flush=True)
+                if ep.down:
+                    raise EndpointDown(ep.policy.name)
+                raise PolicyRefused(f"policy {ep.policy.name!r}: {failure}")
             if failure.endpoint_fault:
                 ep.consecutive_failures += 1
                 if ep.failing_since is None:
@@ -306,13 +328,18 @@ class Sampler:
         info = self.prompts.make(i)
         order = policy_order(self.cfg.seed, i, self.names)
         have: dict[tuple[str, str], Completion] = {}
+        refused: dict[str, PolicyRefused] = {}  # policies that refused this prompt: the next ones take it
         while True:
             live = [n for n in order if not self.endpoints[n].down]
             if len(live) < 2:
                 self.stopping = True
                 self.stop_reason = "fewer than 2 policies are left in the pool"
                 raise PromptFailed(self.stop_reason)
-            a, b = live[0], live[1]
+            usable = [n for n in live if n not in refused]
+            if len(usable) < 2:
+                raise PromptFailed(f"refused by {len(refused)} of the {len(live)} live policies; "
+                                   + "; ".join(map(str, refused.values())))
+            a, b = usable[0], usable[1]
             wanted = [(a, "reference"), (a, "chosen"), (b, "rejected")]
             missing = [w for w in wanted if w not in have]
             seeds = [request_seed(self.cfg.seed, i, role) if self.cfg.send_seed else None for _, role in missing]
@@ -322,6 +349,8 @@ class Sampler:
             for w, r in zip(missing, results):
                 if isinstance(r, EndpointDown):
                     redraw = True
+                elif isinstance(r, PolicyRefused):
+                    refused[w[0]], redraw = r, True
                 elif isinstance(r, PromptFailed):
                     failure = failure or r
                 elif isinstance(r, BaseException):

@@ -14,6 +14,8 @@ so a test can recompute what any policy must have returned. Behaviour per model:
     busy   HTTP 429 on the first attempt of each (prompt, seed), the text on the next
     empty  an empty completion: "" as completion text, null as chat message content
     surrogate  the text ending in a lone surrogate (JSON "\ud800", which Python's json writes and reads)
+    refuse the HTTP 400 a hosted API gives a parameter it does not take (every request)
+    picky  HTTP 400 for the prompts `picky_refuses(prompt)` names (about half), the text for the others
 
 An unknown model gets 404, like vLLM. Setting `fail_after = N` makes every request after the first N
 successful ones get HTTP 503 (a server that starts failing mid-run); set it back to None to heal.
@@ -38,6 +40,10 @@ def fake_text(model: str, prompt: str, seed) -> str:
     digest = hashlib.sha256(f"{model}\x00{prompt}\x00{seed}".encode()).digest()
     n = 6 + digest[0] % 10
     return " ".join(WORDS[b % len(WORDS)] for b in digest[1:1 + n]) + "."
+
+
+def picky_refuses(prompt: str) -> bool:
+    return hashlib.sha256(prompt.encode()).digest()[0] % 2 == 0
 
 
 def fake_loop_text(model: str, prompt: str, seed) -> str:
@@ -100,6 +106,8 @@ class FakeOpenAIServer:
                     server._released.wait(120)
                 if behaviour == "fail":
                     return self._send(500, {"error": {"message": "internal server error"}})
+                if behaviour == "refuse" or (behaviour == "picky" and picky_refuses(prompt)):
+                    return self._send(400, {"error": {"message": "Unrecognized request argument supplied: top_k"}})
                 with server._lock:
                     if server.fail_after is not None and server.served >= server.fail_after:
                         return self._send(503, {"error": {"message": "server going away"}})

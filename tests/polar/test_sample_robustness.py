@@ -12,7 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import yaml
 
 from polar import sample
-from tests.polar.openai_server import FakeOpenAIServer, fake_text
+from tests.polar.openai_server import FakeOpenAIServer, fake_text, picky_refuses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -213,3 +213,35 @@ def test_sigterm_stops_like_ctrl_c(tmp_path):
         srv.hold_after = None
         assert sample.main(argv) == 0
     assert sorted(r["id"] for r in _records(tmp_path / "o.jsonl")) == list(range(6))
+
+
+def test_an_endpoint_that_refuses_every_request_leaves_and_its_prompts_go_on(tmp_path, capsys):
+    """A hosted API refusing a parameter (top_k) answers 400 to every request: each prompt drawn for
+    it failed, and a rerun of those few failed them again without the endpoint ever leaving."""
+    with FakeOpenAIServer({"a": "ok", "b": "ok", "c": "refuse"}) as srv:
+        argv = _inputs(tmp_path, srv.base_url, "abc") + ["--num-prompts", "30", "--endpoint-max-failures", "3"]
+        assert sample.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "endpoint 'c'" in err and "leaves the pool: 3 requests in a row refused and none answered" in err, err
+    assert "Unrecognized request argument supplied: top_k" in err
+    records = _records(tmp_path / "o.jsonl")
+    assert sorted(r["id"] for r in records) == list(range(30))
+    assert all({r["policy_a"], r["policy_b"]} == {"a", "b"} for r in records)
+    assert not os.path.exists(tmp_path / "o.jsonl.failures.jsonl") or not _records(tmp_path / "o.jsonl.failures.jsonl")
+
+
+def test_a_prompt_one_policy_refuses_goes_to_the_next(tmp_path, capsys):
+    """A refusal of one prompt (one too long for a server's context, say) is that policy's: the
+    prompt is sampled from the next policies of its order and the endpoint stays, answering others."""
+    with FakeOpenAIServer({"a": "ok", "b": "ok", "c": "picky"}) as srv:
+        argv = _inputs(tmp_path, srv.base_url, "abc") + ["--num-prompts", "40", "--endpoint-max-failures", "50"]
+        assert sample.main(argv) == 0
+    assert "leaves the pool" not in capsys.readouterr().err
+    records = _records(tmp_path / "o.jsonl")
+    assert sorted(r["id"] for r in records) == list(range(40))
+    with_c = [r for r in records if "c" in (r["policy_a"], r["policy_b"])]
+    refused_c = [r for r in records if picky_refuses(r["prompt"])]
+    assert with_c and refused_c  # both outcomes reached
+    assert not any(picky_refuses(r["prompt"]) for r in with_c)
+    # a prompt c refused names it among the policies skipped, where c came before the pair
+    assert any("c" in r["skipped_policies"] for r in refused_c)
