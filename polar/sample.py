@@ -466,7 +466,8 @@ class Sampler:
                  f"  output: {self.output} holds {done} of {self.cfg.num_prompts} prompts"]
         not_done = self.cfg.num_prompts - done - self.failed
         if not_done > 0:
-            why = "stopped after --max-records" if self.stop_reason == "max-records" else (self.stop_reason or "stopped")
+            why = ("stopped after --max-records" if self.stop_reason == "max-records"
+                   else (self.stop_reason or "stopped"))
             lines.append(f"  {not_done} prompts not attempted: {why}; a rerun continues")
         for n, ep in self.endpoints.items():
             errs = ", ".join(f"{k} x{v}" for k, v in sorted(ep.errors.items())) or "no errors"
@@ -538,7 +539,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not send a per-request seed (for servers that reject the field)")
     g.add_argument("--loop-min-repeats", type=int, default=4,
                    help="a trailing chunk repeated at least this many times is a loop, cut to one copy")
-    g.add_argument("--loop-min-chars", type=int, default=32, help="... if the repeats span at least this many characters")
+    g.add_argument("--loop-min-chars", type=int, default=32,
+                   help="... if the repeats span at least this many characters")
     g = ap.add_argument_group("requests")
     g.add_argument("--concurrency", type=int, default=64, help="requests in flight over all endpoints")
     g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request attempt")
