@@ -35,6 +35,8 @@ def parse_args(argv=None):
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto: bf16 on a GPU, fp32 on CPU")
+    ap.add_argument("--progress-s", type=float, default=30.0,
+                    help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
     return ap.parse_args(argv)
 
@@ -89,7 +91,7 @@ def run(args, rank: int) -> int:
         # --seq-length also splits a record whose responses together pass it, as polar score does
         rewards, _ = scorer.score_groups(
             scorer.groups(lists, args.seq_length), args.seq_length,
-            where=lambda i: f"{args.input}:{line_of.get(id(lists[i][0].prompt), '?')}")
+            where=lambda i: f"{args.input}:{line_of.get(id(lists[i][0].prompt), '?')}", progress_s=args.progress_s)
         return [r for group in rewards for r in group]
 
     result = evaluate_ranked(records, score_fn)

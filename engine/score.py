@@ -54,6 +54,8 @@ def parse_args(argv=None):
                     help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (`polar score` runs torchrun "
                                                          "when > 1; under torchrun it is the world size)")
+    ap.add_argument("--progress-s", type=float, default=30.0,
+                    help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),
                     help="a bad input line stops the run (fail) or becomes an error line (skip)")
     return ap.parse_args(argv)
@@ -206,16 +208,18 @@ class CheckpointScorer:
             k += len(items)
         return out
 
-    def score_groups(self, lines: list, seq_length: int = 0, where=None) -> tuple[list, dict]:
+    def score_groups(self, lines: list, seq_length: int = 0, where=None, progress_s: float | None = None
+                     ) -> tuple[list, dict]:
         """Rewards (list of floats per line, in its outputs' order) and packing facts, for lines as
-        groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors."""
+        groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors;
+        `progress_s`: seconds between progress lines (None: none)."""
         # a Group is a SplitLine of one part holding every output in order: one path for both
         splits = [line if isinstance(line, SplitLine) else SplitLine([line], [range(len(line.candidates))])
                   for line in lines]
         groups = [g for s in splits for g in s.parts]
         owner = [i for i, s in enumerate(splits) for _ in s.parts]  # the line each group comes from
         name = where or (lambda i: f"line {i}")
-        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]))
+        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress_s)
         out, scored = [], iter(per_group)
         for s in splits:
             rewards = [None] * s.outputs
@@ -225,7 +229,7 @@ class CheckpointScorer:
             out.append(rewards)
         return out, facts
 
-    def _score_groups(self, groups: list, seq_length: int, name) -> tuple[list, dict]:
+    def _score_groups(self, groups: list, seq_length: int, name, progress_s=None) -> tuple[list, dict]:
         import numpy as np
 
         from engine.packing import collate, plan_sequences
@@ -244,7 +248,8 @@ class CheckpointScorer:
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
-        rewards = score_data_parallel(self.chunks, batches, self.rt).cpu()
+        report = None if progress_s is None else progress_printer(progress_s, self.rt.is_main, self.rt.dp)
+        rewards = score_data_parallel(self.chunks, batches, self.rt, progress=report).cpu()
         # collate numbers candidates sequence by sequence, group by group: map them back
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
@@ -256,6 +261,26 @@ class CheckpointScorer:
                  "outputs": int(per_group.sum()),
                  "prefix_tokens_saved": int(sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups))}
         return out, facts
+
+
+def progress_printer(every_s: float, main_rank: bool, dp: int):
+    """progress(done, total) for engine.scoring.score: a line with the rate and ETA at most every
+    `every_s` seconds, on the main rank; none at the end (the summary follows)."""
+    from engine.progress import format_duration
+
+    t0 = last = time.time()
+    share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.time()
+        if not main_rank or done >= total or now - last < every_s:
+            return
+        last = now
+        rate = done / max(now - t0, 1e-9)
+        print(f"scoring: {done:,}/{total:,} packed sequences{share} | {rate:.2f} sequences/s | "
+              f"eta {format_duration((total - done) / rate)}", flush=True)
+    return report
 
 
 def main(argv=None) -> int:
@@ -319,7 +344,8 @@ def run(args) -> int:
             groups = [g for i, g in enumerate(groups) if i not in dropped]
             scored = [ln for ln in scored if ln.error is None]
     scorer.start()
-    rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}")
+    rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}",
+                                         progress_s=args.progress_s)
     rt = scorer.rt
     if rt.is_main:
         with open(args.output, "w") as f:

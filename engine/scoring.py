@@ -52,37 +52,43 @@ def _run_same_shape(chunks, batches: list[PackedBatch], rt) -> list[torch.Tensor
 
 
 @torch.no_grad()
-def score(chunks, batches: list[PackedBatch], rt) -> torch.Tensor:
+def score(chunks, batches: list[PackedBatch], rt, *, per_call: int = 64, progress=None) -> torch.Tensor:
     """Rewards fp32 [sum of candidates], batch by batch in the given order and, within a batch, in
     engine.packing.collate's candidate order; identical on every rank of the pipeline group (and,
     since the readout is replicated over TP, of the model-parallel group).
 
-    Batches of different shapes are fine: consecutive batches of one shape share a schedule call.
-    With interleaved pipelining megatron needs the micro-batches of a call to be a multiple of
-    parallel.pp: run such layouts with batch counts that satisfy it (or one shape per call).
-    `rt` is the engine.runtime.Runtime: its device and process groups."""
+    Batches of different shapes are fine: consecutive batches of one shape share a schedule call, of
+    at most `per_call` batches (rounded down to a multiple of parallel.pp), moved to the device one
+    call at a time: a large input never sits on the GPU whole. With interleaved pipelining megatron
+    needs the micro-batches of a call to be a multiple of parallel.pp: run such layouts with batch
+    counts that satisfy it (or one shape per call). `progress(done, total)`, when given, is called
+    after each schedule call with the batches scored so far. `rt` is the engine.runtime.Runtime:
+    its device and process groups."""
     device = rt.device
     counts = [int(bt.reward_index.numel()) for bt in batches]
     total = sum(counts)
     rewards = torch.zeros(total, dtype=torch.float32, device=device)
     if not batches:
         return rewards
+    per_call = max(rt.pp, per_call // rt.pp * rt.pp)
     was_training = [c.training for c in chunks]
     for c in chunks:
         c.eval()
     try:
         last = rt.is_last_stage()
-        on_device = [bt.to(device) for bt in batches]
         pieces: list[torch.Tensor] = []
         start = 0
-        while start < len(on_device):
+        while start < len(batches):
             end = start
-            while end < len(on_device) and on_device[end].tokens.shape == on_device[start].tokens.shape:
+            while (end < len(batches) and end - start < per_call
+                   and batches[end].tokens.shape == batches[start].tokens.shape):
                 end += 1
-            out = _run_same_shape(chunks, on_device[start:end], rt)
+            out = _run_same_shape(chunks, [bt.to(device) for bt in batches[start:end]], rt)
             if last:
                 pieces.extend(out)
             start = end
+            if progress is not None:
+                progress(start, len(batches))
         if last:
             rewards = torch.cat(pieces)
             if rewards.numel() != total:
@@ -96,16 +102,17 @@ def score(chunks, batches: list[PackedBatch], rt) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_data_parallel(chunks, batches: list[PackedBatch], rt) -> torch.Tensor:
+def score_data_parallel(chunks, batches: list[PackedBatch], rt, **kw) -> torch.Tensor:
     """`batches` is the same full list on every rank; data-parallel rank r scores batches r, r+dp,
-    ... and the rewards of all of them come back in input order, on every rank."""
+    ... and the rewards of all of them come back in input order, on every rank. `kw` goes to
+    `score` (its `progress` counts this rank's share)."""
     device = rt.device
     dp = rt.dp
     if dp == 1:
-        return score(chunks, batches, rt)
+        return score(chunks, batches, rt, **kw)
     r = rt.dp_rank
     counts = [int(bt.reward_index.numel()) for bt in batches]
-    mine = score(chunks, batches[r::dp], rt)
+    mine = score(chunks, batches[r::dp], rt, **kw)
     width = max(sum(counts[q::dp]) for q in range(dp))
     padded = torch.zeros(width, dtype=torch.float32, device=device)
     padded[: mine.numel()] = mine
