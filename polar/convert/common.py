@@ -1,6 +1,9 @@
 """Helpers shared by the per-architecture converters: config parsing and checked tensor reads."""
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import torch
 
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
@@ -60,6 +63,27 @@ def rope_settings(cfg: dict, src) -> dict:
                            "not supported")
     return {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind],
             "rope_scaling_factor": factor if kind != "default" else 1.0}
+
+
+def partial_dir(dst: Path) -> Path:
+    """Where a conversion writes before one rename makes it `dst`: a run cut short (a full disk, a kill)
+    must leave no `dst` that looks converted yet lacks files, nor one that blocks the rerun. Beside
+    `dst` (the same file system, so the rename is atomic), under a fixed name that every rank of a
+    torchrun conversion agrees on and that the next run clears."""
+    dst = Path(dst).absolute()
+    return dst.parent / f".{dst.name}.partial"
+
+
+def clear_partial(dst: Path) -> Path:
+    """An empty partial_dir(dst), the leftover of an earlier run cut short removed."""
+    partial = partial_dir(dst)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return partial
+
+
+def write_failed(dst: Path, error) -> ConvertError:
+    return ConvertError(f"{dst}: writing the converted checkpoint failed ({error}); nothing was written there")
 
 
 def rope_to_hf(model) -> dict | None:

@@ -60,6 +60,8 @@ def read_model_config(path: Path) -> ModelConfig:
 
     try:
         values = safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError) as e:  # --config names a file that is missing, a directory, ...
+        raise ConvertError(f"{path}: cannot be read ({e})") from e
     except yaml.YAMLError as e:
         raise ConvertError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(values, dict) or not isinstance(values.get("model"), dict):

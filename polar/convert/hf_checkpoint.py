@@ -76,6 +76,14 @@ class HFCheckpoint:
             raise ConvertError(f"{src}: no config.json; a transformers checkpoint directory holds config.json "
                                "beside its weights (or pass a .gguf file)")
         self.config = _read_json(cfg)
+        quant = self.config.get("quantization_config")
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        # quantized layouts (GPTQ's qweight, FP8 with scales, ...) would otherwise be reported as missing
+        # or unplaceable tensors, as if the download were incomplete. "gguf": transformers dequantizes
+        # a GGUF file on loading, so a model saved from one holds float weights (and keeps this entry)
+        if quant and method != "gguf":
+            raise ConvertError(f"{cfg}: quantization_config (quant_method {method!r:.40}): quantized weights are "
+                               "not supported; convert the unquantized (float) checkpoint")
         index = src / "model.safetensors.index.json"
         single = src / "model.safetensors"
         if index.is_file():

@@ -9,8 +9,9 @@ Architectures: Llama, Mistral, Qwen2 (causal LM or one-label sequence classifica
 and InternLM2ForRewardModel (POLAR's released class). A value head comes from the checkpoint
 (`score` / `v_head`) or starts at zero (POLAR: a new value head is zero-initialised); a causal LM's
 head is kept for the auxiliary next-token loss (a run without it ignores it). Tokens the
-tokenizer gains (the reward tokens) get embedding rows set to the mean of the existing rows, the
-usual choice for new tokens: it keeps them inside the distribution the network has seen.
+tokenizer gains (the reward tokens) get embedding rows set to the mean of its own tokens' rows
+(also where the table already had rows for their ids: padding no token was trained on), the usual
+choice for new tokens: it keeps them inside the distribution the network has seen.
 The conversion runs in one process at TP1/PP1 by default (dist_checkpointing reshards on load);
 `--tp/--pp` under torchrun split a model too large for one process.
 """
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 
 from polar.convert import internlm2, llama
+from polar.convert.common import clear_partial, partial_dir, write_failed
 from polar.convert.engine_io import MODEL_YAML, build, write_model_yaml
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 from polar.convert.tokenizer_files import (gguf_tokenizer_dir, library_vocab_size, read_library, special_strings,
@@ -53,14 +55,35 @@ def _architecture(cfg: dict, src) -> tuple[str, object]:
     raise ConvertError(f"{src}/config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")
 
 
-def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None, tokenizer: str | None = None,
-            bos: str | None = None, pad: str | None = None, log=print) -> Path:
+def _on_rank0(rank: int, fn, dst: Path) -> None:
+    """Rank 0 runs `fn`, a step of writing `dst`; its failure reaches every rank (the others would
+    otherwise wait for it), and rank 0 removes what was written."""
     import torch.distributed as dist
 
+    error = None
+    if rank == 0:
+        try:
+            fn()
+        except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
+            shutil.rmtree(partial_dir(dst), ignore_errors=True)
+            if not isinstance(e, OSError):
+                raise
+            error = e
+    box = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise write_failed(dst, box[0]) from error
+
+
+def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None, tokenizer: str | None = None,
+            bos: str | None = None, pad: str | None = None, log=print) -> Path:
     from engine import checkpoint
     from engine.config import ModelConfig
     from engine.weights import canonical_shapes, load_canonical
 
+    for flag, size in (("--tp", tp), ("--pp", pp)):
+        if size < 1:
+            raise ConvertError(f"{flag} {size}: must be at least 1")
     dst = Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConvertError(f"{dst}: exists and is not empty; choose a new directory")
@@ -114,17 +137,26 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
         except ValueError as e:  # HFTokenizer's checks of the written file (which lives in a temporary directory)
             raise ConvertError(f"{tok_dir / 'tokenizer.json'}: the tokenizer with the reward tokens added is not "
                                f"usable: {e}") from e
-        # past the model's rows now only the ids write_tokenizer appended (the missing reward tokens)
+        # past the model's rows now only the ids write_tokenizer appended (the missing reward tokens);
+        # an appended id can also fall on a row the table already has (Qwen2 pads its vocabulary past
+        # the tokenizer), which no token was trained on: it starts at the mean row all the same
         vocab = max(hf_model.vocab_size, tok.vocab_size)
-        if vocab > hf_model.vocab_size:
+        if tok.vocab_size > source_vocab:
             for name in ("embedding", "lm_head"):
                 if name in tensors:
                     rows = tensors[name]
-                    mean = rows.float().mean(0, keepdim=True).to(rows.dtype)
-                    tensors[name] = torch.cat([rows, mean.expand(vocab - rows.shape[0], -1)])
-            log(f"tokenizer grew to {vocab} tokens (the reward tokens were added): "
-                f"{vocab - hf_model.vocab_size} new embedding row(s) set to the mean embedding"
-                + (", and LM head row(s) to the mean row" if "lm_head" in tensors else ""))
+                    mean = rows[:source_vocab].float().mean(0, keepdim=True).to(rows.dtype)
+                    rows = torch.cat([rows, mean.expand(vocab - rows.shape[0], -1)])
+                    rows[source_vocab:tok.vocab_size] = mean
+                    tensors[name] = rows
+            head = ", and LM head row(s) to the mean row" if "lm_head" in tensors else ""
+            if vocab > hf_model.vocab_size:
+                log(f"tokenizer grew to {vocab} tokens (the reward tokens were added): "
+                    f"{vocab - hf_model.vocab_size} new embedding row(s) set to the mean embedding{head}")
+            if hf_model.vocab_size > source_vocab:
+                log(f"{min(tok.vocab_size, hf_model.vocab_size) - source_vocab} unused row(s) of the model's "
+                    f"embedding (ids {source_vocab}+) went to the added reward token(s), set to the mean "
+                    f"embedding{head}")
         if tensors["value_head"] is None:
             tensors["value_head"] = torch.zeros(1, hf_model.hidden_size, dtype=tensors["embedding"].dtype)
             log("no value head in the checkpoint: a zero-initialised one was added")
@@ -136,11 +168,22 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
         chunks, rt = build(model, tp, pp, lm_head=lm_head)
         load_canonical(chunks, tensors, model)
         del tensors
-        checkpoint.save(str(dst), 0, chunks, None, {"step": 0, "converted_from": str(src), "architecture": arch})
-        if rt.rank == 0:
-            write_model_yaml(dst / MODEL_YAML, model)
-            shutil.copytree(work / "tokenizer", dst / "tokenizer")
-        dist.barrier()
+        partial = partial_dir(dst)
+        _on_rank0(rt.rank, lambda: clear_partial(dst), dst)
+        try:
+            checkpoint.save(str(partial), 0, chunks, None,
+                            {"step": 0, "converted_from": str(src), "architecture": arch})
+        except checkpoint.CheckpointWriteError as e:
+            if rt.rank == 0:
+                shutil.rmtree(partial, ignore_errors=True)
+            raise write_failed(dst, e) from e
+
+        def finish():
+            write_model_yaml(partial / MODEL_YAML, model)
+            shutil.copytree(work / "tokenizer", partial / "tokenizer")
+            os.replace(partial, dst)  # an empty dst directory is replaced too
+
+        _on_rank0(rt.rank, finish, dst)
     log(f"wrote {dst} ({arch}, {model.num_layers} layers, hidden {model.hidden_size}, vocab {model.vocab_size}; "
         f"reward tokens {tok.reward_sep_text!r}={tok.reward_sep_id}, {tok.reward_token_text!r}={tok.reward_token_id})")
     return dst
