@@ -41,9 +41,13 @@ class ModelConfig:
     add_qkv_bias: bool = setting(False, boolean)
     # RoPE position scaling: none | linear (positions / factor) | dynamic (NTK, as HF Llama and
     # InternLM2 define it: the identity while positions stay below max_position_embeddings, which
-    # is all this engine runs: longer packed sequences are refused)
-    rope_scaling: str = setting("none", one_of("none", "linear", "dynamic"))
+    # is all this engine runs: longer packed sequences are refused) | llama3 (Llama 3.1+: per-
+    # frequency scaling by wavelength, engine/model/rope.py, with the three settings after the factor)
+    rope_scaling: str = setting("none", one_of("none", "linear", "dynamic", "llama3"))
     rope_scaling_factor: float = setting(1.0, positive)
+    rope_low_freq_factor: float = setting(1.0, positive)  # llama3 only
+    rope_high_freq_factor: float = setting(4.0, positive)  # llama3 only; more than the low factor
+    rope_original_max_position_embeddings: int = setting(8192, at_least(1))  # llama3 only
     # the embedding table is padded to a multiple of lcm(this, parallel.tp) rows (megatron splits
     # it evenly over TP); padded rows stay zero and no token id reaches them
     make_vocab_size_divisible_by: int = setting(1, at_least(1))

@@ -168,7 +168,9 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     check_fp8(model, par, train, use_te, device_capability(rt.device))
     config = transformer_config(model, par, train, rt, initialize)
     spec = layer_spec(use_te, model.rotary_base, backend, model.rope_scaling,
-                      model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8)
+                      model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8,
+                      rope_llama3=(model.rope_low_freq_factor, model.rope_high_freq_factor,
+                                   model.rope_original_max_position_embeddings))
     chunks = []
     for vp_stage in range(par.vpp or 1):
         vp = vp_stage if par.vpp else None

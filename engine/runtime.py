@@ -69,6 +69,10 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig,
         raise ConfigError(
             f"model.rope_scaling=dynamic is exact only within model.max_position_embeddings="
             f"{model.max_position_embeddings} positions; data.seq_length={seq_length} could exceed it")
+    if model.rope_scaling == "llama3" and model.rope_high_freq_factor <= model.rope_low_freq_factor:
+        raise ConfigError(f"model.rope_high_freq_factor={model.rope_high_freq_factor} must be more than "
+                          f"model.rope_low_freq_factor={model.rope_low_freq_factor} (llama3 RoPE scaling blends "
+                          "between them)")
     if par.tp < 1 or par.pp < 1:
         raise ConfigError(f"parallel.tp={par.tp} and parallel.pp={par.pp} must be >= 1")
     if par.sequence_parallel:

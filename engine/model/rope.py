@@ -11,20 +11,39 @@ Position scaling of pretrained checkpoints:
   to base * ((factor * n / max_pos) - (factor - 1)) ** (dim / (dim - 2)) only once a sequence holds
   n > max_pos positions; below that they are plain RoPE. Packed inputs here never exceed the
   window (check_rope_window refuses them), so dynamic is the identity wherever it runs.
+- llama3 (Llama 3.1/3.2/3.3): each frequency is scaled by its wavelength 2 pi / inv_freq against
+  the original context L (`original`) and the two wavelength bounds L / low and L / high: wavelengths
+  longer than L / low are divided by `factor`, those shorter than L / high kept, and those between
+  blended linearly in L / wavelength, from inv_freq / factor at L / low to inv_freq at L / high.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
-ROPE_SCALINGS = ("none", "linear", "dynamic")
+ROPE_SCALINGS = ("none", "linear", "dynamic", "llama3")
+LLAMA3_DEFAULTS = (1.0, 4.0, 8192)  # low and high frequency factors, original context: Llama 3.1's
+
+
+def llama3_inv_freq(inv_freq: torch.Tensor, factor: float, low: float, high: float, original: int) -> torch.Tensor:
+    """The llama3 scaling of the module docstring (high > low)."""
+    wavelen = 2 * math.pi / inv_freq
+    blend = (original / wavelen - low) / (high - low)  # 0 at L / low, 1 at L / high
+    between = (1 - blend) * inv_freq / factor + blend * inv_freq
+    return torch.where(wavelen > original / low, inv_freq / factor,
+                       torch.where(wavelen < original / high, inv_freq, between))
 
 
 def rope_cos_sin(positions: torch.Tensor, dim: int, base: float, dtype=torch.float32,
-                 scaling: str = "none", factor: float = 1.0):
-    """positions [b, s] -> cos, sin of shape [s, b, 1, dim] (angles computed in fp32)."""
+                 scaling: str = "none", factor: float = 1.0, llama3: tuple = LLAMA3_DEFAULTS):
+    """positions [b, s] -> cos, sin of shape [s, b, 1, dim] (angles computed in fp32); `llama3`:
+    (low frequency factor, high frequency factor, original context) of that scaling."""
     if scaling not in ROPE_SCALINGS:
         raise ValueError(f"model.rope_scaling={scaling!r}: expected one of {', '.join(ROPE_SCALINGS)}")
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim))
+    if scaling == "llama3":
+        inv_freq = llama3_inv_freq(inv_freq, factor, *llama3)
     pos = positions.t().to(torch.float32)
     if scaling == "linear":
         pos = pos / factor

@@ -9,7 +9,10 @@ import torch
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 
 # HF rope types this engine runs (engine/model/rope.py); "default" is plain RoPE
-ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}
+# llama3's own settings: config.json key -> engine model setting
+LLAMA3_KEYS = {"low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor",
+               "original_max_position_embeddings": "rope_original_max_position_embeddings"}
 
 
 def positive_int(cfg: dict, key: str, src, default=None) -> int:
@@ -55,14 +58,27 @@ def rope_settings(cfg: dict, src) -> dict:
                      "rope_scaling.") or 1.0
     if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise ConvertError(f"{src}/config.json: RoPE scaling type {kind!r} is not supported (supported: "
-                           f"none, linear, dynamic); convert a checkpoint without it")
+                           f"none, linear, dynamic, llama3); convert a checkpoint without it")
     original = scaling.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
     if kind == "dynamic" and original is not None and original != cfg.get("max_position_embeddings"):
         raise ConvertError(f"{src}/config.json: dynamic RoPE with original_max_position_embeddings={original} "
                            f"different from max_position_embeddings={cfg.get('max_position_embeddings')} is "
                            "not supported")
-    return {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind],
-            "rope_scaling_factor": factor if kind != "default" else 1.0}
+    out = {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind],
+           "rope_scaling_factor": factor if kind != "default" else 1.0}
+    if kind == "llama3":
+        for key, setting in LLAMA3_KEYS.items():
+            value = scaling.get(key, params.get(key))
+            if value is None:
+                raise ConvertError(f"{src}/config.json: llama3 RoPE scaling without {key}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ConvertError(f"{src}/config.json: rope_scaling.{key} must be a positive number, "
+                                   f"got {value!r:.60}")
+            out[setting] = int(value) if key == "original_max_position_embeddings" else float(value)
+        if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
+            raise ConvertError(f"{src}/config.json: rope_scaling.high_freq_factor must be more than "
+                               "low_freq_factor")
+    return out
 
 
 def partial_dir(dst: Path) -> Path:
@@ -89,7 +105,10 @@ def write_failed(dst: Path, error) -> ConvertError:
 def rope_to_hf(model) -> dict | None:
     if model.rope_scaling == "none":
         return None
-    return {"type": model.rope_scaling, "rope_type": model.rope_scaling, "factor": model.rope_scaling_factor}
+    out = {"type": model.rope_scaling, "rope_type": model.rope_scaling, "factor": model.rope_scaling_factor}
+    if model.rope_scaling == "llama3":
+        out.update({key: getattr(model, setting) for key, setting in LLAMA3_KEYS.items()})
+    return out
 
 
 def decoder_settings(cfg: dict, src, add_qkv_bias: bool) -> dict:

@@ -34,3 +34,11 @@ def test_parallel_timeout_reaches_every_process_group():
                           cwd=Path(__file__).resolve().parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == "[420.0]", proc.stdout
+
+
+def test_llama3_rope_needs_a_high_frequency_factor_above_the_low_one():
+    # the scaling blends over (L / wavelength - low) / (high - low): equal factors divide by zero
+    model = ModelConfig(rope_scaling="llama3", rope_low_freq_factor=4.0, rope_high_freq_factor=4.0)
+    with pytest.raises(ConfigError, match="model.rope_high_freq_factor=4.0 must be more than model.rope_low_freq"):
+        validate_layout(model, ParallelConfig(), TrainConfig(), 1, 128)
+    assert validate_layout(ModelConfig(rope_scaling="llama3"), ParallelConfig(), TrainConfig(), 1, 128) == 1

@@ -39,13 +39,20 @@ def _tensors(path: Path) -> dict:
     return out
 
 
+# Llama 3.1's scaling with a small original context: at head dim 8 the four frequencies' wavelengths
+# (6.3, 63, 628, 6283 positions) fall in every branch (kept, blended, divided by the factor)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
 @pytest.mark.parametrize("family,extra", [
     ("llama", {}),
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e4}),
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
+    ("llama", {"rope_scaling": dict(LLAMA3)}),  # a copy: transformers adds to the dict it is given
     ("qwen2", {}),  # q/k/v biases
     ("mistral", {}),
-], ids=["llama", "llama_rope_linear", "llama_rope_dynamic", "qwen2_biases", "mistral"])
+], ids=["llama", "llama_rope_linear", "llama_rope_dynamic", "llama_rope_llama3", "qwen2_biases", "mistral"])
 def test_llama_family_imports_to_the_transformers_rewards(tmp_path, family, extra):
     ref = tm.random_seq_cls(tm.llama_config(family, **extra))
     src = tm.save(ref, tmp_path / "src")
@@ -68,6 +75,21 @@ def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path):
     assert type(model).__name__ == "Qwen2ForSequenceClassification"
     assert "no remote code" in (out / "README.md").read_text()
     _check_scores(dst, model, seed=3)
+
+
+def test_llama3_rope_round_trips_to_the_same_config_and_rewards(tmp_path):
+    import transformers
+
+    ref = tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(LLAMA3), rope_theta=5e5))
+    dst = hf_to_engine.convert(tm.save(ref, tmp_path / "src"), tmp_path / "engine", **QUIET)
+    out = engine_to_hf.convert(dst, tmp_path / "hf", **QUIET)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
+    saved = json.loads((out / "config.json").read_text())["rope_scaling"]
+    assert {k: saved[k] for k in LLAMA3} == LLAMA3
+    _check_scores(dst, model, seed=4)
+    # InternLM2's own modeling code has no llama3 scaling: that layout is refused, not written wrong
+    with pytest.raises(ConvertError, match="llama3 RoPE scaling, which InternLM2's code does not implement"):
+        engine_to_hf.convert(dst, tmp_path / "internlm2", fmt="internlm2-reward", **QUIET)
 
 
 def test_conversion_at_tp2_under_torchrun_gives_the_same_rewards(tmp_path):
