@@ -382,6 +382,9 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
             item["reference"] = lab["reference"]
             if lab.get("wrapper") is not None:
                 item["wrapper"] = lab["wrapper"]
+        if item["reference"] == "":  # what OpenRLHF sends without --label_key (as /get_reward refuses it)
+            raise ValueError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
+                             "--label_key is not set: set it to the dataset field holding the reference")
         items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}
@@ -455,7 +458,7 @@ class InProcessScorer:
         ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response, cuts)]
         with self._cuts_lock:
             self.cuts.add(cuts)
-        return [float(x) for x in self.batcher.score_sync(ids)]
+        return self._finite(self.batcher.score_sync(ids))
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Texts checked as `polar serve`'s /classify checks them: one string is one text (a list
@@ -472,7 +475,17 @@ class InProcessScorer:
                 raise ValueError(f"text {i} holds a lone surrogate ({found}), which is not text")
         if not texts:
             return []
-        return [float(x) for x in self.batcher.score_sync(tokenize_served_text(self.tokenizer, texts))]
+        return self._finite(self.batcher.score_sync(tokenize_served_text(self.tokenizer, texts)), "text")
+
+    @staticmethod
+    def _finite(rewards, what: str = "item") -> list[float]:
+        """As `polar serve` answers them: NaN or inf is refused, naming the items, never returned."""
+        from polar.serve.batcher import non_finite
+
+        bad = non_finite(rewards, [f"{what} {i}" for i in range(len(rewards))])
+        if bad:
+            raise ValueError(bad)
+        return [float(x) for x in rewards]
 
     def close(self) -> None:
         self.batcher.close()

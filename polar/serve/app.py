@@ -31,7 +31,7 @@ from starlette.requests import ClientDisconnect
 
 from polar.client_format import Cuts
 from polar.serve import validation
-from polar.serve.batcher import Batcher, Closed, QueueFull
+from polar.serve.batcher import Batcher, Closed, QueueFull, non_finite
 from polar.serve.items import check_truncation, format_structured, tokenize_served_text
 from polar.serve.metrics import Metrics
 from polar.serve.validation import NO_RETRY_HEADER, RequestError
@@ -129,7 +129,8 @@ class Service:
             request.state.preparing = False
             self._preparing -= 1
 
-    async def rewards(self, ids: list[np.ndarray], request: Request) -> np.ndarray:
+    async def rewards(self, ids: list[np.ndarray], request: Request, names: list[str]) -> np.ndarray:
+        """`names[i]`: where item i is in the request (`items[1]`, `text[0]`), for errors."""
         try:
             fut = self.batcher.submit(ids)
         except QueueFull as e:
@@ -145,18 +146,21 @@ class Service:
         try:
             done, _ = await asyncio.wait((scored, gone), timeout=self.settings.timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still in flight when --graceful-timeout-s runs out: nobody
+            # will read these rewards, and the batcher's close() would score them while the
+            # process should be exiting
+            scored.cancel()
+            raise
         finally:
             gone.cancel()
         if scored in done:
             rewards = scored.result()
-            bad = np.flatnonzero(~np.isfinite(rewards))
-            if bad.size:
-                # a trainer would take NaN or inf as a reward (or fail to parse the JSON): refuse the
-                # request, naming the items, rather than answer numbers that are not rewards
-                raise RequestError(f"the model gave non-finite rewards ({rewards[bad[0]]}) for {bad.size} of the "
-                                   f"{len(rewards)} items (item {', '.join(map(str, bad[:8].tolist()))}"
-                                   f"{', ...' if bad.size > 8 else ''}); an overflow in the model's precision "
-                                   "or a broken checkpoint", 500, retryable=False)
+            # named as the request names them (not by their place among /v1/rewards' flattened
+            # outputs), and `items[i]` as POLAR's client renumbers it for a call sent in chunks
+            bad = non_finite(rewards, names)
+            if bad:
+                raise RequestError(bad, 500, retryable=False)
             return rewards
         scored.cancel()  # the batcher's future too: skipped unless its round has started
         if gone in done:
@@ -184,7 +188,7 @@ class _ClientGone(Exception):
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 408: "timeout", 413: "request_too_large",
-            429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
+            415: "unsupported_media_type", 429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
             504: "timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
@@ -243,6 +247,11 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             if not authorized(request):
                 status = 401
                 return unauthorized()
+            # a compressed body would otherwise be refused as text that is not UTF-8, naming a byte
+            encoding = request.headers.get("content-encoding", "").strip().lower()
+            if encoding not in ("", "identity"):
+                raise RequestError(f"the body is sent with Content-Encoding {encoding}, which this server does not "
+                                   "decode; send the JSON uncompressed", 415)
             service.admit(request)
             try:
                 # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
@@ -282,7 +291,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         async def work(body, req):
             texts = validation.classify(body, s.max_items)
             field = validation.classify_field(body)
-            r = await service.rewards(await text_ids(texts, field), req)
+            r = await service.rewards(await text_ids(texts, field), req, [f"{field}[{i}]" for i in range(len(texts))])
             out = [{"index": i, "embedding": [float(x)]} for i, x in enumerate(r)]
             # as SGLang answers: one text, one object; a list of texts (POLAR's client), a list
             return out[0] if isinstance(body.get(field), str) else out
@@ -294,7 +303,9 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 fmt = fixed or req.query_params.get("format", s.pooling_format)
                 if fmt not in POOLING_FORMATS:
                     raise RequestError(f"format must be one of {', '.join(POOLING_FORMATS)}, got {fmt!r}")
-                r = await service.rewards(await text_ids(validation.pooling(body, s.max_items), "input"), req)
+                texts = validation.pooling(body, s.max_items)
+                names = [f"input[{i}]" for i in range(len(texts))]
+                r = await service.rewards(await text_ids(texts, "input"), req, names)
                 if fmt == "lmdeploy":
                     data = [{"index": i, "object": "pooling", "data": float(x)} for i, x in enumerate(r)]
                 else:
@@ -311,8 +322,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     async def get_reward(request: Request):
         async def work(body, req):
             items = validation.get_reward(body, s.max_items)
-            ids = await item_ids(items, [f"query[{i}]" for i in range(len(items))])
-            r = [float(x) for x in await service.rewards(ids, req)]
+            names = [f"query[{i}]" for i in range(len(items))]
+            r = [float(x) for x in await service.rewards(await item_ids(items, names), req, names)]
             return {"rewards": r, "scores": r, "extra_logs": {}}
         return await handle(request, "get_reward", work)
 
@@ -321,7 +332,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         async def work(body, request):
             req = validation.native(body, s.max_items)
             ids = await item_ids(req.items, req.names)
-            r = await service.rewards(ids, request)
+            r = await service.rewards(ids, request, req.names)
             data, k = [], 0
             for i, (n, single) in enumerate(zip(req.counts, req.single)):
                 vals = [float(x) for x in r[k:k + n]]

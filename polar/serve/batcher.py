@@ -297,6 +297,17 @@ class Batcher:
         return out
 
 
+def non_finite(rewards: np.ndarray, names: list[str]) -> Optional[str]:
+    """What to say of rewards that are NaN or inf (`names[i]`: item i as the caller knows it), or None
+    when all are finite: a trainer would take NaN as a reward, so no caller is handed one."""
+    bad = np.flatnonzero(~np.isfinite(rewards))
+    if not bad.size:
+        return None
+    return (f"the model gave non-finite rewards ({rewards[bad[0]]}) for {bad.size} of the {len(rewards)} items "
+            f"({', '.join(names[i] for i in bad[:8].tolist())}{', ...' if bad.size > 8 else ''}); an overflow in "
+            "the model's precision or a broken checkpoint")
+
+
 def score_each_alone(score: Callable, ids: list, pad_id: int) -> np.ndarray:
     """Each item as its own one-row batch, no sharing: the reference the batched rewards must equal."""
     out = np.empty(len(ids), dtype=np.float32)

@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
-from polar.format import lone_surrogate
+from polar.format import as_text, lone_surrogate
 from polar.records import DuplicateKey, unique_keys
 from polar.serve.items import StructuredItem
 
@@ -360,6 +360,11 @@ def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
             ref = text_field(lab["reference"], f"labels[{i}].reference")
         else:
             ref = text_field(lab, f"labels[{i}]")
+        if not as_text(ref):
+            # OpenRLHF sends "" for every label when --label_key is not set: each rollout would be
+            # scored against no reference at all, for a whole run, without a word
+            raise RequestError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
+                               "--label_key is not set: set it to the dataset field holding the reference")
         items.append(StructuredItem(prompt=p, reference=ref, output=q[len(p):], wrapper=wrapper))
     return items
 

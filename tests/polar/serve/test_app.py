@@ -226,6 +226,11 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/v1/rewards", b'{"items": [{"prompt": "p", "reference": "r", "output": "o", "output": "x"}]}', 400,
      'the key "output" twice in one object (inside "items"[0])'),
     ("/classify", b'{"text": ["a"], "text": ["b", "c"]}', 400, 'the key "text" twice in one object:'),
+    # OpenRLHF without --label_key: every rollout would be scored against no reference
+    ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [""]}, 400,
+     "labels[0]: the reference is empty; OpenRLHF sends an empty label when --label_key is not set"),
+    ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [{"reference": [{"content": ""}]}]}, 400,
+     "labels[0]: the reference is empty"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     url, _ = server
@@ -234,6 +239,21 @@ def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     assert res.status_code == status, res.text
     assert words in res.json()["error"]["message"]
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_a_compressed_body_is_refused_naming_its_content_encoding(server):
+    """A body sent gzip-compressed (Content-Encoding: gzip) was read as JSON text and refused as
+    "not valid utf-8 ... at byte 1", which points at the text, not at the compression."""
+    import gzip
+
+    url, _ = server
+    body = json.dumps({"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}).encode()
+    res = httpx.post(f"{url}/classify", content=gzip.compress(body), timeout=30,
+                     headers={"Content-Type": "application/json", "Content-Encoding": "gzip"})
+    assert res.status_code == 415, res.text
+    assert "Content-Encoding gzip" in res.json()["error"]["message"]
+    res = httpx.post(f"{url}/classify", content=body, timeout=30, headers={"Content-Encoding": "identity"})
+    assert res.status_code == 200, res.text
 
 
 def test_metrics_report_traffic(server, batch):
@@ -576,7 +596,8 @@ def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
         texts = ["<|reward|>~a[UNUSED_TOKEN_130]", "<|reward|>~[UNUSED_TOKEN_130]", "<|reward|>b~[UNUSED_TOKEN_130]"]
         res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=60)
         assert res.status_code == 500, res.text
-        assert "non-finite rewards (nan) for 3 of the 3 items (item 0, 1, 2)" in res.json()["error"]["message"]
+        message = res.json()["error"]["message"]
+        assert "non-finite rewards (nan) for 3 of the 3 items (text[0], text[1], text[2])" in message
         ok = httpx.post(f"{url}/classify", json={"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}, timeout=60)
         assert ok.status_code == 200 and np.isfinite(ok.json()[0]["embedding"][0])
 
@@ -585,6 +606,32 @@ def test_non_finite_rewards_are_refused_naming_the_items(scorer, tokenizer):
         with pytest.raises(reward.RewardServerError, match="non-finite rewards") as err:
             client.score([{"prompt": "p", "reference": "r", "output": "~"}])
         assert err.value.status == 500 and len(poisoned) == 1  # one request, no retries
+
+
+def test_non_finite_rewards_name_the_items_as_the_request_and_the_call_number_them(scorer, tokenizer):
+    """The message names the item by where it is in the request (items[1] of /v1/rewards, not its
+    place among the flattened outputs), so that the client renumbers it for a call sent in chunks."""
+    poison = ord("~")
+
+    def overflowing(batch):  # one item per row (no sharing, no packing): inf for the poisoned rows only
+        rewards = np.array(scorer.score(batch))
+        rewards[(batch.tokens == poison).any(dim=1).numpy()] = np.inf
+        return rewards
+
+    kw = dict(share_prefixes=False, pack_rows=False)
+    with live_server(scorer, tokenizer, score=overflowing, batcher_kw=kw) as (url, _):
+        body = {"items": [{"prompt": "p", "reference": "r", "outputs": ["a", "b"]},
+                          {"prompt": "p", "reference": "r", "output": "~"}]}
+        res = httpx.post(f"{url}/v1/rewards", json=body, timeout=60)
+        assert res.status_code == 500 and "for 1 of the 3 items (items[1])" in res.json()["error"]["message"]
+        body = {"query": ["pa", "p~"], "prompts": ["p", "p"], "labels": ["r", "r"]}
+        res = httpx.post(f"{url}/get_reward", json=body, timeout=60)
+        assert res.status_code == 500 and "(query[1])" in res.json()["error"]["message"]
+        items = [{"prompt": "p", "reference": "r", "output": o} for o in ("a", "b", "c", "~")]
+        for client_cls in (reward.RewardClient, reward.AsyncRewardClient):
+            client = client_cls(url, chunk_size=2)
+            with pytest.raises(reward.RewardServerError, match=r"\(items\[3\]\)"):
+                client.score(items) if client_cls is reward.RewardClient else asyncio.run(client.score(items))
 
 
 def test_a_tokenizer_other_than_the_checkpoints_is_refused_at_start_up(scorer, tmp_path):
@@ -602,3 +649,51 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused_at_start_up(scorer, t
     for named in ([], ["--tokenizer", "byte"]):
         service = build_service(parse_args(["--checkpoint", ckpt, *named]), scorer)  # its batcher not started
         assert service.tokenizer.vocab_size == 260
+
+
+def test_requests_still_queued_at_the_graceful_timeout_are_not_scored_after_it(scorer, tokenizer):
+    """uvicorn cancels the requests still in flight when --graceful-timeout-s runs out; their items
+    must leave the queue then, not be scored for nobody by the batcher's close() while the process
+    should be exiting (torchrun and SLURM kill it soon after)."""
+    import uvicorn
+
+    from polar.serve.app import ServeSettings, Service, create_app
+    from polar.serve.batcher import Batcher
+    from polar.serve.metrics import Metrics
+
+    rounds, gate = [], threading.Event()
+
+    def slow(batch):
+        rounds.append(batch)
+        gate.wait(60)  # the first round holds the worker until every request has queued
+        time.sleep(0.5)
+        return scorer.score(batch)
+
+    # a budget of 4 x 8 tokens: every request (43 tokens) is a round of its own
+    batcher = Batcher(slow, tokenizer.pad_id, max_wait_s=0.0, max_batch_tokens=8, row_tokens=1024,
+                      max_positions=scorer.max_positions)
+    service = Service(tokenizer, batcher, ServeSettings(), Metrics())
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=0, log_level="critical",
+                                           timeout_graceful_shutdown=0.5))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    assert _until(lambda: server.started)
+    url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+
+    def post(i):
+        try:
+            httpx.post(f"{url}/classify", json={"text": [f"<|reward|>{i}{'x' * 40}[UNUSED_TOKEN_130]"]}, timeout=60)
+        except httpx.HTTPError:
+            pass  # cancelled at the graceful timeout: the connection closes unanswered
+
+    clients = [threading.Thread(target=post, args=(i,)) for i in range(8)]
+    for c in clients:
+        c.start()
+    assert _until(lambda: rounds and batcher.queued_items == 7)
+    gate.set()
+    server.should_exit = True
+    thread.join(60)
+    for c in clients:
+        c.join(60)
+    assert not thread.is_alive()
+    assert len(rounds) <= 3, len(rounds)  # the one running, the one started within the 0.5 s; 8 without the fix

@@ -26,6 +26,11 @@ def test_reward_func_refuses_lists_of_different_lengths():
         reward.reward_func(["Q: a"] * 3, ["Q:"] * 3, [" a"], url="http://127.0.0.1:9")
 
 
+def test_reward_func_refuses_the_empty_label_openrlhf_sends_without_a_label_key():
+    with pytest.raises(ValueError, match=r"labels\[1\]: the reference is empty; .*--label_key"):
+        reward.reward_func(["Q: a", "Q: b"], ["Q:", "Q:"], ["ref", ""], url="http://127.0.0.1:9")
+
+
 def test_in_process_scorer_refuses_settings_that_leave_the_prompt_unbounded(scorer, tokenizer):
     with pytest.raises(ValueError, match="max_length >= 8198"):
         reward.InProcessScorer(scorer, tokenizer, max_length=8192, max_response=4096)
@@ -90,3 +95,26 @@ def test_a_429s_retry_after_is_used_only_when_it_is_a_usable_wait(header, expect
         assert 0.5 * 2.0 <= wait <= 2.0  # the backoff for attempt 2: 0.5 * 2**2, with jitter in [1/2, 1]
     else:
         assert wait == expected
+
+
+def test_in_process_scorer_refuses_non_finite_rewards_as_the_server_does(scorer, tokenizer):
+    """NaN or inf is not a reward: `polar serve` refuses it (500, naming the items) and the HTTP clients
+    raise; the in-process scorer must not hand it to the trainer as one."""
+    class Overflowing:
+        max_positions = scorer.max_positions
+
+        def score(self, batch):
+            rewards = np.array(scorer.score(batch))
+            rewards[(batch.tokens == ord("~")).any(dim=1).numpy()] = np.nan
+            return rewards
+
+    s = reward.InProcessScorer(Overflowing(), tokenizer, share_prefixes=False, max_wait_s=0.01)
+    try:
+        items = [{"prompt": "p", "reference": "r", "output": o} for o in ("a", "~", "b")]
+        with pytest.raises(ValueError, match=r"non-finite rewards \(nan\) for 1 of the 3 items \(item 1\)"):
+            s.score(items)
+        with pytest.raises(ValueError, match=r"non-finite rewards \(nan\) for 1 of the 2 items \(text 0\)"):
+            s.score_texts(["<|reward|>~[UNUSED_TOKEN_130]", "<|reward|>a[UNUSED_TOKEN_130]"])
+        assert all(np.isfinite(s.score(items[:1])))
+    finally:
+        s.close()
