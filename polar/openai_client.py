@@ -18,6 +18,7 @@ import datetime
 import email.utils
 import http.client
 import json
+import math
 import random
 import socket
 import urllib.error
@@ -76,7 +77,7 @@ def request_body(policy: Policy, prompt: str, params: SamplingParams, seed: int 
     return body
 
 
-def _retry_after(headers) -> float | None:
+def retry_after(headers) -> float | None:
     """Seconds the server asks us to wait: Retry-After is a number of seconds or an HTTP date (RFC
     9110), which proxies and gateways send; ignoring the date retried within milliseconds."""
     value = headers.get("Retry-After") if headers is not None else None
@@ -84,6 +85,8 @@ def _retry_after(headers) -> float | None:
         return None
     try:
         seconds = float(value)
+        if not 0 <= seconds < math.inf:  # a proxy's negative, NaN or infinite one: our own backoff decides
+            return None
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)
@@ -92,15 +95,15 @@ def _retry_after(headers) -> float | None:
         if when.tzinfo is None:  # "-0000": a date in UTC without a stated zone
             when = when.replace(tzinfo=datetime.timezone.utc)
         seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-    return max(0.0, seconds) if seconds == seconds else None  # a NaN is no wait either
+    return max(0.0, seconds)  # a date already past: now
 
 
 def _http_failure(code: int, detail: str, headers) -> RequestFailure:
     kind = f"http {code}"
     if code == 429:
-        return RequestFailure(kind, detail, retryable=True, endpoint_fault=False, retry_after=_retry_after(headers))
+        return RequestFailure(kind, detail, retryable=True, endpoint_fault=False, retry_after=retry_after(headers))
     if code >= 500 or code == 408:
-        return RequestFailure(kind, detail, retryable=True, endpoint_fault=True, retry_after=_retry_after(headers))
+        return RequestFailure(kind, detail, retryable=True, endpoint_fault=True, retry_after=retry_after(headers))
     if code in (401, 403, 404):
         return RequestFailure(kind, detail, retryable=False, endpoint_fault=True)
     return RequestFailure(kind, detail, retryable=False, endpoint_fault=False)

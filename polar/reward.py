@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import os
 import random
 import re
@@ -27,6 +26,8 @@ import time
 from typing import Optional, Sequence
 
 import httpx
+
+from polar.openai_client import retry_after
 
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
@@ -161,13 +162,11 @@ class _Base:
         self.model = model
 
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
-        if resp is not None and resp.status_code == 429:
-            try:
-                wait = float(resp.headers.get("retry-after", ""))
-            except ValueError:
-                wait = math.nan
-            if math.isfinite(wait) and wait >= 0:  # a proxy may send a negative or NaN one: back off as usual
-                return min(wait, self.max_backoff_s)
+        # a Retry-After in seconds or as an HTTP date, on a 429 or a 503 (a proxy or gateway sends it
+        # on either); a negative, NaN or infinite one is ignored: back off as usual
+        wait = retry_after(resp.headers) if resp is not None and resp.status_code in (429, 503) else None
+        if wait is not None:
+            return min(wait, self.max_backoff_s)
         # Exponential backoff with jitter, so retrying clients do not arrive in step.
         return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
 
