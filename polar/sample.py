@@ -502,6 +502,36 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+async def _until_stopped(sampler: Sampler, done: set[int]) -> bool:
+    """sampler.run; True when SIGTERM stopped it. A scheduler's stop (Slurm at the time limit,
+    Kubernetes, kill) is SIGTERM, which ended the run at once, without its summary or exit status 130:
+    it now cancels the run at its next await, as Ctrl-C does. Handled by the loop itself, not passed
+    on as SIGINT: a job started in the background (`cmd &`, some launchers) ignores SIGINT, and asyncio
+    then leaves it ignored."""
+    loop, task = asyncio.get_running_loop(), asyncio.current_task()
+    stopped = False
+
+    def stop() -> None:
+        nonlocal stopped
+        stopped = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, stop)
+        handled = True
+    except (ValueError, RuntimeError, NotImplementedError):  # not the main thread: the caller's to handle
+        handled = False
+    try:
+        await sampler.run(done)
+    except asyncio.CancelledError:
+        if not stopped:
+            raise
+    finally:
+        if handled:
+            loop.remove_signal_handler(signal.SIGTERM)
+    return stopped
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="polar sample",
@@ -646,18 +676,11 @@ def main(argv: list[str]) -> int:
                           a.prefix_min_tokens, a.prefix_max_tokens)
     sampler = Sampler(cfg, prompts, policies, a.output, failures)
     interrupted = False
-    # A scheduler's stop (Slurm at the time limit, Kubernetes, kill) is SIGTERM, which ended the run at
-    # once without its summary or exit status 130; as SIGINT, asyncio cancels the run as for Ctrl-C.
-    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
-    if main_thread:
-        on_term = signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))
     try:
-        asyncio.run(sampler.run(done))
+        interrupted = asyncio.run(_until_stopped(sampler, done))
     except KeyboardInterrupt:
         interrupted = True
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if on_term is None else on_term)
         corpus.close()
         if instructions:
             instructions.close()

@@ -3,12 +3,14 @@ output, and pool files whose bad entry must be found by line; real HTTP on loopb
 import email.utils
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import pytest
 import yaml
 
 from polar import sample
@@ -188,15 +190,22 @@ def test_a_pool_file_that_is_not_utf8_is_named_by_its_line(tmp_path, capsys):
     assert rc == 2 and f"{pool}:2: not valid UTF-8" in err, err
 
 
-def test_sigterm_stops_like_ctrl_c(tmp_path):
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_sigterm_stops_like_ctrl_c(tmp_path, sigint):
     """A batch scheduler's stop (Slurm at the time limit, Kubernetes, `kill`) is SIGTERM: the run died
     at once, with no summary of what it had done and exit status -15 instead of 130 (interrupted,
-    the same command continues)."""
+    the same command continues). Also in a job started in the background (`cmd &`), which ignores
+    SIGINT: passing SIGTERM on as SIGINT stopped nothing there."""
     with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
         argv = _inputs(tmp_path, srv.base_url, "ab") + ["--num-prompts", "6", "--retry-base", "0.001"]
         srv.hold_after = 3  # a record or more, then every request waits
         proc = subprocess.Popen([sys.executable, "-m", "polar.sample", *argv], cwd=ROOT,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True,
+                                preexec_fn=_ignore_sigint if sigint == "ignored" else None)
         deadline = time.monotonic() + 60
         while len(srv.requests) < 6:
             assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()

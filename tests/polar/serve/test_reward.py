@@ -82,27 +82,25 @@ def test_in_process_scorer_counts_what_the_truncation_cut_across_threads(scorer,
         s.close()
 
 
-def _http_date(seconds_from_now: float) -> str:
-    import email.utils
-    import time
-
-    return email.utils.formatdate(time.time() + seconds_from_now, usegmt=True)
-
-
 @pytest.mark.parametrize("status,header,expected", [
     (429, "3", 3.0), (429, "1000", 8.0), (429, "0", 0.0), (429, "-1", None), (429, "nan", None), (429, "inf", None),
     (429, "soon", None),
     (503, "3", 3.0),  # a gateway's 503 carries it too
-    (429, _http_date(-60), 0.0),  # a date already past: now
-    (429, _http_date(1000), 8.0),  # a date: the wait until it, capped
+    (429, -60, 0.0),  # an HTTP date 60 s ago (made when the test runs): now
+    (429, 1000, 8.0),  # a date 1000 s ahead: the wait until it, capped
     (500, "3", None),  # not a status that asks for a wait
 ])
 def test_a_retry_after_is_used_only_when_it_is_a_usable_wait(status, header, expected):
     """A proxy's negative or NaN Retry-After crashed the blocking client (time.sleep refused it); it
     now falls back to the exponential backoff, and a usable one (seconds or an HTTP date, on a 429 or
     a 503) is capped at max_backoff_s."""
+    import email.utils
+    import time
+
     import httpx
 
+    if isinstance(header, int):
+        header = email.utils.formatdate(time.time() + header, usegmt=True)
     client = reward.RewardClient("http://127.0.0.1:9", backoff_s=0.5, max_backoff_s=8.0)
     wait = client._delay(2, httpx.Response(status, headers={"Retry-After": header}))
     if expected is None:
