@@ -100,10 +100,13 @@ def main(argv=None, recipe=None) -> int:
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+    import torch.distributed as dist
+
     from engine.checkpoint import CheckpointWriteError
     from engine.shard_format import DatasetFormatError
     from engine.trainer import NonFiniteError
 
+    was_running = dist.is_initialized()
     try:
         return run(cfg, recipe)
     except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
@@ -118,6 +121,10 @@ def main(argv=None, recipe=None) -> int:
         return _stop(rank, f"error: {e}", EXIT_NONFINITE)
     except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
         return _stop(rank, f"error: {e}", EXIT_FAILED)
+    finally:
+        from engine.runtime import release_runtime
+
+        release_runtime(was_running)  # after an error raised inside the run (a no-op after its own shutdown)
 
 
 def check_machine(cfg) -> None:

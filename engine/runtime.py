@@ -249,3 +249,16 @@ def shutdown_runtime() -> None:
         dist.barrier()
         parallel_state.destroy_model_parallel()
         dist.destroy_process_group()
+
+
+def release_runtime(was_running: bool) -> None:
+    """The process groups torn down on an error path, without shutdown_runtime's barrier (the other
+    ranks may have stopped elsewhere): a gloo group left to the interpreter's exit sometimes aborts
+    it ("terminate called without an active exception", exit -6) after the error was printed.
+    A no-op once shutdown_runtime has run, and when the groups were up before the entry point
+    started (`was_running`: a test session's, a trainer's beside a scorer): not its to end."""
+    if dist.is_initialized() and not was_running:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()

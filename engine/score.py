@@ -291,12 +291,19 @@ def main(argv=None) -> int:
 
     order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
+    import torch.distributed as dist
+
+    was_running = dist.is_initialized()
     try:
         return run(args)
     except ConfigError as e:
         if rank == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from engine.runtime import release_runtime
+
+        release_runtime(was_running)  # after an error once the process group is up (a no-op after run's shutdown)
 
 
 def run(args) -> int:

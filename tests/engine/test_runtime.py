@@ -42,3 +42,30 @@ def test_llama3_rope_needs_a_high_frequency_factor_above_the_low_one():
     with pytest.raises(ConfigError, match="model.rope_high_freq_factor=4.0 must be more than model.rope_low_freq"):
         validate_layout(model, ParallelConfig(), TrainConfig(), 1, 128)
     assert validate_layout(ModelConfig(rope_scaling="llama3"), ParallelConfig(), TrainConfig(), 1, 128) == 1
+
+
+def test_release_runtime_ends_only_the_groups_its_entry_point_started(runtime):
+    """An entry point that failed after starting the process groups ends them (left to the
+    interpreter's exit, gloo sometimes aborted it with exit -6 after the error was printed); groups
+    that were up before it started (this test session's) are not its to end."""
+    import subprocess
+    import sys
+
+    import torch.distributed as dist
+
+    from engine.runtime import release_runtime
+
+    release_runtime(True)
+    assert dist.is_initialized()
+    code = ("import torch.distributed as dist\n"
+            "from engine.config import ParallelConfig\n"
+            "from engine.runtime import init_runtime, release_runtime\n"
+            "init_runtime(ParallelConfig(), seed=0)\n"
+            "assert dist.is_initialized()\n"
+            "release_runtime(False)\n"
+            "assert not dist.is_initialized()\n")
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stderr[-2000:]
