@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import fcntl
 import hashlib
 import json
 import os
@@ -58,6 +57,7 @@ from polar.openai_client import Completion, RequestFailure, SamplingParams, back
 from polar.policy_pool import Policy, PoolError, load_pool
 from polar.prompt_sources import PromptMaker, SampleError, TextSource
 from polar.repetition import truncate_loop
+from polar.sample_output import check_settings, lock_output, read_done_ids
 
 ROLES = ("reference", "chosen", "rejected")
 DEFAULT_INSTRUCTION_SHARE = 0.1
@@ -73,85 +73,6 @@ def policy_order(seed: int, i: int, names: list[str]) -> list[str]:
 def request_seed(seed: int, i: int, role: str) -> int:
     digest = hashlib.sha256(f"polar-sample/{seed}/request/{i}/{role}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
-
-
-# ----------------------------------------------------------------------------- output and resume
-
-def read_done_ids(path: str) -> set[int]:
-    """Ids already in the output; a torn last line (a kill mid-write) is cut off with a message."""
-    done: dict[int, int] = {}
-    if not os.path.exists(path):
-        return set()
-    # Line by line: the output of a large run does not fit in memory twice.
-    torn_at = None
-    with open(path, "rb") as f:
-        end = 0
-        for line_no, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):  # only the last line can lack its newline
-                torn_at = (end, len(raw))
-                break
-            end += len(raw)
-            if not raw.strip():
-                continue
-            _add_done(done, raw, path, line_no)
-    if torn_at is not None:
-        end, size = torn_at
-        print(f"polar sample: {path}: the last line ({size} bytes at byte {end}) is incomplete, "
-              f"cut by a stop mid-write; removing it (its prompt is sampled again)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    return set(done)
-
-
-def _add_done(done: dict[int, int], raw: bytes, path: str, line_no: int) -> None:
-    try:
-        rec = json.loads(raw)
-        i = rec["id"]
-    except (ValueError, KeyError, TypeError):
-        raise SampleError(f"{path}:{line_no}: not a record of polar sample (a JSON object with an "
-                          f"integer 'id'); is this the right --output?") from None
-    if not isinstance(i, int) or isinstance(i, bool):
-        raise SampleError(f"{path}:{line_no}: field 'id' must be an integer, got {i!r}")
-    if i in done:
-        raise SampleError(f"{path}:{line_no}: id {i} repeats line {done[i]}; the file was written by "
-                          f"something else or edited")
-    done[i] = line_no
-
-
-def lock_output(path: str) -> int:
-    """An exclusive lock on the output for this process's life (the kernel drops it when the process
-    dies, killed or not). Two runs of one command (a requeued job whose first copy still runs, a
-    second terminal) both appended every prompt, and each later run stopped at the first repeated id."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SampleError(f"{path}: another polar sample is writing this output; wait for it to end or stop "
-                          f"it (two runs would sample every prompt twice)") from None
-    except OSError as e:  # a file system without locks (some network mounts): run as before
-        print(f"polar sample: note: {path}: cannot lock ({e.strerror}); do not start a second run on it",
-              file=sys.stderr)
-    return fd
-
-
-def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
-    """Stop a restart whose settings would give different records than the ones already written."""
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            try:
-                old = json.load(f)
-            except json.JSONDecodeError:
-                raise SampleError(f"{path}: not valid JSON; delete it to start the settings record afresh") from None
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-        if changed and not allow_changed:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
-            raise SampleError(f"{path}: the output was written with other settings ({details}); use another "
-                              f"--output, or --allow-changed-settings to mix them")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the run

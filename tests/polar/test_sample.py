@@ -12,7 +12,8 @@ import yaml
 from polar import sample
 from polar.prompt_sources import token_prefix
 from polar.repetition import truncate_loop
-from polar.sample import read_done_ids, request_seed
+from polar.sample import request_seed
+from polar.sample_output import read_done_ids
 from polar.tokenizer import ByteTokenizer
 from tests.polar.openai_server import FakeOpenAIServer, closed_port, fake_loop_text, fake_text
 
