@@ -174,7 +174,7 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     rank = dist.get_rank()
     # rank 0's file operations: a failure is broadcast so that every rank raises it (instead of the
     # others waiting at the next barrier)
-    error = _on_rank0(rank, lambda: _start_save(root, partial))
+    error = on_rank0(rank, lambda: _start_save(root, partial))
     if error:
         raise _write_failed(root, partial, error)
     state = _model_state(chunks)
@@ -194,14 +194,15 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
             raise
         raise _write_failed(root, partial, _first_line(e)) from e
     dist.barrier()
-    error = _on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
+    error = on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
     if error:
         raise _write_failed(root, partial, error)
     return str(final)
 
 
-def _on_rank0(rank: int, fn) -> str:
-    """Runs `fn` on rank 0; returns its OSError's text (on every rank), '' when it succeeded."""
+def on_rank0(rank: int, fn) -> str:
+    """Runs `fn` on rank 0; returns its OSError's text (on every rank), '' when it succeeded: a file
+    step only rank 0 takes, whose failure must stop every rank (the others would wait for it)."""
     error = ""
     if rank == 0:
         try:
@@ -252,7 +253,7 @@ def unwritable(directory: str) -> str:
         f.write_text("")
         f.unlink()
 
-    return _on_rank0(dist.get_rank(), probe)
+    return on_rank0(dist.get_rank(), probe)
 
 
 def check_writable(ckpt_dir: str) -> None:

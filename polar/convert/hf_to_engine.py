@@ -56,23 +56,20 @@ def _architecture(cfg: dict, src) -> tuple[str, object]:
 
 
 def _on_rank0(rank: int, fn, dst: Path) -> None:
-    """Rank 0 runs `fn`, a step of writing `dst`; its failure reaches every rank (the others would
-    otherwise wait for it), and rank 0 removes what was written."""
-    import torch.distributed as dist
+    """Rank 0 runs `fn`, a step of writing `dst`; its failure reaches every rank (engine.checkpoint's
+    on_rank0), and rank 0 removes what was written."""
+    from engine.checkpoint import on_rank0
 
-    error = None
-    if rank == 0:
+    def step():
         try:
             fn()
-        except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
+        except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
             shutil.rmtree(partial_dir(dst), ignore_errors=True)
-            if not isinstance(e, OSError):
-                raise
-            error = e
-    box = [None if error is None else str(error)]
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
-        raise write_failed(dst, box[0]) from error
+            raise
+
+    error = on_rank0(rank, step)
+    if error:
+        raise write_failed(dst, error)
 
 
 def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None, tokenizer: str | None = None,
