@@ -368,6 +368,8 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
     /get_reward takes it). Returns OpenRLHF's dict of tensors."""
     import torch
 
+    from polar.serve import validation
+
     if not (len(queries) == len(prompts) == len(labels)):
         raise ValueError(f"{len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must match")
     items = []
@@ -381,9 +383,11 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
             item["reference"] = lab["reference"]
             if lab.get("wrapper") is not None:
                 item["wrapper"] = lab["wrapper"]
-        if item["reference"] == "":  # what OpenRLHF sends without --label_key (as /get_reward refuses it)
-            raise ValueError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
-                             "--label_key is not set: set it to the dataset field holding the reference")
+        if isinstance(item["reference"], str):  # what OpenRLHF sends without --label_key is ""
+            try:
+                validation.check_label_reference(item["reference"], i)
+            except validation.RequestError as e:  # as /get_reward refuses it
+                raise ValueError(e.message) from None
         items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}

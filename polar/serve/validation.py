@@ -331,6 +331,14 @@ def wrapper_field(v, where: str) -> str:
     return v
 
 
+def check_label_reference(ref, i: int) -> None:
+    """OpenRLHF sends "" for every label when --label_key is not set: each rollout would be scored
+    against no reference at all, for a whole run, without a word. `ref`: a checked text."""
+    if not as_text(ref):
+        raise RequestError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
+                           "--label_key is not set: set it to the dataset field holding the reference")
+
+
 def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
     """OpenRLHF's remote reward call: query[i] = prompts[i] + response; labels[i] carries the
     reference (a string, or an object with "reference" and optionally "wrapper")."""
@@ -360,11 +368,7 @@ def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
             ref = text_field(lab["reference"], f"labels[{i}].reference")
         else:
             ref = text_field(lab, f"labels[{i}]")
-        if not as_text(ref):
-            # OpenRLHF sends "" for every label when --label_key is not set: each rollout would be
-            # scored against no reference at all, for a whole run, without a word
-            raise RequestError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
-                               "--label_key is not set: set it to the dataset field holding the reference")
+        check_label_reference(ref, i)
         items.append(StructuredItem(prompt=p, reference=ref, output=q[len(p):], wrapper=wrapper))
     return items
 
