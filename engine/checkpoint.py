@@ -35,7 +35,8 @@ SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_g
 # settings that change what the same weights compute: a run started from a checkpoint's weights may
 # change them (longer contexts, say), a resumed one may not (it went on training another function)
 FUNCTION_FIELDS = ("rotary_base", "norm_epsilon", "rope_scaling", "rope_scaling_factor", "rope_low_freq_factor",
-                   "rope_high_freq_factor", "rope_original_max_position_embeddings")
+                   "rope_high_freq_factor", "rope_original_max_position_embeddings", "rope_beta_fast",
+                   "rope_beta_slow", "rope_attention_factor", "rope_mscale", "rope_mscale_all_dim", "rope_truncate")
 # megatron's distributed-optimizer formats (engine.config.CheckpointConfig.optimizer_format); a
 # step saved before the setting existed holds the first
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")

@@ -43,11 +43,21 @@ class ModelConfig:
     # InternLM2 define it: the identity while positions stay below max_position_embeddings, which
     # is all this engine runs: longer packed sequences are refused) | llama3 (Llama 3.1+: per-
     # frequency scaling by wavelength, engine/model/rope.py, with the three settings after the factor)
-    rope_scaling: str = setting("none", one_of("none", "linear", "dynamic", "llama3"))
+    # | yarn (YaRN as transformers computes it, engine/model/rope.py: the original context and the
+    # settings after it)
+    rope_scaling: str = setting("none", one_of("none", "linear", "dynamic", "llama3", "yarn"))
     rope_scaling_factor: float = setting(1.0, positive)
     rope_low_freq_factor: float = setting(1.0, positive)  # llama3 only
     rope_high_freq_factor: float = setting(4.0, positive)  # llama3 only; more than the low factor
-    rope_original_max_position_embeddings: int = setting(8192, at_least(1))  # llama3 only
+    rope_original_max_position_embeddings: int = setting(8192, at_least(1))  # llama3 and yarn
+    rope_beta_fast: float = setting(32.0, positive)  # yarn only; at least beta_slow
+    rope_beta_slow: float = setting(1.0, positive)  # yarn only
+    # yarn only: what cos and sin are multiplied by; null: 0.1 ln(factor) + 1, or from the two mscales
+    rope_attention_factor: Optional[float] = setting(None, optional(positive))
+    # yarn only, both or neither, and only without rope_attention_factor (transformers ignores them otherwise)
+    rope_mscale: Optional[float] = setting(None, optional(positive))
+    rope_mscale_all_dim: Optional[float] = setting(None, optional(positive))
+    rope_truncate: bool = setting(True, boolean)  # yarn only: round the blend's ends outwards to whole indices
     # the embedding table is padded to a multiple of lcm(this, parallel.tp) rows (megatron splits
     # it evenly over TP); padded rows stay zero and no token id reaches them
     make_vocab_size_divisible_by: int = setting(1, at_least(1))

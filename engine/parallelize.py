@@ -160,6 +160,7 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     initialisation of megatron's layers, for a caller that loads every weight next."""
     from engine.fp8 import check_backbone, check_fp8, device_capability
     from engine.model.reward_model import RewardModel
+    from engine.model.rope import Yarn
     from engine.model.spec import layer_spec
 
     head_dim = model.hidden_size // model.num_attention_heads
@@ -170,7 +171,10 @@ def build_chunks(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt
     spec = layer_spec(use_te, model.rotary_base, backend, model.rope_scaling,
                       model.rope_scaling_factor, model.max_position_embeddings, fp8=train.fp8,
                       rope_llama3=(model.rope_low_freq_factor, model.rope_high_freq_factor,
-                                   model.rope_original_max_position_embeddings))
+                                   model.rope_original_max_position_embeddings),
+                      rope_yarn=Yarn(model.rope_beta_fast, model.rope_beta_slow,
+                                     model.rope_original_max_position_embeddings, model.rope_attention_factor,
+                                     model.rope_mscale, model.rope_mscale_all_dim, model.rope_truncate))
     chunks = []
     for vp_stage in range(par.vpp or 1):
         vp = vp_stage if par.vpp else None

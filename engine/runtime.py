@@ -61,6 +61,22 @@ class Runtime:
         return self.pp_rank == self.pp - 1 and (vp_stage is None or vp_stage == (self.vpp or 1) - 1)
 
 
+def check_yarn(model: ModelConfig) -> None:
+    """yarn settings that can only be a mistake: a blend run backwards (transformers computes it with
+    a warning), or mscales that transformers, and so this engine, would ignore without a word."""
+    if model.rope_beta_fast < model.rope_beta_slow:
+        raise ConfigError(f"model.rope_beta_fast={model.rope_beta_fast} must be at least model.rope_beta_slow="
+                          f"{model.rope_beta_slow} (yarn RoPE scaling blends the frequencies between them)")
+    if (model.rope_mscale is None) != (model.rope_mscale_all_dim is None):
+        given = "model.rope_mscale" if model.rope_mscale is not None else "model.rope_mscale_all_dim"
+        raise ConfigError(f"{given} is set without the other of model.rope_mscale and model.rope_mscale_all_dim; "
+                          "yarn's attention factor is read from both together, or neither: set both or neither")
+    if model.rope_attention_factor is not None and model.rope_mscale is not None:
+        raise ConfigError(f"model.rope_attention_factor={model.rope_attention_factor} is set, and so are "
+                          "model.rope_mscale and model.rope_mscale_all_dim, which only derive it: set one or the "
+                          "other")
+
+
 def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int,
                     seq_length: int) -> int:
     """Check the parallel layout against the model, batch and packed length (data.seq_length);
@@ -73,6 +89,8 @@ def validate_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig,
         raise ConfigError(f"model.rope_high_freq_factor={model.rope_high_freq_factor} must be more than "
                           f"model.rope_low_freq_factor={model.rope_low_freq_factor} (llama3 RoPE scaling blends "
                           "between them)")
+    if model.rope_scaling == "yarn":
+        check_yarn(model)
     if par.tp < 1 or par.pp < 1:
         raise ConfigError(f"parallel.tp={par.tp} and parallel.pp={par.pp} must be >= 1")
     if par.sequence_parallel:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 
-from engine.model.rope import LLAMA3_DEFAULTS, apply_rope, check_rope_window, rope_cos_sin
+from engine.model.rope import LLAMA3_DEFAULTS, Yarn, apply_rope, check_rope_window, rope_cos_sin
 from engine.packing import POSITION, SEGMENT, LayoutCache, dense_mask
 
 # one layout only: the dense mask it keeps is O(L^2)
@@ -168,6 +168,7 @@ class SharedPrefixAttention(MegatronModule):
         rope_scaling_factor: float = 1.0,
         max_position_embeddings: int = 1 << 62,
         rope_llama3: tuple = LLAMA3_DEFAULTS,
+        rope_yarn: Yarn = Yarn(),
     ):
         super().__init__(config=config)
         if config.context_parallel_size > 1:
@@ -178,6 +179,7 @@ class SharedPrefixAttention(MegatronModule):
         self.rope_scaling = rope_scaling
         self.rope_scaling_factor = rope_scaling_factor
         self.rope_llama3 = tuple(rope_llama3)
+        self.rope_yarn = Yarn(*rope_yarn)
         self.max_position_embeddings = max_position_embeddings
         self.attend = get_backend(backend)
 
@@ -198,9 +200,10 @@ class SharedPrefixAttention(MegatronModule):
         check_rope_window(self.rope_scaling, layout.shape[-1], self.max_position_embeddings)
         cos, sin = _cache.get(
             layout, ("rope", self.head_dim, self.rotary_base, self.rope_scaling, self.rope_scaling_factor,
-                     self.rope_llama3, query.dtype),
+                     self.rope_llama3, self.rope_yarn, query.dtype),
             lambda: rope_cos_sin(layout[:, POSITION], self.head_dim, self.rotary_base, dtype=query.dtype,
-                                 scaling=self.rope_scaling, factor=self.rope_scaling_factor, llama3=self.rope_llama3),
+                                 scaling=self.rope_scaling, factor=self.rope_scaling_factor, llama3=self.rope_llama3,
+                                 yarn=self.rope_yarn),
         )
         query = apply_rope(query, cos, sin)
         key = apply_rope(key, cos, sin)

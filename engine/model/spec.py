@@ -10,13 +10,13 @@ import copy
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from engine.model.rope import LLAMA3_DEFAULTS
+from engine.model.rope import LLAMA3_DEFAULTS, Yarn
 from engine.model.shared_prefix_attention import SharedPrefixAttention
 
 
 def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_scaling: str = "none",
                rope_scaling_factor: float = 1.0, max_position_embeddings: int = 1 << 62,
-               fp8: str = "off", rope_llama3: tuple = LLAMA3_DEFAULTS) -> ModuleSpec:
+               fp8: str = "off", rope_llama3: tuple = LLAMA3_DEFAULTS, rope_yarn: Yarn = Yarn()) -> ModuleSpec:
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te:
@@ -28,7 +28,7 @@ def layer_spec(use_te: bool, rotary_base: float, attention_backend: str, rope_sc
         module=SharedPrefixAttention,
         params={"rotary_base": rotary_base, "backend": attention_backend, "rope_scaling": rope_scaling,
                 "rope_scaling_factor": rope_scaling_factor, "max_position_embeddings": max_position_embeddings,
-                "rope_llama3": rope_llama3},
+                "rope_llama3": rope_llama3, "rope_yarn": rope_yarn},
     )
     if fp8 != "off" and not use_te:  # TE runs FP8 in its own modules (engine.fp8)
         from engine.model.fp8_linear import with_fp8_linears

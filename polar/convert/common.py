@@ -9,10 +9,13 @@ import torch
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 
 # HF rope types this engine runs (engine/model/rope.py); "default" is plain RoPE
-ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3"}
+ROPE_TYPES = {"default": "none", "linear": "linear", "dynamic": "dynamic", "llama3": "llama3", "yarn": "yarn"}
 # llama3's own settings: config.json key -> engine model setting
 LLAMA3_KEYS = {"low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor",
                "original_max_position_embeddings": "rope_original_max_position_embeddings"}
+# yarn's own settings besides the original context; the last three are optional (None)
+YARN_KEYS = {"beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "attention_factor": "rope_attention_factor",
+             "mscale": "rope_mscale", "mscale_all_dim": "rope_mscale_all_dim"}
 
 
 def positive_int(cfg: dict, key: str, src, default=None) -> int:
@@ -58,7 +61,7 @@ def rope_settings(cfg: dict, src) -> dict:
                      "rope_scaling.") or 1.0
     if not isinstance(kind, str) or kind not in ROPE_TYPES:
         raise ConvertError(f"{src}/config.json: RoPE scaling type {kind!r} is not supported (supported: "
-                           f"none, linear, dynamic, llama3); convert a checkpoint without it")
+                           f"none, linear, dynamic, llama3, yarn); convert a checkpoint without it")
     original = scaling.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
     if kind == "dynamic" and original is not None and original != cfg.get("max_position_embeddings"):
         raise ConvertError(f"{src}/config.json: dynamic RoPE with original_max_position_embeddings={original} "
@@ -78,6 +81,50 @@ def rope_settings(cfg: dict, src) -> dict:
         if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
             raise ConvertError(f"{src}/config.json: rope_scaling.high_freq_factor must be more than "
                                "low_freq_factor")
+    if kind == "yarn":
+        out.update(_yarn_settings(cfg, scaling, params, src))
+    return out
+
+
+def _yarn_settings(cfg: dict, scaling: dict, params: dict, src) -> dict:
+    """The engine's yarn settings, read as transformers (5.x, modeling_rope_utils) reads them."""
+    def number(key):
+        value = scaling.get(key, params.get(key))
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConvertError(f"{src}/config.json: rope_scaling.{key} must be a non-negative number, "
+                               f"got {value!r:.60}")
+        return value
+
+    # a top-level original_max_position_embeddings (Phi-3 keeps it there) wins over rope_scaling's;
+    # without either the model's own context is the original one
+    original = cfg.get("original_max_position_embeddings")
+    original = number("original_max_position_embeddings") if original is None else original
+    if original is None:
+        original = positive_int(cfg, "max_position_embeddings", src, default=16384)
+    if isinstance(original, bool) or not isinstance(original, (int, float)) or original < 1 or original % 1:
+        raise ConvertError(f"{src}/config.json: original_max_position_embeddings must be a positive integer, "
+                           f"got {original!r:.60}")
+    if scaling.get("factor", params.get("factor")) is None:  # transformers refuses it too
+        raise ConvertError(f"{src}/config.json: yarn RoPE scaling without factor")
+    out = {"rope_original_max_position_embeddings": int(original)}
+    # transformers' defaults stand in for a missing or zero beta, and mscales count only as a pair
+    # of non-zero values in place of an attention factor
+    out["rope_beta_fast"] = float(number("beta_fast") or 32)
+    out["rope_beta_slow"] = float(number("beta_slow") or 1)
+    if out["rope_beta_fast"] < out["rope_beta_slow"]:
+        raise ConvertError(f"{src}/config.json: rope_scaling.beta_fast must be at least beta_slow")
+    attention = number("attention_factor")
+    if attention == 0:  # transformers would zero every query and key
+        raise ConvertError(f"{src}/config.json: rope_scaling.attention_factor must be more than 0")
+    mscale, mscale_all_dim = number("mscale"), number("mscale_all_dim")
+    both = attention is None and mscale and mscale_all_dim
+    out.update({"rope_attention_factor": None if attention is None else float(attention),
+                "rope_mscale": float(mscale) if both else None,
+                "rope_mscale_all_dim": float(mscale_all_dim) if both else None})
+    truncate = scaling.get("truncate", params.get("truncate", True))
+    if not isinstance(truncate, bool):
+        raise ConvertError(f"{src}/config.json: rope_scaling.truncate must be true or false, got {truncate!r:.60}")
+    out["rope_truncate"] = truncate
     return out
 
 
@@ -108,6 +155,11 @@ def rope_to_hf(model) -> dict | None:
     out = {"type": model.rope_scaling, "rope_type": model.rope_scaling, "factor": model.rope_scaling_factor}
     if model.rope_scaling == "llama3":
         out.update({key: getattr(model, setting) for key, setting in LLAMA3_KEYS.items()})
+    if model.rope_scaling == "yarn":
+        out.update({"original_max_position_embeddings": model.rope_original_max_position_embeddings,
+                    "truncate": model.rope_truncate})
+        out.update({key: getattr(model, setting) for key, setting in YARN_KEYS.items()
+                    if getattr(model, setting) is not None})
     return out
 
 

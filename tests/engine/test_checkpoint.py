@@ -212,3 +212,29 @@ def test_a_save_starts_no_process_and_needs_no_main_guard(tmp_path):
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "children 0" in proc.stdout and "same True" in proc.stdout, proc.stdout
+
+
+def test_yarn_settings_round_trip_through_model_json_and_a_resume_may_not_change_them(tmp_path):
+    """A step records every yarn setting (model.json; an unset attention factor as null) and reads
+    back the model it saved; a resume with any of them changed is refused naming it (it would go on
+    training another function), a run started from the weights (shape fields only) may change them."""
+    import dataclasses
+
+    from engine.config import ConfigError, ModelConfig
+
+    saved = ModelConfig(vocab_size=300, rope_scaling="yarn", rope_scaling_factor=4.0,
+                        rope_original_max_position_embeddings=4096, rope_beta_fast=16.0, rope_beta_slow=2.0,
+                        rope_mscale=0.707, rope_mscale_all_dim=1.0, rope_truncate=False)
+    step = tmp_path / "step_00000003"
+    step.mkdir()
+    (step / checkpoint.MODEL_FILE).write_text(json.dumps(dataclasses.asdict(saved)))
+    assert checkpoint.model_config(str(step)) == saved
+    resume = checkpoint.SHAPE_FIELDS + checkpoint.FUNCTION_FIELDS
+    checkpoint.check_model_matches(saved, str(step), "the step", fields=resume)
+    for name, now in [("rope_beta_fast", 32.0), ("rope_beta_slow", 1.0), ("rope_attention_factor", 1.1),
+                      ("rope_mscale", 1.0), ("rope_mscale_all_dim", 0.707), ("rope_truncate", True)]:
+        changed = dataclasses.replace(saved, **{name: now})
+        with pytest.raises(ConfigError, match=f"the step holds a model with model.{name}=.* but this run has "
+                                              f"model.{name}={now}"):
+            checkpoint.check_model_matches(changed, str(step), "the step", fields=resume)
+        checkpoint.check_model_matches(changed, str(step), "checkpoint.init_from")

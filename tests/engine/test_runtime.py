@@ -69,3 +69,21 @@ def test_release_runtime_ends_only_the_groups_its_entry_point_started(runtime):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("settings,message", [
+    ({"rope_beta_fast": 1.0, "rope_beta_slow": 2.0},
+     r"model.rope_beta_fast=1.0 must be at least model.rope_beta_slow=2.0"),
+    ({"rope_mscale": 0.7}, r"model.rope_mscale is set without the other of model.rope_mscale and "),
+    ({"rope_mscale_all_dim": 1.0}, r"model.rope_mscale_all_dim is set without the other"),
+    ({"rope_attention_factor": 1.2, "rope_mscale": 0.7, "rope_mscale_all_dim": 1.0},
+     r"model.rope_attention_factor=1.2 is set, and so are model.rope_mscale and model.rope_mscale_all_dim"),
+])
+def test_yarn_settings_that_transformers_would_run_backwards_or_ignore_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_layout(ModelConfig(rope_scaling="yarn", **settings), ParallelConfig(), TrainConfig(), 1, 128)
+    # the same settings mean nothing to another scaling, and the pair or equal betas are fine for yarn
+    assert validate_layout(ModelConfig(**settings), ParallelConfig(), TrainConfig(), 1, 128) == 1
+    fine = ModelConfig(rope_scaling="yarn", rope_beta_fast=2.0, rope_beta_slow=2.0, rope_mscale=0.7,
+                       rope_mscale_all_dim=1.0)
+    assert validate_layout(fine, ParallelConfig(), TrainConfig(), 1, 128) == 1

@@ -43,6 +43,11 @@ def _tensors(path: Path) -> dict:
 # (6.3, 63, 628, 6283 positions) fall in every branch (kept, blended, divided by the factor)
 LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
           "original_max_position_embeddings": 64}
+# YaRN at head dim 8 and rope_theta 100 (wavelengths 6.3, 20, 63, 199 positions): beta_fast 4 and
+# beta_slow 1 put the ramp's ends at indices 0.81 and 2.02 (0 and 3 truncated), so frequency 0 is
+# kept, 1 and 2 blended and 3 divided by the factor; all of them turn far enough within the tests'
+# positions (up to 17) for each to change the rewards
+YARN = {"rope_type": "yarn", "factor": 4.0, "beta_fast": 4.0, "beta_slow": 1.0, "original_max_position_embeddings": 64}
 
 
 @pytest.mark.parametrize("family,extra", [
@@ -50,9 +55,14 @@ LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_fr
     ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 5e4}),
     ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}),
     ("llama", {"rope_scaling": dict(LLAMA3)}),  # a copy: transformers adds to the dict it is given
+    ("llama", {"rope_scaling": dict(YARN), "rope_theta": 100.0}),
+    # untruncated ends (0.81 and 2.02: blends of 16% and 98%), DeepSeek's mscale pair
+    ("qwen2", {"rope_scaling": {**YARN, "truncate": False, "mscale": 0.707, "mscale_all_dim": 1.0},
+               "rope_theta": 100.0}),
     ("qwen2", {}),  # q/k/v biases
     ("mistral", {}),
-], ids=["llama", "llama_rope_linear", "llama_rope_dynamic", "llama_rope_llama3", "qwen2_biases", "mistral"])
+], ids=["llama", "llama_rope_linear", "llama_rope_dynamic", "llama_rope_llama3", "llama_rope_yarn",
+        "qwen2_rope_yarn_untruncated_mscale", "qwen2_biases", "mistral"])
 def test_llama_family_imports_to_the_transformers_rewards(tmp_path, family, extra):
     ref = tm.random_seq_cls(tm.llama_config(family, **extra))
     src = tm.save(ref, tmp_path / "src")
@@ -77,19 +87,49 @@ def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path):
     _check_scores(dst, model, seed=3)
 
 
-def test_llama3_rope_round_trips_to_the_same_config_and_rewards(tmp_path):
+@pytest.mark.parametrize("scaling,theta", [
+    (LLAMA3, 5e5),
+    ({**YARN, "beta_fast": 6.0, "attention_factor": 1.2, "truncate": False}, 100.0),
+], ids=["llama3", "yarn"])
+def test_scaled_rope_round_trips_to_the_same_config_and_rewards(tmp_path, scaling, theta):
     import transformers
 
-    ref = tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(LLAMA3), rope_theta=5e5))
+    ref = tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(scaling), rope_theta=theta))
     dst = hf_to_engine.convert(tm.save(ref, tmp_path / "src"), tmp_path / "engine", **QUIET)
+    _check_scores(dst, ref, seed=4)
     out = engine_to_hf.convert(dst, tmp_path / "hf", **QUIET)
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
     saved = json.loads((out / "config.json").read_text())["rope_scaling"]
-    assert {k: saved[k] for k in LLAMA3} == LLAMA3
+    assert {k: saved[k] for k in scaling} == scaling
     _check_scores(dst, model, seed=4)
-    # InternLM2's own modeling code has no llama3 scaling: that layout is refused, not written wrong
-    with pytest.raises(ConvertError, match="llama3 RoPE scaling, which InternLM2's code does not implement"):
+    # InternLM2's own modeling code has neither scaling: that layout is refused, not written wrong
+    with pytest.raises(ConvertError, match=f"{scaling['rope_type']} RoPE scaling, which InternLM2's code does not "
+                                           "implement"):
         engine_to_hf.convert(dst, tmp_path / "internlm2", fmt="internlm2-reward", **QUIET)
+
+
+@pytest.mark.parametrize("where", ["top_level", "missing"])
+def test_yarn_takes_its_original_context_where_transformers_does(tmp_path, where):
+    """A top-level original_max_position_embeddings (Phi-3 keeps it there) wins over rope_scaling's,
+    and without either the model's max_position_embeddings is the original context (here 16 and 256
+    against the 64 of YARN: other frequency bands, other rewards)."""
+    import transformers
+
+    from polar.convert.engine_io import read_model_config
+
+    src = tm.save(tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(YARN), rope_theta=100.0)),
+                  tmp_path / "src")
+    cfg = json.loads((src / "config.json").read_text())
+    if where == "top_level":
+        cfg["original_max_position_embeddings"] = 16
+    else:
+        del cfg["rope_parameters"]["original_max_position_embeddings"]
+    (src / "config.json").write_text(json.dumps(cfg))
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(src), dtype=torch.float32).eval()
+    dst = hf_to_engine.convert(src, tmp_path / "engine", **QUIET)
+    assert read_model_config(dst / "model.yaml").rope_original_max_position_embeddings == {"top_level": 16,
+                                                                                           "missing": 256}[where]
+    _check_scores(dst, ref, seed=6)
 
 
 def test_conversion_at_tp2_under_torchrun_gives_the_same_rewards(tmp_path):
@@ -220,7 +260,15 @@ def _edit_config(src: Path, **changes):
     ({"architectures": ["GPT2LMHeadModel"]}, r"architecture 'GPT2LMHeadModel' is not supported; supported: .*Llama"),
     ({"intermediate_size": 96}, r"tensor 'model.layers.0.mlp.gate_proj.weight' has shape \(80, 48\), config.json "
                                 r"implies \(96, 48\)"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"RoPE scaling type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "longrope", "factor": 4.0}}, r"RoPE scaling type 'longrope' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, r"yarn RoPE scaling without factor"),
+    ({"rope_scaling": {**YARN, "beta_fast": 1.0, "beta_slow": 2.0}}, r"rope_scaling.beta_fast must be at least "
+                                                                      r"beta_slow"),
+    ({"rope_scaling": {**YARN, "beta_slow": -1}}, r"rope_scaling.beta_slow must be a non-negative number, got -1"),
+    ({"rope_scaling": {**YARN, "attention_factor": 0}}, r"rope_scaling.attention_factor must be more than 0"),
+    ({"rope_scaling": {**YARN, "truncate": "no"}}, r"rope_scaling.truncate must be true or false, got 'no'"),
+    ({"rope_scaling": {**YARN, "original_max_position_embeddings": 64.5}},
+     r"original_max_position_embeddings must be a positive integer, got 64.5"),
     ({"attention_bias": True}, r"attention_bias=true .* not supported"),
     ({"head_dim": 16}, r"head_dim=16 differs"),
 ])
