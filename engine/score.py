@@ -13,6 +13,13 @@ are split over the data-parallel ranks, scored with the engine's forward (engine
 written by rank 0 as one line per input line, in input order. This is the reference that
 `polar serve` is tested against.
 
+The input is read twice: once to check every line before a model is loaded, then --chunk-lines
+lines at a time, each chunk tokenized, packed, scored and appended to OUTPUT.partial
+(polar/score_output.py), so the host holds one chunk, not the input, and a stopped run loses at
+most one chunk: the same command run again continues after the rows already written. OUTPUT
+appears when the last line is written. Without --seq-length each chunk's packed length is its
+longest group's, rounded up to 128.
+
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
 or the model.yaml a converted checkpoint holds); the tokenizer from `--tokenizer`, else the
 tokenizer the checkpoint was trained with (polar/checkpoint_tokenizer.py: its tokenizer/ directory, or
@@ -21,7 +28,6 @@ what its run's config.yaml says).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -46,7 +52,7 @@ def parse_args(argv=None):
     ap.add_argument("--max-response-length", type=int, default=4096,
                     help="the client's max_response_length (default 4096)")
     ap.add_argument("--seq-length", type=int, default=0,
-                    help="packed sequence length (default: the longest line's group, rounded up to 128)")
+                    help="packed sequence length (default: each chunk's longest group, rounded up to 128)")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world size divided by tp x pp "
                                                        "is data parallel)")
     ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -56,6 +62,9 @@ def parse_args(argv=None):
                                                          "when > 1; under torchrun it is the world size)")
     ap.add_argument("--progress-s", type=float, default=30.0,
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
+    ap.add_argument("--chunk-lines", type=int, default=0,
+                    help="input lines scored and written at a time: what a stopped run can lose, and what the "
+                         "host holds (default: 1024 per data-parallel rank)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),
                     help="a bad input line stops the run (fail) or becomes an error line (skip)")
     return ap.parse_args(argv)
@@ -208,18 +217,21 @@ class CheckpointScorer:
             k += len(items)
         return out
 
-    def score_groups(self, lines: list, seq_length: int = 0, where=None, progress_s: float | None = None
-                     ) -> tuple[list, dict]:
+    def score_groups(self, lines: list, seq_length: int = 0, where=None, progress_s: float | None = None,
+                     progress=None) -> tuple[list, dict]:
         """Rewards (list of floats per line, in its outputs' order) and packing facts, for lines as
         groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors;
-        `progress_s`: seconds between progress lines (None: none)."""
+        `progress_s`: seconds between progress lines (None: none), or `progress(done, total)` called
+        with the packed sequences scored so far (engine.scoring.score's)."""
         # a Group is a SplitLine of one part holding every output in order: one path for both
         splits = [line if isinstance(line, SplitLine) else SplitLine([line], [range(len(line.candidates))])
                   for line in lines]
         groups = [g for s in splits for g in s.parts]
         owner = [i for i, s in enumerate(splits) for _ in s.parts]  # the line each group comes from
         name = where or (lambda i: f"line {i}")
-        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress_s)
+        if progress is None and progress_s is not None:
+            progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
+        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress)
         out, scored = [], iter(per_group)
         for s in splits:
             rewards = [None] * s.outputs
@@ -229,7 +241,7 @@ class CheckpointScorer:
             out.append(rewards)
         return out, facts
 
-    def _score_groups(self, groups: list, seq_length: int, name, progress_s=None) -> tuple[list, dict]:
+    def _score_groups(self, groups: list, seq_length: int, name, progress=None) -> tuple[list, dict]:
         import numpy as np
 
         from engine.packing import collate, plan_sequences
@@ -248,8 +260,7 @@ class CheckpointScorer:
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
-        report = None if progress_s is None else progress_printer(progress_s, self.rt.is_main, self.rt.dp)
-        rewards = score_data_parallel(self.chunks, batches, self.rt, progress=report).cpu()
+        rewards = score_data_parallel(self.chunks, batches, self.rt, progress=progress).cpu()
         # collate numbers candidates sequence by sequence, group by group: map them back
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
@@ -263,23 +274,26 @@ class CheckpointScorer:
         return out, facts
 
 
-def progress_printer(every_s: float, main_rank: bool, dp: int):
-    """progress(done, total) for engine.scoring.score: a line with the rate and ETA at most every
-    `every_s` seconds, on the main rank; none at the end (the summary follows)."""
+def progress_printer(every_s: float, main_rank: bool, dp: int = 1, unit: str = "packed sequences"):
+    """progress(done, total): a line with the rate and ETA at most every `every_s` seconds, on the
+    main rank; none at the end (the summary follows). engine.scoring.score's counts packed
+    sequences (this rank's share); polar score's own counts input lines (`done` may be fractional:
+    a chunk part-scored)."""
     from engine.progress import format_duration
 
     t0 = last = time.time()
     share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
 
-    def report(done: int, total: int) -> None:
+    def report(done: float, total: int) -> None:
         nonlocal last
         now = time.time()
         if not main_rank or done >= total or now - last < every_s:
             return
         last = now
         rate = done / max(now - t0, 1e-9)
-        print(f"scoring: {done:,}/{total:,} packed sequences{share} | {rate:.2f} sequences/s | "
-              f"eta {format_duration((total - done) / rate)}", flush=True)
+        eta = format_duration((total - done) / rate) if rate > 0 else "?"
+        print(f"scoring: {int(done):,}/{total:,} {unit}{share} | {rate:.2f} {unit.split()[-1]}/s | eta {eta}",
+              flush=True)
     return report
 
 
@@ -306,72 +320,146 @@ def main(argv=None) -> int:
         release_runtime(was_running)  # after an error once the process group is up (a no-op after run's shutdown)
 
 
+def score_settings(args, scorer: CheckpointScorer) -> dict:
+    """What a partial output is checked against before a rerun continues it: everything that changes
+    a reward (checkpoint, tokenizer, the client's truncation, precision) and the input itself. Not the
+    layout, the packed length or --on-error: they change how lines are scored, not their rewards."""
+    st = os.stat(args.input)
+    return {"checkpoint": os.path.realpath(scorer.step_dir), "tokenizer": scorer.tokenizer_spec,
+            "max_length": args.max_length, "max_response_length": args.max_response_length,
+            "precision": args.precision, "input": os.path.realpath(args.input), "input_bytes": st.st_size,
+            "input_mtime_ns": st.st_mtime_ns}
+
+
 def run(args) -> int:
+    import itertools
+
     from engine.runtime import shutdown_runtime
+    from polar.client_format import Cuts
     from polar.records import RecordError
-    from polar.score_input import output_row, read_score_input
+    from polar.score_input import iter_score_input, output_row, survey_score_input
+    from polar.score_output import ResumeError, RowWriter, check_settings, partial_paths, rows_written
 
     t0 = time.time()
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.chunk_lines < 0:
+        raise ConfigError(f"--chunk-lines must be >= 0 (0: 1024 per data-parallel rank), got {args.chunk_lines}")
     scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
                               args.max_length, args.max_response_length)
-    try:
-        lines = read_score_input(args.input, args.on_error)
+    try:  # every line checked before a model is loaded; the texts are read again chunk by chunk
+        numbers, bad, first_bad = survey_score_input(args.input, args.on_error)
     except RecordError as e:
         raise ConfigError(f"{e} (--on-error skip writes an error line instead)") from None
     except OSError as e:
         raise ConfigError(f"--input {args.input}: {e}") from None
-    scored = [ln for ln in lines if ln.error is None]
-    if len(scored) < len(lines) and int(os.environ.get("RANK", "0")) == 0:
-        first = next(ln for ln in lines if ln.error is not None)  # the output file holds them all
-        print(f"{len(lines) - len(scored)} bad line(s), written as error lines (--on-error skip); the first: "
-              f"{first.error}", flush=True)
+    if bad and main_rank:  # the output file holds them all
+        print(f"{bad} bad line(s), written as error lines (--on-error skip); the first: {first_bad}", flush=True)
     scorer.check_seq_length(args.seq_length)
     writable_output(args.output, "--output")
-    # a line whose outputs together pass the packed sequence is scored in several groups that fit
-    groups = scorer.groups([ln.items for ln in scored], args.seq_length)
+    partial, _ = partial_paths(args.output)
+    settings = score_settings(args, scorer)
+    try:
+        done = rows_written(args.output, numbers, cut_torn=main_rank) if check_settings(args.output, settings) else 0
+    except ResumeError as e:
+        raise ConfigError(str(e)) from None
+    if done and main_rank:
+        print(f"resuming: {done:,} of {len(numbers):,} lines are already scored in {partial} (a stopped run's); "
+              f"scoring the other {len(numbers) - done:,}", flush=True)
+
     # without --seq-length, or with one past them, the model's positions bound a packed row (as in groups())
     positions = scorer.model_cfg.max_position_embeddings
     limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
                     else (positions, f"model.max_position_embeddings={positions}"))
-    if groups:  # checked before any process group is made
-        # a line whose prefix and one output alone pass the bound cannot be split to fit
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    chunk_lines = args.chunk_lines or 1024 * max(1, world // (args.tp * args.pp))
+    cuts, over_names, counts = Cuts(), [], {"written": done, "bad": 0}
+
+    def prepared(lines: list):
+        """A chunk's lines, those scored, and their groups; a line whose prefix and one output alone
+        pass the bound cannot be split to fit: it stops the run or becomes an error line."""
+        scored = [ln for ln in lines if ln.error is None]
+        groups = scorer.groups([ln.items for ln in scored], args.seq_length)
+        cuts.add(scorer.cuts)
         over = [i for i, g in enumerate(groups) if len(g) > limit]
         if over and args.on_error != "skip":
             i = max(over, key=lambda j: len(groups[j]))
+            kept = (f"; the {counts['written']:,} lines before it are kept in {partial}, and a rerun continues "
+                    "after them" if counts["written"] else "")
             raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {len(groups[i])} tokens, more than "
-                              f"{bound} (--on-error skip writes an error line instead)")
+                              f"{bound} (--on-error skip writes an error line instead{kept})")
         for i in over:
             scored[i].error = f"its outputs take {len(groups[i])} tokens, more than {bound}"
-        if over:
-            if int(os.environ.get("RANK", "0")) == 0:
-                print(f"{len(over)} line(s) longer than {bound}, written as error lines "
-                      f"(--on-error skip): {', '.join(f'{args.input}:{scored[i].line}' for i in over[:5])}"
-                      + (" ..." if len(over) > 5 else ""), flush=True)
-            dropped = set(over)
-            groups = [g for i, g in enumerate(groups) if i not in dropped]
-            scored = [ln for ln in scored if ln.error is None]
+            over_names.append(f"{args.input}:{scored[i].line}")
+        dropped = set(over)
+        return lines, [ln for ln in scored if ln.error is None], [g for i, g in enumerate(groups) if i not in dropped]
+
+    source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0)
+    chunks = iter(lambda: list(itertools.islice(source, chunk_lines)), [])
+    first = next(chunks, None)
+    pending = prepared(first) if first is not None else None  # the first chunk checked before any process group
+    try:
+        writer = RowWriter(args.output, settings) if main_rank else None
+    except ResumeError as e:
+        raise ConfigError(str(e)) from None
     scorer.start()
-    rewards, facts = scorer.score_groups(groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}",
-                                         progress_s=args.progress_s)
     rt = scorer.rt
+    _same_on_every_rank(done, rt)
+
+    report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
+    totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0}
+    lengths, lines_done = set(), 0
+    while pending is not None:
+        lines, scored, groups = pending
+        rewards = []
+        if groups:
+            rewards, facts = scorer.score_groups(
+                groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}",
+                progress=lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
+            for k in totals:
+                totals[k] += facts[k]
+            lengths.add(facts["seq_length"])
+        by_line = dict(zip((ln.line for ln in scored), rewards))
+        if writer is not None:
+            writer.write([output_row(ln, by_line.get(ln.line, [])) for ln in lines])
+        counts["written"] += len(lines)
+        counts["bad"] += sum(ln.error is not None for ln in lines)
+        lines_done += len(lines)
+        if not groups:  # else the schedule's last call reported it
+            report(lines_done, left)
+        nxt = next(chunks, None)
+        pending = prepared(nxt) if nxt is not None else None
     if rt.is_main:
-        with open(args.output, "w") as f:
-            gi = 0
-            for ln in lines:
-                if ln.error is None:
-                    f.write(json.dumps(output_row(ln, rewards[gi])) + "\n")
-                    gi += 1
-                else:
-                    f.write(json.dumps(output_row(ln, [])) + "\n")
-        print(f"scored {facts['outputs']:,} outputs of {len(scored):,} lines ({len(lines) - len(scored)} bad) in "
-              f"{facts['sequences']:,} packed sequences of {facts['seq_length']} tokens at tp={rt.tp} pp={rt.pp} "
-              f"dp={rt.dp}; shared prefixes saved {facts['prefix_tokens_saved']:,} tokens; "
+        writer.finish()
+        if over_names:
+            print(f"{len(over_names)} line(s) longer than {bound}, written as error lines (--on-error skip): "
+                  f"{', '.join(over_names[:5])}" + (" ..." if len(over_names) > 5 else ""), flush=True)
+        longest = max(lengths, default=0)
+        packed = f"{'up to ' if len(lengths) > 1 else ''}{longest} tokens"
+        resumed = f", after the {done:,} a stopped run had scored" if done else ""
+        print(f"scored {totals['outputs']:,} outputs of {lines_done - counts['bad']:,} lines ({counts['bad']} bad"
+              f"{resumed}) in {totals['sequences']:,} packed sequences of {packed} at tp={rt.tp} pp={rt.pp} "
+              f"dp={rt.dp}; shared prefixes saved {totals['prefix_tokens_saved']:,} tokens; "
               f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)
         # a reward read from a response cut to its head never saw its end; nothing in the output says so
         print(f"the client's truncation (--max-length {args.max_length}, --max-response-length "
-              f"{args.max_response_length}) cut {scorer.cuts} of the input", flush=True)
+              f"{args.max_response_length}) cut {cuts} of the input", flush=True)
     shutdown_runtime()
     return 0
+
+
+def _same_on_every_rank(done: int, rt) -> None:
+    """Every rank reads the partial output to know where to continue; one that saw another file (an
+    --output not on a file system every node shares) would score other lines than rank 0 writes."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    seen = torch.tensor([done, -done], dtype=torch.int64, device=rt.device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
+    if int(seen[0]) != -int(seen[1]):
+        raise ConfigError(f"the ranks found different partial outputs beside --output (between {-int(seen[1])} and "
+                          f"{int(seen[0])} rows): --output must be on a file system every node shares")
 
 
 if __name__ == "__main__":

@@ -17,8 +17,9 @@ output still has one line per input line).
 """
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS
@@ -84,22 +85,42 @@ def _parse(obj) -> tuple[str, list]:
     return kind, [ScoringItem(prompt, reference, o, wrapper) for o in outs]
 
 
-def read_score_input(path: str, on_error: str = "fail") -> list[ScoreLine]:
-    """Every non-blank line of a JSONL file, parsed; bad lines raise RecordError (on_error="fail")
-    or come back as error lines (on_error="skip")."""
-    out = []
+def iter_score_input(path: str, on_error: str = "fail", after_line: int = 0) -> Iterator[ScoreLine]:
+    """The non-blank lines of a JSONL file past line `after_line`, parsed one at a time (a large
+    input is never held whole); bad lines raise RecordError (on_error="fail") or come back as
+    error lines (on_error="skip")."""
     for n, raw in iter_lines(path):
+        if n <= after_line:  # lines a stopped run already scored: not even parsed
+            continue
         try:
             parsed = parse_jsonl_line(raw, path, n, _parse)
         except RecordError as e:
             if on_error == "fail":
                 raise
-            out.append(ScoreLine(n, "error", [], str(e)))
+            yield ScoreLine(n, "error", [], str(e))
             continue
         if parsed is not None:
             kind, items = parsed
-            out.append(ScoreLine(n, kind, items))
-    return out
+            yield ScoreLine(n, kind, items)
+
+
+def read_score_input(path: str, on_error: str = "fail") -> list[ScoreLine]:
+    """Every non-blank line of a JSONL file, parsed (iter_score_input, in a list)."""
+    return list(iter_score_input(path, on_error))
+
+
+def survey_score_input(path: str, on_error: str = "fail") -> tuple[array, int, Optional[str]]:
+    """One pass over the input before any scoring: the line numbers of its non-blank lines (what a
+    partial output is checked against, and the progress total), how many are bad, and the first bad
+    one's error; on_error="fail" raises RecordError at the first bad line, before a model is loaded.
+    The texts are not kept."""
+    numbers, bad, first = array("q"), 0, None
+    for ln in iter_score_input(path, on_error):
+        numbers.append(ln.line)
+        if ln.error is not None:
+            bad += 1
+            first = first or ln.error
+    return numbers, bad, first
 
 
 def output_row(line: ScoreLine, rewards: list) -> dict:

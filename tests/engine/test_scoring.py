@@ -53,3 +53,7 @@ def test_the_progress_line_has_rate_and_eta_and_stays_quiet_at_the_end(capsys):
     slow = progress_printer(3600.0, True, 1)  # not yet time for a line
     slow(3, 12)
     assert capsys.readouterr().out == ""
+    lines = progress_printer(0.0, True, unit="lines")  # polar score's: input lines, a chunk part-scored
+    lines(2.5, 10)
+    got = capsys.readouterr().out
+    assert got.startswith("scoring: 2/10 lines | ") and " lines/s | eta " in got

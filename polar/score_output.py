@@ -1,0 +1,130 @@
+"""`polar score`'s output on disk while it runs.
+
+Rows go to OUTPUT.partial chunk by chunk, flushed and synced, so a stopped run (a kill, a lost node,
+a job's time limit) loses at most the chunk in flight; OUTPUT itself appears only when every line
+is written (a renamed whole file: a reader never takes a half-written OUTPUT for a finished one).
+Beside the partial file a settings record (OUTPUT.partial.json) says what wrote it; a rerun of the
+same command on the same input continues after the rows already there, and a rerun with settings
+that would give other rewards is refused rather than mixed into them.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import sys
+from typing import Sequence
+
+
+class ResumeError(Exception):
+    """The partial output cannot be continued (or written) as it is; the message says why and what to do."""
+
+
+def partial_paths(output: str) -> tuple[str, str]:
+    """(the rows written so far, the settings record beside them)."""
+    return output + ".partial", output + ".partial.json"
+
+
+def _fresh_start(partial: str) -> str:
+    return f"delete {partial} and {partial}.json to score from the first line"
+
+
+def check_settings(output: str, settings: dict) -> bool:
+    """True when a partial output of this run's settings is there to continue; False when there is
+    none. A partial output written with other settings, or without its record, is refused."""
+    partial, record = partial_paths(output)
+    if not os.path.exists(partial) or os.path.getsize(partial) == 0:  # nothing written: nothing to mix
+        return False
+    if not os.path.exists(record):
+        raise ResumeError(f"{partial} is there without its settings record {record}, so whether its rewards "
+                          f"match this run's cannot be checked; {_fresh_start(partial)}")
+    try:
+        with open(record, encoding="utf-8") as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{record}: cannot be read ({e}); {_fresh_start(partial)}") from None
+    if not isinstance(old, dict):
+        raise ResumeError(f"{record}: not a settings record (a JSON object); {_fresh_start(partial)}")
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if changed:
+        details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+        raise ResumeError(f"{partial} was written by a run with other settings ({details}): its rewards and this "
+                          f"run's would be mixed in one output; rerun with the earlier settings, or "
+                          f"{_fresh_start(partial)}")
+    return True
+
+
+def rows_written(output: str, expected_lines: Sequence[int], cut_torn: bool) -> int:
+    """How many rows the partial output holds, checked against the input: row k must be the output
+    of input line expected_lines[k]. A torn last row (a stop mid-write) does not count; with
+    `cut_torn` (the writing rank) it is cut from the file, with a message."""
+    partial, _ = partial_paths(output)
+    if not os.path.exists(partial):
+        return 0
+    k, end, torn = 0, 0, None
+    with open(partial, "rb") as f:
+        for raw in f:  # line by line: a large output does not fit in memory twice
+            if not raw.endswith(b"\n"):  # only the last line can lack its newline
+                torn = len(raw)
+                break
+            where = f"{partial}:{k + 1}"
+            try:
+                row = json.loads(raw)
+                line = row["line"]
+            except (ValueError, KeyError, TypeError):
+                raise ResumeError(f"{where}: not a row of polar score (a JSON object with its input 'line'); "
+                                  f"{_fresh_start(partial)}") from None
+            if k >= len(expected_lines):
+                raise ResumeError(f"{where}: the partial output has more rows than the input has lines; is this "
+                                  f"the right --input? {_fresh_start(partial)}")
+            if line != expected_lines[k]:
+                raise ResumeError(f"{where}: the row of input line {line!r}, where input line {expected_lines[k]} "
+                                  f"comes next; the input is not the one the partial output was written for. "
+                                  f"{_fresh_start(partial)}")
+            k += 1
+            end += len(raw)
+    if torn is not None and cut_torn:
+        print(f"polar score: {partial}: its last row ({torn} bytes at byte {end}) is incomplete, cut by a stop "
+              f"mid-write; removing it (its line is scored again)", file=sys.stderr, flush=True)
+        with open(partial, "r+b") as f:
+            f.truncate(end)
+    return k
+
+
+class RowWriter:
+    """The partial output, locked and open for appending, on the rank that writes it."""
+
+    def __init__(self, output: str, settings: dict):
+        self.output = output
+        self.partial, self.record = partial_paths(output)
+        # the record first: a partial file is never there without one (check_settings refuses that)
+        if not os.path.exists(self.partial) or os.path.getsize(self.partial) == 0:
+            tmp = self.record + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.record)
+        self.fd = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            # two runs of one command (a requeued job whose first copy still runs) would both append
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ResumeError(f"{self.partial}: another polar score is writing this output; wait for it to end or "
+                              "stop it") from None
+        except OSError as e:  # a file system without locks (some network mounts): go on without one
+            print(f"polar score: note: {self.partial}: cannot lock ({e.strerror}); do not start a second run on "
+                  "this output", file=sys.stderr)
+
+    def write(self, rows: list) -> None:
+        """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""
+        data = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+        os.fsync(self.fd)
+
+    def finish(self) -> None:
+        """Every row is written: the partial output becomes OUTPUT, its record goes."""
+        os.close(self.fd)
+        os.replace(self.partial, self.output)
+        os.remove(self.record)

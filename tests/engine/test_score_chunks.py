@@ -1,0 +1,133 @@
+"""`polar score` (engine/score.py) reads and scores its input a chunk at a time and appends each
+chunk to OUTPUT.partial: the rewards do not depend on the chunking, a run killed mid-way continues
+where it ended when the same command runs again (a torn last row cut off), and a rerun that would
+mix rewards of other settings into the partial output is refused."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).parents[2]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+SHORT = {"prompt": "p", "reference": "r", "output": "o"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    run_dir = tmp_path_factory.mktemp("score_chunks") / "run"
+    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run_dir)],
+                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
+    return str(run_dir / "checkpoints")
+
+
+def _lines(n: int) -> list:
+    rng = np.random.default_rng(0)
+    return [{"prompt": f"prompt {i % 7}: " + "q" * int(rng.integers(0, 40)), "reference": f"ref {i % 5}",
+             "candidates": [f"answer {j} " + "a" * int(rng.integers(0, 60)) for j in range(1 + i % 3)]}
+            for i in range(n)]
+
+
+def _cmd(checkpoint: str, inp: Path, out: Path, *extra) -> list:
+    return [sys.executable, "-m", "polar.cli", "score", "--checkpoint", checkpoint, "--input", str(inp),
+            "--output", str(out), "--tokenizer", "byte", *extra]
+
+
+def _run(cmd: list, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def _rows(path: Path) -> list:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _complete_rows(path: Path) -> int:
+    try:
+        return path.read_bytes().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+def test_a_killed_run_continues_where_it_ended_with_the_rewards_of_one_run(tmp_path, checkpoint):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in _lines(240)))
+    whole = _run(_cmd(checkpoint, inp, tmp_path / "whole.jsonl"), tmp_path)  # one chunk
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ref = _rows(tmp_path / "whole.jsonl")
+
+    out = tmp_path / "out.jsonl"
+    partial, record = Path(f"{out}.partial"), Path(f"{out}.partial.json")
+    cmd = _cmd(checkpoint, inp, out, "--chunk-lines", "1")
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while _complete_rows(partial) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)  # nothing of the run's own handling takes part
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
+    assert not out.exists() and record.exists()  # OUTPUT appears only whole
+    kept = _complete_rows(partial)
+    assert 3 <= kept < len(ref)
+    with open(partial, "ab") as f:  # a stop mid-write leaves a torn row
+        f.write(b'{"line": 999, "rewa')
+
+    # other settings would mix other rewards into the partial output: refused, the partial kept
+    refused = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--max-response-length", "8"), tmp_path)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert f"{partial} was written by a run with other settings (max_response_length: 4096 -> 8)" in refused.stderr
+    assert _complete_rows(partial) == kept
+
+    resumed = _run(cmd + ["--progress-s", "0"], tmp_path)  # not a setting a rerun is checked against
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"scoring: {kept + 1:,}/240 lines | " not in resumed.stdout  # counted from where it resumed
+    assert f"scoring: 1/{240 - kept:,} lines | " in resumed.stdout, resumed.stdout[-2000:]
+    assert f"resuming: {kept:,} of 240 lines are already scored in {partial}" in resumed.stdout, resumed.stdout
+    assert "its last row (19 bytes at byte" in resumed.stderr and "is incomplete" in resumed.stderr
+    assert f"after the {kept:,} a stopped run had scored" in resumed.stdout
+    assert not partial.exists() and not record.exists()
+    rows = _rows(out)
+    assert [r["line"] for r in rows] == [r["line"] for r in ref] == list(range(1, 241))
+    # one sequence per chunk against many per sequence: the same rewards
+    for got, want in zip(rows, ref):
+        np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
+
+
+def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_path, checkpoint):
+    """Under --on-error fail a line too long for the packed sequence stops the run where its chunk
+    comes; the chunks before it stay in the partial output and a rerun with --on-error skip (which
+    changes no reward) continues after them."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [SHORT, dict(SHORT, output="oo"), dict(SHORT, output="y" * 400), SHORT]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    stopped = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
+    assert stopped.returncode == 2, stopped.stderr[-3000:]
+    assert ("in.jsonl:3: its outputs take" in stopped.stderr
+            and f"the 2 lines before it are kept in {out}.partial, and a rerun continues after them"
+            in stopped.stderr), stopped.stderr[-3000:]
+    assert [r["line"] for r in _rows(Path(f"{out}.partial"))] == [1, 2]
+    skipped = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256", "--on-error", "skip"),
+                   tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "resuming: 2 of 4 lines" in skipped.stdout
+    rows = _rows(out)
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and "more than --seq-length 256" in rows[2]["error"]
+    assert rows[0]["reward"] == pytest.approx(rows[3]["reward"], abs=1e-5)  # the same line, other runs
+
+
+def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="y" * 400)) + "\n")
+    stopped = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
+    assert stopped.returncode == 2 and Path(f"{out}.partial").exists(), stopped.stderr[-3000:]
+    inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="fixed")) + "\n")
+    again = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
+    assert again.returncode == 2 and "was written by a run with other settings (input_bytes:" in again.stderr, \
+        again.stderr[-3000:]
+    assert f"delete {out}.partial and {out}.partial.json to score from the first line" in again.stderr

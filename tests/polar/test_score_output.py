@@ -1,0 +1,85 @@
+"""polar/score_output.py: what a rerun of `polar score` finds in a partial output, and how it is
+written (the end-to-end resume is tests/engine/test_score_chunks.py)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from polar.score_output import ResumeError, RowWriter, check_settings, partial_paths, rows_written
+
+SETTINGS = {"checkpoint": "/c/step_6", "max_length": 16384}
+
+
+def _partial(tmp_path, text: str, settings=SETTINGS) -> str:
+    out = str(tmp_path / "out.jsonl")
+    partial, record = partial_paths(out)
+    with open(partial, "w") as f:
+        f.write(text)
+    if settings is not None:
+        with open(record, "w") as f:
+            json.dump(settings, f)
+    return out
+
+
+def test_rows_are_counted_against_the_input_and_a_torn_row_is_cut(tmp_path, capsys):
+    out = _partial(tmp_path, '{"line": 1, "rewards": [0.5]}\n{"line": 3, "error": "x"}\n{"line": 4, "rew')
+    assert check_settings(out, SETTINGS)
+    assert rows_written(out, [1, 3, 4, 5], cut_torn=False) == 2
+    assert os.path.getsize(partial_paths(out)[0]) > 60  # a reading rank leaves the file alone
+    assert rows_written(out, [1, 3, 4, 5], cut_torn=True) == 2
+    assert "its last row (16 bytes at byte 56) is incomplete" in capsys.readouterr().err
+    assert open(partial_paths(out)[0]).read().endswith('"error": "x"}\n')
+
+
+@pytest.mark.parametrize("text,expected,message", [
+    ('{"line": 2}\n', [1, 2], "the row of input line 2, where input line 1 comes next"),
+    ('{"line": 1}\n{"line": 2}\n', [1], "more rows than the input has lines"),
+    ('{"id": 1}\n', [1], "not a row of polar score"),
+    ("not json\n", [1], "not a row of polar score"),
+])
+def test_a_partial_output_of_another_input_is_refused_by_row(tmp_path, text, expected, message):
+    out = _partial(tmp_path, text)
+    with pytest.raises(ResumeError, match=message) as e:
+        rows_written(out, expected, cut_torn=True)
+    assert f"{out}.partial:" in str(e.value) and f"delete {out}.partial and {out}.partial.json" in str(e.value)
+
+
+def test_settings_decide_whether_a_partial_output_is_continued(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    assert not check_settings(out, SETTINGS)  # none there
+    out = _partial(tmp_path, "", settings={"max_length": 1})
+    assert not check_settings(out, SETTINGS)  # an empty one holds no reward to mix with
+    out = _partial(tmp_path, '{"line": 1}\n', settings=dict(SETTINGS, max_length=8))
+    with pytest.raises(ResumeError, match=r"other settings \(max_length: 8 -> 16384\)"):
+        check_settings(out, SETTINGS)
+    out = _partial(tmp_path, '{"line": 1}\n', settings=None)
+    os.remove(partial_paths(out)[1])
+    with pytest.raises(ResumeError, match="without its settings record"):
+        check_settings(out, SETTINGS)
+
+
+def test_the_writer_appends_whole_rows_and_renames_at_the_end(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    w = RowWriter(out, SETTINGS)
+    assert json.load(open(partial_paths(out)[1])) == SETTINGS  # the record before any row
+    w.write([{"line": 1, "rewards": [1.0]}, {"line": 2, "error": "bad"}])
+    w.write([{"line": 4, "rewards": [2.0, 3.0]}])
+    assert not os.path.exists(out)
+    w.finish()
+    assert [json.loads(x)["line"] for x in open(out)] == [1, 2, 4]
+    assert not any(os.path.exists(p) for p in partial_paths(out))
+
+
+def test_a_second_writer_on_one_output_is_refused(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    w = RowWriter(out, SETTINGS)
+    # another process (flock locks are per open file; a second process is what a requeued job is)
+    code = (f"from polar.score_output import RowWriter, ResumeError\ntry:\n    RowWriter({out!r}, {SETTINGS!r})\n"
+            f"except ResumeError as e:\n    print(e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "another polar score is writing this output" in proc.stdout, proc.stdout + proc.stderr
+    w.finish()
