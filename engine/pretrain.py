@@ -100,31 +100,27 @@ def main(argv=None, recipe=None) -> int:
             return 0
     except ConfigError as e:
         return _stop(rank, f"config error: {e}", EXIT_CONFIG)
-    import torch.distributed as dist
-
     from engine.checkpoint import CheckpointWriteError
+    from engine.runtime import released_on_error
     from engine.shard_format import DatasetFormatError
     from engine.trainer import NonFiniteError
 
-    was_running = dist.is_initialized()
-    try:
-        return run(cfg, recipe)
-    except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
-        return _stop(rank, f"config error: {e}", EXIT_CONFIG)
-    except DatasetFormatError as e:
-        # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
-        # so it is printed here, not by rank 0 alone).
-        print(f"data error on rank {rank}: {e}; `polar data stats PATH` (or --check-config) checks every "
-              "shard", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    except NonFiniteError as e:
-        return _stop(rank, f"error: {e}", EXIT_NONFINITE)
-    except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
-        return _stop(rank, f"error: {e}", EXIT_FAILED)
-    finally:
-        from engine.runtime import release_runtime
-
-        release_runtime(was_running)  # after an error raised inside the run (a no-op after its own shutdown)
+    # an error raised inside the run ends the groups it started, once its message is printed
+    with released_on_error():
+        try:
+            return run(cfg, recipe)
+        except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
+            return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+        except DatasetFormatError as e:
+            # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
+            # so it is printed here, not by rank 0 alone).
+            print(f"data error on rank {rank}: {e}; `polar data stats PATH` (or --check-config) checks every "
+                  "shard", file=sys.stderr, flush=True)
+            return EXIT_CONFIG
+        except NonFiniteError as e:
+            return _stop(rank, f"error: {e}", EXIT_NONFINITE)
+        except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
+            return _stop(rank, f"error: {e}", EXIT_FAILED)
 
 
 def check_machine(cfg) -> None:

@@ -4,6 +4,8 @@ Works under `torchrun` (RANK/WORLD_SIZE/LOCAL_RANK set) and as a plain single pr
 """
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import os
 from dataclasses import dataclass
@@ -269,14 +271,20 @@ def shutdown_runtime() -> None:
         dist.destroy_process_group()
 
 
-def release_runtime(was_running: bool) -> None:
-    """The process groups torn down on an error path, without shutdown_runtime's barrier (the other
-    ranks may have stopped elsewhere): a gloo group left to the interpreter's exit sometimes aborts
-    it ("terminate called without an active exception", exit -6) after the error was printed.
-    A no-op once shutdown_runtime has run, and when the groups were up before the entry point
-    started (`was_running`: a test session's, a trainer's beside a scorer): not its to end."""
-    if dist.is_initialized() and not was_running:
-        from megatron.core import parallel_state
+@contextlib.contextmanager
+def released_on_error():
+    """The process groups an entry point's run starts, torn down when it leaves early (an error, its
+    message printed inside the block), without shutdown_runtime's barrier (the other ranks may have
+    stopped elsewhere): a gloo group left to the interpreter's exit sometimes aborts it ("terminate
+    called without an active exception", exit -6) after the error was printed. Nothing to do once
+    shutdown_runtime has run, and groups that were up before the block (a test session's, a
+    trainer's beside a scorer) are not its to end."""
+    was_running = dist.is_initialized()
+    try:
+        yield
+    finally:
+        if dist.is_initialized() and not was_running:
+            from megatron.core import parallel_state
 
-        parallel_state.destroy_model_parallel()
-        dist.destroy_process_group()
+            parallel_state.destroy_model_parallel()
+            dist.destroy_process_group()

@@ -44,28 +44,32 @@ def test_llama3_rope_needs_a_high_frequency_factor_above_the_low_one():
     assert validate_layout(ModelConfig(rope_scaling="llama3"), ParallelConfig(), TrainConfig(), 1, 128) == 1
 
 
-def test_release_runtime_ends_only_the_groups_its_entry_point_started(runtime):
+def test_groups_are_released_on_error_only_where_the_block_started_them(runtime):
     """An entry point that failed after starting the process groups ends them (left to the
     interpreter's exit, gloo sometimes aborted it with exit -6 after the error was printed); groups
     that were up before it started (this test session's) are not its to end."""
     import subprocess
     import sys
+    from pathlib import Path
 
     import torch.distributed as dist
 
-    from engine.runtime import release_runtime
+    from engine.runtime import released_on_error
 
-    release_runtime(True)
+    with pytest.raises(KeyError), released_on_error():
+        raise KeyError("an error inside an entry point's run")
     assert dist.is_initialized()
     code = ("import torch.distributed as dist\n"
             "from engine.config import ParallelConfig\n"
-            "from engine.runtime import init_runtime, release_runtime\n"
-            "init_runtime(ParallelConfig(), seed=0)\n"
-            "assert dist.is_initialized()\n"
-            "release_runtime(False)\n"
+            "from engine.runtime import init_runtime, released_on_error\n"
+            "try:\n"
+            "    with released_on_error():\n"
+            "        init_runtime(ParallelConfig(), seed=0)\n"
+            "        assert dist.is_initialized()\n"
+            "        raise KeyError('x')\n"
+            "except KeyError:\n"
+            "    pass\n"
             "assert not dist.is_initialized()\n")
-    from pathlib import Path
-
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).parents[2])
     assert proc.returncode == 0, proc.stderr[-2000:]
