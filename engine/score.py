@@ -64,7 +64,7 @@ def parse_args(argv=None):
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
     ap.add_argument("--chunk-lines", type=int, default=0,
                     help="input lines scored and written at a time: what a stopped run can lose, and what the "
-                         "host holds (default: 1024 per data-parallel rank)")
+                         "host holds (default: 1024 per data-parallel rank, at most 16384)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),
                     help="a bad input line stops the run (fail) or becomes an error line (skip)")
     return ap.parse_args(argv)
@@ -305,19 +305,15 @@ def main(argv=None) -> int:
 
     order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
-    import torch.distributed as dist
+    from engine.runtime import released_on_error
 
-    was_running = dist.is_initialized()
-    try:
-        return run(args)
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        from engine.runtime import release_runtime
-
-        release_runtime(was_running)  # after an error once the process group is up (a no-op after run's shutdown)
+    with released_on_error():  # an error once the process group is up ends the groups run started
+        try:
+            return run(args)
+        except ConfigError as e:
+            if rank == 0:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
 
 
 def score_settings(args, scorer: CheckpointScorer) -> dict:
@@ -343,7 +339,7 @@ def run(args) -> int:
     t0 = time.time()
     main_rank = int(os.environ.get("RANK", "0")) == 0
     if args.chunk_lines < 0:
-        raise ConfigError(f"--chunk-lines must be >= 0 (0: 1024 per data-parallel rank), got {args.chunk_lines}")
+        raise ConfigError(f"--chunk-lines must be >= 0 (0: the default), got {args.chunk_lines}")
     scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
                               args.max_length, args.max_response_length)
     try:  # every line checked before a model is loaded; the texts are read again chunk by chunk
@@ -371,7 +367,8 @@ def run(args) -> int:
     limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
                     else (positions, f"model.max_position_embeddings={positions}"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    chunk_lines = args.chunk_lines or 1024 * max(1, world // (args.tp * args.pp))
+    # every rank builds a whole chunk (and scores its share): a cap keeps that bounded at large DP
+    chunk_lines = args.chunk_lines or min(1024 * max(1, world // (args.tp * args.pp)), 16384)
     cuts, over_names, counts = Cuts(), [], {"written": done, "bad": 0}
 
     def prepared(lines: list):
