@@ -50,80 +50,109 @@ def _object(cfg: dict, key: str, src) -> dict:
     return value
 
 
-def rope_settings(cfg: dict, src) -> dict:
-    """rotary_base, rope_scaling and its factor from a config.json (transformers 4 `rope_theta` +
-    `rope_scaling`, or transformers 5 `rope_parameters`)."""
-    params = _object(cfg, "rope_parameters", src)
+def _partial_rotary(cfg: dict, src) -> None:
+    """Anything but 1 is refused: transformers 5's Llama, Qwen2 and Mistral code ignores the key under
+    plain RoPE and, under a scaled type, computes frequencies for that part of the head only, then
+    fails on the size mismatch, while vLLM (and Phi/StableLM-style models) rotate that part only; there
+    is no one meaning the engine could reproduce."""
+    for where, holder in (("", cfg), ("rope_parameters.", cfg.get("rope_parameters")),
+                          ("rope_scaling.", cfg.get("rope_scaling"))):
+        value = holder.get("partial_rotary_factor") if isinstance(holder, dict) else None
+        if value is not None and (isinstance(value, bool) or value != 1):
+            raise ConvertError(f"{src}/config.json: {where}partial_rotary_factor={value!r:.60} (RoPE on part of "
+                               "each head) is not supported; the engine rotates every dimension of a head "
+                               "(partial_rotary_factor 1 or absent)")
+
+
+def rope_settings(cfg: dict, src, positions: int) -> dict:
+    """rotary_base, rope_scaling and its settings from a config.json, read as transformers 5
+    (modeling_rope_utils) reads them: a non-empty `rope_scaling` (transformers 4's key) replaces
+    `rope_parameters` whole, and a `rope_theta` inside the one read wins over the top-level one.
+    `positions`: the model's max_position_embeddings."""
+    _partial_rotary(cfg, src)
     scaling = _object(cfg, "rope_scaling", src)
-    theta = _number(cfg, "rope_theta", src, _number(params, "rope_theta", src, 10000.0, "rope_parameters."))
-    kind = scaling.get("rope_type", scaling.get("type")) or params.get("rope_type") or "default"
-    factor = _number(scaling, "factor", src, _number(params, "factor", src, 1.0, "rope_parameters."),
-                     "rope_scaling.") or 1.0
+    where = "rope_scaling." if scaling else "rope_parameters."
+    params = scaling or _object(cfg, "rope_parameters", src)
+    theta = _number(params, "rope_theta", src, _number(cfg, "rope_theta", src, 10000.0), where)
+    # an explicit "rope_type": null is not "default" to transformers (it fails on it)
+    kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")
     if not isinstance(kind, str) or kind not in ROPE_TYPES:
-        raise ConvertError(f"{src}/config.json: RoPE scaling type {kind!r} is not supported (supported: "
-                           f"none, linear, dynamic, llama3, yarn); convert a checkpoint without it")
-    original = scaling.get("original_max_position_embeddings", params.get("original_max_position_embeddings"))
-    if kind == "dynamic" and original is not None and original != cfg.get("max_position_embeddings"):
-        raise ConvertError(f"{src}/config.json: dynamic RoPE with original_max_position_embeddings={original} "
-                           f"different from max_position_embeddings={cfg.get('max_position_embeddings')} is "
-                           "not supported")
-    out = {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind],
-           "rope_scaling_factor": factor if kind != "default" else 1.0}
+        raise ConvertError(f"{src}/config.json: RoPE scaling type {kind!r:.60} is not supported (supported: "
+                           f"default, linear, dynamic, llama3, yarn); convert a checkpoint without it")
+    out = {"rotary_base": theta, "rope_scaling": ROPE_TYPES[kind], "rope_scaling_factor": 1.0}
+    if kind == "default":
+        return out
+    if params.get("factor") is None:  # transformers refuses it too
+        raise ConvertError(f"{src}/config.json: {kind} RoPE scaling without factor")
+    out["rope_scaling_factor"] = _number(params, "factor", src, 1.0, where)
+    if out["rope_scaling_factor"] <= 0:
+        raise ConvertError(f"{src}/config.json: {where}factor must be more than 0, got {params['factor']!r:.60}")
+    if kind == "dynamic":
+        original = params.get("original_max_position_embeddings")
+        if original is not None and original != positions:
+            raise ConvertError(f"{src}/config.json: dynamic RoPE with original_max_position_embeddings={original} "
+                               f"different from max_position_embeddings={positions} is not supported")
     if kind == "llama3":
-        for key, setting in LLAMA3_KEYS.items():
-            value = scaling.get(key, params.get(key))
-            if value is None:
-                raise ConvertError(f"{src}/config.json: llama3 RoPE scaling without {key}")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ConvertError(f"{src}/config.json: rope_scaling.{key} must be a positive number, "
-                                   f"got {value!r:.60}")
-            out[setting] = int(value) if key == "original_max_position_embeddings" else float(value)
-        if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
-            raise ConvertError(f"{src}/config.json: rope_scaling.high_freq_factor must be more than "
-                               "low_freq_factor")
+        out.update(_llama3_settings(cfg, params, src, where, positions))
     if kind == "yarn":
-        out.update(_yarn_settings(cfg, scaling, params, src))
+        out.update(_yarn_settings(cfg, params, src, where, positions))
     return out
 
 
-def _yarn_settings(cfg: dict, scaling: dict, params: dict, src) -> dict:
+def _original_context(cfg: dict, params: dict, src, where: str, positions: int) -> int:
+    """llama3's and yarn's original context as transformers 5 takes it: a top-level
+    original_max_position_embeddings (Phi-3 keeps it there) over the scaling's own, the model's
+    max_position_embeddings without either."""
+    key = "original_max_position_embeddings"
+    if key in cfg:
+        original = cfg[key]
+    else:
+        original, key = params.get(key, positions), where + key
+    if isinstance(original, bool) or not isinstance(original, (int, float)) or original < 1 or original % 1:
+        raise ConvertError(f"{src}/config.json: {key} must be a positive integer, got {original!r:.60}")
+    return int(original)
+
+
+def _llama3_settings(cfg: dict, params: dict, src, where: str, positions: int) -> dict:
+    out = {"rope_original_max_position_embeddings": _original_context(cfg, params, src, where, positions)}
+    for key in ("low_freq_factor", "high_freq_factor"):
+        value = params.get(key)
+        if value is None:
+            raise ConvertError(f"{src}/config.json: llama3 RoPE scaling without {key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ConvertError(f"{src}/config.json: {where}{key} must be a positive number, got {value!r:.60}")
+        out[LLAMA3_KEYS[key]] = float(value)
+    if out["rope_high_freq_factor"] <= out["rope_low_freq_factor"]:
+        raise ConvertError(f"{src}/config.json: {where}high_freq_factor must be more than low_freq_factor")
+    return out
+
+
+def _yarn_settings(cfg: dict, params: dict, src, where: str, positions: int) -> dict:
     """The engine's yarn settings, read as transformers (5.x, modeling_rope_utils) reads them."""
     def number(key):
-        value = scaling.get(key, params.get(key))
+        value = params.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConvertError(f"{src}/config.json: rope_scaling.{key} must be a non-negative number, "
-                               f"got {value!r:.60}")
+            raise ConvertError(f"{src}/config.json: {where}{key} must be a non-negative number, got {value!r:.60}")
         return value
 
-    # a top-level original_max_position_embeddings (Phi-3 keeps it there) wins over rope_scaling's;
-    # without either the model's own context is the original one
-    original = cfg.get("original_max_position_embeddings")
-    original = number("original_max_position_embeddings") if original is None else original
-    if original is None:
-        original = positive_int(cfg, "max_position_embeddings", src, default=16384)
-    if isinstance(original, bool) or not isinstance(original, (int, float)) or original < 1 or original % 1:
-        raise ConvertError(f"{src}/config.json: original_max_position_embeddings must be a positive integer, "
-                           f"got {original!r:.60}")
-    if scaling.get("factor", params.get("factor")) is None:  # transformers refuses it too
-        raise ConvertError(f"{src}/config.json: yarn RoPE scaling without factor")
-    out = {"rope_original_max_position_embeddings": int(original)}
+    out = {"rope_original_max_position_embeddings": _original_context(cfg, params, src, where, positions)}
     # transformers' defaults stand in for a missing or zero beta, and mscales count only as a pair
     # of non-zero values in place of an attention factor
     out["rope_beta_fast"] = float(number("beta_fast") or 32)
     out["rope_beta_slow"] = float(number("beta_slow") or 1)
     if out["rope_beta_fast"] < out["rope_beta_slow"]:
-        raise ConvertError(f"{src}/config.json: rope_scaling.beta_fast must be at least beta_slow")
+        raise ConvertError(f"{src}/config.json: {where}beta_fast must be at least beta_slow")
     attention = number("attention_factor")
     if attention == 0:  # transformers would zero every query and key
-        raise ConvertError(f"{src}/config.json: rope_scaling.attention_factor must be more than 0")
+        raise ConvertError(f"{src}/config.json: {where}attention_factor must be more than 0")
     mscale, mscale_all_dim = number("mscale"), number("mscale_all_dim")
     both = attention is None and mscale and mscale_all_dim
     out.update({"rope_attention_factor": None if attention is None else float(attention),
                 "rope_mscale": float(mscale) if both else None,
                 "rope_mscale_all_dim": float(mscale_all_dim) if both else None})
-    truncate = scaling.get("truncate", params.get("truncate", True))
+    truncate = params.get("truncate", True)
     if not isinstance(truncate, bool):
-        raise ConvertError(f"{src}/config.json: rope_scaling.truncate must be true or false, got {truncate!r:.60}")
+        raise ConvertError(f"{src}/config.json: {where}truncate must be true or false, got {truncate!r:.60}")
     out["rope_truncate"] = truncate
     return out
 
@@ -163,10 +192,13 @@ def rope_to_hf(model) -> dict | None:
     return out
 
 
-def decoder_settings(cfg: dict, src, add_qkv_bias: bool) -> dict:
+def decoder_settings(cfg: dict, src, add_qkv_bias: bool, default_positions: int) -> dict:
     """The engine's model settings (engine.config.ModelConfig fields) of a Llama-style decoder's
-    config.json: the keys Llama, Mistral, Qwen2 and InternLM2 share."""
+    config.json: the keys Llama, Mistral, Qwen2 and InternLM2 share. `default_positions`: the
+    architecture's own max_position_embeddings where config.json has none (it bounds dynamic RoPE
+    and is the original context of llama3 and yarn without one)."""
     heads = positive_int(cfg, "num_attention_heads", src)
+    positions = positive_int(cfg, "max_position_embeddings", src, default=default_positions)
     return {
         "num_layers": positive_int(cfg, "num_hidden_layers", src),
         "hidden_size": positive_int(cfg, "hidden_size", src),
@@ -175,9 +207,9 @@ def decoder_settings(cfg: dict, src, add_qkv_bias: bool) -> dict:
         "ffn_hidden_size": positive_int(cfg, "intermediate_size", src),
         "vocab_size": positive_int(cfg, "vocab_size", src),
         "norm_epsilon": _number(cfg, "rms_norm_eps", src, 1e-6),
-        "max_position_embeddings": positive_int(cfg, "max_position_embeddings", src, default=16384),
+        "max_position_embeddings": positions,
         "add_qkv_bias": add_qkv_bias,
-        **rope_settings(cfg, src),
+        **rope_settings(cfg, src, positions),
     }
 
 
@@ -194,8 +226,10 @@ def check_head_dim(cfg: dict, src) -> None:
     if hd is not None and hd != hidden // heads:
         raise ConvertError(f"{src}/config.json: head_dim={hd} differs from hidden_size / num_attention_heads = "
                            f"{hidden // heads}; the engine's head size is hidden_size / num_attention_heads")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ConvertError(f"{src}/config.json: hidden_act={cfg['hidden_act']!r} is not supported (SwiGLU with silu only)")
+    # transformers' "swish" is the same SiLU
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ConvertError(f"{src}/config.json: hidden_act={cfg['hidden_act']!r:.60} is not supported (SwiGLU with "
+                           "silu only)")
 
 
 class Reader:

@@ -50,6 +50,13 @@ def _architecture(cfg: dict, src) -> tuple[str, object]:
     arch = archs[0]
     for module in (llama, internlm2):
         if arch in module.ARCHITECTURES:
+            # transformers' Auto classes build the class model_type names, not architectures[0]: another
+            # model_type (granite, qwen3, ...) computes something else from the same weights and keys
+            family, model_type = module.ARCHITECTURES[arch], cfg.get("model_type")
+            if model_type is not None and model_type != family:
+                raise ConvertError(f"{src}/config.json: model_type {model_type!r:.60} does not match architecture "
+                                   f"{arch!r} (model_type {family!r}); transformers would build a {model_type} "
+                                   "model, which is not supported")
             return arch, module
     known = sorted(llama.ARCHITECTURES) + sorted(internlm2.ARCHITECTURES)
     raise ConvertError(f"{src}/config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")

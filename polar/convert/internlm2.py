@@ -23,9 +23,16 @@ _LAYER = {"attn_norm": "attention_norm.weight", "o": "attention.wo.weight", "mlp
 
 def model_config(cfg: dict, src) -> dict:
     check_head_dim(cfg, src)
-    if cfg.get("bias"):
-        raise ConvertError(f"{src}/config.json: bias=true (biases on every InternLM2 linear layer) is not supported")
-    return decoder_settings(cfg, src, add_qkv_bias=False)
+    # InternLM2Config's defaults: bias true, 2048 positions
+    if cfg.get("bias", True):
+        absent = "" if "bias" in cfg else " (absent: InternLM2's default is true)"
+        raise ConvertError(f"{src}/config.json: bias={cfg.get('bias', True)!r:.60}{absent}: biases on every InternLM2 "
+                           "linear layer are not supported (bias false only)")
+    fields = decoder_settings(cfg, src, add_qkv_bias=False, default_positions=2048)
+    if fields["rope_scaling"] in ("llama3", "yarn"):  # InternLM2's modeling code knows linear and dynamic only
+        raise ConvertError(f"{src}/config.json: {fields['rope_scaling']} RoPE scaling is not part of InternLM2 "
+                           "(its code runs linear and dynamic only)")
+    return fields
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict, heads: int, groups: int) -> dict[str, torch.Tensor]:

@@ -18,6 +18,9 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral", "MistralForSequenceClassification": "mistral",
     "Qwen2ForCausalLM": "qwen2", "Qwen2ForSequenceClassification": "qwen2",
 }
+# transformers 5's defaults for keys a config.json may leave out
+DEFAULT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
+MISTRAL_WINDOW = 4096
 
 
 def model_config(cfg: dict, src) -> dict:
@@ -29,13 +32,15 @@ def model_config(cfg: dict, src) -> dict:
                            "the engine supports q/k/v biases only (Qwen2)")
     if cfg.get("mlp_bias"):
         raise ConvertError(f"{src}/config.json: mlp_bias=true is not supported (the MLP has no biases)")
-    if family == "mistral" and cfg.get("sliding_window") is not None:
-        raise ConvertError(f"{src}/config.json: sliding-window attention (sliding_window={cfg['sliding_window']}) "
-                           "is not supported; the engine attends over the whole input")
+    if family == "mistral" and cfg.get("sliding_window", MISTRAL_WINDOW) is not None:
+        absent = "" if "sliding_window" in cfg else f" (absent: Mistral's default is {MISTRAL_WINDOW})"
+        raise ConvertError(f"{src}/config.json: sliding-window attention (sliding_window="
+                           f"{cfg.get('sliding_window', MISTRAL_WINDOW)!r:.60}{absent}) is not supported; the engine "
+                           "attends over the whole input (sliding_window null)")
     if family == "qwen2" and cfg.get("use_sliding_window"):
         raise ConvertError(f"{src}/config.json: use_sliding_window=true is not supported; the engine attends "
                            "over the whole input")
-    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2")
+    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2", default_positions=DEFAULT_POSITIONS[family])
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:

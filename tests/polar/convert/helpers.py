@@ -123,3 +123,18 @@ def engine_scores_torchrun(tmp: Path, dst, groups, per_sequence, pad_id: int, np
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"torchrun failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text())
+
+
+def check_scores(dst: Path, reference, seed: int = 0, per_sequence=(2, 3), rtol: float = 1e-5):
+    """The converted checkpoint's rewards at TP1/PP1 against `reference`'s (a transformers sequence
+    classifier) on random groups over the tiny test vocabulary; returns the groups and the rewards."""
+    from polar.convert.tokenizer_files import load as load_tokenizer
+    from tests.polar.convert import tiny_models as tm
+
+    tok = load_tokenizer(Path(dst) / "tokenizer")
+    groups = random_groups(seed, sum(per_sequence), 5, tm.len_vocab(), tok.reward_token_id)
+    got = engine_scores(dst, groups, list(per_sequence), tok.pad_id)
+    want = hf_scores(reference, unpacked_inputs(groups))
+    assert want.abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max())
+    return groups, got

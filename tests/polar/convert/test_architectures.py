@@ -20,14 +20,7 @@ RTOL = 1e-5
 QUIET = {"log": lambda *a: None}
 
 
-def _check_scores(dst: Path, reference, seed: int = 0, per_sequence=(2, 3)):
-    tok = load_tokenizer(dst / "tokenizer")
-    groups = helpers.random_groups(seed, sum(per_sequence), 5, tm.len_vocab(), tok.reward_token_id)
-    got = helpers.engine_scores(dst, groups, list(per_sequence), tok.pad_id)
-    want = helpers.hf_scores(reference, helpers.unpacked_inputs(groups))
-    assert want.abs().max() > 1e-3
-    torch.testing.assert_close(got, want, rtol=RTOL, atol=RTOL * want.abs().max())
-    return groups, got
+_check_scores = helpers.check_scores
 
 
 def _tensors(path: Path) -> dict:
@@ -109,15 +102,16 @@ def test_scaled_rope_round_trips_to_the_same_config_and_rewards(tmp_path, scalin
 
 
 @pytest.mark.parametrize("where", ["top_level", "missing"])
-def test_yarn_takes_its_original_context_where_transformers_does(tmp_path, where):
+@pytest.mark.parametrize("scaling,theta", [(LLAMA3, 1e4), (YARN, 100.0)], ids=["llama3", "yarn"])
+def test_scaled_rope_takes_its_original_context_where_transformers_does(tmp_path, scaling, theta, where):
     """A top-level original_max_position_embeddings (Phi-3 keeps it there) wins over rope_scaling's,
     and without either the model's max_position_embeddings is the original context (here 16 and 256
-    against the 64 of YARN: other frequency bands, other rewards)."""
+    against the 64 of LLAMA3 and YARN: other frequency bands, other rewards)."""
     import transformers
 
     from polar.convert.engine_io import read_model_config
 
-    src = tm.save(tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(YARN), rope_theta=100.0)),
+    src = tm.save(tm.random_seq_cls(tm.llama_config("llama", rope_scaling=dict(scaling), rope_theta=theta)),
                   tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     if where == "top_level":
@@ -230,6 +224,24 @@ def test_internlm2_causal_lm_gets_a_zero_value_head(tmp_path):
     for name, t in ref.state_dict().items():
         if name != "score.weight":
             assert torch.equal(out[name], t), name
+
+
+@pytest.mark.parametrize("key,value,message", [
+    # InternLM2Config's default: the remote code would build biased layers the checkpoint has no weights for
+    ("bias", None, r"bias=True \(absent: InternLM2's default is true\): biases on every InternLM2 linear layer"),
+    ("rope_scaling", dict(LLAMA3), r"llama3 RoPE scaling is not part of InternLM2"),
+    ("rope_scaling", dict(YARN), r"yarn RoPE scaling is not part of InternLM2"),
+])
+def test_internlm2_keys_its_code_reads_otherwise_are_refused(tmp_path, key, value, message):
+    src = _internlm2_from_llama(tm.random_seq_cls(tm.llama_config("llama")), tmp_path / "src", reward_model=True)
+    cfg = json.loads((src / "config.json").read_text())
+    if value is None:
+        del cfg[key]
+    else:
+        cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConvertError, match=message):
+        hf_to_engine.convert(src, tmp_path / "engine", **QUIET)
 
 
 def test_data_parallel_scoring_gathers_rewards_in_input_order(tmp_path):
