@@ -45,7 +45,8 @@ def parse_args(argv=None):
     ap.add_argument("--checkpoint", required=True,
                     help="an engine checkpoint: a run's checkpoints/ directory, one step, or a `polar convert` output")
     ap.add_argument("--input", required=True, help="JSONL: official records, groups or {prompt, reference, output}")
-    ap.add_argument("--output", required=True, help="JSONL written by rank 0, one line per input line")
+    ap.add_argument("--output", required=True, help="JSONL written by rank 0, one line per input line (OUTPUT.partial "
+                                                    "while it runs: the same command run again continues it)")
     ap.add_argument("--tokenizer", default="", help="'byte' or a directory with tokenizer.json (default: the "
                                                    "tokenizer the checkpoint was trained with)")
     ap.add_argument("--max-length", type=int, default=16384, help="the client's max_length (default 16384)")
