@@ -391,8 +391,18 @@ def run(args) -> int:
         dropped = set(over)
         return lines, [ln for ln in scored if ln.error is None], [g for i, g in enumerate(groups) if i not in dropped]
 
-    source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0)
-    chunks = iter(lambda: list(itertools.islice(source, chunk_lines)), [])
+    # the lines checked, no more: a file still being appended to gets no unchecked line scored
+    source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0,
+                              until_line=numbers[-1] if len(numbers) else 0)
+
+    def next_chunk():
+        try:
+            return list(itertools.islice(source, chunk_lines))
+        except RecordError as e:  # a line that passed the check: the file changed under the run
+            raise ConfigError(f"{e}: the input changed after it was checked (it was not written out "
+                              f"whole before polar score started?); rows before it are kept in {partial}") from None
+
+    chunks = iter(next_chunk, [])
     first = next(chunks, None)
     pending = prepared(first) if first is not None else None  # the first chunk checked before any process group
     try:

@@ -85,13 +85,16 @@ def _parse(obj) -> tuple[str, list]:
     return kind, [ScoringItem(prompt, reference, o, wrapper) for o in outs]
 
 
-def iter_score_input(path: str, on_error: str = "fail", after_line: int = 0) -> Iterator[ScoreLine]:
-    """The non-blank lines of a JSONL file past line `after_line`, parsed one at a time (a large
-    input is never held whole); bad lines raise RecordError (on_error="fail") or come back as
-    error lines (on_error="skip")."""
+def iter_score_input(path: str, on_error: str = "fail", after_line: int = 0,
+                     until_line: Optional[int] = None) -> Iterator[ScoreLine]:
+    """The non-blank lines of a JSONL file past line `after_line` (and up to `until_line`), parsed
+    one at a time (a large input is never held whole); bad lines raise RecordError
+    (on_error="fail") or come back as error lines (on_error="skip")."""
     for n, raw in iter_lines(path):
         if n <= after_line:  # lines a stopped run already scored: not even parsed
             continue
+        if until_line is not None and n > until_line:
+            break
         try:
             parsed = parse_jsonl_line(raw, path, n, _parse)
         except RecordError as e:

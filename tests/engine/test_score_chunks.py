@@ -131,3 +131,45 @@ def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
     assert again.returncode == 2 and "was written by a run with other settings (input_bytes:" in again.stderr, \
         again.stderr[-3000:]
     assert f"delete {out}.partial and {out}.partial.json to score from the first line" in again.stderr
+
+
+# polar score with its input changed right after the check of every line (as by a producer still
+# writing the file): `change` runs on the checked file's path
+CHANGED = """
+import sys
+import polar.score_input as si
+from engine.score import main
+
+checked = si.survey_score_input
+
+
+def survey(path, on_error="fail"):
+    found = checked(path, on_error)
+    {change}
+    return found
+
+
+si.survey_score_input = survey
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("change,code,rows", [
+    # lines appended after the check are not scored: the output has the lines checked
+    ("""open(path, "a").write('{"prompt": "p", "reference": "r", "output": "late"}\\n')""", 0, [1, 2]),
+    # a checked line rewritten as a bad one: a message naming it, not a traceback
+    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\nnot json\\n')""", 2, None),
+], ids=["appended", "rewritten"])
+def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, rows):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="oo")) + "\n")
+    script = tmp_path / "changed.py"
+    script.write_text(CHANGED.format(change=change))
+    proc = _run([sys.executable, str(script), *_cmd(checkpoint, inp, out, "--chunk-lines", "1")[4:]], tmp_path)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    if rows is not None:
+        assert [r["line"] for r in _rows(out)] == rows
+    else:
+        assert (f"{inp}:2: (line): not valid JSON" in proc.stderr and "the input changed after it was checked"
+                in proc.stderr and f"rows before it are kept in {out}.partial" in proc.stderr), proc.stderr[-3000:]
