@@ -75,7 +75,7 @@ def run(args, rank: int) -> int:
         raise ConfigError(f"--input {args.input}: no ranked record to evaluate")
     scorer.check_seq_length(args.seq_length)
     if args.json:
-        writable_output(args.json, "--json")
+        writable_output(args.json, "--json", {"--input": args.input})
     line_of = {id(r.prompt): r.line for r in records}  # a record's items carry its prompt object
     scorer.start()
 

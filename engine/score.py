@@ -96,11 +96,16 @@ def lcp_group(ids: list):
     return Group(prefix=ids[0][:n], candidates=[x[n:] for x in ids], labels=None)
 
 
-def writable_output(path: str, option: str) -> None:
-    """Found before the scoring, not after it, where an unwritable path would lose the results."""
+def writable_output(path: str, option: str, inputs: dict | None = None) -> None:
+    """Found before the scoring, not after it, where an unwritable path would lose the results.
+    `inputs` ({option: path}): files the run reads, which the output must not replace."""
     p = Path(path)
     if p.is_dir():
         raise ConfigError(f"{option} {path} is a directory; name a file")
+    for name, read in (inputs or {}).items():
+        if p.exists() and os.path.exists(read) and os.path.samefile(p, read):
+            raise ConfigError(f"{option} {path} is the {name} file: the results would replace what they were "
+                              "computed from; name another file")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -352,8 +357,11 @@ def run(args) -> int:
     if bad and main_rank:  # the output file holds them all
         print(f"{bad} bad line(s), written as error lines (--on-error skip); the first: {first_bad}", flush=True)
     scorer.check_seq_length(args.seq_length)
-    writable_output(args.output, "--output")
+    writable_output(args.output, "--output", {"--input": args.input})
     partial, _ = partial_paths(args.output)
+    if os.path.exists(partial) and os.path.samefile(partial, args.input):
+        raise ConfigError(f"--input {args.input} is where this --output's rows go while the run writes them "
+                          f"({partial}); name another --output")
     settings = score_settings(args, scorer)
     try:
         done = rows_written(args.output, numbers, cut_torn=main_rank) if check_settings(args.output, settings) else 0

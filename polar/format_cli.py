@@ -79,6 +79,10 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
         what = "a directory, not a file" if os.path.isdir(input_path) else "no such file"
         print(f"polar format: --input {input_path}: {what}", file=err)
         return 2
+    if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
+        print(f"polar format: --output {output_path} is the --input file: the ids would replace the texts they "
+              "were computed from; name another file", file=err)
+        return 2
     try:
         tok = load_tokenizer(tokenizer_spec)
     except (OSError, ValueError) as e:

@@ -46,8 +46,11 @@ def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
     (["--seq-length", "512"], RECORDS, "--seq-length 512 is past the model's 256 positions"),
     ([], [], "no ranked record to evaluate"),
     (["--json", "."], RECORDS, "--json . is a directory"),
+    (["--json", "ranked.jsonl"], RECORDS, "--json ranked.jsonl is the --input file"),  # it would replace it
 ])
 def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path, args, records, needle):
     proc = _eval(tmp_path, checkpoint, records, *args)
     assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+    if records:  # the input is left as it was
+        assert (tmp_path / "ranked.jsonl").read_text().splitlines()[0] == json.dumps(records[0])

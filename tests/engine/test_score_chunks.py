@@ -121,6 +121,18 @@ def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_pa
     assert rows[0]["reward"] == pytest.approx(rows[3]["reward"], abs=1e-5)  # the same line, other runs
 
 
+@pytest.mark.parametrize("inp_name,out_name", [("in.jsonl", "in.jsonl"), ("in.jsonl.partial", "in.jsonl")],
+                         ids=["the-input", "its-partial-file"])
+def test_an_output_that_would_replace_the_input_is_refused(tmp_path, checkpoint, inp_name, out_name):
+    """The rewards were renamed over the input they came from (or appended to it, as the partial file)."""
+    inp = tmp_path / inp_name
+    inp.write_text(json.dumps(SHORT) + "\n")
+    proc = _run(_cmd(checkpoint, inp, tmp_path / out_name), tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "name another" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads(inp.read_text()) == SHORT
+
+
 def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="y" * 400)) + "\n")

@@ -37,6 +37,15 @@ def test_each_line_gets_the_client_string_and_ids(tmp_path):
     assert rows[2]["text"] == "\n<|reward|>\nx[UNUSED_TOKEN_130]"
 
 
+def test_an_output_naming_the_input_is_refused(tmp_path, capsys):
+    """The ids replaced the texts they came from (the output is renamed over its path at the end)."""
+    inp = write_lines(tmp_path / "in.jsonl", [json.dumps(ITEMS[0])])
+    same = str(tmp_path / "." / "in.jsonl")  # another spelling of the same path
+    assert cli.main(["format", "--tokenizer", "byte", "--input", inp, "--output", same]) == 2
+    assert "is the --input file" in capsys.readouterr().err
+    assert json.loads((tmp_path / "in.jsonl").read_text()) == ITEMS[0]
+
+
 def test_hf_tokenizer_directory(tmp_path):
     d = train_bpe(tmp_path / "bpe")
     inp = write_lines(tmp_path / "in.jsonl", [json.dumps(x) for x in ITEMS])
