@@ -539,6 +539,12 @@ def _check_args(ap: argparse.ArgumentParser, a) -> None:
         ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
     if a.max_records is not None and a.max_records < 1:
         ap.error(f"--max-records must be at least 1, got {a.max_records}")
+    # `--corpus data/*.jsonl --output data/triplets.jsonl`: a rerun's glob takes the output in
+    written = {os.path.realpath(p) for p in (a.output, a.failures or a.output + ".failures.jsonl")}
+    for flag, paths in (("--corpus", a.corpus), ("--instruction-prompts", a.instruction_prompts or [])):
+        read = [p for p in paths if os.path.realpath(p) in written]
+        if read:
+            ap.error(f"{flag} names {read[0]}, a file this run writes; keep the output out of the prompt files")
 
 
 def main(argv: list[str]) -> int:

@@ -503,3 +503,18 @@ def test_an_instruction_share_without_instruction_prompts_is_refused(tmp_path, c
         sample.main(argv)
     assert e.value.code == 2
     assert "--instruction-share 0.5 needs --instruction-prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag,name", [("--corpus", "o.jsonl"), ("--instruction-prompts", "o.jsonl.failures.jsonl")])
+def test_a_prompt_file_that_this_run_writes_is_refused(tmp_path, capsys, flag, name):
+    """`--corpus data/*.jsonl --output data/o.jsonl`: a rerun's glob took the output in as prompts."""
+    (tmp_path / name).write_text('{"id": 0}\n')
+    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"))
+    if flag == "--corpus":  # the corpus file and, spelt otherwise, the output
+        argv.insert(2, str(tmp_path / "." / name))
+    else:
+        argv += [flag, str(tmp_path / name)]
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+    assert f"{flag} names " in capsys.readouterr().err
