@@ -53,6 +53,24 @@ class RankedRecord:
         r = self.ranks
         return [(i, j) for i in range(len(r)) for j in range(len(r)) if r[i] < r[j]]
 
+    def has_pairs(self) -> bool:
+        # two different ranks put every response in some pair
+        return len(set(self.ranks)) > 1
+
+    def count(self, rewards: np.ndarray) -> tuple[int, int, int]:
+        """(correct, ties, pairs) over pairs(), given each response's reward. One row of comparisons
+        per response: listing the pairs took minutes and gigabytes for a record of thousands of
+        responses (best-of-n samples), n^2 / 2 tuples."""
+        dense = {k: i for i, k in enumerate(sorted(set(self.ranks)))}  # ranks may pass int64
+        r = np.array([dense[k] for k in self.ranks], dtype=np.int64)
+        correct = ties = pairs = 0
+        for i in range(len(r)):
+            worse = rewards[r > r[i]]
+            pairs += worse.size
+            correct += int(np.count_nonzero(rewards[i] > worse))
+            ties += int(np.count_nonzero(rewards[i] == worse))
+        return correct, ties, pairs
+
 
 
 
@@ -105,7 +123,7 @@ def _parse(obj) -> RankedRecord:
     below = [i for i in range(len(ranks)) if i != first[0]]
     rec = RankedRecord(prompt, category, texts[first[0]], [texts[i] for i in below],
                        [ranks[i] for i in below], wrapper)
-    if not rec.pairs():
+    if not rec.has_pairs():
         raise _Bad("responses", f"no pair to compare: below the reference the ranks are "
                                 f"{sorted(rec.ranks)} (need two different ranks)")
     return rec
@@ -134,10 +152,10 @@ def scoring_items(records: Sequence[RankedRecord]) -> tuple[list[ScoringItem], l
     into them (-1 for a response in no pair)."""
     items, index = [], []
     for rec in records:
-        needed = {k for p in rec.pairs() for k in p}
+        paired = rec.has_pairs()
         idx = []
-        for k, text in enumerate(rec.responses):
-            if k in needed:
+        for text in rec.responses:
+            if paired:
                 idx.append(len(items))
                 items.append(ScoringItem(rec.prompt, rec.reference, text, rec.wrapper))
             else:
@@ -165,12 +183,10 @@ def evaluate_ranked(records: Sequence[RankedRecord],
     total = [0, 0, 0, 0]  # correct, ties, pairs, records
     for rec, idx in zip(records, index):
         c = per_cat.setdefault(rec.category, [0, 0, 0, 0])
-        for i, j in rec.pairs():
-            better, worse = rewards[idx[i]], rewards[idx[j]]
-            for acc in (c, total):
-                acc[0] += int(better > worse)
-                acc[1] += int(better == worse)
-                acc[2] += 1
+        counts = rec.count(rewards[idx]) if rec.has_pairs() else (0, 0, 0)
+        for acc in (c, total):
+            for k, n in enumerate(counts):
+                acc[k] += n
         c[3] += 1
         total[3] += 1
     categories = {k: _summary(*v) for k, v in sorted(per_cat.items())}

@@ -173,3 +173,25 @@ def test_evaluate_file_prints_and_writes(tmp_path, capsys):
     assert result["overall"]["accuracy"] == 4 / 7
     assert "57.14%" in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text())["overall"]["pairs"] == 7
+
+
+def test_thousands_of_responses_in_one_record_count_as_the_pairs_do(tmp_path):
+    import random
+    import time
+
+    rng = random.Random(0)
+    n = 3000  # best-of-n samples of one prompt: 4.5M pairs, which took minutes as a list
+    resp = [{"text": "ref", "rank": 1}] + [{"text": f"x{i}", "rank": rng.randint(2, 40)} for i in range(n)]
+    resp[5]["rank"] = 10 ** 30  # past int64
+    reward = {f"x{i}": float(rng.randint(0, 20)) for i in range(n)}  # many tied rewards
+    rec = read_ranked(write(tmp_path / "big.jsonl", [{"prompt": "p", "responses": resp}]))[0]
+    t = time.perf_counter()
+    out = evaluate_ranked([rec], lambda items: [reward[it.output] for it in items])["overall"]
+    assert time.perf_counter() - t < 5
+    small = rec.responses[:300], rec.ranks[:300]  # brute force over pairs() where that is quick
+    rec.responses, rec.ranks = small
+    got = evaluate_ranked([rec], lambda items: [reward[it.output] for it in items])["overall"]
+    pairs = rec.pairs()
+    assert got["pairs"] == len(pairs) and out["pairs"] > 4_000_000
+    assert got["correct"] == sum(reward[small[0][i]] > reward[small[0][j]] for i, j in pairs)
+    assert got["ties"] == sum(reward[small[0][i]] == reward[small[0][j]] for i, j in pairs)
