@@ -141,6 +141,11 @@ def check(cfg: FinetuneConfig) -> None:
         if value:
             raise ConfigError(f"{name}={value}: fine-tuning derives it from the data and {derived_from}; set that "
                               f"instead (a --config preset's train section sets it too: pass a model section only)")
+    f = cfg.finetune
+    if f.eval and f.train and os.path.samefile(f.eval, f.train):
+        # every held-out record would be one trained on: an accuracy that measures nothing, reported as held out
+        raise ConfigError(f"finetune.eval={f.eval} is the finetune.train file: name records not trained on, or "
+                          "leave finetune.eval empty to hold out finetune.eval_fraction of finetune.train")
     if not cfg.checkpoint.init_from:
         raise ConfigError("checkpoint.init_from: fine-tuning starts from a pre-trained checkpoint; name one "
                           "(a run's checkpoints/ directory, one step, or a `polar convert` output)")

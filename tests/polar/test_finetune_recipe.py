@@ -197,3 +197,13 @@ def test_too_few_sequences_for_the_batch_says_what_to_change(tmp_path):
             "train.global_batch=8: the fine-tuning data packs into only 5 sequences of 128 tokens: set "
             "train.global_batch to at most 5, or a smaller data.seq_length")):
         recipe.prepare_data(cfg)
+
+
+def test_held_out_records_that_are_the_training_file_are_refused(tmp_path):
+    records = tmp_path / "r.jsonl"
+    records.write_text("")
+    (tmp_path / "link.jsonl").symlink_to(records)
+    for same in (records, tmp_path / "link.jsonl"):
+        cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", f"finetune.eval={same}"])
+        with pytest.raises(ConfigError, match="finetune.eval=.* is the finetune.train file"):
+            recipe.check(cfg)
