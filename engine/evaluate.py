@@ -20,19 +20,32 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 from engine.config import ConfigError  # noqa: E402
 
 
+def _at_least(low: int):
+    # a bad count stopped with a traceback, after the model was loaded (--max-length) or at start-up (--tp 0)
+    def count(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    count.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return count
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="polar eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="an engine checkpoint (directory or one step)")
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")
     ap.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the checkpoint's)")
-    ap.add_argument("--max-length", type=int, default=16384, help="the client's max_length (default 16384)")
-    ap.add_argument("--max-response-length", type=int, default=4096,
+    ap.add_argument("--max-length", type=_at_least(0), default=16384, help="the client's max_length (default 16384)")
+    ap.add_argument("--max-response-length", type=_at_least(0), default=4096,
                     help="the client's max_response_length (default 4096)")
-    ap.add_argument("--seq-length", type=int, default=0, help="packed sequence length (default: the longest record)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world size divided by tp x pp "
-                                                     "is data parallel)")
-    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    ap.add_argument("--seq-length", type=_at_least(0), default=0,
+                    help="packed sequence length (default: the longest record)")
+    ap.add_argument("--tp", type=_at_least(1), default=1,
+                    help="tensor-parallel size (the world size divided by tp x pp is data parallel)")
+    ap.add_argument("--pp", type=_at_least(1), default=1, help="pipeline-parallel size")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--progress-s", type=float, default=30.0,

@@ -54,3 +54,13 @@ def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path
     assert "Traceback" not in proc.stderr
     if records:  # the input is left as it was
         assert (tmp_path / "ranked.jsonl").read_text().splitlines()[0] == json.dumps(records[0])
+
+
+@pytest.mark.parametrize("args", [["--max-length", "-5"], ["--max-response-length", "-1"], ["--seq-length", "-1"],
+                                  ["--tp", "0"], ["--pp", "0"]])
+def test_a_negative_length_or_an_empty_layout_is_an_argument_error(args, capsys):
+    from engine.evaluate import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--checkpoint", "c", "--input", "i", *args])
+    assert e.value.code == 2 and f"argument {args[0]}: must be at least" in capsys.readouterr().err
