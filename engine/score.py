@@ -224,11 +224,13 @@ class CheckpointScorer:
         return out
 
     def score_groups(self, lines: list, seq_length: int = 0, where=None, progress_s: float | None = None,
-                     progress=None) -> tuple[list, dict]:
+                     progress=None, data_parallel: bool = True) -> tuple[list, dict]:
         """Rewards (list of floats per line, in its outputs' order) and packing facts, for lines as
         groups() gives them (a Group or a SplitLine each); `where(i)` names line i in errors;
         `progress_s`: seconds between progress lines (None: none), or `progress(done, total)` called
-        with the packed sequences scored so far (engine.scoring.score's)."""
+        with the packed sequences scored so far (engine.scoring.score's). With `data_parallel` every
+        rank passes the same lines and the packed sequences are split over the DP ranks; without it
+        each model replica scores the lines it is given, alone."""
         # a Group is a SplitLine of one part holding every output in order: one path for both
         splits = [line if isinstance(line, SplitLine) else SplitLine([line], [range(len(line.candidates))])
                   for line in lines]
@@ -237,7 +239,7 @@ class CheckpointScorer:
         name = where or (lambda i: f"line {i}")
         if progress is None and progress_s is not None:
             progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
-        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress)
+        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress, data_parallel)
         out, scored = [], iter(per_group)
         for s in splits:
             rewards = [None] * s.outputs
@@ -247,11 +249,12 @@ class CheckpointScorer:
             out.append(rewards)
         return out, facts
 
-    def _score_groups(self, groups: list, seq_length: int, name, progress=None) -> tuple[list, dict]:
+    def _score_groups(self, groups: list, seq_length: int, name, progress=None, data_parallel: bool = True
+                      ) -> tuple[list, dict]:
         import numpy as np
 
         from engine.packing import collate, plan_sequences
-        from engine.scoring import score_data_parallel
+        from engine.scoring import score, score_data_parallel
 
         lengths = np.array([len(g) for g in groups], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 1
@@ -266,7 +269,8 @@ class CheckpointScorer:
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
-        rewards = score_data_parallel(self.chunks, batches, self.rt, progress=progress).cpu()
+        scoring = score_data_parallel if data_parallel else score
+        rewards = scoring(self.chunks, batches, self.rt, progress=progress).cpu()
         # collate numbers candidates sequence by sequence, group by group: map them back
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
@@ -289,13 +293,14 @@ def progress_printer(every_s: float, main_rank: bool, dp: int = 1, unit: str = "
 
     t0 = last = time.time()
     share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
+    last_done = None
 
     def report(done: float, total: int) -> None:
-        nonlocal last
+        nonlocal last, last_done
         now = time.time()
-        if not main_rank or done >= total or now - last < every_s:
+        if not main_rank or done >= total or now - last < every_s or done == last_done:
             return
-        last = now
+        last, last_done = now, done
         rate = done / max(now - t0, 1e-9)
         eta = format_duration((total - done) / rate) if rate > 0 else "?"
         print(f"scoring: {int(done):,}/{total:,} {unit}{share} | {rate:.2f} {unit.split()[-1]}/s | eta {eta}",
@@ -376,29 +381,8 @@ def run(args) -> int:
     limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
                     else (positions, f"model.max_position_embeddings={positions}"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    # every rank builds a whole chunk (and scores its share): a cap keeps that bounded at large DP
+    # every rank reads (parses) a whole chunk and scores its share: a cap keeps that bounded at large DP
     chunk_lines = args.chunk_lines or min(1024 * max(1, world // (args.tp * args.pp)), 16384)
-    cuts, over_names, counts = Cuts(), [], {"written": done, "bad": 0}
-
-    def prepared(lines: list):
-        """A chunk's lines, those scored, and their groups; a line whose prefix and one output alone
-        pass the bound cannot be split to fit: it stops the run or becomes an error line."""
-        scored = [ln for ln in lines if ln.error is None]
-        groups = scorer.groups([ln.items for ln in scored], args.seq_length)
-        cuts.add(scorer.cuts)
-        over = [i for i, g in enumerate(groups) if len(g) > limit]
-        if over and args.on_error != "skip":
-            i = max(over, key=lambda j: len(groups[j]))
-            kept = (f"; the {counts['written']:,} lines before it are kept in {partial}, and a rerun continues "
-                    "after them" if counts["written"] else "")
-            raise ConfigError(f"{args.input}:{scored[i].line}: its outputs take {len(groups[i])} tokens, more than "
-                              f"{bound} (--on-error skip writes an error line instead{kept})")
-        for i in over:
-            scored[i].error = f"its outputs take {len(groups[i])} tokens, more than {bound}"
-            over_names.append(f"{args.input}:{scored[i].line}")
-        dropped = set(over)
-        return lines, [ln for ln in scored if ln.error is None], [g for i, g in enumerate(groups) if i not in dropped]
-
     # the lines checked, no more: a file still being appended to gets no unchecked line scored
     source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0,
                               until_line=numbers[-1] if len(numbers) else 0)
@@ -410,9 +394,6 @@ def run(args) -> int:
             raise ConfigError(f"{e}: the input changed after it was checked (it was not written out "
                               f"whole before polar score started?); rows before it are kept in {partial}") from None
 
-    chunks = iter(next_chunk, [])
-    first = next(chunks, None)
-    pending = prepared(first) if first is not None else None  # the first chunk checked before any process group
     try:
         writer = RowWriter(args.output, settings) if main_rank else None
     except ResumeError as e:
@@ -422,28 +403,38 @@ def run(args) -> int:
     _same_on_every_rank(done, rt)
 
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
-    totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0}
-    lengths, lines_done = set(), 0
-    while pending is not None:
-        lines, scored, groups = pending
-        rewards = []
-        if groups:
-            rewards, facts = scorer.score_groups(
-                groups, args.seq_length, where=lambda i: f"{args.input}:{scored[i].line}",
-                progress=lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
-            for k in totals:
-                totals[k] += facts[k]
-            lengths.add(facts["seq_length"])
-        by_line = dict(zip((ln.line for ln in scored), rewards))
+    totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
+    cuts, over_names, lengths, lines_done = Cuts(), [], set(), 0
+    for lines in iter(next_chunk, []):
+        # each model replica tokenizes, packs and scores its share of the chunk's lines only
+        share = _score_share(scorer, [ln for ln in lines if ln.error is None][rt.dp_rank::rt.dp], args, limit,
+                             lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
+        outcome, facts, share_cuts = _gathered(share, rt)
+        for k in ("sequences", "outputs", "prefix_tokens_saved"):
+            totals[k] += sum(f[k] for f in facts)
+        lengths.update(f["seq_length"] for f in facts if f["sequences"])
+        for c in share_cuts:
+            cuts.add(c)
+        over = sorted(line for line, got in outcome.items() if isinstance(got, int))  # token counts: too long
+        if over and args.on_error != "skip":
+            stop = [ln for ln in lines if ln.line < over[0]]  # kept: the rows before the line that stops the run
+            if writer is not None:
+                writer.write([output_row(ln, outcome.get(ln.line, [])) for ln in stop])
+            before = done + lines_done + len(stop)
+            kept = (f"; the {before:,} lines before it are kept in {partial}, and a rerun continues after them"
+                    if before else "")
+            raise ConfigError(f"{args.input}:{over[0]}: its outputs take {outcome[over[0]]} tokens, more than "
+                              f"{bound} (--on-error skip writes an error line instead{kept})")
+        too_long = set(over)
+        for ln in lines:
+            if ln.line in too_long:
+                ln.error = f"its outputs take {outcome[ln.line]} tokens, more than {bound}"
+                over_names.append(f"{args.input}:{ln.line}")
         if writer is not None:
-            writer.write([output_row(ln, by_line.get(ln.line, [])) for ln in lines])
-        counts["written"] += len(lines)
-        counts["bad"] += sum(ln.error is not None for ln in lines)
+            writer.write([output_row(ln, outcome.get(ln.line, [])) for ln in lines])
+        totals["bad"] += sum(ln.error is not None for ln in lines)
         lines_done += len(lines)
-        if not groups:  # else the schedule's last call reported it
-            report(lines_done, left)
-        nxt = next(chunks, None)
-        pending = prepared(nxt) if nxt is not None else None
+        report(lines_done, left)
     if rt.is_main:
         writer.finish()
         if over_names:
@@ -452,7 +443,7 @@ def run(args) -> int:
         longest = max(lengths, default=0)
         packed = f"{'up to ' if len(lengths) > 1 else ''}{longest} tokens"
         resumed = f", after the {done:,} a stopped run had scored" if done else ""
-        print(f"scored {totals['outputs']:,} outputs of {lines_done - counts['bad']:,} lines ({counts['bad']} bad"
+        print(f"scored {totals['outputs']:,} outputs of {lines_done - totals['bad']:,} lines ({totals['bad']} bad"
               f"{resumed}) in {totals['sequences']:,} packed sequences of {packed} at tp={rt.tp} pp={rt.pp} "
               f"dp={rt.dp}; shared prefixes saved {totals['prefix_tokens_saved']:,} tokens; "
               f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)
@@ -461,6 +452,37 @@ def run(args) -> int:
               f"{args.max_response_length}) cut {cuts} of the input", flush=True)
     shutdown_runtime()
     return 0
+
+
+def _score_share(scorer: CheckpointScorer, mine: list, args, limit: int, progress) -> tuple:
+    """This replica's share of a chunk: {line number: rewards, or the token count of a line too long
+    to fit `limit`}, the packing facts and what the client's truncation cut."""
+    groups = scorer.groups([ln.items for ln in mine], args.seq_length)
+    outcome = {ln.line: len(g) for ln, g in zip(mine, groups) if len(g) > limit}
+    kept = [(ln, g) for ln, g in zip(mine, groups) if ln.line not in outcome]
+    facts = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "seq_length": 0}
+    if kept:
+        rewards, facts = scorer.score_groups([g for _, g in kept], args.seq_length,
+                                             where=lambda i: f"{args.input}:{kept[i][0].line}", progress=progress,
+                                             data_parallel=False)
+        outcome.update((ln.line, r) for (ln, _), r in zip(kept, rewards))
+    return outcome, facts, scorer.cuts
+
+
+def _gathered(share: tuple, rt) -> tuple:
+    """Every replica's share of a chunk, on every rank: (outcomes merged, facts per replica, cuts per
+    replica). The TP and PP ranks of a replica hold the same share; one copy per replica counts."""
+    import torch.distributed as dist
+
+    outcome, facts, cuts = share
+    if rt.dp == 1:
+        return outcome, [facts], [cuts]
+    shares = [None] * rt.dp
+    dist.all_gather_object(shares, share, group=rt.groups.dp)
+    merged = {}
+    for o, _, _ in shares:
+        merged.update(o)
+    return merged, [f for _, f, _ in shares], [c for _, _, c in shares]
 
 
 def _same_on_every_rank(done: int, rt) -> None:

@@ -185,3 +185,32 @@ def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, ro
     else:
         assert (f"{inp}:2: (line): not valid JSON" in proc.stderr and "the input changed after it was checked"
                 in proc.stderr and f"rows before it are kept in {out}.partial" in proc.stderr), proc.stderr[-3000:]
+
+
+def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(tmp_path, checkpoint):
+    """At DP 2 each replica tokenizes and scores its own share of a chunk's lines; the rewards are
+    one process's, and a line too long for the packed sequence, found by one replica, stops both
+    with one message (or is an error row under --on-error skip)."""
+    inp, one, two = tmp_path / "in.jsonl", tmp_path / "one.jsonl", tmp_path / "two.jsonl"
+    lines = _lines(9)
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ref = _run(_cmd(checkpoint, inp, one), tmp_path)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    dp2 = _run(_cmd(checkpoint, inp, two, "--nproc", "2", "--chunk-lines", "4"), tmp_path)
+    assert dp2.returncode == 0, dp2.stderr[-3000:]
+    assert "dp=2" in dp2.stdout and f"of {sum(len(x['candidates']) for x in lines)} item(s)" in dp2.stdout
+    for got, want in zip(_rows(two), _rows(one)):
+        assert got["line"] == want["line"]
+        np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
+
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(x) + "\n" for x in [SHORT, SHORT, dict(SHORT, output="y" * 400), SHORT]))
+    stopped = _run(_cmd(checkpoint, long, tmp_path / "s.jsonl", "--nproc", "2", "--seq-length", "256"), tmp_path)
+    assert stopped.returncode != 0 and stopped.stderr.count("long.jsonl:3: its outputs take") == 1, \
+        stopped.stderr[-3000:]
+    skipped = _run(_cmd(checkpoint, long, tmp_path / "k.jsonl", "--nproc", "2", "--seq-length", "256",
+                        "--on-error", "skip"), tmp_path)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    rows = _rows(tmp_path / "k.jsonl")
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and "more than --seq-length 256" in rows[2]["error"]
+    assert rows[0]["reward"] == pytest.approx(rows[3]["reward"], abs=1e-5)

@@ -158,7 +158,7 @@ def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
     scorer = object.__new__(CheckpointScorer)
     seen = {}
 
-    def fake(groups, seq_length, name, progress=None):
+    def fake(groups, seq_length, name, progress=None, data_parallel=True):
         seen.update(groups=groups, seq_length=seq_length, names=[name(g) for g in range(len(groups))])
         # a reward per candidate that says which group and which candidate it is
         return [[10.0 * g + k for k in range(len(group.candidates))] for g, group in enumerate(groups)], {"facts": 1}
