@@ -18,18 +18,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError  # noqa: E402
-
-
-def _at_least(low: int):
-    # a bad count stopped with a traceback, after the model was loaded (--max-length) or at start-up (--tp 0)
-    def count(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    count.__name__ = "int"  # argparse names the type in its "invalid int value" message
-    return count
+from engine.score import count_at_least  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -38,14 +27,15 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")
     ap.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the checkpoint's)")
-    ap.add_argument("--max-length", type=_at_least(0), default=16384, help="the client's max_length (default 16384)")
-    ap.add_argument("--max-response-length", type=_at_least(0), default=4096,
+    ap.add_argument("--max-length", type=count_at_least(0), default=16384,
+                    help="the client's max_length (default 16384)")
+    ap.add_argument("--max-response-length", type=count_at_least(0), default=4096,
                     help="the client's max_response_length (default 4096)")
-    ap.add_argument("--seq-length", type=_at_least(0), default=0,
+    ap.add_argument("--seq-length", type=count_at_least(0), default=0,
                     help="packed sequence length (default: the longest record)")
-    ap.add_argument("--tp", type=_at_least(1), default=1,
+    ap.add_argument("--tp", type=count_at_least(1), default=1,
                     help="tensor-parallel size (the world size divided by tp x pp is data parallel)")
-    ap.add_argument("--pp", type=_at_least(1), default=1, help="pipeline-parallel size")
+    ap.add_argument("--pp", type=count_at_least(1), default=1, help="pipeline-parallel size")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--progress-s", type=float, default=30.0,
@@ -89,22 +79,24 @@ def run(args, rank: int) -> int:
     scorer.check_seq_length(args.seq_length)
     if args.json:
         writable_output(args.json, "--json", {"--input": args.input})
-    line_of = {id(r.prompt): r.line for r in records}  # a record's items carry its prompt object
+    # the record line of each item evaluate_ranked scores (a record's items come together, in order);
+    # not found by the item's prompt object: equal short strings are one object (CPython shares them)
+    owners = [r.line for r in records if r.has_pairs() for _ in r.responses]
     scorer.start()
 
     def score_fn(items):
-        # consecutive items of one record share its prompt and reference: one group each
+        # a record's items share its prompt and reference: one group each
         lists: list[list] = []
-        for it in items:
-            head = lists[-1][0] if lists else None
-            if head is not None and head.prompt is it.prompt and head.reference is it.reference:
+        lines: list[int] = []
+        for it, line in zip(items, owners, strict=True):
+            if lines and lines[-1] == line:
                 lists[-1].append(it)
             else:
                 lists.append([it])
+                lines.append(line)
         # --seq-length also splits a record whose responses together pass it, as polar score does
-        rewards, _ = scorer.score_groups(
-            scorer.groups(lists, args.seq_length), args.seq_length,
-            where=lambda i: f"{args.input}:{line_of.get(id(lists[i][0].prompt), '?')}", progress_s=args.progress_s)
+        rewards, _ = scorer.score_groups(scorer.groups(lists, args.seq_length), args.seq_length,
+                                         where=lambda i: f"{args.input}:{lines[i]}", progress_s=args.progress_s)
         return [r for group in rewards for r in group]
 
     result = evaluate_ranked(records, score_fn)

@@ -39,6 +39,19 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 from engine.config import ConfigError  # noqa: E402
 
 
+def count_at_least(low: int):
+    """An argparse type: an int of at least `low` (a bad count stopped with a traceback, after the
+    model was loaded for --max-length, at start-up for --tp 0)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    count.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return count
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="polar score", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -49,21 +62,23 @@ def parse_args(argv=None):
                                                     "while it runs: the same command run again continues it)")
     ap.add_argument("--tokenizer", default="", help="'byte' or a directory with tokenizer.json (default: the "
                                                    "tokenizer the checkpoint was trained with)")
-    ap.add_argument("--max-length", type=int, default=16384, help="the client's max_length (default 16384)")
-    ap.add_argument("--max-response-length", type=int, default=4096,
+    ap.add_argument("--max-length", type=count_at_least(0), default=16384,
+                    help="the client's max_length (default 16384)")
+    ap.add_argument("--max-response-length", type=count_at_least(0), default=4096,
                     help="the client's max_response_length (default 4096)")
-    ap.add_argument("--seq-length", type=int, default=0,
+    ap.add_argument("--seq-length", type=count_at_least(0), default=0,
                     help="packed sequence length (default: each chunk's longest group, rounded up to 128)")
-    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size (the world size divided by tp x pp "
-                                                       "is data parallel)")
-    ap.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    ap.add_argument("--tp", type=count_at_least(1), default=1,
+                    help="tensor-parallel size (the world size divided by tp x pp is data parallel)")
+    ap.add_argument("--pp", type=count_at_least(1), default=1, help="pipeline-parallel size")
     ap.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                     help="auto: bf16 on a GPU, fp32 on CPU")
-    ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (`polar score` runs torchrun "
-                                                         "when > 1; under torchrun it is the world size)")
+    ap.add_argument("--nproc", type=count_at_least(1), default=1,
+                    help="processes on this machine (`polar score` runs torchrun when > 1; under torchrun it is the "
+                         "world size)")
     ap.add_argument("--progress-s", type=float, default=30.0,
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
-    ap.add_argument("--chunk-lines", type=int, default=0,
+    ap.add_argument("--chunk-lines", type=count_at_least(0), default=0,
                     help="input lines scored and written at a time: what a stopped run can lose, and what the "
                          "host holds (default: 1024 per data-parallel rank, at most 16384)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),
@@ -349,8 +364,6 @@ def run(args) -> int:
 
     t0 = time.time()
     main_rank = int(os.environ.get("RANK", "0")) == 0
-    if args.chunk_lines < 0:
-        raise ConfigError(f"--chunk-lines must be >= 0 (0: the default), got {args.chunk_lines}")
     scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
                               args.max_length, args.max_response_length)
     try:  # every line checked before a model is loaded; the texts are read again chunk by chunk

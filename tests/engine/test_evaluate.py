@@ -64,3 +64,12 @@ def test_a_negative_length_or_an_empty_layout_is_an_argument_error(args, capsys)
     with pytest.raises(SystemExit) as e:
         parse_args(["--checkpoint", "c", "--input", "i", *args])
     assert e.value.code == 2 and f"argument {args[0]}: must be at least" in capsys.readouterr().err
+
+
+def test_a_record_too_long_is_named_by_its_own_line(checkpoint, tmp_path):
+    """Records were found by their prompt object: two with the same one-character prompt (one string
+    object in CPython) were merged and an error named the later record's line."""
+    records = [{"prompt": "a", "responses": ["r", "y" * 400, "w"]}, {"prompt": "a", "responses": ["r", "z", "v"]}]
+    proc = _eval(tmp_path, checkpoint, records)
+    assert proc.returncode == 2 and "ranked.jsonl:1: 408 tokens, more than" in proc.stderr, proc.stderr[-3000:]
+    assert "ranked.jsonl:2" not in proc.stderr
