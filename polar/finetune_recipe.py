@@ -259,6 +259,10 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         held = set(order[:n_eval].tolist())
         train_records = [r for i, r in enumerate(records) if i not in held]
         eval_records = [r for i, r in enumerate(records) if i in held]
+        if f.eval_fraction > 0 and not n_eval:  # only "0 held out" in the data line said so
+            _say(f"note: finetune.eval_fraction={f.eval_fraction:g} of {len(records)} record(s) rounds to none held "
+                 "out: no held-out accuracy will be reported; give finetune.eval, or a larger eval_fraction "
+                 "(at most 0.5)", flush=True)
     train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside)
     evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside)} if eval_records else {}
     if set_aside:  # listed by write_run_files once the run starts (--check-config writes nothing)

@@ -207,3 +207,15 @@ def test_held_out_records_that_are_the_training_file_are_refused(tmp_path):
         cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", f"finetune.eval={same}"])
         with pytest.raises(ConfigError, match="finetune.eval=.* is the finetune.train file"):
             recipe.check(cfg)
+
+
+def test_a_fraction_that_holds_out_no_record_says_so(tmp_path, capsys):
+    """10 records at the default eval_fraction (0.05) hold out none: the run reported no held-out
+    accuracy, and only "0 held out" in its data line said why."""
+    cfg = _one_per_sequence(tmp_path, 10, "train.global_batch=1", "finetune.eval_fraction=0.05")
+    data = recipe.prepare_data(cfg)
+    assert not data.evals and "0 held out" in data.description
+    assert "finetune.eval_fraction=0.05 of 10 record(s) rounds to none held out" in capsys.readouterr().out
+    cfg = _one_per_sequence(tmp_path, 10, "train.global_batch=1", "finetune.eval_fraction=0")  # asked for none
+    recipe.prepare_data(cfg)
+    assert "rounds to none" not in capsys.readouterr().out
