@@ -321,3 +321,34 @@ def read_records(path: str, on_error: str = "fail", rejects: Optional[list] = No
             continue
         if rec is not None:
             yield rec
+
+
+class AppendedLines:
+    """The complete lines of an output that a run appends to line by line (polar sample's records,
+    polar score's rows): iterate for (line number, raw bytes), read one at a time (an output of a
+    large run does not fit in memory twice); a last line without its newline, torn by a stop
+    mid-write, is not yielded, and cut_torn() removes it from the file."""
+
+    def __init__(self, path: str):
+        self.path, self.end, self.torn = path, 0, None  # bytes of the complete lines, of the torn one
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        with open(self.path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.endswith(b"\n"):  # only the last line can lack its newline
+                    self.torn = len(raw)
+                    return
+                self.end += len(raw)
+                yield n, raw
+
+    def cut_torn(self, tool: str, which: str, again: str) -> None:
+        """Truncate the torn last line, if any, saying so on stderr: `which` names it ("the last
+        line"), `again` says what becomes of its content."""
+        if self.torn is None:
+            return
+        import sys
+
+        print(f"{tool}: {self.path}: {which} ({self.torn} bytes at byte {self.end}) is incomplete, cut by a stop "
+              f"mid-write; removing it ({again})", file=sys.stderr, flush=True)
+        with open(self.path, "r+b") as f:
+            f.truncate(self.end)

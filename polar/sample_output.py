@@ -8,6 +8,7 @@ import os
 import sys
 
 from polar.prompt_sources import SampleError
+from polar.records import AppendedLines
 
 
 def read_done_ids(path: str) -> set[int]:
@@ -15,24 +16,11 @@ def read_done_ids(path: str) -> set[int]:
     done: dict[int, int] = {}
     if not os.path.exists(path):
         return set()
-    # Line by line: the output of a large run does not fit in memory twice.
-    torn_at = None
-    with open(path, "rb") as f:
-        end = 0
-        for line_no, raw in enumerate(f, 1):
-            if not raw.endswith(b"\n"):  # only the last line can lack its newline
-                torn_at = (end, len(raw))
-                break
-            end += len(raw)
-            if not raw.strip():
-                continue
+    lines = AppendedLines(path)
+    for line_no, raw in lines:
+        if raw.strip():
             _add_done(done, raw, path, line_no)
-    if torn_at is not None:
-        end, size = torn_at
-        print(f"polar sample: {path}: the last line ({size} bytes at byte {end}) is incomplete, "
-              f"cut by a stop mid-write; removing it (its prompt is sampled again)", file=sys.stderr)
-        with open(path, "r+b") as f:
-            f.truncate(end)
+    lines.cut_torn("polar sample", "the last line", "its prompt is sampled again")
     return set(done)
 
 

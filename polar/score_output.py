@@ -15,6 +15,8 @@ import os
 import sys
 from typing import Sequence
 
+from polar.records import AppendedLines
+
 
 class ResumeError(Exception):
     """The partial output cannot be continued (or written) as it is; the message says why and what to do."""
@@ -61,33 +63,25 @@ def rows_written(output: str, expected_lines: Sequence[int], cut_torn: bool) -> 
     partial, _ = partial_paths(output)
     if not os.path.exists(partial):
         return 0
-    k, end, torn = 0, 0, None
-    with open(partial, "rb") as f:
-        for raw in f:  # line by line: a large output does not fit in memory twice
-            if not raw.endswith(b"\n"):  # only the last line can lack its newline
-                torn = len(raw)
-                break
-            where = f"{partial}:{k + 1}"
-            try:
-                row = json.loads(raw)
-                line = row["line"]
-            except (ValueError, KeyError, TypeError):
-                raise ResumeError(f"{where}: not a row of polar score (a JSON object with its input 'line'); "
-                                  f"{_fresh_start(partial)}") from None
-            if k >= len(expected_lines):
-                raise ResumeError(f"{where}: the partial output has more rows than the input has lines; is this "
-                                  f"the right --input? {_fresh_start(partial)}")
-            if line != expected_lines[k]:
-                raise ResumeError(f"{where}: the row of input line {line!r}, where input line {expected_lines[k]} "
-                                  f"comes next; the input is not the one the partial output was written for. "
-                                  f"{_fresh_start(partial)}")
-            k += 1
-            end += len(raw)
-    if torn is not None and cut_torn:
-        print(f"polar score: {partial}: its last row ({torn} bytes at byte {end}) is incomplete, cut by a stop "
-              f"mid-write; removing it (its line is scored again)", file=sys.stderr, flush=True)
-        with open(partial, "r+b") as f:
-            f.truncate(end)
+    k = 0
+    lines = AppendedLines(partial)
+    for k, raw in lines:
+        where = f"{partial}:{k}"
+        try:
+            row = json.loads(raw)
+            line = row["line"]
+        except (ValueError, KeyError, TypeError):
+            raise ResumeError(f"{where}: not a row of polar score (a JSON object with its input 'line'); "
+                              f"{_fresh_start(partial)}") from None
+        if k > len(expected_lines):
+            raise ResumeError(f"{where}: the partial output has more rows than the input has lines; is this "
+                              f"the right --input? {_fresh_start(partial)}")
+        if line != expected_lines[k - 1]:
+            raise ResumeError(f"{where}: the row of input line {line!r}, where input line {expected_lines[k - 1]} "
+                              f"comes next; the input is not the one the partial output was written for. "
+                              f"{_fresh_start(partial)}")
+    if cut_torn:
+        lines.cut_torn("polar score", "its last row", "its line is scored again")
     return k
 
 
