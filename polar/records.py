@@ -23,7 +23,10 @@ pair to learn from).
 from __future__ import annotations
 
 import codecs
+import fcntl
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
@@ -346,9 +349,27 @@ class AppendedLines:
         line"), `again` says what becomes of its content."""
         if self.torn is None:
             return
-        import sys
-
         print(f"{tool}: {self.path}: {which} ({self.torn} bytes at byte {self.end}) is incomplete, cut by a stop "
               f"mid-write; removing it ({again})", file=sys.stderr, flush=True)
         with open(self.path, "r+b") as f:
             f.truncate(self.end)
+
+
+class OutputBusy(Exception):
+    """Another process holds the output's lock (append_locked)."""
+
+
+def append_locked(path: str, tool: str) -> int:
+    """A descriptor appending to `path` (created 0644), with an exclusive lock for this process's life
+    (the kernel drops it when the process dies, killed or not): two runs of one command (a requeued
+    job whose first copy still runs, a second terminal) would both append everything. OutputBusy
+    when another process holds it; on a file system without locks (some network mounts) a note."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OutputBusy(f"{path}: another {tool} is writing this output; wait for it to end or stop it") from None
+    except OSError as e:
+        print(f"{tool}: note: {path}: cannot lock ({e.strerror}); do not start a second run on it", file=sys.stderr)
+    return fd

@@ -2,13 +2,11 @@
 the lock that keeps a second run off it, and the settings record a restart is checked against."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import sys
 
 from polar.prompt_sources import SampleError
-from polar.records import AppendedLines
+from polar.records import AppendedLines, OutputBusy, append_locked
 
 
 def read_done_ids(path: str) -> set[int]:
@@ -40,20 +38,12 @@ def _add_done(done: dict[int, int], raw: bytes, path: str, line_no: int) -> None
 
 
 def lock_output(path: str) -> int:
-    """An exclusive lock on the output for this process's life (the kernel drops it when the process
-    dies, killed or not). Two runs of one command (a requeued job whose first copy still runs, a
-    second terminal) both appended every prompt, and each later run stopped at the first repeated id."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    """The output, open for appending and locked (records.append_locked): two runs of one command
+    both appended every prompt, and each later run stopped at the first repeated id."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise SampleError(f"{path}: another polar sample is writing this output; wait for it to end or stop "
-                          f"it (two runs would sample every prompt twice)") from None
-    except OSError as e:  # a file system without locks (some network mounts): run as before
-        print(f"polar sample: note: {path}: cannot lock ({e.strerror}); do not start a second run on it",
-              file=sys.stderr)
-    return fd
+        return append_locked(path, "polar sample")
+    except OutputBusy as e:
+        raise SampleError(f"{e} (two runs would sample every prompt twice)") from None
 
 
 def check_settings(path: str, settings: dict, allow_changed: bool) -> None:

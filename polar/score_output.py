@@ -9,13 +9,11 @@ that would give other rewards is refused rather than mixed into them.
 """
 from __future__ import annotations
 
-import fcntl
 import json
 import os
-import sys
 from typing import Sequence
 
-from polar.records import AppendedLines
+from polar.records import AppendedLines, OutputBusy, append_locked
 
 
 class ResumeError(Exception):
@@ -97,17 +95,10 @@ class RowWriter:
             with open(tmp, "w", encoding="utf-8") as f:
                 json.dump(settings, f, indent=1, sort_keys=True)
             os.replace(tmp, self.record)
-        self.fd = os.open(self.partial, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            # two runs of one command (a requeued job whose first copy still runs) would both append
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise ResumeError(f"{self.partial}: another polar score is writing this output; wait for it to end or "
-                              "stop it") from None
-        except OSError as e:  # a file system without locks (some network mounts): go on without one
-            print(f"polar score: note: {self.partial}: cannot lock ({e.strerror}); do not start a second run on "
-                  "this output", file=sys.stderr)
+        try:  # two runs of one command (a requeued job whose first copy still runs) would both append
+            self.fd = append_locked(self.partial, "polar score")
+        except OutputBusy as e:
+            raise ResumeError(str(e)) from None
 
     def write(self, rows: list) -> None:
         """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""
