@@ -107,11 +107,6 @@ def iter_score_input(path: str, on_error: str = "fail", after_line: int = 0,
             yield ScoreLine(n, kind, items)
 
 
-def read_score_input(path: str, on_error: str = "fail") -> list[ScoreLine]:
-    """Every non-blank line of a JSONL file, parsed (iter_score_input, in a list)."""
-    return list(iter_score_input(path, on_error))
-
-
 def survey_score_input(path: str, on_error: str = "fail") -> tuple[array, int, Optional[str]]:
     """One pass over the input before any scoring: the line numbers of its non-blank lines (what a
     partial output is checked against, and the progress total), how many are bad, and the first bad

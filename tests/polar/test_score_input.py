@@ -6,7 +6,7 @@ import json
 import pytest
 
 from polar.records import RecordError
-from polar.score_input import output_row, read_score_input
+from polar.score_input import iter_score_input, output_row
 
 
 def write(path, objs):
@@ -21,7 +21,7 @@ def test_each_shape_gives_its_items_and_output_row(tmp_path):
     path = write(tmp_path / "in.jsonl", [{**BASE, "chosen": "a", "rejected": "b", "wrapper": "pretrain"},
                                          {**BASE, "candidates": ["x", {"text": "y", "id": 3}]},
                                          {**BASE, "output": "", "wrapper": None}])
-    lines = read_score_input(path)
+    lines = list(iter_score_input(path))
     assert [ln.kind for ln in lines] == ["record", "group", "output"]
     assert [[i.output for i in ln.items] for ln in lines] == [["a", "b"], ["x", "y"], [""]]
     assert [ln.items[0].wrapper for ln in lines] == ["pretrain", "sft", "sft"]
@@ -46,9 +46,9 @@ def test_each_shape_gives_its_items_and_output_row(tmp_path):
 def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
     path = write(tmp_path / "in.jsonl", [{**BASE, "output": "fine"}, {**BASE, **extra}])
     with pytest.raises(RecordError) as e:
-        read_score_input(path)
+        list(iter_score_input(path))
     assert str(e.value).startswith(f"{path}:2: {field}: ") and reason in str(e.value), str(e.value)
-    kept = read_score_input(path, on_error="skip")
+    kept = list(iter_score_input(path, on_error="skip"))
     assert [ln.line for ln in kept] == [1, 2] and kept[1].kind == "error" and reason in kept[1].error
 
 
@@ -63,7 +63,7 @@ def test_a_lone_surrogate_is_a_bad_line_not_a_crash(tmp_path, extra, field):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({**BASE, "output": "fine"}) + "\n" + json.dumps({**BASE, **extra}) + "\n")
     with pytest.raises(RecordError) as e:
-        read_score_input(str(path))
+        list(iter_score_input(str(path)))
     assert str(e.value).startswith(f"{path}:2: {field}: lone surrogate"), str(e.value)
-    kept = read_score_input(str(path), on_error="skip")
+    kept = list(iter_score_input(str(path), on_error="skip"))
     assert [ln.kind for ln in kept] == ["output", "error"]

@@ -10,7 +10,7 @@ from polar import synthetic_files
 from polar.pretrain_data import SyntheticDataConfig, make_splits
 from polar.ranked_eval import read_ranked
 from polar.records import read_records
-from polar.score_input import read_score_input
+from polar.score_input import iter_score_input
 
 SMALL = {"train_policies": 6, "held_out_policies": 4, "prompts": 30}
 
@@ -37,7 +37,7 @@ def test_triplets_and_preference_records_pair_the_references_policy_against_anot
 
 def test_items_are_groups_with_one_candidate_of_the_references_policy(tmp_path):
     out, lines = write(tmp_path, "items", "--candidates", "4")
-    scored = read_score_input(str(out))  # what polar score reads
+    scored = list(iter_score_input(str(out)))  # what polar score reads
     assert [s.kind for s in scored] == ["group"] * 40 and all(len(s.items) == 4 for s in scored)
     assert len(list(read_records(str(out)))) == 40  # a training record too: labels from the policies
     places = set()
