@@ -16,9 +16,10 @@ ceil(epochs x sequences / global_batch) steps every sequence of the requested ep
 and the last batch is topped up from the next epoch's order (engine.data: one continuous stream).
 
 The run starts from `checkpoint.init_from` (a pre-training run's checkpoint, or one made by
-`polar convert hf-to-engine`), holds out `finetune.eval_fraction` of the records (or reads
-`finetune.eval`) and evaluates on them every `train.eval_interval` steps and at the end. Same
-engine, layouts, logging, checkpoints and exact resume as pre-training (engine/pretrain.py).
+`polar convert hf-to-engine`), holds out `finetune.eval_fraction` of the records, whole prompts
+at a time (polar.finetune_split; or reads `finetune.eval`), and evaluates on them every
+`train.eval_interval` steps and at the end. Same engine, layouts, logging, checkpoints and exact
+resume as pre-training (engine/pretrain.py).
 """
 from __future__ import annotations
 
@@ -241,28 +242,50 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
         raise ConfigError(f"{name}: {e}") from e
 
 
+def _note_overlap(train_records, eval_records) -> None:
+    """A held-out file sharing prompts or records with the training file: its accuracy is partly seen."""
+    from polar.finetune_split import overlap
+
+    same, copies = overlap(train_records, eval_records)
+    if same:
+        pairs = ", ".join(f"{h.file}:{h.line} = {t.file}:{t.line}" for h, t in copies[:3])
+        rep = f", {len(copies)} of them a copy of one ({pairs}{', ...' if len(copies) > 3 else ''})" if copies else ""
+        _say(f"note: {same} of {len(eval_records)} finetune.eval record(s) share their prompt with a finetune.train "
+             f"record{rep}: their accuracy is not held out", flush=True)
+
+
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
+    from polar.finetune_split import split_by_prompt, unrankable, where
     from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
     f = cfg.finetune
+    held_desc = ""
     spec = tokenizer_spec(cfg)
     tok = load_tokenizer(spec)
     set_aside: list = []  # finetune.on_error=skip: listed in run_dir/REJECTS_FILE
     records = _read(f.train, f.on_error, set_aside)
     if f.eval:
         train_records, eval_records = records, _read(f.eval, f.on_error, set_aside)
+        _note_overlap(train_records, eval_records)
     else:
-        order = np.random.default_rng([f.seed, 7]).permutation(len(records))
-        n_eval = int(round(f.eval_fraction * len(records)))
-        held = set(order[:n_eval].tolist())
-        train_records = [r for i, r in enumerate(records) if i not in held]
-        eval_records = [r for i, r in enumerate(records) if i in held]
-        if f.eval_fraction > 0 and not n_eval:  # only "0 held out" in the data line said so
-            _say(f"note: finetune.eval_fraction={f.eval_fraction:g} of {len(records)} record(s) rounds to none held "
-                 "out: no held-out accuracy will be reported; give finetune.eval, or a larger eval_fraction "
-                 "(at most 0.5)", flush=True)
+        split = split_by_prompt(records, f.eval_fraction, f.seed)
+        train_records = [r for r, h in zip(records, split.held) if not h]
+        eval_records = [r for r, h in zip(records, split.held) if h]
+        if f.eval_fraction > 0 and not eval_records:  # only "0 held out" in the data line said so
+            why = ("rounds to none held out" if not round(f.eval_fraction * len(records)) else
+                   "holds out none: every record has the same prompt, and records are held out by prompt")
+            _say(f"note: finetune.eval_fraction={f.eval_fraction:g} of {len(records)} record(s) {why}: no held-out "
+                 "accuracy will be reported; give finetune.eval, or a larger eval_fraction (at most 0.5)", flush=True)
+        elif eval_records:
+            held_desc = f" ({split.held_prompts:,} of {split.prompts:,} prompts, held out whole)"
+    for name, rs in (("fine-tuning data", train_records), ("held-out data", eval_records)):
+        tied = unrankable(rs)
+        if tied:
+            _say(f"note: {name}: {len(tied)} record(s) hold a preferred and a rejected response of the same text "
+                 f"({where(tied)}): such a pair gets two equal rewards whatever the model, so it trains nothing and "
+                 "its accuracy is a coin flip", flush=True)
     train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside)
     evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside)} if eval_records else {}
     if set_aside:  # listed by write_run_files once the run starts (--check-config writes nothing)
@@ -285,7 +308,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     # the records packed: those set aside by finetune.on_error=skip as too long are not counted
     n_held = len(evals["held_out"].groups) if evals else 0
     desc = (f"data: {len(train.groups):,} fine-tuning records -> {len(train):,} packed sequences of "
-            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out; "
+            f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out{held_desc}; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
     return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train,

@@ -6,6 +6,7 @@ import json
 import math
 import re
 
+import numpy as np
 import pytest
 
 from engine.config import ConfigError, load_config
@@ -219,3 +220,68 @@ def test_a_fraction_that_holds_out_no_record_says_so(tmp_path, capsys):
     cfg = _one_per_sequence(tmp_path, 10, "train.global_batch=1", "finetune.eval_fraction=0")  # asked for none
     recipe.prepare_data(cfg)
     assert "rounds to none" not in capsys.readouterr().out
+
+
+
+def _pairs(path, prompts, chosen=lambda i: f"good answer {i}"):
+    """One pair per prompt given; a prompt's records share its reference, so a packed group's prefix
+    (prompt, reference, prompt) names its prompt."""
+    path.write_text("".join(json.dumps({"prompt": p, "reference": f"reference of {p}", "chosen": chosen(i),
+                                        "rejected": f"bad answer {i}"}) + "\n" for i, p in enumerate(prompts)))
+    return path
+
+
+def _prefixes(packed):
+    return {bytes(np.asarray(g.prefix, dtype=np.int64)) for g in packed.groups}
+
+
+def test_records_sharing_a_prompt_are_held_out_together(tmp_path, capsys):
+    """Three pairs per prompt: a split by record put pairs of most held-out prompts in training too,
+    so the held-out accuracy was partly measured on trained prompts."""
+    records = _pairs(tmp_path / "r.jsonl", [f"prompt {i // 3}" for i in range(60)])
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=128",
+                                                    "finetune.eval_fraction=0.2", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    data = recipe.prepare_data(cfg)
+    train, held = _prefixes(data.train), _prefixes(data.evals["held_out"])
+    assert len(train) + len(held) == 20 and not train & held
+    assert len(data.evals["held_out"].groups) == 12
+    assert "12 held out (4 of 20 prompts, held out whole)" in data.description, data.description
+
+
+def test_a_fraction_of_records_that_all_share_one_prompt_holds_out_none_and_says_why(tmp_path, capsys):
+    records = _pairs(tmp_path / "r.jsonl", ["the one prompt"] * 20)
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=128",
+                                                    "finetune.eval_fraction=0.2", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    data = recipe.prepare_data(cfg)
+    assert not data.evals and len(data.train.groups) == 20
+    assert "holds out none: every record has the same prompt" in capsys.readouterr().out
+
+
+def test_a_held_out_file_sharing_prompts_and_records_with_the_training_file_is_noted(tmp_path, capsys):
+    train = _pairs(tmp_path / "train.jsonl", [f"prompt {i}" for i in range(10)])
+    held = _pairs(tmp_path / "held.jsonl", ["prompt 0", "prompt 1", "new prompt"], chosen=lambda i: f"good answer {i}"
+                  if i == 0 else "another answer")
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={train}", f"finetune.eval={held}",
+                                                    "data.seq_length=128", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    recipe.prepare_data(cfg)
+    out = capsys.readouterr().out
+    assert (f"note: 2 of 3 finetune.eval record(s) share their prompt with a finetune.train record, 1 of them a "
+            f"copy of one ({held}:1 = {train}:1): their accuracy is not held out") in out, out
+    _pairs(held, ["new prompt"])
+    recipe.prepare_data(cfg)
+    assert "finetune.eval record(s) share" not in capsys.readouterr().out
+
+
+def test_a_pair_of_the_same_text_is_named(tmp_path, capsys):
+    records = _pairs(tmp_path / "r.jsonl", [f"prompt {i}" for i in range(10)],
+                     chosen=lambda i: f"bad answer {i}" if i in (2, 5) else "fine")
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=128",
+                                                    "finetune.eval_fraction=0", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    data = recipe.prepare_data(cfg)
+    assert len(data.train.groups) == 10  # kept: noted, not dropped
+    assert (f"note: fine-tuning data: 2 record(s) hold a preferred and a rejected response of the same text "
+            f"({records}:3, {records}:6)") in capsys.readouterr().out

@@ -1,0 +1,82 @@
+"""Which fine-tuning records are held out, and what a held-out set shares with the training set.
+
+A held-out accuracy measures what was not trained on only if its prompts were not trained on.
+Preference data often holds several pairs per prompt (a pair for each two of a prompt's rated
+responses, as UltraFeedback-style sets are built), and a split by record puts pairs of most such
+prompts on both sides. Records are therefore held out by prompt: every record of a held-out prompt
+is held out, the others train. With one record per prompt this is the split by record.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from polar.format import as_text
+
+
+def prompt_ids(records) -> np.ndarray:
+    """One int per record, equal for records whose prompts are the same text (numbered by first use)."""
+    ids: dict = {}
+    return np.fromiter((ids.setdefault(as_text(r.prompt), len(ids)) for r in records), dtype=np.int64,
+                       count=len(records))
+
+
+class Split(NamedTuple):
+    held: np.ndarray  # bool per record
+    prompts: int  # distinct prompts
+    held_prompts: int
+
+
+def split_by_prompt(records, fraction: float, seed: int) -> Split:
+    """Hold out whole prompts, in a seeded random order, until the held-out records come closest to
+    `fraction` of all; at least one prompt stays to train on, and one is held out where the fraction
+    asks for any record and a prompt can be spared."""
+    ids = prompt_ids(records)
+    n_prompts = int(ids.max()) + 1 if len(ids) else 0
+    target = int(round(fraction * len(records)))
+    held_prompts = np.zeros(n_prompts, dtype=bool)
+    if target and n_prompts >= 2:
+        order = np.random.default_rng([seed, 7]).permutation(n_prompts)
+        reached = np.cumsum(np.bincount(ids, minlength=n_prompts)[order])
+        i = int(np.searchsorted(reached, target))  # the first count of prompts holding >= target records
+        k = i if i and target - reached[i - 1] < reached[i] - target else i + 1
+        k = min(max(k, 1), n_prompts - 1)
+        held_prompts[order[:k]] = True
+    return Split(held_prompts[ids], n_prompts, int(held_prompts.sum()))
+
+
+def _identity(r) -> tuple:
+    return (as_text(r.prompt), as_text(r.reference), tuple(as_text(c) for c in r.candidates), tuple(r.labels))
+
+
+class Overlap(NamedTuple):
+    same_prompt: int  # held-out records whose prompt a training record has
+    copies: list  # (held-out record, the training record it repeats), in held-out order
+
+
+def overlap(train, held) -> Overlap:
+    """What a held-out set given as its own file shares with the training records."""
+    prompts = {as_text(r.prompt) for r in train}
+    first = {}
+    for r in train:
+        first.setdefault(_identity(r), r)
+    same = sum(as_text(r.prompt) in prompts for r in held)
+    return Overlap(same, [(r, first[k]) for r in held if (k := _identity(r)) in first])
+
+
+def unrankable(records) -> list:
+    """Records holding a preferred and a rejected response of the same text: that pair gives two
+    equal rewards whatever the model, so it trains nothing and its accuracy is a coin flip."""
+    out = []
+    for r in records:
+        good = {as_text(c) for c, y in zip(r.candidates, r.labels) if y}
+        if any(as_text(c) in good for c, y in zip(r.candidates, r.labels) if not y):
+            out.append(r)
+    return out
+
+
+def where(records, limit: int = 3) -> str:
+    """`file:line, file:line, ...` for the first `limit` records."""
+    shown = ", ".join(f"{r.file}:{r.line}" for r in records[:limit])
+    return shown + (", ..." if len(records) > limit else "")

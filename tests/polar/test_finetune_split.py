@@ -1,0 +1,64 @@
+"""polar/finetune_split.py: whole prompts are held out, a held-out file's overlap with the training
+file is found, and a pair of equal texts is found."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polar.finetune_split import overlap, prompt_ids, split_by_prompt, unrankable, where
+from polar.records import Record
+
+
+def rec(prompt, chosen="good", rejected="bad", reference="ref", line=0):
+    return Record(prompt, reference, [chosen, rejected], [1, 0], None, file="f.jsonl", line=line)
+
+
+def test_prompts_are_the_same_when_their_text_is_the_same_message_lists_included():
+    records = [rec("a"), rec([{"role": "user", "content": "a"}]), rec("b"), rec("a")]
+    assert prompt_ids(records).tolist() == [0, 0, 1, 0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_no_prompt_is_on_both_sides_and_the_held_out_share_is_near_the_fraction(seed):
+    rng = np.random.default_rng(seed)
+    # UltraFeedback-like: 1 to 6 pairs per prompt
+    records = [rec(f"prompt {p}") for p in range(200) for _ in range(int(rng.integers(1, 7)))]
+    split = split_by_prompt(records, 0.1, seed)
+    ids = prompt_ids(records)
+    assert not set(ids[split.held]) & set(ids[~split.held])
+    assert split.held_prompts == len(set(ids[split.held])) and split.prompts == 200
+    # whole prompts of at most 6 records: the closest cut is within half a prompt's records of the target
+    assert abs(split.held.sum() - round(0.1 * len(records))) <= 3
+
+
+def test_with_one_record_per_prompt_exactly_the_fraction_is_held_out_the_same_for_the_same_seed():
+    records = [rec(f"p{i}") for i in range(40)]
+    a, b, c = (split_by_prompt(records, 0.25, s) for s in (3, 3, 4))
+    assert a.held.sum() == 10 and (a.held == b.held).all() and not (a.held == c.held).all()
+
+
+def test_a_prompt_always_stays_to_train_on_and_one_is_held_out_when_any_record_is_asked_for():
+    one_prompt = [rec("same") for _ in range(10)]
+    assert not split_by_prompt(one_prompt, 0.5, 0).held.any()
+    # the only prompts are bigger than the target: one of them is still held out, not none
+    big = [rec("a")] * 8 + [rec("b")] * 8 + [rec("c")] * 8
+    split = split_by_prompt(big, 0.05, 0)
+    assert split.held_prompts == 1 and split.held.sum() == 8
+    assert not split_by_prompt(big, 0.0, 0).held.any()
+
+
+def test_overlap_counts_shared_prompts_and_names_each_copy_with_its_training_record():
+    train = [rec("a", line=1), rec("b", line=2), rec("b", line=3)]
+    held = [rec("a", chosen="other", line=1), rec("b", line=2), rec("c", line=3), rec("b", line=4)]
+    same, copies = overlap(train, held)
+    assert same == 3
+    assert [(h.line, t.line) for h, t in copies] == [(2, 2), (4, 2)]
+    assert overlap(train, [rec("z")]) == (0, [])
+
+
+def test_a_preferred_and_a_rejected_of_the_same_text_is_unrankable_two_preferred_are_not():
+    same_pair = rec("p", chosen="x", rejected="x", line=1)
+    grouped = Record("p", "r", ["x", "y", [{"role": "assistant", "content": "x"}]], [1, 1, 0], None, line=2)
+    two_good = Record("p", "r", ["x", "x", "z"], [1, 1, 0], None, line=3)
+    assert unrankable([same_pair, grouped, two_good, rec("p")]) == [same_pair, grouped]
+    assert where([rec("p", line=i) for i in range(1, 5)]) == "f.jsonl:1, f.jsonl:2, f.jsonl:3, ..."
