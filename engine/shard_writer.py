@@ -1,6 +1,7 @@
 """Writes one shard of a packed dataset (the format: engine/shard_format.py)."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from pathlib import Path
@@ -10,6 +11,10 @@ import numpy as np
 from engine.group import Group
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
                                  sequence_counts, token_dtype)
+
+
+class ShardBusy(OSError):
+    """Another process is writing the same shard (its `.bin.tmp` is locked)."""
 
 
 class ShardWriter:
@@ -29,7 +34,20 @@ class ShardWriter:
         self.dtype = token_dtype(self.vocab_size)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp_bin = self.path.with_name(self.path.name + ".bin.tmp")
-        self._bin = open(self._tmp_bin, "wb")
+        # Locked before it is truncated: a second run of the same shard (a requeued job whose first
+        # copy still runs) truncated the first's file under it, which then went on writing at its own
+        # offset and closed a .bin of the right size holding zeros where its first tokens were.
+        fd = os.open(self._tmp_bin, os.O_WRONLY | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardBusy(f"{self.path}: another process is writing this shard ({self._tmp_bin} is locked); "
+                            "wait for it to end or stop it") from None
+        except OSError:
+            pass  # a file system without locks (some network mounts): nothing to check with
+        os.ftruncate(fd, 0)
+        self._bin = os.fdopen(fd, "wb")
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                                     ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
         self._tokens = 0

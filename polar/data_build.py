@@ -406,8 +406,9 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
-    rejects_tmp.unlink(missing_ok=True)
+    # The writer first: it stops a second run of this shard before its rejects list is touched.
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
+    rejects_tmp.unlink(missing_ok=True)
     progress = _Progress(sum(c.end - c.start for c in mine), quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)

@@ -7,7 +7,7 @@ import pytest
 from engine.data import PackedGroups
 from engine.indexed_dataset import IndexedDataset
 from engine.packing import Group
-from engine.shard_writer import ShardWriter
+from engine.shard_writer import ShardBusy, ShardWriter
 from tests.engine.test_indexed_dataset import SEQ, random_groups, same_groups, write
 
 
@@ -50,3 +50,21 @@ def test_the_writer_refuses_groups_the_reader_refuses(tmp_path):
             w.add_sequences(tokens=np.ones(sum(lengths), np.int64), piece_lengths=lengths, piece_labels=labels,
                             group_pieces=[3], seq_groups=[1])
     w.abort()
+
+
+def test_a_second_writer_of_a_shard_being_written_is_refused(tmp_path, packed):
+    """A second run of the same shard (a requeued job whose first copy still runs) truncated the
+    first's .bin.tmp under it: the first closed a shard of the right size with zeros for its first
+    tokens, which every check passes."""
+    w = ShardWriter(tmp_path / "s", SEQ, vocab_size=300, pad_id=1)
+    w.add_sequence(packed.sequences([0])[0])
+    w._bin.flush()
+    with pytest.raises(ShardBusy, match="another process is writing this shard"):
+        ShardWriter(tmp_path / "s", SEQ, vocab_size=300, pad_id=1)
+    for i in range(1, len(packed)):
+        w.add_sequence(packed.sequences([i])[0])
+    w.close()
+    same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+    again = ShardWriter(tmp_path / "t", SEQ, vocab_size=300, pad_id=1)  # a closed writer's lock is gone
+    again.abort()
+    ShardWriter(tmp_path / "t", SEQ, vocab_size=300, pad_id=1).abort()  # and an aborted one's

@@ -421,6 +421,25 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
 
 
+def test_a_build_of_a_shard_another_build_is_writing_stops_and_touches_nothing(tmp_path, records, capsys):
+    """A second run of the same shard (a requeued job whose first copy still runs) truncated the
+    first's token file under it and deleted its rejects list in the making."""
+    from engine.shard_writer import ShardWriter
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    ds = tmp_path / "ds"
+    running = ShardWriter(ds / "part-00000-of-00001", SEQ, 256, 0)
+    running._bin.write(b"\1\0" * 10)
+    running._bin.flush()
+    (ds / "part-00000-of-00001.rejects.jsonl.tmp").write_text("{}\n")
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 2
+    assert "another process is writing this shard" in capsys.readouterr().err
+    assert (ds / "part-00000-of-00001.bin.tmp").read_bytes() == b"\1\0" * 10
+    assert (ds / "part-00000-of-00001.rejects.jsonl.tmp").read_text() == "{}\n"
+    running.abort()
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 0
+
+
 def build_with_wrapped_chunks(tmp_path: Path, src: Path, body: str) -> subprocess.CompletedProcess:
     """`polar data build` into tmp_path/ds in a fresh process, 2 workers and 10 records a chunk, each
     chunk processed by a wrapper whose code is `body` (`chunk` its argument, `real` the original)."""
