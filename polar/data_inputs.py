@@ -76,7 +76,7 @@ def directory_files(directory: str, output: str, rejects: str) -> list[str]:
 def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
     """The JSONL files a build reads, in order: each file as given, each directory as its files
     (directory_files). Refused by name: a path that does not exist, a compressed file, and a file
-    given twice (directly or through a directory)."""
+    given twice (directly, through a directory, or as a symbolic or hard link to it)."""
     files = []
     for p in paths:
         if os.path.isdir(p):
@@ -90,10 +90,11 @@ def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[s
         found = compressed_format(f)
         if found:
             raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
-        real = os.path.realpath(f)
-        if real in seen:
+        # the file, not its path: a hard link (a `cp -al` snapshot) or a bind mount of it names it again
+        st = os.stat(f)
+        if (st.st_dev, st.st_ino) in seen:
             # its records would be built twice, and trained twice as often as the others
-            raise ValueError(f"{f} is given twice (also as {seen[real]}), directly or through a directory: "
-                             "list each input once")
-        seen[real] = f
+            raise ValueError(f"{f} is given twice (also as {seen[st.st_dev, st.st_ino]}), directly, through a "
+                             "directory or as a link to the same file: list each input once")
+        seen[st.st_dev, st.st_ino] = f
     return files

@@ -2,6 +2,7 @@
 then the same through `polar data build`."""
 import gzip
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -76,6 +77,17 @@ def test_inputs_given_twice_or_compressed_are_refused_by_name(tmp_path, records,
 
     with pytest.raises(RecordError, match="gzip-compressed"):  # fine-tuning, scoring and eval read this way
         list(read_records(str(packed), on_error="skip"))
+
+
+def test_a_hard_link_to_an_input_is_the_same_input(tmp_path, records, capsys):
+    """Duplicates were found by real path: a file hard-linked into a second input directory (a
+    `cp -al` snapshot) was built twice, silently."""
+    src = write_jsonl(tmp_path / "a" / "r.jsonl", records[:10])
+    (tmp_path / "b").mkdir()
+    os.link(src, tmp_path / "b" / "r.jsonl")
+    assert build(tmp_path / "a", tmp_path / "b", "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
+    assert f"{tmp_path / 'b' / 'r.jsonl'} is given twice (also as {src})" in capsys.readouterr().err
+    assert not (tmp_path / "ds").exists()
 
 
 def test_a_directorys_other_files_are_named_and_a_compressed_one_refused(tmp_path, records, capsys):
