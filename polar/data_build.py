@@ -88,15 +88,16 @@ class ChunkResult:
     candidates: int = 0
 
 
-def line_starts(path: str, on_block=None) -> np.ndarray:
-    """Byte offset of every line of a file (a last line without "\\n" counts), scanned in blocks;
-    `on_block(nbytes)` after each block (progress)."""
+def line_starts(path: str, on_block=None, size: int | None = None) -> np.ndarray:
+    """Byte offset of every line in the first `size` bytes of a file (default: its size now; a last
+    line without "\\n" counts), scanned in blocks; `on_block(nbytes)` after each block (progress).
+    Bytes appended during the scan (a sampler still writing the input) are not scanned."""
     starts, offset = [np.zeros(1, dtype=np.int64)], 0
-    size = os.path.getsize(path)
+    size = os.path.getsize(path) if size is None else size
     if size == 0:
         return np.zeros(0, dtype=np.int64)
     with open(path, "rb") as f:
-        while block := f.read(_SCAN_BLOCK):
+        while offset < size and (block := f.read(min(_SCAN_BLOCK, size - offset))):
             starts.append(np.flatnonzero(np.frombuffer(block, dtype=np.uint8) == 10).astype(np.int64) + offset + 1)
             offset += len(block)
             if on_block:
@@ -130,8 +131,11 @@ def plan_chunks(files: list[str], chunk_records: int, quiet: bool = True) -> tup
     chunks, sources, base = [], [], 0
     progress = _ScanProgress(sum(os.path.getsize(p) for p in files), quiet)
     for path in files:
-        starts = line_starts(path, progress)
+        # One size for the scan, the chunks and the sources: an input still being appended to had its
+        # new lines read into the last chunk but not counted in its lines, and their record ids were
+        # those of the next file's first records.
         size = os.path.getsize(path)
+        starts = line_starts(path, progress, size)
         bounds = np.append(starts, size)
         for a in range(0, len(starts), chunk_records):
             b = min(a + chunk_records, len(starts))

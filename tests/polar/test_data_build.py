@@ -560,6 +560,29 @@ def test_the_input_scan_reports_progress(tmp_path, records, capsys):
     assert "scanning inputs for lines: 0.00 of 0.00 GB (100%)" in capsys.readouterr().err
 
 
+def test_lines_appended_to_an_input_during_the_scan_are_not_built(tmp_path, records, monkeypatch):
+    """An input still being written (a sampler's output) grew during the scan: the lines after the
+    size first seen were built into its last chunk but not counted in its lines, under the record
+    ids of the next file's first records."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:30])
+    second = write_jsonl(tmp_path / "s.jsonl", records[30:40])
+    scanned = src.read_bytes()
+
+    def appending(self, nbytes):  # the sampler appends while the scan runs
+        if not self.done:
+            with open(src, "ab") as f:
+                f.writelines((json.dumps(r) + "\n").encode() for r in records[40:45])
+        self.done += nbytes
+
+    monkeypatch.setattr(data_build._ScanProgress, "__call__", appending)
+    meta = data_build.build([str(src), str(second)], str(tmp_path / "ds"), data_build.BuildConfig(seq_length=SEQ),
+                            quiet=True)
+    assert [(s["lines"], s["bytes"]) for s in meta["sources"]] == [(30, len(scanned)), (10, second.stat().st_size)]
+    assert meta["counts"]["lines"] == meta["counts"]["groups"] == 40
+    ds = IndexedDataset(tmp_path / "ds")
+    assert sorted(np.concatenate([ds.sources(i) for i in range(len(ds))]).tolist()) == list(range(40))
+
+
 def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
     """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
     for every built dataset without data.eval_path, refusing a vocabulary smaller than its 260."""
