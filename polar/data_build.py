@@ -456,7 +456,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                     where = f"listed with their reasons in {rejects_file}"
             raise ValueError(_no_group(files, counts, first_reject, where, old))
         writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
-        writer.meta["rejects_file"] = str(rejects_file) if counts["rejected"] else None
+        # absolute: a rebuild (--force) run from another directory finds it the list it replaces
+        writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
         meta = writer.close()
     except BaseException:
         if rejects_out:

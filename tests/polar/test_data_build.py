@@ -440,6 +440,20 @@ def test_a_build_of_a_shard_another_build_is_writing_stops_and_touches_nothing(t
     assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 0
 
 
+def test_a_rebuild_from_another_directory_replaces_its_own_rejects_list(tmp_path, records, monkeypatch):
+    """The metadata kept --rejects as given (relative to where the build ran): a --force rebuild of
+    the shard run elsewhere, with the same list, was refused as if the list were another shard's."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    monkeypatch.chdir(tmp_path)
+    assert build("r.jsonl", "-o", "ds", "--seq-length", SEQ, "--on-error", "skip", "--rejects", "rej.jsonl") == 0
+    monkeypatch.chdir(tmp_path / "ds")
+    assert build(src, "-o", ".", "--seq-length", SEQ, "--on-error", "skip", "--rejects", "../rej.jsonl",
+                 "--force", "--seed", 1) == 0
+    assert [json.loads(x)["line"] for x in (tmp_path / "rej.jsonl").read_text().splitlines()] == [4]
+    meta = json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())
+    assert meta["seed"] == 1 and meta["rejects_file"] == str(tmp_path / "rej.jsonl")
+
+
 def build_with_wrapped_chunks(tmp_path: Path, src: Path, body: str) -> subprocess.CompletedProcess:
     """`polar data build` into tmp_path/ds in a fresh process, 2 workers and 10 records a chunk, each
     chunk processed by a wrapper whose code is `body` (`chunk` its argument, `real` the original)."""
