@@ -1,6 +1,7 @@
 """Helpers shared by the per-architecture converters: config parsing and checked tensor reads."""
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
@@ -35,9 +36,26 @@ def _number(cfg: dict, key: str, src, default: float, within: str = "") -> float
     value = cfg.get(key)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConvertError(f"{src}/config.json: {within}{key} must be a number, got {value!r:.60}")
-    return float(value)
+    # Python's json reads NaN, Infinity and 1e999 (as inf): a model computed from them is NaN or garbage
+    try:
+        number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except OverflowError:  # an integer past float's range
+        number = math.inf
+    if number is None or not math.isfinite(number):
+        raise ConvertError(f"{src}/config.json: {within}{key} must be a finite number, got {value!r:.60}")
+    return number
+
+
+def _rope_theta(cfg: dict, params: dict, src, where: str) -> float:
+    """The RoPE base: inside rope_parameters / rope_scaling (`params`) over the top-level key.
+    Transformers takes 0 or a negative base without a word and rotates by inf or NaN angles."""
+    theta = _number(cfg, "rope_theta", src, 10000.0)
+    key = "rope_theta"
+    if params.get("rope_theta") is not None:
+        theta, key = _number(params, "rope_theta", src, theta, where), where + key
+    if theta <= 0:
+        raise ConvertError(f"{src}/config.json: {key} must be more than 0, got {theta:g}")
+    return theta
 
 
 def _object(cfg: dict, key: str, src) -> dict:
@@ -73,7 +91,7 @@ def rope_settings(cfg: dict, src, positions: int) -> dict:
     scaling = _object(cfg, "rope_scaling", src)
     where = "rope_scaling." if scaling else "rope_parameters."
     params = scaling or _object(cfg, "rope_parameters", src)
-    theta = _number(params, "rope_theta", src, _number(cfg, "rope_theta", src, 10000.0), where)
+    theta = _rope_theta(cfg, params, src, where)
     # an explicit "rope_type": null is not "default" to transformers (it fails on it)
     kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")
     if not isinstance(kind, str) or kind not in ROPE_TYPES:
@@ -192,18 +210,34 @@ def rope_to_hf(model) -> dict | None:
     return out
 
 
-def decoder_settings(cfg: dict, src, add_qkv_bias: bool, default_positions: int) -> dict:
+def key_value_heads(cfg: dict, src, absent: tuple[str, int] | None = None) -> tuple[int, str]:
+    """num_key_value_heads as transformers 5 sets it, and what the messages say of its source. A key
+    left out takes the config class's own default: `absent` (architecture, value), Qwen2Config's 32
+    and MistralConfig's 8 whatever the heads; None for num_attention_heads (LlamaConfig, InternLM2Config).
+    Null is num_attention_heads to each class that accepts it."""
+    heads = positive_int(cfg, "num_attention_heads", src)
+    if "num_key_value_heads" not in cfg:
+        if absent is not None:
+            return absent[1], f" (absent: {absent[0]}'s default is {absent[1]})"
+        return heads, " (absent: num_attention_heads, transformers' default)"
+    if cfg["num_key_value_heads"] is None:
+        return heads, " (null: num_attention_heads)"
+    return positive_int(cfg, "num_key_value_heads", src), ""
+
+
+def decoder_settings(cfg: dict, src, add_qkv_bias: bool, default_positions: int,
+                     kv_absent: tuple[str, int] | None = None) -> dict:
     """The engine's model settings (engine.config.ModelConfig fields) of a Llama-style decoder's
     config.json: the keys Llama, Mistral, Qwen2 and InternLM2 share. `default_positions`: the
     architecture's own max_position_embeddings where config.json has none (it bounds dynamic RoPE
-    and is the original context of llama3 and yarn without one)."""
+    and is the original context of llama3 and yarn without one); `kv_absent`: key_value_heads'."""
     heads = positive_int(cfg, "num_attention_heads", src)
     positions = positive_int(cfg, "max_position_embeddings", src, default=default_positions)
     return {
         "num_layers": positive_int(cfg, "num_hidden_layers", src),
         "hidden_size": positive_int(cfg, "hidden_size", src),
         "num_attention_heads": heads,
-        "num_query_groups": positive_int(cfg, "num_key_value_heads", src, default=heads),
+        "num_query_groups": key_value_heads(cfg, src, kv_absent)[0],
         "ffn_hidden_size": positive_int(cfg, "intermediate_size", src),
         "vocab_size": positive_int(cfg, "vocab_size", src),
         "norm_epsilon": _number(cfg, "rms_norm_eps", src, 1e-6),
@@ -213,13 +247,13 @@ def decoder_settings(cfg: dict, src, add_qkv_bias: bool, default_positions: int)
     }
 
 
-def check_head_dim(cfg: dict, src) -> None:
+def check_head_dim(cfg: dict, src, kv_absent: tuple[str, int] | None = None) -> None:
     # validated before the arithmetic below, which runs ahead of decoder_settings
     hidden, heads = positive_int(cfg, "hidden_size", src), positive_int(cfg, "num_attention_heads", src)
     hd = cfg.get("head_dim")
-    groups = positive_int(cfg, "num_key_value_heads", src, default=heads)
+    groups, source = key_value_heads(cfg, src, kv_absent)
     if heads % groups:
-        raise ConvertError(f"{src}/config.json: num_key_value_heads={groups} does not divide "
+        raise ConvertError(f"{src}/config.json: num_key_value_heads={groups}{source} does not divide "
                            f"num_attention_heads={heads}")
     if hidden % heads:
         raise ConvertError(f"{src}/config.json: num_attention_heads={heads} does not divide hidden_size={hidden}")

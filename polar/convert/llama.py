@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from polar.convert.common import Reader, check_head_dim, decoder_settings, rope_to_hf
+from polar.convert.common import Reader, check_head_dim, decoder_settings, key_value_heads, rope_to_hf
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 
 ARCHITECTURES = {
@@ -21,12 +21,17 @@ ARCHITECTURES = {
 # transformers 5's defaults for keys a config.json may leave out
 DEFAULT_POSITIONS = {"llama": 2048, "mistral": 131072, "qwen2": 32768}
 MISTRAL_WINDOW = 4096
+# num_key_value_heads of a config.json without it: a fixed count, not num_attention_heads (Llama's)
+KV_HEADS_ABSENT = {"llama": None, "mistral": ("Mistral", 8), "qwen2": ("Qwen2", 32)}
 
 
 def model_config(cfg: dict, src) -> dict:
     arch = cfg["architectures"][0]
     family = ARCHITECTURES[arch]
-    check_head_dim(cfg, src)
+    if family == "mistral" and "num_key_value_heads" in cfg and cfg["num_key_value_heads"] is None:
+        # MistralConfig types the key int: transformers refuses null rather than default it
+        raise ConvertError(f"{src}/config.json: num_key_value_heads must be a positive integer, got None")
+    check_head_dim(cfg, src, KV_HEADS_ABSENT[family])
     if cfg.get("attention_bias"):
         raise ConvertError(f"{src}/config.json: attention_bias=true (biases on q/k/v AND o_proj) is not supported; "
                            "the engine supports q/k/v biases only (Qwen2)")
@@ -40,12 +45,29 @@ def model_config(cfg: dict, src) -> dict:
     if family == "qwen2" and cfg.get("use_sliding_window"):
         raise ConvertError(f"{src}/config.json: use_sliding_window=true is not supported; the engine attends "
                            "over the whole input")
-    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2", default_positions=DEFAULT_POSITIONS[family])
+    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2", default_positions=DEFAULT_POSITIONS[family],
+                            kv_absent=KV_HEADS_ABSENT[family])
+
+
+def _check_defaulted_kv_heads(ckpt: HFCheckpoint, shapes: dict) -> None:
+    """Where config.json does not give num_key_value_heads, weights of another count would fail as a
+    bare shape mismatch: name the key, its default and the count the weights hold instead."""
+    cfg, name = ckpt.config, "model.layers.0.self_attn.k_proj.weight"
+    groups, source = key_value_heads(cfg, ckpt.src, KV_HEADS_ABSENT[ARCHITECTURES[cfg["architectures"][0]]])
+    if not source or "layers.0.k" not in shapes or name not in ckpt.names():
+        return
+    rows, head_dim = ckpt.get(name).shape[0], shapes["layers.0.k"][0] // groups
+    if rows != groups * head_dim:
+        held = (f"{rows // head_dim} key-value heads of size {head_dim}" if rows % head_dim == 0 else
+                f"{rows} rows, no whole number of heads of size {head_dim}")
+        raise ConvertError(f"{ckpt.src}/config.json: num_key_value_heads={groups}{source}, but {name} holds "
+                           f"{held}; give num_key_value_heads in config.json")
 
 
 def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
     """HF tensors -> canonical tensors (engine.weights); value_head is None for a causal LM, and
     lm_head is present only for one."""
+    _check_defaulted_kv_heads(ckpt, shapes)
     r = Reader(ckpt, ignore=("rotary_emb.inv_freq",))
     out = {"embedding": r.take("model.embed_tokens.weight", shapes["embedding"])}
     names = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",

@@ -16,18 +16,20 @@ from tests.polar.convert import helpers, tiny_models as tm  # noqa: E402
 
 QUIET = {"log": lambda *a: None}
 LINEAR = {"rope_type": "linear", "factor": 4.0}
+NULL = object()
 
 
-def _source(tmp_path: Path, family: str = "llama", **changes) -> Path:
-    """A tiny sequence classifier saved by transformers 5 (its config.json keeps rope_theta inside
-    rope_parameters), then config.json edited: a value None removes the key."""
-    src = tm.save(tm.random_seq_cls(tm.llama_config(family)), tmp_path / "src")
+def _source(tmp_path: Path, family: str = "llama", shape: dict | None = None, **changes) -> Path:
+    """A tiny sequence classifier (`shape`: llama_config's keys) saved by transformers 5 (its
+    config.json keeps rope_theta inside rope_parameters), then config.json edited: a value None
+    removes the key, NULL writes null."""
+    src = tm.save(tm.random_seq_cls(tm.llama_config(family, **(shape or {}))), tmp_path / "src")
     cfg = json.loads((src / "config.json").read_text())
     for key, value in changes.items():
         if value is None:
             del cfg[key]
         else:
-            cfg[key] = value
+            cfg[key] = None if value is NULL else value
     (src / "config.json").write_text(json.dumps(cfg))
     return src
 
@@ -86,7 +88,55 @@ def test_an_absent_max_position_embeddings_is_the_architectures_own(tmp_path):
     helpers.check_scores(dst, ref, seed=8)
 
 
+@pytest.mark.parametrize("family, shape", [("mistral", {"num_attention_heads": 16, "num_key_value_heads": 8}),
+                                           ("qwen2", {"num_attention_heads": 64, "num_key_value_heads": 32})])
+def test_an_absent_num_key_value_heads_is_the_architectures_own(tmp_path, family, shape):
+    """MistralConfig's 8 and Qwen2Config's 32, whatever the heads: taking num_attention_heads, as
+    LlamaConfig does, refused these checkpoints that transformers loads and runs."""
+    import torch
+    import transformers
+
+    from polar.convert.engine_io import read_model_config
+
+    src = _source(tmp_path, family, {**shape, "hidden_size": 8 * shape["num_attention_heads"]},
+                  num_key_value_heads=None)
+    ref = transformers.AutoModelForSequenceClassification.from_pretrained(str(src), dtype=torch.float32).eval()
+    assert ref.config.num_key_value_heads == shape["num_key_value_heads"]
+    dst = hf_to_engine.convert(src, tmp_path / "engine", **QUIET)
+    assert read_model_config(dst / "model.yaml").num_query_groups == shape["num_key_value_heads"]
+    helpers.check_scores(dst, ref, seed=9)
+
+
 REFUSED = {
+    # transformers rotates by inf or NaN angles: rewards that mean nothing
+    "rope_theta_zero": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": 0}},
+                        r"config.json: rope_parameters.rope_theta must be more than 0, got 0$"),
+    "rope_theta_negative": ("llama", {"rope_parameters": None, "rope_theta": -5.0},
+                            r"config.json: rope_theta must be more than 0, got -5$"),
+    "rope_theta_nan": ("llama", {"rope_parameters": {"rope_type": "default", "rope_theta": float("nan")}},
+                       r"config.json: rope_parameters.rope_theta must be a finite number, got nan$"),
+    "rope_theta_infinite_in_rope_scaling": ("llama", {"rope_scaling": {**LINEAR, "rope_theta": 1e999}},
+                                            r"config.json: rope_scaling.rope_theta must be a finite number, got inf"),
+    "rope_theta_past_float": ("llama", {"rope_parameters": None, "rope_theta": 10 ** 400},
+                              r"config.json: rope_theta must be a finite number, got 1000"),
+    "factor_infinite": ("llama", {"rope_scaling": {**LINEAR, "factor": float("inf")}},
+                        r"config.json: rope_scaling.factor must be a finite number, got inf"),
+    # each class's default, then the weights: not a bare shape mismatch
+    "qwen2_kv_heads_absent": ("qwen2", {"num_key_value_heads": None},
+                              r"config.json: num_key_value_heads=32 \(absent: Qwen2's default is 32\) does not "
+                              r"divide num_attention_heads=6"),
+    "mistral_kv_heads_absent": ("mistral", {"num_key_value_heads": None},
+                                r"config.json: num_key_value_heads=8 \(absent: Mistral's default is 8\) does not "
+                                r"divide num_attention_heads=6"),
+    "mistral_kv_heads_null": ("mistral", {"num_key_value_heads": NULL},
+                              r"config.json: num_key_value_heads must be a positive integer, got None"),
+    "llama_kv_heads_absent": ("llama", {"num_key_value_heads": None},
+                              r"config.json: num_key_value_heads=6 \(absent: num_attention_heads, transformers' "
+                              r"default\), but model.layers.0.self_attn.k_proj.weight holds 2 key-value heads of "
+                              r"size 8; give num_key_value_heads in config.json"),
+    "qwen2_kv_heads_null": ("qwen2", {"num_key_value_heads": NULL},
+                            r"config.json: num_key_value_heads=6 \(null: num_attention_heads\), but "
+                            r"model.layers.0.self_attn.k_proj.weight holds 2 key-value heads"),
     "partial_rotary_factor": ("llama", {"partial_rotary_factor": 0.5},
                               r"config.json: partial_rotary_factor=0.5 \(RoPE on part of each head\) is not "
                               r"supported; the engine rotates every dimension of a head \(partial_rotary_factor 1 "
