@@ -75,16 +75,27 @@ def directory_files(directory: str, output: str, rejects: str) -> list[str]:
 
 def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
     """The JSONL files a build reads, in order: each file as given, each directory as its files
-    (directory_files). Refused by name: a path that does not exist, a compressed file, and a file
+    (directory_files); the build's own outputs (its rejects list, shard files in the output directory)
+    are left out, with a note. Refused by name: a path that does not exist, a compressed file, and a file
     given twice (directly, through a directory, or as a symbolic or hard link to it)."""
-    files = []
+    files, own = [], []
+    ours = {os.path.realpath(p) for p in (rejects, rejects + ".tmp" if rejects else "") if p}
     for p in paths:
         if os.path.isdir(p):
             files.extend(directory_files(p, output, rejects))
         elif os.path.isfile(p):
-            files.append(p)
+            # `data/*.jsonl -o data`: the glob of a rebuild names the shard's rejects list, which was read
+            # as records, its rows rejected into the list that replaced it (2, 4, 6 ... rejects a rebuild)
+            if os.path.realpath(p) in ours or (bool(output) and _shard_file(Path(p)) and
+                                               os.path.realpath(os.path.dirname(p) or ".") == os.path.realpath(output)):
+                own.append(p)
+            else:
+                files.append(p)
         else:
             raise FileNotFoundError(f"{p}: no such file or directory")
+    if own:
+        print(f"note: not read: {names(own)}, the output's own shard files or rejects list, not records",
+              file=sys.stderr, flush=True)
     seen: dict = {}
     for f in files:
         found = compressed_format(f)

@@ -90,6 +90,24 @@ def test_a_hard_link_to_an_input_is_the_same_input(tmp_path, records, capsys):
     assert not (tmp_path / "ds").exists()
 
 
+def test_a_rebuild_whose_glob_names_its_own_rejects_list_does_not_read_it(tmp_path, records, capsys):
+    """`polar data build data/*.jsonl -o data --force`: the glob names the shard's rejects list, whose
+    rows were read as records and rejected into the list that replaced it (2, 4, 6 ... rejects)."""
+    d = tmp_path / "data"
+    write_jsonl(d / "a.jsonl", records[:20], {3: b"{oops\n"})
+    common = ["-o", d, "--seq-length", SEQ, "--on-error", "skip"]
+    assert build(d / "a.jsonl", *common) == 0
+    rejects = d / "part-00000-of-00001.rejects.jsonl"
+    first = rejects.read_bytes()
+    for again in ([], ["--rejects", tmp_path / "rej.jsonl"]):
+        assert build(*sorted(d.glob("*.jsonl")), *common, "--force", *again) == 0
+        assert IndexedDataset(d).meta["counts"]["rejected"] == 1
+        assert f"note: not read: {rejects}, the output's own shard files or rejects list" in capsys.readouterr().err
+    assert (tmp_path / "rej.jsonl").read_bytes() == first
+    assert build(d / "a.jsonl", tmp_path / "rej.jsonl", *common, "--force", "--rejects", tmp_path / "rej.jsonl") == 0
+    assert IndexedDataset(d).meta["counts"]["rejected"] == 1 and (tmp_path / "rej.jsonl").read_bytes() == first
+
+
 def test_a_directorys_other_files_are_named_and_a_compressed_one_refused(tmp_path, records, capsys):
     """A directory was read as its *.jsonl files only: b.json, c.JSONL and d.jsonl.gz beside a.jsonl
     were skipped without a word (10 of 30 records built, exit 0)."""
