@@ -8,7 +8,8 @@ Ranked record (JSONL, one per line; T = a string or a message list, joined by "\
 
 Rank 1 is the reference (exactly one response has it, and it is not empty); a smaller rank is
 better; ranks are integers >= 1, gaps allowed; an empty response below the reference is scored.
-`category` is optional ("uncategorized"); `wrapper` is optional (sft or pretrain, default sft);
+`category` is optional ("uncategorized"; not "overall" or "category mean", the table's summary rows);
+`wrapper` is optional (sft or pretrain, default sft);
 other fields are ignored. Every ordered pair of responses below the
 reference counts once: responses i, j (ranks >= 2) with rank_i < rank_j form the pair "i over j",
 and equal ranks form no pair. A pair is correct when r(prompt, reference, i) > r(prompt,
@@ -35,6 +36,8 @@ from polar.records import FieldError as _Bad
 from polar.records import any_text, iter_lines, no_surrogate, parse_jsonl_line
 
 DEFAULT_CATEGORY = "uncategorized"
+# format_table's summary rows: a category of either name would read as one, so none may have it
+OVERALL_ROW, MEAN_ROW = "overall", "category mean"
 
 
 @dataclass
@@ -88,6 +91,10 @@ def _parse(obj) -> RankedRecord:
     if not isinstance(category, str) or not category:
         raise _Bad("category", f"must be a non-empty string, got {category!r:.60}")
     no_surrogate(category, "category")
+    if category.strip().casefold() in (OVERALL_ROW, MEAN_ROW):
+        # its row would read as the summary row of that name, one more "overall" above the real one
+        raise _Bad("category", f"{category!r:.60} is a summary row of polar eval's table "
+                               f"({OVERALL_ROW!r}, {MEAN_ROW!r}); rename the category")
     wrapper = obj.get("wrapper")
     if wrapper is None:  # absent or null; "" or 0 is a mistake, not the default
         wrapper = "sft"
@@ -198,16 +205,17 @@ def evaluate_ranked(records: Sequence[RankedRecord],
 
 def format_table(result: dict) -> str:
     """The result as a text table: one row per category, then the overall and mean rows."""
-    rows = [(k, v) for k, v in result["categories"].items()] + [("overall", result["overall"])]
-    width = max([len("category")] + [len(k) for k, _ in rows] + [len("category mean")])
+    width = max([len("category"), len(OVERALL_ROW), len(MEAN_ROW)] + [len(k) for k in result["categories"]])
+
+    def row(k, v):
+        return (f"{k:<{width}}  {v['accuracy']:>8.2%}  {v['pairs']:>7}  {v['correct']:>7}  "
+                f"{v['ties']:>5}  {v['records']:>7}")
+
     lines = [f"{'category':<{width}}  {'accuracy':>8}  {'pairs':>7}  {'correct':>7}  "
              f"{'ties':>5}  {'records':>7}"]
-    for k, v in rows:
-        if k == "overall":
-            lines.append("-" * len(lines[0]))
-        lines.append(f"{k:<{width}}  {v['accuracy']:>8.2%}  {v['pairs']:>7}  {v['correct']:>7}  "
-                     f"{v['ties']:>5}  {v['records']:>7}")
-    lines.append(f"{'category mean':<{width}}  {result['category_mean']:>8.2%}")
+    lines += [row(k, v) for k, v in result["categories"].items()]
+    lines += ["-" * len(lines[0]), row(OVERALL_ROW, result["overall"]),
+              f"{MEAN_ROW:<{width}}  {result['category_mean']:>8.2%}"]
     return "\n".join(lines)
 
 

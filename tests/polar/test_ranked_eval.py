@@ -131,6 +131,12 @@ def test_score_fn_contract(records):
                                    {"text": "c", "rank": 3}]}, "responses[1].text", "lone surrogate U+DFFF"),
     ({"prompt": [{"content": "\ud800"}], "responses": ["a", "b", "c"]}, "prompt[0].content", "lone surrogate"),
     ({"prompt": "p", "category": "m\ud800", "responses": ["a", "b", "c"]}, "category", "lone surrogate"),
+    # the names of the table's summary rows: such a category read as a second "overall" row, under
+    # a separator line of its own
+    ({"prompt": "p", "category": "overall", "responses": ["a", "b", "c"]}, "category",
+     "'overall' is a summary row of polar eval's table ('overall', 'category mean'); rename the category"),
+    ({"prompt": "p", "category": "category mean", "responses": ["a", "b", "c"]}, "category", "is a summary row"),
+    ({"prompt": "p", "category": " Overall", "responses": ["a", "b", "c"]}, "category", "is a summary row"),
     # an empty reference: every reward compares with it, so the accuracy would measure nothing
     ({"prompt": "p", "responses": ["", "b", "c"]}, "responses[0]", "the reference) is empty"),
     ({"prompt": "p", "responses": [{"text": "b", "rank": 2}, {"text": [{"content": ""}], "rank": 1},
