@@ -156,6 +156,10 @@ def _init_worker(cfg: BuildConfig) -> None:
     _WORKER["tok"] = load_tokenizer(cfg.tokenizer)
 
 
+class InputChanged(ValueError):
+    """An input read shorter than the build's scan of it found it."""
+
+
 def process_chunk(chunk: Chunk) -> ChunkResult:
     """Parse, tokenize and pack one chunk; a pure function of the chunk's bytes and the config."""
     from engine.shard_format import token_dtype
@@ -169,6 +173,11 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     with open(chunk.file, "rb") as f:
         f.seek(chunk.start)
         data = f.read(chunk.end - chunk.start)
+    if len(data) != chunk.end - chunk.start:
+        # the scan counted these bytes' lines: read short, the file's last lines were lost without a word
+        raise InputChanged(f"{chunk.file}: {os.path.getsize(chunk.file)} bytes, fewer than the {chunk.end} the "
+                           f"build scanned (from line {chunk.first_line} on): cut short or rewritten during the "
+                           "build; nothing of the shard was written: run again once it is complete")
     res = ChunkResult(chunk.index, 0, len(data))
     if chunk.start == 0:
         data = strip_bom(data)

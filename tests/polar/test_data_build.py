@@ -597,6 +597,27 @@ def test_lines_appended_to_an_input_during_the_scan_are_not_built(tmp_path, reco
     assert sorted(np.concatenate([ds.sources(i) for i in range(len(ds))]).tolist()) == list(range(40))
 
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_input_cut_short_after_the_scan_stops_the_build_naming_it(tmp_path, records, monkeypatch, capsys, workers):
+    """Read short, the lines the scan had counted past the new end were lost without a word."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:30])
+    keep = sum(len(json.dumps(r)) + 1 for r in records[:20])
+    real = data_build.plan_chunks
+
+    def then_cut(*args, **kw):  # the file is rewritten shorter once the build has planned its chunks
+        planned = real(*args, **kw)
+        os.truncate(src, keep)
+        return planned
+
+    monkeypatch.setattr(data_build, "plan_chunks", then_cut)
+    assert build(src, "--output", tmp_path / "ds", "--seq-length", SEQ, "--workers", workers) == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {re.escape(str(src))}: {keep} bytes, fewer than the \d+ the build scanned "
+                     r"\(from line \d+ on\): cut short or rewritten during the build; nothing of the shard was "
+                     "written", err), err
+    assert not list(tmp_path.glob("ds/*.bin"))
+
 def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
     """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
     for every built dataset without data.eval_path, refusing a vocabulary smaller than its 260."""
