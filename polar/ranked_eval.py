@@ -203,9 +203,16 @@ def evaluate_ranked(records: Sequence[RankedRecord],
             "categories": categories, "scored_inputs": len(items)}
 
 
+def _shown(name: str) -> str:
+    """A category as one table cell: a tab, newline or other control character in the name broke
+    the row into columns or lines of its own, so those are written as JSON escapes."""
+    return json.dumps(name, ensure_ascii=False)[1:-1] if not name.isprintable() else name
+
+
 def format_table(result: dict) -> str:
     """The result as a text table: one row per category, then the overall and mean rows."""
-    width = max([len("category"), len(OVERALL_ROW), len(MEAN_ROW)] + [len(k) for k in result["categories"]])
+    shown = {k: _shown(k) for k in result["categories"]}
+    width = max([len("category"), len(OVERALL_ROW), len(MEAN_ROW)] + [len(k) for k in shown.values()])
 
     def row(k, v):
         return (f"{k:<{width}}  {v['accuracy']:>8.2%}  {v['pairs']:>7}  {v['correct']:>7}  "
@@ -213,7 +220,7 @@ def format_table(result: dict) -> str:
 
     lines = [f"{'category':<{width}}  {'accuracy':>8}  {'pairs':>7}  {'correct':>7}  "
              f"{'ties':>5}  {'records':>7}"]
-    lines += [row(k, v) for k, v in result["categories"].items()]
+    lines += [row(shown[k], v) for k, v in result["categories"].items()]
     lines += ["-" * len(lines[0]), row(OVERALL_ROW, result["overall"]),
               f"{MEAN_ROW:<{width}}  {result['category_mean']:>8.2%}"]
     return "\n".join(lines)

@@ -91,6 +91,16 @@ def test_table_and_json(records, tmp_path):
     assert json.loads(out.read_text())["overall"]["accuracy"] is None
 
 
+
+def test_a_category_holding_a_tab_or_a_newline_stays_one_cell_of_one_row():
+    result = evaluate_ranked([parse_ranked_line(json.dumps({"prompt": "p", "category": c, "responses": ["r", "a", "b"]})
+                                                .encode(), "f.jsonl", i + 1) for i, c in enumerate(("a\tb", "x\ny"))],
+                             score_by_text)
+    lines = format_table(result).splitlines()
+    assert len(lines) == 1 + 2 + 2 + 1  # header, the two categories, separator and overall, category mean
+    assert lines[1].startswith("a\\tb ") and lines[2].startswith("x\\ny ")
+    assert len({len(line) for line in lines[:3]}) == 1  # aligned
+
 def test_score_fn_contract(records):
     with pytest.raises(ValueError, match="returned 1 rewards for 10 inputs"):
         evaluate_ranked(records, lambda items: [0.0])
