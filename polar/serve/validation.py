@@ -343,7 +343,10 @@ def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
     """OpenRLHF's remote reward call: query[i] = prompts[i] + response; labels[i] carries the
     reference (a string, or an object with "reference" and optionally "wrapper")."""
     queries = _str_list(body, "query", allow_str=False)
-    _check_count(len(queries), max_items, "field 'query'")
+    # OpenRLHF gives each of its --remote_rm_url servers a slice of ceil(n / servers) queries, and n
+    # can be 1: the servers after the first get empty lists, which must be answered with none
+    if queries:
+        _check_count(len(queries), max_items, "field 'query'")
     prompts = _str_list(body, "prompts", allow_str=False, required=False)
     if prompts is None:
         raise RequestError("missing field 'prompts': POLAR scores the response against the reference "

@@ -82,6 +82,24 @@ def test_openrlhf_get_reward(server, batch, _alone_items):
     np.testing.assert_allclose(res["rewards"], _alone_items(sft), rtol=0, atol=1e-5)
 
 
+def test_openrlhf_get_reward_shards_of_one_rollout_over_several_servers(server, _alone_items):
+    """OpenRLHF's --remote_rm_url URL1,URL2 splits each call's queries into one slice per server,
+    ceil(n / servers) long, and it asks for one rollout at a time: every server after the first gets
+    {"query": [], "prompts": [], "labels": []}. Answered 400, OpenRLHF retried it and then dropped the
+    first server's reward with it (asyncio.gather), so a run with two replicas got no rewards."""
+    url, _ = server
+    item = {"prompt": "Q: hi A:", "reference": "yes", "output": " yes", "wrapper": "sft"}
+    shards = [{"query": ["Q: hi A: yes"], "prompts": ["Q: hi A:"], "labels": ["yes"]},
+              {"query": [], "prompts": [], "labels": []}]
+    first, second = [httpx.post(f"{url}/get_reward", json=body, timeout=60) for body in shards]
+    assert first.status_code == 200 and second.status_code == 200, second.text
+    np.testing.assert_allclose(first.json()["rewards"], _alone_items([item]), rtol=0, atol=1e-5)
+    assert second.json() == {"rewards": [], "scores": [], "extra_logs": {}}
+    # empty, yet not a shard: the lists still must match
+    res = httpx.post(f"{url}/get_reward", json={"query": [], "prompts": ["p"], "labels": []}, timeout=60)
+    assert res.status_code == 400 and "must match" in res.json()["error"]["message"]
+
+
 @pytest.fixture(scope="module")
 def _alone_items(tokenizer, alone):
     return lambda items: alone([ids for _, ids in _formatted(tokenizer, items)])
