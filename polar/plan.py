@@ -35,6 +35,45 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def model_problem(shape: Shape) -> Optional[str]:
+    """Why engine.runtime.validate_layout refuses this model at every layout, or None (its rules, not
+    imported: engine.runtime loads torch, which a plan does not need). A head size the engine refuses
+    planned as a fractional one: 7 heads of hidden 4096 were priced as 8.3 B parameters and recommended."""
+    heads, groups, h = shape.num_attention_heads, shape.num_query_groups, shape.hidden_size
+    if heads % groups:
+        return f"model.num_query_groups={groups} does not divide model.num_attention_heads={heads}"
+    if h % heads:
+        return f"model.num_attention_heads={heads} does not divide model.hidden_size={h}"
+    if (h // heads) % 2:
+        return (f"model.hidden_size={h} / model.num_attention_heads={heads} = {h // heads} channels per head: "
+                "rotary embeddings rotate channel pairs, so it must be even")
+    return None
+
+
+def layout_problem(shape: Shape, layout: Layout, seq_length: int, global_batch: int) -> Optional[str]:
+    """Why the engine refuses this layout for the model and batch (engine.runtime.validate_layout's
+    rules), or None: a measured run's layout with a typo was priced as if it could run."""
+    lay = layout
+    if lay.sequence_parallel and lay.tp < 2:
+        return f"sequence_parallel needs tp > 1 (got tp={lay.tp})"
+    if lay.sequence_parallel and seq_length % lay.tp:
+        return f"sequence_parallel needs data.seq_length={seq_length} divisible by tp={lay.tp}"
+    for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if getattr(shape, key) % lay.tp:
+            return f"tp={lay.tp} does not divide model.{key}={getattr(shape, key)}"
+    if lay.vpp is not None and (lay.vpp < 2 or lay.pp < 2):
+        return f"vpp={lay.vpp} needs pp >= 2 and vpp >= 2 (or no vpp)"
+    if shape.num_layers % (lay.pp * lay.chunks):
+        return f"model.num_layers={shape.num_layers} is not divisible by pp x vpp = {lay.pp * lay.chunks}"
+    if global_batch % (lay.dp * lay.micro_batch):
+        return (f"train.global_batch={global_batch} is not divisible by dp={lay.dp} x "
+                f"micro_batch={lay.micro_batch}")
+    if lay.vpp is not None and global_batch // (lay.dp * lay.micro_batch) % lay.pp:
+        return (f"interleaving needs the micro-batches per step ({global_batch // (lay.dp * lay.micro_batch)}) "
+                f"to be a multiple of pp={lay.pp}")
+    return None
+
+
 def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
                       micro_batches=(1, 2, 4), recomputes=("none", "selective", "full")) -> list[Layout]:
     """Every layout engine.runtime.validate_layout accepts, TP within a node, SP on with TP. The vocabulary
@@ -365,6 +404,12 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
         except Exception as exc:
             raise ValueError(f"{where}: {exc}") from None
         shape = shape_from_config(cfg)
+        problem = model_problem(shape)
+        if problem:
+            raise ValueError(f"{where}: {problem}")
+        problem = layout_problem(shape, layout, cfg.data.seq_length, cfg.train.global_batch)
+        if problem:
+            raise ValueError(f"{where}: layout {layout.name()}: {problem}")
         e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a, bool(run.get("fp8")),
                      cfg.train.attention_backend)
 
@@ -423,6 +468,9 @@ def main(argv=None) -> int:
         if args.fp8 and gpu.fp8_tflops is None:
             raise ConfigError(f"--fp8: the {gpu.name} has no FP8 tensor cores")
         cfg = load_plan_config(args.config, args.overrides)
+        problem = model_problem(shape_from_config(cfg))
+        if problem and not args.measured:
+            raise ConfigError(f"the engine runs no layout of this model: {problem}")
         if args.measured:
             for line in compare_measurements(args.measured, a):
                 print(line)

@@ -141,6 +141,11 @@ def test_a_bad_measurement_file_is_named(tmp_path, capsys):
     ({"tp": "two"}, "layout.tp: expected a whole number >= 1, got 'two'"),
     ({"tp": 2, "micro_batch": 1.5}, "layout.micro_batch: expected a whole number >= 1, got 1.5"),
     ({"tp": 2, "recompute": "ful"}, "layout.recompute: expected one of none, selective, full, got 'ful'"),
+    # layouts the engine refuses were priced as if they ran (32 layers in 5-layer chunks, VPP1 as interleaved)
+    ({"tp": 2, "pp": 2, "vpp": 3},
+     "layout TP2xPP2xVPP3xDP16 mb1: model.num_layers=32 is not divisible by pp x vpp = 6"),
+    ({"tp": 2, "pp": 2, "vpp": 1}, "layout TP2xPP2xVPP1xDP16 mb1: vpp=1 needs pp >= 2 and vpp >= 2"),
+    ({"tp": 1, "sequence_parallel": True}, "layout TP1xPP1xDP64 mb1: sequence_parallel needs tp > 1"),
 ])
 def test_a_misspelt_layout_key_or_value_is_named(tmp_path, capsys, layout, named):
     path = tmp_path / "runs.json"
@@ -214,6 +219,24 @@ def test_a_gpu_count_no_layout_divides_names_the_nearest_batches(capsys):
     assert plan.main(["--config", "polar_7b", "--gpus", "912"]) == 2
     err = capsys.readouterr().err
     assert "train.global_batch=2048" in err and "nearest global batches with layouts: 1995 and 2052" in err
+
+
+@pytest.mark.parametrize("override", [
+    "model.num_attention_heads=7",  # 8 KV groups do not divide 7 heads (and 7 not 4096): planned as 8.3 B
+    "model.num_attention_heads=24",  # 24 heads of 4096 channels
+    "model.hidden_size=4000",  # 125 channels a head: RoPE rotates pairs
+])
+def test_a_model_the_engine_refuses_at_every_layout_is_refused_with_its_reason(override, capsys):
+    from engine.config import ConfigError, ParallelConfig
+    from engine.runtime import validate_layout
+
+    cfg = plan.load_plan_config("polar_7b", [override])
+    with pytest.raises(ConfigError) as engine:
+        validate_layout(cfg.model, ParallelConfig(tp=1, pp=1), cfg.train, 64, cfg.data.seq_length)
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", override]) == 2
+    captured = capsys.readouterr()
+    assert str(engine.value) in captured.err and len(captured.err.splitlines()) == 1, captured.err
+    assert "recommended" not in captured.out
 
 
 def test_fp8_is_refused_on_a_card_without_it(capsys):
