@@ -23,7 +23,8 @@ Memory per GPU, for the pipeline rank that needs most:
   layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
   input [s, b, h] (/t under SP) and one layer's activations while it is recomputed; selective
   recomputation (megatron's core-attention recompute) drops the attention's internal state, which a
-  flash-style kernel does not keep anyway. A pipeline rank holds the activations of the micro-batches in
+  flash-style kernel does not keep anyway (of the torch backend's SDPA mask copies, one layer's while it is
+  recomputed). A pipeline rank holds the activations of the micro-batches in
   flight under 1F1B: pp - rank of them (interleaved: 2 (pp - rank - 1) + (vpp - 1) pp + 1 model chunks);
 - transient: the larger of the backward pass's extra (the largest single gradient as autograd produces
   it, before it is added into the buffer, and the gradients of one layer's fc1 output) and the optimizer
@@ -278,6 +279,10 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     c = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     if layout.recompute == "full":
         activations = in_flight * w_bytes * tokens * shape.hidden_size * c + per_layer
+    elif layout.recompute == "selective" and attention_backend == "torch":
+        # SDPA's additive mask is core-attention state: made again in the backward, one layer at a time
+        mask = w_bytes * tokens * seq_length
+        activations = in_flight * (per_layer - mask) + mask
     else:
         activations = in_flight * per_layer
     if attention_backend == "torch":
