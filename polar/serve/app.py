@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -52,7 +53,8 @@ class ServeSettings:
     max_response: int = 4096
     max_item_tokens: int = 16385  # a longer already-formatted text is refused
     pooling_format: str = "vllm"
-    max_preparing: int = 32  # requests being read, parsed and tokenized at once; more get 429
+    max_preparing: int = 32  # requests being read, parsed and tokenized at once; more wait for a slot
+    preparing_wait_s: float = 5.0  # the longest a request waits for one, in arrival order; then 429
 
 
 class Service:
@@ -79,6 +81,7 @@ class Service:
         # which no item may pass, bound them here.
         self.max_structured_tokens = positions or None
         self._preparing = 0
+        self._waiting: deque[asyncio.Future] = deque()  # requests waiting for a --max-preparing slot
 
     def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
         ids = tokenize_served_text(self.tokenizer, texts)
@@ -107,18 +110,39 @@ class Service:
             self.metrics.cut.labels(field=field[:-1]).inc(getattr(cuts, field))
         return ids
 
-    def admit(self, request: Request) -> None:
+    async def admit(self, request: Request) -> None:
         """Before the body is read: under load, reading, parsing and tokenizing a request that the
-        queue then refuses is the work that slows everyone else down."""
+        queue then refuses is the work that slows everyone else down. A request beyond
+        --max-preparing waits for a slot, for at most --max-preparing-wait-s: a slot is held for
+        milliseconds, and refusing at once answered 429 to most of a burst of small requests
+        (OpenRLHF sends one per rollout, all at once) while the queue had room for them."""
         try:
             self.batcher.check_room()
         except QueueFull as e:
             raise _TooBusy(str(e), e.retry_after_s) from None
-        if self._preparing >= self.settings.max_preparing:
-            raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
-                           "(--max-preparing); retry after 1 s", 1)
-        self._preparing += 1
-        request.state.preparing = True
+        while self._waiting and self._waiting[0].done():  # gave up waiting
+            self._waiting.popleft()
+        if self._preparing < self.settings.max_preparing and not self._waiting:
+            self._preparing += 1
+            request.state.preparing = True
+            return
+        slot = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            await asyncio.wait_for(asyncio.shield(slot), self.settings.preparing_wait_s)
+        except asyncio.TimeoutError:
+            if not slot.done():
+                slot.cancel()
+                raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
+                               f"(--max-preparing), and none finished within {self.settings.preparing_wait_s:g} s "
+                               "(--max-preparing-wait-s); retry after 1 s", 1) from None
+        except BaseException:
+            # cancelled (the server shutting down): a slot handed over meanwhile goes to the next
+            if slot.done() and not slot.cancelled():
+                self._release()
+            slot.cancel()
+            raise
+        request.state.preparing = True  # the slot prepared() handed over, still counted
 
     @property
     def preparing(self) -> int:
@@ -127,7 +151,16 @@ class Service:
     def prepared(self, request: Request) -> None:
         if getattr(request.state, "preparing", False):
             request.state.preparing = False
-            self._preparing -= 1
+            self._release()
+
+    def _release(self) -> None:
+        """A slot freed goes to the longest waiting request, still counted in `preparing`."""
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self._preparing -= 1
 
     async def rewards(self, ids: list[np.ndarray], request: Request, names: list[str]) -> np.ndarray:
         """`names[i]`: where item i is in the request (`items[1]`, `text[0]`), for errors."""
@@ -252,7 +285,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             if encoding not in ("", "identity"):
                 raise RequestError(f"the body is sent with Content-Encoding {encoding}, which this server does not "
                                    "decode; send the JSON uncompressed", 415)
-            service.admit(request)
+            await service.admit(request)
             try:
                 # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
                 # its --max-preparing slot forever, and enough of them refuse everyone with 429.

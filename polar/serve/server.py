@@ -54,7 +54,9 @@ def parse_args(argv=None):
                     help="largest request body; a longer one gets 413")
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
     ap.add_argument("--max-preparing", type=int, default=32,
-                    help="requests being read, parsed and tokenized at once; more get 429 before their body is read")
+                    help="requests being read, parsed and tokenized at once; more wait for a slot, in arrival order")
+    ap.add_argument("--max-preparing-wait-s", type=float, default=5.0,
+                    help="how long a request waits for a --max-preparing slot before it gets 429, its body unread")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit on scoring; 504 after it")
     ap.add_argument("--read-timeout-s", type=float, default=60.0,
                     help="the whole body must arrive within this many seconds of the request being admitted; "
@@ -83,6 +85,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.read_timeout_s > 0:
         ap.error("--read-timeout-s must be positive")
+    if not args.max_preparing_wait_s >= 0:
+        ap.error("--max-preparing-wait-s must be 0 or more")
     if args.pp < 1 or args.tp < 0:
         ap.error("--tp and --pp must be positive")
     if not args.tp:
@@ -139,7 +143,8 @@ def build_service(args, scorer):
                              read_timeout_s=args.read_timeout_s, api_key=api_key,
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
-                             pooling_format=args.pooling_format, max_preparing=args.max_preparing)
+                             pooling_format=args.pooling_format, max_preparing=args.max_preparing,
+                             preparing_wait_s=args.max_preparing_wait_s)
     return Service(tokenizer, batcher, settings, metrics)
 
 
