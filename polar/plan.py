@@ -410,7 +410,8 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
         problem = layout_problem(shape, layout, cfg.data.seq_length, cfg.train.global_batch)
         if problem:
             raise ValueError(f"{where}: layout {layout.name()}: {problem}")
-        e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a, bool(run.get("fp8")),
+        e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a,
+                     bool(run.get("fp8")) or cfg.train.fp8 != "off",
                      cfg.train.attention_backend)
 
         def pair(pred, meas, fmt):
@@ -465,9 +466,12 @@ def main(argv=None) -> int:
             raise ConfigError(f"--group-length {args.group_length}: must be >= 1 (leave it out for the whole pack)")
         if args.top < 1:
             raise ConfigError(f"--top {args.top}: must be >= 1")
-        if args.fp8 and gpu.fp8_tflops is None:
-            raise ConfigError(f"--fp8: the {gpu.name} has no FP8 tensor cores")
         cfg = load_plan_config(args.config, args.overrides)
+        # a config's own FP8 recipe runs FP8 whether or not --fp8 is given: it is priced, as --fp8 is
+        fp8 = args.fp8 or cfg.train.fp8 != "off"
+        if fp8 and gpu.fp8_tflops is None:
+            raise ConfigError(f"{'--fp8' if args.fp8 else f'train.fp8={cfg.train.fp8}'}: the {gpu.name} has no "
+                              "FP8 tensor cores")
         problem = model_problem(shape_from_config(cfg))
         if problem and not args.measured:
             raise ConfigError(f"the engine runs no layout of this model: {problem}")
@@ -489,14 +493,14 @@ def main(argv=None) -> int:
               + (f"; nearest global batches with layouts: {' and '.join(map(str, near))}" if near else ""),
               file=sys.stderr)
         return 2
-    ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, args.fp8,
+    ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8,
                                                     cfg.train.attention_backend) for lay in layouts]))
     # the overrides named with the preset: `polar_7b` with model.num_layers=48 is not POLAR-7B
     what = " ".join([args.config, *args.overrides])
     print(f"polar plan: {what} ({_count(total_params(shape))} parameters: {shape.num_layers} layers, "
           f"hidden {shape.hidden_size}, {shape.num_attention_heads} heads, {shape.num_query_groups} KV groups, FFN "
           f"{shape.ffn_hidden_size}, vocab {shape.vocab_size}) on {args.gpus} x {gpu.name}, "
-          f"{gb} packed sequences x {seq} tokens per step, {'FP8' if args.fp8 else 'bf16'}")
+          f"{gb} packed sequences x {seq} tokens per step, {'FP8' if fp8 else 'bf16'}")
     print(f"GPU: {gpu.source}")
     for line in a.lines():
         print(f"assumed: {line}")
@@ -518,7 +522,7 @@ def main(argv=None) -> int:
     print()
     for line in explain(best, ranked, gpu, a):
         print(line)
-    for line in memory_lines(shape, best, seq, gb, args.fp8, cfg.train.attention_backend, a):
+    for line in memory_lines(shape, best, seq, gb, fp8, cfg.train.attention_backend, a):
         print(line)
     print(checkpoint_line(shape, best.layout, gpu.gpus_per_node))
     lay = best.layout
@@ -529,7 +533,7 @@ def main(argv=None) -> int:
           + (" train.recompute_num_layers=1" if lay.recompute == "full" else "")
           # tensorwise: the FP8 recipe both backbones (local, TE) run on every FP8 card in GPUS; the cost
           # model does not tell the recipes apart. A placeholder here would be a shell redirection.
-          + (" train.fp8=tensorwise" if args.fp8 else "")
+          + (" train.fp8=tensorwise" if args.fp8 and cfg.train.fp8 == "off" else "")
           # the memory and time above assume the sharded optimizer; --overlap, both overlaps it prices
           + f" parallel.distributed_optimizer={str(lay.distributed_optimizer).lower()}"
           + (" parallel.overlap_grad_reduce=true"

@@ -358,6 +358,39 @@ def test_the_fp8_launch_line_names_a_recipe(capsys):
     assert load_config(EngineConfig, None, line[len("launch with: "):].split()).train.fp8 == "tensorwise"
 
 
+def _memory_and_launch(capsys, args: list[str]) -> tuple[str, str, str]:
+    assert plan.main(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    return tuple(next(x for x in out if x.startswith(p)) for p in ("polar plan: ", "memory of ", "launch with: "))
+
+
+def test_a_configs_own_fp8_recipe_is_priced(capsys):
+    # train.fp8 in the config runs FP8 at launch: the plan priced bf16 (no FP8 weight copies), said so in
+    # its header, and its launch line left the config's FP8 on
+    head, memory, launch = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8",
+                                                       "train.fp8=tensorwise"])
+    _, memory_fp8, _ = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", "--fp8"])
+    assert head.endswith(", FP8") and memory == memory_fp8 and "FP8 0.0 GB" not in memory, memory
+    assert "train.fp8" not in launch  # the config's recipe stays
+    # --fp8 with a recipe in the config: the recipe is kept, not overridden by tensorwise
+    _, memory, launch = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", "--fp8",
+                                                    "train.fp8=delayed"])
+    assert memory == memory_fp8 and "train.fp8" not in launch, launch
+    assert plan.main(["--config", "polar_1_8b", "--gpu", "A100", "--gpus", "8", "train.fp8=rowwise"]) == 2
+    assert "train.fp8=rowwise: the A100 has no FP8" in capsys.readouterr().err
+
+
+def test_a_measured_runs_fp8_recipe_in_its_overrides_is_priced(tmp_path, capsys):
+    run = {"config": "polar_1_8b", "gpu": "H100", "gpus": 8, "layout": {"tp": 2}}
+    path = tmp_path / "runs.json"
+    path.write_text(json.dumps([dict(run, name="flag", fp8=True),
+                                dict(run, name="recipe", overrides=["train.fp8=tensorwise"]),
+                                dict(run, name="bf16")]))
+    assert plan.main(["--measured", str(path)]) == 0
+    rows = {line.split()[0]: line.split()[4] for line in capsys.readouterr().out.splitlines()[2:]}
+    assert rows["recipe"] == rows["flag"] != rows["bf16"], rows
+
+
 def test_a_fine_tuning_config_without_a_vocabulary_size_is_asked_for_one(tmp_path, capsys):
     f = tmp_path / "ft.yaml"
     f.write_text("finetune:\n  tokenizer: byte\n")
