@@ -28,6 +28,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from polar.client_format import Cuts
@@ -221,6 +222,7 @@ class _ClientGone(Exception):
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 408: "timeout", 413: "request_too_large",
+            404: "not_found_error", 405: "method_not_allowed",
             415: "unsupported_media_type", 429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
             504: "timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
@@ -389,5 +391,15 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         if not authorized(request):
             return unauthorized()
         return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    routes = sorted({f"{method} {r.path}" for r in app.routes for method in getattr(r, "methods", ())
+                     if method != "HEAD"})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, exc: StarletteHTTPException):
+        # an unknown path or method answered FastAPI's {"detail": ...}: a client reading the
+        # documented error.message (the RL trainers' OpenAI-style clients) found no reason
+        return _error(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}; this server answers "
+                      f"{', '.join(routes)}", exc.headers)
 
     return app

@@ -259,6 +259,20 @@ def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     assert httpx.get(f"{url}/health").status_code == 200
 
 
+
+@pytest.mark.parametrize("method,path,status,words", [
+    ("POST", "/v1/reward", 404, "POST /v1/reward: Not Found; this server answers GET /health, GET /metrics, "
+                                "POST /classify"),
+    ("GET", "/classify", 405, "GET /classify: Method Not Allowed; this server answers"),
+])
+def test_an_unknown_path_or_method_answers_the_documented_error_shape(server, method, path, status, words):
+    """Both answered FastAPI's {"detail": ...}, where every other error is {"error": {"message", ...}}."""
+    url, _ = server
+    res = httpx.request(method, f"{url}{path}", json={"text": ["a"]}, timeout=30)
+    assert res.status_code == status
+    assert words in res.json()["error"]["message"] and res.json()["error"]["code"] == status
+    assert status != 405 or res.headers["allow"] == "POST"
+
 def test_a_compressed_body_is_refused_naming_its_content_encoding(server):
     """A body sent gzip-compressed (Content-Encoding: gzip) was read as JSON text and refused as
     "not valid utf-8 ... at byte 1", which points at the text, not at the compression."""
