@@ -467,6 +467,9 @@ def main(argv=None) -> int:
         if args.top < 1:
             raise ConfigError(f"--top {args.top}: must be >= 1")
         cfg = load_plan_config(args.config, args.overrides)
+        if cfg.train.precision == "fp32":  # was priced as bf16: half the weights and activations it holds
+            raise ConfigError("train.precision=fp32: the plan prices bf16 training (2-byte weights and activations, "
+                              "the card's bf16 peak); plan a train.precision=bf16 (or auto) run")
         # a config's own FP8 recipe runs FP8 whether or not --fp8 is given: it is priced, as --fp8 is
         fp8 = args.fp8 or cfg.train.fp8 != "off"
         if fp8 and gpu.fp8_tflops is None:

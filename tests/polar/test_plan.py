@@ -380,6 +380,11 @@ def test_a_configs_own_fp8_recipe_is_priced(capsys):
     assert "train.fp8=rowwise: the A100 has no FP8" in capsys.readouterr().err
 
 
+def test_an_fp32_run_is_refused_not_priced_as_bf16(capsys):
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", "train.precision=fp32"]) == 2
+    assert "train.precision=fp32: the plan prices bf16 training" in capsys.readouterr().err
+
+
 def test_a_measured_runs_fp8_recipe_in_its_overrides_is_priced(tmp_path, capsys):
     run = {"config": "polar_1_8b", "gpu": "H100", "gpus": 8, "layout": {"tp": 2}}
     path = tmp_path / "runs.json"
