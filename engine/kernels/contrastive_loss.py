@@ -4,7 +4,7 @@ Same semantics as `engine.loss.pairwise_sums` and `engine.loss.infonce_sums`; al
 
 Pairwise (Bradley-Terry), one kernel, one pass over the pairs j = (p, q):
     m_j        = r_p - r_q
-    loss_sum   = sum_j softplus(-m_j),   softplus(z) = max(z, 0) + log(1 + exp(-|z|))   (stable for any |z|)
+    loss_sum   = sum_j softplus(-m_j),   softplus(z) = max(z, 0) + log1p(exp(-|z|))   (stable for any |z|)
     correct    = sum_j [m_j > 0] + 1/2 [m_j == 0]
     dloss/dr_p -= sigmoid(-m_j),  dloss/dr_q += sigmoid(-m_j)
 with sigmoid(-m) = exp(-|m|)/(1+exp(-|m|)) for m >= 0 and 1/(1+exp(-|m|)) otherwise. The gradient of
@@ -42,6 +42,16 @@ def _sum(x, axis: tl.constexpr):
 
 
 @triton.jit
+def _log1p(x):
+    # log(1 + x) for x in [0, 1] to a few ulp, as the CUDA kernels' log1pf (contrastive_math.h): a plain
+    # log(1 + x) loses x's low bits when 1 + x rounds, and all of x below 6e-8 (a pair whose margin is
+    # past 16.6 had loss 0; at margin 8, 2e-5 relative error, torch's fp32 softplus 1e-8). Goldberg's
+    # correction: u = fl(1 + x), log1p(x) = log(u) * x / (u - 1), exact in u - 1 (tl.log is __nv_logf).
+    u = 1.0 + x
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
 def _valid_pairs(pos_ptr, neg_ptr, offs, num_pairs, n):
     """-> (p, q, in_pairs, valid): the pairs at offs, which lanes hold a pair, which of those index in [0, n)."""
     in_pairs = offs < num_pairs
@@ -63,7 +73,7 @@ def _pairwise_kernel(
     rq = tl.load(rewards_ptr + q, mask=mask, other=0.0).to(tl.float32)
     m = rp - rq
     e = tl.exp(-tl.abs(m))
-    loss = tl.maximum(-m, 0.0) + tl.log(1.0 + e)
+    loss = tl.maximum(-m, 0.0) + _log1p(e)
     correct = tl.where(m > 0, 1.0, tl.where(m == 0, 0.5, 0.0))
     sig_neg = tl.where(m >= 0, e / (1.0 + e), 1.0 / (1.0 + e))  # sigmoid(-m)
     tl.atomic_add(grad_ptr + p, -sig_neg, mask=mask)
@@ -177,7 +187,7 @@ def infonce_fwd(rewards, pair_pos, pair_neg):
     mx = torch.zeros(n, device=dev, dtype=torch.float32)
     sm = torch.zeros(n, device=dev, dtype=torch.float32)
     cnt = torch.zeros(n, device=dev, dtype=torch.float32)
-    blocks_n = triton.cdiv(n, BLOCK_P)
+    blocks_n = max(1, triton.cdiv(n, BLOCK_P))  # one block even for n = 0: it holds the out-of-range NaN
     if num_pairs == 0:
         partial = torch.zeros((1, 2), device=dev, dtype=torch.float32)
     else:

@@ -66,6 +66,18 @@ def test_fp32_matches_float64_reference(kind, num_groups, scale, ties):
         assert got[1].dtype == torch.float32 and got[1] == ref[1]  # correct count exact, ties count 1/2
 
 
+def test_pairwise_loss_of_well_separated_pairs_keeps_its_relative_precision():
+    """softplus(-m) = log1p(e^-m) for margins 8..60 (loss 3e-4 down to 9e-27): log(1 + e^-m) in fp32
+    lost e^-m's low bits (2e-5 relative error at m = 8) and all of it past m = 16.6 (loss 0). The
+    kernel's error is held to torch's own fp32 softplus error bound, relative to the float64 loss."""
+    for m in (8.0, 12.5, 16.0, 17.0, 20.0, 33.0, 60.0):
+        rewards = torch.tensor([m, 0.0])
+        pos, neg = torch.tensor([0]), torch.tensor([1])
+        ref = pairwise_sums(rewards.double(), pos, neg)[0].item()
+        for loss in (cl.pairwise_loss(rewards, pos, neg)[0].item(), pairwise_sums(rewards, pos, neg)[0].item()):
+            assert abs(loss - ref) <= 1e-6 * ref, (m, loss, ref)
+
+
 @pytest.mark.parametrize("kind", ["pairwise", "infonce"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_torch_error(kind, dtype):
@@ -148,6 +160,17 @@ def test_out_of_range_pair_poisons_the_loss_sum_only(kind):
         for g, r in zip(rest_got, rest_ref):
             assert torch.isfinite(g).all()
             assert (g.double() - r).abs().max().item() <= 2e-5 * (r.abs().max().item() + 1)
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "infonce"])
+def test_pairs_into_no_rewards_poison_the_loss_sum(kind):
+    """n = 0 with a pair: every pair is out of range, so the loss sum is NaN as above (InfoNCE had no
+    partial-sum block for n = 0 and raised IndexError instead)."""
+    rewards = torch.zeros(0, requires_grad=True)
+    out = KERNELS[kind][0](rewards, torch.tensor([0]), torch.tensor([0]))
+    assert torch.isnan(out[0]) and out[1].item() == 0
+    out[0].backward()
+    assert rewards.grad.shape == (0,)
 
 
 @pytest.mark.parametrize("op", ["pairwise_loss", "infonce_loss"])
