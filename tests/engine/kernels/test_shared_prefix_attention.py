@@ -97,6 +97,24 @@ def test_exact_fill_padding_only_row_and_empty_prefix():
         assert rel_err(g, r) < 2e-5, name
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_tiny_groups_and_pieces_around_the_tile_size(deterministic):
+    """What the random layouts rarely make, with the interpreter's 16-token tiles and 3 query heads per
+    KV head: many groups of empty or 1-token prefixes and 1-token candidates (rows that see only
+    themselves: their dq and dk are 0); pieces of 15, 16 and 17 tokens; 17 tokens of padding."""
+    rng = np.random.default_rng(12)
+    tiny = [random_group(rng, 0, [1, 1, 1]), random_group(rng, 1, [1, 1]), random_group(rng, 0, [2, 1]),
+            random_group(rng, 1, [1, 1, 1, 1])]
+    layouts = [collate([tiny, [random_group(rng, 17, [15, 16, 1])]], 66, pad_id=0).layout,
+               collate([[random_group(rng, 15, [17, 16])]], 49, pad_id=0).layout]
+    for i, layout in enumerate(layouts):
+        q, k, v, grad = _inputs(30 + i, layout, 3, 1, 16)
+        ref = run(reference, q, k, v, grad, layout, torch.float64)
+        got = run(spa.shared_prefix_attention, q, k, v, grad, layout, torch.float32, deterministic=deterministic)
+        for name, g, r in zip(NAMES, got, ref):
+            assert rel_err(g, r) < 2e-5, (i, name, rel_err(g, r))
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [64, 128])
 def test_low_precision_within_twice_torch_error(dtype, d):
