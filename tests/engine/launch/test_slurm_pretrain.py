@@ -23,14 +23,15 @@ def _stubs(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     # with STUB_RUN=answer, srun stands for a run that is asked to stop: it waits for the stop file and
     # removes it, as the trainer does once its checkpoint is saved; STUB_RUN=ignore runs to the end
-    # without looking (a warning that came too late)
+    # without looking (a warning that came too late); it exits with STUB_EXIT (0)
     (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT.tmp"\n'
                                   'echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" '
                                   '>> "$STUB_OUT.tmp"\nmv "$STUB_OUT.tmp" "$STUB_OUT"\n'
                                   'if [ "${STUB_RUN:-}" = answer ]; then\n'
                                   '  for i in $(seq 200); do [ -e "$POLAR_STOP_FILE" ] && break; sleep 0.05; done\n'
                                   '  rm "$POLAR_STOP_FILE" || exit 7\n'
-                                  'elif [ "${STUB_RUN:-}" = ignore ]; then sleep 1; fi\n')
+                                  'elif [ "${STUB_RUN:-}" = ignore ]; then sleep 1; fi\n'
+                                  'exit "${STUB_EXIT:-0}"\n')
     # the node list in two writes, as scontrol writes a long one: a reader that stops after the
     # first line makes the second write die of SIGPIPE; other commands (requeue) are recorded
     (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then\n'
@@ -119,10 +120,10 @@ def test_a_stop_file_setting_of_its_own_is_refused_for_the_variable_that_chooses
     assert "train.stop_file=/shared/stop" in proc.stderr and "POLAR_STOP_FILE" in proc.stderr
 
 
-def _warned(tmp_path: Path, run: str):
+def _warned(tmp_path: Path, run: str, **env: str):
     """The script under SLURM's USR1 warning, sent once srun (a stub doing `run`) has started: (its
     process, what it printed, the scontrol commands other than `show`)."""
-    env, out = _env(tmp_path, STUB_RUN=run)
+    env, out = _env(tmp_path, STUB_RUN=run, **env)
     proc = subprocess.Popen(["bash", str(SCRIPT), "run_dir=/shared/runs/x"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path)
     for _ in range(400):
@@ -152,3 +153,22 @@ def test_a_warning_the_run_did_not_answer_is_no_requeue(tmp_path):
     proc, printed, scontrol = _warned(tmp_path, "ignore")
     assert proc.returncode == 0 and scontrol == [], printed
     assert not (tmp_path / "STOP").exists()
+
+
+@pytest.mark.parametrize("posix", [False, True], ids=["bash", "posix_mode"])
+def test_the_job_ends_with_the_runs_status_and_a_stop_answered_in_posix_mode_is_requeued(tmp_path, posix):
+    """The script took srun's status from a second `wait` for its pid, after the one that had
+    reaped it. Bash in POSIX mode (POSIXLY_CORRECT in the submitting shell's environment, which
+    sbatch passes on) forgets a pid once waited for: that `wait` answered 127, so every job
+    ended with 127 whatever the run did, and a run that had saved and stopped for SLURM's
+    warning was not requeued."""
+    mode = {"POSIXLY_CORRECT": "1"} if posix else {}
+    proc, argv = _sbatch(tmp_path / "failed", STUB_EXIT="3", **mode)
+    assert argv is not None and proc.returncode == 3, proc.stderr
+    proc, argv = _sbatch(tmp_path / "done", **mode)
+    assert argv is not None and proc.returncode == 0, proc.stderr
+    proc, printed, scontrol = _warned(tmp_path / "warned", "answer", **mode)
+    assert proc.returncode == 0 and scontrol == ["requeue 4242"], printed
+    # a run that failed after the warning: its status, and no requeue
+    proc, printed, scontrol = _warned(tmp_path / "warned_failed", "answer", STUB_EXIT="5", **mode)
+    assert proc.returncode == 5 and scontrol == [], printed
