@@ -289,6 +289,11 @@ def _tokenizer_file(path) -> Path:
                                     "tokenizer saved by the HF `tokenizers` library is expected)")
         return f
     if p.is_file():
+        if p.name != "tokenizer.json":
+            # A run records and copies the tokenizer's directory (its data's metadata, the checkpoints'
+            # tokenizer/), where another file's ids would be read back as tokenizer.json's.
+            raise ValueError(f"tokenizer {str(p)!r}: a tokenizer file must be named tokenizer.json (runs "
+                             "record its directory); put it in a directory of its own as tokenizer.json")
         return p
     raise FileNotFoundError(f"tokenizer {str(p)!r}: no such directory or file (expected 'byte' or "
                             "a local directory holding tokenizer.json)")
@@ -511,10 +516,10 @@ def _settings(directory: Path) -> dict:
 
 
 def load_tokenizer(spec: str) -> Tokenizer:
-    """"byte" -> ByteTokenizer; a local directory holding tokenizer.json (or the file itself) ->
-    HFTokenizer. The special tokens are InternLM2's unless the directory holds a
-    polar_tokenizer.json = {"bos": str, "pad": str, "reward_sep": str, "reward_token": str}
-    (any subset; token strings), as `polar convert` writes. ("./byte" names a directory.)"""
+    """"byte" -> ByteTokenizer; a local directory holding tokenizer.json (or that tokenizer.json
+    itself; a file of another name is refused) -> HFTokenizer. The special tokens are InternLM2's
+    unless the directory holds a polar_tokenizer.json = {"bos": str, "pad": str, "reward_sep": str,
+    "reward_token": str} (any subset; token strings), as `polar convert` writes. ("./byte" names a directory.)"""
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"load_tokenizer expects 'byte' or a directory path, got "
                         f"{type(spec).__name__}")

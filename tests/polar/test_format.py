@@ -616,3 +616,78 @@ def test_embedded_default_data_is_unchanged(wrapper):
                          + b";")
     assert h.hexdigest() == DEFAULT_DATA_SHA256[wrapper], \
         "the embedded default's encoded data changed (if on purpose, update DEFAULT_DATA_SHA256)"
+
+
+# --- transformers' AutoTokenizer as the oracle of the ids -----------------------------------------
+
+ORACLE_TEXTS = ["", " ", "  a  b   c  ", "\t\tx\t", "\n\nfoo\n\n", "trailing   ", "e\u0301 n\u0303 a\u030a",
+                "👋🏽 👨\u200d👩\u200d👧 🇫🇷", "日本語のテキスト", "שלום مرحبا", "\u200bzero\u200dwidth\ufeff",
+                "ﬁ Ｆｕｌｌ\u00a0nbsp", "the cat sat", "the cat ran", "12345 naïve"]
+
+
+def _family(directory, kind):
+    """tokenizer.json files of other families (no tokenizer_config.json: transformers reads the file as
+    it is): Llama-3's byte-level BPE with a BOS template, Qwen2's (NFC, no BOS), and SentencePiece-style
+    BPEs (byte fallback) as Llama-2's legacy normalizer or as a Metaspace that marks the first piece."""
+    import json
+
+    from tokenizers import Tokenizer as Lib, models, pre_tokenizers, trainers
+
+    specials = ["<unk>", "<s>", "</s>", REWARD_SEP_TEXT, REWARD_TOKEN_TEXT]
+    template = {"type": "TemplateProcessing", "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                                                         {"Sequence": {"id": "A", "type_id": 0}}],
+                "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+                "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    if kind in ("llama3", "qwen2"):
+        lib = Lib(models.BPE())
+        lib.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        lib = Lib(models.BPE(unk_token="<unk>"))
+        lib.pre_tokenizer = pre_tokenizers.Metaspace()
+        alphabet = []
+    lib.train_from_iterator(ORACLE_TEXTS * 3 + [" ".join(WORDS)] * 3, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=specials, initial_alphabet=alphabet, show_progress=False))
+    tree = json.loads(lib.to_str())
+    if kind == "llama3":
+        tree["post_processor"] = template
+    elif kind == "qwen2":
+        tree["normalizer"] = {"type": "NFC"}
+        tree["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False,
+                                  "use_regex": True}
+    else:
+        vocab = tree["model"]["vocab"]
+        vocab.update({f"<0x{i:02X}>": len(vocab) + i for i in range(256)})
+        tree["model"].update(byte_fallback=True, fuse_unk=True)
+        tree["post_processor"] = template
+        if kind == "llama2":
+            tree["pre_tokenizer"] = None
+            tree["normalizer"] = {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"}, {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]}
+        else:
+            tree["pre_tokenizer"] = {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "first",
+                                     "split": False}
+    directory.mkdir(parents=True)
+    (directory / "tokenizer.json").write_text(json.dumps(tree))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["llama3", "qwen2", "llama2", "metaspace_first"])
+def test_group_ids_are_what_transformers_gives_the_serving_string(kind, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    d = _family(tmp_path / kind, kind)
+    tok, hf = load_tokenizer(str(d)), transformers.AutoTokenizer.from_pretrained(str(d))
+    rng = np.random.default_rng(0)
+    for wrapper in ("sft", "pretrain"):
+        prompts, refs, cands = [], [], []
+        for _ in range(12):
+            prompts.append(rng.choice(ORACLE_TEXTS))
+            refs.append(rng.choice(ORACLE_TEXTS))
+            first = str(rng.choice(ORACLE_TEXTS))
+            cands.append([first, first + " more", str(rng.choice(ORACLE_TEXTS)), ""])
+        for g, p, r, cs in zip(encode_groups(tok, prompts, refs, cands, wrapper), prompts, refs, cands):
+            for i, c in enumerate(cs):
+                served = hf(build_text(p, r, c, wrapper), add_special_tokens=False)["input_ids"]
+                assert g.full(i).tolist() == [tok.bos_id] + served, (kind, wrapper, p, r, c)
+    for text in ORACLE_TEXTS + [f"a {REWARD_SEP_TEXT}b<s>{REWARD_TOKEN_TEXT}"]:
+        assert tok.encode(text).tolist() == hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]

@@ -418,6 +418,28 @@ def test_missing_tokenizer_paths_are_clear_errors(tmp_path):
         load_tokenizer(str(bad))
 
 
+
+def test_a_tokenizer_file_of_another_name_is_refused(bpe_dir, tmp_path):
+    # A run records and copies the tokenizer's directory (polar.checkpoint_tokenizer.save_beside, the
+    # data's metadata): a run tokenized with d/other.json would carry d/tokenizer.json's ids instead.
+    import shutil
+
+    from polar.checkpoint_tokenizer import find, save_beside
+
+    d = tmp_path / "d"
+    d.mkdir()
+    train_bpe(d, vocab_size=300)  # d/tokenizer.json: another tokenizer than other.json
+    other = d / "other.json"
+    shutil.copyfile(Path(bpe_dir) / "tokenizer.json", other)
+    with pytest.raises(ValueError, match="must be named tokenizer.json"):
+        load_tokenizer(str(other))
+    with pytest.raises(ValueError, match="must be named tokenizer.json"):
+        HFTokenizer(other)
+    # what a run that accepted it would have carried
+    save_beside(str(tmp_path / "ckpt"), str(d / "tokenizer.json"))
+    carried = load_tokenizer(find(str(tmp_path / "ckpt" / "step_1")))
+    assert carried.encode("why the cat sat").tolist() != load_tokenizer(bpe_dir).encode("why the cat sat").tolist()
+
 # --- the server's reading of a piece after a special token ---------------------------------------
 
 def _metaspace_file(directory, prepend_scheme: str) -> str:
