@@ -88,6 +88,9 @@ def main(argv=None, recipe=None) -> int:
         order_tp_launches(cfg.parallel.tp)  # before the first CUDA call (check_machine makes one)
         check_machine(cfg)
         recipe.check(cfg)
+        restarted = resume_on_restart(cfg)
+        if restarted and rank == 0:
+            print(restarted, flush=True)
         check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))
         from engine.runtime import validate_layout, world_size_from_env
 
@@ -196,6 +199,24 @@ def check_resume_data(cfg, data, step_dir) -> None:
                           f"{Path(ckpt_dir) / DIR} holds another tokenizer ({name} differs), the one the run's "
                           "steps were trained with; use that tokenizer's data, or start a new run (a new run_dir) "
                           "from the checkpoint's weights (checkpoint.init_from)")
+
+
+# set in a restarted job's processes: by torchrun (--max-restarts) and by SLURM (a requeued job)
+RESTART_COUNTS = ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")
+
+
+def resume_on_restart(cfg, env=None) -> str:
+    """checkpoint.resume=false guards a new run's first start (check_checkpoints refuses a directory
+    holding checkpoints). A restart of the same job (torchrun's --max-restarts, SLURM's requeue) finds
+    the checkpoints that job wrote since that start: refusing them ended, at start-up, the very job the
+    restart was there to keep going. It resumes from them; -> the note saying so ("" if nothing changed)."""
+    env = os.environ if env is None else env
+    restarts = [f"{k}={env[k]}" for k in RESTART_COUNTS if env.get(k, "").strip().isdigit() and int(env[k]) > 0]
+    if cfg.checkpoint.resume or not restarts:
+        return ""
+    cfg.checkpoint.resume = True
+    return (f"note: checkpoint.resume=false holds for the run's first start; this is a restart of the same job "
+            f"({', '.join(restarts)}), which resumes from the checkpoints it wrote")
 
 
 def check_checkpoints(cfg, derived=()) -> None:
