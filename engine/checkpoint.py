@@ -296,6 +296,17 @@ def _prune(root: Path, keep: int, saved: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+# the job a checkpoint was written by: torchrun's rendezvous id (the same in every restart of one
+# launch; the SLURM script passes the job id) and SLURM's job id (kept by a requeue)
+JOB_IDS = ("SLURM_JOB_ID", "TORCHELASTIC_RUN_ID")
+
+
+def job_identity(env=None) -> dict:
+    """This process's job ids that name one job ({} where none does: torchrun's default id is "none")."""
+    env = os.environ if env is None else env
+    return {k: env[k] for k in JOB_IDS if env.get(k, "none") != "none"}
+
+
 def read_state(step_dir: str) -> dict:
     """A step's trainer state ({} for a weights-only step)."""
     f = Path(step_dir) / STATE_FILE

@@ -209,14 +209,22 @@ def resume_on_restart(cfg, env=None) -> str:
     """checkpoint.resume=false guards a new run's first start (check_checkpoints refuses a directory
     holding checkpoints). A restart of the same job (torchrun's --max-restarts, SLURM's requeue) finds
     the checkpoints that job wrote since that start: refusing them ended, at start-up, the very job the
-    restart was there to keep going. It resumes from them; -> the note saying so ("" if nothing changed)."""
+    restart was there to keep going. It resumes from them where the newest was written by this job
+    (its job ids, engine.checkpoint.job_identity; a first start refused for another run's checkpoints
+    is restarted by torchrun too, and must still be refused); -> the note saying so ("" otherwise)."""
+    from engine import checkpoint
+
     env = os.environ if env is None else env
     restarts = [f"{k}={env[k]}" for k in RESTART_COUNTS if env.get(k, "").strip().isdigit() and int(env[k]) > 0]
     if cfg.checkpoint.resume or not restarts:
         return ""
+    found = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg))
+    mine = checkpoint.job_identity(env)
+    if not found or not mine or checkpoint.read_state(found).get("job") != mine:
+        return ""
     cfg.checkpoint.resume = True
     return (f"note: checkpoint.resume=false holds for the run's first start; this is a restart of the same job "
-            f"({', '.join(restarts)}), which resumes from the checkpoints it wrote")
+            f"({', '.join(restarts)}; {found} was written by it), which resumes from its checkpoints")
 
 
 def check_checkpoints(cfg, derived=()) -> None:

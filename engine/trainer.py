@@ -166,6 +166,7 @@ class Trainer:
             "history": self.history,
             "skipped_steps": self.skipped_steps,
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
+            "job": checkpoint.job_identity(),  # a restart of this job resumes under checkpoint.resume=false
         }
         if self.optimizer_format == "dp_reshardable":  # the state lies in these buckets
             state["optimizer_buckets"] = resume_checks.optimizer_buckets(self.optimizer)

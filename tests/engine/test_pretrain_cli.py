@@ -219,16 +219,19 @@ def test_a_resume_into_a_model_that_computes_otherwise_is_refused(tmp_path, caps
     assert "set model.rotary_base=500000.0 model.norm_epsilon=1e-06" in err, err
 
 
+
 def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path, capsys, monkeypatch):
     """checkpoint.resume=false refuses a directory holding checkpoints; a torchrun restart or SLURM
     requeue of that run found its own checkpoints there and stopped at start-up, ending the job the
-    restart was to keep going."""
+    restart was to keep going. Another job's checkpoints stay refused, restart or not."""
     from engine.pretrain import main
 
     args = [f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false", "train.steps=2", "train.global_batch=2",
             "checkpoint.save_interval=1", "train.eval_interval=0", *SMALL]
-    monkeypatch.delenv("TORCHELASTIC_RESTART_COUNT", raising=False)
-    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4242")  # as the SLURM script names the rendezvous
     assert main([*args, "train.exit_at_step=1"]) == 0  # the first start, stopped after step 1 as a fault would
     capsys.readouterr()
     assert main(args) == 2  # the same command started again by hand: still refused
@@ -236,9 +239,18 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
         monkeypatch.setenv(var, "1")
         assert main([*args, "--check-config"]) == 0
-        out = capsys.readouterr().out
-        assert f"this is a restart of the same job ({var}=1), which resumes from the checkpoints it wrote" in out
+        assert f"this is a restart of the same job ({var}=1; " in capsys.readouterr().out
         monkeypatch.delenv(var)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    for job, run_id in (("4243", "4243"), ("4242", "other"), (None, "none")):  # not the job that wrote them
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
+        if job is None:
+            monkeypatch.delenv("SLURM_JOB_ID")
+        else:
+            monkeypatch.setenv("SLURM_JOB_ID", job)
+        assert main(args) == 2
+        assert "checkpoint.resume=false, but" in capsys.readouterr().err
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4242")
     assert main(args) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at_step"] == 1
