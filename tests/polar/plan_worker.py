@@ -46,7 +46,7 @@ def counts(args) -> None:
 
     from engine.config import EngineConfig, load_config
     from engine.parallelize import build_model, count_parameters
-    from engine.runtime import init_runtime, world_size_from_env
+    from engine.runtime import init_runtime, shutdown_runtime, world_size_from_env
 
     result = {}
     for name in args.layouts.split(","):
@@ -63,6 +63,9 @@ def counts(args) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
             json.dump(result, f)
+    # gloo groups left to the interpreter's exit sometimes abort it ("terminate called without an
+    # active exception", exit -6 on one rank: seen in CI) after the counts were written
+    shutdown_runtime()
 
 
 def _status(field: str) -> int:
