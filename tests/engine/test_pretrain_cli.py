@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.config import ConfigError
+
 ROOT = Path(__file__).parents[2]
 SMALL = ["synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50"]
 
@@ -220,37 +222,46 @@ def test_a_resume_into_a_model_that_computes_otherwise_is_refused(tmp_path, caps
 
 
 
-def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path, capsys, monkeypatch):
+
+def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path):
     """checkpoint.resume=false refuses a directory holding checkpoints; a torchrun restart or SLURM
     requeue of that run found its own checkpoints there and stopped at start-up, ending the job the
-    restart was to keep going. Another job's checkpoints stay refused, restart or not."""
-    from engine.pretrain import main
+    restart was to keep going. Another job's checkpoints stay refused, restart or not. (Runs in
+    subprocesses: a training run inside a pytest worker meets the groups other test files left up.)"""
+    from engine.config import load_config
+    from engine.pretrain import check_checkpoints, resume_on_restart
+    from polar.pretrain_recipe import PretrainConfig
 
-    args = [f"run_dir={tmp_path / 'run'}", "checkpoint.resume=false", "train.steps=2", "train.global_batch=2",
-            "checkpoint.save_interval=1", "train.eval_interval=0", *SMALL]
+    args = ["checkpoint.resume=false", "train.steps=2", "train.global_batch=2", "checkpoint.save_interval=1",
+            "train.eval_interval=0"]
+    job = {"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "4242"}  # the SLURM script names the rendezvous so
+    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")}
+
+    def start(*extra, **env):
+        cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", *SMALL, *args,
+               *extra]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**clean, "OMP_NUM_THREADS": "1", **job, **env})
+
+    first = start("train.exit_at_step=1")  # the first start, stopped after step 1 as a fault would
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    def cfg():
+        return load_config(PretrainConfig, None, [f"run_dir={tmp_path / 'run'}", *args])
+
+    by_hand = cfg()
+    assert resume_on_restart(by_hand, env=job) == ""  # the same command started again by hand: still refused
+    with pytest.raises(ConfigError, match="checkpoint.resume=false, but"):
+        check_checkpoints(by_hand)
     for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4242")  # as the SLURM script names the rendezvous
-    assert main([*args, "train.exit_at_step=1"]) == 0  # the first start, stopped after step 1 as a fault would
-    capsys.readouterr()
-    assert main(args) == 2  # the same command started again by hand: still refused
-    assert "checkpoint.resume=false, but" in capsys.readouterr().err
-    for var in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT"):
-        monkeypatch.setenv(var, "1")
-        assert main([*args, "--check-config"]) == 0
-        assert f"this is a restart of the same job ({var}=1; " in capsys.readouterr().out
-        monkeypatch.delenv(var)
-    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    for job, run_id in (("4243", "4243"), ("4242", "other"), (None, "none")):  # not the job that wrote them
-        monkeypatch.setenv("TORCHELASTIC_RUN_ID", run_id)
-        if job is None:
-            monkeypatch.delenv("SLURM_JOB_ID")
-        else:
-            monkeypatch.setenv("SLURM_JOB_ID", job)
-        assert main(args) == 2
-        assert "checkpoint.resume=false, but" in capsys.readouterr().err
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "4242")
-    assert main(args) == 0
+        restarted = cfg()
+        assert f"this is a restart of the same job ({var}=1; " in resume_on_restart(restarted, env={**job, var: "1"})
+        assert restarted.checkpoint.resume
+    others = ({"SLURM_JOB_ID": "4243", "TORCHELASTIC_RUN_ID": "4243"}, {**job, "TORCHELASTIC_RUN_ID": "other"},
+              {"TORCHELASTIC_RUN_ID": "none"}, {})
+    for other in others:  # not the job that wrote them
+        assert resume_on_restart(cfg(), env={**other, "TORCHELASTIC_RESTART_COUNT": "1"}) == "", other
+    restart = start(TORCHELASTIC_RESTART_COUNT="1")
+    assert restart.returncode == 0, restart.stderr[-3000:]
+    assert "this is a restart of the same job (TORCHELASTIC_RESTART_COUNT=1; " in restart.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at_step"] == 1
