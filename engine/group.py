@@ -78,7 +78,7 @@ def per_group_counts(lengths: np.ndarray, n_pos: np.ndarray, n_cand: np.ndarray,
                      cand_sq_sum: np.ndarray) -> dict:
     """What the training step needs to know of each group before it runs (int64 arrays): tokens,
     groups (1 each), (positive, negative) pairs, positives with a negative (InfoNCE terms),
-    next-token targets (every token but the last of the prefix and of each candidate), and the
+    next-token targets (every token but the last of the prefix, if any, and of each candidate), and the
     (query, key) pairs the shared-prefix mask allows, for exact attention FLOPs: with prefix length P
     and candidate lengths c_k (sum C), P(P+1)/2 + sum_k (c_k P + c_k(c_k+1)/2)
     = P(P+1)/2 + P C + (sum_k c_k^2 + C)/2. `cand_sq_sum` is sum_k c_k^2 per group."""
@@ -88,6 +88,7 @@ def per_group_counts(lengths: np.ndarray, n_pos: np.ndarray, n_cand: np.ndarray,
         "groups": np.ones(len(lengths), dtype=np.int64),
         "pairs": n_pos * (n_cand - n_pos),
         "positives": np.where(n_cand > n_pos, n_pos, 0),
-        "lm_targets": np.maximum(lengths - 1 - n_cand, 0),
+        # an empty prefix has no last token to leave out: every candidate token but its last is a target
+        "lm_targets": lengths - n_cand - (prefix_len > 0),
         "attention_pairs": (prefix_len * (prefix_len + 1) + cand_sq_sum + cand_total) // 2 + prefix_len * cand_total,
     }

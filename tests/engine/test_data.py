@@ -271,3 +271,85 @@ def test_an_epochs_order_is_generators_permutation_in_int32_without_an_int64_cop
     expected = np.random.default_rng([5, 3]).permutation(n) if shuffle else np.arange(n)
     assert order.dtype == np.int32 and np.array_equal(order, expected)
     assert peak < 1.5 * 4 * n, f"{peak / 2**20:.1f} MiB for a {4 * n / 2**20:.1f} MiB order"
+
+
+def test_per_sequence_counts_are_what_the_collated_sequences_hold():
+    """The counts the step normalises its losses by before it runs (last_global) against the batch
+    itself: its tokens, groups, pairs, positives with a negative, next-token targets (the mask the
+    auxiliary loss sums over) and attention pairs (the mask without padding). Empty prefixes too."""
+    import torch
+
+    from engine.packing import collate, dense_mask, next_token_mask
+    from tests.engine.test_packing import random_groups as mixed_groups
+
+    groups = mixed_groups(np.random.default_rng(4), 80)
+    assert any(len(g.prefix) == 0 for g in groups)
+    data = PackedGroups(groups, 40)
+    for i in range(len(data)):
+        b = collate(data.sequences([i]), 40, 0)
+        has_neg = torch.zeros(b.num_groups, dtype=torch.bool).index_fill_(0, b.cand_group[b.labels == 0], True)
+        held = {"tokens": b.num_real_tokens, "groups": b.num_groups, "pairs": len(b.pair_pos),
+                "positives": int(((b.labels == 1) & has_neg[b.cand_group]).sum()),
+                "lm_targets": int(next_token_mask(b.layout).sum()),
+                "attention_pairs": int((dense_mask(b.layout) & (b.layout[:, 1] >= 0)[:, :, None]).sum())}
+        assert {k: int(v[i]) for k, v in data.per_sequence.items()} == held, f"sequence {i}"
+
+
+class Numbered:
+    """n packed sequences, sequence i one group whose prefix is the token i + 1 (what a batch holds
+    reads back as sequence numbers)."""
+
+    def __init__(self, n):
+        from engine.group import Group
+
+        self.n, self.seq_length = n, 3
+        self.per_sequence = {"tokens": np.full(n, 3, dtype=np.int64)}
+        self.group = lambda i: Group.checked(np.array([i + 1], dtype=np.int32),
+                                             [np.array([1], dtype=np.int32)] * 2, np.array([1, 0], dtype=np.int8))
+
+    def __len__(self):
+        return self.n
+
+    def sequences(self, indices):
+        return [[self.group(int(i))] for i in indices]
+
+
+def served(loaders, steps: int) -> list[int]:
+    """The sequences every rank's micro-batches of the next `steps` global batches hold, rank after rank."""
+    out = []
+    for s in range(steps):
+        for ld in loaders:
+            for mb in ld.next_microbatches(prefetch=s % 2 == 0):
+                assert len(mb.tokens) <= ld.micro_batch
+                out += (mb.tokens[:, 0] - 1).tolist()
+    return out
+
+
+def test_every_rank_layout_serves_each_epoch_once_and_resumes_exactly_at_another():
+    """For layouts the engine accepts (dp x micro_batch dividing global_batch <= sequences; as few
+    sequences as a batch, as data-parallel ranks): the micro-batches of all ranks, step after step,
+    lay every epoch's sequences end to end, each once; fresh loaders at another data-parallel size
+    and micro-batch, resumed at any step, serve exactly what the uninterrupted ones served next."""
+    rng = np.random.default_rng(0)
+    for trial in range(40):
+        dp, mb = int(rng.choice([1, 2, 3, 4])), int(rng.choice([1, 2, 3]))
+        g = dp * mb * int(rng.integers(1, 4))
+        n = g + int(rng.integers(0, 3)) * int(rng.integers(0, 7))
+        source, steps = Numbered(n), int(rng.integers(1, 3 * n // g + 3))
+        ranks = [GlobalBatchLoader(source, g, mb, r, dp, seed=trial, pad_id=0) for r in range(dp)]
+        stream = served(ranks, steps)
+        assert len(stream) == steps * g
+        for e in range(0, len(stream), n):
+            window = stream[e:e + n]
+            assert len(set(window)) == len(window) and set(window) <= set(range(n)), (trial, e)
+        at = int(rng.integers(0, steps + 1))
+        layouts = [(d, m) for d in (1, 2, 3, 4) for m in (1, 2, 3) if g % (d * m) == 0]
+        dp2, mb2 = layouts[int(rng.integers(0, len(layouts)))]
+        saved = GlobalBatchLoader(source, g, 1, 0, 1, seed=trial, pad_id=0)
+        saved.load_state_dict({"consumed_batches": at})
+        resumed = [GlobalBatchLoader(source, g, mb2, r, dp2, seed=trial, pad_id=0) for r in range(dp2)]
+        for ld in resumed:
+            ld.load_state_dict(saved.state_dict())
+        assert served(resumed, steps - at) == stream[at * g:], (trial, at, dp2, mb2)
+        for ld in ranks + resumed:
+            ld.close()
