@@ -382,6 +382,9 @@ def run(args) -> int:
                           f"({partial}); name another --output")
     settings = score_settings(args, scorer)
     try:
+        # locked before its rows are read: a torn last row may be one another run is still writing,
+        # and cutting it under that run lost the rows it had written past the cut
+        writer = RowWriter(args.output, settings) if main_rank else None
         done = rows_written(args.output, numbers, cut_torn=main_rank) if check_settings(args.output, settings) else 0
     except ResumeError as e:
         raise ConfigError(str(e)) from None
@@ -407,10 +410,6 @@ def run(args) -> int:
             raise ConfigError(f"{e}: the input changed after it was checked (it was not written out "
                               f"whole before polar score started?); rows before it are kept in {partial}") from None
 
-    try:
-        writer = RowWriter(args.output, settings) if main_rank else None
-    except ResumeError as e:
-        raise ConfigError(str(e)) from None
     scorer.start()
     rt = scorer.rt
     _same_on_every_rank(done, rt)

@@ -89,16 +89,19 @@ class RowWriter:
     def __init__(self, output: str, settings: dict):
         self.output = output
         self.partial, self.record = partial_paths(output)
-        # the record first: a partial file is never there without one (check_settings refuses that)
-        if not os.path.exists(self.partial) or os.path.getsize(self.partial) == 0:
-            tmp = self.record + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(settings, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.record)
+        # the lock before the record: a second run refused here had replaced the record of the run
+        # writing, whose rows a later rerun of the second run's settings would then have continued
         try:  # two runs of one command (a requeued job whose first copy still runs) would both append
             self.fd = append_locked(self.partial, "polar score")
         except OutputBusy as e:
             raise ResumeError(str(e)) from None
+        # the record before any row: a partial file with rows is never there without one
+        # (check_settings refuses that)
+        if os.fstat(self.fd).st_size == 0:
+            tmp = self.record + ".tmp"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(settings, f, indent=1, sort_keys=True)
+            os.replace(tmp, self.record)
 
     def write(self, rows: list) -> None:
         """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""

@@ -214,3 +214,24 @@ def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(tmp_path, 
     rows = _rows(tmp_path / "k.jsonl")
     assert [r["line"] for r in rows] == [1, 2, 3, 4] and "more than --seq-length 256" in rows[2]["error"]
     assert rows[0]["reward"] == pytest.approx(rows[3]["reward"], abs=1e-5)
+
+
+def test_a_second_run_leaves_the_rows_of_the_run_writing_alone(tmp_path, checkpoint):
+    """A requeued job whose first copy still runs: the first copy's last row, torn while it is being
+    written, is not cut by the second (whose cut lost the rows the first had written past it)."""
+    import fcntl
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in [SHORT, dict(SHORT, output="y" * 400)]))
+    cmd = _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256")
+    assert _run(cmd, tmp_path).returncode == 2  # row 1 written, line 2 too long: a partial output to continue
+    partial = Path(f"{out}.partial")
+    with open(partial, "ab") as f:
+        f.write(b'{"line": 2, "rewa')  # the first copy mid-write, holding the lock
+        f.flush()
+        fcntl.flock(f, fcntl.LOCK_EX)
+        before = partial.read_bytes()
+        second = _run(cmd + ["--on-error", "skip"], tmp_path)
+        assert second.returncode == 2 and "another polar score is writing this output" in second.stderr, \
+            second.stderr[-3000:]
+        assert partial.read_bytes() == before

@@ -83,3 +83,14 @@ def test_a_second_writer_on_one_output_is_refused(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "another polar score is writing this output" in proc.stdout, proc.stdout + proc.stderr
     w.finish()
+
+
+def test_a_writer_refused_leaves_the_record_of_the_one_writing(tmp_path):
+    # a second run with other settings, refused for the lock, had written its settings over the
+    # first run's record: the first run's rows then passed for the second run's on a rerun
+    out = str(tmp_path / "out.jsonl")
+    w = RowWriter(out, SETTINGS)
+    with pytest.raises(ResumeError, match="another polar score is writing this output"):
+        RowWriter(out, dict(SETTINGS, max_length=8))  # flock: a second open file conflicts in one process too
+    assert json.load(open(partial_paths(out)[1])) == SETTINGS
+    w.finish()
