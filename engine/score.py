@@ -403,12 +403,23 @@ def run(args) -> int:
     source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0,
                               until_line=numbers[-1] if len(numbers) else 0)
 
+    read = done  # lines of `numbers` read so far
+
     def next_chunk():
+        nonlocal read
         try:
-            return list(itertools.islice(source, chunk_lines))
+            chunk = list(itertools.islice(source, chunk_lines))
         except RecordError as e:  # a line that passed the check: the file changed under the run
             raise ConfigError(f"{e}: the input changed after it was checked (it was not written out "
                               f"whole before polar score started?); rows before it are kept in {partial}") from None
+        # a file cut short under the run ended the chunks early: OUTPUT was written without the lines it lost
+        got, want = [ln.line for ln in chunk], numbers[read:read + chunk_lines].tolist()
+        if got != want:
+            at = next(g if w is None else w for g, w in itertools.zip_longest(got, want) if g != w)
+            raise ConfigError(f"{args.input}:{at}: the input changed after it was checked (its non-blank lines are "
+                              f"not the ones checked); rows before this chunk are kept in {partial}")
+        read += len(chunk)
+        return chunk
 
     scorer.start()
     rt = scorer.rt

@@ -170,8 +170,12 @@ sys.exit(main(sys.argv[1:]))
     # lines appended after the check are not scored: the output has the lines checked
     ("""open(path, "a").write('{"prompt": "p", "reference": "r", "output": "late"}\\n')""", 0, [1, 2]),
     # a checked line rewritten as a bad one: a message naming it, not a traceback
-    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\nnot json\\n')""", 2, None),
-], ids=["appended", "rewritten"])
+    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\nnot json\\n')""", 2,
+     "2: (line): not valid JSON"),
+    # a file cut short: OUTPUT was written with one row for the two lines checked, and no word said
+    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\n')""", 2,
+     "2: the input changed after it was checked (its non-blank lines are not the ones checked)"),
+], ids=["appended", "rewritten", "truncated"])
 def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, rows):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="oo")) + "\n")
@@ -180,11 +184,11 @@ def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, ro
     proc = _run([sys.executable, str(script), *_cmd(checkpoint, inp, out, "--chunk-lines", "1")[4:]], tmp_path)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    if rows is not None:
+    if isinstance(rows, list):
         assert [r["line"] for r in _rows(out)] == rows
     else:
-        assert (f"{inp}:2: (line): not valid JSON" in proc.stderr and "the input changed after it was checked"
-                in proc.stderr and f"rows before it are kept in {out}.partial" in proc.stderr), proc.stderr[-3000:]
+        assert (f"{inp}:{rows}" in proc.stderr and "the input changed after it was checked" in proc.stderr
+                and f"kept in {out}.partial" in proc.stderr and not out.exists()), proc.stderr[-3000:]
 
 
 def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(tmp_path, checkpoint):
