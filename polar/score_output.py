@@ -95,6 +95,9 @@ class RowWriter:
             self.fd = append_locked(self.partial, "polar score")
         except OutputBusy as e:
             raise ResumeError(str(e)) from None
+        except OSError as e:  # a directory of that name, no permission, a full disk: a message, not a traceback
+            raise ResumeError(f"{self.partial}: cannot be opened to append the rows ({e.strerror or e}); "
+                              "choose another --output or remove what is there") from None
         # the record before any row: a partial file with rows is never there without one
         # (check_settings refuses that)
         if os.fstat(self.fd).st_size == 0:

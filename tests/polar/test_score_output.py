@@ -94,3 +94,13 @@ def test_a_writer_refused_leaves_the_record_of_the_one_writing(tmp_path):
         RowWriter(out, dict(SETTINGS, max_length=8))  # flock: a second open file conflicts in one process too
     assert json.load(open(partial_paths(out)[1])) == SETTINGS
     w.finish()
+
+
+def test_a_partial_output_that_cannot_be_opened_is_named(tmp_path):
+    """A directory where OUTPUT.partial goes (or no permission, a full disk) was a traceback."""
+    out = str(tmp_path / "out.jsonl")
+    os.mkdir(partial_paths(out)[0])
+    with pytest.raises(ResumeError, match=r"out\.jsonl\.partial: cannot be opened to append the rows \(Is a "
+                                          r"directory\); choose another --output"):
+        RowWriter(out, SETTINGS)
+    assert not os.path.exists(partial_paths(out)[1])
