@@ -1,13 +1,13 @@
 """Writes one shard of a packed dataset (the format: engine/shard_format.py)."""
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from engine.file_lock import lock_for_life
 from engine.group import Group
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
                                  sequence_counts, token_dtype)
@@ -38,14 +38,9 @@ class ShardWriter:
         # copy still runs) truncated the first's file under it, which then went on writing at its own
         # offset and closed a .bin of the right size holding zeros where its first tokens were.
         fd = os.open(self._tmp_bin, os.O_WRONLY | os.O_CREAT, 0o666)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ShardBusy(f"{self.path}: another process is writing this shard ({self._tmp_bin} is locked); "
-                            "wait for it to end or stop it") from None
-        except OSError:
-            pass  # a file system without locks (some network mounts): nothing to check with
+        # on a file system without locks (some network mounts) there is nothing to check with
+        lock_for_life(fd, ShardBusy(f"{self.path}: another process is writing this shard ({self._tmp_bin} is "
+                                    "locked); wait for it to end or stop it"))
         os.ftruncate(fd, 0)
         self._bin = os.fdopen(fd, "wb")
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in

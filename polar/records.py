@@ -23,13 +23,13 @@ pair to learn from).
 from __future__ import annotations
 
 import codecs
-import fcntl
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
+from engine.file_lock import lock_for_life
 from polar.format import WRAPPERS, Text, as_text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")
@@ -360,16 +360,12 @@ class OutputBusy(Exception):
 
 
 def append_locked(path: str, tool: str) -> int:
-    """A descriptor appending to `path` (created 0644), with an exclusive lock for this process's life
-    (the kernel drops it when the process dies, killed or not): two runs of one command (a requeued
-    job whose first copy still runs, a second terminal) would both append everything. OutputBusy
-    when another process holds it; on a file system without locks (some network mounts) a note."""
+    """A descriptor appending to `path` (created 0644), locked for this process's life
+    (engine.file_lock.lock_for_life): OutputBusy when another process holds it; on a file system
+    without locks (some network mounts) a note."""
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise OutputBusy(f"{path}: another {tool} is writing this output; wait for it to end or stop it") from None
-    except OSError as e:
-        print(f"{tool}: note: {path}: cannot lock ({e.strerror}); do not start a second run on it", file=sys.stderr)
+    unlocked = lock_for_life(fd, OutputBusy(f"{path}: another {tool} is writing this output; wait for it to end or "
+                                            "stop it"))
+    if unlocked:
+        print(f"{tool}: note: {path}: cannot lock ({unlocked}); do not start a second run on it", file=sys.stderr)
     return fd
