@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -79,26 +79,14 @@ def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: in
     """Every layout engine.runtime.validate_layout accepts, TP within a node, SP on with TP. The vocabulary
     need not divide by TP: the engine pads the embedding table to a multiple of it (Shape.padded_vocab)."""
     out = []
-    for tp in _divisors(gpus):
-        if tp > gpus_per_node or any(x % tp for x in (shape.num_attention_heads, shape.num_query_groups,
-                                                      shape.ffn_hidden_size)):
-            continue
-        if tp > 1 and seq_length % tp:
-            continue
+    for tp in (t for t in _divisors(gpus) if t <= gpus_per_node):
         for pp in _divisors(gpus // tp):
-            if shape.num_layers % pp:
-                continue
-            dp = gpus // (tp * pp)
             for mb in micro_batches:
-                if global_batch % (dp * mb):
-                    continue
-                m = global_batch // (dp * mb)
-                vpps = [None] + [v for v in _divisors(shape.num_layers // pp)
-                                 if v >= 2 and pp >= 2 and m % pp == 0]
-                for vpp in vpps:
-                    for rc in recomputes:
-                        out.append(Layout(tp=tp, pp=pp, dp=dp, vpp=vpp, micro_batch=mb, recompute=rc,
-                                          sequence_parallel=tp > 1))
+                for vpp in [None, *_divisors(shape.num_layers)]:
+                    lay = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), vpp=vpp, micro_batch=mb,
+                                 sequence_parallel=tp > 1)
+                    if layout_problem(shape, lay, seq_length, global_batch) is None:
+                        out += [replace(lay, recompute=rc) for rc in recomputes]
     return out
 
 
