@@ -191,9 +191,10 @@ def test_evaluate_file_prints_and_writes(tmp_path, capsys):
     assert json.loads((tmp_path / "out.json").read_text())["overall"]["pairs"] == 7
 
 
-def test_thousands_of_responses_in_one_record_count_as_the_pairs_do(tmp_path):
+def test_thousands_of_responses_in_one_record_count_as_the_pairs_do(tmp_path, monkeypatch):
     import random
-    import time
+
+    from polar.ranked_eval import RankedRecord
 
     rng = random.Random(0)
     n = 3000  # best-of-n samples of one prompt: 4.5M pairs, which took minutes as a list
@@ -201,9 +202,10 @@ def test_thousands_of_responses_in_one_record_count_as_the_pairs_do(tmp_path):
     resp[5]["rank"] = 10 ** 30  # past int64
     reward = {f"x{i}": float(rng.randint(0, 20)) for i in range(n)}  # many tied rewards
     rec = read_ranked(write(tmp_path / "big.jsonl", [{"prompt": "p", "responses": resp}]))[0]
-    t = time.perf_counter()
+    # counted without listing the n^2 / 2 pairs (a timing here would be a benchmark's job)
+    monkeypatch.setattr(RankedRecord, "pairs", lambda self: pytest.fail("the pairs were listed"))
     out = evaluate_ranked([rec], lambda items: [reward[it.output] for it in items])["overall"]
-    assert time.perf_counter() - t < 5
+    monkeypatch.undo()
     small = rec.responses[:300], rec.ranks[:300]  # brute force over pairs() where that is quick
     rec.responses, rec.ranks = small
     got = evaluate_ranked([rec], lambda items: [reward[it.output] for it in items])["overall"]
