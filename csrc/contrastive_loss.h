@@ -23,8 +23,10 @@ LossResult pairwise_loss(const float* rewards, int64_t n, const int64_t* pair_po
 
 // InfoNCE: for every positive i that appears in pair_pos,
 //   loss_i = log(1 + sum_{k: pos_k = i} exp(r[neg_k] - r[i])),
-// computed as m_i + log(sum exp(d - m_i) + exp(-m_i)) with m_i = max(0, max_k d_k) (an online
-// logsumexp: one pass over the pairs for the loss, a second for the gradient).
+// computed as m_i + log1p(sum exp(d - m_i) + exp(-m_i) - 1) with m_i = max(0, max_k d_k), the
+// argument of log1p formed without rounding 1 + x (an online logsumexp: one pass over the pairs for
+// the loss, a second for the gradient; common/contrastive_math.h with_one). A well-separated group's
+// loss keeps double precision while it is a normal double (largest margin above -708).
 // count = number of distinct positives. grad[0..n) is overwritten with d loss_sum / d rewards.
 LossResult infonce_loss(const float* rewards, int64_t n, const int64_t* pair_pos,
                         const int64_t* pair_neg, int64_t p, float* grad);

@@ -28,8 +28,12 @@ def pairwise_sums(rewards, pair_pos, pair_neg):
 def infonce_sums(rewards, pair_pos, pair_neg):
     """-> (sum over positives of -log softmax({positive} + its group's negatives), number of positives).
 
-    Written over the (positive, negative) pairs: loss_p = log(1 + sum_n exp(r_n - r_p)), a
-    logsumexp over {0} and the pair margins, stabilised by its per-positive maximum.
+    Written over the (positive, negative) pairs: loss_p = log(1 + T), T = sum_n exp(r_n - r_p), a
+    logsumexp over {0} and the pair margins d, stabilised by M = max(0, max d): s = sum exp(d - M) and
+    loss_p = M + log1p(x), x = s + exp(-M) - 1 the excess over 1 of the softmax denominator. Where
+    M = 0, x = s = T exactly: log(s + 1) would lose T's low bits when 1 + T rounds, and all of T below
+    6e-8 in fp32 (a well-separated group had loss 0). Where M > 0, s >= 1 (its maximum term is
+    exp(0)) and x = (s - 1) + exp(-M) is formed without that rounding either.
     """
     n = rewards.numel()
     d = rewards[pair_neg] - rewards[pair_pos]
@@ -38,7 +42,7 @@ def infonce_sums(rewards, pair_pos, pair_neg):
     s = torch.zeros(n, device=rewards.device, dtype=rewards.dtype).index_add(0, pair_pos, (d - m[pair_pos]).exp())
     has_pair = torch.zeros(n, device=rewards.device, dtype=torch.bool)
     has_pair[pair_pos] = True
-    per_pos = m + torch.log(s + (-m).exp())
+    per_pos = m + torch.log1p(torch.where(m > 0, (s - 1) + (-m).exp(), s))
     loss_sum = torch.where(has_pair, per_pos, torch.zeros_like(per_pos)).sum()
     return loss_sum, has_pair.sum().to(rewards.dtype)
 

@@ -38,7 +38,7 @@ POLAR_HD PairTerms<Acc> pair_terms(Acc r_pos, Acc r_neg) {
 // An online logsumexp: merging every d_pq into the state (M, S), M = max d, S = sum exp(d - M),
 // starting from (-inf, 0), which also marks a reward that is no positive. The "1 +" term is taken
 // in when the state is read: Mc = max(M, 0), denom = S exp(M - Mc) + exp(-Mc) >= 1, and
-//   loss_p = Mc + log(denom),   weight_pq = exp(d_pq - Mc) / denom
+//   loss_p = Mc + log1p(denom - 1),   weight_pq = exp(d_pq - Mc) / denom
 // where weight_pq, the softmax weight of pair q, is d loss_p / d r_q and pair q's share of
 // -d loss_p / d r_p. The merge is order-independent up to rounding.
 template <typename Acc>
@@ -71,22 +71,31 @@ POLAR_HD LogSumExp<Acc> lse_merge(const LogSumExp<Acc>& st, Acc d) {
   return {m, st.sum * hd::exp(st.max - m) + hd::exp(d - m)};
 }
 
-// The state read with the "1 +" term: the clamped max Mc and the softmax denominator (>= 1).
+// The state read with the "1 +" term: the clamped max Mc, the softmax denominator (>= 1) and its
+// excess over 1, formed without rounding 1 + x. Where M <= 0 the excess is the whole sum of exps
+// T = S exp(M): log(1 + T) lost T's low bits, and all of T below 6e-8 in float (1e-16 in double),
+// so a well-separated group's loss read 0. Where M > 0, S >= 1 (its largest term is exp(0)) and
+// S - 1 is exact for S < 2^24. A NaN state fails M > 0 and reads NaN in all three fields.
 template <typename Acc>
 struct WithOne {
   Acc max;
   Acc denom;
+  Acc excess;
 };
 
 template <typename Acc>
 POLAR_HD WithOne<Acc> with_one(const LogSumExp<Acc>& st) {
-  const Acc mc = hd::max(st.max, Acc(0));
-  return {mc, st.sum * hd::exp(st.max - mc) + hd::exp(-mc)};
+  if (st.max > Acc(0)) {
+    const Acc e = hd::exp(-st.max);
+    return {st.max, st.sum + e, (st.sum - Acc(1)) + e};
+  }
+  const Acc t = st.sum * hd::exp(st.max);
+  return {Acc(0), t + Acc(1), t};
 }
 
 template <typename Acc>
 POLAR_HD Acc infonce_term(const WithOne<Acc>& w) {
-  return w.max + hd::log(w.denom);
+  return w.max + hd::log1p(w.excess);
 }
 
 template <typename Acc>

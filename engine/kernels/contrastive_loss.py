@@ -14,7 +14,8 @@ by the incoming gradient. Loss and count are reduced per block and summed over b
 InfoNCE over the positives p of a group (pairs (p, q) list its negatives q), d_pq = r_q - r_p:
     M_p       = max(0, max_q d_pq)
     S_p       = sum_q exp(d_pq - M_p)
-    loss_p    = M_p + log(S_p + exp(-M_p))         (= log(1 + sum_q exp(d_pq)))
+    loss_p    = M_p + log1p(X_p)                   (= log(1 + sum_q exp(d_pq)))
+    X_p       = S_p if M_p = 0, else (S_p - 1) + exp(-M_p)    (= S_p + exp(-M_p) - 1 >= 0)
     dloss_p/dr_q = exp(d_pq - M_p) / (S_p + exp(-M_p)),   dloss_p/dr_p = -sum_q dloss_p/dr_q
 Three passes over the pairs (atomic max for M, atomic add for S, atomic add of the gradient) and one
 over the rewards (the per-positive loss, for positives with at least one pair).
@@ -43,10 +44,11 @@ def _sum(x, axis: tl.constexpr):
 
 @triton.jit
 def _log1p(x):
-    # log(1 + x) for x in [0, 1] to a few ulp, as the CUDA kernels' log1pf (contrastive_math.h): a plain
+    # log(1 + x) for x >= 0 to a few ulp, as the CUDA kernels' log1pf (contrastive_math.h): a plain
     # log(1 + x) loses x's low bits when 1 + x rounds, and all of x below 6e-8 (a pair whose margin is
     # past 16.6 had loss 0; at margin 8, 2e-5 relative error, torch's fp32 softplus 1e-8). Goldberg's
-    # correction: u = fl(1 + x), log1p(x) = log(u) * x / (u - 1), exact in u - 1 (tl.log is __nv_logf).
+    # correction: u = fl(1 + x), log1p(x) = log(u) * x / (u - 1), where u - 1 is exact for u < 2^24 and
+    # x / (u - 1) corrects the rounding of 1 + x (tl.log is __nv_logf).
     u = 1.0 + x
     return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
 
@@ -127,7 +129,11 @@ def _infonce_loss_kernel(max_ptr, sum_ptr, count_ptr, partial_ptr, n, BLOCK: tl.
     sp = tl.load(sum_ptr + offs, mask=mask, other=0.0)
     cnt = tl.load(count_ptr + offs, mask=mask, other=0.0)
     has_pair = mask & (cnt > 0)
-    loss = tl.where(has_pair, mp + tl.log(sp + tl.exp(-mp)), 0.0)
+    # The denominator's excess over 1, without forming 1 + S_p where M_p = 0: there S_p is the whole
+    # sum of exps, which 1 + S_p lost below 6e-8 (a well-separated group's loss read 0). S_p >= 1 where
+    # M_p > 0 (its largest term is exp(0)), and S_p - 1 is exact for 1 <= S_p < 2^24.
+    excess = tl.where(mp > 0, (sp - 1.0) + tl.exp(-mp), sp)
+    loss = tl.where(has_pair, mp + _log1p(excess), 0.0)
     tl.store(partial_ptr + pid * 2, _sum(loss, 0))
     tl.store(partial_ptr + pid * 2 + 1, _sum(tl.where(has_pair, 1.0, 0.0), 0))
 

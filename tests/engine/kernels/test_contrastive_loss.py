@@ -9,6 +9,7 @@ import torch  # noqa: E402
 
 from engine.kernels import contrastive_loss as cl  # noqa: E402
 from engine.loss import infonce_sums, pairwise_sums  # noqa: E402
+from tests.engine.test_loss import check_separated_infonce  # noqa: E402
 from tests.engine.kernels.test_reward_readout import run_compile_check  # noqa: E402
 
 KERNELS = {"pairwise": (cl.pairwise_loss, pairwise_sums), "infonce": (cl.infonce_loss, infonce_sums)}
@@ -76,6 +77,13 @@ def test_pairwise_loss_of_well_separated_pairs_keeps_its_relative_precision():
         ref = pairwise_sums(rewards.double(), pos, neg)[0].item()
         for loss in (cl.pairwise_loss(rewards, pos, neg)[0].item(), pairwise_sums(rewards, pos, neg)[0].item()):
             assert abs(loss - ref) <= 1e-6 * ref, (m, loss, ref)
+
+
+def test_infonce_of_well_separated_groups_keeps_its_relative_precision():
+    """Largest margins -100..100 against the fp64 oracle, to the fp32 bound of tests/engine/test_loss.py:
+    the kernel took log(S + 1) where M = 0, so a group's loss lost S's low bits (9e-4 relative error
+    at M = -10) and was 0 below M = -16.6 (true 6e-8 down to 5e-44)."""
+    check_separated_infonce(lambda rewards, pos, neg: _run(cl.infonce_loss, rewards, pos, neg, torch.float32))
 
 
 @pytest.mark.parametrize("kind", ["pairwise", "infonce"])
