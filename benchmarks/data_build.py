@@ -10,6 +10,10 @@ Reported: build throughput for each worker count
 (and that the outputs are byte-identical), packing efficiency from `polar data stats`, the C++
 packer against the plain-Python first-fit of benchmarks/packer.py on the built groups' lengths,
 and the shared-prefix savings for K=2 (the built data) and K=8 (a sample encoded the same way).
+First, the memory of planning one shard of one file of short lines (--plan-lines; --plan-only
+stops there): the peak Python and numpy allocations (tracemalloc) of `plan_chunks` for one
+machine and for the last of 8, against the scan that kept every line's offset (the baseline, run
+on the same file), in bytes per input line.
 Temporary files go to a temporary directory removed at the end unless --keep names one.
 """
 import argparse
@@ -20,6 +24,7 @@ import shutil
 import sys
 import tempfile
 import time
+import tracemalloc
 
 import numpy as np
 
@@ -68,6 +73,52 @@ def write_records(path: str, n: int, k: int, seed: int = 0) -> None:
             f.write(json.dumps(rec) + "\n")
 
 
+def every_line_start(path: str) -> np.ndarray:
+    """The baseline: the byte offset of every line, as each machine's build kept them before."""
+    size, starts = os.path.getsize(path), [np.zeros(1, dtype=np.int64)]
+    with open(path, "rb") as f:
+        for offset in range(0, size, 1 << 26):
+            block = np.frombuffer(f.read(1 << 26), dtype=np.uint8)
+            starts.append(np.flatnonzero(block == 10).astype(np.int64) + offset + 1)
+    out = np.concatenate(starts)
+    return out[out < size]
+
+
+def traced(fn):
+    """(fn(), its peak traced allocation in bytes, seconds)."""
+    tracemalloc.start()
+    t = time.perf_counter()
+    try:
+        out = fn()
+        return out, tracemalloc.get_traced_memory()[1], time.perf_counter() - t
+    finally:
+        tracemalloc.stop()
+
+
+def planning_memory(work: str, counts: list[int], chunk_records: int = 8192) -> None:
+    rng = np.random.default_rng(0)
+    print("\n| input lines | MB | baseline: every line's offset, MB at peak | B/line | plan, 1 machine: MB at peak "
+          "| B/line | offsets held | plan, machine 8 of 8: MB at peak | offsets held | baseline / plan | "
+          "plan s / baseline s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for n in counts:
+        path = os.path.join(work, f"lines_{n}.jsonl")
+        lengths = rng.integers(2, 40, n)  # short lines: the per-line cost at its largest
+        with open(path, "wb") as f:
+            for a in range(0, n, 1 << 20):
+                f.write(b"".join(b'{"' + b"x" * int(k) + b'"}\n' for k in lengths[a:a + (1 << 20)]))
+        data_build.plan_chunks([path], chunk_records)  # numpy's first calls allocate caches of their own
+        starts, base_peak, base_s = traced(lambda: every_line_start(path))
+        assert len(starts) == n
+        (one, sources), one_peak, one_s = traced(lambda: data_build.plan_chunks([path], chunk_records))
+        (last, _), last_peak, _ = traced(lambda: data_build.plan_chunks([path], chunk_records, True, 8, 7))
+        assert sources[0]["lines"] == n
+        print(f"| {n:,} | {os.path.getsize(path) / 1e6:.0f} | {base_peak / 1e6:.1f} | {base_peak / n:.1f} | "
+              f"{one_peak / 1e6:.1f} | {one_peak / n:.2f} | {one.offsets_held:,} | {last_peak / 1e6:.1f} | "
+              f"{last.offsets_held:,} | {base_peak / one_peak:.1f}x | {one_s / base_s:.2f} |")
+        os.remove(path)
+
+
 def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[float, int]:
     out = path + ".ds"
     # truncated as in training (max_length), packed at a length no group reaches so that every group counts
@@ -86,10 +137,16 @@ def main():
     ap.add_argument("--k8-records", type=at_least(1), default=5000, help="records of the K=8 savings sample")
     ap.add_argument("--python-groups", type=at_least(1), default=20000, help="groups for the quadratic Python first-fit")
     ap.add_argument("--keep", default="", help="work in this directory and keep it")
+    ap.add_argument("--plan-lines", type=at_least(1), nargs="+", default=[1_000_000, 2_000_000, 4_000_000],
+                    help="lines of the files whose planning memory is measured")
+    ap.add_argument("--plan-only", action="store_true", help="measure planning memory only")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="polar_data_build_")
     os.makedirs(work, exist_ok=True)
     try:
+        planning_memory(work, args.plan_lines)
+        if args.plan_only:
+            return
         t = time.perf_counter()
         records = os.path.join(work, "records.jsonl")
         write_records(records, args.records, k=2)

@@ -34,7 +34,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
     "tests/polar/test_convergence.py",
-    "tests/polar/test_data_build.py",
+    "tests/polar/test_data_build_training.py",  # split from test_data_build.py (its trainings): the rest is fast
     "tests/benchmarks/test_benchmark_arguments.py",
     "tests/engine/test_score_split.py",
     "tests/engine/test_fp8_training.py",

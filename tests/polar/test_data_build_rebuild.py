@@ -1,0 +1,117 @@
+"""`polar data build` into an output that holds shards already: another build's refused, a --force
+rebuild that fails keeps the old shard and its rejects list, a second run of one shard stops, and
+shards given one --rejects path keep every list."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine.indexed_dataset import IndexedDataset
+from engine.shard_format import DatasetFormatError
+from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(120)  # the records of test_data_build.py
+
+
+def test_a_build_refuses_an_output_holding_another_builds_shards(tmp_path, records, capsys):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10]
+    assert build(*common) == 0
+    capsys.readouterr()
+    for force in ([], ["--force"]):  # rebuilt as 2 shards: the old one would read its records twice
+        assert build(*common, "--num-shards", 2, "--shard-index", 0, *force) == 2
+        assert "holds shards of another build (part-00000-of-00001)" in capsys.readouterr().err
+    assert build(*common, "--force") == 0  # the same build again replaces its shard
+    for i in range(2):
+        assert build(src, "-o", tmp_path / "two", "--seq-length", SEQ, "--chunk-records", 10,
+                     "--num-shards", 2, "--shard-index", i) == 0
+    assert IndexedDataset(tmp_path / "two").num_groups == 40
+    # --force replaces a shard of the same name built with other settings (and still refuses the
+    # shards of another name above)
+    assert build(*common, "--force", "--seed", 1) == 0
+    assert IndexedDataset(tmp_path / "ds").meta["seed"] == 1
+    (tmp_path / "two" / "part-00000-of-00002.json").rename(tmp_path / "meta0.json")  # metadata lost
+    with pytest.raises(DatasetFormatError, match=r"lacks 1 \(part-00000-of-00002 \(its .idx is there, its .json "
+                                                 r"metadata is missing\)"):
+        IndexedDataset(tmp_path / "two")
+    (tmp_path / "meta0.json").rename(tmp_path / "two" / "part-00000-of-00002.json")
+    (tmp_path / "two" / "part-00001-of-00002.idx").unlink()  # a shard that did not arrive
+    with pytest.raises(DatasetFormatError, match=r"two: build \w+ of 2 shards lacks 1 \(part-00001-of-00002;"):
+        IndexedDataset(tmp_path / "two")
+
+def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records, capsys, monkeypatch):
+    from engine import shard_writer
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    ds = tmp_path / "ds"
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 0
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    assert "part-00000-of-00001.rejects.jsonl" in before
+    # a rebuild stopped by a bad record
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--force") == 2
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+    def failing_close(self):
+        raise OSError("disk full")
+
+    # a rebuild whose index cannot be written leaves no temporary file either
+    monkeypatch.setattr(shard_writer.ShardWriter, "close", failing_close)
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip", "--force", "--seed", 3) == 2
+    assert "disk full" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+
+
+def test_a_build_of_a_shard_another_build_is_writing_stops_and_touches_nothing(tmp_path, records, capsys):
+    """A second run of the same shard (a requeued job whose first copy still runs) truncated the
+    first's token file under it and deleted its rejects list in the making."""
+    from engine.shard_writer import ShardWriter
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    ds = tmp_path / "ds"
+    running = ShardWriter(ds / "part-00000-of-00001", SEQ, 256, 0)
+    running._bin.write(b"\1\0" * 10)
+    running._bin.flush()
+    (ds / "part-00000-of-00001.rejects.jsonl.tmp").write_text("{}\n")
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 2
+    assert "another process is writing this shard" in capsys.readouterr().err
+    assert (ds / "part-00000-of-00001.bin.tmp").read_bytes() == b"\1\0" * 10
+    assert (ds / "part-00000-of-00001.rejects.jsonl.tmp").read_text() == "{}\n"
+    running.abort()
+    assert build(src, "-o", ds, "--seq-length", SEQ, "--on-error", "skip") == 0
+
+
+def test_a_rebuild_from_another_directory_replaces_its_own_rejects_list(tmp_path, records, monkeypatch):
+    """The metadata kept --rejects as given (relative to where the build ran): a --force rebuild of
+    the shard run elsewhere, with the same list, was refused as if the list were another shard's."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    monkeypatch.chdir(tmp_path)
+    assert build("r.jsonl", "-o", "ds", "--seq-length", SEQ, "--on-error", "skip", "--rejects", "rej.jsonl") == 0
+    monkeypatch.chdir(tmp_path / "ds")
+    assert build(src, "-o", ".", "--seq-length", SEQ, "--on-error", "skip", "--rejects", "../rej.jsonl",
+                 "--force", "--seed", 1) == 0
+    assert [json.loads(x)["line"] for x in (tmp_path / "rej.jsonl").read_text().splitlines()] == [4]
+    meta = json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())
+    assert meta["seed"] == 1 and meta["rejects_file"] == str(tmp_path / "rej.jsonl")
+
+def test_shards_given_one_rejects_path_keep_every_list(tmp_path, records, capsys):
+    """Shard 0's rejects were deleted by shard 1 (no rejects) or replaced by it (some) when both were
+    given one --rejects path: the second shard is refused, naming the file; a --force rebuild of the
+    shard that wrote it may replace it, and one without rejects removes it."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    rejects = tmp_path / "rej.jsonl"
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip", "--chunk-records", 10,
+              "--num-shards", 2, "--rejects", rejects]
+    assert build(*common, "--shard-index", 0) == 0
+    kept = rejects.read_bytes()
+    assert b"oops" in kept
+    assert build(*common, "--shard-index", 1) == 2
+    assert f"--rejects {rejects} exists and is not the rejects list of the shard this build replaces" \
+        in capsys.readouterr().err
+    assert rejects.read_bytes() == kept
+    assert build(*common, "--shard-index", 0, "--force") == 0 and rejects.read_bytes() == kept
+    clean = write_jsonl(tmp_path / "r.jsonl", records[:20])
+    assert build(clean, *common[1:], "--shard-index", 0, "--force") == 0 and not rejects.exists()

@@ -1,0 +1,232 @@
+"""A dataset built by `polar data build` read by training (pretrain.py: a run resumes at the exact
+next sample, refuses other data or tokenizers), --check-config and `polar data stats`."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.indexed_dataset import IndexedDataset
+from polar import data_stats
+from polar.format import encode_groups
+from tests.polar.test_data_build import ROOT, SEQ, build, synthetic_records, write_jsonl
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(120)
+
+
+def pretrain_cmd(tmp_path: Path, name: str, *overrides: str) -> list:
+    return [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / name}",
+            "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
+            "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
+            "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
+            f"data.seq_length={SEQ}", *overrides]
+
+
+def pretrain(tmp_path: Path, name: str, *overrides: str) -> dict:
+    proc = subprocess.run(pretrain_cmd(tmp_path, name, *overrides), capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+def check_here(capsys, *overrides) -> tuple[int, str]:
+    """`engine/pretrain.py --check-config` run by its main in this process, and what it wrote to stderr:
+    the check ends before any process group starts, and a process of its own costs seconds of imports."""
+    from engine import pretrain as entry
+
+    capsys.readouterr()
+    code = entry.main(["--check-config", *map(str, overrides)])
+    return code, capsys.readouterr().err
+
+
+def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, records):
+    src = write_jsonl(tmp_path / "r.jsonl", records)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
+    data = [f"data.path={tmp_path / 'ds'}", f"data.eval_path={tmp_path / 'ds'}"]
+    straight = pretrain(tmp_path, "straight", *data, "checkpoint.save_at_end=false")  # no resume from it
+    pretrain(tmp_path, "resumed", *data, "train.exit_at_step=2")
+    resumed = pretrain(tmp_path, "resumed", *data)
+    assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4]
+    for a, b in zip(straight["history"], resumed["history"]):
+        # the same global batches in the same order: the same losses, step by step
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5, abs=1e-7), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7), a["step"]
+    assert len({round(r["loss"], 6) for r in straight["history"]}) > 1  # steps differ, so order matters
+    assert straight["eval_pair_accuracy"] == pytest.approx(resumed["eval_pair_accuracy"])
+    # the totals count the whole training; only the rate is the resumed process's own
+    assert resumed["steps"] == straight["steps"] == 4 and resumed["tokens"] == straight["tokens"] > 0
+    assert resumed["resumed_at_step"] == 2 and straight["resumed_at_step"] == 0
+    assert 0 < resumed["tokens_this_run"] < resumed["tokens"] == straight["tokens_this_run"]
+    assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
+
+
+def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, records, capsys):
+    """data.path may name one shard (as `polar data stats` takes it); an evaluation set whose every
+    record was rejected reported accuracy 0.000 over 0 pairs."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    empty = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}])
+    # one build refuses to make no group; two shards (the first gets no chunk) are written all the same
+    for i in range(2):
+        assert build(empty, "-o", tmp_path / "ev", "--seq-length", SEQ, "--on-error", "skip", "--num-shards", 2,
+                     "--shard-index", i) == 0
+    assert "holds no group (0 records read, 0 rejected): shard 0 of 2 is written" in capsys.readouterr().err
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    base = [f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={shard}"]
+    code, err = check_here(capsys, *base)
+    assert code == 0, err[-2000:]
+    code, err = check_here(capsys, *base, f"data.eval_path={tmp_path / 'ev'}")
+    assert code == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in err, err[-2000:]
+
+
+def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", 1024)
+    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}",
+                           f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}"],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert f"data.seq_length={SEQ}, but data.path={tmp_path / 'ds'} is packed at 1024" in proc.stderr
+
+
+def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path, records):
+    """With a BPE that merges across the prompt/response boundary, every group is what
+    encode_groups gives for that tokenizer (each candidate's whole input tokenized at once), the
+    metadata carries its vocabulary and special ids, and pretrain.py trains on it."""
+    from polar.tokenizer import load_tokenizer
+    from tests.polar.test_tokenizer import train_bpe
+
+    tok_dir = train_bpe(tmp_path / "bpe")
+    tok = load_tokenizer(tok_dir)
+    recs = records[:40]
+    src = write_jsonl(tmp_path / "r.jsonl", recs)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir, "--workers", 2,
+                 "--chunk-records", 16) == 0
+    ds = IndexedDataset(tmp_path / "ds")
+    m = ds.meta
+    assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (
+        tok.vocab_size, tok.pad_id, tok.bos_id, tok.reward_token_id)
+    assert m["tokenizer"] == str(Path(tok_dir).resolve())  # absolute: found from any working directory
+    seen = 0
+    for i in range(len(ds)):
+        for g, rid in zip(ds.sequences([i])[0], ds.sources(i)):
+            rec = recs[rid]
+            cands = [c["text"] for c in rec["candidates"]] if "candidates" in rec else [rec["chosen"], rec["rejected"]]
+            enc = encode_groups(tok, [rec["prompt"]], [rec["reference"]], [cands], rec.get("wrapper", "sft"),
+                                max_length=SEQ)[0]
+            for k, cand in enumerate(g.candidates):
+                np.testing.assert_array_equal(np.concatenate([g.prefix, cand]), enc.full(k))
+            seen += 1
+    assert seen == len(recs)
+    summary = pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.steps=2")
+    assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in summary["history"])
+    # the checkpoints carry the tokenizer, which scoring finds without being told
+    from engine.checkpoint import resolve
+    from engine.score import tokenizer_spec
+
+    carried = tmp_path / "run" / "checkpoints" / "tokenizer"
+    assert (carried / "tokenizer.json").read_bytes() == (Path(tok_dir) / "tokenizer.json").read_bytes()
+    assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records, capsys):
+    """A resume the engine refuses (other data, or data tokenized by another tokenizer than the one
+    the checkpoints carry) is refused before anything of the run directory is written: the carried
+    tokenizer and config.yaml stay those of the trained steps; --check-config refuses it too (it
+    passed, and the launched run then failed under torchrun)."""
+    from tests.polar.test_tokenizer import train_bpe
+
+    tok_dir = Path(train_bpe(tmp_path / "bpe"))
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
+    pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.exit_at_step=2")
+    carried = tmp_path / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
+    trained = (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes())
+
+    # the same ids from a tokenizer file written otherwise (another version of the library, say)
+    other_tok = tmp_path / "bpe2"
+    other_tok.mkdir()
+    (other_tok / "tokenizer.json").write_text(json.dumps(json.loads((tok_dir / "tokenizer.json").read_text()), indent=1))
+    assert build(src, "-o", tmp_path / "ds_other_tok", "--seq-length", SEQ, "--tokenizer", other_tok) == 0
+    other_src = write_jsonl(tmp_path / "r2.jsonl", records[40:80])
+    assert build(other_src, "-o", tmp_path / "ds_other_data", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
+
+    base = pretrain_cmd(tmp_path, "run")
+    for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
+                        ("ds_other_data", "the data order changed since the checkpoint")):
+        # the run refuses after its process group started: in a process of its own
+        proc = subprocess.run([*base, f"data.path={tmp_path / ds}"], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+        assert proc.returncode == 2 and message in proc.stderr, (ds, proc.stderr[-2000:])
+        assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, ds
+        code, err = check_here(capsys, *base[2:], f"data.path={tmp_path / ds}")
+        assert code == 2 and message in err, (ds, "--check-config", err[-2000:])
+        assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, (ds, "check")
+
+def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
+    """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
+    for every built dataset without data.eval_path, refusing a vocabulary smaller than its 260."""
+    from engine.config import load_config
+    from polar import pretrain_recipe
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    meta = tmp_path / "ds" / "part-00000-of-00001.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "vocab_size": 200}))
+    cfg = load_config(pretrain_recipe.PretrainConfig, None,
+                      [f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}", "train.global_batch=2"])
+    pretrain_recipe.check(cfg)
+    assert cfg.model.vocab_size == 200
+
+
+def check_config(tmp_path: Path, data: Path, capsys) -> tuple[int, str]:
+    """engine/pretrain.py --check-config on the built dataset `data`: (exit code, stderr)."""
+    return check_here(capsys, f"run_dir={tmp_path / 'run'}", f"data.seq_length={SEQ}", "train.global_batch=2",
+                      f"data.path={data}")
+
+
+def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
+    """A run checks a packed sequence when it reads it, and stops there naming it; `polar data
+    stats` and --check-config check the whole index before, naming the shard."""
+    from tests.engine.test_indexed_dataset import poke
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    poke(shard, 1, 1, 10**9)  # the second group's first piece
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds")]) == 2
+    assert f"{shard}.idx: group offsets do not run from 0" in capsys.readouterr().err
+    code, err = check_config(tmp_path, tmp_path / "ds", capsys)
+    assert code == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in err, err[-2000:]
+    epoch = -(-len(IndexedDataset(tmp_path / "ds")) // 2)  # steps of 2 sequences that read every one
+    run = subprocess.run(pretrain_cmd(tmp_path, "run", "train.global_batch=2", f"train.steps={epoch}",
+                                      f"data.path={tmp_path / 'ds'}"),
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert re.search(rf"data error on rank 0: {re.escape(str(shard))}\.idx: packed sequence \d+: group offsets",
+                     run.stderr), run.stderr[-3000:]
+
+
+def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(tmp_path, records, capsys):
+    """A damaged header is a named error with exit code 2, not a numpy traceback."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20])
+    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    shard = tmp_path / "ds" / "part-00000-of-00001"
+    with open(f"{shard}.idx", "r+b") as f:
+        f.seek(16)  # the token dtype's name
+        f.write(b"zz".ljust(8, b"\0"))
+    capsys.readouterr()
+    assert data_stats.main([str(tmp_path / "ds")]) == 2
+    assert f"{shard}.idx: token dtype b'zz', expected uint16 or int32" in capsys.readouterr().err
+    code, err = check_config(tmp_path, tmp_path / "ds", capsys)
+    assert code == 2 and f"{shard}.idx: token dtype b'zz'" in err, err[-2000:]
