@@ -3,18 +3,26 @@ malformed requests to every endpoint; checks every answer.
 
     python benchmarks/serve_load.py --checkpoint RUN_DIR [--clients 16 --seconds 30 --bad-fraction 0.2]
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 ...   # a server already running
+    python benchmarks/serve_load.py --checkpoint RUN_DIR --burst 3000 [--burst-body-bytes 2048]
 
 With --checkpoint the server runs in this process (uvicorn in a thread) and each valid answer is
 compared with its items scored alone (fp32, 1e-5): a mismatch is an answer that differs, a lost
 answer a valid request that got no 200/429. With --url answers are checked for consistency
 (the same item always gets the same reward). Prints throughput, p50/p99 latency and the 2xx/4xx/
 429/5xx counts; exits 1 on any 5xx, mismatch or lost answer, or an unhealthy server afterwards.
+
+--burst N measures what a burst holds in memory: every --max-preparing slot is held by a client
+that sent half its body, then N clients send a whole /classify request each at once (they wait for a
+slot, or are refused at once); the server's Python heap (tracemalloc, this process) and RSS are read
+once the burst has settled, then the slots are let go and every answer is counted. Exits 1 if a
+request got no answer, or an answer other than 200 or 429.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import json
+import socket
 import sys
 import time
 from pathlib import Path
@@ -163,6 +171,101 @@ def table(stats: dict) -> str:
             + " | ".join(fmt(stats[c]) for c in cols) + " |")
 
 
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def _settled(read, every_s: float = 0.5, polls: int = 4, limit_s: float = 120.0) -> None:
+    """Returns once read() has stopped changing (within 1%) for `polls` polls in a row."""
+    last, same, deadline = read(), 0, time.monotonic() + limit_s
+    while same < polls and time.monotonic() < deadline:
+        time.sleep(every_s)
+        now = read()
+        same = same + 1 if abs(now - last) <= 0.01 * max(last, 1) else 0
+        last = now
+
+
+def _answer(conn: socket.socket, limit_s: float) -> bytes:
+    """The status line's code of the answer on `conn` (b"" if none came)."""
+    conn.setblocking(True)
+    conn.settimeout(limit_s)
+    got = b""
+    try:
+        while b"\r\n" not in got:
+            part = conn.recv(4096)
+            if not part:
+                break
+            got += part
+    except OSError:
+        pass
+    return got.split(b" ", 2)[1] if got.startswith(b"HTTP/1.1 ") else b""
+
+
+def burst(url: str, service, n: int, body_bytes: int) -> dict:
+    """Holds every --max-preparing slot with a half-sent body, sends n whole requests at once, reads
+    this process's heap and RSS once they have settled, lets the slots go and counts the answers."""
+    import tracemalloc
+
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps({"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}).encode()
+    body += b" " * max(0, body_bytes - len(body))  # whitespace: the same one item, a body of body_bytes
+
+    def request(payload: bytes) -> bytes:
+        return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body) + payload)
+
+    held = []
+    for _ in range(service.settings.max_preparing):
+        conn = socket.create_connection((host, int(port)), timeout=30)
+        conn.sendall(request(body[:5]))
+        held.append(conn)
+    deadline = time.monotonic() + 60
+    while service.preparing < len(held) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    tracemalloc.start()
+    heap0, rss0 = tracemalloc.get_traced_memory()[0], _rss_bytes()
+    whole, clients = request(body), []
+    for k in range(n):
+        conn = socket.create_connection((host, int(port)), timeout=30)
+        conn.setblocking(False)
+        try:
+            conn.send(whole)  # what the kernel takes; a large body's rest stays unsent, as a slow network leaves it
+        except BlockingIOError:
+            pass
+        clients.append(conn)
+        if k % 100 == 99:
+            time.sleep(0.02)  # lets the server accept: a full listen backlog would stall connect()
+    _settled(lambda: tracemalloc.get_traced_memory()[0])
+    heap, rss = tracemalloc.get_traced_memory()[0] - heap0, _rss_bytes() - rss0
+    # the clients refused at once leave (as one backing off for Retry-After would free its
+    # connection): what is left is what the waiting requests hold
+    refused, waiting = [], []
+    for conn in clients:
+        try:
+            answered = conn.recv(12, socket.MSG_PEEK).startswith(b"HTTP/1.1 429")
+        except BlockingIOError:
+            answered = False
+        (refused if answered else waiting).append(conn)
+    for conn in refused:
+        conn.close()
+    _settled(lambda: tracemalloc.get_traced_memory()[0])
+    held_heap = tracemalloc.get_traced_memory()[0] - heap0
+    tracemalloc.stop()
+    clients = waiting
+    for conn in held:
+        conn.close()  # the slots go to the waiting requests
+    codes: dict[str, int] = {}
+    for conn in clients:
+        code = _answer(conn, 120).decode() or "none"
+        codes[code] = codes.get(code, 0) + 1
+        conn.close()
+    return {"requests": n, "body_bytes": len(body), "max_preparing": len(held), "refused_at_once": len(refused),
+            "waited": len(waiting), "burst_heap_mb": heap / 2**20, "burst_rss_mb": rss / 2**20,
+            "waiting_heap_mb": held_heap / 2**20, "kb_per_waiting": held_heap / 1024 / max(len(waiting), 1),
+            "then_200": codes.pop("200", 0), "then_429": codes.pop("429", 0), "other_or_none": sum(codes.values())}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = ap.add_mutually_exclusive_group(required=True)
@@ -180,10 +283,15 @@ def main(argv=None) -> int:
     ap.add_argument("--row-tokens", type=at_least(1), default=4096, help="polar serve --row-tokens")
     ap.add_argument("--max-batch-tokens", type=at_least(1), default=16384, help="polar serve --max-batch-tokens")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--burst", type=at_least(1), default=0,
+                    help="measure the memory a burst of this many requests holds (with --checkpoint), no load run")
+    ap.add_argument("--burst-body-bytes", type=at_least(1), default=2048, help="each burst request's body size")
     ap.add_argument("--json", help="also write the figures here")
     args = ap.parse_args(argv)
     if args.seconds <= 0 or not 0 <= args.bad_fraction <= 1 or args.max_wait_ms < 0:
         ap.error("--seconds must be above 0, --bad-fraction within [0, 1] and --max-wait-ms at least 0")
+    if args.burst and args.url:
+        ap.error("--burst measures this process's memory: it needs --checkpoint, not --url")
 
     from polar.serve.items import StructuredItem, format_structured
     from polar.tokenizer import load_tokenizer
@@ -221,8 +329,18 @@ def main(argv=None) -> int:
         expected = score_each_alone(scorer.score, [ids for _, ids in formatted], tok.pad_id)
         metrics = Metrics()
         batcher = Batcher(scorer.score, tok.pad_id, max_wait_s=args.max_wait_ms / 1000, max_queue_items=args.max_queue,
-                          row_tokens=args.row_tokens, max_batch_tokens=args.max_batch_tokens, pack_rows=scorer.attention_backend == "triton", metrics=metrics,
+                          row_tokens=args.row_tokens, max_batch_tokens=args.max_batch_tokens,
+                          pack_rows=scorer.attention_backend == "triton", metrics=metrics,
                           max_positions=scorer.max_positions)
+        if args.burst:
+            # a wait long enough for the whole burst to arrive on a slow machine: what is held is measured
+            service = Service(tok, batcher, ServeSettings(preparing_wait_s=120.0, timeout_s=600.0), metrics)
+            with serve_in_thread(service) as url:
+                stats = burst(url, service, args.burst, args.burst_body_bytes)
+            cols = list(stats)
+            print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n| "
+                  + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in stats.values()) + " |")
+            return 0 if stats["other_or_none"] == 0 else 1
         service = Service(tok, batcher, ServeSettings(max_items=args.max_request), metrics)
         with serve_in_thread(service) as url:
             stats = asyncio.run(run_load(url, pool, [t for t, _ in formatted], expected, args.clients,

@@ -12,7 +12,9 @@
 vLLM returns one row per token and its clients read the last; only the reward token's row is
 computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads.
 Errors are JSON {"error": {"message", "type", "code"}} with a 4xx status saying what is wrong.
-A request whose client has gone (timed out, retrying) leaves the queue unscored.
+A request whose client has gone (timed out, retrying) leaves the queue unscored, and the wait
+for a --max-preparing slot too when its body is small. A request still in flight when uvicorn's
+graceful timeout runs out is answered 503 with Retry-After.
 """
 from __future__ import annotations
 
@@ -56,6 +58,7 @@ class ServeSettings:
     pooling_format: str = "vllm"
     max_preparing: int = 32  # requests being read, parsed and tokenized at once; more wait for a slot
     preparing_wait_s: float = 5.0  # the longest a request waits for one, in arrival order; then 429
+    max_waiting: Optional[int] = None  # requests waiting for one at once, more get 429 (None: the --max-queue items)
 
 
 class Service:
@@ -83,6 +86,11 @@ class Service:
         self.max_structured_tokens = positions or None
         self._preparing = 0
         self._waiting: deque[asyncio.Future] = deque()  # requests waiting for a --max-preparing slot
+        self.waiting = 0  # of them, those still waiting
+        # each waiting request becomes at least one queued item: more than --max-queue could never all be queued
+        self.max_waiting = batcher.max_queue_items if settings.max_waiting is None else settings.max_waiting
+        if self.max_waiting < 0:
+            raise ValueError(f"--max-waiting must be 0 or more, got {self.max_waiting}")
 
     def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
         ids = tokenize_served_text(self.tokenizer, texts)
@@ -111,12 +119,15 @@ class Service:
             self.metrics.cut.labels(field=field[:-1]).inc(getattr(cuts, field))
         return ids
 
-    async def admit(self, request: Request) -> None:
+    async def admit(self, request: Request) -> list[dict]:
         """Before the body is read: under load, reading, parsing and tokenizing a request that the
         queue then refuses is the work that slows everyone else down. A request beyond
         --max-preparing waits for a slot, for at most --max-preparing-wait-s: a slot is held for
         milliseconds, and refusing at once answered 429 to most of a burst of small requests
-        (OpenRLHF sends one per rollout, all at once) while the queue had room for them."""
+        (OpenRLHF sends one per rollout, all at once) while the queue had room for them. At most
+        --max-waiting requests wait: each holds its connection, its task and what the HTTP server
+        has buffered of its body (35-150 KB, benchmarks/serve_load.py --burst), so a burst of any
+        size holds a bounded amount of memory. Returns the body's messages received while waiting."""
         try:
             self.batcher.check_room()
         except QueueFull as e:
@@ -126,24 +137,45 @@ class Service:
         if self._preparing < self.settings.max_preparing and not self._waiting:
             self._preparing += 1
             request.state.preparing = True
-            return
-        slot = asyncio.get_running_loop().create_future()
+            return []
+        if self.waiting >= self.max_waiting:
+            raise _TooBusy(f"{self.waiting} requests are waiting for one of the {self.settings.max_preparing} slots "
+                           f"to be read and tokenized in (--max-preparing), this server's limit of waiting requests "
+                           f"(--max-waiting {self.max_waiting}); retry after 1 s", 1)
+        loop = asyncio.get_running_loop()
+        slot = loop.create_future()
         self._waiting.append(slot)
+        self.waiting += 1
+        taken: list[dict] = []
+        # A client that leaves while waiting (its own timeout, then a retry) must not keep its place:
+        # seen by taking its body, when that is small enough that holding it costs nothing more.
+        declared = _declared_length(request)
+        watched = declared is not None and declared <= _WATCHED_BODY_BYTES
+        gone = asyncio.ensure_future(_gone(request, taken)) if watched else loop.create_future()
         try:
-            await asyncio.wait_for(asyncio.shield(slot), self.settings.preparing_wait_s)
-        except asyncio.TimeoutError:
-            if not slot.done():
-                slot.cancel()
-                raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
-                               f"(--max-preparing), and none finished within {self.settings.preparing_wait_s:g} s "
-                               "(--max-preparing-wait-s); retry after 1 s", 1) from None
+            done, _ = await asyncio.wait((slot, gone), timeout=self.settings.preparing_wait_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
             # cancelled (the server shutting down): a slot handed over meanwhile goes to the next
             if slot.done() and not slot.cancelled():
                 self._release()
             slot.cancel()
             raise
-        request.state.preparing = True  # the slot prepared() handed over, still counted
+        finally:
+            self.waiting -= 1
+            gone.cancel()
+        handed = slot.done()
+        if handed:
+            request.state.preparing = True  # the slot _release() handed over, still counted
+        else:
+            slot.cancel()
+        if gone in done:
+            raise _ClientGone()
+        if not handed:
+            raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
+                           f"(--max-preparing), and none finished within {self.settings.preparing_wait_s:g} s "
+                           "(--max-preparing-wait-s); retry after 1 s", 1)
+        return taken
 
     @property
     def preparing(self) -> int:
@@ -176,7 +208,7 @@ class Service:
         scored = asyncio.wrap_future(fut)
         # A client that timed out (POLAR's client: after 30 s, then it retries) is not waiting for
         # this answer: its items leave the queue instead of being scored once per attempt.
-        gone = asyncio.ensure_future(_disconnected(request))
+        gone = asyncio.ensure_future(_gone(request))
         try:
             done, _ = await asyncio.wait((scored, gone), timeout=self.settings.timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
@@ -203,11 +235,19 @@ class Service:
                            "overloaded or the batch too large", 504)
 
 
-async def _disconnected(request: Request) -> None:
-    """Returns when the client closes the connection. The body has been read by now, so the next
-    message the server has for this request is http.disconnect."""
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
+# A body of at most this many bytes is received while its request waits for a --max-preparing slot,
+# which lets the wait see its client leave; it costs no memory that the HTTP server has not spent
+# already (uvicorn buffers 64 KiB of a body before it stops reading the connection). A larger body
+# stays unread until its slot comes.
+_WATCHED_BODY_BYTES = 64 * 1024
+
+
+async def _gone(request: Request, taken: Optional[list] = None) -> None:
+    """Returns when the client closes the connection; the body's messages received meanwhile are
+    appended to `taken`. Once the body has been read, the next message is http.disconnect."""
+    while (message := await request.receive())["type"] != "http.disconnect":
+        if taken is not None:
+            taken.append(message)
 
 
 class _TooBusy(Exception):
@@ -228,23 +268,33 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
-async def _read_body(request: Request, limit: int) -> list[bytes]:
-    """The body's chunks, as they arrived: the thread that parses them decodes them one by one
-    (joining them here would hold the event loop for a copy of up to --max-body-bytes)."""
+def _declared_length(request: Request) -> Optional[int]:
     declared = request.headers.get("content-length")
-    if declared is not None:
-        try:
-            if int(declared) > limit:
-                raise RequestError(f"the body is {int(declared)} bytes, more than this server's limit of {limit} "
-                                   "(--max-body-bytes)", 413)
-        except ValueError:
-            raise RequestError("the Content-Length header is not a number") from None
-    chunks, n = [], 0
-    async for chunk in request.stream():
+    if declared is None:
+        return None
+    try:
+        return int(declared)
+    except ValueError:
+        raise RequestError("the Content-Length header is not a number") from None
+
+
+async def _read_body(request: Request, limit: int, taken: list[dict]) -> list[bytes]:
+    """The body's chunks, as they arrived (`taken`: those received already): the thread that parses
+    them decodes them one by one (joining them here would hold the event loop for a copy of up to
+    --max-body-bytes)."""
+    chunks, n, more = [], 0, True
+    taken = iter(taken)
+    while more:
+        message = next(taken, None) or await request.receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         n += len(chunk)
         if n > limit:
             raise RequestError(f"the body is more than this server's limit of {limit} bytes (--max-body-bytes)", 413)
-        chunks.append(chunk)
+        if chunk:
+            chunks.append(chunk)
+        more = message.get("more_body", False)
     return chunks
 
 
@@ -287,11 +337,16 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             if encoding not in ("", "identity"):
                 raise RequestError(f"the body is sent with Content-Encoding {encoding}, which this server does not "
                                    "decode; send the JSON uncompressed", 415)
-            await service.admit(request)
+            # before waiting for a slot: a body that can never be taken is not told to retry
+            declared = _declared_length(request)
+            if declared is not None and declared > s.max_body_bytes:
+                raise RequestError(f"the body is {declared} bytes, more than this server's limit of "
+                                   f"{s.max_body_bytes} (--max-body-bytes)", 413)
+            taken = await service.admit(request)
             try:
                 # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
                 # its --max-preparing slot forever, and enough of them refuse everyone with 429.
-                chunks = await asyncio.wait_for(_read_body(request, s.max_body_bytes), s.read_timeout_s)
+                chunks = await asyncio.wait_for(_read_body(request, s.max_body_bytes, taken), s.read_timeout_s)
             except asyncio.TimeoutError:
                 status = 408
                 return _error(408, f"the request body did not arrive within {s.read_timeout_s:g} s "
@@ -307,6 +362,14 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         except (_ClientGone, ClientDisconnect):
             status = 499  # nginx's "client closed request": nobody reads this answer
             return _error(499, "the client closed the connection")
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still in flight when --graceful-timeout-s runs out (rewards()
+            # has taken its items off the queue): its client is told to retry, where uvicorn's own
+            # answer was a plain-text 500
+            asyncio.current_task().uncancel()
+            status = 503
+            return _error(503, "the server is shutting down and this request was not answered within its "
+                          "--graceful-timeout-s; retry", {"Retry-After": "1", "Connection": "close"})
         except Exception as e:  # a bug: say so, keep serving others
             status = 500
             return _error(500, f"internal error: {type(e).__name__}: {e}")
@@ -383,7 +446,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     async def health():
         ok = service.batcher.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": s.model_name,
-                             "queue_items": service.batcher.queued_items, "preparing": service.preparing},
+                             "queue_items": service.batcher.queued_items, "preparing": service.preparing,
+                             "waiting": service.waiting},
                             200 if ok else 503)
 
     @app.get("/metrics")

@@ -57,6 +57,9 @@ def parse_args(argv=None):
                     help="requests being read, parsed and tokenized at once; more wait for a slot, in arrival order")
     ap.add_argument("--max-preparing-wait-s", type=float, default=5.0,
                     help="how long a request waits for a --max-preparing slot before it gets 429, its body unread")
+    ap.add_argument("--max-waiting", type=int, default=None,
+                    help="requests waiting for a --max-preparing slot at once; more get 429 at once, their body "
+                         "unread (default: --max-queue, as many one-item requests as the queue holds)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit on scoring; 504 after it")
     ap.add_argument("--read-timeout-s", type=float, default=60.0,
                     help="the whole body must arrive within this many seconds of the request being admitted; "
@@ -87,6 +90,8 @@ def parse_args(argv=None):
         ap.error("--read-timeout-s must be positive")
     if not args.max_preparing_wait_s >= 0:
         ap.error("--max-preparing-wait-s must be 0 or more")
+    if args.max_waiting is not None and args.max_waiting < 0:
+        ap.error("--max-waiting must be 0 or more")
     if args.pp < 1 or args.tp < 0:
         ap.error("--tp and --pp must be positive")
     if not args.tp:
@@ -144,7 +149,7 @@ def build_service(args, scorer):
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
                              pooling_format=args.pooling_format, max_preparing=args.max_preparing,
-                             preparing_wait_s=args.max_preparing_wait_s)
+                             preparing_wait_s=args.max_preparing_wait_s, max_waiting=args.max_waiting)
     return Service(tokenizer, batcher, settings, metrics)
 
 

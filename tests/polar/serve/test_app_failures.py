@@ -1,7 +1,8 @@
 """The live server on loopback under load and failure: a full queue (429, the client retries), a
-request timeout (504), bearer auth, a client that gave up, the --max-preparing limit, a large body
-that must not stall the event loop, a stalled body (408), a failing round, non-finite rewards,
-start-up refusals and the graceful timeout."""
+request timeout (504), bearer auth, a client that gave up, the --max-preparing and --max-waiting
+limits, a client that leaves while waiting, a body over --max-body-bytes, a large body that must
+not stall the event loop, a stalled body (408), a failing round, non-finite rewards, start-up
+refusals and the graceful timeout (503)."""
 import asyncio
 import contextlib
 import json
@@ -149,6 +150,17 @@ def _part_of_a_body(url):
         yield conn, body[5:]
 
 
+def _answer_of(conn) -> bytes:
+    """The whole answer on a raw connection: its head and its JSON body."""
+    answer = b""
+    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+        got = conn.recv(65536)
+        if not got:
+            break
+        answer += got
+    return answer
+
+
 def test_requests_beyond_max_preparing_are_refused_before_their_body_is_read(scorer, tokenizer):
     with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=0.5) as (url, _):
         with _part_of_a_body(url) as (slow, rest):
@@ -222,12 +234,7 @@ def test_a_stalled_body_gets_408_and_frees_its_slot(scorer, tokenizer):
     429 for as long as that connection stays open."""
     with live_server(scorer, tokenizer, max_preparing=1, read_timeout_s=0.5) as (url, _):
         with _part_of_a_body(url) as (stalled, _):
-            answer = b""
-            while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
-                got = stalled.recv(65536)
-                if not got:
-                    break
-                answer += got
+            answer = _answer_of(stalled)
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b"--read-timeout-s" in answer
             assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 0)
@@ -235,6 +242,96 @@ def test_a_stalled_body_gets_408_and_frees_its_slot(scorer, tokenizer):
             res = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
             assert res.status_code == 200, res.text
         assert 'polar_serve_requests_total{endpoint="classify",status="408"} 1.0' in httpx.get(f"{url}/metrics").text
+
+
+def _waiting(url) -> int:
+    return httpx.get(f"{url}/health").json()["waiting"]
+
+
+def _classify(url, text, answers, key):
+    """POST /classify in a thread, its answer in answers[key]."""
+    t = threading.Thread(target=lambda: answers.update({key: httpx.post(f"{url}/classify", json={"text": [text]},
+                                                                         timeout=120)}))
+    t.start()
+    return t
+
+
+def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
+    """Each request waiting for a slot holds its connection, its task and what uvicorn buffered of
+    its body (25 KB for a small request, 150 KB for a large one: benchmarks/serve_load.py --burst),
+    and there was no limit to how many waited. Beyond --max-waiting (default --max-queue) a request
+    is refused at once, its body unread; those waiting are served once the slot is free."""
+    from polar.serve.app import ServeSettings, Service
+    from polar.serve.batcher import Batcher
+    from polar.serve.metrics import Metrics
+
+    service = Service(tokenizer, Batcher(lambda b: None, tokenizer.pad_id, max_queue_items=7), ServeSettings(),
+                      Metrics())
+    assert service.max_waiting == 7
+    from polar.serve.server import parse_args
+
+    assert parse_args(["--checkpoint", "c", "--max-waiting", "0"]).max_waiting == 0
+    with pytest.raises(SystemExit):
+        parse_args(["--checkpoint", "c", "--max-waiting", "-1"])
+    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_waiting=2) as (url, service):
+        with _part_of_a_body(url) as (slow, rest):
+            assert _until(lambda: service.preparing == 1)
+            answers = {}
+            waiting = [_classify(url, str(k), answers, k) for k in range(2)]
+            assert _until(lambda: _waiting(url) == 2)
+            busy = httpx.post(f"{url}/classify", json={"text": ["c"]}, timeout=30)
+            assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
+            message = busy.json()["error"]["message"]
+            assert "2 requests are waiting" in message and "(--max-waiting 2)" in message, message
+            assert "(--max-preparing)" in message
+            slow.sendall(rest)
+            assert _answer_of(slow).startswith(b"HTTP/1.1 200")
+            for t in waiting:
+                t.join(60)
+        assert [answers[k].status_code for k in range(2)] == [200, 200]
+        assert service.waiting == 0 and service.preparing == 0
+
+
+def test_a_client_that_leaves_while_waiting_for_a_slot_gives_up_its_place(scorer, tokenizer):
+    """A client that gave up while its request waited for a slot (its timeout, then a retry) left
+    the request waiting until a slot came, its place in --max-waiting taken by an answer nobody reads."""
+    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_waiting=1) as (url, service):
+        with _part_of_a_body(url) as (slow, rest):
+            assert _until(lambda: service.preparing == 1)
+            body = json.dumps({"text": ["a"]}).encode()
+            with socket.create_connection(slow.getpeername(), timeout=30) as leaving:
+                leaving.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                b"Content-Length: %d\r\n\r\n" % len(body) + body)
+                assert _until(lambda: _waiting(url) == 1)
+            assert _until(lambda: _waiting(url) == 0, 10)
+            answers = {}
+            t = _classify(url, "b", answers, "b")  # the place is free: it waits instead of a 429
+            assert _until(lambda: _waiting(url) == 1)
+            slow.sendall(rest)
+            assert _answer_of(slow).startswith(b"HTTP/1.1 200")
+            t.join(60)
+        assert answers["b"].status_code == 200
+        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in httpx.get(f"{url}/metrics").text
+        assert service.batcher.totals.items == 2  # the slow request and "b"; not the one whose client left
+
+
+def test_a_body_over_max_body_bytes_is_refused_before_waiting_for_a_slot(scorer, tokenizer):
+    """A body declared larger than --max-body-bytes can never be taken, yet it waited for a slot
+    and, all slots busy, got 429: retry, which a client does for ever. It gets 413 at once, unread;
+    a body of no declared length (chunked) gets 413 as soon as what arrived passes the limit."""
+    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_body_bytes=1000) as (url, service):
+        with _part_of_a_body(url) as (slow, rest):
+            assert _until(lambda: service.preparing == 1)
+            with socket.create_connection(slow.getpeername(), timeout=30) as big:
+                big.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                            b"Content-Length: 1000000000\r\n\r\n" + b" " * 4096)
+                answer = _answer_of(big)
+            assert answer.startswith(b"HTTP/1.1 413"), answer
+            assert b"the body is 1000000000 bytes" in answer and b"(--max-body-bytes)" in answer
+            slow.sendall(rest)
+            assert _answer_of(slow).startswith(b"HTTP/1.1 200")
+        chunked = httpx.post(f"{url}/classify", content=iter([b" " * 400] * 100), timeout=30)
+        assert chunked.status_code == 413 and "limit of 1000 bytes (--max-body-bytes)" in chunked.text
 
 
 def test_settings_that_leave_the_prompt_unbounded_are_refused(tokenizer):
@@ -365,7 +462,8 @@ def test_a_tokenizer_other_than_the_checkpoints_is_refused_at_start_up(scorer, t
 def test_requests_still_queued_at_the_graceful_timeout_are_not_scored_after_it(scorer, tokenizer):
     """uvicorn cancels the requests still in flight when --graceful-timeout-s runs out; their items
     must leave the queue then, not be scored for nobody by the batcher's close() while the process
-    should be exiting (torchrun and SLURM kill it soon after)."""
+    should be exiting (torchrun and SLURM kill it soon after), and their clients are answered 503
+    with Retry-After (they got uvicorn's plain-text 500)."""
     import uvicorn
 
     from polar.serve.app import ServeSettings, Service, create_app
@@ -391,11 +489,14 @@ def test_requests_still_queued_at_the_graceful_timeout_are_not_scored_after_it(s
     assert _until(lambda: server.started)
     url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
 
+    answers = {}
+
     def post(i):
         try:
-            httpx.post(f"{url}/classify", json={"text": [f"<|reward|>{i}{'x' * 40}[UNUSED_TOKEN_130]"]}, timeout=60)
-        except httpx.HTTPError:
-            pass  # cancelled at the graceful timeout: the connection closes unanswered
+            answers[i] = httpx.post(f"{url}/classify", json={"text": [f"<|reward|>{i}{'x' * 40}[UNUSED_TOKEN_130]"]},
+                                    timeout=60)
+        except httpx.HTTPError as e:  # the connection closed unanswered
+            answers[i] = e
 
     clients = [threading.Thread(target=post, args=(i,)) for i in range(8)]
     for c in clients:
@@ -408,3 +509,9 @@ def test_requests_still_queued_at_the_graceful_timeout_are_not_scored_after_it(s
         c.join(60)
     assert not thread.is_alive()
     assert len(rounds) <= 3, len(rounds)  # the one running, the one started within the 0.5 s; 8 without the fix
+    # none lost silently: each client is answered, 200 or, cancelled at the graceful timeout, 503 to retry
+    codes = {i: getattr(a, "status_code", repr(a)) for i, a in answers.items()}
+    assert sorted(codes) == list(range(8)) and set(codes.values()) <= {200, 503} and 503 in codes.values(), codes
+    refused = [a for a in answers.values() if a.status_code == 503]
+    assert all(a.headers["retry-after"] == "1" and "--graceful-timeout-s" in a.json()["error"]["message"]
+               for a in refused)
