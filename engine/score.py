@@ -15,9 +15,12 @@ written by rank 0 as one line per input line, in input order. This is the refere
 
 The input is read twice: once to check every line before a model is loaded, then --chunk-lines
 lines at a time, each chunk tokenized, packed, scored and appended to OUTPUT.partial
-(polar/score_output.py), so the host holds one chunk, not the input, and a stopped run loses at
+(polar/score_output.py), so the host holds two chunks, not the input, and a stopped run loses at
 most one chunk: the same command run again continues after the rows already written. OUTPUT
-appears when the last line is written. Without --seq-length each chunk's packed length is its
+appears when the last line is written. The next chunk is read, tokenized and packed on a second
+thread while the model scores this one (the device does not wait for the host between chunks); an
+error found there (a bad line, an input cut short) stops the run where it would have without that
+thread, after this chunk's rows are written. Without --seq-length each chunk's packed length is its
 longest group's, rounded up to 128.
 
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
@@ -80,9 +83,13 @@ def parse_args(argv=None):
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
     ap.add_argument("--chunk-lines", type=count_at_least(0), default=0,
                     help="input lines scored and written at a time: what a stopped run can lose, and what the "
-                         "host holds (default: 1024 per data-parallel rank, at most 16384)")
+                         "host holds twice (default: 1024 per data-parallel rank, at most 16384)")
     ap.add_argument("--on-error", default="fail", choices=("fail", "skip"),
                     help="a bad input line stops the run (fail) or becomes an error line (skip)")
+    ap.add_argument("--no-prefetch", action="store_true",
+                    help="read, tokenize and pack each chunk only after the one before it is scored, in the main "
+                         "thread (default: on a second thread while it is scored): one thread, for a debugger or "
+                         "profiler; the rows are the same")
     return ap.parse_args(argv)
 
 
@@ -245,58 +252,76 @@ class CheckpointScorer:
         `progress_s`: seconds between progress lines (None: none), or `progress(done, total)` called
         with the packed sequences scored so far (engine.scoring.score's). With `data_parallel` every
         rank passes the same lines and the packed sequences are split over the DP ranks; without it
-        each model replica scores the lines it is given, alone."""
+        each model replica scores the lines it is given, alone. pack() then score_packed()."""
+        if progress is None and progress_s is not None:
+            progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
+        return self.score_packed(self.pack(lines, seq_length, where), progress, data_parallel)
+
+    def pack(self, lines: list, seq_length: int = 0, where=None) -> "Packed":
+        """score_groups' host part (no model, no process group): the lines' groups planned into
+        packed sequences and collated, so a thread can pack lines while the model scores others.
+        A group past the packed length is a ConfigError naming its line (`where(i)`)."""
+        import numpy as np
+
+        from engine.packing import collate, plan_sequences
+
         # a Group is a SplitLine of one part holding every output in order: one path for both
         splits = [line if isinstance(line, SplitLine) else SplitLine([line], [range(len(line.candidates))])
                   for line in lines]
         groups = [g for s in splits for g in s.parts]
         owner = [i for i, s in enumerate(splits) for _ in s.parts]  # the line each group comes from
         name = where or (lambda i: f"line {i}")
-        if progress is None and progress_s is not None:
-            progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
-        per_group, facts = self._score_groups(groups, seq_length, lambda g: name(owner[g]), progress, data_parallel)
-        out, scored = [], iter(per_group)
-        for s in splits:
-            rewards = [None] * s.outputs
-            for members, group_rewards in zip(s.members, scored):
-                for m, r in zip(members, group_rewards):
-                    rewards[m] = r
-            out.append(rewards)
-        return out, facts
-
-    def _score_groups(self, groups: list, seq_length: int, name, progress=None, data_parallel: bool = True
-                      ) -> tuple[list, dict]:
-        import numpy as np
-
-        from engine.packing import collate, plan_sequences
-        from engine.scoring import score, score_data_parallel
-
         lengths = np.array([len(g) for g in groups], dtype=np.int64)
         longest = int(lengths.max()) if len(lengths) else 1
         # rounded up to 128, but never wider than the model's positions: a dynamic-RoPE model
         # refuses a packed row past them even when each group in it is shorter
         seq = seq_length or max(longest, min(-(-longest // 128) * 128, self.model_cfg.max_position_embeddings))
         if longest > seq:
-            raise ConfigError(f"{name(int(lengths.argmax()))}: its outputs take {longest} tokens, more than the "
-                              f"packed sequence length {seq}")
+            raise ConfigError(f"{name(owner[int(lengths.argmax())])}: its outputs take {longest} tokens, more than "
+                              f"the packed sequence length {seq}")
         if longest > self.model_cfg.max_position_embeddings:
-            raise ConfigError(f"{name(int(lengths.argmax()))}: {longest} tokens, more than "
+            raise ConfigError(f"{name(owner[int(lengths.argmax())])}: {longest} tokens, more than "
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
-        scoring = score_data_parallel if data_parallel else score
-        rewards = scoring(self.chunks, batches, self.rt, progress=progress).cpu()
-        # collate numbers candidates sequence by sequence, group by group: map them back
+        # collate numbers candidates sequence by sequence, group by group
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(per_group)]).tolist()
-        out = [None] * len(groups)
-        for i, g in enumerate(order.tolist()):
-            out[g] = rewards[starts[i]:starts[i + 1]].tolist()
-        facts = {"sequences": len(batches), "seq_length": seq,
-                 "outputs": int(per_group.sum()),
+        facts = {"sequences": len(batches), "seq_length": seq, "outputs": int(per_group.sum()),
                  "prefix_tokens_saved": int(sum(len(g.prefix) * (len(g.candidates) - 1) for g in groups))}
-        return out, facts
+        return Packed(splits, batches, order.tolist(), per_group.tolist(), facts)
+
+    def score_packed(self, packed: "Packed", progress=None, data_parallel: bool = True) -> tuple[list, dict]:
+        """score_groups' model part, for what pack() made: rewards per line and the packing facts."""
+        rewards = self._rewards(packed.batches, progress, data_parallel)
+        per_group: list = [None] * len(packed.order)
+        start = 0
+        for g, n in zip(packed.order, packed.candidates):  # collate's order, mapped back to the groups'
+            per_group[g] = rewards[start:start + n].tolist()
+            start += n
+        out, scored = [], iter(per_group)
+        for s in packed.splits:
+            line_rewards = [None] * s.outputs
+            for members, group_rewards in zip(s.members, scored):
+                for m, r in zip(members, group_rewards):
+                    line_rewards[m] = r
+            out.append(line_rewards)
+        return out, packed.facts
+
+    def _rewards(self, batches: list, progress, data_parallel: bool):
+        """The model's reward of every candidate of `batches`, in collate's order, on the host."""
+        from engine.scoring import score, score_data_parallel
+
+        scoring = score_data_parallel if data_parallel else score
+        return scoring(self.chunks, batches, self.rt, progress=progress).cpu()
+
+
+class Packed:
+    """Lines packed for the model (CheckpointScorer.pack): the lines as SplitLines, the collated
+    batches, the group of each place in collate's order and its candidate count, the packing facts."""
+
+    def __init__(self, splits: list, batches: list, order: list, candidates: list, facts: dict):
+        self.splits, self.batches, self.order, self.candidates, self.facts = splits, batches, order, candidates, facts
 
 
 def progress_printer(every_s: float, main_rank: bool, dp: int = 1, unit: str = "packed sequences"):
@@ -428,10 +453,15 @@ def run(args) -> int:
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
     totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
     cuts, over_names, lengths, lines_done = Cuts(), [], set(), 0
-    for lines in iter(next_chunk, []):
-        # each model replica tokenizes, packs and scores its share of the chunk's lines only
-        share = _score_share(scorer, [ln for ln in lines if ln.error is None][rt.dp_rank::rt.dp], args, limit,
-                             lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
+
+    def prepare() -> tuple:
+        # each model replica tokenizes and packs its share of the chunk's lines only
+        lines = next_chunk()
+        return lines, _prepared_share(scorer, [ln for ln in lines if ln.error is None][rt.dp_rank::rt.dp], args,
+                                      limit)
+
+    for lines, prepared in prepared_ahead(prepare, lambda chunk: not chunk[0], ahead=not args.no_prefetch):
+        share = _scored_share(scorer, prepared, lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
         outcome, facts, share_cuts = _gathered(share, rt)
         for k in ("sequences", "outputs", "prefix_tokens_saved"):
             totals[k] += sum(f[k] for f in facts)
@@ -477,19 +507,69 @@ def run(args) -> int:
     return 0
 
 
-def _score_share(scorer: CheckpointScorer, mine: list, args, limit: int, progress) -> tuple:
-    """This replica's share of a chunk: {line number: rewards, or the token count of a line too long
-    to fit `limit`}, the packing facts and what the client's truncation cut."""
+def _prepared_share(scorer: CheckpointScorer, mine: list, args, limit: int) -> tuple:
+    """The host's part of this replica's share of a chunk (on the preparing thread): {line number:
+    the token count of a line too long to fit `limit`}, the other lines and their packed sequences
+    (None when there are none), and what the client's truncation cut."""
     groups = scorer.groups([ln.items for ln in mine], args.seq_length)
-    outcome = {ln.line: len(g) for ln, g in zip(mine, groups) if len(g) > limit}
-    kept = [(ln, g) for ln, g in zip(mine, groups) if ln.line not in outcome]
+    cuts = scorer.cuts  # read in the thread that set it: groups() of the next chunk sets it again
+    too_long = {ln.line: len(g) for ln, g in zip(mine, groups) if len(g) > limit}
+    kept = [(ln, g) for ln, g in zip(mine, groups) if ln.line not in too_long]
+    packed = (scorer.pack([g for _, g in kept], args.seq_length, where=lambda i: f"{args.input}:{kept[i][0].line}")
+              if kept else None)
+    return too_long, [ln for ln, _ in kept], packed, cuts
+
+
+def _scored_share(scorer: CheckpointScorer, prepared: tuple, progress) -> tuple:
+    """This replica's share of a chunk scored: {line number: rewards, or the token count of a line
+    too long}, the packing facts and what the client's truncation cut."""
+    outcome, kept, packed, cuts = prepared
+    outcome = dict(outcome)
     facts = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "seq_length": 0}
-    if kept:
-        rewards, facts = scorer.score_groups([g for _, g in kept], args.seq_length,
-                                             where=lambda i: f"{args.input}:{kept[i][0].line}", progress=progress,
-                                             data_parallel=False)
-        outcome.update((ln.line, r) for (ln, _), r in zip(kept, rewards))
-    return outcome, facts, scorer.cuts
+    if packed is not None:
+        rewards, facts = scorer.score_packed(packed, progress=progress, data_parallel=False)
+        outcome.update((ln.line, r) for ln, r in zip(kept, rewards))
+    return outcome, facts, cuts
+
+
+def prepared_ahead(prepare, last, ahead: bool = True):
+    """prepare()'s results, one after another, up to the first of which last(result) is true (not
+    yielded). With `ahead`, the next result is prepared on a second thread while the caller works on
+    the one it was given, one at most (the host holds two); an exception raised preparing it is
+    raised here, to the caller, when the caller asks for that result (after its work on the one
+    before, as without `ahead`). The thread is a daemon: a caller leaving early (its own error) is
+    never held up by it, and what it prepared is dropped."""
+    import threading
+
+    if not ahead:
+        while not last(result := prepare()):
+            yield result
+        return
+
+    def run(slot: dict) -> None:
+        try:
+            slot["result"] = prepare()
+        except BaseException as e:  # raised in the caller's thread, where the run's error handling is
+            slot["error"] = e
+
+    def start() -> tuple:
+        slot: dict = {}
+        thread = threading.Thread(target=run, args=(slot,), name="polar-score-prepare", daemon=True)
+        thread.start()
+        return thread, slot
+
+    pending = start()
+    while True:
+        thread, slot = pending
+        thread.join()
+        if "error" in slot:
+            raise slot.pop("error")
+        result = slot.pop("result")
+        if last(result):
+            return
+        pending = start()  # the next one, while the caller works on this one
+        yield result
+        del result  # not held while the next one is prepared on top of it
 
 
 def _gathered(share: tuple, rt) -> tuple:

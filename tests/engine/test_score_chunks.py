@@ -189,6 +189,75 @@ def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, ro
     else:
         assert (f"{inp}:{rows}" in proc.stderr and "the input changed after it was checked" in proc.stderr
                 and f"kept in {out}.partial" in proc.stderr and not out.exists()), proc.stderr[-3000:]
+        # line 2's chunk was found bad while line 1's was scored: line 1's row is written all the same
+        assert [r["line"] for r in _rows(Path(f"{out}.partial"))] == [1]
+
+
+def test_an_error_preparing_the_next_chunk_is_raised_after_the_work_on_this_one():
+    """prepared_ahead (polar score's chunks): the next result is prepared while the caller works on
+    this one; an exception raised preparing it reaches the caller, the same object, only when the
+    caller asks for it, and a caller that stops early (its own error) is not held up by a
+    preparation that never ends."""
+    import threading
+
+    from engine.score import prepared_ahead
+
+    made, blocked = [], threading.Event()
+
+    def prepare():
+        made.append(threading.current_thread() is threading.main_thread())
+        if len(made) == 3:
+            raise ValueError("in.jsonl:3: not valid JSON")
+        return len(made)
+
+    got = []
+    with pytest.raises(ValueError) as caught:
+        for item in prepared_ahead(prepare, lambda item: item is None):
+            got.append(item)
+    assert got == [1, 2] and made == [False] * 3  # the caller's work on item 2 done, then item 3's error
+    assert str(caught.value) == "in.jsonl:3: not valid JSON"
+
+    made.clear()
+    assert list(prepared_ahead(prepare, lambda item: item == 2, ahead=False)) == [1] and made == [True] * 2
+
+    def stuck():  # a preparation that ends when the test lets it
+        made.append(None)
+        if len(made) > 1:
+            blocked.wait()
+        return len(made)
+
+    def stop_on_first():
+        for _ in prepared_ahead(stuck, lambda item: False):
+            raise RuntimeError("the caller's own error")
+
+    made.clear()
+    left = threading.Thread(target=lambda: pytest.raises(RuntimeError, stop_on_first), daemon=True)
+    left.start()
+    left.join(60)  # a guard: the caller leaves at once, not after the stuck preparation
+    stuck_too = left.is_alive()
+    blocked.set()
+    assert not stuck_too and made == [None, None]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_the_rows_are_byte_for_byte_those_of_chunks_prepared_one_after_another(tmp_path, checkpoint, nproc):
+    """--no-prefetch (every chunk read, tokenized and packed in the main thread after the one before
+    it is scored) and the default give the same bytes, bad and too-long lines included, at DP 1 and 2."""
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps(x) for x in _lines(10)]
+    lines[4:4] = ["not json", json.dumps(dict(SHORT, output="y" * 400))]
+    inp.write_text("\n".join(lines) + "\n")
+    summaries = []
+    for name, extra in (("ahead", []), ("serial", ["--no-prefetch"])):
+        proc = _run(_cmd(checkpoint, inp, tmp_path / f"{name}.jsonl", "--chunk-lines", "3", "--seq-length", "256",
+                         "--on-error", "skip", "--nproc", str(nproc), *extra), tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        # the summary without the time and the output's name
+        summaries += [x.rsplit("; ", 2)[0] for x in proc.stdout.splitlines() if x.startswith("scored ")]
+    assert (tmp_path / "ahead.jsonl").read_bytes() == (tmp_path / "serial.jsonl").read_bytes()
+    rows = _rows(tmp_path / "ahead.jsonl")
+    assert [r["line"] for r in rows] == list(range(1, 13)) and "error" in rows[4] and "error" in rows[5]
+    assert len(summaries) == 2 and summaries[0] == summaries[1] and f"dp={nproc}; " in summaries[0], summaries
 
 
 def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(tmp_path, checkpoint):
@@ -239,3 +308,64 @@ def test_a_second_run_leaves_the_rows_of_the_run_writing_alone(tmp_path, checkpo
         assert second.returncode == 2 and "another polar score is writing this output" in second.stderr, \
             second.stderr[-3000:]
         assert partial.read_bytes() == before
+
+
+def test_the_next_chunk_is_prepared_while_the_model_scores_this_one(tmp_path, checkpoint):
+    """The host's work on chunk i+1 (reading, the client's tokenization, packing) overlaps the
+    forward of chunk i: the device does not wait for it between chunks. Seen from inside a real
+    run: each forward but the last waits (30 s at most) for the next chunk's tokenization to start;
+    with --no-prefetch none sees it, and the rows are byte for byte the same."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in _lines(4)))
+    script = tmp_path / "watched.py"
+    script.write_text(WATCHED)
+    seen = {}
+    for name, extra in (("ahead", []), ("serial", ["--no-prefetch"])):
+        out = tmp_path / f"{name}.jsonl"
+        proc = _run([sys.executable, str(script), str(tmp_path / f"{name}.log"),
+                     *_cmd(checkpoint, inp, out, "--chunk-lines", "1", *extra)[4:]], tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen[name] = (tmp_path / f"{name}.log").read_text().split()
+        assert out.read_bytes() == (tmp_path / "ahead.jsonl").read_bytes()
+        assert seen[name] == ["overlapped" if name == "ahead" else "not-overlapped"] * 3 + ["last"], seen
+
+
+# polar score with its forward watched: does the next chunk's tokenization start while it runs?
+WATCHED = """
+import sys
+import threading
+
+import engine.scoring
+from engine.score import CheckpointScorer, main
+
+log, threads, changed = open(sys.argv[1], "w"), [], threading.Condition()
+groups, forward = CheckpointScorer.groups, engine.scoring.score
+forwards = 0
+
+
+def watched_groups(self, *a, **k):
+    with changed:
+        threads.append(threading.current_thread() is threading.main_thread())
+        changed.notify_all()
+    return groups(self, *a, **k)
+
+
+def watched_forward(*a, **k):
+    global forwards
+    out = forward(*a, **k)
+    forwards += 1
+    if forwards == 4:  # 4 lines, --chunk-lines 1: no chunk after this one
+        log.write("last\\n")
+    elif all(threads):  # every chunk tokenized in the main thread, which is here: nothing overlaps
+        log.write("not-overlapped\\n")
+    else:
+        with changed:
+            ahead = changed.wait_for(lambda: len(threads) > forwards, timeout=30)
+        log.write("overlapped\\n" if ahead else "not-overlapped\\n")
+    log.flush()
+    return out
+
+
+CheckpointScorer.groups, engine.scoring.score = watched_groups, watched_forward
+sys.exit(main(sys.argv[2:]))
+"""

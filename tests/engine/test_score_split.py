@@ -145,33 +145,43 @@ def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_un
 
 
 def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
-    """Plain and split lines mixed: every reward lands on its own line and output, and a group past the
-    sequence length is named by its line (the packing and the model stubbed)."""
+    """Plain and split lines mixed, packed for real (several sequences, collate's order): every reward
+    lands on its own line and output, and a group past the sequence length is named by its line (the
+    model stubbed: each candidate's reward is the id of its last token, unique here)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from engine.config import ConfigError
     from engine.score import CheckpointScorer, SplitLine, lcp_group
 
     def ids(*xs):
         return [np.asarray(x, dtype=np.int32) for x in xs]
 
     plain = lcp_group(ids([1, 2, 3], [1, 2, 4, 5]))
-    split = SplitLine([lcp_group(ids([1, 7], [1, 8, 8])), lcp_group(ids([1, 9]))], [[2, 0], [1]])
+    split = SplitLine([lcp_group(ids([1, 7, 7, 7], [1, 8, 8])), lcp_group(ids([1, 9]))], [[2, 0], [1]])
     single = lcp_group(ids([6, 6]))
     scorer = object.__new__(CheckpointScorer)
+    scorer.model_cfg = SimpleNamespace(max_position_embeddings=64)
+    scorer.tokenizer = SimpleNamespace(pad_id=0)
     seen = {}
 
-    def fake(groups, seq_length, name, progress=None, data_parallel=True):
-        seen.update(groups=groups, seq_length=seq_length, names=[name(g) for g in range(len(groups))])
-        # a reward per candidate that says which group and which candidate it is
-        return [[10.0 * g + k for k in range(len(group.candidates))] for g, group in enumerate(groups)], {"facts": 1}
+    def last_token_ids(batches, progress, data_parallel):
+        seen.update(sequences=len(batches), data_parallel=data_parallel)
+        return torch.cat([torch.zeros(0)] + [b.tokens.flatten()[b.reward_index].float() for b in batches])
 
-    scorer._score_groups = fake
-    rewards, facts = scorer.score_groups([plain, split, single], 64, where=lambda i: f"f.jsonl:{i + 1}")
-    assert rewards == [[0.0, 1.0], [11.0, 20.0, 10.0], [30.0]] and facts == {"facts": 1}
-    assert [id(g) for g in seen["groups"]] == [id(g) for g in (plain, *split.parts, single)]
-    assert seen["seq_length"] == 64
-    assert seen["names"] == ["f.jsonl:1", "f.jsonl:2", "f.jsonl:2", "f.jsonl:3"]
-    scorer.score_groups([split, plain], 0)
-    assert seen["names"] == ["line 0", "line 0", "line 1"] and seen["seq_length"] == 0
+    scorer._rewards = last_token_ids
+    # 8 tokens a sequence: groups of 5, 6, 2 and 2 tokens, in three sequences
+    rewards, facts = scorer.score_groups([plain, split, single], 8, where=lambda i: f"f.jsonl:{i + 1}")
+    assert rewards == [[3.0, 5.0], [8.0, 9.0, 7.0], [6.0]]
+    assert facts["sequences"] == seen["sequences"] == 3 and facts["outputs"] == 6 and facts["seq_length"] == 8
+    assert facts["prefix_tokens_saved"] == 2 + 1  # [1, 2] once for two, [1] once for two
+    assert scorer.score_groups([split, plain], 0, data_parallel=False)[0] == [[8.0, 9.0, 7.0], [3.0, 5.0]]
+    assert seen["data_parallel"] is False
     assert scorer.score_groups([], 0)[0] == []
+    with pytest.raises(ConfigError, match="^f.jsonl:2: its outputs take 9 tokens, more than the packed sequence "
+                                          "length 8$"):
+        scorer.pack([plain, SplitLine([lcp_group(ids([1] * 9))], [[0]])], 8, where=lambda i: f"f.jsonl:{i + 1}")
 
 
 def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint):
