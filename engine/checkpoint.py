@@ -101,6 +101,9 @@ def _first_line(e: BaseException) -> str:
     e = _cause(e)
     text = (str(e).strip().splitlines() or [""])[0]
     text = text.split(". ")[0]  # torch's reader adds sentences of advice after the error
+    # megatron's wrapper of a writer's error (its cause does not survive the gather to rank 0)
+    if m := re.fullmatch(r"Worker failure: (\[Errno \d+\] .*)", text):
+        return f"OSError: {m.group(1)[:300]}"
     return f"{type(e).__name__}: {text[:300]}"
 
 
@@ -144,17 +147,36 @@ def _parallel_save_strategy(dp_group):
     return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
 
 
-def _write_results_in_this_process() -> None:
+_LOCAL_RESULTS: queue.Queue = queue.Queue()
+
+
+def _results_queue(background) -> None:
     """megatron's file writer hands its write results back through a queue it makes on first use:
     a multiprocessing Manager started with `spawn`, i.e. a server process that re-imports the entry
     script (seconds and a few hundred MB a rank, and a RuntimeError in a script without a
-    `__main__` guard). The engine saves synchronously: the writer runs in this process, so a
-    thread-safe queue here is the same channel without the process. Set once, before the first
-    save; a megatron without that module attribute keeps its own queue."""
+    `__main__` guard). A synchronous save writes in this process: a thread-safe queue here is the
+    same channel without the process. A background save's writer is a forked process: the queue
+    of engine.checkpoint_async. The writer takes the queue set when its save is planned; a megatron
+    without that module attribute keeps its own."""
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", ()) is None:
-        filesystem_async._results_queue = queue.Queue()
+    from engine import checkpoint_async
+
+    if hasattr(filesystem_async, "_results_queue"):
+        filesystem_async._results_queue = (_LOCAL_RESULTS if background is None
+                                           else checkpoint_async.results_queue())
+
+
+@contextlib.contextmanager
+def _write_errors(root: Path, partial: Path):
+    """A shard that was not written (a full disk, a read-only file system) as CheckpointWriteError
+    on every rank. megatron's finalize raises its CheckpointException on every rank, with the
+    failed ranks' errors on rank 0 only."""
+    try:
+        yield
+    except (OSError, *_dcp_error()) as e:
+        detail = _first_line(e) if _cause(e) is not e or isinstance(e, OSError) else "a shard was not written"
+        raise _write_failed(root, partial, detail) from e
 
 
 def _optimizer_metadata(fmt: str) -> dict:
@@ -164,11 +186,19 @@ def _optimizer_metadata(fmt: str) -> dict:
 
 
 def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep: int = 2,
-         model_settings: dict | None = None, dp_group=None, optimizer_format: str = OPTIMIZER_FORMATS[0]) -> str:
+         model_settings: dict | None = None, dp_group=None, optimizer_format: str = OPTIMIZER_FORMATS[0],
+         background=None) -> str:
     """`dp_group`: the data-parallel group, whose replicas then share the writing. The optimizer
-    format is recorded in the trainer state, which `load` reads it from."""
+    format is recorded in the trainer state, which `load` reads it from. `background` (an
+    engine.checkpoint_async.BackgroundSaves): the state is copied and written by a forked process
+    while the caller goes on; its save pending before is finalized first (one at a time), and this
+    one by its poll() or finish(). Returns the step directory (once finalized, for a background one)."""
     from megatron.core import dist_checkpointing
 
+    from engine import checkpoint_async
+
+    if background is not None:
+        background.finish()
     root = Path(ckpt_dir)
     final = root / f"step_{step:08d}"
     partial = root / f"step_{step:08d}.partial"
@@ -182,22 +212,35 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer_format))
         trainer_state = {**trainer_state, "optimizer_format": optimizer_format}
-    _write_results_in_this_process()
+    # as it is now: the trainer's history lists grow while a background save is written
+    trainer_state = json.loads(json.dumps(trainer_state))
+    _results_queue(background)
     try:
         # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
         # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not
-        # change within a run, so the first save of the process checks it
-        dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group),
-                                validate_access_integrity=not _SAVES_CHECKED.get(id(chunks), False))
+        # change within a run, so the first save of the process checks it. The request is the write
+        # (the shards copied to host memory first) and its finalize (megatron's metadata files)
+        request = dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group),
+                                          validate_access_integrity=not _SAVES_CHECKED.get(id(chunks), False),
+                                          async_sharded_save=True, async_strategy="mcore")
         _SAVES_CHECKED[id(chunks)] = True
     except (OSError, *_dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
         if not isinstance(_cause(e), OSError):
             raise
         raise _write_failed(root, partial, _first_line(e)) from e
-    dist.barrier()
-    error = on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
-    if error:
-        raise _write_failed(root, partial, error)
+    request = checkpoint_async.own_writer(request, forked=background is not None)
+
+    def finish():  # after every rank's write and megatron's metadata (which ends with a barrier)
+        error = on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
+        if error:
+            raise _write_failed(root, partial, error)
+
+    request.add_finalize_fn(finish)
+    if background is not None:
+        background.start(request, str(final), lambda: _write_errors(root, partial))
+        return str(final)
+    with _write_errors(root, partial):
+        request.execute_sync()
     return str(final)
 
 

@@ -189,6 +189,11 @@ class CheckpointConfig:
     # no exchange; a run resumes at the same TP/PP/VPP (any DP) with the distributed optimizer,
     # refused otherwise before the load
     optimizer_format: str = setting("fully_reshardable", one_of("fully_reshardable", "dp_reshardable"))
+    # a save copies the state to host memory and training goes on while a forked process per rank
+    # writes the files; the step becomes `latest` once every rank's write has finished (checked at
+    # log steps and at the next save; the end of the run and an early stop wait for it). Costs host
+    # memory for one copy of the rank's shard of the weights and optimizer state
+    async_save: bool = setting(False, boolean)
 
 
 @dataclass

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, resume_checks
+from engine import checkpoint, checkpoint_async, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.loss import contrastive_loss
@@ -91,6 +91,8 @@ class Trainer:
         self.stop_request = ""
         self.stopped_by = ""  # the reason the last fit stopped before train.steps ("" if it did not)
         self.last_saved_step = -1
+        # checkpoint.async_save: the save being written in the background (at most one)
+        self.saves = checkpoint_async.BackgroundSaves() if cfg.checkpoint.async_save else None
         self.history: list[dict] = []
         self.skipped_steps: list[dict] = []
         self.is_last_stage = rt.is_last_stage()
@@ -170,12 +172,25 @@ class Trainer:
         }
         if self.optimizer_format == "dp_reshardable":  # the state lies in these buckets
             state["optimizer_buckets"] = resume_checks.optimizer_buckets(self.optimizer)
+        self.finish_saves()  # the one pending (and its log line) before this one
         path = checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, state, self.cfg.checkpoint.keep,
                                model_settings=dataclasses.asdict(self.cfg.model), dp_group=self.rt.groups.dp,
-                               optimizer_format=self.optimizer_format)
+                               optimizer_format=self.optimizer_format, background=self.saves)
         self.last_saved_step = self.step
-        self.log(f"saved checkpoint {path}")
+        self.log(f"writing checkpoint {path} in the background" if self.saves else f"saved checkpoint {path}")
         return path
+
+    def poll_saves(self) -> None:
+        """Finalizes a background save whose writes have all finished (every rank calls it at the
+        same step: at log steps, which synchronise anyway). Nothing pending: nothing is done."""
+        if self.saves is not None and (path := self.saves.poll()):
+            self.log(f"saved checkpoint {path}")
+
+    def finish_saves(self) -> None:
+        """Waits for the background save and finalizes it: before the run ends or reports its
+        checkpoints (a failed write raises CheckpointWriteError here at the latest)."""
+        if self.saves is not None and (path := self.saves.finish()):
+            self.log(f"saved checkpoint {path}")
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _run_schedule(self, microbatches, forward_only: bool, micro_batch: int | None = None, lm_scale: float = 0.0):
@@ -353,6 +368,7 @@ class Trainer:
                 skipped_in_row += 1
                 skipped_in_window += 1
                 if skipped_in_row >= tc.max_nonfinite_steps:
+                    self.finish_saves()  # every rank stops here: the checkpoint named below is complete
                     last = self.skipped_steps[-1]
                     saved = checkpoint.latest(self.ckpt_dir)
                     restart = (f"start a new run (a new run_dir) from its weights with a lower train.lr "
@@ -380,6 +396,7 @@ class Trainer:
                     skipped=skipped_in_window,
                 )
                 self.history.append(row)
+                self.poll_saves()
                 window.zero_()
                 tokens = real_tokens = groups = skipped_in_window = 0
                 flops = 0.0
@@ -409,6 +426,7 @@ class Trainer:
         # end of training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)
         if self.last_saved_step != self.step and self.step > 0 and (stop or self.cfg.checkpoint.save_at_end):
             self.save()
+        self.finish_saves()  # the run's last checkpoint is complete before it ends (or answers a stop file)
         if self.stopped_by == "stop_file" and self.rt.is_main:
             # answered, once the checkpoint is complete (a save cut short leaves the request standing);
             # the same command then resumes instead of stopping again after one step. Its absence

@@ -39,7 +39,7 @@ BAD = {
     "data.eval_path": "/nonexistent/eval",
     "checkpoint.dir": A_FILE, "checkpoint.save_interval": -1, "checkpoint.resume": "maybe",
     "checkpoint.init_from": "/nonexistent/checkpoint", "checkpoint.keep": -1, "checkpoint.save_at_end": "rarely",
-    "checkpoint.optimizer_format": "everything", "train.stop_file": "/",
+    "checkpoint.optimizer_format": "everything", "checkpoint.async_save": "later", "train.stop_file": "/",
     "log.interval": 0, "log.tensorboard": "loud",
     "synthetic.seed": -1, "synthetic.train_policies": 1, "synthetic.held_out_policies": 1,
     "synthetic.train_triplets": 0, "synthetic.eval_triplets": 0, "synthetic.prompts": 0,

@@ -1,0 +1,148 @@
+"""Background checkpoint saves (checkpoint.async_save=true) in a training run under torchrun, at the
+two points a whole run does not reach on its own; writes one JSON per rank (OUT.rankN).
+
+`snapshot`: after one step, a background save whose writer is held back (until the marker file
+exists) while the trainer changes every weight and optimizer value in place; the save is then
+finished and loaded back. `failing`: a run saving every step whose second save's writer process
+cannot write (a file size limit, which the kernel enforces as it would a full disk). `killed`: a
+complete save at step 1, then the process kills itself while the writer of step 2 is held back.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
+warnings.filterwarnings("ignore")
+
+from engine.config import EngineConfig, load_config  # noqa: E402
+from tests.engine.dist_worker import random_groups  # noqa: E402
+from tests.engine.test_trainer import SMALL  # noqa: E402
+
+
+def _tensors(trainer) -> list:
+    """Every weight and optimizer tensor the save holds, as the trainer updates them in place."""
+    found = [p for c in trainer.model for p in c.parameters()]
+    for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+        inner = opt.optimizer
+        found += [p for g in inner.param_groups for p in g["params"]]
+        found += [v for st in inner.state.values() for v in st.values() if hasattr(v, "add_") and v.dim() > 0]
+    return found
+
+
+def _held_writer(marker: str) -> None:
+    """megatron's file writer, waiting for `marker` first (in whichever process or thread writes)."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write = FileSystemWriterAsync.write_preloaded_data
+
+    def held(*args, **kwargs):
+        while not os.path.exists(marker):
+            time.sleep(0.05)
+        return write(*args, **kwargs)
+
+    FileSystemWriterAsync.write_preloaded_data = staticmethod(held)
+
+
+def snapshot(trainer, rank: int, marker: str) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from engine import checkpoint
+
+    trainer.train_step()
+    trainer.step = 1
+    before = [t.detach().clone() for t in _tensors(trainer)]
+    _held_writer(marker)
+    path = trainer.save()
+    pending = bool(trainer.saves.pending)
+    with torch.no_grad():
+        for t in _tensors(trainer):
+            t.add_(1.0)
+    dist.barrier()
+    if rank == 0:
+        open(marker, "w").close()
+    trainer.finish_saves()
+    complete = checkpoint.latest(trainer.ckpt_dir) == path
+    checkpoint.load(path, trainer.model, trainer.optimizer)
+    after = _tensors(trainer)
+    return {"pending_after_save": pending, "complete": complete, "tensors": len(before),
+            "changed": sum(not torch.equal(a, b) for a, b in zip(before, after))}
+
+
+def killed(trainer, out: str) -> None:
+    from engine import checkpoint_async
+
+    for step in (1, 2):
+        trainer.train_step()
+        trainer.step = step
+        if step == 2:
+            _held_writer(out + ".release")  # never made
+        trainer.save()
+    writer = trainer.saves._calls.async_calls[0].async_caller.process.pid
+    with open(out + ".rank0", "w") as f:
+        json.dump({"writer": writer, "results_server": checkpoint_async._SERVER[0]._process.pid}, f)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def failing(trainer) -> dict:
+    from engine import checkpoint
+
+    real_save, calls = trainer.save, []
+
+    def save():
+        calls.append(trainer.step)
+        if len(calls) == 2:  # the writer process forked by this save finds its files limited to 1 KiB
+            os.register_at_fork(after_in_child=_small_files)
+        return real_save()
+
+    trainer.save = save
+    try:
+        trainer.fit()
+        error = ""
+    except checkpoint.CheckpointWriteError as e:
+        error = str(e)
+    return {"error": error, "saves": calls, "latest": checkpoint.latest(trainer.ckpt_dir),
+            "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
+
+
+def _small_files() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--scenario", choices=("snapshot", "failing", "killed"), required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    defaults = [*SMALL, "train.steps=3", "checkpoint.resume=false", "checkpoint.async_save=true"]
+    cfg = load_config(EngineConfig, None, defaults + args.overrides)
+
+    from engine.data import PackedGroups
+    from engine.runtime import init_runtime, shutdown_runtime
+    from engine.trainer import Trainer
+
+    rt = init_runtime(cfg.parallel, cfg.train.seed)
+    data = PackedGroups(random_groups(7, 40, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
+    trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    if args.scenario == "snapshot":
+        result = snapshot(trainer, rt.rank, args.out + ".release")
+    elif args.scenario == "killed":
+        killed(trainer, args.out)
+    else:
+        result = failing(trainer)
+    with open(f"{args.out}.rank{rt.rank}", "w") as f:
+        json.dump(result, f)
+    shutdown_runtime()
+
+
+if __name__ == "__main__":
+    main()

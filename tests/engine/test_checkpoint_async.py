@@ -1,0 +1,220 @@
+"""checkpoint.async_save=true: a save is copied to host memory and written by a forked process while
+training goes on, and becomes `latest` only once every rank's write has finished.
+
+Runs under torchrun over gloo (2 ranks), as tests/engine/test_parallel_resume.py does: whole trainings
+through tests/engine/dist_worker.py, and the points a whole run does not reach on its own (a writer
+held back while the weights change, a writer that cannot write, a kill while one is pending) through
+tests/engine/async_save_worker.py.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine.parity import NO_END_SAVE, ROOT, assert_same_run, run_worker
+
+WORKER = Path(__file__).with_name("async_save_worker.py")
+ASYNC = "checkpoint.async_save=true"
+SAVES = ["checkpoint.save_interval=2", "checkpoint.keep=0"]  # steps 2 and 4 of the 4, both kept
+LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"]}
+
+
+def _run_scenario(tmp: Path, scenario: str, nproc: int, *overrides: str) -> list:
+    out = tmp / scenario
+    cmd = [str(WORKER), "--out", str(out), "--scenario", scenario, f"run_dir={tmp / (scenario + '_run')}", *overrides]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+           if nproc > 1 else [sys.executable, *cmd])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # output to a file, not a pipe: a process the worker left behind would hold a pipe open, and the
+    # test would wait for it instead of naming it
+    log = tmp / f"{scenario}.log"
+    with open(log, "w") as f:
+        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+    results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
+    assert all(f.exists() for f in results), f"{scenario}:\n{log.read_text()[-6000:]}"
+    return [json.loads(f.read_text()) for f in results]
+
+
+def _loaded(step: Path, tmp: Path) -> dict:
+    """Every tensor and object of a step's files, read back whole (any layout's shards joined)."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = tmp / f"{step.parent.parent.name}_{step.name}.pt"
+    dcp_to_torch_save(str(step), str(out))
+    return torch.load(out, weights_only=False)
+
+
+TIMINGS = ("tokens_per_s", "triplets_per_s", "step_time_s", "tflops_per_s")
+
+
+def _untimed(step: Path) -> dict:
+    """A step's trainer state without the throughput its history logged and the job that wrote it
+    (torchrun's rendezvous id), which differ from run to run."""
+    state = json.loads((step / "trainer_state.json").read_text())
+    del state["job"]
+    state["history"] = [{k: v for k, v in row.items() if k not in TIMINGS} for row in state["history"]]
+    assert len(state["history"]) == state["step"]
+    return state
+
+
+def _rolled_back(run: Path, step: str, copy: Path) -> None:
+    """A copy of `run` whose newest checkpoint is `step` (what a run stopped there leaves)."""
+    shutil.copytree(run, copy)
+    for later in (copy / "checkpoints").glob("step_*"):
+        if later.name > step:
+            shutil.rmtree(later)
+    (copy / "checkpoints" / "latest").write_text(step)
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def sync_and_async(request, reference):
+    """The same run (from the reference's initial weights, saving at steps 2 and 4) saved
+    synchronously and in the background, at one layout: (tmp, init, layout, sync result, async result)."""
+    tmp, init, _ = reference
+    layout = request.param
+    runs = [run_worker(tmp, f"{mode}_{layout}", 2, *LAYOUTS[layout], *SAVES, *extra, init=init, evaluate=False)
+            for mode, extra in (("sync", []), ("async", [ASYNC]))]
+    return tmp, init, layout, *runs
+
+
+def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
+    """Every tensor (weights, Adam moments, fp32 main weights, across the ranks' shards), the common
+    state, the trainer state and the model settings of steps 2 and 4 read back the same, and the
+    training they were taken from is the same: the background writer takes nothing from the trainer."""
+    tmp, _, layout, sync, background = sync_and_async
+    assert_same_run(sync, background)
+    for step in ("step_00000002", "step_00000004"):
+        a, b = (tmp / f"{mode}_{layout}" / "checkpoints" / step for mode in ("sync", "async"))
+        for name in ("model.json", "metadata.json"):
+            assert (a / name).read_text() == (b / name).read_text(), f"{step}/{name}"
+        assert _untimed(a) == _untimed(b), step
+        want, got = _loaded(a, tmp), _loaded(b, tmp)
+        assert sorted(want) == sorted(got) and any(k.startswith("optimizer.") for k in want), sorted(want)[:20]
+        for key, value in want.items():
+            same = torch.equal(value, got[key]) if isinstance(value, torch.Tensor) else value == got[key]
+            assert same, f"{step}: {key}"
+
+
+def test_a_background_save_resumes_as_a_synchronous_one_does(sync_and_async):
+    """A run resumed from the background save at step 2 trains steps 3-4 as one resumed from the
+    synchronous save of the same step."""
+    tmp, init, layout, _, _ = sync_and_async
+    resumed = {}
+    for mode in ("sync", "async"):
+        _rolled_back(tmp / f"{mode}_{layout}", "step_00000002", tmp / f"{mode}_{layout}_at2")
+        resumed[mode] = run_worker(tmp, f"{mode}_{layout}_at2", 2, *LAYOUTS[layout], "checkpoint.resume=true",
+                                   NO_END_SAVE, init=init, evaluate=False)
+        assert resumed[mode]["start_step"] == 1
+    assert_same_run(resumed["sync"], resumed["async"], steps=[3, 4])
+
+
+def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
+    """The step-4 save (checkpoint.save_interval, the run's last step) is pending when the loop ends:
+    the process exits only once it is complete and named `latest`, nothing left `.partial`."""
+    tmp, _, layout, _, _ = sync_and_async
+    ckpts = tmp / f"async_{layout}" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert json.loads((ckpts / "step_00000004" / "trainer_state.json").read_text())["step"] == 4
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000004"]
+
+
+@pytest.mark.parametrize("optimizer", ["parallel.distributed_optimizer=false",
+                                       "checkpoint.optimizer_format=dp_reshardable"])
+def test_values_changed_after_a_background_save_returns_are_not_in_it(tmp_path, optimizer):
+    """The trainer adds 1 to every weight, main weight and Adam moment in place right after save()
+    returns, while the writer is held back: the checkpoint holds the values of the save. megatron
+    copies only CPU tensors that are views (these optimizers' moments are not, nor at DP2 most
+    weights): written from the live memory by a writer thread, 52 of 60 tensors came back changed
+    (distributed_optimizer=false) and 18 of 42 on rank 0 (dp_reshardable); the forked writer reads the memory
+    as it was at the fork."""
+    for rank in _run_scenario(tmp_path, "snapshot", 2, optimizer):
+        assert rank["pending_after_save"] and rank["complete"] and rank["tensors"] > 0, rank
+        assert rank["changed"] == 0, rank
+
+
+def test_a_background_write_that_fails_is_an_error_naming_the_directory_and_the_step_kept(tmp_path):
+    """The writer of the step-2 save cannot write (its files limited to 1 KiB: the kernel refuses the
+    write as it would on a full disk): every rank raises CheckpointWriteError at the next finalize
+    check, rank 0 with the file system's error, and the complete step 1 stays `latest`."""
+    ranks = _run_scenario(tmp_path, "failing", 2, "checkpoint.save_interval=1")
+    ckpts = tmp_path / "failing_run" / "checkpoints"
+    for rank in ranks:
+        # found at the log step after it or by the step-3 save, which first finishes the one pending
+        assert rank["saves"] in ([1, 2], [1, 2, 3]) and rank["latest"] == str(ckpts / "step_00000001"), rank
+        assert rank["partials"] == ["step_00000002.partial"], rank
+        assert rank["error"].startswith(f"writing the checkpoint {ckpts / 'step_00000002.partial'} failed ("), rank
+        assert f"newest: {ckpts / 'step_00000001'}" in rank["error"], rank
+    assert "(OSError: [Errno 27] File too large)" in ranks[0]["error"], ranks[0]
+
+
+def test_a_kill_while_a_write_is_pending_keeps_the_last_complete_step_and_no_writer(tmp_path):
+    """The process is killed while the step-2 writer is held back: step 1 stays `latest`, step 2 only
+    `.partial`, and neither the writer nor the results server outlives the trainer (they would go
+    on holding its memory, and the writer would write into a directory a restarted run reuses)."""
+    (pids,) = _run_scenario(tmp_path, "killed", 1)
+    ckpts = tmp_path / "killed_run" / "checkpoints"
+    assert (ckpts / "latest").read_text() == "step_00000001"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002.partial"]
+    left = []
+    for pid in pids.values():
+        for _ in range(50):
+            if not _running(pid):
+                break
+            time.sleep(0.1)
+        else:
+            left.append(pid)
+            os.kill(pid, signal.SIGKILL)
+    assert not left, f"still running after the trainer was killed: {left}"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a container's init may never reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+_SYNC_SAVE_THAT_FAILS = """
+import resource, signal, sys, warnings
+warnings.filterwarnings("ignore")
+from engine import checkpoint
+from engine.config import EngineConfig
+from engine.parallelize import build_model
+from engine.runtime import init_runtime
+cfg = EngineConfig()
+cfg.model.num_layers, cfg.model.hidden_size, cfg.model.num_attention_heads = 1, 32, 4
+cfg.model.num_query_groups, cfg.model.ffn_hidden_size, cfg.model.vocab_size = 2, 64, 260
+rt = init_runtime(cfg.parallel, seed=7)
+chunks, _ = build_model(cfg.model, cfg.parallel, cfg.train, rt)
+checkpoint.save(sys.argv[1], 2, chunks, None, {"step": 2})
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+try:
+    checkpoint.save(sys.argv[1], 3, chunks, None, {"step": 3})
+except checkpoint.CheckpointWriteError as e:
+    print("CheckpointWriteError:", e)
+"""
+
+
+def test_a_synchronous_write_that_fails_is_the_same_error(tmp_path):
+    """The same failure in a synchronous save (the default) was megatron's CheckpointException, a
+    BaseException whose text is "error: <class 'OSError'>": a traceback from every rank."""
+    script = tmp_path / "sync_fails.py"
+    script.write_text(_SYNC_SAVE_THAT_FAILS)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"CheckpointWriteError: writing the checkpoint {tmp_path / 'ckpt' / 'step_00000003.partial'} failed "
+            f"(OSError: [Errno 27] File too large); the complete checkpoints are kept (newest: "
+            f"{tmp_path / 'ckpt' / 'step_00000002'})") in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
