@@ -89,13 +89,31 @@ def test_every_name_the_gpu_tests_import_exists():
     assert missing == []
 
 
+def test_the_gpu_tests_are_collected_and_skipped_on_a_machine_without_one():
+    """Every module imports (collected here, so a broken one is seen before a GPU comes) and every test
+    is skipped saying why; it was an error at the conftest (pytest exit 4) naming nothing collected."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-rs", "-p", "no:cacheprovider"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = r.stdout.strip().splitlines()[-1]
+    skipped = re.fullmatch(r"=* ?(\d+) skipped in .*", summary)
+    assert skipped and int(skipped[1]) > 100, summary
+    assert "SKIPPED" in r.stdout and "tests/gpu needs a CUDA GPU" in r.stdout
+
+
+def test_the_tests_handed_out_first_are_files_that_exist():
+    from tests.gpu.conftest import RUNS_FIRST
+
+    assert [name for name in RUNS_FIRST if not (GPU / name).exists()] == []
+
+
 # python3 and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself,
 # leaves a file in its stage's scratch folder (as a benchmark cut at its limit leaves its run
 # directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run),
 # sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
 # (the wheel choice, the table's summary reader, the xdist check, a cut benchmark's table) are the
 # real Python; pip logs its arguments
-# to PIP_LOG and exits PIP_RC
+# to PIP_LOG and exits PIP_RC; a stage given POLAR_GPU_REPORT (the tests) reports a figure there
 FAKE = """#!/usr/bin/env bash
 case "${1:-}" in -|-c|tests/gpu/partial_tables.py) exec PYTHON "$@" ;; esac
 case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esac
@@ -103,6 +121,7 @@ case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esa
 echo "$(basename "$0") $*" >> "$FAKE_LOG"
 case "${TMPDIR:-}" in "$WORK"/scratch/*) echo "$TMPDIR" >> "$FAKE_LOG.tmp"; mkdir -p "$TMPDIR/run/checkpoints" ;; esac
 prev=""; for a in "$@"; do [ "$prev" = --json ] && [ -n "${FAKE_JSON:-}" ] && cp "$FAKE_JSON" "$a"; prev=$a; done
+[ -n "${POLAR_GPU_REPORT:-}" ] && echo "a figure measured by $(basename "$0")" >> "$POLAR_GPU_REPORT"
 sleep "$STAGE_SLEEP"
 """
 
@@ -301,3 +320,16 @@ def test_an_earlier_calls_json_is_not_rendered_as_this_calls(tmp_path):
     r, calls = _run_all(tmp_path, "e2e", T_E2E=1, MIN_STAGE_S=1, STAGE_SLEEP=3)
     assert r.returncode == 0, r.stderr
     assert "~1B" not in r.stdout and "(no e2e benchmark table)" in r.stdout
+
+
+def test_the_figures_the_tests_report_are_listed_under_the_table(tmp_path):
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "tests_measured.md").write_text("an earlier call's figure\n")
+    r, calls = _run_all(tmp_path, "tests", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert "--dist loadgroup" in calls[0], calls  # one test at a time, the run-bound ones first
+    listed = "measured by tests/gpu:\n- a figure measured by python3\n"
+    assert listed in r.stdout and listed in (tmp_path / "out" / "table.md").read_text()
+    assert "earlier call" not in r.stdout
+    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)  # a call without the tests lists none
+    assert r.returncode == 0 and "measured by tests/gpu" not in r.stdout, r.stdout

@@ -14,13 +14,24 @@
 #            3/5 of the stage, so the ~1B shape (the acceptance figures) completes and the 7B-shaped
 #            one gets what is left (its runs are usually cut at the stage's limit)
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
-#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references, bf16 resume in each
-#            optimizer format), TEST_WORKERS processes
+#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references and InfoNCE's fp64
+#            oracle, bf16 resume in each optimizer format, a background checkpoint save against a
+#            synchronous one, polar score with and without its preparing thread), TEST_WORKERS
+#            processes given one test at a time (--dist loadgroup; there the tests that train or
+#            score in subprocesses go first: tests/gpu/conftest.py); the figures they report
+#            ($WORK/tests_measured.md, e.g. InfoNCE's worst error in ulp) are listed under the table
 #   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
 #   default  the default pre-training configuration in bf16 on one GPU over NCCL
 #   bash tests/gpu/run_all.sh kernels default      some stages only (a rerun)
+# Not measured by any stage: polar score's speed-up from preparing the next chunk while the device
+# scores one (f5f7ef6). benchmarks/score_overlap.py is a CPU benchmark (here its "model (CPU)" rows
+# would time the forward on the GPU, mislabelled), and even its smallest run (--tokenizers byte
+# --threads 1 --device-ktok-s --repeats 1) trains a model, times each host step alone and beside a
+# spinning thread (2 s each) and the chunk loop both ways, on a model too small to keep a GPU busy:
+# minutes, which no call has left once e2e and fp8 have run. That the rows are the same with and
+# without the preparing thread on a GPU is tests/gpu/test_score_prefetch_gpu.py's check.
 # What comes back: the device returns at most 8 files from $OUT, so everything (logs, JSON, tables,
 # the default run's summary; no checkpoints) goes into $OUT/polar_gpu.tgz, beside $OUT/table.md.
 # Carried wheels (WHEELS_DIR, default .whl) are installed only where the image lacks that package
@@ -97,11 +108,17 @@ stage_build() {
   fi
   return $rc
 }
-# several workers: most of the stage is Triton compiling each test's kernel variant, on the CPU
+# several workers: most of the stage is Triton compiling each test's kernel variant, on the CPU, and
+# whole runs in subprocesses (one CPU each). loadgroup (no test names a group) hands out one test at a
+# time: xdist's default gives each worker six in a row at first, and the run-bound tests, put first
+# for it by tests/gpu/conftest.py, would all go to one
 stage_tests() {
-  local workers=(-n "$TEST_WORKERS")  # pytest-xdist: in the image; without it, one process
-  python3 -c 'import xdist' 2>/dev/null || workers=()
-  timeout "$1" python3 -m pytest tests/gpu -q "${workers[@]}" 2>&1 | tee "$WORK/tests_gpu.log"
+  local workers=()  # pytest-xdist is in the image; without it, one process
+  if python3 -c 'import xdist.scheduler.loadgroup' 2>/dev/null; then workers=(-n "$TEST_WORKERS" --dist loadgroup)
+  elif python3 -c 'import xdist' 2>/dev/null; then workers=(-n "$TEST_WORKERS"); fi
+  rm -f "$WORK/tests_measured.md"  # an earlier call's
+  POLAR_GPU_REPORT="$WORK/tests_measured.md" timeout "$1" python3 -m pytest tests/gpu -q "${workers[@]}" 2>&1 \
+    | tee "$WORK/tests_gpu.log"
 }
 stage_fp8() {
   rm -f "$WORK/fp8.json"  # an earlier call's, on a warm machine: never read as this call's
@@ -186,6 +203,9 @@ except Exception as e:
     print(f"no summary: {e}")
 PY
 )"
+if wants tests && [ -s "$WORK/tests_measured.md" ]; then
+  echo; echo "measured by tests/gpu:"; sed 's/^/- /' "$WORK/tests_measured.md"
+fi
 wants e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$WORK/e2e.md" 2>/dev/null || echo "(no e2e benchmark table)"; }
 wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$WORK/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
 [ -s "$WORK/plan_measured.md" ] && { echo; cat "$WORK/plan_measured.md"; }
