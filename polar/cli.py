@@ -84,11 +84,20 @@ def _nproc(value: str) -> int:
     return n
 
 
-def _version(name: str) -> str:
+def _version(name: str, dist: str | None = None) -> str:
     try:
         mod = importlib.import_module(name)
     except Exception as e:  # TE raises OSError on machines without CUDA libraries
         return f"not available ({type(e).__name__})"
+    if dist is not None:
+        # the installed release: megatron.core.__version__ appends the commit `git rev-parse` finds from
+        # its install directory, which inside a project's work tree (install.sh's .venv) is the project's
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return version(dist)
+        except PackageNotFoundError:  # imported from a source tree without installing it
+            pass
     return str(getattr(mod, "__version__", "installed"))
 
 
@@ -100,7 +109,7 @@ def _env(args, rest) -> int:
         ("torch", torch.__version__),
         ("cuda", f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "none (CPU, gloo)"),
         ("triton", _version("triton")),
-        ("megatron-core", _version("megatron.core")),
+        ("megatron-core", _version("megatron.core", "megatron-core")),
         ("transformer-engine", _version("transformer_engine") if torch.cuda.is_available() else "not used on CPU"),
         ("engine._C (C++ packer)", _version("engine._C")),
         ("engine._C_cuda (CUDA kernels)", _version("engine._C_cuda")),

@@ -16,6 +16,17 @@ def test_env_reports_versions(capsys):
     assert "torch" in out and "megatron-core" in out and "engine._C" in out
 
 
+def test_env_reports_the_installed_megatron_core_release(capsys):
+    """megatron.core.__version__ appends `git rev-parse HEAD` run in its own install directory: for
+    a venv inside a project's work tree (install.sh's .venv) that is the project's commit, so
+    `polar env` named a megatron-core build (0.19.2+<this repository's commit>) that does not exist."""
+    from importlib.metadata import version
+
+    assert cli.main(["env"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("megatron-core"))
+    assert row.split()[1] == version("megatron-core"), row
+
+
 def test_env_prints_no_known_benign_warnings(tmp_path):
     """megatron warns at import that TE and Apex are missing (the torch fallbacks are this engine's
     path on CPU); engine/quiet.py lists such warnings, and the tools print none of them."""
