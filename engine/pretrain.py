@@ -66,6 +66,17 @@ def parse_args(argv=None, prog: str | None = None, description: str = "POLAR rew
 
 def main(argv=None, recipe=None) -> int:
     """Parses the command line, checks every setting, runs; `recipe` defaults to pre-training."""
+    try:
+        code = _main(argv, recipe)
+        sys.stdout.flush()  # a short output is still buffered here: its broken pipe is this one's too
+        return code
+    except BrokenPipeError:  # `--print-config | head -1`, `--help | head`: the reader left
+        from engine.closed_pipe import reader_gone
+
+        return reader_gone()
+
+
+def _main(argv=None, recipe=None) -> int:
     if recipe is None:
         from polar import pretrain_recipe as recipe
     args = parse_args(argv, **getattr(recipe, "CLI", {}))

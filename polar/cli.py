@@ -180,11 +180,10 @@ def main(argv=None) -> int:
         code = _main(argv)
         sys.stdout.flush()  # a short output is still buffered here: its broken pipe is this one's too
         return code
-    except BrokenPipeError:
-        # the reader went away (`polar data stats ds | head`): no traceback, and none again at exit
-        # when Python flushes stdout into the closed pipe
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
+    except BrokenPipeError:  # the reader went away (`polar data stats ds | head`): no traceback
+        from engine.closed_pipe import reader_gone
+
+        return reader_gone()
 
 
 def _main(argv=None) -> int:

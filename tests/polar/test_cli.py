@@ -141,18 +141,6 @@ def test_a_tool_groups_help_is_its_tools_on_stdout(capsys):
     assert out.startswith("usage: polar data {build,stats,synthetic}") and "polar data stats" in out and "polar plan" not in out
 
 
-def test_output_into_a_closed_pipe_ends_without_a_traceback():
-    """`polar plan | head -1`: the reader is gone before the (buffered) output is written."""
-    script = ("import os, sys\n"
-              "r, w = os.pipe()\n"
-              "os.close(r)\n"
-              "os.dup2(w, 1)\n"
-              "from polar import cli\n"
-              "sys.exit(cli.main(['plan', '--config', 'polar_7b', '--gpus', '64']))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
-
-
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 @pytest.mark.parametrize("nproc", ["0", "-2"])
 def test_a_process_count_below_one_is_refused_by_name(capsys, command, nproc):
