@@ -545,6 +545,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
+    made = _missing_dirs(Path(output))  # removed again if the build fails and leaves them empty
     # The writer first: it stops a second run of this shard before its rejects list is touched.
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
     rejects_tmp.unlink(missing_ok=True)
@@ -599,6 +600,11 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             rejects_out.close()
         writer.abort()
         rejects_tmp.unlink(missing_ok=True)
+        for d in made:  # a failed build into a new directory leaves none behind (one a listed reject is in stays)
+            try:
+                d.rmdir()
+            except OSError:
+                break
         raise
     if counts["rejected"]:
         os.replace(rejects_tmp, rejects_file)
@@ -611,6 +617,16 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
               f"{counts['rejected']:,} rejected): shard {shard_index} of {num_shards} is written for the directory "
               "to be complete; training refuses a dataset whose shards hold none", file=sys.stderr, flush=True)
     return meta
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories of `path` that do not exist yet, deepest first."""
+    missing = []
+    path = path.absolute()
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: str | None, old: bool) -> str:

@@ -119,7 +119,11 @@ def test_fail_names_the_first_bad_record_and_writes_nothing(tmp_path, records, c
     src = write_jsonl(tmp_path / "r.jsonl", records[:20], BAD)
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--workers", 2, "--chunk-records", 2) == 2
     assert f"{src}:4: (line): not valid JSON" in capsys.readouterr().err
-    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    assert not (tmp_path / "ds").exists()  # nor the directory the build made
+    # a directory that existed stays; new parents made for the output go with it
+    (tmp_path / "kept").mkdir()
+    assert build(src, "-o", tmp_path / "kept" / "a" / "ds", "--seq-length", SEQ) == 2
+    assert [p.name for p in tmp_path.joinpath("kept").iterdir()] == []
 
 
 def test_skip_sets_bad_records_and_too_long_groups_aside(tmp_path, records, capsys):
@@ -189,7 +193,7 @@ def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records,
     assert build(empty, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
     assert f"error: no usable record in {empty}: 0 records read and 1 blank lines; no shard was written" \
         in capsys.readouterr().err
-    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+    assert not (tmp_path / "ds").exists()
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "p"}, {**records[0], "chosen": "x" * 400,
                                                                   "rejected": "y" * 400}])
     ds, rejects = tmp_path / "ds", tmp_path / "ds" / "part-00000-of-00001.rejects.jsonl"
@@ -210,6 +214,7 @@ def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records,
         in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
 
+
 @pytest.mark.parametrize("option, value", [("--seq-length", 0), ("--seq-length", -5), ("--max-length", -1),
                                            ("--max-response", -1), ("--max-response", 0)])
 def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys, option, value):
@@ -217,6 +222,7 @@ def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys
     assert build(src, "-o", tmp_path / "ds", "--on-error", "skip", option, value) == 2
     assert f"{option} must be an integer >= " in capsys.readouterr().err
     assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
 
 def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
     lines = [(json.dumps(r) + "\n").encode() for r in records[:4]]
