@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import platform
 import subprocess
@@ -47,11 +48,12 @@ WHY = (
 
 
 def versions() -> dict:
-    import megatron.core
     import torch
 
     return {"python": platform.python_version(), "torch": torch.__version__,
-            "megatron-core": getattr(megatron.core, "__version__", "unknown"),
+            # the installed release: megatron.core.__version__ appends the commit of the git tree it is
+            # installed in, which for install.sh's .venv is this repository's
+            "megatron-core": importlib.metadata.version("megatron-core"),
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip()}
 
 
