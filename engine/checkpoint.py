@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -229,15 +230,25 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
             raise
         raise _write_failed(root, partial, _first_line(e)) from e
     request = checkpoint_async.own_writer(request, forked=background is not None)
+    megatron_steps = checkpoint_async.finalize_parts(request)  # for a run that fails while it is written
+    failed: list = []  # rank 0's error in megatron's own finalize (its metadata files)
+    request = request._replace(finalize_fns=[functools.partial(_rank0_files_kept, fn, failed)
+                                             for fn in request.finalize_fns])
+
+    def files():  # rank 0's last step
+        if failed:
+            raise failed[0]
+        _finish_save(root, partial, final, trainer_state, model_settings, keep)
 
     def finish():  # after every rank's write and megatron's metadata (which ends with a barrier)
-        error = on_rank0(rank, lambda: _finish_save(root, partial, final, trainer_state, model_settings, keep))
+        error = on_rank0(rank, files)
         if error:
             raise _write_failed(root, partial, error)
 
     request.add_finalize_fn(finish)
     if background is not None:
-        background.start(request, str(final), lambda: _write_errors(root, partial))
+        background.start(request, str(final), lambda: _write_errors(root, partial),
+                         files=files, megatron_steps=megatron_steps)
         return str(final)
     with _write_errors(root, partial):
         request.execute_sync()
@@ -245,17 +256,49 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
 
 
 def on_rank0(rank: int, fn) -> str:
-    """Runs `fn` on rank 0; returns its OSError's text (on every rank), '' when it succeeded: a file
-    step only rank 0 takes, whose failure must stop every rank (the others would wait for it)."""
-    error = ""
+    """Runs `fn` on rank 0; returns its error's text (on every rank), '' when it succeeded: a file
+    step only rank 0 takes, whose failure must stop every rank (the others would wait for it).
+    An error that is not an OSError (a bug, not the file system) is raised again on rank 0 once
+    the others have its text, so that its traceback is kept."""
+    error, bug = "", None
     if rank == 0:
         try:
             fn()
-        except OSError as e:
-            error = _first_line(e)
+        except Exception as e:  # noqa: BLE001 - any error: the other ranks must not wait for rank 0
+            error, bug = _first_line(e), (None if isinstance(e, OSError) else e)
     box = [error]
     dist.broadcast_object_list(box, src=0)
+    if bug is not None:
+        raise bug
     return box[0]
+
+
+def _rank0_files_kept(fn, failed: list) -> None:
+    """Runs one of megatron's finalize steps, in which rank 0 alone writes a file and every rank
+    then meets in a collective: the shards' index `.metadata` (the writer's finish(), before the
+    broadcast of the write failures) and `metadata.json` (save_config, before a barrier). Raised
+    there, rank 0's error (a full disk, a directory in the way) left the other ranks waiting in
+    that collective for good. The error is kept in `failed` instead and the step goes on to its
+    collective; the engine's own finalize step reports it to every rank (on_rank0)."""
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def kept(write):
+        @functools.wraps(write)
+        def run(*args, **kwargs):
+            try:
+                return write(*args, **kwargs)
+            except Exception as e:  # noqa: BLE001 - reported once every rank is past the collective
+                failed.append(e)
+
+        return run
+
+    originals = FileSystemWriterAsync.finish, serialization.save_config
+    FileSystemWriterAsync.finish, serialization.save_config = (kept(f) for f in originals)
+    try:
+        fn()
+    finally:
+        FileSystemWriterAsync.finish, serialization.save_config = originals
 
 
 def _start_save(root: Path, partial: Path) -> None:

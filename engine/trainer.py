@@ -312,6 +312,15 @@ class Trainer:
     def fit(self) -> list[dict]:
         try:
             return self._fit()
+        except BaseException as e:
+            # a save written in the background holds a step from before the error: finished where
+            # every rank can still take part, else left `.partial` with its writer stopped (the
+            # interpreter would wait for it at exit); the error's output says which step was kept
+            self.loader.close()
+            kept = self.saves.leave() if self.saves is not None else ""
+            if kept:
+                e.add_note(kept)
+            raise
         finally:
             # a failed run (a non-finite streak, out of memory, Ctrl-C) stops reading ahead too,
             # instead of exiting only after the reads queued for steps it will not run

@@ -1,11 +1,13 @@
 """Background checkpoint saves (checkpoint.async_save=true) in a training run under torchrun, at the
-two points a whole run does not reach on its own; writes one JSON per rank (OUT.rankN).
+points a whole run does not reach on its own; writes one JSON per rank (OUT.rankN).
 
 `snapshot`: after one step, a background save whose writer is held back (until the marker file
 exists) while the trainer changes every weight and optimizer value in place; the save is then
 finished and loaded back. `failing`: a run saving every step whose second save's writer process
 cannot write (a file size limit, which the kernel enforces as it would a full disk). `killed`: a
 complete save at step 1, then the process kills itself while the writer of step 2 is held back.
+`rank0_file`: a save whose `.metadata` or `metadata.json` rank 0 alone cannot write. `step_fails`:
+the training step after a background save raises on every rank, or on one.
 """
 from __future__ import annotations
 
@@ -112,6 +114,74 @@ def failing(trainer) -> dict:
             "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
 
 
+def rank0_file(trainer, rank: int, name: str) -> dict:
+    """A complete save at step 1, then one at step 2 whose file `name` (`.metadata` or
+    `metadata.json`, which rank 0 alone writes when the shards are written) cannot be written on
+    rank 0: a directory of that name is in its way, made by rank 0's shard writer."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    from engine import checkpoint
+
+    error = ""
+    for step in (1, 2):
+        trainer.train_step()
+        trainer.step = step
+        if step == 2 and rank == 0:
+            write = FileSystemWriterAsync.write_preloaded_data
+
+            def in_the_way(transform_list, local_proc_idx, write_bucket, *args, **kwargs):
+                os.makedirs(os.path.join(os.path.dirname(write_bucket[0]), name), exist_ok=True)
+                return write(transform_list, local_proc_idx, write_bucket, *args, **kwargs)
+
+            FileSystemWriterAsync.write_preloaded_data = staticmethod(in_the_way)
+        try:
+            trainer.save()
+            trainer.finish_saves()
+        except checkpoint.CheckpointWriteError as e:
+            error = str(e)
+    return {"error": error, "latest": checkpoint.latest(trainer.ckpt_dir),
+            "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
+
+
+def step_fails(trainer, rank: int, failing: list, out: str) -> dict:
+    """A run saving every step: step 1's save completes, step 2's writer is held back (until the
+    marker file exists), and step 3's loss raises on the `failing` ranks, which first make the
+    marker when every rank fails (the write goes on) and not otherwise (a write that takes long)."""
+    import engine.trainer
+    from engine import checkpoint
+
+    marker, loss, real_save = out + ".release", engine.trainer.contrastive_loss, trainer.save
+
+    def save():
+        if trainer.step == 2:
+            _held_writer(marker)
+        path = real_save()
+        with open(f"{out}.writer{rank}", "w") as f:  # the writer a failed run must not leave behind
+            f.write(str(trainer.saves._calls.async_calls[0].async_caller.process.pid))
+        return path
+
+    def failing_loss(*args, **kwargs):
+        if trainer.step == 2 and rank in failing:
+            if len(failing) == trainer.rt.world_size:
+                open(marker, "w").close()
+            raise RuntimeError("the loss of step 3 failed")
+        return loss(*args, **kwargs)
+
+    trainer.save, engine.trainer.contrastive_loss = save, failing_loss
+    try:
+        trainer.fit()
+    except RuntimeError as e:
+        result = {"error": str(e), "notes": getattr(e, "__notes__", []),
+                  "latest": checkpoint.latest(trainer.ckpt_dir),
+                  "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
+        if len(failing) < trainer.rt.world_size:  # the others wait in the step: the error ends the process
+            with open(f"{out}.rank{rank}", "w") as f:
+                json.dump(result, f)
+            raise
+        return result
+    return {"error": ""}
+
+
 def _small_files() -> None:
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
     resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
@@ -120,7 +190,9 @@ def _small_files() -> None:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scenario", choices=("snapshot", "failing", "killed"), required=True)
+    ap.add_argument("--scenario", choices=("snapshot", "failing", "killed", "rank0_file", "step_fails"), required=True)
+    ap.add_argument("--file", default=".metadata", help="rank0_file: the file rank 0 cannot write")
+    ap.add_argument("--failing", default="0,1", help="step_fails: the ranks whose step 3 fails")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     defaults = [*SMALL, "train.steps=3", "checkpoint.resume=false", "checkpoint.async_save=true"]
@@ -137,6 +209,10 @@ def main():
         result = snapshot(trainer, rt.rank, args.out + ".release")
     elif args.scenario == "killed":
         killed(trainer, args.out)
+    elif args.scenario == "rank0_file":
+        result = rank0_file(trainer, rt.rank, args.file)
+    elif args.scenario == "step_fails":
+        result = step_fails(trainer, rt.rank, [int(r) for r in args.failing.split(",")], args.out)
     else:
         result = failing(trainer)
     with open(f"{args.out}.rank{rt.rank}", "w") as f:

@@ -28,20 +28,33 @@ SAVES = ["checkpoint.save_interval=2", "checkpoint.keep=0"]  # steps 2 and 4 of 
 LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"]}
 
 
-def _run_scenario(tmp: Path, scenario: str, nproc: int, *overrides: str) -> list:
-    out = tmp / scenario
-    cmd = [str(WORKER), "--out", str(out), "--scenario", scenario, f"run_dir={tmp / (scenario + '_run')}", *overrides]
+def _run_scenario(tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
+                  timeout: int = 600, expected: int | None = None) -> list:
+    """Each rank's result of the worker's `scenario` (None for a rank past the first `expected`
+    that wrote none); a run still going after `timeout` seconds (a rank waiting for good) is killed
+    with every process it started and fails the test."""
+    name = name or scenario
+    out = tmp / name
+    cmd = [str(WORKER), "--out", str(out), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}",
+           *overrides]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
            if nproc > 1 else [sys.executable, *cmd])
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     # output to a file, not a pipe: a process the worker left behind would hold a pipe open, and the
     # test would wait for it instead of naming it
-    log = tmp / f"{scenario}.log"
+    log = tmp / f"{name}.log"
     with open(log, "w") as f:
-        subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=600)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (a session of their own)
+            proc.wait()
+            pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n"
+                        f"{log.read_text()[-6000:]}")
     results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
-    assert all(f.exists() for f in results), f"{scenario}:\n{log.read_text()[-6000:]}"
-    return [json.loads(f.read_text()) for f in results]
+    assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
+    return [json.loads(f.read_text()) if f.exists() else None for f in results]
 
 
 def _loaded(step: Path, tmp: Path) -> dict:
@@ -75,22 +88,27 @@ def _rolled_back(run: Path, step: str, copy: Path) -> None:
     (copy / "checkpoints" / "latest").write_text(step)
 
 
+def sync_and_async_runs(reference, layout: str, overrides: list) -> tuple:
+    """The same run (from the reference's initial weights, saving at steps 2 and 4) saved
+    synchronously and in the background, at one layout: (tmp, init, layout, its settings, sync
+    result, async result). tests/engine/test_checkpoint_async_layouts.py runs this module's
+    comparisons at the pipeline layouts."""
+    tmp, init, _ = reference
+    runs = [run_worker(tmp, f"{mode}_{layout}", 2, *overrides, *SAVES, *extra, init=init, evaluate=False)
+            for mode, extra in (("sync", []), ("async", [ASYNC]))]
+    return tmp, init, layout, overrides, *runs
+
+
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def sync_and_async(request, reference):
-    """The same run (from the reference's initial weights, saving at steps 2 and 4) saved
-    synchronously and in the background, at one layout: (tmp, init, layout, sync result, async result)."""
-    tmp, init, _ = reference
-    layout = request.param
-    runs = [run_worker(tmp, f"{mode}_{layout}", 2, *LAYOUTS[layout], *SAVES, *extra, init=init, evaluate=False)
-            for mode, extra in (("sync", []), ("async", [ASYNC]))]
-    return tmp, init, layout, *runs
+    return sync_and_async_runs(reference, request.param, LAYOUTS[request.param])
 
 
 def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
     """Every tensor (weights, Adam moments, fp32 main weights, across the ranks' shards), the common
     state, the trainer state and the model settings of steps 2 and 4 read back the same, and the
     training they were taken from is the same: the background writer takes nothing from the trainer."""
-    tmp, _, layout, sync, background = sync_and_async
+    tmp, _, layout, _, sync, background = sync_and_async
     assert_same_run(sync, background)
     for step in ("step_00000002", "step_00000004"):
         a, b = (tmp / f"{mode}_{layout}" / "checkpoints" / step for mode in ("sync", "async"))
@@ -107,11 +125,11 @@ def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
 def test_a_background_save_resumes_as_a_synchronous_one_does(sync_and_async):
     """A run resumed from the background save at step 2 trains steps 3-4 as one resumed from the
     synchronous save of the same step."""
-    tmp, init, layout, _, _ = sync_and_async
+    tmp, init, layout, overrides, _, _ = sync_and_async
     resumed = {}
     for mode in ("sync", "async"):
         _rolled_back(tmp / f"{mode}_{layout}", "step_00000002", tmp / f"{mode}_{layout}_at2")
-        resumed[mode] = run_worker(tmp, f"{mode}_{layout}_at2", 2, *LAYOUTS[layout], "checkpoint.resume=true",
+        resumed[mode] = run_worker(tmp, f"{mode}_{layout}_at2", 2, *overrides, "checkpoint.resume=true",
                                    NO_END_SAVE, init=init, evaluate=False)
         assert resumed[mode]["start_step"] == 1
     assert_same_run(resumed["sync"], resumed["async"], steps=[3, 4])
@@ -120,7 +138,7 @@ def test_a_background_save_resumes_as_a_synchronous_one_does(sync_and_async):
 def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
     """The step-4 save (checkpoint.save_interval, the run's last step) is pending when the loop ends:
     the process exits only once it is complete and named `latest`, nothing left `.partial`."""
-    tmp, _, layout, _, _ = sync_and_async
+    tmp, _, layout, _, _, _ = sync_and_async
     ckpts = tmp / f"async_{layout}" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000004"
     assert json.loads((ckpts / "step_00000004" / "trainer_state.json").read_text())["step"] == 4
@@ -156,6 +174,63 @@ def test_a_background_write_that_fails_is_an_error_naming_the_directory_and_the_
     assert "(OSError: [Errno 27] File too large)" in ranks[0]["error"], ranks[0]
 
 
+@pytest.mark.parametrize("mode", ["async", "sync"])
+@pytest.mark.parametrize("name", [".metadata", "metadata.json"])
+def test_a_file_only_rank_0_writes_that_fails_stops_every_rank_with_one_error(tmp_path, mode, name):
+    """megatron's finalize writes the shards' index (.metadata) and metadata.json on rank 0 alone, each
+    followed by a collective. Here a directory stands in the way of one of them on rank 0 only (in
+    both save modes): rank 0 raised before the collective and rank 1 waited in it for good (this test
+    was killed at its timeout). Now every rank raises the same CheckpointWriteError naming the file
+    system's error, the step stays `.partial` and the complete step 1 stays `latest`."""
+    ranks = _run_scenario(tmp_path, "rank0_file", 2, f"checkpoint.async_save={str(mode == 'async').lower()}",
+                          args=["--file", name], timeout=180)
+    ckpts = tmp_path / "rank0_file_run" / "checkpoints"
+    assert ranks[0]["error"] == ranks[1]["error"], ranks
+    assert ranks[0]["error"].startswith(f"writing the checkpoint {ckpts / 'step_00000002.partial'} failed "
+                                        f"(IsADirectoryError: [Errno 21] Is a directory"), ranks[0]
+    assert f"newest: {ckpts / 'step_00000001'}" in ranks[0]["error"], ranks[0]
+    for rank in ranks:
+        assert rank["latest"] == str(ckpts / "step_00000001") and rank["partials"] == ["step_00000002.partial"], rank
+
+
+def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(tmp_path):
+    """Step 3's loss raises on both ranks while step 2 is written in the background: the save holds
+    step 2's state, so it is completed (each rank's write results handed to rank 0 over the job's
+    store, not a collective) and becomes `latest`; the error says so. It stayed `.partial`, with
+    step 1 `latest`, and nothing said so."""
+    ranks = _run_scenario(tmp_path, "step_fails", 2, "checkpoint.save_interval=1", timeout=300)
+    ckpts = tmp_path / "step_fails_run" / "checkpoints"
+    for rank in ranks:
+        assert rank["error"] == "the loss of step 3 failed", rank
+        assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was completed: "
+                                 f"{ckpts / 'step_00000002'} (`latest`: a resume continues from it)"], rank
+        assert rank["latest"] == str(ckpts / "step_00000002") and rank["partials"] == [], rank
+    assert json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
+    assert sorted(p.name for p in (ckpts / "step_00000002").iterdir()) == sorted(
+        p.name for p in (ckpts / "step_00000001").iterdir())  # .metadata, metadata.json, shards, state
+
+
+def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partial_and_exits(tmp_path):
+    """Step 3's loss raises on rank 1 alone while step 2's writer is still writing (held back): rank 0
+    waits in the step's gradient reduction and can take part in nothing, so rank 1 stops its writer,
+    says that step 2 stays `.partial` and step 1 is the one kept, and exits; torchrun then ends rank
+    0, whose writer ends with it. Rank 1 waited for its writer at exit for good (the test's timeout)."""
+    ranks = _run_scenario(tmp_path, "step_fails", 2, "checkpoint.save_interval=1", name="one_fails",
+                          args=["--failing", "1"], timeout=240, expected=0)
+    ckpts = tmp_path / "one_fails_run" / "checkpoints"
+    rank = ranks[1]
+    assert rank is not None, (tmp_path / "one_fails.log").read_text()[-6000:]
+    assert rank["error"] == "the loss of step 3 failed", rank
+    assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was not completed "
+                             f"(not every rank stopped within 20 s; a rank still in a step cannot take part): "
+                             f"step_00000002.partial stays in {ckpts}; the newest complete checkpoint, which a "
+                             f"resume continues from, is {ckpts / 'step_00000001'}"], rank
+    assert (ckpts / "latest").read_text() == "step_00000001"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002.partial"]
+    writers = [int((tmp_path / f"one_fails.writer{r}").read_text()) for r in range(2)]
+    assert not _left_running(writers), writers
+
+
 def test_a_kill_while_a_write_is_pending_keeps_the_last_complete_step_and_no_writer(tmp_path):
     """The process is killed while the step-2 writer is held back: step 1 stays `latest`, step 2 only
     `.partial`, and neither the writer nor the results server outlives the trainer (they would go
@@ -164,8 +239,14 @@ def test_a_kill_while_a_write_is_pending_keeps_the_last_complete_step_and_no_wri
     ckpts = tmp_path / "killed_run" / "checkpoints"
     assert (ckpts / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002.partial"]
+    left = _left_running(pids.values())
+    assert not left, f"still running after the trainer was killed: {left}"
+
+
+def _left_running(pids) -> list:
+    """The processes of `pids` still running 5 s on (then killed, not to outlive the test)."""
     left = []
-    for pid in pids.values():
+    for pid in pids:
         for _ in range(50):
             if not _running(pid):
                 break
@@ -173,7 +254,7 @@ def test_a_kill_while_a_write_is_pending_keeps_the_last_complete_step_and_no_wri
         else:
             left.append(pid)
             os.kill(pid, signal.SIGKILL)
-    assert not left, f"still running after the trainer was killed: {left}"
+    return left
 
 
 def _running(pid: int) -> bool:
