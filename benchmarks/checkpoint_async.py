@@ -22,12 +22,10 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-warnings.filterwarnings("ignore")
 
 from benchmarks.arguments import at_least  # noqa: E402
 
@@ -78,6 +76,9 @@ def main():
     ap.add_argument("--dir", default="", help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args()
 
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()  # before megatron is imported: some of its messages come at import
     from engine.config import ParallelConfig
     from engine.runtime import init_runtime, shutdown_runtime
 
@@ -92,12 +93,13 @@ def main():
     median = {mode: {k: statistics.median(row[k] for row in found) for k in found[0]} for mode, found in rows.items()}
     print(f"checkpoint of {size / 1e6:.1f} MB (hidden {args.hidden}, {args.layers} layers, weights and Adam state, "
           f"{args.optimizer_format}), median of {args.repeats}")
-    print(f"{'async_save':>10} | {'save() ms':>9} | {'step ms':>7} | {'no save':>7} | {'waited ms':>9} | "
-          f"{'stopped ms':>10} | {'vs sync':>7}")
+    print()
+    print("| async_save | save() ms | step ms | no save | waited ms | stopped ms | vs sync |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
     for mode in (False, True):
         m = median[mode]
-        print(f"{str(mode).lower():>10} | {m['blocked']:9.0f} | {m['during']:7.1f} | {m['plain']:7.1f} | "
-              f"{m['waited']:9.0f} | {m['stopped']:10.0f} | {m['stopped'] / median[False]['stopped']:6.2f}x")
+        print(f"| {str(mode).lower()} | {m['blocked']:.0f} | {m['during']:.1f} | {m['plain']:.1f} | "
+              f"{m['waited']:.0f} | {m['stopped']:.0f} | {m['stopped'] / median[False]['stopped']:.2f}x |")
     shutdown_runtime()
 
 

@@ -15,7 +15,9 @@ _LOG_RECORDS = (
     ("megatron.core.distributed.distributed_data_parallel", "DistributedDataParallel: full_param_layout not provided",
      "DDP computes the distributed-optimizer layout itself, as it always did"),
     ("megatron.core.dist_checkpointing.strategies.torch", "MCore's async save is deprecated",
-     "checkpoints are saved synchronously; the message is logged on every save strategy"),
+     "every save goes through megatron's own async machinery (engine.checkpoint: the synchronous one runs the "
+     "request at once, checkpoint.async_save forks its writer); the NVRx one it points to needs "
+     "nvidia-resiliency-ext, which this engine does not install"),
 )
 # (category, message regex, why)
 _WARNINGS = (
