@@ -35,6 +35,12 @@ from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
 
+def _notes(e: BaseException) -> str:
+    """The lines added to an error on its way up, each on a line of its own after the message (the
+    trainer notes which checkpoint a run stopped mid-save kept: engine.trainer.Trainer.fit)."""
+    return "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
+
+
 def _stop(rank: int, message: str, code: int) -> int:
     """Rank 0 prints the one message. The other ranks, which found the same problem, wait a moment
     before exiting: torchrun tears the job down at the first worker that exits, and rank 0 must
@@ -124,17 +130,17 @@ def _main(argv=None, recipe=None) -> int:
         try:
             return run(cfg, recipe)
         except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
-            return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+            return _stop(rank, f"config error: {e}{_notes(e)}", EXIT_CONFIG)
         except DatasetFormatError as e:
             # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
             # so it is printed here, not by rank 0 alone).
             print(f"data error on rank {rank}: {e}; `polar data stats PATH` (or --check-config) checks every "
-                  "shard", file=sys.stderr, flush=True)
+                  f"shard{_notes(e)}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
         except NonFiniteError as e:
-            return _stop(rank, f"error: {e}", EXIT_NONFINITE)
+            return _stop(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)
         except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
-            return _stop(rank, f"error: {e}", EXIT_FAILED)
+            return _stop(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
 
 
 def check_machine(cfg) -> None:

@@ -265,3 +265,29 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "this is a restart of the same job (TORCHELASTIC_RESTART_COUNT=1; " in restart.stdout
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at_step"] == 1
+
+
+@pytest.mark.parametrize("error, said", [
+    ("ConfigError", "config error: a group is longer than data.seq_length"),
+    ("NonFiniteError", "error: a group is longer than data.seq_length"),
+    ("DatasetFormatError", "data error on rank 0: a group is longer than data.seq_length; `polar data stats"),
+])
+def test_the_checkpoint_a_stopped_run_kept_is_said_after_its_error(tmp_path, capsys, monkeypatch, error, said):
+    """An error raised while a checkpoint was written in the background carries a note naming the step
+    the run kept (engine.trainer.Trainer.fit); the one-line errors the entry point prints keep it."""
+    import engine.pretrain as pretrain
+    from engine.shard_format import DatasetFormatError
+    from engine.trainer import NonFiniteError
+
+    kinds = {"ConfigError": ConfigError, "NonFiniteError": NonFiniteError, "DatasetFormatError": DatasetFormatError}
+
+    def run(cfg, recipe):
+        e = kinds[error]("a group is longer than data.seq_length")
+        e.add_note("the checkpoint kept: step_00000002 (the write pending at the error was finished)")
+        raise e
+
+    monkeypatch.setattr(pretrain, "run", run)
+    assert pretrain.main([f"run_dir={tmp_path / 'run'}", *SMALL]) in (1, 2, 3)
+    err = capsys.readouterr().err
+    assert said in err and err.rstrip().endswith(
+        "\nthe checkpoint kept: step_00000002 (the write pending at the error was finished)"), err
