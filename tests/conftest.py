@@ -21,9 +21,12 @@ KEPT_TOGETHER = ("tests/engine/kernels/",)
 
 # Longest first, from `pytest tests -n 2 --dist loadfile --durations=0` on 2 cores (2026-12-04, b396f95).
 SLOWEST_FIRST = (
+    "tests/engine/test_checkpoint_async.py",  # added 2026-12-05 (231 s in that day's CI run, 1894 tests)
     "tests/engine/test_parallel_resume.py",
     "tests/polar/serve/test_server_process.py",
     "tests/polar/test_plan.py",
+    "tests/engine/test_score_chunks.py",  # 110 s (2026-12-05)
+    "tests/engine/test_checkpoint_async_layouts.py",  # 95 s (2026-12-05)
     "tests/polar/test_finetune.py",
     "tests/engine/test_parallel_parity.py",
     "tests/polar/test_score.py",
