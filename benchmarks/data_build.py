@@ -34,7 +34,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.arguments import at_least  # noqa: E402
 from benchmarks.packer import python_first_fit, timed  # noqa: E402
 from engine import _C  # noqa: E402
-from polar import data_build, data_stats  # noqa: E402
+from polar import data_build, data_chunks, data_stats  # noqa: E402
 
 ALPHABET = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz     ", dtype=np.uint8)
 
@@ -107,11 +107,11 @@ def planning_memory(work: str, counts: list[int], chunk_records: int = 8192) -> 
         with open(path, "wb") as f:
             for a in range(0, n, 1 << 20):
                 f.write(b"".join(b'{"' + b"x" * int(k) + b'"}\n' for k in lengths[a:a + (1 << 20)]))
-        data_build.plan_chunks([path], chunk_records)  # numpy's first calls allocate caches of their own
+        data_chunks.plan_chunks([path], chunk_records)  # numpy's first calls allocate caches of their own
         starts, base_peak, base_s = traced(lambda: every_line_start(path))
         assert len(starts) == n
-        (one, sources), one_peak, one_s = traced(lambda: data_build.plan_chunks([path], chunk_records))
-        (last, _), last_peak, _ = traced(lambda: data_build.plan_chunks([path], chunk_records, True, 8, 7))
+        (one, sources), one_peak, one_s = traced(lambda: data_chunks.plan_chunks([path], chunk_records))
+        (last, _), last_peak, _ = traced(lambda: data_chunks.plan_chunks([path], chunk_records, True, 8, 7))
         assert sources[0]["lines"] == n
         print(f"| {n:,} | {os.path.getsize(path) / 1e6:.0f} | {base_peak / 1e6:.1f} | {base_peak / n:.1f} | "
               f"{one_peak / 1e6:.1f} | {one_peak / n:.2f} | {one.offsets_held:,} | {last_peak / 1e6:.1f} | "

@@ -1,4 +1,4 @@
-"""`polar data build` from input lines to each shard's chunks: every line in exactly one chunk of
+"""polar/data_chunks.py, and `polar data build` through it: every input line in exactly one chunk of
 one shard, as the module's rule says, for any bytes; memory of one machine's own chunks, not of the
 input's lines; an input that changes during the build is named."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from engine.indexed_dataset import IndexedDataset
-from polar import data_build
+from polar import data_build, data_chunks
 from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
 
 
@@ -25,8 +25,8 @@ def test_the_input_scan_reports_progress(tmp_path, records, capsys):
     """Each shard's build scans every input for its lines before the first record is built: on a
     large corpus minutes that printed nothing."""
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
-    progress = data_build._ScanProgress(src.stat().st_size, quiet=False, interval=0)
-    count = data_build.count_lines(str(src), progress)
+    progress = data_chunks.ScanProgress(src.stat().st_size, quiet=False, interval=0)
+    count = data_chunks.count_lines(str(src), progress)
     assert count.lines == 40 and progress.done == src.stat().st_size
     assert "scanning inputs for lines: 0.00 of 0.00 GB (100%)" in capsys.readouterr().err
 
@@ -45,7 +45,7 @@ def test_lines_appended_to_an_input_during_the_scan_are_not_built(tmp_path, reco
                 f.writelines((json.dumps(r) + "\n").encode() for r in records[40:45])
         self.done += nbytes
 
-    monkeypatch.setattr(data_build._ScanProgress, "__call__", appending)
+    monkeypatch.setattr(data_chunks.ScanProgress, "__call__", appending)
     meta = data_build.build([str(src), str(second)], str(tmp_path / "ds"), data_build.BuildConfig(seq_length=SEQ),
                             quiet=True)
     assert [(s["lines"], s["bytes"]) for s in meta["sources"]] == [(30, len(scanned)), (10, second.stat().st_size)]
@@ -123,15 +123,15 @@ def test_every_line_is_in_exactly_one_chunk_of_one_shard_as_the_rule_says(tmp_pa
     the same shards, record ids and build id as before), and over the N machines each line of each
     file is read once, in one chunk, with its own line number and record id."""
     rng = np.random.default_rng(seed)
-    monkeypatch.setattr(data_build, "_SCAN_BLOCK", int(rng.choice([1, 2, 3, 7, 64, 1 << 22])))
-    monkeypatch.setattr(data_build, "_FIND_PIECE", int(rng.choice([1, 2, 5, 1 << 20])))
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", int(rng.choice([1, 2, 3, 7, 64, 1 << 22])))
+    monkeypatch.setattr(data_chunks, "_FIND_PIECE", int(rng.choice([1, 2, 5, 1 << 20])))
     for trial in range(6):
         files = [str(random_input(rng, tmp_path / f"{trial}-{k}.jsonl")) for k in range(rng.integers(1, 4))]
         chunk_records = int(rng.integers(1, 12))
         for num_shards in range(1, 7):
             read = {f: [] for f in files}
             for i in range(num_shards):
-                mine, sources = data_build.plan_chunks(files, chunk_records, True, num_shards, i)
+                mine, sources = data_chunks.plan_chunks(files, chunk_records, True, num_shards, i)
                 want, want_sources = chunks_by_rule(files, chunk_records, num_shards, i)
                 got = [(c.index, c.file, c.start, c.end, c.first_line, c.first_record) for c in mine]
                 assert (got, sources) == (want, want_sources), (files, chunk_records, num_shards, i)
@@ -155,33 +155,33 @@ def test_a_shard_holds_offsets_for_its_own_chunks_not_for_the_inputs_lines(tmp_p
     byte per line here, and a shard of 4 holds a quarter of the chunks' offsets."""
     import tracemalloc
 
-    monkeypatch.setattr(data_build, "_SCAN_BLOCK", 1 << 16)
-    monkeypatch.setattr(data_build, "_FIND_PIECE", 1 << 12)
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", 1 << 16)
+    monkeypatch.setattr(data_chunks, "_FIND_PIECE", 1 << 12)
     lines = 400_000
     src = write_bytes(tmp_path / "r.jsonl", b"".join(b"x" * (i % 7) + b"\n" for i in range(lines)))
-    data_build.plan_chunks([str(src)], 2000)  # numpy's first calls allocate caches of their own
+    data_chunks.plan_chunks([str(src)], 2000)  # numpy's first calls allocate caches of their own
     tracemalloc.start()
     try:
-        whole, sources = data_build.plan_chunks([str(src)], 2000)
+        whole, sources = data_chunks.plan_chunks([str(src)], 2000)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert sources[0]["lines"] == lines and len(list(whole)) == 200
     assert peak < lines, f"{peak} bytes at the peak for {lines} lines"
     assert whole.offsets_held == 201
-    quarters = [data_build.plan_chunks([str(src)], 2000, True, 4, i)[0] for i in range(4)]
+    quarters = [data_chunks.plan_chunks([str(src)], 2000, True, 4, i)[0] for i in range(4)]
     assert [(len(q), q.offsets_held) for q in quarters] == [(50, 51)] * 4
     # a shard reaching into several inputs holds one more offset for each
     second = write_bytes(tmp_path / "s.jsonl", b"y\n" * 3000)
-    mine, _ = data_build.plan_chunks([str(src), str(second)], 2000, True, 2, 1)
+    mine, _ = data_chunks.plan_chunks([str(src), str(second)], 2000, True, 2, 1)
     assert (len(mine), mine.offsets_held, [s.path for s in mine.spans]) == (101, 103, [str(src), str(second)])
 
 
 def test_a_machine_of_several_builds_lines_of_any_bytes_as_one_machine(tmp_path, records, monkeypatch):
     """CRLF endings, blank lines, characters of 2-4 bytes and no newline at the end, read in blocks
     that cut through them: 4 machines build every record once, as one machine does."""
-    monkeypatch.setattr(data_build, "_SCAN_BLOCK", 37)
-    monkeypatch.setattr(data_build, "_FIND_PIECE", 5)
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", 37)
+    monkeypatch.setattr(data_chunks, "_FIND_PIECE", 5)
     recs = [{**r, "prompt": f"\u00e9\u20ac\U0001F600 {i}"} if i % 3 == 0 else r for i, r in enumerate(records[:25])]
     lines = [json.dumps(r, ensure_ascii=False).encode() + (b"\r\n" if i % 2 else b"\n") for i, r in enumerate(recs)]
     lines[4:4] = [b"\n", b"  \r\n"]
@@ -203,9 +203,9 @@ def test_an_input_rewritten_after_its_lines_were_counted_stops_the_build_naming_
     """A shard finds where its chunks start by reading again the blocks that hold them: a file whose
     lines moved since they were counted (rewritten in place, the same size) is named, not built
     from chunks that begin mid-line."""
-    monkeypatch.setattr(data_build, "_SCAN_BLOCK", 256)
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", 256)
     src = write_jsonl(tmp_path / "r.jsonl", records[:30])
-    real = data_build.count_lines
+    real = data_chunks.count_lines
 
     def then_rewritten(*args, **kw):
         counted = real(*args, **kw)
@@ -215,7 +215,7 @@ def test_an_input_rewritten_after_its_lines_were_counted_stops_the_build_naming_
         src.write_bytes(data)
         return counted
 
-    monkeypatch.setattr(data_build, "count_lines", then_rewritten)
+    monkeypatch.setattr(data_chunks, "count_lines", then_rewritten)
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 4, "--num-shards", 2,
                  "--shard-index", 1) == 2
     err = capsys.readouterr().err
@@ -226,7 +226,7 @@ def test_an_input_rewritten_after_its_lines_were_counted_stops_the_build_naming_
 
 def test_an_input_cut_short_while_its_lines_are_counted_stops_the_build_naming_it(tmp_path, records, monkeypatch,
                                                                                 capsys):
-    monkeypatch.setattr(data_build, "_SCAN_BLOCK", 512)
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", 512)
     src = write_jsonl(tmp_path / "r.jsonl", records[:30])
     size = src.stat().st_size
 
@@ -235,7 +235,7 @@ def test_an_input_cut_short_while_its_lines_are_counted_stops_the_build_naming_i
             os.truncate(src, 1000)
         self.done += nbytes
 
-    monkeypatch.setattr(data_build._ScanProgress, "__call__", cutting)
+    monkeypatch.setattr(data_chunks.ScanProgress, "__call__", cutting)
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ) == 2
     assert (f"error: {src}: 1000 bytes, fewer than the {size} it had when the build began counting its lines: cut "
             "short or rewritten during the build; nothing of the shard was written") in capsys.readouterr().err
