@@ -13,7 +13,12 @@ and the shared-prefix savings for K=2 (the built data) and K=8 (a sample encoded
 First, the memory of planning one shard of one file of short lines (--plan-lines; --plan-only
 stops there): the peak Python and numpy allocations (tracemalloc) of `plan_chunks` for one
 machine and for the last of 8, against the scan that kept every line's offset (the baseline, run
-on the same file), in bytes per input line.
+on the same file), in bytes per input line. Then the bytes each of N machines reads to plan its
+shard of one file (--scan-mb MB of 0.1-2 KB lines, --scan-machines N), without a scan (each counts
+every line) and with `polar data scan` split over the same N machines (each counts its part, then
+reads the scan and the blocks where its chunks begin), from the kernel's count of bytes read
+(/proc/self/io rchar): at the build's 4 MiB blocks, and at blocks small enough (--scan-blocks) that a
+chunk spans many, as a corpus's 8192-record chunks of KB records span many 4 MiB blocks.
 Temporary files go to a temporary directory removed at the end unless --keep names one.
 """
 import argparse
@@ -34,7 +39,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.arguments import at_least  # noqa: E402
 from benchmarks.packer import python_first_fit, timed  # noqa: E402
 from engine import _C  # noqa: E402
-from polar import data_build, data_chunks, data_stats  # noqa: E402
+from polar import data_build, data_chunks, data_scan, data_stats  # noqa: E402
 
 ALPHABET = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz     ", dtype=np.uint8)
 
@@ -119,6 +124,64 @@ def planning_memory(work: str, counts: list[int], chunk_records: int = 8192) -> 
         os.remove(path)
 
 
+def bytes_read() -> int:
+    """This process's bytes read so far, as the kernel counts them (read calls, cached or not)."""
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("rchar:"))
+
+
+def measured(fn):
+    """(fn(), bytes it read, seconds)."""
+    before, t = bytes_read(), time.perf_counter()
+    out = fn()
+    return out, bytes_read() - before, time.perf_counter() - t
+
+
+def scan_reads(work: str, mb: int, machines: list[int], blocks: list[int], chunk_records: int) -> None:
+    rng = np.random.default_rng(0)
+    path, lines = os.path.join(work, "corpus.jsonl"), 0
+    with open(path, "wb") as f:
+        while f.tell() < mb * 1e6:
+            lengths = rng.integers(100, 2000, 1 << 12)
+            f.write(b"".join(b'{"' + b"x" * int(k) + b'"}\n' for k in lengths))
+            lines += len(lengths)
+    size = os.path.getsize(path)
+    print(f"\n{size / 1e6:.0f} MB, {lines:,} lines, chunks of {chunk_records} lines: bytes read a machine to plan "
+          "its shard")
+    print("| block | machines | chunks a machine | no scan: MB a machine | scan: its part, MB | then the plan, MB "
+          "| no scan / scan | all machines' reads / input, no scan | with scan | plan s a machine, no scan | "
+          "scan part + plan s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    build_block = data_chunks._SCAN_BLOCK
+    try:
+        for block in blocks:
+            data_chunks._SCAN_BLOCK = block  # the scan records its block; a build given it reads in those
+            for n in machines:
+                scan_dir = os.path.join(work, f"scan_{block}_{n}")
+                plain, part, plan = np.zeros(n), np.zeros(n), np.zeros(n)
+                plain_s, scan_s, chunks = np.zeros(n), np.zeros(n), np.zeros(n)
+                for i in range(n):
+                    _, part[i], scan_s[i] = measured(lambda: data_scan.scan([path], scan_dir, n, i, quiet=True))
+                for i in range(n):
+                    def planned(counts=None):
+                        return data_chunks.plan_chunks([path], chunk_records, True, n, i, counts)
+
+                    (mine, _), plain[i], plain_s[i] = measured(planned)
+                    (with_scan, _), plan[i], s_plan = measured(
+                        lambda: planned(data_scan.load(scan_dir).line_counts([path])))
+                    assert list(with_scan) == list(mine)  # the same chunks, read by other means
+                    chunks[i], scan_s[i] = len(mine), scan_s[i] + s_plan
+                shutil.rmtree(scan_dir)
+                print(f"| {block:,} | {n} | {chunks.mean():,.1f} | {plain.mean() / 1e6:,.1f} | "
+                      f"{part.mean() / 1e6:,.2f} | {plan.mean() / 1e6:,.2f} | "
+                      f"{plain.mean() / (part + plan).mean():,.1f}x | "
+                      f"{plain.sum() / size:,.2f} | {(part + plan).sum() / size:,.2f} | {plain_s.mean():.3f} | "
+                      f"{scan_s.mean():.3f} |")
+    finally:
+        data_chunks._SCAN_BLOCK = build_block
+    os.remove(path)
+
+
 def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[float, int]:
     out = path + ".ds"
     # truncated as in training (max_length), packed at a length no group reaches so that every group counts
@@ -139,12 +202,19 @@ def main():
     ap.add_argument("--keep", default="", help="work in this directory and keep it")
     ap.add_argument("--plan-lines", type=at_least(1), nargs="+", default=[1_000_000, 2_000_000, 4_000_000],
                     help="lines of the files whose planning memory is measured")
-    ap.add_argument("--plan-only", action="store_true", help="measure planning memory only")
+    ap.add_argument("--scan-mb", type=at_least(1), default=128, help="MB of the file whose planning reads are measured")
+    ap.add_argument("--scan-machines", type=at_least(1), nargs="+", default=[8, 100],
+                    help="machines sharing its build and its scan")
+    ap.add_argument("--scan-blocks", type=at_least(1), nargs="+", default=[data_chunks._SCAN_BLOCK, 1 << 15],
+                    help="the scan's block sizes in bytes (default the build's 4 MiB, and 32 KiB: a chunk spans ~16)")
+    ap.add_argument("--scan-chunk-records", type=at_least(1), default=512, help="lines per chunk of that build")
+    ap.add_argument("--plan-only", action="store_true", help="measure planning memory and reads only")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="polar_data_build_")
     os.makedirs(work, exist_ok=True)
     try:
         planning_memory(work, args.plan_lines)
+        scan_reads(work, args.scan_mb, args.scan_machines, args.scan_blocks, args.scan_chunk_records)
         if args.plan_only:
             return
         t = time.perf_counter()

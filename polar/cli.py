@@ -8,6 +8,7 @@
     polar score ...           # offline scoring, exact client format, any layout (engine/score.py)
     polar sample ...          # pre-training triplets from a prompt corpus and a policy pool (polar/sample.py)
     polar data build ...      # records -> packed dataset on disk (polar/data_build.py)
+    polar data scan ...       # the inputs' line counts, once for a build's machines (polar/data_scan.py)
     polar data stats ...      # counts, lengths, packing efficiency, shared-prefix savings (polar/data_stats.py)
     polar data synthetic ...  # the default run's synthetic policies as example files (polar/synthetic_files.py)
     polar format ...          # the official client's serving string and the server's ids (polar/format_cli.py)
@@ -136,6 +137,8 @@ _TOOLS = {
                                   "OpenAI-compatible endpoints"),
     ("data", "build"): ("polar.data_build", "records (JSONL) -> tokenized, shared-prefix packed "
                                             "dataset on disk"),
+    ("data", "scan"): ("polar.data_scan", "count the inputs' lines once for all machines of a build "
+                                          "(polar data build --scan)"),
     ("data", "stats"): ("polar.data_stats", "counts, length histograms, packing efficiency and "
                                             "shared-prefix savings of a built dataset"),
     ("data", "synthetic"): ("polar.synthetic_files", "the default run's synthetic policies as files: triplets, "

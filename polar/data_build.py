@@ -2,6 +2,7 @@
 
     polar data build data/*.jsonl --output ds/ --tokenizer byte --seq-length 16384 --workers 8
     polar data build data/ --output ds/ --num-shards 4 --shard-index 2     # one machine of four
+    polar data build data/ --output ds/ --num-shards 4 --shard-index 2 --scan scan/  # lines counted once
 
 Records (polar/records.py) are tokenized with POLAR's format (polar/format.py: the record's wrapper,
 else --wrapper; truncation to --max-length, default the pack length, and --max-response, counted
@@ -23,7 +24,8 @@ one chunk only) and written in chunk order, so the output is the same for any --
 --num-shards N splits the chunks into N contiguous runs; shard i writes `part-{i:05d}-of-{N:05d}`,
 and the directory holding all N shards reads as exactly the dataset one machine would have built.
 Which lines each shard builds, and how a machine finds them without holding every line's offset,
-is polar/data_chunks.py's.
+is polar/data_chunks.py's. Each machine counts the lines of every input to find them, unless given
+--scan, the counts of a `polar data scan` made once for all machines (polar/data_scan.py).
 The shards of one build carry a build id (a hash of the settings and of the inputs' names, sizes
 and line counts); the builder refuses an output directory holding shards of any other build, and
 the reader refuses a directory that lacks a shard of a build, holds one twice or holds two builds
@@ -44,6 +46,7 @@ from pathlib import Path
 
 import numpy as np
 
+from polar import data_scan
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
 from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
@@ -294,7 +297,7 @@ def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
 
 def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, chunk_records: int = 8192,
           num_shards: int = 1, shard_index: int = 0, rejects_path: str = "", quiet: bool = False,
-          force: bool = False) -> dict:
+          force: bool = False, scan: str = "") -> dict:
     """Build one shard; returns its metadata (also written next to it). RecordError on a bad record
     with on_error="fail", after which nothing of the shard remains."""
     from engine.build_sets import foreign_shards
@@ -318,7 +321,9 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
     if name.with_suffix(".idx").exists() and not force:
         raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
-    mine, sources = plan_chunks(files, chunk_records, quiet, num_shards, shard_index)
+    # a scan's line counts, checked against the inputs now, spare this machine reading every input
+    counts = data_scan.load(scan).line_counts(files) if scan else None
+    mine, sources = plan_chunks(files, chunk_records, quiet, num_shards, shard_index, counts)
 
     meta = {
         "format": "polar shared-prefix groups",
@@ -506,6 +511,10 @@ def parse_args(argv):
                     help="lines per independently packed chunk (default 8192)")
     ap.add_argument("--num-shards", type=int, default=1, help="machines sharing the build")
     ap.add_argument("--shard-index", type=int, default=0, help="this machine's shard, 0..num_shards-1")
+    ap.add_argument("--scan", default="",
+                    help="a `polar data scan` of these inputs: its line counts instead of reading every input "
+                         "(each machine then reads only the blocks where its own chunks begin); refused if an "
+                         "input's size or modification time changed since")
     ap.add_argument("--on-error", default="fail", choices=ON_ERROR,
                     help="fail: stop at the first bad record; skip: write it to the rejects file and go on")
     ap.add_argument("--rejects", default="", help="rejects JSONL (default: <output>/<shard>.rejects.jsonl)")
@@ -523,7 +532,7 @@ def main(argv=None) -> int:
     try:
         meta = build(args.inputs, args.output, cfg, workers=args.workers, chunk_records=args.chunk_records,
                      num_shards=args.num_shards, shard_index=args.shard_index, rejects_path=args.rejects,
-                     quiet=args.quiet, force=args.force)
+                     quiet=args.quiet, force=args.force, scan=args.scan)
     except RecordError as e:
         print(f"error: {e} (nothing written; --on-error skip sets bad records aside)", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 The input lines (files in the order given) are cut into chunks of --chunk-records lines, and the
 chunks over all inputs into --num-shards contiguous runs; shard i builds run i. Each machine counts
 the lines of every input (the runs, the record ids and the build id depend on them) without keeping
-where they start, then reads again only the blocks where its own chunks begin: it holds one byte
+where they start, or takes the counts of a `polar data scan` made once for all machines
+(polar/data_scan.py), then reads again only the blocks where its own chunks begin: it holds one byte
 offset per chunk of its own, none per line, whatever the inputs' size. An input that changes under
 the build (cut short, rewritten) is InputChanged, found by a count that does not match.
 """
@@ -64,25 +65,48 @@ class LineCount:
         return int(np.minimum(self.block, self.size - blocks * self.block).sum())
 
 
+def count_blocks(path: str, size: int, first: int = 0, stop: int | None = None, block: int = 0, on_block=None,
+                 began: str = "the build began counting its lines", changed: str = CHANGED) -> tuple[np.ndarray, int]:
+    """The "\\n"s in each of blocks [first, stop) (default: to the end) of the file's first `size`
+    bytes, read a block at a time, and the last byte read (10 when none); `on_block(nbytes)` after
+    each block. A file now shorter than those blocks is InputChanged, saying when it had `size`
+    bytes and what `changed` means for what was being made."""
+    block = block or _SCAN_BLOCK
+    stop = -(-size // block) if stop is None else stop
+    offset, end = first * block, min(stop * block, size)
+    counts, last = np.zeros(max(stop - first, 0), dtype=np.int64), 10
+    buf = memoryview(bytearray(min(block, max(end - offset, 0))))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        # one readinto a block: a buffered file fills it unless the file ends first
+        for j in range(len(counts)):
+            want = min(block, end - offset)
+            got = f.readinto(buf[:want])
+            if got < want:
+                raise InputChanged(f"{path}: {os.path.getsize(path)} bytes, fewer than the {size} it had when "
+                                   f"{began}: {changed}")
+            data = np.frombuffer(buf, dtype=np.uint8, count=got)
+            counts[j], last, offset = np.count_nonzero(data == 10), int(data[-1]), offset + got
+            if on_block:
+                on_block(got)
+    return counts, last
+
+
 def count_lines(path: str, on_block=None, size: int | None = None) -> LineCount:
     """The lines of the first `size` bytes of a file (default: its size now; a last line without
     "\\n" counts), read in blocks; `on_block(nbytes)` after each block (progress). Bytes appended
     during the scan (a sampler still writing the input) are not read; a file cut short is
     InputChanged."""
     size = os.path.getsize(path) if size is None else size
-    block_size, newlines, last, offset = _SCAN_BLOCK, [0], 10, 0
-    buf = memoryview(bytearray(min(block_size, size)))
-    with open(path, "rb") as f:
-        while offset < size and (got := f.readinto(buf[:min(block_size, size - offset)])):
-            block = np.frombuffer(buf, dtype=np.uint8, count=got)
-            newlines.append(newlines[-1] + int(np.count_nonzero(block == 10)))
-            last, offset = int(block[-1]), offset + got
-            if on_block:
-                on_block(got)
-    if offset < size:
-        raise InputChanged(f"{path}: {os.path.getsize(path)} bytes, fewer than the {size} it had when the build began "
-                           f"counting its lines: {CHANGED}")
-    return LineCount(path, size, newlines[-1] + (last != 10), np.asarray(newlines, dtype=np.int64), block_size)
+    counts, last = count_blocks(path, size, on_block=on_block)
+    return line_count(path, size, counts, last, _SCAN_BLOCK)
+
+
+def line_count(path: str, size: int, counts: np.ndarray, last: int, block: int) -> LineCount:
+    """The LineCount of a file of `size` bytes from the "\\n"s of each of its blocks and its last byte."""
+    newlines = np.zeros(len(counts) + 1, dtype=np.int64)
+    np.cumsum(counts, out=newlines[1:])
+    return LineCount(path, size, int(newlines[-1]) + (size > 0 and last != 10), newlines, block)
 
 
 def find_line_starts(count: LineCount, lines: np.ndarray, on_block=None) -> np.ndarray:
@@ -118,8 +142,8 @@ def find_line_starts(count: LineCount, lines: np.ndarray, on_block=None) -> np.n
 
 class ScanProgress:
     """Every shard's build counts the lines of all inputs first (at ~1 GB/s, minutes for a large
-    corpus), then finds where its own chunks start: said every `interval` seconds, with rate and
-    ETA, on stderr."""
+    corpus; a scan does it once for all), then finds where its own chunks start: said every
+    `interval` seconds, with rate and ETA, on stderr."""
 
     def __init__(self, total: int, quiet: bool, interval: float = 2.0, what: str = "scanning inputs for lines"):
         self.total, self.quiet, self.interval, self.what = total, quiet, interval, what
@@ -181,20 +205,20 @@ class ShardChunks:
 
 
 def plan_chunks(files: list[str], chunk_records: int, quiet: bool = True, num_shards: int = 1,
-                shard_index: int = 0) -> tuple[ShardChunks, list[dict]]:
+                shard_index: int = 0, counts: list[LineCount] | None = None) -> tuple[ShardChunks, list[dict]]:
     """Shard `shard_index` of `num_shards`'s chunks, and every input's sources entry. The rule is the
     module's: each file's lines cut into chunks of chunk_records, the chunks over all inputs split into
-    num_shards contiguous runs. Each machine counts every input's lines (the runs depend on all counts;
-    the record ids and build id on the lines before), then reads only the blocks where its own
-    chunks start."""
-    counts, sources, base = [], [], 0
-    progress = ScanProgress(sum(os.path.getsize(p) for p in files), quiet)
-    for path in files:
+    num_shards contiguous runs. The runs depend on every input's line count (the record ids and build
+    id on the lines before): each machine counts them all, unless given them (`counts`, one per file:
+    a `polar data scan`, polar/data_scan.py), then reads only the blocks where its own chunks start."""
+    if counts is None:
+        progress = ScanProgress(sum(os.path.getsize(p) for p in files), quiet)
         # One size for the scan, the chunks and the sources: an input still being appended to had its
         # new lines read into the last chunk but not counted in its lines, and their record ids were
         # those of the next file's first records.
-        count = count_lines(path, progress, os.path.getsize(path))
-        counts.append(count)
+        counts = [count_lines(path, progress, os.path.getsize(path)) for path in files]
+    sources, base = [], 0
+    for path, count in zip(files, counts):
         sources.append({"path": str(path), "bytes": count.size, "lines": count.lines, "first_record": base})
         base += count.lines
     per_file = [-(-c.lines // chunk_records) for c in counts]

@@ -1,0 +1,278 @@
+"""`polar data scan`: the line counts of `polar data build`'s inputs, counted once for all its machines.
+
+    polar data scan data/ --output scan/                          # one machine reads the inputs once
+    polar data scan data/ --output scan/ --num-parts 8 --part 3   # or 8 machines each read an eighth
+    polar data build data/ --scan scan/ --output ds/ --num-shards 100 --shard-index 7 ...
+
+Which lines a shard of a build holds depends on the line count of every input (polar/data_chunks.py),
+so each of the --num-shards machines of a build without a scan reads every input in full to count
+them: 100 machines read the corpus 100 times. A scan reads it once, split over as many machines as
+wanted (--num-parts N --part i: part i counts the i-th of N equal runs of the inputs' 4 MiB blocks,
+taken in input order), and a build given it (--scan) reads only the blocks where its own chunks
+begin. Its shards are byte for byte those of a build without a scan (the same lines, record ids
+and build id).
+
+SCAN is a directory; part i of N writes scan-{i:05d}-of-{N:05d}.json into it, holding every input's
+path, size and modification time as this part saw them, and the newlines of each block it read
+(base64 of little-endian uint32). A build reads every part there: it refuses parts that disagree
+(on the inputs, the block size or N) or that miss one, naming the files, and a scan whose inputs
+are not the build's (another list of files, or one changed since: its size or its modification
+time), naming the input and what differs. An input changed in place since the scan without a new
+size or time is still found where the blocks the build reads again do not hold the lines the scan
+counted (InputChanged, as without a scan).
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from polar import data_chunks
+from polar.data_chunks import LineCount, ScanProgress, count_blocks, line_count
+from polar.data_inputs import input_files
+
+FORMAT, VERSION = "polar data scan", 1
+_PART = re.compile(r"scan-(\d{5})-of-(\d{5})\.json")
+_AGAIN = "run `polar data scan` again on the build's inputs (nothing was built)"
+
+
+class ScanError(ValueError):
+    """A scan that cannot serve the build: unreadable, incomplete, or not of the build's inputs."""
+
+
+def part_name(part: int, num_parts: int) -> str:
+    return f"scan-{part:05d}-of-{num_parts:05d}.json"
+
+
+def _stat(path: str) -> dict:
+    st = os.stat(path)
+    return {"path": str(path), "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _when(mtime_ns: int) -> str:
+    return datetime.fromtimestamp(mtime_ns / 1e9).isoformat(sep=" ", timespec="microseconds")
+
+
+def part_blocks(sizes: list[int], block: int, num_parts: int, part: int) -> list[tuple[int, int, int]]:
+    """The blocks part `part` of `num_parts` counts: (input, first block, stop block) for each input
+    it reaches into. The inputs' blocks, in input order, are cut into num_parts runs of equal count."""
+    per_file = [-(-s // block) for s in sizes]
+    total = sum(per_file)
+    first, stop = part * total // num_parts, (part + 1) * total // num_parts
+    out, offset = [], 0
+    for k, n in enumerate(per_file):
+        a, b = max(first - offset, 0), min(stop - offset, n)
+        if a < b:
+            out.append((k, a, b))
+        offset += n
+    return out
+
+
+def scan(inputs: list[str], output: str, num_parts: int = 1, part: int = 0, quiet: bool = False) -> dict:
+    """Count the newlines of part `part` of `num_parts` of the inputs' blocks; write them to
+    OUTPUT/scan-PART-of-NUM_PARTS.json (replacing a part of that name) and return what was written."""
+    if num_parts < 1:
+        raise ValueError(f"--num-parts must be >= 1, got {num_parts}")
+    if not 0 <= part < num_parts:
+        raise ValueError(f"--part {part} is outside 0..{num_parts - 1} (--num-parts {num_parts})")
+    files = input_files(inputs)
+    block = data_chunks._SCAN_BLOCK
+    seen = [_stat(f) for f in files]
+    todo = part_blocks([s["bytes"] for s in seen], block, num_parts, part)
+    total = sum(min(b * block, seen[k]["bytes"]) - a * block for k, a, b in todo)
+    progress, start = ScanProgress(total, quiet), time.time()
+    counted, newlines = [], 0
+    for k, a, b in todo:
+        size = seen[k]["bytes"]
+        counts, last = count_blocks(files[k], size, a, b, block, progress, began="the scan began",
+                                    changed="changed during the scan; nothing was written: scan again once it is "
+                                            "complete")
+        if _stat(files[k]) != seen[k]:  # a file being written: the build would refuse the scan's time for it
+            raise ScanError(f"{files[k]}: changed while it was scanned (still being written?); nothing was written: "
+                            "scan again once it is complete")
+        counted.append({"input": k, "first_block": a, "newlines": _encode(counts),
+                        "last_byte": last if b * block >= size else None})
+        newlines += int(counts.sum())
+    doc = {"format": FORMAT, "version": VERSION, "num_parts": num_parts, "part": part, "block": block,
+           "inputs": seen, "blocks": counted}
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / part_name(part, num_parts)
+    tmp = path.with_name(f".{path.name}.tmp")  # a build reading the directory meanwhile never sees half a part
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)
+    return {"path": str(path), "files": len(files), "bytes": total, "all_bytes": sum(s["bytes"] for s in seen),
+            "newlines": newlines, "elapsed_s": time.time() - start}
+
+
+def _encode(counts: np.ndarray) -> str:
+    return base64.b64encode(counts.astype("<u4").tobytes()).decode("ascii")
+
+
+def _decode(text: str) -> np.ndarray:
+    return np.frombuffer(base64.b64decode(text, validate=True), dtype="<u4").astype(np.int64)
+
+
+@dataclass
+class Scan:
+    """Every input's LineCount from a complete scan, and the file it came from (for messages)."""
+    where: str
+    counts: list[LineCount]
+
+    def line_counts(self, files: list[str]) -> list[LineCount]:
+        """The counts for a build of `files` (as its machine names them: the scan's paths may be another
+        machine's mount of the same files, so inputs match by position, file name, size and time).
+        ScanError naming the first input that differs."""
+        for k, (path, count) in enumerate(zip(files, self.counts)):
+            if Path(path).name != Path(count.path).name:
+                raise ScanError(f"--scan {self.where} is not of this build's inputs: its input {k + 1} is "
+                                f"{count.path}, the build's is {path}: {_AGAIN}")
+        if len(files) != len(self.counts):
+            extra = (f"the build's {files[len(self.counts)]} is not in it" if len(files) > len(self.counts) else
+                     f"its {self.counts[len(files)].path} is not the build's")
+            raise ScanError(f"--scan {self.where} counted {len(self.counts)} inputs, the build reads {len(files)} "
+                            f"({extra}): {_AGAIN}")
+        out = []
+        for path, count in zip(files, self.counts):
+            now = _stat(path)
+            if (now["bytes"], now["mtime_ns"]) != (count.size, count.mtime_ns):
+                raise ScanError(f"{path} changed since --scan {self.where} counted its lines: {_differs(now, count)}: "
+                                f"{_AGAIN}")
+            out.append(LineCount(str(path), count.size, count.lines, count.newlines, count.block))
+        return out
+
+
+def _differs(now: dict, count) -> str:
+    said = []
+    if now["bytes"] != count.size:
+        said.append(f"{now['bytes']:,} bytes now, {count.size:,} in the scan")
+    if now["mtime_ns"] != count.mtime_ns:
+        said.append(f"modified {_when(now['mtime_ns'])} now, {_when(count.mtime_ns)} in the scan")
+    return "; ".join(said)
+
+
+@dataclass
+class _Counted(LineCount):
+    mtime_ns: int = 0
+
+
+def _read_part(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"not a {FORMAT} part")
+        if doc.get("version") != VERSION:
+            raise ValueError(f"version {doc.get('version')!r}, where this polar reads version {VERSION}")
+        for key in ("num_parts", "part", "block", "inputs", "blocks"):
+            if key not in doc:
+                raise ValueError(f"no {key!r}")
+        return doc
+    except (OSError, ValueError) as e:
+        raise ScanError(f"{path}: {e}: {_AGAIN}") from None
+
+
+def _parts_differ(a: dict, b: dict) -> str:
+    """What two parts of a scan disagree on ("" when nothing). Their inputs match by file name, size
+    and time: the machines of a split scan may mount the inputs at other paths."""
+    for key, what in (("num_parts", "their number of parts"), ("block", "their block size")):
+        if a[key] != b[key]:
+            return f"{what} ({a[key]} and {b[key]})"
+    ins = [[(Path(s["path"]).name, s["bytes"], s["mtime_ns"]) for s in doc["inputs"]] for doc in (a, b)]
+    k = next((k for k, (x, y) in enumerate(zip(*ins)) if x != y), None)
+    if k is not None:  # a file written between two parts' scans, most often
+        said = [f"{s['path']} of {s['bytes']:,} bytes modified {_when(s['mtime_ns'])}" for s in (a["inputs"][k],
+                                                                                                 b["inputs"][k])]
+        return f"their input {k + 1}: {said[0]} and {said[1]}"
+    return "" if len(ins[0]) == len(ins[1]) else f"their number of inputs ({len(ins[0])} and {len(ins[1])})"
+
+
+def load(where: str) -> Scan:
+    """The scan in directory `where`: all its parts, merged into one LineCount an input. ScanError
+    when a part is missing, unreadable, or of another scan (other inputs, sizes, times or N)."""
+    directory = Path(where)
+    if not directory.is_dir():
+        raise ScanError(f"--scan {where}: no such directory (`polar data scan INPUTS --output {where}` makes it)")
+    paths = sorted(p for p in directory.iterdir() if _PART.fullmatch(p.name))
+    if not paths:
+        raise ScanError(f"--scan {where}: no scan-*-of-*.json part in it (`polar data scan INPUTS --output {where}` "
+                        "writes them)")
+    parts = [(p, _read_part(p)) for p in paths]
+    first, doc0 = parts[0]
+    for p, doc in parts[1:]:
+        differ = _parts_differ(doc0, doc)
+        if differ:
+            raise ScanError(f"--scan {where} holds parts of two scans: {first.name} and {p.name} differ in {differ}: "
+                            f"remove the older parts, or {_AGAIN}")
+    n = doc0["num_parts"]
+    missing = sorted(set(range(n)) - {doc["part"] for _, doc in parts})
+    if missing:
+        raise ScanError(f"--scan {where} lacks {len(missing)} of the {n} parts of its scan (--part "
+                        f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}): run them, or wait "
+                        "for them to finish")
+    block, inputs = doc0["block"], doc0["inputs"]
+    per_file = [np.full(-(-s["bytes"] // block), -1, dtype=np.int64) for s in inputs]
+    last = [10] * len(inputs)
+    try:
+        for p, doc in parts:
+            for c in doc["blocks"]:
+                k, a, counts = c["input"], c["first_block"], _decode(c["newlines"])
+                into = per_file[k][a:a + len(counts)]
+                if len(into) != len(counts) or (into >= 0).any() or (counts > block).any():
+                    raise ValueError(f"its blocks {a}..{a + len(counts) - 1} of {inputs[k]['path']} are not the "
+                                     "scan's to count")
+                into[:] = counts
+                if c["last_byte"] is not None:
+                    last[k] = c["last_byte"]
+    except (KeyError, TypeError, IndexError, ValueError) as e:
+        raise ScanError(f"{p}: {e}: {_AGAIN}") from None
+    for s, counts in zip(inputs, per_file):
+        if (counts < 0).any():
+            raise ScanError(f"--scan {where}: no part counted block {int(np.argmax(counts < 0))} of {s['path']}: "
+                            f"{_AGAIN}")
+    counted = []
+    for s, counts, end in zip(inputs, per_file, last):
+        c = line_count(s["path"], s["bytes"], counts, end, block)
+        counted.append(_Counted(c.path, c.size, c.lines, c.newlines, c.block, s["mtime_ns"]))
+    return Scan(str(where), counted)
+
+
+def parse_args(argv):
+    ap = argparse.ArgumentParser(prog="polar data scan", description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    ap.add_argument("inputs", nargs="+", help="JSONL files, or directories of *.jsonl, as given to `polar data build`")
+    ap.add_argument("--output", "-o", required=True,
+                    help="the scan's directory (created), given to `polar data build --scan`")
+    ap.add_argument("--num-parts", type=int, default=1, help="machines sharing the scan (default 1)")
+    ap.add_argument("--part", type=int, default=0, help="this machine's part, 0..num_parts-1")
+    ap.add_argument("--quiet", action="store_true", help="no progress lines")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        done = scan(args.inputs, args.output, args.num_parts, args.part, args.quiet)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    dt = max(done["elapsed_s"], 1e-9)
+    print(f"wrote {done['path']}: part {args.part} of {args.num_parts}, {done['bytes'] / 1e9:.2f} of "
+          f"{done['all_bytes'] / 1e9:.2f} GB of {done['files']} input{'s' if done['files'] != 1 else ''}, "
+          f"{done['newlines']:,} line ends, {dt:.1f}s ({done['bytes'] / dt / 1e6:,.0f} MB/s)")
+    if args.num_parts > 1:
+        print(f"  `polar data build --scan {args.output}` reads it once all {args.num_parts} parts are there")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

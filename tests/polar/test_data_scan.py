@@ -1,0 +1,267 @@
+"""`polar data scan` and `polar data build --scan`: the inputs' lines counted once for all machines of
+a build, whose shards are byte for byte a build's without a scan; each machine then reads only the
+blocks where its own chunks begin; a scan that is not of the inputs now is refused, naming the input."""
+from __future__ import annotations
+
+import builtins
+import functools
+import json
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from polar import cli, data_build, data_chunks, data_scan
+from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
+from tests.polar.test_data_chunks import chunks_by_rule, random_input
+
+BLOCK = 512  # blocks of a few lines, so that a shard's chunks begin in a few of many
+
+
+@pytest.fixture(scope="module")
+def records():
+    return synthetic_records(120)  # the records of test_data_build.py
+
+
+@pytest.fixture
+def inputs(tmp_path, records, monkeypatch):
+    monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", BLOCK)
+    return [write_jsonl(tmp_path / "in" / "a.jsonl", records[:70]), write_jsonl(tmp_path / "in" / "b.jsonl",
+                                                                                 records[70:100])]
+
+
+def scan(*args) -> int:
+    return data_scan.main([*map(str, args), "--quiet"])
+
+
+class Reads:
+    """`open` for one module, counting the bytes read from the files it opens: what a machine reads."""
+
+    def __init__(self, monkeypatch, module):
+        self.bytes = 0
+        monkeypatch.setattr(module, "open", self.open, raising=False)
+
+    def open(self, path, mode="r", *args, **kw):
+        return _Counted(builtins.open(path, mode, *args, **kw), self)
+
+
+class _Counted:
+    def __init__(self, f, tally: Reads):
+        self.f, self.tally = f, tally
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def readinto(self, buf):
+        got = self.f.readinto(buf)
+        self.tally.bytes += got or 0
+        return got
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.tally.bytes += len(data)
+        return data
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+
+def shard_files(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+@pytest.mark.parametrize("num_parts", [1, 3])
+def test_a_build_with_a_scan_writes_the_shards_a_build_without_one_writes(tmp_path, inputs, num_parts):
+    """The shards, their index and metadata (build id, sources, record ids) are the same bytes, for
+    each machine of 3 and a scan made by one machine or split over three."""
+    for part in range(num_parts):
+        assert scan(*inputs, "-o", tmp_path / "scan", "--num-parts", num_parts, "--part", part) == 0
+    common = [*inputs, "--seq-length", SEQ, "--chunk-records", 7, "--num-shards", 3]
+    for i in range(3):
+        assert build(*common, "--shard-index", i, "-o", tmp_path / "plain") == 0
+        assert build(*common, "--shard-index", i, "-o", tmp_path / "scanned", "--scan", tmp_path / "scan") == 0
+    plain = shard_files(tmp_path / "plain")
+    assert len(plain) == 9 and plain == shard_files(tmp_path / "scanned")
+
+
+def test_a_machine_given_a_scan_reads_only_the_blocks_where_its_chunks_begin(tmp_path, inputs, capsys):
+    """Each of N machines read every input in full to count its lines: N reads of the corpus. Given a
+    scan, machine i reads the blocks holding the newline before each of its chunks' first lines, and
+    then its chunks; the scan itself, split over N machines, reads each input byte once."""
+    total = sum(p.stat().st_size for p in inputs)
+    n, chunk_records = 4, 9
+    with pytest.MonkeyPatch.context() as mp:
+        scanning = Reads(mp, data_chunks)
+        for part in range(n):
+            assert scan(*inputs, "-o", tmp_path / "scan", "--num-parts", n, "--part", part) == 0
+    assert scanning.bytes == total
+    for i in range(n):
+        with pytest.MonkeyPatch.context() as mp:
+            planning, building = Reads(mp, data_chunks), Reads(mp, data_build)
+            assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", chunk_records,
+                         "--num-shards", n, "--shard-index", i, "--scan", tmp_path / "scan") == 0
+        mine, _ = chunks_by_rule(inputs, chunk_records, n, i)
+        # the blocks holding the newline before each chunk's first line and after its last
+        ends = {(f, (at - 1) // BLOCK) for _, f, start, end, *_ in mine for at in (start, end)
+                if 0 < at < os.path.getsize(f)}
+        assert planning.bytes == sum(min(BLOCK, os.path.getsize(f) - j * BLOCK) for f, j in ends), i
+        assert building.bytes == sum(end - start for _, _, start, end, *_ in mine)
+        assert 0 < planning.bytes < total / 3
+    with pytest.MonkeyPatch.context() as mp:  # the same machine without a scan: every input in full first
+        planning = Reads(mp, data_chunks)
+        assert build(*inputs, "-o", tmp_path / "ds2", "--seq-length", SEQ, "--chunk-records", chunk_records,
+                     "--num-shards", n, "--shard-index", n - 1) == 0
+    assert planning.bytes > total
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_parts_of_a_split_scan_merge_to_the_counts_of_one_scan(tmp_path, monkeypatch, seed):
+    """Any number of parts, even more than the inputs' blocks (a part of none), blocks cutting lines,
+    empty files and files without a last newline: the merged scan holds each input's counts as the
+    build counts them itself."""
+    rng = np.random.default_rng(seed)
+    for trial in range(4):
+        monkeypatch.setattr(data_chunks, "_SCAN_BLOCK", int(rng.choice([1, 3, 16, 64])))
+        files = [str(random_input(rng, tmp_path / f"{trial}-{k}.jsonl")) for k in range(rng.integers(1, 4))]
+        want = [data_chunks.count_lines(f) for f in files]
+        for num_parts in (1, 2, 3, 5, 40):
+            out = tmp_path / f"scan-{trial}-{num_parts}"
+            for part in range(num_parts):
+                data_scan.scan(files, str(out), num_parts, part, quiet=True)
+            got = data_scan.load(str(out)).line_counts(files)
+            for g, w in zip(got, want):
+                assert (g.path, g.size, g.lines, g.block) == (w.path, w.size, w.lines, w.block), (files, num_parts)
+                np.testing.assert_array_equal(g.newlines, w.newlines)
+
+
+def test_a_scan_of_inputs_that_changed_since_is_refused_naming_the_input(tmp_path, inputs, records, capsys):
+    a, b = inputs
+    assert scan(a, b, "-o", tmp_path / "scan") == 0
+    common = ["-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", tmp_path / "scan"]
+    size, before = b.stat().st_size, b.stat().st_mtime_ns
+    with open(b, "a") as f:  # a sampler appended a record
+        f.write(json.dumps(records[100]) + "\n")
+    assert build(a, b, *common) == 2
+    err = capsys.readouterr().err
+    # (the time too, unless the append fell within the file system's clock tick of the write)
+    assert re.search(rf"error: {re.escape(str(b))} changed since --scan \S+ counted its lines: "
+                     rf"{b.stat().st_size:,} bytes now, {size:,} in the scan(; modified \S+ \S+ now, \S+ \S+ in the "
+                     r"scan)?: run `polar data scan` again on the build's inputs \(nothing was built\)", err), err
+    b.write_bytes(b.read_bytes()[:size])
+    os.utime(b, ns=(before + 10**9, before + 10**9))  # the same bytes, written again a second later
+    assert build(a, b, *common) == 2
+    err = capsys.readouterr().err
+    assert f"error: {b} changed since --scan" in err and "bytes now" not in err and "modified" in err
+    os.utime(b, ns=(before, before))
+    assert build(a, b, *common) == 0  # as scanned again
+    assert build(b, a, *common, "--force") == 2  # another order, another split
+    assert f"its input 1 is {a}, the build's is {b}" in capsys.readouterr().err
+    assert build(a, *common, "--force") == 2
+    assert f"counted 2 inputs, the build reads 1 (its {b} is not the build's)" in capsys.readouterr().err
+
+
+def test_an_input_rewritten_since_the_scan_with_its_size_and_time_is_found(tmp_path, inputs, capsys):
+    """Size and time alone do not prove the lines unmoved: the blocks a machine reads again are
+    checked against the scan's counts, as against its own."""
+    a, b = inputs
+    assert scan(a, b, "-o", tmp_path / "scan") == 0
+    st = b.stat()
+    data = bytearray(b.read_bytes())
+    for _ in range(3):  # three of the last lines joined, as many bytes
+        data[data.rindex(b"\n", 0, len(data) - 1)] = ord(" ")
+    b.write_bytes(data)
+    os.utime(b, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert build(a, b, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 4, "--num-shards", 2,
+                 "--shard-index", 1, "--scan", tmp_path / "scan") == 2
+    assert re.search(rf"error: {re.escape(str(b))}: its bytes \d+-\d+ hold \d+ line ends where the build counted \d+: "
+                     "cut short or rewritten during the build", capsys.readouterr().err)
+
+
+def test_a_scan_missing_a_part_or_mixing_two_is_refused_naming_them(tmp_path, inputs, capsys):
+    out = tmp_path / "scan"
+    common = [*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", out]
+    assert build(*common) == 2
+    assert f"error: --scan {out}: no such directory" in capsys.readouterr().err
+    for part in (0, 2):
+        assert scan(*inputs, "-o", out, "--num-parts", 4, "--part", part) == 0
+    assert build(*common) == 2
+    assert f"error: --scan {out} lacks 2 of the 4 parts of its scan (--part 1, 3)" in capsys.readouterr().err
+    assert scan(*inputs, "-o", out, "--num-parts", 2, "--part", 1) == 0
+    assert build(*common) == 2
+    assert (f"error: --scan {out} holds parts of two scans: scan-00000-of-00004.json and scan-00001-of-00002.json "
+            "differ in their number of parts (4 and 2): remove the older parts") in capsys.readouterr().err
+    (out / "scan-00001-of-00002.json").write_text("{")
+    assert build(*common) == 2
+    assert f"error: {out / 'scan-00001-of-00002.json'}: Expecting property name" in capsys.readouterr().err
+    (out / "scan-00001-of-00002.json").unlink()
+    with open(inputs[1], "a") as f:  # written to between two parts' scans
+        f.write("\n")
+    assert scan(*inputs, "-o", out, "--num-parts", 4, "--part", 1) == 0
+    assert build(*common) == 2
+    assert re.search(rf"error: --scan {re.escape(str(out))} holds parts of two scans: scan-00000-of-00004.json and "
+                     rf"scan-00001-of-00004.json differ in their input 2: {re.escape(str(inputs[1]))} of [\d,]+ bytes "
+                     rf"modified [^:]+:[^:]+:\S+ and {re.escape(str(inputs[1]))} of [\d,]+ bytes modified",
+                     capsys.readouterr().err)
+
+
+def test_an_input_written_during_its_scan_is_named_and_no_part_written(tmp_path, inputs, records, monkeypatch,
+                                                                       capsys):
+    a, b = inputs
+
+    def appending(self, nbytes):  # a sampler appends to b while it is read
+        with open(b, "a") as f:
+            f.write(json.dumps(records[100]) + "\n")
+
+    monkeypatch.setattr(data_chunks.ScanProgress, "__call__", appending)
+    assert scan(a, b, "-o", tmp_path / "scan") == 2
+    assert (f"error: {b}: changed while it was scanned (still being written?); nothing was written"
+            in capsys.readouterr().err)
+    assert not list(tmp_path.glob("scan/*"))
+
+
+def test_the_scan_reports_progress_and_what_it_wrote(tmp_path, inputs, monkeypatch, capsys):
+    monkeypatch.setattr(data_scan, "ScanProgress", functools.partial(data_chunks.ScanProgress, interval=0))
+    total = sum(p.stat().st_size for p in inputs)
+    assert data_scan.main([*map(str, inputs), "-o", str(tmp_path / "scan"), "--num-parts", "2", "--part", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert re.search(r"scanning inputs for lines: 0\.00 of 0\.00 GB \(100%\) \| [\d,]+ MB/s \| ETA 0s", err), err
+    assert f"wrote {tmp_path / 'scan' / 'scan-00001-of-00002.json'}: part 1 of 2" in out
+    assert f"`polar data build --scan {tmp_path / 'scan'}` reads it once all 2 parts are there" in out
+    done = json.loads((tmp_path / "scan" / "scan-00001-of-00002.json").read_text())
+    assert [(s["path"], s["bytes"]) for s in done["inputs"]] == [(str(p), p.stat().st_size) for p in inputs]
+    assert 0 < sum(len(data_scan._decode(c["newlines"])) for c in done["blocks"]) * BLOCK < total
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-parts", "0"], "--num-parts must be >= 1, got 0"),
+    (["--num-parts", "2", "--part", "2"], "--part 2 is outside 0..1 (--num-parts 2)"),
+])
+def test_a_part_outside_the_parts_is_refused(tmp_path, inputs, capsys, args, message):
+    assert scan(*inputs, "-o", tmp_path / "scan", *args) == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_the_scan_is_a_data_command_whose_options_say_what_they_do(capsys, monkeypatch):
+    import argparse
+
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["data", "scan", "--help"])
+    assert exc.value.code == 0 and capsys.readouterr().out.startswith("usage: polar data scan")
+    seen = []
+
+    def capture(self, args=None, namespace=None):
+        seen.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    for argv in (["data", "scan"], ["data", "build"]):
+        with pytest.raises(SystemExit):
+            cli.main(argv)
+    assert len(seen) == 2 and "--scan" in seen[1]._option_string_actions
+    bare = [a.option_strings[-1] for ap in seen for a in ap._actions if a.option_strings and not a.help]
+    assert not bare, bare
