@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import pickle
-import queue
 import re
 import shutil
 from pathlib import Path
@@ -24,7 +23,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine.checkpoint_request import (cause, dcp_error, first_line, parallel_save_strategy, rank0_files_kept,
+                                       set_results_queue, write_errors)
 from engine.config import ConfigError
+
+_first_line = first_line  # the name engine.checkpoint_async imports
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
@@ -79,35 +82,6 @@ def partial_saves(root, after: int = -1) -> list[Path]:
     return [p for n, p in sorted(found) if n > after]
 
 
-def _cause(e: BaseException) -> BaseException:
-    """The error inside torch.distributed.checkpoint's CheckpointException (a BaseException that
-    wraps each failed rank's error, and whose own text starts with the ranks, not the error)."""
-    failures = getattr(e, "failures", None)
-    if isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
-            return inner[0]
-    return e
-
-
-def _dcp_error() -> tuple[type, ...]:
-    try:
-        from torch.distributed.checkpoint.api import CheckpointException
-    except ImportError:  # pragma: no cover
-        return ()
-    return (CheckpointException,)
-
-
-def _first_line(e: BaseException) -> str:
-    e = _cause(e)
-    text = (str(e).strip().splitlines() or [""])[0]
-    text = text.split(". ")[0]  # torch's reader adds sentences of advice after the error
-    # megatron's wrapper of a writer's error (its cause does not survive the gather to rank 0)
-    if m := re.fullmatch(r"Worker failure: (\[Errno \d+\] .*)", text):
-        return f"OSError: {m.group(1)[:300]}"
-    return f"{type(e).__name__}: {text[:300]}"
-
-
 def _damaged(path, e: Exception):
     """The error for a checkpoint file that does not read back: names it, and what to do."""
     path = Path(path)
@@ -116,7 +90,7 @@ def _damaged(path, e: Exception):
     instead = (f"move {step} out of {step.parent} and run again: the newest complete step there is then "
                f"{before[-1]}" if before else
                f"move {step} out of {step.parent}, or point the run at another checkpoint")
-    return CheckpointError(f"{path}: the checkpoint does not read back ({_first_line(e)}). If its files were "
+    return CheckpointError(f"{path}: the checkpoint does not read back ({first_line(e)}). If its files were "
                            f"damaged after it was written (a full disk, a copy cut short): {instead}")
 
 
@@ -132,52 +106,6 @@ def _model_state(chunks) -> dict:
 
 
 _SAVES_CHECKED: dict = {}  # id(model chunks) -> their first save checked the sharding's integrity
-
-
-def _parallel_save_strategy(dp_group):
-    """megatron's fully parallel save over the data-parallel group: each DP replica writes a 1/DP
-    part of the replicated shards, instead of DP rank 0 of each model-parallel shard writing them
-    all (at 200+ replicas, a few ranks of one node write the whole checkpoint while the others
-    wait). The files are the same. Loading stays megatron's default: its fully parallel load
-    exchanges the parts through CUDA tensors only. None: one replica, nothing to share."""
-    if dp_group is None or dp_group.size() == 1:
-        return None
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
-
-
-_LOCAL_RESULTS: queue.Queue = queue.Queue()
-
-
-def _results_queue(background) -> None:
-    """megatron's file writer hands its write results back through a queue it makes on first use:
-    a multiprocessing Manager started with `spawn`, i.e. a server process that re-imports the entry
-    script (seconds and a few hundred MB a rank, and a RuntimeError in a script without a
-    `__main__` guard). A synchronous save writes in this process: a thread-safe queue here is the
-    same channel without the process. A background save's writer is a forked process: the queue
-    of engine.checkpoint_async. The writer takes the queue set when its save is planned; a megatron
-    without that module attribute keeps its own."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    from engine import checkpoint_async
-
-    if hasattr(filesystem_async, "_results_queue"):
-        filesystem_async._results_queue = (_LOCAL_RESULTS if background is None
-                                           else checkpoint_async.results_queue())
-
-
-@contextlib.contextmanager
-def _write_errors(root: Path, partial: Path):
-    """A shard that was not written (a full disk, a read-only file system) as CheckpointWriteError
-    on every rank. megatron's finalize raises its CheckpointException on every rank, with the
-    failed ranks' errors on rank 0 only."""
-    try:
-        yield
-    except (OSError, *_dcp_error()) as e:
-        detail = _first_line(e) if _cause(e) is not e or isinstance(e, OSError) else "a shard was not written"
-        raise _write_failed(root, partial, detail) from e
 
 
 def _optimizer_metadata(fmt: str) -> dict:
@@ -215,24 +143,24 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
         trainer_state = {**trainer_state, "optimizer_format": optimizer_format}
     # as it is now: the trainer's history lists grow while a background save is written
     trainer_state = json.loads(json.dumps(trainer_state))
-    _results_queue(background)
+    set_results_queue(background)
     try:
         # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
         # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not
         # change within a run, so the first save of the process checks it. The request is the write
         # (the shards copied to host memory first) and its finalize (megatron's metadata files)
-        request = dist_checkpointing.save(state, str(partial), sharded_strategy=_parallel_save_strategy(dp_group),
+        request = dist_checkpointing.save(state, str(partial), sharded_strategy=parallel_save_strategy(dp_group),
                                           validate_access_integrity=not _SAVES_CHECKED.get(id(chunks), False),
                                           async_sharded_save=True, async_strategy="mcore")
         _SAVES_CHECKED[id(chunks)] = True
-    except (OSError, *_dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
-        if not isinstance(_cause(e), OSError):
+    except (OSError, *dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
+        if not isinstance(cause(e), OSError):
             raise
-        raise _write_failed(root, partial, _first_line(e)) from e
+        raise _write_failed(root, partial, first_line(e)) from e
     request = checkpoint_async.own_writer(request, forked=background is not None)
     megatron_steps = checkpoint_async.finalize_parts(request)  # for a run that fails while it is written
     failed: list = []  # rank 0's error in megatron's own finalize (its metadata files)
-    request = request._replace(finalize_fns=[functools.partial(_rank0_files_kept, fn, failed)
+    request = request._replace(finalize_fns=[functools.partial(rank0_files_kept, fn, failed)
                                              for fn in request.finalize_fns])
 
     def files():  # rank 0's last step
@@ -246,11 +174,12 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
             raise _write_failed(root, partial, error)
 
     request.add_finalize_fn(finish)
+    failed_write = functools.partial(_write_failed, root, partial)
     if background is not None:
-        background.start(request, str(final), lambda: _write_errors(root, partial),
+        background.start(request, str(final), lambda: write_errors(failed_write),
                          files=files, megatron_steps=megatron_steps)
         return str(final)
-    with _write_errors(root, partial):
+    with write_errors(failed_write):
         request.execute_sync()
     return str(final)
 
@@ -265,40 +194,12 @@ def on_rank0(rank: int, fn) -> str:
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - any error: the other ranks must not wait for rank 0
-            error, bug = _first_line(e), (None if isinstance(e, OSError) else e)
+            error, bug = first_line(e), (None if isinstance(e, OSError) else e)
     box = [error]
     dist.broadcast_object_list(box, src=0)
     if bug is not None:
         raise bug
     return box[0]
-
-
-def _rank0_files_kept(fn, failed: list) -> None:
-    """Runs one of megatron's finalize steps, in which rank 0 alone writes a file and every rank
-    then meets in a collective: the shards' index `.metadata` (the writer's finish(), before the
-    broadcast of the write failures) and `metadata.json` (save_config, before a barrier). Raised
-    there, rank 0's error (a full disk, a directory in the way) left the other ranks waiting in
-    that collective for good. The error is kept in `failed` instead and the step goes on to its
-    collective; the engine's own finalize step reports it to every rank (on_rank0)."""
-    from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    def kept(write):
-        @functools.wraps(write)
-        def run(*args, **kwargs):
-            try:
-                return write(*args, **kwargs)
-            except Exception as e:  # noqa: BLE001 - reported once every rank is past the collective
-                failed.append(e)
-
-        return run
-
-    originals = FileSystemWriterAsync.finish, serialization.save_config
-    FileSystemWriterAsync.finish, serialization.save_config = (kept(f) for f in originals)
-    try:
-        fn()
-    finally:
-        FileSystemWriterAsync.finish, serialization.save_config = originals
 
 
 def _start_save(root: Path, partial: Path) -> None:
@@ -490,7 +391,7 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
             try:
                 loaded = safe_load(f.read_text()) or {}
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-                raise CheckpointError(f"{f}: not readable as YAML ({_first_line(e)}); it records the model "
+                raise CheckpointError(f"{f}: not readable as YAML ({first_line(e)}); it records the model "
                                       f"of {step_dir}: repair it or move it away") from None
             # both hold a `model:` section (a converter's model.yaml is a run config's model part)
             model = loaded.get("model", loaded) if isinstance(loaded, dict) else None
@@ -647,10 +548,10 @@ def load(path: str, chunks, optimizer=None) -> dict:
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata(fmt))
     try:
         loaded = dist_checkpointing.load(state, str(p))
-    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *_dcp_error()) as e:
+    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *dcp_error()) as e:
         # a truncated or missing shard file (torch: "PytorchStreamReader failed reading zip archive",
         # EOF, a missing file), wrapped by torch.distributed.checkpoint in a CheckpointException
-        if _cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
+        if cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
             raise  # (a CheckpointException wraps any read failure: a truncated .metadata is an AssertionError)
         raise _damaged(p, e) from e
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
