@@ -101,6 +101,7 @@ def test_one_process_is_checked_before_torchrun_too(tmp_path, command):
     (["sample", "--help"], "usage: polar sample"),
     (["data", "build", "--help"], "usage: polar data build"),
     (["data", "stats", "--help"], "usage: polar data stats"),
+    (["data", "scan", "--help"], "usage: polar data scan"),
     (["format", "--help"], "usage: polar format"),
     (["hparams", "--help"], "usage: polar hparams"),
     (["plan", "--help"], "usage: polar plan"),
@@ -126,7 +127,7 @@ def test_data_without_a_tool_lists_the_tools(capsys):
 @pytest.mark.parametrize("argv, line", [
     (["smaple"], "polar: no command 'smaple' (did you mean 'sample'?); the commands: pretrain, finetune, env, convert"),
     (["data", "biuld", "x.jsonl"],
-     "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, stats, synthetic"),
+     "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, scan, stats, synthetic"),
     (["convert", "hf2engine"], "polar convert: no command 'hf2engine' (did you mean 'hf-to-engine'?)"),
 ])
 def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
@@ -138,7 +139,8 @@ def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
 def test_a_tool_groups_help_is_its_tools_on_stdout(capsys):
     assert cli.main(["data", "--help"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("usage: polar data {build,stats,synthetic}") and "polar data stats" in out and "polar plan" not in out
+    assert out.startswith("usage: polar data {build,scan,stats,synthetic}")
+    assert "polar data stats" in out and "polar plan" not in out
 
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
@@ -151,8 +153,8 @@ def test_a_process_count_below_one_is_refused_by_name(capsys, command, nproc):
     assert f"--nproc: must be a positive integer, got {nproc}" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv", [["data", "synthetic"], ["data", "build"], ["data", "stats"], ["eval"], ["format"],
-                                  ["hparams"], ["plan"], ["sample"], ["convert", "hf-to-engine"],
+@pytest.mark.parametrize("argv", [["data", "synthetic"], ["data", "build"], ["data", "scan"], ["data", "stats"],
+                                  ["eval"], ["format"], ["hparams"], ["plan"], ["sample"], ["convert", "hf-to-engine"],
                                   ["score"], ["serve"]])
 def test_every_option_of_a_tool_says_what_it_does(monkeypatch, argv):
     """`--help` listed --train-policies, --held-out-policies, --prompts (data synthetic), --packing
