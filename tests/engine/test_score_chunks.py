@@ -193,52 +193,6 @@ def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, ro
         assert [r["line"] for r in _rows(Path(f"{out}.partial"))] == [1]
 
 
-def test_an_error_preparing_the_next_chunk_is_raised_after_the_work_on_this_one():
-    """prepared_ahead (polar score's chunks): the next result is prepared while the caller works on
-    this one; an exception raised preparing it reaches the caller, the same object, only when the
-    caller asks for it, and a caller that stops early (its own error) is not held up by a
-    preparation that never ends."""
-    import threading
-
-    from engine.score import prepared_ahead
-
-    made, blocked = [], threading.Event()
-
-    def prepare():
-        made.append(threading.current_thread() is threading.main_thread())
-        if len(made) == 3:
-            raise ValueError("in.jsonl:3: not valid JSON")
-        return len(made)
-
-    got = []
-    with pytest.raises(ValueError) as caught:
-        for item in prepared_ahead(prepare, lambda item: item is None):
-            got.append(item)
-    assert got == [1, 2] and made == [False] * 3  # the caller's work on item 2 done, then item 3's error
-    assert str(caught.value) == "in.jsonl:3: not valid JSON"
-
-    made.clear()
-    assert list(prepared_ahead(prepare, lambda item: item == 2, ahead=False)) == [1] and made == [True] * 2
-
-    def stuck():  # a preparation that ends when the test lets it
-        made.append(None)
-        if len(made) > 1:
-            blocked.wait()
-        return len(made)
-
-    def stop_on_first():
-        for _ in prepared_ahead(stuck, lambda item: False):
-            raise RuntimeError("the caller's own error")
-
-    made.clear()
-    left = threading.Thread(target=lambda: pytest.raises(RuntimeError, stop_on_first), daemon=True)
-    left.start()
-    left.join(60)  # a guard: the caller leaves at once, not after the stuck preparation
-    stuck_too = left.is_alive()
-    blocked.set()
-    assert not stuck_too and made == [None, None]
-
-
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_the_rows_are_byte_for_byte_those_of_chunks_prepared_one_after_another(tmp_path, checkpoint, nproc):
     """--no-prefetch (every chunk read, tokenized and packed in the main thread after the one before
