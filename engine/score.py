@@ -21,7 +21,9 @@ appears when the last line is written. The next chunk is read, tokenized and pac
 thread while the model scores this one (the device does not wait for the host between chunks); an
 error found there (a bad line, an input cut short) stops the run where it would have without that
 thread, after this chunk's rows are written. Without --seq-length each chunk's packed length is its
-longest group's, rounded up to 128.
+longest group's, rounded up to 128. On a CUDA device that thread also copies the chunk's packed
+batches into pinned (page-locked) host memory, so their copies to the device are asynchronous
+(POLAR_SCORE_PIN_MEMORY=0: left in pageable memory; the rows are the same).
 
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
 or the model.yaml a converted checkpoint holds); the tokenizer from `--tokenizer`, else the
@@ -41,6 +43,8 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 
 from engine.config import ConfigError  # noqa: E402
 from engine.read_ahead import prepared_ahead  # noqa: E402
+
+PIN_ENV = "POLAR_SCORE_PIN_MEMORY"
 
 
 def count_at_least(low: int):
@@ -92,6 +96,28 @@ def parse_args(argv=None):
                          "thread (default: on a second thread while it is scored): one thread, for a debugger or "
                          "profiler; the rows are the same")
     return ap.parse_args(argv)
+
+
+def pin_setting() -> bool:
+    """POLAR_SCORE_PIN_MEMORY: 1 (the default) packs a CUDA run's batches in pinned host memory, 0 in
+    pageable memory (CheckpointScorer.pins_batches says why)."""
+    value = os.environ.get(PIN_ENV, "1")
+    if value not in ("0", "1"):
+        raise ConfigError(f"{PIN_ENV}={value!r}: 1 (the default: a CUDA run's packed batches in pinned host "
+                          "memory) or 0 (in pageable memory)")
+    return value == "1"
+
+
+def pinned(batch):
+    """The batch with its tensors in pinned host memory (torch's caching host allocator: a block is
+    reused only after the copies that read it have run). An empty tensor has no bytes to copy and is
+    kept as it is."""
+    import dataclasses
+
+    import torch
+
+    return dataclasses.replace(batch, **{f.name: t.pin_memory() for f in dataclasses.fields(batch)
+                                         if isinstance(t := getattr(batch, f.name), torch.Tensor) and t.numel()})
 
 
 def tokenizer_spec(explicit: str, step_dir: str) -> str:
@@ -182,6 +208,7 @@ class CheckpointScorer:
         from engine import checkpoint
         from polar.tokenizer import load_tokenizer
 
+        self.pin_memory = pin_setting()  # for pins_batches; first: a bad value stops before any file is read
         try:
             self.step_dir = checkpoint.resolve(checkpoint_path)
         except checkpoint.CheckpointNotFound as e:
@@ -258,10 +285,21 @@ class CheckpointScorer:
             progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
         return self.score_packed(self.pack(lines, seq_length, where), progress, data_parallel)
 
-    def pack(self, lines: list, seq_length: int = 0, where=None) -> "Packed":
+    def pins_batches(self) -> bool:
+        """Whether pack() puts its batches in pinned host memory: where the model runs on a CUDA device
+        (after start()), unless POLAR_SCORE_PIN_MEMORY=0. engine.scoring copies each batch to the
+        device with non_blocking=True, which is asynchronous only from pinned memory: from pageable
+        memory the host itself copies the bytes through the driver's staging buffer and, past that
+        buffer's size, waits for the device to drain it behind the forward passes queued before."""
+        rt = getattr(self, "rt", None)
+        return rt is not None and rt.is_cuda and self.pin_memory
+
+    def pack(self, lines: list, seq_length: int = 0, where=None, pin: bool | None = None) -> "Packed":
         """score_groups' host part (no model, no process group): the lines' groups planned into
         packed sequences and collated, so a thread can pack lines while the model scores others.
-        A group past the packed length is a ConfigError naming its line (`where(i)`)."""
+        A group past the packed length is a ConfigError naming its line (`where(i)`). `pin`: the
+        batches in pinned host memory (default: pins_batches()), on the thread that packs, where the
+        copy into it overlaps the device's work."""
         import numpy as np
 
         from engine.packing import collate, plan_sequences
@@ -285,6 +323,13 @@ class CheckpointScorer:
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")
         plan = plan_sequences(lengths, seq, method="ordered")
         batches = [collate([[groups[g] for g in p]], seq, self.tokenizer.pad_id) for p in plan]
+        if pin or (pin is None and self.pins_batches()):
+            import torch
+
+            # the current CUDA device is per thread: pinned from a thread left on device 0, every rank
+            # of a node would make a CUDA context on GPU 0
+            with torch.cuda.device(self.rt.device if getattr(self, "rt", None) is not None else None):
+                batches = [pinned(b) for b in batches]
         # collate numbers candidates sequence by sequence, group by group
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
