@@ -45,10 +45,12 @@ def _benchmark_calls() -> dict[str, set]:
 
 def test_the_pattern_reads_flags_from_variables_and_continuations():
     calls = _benchmark_calls()
-    assert {"benchmarks/kernels.py", "benchmarks/fp8.py", "benchmarks/e2e.py", "benchmarks/serve_prefix.py"} <= set(calls)
+    assert {"benchmarks/kernels.py", "benchmarks/fp8.py", "benchmarks/e2e.py", "benchmarks/serve_prefix.py",
+            "benchmarks/score_overlap.py"} <= set(calls)
     assert "--quick" in calls["benchmarks/kernels.py"]  # from KERNELS_ARGS's default
     assert "--baseline-steps" in calls["benchmarks/e2e.py"]  # from E2E_ARGS's default
     assert "--kv-heads" in calls["benchmarks/serve_prefix.py"]  # from SERVE_ARGS's default
+    assert {"--device", "--repeats"} <= calls["benchmarks/score_overlap.py"]  # a continued line
 
 
 @pytest.mark.parametrize("script", sorted(_benchmark_calls()))
@@ -113,7 +115,8 @@ def test_the_tests_handed_out_first_are_files_that_exist():
 # sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
 # (the wheel choice, the table's summary reader, the xdist check, a cut benchmark's table) are the
 # real Python; pip logs its arguments
-# to PIP_LOG and exits PIP_RC; a stage given POLAR_GPU_REPORT (the tests) reports a figure there
+# to PIP_LOG and exits PIP_RC; a stage given POLAR_GPU_REPORT (the tests) reports a figure there;
+# every stage prints FAKE_STDOUT (a file) as its output
 FAKE = """#!/usr/bin/env bash
 case "${1:-}" in -|-c|tests/gpu/partial_tables.py) exec PYTHON "$@" ;; esac
 case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esac
@@ -122,6 +125,7 @@ echo "$(basename "$0") $*" >> "$FAKE_LOG"
 case "${TMPDIR:-}" in "$WORK"/scratch/*) echo "$TMPDIR" >> "$FAKE_LOG.tmp"; mkdir -p "$TMPDIR/run/checkpoints" ;; esac
 prev=""; for a in "$@"; do [ "$prev" = --json ] && [ -n "${FAKE_JSON:-}" ] && cp "$FAKE_JSON" "$a"; prev=$a; done
 [ -n "${POLAR_GPU_REPORT:-}" ] && echo "a figure measured by $(basename "$0")" >> "$POLAR_GPU_REPORT"
+[ -n "${FAKE_STDOUT:-}" ] && cat "$FAKE_STDOUT"
 sleep "$STAGE_SLEEP"
 """
 
@@ -153,10 +157,10 @@ def test_stages_past_the_budget_are_not_started_and_the_rerun_names_them(tmp_pat
     assert r.returncode == 0, r.stderr
     assert len(calls) == 1 and "setup.py build_ext" in calls[0], calls
     assert "| build | 0 |" in r.stdout
-    for stage in ("e2e", "fp8", "tests", "kernels", "serve", "default"):
+    for stage in ("e2e", "fp8", "tests", "kernels", "serve", "score", "default"):
         assert f"| {stage} | not run | - | budget spent before it |" in r.stdout
     assert "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/" \
-           "run_all.sh e2e fp8 tests kernels serve default\n" in r.stdout
+           "run_all.sh e2e fp8 tests kernels serve score default\n" in r.stdout
     # what comes back from the device: the table, and every file of the call in one archive
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["polar_gpu.tgz", "table.md"]
@@ -333,3 +337,58 @@ def test_the_figures_the_tests_report_are_listed_under_the_table(tmp_path):
     assert "earlier call" not in r.stdout
     r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)  # a call without the tests lists none
     assert r.returncode == 0 and "measured by tests/gpu" not in r.stdout, r.stdout
+
+
+SCORE_OUTPUT = """model: 8 layers, hidden 1024, 16 heads (8 KV), ffn 2816, random weights
+input: 1,200 lines, 0.3 MiB, chunks of 200; 16 CPUs
+
+## tokenizer: byte
+
+1. Where a chunk's time goes (one after another, the model's forward on NVIDIA H200, bf16)
+
+| step | s | share |
+|---|---:|---:|
+| forward | 0.300 | 60.0% |
+
+3. The chunk loop on the GPU: the next chunk prepared after the forward or during it, the packed batches in \
+pageable or pinned host memory, against neither
+
+| next chunk prepared | batches | loop (s) | speed-up | rows identical |
+|---|---|---:|---:|---|
+| during the forward | pinned | 0.400 | 1.50x | yes |
+
+overlap on cuda (byte): prefetch 1.40x, pinned 1.05x, both 1.50x the chunk loop's speed with neither; rows \
+identical: yes
+"""
+
+
+def test_the_score_stage_runs_the_overlap_benchmark_on_the_gpu_and_lists_its_ratios(tmp_path):
+    # SCORE_OUTPUT stands for the benchmark's output on a GPU: the lines the stage reads start as it prints them
+    source = (ROOT / "benchmarks" / "score_overlap.py").read_text()
+    for start in ('f"\\noverlap on cuda ({name}): prefetch', 'print(f"model: {args.layers} layers',
+                  'print(f"input: {args.lines:,} lines', 'print(f"\\n## tokenizer: {name}\\n\\n1. Where',
+                  'print("\\n3. The chunk loop on the GPU'):
+        assert start in source, start
+    out = tmp_path / "score.txt"
+    out.write_text(SCORE_OUTPUT)
+    r, calls = _run_all(tmp_path, "score", STAGE_SLEEP=0, FAKE_STDOUT=out, SCORE_REPEATS=2)
+    assert r.returncode == 0, r.stderr
+    assert calls == ["python3 benchmarks/score_overlap.py --device cuda --repeats 2"], calls
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| score |")]
+    assert re.fullmatch(r"\| score \| 0 \| \d+ \| overlap on cuda \(byte\): prefetch 1.40x, pinned 1.05x, both 1.50x "
+                        r"the chunk loop's speed with neither; rows identical: yes \|", row), row
+    table = r.stdout.split(row, 1)[1]
+    for line in ("model: 8 layers", "input: 1,200 lines", "## tokenizer: byte", "1. Where a chunk's time goes",
+                 "| forward | 0.300 | 60.0% |", "3. The chunk loop on the GPU", "| during the forward | pinned |"):
+        assert f"\n{line}" in table, line
+    r, calls = _run_all(tmp_path / "cut", "score", STAGE_SLEEP=0)  # a benchmark that printed nothing
+    assert re.search(r"^\| score \| 0 \| \d+ \| no ratios \|$", r.stdout, re.M), r.stdout
+    assert "(no score_overlap table)" in r.stdout
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the refusal where no GPU is")
+def test_the_score_benchmark_refuses_cuda_where_there_is_none():
+    r = subprocess.run([sys.executable, "benchmarks/score_overlap.py", "--device", "cuda"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "error: --device cuda: torch finds no CUDA device here" in r.stderr

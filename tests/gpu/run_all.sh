@@ -14,24 +14,22 @@
 #            3/5 of the stage, so the ~1B shape (the acceptance figures) completes and the 7B-shaped
 #            one gets what is left (its runs are usually cut at the stage's limit)
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps
-#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references and InfoNCE's fp64
-#            oracle, bf16 resume in each optimizer format, a background checkpoint save against a
-#            synchronous one, polar score with and without its preparing thread), TEST_WORKERS
+#   tests    pytest tests/gpu (Triton and CUDA kernels against torch references and the contrastive
+#            losses' fp64 oracles, bf16 resume in each optimizer format, a background checkpoint save
+#            against a synchronous one, polar score with and without its preparing thread and its
+#            pinned batches), TEST_WORKERS
 #            processes given one test at a time (--dist loadgroup; there the tests that train or
 #            score in subprocesses go first: tests/gpu/conftest.py); the figures they report
 #            ($WORK/tests_measured.md, e.g. InfoNCE's worst error in ulp) are listed under the table
 #   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
+#   score    benchmarks/score_overlap.py --device cuda (~90 s: a random ~0.1B model made and saved,
+#            Triton's compiles in a warm-up loop, then 4 x SCORE_REPEATS loops of 1,200 lines):
+#            polar score's chunk loop with the next chunk prepared during the forward (f5f7ef6) and
+#            its batches in pinned host memory, each against neither, rows compared byte for byte
 #   default  the default pre-training configuration in bf16 on one GPU over NCCL
 #   bash tests/gpu/run_all.sh kernels default      some stages only (a rerun)
-# Not measured by any stage: polar score's speed-up from preparing the next chunk while the device
-# scores one (f5f7ef6). benchmarks/score_overlap.py is a CPU benchmark (here its "model (CPU)" rows
-# would time the forward on the GPU, mislabelled), and even its smallest run (--tokenizers byte
-# --threads 1 --device-ktok-s --repeats 1) trains a model, times each host step alone and beside a
-# spinning thread (2 s each) and the chunk loop both ways, on a model too small to keep a GPU busy:
-# minutes, which no call has left once e2e and fp8 have run. That the rows are the same with and
-# without the preparing thread on a GPU is tests/gpu/test_score_prefetch_gpu.py's check.
 # What comes back: the device returns at most 8 files from $OUT, so everything (logs, JSON, tables,
 # the default run's summary; no checkpoints) goes into $OUT/polar_gpu.tgz, beside $OUT/table.md.
 # Carried wheels (WHEELS_DIR, default .whl) are installed only where the image lacks that package
@@ -44,15 +42,16 @@
 # with the command that reruns the stages not run. A failing stage does not stop the next ones.
 set -uo pipefail
 WORK=${WORK:-/tmp/polar_gpu}; mkdir -p "$WORK"  # every stage's files; a rerun adds to them
-ORDER=(build e2e fp8 tests kernels serve default)
+ORDER=(build e2e fp8 tests kernels serve score default)
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=("${ORDER[@]}")
 BUDGET_S=${BUDGET_S:-540} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-15}
 T_BUILD=${T_BUILD:-150} T_E2E=${T_E2E:-190} T_FP8=${T_FP8:-240} T_TESTS=${T_TESTS:-120}
-T_KERNELS=${T_KERNELS:-150} T_SERVE=${T_SERVE:-90} T_DEFAULT=${T_DEFAULT:-120}
+T_KERNELS=${T_KERNELS:-150} T_SERVE=${T_SERVE:-90} T_SCORE=${T_SCORE:-150} T_DEFAULT=${T_DEFAULT:-120}
 FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${TEST_WORKERS:-6}
 # e2e: two shapes, each one engine run and one baseline run (two where flash_attn imports)
 E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3}
 SERVE_ARGS=${SERVE_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --groups 8 --n 8}
+SCORE_REPEATS=${SCORE_REPEATS:-3}
 for s in "${STAGES[@]}"; do
   [[ " ${ORDER[*]} " == *" $s "* ]] || { echo "unknown stage: $s (${ORDER[*]})"; exit 2; }
 done
@@ -137,6 +136,10 @@ stage_kernels() {
 stage_serve() {
   timeout "$1" python3 benchmarks/serve_prefix.py $SERVE_ARGS 2>&1 | tee "$WORK/serve_prefix.md"
 }
+stage_score() {
+  timeout "$1" python3 benchmarks/score_overlap.py --device cuda --repeats "$SCORE_REPEATS" 2>&1 \
+    | tee "$WORK/score_overlap.md"
+}
 stage_default() {
   # one micro-batch per step: at 512-token packs the default model is too small to fill the GPU,
   # and sixteen launches per step would time the launches. The run's own time limit stops training
@@ -191,6 +194,7 @@ wants fp8 && row fp8 "$(count '^| .*fp8' "$WORK/fp8.md") FP8 rows, $WORK/fp8.jso
 wants tests && row tests "$(tail -1 "$WORK/tests_gpu.log" 2>/dev/null)"
 wants kernels && row kernels "$(count '^| .* fwd+bwd' "$WORK/kernels.md") readout/loss rows, $WORK/kernels.json"
 wants serve && row serve "$(grep '^tokens computed' "$WORK/serve_prefix.md" 2>/dev/null)"
+wants score && row score "$(grep '^overlap on cuda' "$WORK/score_overlap.md" 2>/dev/null || echo 'no ratios')"
 wants default && row default "$(python3 - "$WORK/default_bf16/summary.json" <<'PY'
 import json, sys
 try:
@@ -211,6 +215,8 @@ wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$WORK/fp8.md" 2>/de
 [ -s "$WORK/plan_measured.md" ] && { echo; cat "$WORK/plan_measured.md"; }
 wants kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$WORK/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"; }
 wants serve && { echo; grep -E '^(\||model:|items:)' "$WORK/serve_prefix.md" 2>/dev/null || echo "(no serve_prefix table)"; }
+wants score && { echo; grep -E '^(\||model:|input:|## |[0-9]\. )' "$WORK/score_overlap.md" 2>/dev/null \
+  || echo "(no score_overlap table)"; }
 echo; echo "budget: $(( $(date +%s) - START ))s of ${BUDGET_S}s used"
 if [ ${#NOT_RUN[@]} -gt 0 ]; then
   echo "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/run_all.sh ${NOT_RUN[*]}"
