@@ -184,28 +184,40 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     return str(final)
 
 
-def on_rank0(rank: int, fn) -> str:
-    """Runs `fn` on rank 0; returns its error's text (on every rank), '' when it succeeded: a file
-    step only rank 0 takes, whose failure must stop every rank (the others would wait for it).
-    An error that is not an OSError (a bug, not the file system) is raised again on rank 0 once
-    the others have its text, so that its traceback is kept."""
-    error, bug = "", None
+def from_rank0(rank: int, fn) -> tuple:
+    """Runs `fn` on rank 0; returns (its result, its error's text) on every rank: (None, text) when
+    it failed, (result, '') when it succeeded. A file step only rank 0 takes, whose failure must
+    stop every rank (the others would wait for it). An error that is not an OSError (a bug, not
+    the file system) is raised again on rank 0 once the others have its text, so that its
+    traceback is kept."""
+    box, bug = [None, ""], None
     if rank == 0:
         try:
-            fn()
+            box[0] = fn()
         except Exception as e:  # noqa: BLE001 - any error: the other ranks must not wait for rank 0
-            error, bug = first_line(e), (None if isinstance(e, OSError) else e)
-    box = [error]
+            box[1], bug = first_line(e), (None if isinstance(e, OSError) else e)
     dist.broadcast_object_list(box, src=0)
     if bug is not None:
         raise bug
-    return box[0]
+    return box[0], box[1]
+
+
+def on_rank0(rank: int, fn) -> str:
+    """from_rank0 for a step whose result is its success: its error's text on every rank, '' when
+    it succeeded."""
+    def step():
+        fn()
+
+    return from_rank0(rank, step)[1]
 
 
 def _start_save(root: Path, partial: Path) -> None:
     root.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir()
+    # megatron's save lists the directory on rank 0 alone before its first collective (a refusal
+    # there left the other ranks waiting in it): listed here, a refusal stops every rank
+    next(partial.iterdir(), None)
 
 
 def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, model_settings, keep: int) -> None:
@@ -354,7 +366,8 @@ def latest(ckpt_dir: str) -> str | None:
     root = Path(ckpt_dir)
     marker = root / LATEST
     if marker.is_file():
-        path = root / marker.read_text().strip()
+        # bytes that do not decode name no step, as another name does: the steps are looked for instead
+        path = root / marker.read_text(errors="replace").strip()
         if step_number(path) is not None and is_step(path):
             return str(path)
     done = _steps(root)
@@ -364,9 +377,11 @@ def latest(ckpt_dir: str) -> str | None:
 def latest_agreed(ckpt_dir: str) -> str | None:
     """`latest` as rank 0 sees it, on every rank: on a file system that caches attributes (NFS) a
     rank restarted soon after a save could see an older step than the others, and load it."""
-    box = [latest(ckpt_dir) if dist.get_rank() == 0 else None]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+    found, error = from_rank0(dist.get_rank(), lambda: latest(ckpt_dir))
+    if error:  # e.g. a `latest` or a step's trainer_state.json rank 0 may not read
+        raise CheckpointError(f"{ckpt_dir}: rank 0 could not find the newest checkpoint to resume from ({error}); "
+                              f"make the checkpoint directory and its files readable by the run, then run it again")
+    return found
 
 
 def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:

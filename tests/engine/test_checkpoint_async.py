@@ -8,6 +8,7 @@ tests/engine/async_save_worker.py.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -21,40 +22,13 @@ import pytest
 import torch
 
 from tests.engine.parity import NO_END_SAVE, ROOT, assert_same_run, run_worker
+from tests.engine.torchrun_scenario import run_scenario
 
 WORKER = Path(__file__).with_name("async_save_worker.py")
+_run_scenario = functools.partial(run_scenario, WORKER)
 ASYNC = "checkpoint.async_save=true"
 SAVES = ["checkpoint.save_interval=2", "checkpoint.keep=0"]  # steps 2 and 4 of the 4, both kept
 LAYOUTS = {"dp2": [], "tp2": ["parallel.tp=2"]}
-
-
-def _run_scenario(tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
-                  timeout: int = 600, expected: int | None = None) -> list:
-    """Each rank's result of the worker's `scenario` (None for a rank past the first `expected`
-    that wrote none); a run still going after `timeout` seconds (a rank waiting for good) is killed
-    with every process it started and fails the test."""
-    name = name or scenario
-    out = tmp / name
-    cmd = [str(WORKER), "--out", str(out), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}",
-           *overrides]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-           if nproc > 1 else [sys.executable, *cmd])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    # output to a file, not a pipe: a process the worker left behind would hold a pipe open, and the
-    # test would wait for it instead of naming it
-    log = tmp / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (a session of their own)
-            proc.wait()
-            pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n"
-                        f"{log.read_text()[-6000:]}")
-    results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
-    assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
-    return [json.loads(f.read_text()) if f.exists() else None for f in results]
 
 
 def _loaded(step: Path, tmp: Path) -> dict:
