@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -36,6 +39,68 @@ EVAL_CHUNK = 16  # evaluation micro-batches collated and run per schedule call (
 
 class NonFiniteError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient."""
+
+
+# The status of a process that saved and stopped because a rank received SIGTERM: 128 + 15, the status
+# a shell reports for a process SIGTERM ended, which launchers take for a termination to retry
+# (Kubeflow's ExitCode restart policy retries 128-255 and takes 1-127 for the program's own failures).
+# It differs from every status the engine's errors exit with (1, 2, 3) and, in torchrun's failure
+# report or subprocess's returncode, from a worker SIGTERM killed (-15).
+EXIT_SIGTERM = 128 + signal.SIGTERM
+
+
+class StoppedBySignal(SystemExit):
+    """Raised by Trainer.fit on every rank once a rank received SIGTERM and the run saved the step it
+    reached: the process exits with EXIT_SIGTERM (a SystemExit: no traceback, nothing above the
+    trainer mistakes it for an error); `step` is the step the checkpoint holds. SIGTERM is ignored
+    from then on: the process is on its way out."""
+
+    def __init__(self, step: int):
+        super().__init__(EXIT_SIGTERM)
+        self.step = step
+
+
+# A SIGTERM this long after the first ends the process at once. One that comes sooner is the same
+# request delivered twice: SLURM (scancel, the time limit) signals every process of the job step and
+# torchrun, signalled too, sends its own to each worker's process group, milliseconds apart; ending
+# the workers for that second one would lose what the first one asked to save.
+REPEAT_S = 5.0
+
+
+class _SigtermFlag:
+    """SIGTERM while fit() runs is a request to stop, like train.stop_file: the handler only notes it
+    (a signal handler may interrupt anything: no I/O, no collective), the per-step stop check tells
+    every rank, and the run saves and stops. A later SIGTERM (REPEAT_S after the first) has the
+    default action: the process ends at once. Installed only where SIGTERM has its default action and
+    fit runs in the main thread (Python's rule for handlers): a program that handles or ignores
+    SIGTERM itself keeps doing so. The processes fit forks (the background checkpoint writer and its
+    results server) inherit the handler: a SIGTERM to the whole process group leaves a pending write
+    to finish, and they end with the trainer in any case (engine.checkpoint_async.die_with_parent)."""
+
+    def __init__(self):
+        self.received = False
+        self.installed = False
+        self._first = 0.0
+
+    def _note(self, signum, frame) -> None:
+        now = time.monotonic()
+        if not self.received:
+            self.received, self._first = True, now
+        elif now - self._first > REPEAT_S:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.raise_signal(signal.SIGTERM)
+
+    def install(self) -> None:
+        self.received = False
+        self.installed = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+        if self.installed:
+            signal.signal(signal.SIGTERM, self._note)
+
+    def uninstall(self) -> None:
+        if self.installed and signal.getsignal(signal.SIGTERM) == self._note:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        self.installed = False
 
 
 def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, model):
@@ -87,8 +152,12 @@ class Trainer:
         self.step = 0
         self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit
         # why the last train_step asked the run to stop early: "" (it did not), "time_limit"
-        # (train.time_limit_s reached) or "stop_file" (train.stop_file found); see _stop_requested
+        # (train.time_limit_s reached), "stop_file" (train.stop_file found) or "SIGTERM" (a rank
+        # received it); see _stop_requested
         self.stop_request = ""
+        self._stop_file_found = False  # train.stop_file was seen (also when a SIGTERM came with it)
+        self.stop_ranks = 0  # how many ranks had received SIGTERM at the last stop check
+        self._sigterm = _SigtermFlag()
         self.stopped_by = ""  # the reason the last fit stopped before train.steps ("" if it did not)
         self.last_saved_step = -1
         # checkpoint.async_save: the save being written in the background (at most one)
@@ -230,26 +299,44 @@ class Trainer:
         return step_with_norm(opt, grad_norm), grad_norm
 
     def _stop_requested(self) -> str:
-        """train.time_limit_s and train.stop_file, checked every step (but the last), so a run sized
-        to a job slot, or told by its scheduler that the slot is ending, stops within one step; rank 0
-        decides for all (one scalar; ranks that looked at a shared file system themselves could see
-        the file at different steps and part ways). Called right after the gradient norm's host sync,
-        when nothing is queued on the device: its round trip waits for no compute (after the optimizer
-        step it would wait for the whole update to run). Neither set: no check, no sync."""
+        """train.time_limit_s, train.stop_file and SIGTERM, checked every step (but the last: the end
+        of fit looks for a SIGTERM once more), so a run sized to a job slot, told by its scheduler that
+        the slot is ending, or terminated stops within one step. Rank 0 alone looks at the clock and
+        the file (ranks that looked at a shared file system themselves could see it at different steps
+        and part ways); any rank may have received SIGTERM (torchrun, Kubernetes, SLURM or `kill` may
+        signal one worker or all). One all-reduced scalar tells every rank both (_signalled_ranks).
+        Called right after the gradient norm's host sync, when nothing is queued on the device: its
+        round trip waits for no compute (after the optimizer step it would wait for the whole update
+        to run). With no stop setting it still runs over several ranks while the SIGTERM handler is in
+        place (benchmarks/stop_check.py measures it); in one process the handler's flag is read
+        directly; with neither: no check, no sync."""
         tc = self.cfg.train
-        if (tc.time_limit_s <= 0 and not tc.stop_file) or self._fit_start is None or self.step + 1 >= tc.steps:
+        files = tc.time_limit_s > 0 or bool(tc.stop_file)
+        if not (files or self._sigterm.installed) or self._fit_start is None or self.step + 1 >= tc.steps:
             return ""
-        code = 0.0
-        if self.rt.is_main:
+        if not files and self.rt.world_size == 1:
+            self.stop_ranks = int(self._sigterm.received)
+            return "SIGTERM" if self._sigterm.received else ""
+        code = 0
+        if self.rt.is_main and files:
             # the file first: only a stop made for it removes it, which is what tells a launcher that
             # the run saved for its request (engine/launch/slurm_pretrain.sbatch then requeues)
             if tc.stop_file and os.path.exists(tc.stop_file):
-                code = 2.0
+                code = 2
             elif tc.time_limit_s > 0 and time.time() - self._fit_start > tc.time_limit_s:
-                code = 1.0
-        flag = torch.full((1,), code, device=self.rt.device)  # no host copy
-        dist.broadcast(flag, src=0)
-        return ("", "time_limit", "stop_file")[int(flag.item())]
+                code = 1
+        self.stop_ranks, code = self._signalled_ranks(code)
+        self._stop_file_found = code == 2
+        return "SIGTERM" if self.stop_ranks else ("", "time_limit", "stop_file")[code]
+
+    def _signalled_ranks(self, code: int = 0) -> tuple[int, int]:
+        """(how many ranks received SIGTERM, rank 0's `code`): one scalar summed over the ranks, to
+        which rank 0 adds its code (0-2) and each rank that received SIGTERM 4."""
+        flag = torch.full((1,), float(code + 4 * self._sigterm.received), device=self.rt.device)  # no host copy
+        if self.rt.world_size > 1:
+            dist.all_reduce(flag)
+        total = int(flag.item())
+        return total // 4, total % 4
 
     def train_step(self):
         for chunk in self.model:
@@ -310,8 +397,11 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
+        """Trains to train.steps or an early stop; -> the history. A SIGTERM on any rank stops every
+        rank after the step it arrives in: the step is saved, then StoppedBySignal is raised."""
+        self._sigterm.install()
         try:
-            return self._fit()
+            history = self._fit()
         except BaseException as e:
             # a save written in the background holds a step from before the error: finished where
             # every rank can still take part, else left `.partial` with its writer stopped (the
@@ -325,6 +415,12 @@ class Trainer:
             # a failed run (a non-finite streak, out of memory, Ctrl-C) stops reading ahead too,
             # instead of exiting only after the reads queued for steps it will not run
             self.loader.close()
+            self._sigterm.uninstall()
+        if self._sigterm.received and self.stopped_by != "SIGTERM":
+            # it came after fit's last look (the same instant as fit ended): what it would have done
+            # without the handler
+            signal.raise_signal(signal.SIGTERM)
+        return history
 
     def _fit(self) -> list[dict]:
         tc, lc = self.cfg.train, self.cfg.log
@@ -366,6 +462,7 @@ class Trainer:
         start = time.time()
         self._fit_start = start
         self.stopped_by = ""
+        self._stop_file_found = False
         stop = False
         while self.step < tc.steps and not stop:
             batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
@@ -413,12 +510,16 @@ class Trainer:
                 self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
             elif request == "stop_file":
                 self.log(f"train.stop_file {tc.stop_file} found at step {self.step}: saving and stopping")
+            elif request == "SIGTERM":
+                self.log(f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s)) at step "
+                         f"{self.step}: saving and stopping")
             if request:
                 self.stopped_by = request
                 stop = True
-            # a stop file's warning time goes to the checkpoint, not to an evaluation due at this step
+            # a stop file's warning time, and a SIGTERM's grace before the SIGKILL that follows it, go to
+            # the checkpoint, not to an evaluation due at this step
             if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps \
-                    and self.stopped_by != "stop_file":
+                    and self.stopped_by not in ("stop_file", "SIGTERM"):
                 with progress.paused():
                     self._evaluate_all(progress)
             if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
@@ -431,20 +532,58 @@ class Trainer:
         progress.close()
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
         self._fit_start = None
-        # an early stop (time limit, stop file, exit step) always leaves a resumable checkpoint; the
-        # end of training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights)
+        self._save_last(stop)
+        late = self._sigterm.installed and self.stopped_by != "SIGTERM"
+        if late and self._signalled_ranks()[0]:
+            # received after the last step's check (in the last step, during the final save): the run
+            # is done or saved, and stops for it all the same instead of going on to evaluate
+            self.stopped_by = "SIGTERM"
+            self._save_last(True)
+        if self._stop_file_found:
+            self._remove_stop_file()
+        if self.stopped_by == "SIGTERM":
+            if self.rt.is_main:
+                self.log(f"stopped for SIGTERM at step {self.step}: the checkpoint {checkpoint.latest(self.ckpt_dir)} "
+                         f"is complete; exiting with status {EXIT_SIGTERM} (the same command resumes)")
+                sys.stdout.flush()
+                sys.stderr.flush()
+            # rank 0's line is out before any rank exits
+            dist.barrier()
+            # torchrun sends SIGTERM to the workers still up once the first has exited: each rank is
+            # on its way out with the status that says the run saved, which that signal would replace
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            raise StoppedBySignal(self.step)
+        return self.history
+
+    def _save_last(self, stop: bool) -> None:
+        """An early stop (time limit, stop file, SIGTERM, exit step) always leaves a resumable checkpoint;
+        the end of training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights).
+        Complete when this returns (before the run ends or answers a stop file)."""
         if self.last_saved_step != self.step and self.step > 0 and (stop or self.cfg.checkpoint.save_at_end):
             self.save()
-        self.finish_saves()  # the run's last checkpoint is complete before it ends (or answers a stop file)
-        if self.stopped_by == "stop_file" and self.rt.is_main:
-            # answered, once the checkpoint is complete (a save cut short leaves the request standing);
-            # the same command then resumes instead of stopping again after one step. Its absence
-            # tells a launcher (engine/launch/slurm_pretrain.sbatch) that the run stopped for it
+        self.finish_saves()
+
+    def _remove_stop_file(self) -> None:
+        """Answers train.stop_file once the checkpoint is complete (a save cut short leaves the request
+        standing): the same command then resumes instead of stopping again after one step, and its
+        absence tells a launcher (engine/launch/slurm_pretrain.sbatch) that the run stopped for it.
+        Rank 0 removes it and tells every rank how that went: one that cannot (its directory read-only)
+        stops every rank with the same error, where rank 0 alone raised and the others went on to wait
+        in the next collective for it."""
+        def remove():
             try:
                 os.remove(self.cfg.train.stop_file)
             except FileNotFoundError:
                 pass
-        return self.history
+
+        error = checkpoint.on_rank0(self.rt.rank, remove)
+        if error:
+            raise ConfigError(
+                f"train.stop_file={self.cfg.train.stop_file}: the run stopped for it at step {self.step} and its "
+                f"checkpoint is complete ({checkpoint.latest(self.ckpt_dir)}), but the file could not be removed "
+                f"({error}); remove it yourself (and let the run write to its directory): until it is gone, the "
+                f"same command resumes and stops again after one step, and a launcher waiting for its removal "
+                f"(engine/launch/slurm_pretrain.sbatch) does not requeue the job")
 
     def _evaluate_all(self, progress: Progress) -> None:
         for name, data in self.evals.items():

@@ -1,0 +1,167 @@
+"""SIGTERM is a request to stop, like train.stop_file: whichever rank receives it, every rank stops
+after the same step, saves it (a background write still pending is finished first) and exits with
+engine.trainer.EXIT_SIGTERM; the resumed run gives the uninterrupted run's losses. Also: a stop file
+that rank 0 cannot remove stops every rank with one error.
+
+Runs tests/engine/stop_signal_worker.py (tests/engine/dist_worker.py's run from the parity reference's
+initial weights, with SIGTERM at a chosen step) under torchrun over gloo, and engine/pretrain.py itself.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
+
+WORKER = Path(__file__).with_name("stop_signal_worker.py")
+EXIT_SIGTERM = 143  # engine.trainer.EXIT_SIGTERM, the status the README documents
+
+
+def _start(tmp: Path, name: str, nproc: int, hooks: list, *overrides: str, init: str):
+    """The run, started: (process, its log, each rank's result file)."""
+    result = tmp / f"{name}.result"
+    cmd = [str(WORKER), "--result", str(result), *hooks, "--out", str(tmp / f"{name}.json"), "--no-eval",
+           "--init", init, f"run_dir={tmp / name}", *COMMON, *overrides]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+           if nproc > 1 else [sys.executable, *cmd])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    log = tmp / f"{name}.log"
+    # output to a file, not a pipe: a process left behind would hold a pipe open
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    return proc, log, [result.with_name(f"{result.name}.rank{r}") for r in range(nproc)]
+
+
+def _finish(proc, log: Path, results: list, timeout: int = 300) -> list:
+    """Each rank's result, once the run has ended (a run still going after `timeout` s is killed with
+    every process it started and fails the test)."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail(f"still running after {timeout} s:\n{log.read_text()[-6000:]}")
+    assert all(f.exists() for f in results), log.read_text()[-6000:]
+    return [json.loads(f.read_text()) for f in results]
+
+
+def _checkpoints(run: Path) -> list:
+    return sorted(p.name for p in (run / "checkpoints").iterdir())
+
+
+def _resumed_matches(reference, name: str) -> None:
+    tmp, init, ref = reference
+    resumed = run_worker(tmp, name, 2, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
+    assert_same_run(ref, resumed)  # the saved steps' history, then the steps after the resume
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
+
+
+def test_sigterm_to_one_worker_stops_every_rank_at_the_step_it_reached_and_the_resume_matches(reference):
+    """Rank 1 alone receives SIGTERM during step 2: both ranks finish step 2, save it, and exit with
+    status 143; resuming gives the uninterrupted run's losses. The rank died at once, its steps
+    since the last checkpoint lost (here every step: nothing was saved)."""
+    tmp, init, _ = reference
+    proc, log, results = _start(tmp, "sigterm_rank1", 2, ["--at-step", "2", "--kill-ranks", "1"], NO_END_SAVE,
+                                init=init)
+    for rank in _finish(proc, log, results):
+        assert rank["code"] == EXIT_SIGTERM and rank["step"] == 2, rank
+        assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
+    assert _checkpoints(tmp / "sigterm_rank1") == ["latest", "step_00000002"]
+    # torchrun's failure report: each worker's own status (it signals those still up after the first exit)
+    assert log.read_text().count(f"exitcode  : {EXIT_SIGTERM} ") == 2, log.read_text()[-6000:]
+    _resumed_matches(reference, "sigterm_rank1")
+
+
+def test_sigterm_to_every_process_finishes_the_pending_background_write_and_saves_the_step_reached(reference):
+    """SIGTERM to every process of the job during step 3, as SLURM sends it at scancel or the time
+    limit (to each worker's process group: the background writer and its results server too), while
+    step 2's background write is still pending; torchrun, signalled too, sends each worker's group its
+    own at once (and kills them 30 s later). Step 2's write is completed, step 3 saved and `latest`,
+    every rank leaves fit with status 143, and the resume matches. Step 2 stayed
+    `step_00000002.partial`, its writer killed with the workers."""
+    tmp, init, _ = reference
+    proc, log, results = _start(tmp, "sigterm_all", 2, ["--at-step", "3", "--wait", "--hold-save", "2"],
+                                "checkpoint.async_save=true", "checkpoint.save_interval=2", "checkpoint.keep=0",
+                                NO_END_SAVE, init=init)
+    ready = [tmp / f"sigterm_all.result.ready{r}" for r in range(2)]
+    deadline = time.monotonic() + 300
+    while not all(f.exists() and f.read_text() for f in ready) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(f.exists() for f in ready), log.read_text()[-6000:]
+    for f in ready:
+        os.killpg(int(f.read_text()), signal.SIGTERM)  # torchrun starts each worker in a session of its own
+    os.kill(proc.pid, signal.SIGTERM)
+    for rank in _finish(proc, log, results):
+        assert rank["code"] == EXIT_SIGTERM and rank["step"] == 3, rank
+        assert rank["latest"].endswith("step_00000003") and rank["partials"] == [], rank
+    ckpts = tmp / "sigterm_all" / "checkpoints"
+    assert _checkpoints(tmp / "sigterm_all") == ["latest", "step_00000002", "step_00000003"]
+    assert json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
+    _resumed_matches(reference, "sigterm_all")
+
+
+def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path):
+    """The first SIGTERM is a stop request (the process goes on with its step), and so is one that
+    follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes
+    engine.trainer.REPEAT_S later has the default action: the process ends at once, without saving."""
+    _, init, _ = reference
+    proc, log, _ = _start(tmp_path, "repeat", 1, ["--at-step", "2", "--kill-ranks", "0", "--repeat"], init=init)
+    proc.wait(timeout=300)
+    assert (tmp_path / "repeat.result.survived0").exists(), log.read_text()[-6000:]
+    assert (tmp_path / "repeat.result.repeated0").exists(), log.read_text()[-6000:]
+    assert proc.returncode == -signal.SIGTERM, log.read_text()[-6000:]
+    assert not (tmp_path / "repeat" / "checkpoints" / "latest").exists()
+
+
+def test_a_stop_file_rank_0_cannot_remove_stops_every_rank_with_one_error(reference, tmp_path):
+    """Rank 0 alone removes train.stop_file once the checkpoint is saved; here it cannot: a directory
+    appears at that path during step 1 (the start-up check refuses one that is there from the start;
+    the tests run as root, for whom a read-only directory is no obstacle), and the stop check after
+    step 1 finds it. Rank 0 raised IsADirectoryError alone while rank 1 went on as if the run had ended
+    well (in engine/pretrain.py to wait in a collective for rank 0); now both raise the same ConfigError
+    naming the setting, with step 1 saved."""
+    _, init, _ = reference
+    stop = tmp_path / "STOP"
+    proc, log, results = _start(tmp_path, "stop_dir", 2, ["--at-step", "1", "--make-dir", str(stop)],
+                                f"train.stop_file={stop}", NO_END_SAVE, init=init)
+    ranks = _finish(proc, log, results)
+    assert ranks[0]["type"] == ranks[1]["type"] == "ConfigError", ranks
+    assert ranks[0]["error"] == ranks[1]["error"], ranks
+    assert ranks[0]["error"].startswith(f"train.stop_file={stop}: the run stopped for it at step 1 and its "
+                                        f"checkpoint is complete ({tmp_path / 'stop_dir' / 'checkpoints'}"), ranks[0]
+    assert "(IsADirectoryError: [Errno 21] Is a directory" in ranks[0]["error"], ranks[0]
+    assert all(r["latest"].endswith("step_00000001") for r in ranks), ranks
+
+
+def test_pretrain_sigterm_saves_logs_one_line_and_exits_143(tmp_path):
+    """engine/pretrain.py sent SIGTERM once training runs: it saves the step it reached, says so in
+    one line, and exits 143 without a traceback (it died of the signal, -15, nothing saved)."""
+    cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", "train.steps=1000",
+           "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "log.interval=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    lines = []
+    for line in proc.stdout:  # "training N parameters ..." comes once fit (and its handler) has started
+        lines.append(line)
+        if line.startswith("training "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=300)
+    out = "".join(lines) + out
+    assert proc.returncode == EXIT_SIGTERM, out[-3000:] + err[-3000:]
+    stopped = re.findall(r"^stopped for SIGTERM at step (\d+): the checkpoint (\S+) is complete; exiting with "
+                         r"status 143 \(the same command resumes\)$", out, re.M)
+    assert len(stopped) == 1, out[-3000:]
+    step, path = stopped[0]
+    assert path == str(tmp_path / "run" / "checkpoints" / f"step_{int(step):08d}"), out[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{int(step):08d}"
+    assert "Traceback" not in err, err[-3000:]
