@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
+from tests.engine.torchrun_scenario import start
 
 WORKER = Path(__file__).with_name("stop_signal_worker.py")
 EXIT_SIGTERM = 143  # engine.trainer.EXIT_SIGTERM, the status the README documents
@@ -28,15 +29,9 @@ EXIT_SIGTERM = 143  # engine.trainer.EXIT_SIGTERM, the status the README documen
 def _start(tmp: Path, name: str, nproc: int, hooks: list, *overrides: str, init: str):
     """The run, started: (process, its log, each rank's result file)."""
     result = tmp / f"{name}.result"
-    cmd = [str(WORKER), "--result", str(result), *hooks, "--out", str(tmp / f"{name}.json"), "--no-eval",
-           "--init", init, f"run_dir={tmp / name}", *COMMON, *overrides]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-           if nproc > 1 else [sys.executable, *cmd])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     log = tmp / f"{name}.log"
-    # output to a file, not a pipe: a process left behind would hold a pipe open
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = start(WORKER, ["--result", str(result), *hooks, "--out", str(tmp / f"{name}.json"), "--no-eval",
+                          "--init", init, f"run_dir={tmp / name}", *COMMON, *overrides], nproc, log)
     return proc, log, [result.with_name(f"{result.name}.rank{r}") for r in range(nproc)]
 
 

@@ -1,7 +1,8 @@
 """Runs one scenario of a test worker script under torchrun over gloo (or as one process), each rank
 writing its result as JSON to OUT.rankN; a run where a rank waits for good is killed at a timeout and
 fails the test. Used by tests/engine/test_checkpoint_async.py (tests/engine/async_save_worker.py) and
-tests/engine/test_checkpoint_rank0.py (tests/engine/rank0_file_worker.py)."""
+tests/engine/test_checkpoint_rank0.py (tests/engine/rank0_file_worker.py); tests/engine/test_stop_signal.py
+starts its runs with `start` and signals them while they train."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,20 @@ import pytest
 from tests.engine.parity import ROOT
 
 
+def start(script: Path, args, nproc: int, log: Path) -> subprocess.Popen:
+    """`script` with `args` started under torchrun over gloo (`nproc` ranks on this machine) or, for
+    one, as a plain process; its output goes to `log`, and it runs in a session of its own, so that
+    os.killpg(proc.pid, ...) reaches torchrun and every worker."""
+    cmd = [str(script), *args]
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
+           if nproc > 1 else [sys.executable, *cmd])
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    # output to a file, not a pipe: a process the run left behind would hold a pipe open, and the
+    # test would wait for it instead of naming it
+    with open(log, "w") as f:
+        return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
 def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
                  timeout: int = 600, expected: int | None = None) -> list:
     """Each rank's result of the worker's `scenario` (None for a rank past the first `expected`
@@ -23,23 +38,15 @@ def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides:
     with every process it started and fails the test."""
     name = name or scenario
     out = tmp / name
-    cmd = [str(worker), "--out", str(out), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}",
-           *overrides]
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
-           if nproc > 1 else [sys.executable, *cmd])
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    # output to a file, not a pipe: a process the worker left behind would hold a pipe open, and the
-    # test would wait for it instead of naming it
     log = tmp / f"{name}.log"
-    with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (a session of their own)
-            proc.wait()
-            pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n"
-                        f"{log.read_text()[-6000:]}")
+    proc = start(worker, ["--out", str(out), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}",
+                          *overrides], nproc, log)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (a session of their own)
+        proc.wait()
+        pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n{log.read_text()[-6000:]}")
     results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
     assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
     return [json.loads(f.read_text()) if f.exists() else None for f in results]
