@@ -294,7 +294,8 @@ def run(cfg, recipe) -> int:
     data = prepare_checked_data(cfg, recipe)
     if 0 < cfg.train.steps < cfg.train.warmup_steps:  # legal (a smoke run), but rarely what was meant
         say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
-            f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never decays")
+            f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never "
+            "decays")
     say(data.description)
     # rank 0 writes into both from here on: one that cannot be written (a read-only mount, a file in its
     # path) stops every rank with a message naming it, not rank 0 alone with a traceback
@@ -321,18 +322,23 @@ def run(cfg, recipe) -> int:
         if hasattr(recipe, "write_run_files"):  # the recipe's own files (fine-tuning: the records set aside)
             recipe.write_run_files(cfg, data)
 
-    from engine.trainer import Trainer
+    from engine.trainer import StoppedBySignal, Trainer
 
     trainer = Trainer(cfg, rt, data.train, str(run_dir), pad_id=data.pad_id, log=say, evals=data.evals)
     t_train = time.time()
     start_step = trainer.step
-    history = trainer.fit()
+    signalled = None
+    try:
+        history = trainer.fit()
+    except StoppedBySignal as e:  # saved and logged: the summary records the stop, then the process exits 143
+        history, signalled = trainer.history, e
     train_time = time.time() - t_train
     peak_gb = peak_memory_gb(rt)  # training's peak, before evaluation (polar plan compares against it)
 
-    # a stop file is a scheduler's warning that the job ends soon: the checkpoint is saved, and the
-    # final evaluation (minutes at scale) is left to the resumed run that finishes the training
-    evals = {} if trainer.stopped_by == "stop_file" else data.evals
+    # a stop file is a scheduler's warning that the job ends soon, SIGTERM its last one before SIGKILL:
+    # the checkpoint is saved, and the final evaluation (minutes at scale) is left to the resumed run
+    # that finishes the training
+    evals = {} if trainer.stopped_by in ("stop_file", "SIGTERM") else data.evals
     if trainer.stopped_by == "stop_file":
         say(f"stopped at step {trainer.step} of {cfg.train.steps} (train.stop_file): final evaluation skipped; "
             "the same command resumes")
@@ -349,7 +355,8 @@ def run(cfg, recipe) -> int:
         summary.update({
             "final_loss": train_rows[-1]["loss"] if train_rows else None,
             "steps": trainer.step,
-            "stopped_by": trainer.stopped_by or None,  # time_limit, stop_file, exit_at_step; None: all steps
+            # time_limit, stop_file, SIGTERM, exit_at_step; None: all steps
+            "stopped_by": trainer.stopped_by or None,
             "tokens": sum(step_tokens),
             "resumed_at_step": start_step,
             "tokens_this_run": tokens,
@@ -369,7 +376,9 @@ def run(cfg, recipe) -> int:
         for line in lines:
             say(line)
         say(f"wrote {run_dir / 'summary.json'}")
-    shutdown_runtime()
+    shutdown_runtime()  # its barrier: no rank exits (torchrun would end rank 0) before the summary is written
+    if signalled is not None:
+        raise signalled
     return 0
 
 

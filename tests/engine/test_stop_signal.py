@@ -137,9 +137,11 @@ def test_a_stop_file_rank_0_cannot_remove_stops_every_rank_with_one_error(refere
     assert all(r["latest"].endswith("step_00000001") for r in ranks), ranks
 
 
-def test_pretrain_sigterm_saves_logs_one_line_and_exits_143(tmp_path):
+def test_pretrain_sigterm_saves_logs_one_line_writes_the_summary_and_exits_143(tmp_path):
     """engine/pretrain.py sent SIGTERM once training runs: it saves the step it reached, says so in
-    one line, and exits 143 without a traceback (it died of the signal, -15, nothing saved)."""
+    one line, writes summary.json as a stop file's stop does (stopped_by, the steps, no final
+    evaluation) and exits 143 without a traceback (it died of the signal, -15, nothing saved; then
+    it exited 143 with no summary.json)."""
     cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", "train.steps=1000",
            "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "log.interval=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -160,3 +162,7 @@ def test_pretrain_sigterm_saves_logs_one_line_and_exits_143(tmp_path):
     assert path == str(tmp_path / "run" / "checkpoints" / f"step_{int(step):08d}"), out[-3000:]
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == f"step_{int(step):08d}"
     assert "Traceback" not in err, err[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == int(step), summary
+    assert [r["step"] for r in summary["history"]] == list(range(1, int(step) + 1)), summary["history"]
+    assert summary["evaluations"] == {} and "held_out_pair_accuracy" not in summary, summary
