@@ -180,16 +180,31 @@ def prepare_checked_data(cfg, recipe):
     (its order and digests, the tokenizer the checkpoints carry), before anything of the run
     directory is written (config.yaml, the tokenizer): a refused resume leaves it as it was, and
     --check-config refuses what the run would. The trainer checks the loader state again."""
-    from engine import checkpoint, resume_checks
+    from engine import resume_checks
 
     data = recipe.prepare_data(cfg)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
-    resume_from = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
+    resume_from = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if resume_from:
         if derived:
             resume_checks.check_resume_settings(resume_from, cfg.train, derived_from=derived)
         check_resume_data(cfg, data, resume_from)
     return data
+
+
+def newest_checkpoint(cfg) -> str | None:
+    """engine.checkpoint.latest of the run's checkpoint directory, which every rank looks into at
+    start-up, before any process group: a `latest` or a step's state file the run may not read is a
+    config error naming the directory and the file system's error (each rank finds the same one)."""
+    from engine import checkpoint
+    from engine.checkpoint_request import first_line
+
+    ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
+    try:
+        return checkpoint.latest(ckpt_dir)
+    except OSError as e:
+        raise ConfigError(f"{ckpt_dir}: the newest checkpoint could not be looked for ({first_line(e)}); make the "
+                          "checkpoint directory and its files readable by the run, then run it again") from None
 
 
 def check_resume_data(cfg, data, step_dir) -> None:
@@ -235,7 +250,7 @@ def resume_on_restart(cfg, env=None) -> str:
     restarts = [f"{k}={env[k]}" for k in RESTART_COUNTS if env.get(k, "").strip().isdigit() and int(env[k]) > 0]
     if cfg.checkpoint.resume or not restarts:
         return ""
-    found = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg))
+    found = newest_checkpoint(cfg)
     mine = checkpoint.job_identity(env)
     if not found or not mine or checkpoint.read_state(found).get("job") != mine:
         return ""
@@ -253,7 +268,7 @@ def check_checkpoints(cfg, derived=()) -> None:
     from engine import checkpoint, resume_checks
 
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
-    found = checkpoint.latest(ckpt_dir)
+    found = newest_checkpoint(cfg)
     if found and not cfg.checkpoint.resume:
         raise ConfigError(f"checkpoint.resume=false, but {ckpt_dir} already holds checkpoints (newest {found}): a new "
                           f"run needs a checkpoint directory of its own; pick a new run_dir or checkpoint.dir (with "

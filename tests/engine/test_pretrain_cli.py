@@ -267,6 +267,60 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at_step"] == 1
 
 
+# the OS call a checkpoint directory's reader makes, refused for one path as a file system would
+# refuse it (the tests run as root, whom chmod does not stop); then engine/pretrain.py's main, or the
+# one start-up check that the command line reaches only after another
+REFUSING = """import errno, io, os, sys
+module, name, path_end, call = sys.argv[1:5]
+real = getattr(sys.modules[module], name)
+def refused(path, *args, **kwargs):
+    if not isinstance(path, int) and os.fsdecode(path).endswith(path_end):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+    return real(path, *args, **kwargs)
+setattr(sys.modules[module], name, refused)
+from engine import pretrain
+if call == "main":
+    sys.exit(pretrain.main(sys.argv[5:]))
+from engine.config import ConfigError, load_config
+from polar import pretrain_recipe
+try:
+    pretrain.prepare_checked_data(load_config(pretrain_recipe.PretrainConfig, None, sys.argv[5:]), pretrain_recipe)
+except ConfigError as e:
+    sys.exit(pretrain._stop(0, f"config error: {e}", pretrain.EXIT_CONFIG))
+"""
+
+
+@pytest.mark.parametrize("call, resume, env", [
+    ("main", "true", {}),  # check_checkpoints
+    ("main", "false", {"TORCHELASTIC_RESTART_COUNT": "1"}),  # resume_on_restart
+    ("prepare_checked_data", "true", {}),  # the run's own data check, which --check-config makes too
+])
+@pytest.mark.parametrize("module, name, refused", [("io", "open", "latest"),
+                                                  ("os", "stat", "step_00000002/trainer_state.json")])
+def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_error(tmp_path, call, resume, env,
+                                                                                   module, name, refused):
+    """Every rank looks for the newest checkpoint at start-up, before any process group: a `latest`
+    marker, or the state file of the step it names, that the run may not read was a PermissionError
+    traceback (only a config error was caught); now one config error names the checkpoint directory
+    and the file system's error, exit 2."""
+    from tests.engine.test_checkpoint import _step
+
+    root = tmp_path / "run" / "checkpoints"
+    for n in (1, 2):
+        _step(root, n)
+    (root / "latest").write_text("step_00000002")
+    cmd = [sys.executable, "-c", REFUSING, module, name, f"{os.sep}{refused}", call, f"run_dir={tmp_path / 'run'}",
+           *SMALL, f"checkpoint.resume={resume}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr == (
+        f"config error: {root}: the newest checkpoint could not be looked for (PermissionError: [Errno 13] "
+        f"Permission denied: '{root / refused}'); make the checkpoint directory and its files readable by the run, "
+        f"then run it again\n"), proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize("error, said", [
     ("ConfigError", "config error: a group is longer than data.seq_length"),
     ("NonFiniteError", "error: a group is longer than data.seq_length"),
