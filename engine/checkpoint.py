@@ -27,8 +27,6 @@ from engine.checkpoint_request import (cause, dcp_error, first_line, parallel_sa
                                        set_results_queue, write_errors)
 from engine.config import ConfigError
 
-_first_line = first_line  # the name engine.checkpoint_async imports
-
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
 # settings that decide which weights exist and their shapes: a checkpoint loads only into a model

@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from engine.checkpoint_request import first_line
+
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
@@ -204,9 +206,7 @@ class BackgroundSaves:
         try:
             why = self._finish_agreed()
         except Exception as e:  # noqa: BLE001 - the store gone (the job torn down), a write that failed
-            from engine.checkpoint import _first_line
-
-            why = _first_line(e)
+            why = first_line(e)
         finally:
             self._stop_writer()
         if not why:
@@ -290,6 +290,4 @@ class BackgroundSaves:
 
 def _error_text(wrapped) -> str:
     """A write error as torch.distributed.checkpoint hands it back (the exception first)."""
-    from engine.checkpoint import _first_line
-
-    return _first_line(wrapped[0])
+    return first_line(wrapped[0])
