@@ -1,7 +1,11 @@
 """Host syncs per training step, counted (tests/engine/sync_count.py): a regression guard. On a GPU
 every device-to-host read stalls the host until the device has caught up, so the step makes one,
-the global gradient norm (the skip decision and the clipping need it on the host), plus one
-scalar when train.time_limit_s or train.stop_file is set. A new sync anywhere in the step (data, model, loss,
+the global gradient norm (the skip decision and the clipping need it on the host), plus the stop
+check's one scalar (engine.trainer.Trainer._stop_requested) when train.time_limit_s or
+train.stop_file is set, and in every step of a run over several ranks inside fit, stop setting or
+not (the all-reduce that tells every rank of a SIGTERM any rank received); a single process with no
+stop setting reads its own SIGTERM flag without a sync. The steps here run in one process outside
+fit: one sync, two with a stop setting. A new sync anywhere in the step (data, model, loss,
 optimizer) fails here with its call site."""
 from __future__ import annotations
 
@@ -41,9 +45,9 @@ def test_a_training_step_makes_one_host_sync_the_gradient_norm(runtime, tmp_path
 @pytest.mark.parametrize("setting", ["train.time_limit_s=1e6", "train.stop_file={tmp}/STOP"],
                          ids=["time_limit", "stop_file"])
 def test_a_stop_check_adds_one_scalar_read_before_the_optimizer_update(runtime, tmp_path, monkeypatch, setting):
-    """train.time_limit_s and train.stop_file cost one broadcast scalar per step (both together:
-    still one), read right after the gradient norm's sync while nothing is queued on the device: not
-    after the update, which it would wait for."""
+    """train.time_limit_s and train.stop_file cost one scalar per step (all-reduced over several
+    ranks; both together: still one), read right after the gradient norm's sync while nothing is
+    queued on the device: not after the update, which it would wait for."""
     import time
 
     trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", setting.format(tmp=tmp_path))
