@@ -11,10 +11,11 @@ answer a valid request that got no 200/429. With --url answers are checked for c
 (the same item always gets the same reward). Prints throughput, p50/p99 latency and the 2xx/4xx/
 429/5xx counts; exits 1 on any 5xx, mismatch or lost answer, or an unhealthy server afterwards.
 
---burst N measures what a burst holds in memory: every --max-preparing slot is held by a client
-that sent half its body, then N clients send a whole /classify request each at once (they wait for a
-slot, or are refused at once); the server's Python heap (tracemalloc, this process) and RSS are read
-once the burst has settled, then the slots are let go and every answer is counted. Exits 1 if a
+--burst N measures what a burst holds in memory: the room for bodies being read (--max-reading-bytes)
+is held by clients that declared the largest bodies and sent 5 bytes, then N clients send a whole
+/classify request each at once (they wait for room, or are refused at once); the server's Python
+heap (tracemalloc, this process) and RSS are read once the burst has settled, then the room is let
+go and every answer is counted. Exits 1 if a
 request got no answer, or an answer other than 200 or 429.
 """
 from __future__ import annotations
@@ -203,25 +204,28 @@ def _answer(conn: socket.socket, limit_s: float) -> bytes:
 
 
 def burst(url: str, service, n: int, body_bytes: int) -> dict:
-    """Holds every --max-preparing slot with a half-sent body, sends n whole requests at once, reads
-    this process's heap and RSS once they have settled, lets the slots go and counts the answers."""
+    """Fills --max-reading-bytes with bodies that never arrive, sends n whole requests at once,
+    reads this process's heap and RSS once they have settled, lets the room go and counts the answers."""
     import tracemalloc
 
     host, port = url.removeprefix("http://").split(":")
     body = json.dumps({"text": ["<|reward|>a[UNUSED_TOKEN_130]"]}).encode()
     body += b" " * max(0, body_bytes - len(body))  # whitespace: the same one item, a body of body_bytes
 
-    def request(payload: bytes) -> bytes:
+    def request(payload: bytes, declared: int = len(body)) -> bytes:
         return (b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                b"Content-Length: %d\r\n\r\n" % len(body) + payload)
+                b"Content-Length: %d\r\n\r\n" % declared + payload)
 
-    held = []
-    for _ in range(service.settings.max_preparing):
+    # the room is charged by declared length: the fewest clients that leave no room for one more body
+    held, left = [], service.max_reading_bytes
+    while service.charge(min(service.settings.max_body_bytes, left)) <= left:
+        declared = min(service.settings.max_body_bytes, left)
+        left -= service.charge(declared)
         conn = socket.create_connection((host, int(port)), timeout=30)
-        conn.sendall(request(body[:5]))
+        conn.sendall(request(body[:5], declared))
         held.append(conn)
     deadline = time.monotonic() + 60
-    while service.preparing < len(held) and time.monotonic() < deadline:
+    while service.reading < len(held) and time.monotonic() < deadline:
         time.sleep(0.01)
     tracemalloc.start()
     heap0, rss0 = tracemalloc.get_traced_memory()[0], _rss_bytes()
@@ -254,13 +258,13 @@ def burst(url: str, service, n: int, body_bytes: int) -> dict:
     tracemalloc.stop()
     clients = waiting
     for conn in held:
-        conn.close()  # the slots go to the waiting requests
+        conn.close()  # the room goes to the waiting requests
     codes: dict[str, int] = {}
     for conn in clients:
         code = _answer(conn, 120).decode() or "none"
         codes[code] = codes.get(code, 0) + 1
         conn.close()
-    return {"requests": n, "body_bytes": len(body), "max_preparing": len(held), "refused_at_once": len(refused),
+    return {"requests": n, "body_bytes": len(body), "held_by": len(held), "refused_at_once": len(refused),
             "waited": len(waiting), "burst_heap_mb": heap / 2**20, "burst_rss_mb": rss / 2**20,
             "waiting_heap_mb": held_heap / 2**20, "kb_per_waiting": held_heap / 1024 / max(len(waiting), 1),
             "then_200": codes.pop("200", 0), "then_429": codes.pop("429", 0), "other_or_none": sum(codes.values())}

@@ -13,12 +13,15 @@ vLLM returns one row per token and its clients read the last; only the reward to
 computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads.
 Errors are JSON {"error": {"message", "type", "code"}} with a 4xx status saying what is wrong.
 A request whose client has gone (timed out, retrying) leaves the queue unscored, and the wait
-for a --max-preparing slot too when its body is small. A request still in flight when uvicorn's
-graceful timeout runs out is answered 503 with Retry-After.
+for room to be read in too when its body is small; one gone while its body is parsed or tokenized
+is never queued. A body is read without a --max-preparing slot (reading waits on the client's
+network); --max-reading-bytes bounds the bodies being read. A request still in flight when
+uvicorn's graceful timeout runs out is answered 503 with Retry-After.
 """
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import time
 from collections import deque
@@ -50,15 +53,18 @@ class ServeSettings:
     max_body_bytes: int = 64 * 1024 * 1024
     max_items: int = 4096
     timeout_s: float = 300.0
-    read_timeout_s: float = 60.0  # the body must arrive within it, or 408 frees the --max-preparing slot
+    read_timeout_s: float = 60.0  # the body must arrive within it, or 408 frees its room (--max-reading-bytes)
     api_key: Optional[str] = None
     max_length: int = 16384  # POLAR's truncation of structured items (polar.format)
     max_response: int = 4096
     max_item_tokens: int = 16385  # a longer already-formatted text is refused
     pooling_format: str = "vllm"
-    max_preparing: int = 32  # requests being read, parsed and tokenized at once; more wait for a slot
-    preparing_wait_s: float = 5.0  # the longest a request waits for one, in arrival order; then 429
-    max_waiting: Optional[int] = None  # requests waiting for one at once, more get 429 (None: the --max-queue items)
+    max_preparing: int = 32  # requests parsed and tokenized at once (their body read); more wait for a slot
+    # body bytes held for requests being read, parsed and tokenized, each charged its Content-Length
+    # (at least MIN_BODY_CHARGE); None: max_preparing x max_body_bytes
+    max_reading_bytes: Optional[int] = None
+    preparing_wait_s: float = 5.0  # the longest a request waits for that room, in arrival order; then 429
+    max_waiting: Optional[int] = None  # requests waiting for it at once, more get 429 (None: the --max-queue items)
 
 
 class Service:
@@ -84,9 +90,14 @@ class Service:
         # into more tokens), and `polar score` scores such items, so only the model's positions,
         # which no item may pass, bound them here.
         self.max_structured_tokens = positions or None
-        self._preparing = 0
-        self._waiting: deque[asyncio.Future] = deque()  # requests waiting for a --max-preparing slot
-        self.waiting = 0  # of them, those still waiting
+        if settings.max_preparing < 1:
+            raise ValueError(f"--max-preparing must be 1 or more, got {settings.max_preparing}")
+        self.max_reading_bytes = reading_bytes_bound(settings.max_reading_bytes, settings.max_preparing,
+                                                     settings.max_body_bytes)
+        self._slots = _Allowance(settings.max_preparing)  # parsing and tokenizing
+        self._room = _Allowance(self.max_reading_bytes)  # body bytes of the requests admitted
+        self.waiting = 0  # requests waiting for room
+        self.reading = 0  # requests admitted, not yet holding a slot: reading their body or waiting for a slot
         # each waiting request becomes at least one queued item: more than --max-queue could never all be queued
         self.max_waiting = batcher.max_queue_items if settings.max_waiting is None else settings.max_waiting
         if self.max_waiting < 0:
@@ -119,85 +130,103 @@ class Service:
             self.metrics.cut.labels(field=field[:-1]).inc(getattr(cuts, field))
         return ids
 
+    def charge(self, declared: Optional[int]) -> int:
+        """The bytes of --max-reading-bytes a request holds: its Content-Length (--max-body-bytes for a
+        chunked body, which may grow to it), at least MIN_BODY_CHARGE."""
+        return max(self.settings.max_body_bytes if declared is None else declared, MIN_BODY_CHARGE)
+
     async def admit(self, request: Request) -> list[dict]:
         """Before the body is read: under load, reading, parsing and tokenizing a request that the
-        queue then refuses is the work that slows everyone else down. A request beyond
-        --max-preparing waits for a slot, for at most --max-preparing-wait-s: a slot is held for
-        milliseconds, and refusing at once answered 429 to most of a burst of small requests
-        (OpenRLHF sends one per rollout, all at once) while the queue had room for them. At most
-        --max-waiting requests wait: each holds its connection, its task and what the HTTP server
-        has buffered of its body (35-150 KB, benchmarks/serve_load.py --burst), so a burst of any
-        size holds a bounded amount of memory. Returns the body's messages received while waiting."""
+        queue then refuses is the work that slows everyone else down. A request is admitted once its
+        body fits in --max-reading-bytes with the bodies of those admitted before it, which bounds
+        the memory they hold however slowly they arrive; reading takes no --max-preparing slot, so
+        slow clients (a slow network, a slowloris) hold bytes, not the slots fast requests are
+        parsed in. A request that does not fit waits, in arrival order, for at most
+        --max-preparing-wait-s (refusing at once answered 429 to bursts the queue had room for). At
+        most --max-waiting requests wait: each holds its connection, its task and what the HTTP
+        server has buffered of its body (35-150 KB, benchmarks/serve_load.py --burst), so a burst of
+        any size holds a bounded amount of memory. Returns the body's messages received while waiting."""
         try:
             self.batcher.check_room()
         except QueueFull as e:
             raise _TooBusy(str(e), e.retry_after_s) from None
-        while self._waiting and self._waiting[0].done():  # gave up waiting
-            self._waiting.popleft()
-        if self._preparing < self.settings.max_preparing and not self._waiting:
-            self._preparing += 1
-            request.state.preparing = True
+        declared = _declared_length(request)
+        charge = self.charge(declared)
+        if self._room.take_now(charge):
+            self._admitted(request, charge)
             return []
         if self.waiting >= self.max_waiting:
-            raise _TooBusy(f"{self.waiting} requests are waiting for one of the {self.settings.max_preparing} slots "
-                           f"to be read and tokenized in (--max-preparing), this server's limit of waiting requests "
+            raise _TooBusy(f"{self.waiting} requests are waiting for room to be read in (--max-reading-bytes "
+                           f"{self.max_reading_bytes}), this server's limit of waiting requests "
                            f"(--max-waiting {self.max_waiting}); retry after 1 s", 1)
         loop = asyncio.get_running_loop()
-        slot = loop.create_future()
-        self._waiting.append(slot)
+        room = self._room.ask(charge)
         self.waiting += 1
         taken: list[dict] = []
         # A client that leaves while waiting (its own timeout, then a retry) must not keep its place:
         # seen by taking its body, when that is small enough that holding it costs nothing more.
-        declared = _declared_length(request)
         watched = declared is not None and declared <= _WATCHED_BODY_BYTES
         gone = asyncio.ensure_future(_gone(request, taken)) if watched else loop.create_future()
         try:
-            done, _ = await asyncio.wait((slot, gone), timeout=self.settings.preparing_wait_s,
+            done, _ = await asyncio.wait((room, gone), timeout=self.settings.preparing_wait_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         except BaseException:
-            # cancelled (the server shutting down): a slot handed over meanwhile goes to the next
-            if slot.done() and not slot.cancelled():
-                self._release()
-            slot.cancel()
+            self._room.withdraw(room, charge)  # cancelled (the server shutting down)
             raise
         finally:
             self.waiting -= 1
             gone.cancel()
-        handed = slot.done()
-        if handed:
-            request.state.preparing = True  # the slot _release() handed over, still counted
-        else:
-            slot.cancel()
-        if gone in done:
-            raise _ClientGone()
-        if not handed:
-            raise _TooBusy(f"{self._preparing} requests are being read and tokenized, this server's limit "
-                           f"(--max-preparing), and none finished within {self.settings.preparing_wait_s:g} s "
-                           "(--max-preparing-wait-s); retry after 1 s", 1)
+        if gone in done or not room.done():
+            self._room.withdraw(room, charge)
+            if gone in done:
+                self.metrics.gone.labels(stage="waiting").inc()
+                raise _ClientGone()
+            raise _TooBusy(f"{self.reading + self.preparing} requests are being read and tokenized, holding "
+                           f"{self._room.held} of the {self.max_reading_bytes} bytes this server reads at once "
+                           f"(--max-reading-bytes), and not enough was freed within "
+                           f"{self.settings.preparing_wait_s:g} s (--max-preparing-wait-s); retry after 1 s", 1)
+        self._admitted(request, charge)
         return taken
+
+    def _admitted(self, request: Request, charge: int) -> None:
+        request.state.charge = charge
+        self.reading += 1
+        self.metrics.reading_bytes.set(self._room.held)
+
+    async def start_preparing(self, request: Request) -> None:
+        """A --max-preparing slot for a request whose body has been read, in arrival order: what is
+        ahead is parsing and tokenizing the bodies already read, bounded work, so there is no limit
+        on the wait."""
+        await self._slots.take(1)
+        request.state.preparing = True
+        self.reading -= 1
 
     @property
     def preparing(self) -> int:
-        return self._preparing
+        return self._slots.held
 
     def prepared(self, request: Request) -> None:
-        if getattr(request.state, "preparing", False):
-            request.state.preparing = False
-            self._release()
-
-    def _release(self) -> None:
-        """A slot freed goes to the longest waiting request, still counted in `preparing`."""
-        while self._waiting:
-            slot = self._waiting.popleft()
-            if not slot.done():
-                slot.set_result(None)
-                return
-        self._preparing -= 1
+        """The request's slot and room go back (its items queued, or it failed)."""
+        state = request.state
+        if getattr(state, "preparing", False):
+            state.preparing = False
+            self._slots.give_back(1)
+        elif getattr(state, "charge", 0):
+            self.reading -= 1
+        if getattr(state, "charge", 0):
+            self._room.give_back(state.charge)
+            state.charge = 0
+            self.metrics.reading_bytes.set(self._room.held)
 
     async def rewards(self, ids: list[np.ndarray], request: Request, names: list[str]) -> np.ndarray:
         """`names[i]`: where item i is in the request (`items[1]`, `text[0]`), for errors."""
+        # A client that timed out (POLAR's client: after 30 s, then it retries) is not waiting for
+        # this answer: its items are not queued, or leave the queue, instead of being scored once
+        # per attempt (request.state.departure has watched since its body was read).
+        departure: _Departure = request.state.departure
         try:
+            if departure.left:
+                raise _ClientGone()
             fut = self.batcher.submit(ids)
         except QueueFull as e:
             raise _TooBusy(str(e), e.retry_after_s) from None
@@ -205,12 +234,10 @@ class Service:
             raise RequestError(str(e), 503) from None
         finally:
             self.prepared(request)
+        departure.queued(fut)
         scored = asyncio.wrap_future(fut)
-        # A client that timed out (POLAR's client: after 30 s, then it retries) is not waiting for
-        # this answer: its items leave the queue instead of being scored once per attempt.
-        gone = asyncio.ensure_future(_gone(request))
         try:
-            done, _ = await asyncio.wait((scored, gone), timeout=self.settings.timeout_s,
+            done, _ = await asyncio.wait((scored, departure.task), timeout=self.settings.timeout_s,
                                          return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             # uvicorn cancels what is still in flight when --graceful-timeout-s runs out: nobody
@@ -218,8 +245,9 @@ class Service:
             # process should be exiting
             scored.cancel()
             raise
-        finally:
-            gone.cancel()
+        if departure.left or departure.task in done:
+            scored.cancel()
+            raise _ClientGone()
         if scored in done:
             rewards = scored.result()
             # named as the request names them (not by their place among /v1/rewards' flattened
@@ -229,17 +257,122 @@ class Service:
                 raise RequestError(bad, 500, retryable=False)
             return rewards
         scored.cancel()  # the batcher's future too: skipped unless its round has started
-        if gone in done:
-            raise _ClientGone()
         raise RequestError(f"not scored within {self.settings.timeout_s:g} s (--timeout-s); the server is "
                            "overloaded or the batch too large", 504)
 
 
-# A body of at most this many bytes is received while its request waits for a --max-preparing slot,
+# A body of at most this many bytes is received while its request waits for room to be read in,
 # which lets the wait see its client leave; it costs no memory that the HTTP server has not spent
 # already (uvicorn buffers 64 KiB of a body before it stops reading the connection). A larger body
-# stays unread until its slot comes.
+# stays unread until its room comes.
 _WATCHED_BODY_BYTES = 64 * 1024
+# The least a request is charged of --max-reading-bytes, however small its body: the HTTP server
+# buffers up to 64 KiB of a connection's body, and a request in flight holds 25-47 KB of heap besides
+# (benchmarks/serve_load.py --burst), so the bytes bound how many requests are read at once too.
+MIN_BODY_CHARGE = 64 * 1024
+
+
+def reading_bytes_bound(max_reading_bytes: Optional[int], max_preparing: int, max_body_bytes: int) -> int:
+    """--max-reading-bytes as given, or its default, --max-preparing x --max-body-bytes: what the
+    slots could hold when reading a body took one. ValueError when one largest body cannot fit."""
+    if max_reading_bytes is None:
+        max_reading_bytes = max_preparing * max_body_bytes
+    least = max(max_body_bytes, MIN_BODY_CHARGE)
+    if max_reading_bytes < least:
+        raise ValueError(f"--max-reading-bytes {max_reading_bytes} is less than one request can hold "
+                         f"(--max-body-bytes {max_body_bytes}, and at least {MIN_BODY_CHARGE} bytes per request): "
+                         f"use at least {least}")
+    return max_reading_bytes
+
+
+class _Allowance:
+    """`capacity` units handed out in arrival order: an ask for n units is granted once they fit
+    and every earlier ask has been (a large ask at the head holds back the smaller ones behind it,
+    which would otherwise pass it for ever)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.held = 0
+        self._asks: deque[tuple[asyncio.Future, int]] = deque()
+
+    def take_now(self, n: int) -> bool:
+        while self._asks and self._asks[0][0].done():  # gave up waiting
+            self._asks.popleft()
+        if self._asks or self.held + n > self.capacity:
+            return False
+        self.held += n
+        return True
+
+    def ask(self, n: int) -> asyncio.Future:
+        """A future done once the n units are held for the caller."""
+        granted = asyncio.get_running_loop().create_future()
+        self._asks.append((granted, n))
+        return granted
+
+    def withdraw(self, granted: asyncio.Future, n: int) -> None:
+        """An ask given up: the units handed to it meanwhile go back, and the asks behind it may fit."""
+        if granted.done() and not granted.cancelled():
+            self.give_back(n)
+        else:
+            granted.cancel()
+            self._grant()
+
+    async def take(self, n: int) -> None:
+        if self.take_now(n):
+            return
+        granted = self.ask(n)
+        try:
+            await granted
+        except BaseException:
+            self.withdraw(granted, n)
+            raise
+
+    def give_back(self, n: int) -> None:
+        self.held -= n
+        self._grant()
+
+    def _grant(self) -> None:
+        while self._asks:
+            granted, n = self._asks[0]
+            if not granted.done():
+                if self.held + n > self.capacity:
+                    return
+                self.held += n
+                granted.set_result(None)
+            self._asks.popleft()
+
+
+class _Departure:
+    """Whether a request's client has closed its connection, watched from the moment its body has
+    been read (the next message is then http.disconnect), so that a client gone while its request
+    is parsed or tokenized is known before its items are queued: watched only from then on, the
+    batcher could take them first whenever the event loop was busy (scored for nobody, in a batch
+    others wait on). Once queued, its future is cancelled here at once (not a few loop steps later
+    through asyncio's wrapper), and the batcher checks that as it forms a round
+    (set_running_or_notify_cancel)."""
+
+    def __init__(self, request: Request, metrics: Metrics):
+        self.left = False
+        self._future: Optional[concurrent.futures.Future] = None
+        self._metrics = metrics
+        self.task = asyncio.ensure_future(self._watch(request))
+
+    def queued(self, future: concurrent.futures.Future) -> None:
+        self._future = future
+
+    async def _watch(self, request: Request) -> None:
+        await _gone(request)
+        self.left = True
+        if self._future is None:
+            stage = "preparing"  # never queued
+        elif self._future.cancel():
+            stage = "queued"  # left the queue, or skipped by the round being formed
+        else:
+            stage = "scoring"  # its round had started: scored for nobody
+        self._metrics.gone.labels(stage=stage).inc()
+
+    def close(self) -> None:
+        self.task.cancel()
 
 
 async def _gone(request: Request, taken: Optional[list] = None) -> None:
@@ -328,6 +461,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
         for this request alone."""
         t0 = time.monotonic()
         status = 200
+        departure = None
         try:
             if not authorized(request):
                 status = 401
@@ -345,12 +479,17 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             taken = await service.admit(request)
             try:
                 # A client that stalls mid-body (a hung worker, a stuck proxy) would otherwise hold
-                # its --max-preparing slot forever, and enough of them refuse everyone with 429.
+                # its room forever, and enough of them refuse everyone with 429.
                 chunks = await asyncio.wait_for(_read_body(request, s.max_body_bytes, taken), s.read_timeout_s)
             except asyncio.TimeoutError:
                 status = 408
                 return _error(408, f"the request body did not arrive within {s.read_timeout_s:g} s "
                                    "(--read-timeout-s)", {"Connection": "close"})
+            except ClientDisconnect:
+                m.gone.labels(stage="reading").inc()
+                raise
+            departure = request.state.departure = _Departure(request, m)
+            await service.start_preparing(request)
             body = await asyncio.to_thread(validation.parse_json, chunks)
             return JSONResponse(await work(body, request))
         except RequestError as e:
@@ -375,6 +514,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             return _error(500, f"internal error: {type(e).__name__}: {e}")
         finally:
             service.prepared(request)
+            if departure is not None:
+                departure.close()
             m.requests.labels(endpoint, str(status)).inc()
             m.latency.labels(endpoint).observe(time.monotonic() - t0)
 
@@ -446,8 +587,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     async def health():
         ok = service.batcher.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": s.model_name,
-                             "queue_items": service.batcher.queued_items, "preparing": service.preparing,
-                             "waiting": service.waiting},
+                             "queue_items": service.batcher.queued_items, "reading": service.reading,
+                             "preparing": service.preparing, "waiting": service.waiting},
                             200 if ok else 503)
 
     @app.get("/metrics")

@@ -32,6 +32,15 @@ class Metrics:
         self.batch_requests = Histogram("polar_serve_batch_requests", "requests served by one batching round",
                                         buckets=_SIZE_BUCKETS, registry=r)
         self.queue_items = Gauge("polar_serve_queue_items", "items waiting to be scored", registry=r)
+        self.reading_bytes = Gauge("polar_serve_reading_bytes", "body bytes held for the requests being read, "
+                                   "parsed and tokenized, of --max-reading-bytes", registry=r)
+        # where clients give up tells whether it costs: only those gone while scoring cost model time
+        self.gone = Counter("polar_serve_client_gone", "requests whose client closed the connection before its "
+                            "answer, by what the request was doing: waiting (for room to be read in), reading "
+                            "(its body), preparing (parsed or tokenized: never queued), queued (left the queue "
+                            "unscored), scoring (its batch had started: scored for nobody)", ["stage"], registry=r)
+        for stage in ("waiting", "reading", "preparing", "queued", "scoring"):  # exported at 0 before the first
+            self.gone.labels(stage=stage)
         self.rejected = Counter("polar_serve_rejected", "requests refused with 429 (queue full)", registry=r)
         self.latency = Histogram("polar_serve_request_seconds", "request latency by endpoint", ["endpoint"],
                                  buckets=_LATENCY_BUCKETS, registry=r)

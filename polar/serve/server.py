@@ -54,16 +54,22 @@ def parse_args(argv=None):
                     help="largest request body; a longer one gets 413")
     ap.add_argument("--max-items", type=int, default=4096, help="items per request")
     ap.add_argument("--max-preparing", type=int, default=32,
-                    help="requests being read, parsed and tokenized at once; more wait for a slot, in arrival order")
+                    help="requests parsed and tokenized at once, their body read; more wait for a slot, in arrival "
+                         "order (reading a body takes none: it waits on the client's network)")
+    ap.add_argument("--max-reading-bytes", type=int, default=None,
+                    help="body bytes held at once for the requests being read, parsed and tokenized, each charged "
+                         "its Content-Length (--max-body-bytes when chunked), at least 64 KiB; a request that does "
+                         "not fit waits (default: --max-preparing x --max-body-bytes)")
     ap.add_argument("--max-preparing-wait-s", type=float, default=5.0,
-                    help="how long a request waits for a --max-preparing slot before it gets 429, its body unread")
+                    help="how long a request waits for room to be read in (--max-reading-bytes) before it gets "
+                         "429, its body unread")
     ap.add_argument("--max-waiting", type=int, default=None,
-                    help="requests waiting for a --max-preparing slot at once; more get 429 at once, their body "
+                    help="requests waiting for room to be read in at once; more get 429 at once, their body "
                          "unread (default: --max-queue, as many one-item requests as the queue holds)")
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit on scoring; 504 after it")
     ap.add_argument("--read-timeout-s", type=float, default=60.0,
                     help="the whole body must arrive within this many seconds of the request being admitted; "
-                         "a client that stalls gets 408 and its --max-preparing slot back")
+                         "a client that stalls gets 408 and its room (--max-reading-bytes) is freed")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
@@ -92,6 +98,14 @@ def parse_args(argv=None):
         ap.error("--max-preparing-wait-s must be 0 or more")
     if args.max_waiting is not None and args.max_waiting < 0:
         ap.error("--max-waiting must be 0 or more")
+    if args.max_preparing < 1:
+        ap.error("--max-preparing must be 1 or more")
+    from polar.serve.app import reading_bytes_bound
+
+    try:
+        reading_bytes_bound(args.max_reading_bytes, args.max_preparing, args.max_body_bytes)
+    except ValueError as e:
+        ap.error(str(e))
     if args.pp < 1 or args.tp < 0:
         ap.error("--tp and --pp must be positive")
     if not args.tp:
@@ -149,7 +163,8 @@ def build_service(args, scorer):
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + 1,
                              pooling_format=args.pooling_format, max_preparing=args.max_preparing,
-                             preparing_wait_s=args.max_preparing_wait_s, max_waiting=args.max_waiting)
+                             max_reading_bytes=args.max_reading_bytes, preparing_wait_s=args.max_preparing_wait_s,
+                             max_waiting=args.max_waiting)
     return Service(tokenizer, batcher, settings, metrics)
 
 

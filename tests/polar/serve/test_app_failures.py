@@ -1,6 +1,6 @@
 """The live server on loopback under load and failure: a full queue (429, the client retries), a
-request timeout (504), bearer auth, a client that gave up, the --max-preparing and --max-waiting
-limits, a client that leaves while waiting, a body over --max-body-bytes, a large body that must
+request timeout (504), bearer auth, a client that gave up, the --max-reading-bytes, --max-preparing
+and --max-waiting limits, a client that leaves while waiting, a body over --max-body-bytes, a large body that must
 not stall the event loop, a stalled body (408), a failing round, non-finite rewards, start-up
 refusals and the graceful timeout (503)."""
 import asyncio
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from polar import reward
+from polar.serve.app import MIN_BODY_CHARGE
 from polar.serve.items import StructuredItem
 
 from .conftest import live_server
@@ -22,9 +23,9 @@ from .conftest import live_server
 
 # ---- limits: queue, timeout, auth ------------------------------------------------------------
 
-def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
-    """The batcher's one worker is held inside a round, so the queue stays full for as long as the
-    test needs: no race with the batching window, however slow the machine."""
+def held_rounds(scorer):
+    """-> (gate, rounds, score): `score` records each round's batch in `rounds` and holds the
+    batcher's one worker inside it until `gate` is set."""
     gate, rounds = threading.Event(), []
 
     def held(batch):
@@ -32,6 +33,13 @@ def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
         gate.wait(60)
         return scorer.score(batch)
 
+    return gate, rounds, held
+
+
+def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
+    """The batcher's one worker is held inside a round, so the queue stays full for as long as the
+    test needs: no race with the batching window, however slow the machine."""
+    gate, rounds, held = held_rounds(scorer)
     with live_server(scorer, tokenizer, score=held, batcher_kw=dict(max_queue_items=4)) as (url, service):
         texts = ["<|reward|>a[UNUSED_TOKEN_130]"] * 3
         answers = {}
@@ -114,13 +122,7 @@ def _until(condition, limit_s=20.0) -> bool:
 def test_a_client_that_gave_up_is_not_scored(scorer, tokenizer):
     """POLAR's client gives up after 30 s and sends the batch again: the abandoned copy must leave
     the queue, not be scored once per attempt."""
-    gate, rounds = threading.Event(), []
-
-    def held(batch):
-        rounds.append(batch)
-        gate.wait(60)
-        return scorer.score(batch)
-
+    gate, rounds, held = held_rounds(scorer)
     with live_server(scorer, tokenizer, score=held) as (url, service):
         first = {}
         t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": ["a", "b"]},
@@ -135,7 +137,9 @@ def test_a_client_that_gave_up_is_not_scored(scorer, tokenizer):
         assert first["r"].status_code == 200
         time.sleep(0.3)
         assert noticed and service.batcher.totals.items == 2
-        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in metrics
+        assert 'polar_serve_client_gone_total{stage="queued"} 1.0' in metrics
 
 
 @contextlib.contextmanager
@@ -161,16 +165,22 @@ def _answer_of(conn) -> bytes:
     return answer
 
 
-def test_requests_beyond_max_preparing_are_refused_before_their_body_is_read(scorer, tokenizer):
-    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=0.5) as (url, _):
+# --max-reading-bytes that one request being read fills (each is charged at least MIN_BODY_CHARGE)
+ONE_BODY = dict(max_reading_bytes=MIN_BODY_CHARGE, max_body_bytes=MIN_BODY_CHARGE)
+
+
+def test_requests_beyond_max_reading_bytes_are_refused_before_their_body_is_read(scorer, tokenizer):
+    with live_server(scorer, tokenizer, preparing_wait_s=0.5, **ONE_BODY) as (url, _):
         with _part_of_a_body(url) as (slow, rest):
-            assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 1)
+            assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 1)
             busy = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
-            assert "--max-preparing" in busy.json()["error"]["message"] and "within 0.5 s" in busy.text
+            message = busy.json()["error"]["message"]
+            assert "holding 65536 of the 65536 bytes" in message and "(--max-reading-bytes)" in message, message
+            assert "within 0.5 s" in message
             slow.sendall(rest)
             assert slow.recv(65536).startswith(b"HTTP/1.1 200")
-        assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 0)
+        assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 0)
         assert httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30).status_code == 200
 
 
@@ -228,17 +238,17 @@ def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer, monkeypat
     assert inside >= 3, (inside, end - start, len(probes))  # 14-51 here, loaded or not; json.loads: 0
 
 
-def test_a_stalled_body_gets_408_and_frees_its_slot(scorer, tokenizer):
+def test_a_stalled_body_gets_408_and_frees_its_room(scorer, tokenizer):
     """A client that sends its headers and part of its body, then nothing (a hung worker, a stuck
-    proxy), must not hold its --max-preparing slot: with one slot, every other request would get
-    429 for as long as that connection stays open."""
-    with live_server(scorer, tokenizer, max_preparing=1, read_timeout_s=0.5) as (url, _):
+    proxy), must not hold its room (--max-reading-bytes) for ever: with room for one body, every
+    other request would get 429 for as long as that connection stays open."""
+    with live_server(scorer, tokenizer, read_timeout_s=0.5, **ONE_BODY) as (url, _):
         with _part_of_a_body(url) as (stalled, _):
             answer = _answer_of(stalled)
             assert answer.startswith(b"HTTP/1.1 408"), answer
             assert b"--read-timeout-s" in answer
-            assert _until(lambda: httpx.get(f"{url}/health").json()["preparing"] == 0)
-            # the stalled connection is still open on this side: the slot is free all the same
+            assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 0)
+            # the stalled connection is still open on this side: the room is free all the same
             res = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
             assert res.status_code == 200, res.text
         assert 'polar_serve_requests_total{endpoint="classify",status="408"} 1.0' in httpx.get(f"{url}/metrics").text
@@ -257,7 +267,7 @@ def _classify(url, text, answers, key):
 
 
 def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
-    """Each request waiting for a slot holds its connection, its task and what uvicorn buffered of
+    """Each request waiting for room to be read in holds its connection, its task and what uvicorn buffered of
     its body (25 KB for a small request, 150 KB for a large one: benchmarks/serve_load.py --burst),
     and there was no limit to how many waited. Beyond --max-waiting (default --max-queue) a request
     is refused at once, its body unread; those waiting are served once the slot is free."""
@@ -273,9 +283,9 @@ def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
     assert parse_args(["--checkpoint", "c", "--max-waiting", "0"]).max_waiting == 0
     with pytest.raises(SystemExit):
         parse_args(["--checkpoint", "c", "--max-waiting", "-1"])
-    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_waiting=2) as (url, service):
+    with live_server(scorer, tokenizer, preparing_wait_s=60, max_waiting=2, **ONE_BODY) as (url, service):
         with _part_of_a_body(url) as (slow, rest):
-            assert _until(lambda: service.preparing == 1)
+            assert _until(lambda: service.reading == 1)
             answers = {}
             waiting = [_classify(url, str(k), answers, k) for k in range(2)]
             assert _until(lambda: _waiting(url) == 2)
@@ -283,7 +293,7 @@ def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
             message = busy.json()["error"]["message"]
             assert "2 requests are waiting" in message and "(--max-waiting 2)" in message, message
-            assert "(--max-preparing)" in message
+            assert "(--max-reading-bytes 65536)" in message
             slow.sendall(rest)
             assert _answer_of(slow).startswith(b"HTTP/1.1 200")
             for t in waiting:
@@ -292,12 +302,13 @@ def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
         assert service.waiting == 0 and service.preparing == 0
 
 
-def test_a_client_that_leaves_while_waiting_for_a_slot_gives_up_its_place(scorer, tokenizer):
-    """A client that gave up while its request waited for a slot (its timeout, then a retry) left
-    the request waiting until a slot came, its place in --max-waiting taken by an answer nobody reads."""
-    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_waiting=1) as (url, service):
+def test_a_client_that_leaves_while_waiting_for_room_gives_up_its_place(scorer, tokenizer):
+    """A client that gave up while its request waited for room to be read in (its timeout, then a
+    retry) left the request waiting until the room came, its place in --max-waiting taken by an
+    answer nobody reads."""
+    with live_server(scorer, tokenizer, preparing_wait_s=60, max_waiting=1, **ONE_BODY) as (url, service):
         with _part_of_a_body(url) as (slow, rest):
-            assert _until(lambda: service.preparing == 1)
+            assert _until(lambda: service.reading == 1)
             body = json.dumps({"text": ["a"]}).encode()
             with socket.create_connection(slow.getpeername(), timeout=30) as leaving:
                 leaving.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -311,17 +322,20 @@ def test_a_client_that_leaves_while_waiting_for_a_slot_gives_up_its_place(scorer
             assert _answer_of(slow).startswith(b"HTTP/1.1 200")
             t.join(60)
         assert answers["b"].status_code == 200
-        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in httpx.get(f"{url}/metrics").text
+        metrics = httpx.get(f"{url}/metrics").text
+        assert 'polar_serve_requests_total{endpoint="classify",status="499"} 1.0' in metrics
+        assert 'polar_serve_client_gone_total{stage="waiting"} 1.0' in metrics
         assert service.batcher.totals.items == 2  # the slow request and "b"; not the one whose client left
 
 
-def test_a_body_over_max_body_bytes_is_refused_before_waiting_for_a_slot(scorer, tokenizer):
-    """A body declared larger than --max-body-bytes can never be taken, yet it waited for a slot
-    and, all slots busy, got 429: retry, which a client does for ever. It gets 413 at once, unread;
+def test_a_body_over_max_body_bytes_is_refused_before_waiting_for_room(scorer, tokenizer):
+    """A body declared larger than --max-body-bytes can never be taken, yet it waited for room to be
+    read in and, none free, got 429: retry, which a client does for ever. It gets 413 at once, unread;
     a body of no declared length (chunked) gets 413 as soon as what arrived passes the limit."""
-    with live_server(scorer, tokenizer, max_preparing=1, preparing_wait_s=60, max_body_bytes=1000) as (url, service):
+    with live_server(scorer, tokenizer, preparing_wait_s=60, max_body_bytes=1000,
+                     max_reading_bytes=MIN_BODY_CHARGE) as (url, service):
         with _part_of_a_body(url) as (slow, rest):
-            assert _until(lambda: service.preparing == 1)
+            assert _until(lambda: service.reading == 1)
             with socket.create_connection(slow.getpeername(), timeout=30) as big:
                 big.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                             b"Content-Length: 1000000000\r\n\r\n" + b" " * 4096)

@@ -33,10 +33,11 @@ def test_small_load_run(scorer, tokenizer):
 
 
 def test_burst_counts_what_waits_and_what_is_refused(scorer, tokenizer):
-    """benchmarks/serve_load.py --burst: with both slots held, 5 of 12 requests wait (--max-waiting)
-    and are answered 200 once the slots are let go; the other 7 are refused at once."""
+    """benchmarks/serve_load.py --burst: with the room for bodies held (--max-reading-bytes, by
+    default --max-preparing 2 x --max-body-bytes: two bodies declared that large), 5 of 12 requests
+    wait (--max-waiting) and are answered 200 once the room is let go; the other 7 are refused at once."""
     load = _load_module()
     with live_server(scorer, tokenizer, max_preparing=2, preparing_wait_s=60, max_waiting=5) as (url, service):
         stats = load.burst(url, service, 12, 2048)
     assert (stats["refused_at_once"], stats["waited"], stats["then_200"], stats["other_or_none"]) == (7, 5, 5, 0)
-    assert stats["body_bytes"] == 2048 and stats["waiting_heap_mb"] > 0
+    assert stats["body_bytes"] == 2048 and stats["waiting_heap_mb"] > 0 and stats["held_by"] == 2
