@@ -21,10 +21,8 @@ uvicorn's graceful timeout runs out is answered 503 with Retry-After.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import hmac
 import time
-from collections import deque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Optional
@@ -38,7 +36,11 @@ from starlette.requests import ClientDisconnect
 
 from polar.client_format import Cuts
 from polar.serve import validation
+from polar.serve.admission import Admission, TooBusy, declared_length
+# a re-export until polar/serve/server.py imports it from polar.serve.admission
+from polar.serve.admission import reading_bytes_bound  # noqa: F401
 from polar.serve.batcher import Batcher, Closed, QueueFull, non_finite
+from polar.serve.client_watch import ClientGone, Departure
 from polar.serve.items import check_truncation, format_structured, tokenize_served_text
 from polar.serve.metrics import Metrics
 from polar.serve.validation import NO_RETRY_HEADER, RequestError
@@ -67,17 +69,15 @@ class ServeSettings:
     max_waiting: Optional[int] = None  # requests waiting for it at once, more get 429 (None: the --max-queue items)
 
 
-class Service:
-    """What the endpoints share: tokenizer, batcher, metrics, settings."""
+class Service(Admission):
+    """What the endpoints share: tokenizer, batcher, metrics, settings, and the admission of requests."""
 
     def __init__(self, tokenizer: Tokenizer, batcher: Batcher, settings: ServeSettings, metrics: Metrics):
         if settings.pooling_format not in POOLING_FORMATS:
             raise ValueError(f"--pooling-format must be one of {POOLING_FORMATS}, got {settings.pooling_format!r}")
         check_truncation(settings.max_length, settings.max_response)
+        super().__init__(settings, batcher, metrics)
         self.tokenizer = tokenizer
-        self.batcher = batcher
-        self.settings = settings
-        self.metrics = metrics
         self.max_item_tokens = settings.max_item_tokens
         self._limit = f"this server's limit of {settings.max_item_tokens} (--max-item-tokens)"
         positions = getattr(batcher, "max_positions", None)
@@ -90,18 +90,6 @@ class Service:
         # into more tokens), and `polar score` scores such items, so only the model's positions,
         # which no item may pass, bound them here.
         self.max_structured_tokens = positions or None
-        if settings.max_preparing < 1:
-            raise ValueError(f"--max-preparing must be 1 or more, got {settings.max_preparing}")
-        self.max_reading_bytes = reading_bytes_bound(settings.max_reading_bytes, settings.max_preparing,
-                                                     settings.max_body_bytes)
-        self._slots = _Allowance(settings.max_preparing)  # parsing and tokenizing
-        self._room = _Allowance(self.max_reading_bytes)  # body bytes of the requests admitted
-        self.waiting = 0  # requests waiting for room
-        self.reading = 0  # requests admitted, not yet holding a slot: reading their body or waiting for a slot
-        # each waiting request becomes at least one queued item: more than --max-queue could never all be queued
-        self.max_waiting = batcher.max_queue_items if settings.max_waiting is None else settings.max_waiting
-        if self.max_waiting < 0:
-            raise ValueError(f"--max-waiting must be 0 or more, got {self.max_waiting}")
 
     def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
         ids = tokenize_served_text(self.tokenizer, texts)
@@ -130,106 +118,18 @@ class Service:
             self.metrics.cut.labels(field=field[:-1]).inc(getattr(cuts, field))
         return ids
 
-    def charge(self, declared: Optional[int]) -> int:
-        """The bytes of --max-reading-bytes a request holds: its Content-Length (--max-body-bytes for a
-        chunked body, which may grow to it), at least MIN_BODY_CHARGE."""
-        return max(self.settings.max_body_bytes if declared is None else declared, MIN_BODY_CHARGE)
-
-    async def admit(self, request: Request) -> list[dict]:
-        """Before the body is read: under load, reading, parsing and tokenizing a request that the
-        queue then refuses is the work that slows everyone else down. A request is admitted once its
-        body fits in --max-reading-bytes with the bodies of those admitted before it, which bounds
-        the memory they hold however slowly they arrive; reading takes no --max-preparing slot, so
-        slow clients (a slow network, a slowloris) hold bytes, not the slots fast requests are
-        parsed in. A request that does not fit waits, in arrival order, for at most
-        --max-preparing-wait-s (refusing at once answered 429 to bursts the queue had room for). At
-        most --max-waiting requests wait: each holds its connection, its task and what the HTTP
-        server has buffered of its body (35-150 KB, benchmarks/serve_load.py --burst), so a burst of
-        any size holds a bounded amount of memory. Returns the body's messages received while waiting."""
-        try:
-            self.batcher.check_room()
-        except QueueFull as e:
-            raise _TooBusy(str(e), e.retry_after_s) from None
-        declared = _declared_length(request)
-        charge = self.charge(declared)
-        if self._room.take_now(charge):
-            self._admitted(request, charge)
-            return []
-        if self.waiting >= self.max_waiting:
-            raise _TooBusy(f"{self.waiting} requests are waiting for room to be read in (--max-reading-bytes "
-                           f"{self.max_reading_bytes}), this server's limit of waiting requests "
-                           f"(--max-waiting {self.max_waiting}); retry after 1 s", 1)
-        loop = asyncio.get_running_loop()
-        room = self._room.ask(charge)
-        self.waiting += 1
-        taken: list[dict] = []
-        # A client that leaves while waiting (its own timeout, then a retry) must not keep its place:
-        # seen by taking its body, when that is small enough that holding it costs nothing more.
-        watched = declared is not None and declared <= _WATCHED_BODY_BYTES
-        gone = asyncio.ensure_future(_gone(request, taken)) if watched else loop.create_future()
-        try:
-            done, _ = await asyncio.wait((room, gone), timeout=self.settings.preparing_wait_s,
-                                         return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            self._room.withdraw(room, charge)  # cancelled (the server shutting down)
-            raise
-        finally:
-            self.waiting -= 1
-            gone.cancel()
-        if gone in done or not room.done():
-            self._room.withdraw(room, charge)
-            if gone in done:
-                self.metrics.gone.labels(stage="waiting").inc()
-                raise _ClientGone()
-            raise _TooBusy(f"{self.reading + self.preparing} requests are being read and tokenized, holding "
-                           f"{self._room.held} of the {self.max_reading_bytes} bytes this server reads at once "
-                           f"(--max-reading-bytes), and not enough was freed within "
-                           f"{self.settings.preparing_wait_s:g} s (--max-preparing-wait-s); retry after 1 s", 1)
-        self._admitted(request, charge)
-        return taken
-
-    def _admitted(self, request: Request, charge: int) -> None:
-        request.state.charge = charge
-        self.reading += 1
-        self.metrics.reading_bytes.set(self._room.held)
-
-    async def start_preparing(self, request: Request) -> None:
-        """A --max-preparing slot for a request whose body has been read, in arrival order: what is
-        ahead is parsing and tokenizing the bodies already read, bounded work, so there is no limit
-        on the wait."""
-        await self._slots.take(1)
-        request.state.preparing = True
-        self.reading -= 1
-
-    @property
-    def preparing(self) -> int:
-        return self._slots.held
-
-    def prepared(self, request: Request) -> None:
-        """The request's slot and room go back (its items queued, or it failed)."""
-        state = request.state
-        if getattr(state, "preparing", False):
-            state.preparing = False
-            self._slots.give_back(1)
-        elif getattr(state, "charge", 0):
-            self.reading -= 1
-        if getattr(state, "charge", 0):
-            self._room.give_back(state.charge)
-            state.charge = 0
-            self.metrics.reading_bytes.set(self._room.held)
-
     async def rewards(self, ids: list[np.ndarray], request: Request, names: list[str]) -> np.ndarray:
         """`names[i]`: where item i is in the request (`items[1]`, `text[0]`), for errors."""
         # A client that timed out (POLAR's client: after 30 s, then it retries) is not waiting for
         # this answer: its items are not queued, or leave the queue, instead of being scored once
         # per attempt (request.state.departure has watched since its body was read).
-        departure: _Departure = request.state.departure
+        departure: Departure = request.state.departure
         try:
             if departure.left:
-                raise _ClientGone()
+                raise ClientGone()
             fut = self.batcher.submit(ids)
         except QueueFull as e:
-            raise _TooBusy(str(e), e.retry_after_s) from None
+            raise TooBusy(str(e), e.retry_after_s) from None
         except Closed as e:
             raise RequestError(str(e), 503) from None
         finally:
@@ -247,7 +147,7 @@ class Service:
             raise
         if departure.left or departure.task in done:
             scored.cancel()
-            raise _ClientGone()
+            raise ClientGone()
         if scored in done:
             rewards = scored.result()
             # named as the request names them (not by their place among /v1/rewards' flattened
@@ -261,154 +161,12 @@ class Service:
                            "overloaded or the batch too large", 504)
 
 
-# A body of at most this many bytes is received while its request waits for room to be read in,
-# which lets the wait see its client leave; it costs no memory that the HTTP server has not spent
-# already (uvicorn buffers 64 KiB of a body before it stops reading the connection). A larger body
-# stays unread until its room comes.
-_WATCHED_BODY_BYTES = 64 * 1024
-# The least a request is charged of --max-reading-bytes, however small its body: the HTTP server
-# buffers up to 64 KiB of a connection's body, and a request in flight holds 25-47 KB of heap besides
-# (benchmarks/serve_load.py --burst), so the bytes bound how many requests are read at once too.
-MIN_BODY_CHARGE = 64 * 1024
-
-
-def reading_bytes_bound(max_reading_bytes: Optional[int], max_preparing: int, max_body_bytes: int) -> int:
-    """--max-reading-bytes as given, or its default, --max-preparing x --max-body-bytes: what the
-    slots could hold when reading a body took one. ValueError when one largest body cannot fit."""
-    if max_reading_bytes is None:
-        max_reading_bytes = max_preparing * max_body_bytes
-    least = max(max_body_bytes, MIN_BODY_CHARGE)
-    if max_reading_bytes < least:
-        raise ValueError(f"--max-reading-bytes {max_reading_bytes} is less than one request can hold "
-                         f"(--max-body-bytes {max_body_bytes}, and at least {MIN_BODY_CHARGE} bytes per request): "
-                         f"use at least {least}")
-    return max_reading_bytes
-
-
-class _Allowance:
-    """`capacity` units handed out in arrival order: an ask for n units is granted once they fit
-    and every earlier ask has been (a large ask at the head holds back the smaller ones behind it,
-    which would otherwise pass it for ever)."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self.held = 0
-        self._asks: deque[tuple[asyncio.Future, int]] = deque()
-
-    def take_now(self, n: int) -> bool:
-        while self._asks and self._asks[0][0].done():  # gave up waiting
-            self._asks.popleft()
-        if self._asks or self.held + n > self.capacity:
-            return False
-        self.held += n
-        return True
-
-    def ask(self, n: int) -> asyncio.Future:
-        """A future done once the n units are held for the caller."""
-        granted = asyncio.get_running_loop().create_future()
-        self._asks.append((granted, n))
-        return granted
-
-    def withdraw(self, granted: asyncio.Future, n: int) -> None:
-        """An ask given up: the units handed to it meanwhile go back, and the asks behind it may fit."""
-        if granted.done() and not granted.cancelled():
-            self.give_back(n)
-        else:
-            granted.cancel()
-            self._grant()
-
-    async def take(self, n: int) -> None:
-        if self.take_now(n):
-            return
-        granted = self.ask(n)
-        try:
-            await granted
-        except BaseException:
-            self.withdraw(granted, n)
-            raise
-
-    def give_back(self, n: int) -> None:
-        self.held -= n
-        self._grant()
-
-    def _grant(self) -> None:
-        while self._asks:
-            granted, n = self._asks[0]
-            if not granted.done():
-                if self.held + n > self.capacity:
-                    return
-                self.held += n
-                granted.set_result(None)
-            self._asks.popleft()
-
-
-class _Departure:
-    """Whether a request's client has closed its connection, watched from the moment its body has
-    been read (the next message is then http.disconnect), so that a client gone while its request
-    is parsed or tokenized is known before its items are queued: watched only from then on, the
-    batcher could take them first whenever the event loop was busy (scored for nobody, in a batch
-    others wait on). Once queued, its future is cancelled here at once (not a few loop steps later
-    through asyncio's wrapper), and the batcher checks that as it forms a round
-    (set_running_or_notify_cancel)."""
-
-    def __init__(self, request: Request, metrics: Metrics):
-        self.left = False
-        self._future: Optional[concurrent.futures.Future] = None
-        self._metrics = metrics
-        self.task = asyncio.ensure_future(self._watch(request))
-
-    def queued(self, future: concurrent.futures.Future) -> None:
-        self._future = future
-
-    async def _watch(self, request: Request) -> None:
-        await _gone(request)
-        self.left = True
-        if self._future is None:
-            stage = "preparing"  # never queued
-        elif self._future.cancel():
-            stage = "queued"  # left the queue, or skipped by the round being formed
-        else:
-            stage = "scoring"  # its round had started: scored for nobody
-        self._metrics.gone.labels(stage=stage).inc()
-
-    def close(self) -> None:
-        self.task.cancel()
-
-
-async def _gone(request: Request, taken: Optional[list] = None) -> None:
-    """Returns when the client closes the connection; the body's messages received meanwhile are
-    appended to `taken`. Once the body has been read, the next message is http.disconnect."""
-    while (message := await request.receive())["type"] != "http.disconnect":
-        if taken is not None:
-            taken.append(message)
-
-
-class _TooBusy(Exception):
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class _ClientGone(Exception):
-    pass
-
-
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 408: "timeout", 413: "request_too_large",
             404: "not_found_error", 405: "method_not_allowed",
             415: "unsupported_media_type", 429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
             504: "timeout"}.get(status, "server_error")
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
-
-
-def _declared_length(request: Request) -> Optional[int]:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return None
-    try:
-        return int(declared)
-    except ValueError:
-        raise RequestError("the Content-Length header is not a number") from None
 
 
 async def _read_body(request: Request, limit: int, taken: list[dict]) -> list[bytes]:
@@ -472,7 +230,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 raise RequestError(f"the body is sent with Content-Encoding {encoding}, which this server does not "
                                    "decode; send the JSON uncompressed", 415)
             # before waiting for a slot: a body that can never be taken is not told to retry
-            declared = _declared_length(request)
+            declared = declared_length(request)
             if declared is not None and declared > s.max_body_bytes:
                 raise RequestError(f"the body is {declared} bytes, more than this server's limit of "
                                    f"{s.max_body_bytes} (--max-body-bytes)", 413)
@@ -488,17 +246,17 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             except ClientDisconnect:
                 m.gone.labels(stage="reading").inc()
                 raise
-            departure = request.state.departure = _Departure(request, m)
+            departure = request.state.departure = Departure(request, m)
             await service.start_preparing(request)
             body = await asyncio.to_thread(validation.parse_json, chunks)
             return JSONResponse(await work(body, request))
         except RequestError as e:
             status = e.status
             return _error(e.status, e.message, None if e.retryable else {NO_RETRY_HEADER: "false"})
-        except _TooBusy as e:
+        except TooBusy as e:
             status = 429
             return _error(429, str(e), {"Retry-After": str(e.retry_after_s)})
-        except (_ClientGone, ClientDisconnect):
+        except (ClientGone, ClientDisconnect):
             status = 499  # nginx's "client closed request": nobody reads this answer
             return _error(499, "the client closed the connection")
         except asyncio.CancelledError:

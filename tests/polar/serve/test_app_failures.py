@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from polar import reward
-from polar.serve.app import MIN_BODY_CHARGE
+from polar.serve.admission import MIN_BODY_CHARGE
 from polar.serve.items import StructuredItem
 
 from .conftest import live_server

@@ -110,7 +110,7 @@ def test_bodies_being_read_are_bounded_by_max_reading_bytes(scorer, tokenizer):
     """Reading takes no slot, so the memory of the bodies being read is bounded by bytes: each
     request is charged its Content-Length (at least MIN_BODY_CHARGE), and one that does not fit
     waits for room (then 429), its body unread. Two slow bodies fill room for two here."""
-    from polar.serve.app import MIN_BODY_CHARGE
+    from polar.serve.admission import MIN_BODY_CHARGE
 
     room = 2 * MIN_BODY_CHARGE
     with live_server(scorer, tokenizer, max_body_bytes=MIN_BODY_CHARGE, max_reading_bytes=room,
@@ -135,7 +135,8 @@ def test_max_reading_bytes_default_and_refusals(tokenizer):
     """By default room for --max-preparing bodies of --max-body-bytes (what the slots held when a
     body was read in one); less than one such body (or one request's least charge) could never be
     read, so it is refused at start-up, as --max-preparing 0 is (no request could be tokenized)."""
-    from polar.serve.app import MIN_BODY_CHARGE, ServeSettings, Service
+    from polar.serve.admission import MIN_BODY_CHARGE
+    from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.serve.metrics import Metrics
     from polar.serve.server import parse_args
