@@ -37,8 +37,6 @@ from starlette.requests import ClientDisconnect
 from polar.client_format import Cuts
 from polar.serve import validation
 from polar.serve.admission import Admission, TooBusy, declared_length
-# a re-export until polar/serve/server.py imports it from polar.serve.admission
-from polar.serve.admission import reading_bytes_bound  # noqa: F401
 from polar.serve.batcher import Batcher, Closed, QueueFull, non_finite
 from polar.serve.client_watch import ClientGone, Departure
 from polar.serve.items import check_truncation, format_structured, tokenize_served_text

@@ -100,7 +100,7 @@ def parse_args(argv=None):
         ap.error("--max-waiting must be 0 or more")
     if args.max_preparing < 1:
         ap.error("--max-preparing must be 1 or more")
-    from polar.serve.app import reading_bytes_bound
+    from polar.serve.admission import reading_bytes_bound
 
     try:
         reading_bytes_bound(args.max_reading_bytes, args.max_preparing, args.max_body_bytes)
