@@ -52,8 +52,11 @@ class TooBusy(Exception):
 
 
 def declared_length(request: Request) -> Optional[int]:
+    """The body's Content-Length; None when it is not known before it is read: no Content-Length, or
+    Transfer-Encoding beside one, which the HTTP server reads chunked (RFC 9112 section 6.3: the
+    encoding overrides the length), so the body may grow to --max-body-bytes whatever it declares."""
     declared = request.headers.get("content-length")
-    if declared is None:
+    if declared is None or "transfer-encoding" in request.headers:
         return None
     try:
         return int(declared)
