@@ -135,6 +135,9 @@ class Admission:
                                                      settings.max_body_bytes)
         self._slots = _Allowance(settings.max_preparing)  # parsing and tokenizing
         self._room = _Allowance(self.max_reading_bytes)  # body bytes of the requests admitted
+        # read from the room when scraped: the room also changes where no request is admitted or
+        # finished (granted to a waiting request that gives up, or is cancelled, in the same turn)
+        metrics.reading_bytes.set_function(lambda: self._room.held)
         self.waiting = 0  # requests waiting for room
         self.reading = 0  # requests admitted, not yet holding a slot: reading their body or waiting for a slot
         # each waiting request becomes at least one queued item: more than --max-queue could never all be queued
@@ -203,7 +206,6 @@ class Admission:
     def _admitted(self, request: Request, charge: int) -> None:
         request.state.charge = charge
         self.reading += 1
-        self.metrics.reading_bytes.set(self._room.held)
 
     async def start_preparing(self, request: Request) -> None:
         """A --max-preparing slot for a request whose body has been read, in arrival order: what is
@@ -228,5 +230,4 @@ class Admission:
         if getattr(state, "charge", 0):
             self._room.give_back(state.charge)
             state.charge = 0
-            self.metrics.reading_bytes.set(self._room.held)
 

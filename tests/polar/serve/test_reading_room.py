@@ -1,12 +1,18 @@
 """--max-reading-bytes is given back exactly once by every request, whatever ends it (408, 413, 400,
 429, a client gone while waiting or mid-body), and a request is charged what its body can really
-hold: the live server on loopback."""
+hold: the live server on loopback, and the admission itself where two of its events must meet in
+one turn of the event loop."""
+import asyncio
 import contextlib
 import socket
 
 import httpx
+from starlette.requests import Request
 
 from polar.serve.admission import MIN_BODY_CHARGE
+from polar.serve.app import ServeSettings, Service
+from polar.serve.batcher import Batcher
+from polar.serve.metrics import Metrics
 
 from .conftest import live_server
 from .test_app_failures import _answer_of, _until
@@ -96,3 +102,37 @@ def test_a_body_framed_chunked_despite_its_content_length_is_charged_as_chunked(
             assert answer.startswith(b"HTTP/1.1 200"), answer
         assert _until(lambda: _nothing_held(url, service))
 
+
+def _request(declared: int) -> Request:
+    """A request whose client sent its headers and nothing more."""
+    async def receive():
+        await asyncio.Event().wait()
+
+    headers = [(b"content-length", str(declared).encode())]
+    return Request({"type": "http", "method": "POST", "path": "/classify", "query_string": b"", "headers": headers},
+                   receive)
+
+
+def test_room_granted_to_a_request_cancelled_in_the_same_turn_leaves_the_gauge_at_what_is_held(tokenizer):
+    """A waiting request granted room in the same turn of the event loop as it is cancelled (the
+    server shutting down) or gives up gives that room back; polar_serve_reading_bytes, set only
+    when a request was admitted or finished, kept counting it."""
+    metrics = Metrics()
+    settings = ServeSettings(max_body_bytes=MIN_BODY_CHARGE, max_reading_bytes=MIN_BODY_CHARGE,
+                             preparing_wait_s=30)
+    service = Service(tokenizer, Batcher(lambda b: None, tokenizer.pad_id), settings, metrics)
+
+    async def scenario():
+        first = _request(10)
+        await service.admit(first)  # the whole room
+        second = asyncio.ensure_future(service.admit(_request(10)))
+        while service.waiting == 0:
+            await asyncio.sleep(0)
+        service.prepared(first)  # the room goes to the waiting one ...
+        second.cancel()  # ... cancelled before it runs again
+        await asyncio.gather(second, return_exceptions=True)
+        return second.cancelled()
+
+    assert asyncio.run(scenario())
+    assert (service._room.held, service.reading, service.waiting) == (0, 0, 0)
+    assert metrics.registry.get_sample_value("polar_serve_reading_bytes") == 0
