@@ -30,6 +30,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -107,9 +108,18 @@ def scan(inputs: list[str], output: str, num_parts: int = 1, part: int = 0, quie
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / part_name(part, num_parts)
-    tmp = path.with_name(f".{path.name}.tmp")  # a build reading the directory meanwhile never sees half a part
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
+    # a build reading the directory meanwhile never sees half a part; a name of its own, as another
+    # machine may be writing the same part (a retried job): one temporary file shared, the first
+    # rename would publish the other's half-written part and the second find nothing to rename
+    # (not mkstemp's, whose file only its owner may read: the build may run as another user)
+    tmp = out / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "x") as f:
+            f.write(json.dumps(doc))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return {"path": str(path), "files": len(files), "bytes": total, "all_bytes": sum(s["bytes"] for s in seen),
             "newlines": newlines, "elapsed_s": time.time() - start}
 

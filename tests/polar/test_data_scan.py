@@ -209,6 +209,25 @@ def test_a_scan_missing_a_part_or_mixing_two_is_refused_naming_them(tmp_path, in
                      capsys.readouterr().err)
 
 
+def test_two_scans_writing_the_same_part_at_once_both_succeed(tmp_path, inputs, monkeypatch, capsys):
+    """Two machines scanning the same part into one directory (a job retried while the first still
+    runs, two array tasks given one index) wrote the same temporary file: the first one's rename
+    published the second's file while it was being written (a build reading then met half a part)
+    and the second's rename found no file, failing a scan that had counted its part."""
+    out = tmp_path / "scan"
+    rename = os.replace
+
+    def another_scan_meanwhile(src, dst):  # the other machine writes and renames its part first
+        monkeypatch.setattr(os, "replace", rename)
+        assert scan(*inputs, "-o", out) == 0
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", another_scan_meanwhile)
+    assert scan(*inputs, "-o", out) == 0, capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["scan-00000-of-00001.json"]  # no temporary file left
+    assert [c.lines for c in data_scan.load(str(out)).counts] == [70, 30]
+
+
 def test_an_input_written_during_its_scan_is_named_and_no_part_written(tmp_path, inputs, records, monkeypatch,
                                                                        capsys):
     a, b = inputs
