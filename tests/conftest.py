@@ -29,6 +29,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_checkpoint_async_layouts.py",  # 95 s (2026-12-05)
     "tests/polar/test_finetune.py",
     "tests/engine/test_parallel_parity.py",
+    "tests/engine/test_stop_signal.py",  # 88 s (2026-12-05, 716803d)
     "tests/polar/test_score.py",
     "tests/engine/test_parallel_data.py",
     "tests/polar/convert/test_smollm2.py",
@@ -37,6 +38,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
     "tests/polar/test_convergence.py",
+    "tests/engine/test_checkpoint_rank0.py",  # 41 s (2026-12-05, 716803d)
     "tests/polar/test_data_build_training.py",  # split from test_data_build.py (its trainings): the rest is fast
     "tests/benchmarks/test_benchmark_arguments.py",
     "tests/engine/test_score_split.py",
