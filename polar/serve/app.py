@@ -14,9 +14,10 @@ computed here, so the answer holds that one row ([[r]]), which is what `data[-1]
 Errors are JSON {"error": {"message", "type", "code"}} with a 4xx status saying what is wrong.
 A request whose client has gone (timed out, retrying) leaves the queue unscored, and the wait
 for room to be read in too when its body is small; one gone while its body is parsed or tokenized
-is never queued. A body is read without a --max-preparing slot (reading waits on the client's
-network); --max-reading-bytes bounds the bodies being read. A request still in flight when
-uvicorn's graceful timeout runs out is answered 503 with Retry-After.
+is never queued, and one gone while it waits for a --max-preparing slot is not parsed. A body is
+read without a --max-preparing slot (reading waits on the client's network); --max-reading-bytes
+bounds the bodies being read. A request still in flight when uvicorn's graceful timeout runs out
+is answered 503 with Retry-After.
 """
 from __future__ import annotations
 
@@ -246,6 +247,8 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 raise
             departure = request.state.departure = Departure(request, m)
             await service.start_preparing(request)
+            if departure.left:  # while waiting for the slot: parsed and tokenized for nobody otherwise
+                raise ClientGone()
             body = await asyncio.to_thread(validation.parse_json, chunks)
             return JSONResponse(await work(body, request))
         except RequestError as e:

@@ -5,6 +5,7 @@ one turn of the event loop."""
 import asyncio
 import contextlib
 import socket
+import threading
 
 import httpx
 from starlette.requests import Request
@@ -16,7 +17,7 @@ from polar.serve.metrics import Metrics
 
 from .conftest import live_server
 from .test_app_failures import _answer_of, _until
-from .test_slow_and_gone_clients import TEXT, _health, _sample
+from .test_slow_and_gone_clients import TEXT, _HeldTokenizer, _health, _sample, _whole_request
 
 BODY = b'{"text": ["' + TEXT.encode() + b'"]}'
 
@@ -136,3 +137,37 @@ def test_room_granted_to_a_request_cancelled_in_the_same_turn_leaves_the_gauge_a
     assert asyncio.run(scenario())
     assert (service._room.held, service.reading, service.waiting) == (0, 0, 0)
     assert metrics.registry.get_sample_value("polar_serve_reading_bytes") == 0
+
+
+class _RecordingTokenizer(_HeldTokenizer):
+    """The held tokenizer, noting every batch of texts it is given."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.batches = []
+
+    def encode_served_batch(self, texts):
+        self.batches.append(list(texts))
+        return super().encode_served_batch(texts)
+
+
+def test_a_client_gone_while_waiting_for_a_slot_is_not_tokenized(scorer, tokenizer):
+    """A request whose body is read waits for a --max-preparing slot; its client leaving meanwhile
+    (timed out under load, when the slots are contended) was seen, but the request still took a
+    slot when one came and was parsed and tokenized for nobody, ahead of requests still wanted."""
+    held = _RecordingTokenizer(tokenizer)
+    with live_server(scorer, held, max_preparing=1) as (url, service):
+        first = {}
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(
+            f"{url}/classify", json={"text": ["<|reward|>HOLD[UNUSED_TOKEN_130]"]}, timeout=60)))
+        t.start()
+        assert held.entered.wait(30)  # the one slot is taken
+        with _whole_request(url, {"text": ["<|reward|>GONE[UNUSED_TOKEN_130]"]}):
+            assert _until(lambda: _health(url)["reading"] == 1)  # read, waiting for the slot
+        assert _until(lambda: _sample(url, 'polar_serve_client_gone_total{stage="preparing"}') == 1)
+        held.release.set()
+        t.join(60)
+        assert first["r"].status_code == 200, first["r"].text
+        assert _until(lambda: _sample(url, 'polar_serve_requests_total{endpoint="classify",status="499"}') == 1)
+        assert not [b for b in held.batches if any("GONE" in text for text in b)]
+        assert _until(lambda: _nothing_held(url, service))
