@@ -53,7 +53,7 @@ class StoppedBySignal(SystemExit):
     """Raised by Trainer.fit on every rank once a rank received SIGTERM and the run saved the step it
     reached: the process exits with EXIT_SIGTERM (a SystemExit: no traceback, nothing above the
     trainer mistakes it for an error); `step` is the step the checkpoint holds. SIGTERM is ignored
-    from then on: the process is on its way out."""
+    from then on where fit's handler was in place: the process is on its way out."""
 
     def __init__(self, step: int):
         super().__init__(EXIT_SIGTERM)
@@ -158,6 +158,7 @@ class Trainer:
         self._stop_file_found = False  # train.stop_file was seen (also when a SIGTERM came with it)
         self.stop_ranks = 0  # how many ranks had received SIGTERM at the last stop check
         self._sigterm = _SigtermFlag()
+        self._signals_checked = False  # some rank's SIGTERM handler is in place (set by fit)
         self.stopped_by = ""  # the reason the last fit stopped before train.steps ("" if it did not)
         self.last_saved_step = -1
         # checkpoint.async_save: the save being written in the background (at most one)
@@ -307,12 +308,12 @@ class Trainer:
         signal one worker or all). One all-reduced scalar tells every rank both (_signalled_ranks).
         Called right after the gradient norm's host sync, when nothing is queued on the device: its
         round trip waits for no compute (after the optimizer step it would wait for the whole update
-        to run). With no stop setting it still runs over several ranks while the SIGTERM handler is in
-        place (benchmarks/stop_check.py measures it); in one process the handler's flag is read
-        directly; with neither: no check, no sync."""
+        to run). With no stop setting it still runs over several ranks while a rank's SIGTERM handler
+        is in place (_checks_signals; benchmarks/stop_check.py measures it); in one process the
+        handler's flag is read directly; with neither: no check, no sync."""
         tc = self.cfg.train
         files = tc.time_limit_s > 0 or bool(tc.stop_file)
-        if not (files or self._sigterm.installed) or self._fit_start is None or self.step + 1 >= tc.steps:
+        if not (files or self._checks_signals()) or self._fit_start is None or self.step + 1 >= tc.steps:
             return ""
         if not files and self.rt.world_size == 1:
             self.stop_ranks = int(self._sigterm.received)
@@ -328,6 +329,22 @@ class Trainer:
         self.stop_ranks, code = self._signalled_ranks(code)
         self._stop_file_found = code == 2
         return "SIGTERM" if self.stop_ranks else ("", "time_limit", "stop_file")[code]
+
+    def _checks_signals(self) -> bool:
+        """Whether fit looks for a SIGTERM: where this rank's handler is in place, and on every rank
+        once fit found any rank's in place (_agree_on_signals)."""
+        return self._sigterm.installed or self._signals_checked
+
+    def _agree_on_signals(self) -> None:
+        """A rank without the handler (its program handles or ignores SIGTERM itself, or runs fit in
+        another thread) still takes part in the stop check of the ranks with it: the all-reduce they
+        make each step and at the end of fit would otherwise wait for it for good."""
+        anywhere = self._sigterm.installed
+        if self.rt.world_size > 1:
+            flag = torch.full((1,), float(anywhere), device=self.rt.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            anywhere = bool(flag.item())
+        self._signals_checked = anywhere
 
     def _signalled_ranks(self, code: int = 0) -> tuple[int, int]:
         """(how many ranks received SIGTERM, rank 0's `code`): one scalar summed over the ranks, to
@@ -416,6 +433,7 @@ class Trainer:
             # instead of exiting only after the reads queued for steps it will not run
             self.loader.close()
             self._sigterm.uninstall()
+            self._signals_checked = False
         if self._sigterm.received and self.stopped_by != "SIGTERM":
             # it came after fit's last look (the same instant as fit ended): what it would have done
             # without the handler
@@ -424,6 +442,7 @@ class Trainer:
 
     def _fit(self) -> list[dict]:
         tc, lc = self.cfg.train, self.cfg.log
+        self._agree_on_signals()
         m = self.cfg.model
         self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                                   m.num_attention_heads, m.num_query_groups,
@@ -533,7 +552,7 @@ class Trainer:
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
         self._fit_start = None
         self._save_last(stop)
-        late = self._sigterm.installed and self.stopped_by != "SIGTERM"
+        late = self._checks_signals() and self.stopped_by != "SIGTERM"
         if late and self._signalled_ranks()[0]:
             # received after the last step's check (in the last step, during the final save): the run
             # is done or saved, and stops for it all the same instead of going on to evaluate
@@ -551,7 +570,9 @@ class Trainer:
             dist.barrier()
             # torchrun sends SIGTERM to the workers still up once the first has exited: each rank is
             # on its way out with the status that says the run saved, which that signal would replace
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            # (a rank without the handler keeps its program's own, and only the main thread may set one)
+            if self._sigterm.installed:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StoppedBySignal(self.step)
         return self.history
 

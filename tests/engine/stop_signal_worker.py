@@ -7,7 +7,8 @@ note that too, RESULT.repeatedN, and once more engine.trainer.REPEAT_S later); w
 writes its pid to RESULT.readyN and waits there until it has received SIGTERM from outside; `--make-dir
 PATH`: rank 0 makes a directory there. `--hold-save STEP`: the writer of that step's background save
 waits for RESULT.release, which a rank makes once it received SIGTERM (a write still pending when it
-came).
+came). Ranks where fit cannot install its handler: `--ignore-ranks` ignore SIGTERM before fit (a program
+that handles it itself), `--thread-ranks` run fit in a thread other than the main one.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import os
 import signal
 import sys
+import threading
 import time
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
@@ -65,6 +67,24 @@ def _install_hooks(trainer, args) -> None:
     engine.trainer.contrastive_loss, trainer.save = loss, save
 
 
+def _in_thread(fit, trainer):
+    """fit(trainer) run in a thread of its own; its result, or its error raised here."""
+    ended = {}
+
+    def run():
+        try:
+            ended["result"] = fit(trainer)
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread
+            ended["error"] = e
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    if "error" in ended:
+        raise ended["error"]
+    return ended["result"]
+
+
 def _outcome(trainer, ended) -> dict:
     from engine import checkpoint
 
@@ -86,6 +106,8 @@ def main():
     ap.add_argument("--wait", action="store_true")
     ap.add_argument("--hold-save", type=int, default=0)
     ap.add_argument("--make-dir", default="")
+    ap.add_argument("--ignore-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
+    ap.add_argument("--thread-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
     args, rest = ap.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
 
@@ -96,8 +118,12 @@ def main():
 
     def fit(trainer):
         _install_hooks(trainer, args)
+        if trainer.rt.rank in args.ignore_ranks:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ended = None
         try:
+            if trainer.rt.rank in args.thread_ranks:
+                return _in_thread(real_fit, trainer)
             return real_fit(trainer)
         except BaseException as e:
             ended = e

@@ -104,6 +104,22 @@ def test_sigterm_to_every_process_finishes_the_pending_background_write_and_save
     _resumed_matches(reference, "sigterm_all")
 
 
+@pytest.mark.parametrize("where", ["--ignore-ranks", "--thread-ranks"])
+def test_a_rank_that_cannot_install_the_handler_keeps_step_with_the_others(reference, tmp_path, where):
+    """fit installs its SIGTERM handler only where SIGTERM has its default action and in the main
+    thread; here rank 1 ignores SIGTERM before fit (a program that handles it itself) or runs fit in
+    another thread, and rank 0 receives SIGTERM during step 2. Both ranks stop after step 2, saved, with
+    status 143. The per-step stop check ran only on the rank with the handler, whose all-reduce waited
+    for good for one the other never made (the test's timeout); and a rank whose fit runs in another
+    thread failed to ignore further SIGTERMs (signal.signal works in the main thread only)."""
+    _, init, _ = reference
+    proc, log, results = _start(tmp_path, "no_handler", 2, ["--at-step", "2", "--kill-ranks", "0", where, "1"],
+                                NO_END_SAVE, init=init)
+    for rank in _finish(proc, log, results, timeout=180):
+        assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
+        assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
+
+
 def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path):
     """The first SIGTERM is a stop request (the process goes on with its step), and so is one that
     follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes
