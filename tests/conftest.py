@@ -46,6 +46,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_megatron_jit.py",
     "tests/polar/serve/test_app.py",
     "tests/polar/serve/test_app_failures.py",  # split from test_app.py (2026-12-04): its later half
+    "tests/polar/serve/test_reading_room.py",  # ~20 s (2026-12-05)
     "tests/polar/convert/test_architectures.py",
     "tests/test_package.py",
     "tests/polar/test_cli.py",
