@@ -537,13 +537,19 @@ class Trainer:
                 stop = True
             # a stop file's warning time, and a SIGTERM's grace before the SIGKILL that follows it, go to
             # the checkpoint, not to an evaluation due at this step
-            if tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps \
-                    and self.stopped_by not in ("stop_file", "SIGTERM"):
+            evaluating = tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps \
+                and self.stopped_by not in ("stop_file", "SIGTERM")
+            if evaluating:
                 with progress.paused():
                     self._evaluate_all(progress)
-            if self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0:
+            saving = self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0
+            if saving:
                 with progress.paused():
                     self.save()
+            if (evaluating or saving) and not (stop or exiting) and self.step < tc.steps:
+                self._stop_if_signalled_during(" or ".join(w for w, done in (("an evaluation", evaluating),
+                                                                             ("a checkpoint save", saving)) if done))
+                stop = self.stopped_by == "SIGTERM"
             if exiting:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 self.stopped_by = "exit_at_step"
@@ -575,6 +581,19 @@ class Trainer:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StoppedBySignal(self.step)
         return self.history
+
+    def _stop_if_signalled_during(self, what: str) -> None:
+        """A SIGTERM that came during this step's evaluation or save (minutes each at scale) stops the
+        run now, at the step just saved or about to be, not after one more step and its save: the
+        grace before SIGKILL must cover what remained of them and the final save. One all-reduce,
+        at evaluation and save steps only."""
+        if not self._checks_signals():
+            return
+        self.stop_ranks = self._signalled_ranks()[0]
+        if self.stop_ranks:
+            self.log(f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s)) during {what} at "
+                     f"step {self.step}: saving and stopping")
+            self.stopped_by = "SIGTERM"
 
     def _save_last(self, stop: bool) -> None:
         """An early stop (time limit, stop file, SIGTERM, exit step) always leaves a resumable checkpoint;

@@ -7,8 +7,10 @@ note that too, RESULT.repeatedN, and once more engine.trainer.REPEAT_S later); w
 writes its pid to RESULT.readyN and waits there until it has received SIGTERM from outside; `--make-dir
 PATH`: rank 0 makes a directory there. `--hold-save STEP`: the writer of that step's background save
 waits for RESULT.release, which a rank makes once it received SIGTERM (a write still pending when it
-came). Ranks where fit cannot install its handler: `--ignore-ranks` ignore SIGTERM before fit (a program
-that handles it itself), `--thread-ranks` run fit in a thread other than the main one.
+came). `--kill-in-save STEP`: the `--kill-ranks` send themselves SIGTERM as that step's save begins
+(instead of in a step's loss). Ranks where fit cannot install its handler: `--ignore-ranks` ignore
+SIGTERM before fit (a program that handles it itself), `--thread-ranks` run fit in a thread other than
+the main one.
 """
 from __future__ import annotations
 
@@ -54,12 +56,14 @@ def _install_hooks(trainer, args) -> None:
             os.mkdir(args.make_dir)
 
     def loss(*a, **k):
-        if trainer.step + 1 == args.at_step and not acted:
+        if trainer.step + 1 == args.at_step and not acted and not args.kill_in_save:
             acted.append(True)
             act()
         return real_loss(*a, **k)
 
     def save():
+        if trainer.step == args.kill_in_save and rank in args.kill_ranks:
+            os.kill(os.getpid(), signal.SIGTERM)
         if trainer.step == args.hold_save:
             _held_writer(f"{args.result}.release")
         return real_save()
@@ -105,6 +109,7 @@ def main():
     ap.add_argument("--repeat", action="store_true")
     ap.add_argument("--wait", action="store_true")
     ap.add_argument("--hold-save", type=int, default=0)
+    ap.add_argument("--kill-in-save", type=int, default=0)
     ap.add_argument("--make-dir", default="")
     ap.add_argument("--ignore-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
     ap.add_argument("--thread-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])

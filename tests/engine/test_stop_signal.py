@@ -120,6 +120,20 @@ def test_a_rank_that_cannot_install_the_handler_keeps_step_with_the_others(refer
         assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
 
 
+def test_a_sigterm_during_a_save_stops_at_the_step_saved(reference, tmp_path):
+    """Rank 1 receives SIGTERM as step 2's periodic save begins (checkpoint.save_interval=2): both ranks
+    stop with step 2 saved, status 143, and write no other step. The stop check came only in the next
+    step, so the run trained step 3 and saved it too: the time after SIGTERM was the rest of a save, a
+    step and a second save, past the step and one save that the grace period is said to need."""
+    _, init, _ = reference
+    proc, log, results = _start(tmp_path, "in_save", 2, ["--kill-in-save", "2", "--kill-ranks", "1"],
+                                "checkpoint.save_interval=2", NO_END_SAVE, init=init)
+    for rank in _finish(proc, log, results):
+        assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
+        assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
+    assert _checkpoints(tmp_path / "in_save") == ["latest", "step_00000002"]
+
+
 def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path):
     """The first SIGTERM is a stop request (the process goes on with its step), and so is one that
     follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes
