@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
-from tests.engine.torchrun_scenario import start
+from tests.engine.torchrun_scenario import kill, start
 
 WORKER = Path(__file__).with_name("stop_signal_worker.py")
 EXIT_SIGTERM = 143  # engine.trainer.EXIT_SIGTERM, the status the README documents
@@ -41,8 +41,7 @@ def _finish(proc, log: Path, results: list, timeout: int = 300) -> list:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill(proc)
         pytest.fail(f"still running after {timeout} s:\n{log.read_text()[-6000:]}")
     assert all(f.exists() for f in results), log.read_text()[-6000:]
     return [json.loads(f.read_text()) for f in results]

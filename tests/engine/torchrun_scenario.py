@@ -19,8 +19,8 @@ from tests.engine.parity import ROOT
 
 def start(script: Path, args, nproc: int, log: Path) -> subprocess.Popen:
     """`script` with `args` started under torchrun over gloo (`nproc` ranks on this machine) or, for
-    one, as a plain process; its output goes to `log`, and it runs in a session of its own, so that
-    os.killpg(proc.pid, ...) reaches torchrun and every worker."""
+    one, as a plain process; its output goes to `log`, and it runs in a session of its own (kill ends
+    it whole)."""
     cmd = [str(script), *args]
     cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
            if nproc > 1 else [sys.executable, *cmd])
@@ -29,6 +29,27 @@ def start(script: Path, args, nproc: int, log: Path) -> subprocess.Popen:
     # test would wait for it instead of naming it
     with open(log, "w") as f:
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def kill(proc: subprocess.Popen) -> None:
+    """Ends a run `start` began, every process of it: torchrun starts each worker in a session of its
+    own, which a kill of torchrun's session misses (a rank waiting for good outlived the test)."""
+    import psutil
+
+    try:
+        under = psutil.Process(proc.pid).children(recursive=True)  # before they lose their parent
+    except psutil.NoSuchProcess:
+        under = []
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for p in under:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
 
 
 def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
@@ -44,8 +65,7 @@ def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers (a session of their own)
-        proc.wait()
+        kill(proc)
         pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n{log.read_text()[-6000:]}")
     results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
     assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
