@@ -50,6 +50,7 @@ SLOWEST_FIRST = (
     "tests/polar/convert/test_architectures.py",
     "tests/test_package.py",
     "tests/polar/test_cli.py",
+    "tests/polar/test_cli_sigterm.py",  # ~25 s (2026-12-05)
     "tests/benchmarks/test_fp8_benchmark.py",
     "tests/engine/test_pretrain_cli.py",
     "tests/engine/test_trainer.py",
