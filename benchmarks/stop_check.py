@@ -1,5 +1,5 @@
 """What the per-step stop check costs a training step over several ranks: while the trainer's SIGTERM
-handler is in place (every fit in the main thread, engine.trainer._SigtermFlag) each step all-reduces
+handler is in place (every fit in the main thread, engine.stop_signal.SigtermFlag) each step all-reduces
 one scalar and reads it, also with no train.stop_file or train.time_limit_s set; without the handler
 (or in one process) the check is skipped.
 

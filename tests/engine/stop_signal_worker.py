@@ -3,7 +3,7 @@ tests/engine/test_stop_signal.py; each rank writes what Trainer.fit ended with t
 
 The hooks act in the loss of step --at-step (its first micro-batch): `--kill-ranks` send themselves
 SIGTERM (`--repeat`: then note that the process still runs, RESULT.survivedN, send it again at once and
-note that too, RESULT.repeatedN, and once more engine.trainer.REPEAT_S later); with `--wait` every rank
+note that too, RESULT.repeatedN, and once more engine.stop_signal.REPEAT_S later); with `--wait` every rank
 writes its pid to RESULT.readyN and waits there until it has received SIGTERM from outside; `--make-dir
 PATH`: rank 0 makes a directory there. `--hold-save STEP`: the writer of that step's background save
 waits for RESULT.release, which a rank makes once it received SIGTERM (a write still pending when it
@@ -28,6 +28,7 @@ from tests.engine import dist_worker  # noqa: E402
 
 
 def _install_hooks(trainer, args) -> None:
+    import engine.stop_signal
     import engine.trainer
     from tests.engine.async_save_worker import _held_writer
 
@@ -40,7 +41,7 @@ def _install_hooks(trainer, args) -> None:
                 open(f"{args.result}.survived{rank}", "w").close()
                 os.kill(os.getpid(), signal.SIGTERM)
                 open(f"{args.result}.repeated{rank}", "w").close()
-                time.sleep(engine.trainer.REPEAT_S + 1.0)
+                time.sleep(engine.stop_signal.REPEAT_S + 1.0)
                 os.kill(os.getpid(), signal.SIGTERM)
         if args.wait:
             with open(f"{args.result}.ready{rank}", "w") as f:

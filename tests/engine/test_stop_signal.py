@@ -1,6 +1,6 @@
 """SIGTERM is a request to stop, like train.stop_file: whichever rank receives it, every rank stops
 after the same step, saves it (a background write still pending is finished first) and exits with
-engine.trainer.EXIT_SIGTERM; the resumed run gives the uninterrupted run's losses. Also: a stop file
+engine.stop_signal.EXIT_SIGTERM; the resumed run gives the uninterrupted run's losses. Also: a stop file
 that rank 0 cannot remove stops every rank with one error.
 
 Runs tests/engine/stop_signal_worker.py (tests/engine/dist_worker.py's run from the parity reference's
@@ -23,7 +23,7 @@ from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_ru
 from tests.engine.torchrun_scenario import kill, start
 
 WORKER = Path(__file__).with_name("stop_signal_worker.py")
-EXIT_SIGTERM = 143  # engine.trainer.EXIT_SIGTERM, the status the README documents
+EXIT_SIGTERM = 143  # engine.stop_signal.EXIT_SIGTERM, the status the README documents
 
 
 def _start(tmp: Path, name: str, nproc: int, hooks: list, *overrides: str, init: str):
@@ -136,7 +136,7 @@ def test_a_sigterm_during_a_save_stops_at_the_step_saved(reference, tmp_path):
 def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path):
     """The first SIGTERM is a stop request (the process goes on with its step), and so is one that
     follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes
-    engine.trainer.REPEAT_S later has the default action: the process ends at once, without saving."""
+    engine.stop_signal.REPEAT_S later has the default action: the process ends at once, without saving."""
     _, init, _ = reference
     proc, log, _ = _start(tmp_path, "repeat", 1, ["--at-step", "2", "--kill-ranks", "0", "--repeat"], init=init)
     proc.wait(timeout=300)

@@ -9,7 +9,7 @@ import sys
 
 import psutil
 
-from engine.trainer import EXIT_SIGTERM
+from engine.stop_signal import EXIT_SIGTERM
 
 
 def test_sigterm_to_polar_pretrain_reaches_the_run_which_saves_and_stops(tmp_path):
