@@ -56,8 +56,10 @@ class PackedBatch:
 
     def pin_memory(self) -> "PackedBatch":
         # torch's DataLoader(pin_memory=True) calls this; a non-blocking copy is only truly
-        # asynchronous from pinned memory.
-        return self._map_tensors(lambda t: t.pin_memory())
+        # asynchronous from pinned memory (torch's caching host allocator reuses a block only after
+        # the copies reading it ran). An empty tensor (a scoring batch's pair indices) has no bytes
+        # to copy and is kept as it is.
+        return self._map_tensors(lambda t: t.pin_memory() if t.numel() else t)
 
 
 def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:

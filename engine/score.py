@@ -108,18 +108,6 @@ def pin_setting() -> bool:
     return value == "1"
 
 
-def pinned(batch):
-    """The batch with its tensors in pinned host memory (torch's caching host allocator: a block is
-    reused only after the copies that read it have run). An empty tensor has no bytes to copy and is
-    kept as it is."""
-    import dataclasses
-
-    import torch
-
-    return dataclasses.replace(batch, **{f.name: t.pin_memory() for f in dataclasses.fields(batch)
-                                         if isinstance(t := getattr(batch, f.name), torch.Tensor) and t.numel()})
-
-
 def tokenizer_spec(explicit: str, step_dir: str) -> str:
     from polar.checkpoint_tokenizer import TokenizerMismatch, TokenizerNotFound, choose
 
@@ -329,7 +317,7 @@ class CheckpointScorer:
             # the current CUDA device is per thread: pinned from a thread left on device 0, every rank
             # of a node would make a CUDA context on GPU 0
             with torch.cuda.device(self.rt.device if getattr(self, "rt", None) is not None else None):
-                batches = [pinned(b) for b in batches]
+                batches = [b.pin_memory() for b in batches]
         # collate numbers candidates sequence by sequence, group by group
         order = np.concatenate(plan) if plan else np.zeros(0, dtype=np.int64)
         per_group = np.array([len(groups[g].candidates) for g in order], dtype=np.int64)
