@@ -103,6 +103,16 @@ def test_the_gpu_tests_are_collected_and_skipped_on_a_machine_without_one():
     assert "SKIPPED" in r.stdout and "tests/gpu needs a CUDA GPU" in r.stdout
 
 
+def test_only_the_gpu_tests_are_skipped_when_other_tests_run_beside_them():
+    """tests/gpu's conftest marks tests skipped from a hook that sees the whole session: given beside
+    another path (`pytest tests/engine/test_packing.py tests/gpu`), it skipped that file's tests too."""
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/engine/test_packing.py", "tests/gpu", "-q",
+                        "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    counts = re.fullmatch(r"=* ?(\d+) passed, (\d+) skipped in .*", r.stdout.strip().splitlines()[-1])
+    assert counts and int(counts[1]) > 0 and int(counts[2]) > 100, r.stdout[-2000:]
+
+
 def test_the_tests_handed_out_first_are_files_that_exist():
     from tests.gpu.conftest import RUNS_FIRST
 
