@@ -1,12 +1,14 @@
 """Checkpoints with megatron's dist_checkpointing: any TP/PP layout can reload them.
 
 Each checkpoint is written into `step_XXXXXXXX.partial/` and renamed to `step_XXXXXXXX/` only once
-every rank has finished and the trainer state is on disk; `latest` (written atomically) then
-names it. A run killed mid-save leaves only a `.partial` directory, which resume ignores (and names),
-so it continues from the last complete checkpoint; the next save deletes it. A step saved again (a
-resume from an older one) is replaced only once the new one is complete. Only `step_N` directories
-are steps: other entries in the directory are neither resumed nor pruned. A file that does not read
-back, an unwritable directory or a failed save is an error naming the path and what to do.
+every rank has finished and its files are on the disk (fsynced); `latest` (written atomically and
+fsynced) then names it, once the rename is on the disk too. A run killed mid-save leaves only a
+`.partial` directory, which resume ignores (and names), so it continues from the last complete
+checkpoint; the next save deletes it. A machine that fails (power, a lost node) leaves no step name,
+nor `latest`, naming files that never reached the disk. A step saved again (a resume from an older
+one) is replaced only once the new one is complete. Only `step_N` directories are steps: other
+entries in the directory are neither resumed nor pruned. A file that does not read back, an
+unwritable directory or a failed save is an error naming the path and what to do.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from engine import durable_file
 from engine.checkpoint_request import (cause, dcp_error, first_line, parallel_save_strategy, rank0_files_kept,
                                        set_results_queue, write_errors)
 from engine.config import ConfigError
@@ -222,13 +225,17 @@ def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, mo
     (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
     if model_settings is not None:
         (partial / MODEL_FILE).write_text(json.dumps(model_settings, indent=1))
+    # on the disk before a name publishes them: after a power or node failure the renames below
+    # (metadata operations, applied at once by a Lustre or NFS server) could otherwise name a step
+    # whose trainer_state.json is empty or missing, and `latest` a step that is not there. megatron
+    # fsyncs the shards it writes, not its metadata.json; a file fsynced before costs little again
+    durable_file.sync_tree(partial)
     # a step saved before (a resume from an older step) is replaced only now that the new one is
     # complete: deleted when the save began, a save cut short lost it
     shutil.rmtree(final, ignore_errors=True)
     os.replace(partial, final)
-    tmp = root / (LATEST + ".tmp")
-    tmp.write_text(final.name)
-    os.replace(tmp, root / LATEST)
+    durable_file.sync_dir(root)  # the step's name, before `latest` names it
+    durable_file.write_file(root / LATEST, final.name)
     _prune(root, keep, final)
 
 

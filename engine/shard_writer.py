@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine import durable_file
 from engine.file_lock import lock_for_life
 from engine.group import Group
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
@@ -22,7 +23,8 @@ class ShardWriter:
 
     Tokens stream to disk as they come; the index (a few int64 per group and piece) stays in
     memory until close. Files are written under `.tmp` names and renamed at close, so a build
-    killed midway leaves no shard a reader would mistake for complete.
+    killed midway leaves no shard a reader would mistake for complete; each is fsynced before its
+    rename, the `.idx` (what makes a shard complete) last, so a crash of the machine does not either.
     """
 
     def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int, meta: dict | None = None):
@@ -116,6 +118,10 @@ class ShardWriter:
         if self._closed:
             raise ValueError(f"{self.path}: shard already closed")
         self._closed = True
+        # the tokens on the disk before any name says the shard is complete: after a crash of the
+        # machine the renames below could otherwise be there, the tokens not (a .bin of zeros)
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
         self._bin.close()
         parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
                  for k, v in self._parts.items()}
@@ -134,22 +140,22 @@ class ShardWriter:
         meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "token_dtype": self.dtype.name,
                 "shard": {"sequences": S, "groups": G, "pieces": P, "tokens": self._tokens}}
-        tmp_idx = self.path.with_name(self.path.name + ".idx.tmp")
-        with open(tmp_idx, "wb") as f:
+        with durable_file.Replacement(self.path.with_name(self.path.name + ".idx"), binary=True) as idx:
+            f = idx.file
             f.write(header)
             for a in arrays:
                 f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
             f.write(b"\0" * (-f.tell() % 8))
             for k in COUNTS:
                 f.write(counts[k].astype("<i8", copy=False).tobytes())
-        self.path.with_name(self.path.name + ".json").write_text(json.dumps(meta, indent=1))
-        os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
-        os.replace(tmp_idx, self.path.with_name(self.path.name + ".idx"))  # last: the shard is complete
+            durable_file.write_file(self.path.with_name(self.path.name + ".json"), json.dumps(meta, indent=1))
+            os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
+            durable_file.sync_dir(self.path.parent)  # the .bin's name on the disk before the .idx's
+            idx.commit()  # last: the shard is complete
         return meta
 
     def abort(self) -> None:
         """Drop everything written so far (a failed build leaves nothing behind)."""
         self._closed = True
         self._bin.close()
-        for p in (self._tmp_bin, self.path.with_name(self.path.name + ".idx.tmp")):
-            p.unlink(missing_ok=True)
+        self._tmp_bin.unlink(missing_ok=True)

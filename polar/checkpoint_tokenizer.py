@@ -16,11 +16,12 @@ tokenizer. `find` looks, in order:
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import yaml
+
+from engine.durable_file import Replacement
 
 DIR = "tokenizer"
 FILES = ("tokenizer.json", "polar_tokenizer.json", "tokenizer_config.json")
@@ -83,7 +84,9 @@ def choose(explicit: str | None, step_dir: str, setting: str) -> str:
 
 def save_beside(ckpt_dir: str, spec: str) -> None:
     """Copies the tokenizer directory `spec` into `ckpt_dir/tokenizer/` (nothing for "byte").
-    Every rank may call it: each file is written whole and renamed into place."""
+    Every rank may call it: each file is written whole (a temporary file of its own) and renamed
+    into place, on the disk before the rename (a resume after a crash of the machine checks the run's
+    tokenizer against these files)."""
     if spec == "byte":
         return
     src = Path(spec)
@@ -94,9 +97,9 @@ def save_beside(ckpt_dir: str, spec: str) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in FILES:
         if (src / name).is_file():
-            tmp = dst / f".{name}.{os.getpid()}.tmp"
-            shutil.copyfile(src / name, tmp)
-            os.replace(tmp, dst / name)
+            with open(src / name, "rb") as f, Replacement(dst / name, binary=True) as copy:
+                shutil.copyfileobj(f, copy.file)
+                copy.commit()
 
 
 def differs_from_saved(ckpt_dir: str, spec: str) -> str | None:

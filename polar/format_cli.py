@@ -16,9 +16,9 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from typing import Optional
 
+from engine.durable_file import Replacement
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
 from polar.format import WRAPPERS
@@ -91,38 +91,33 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
     out_dir = os.path.dirname(os.path.abspath(output_path))
     os.makedirs(out_dir, exist_ok=True)
     errors, n_bad, n_done = [], 0, 0
-    fd, tmp = tempfile.mkstemp(prefix=".polar_format.", dir=out_dir)
-    try:
-        # mkstemp makes the file 0600, and os.replace keeps that mode: give the output the mode any new
-        # file gets (0666 less the umask), as the other tools' outputs have
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            chunk = []
+    # written beside the output and renamed over it, once on the disk: a reader never sees half of it,
+    # a crash of the machine never leaves an empty one. Its mode is any new file's (0666 less the
+    # umask), as the other tools' outputs have; nothing is left when bad lines stop it
+    with Replacement(output_path) as written:
+        out = written.file
+        chunk = []
 
-            def flush():
-                for s in client_encode_batch(tok, chunk, max_length=max_length,
-                                             max_response_length=max_response_length):
-                    out.write(json.dumps({"text": s.text, "ids": s.ids.tolist()},
-                                         ensure_ascii=False) + "\n")
-                chunk.clear()
+        def flush():
+            for s in client_encode_batch(tok, chunk, max_length=max_length,
+                                         max_response_length=max_response_length):
+                out.write(json.dumps({"text": s.text, "ids": s.ids.tolist()},
+                                     ensure_ascii=False) + "\n")
+            chunk.clear()
 
-            for n, raw in iter_lines(input_path):
-                try:
-                    item = parse_item(raw, input_path, n)
-                except RecordError as e:
-                    n_bad += 1
-                    if len(errors) < MAX_REPORTED:
-                        errors.append(str(e))
-                    continue
-                if n_bad:  # the output is dropped anyway: just validate the rest
-                    continue
-                chunk.append(item)
-                n_done += 1
-                if len(chunk) >= CHUNK:
-                    flush()
-            if not n_bad:
+        for n, raw in iter_lines(input_path):
+            try:
+                item = parse_item(raw, input_path, n)
+            except RecordError as e:
+                n_bad += 1
+                if len(errors) < MAX_REPORTED:
+                    errors.append(str(e))
+                continue
+            if n_bad:  # the output is dropped anyway: just validate the rest
+                continue
+            chunk.append(item)
+            n_done += 1
+            if len(chunk) >= CHUNK:
                 flush()
         if n_bad:
             for line in errors:
@@ -130,11 +125,8 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
             more = f" ({n_bad - len(errors)} more not shown)" if n_bad > len(errors) else ""
             print(f"polar format: {n_bad} bad line(s){more}; nothing written", file=err)
             return 2
-        os.replace(tmp, output_path)
-        tmp = None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        flush()
+        written.commit()
     print(f"polar format: {n_done} input(s) -> {output_path}", file=err)
     return 0
 

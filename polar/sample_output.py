@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from engine.durable_file import write_file
 from polar.prompt_sources import SampleError
 from polar.records import AppendedLines, OutputBusy, append_locked
 
@@ -59,7 +60,4 @@ def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise SampleError(f"{path}: the output was written with other settings ({details}); use another "
                               f"--output, or --allow-changed-settings to mix them")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(settings, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_file(path, json.dumps(settings, indent=1, sort_keys=True))

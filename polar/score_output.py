@@ -13,6 +13,7 @@ import json
 import os
 from typing import Sequence
 
+from engine.durable_file import sync_dir, write_file
 from polar.records import AppendedLines, OutputBusy, append_locked
 
 
@@ -101,10 +102,7 @@ class RowWriter:
         # the record before any row: a partial file with rows is never there without one
         # (check_settings refuses that)
         if os.fstat(self.fd).st_size == 0:
-            tmp = self.record + ".tmp"
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(settings, f, indent=1, sort_keys=True)
-            os.replace(tmp, self.record)
+            write_file(self.record, json.dumps(settings, indent=1, sort_keys=True))
 
     def write(self, rows: list) -> None:
         """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""
@@ -118,4 +116,7 @@ class RowWriter:
         """Every row is written: the partial output becomes OUTPUT, its record goes."""
         os.close(self.fd)
         os.replace(self.partial, self.output)
+        # the rename on the disk before the record goes: after a crash of the machine the disk held
+        # the partial output without its record, which a rerun refuses
+        sync_dir(os.path.dirname(os.path.abspath(self.output)))
         os.remove(self.record)

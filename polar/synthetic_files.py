@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from engine.durable_file import Replacement
 
 KINDS = {"triplets": "seen", "prefs": "held-out", "items": "held-out", "ranked": "both"}  # kind -> its policies
 
@@ -150,10 +151,9 @@ def main(argv=None) -> int:
         print(f"polar data synthetic: {e}", file=sys.stderr)
         return 2
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")  # a reader never sees half a file
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
-    os.replace(tmp, out)
+    with Replacement(out) as f:  # a reader never sees half a file, nor a crash of the machine an empty one
+        f.file.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        f.commit()
     print(f"polar data synthetic: {len(lines)} {a.kind} lines ({a.policies or KINDS[a.kind]} policies, wrapper "
           f"{a.wrapper}, seed {a.seed}, part {a.part}) -> {out}")
     return 0

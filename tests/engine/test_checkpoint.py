@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 
@@ -171,7 +172,7 @@ def test_every_model_setting_that_differs_is_named_in_one_message(tmp_path):
     assert "num_layers" not in msg, msg
 
 
-_SAVE_WITHOUT_MAIN_GUARD = """
+_TINY_MODEL = """
 import multiprocessing, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
@@ -185,6 +186,8 @@ cfg.model.num_query_groups, cfg.model.ffn_hidden_size, cfg.model.vocab_size = 2,
 cfg.parallel.distributed_optimizer = False
 rt = init_runtime(cfg.parallel, seed=7)
 chunks, _ = build_model(cfg.model, cfg.parallel, cfg.train, rt)
+"""
+_SAVE_WITHOUT_MAIN_GUARD = _TINY_MODEL + """
 path = checkpoint.save(sys.argv[1], 3, chunks, None, {"step": 3})
 print("children", len(multiprocessing.active_children()))
 before = {k: v.clone() for k, v in chunks[0].state_dict().items() if isinstance(v, torch.Tensor)}
@@ -197,21 +200,67 @@ print("same", all(torch.equal(v, after[k]) for k, v in before.items()))
 """
 
 
-def test_a_save_starts_no_process_and_needs_no_main_guard(tmp_path):
-    """megatron's writer would start a spawn-method Manager for its results on the first save: a
-    process re-importing the script (a RuntimeError here, where the script has no __main__ guard)."""
+def _run_script(tmp_path, text: str):
+    """Runs `text` as a script (its own process: a save initialises torch.distributed) with the
+    checkpoint directory tmp_path/ckpt as its argument."""
     import os
     import subprocess
     import sys
 
-    script = tmp_path / "save_unguarded.py"
-    script.write_text(_SAVE_WITHOUT_MAIN_GUARD)
+    script = tmp_path / "save_script.py"
+    script.write_text(text)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "ckpt")], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_save_starts_no_process_and_needs_no_main_guard(tmp_path):
+    """megatron's writer would start a spawn-method Manager for its results on the first save: a
+    process re-importing the script (a RuntimeError here, where the script has no __main__ guard)."""
+    proc = _run_script(tmp_path, _SAVE_WITHOUT_MAIN_GUARD)
     assert "children 0" in proc.stdout and "same True" in proc.stdout, proc.stdout
+
+
+_SAVES_RECORDED = _TINY_MODEL + """
+import json
+from tests.engine.durable_record import record
+calls = record()
+for step in (3, 5):
+    checkpoint.save(sys.argv[1], step, chunks, None, {"step": step}, model_settings={"num_layers": 1})
+print(json.dumps(calls))
+"""
+
+
+def test_a_step_is_on_the_disk_before_its_name_and_latest_publish_it(tmp_path):
+    """After a power or node failure, a rename that reached the disk (on Lustre or NFS a metadata
+    operation, at once) must not name files that did not: every file of the step is fsynced, and
+    its directory, before step_N.partial becomes step_N; the checkpoint directory is fsynced after
+    it, and only then is `latest` written (fsynced, renamed, the directory fsynced again). Before,
+    nothing of trainer_state.json, model.json, metadata.json, the renames or `latest` was fsynced."""
+    from tests.engine.durable_record import published_durably
+
+    calls = [tuple(c) for c in json.loads(_run_script(tmp_path, _SAVES_RECORDED).stdout.splitlines()[-1])]
+    root = os.path.realpath(tmp_path / "ckpt")
+    assert sorted(os.listdir(root)) == ["latest", "step_00000003", "step_00000005"]  # no temporary file left
+    assert (tmp_path / "ckpt" / "latest").read_text() == "step_00000005"
+    end = len(calls)
+    for step in (5, 3):
+        final = f"{root}/step_{step:08d}"
+        partial = final + ".partial"
+        renamed = calls.index(("replace", partial, final))
+        before = set(calls[:renamed])
+        files = [os.path.join(partial, os.path.relpath(os.path.join(d, f), final))
+                 for d, _, names in os.walk(final) for f in names]
+        assert {"trainer_state.json", "model.json", "metadata.json"} <= {os.path.basename(f) for f in files}
+        assert [f for f in files if ("fsync", f) not in before] == [], "files renamed into a step before an fsync"
+        assert ("fsync", partial) in before
+        marker = published_durably(calls[:end], f"{root}/latest")
+        assert renamed < marker and ("fsync", root) in calls[renamed + 1:marker], \
+            f"latest written before the rename of {final} was on the disk"
+        end = renamed
 
 
 def test_yarn_settings_round_trip_through_model_json_and_a_resume_may_not_change_them(tmp_path):

@@ -68,3 +68,22 @@ def test_a_second_writer_of_a_shard_being_written_is_refused(tmp_path, packed):
     again = ShardWriter(tmp_path / "t", SEQ, vocab_size=300, pad_id=1)  # a closed writer's lock is gone
     again.abort()
     ShardWriter(tmp_path / "t", SEQ, vocab_size=300, pad_id=1).abort()  # and an aborted one's
+
+
+def test_a_shard_is_on_the_disk_before_its_idx_says_it_is_complete(tmp_path, packed, monkeypatch):
+    """The .idx renamed last makes a shard complete; after a crash of the machine that rename could
+    be on the disk while the tokens (never fsynced) were not: a shard of the right size holding
+    zeros. Now the .bin is fsynced before its rename, the directory after it, and the .idx (and the
+    .json) are written durably after that."""
+    from tests.engine.durable_record import published_durably, record
+
+    calls = record(monkeypatch.setattr)
+    write(tmp_path / "s", packed)
+    shard = str(tmp_path.resolve() / "s")
+    renamed = calls.index(("replace", shard + ".bin.tmp", shard + ".bin"))
+    assert ("fsync", shard + ".bin.tmp") in calls[:renamed]
+    idx = published_durably(calls, shard + ".idx")
+    assert ("fsync", str(tmp_path.resolve())) in calls[renamed + 1:idx]
+    assert published_durably(calls, shard + ".json") < renamed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx", "s.json"]
+    same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(packed))), packed.sequences(range(len(packed))))
