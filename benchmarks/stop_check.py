@@ -1,15 +1,17 @@
-"""What the per-step stop check costs a training step over several ranks: while the trainer's SIGTERM
-handler is in place (every fit in the main thread, engine.stop_signal.SigtermFlag) each step all-reduces
-one scalar and reads it, also with no train.stop_file or train.time_limit_s set; without the handler
-(or in one process) the check is skipped.
+"""What the stop check costs a training step, and a batch of a periodic evaluation, over several ranks:
+while the trainer's SIGTERM handler is in place (every fit in the main thread, engine.stop_signal.SigtermFlag)
+each step, and each evaluation batch inside fit (engine.evaluation), all-reduces one scalar and reads it,
+also with no train.stop_file or train.time_limit_s set; without the handler (or in one process) the check
+is skipped.
 
     python benchmarks/stop_check.py [--nproc 2] [--hidden 256] [--layers 2] [--steps 20] [--repeats 5]
                                     [--checks 2000]
 
 Launches itself under torchrun (gloo on the CPU; NCCL where each rank has a GPU). Rows: the check
-alone (microseconds per call, mean of --checks calls) and a training step (ms, median of --repeats
-blocks of --steps steps), with the handler off and on, alternated so that both see the same machine
-load; the ratio column is on against off.
+alone (microseconds per call, mean of --checks calls), a training step (ms, median of --repeats
+blocks of --steps steps) and an evaluation batch (ms, the training set evaluated as inside fit, median
+of --repeats evaluations, each divided by its batches), with the handler off and on, alternated so that
+both see the same machine load; the ratio column is on against off.
 """
 import argparse
 import os
@@ -18,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -64,6 +67,7 @@ def run(args) -> None:
 
     silence_known_warnings()  # before megatron is imported: some of its messages come at import
     from engine.config import ParallelConfig
+    from engine.evaluation import EVAL_CHUNK, evaluate
     from engine.runtime import init_runtime, shutdown_runtime
 
     rt = init_runtime(ParallelConfig(), seed=1)
@@ -76,16 +80,25 @@ def run(args) -> None:
 
         for _ in range(2):  # lazy initialisation (optimizer state, caches)
             step()
+        data = trainer.loader.source
+        batches = -(-len(range(0, len(data), rt.dp)) // EVAL_CHUNK)
+
+        def evaluation():  # as fit's periodic one: a stop check before each batch
+            evaluate(trainer, data, partial(trainer._agree_on_stop, False))
+
         check = {False: [], True: []}
         steps = {False: [], True: []}
+        evals = {False: [], True: []}
         for _ in range(args.repeats):
             for on in (False, True):
                 check[on].append(timed(trainer, on, args.checks, trainer._stop_requested))
                 steps[on].append(timed(trainer, on, args.steps, step))
+                evals[on].append(timed(trainer, on, 1, evaluation) / batches)
         trainer.loader.close()
     if rt.is_main:
         c = {on: statistics.mean(v) * 1e6 for on, v in check.items()}
         s = {on: statistics.median(v) * 1e3 for on, v in steps.items()}
+        e = {on: statistics.median(v) * 1e3 for on, v in evals.items()}
         print(f"{rt.world_size} ranks ({rt.device.type}, {'nccl' if rt.is_cuda else 'gloo'}), hidden {args.hidden}, "
               f"{args.layers} layers, {2 * args.nproc} packed sequences of 128 tokens per step")
         print()
@@ -95,8 +108,11 @@ def run(args) -> None:
               f"{c[True]:.1f} | {c[True] / max(c[False], 1e-9):.0f}x |")
         print(f"| training step, ms (median of {args.repeats} x {args.steps}) | {s[False]:.2f} | {s[True]:.2f} | "
               f"{s[True] / s[False]:.3f}x |")
+        print(f"| evaluation batch of {EVAL_CHUNK} packed sequences per rank, ms (median of {args.repeats} "
+              f"evaluations of {batches} batches) | {e[False]:.2f} | {e[True]:.2f} | {e[True] / e[False]:.3f}x |")
         print()
-        print(f"the check alone is {(c[True] - c[False]) / 1e3 / s[False]:.2%} of a step")
+        print(f"the check alone is {(c[True] - c[False]) / 1e3 / s[False]:.2%} of a step and "
+              f"{(c[True] - c[False]) / 1e3 / e[False]:.2%} of an evaluation batch")
     shutdown_runtime()
 
 

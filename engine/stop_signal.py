@@ -1,5 +1,6 @@
-"""SIGTERM during training: a request to stop after the current step, saved (engine/trainer.py's
-fit installs the handler and checks it every step), and the status such a run exits with."""
+"""SIGTERM during training: a request to stop after the current step, or before the next batch of a
+periodic evaluation, saved (engine/trainer.py's fit installs the handler and checks it every step and
+engine/evaluation.py every batch), and the status such a run exits with."""
 from __future__ import annotations
 
 import signal

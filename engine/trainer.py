@@ -24,17 +24,15 @@ import torch.distributed as dist
 from engine import checkpoint, checkpoint_async, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
+from engine.evaluation import STATS, EvaluationStopped, evaluate
 from engine.loss import contrastive_loss
 from engine.optim import build_optimizer, step_with_norm
-from engine.packing import collate, next_token_mask
+from engine.packing import next_token_mask
 from engine.parallelize import build_model, count_parameters, resolve_attention_backend, resolve_dtype
 from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
                              spec_sheet_tflops)
 from engine.runtime import Runtime
 from engine.stop_signal import EXIT_SIGTERM, SigtermFlag, StoppedBySignal
-
-STATS = 6  # loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
-EVAL_CHUNK = 16  # evaluation micro-batches collated and run per schedule call (times pp)
 
 
 class NonFiniteError(RuntimeError):
@@ -249,9 +247,16 @@ class Trainer:
         to run). With no stop setting it still runs over several ranks while a rank's SIGTERM handler
         is in place (_checks_signals; benchmarks/stop_check.py measures it); in one process the
         handler's flag is read directly; with neither: no check, no sync."""
+        if self._fit_start is None or self.step + 1 >= self.cfg.train.steps:
+            return ""
+        return self._agree_on_stop(clock=self.cfg.train.time_limit_s > 0)
+
+    def _agree_on_stop(self, clock: bool) -> str:
+        """The stop check, also before each batch of a periodic evaluation (there without the clock:
+        train.time_limit_s leaves the evaluations their time, and only answers at a step)."""
         tc = self.cfg.train
-        files = tc.time_limit_s > 0 or bool(tc.stop_file)
-        if not (files or self._checks_signals()) or self._fit_start is None or self.step + 1 >= tc.steps:
+        files = clock or bool(tc.stop_file)
+        if not (files or self._checks_signals()):
             return ""
         if not files and self.rt.world_size == 1:
             self.stop_ranks = int(self._sigterm.received)
@@ -262,7 +267,7 @@ class Trainer:
             # the run saved for its request (engine/launch/slurm_pretrain.sbatch then requeues)
             if tc.stop_file and os.path.exists(tc.stop_file):
                 code = 2
-            elif tc.time_limit_s > 0 and time.time() - self._fit_start > tc.time_limit_s:
+            elif clock and time.time() - self._fit_start > tc.time_limit_s:
                 code = 1
         self.stop_ranks, code = self._signalled_ranks(code)
         self._stop_file_found = code == 2
@@ -353,7 +358,8 @@ class Trainer:
     # ---- the loop ----------------------------------------------------------------------------
     def fit(self) -> list[dict]:
         """Trains to train.steps or an early stop; -> the history. A SIGTERM on any rank stops every
-        rank after the step it arrives in: the step is saved, then StoppedBySignal is raised."""
+        rank after the step it arrives in (an evaluation under way at its next batch): the step is
+        saved, then StoppedBySignal is raised."""
         self._sigterm.install()
         try:
             history = self._fit()
@@ -479,7 +485,7 @@ class Trainer:
                 and self.stopped_by not in ("stop_file", "SIGTERM")
             if evaluating:
                 with progress.paused():
-                    self._evaluate_all(progress)
+                    stop = self._evaluate_all(progress) or stop
             saving = self.cfg.checkpoint.save_interval and self.step % self.cfg.checkpoint.save_interval == 0
             if saving:
                 with progress.paused():
@@ -563,39 +569,26 @@ class Trainer:
                 f"same command resumes and stops again after one step, and a launcher waiting for its removal "
                 f"(engine/launch/slurm_pretrain.sbatch) does not requeue the job")
 
-    def _evaluate_all(self, progress: Progress) -> None:
+    def _evaluate_all(self, progress: Progress) -> bool:
+        """The periodic evaluation of every set; True where a stop request cut it short. A set cut
+        short is not reported at all: its batches so far are the first of each rank's share, in the
+        set's order, not a sample of it, and a number logged or kept in the history beside the whole
+        set's would read as one; the sets done before it are reported, as they are whole."""
         for name, data in self.evals.items():
-            res = self.evaluate(data)
+            try:
+                res = self.evaluate(data)
+            except EvaluationStopped as cut:
+                who = (f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s))" if
+                       cut.request == "SIGTERM" else f"train.stop_file {self.cfg.train.stop_file} found")
+                self.log(f"{who} during the evaluation of {name} at step {self.step}: stopped after {cut.done} of "
+                         f"its {cut.total} batches, not reported; saving and stopping")
+                self.stopped_by = cut.request
+                return True
             self.history.append({"step": self.step, "eval": name, **res})
             progress.log_eval(self.step, name, res)
+        return False
 
-    # ---- evaluation --------------------------------------------------------------------------
-    @torch.no_grad()
     def evaluate(self, data) -> dict:
-        """Pairwise accuracy and loss over every group of `data` (forward only, DP ranks share).
-
-        Streams: EVAL_CHUNK x pp micro-batches are collated and run per schedule call, so memory
-        does not grow with the evaluation set. Each call runs a multiple of pp micro-batches (one
-        sequence each: stages exchange fixed-shape activations), padded with empty sequences, as
-        megatron's interleaved schedule requires; an empty sequence holds no candidate and adds nothing.
-        """
-        self._finish_param_sync()
-        mb = 1
-        for chunk in self.model:
-            chunk.eval()
-        mine = np.arange(self.rt.dp_rank, len(data), self.rt.dp)
-        chunk_size = EVAL_CHUNK * self.rt.pp
-        stats = torch.zeros(STATS, device=self.rt.device)
-        seq = data.seq_length
-        for start in range(0, len(mine), chunk_size):
-            part = mine[start:start + chunk_size]
-            batches = [collate(data.sequences([i]), seq, self.pad_id) for i in part]
-            batches += [collate([[]], seq, self.pad_id)] * ((-len(batches)) % self.rt.pp)
-            stats += self._sum_stats(self._run_schedule(batches, forward_only=True, micro_batch=mb))
-        for chunk in self.model:
-            chunk.train()
-        s = self._reduce(stats).tolist()
-        out = {"loss": s[0] / max(s[2], 1), "pair_accuracy": s[1] / max(s[3], 1), "pairs": int(s[3])}
-        if s[5] > 0:
-            out["lm_loss"] = s[4] / s[5]
-        return out
+        """Pairwise accuracy and loss over every group of `data` (engine.evaluation.evaluate); inside
+        fit it stops at a stop request (EvaluationStopped), after it (the final one) it does not."""
+        return evaluate(self, data, None if self._fit_start is None else partial(self._agree_on_stop, False))

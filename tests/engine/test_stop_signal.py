@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
-from tests.engine.torchrun_scenario import kill, start
+from tests.engine.torchrun_scenario import finish, start
 
 WORKER = Path(__file__).with_name("stop_signal_worker.py")
 EXIT_SIGTERM = 143  # engine.stop_signal.EXIT_SIGTERM, the status the README documents
@@ -33,18 +33,6 @@ def _start(tmp: Path, name: str, nproc: int, hooks: list, *overrides: str, init:
     proc = start(WORKER, ["--result", str(result), *hooks, "--out", str(tmp / f"{name}.json"), "--no-eval",
                           "--init", init, f"run_dir={tmp / name}", *COMMON, *overrides], nproc, log)
     return proc, log, [result.with_name(f"{result.name}.rank{r}") for r in range(nproc)]
-
-
-def _finish(proc, log: Path, results: list, timeout: int = 300) -> list:
-    """Each rank's result, once the run has ended (a run still going after `timeout` s is killed with
-    every process it started and fails the test)."""
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill(proc)
-        pytest.fail(f"still running after {timeout} s:\n{log.read_text()[-6000:]}")
-    assert all(f.exists() for f in results), log.read_text()[-6000:]
-    return [json.loads(f.read_text()) for f in results]
 
 
 def _checkpoints(run: Path) -> list:
@@ -65,7 +53,7 @@ def test_sigterm_to_one_worker_stops_every_rank_at_the_step_it_reached_and_the_r
     tmp, init, _ = reference
     proc, log, results = _start(tmp, "sigterm_rank1", 2, ["--at-step", "2", "--kill-ranks", "1"], NO_END_SAVE,
                                 init=init)
-    for rank in _finish(proc, log, results):
+    for rank in finish(proc, log, results):
         assert rank["code"] == EXIT_SIGTERM and rank["step"] == 2, rank
         assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
     assert _checkpoints(tmp / "sigterm_rank1") == ["latest", "step_00000002"]
@@ -94,7 +82,7 @@ def test_sigterm_to_every_process_finishes_the_pending_background_write_and_save
     for f in ready:
         os.killpg(int(f.read_text()), signal.SIGTERM)  # torchrun starts each worker in a session of its own
     os.kill(proc.pid, signal.SIGTERM)
-    for rank in _finish(proc, log, results):
+    for rank in finish(proc, log, results):
         assert rank["code"] == EXIT_SIGTERM and rank["step"] == 3, rank
         assert rank["latest"].endswith("step_00000003") and rank["partials"] == [], rank
     ckpts = tmp / "sigterm_all" / "checkpoints"
@@ -114,7 +102,7 @@ def test_a_rank_that_cannot_install_the_handler_keeps_step_with_the_others(refer
     _, init, _ = reference
     proc, log, results = _start(tmp_path, "no_handler", 2, ["--at-step", "2", "--kill-ranks", "0", where, "1"],
                                 NO_END_SAVE, init=init)
-    for rank in _finish(proc, log, results, timeout=180):
+    for rank in finish(proc, log, results, timeout=180):
         assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
         assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
 
@@ -127,7 +115,7 @@ def test_a_sigterm_during_a_save_stops_at_the_step_saved(reference, tmp_path):
     _, init, _ = reference
     proc, log, results = _start(tmp_path, "in_save", 2, ["--kill-in-save", "2", "--kill-ranks", "1"],
                                 "checkpoint.save_interval=2", NO_END_SAVE, init=init)
-    for rank in _finish(proc, log, results):
+    for rank in finish(proc, log, results):
         assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
         assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
     assert _checkpoints(tmp_path / "in_save") == ["latest", "step_00000002"]
@@ -157,7 +145,7 @@ def test_a_stop_file_rank_0_cannot_remove_stops_every_rank_with_one_error(refere
     stop = tmp_path / "STOP"
     proc, log, results = _start(tmp_path, "stop_dir", 2, ["--at-step", "1", "--make-dir", str(stop)],
                                 f"train.stop_file={stop}", NO_END_SAVE, init=init)
-    ranks = _finish(proc, log, results)
+    ranks = finish(proc, log, results)
     assert ranks[0]["type"] == ranks[1]["type"] == "ConfigError", ranks
     assert ranks[0]["error"] == ranks[1]["error"], ranks
     assert ranks[0]["error"].startswith(f"train.stop_file={stop}: the run stopped for it at step 1 and its "

@@ -2,7 +2,8 @@
 writing its result as JSON to OUT.rankN; a run where a rank waits for good is killed at a timeout and
 fails the test. Used by tests/engine/test_checkpoint_async.py (tests/engine/async_save_worker.py) and
 tests/engine/test_checkpoint_rank0.py (tests/engine/rank0_file_worker.py); tests/engine/test_stop_signal.py
-starts its runs with `start` and signals them while they train."""
+and tests/engine/test_stop_signal_eval.py start their runs with `start`, signal them while they train and
+read each rank's result with `finish`."""
 from __future__ import annotations
 
 import json
@@ -52,6 +53,24 @@ def kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def wait(proc: subprocess.Popen, log: Path, timeout: int, name: str = "") -> None:
+    """Waits for a run `start` began; one still going after `timeout` seconds (a rank waiting for good)
+    is killed with every process it started and fails the test, with the end of its log."""
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill(proc)
+        pytest.fail(f"{name}{': ' if name else ''}still running after {timeout} s (a rank waiting for good):\n"
+                    f"{log.read_text()[-6000:]}")
+
+
+def finish(proc: subprocess.Popen, log: Path, results: list, timeout: int = 300) -> list:
+    """Each rank's result (JSON files `results`), once the run has ended (`wait`); each must exist."""
+    wait(proc, log, timeout)
+    assert all(f.exists() for f in results), log.read_text()[-6000:]
+    return [json.loads(f.read_text()) for f in results]
+
+
 def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
                  timeout: int = 600, expected: int | None = None) -> list:
     """Each rank's result of the worker's `scenario` (None for a rank past the first `expected`
@@ -62,11 +81,7 @@ def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides:
     log = tmp / f"{name}.log"
     proc = start(worker, ["--out", str(out), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}",
                           *overrides], nproc, log)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill(proc)
-        pytest.fail(f"{name}: still running after {timeout} s (a rank waiting for good):\n{log.read_text()[-6000:]}")
+    wait(proc, log, timeout, name)
     results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
     assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
     return [json.loads(f.read_text()) if f.exists() else None for f in results]

@@ -1,0 +1,70 @@
+"""Evaluation of a packed set by the training engine (Trainer.evaluate): pairwise accuracy and loss over
+every group, forward only, the data-parallel ranks sharing the set. The periodic evaluation inside
+Trainer.fit (train.eval_interval) stops between its batches at a stop request (SIGTERM, train.stop_file):
+at scale it takes minutes, more than the grace a SIGTERM leaves before SIGKILL (Kubernetes' 30 s by
+default), and the checkpoint save, which the stop is for, would otherwise start only after it."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.packing import collate
+
+STATS = 6  # per-batch sums: loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
+EVAL_CHUNK = 16  # evaluation micro-batches collated and run per schedule call (times pp): one batch
+
+
+class EvaluationStopped(Exception):
+    """A stop request (`request`: "SIGTERM" or "stop_file") came during an evaluation: every rank left it
+    before the same batch, `done` of `total` run. Nothing of it is reported (see evaluate_all)."""
+
+    def __init__(self, request: str, done: int, total: int):
+        super().__init__(f"{request}: evaluation stopped after {done} of {total} batches")
+        self.request, self.done, self.total = request, done, total
+
+
+@torch.no_grad()
+def evaluate(trainer, data, stop_check: Callable[[], str] | None = None) -> dict:
+    """Pairwise accuracy and loss over every group of `data` (forward only, DP ranks share).
+
+    Streams: EVAL_CHUNK x pp micro-batches are collated and run per schedule call, so memory does not
+    grow with the evaluation set. Each call runs a multiple of pp micro-batches (one sequence each:
+    stages exchange fixed-shape activations), padded with empty sequences, as megatron's interleaved
+    schedule requires; an empty sequence holds no candidate and adds nothing.
+
+    `stop_check` (every rank passes one, or none does) is asked before each batch and returns the same
+    on every rank (an agreement: a collective over several ranks): a non-empty answer raises
+    EvaluationStopped there. So every rank makes the same number of calls, also a data-parallel rank
+    whose share of the set is a batch shorter (it asks, and runs nothing).
+    """
+    trainer._finish_param_sync()
+    rt = trainer.rt
+    for chunk in trainer.model:
+        chunk.eval()
+    try:
+        mine = np.arange(rt.dp_rank, len(data), rt.dp)
+        chunk_size = EVAL_CHUNK * rt.pp
+        total = -(-len(range(0, len(data), rt.dp)) // chunk_size)  # the largest share's batches
+        stats = torch.zeros(STATS, device=rt.device)
+        seq = data.seq_length
+        for done in range(total):
+            part = mine[done * chunk_size:(done + 1) * chunk_size]
+            batches = [collate(data.sequences([i]), seq, trainer.pad_id) for i in part]
+            batches += [collate([[]], seq, trainer.pad_id)] * ((-len(batches)) % rt.pp)
+            # after the collation: its host work overlaps the previous batch's device work, which the
+            # check's host copy waits for
+            request = stop_check() if stop_check else ""
+            if request:
+                raise EvaluationStopped(request, done, total)
+            if batches:
+                stats += trainer._sum_stats(trainer._run_schedule(batches, forward_only=True, micro_batch=1))
+    finally:
+        for chunk in trainer.model:
+            chunk.train()
+    s = trainer._reduce(stats).tolist()
+    out = {"loss": s[0] / max(s[2], 1), "pair_accuracy": s[1] / max(s[3], 1), "pairs": int(s[3])}
+    if s[5] > 0:
+        out["lm_loss"] = s[4] / s[5]
+    return out
