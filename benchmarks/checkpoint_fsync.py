@@ -1,4 +1,5 @@
-"""What making a checkpoint durable costs a save: every file of the step fsynced before its rename,
+"""What making a checkpoint durable costs a save: every file of the step fsynced before its rename
+(but megatron's shards, which megatron fsyncs as it writes them),
 the checkpoint directory after it, `latest` written through an fsynced temporary file (engine/
 durable_file.py), against the same saves without those fsyncs, in one process on the CPU.
 
@@ -42,7 +43,7 @@ def mode(name: str):
             f.write(data)
         os.replace(tmp, path)
 
-    def nothing(*args):
+    def nothing(*args, **kwargs):
         pass
 
     saved = {"sync_tree": durable_file.sync_tree, "sync_dir": durable_file.sync_dir,
@@ -107,13 +108,15 @@ def main():
                 fsyncs[m] = len(done)
         step = Path(trainer.save())
         files = [f for f in step.rglob("*") if f.is_file()]
+        shards = sum(f.suffix == ".distcp" for f in files)
         size = sum(f.stat().st_size for f in files)
         trainer.loader.close()
         device = os.stat(tmp).st_dev
     shutdown_runtime()
     median = {m: statistics.median(v) for m, v in times.items()}
-    print(f"checkpoint of {size / 1e6:.2f} MB in {len(files)} files (hidden {args.hidden}, {args.layers} layers, "
-          f"weights and Adam state), device {os.major(device)}:{os.minor(device)}, median of {args.repeats} saves")
+    print(f"checkpoint of {size / 1e6:.2f} MB in {len(files)} files ({shards} shards megatron fsyncs) "
+          f"(hidden {args.hidden}, {args.layers} layers, weights and Adam state), "
+          f"device {os.major(device)}:{os.minor(device)}, median of {args.repeats} saves")
     print()
     print("| saves | fsyncs a save | save() ms | vs megatron's fsyncs only | vs no fsync |")
     print("|---|---:|---:|---:|---:|")

@@ -228,8 +228,10 @@ def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, mo
     # on the disk before a name publishes them: after a power or node failure the renames below
     # (metadata operations, applied at once by a Lustre or NFS server) could otherwise name a step
     # whose trainer_state.json is empty or missing, and `latest` a step that is not there. megatron
-    # fsyncs the shards it writes, not its metadata.json; a file fsynced before costs little again
-    durable_file.sync_tree(partial)
+    # fsyncs the shards each rank writes (*.distcp), not its metadata.json: rank 0 syncing every
+    # rank's shards again would cost an RPC per file on Lustre (thousands at scale), for nothing.
+    # test_checkpoint.py checks that each .distcp was fsynced before the rename all the same
+    durable_file.sync_tree(partial, synced=lambda name: name.endswith(".distcp"))
     # a step saved before (a resume from an older step) is replaced only now that the new one is
     # complete: deleted when the save began, a save cut short lost it
     shutil.rmtree(final, ignore_errors=True)

@@ -38,12 +38,14 @@ def sync_file(path) -> None:
         os.close(fd)
 
 
-def sync_tree(path) -> None:
-    """fsyncs every file under the directory `path`, then each directory after what it holds, `path`
-    last: the tree as listed is on the disk."""
+def sync_tree(path, synced=lambda name: False) -> None:
+    """fsyncs every file under the directory `path` but those whose name `synced` says their writer
+    fsynced already, then each directory after what it holds, `path` last: the tree as listed is on
+    the disk."""
     for where, _, files in os.walk(path, topdown=False):
         for name in files:
-            sync_file(os.path.join(where, name))
+            if not synced(name):
+                sync_file(os.path.join(where, name))
         sync_dir(where)
 
 

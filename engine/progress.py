@@ -47,6 +47,8 @@ def resolve_peak(name: str, measure, cache_path: str | None = None) -> float:
     import os
     from pathlib import Path
 
+    from engine import durable_file
+
     if os.environ.get(PEAK_ENV):
         try:
             return float(os.environ[PEAK_ENV])
@@ -63,9 +65,7 @@ def resolve_peak(name: str, measure, cache_path: str | None = None) -> float:
     value = float(measure())
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({**cache, key: value}, indent=1))
-        tmp.replace(path)
+        durable_file.write_file(path, json.dumps({**cache, key: value}, indent=1))
     except OSError:  # a read-only home: measure again next time
         pass
     return value

@@ -256,6 +256,9 @@ def test_a_step_is_on_the_disk_before_its_name_and_latest_publish_it(tmp_path):
                  for d, _, names in os.walk(final) for f in names]
         assert {"trainer_state.json", "model.json", "metadata.json"} <= {os.path.basename(f) for f in files}
         assert [f for f in files if ("fsync", f) not in before] == [], "files renamed into a step before an fsync"
+        # the shards are fsynced by megatron's writer, once: not again file by file on rank 0
+        shards = [f for f in files if f.endswith(".distcp")]
+        assert shards and all(calls[:renamed].count(("fsync", f)) == 1 for f in shards), shards
         assert ("fsync", partial) in before
         marker = published_durably(calls[:end], f"{root}/latest")
         assert renamed < marker and ("fsync", root) in calls[renamed + 1:marker], \

@@ -96,6 +96,15 @@ def test_a_tree_is_synced_file_by_file_each_directory_after_what_it_holds(tmp_pa
                                      f"{root}/metadata.json"])
 
 
+def test_files_their_writer_synced_are_left_but_their_directory_is_synced(tmp_path, monkeypatch):
+    for f in ("a.distcp", "metadata.json"):
+        (tmp_path / f).write_text("x")
+    calls = record(monkeypatch.setattr)
+    durable_file.sync_tree(tmp_path, synced=lambda name: name.endswith(".distcp"))
+    root = os.path.realpath(tmp_path)
+    assert [c[1] for c in calls] == [f"{root}/metadata.json", root]
+
+
 @pytest.mark.parametrize("code, raised", [(errno.EINVAL, False), (errno.EIO, True)])
 def test_a_directory_the_file_system_cannot_sync_is_left_but_an_io_error_is_raised(tmp_path, monkeypatch,
                                                                                  code, raised):
