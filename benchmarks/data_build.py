@@ -18,7 +18,11 @@ shard of one file (--scan-mb MB of 0.1-2 KB lines, --scan-machines N), without a
 every line) and with `polar data scan` split over the same N machines (each counts its part, then
 reads the scan and the blocks where its chunks begin), from the kernel's count of bytes read
 (/proc/self/io rchar): at the build's 4 MiB blocks, and at blocks small enough (--scan-blocks) that a
-chunk spans many, as a corpus's 8192-record chunks of KB records span many 4 MiB blocks.
+chunk spans many, as a corpus's 8192-record chunks of KB records span many 4 MiB blocks. Then the
+scan's JSON every building machine reads and parses (`data_scan.load`, then the check of every
+input's size and time) for many small inputs split over many parts (--json-inputs, --json-parts),
+against the same parts in the layout of version 1 (the baseline, made in the same run from the same
+counts), where every part listed every input. --scan-json-only runs that table alone.
 Temporary files go to a temporary directory removed at the end unless --keep names one.
 """
 import argparse
@@ -182,6 +186,68 @@ def scan_reads(work: str, mb: int, machines: list[int], blocks: list[int], chunk
     os.remove(path)
 
 
+def version_1(out: str) -> None:
+    """The scan's parts rewritten as version 1 wrote them: every input's path, size and time in
+    every part, its blocks without them."""
+    parts = sorted(os.path.join(out, p) for p in os.listdir(out) if p.startswith("scan-"))
+    docs = [json.loads(open(p).read()) for p in parts]
+    every = {c["input"]: {k: c[k] for k in ("path", "bytes", "mtime_ns")} for d in docs for c in d["blocks"]}
+    every = [every[k] for k in range(docs[0]["num_inputs"])]
+    for p, d in zip(parts, docs):
+        blocks = [{k: c[k] for k in ("input", "first_block", "newlines", "last_byte")} for c in d["blocks"]]
+        with open(p, "w") as f:
+            f.write(json.dumps({"format": d["format"], "version": 1, "num_parts": d["num_parts"], "part": d["part"],
+                                "block": d["block"], "inputs": every, "blocks": blocks}))
+
+
+def scan_json(work: str, inputs: int, parts: int, repeat: int = 3) -> None:
+    rng = np.random.default_rng(0)
+    directory = os.path.join(work, "many")
+    os.makedirs(directory)
+    files = []
+    for k in range(inputs):  # 1-8 lines of 20-200 bytes: a corpus kept as many small files
+        files.append(os.path.join(directory, f"shard-{k:06d}.jsonl"))
+        with open(files[-1], "wb") as f:
+            f.write(b"".join(b'{"' + b"x" * int(n) + b'"}\n' for n in rng.integers(16, 196, rng.integers(1, 9))))
+    out = os.path.join(work, "many_scan")
+    t = time.perf_counter()
+    for part in range(parts):
+        data_scan.scan(files, out, parts, part, quiet=True)
+    scan_s = (time.perf_counter() - t) / parts
+    print(f"\n{inputs:,} inputs of {sum(map(os.path.getsize, files)) / inputs:,.0f} bytes on average, a scan of "
+          f"{parts} parts ({scan_s:.2f} s a part): the scan's JSON a building machine reads, best of {repeat}")
+    print("| parts' layout | largest part, KB | all parts: MB a machine reads | load s (read, parse, merge) | "
+          "check of the inputs s | version 1 / this: MB | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rows, want = [], None
+    for layout in ("version 1: every input in every part (baseline)", "version 2: the inputs it counted"):
+        if layout.startswith("version 1"):
+            version_1(out)
+        sizes = [os.path.getsize(os.path.join(out, p)) for p in os.listdir(out)]
+        loads, checks = [], []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            loaded = data_scan.load(out)
+            loads.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            counts = loaded.line_counts(files)
+            checks.append(time.perf_counter() - t)
+        got = [(c.size, c.lines) for c in counts]
+        assert want is None or got == want  # the same counts from either layout
+        want = got
+        rows.append((layout, max(sizes), sum(sizes), min(loads), min(checks)))
+        if layout.startswith("version 1"):  # the same counts, written again by this polar
+            shutil.rmtree(out)
+            for part in range(parts):
+                data_scan.scan(files, out, parts, part, quiet=True)
+    base = rows[0]
+    for layout, largest, total, load_s, check_s in rows:
+        print(f"| {layout} | {largest / 1e3:,.1f} | {total / 1e6:,.2f} | {load_s:.3f} | {check_s:.3f} | "
+              f"{base[2] / total:,.1f}x | {base[3] / load_s:,.1f}x |")
+    shutil.rmtree(out)
+    shutil.rmtree(directory)
+
+
 def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[float, int]:
     out = path + ".ds"
     # truncated as in training (max_length), packed at a length no group reaches so that every group counts
@@ -208,13 +274,21 @@ def main():
     ap.add_argument("--scan-blocks", type=at_least(1), nargs="+", default=[data_chunks._SCAN_BLOCK, 1 << 15],
                     help="the scan's block sizes in bytes (default the build's 4 MiB, and 32 KiB: a chunk spans ~16)")
     ap.add_argument("--scan-chunk-records", type=at_least(1), default=512, help="lines per chunk of that build")
-    ap.add_argument("--plan-only", action="store_true", help="measure planning memory and reads only")
+    ap.add_argument("--json-inputs", type=at_least(1), default=20_000,
+                    help="small inputs of the scan whose JSON a building machine reads")
+    ap.add_argument("--json-parts", type=at_least(1), default=50, help="parts of that scan")
+    ap.add_argument("--plan-only", action="store_true", help="measure planning memory, reads and scan JSON only")
+    ap.add_argument("--scan-json-only", action="store_true", help="measure the scan's JSON only")
     args = ap.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="polar_data_build_")
     os.makedirs(work, exist_ok=True)
     try:
+        if args.scan_json_only:
+            scan_json(work, args.json_inputs, args.json_parts)
+            return
         planning_memory(work, args.plan_lines)
         scan_reads(work, args.scan_mb, args.scan_machines, args.scan_blocks, args.scan_chunk_records)
+        scan_json(work, args.json_inputs, args.json_parts)
         if args.plan_only:
             return
         t = time.perf_counter()

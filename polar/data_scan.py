@@ -12,19 +12,25 @@ taken in input order), and a build given it (--scan) reads only the blocks where
 begin. Its shards are byte for byte those of a build without a scan (the same lines, record ids
 and build id).
 
-SCAN is a directory; part i of N writes scan-{i:05d}-of-{N:05d}.json into it, holding every input's
-path, size and modification time as this part saw them, and the newlines of each block it read
-(base64 of little-endian uint32). A build reads every part there: it refuses parts that disagree
-(on the inputs, the block size or N) or that miss one, naming the files, and a scan whose inputs
-are not the build's (another list of files, or one changed since: its size or its modification
-time), naming the input and what differs. An input changed in place since the scan without a new
-size or time is still found where the blocks the build reads again do not hold the lines the scan
-counted (InputChanged, as without a scan).
+SCAN is a directory; part i of N writes scan-{i:05d}-of-{N:05d}.json into it, holding the newlines
+of each block it read (base64 of little-endian uint32) with the path, size and modification time of
+the inputs it read them from, as it saw them, and a digest of every input's file name, size and
+time, in order: a part's size is that of what it counted, not of the whole input list, which every
+building machine would otherwise read N times over (at 10^5 inputs and 100 parts, 1 GB of JSON).
+An empty input, which has no block, is listed by the part whose run holds the block after it (the
+last part for those at the end), so that the parts together list every input. A build reads every
+part there: it refuses parts that disagree (on the digest, the block size or N) or that miss one,
+naming the files, and a scan whose inputs are not the build's (another list of files, or one
+changed since: its size or its modification time), naming the input and what differs. Parts of
+version 1, which listed every input in every part, are read as they are. An input changed in place
+since the scan without a new size or time is still found where the blocks the build reads again do
+not hold the lines the scan counted (InputChanged, as without a scan).
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import os
 import re
@@ -41,7 +47,8 @@ from polar import data_chunks
 from polar.data_chunks import LineCount, ScanProgress, count_blocks, line_count
 from polar.data_inputs import input_files
 
-FORMAT, VERSION = "polar data scan", 1
+FORMAT, VERSION = "polar data scan", 2
+_READ = (1, 2)  # version 1 differs only in listing every input in every part
 _PART = re.compile(r"scan-(\d{5})-of-(\d{5})\.json")
 _AGAIN = "run `polar data scan` again on the build's inputs (nothing was built)"
 
@@ -63,17 +70,33 @@ def _when(mtime_ns: int) -> str:
     return datetime.fromtimestamp(mtime_ns / 1e9).isoformat(sep=" ", timespec="microseconds")
 
 
+def _seen(s: dict) -> tuple[str, int, int]:
+    """What tells two scans' inputs apart: file name, size and time, not the path, since the machines
+    of a split scan may mount the inputs elsewhere."""
+    return os.path.basename(s["path"]), s["bytes"], s["mtime_ns"]
+
+
+def inputs_digest(inputs: list[dict]) -> str:
+    """What the parts of one scan share of its whole input list: each input's _seen, in order."""
+    return hashlib.sha256(json.dumps(list(map(_seen, inputs))).encode()).hexdigest()
+
+
 def part_blocks(sizes: list[int], block: int, num_parts: int, part: int) -> list[tuple[int, int, int]]:
     """The blocks part `part` of `num_parts` counts: (input, first block, stop block) for each input
-    it reaches into. The inputs' blocks, in input order, are cut into num_parts runs of equal count."""
+    it reaches into. The inputs' blocks, in input order, are cut into num_parts runs of equal count.
+    An empty input (no block) falls to the part whose run holds the block after it, or to the last
+    part after the last block: (input, 0, 0) in exactly one part."""
     per_file = [-(-s // block) for s in sizes]
     total = sum(per_file)
     first, stop = part * total // num_parts, (part + 1) * total // num_parts
+    last = part == num_parts - 1
     out, offset = [], 0
     for k, n in enumerate(per_file):
         a, b = max(first - offset, 0), min(stop - offset, n)
         if a < b:
             out.append((k, a, b))
+        elif n == 0 and (first <= offset < stop or (offset == total and last)):
+            out.append((k, 0, 0))
         offset += n
     return out
 
@@ -100,11 +123,11 @@ def scan(inputs: list[str], output: str, num_parts: int = 1, part: int = 0, quie
         if _stat(files[k]) != seen[k]:  # a file being written: the build would refuse the scan's time for it
             raise ScanError(f"{files[k]}: changed while it was scanned (still being written?); nothing was written: "
                             "scan again once it is complete")
-        counted.append({"input": k, "first_block": a, "newlines": _encode(counts),
+        counted.append({"input": k, **seen[k], "first_block": a, "newlines": _encode(counts),
                         "last_byte": last if b * block >= size else None})
         newlines += int(counts.sum())
     doc = {"format": FORMAT, "version": VERSION, "num_parts": num_parts, "part": part, "block": block,
-           "inputs": seen, "blocks": counted}
+           "num_inputs": len(seen), "inputs_digest": inputs_digest(seen), "blocks": counted}
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     path = out / part_name(part, num_parts)
@@ -143,7 +166,7 @@ class Scan:
         machine's mount of the same files, so inputs match by position, file name, size and time).
         ScanError naming the first input that differs."""
         for k, (path, count) in enumerate(zip(files, self.counts)):
-            if Path(path).name != Path(count.path).name:
+            if os.path.basename(path) != os.path.basename(count.path):
                 raise ScanError(f"--scan {self.where} is not of this build's inputs: its input {k + 1} is "
                                 f"{count.path}, the build's is {path}: {_AGAIN}")
         if len(files) != len(self.counts):
@@ -176,33 +199,64 @@ class _Counted(LineCount):
 
 
 def _read_part(path: Path) -> dict:
+    """A part, with `listed`: the inputs it names, by position (version 1: every input)."""
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError(f"not a {FORMAT} part")
-        if doc.get("version") != VERSION:
-            raise ValueError(f"version {doc.get('version')!r}, where this polar reads version {VERSION}")
-        for key in ("num_parts", "part", "block", "inputs", "blocks"):
+        if doc.get("version") not in _READ:
+            raise ValueError(f"version {doc.get('version')!r}, where this polar reads versions "
+                             f"{', '.join(map(str, _READ))}")
+        for key in ("num_parts", "part", "block", "blocks") + (("inputs",) if doc["version"] == 1 else
+                                                               ("num_inputs", "inputs_digest")):
             if key not in doc:
                 raise ValueError(f"no {key!r}")
+        if doc["version"] == 1:
+            doc["listed"] = dict(enumerate(doc["inputs"]))
+            doc["num_inputs"], doc["inputs_digest"] = len(doc["inputs"]), inputs_digest(doc["inputs"])
+        else:
+            doc["listed"] = {c["input"]: {"path": c["path"], "bytes": c["bytes"], "mtime_ns": c["mtime_ns"]}
+                             for c in doc["blocks"]}
         return doc
-    except (OSError, ValueError) as e:
-        raise ScanError(f"{path}: {e}: {_AGAIN}") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ScanError(f"{path}: {f'an entry without {e}' if isinstance(e, KeyError) else e}: {_AGAIN}") from None
 
 
 def _parts_differ(a: dict, b: dict) -> str:
-    """What two parts of a scan disagree on ("" when nothing). Their inputs match by file name, size
-    and time: the machines of a split scan may mount the inputs at other paths."""
+    """What two parts of a scan disagree on ("" when nothing); their inputs match by _seen."""
     for key, what in (("num_parts", "their number of parts"), ("block", "their block size")):
         if a[key] != b[key]:
             return f"{what} ({a[key]} and {b[key]})"
-    ins = [[(Path(s["path"]).name, s["bytes"], s["mtime_ns"]) for s in doc["inputs"]] for doc in (a, b)]
-    k = next((k for k, (x, y) in enumerate(zip(*ins)) if x != y), None)
-    if k is not None:  # a file written between two parts' scans, most often
-        said = [f"{s['path']} of {s['bytes']:,} bytes modified {_when(s['mtime_ns'])}" for s in (a["inputs"][k],
-                                                                                                 b["inputs"][k])]
-        return f"their input {k + 1}: {said[0]} and {said[1]}"
-    return "" if len(ins[0]) == len(ins[1]) else f"their number of inputs ({len(ins[0])} and {len(ins[1])})"
+    if a["inputs_digest"] == b["inputs_digest"]:
+        return ""
+    for k in sorted(a["listed"].keys() & b["listed"].keys()):  # a file written between two parts' scans, most often
+        x, y = a["listed"][k], b["listed"][k]
+        if _seen(x) != _seen(y):
+            said = [f"{s['path']} of {s['bytes']:,} bytes modified {_when(s['mtime_ns'])}" for s in (x, y)]
+            return f"their input {k + 1}: {said[0]} and {said[1]}"
+    if a["num_inputs"] != b["num_inputs"]:
+        return f"their number of inputs ({a['num_inputs']} and {b['num_inputs']})"
+    return (f"their inputs (digests {a['inputs_digest'][:12]} and {b['inputs_digest'][:12]}: another list or order "
+            "of the same number of files, or a file written between their scans)")
+
+
+def _inputs(where: str, parts: list[tuple[Path, dict]]) -> list[dict]:
+    """Every input of the scan, from the parts that list it; ScanError for one no part lists (a part
+    edited or written by something else), or a list that is not the one the parts' digest names."""
+    doc0 = parts[0][1]
+    inputs = [None] * doc0["num_inputs"]
+    for p, doc in parts:
+        for k, s in doc["listed"].items():
+            if not (isinstance(k, int) and 0 <= k < len(inputs)):
+                raise ScanError(f"{p}: its input {k!r} is not one of the scan's {len(inputs)}: {_AGAIN}")
+            inputs[k] = inputs[k] or s
+    absent = [k for k, s in enumerate(inputs) if s is None]
+    if absent:
+        raise ScanError(f"--scan {where}: no part lists its input {absent[0] + 1} of {len(inputs)} ({len(absent)} "
+                        f"unlisted): {_AGAIN}")
+    if inputs_digest(inputs) != doc0["inputs_digest"]:
+        raise ScanError(f"--scan {where}: the inputs its parts list are not those of their digest: {_AGAIN}")
+    return inputs
 
 
 def load(where: str) -> Scan:
@@ -228,7 +282,7 @@ def load(where: str) -> Scan:
         raise ScanError(f"--scan {where} lacks {len(missing)} of the {n} parts of its scan (--part "
                         f"{', '.join(map(str, missing[:10]))}{' ...' if len(missing) > 10 else ''}): run them, or wait "
                         "for them to finish")
-    block, inputs = doc0["block"], doc0["inputs"]
+    block, inputs = doc0["block"], _inputs(where, parts)
     per_file = [np.full(-(-s["bytes"] // block), -1, dtype=np.int64) for s in inputs]
     last = [10] * len(inputs)
     try:

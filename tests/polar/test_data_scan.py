@@ -203,10 +203,32 @@ def test_a_scan_missing_a_part_or_mixing_two_is_refused_naming_them(tmp_path, in
         f.write("\n")
     assert scan(*inputs, "-o", out, "--num-parts", 4, "--part", 1) == 0
     assert build(*common) == 2
+    # neither part counted a block of inputs[1]: their digests of the whole list tell them apart
     assert re.search(rf"error: --scan {re.escape(str(out))} holds parts of two scans: scan-00000-of-00004.json and "
-                     rf"scan-00001-of-00004.json differ in their input 2: {re.escape(str(inputs[1]))} of [\d,]+ bytes "
-                     rf"modified [^:]+:[^:]+:\S+ and {re.escape(str(inputs[1]))} of [\d,]+ bytes modified",
+                     r"scan-00001-of-00004.json differ in their inputs \(digests [0-9a-f]{12} and [0-9a-f]{12}: "
+                     r"another list or order of the same number of files, or a file written between their scans\): "
+                     "remove the older parts", capsys.readouterr().err)
+
+
+def test_parts_of_two_scans_name_the_input_both_counted_that_differs(tmp_path, inputs, capsys):
+    """Two parts that counted blocks of the same input name it, with what each saw of it; another
+    order of the same files is another scan."""
+    a, b = inputs
+    out = tmp_path / "scan"
+    common = [a, b, "-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", out]
+    assert scan(a, b, "-o", out, "--num-parts", 2, "--part", 0) == 0
+    with open(a, "a") as f:  # written to between two parts' scans; both count blocks of a
+        f.write("\n")
+    assert scan(a, b, "-o", out, "--num-parts", 2, "--part", 1) == 0
+    assert build(*common) == 2
+    assert re.search(rf"error: --scan {re.escape(str(out))} holds parts of two scans: scan-00000-of-00002.json and "
+                     rf"scan-00001-of-00002.json differ in their input 1: {re.escape(str(a))} of [\d,]+ bytes "
+                     rf"modified [^:]+:[^:]+:\S+ and {re.escape(str(a))} of [\d,]+ bytes modified",
                      capsys.readouterr().err)
+    assert scan(b, a, "-o", out, "--num-parts", 2, "--part", 1) == 0  # its part 1 counts a's last blocks
+    assert build(*common) == 2
+    assert ("scan-00000-of-00002.json and scan-00001-of-00002.json differ in their inputs (digests "
+            in capsys.readouterr().err)
 
 
 def test_two_scans_writing_the_same_part_at_once_both_succeed(tmp_path, inputs, monkeypatch, capsys):
@@ -252,8 +274,104 @@ def test_the_scan_reports_progress_and_what_it_wrote(tmp_path, inputs, monkeypat
     assert f"wrote {tmp_path / 'scan' / 'scan-00001-of-00002.json'}: part 1 of 2" in out
     assert f"`polar data build --scan {tmp_path / 'scan'}` reads it once all 2 parts are there" in out
     done = json.loads((tmp_path / "scan" / "scan-00001-of-00002.json").read_text())
-    assert [(s["path"], s["bytes"]) for s in done["inputs"]] == [(str(p), p.stat().st_size) for p in inputs]
+    listed = [(c["input"], c["path"], c["bytes"]) for c in done["blocks"]]  # the last half's inputs
+    assert listed and listed == [(k, str(p), p.stat().st_size) for k, p in enumerate(inputs)][-len(listed):]
     assert 0 < sum(len(data_scan._decode(c["newlines"])) for c in done["blocks"]) * BLOCK < total
+
+
+def parts_of(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out.glob("scan-*.json"))]
+
+
+def test_a_part_holds_the_inputs_it_counted_not_every_input(tmp_path, inputs):
+    """Every part listed every input's path, size and time: at 10^5 inputs and 100 parts, 10 MB a
+    part and 1 GB of JSON read by every machine of the build. A part's size is now that of what it
+    counted, whatever the inputs outside it."""
+    more = [write_jsonl(tmp_path / "more" / f"{k:04d}.jsonl", [{"prompt": "p"}]) for k in range(400)]
+    sizes = []
+    for extra in (10, 400):
+        files = [str(p) for p in [*inputs, *more[:extra]]]
+        blocks = sum(-(-os.path.getsize(f) // BLOCK) for f in files)
+        out = tmp_path / f"scan-{extra}"
+        data_scan.scan(files, str(out), blocks, 0, quiet=True)  # part 0: the first block of a.jsonl
+        part = out / data_scan.part_name(0, blocks)
+        assert [c["input"] for c in json.loads(part.read_text())["blocks"]] == [0]
+        sizes.append(len(part.read_bytes()) - len(f"{blocks}{len(files)}"))  # less the digits of its counts
+    assert sizes[0] == sizes[1], sizes
+
+
+def test_an_empty_input_is_listed_by_one_part_and_checked_by_the_build(tmp_path, inputs, capsys):
+    """An empty input has no block to count: the part whose run holds the block after it lists it, the
+    last part for one at the end, so that the build still checks it (an input no part lists, or a
+    listing that is not the parts' digest's, is refused)."""
+    a, b = inputs
+    empty = [tmp_path / "in" / f"e{k}.jsonl" for k in range(3)]
+    for e in empty:
+        e.write_bytes(b"")
+    files = [empty[0], a, empty[1], b, empty[2]]
+    first_block = {1: 0, 3: -(-a.stat().st_size // BLOCK)}  # a's and b's first blocks over all
+    total = first_block[3] + -(-b.stat().st_size // BLOCK)
+    for num_parts in (1, 2, 3, total + 3):
+        out = tmp_path / f"scan-{num_parts}"
+        for part in range(num_parts):
+            assert scan(*files, "-o", out, "--num-parts", num_parts, "--part", part) == 0
+        owner = {}
+        for doc in parts_of(out):
+            part = doc["part"]
+            first, stop = part * total // num_parts, (part + 1) * total // num_parts  # the blocks it counts
+            for c in doc["blocks"]:
+                if c["bytes"] == 0:
+                    assert c["input"] not in owner and c["newlines"] == ""
+                    owner[c["input"]] = part
+                    after = first_block.get(c["input"] + 1, total)
+                    assert first <= after < stop or after == total and part == num_parts - 1
+        assert sorted(owner) == [0, 2, 4], (num_parts, owner)
+        assert [c.lines for c in data_scan.load(str(out)).line_counts(list(map(str, files)))] == [0, 70, 0, 30, 0]
+    common = [*files, "-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", out, "--force"]
+    assert build(*common) == 0
+    with open(empty[1], "w") as f:
+        f.write("{}\n")
+    assert build(*common) == 2
+    assert f"error: {empty[1]} changed since --scan {out} counted its lines: 3 bytes now, 0 in the scan" in \
+        capsys.readouterr().err
+    empty[1].write_bytes(b"")
+    part = out / data_scan.part_name(owner[2], total + 3)
+    doc = json.loads(part.read_text())
+    doc["blocks"] = [c for c in doc["blocks"] if c["input"] != 2]
+    part.write_text(json.dumps(doc))
+    assert build(*common) == 2
+    assert (f"error: --scan {out}: no part lists its input 3 of 5 (1 unlisted): run `polar data scan` again"
+            in capsys.readouterr().err)
+    doc["blocks"].append({"input": 2, "path": str(empty[1]), "bytes": 1, "mtime_ns": 0, "first_block": 0,
+                          "newlines": "", "last_byte": None})
+    part.write_text(json.dumps(doc))
+    assert build(*common) == 2
+    assert (f"error: --scan {out}: the inputs its parts list are not those of their digest: run `polar data scan` "
+            "again" in capsys.readouterr().err)
+
+
+def test_parts_of_version_1_which_list_every_input_are_read(tmp_path, inputs, capsys):
+    """A scan made by the polar before (every input listed in every part) serves the build as it is,
+    alone or beside parts of this one; a version this polar does not know is refused, saying so."""
+    files = list(map(str, inputs))
+    out = tmp_path / "scan"
+    for part in range(3):
+        assert scan(*files, "-o", out, "--num-parts", 3, "--part", part) == 0
+    want = data_scan.load(str(out)).line_counts(files)
+    every = [{"path": f, "bytes": os.stat(f).st_size, "mtime_ns": os.stat(f).st_mtime_ns} for f in files]
+    for p in sorted(out.glob("scan-*.json"))[:2]:  # parts 0 and 1 as version 1 wrote them
+        doc = json.loads(p.read_text())
+        blocks = [{k: c[k] for k in ("input", "first_block", "newlines", "last_byte")} for c in doc["blocks"]]
+        p.write_text(json.dumps({"format": doc["format"], "version": 1, "num_parts": 3, "part": doc["part"],
+                                 "block": doc["block"], "inputs": every, "blocks": blocks}))
+    got = data_scan.load(str(out)).line_counts(files)
+    assert [(g.size, g.lines, g.newlines.tolist()) for g in got] == [(w.size, w.lines, w.newlines.tolist())
+                                                                      for w in want]
+    last = out / data_scan.part_name(2, 3)
+    last.write_text(last.read_text().replace('"version": 2', '"version": 3'))
+    assert build(*files, "-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", out) == 2
+    assert (f"error: {last}: version 3, where this polar reads versions 1, 2: run `polar data scan` again"
+            in capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("args, message", [
