@@ -35,6 +35,9 @@ CASES = [
     ("fp8.py", ["--steps", "1"]),
     ("data_build.py", ["--records", "0"]),
     ("data_build.py", ["--workers", "0"]),
+    ("data_build.py", ["--json-inputs", "0"]),
+    ("data_build.py", ["--json-parts", "0"]),
+    ("checkpoint_fsync.py", ["--repeats", "0"]),
     ("learnability.py", ["--batch", "0"]),  # a traceback in a worker process
     ("learnability.py", ["--eval-triplets", "0"]),
     ("scaling_law.py", ["--jobs", "0"]),
