@@ -3,7 +3,8 @@
 The engine never parses a command line of its own: entry scripts build one top-level dataclass
 from a YAML file plus overrides with `load_config`, and hand each component the section it needs.
 Unknown keys, wrong types and impossible layouts stop the run at start-up with a message that
-names the setting, long before a cluster allocation is wasted.
+names the setting (and the file and line, or the command line, that gave a value), long before a
+cluster allocation is wasted.
 """
 from __future__ import annotations
 
@@ -215,19 +216,53 @@ class EngineConfig:
     run_dir: str = setting("runs/default", run_directory)
 
 
-def validate(cfg, where: str = "") -> None:
+def validate(cfg, where: str = "", sources: Optional[dict] = None) -> None:
     """Runs every field's check (depth first, in declaration order); the first failure raises
-    ConfigError naming the setting. A field that declares no check is a programming error."""
+    ConfigError naming the setting, after the file and line (or the command line) that set it where
+    `sources` (load_config's) knows. A field that declares no check is a programming error."""
     for f in dataclasses.fields(cfg):
         name = f"{where}.{f.name}" if where else f.name
         value = getattr(cfg, f.name)
         if dataclasses.is_dataclass(value):
-            validate(value, name)
+            validate(value, name, sources)
             continue
         check = f.metadata.get("check")
         if check is None:
             raise TypeError(f"config field {name} declares no check: define it with engine.setting_checks.setting()")
-        check(name, value)
+        try:
+            check(name, value)
+        except ConfigError as e:
+            raise _traced(e, name, sources) from None
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a setting's value came from: a config file and the line of its key, or the command line."""
+
+    file: Optional[str] = None  # None: the command line
+    line: Optional[int] = None
+    # a preset shipped with the package (a `base:` name, engine.config.register_named_bases), not a
+    # file of the user's: its values are defaults the user did not choose
+    shipped: bool = False
+
+    def __str__(self) -> str:
+        if self.file is None:
+            return "command line"
+        return f"{self.file}:{self.line}" if self.line else self.file
+
+
+def set_by_user(sources: dict, name: str) -> bool:
+    """Whether a file of the user's or the command line set the setting `name` (a.b) in the load that
+    filled `sources`; a preset's value and the default are not the user's choice."""
+    source = sources.get(name)
+    return source is not None and not source.shipped
+
+
+def _traced(e: ConfigError, name: str, sources: Optional[dict]) -> ConfigError:
+    """`e` (about the setting `name`) led by where that setting was given: once a file, its bases and
+    the command line are merged, a value no longer says which of them it came from."""
+    source = sources.get(name) if sources else None
+    return ConfigError(f"{source}: {e}") if source is not None else e
 
 
 def _field_types(cls) -> dict[str, Any]:
@@ -320,11 +355,11 @@ def _unknown_setting(cls, values: dict, where: str) -> Optional[tuple[str, str]]
                         + ", ".join(sorted(names)))
 
 
-def _build(cls, values: dict, where: str):
+def _build(cls, values: dict, where: str, sources: Optional[dict] = None):
     types = _field_types(cls)
     unknown = _unknown_setting(cls, values, where)
     if unknown:
-        raise ConfigError(unknown[1])
+        raise _traced(ConfigError(unknown[1]), f"{where}.{unknown[0]}" if where else str(unknown[0]), sources)
     obj = cls()
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
     for key, value in values.items():
@@ -335,17 +370,20 @@ def _build(cls, values: dict, where: str):
             value = meta[key]["false_means"]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = _merge(current, value, sub)
+            value = _merge(current, value, sub, sources)
         else:
-            value = _coerce(value, types[key], sub)
+            try:
+                value = _coerce(value, types[key], sub)
+            except ConfigError as e:
+                raise _traced(e, sub, sources) from None
         setattr(obj, key, value)
     return obj
 
 
-def _merge(obj, values: dict, where: str):
+def _merge(obj, values: dict, where: str, sources: Optional[dict] = None):
     merged = dataclasses.asdict(obj)
     _deep_update(merged, values)
-    return _build(type(obj), merged, where)
+    return _build(type(obj), merged, where, sources)
 
 
 def _deep_update(dst: dict, src: dict) -> None:
@@ -376,22 +414,32 @@ def _misplaced_key(cls, values: dict, where: str = "") -> Optional[tuple[list, s
     return None
 
 
-def _line_of(text: str, keys: list) -> Optional[int]:
-    """The 1-based line of the key reached through `keys` in a YAML text, None where not found."""
+def _key_lines(text: str) -> dict:
+    """a.b -> the 1-based line of that key in a YAML text, for every key reached through mappings
+    (a key that only a merge `<<:` brings has none)."""
     try:
-        node = yaml.compose(text)
+        root = yaml.compose(text)
     except yaml.YAMLError:
-        return None
-    line = None
-    for key in keys:
-        if not isinstance(node, yaml.MappingNode):
-            return None
-        found = [(k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == str(key)]
-        if not found:
-            return None
-        line = found[-1][0].start_mark.line + 1  # YAML keeps the last of a repeated key
-        node = found[-1][1]
-    return line
+        return {}
+    lines: dict = {}
+    todo = [(root, "", ())]
+    while todo:
+        node, prefix, above = todo.pop()
+        if not isinstance(node, yaml.MappingNode) or id(node) in above:  # an alias may name a mapping it is in
+            continue
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                lines[prefix + key.value] = key.start_mark.line + 1
+                todo.append((value, f"{prefix}{key.value}.", above + (id(node),)))
+    return lines
+
+
+def _paths(values: dict, prefix: str = ""):
+    """Every key of a nested mapping as a.b, sections and the settings inside them."""
+    for key, value in values.items():
+        yield f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _paths(value, f"{prefix}{key}.")
 
 
 # `base:` names that are no file beside the config naming them: engine/ must not import polar/, so
@@ -404,6 +452,15 @@ def register_named_bases(find, names) -> None:
     the message when a base is neither a file nor one of them."""
     if (find, names) not in _named_bases:
         _named_bases.append((find, names))
+
+
+def _shipped(path: Path) -> bool:
+    """Whether `path` is the file a registered `base:` name stands for (a preset)."""
+    for find, _ in _named_bases:
+        found = find(path.name)
+        if found is not None and Path(found).resolve() == path.resolve():
+            return True
+    return False
 
 
 def _base_file(config: Path, base: str) -> str:
@@ -452,55 +509,69 @@ def parse_overrides(overrides: list[str]) -> dict:
 
 
 def load_config(cls, path: Optional[str] = None, overrides: Optional[list[str]] = None, *,
-                ignore: tuple = (), check: bool = True, _chain: tuple = ()):
-    """Defaults of `cls`, then the YAML file at `path`, then command-line overrides. `ignore`: top-level
-    sections dropped from the file (and its bases) and the overrides, for a reader of one recipe's
-    files that does not know the other recipes' sections (`polar plan`). `check=False`: the values
-    are not checked (--print-config shows a config that still lacks a required setting)."""
-    values: dict = {}
-    if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        here = p.resolve()
-        if here in _chain:
-            names = [str(f) for f in _chain[_chain.index(here):]] + [str(here)]
-            raise ConfigError(f"{path}: base: files name each other in a cycle: {' -> '.join(names)}")
-        text = p.read_text()
-        try:
-            loaded = yaml_load.safe_load(text)
-        except yaml_load.DuplicateKeyError as e:
-            raise ConfigError(f"{path}:{e.line}: {e.reason}") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of sections")
-        values = loaded or {}
-        for name in ignore:
-            values.pop(name, None)
-        has_base, base = "base" in values, values.pop("base", None)
-        # once merged with its bases and the command line, a key can no longer be traced to its file
-        misplaced = _misplaced_key(cls, values)
-        if misplaced:
-            line = _line_of(text, misplaced[0])
-            raise ConfigError(f"{path}{f':{line}' if line else ''}: {misplaced[1]}")
-        if has_base:  # a file may build on another: a file beside it, or a preset's name
-            if not isinstance(base, str) or not base:
-                raise ConfigError(f"{path}: base={base!r}: expected the path of another config file, or a preset's "
-                                  "name")
-            base_cfg = load_config(cls, _base_file(p, base), ignore=ignore, _chain=_chain + (here,))
-            base_values = dataclasses.asdict(base_cfg)
-            _deep_update(base_values, values)
-            values = base_values
+                ignore: tuple = (), check: bool = True, sources: Optional[dict] = None):
+    """Defaults of `cls`, then the YAML file at `path` (over the files its `base:` names), then
+    command-line overrides; every value is checked once merged, and an error names the file and line
+    that set it (the last in a base chain, the one whose value is kept) or the command line. `ignore`:
+    top-level sections dropped from the file (and its bases) and the overrides, for a reader of one
+    recipe's files that does not know the other recipes' sections (`polar plan`). `check=False`: the
+    values are not checked (--print-config shows a config that still lacks a required setting).
+    `sources`: a dict filled with a.b -> Source for every setting a file or the command line gave."""
+    found: dict = {}
+    values = _file_values(cls, Path(path), ignore, (), found) if path else {}
     if overrides:
         parsed = parse_overrides(overrides)
         for name in ignore:
             parsed.pop(name, None)
         _deep_update(values, parsed)
-    cfg = _build(cls, values, "")
+        found.update((name, Source()) for name in _paths(parsed))
+    cfg = _build(cls, values, "", found)
     if check:
-        validate(cfg)
+        validate(cfg, sources=found)
+    if sources is not None:
+        sources.update(found)
     return cfg
+
+
+def _file_values(cls, p: Path, ignore: tuple, chain: tuple, sources: dict) -> dict:
+    """The settings a config file gives over those of its `base:` chain, unchecked (a later file or
+    the command line may still replace a value); `sources` gets where each came from."""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    here = p.resolve()
+    if here in chain:
+        names = [str(f) for f in chain[chain.index(here):]] + [str(here)]
+        raise ConfigError(f"{p}: base: files name each other in a cycle: {' -> '.join(names)}")
+    text = p.read_text()
+    try:
+        loaded = yaml_load.safe_load(text)
+    except yaml_load.DuplicateKeyError as e:
+        raise ConfigError(f"{p}:{e.line}: {e.reason}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    values = loaded or {}
+    for name in ignore:
+        values.pop(name, None)
+    has_base, base = "base" in values, values.pop("base", None)
+    lines = _key_lines(text)
+    # the keys are checked file by file, where a misplaced one is still the file's own
+    misplaced = _misplaced_key(cls, values)
+    if misplaced:
+        line = lines.get(".".join(map(str, misplaced[0])))
+        raise ConfigError(f"{p}{f':{line}' if line else ''}: {misplaced[1]}")
+    if has_base:  # a file may build on another: a file beside it, or a preset's name
+        if not isinstance(base, str) or not base:
+            raise ConfigError(f"{p}: base={base!r}: expected the path of another config file, or a preset's "
+                              "name")
+        merged = _file_values(cls, Path(_base_file(p, base)), ignore, chain + (here,), sources)
+        _deep_update(merged, values)
+    else:
+        merged = values
+    shipped = _shipped(p)
+    sources.update((name, Source(str(p), lines.get(name), shipped)) for name in _paths(values))
+    return merged
 
 
 def to_dict(cfg) -> dict:

@@ -199,10 +199,10 @@ def test_a_section_that_is_no_mapping_in_a_file_names_the_file(tmp_path):
         load_config(EngineConfig, str(f))
 
 
-def test_an_unknown_key_on_the_command_line_names_no_file(tmp_path):
+def test_an_unknown_key_on_the_command_line_names_the_command_line_not_the_file(tmp_path):
     f = tmp_path / "c.yaml"
     f.write_text("train:\n  lr: 0.5\n")
-    with pytest.raises(ConfigError, match=r"^unknown setting 'train\.lrr'"):
+    with pytest.raises(ConfigError, match=r"^command line: unknown setting 'train\.lrr'"):
         load_config(EngineConfig, str(f), ["train.lrr=1"])
 
 

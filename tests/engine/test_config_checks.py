@@ -140,7 +140,7 @@ def test_under_torchrun_the_message_is_printed_once(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=300, cwd=tmp_path)
     assert proc.returncode != 0
-    assert proc.stderr.count("config error: train.loss='hinge'") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("config error: command line: train.loss='hinge'") == 1, proc.stderr[-3000:]
     assert "]: Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]  # torchrun's root cause: a worker's 2
     assert not (tmp_path / "run").exists()
