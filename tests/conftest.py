@@ -30,6 +30,7 @@ SLOWEST_FIRST = (
     "tests/polar/test_finetune.py",
     "tests/engine/test_parallel_parity.py",
     "tests/engine/test_stop_signal.py",  # 88 s (2026-12-05, 716803d)
+    "tests/engine/test_stop_signal_eval.py",  # ~60 s (2026-12-05, d1f6a3c)
     "tests/polar/test_score.py",
     "tests/engine/test_parallel_data.py",
     "tests/polar/convert/test_smollm2.py",
