@@ -386,6 +386,14 @@ def _merge(obj, values: dict, where: str, sources: Optional[dict] = None):
     return _build(type(obj), merged, where, sources)
 
 
+def updated(obj, values: dict, where: str):
+    """A copy of the config section `obj` with `values` (its settings' names) read and checked as a
+    file's would be; an error names the setting as `where`.name."""
+    new = _merge(obj, values, where)
+    validate(new, where)
+    return new
+
+
 def _deep_update(dst: dict, src: dict) -> None:
     for k, v in src.items():
         if isinstance(v, dict) and isinstance(dst.get(k), dict):

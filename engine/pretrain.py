@@ -94,20 +94,27 @@ def _main(argv=None, recipe=None) -> int:
         from polar.presets import resolve_config
 
         name = args.config or recipe.DEFAULT_PRESET
+        sources: dict = {}
         cfg = load_config(recipe.CONFIG_CLASS, resolve_config(name) if name else None, args.overrides,
-                          check=not args.print_config)
+                          check=not args.print_config, sources=sources)
         if args.print_config:  # the resolved settings, before the checks that need this machine's layout
+            try:
+                taken = model_from_checkpoint(cfg, sources)
+            except (ConfigError, OSError):  # unchecked here: the run names what is wrong with the checkpoint
+                taken = ""
             if rank == 0:
-                print(dump_yaml(cfg))
+                print((f"# {taken}\n" if taken else "") + dump_yaml(cfg))
             return 0
         from engine.cuda_env import order_tp_launches
 
         order_tp_launches(cfg.parallel.tp)  # before the first CUDA call (check_machine makes one)
+        restarted = resume_on_restart(cfg)  # first: whether the run resumes decides which checkpoint it loads
+        taken = model_from_checkpoint(cfg, sources)
+        for line in (restarted, taken):
+            if line and rank == 0:
+                print(line, flush=True)
         check_machine(cfg)
         recipe.check(cfg)
-        restarted = resume_on_restart(cfg)
-        if restarted and rank == 0:
-            print(restarted, flush=True)
         check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))
         from engine.runtime import validate_layout, world_size_from_env
 
@@ -257,6 +264,44 @@ def resume_on_restart(cfg, env=None) -> str:
     cfg.checkpoint.resume = True
     return (f"note: checkpoint.resume=false holds for the run's first start; this is a restart of the same job "
             f"({', '.join(restarts)}; {found} was written by it), which resumes from its checkpoints")
+
+
+def model_from_checkpoint(cfg, sources: dict) -> str:
+    """A run that loads a checkpoint (the step it resumes from, else checkpoint.init_from) builds the
+    model that checkpoint holds: every model.* setting recorded with it (engine.checkpoint.
+    saved_model_settings) that the user did not set, in a --config file of theirs or on the command
+    line (a preset's or the default's value is no choice of theirs), is taken from it, as loading a
+    pretrained model brings its architecture elsewhere. The RoPE and norm settings come too: they
+    are the function the weights were trained to compute (a converted Qwen2 checkpoint's
+    rotary_base=1e6, say), which the defaults would silently change. A setting the user gave is kept
+    and checked against the checkpoint (check_checkpoints). -> the line naming the settings that
+    changed ("" when none did)."""
+    import dataclasses
+
+    from engine import checkpoint
+    from engine.config import set_by_user, updated
+
+    step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    if step is None and cfg.checkpoint.init_from:
+        step = checkpoint.resolve(cfg.checkpoint.init_from)
+    found = checkpoint.saved_model_settings(step) if step else None
+    if found is None:
+        return ""
+    saved, where = found
+    names = {f.name for f in dataclasses.fields(cfg.model)}
+    taken = {k: v for k, v in saved.items() if k in names and not set_by_user(sources, f"model.{k}")}
+    if taken.get("vocab_size") == 0:  # recorded as "the tokenizer's": the run's recipe decides, as it did then
+        del taken["vocab_size"]
+    try:
+        model = updated(cfg.model, taken, "model")
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    changed = [k for k in taken if getattr(model, k) != getattr(cfg.model, k)]
+    cfg.model = model
+    if not changed:
+        return ""
+    return (f"model settings from {where}: {', '.join(f'model.{k}={getattr(model, k)}' for k in changed)} "
+            "(a model.* setting given in a --config file or on the command line is kept)")
 
 
 def check_checkpoints(cfg, derived=()) -> None:

@@ -16,7 +16,8 @@ ceil(epochs x sequences / global_batch) steps every sequence of the requested ep
 and the last batch is topped up from the next epoch's order (engine.data: one continuous stream).
 
 The run starts from `checkpoint.init_from` (a pre-training run's checkpoint, or one made by
-`polar convert hf-to-engine`), holds out `finetune.eval_fraction` of the records, whole prompts
+`polar convert hf-to-engine`), whose recorded model.* settings it takes unless given
+(engine.pretrain.model_from_checkpoint), holds out `finetune.eval_fraction` of the records, whole prompts
 at a time (polar.finetune_split; or reads `finetune.eval`), and evaluates on them every
 `train.eval_interval` steps and at the end. Same engine, layouts, logging, checkpoints and exact
 resume as pre-training (engine/pretrain.py).
@@ -42,8 +43,8 @@ from polar.pretrain_recipe import RunData
 CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "
        "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too).",
        # the presets set train.steps, which fine-tuning derives from finetune.epochs: they are refused
-       "config_help": "a YAML file holding a model section only (e.g. ckpt/base/model.yaml); model.* settings "
-                      "must match the checkpoint"}
+       "config_help": "a YAML file of settings (no train.steps or train.warmup_steps); the model.* settings "
+                      "checkpoint.init_from records are taken from it, and one given here must match it"}
 
 
 def _existing_file_or_empty(where, v):

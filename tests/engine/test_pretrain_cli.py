@@ -88,7 +88,7 @@ def test_a_resume_into_another_model_shape_names_the_step_and_the_setting(tmp_pa
 
     step = _saved_step(tmp_path / "run", {"step": 4})
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), "hidden_size": 96}))
-    assert main([f"run_dir={tmp_path / 'run'}", *SMALL]) == 2
+    assert main([f"run_dir={tmp_path / 'run'}", "model.hidden_size=64", *SMALL]) == 2  # the user's own value
     err = capsys.readouterr().err
     assert (f"config error: {step}, the step this run resumes from (checkpoint.resume=true), holds a model with "
             "model.hidden_size=96") in err, err
@@ -214,13 +214,48 @@ def test_a_resume_into_a_model_that_computes_otherwise_is_refused(tmp_path, caps
 
     step = _step_of_model(tmp_path / "run" / "checkpoints" / "step_00000004", rotary_base=500000.0,
                           norm_epsilon=1e-6)
-    assert main([f"run_dir={tmp_path / 'run'}", *SMALL, "--check-config"]) == 2
+    # given by the user (left out, they are the checkpoint's: test_a_run_builds_the_model_its_checkpoint_holds)
+    assert main([f"run_dir={tmp_path / 'run'}", *SMALL, "model.rotary_base=10000", "model.norm_epsilon=1e-5",
+                 "--check-config"]) == 2
     err = capsys.readouterr().err
     assert err.count("config error:") == 1 and f"config error: {step}, the step this run resumes from" in err, err
     assert "model.rotary_base=500000.0, model.norm_epsilon=1e-06 (recorded in" in err, err
     assert "set model.rotary_base=500000.0 model.norm_epsilon=1e-06" in err, err
 
 
+
+
+@pytest.mark.parametrize("how", ["resume", "init_from"])
+def test_a_run_builds_the_model_its_checkpoint_holds(tmp_path, capsys, how):
+    """`checkpoint.init_from=DIR` (or the run's own checkpoint it resumes) with the default preset:
+    tiny_cpu's model (hidden 64, RoPE base 1e4) was refused against the checkpoint's (hidden 96, RoPE
+    base 5e5), with the settings to type; a preset's value is no choice of the user's, so the
+    checkpoint's are taken, said once, and shown by --print-config. A value the user gives is kept
+    and still checked against the checkpoint."""
+    from engine.pretrain import main
+
+    where = tmp_path / "run" / "checkpoints" if how == "resume" else tmp_path / "base"
+    step = _step_of_model(where / "step_00000004", hidden_size=96, ffn_hidden_size=256, rotary_base=500000.0)
+    args = [f"run_dir={tmp_path / 'run'}", *SMALL] + ([f"checkpoint.init_from={where}"] if how == "init_from" else [])
+    note = (f"model settings from {step / 'model.json'}: model.hidden_size=96, model.ffn_hidden_size=256, "
+            "model.vocab_size=260, "
+            "model.rotary_base=500000.0 (a model.* setting given in a --config file or on the command line is kept)")
+    code = main([*args, "--check-config"])
+    out, err = capsys.readouterr()
+    assert out.count(note) == 1, out
+    # past the model checks: a resume then reads the step back, which holds no weights here
+    assert (code, err) == (0, "") if how == "init_from" else (code == 2 and "does not read back" in err), err
+    assert main([*args, "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(f"# {note}\n") and "hidden_size: 96" in printed and "rotary_base: 500000.0" in printed
+    assert main([*args, "model.hidden_size=64", "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a model with model.hidden_size=96 (recorded in" in err and "ffn_hidden_size" not in err, err
+    # a file of the user's is the user's choice too; the preset under it is not
+    (tmp_path / "mine.yaml").write_text("base: tiny_cpu\nmodel:\n  ffn_hidden_size: 176\n")
+    assert main([*args, "--config", str(tmp_path / "mine.yaml"), "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a model with model.ffn_hidden_size=256 (recorded in" in err and "hidden_size=96" not in err, err
 
 
 def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path):

@@ -166,28 +166,54 @@ def test_every_record_set_aside_by_skip_is_listed_with_its_reason(tmp_path, caps
     assert not rejects.exists() and f"removed {rejects} of an earlier run" in capsys.readouterr().out
 
 
-def test_every_model_setting_init_from_differs_in_is_named_at_once(tmp_path, capsys):
-    """`polar finetune ... model.hidden_size=64` against a checkpoint of hidden 64 and FFN 176 named
-    only ffn_hidden_size, after a run without it had named only hidden_size."""
+def _init_step(tmp_path, **model):
     import dataclasses
 
     from engine import checkpoint
     from engine.config import ModelConfig
-    from engine.finetune import main
 
     step = tmp_path / "base" / "step_00000000"
     step.mkdir(parents=True)
     (step / "metadata.json").write_text("{}")
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), "vocab_size": 260,
-                                                          "hidden_size": 64, "ffn_hidden_size": 176}))
+                                                          **model}))
+    return step
+
+
+def test_init_from_brings_the_model_it_holds(tmp_path, capsys):
+    """`polar finetune checkpoint.init_from=runs/default/checkpoints finetune.train=prefs.jsonl` was
+    refused: 'holds a model with model.hidden_size=64, model.ffn_hidden_size=176 ... set
+    model.hidden_size=64 model.ffn_hidden_size=176'; the checkpoint's settings are taken instead."""
+    from engine.finetune import main
+
+    step = _init_step(tmp_path, hidden_size=64, ffn_hidden_size=176)
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"q{i}", "reference": "r", "chosen": "c", "rejected": "x"})
+                               + "\n" for i in range(4)))
+    args = [f"checkpoint.init_from={step}", f"finetune.train={records}", "finetune.tokenizer=byte",
+            "finetune.eval_fraction=0", "train.global_batch=1", f"run_dir={tmp_path / 'run'}"]
+    assert main([*args, "--check-config"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.count(f"model settings from {step / 'model.json'}: model.hidden_size=64, model.ffn_hidden_size=176, "
+                     "model.vocab_size=260 (") == 1, out
+
+
+def test_every_model_setting_given_that_init_from_differs_in_is_named_at_once(tmp_path, capsys):
+    """`polar finetune ... model.hidden_size=64` against a checkpoint of hidden 64 and FFN 176 named
+    only ffn_hidden_size, after a run without it had named only hidden_size. A setting the user gives
+    is still checked; those left out are the checkpoint's."""
+    from engine.finetune import main
+
+    step = _init_step(tmp_path, hidden_size=64, ffn_hidden_size=176)
     (tmp_path / "r.jsonl").write_text("")
     args = [f"checkpoint.init_from={step}", f"finetune.train={tmp_path / 'r.jsonl'}", "finetune.tokenizer=byte",
             f"run_dir={tmp_path / 'run'}"]
-    for extra in ([], ["model.hidden_size=32"]):
+    for extra, named in ((["model.hidden_size=32", "model.ffn_hidden_size=128"], "model.hidden_size=64, "
+                          "model.ffn_hidden_size=176"), (["model.hidden_size=32"], "model.hidden_size=64 ")):
         assert main([*args, *extra]) == 2
         err = capsys.readouterr().err
-        assert (f"config error: checkpoint.init_from={step} holds a model with model.hidden_size=64, "
-                "model.ffn_hidden_size=176") in err and "set model.hidden_size=64 model.ffn_hidden_size=176" in err, err
+        assert f"config error: checkpoint.init_from={step} holds a model with {named}" in err, err
+        assert f"set {named.replace(', ', ' ')}".rstrip() in err, err
 
 
 def test_too_few_sequences_for_the_batch_says_what_to_change(tmp_path):
