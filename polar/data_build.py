@@ -39,13 +39,17 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from engine.checkpoint_async import die_with_parent
+from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
@@ -91,6 +95,17 @@ def _init_worker(cfg: BuildConfig) -> None:
 
     _WORKER["cfg"] = cfg
     _WORKER["tok"] = load_tokenizer(cfg.tokenizer)
+
+
+def _start_worker(cfg: BuildConfig, parent_pid: int) -> None:
+    """A pool worker: it ends with the build. Left behind by a build killed without its cleanup
+    (SIGKILL, the out-of-memory killer) it waited forever to hand over a chunk nobody read, holding
+    the shard's lock (the writer's locked file, inherited at the fork): the same command then failed
+    with "another process is writing this shard". SIGTERM has its default action here: the handler
+    inherited from the build (_SigtermStops) is for the main process."""
+    die_with_parent(parent_pid)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _init_worker(cfg)
 
 
 def process_chunk(chunk: Chunk) -> ChunkResult:
@@ -217,8 +232,8 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
     from concurrent.futures import ProcessPoolExecutor
     from concurrent.futures.process import BrokenProcessPool
 
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_init_worker,
-                               initargs=(cfg,))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(), initializer=_start_worker,
+                               initargs=(cfg, os.getpid()))
     todo, pending = iter(chunks), deque()
 
     def died(c: Chunk) -> WorkerDied:
@@ -247,11 +262,64 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
             if nxt is not None:
                 submit(nxt)
             yield res
+    except BaseException:
+        # A build that stops (an error, SIGTERM, Ctrl-C, the generator closed) wants nothing more of
+        # the chunks in flight: shutdown would wait for each to be finished and handed over.
+        for p in list((getattr(pool, "_processes", None) or {}).values()):
+            p.kill()
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ---- main side ----------------------------------------------------------------------------------
+class Terminated(SystemExit):
+    """SIGTERM stopped the build, which wrote nothing of its shard: the process exits 128 + 15, the
+    status of a process SIGTERM ended (engine/stop_signal.py), which launchers retry."""
+
+    def __init__(self):
+        super().__init__(EXIT_SIGTERM)
+
+
+class _SigtermStops:
+    """SIGTERM to the build process alone (`kill PID`, an orchestrator's terminate()) ended it where
+    it stood: its worker processes, which only a signal to the whole process group reaches (Ctrl-C,
+    GNU timeout), were left waiting forever, holding the shard's lock, beside a `.bin.tmp`. Inside
+    this context the signal raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt,
+    and the build cleans up on its way out. Once: a SIGTERM during that cleanup (hold()), such as the
+    second of a signal sent to the process and to its group, only ends the build with Terminated
+    after it, whatever else stopped it (workers SIGTERM killed first: WorkerDied). Installed only
+    where SIGTERM has its default action and the build runs in the main thread (Python's rule for
+    handlers): a program that handles SIGTERM itself keeps doing so."""
+
+    def __init__(self):
+        self.armed = self.received = False
+        self.previous = None
+
+    def _handler(self, signum, frame) -> None:
+        self.received = True
+        if self.armed:
+            self.armed = False
+            raise Terminated()
+
+    def hold(self) -> None:
+        self.armed = False
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self.previous = signal.signal(signal.SIGTERM, self._handler)
+            self.armed = True
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        self.armed = False
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        if exc is not None and self.received and not isinstance(exc, Terminated):
+            raise Terminated() from exc
+
+
 class _Progress:
     def __init__(self, total_bytes: int, quiet: bool, interval: float = 2.0):
         self.total, self.quiet, self.interval = total_bytes, quiet, interval
@@ -359,60 +427,64 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     progress = _Progress(mine.bytes, quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
-    rejects_out, first_reject = None, None
-    try:
-        results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
-        for res in results:
-            if res.arrays:
-                writer.add_sequences(**res.arrays)
-            if res.rejects:
-                first_reject = first_reject or res.rejects[0]
-                rejects_out = rejects_out or open(rejects_tmp, "w")
-                rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
-            counts["lines"] += res.lines
-            counts["blank"] += res.blank
-            counts["records"] += res.records
-            counts["rejected"] += len(res.rejects)
-            counts["too_long"] += res.too_long
-            counts["prompts_shortened"] += res.prompts_shortened
-            counts["prompt_tokens_cut"] += res.prompt_tokens_cut
-            counts["responses_cut"] += res.responses_cut
-            counts["prompts_cut"] += res.prompts_cut
-            counts["groups"] += res.records
-            counts["candidates"] += res.candidates
-            counts["tokens"] += res.tokens
-            progress.update(res)
-        if rejects_out:
-            rejects_out.close()
-        # A shard of no group exited 0 and looked like a dataset; fine-tuning and evaluation stop on
-        # such input ("no usable record"), so the build does too. One shard of several is written all
-        # the same: the directory needs every shard, and the others may hold groups.
-        if not counts["groups"] and num_shards == 1:
-            old = force and name.with_suffix(".idx").exists()
-            where = None
-            if counts["rejected"]:
-                # kept to say why, but not under the name of the old shard's list, which stays with it
-                if old and (not rejects_path or _same_file(rejects_file, replaced)):
-                    where = f"not listed: {rejects_file} is the kept shard's; --rejects PATH lists them"
-                else:
-                    os.replace(rejects_tmp, rejects_file)
-                    where = f"listed with their reasons in {rejects_file}"
-            raise ValueError(_no_group(files, counts, first_reject, where, old))
-        writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
-        # absolute: a rebuild (--force) run from another directory finds it the list it replaces
-        writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
-        meta = writer.close()
-    except BaseException:
-        if rejects_out:
-            rejects_out.close()
-        writer.abort()
-        rejects_tmp.unlink(missing_ok=True)
-        for d in made:  # a failed build into a new directory leaves none behind (one a listed reject is in stays)
-            try:
-                d.rmdir()
-            except OSError:
-                break
-        raise
+    rejects_out, first_reject, results = None, None, None
+    with _SigtermStops() as stop:
+        try:
+            results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
+            for res in results:
+                if res.arrays:
+                    writer.add_sequences(**res.arrays)
+                if res.rejects:
+                    first_reject = first_reject or res.rejects[0]
+                    rejects_out = rejects_out or open(rejects_tmp, "w")
+                    rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
+                counts["lines"] += res.lines
+                counts["blank"] += res.blank
+                counts["records"] += res.records
+                counts["rejected"] += len(res.rejects)
+                counts["too_long"] += res.too_long
+                counts["prompts_shortened"] += res.prompts_shortened
+                counts["prompt_tokens_cut"] += res.prompt_tokens_cut
+                counts["responses_cut"] += res.responses_cut
+                counts["prompts_cut"] += res.prompts_cut
+                counts["groups"] += res.records
+                counts["candidates"] += res.candidates
+                counts["tokens"] += res.tokens
+                progress.update(res)
+            if rejects_out:
+                rejects_out.close()
+            # A shard of no group exited 0 and looked like a dataset; fine-tuning and evaluation stop on
+            # such input ("no usable record"), so the build does too. One shard of several is written all
+            # the same: the directory needs every shard, and the others may hold groups.
+            if not counts["groups"] and num_shards == 1:
+                old = force and name.with_suffix(".idx").exists()
+                where = None
+                if counts["rejected"]:
+                    # kept to say why, but not under the name of the old shard's list, which stays with it
+                    if old and (not rejects_path or _same_file(rejects_file, replaced)):
+                        where = f"not listed: {rejects_file} is the kept shard's; --rejects PATH lists them"
+                    else:
+                        os.replace(rejects_tmp, rejects_file)
+                        where = f"listed with their reasons in {rejects_file}"
+                raise ValueError(_no_group(files, counts, first_reject, where, old))
+            writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
+            # absolute: a rebuild (--force) run from another directory finds it the list it replaces
+            writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
+            meta = writer.close()
+        except BaseException:
+            stop.hold()
+            if results is not None:
+                results.close()  # its workers killed, not left to finish their chunks
+            if rejects_out:
+                rejects_out.close()
+            writer.abort()
+            rejects_tmp.unlink(missing_ok=True)
+            for d in made:  # a failed build into a new directory leaves none behind (one a listed reject is in stays)
+                try:
+                    d.rmdir()
+                except OSError:
+                    break
+            raise
     if counts["rejected"]:
         os.replace(rejects_tmp, rejects_file)
     elif not rejects_path or _same_file(rejects_file, replaced):
@@ -533,6 +605,10 @@ def main(argv=None) -> int:
         meta = build(args.inputs, args.output, cfg, workers=args.workers, chunk_records=args.chunk_records,
                      num_shards=args.num_shards, shard_index=args.shard_index, rejects_path=args.rejects,
                      quiet=args.quiet, force=args.force, scan=args.scan)
+    except Terminated:
+        kept = " (a shard it was to replace, --force, is kept)" if args.force else ""
+        print(f"stopped by SIGTERM: nothing of the shard was written{kept}", file=sys.stderr)
+        return EXIT_SIGTERM
     except RecordError as e:
         print(f"error: {e} (nothing written; --on-error skip sets bad records aside)", file=sys.stderr)
         return 2

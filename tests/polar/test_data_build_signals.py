@@ -1,0 +1,112 @@
+"""`polar data build --workers N` stopped by a signal to its main process alone (`kill PID`, an
+orchestrator's terminate(), the out-of-memory killer): its workers were left running for good,
+holding the shard's lock, and the same command then failed with "another process is writing this
+shard". A SIGTERM now cleans up as Ctrl-C does and exits 143; after a SIGKILL the workers end too."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from engine.indexed_dataset import IndexedDataset
+from engine.stop_signal import EXIT_SIGTERM
+from tests.polar.test_data_build import ROOT, SEQ, synthetic_records, write_jsonl
+
+RECORDS = 60
+ARGS = ["--seq-length", str(SEQ), "--workers", "2", "--chunk-records", "10", "--quiet"]
+
+
+@pytest.fixture()
+def src(tmp_path):
+    return write_jsonl(tmp_path / "r.jsonl", synthetic_records(RECORDS))
+
+
+def start_stuck_build(tmp_path: Path, src: Path):
+    """A build in a fresh process whose worker on chunk 3 (of 6) creates tmp_path/stuck and then
+    never ends it: (the process, its worker processes) once that file is there, the build mid-way."""
+    stuck = tmp_path / "stuck"
+    script = ("import sys, time\n"
+              "from polar import data_build\n"
+              "real = data_build.process_chunk\n"
+              "def wrapped(chunk):\n"
+              "    if chunk.index == 3:\n"
+              f"        open({str(stuck)!r}, 'w').close()\n"
+              "        time.sleep(3600)\n"
+              "    return real(chunk)\n"
+              "data_build.process_chunk = wrapped\n"
+              "sys.exit(data_build.main(sys.argv[1:]))\n")
+    # stderr to a file: workers left behind would hold a pipe open, and reading it would wait for them
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", script, str(src), "-o", str(tmp_path / "ds"), *ARGS],
+                                stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while not stuck.exists():
+        assert proc.poll() is None, (tmp_path / "stderr").read_text()[-2000:]
+        assert time.monotonic() < deadline, "the build never reached chunk 3"
+        time.sleep(0.05)
+    workers = psutil.Process(proc.pid).children()
+    assert len(workers) == 2, workers
+    return proc, workers
+
+
+def alive(workers: list) -> list:
+    """Those of `workers` still running (a zombie has exited: it holds no file and no lock)."""
+    out = []
+    for p in workers:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def end(proc, workers: list) -> None:
+    """What a failing test leaves behind: a worker asleep for an hour."""
+    for p in [*alive(workers), *([psutil.Process(proc.pid)] if proc.poll() is None else [])]:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def same_command_again(tmp_path: Path, src: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", "data", "build", str(src), "-o", str(tmp_path / "ds"),
+                           *ARGS], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert IndexedDataset(tmp_path / "ds").num_groups == RECORDS
+    assert not list((tmp_path / "ds").glob("*.tmp"))
+
+
+def test_sigterm_to_the_main_process_cleans_up_and_exits_143(tmp_path, src):
+    proc, workers = start_stuck_build(tmp_path, src)
+    try:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
+        err = (tmp_path / "stderr").read_text()
+        assert proc.returncode == EXIT_SIGTERM, err[-2000:]
+        assert "stopped by SIGTERM: nothing of the shard was written" in err, err[-2000:]
+        assert not alive(workers), workers
+        assert not (tmp_path / "ds").exists()  # no .bin.tmp, and the directory the build made is gone
+    finally:
+        end(proc, workers)
+    same_command_again(tmp_path, src)
+
+
+def test_workers_end_with_a_main_process_killed_and_free_the_shard(tmp_path, src):
+    proc, workers = start_stuck_build(tmp_path, src)
+    try:
+        proc.kill()
+        proc.wait(timeout=120)
+        deadline = time.monotonic() + 60
+        while alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not alive(workers), workers
+    finally:
+        end(proc, workers)
+    same_command_again(tmp_path, src)  # the .bin.tmp a SIGKILL leaves is no one's now: rewritten
