@@ -140,6 +140,15 @@ def find_line_starts(count: LineCount, lines: np.ndarray, on_block=None) -> np.n
     return out
 
 
+def amount_of(done: int, total: int) -> str:
+    """"0.80 of 1.60 MB": both in the unit that suits `total` (decimal, as the rates' MB/s); in GB
+    always, a scan of a few MB read "0.00 of 0.00 GB"."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if total >= scale:
+            return f"{done / scale:.2f} of {total / scale:.2f} {unit}"
+    return f"{done:,} of {total:,} bytes"
+
+
 class ScanProgress:
     """Every shard's build counts the lines of all inputs first (at ~1 GB/s, minutes for a large
     corpus; a scan does it once for all), then finds where its own chunks start: said every
@@ -157,7 +166,7 @@ class ScanProgress:
             return
         self.last = now
         rate = self.done / max(now - self.start, 1e-9)
-        print(f"  {self.what}: {self.done / 1e9:.2f} of {self.total / 1e9:.2f} GB "
+        print(f"  {self.what}: {amount_of(self.done, self.total)} "
               f"({self.done / max(self.total, 1):.0%}) | {rate / 1e6:,.0f} MB/s | ETA "
               f"{(self.total - self.done) / max(rate, 1):.0f}s", file=sys.stderr, flush=True)
 

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from polar import data_chunks
-from polar.data_chunks import LineCount, ScanProgress, count_blocks, line_count
+from polar.data_chunks import LineCount, ScanProgress, amount_of, count_blocks, line_count
 from polar.data_inputs import input_files
 
 FORMAT, VERSION = "polar data scan", 2
@@ -330,8 +330,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     dt = max(done["elapsed_s"], 1e-9)
-    print(f"wrote {done['path']}: part {args.part} of {args.num_parts}, {done['bytes'] / 1e9:.2f} of "
-          f"{done['all_bytes'] / 1e9:.2f} GB of {done['files']} input{'s' if done['files'] != 1 else ''}, "
+    print(f"wrote {done['path']}: part {args.part} of {args.num_parts}, {amount_of(done['bytes'], done['all_bytes'])} "
+          f"of {done['files']} input{'s' if done['files'] != 1 else ''}, "
           f"{done['newlines']:,} line ends, {dt:.1f}s ({done['bytes'] / dt / 1e6:,.0f} MB/s)")
     if args.num_parts > 1:
         print(f"  `polar data build --scan {args.output}` reads it once all {args.num_parts} parts are there")

@@ -270,13 +270,24 @@ def test_the_scan_reports_progress_and_what_it_wrote(tmp_path, inputs, monkeypat
     total = sum(p.stat().st_size for p in inputs)
     assert data_scan.main([*map(str, inputs), "-o", str(tmp_path / "scan"), "--num-parts", "2", "--part", "1"]) == 0
     out, err = capsys.readouterr()
-    assert re.search(r"scanning inputs for lines: 0\.00 of 0\.00 GB \(100%\) \| [\d,]+ MB/s \| ETA 0s", err), err
-    assert f"wrote {tmp_path / 'scan' / 'scan-00001-of-00002.json'}: part 1 of 2" in out
+    # in the unit of their size: a scan of a few MB said "0.00 of 0.00 GB"
+    assert 1e3 < total < 1e6
+    got = re.search(r"scanning inputs for lines: ([\d.]+) of \1 kB \(100%\) \| [\d,]+ MB/s \| ETA 0s", err)
+    assert got and float(got[1]) > 0, err
+    assert f"wrote {tmp_path / 'scan' / 'scan-00001-of-00002.json'}: part 1 of 2, {got[1]} of {total / 1e3:.2f} kB of 2 " \
+           "inputs" in out
     assert f"`polar data build --scan {tmp_path / 'scan'}` reads it once all 2 parts are there" in out
     done = json.loads((tmp_path / "scan" / "scan-00001-of-00002.json").read_text())
     listed = [(c["input"], c["path"], c["bytes"]) for c in done["blocks"]]  # the last half's inputs
     assert listed and listed == [(k, str(p), p.stat().st_size) for k, p in enumerate(inputs)][-len(listed):]
     assert 0 < sum(len(data_scan._decode(c["newlines"])) for c in done["blocks"]) * BLOCK < total
+
+
+@pytest.mark.parametrize("done, total, said", [(800_000, 1_600_000, "0.80 of 1.60 MB"), (999, 999, "999 of 999 bytes"),
+                                               (1_000, 1_000, "1.00 of 1.00 kB"), (0, 2 * 10**9, "0.00 of 2.00 GB"),
+                                               (25 * 10**9, 3 * 10**12, "0.03 of 3.00 TB")])
+def test_amounts_are_said_in_the_unit_of_the_total(done, total, said):
+    assert data_chunks.amount_of(done, total) == said
 
 
 def parts_of(out: Path) -> list[dict]:
