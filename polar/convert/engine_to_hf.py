@@ -9,6 +9,10 @@ ends every POLAR input). No remote code is needed.
 group, v_head) and config (reward_token_id) that POLAR's official tooling loads; the modeling code
 itself is InternLM's remote code, which is not shipped here.
 
+SRC and the model settings are found as `polar score/eval/serve --checkpoint` and checkpoint.init_from
+find them (engine.checkpoint): a run directory, its checkpoints/ or one step directory; --config, else
+the step's model.json, the converter's model.yaml beside it or the run's config.yaml.
+
 The tokenizer: --tokenizer DIR (or `byte`), else `tokenizer/` beside the checkpoint, else the one
 the run trained with (polar.checkpoint_tokenizer.find); a byte-tokenized run (the embedded default)
 gets the byte tokenizer written as a tokenizer.json (polar/convert/byte_tokenizer.py).
@@ -30,7 +34,7 @@ import torch
 
 from polar.convert import internlm2, llama
 from polar.convert.common import clear_partial, partial_dir, write_failed
-from polar.convert.engine_io import MODEL_YAML, build, read_model_config
+from polar.convert.engine_io import build, read_model_config
 from polar.convert.hf_checkpoint import ConvertError
 from polar.convert.tokenizer_files import copy_tokenizer, load as load_tokenizer
 
@@ -39,40 +43,59 @@ SHARD_BYTES = 4 << 30
 
 
 def _step_dir(src: Path) -> Path:
+    """The step SRC names, found as score, eval, serve and checkpoint.init_from find it (engine.checkpoint
+    resolve): a run directory, its checkpoints/ (the step `latest` names, else the newest complete
+    one) or one step directory."""
     from engine import checkpoint
 
-    if not src.is_dir():
+    if not src.exists():
         raise ConvertError(f"{src}: no such engine checkpoint directory")
-    if (src / checkpoint.LATEST).is_file():
-        path = checkpoint.latest(str(src))
-        if path is None:
-            raise ConvertError(f"{src}: its '{checkpoint.LATEST}' marker names no complete checkpoint")
-        return Path(path)
-    if (src / "metadata.json").is_file() or (src / checkpoint.STATE_FILE).is_file():
-        return src
-    raise ConvertError(f"{src}: neither a checkpoint directory (with a '{checkpoint.LATEST}' marker) nor one "
-                       "step directory (step_XXXXXXXX/)")
+    try:
+        return Path(checkpoint.resolve(str(src)))
+    except checkpoint.CheckpointNotFound as e:
+        raise ConvertError(f"{src}: {e}") from None
+    except OSError as e:  # a `latest` marker or a directory this user may not read
+        raise ConvertError(f"{src}: cannot be read ({e})") from None
 
 
-def _beside(start: Path, names: tuple[str, ...]) -> Path | None:
-    """The first of `names` in the step directory, its checkpoints directory or the run directory."""
-    for d in (start, start.parent, start.parent.parent):
-        for n in names:
-            if (d / n).exists():
-                return d / n
-    return None
+def _model_config(step: Path, config: str | None):
+    """(the file, the model settings) of the step: --config, else the settings recorded with it, as
+    score, eval and serve read them (engine.checkpoint.saved_model_settings: the step's model.json,
+    the converter's model.yaml beside it, the run's config.yaml)."""
+    from engine import checkpoint
+    from engine.config import ConfigError
+
+    if config:
+        return Path(config), read_model_config(Path(config))
+    try:
+        found = checkpoint.saved_model_settings(str(step))
+        if found is None:
+            raise ConvertError(f"{step}: no model settings recorded with it (model.json in the step, model.yaml "
+                               "beside it or the run's config.yaml); pass --config FILE (a model.yaml or the run "
+                               "config.yaml it was written with)")
+        return Path(found[1]), checkpoint.model_config_from(*found)
+    except ConfigError as e:  # a recorded file that does not read back, or settings the engine refuses
+        raise ConvertError(str(e)) from None
 
 
-def _find(start: Path, names: tuple[str, ...], what: str, flag: str) -> Path:
-    found = _beside(start, names)
-    if found is None:
-        raise ConvertError(f"{start}: no {what} found beside the checkpoint ({', '.join(names)}); pass {flag}")
-    return found
+def _save_file(tensors: dict, path: Path) -> None:
+    """safetensors' save_file writes a temporary file and renames it over `path`, and the temporary file
+    is created 0600 (as mkstemp creates them): a server running as another user (a vLLM or SGLang
+    container) or a teammate on shared storage could not read the weights. They get the mode every other
+    file written here gets, a new file's (0666 less the umask, or what a default ACL gives): read off an
+    empty file created at `path` first, which save_file then replaces."""
+    from safetensors.torch import save_file
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    os.chmod(path, mode)
 
 
 def _save_safetensors(tensors: dict, dst: Path) -> None:
-    from safetensors.torch import save_file
-
     shards, current, size = [], {}, 0
     for name in sorted(tensors):
         t = tensors[name].contiguous()
@@ -83,12 +106,12 @@ def _save_safetensors(tensors: dict, dst: Path) -> None:
         size += t.numel() * t.element_size()
     shards.append(current)
     if len(shards) == 1:
-        save_file(shards[0], str(dst / "model.safetensors"), metadata={"format": "pt"})
+        _save_file(shards[0], dst / "model.safetensors")
         return
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(dst / fname), metadata={"format": "pt"})
+        _save_file(shard, dst / fname)
         weight_map.update({n: fname for n in shard})
         total += sum(t.numel() * t.element_size() for t in shard.values())
     (dst / "model.safetensors.index.json").write_text(
@@ -126,9 +149,7 @@ def convert(src, dst, *, fmt: str = "hf", config: str | None = None, tokenizer: 
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ConvertError(f"{dst}: exists and is not empty; choose a new directory")
     step = _step_dir(src)
-    cfg_path = Path(config) if config else _find(step, (MODEL_YAML, "config.yaml"), "model.yaml or config.yaml",
-                                                 "--config FILE")
-    model = read_model_config(cfg_path)
+    cfg_path, model = _model_config(step, config)
     with tempfile.TemporaryDirectory() as work:
         tok_dir = _tokenizer_dir(step, tokenizer, Path(work))
         tok = load_tokenizer(tok_dir)
@@ -207,11 +228,14 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="polar convert engine-to-hf",
                                  description="an engine checkpoint (any layout) -> a transformers directory")
-    ap.add_argument("src", help="engine checkpoint directory (with 'latest') or one step directory")
+    ap.add_argument("src", help="a run directory, its checkpoints/ directory (the newest complete step) or one step "
+                    "directory, as polar score --checkpoint takes")
     ap.add_argument("dst", help="new output directory")
     ap.add_argument("--format", default="hf", choices=["hf", "internlm2-reward"],
-                    help="hf: Llama/Qwen2ForSequenceClassification (default); internlm2-reward: POLAR's released layout")
-    ap.add_argument("--config", default=None, help="model.yaml or run config.yaml (default: found beside SRC)")
+                    help="hf: Llama/Qwen2ForSequenceClassification (default); internlm2-reward: POLAR's released "
+                    "layout")
+    ap.add_argument("--config", default=None,
+                    help="model.yaml or run config.yaml (default: the settings recorded with SRC)")
     ap.add_argument("--tokenizer", default=None,
                     help="tokenizer directory, or byte (default: SRC's tokenizer/, else the one its run trained with)")
     ap.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weight dtype to write")

@@ -157,4 +157,6 @@ def copy_tokenizer(tok_dir: Path, dst: Path) -> None:
     dst.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", SETTINGS):
         if (tok_dir / name).is_file():
-            shutil.copy2(tok_dir / name, dst / name)
+            # a new file (0666 less the umask), not the source's mode: the export is read by servers
+            # and teammates, whoever owned the source
+            shutil.copyfile(tok_dir / name, dst / name)
