@@ -2,7 +2,8 @@
 every group, forward only, the data-parallel ranks sharing the set. The periodic evaluation inside
 Trainer.fit (train.eval_interval) stops between its batches at a stop request (SIGTERM, train.stop_file):
 at scale it takes minutes, more than the grace a SIGTERM leaves before SIGKILL (Kubernetes' 30 s by
-default), and the checkpoint save, which the stop is for, would otherwise start only after it."""
+default), and the checkpoint save, which the stop is for, would otherwise start only after it. For the
+same minutes the main rank prints the evaluation's progress, rate and ETA every PROGRESS_S seconds."""
 from __future__ import annotations
 
 from typing import Callable
@@ -11,9 +12,13 @@ import numpy as np
 import torch
 
 from engine.packing import collate
+from engine.progress import RateLine
 
 STATS = 6  # per-batch sums: loss_sum, correct_pairs, loss_count, pairs, lm_loss_sum, lm_targets
 EVAL_CHUNK = 16  # evaluation micro-batches collated and run per schedule call (times pp): one batch
+# seconds between the main rank's progress lines of an evaluation (minutes long at scale); one that
+# ends sooner prints none
+PROGRESS_S = 10.0
 
 
 class EvaluationStopped(Exception):
@@ -49,6 +54,10 @@ def evaluate(trainer, data, stop_check: Callable[[], str] | None = None) -> dict
         total = -(-len(range(0, len(data), rt.dp)) // chunk_size)  # the largest share's batches
         stats = torch.zeros(STATS, device=rt.device)
         seq = data.seq_length
+        # the set's name: the periodic evaluation and engine/pretrain.py's final one pass the trainer's sets
+        name = next((k for k, v in trainer.evals.items() if v is data), "")
+        shown = RateLine(f"evaluating {name}".rstrip(), len(data), "packed sequences", "seq/s", trainer.log,
+                         PROGRESS_S)
         for done in range(total):
             part = mine[done * chunk_size:(done + 1) * chunk_size]
             batches = [collate(data.sequences([i]), seq, trainer.pad_id) for i in part]
@@ -60,6 +69,8 @@ def evaluate(trainer, data, stop_check: Callable[[], str] | None = None) -> dict
                 raise EvaluationStopped(request, done, total)
             if batches:
                 stats += trainer._sum_stats(trainer._run_schedule(batches, forward_only=True, micro_batch=1))
+            # every data-parallel rank has run as many batches (the last short on some): the set's count
+            shown.update(min(len(data), (done + 1) * chunk_size * rt.dp))
     finally:
         for chunk in trainer.model:
             chunk.train()

@@ -105,6 +105,29 @@ def format_duration(s: float) -> str:
     return f"{h}h{m:02d}m{sec:02d}s" if h else f"{m}m{sec:02d}s"
 
 
+class RateLine:
+    """Progress of a long loop on the main rank (`log` prints there only): `WHAT: DONE/TOTAL UNIT | RATE
+    RATE_UNIT | eta ETA`, at most once every `interval` seconds, the first after `interval` too, so a loop
+    that ends within it prints nothing (a tiny run's log stays as it was). It reads the host clock and
+    the counts it is given, nothing of the device: it adds no host-device sync to the loop."""
+
+    def __init__(self, what: str, total: int, unit: str, rate_unit: str, log, interval: float,
+                 clock=time.perf_counter):
+        self.what, self.total, self.unit, self.rate_unit = what, total, unit, rate_unit
+        self.log, self.interval, self.clock = log, interval, clock
+        self.start = self.shown = clock()
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        if now - self.shown < self.interval:
+            return
+        self.shown = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = f" | eta {format_duration((self.total - done) / rate)}" if rate > 0 else ""
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2g}"
+        self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} | {shown} {self.rate_unit}{eta}")
+
+
 class Progress:
     def __init__(self, total_steps: int, start_step: int, enabled: bool, tb_dir: str | None,
                  peak: float | None, world_size: int):
