@@ -189,7 +189,12 @@ def prepare_checked_data(cfg, recipe):
     --check-config refuses what the run would. The trainer checks the loader state again."""
     from engine import resume_checks
 
+    seq_length = cfg.data.seq_length
     data = recipe.prepare_data(cfg)
+    if cfg.data.seq_length != seq_length:  # set from the data (fine-tuning's data.seq_length=0): checked now
+        from engine.runtime import validate_layout, world_size_from_env
+
+        validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if resume_from:

@@ -35,7 +35,7 @@ from typing import Optional
 
 import numpy as np
 
-from engine.config import EngineConfig, TrainConfig
+from engine.config import DataConfig, EngineConfig, TrainConfig
 from engine.setting_checks import (ConfigError, at_least, existing_path_or_empty, in_range, one_of, positive,
                                    run_directory, setting)
 from polar.pretrain_recipe import RunData
@@ -105,9 +105,35 @@ def _paper_train_defaults() -> TrainConfig:
     return t
 
 
+def _pack_length_setting(where, v):
+    if v != 0:
+        at_least(2)(where, v)
+
+
+_pack_length_setting.rule = "0 (the pack length follows the data) or >= 2"
+
+# data.seq_length=0, fine-tuning's default: the pack length follows the data. POLAR's rule
+# (finetune.max_length, finetune.max_response) already bounds every record: a pair is stored as its
+# prompt twice, the reference and both candidates, so within a few tokens of max_length +
+# max_response (some 20.5k at the defaults), polar/format.py. A fixed default pack shorter than that refused records the rule accepts
+# (with finetune.on_error=fail one 1,880-character record stopped a run at 1024) and could only
+# advise raising it to the longest record. Packing fills a longer pack with several shorter records,
+# so little is wasted, but activation memory grows with the pack: it is the longest record's
+# length in whole PACK_UNITs (of tokens, and of parallel.tp for sequence parallelism), never less
+# than PACK_FLOOR, the fixed default of before (short records pack as they did). A data.seq_length
+# the user sets is kept; records too long for it are then finetune.on_error's.
+PACK_FLOOR, PACK_UNIT = 1024, 256
+
+
+@dataclass
+class FinetunePackConfig(DataConfig):
+    seq_length: int = setting(0, _pack_length_setting)  # packed length; 0: from the data (PACK_FLOOR)
+
+
 @dataclass
 class FinetuneConfig(EngineConfig):
     train: TrainConfig = field(default_factory=_paper_train_defaults)
+    data: FinetunePackConfig = field(default_factory=FinetunePackConfig)
     finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     run_dir: str = setting("runs/finetune", run_directory)
 
@@ -190,8 +216,9 @@ def _read(path: str, on_error: str, set_aside: Optional[list] = None):
     return records
 
 
-def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list] = None):
-    from engine.data import PackedGroups
+def _encode(cfg: FinetuneConfig, tok, records):
+    """(the records' encodings, their groups, each group's length); a prompt is cut further where its
+    group would not fit data.seq_length (not while that is 0: the length follows the groups)."""
     from engine.packing import Group
     from polar.format import encode_groups
 
@@ -200,10 +227,30 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
                             [r.candidates for r in records], [r.wrapper or f.wrapper for r in records],
                             max_length=f.max_length, max_response=f.max_response,
                             group_capacity=cfg.data.seq_length)
-    seq = cfg.data.seq_length
     groups = [Group(prefix=e.prefix, candidates=list(e.candidates), labels=np.asarray(r.labels, dtype=np.int8))
               for e, r in zip(encoded, records)]
-    lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+    return encoded, groups, np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
+
+
+def _fit_pack_length(cfg: FinetuneConfig, sets: dict) -> None:
+    """data.seq_length=0: the length of the longest group of `sets` (name -> (records, _encode's)), in
+    whole units (PACK_UNIT above)."""
+    unit = math.lcm(PACK_UNIT, cfg.parallel.tp)
+    longest, record = max(((int(lengths.max()), records[int(np.argmax(lengths))])
+                           for records, (_, _, lengths) in sets.values()), key=lambda found: found[0])
+    cfg.data.seq_length = -(-max(longest, PACK_FLOOR) // unit) * unit
+    _say(f"data.seq_length={cfg.data.seq_length} from the data: the longest record, {record.file}:{record.line}, "
+         f"is {longest} tokens as one group (whole {unit}-token units, at least {PACK_FLOOR}); set data.seq_length "
+         "for another pack length (a longer pack holds more records and more activation memory)", flush=True)
+
+
+def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list] = None, encoded=None):
+    """`encoded`: _encode's for the records, at the run's data.seq_length."""
+    from engine.data import PackedGroups
+
+    f = cfg.finetune
+    encoded, groups, lengths = encoded or _encode(cfg, tok, records)
+    seq = cfg.data.seq_length
     over = np.flatnonzero(lengths > seq)
     if over.size:
         # even with its prompt cut to nothing beyond the rule, the reference and candidates alone
@@ -211,7 +258,8 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
         shown = ", ".join(f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:3])
         what = (f"{name}: {over.size} record(s) do not fit data.seq_length={seq} as one group even with a "
                 f"shorter prompt: {shown}{', ...' if over.size > 3 else ''}; raise data.seq_length to "
-                f"{lengths.max()} or lower finetune.max_response={f.max_response}")
+                f"{lengths.max()} (or leave it out: 0, the longest record's length) or lower "
+                f"finetune.max_response={f.max_response}")
         if f.on_error != "skip":
             raise ConfigError(f"{what} (finetune.on_error=skip sets them aside)")
         _say(f"{what}; skipped (finetune.on_error=skip)", flush=True)
@@ -287,8 +335,13 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
             _say(f"note: {name}: {len(tied)} record(s) hold a preferred and a rejected response of the same text "
                  f"({where(tied)}): such a pair gets two equal rewards whatever the model, so it trains nothing and "
                  "its accuracy is a coin flip", flush=True)
-    train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside)
-    evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside)} if eval_records else {}
+    sets = {name: (rs, _encode(cfg, tok, rs)) for name, rs in (("fine-tuning data", train_records),
+                                                                ("held-out data", eval_records)) if rs}
+    if not cfg.data.seq_length:
+        _fit_pack_length(cfg, sets)
+    train = _pack(cfg, tok, train_records, "fine-tuning data", set_aside, sets["fine-tuning data"][1])
+    evals = {"held_out": _pack(cfg, tok, eval_records, "held-out data", set_aside, sets["held-out data"][1])} \
+        if eval_records else {}
     if set_aside:  # listed by write_run_files once the run starts (--check-config writes nothing)
         _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each listed with its reason in "
              f"{Path(cfg.run_dir) / REJECTS_FILE} when the run starts", flush=True)
