@@ -7,7 +7,8 @@
 Requests wait at most --max-wait-ms for others to batch with; items sharing a prefix (n rollouts
 of one prompt against one reference, within and across requests) compute it once. SIGTERM or SIGINT
 to torchrun or to any rank (a follower hands it to rank 0 on its host) finishes the requests in
-flight, then every rank exits 0.
+flight, then every rank exits 0. Rank 0 binds --host/--port before the model loads (one it cannot
+bind: exit 2 at once) and listens only once the model has loaded and the service is built.
 """
 from __future__ import annotations
 
@@ -47,8 +48,9 @@ def parse_args(argv=None):
                     help="packed row length, and the most tokens one shared-prefix group may hold "
                          "(a longer item gets a row of its own); at most the model's max_position_embeddings")
     ap.add_argument("--pack-rows", choices=("auto", "on", "off"), default="auto",
-                    help="several groups per packed row (auto: on with the triton attention kernel, off with "
-                         "the torch reference, whose dense mask costs row_length^2)")
+                    help="several groups per packed row (auto: on with the triton attention kernel, off "
+                         "otherwise: with blocks, the CPU default, and with the torch reference, whose dense mask "
+                         "costs row_length^2)")
     ap.add_argument("--max-queue", type=int, default=8192, help="items waiting before requests get 429")
     ap.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024,
                     help="largest request body; a longer one gets 413")
@@ -106,6 +108,8 @@ def parse_args(argv=None):
         reading_bytes_bound(args.max_reading_bytes, args.max_preparing, args.max_body_bytes)
     except ValueError as e:
         ap.error(str(e))
+    if not 0 <= args.port <= 65535:
+        ap.error("--port must be 0-65535")
     if args.pp < 1 or args.tp < 0:
         ap.error("--tp and --pp must be positive")
     if not args.tp:
@@ -196,12 +200,83 @@ def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeo
         thread.join(start_timeout_s)
 
 
+class AddressError(OSError):
+    """--host/--port cannot be bound or listened on; the message names the flag."""
+
+
+def _address_error(e: OSError, host: str, port: int) -> AddressError:
+    import errno
+    import socket
+
+    if isinstance(e, socket.gaierror):
+        return AddressError(f"--host {host}: {e.strerror.lower()}")
+    if e.errno == errno.EADDRINUSE:
+        return AddressError(f"--port {port}: address already in use (--host {host}): another process listens "
+                            "there; stop it or choose another --port")
+    if e.errno == errno.EADDRNOTAVAIL:
+        return AddressError(f"--host {host}: cannot assign requested address (not an address of this machine)")
+    if e.errno == errno.EACCES and 0 < port < 1024:
+        return AddressError(f"--port {port}: permission denied (a port below 1024 needs privileges)")
+    return AddressError(f"--host {host} --port {port}: {(e.strerror or str(e)).lower()}")
+
+
+def bind(host: str, port: int):
+    """A TCP socket bound to (host, port), not yet listening: bound before the model loads (minutes
+    for a 7B model) so that a taken port or a foreign address is reported at once, listening only
+    once the service is built, since Kubernetes' startupProbe and load balancers read an open port
+    as a server that answers. SO_REUSEADDR as uvicorn sets it: a restart binds while the previous
+    server's connections sit in TIME_WAIT. Raises AddressError."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise _address_error(e, host, port) from None
+    return sock
+
+
+def listen(sock, host: str, port: int, backlog: int) -> None:
+    """Opens the port. Two sockets with SO_REUSEADDR may both bind an address nobody listens on yet
+    (two servers started at once on one port), and the second learns it only here."""
+    try:
+        sock.listen(backlog)
+    except OSError as e:
+        raise _address_error(e, host, port) from None
+
+
+def _url(host: str, sock) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.cuda_env import order_tp_launches
-    from engine.inference import RewardScorer
 
     order_tp_launches(args.tp)  # before the first CUDA call
+    # RewardScorer.load refuses a world other than tp x pp processes, so global rank 0 is the
+    # replica's rank 0, the one that serves HTTP. Bound before the model loads: a taken port fails
+    # in a second or two, not minutes later; torchrun then stops the other ranks, which are still
+    # starting (init_process_group), when this one exits.
+    sock = None
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            sock = bind(args.host, args.port)
+        except AddressError as e:
+            print(f"polar serve: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _run(args, sock)
+    finally:
+        if sock is not None:
+            sock.close()
+
+
+def _run(args, sock) -> int:
+    """main's model load and service on every rank; `sock`: rank 0's, bound, not yet listening."""
+    from engine.inference import RewardScorer
 
     try:
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
@@ -216,27 +291,27 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     _leader(scorer)  # a collective: the followers learn where to forward their signals
-    try:
-        service = build_service(args, scorer)
-    except ValueError as e:
-        print(f"polar serve: {e}", file=sys.stderr)
-        scorer.stop_followers()
-        scorer.close()  # the followers wait at its barrier: leaving without it fails theirs
-        return 2
-
     import uvicorn
 
     from polar.serve.app import create_app
 
-    app = create_app(service, on_shutdown=scorer.stop_followers)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
-                                           timeout_graceful_shutdown=args.graceful_timeout_s))
+    try:
+        service = build_service(args, scorer)
+        config = uvicorn.Config(create_app(service, on_shutdown=scorer.stop_followers), host=args.host,
+                                port=args.port, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout_s)
+        listen(sock, args.host, args.port, config.backlog)
+    except (ValueError, AddressError) as e:
+        print(f"polar serve: {e}", file=sys.stderr)
+        scorer.stop_followers()
+        scorer.close()  # the followers wait at its barrier: leaving without it fails theirs
+        return 2
+    server = uvicorn.Server(config)
     stop.attach(server)
     print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp} pp={args.pp}) on "
-          f"http://{args.host}:{args.port}", flush=True)
+          f"{_url(args.host, sock)}", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers it
     # found: `stop`'s let this process close the runtime (the replica's ranks meet at its barrier) and exit 0.
-    server.run()
+    server.run(sockets=[sock])
     scorer.close()
     return 0
 

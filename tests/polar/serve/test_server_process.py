@@ -2,8 +2,11 @@
 from --api-key-env, graceful shutdown on SIGTERM finishing the request in flight (with TP2: SIGTERM to
 rank 0, to the launcher, to every rank or to a follower alone), and model parallelism (torchrun over
 gloo: TP2, or two pipeline stages) giving the rewards of one process."""
+import contextlib
+import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,12 +19,11 @@ import pytest
 from polar.serve.items import StructuredItem, format_structured
 
 from .conftest import ROOT
+from .gated_serve import LOADED
 from .items_gen import make_items
 
 
 def _free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -47,11 +49,15 @@ def _wait_healthy(proc, url, limit_s=300):
     raise AssertionError("the server did not become healthy")
 
 
+TAKEN = "address already in use"
+
+
 def _serve(make_cmd, limit_s=300, env_extra=None):
     """(proc, url) of a server that became healthy. make_cmd(port, attempt) -> its command. The port
     is free when chosen but can be taken before the server binds it (other tests run beside these, and
-    torchrun's own store picks ports): uvicorn then exits 3 (startup failure), which is retried on
-    another port, twice at most; any other failure is raised."""
+    torchrun's own store picks ports): the server then says so and exits 2, which is retried on
+    another port, twice at most; any other failure is raised. A torchrun command must let rank 0's
+    stderr reach the console (no --redirects of it; --tee keeps the log files)."""
     for attempt in range(3):
         port = _free_port()
         url = f"http://127.0.0.1:{port}"
@@ -60,10 +66,18 @@ def _serve(make_cmd, limit_s=300, env_extra=None):
             _wait_healthy(proc, url, limit_s)
             return proc, url
         except AssertionError as e:
-            taken = "address already in use" in str(e) or "exitcode  : 3 " in str(e) or proc.returncode == 3
-            if not taken or attempt == 2:
+            if TAKEN not in str(e) or attempt == 2:
                 raise
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _held_port():
+    """A port on loopback that a real server holds (listening, as another server would), and its number."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
 
 
 def _workers(launcher_pid: int) -> dict[int, int]:
@@ -222,13 +236,14 @@ def test_tp2_stops_cleanly_on_sigterm_to_every_rank(checkpoint_dir, texts_and_ex
     ("Application shutdown failed", "Connection closed by peer") and a failed exit. A follower
     signalled alone hands the signal to rank 0. Each rank's output goes to its own log (--redirects)
     so the launcher's own SignalException traceback (launcher case) is not counted against them. The
-    launcher forwards its SIGTERM to every rank at once, as SLURM signals them: that case is both."""
+    launcher forwards its SIGTERM to every rank at once, as SLURM signals them: that case is both.
+    --tee rather than --redirects: rank 0 saying its port was taken must reach _serve."""
     texts, expected = texts_and_expected
     where = {}
 
     def cmd(port, attempt):
         where["logs"] = tmp_path / f"logs{attempt}"  # a retried start writes logs of its own
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--redirects",
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--tee",
                 "3", "--log-dir", str(where["logs"]), "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port",
                 str(port), "--tp", "2", "--max-wait-ms", "5000"]
 
@@ -274,3 +289,95 @@ def test_tp2_start_up_error_on_rank_zero_stops_the_follower_cleanly(checkpoint_d
     assert "--api-key-env POLAR_TEST_UNSET: that environment variable is not set" in leader.read_text()
     (follower,) = logs.glob("*/attempt_0/1/stderr.log")
     assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
+
+
+def _gated(*args):
+    return [sys.executable, "-m", "tests.polar.serve.gated_serve", *args]
+
+
+@pytest.mark.parametrize("taken", ["port", "host"])
+def test_an_address_that_cannot_be_bound_is_refused_before_the_model_loads(checkpoint_dir, taken):
+    """The port was bound by uvicorn after the model load (minutes for a 7B model) and after the
+    'on http://' line: a taken port ended in uvicorn's 'ERROR: [Errno 98] ...' and exit 3. The
+    port here is held by a real listening socket; 192.0.2.1 (TEST-NET-1) is no address of this machine."""
+    with _held_port() as port:
+        where = ["--port", str(port)] if taken == "port" else ["--host", "192.0.2.1", "--port", "0"]
+        r = subprocess.run(_gated("--checkpoint", checkpoint_dir, *where), cwd=ROOT, stdin=subprocess.DEVNULL,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
+                           text=True, timeout=300)
+    out = r.stdout + r.stderr
+    says = (f"polar serve: --port {port}: {TAKEN}" if taken == "port"
+            else "polar serve: --host 192.0.2.1: cannot assign requested address")
+    assert r.returncode == 2 and says in r.stderr, out[-3000:]
+    assert LOADED not in out and "on http://" not in out and "ERROR" not in out, out[-3000:]
+
+
+def test_the_port_is_held_from_start_up_and_opens_only_once_the_model_has_loaded(checkpoint_dir):
+    """Bound before the model load (so a taken port fails at once), but refusing connections until
+    the service is built: a Kubernetes startupProbe or a load balancer reads an open port as a
+    server that answers. The server is held after its real model load (gated_serve) while the test
+    looks: its port cannot be bound by another process, a connection is refused, and it has not
+    said it serves."""
+    for attempt in range(3):  # a port chosen free can be taken by another test before the server binds it
+        port = _free_port()
+        proc = subprocess.Popen(_gated("--checkpoint", checkpoint_dir, "--port", str(port)), cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        seen = []
+        while not seen or seen[-1] not in ("", LOADED + "\n"):  # "": the server exited
+            seen.append(proc.stdout.readline())
+        if proc.poll() is None or TAKEN not in "".join(seen) or attempt == 2:
+            break
+    try:
+        assert proc.poll() is None, "".join(seen)[-3000:]
+        with socket.socket() as other, pytest.raises(OSError) as bound:
+            other.bind(("127.0.0.1", port))
+        assert bound.value.errno == errno.EADDRINUSE
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=30).close()
+        assert "on http://" not in "".join(seen)
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+        assert f"on {url}\n" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_tp2_rank_zero_unable_to_bind_stops_every_rank_at_start_up(checkpoint_dir, tmp_path):
+    """Rank 0 binds before any process group exists; when it cannot, it exits 2 and torchrun stops
+    the other rank, still starting, instead of both loading the model first and rank 0 failing in
+    uvicorn after saying it served. The refusal is said once, by rank 0."""
+    logs = tmp_path / "logs"
+    with _held_port() as port:
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "--redirects", "3", "--log-dir", str(logs), "-m", "polar.serve", "--checkpoint",
+                            checkpoint_dir, "--port", str(port), "--tp", "2"], cwd=ROOT,
+                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True, text=True,
+                           timeout=400)
+    (leader,) = logs.glob("*/attempt_0/0/stderr.log")
+    (follower,) = logs.glob("*/attempt_0/1/stderr.log")
+    everything = r.stdout + r.stderr + "".join(f.read_text() for f in logs.glob("*/attempt_0/*/*.log"))
+    assert r.returncode == 1 and "exitcode  : 2 " in r.stderr, everything[-3000:]
+    assert f"polar serve: --port {port}: {TAKEN}" in leader.read_text(), everything[-3000:]
+    assert everything.count(TAKEN) == 1 and "on http://" not in everything, everything[-3000:]
+    assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
+
+
+def test_help_says_what_pack_rows_auto_does(checkpoint_dir, scorer, capsys):
+    """--help said auto packs rows "off with the torch reference", and nothing of blocks, the CPU
+    default, with which it is off too."""
+    from polar.serve.server import build_service, parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    entry = " ".join(capsys.readouterr().out.split("--pack-rows {auto,on,off}")[-1].split("--max-queue")[0].split())
+    assert "auto: on with the triton attention kernel, off otherwise: with blocks, the CPU default" in entry, entry
+    assert scorer.attention_backend == "blocks"
+    packs = {choice: build_service(parse_args(["--checkpoint", checkpoint_dir, "--pack-rows", choice]),
+                                   scorer).batcher.pack_rows for choice in ("auto", "on")}
+    assert packs == {"auto": False, "on": True}
