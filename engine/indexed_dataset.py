@@ -428,7 +428,12 @@ class IndexedDataset:
             # spawn: this process may hold threads (a loader, torch's pools) that fork would copy mid-lock.
             # An executor, not multiprocessing.Pool: a worker that dies (killed, or a script that starts
             # work on import) raises BrokenProcessPool here instead of being replaced forever.
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            from engine.checkpoint_async import die_with_parent
+
+            # A worker ends with this process: left behind by one killed (SIGTERM to it alone, SIGKILL)
+            # it waited for work for good, holding its own call queue's pipe open.
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=die_with_parent, initargs=(os.getpid(),))
             results = pool.map(_in_worker, [(fn, str(s._idx_path), s._idx_stat) for s in self.shards])
         else:
             results = (fn(s) for s in self.shards)
@@ -444,6 +449,10 @@ class IndexedDataset:
                     log(f"{self.path}: checked {k + 1}/{n} shards, {done:,}/{total:,} groups ({rate:,.0f} groups/s, "
                         f"ETA {(total - done) / max(rate, 1e-9):.0f} s)")
                     last = now
+        except BaseException:  # an error, Ctrl-C, the caller done early: the shards in flight are not waited for
+            for p in list((getattr(pool, "_processes", None) or {}).values()):
+                p.kill()
+            raise
         finally:
             if pool is not None:
                 pool.shutdown(wait=True, cancel_futures=True)

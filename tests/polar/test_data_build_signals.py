@@ -66,6 +66,16 @@ def alive(workers: list) -> list:
     return out
 
 
+def alive_after_killing(proc, workers: list, sig) -> list:
+    """Sends `sig` to `proc` alone, waits for it, and gives `workers` up to 60 s to end: those alive then."""
+    proc.send_signal(sig)
+    proc.wait(timeout=120)
+    deadline = time.monotonic() + 60
+    while alive(workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive(workers)
+
+
 def end(proc, workers: list) -> None:
     """What a failing test leaves behind: a worker asleep for an hour."""
     for p in [*alive(workers), *([psutil.Process(proc.pid)] if proc.poll() is None else [])]:
@@ -101,12 +111,7 @@ def test_sigterm_to_the_main_process_cleans_up_and_exits_143(tmp_path, src):
 def test_workers_end_with_a_main_process_killed_and_free_the_shard(tmp_path, src):
     proc, workers = start_stuck_build(tmp_path, src)
     try:
-        proc.kill()
-        proc.wait(timeout=120)
-        deadline = time.monotonic() + 60
-        while alive(workers) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not alive(workers), workers
+        assert not alive_after_killing(proc, workers, signal.SIGKILL), workers
     finally:
         end(proc, workers)
     same_command_again(tmp_path, src)  # the .bin.tmp a SIGKILL leaves is no one's now: rewritten
