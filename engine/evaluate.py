@@ -52,15 +52,14 @@ def main(argv=None) -> int:
 
     order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
-    try:
-        return run(args, rank)
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        return 2
+    from engine.interrupt import exit_status
+
+    # the accuracy needs every record scored: a stop before the end keeps nothing
+    leaves = ["nothing is written (the accuracy comes once every record is scored); the same command starts again"]
+    return exit_status(lambda interrupts: run(args, rank, leaves), leaves, rank == 0)
 
 
-def run(args, rank: int) -> int:
+def run(args, rank: int, leaves: list) -> int:
     from engine.runtime import shutdown_runtime
     from engine.score import CheckpointScorer, writable_output
     from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, write_result
@@ -105,6 +104,7 @@ def run(args, rank: int) -> int:
         if args.json:
             write_result(result, args.json)
             print(f"wrote {args.json}")
+    leaves[0] = "the evaluation is complete" + (f" and in {args.json}" if args.json else "")
     shutdown_runtime()
     return 0
 

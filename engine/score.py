@@ -230,6 +230,8 @@ class CheckpointScorer:
             raise ConfigError(f"--tp {self.tp} x --pp {self.pp}: a model replica spans {n} processes, but this "
                               f"run has {world}; start {n} (or a multiple): --nproc {n} (torchrun: "
                               f"--nproc_per_node {n})")
+        if int(os.environ.get("RANK", "0")) == 0:  # minutes at 7B, with nothing else said
+            print(f"loading {self.step_dir} at tp={self.tp} pp={self.pp} dp={world // (self.tp * self.pp)}", flush=True)
         self.dp = validate_layout(self.model_cfg, par, TrainConfig(global_batch=max(1, world // (self.tp * self.pp))),
                                   world, 128)
         self.rt = init_runtime(par, seed=0)
@@ -390,15 +392,10 @@ def main(argv=None) -> int:
 
     order_tp_launches(args.tp)  # before the first CUDA call
     silence_known_warnings()
-    from engine.runtime import released_on_error
+    from engine.interrupt import exit_status
 
-    with released_on_error():  # an error once the process group is up ends the groups run started
-        try:
-            return run(args)
-        except ConfigError as e:
-            if rank == 0:
-                print(f"error: {e}", file=sys.stderr)
-            return 2
+    leaves = ["before the scoring began; the same command starts it"]  # what a stop leaves, kept up to date
+    return exit_status(lambda interrupts: run(args, interrupts, leaves), leaves, rank == 0)
 
 
 def score_settings(args, scorer: CheckpointScorer) -> dict:
@@ -412,17 +409,20 @@ def score_settings(args, scorer: CheckpointScorer) -> dict:
             "input_mtime_ns": st.st_mtime_ns}
 
 
-def run(args) -> int:
+def run(args, interrupts, leaves: list) -> int:
     import itertools
 
     from engine.runtime import shutdown_runtime
     from polar.client_format import Cuts
     from polar.records import RecordError
     from polar.score_input import iter_score_input, output_row, survey_score_input
+    from engine.score_ranks import gathered, same_on_every_rank
     from polar.score_output import ResumeError, RowWriter, check_settings, partial_paths, rows_written
 
     t0 = time.time()
     main_rank = int(os.environ.get("RANK", "0")) == 0
+    if main_rank:  # the check and the model's load take minutes at 7B: said before them, not after
+        print(f"checking every line of {args.input} before the model is loaded", flush=True)
     scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
                               args.max_length, args.max_response_length)
     try:  # every line checked before a model is loaded; the texts are read again chunk by chunk
@@ -447,6 +447,11 @@ def run(args) -> int:
         done = rows_written(args.output, numbers, cut_torn=main_rank) if check_settings(args.output, settings) else 0
     except ResumeError as e:
         raise ConfigError(str(e)) from None
+
+    def kept(rows: int) -> None:
+        leaves[0] = f"{rows:,} of {len(numbers):,} lines are kept in {partial}; the same command continues"
+
+    kept(done)
     if done and main_rank:
         print(f"resuming: {done:,} of {len(numbers):,} lines are already scored in {partial} (a stopped run's); "
               f"scoring the other {len(numbers) - done:,}", flush=True)
@@ -482,7 +487,7 @@ def run(args) -> int:
 
     scorer.start()
     rt = scorer.rt
-    _same_on_every_rank(done, rt)
+    same_on_every_rank(done, rt)
 
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
     totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
@@ -496,7 +501,7 @@ def run(args) -> int:
 
     for lines, prepared in prepared_ahead(prepare, lambda chunk: not chunk[0], ahead=not args.no_prefetch):
         share = _scored_share(scorer, prepared, lambda d, t: report(lines_done + len(lines) * d / max(t, 1), left))
-        outcome, facts, share_cuts = _gathered(share, rt)
+        outcome, facts, share_cuts = gathered(share, rt)
         for k in ("sequences", "outputs", "prefix_tokens_saved"):
             totals[k] += sum(f[k] for f in facts)
         lengths.update(f["seq_length"] for f in facts if f["sequences"])
@@ -517,13 +522,18 @@ def run(args) -> int:
             if ln.line in too_long:
                 ln.error = f"its outputs take {outcome[ln.line]} tokens, more than {bound}"
                 over_names.append(f"{args.input}:{ln.line}")
-        if writer is not None:
-            writer.write([output_row(ln, outcome.get(ln.line, [])) for ln in lines])
+        with interrupts.whole():  # a stop leaves the chunk's rows written whole, and says so
+            if writer is not None:
+                writer.write([output_row(ln, outcome.get(ln.line, [])) for ln in lines])
+            lines_done += len(lines)
+            kept(done + lines_done)
         totals["bad"] += sum(ln.error is not None for ln in lines)
-        lines_done += len(lines)
         report(lines_done, left)
+    with interrupts.whole():
+        if rt.is_main:
+            writer.finish()
+        leaves[0] = f"every line is scored, in {args.output}"
     if rt.is_main:
-        writer.finish()
         if over_names:
             print(f"{len(over_names)} line(s) longer than {bound}, written as error lines (--on-error skip): "
                   f"{', '.join(over_names[:5])}" + (" ..." if len(over_names) > 5 else ""), flush=True)
@@ -564,37 +574,6 @@ def _scored_share(scorer: CheckpointScorer, prepared: tuple, progress) -> tuple:
         rewards, facts = scorer.score_packed(packed, progress=progress, data_parallel=False)
         outcome.update((ln.line, r) for ln, r in zip(kept, rewards))
     return outcome, facts, cuts
-
-
-def _gathered(share: tuple, rt) -> tuple:
-    """Every replica's share of a chunk, on every rank: (outcomes merged, facts per replica, cuts per
-    replica). The TP and PP ranks of a replica hold the same share; one copy per replica counts."""
-    import torch.distributed as dist
-
-    outcome, facts, cuts = share
-    if rt.dp == 1:
-        return outcome, [facts], [cuts]
-    shares = [None] * rt.dp
-    dist.all_gather_object(shares, share, group=rt.groups.dp)
-    merged = {}
-    for o, _, _ in shares:
-        merged.update(o)
-    return merged, [f for _, f, _ in shares], [c for _, _, c in shares]
-
-
-def _same_on_every_rank(done: int, rt) -> None:
-    """Every rank reads the partial output to know where to continue; one that saw another file (an
-    --output not on a file system every node shares) would score other lines than rank 0 writes."""
-    import torch
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    seen = torch.tensor([done, -done], dtype=torch.int64, device=rt.device)
-    dist.all_reduce(seen, op=dist.ReduceOp.MAX)
-    if int(seen[0]) != -int(seen[1]):
-        raise ConfigError(f"the ranks found different partial outputs beside --output (between {-int(seen[1])} and "
-                          f"{int(seen[0])} rows): --output must be on a file system every node shares")
 
 
 if __name__ == "__main__":

@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import signal
 import subprocess
 import sys
-import threading
 
+from polar.launch import call_forwarding_signals
 from polar.presets import preset_names
 
 
@@ -66,39 +65,15 @@ def _launch(module: str):
         # --nproc 1 too, since that one process still runs under torchrun
         env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
         asked = "--check-config" in rest  # the check is all that was asked for
-        code = _call_forwarding_sigterm([sys.executable, "-m", module, *([] if asked else ["--check-config"]),
-                                         *rest], env=env)
+        code = call_forwarding_signals([sys.executable, "-m", module, *([] if asked else ["--check-config"]),
+                                        *rest], env=env)
         if code or asked:
             return code
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]
         print("+", " ".join(cmd), flush=True)
-        return _call_forwarding_sigterm(cmd)
+        return call_forwarding_signals(cmd)
     return launch
-
-
-def _call_forwarding_sigterm(cmd: list[str], env=None) -> int:
-    """subprocess.call, passing a SIGTERM this process receives on to the child. torchrun acts on one
-    (its workers save the step they reached and exit 143, engine/trainer.py); unforwarded, this
-    process died and torchrun trained on without it, and as a container's first process (PID 1,
-    whose signals without a handler the kernel drops) it was ignored until the SIGKILL. A child
-    that then fails (torchrun, signalled, exits 1 after its workers' 143) ends this process with
-    128 + SIGTERM, the status of a run stopped by the signal, which launchers retry."""
-    proc = subprocess.Popen(cmd, env=env)
-    if threading.current_thread() is not threading.main_thread():  # Python's rule for handlers
-        return proc.wait()
-    forwarded = []
-
-    def forward(signum, frame):
-        forwarded.append(signum)
-        proc.send_signal(signum)
-
-    previous = signal.signal(signal.SIGTERM, forward)
-    try:
-        code = proc.wait()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 128 + signal.SIGTERM if forwarded and code else code
 
 
 def _nproc(value: str) -> int:

@@ -6,8 +6,11 @@ without torchrun (the engine's runtime starts a single-process group by itself).
 from __future__ import annotations
 
 import importlib
+import signal
 import subprocess
 import sys
+import threading
+import time
 
 
 def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
@@ -41,7 +44,58 @@ def run_entry(module: str, argv: list[str], default_nproc: int = 1) -> int:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *rest]
     print("+", " ".join(cmd), flush=True)
-    return subprocess.call(cmd)
+    return call_forwarding_signals(cmd)
+
+
+# The stop signals torchrun acts on (it passes each to its workers and waits for them) that a user or
+# a scheduler sends to the command it started: a SIGTERM (kill, Kubernetes, SLURM), Ctrl-C's SIGINT,
+# the SIGHUP of a closed terminal.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+# The same signal again this soon after it was passed on is the same request twice (a second Ctrl-C
+# while the workers stop; engine.stop_signal.REPEAT_S): torchrun, signalled again while it stops its
+# workers, left the stop half done.
+REPEAT_S = 5.0
+
+
+def call_forwarding_signals(cmd: list[str], env=None) -> int:
+    """subprocess.call, passing a stop signal this process receives on to the child and waiting for
+    it. torchrun acts on one (training saves the step it reached and exits 143, engine/trainer.py;
+    polar score keeps the rows written and says so, engine/score.py); unforwarded, this process died
+    and torchrun worked on without it, and as a container's first process (PID 1, whose signals
+    without a handler the kernel drops) it was ignored until the SIGKILL. The child runs in a process
+    group of its own, so that a Ctrl-C at the terminal reaches it once, from here, not also from the
+    terminal (twice, torchrun's stop was cut short). A signal this process ignores (SIG_IGN, as a
+    background job's SIGINT) stays ignored. A child that then fails (torchrun, signalled, exits 1 after
+    its workers' 143) ends this process with 128 + the signal, the status of a run stopped by it,
+    which launchers retry."""
+    if threading.current_thread() is not threading.main_thread():  # Python's rule for handlers
+        return subprocess.call(cmd, env=env)
+    forwarded: list = []  # (signal, when)
+    proc = None
+
+    def forward(signum, frame):
+        now = time.monotonic()
+        if any(s == signum and now - t < REPEAT_S for s, t in forwarded):
+            return
+        forwarded.append((signum, now))
+        if proc is not None:
+            proc.send_signal(signum)
+
+    previous = {s: signal.getsignal(s) for s in FORWARDED}
+    for s in FORWARDED:
+        if previous[s] is not signal.SIG_IGN:
+            signal.signal(s, forward)
+    try:
+        proc = subprocess.Popen(cmd, env=env, process_group=0)
+        if forwarded:  # a signal before the child was there to receive it
+            proc.send_signal(forwarded[0][0])
+        code = proc.wait()
+    finally:
+        for s, handler in previous.items():
+            if handler is not None:  # None: set outside Python, which cannot be put back from here
+                signal.signal(s, handler)
+    return 128 + forwarded[0][0] if forwarded and code else code
 
 
 def score_main(argv=None) -> int:
