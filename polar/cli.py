@@ -51,7 +51,8 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
   --print-config             print the resolved config (the fine-tuning defaults and yours) and exit
   --config FILE              optional: a YAML with a model section only (e.g. ckpt/base/model.yaml; the
                              presets set train.steps, which fine-tuning derives from finetune.epochs);
-                             model.* settings must match the checkpoint
+                             the model.* settings the checkpoint records are taken from it, and one
+                             given must match it
   section.key=value          e.g. train.lr=2e-5 finetune.epochs=1 train.eval_interval=50
 """
 

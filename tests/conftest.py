@@ -31,6 +31,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_parallel_parity.py",
     "tests/engine/test_stop_signal.py",  # 88 s (2026-12-05, 716803d)
     "tests/engine/test_stop_signal_eval.py",  # ~60 s (2026-12-05, d1f6a3c)
+    "tests/engine/test_score_interrupt.py",  # 60-115 s on 2 cores (2026-12-05, 2eaea6f)
     "tests/polar/test_score.py",
     "tests/engine/test_parallel_data.py",
     "tests/polar/convert/test_smollm2.py",
