@@ -122,7 +122,14 @@ class ShardWriter:
         # machine the renames below could otherwise be there, the tokens not (a .bin of zeros)
         self._bin.flush()
         os.fsync(self._bin.fileno())
-        self._bin.close()
+        try:
+            return self._commit()
+        finally:
+            # closed (the lock released) only now: a second run of this shard that started meanwhile
+            # would truncate the .bin.tmp about to be renamed, and the .idx commit over an empty .bin
+            self._bin.close()
+
+    def _commit(self) -> dict:
         parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
                  for k, v in self._parts.items()}
 

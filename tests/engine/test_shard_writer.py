@@ -87,3 +87,26 @@ def test_a_shard_is_on_the_disk_before_its_idx_says_it_is_complete(tmp_path, pac
     assert published_durably(calls, shard + ".json") < renamed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx", "s.json"]
     same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+
+
+def test_a_shard_being_closed_is_still_refused_to_a_second_writer(tmp_path, packed, monkeypatch):
+    """close() released the lock (closed the .bin.tmp) before it wrote the index, the .json and the
+    renames, with their fsyncs: a second run of the shard starting then truncated the .bin.tmp the
+    first was about to rename, which committed an .idx over an empty .bin. The lock is now held
+    until the .idx is committed; the second writer, tried just before the .bin's rename, is refused."""
+    import os
+
+    real_replace, tried = os.replace, []
+
+    def replace(src, dst, **kw):
+        if str(src).endswith("s.bin.tmp"):
+            try:
+                tried.append(ShardWriter(tmp_path / "s", SEQ, vocab_size=300, pad_id=1))  # it goes on writing
+            except ShardBusy:
+                tried.append("refused")
+        return real_replace(src, dst, **kw)
+
+    monkeypatch.setattr(os, "replace", replace)
+    write(tmp_path / "s", packed)
+    assert tried == ["refused"]
+    same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(packed))), packed.sequences(range(len(packed))))
