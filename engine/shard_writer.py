@@ -113,6 +113,12 @@ class ShardWriter:
     def num_sequences(self) -> int:
         return self._sequences
 
+    def sync(self) -> None:
+        """The tokens written so far on the disk: the long part of close(), which a caller that must
+        not be stopped while close() renames over an older shard may do first, while a stop is welcome."""
+        self._bin.flush()
+        os.fsync(self._bin.fileno())
+
     def close(self) -> dict:
         """Write the index and metadata, rename into place; returns the metadata written."""
         if self._closed:
@@ -120,8 +126,7 @@ class ShardWriter:
         self._closed = True
         # the tokens on the disk before any name says the shard is complete: after a crash of the
         # machine the renames below could otherwise be there, the tokens not (a .bin of zeros)
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
+        self.sync()
         try:
             return self._commit()
         finally:

@@ -303,6 +303,8 @@ class _SigtermStops:
             raise Terminated()
 
     def hold(self) -> None:
+        """From here a SIGTERM is only noted: it ends the build with Terminated if something else
+        stops it, else the build ends as a whole one (held for close(): a shard is all or nothing)."""
         self.armed = False
 
     def __enter__(self):
@@ -470,6 +472,10 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
             # absolute: a rebuild (--force) run from another directory finds it the list it replaces
             writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
+            writer.sync()
+            # close() renames the new .json and .bin over the shard it replaces (--force) before the
+            # .idx: a stop between them left a shard of two builds, said to be kept. Done, not stopped.
+            stop.hold()
             meta = writer.close()
         except BaseException:
             stop.hold()

@@ -115,3 +115,30 @@ def test_workers_end_with_a_main_process_killed_and_free_the_shard(tmp_path, src
     finally:
         end(proc, workers)
     same_command_again(tmp_path, src)  # the .bin.tmp a SIGKILL leaves is no one's now: rewritten
+
+
+def test_sigterm_while_a_rebuild_puts_its_shard_in_place_leaves_one_whole_shard(tmp_path, src):
+    """A SIGTERM that came while close() renamed the new files over the old shard (--force) raised
+    there: the new .json and .bin were in place beside the old .idx, a shard of two builds, while the
+    build said 'nothing of the shard was written (a shard it was to replace, --force, is kept)'. The
+    signal is now held from the first rename to the .idx's: the new shard is whole, and the build,
+    done, exits 0."""
+    old = write_jsonl(tmp_path / "old.jsonl", synthetic_records(RECORDS // 2, seed=1))
+    build = [sys.executable, "-m", "polar.cli", "data", "build", "-o", str(tmp_path / "ds"), "--seq-length", str(SEQ),
+             "--quiet"]
+    assert subprocess.run([*build, str(old)], capture_output=True, timeout=300, cwd=ROOT).returncode == 0
+    # the signal sent from inside the .bin's rename, as a scheduler's could come at that moment
+    script = ("import os, signal, sys\n"
+              "from polar import data_build\n"
+              "real = os.replace\n"
+              "def replace(src, dst, **kw):\n"
+              "    real(src, dst, **kw)\n"
+              "    if str(src).endswith('.bin.tmp'):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "os.replace = replace\n"
+              "sys.exit(data_build.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, *build[5:], "--force", str(src)], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert IndexedDataset(tmp_path / "ds").num_groups == RECORDS
+    assert not list((tmp_path / "ds").glob("*.tmp")) and not list((tmp_path / "ds").glob(".*"))
