@@ -160,6 +160,10 @@ class ShardWriter:
             f.write(b"\0" * (-f.tell() % 8))
             for k in COUNTS:
                 f.write(counts[k].astype("<i8", copy=False).tobytes())
+            # on the disk before anything is renamed over an older shard (--force): a full disk or a
+            # quota, which a write-back file system reports at fsync, then fails with the old one whole
+            f.flush()
+            os.fsync(f.fileno())
             durable_file.write_file(self.path.with_name(self.path.name + ".json"), json.dumps(meta, indent=1))
             os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
             durable_file.sync_dir(self.path.parent)  # the .bin's name on the disk before the .idx's

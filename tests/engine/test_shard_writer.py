@@ -110,3 +110,33 @@ def test_a_shard_being_closed_is_still_refused_to_a_second_writer(tmp_path, pack
     write(tmp_path / "s", packed)
     assert tried == ["refused"]
     same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(packed))), packed.sequences(range(len(packed))))
+
+
+def test_a_rebuild_the_disk_refuses_leaves_the_old_shard_whole(tmp_path, packed, monkeypatch):
+    """The .idx's bytes reached the disk only in its commit, after the new .bin had been renamed
+    over the old one: a full disk or quota (which a write-back file system reports at fsync) then
+    failed the rebuild with the old .idx beside the new .bin, a shard neither build wrote. Its bytes
+    are now on the disk before anything is renamed, and the old shard stays as it was."""
+    import errno
+    import os
+
+    old = PackedGroups(random_groups(5, 40), SEQ)
+    write(tmp_path / "s", old)
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        name = os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}"))
+        if name.startswith(".s.idx.") and name.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    w = ShardWriter(tmp_path / "s", SEQ, vocab_size=300, pad_id=1)
+    for i in range(len(packed)):
+        w.add_sequence(packed.sequences([i])[0])
+    with pytest.raises(OSError, match="No space left"):
+        w.close()
+    w.abort()
+    monkeypatch.undo()
+    same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(old))), old.sequences(range(len(old))))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx", "s.json"]
