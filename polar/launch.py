@@ -49,8 +49,10 @@ def run_entry(module: str, argv: list[str], default_nproc: int = 1) -> int:
 
 # The stop signals torchrun acts on (it passes each to its workers and waits for them) that a user or
 # a scheduler sends to the command it started: a SIGTERM (kill, Kubernetes, SLURM), Ctrl-C's SIGINT,
-# the SIGHUP of a closed terminal.
-FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# the SIGHUP of a closed terminal, Ctrl-\'s SIGQUIT. In a process group of its own the child gets none
+# of them from the terminal: one not passed on here ends this process alone, torchrun and its workers
+# running on without it.
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 # The same signal again this soon after it was passed on is the same request twice (a second Ctrl-C
 # while the workers stop; engine.stop_signal.REPEAT_S): torchrun, signalled again while it stops its

@@ -19,3 +19,67 @@ def test_a_bad_nproc_is_named(argv, error):
     """A trailing --nproc was passed on to the entry point, which refused it as an unknown argument."""
     with pytest.raises(SystemExit, match=error):
         split_nproc(argv, 1)
+
+
+# The child of call_forwarding_signals: names the signal it received in its file, then exits 128 + it.
+_CHILD = """
+import os, signal, sys, time
+def stop(signum, frame):
+    with open(sys.argv[1], "w") as f:
+        f.write(signal.Signals(signum).name)
+    sys.exit(128 + signum)
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
+    signal.signal(s, stop)
+with open(sys.argv[1] + ".pid", "w") as f:
+    f.write(str(os.getpid()))
+while True:
+    time.sleep(1)
+"""
+
+# polar's side, as in a terminal's job: the stop signals at their defaults (a background job started
+# by a script has SIGINT and SIGQUIT ignored, which polar rightly keeps)
+_PARENT = """
+import signal, sys
+from polar.launch import call_forwarding_signals
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+sys.exit(call_forwarding_signals([sys.executable, sys.argv[1], sys.argv[2]]))
+"""
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
+def test_a_stop_signal_to_polar_reaches_the_launched_command(tmp_path, name):
+    """torchrun runs in a process group of its own, so the terminal's signals reach polar alone: Ctrl-\\
+    (SIGQUIT) ended polar and left torchrun and its workers running, orphaned."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    child, got = tmp_path / "child.py", tmp_path / "got"
+    child.write_text(_CHILD)
+    repo = Path(__file__).resolve().parents[2]
+    polar = subprocess.Popen([sys.executable, "-c", _PARENT, str(child), str(got)], cwd=repo,
+                             env=dict(os.environ, PYTHONPATH=str(repo)))
+    pid_file = Path(f"{got}.pid")
+    for _ in range(600):  # the child is started (a bounded wait, not a timing assertion)
+        if pid_file.is_file() and pid_file.read_text():
+            break
+        time.sleep(0.1)
+    pid = int(pid_file.read_text())
+    signum = getattr(signal, name)
+    polar.send_signal(signum)
+    try:
+        code = polar.wait(timeout=60)
+    finally:
+        polar.kill()
+    for _ in range(100):  # the child, still running where the signal did not reach it
+        if got.exists():
+            break
+        time.sleep(0.1)
+    received = got.read_text() if got.exists() else None
+    if received is None:
+        os.kill(pid, signal.SIGKILL)
+    assert (received, code) == (name, 128 + signum)
