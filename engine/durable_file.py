@@ -61,7 +61,10 @@ class Replacement:
     def __init__(self, path, binary: bool = False, encoding: str = "utf-8"):
         self.path = os.fspath(path)
         self.dir, name = os.path.split(os.path.abspath(self.path))
-        tmp = os.path.join(self.dir, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        # the target's name cut to 200 bytes: a name the file system takes (255 bytes at most) must
+        # not fail for the ~25 the temporary name adds
+        short = os.fsdecode(os.fsencode(name)[:200])
+        tmp = os.path.join(self.dir, f".{short}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             self.file = os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding=encoding)

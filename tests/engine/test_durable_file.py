@@ -71,6 +71,12 @@ def test_an_fsync_that_fails_is_raised_and_nothing_is_published(tmp_path, monkey
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.parametrize("name", ["a" * 255, "é" * 127 + "a"])  # 255 bytes: the longest name ext4 takes
+def test_a_name_the_file_system_takes_is_written_though_its_temporary_name_is_longer(tmp_path, name):
+    durable_file.write_file(tmp_path / name, "x")
+    assert os.listdir(tmp_path) == [name] and (tmp_path / name).read_text() == "x"
+
+
 def test_two_writers_of_one_file_each_write_their_own_temporary_file(tmp_path):
     with durable_file.Replacement(tmp_path / "tokenizer.json") as a, \
             durable_file.Replacement(tmp_path / "tokenizer.json") as b:
