@@ -49,13 +49,21 @@ def _rows(path: Path) -> int:
         return 0
 
 
+def _as_a_terminals_job() -> None:
+    """SIGINT at its default action, as in a job a terminal starts: a test run started in the
+    background by a script (CI's `cmd &`) has SIGINT ignored, which its children inherit and which
+    polar and the engine rightly keep (the Ctrl-C cases then scored to the end and exited 0)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupted(cmd: list, cwd: Path, when, send) -> tuple:
     """Runs `cmd` (in a session of its own, as a terminal's job is a process group of its own) until
     when() holds, then send(pid); (exit status, output, the processes it had started then and still
     running once it ended). Whatever is left is killed."""
     log = cwd / "log.txt"
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_as_a_terminals_job)
     family = []
     try:
         deadline = time.time() + 300
