@@ -41,7 +41,6 @@ import multiprocessing
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +50,7 @@ import numpy as np
 from engine.checkpoint_async import die_with_parent
 from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
+from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
 from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
@@ -102,7 +102,7 @@ def _start_worker(cfg: BuildConfig, parent_pid: int) -> None:
     (SIGKILL, the out-of-memory killer) it waited forever to hand over a chunk nobody read, holding
     the shard's lock (the writer's locked file, inherited at the fork): the same command then failed
     with "another process is writing this shard". SIGTERM has its default action here: the handler
-    inherited from the build (_SigtermStops) is for the main process."""
+    inherited from the build (SigtermStops) is for the main process."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _init_worker(cfg)
@@ -273,55 +273,6 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
 
 
 # ---- main side ----------------------------------------------------------------------------------
-class Terminated(SystemExit):
-    """SIGTERM stopped the build, which wrote nothing of its shard: the process exits 128 + 15, the
-    status of a process SIGTERM ended (engine/stop_signal.py), which launchers retry."""
-
-    def __init__(self):
-        super().__init__(EXIT_SIGTERM)
-
-
-class _SigtermStops:
-    """SIGTERM to the build process alone (`kill PID`, an orchestrator's terminate()) ended it where
-    it stood: its worker processes, which only a signal to the whole process group reaches (Ctrl-C,
-    GNU timeout), were left waiting forever, holding the shard's lock, beside a `.bin.tmp`. Inside
-    this context the signal raises Terminated in the main thread, as Ctrl-C raises KeyboardInterrupt,
-    and the build cleans up on its way out. Once: a SIGTERM during that cleanup (hold()), such as the
-    second of a signal sent to the process and to its group, only ends the build with Terminated
-    after it, whatever else stopped it (workers SIGTERM killed first: WorkerDied). Installed only
-    where SIGTERM has its default action and the build runs in the main thread (Python's rule for
-    handlers): a program that handles SIGTERM itself keeps doing so."""
-
-    def __init__(self):
-        self.armed = self.received = False
-        self.previous = None
-
-    def _handler(self, signum, frame) -> None:
-        self.received = True
-        if self.armed:
-            self.armed = False
-            raise Terminated()
-
-    def hold(self) -> None:
-        """From here a SIGTERM is only noted: it ends the build with Terminated if something else
-        stops it, else the build ends as a whole one (held for close(): a shard is all or nothing)."""
-        self.armed = False
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-            self.previous = signal.signal(signal.SIGTERM, self._handler)
-            self.armed = True
-        return self
-
-    def __exit__(self, kind, exc, tb) -> None:
-        self.armed = False
-        if self.previous is not None:
-            signal.signal(signal.SIGTERM, self.previous)
-        if exc is not None and self.received and not isinstance(exc, Terminated):
-            raise Terminated() from exc
-
-
 class _Progress:
     def __init__(self, total_bytes: int, quiet: bool, interval: float = 2.0):
         self.total, self.quiet, self.interval = total_bytes, quiet, interval
@@ -430,7 +381,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
     rejects_out, first_reject, results = None, None, None
-    with _SigtermStops() as stop:
+    with SigtermStops() as stop:
         try:
             results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
             for res in results:
