@@ -37,12 +37,13 @@ while True:
 """
 
 # polar's side, as in a terminal's job: the stop signals at their defaults (a background job started
-# by a script has SIGINT and SIGQUIT ignored, which polar rightly keeps)
+# by a script has SIGINT and SIGQUIT ignored, and one started under nohup SIGHUP, which polar rightly keeps)
 _PARENT = """
 import signal, sys
 from polar.launch import call_forwarding_signals
 signal.signal(signal.SIGINT, signal.default_int_handler)
 signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+signal.signal(signal.SIGHUP, signal.SIG_DFL)
 sys.exit(call_forwarding_signals([sys.executable, sys.argv[1], sys.argv[2]]))
 """
 
