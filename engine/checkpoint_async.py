@@ -15,38 +15,16 @@ while it is written (BackgroundSaves.leave).
 """
 from __future__ import annotations
 
-import ctypes
 import datetime
 import functools
 import os
 import pickle
 import signal
-import threading
 import time
 from pathlib import Path
 
 from engine.checkpoint_request import first_line
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """In a process forked by the trainer: end when the trainer ends. A writer left behind by a
-    killed run would go on writing into a `.partial` directory nobody finalizes (and a restarted
-    run saving the same step would find its files changing under it); a results server left
-    behind would hold the trainer's memory for good."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: look for the parent instead
-        def watch():
-            while os.getppid() == parent_pid:
-                threading.Event().wait(1.0)
-            os._exit(1)
-
-        threading.Thread(target=watch, daemon=True).start()
-    if os.getppid() != parent_pid:  # the trainer ended before the signal was asked for
-        os._exit(1)
-
+from engine.worker_processes import die_with_parent
 
 def write_buckets(transform_list, use_msc: bool, rank: int, buckets, results_queue) -> None:
     """megatron's FileSystemWriterAsync.write_preloaded_data_multithread without its error

@@ -25,6 +25,7 @@ from engine.group import Group, per_group_counts
 from engine.shard_files import OpenFiles, check_unchanged
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, ShardIndex, check_offsets,
                                  groups_problem, segment_sums, sequence_counts)
+from engine.worker_processes import die_with_parent, kill_workers
 
 
 # Groups a pass over a whole index checks at once (_Shard.verify): ~150 bytes a group of transient arrays,
@@ -428,8 +429,6 @@ class IndexedDataset:
             # spawn: this process may hold threads (a loader, torch's pools) that fork would copy mid-lock.
             # An executor, not multiprocessing.Pool: a worker that dies (killed, or a script that starts
             # work on import) raises BrokenProcessPool here instead of being replaced forever.
-            from engine.checkpoint_async import die_with_parent
-
             # A worker ends with this process: left behind by one killed (SIGTERM to it alone, SIGKILL)
             # it waited for work for good, holding its own call queue's pipe open.
             pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
@@ -450,8 +449,7 @@ class IndexedDataset:
                         f"ETA {(total - done) / max(rate, 1e-9):.0f} s)")
                     last = now
         except BaseException:  # an error, Ctrl-C, the caller done early: the shards in flight are not waited for
-            for p in list((getattr(pool, "_processes", None) or {}).values()):
-                p.kill()
+            kill_workers(pool)
             raise
         finally:
             if pool is not None:

@@ -41,7 +41,7 @@ class SigtermFlag:
     fit runs in the main thread (Python's rule for handlers): a program that handles or ignores
     SIGTERM itself keeps doing so. The processes fit forks (the background checkpoint writer and its
     results server) inherit the handler: a SIGTERM to the whole process group leaves a pending write
-    to finish, and they end with the trainer in any case (engine.checkpoint_async.die_with_parent)."""
+    to finish, and they end with the trainer in any case (engine.worker_processes.die_with_parent)."""
 
     def __init__(self):
         self.received = False

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.checkpoint_async import die_with_parent
+from engine.worker_processes import die_with_parent, kill_workers
 from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
 from polar.build_stop import SigtermStops, Terminated
@@ -265,8 +265,7 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
     except BaseException:
         # A build that stops (an error, SIGTERM, Ctrl-C, the generator closed) wants nothing more of
         # the chunks in flight: shutdown would wait for each to be finished and handed over.
-        for p in list((getattr(pool, "_processes", None) or {}).values()):
-            p.kill()
+        kill_workers(pool)
         raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
