@@ -1,8 +1,11 @@
 """Writes one shard of a packed dataset (the format: engine/shard_format.py)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -44,12 +47,15 @@ class ShardWriter:
         lock_for_life(fd, ShardBusy(f"{self.path}: another process is writing this shard ({self._tmp_bin} is "
                                     "locked); wait for it to end or stop it"))
         os.ftruncate(fd, 0)
+        for name in (".idx.tmp", ".json.tmp"):  # a killed writer's
+            self._name(name).unlink(missing_ok=True)
         self._bin = os.fdopen(fd, "wb")
         self._parts: dict[str, list[np.ndarray]] = {k: [] for k in
                                                     ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
         self._tokens = 0
         self._sequences = 0
         self._closed = False
+        self.committed = False  # the shard's files are in place (close() got that far)
 
     def add_sequence(self, groups: list[Group], sources: list[int] | None = None) -> None:
         """One packed sequence: whole groups whose lengths sum to at most seq_length."""
@@ -119,8 +125,11 @@ class ShardWriter:
         self._bin.flush()
         os.fsync(self._bin.fileno())
 
-    def close(self) -> dict:
-        """Write the index and metadata, rename into place; returns the metadata written."""
+    def close(self, with_files=()) -> dict:
+        """Write the index and metadata, rename into place; returns the metadata written.
+        `with_files`: (source, target) pairs of files that belong to the shard (a list of the records
+        its build set aside), put in place with it, source None for a target to remove: a reader finds
+        them with the shard they belong to, never beside another one (_put_in_place)."""
         if self._closed:
             raise ValueError(f"{self.path}: shard already closed")
         self._closed = True
@@ -128,13 +137,16 @@ class ShardWriter:
         # machine the renames below could otherwise be there, the tokens not (a .bin of zeros)
         self.sync()
         try:
-            return self._commit()
+            return self._commit([(None if s is None else Path(s), Path(t)) for s, t in with_files])
         finally:
             # closed (the lock released) only now: a second run of this shard that started meanwhile
             # would truncate the .bin.tmp about to be renamed, and the .idx commit over an empty .bin
             self._bin.close()
 
-    def _commit(self) -> dict:
+    def _name(self, suffix: str) -> Path:
+        return self.path.with_name(self.path.name + suffix)
+
+    def _commit(self, with_files: list) -> dict:
         parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
                  for k, v in self._parts.items()}
 
@@ -152,26 +164,101 @@ class ShardWriter:
         meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
                 "pad_id": self.pad_id, "token_dtype": self.dtype.name,
                 "shard": {"sequences": S, "groups": G, "pieces": P, "tokens": self._tokens}}
-        with durable_file.Replacement(self.path.with_name(self.path.name + ".idx"), binary=True) as idx:
-            f = idx.file
+        # Everything on the disk before anything is renamed over an older shard (--force): a full disk
+        # or a quota, which a write-back file system reports at fsync, then fails with the old one
+        # whole. Under fixed names: the .bin.tmp's lock keeps every other writer of this shard off them,
+        # and the next run rewrites what a killed one left.
+        with open(self._name(".idx.tmp"), "wb") as f:
             f.write(header)
             for a in arrays:
                 f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
             f.write(b"\0" * (-f.tell() % 8))
             for k in COUNTS:
                 f.write(counts[k].astype("<i8", copy=False).tobytes())
-            # on the disk before anything is renamed over an older shard (--force): a full disk or a
-            # quota, which a write-back file system reports at fsync, then fails with the old one whole
             f.flush()
             os.fsync(f.fileno())
-            durable_file.write_file(self.path.with_name(self.path.name + ".json"), json.dumps(meta, indent=1))
-            os.replace(self._tmp_bin, self.path.with_name(self.path.name + ".bin"))
-            durable_file.sync_dir(self.path.parent)  # the .bin's name on the disk before the .idx's
-            idx.commit()  # last: the shard is complete
+        with open(self._name(".json.tmp"), "w", encoding="utf-8") as f:
+            f.write(json.dumps(meta, indent=1))
+            f.flush()
+            os.fsync(f.fileno())
+        for source, _ in with_files:
+            if source is not None:
+                durable_file.sync_file(source)
+        self._put_in_place(with_files)
         return meta
 
+    def _put_in_place(self, with_files: list) -> None:
+        """The new files renamed over the shard's names, never a mix of two shards to a reader, who
+        takes the .bin and .json beside an .idx for that index's (engine/indexed_dataset.py) and checks
+        no more than their sizes: a rebuild of the same records under another seed, an old .idx beside
+        the new .bin, read the old offsets over the new tokens without a word. So the old .idx goes
+        first (no shard is there while the rest is replaced: a reader is refused, "no shard", not
+        misled) and the new one comes last, each step on the disk before the next: a kill -9 or a crash
+        of the machine at any point leaves the old shard, none, or the new one. Ctrl-C or a SIGTERM in
+        between would leave none where both were whole: they are held back until the end (_held)."""
+        dirs = dict.fromkeys([self.path.parent, *(t.parent for _, t in with_files)])
+        idx, gone = self._name(".idx"), False
+        with _held():
+            try:
+                if idx.exists():
+                    idx.unlink()
+                    gone = True
+                    durable_file.sync_dir(self.path.parent)
+                for source, target in with_files:
+                    if source is None:
+                        target.unlink(missing_ok=True)
+                    else:
+                        os.replace(source, target)
+                os.replace(self._name(".json.tmp"), self._name(".json"))
+                os.replace(self._tmp_bin, self._name(".bin"))
+                for d in dirs:  # every name above on the disk before the .idx's
+                    durable_file.sync_dir(d)
+                os.replace(self._name(".idx.tmp"), idx)  # last: the shard is complete
+                durable_file.sync_dir(self.path.parent)
+            except OSError as e:
+                kept = "the shard it replaces is gone: build it again" if gone else "nothing was replaced"
+                raise OSError(e.errno, f"{self.path}: putting the shard in place failed ({e}); {kept}") from e
+            self.committed = True
+
     def abort(self) -> None:
-        """Drop everything written so far (a failed build leaves nothing behind)."""
+        """Drop everything written so far (a failed build leaves nothing behind); nothing once the
+        shard is in place (its lock is gone: the .bin.tmp may be another writer's by now)."""
+        if self.committed:
+            return
         self._closed = True
         self._bin.close()
-        self._tmp_bin.unlink(missing_ok=True)
+        for name in (self._tmp_bin, self._name(".idx.tmp"), self._name(".json.tmp")):
+            name.unlink(missing_ok=True)
+
+
+# Signals that would stop a shard's files half put in place: Ctrl-C, a scheduler's SIGTERM, a closed terminal
+HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _held():
+    """The block runs to its end: SIGINT, SIGTERM and SIGHUP that come meanwhile are passed to the
+    handlers they would have met (KeyboardInterrupt, a build's stop, the default's end of the process)
+    after it, once each. Python runs handlers in the main thread only, so only there can a signal
+    raise mid-block; elsewhere nothing is installed (Python's rule for handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous: dict = {}
+    try:
+        for s in HELD:
+            handler = signal.getsignal(s)
+            if handler is not None and handler != signal.SIG_IGN:  # None: installed outside Python
+                # swapping runs a signal that came before the block: it stops the block before it begins
+                previous[s] = signal.signal(s, lambda signum, frame: came.append(signum))
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    for s in dict.fromkeys(came):
+        handler = previous[s]
+        if handler == signal.SIG_DFL:
+            signal.raise_signal(s)  # with its default action back: the process ends as it would have
+        else:
+            handler(s, None)

@@ -364,8 +364,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     # The rejects list this build may replace: its shard's own (default name), or the one the shard it
     # replaces (--force) names. Another file at a --rejects path is another shard's or build's list
     # (shards given one --rejects path): replacing or deleting it would lose those records' reasons.
-    replaced = _replaced_rejects(name) if force else None
-    if rejects_path and rejects_file.exists() and not _same_file(rejects_file, replaced):
+    replaced, own = _replaced_rejects(name) if force else (None, "")
+    if rejects_path and rejects_file.exists() and not (_same_file(rejects_file, replaced) and own != CHANGED_LIST):
         raise FileExistsError(f"--rejects {rejects_file} exists and is not the rejects list of the shard this build "
                               f"replaces (another shard's or build's?): give each shard its own --rejects path, or "
                               "remove the file")
@@ -379,7 +379,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     progress = _Progress(mine.bytes, quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
-    rejects_out, first_reject, results = None, None, None
+    rejects_out, first_reject, results, digest = None, None, None, hashlib.sha256()
     with SigtermStops() as stop:
         try:
             results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -388,8 +388,10 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                     writer.add_sequences(**res.arrays)
                 if res.rejects:
                     first_reject = first_reject or res.rejects[0]
-                    rejects_out = rejects_out or open(rejects_tmp, "w")
-                    rejects_out.writelines(json.dumps(r) + "\n" for r in res.rejects)
+                    rejects_out = rejects_out or open(rejects_tmp, "wb")
+                    lines = "".join(json.dumps(r) + "\n" for r in res.rejects).encode()
+                    digest.update(lines)
+                    rejects_out.write(lines)
                 counts["lines"] += res.lines
                 counts["blank"] += res.blank
                 counts["records"] += res.records
@@ -422,11 +424,24 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
             # absolute: a rebuild (--force) run from another directory finds it the list it replaces
             writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
+            # what makes a list at that path this shard's (_replaced_rejects): another build may write
+            # one there once this list is gone
+            writer.meta["rejects_sha256"] = digest.hexdigest() if counts["rejected"] else None
+            with_files, old_list = _rejects_in_place(rejects_file, rejects_tmp, counts["rejected"], rejects_path,
+                                                     replaced, own)
             writer.sync()
             # close() renames the new .json and .bin over the shard it replaces (--force) before the
             # .idx: a stop between them left a shard of two builds, said to be kept. Done, not stopped.
             stop.hold()
-            meta = writer.close()
+            try:
+                meta = writer.close(with_files)
+            except KeyboardInterrupt:
+                if not writer.committed:
+                    raise
+                # Ctrl-C while the files were renamed, held back to their end: the build is done
+                print(f"note: Ctrl-C came as {name} was put in place: it is whole, the build had finished",
+                      file=sys.stderr, flush=True)
+                meta = json.loads(name.with_suffix(".json").read_text())
         except BaseException:
             stop.hold()
             if results is not None:
@@ -441,10 +456,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 except OSError:
                     break
             raise
-    if counts["rejected"]:
-        os.replace(rejects_tmp, rejects_file)
-    elif not rejects_path or _same_file(rejects_file, replaced):
-        rejects_file.unlink(missing_ok=True)  # the replaced shard's, or a leftover of this shard's name
+    if old_list:
+        print(f"note: {old_list}", file=sys.stderr, flush=True)
     meta["elapsed_s"] = time.time() - progress.start
     meta["path"] = str(name)
     if not counts["groups"]:
@@ -476,13 +489,49 @@ def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: 
     return msg + ("; the shard was not replaced" if old else "; no shard was written")
 
 
-def _replaced_rejects(name: Path) -> Path | None:
-    """The rejects file named by the metadata of the shard at `name` (None: no shard, or no rejects)."""
+# What _replaced_rejects says of the list a shard names: the file there is the one its build wrote
+# (the digest in its metadata matches), a shard built before digests were recorded names it, or the
+# file has changed since (another build's list now, written once the shard's was gone)
+OWN_LIST, NAMED_LIST, CHANGED_LIST = "own", "named", "changed"
+
+
+def _replaced_rejects(name: Path) -> tuple[Path | None, str]:
+    """The rejects file named by the metadata of the shard at `name` (None: no shard, or no rejects),
+    and OWN_LIST, NAMED_LIST or CHANGED_LIST ("" for a file not there)."""
     try:
-        old = json.loads(name.with_suffix(".json").read_text()).get("rejects_file")
+        meta = json.loads(name.with_suffix(".json").read_text())
+        old, digest = meta.get("rejects_file"), meta.get("rejects_sha256")
     except (OSError, ValueError, AttributeError):
-        return None
-    return Path(old) if isinstance(old, str) else None
+        return None, ""
+    if not isinstance(old, str):
+        return None, ""
+    try:
+        with open(old, "rb") as f:
+            held = hashlib.file_digest(f, "sha256").hexdigest()
+    except OSError:  # gone (removed by hand), or unreadable: nothing this build would remove
+        return Path(old), ""
+    if not isinstance(digest, str):
+        return Path(old), NAMED_LIST
+    return Path(old), OWN_LIST if held == digest else CHANGED_LIST
+
+
+def _rejects_in_place(rejects_file: Path, rejects_tmp: Path, rejected: int, rejects_path: str,
+                      replaced: Path | None, own: str) -> tuple[list, str]:
+    """The files ShardWriter.close puts in place with the shard (its rejects list, and the removal of
+    the list the shard it replaces named, a list of records the new shard does not hold), and a note
+    on that old list for the user ("" for none)."""
+    with_files = [(rejects_tmp, rejects_file)] if rejected else []
+    if not rejected and (not rejects_path or (_same_file(rejects_file, replaced) and own != CHANGED_LIST)):
+        with_files.append((None, rejects_file))  # the replaced shard's, or a leftover of this shard's name
+    if replaced is None or not own or _same_file(rejects_file, replaced):
+        return with_files, ""
+    if own == OWN_LIST:
+        with_files.append((None, replaced))
+        return with_files, f"{replaced}, the rejects list of the shard replaced, was removed with it"
+    why = ("has changed since its build wrote it (another build's list now?)" if own == CHANGED_LIST else
+           "was written by a build that recorded no digest of it to tell it from another's")
+    return with_files, (f"{replaced}, named as the rejects list of the shard replaced, is kept: it {why}; it "
+                        "describes no shard of this directory now")
 
 
 def _same_file(a: Path, b: Path | None) -> bool:

@@ -126,7 +126,7 @@ def test_a_rebuild_the_disk_refuses_leaves_the_old_shard_whole(tmp_path, packed,
 
     def fsync(fd):
         name = os.path.basename(os.path.realpath(f"/proc/self/fd/{fd}"))
-        if name.startswith(".s.idx.") and name.endswith(".tmp"):
+        if name == "s.idx.tmp":
             raise OSError(errno.ENOSPC, "No space left on device")
         real_fsync(fd)
 

@@ -55,7 +55,7 @@ def test_a_failed_rebuild_keeps_the_old_shard_and_its_rejects(tmp_path, records,
     assert build(src, "-o", ds, "--seq-length", SEQ, "--force") == 2
     assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
 
-    def failing_close(self):
+    def failing_close(self, with_files=()):
         raise OSError("disk full")
 
     # a rebuild whose index cannot be written leaves no temporary file either
@@ -115,3 +115,30 @@ def test_shards_given_one_rejects_path_keep_every_list(tmp_path, records, capsys
     assert build(*common, "--shard-index", 0, "--force") == 0 and rejects.read_bytes() == kept
     clean = write_jsonl(tmp_path / "r.jsonl", records[:20])
     assert build(clean, *common[1:], "--shard-index", 0, "--force") == 0 and not rejects.exists()
+
+
+def test_a_rebuild_with_a_new_rejects_path_removes_the_replaced_shards_own_list(tmp_path, records, capsys):
+    """A --force rebuild given another --rejects path left the replaced shard's list on disk, the
+    reasons for records of a shard that is gone, which nothing pointed to any more. It goes with the
+    shard now, and the build says so; a file at that path that is no longer the list that shard's
+    build wrote (another build's, written once it was gone) is kept, and the build says why."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:20], {3: b"{oops\n"})
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip"]
+    first, second, third = (tmp_path / f"rej{i}.jsonl" for i in range(3))
+    assert build(*common, "--rejects", first) == 0 and first.exists()
+    capsys.readouterr()
+    assert build(*common, "--rejects", second, "--force", "--seed", 1) == 0
+    assert not first.exists() and b"oops" in second.read_bytes()
+    assert f"note: {first}, the rejects list of the shard replaced, was removed with it" in capsys.readouterr().err
+    # the list the shard names, removed by hand and written again by another build: not the shard's
+    second.unlink()
+    second.write_text('{"another": "build"}\n')
+    assert build(*common, "--rejects", third, "--force", "--seed", 2) == 0
+    assert second.read_text() == '{"another": "build"}\n' and third.exists()
+    err = capsys.readouterr().err
+    assert f"note: {second}, named as the rejects list of the shard replaced, is kept: it has changed since" in err
+    # nothing rejected now: the replaced shard's list goes, and no new one is written
+    clean = write_jsonl(tmp_path / "clean.jsonl", records[:20])
+    assert build(clean, *common[1:], "--rejects", first, "--force") == 0
+    assert not third.exists() and not first.exists()
+    assert json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())["rejects_file"] is None

@@ -4,6 +4,8 @@ holding the shard's lock, and the same command then failed with "another process
 shard". A SIGTERM now cleans up as Ctrl-C does and exits 143; after a SIGKILL the workers end too."""
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,7 +16,9 @@ import psutil
 import pytest
 
 from engine.indexed_dataset import IndexedDataset
+from engine.shard_format import DatasetFormatError
 from engine.stop_signal import EXIT_SIGTERM
+from polar import data_build
 from tests.polar.test_data_build import ROOT, SEQ, synthetic_records, write_jsonl
 
 RECORDS = 60
@@ -142,3 +146,96 @@ def test_sigterm_while_a_rebuild_puts_its_shard_in_place_leaves_one_whole_shard(
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert IndexedDataset(tmp_path / "ds").num_groups == RECORDS
     assert not list((tmp_path / "ds").glob("*.tmp")) and not list((tmp_path / "ds").glob(".*"))
+
+
+# Dies or is interrupted right after the k-th rename or removal of one of the shard's own names
+# (.idx, .bin, .json, the rejects list): every point of a --force rebuild's putting its shard in place.
+STOPPED_AT = ("import os, signal, sys\n"
+              "from polar import data_build\n"
+              # as a terminal's job does: a script's background job starts with SIGINT ignored
+              "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+              "names, k, sig = set(sys.argv[1].split(os.pathsep)), int(sys.argv[2]), getattr(signal, sys.argv[3])\n"
+              "done = []\n"
+              "real_replace, real_unlink = os.replace, os.unlink\n"
+              "def after(target):\n"
+              "    if os.path.abspath(target) in names:\n"
+              "        done.append(target)\n"
+              "        if len(done) == k:\n"
+              "            os.kill(os.getpid(), sig)\n"
+              "def replace(src, dst, **kw):\n"
+              "    real_replace(src, dst, **kw)\n"
+              "    after(dst)\n"
+              "def unlink(path, **kw):\n"
+              "    real_unlink(path, **kw)\n"
+              "    after(path)\n"
+              "os.replace, os.unlink = replace, unlink\n"
+              "sys.exit(data_build.main(sys.argv[4:]))\n")
+SHARD = "part-00000-of-00001"
+OWN = [f"{SHARD}.{x}" for x in ("idx", "bin", "json", "rejects.jsonl")]
+
+
+def _shard_files(ds: Path) -> dict:
+    """The shard's files in `ds` as a reader and a user see them: bytes, the .json's metadata but its
+    absolute path to the rejects list (another directory's in the reference build)."""
+    out = {}
+    for name in OWN:
+        p = ds / name
+        if p.exists():
+            out[name] = p.read_bytes()
+    if f"{SHARD}.json" in out:
+        meta = json.loads(out[f"{SHARD}.json"])
+        meta.pop("rejects_file")
+        out[f"{SHARD}.json"] = meta
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_builds(tmp_path_factory):
+    """Inputs of an old and a new build of the same groups (a rebuild under another seed: shard files of
+    the same sizes, which a reader cannot tell apart by size) but other rejects, and the new shard's files."""
+    root = tmp_path_factory.mktemp("two_builds")
+    records = synthetic_records(RECORDS)
+    old = write_jsonl(root / "old.jsonl", records, {3: b"{oops\n"})
+    new = write_jsonl(root / "new.jsonl", records, {3: b"{oops, again\n"})
+    ref = root / "ref"
+    assert data_build.main([str(new), "-o", str(ref), *REBUILD, "--seed", "1"]) == 0
+    return old, new, _shard_files(ref)
+
+
+REBUILD = ["--seq-length", str(SEQ), "--chunk-records", "20", "--on-error", "skip", "--quiet"]
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("k", range(1, 6))
+def test_a_rebuild_stopped_while_it_puts_its_shard_in_place_never_leaves_a_mix(tmp_path, two_builds, sig, k):
+    """close() renamed the new .json and .bin over the old shard's and then the .idx, and the build
+    renamed its rejects list after: Ctrl-C (KeyboardInterrupt, raised anywhere) between them left the
+    old .idx beside the new .bin, which a reader opened without a word (the same sizes) and read the
+    old offsets over the new tokens, or the new shard beside the old rejects list; a kill -9 there
+    left the same for good. Now Ctrl-C there is held to the end of the renames (the new shard whole,
+    the build done, exit 0), and after a kill -9 at any point a reader finds the old shard and its
+    list, the new ones, or no shard (refused), and the same command again completes."""
+    old, new, want = two_builds
+    ds = tmp_path / "ds"
+    assert data_build.main([str(old), "-o", str(ds), *REBUILD]) == 0
+    before = _shard_files(ds)
+    names = os.pathsep.join(str((ds / n).absolute()) for n in OWN)
+    again = [str(new), "-o", str(ds), *REBUILD, "--seed", "1", "--force"]
+    proc = subprocess.run([sys.executable, "-c", STOPPED_AT, names, str(k), sig, *again], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT)
+    if sig == "SIGINT":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "note: Ctrl-C came as" in proc.stderr and "it is whole" in proc.stderr, proc.stderr[-2000:]
+        assert _shard_files(ds) == want
+        assert not list(ds.glob("*.tmp"))
+    else:
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        try:
+            IndexedDataset(ds)
+        except DatasetFormatError as e:
+            assert "no shards" in str(e), e  # the old .idx removed, the new one not there yet
+        else:
+            assert _shard_files(ds) in (before, want)
+        assert data_build.main(again) == 0
+        assert _shard_files(ds) == want
+        assert not list(ds.glob("*.tmp")) and not list(ds.glob(".*"))
