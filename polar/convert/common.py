@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -179,17 +181,76 @@ def partial_dir(dst: Path) -> Path:
     """Where a conversion writes before one rename makes it `dst`: a run cut short (a full disk, a kill)
     must leave no `dst` that looks converted yet lacks files, nor one that blocks the rerun. Beside
     `dst` (the same file system, so the rename is atomic), under a fixed name that every rank of a
-    torchrun conversion agrees on and that the next run clears."""
+    torchrun conversion agrees on and that the next run clears: Partial keeps a second conversion
+    to `dst` off it while one runs."""
     dst = Path(dst).absolute()
     return dst.parent / f".{dst.name}.partial"
 
 
-def clear_partial(dst: Path) -> Path:
-    """An empty partial_dir(dst), the leftover of an earlier run cut short removed."""
-    partial = partial_dir(dst)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    return partial
+OWNER = ".polar-convert-owner"  # in the partial directory while a run holds it: which process
+
+
+class Partial:
+    """partial_dir(dst), this run's from claim() until publish() or drop(): locked (flock, which the
+    kernel drops when the process dies, killed or not). Two conversions to one `dst` at once shared
+    it: the second cleared the first's files under it and both wrote into one directory, which either
+    could publish half-written or mixed. The second is now refused (ConvertError naming `dst` and the
+    first's process) and touches nothing; a run cut short leaves it unlocked, for the next to clear."""
+
+    def __init__(self, dst: Path):
+        self.dst, self.path = Path(dst), partial_dir(dst)
+        self._fd: int | None = None
+
+    def claim(self) -> Path:
+        """The directory, empty (the leftover of a run cut short removed) and locked."""
+        from engine.file_lock import lock_for_life
+
+        while True:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            lock_for_life(fd, ConvertError(f"{self.dst}: another conversion to it is running ({self._owner()}, "
+                                           f"writing {self.path}); wait for it to end or stop it, or choose another "
+                                           "destination"))
+            # the directory locked is still the one under that name: a run that held it may have
+            # published it as its `dst` (renamed it) and let go of it between our open and our lock
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self._fd = fd
+        for child in list(self.path.iterdir()):
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        (self.path / OWNER).write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        return self.path
+
+    def _owner(self) -> str:
+        try:
+            return (self.path / OWNER).read_text().strip() or "its process unknown"
+        except OSError:  # it has locked the directory but not written its name yet
+            return "its process unknown"
+
+    def publish(self) -> None:
+        """The directory renamed to `dst` (an empty `dst` directory is replaced too), and let go."""
+        (self.path / OWNER).unlink()
+        os.replace(self.path, self.dst)
+        # let go only now: a run waiting for it finds the name gone, not a directory to clear
+        self._release()
+
+    def drop(self) -> None:
+        """The directory removed and let go, if claimed; else nothing (another run's, or none)."""
+        if self._fd is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self._release()
+
+    def _release(self) -> None:
+        fd, self._fd = self._fd, None
+        os.close(fd)
 
 
 def write_failed(dst: Path, error) -> ConvertError:

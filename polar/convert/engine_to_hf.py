@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 
 from polar.convert import internlm2, llama
-from polar.convert.common import clear_partial, partial_dir, write_failed
+from polar.convert.common import Partial, write_failed
 from polar.convert.engine_io import build, read_model_config
 from polar.convert.hf_checkpoint import ConvertError
 from polar.convert.tokenizer_files import copy_tokenizer, load as load_tokenizer
@@ -204,20 +203,19 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
                   "`configuration_internlm2.py` / `modeling_internlm2.py` from the InternLM2 / POLAR model "
                   "repositories, which is not shipped here: copy it beside these files and load with "
                   "trust_remote_code=True)")
-    partial = partial_dir(dst)
+    partial = Partial(dst)
     try:
-        clear_partial(dst)
-        _save_safetensors(hf, partial)
-        (partial / "config.json").write_text(json.dumps(hf_cfg, indent=1))
-        copy_tokenizer(tok_dir, partial)
-        (partial / "README.md").write_text(CARD.format(
+        _save_safetensors(hf, partial.claim())
+        (partial.path / "config.json").write_text(json.dumps(hf_cfg, indent=1))
+        copy_tokenizer(tok_dir, partial.path)
+        (partial.path / "README.md").write_text(CARD.format(
             name=dst.name, arch=hf_cfg["architectures"][0], remote=remote, sep=tok.reward_sep_text,
             sep_id=tok.reward_sep_id, rtok=tok.reward_token_text, rtok_id=tok.reward_token_id,
             layers=model.num_layers, hidden=model.hidden_size, heads=model.num_attention_heads,
             groups=model.num_query_groups, vocab=model.vocab_size, dtype=dtype))
-        os.replace(partial, dst)  # an empty dst directory is replaced too
+        partial.publish()
     except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
-        shutil.rmtree(partial, ignore_errors=True)
+        partial.drop()
         if isinstance(e, OSError):
             raise write_failed(dst, e) from e
         raise

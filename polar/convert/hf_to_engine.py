@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from polar.convert import internlm2, llama
-from polar.convert.common import clear_partial, partial_dir, write_failed
+from polar.convert.common import Partial, write_failed
 from polar.convert.engine_io import MODEL_YAML, build, write_model_yaml
 from polar.convert.hf_checkpoint import ConvertError, HFCheckpoint
 from polar.convert.tokenizer_files import (gguf_tokenizer_dir, library_vocab_size, read_library, special_strings,
@@ -62,21 +62,21 @@ def _architecture(cfg: dict, src) -> tuple[str, object]:
     raise ConvertError(f"{src}/config.json: architecture {arch!r} is not supported; supported: {', '.join(known)}")
 
 
-def _on_rank0(rank: int, fn, dst: Path) -> None:
-    """Rank 0 runs `fn`, a step of writing `dst`; its failure reaches every rank (engine.checkpoint's
-    on_rank0), and rank 0 removes what was written."""
+def _on_rank0(rank: int, fn, partial: Partial) -> None:
+    """Rank 0 runs `fn`, a step of writing `partial.dst`; its failure reaches every rank
+    (engine.checkpoint's on_rank0), and rank 0 removes what was written."""
     from engine.checkpoint import on_rank0
 
     def step():
         try:
             fn()
         except BaseException:  # KeyboardInterrupt too: nothing half-written stays behind
-            shutil.rmtree(partial_dir(dst), ignore_errors=True)
+            partial.drop()
             raise
 
     error = on_rank0(rank, step)
     if error:
-        raise write_failed(dst, error)
+        raise write_failed(partial.dst, error)
 
 
 def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None, tokenizer: str | None = None,
@@ -172,22 +172,24 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
         chunks, rt = build(model, tp, pp, lm_head=lm_head)
         load_canonical(chunks, tensors, model)
         del tensors
-        partial = partial_dir(dst)
-        _on_rank0(rt.rank, lambda: clear_partial(dst), dst)
+        partial = Partial(dst)
+        _on_rank0(rt.rank, partial.claim, partial)
         try:
-            checkpoint.save(str(partial), 0, chunks, None,
+            checkpoint.save(str(partial.path), 0, chunks, None,
                             {"step": 0, "converted_from": str(src), "architecture": arch})
-        except checkpoint.CheckpointWriteError as e:
+        except BaseException as e:  # KeyboardInterrupt too
             if rt.rank == 0:
-                shutil.rmtree(partial, ignore_errors=True)
-            raise write_failed(dst, e) from e
+                partial.drop()
+            if isinstance(e, checkpoint.CheckpointWriteError):
+                raise write_failed(dst, e) from e
+            raise
 
         def finish():
-            write_model_yaml(partial / MODEL_YAML, model)
-            shutil.copytree(work / "tokenizer", partial / "tokenizer")
-            os.replace(partial, dst)  # an empty dst directory is replaced too
+            write_model_yaml(partial.path / MODEL_YAML, model)
+            shutil.copytree(work / "tokenizer", partial.path / "tokenizer")
+            partial.publish()
 
-        _on_rank0(rt.rank, finish, dst)
+        _on_rank0(rt.rank, finish, partial)
     log(f"wrote {dst} ({arch}, {model.num_layers} layers, hidden {model.hidden_size}, vocab {model.vocab_size}; "
         f"reward tokens {tok.reward_sep_text!r}={tok.reward_sep_id}, {tok.reward_token_text!r}={tok.reward_token_id})")
     return dst

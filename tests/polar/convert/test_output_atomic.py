@@ -84,3 +84,39 @@ def test_a_destination_under_a_file_is_one_line_naming_it(engine_ckpt, tmp_path,
     assert main([str(src if direction == "hf-to-engine" else engine), str(dst)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"polar convert {direction}: {dst}") and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("direction", ["hf-to-engine", "engine-to-hf"])
+def test_a_second_conversion_to_a_destination_being_written_is_refused(engine_ckpt, tmp_path, monkeypatch,
+                                                                      direction):
+    """Two conversions to one DST at once shared its `.DST.partial`: the second cleared the first's
+    files and wrote into the same directory, and what was renamed to DST could be a mix of the two
+    or half of one. The second, started here while the first writes its last files, is now refused,
+    naming DST and the first's process, and touches nothing; the first publishes its whole output."""
+    import os
+
+    _, src, engine = engine_ckpt
+    module, source, step = ((hf_to_engine, src, "write_model_yaml") if direction == "hf-to-engine" else
+                            (engine_to_hf, engine, "_save_safetensors"))
+    dst = tmp_path / "out"
+    module.convert(source, tmp_path / "ref" / "out", **QUIET)
+    real, second = getattr(module, step), []
+
+    def step_and_a_second_run(*args):
+        if not second:
+            second.append("not refused")
+            try:
+                module.convert(source, dst, **QUIET)
+            except ConvertError as e:
+                second[0] = str(e)
+        real(*args)
+
+    monkeypatch.setattr(module, step, step_and_a_second_run)
+    module.convert(source, dst, **QUIET)
+    assert second[0].startswith(f"{dst}: another conversion to it is running (pid {os.getpid()} on "), second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "ref"]
+    want = {p.relative_to(tmp_path / "ref" / "out") for p in (tmp_path / "ref" / "out").rglob("*")}
+    assert {p.relative_to(dst) for p in dst.rglob("*")} == want
+    for name in ("config.json", "model.yaml", "tokenizer/tokenizer.json"):
+        if (dst / name).exists():
+            assert (dst / name).read_bytes() == (tmp_path / "ref" / "out" / name).read_bytes()
