@@ -5,12 +5,15 @@
 without torchrun (the engine's runtime starts a single-process group by itself)."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+import psutil
 
 
 def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
@@ -59,6 +62,40 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 # workers, left the stop half done.
 REPEAT_S = 5.0
 
+# How long torchrun gives its workers to end after its signal before it kills them (its shutdown
+# timeout, 30 s by default): the wait polar takes over where torchrun ended before its workers.
+SHUTDOWN_S = 30.0
+
+
+def _running(p) -> bool:
+    try:  # a zombie has ended: its parent (now PID 1 or a subreaper) has only not reaped it yet
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _under(pid: int) -> dict:
+    """The processes `pid` has started, by pid (none once it has ended)."""
+    try:
+        return {p.pid: p for p in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return {}
+
+
+def _end_orphans(started: dict) -> None:
+    """Waits, as torchrun would have, for the processes it started to end, and kills those still there
+    SHUTDOWN_S later. torch's agent raises from its signal handler, again in the shutdown an earlier
+    signal began: a third SIGTERM (SLURM's, polar's, a second scancel's) ended torchrun there, its
+    workers still saving; polar then exited, and SLURM, which ends a job step when its task ends, killed
+    them in the middle of the checkpoint."""
+    deadline = time.monotonic() + SHUTDOWN_S
+    while any(_running(p) for p in started.values()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for p in started.values():
+        if _running(p):
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
 
 def call_forwarding_signals(cmd: list[str], env=None) -> int:
     """subprocess.call, passing a stop signal this process receives on to the child and waiting for
@@ -70,10 +107,12 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
     terminal (twice, torchrun's stop was cut short). A signal this process ignores (SIG_IGN, as a
     background job's SIGINT) stays ignored. A child that then fails (torchrun, signalled, exits 1 after
     its workers' 143) ends this process with 128 + the signal, the status of a run stopped by it,
-    which launchers retry."""
+    which launchers retry. What the child had started when the signal came is waited for too
+    (_end_orphans), and a signal after the child's end goes to those."""
     if threading.current_thread() is not threading.main_thread():  # Python's rule for handlers
         return subprocess.call(cmd, env=env)
     forwarded: list = []  # (signal, when)
+    started: dict = {}  # pid: psutil.Process, the child's processes when a signal came
     proc = None
 
     def forward(signum, frame):
@@ -81,8 +120,16 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
         if any(s == signum and now - t < REPEAT_S for s, t in forwarded):
             return
         forwarded.append((signum, now))
-        if proc is not None:
+        if proc is None:
+            return
+        if proc.returncode is None:
+            started.update(_under(proc.pid))
             proc.send_signal(signum)
+            return
+        for p in started.values():  # the child has ended, what it started not yet (_end_orphans)
+            if _running(p):
+                with contextlib.suppress(psutil.Error):
+                    p.send_signal(signum)
 
     previous = {s: signal.getsignal(s) for s in FORWARDED}
     for s in FORWARDED:
@@ -93,6 +140,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
         if forwarded:  # a signal before the child was there to receive it
             proc.send_signal(forwarded[0][0])
         code = proc.wait()
+        _end_orphans(started)
     finally:
         for s, handler in previous.items():
             if handler is not None:  # None: set outside Python, which cannot be put back from here
