@@ -20,7 +20,11 @@ class ShardFile:
     def __init__(self, path: Path, opened: os.stat_result):
         self.path = path
         self._close = os.close  # held: at interpreter exit the module's globals may be gone first
-        fd = os.open(path, os.O_RDONLY)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # a --force rebuild removes the old .idx first, then puts the new shard in place
+            raise DatasetFormatError(f"{path}: removed since the dataset was opened (a rebuild putting its shard "
+                                     "in place?); open the dataset again") from None
         try:  # until self.fd is set, nothing else closes fd
             check_unchanged(path, os.fstat(fd), opened)
             if hasattr(os, "posix_fadvise"):

@@ -562,3 +562,33 @@ def test_a_version_1_sequence_past_seq_length_is_refused_at_open(tmp_path, packe
     with pytest.raises(DatasetFormatError, match=rf"p\.idx: packed sequence {j}: its groups hold {SEQ + 3} tokens, "
                                                  rf"more than seq_length {SEQ}"):
         IndexedDataset(tmp_path / "p")
+
+
+@pytest.mark.parametrize("new_idx_in_place", [False, True])
+def test_a_rebuild_putting_its_shard_in_place_while_the_dataset_opens_is_refused(tmp_path, monkeypatch,
+                                                                              new_idx_in_place):
+    """A --force rebuild removes the old .idx first and puts the new .idx in place last
+    (engine.shard_writer): a reader that read the old index and then finds the new .bin (the same
+    size: the same records in another order) must not pair the two, whether the new .idx is in
+    place yet or not."""
+    import pathlib
+
+    groups = random_groups(0, 120)
+    write(tmp_path / "ds" / "a", PackedGroups(groups, SEQ))
+    write(tmp_path / "new" / "a", PackedGroups(groups[::-1], SEQ))
+    is_file, swapped = pathlib.Path.is_file, []
+
+    def rebuild_lands_now(self):  # the reader has the old .idx open; it looks for the .bin next
+        if self.name == "a.bin" and not swapped:
+            swapped.append(True)
+            (tmp_path / "ds" / "a.idx").unlink()
+            (tmp_path / "new" / "a.bin").replace(tmp_path / "ds" / "a.bin")
+            if new_idx_in_place:
+                (tmp_path / "new" / "a.idx").replace(tmp_path / "ds" / "a.idx")
+        return is_file(self)
+
+    monkeypatch.setattr(pathlib.Path, "is_file", rebuild_lands_now)
+    why = "replaced or rewritten since" if new_idx_in_place else "removed since the dataset was opened"
+    with pytest.raises(DatasetFormatError, match=rf"a\.idx: {why}"):
+        IndexedDataset(tmp_path / "ds")
+    assert swapped
