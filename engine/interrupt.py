@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import signal
-import threading
 import time
 
+from engine.signal_handlers import may_handle
 from engine.stop_signal import REPEAT_S
 
 
@@ -73,10 +73,8 @@ def raised_on_interrupt():
     default (a program that handles or ignores one keeps doing so) and in the main thread (Python's
     rule for handlers); the handlers before it are put back after the block."""
     interrupts = Interrupts()
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
-    mine = threading.current_thread() is threading.main_thread()
-    previous = {s: signal.getsignal(s) for s in defaults} if mine else {}
-    installed = [s for s, handler in previous.items() if handler is defaults[s]]
+    installed = [s for s in (signal.SIGINT, signal.SIGTERM) if may_handle(s)]
+    previous = {s: signal.getsignal(s) for s in installed}
     for s in installed:
         signal.signal(s, interrupts._raise)
     try:

@@ -4,8 +4,9 @@ engine/evaluation.py every batch), and the status such a run exits with."""
 from __future__ import annotations
 
 import signal
-import threading
 import time
+
+from engine.signal_handlers import may_handle
 
 # The status of a process that saved and stopped because a rank received SIGTERM: 128 + 15, the status
 # a shell reports for a process SIGTERM ended, which launchers take for a termination to retry
@@ -58,8 +59,7 @@ class SigtermFlag:
 
     def install(self) -> None:
         self.received = False
-        self.installed = (threading.current_thread() is threading.main_thread()
-                          and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+        self.installed = may_handle(signal.SIGTERM)
         if self.installed:
             signal.signal(signal.SIGTERM, self._note)
 

@@ -3,8 +3,8 @@ exits 128 + 15."""
 from __future__ import annotations
 
 import signal
-import threading
 
+from engine.signal_handlers import may_handle
 from engine.stop_signal import EXIT_SIGTERM
 
 
@@ -43,8 +43,7 @@ class SigtermStops:
         self.armed = False
 
     def __enter__(self):
-        if threading.current_thread() is threading.main_thread() and \
-                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        if may_handle(signal.SIGTERM):
             self.previous = signal.signal(signal.SIGTERM, self._handler)
             self.armed = True
         return self

@@ -10,10 +10,11 @@ import importlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
+
+from engine.signal_handlers import in_main_thread, may_handle
 
 
 def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
@@ -109,7 +110,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
     its workers' 143) ends this process with 128 + the signal, the status of a run stopped by it,
     which launchers retry. What the child had started when the signal came is waited for too
     (_end_orphans), and a signal after the child's end goes to those."""
-    if threading.current_thread() is not threading.main_thread():  # Python's rule for handlers
+    if not in_main_thread():  # Python's rule for handlers
         return subprocess.call(cmd, env=env)
     forwarded: list = []  # (signal, when)
     started: dict = {}  # pid: psutil.Process, the child's processes when a signal came
@@ -133,7 +134,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
 
     previous = {s: signal.getsignal(s) for s in FORWARDED}
     for s in FORWARDED:
-        if previous[s] is not signal.SIG_IGN:
+        if may_handle(s, unless_ignored=True):
             signal.signal(s, forward)
     try:
         proc = subprocess.Popen(cmd, env=env, process_group=0)
