@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import signal
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from engine.file_lock import lock_for_life
 from engine.group import Group
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, ShardIndex, groups_problem, segment_sums,
                                  sequence_counts, token_dtype)
+from engine.signal_handlers import in_main_thread
 
 
 class ShardBusy(OSError):
@@ -241,7 +241,7 @@ def _held():
     handlers they would have met (KeyboardInterrupt, a build's stop, the default's end of the process)
     after it, once each. Python runs handlers in the main thread only, so only there can a signal
     raise mid-block; elsewhere nothing is installed (Python's rule for handlers)."""
-    if threading.current_thread() is not threading.main_thread():
+    if not in_main_thread():
         yield
         return
     came: list[int] = []
