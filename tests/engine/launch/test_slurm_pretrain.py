@@ -49,7 +49,7 @@ def _env(tmp_path: Path, slurm: bool = True, **env: str) -> tuple[dict, Path]:
     out = tmp_path / "srun_args.txt"
     run_env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "POLAR_REPO", "PYTHON"))}
     run_env.update(PATH=f"{_stubs(tmp_path)}:{os.environ['PATH']}", STUB_OUT=str(out),
-                   POLAR_STOP_FILE=str(tmp_path / "STOP"))
+                   POLAR_STOP_FILE=str(tmp_path / "STOP"), POLAR_CHECK_CONFIG="0")
     if slurm:
         run_env.update(SLURM_JOB_ID="4242", SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu-node-[07-08]",
                        SLURM_SUBMIT_DIR=str(ROOT), SLURM_GPUS_ON_NODE="4", SLURM_CPUS_ON_NODE="96")
@@ -172,3 +172,20 @@ def test_the_job_ends_with_the_runs_status_and_a_stop_answered_in_posix_mode_is_
     # a run that failed after the warning: its status, and no requeue
     proc, printed, scontrol = _warned(tmp_path / "warned_failed", "answer", STUB_EXIT="5", **mode)
     assert proc.returncode == 5 and scontrol == [], printed
+
+
+def test_a_bad_setting_ends_the_job_before_any_agent_starts(tmp_path):
+    """The start-up checks run once on the batch node before srun: a typo ends the job with its one
+    `config error:` line and status 2; without the check every worker of every node failed with it,
+    once per restart (MAX_RESTARTS rendezvous of all nodes), and the job ended with status 1."""
+    proc, argv = _sbatch(tmp_path, "--config", "tiny_cpu", "train.stpes=3", POLAR_CHECK_CONFIG="1",
+                         GPUS_PER_NODE="1")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("unknown setting 'train.stpes'") == 1, proc.stderr
+    assert argv is None  # srun never ran
+    # a good configuration passes the check and the agents start, with the check's world size (2 nodes x 1)
+    proc, argv = _sbatch(tmp_path / "good", "--config", "tiny_cpu", f"run_dir={tmp_path / 'run'}",
+                         POLAR_CHECK_CONFIG="1", GPUS_PER_NODE="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "config ok" in proc.stdout and "for 2 process(es)" in proc.stdout
+    assert argv is not None and _after(argv, "--nproc-per-node") == "1"
