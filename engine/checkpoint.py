@@ -84,15 +84,29 @@ def partial_saves(root, after: int = -1) -> list[Path]:
 
 
 def _damaged(path, e: Exception):
-    """The error for a checkpoint file that does not read back: names it, and what to do."""
+    """The error for a checkpoint file that does not read back: names it, and what to do. A key the
+    load asks for and the files lack (megatron's KeyError) is no damage: the step was written by a run
+    with other settings (the plain optimizer's state is per parameter, the distributed one's is not),
+    and moving it away would throw a good checkpoint out."""
     path = Path(path)
     step = next((q for q in (path, *path.parents) if step_number(q) is not None), path)
+    if isinstance(cause(e), KeyError):
+        return _other_settings(step, e)
     before = [p for p in _steps(step.parent) if step_number(p) < (step_number(step) or 0)]
     instead = (f"move {step} out of {step.parent} and run again: the newest complete step there is then "
                f"{before[-1]}" if before else
                f"move {step} out of {step.parent}, or point the run at another checkpoint")
     return CheckpointError(f"{path}: the checkpoint does not read back ({first_line(e)}). If its files were "
                            f"damaged after it was written (a full disk, a copy cut short): {instead}")
+
+
+def _other_settings(step: Path, e: BaseException) -> CheckpointError:
+    """A step whose optimizer state this run's optimizer does not read (saved with other settings)."""
+    return CheckpointError(
+        f"{step}: this run's optimizer does not read the optimizer state saved there ({first_line(e)}): it was "
+        f"saved with other settings (parallel.distributed_optimizer, say; the files are not damaged). Resume "
+        f"with the settings it was saved with (the run's config.yaml records them), or start a new run (a new "
+        f"run_dir) from its weights with checkpoint.init_from={step}")
 
 
 def _unwrap(chunk):
@@ -587,6 +601,13 @@ def load(path: str, chunks, optimizer=None) -> dict:
         # no_grad: megatron's dp_reshardable load copies into the main parameters without it (its
         # other loads have it), which autograd refuses where they are the model's fp32 leaves
         with _torch_adam_step_tolerated(), torch.no_grad():
-            optimizer.load_state_dict(loaded["optimizer"])
+            try:
+                optimizer.load_state_dict(loaded["optimizer"])
+            except ValueError as e:
+                # the param groups of another optimizer (a step saved before parallel.distributed_optimizer
+                # was recorded, then changed)
+                if "parameter group" not in str(e):
+                    raise
+                raise _other_settings(p, e) from e
         _unshare_steps(optimizer)
     return read_state(str(p))

@@ -56,7 +56,19 @@ def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state:
     distributed optimizer, at the TP, PP and VPP it was saved at; megatron would fail inside the
     load, or read the wrong slices."""
     state = read_state(step_dir) if state is None else state
-    if state.get("optimizer_format") != "dp_reshardable":
+    dp_reshardable = state.get("optimizer_format") == "dp_reshardable"
+    if not dp_reshardable:
+        saved = state.get("distributed_optimizer")  # recorded since; a dp_reshardable state implies it
+        if saved is not None and saved != distributed_optimizer:
+            # megatron's plain optimizer saves and loads its state per parameter, the distributed one
+            # in param groups of its own: neither reads the other's (a raw ValueError, or a KeyError
+            # that read as damaged files)
+            raise ConfigError(
+                f"resuming from {step_dir}: parallel.distributed_optimizer={str(saved).lower()} when saved, "
+                f"{str(distributed_optimizer).lower()} now. The plain and the distributed optimizer do not read "
+                f"each other's state: set it back, or start a new run (a new run_dir) from its weights with "
+                f"checkpoint.init_from={step_dir} (weights load either way; optimizer, schedule and data order "
+                f"start afresh)")
         return
     if not distributed_optimizer:
         # the plain optimizer asks for per-parameter tensors that the buckets do not hold: the load

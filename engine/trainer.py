@@ -174,6 +174,7 @@ class Trainer:
             "history": self.history,
             "skipped_steps": self.skipped_steps,
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
+            "distributed_optimizer": self.cfg.parallel.distributed_optimizer,  # its state's form (resume_checks)
             "job": checkpoint.job_identity(),  # a restart of this job resumes under checkpoint.resume=false
         }
         if self.optimizer_format == "dp_reshardable":  # the state lies in these buckets

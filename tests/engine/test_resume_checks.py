@@ -66,3 +66,24 @@ def test_a_dp_reshardable_optimizer_state_is_refused_without_the_distributed_opt
     (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "optimizer_format": "fully_reshardable",
                                                        "layout": layout}))
     resume_checks.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=False)
+
+
+def test_a_changed_distributed_optimizer_is_refused_in_the_per_parameter_format_too(tmp_path):
+    """The plain and the distributed optimizer do not read each other's state in either format: the
+    default fully_reshardable one failed inside the load (a raw ValueError, or a KeyError that called
+    the step damaged). A step saved before the setting was recorded is not checked."""
+    from engine.config import ConfigError
+
+    layout = {"tp": 1, "pp": 1, "dp": 2, "vpp": None}
+    for saved in (True, False):
+        d = _step(tmp_path / str(saved), 3, {"step": 3, "optimizer_format": "fully_reshardable", "layout": layout,
+                                             "distributed_optimizer": saved})
+        resume_checks.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=saved)
+        with pytest.raises(ConfigError) as e:
+            resume_checks.check_resume_layout(str(d), 2, 1, None, distributed_optimizer=not saved)
+        assert (f"parallel.distributed_optimizer={str(saved).lower()} when saved, {str(not saved).lower()} now"
+                in str(e.value)) and f"checkpoint.init_from={d}" in str(e.value), str(e.value)
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "optimizer_format": "fully_reshardable",
+                                                       "layout": layout}))
+    for now in (True, False):
+        resume_checks.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=now)

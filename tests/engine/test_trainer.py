@@ -345,3 +345,29 @@ def test_a_stop_file_skips_the_evaluation_due_at_its_step(runtime, tmp_path):
     # without the file the same settings evaluate at step 1
     again = make_trainer(runtime, tmp_path / "b", "train.eval_interval=1", evals={"held": held}).fit()
     assert any(r.get("eval") == "held" and r["step"] == 1 for r in again), again
+
+
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_changed_distributed_optimizer_is_refused_and_an_unrecorded_one_is_not_called_damaged(runtime, tmp_path,
+                                                                                                  saved):
+    """parallel.distributed_optimizer changed on resume (the default optimizer format): refused before the
+    load, naming it. A step saved before the setting was recorded resumes unchanged, and changed it fails
+    in the load without calling the files damaged (the advice was to move a good checkpoint away)."""
+    def trainer(now):
+        return make_trainer(runtime, tmp_path, f"parallel.distributed_optimizer={str(now).lower()}")
+
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2",
+                 f"parallel.distributed_optimizer={str(saved).lower()}").fit()
+    step = checkpoint.latest(str(tmp_path / "checkpoints"))
+    with pytest.raises(ConfigError) as err:
+        trainer(not saved)
+    assert f"parallel.distributed_optimizer={str(saved).lower()} when saved" in str(err.value), str(err.value)
+    state_file = Path(step) / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["distributed_optimizer"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(checkpoint.CheckpointError) as err:
+        trainer(not saved)
+    msg = str(err.value)
+    assert "saved with other settings" in msg and "damaged after" not in msg and "move" not in msg, msg
+    assert trainer(saved).step == 2
