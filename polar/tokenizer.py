@@ -17,7 +17,9 @@ Two readings of a text; text is content, never structure:
 - `encode_served` / `encode_served_batch` read a text as an inference server does (what
   `tokenizer(text)["input_ids"]` gives in transformers): BOS, then the ids with every special-token
   literal read as its special token. The official client's rules are built on it
-  (polar/client_format.py). For the byte tokenizer the literals are the two reward strings.
+  (polar/client_format.py). For the byte tokenizer the literals are those of its tokenizer.json
+  export (polar/convert/byte_tokenizer.py): the two reward strings, "<|polar_bos|>" and
+  "<|polar_pad|>".
 
 For a string whose only literals are the structural ones, the two agree: serving sends
 "...<|reward|>...[UNUSED_TOKEN_130]" and the server's ids equal the training form (content ids
@@ -44,6 +46,10 @@ import numpy as np
 
 REWARD_SEP_TEXT = "<|reward|>"
 REWARD_TOKEN_TEXT = "[UNUSED_TOKEN_130]"
+# ByteTokenizer's BOS and PAD as text: the strings its tokenizer.json export gives them, which
+# transformers, vLLM and SGLang read as those tokens wherever a text holds them.
+BYTE_BOS_TEXT = "<|polar_bos|>"
+BYTE_PAD_TEXT = "<|polar_pad|>"
 
 # The released POLAR models (internlm/POLAR-1_8B, internlm/POLAR-7B) use the InternLM2 vocabulary:
 # <s> = 1, pad = eos = </s> = 2. These are HFTokenizer's defaults; the ids are looked up by string,
@@ -168,9 +174,12 @@ def _utf8_char_index(data: np.ndarray) -> np.ndarray:
 
 
 class ByteTokenizer(Tokenizer):
-    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring). BOS and PAD
-    have no literal: "<s>" in a text is its bytes in both readings; the served reading maps only
-    the two reward strings."""
+    """UTF-8 bytes as ids 0..255, specials at 256..259 (see the module docstring). The served
+    reading maps the literals of the tokenizer.json export: the two reward strings and
+    BYTE_BOS_TEXT / BYTE_PAD_TEXT. A server of the export reads those as BOS and PAD wherever a
+    text holds them: a tokenizer.json matches every added token in text, and transformers makes
+    the tokens it names bos_token and pad_token added tokens even where the file does not, so
+    only this side could agree with the other; "<s>" stays bytes in both readings."""
 
     bos_id = 256
     pad_id = 257
@@ -182,6 +191,8 @@ class ByteTokenizer(Tokenizer):
         self._literal_to_id = {
             REWARD_SEP_TEXT.encode(): self.reward_sep_id,
             REWARD_TOKEN_TEXT.encode(): self.reward_token_id,
+            BYTE_BOS_TEXT.encode(): self.bos_id,
+            BYTE_PAD_TEXT.encode(): self.pad_id,
         }
         self._literal_re = re.compile(b"|".join(re.escape(k) for k in self._literal_to_id))
         # Control tokens are not text: they decode to nothing rather than to a made-up string
@@ -194,7 +205,7 @@ class ByteTokenizer(Tokenizer):
 
     def _encode_flat(self, texts: Sequence[str], with_offsets: bool, literals: bool):
         """The whole batch in one pass: ids and (if asked) character spans, split per text.
-        `literals`: read the two reward strings as their special ids (the served reading)."""
+        `literals`: read the special-token literals as their ids (the served reading)."""
         blobs = [t.encode("utf-8") for t in texts]
         n_bytes = np.array([len(b) for b in blobs], dtype=np.int64)
         if not literals:
@@ -217,7 +228,7 @@ class ByteTokenizer(Tokenizer):
         keep = np.ones(len(raw), dtype=bool)
         starts = np.cumsum(n_bytes + 1) - (n_bytes + 1)
         keep[starts[1:] - 1] = False
-        # Both literals contain "<|" or "[U": the cheap test skips the regex for most batches.
+        # Every literal contains "<|" or "[U": the cheap test skips the regex for most batches.
         if b"<|" in joined or b"[U" in joined:
             for m in self._literal_re.finditer(joined):
                 s, e = m.span()

@@ -16,12 +16,15 @@ from polar.tokenizer import ByteTokenizer, HFTokenizer
 from tests.polar.convert.helpers import ROOT
 
 TEXTS = ["hello", "état 数据 😀 <s> </s> [UNUSED_TOKEN_131]", "a<|reward|>b[UNUSED_TOKEN_130]c<|reward|>",
-         "  lead space\n\ttabs\r\n", "", "x" * 3000, "\x00\x01\x7f\u00a0\u00ad\ufeff", "<|rew" + "ard|>"]
+         "  lead space\n\ttabs\r\n", "", "x" * 3000, "\x00\x01\x7f\u00a0\u00ad\ufeff", "<|rew" + "ard|>",
+         # the export's BOS and PAD strings typed in a text: a server reads them as those tokens
+         "<|polar_bos|>P\n", "P<|polar_pad|>", "<|polar_pad|><|polar_bos|><|polar_bo" + "s|>", "<|polar_pad"]
 
 
 def _random_texts(n, seed=0):
     rng = np.random.default_rng(seed)
-    pool = list("ab <|>[]_\n\té数😀") + ["<|reward|>", "[UNUSED_TOKEN_130]", "\x00", "\u0100", "\U0010ffff"]
+    pool = list("ab <|>[]_\n\té数😀") + ["<|reward|>", "[UNUSED_TOKEN_130]", "\x00", "\u0100", "\U0010ffff",
+                                          "<|polar_bos|>", "<|polar_pad|>", "<|polar_"]
     return ["".join(rng.choice(pool, size=int(rng.integers(0, 40)))) for _ in range(n)]
 
 
@@ -64,6 +67,26 @@ def test_transformers_reads_it_as_a_server_does(tok_dir):
     assert hf.decode(b.encode_served(TEXTS[1]), skip_special_tokens=True) == TEXTS[1]
 
 
+def test_the_clients_strings_through_transformers_are_the_engines(tok_dir):
+    """The official client's steps on the export in transformers (tokenize, cut, decode with
+    skip_special_tokens, tokenize the string) give the strings and ids polar serve and polar score
+    build with ByteTokenizer, BOS and PAD strings typed in the texts included."""
+    transformers = pytest.importorskip("transformers")
+    from polar.client_format import client_encode_batch
+    from tests.polar.test_client_format import fuzz_records, reference_client
+
+    hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))
+    records = fuzz_records(300, seed=3)
+    for rec, _ in records[::3]:
+        rec["prompt"] = f"<|polar_bos|>{rec['prompt'] if isinstance(rec['prompt'], str) else ''}<|polar_pad|>"
+    for rec, lengths in records:
+        (served,) = client_encode_batch(ByteTokenizer(), [rec], **lengths)
+        want = reference_client(lambda t: hf(t)["input_ids"], lambda ids: hf.decode(ids, skip_special_tokens=True),
+                                rec, **lengths)
+        assert served.text == want, (rec, lengths)
+        assert served.ids.tolist() == hf(want)["input_ids"], (rec, lengths)
+
+
 def test_a_byte_trained_checkpoint_exports_and_scores_the_same_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     from engine.inference import RewardScorer
@@ -81,7 +104,7 @@ def test_a_byte_trained_checkpoint_exports_and_scores_the_same_in_transformers(t
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     texts = ["p\nr<|reward|>p\nyes[UNUSED_TOKEN_130]", "prompt\nréf<|reward|>prompt\nnon[UNUSED_TOKEN_130]",
-             "a<|reward|>b[UNUSED_TOKEN_130]"]
+             "a<|reward|>b[UNUSED_TOKEN_130]", "<|polar_bos|>P\nr<|reward|>P<|polar_pad|>\no[UNUSED_TOKEN_130]"]
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(out))
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
