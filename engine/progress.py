@@ -128,6 +128,10 @@ class RateLine:
         self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} | {shown} {self.rate_unit}{eta}")
 
 
+def _shown(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
 class Progress:
     def __init__(self, total_steps: int, start_step: int, enabled: bool, tb_dir: str | None,
                  peak: float | None, world_size: int):
@@ -149,9 +153,11 @@ class Progress:
             except ImportError:
                 print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
 
-    def log(self, step: int, loss: float, acc: float, lr: float, grad_norm: float, tokens: int, real_tokens: int,
-            triplets: int, flops: float, lm_loss: float | None = None, skipped: int = 0) -> dict:
-        """One progress line for the steps since the last call; `flops` = their model FLOPs."""
+    def log(self, step: int, loss: float | None, acc: float | None, lr: float, grad_norm: float, tokens: int,
+            real_tokens: int, triplets: int, flops: float, lm_loss: float | None = None, skipped: int = 0) -> dict:
+        """One progress line for the steps since the last call; `flops` = their model FLOPs. A loss or
+        accuracy of None (nothing counted: every step of the window skipped as non-finite) is shown as
+        n/a and left out of the row and TensorBoard: a 0 there reads as a perfect model."""
         now = time.perf_counter()
         dt = max(now - self.last_t - self.paused_s, 1e-9)
         steps = max(step - self.last_step, 1)
@@ -164,7 +170,8 @@ class Progress:
             mfu = flops / dt / (self.peak * 1e12 * self.world)
         row = {"step": step, "loss": loss, "pair_acc": acc, "lr": lr, "grad_norm": grad_norm,
                "tokens_per_s": tok_s, "triplets_per_s": trip_s, "step_time_s": dt / steps,
-               "packing": real_tokens / max(tokens, 1), "tflops_per_s": flops / dt / 1e12}
+               "packing": real_tokens / tokens if tokens else None, "tflops_per_s": flops / dt / 1e12}
+        row = {k: v for k, v in row.items() if v is not None}
         if skipped:
             row["skipped_steps"] = skipped
         if mfu is not None:
@@ -176,7 +183,8 @@ class Progress:
             lm_s = f" | lm loss {lm_loss:.3f}" if lm_loss is not None else ""
             skip_s = f" | {skipped} step(s) skipped" if skipped else ""
             print(
-                f"step {step:>6}/{self.total} | loss {loss:.4f} | pair acc {acc:.3f}{lm_s} | lr {lr:.2e} | "
+                f"step {step:>6}/{self.total} | loss {_shown(loss, '.4f')} | pair acc {_shown(acc, '.3f')}{lm_s} | "
+                f"lr {lr:.2e} | "
                 f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | {trip_s:,.1f} groups/s{mfu_s} | "
                 f"eta {format_duration(eta)}{skip_s}",
                 flush=True,

@@ -454,16 +454,19 @@ class Trainer:
                         f"the data at those positions, resume from the last checkpoint (train.grad_clip may "
                         f"change; the optimizer and schedule settings may not), or {restart}")
             window += stats
-            real_tokens += self.loader.last_global["tokens"]
-            groups += self.loader.last_global["groups"]
-            tokens += tc.global_batch * self.loader.source.seq_length
-            flops += self._step_flops(batch_indices)
+            if updated:  # a skipped step trained on nothing: its batch stays out of the throughput
+                real_tokens += self.loader.last_global["tokens"]
+                groups += self.loader.last_global["groups"]
+                tokens += tc.global_batch * self.loader.source.seq_length
+                flops += self._step_flops(batch_indices)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
             request = self.stop_request  # decided inside the step (_stop_requested)
             if self.step % lc.interval == 0 or self.step == tc.steps or exiting or request:
                 s = self._reduce(window).tolist()
                 row = progress.log(
-                    self.step, s[0] / max(s[2], 1), s[1] / max(s[3], 1), self.optimizer.param_groups[0]["lr"],
+                    # a window of skipped steps only counted nothing (their stats are zeroed): no value
+                    self.step, s[0] / s[2] if s[2] > 0 else None, s[1] / s[3] if s[3] > 0 else None,
+                    self.optimizer.param_groups[0]["lr"],
                     grad_norm, tokens, real_tokens, groups, flops,
                     lm_loss=s[4] / s[5] if s[5] > 0 else None,
                     skipped=skipped_in_window,

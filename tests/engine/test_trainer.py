@@ -371,3 +371,32 @@ def test_a_changed_distributed_optimizer_is_refused_and_an_unrecorded_one_is_not
     msg = str(err.value)
     assert "saved with other settings" in msg and "damaged after" not in msg and "move" not in msg, msg
     assert trainer(saved).step == 2
+
+
+def _scalars(tb_dir: Path, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of every `tag` scalar written into tb_dir, in the order written."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb_dir))
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)] if tag in acc.Tags()["scalars"] else []
+
+
+def test_a_log_window_of_skipped_steps_only_shows_no_loss_or_accuracy(runtime, tmp_path, capsys):
+    """Every step of the window skipped as non-finite: nothing was counted, and 'loss 0.0000 | pair acc 0.000'
+    (TensorBoard's train/loss 0.0, a history row's 0) read as a perfect model. The skipped batch trained
+    nothing: it stays out of the tokens/s."""
+    from engine.trainer import NonFiniteError
+
+    trainer = make_trainer(runtime, tmp_path, "train.lr=1e35", "train.warmup_steps=0", "train.max_nonfinite_steps=2",
+                           "log.tensorboard=true")
+    with pytest.raises(NonFiniteError):
+        trainer.fit()
+    first, skipped = trainer.history
+    assert first["step"] == 1 and "loss" in first and "pair_acc" in first and first["tokens_per_s"] > 0
+    assert skipped["step"] == 2 and skipped["skipped_steps"] == 1, skipped
+    assert "loss" not in skipped and "pair_acc" not in skipped and skipped["tokens_per_s"] == 0, skipped
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("step      2/4"))
+    assert "loss n/a | pair acc n/a" in line, line
+    assert [s for s, _ in _scalars(tmp_path / "tensorboard", "train/loss")] == [1]
+    assert [s for s, _ in _scalars(tmp_path / "tensorboard", "train/pair_acc")] == [1]
