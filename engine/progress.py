@@ -149,7 +149,10 @@ class Progress:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.writer = SummaryWriter(tb_dir)
+                # a resumed run trains the steps after its checkpoint again: TensorBoard drops what
+                # the stopped run logged from there on (after a kill: up to its last step), which it
+                # would otherwise show twice
+                self.writer = SummaryWriter(tb_dir, purge_step=start_step + 1 if start_step else None)
             except ImportError:
                 print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
 

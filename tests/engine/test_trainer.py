@@ -4,6 +4,7 @@ changed optimizer settings."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import types
 from pathlib import Path
@@ -400,3 +401,17 @@ def test_a_log_window_of_skipped_steps_only_shows_no_loss_or_accuracy(runtime, t
     assert "loss n/a | pair acc n/a" in line, line
     assert [s for s, _ in _scalars(tmp_path / "tensorboard", "train/loss")] == [1]
     assert [s for s, _ in _scalars(tmp_path / "tensorboard", "train/pair_acc")] == [1]
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume_from_before_the_last_logged_step(runtime, tmp_path):
+    """A run killed after step 3 with its newest checkpoint at step 2 (steps 3 and 4 logged, the save at
+    4 never made) resumes from 2 and logs 3 and 4 again: TensorBoard showed them twice."""
+    make_trainer(runtime, tmp_path, "train.steps=4", "checkpoint.save_interval=2", "log.tensorboard=true").fit()
+    ckpt = tmp_path / "checkpoints"
+    shutil.rmtree(ckpt / "step_00000004")
+    (ckpt / checkpoint.LATEST).write_text("step_00000002")
+    resumed = make_trainer(runtime, tmp_path, "train.steps=4", "checkpoint.save_interval=2", "log.tensorboard=true")
+    assert resumed.step == 2
+    resumed.fit()
+    for tag in ("train/loss", "train/lr"):
+        assert [s for s, _ in _scalars(tmp_path / "tensorboard", tag)] == [1, 2, 3, 4], tag
