@@ -408,8 +408,7 @@ class Trainer:
                      + (f" (spec sheet {sheet:.0f})" if sheet else ""))
         self.log(
             f"training {self.num_parameters:,} parameters | layout tp={self.rt.tp} pp={self.rt.pp} "
-            f"dp={self.rt.dp} vpp={self.rt.vpp} | {tc.steps} steps of {tc.global_batch} packed sequences "
-            f"x {self.loader.source.seq_length} tokens | packing efficiency "
+            f"dp={self.rt.dp} vpp={self.rt.vpp} | {self._steps_left()} | packing efficiency "
             f"{self.loader.source.packing_efficiency:.1%} | {self.dtype} on {self.rt.device.type}, attention "
             f"{resolve_attention_backend(tc.attention_backend, self.rt.is_cuda, m.hidden_size // m.num_attention_heads)}"
         )
@@ -532,6 +531,14 @@ class Trainer:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StoppedBySignal(self.step)
         return self.history
+
+    def _steps_left(self) -> str:
+        """The steps this fit trains: a resumed run trains what is left of train.steps, not all of them."""
+        steps = self.cfg.train.steps
+        if self.step >= steps:
+            return f"nothing left to train (step {self.step} of {steps})"
+        what = f"steps {self.step + 1}-{steps} of {steps} ({steps - self.step} left)" if self.step else f"{steps} steps"
+        return f"{what} of {self.cfg.train.global_batch} packed sequences x {self.loader.source.seq_length} tokens"
 
     def _stop_if_signalled_during(self, what: str) -> None:
         """A SIGTERM that came during this step's evaluation or save (minutes each at scale) stops the

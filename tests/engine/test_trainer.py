@@ -415,3 +415,16 @@ def test_tensorboard_shows_each_step_once_after_a_resume_from_before_the_last_lo
     resumed.fit()
     for tag in ("train/loss", "train/lr"):
         assert [s for s, _ in _scalars(tmp_path / "tensorboard", tag)] == [1, 2, 3, 4], tag
+
+
+def test_the_training_line_of_a_resumed_run_says_which_steps_are_left(runtime, tmp_path):
+    """Resumed at 30 of 30 the line said '30 steps of 4 packed sequences', then trained nothing."""
+    def banner(*overrides):
+        lines = []
+        make_trainer(runtime, tmp_path, *overrides, log=lambda *a, **k: lines.append(" ".join(map(str, a)))).fit()
+        return next(x for x in lines if x.startswith("training "))
+
+    assert "| 4 steps of 4 packed sequences x 64 tokens |" in banner("train.exit_at_step=2")
+    assert "| steps 3-4 of 4 (2 left) of 4 packed sequences x 64 tokens |" in banner()
+    line = banner()
+    assert "| nothing left to train (step 4 of 4) |" in line and "steps of" not in line, line
