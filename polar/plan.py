@@ -5,10 +5,10 @@ step takes, before a cluster allocation is spent.
     polar plan --config polar_1_8b --gpu H200 --gpus 16 data.seq_length=8192 train.global_batch=512
     polar plan --measured gpu_runs.json   # predictions beside GPU runs (each names its config, GPU and count)
 
-It enumerates every layout the engine accepts for the model, the GPU count and the batch
-(engine.runtime.validate_layout's rules, tensor parallelism inside one node, sequence parallelism with
-tensor parallelism), estimates for each the memory of the fullest GPU and the time of one optimizer step,
-ranks them (layouts that fit first, then by step time) and recommends the first, saying why.
+It enumerates every layout the engine accepts for the model, the GPU count and the batch (the engine's own
+rules: engine.layout_rules, and engine.fp8's for the GPU planned; tensor parallelism inside one node, sequence
+parallelism with tensor parallelism), estimates for each the memory of the fullest GPU and the time of one
+optimizer step, ranks them (layouts that fit first, then by step time) and recommends the first, saying why.
 
 The cost model (parameters, memory, step time) is polar/plan_model.py.
 """
@@ -27,57 +27,96 @@ from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activat
 
 # re-exported: the cost model's names are the plan's public names too (tests/polar/test_plan.py)
 __all__ = ["GB", "GPU", "GPUS", "Assumptions", "Layout", "Shape", "activation_bytes_by_recompute",
-           "checkpoint_bytes", "inside_nodes", "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time", "total_params",
-           "main"]
+           "checkpoint_bytes", "inside_nodes", "layers_in_flight", "memory_per_rank", "params_per_rank", "step_time",
+           "total_params", "main"]
 
 
 def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def model_problem(shape: Shape) -> Optional[str]:
-    """Why engine.runtime.validate_layout refuses this model at every layout, or None (its rules, not
-    imported: engine.runtime loads torch, which a plan does not need). A head size the engine refuses
-    planned as a fractional one: 7 heads of hidden 4096 were priced as 8.3 B parameters and recommended."""
-    heads, groups, h = shape.num_attention_heads, shape.num_query_groups, shape.hidden_size
-    if heads % groups:
-        return f"model.num_query_groups={groups} does not divide model.num_attention_heads={heads}"
-    if h % heads:
-        return f"model.num_attention_heads={heads} does not divide model.hidden_size={h}"
-    if (h // heads) % 2:
-        return (f"model.hidden_size={h} / model.num_attention_heads={heads} = {h // heads} channels per head: "
-                "rotary embeddings rotate channel pairs, so it must be even")
-    return None
+def launched(cfg, fp8: bool = False, overlap: bool = False):
+    """The run a plan's launch line starts: the config with the settings the plan adds to it (--fp8's
+    tensorwise recipe where the config has none, --overlap's overlaps). The engine's rules are asked of it."""
+    train, par = cfg.train, cfg.parallel
+    if fp8 and train.fp8 == "off":
+        train = replace(train, fp8="tensorwise")
+    if overlap:
+        par = replace(par, overlap_grad_reduce=True, overlap_param_gather=True)
+    return replace(cfg, train=train, parallel=par)
 
 
-def layout_problem(shape: Shape, layout: Layout, seq_length: int, global_batch: int) -> Optional[str]:
-    """Why the engine refuses this layout for the model and batch (engine.runtime.validate_layout's
-    rules), or None: a measured run's layout with a typo was priced as if it could run."""
-    lay = layout
-    if lay.sequence_parallel and lay.tp < 2:
-        return f"sequence_parallel needs tp > 1 (got tp={lay.tp})"
-    if lay.sequence_parallel and seq_length % lay.tp:
-        return f"sequence_parallel needs data.seq_length={seq_length} divisible by tp={lay.tp}"
-    for key in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
-        if getattr(shape, key) % lay.tp:
-            return f"tp={lay.tp} does not divide model.{key}={getattr(shape, key)}"
-    if lay.vpp is not None and (lay.vpp < 2 or lay.pp < 2):
-        return f"vpp={lay.vpp} needs pp >= 2 and vpp >= 2 (or no vpp)"
-    if shape.num_layers % (lay.pp * lay.chunks):
-        return f"model.num_layers={shape.num_layers} is not divisible by pp x vpp = {lay.pp * lay.chunks}"
-    if global_batch % (lay.dp * lay.micro_batch):
-        return (f"train.global_batch={global_batch} is not divisible by dp={lay.dp} x "
-                f"micro_batch={lay.micro_batch}")
-    if lay.vpp is not None and global_batch // (lay.dp * lay.micro_batch) % lay.pp:
-        return (f"interleaving needs the micro-batches per step ({global_batch // (lay.dp * lay.micro_batch)}) "
-                f"to be a multiple of pp={lay.pp}")
-    return None
+class _Rules:
+    """The engine's own rules for a layout of `shape` in the run `run` (an EngineConfig: its RoPE, FP8,
+    backbone and overlap settings; the defaults without one) on a GPU: engine.layout_rules.check_layout, which
+    engine.runtime.validate_layout applies, and engine.fp8.check_fp8 with the GPU's compute capability and
+    the backbone model.transformer_impl names (validate_layout asks those of the machine it starts on; a plan
+    is for another). A copy of them here drifted: the planner recommended layouts the engine refused (RoPE
+    windows, FP8 recipes and alignment were never in it)."""
+
+    def __init__(self, shape: Shape, run=None, gpu: Optional[GPU] = None):
+        from engine.config import EngineConfig
+
+        self.run = run if run is not None else EngineConfig()
+        self.model = replace(self.run.model, num_layers=shape.num_layers, hidden_size=shape.hidden_size,
+                             num_attention_heads=shape.num_attention_heads, num_query_groups=shape.num_query_groups,
+                             ffn_hidden_size=shape.ffn_hidden_size, vocab_size=shape.vocab_size,
+                             make_vocab_size_divisible_by=shape.vocab_multiple)
+        self.capability = gpu.capability if gpu is not None else None
+        # the settings of each parallel layout and batch, made once: making them is most of a plan's time
+        self._parallel: dict = {}
+        self._train: dict = {}
+
+    def problem(self, layout: Layout, seq_length: int, global_batch: int) -> Optional[str]:
+        from engine.config import ConfigError
+        from engine.fp8 import check_fp8
+        from engine.layout_rules import check_layout
+
+        key = (layout.tp, layout.pp, layout.vpp, layout.sequence_parallel, layout.distributed_optimizer)
+        par = self._parallel.get(key)
+        if par is None:
+            par = self._parallel[key] = replace(
+                self.run.parallel, tp=layout.tp, pp=layout.pp, vpp=layout.vpp,
+                sequence_parallel=layout.sequence_parallel, distributed_optimizer=layout.distributed_optimizer)
+        key = (global_batch, layout.micro_batch, layout.recompute)
+        train = self._train.get(key)
+        if train is None:
+            train = self._train[key] = replace(self.run.train, global_batch=global_batch,
+                                               micro_batch=layout.micro_batch, recompute=layout.recompute)
+        try:
+            check_layout(self.model, par, train, layout.tp * layout.pp * layout.dp, seq_length)
+            check_fp8(self.model, par, train, self.model.transformer_impl == "transformer_engine", self.capability)
+        except ConfigError as exc:
+            return str(exc)
+        return None
+
+
+def model_problem(shape: Shape, seq_length: int, global_batch: int, run=None, gpu: Optional[GPU] = None
+                  ) -> Optional[str]:
+    """Why the engine refuses this model (and run) at every layout, or None: its rules at one GPU, which only
+    settings of the model, the sequence length and the run can break (a head size the engine refuses was
+    planned as a fractional one: 7 heads of hidden 4096 were priced as 8.3 B parameters and recommended)."""
+    return _Rules(shape, run, gpu).problem(Layout(tp=1, pp=1, dp=1), seq_length, global_batch)
+
+
+def layout_problem(shape: Shape, layout: Layout, seq_length: int, global_batch: int, run=None,
+                   gpu: Optional[GPU] = None) -> Optional[str]:
+    """Why the engine refuses this layout for the model, batch and run (_Rules), or None: a measured run's
+    layout with a typo was priced as if it could run."""
+    return _Rules(shape, run, gpu).problem(layout, seq_length, global_batch)
 
 
 def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
-                      micro_batches=(1, 2, 4), recomputes=("none", "selective", "full")) -> list[Layout]:
-    """Every layout engine.runtime.validate_layout accepts, TP within a node, SP on with TP. The vocabulary
+                      micro_batches=(1, 2, 4), recomputes=("none", "selective", "full"), run=None,
+                      gpu: Optional[GPU] = None) -> list[Layout]:
+    """Every layout the engine's rules accept (_Rules), TP within a node, SP on with TP. The vocabulary
     need not divide by TP: the engine pads the embedding table to a multiple of it (Shape.padded_vocab)."""
+    return _candidates(_Rules(shape, run, gpu), shape, gpus, global_batch, seq_length, gpus_per_node, micro_batches,
+                       recomputes)
+
+
+def _candidates(rules: _Rules, shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
+                micro_batches, recomputes) -> list[Layout]:
     out = []
     for tp in (t for t in _divisors(gpus) if t <= gpus_per_node):
         for pp in _divisors(gpus // tp):
@@ -85,8 +124,9 @@ def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: in
                 for vpp in [None, *_divisors(shape.num_layers)]:
                     lay = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), vpp=vpp, micro_batch=mb,
                                  sequence_parallel=tp > 1)
-                    if layout_problem(shape, lay, seq_length, global_batch) is None:
-                        out += [replace(lay, recompute=rc) for rc in recomputes]
+                    if rules.problem(lay, seq_length, global_batch) is None:
+                        out += [x for x in (replace(lay, recompute=rc) for rc in recomputes)
+                                if x.recompute == "none" or rules.problem(x, seq_length, global_batch) is None]
     return out
 
 
@@ -125,13 +165,15 @@ def prune_dominated(estimates: list[Estimate]) -> list[Estimate]:
     return kept
 
 
-def nearest_batches(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int) -> list[int]:
+def nearest_batches(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int, run=None,
+                    gpu: Optional[GPU] = None) -> list[int]:
     """The global batches nearest to global_batch (one below, one above) that some layout accepts."""
+    rules = _Rules(shape, run, gpu)
     found = []
     for step in (-1, 1):
         b = global_batch + step
-        while 0 < b <= 4 * global_batch and not candidate_layouts(shape, gpus, b, seq_length, gpus_per_node,
-                                                                  recomputes=("none",)):
+        while 0 < b <= 4 * global_batch and not _candidates(rules, shape, gpus, b, seq_length, gpus_per_node,
+                                                            (1, 2, 4), ("none",)):
             b += step
         if 0 < b <= 4 * global_batch:
             found.append(b)
@@ -314,8 +356,8 @@ def _size(x: float) -> str:
 def checkpoint_line(shape: Shape, layout: Layout, gpus_per_node: int) -> str:
     c = checkpoint_bytes(shape, layout, gpus_per_node)
     node = min(gpus_per_node, layout.tp * layout.pp * layout.dp)
-    return (f"checkpoint: {_gb(c['step'])} GB a step (bf16 weights {_gb(c['weights'])} GB, optimizer {_gb(c['optimizer'])} "
-            f"GB). checkpoint.optimizer_format=fully_reshardable (resumes at any layout) gathers "
+    return (f"checkpoint: {_gb(c['step'])} GB a step (bf16 weights {_gb(c['weights'])} GB, optimizer "
+            f"{_gb(c['optimizer'])} GB). checkpoint.optimizer_format=fully_reshardable (resumes at any layout) gathers "
             f"{_gb(c['save_host_per_gpu'])} GB of host memory per GPU at each save ({_gb(c['save_host_per_node'])} GB "
             f"per {node}-GPU node) and a resume reads {_size(c['resume_read_fully_reshardable'])} in all; "
             f"dp_reshardable: no gather, a resume reads {_size(c['resume_read_dp_reshardable'])}, at "
@@ -392,10 +434,11 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
         except Exception as exc:
             raise ValueError(f"{where}: {exc}") from None
         shape = shape_from_config(cfg)
-        problem = model_problem(shape)
+        target = launched(cfg, fp8=bool(run.get("fp8")))
+        problem = model_problem(shape, cfg.data.seq_length, cfg.train.global_batch, target, gpu)
         if problem:
             raise ValueError(f"{where}: {problem}")
-        problem = layout_problem(shape, layout, cfg.data.seq_length, cfg.train.global_batch)
+        problem = layout_problem(shape, layout, cfg.data.seq_length, cfg.train.global_batch, target, gpu)
         if problem:
             raise ValueError(f"{where}: layout {layout.name()}: {problem}")
         e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a,
@@ -463,9 +506,10 @@ def main(argv=None) -> int:
         if fp8 and gpu.fp8_tflops is None:
             raise ConfigError(f"{'--fp8' if args.fp8 else f'train.fp8={cfg.train.fp8}'}: the {gpu.name} has no "
                               "FP8 tensor cores")
-        problem = model_problem(shape_from_config(cfg))
+        run = launched(cfg, fp8, args.overlap)
+        problem = model_problem(shape_from_config(cfg), cfg.data.seq_length, cfg.train.global_batch, run, gpu)
         if problem and not args.measured:
-            raise ConfigError(f"the engine runs no layout of this model: {problem}")
+            raise ConfigError(f"the engine runs no layout of this config: {problem}")
         if args.measured:
             for line in compare_measurements(args.measured, a):
                 print(line)
@@ -475,9 +519,9 @@ def main(argv=None) -> int:
         return 2
     shape = shape_from_config(cfg)
     seq, gb = cfg.data.seq_length, cfg.train.global_batch
-    layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node)
+    layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu)
     if not layouts:
-        near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node)
+        near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node, run, gpu)
         print(f"polar plan: no layout of {args.gpus} GPUs divides the model and train.global_batch={gb} "
               f"(heads {shape.num_attention_heads}, KV groups {shape.num_query_groups}, layers {shape.num_layers}; "
               "the data-parallel size must divide the global batch)"

@@ -63,22 +63,24 @@ class GPU:
     hbm_tbs: float  # memory bandwidth, TB/s
     gpus_per_node: int
     source: str
+    # CUDA compute capability: the engine's FP8 rules (engine.fp8.MIN_CAPABILITY) are asked with it
+    capability: tuple[int, int]
 
 
 # Spec-sheet values of the SXM parts in their 8-GPU HGX/DGX boards.
 GPUS = {
     "H100": GPU("H100", 79.6, 989.0, 1979.0, 450.0, 50.0, 3.35, 8,
                 "H100 SXM5 80 GB (81559 MiB reported): 989 TFLOP/s dense bf16, 1979 fp8, NVLink 4 900 GB/s "
-                "bidirectional, ConnectX-7 400 Gb/s per GPU, HBM3 3.35 TB/s"),
+                "bidirectional, ConnectX-7 400 Gb/s per GPU, HBM3 3.35 TB/s", (9, 0)),
     "H200": GPU("H200", 141.0, 989.0, 1979.0, 450.0, 50.0, 4.8, 8,
                 "H200 SXM 141 GB: 989 TFLOP/s dense bf16, 1979 fp8, NVLink 4 900 GB/s bidirectional, "
-                "400 Gb/s per GPU, HBM3e 4.8 TB/s"),
+                "400 Gb/s per GPU, HBM3e 4.8 TB/s", (9, 0)),
     "A100": GPU("A100", 79.2, 312.0, None, 300.0, 25.0, 2.04, 8,
                 "A100 SXM4 80 GB: 312 TFLOP/s dense bf16, no fp8, NVLink 3 600 GB/s bidirectional, "
-                "HDR 200 Gb/s per GPU, HBM2e 2.04 TB/s"),
+                "HDR 200 Gb/s per GPU, HBM2e 2.04 TB/s", (8, 0)),
     "B200": GPU("B200", 180.0, 2250.0, 4500.0, 900.0, 50.0, 8.0, 8,
                 "B200 (DGX B200, 180 GB per GPU): 2.25 PFLOP/s dense bf16, 4.5 fp8, NVLink 5 1.8 TB/s "
-                "bidirectional, 400 Gb/s per GPU, HBM3e 8 TB/s"),
+                "bidirectional, 400 Gb/s per GPU, HBM3e 8 TB/s", (10, 0)),
 }
 
 

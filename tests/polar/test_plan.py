@@ -88,7 +88,8 @@ def test_memory_estimate_within_10_percent_of_cpu_peak(tmp_path, name):
     nproc, par, layout = MEMORY_LAYOUTS[name]
     out = tmp_path / "memory.json"
     run = [f"data.seq_length={MEMORY_RUN['seq_length']}", f"train.global_batch={MEMORY_RUN['global_batch']}",
-           "train.aux_lm_weight=0", "train.attention_backend=torch", "log.tensorboard=false", "checkpoint.resume=false", f"run_dir={tmp_path / 'run'}"]
+           "train.aux_lm_weight=0", "train.attention_backend=torch", "log.tensorboard=false", "checkpoint.resume=false",
+           f"run_dir={tmp_path / 'run'}"]
     _run(nproc, ["memory", "--out", str(out), *_overrides(MEMORY_MODEL), *run, *par])
     shape = _shape(MEMORY_MODEL)
     for r in json.loads(out.read_text()):
@@ -141,11 +142,14 @@ def test_a_bad_measurement_file_is_named(tmp_path, capsys):
     ({"tp": "two"}, "layout.tp: expected a whole number >= 1, got 'two'"),
     ({"tp": 2, "micro_batch": 1.5}, "layout.micro_batch: expected a whole number >= 1, got 1.5"),
     ({"tp": 2, "recompute": "ful"}, "layout.recompute: expected one of none, selective, full, got 'ful'"),
-    # layouts the engine refuses were priced as if they ran (32 layers in 5-layer chunks, VPP1 as interleaved)
+    # layouts the engine refuses were priced as if they ran (32 layers in 5-layer chunks, VPP1 as interleaved);
+    # the engine's own message names the setting to change
     ({"tp": 2, "pp": 2, "vpp": 3},
-     "layout TP2xPP2xVPP3xDP16 mb1: model.num_layers=32 is not divisible by pp x vpp = 6"),
-    ({"tp": 2, "pp": 2, "vpp": 1}, "layout TP2xPP2xVPP1xDP16 mb1: vpp=1 needs pp >= 2 and vpp >= 2"),
-    ({"tp": 1, "sequence_parallel": True}, "layout TP1xPP1xDP64 mb1: sequence_parallel needs tp > 1"),
+     "layout TP2xPP2xVPP3xDP16 mb1: model.num_layers=32 is not divisible by parallel.pp x parallel.vpp = 6"),
+    ({"tp": 2, "pp": 2, "vpp": 1},
+     "layout TP2xPP2xVPP1xDP16 mb1: parallel.vpp=1 needs parallel.pp >= 2 and vpp >= 2"),
+    ({"tp": 1, "sequence_parallel": True},
+     "layout TP1xPP1xDP64 mb1: parallel.sequence_parallel=true needs parallel.tp > 1"),
 ])
 def test_a_misspelt_layout_key_or_value_is_named(tmp_path, capsys, layout, named):
     path = tmp_path / "runs.json"
@@ -212,7 +216,8 @@ def test_groups_that_straddle_nodes_are_charged_the_network():
     all_network = dataclasses.replace(h100, nvlink_gbs=h100.network_gbs)
     for dp, pp, straddles in ((3, 8, True), (4, 6, False)):  # 24 GPUs on three 8-GPU nodes
         lay = plan.Layout(tp=1, pp=pp, dp=dp)
-        got, slow = (plan.step_time(shape, lay, 4096, 2304, g, plan.Assumptions())["dp_comm"] for g in (h100, all_network))
+        got, slow = (plan.step_time(shape, lay, 4096, 2304, g, plan.Assumptions())["dp_comm"]
+                     for g in (h100, all_network))
         assert (got == pytest.approx(slow)) == straddles, (dp, pp)
 
 
@@ -372,9 +377,10 @@ def test_a_configs_own_fp8_recipe_is_priced(capsys):
     _, memory_fp8, _ = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", "--fp8"])
     assert head.endswith(", FP8") and memory == memory_fp8 and "FP8 0.0 GB" not in memory, memory
     assert "train.fp8" not in launch  # the config's recipe stays
-    # --fp8 with a recipe in the config: the recipe is kept, not overridden by tensorwise
+    # --fp8 with a recipe in the config: the recipe is kept, not overridden by tensorwise (delayed scaling is
+    # Transformer Engine's: megatron's local layers, the default, refuse it)
     _, memory, launch = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", "--fp8",
-                                                    "train.fp8=delayed"])
+                                                    "train.fp8=delayed", "model.transformer_impl=transformer_engine"])
     assert memory == memory_fp8 and "train.fp8" not in launch, launch
     assert plan.main(["--config", "polar_1_8b", "--gpu", "A100", "--gpus", "8", "train.fp8=rowwise"]) == 2
     assert "train.fp8=rowwise: the A100 has no FP8" in capsys.readouterr().err
