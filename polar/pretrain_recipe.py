@@ -191,10 +191,15 @@ def synthetic_data(cfg: PretrainConfig) -> RunData:
     if cfg.synthetic.eval_seen:
         evals["seen"] = pack("seen-policy evaluation data")
     dup = sum(len(g.prefix) * (len(g.candidates) - 1) for g in train.groups)
-    desc = (f"data: {len(train.groups):,} training groups -> {len(train):,} packed sequences of "
-            f"{seq} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "
+    # said on the line: a full-size preset with data.path left empty trains on these toy policies
+    desc = (f"data: synthetic data (data.path empty): {len(train.groups):,} training groups -> {len(train):,} "
+            f"packed sequences of {seq} tokens ({train.packing_efficiency:.1%} full); shared prefixes save {dup:,} "
             f"tokens ({dup / (train.num_real_tokens + dup):.1%} of the duplicated layout); built in "
             f"{time.time() - t0:.1f}s")
+    if cfg.model.vocab_size > tok.vocab_size:  # set by a preset (check() sets an unset one to the byte vocab)
+        desc += (f"; note: model.vocab_size={cfg.model.vocab_size}, but the synthetic data is byte-tokenized "
+                 f"({tok.vocab_size} ids): set data.path to a dataset built with the model's tokenizer (polar "
+                 f"data build RECORDS -o DIR --tokenizer TOKENIZER) to train on real data")
     return RunData(train, evals, tok.pad_id, desc, splits)
 
 

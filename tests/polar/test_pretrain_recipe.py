@@ -88,3 +88,15 @@ def test_pretraining_from_a_checkpoint_on_data_of_another_tokenizer_is_refused(t
                                           r"but the embedded synthetic data is tokenized by the byte tokenizer"):
         check(load_config(PretrainConfig, None, [*SMALL, f"checkpoint.init_from={bpe_base}"]))
     check(load_config(PretrainConfig, None, [*SMALL, f"checkpoint.init_from={base('bytes', False)}"]))
+
+
+def test_the_data_line_says_that_the_data_is_synthetic_and_notes_a_vocabulary_it_does_not_use():
+    """A full-size preset with data.path left empty trained on the embedded synthetic byte data, and the
+    data line never said so."""
+    from polar.tokenizer import ByteTokenizer
+
+    line = synthetic_data(load_config(PretrainConfig, None, SMALL)).description
+    assert line.startswith("data: synthetic data (data.path empty): ") and "note:" not in line, line
+    line = synthetic_data(load_config(PretrainConfig, None, SMALL + ["model.vocab_size=92544"])).description
+    assert (f"note: model.vocab_size=92544, but the synthetic data is byte-tokenized ({ByteTokenizer.vocab_size} "
+            f"ids)") in line and "data.path" in line, line
