@@ -471,7 +471,8 @@ def _shipped(path: Path) -> bool:
     return False
 
 
-def _base_file(config: Path, base: str) -> str:
+def base_file(config: Path, base: str) -> str:
+    """The file a config file's `base: NAME` names: a file beside it, else a preset of that name."""
     beside = config.parent / base
     if beside.is_file():  # a file wins over a name, as for --config
         return str(beside)
@@ -573,7 +574,7 @@ def _file_values(cls, p: Path, ignore: tuple, chain: tuple, sources: dict) -> di
         if not isinstance(base, str) or not base:
             raise ConfigError(f"{p}: base={base!r}: expected the path of another config file, or a preset's "
                               "name")
-        merged = _file_values(cls, Path(_base_file(p, base)), ignore, chain + (here,), sources)
+        merged = _file_values(cls, Path(base_file(p, base)), ignore, chain + (here,), sources)
         _deep_update(merged, values)
     else:
         merged = values

@@ -257,13 +257,15 @@ def _file_names_section(path: str, section: str) -> bool:
     a missing base or a cycle)."""
     import yaml
 
+    from engine.config import base_file
+
     p: Optional[Path] = Path(path)
     while p is not None:
         values = yaml.safe_load(p.read_text()) or {}
         if section in values:
             return True
         base = values.get("base")
-        p = p.parent / base if isinstance(base, str) and base else None
+        p = Path(base_file(p, base)) if isinstance(base, str) and base else None  # a file, or a preset's name
     return False
 
 

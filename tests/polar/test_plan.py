@@ -311,6 +311,17 @@ def test_the_tiny_cpu_preset_is_planned_with_the_byte_tokenizers_vocabulary(caps
     assert step and float(step.group(1)) > 0 and "step us" in out, out
 
 
+def test_a_config_whose_base_is_a_preset_name_is_planned(tmp_path, capsys):
+    """`base: tiny_cpu` (a preset's name, as the README documents) was read as a file beside the config
+    when model.vocab_size=0 sent the plan looking for a finetune: section: FileNotFoundError."""
+    from polar.tokenizer import ByteTokenizer
+
+    f = tmp_path / "run.yaml"
+    f.write_text("base: tiny_cpu\ntrain:\n  steps: 10\n")
+    assert plan.main(["--config", str(f), "--gpus", "2"]) == 0, capsys.readouterr().err
+    assert f"vocab {ByteTokenizer.vocab_size})" in capsys.readouterr().out
+
+
 def test_a_preset_with_its_shape_overridden_is_named_with_the_overrides(capsys):
     assert plan.main(["--config", "polar_7b", "--gpus", "64", "model.num_layers=48"]) == 0
     assert "polar plan: polar_7b model.num_layers=48 (10.85 B parameters: 48 layers" in capsys.readouterr().out
