@@ -20,6 +20,48 @@ LOSS_SETTINGS = ("loss", "aux_lm_weight")
 ORDER_SETTINGS = ("global_batch", "seed")
 
 
+def data_settings(cfg) -> dict:
+    """The settings the training data is made of, which a step records (its trainer state's
+    `data_settings`) and a resume must keep. A built dataset (data.path) is packed already; the entry
+    script's own data (data.path empty) is packed here (data.packing) from what its config class names
+    in DATA_SETTINGS (the pre-training recipe's synthetic.*)."""
+    out = {"data.seq_length": cfg.data.seq_length, "data.path": cfg.data.path}
+    if not cfg.data.path:
+        out["data.packing"] = cfg.data.packing
+        for name in getattr(cfg, "DATA_SETTINGS", ()):
+            section, key = name.split(".", 1)
+            out[name] = getattr(getattr(cfg, section), key)
+    return out
+
+
+def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = None,
+                               sequences: int | None = None) -> None:
+    """ConfigError naming every data setting (data_settings) that differs from what the step was saved
+    with: the loader's own check (engine.data) tells only that the order or the digest changed. Two
+    data.path values are one dataset moved or copied (to a node's local disk, say) unless its packed
+    sequence count (`sequences`, where the caller knows it) differs from the step's; the digest check
+    stays the backstop. A step saved before the settings were recorded is not checked."""
+    state = read_state(step_dir) if state is None else state
+    saved = state.get("data_settings")
+    if not isinstance(saved, dict):
+        return
+    changed = [name for name in saved if name in now and saved[name] != now[name]]
+    saved_count = state.get("loader", {}).get("sequences")
+    if "data.path" in changed and saved["data.path"] and now["data.path"] and (
+            sequences is None or saved_count in (None, sequences)):
+        changed.remove("data.path")
+    if changed:
+        def shown(v):
+            return "(empty)" if v == "" else v
+
+        raise ConfigError(
+            f"resuming from {step_dir}: "
+            + "; ".join(f"{name}={shown(saved[name])} when saved, {shown(now[name])} now" for name in changed)
+            + f". The run's training data is made from these settings: resuming would train on other data, or in "
+              f"another order; set them back, or start a new run (a new run_dir) from its weights with "
+              f"checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order start afresh)")
+
+
 def optimizer_settings(train) -> dict:
     """The settings a step records (its trainer state's `settings`) and a resume must keep."""
     return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS + LOSS_SETTINGS}

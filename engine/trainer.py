@@ -130,6 +130,8 @@ class Trainer:
                     f"converted model or initial weights), so there is nothing to resume; start from it with "
                     f"checkpoint.init_from={path} and a checkpoint directory of its own (a new run_dir or "
                     f"checkpoint.dir)")
+            resume_checks.check_resume_data_settings(path, resume_checks.data_settings(self.cfg), state=saved,
+                                                     sequences=len(self.loader.source))
             try:
                 self.loader.load_state_dict(saved["loader"])
             except ConfigError as e:
@@ -172,6 +174,7 @@ class Trainer:
         state = {
             "step": self.step,
             "settings": resume_checks.optimizer_settings(self.cfg.train),
+            "data_settings": resume_checks.data_settings(self.cfg),
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,

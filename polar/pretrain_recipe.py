@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -23,6 +23,11 @@ from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
 @dataclass
 class PretrainConfig(EngineConfig):
     synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    # the synthetic settings the training data is made of (with data.path empty): a resume keeps them
+    # (engine.resume_checks.data_settings). The evaluation sets' (eval_*, held_out_policies) leave the
+    # training data as it is
+    DATA_SETTINGS: ClassVar[tuple] = ("synthetic.seed", "synthetic.train_policies", "synthetic.train_triplets",
+                                      "synthetic.prompts", "synthetic.wrapper")
 
 
 CONFIG_CLASS = PretrainConfig
@@ -105,6 +110,21 @@ def check(cfg: PretrainConfig) -> None:
         _set_vocab(cfg, ByteTokenizer.vocab_size, "tokenizer")
     if cfg.checkpoint.init_from:
         _check_init_tokenizer(cfg)
+    _check_resume_data(cfg)
+
+
+def _check_resume_data(cfg: PretrainConfig) -> None:
+    """A resume with other data settings is refused naming them, before the data is built (whose own
+    check says only that the data order changed)."""
+    from engine import checkpoint, resume_checks
+
+    try:
+        step = checkpoint.latest(checkpoint.run_checkpoint_dir(cfg)) if cfg.checkpoint.resume else None
+    except OSError:
+        return  # the checkpoint checks name the directory that cannot be read
+    if step:
+        count = len(open_built(cfg.data.path, cfg, "data.path")) if cfg.data.path else None
+        resume_checks.check_resume_data_settings(step, resume_checks.data_settings(cfg), sequences=count)
 
 
 def _check_init_tokenizer(cfg: PretrainConfig) -> None:

@@ -87,3 +87,30 @@ def test_a_changed_distributed_optimizer_is_refused_in_the_per_parameter_format_
                                                        "layout": layout}))
     for now in (True, False):
         resume_checks.check_resume_layout(str(d), 1, 1, None, distributed_optimizer=now)
+
+
+def test_changed_data_settings_are_named_and_a_moved_dataset_resumes(tmp_path):
+    """The loader's own check said only 'the data order changed ... packed sequence count ... digest',
+    whichever setting changed it. A dataset at another path with its packed sequence count is one moved or
+    copied (to a node's local disk): the digest check decides. A step saved before the record: unchecked."""
+    from engine.config import ConfigError
+
+    saved = {"data.seq_length": 512, "data.path": "", "data.packing": "best_fit", "synthetic.seed": 0}
+    d = _step(tmp_path, 3, {"step": 3, "data_settings": saved, "loader": {"consumed_batches": 3, "sequences": 9}})
+    resume_checks.check_resume_data_settings(str(d), dict(saved))
+    with pytest.raises(ConfigError) as e:
+        resume_checks.check_resume_data_settings(str(d), {**saved, "data.packing": "ordered", "synthetic.seed": 1})
+    msg = str(e.value)
+    for part in ("data.packing=best_fit when saved, ordered now", "synthetic.seed=0 when saved, 1 now",
+                 f"checkpoint.init_from={d}"):
+        assert part in msg, msg
+    with pytest.raises(ConfigError, match=r"data.path=\(empty\) when saved, /data/a now"):
+        resume_checks.check_resume_data_settings(str(d), {"data.seq_length": 512, "data.path": "/data/a"})
+    built = {"data.seq_length": 512, "data.path": "/data/a"}
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "data_settings": built,
+                                                       "loader": {"consumed_batches": 3, "sequences": 9}}))
+    resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/a"}, sequences=9)
+    with pytest.raises(ConfigError, match="data.path=/data/a when saved, /local/b now"):
+        resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/b"}, sequences=12)
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "loader": {"consumed_batches": 3}}))
+    resume_checks.check_resume_data_settings(str(d), {**saved, "data.seq_length": 1024})

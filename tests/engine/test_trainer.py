@@ -428,3 +428,18 @@ def test_the_training_line_of_a_resumed_run_says_which_steps_are_left(runtime, t
     assert "| steps 3-4 of 4 (2 left) of 4 packed sequences x 64 tokens |" in banner()
     line = banner()
     assert "| nothing left to train (step 4 of 4) |" in line and "steps of" not in line, line
+
+
+def test_a_resume_names_a_changed_data_setting(runtime, tmp_path):
+    """data.packing=ordered on resume was refused as 'the data order changed ... digest', naming no
+    setting. A step saved before the data settings were recorded resumes as before."""
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2").fit()
+    step = checkpoint.latest(str(tmp_path / "checkpoints"))
+    with pytest.raises(ConfigError) as err:
+        make_trainer(runtime, tmp_path, "data.packing=ordered")
+    assert "data.packing=best_fit when saved, ordered now" in str(err.value), str(err.value)
+    state_file = Path(step) / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    del state["data_settings"]
+    state_file.write_text(json.dumps(state))
+    assert make_trainer(runtime, tmp_path, "data.packing=ordered").step == 2

@@ -100,3 +100,29 @@ def test_the_data_line_says_that_the_data_is_synthetic_and_notes_a_vocabulary_it
     line = synthetic_data(load_config(PretrainConfig, None, SMALL + ["model.vocab_size=92544"])).description
     assert (f"note: model.vocab_size=92544, but the synthetic data is byte-tokenized ({ByteTokenizer.vocab_size} "
             f"ids)") in line and "data.path" in line, line
+
+
+def test_a_resume_with_other_synthetic_data_settings_is_refused_naming_them(tmp_path):
+    """synthetic.seed=1 or data.packing=ordered on resume were refused only as 'the data order changed
+    (... packed sequence count): 209 when saved, 287 now', naming neither. The evaluation sets' settings
+    leave the training data as it is: a resume may change them."""
+    import json
+
+    import pytest
+
+    from engine import checkpoint, resume_checks
+    from engine.config import ConfigError
+    from polar.pretrain_recipe import check
+
+    def cfg(*overrides):
+        return load_config(PretrainConfig, None, SMALL + [f"run_dir={tmp_path}", *overrides])
+
+    step = tmp_path / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 2, "data_settings":
+                                                          resume_checks.data_settings(cfg())}))
+    check(cfg("synthetic.eval_triplets=20", "synthetic.eval_seen=false", "synthetic.held_out_policies=10"))
+    with pytest.raises(ConfigError) as e:
+        check(cfg("synthetic.seed=1", "data.packing=ordered"))
+    assert "synthetic.seed=0 when saved, 1 now" in str(e.value) and "data.packing=best_fit when saved" in str(e.value)
+    check(cfg("synthetic.seed=1", "checkpoint.resume=false"))  # no resume: (another check refuses the directory)
