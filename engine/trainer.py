@@ -540,7 +540,8 @@ class Trainer:
         steps = self.cfg.train.steps
         if self.step >= steps:
             return f"nothing left to train (step {self.step} of {steps})"
-        what = f"steps {self.step + 1}-{steps} of {steps} ({steps - self.step} left)" if self.step else f"{steps} steps"
+        first = f"step {steps}" if self.step + 1 == steps else f"steps {self.step + 1}-{steps}"
+        what = f"{first} of {steps} ({steps - self.step} left)" if self.step else f"{steps} steps"
         return f"{what} of {self.cfg.train.global_batch} packed sequences x {self.loader.source.seq_length} tokens"
 
     def _stop_if_signalled_during(self, what: str) -> None:

@@ -425,7 +425,8 @@ def test_the_training_line_of_a_resumed_run_says_which_steps_are_left(runtime, t
         return next(x for x in lines if x.startswith("training "))
 
     assert "| 4 steps of 4 packed sequences x 64 tokens |" in banner("train.exit_at_step=2")
-    assert "| steps 3-4 of 4 (2 left) of 4 packed sequences x 64 tokens |" in banner()
+    assert "| steps 3-4 of 4 (2 left) of 4 packed sequences x 64 tokens |" in banner("train.exit_at_step=3")
+    assert "| step 4 of 4 (1 left) of 4 packed sequences x 64 tokens |" in banner()
     line = banner()
     assert "| nothing left to train (step 4 of 4) |" in line and "steps of" not in line, line
 
