@@ -1,7 +1,8 @@
 """POLAR rewards from Python: a client of `polar serve`, the glue RL trainers call, and an
 in-process scorer.
 
-    RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After), large
+    RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After; a 429 or
+                                       503 is retried for max_wait_s, past max_retries), large
                                        batches split into chunks (sent concurrently by the async one,
                                        so the server batches them together)
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
@@ -17,7 +18,9 @@ with the reference trajectory for the same prompt).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import math
 import os
 import random
 import re
@@ -86,7 +89,8 @@ def _entries(items: Sequence[dict]) -> list[bytes]:
         try:
             out.append(json.dumps(entry, ensure_ascii=False, allow_nan=False).encode("utf-8"))
         except UnicodeEncodeError as e:
-            raise ValueError(f"item {i} holds a lone surrogate ({e.object[e.start:e.end]!r}), which is not text") from None
+            found = e.object[e.start:e.end]
+            raise ValueError(f"item {i} holds a lone surrogate ({found!r}), which is not text") from None
         except (TypeError, ValueError) as e:
             raise ValueError(f"item {i} is not JSON: {e}") from None
     return out
@@ -138,7 +142,8 @@ async def _gather(*coros):
 class _Base:
     def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
-                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: Optional[str] = None):
+                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: Optional[str] = None,
+                 max_wait_s: float = 300.0):
         base_url = base_url or os.environ.get(URL_ENV)
         if not base_url:
             raise ValueError(f"no reward server URL: pass base_url or set {URL_ENV}")
@@ -153,8 +158,11 @@ class _Base:
             raise ValueError(f"max_body_bytes must be a positive integer, got {max_body_bytes!r}")
         if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
+            raise ValueError(f"max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
+        self.max_wait_s = max_wait_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.chunk_size = chunk_size
@@ -168,16 +176,31 @@ class _Base:
         if wait is not None:
             return min(wait, self.max_backoff_s)
         # Exponential backoff with jitter, so retrying clients do not arrive in step.
-        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
+        # (the exponent capped: past max_retries a 429 or 503 is retried for max_wait_s, whatever the count)
+        return min(self.backoff_s * 2 ** min(attempt, 60), self.max_backoff_s) * (0.5 + random.random() / 2)
 
-    def _check(self, resp: httpx.Response, attempt: int) -> bool:
-        """True: the answer is usable; False: retry; raises when retrying cannot help."""
-        if resp.status_code == 200:
-            return True
-        if (resp.status_code in _RETRY_STATUS and attempt < self.max_retries
-                and resp.headers.get(_NO_RETRY_HEADER, "").lower() != "false"):
-            return False
-        raise RewardServerError(resp.status_code, _message(resp))
+    def _check(self, resp: httpx.Response, attempt: int, started: float) -> Optional[float]:
+        """None: the answer is usable; else the seconds to wait before sending again; raises when
+        retrying cannot help. `started`: time.monotonic() at the request's first attempt.
+
+        A 429 or 503 (a full queue, a server restarting) is retried for max_wait_s in all, however
+        many attempts that takes: under a sustained overload every attempt is refused at once, and
+        max_retries of them last a few seconds, which would fail an RL step that a wait of minutes
+        lets through. Every other retryable answer is retried max_retries times."""
+        status = resp.status_code
+        if status == 200:
+            return None
+        if status in _RETRY_STATUS and resp.headers.get(_NO_RETRY_HEADER, "").lower() != "false":
+            delay = self._delay(attempt, resp)
+            if attempt < self.max_retries:
+                return delay
+            waited = time.monotonic() - started
+            if status in (429, 503) and waited < self.max_wait_s:
+                return min(delay, self.max_wait_s - waited)
+            tries = f"{attempt + 1} attempt{'s' * bool(attempt)}"
+            raise RewardServerError(status, f"{_message(resp)} (gave up after {tries} in {waited:.0f} s: max_retries="
+                                            f"{self.max_retries}, and max_wait_s={self.max_wait_s:g} for a 429 or 503)")
+        raise RewardServerError(status, _message(resp))
 
     @staticmethod
     def _rewards(payload, n: int) -> list[float]:
@@ -206,17 +229,19 @@ class RewardClient(_Base):
         self._http = httpx.Client(timeout=self.timeout_s, headers=self.headers)
 
     def _post(self, path: str, body: bytes) -> dict:
-        for attempt in range(self.max_retries + 1):
-            resp = None
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
                 resp = self._http.post(self.base_url + path, content=body, headers=_JSON)
-                if self._check(resp, attempt):
-                    return _json(resp)
             except httpx.TransportError:
-                if attempt == self.max_retries:
+                if attempt >= self.max_retries:
                     raise
-            time.sleep(self._delay(attempt, resp))
-        raise AssertionError("unreachable")
+                delay = self._delay(attempt, None)
+            else:
+                delay = self._check(resp, attempt, started)
+                if delay is None:
+                    return _json(resp)
+            time.sleep(delay)
 
     def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
@@ -255,17 +280,19 @@ class AsyncRewardClient(_Base):
         self._http = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
 
     async def _post(self, path: str, body: bytes) -> dict:
-        for attempt in range(self.max_retries + 1):
-            resp = None
+        started = time.monotonic()
+        for attempt in itertools.count():
             try:
                 resp = await self._http.post(self.base_url + path, content=body, headers=_JSON)
-                if self._check(resp, attempt):
-                    return _json(resp)
             except httpx.TransportError:
-                if attempt == self.max_retries:
+                if attempt >= self.max_retries:
                     raise
-            await asyncio.sleep(self._delay(attempt, resp))
-        raise AssertionError("unreachable")
+                delay = self._delay(attempt, None)
+            else:
+                delay = self._check(resp, attempt, started)
+                if delay is None:
+                    return _json(resp)
+            await asyncio.sleep(delay)
 
     async def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
@@ -301,9 +328,18 @@ _THINKING = re.compile(r"<think>(.*?)</think>(.*)", re.DOTALL)
 def strip_thinking(text: str) -> str:
     """The answer after a reasoning model's thinking, as POLAR's own verl reward function takes it
     (InternLM/POLAR src/polar/reward_func.py, extract_thinking_content): the text after the first
-    `</think>` that follows a `<think>`, stripped; a text without that pair is scored as it is."""
+    `</think>` that follows a `<think>`, stripped. A text with a `</think>` and no `<think>` at all
+    loses the text up to and including its first `</think>`, and the rest is stripped: chat
+    templates that open the thinking in the generation prompt (DeepSeek-R1's, QwQ's) leave the
+    rollout only `... </think> answer`, whose reasoning would otherwise be scored, and the answer
+    cut off by the client's truncation of a long output (max_response). Any other text is scored
+    as it is."""
     m = _THINKING.search(text)
-    return m.group(2).strip() if m else text
+    if m:
+        return m.group(2).strip()
+    if "<think>" not in text and "</think>" in text:
+        return text.split("</think>", 1)[1].strip()
+    return text
 
 
 def _prompt_of(extra_info, i: int, key: str = "prompt"):
@@ -334,9 +370,19 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     """verl's batch reward function (reward_model.reward_manager=batch): one reward per response.
 
     The response is the text after the thinking (`strip_thinking`), the ground truth is the
-    reference trajectory, and the prompt comes from extra_info[prompt_key] (messages, joined by "\\n"
-    as POLAR's format does; `prompt_key` as in POLAR's own compute_score_batch). The server is `url`
-    (or $POLAR_REWARD_URL); `scorer` scores in-process instead."""
+    reference trajectory (an empty one is refused, naming it), and the prompt comes from
+    extra_info[prompt_key] (messages, joined by "\\n" as POLAR's format does; `prompt_key` as in
+    POLAR's own compute_score_batch). The server is `url` (or $POLAR_REWARD_URL); `scorer` scores
+    in-process instead."""
+    return _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
+                       "ground_truths[{}]")
+
+
+def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
+                ref_name: str) -> list[float]:
+    """compute_score_batch; `ref_name`, formatted with a response's index, names its ground truth."""
+    from polar.serve import validation
+
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
@@ -344,6 +390,12 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     for i, (sol, ref, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
         if hasattr(ref, "tolist"):
             ref = ref.tolist()
+        try:
+            validation.check_reference(validation.text_field(ref, ref_name.format(i)), ref_name.format(i),
+                                       "; verl passes each sample's reward_model.ground_truth: put the reference "
+                                       "trajectory there")
+        except validation.RequestError as e:
+            raise ValueError(e.message) from None
         items.append({"prompt": _prompt_of(info, i, prompt_key), "reference": ref, "output": strip_thinking(sol),
                       "wrapper": wrapper})
     if scorer is not None:
@@ -358,8 +410,8 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, prom
     runs by default, calling it for each response at once from worker threads): compute_score_batch
     for one response. `reward_router_address` and `reward_model_tokenizer` (which verl passes when
     it runs a reward model of its own) are not used: the rewards come from `polar serve`."""
-    return compute_score_batch([data_source], [solution_str], [ground_truth], [extra_info], prompt_key, url=url,
-                               wrapper=wrapper, scorer=scorer, **client_kw)[0]
+    return _verl_score([solution_str], [ground_truth], [extra_info], prompt_key, url, wrapper, scorer, client_kw,
+                       "ground_truth")[0]
 
 
 def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):
@@ -383,11 +435,10 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
             item["reference"] = lab["reference"]
             if lab.get("wrapper") is not None:
                 item["wrapper"] = lab["wrapper"]
-        if isinstance(item["reference"], str):  # what OpenRLHF sends without --label_key is ""
-            try:
-                validation.check_label_reference(item["reference"], i)
-            except validation.RequestError as e:  # as /get_reward refuses it
-                raise ValueError(e.message) from None
+        try:  # as /get_reward refuses them; what OpenRLHF sends without --label_key is ""
+            validation.check_label_reference(validation.text_field(item["reference"], f"labels[{i}]"), i)
+        except validation.RequestError as e:
+            raise ValueError(e.message) from None
         items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}
@@ -397,8 +448,8 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
 
 def _structured_items(items: Sequence[dict]) -> list:
     """Items checked as `polar serve` checks /v1/rewards entries (a null wrapper is sft; a missing or
-    mistyped field, a lone surrogate, is a ValueError naming the item), so in-process scoring takes
-    and refuses exactly what the HTTP clients do."""
+    mistyped field, a lone surrogate, an empty reference, is a ValueError naming the item), so
+    in-process scoring takes and refuses exactly what the HTTP clients do."""
     from polar.serve import validation
     from polar.serve.items import StructuredItem
 
@@ -411,8 +462,10 @@ def _structured_items(items: Sequence[dict]) -> list:
             for key in ("prompt", "reference", "output"):
                 if key not in it:
                     raise validation.RequestError(f"{where}: missing field {key!r}")
-            out.append(StructuredItem(validation.text_field(it["prompt"], f"{where}.prompt"),
-                                      validation.text_field(it["reference"], f"{where}.reference"),
+            prompt = validation.text_field(it["prompt"], f"{where}.prompt")
+            reference = validation.text_field(it["reference"], f"{where}.reference")
+            validation.check_reference(reference, f"{where}.reference")
+            out.append(StructuredItem(prompt, reference,
                                       validation.text_field(it["output"], f"{where}.output"),
                                       validation.wrapper_field(it.get("wrapper"), f"{where}.wrapper")))
         except validation.RequestError as e:
@@ -465,7 +518,8 @@ class InProcessScorer:
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Texts checked as `polar serve`'s /classify checks them: one string is one text (a list
-        of its characters otherwise), and a non-string or a lone surrogate names the text."""
+        of its characters otherwise), and a non-string, a lone surrogate or a text that does not end
+        with the reward token names the text."""
         from polar.format import lone_surrogate
         from polar.serve.items import tokenize_served_text
 
@@ -478,7 +532,8 @@ class InProcessScorer:
                 raise ValueError(f"text {i} holds a lone surrogate ({found}), which is not text")
         if not texts:
             return []
-        return self._finite(self.batcher.score_sync(tokenize_served_text(self.tokenizer, texts)), "text")
+        ids = tokenize_served_text(self.tokenizer, texts, [f"text {i}" for i in range(len(texts))])  # ValueError
+        return self._finite(self.batcher.score_sync(ids), "text")
 
     @staticmethod
     def _finite(rewards, what: str = "item") -> list[float]:

@@ -10,7 +10,9 @@
     GET  /metrics         Prometheus text format
 
 vLLM returns one row per token and its clients read the last; only the reward token's row is
-computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads.
+computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads. A
+/classify or /pooling text must end with the reward token, as POLAR's client ends each (400 otherwise):
+the reward is read at the last token.
 Errors are JSON {"error": {"message", "type", "code"}} with a 4xx status saying what is wrong.
 A request whose client has gone (timed out, retrying) leaves the queue unscored, and the wait
 for room to be read in too when its body is small; one gone while its body is parsed or tokenized
@@ -40,7 +42,7 @@ from polar.serve import validation
 from polar.serve.admission import Admission, TooBusy, declared_length
 from polar.serve.batcher import Batcher, Closed, QueueFull, non_finite
 from polar.serve.client_watch import ClientGone, Departure
-from polar.serve.items import check_truncation, format_structured, tokenize_served_text
+from polar.serve.items import NoRewardToken, check_truncation, format_structured, tokenize_served_text
 from polar.serve.metrics import Metrics
 from polar.serve.validation import NO_RETRY_HEADER, RequestError
 from polar.tokenizer import Tokenizer
@@ -91,7 +93,10 @@ class Service(Admission):
         self.max_structured_tokens = positions or None
 
     def texts_to_ids(self, texts: list[str], field: str) -> list[np.ndarray]:
-        ids = tokenize_served_text(self.tokenizer, texts)
+        try:
+            ids = tokenize_served_text(self.tokenizer, texts, [f"{field}[{i}]" for i in range(len(texts))])
+        except NoRewardToken as e:
+            raise RequestError(str(e)) from None
         for i, a in enumerate(ids):
             if len(a) > self.max_item_tokens:
                 raise RequestError(f"{field}[{i}] is {len(a)} tokens long, more than {self._limit}; truncate it "
@@ -206,8 +211,10 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     def authorized(request: Request) -> bool:
         if not s.api_key:
             return True
-        got = request.headers.get("authorization", "")
-        return hmac.compare_digest(got.encode(), f"Bearer {s.api_key}".encode())
+        # RFC 7235 (2.1): the scheme is case-insensitive ("bearer" is "Bearer"), one or more spaces
+        # before the credentials; the token itself is compared exactly, in constant time
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.lstrip(" ").encode(), s.api_key.encode())
 
     def unauthorized() -> JSONResponse:
         return _error(401, "missing or wrong bearer token (Authorization: Bearer <key>)",

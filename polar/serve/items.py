@@ -54,8 +54,23 @@ def format_structured(tokenizer: Tokenizer, items: Sequence[StructuredItem], max
     return [(s.text, s.ids) for s in served]
 
 
-def tokenize_served_text(tokenizer: Tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+class NoRewardToken(ValueError):
+    """An already formatted text whose last token is not the reward token."""
+
+
+def tokenize_served_text(tokenizer: Tokenizer, texts: Sequence[str],
+                         names: Optional[Sequence[str]] = None) -> list[np.ndarray]:
     """Already formatted strings -> ids with BOS in front, as the serving engines tokenize them.
-    The reward is read at the last token, whatever it is (as SGLang and vLLM do): POLAR's client
-    ends every string with the literal reward token."""
-    return tokenizer.encode_served_batch(list(texts))
+    The reward is read at the last token (as SGLang and vLLM read it), which POLAR's client makes
+    the reward token by ending every string with its literal; a text ending otherwise (a trailing
+    newline or space after it, or no reward token at all) would be scored at some other token,
+    a number the model was never trained to give, so it is refused: NoRewardToken naming
+    `names[i]` (default `text[i]`)."""
+    ids = tokenizer.encode_served_batch(list(texts))
+    for i, a in enumerate(ids):
+        if len(a) == 0 or a[-1] != tokenizer.reward_token_id:
+            name = names[i] if names is not None else f"text[{i}]"
+            raise NoRewardToken(f"{name} does not end with the reward token {tokenizer.reward_token_text} (it ends "
+                                f"{texts[i][-24:]!r}): the reward is read at a text's last token, and POLAR's format "
+                                "ends every text with that token (`polar format` writes such texts)")
+    return ids

@@ -331,12 +331,21 @@ def wrapper_field(v, where: str) -> str:
     return v
 
 
+def check_reference(ref, where: str, why: str = "; POLAR scores each output against the reference trajectory "
+                                                "for its prompt") -> None:
+    """POLAR's reward compares an output with the reference trajectory for its prompt (paper Sec. 3):
+    against an empty one (or only whitespace) it compares with nothing, and a trainer would follow
+    that reward for a whole run without a word. `ref`: a checked text; `why`: what likely left it
+    empty, for the message."""
+    text = as_text(ref)
+    if not text.strip():
+        raise RequestError(f"{where}: the reference is empty{' (only whitespace)' if text else ''}{why}")
+
+
 def check_label_reference(ref, i: int) -> None:
-    """OpenRLHF sends "" for every label when --label_key is not set: each rollout would be scored
-    against no reference at all, for a whole run, without a word. `ref`: a checked text."""
-    if not as_text(ref):
-        raise RequestError(f"labels[{i}]: the reference is empty; OpenRLHF sends an empty label when "
-                           "--label_key is not set: set it to the dataset field holding the reference")
+    """OpenRLHF sends "" for every label when --label_key is not set."""
+    check_reference(ref, f"labels[{i}]", "; OpenRLHF sends an empty label when --label_key is not set: set it to "
+                    "the dataset field holding the reference")
 
 
 def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
@@ -406,6 +415,7 @@ def native(body: dict, max_items: int) -> NativeRequest:
             raise RequestError(f"{where}: unknown field {unknown[0]!r}")
         prompt = text_field(e["prompt"], f"{where}.prompt")
         reference = text_field(e["reference"], f"{where}.reference")
+        check_reference(reference, f"{where}.reference")
         wrapper = wrapper_field(e.get("wrapper"), f"{where}.wrapper")
         if ("output" in e) == ("outputs" in e):
             raise RequestError(f"{where}: give exactly one of 'output' (one rollout) or 'outputs' (a list)")

@@ -17,9 +17,10 @@ class RewardsServer:
     """POST /v1/rewards -> one reward per item (len(output)), answered as `mode` says:
     "ok" in order; "reversed" in reverse order, each with its index; "short" one reward fewer;
     "html" a 200 that is not JSON; "408-once" a 408 (the body came too slowly) to the first request.
-    An item whose output is a number gets a 400 naming it, one whose output is "busy" a 503."""
+    An item whose output is a number gets a 400 naming it, one whose output is "busy" a 503. The
+    first `overloaded` requests get `overload_status` with "Retry-After: 0", as a full queue answers."""
 
-    def __init__(self, mode: str = "ok"):
+    def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429):
         self.mode = mode
         self.bodies: list = []
         self.sizes: list = []  # bytes of each body
@@ -34,6 +35,14 @@ class RewardsServer:
                 body = json.loads(raw_body)
                 server.bodies.append(body)
                 server.sizes.append(len(raw_body))
+                if len(server.bodies) <= overloaded:
+                    raw = json.dumps({"error": {"message": "the server's queue is full"}}).encode()
+                    self.send_response(overload_status)
+                    self.send_header("Retry-After", "0")
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw)
+                    return
                 bad = [i for i, it in enumerate(body["items"]) if not isinstance(it["output"], str)]
                 status = (408 if server.mode == "408-once" and len(server.bodies) == 1 else
                           503 if any(it["output"] == "busy" for it in body["items"]) else 0)
@@ -133,6 +142,9 @@ def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_pro
     ({"prompt": "a", "reference": "b"}, ValueError, "item 0: missing field 'output'"),
     ({"prompt": "a", "reference": "b", "output": 5}, ValueError, "item 0.output must be a string or an array"),
     ({"prompt": "a", "reference": "b", "output": "\ud800"}, ValueError, "item 0.output holds a lone surrogate"),
+    ({"prompt": "a", "reference": "", "output": "o"}, ValueError, "item 0.reference: the reference is empty"),
+    ({"prompt": "a", "reference": [{"content": " "}], "output": "o"}, ValueError,
+     r"item 0.reference: the reference is empty \(only whitespace\)"),
     ("just text", TypeError, "item 0 must be a dict"),
 ])
 def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error, message):
@@ -142,12 +154,21 @@ def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error,
 
 def test_in_process_texts_are_read_as_classify_reads_them(in_process):
     # a bare string was iterated: "abc" gave three rewards, one per character
-    assert in_process.score_texts("abc") == in_process.score_texts(["abc"]) and len(in_process.score_texts("abc")) == 1
+    text = "<|reward|>abc[UNUSED_TOKEN_130]"
+    assert in_process.score_texts(text) == in_process.score_texts([text]) and len(in_process.score_texts(text)) == 1
     assert in_process.score_texts([]) == []
     with pytest.raises(ValueError, match="text 1 holds a lone surrogate"):
-        in_process.score_texts(["ok", "a\ud800"])
+        in_process.score_texts([text, "a\ud800"])
     with pytest.raises(TypeError, match="text 1 must be a string, got int"):
-        in_process.score_texts(["ok", 5])
+        in_process.score_texts([text, 5])
+
+
+@pytest.mark.parametrize("bad", ["<|reward|>abc[UNUSED_TOKEN_130]\n", "<|reward|>abc", "abc", ""])
+def test_in_process_texts_must_end_with_the_reward_token(in_process, bad):
+    """The reward is read at a text's last token: one ending after the reward token (a trailing
+    newline) or without it was scored at whatever token came last, as /classify scored it."""
+    with pytest.raises(ValueError, match=r"^text 1 does not end with the reward token \[UNUSED_TOKEN_130\]"):
+        in_process.score_texts(["<|reward|>abc[UNUSED_TOKEN_130]", bad])
 
 
 def _verl_call(fn, reward_kwargs, **call_kw):
@@ -161,12 +182,14 @@ def test_verl_batch_function_takes_polars_prompt_key():
     # prompt_key="prompt"): a config written for it (reward_kwargs.prompt_key) must work here too
     with RewardsServer() as srv:
         got = _verl_call(reward.compute_score_batch, {"url": srv.url, "prompt_key": "raw_prompt"},
-                         data_sources=np.array(["d", "d"], dtype=object), solution_strs=["ab", "<think>x</think> abc"],
-                         ground_truths=["r", "r"],
-                         extra_infos=np.array([{"raw_prompt": "p"}, {"raw_prompt": [{"role": "user", "content": "p"}]}],
-                                              dtype=object))
-    assert got == [2.0, 3.0]
-    assert [it["prompt"] for it in srv.bodies[0]["items"]] == ["p", [{"role": "user", "content": "p"}]]
+                         data_sources=np.array(["d"] * 3, dtype=object),
+                         # the third as DeepSeek-R1's template leaves it: `<think>` was in the prompt
+                         solution_strs=["ab", "<think>x</think> abc", "so it is 4\n</think>\n\nabcd"],
+                         ground_truths=["r"] * 3,
+                         extra_infos=np.array([{"raw_prompt": "p"}, {"raw_prompt": [{"role": "user", "content": "p"}]},
+                                               {"raw_prompt": "p"}], dtype=object))
+    assert got == [2.0, 3.0, 4.0]
+    assert [it["prompt"] for it in srv.bodies[0]["items"]] == ["p", [{"role": "user", "content": "p"}], "p"]
 
 
 def test_verl_per_item_function_as_the_reward_loop_calls_it():
@@ -201,7 +224,8 @@ def test_chunks_keep_under_the_clients_body_budget_in_order():
 
 def test_an_item_that_is_not_text_is_named_before_sending():
     with pytest.raises(ValueError, match="item 1 holds a lone surrogate"):
-        reward.RewardClient("http://127.0.0.1:9").score([ITEMS[0], {"prompt": "p", "reference": "r", "output": "\ud800"}])
+        reward.RewardClient("http://127.0.0.1:9").score([ITEMS[0], {"prompt": "p", "reference": "r",
+                                                                    "output": "\ud800"}])
     with pytest.raises(ValueError, match="max_body_bytes must be a positive integer"):
         reward.RewardClient("http://127.0.0.1:9", max_body_bytes=0)
 
@@ -248,3 +272,49 @@ def test_an_async_call_that_failed_stops_its_other_chunks():
         sent, later = asyncio.run(go(srv))
     # retrying every 0.05 s, the busy chunk sent about ten in 0.5 s; one more may have been in flight
     assert later - sent <= 1, f"{later - sent} requests after the call had failed"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_an_overload_outlasting_max_retries_is_waited_out_for_max_wait_s(status):
+    """48 threads of 8 items against `polar serve --max-queue 16`: every attempt was refused at once
+    (429, Retry-After 1) and the client gave up after its 6 retries, ~10 s, failing the RL step. A
+    429 or 503 is now retried for max_wait_s in all, however many attempts that takes."""
+    with RewardsServer(overloaded=10, overload_status=status) as srv:
+        with reward.RewardClient(srv.url, max_retries=2, backoff_s=0.001) as client:
+            assert client.score(ITEMS) == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert len(srv.bodies) == 11
+
+    async def go(url, **kw):
+        async with reward.AsyncRewardClient(url, max_retries=2, backoff_s=0.001, **kw) as client:
+            return await client.score(ITEMS)
+
+    with RewardsServer(overloaded=10, overload_status=status) as srv:
+        assert asyncio.run(go(srv.url)) == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert len(srv.bodies) == 11
+    # no time to wait: max_retries alone, and the error says which limit gave out
+    message = (rf"answered {status}: the server's queue is full \(gave up after 3 attempts in \d+ s: "
+               r"max_retries=2, and max_wait_s=0 for a 429 or 503\)")
+    with RewardsServer(overloaded=10, overload_status=status) as srv:
+        with reward.RewardClient(srv.url, max_retries=2, backoff_s=0.001, max_wait_s=0) as client:
+            with pytest.raises(reward.RewardServerError, match=message):
+                client.score(ITEMS)
+        assert len(srv.bodies) == 3
+        with pytest.raises(reward.RewardServerError, match=message):
+            asyncio.run(go(srv.url, max_wait_s=0))
+        assert len(srv.bodies) == 6
+
+
+def test_other_retryable_answers_keep_to_max_retries():
+    """max_wait_s is for an overloaded server; a 502 (a proxy whose backend is down) is not waited
+    out for minutes."""
+    with RewardsServer(overloaded=10, overload_status=502) as srv:
+        with reward.RewardClient(srv.url, max_retries=2, backoff_s=0.001) as client:
+            with pytest.raises(reward.RewardServerError, match=r"answered 502: .*gave up after 3 attempts"):
+                client.score(ITEMS)
+        assert len(srv.bodies) == 3
+
+
+@pytest.mark.parametrize("value", [-1, float("nan"), float("inf"), "60", True])
+def test_a_max_wait_s_that_is_not_a_wait_is_refused(value):
+    with pytest.raises(ValueError, match="max_wait_s must be a finite number of seconds >= 0"):
+        reward.RewardClient("http://127.0.0.1:9", max_wait_s=value)

@@ -100,3 +100,9 @@ def live_server(scorer, tokenizer, *, batcher_kw=None, score=None, **settings):
     service = Service(tokenizer, batcher, ServeSettings(**settings), metrics)
     with serve_in_thread(service) as url:
         yield url, service
+
+
+def served(content: str) -> str:
+    """An already formatted text as POLAR's client sends /classify and /pooling: ending with the
+    reward token, at which the reward is read."""
+    return f"<|reward|>{content}[UNUSED_TOKEN_130]"

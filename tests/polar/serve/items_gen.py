@@ -17,6 +17,8 @@ def make_items(seed: int, groups: int = 4, rollouts: int = 4, long: int = 40) ->
         if g % 3 == 1:
             prompt = [{"role": "system", "content": "be brief"}, {"role": "user", "content": prompt}]
         reference = text(rng, 1, long)
+        if not reference.strip():  # "\n" alone: the servers refuse a blank reference
+            reference = "reward"
         wrapper = "pretrain" if g % 4 == 3 else "sft"
         for k in range(rollouts):
             out = "" if k == 1 else text(rng, 1, long)

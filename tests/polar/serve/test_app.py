@@ -12,7 +12,7 @@ import pytest
 from polar import reward
 from polar.serve.items import StructuredItem, format_structured
 
-from .conftest import live_server
+from .conftest import live_server, served
 from .items_gen import make_items
 
 
@@ -179,6 +179,31 @@ def test_verl_compute_score_batch_through_the_client(server, _alone_items):
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("ref", ["", "   ", [{"role": "assistant", "content": ""}]])
+def test_an_empty_reference_is_refused_on_every_path(server, ref):
+    """verl's hooks scored a rollout against an empty ground truth (-7.65 for "", -8.09 for "   ", no
+    error) and /v1/rewards answered 200, while OpenRLHF's hooks refused an empty label: a dataset
+    without its references would train a whole run against nothing. Every path refuses it now,
+    naming the item, before anything is scored."""
+    url, service = server
+    before = service.batcher.totals.items
+    with pytest.raises(ValueError, match=r"^ground_truth: the reference is empty.*reward_model\.ground_truth"):
+        reward.compute_score("ds", "The answer is 4.", ref, {"prompt": "What is 2+2?"}, url=url)
+    with pytest.raises(ValueError, match=r"^ground_truths\[1\]: the reference is empty"):
+        reward.compute_score_batch(["ds"] * 2, ["4", "5"], ["4", ref], [{"prompt": "q"}] * 2, url=url)
+    with pytest.raises(ValueError, match=r"^labels\[0\]: the reference is empty"):
+        reward.reward_func(["q a"], ["q"], [ref], url=url)
+    # the client's own items, sent in chunks: named by the item's index in the call
+    items = [{"prompt": "p", "reference": ref, "output": "o"}]
+    with reward.RewardClient(url, chunk_size=2) as client:
+        with pytest.raises(reward.RewardServerError, match=r"400: items\[3\]\.reference: the reference is empty"):
+            client.score([{"prompt": "p", "reference": "r", "output": "o"}] * 3 + items)
+        before += 2  # the first chunk, which the server scored
+        with pytest.raises(reward.RewardServerError, match=r"400: items\[0\]\.reference: the reference is empty"):
+            client.score(items)
+    assert service.batcher.totals.items == before
+
+
 def test_openrlhf_reward_func(server, _alone_items):
     url, _ = server
     out = reward.reward_func(["Q: hi A: yes", "Q: hi A: "], ["Q: hi A:", "Q: hi A:"], ["yes", "yes"], url=url)
@@ -246,6 +271,23 @@ def test_openrlhf_reward_func(server, _alone_items):
      "labels[0]: the reference is empty; OpenRLHF sends an empty label when --label_key is not set"),
     ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [{"reference": [{"content": ""}]}]}, 400,
      "labels[0]: the reference is empty"),
+    ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [" \n"]}, 400,
+     "labels[0]: the reference is empty (only whitespace)"),
+    # the native endpoint scored an output against an empty reference (verl's empty ground truth): 200
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o"},
+                               {"prompt": "p", "reference": "", "output": "o"}]}, 400,
+     "items[1].reference: the reference is empty; POLAR scores each output against the reference trajectory"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "   ", "outputs": ["o"]}]}, 400,
+     "items[0].reference: the reference is empty (only whitespace)"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": [{"role": "assistant", "content": ""}] * 2,
+                                "output": "o"}]}, 400, "items[0].reference: the reference is empty (only whitespace)"),
+    # the reward is read at the last token: one after the reward token (or none at all) was scored silently
+    ("/classify", {"text": [served("a"), served("b") + "\n"]}, 400,
+     "text[1] does not end with the reward token [UNUSED_TOKEN_130] (it ends 'rd|>b[UNUSED_TOKEN_130]\\n')"),
+    ("/classify", {"text": "<|reward|>a"}, 400, "text[0] does not end with the reward token [UNUSED_TOKEN_130]"),
+    ("/pooling", {"input": ["a"]}, 400, "input[0] does not end with the reward token [UNUSED_TOKEN_130]"),
+    ("/lmdeploy/pooling", {"input": [served("a"), served("b") + " "]}, 400, "input[1] does not end with the reward"),
+    ("/classify", {"input": [""]}, 400, "input[0] does not end with the reward token"),
 ])
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     url, _ = server
@@ -313,7 +355,7 @@ def test_max_item_tokens_bounds_formatted_texts_and_not_structured_items(scorer,
         np.testing.assert_allclose(res.json()["rewards"], expected[1:], rtol=0, atol=1e-5)
         text = _formatted(tokenizer, items[1:])[0][0]
         for path, key in (("/classify", "text"), ("/pooling", "input")):
-            res = httpx.post(f"{url}{path}", json={key: ["ok", text]}, timeout=60)
+            res = httpx.post(f"{url}{path}", json={key: [served("ok"), text]}, timeout=60)
             assert res.status_code == 413, res.text
             message = res.json()["error"]["message"]
             assert f"{key}[1] is" in message and "--max-item-tokens" in message, message

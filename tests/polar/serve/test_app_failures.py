@@ -18,7 +18,7 @@ from polar import reward
 from polar.serve.admission import MIN_BODY_CHARGE
 from polar.serve.items import StructuredItem
 
-from .conftest import live_server
+from .conftest import live_server, served
 
 
 # ---- limits: queue, timeout, auth ------------------------------------------------------------
@@ -74,20 +74,62 @@ def test_full_queue_answers_429_and_the_client_retries(scorer, tokenizer):
         assert len(got["r"]) == 3
 
 
+def test_the_client_waits_out_a_full_queue_longer_than_its_retries(scorer, tokenizer):
+    """Under a sustained overload (48 threads of 8 items against --max-queue 16) every attempt was
+    answered 429 at once and the client raised after max_retries of them, ~10 s, failing the RL
+    step: a 429 is now retried for max_wait_s in all. Here the queue stays full for three refusals
+    of a client allowed one retry."""
+    gate, rounds, held = held_rounds(scorer)
+    with live_server(scorer, tokenizer, score=held, batcher_kw=dict(max_queue_items=2)) as (url, service):
+        running = threading.Thread(target=lambda: httpx.post(f"{url}/classify", json={"text": [served("a")] * 2},
+                                                             timeout=60))
+        running.start()
+        assert _until(lambda: rounds)
+        queued = threading.Thread(target=lambda: httpx.post(f"{url}/classify", json={"text": [served("b")] * 2},
+                                                            timeout=60))
+        queued.start()
+        assert _until(lambda: service.batcher.queued_items == 2)  # full
+        got, client = {}, reward.RewardClient(url, max_retries=1, backoff_s=0.01)
+
+        def score():
+            try:
+                got["r"] = client.score([{"prompt": "p", "reference": "r", "output": "o"}])
+            except Exception as e:
+                got["r"] = e
+
+        retrying = threading.Thread(target=score)
+        refusals = lambda: service.metrics.registry.get_sample_value("polar_serve_rejected_total")  # noqa: E731
+        before = refusals()
+        retrying.start()
+        assert _until(lambda: refusals() >= before + 3 or "r" in got, 60)
+        gate.set()
+        for t in (running, queued, retrying):
+            t.join(60)
+        assert isinstance(got["r"], list) and len(got["r"]) == 1, got["r"]
+        assert refusals() >= before + 3
+
+
 def test_request_timeout_is_504_and_the_server_lives_on(scorer, tokenizer):
     with live_server(scorer, tokenizer, timeout_s=0.2, batcher_kw=dict(max_wait_s=1.0)) as (url, _):
-        res = httpx.post(f"{url}/classify", json={"text": ["a"]}, timeout=30)
+        res = httpx.post(f"{url}/classify", json={"text": [served("a")]}, timeout=30)
         assert res.status_code == 504 and "--timeout-s" in res.json()["error"]["message"]
         assert httpx.get(f"{url}/health").json()["status"] == "ok"
 
 
 def test_bearer_auth(scorer, tokenizer):
     with live_server(scorer, tokenizer, api_key="s3cret") as (url, _):
-        assert httpx.post(f"{url}/classify", json={"text": ["a"]}, timeout=60).status_code == 401
-        bad = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer nope"}, timeout=60)
-        assert bad.status_code == 401
-        ok = httpx.post(f"{url}/classify", json={"text": ["a"]}, headers={"Authorization": "Bearer s3cret"}, timeout=60)
-        assert ok.status_code == 200
+        def status(authorization=None):
+            headers = {} if authorization is None else {"Authorization": authorization}
+            return httpx.post(f"{url}/classify", json={"text": [served("a")]}, headers=headers, timeout=60).status_code
+
+        assert status() == 401
+        assert status("Bearer nope") == 401
+        assert status("Bearer s3cret") == 200
+        # RFC 7235 2.1: the scheme is case-insensitive, and one or more spaces come before the credentials
+        # ("bearer s3cret" was refused 401); the token itself is not
+        assert [status(a) for a in ("bearer s3cret", "BEARER s3cret", "Bearer  s3cret")] == [200] * 3
+        assert [status(a) for a in ("Bearer S3CRET", "Basic s3cret", "Bearers3cret", "s3cret", "Bearer s3cret x",
+                                    "Bearer")] == [401] * 6
         assert httpx.get(f"{url}/health").status_code == 200  # probes need no key
         assert reward.RewardClient(url, api_key="s3cret").score([{"prompt": "p", "reference": "r", "output": "o"}])
 
@@ -125,12 +167,12 @@ def test_a_client_that_gave_up_is_not_scored(scorer, tokenizer):
     gate, rounds, held = held_rounds(scorer)
     with live_server(scorer, tokenizer, score=held) as (url, service):
         first = {}
-        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={"text": ["a", "b"]},
-                                                                           timeout=60)))
+        t = threading.Thread(target=lambda: first.update(r=httpx.post(f"{url}/classify", json={
+            "text": [served("a"), served("b")]}, timeout=60)))
         t.start()
         assert _until(lambda: rounds)  # the first request's round is running, held
         with pytest.raises(httpx.TimeoutException):
-            httpx.post(f"{url}/classify", json={"text": ["c", "d", "e"]}, timeout=0.5)
+            httpx.post(f"{url}/classify", json={"text": [served("c"), served("d"), served("e")]}, timeout=0.5)
         noticed = _until(lambda: service.batcher.queued_items == 0, 10)
         gate.set()
         t.join(60)
@@ -146,7 +188,7 @@ def test_a_client_that_gave_up_is_not_scored(scorer, tokenizer):
 def _part_of_a_body(url):
     """A /classify connection that sent its headers and the first bytes of its body, then nothing:
     -> (the socket, the bytes of the body not sent)."""
-    body = json.dumps({"text": ["a"]}).encode()
+    body = json.dumps({"text": [served("a")]}).encode()
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=30) as conn:
         conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -173,7 +215,7 @@ def test_requests_beyond_max_reading_bytes_are_refused_before_their_body_is_read
     with live_server(scorer, tokenizer, preparing_wait_s=0.5, **ONE_BODY) as (url, _):
         with _part_of_a_body(url) as (slow, rest):
             assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 1)
-            busy = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
+            busy = httpx.post(f"{url}/classify", json={"text": [served("b")]}, timeout=30)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1"
             message = busy.json()["error"]["message"]
             assert "holding 65536 of the 65536 bytes" in message and "(--max-reading-bytes)" in message, message
@@ -181,7 +223,7 @@ def test_requests_beyond_max_reading_bytes_are_refused_before_their_body_is_read
             slow.sendall(rest)
             assert slow.recv(65536).startswith(b"HTTP/1.1 200")
         assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 0)
-        assert httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30).status_code == 200
+        assert httpx.post(f"{url}/classify", json={"text": [served("b")]}, timeout=30).status_code == 200
 
 
 def test_a_burst_of_small_requests_waits_for_a_preparing_slot_instead_of_429(scorer, tokenizer):
@@ -249,7 +291,7 @@ def test_a_stalled_body_gets_408_and_frees_its_room(scorer, tokenizer):
             assert b"--read-timeout-s" in answer
             assert _until(lambda: httpx.get(f"{url}/health").json()["reading"] == 0)
             # the stalled connection is still open on this side: the room is free all the same
-            res = httpx.post(f"{url}/classify", json={"text": ["b"]}, timeout=30)
+            res = httpx.post(f"{url}/classify", json={"text": [served("b")]}, timeout=30)
             assert res.status_code == 200, res.text
         assert 'polar_serve_requests_total{endpoint="classify",status="408"} 1.0' in httpx.get(f"{url}/metrics").text
 
@@ -260,8 +302,8 @@ def _waiting(url) -> int:
 
 def _classify(url, text, answers, key):
     """POST /classify in a thread, its answer in answers[key]."""
-    t = threading.Thread(target=lambda: answers.update({key: httpx.post(f"{url}/classify", json={"text": [text]},
-                                                                         timeout=120)}))
+    t = threading.Thread(target=lambda: answers.update({key: httpx.post(
+        f"{url}/classify", json={"text": [served(text)]}, timeout=120)}))
     t.start()
     return t
 
@@ -289,7 +331,7 @@ def test_requests_beyond_max_waiting_are_refused_at_once(scorer, tokenizer):
             answers = {}
             waiting = [_classify(url, str(k), answers, k) for k in range(2)]
             assert _until(lambda: _waiting(url) == 2)
-            busy = httpx.post(f"{url}/classify", json={"text": ["c"]}, timeout=30)
+            busy = httpx.post(f"{url}/classify", json={"text": [served("c")]}, timeout=30)
             assert busy.status_code == 429 and busy.headers["retry-after"] == "1", busy.text
             message = busy.json()["error"]["message"]
             assert "2 requests are waiting" in message and "(--max-waiting 2)" in message, message
@@ -309,7 +351,7 @@ def test_a_client_that_leaves_while_waiting_for_room_gives_up_its_place(scorer, 
     with live_server(scorer, tokenizer, preparing_wait_s=60, max_waiting=1, **ONE_BODY) as (url, service):
         with _part_of_a_body(url) as (slow, rest):
             assert _until(lambda: service.reading == 1)
-            body = json.dumps({"text": ["a"]}).encode()
+            body = json.dumps({"text": [served("a")]}).encode()
             with socket.create_connection(slow.getpeername(), timeout=30) as leaving:
                 leaving.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                                 b"Content-Length: %d\r\n\r\n" % len(body) + body)
@@ -385,7 +427,7 @@ def test_a_round_that_fails_fails_only_its_own_request(scorer, tokenizer, alone)
         first = threading.Thread(target=post, args=("first", ["<|reward|>c[UNUSED_TOKEN_130]"]))
         first.start()
         assert _until(lambda: calls)
-        threads = [threading.Thread(target=post, args=a) for a in (("good", texts), ("bad", ["~~~"]))]
+        threads = [threading.Thread(target=post, args=a) for a in (("good", texts), ("bad", [served("~~~")]))]
         for t in threads:
             t.start()
         assert _until(lambda: service.batcher.queued_items == 3)

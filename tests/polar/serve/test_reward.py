@@ -17,8 +17,18 @@ def test_strip_thinking_as_polars_verl_reward_function():
     # InternLM/POLAR src/polar/reward_func.py: re.search(r"<think>(.*?)</think>(.*)", DOTALL), group 2 stripped
     assert reward.strip_thinking("<think>hm</think>\n\nThe answer is 4.\n") == "The answer is 4."
     assert reward.strip_thinking("<think>a</think>x</think>y ") == "x</think>y"
-    assert reward.strip_thinking("reasoning...</think>Answer: 4") == "reasoning...</think>Answer: 4"
     assert reward.strip_thinking("no thinking here ") == "no thinking here "
+    assert reward.strip_thinking("<think>cut at the length limit ") == "<think>cut at the length limit "
+
+
+def test_strip_thinking_when_the_chat_template_opened_the_thinking():
+    """DeepSeek-R1's and QwQ's chat templates end the generation prompt with `<think>`, so the
+    rollout holds only `... </think> answer`: its reasoning was scored, and after 150 lines of it
+    the answer fell past the client's truncation (max_response), a right and a wrong answer alike."""
+    thinking = "Let me work it out.\n" * 150
+    assert reward.strip_thinking(thinking + "</think>\n\nThe answer is 4.\n") == "The answer is 4."
+    assert reward.strip_thinking("hm</think>x</think>y ") == "x</think>y"  # up to the first, as with the pair
+    assert reward.strip_thinking("reasoning...</think>") == ""
 
 
 def test_reward_func_refuses_lists_of_different_lengths():
