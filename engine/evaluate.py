@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError  # noqa: E402
-from engine.score import count_at_least  # noqa: E402
+from engine.score import MAX_LENGTH_HELP, MAX_RESPONSE_HELP, count_at_least  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -27,10 +27,8 @@ def parse_args(argv=None):
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")
     ap.add_argument("--tokenizer", default="", help="'byte' or a tokenizer directory (default: the checkpoint's)")
-    ap.add_argument("--max-length", type=count_at_least(0), default=16384,
-                    help="the client's max_length (default 16384)")
-    ap.add_argument("--max-response-length", type=count_at_least(0), default=4096,
-                    help="the client's max_response_length (default 4096)")
+    ap.add_argument("--max-length", type=count_at_least(0), default=None, help=MAX_LENGTH_HELP)
+    ap.add_argument("--max-response-length", type=count_at_least(0), default=None, help=MAX_RESPONSE_HELP)
     ap.add_argument("--seq-length", type=count_at_least(0), default=0,
                     help="packed sequence length (default: the longest record)")
     ap.add_argument("--tp", type=count_at_least(1), default=1,
@@ -41,7 +39,11 @@ def parse_args(argv=None):
     ap.add_argument("--progress-s", type=float, default=30.0,
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
     ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from polar.client_limits import usage_check
+
+    usage_check(ap, args.max_length, args.max_response_length)
+    return args
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,10 @@ from engine.config import ConfigError  # noqa: E402
 from engine.read_ahead import prepared_ahead  # noqa: E402
 
 PIN_ENV = "POLAR_SCORE_PIN_MEMORY"
+MAX_LENGTH_HELP = ("the client's max_length (default 16384, or less where the model's positions hold no item of "
+                   "that length: the largest that fits, said at start-up)")
+MAX_RESPONSE_HELP = ("the client's max_response_length (default 4096, or less where the default --max-length is "
+                     "lowered below 8198: what leaves a prompt budget)")
 
 
 def count_at_least(low: int):
@@ -70,10 +74,8 @@ def parse_args(argv=None):
                                                     "while it runs: the same command run again continues it)")
     ap.add_argument("--tokenizer", default="", help="'byte' or a directory with tokenizer.json (default: the "
                                                    "tokenizer the checkpoint was trained with)")
-    ap.add_argument("--max-length", type=count_at_least(0), default=16384,
-                    help="the client's max_length (default 16384)")
-    ap.add_argument("--max-response-length", type=count_at_least(0), default=4096,
-                    help="the client's max_response_length (default 4096)")
+    ap.add_argument("--max-length", type=count_at_least(0), default=None, help=MAX_LENGTH_HELP)
+    ap.add_argument("--max-response-length", type=count_at_least(0), default=None, help=MAX_RESPONSE_HELP)
     ap.add_argument("--seq-length", type=count_at_least(0), default=0,
                     help="packed sequence length (default: each chunk's longest group, rounded up to 128)")
     ap.add_argument("--tp", type=count_at_least(1), default=1,
@@ -95,7 +97,11 @@ def parse_args(argv=None):
                     help="read, tokenize and pack each chunk only after the one before it is scored, in the main "
                          "thread (default: on a second thread while it is scored): one thread, for a debugger or "
                          "profiler; the rows are the same")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    from polar.client_limits import usage_check
+
+    usage_check(ap, args.max_length, args.max_response_length)
+    return args
 
 
 def pin_setting() -> bool:
@@ -192,7 +198,7 @@ class CheckpointScorer:
     data-parallel ranks and the rewards come back to every rank in input order."""
 
     def __init__(self, checkpoint_path: str, tokenizer: str = "", tp: int = 1, pp: int = 1,
-                 precision: str = "auto", max_length: int = 16384, max_response_length: int = 4096):
+                 precision: str = "auto", max_length: int | None = None, max_response_length: int | None = None):
         from engine import checkpoint
         from polar.tokenizer import load_tokenizer
 
@@ -211,7 +217,17 @@ class CheckpointScorer:
             raise ConfigError(f"the tokenizer ({self.tokenizer_spec}) has {self.tokenizer.vocab_size} ids, the "
                               f"model's vocabulary only {self.model_cfg.vocab_size}: pass the tokenizer the model "
                               "was trained with (--tokenizer)")
-        self.max_length, self.max_response_length = max_length, max_response_length
+        from polar.client_limits import settle_lengths
+
+        # from the model's settings, before any weight is read: a --max-length whose items pass the
+        # model's positions stops here, not at the first such line minutes after the load
+        try:
+            self.max_length, self.max_response_length, note = settle_lengths(
+                max_length, max_response_length, self.tokenizer, self.model_cfg.max_position_embeddings)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if note and int(os.environ.get("RANK", "0")) == 0:
+            print(note, flush=True)
         self.cuts = None  # set by groups()
         self.tp, self.pp, self.precision = tp, pp, precision
         self.rt = None
@@ -404,7 +420,7 @@ def score_settings(args, scorer: CheckpointScorer) -> dict:
     layout, the packed length or --on-error: they change how lines are scored, not their rewards."""
     st = os.stat(args.input)
     return {"checkpoint": os.path.realpath(scorer.step_dir), "tokenizer": scorer.tokenizer_spec,
-            "max_length": args.max_length, "max_response_length": args.max_response_length,
+            "max_length": scorer.max_length, "max_response_length": scorer.max_response_length,
             "precision": args.precision, "input": os.path.realpath(args.input), "input_bytes": st.st_size,
             "input_mtime_ns": st.st_mtime_ns}
 
@@ -434,6 +450,10 @@ def run(args, interrupts, leaves: list) -> int:
     if bad and main_rank:  # the output file holds them all
         print(f"{bad} bad line(s), written as error lines (--on-error skip); the first: {first_bad}", flush=True)
     scorer.check_seq_length(args.seq_length)
+    # without --seq-length, or with one past them, the model's positions bound a packed row (as in groups())
+    positions = scorer.model_cfg.max_position_embeddings
+    limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
+                    else (positions, f"model.max_position_embeddings={positions}"))
     writable_output(args.output, "--output", {"--input": args.input})
     partial, _ = partial_paths(args.output)
     if os.path.exists(partial) and os.path.samefile(partial, args.input):
@@ -456,17 +476,14 @@ def run(args, interrupts, leaves: list) -> int:
         print(f"resuming: {done:,} of {len(numbers):,} lines are already scored in {partial} (a stopped run's); "
               f"scoring the other {len(numbers) - done:,}", flush=True)
 
-    # without --seq-length, or with one past them, the model's positions bound a packed row (as in groups())
-    positions = scorer.model_cfg.max_position_embeddings
-    limit, bound = ((args.seq_length, f"--seq-length {args.seq_length}") if 0 < args.seq_length <= positions
-                    else (positions, f"model.max_position_embeddings={positions}"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     # every rank reads (parses) a whole chunk and scores its share: a cap keeps that bounded at large DP
     chunk_lines = args.chunk_lines or min(1024 * max(1, world // (args.tp * args.pp)), 16384)
     # the lines checked, no more: a file still being appended to gets no unchecked line scored
-    source = iter_score_input(args.input, args.on_error, after_line=numbers[done - 1] if done else 0,
-                              until_line=numbers[-1] if len(numbers) else 0)
-
+    unscored = (numbers[done - 1] if done else 0, numbers[-1] if len(numbers) else 0)
+    source = iter_score_input(args.input, args.on_error, after_line=unscored[0], until_line=unscored[1])
+    if args.on_error == "fail":
+        first_too_long(scorer, args, limit, bound, unscored, chunk_lines)
     read = done  # lines of `numbers` read so far
 
     def next_chunk():
@@ -545,10 +562,31 @@ def run(args, interrupts, leaves: list) -> int:
               f"dp={rt.dp}; shared prefixes saved {totals['prefix_tokens_saved']:,} tokens; "
               f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)
         # a reward read from a response cut to its head never saw its end; nothing in the output says so
-        print(f"the client's truncation (--max-length {args.max_length}, --max-response-length "
-              f"{args.max_response_length}) cut {cuts} of the input", flush=True)
+        print(f"the client's truncation (--max-length {scorer.max_length}, --max-response-length "
+              f"{scorer.max_response_length}) cut {cuts} of the input", flush=True)
     shutdown_runtime()
     return 0
+
+
+def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, lines: tuple, chunk_lines: int) -> None:
+    """Before the model is loaded: a ConfigError at the first line in `lines` (after, until) whose outputs
+    cannot fit `limit` tokens. The settled --max-length keeps every item within the model's
+    positions (polar/client_limits.py), so only a --seq-length below what the client's truncation
+    allows can be passed, and only then is the input tokenized for it here."""
+    import itertools
+
+    from polar.client_limits import overrun
+    from polar.score_input import iter_score_input
+
+    if limit >= scorer.max_length + overrun(scorer.tokenizer):
+        return
+    source = iter_score_input(args.input, "skip", after_line=lines[0], until_line=lines[1])
+    while chunk := list(itertools.islice(source, chunk_lines)):
+        chunk = [ln for ln in chunk if ln.error is None]
+        for ln, g in zip(chunk, scorer.groups([ln.items for ln in chunk], args.seq_length)):
+            if len(g) > limit:
+                raise ConfigError(f"{args.input}:{ln.line}: its outputs take {len(g)} tokens, more than {bound} "
+                                  "(--on-error skip writes an error line instead)")
 
 
 def _prepared_share(scorer: CheckpointScorer, mine: list, args, limit: int) -> tuple:

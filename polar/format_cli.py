@@ -143,6 +143,9 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--max-response-length", type=_non_negative, default=CLIENT_MAX_RESPONSE_LENGTH,
                     help=f"the client's max_response_length (default {CLIENT_MAX_RESPONSE_LENGTH})")
     a = ap.parse_args(argv)
+    from polar.client_limits import usage_check
+
+    usage_check(ap, a.max_length, a.max_response_length)  # as polar serve, score and eval
     return run(a.tokenizer, a.input, a.output, a.max_length, a.max_response_length)
 
 

@@ -74,13 +74,17 @@ def parse_args(argv=None):
                          "a client that stalls gets 408 and its room (--max-reading-bytes) is freed")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
-    ap.add_argument("--max-length", type=int, default=16384, help="POLAR truncation of structured items")
+    ap.add_argument("--max-length", type=int, default=None,
+                    help="POLAR truncation of structured items (default 16384, or less where the model's positions "
+                         "hold no item of that length: the largest that fits, said at start-up)")
     # --max-response-length is the name `polar score`, `polar eval` and `polar format` use (the client's)
-    ap.add_argument("--max-response", "--max-response-length", type=int, default=4096,
-                    help="POLAR truncation of reference and output")
+    ap.add_argument("--max-response", "--max-response-length", type=int, default=None,
+                    help="POLAR truncation of reference and output (default 4096, or less where the default "
+                         "--max-length is lowered below 8198: what leaves a prompt budget)")
     ap.add_argument("--max-item-tokens", type=int, default=0,
-                    help="longest already-formatted text (/classify, /pooling) accepted, in tokens (default: "
-                         "max-length + 1); never more than the model's max_position_embeddings. Structured "
+                    help="longest already-formatted text (/classify, /pooling) accepted, in tokens (default: the "
+                         "longest the client's truncation at --max-length leaves: max-length + 15 for the byte "
+                         "tokenizer); never more than the model's max_position_embeddings. Structured "
                          "items (/v1/rewards, /get_reward) are bounded by --max-length and the model's positions")
     ap.add_argument("--pooling-format", choices=("vllm", "lmdeploy"), default="vllm",
                     help="the answer of POST /pooling (both are always at /vllm/pooling and /lmdeploy/pooling)")
@@ -114,6 +118,9 @@ def parse_args(argv=None):
         ap.error("--tp and --pp must be positive")
     if not args.tp:
         args.tp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // args.pp)
+    from polar.client_limits import usage_check
+
+    usage_check(ap, args.max_length, args.max_response)
     return args
 
 
@@ -135,15 +142,32 @@ def as_flags(message: str) -> str:
     return _SETTING.sub(flag, message)
 
 
-def build_service(args, scorer):
-    from polar.serve.app import ServeSettings, Service
-    from polar.serve.batcher import Batcher
-    from polar.serve.metrics import Metrics
+def settled_tokenizer(args, step_dir: str, positions: int):
+    """The tokenizer (--tokenizer, else the checkpoint's), with args.max_length and args.max_response
+    settled for the model's positions (polar/client_limits.py: a default lowered to what fits them,
+    said on stderr; a given --max-length whose items pass them is a ValueError naming the largest
+    that fits). Needs only the
+    checkpoint's model settings: main runs it before the weights are loaded."""
     from polar.checkpoint_tokenizer import choose
+    from polar.client_limits import settle_lengths
     from polar.tokenizer import load_tokenizer
 
     # a tokenizer given that is not the checkpoint's is refused (TokenizerMismatch, a ValueError)
-    tokenizer = load_tokenizer(choose(args.tokenizer, str(scorer.info.step_dir), "--tokenizer"))
+    tokenizer = load_tokenizer(choose(args.tokenizer, step_dir, "--tokenizer"))
+    args.max_length, args.max_response, note = settle_lengths(args.max_length, args.max_response, tokenizer,
+                                                              positions, ("--max-length", "--max-response"))
+    if note:
+        print(f"polar serve: {note}", file=sys.stderr, flush=True)
+    return tokenizer
+
+
+def build_service(args, scorer):
+    from polar.serve.app import ServeSettings, Service
+    from polar.serve.batcher import Batcher
+    from polar.client_limits import overrun
+    from polar.serve.metrics import Metrics
+
+    tokenizer = settled_tokenizer(args, str(scorer.info.step_dir), scorer.max_positions)
     if tokenizer.vocab_size > scorer.model_config.vocab_size:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
                          f"{scorer.model_config.vocab_size}: wrong --tokenizer?")
@@ -165,7 +189,7 @@ def build_service(args, scorer):
                              max_items=args.max_items, timeout_s=args.timeout_s,
                              read_timeout_s=args.read_timeout_s, api_key=api_key,
                              max_length=args.max_length, max_response=args.max_response,
-                             max_item_tokens=args.max_item_tokens or args.max_length + 1,
+                             max_item_tokens=args.max_item_tokens or args.max_length + overrun(tokenizer),
                              pooling_format=args.pooling_format, max_preparing=args.max_preparing,
                              max_reading_bytes=args.max_reading_bytes, preparing_wait_s=args.max_preparing_wait_s,
                              max_waiting=args.max_waiting)
@@ -276,9 +300,11 @@ def main(argv=None) -> int:
 
 def _run(args, sock) -> int:
     """main's model load and service on every rank; `sock`: rank 0's, bound, not yet listening."""
-    from engine.inference import RewardScorer
+    from engine.inference import RewardScorer, resolve_checkpoint
 
-    try:
+    try:  # the model's settings only: a --max-length its positions cannot hold stops before the weights load
+        info = resolve_checkpoint(args.checkpoint)
+        settled_tokenizer(args, str(info.step_dir), info.model.max_position_embeddings)
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
     except (FileNotFoundError, ValueError) as e:
         print(f"polar serve: {as_flags(str(e))}", file=sys.stderr)

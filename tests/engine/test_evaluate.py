@@ -70,6 +70,8 @@ def test_a_record_too_long_is_named_by_its_own_line(checkpoint, tmp_path):
     """Records were found by their prompt object: two with the same one-character prompt (one string
     object in CPython) were merged and an error named the later record's line."""
     records = [{"prompt": "a", "responses": ["r", "y" * 400, "w"]}, {"prompt": "a", "responses": ["r", "z", "v"]}]
-    proc = _eval(tmp_path, checkpoint, records)
-    assert proc.returncode == 2 and "ranked.jsonl:1: 408 tokens, more than" in proc.stderr, proc.stderr[-3000:]
+    # the client's lengths are settled to what the model's 256 positions hold: --seq-length is what it passes
+    proc = _eval(tmp_path, checkpoint, records, "--seq-length", "64")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "ranked.jsonl:1: its outputs take 124 tokens, more than the packed sequence length 64" in proc.stderr
     assert "ranked.jsonl:2" not in proc.stderr

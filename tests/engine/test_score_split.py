@@ -119,6 +119,7 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
     refused = _score(tmp_path, ckpt, lines, "fail", "--seq-length", "256")
     assert refused.returncode == 2 and "fail.jsonl:2: its outputs take" in refused.stderr, refused.stderr[-2000:]
+    assert "loading" not in refused.stdout  # found before the model is loaded (minutes at 7B)
     skipped = _score(tmp_path, ckpt, lines, "skip", "--seq-length", "256", "--on-error", "skip")
     assert skipped.returncode == 0, skipped.stderr[-3000:]
     assert [r["line"] for r in skipped.rows] == [1, 2, 3] and "more than --seq-length 256" in skipped.rows[1]["error"]
@@ -126,22 +127,22 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
 
-def test_a_line_whose_one_output_passes_the_models_positions_is_an_error_line_under_skip(tmp_path,
-                                                                                           dynamic_checkpoint):
-    """Without --seq-length (or with one past the model's positions) the bound a line must fit is the
-    model's positions: a line past them is an error line under --on-error skip, not the end of the
-    run."""
+def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint):
+    """The client's default lengths (16384, 4096) let an item pass the 256 positions, and a line
+    past them stopped the run after the model had loaded: the defaults are now lowered to what the
+    positions hold (said at start-up), so every line is scored; a --max-length whose items may pass
+    them stops the run before the model is loaded, naming the largest that fits."""
     ckpt = dynamic_checkpoint
     short = {"prompt": "p", "reference": "r", "output": "o"}
-    lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
-    refused = _score(tmp_path, ckpt, lines, "fail")
-    assert refused.returncode == 2 and "fail.jsonl:2: " in refused.stderr, refused.stderr[-2000:]
-    assert "more than model.max_position_embeddings=256" in refused.stderr
-    skipped = _score(tmp_path, ckpt, lines, "skip", "--on-error", "skip")
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert [r["line"] for r in skipped.rows] == [1, 2, 3]
-    assert "more than model.max_position_embeddings=256" in skipped.rows[1]["error"]
-    assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)
+    lines = [short, {"prompt": "😀" * 90, "reference": "é" * 90, "output": "y" * 400}, short]
+    scored = _score(tmp_path, ckpt, lines, "settled")
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert "--max-length 241 (not the client's 16384) and --max-response-length 117 (not 4096)" in scored.stdout
+    assert [r["line"] for r in scored.rows] == [1, 2, 3] and all("reward" in r for r in scored.rows)
+    assert "--max-length 241, --max-response-length 117) cut 1 output(s)" in scored.stdout
+    refused = _score(tmp_path, ckpt, lines, "given", "--max-length", "256", "--max-response-length", "100")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "the largest --max-length whose items fit is 241" in refused.stderr and "loading" not in refused.stdout
 
 
 def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():

@@ -1,0 +1,85 @@
+"""How long the official client's string can get for a max_length, and so which --max-length a
+model's positions allow (polar serve, polar score, polar eval).
+
+The client's budget (polar/client_format.py, rule 4) keeps the ids within max_length - 1 only
+as long as each kept piece, decoded and tokenized again inside the string, keeps its token
+count. It does not where a cut falls inside a character: the piece decodes with U+FFFD for the
+orphaned bytes, and the prompt, written twice, is cut at its head. For the byte tokenizer that
+costs at most 3 x 2 tokens at each copy of the prompt's head (three continuation bytes, each
+becoming the three bytes of U+FFFD) and 2 at the end of the reference and of the output (a lead
+byte alone), so the ids may reach max_length + 15 (reached: tests/polar/test_client_limits.py).
+"""
+from __future__ import annotations
+
+import argparse
+from typing import Optional
+
+from polar.client_format import CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH
+from polar.serve.items import check_truncation
+from polar.tokenizer import ByteTokenizer, Tokenizer
+
+BYTE_OVERRUN = 15
+# A BPE also re-tokenizes the text on both sides of the four joins ("\n" and the reward token)
+# differently from the pieces alone: this many tokens are allowed for that, beyond the cuts.
+JOIN_ALLOWANCE = 4
+
+
+def overrun(tokenizer: Tokenizer) -> int:
+    """The most tokens by which the ids of the client's string may pass its max_length: exact for
+    the byte tokenizer; for another tokenizer a bound from its tokens of U+FFFD and of "\\n" (up
+    to three U+FFFD at each copy of the prompt's head for one kept token, one at the end of each
+    response) with JOIN_ALLOWANCE, which no test has seen exceeded but no proof holds for every
+    merge table: an item that still passes the model's positions is refused alone."""
+    if isinstance(tokenizer, ByteTokenizer):
+        return BYTE_OVERRUN
+    fffd, newline = (len(ids) for ids in tokenizer.encode_batch(["\ufffd", "\n"]))
+    return 2 * (newline - 1) - 1 + 2 * 3 * fffd + 2 * fffd + JOIN_ALLOWANCE
+
+
+def usage_check(ap: argparse.ArgumentParser, max_length: Optional[int], max_response: Optional[int]) -> None:
+    """At argument parsing (polar serve, score, eval, format): a max_length that leaves the client's
+    prompt budget empty is a usage error (exit 2) before anything is loaded, since the client then
+    keeps a whole prompt of any length. None (not given) stands for the client's default: the
+    model's positions may lower it later (settle_lengths), never raise it."""
+    try:
+        check_truncation(CLIENT_MAX_LENGTH if max_length is None else max_length,
+                         CLIENT_MAX_RESPONSE_LENGTH if max_response is None else max_response)
+    except ValueError as e:
+        ap.error(str(e))
+
+
+def settle_lengths(max_length: Optional[int], max_response: Optional[int], tokenizer: Tokenizer, positions: int,
+                   flags: tuple = ("--max-length", "--max-response-length")) -> tuple[int, int, Optional[str]]:
+    """The client's max_length and max_response_length for a model of `positions` positions, and a
+    note to print when a default was lowered to fit them. None: the client's default, or, where the
+    model's positions hold no item of that length, the largest max_length that fits them (and a
+    max_response_length that leaves it a prompt budget, when that is not given either). A given
+    max_length whose items may pass the positions, or lengths that leave no prompt budget
+    (check_truncation), are a ValueError naming the largest max_length that fits."""
+    extra = overrun(tokenizer)
+    fits = positions - extra
+    lowered = []
+    if max_length is None:
+        max_length = min(CLIENT_MAX_LENGTH, fits)
+        if max_length < CLIENT_MAX_LENGTH:
+            lowered.append(f"{flags[0]} {max_length} (not the client's {CLIENT_MAX_LENGTH})")
+            if max_response is None and max_length < 2 * CLIENT_MAX_RESPONSE_LENGTH + 6:
+                max_response = max(0, (max_length - 6) // 2)
+                lowered.append(f"{flags[1]} {max_response} (not {CLIENT_MAX_RESPONSE_LENGTH})")
+    elif max_length > fits:
+        raise ValueError(f"{flags[0]} {max_length}: an item the client's truncation leaves may take up to "
+                         f"{max_length + extra} tokens (a cut inside a character decodes to U+FFFD, longer), more "
+                         f"than the model's {positions} positions (max_position_embeddings); the largest "
+                         f"{flags[0]} whose items fit is {fits}")
+    if max_response is None:
+        max_response = CLIENT_MAX_RESPONSE_LENGTH
+    if max_length < 0:
+        raise ValueError(f"the model's {positions} positions (max_position_embeddings) hold no item of the "
+                         f"client's format with this tokenizer: {extra} tokens may come on top of {flags[0]}")
+    check_truncation(max_length, max_response)
+    note = None
+    if lowered:
+        note = (f"{' and '.join(lowered)}: the model has {positions} positions (max_position_embeddings), and "
+                f"an item the client's truncation leaves may take {extra} tokens more than {flags[0]} (a cut "
+                "inside a character)")
+    return max_length, max_response, note

@@ -1,0 +1,108 @@
+"""polar/client_limits.py: how far the official client's string can pass its max_length (reached and
+never passed for the byte tokenizer, bounded for a BPE), the lengths a model's positions allow, and
+the argument check every command shares (a max_length that leaves no prompt budget)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from polar.client_format import ScoringItem, client_encode_batch
+from polar.client_limits import BYTE_OVERRUN, overrun, settle_lengths
+from polar.tokenizer import ByteTokenizer, load_tokenizer
+
+from .test_client_format import PIECES
+from .test_tokenizer import train_bpe
+
+CHARS = ["a", "é", "数", "😀", "\x80"]  # 1 to 4 bytes a character
+
+
+def _byte_items():
+    """Every combination of a prompt, reference and output of 1-4 byte characters, shifted by 0-3
+    ASCII bytes, long enough to be cut: the cuts fall at every offset inside a character."""
+    out = []
+    for pc in CHARS:
+        for rc in CHARS:
+            for oc in CHARS:
+                for shift in range(4):
+                    for n in (21, 23):
+                        out.append(ScoringItem("a" * shift + pc * n, "a" * (n % 4) + rc * n, "a" * shift + oc * n))
+    return out
+
+
+def test_the_byte_tokenizers_overrun_is_reached_and_never_passed():
+    tok, items, worst = ByteTokenizer(), _byte_items(), {}
+    for max_length in range(60, 68):  # every budget parity and residue modulo 4
+        served = client_encode_batch(tok, items, max_length=max_length, max_response_length=20)
+        worst[max_length] = max(len(s.ids) for s in served) - max_length
+    assert max(worst.values()) == BYTE_OVERRUN == overrun(tok), worst
+
+
+def test_a_bpe_stays_within_its_bound(tmp_path):
+    tok = load_tokenizer(str(train_bpe(tmp_path)))
+    rng = np.random.default_rng(0)
+    pieces = PIECES + ["😀" * 5, "日本語" * 4, "é" * 7]
+
+    def text():
+        return "".join(str(rng.choice(pieces)) + str(rng.choice(["", " ", "\n"]))
+                       for _ in range(int(rng.integers(1, 30))))
+
+    worst = -1
+    for max_length in range(30, 70, 3):
+        items = [ScoringItem(text(), text(), text(), str(rng.choice(["sft", "pretrain"]))) for _ in range(150)]
+        served = client_encode_batch(tok, items, max_length=max_length, max_response_length=(max_length - 6) // 2)
+        worst = max(worst, max(len(s.ids) for s in served) - max_length)
+    assert 0 < worst <= overrun(tok), (worst, overrun(tok))
+
+
+def test_the_defaults_are_lowered_to_what_the_positions_hold():
+    tok = ByteTokenizer()
+    # the embedded model's 16384 positions: the client's default would leave items of 16386 tokens and more
+    length, response, note = settle_lengths(None, None, tok, 16384)
+    assert (length, response) == (16384 - BYTE_OVERRUN, 4096)
+    assert note.startswith("--max-length 16369 (not the client's 16384)") and "16384 positions" in note
+    assert settle_lengths(16369, None, tok, 16384) == (16369, 4096, None)
+    assert settle_lengths(None, None, tok, 40000) == (16384, 4096, None)  # room to spare: the client's own
+    # a model of 256 positions: the response default goes too, to leave the prompt a budget
+    length, response, note = settle_lengths(None, None, tok, 256)
+    assert (length, response) == (241, 117) and "--max-response-length 117 (not 4096)" in note
+    # every item those lengths leave fits the positions, the worst ones included
+    items = [ScoringItem("a" * s + pc * 300, rc * 300, oc * 300) for pc in CHARS for rc in CHARS for oc in CHARS
+             for s in range(4)]
+    assert max(len(s.ids) for s in client_encode_batch(tok, items, max_length=241, max_response_length=117)) <= 256
+
+
+@pytest.mark.parametrize("given, message", [
+    ((16384, None), "--max-length 16384: an item the client's truncation leaves may take up to 16399 tokens"),
+    ((None, 4096), "leaves no prompt budget"),  # the lowered default with a response the user asked for
+    ((100, 60), "leaves no prompt budget"),
+])
+def test_lengths_the_positions_cannot_hold_are_refused(given, message):
+    with pytest.raises(ValueError) as e:
+        settle_lengths(*given, ByteTokenizer(), 16384 if given[0] == 16384 else 256)
+    assert message in str(e.value)
+    if given[0] == 16384:
+        assert "the largest --max-length whose items fit is 16369" in str(e.value)
+
+
+def _parsers():
+    from engine.evaluate import parse_args as eval_args
+    from engine.score import parse_args as score_args
+    from polar.format_cli import main as format_main
+    from polar.serve.server import parse_args as serve_args
+
+    io = ["--input", "i", "--output", "o"]
+    return {"score": lambda a: score_args(["--checkpoint", "c", *io, *a]),
+            "eval": lambda a: eval_args(["--checkpoint", "c", "--input", "i", *a]),
+            "format": lambda a: format_main(["--tokenizer", "byte", *io, *a]),
+            "serve": lambda a: serve_args(["--checkpoint", "c", *a])}
+
+
+@pytest.mark.parametrize("command", ["score", "eval", "format", "serve"])
+def test_every_command_refuses_a_max_length_that_leaves_no_prompt_budget(command, capsys):
+    """`polar score --max-length 100 --max-response-length 60` exited 0, and `polar format` wrote a
+    1101-token item (the client keeps the whole prompt), where `polar serve` refused them."""
+    with pytest.raises(SystemExit) as e:
+        _parsers()[command](["--max-length", "100", "--max-response-length", "60"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "max_length 100 (--max-length) leaves no prompt budget" in err, err
+    assert "use max_length >= 126" in err
