@@ -477,14 +477,28 @@ class InProcessScorer:
     """The reward model in this process, with the server's batching and shared prefixes: calls
     from several threads are batched together. `score(items)` -> floats; `score_texts(texts)` for
     strings already in POLAR's serving format. `cuts`: what POLAR's truncation cut in the items
-    formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics."""
+    formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics.
+    max_length/max_response: POLAR's truncation, as `polar serve --max-length/--max-response`;
+    not given, the client's 16384/4096, or for a scorer whose model has fewer positions
+    (`scorer.max_positions`) the largest that fit them, said in `lengths_note`; a given max_length
+    whose items may pass the positions is a ValueError naming the largest that fits."""
 
-    def __init__(self, scorer, tokenizer, *, max_length: int = 16384, max_response: int = 4096, **batcher_kw):
-        from polar.client_format import Cuts
+    def __init__(self, scorer, tokenizer, *, max_length: Optional[int] = None, max_response: Optional[int] = None,
+                 **batcher_kw):
+        from polar.client_format import CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, Cuts
+        from polar.client_limits import settle_lengths
         from polar.serve.batcher import Batcher
         from polar.serve.items import check_truncation
 
-        check_truncation(max_length, max_response)
+        positions = getattr(scorer, "max_positions", None)
+        self.lengths_note = None
+        if positions:
+            max_length, max_response, self.lengths_note = settle_lengths(max_length, max_response, tokenizer,
+                                                                         positions, ("max_length", "max_response"))
+        else:
+            max_length = CLIENT_MAX_LENGTH if max_length is None else max_length
+            max_response = CLIENT_MAX_RESPONSE_LENGTH if max_response is None else max_response
+            check_truncation(max_length, max_response)
         self.cuts, self._cuts_lock = Cuts(), threading.Lock()
         self.scorer = scorer
         self.tokenizer = tokenizer

@@ -5,18 +5,18 @@ other: `tokenizer(text)["input_ids"]` there equals ByteTokenizer's served readin
 A byte-level BPE with no merges: each UTF-8 byte is one token whose id is the byte's value, under
 the printable stand-in characters of the byte-level alphabet (GPT-2's, which the `tokenizers`
 ByteLevel pre-tokenizer and decoder use). The four specials keep ByteTokenizer's ids 256-259.
-BOS and PAD have no literal in ByteTokenizer; a tokenizer.json needs one, so they get strings no
-text is expected to hold (a text that does is read differently by the two: a documented edge).
+BOS and PAD have no literal in ByteTokenizer's training reading; a tokenizer.json needs one, and
+matches every added token in text, so ByteTokenizer's served reading (polar serve, score, format)
+reads the same two strings as BOS and PAD too.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from polar.tokenizer import BYTE_BOS_TEXT as BOS_TEXT
+from polar.tokenizer import BYTE_PAD_TEXT as PAD_TEXT
 from polar.tokenizer import REWARD_SEP_TEXT, REWARD_TOKEN_TEXT, ByteTokenizer
-
-BOS_TEXT = "<|polar_bos|>"
-PAD_TEXT = "<|polar_pad|>"
 
 
 def byte_stand_ins() -> dict[int, str]:

@@ -131,6 +131,34 @@ def in_process():
     s.close()
 
 
+class _StubModelOfPositions(_StubModel):
+    def __init__(self, positions: int):
+        self.max_positions = positions
+
+
+def test_in_process_scorer_fits_its_lengths_to_the_models_positions():
+    """As `polar serve` and `polar score` do (polar.client_limits): the client's default 16384 was
+    kept for a model of fewer positions, so items within it but past the positions were formatted and
+    then refused one by one; a given max_length that cannot fit is refused at once, naming the largest."""
+    from polar.tokenizer import ByteTokenizer
+
+    s = reward.InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_wait_s=0.001)
+    try:
+        assert (s.max_length, s.max_response) == (4096 - 15, (4096 - 15 - 6) // 2)
+        assert "max_length 4081" in s.lengths_note and "4096 positions" in s.lengths_note
+        long = {"prompt": "p" * 9000, "reference": "r" * 5000, "output": "o" * 5000}
+        last = s.score([long])[0]  # the position read: the item's length - 1
+        assert s.max_length - 8 <= last < s.max_length  # cut to the truncation's length, and scored
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="max_length 8000: .* the largest max_length whose items fit is 4081"):
+        reward.InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_length=8000)
+    # a model of the client's positions and more keeps the client's lengths, with nothing to say
+    s = reward.InProcessScorer(_StubModelOfPositions(32768), ByteTokenizer(), max_wait_s=0.001)
+    assert (s.max_length, s.max_response, s.lengths_note) == (16384, 4096, None)
+    s.close()
+
+
 def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_process):
     item = {"prompt": "hello", "reference": "world", "output": "earth"}
     sft = in_process.score([{**item, "wrapper": "sft"}])
