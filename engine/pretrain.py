@@ -105,6 +105,7 @@ def _main(argv=None, recipe=None) -> int:
             if rank == 0:
                 print((f"# {taken}\n" if taken else "") + dump_yaml(cfg))
             return 0
+        refuse_a_held_checkpoint_dir(cfg)  # before the checks read what another run may be writing
         from engine.cuda_env import order_tp_launches
 
         order_tp_launches(cfg.parallel.tp)  # before the first CUDA call (check_machine makes one)
@@ -148,6 +149,57 @@ def _main(argv=None, recipe=None) -> int:
             return _stop(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)
         except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
             return _stop(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
+
+
+LOCK_FILE = ".lock"  # in the checkpoint directory: held by the run's rank 0 while it runs (HolderLock)
+
+
+def _held_by_another_run(ckpt_dir: str, lock: str) -> ConfigError:
+    from engine.file_lock import holder
+
+    return ConfigError(f"{ckpt_dir} is in use by another run ({holder(lock)}, holding {lock}): two runs on one "
+                       "checkpoint directory resume from and save over each other's steps; wait for that run to "
+                       "end or stop it, or give this one a run_dir (or checkpoint.dir) of its own")
+
+
+def refuse_a_held_checkpoint_dir(cfg) -> None:
+    """A run whose checkpoint directory another run holds (the same command started twice, a
+    relaunch while the first job's ranks still train) is refused on every rank, with --check-config
+    too, before anything of the directory is read: a second run resumed from the first's newest step
+    and saved over its steps, and wrote its summary.json and TensorBoard files beside the first's.
+    Asking takes nothing: rank 0 takes the lock once the ranks have started (hold_checkpoint_dir)."""
+    from engine.checkpoint import run_checkpoint_dir
+    from engine.file_lock import held
+
+    ckpt_dir = run_checkpoint_dir(cfg)
+    lock = str(Path(ckpt_dir) / LOCK_FILE)
+    if held(lock):
+        raise _held_by_another_run(ckpt_dir, lock)
+
+
+def hold_checkpoint_dir(cfg, rank: int):
+    """The lock on the run's checkpoint directory (created), taken by rank 0 for the run (a
+    HolderLock: the kernel lets go of it when the process dies, so a restarted job's new ranks find
+    it free); None on the other ranks. Another run holding it stops every rank with a config error
+    naming that run's process. Call once every rank has passed refuse_a_held_checkpoint_dir: before,
+    a rank asking would find its own rank 0 holding it."""
+    from engine.checkpoint import on_rank0, run_checkpoint_dir
+    from engine.file_lock import HolderLock
+
+    ckpt_dir = run_checkpoint_dir(cfg)
+    lock = str(Path(ckpt_dir) / LOCK_FILE)
+    taken = []  # rank 0's alone: what on_rank0 returns is sent to every rank
+
+    def take():
+        taken.append(HolderLock(lock, _held_by_another_run(ckpt_dir, lock)))
+
+    error = on_rank0(rank, take)
+    if error:
+        raise ConfigError(error)
+    if taken and taken[0].unlocked:
+        print(f"note: {lock}: cannot lock ({taken[0].unlocked}); do not start a second run on {ckpt_dir} while "
+              "this one runs", file=sys.stderr, flush=True)
+    return taken[0] if taken else None
 
 
 def check_machine(cfg) -> None:
@@ -349,7 +401,7 @@ def check_checkpoints(cfg, derived=()) -> None:
 
 
 def run(cfg, recipe) -> int:
-    from engine.runtime import init_runtime, peak_memory_gb, shutdown_runtime
+    from engine.runtime import init_runtime
 
     t_start = time.time()
     rt = init_runtime(cfg.parallel, cfg.train.seed)
@@ -371,6 +423,20 @@ def run(cfg, recipe) -> int:
         raise ConfigError(f"run_dir={run_dir} is not writable ({error}); the run writes its config.yaml and "
                           f"summary.json there: make it writable or set run_dir to a directory that is")
     check_writable(run_checkpoint_dir(cfg))
+    lock = hold_checkpoint_dir(cfg, rt.rank)
+    try:
+        return _train(cfg, recipe, rt, data, say, t_start)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg, recipe, rt, data, say, t_start) -> int:
+    """run() once the run holds its checkpoint directory."""
+    run_dir = Path(cfg.run_dir)
+    from engine.checkpoint import run_checkpoint_dir
+    from engine.runtime import peak_memory_gb, shutdown_runtime
+
     if data.tokenizer:
         import torch.distributed as dist
 

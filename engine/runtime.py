@@ -82,6 +82,7 @@ def world_size_from_env() -> int:
 
 def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
     """Start torch.distributed and megatron's parallel state. Call validate_layout first."""
+    end_with_launcher()
     rank = int(os.environ.get("RANK", "0"))
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -201,3 +202,30 @@ def released_on_error():
 
             parallel_state.destroy_model_parallel()
             dist.destroy_process_group()
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> bool:
+    """A torchrun worker asks for SIGTERM when torchrun ends; -> whether it did. torchrun starts each
+    worker in a session of its own, so a `kill -9` of torchrun (or of `polar pretrain` above it) left
+    the ranks training and saving on, re-parented to PID 1, and a relaunch met them writing into its
+    checkpoint directory. SIGTERM, not SIGKILL: the trainer's stop path saves the step it reached and
+    exits 143 (the same command resumes). Linux sends it when the thread that started the process
+    ends: torchrun's agent starts (and restarts) its workers from its main thread, which lasts as long
+    as torchrun. A process of its own (no torchrun) is left alone: `nohup python engine/pretrain.py &`
+    must outlive the shell that started it."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return False
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux
+        return False
+    if os.getppid() != parent or parent == 1:  # torchrun had already ended: nothing will send it
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -6,7 +6,9 @@ without torchrun (the engine's runtime starts a single-process group by itself).
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import importlib
+import os
 import signal
 import subprocess
 import sys
@@ -98,6 +100,30 @@ def _end_orphans(started: dict) -> None:
                 p.kill()
 
 
+def _ends_with(parent: int):
+    """The child's set-up (Popen's preexec_fn) that kills it when `parent`, this process, ends:
+    killed with SIGKILL, polar could pass nothing on, and torchrun (a process group of its own) and
+    its workers trained on without it. SIGKILL, not SIGTERM: torchrun would cut its workers' save
+    short after its shutdown timeout (SHUTDOWN_S), where polar is no longer there to wait longer; its
+    workers, which end with it (SIGTERM, engine.runtime.end_with_launcher), save in their own time.
+    prctl is looked up here, in the parent: a forked child of a process with threads must not load
+    libraries (dlopen's lock may be held by a thread the fork left behind)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+    def set_up():
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # this process ended before the signal was asked for
+            os._exit(1)
+
+    return set_up
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def call_forwarding_signals(cmd: list[str], env=None) -> int:
     """subprocess.call, passing a stop signal this process receives on to the child and waiting for
     it. torchrun acts on one (training saves the step it reached and exits 143, engine/trainer.py;
@@ -110,8 +136,9 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
     its workers' 143) ends this process with 128 + the signal, the status of a run stopped by it,
     which launchers retry. What the child had started when the signal came is waited for too
     (_end_orphans), and a signal after the child's end goes to those."""
+    ends_with_us = _ends_with(os.getpid())
     if not in_main_thread():  # Python's rule for handlers
-        return subprocess.call(cmd, env=env)
+        return subprocess.call(cmd, env=env, preexec_fn=ends_with_us)
     forwarded: list = []  # (signal, when)
     started: dict = {}  # pid: psutil.Process, the child's processes when a signal came
     proc = None
@@ -137,7 +164,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
         if may_handle(s, unless_ignored=True):
             signal.signal(s, forward)
     try:
-        proc = subprocess.Popen(cmd, env=env, process_group=0)
+        proc = subprocess.Popen(cmd, env=env, process_group=0, preexec_fn=ends_with_us)
         if forwarded:  # a signal before the child was there to receive it
             proc.send_signal(forwarded[0][0])
         code = proc.wait()

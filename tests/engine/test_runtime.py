@@ -91,3 +91,46 @@ def test_yarn_settings_that_transformers_would_run_backwards_or_ignore_are_refus
     fine = ModelConfig(rope_scaling="yarn", rope_beta_fast=2.0, rope_beta_slow=2.0, rope_mscale=0.7,
                        rope_mscale_all_dim=1.0)
     assert validate_layout(fine, ParallelConfig(), TrainConfig(), 1, 128) == 1
+
+
+def test_torchruns_workers_save_and_end_when_it_is_killed(tmp_path):
+    """torchrun starts each worker in a session of its own: a `kill -9` of it (or of `polar pretrain`
+    above it) left the ranks training and saving on, re-parented to PID 1, and a relaunch then met
+    them in its checkpoint directory. They now get SIGTERM when torchrun ends, and stop as for any
+    SIGTERM: the step reached saved, exit 143."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import psutil
+
+    root = Path(__file__).resolve().parents[2]
+    run_dir, log = tmp_path / "run", tmp_path / "log"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(root / "engine" / "pretrain.py"), f"run_dir={run_dir}", "train.steps=100000", "model.num_layers=1",
+           "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "log.interval=1",
+           "log.tensorboard=false"]
+    with open(log, "w") as f:
+        torchrun = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=tmp_path, start_new_session=True,
+                                    env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    workers = []
+    try:
+        while torchrun.poll() is None and "step      1/" not in log.read_text():  # training under way
+            time.sleep(0.5)
+        workers = psutil.Process(torchrun.pid).children()
+        assert len(workers) == 2, log.read_text()[-3000:]
+        torchrun.kill()
+        torchrun.wait()
+        # bounded: a worker left running fails the test here (and is killed) instead of hanging it
+        _, alive = psutil.wait_procs(workers, timeout=240)
+        assert not alive, f"workers {[p.pid for p in alive]} outlived torchrun:\n{log.read_text()[-3000:]}"
+    finally:
+        for p in workers:
+            if p.is_running():
+                p.kill()
+    out = log.read_text()
+    assert "SIGTERM received (by 2 of 2 rank(s))" in out, out[-3000:]
+    step = (run_dir / "checkpoints" / "latest").read_text()
+    assert f"the checkpoint {run_dir / 'checkpoints' / step} is complete; exiting with status 143" in out, out[-3000:]

@@ -48,12 +48,10 @@ sys.exit(call_forwarding_signals([sys.executable, sys.argv[1], sys.argv[2]]))
 """
 
 
-@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
-def test_a_stop_signal_to_polar_reaches_the_launched_command(tmp_path, name):
-    """torchrun runs in a process group of its own, so the terminal's signals reach polar alone: Ctrl-\\
-    (SIGQUIT) ended polar and left torchrun and its workers running, orphaned."""
+def _launched(tmp_path):
+    """(polar's process, the pid of the command it launched, the file the command writes the signal it
+    received to), once the command runs."""
     import os
-    import signal
     import subprocess
     import sys
     import time
@@ -69,7 +67,18 @@ def test_a_stop_signal_to_polar_reaches_the_launched_command(tmp_path, name):
         if pid_file.is_file() and pid_file.read_text():
             break
         time.sleep(0.1)
-    pid = int(pid_file.read_text())
+    return polar, int(pid_file.read_text()), got
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT"])
+def test_a_stop_signal_to_polar_reaches_the_launched_command(tmp_path, name):
+    """torchrun runs in a process group of its own, so the terminal's signals reach polar alone: Ctrl-\\
+    (SIGQUIT) ended polar and left torchrun and its workers running, orphaned."""
+    import os
+    import signal
+    import time
+
+    polar, pid, got = _launched(tmp_path)
     signum = getattr(signal, name)
     polar.send_signal(signum)
     try:
@@ -84,3 +93,27 @@ def test_a_stop_signal_to_polar_reaches_the_launched_command(tmp_path, name):
     if received is None:
         os.kill(pid, signal.SIGKILL)
     assert (received, code) == (name, 128 + signum)
+
+
+def test_the_launched_command_ends_with_a_killed_polar(tmp_path):
+    """`kill -9` of polar left torchrun (a process group of its own, which polar passes signals to)
+    and its workers training, orphaned; the launched command now ends with polar."""
+    import signal
+    import time
+
+    import psutil
+
+    from polar.launch import _running
+
+    polar, pid, _ = _launched(tmp_path)
+    launched = psutil.Process(pid)
+    polar.kill()
+    polar.wait()
+    for _ in range(300):
+        if not _running(launched):
+            break
+        time.sleep(0.1)
+    alive = _running(launched)
+    if alive:
+        launched.send_signal(signal.SIGKILL)
+    assert not alive, "the launched command outlived polar's SIGKILL"

@@ -1,0 +1,146 @@
+"""A run holds its checkpoint directory while it runs (engine/pretrain.py: a lock file, `.lock`, that
+rank 0 holds): the same command started again on that run_dir (another port, another terminal, a
+relaunch while the first job's ranks still train) is refused with exit code 2, naming the directory
+and the process that holds it, before it reads or writes anything there. Two runs on one run_dir
+both trained: the second resumed from the first's newest step and saved over its steps, and both
+wrote summary.json and TensorBoard files."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from engine.file_lock import HolderLock, held
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = str(ROOT / "engine" / "pretrain.py")
+SMALL = ["train.steps=100000", "model.num_layers=1", "synthetic.train_triplets=64", "synthetic.eval_triplets=16",
+         "synthetic.prompts=50", "log.interval=1", "checkpoint.save_interval=1"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+
+
+def _refusal(err: str, ckpt: Path, pid: int) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("config error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith(f"config error: {ckpt} is in use by another run (pid {pid} on "
+                               f"{socket.gethostname()} since "), lines[0]
+    assert f"holding {ckpt / '.lock'}" in lines[0], lines[0]
+
+
+def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_path):
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    first = subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+    try:
+        for line in first.stdout:  # a step saved: the first run holds the directory and writes into it
+            if line.startswith("saved checkpoint"):
+                break
+        written = (run_dir / "config.yaml").stat().st_mtime_ns
+        second = subprocess.run([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL],
+                                capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        _refusal(second.stderr, ckpt, first.pid)
+        check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *SMALL],
+                               capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+        assert check.returncode == 2, check.stdout[-2000:] + check.stderr[-2000:]
+        _refusal(check.stderr, ckpt, first.pid)
+        # the ranks of a 2-process job, started as torchrun would: every rank stops, rank 0 alone speaks
+        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                  env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
+                 for r in range(2)]
+        outs = [p.communicate(timeout=300) for p in ranks]
+        assert [p.returncode for p in ranks] == [2, 2], outs
+        _refusal(outs[0][1], ckpt, first.pid)
+        assert "config error:" not in outs[1][1], outs[1]
+        # refused before the run started: nothing of the first run's was read as a resume or written over
+        assert all("run directory:" not in out and "resum" not in out for out in (second.stdout, outs[0][0])), outs
+        assert (run_dir / "config.yaml").stat().st_mtime_ns == written
+        assert not (run_dir / "summary.json").exists()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        out, err = first.communicate(timeout=300)
+    assert first.returncode == 143, err[-3000:]
+    # let go with the run: the lock file is gone, and the same command resumes
+    assert not (ckpt / ".lock").exists()
+    check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *SMALL],
+                           capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+    assert check.returncode == 0, check.stderr[-3000:]
+
+
+_TAKE = """
+import sys
+import torch.distributed as dist
+from engine.config import ConfigError
+from engine.pretrain import hold_checkpoint_dir
+from polar.pretrain_recipe import PretrainConfig
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+cfg = PretrainConfig()
+cfg.run_dir = sys.argv[1]
+try:
+    hold_checkpoint_dir(cfg, 0)
+except ConfigError as e:
+    print(e)
+"""
+
+
+def test_the_lock_taken_once_the_ranks_run_is_refused_too(tmp_path):
+    """Two runs started together both find the directory free at start-up; the one whose rank 0
+    takes the lock second is refused, naming the first."""
+    ckpt = tmp_path / "run" / "checkpoints"
+    ckpt.mkdir(parents=True)
+    lock = HolderLock(str(ckpt / ".lock"), RuntimeError("busy"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", _TAKE, str(tmp_path / "run")], capture_output=True, text=True,
+                              env=ENV, cwd=ROOT, timeout=300)
+    finally:
+        lock.release()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _refusal(f"config error: {proc.stdout}", ckpt, os.getpid())
+
+
+def test_the_lock_is_the_holders_alone_and_goes_with_it(tmp_path):
+    """A process the holder forks (a checkpoint writer) does not hold the lock: one outliving a
+    killed rank 0 for a moment kept it from the restarted job's new rank 0. A holder killed leaves
+    the file, free; one that lets go removes it."""
+    lock = tmp_path / ".lock"
+    script = ("import os, sys, time\n"
+              "from engine.file_lock import HolderLock\n"
+              "HolderLock(sys.argv[1], RuntimeError('busy'))\n"
+              "if os.fork() == 0:\n"
+              "    time.sleep(600)\n"
+              "    os._exit(0)\n"
+              "print('held', flush=True)\n"
+              "time.sleep(600)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(lock)], stdout=subprocess.PIPE, text=True,
+                              env=ENV, cwd=ROOT)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert held(str(lock))
+        with pytest.raises(RuntimeError, match="busy"):
+            HolderLock(str(lock), RuntimeError("busy"))
+        import psutil
+
+        child = psutil.Process(holder.pid).children()[0]
+        holder.kill()
+        holder.wait()
+        assert child.is_running()
+        assert not held(str(lock))
+        child.kill()
+    finally:
+        holder.kill()
+    assert lock.exists()
+    mine = HolderLock(str(lock), RuntimeError("busy"))
+    assert lock.read_text().startswith(f"pid {os.getpid()} on {socket.gethostname()} since ")
+    mine.release()
+    assert not lock.exists()
+    again = HolderLock(str(lock), RuntimeError("busy"))
+    again.release()
+
