@@ -123,6 +123,9 @@ def _main(argv=None, recipe=None) -> int:
         if args.check_config:
             check_before_launch(cfg, recipe)
             if rank == 0:
+                warning = schedule_warning(cfg.train)
+                if warning:
+                    print(warning, flush=True)
                 print(f"config ok: the settings, kernels and data pass the start-up checks for "
                       f"{world_size_from_env()} process(es)", flush=True)
             return 0
@@ -200,6 +203,19 @@ def hold_checkpoint_dir(cfg, rank: int):
         print(f"note: {lock}: cannot lock ({taken[0].unlocked}); do not start a second run on {ckpt_dir} while "
               "this one runs", file=sys.stderr, flush=True)
     return taken[0] if taken else None
+
+
+def schedule_warning(train) -> str:
+    """A warm-up as long as the run or longer (a preset's 3000 warm-up steps kept by a shorter
+    train.steps, say) never reaches train.lr and never decays: legal, since a smoke run of a few steps
+    of a preset means exactly that, but rarely what a real run meant, so said at start-up and by
+    --check-config. train.steps=0 (evaluation only) has no schedule. -> the warning, or ""."""
+    if not 0 < train.steps <= train.warmup_steps:
+        return ""
+    reached = (f"reaches train.lr={train.lr:g} only at the last step" if train.steps == train.warmup_steps else
+               f"stops at {train.steps / train.warmup_steps:.0%} of train.lr={train.lr:g}")
+    return (f"warning: train.warmup_steps={train.warmup_steps} >= train.steps={train.steps}: the learning rate "
+            f"{reached} and never decays (fine for a smoke run; otherwise set train.warmup_steps below train.steps)")
 
 
 def check_machine(cfg) -> None:
@@ -409,10 +425,9 @@ def run(cfg, recipe) -> int:
     run_dir = Path(cfg.run_dir)
     say(f"run directory: {run_dir.resolve()}")
     data = prepare_checked_data(cfg, recipe)
-    if 0 < cfg.train.steps < cfg.train.warmup_steps:  # legal (a smoke run), but rarely what was meant
-        say(f"warning: train.warmup_steps={cfg.train.warmup_steps} > train.steps={cfg.train.steps}: the learning "
-            f"rate stops at {cfg.train.steps / cfg.train.warmup_steps:.0%} of train.lr={cfg.train.lr:g} and never "
-            "decays")
+    warning = schedule_warning(cfg.train)  # fine-tuning's steps and warm-up as derived from its data
+    if warning:
+        say(warning)
     say(data.description)
     # rank 0 writes into both from here on: one that cannot be written (a read-only mount, a file in its
     # path) stops every rank with a message naming it, not rank 0 alone with a traceback

@@ -98,10 +98,27 @@ def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_pat
     proc = run("train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
                "model.num_layers=1", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert ("warning: train.warmup_steps=5 > train.steps=2: the learning rate stops at 40% of train.lr=0.001 "
+    assert ("warning: train.warmup_steps=5 >= train.steps=2: the learning rate stops at 40% of train.lr=0.001 "
             "and never decays") in proc.stdout, proc.stdout[-3000:]
     history = json.loads((tmp_path / "summary.json").read_text())["history"]
     assert [r["lr"] for r in history if "loss" in r and "eval" not in r] == pytest.approx([2e-4, 4e-4])
+
+
+def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypatch, tmp_path):
+    """--check-config said only 'config ok' for a preset's 3000 warm-up steps kept by train.steps=2000
+    (the learning rate then never reaches train.lr nor decays); the run itself warned."""
+    from engine.pretrain import main
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check-config", "--config", "polar_1_8b", "train.steps=2000"]) == 0
+    out = capsys.readouterr().out
+    assert ("warning: train.warmup_steps=3000 >= train.steps=2000: the learning rate stops at 67% of "
+            "train.lr=1.4e-05 and never decays") in out and "config ok" in out, out
+    assert main(["--check-config", "--config", "polar_1_8b", "train.steps=3000"]) == 0
+    assert "reaches train.lr=1.4e-05 only at the last step and never decays" in capsys.readouterr().out
+    assert main(["--check-config", "--config", "polar_1_8b", "train.steps=3001"]) == 0
+    assert "warning" not in capsys.readouterr().out
 
 
 def test_settings_may_come_before_and_after_the_options(capsys):
