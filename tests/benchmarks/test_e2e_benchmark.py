@@ -104,6 +104,10 @@ def test_tiny_run_reports_both_trainers_and_their_ratio(tmp_path):
     assert "| tiny (1 x 32) | engine | 0 |" in proc.stdout
     assert "| tiny (1 x 32) | HF sdpa | 0 |" in proc.stdout
     assert "| tiny (1 x 32) | HF sdpa | " in proc.stdout.split("engine / baseline")[1]
+    # MFU against both peaks (none on CPU), and the output says which one the target is read against
+    assert "| TFLOP/s | MFU vs measured peak | MFU vs datasheet peak | loss (last step) |" in proc.stdout
+    assert "Issue 10's target, >= 45% bf16 MFU, is read against the datasheet peak" in proc.stdout
+    assert all(r["mfu_datasheet"] is None for r in rows) and result["measured_peak_tflops"] is None
     # polar plan's prediction beside the engine run (the baseline has no plan); on CPU only the
     # plumbing counts: the prediction is for the GPU named
     from benchmarks import plan_measured
