@@ -1,8 +1,9 @@
 """Every `python benchmarks/X.py ...` command quoted in benchmarks/RESULTS.md and README.md names a
 script that exists, and every `--flag` quoted with it is one the script still takes (it appears in
 the script's --help), so no figure or instruction points at a script or option the repository does
-not have. Each script's --help runs once, two at a time: about 16 s of CPU for the 27 quoted scripts,
-most of it the nine whose --help imports torch (about 1.5 s each), 8-10 s of wall time on 2 cores."""
+not have. Each script's --help runs once, two at a time: about 17 s of CPU for the 27 quoted scripts,
+most of it the nine whose --help imports torch (about 1.5 s each); 9 s of wall time on 2 cores with
+little else running, 46 s with them shared by three other jobs."""
 import functools
 import re
 import subprocess
