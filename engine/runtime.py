@@ -204,9 +204,6 @@ def released_on_error():
             dist.destroy_process_group()
 
 
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
-
-
 def end_with_launcher() -> bool:
     """A torchrun worker asks for SIGTERM when torchrun ends; -> whether it did. torchrun starts each
     worker in a session of its own, so a `kill -9` of torchrun (or of `polar pretrain` above it) left
@@ -218,14 +215,14 @@ def end_with_launcher() -> bool:
     must outlive the shell that started it."""
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         return False
-    import ctypes
     import signal
 
-    parent = os.getppid()
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux
+    from engine.worker_processes import parent_death_signal
+
+    parent, ask = os.getppid(), parent_death_signal()
+    if ask is None:  # not Linux
         return False
+    ask(signal.SIGTERM)
     if os.getppid() != parent or parent == 1:  # torchrun had already ended: nothing will send it
         os.kill(os.getpid(), signal.SIGTERM)
     return True

@@ -10,15 +10,28 @@ import threading
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
+def parent_death_signal():
+    """prctl(PR_SET_PDEATHSIG, sig) as a function of sig: the signal Linux sends a process when the
+    thread that started it ends; None where there is no prctl (not Linux). Looked up at the call, so
+    that a Popen preexec_fn made in the parent does not load a library in the forked child (dlopen's
+    lock may be held by a thread the fork left behind)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return lambda sig: prctl(_PR_SET_PDEATHSIG, sig)
+
+
 def die_with_parent(parent_pid: int) -> None:
     """In a process started by `parent_pid`: end when it ends. A checkpoint writer left behind by a
     killed run would go on writing into a `.partial` directory nobody finalizes (and a restarted
     run saving the same step would find its files changing under it); a results server left
     behind would hold the trainer's memory for good; a data build's or a shard pass's worker would
     wait for work forever (a build's holding the shard's lock)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: look for the parent instead
+    ask = parent_death_signal()
+    if ask is not None:
+        ask(signal.SIGKILL)
+    else:  # not Linux: look for the parent instead
         def watch():
             while os.getppid() == parent_pid:
                 threading.Event().wait(1.0)

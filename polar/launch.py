@@ -6,7 +6,6 @@ without torchrun (the engine's runtime starts a single-process group by itself).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import importlib
 import os
 import signal
@@ -17,6 +16,7 @@ import time
 import psutil
 
 from engine.signal_handlers import in_main_thread, may_handle
+from engine.worker_processes import parent_death_signal
 
 
 def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
@@ -106,22 +106,17 @@ def _ends_with(parent: int):
     its workers trained on without it. SIGKILL, not SIGTERM: torchrun would cut its workers' save
     short after its shutdown timeout (SHUTDOWN_S), where polar is no longer there to wait longer; its
     workers, which end with it (SIGTERM, engine.runtime.end_with_launcher), save in their own time.
-    prctl is looked up here, in the parent: a forked child of a process with threads must not load
-    libraries (dlopen's lock may be held by a thread the fork left behind)."""
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
+    prctl is looked up here, in the parent (engine.worker_processes.parent_death_signal)."""
+    ask = parent_death_signal()
+    if ask is None:  # not Linux
         return None
 
     def set_up():
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        ask(signal.SIGKILL)
         if os.getppid() != parent:  # this process ended before the signal was asked for
             os._exit(1)
 
     return set_up
-
-
-_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def call_forwarding_signals(cmd: list[str], env=None) -> int:
