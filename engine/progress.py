@@ -7,17 +7,17 @@ import time
 
 import torch
 
-# dense bf16 peak per GPU from the spec sheets: shown beside the measured peak, which MFU uses
-_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "B200": 2250.0}
 PEAK_ENV = "POLAR_PEAK_TFLOPS"  # a number: the peak to use, no measurement
 PEAK_FILE_ENV = "POLAR_PEAK_FILE"  # the measured-peak cache (default ~/.cache/polar/peak_tflops.json)
 
 
 def spec_sheet_tflops(name: str) -> float | None:
-    for key, value in _PEAK_TFLOPS.items():
-        if key in name:
-            return value
-    return None
+    """The card's datasheet dense bf16 peak (engine/gpu_peaks.py), shown beside the measured peak
+    that MFU divides by; None for a card not in the table."""
+    from engine.gpu_peaks import datasheet_peak
+
+    sheet = datasheet_peak(name)
+    return sheet[0] if sheet else None
 
 
 def measure_bf16_tflops(device: torch.device, n: int = 8192, reps: int = 10) -> float:

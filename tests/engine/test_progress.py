@@ -71,3 +71,15 @@ def test_dense_flops_count_the_lm_head_when_there_is_one():
 
     backbone = dense_flops_per_token(2, 32, 64, 2, 1)
     assert dense_flops_per_token(2, 32, 64, 2, 1, lm_head_vocab=100) == backbone + 3 * 2 * 32 * 100
+
+
+def test_the_spec_sheet_figure_beside_the_measured_peak_tells_card_variants_apart():
+    """The training line's "(spec sheet N)" matched "H100" anywhere in the name: an H100 PCIe (756.5
+    TFLOP/s dense bf16) or NVL (835.5) was shown the SXM's 989."""
+    from engine.progress import spec_sheet_tflops
+
+    assert spec_sheet_tflops("NVIDIA H100 80GB HBM3") == 989.5
+    assert spec_sheet_tflops("NVIDIA H100 PCIe") == 756.5
+    assert spec_sheet_tflops("NVIDIA H100 NVL") == 835.5
+    assert spec_sheet_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert spec_sheet_tflops("cpu") is None
