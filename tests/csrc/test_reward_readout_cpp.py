@@ -53,10 +53,11 @@ def _close(actual, expected, rtol=1e-5, atol_scale=1e-5):
     (7, 3, 33, 21, True),   # odd h, every row gathered at least once on average
     (5, 1, 8, 1, False),
 ])
-def test_matches_torch_reference(s, b, h, n, repeats):
+# eps = 1: as large as mean(x^2) here (~1), where 1e-6 moves nothing at fp32
+@pytest.mark.parametrize("eps", [1e-6, 1.0])
+def test_matches_torch_reference(s, b, h, n, repeats, eps):
     rng = np.random.default_rng(s * 1000 + h)
     hidden, index, norm_w, head_w, grad_r = _inputs(rng, s, b, h, n, repeats)
-    eps = 1e-6
     r_ref, gh_ref, gn_ref, gw_ref = _reference(hidden, index, norm_w, head_w, eps, grad_r)
 
     r = _C.readout_forward(hidden, index, norm_w, head_w, eps)

@@ -33,6 +33,9 @@ LAYOUTS = {
     "tp2_pp2_interleaved": (4, ["parallel.tp=2", "parallel.pp=2", "parallel.vpp=2"]),
     # the worker's defaults keep the auxiliary LM loss on, so this also covers the LM head under SP
     "tp2_sequence_parallel": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # two sequences a micro-batch: the sequence-sharded readout maps each reward's row of the full
+    # [s, b] batch to this rank's [s/tp, b] slice, which only a second sequence tells apart from s
+    "tp2_sequence_parallel_mb2": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "train.micro_batch=2"]),
     # TP x PP without interleaving, where pipeline stages exchange the sequence-sharded [s/tp, b, h]
     # activations, with full recomputation of whole layers on top (one 4-process run for three
     # features: each must be exact for the run to match)

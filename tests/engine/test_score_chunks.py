@@ -226,8 +226,9 @@ def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(tmp_path, 
     dp2 = _run(_cmd(checkpoint, inp, two, "--nproc", "2", "--chunk-lines", "4"), tmp_path)
     assert dp2.returncode == 0, dp2.stderr[-3000:]
     assert "dp=2" in dp2.stdout and f"of {sum(len(x['candidates']) for x in lines)} item(s)" in dp2.stdout
-    for got, want in zip(_rows(two), _rows(one)):
-        assert got["line"] == want["line"]
+    got_rows, want_rows = _rows(two), _rows(one)
+    assert [r["line"] for r in got_rows] == [r["line"] for r in want_rows] == list(range(1, len(lines) + 1))
+    for got, want in zip(got_rows, want_rows):
         np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
 
     long = tmp_path / "long.jsonl"

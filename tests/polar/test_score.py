@@ -51,12 +51,20 @@ def write_records(path, triplets):
                                 "rejected": t.rejected, "wrapper": "sft"}) + "\n")
 
 
-def score(tmp, name, *extra, nproc=1):
+def score(tmp, name, *extra, nproc=1, records="records.jsonl"):
     out = tmp / f"{name}.jsonl"
-    proc = run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(tmp / "records.jsonl"),
+    proc = run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(tmp / records),
                 "--output", str(out), *extra], tmp, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def training_loops_evaluation(tmp, name, *overrides):
+    """summary.json of engine/pretrain.py evaluating the trained weights (train.steps=0)."""
+    proc = run([str(ROOT / "engine" / "pretrain.py"), *TINY, "train.steps=0", *overrides,
+                f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}", f"run_dir={tmp / name}"], tmp)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((tmp / name / "summary.json").read_text())
 
 
 def test_score_equals_the_training_loops_evaluation(trained):
@@ -85,15 +93,53 @@ def test_score_equals_the_training_loops_evaluation(trained):
     loss = float(np.mean(np.logaddexp(0.0, -margin)))
     acc = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
 
-    proc = run([str(ROOT / "engine" / "pretrain.py"), *TINY, "train.steps=0",
-                f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}", f"run_dir={tmp / 'eval_only'}"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp / "eval_only" / "summary.json").read_text())
+    summary = training_loops_evaluation(tmp, "eval_only")
     assert summary["held_out_pairs"] == len(triplets)
     assert loss == pytest.approx(summary["held_out_loss"], rel=1e-5)
     assert acc == pytest.approx(summary["held_out_pair_accuracy"], abs=1e-12)
     # the model was trained: its value head (zero at initialisation) gives rewards that differ
     assert np.abs(margin).max() > 1e-3, margin
+
+
+def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(trained):
+    """The same with InfoNCE on groups of K = 3 and 4 candidates with one or two positives (pairs and
+    positives differ): `polar data build` packs the groups for the training loop's evaluation
+    (data.eval_path), and the pairs, pair accuracy and per-positive loss (engine/loss.py) computed
+    from `polar score`'s rewards of the same records must equal it."""
+    from polar import data_build
+
+    tmp = trained
+    triplets = held_out_triplets()
+    groups = []
+    for i, t in enumerate(triplets):
+        other = triplets[(i + 1) % len(triplets)]
+        cands = [(t.chosen, 1), (t.rejected, 0), (other.rejected, 0)] + [(other.chosen, 1)] * (i % 2)
+        cands = cands[i % len(cands):] + cands[:i % len(cands)]  # the positives at every place
+        groups.append({"prompt": t.prompt, "reference": t.reference, "wrapper": "sft",
+                       "candidates": [{"text": text, "label": label} for text, label in cands]})
+    (tmp / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+    assert data_build.main([str(tmp / "groups.jsonl"), "-o", str(tmp / "groups_ds"), "--seq-length", "1024",
+                            "--quiet"]) == 0
+    built = str(tmp / "groups_ds")
+    summary = training_loops_evaluation(tmp, "eval_infonce", "train.loss=infonce", f"data.path={built}",
+                                        f"data.eval_path={built}")
+
+    rows = score(tmp, "groups_scored", records="groups.jsonl")
+    assert [r["line"] for r in rows] == list(range(1, len(groups) + 1))
+    pairs = correct = positives = loss = 0.0
+    for row, group in zip(rows, groups):
+        labels = [c["label"] for c in group["candidates"]]
+        r = np.array(row["rewards"])
+        pos, neg = r[np.array(labels) == 1], r[np.array(labels) == 0]
+        margin = pos[:, None] - neg[None, :]
+        pairs += margin.size
+        correct += float(np.sum((margin > 0) + 0.5 * (margin == 0)))
+        positives += len(pos)
+        loss += sum(float(np.logaddexp.reduce(np.append(neg, p)) - p) for p in pos)
+    assert summary["eval_pairs"] == pairs == sum(4 if i % 2 else 2 for i in range(len(groups)))
+    assert correct / pairs == pytest.approx(summary["eval_pair_accuracy"], abs=1e-12)
+    assert loss / positives == pytest.approx(summary["eval_loss"], rel=1e-5)
+    assert 0 < correct < pairs, (correct, pairs)  # neither all right nor all wrong: the count is tested
 
 
 @pytest.mark.parametrize("name,extra,nproc", [("tp2", ["--tp", "2"], 2), ("pp2", ["--pp", "2"], 2),

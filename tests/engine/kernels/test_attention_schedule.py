@@ -1,10 +1,12 @@
 """The attention kernels' tile schedule and FLOP count (engine/kernels/attention_schedule.py) against
 the dense mask: every tile a mask needs is visited, tiles inside one piece are visited exactly, and
-far fewer tiles than the causal triangle are touched. Pure torch, no Triton."""
+far fewer tiles than the causal triangle are touched. Pure torch: no kernel runs (the kernel module is
+imported for the tile sizes it launches with on a GPU)."""
 import pytest
 import torch
 
 from engine.kernels.attention_schedule import attention_flops, tile_schedule, token_metadata, visible_pairs
+from engine.kernels.shared_prefix_attention import _blocks
 from engine.packing import dense_mask
 from tests.engine.kernels.attention_cases import random_layout
 
@@ -34,10 +36,16 @@ def _pure_tiles(layout, block):
     return one_piece | (pads | ~valid.view_as(pads)).all(2)
 
 
-@pytest.mark.parametrize("bm,bn", [(16, 16), (32, 16), (16, 64), (8, 8)])
-def test_tile_schedule_covers_the_mask_and_skips_the_rest(bm, bn):
+GPU = _blocks(128, torch.device("cuda"))  # host code: the tile sizes the kernels launch with on a GPU
+
+
+# (block_m, block_n, piece length scale): the interpreter's sizes, and the GPU's forward and backward
+# tiles over pieces as many times longer, so that tiles also lie inside one piece there
+@pytest.mark.parametrize("bm,bn,f", [(16, 16, 1), (32, 16, 1), (16, 64, 1), (8, 8, 1),
+                                     (GPU.fwd_m, GPU.fwd_n, 8), (GPU.bwd_m, GPU.bwd_n, 4)])
+def test_tile_schedule_covers_the_mask_and_skips_the_rest(bm, bn, f):
     for seed in range(4):
-        layout = random_layout(200 + seed, 2, 3, (2, 9), p_max=40, c_max=30, pad_max=40)
+        layout = random_layout(200 + seed, 2, 3, (2, 9), p_max=40 * f, c_max=30 * f, pad_max=40 * f)
         need = _tile_any(dense_mask(layout), bm, bn)
         q_visits, k_visits = tile_schedule(layout, bm, bn)
         assert q_visits.shape == need.shape and k_visits.shape == need.transpose(1, 2).shape

@@ -43,9 +43,9 @@ def _case(gen, n, h, s=None, b=None):
     return hidden, index, norm_w, head_w, grad_out
 
 
-def _run(fn, hidden, index, norm_w, head_w, grad_out, dtype):
+def _run(fn, hidden, index, norm_w, head_w, grad_out, dtype, eps=EPS):
     leaves = [t.detach().to(dtype).requires_grad_() for t in (hidden, norm_w, head_w)]
-    out = fn(leaves[0], index, leaves[1], leaves[2], EPS)
+    out = fn(leaves[0], index, leaves[1], leaves[2], eps)
     out.backward(grad_out.to(out.dtype))
     return [out.detach()] + [t.grad for t in leaves]
 
@@ -69,6 +69,20 @@ def test_fp32_matches_float64_reference(n, h):
         assert torch.isfinite(g).all(), name
         scale = r.abs().max().item() + 1
         assert (g.double() - r).abs().max().item() <= 2e-5 * scale, name
+
+
+@pytest.mark.parametrize("eps,scale", [(1.0, 1.0), (1e-5, 1e-3)])
+def test_eps_as_large_as_the_mean_square(eps, scale):
+    """The cases above have mean(x^2) ~ 9 against eps = 1e-6, where eps moves nothing at fp32: here
+    it is a tenth of mean(x^2) or more (a large eps; activations of 1e-3, as a trained model's
+    final hidden state may have), so a readout that left it out of rstd, forward or backward, is off."""
+    gen = torch.Generator().manual_seed(17)
+    hidden, *rest = _case(gen, 37, 128)
+    case = (hidden * scale, *rest)
+    ref = _run(torch_reward_readout, *case, torch.float64, eps)
+    got = _run(rr.reward_readout, *case, torch.float32, eps)
+    for name, g, r in zip(("rewards", "hidden", "norm", "head"), got, ref):
+        assert (g.double() - r).abs().max().item() <= 2e-5 * r.abs().max().item(), name
 
 
 def test_zero_eps_leaves_the_unused_rows_of_a_tile_out_of_the_weight_gradients():

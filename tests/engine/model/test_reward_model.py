@@ -109,9 +109,12 @@ def test_candidate_ignores_siblings_and_other_groups(runtime, backend):
     assert not torch.allclose(out[k0 + k1:], base[k0 + k1:])  # the changed group moved
 
 
-def test_aux_next_token_loss_equals_unpacked(runtime):
+@pytest.mark.parametrize("vocab_rows", [50, 64])
+def test_aux_next_token_loss_equals_unpacked(runtime, vocab_rows):
     """The packed LM term sums, per group, the prefix's next-token losses once and each candidate's
-    own next-token losses, exactly as the unpacked `prefix + candidate` sequences give them."""
+    own next-token losses, exactly as the unpacked `prefix + candidate` sequences give them. With
+    vocab_rows=64 the embedding and LM head are padded past the 50 real tokens (as for TP's
+    divisibility): the softmax runs over the real tokens only, the padded columns are no token."""
     import torch.nn.functional as F
 
     from engine.model.reward_model import RewardModel
@@ -122,7 +125,8 @@ def test_aux_next_token_loss_equals_unpacked(runtime):
     m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
                     ffn_hidden_size=96, vocab_size=50)
     cfg = transformer_config(m, ParallelConfig(), TrainConfig(precision="fp32"), runtime)
-    model = RewardModel(cfg, layer_spec(False, 10000.0, "torch"), 50, 512, True, True, lm_head=True)
+    model = RewardModel(cfg, layer_spec(False, 10000.0, "torch"), vocab_rows, 512, True, True, lm_head=True,
+                        real_vocab_size=50, pg_collection=runtime.groups)
     groups = random_groups(np.random.default_rng(3), 4)
     batch = collate([groups[:2], groups[2:]], 200, pad_id=0)
     out = model(batch.tokens, batch.layout, batch.reward_index)
@@ -135,7 +139,8 @@ def test_aux_next_token_loss_equals_unpacked(runtime):
         hidden = model.backbone(input_ids=torch.from_numpy(ids.astype(np.int64))[None], position_ids=None,
                                 attention_mask=layout)
         logits, _ = model.lm_head(model.final_norm(hidden[:-1]))
-        return F.cross_entropy(logits[:, 0].double(), torch.from_numpy(ids[1:].astype(np.int64)), reduction="none")
+        return F.cross_entropy(logits[:, 0, :50].double(), torch.from_numpy(ids[1:].astype(np.int64)),
+                               reduction="none")
 
     expected = torch.zeros((), dtype=torch.float64)
     for g in groups:
