@@ -223,6 +223,8 @@ def end_with_launcher() -> bool:
     if ask is None:  # not Linux
         return False
     ask(signal.SIGTERM)
-    if os.getppid() != parent or parent == 1:  # torchrun had already ended: nothing will send it
+    # torchrun ended before the signal was asked for: nothing will send it. A parent of 1 from the start
+    # is no sign of that: torchrun is PID 1 as a container's first process (docker run, a Kubernetes pod)
+    if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
     return True

@@ -134,3 +134,29 @@ def test_torchruns_workers_save_and_end_when_it_is_killed(tmp_path):
     assert "SIGTERM received (by 2 of 2 rank(s))" in out, out[-3000:]
     step = (run_dir / "checkpoints" / "latest").read_text()
     assert f"the checkpoint {run_dir / 'checkpoints' / step} is complete; exiting with status 143" in out, out[-3000:]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("unshare"), reason="needs util-linux unshare")
+def test_a_worker_of_a_launcher_that_is_pid_1_keeps_running(tmp_path):
+    """torchrun as a container's first process (`docker run IMAGE torchrun ...`, a Kubernetes pod whose
+    command is torchrun) is PID 1, so its workers' parent is 1 from the start: end_with_launcher took
+    that for a launcher already gone and sent the worker SIGTERM, so every rank ended in init_runtime.
+    Here a PID namespace makes the launcher PID 1 (as root, or through a user namespace)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    worker = ("import os, sys; sys.path.insert(0, sys.argv[1]); from engine.runtime import end_with_launcher; "
+              "assert os.getppid() == 1; print('asked', end_with_launcher(), flush=True)")
+    launcher = ("import os, subprocess, sys; assert os.getpid() == 1; "
+                "env = dict(os.environ, TORCHELASTIC_RUN_ID='pid1'); "
+                "sys.exit(subprocess.run([sys.executable, '-c', sys.argv[1], sys.argv[2]], env=env).returncode)")
+    for userns in ([], ["--user", "--map-root-user"]):
+        proc = subprocess.run(["unshare", *userns, "--pid", "--fork", "--mount-proc", sys.executable, "-c", launcher,
+                               worker, str(root)], capture_output=True, text=True, timeout=120)
+        if "Operation not permitted" not in proc.stderr:
+            break
+    else:
+        pytest.skip(f"no PID namespace here: {proc.stderr.strip()[-200:]}")
+    assert proc.returncode == 0 and "asked True" in proc.stdout, (proc.returncode, proc.stdout, proc.stderr[-2000:])
