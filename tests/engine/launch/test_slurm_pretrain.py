@@ -189,3 +189,31 @@ def test_a_bad_setting_ends_the_job_before_any_agent_starts(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "config ok" in proc.stdout and "for 2 process(es)" in proc.stdout
     assert argv is not None and _after(argv, "--nproc-per-node") == "1"
+
+
+def test_the_check_before_a_requeued_job_resumes_it_as_its_workers_would(tmp_path):
+    """A requeued job (SLURM_RESTART_COUNT > 0) with checkpoint.resume=false resumes from the
+    checkpoints it wrote itself, recognised by the job ids they record: SLURM's job id and torchrun's
+    run id, which the script sets to the job id (--rdzv-id). The check on the batch node ran without
+    torchrun's run id, took the checkpoints for another job's and ended the requeued job with
+    'checkpoint.resume=false, but ... already holds checkpoints' before any agent started."""
+    import sys
+
+    run_dir = tmp_path / "run"
+    small = [f"run_dir={run_dir}", "checkpoint.resume=false", "model.num_layers=1", "synthetic.train_triplets=64",
+             "synthetic.eval_triplets=16", "synthetic.prompts=50", "train.steps=1", "train.warmup_steps=0",
+             "log.tensorboard=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
+    first = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), *small], capture_output=True,
+                           text=True, timeout=600, cwd=tmp_path,
+                           env=dict(env, SLURM_JOB_ID="4242", TORCHELASTIC_RUN_ID="4242", OMP_NUM_THREADS="1"))
+    assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
+    proc, argv = _sbatch(tmp_path / "requeued", *small, POLAR_CHECK_CONFIG="1", SLURM_RESTART_COUNT="1",
+                         SLURM_NNODES="1", GPUS_PER_NODE="1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "this is a restart of the same job (SLURM_RESTART_COUNT=1;" in proc.stdout and "config ok" in proc.stdout
+    assert argv is not None  # the agents started
+    # another job's checkpoints are still refused
+    proc, argv = _sbatch(tmp_path / "other", *small, POLAR_CHECK_CONFIG="1", SLURM_RESTART_COUNT="1",
+                         SLURM_NNODES="1", GPUS_PER_NODE="1", SLURM_JOB_ID="777")
+    assert proc.returncode == 2 and "checkpoint.resume=false, but" in proc.stderr and argv is None, proc.stderr
