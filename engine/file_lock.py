@@ -5,28 +5,65 @@ import fcntl
 import os
 import socket
 import time
+from typing import Callable, Union
+
+Busy = Union[Exception, Callable[[], Exception]]  # or what makes it, asked only at a refusal
+
+# A take that meets a lock tries again for about TRIES x PAUSE_S before it counts as another's: held()
+# holds a shared lock for the moment it asks (microseconds), and a run's rank 0 taking its checkpoint
+# directory's lock then was refused, "in use by another run", by a second command's --check-config.
+# A lock held by a run is held for its life, so the pause only delays that refusal.
+TRIES, PAUSE_S = 20, 0.01
 
 
-def lock_for_life(fd: int, busy: Exception) -> str:
+def lock_for_life(fd: int, busy: Busy) -> str:
     """An exclusive flock on `fd` for this process's life (the kernel drops it when the process dies,
     killed or not): two runs of one command (a requeued job whose first copy still runs, a second
-    terminal) would both write the same output. Raises `busy`, closing `fd`, when another process
-    holds the lock; -> "" once locked, or why no lock could be taken (a file system without locks,
-    some network mounts), for the caller to note or pass over."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+    terminal) would both write the same output. Raises `busy` (or what it makes, when callable),
+    closing `fd`, when another process holds the lock; -> "" once locked, or why no lock could be
+    taken (a file system without locks, some network mounts), for the caller to note or pass over."""
+    for attempt in range(TRIES):
+        if attempt:
+            time.sleep(PAUSE_S)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue
+        except OSError as e:
+            return e.strerror or str(e)
+        return ""
+    os.close(fd)
+    raise (busy() if callable(busy) else busy) from None
+
+
+def claim(path: str | os.PathLike, busy: Busy, directory: bool = False) -> tuple[int, str]:
+    """lock_for_life on the file `path` (created), or with `directory` on the directory `path` (made),
+    checked to be still the one under that name once locked: a holder letting go removes or renames
+    it first (HolderLock.release, a conversion's publish), and whoever opened it just before would
+    otherwise hold a lock on a file nobody else sees. -> (its descriptor, lock_for_life's answer)."""
+    while True:
+        if directory:
+            os.makedirs(path, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:  # renamed away since it was made
+                continue
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        unlocked = lock_for_life(fd, busy)
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd, unlocked
+        except FileNotFoundError:
+            pass
         os.close(fd)
-        raise busy from None
-    except OSError as e:
-        return e.strerror or str(e)
-    return ""
 
 
 def held(path: str) -> bool:
     """Whether another process holds lock_for_life on the file `path`, asked without taking it: a
-    shared flock, let go at once (two asking at the same time do not see each other). False where
-    the file is missing or the file system has no locks."""
+    shared flock, let go at once (two asking at the same time do not see each other; one taking
+    the lock meanwhile tries again, lock_for_life). False where the file is missing or the file
+    system has no locks."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -42,11 +79,12 @@ def held(path: str) -> bool:
     return False
 
 
-def holder(path: str) -> str:
-    """Who holds the lock file `path`, as HolderLock wrote it."""
+def holder(path: str | os.PathLike) -> str:
+    """Who holds a lock, as the file `path` names it (HolderLock's own, a conversion's owner file)."""
     try:
-        return open(path, errors="replace").read().strip() or "its process unknown"
-    except OSError:
+        with open(path, errors="replace") as f:
+            return f.read().strip() or "its process unknown"
+    except OSError:  # not written yet by a holder that has just taken the lock, or gone with it
         return "its process unknown"
 
 
@@ -56,24 +94,13 @@ class HolderLock:
     process's death. Processes this one forks (a checkpoint writer) do not hold it: a child outliving
     a killed parent for a moment would keep the lock from the restarted job it was there for."""
 
-    def __init__(self, path: str, busy: Exception):
+    def __init__(self, path: str, busy: Busy):
         self.path, self.fd = path, None
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            self.unlocked = lock_for_life(fd, busy)  # why no lock could be taken ("" once locked)
-            # still the file under that name: a holder releasing it removes it before letting go, and
-            # whoever opened it just before would otherwise hold a lock on a file nobody else sees
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(path)):
-                    break
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-        self.fd = fd
+        self.fd, self.unlocked = claim(path, busy)  # unlocked: why no lock could be taken ("" once locked)
         os.register_at_fork(after_in_child=self._drop_in_child)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n".encode(), 0)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                           f"{time.strftime('%Y-%m-%d %H:%M:%S %z')}\n".encode(), 0)
 
     def _drop_in_child(self) -> None:
         # the child's copy of the descriptor alone: a flock lasts while any copy of it is open, and

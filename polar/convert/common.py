@@ -203,24 +203,12 @@ class Partial:
 
     def claim(self) -> Path:
         """The directory, empty (the leftover of a run cut short removed) and locked."""
-        from engine.file_lock import lock_for_life
+        from engine.file_lock import claim
 
-        while True:
-            self.path.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
-            lock_for_life(fd, ConvertError(f"{self.dst}: another conversion to it is running ({self._owner()}, "
-                                           f"writing {self.path}); wait for it to end or stop it, or choose another "
-                                           "destination"))
-            # the directory locked is still the one under that name: a run that held it may have
-            # published it as its `dst` (renamed it) and let go of it between our open and our lock
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        self._fd = fd
+        # the owner read only if refused: the run holding it may have written its name by then
+        self._fd, _ = claim(self.path, lambda: ConvertError(
+            f"{self.dst}: another conversion to it is running ({self._owner()}, writing {self.path}); wait for it "
+            "to end or stop it, or choose another destination"), directory=True)
         for child in list(self.path.iterdir()):
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child)
@@ -230,10 +218,9 @@ class Partial:
         return self.path
 
     def _owner(self) -> str:
-        try:
-            return (self.path / OWNER).read_text().strip() or "its process unknown"
-        except OSError:  # it has locked the directory but not written its name yet
-            return "its process unknown"
+        from engine.file_lock import holder
+
+        return holder(self.path / OWNER)
 
     def publish(self) -> None:
         """The directory renamed to `dst` (an empty `dst` directory is replaced too), and let go."""
