@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ class ShardWriter:
     rename, the `.idx` (what makes a shard complete) last, so a crash of the machine does not either.
     """
 
-    def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int, meta: dict | None = None):
+    def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int,
+                 meta: dict | None = None):
         self.path = Path(path)
         self.seq_length = int(seq_length)
         self.vocab_size = int(vocab_size)
@@ -50,8 +52,8 @@ class ShardWriter:
         for name in (".idx.tmp", ".json.tmp"):  # a killed writer's
             self._name(name).unlink(missing_ok=True)
         self._bin = os.fdopen(fd, "wb")
-        self._parts: dict[str, list[np.ndarray]] = {k: [] for k in
-                                                    ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
+        self._parts: dict[str, list[np.ndarray]] = {
+            k: [] for k in ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
         self._tokens = 0
         self._sequences = 0
         self._closed = False
@@ -239,13 +241,18 @@ HELD = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def _held():
     """The block runs to its end: SIGINT, SIGTERM and SIGHUP that come meanwhile are passed to the
     handlers they would have met (KeyboardInterrupt, a build's stop, the default's end of the process)
-    after it, once each. Python runs handlers in the main thread only, so only there can a signal
-    raise mid-block; elsewhere nothing is installed (Python's rule for handlers)."""
+    after it, once each, whether it ended normally or raised: a rename that failed (a full disk, an
+    I/O error) dropped them, and a build told to stop by a scheduler's SIGTERM exited with the error's
+    status, not 128 + 15, while Ctrl-C was lost. The block's error stays visible: a handler's
+    exception carries it as its context, and it is printed before a default action ends the process.
+    Python runs handlers in the main thread only, so only there can a signal raise mid-block;
+    elsewhere nothing is installed (Python's rule for handlers)."""
     if not in_main_thread():
         yield
         return
     came: list[int] = []
     previous: dict = {}
+    error = None
     try:
         for s in HELD:
             handler = signal.getsignal(s)
@@ -253,12 +260,17 @@ def _held():
                 # swapping runs a signal that came before the block: it stops the block before it begins
                 previous[s] = signal.signal(s, lambda signum, frame: came.append(signum))
         yield
+    except BaseException as e:
+        error = e
+        raise
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    for s in dict.fromkeys(came):
-        handler = previous[s]
-        if handler == signal.SIG_DFL:
-            signal.raise_signal(s)  # with its default action back: the process ends as it would have
-        else:
-            handler(s, None)
+        for s in dict.fromkeys(came):
+            handler = previous[s]
+            if handler == signal.SIG_DFL:
+                if error is not None:  # the process ends next, and would say nothing of it
+                    print(f"error: {error}", file=sys.stderr, flush=True)
+                signal.raise_signal(s)  # with its default action back: the process ends as it would have
+            else:
+                handler(s, None)

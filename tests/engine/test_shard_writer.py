@@ -1,6 +1,12 @@
 """engine.shard_writer: what it writes, what it refuses, and that nothing unfinished is read."""
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -94,8 +100,6 @@ def test_a_shard_being_closed_is_still_refused_to_a_second_writer(tmp_path, pack
     renames, with their fsyncs: a second run of the shard starting then truncated the .bin.tmp the
     first was about to rename, which committed an .idx over an empty .bin. The lock is now held
     until the .idx is committed; the second writer, tried just before the .bin's rename, is refused."""
-    import os
-
     real_replace, tried = os.replace, []
 
     def replace(src, dst, **kw):
@@ -118,7 +122,6 @@ def test_a_rebuild_the_disk_refuses_leaves_the_old_shard_whole(tmp_path, packed,
     failed the rebuild with the old .idx beside the new .bin, a shard neither build wrote. Its bytes
     are now on the disk before anything is renamed, and the old shard stays as it was."""
     import errno
-    import os
 
     old = PackedGroups(random_groups(5, 40), SEQ)
     write(tmp_path / "s", old)
@@ -140,3 +143,29 @@ def test_a_rebuild_the_disk_refuses_leaves_the_old_shard_whole(tmp_path, packed,
     monkeypatch.undo()
     same_groups(IndexedDataset(tmp_path / "s").sequences(range(len(old))), old.sequences(range(len(old))))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.bin", "s.idx", "s.json"]
+
+
+def test_a_stop_signal_held_while_a_rename_fails_ends_the_process_saying_why(tmp_path):
+    """SIGTERM that came while close() put the shard in place was held to the end of the renames and
+    passed on only if they all succeeded: one failing dropped it, and a process told to stop went on.
+    It now ends the process by the signal (its default action here) after the failure, which is
+    printed first: nothing else would say it."""
+    root = Path(__file__).resolve().parents[2]
+    script = ("import errno, os, signal, sys\n"
+              "from engine.data import PackedGroups\n"
+              "from engine.shard_writer import ShardWriter\n"
+              "from tests.engine.test_indexed_dataset import SEQ, random_groups, write\n"
+              "real = os.replace\n"
+              "def replace(src, dst, **kw):\n"
+              "    if str(src).endswith('.bin.tmp'):\n"
+              "        raise OSError(errno.EIO, 'Input/output error')\n"
+              "    real(src, dst, **kw)\n"
+              "    if str(src).endswith('.json.tmp'):\n"
+              "        os.kill(os.getpid(), signal.SIGTERM)\n"
+              "os.replace = replace\n"
+              "write(sys.argv[1], PackedGroups(random_groups(0, 20), SEQ))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path / "s")], capture_output=True, text=True,
+                          cwd=root, env=dict(os.environ, PYTHONPATH=str(root)), timeout=300)
+    assert proc.returncode == -signal.SIGTERM, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"error: [Errno 5] {tmp_path / 's'}: putting the shard in place failed ([Errno 5] "
+                                  "Input/output error); nothing was replaced"), proc.stderr[-3000:]

@@ -148,6 +148,37 @@ def test_sigterm_while_a_rebuild_puts_its_shard_in_place_leaves_one_whole_shard(
     assert not list((tmp_path / "ds").glob("*.tmp")) and not list((tmp_path / "ds").glob(".*"))
 
 
+# A signal sent from inside the .json's rename, and the .bin's failing after it
+FAILS_WITH_A_SIGNAL = ("import errno, os, signal, sys\n"
+                       "from polar import data_build\n"
+                       "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+                       "sig, real = getattr(signal, sys.argv[1]), os.replace\n"
+                       "def replace(src, dst, **kw):\n"
+                       "    if str(src).endswith('.bin.tmp'):\n"
+                       "        raise OSError(errno.EIO, 'Input/output error')\n"
+                       "    real(src, dst, **kw)\n"
+                       "    if str(src).endswith('.json.tmp'):\n"
+                       "        os.kill(os.getpid(), sig)\n"
+                       "os.replace = replace\n"
+                       "sys.exit(data_build.main(sys.argv[2:]))\n")
+
+
+@pytest.mark.parametrize("sig,code", [("SIGTERM", EXIT_SIGTERM), ("SIGHUP", -signal.SIGHUP),
+                                      ("SIGINT", -signal.SIGINT)])
+def test_a_signal_held_while_a_rename_fails_still_stops_the_build(tmp_path, src, sig, code):
+    """A signal that came while close() put the shard in place, held to the end of the renames, was
+    passed on only when they all succeeded: one failing (an I/O error, a full disk) dropped it, and a
+    build stopped by a scheduler's SIGTERM exited 2 (the error's status) where launchers retry 143, a
+    closed terminal's SIGHUP did not end it, and Ctrl-C was lost. Each now comes after the failure,
+    which is still said (printed before SIGHUP's default action ends the process; under Ctrl-C's
+    KeyboardInterrupt in its traceback)."""
+    proc = subprocess.run([sys.executable, "-c", FAILS_WITH_A_SIGNAL, sig, str(src), "-o", str(tmp_path / "ds"),
+                           "--seq-length", str(SEQ), "--quiet"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    if sig != "SIGTERM":
+        assert "putting the shard in place failed ([Errno 5] Input/output error)" in proc.stderr, proc.stderr[-3000:]
+
+
 # Dies or is interrupted right after the k-th rename or removal of one of the shard's own names
 # (.idx, .bin, .json, the rejects list): every point of a --force rebuild's putting its shard in place.
 STOPPED_AT = ("import os, signal, sys\n"
