@@ -194,7 +194,7 @@ def hold_checkpoint_dir(cfg, rank: int):
     taken = []  # rank 0's alone: what on_rank0 returns is sent to every rank
 
     def take():
-        taken.append(HolderLock(lock, _held_by_another_run(ckpt_dir, lock)))
+        taken.append(HolderLock(lock, lambda: _held_by_another_run(ckpt_dir, lock)))  # named when refused
 
     error = on_rank0(rank, take)
     if error:

@@ -610,7 +610,11 @@ def main(argv=None) -> int:
         meta = build(args.inputs, args.output, cfg, workers=args.workers, chunk_records=args.chunk_records,
                      num_shards=args.num_shards, shard_index=args.shard_index, rejects_path=args.rejects,
                      quiet=args.quiet, force=args.force, scan=args.scan)
-    except Terminated:
+    except Terminated as e:
+        if isinstance(e.__context__, OSError):  # the SIGTERM was held over the shard's renames, which failed
+            print(f"error: {e.__context__}", file=sys.stderr)
+            print("stopped by SIGTERM", file=sys.stderr)
+            return EXIT_SIGTERM
         kept = " (a shard it was to replace, --force, is kept)" if args.force else ""
         print(f"stopped by SIGTERM: nothing of the shard was written{kept}", file=sys.stderr)
         return EXIT_SIGTERM
