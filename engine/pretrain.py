@@ -123,7 +123,7 @@ def _main(argv=None, recipe=None) -> int:
         if args.check_config:
             check_before_launch(cfg, recipe)
             if rank == 0:
-                warning = schedule_warning(cfg.train)
+                warning = schedule_warning(cfg.train, getattr(recipe, "DERIVED_SETTINGS", {}))
                 if warning:
                     print(warning, flush=True)
                 print(f"config ok: the settings, kernels and data pass the start-up checks for "
@@ -205,17 +205,24 @@ def hold_checkpoint_dir(cfg, rank: int):
     return taken[0] if taken else None
 
 
-def schedule_warning(train) -> str:
+def schedule_warning(train, derived=None) -> str:
     """A warm-up as long as the run or longer (a preset's 3000 warm-up steps kept by a shorter
     train.steps, say) never reaches train.lr and never decays: legal, since a smoke run of a few steps
     of a preset means exactly that, but rarely what a real run meant, so said at start-up and by
-    --check-config. train.steps=0 (evaluation only) has no schedule. -> the warning, or ""."""
+    --check-config. train.steps=0 (evaluation only) has no schedule. `derived`: the recipe's settings
+    set from others (fine-tuning's, DERIVED_SETTINGS), which the advice then names. -> the warning, or ""."""
     if not 0 < train.steps <= train.warmup_steps:
         return ""
     reached = (f"reaches train.lr={train.lr:g} only at the last step" if train.steps == train.warmup_steps else
                f"stops at {train.steps / train.warmup_steps:.0%} of train.lr={train.lr:g}")
+    derived = derived or {}
+    if "train.warmup_steps" in derived:  # setting train.warmup_steps itself is refused there
+        advice = (f"lower {derived['train.warmup_steps']}"
+                  + (f" or raise {derived['train.steps']}" if "train.steps" in derived else ""))
+    else:
+        advice = "set train.warmup_steps below train.steps"
     return (f"warning: train.warmup_steps={train.warmup_steps} >= train.steps={train.steps}: the learning rate "
-            f"{reached} and never decays (fine for a smoke run; otherwise set train.warmup_steps below train.steps)")
+            f"{reached} and never decays (fine for a smoke run; otherwise {advice})")
 
 
 def check_machine(cfg) -> None:
@@ -425,7 +432,8 @@ def run(cfg, recipe) -> int:
     run_dir = Path(cfg.run_dir)
     say(f"run directory: {run_dir.resolve()}")
     data = prepare_checked_data(cfg, recipe)
-    warning = schedule_warning(cfg.train)  # fine-tuning's steps and warm-up as derived from its data
+    # fine-tuning's steps and warm-up as derived from its data
+    warning = schedule_warning(cfg.train, getattr(recipe, "DERIVED_SETTINGS", {}))
     if warning:
         say(warning)
     say(data.description)

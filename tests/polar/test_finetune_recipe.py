@@ -311,3 +311,17 @@ def test_a_pair_of_the_same_text_is_named(tmp_path, capsys):
     assert len(data.train.groups) == 10  # kept: noted, not dropped
     assert (f"note: fine-tuning data: 2 record(s) hold a preferred and a rejected response of the same text "
             f"({records}:3, {records}:6)") in capsys.readouterr().out
+
+
+def test_a_warmup_as_long_as_the_fine_tuning_is_warned_of_with_the_settings_it_comes_from():
+    """The warning told a fine-tuning run to set train.warmup_steps below train.steps, which fine-tuning
+    refuses (both derived from its data); it now names finetune.warmup_fraction and finetune.epochs."""
+    from engine.config import TrainConfig
+    from engine.pretrain import schedule_warning
+    from polar.finetune_recipe import DERIVED_SETTINGS
+
+    warning = schedule_warning(TrainConfig(steps=7, warmup_steps=7, lr=1e-5), DERIVED_SETTINGS)
+    assert "reaches train.lr=1e-05 only at the last step and never decays" in warning, warning
+    assert "otherwise lower finetune.warmup_fraction or raise finetune.epochs" in warning, warning
+    assert "set train.warmup_steps" not in warning
+    assert schedule_warning(TrainConfig(steps=8, warmup_steps=7), DERIVED_SETTINGS) == ""
