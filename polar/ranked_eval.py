@@ -6,8 +6,9 @@ Ranked record (JSONL, one per line; T = a string or a message list, joined by "\
     {"prompt": T, "category": str, "responses": [{"text": T, "rank": int}, ...], "wrapper": ...}
     {"prompt": T, "category": str, "responses": [T, T, ...], ...}     # best first: rank = position
 
-Rank 1 is the reference (exactly one response has it, and it is not empty); a smaller rank is
-better; ranks are integers >= 1, gaps allowed; an empty response below the reference is scored.
+Rank 1 is the reference (exactly one response has it, and it is neither empty nor only
+whitespace); a smaller rank is better; ranks are integers >= 1, gaps allowed; an empty response
+below the reference is scored.
 `category` is optional ("uncategorized"; not "overall" or "category mean", the table's summary rows);
 `wrapper` is optional (sft or pretrain, default sft);
 other fields are ignored. Every ordered pair of responses below the
@@ -31,9 +32,9 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, Text, as_text
+from polar.format import WRAPPERS, Text
 from polar.records import FieldError as _Bad
-from polar.records import any_text, iter_lines, no_surrogate, parse_jsonl_line
+from polar.records import any_text, check_reference, iter_lines, no_surrogate, parse_jsonl_line
 
 DEFAULT_CATEGORY = "uncategorized"
 # format_table's summary rows: a category of either name would read as one, so none may have it
@@ -122,11 +123,10 @@ def _parse(obj) -> RankedRecord:
     if len(first) != 1:
         raise _Bad("responses", f"exactly one response must have rank 1 (the reference), "
                                 f"got {len(first)}")
-    if as_text(texts[first[0]]) == "":
-        # every reward is a comparison with it: an empty one (a field lost upstream, most likely)
-        # would give an accuracy that measures nothing, without a word
-        where = f"responses[{first[0]}]" + (".text" if isinstance(resp[first[0]], dict) else "")
-        raise _Bad(where, "the rank-1 response (the reference) is empty: there is nothing to compare to")
+    # every reward is a comparison with it: an empty one, or one of only whitespace (a field lost
+    # upstream, most likely), would give an accuracy that measures nothing, without a word
+    check_reference(texts[first[0]], f"responses[{first[0]}]" + (".text" if isinstance(resp[first[0]], dict) else ""),
+                    "the rank-1 response (the reference)")
     below = [i for i in range(len(ranks)) if i != first[0]]
     rec = RankedRecord(prompt, category, texts[first[0]], [texts[i] for i in below],
                        [ranks[i] for i in below], wrapper)

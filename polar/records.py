@@ -14,7 +14,8 @@ skipped. A candidate's explicit `label` wins over its
 `policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
 lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
 invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
-response carries no signal, and the format would drop its "\\n"), a text holding a lone surrogate
+response carries no signal, and the format would drop its "\\n"), a reference of only whitespace
+(the reward compares with it: paper Sec. 3), a text holding a lone surrogate
 (a legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), a key
 given twice in one object (JSON readers keep the last silently, so one of the two texts would be
 lost without a word), and a group without both a positive and a negative candidate (it gives no
@@ -106,6 +107,17 @@ def _text(value, where: str) -> Text:
     return value
 
 
+def check_reference(value: Text, where: str, what: str = "the reference") -> None:
+    """FieldError where a reference is empty or only whitespace. POLAR's reward compares an output
+    with the reference trajectory for its prompt (paper Sec. 3): against such a one it compares
+    with nothing, and a reward or a training pair built on it would measure nothing, without a
+    word (polar serve refuses it too, 400)."""
+    text = as_text(value)
+    if not text.strip():
+        raise _Bad(where, f"{what} is empty{' (only whitespace)' if text else ''}: POLAR scores an output against "
+                          "the reference trajectory for its prompt")
+
+
 def misspelt(obj: dict, *fields: str) -> str:
     """`; 'chosn' given: is it 'chosen'?` for a key of `obj` close to one of `fields`, else "". A
     record's other keys are metadata and allowed, so a misspelt field was reported only as missing."""
@@ -165,7 +177,8 @@ def _parse(obj) -> Record:
     if not isinstance(obj, dict):
         raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")
     prompt = _text(_required(obj, "prompt"), "prompt")
-    reference = _text(_required(obj, "reference"), "reference")
+    reference = any_text(_required(obj, "reference"), "reference")
+    check_reference(reference, "reference")
     has_pair = "chosen" in obj or "rejected" in obj
     if "candidates" in obj:
         if has_pair:
@@ -288,7 +301,8 @@ def compressed_format(path: str) -> Optional[tuple[str, str]]:
     return next(((name, cmd) for magic, name, cmd in _COMPRESSED if head.startswith(magic)), None)
 
 
-def iter_lines(path: str, start: int = 0, end: Optional[int] = None, first_line: int = 1) -> Iterator[tuple[int, bytes]]:
+def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
+               first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
     that one bad byte rejects its line rather than the file. A compressed file is one error for
     the file (RecordError at line 1, whatever on_error says), not an invalid-UTF-8 reject per line."""

@@ -11,9 +11,10 @@ Each input line is one of (texts are strings or message lists, as everywhere in 
 
 One output line per input line, in input order; an input line's other fields (ids, metadata) are
 not copied, the line number is (`"line"`). Empty outputs are scored, not rejected: an RL policy
-does produce them. A line that is not one of the three shapes stops the run with
-`file:line: field: reason` (or, with on_error=skip, becomes `{"line": n, "error": "..."}`, so the
-output still has one line per input line).
+does produce them; an empty reference (or one of only whitespace) is a bad line, as in every other
+reward path (polar serve: 400), since each output is scored against it. A line that is not one
+of the three shapes stops the run with `file:line: field: reason` (or, with on_error=skip, becomes
+`{"line": n, "error": "..."}`, so the output still has one line per input line).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from typing import Iterator, Optional
 from polar.client_format import ScoringItem
 from polar.format import WRAPPERS
 from polar.records import FieldError as _Bad
-from polar.records import RecordError, any_text, iter_lines, misspelt, parse_jsonl_line
+from polar.records import RecordError, any_text, check_reference, iter_lines, misspelt, parse_jsonl_line
 
 KINDS = ("record", "group", "output")
 
@@ -60,6 +61,7 @@ def _parse(obj) -> tuple[str, list]:
     elif wrapper not in WRAPPERS:
         raise _Bad("wrapper", f"must be one of {', '.join(WRAPPERS)}, got {wrapper!r:.60}")
     prompt, reference = _text(obj, "prompt"), _text(obj, "reference")
+    check_reference(reference, "reference")
     shapes = [name for name, keys in (("chosen/rejected", ("chosen", "rejected")), ("candidates", ("candidates",)),
                                       ("output", ("output",))) if any(k in obj for k in keys)]
     if len(shapes) > 1:  # which one was meant is a guess; scoring one of them would drop the others' outputs

@@ -151,6 +151,10 @@ def test_score_fn_contract(records):
     ({"prompt": "p", "responses": ["", "b", "c"]}, "responses[0]", "the reference) is empty"),
     ({"prompt": "p", "responses": [{"text": "b", "rank": 2}, {"text": [{"content": ""}], "rank": 1},
                                    {"text": "c", "rank": 3}]}, "responses[1].text", "the reference) is empty"),
+    # only whitespace compares with nothing as well (it was scored)
+    ({"prompt": "p", "responses": ["  ", "b", "c"]}, "responses[0]", "the reference) is empty (only whitespace)"),
+    ({"prompt": "p", "responses": [{"text": [{"content": "\n"}], "rank": 1}, {"text": "b", "rank": 2},
+                                   {"text": "c", "rank": 3}]}, "responses[0].text", "(only whitespace)"),
     # a key twice: JSON readers keep the last one without a word
     ('{"prompt": "p", "responses": ["a", "b", "c"], "prompt": "q"}', "prompt", "given twice in one object"),
 ])

@@ -46,6 +46,10 @@ GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
     (line({k: v for k, v in GOOD.items() if k != "prompt"}), "prompt", "missing"),
     (line({**GOOD, "reference": 5}), "reference", "must be a string or a list of messages, got int"),
     (line({**GOOD, "chosen": ""}), "chosen", "empty text"),
+    # every pair is judged against the reference (paper Sec. 3): one of only whitespace was built into a shard
+    (line({**GOOD, "reference": ""}), "reference", "the reference is empty: POLAR scores"),
+    (line({**GOOD, "reference": "  "}), "reference", "the reference is empty (only whitespace)"),
+    (line({**GOOD, "reference": [{"content": "\t"}]}), "reference", "(only whitespace)"),
     (line({**GOOD, "rejected": []}), "rejected", "empty text"),
     (line({**GOOD, "prompt": [{"role": "user"}]}), "prompt[0].content", "missing"),
     (line({**GOOD, "prompt": [{"content": None}]}), "prompt[0].content", "must be a string"),

@@ -42,6 +42,11 @@ def test_each_shape_gives_its_items_and_output_row(tmp_path):
                                               "'candidate' given: is it 'candidates'?"),
     ({"ouput": "o"}, "output", "'ouput' given: is it 'output'?"),
     ({"outputs": ["x", "y"]}, "output", "'outputs' given: a list of outputs is given here as candidates"),
+    # each output is scored against the reference: an empty one was scored (rc 0), where polar serve answers 400
+    ({"reference": "", "output": "o"}, "reference", "the reference is empty: POLAR scores an output against"),
+    ({"reference": " \n", "candidates": ["x"]}, "reference", "the reference is empty (only whitespace)"),
+    ({"reference": [{"content": ""}, {"content": " "}], "chosen": "a", "rejected": "b"}, "reference",
+     "(only whitespace)"),
 ])
 def test_a_bad_line_is_named_or_kept_in_place(tmp_path, extra, field, reason):
     path = write(tmp_path / "in.jsonl", [{**BASE, "output": "fine"}, {**BASE, **extra}])
