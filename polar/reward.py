@@ -1,10 +1,11 @@
 """POLAR rewards from Python: a client of `polar serve`, the glue RL trainers call, and an
 in-process scorer.
 
-    RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After; a 429 or
-                                       503 is retried for max_wait_s, past max_retries), large
-                                       batches split into chunks (sent concurrently by the async one,
-                                       so the server batches them together)
+    RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After; a 429, a
+                                       503 or a refused connection is retried for max_wait_s, past
+                                       max_retries), large batches split into chunks (sent
+                                       concurrently by the async one, so the server batches them
+                                       together)
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
@@ -139,6 +140,15 @@ async def _gather(*coros):
         raise
 
 
+def _refused(e: BaseException) -> bool:
+    """Whether a transport error is, at its root, a connection refused (httpx wraps the OSError)."""
+    for _ in range(16):  # a chain is a few links; bounded, as a chain may loop
+        if e is None or isinstance(e, ConnectionRefusedError):
+            return e is not None
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class _Base:
     def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
@@ -194,13 +204,41 @@ class _Base:
             delay = self._delay(attempt, resp)
             if attempt < self.max_retries:
                 return delay
-            waited = time.monotonic() - started
-            if status in (429, 503) and waited < self.max_wait_s:
-                return min(delay, self.max_wait_s - waited)
-            tries = f"{attempt + 1} attempt{'s' * bool(attempt)}"
-            raise RewardServerError(status, f"{_message(resp)} (gave up after {tries} in {waited:.0f} s: max_retries="
-                                            f"{self.max_retries}, and max_wait_s={self.max_wait_s:g} for a 429 or 503)")
+            wait = self._wait_left(delay, started) if status in (429, 503) else None
+            if wait is not None:
+                return wait
+            raise RewardServerError(status, f"{_message(resp)} ({self._gave_up(attempt, started)})")
         raise RewardServerError(status, _message(resp))
+
+    def _wait_left(self, delay: float, started: float) -> Optional[float]:
+        """`delay`, or what is left of max_wait_s since the first attempt if less; None once it has passed."""
+        waited = time.monotonic() - started
+        return min(delay, self.max_wait_s - waited) if waited < self.max_wait_s else None
+
+    def _gave_up(self, attempt: int, started: float) -> str:
+        tries = f"{attempt + 1} attempt{'s' * bool(attempt)}"
+        return (f"gave up after {tries} in {time.monotonic() - started:.0f} s: max_retries={self.max_retries}, "
+                f"and max_wait_s={self.max_wait_s:g} for a 429, a 503 or a refused connection")
+
+    def _unsent(self, e: httpx.TransportError, url: str, attempt: int, started: float) -> float:
+        """The seconds to wait after a request to `url` met `e` instead of an answer; raises `e`, or a
+        ConnectionError naming `url` for a refused connection, when retrying is over.
+
+        A refused connection is a server not listening yet: `polar serve` binds its port at start
+        and listens once its model is loaded (seconds for a tiny model, minutes for a 7B), refusing
+        connections until then, so it is waited for as a 503 is, for max_wait_s; nothing was sent,
+        so sending again cannot score twice. Any other transport error (a host name that does not
+        resolve, a timeout) keeps to max_retries."""
+        delay = self._delay(attempt, None)
+        if attempt < self.max_retries:
+            return delay
+        if not _refused(e):
+            raise e
+        wait = self._wait_left(delay, started)
+        if wait is None:
+            raise ConnectionError(f"cannot connect to the reward server at {url}: {e} "
+                                  f"({self._gave_up(attempt, started)})") from e
+        return wait
 
     @staticmethod
     def _rewards(payload, n: int) -> list[float]:
@@ -233,10 +271,8 @@ class RewardClient(_Base):
         for attempt in itertools.count():
             try:
                 resp = self._http.post(self.base_url + path, content=body, headers=_JSON)
-            except httpx.TransportError:
-                if attempt >= self.max_retries:
-                    raise
-                delay = self._delay(attempt, None)
+            except httpx.TransportError as e:
+                delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
                 delay = self._check(resp, attempt, started)
                 if delay is None:
@@ -284,10 +320,8 @@ class AsyncRewardClient(_Base):
         for attempt in itertools.count():
             try:
                 resp = await self._http.post(self.base_url + path, content=body, headers=_JSON)
-            except httpx.TransportError:
-                if attempt >= self.max_retries:
-                    raise
-                delay = self._delay(attempt, None)
+            except httpx.TransportError as e:
+                delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
                 delay = self._check(resp, attempt, started)
                 if delay is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -20,7 +21,7 @@ class RewardsServer:
     An item whose output is a number gets a 400 naming it, one whose output is "busy" a 503. The
     first `overloaded` requests get `overload_status` with "Retry-After: 0", as a full queue answers."""
 
-    def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429):
+    def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429, port: int = 0):
         self.mode = mode
         self.bodies: list = []
         self.sizes: list = []  # bytes of each body
@@ -70,7 +71,7 @@ class RewardsServer:
                 self.end_headers()
                 self.wfile.write(raw)
 
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -321,7 +322,7 @@ def test_an_overload_outlasting_max_retries_is_waited_out_for_max_wait_s(status)
         assert len(srv.bodies) == 11
     # no time to wait: max_retries alone, and the error says which limit gave out
     message = (rf"answered {status}: the server's queue is full \(gave up after 3 attempts in \d+ s: "
-               r"max_retries=2, and max_wait_s=0 for a 429 or 503\)")
+               r"max_retries=2, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
     with RewardsServer(overloaded=10, overload_status=status) as srv:
         with reward.RewardClient(srv.url, max_retries=2, backoff_s=0.001, max_wait_s=0) as client:
             with pytest.raises(reward.RewardServerError, match=message):
@@ -346,3 +347,49 @@ def test_other_retryable_answers_keep_to_max_retries():
 def test_a_max_wait_s_that_is_not_a_wait_is_refused(value):
     with pytest.raises(ValueError, match="max_wait_s must be a finite number of seconds >= 0"):
         reward.RewardClient("http://127.0.0.1:9", max_wait_s=value)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _score(client_class, url: str, **kw) -> list[float]:
+    if client_class is reward.RewardClient:
+        with reward.RewardClient(url, **kw) as client:
+            return client.score(ITEMS)
+
+    async def go():
+        async with reward.AsyncRewardClient(url, **kw) as client:
+            return await client.score(ITEMS)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_server_still_loading_its_model_is_waited_for(client_class):
+    """`polar serve` refuses connections until its model has loaded (seconds for a tiny model,
+    minutes for a 7B): a refused connection was retried max_retries times, ~20 s, and the RL step
+    failed with a bare ConnectError. It is now waited for max_wait_s, as a 503 is."""
+    port = _free_port()
+    started: list = []
+    later = threading.Timer(3.0, lambda: started.append(RewardsServer(port=port).__enter__()))
+    later.start()
+    try:
+        got = _score(client_class, f"http://127.0.0.1:{port}", max_retries=1, backoff_s=0.05, max_backoff_s=0.2)
+    finally:
+        later.join()
+        for srv in started:
+            srv.__exit__()
+    assert got == [1.0, 2.0, 3.0, 4.0, 5.0] and len(started[0].bodies) == 1
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_refused_connection_past_max_wait_s_names_the_url_and_the_limits(client_class):
+    url = f"http://127.0.0.1:{_free_port()}"
+    message = (rf"cannot connect to the reward server at {url}/v1/rewards: .* \(gave up after 2 attempts "
+               r"in \d+ s: max_retries=1, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
+    with pytest.raises(ConnectionError, match=message) as raised:
+        _score(client_class, url, max_retries=1, backoff_s=0.01, max_wait_s=0)
+    assert isinstance(raised.value.__cause__, reward.httpx.ConnectError)
