@@ -269,20 +269,38 @@ def _file_names_section(path: str, section: str) -> bool:
     return False
 
 
-def load_plan_config(config: Optional[str], overrides: list[str]):
+def _fine_tuning(path: str, overrides: list[str]) -> bool:
+    return _file_names_section(path, "finetune") or any(o.startswith("finetune.") for o in overrides)
+
+
+def load_plan_config(config: Optional[str], overrides: list[str], say=None):
     """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config rules), the
-    recipes' own sections ignored. model.vocab_size=0 (the recipe takes it from its tokenizer) becomes the
-    vocabulary pre-training would use: a built dataset's (data.path), else the byte tokenizer's."""
-    from engine.config import ConfigError, EngineConfig, load_config
+    recipes' own sections ignored. A run that loads a checkpoint (checkpoint.init_from, or the run's newest
+    step when it resumes) builds the model recorded with it for every model.* the user did not set
+    (engine.pretrain.model_from_checkpoint, the run's own rule): a plan of the config alone planned the
+    defaults' 1M-parameter model for a converted 7B; `say` gets the line naming those settings.
+    model.vocab_size=0 (the recipe takes it from its tokenizer) becomes the vocabulary the run would use:
+    fine-tuning's, that of the tokenizer its init checkpoint was trained with; pre-training's, a built
+    dataset's (data.path), else the byte tokenizer's."""
+    from engine.config import ConfigError, EngineConfig, load_config, validate
+    from engine.pretrain import model_from_checkpoint
     from polar.presets import resolve_config
 
     path = resolve_config(config)
-    cfg = load_config(EngineConfig, path, overrides, ignore=_recipe_sections())
+    sources: dict = {}
+    cfg = load_config(EngineConfig, path, overrides, ignore=_recipe_sections(), check=False, sources=sources)
+    finetune = _fine_tuning(path, overrides)
+    if finetune and cfg.data.seq_length == 0:  # EngineConfig's check would say only "must be >= 2"
+        raise ConfigError("fine-tuning's data.seq_length=0 follows the data: give data.seq_length=N (the length a run "
+                          "prints as `data.seq_length=N from the data`)")
+    validate(cfg, sources=sources)
+    taken = model_from_checkpoint(cfg, sources)
+    if taken and say is not None:
+        say(taken)
     if cfg.model.vocab_size == 0:
-        if _file_names_section(path, "finetune") or any(o.startswith("finetune.") for o in overrides):
-            raise ConfigError("model.vocab_size=0: fine-tuning takes it from its tokenizer (finetune.tokenizer "
-                              "or the init checkpoint's); a plan needs it: set model.vocab_size")
-        if cfg.data.path:
+        if finetune:
+            cfg.model.vocab_size = _init_tokenizer_vocab(cfg)
+        elif cfg.data.path:
             from polar.pretrain_recipe import open_built
 
             cfg.model.vocab_size = open_built(cfg.data.path, cfg, "data.path").meta["vocab_size"]
@@ -291,6 +309,25 @@ def load_plan_config(config: Optional[str], overrides: list[str]):
 
             cfg.model.vocab_size = ByteTokenizer.vocab_size
     return cfg
+
+
+def _init_tokenizer_vocab(cfg) -> int:
+    """The vocabulary of the tokenizer fine-tuning's init checkpoint was trained with (the recipe's
+    default for finetune.tokenizer, polar.checkpoint_tokenizer.find)."""
+    from engine.checkpoint import resolve
+    from engine.config import ConfigError
+    from polar.checkpoint_tokenizer import TokenizerNotFound, find
+    from polar.tokenizer import load_tokenizer
+
+    refusal = ("model.vocab_size=0: fine-tuning takes it from its tokenizer (finetune.tokenizer or the init "
+               "checkpoint's); a plan needs it: set model.vocab_size")
+    if not cfg.checkpoint.init_from:
+        raise ConfigError(refusal)
+    try:
+        spec = find(resolve(cfg.checkpoint.init_from))
+        return load_tokenizer(spec).vocab_size
+    except (TokenizerNotFound, OSError, ValueError) as e:
+        raise ConfigError(f"{refusal} ({e})") from None
 
 
 def _gb(x: float) -> str:
@@ -499,7 +536,7 @@ def main(argv=None) -> int:
             raise ConfigError(f"--group-length {args.group_length}: must be >= 1 (leave it out for the whole pack)")
         if args.top < 1:
             raise ConfigError(f"--top {args.top}: must be >= 1")
-        cfg = load_plan_config(args.config, args.overrides)
+        cfg = load_plan_config(args.config, args.overrides, say=print)
         if cfg.train.precision == "fp32":  # was priced as bf16: half the weights and activations it holds
             raise ConfigError("train.precision=fp32: the plan prices bf16 training (2-byte weights and activations, "
                               "the card's bf16 peak); plan a train.precision=bf16 (or auto) run")
