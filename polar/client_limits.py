@@ -36,50 +36,78 @@ def overrun(tokenizer: Tokenizer) -> int:
     return 2 * (newline - 1) - 1 + 2 * 3 * fffd + 2 * fffd + JOIN_ALLOWANCE
 
 
-def usage_check(ap: argparse.ArgumentParser, max_length: Optional[int], max_response: Optional[int]) -> None:
+FLAGS = ("--max-length", "--max-response-length")
+
+
+def fitting_response(max_length: int) -> int:
+    """The client's max_response_length, or the largest below it that leaves a max_length the client's
+    prompt budget (check_truncation): what a max_response_length not given stands for."""
+    return min(CLIENT_MAX_RESPONSE_LENGTH, max(0, (max_length - 6) // 2))
+
+
+def usage_check(ap: argparse.ArgumentParser, max_length: Optional[int], max_response: Optional[int],
+                flags: tuple = FLAGS) -> None:
     """At argument parsing (polar serve, score, eval, format): a max_length that leaves the client's
     prompt budget empty is a usage error (exit 2) before anything is loaded, since the client then
     keeps a whole prompt of any length. None (not given) stands for the client's default: the
-    model's positions may lower it later (settle_lengths), never raise it."""
+    model's positions may lower max_length later (settle_lengths), never raise it, and a
+    max_response_length not given is lowered to what leaves max_length a prompt budget."""
+    length = CLIENT_MAX_LENGTH if max_length is None else max_length
     try:
-        check_truncation(CLIENT_MAX_LENGTH if max_length is None else max_length,
-                         CLIENT_MAX_RESPONSE_LENGTH if max_response is None else max_response)
+        check_truncation(length, fitting_response(length) if max_response is None else max_response, flags)
     except ValueError as e:
         ap.error(str(e))
 
 
 def settle_lengths(max_length: Optional[int], max_response: Optional[int], tokenizer: Tokenizer, positions: int,
-                   flags: tuple = ("--max-length", "--max-response-length")) -> tuple[int, int, Optional[str]]:
+                   flags: tuple = FLAGS) -> tuple[int, int, Optional[str]]:
     """The client's max_length and max_response_length for a model of `positions` positions, and a
-    note to print when a default was lowered to fit them. None: the client's default, or, where the
-    model's positions hold no item of that length, the largest max_length that fits them (and a
-    max_response_length that leaves it a prompt budget, when that is not given either). A given
-    max_length whose items may pass the positions, or lengths that leave no prompt budget
-    (check_truncation), are a ValueError naming the largest max_length that fits."""
+    note to print when a default was lowered. max_length None: the client's default, or, where the
+    model's positions hold no item of that length, the largest max_length that fits them.
+    max_response None: the client's default, or, where max_length (given or not) is below
+    2 x 4096 + 6, the largest that leaves it a prompt budget. A given max_length whose items may
+    pass the positions, or lengths that leave no prompt budget (check_truncation), are a
+    ValueError naming the lengths that would do."""
     extra = overrun(tokenizer)
     fits = positions - extra
-    lowered = []
-    if max_length is None:
+    lowered, derived = [], max_length is None
+    if derived:
         max_length = min(CLIENT_MAX_LENGTH, fits)
         if max_length < CLIENT_MAX_LENGTH:
             lowered.append(f"{flags[0]} {max_length} (not the client's {CLIENT_MAX_LENGTH})")
-            if max_response is None and max_length < 2 * CLIENT_MAX_RESPONSE_LENGTH + 6:
-                max_response = max(0, (max_length - 6) // 2)
-                lowered.append(f"{flags[1]} {max_response} (not {CLIENT_MAX_RESPONSE_LENGTH})")
     elif max_length > fits:
+        # with a response given, the largest max_length alone may still leave no prompt budget: both are named
+        also = (f" (and with it {flags[1]} <= {(fits - 6) // 2}, for a prompt budget)"
+                if max_response is not None and 6 <= fits < 2 * max_response + 6 else "")
         raise ValueError(f"{flags[0]} {max_length}: an item the client's truncation leaves may take up to "
                          f"{max_length + extra} tokens (a cut inside a character decodes to U+FFFD, longer), more "
                          f"than the model's {positions} positions (max_position_embeddings); the largest "
-                         f"{flags[0]} whose items fit is {fits}")
-    if max_response is None:
-        max_response = CLIENT_MAX_RESPONSE_LENGTH
+                         f"{flags[0]} whose items fit is {fits}{also}")
     if max_length < 0:
         raise ValueError(f"the model's {positions} positions (max_position_embeddings) hold no item of the "
                          f"client's format with this tokenizer: {extra} tokens may come on top of {flags[0]}")
-    check_truncation(max_length, max_response)
-    note = None
-    if lowered:
-        note = (f"{' and '.join(lowered)}: the model has {positions} positions (max_position_embeddings), and "
-                f"an item the client's truncation leaves may take {extra} tokens more than {flags[0]} (a cut "
-                "inside a character)")
-    return max_length, max_response, note
+    if max_response is None:
+        max_response = fitting_response(max_length)
+        if max_response < CLIENT_MAX_RESPONSE_LENGTH:
+            lowered.append(f"{flags[1]} {max_response} (not {CLIENT_MAX_RESPONSE_LENGTH})")
+    try:
+        check_truncation(max_length, max_response, flags)
+    except ValueError:
+        if not derived:
+            raise
+        # the max_length was not the user's: "use --max-length >= N" would send them past the positions
+        way = (f"use {flags[1]} <= {(max_length - 6) // 2}" if max_length >= 6 else
+               "no max_response_length leaves so short a max_length a prompt budget")
+        raise ValueError(f"the model's {positions} positions (max_position_embeddings) allow {flags[0]} {max_length} "
+                         f"at most (an item the client's truncation leaves may take {extra} tokens more), and with "
+                         f"{flags[1]} {max_response} that leaves no prompt budget: the official client then keeps "
+                         f"the whole prompt, however long; {way}") from None
+    if not lowered:
+        return max_length, max_response, None
+    if derived:  # the response follows from the max_length the positions allow
+        why = (f"the model has {positions} positions (max_position_embeddings), and an item the client's truncation "
+               f"leaves may take {extra} tokens more than {flags[0]} (a cut inside a character)")
+    else:
+        why = (f"the largest that leaves {flags[0]} {max_length} a prompt budget (the client's truncation needs "
+               "max_length >= 2 x max_response_length + 6)")
+    return max_length, max_response, f"{' and '.join(lowered)}: {why}"

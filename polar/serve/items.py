@@ -30,15 +30,17 @@ class StructuredItem:
     wrapper: str = "sft"
 
 
-def check_truncation(max_length: int, max_response: int) -> None:
+def check_truncation(max_length: int, max_response: int, flags: tuple = ("max_length", "max_response")) -> None:
     """The client's prompt budget, (max_length - 4 - |reference| - |output|) // 2, is at least one
     token for every item only when max_length >= 2 * max_response + 6; below that the client's
-    unguarded slice keeps a whole prompt of any length (polar/client_format.py, rule 4)."""
+    unguarded slice keeps a whole prompt of any length (polar/client_format.py, rule 4). `flags`:
+    what the caller's user sets the two by (a command's flags, an API's arguments)."""
     if max_length < 2 * max_response + 6:
-        raise ValueError(f"max_length {max_length} (--max-length) leaves no prompt budget when the reference and "
-                         f"output each take max_response {max_response} (--max-response) tokens: the official "
-                         f"client then keeps the whole prompt, however long; use max_length >= "
-                         f"{2 * max_response + 6} or a smaller max_response")
+        # both ways out: a model of few positions bounds max_length, so a smaller max_response may be the only one
+        shorter = f"{flags[1]} <= {(max_length - 6) // 2} or " if max_length >= 6 else ""
+        raise ValueError(f"{flags[0]} {max_length} leaves no prompt budget when the reference and output each take "
+                         f"{flags[1]} {max_response} tokens: the official client then keeps the whole prompt, "
+                         f"however long; use {shorter}{flags[0]} >= {2 * max_response + 6}")
 
 
 def format_structured(tokenizer: Tokenizer, items: Sequence[StructuredItem], max_length: int,

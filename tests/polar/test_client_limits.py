@@ -104,5 +104,49 @@ def test_every_command_refuses_a_max_length_that_leaves_no_prompt_budget(command
     with pytest.raises(SystemExit) as e:
         _parsers()[command](["--max-length", "100", "--max-response-length", "60"])
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "max_length 100 (--max-length) leaves no prompt budget" in err, err
-    assert "use max_length >= 126" in err
+    assert e.value.code == 2 and "--max-length 100 leaves no prompt budget" in err, err
+    # both ways out, the response first: a model of few positions may allow no larger --max-length
+    assert "use --max-response-length <= 47 or --max-length >= 126" in err, err
+
+
+@pytest.mark.parametrize("command", ["score", "eval", "serve"])
+def test_a_max_length_given_alone_lowers_the_response_default(command):
+    """`polar serve --max-length 2000` was refused ("use max_length >= 8198 or a smaller max_response")
+    for the response default 4096 the user never gave."""
+    _parsers()[command](["--max-length", "2000"])
+
+
+def test_format_names_the_response_that_fits_a_max_length(capsys):
+    with pytest.raises(SystemExit):  # its --max-response-length has a default, 4096, so it is a given one
+        _parsers()["format"](["--max-length", "2000"])
+    assert "use --max-response-length <= 997 or --max-length >= 8198" in capsys.readouterr().err
+
+
+def test_the_messages_for_a_model_of_few_positions_lead_to_lengths_that_settle():
+    """On a 1024-position model the messages went round: --max-length 2000 -> "the largest --max-length
+    whose items fit is 1009" -> --max-length 1009 -> "use max_length >= 8198" again; the working
+    answer, a smaller --max-response-length, was never given."""
+    tok, positions = ByteTokenizer(), 1024  # the byte tokenizer: 1009 = 1024 - 15 fits
+    with pytest.raises(ValueError, match="the largest --max-length whose items fit is 1009$"):
+        settle_lengths(2000, None, tok, positions)
+    length, response, note = settle_lengths(1009, None, tok, positions)  # what that message says to use
+    assert (length, response) == (1009, 501) and note.startswith("--max-response-length 501 (not 4096): "), note
+    assert "--max-length 1009 a prompt budget" in note
+    # a response given as well: the largest max_length alone would be refused next, so both are named
+    with pytest.raises(ValueError, match=r"fit is 1009 \(and with it --max-response-length <= 501, for a prompt"):
+        settle_lengths(2000, 4096, tok, positions)
+    # a max_length from the positions, not the user's, is not blamed on --max-length
+    with pytest.raises(ValueError) as e:
+        settle_lengths(None, 4096, tok, positions)
+    msg = str(e.value)
+    assert msg.startswith("the model's 1024 positions (max_position_embeddings) allow --max-length 1009 at most"), msg
+    assert msg.endswith("use --max-response-length <= 501") and ">= 8198" not in msg, msg
+    assert settle_lengths(None, 501, tok, positions) == (1009, 501, "--max-length 1009 (not the client's 16384): "
+                                                                     "the model has 1024 positions "
+                                                                     "(max_position_embeddings), and an item the "
+                                                                     "client's truncation leaves may take 15 tokens "
+                                                                     "more than --max-length (a cut inside a "
+                                                                     "character)")
+    # serve's own flag name where it passes it
+    with pytest.raises(ValueError, match="with --max-response 4096 that leaves"):
+        settle_lengths(None, 4096, tok, positions, ("--max-length", "--max-response"))
