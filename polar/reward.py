@@ -519,8 +519,8 @@ class InProcessScorer:
 
     def __init__(self, scorer, tokenizer, *, max_length: Optional[int] = None, max_response: Optional[int] = None,
                  **batcher_kw):
-        from polar.client_format import CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, Cuts
-        from polar.client_limits import settle_lengths
+        from polar.client_format import CLIENT_MAX_LENGTH, Cuts
+        from polar.client_limits import fitting_response, settle_lengths
         from polar.serve.batcher import Batcher
         from polar.serve.items import check_truncation
 
@@ -531,7 +531,7 @@ class InProcessScorer:
                                                                          positions, ("max_length", "max_response"))
         else:
             max_length = CLIENT_MAX_LENGTH if max_length is None else max_length
-            max_response = CLIENT_MAX_RESPONSE_LENGTH if max_response is None else max_response
+            max_response = fitting_response(max_length) if max_response is None else max_response
             check_truncation(max_length, max_response)
         self.cuts, self._cuts_lock = Cuts(), threading.Lock()
         self.scorer = scorer

@@ -154,6 +154,11 @@ def test_in_process_scorer_fits_its_lengths_to_the_models_positions():
         s.close()
     with pytest.raises(ValueError, match="max_length 8000: .* the largest max_length whose items fit is 4081"):
         reward.InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_length=8000)
+    # a scorer that knows no positions: a max_length given alone brings the response length that fits it,
+    # as on the command line (it was refused: "leaves no prompt budget ... max_response 4096")
+    s = reward.InProcessScorer(_StubModel(), ByteTokenizer(), max_length=2000, max_wait_s=0.001)
+    assert (s.max_length, s.max_response) == (2000, 997)
+    s.close()
     # a model of the client's positions and more keeps the client's lengths, with nothing to say
     s = reward.InProcessScorer(_StubModelOfPositions(32768), ByteTokenizer(), max_wait_s=0.001)
     assert (s.max_length, s.max_response, s.lengths_note) == (16384, 4096, None)
