@@ -23,7 +23,10 @@ error found there (a bad line, an input cut short) stops the run where it would 
 thread, after this chunk's rows are written. Without --seq-length each chunk's packed length is its
 longest group's, rounded up to 128. On a CUDA device that thread also copies the chunk's packed
 batches into pinned (page-locked) host memory, so their copies to the device are asynchronous
-(POLAR_SCORE_PIN_MEMORY=0: left in pageable memory; the rows are the same).
+(POLAR_SCORE_PIN_MEMORY=0: left in pageable memory; the rows are the same). A --seq-length below
+what the client's truncation can leave (--max-length + 15 with the byte tokenizer) has the input
+read once more before the model is loaded, to find a line too long for it, each rank tokenizing
+its share of the lines (first_too_long).
 
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
 or the model.yaml a converted checkpoint holds); the tokenizer from `--tokenizer`, else the
@@ -234,9 +237,13 @@ class CheckpointScorer:
 
     def start(self) -> None:
         """Process groups, model, weights (the expensive part; after the inputs are checked)."""
-        from engine import checkpoint
+        self.start_runtime()
+        self.load()
+
+    def start_runtime(self) -> None:
+        """The process groups (seconds, not the load's minutes): made before the load so that the
+        ranks can share the checks of the input that come before it (first_too_long)."""
         from engine.config import ParallelConfig, TrainConfig
-        from engine.parallelize import build_model
         from engine.runtime import init_runtime, validate_layout, world_size_from_env
 
         par = ParallelConfig(tp=self.tp, pp=self.pp, distributed_optimizer=False)
@@ -246,11 +253,19 @@ class CheckpointScorer:
             raise ConfigError(f"--tp {self.tp} x --pp {self.pp}: a model replica spans {n} processes, but this "
                               f"run has {world}; start {n} (or a multiple): --nproc {n} (torchrun: "
                               f"--nproc_per_node {n})")
-        if int(os.environ.get("RANK", "0")) == 0:  # minutes at 7B, with nothing else said
-            print(f"loading {self.step_dir} at tp={self.tp} pp={self.pp} dp={world // (self.tp * self.pp)}", flush=True)
         self.dp = validate_layout(self.model_cfg, par, TrainConfig(global_batch=max(1, world // (self.tp * self.pp))),
                                   world, 128)
         self.rt = init_runtime(par, seed=0)
+
+    def load(self) -> None:
+        """The model and its weights, after start_runtime."""
+        from engine import checkpoint
+        from engine.config import ParallelConfig, TrainConfig
+        from engine.parallelize import build_model
+
+        if self.rt.is_main:  # minutes at 7B, with nothing else said
+            print(f"loading {self.step_dir} at tp={self.tp} pp={self.pp} dp={self.rt.dp}", flush=True)
+        par = ParallelConfig(tp=self.tp, pp=self.pp, distributed_optimizer=False)
         self.chunks, _ = build_model(self.model_cfg, par, TrainConfig(precision=self.precision), self.rt)
         checkpoint.load(self.step_dir, self.chunks, None)
 
@@ -262,22 +277,27 @@ class CheckpointScorer:
                               "beyond which its dynamic RoPE scaling (model.rope_scaling=dynamic) is not exact; "
                               f"pass at most {m.max_position_embeddings}")
 
-    def groups(self, item_lists: list, max_tokens: int = 0) -> list:
-        """Per list of ScoringItems: the client's exact ids of each, as one Group, or as a SplitLine
-        of several when one would hold more than `max_tokens` (default: the model's positions).
-        What the client's truncation cut is left in self.cuts."""
+    def encoded(self, item_lists: list) -> list:
+        """Per list of ScoringItems: the client's exact ids of each item (an int32 array each). What the
+        client's truncation cut is left in self.cuts."""
         from polar.client_format import Cuts, client_encode_batch
 
-        cap = min(max_tokens or self.model_cfg.max_position_embeddings, self.model_cfg.max_position_embeddings)
         flat = [it for items in item_lists for it in items]
         self.cuts = Cuts()
         served = client_encode_batch(self.tokenizer, flat, max_length=self.max_length,
                                      max_response_length=self.max_response_length, cuts=self.cuts)
         out, k = [], 0
         for items in item_lists:
-            out.append(line_groups([s.ids for s in served[k:k + len(items)]], cap))
+            out.append([s.ids for s in served[k:k + len(items)]])
             k += len(items)
         return out
+
+    def groups(self, item_lists: list, max_tokens: int = 0) -> list:
+        """Per list of ScoringItems: the client's exact ids of each, as one Group, or as a SplitLine
+        of several when one would hold more than `max_tokens` (default: the model's positions).
+        What the client's truncation cut is left in self.cuts."""
+        cap = min(max_tokens or self.model_cfg.max_position_embeddings, self.model_cfg.max_position_embeddings)
+        return [line_groups(ids, cap) for ids in self.encoded(item_lists)]
 
     def score_groups(self, lines: list, seq_length: int = 0, where=None, progress_s: float | None = None,
                      progress=None, data_parallel: bool = True) -> tuple[list, dict]:
@@ -482,8 +502,6 @@ def run(args, interrupts, leaves: list) -> int:
     # the lines checked, no more: a file still being appended to gets no unchecked line scored
     unscored = (numbers[done - 1] if done else 0, numbers[-1] if len(numbers) else 0)
     source = iter_score_input(args.input, args.on_error, after_line=unscored[0], until_line=unscored[1])
-    if args.on_error == "fail":
-        first_too_long(scorer, args, limit, bound, unscored, chunk_lines)
     read = done  # lines of `numbers` read so far
 
     def next_chunk():
@@ -502,9 +520,12 @@ def run(args, interrupts, leaves: list) -> int:
         read += len(chunk)
         return chunk
 
-    scorer.start()
+    scorer.start_runtime()
     rt = scorer.rt
     same_on_every_rank(done, rt)
+    if args.on_error == "fail":
+        first_too_long(scorer, args, limit, bound, unscored, chunk_lines, rt)
+    scorer.load()
 
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
     totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
@@ -568,25 +589,47 @@ def run(args, interrupts, leaves: list) -> int:
     return 0
 
 
-def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, lines: tuple, chunk_lines: int) -> None:
-    """Before the model is loaded: a ConfigError at the first line in `lines` (after, until) whose outputs
-    cannot fit `limit` tokens. The settled --max-length keeps every item within the model's
-    positions (polar/client_limits.py), so only a --seq-length below what the client's truncation
-    allows can be passed, and only then is the input tokenized for it here."""
-    import itertools
+def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, lines: tuple, chunk_lines: int,
+                   rt=None) -> None:
+    """Before the model is loaded: a ConfigError, on every rank, at the first line in `lines` (after,
+    until) whose outputs cannot fit `limit` tokens. The settled --max-length keeps every item within
+    the model's positions (polar/client_limits.py), so only a --seq-length below what the client's
+    truncation allows can be passed, and only then is the input tokenized for it here: rank r of the
+    run's (`rt`'s) W ranks tokenizes the r-th of every W lines, and the ranks then agree on the first
+    line any of them found, so the input is tokenized once over the ranks, not once on each.
 
+    Only each output's token count is needed, not the line's groups: groups() splits a line's outputs
+    into groups of at most `limit` tokens (line_groups; `limit` is its cap), leaving alone only an
+    output longer than that, so a line fits if and only if its longest output does."""
+    from engine.score_ranks import earliest
     from polar.client_limits import overrun
-    from polar.score_input import iter_score_input
 
     if limit >= scorer.max_length + overrun(scorer.tokenizer):
         return
-    source = iter_score_input(args.input, "skip", after_line=lines[0], until_line=lines[1])
-    while chunk := list(itertools.islice(source, chunk_lines)):
-        chunk = [ln for ln in chunk if ln.error is None]
-        for ln, g in zip(chunk, scorer.groups([ln.items for ln in chunk], args.seq_length)):
-            if len(g) > limit:
-                raise ConfigError(f"{args.input}:{ln.line}: its outputs take {len(g)} tokens, more than {bound} "
-                                  "(--on-error skip writes an error line instead)")
+    rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
+    first = earliest(first_in_share(scorer, args.input, limit, lines, chunk_lines, rank, world), rt)
+    if first is not None:
+        raise ConfigError(f"{args.input}:{first[0]}: its outputs take {first[1]} tokens, more than {bound} "
+                          "(--on-error skip writes an error line instead)")
+
+
+def first_in_share(scorer: CheckpointScorer, path: str, limit: int, lines: tuple, chunk_lines: int, rank: int = 0,
+                   world: int = 1):
+    """(line number, its longest output's token count) of the first line past `limit` tokens among
+    the r-th of every `world` lines in `lines` (after, until) of `path`, for r = `rank`; None if none
+    is. Tokenized `chunk_lines` lines at a time: the host holds a chunk, not the input."""
+    import itertools
+
+    from polar.score_input import iter_score_input
+
+    source = iter_score_input(path, "skip", after_line=lines[0], until_line=lines[1])
+    mine = (ln for i, ln in enumerate(source) if i % world == rank and ln.error is None)
+    while chunk := list(itertools.islice(mine, chunk_lines)):
+        for ln, ids in zip(chunk, scorer.encoded([ln.items for ln in chunk])):
+            longest = max(len(x) for x in ids)
+            if longest > limit:
+                return ln.line, longest
+    return None
 
 
 def _prepared_share(scorer: CheckpointScorer, mine: list, args, limit: int) -> tuple:

@@ -1,5 +1,6 @@
-"""What the ranks of `polar score` (engine/score.py) exchange: where a partial output continues, and
-each model replica's share of a chunk once it is scored."""
+"""What the ranks of `polar score` (engine/score.py) exchange: where a partial output continues, the
+first line too long for --seq-length that their shares of the input's check found, and each model
+replica's share of a chunk once it is scored."""
 from __future__ import annotations
 
 from engine.config import ConfigError
@@ -34,3 +35,16 @@ def same_on_every_rank(done: int, rt) -> None:
     if int(seen[0]) != -int(seen[1]):
         raise ConfigError(f"the ranks found different partial outputs beside --output (between {-int(seen[1])} and "
                           f"{int(seen[0])} rows): --output must be on a file system every node shares")
+
+
+def earliest(found, rt):
+    """The least of the ranks' `found` (a (line, ...) tuple, or None for nothing found), on every
+    rank: each rank checked its own share of the input's lines, and all of them stop at the first
+    line that any found, with one message."""
+    import torch.distributed as dist
+
+    if rt is None or rt.world_size == 1:
+        return found
+    everyone = [None] * rt.world_size
+    dist.all_gather_object(everyone, found)
+    return min((f for f in everyone if f is not None), default=None)

@@ -99,14 +99,37 @@ def test_a_killed_run_continues_where_it_ended_with_the_rewards_of_one_run(tmp_p
         np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
 
 
+# polar score without its check of every line against --seq-length before the model loads
+# (engine.score.first_too_long): a line too long is then found where its chunk is scored, the
+# backstop for a line that check did not find
+UNCHECKED = """
+import sys
+
+import engine.score
+
+engine.score.first_too_long = lambda *args: None
+sys.exit(engine.score.main(sys.argv[1:]))
+"""
+
+
+def _unchecked(tmp_path: Path, cmd: list) -> subprocess.CompletedProcess:
+    script = tmp_path / "unchecked.py"
+    script.write_text(UNCHECKED)
+    return _run([sys.executable, str(script), *cmd[4:]], tmp_path)
+
+
 def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_path, checkpoint):
-    """Under --on-error fail a line too long for the packed sequence stops the run where its chunk
-    comes; the chunks before it stay in the partial output and a rerun with --on-error skip (which
-    changes no reward) continues after them."""
+    """Under --on-error fail a line too long for the packed sequence stops the run before the model
+    loads, no row written; where that check did not find it, where its chunk comes, the chunks before
+    it staying in the partial output; a rerun with --on-error skip (which changes no reward)
+    continues after them."""
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     lines = [SHORT, dict(SHORT, output="oo"), dict(SHORT, output="y" * 400), SHORT]
     inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stopped = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
+    checked = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
+    assert checked.returncode == 2 and "in.jsonl:3: its outputs take" in checked.stderr, checked.stderr[-3000:]
+    assert "loading" not in checked.stdout and _complete_rows(Path(f"{out}.partial")) == 0
+    stopped = _unchecked(tmp_path, _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"))
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     assert ("in.jsonl:3: its outputs take" in stopped.stderr
             and f"the 2 lines before it are kept in {out}.partial, and a rerun continues after them"
@@ -136,8 +159,9 @@ def test_an_output_that_would_replace_the_input_is_refused(tmp_path, checkpoint,
 def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="y" * 400)) + "\n")
-    stopped = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
-    assert stopped.returncode == 2 and Path(f"{out}.partial").exists(), stopped.stderr[-3000:]
+    # a row written before the run stops: what a rerun on the edited input would mix with its own
+    stopped = _unchecked(tmp_path, _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"))
+    assert stopped.returncode == 2 and _complete_rows(Path(f"{out}.partial")) == 1, stopped.stderr[-3000:]
     inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="fixed")) + "\n")
     again = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
     assert again.returncode == 2 and "was written by a run with other settings (input_bytes:" in again.stderr, \

@@ -196,3 +196,83 @@ def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint
     n = len(LINE["candidates"])
     assert (f"the client's truncation (--max-length 60, --max-response-length 24) cut {outputs_cut} output(s), "
             f"{n} reference(s) and {n} prompt(s) of {n} item(s) of the input") in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("max_tokens", [30, 45, 60, 200])
+def test_a_line_fits_the_sequence_length_where_its_longest_output_does(max_tokens):
+    """polar score's check before the model loads (first_too_long) reads only each output's token
+    count: a line's groups fit `max_tokens` exactly when its longest output does, and a line that
+    does not takes that output's count (the number the scoring names)."""
+    from engine.score import line_groups
+
+    rng = np.random.default_rng(1)
+    for _ in range(60):
+        prefix = rng.integers(0, 250, int(rng.integers(1, 30))).astype(np.int32)
+        ids = [np.concatenate([prefix[:int(rng.integers(1, len(prefix) + 1))],
+                               rng.integers(0, 250, int(rng.integers(1, 40))).astype(np.int32)])
+               for _ in range(int(rng.integers(1, 12)))]
+        longest = max(len(x) for x in ids)
+        line = len(line_groups(ids, max_tokens))
+        assert (line > max_tokens) == (longest > max_tokens)
+        if line > max_tokens:
+            assert line == longest
+
+
+# engine.score under torchrun, counting the items each rank tokenizes before the weights are read
+COUNTED = """
+import os
+import sys
+
+import engine.checkpoint
+import polar.client_format
+from engine.score import main
+
+encode, load, items = polar.client_format.client_encode_batch, engine.checkpoint.load, [0]
+
+
+def counted_encode(tokenizer, batch, **kw):
+    items[0] += len(batch)
+    return encode(tokenizer, batch, **kw)
+
+
+def counted_load(*a, **kw):
+    with open(f"{sys.argv[1]}.{os.environ['RANK']}", "w") as f:
+        f.write(str(items[0]))
+    return load(*a, **kw)
+
+
+polar.client_format.client_encode_batch, engine.checkpoint.load = counted_encode, counted_load
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_two_ranks_share_the_check_before_the_load_and_stop_at_the_first_line_too_long(tmp_path, checkpoint):
+    """With a --seq-length below what the client's truncation allows, every line is checked against
+    it before the model is loaded. Each rank tokenized the whole input for that (and then its share
+    again to score it): the input is now tokenized once over the ranks, each rank checking its share,
+    and a line too long found by either rank stops both, naming the first such line, before loading."""
+    short = {"prompt": "p", "reference": "r", "candidates": ["o", "oo"]}
+    lines = [short] * 12
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    script = tmp_path / "counted.py"
+    script.write_text(COUNTED)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(tmp_path / "items"), "--checkpoint", checkpoint, "--input", str(inp),
+                           "--output", str(tmp_path / "out.jsonl"), "--tokenizer", "byte", "--seq-length", "256"],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    before_load = [int((tmp_path / f"items.{rank}").read_text()) for rank in (0, 1)]
+    assert sum(before_load) == 2 * len(lines), before_load  # was 24 on each rank
+
+    # line 4 is the second rank's share, line 5 the first's: both stop, naming line 4
+    lines[3:5] = [dict(short, candidates=["o", "y" * 300]), dict(short, candidates=["y" * 400])]
+    from polar.client_format import ScoringItem, client_encode_batch
+    from polar.tokenizer import ByteTokenizer
+
+    tokens = len(client_encode_batch(ByteTokenizer(), [ScoringItem("p", "r", "y" * 300)])[0].ids)
+    refused = _score(tmp_path, checkpoint, lines, "two", "--seq-length", "256", "--nproc", "2")
+    assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun's 1 for its workers' 2
+    assert refused.stderr.count(f"two.jsonl:4: its outputs take {tokens} tokens, more than --seq-length 256") == 1, \
+        refused.stderr[-3000:]
+    assert "loading" not in refused.stdout and "two.jsonl:5" not in refused.stderr
