@@ -222,6 +222,11 @@ def build_model(model: ModelConfig, par: ParallelConfig, train: TrainConfig, rt:
     return wrapped, config
 
 
-def count_parameters(chunks) -> int:
-    """Parameters held by this process (a TP/PP shard)."""
-    return sum(p.numel() for c in chunks for p in c.parameters())
+def count_parameters(chunks, tp_rank: int | None = None) -> int:
+    """Parameters held by this process (a TP/PP shard). With `tp_rank`, this process's part of the
+    model's count instead: a parameter megatron does not split over TP (the layer norms, the value
+    head: no tensor_model_parallel attribute) is whole on every TP rank, and is counted on TP rank 0
+    only (megatron's own rule for TP duplicates), so that the parts summed over one replica's ranks
+    are the model's count at any layout."""
+    return sum(p.numel() for c in chunks for p in c.parameters()
+               if tp_rank is None or tp_rank == 0 or getattr(p, "tensor_model_parallel", False))

@@ -28,7 +28,7 @@ from engine.evaluation import STATS, EvaluationStopped, evaluate
 from engine.loss import contrastive_loss
 from engine.optim import build_optimizer, step_with_norm
 from engine.packing import next_token_mask
-from engine.parallelize import build_model, resolve_attention_backend, resolve_dtype
+from engine.parallelize import build_model, count_parameters, resolve_attention_backend, resolve_dtype
 from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
                              spec_sheet_tflops)
 from engine.runtime import Runtime
@@ -102,10 +102,7 @@ class Trainer:
         self.history: list[dict] = []
         self.skipped_steps: list[dict] = []
         self.is_last_stage = rt.is_last_stage()
-        # a parameter megatron does not split over TP (layer norms, the value head) is whole on every
-        # TP rank: counted on TP rank 0 only, so that the count is the model's at any layout
-        n_local = sum(p.numel() for c in self.model for p in c.parameters()
-                      if getattr(p, "tensor_model_parallel", False) or rt.tp_rank == 0)
+        n_local = count_parameters(self.model, rt.tp_rank)  # the model's count at any layout, summed
         total = torch.tensor([n_local], dtype=torch.float64, device=rt.device)  # NCCL needs device tensors
         dist.all_reduce(total)  # every TP/PP shard counted once per DP replica
         self.num_parameters = int(total.item() / rt.dp)
