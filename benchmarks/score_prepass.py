@@ -8,8 +8,9 @@ tokenizer: --seq-length 2048 at the default lengths), polar score tokenizes ever
 before the model loads, so that a line too long for it is named before a load of minutes
 (engine/score.py, first_too_long). The baseline, timed in the same invocation on the same input, is
 that check as 702550e ran it: every rank built every line's groups (CheckpointScorer.groups, the
-scoring pass's tokenization and grouping). Now rank r of W tokenizes the r-th of every W lines and
-reads only each output's token count (engine.score.first_in_share). The ranks' shares are timed
+scoring pass's tokenization and grouping). Now rank r of W reads, parses and tokenizes only the r-th
+of W runs of consecutive lines and takes only each output's token count (engine.score.share and
+first_in_share; the lines before its share it reads without parsing). The ranks' shares are timed
 here in one process, one after another (on a node each rank has its own cores and they run at
 once): the slowest share is what the check adds before the load, the sum of the shares the host
 CPU it costs. Every share is checked to find what the baseline finds (no line too long here: the
@@ -36,8 +37,14 @@ from benchmarks.arguments import at_least  # noqa: E402
 SEQ_LENGTH = 2048
 
 
-def write_input(path: str, lines: int, outputs: int, seed: int = 0) -> None:
-    """Lines of one prompt (~250 bytes), one reference (~150) and `outputs` outputs (~150 each)."""
+# outputs of 15-34 words (~150 bytes): a line of 8 is one group within 2048 tokens; of 30-54
+# (~250 bytes): more than 2048, split into groups that fit (line_groups), as the review's input was
+SHAPES = {"short outputs": (15, 35), "long outputs": (30, 55)}
+
+
+def write_input(path: str, lines: int, outputs: int, words_out: tuple, seed: int = 0) -> None:
+    """Lines of one prompt (~250 bytes), one reference (~150) and `outputs` outputs of `words_out`
+    words (low, high: high excluded)."""
     rng = np.random.default_rng(seed)
     vocab = "alpha beta gamma delta reward model policy token answer step".split()
 
@@ -45,7 +52,7 @@ def write_input(path: str, lines: int, outputs: int, seed: int = 0) -> None:
         return " ".join(rng.choice(vocab, int(n)))
 
     rows = ({"prompt": f"Q{i} {words(40)}", "reference": words(25),
-             "candidates": [f"{j} {words(rng.integers(15, 35))}" for j in range(outputs)]} for i in range(lines))
+             "candidates": [f"{j} {words(rng.integers(*words_out))}" for j in range(outputs)]} for i in range(lines))
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
@@ -83,8 +90,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.score_chunks import small_checkpoint
-    from engine.score import CheckpointScorer, first_in_share
+    from engine.score import CheckpointScorer, first_in_share, share
     from polar.client_limits import overrun
+    from polar.score_input import survey_score_input
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -92,32 +100,36 @@ def main() -> None:
         scorer = CheckpointScorer(checkpoint, tokenizer="byte")
         limit = min(SEQ_LENGTH, scorer.model_cfg.max_position_embeddings)
         assert limit < scorer.max_length + overrun(scorer.tokenizer), "the check would not run at these lengths"
-        inp = os.path.join(tmp, "in.jsonl")
-        write_input(inp, args.lines, args.outputs)
-        span = (0, args.lines)
-        # imports and first calls (the grouping's, numpy's) out of the timings
-        baseline(scorer, inp, limit, (0, 20), 1024)
-        first_in_share(scorer, inp, limit, (0, 20), 1024)
-        base_s, want = timed(lambda: baseline(scorer, inp, limit, span, 1024), args.repeats)
         rows = []
-        for world in args.ranks:
-            chunk = min(1024 * world, 16384)  # polar score's default --chunk-lines at DP `world`
-            shares = []
-            for rank in range(world):
-                s, got = timed(lambda: first_in_share(scorer, inp, limit, span, chunk, rank, world), args.repeats)
-                assert got == want, (world, rank, got, want)
-                shares.append(s)
-            rows.append((world, base_s, max(shares), world * base_s, sum(shares)))
+        for shape, words_out in SHAPES.items():
+            inp = os.path.join(tmp, "in.jsonl")
+            write_input(inp, args.lines, args.outputs, words_out)
+            numbers = survey_score_input(inp)[0]  # polar score's check of every line, before these
+            # imports and first calls (the grouping's, numpy's) out of the timings
+            baseline(scorer, inp, limit, (0, 20), 1024)
+            first_in_share(scorer, inp, limit, (0, 20), 1024)
+            base_s, want = timed(lambda: baseline(scorer, inp, limit, (0, numbers[-1]), 1024), args.repeats)
+            for world in args.ranks:
+                chunk = min(1024 * world, 16384)  # polar score's default --chunk-lines at DP `world`
+                shares = []
+                for rank in range(world):
+                    span = share(numbers, rank, world)
+                    s, got = timed(lambda: first_in_share(scorer, inp, limit, span, chunk), args.repeats)
+                    assert got == want, (shape, world, rank, got, want)
+                    shares.append(s)
+                rows.append((shape, world, base_s, max(shares), world * base_s, sum(shares)))
     load_after = os.getloadavg()[0]
 
-    print(f"{args.lines:,} lines of {args.outputs} outputs, --seq-length {limit}, byte tokenizer; the least of "
-          f"{args.repeats} timing(s) each; load average {load_before:.1f} before, {load_after:.1f} after")
+    shapes = ", ".join(f"{name}: {lo}-{hi - 1} words" for name, (lo, hi) in SHAPES.items())
+    print(f"{args.lines:,} lines of {args.outputs} outputs ({shapes}), --seq-length {limit}, byte tokenizer; the "
+          f"least of {args.repeats} timing(s) each; load average {load_before:.1f} before, {load_after:.1f} after")
     print()
-    print("| ranks | lines tokenized by each rank: 702550e / now | 702550e: s a rank | now: s, slowest rank "
-          "| a rank's wait before the load: 702550e / now | CPU s, all ranks: 702550e / now | CPU: 702550e / now |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for world, old, new, old_cpu, new_cpu in rows:
-        print(f"| {world} | {args.lines:,} / {-(-args.lines // world):,} | {old:.2f} | {new:.2f} | "
+    print("| input | ranks | lines tokenized by each rank: 702550e / now | 702550e: s a rank | now: s, slowest "
+          "rank | a rank's wait before the load: 702550e / now | CPU s, all ranks: 702550e / now "
+          "| CPU: 702550e / now |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for shape, world, old, new, old_cpu, new_cpu in rows:
+        print(f"| {shape} | {world} | {args.lines:,} / {-(-args.lines // world):,} | {old:.2f} | {new:.2f} | "
               f"**{old / new:.2f}x** | {old_cpu:.2f} / {new_cpu:.2f} | {old_cpu / new_cpu:.2f}x |")
 
 

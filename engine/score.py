@@ -524,7 +524,7 @@ def run(args, interrupts, leaves: list) -> int:
     rt = scorer.rt
     same_on_every_rank(done, rt)
     if args.on_error == "fail":
-        first_too_long(scorer, args, limit, bound, unscored, chunk_lines, rt)
+        first_too_long(scorer, args, limit, bound, numbers[done:], chunk_lines, rt)
     scorer.load()
 
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
@@ -589,14 +589,15 @@ def run(args, interrupts, leaves: list) -> int:
     return 0
 
 
-def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, lines: tuple, chunk_lines: int,
+def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, numbers, chunk_lines: int,
                    rt=None) -> None:
-    """Before the model is loaded: a ConfigError, on every rank, at the first line in `lines` (after,
-    until) whose outputs cannot fit `limit` tokens. The settled --max-length keeps every item within
-    the model's positions (polar/client_limits.py), so only a --seq-length below what the client's
-    truncation allows can be passed, and only then is the input tokenized for it here: rank r of the
-    run's (`rt`'s) W ranks tokenizes the r-th of every W lines, and the ranks then agree on the first
-    line any of them found, so the input is tokenized once over the ranks, not once on each.
+    """Before the model is loaded: a ConfigError, on every rank, at the first of the lines `numbers`
+    (the unscored lines' numbers, ascending) whose outputs cannot fit `limit` tokens. The settled
+    --max-length keeps every item within the model's positions (polar/client_limits.py), so only a
+    --seq-length below what the client's truncation allows can be passed, and only then is the input
+    tokenized for it here: each of the run's (`rt`'s) ranks reads and tokenizes its own share of the
+    lines (share()), and the ranks then agree on the first line any of them found, so the input is
+    tokenized once over the ranks, not once on each.
 
     Only each output's token count is needed, not the line's groups: groups() splits a line's outputs
     into groups of at most `limit` tokens (line_groups; `limit` is its cap), leaving alone only an
@@ -606,25 +607,32 @@ def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, lines
 
     if limit >= scorer.max_length + overrun(scorer.tokenizer):
         return
-    rank, world = (rt.rank, rt.world_size) if rt is not None else (0, 1)
-    first = earliest(first_in_share(scorer, args.input, limit, lines, chunk_lines, rank, world), rt)
+    span = share(numbers, *((rt.rank, rt.world_size) if rt is not None else (0, 1)))
+    first = earliest(first_in_share(scorer, args.input, limit, span, chunk_lines) if span else None, rt)
     if first is not None:
         raise ConfigError(f"{args.input}:{first[0]}: its outputs take {first[1]} tokens, more than {bound} "
                           "(--on-error skip writes an error line instead)")
 
 
-def first_in_share(scorer: CheckpointScorer, path: str, limit: int, lines: tuple, chunk_lines: int, rank: int = 0,
-                   world: int = 1):
-    """(line number, its longest output's token count) of the first line past `limit` tokens among
-    the r-th of every `world` lines in `lines` (after, until) of `path`, for r = `rank`; None if none
-    is. Tokenized `chunk_lines` lines at a time: the host holds a chunk, not the input."""
+def share(numbers, rank: int, world: int):
+    """Rank `rank`'s share of the lines `numbers` (ascending) among `world` ranks, as the (after,
+    until) line numbers that bound it, or None when it has none: one contiguous run of lines each,
+    so that a rank reads past the lines before its share without parsing them."""
+    lo, hi = rank * len(numbers) // world, (rank + 1) * len(numbers) // world
+    return (numbers[lo] - 1, numbers[hi - 1]) if hi > lo else None
+
+
+def first_in_share(scorer: CheckpointScorer, path: str, limit: int, span: tuple, chunk_lines: int):
+    """(line number, its longest output's token count) of the first line of `path` in `span` (after,
+    until) past `limit` tokens, or None. Tokenized `chunk_lines` lines at a time: the host holds a
+    chunk, not the input."""
     import itertools
 
     from polar.score_input import iter_score_input
 
-    source = iter_score_input(path, "skip", after_line=lines[0], until_line=lines[1])
-    mine = (ln for i, ln in enumerate(source) if i % world == rank and ln.error is None)
-    while chunk := list(itertools.islice(mine, chunk_lines)):
+    source = (ln for ln in iter_score_input(path, "skip", after_line=span[0], until_line=span[1])
+              if ln.error is None)
+    while chunk := list(itertools.islice(source, chunk_lines)):
         for ln, ids in zip(chunk, scorer.encoded([ln.items for ln in chunk])):
             longest = max(len(x) for x in ids)
             if longest > limit:

@@ -276,8 +276,10 @@ def test_a_second_run_leaves_the_rows_of_the_run_writing_alone(tmp_path, checkpo
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("".join(json.dumps(x) + "\n" for x in [SHORT, dict(SHORT, output="y" * 400)]))
     cmd = _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256")
-    assert _run(cmd, tmp_path).returncode == 2  # row 1 written, line 2 too long: a partial output to continue
+    # row 1 written, line 2 too long where it is scored: a partial output to continue
+    assert _unchecked(tmp_path, cmd).returncode == 2
     partial = Path(f"{out}.partial")
+    assert _complete_rows(partial) == 1
     with open(partial, "ab") as f:
         f.write(b'{"line": 2, "rewa')  # the first copy mid-write, holding the lock
         f.flush()

@@ -218,6 +218,22 @@ def test_a_line_fits_the_sequence_length_where_its_longest_output_does(max_token
             assert line == longest
 
 
+def test_the_ranks_shares_of_the_check_cover_every_line_once():
+    """Each rank checks the lines between its share's bounds (engine.score.share): line numbers with
+    gaps (blank lines) and a resumed run's rest, over more ranks than lines too."""
+    from array import array
+
+    from engine.score import share
+
+    numbers = array("q", [2, 3, 5, 9, 10, 14, 15])
+    for rest in (numbers, numbers[3:]):
+        for world in range(1, 10):
+            spans = [share(rest, rank, world) for rank in range(world)]
+            covered = [n for span in spans if span for n in rest if span[0] < n <= span[1]]
+            assert covered == list(rest), (world, spans)
+            assert all(span is None or span[0] < span[1] for span in spans)
+
+
 # engine.score under torchrun, counting the items each rank tokenizes before the weights are read
 COUNTED = """
 import os
@@ -265,14 +281,15 @@ def test_two_ranks_share_the_check_before_the_load_and_stop_at_the_first_line_to
     before_load = [int((tmp_path / f"items.{rank}").read_text()) for rank in (0, 1)]
     assert sum(before_load) == 2 * len(lines), before_load  # was 24 on each rank
 
-    # line 4 is the second rank's share, line 5 the first's: both stop, naming line 4
-    lines[3:5] = [dict(short, candidates=["o", "y" * 300]), dict(short, candidates=["y" * 400])]
+    # lines 1-6 are the first rank's share, 7-12 the second's: the first rank, which found none, and
+    # the second stop alike, naming the second's first
+    lines[7], lines[10] = dict(short, candidates=["o", "y" * 300]), dict(short, candidates=["y" * 400])
     from polar.client_format import ScoringItem, client_encode_batch
     from polar.tokenizer import ByteTokenizer
 
     tokens = len(client_encode_batch(ByteTokenizer(), [ScoringItem("p", "r", "y" * 300)])[0].ids)
     refused = _score(tmp_path, checkpoint, lines, "two", "--seq-length", "256", "--nproc", "2")
     assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun's 1 for its workers' 2
-    assert refused.stderr.count(f"two.jsonl:4: its outputs take {tokens} tokens, more than --seq-length 256") == 1, \
+    assert refused.stderr.count(f"two.jsonl:8: its outputs take {tokens} tokens, more than --seq-length 256") == 1, \
         refused.stderr[-3000:]
-    assert "loading" not in refused.stdout and "two.jsonl:5" not in refused.stderr
+    assert "loading" not in refused.stdout and "two.jsonl:11" not in refused.stderr
