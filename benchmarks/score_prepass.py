@@ -70,13 +70,10 @@ def baseline(scorer, path: str, limit: int, lines: tuple, chunk_lines: int):
     return None
 
 
-def timed(fn, repeats: int):
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
 
 
 def main() -> None:
@@ -85,7 +82,8 @@ def main() -> None:
     ap.add_argument("--outputs", type=at_least(1), default=8, help="outputs a line (default 8)")
     ap.add_argument("--ranks", type=at_least(1), nargs="+", default=[1, 2, 4, 8],
                     help="world sizes whose shares are timed (default 1 2 4 8)")
-    ap.add_argument("--repeats", type=at_least(1), default=1, help="timings of each, the least kept (default 1)")
+    ap.add_argument("--repeats", type=at_least(1), default=1,
+                    help="rounds, each timing the baseline and every share once; the least of each kept (default 1)")
     ap.add_argument("--checkpoint", default="", help="a checkpoint whose settings are read (default: train one)")
     args = ap.parse_args()
 
@@ -108,21 +106,25 @@ def main() -> None:
             # imports and first calls (the grouping's, numpy's) out of the timings
             baseline(scorer, inp, limit, (0, 20), 1024)
             first_in_share(scorer, inp, limit, (0, 20), 1024)
-            base_s, want = timed(lambda: baseline(scorer, inp, limit, (0, numbers[-1]), 1024), args.repeats)
-            for world in args.ranks:
-                chunk = min(1024 * world, 16384)  # polar score's default --chunk-lines at DP `world`
-                shares = []
-                for rank in range(world):
-                    span = share(numbers, rank, world)
-                    s, got = timed(lambda: first_in_share(scorer, inp, limit, span, chunk), args.repeats)
-                    assert got == want, (shape, world, rank, got, want)
-                    shares.append(s)
-                rows.append((shape, world, base_s, max(shares), world * base_s, sum(shares)))
+            # the baseline and every share timed once a round, the least of the rounds kept: a load
+            # that changes during the run weighs on both sides alike
+            base_s, shares, want = float("inf"), {w: [float("inf")] * w for w in args.ranks}, None
+            for _ in range(args.repeats):
+                t, want = timed(lambda: baseline(scorer, inp, limit, (0, numbers[-1]), 1024))
+                base_s = min(base_s, t)
+                for world in args.ranks:
+                    chunk = min(1024 * world, 16384)  # polar score's default --chunk-lines at DP `world`
+                    for rank in range(world):
+                        span = share(numbers, rank, world)
+                        t, got = timed(lambda: first_in_share(scorer, inp, limit, span, chunk))
+                        assert got == want, (shape, world, rank, got, want)
+                        shares[world][rank] = min(shares[world][rank], t)
+            rows += [(shape, w, base_s, max(shares[w]), w * base_s, sum(shares[w])) for w in args.ranks]
     load_after = os.getloadavg()[0]
 
     shapes = ", ".join(f"{name}: {lo}-{hi - 1} words" for name, (lo, hi) in SHAPES.items())
     print(f"{args.lines:,} lines of {args.outputs} outputs ({shapes}), --seq-length {limit}, byte tokenizer; the "
-          f"least of {args.repeats} timing(s) each; load average {load_before:.1f} before, {load_after:.1f} after")
+          f"least of {args.repeats} round(s); load average {load_before:.1f} before, {load_after:.1f} after")
     print()
     print("| input | ranks | lines tokenized by each rank: 702550e / now | 702550e: s a rank | now: s, slowest "
           "rank | a rank's wait before the load: 702550e / now | CPU s, all ranks: 702550e / now "
