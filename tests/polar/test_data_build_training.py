@@ -162,7 +162,8 @@ def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records, capsys):
 
     base = pretrain_cmd(tmp_path, "run")
     for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
-                        ("ds_other_data", "the data order changed since the checkpoint")):
+                        # other data at another path: the path named (a dataset moved keeps its sequences)
+                        ("ds_other_data", "The run's training data is made from these settings")):
         # the run refuses after its process group started: in a process of its own
         proc = subprocess.run([*base, f"data.path={tmp_path / ds}"], capture_output=True, text=True,
                               timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -399,7 +399,7 @@ def test_settings_that_leave_the_prompt_unbounded_are_refused(tokenizer):
         return Service(tokenizer, Batcher(lambda b: None, tokenizer.pad_id), ServeSettings(
             max_length=max_length, max_response=max_response, max_item_tokens=max_length + 1), Metrics())
 
-    with pytest.raises(ValueError, match=r"--max-length.*8198"):
+    with pytest.raises(ValueError, match=r"max_length 8192 leaves no prompt budget.*max_length >= 8198"):
         service(8192, 4096)
     svc = service(8198, 4096)
     prompt = StructuredItem(prompt="p" * 100_000, reference="r" * 5000, output="o" * 5000)
