@@ -27,6 +27,7 @@ SLOWEST_FIRST = (
     "tests/polar/test_plan.py",
     "tests/engine/test_score_chunks.py",  # 110 s (2026-12-05)
     "tests/engine/test_checkpoint_async_layouts.py",  # 95 s (2026-12-05)
+    "tests/engine/test_pretrain_cli.py",  # 135 s in the loaded CI run at 0fda42a (2026-12-05)
     "tests/polar/test_finetune.py",
     "tests/engine/test_parallel_parity.py",
     "tests/engine/test_stop_signal.py",  # 88 s (2026-12-05, 716803d)
@@ -36,6 +37,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_parallel_data.py",
     "tests/polar/convert/test_smollm2.py",
     "tests/engine/test_multinode_restart.py",
+    "tests/polar/test_slurm_sigterm.py",  # 75 s (2026-12-05, 0fda42a)
     "tests/engine/kernels/",
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
@@ -54,7 +56,6 @@ SLOWEST_FIRST = (
     "tests/polar/test_cli.py",
     "tests/polar/test_cli_sigterm.py",  # ~25 s (2026-12-05)
     "tests/benchmarks/test_fp8_benchmark.py",
-    "tests/engine/test_pretrain_cli.py",
     "tests/engine/test_trainer.py",
     "tests/test_gpu_run_all.py",
     "tests/engine/test_evaluate.py",
