@@ -12,8 +12,6 @@ unwritable directory or a failed save is an error naming the path and what to do
 """
 from __future__ import annotations
 
-import collections
-import contextlib
 import functools
 import json
 import os
@@ -25,7 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from engine import durable_file
+from engine import durable_file, optimizer_state
 from engine.checkpoint_request import (cause, dcp_error, first_line, parallel_save_strategy, rank0_files_kept,
                                        set_results_queue, write_errors)
 from engine.config import ConfigError
@@ -481,49 +479,6 @@ def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = ""
             f"{where}){otherwise}")
 
 
-def _materialise_optimizer_state(optimizer) -> None:
-    """The distributed optimizer can only describe its state for loading once the state exists
-    (before the first step it is empty); dummy values are created and then overwritten by the load."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if hasattr(opt, "_init_optimizer_states_with_dummy_values") and not opt.optimizer.state:
-            opt._init_optimizer_states_with_dummy_values()
-
-
-@contextlib.contextmanager
-def _torch_adam_step_tolerated():
-    """Without Apex/TE, megatron's distributed optimizer wraps torch's AdamW, whose per-parameter
-    state holds a `step` tensor, restored from the param groups before the parameter state is set
-    by DistributedOptimizer._set_main_param_and_optimizer_states (0.19). That method then copies a
-    `step` entry from the parameter state: the fully_reshardable state never carries one (KeyError),
-    and the dp_reshardable one carries the loading optimizer's own placeholder (a non-persistent
-    entry), which overwrote the restored step and so the bias correction of the next update. The
-    step is left to the param groups here: absent, and dropped where present."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def tolerant(self, model_param, tensors):
-        kept = {k: v for k, v in tensors.items() if k != "step"}
-        return original(self, model_param, collections.defaultdict(lambda: None, kept))
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = tolerant
-    try:
-        yield
-    finally:
-        DistributedOptimizer._set_main_param_and_optimizer_states = original
-
-
-def _unshare_steps(optimizer) -> None:
-    """megatron restores torch AdamW's `step` as ONE tensor shared by every parameter's state;
-    AdamW increments each parameter's step in place, which would advance the shared one once per
-    parameter per update and corrupt the bias correction. Give each parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
-
-
 # weights a run may add to a checkpoint's model: the auxiliary LM head (train.aux_lm_weight > 0)
 # of a run initialised from a pre-training or a conversion that had none
 OPTIONAL_PREFIXES = ("lm_head.",)
@@ -579,7 +534,7 @@ def load(path: str, chunks, optimizer=None) -> dict:
     state = _model_state(chunks)
     kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
     if optimizer is not None:
-        _materialise_optimizer_state(optimizer)
+        optimizer_state.materialise(optimizer)
         fmt = read_state(str(p)).get("optimizer_format", OPTIMIZER_FORMATS[0])
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata(fmt))
     try:
@@ -600,7 +555,7 @@ def load(path: str, chunks, optimizer=None) -> dict:
     if optimizer is not None:
         # no_grad: megatron's dp_reshardable load copies into the main parameters without it (its
         # other loads have it), which autograd refuses where they are the model's fp32 leaves
-        with _torch_adam_step_tolerated(), torch.no_grad():
+        with optimizer_state.torch_adam_step_tolerated(), torch.no_grad():
             try:
                 optimizer.load_state_dict(loaded["optimizer"])
             except ValueError as e:
@@ -609,5 +564,5 @@ def load(path: str, chunks, optimizer=None) -> dict:
                 if "parameter group" not in str(e):
                     raise
                 raise _other_settings(p, e) from e
-        _unshare_steps(optimizer)
+        optimizer_state.unshare_steps(optimizer)
     return read_state(str(p))
