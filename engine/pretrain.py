@@ -134,7 +134,7 @@ def _main(argv=None, recipe=None) -> int:
     from engine.checkpoint import CheckpointWriteError
     from engine.runtime import released_on_error
     from engine.shard_format import DatasetFormatError
-    from engine.trainer import NonFiniteError
+    from engine.nonfinite_steps import NonFiniteError
 
     # an error raised inside the run ends the groups it started, once its message is printed
     with released_on_error():

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, checkpoint_async, resume_checks
+from engine import checkpoint, checkpoint_async, nonfinite_steps, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.evaluation import STATS, EvaluationStopped, evaluate
@@ -33,10 +33,6 @@ from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per
                              spec_sheet_tflops)
 from engine.runtime import Runtime
 from engine.stop_signal import EXIT_SIGTERM, SigtermFlag, StoppedBySignal
-
-
-class NonFiniteError(RuntimeError):
-    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, model):
@@ -321,29 +317,10 @@ class Trainer:
         return stats, grad_norm, updated
 
     def _report_nonfinite(self, outputs, grad_norm: float) -> None:
-        """Where a skipped step's non-finite values came from: per (data-parallel rank, micro-batch),
-        whether its loss was non-finite on the last stage. A rare path: syncs freely."""
-        n_mb = max(1, self.loader.global_batch // (self.rt.dp * self.loader.micro_batch))
-        bad = torch.zeros(self.rt.dp, n_mb, device=self.rt.device)
-        if self.is_last_stage:
-            for j, o in enumerate(outputs):
-                bad[self.rt.dp_rank, j] = float(not bool(torch.isfinite(o["stats"]).all()))
-        dist.all_reduce(bad)
-        where = [(int(r), int(j)) for r, j in torch.nonzero(bad > 0).tolist()]
-        batch_number = self.loader.state.consumed_batches - 1
-        per_rank = self.loader.global_batch // self.rt.dp
-        indices = self.loader.global_batch_indices(batch_number)
-        sequences = sorted({int(s) for r, j in where
-                            for s in indices[r * per_rank + j * self.loader.micro_batch:
-                                             r * per_rank + (j + 1) * self.loader.micro_batch]})
-        entry = {"step": self.step + 1, "grad_norm": grad_norm, "global_batch": batch_number,
-                 "micro_batches": [{"dp_rank": r, "micro_batch": j} for r, j in where],
-                 "sequences": sequences}
+        entry, what = nonfinite_steps.locate(outputs, grad_norm, self.step + 1, self.loader, self.rt,
+                                             self.is_last_stage)
         self.skipped_steps.append(entry)
-        what = (f"non-finite loss in micro-batch(es) {', '.join(f'{j} of data-parallel rank {r}' for r, j in where)} "
-                f"(packed sequences {sequences} of the data)" if where else "finite losses but non-finite gradients")
-        self.log(f"step {self.step + 1}: skipped (no update): grad norm {grad_norm}, {what}; "
-                 f"global batch {batch_number}")
+        self.log(what)
 
     def _reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """Sum over data-parallel replicas, then over the pipeline (only the last stage is non-zero)."""
@@ -441,17 +418,8 @@ class Trainer:
                 skipped_in_window += 1
                 if skipped_in_row >= tc.max_nonfinite_steps:
                     self.finish_saves()  # every rank stops here: the checkpoint named below is complete
-                    last = self.skipped_steps[-1]
-                    saved = checkpoint.latest(self.ckpt_dir)
-                    restart = (f"start a new run (a new run_dir) from its weights with a lower train.lr "
-                               f"(checkpoint.init_from={saved})" if saved else "start again with a lower train.lr")
-                    raise NonFiniteError(
-                        f"{skipped_in_row} optimizer steps in a row had a non-finite loss or gradient "
-                        f"(train.max_nonfinite_steps={tc.max_nonfinite_steps}); the last: step {last['step']}, "
-                        f"global batch {last['global_batch']}, micro-batches {last['micro_batches']}, packed "
-                        f"sequences {last['sequences']}. Every skipped step is listed in the log above; check "
-                        f"the data at those positions, resume from the last checkpoint (train.grad_clip may "
-                        f"change; the optimizer and schedule settings may not), or {restart}")
+                    raise nonfinite_steps.streak_error(skipped_in_row, tc.max_nonfinite_steps, self.skipped_steps[-1],
+                                                       checkpoint.latest(self.ckpt_dir))
             window += stats
             if updated:  # a skipped step trained on nothing: its batch stays out of the throughput
                 real_tokens += self.loader.last_global["tokens"]

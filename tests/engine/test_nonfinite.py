@@ -88,7 +88,7 @@ def test_one_nonfinite_step_is_skipped_and_training_goes_on(runtime, tmp_path, i
 
 
 def test_nonfinite_at_every_step_stops_the_run_with_where(runtime, tmp_path, inject):
-    from engine.trainer import NonFiniteError
+    from engine.nonfinite_steps import NonFiniteError
 
     trainer = make_trainer(runtime, tmp_path, "train.steps=10", "train.max_nonfinite_steps=3")
     inject(trainer, steps=set(range(1, 11)), micro_batch=0)

@@ -383,7 +383,7 @@ def test_the_checkpoint_a_stopped_run_kept_is_said_after_its_error(tmp_path, cap
     the run kept (engine.trainer.Trainer.fit); the one-line errors the entry point prints keep it."""
     import engine.pretrain as pretrain
     from engine.shard_format import DatasetFormatError
-    from engine.trainer import NonFiniteError
+    from engine.nonfinite_steps import NonFiniteError
 
     kinds = {"ConfigError": ConfigError, "NonFiniteError": NonFiniteError, "DatasetFormatError": DatasetFormatError}
 

@@ -387,7 +387,7 @@ def test_a_log_window_of_skipped_steps_only_shows_no_loss_or_accuracy(runtime, t
     """Every step of the window skipped as non-finite: nothing was counted, and 'loss 0.0000 | pair acc 0.000'
     (TensorBoard's train/loss 0.0, a history row's 0) read as a perfect model. The skipped batch trained
     nothing: it stays out of the tokens/s."""
-    from engine.trainer import NonFiniteError
+    from engine.nonfinite_steps import NonFiniteError
 
     trainer = make_trainer(runtime, tmp_path, "train.lr=1e35", "train.warmup_steps=0", "train.max_nonfinite_steps=2",
                            "log.tensorboard=true")
