@@ -3,9 +3,14 @@ in-process scorer.
 
     RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After; a 429, a
                                        503 or a refused connection is retried for max_wait_s, past
-                                       max_retries), large batches split into chunks (sent
-                                       concurrently by the async one, so the server batches them
-                                       together)
+                                       max_retries; a request sent in full and unanswered within
+                                       timeout_s is not sent again), large batches split into chunks
+                                       (sent concurrently by the async one, so the server batches
+                                       them together). A call that ends without an answer raises
+                                       RewardConnectionError (a ConnectionError; RewardTimeoutError,
+                                       also a TimeoutError, when it timed out) naming the URL, what
+                                       happened and what was tried; an answer refused, a
+                                       RewardServerError
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
@@ -25,6 +30,7 @@ import math
 import os
 import random
 import re
+import socket
 import threading
 import time
 from typing import Optional, Sequence
@@ -52,6 +58,27 @@ class RewardServerError(RuntimeError):
         super().__init__(f"reward server answered {status}: {message}")
         self.status = status
         self.message = message
+
+
+class RewardConnectionError(ConnectionError):
+    """A call to the reward server that ended without an answer: a refused connection, a host name
+    that does not resolve, a timeout, a connection closed before the answer. The message names the
+    URL, what happened and what was tried (attempts, seconds); `url`, `attempts` and `waited_s` hold
+    them, and `__cause__` is httpx's exception. A ConnectionError, so code catching that (as for a
+    refused connection before this type) keeps working."""
+
+    def __init__(self, message: str, *, url: Optional[str] = None, attempts: Optional[int] = None,
+                 waited_s: Optional[float] = None):
+        # keywords with defaults: an exception is rebuilt from its message alone when it is pickled
+        # (Ray, which runs verl's reward functions, sends a worker's exception to the driver this way)
+        super().__init__(message)
+        self.url = url
+        self.attempts = attempts
+        self.waited_s = waited_s
+
+
+class RewardTimeoutError(RewardConnectionError, TimeoutError):
+    """A RewardConnectionError that timed out (no connection, or no answer, within timeout_s)."""
 
 
 _ITEM_INDEX = re.compile(r"\bitems\[(\d+)\]")
@@ -140,13 +167,40 @@ async def _gather(*coros):
         raise
 
 
-def _refused(e: BaseException) -> bool:
-    """Whether a transport error is, at its root, a connection refused (httpx wraps the OSError)."""
+def _root(e: BaseException, kind: type) -> Optional[BaseException]:
+    """The exception of type `kind` in `e`'s chain (httpx wraps the OSError that a refused
+    connection or an unresolvable host name raised), or None."""
     for _ in range(16):  # a chain is a few links; bounded, as a chain may loop
-        if e is None or isinstance(e, ConnectionRefusedError):
-            return e is not None
+        if e is None or isinstance(e, kind):
+            return e
         e = e.__cause__ or e.__context__
-    return False
+    return None
+
+
+def _tried(attempt: int, started: float) -> str:
+    """The words "N attempts in S s": `attempt` counted from 0, `started` the time.monotonic() of the first."""
+    waited = time.monotonic() - started
+    return f"{attempt + 1} attempt{'s' * bool(attempt)} in {waited:.{1 if waited < 100 else 0}f} s"
+
+
+def _what_happened(e: httpx.TransportError, url: str, timeout_s: float) -> str:
+    """What `e` says of the server at `url`, in words (httpx's own messages are the OS's: "[Errno -2]
+    Name or service not known", "timed out")."""
+    if _root(e, ConnectionRefusedError) is not None:
+        return f"cannot connect to the reward server at {url}: connection refused"
+    if _root(e, socket.gaierror) is not None:
+        return (f"cannot connect to the reward server at {url}: host name {httpx.URL(url).host!r} not found "
+                f"({e})")
+    if isinstance(e, httpx.ConnectTimeout):
+        return f"cannot connect to the reward server at {url}: no connection within timeout_s={timeout_s:g} s"
+    if isinstance(e, httpx.PoolTimeout):
+        return (f"cannot connect to the reward server at {url}: no free connection in this client's pool "
+                f"within timeout_s={timeout_s:g} s")
+    if isinstance(e, httpx.WriteTimeout):
+        return f"cannot send to the reward server at {url}: the request was not sent within timeout_s={timeout_s:g} s"
+    if isinstance(e, httpx.ReadTimeout):
+        return f"the reward server at {url} sent no answer within timeout_s={timeout_s:g} s"
+    return f"no answer from the reward server at {url}: {type(e).__name__}: {e}"
 
 
 class _Base:
@@ -216,29 +270,49 @@ class _Base:
         return min(delay, self.max_wait_s - waited) if waited < self.max_wait_s else None
 
     def _gave_up(self, attempt: int, started: float) -> str:
-        tries = f"{attempt + 1} attempt{'s' * bool(attempt)}"
-        return (f"gave up after {tries} in {time.monotonic() - started:.0f} s: max_retries={self.max_retries}, "
+        return (f"gave up after {_tried(attempt, started)}: max_retries={self.max_retries}, "
                 f"and max_wait_s={self.max_wait_s:g} for a 429, a 503 or a refused connection")
 
     def _unsent(self, e: httpx.TransportError, url: str, attempt: int, started: float) -> float:
-        """The seconds to wait after a request to `url` met `e` instead of an answer; raises `e`, or a
-        ConnectionError naming `url` for a refused connection, when retrying is over.
+        """The seconds to wait after a request to `url` met `e` instead of an answer; raises a
+        RewardConnectionError (RewardTimeoutError for a timeout) naming `url`, what happened and what
+        was tried, when retrying is over.
 
         A refused connection is a server not listening yet: `polar serve` binds its port at start
         and listens once its model is loaded (seconds for a tiny model, minutes for a 7B), refusing
         connections until then, so it is waited for as a 503 is, for max_wait_s; nothing was sent,
-        so sending again cannot score twice. Any other transport error (a host name that does not
-        resolve, a timeout) keeps to max_retries."""
-        delay = self._delay(attempt, None)
-        if attempt < self.max_retries:
-            return delay
-        if not _refused(e):
-            raise e
-        wait = self._wait_left(delay, started)
-        if wait is None:
-            raise ConnectionError(f"cannot connect to the reward server at {url}: {e} "
-                                  f"({self._gave_up(attempt, started)})") from e
-        return wait
+        so sending again cannot score twice.
+
+        A read timeout (the request sent in full, no answer within timeout_s) is not retried: the
+        server holds the batch, queued or being scored (an overloaded `polar serve` answers 429 at
+        once rather than queueing past its --max-queue), and the same batch sent again waits and
+        takes as long, so each retry would time out too, adding the batch's work again each time (a
+        copy whose batch had started is scored for nobody). The error says so, and the ways out: a
+        larger timeout_s, a smaller chunk_size.
+
+        Every other transport error keeps to max_retries: a host name that does not resolve (a
+        service not registered yet), a connect, pool or write timeout (the request never reached the
+        server whole: nothing scored), a connection closed before the answer."""
+        if isinstance(e, httpx.ReadTimeout):
+            tried = (f"{_tried(attempt, started)}; not sent again: the server may still be scoring it, and a retry "
+                     f"would add the same work and time out as well; raise timeout_s, or send fewer items per "
+                     f"request by lowering chunk_size={self.chunk_size}")
+        else:
+            delay = self._delay(attempt, None)
+            if attempt < self.max_retries:
+                return delay
+            wait = self._wait_left(delay, started) if _root(e, ConnectionRefusedError) is not None else None
+            if wait is not None:
+                return wait
+            tried = self._gave_up(attempt, started)
+        raise self._unanswered(e, url, tried, attempt, started) from e
+
+    def _unanswered(self, e: httpx.TransportError, url: str, tried: str, attempt: int,
+                    started: float) -> RewardConnectionError:
+        """The error for a call to `url` that ended with `e`; `tried` says what was tried."""
+        error = RewardTimeoutError if isinstance(e, httpx.TimeoutException) else RewardConnectionError
+        return error(f"{_what_happened(e, url, self.timeout_s)} ({tried})", url=url, attempts=attempt + 1,
+                     waited_s=time.monotonic() - started)
 
     @staticmethod
     def _rewards(payload, n: int) -> list[float]:
@@ -296,7 +370,14 @@ class RewardClient(_Base):
         return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
 
     def health(self) -> dict:
-        return self._http.get(self.base_url + "/health").json()
+        """GET /health, once (it says whether the server is up now); a RewardConnectionError when
+        it does not answer."""
+        url, started = self.base_url + "/health", time.monotonic()
+        try:
+            resp = self._http.get(url)
+        except httpx.TransportError as e:
+            raise self._unanswered(e, url, _tried(0, started), 0, started) from e
+        return resp.json()
 
     def close(self) -> None:
         self._http.close()

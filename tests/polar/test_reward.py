@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import pickle
+import re
+import select
 import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -326,7 +329,7 @@ def test_an_overload_outlasting_max_retries_is_waited_out_for_max_wait_s(status)
         assert asyncio.run(go(srv.url)) == [1.0, 2.0, 3.0, 4.0, 5.0]
         assert len(srv.bodies) == 11
     # no time to wait: max_retries alone, and the error says which limit gave out
-    message = (rf"answered {status}: the server's queue is full \(gave up after 3 attempts in \d+ s: "
+    message = (rf"answered {status}: the server's queue is full \(gave up after 3 attempts in [\d.]+ s: "
                r"max_retries=2, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
     with RewardsServer(overloaded=10, overload_status=status) as srv:
         with reward.RewardClient(srv.url, max_retries=2, backoff_s=0.001, max_wait_s=0) as client:
@@ -393,8 +396,142 @@ def test_a_server_still_loading_its_model_is_waited_for(client_class):
 @pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
 def test_a_refused_connection_past_max_wait_s_names_the_url_and_the_limits(client_class):
     url = f"http://127.0.0.1:{_free_port()}"
-    message = (rf"cannot connect to the reward server at {url}/v1/rewards: .* \(gave up after 2 attempts "
-               r"in \d+ s: max_retries=1, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
+    message = (rf"cannot connect to the reward server at {url}/v1/rewards: connection refused \(gave up after 2 "
+               r"attempts in [\d.]+ s: max_retries=1, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
     with pytest.raises(ConnectionError, match=message) as raised:
         _score(client_class, url, max_retries=1, backoff_s=0.01, max_wait_s=0)
     assert isinstance(raised.value.__cause__, reward.httpx.ConnectError)
+    assert type(raised.value) is reward.RewardConnectionError and raised.value.attempts == 2
+
+
+class SilentServer:
+    """Accepts connections and reads each request in full, never answering: a reward server whose
+    batch takes longer than the client's timeout_s. `requests`: the requests read so far."""
+
+    def __init__(self):
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._conns: list = []
+        self._readers: list = []
+        self._closed = threading.Event()
+        self._accepting = threading.Thread(target=self._accept, daemon=True)
+
+    def _accept(self):
+        while not self._closed.is_set():
+            if not select.select([self._sock], [], [], 0.05)[0]:  # a blocked accept() outlives close()
+                continue
+            conn, _ = self._sock.accept()
+            reader = threading.Thread(target=self._read, args=(conn,), daemon=True)
+            with self._lock:
+                self._conns.append(conn)
+                self._readers.append(reader)
+            reader.start()
+
+    def _read(self, conn):
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < self._length(data):
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+        except OSError:
+            return
+        with self._lock:
+            self.requests += 1
+
+    @staticmethod
+    def _length(data: bytes) -> int:
+        return int(re.search(rb"content-length: *(\d+)", data.partition(b"\r\n\r\n")[0], re.I).group(1))
+
+    def settled_requests(self) -> int:
+        """The requests sent by a client that has finished: every connection it made accepted, and
+        read to its end (the client sent each in full before it timed out)."""
+        while select.select([self._sock], [], [], 0.05)[0]:  # a connection still waits to be accepted
+            pass
+        with self._lock:
+            readers = list(self._readers)
+        for r in readers:
+            r.join(10)
+        with self._lock:
+            if len(self._readers) > len(readers):  # one more was accepted meanwhile
+                return self.settled_requests()
+            return self.requests
+
+    def __enter__(self):
+        self._accepting.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._closed.set()
+        self._accepting.join(10)
+        self._sock.close()
+        with self._lock:
+            for c in self._conns:
+                c.close()
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_read_timeout_is_not_sent_again_and_names_the_url_and_the_wait(client_class):
+    """A batch the server took longer than timeout_s over was sent again max_retries times (each
+    waiting timeout_s again, while the server still held the first), then failed with a bare
+    httpx.ReadTimeout naming neither the server nor the wait. It now fails at once, sent once, with
+    a RewardTimeoutError (a TimeoutError and a ConnectionError) saying so."""
+    with SilentServer() as srv:
+        with pytest.raises(TimeoutError) as raised:
+            _score(client_class, srv.url, timeout_s=0.3, max_retries=3, backoff_s=0.01)
+        assert srv.settled_requests() == 1
+    e = raised.value
+    assert isinstance(e, reward.RewardTimeoutError) and isinstance(e, ConnectionError)
+    assert re.fullmatch(rf"the reward server at {srv.url}/v1/rewards sent no answer within timeout_s=0.3 s \(1 "
+                        r"attempt in [\d.]+ s; not sent again: the server may still be scoring it, .* raise "
+                        r"timeout_s, or send fewer items per request by lowering chunk_size=512\)", str(e)), str(e)
+    assert (e.url, e.attempts) == (f"{srv.url}/v1/rewards", 1) and e.waited_s >= 0.3
+    assert isinstance(e.__cause__, reward.httpx.ReadTimeout)
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_host_name_that_does_not_resolve_names_the_host_and_what_was_tried(client_class):
+    """It ended in a bare httpx.ConnectError "[Errno -2] Name or service not known", which an RL
+    trainer's user could not tell from a bug."""
+    url = "http://polar-no-such-host.invalid:1"
+    with pytest.raises(ConnectionError) as raised:
+        _score(client_class, url, max_retries=1, backoff_s=0.01)
+    e = raised.value
+    assert type(e) is reward.RewardConnectionError, repr(e)
+    assert re.fullmatch(rf"cannot connect to the reward server at {url}/v1/rewards: host name "
+                        r"'polar-no-such-host.invalid' not found \(.+\) \(gave up after 2 attempts in [\d.]+ s: "
+                        r"max_retries=1, and max_wait_s=300 for a 429, a 503 or a refused connection\)", str(e)), str(e)
+    # Ray (verl's reward functions run in its workers) pickles a worker's exception to the driver
+    again = pickle.loads(pickle.dumps(e))
+    assert type(again) is reward.RewardConnectionError and str(again) == str(e) and again.attempts == 2
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_connect_timeout_is_retried_then_names_the_url_and_the_wait(client_class):
+    """A server whose accept queue is full drops new connections' SYNs (Linux): no connection
+    within timeout_s, nothing sent, so it is retried max_retries times; it ended in a bare
+    httpx.ConnectTimeout "timed out"."""
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        address, held = full.getsockname(), []
+        try:
+            while True:  # fill the accept queue, never accepted, until a connection times out
+                assert len(held) < 16, "the accept queue of a listen(0) socket did not fill"
+                held.append(socket.create_connection(address, timeout=0.2))
+        except TimeoutError:
+            pass
+        url = f"http://127.0.0.1:{address[1]}"
+        try:
+            with pytest.raises(TimeoutError) as raised:
+                _score(client_class, url, timeout_s=0.2, max_retries=1, backoff_s=0.01)
+        finally:
+            for c in held:
+                c.close()
+    e = raised.value
+    assert type(e) is reward.RewardTimeoutError, repr(e)
+    assert re.fullmatch(rf"cannot connect to the reward server at {url}/v1/rewards: no connection within "
+                        r"timeout_s=0.2 s \(gave up after 2 attempts in [\d.]+ s: max_retries=1, .*\)", str(e)), str(e)
