@@ -535,3 +535,13 @@ def test_a_connect_timeout_is_retried_then_names_the_url_and_the_wait(client_cla
     assert type(e) is reward.RewardTimeoutError, repr(e)
     assert re.fullmatch(rf"cannot connect to the reward server at {url}/v1/rewards: no connection within "
                         r"timeout_s=0.2 s \(gave up after 2 attempts in [\d.]+ s: max_retries=1, .*\)", str(e)), str(e)
+
+
+def test_health_of_a_server_not_there_names_the_url():
+    """health() let httpx's ConnectError out; it asks once (whether the server is up now)."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    with reward.RewardClient(url) as client:
+        with pytest.raises(reward.RewardConnectionError,
+                           match=rf"cannot connect to the reward server at {url}/health: connection refused "
+                                 r"\(1 attempt in [\d.]+ s\)"):
+            client.health()
