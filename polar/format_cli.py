@@ -4,8 +4,9 @@
                  [--max-length 16384 --max-response-length 4096]
 
 Input: one JSON object per line, {"prompt": T, "reference": T, "output": T, "wrapper": "sft"|
-"pretrain"} (T a string or a message list; empty texts allowed: they are scored; wrapper optional,
-default sft; other fields ignored). Output: line i answers input line i, {"text": the string the
+"pretrain"} (T a string or a message list; an empty prompt or output is allowed: it is scored; an
+empty or whitespace-only reference is a bad line, as in `polar score` and `polar serve`; wrapper
+optional, default sft; other fields ignored). Output: line i answers input line i, {"text": the string the
 official POLAR client sends, "ids": the server's token ids of it} (polar/client_format.py holds the
 client's rules). Bad lines, blank lines included, are reported as `file:line: field: reason`, all of
 them; then nothing is written and the exit status is 2 (bad input, as for every polar command).
@@ -22,7 +23,7 @@ from engine.durable_file import Replacement
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
 from polar.format import WRAPPERS
-from polar.records import FieldError, RecordError, any_text, iter_lines, parse_jsonl_line
+from polar.records import FieldError, RecordError, any_text, check_reference, iter_lines, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
@@ -51,6 +52,8 @@ def _item(obj) -> ScoringItem:
     if not isinstance(obj, dict):
         raise FieldError("(record)", f"must be a JSON object, got {type(obj).__name__}")
     values = [_text(obj, key) for key in ("prompt", "reference", "output")]
+    # the string of an item every reward path refuses would be the text of no request ever scored
+    check_reference(values[1], "reference")
     wrapper = obj.get("wrapper")
     if wrapper is None:
         wrapper = "sft"

@@ -14,7 +14,7 @@ ITEMS = [
     {"prompt": [{"role": "user", "content": "hi"}, {"role": "user", "content": "日本😀"}],
      "reference": [{"role": "assistant", "content": "hello <|reward|>"}], "output": "",
      "wrapper": "pretrain", "id": 7},
-    {"prompt": "", "reference": "", "output": "[UNUSED_TOKEN_130]x"},
+    {"prompt": "", "reference": "r", "output": "[UNUSED_TOKEN_130]x"},
 ]
 
 
@@ -34,7 +34,7 @@ def test_each_line_gets_the_client_string_and_ids(tmp_path):
         want = client_encode(ByteTokenizer(), item["prompt"], item["reference"], item["output"],
                              item.get("wrapper", "sft"), max_length=40, max_response_length=6)
         assert row == {"text": want.text, "ids": want.ids.tolist()}
-    assert rows[2]["text"] == "\n<|reward|>\nx[UNUSED_TOKEN_130]"
+    assert rows[2]["text"] == "\nr<|reward|>\nx[UNUSED_TOKEN_130]"  # an empty prompt and output are scored
 
 
 def test_an_output_naming_the_input_is_refused(tmp_path, capsys):
@@ -76,6 +76,29 @@ def test_bad_lines_are_all_reported_and_nothing_is_written(tmp_path, capsys):
         assert expected in err
     assert f"{inp}:1:" not in err
     assert not out.exists() and list(tmp_path.iterdir()) == [tmp_path / "bad.jsonl"]
+
+
+def test_an_empty_reference_is_a_bad_line_as_every_reward_path_has_it(tmp_path, capsys):
+    """`polar score`, `polar serve` and polar.reward refuse an item whose reference is empty or only
+    whitespace (POLAR compares the output with it, paper Sec. 3); `polar format` wrote its string and
+    ids, the text of a request no server would score."""
+    blank_messages = [{"role": "assistant", "content": ""}, {"role": "assistant", "content": " "}]
+    lines = [json.dumps(ITEMS[0]),
+             json.dumps({"prompt": "p", "reference": "", "output": "o"}),
+             json.dumps({"prompt": "p", "reference": " \n\t", "output": "o"}),
+             json.dumps(ITEMS[2]),
+             json.dumps({"prompt": "p", "reference": blank_messages, "output": "o"})]
+    inp = write_lines(tmp_path / "in.jsonl", lines)
+    out = tmp_path / "o.jsonl"
+    assert main(["--tokenizer", "byte", "--input", inp, "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    for expected in [f"{inp}:2: reference: the reference is empty: POLAR scores an output against",
+                     f"{inp}:3: reference: the reference is empty (only whitespace)",
+                     f"{inp}:5: reference: the reference is empty (only whitespace)",
+                     "polar format: 3 bad line(s); nothing written"]:
+        assert expected in err, err
+    assert f"{inp}:1:" not in err and f"{inp}:4:" not in err
+    assert not out.exists()
 
 
 def test_invalid_utf8_line(tmp_path, capsys):
