@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
-from polar.plan_config import load_plan_config
+from polar.plan_config import fine_tuning_overrides, load_plan_config
 from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
                               checkpoint_bytes, inside_nodes, layers_in_flight, memory_per_rank, params_per_rank,
                               step_time, total_params)
@@ -414,7 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "model, batch and cluster; rank them and recommend one.",
         epilog="Overrides: section.key=value over the config, e.g. model.num_layers=48 data.seq_length=8192 "
                "train.global_batch=1024. See polar/plan.py for the cost model.")
-    ap.add_argument("--config", default="polar_7b", help="a preset (tiny_cpu, polar_1_8b, polar_7b) or YAML file")
+    ap.add_argument("--config", default=None,
+                    help="a preset (tiny_cpu, polar_1_8b, polar_7b) or YAML file (default polar_7b; with finetune.* "
+                         "settings none: polar finetune's own defaults, as the run starts from)")
     ap.add_argument("--gpu", default="H100", choices=sorted(GPUS), help="GPU type (default H100)")
     ap.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (train.fp8): weight copies, faster GEMMs")
@@ -447,7 +449,8 @@ def main(argv=None) -> int:
             raise ConfigError(f"--group-length {args.group_length}: must be >= 1 (leave it out for the whole pack)")
         if args.top < 1:
             raise ConfigError(f"--top {args.top}: must be >= 1")
-        cfg = load_plan_config(args.config, args.overrides, say=print)
+        config = args.config if args.config is not None or fine_tuning_overrides(args.overrides) else "polar_7b"
+        cfg = load_plan_config(config, args.overrides, say=print)
         if cfg.train.precision == "fp32":  # was priced as bf16: half the weights and activations it holds
             raise ConfigError("train.precision=fp32: the plan prices bf16 training (2-byte weights and activations, "
                               "the card's bf16 peak); plan a train.precision=bf16 (or auto) run")
@@ -481,7 +484,7 @@ def main(argv=None) -> int:
     ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8,
                                                     cfg.train.attention_backend) for lay in layouts]))
     # the overrides named with the preset: `polar_7b` with model.num_layers=48 is not POLAR-7B
-    what = " ".join([args.config, *args.overrides])
+    what = " ".join([config or "(fine-tuning defaults)", *args.overrides])
     print(f"polar plan: {what} ({_count(total_params(shape))} parameters: {shape.num_layers} layers, "
           f"hidden {shape.hidden_size}, {shape.num_attention_heads} heads, {shape.num_query_groups} KV groups, FFN "
           f"{shape.ffn_hidden_size}, vocab {shape.vocab_size}) on {args.gpus} x {gpu.name}, "

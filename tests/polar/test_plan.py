@@ -413,16 +413,6 @@ def test_a_measured_runs_fp8_recipe_in_its_overrides_is_priced(tmp_path, capsys)
     assert rows["recipe"] == rows["flag"] != rows["bf16"], rows
 
 
-def test_a_fine_tuning_config_without_a_vocabulary_size_is_asked_for_one(tmp_path, capsys):
-    f = tmp_path / "ft.yaml"
-    f.write_text("finetune:\n  tokenizer: byte\n")
-    (tmp_path / "child.yaml").write_text("base: ft.yaml\n")
-    for config in (f, tmp_path / "child.yaml"):
-        assert plan.main(["--config", str(config), "--gpus", "2"]) == 2
-        err = capsys.readouterr().err
-        assert "model.vocab_size=0: fine-tuning takes it from its tokenizer" in err and len(err.splitlines()) == 1
-
-
 CHECKPOINT_MODEL = {"num_layers": 4, "hidden_size": 256, "num_attention_heads": 8, "num_query_groups": 4,
                     "ffn_hidden_size": 704, "vocab_size": 4096}
 
@@ -443,65 +433,3 @@ def test_checkpoint_size_is_a_real_steps_within_5_percent(tmp_path, layout, over
     est = plan.checkpoint_bytes(_shape(CHECKPOINT_MODEL, lm_head=True), layout, gpus_per_node=8, weight_bytes=4)
     print(f"{layout.name()}: estimate {est['step'] / 1e6:.2f} MB, saved {saved / 1e6:.2f} MB")
     assert est["step"] == pytest.approx(saved, rel=0.05)
-
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory):
-    """A run directory holding a real checkpoint the engine saved: 3 layers, hidden 64, 4 heads, 2 KV groups,
-    FFN 176, vocabulary 260 (the byte tokenizer's), none of them EngineConfig's defaults but the heads."""
-    run = tmp_path_factory.mktemp("plan_run") / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run), "3", "64", "4", "2", "176",
-                    "260"], cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                   timeout=600)
-    return run
-
-
-SMALL_RUN_SHAPE = "3 layers, hidden 64, 4 heads, 2 KV groups, FFN 176, vocab 260)"
-
-
-@pytest.mark.parametrize("given", ["", "model:\n  vocab_size: 260\n"], ids=["vocab-from-checkpoint", "vocab-given"])
-def test_a_fine_tuning_config_plans_the_model_of_its_init_checkpoint(tmp_path, small_run, given, capsys):
-    """A fine-tuning run builds the model recorded with checkpoint.init_from (engine.pretrain.
-    model_from_checkpoint); the plan was asked for model.vocab_size, and given one planned EngineConfig's
-    default model (hidden 128, 4 layers): a converted 7B would have been planned as ~1M parameters."""
-    f = tmp_path / "ft.yaml"
-    f.write_text(f"finetune:\n  train: prefs.jsonl\ncheckpoint:\n  init_from: {small_run / 'checkpoints'}\n{given}")
-    assert plan.main(["--config", str(f), "--gpus", "2"]) == 0, capsys.readouterr().err
-    out = capsys.readouterr().out
-    assert SMALL_RUN_SHAPE in out, out
-    assert out.startswith(f"model settings from {small_run / 'config.yaml'}: model.num_layers=3, "
-                          "model.hidden_size=64, "), out
-
-
-def test_a_checkpoint_recording_the_tokenizers_vocabulary_is_planned_with_that_tokenizers(tmp_path, small_run,
-                                                                                          capsys):
-    """model.vocab_size recorded as 0 (the tokenizer's): fine-tuning takes the vocabulary of the tokenizer the
-    checkpoint was trained with (polar.checkpoint_tokenizer.find: the byte tokenizer of this run)."""
-    import shutil
-
-    from polar.tokenizer import ByteTokenizer
-
-    run = tmp_path / "run"
-    shutil.copytree(small_run, run)
-    config = run / "config.yaml"
-    config.write_text(config.read_text().replace("vocab_size: 260", "vocab_size: 0"))
-    f = tmp_path / "ft.yaml"
-    f.write_text(f"finetune:\n  train: prefs.jsonl\ncheckpoint:\n  init_from: {run}\n")
-    assert plan.main(["--config", str(f), "--gpus", "2"]) == 0, capsys.readouterr().err
-    assert f"FFN 176, vocab {ByteTokenizer.vocab_size})" in capsys.readouterr().out
-
-
-def test_a_resumed_run_is_planned_with_its_checkpoints_model(tmp_path, small_run, capsys):
-    # the run resumes from its newest step (checkpoint.resume=true, the default) and builds that step's model
-    assert plan.main(["--config", "tiny_cpu", "--gpus", "2", f"run_dir={small_run}"]) == 0, capsys.readouterr().err
-    assert SMALL_RUN_SHAPE in capsys.readouterr().out
-
-
-def test_a_fine_tuning_sequence_length_that_follows_the_data_is_asked_for(tmp_path, capsys):
-    f = tmp_path / "ft.yaml"
-    f.write_text("finetune:\n  tokenizer: byte\nmodel:\n  vocab_size: 300\ndata:\n  seq_length: 0\n")
-    assert plan.main(["--config", str(f), "--gpus", "2"]) == 2
-    assert capsys.readouterr().err == (
-        "polar plan: fine-tuning's data.seq_length=0 follows the data: give data.seq_length=N (the length a run "
-        "prints as `data.seq_length=N from the data`)\n")
