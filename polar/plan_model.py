@@ -49,6 +49,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from engine.gpu_peaks import DATASHEET
+
 GB = 1e9
 
 
@@ -67,20 +69,26 @@ class GPU:
     capability: tuple[int, int]
 
 
+def _card(name: str, memory_gb: float, nvlink_gbs: float, network_gbs: float, hbm_tbs: float,
+          capability: tuple[int, int], part: str, links: str) -> GPU:
+    """A card of 8-GPU HGX/DGX boards. Its dense bf16 and fp8 peaks are engine/gpu_peaks.py's datasheet
+    figures, the denominator of the MFU a GPU run and the benchmarks report beside the plan's."""
+    bf16, fp8, sheet = DATASHEET[name]
+    return GPU(name, memory_gb, bf16, fp8, nvlink_gbs, network_gbs, hbm_tbs, 8,
+               f"{part}: {bf16:g} TFLOP/s dense bf16, {f'{fp8:g} fp8' if fp8 else 'no fp8'}, {links} "
+               f"(peaks: {sheet}, halved for dense)", capability)
+
+
 # Spec-sheet values of the SXM parts in their 8-GPU HGX/DGX boards.
 GPUS = {
-    "H100": GPU("H100", 79.6, 989.0, 1979.0, 450.0, 50.0, 3.35, 8,
-                "H100 SXM5 80 GB (81559 MiB reported): 989 TFLOP/s dense bf16, 1979 fp8, NVLink 4 900 GB/s "
-                "bidirectional, ConnectX-7 400 Gb/s per GPU, HBM3 3.35 TB/s", (9, 0)),
-    "H200": GPU("H200", 141.0, 989.0, 1979.0, 450.0, 50.0, 4.8, 8,
-                "H200 SXM 141 GB: 989 TFLOP/s dense bf16, 1979 fp8, NVLink 4 900 GB/s bidirectional, "
-                "400 Gb/s per GPU, HBM3e 4.8 TB/s", (9, 0)),
-    "A100": GPU("A100", 79.2, 312.0, None, 300.0, 25.0, 2.04, 8,
-                "A100 SXM4 80 GB: 312 TFLOP/s dense bf16, no fp8, NVLink 3 600 GB/s bidirectional, "
-                "HDR 200 Gb/s per GPU, HBM2e 2.04 TB/s", (8, 0)),
-    "B200": GPU("B200", 180.0, 2250.0, 4500.0, 900.0, 50.0, 8.0, 8,
-                "B200 (DGX B200, 180 GB per GPU): 2.25 PFLOP/s dense bf16, 4.5 fp8, NVLink 5 1.8 TB/s "
-                "bidirectional, 400 Gb/s per GPU, HBM3e 8 TB/s", (10, 0)),
+    "H100": _card("H100", 79.6, 450.0, 50.0, 3.35, (9, 0), "H100 SXM5 80 GB (81559 MiB reported)",
+                  "NVLink 4 900 GB/s bidirectional, ConnectX-7 400 Gb/s per GPU, HBM3 3.35 TB/s"),
+    "H200": _card("H200", 141.0, 450.0, 50.0, 4.8, (9, 0), "H200 SXM 141 GB",
+                  "NVLink 4 900 GB/s bidirectional, 400 Gb/s per GPU, HBM3e 4.8 TB/s"),
+    "A100": _card("A100", 79.2, 300.0, 25.0, 2.04, (8, 0), "A100 SXM4 80 GB",
+                  "NVLink 3 600 GB/s bidirectional, HDR 200 Gb/s per GPU, HBM2e 2.04 TB/s"),
+    "B200": _card("B200", 180.0, 900.0, 50.0, 8.0, (10, 0), "B200 (DGX B200, 180 GB per GPU)",
+                  "NVLink 5 1.8 TB/s bidirectional, 400 Gb/s per GPU, HBM3e 8 TB/s"),
 }
 
 

@@ -262,6 +262,25 @@ def test_fp8_is_refused_on_a_card_without_it(capsys):
     assert "A100 has no FP8" in capsys.readouterr().err
 
 
+# what torch.cuda.get_device_name() says on each card the plan prices
+REPORTED_NAMES = {"H100": "NVIDIA H100 80GB HBM3", "H200": "NVIDIA H200", "A100": "NVIDIA A100-SXM4-80GB",
+                  "B200": "NVIDIA B200"}
+
+
+def test_each_card_is_priced_at_the_datasheet_peak_a_runs_mfu_divides_by(capsys):
+    """A GPU run's MFU (the training line, benchmarks/datasheet_peaks.py) is against engine/gpu_peaks.py's
+    dense peak of the card torch names; the plan's predicted MFU, printed beside it by --measured, divided by a
+    table of its own (989.0 for the H100 SXM against the datasheet's 989.5)."""
+    from engine.gpu_peaks import datasheet_peak
+
+    assert sorted(REPORTED_NAMES) == sorted(plan.GPUS)
+    for name, gpu in plan.GPUS.items():
+        assert (gpu.bf16_tflops, gpu.fp8_tflops) == datasheet_peak(REPORTED_NAMES[name])[:2], name
+    assert plan.main(["--config", "tiny_cpu", "--gpus", "2", "--gpu", "H100"]) == 0
+    gpu_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("GPU: "))
+    assert "989.5 TFLOP/s dense bf16, 1979 fp8" in gpu_line and datasheet_peak(REPORTED_NAMES["H100"])[2] in gpu_line
+
+
 def test_padded_vocabulary_is_the_engines():
     from engine.config import ModelConfig
     from engine.parallelize import padded_vocab_size
