@@ -273,9 +273,11 @@ def prepare_checked_data(cfg, recipe):
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
     resume_from = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if resume_from:
+        # the data first: a changed data setting also changes what is derived from the data
+        # (fine-tuning's steps), and is the one to name
+        check_resume_data(cfg, data, resume_from)
         if derived:
             resume_checks.check_resume_settings(resume_from, cfg.train, derived_from=derived)
-        check_resume_data(cfg, data, resume_from)
     return data
 
 
@@ -295,14 +297,19 @@ def newest_checkpoint(cfg) -> str | None:
 
 
 def check_resume_data(cfg, data, step_dir) -> None:
-    """The data a resumed run reads must be the data its steps were trained on, in the same order
-    (engine.data.GlobalBatchLoader.load_state_dict), and tokenized by the tokenizer its checkpoints
-    carry."""
-    from engine import checkpoint
+    """The data a resumed run reads must be made from the data settings its steps were trained on
+    (engine.resume_checks.check_resume_data_settings, which names each that changed: the trainer and
+    the pre-training recipe apply the same rule), be that data in the same order
+    (engine.data.GlobalBatchLoader.load_state_dict, the backstop for what no setting records), and be
+    tokenized by the tokenizer its checkpoints carry."""
+    from engine import checkpoint, resume_checks
     from engine.data import GlobalBatchLoader
     from polar.checkpoint_tokenizer import DIR, differs_from_saved
 
-    saved = checkpoint.read_state(step_dir).get("loader")
+    state = checkpoint.read_state(step_dir)
+    resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
+                                             sequences=len(data.train))
+    saved = state.get("loader")
     if saved is not None:
         loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
                                    seed=cfg.train.seed, pad_id=data.pad_id)

@@ -1,0 +1,71 @@
+"""A fine-tuning run (engine/finetune.py) resumed with another data setting is refused naming it, as
+pre-training's is (engine.resume_checks.check_resume_data_settings, applied by engine.pretrain.
+check_resume_data to every recipe): it said only 'the data order changed since the checkpoint (...
+packed sequence count ... digest)', or, for data.seq_length, that train.steps changed."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[2]
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
+              "model.num_query_groups=2", "model.ffn_hidden_size=128"]
+
+
+def run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
+    # in a subprocess: a training in-process would meet process groups other test files left up
+    return subprocess.run([sys.executable, str(ROOT / "engine" / script), *args], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def saved_finetune(tmp_path_factory):
+    """A fine-tuning run stopped after its first step, with its checkpoint; -> a function running
+    engine/finetune.py on that run with more settings."""
+    from polar.pretrain_data import SyntheticDataConfig, make_splits
+
+    tmp = tmp_path_factory.mktemp("resume_data_finetune")
+    pre = run("pretrain.py", *TINY_MODEL, "data.seq_length=512", "train.steps=1", "train.global_batch=4",
+              "train.warmup_steps=0", "synthetic.train_triplets=40", "synthetic.eval_triplets=4",
+              "log.tensorboard=false", "train.time_limit_s=0", f"run_dir={tmp / 'pre'}", cwd=tmp)
+    assert pre.returncode == 0, pre.stderr[-3000:]
+    splits = make_splits(SyntheticDataConfig(seed=2, train_policies=10, held_out_policies=2, train_triplets=40,
+                                             eval_triplets=4, prompts=50))
+    with open(tmp / "prefs.jsonl", "w") as f:
+        for t in splits.train:
+            f.write(json.dumps({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
+                                "chosen": t.chosen, "rejected": t.rejected, "wrapper": "sft"}) + "\n")
+
+    def finetune(*extra: str) -> subprocess.CompletedProcess:
+        return run("finetune.py", *TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
+                   f"finetune.train={tmp / 'prefs.jsonl'}", "finetune.epochs=1", "train.global_batch=4",
+                   "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra, cwd=tmp)
+
+    first = finetune("train.exit_at_step=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp / "ft" / "checkpoints" / "step_00000001").is_dir(), first.stdout[-3000:]
+    return finetune
+
+
+@pytest.mark.parametrize("changed, named", [
+    # the pack length it derived from the data (1024) against one set now; train.steps follows from it
+    ("data.seq_length=2048", "data.seq_length=1024 when saved, 2048 now"),
+    ("data.packing=ordered", "data.packing=best_fit when saved, ordered now"),
+])
+def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
+    proc = saved_finetune("--check-config", changed)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert named in proc.stderr and "The run's training data is made from these settings" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "checkpoint.init_from=" in proc.stderr and "data order changed" not in proc.stderr
+    assert "derived from" not in proc.stderr  # not train.steps, which the changed data setting moved
+
+
+def test_the_same_settings_resume(saved_finetune):
+    proc = saved_finetune("--check-config")
+    assert proc.returncode == 0, proc.stderr[-3000:]
