@@ -15,7 +15,8 @@ shard of a packed dataset directory (engine/shard_format.py): NAME.bin (tokens),
 (metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
 too long to pack, if any). A build that makes no group at all (an empty input, every record
 rejected) is an error that writes no shard; one shard of several (--num-shards) is written all
-the same, with a note.
+the same, with a note. Which rejects list a build writes, and what a rebuild (--force) does with
+the list of the shard it replaces, is polar/build_rejects.py's; a SIGTERM stop, polar/build_stop.py's.
 
 Determinism: the input lines (files in the order given, directories as their sorted *.jsonl in any
 case; their other files are named on stderr, not read) are cut into chunks of --chunk-records
@@ -50,6 +51,7 @@ import numpy as np
 from engine.worker_processes import die_with_parent, kill_workers
 from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
+from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_rejects, same_file
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
@@ -288,8 +290,8 @@ class _Progress:
         self.last = now
         dt = now - self.start
         eta = dt * (self.total - self.bytes) / max(self.bytes, 1)
-        print(f"  {self.records:,} records ({self.bytes / max(self.total, 1):.0%}) | {self.records / dt:,.0f} records/s | "
-              f"{self.tokens / dt / 1e6:.2f}M tokens/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
+        print(f"  {self.records:,} records ({self.bytes / max(self.total, 1):.0%}) | {self.records / dt:,.0f} "
+              f"records/s | {self.tokens / dt / 1e6:.2f}M tokens/s | ETA {eta:.0f}s", file=sys.stderr, flush=True)
 
 
 def _tokenizer_dir(spec: str) -> str:
@@ -361,14 +363,9 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
                               "would mix with this one: remove them or build into another directory")
     rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
-    # The rejects list this build may replace: its shard's own (default name), or the one the shard it
-    # replaces (--force) names. Another file at a --rejects path is another shard's or build's list
-    # (shards given one --rejects path): replacing or deleting it would lose those records' reasons.
-    replaced, own = _replaced_rejects(name) if force else (None, "")
-    if rejects_path and rejects_file.exists() and not (_same_file(rejects_file, replaced) and own != CHANGED_LIST):
-        raise FileExistsError(f"--rejects {rejects_file} exists and is not the rejects list of the shard this build "
-                              f"replaces (another shard's or build's?): give each shard its own --rejects path, or "
-                              "remove the file")
+    # the rejects list this build may replace: its shard's own, or the one the shard it replaces names
+    replaced, own = replaced_rejects(name) if force else (None, "")
+    check_rejects_path(rejects_file, rejects_path, replaced, own)
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
@@ -415,7 +412,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 where = None
                 if counts["rejected"]:
                     # kept to say why, but not under the name of the old shard's list, which stays with it
-                    if old and (not rejects_path or _same_file(rejects_file, replaced)):
+                    if old and (not rejects_path or same_file(rejects_file, replaced)):
                         where = f"not listed: {rejects_file} is the kept shard's; --rejects PATH lists them"
                     else:
                         os.replace(rejects_tmp, rejects_file)
@@ -424,11 +421,11 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
             writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
             # absolute: a rebuild (--force) run from another directory finds it the list it replaces
             writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
-            # what makes a list at that path this shard's (_replaced_rejects): another build may write
-            # one there once this list is gone
+            # what makes a list at that path this shard's (polar.build_rejects.replaced_rejects): another
+            # build may write one there once this list is gone
             writer.meta["rejects_sha256"] = digest.hexdigest() if counts["rejected"] else None
-            with_files, old_list = _rejects_in_place(rejects_file, rejects_tmp, counts["rejected"], rejects_path,
-                                                     replaced, own)
+            with_files, old_list = rejects_in_place(rejects_file, rejects_tmp, counts["rejected"], rejects_path,
+                                                    replaced, own)
             writer.sync()
             # close() renames the new .json and .bin over the shard it replaces (--force) before the
             # .idx: a stop between them left a shard of two builds, said to be kept. Done, not stopped.
@@ -489,60 +486,12 @@ def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: 
     return msg + ("; the shard was not replaced" if old else "; no shard was written")
 
 
-# What _replaced_rejects says of the list a shard names: the file there is the one its build wrote
-# (the digest in its metadata matches), a shard built before digests were recorded names it, or the
-# file has changed since (another build's list now, written once the shard's was gone)
-OWN_LIST, NAMED_LIST, CHANGED_LIST = "own", "named", "changed"
-
-
-def _replaced_rejects(name: Path) -> tuple[Path | None, str]:
-    """The rejects file named by the metadata of the shard at `name` (None: no shard, or no rejects),
-    and OWN_LIST, NAMED_LIST or CHANGED_LIST ("" for a file not there)."""
-    try:
-        meta = json.loads(name.with_suffix(".json").read_text())
-        old, digest = meta.get("rejects_file"), meta.get("rejects_sha256")
-    except (OSError, ValueError, AttributeError):
-        return None, ""
-    if not isinstance(old, str):
-        return None, ""
-    try:
-        with open(old, "rb") as f:
-            held = hashlib.file_digest(f, "sha256").hexdigest()
-    except OSError:  # gone (removed by hand), or unreadable: nothing this build would remove
-        return Path(old), ""
-    if not isinstance(digest, str):
-        return Path(old), NAMED_LIST
-    return Path(old), OWN_LIST if held == digest else CHANGED_LIST
-
-
-def _rejects_in_place(rejects_file: Path, rejects_tmp: Path, rejected: int, rejects_path: str,
-                      replaced: Path | None, own: str) -> tuple[list, str]:
-    """The files ShardWriter.close puts in place with the shard (its rejects list, and the removal of
-    the list the shard it replaces named, a list of records the new shard does not hold), and a note
-    on that old list for the user ("" for none)."""
-    with_files = [(rejects_tmp, rejects_file)] if rejected else []
-    if not rejected and (not rejects_path or (_same_file(rejects_file, replaced) and own != CHANGED_LIST)):
-        with_files.append((None, rejects_file))  # the replaced shard's, or a leftover of this shard's name
-    if replaced is None or not own or _same_file(rejects_file, replaced):
-        return with_files, ""
-    if own == OWN_LIST:
-        with_files.append((None, replaced))
-        return with_files, f"{replaced}, the rejects list of the shard replaced, was removed with it"
-    why = ("has changed since its build wrote it (another build's list now?)" if own == CHANGED_LIST else
-           "was written by a build that recorded no digest of it to tell it from another's")
-    return with_files, (f"{replaced}, named as the rejects list of the shard replaced, is kept: it {why}; it "
-                        "describes no shard of this directory now")
-
-
-def _same_file(a: Path, b: Path | None) -> bool:
-    return b is not None and os.path.abspath(a) == os.path.abspath(b)
-
-
 def _summary(meta: dict, workers: int) -> str:
     c, L = meta["counts"], meta["seq_length"]
     dt = max(meta["elapsed_s"], 1e-9)
     eff = c["tokens"] / max(1, c["sequences"] * L)
-    rej = f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}" if c["rejected"] else ""
+    rej = (f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}"
+           if c["rejected"] else "")
     # what POLAR's rule cut is reported too: a model never sees the end of a response cut to its head
     cut = [f"{c['responses_cut']:,} of {c['records'] + c['candidates']:,} responses (references and candidates) cut to "
            f"their first {meta['max_response']} tokens" if c["responses_cut"] else "",
@@ -578,7 +527,8 @@ def parse_args(argv):
     # --max-response-length: the name of `polar score`, `polar eval` and `polar format` (the client's)
     ap.add_argument("--max-response", "--max-response-length", type=int, default=4096,
                     help="reference/candidate head kept (default 4096)")
-    ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"), help="for records without one (default sft)")
+    ap.add_argument("--wrapper", default="sft", choices=("sft", "pretrain"),
+                    help="for records without one (default sft)")
     ap.add_argument("--packing", default="best_fit", choices=("best_fit", "ordered"),
                     help="best_fit: best-fit decreasing, fewest sequences (default); ordered: input order, a "
                          "new sequence when the next group does not fit")
