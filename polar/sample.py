@@ -36,10 +36,12 @@ not yet in the output. Records are written one line at a time and flushed; a lin
 mid-write is cut off (with a message) on restart. `<output>.run.json` keeps the settings that decide
 what a record contains, so a restart with different ones stops instead of mixing two datasets. The
 output is locked while a run writes it: a second run on it stops at once.
+
+This module samples and writes the records (Sampler) and runs the command (main); the command line's
+arguments, their checks and the settings `<output>.run.json` keeps are polar/sample_args.py's.
 """
 from __future__ import annotations
 
-import argparse
 import asyncio
 import hashlib
 import json
@@ -50,17 +52,17 @@ import sys
 import threading
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 from engine.progress import format_duration
 from polar.openai_client import Completion, RequestFailure, SamplingParams, backoff_delay, complete
 from polar.policy_pool import Policy, PoolError, load_pool
 from polar.prompt_sources import PromptMaker, SampleError, TextSource
 from polar.repetition import truncate_loop
+from polar.sample_args import build_parser, check_args, record_settings
 from polar.sample_output import check_settings, lock_output, read_done_ids
 
 ROLES = ("reference", "chosen", "rejected")
-DEFAULT_INSTRUCTION_SHARE = 0.1
 
 
 # ----------------------------------------------------------------------------- policies
@@ -413,16 +415,6 @@ def _load_tokenizer(spec: str):
         raise SampleError(f"--tokenizer {spec!r}: {e}") from None
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
-    """Adds a default only where it says something: not None, not a flag's False, not one the help
-    already states (which read "(default: OUTPUT.failures.jsonl) (default: None)")."""
-
-    def _get_help_string(self, action):
-        if action.default is None or action.default is False or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 async def _until_stopped(sampler: Sampler, done: set[int]) -> bool:
     """sampler.run; True when SIGTERM stopped it. A scheduler's stop (Slurm at the time limit,
     Kubernetes, kill) is SIGTERM, which ended the run at once, without its summary or exit status 130:
@@ -453,104 +445,10 @@ async def _until_stopped(sampler: Sampler, done: set[int]) -> bool:
     return stopped
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="polar sample",
-        description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from "
-                    "policy B != A) from a prompt corpus and a pool of OpenAI-compatible endpoints. Re-running "
-                    "the same command continues an interrupted run and retries failed prompts.",
-        formatter_class=_DefaultsHelp)
-    g = ap.add_argument_group("prompts")
-    g.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
-                   help="prompt corpus: text files (one document per line) or JSONL (see --corpus-format)")
-    g.add_argument("--corpus-format", choices=("auto", "text", "jsonl"), default="auto",
-                   help="auto: .jsonl/.json files are JSONL, others text")
-    g.add_argument("--text-field", default="text", help="JSONL field holding a document (a string or a message list)")
-    g.add_argument("--instruction-prompts", nargs="+", metavar="FILE",
-                   help="instruction prompts, used whole (same formats as --corpus)")
-    g.add_argument("--instruction-field", default="prompt", help="JSONL field of an instruction prompt")
-    g.add_argument("--instruction-share", type=float, default=argparse.SUPPRESS,
-                   help=f"fraction of prompts drawn from --instruction-prompts (default {DEFAULT_INSTRUCTION_SHARE} "
-                        "when they are given)")
-    g.add_argument("--prefix-min-tokens", type=int, default=1, help="shortest corpus prefix, in tokens")
-    g.add_argument("--prefix-max-tokens", type=int, default=1024, help="longest corpus prefix, in tokens")
-    g.add_argument("--tokenizer", default="byte",
-                   help="tokenizer that counts prefix tokens: 'byte' or a local HF tokenizer directory")
-    g.add_argument("--num-prompts", type=int, required=True,
-                   help="prompt ids 0..N-1; raising N later extends a dataset without changing its first N")
-    g.add_argument("--seed", type=int, default=0, help="decides prompts, policy draws and request seeds")
-    g = ap.add_argument_group("policies and sampling")
-    g.add_argument("--pool", required=True, metavar="YAML",
-                   help="policy pool: a YAML list of {name, base_url, model, api_key_env, max_concurrency, kind}")
-    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (POLAR: 1.0)")
-    g.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling (POLAR: 0.9)")
-    g.add_argument("--top-k", type=int, default=50, help="sent as the top_k extension field (vLLM, SGLang)")
-    g.add_argument("--max-tokens", type=int, default=4096, help="longest trajectory, in the policy's tokens")
-    g.add_argument("--no-request-seed", action="store_true",
-                   help="do not send a per-request seed (for servers that reject the field)")
-    g.add_argument("--loop-min-repeats", type=int, default=4,
-                   help="a trailing chunk repeated at least this many times is a loop, cut to one copy")
-    g.add_argument("--loop-min-chars", type=int, default=32,
-                   help="... if the repeats span at least this many characters")
-    g = ap.add_argument_group("requests")
-    g.add_argument("--concurrency", type=int, default=64, help="requests in flight over all endpoints")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request attempt")
-    g.add_argument("--max-retries", type=int, default=5, help="retries of one request (connection, timeout, 5xx, 429)")
-    g.add_argument("--retry-base", type=float, default=1.0, help="first backoff ceiling, seconds (doubles per retry)")
-    g.add_argument("--retry-cap", type=float, default=60.0, help="largest backoff, seconds")
-    g.add_argument("--endpoint-max-failures", type=int, default=10,
-                   help="consecutive failed attempts after which an endpoint leaves the pool for this run, once "
-                        "they span --retry-cap seconds or use up a request's retries")
-    g = ap.add_argument_group("output")
-    g.add_argument("--output", required=True, help="JSONL records; appended to, so a rerun continues")
-    g.add_argument("--failures", help="prompts that failed in this run, with reasons (default: OUTPUT.failures.jsonl)")
-    g.add_argument("--max-records", type=int, help="stop after writing this many records (trial runs)")
-    g.add_argument("--progress-interval", type=float, default=10.0, help="seconds between progress lines on stderr")
-    g.add_argument("--allow-changed-settings", action="store_true",
-                   help="continue an output written with other settings (OUTPUT.run.json) instead of stopping")
-    return ap
-
-
-def _check_args(ap: argparse.ArgumentParser, a) -> None:
-    positive = {"--num-prompts": a.num_prompts, "--prefix-min-tokens": a.prefix_min_tokens,
-                "--max-tokens": a.max_tokens, "--concurrency": a.concurrency,
-                "--loop-min-repeats": a.loop_min_repeats, "--endpoint-max-failures": a.endpoint_max_failures,
-                "--top-k": a.top_k}
-    for flag, v in positive.items():
-        if v < 1:
-            ap.error(f"{flag} must be at least 1, got {v}")
-    if a.prefix_max_tokens < a.prefix_min_tokens:
-        ap.error(f"--prefix-max-tokens ({a.prefix_max_tokens}) is below --prefix-min-tokens ({a.prefix_min_tokens})")
-    if getattr(a, "instruction_share", None) is None:  # not given
-        a.instruction_share = DEFAULT_INSTRUCTION_SHARE
-    elif a.instruction_share > 0 and not a.instruction_prompts:
-        # the share was silently ignored: every prompt came from the corpus
-        ap.error(f"--instruction-share {a.instruction_share} needs --instruction-prompts to draw from")
-    if not 0.0 <= a.instruction_share <= 1.0:
-        ap.error(f"--instruction-share must lie in [0, 1], got {a.instruction_share}")
-    if not 0.0 < a.top_p <= 1.0:
-        ap.error(f"--top-p must lie in (0, 1], got {a.top_p}")
-    if a.temperature < 0 or a.max_retries < 0 or a.request_timeout <= 0 or a.retry_base < 0 or a.loop_min_chars < 0:
-        ap.error("--temperature, --max-retries, --retry-base and --loop-min-chars must be >= 0, "
-                 "--request-timeout > 0")
-    if not a.progress_interval > 0:  # 0 printed a progress line on every turn of the event loop
-        ap.error(f"--progress-interval must be > 0 seconds, got {a.progress_interval}")
-    if a.retry_cap < 0:
-        ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
-    if a.max_records is not None and a.max_records < 1:
-        ap.error(f"--max-records must be at least 1, got {a.max_records}")
-    # `--corpus data/*.jsonl --output data/triplets.jsonl`: a rerun's glob takes the output in
-    written = {os.path.realpath(p) for p in (a.output, a.failures or a.output + ".failures.jsonl")}
-    for flag, paths in (("--corpus", a.corpus), ("--instruction-prompts", a.instruction_prompts or [])):
-        read = [p for p in paths if os.path.realpath(p) in written]
-        if read:
-            ap.error(f"{flag} names {read[0]}, a file this run writes; keep the output out of the prompt files")
-
-
 def main(argv: list[str]) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
-    _check_args(ap, a)
+    check_args(ap, a)
     lock = None
     try:
         policies = load_pool(a.pool)
@@ -564,18 +462,7 @@ def main(argv: list[str]) -> int:
             if not len(instructions):
                 raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
         sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
-        # What decides a record's content (not how fast it is made); --num-prompts is absent on purpose.
-        settings = {
-            "seed": a.seed, "corpus": [os.path.abspath(p) for p in a.corpus], "corpus_format": a.corpus_format,
-            "text_field": a.text_field,
-            "instruction_prompts": [os.path.abspath(p) for p in a.instruction_prompts or []],
-            "instruction_field": a.instruction_field,
-            "instruction_share": a.instruction_share if instructions else 0.0,
-            "prefix_tokens": [a.prefix_min_tokens, a.prefix_max_tokens], "tokenizer": a.tokenizer,
-            # a name's model and API kind decide what it returns; its URL may move between runs
-            "policies": {p.name: f"{p.model} ({p.kind})" for p in sorted(policies, key=lambda p: p.name)},
-            "sampling": asdict(sampling),
-            "request_seed": not a.no_request_seed, "loop": [a.loop_min_repeats, a.loop_min_chars]}
+        settings = record_settings(a, policies, sampling, bool(instructions))
         failures = a.failures or a.output + ".failures.jsonl"
         for flag, path in (("--output", a.output), ("--failures", failures)):
             if os.path.isdir(path):
