@@ -244,6 +244,16 @@ def _fit_pack_length(cfg: FinetuneConfig, sets: dict) -> None:
          "for another pack length (a longer pack holds more records and more activation memory)", flush=True)
 
 
+def derived_pack_length(cfg: FinetuneConfig, tok) -> int:
+    """The data.seq_length a run left at 0 derives (prepare_data): the longest group of finetune.train and
+    finetune.eval together, rounded as _fit_pack_length rounds; sets it in `cfg` and prints the run's line.
+    For a caller that plans the run without running it (polar plan)."""
+    f = cfg.finetune
+    records = [r for path in (f.train, f.eval) if path for r in _read(path, f.on_error)]
+    _fit_pack_length(cfg, {"records": (records, _encode(cfg, tok, records))})
+    return cfg.data.seq_length
+
+
 def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list] = None, encoded=None):
     """`encoded`: _encode's for the records, at the run's data.seq_length."""
     from engine.data import PackedGroups

@@ -164,7 +164,6 @@ class _FineTuning:
 
         f = self.cfg.finetune
         given = [(f"finetune.{k}", p) for k, p in (("train", f.train), ("eval", f.eval)) if p]
-        files = [p for _, p in given]
         absent = [f"{k}={p}" for k, p in given if not Path(p).is_file()]
         if not f.train or absent:
             why = f"{', '.join(absent)}: no such file here" if absent else "finetune.train is not given"
@@ -177,8 +176,7 @@ class _FineTuning:
                               f"run does ({e}): {_pass_length()}") from None
         printed = io.StringIO()
         with contextlib.redirect_stdout(printed):  # the recipe prints its lines: they are the plan's to print
-            records = [r for p in files for r in recipe._read(p, f.on_error)]
-            recipe._fit_pack_length(self.cfg, {"records": (records, recipe._encode(self.cfg, tok, records))})
+            recipe.derived_pack_length(self.cfg, tok)
         for line in printed.getvalue().splitlines():
             if say is not None:
                 say(line)
