@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 
@@ -136,6 +136,11 @@ class FinetuneConfig(EngineConfig):
     data: FinetunePackConfig = field(default_factory=FinetunePackConfig)
     finetune: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     run_dir: str = setting("runs/finetune", run_directory)
+    # the settings its training data is made of besides finetune.train (a file that may move: the
+    # loader's digest tells another file's records), recorded with each step (engine.resume_checks)
+    # (finetune.on_error changes it only where a record is bad, and the tokenizer has a check of its own)
+    DATA_SETTINGS: ClassVar[tuple] = ("finetune.seed", "finetune.eval_fraction", "finetune.max_length",
+                                      "finetune.max_response", "finetune.wrapper")
 
 
 CONFIG_CLASS = FinetuneConfig
@@ -169,6 +174,13 @@ def check(cfg: FinetuneConfig) -> None:
         if value:
             raise ConfigError(f"{name}={value}: fine-tuning derives it from the data and {derived_from}; set that "
                               f"instead (a --config preset's train section sets it too: pass a model section only)")
+    given = [f"data.{name}={value}" for name, value in (("path", cfg.data.path), ("eval_path", cfg.data.eval_path))
+             if value]
+    if given:
+        # a built dataset would be trained on by nothing here: the records come from finetune.* alone
+        raise ConfigError(f"{', '.join(given)}: fine-tuning reads its records from finetune.train (and "
+                          "finetune.eval), not a built dataset; drop it (a --config holding a data section sets "
+                          "it too: pass a model section only)")
     f = cfg.finetune
     if f.eval and f.train and os.path.samefile(f.eval, f.train):
         # every held-out record would be one trained on: an accuracy that measures nothing, reported as held out

@@ -56,6 +56,9 @@ def saved_finetune(tmp_path_factory):
     # the pack length it derived from the data (1024) against one set now; train.steps follows from it
     ("data.seq_length=2048", "data.seq_length=1024 when saved, 2048 now"),
     ("data.packing=ordered", "data.packing=best_fit when saved, ordered now"),
+    # the recipe's own settings its data is made of (polar.finetune_recipe.FinetuneConfig.DATA_SETTINGS)
+    ("finetune.seed=3", "when saved, 3 now"),
+    ("finetune.max_response=100", "when saved, 100 now"),
 ])
 def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
     proc = saved_finetune("--check-config", changed)

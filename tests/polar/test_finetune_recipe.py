@@ -23,6 +23,18 @@ def test_a_derived_setting_given_explicitly_is_refused(tmp_path, setting, derive
         recipe.check(cfg)
 
 
+@pytest.mark.parametrize("setting", ["data.path", "data.eval_path"])
+def test_a_built_dataset_named_for_fine_tuning_is_refused_not_ignored(tmp_path, setting):
+    """Fine-tuning packs finetune.train's records itself: a data.path (a pre-training config's data section
+    passed with --config, say) was accepted and trained on by nothing, without a word."""
+    (tmp_path / "r.jsonl").write_text("")
+    (tmp_path / "built").mkdir()
+    cfg = load_config(recipe.FinetuneConfig, None, [f"{setting}={tmp_path / 'built'}",
+                                                    f"finetune.train={tmp_path / 'r.jsonl'}"])
+    with pytest.raises(ConfigError, match=f"^{setting}=.*built: fine-tuning reads its records from finetune.train"):
+        recipe.check(cfg)
+
+
 @pytest.mark.parametrize("global_batch,fill", [(3, " (the last batch is filled with 1 sequence(s) of epoch 2)"),
                                                (4, "")])
 def test_one_epoch_trains_every_sequence_and_says_how_the_last_batch_is_filled(tmp_path, global_batch, fill):
