@@ -6,15 +6,16 @@ each rank, and the ranks together, against the check as commit 702550e ran it, C
 With a --seq-length below what the client's truncation can leave (--max-length + 15 with the byte
 tokenizer: --seq-length 2048 at the default lengths), polar score tokenizes every unscored line
 before the model loads, so that a line too long for it is named before a load of minutes
-(engine/score.py, first_too_long). The baseline, timed in the same invocation on the same input, is
-that check as 702550e ran it: every rank built every line's groups (CheckpointScorer.groups, the
-scoring pass's tokenization and grouping). Now rank r of W reads, parses and tokenizes only the r-th
-of W runs of consecutive lines and takes only each output's token count (engine.score.share and
-first_in_share; the lines before its share it reads without parsing). The ranks' shares are timed
-here in one process, one after another (on a node each rank has its own cores and they run at
-once): the slowest share is what the check adds before the load, the sum of the shares the host
-CPU it costs. Every share is checked to find what the baseline finds (no line too long here: the
-whole input is read, as in a run that goes on to score).
+(polar/score_length_check.py, first_too_long). The baseline, timed in the same invocation on the
+same input, is that check as 702550e ran it: every rank built every line's groups
+(CheckpointScorer.groups, the scoring pass's tokenization and grouping). Now rank r of W reads,
+parses and tokenizes only the r-th of W runs of consecutive lines and takes only each output's
+token count (polar.score_length_check's share and first_in_share; the lines before its share it
+reads without parsing). The ranks' shares are timed here in one process, one after another (on a
+node each rank has its own cores and they run at once): the slowest share is what the check adds
+before the load, the sum of the shares the host CPU it costs. Every share is checked to find what
+the baseline finds (no line too long here: the whole input is read, as in a run that goes on to
+score).
 
 Without --checkpoint a small model is trained for one step first (benchmarks/score_chunks.py's);
 only its settings are read (its positions, which settle --max-length), no weight.
@@ -88,9 +89,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.score_chunks import small_checkpoint
-    from engine.score import CheckpointScorer, first_in_share, share
+    from engine.score import CheckpointScorer
     from polar.client_limits import overrun
     from polar.score_input import survey_score_input
+    from polar.score_length_check import first_in_share, share
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,7 +107,7 @@ def main() -> None:
             numbers = survey_score_input(inp)[0]  # polar score's check of every line, before these
             # imports and first calls (the grouping's, numpy's) out of the timings
             baseline(scorer, inp, limit, (0, 20), 1024)
-            first_in_share(scorer, inp, limit, (0, 20), 1024)
+            first_in_share(scorer.encoded, inp, limit, (0, 20), 1024)
             # the baseline and every share timed once a round, the least of the rounds kept: a load
             # that changes during the run weighs on both sides alike
             base_s, shares, want = float("inf"), {w: [float("inf")] * w for w in args.ranks}, None
@@ -116,7 +118,7 @@ def main() -> None:
                     chunk = min(1024 * world, 16384)  # polar score's default --chunk-lines at DP `world`
                     for rank in range(world):
                         span = share(numbers, rank, world)
-                        t, got = timed(lambda: first_in_share(scorer, inp, limit, span, chunk))
+                        t, got = timed(lambda: first_in_share(scorer.encoded, inp, limit, span, chunk))
                         assert got == want, (shape, world, rank, got, want)
                         shares[world][rank] = min(shares[world][rank], t)
             rows += [(shape, w, base_s, max(shares[w]), w * base_s, sum(shares[w])) for w in args.ranks]

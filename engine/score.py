@@ -26,7 +26,7 @@ batches into pinned (page-locked) host memory, so their copies to the device are
 (POLAR_SCORE_PIN_MEMORY=0: left in pageable memory; the rows are the same). A --seq-length below
 what the client's truncation can leave (--max-length + 15 with the byte tokenizer) has the input
 read once more before the model is loaded, to find a line too long for it, each rank tokenizing
-its share of the lines (first_too_long).
+its share of the lines (polar/score_length_check.py).
 
 The model's settings come from the checkpoint (the model.json a training run saves with each step,
 or the model.yaml a converted checkpoint holds); the tokenizer from `--tokenizer`, else the
@@ -242,7 +242,7 @@ class CheckpointScorer:
 
     def start_runtime(self) -> None:
         """The process groups (seconds, not the load's minutes): made before the load so that the
-        ranks can share the checks of the input that come before it (first_too_long)."""
+        ranks can share the checks of the input that come before it (polar/score_length_check.py)."""
         from engine.config import ParallelConfig, TrainConfig
         from engine.runtime import init_runtime, validate_layout, world_size_from_env
 
@@ -452,7 +452,7 @@ def run(args, interrupts, leaves: list) -> int:
     from polar.client_format import Cuts
     from polar.records import RecordError
     from polar.score_input import iter_score_input, output_row, survey_score_input
-    from engine.score_ranks import gathered, same_on_every_rank
+    from engine.score_ranks import earliest, gathered, same_on_every_rank
     from polar.score_output import ResumeError, RowWriter, check_settings, partial_paths, rows_written
 
     t0 = time.time()
@@ -524,7 +524,10 @@ def run(args, interrupts, leaves: list) -> int:
     rt = scorer.rt
     same_on_every_rank(done, rt)
     if args.on_error == "fail":
-        first_too_long(scorer, args, limit, bound, numbers[done:], chunk_lines, rt)
+        from polar.score_length_check import first_too_long
+
+        first_too_long(scorer.encoded, scorer.tokenizer, scorer.max_length, args.input, numbers[done:], limit, bound,
+                       chunk_lines, rt.rank, rt.world_size, lambda found: earliest(found, rt))
     scorer.load()
 
     report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
@@ -587,57 +590,6 @@ def run(args, interrupts, leaves: list) -> int:
               f"{scorer.max_response_length}) cut {cuts} of the input", flush=True)
     shutdown_runtime()
     return 0
-
-
-def first_too_long(scorer: CheckpointScorer, args, limit: int, bound: str, numbers, chunk_lines: int,
-                   rt=None) -> None:
-    """Before the model is loaded: a ConfigError, on every rank, at the first of the lines `numbers`
-    (the unscored lines' numbers, ascending) whose outputs cannot fit `limit` tokens. The settled
-    --max-length keeps every item within the model's positions (polar/client_limits.py), so only a
-    --seq-length below what the client's truncation allows can be passed, and only then is the input
-    tokenized for it here: each of the run's (`rt`'s) ranks reads and tokenizes its own share of the
-    lines (share()), and the ranks then agree on the first line any of them found, so the input is
-    tokenized once over the ranks, not once on each.
-
-    Only each output's token count is needed, not the line's groups: groups() splits a line's outputs
-    into groups of at most `limit` tokens (line_groups; `limit` is its cap), leaving alone only an
-    output longer than that, so a line fits if and only if its longest output does."""
-    from engine.score_ranks import earliest
-    from polar.client_limits import overrun
-
-    if limit >= scorer.max_length + overrun(scorer.tokenizer):
-        return
-    span = share(numbers, *((rt.rank, rt.world_size) if rt is not None else (0, 1)))
-    first = earliest(first_in_share(scorer, args.input, limit, span, chunk_lines) if span else None, rt)
-    if first is not None:
-        raise ConfigError(f"{args.input}:{first[0]}: its outputs take {first[1]} tokens, more than {bound} "
-                          "(--on-error skip writes an error line instead)")
-
-
-def share(numbers, rank: int, world: int):
-    """Rank `rank`'s share of the lines `numbers` (ascending) among `world` ranks, as the (after,
-    until) line numbers that bound it, or None when it has none: one contiguous run of lines each,
-    so that a rank reads past the lines before its share without parsing them."""
-    lo, hi = rank * len(numbers) // world, (rank + 1) * len(numbers) // world
-    return (numbers[lo] - 1, numbers[hi - 1]) if hi > lo else None
-
-
-def first_in_share(scorer: CheckpointScorer, path: str, limit: int, span: tuple, chunk_lines: int):
-    """(line number, its longest output's token count) of the first line of `path` in `span` (after,
-    until) past `limit` tokens, or None. Tokenized `chunk_lines` lines at a time: the host holds a
-    chunk, not the input."""
-    import itertools
-
-    from polar.score_input import iter_score_input
-
-    source = (ln for ln in iter_score_input(path, "skip", after_line=span[0], until_line=span[1])
-              if ln.error is None)
-    while chunk := list(itertools.islice(source, chunk_lines)):
-        for ln, ids in zip(chunk, scorer.encoded([ln.items for ln in chunk])):
-            longest = max(len(x) for x in ids)
-            if longest > limit:
-                return ln.line, longest
-    return None
 
 
 def _prepared_share(scorer: CheckpointScorer, mine: list, args, limit: int) -> tuple:

@@ -100,14 +100,15 @@ def test_a_killed_run_continues_where_it_ended_with_the_rewards_of_one_run(tmp_p
 
 
 # polar score without its check of every line against --seq-length before the model loads
-# (engine.score.first_too_long): a line too long is then found where its chunk is scored, the
-# backstop for a line that check did not find
+# (polar.score_length_check.first_too_long): a line too long is then found where its chunk is scored,
+# the backstop for a line that check did not find
 UNCHECKED = """
 import sys
 
 import engine.score
+import polar.score_length_check
 
-engine.score.first_too_long = lambda *args: None
+polar.score_length_check.first_too_long = lambda *args: None
 sys.exit(engine.score.main(sys.argv[1:]))
 """
 

@@ -200,9 +200,9 @@ def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint
 
 @pytest.mark.parametrize("max_tokens", [30, 45, 60, 200])
 def test_a_line_fits_the_sequence_length_where_its_longest_output_does(max_tokens):
-    """polar score's check before the model loads (first_too_long) reads only each output's token
-    count: a line's groups fit `max_tokens` exactly when its longest output does, and a line that
-    does not takes that output's count (the number the scoring names)."""
+    """polar score's check before the model loads (polar/score_length_check.py) reads only each
+    output's token count: a line's groups fit `max_tokens` exactly when its longest output does, and
+    a line that does not takes that output's count (the number the scoring names)."""
     from engine.score import line_groups
 
     rng = np.random.default_rng(1)
@@ -216,22 +216,6 @@ def test_a_line_fits_the_sequence_length_where_its_longest_output_does(max_token
         assert (line > max_tokens) == (longest > max_tokens)
         if line > max_tokens:
             assert line == longest
-
-
-def test_the_ranks_shares_of_the_check_cover_every_line_once():
-    """Each rank checks the lines between its share's bounds (engine.score.share): line numbers with
-    gaps (blank lines) and a resumed run's rest, over more ranks than lines too."""
-    from array import array
-
-    from engine.score import share
-
-    numbers = array("q", [2, 3, 5, 9, 10, 14, 15])
-    for rest in (numbers, numbers[3:]):
-        for world in range(1, 10):
-            spans = [share(rest, rank, world) for rank in range(world)]
-            covered = [n for span in spans if span for n in rest if span[0] < n <= span[1]]
-            assert covered == list(rest), (world, spans)
-            assert all(span is None or span[0] < span[1] for span in spans)
 
 
 # engine.score under torchrun, counting the items each rank tokenizes before the weights are read
