@@ -50,8 +50,10 @@ from engine.read_ahead import prepared_ahead  # noqa: E402
 PIN_ENV = "POLAR_SCORE_PIN_MEMORY"
 MAX_LENGTH_HELP = ("the client's max_length (default 16384, or less where the model's positions hold no item of "
                    "that length: the largest that fits, said at start-up)")
-MAX_RESPONSE_HELP = ("the client's max_response_length (default 4096, or less where the default --max-length is "
-                     "lowered below 8198: what leaves a prompt budget)")
+# polar/client_limits.py, fitting_response: the client's truncation needs max_length >= 2 x max_response_length + 6
+MAX_RESPONSE_HELP = ("the client's max_response_length (default: min(4096, (L - 6) // 2) for the --max-length L in "
+                     "use, given or its default: the largest that leaves L a prompt budget; said at start-up when "
+                     "below 4096)")
 
 
 def count_at_least(low: int):

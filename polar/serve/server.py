@@ -79,8 +79,9 @@ def parse_args(argv=None):
                          "hold no item of that length: the largest that fits, said at start-up)")
     # --max-response-length is the name `polar score`, `polar eval` and `polar format` use (the client's)
     ap.add_argument("--max-response", "--max-response-length", type=int, default=None,
-                    help="POLAR truncation of reference and output (default 4096, or less where the default "
-                         "--max-length is lowered below 8198: what leaves a prompt budget)")
+                    help="POLAR truncation of reference and output (default: min(4096, (L - 6) // 2) for the "
+                         "--max-length L in use, given or its default: the largest that leaves L a prompt budget; "
+                         "said at start-up when below 4096)")
     ap.add_argument("--max-item-tokens", type=int, default=0,
                     help="longest already-formatted text (/classify, /pooling) accepted, in tokens (default: the "
                          "longest the client's truncation at --max-length leaves: max-length + 15 for the byte "
