@@ -18,7 +18,8 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError  # noqa: E402
-from engine.score import MAX_LENGTH_HELP, MAX_RESPONSE_HELP, count_at_least  # noqa: E402
+from engine.cli_types import count_at_least  # noqa: E402
+from engine.score import MAX_LENGTH_HELP, MAX_RESPONSE_HELP  # noqa: E402
 
 
 def parse_args(argv=None):

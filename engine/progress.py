@@ -224,3 +224,25 @@ class Progress:
     def close(self):
         if self.writer:
             self.writer.close()
+
+
+def scoring_progress(every_s: float, main_rank: bool, dp: int = 1, unit: str = "packed sequences"):
+    """progress(done, total): a line with the rate and ETA at most every `every_s` seconds, on the
+    main rank; none at the end (the summary follows). engine.scoring.score's counts packed
+    sequences (this rank's share); polar score's (engine/score.py) counts input lines (`done` may be fractional:
+    a chunk part-scored)."""
+    t0 = last = time.time()
+    share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
+    last_done = None
+
+    def report(done: float, total: int) -> None:
+        nonlocal last, last_done
+        now = time.time()
+        if not main_rank or done >= total or now - last < every_s or done == last_done:
+            return
+        last, last_done = now, done
+        rate = done / max(now - t0, 1e-9)
+        eta = format_duration((total - done) / rate) if rate > 0 else "?"
+        print(f"scoring: {int(done):,}/{total:,} {unit}{share} | {rate:.2f} {unit.split()[-1]}/s | eta {eta}",
+              flush=True)
+    return report

@@ -44,6 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from engine.cli_types import count_at_least  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.read_ahead import prepared_ahead  # noqa: E402
 
@@ -54,19 +55,6 @@ MAX_LENGTH_HELP = ("the client's max_length (default 16384, or less where the mo
 MAX_RESPONSE_HELP = ("the client's max_response_length (default: min(4096, (L - 6) // 2) for the --max-length L in "
                      "use, given or its default: the largest that leaves L a prompt budget; said at start-up when "
                      "below 4096)")
-
-
-def count_at_least(low: int):
-    """An argparse type: an int of at least `low` (a bad count stopped with a traceback, after the
-    model was loaded for --max-length, at start-up for --tp 0)."""
-    def count(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    count.__name__ = "int"  # argparse names the type in its "invalid int value" message
-    return count
 
 
 def parse_args(argv=None):
@@ -310,7 +298,9 @@ class CheckpointScorer:
         rank passes the same lines and the packed sequences are split over the DP ranks; without it
         each model replica scores the lines it is given, alone. pack() then score_packed()."""
         if progress is None and progress_s is not None:
-            progress = progress_printer(progress_s, self.rt.is_main, self.rt.dp)
+            from engine.progress import scoring_progress
+
+            progress = scoring_progress(progress_s, self.rt.is_main, self.rt.dp)
         return self.score_packed(self.pack(lines, seq_length, where), progress, data_parallel)
 
     def pins_batches(self) -> bool:
@@ -396,30 +386,6 @@ class Packed:
 
     def __init__(self, splits: list, batches: list, order: list, candidates: list, facts: dict):
         self.splits, self.batches, self.order, self.candidates, self.facts = splits, batches, order, candidates, facts
-
-
-def progress_printer(every_s: float, main_rank: bool, dp: int = 1, unit: str = "packed sequences"):
-    """progress(done, total): a line with the rate and ETA at most every `every_s` seconds, on the
-    main rank; none at the end (the summary follows). engine.scoring.score's counts packed
-    sequences (this rank's share); polar score's own counts input lines (`done` may be fractional:
-    a chunk part-scored)."""
-    from engine.progress import format_duration
-
-    t0 = last = time.time()
-    share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
-    last_done = None
-
-    def report(done: float, total: int) -> None:
-        nonlocal last, last_done
-        now = time.time()
-        if not main_rank or done >= total or now - last < every_s or done == last_done:
-            return
-        last, last_done = now, done
-        rate = done / max(now - t0, 1e-9)
-        eta = format_duration((total - done) / rate) if rate > 0 else "?"
-        print(f"scoring: {int(done):,}/{total:,} {unit}{share} | {rate:.2f} {unit.split()[-1]}/s | eta {eta}",
-              flush=True)
-    return report
 
 
 def main(argv=None) -> int:
@@ -531,8 +497,9 @@ def run(args, interrupts, leaves: list) -> int:
         first_too_long(scorer.encoded, scorer.tokenizer, scorer.max_length, args.input, numbers[done:], limit, bound,
                        chunk_lines, rt.rank, rt.world_size, lambda found: earliest(found, rt))
     scorer.load()
+    from engine.progress import scoring_progress
 
-    report, left = progress_printer(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
+    report, left = scoring_progress(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
     totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
     cuts, over_names, lengths, lines_done = Cuts(), [], set(), 0
 

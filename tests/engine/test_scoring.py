@@ -40,20 +40,20 @@ def test_calls_of_any_size_give_the_rewards_of_one_call_per_shape(runtime, batch
 
 
 def test_the_progress_line_has_rate_and_eta_and_stays_quiet_at_the_end(capsys):
-    from engine.score import progress_printer
+    from engine.progress import scoring_progress
 
-    report = progress_printer(0.0, True, 4)
+    report = scoring_progress(0.0, True, 4)
     report(3, 12)
     report(12, 12)
     out = capsys.readouterr().out.splitlines()
     assert len(out) == 1 and out[0].startswith("scoring: 3/12 packed sequences (this rank's share: 1/4 of them) | ")
     assert "sequences/s | eta " in out[0]
-    quiet = progress_printer(0.0, False, 1)  # another rank
+    quiet = scoring_progress(0.0, False, 1)  # another rank
     quiet(3, 12)
-    slow = progress_printer(3600.0, True, 1)  # not yet time for a line
+    slow = scoring_progress(3600.0, True, 1)  # not yet time for a line
     slow(3, 12)
     assert capsys.readouterr().out == ""
-    lines = progress_printer(0.0, True, unit="lines")  # polar score's: input lines, a chunk part-scored
+    lines = scoring_progress(0.0, True, unit="lines")  # polar score's: input lines, a chunk part-scored
     lines(2.5, 10)
     got = capsys.readouterr().out
     assert got.startswith("scoring: 2/10 lines | ") and " lines/s | eta " in got

@@ -1,0 +1,18 @@
+"""argparse types the entry scripts share (a bad count is refused by argparse, naming the flag, before
+anything is loaded)."""
+from __future__ import annotations
+
+import argparse
+
+
+def count_at_least(low: int):
+    """An argparse type: an int of at least `low` (a bad count stopped with a traceback, after the
+    model was loaded for --max-length, at start-up for --tp 0)."""
+    def count(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    count.__name__ = "int"  # argparse names the type in its "invalid int value" message
+    return count
