@@ -135,6 +135,45 @@ Reward Models", arXiv 2507.05197) exported by `polar convert engine-to-hf`.
 - Tokenizer: `tokenizer.json`, with `{sep}` (id {sep_id}) and `{rtok}` (id {rtok_id}) as special tokens;
   `polar_tokenizer.json` names POLAR's four special tokens.
 - {layers} layers, hidden {hidden}, {heads} heads ({groups} key-value heads), vocabulary {vocab}, weights in {dtype}.
+{serving}"""
+
+# POLAR's rewards are unbounded (POLAR-7B: about 0 for a copy of the reference, -7 to -11 for bad candidates) and
+# the paper's PPO uses them as they are. vLLM's classifier pooler ends in a sigmoid when num_labels < 2
+# (model_executor/layers/pooler/activations.py, PoolerClassify), which would hand the RL loop sigmoid(r) in
+# (0, 1), saturated for every poor candidate; POLAR's client reads /pooling as data[-1][0], a token-wise answer.
+SERVING_HF = """
+## Serving it so that POLAR's reward client gets the raw reward
+
+vLLM applies an activation to a one-label classifier's output: a sigmoid (`num_labels` < 2), which
+squashes every reward into (0, 1) (sigmoid(-7) = 0.0009, sigmoid(-11) = 0.00002): turn it off with
+`use_activation`. POLAR's client (`RewardModelClient`, server_type "vllm") posts `{"input": [...]}` to
+`/pooling` with no task and reads `data[-1][0]`, the last token's row of a token-wise answer, so the
+pooling task must be `token_classify` (its last row is the final token's score, the reward).
+
+```bash
+# vLLM whose PoolerConfig has `task` (0.19 and later): a request without a task gets this task, and a
+# classifier's default, `classify`, answers one row the client cannot read
+vllm serve DIR --runner pooling --convert classify \\
+  --pooler-config '{"task": "token_classify", "use_activation": false}'
+# vLLM 0.11.1 to 0.18: /pooling without a task already runs `token_classify` (where `vllm serve --help`
+# has no --pooler-config, the same JSON goes to --override-pooler-config)
+vllm serve DIR --runner pooling --convert classify --pooler-config '{"use_activation": false}'
+# vLLM before 0.11.1 has no `token_classify` task: use 0.11.1 or later
+```
+
+- SGLang: `python -m sglang.launch_server --model-path DIR --is-embedding`; `/classify` answers
+  `[{"embedding": [r]}]` with r the score head at the last token and no activation; the client reads
+  `embedding[0]` (server_type "sglang").
+
+Check before training: score a candidate against an unrelated reference; a reward in (0, 1) for every
+input means the activation is still on.
+"""
+
+SERVING_INTERNLM2 = """
+## Serving it
+
+The layout of POLAR's released models: serve it as POLAR's README does (vLLM `--task=reward`, SGLang
+`--is-embedding`, lmdeploy), with InternLM2's modeling code beside these files and `--trust-remote-code`.
 """
 
 
@@ -196,6 +235,7 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
         hf = llama.from_canonical(tensors)
         hf_cfg = llama.hf_config(model, dtype=dtype, **ids)
         remote = " (plain transformers, vLLM and SGLang load it; no remote code)"
+        serving = SERVING_HF
     else:
         hf = internlm2.from_canonical(tensors, model.num_query_groups)
         hf_cfg = internlm2.hf_config(model, reward_token_id=tok.reward_token_id, dtype=dtype, **ids)
@@ -203,6 +243,7 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
                   "`configuration_internlm2.py` / `modeling_internlm2.py` from the InternLM2 / POLAR model "
                   "repositories, which is not shipped here: copy it beside these files and load with "
                   "trust_remote_code=True)")
+        serving = SERVING_INTERNLM2
     partial = Partial(dst)
     try:
         _save_safetensors(hf, partial.claim())
@@ -212,7 +253,7 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
             name=dst.name, arch=hf_cfg["architectures"][0], remote=remote, sep=tok.reward_sep_text,
             sep_id=tok.reward_sep_id, rtok=tok.reward_token_text, rtok_id=tok.reward_token_id,
             layers=model.num_layers, hidden=model.hidden_size, heads=model.num_attention_heads,
-            groups=model.num_query_groups, vocab=model.vocab_size, dtype=dtype))
+            groups=model.num_query_groups, vocab=model.vocab_size, dtype=dtype, serving=serving))
         partial.publish()
     except BaseException as e:  # KeyboardInterrupt too: nothing half-written stays behind
         partial.drop()
