@@ -143,13 +143,21 @@ def main(argv: Optional[list] = None) -> int:
     ap.add_argument("--output", required=True, help="JSONL: one {text, ids} per input line")
     ap.add_argument("--max-length", type=_non_negative, default=CLIENT_MAX_LENGTH,
                     help=f"the client's max_length (default {CLIENT_MAX_LENGTH})")
-    ap.add_argument("--max-response-length", type=_non_negative, default=CLIENT_MAX_RESPONSE_LENGTH,
-                    help=f"the client's max_response_length (default {CLIENT_MAX_RESPONSE_LENGTH})")
+    ap.add_argument("--max-response-length", type=_non_negative, default=None,
+                    help=f"the client's max_response_length (default: min({CLIENT_MAX_RESPONSE_LENGTH}, (L - 6) // 2) "
+                    "for the --max-length L in use: the largest that leaves L a prompt budget, as polar serve, "
+                    "score and eval take it; said when below it)")
     a = ap.parse_args(argv)
-    from polar.client_limits import usage_check
+    from polar.client_limits import fitting_response, usage_check
 
     usage_check(ap, a.max_length, a.max_response_length)  # as polar serve, score and eval
-    return run(a.tokenizer, a.input, a.output, a.max_length, a.max_response_length)
+    response = a.max_response_length
+    if response is None:
+        response = fitting_response(a.max_length)
+        if response < CLIENT_MAX_RESPONSE_LENGTH:
+            print(f"polar format: --max-response-length {response} (the largest below {CLIENT_MAX_RESPONSE_LENGTH} "
+                  f"that leaves --max-length {a.max_length} a prompt budget)", file=sys.stderr)
+    return run(a.tokenizer, a.input, a.output, a.max_length, response)
 
 
 if __name__ == "__main__":

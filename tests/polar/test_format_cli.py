@@ -155,3 +155,17 @@ def test_output_gets_the_mode_of_any_new_file(tmp_path):
     finally:
         os.umask(old)
     assert out.stat().st_mode & 0o777 == 0o644
+
+
+def test_a_lowered_max_length_lowers_the_default_response_length_as_score_and_serve_do(tmp_path, capsys):
+    """--max-length 4000 alone: polar score, eval and serve take max_response_length min(4096, (4000 - 6) // 2)
+    = 1997 (polar.client_limits.fitting_response); polar format kept 4096 and refused the pair."""
+    item = {"prompt": "p" * 30, "reference": "r" * 2500, "output": "o" * 2500}
+    inp = write_lines(tmp_path / "in.jsonl", [json.dumps(item)])
+    out = tmp_path / "o.jsonl"
+    assert cli.main(["format", "--tokenizer", "byte", "--input", inp, "--output", str(out),
+                     "--max-length", "4000"]) == 0
+    assert "--max-response-length 1997" in capsys.readouterr().err
+    want = client_encode(ByteTokenizer(), item["prompt"], item["reference"], item["output"], "sft",
+                         max_length=4000, max_response_length=1997)
+    assert json.loads(out.read_text(encoding="utf-8")) == {"text": want.text, "ids": want.ids.tolist()}
