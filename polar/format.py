@@ -6,17 +6,40 @@
 Message lists lose their roles: the contents are joined by "\\n". The two reward strings are the
 tokenizer's (`reward_sep_text`, `reward_token_text`), POLAR's literals above by default.
 
-Truncation (the training code's rule; it uses max_length 16384 and max_response 4096) counts
-the tokens of each piece tokenized on its own: reference and candidate keep their first
-`max_response` tokens; the prompt keeps its *last* (max_length - 4 - |reference| - |candidate|) // 2
-tokens, halved because it appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the
-reward token (also with the pretrain wrapper, which does not use the "\\n"). BOS is outside that
-count, so an input can be max_length + 1 tokens long. A cut is made in the *text*, at the character
-span of the first dropped (head) or last dropped (tail) token (`Tokenizer.offsets_batch`), so it
-never falls inside a character: with the byte tokenizer a cut through a multi-byte character drops
-that whole character, keeping up to 3 bytes fewer than the budget (|reference| and |candidate| above
-count the tokens actually kept). Text without such cuts (all ASCII, say) gets exactly the byte
-counts of the rule.
+Truncation: the rule of the code that trained the released models (xtuner's `tokenize_ref`,
+InternLM/xtuner xtuner/dataset/preference_dataset.py; max_length 16384, max_response 4096). It
+tokenizes each piece on its own with add_special_tokens=True, so every length it counts includes
+the piece's BOS (`PIECE_BOS`): reference and candidate keep ids[:max_response], their BOS and
+max_response - 1 text tokens; the prompt keeps its *last* (max_length - 4 - |reference| -
+|candidate|) // 2 text tokens, |.| counting a response's BOS (`response_length`, `prompt_budget`),
+halved because the prompt appears twice; 4 tokens are reserved for <|reward|>, the two "\\n" and the
+reward token (also with the pretrain wrapper, which does not use the "\\n"). tokenize_ref keeps
+ids[-budget:] of a prompt's BOS and text longer than the budget: the BOS falls off the front, so
+of n text tokens min(n, budget) are kept, as here. So an input, BOS and reward token included, is
+at most max_length - 1 tokens long whenever the responses leave the prompt a budget >= 0.
+A cut is made in the *text*, at the character span of the first dropped (head) or last dropped
+(tail) token (`Tokenizer.offsets_batch`), so it never falls inside a character: with the byte
+tokenizer a cut through a multi-byte character drops that whole character, keeping up to 3 bytes
+fewer than the budget (|reference| and |candidate| above count the tokens actually kept, and
+their BOS). Text
+without such cuts (all ASCII, say) gets exactly tokenize_ref's ids (tests/polar/test_format_xtuner.py).
+
+Where training here still differs from tokenize_ref, and why:
+- a cut inside a character: tokenize_ref decodes the kept ids, so the partial character becomes
+  U+FFFD, a character the text never held, which is tokenized again (3 byte tokens with the byte
+  tokenizer, so that input can pass the rule's length); here the character is dropped, within the
+  rule's counts.
+- special-token literals typed in a text: tokenize_ref reads them as special tokens (one token
+  each in the count) and its decode drops them, so they vanish; here they stay text (counted as
+  the tokens of their text), and no user text becomes structure (below).
+- a prompt budget <= 0 (responses that fill max_length - 4 on their own, only at small
+  max_length): tokenize_ref does not guard it (ids[-0:] keeps the whole prompt, a negative budget
+  drops that many ids from its start); here the prompt is dropped.
+- groups: the budget is tokenize_ref's min over chosen and rejected taken over all K candidates,
+  and a group too long for its pack keeps a shorter prompt (group capacity, below).
+- ids: tokenize_ref tokenizes the decoded pieces joined into one string; here the special ids are
+  placed by structure and the kept text is what is tokenized (for a tokenizer whose decode gives
+  back the text it encoded, the same string).
 
 Then the special ids are placed by structure, never read from the text: an input's ids are BOS,
 the content ids of "{prompt}\\n{reference}", the <|reward|> id, the content ids of
@@ -28,7 +51,9 @@ server, for any tokenizer, including a BPE that merges "\\n" with the next word 
 checks this at load time). The cost: a side may have a few tokens more or fewer than the sum of
 its pieces, so with such a tokenizer the length bound above holds for the pieces, not exactly for
 the input. With the byte tokenizer (no merges) it is exact. (The official client, which serving
-follows, differs in its counting and in what it does with literals: polar/client_format.py.)
+follows, counts as tokenize_ref does, but budgets one output, writes the "\\n" before an empty
+response and keeps tokenize_ref's U+FFFD, vanishing literals and unguarded budget:
+polar/client_format.py.)
 
 Empty responses: we follow the training code, not the official client. In the sft wrapper the "\\n"
 after a prompt is written only when the response that follows it (reference or candidate) is
@@ -41,10 +66,11 @@ the engine attends to the prefix once. The prefix is the longest common prefix o
 ids, but leaves every candidate at least its last token (the reward token, read by the model):
 two identical candidates share all but that; a single candidate's own part is its reward token
 alone. The prefix may end inside the text of a piece (a common start of the candidates) or before
-the piece boundary (a token merged across it): it is a split of ids, not of text. To
-keep one prompt for all, the prompt budget is computed with the *longest* (truncated) candidate,
-so a shorter candidate may see a slightly shorter prompt tail than it would alone; for a single
-candidate the result is identical to the per-input rule.
+the piece boundary (a token merged across it): it is a split of ids, not of text. To keep one
+prompt for all, the prompt budget is computed with the *longest* (truncated) candidate
+(tokenize_ref's min over chosen and rejected), so a shorter candidate may see a slightly shorter
+prompt tail than it would alone; for a single candidate the result is identical to the per-input
+rule.
 
 Group capacity (ours): the rule above bounds each candidate's input, but a group is stored as its
 prefix once plus every candidate, so K long candidates can make a group longer than the pack it
@@ -71,6 +97,10 @@ from polar.tokenizer import REWARD_TOKEN_TEXT, REWARD_SEP_TEXT, Tokenizer
 
 WRAPPERS = ("sft", "pretrain")
 RESERVED_TOKENS = 4
+# The training code tokenizes each piece with add_special_tokens=True, so each length it counts
+# includes the BOS the tokenizer puts first. Every Tokenizer here has one (`bos_id`, put first by
+# `encode_served`, as InternLM2's <s> is by the released models' tokenizer).
+PIECE_BOS = 1
 _CUT_BLOCK_TOKENS = 1 << 20  # token spans per batched offsets call of a truncation
 
 Text = Union[str, Sequence[dict]]
@@ -85,7 +115,8 @@ class EncodedGroup:
     # Prompt tokens taken beyond the paper's rule so that the group fits `group_capacity`.
     prompt_cut_to_fit: int = 0
     # What the paper's rule itself cut, for a caller to report: the reference and candidates cut to
-    # their first max_response tokens (a count of texts), and whether the prompt lost its head.
+    # their first max_response ids, BOS counted (a count of texts that lost text), and whether the
+    # prompt lost its head.
     responses_cut: int = 0
     prompt_cut: bool = False
 
@@ -145,8 +176,15 @@ def build_text(prompt: Text, reference: Text, candidate: Text, wrapper: str = "s
     return _join(p, r, c, wrapper, reward_sep) + reward_token
 
 
+def response_length(kept: int, max_response: int) -> int:
+    """A response's length as the training code counts it: its BOS and the `kept` text tokens,
+    within max_response (whose ids[:max_response] is empty, BOS and all, at 0)."""
+    return min(PIECE_BOS + kept, max_response)
+
+
 def prompt_budget(max_length: int, reference_len: int, candidate_len: int) -> int:
-    """Tokens the prompt may keep (it appears twice, hence the halving); never negative."""
+    """Text tokens the prompt may keep (it appears twice, hence the halving), the lengths counted
+    as `response_length` counts them; never negative (the training code's is unguarded)."""
     return max(0, (max_length - RESERVED_TOKENS - reference_len - candidate_len) // 2)
 
 
@@ -267,12 +305,14 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     ids = tokenizer.encode_batch(pieces)
     counts = [len(x) for x in ids]
 
-    # Responses (references, then candidates) keep their head: only the pieces over the limit
-    # need their token spans.
+    # Responses (references, then candidates) keep their head, ids[:max_response] of BOS + text:
+    # max_response - 1 text tokens. Only the pieces over the limit need their token spans.
     responses, response_n = pieces[n_groups:], counts[n_groups:]
-    over = [n > max_response for n in response_n]
-    _cut(tokenizer, responses, response_n, ids[n_groups:], [min(n, max_response) for n in response_n],
+    text_limit = max(0, max_response - PIECE_BOS)
+    over = [n > text_limit for n in response_n]
+    _cut(tokenizer, responses, response_n, ids[n_groups:], [min(n, text_limit) for n in response_n],
          tail=False)
+    response_len = [response_length(n, max_response) for n in response_n]
     # A prompt keeps at most prompt_budget(max_length, 0, 0) tokens, so only that many of its
     # last ids (and one more) are ever needed: the batch's ids are freed here.
     window = prompt_budget(max_length, 0, 0) + 1
@@ -284,8 +324,10 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     for g in range(n_groups):
         cand, cand_n = responses[c0:c0 + n_cands[g]], response_n[c0:c0 + n_cands[g]]
         responses_cut.append(over[g] + sum(over[c0:c0 + n_cands[g]]))
+        # the training code's min over chosen and rejected, over all K: the longest candidate's
+        longest = max(response_len[c0:c0 + n_cands[g]])
+        rule = min(prompt_n[g], prompt_budget(max_length, response_len[g], longest))
         c0 += n_cands[g]
-        rule = min(prompt_n[g], prompt_budget(max_length, response_n[g], max(cand_n)))
         prompt_cut.append(rule < prompt_n[g])
         fit = rule
         if group_capacity:

@@ -96,8 +96,9 @@ def test_message_lists_join_contents_and_drop_roles():
 def test_multi_turn_prompt_keeps_the_tail_of_the_joined_turns():
     msgs = [{"role": "user", "content": "first turn"}, {"role": "assistant", "content": "ok"},
             {"role": "user", "content": "last"}]
-    # budget (20 - 4 - 1 - 1) // 2 = 7 bytes of "first turn\nok\nlast": "ok\nlast"
-    g = encode_group(TOK, msgs, "r", ["c"], max_length=20)
+    # budget (22 - 4 - 2 - 2) // 2 = 7 bytes of "first turn\nok\nlast": "ok\nlast" (each response
+    # counted with its BOS, as the training code counts it)
+    g = encode_group(TOK, msgs, "r", ["c"], max_length=22)
     assert g.full(0).tolist() == [BOS] + b("ok\nlast\nr") + [SEP] + b("ok\nlast\nc") + [REW]
 
 
@@ -153,22 +154,24 @@ def test_serving_string_gives_the_training_ids(wrapper, prompt, reference, candi
 # --- truncation ----------------------------------------------------------------------------------
 
 def test_truncation_budgets_exactly():
-    # reference 8 -> 5 (head), candidate 3, prompt budget (20 - 4 - 5 - 3) // 2 = 4 (tail).
+    # Every length counts the piece's BOS, as the training code's add_special_tokens=True does:
+    # reference BOS + 8 -> its first 5 ids, BOS + "abcd"; candidate BOS + 3 = 4; prompt budget
+    # (20 - 4 - 5 - 4) // 2 = 3 (tail). xtuner's tokenize_ref gives exactly these 18 ids.
     g = encode_group(TOK, "0123456789", "abcdefgh", ["xyz"], max_length=20, max_response=5)
-    assert g.full(0).tolist() == [BOS] + b("6789\nabcde") + [SEP] + b("6789\nxyz") + [REW]
-    # BOS is not part of max_length, matching the reserved 4 = <|reward|> + two "\n" + reward token.
-    assert len(g.full(0)) == 20 + 1
+    assert g.full(0).tolist() == [BOS] + b("789\nabcd") + [SEP] + b("789\nxyz") + [REW]
+    assert len(g.full(0)) == 18
 
 
 def test_what_the_rule_cut_is_reported_per_group():
     """The responses cut to their head and whether the prompt lost its head, for a builder's report (a
     model never sees the end of a response cut to its first max_response tokens)."""
-    groups = encode_groups(TOK, ["0123456789", "01", "012"], ["abcdefgh", "ab", "abcde"],
-                           [["xyz", "uvwxyz"], ["x"], ["xyzuv"]], max_length=20, max_response=5)
-    assert [(g.responses_cut, g.prompt_cut) for g in groups] == [(2, True), (0, False), (0, False)]
+    groups = encode_groups(TOK, ["0123456789", "01", "012"], ["abcdefgh", "ab", "abcd"],
+                           [["xyz", "uvwxyz"], ["x"], ["xyzu", "xyzuv"]], max_length=20, max_response=5)
+    assert [(g.responses_cut, g.prompt_cut) for g in groups] == [(2, True), (0, False), (1, False)]
     assert [g.prompt_cut_to_fit for g in groups] == [0, 0, 0]
+    # 4 bytes and a BOS fill max_response 5: "abcd" and "xyzu" are whole, "xyzuv" loses its "v".
     # "012": budget (20 - 4 - 5 - 5) // 2 = 3 holds it exactly; one byte more is cut
-    assert encode_group(TOK, "0123", "abcde", ["xyzuv"], max_length=20, max_response=5).prompt_cut
+    assert encode_group(TOK, "0123", "abcd", ["xyzu"], max_length=20, max_response=5).prompt_cut
 
 
 def test_odd_budget_rounds_down():
@@ -178,12 +181,17 @@ def test_odd_budget_rounds_down():
 
 
 def test_budget_exhausted_drops_the_prompt():
+    # budget (10 - 4 - 5 - 4) // 2 < 0: the training code's ids[-budget:] is unguarded (it would
+    # keep the prompt less its first ids); here the prompt is dropped
     g = encode_group(TOK, "long prompt", "abcdefgh", ["xyz"], max_length=10, max_response=5)
-    assert g.full(0).tolist() == [BOS] + b("\nabcde") + [SEP] + b("\nxyz") + [REW]
+    assert g.full(0).tolist() == [BOS] + b("\nabcd") + [SEP] + b("\nxyz") + [REW]
+    # a budget of exactly 0 (ids[-0:] there keeps the whole prompt) drops it too
+    g = encode_group(TOK, "long prompt", "abcd", ["xyz"], max_length=13, max_response=5)
+    assert g.full(0).tolist() == [BOS] + b("\nabcd") + [SEP] + b("\nxyz") + [REW]
 
 
 def test_candidate_head_is_kept():
-    g = encode_group(TOK, "p", "r", ["0123456789", "0124"], max_response=4)
+    g = encode_group(TOK, "p", "r", ["0123456789", "0124"], max_response=5)  # BOS + 4 bytes
     assert g.prefix.tolist() == [BOS] + b("p\nr") + [SEP] + b("p\n012")
     assert [c.tolist() for c in g.candidates] == [b("3") + [REW], b("4") + [REW]]
 
@@ -192,9 +200,10 @@ def test_defaults_match_polar():
     ref, cand = "r" * 5000, "c" * 5000
     prompt = "p" * 20000
     g = encode_group(TOK, prompt, ref, [cand, "d" * 4096])
+    # each response keeps its first 4096 ids, BOS and 4095 bytes; the budget counts the 4096
     n_prompt = (16384 - 4 - 4096 - 4096) // 2
     for i in range(2):
-        assert len(g.full(i)) == 1 + 2 * n_prompt + 4096 + 4096 + 4
+        assert len(g.full(i)) == 1 + 2 * n_prompt + 4095 + 4095 + 4 == 16384 - 1
 
 
 def test_max_response_zero_empties_the_responses():
@@ -205,20 +214,20 @@ def test_max_response_zero_empties_the_responses():
 # --- unicode near cut points: byte tokens never split a character ---------------------------------
 
 def test_prompt_tail_cut_inside_a_character_drops_it():
-    # budget (14 - 4 - 1 - 1) // 2 = 4 bytes; the last 4 of "日本" (3 + 3 bytes) start inside 日
-    g = encode_group(TOK, "日本", "r", ["c"], max_length=14)
+    # budget (16 - 4 - 2 - 2) // 2 = 4 bytes; the last 4 of "日本" (3 + 3 bytes) start inside 日
+    g = encode_group(TOK, "日本", "r", ["c"], max_length=16)
     assert g.full(0).tolist() == [BOS] + b("本\nr") + [SEP] + b("本\nc") + [REW]
     # one byte more of budget reaches a character boundary: both characters are kept
-    g = encode_group(TOK, "日本", "r", ["c"], max_length=18)
+    g = encode_group(TOK, "日本", "r", ["c"], max_length=20)
     assert g.full(0).tolist() == [BOS] + b("日本\nr") + [SEP] + b("日本\nc") + [REW]
 
 
 def test_response_head_cut_inside_a_character_drops_it_and_frees_budget():
-    # reference "aé😀": 1 + 2 + 4 bytes; 4 bytes end inside 😀 -> "aé" (3 bytes) is kept and
-    # the prompt budget counts those 3: (20 - 4 - 3 - 2) // 2 = 5
-    g = encode_group(TOK, "0123456789", "aé😀", ["xy"], max_length=20, max_response=4)
+    # reference "aé😀": 1 + 2 + 4 bytes; BOS + 4 bytes end inside 😀 -> "aé" (3 bytes) is kept and
+    # the prompt budget counts those 3 and the BOS: (21 - 4 - 4 - 3) // 2 = 5 (4 with the limit's 5)
+    g = encode_group(TOK, "0123456789", "aé😀", ["xy"], max_length=21, max_response=5)
     assert g.full(0).tolist() == [BOS] + b("56789\naé") + [SEP] + b("56789\nxy") + [REW]
-    # a candidate whose first character is longer than max_response keeps nothing, and no "\n"
+    # a candidate whose first character is longer than max_response - 1 keeps nothing, and no "\n"
     g = encode_group(TOK, "p", "r", ["😀!", "ok"], max_response=3)
     assert g.full(0).tolist() == [BOS] + b("p\nr") + [SEP] + b("p") + [REW]
     assert g.full(1).tolist() == [BOS] + b("p\nr") + [SEP] + b("p\nok") + [REW]
@@ -242,17 +251,22 @@ def test_cuts_keep_whole_characters_within_the_budgets(max_response, max_length)
     assert all("\ufffd" not in t for t in texts)  # no character was cut
     (p_kept, r_kept, c0), (_, _, c1) = parse(texts[0]), parse(texts[1])
     assert prompt.endswith(p_kept) and ref.startswith(r_kept)
+    limit = max(0, max_response - 1)  # a response's first max_response ids hold its BOS
     for full, kept in [(ref, r_kept), (cands[0], c0), (cands[1], c1)]:
-        assert full.startswith(kept) and len(kept.encode()) <= max_response
+        assert full.startswith(kept) and len(kept.encode()) <= limit
         # the longest head of whole characters within the limit
-        assert kept == full or len(full[:len(kept) + 1].encode()) > max_response
-    # the prompt budget counts the bytes the responses kept
-    budget = prompt_budget(max_length, len(r_kept.encode()), max(len(c0.encode()), len(c1.encode())))
+        assert kept == full or len(full[:len(kept) + 1].encode()) > limit
+
+    def counted(kept):  # the bytes a response kept and its BOS, within max_response
+        return min(1 + len(kept.encode()), max_response)
+
+    budget = prompt_budget(max_length, counted(r_kept), max(counted(c0), counted(c1)))
     assert len(p_kept.encode()) <= budget
     assert p_kept == prompt or len(prompt[-len(p_kept) - 1:].encode()) > budget
-    # within max_length + BOS whenever the responses leave room for the reserved 4
-    if max_length >= 4 + len(r_kept.encode()) + max(len(c0.encode()), len(c1.encode())):
-        assert max(len(g.full(0)), len(g.full(1))) <= max_length + 1
+    # BOS and reward token included, within max_length - 1 whenever the responses leave room for
+    # the reserved 4
+    if max_length >= 4 + counted(r_kept) + max(counted(c0), counted(c1)):
+        assert max(len(g.full(0)), len(g.full(1))) <= max_length - 1
 
 
 # --- empty responses follow the training code ------------------------------------------------------
@@ -284,14 +298,14 @@ def test_pretrain_group_with_empty_candidate():
 # --- groups ---------------------------------------------------------------------------------------
 
 def test_group_budgets_the_prompt_with_the_longest_candidate():
-    g = encode_group(TOK, "0123456789", "ab", ["x", "wxyz"], max_length=16)
-    # budget (16 - 4 - 2 - 4) // 2 = 3, for both candidates
+    g = encode_group(TOK, "0123456789", "ab", ["x", "wxyz"], max_length=18)
+    # budget (18 - 4 - 3 - 5) // 2 = 3, for both candidates (the training code's min over both)
     assert g.full(0).tolist() == [BOS] + b("789\nab") + [SEP] + b("789\nx") + [REW]
     # the longest candidate alone gets exactly the same input
-    alone = encode_group(TOK, "0123456789", "ab", ["wxyz"], max_length=16)
+    alone = encode_group(TOK, "0123456789", "ab", ["wxyz"], max_length=18)
     assert alone.full(0).tolist() == g.full(1).tolist()
     # the shorter one alone would keep one more prompt token: documented
-    short_alone = encode_group(TOK, "0123456789", "ab", ["x"], max_length=16)
+    short_alone = encode_group(TOK, "0123456789", "ab", ["x"], max_length=18)
     assert len(short_alone.full(0)) == len(g.full(0)) + 2
 
 
@@ -357,9 +371,9 @@ def test_literals_in_texts_stay_text_with_the_byte_tokenizer(wrapper):
     nl = "\n" if wrapper == "sft" else ""
     for i, c in enumerate(cs):
         assert g.full(i).tolist() == ([BOS] + b(p + nl + r) + [SEP] + b(p + nl + c) + [REW])
-    # truncation counts a literal as the text it is: 10 bytes, not one token
+    # truncation counts a literal as the text it is: 10 bytes, not one token (4 kept: BOS is the 5th)
     g = encode_group(TOK, "p", REWARD_SEP_TEXT + "xyz", ["c"], max_response=5)
-    assert g.full(0).tolist() == [BOS] + b("p\n<|rew") + [SEP] + b("p\nc") + [REW]
+    assert g.full(0).tolist() == [BOS] + b("p\n<|re") + [SEP] + b("p\nc") + [REW]
 
 
 # --- group capacity: a group as stored fits the pack ----------------------------------------------
@@ -370,17 +384,17 @@ def stored(g):
 
 def test_group_capacity_shortens_the_prompt_of_a_group_too_long_for_the_pack():
     # The paper's rule bounds each candidate's input (16384 at the defaults), not the group, which
-    # holds the prompt twice, the reference and both candidates: 18294 tokens here.
+    # holds the prompt twice, the reference and both candidates (4095 bytes each): 18291 tokens here.
     p, r, cs = "q" * 3000, "r" * 4096, ["c" * 4096, "x" * 4096]
     rule = encode_group(TOK, p, r, cs)
-    assert stored(rule) == 18294 and rule.prompt_cut_to_fit == 0
+    assert stored(rule) == 18291 and rule.prompt_cut_to_fit == 0
     g = encode_group(TOK, p, r, cs, group_capacity=16384)
-    # BOS, <|reward|>, two "\n", the reference, two candidates with a reward token each: 12294;
-    # the prompt's two copies get the other 4090
-    assert stored(g) == 16384 and g.prompt_cut_to_fit == 3000 - 2045
-    check_split(g, [full_ids("q" * 2045, r, c) for c in cs])
+    # BOS, <|reward|>, two "\n", the reference, two candidates with a reward token each: 12291;
+    # the prompt's two copies get 4092 of the other 4093
+    assert stored(g) == 16383 and g.prompt_cut_to_fit == 3000 - 2046
+    check_split(g, [full_ids("q" * 2046, r[:4095], c[:4095]) for c in cs])
     # a group that fits is left to the paper's rule
-    same = encode_group(TOK, p, r, cs, group_capacity=18294)
+    same = encode_group(TOK, p, r, cs, group_capacity=18291)
     assert same.prompt_cut_to_fit == 0 and [same.full(i).tolist() for i in range(2)] == \
         [rule.full(i).tolist() for i in range(2)]
 
@@ -435,16 +449,21 @@ def test_group_capacity_must_be_a_count():
 
 # --- the embedded default's data -----------------------------------------------------------------
 
-# sha256 of a small embedded-default data set's encoded groups, computed with the encoder as it
-# was before special ids were placed by structure: the training data must not change.
+# sha256 of a small embedded-default data set's encoded groups: the training data must not change.
+# At 1024 (as trained: nothing is cut) computed with the encoder as it was before special ids were
+# placed by structure; at 64 (every prompt cut) recorded when truncation came to count each piece's
+# BOS as the training code does.
 DEFAULT_DATA_SHA256 = {
-    "sft": "a7b4596b118e006a64bb233f14eb881b7082de2d30dd7ca731ccf47d3fe58845",
-    "pretrain": "e4f280f21a4aa1f68a9d090155956e9ba806e39c0c11ed646b65e166a0e9a265",
+    ("sft", 1024): "f62fe09db3c352f51a0a6806731f18aae5dee6881039def0716b9efad7ea7730",
+    ("sft", 64): "3705a6943886e6f98595a4a63f08d29b61db61beb991e18c562881516391a31e",
+    ("pretrain", 1024): "e5e9bf775e134f64e634c66819e3c1e353b3e14ec96903db4ebf09384691ce35",
+    ("pretrain", 64): "4f6a7806f33335f9a9041dc8e2ebbe3a793cf6b76e8ba2cdd14424c74fad8bd6",
 }
 
 
+@pytest.mark.parametrize("max_length", [1024, 64])
 @pytest.mark.parametrize("wrapper", ["sft", "pretrain"])
-def test_embedded_default_data_is_unchanged(wrapper):
+def test_embedded_default_data_is_unchanged(wrapper, max_length):
     import hashlib
 
     from polar.pretrain_data import SyntheticDataConfig, encode_triplets, make_splits
@@ -453,9 +472,7 @@ def test_embedded_default_data_is_unchanged(wrapper):
                                              wrapper=wrapper))
     h = hashlib.sha256()
     for name in ("train", "eval_seen", "eval_held_out"):
-        for max_length in (1024, 64):  # as trained, and with every prompt cut
-            for g, _ in encode_triplets(TOK, getattr(splits, name), wrapper, max_length=max_length):
-                h.update(g.prefix.tobytes() + b"|" + b"/".join(c.tobytes() for c in g.candidates)
-                         + b";")
-    assert h.hexdigest() == DEFAULT_DATA_SHA256[wrapper], \
+        for g, _ in encode_triplets(TOK, getattr(splits, name), wrapper, max_length=max_length):
+            h.update(g.prefix.tobytes() + b"|" + b"/".join(c.tobytes() for c in g.candidates) + b";")
+    assert h.hexdigest() == DEFAULT_DATA_SHA256[wrapper, max_length], \
         "the embedded default's encoded data changed (if on purpose, update DEFAULT_DATA_SHA256)"

@@ -63,11 +63,12 @@ def test_hf_truncation_cuts_at_token_boundaries(bpe):
         g = encode_group(bpe, p, r, cs, max_length=max_length, max_response=max_response)
         spans = dict(zip(["p", "r", "c0", "c1"], bpe.offsets_batch([p, r, *cs])))
 
-        def head(text, sp):
-            if len(sp) <= max_response:
-                return text, len(sp)
-            return (text[:sp[max_response, 0]] if max_response else "",
-                    min(max_response, len(sp)))
+        limit = max(0, max_response - 1)  # the first max_response ids of BOS + text
+
+        def head(text, sp):  # the kept text, and its length counted with its BOS
+            if len(sp) <= limit:
+                return text, min(1 + len(sp), max_response)
+            return (text[:sp[limit, 0]] if limit else "", max_response)
 
         r_kept, r_n = head(r, spans["r"])
         kept = [head(c, spans[f"c{i}"]) for i, c in enumerate(cs)]
@@ -126,8 +127,8 @@ def test_trimmed_offsets_cut_exactly(tmp_path):
     text = "the cat sat on the mat and the dog ran to the answer " * 3
     for max_response in range(1, 25):
         g = encode_group(trim, "why?", text, ["the cat"], max_length=4096, max_response=max_response)
-        kept = trim.decode(g.full(0)).split("\n", 1)[1].split(REWARD_SEP_TEXT)[0]
-        assert len(trim.encode(kept)) <= max_response
+        kept = trim.decode(g.full(0)).split(REWARD_SEP_TEXT)[0].removeprefix("why?").removeprefix("\n")
+        assert len(trim.encode(kept)) <= max_response - 1  # its BOS is the other id
     for max_length in range(8, 60, 3):  # the prompt's tail cut too
         args = (text, "the dog", ["the cat", "a dog"], "sft", max_length, 5)
         g, want = encode_group(trim, *args), encode_group(plain, *args)
