@@ -5,10 +5,14 @@
 
 N: reward-model parameters in millions; Dp: tokens the base model was pre-trained on, Drm: tokens
 of reward-model pre-training, both in billions (the only units that reproduce the paper's chosen
-values). The batch is in RM input sequences (one per candidate: a triplet gives two); the engine's
-`train.global_batch` counts packed sequences, each holding several inputs, so the batch is divided
-by the average number of inputs per packed sequence (`polar data stats` shows the counts of a
-built dataset).
+values). The batch is in RM input sequences (one per candidate with its prompt and reference: a
+triplet gives two, chosen and rejected); the engine's `train.global_batch` counts packed sequences,
+each holding as many whole groups as fit, so the batch is divided by the average number of candidates
+per packed sequence. That average is a property of the data, not of the pack length: at 16k tokens
+it is 2 only where every group is longer than 8k tokens; with responses of 1-4096 tokens it is about
+4.5 and with 1-2048 about 7.9, so a global_batch chosen for 2 would carry two to four times the
+paper's batch. `--dataset DIR` measures it on a built dataset (its candidates over its packed
+sequences, from the shards' index headers: no token is read); `--seq-per-packed` gives it by hand.
 
 Which Dp and Drm give the paper's values (1.8B: lr 1.4e-5, batch 1940; 7B: 1.67e-5, 4343)? The
 paper does not list them per model. Solving the laws for them with N = 1800 / 7000 gives
@@ -23,6 +27,8 @@ import math
 import sys
 from typing import Optional
 
+# Without --dataset or --seq-per-packed: 2 candidates (one triplet) per packed sequence, true only of
+# groups longer than half the pack (the output says it is assumed)
 DEFAULT_SEQ_PER_PACKED = 2.0
 
 # model -> (N millions, Dp billions, Drm billions): solved from the paper's chosen values (docstring)
@@ -67,6 +73,21 @@ def preset_params(name: str) -> tuple[int, str]:
     return reward_model_params(cfg.model), str(path)
 
 
+def candidates_per_packed(path: str) -> tuple[int, int, int]:
+    """(candidates, packed sequences, seq_length) of the built dataset at `path`: what one packed
+    sequence carries of the paper's batch on average. A group's first piece is its prefix and the
+    rest its candidates (engine/shard_format.py), so a shard holds pieces - groups candidates,
+    read from the lengths of its mapped index arrays in O(1) (the pieces' tokens are not read)."""
+    from engine.indexed_dataset import IndexedDataset
+
+    ds = IndexedDataset(path)
+    candidates = 0
+    for shard in ds.shards:
+        ix = shard.mapped_index()
+        candidates += len(ix.piece_label) - (len(ix.group_pieces) - 1)
+    return candidates, len(ds), ds.seq_length
+
+
 def _positive(s: str) -> float:
     try:
         v = float(s)
@@ -92,11 +113,33 @@ def main(argv: Optional[list] = None) -> int:
                     help="Dp: tokens the base model was pre-trained on, billions")
     ap.add_argument("--rm-tokens-billions", type=_positive, required=True,
                     help="Drm: tokens of reward-model pre-training, billions")
-    ap.add_argument("--seq-per-packed", type=_positive, default=DEFAULT_SEQ_PER_PACKED,
-                    help="average RM inputs (one per candidate, two per triplet) per packed "
-                         f"sequence, to express the batch in packed sequences (default "
-                         f"{DEFAULT_SEQ_PER_PACKED:g})")
+    per = ap.add_mutually_exclusive_group()
+    per.add_argument("--dataset", metavar="DIR",
+                     help="a built dataset (polar data build) to train on: the average candidates (RM "
+                          "sequences) per packed sequence are measured on it, to express the batch in "
+                          "train.global_batch's unit, packed sequences")
+    per.add_argument("--seq-per-packed", type=_positive, default=None,
+                     help="average RM sequences (one per candidate, two per triplet) per packed "
+                          "sequence, given by hand (default: --dataset's measure, else an assumed "
+                          f"{DEFAULT_SEQ_PER_PACKED:g}, true only of groups longer than half the pack)")
     a = ap.parse_args(argv)
+    if a.dataset is not None:
+        from engine.shard_format import DatasetFormatError
+
+        try:
+            cands, seqs, seq_length = candidates_per_packed(a.dataset)
+        except (DatasetFormatError, OSError) as e:
+            print(f"polar hparams: --dataset {a.dataset}: {e}", file=sys.stderr)
+            return 2
+        per_packed = cands / seqs
+        measured = (f"measured on {a.dataset}: {cands:,} candidates in {seqs:,} packed sequences of "
+                    f"{seq_length} tokens")
+    elif a.seq_per_packed is not None:
+        per_packed, measured = a.seq_per_packed, "given"
+    else:
+        per_packed = DEFAULT_SEQ_PER_PACKED
+        measured = ("ASSUMED, true only where every group is longer than half the pack; give --dataset DIR "
+                    "to measure it on your data")
     if a.preset is not None:
         try:
             params, where = preset_params(a.preset)
@@ -110,12 +153,12 @@ def main(argv: Optional[list] = None) -> int:
         source = "given"
     lr = learning_rate(n, a.base_tokens_billions, a.rm_tokens_billions)
     bs = batch_size(n, a.rm_tokens_billions)
-    packed = max(1, round(bs / a.seq_per_packed))
+    packed = max(1, round(bs / per_packed))
     print(f"N   = {n:,.1f}M parameters ({source})")
     print(f"Dp  = {a.base_tokens_billions:g}B base-model tokens, Drm = {a.rm_tokens_billions:g}B RM tokens")
     print(f"learning rate = {lr:.4g}")
     print(f"batch size    = {bs:,.0f} sequences = {packed:,} packed sequences at "
-          f"{a.seq_per_packed:g} sequences per packed sequence")
+          f"{per_packed:.3g} sequences per packed sequence ({measured})")
     print(f"overrides: train.lr={lr:.4g} train.global_batch={packed}")
     return 0
 

@@ -1,9 +1,13 @@
+import re
+
 import pytest
 
 from engine.config import ModelConfig
+from engine.indexed_dataset import IndexedDataset
 from polar import cli
 from polar.hparams import (PAPER_SETTINGS, batch_size, learning_rate, main, preset_params,
                            reward_model_params)
+from tests.polar import test_data_build as built
 
 
 @pytest.mark.parametrize("model, lr, batch", [("POLAR-1.8B", 1.4e-5, 1940),
@@ -68,3 +72,43 @@ def test_command_with_a_preset_and_bad_arguments(capsys):
     with pytest.raises(SystemExit):  # both sizes at once
         main(["--params-millions", "1", "--preset", "polar_7b", "--base-tokens-billions", "1",
               "--rm-tokens-billions", "1"])
+
+
+def _printed_batch(out: str) -> int:
+    return int(re.search(r"train\.global_batch=(\d+)", out).group(1))
+
+
+def test_dataset_gives_the_packed_sequences_that_carry_the_laws_sequences(tmp_path, capsys):
+    """train.global_batch counts packed sequences; the law counts RM sequences (candidates). On a
+    dataset of short groups a pack holds many of them, not the 2 assumed without --dataset, so the
+    global_batch printed follows the candidates the dataset's packs hold (counted here from the
+    records, one per response, and from the stored groups, in three shards)."""
+    records = built.synthetic_records(150)
+    src = built.write_jsonl(tmp_path / "r.jsonl", records)
+    for i in range(3):
+        assert built.build(src, "-o", tmp_path / "ds", "--seq-length", built.SEQ, "--num-shards", 3,
+                           "--shard-index", i) == 0
+    capsys.readouterr()
+    ds = IndexedDataset(tmp_path / "ds")
+    stored = sum(len(g.candidates) for i in range(len(ds)) for g in ds.sequences([i])[0])
+    from_records = sum(len(r["candidates"]) if "candidates" in r else 2 for r in records)
+    assert stored == from_records and len(ds.shards) == 3
+    per_packed = from_records / len(ds)
+    assert per_packed > 3  # far from the assumed 2: a test that tells them apart
+    laws = ["--params-millions", "1800", "--base-tokens-billions", "2400", "--rm-tokens-billions", "870"]
+    assert main([*laws, "--dataset", str(tmp_path / "ds")]) == 0
+    out = capsys.readouterr().out
+    assert _printed_batch(out) == round(batch_size(1800, 870) / per_packed)
+    assert f"{from_records:,} candidates in {len(ds):,} packed sequences of {built.SEQ} tokens" in out
+    # without a measure the 2 a pack is said to be assumed, not given as the data's
+    assert main(laws) == 0
+    out = capsys.readouterr().out
+    assert _printed_batch(out) == round(batch_size(1800, 870) / 2) and "ASSUMED" in out
+
+
+def test_a_dataset_that_is_not_one_is_named(tmp_path, capsys):
+    laws = ["--params-millions", "1800", "--base-tokens-billions", "2400", "--rm-tokens-billions", "870"]
+    assert main([*laws, "--dataset", str(tmp_path / "none")]) == 2
+    assert f"--dataset {tmp_path / 'none'}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a measure and a figure at once
+        main([*laws, "--dataset", str(tmp_path), "--seq-per-packed", "2"])
