@@ -7,8 +7,11 @@ Records are the official JSONL records (`{"prompt", "reference", "chosen", "reje
 strings or message lists; polar/records.py validates them with file:line: field errors). The
 paper's fine-tuning settings are the defaults here: AdamW betas (0.9, 0.95), weight decay 0,
 gradient clipping 1.0, 3% warm-up then cosine to 0.1 x lr, one epoch, lr 1e-5 (POLAR-1.8B; 2e-5
-for 7B). The paper's batch of 320 sequences is 160 records (each record is scored twice); here
-the batch counts packed sequences (`train.global_batch`), each holding several records.
+for 7B). The batch is NOT the paper's by default: the paper's batch of 320 sequences is 160 records
+(each record is scored twice), while `train.global_batch` (default 8, small enough for a CPU run)
+counts packed sequences, each holding as many records as fit. The run prints, once at start-up
+(`--check-config` too), the records and RM sequences a step carries on its data and the
+`train.global_batch` that carries the paper's 160 records.
 
 `train.steps` and `train.warmup_steps` are derived from the data (`finetune.epochs`,
 `finetune.warmup_fraction`); setting them is refused rather than silently overwritten. With
@@ -387,6 +390,17 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
             f"{cfg.data.seq_length} tokens ({train.packing_efficiency:.1%} full), {n_held:,} held out{held_desc}; "
             f"{f.epochs:g} epoch(s) = {steps} steps{fill}, {cfg.train.warmup_steps} warm-up; "
             f"built in {time.time() - t0:.1f}s")
+    # Paper Sec. 3 fine-tunes with a batch of 320 sequences: 160 records, chosen and rejected each scored
+    # with the prompt and reference. train.global_batch counts packs of several records, so what a step
+    # carries is the data's records a pack times it: said once, with the global_batch that carries 160.
+    per_pack, gb = len(train.groups) / len(train), cfg.train.global_batch
+    paper_gb = max(1, round(160 / per_pack))
+    short = (f"; this data's {len(train.groups):,} records fill only {len(train):,}, less than one such batch"
+             if paper_gb > len(train) else "")
+    _say(f"batch: train.global_batch={gb} packed sequences carry ~{gb * per_pack:,.1f} records "
+         f"(~{gb * sum(len(g.candidates) for g in train.groups) / len(train):,.1f} RM sequences) a step, "
+         f"{per_pack:.2f} records a pack of this data; the paper's fine-tuning batch is 160 records (320 "
+         f"sequences): train.global_batch={paper_gb} carries it{short}", flush=True)
     return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train,
                    set_aside=set_aside)
 
