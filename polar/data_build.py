@@ -324,6 +324,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     with on_error="fail", after which nothing of the shard remains."""
     from engine.build_sets import foreign_shards
     from engine.shard_writer import ShardWriter
+    from polar.format import TRUNCATION_RULE
     from polar.tokenizer import load_tokenizer
 
     if cfg.on_error not in ON_ERROR:
@@ -348,7 +349,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     mine, sources = plan_chunks(files, chunk_records, quiet, num_shards, shard_index, counts)
 
     meta = {
-        "format": "polar shared-prefix groups",
+        "format": "polar shared-prefix groups", "truncation": TRUNCATION_RULE,
         "tokenizer": _tokenizer_dir(cfg.tokenizer), "bos_id": tok.bos_id, "reward_sep_id": tok.reward_sep_id,
         "reward_token_id": tok.reward_token_id,
         "wrapper_default": cfg.wrapper, "max_length": cfg.max_length or cfg.seq_length,
@@ -494,7 +495,8 @@ def _summary(meta: dict, workers: int) -> str:
            if c["rejected"] else "")
     # what POLAR's rule cut is reported too: a model never sees the end of a response cut to its head
     cut = [f"{c['responses_cut']:,} of {c['records'] + c['candidates']:,} responses (references and candidates) cut to "
-           f"their first {meta['max_response']} tokens" if c["responses_cut"] else "",
+           f"their first {meta['max_response']} ids, BOS counted ({max(meta['max_response'] - 1, 0)} tokens of text)"
+           if c["responses_cut"] else "",
            f"{c['prompts_cut']:,} prompts to their last tokens within max_length {meta['max_length']}"
            if c["prompts_cut"] else "",
            f"{c['prompts_shortened']:,} prompts shortened to fit the pack ({c['prompt_tokens_cut']:,} tokens beyond "

@@ -302,7 +302,8 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
     if responses_cut or prompts_cut:  # the rule's own cuts: not errors, but the model never sees what they cut
         total = sum(1 + len(e.candidates) for e in encoded)
         _say(f"{name}: truncation (POLAR's rule) {responses_cut} of {total} responses cut to their first "
-             f"finetune.max_response={f.max_response} tokens, {prompts_cut} prompts to their last tokens within "
+             f"finetune.max_response={f.max_response} ids, BOS counted ({max(f.max_response - 1, 0)} tokens of text), "
+             f"{prompts_cut} prompts to their last tokens within "
              f"finetune.max_length={f.max_length}", flush=True)
     shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
     if shortened:

@@ -101,6 +101,9 @@ RESERVED_TOKENS = 4
 # includes the BOS the tokenizer puts first. Every Tokenizer here has one (`bos_id`, put first by
 # `encode_served`, as InternLM2's <s> is by the released models' tokenizer).
 PIECE_BOS = 1
+# recorded in a built dataset's metadata (polar data build): the rule its truncated records were cut by,
+# so the shards of builds before and after a change of it are two builds, never one dataset
+TRUNCATION_RULE = "piece lengths count their BOS (the released models' tokenize_ref)"
 _CUT_BLOCK_TOKENS = 1 << 20  # token spans per batched offsets call of a truncation
 
 Text = Union[str, Sequence[dict]]

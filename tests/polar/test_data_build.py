@@ -145,19 +145,19 @@ def test_skip_sets_bad_records_and_too_long_groups_aside(tmp_path, records, caps
 
 def test_a_group_longer_than_the_pack_keeps_a_shorter_prompt_and_is_counted(tmp_path, records, capsys):
     """POLAR's truncation bounds each candidate's input (16384 at the defaults), not the group: a
-    3000-byte prompt with a 4096-byte reference and two 4096-byte candidates is 18294 tokens stored.
+    3000-byte prompt with a 4096-byte reference and two 4096-byte candidates is 18291 tokens stored.
     It builds, with the default --on-error fail, its prompt shortened and reported."""
     long = {"prompt": "q" * 3000, "reference": "r" * 4096, "chosen": "c" * 4096, "rejected": "x" * 4096}
     src = write_jsonl(tmp_path / "r.jsonl", [records[0], long])
     assert build(src, "-o", tmp_path / "ds") == 0
-    assert "1 prompts shortened to fit the pack (955 tokens beyond POLAR's rule)" in capsys.readouterr().out
+    assert "1 prompts shortened to fit the pack (954 tokens beyond POLAR's rule)" in capsys.readouterr().out
     ds = IndexedDataset(tmp_path / "ds")
     assert ds.num_groups == 2 and ds.meta["counts"]["prompts_shortened"] == 1
-    assert ds.meta["counts"]["prompt_tokens_cut"] == 955 and ds.meta["counts"]["rejected"] == 0
+    assert ds.meta["counts"]["prompt_tokens_cut"] == 954 and ds.meta["counts"]["rejected"] == 0
     want = encode_groups(ByteTokenizer(), ["q" * 3000], ["r" * 4096], [["c" * 4096, "x" * 4096]],
                          group_capacity=16384)[0]
     got = [g for i in range(len(ds)) for g, rid in zip(ds.sequences([i])[0], ds.sources(i)) if rid == 1][0]
-    assert len(got) == 16384 and want.prompt_cut_to_fit == 955
+    assert len(got) == 16383 and want.prompt_cut_to_fit == 954
     for a, b in zip(got.candidates, want.candidates):
         np.testing.assert_array_equal(np.concatenate([got.prefix, a]), np.concatenate([want.prefix, b]))
     # four such candidates do not fit even without a prompt: set aside, with why
@@ -179,8 +179,8 @@ def test_what_polars_truncation_cut_is_counted_and_reported(tmp_path, capsys):
                             "--max-response", "20"]) == 0
     out = capsys.readouterr().out
     # group 0: reference 30 and rejected 40 cut to 20; its prompt budget (100 - 4 - 20 - 20) // 2 = 28 < 50
-    assert "truncation 2 of 6 responses (references and candidates) cut to their first 20 tokens; 1 prompts to " \
-           "their last tokens within max_length 100\n" in out, out
+    assert "truncation 2 of 6 responses (references and candidates) cut to their first 20 ids, BOS counted (19 tokens of text); 1 prompts " \
+           "to their last tokens within max_length 100\n" in out, out
     counts = IndexedDataset(tmp_path / "ds").meta["counts"]
     assert (counts["responses_cut"], counts["prompts_cut"], counts["prompts_shortened"]) == (2, 1, 0)
 

@@ -142,3 +142,19 @@ def test_a_rebuild_with_a_new_rejects_path_removes_the_replaced_shards_own_list(
     assert build(clean, *common[1:], "--rejects", first, "--force") == 0
     assert not third.exists() and not first.exists()
     assert json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())["rejects_file"] is None
+
+
+def test_shards_cut_by_another_truncation_rule_are_another_build(tmp_path, records, capsys, monkeypatch):
+    """The truncation rule is recorded with each shard (polar.format.TRUNCATION_RULE) and enters the build
+    id: a shard built before the rule changed and one built after, sent to one output, would otherwise be
+    read as one dataset whose truncated records were cut two ways."""
+    import polar.format
+
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
+    monkeypatch.setattr(polar.format, "TRUNCATION_RULE", "an earlier rule")
+    assert build(*common, "--shard-index", 0) == 0
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert build(*common, "--shard-index", 1) == 2
+    assert "holds shards of another build (part-00000-of-00002)" in capsys.readouterr().err

@@ -80,7 +80,7 @@ def test_a_record_too_long_for_the_pack_keeps_a_shorter_prompt_and_says_so(tmp_p
     assert "r.jsonl: 1 record(s) too long for data.seq_length=256 as one group kept a shorter prompt" in out
     # and before that, what POLAR's rule itself cut: the prompt past its budget (256 - 4 - 60 - 60) // 2
     assert ("r.jsonl: truncation (POLAR's rule) 0 of 3 responses cut to their first finetune.max_response=4096 "
-            "tokens, 1 prompts to their last tokens within finetune.max_length=256") in out
+            "ids, BOS counted (4095 tokens of text), 1 prompts to their last tokens within finetune.max_length=256") in out
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
