@@ -213,6 +213,10 @@ class _Base:
             raise ValueError(f"no reward server URL: pass base_url or set {URL_ENV}")
         if "://" not in base_url:
             base_url = "http://" + base_url
+        scheme = base_url.split("://", 1)[0]
+        if scheme.lower() not in ("http", "https"):
+            # httpx refuses it only when a request is sent, which the retries then repeated
+            raise ValueError(f"reward server URL {base_url!r}: the scheme must be http or https, got {scheme!r}")
         self.base_url = base_url.rstrip("/")
         api_key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}

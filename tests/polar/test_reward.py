@@ -545,3 +545,12 @@ def test_health_of_a_server_not_there_names_the_url():
                            match=rf"cannot connect to the reward server at {url}/health: connection refused "
                                  r"\(1 attempt in [\d.]+ s\)"):
             client.health()
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+@pytest.mark.parametrize("url", ["ftp://127.0.0.1:9/", "htp://rm:8000"])
+def test_a_url_of_another_scheme_is_refused_when_the_client_is_made(client_class, url):
+    """httpx refuses such a URL only when a request is sent (UnsupportedProtocol), which the client then
+    retried max_retries times before a connection error that did not say the scheme was the fault."""
+    with pytest.raises(ValueError, match=r"the scheme must be http or https, got '(ftp|htp)'"):
+        client_class(url)
