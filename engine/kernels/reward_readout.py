@@ -15,13 +15,20 @@ all in fp32 whatever the input dtype. With g_i = dL/dr_i the backward is
     dy_i      = g_i * v * w                  (gradient wrt xhat_i)
     dL/dx_i   = rstd_i * (dy_i - xhat_i * mean_k(dy_ik * xhat_ik))
 
-dL/dhidden is zero except at the gathered rows; a row gathered twice receives the sum of both
-contributions (atomic adds into an fp32 buffer). dL/dv and dL/dw are reduced per program over a
-strided set of rows (partials [programs, h]) and then summed over programs in torch.
+dL/dhidden is zero except at the gathered rows. The backward writes each reward's dx_i to an fp32
+buffer of n rows ([n, h], the rewards' rows only), then one pass over the s*b rows of grad_hidden
+writes every element once in hidden's dtype: zero, or the fp32 sum of the dx_i of the rewards that
+read that row (a row gathered twice receives both), in order of appearance, so repeated rows sum
+deterministically. The rewards of each row are found without a device sync: a stable sort of the
+indices and two searchsorted calls give each row its run [lo, hi) of sorted rewards. An fp32 buffer of
+the full [s, b, h] shape (zero-filled, atomically added to, then cast) would move about 5x the bytes of
+grad_hidden at 16384 x 4096 in bf16 and sit at the backward's peak of memory. dL/dv and dL/dw are
+reduced per program over a strided set of rows (partials [programs, h]) and then summed over
+programs in torch.
 
 A program handles tiles of BLOCK_N rewards x the whole row (BLOCK_H = next power of two >= h), which
 suits hidden sizes up to several thousand; the readout touches n_candidates rows, so it is never the
-step's bottleneck. The fp32 grad_hidden buffer is [s, b, h] (cast to hidden's dtype at the end).
+step's bottleneck.
 
 An index outside [0, s*b) is never read or written: checking on the host would cost a device sync
 every step, so, as the CUDA kernels do, its reward is NaN (which the training loop's non-finite
@@ -77,8 +84,8 @@ def _readout_fwd_kernel(
 @triton.jit
 def _readout_bwd_kernel(
     hidden_ptr, index_ptr, norm_w_ptr, head_w_ptr, grad_out_ptr,
-    grad_hidden_ptr, dw_partial_ptr, dv_partial_ptr,
-    n, s, num_rows, h, stride_s, stride_b, stride_h, gstride_s, gstride_b, gstride_h, eps,
+    row_grad_ptr, dw_partial_ptr, dv_partial_ptr,
+    n, s, num_rows, h, stride_s, stride_b, stride_h, eps,
     BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # program pid handles the row tiles pid, pid + P, pid + 2P, ... and writes one partial row of dw, dv
@@ -105,10 +112,41 @@ def _readout_bwd_kernel(
         xhat = x * rstd[:, None]
         dy = g[:, None] * (v * w)[None, :]
         dx = rstd[:, None] * (dy - xhat * (_sum(dy * xhat, 1) / h)[:, None])
-        g_off = t * gstride_s + bi * gstride_b
-        tl.atomic_add(grad_hidden_ptr + g_off[:, None] + offs[None, :] * gstride_h, dx, mask=mask)
+        # row i of the [n, h] buffer: reward i's dx (rows of out-of-range indices are never read)
+        tl.store(row_grad_ptr + rows.to(tl.int64)[:, None] * h + offs[None, :], dx, mask=mask)
     tl.store(dw_partial_ptr + pid * h + offs, dw_acc, mask=col_mask)
     tl.store(dv_partial_ptr + pid * h + offs, dv_acc, mask=col_mask)
+
+
+@triton.jit
+def _cast_rtne(x, dtype: tl.constexpr):
+    """x (fp32) -> dtype, rounded to nearest even. The interpreter truncates a plain fp32 -> bf16
+    cast (the GPU rounds), so bf16 is rounded on the bits here, the same on both: add 0x7FFF plus
+    the lowest kept bit, keep the high half. NaN stays NaN (a NaN with only low mantissa bits would
+    otherwise round to inf)."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.int32, bitcast=True)
+        bits = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1))
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
+def _readout_rows_kernel(
+    row_grad_ptr, order_ptr, lo_ptr, hi_ptr, grad_hidden_ptr,
+    s, h, gstride_s, gstride_b, BLOCK_H: tl.constexpr,
+):
+    # one program: hidden row r (flat index bi*s + t), written once in full: the fp32 sum over the
+    # rewards order[lo[r]:hi[r]] that read it, zero where there are none
+    r = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_H)
+    col_mask = offs < h
+    acc = tl.full([BLOCK_H], 0.0, tl.float32)
+    for j in range(tl.load(lo_ptr + r), tl.load(hi_ptr + r)):
+        i = tl.load(order_ptr + j)
+        acc += tl.load(row_grad_ptr + i * h + offs, mask=col_mask, other=0.0)
+    out = grad_hidden_ptr + (r % s) * gstride_s + (r // s) * gstride_b + offs
+    tl.store(out, _cast_rtne(acc, grad_hidden_ptr.dtype.element_ty), mask=col_mask)
 
 
 def _empty(shape, device, dtype):
@@ -174,28 +212,43 @@ def reward_readout_bwd(grad_out, hidden, reward_index, norm_weight, head_weight,
     """Launcher: -> (grad_hidden like hidden, grad_norm_weight like norm_weight, grad_head_weight like head_weight)."""
     s, b, h = hidden.shape
     n = reward_index.numel()
-    # fp32 accumulation buffer; atomics add the contributions of repeated indices
-    grad_hidden = torch.zeros((s, b, h), device=hidden.device, dtype=torch.float32)
+    device = hidden.device
+    # written in full by _readout_rows_kernel: zeros and the gathered rows' gradients, in hidden's dtype
+    grad_hidden = _empty((s, b, h), device, hidden.dtype)
     block_h = _block_h(h)
     block_n = _block_n(block_h)
-    programs = _num_programs(triton.cdiv(n, block_n), hidden.device)
+    programs = _num_programs(triton.cdiv(n, block_n), device)
+    index = reward_index.contiguous()
     if n == 0:
-        dw_partial = torch.zeros((1, h), device=hidden.device, dtype=torch.float32)
-        dv_partial = torch.zeros((1, h), device=hidden.device, dtype=torch.float32)
+        dw_partial = torch.zeros((1, h), device=device, dtype=torch.float32)
+        dv_partial = torch.zeros((1, h), device=device, dtype=torch.float32)
+        row_grad = torch.zeros((1, h), device=device, dtype=torch.float32)
     else:
-        dw_partial = _empty((programs, h), hidden.device, torch.float32)
-        dv_partial = _empty((programs, h), hidden.device, torch.float32)
+        dw_partial = _empty((programs, h), device, torch.float32)
+        dv_partial = _empty((programs, h), device, torch.float32)
+        row_grad = _empty((n, h), device, torch.float32)
         _readout_bwd_kernel[(programs,)](
-            hidden, reward_index.contiguous(), norm_weight.contiguous().reshape(h),
+            hidden, index, norm_weight.contiguous().reshape(h),
             head_weight.contiguous().reshape(h), grad_out.contiguous().to(torch.float32),
-            grad_hidden, dw_partial, dv_partial,
-            n, s, s * b, h, hidden.stride(0), hidden.stride(1), hidden.stride(2),
-            grad_hidden.stride(0), grad_hidden.stride(1), grad_hidden.stride(2), float(eps),
+            row_grad, dw_partial, dv_partial,
+            n, s, s * b, h, hidden.stride(0), hidden.stride(1), hidden.stride(2), float(eps),
             BLOCK_N=block_n, BLOCK_H=block_h, num_warps=_num_warps(block_h),
+        )
+    # out-of-range indices sort past every row (key s*b); a stable sort keeps repeats in reward order
+    key = index.to(torch.int64)
+    key = torch.where((key >= 0) & (key < s * b), key, s * b)
+    sorted_key, order = torch.sort(key, stable=True)
+    rows = torch.arange(s * b, device=device, dtype=torch.int64)
+    lo = torch.searchsorted(sorted_key, rows)
+    hi = torch.searchsorted(sorted_key, rows, right=True)
+    if s * b > 0:
+        _readout_rows_kernel[(s * b,)](
+            row_grad, order, lo, hi, grad_hidden, s, h, grad_hidden.stride(0), grad_hidden.stride(1),
+            BLOCK_H=block_h, num_warps=_num_warps(block_h),
         )
     grad_norm = dw_partial.sum(0).reshape(norm_weight.shape).to(norm_weight.dtype)
     grad_head = dv_partial.sum(0).reshape(head_weight.shape).to(head_weight.dtype)
-    return grad_hidden.to(hidden.dtype), grad_norm, grad_head
+    return grad_hidden, grad_norm, grad_head
 
 
 # ---- custom ops ---------------------------------------------------------------------------------

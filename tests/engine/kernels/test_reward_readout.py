@@ -15,6 +15,8 @@ import sys  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.utils._pytree as pytree  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from engine.kernels import reward_readout as rr  # noqa: E402
 from engine.loss import pairwise_sums  # noqa: E402
@@ -114,6 +116,46 @@ def test_repeated_index_accumulates():
         assert (g.double() - r).abs().max().item() <= 2e-5 * (r.abs().max().item() + 1)
 
 
+class _Created(TorchDispatchMode):
+    """Every tensor the torch ops under it return, as (op, shape, dtype)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((str(func), tuple(t.shape), t.dtype))
+        return out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backward_creates_no_fp32_tensor_of_the_hidden_shape(dtype):
+    """grad_hidden is written once in hidden's dtype; the only fp32 buffer with h columns has the
+    n readout rows (an fp32 [s, b, h] buffer cast at the end moved ~5x grad_hidden's bytes). Rows
+    read three times and out-of-range indices included; the gradients still equal the reference."""
+    gen = torch.Generator().manual_seed(23)
+    s, b, h = 12, 3, 64
+    hidden, _, norm_w, head_w, _ = _case(gen, 1, h, s=s, b=b)
+    index = torch.tensor([5, 5, 30, 5, 0, 35, -1, 10**6, 30])
+    grad_out = torch.randn(index.numel(), generator=gen, dtype=torch.float64)
+    x = hidden.to(dtype)
+    with _Created() as mode:
+        grad_hidden, _, _ = rr.reward_readout_bwd(grad_out.float(), x, index, norm_w.to(dtype), head_w.to(dtype), EPS)
+    assert grad_hidden.dtype == dtype and grad_hidden.shape == (s, b, h)
+    big = [m for m in mode.made if m[2] == torch.float32 and len(m[1]) >= 2 and m[1][-1] == h
+           and torch.Size(m[1]).numel() > index.numel() * h]
+    assert not big, big
+    assert any(m[1] == (index.numel(), h) and m[2] == torch.float32 for m in mode.made), mode.made
+    ok = (index >= 0) & (index < s * b)
+    ref = _run(torch_reward_readout, x.double(), index[ok], norm_w.to(dtype).double(), head_w.to(dtype).double(),
+               grad_out[ok], torch.float64)[1]
+    # one rounding to dtype of the fp32 sum: within half a unit in the last place of the reference
+    assert (grad_hidden.double() - ref).abs().max().item() <= 2 ** -8 * (ref.abs().max().item() + 1e-3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n,h", [(5, 64), (200, 192), (64, 128)])
 def test_low_precision_within_twice_torch_error(dtype, n, h):
@@ -183,11 +225,13 @@ def compile_specs():
                        **{k: "i32" for k in _INTS}, eps="fp32", nan="fp32", BLOCK_N="constexpr",
                        BLOCK_H="constexpr")
             bwd = dict(hidden_ptr=ptr, index_ptr="*i64", norm_w_ptr=ptr, head_w_ptr=ptr, grad_out_ptr="*fp32",
-                       grad_hidden_ptr="*fp32", dw_partial_ptr="*fp32", dv_partial_ptr="*fp32",
-                       **{k: "i32" for k in _INTS}, gstride_s="i32", gstride_b="i32", gstride_h="i32",
-                       eps="fp32", BLOCK_N="constexpr", BLOCK_H="constexpr")
+                       row_grad_ptr="*fp32", dw_partial_ptr="*fp32", dv_partial_ptr="*fp32",
+                       **{k: "i32" for k in _INTS}, eps="fp32", BLOCK_N="constexpr", BLOCK_H="constexpr")
+            rows = dict(row_grad_ptr="*fp32", order_ptr="*i64", lo_ptr="*i64", hi_ptr="*i64", grad_hidden_ptr=ptr,
+                        s="i32", h="i32", gstride_s="i32", gstride_b="i32", BLOCK_H="constexpr")
             specs.append(("_readout_fwd_kernel", fwd, consts, rr._num_warps(block_h)))
             specs.append(("_readout_bwd_kernel", bwd, consts, rr._num_warps(block_h)))
+            specs.append(("_readout_rows_kernel", rows, {"BLOCK_H": block_h}, rr._num_warps(block_h)))
     return specs
 
 
