@@ -2,11 +2,17 @@
 
 The trainer steps the schedule before each optimizer step: step s (1-based) runs at the schedule's
 value at s, so step 1 already trains (max_lr / warmup_steps, not 0) and the last step runs at min_lr.
+
+Without Transformer Engine or Apex (this project's install) megatron-core falls back to torch's
+AdamW with its per-op foreach update and to Python loops for the gradient norm and clipping; the
+update runs on torch's fused kernel instead (engine.optimizer_state.use_fused_adam) and the norm and
+clipping on foreach kernels: the same arithmetic in fewer, larger operations.
 """
 from __future__ import annotations
 
 import torch
 
+from engine import optimizer_state
 from engine.config import ParallelConfig, TrainConfig
 
 
@@ -14,25 +20,40 @@ def _device_l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
     """megatron's local multi_tensor_l2norm (its fallback without Transformer Engine or Apex)
     without the host round trip: megatron's copies every per-tensor norm to the host
     (`torch.tensor(list of device scalars)`, a device sync per gradient tensor), takes the norm
-    there and copies it back. The same norms of the same values in the same dtype, stacked on the
-    device: bit for bit megatron's result on the CPU; on a GPU the final norm of the per-tensor
-    norms is reduced there instead (last-bit differences at most). The step's one sync stays the
-    caller's `total_norm.item()`."""
-    norms = [torch.norm(t) for tensors in tensor_lists for t in tensors]
-    if not norms:
+    there and copies it back. The same norms of the same values in the same dtype, all in one
+    foreach kernel (torch runs it tensor by tensor with torch.norm's reduction on the CPU), stacked on
+    the device: bit for bit megatron's result on the CPU; on a GPU the per-tensor norms are reduced
+    by the foreach kernel and their norm there (last-bit differences at most). The step's one sync
+    stays the caller's `total_norm.item()`."""
+    tensors = [t for ts in tensor_lists for t in ts]
+    if not tensors:
         return torch.zeros(1, dtype=torch.float, device=noop_flag.device), None
-    total = torch.norm(torch.stack(norms).reshape(len(tensor_lists), -1))
+    total = torch.norm(torch.stack(torch._foreach_norm(tensors)))
     return total.reshape(1).to(torch.float), None
 
 
+def _foreach_scale(chunk_size, noop_flag, tensor_lists, scale):
+    """megatron's local multi_tensor_scale (`dst.copy_(src * scale)` tensor by tensor, a temporary
+    each) as one foreach multiply, in place where source and destination are the same tensors (the
+    gradient clipping). The same product per element: bit for bit megatron's result."""
+    src, dst = tensor_lists
+    if all(s is d for s, d in zip(src, dst)):
+        torch._foreach_mul_(dst, scale)
+    else:
+        torch._foreach_copy_(dst, torch._foreach_mul(src, scale))
+
+
 def use_device_grad_norm() -> None:
-    """Swaps megatron's local l2-norm fallback for `_device_l2_norm`; a no-op where megatron uses
-    Transformer Engine's or Apex's fused kernel (neither syncs)."""
+    """Swaps megatron's local l2-norm and scale fallbacks (gradient norm and clipping) for
+    `_device_l2_norm` and `_foreach_scale`; a no-op where megatron uses Transformer Engine's or
+    Apex's fused kernels (neither syncs)."""
     from megatron.core import utils
     from megatron.core.optimizer import clip_grads
 
     if clip_grads.l2_norm_impl is utils.local_multi_tensor_l2_norm:
         clip_grads.l2_norm_impl = _device_l2_norm
+    if clip_grads.multi_tensor_scale_impl is utils.local_multi_tensor_scale:
+        clip_grads.multi_tensor_scale_impl = _foreach_scale
 
 
 def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtype: torch.dtype):
@@ -57,6 +78,7 @@ def build_optimizer(train: TrainConfig, par: ParallelConfig, chunks, params_dtyp
     # pg_collection is provided"), so the optimizer alone reads megatron's groups itself: they are
     # the same groups the runtime's collection was taken from.
     optimizer = get_megatron_optimizer(cfg, chunks)
+    optimizer_state.use_fused_adam(optimizer)
     use_device_grad_norm()
     scheduler = OptimizerParamScheduler(
         optimizer,

@@ -1,7 +1,8 @@
 """Megatron's distributed-optimizer state around a checkpoint load (megatron-core 0.19 with torch's
 AdamW, no Apex or Transformer Engine optimizer): the state must exist before it can be described for
 loading, and the per-parameter `step` of torch's AdamW is mishandled by the load (engine/checkpoint.py
-calls these three around dist_checkpointing.load)."""
+calls these three around dist_checkpointing.load). Also where torch's AdamW runs its fused kernel
+(use_fused_adam: engine/optim.py at build, unshare_steps again after a load)."""
 from __future__ import annotations
 
 import collections
@@ -42,12 +43,50 @@ def torch_adam_step_tolerated():
         DistributedOptimizer._set_main_param_and_optimizer_states = original
 
 
-def unshare_steps(optimizer) -> None:
-    """megatron restores torch AdamW's `step` as ONE tensor shared by every parameter's state;
-    AdamW increments each parameter's step in place, which would advance the shared one once per
-    parameter per update and corrupt the bias correction. Give each parameter its own copy."""
+def _torch_adams(optimizer):
+    """The torch Adam/AdamW instances megatron wraps (none where it uses TE's or Apex's FusedAdam)."""
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(opt, "optimizer", None)
-        for st in getattr(inner, "state", {}).values():
-            if isinstance(st.get("step"), torch.Tensor):
-                st["step"] = st["step"].clone()
+        if isinstance(inner, torch.optim.Adam):  # AdamW is an Adam
+            yield inner
+
+
+def _fused_kernel_runs(inner) -> bool:
+    """Whether torch's fused Adam kernel takes every parameter: floating point (not complex) on a
+    device torch has the kernel for (the CPU and CUDA among them), and no differentiable update."""
+    from torch.optim.optimizer import _get_fused_kernels_supported_devices
+
+    devices = _get_fused_kernels_supported_devices()
+    return all(not g.get("differentiable") and all(
+        p.device.type in devices and torch.is_floating_point(p) and not torch.is_complex(p) for p in g["params"])
+        for g in inner.param_groups)
+
+
+def use_fused_adam(optimizer) -> None:
+    """Runs torch's AdamW update on its fused kernel (one call per param group) instead of
+    the foreach one megatron's fallback gets: the same update, within floating-point reassociation
+    (tests/engine/test_optim_fused.py). Per parameter group, as torch reads it, so a checkpoint's
+    param groups (which the load puts in place of the optimizer's) are set again by unshare_steps."""
+    for inner in _torch_adams(optimizer):
+        if _fused_kernel_runs(inner):
+            for group in inner.param_groups:
+                group["fused"], group["foreach"] = True, False
+
+
+def unshare_steps(optimizer) -> None:
+    """After a load. megatron restores torch AdamW's `step` as ONE tensor shared by every
+    parameter's state; AdamW increments each parameter's step in place, which would advance the
+    shared one once per parameter per update and corrupt the bias correction. Each parameter gets
+    its own copy, where the update kernel reads it: the fused kernel a float32 tensor on the
+    parameter's device, the foreach one a host tensor. The load also put the checkpoint's param
+    groups in place, whose `fused` is that of the code that saved them (unset before the fused
+    kernel was used): the kernel is chosen again first."""
+    use_fused_adam(optimizer)
+    for inner in _torch_adams(optimizer):
+        for group in inner.param_groups:
+            on_device = group.get("fused") or group.get("capturable")
+            for p in group["params"]:
+                st = inner.state.get(p, {})
+                if isinstance(st.get("step"), torch.Tensor):
+                    st["step"] = st["step"].to(dtype=torch.float32, device=p.device if on_device else "cpu",
+                                               copy=True)

@@ -1,0 +1,136 @@
+"""The optimizer step's three parts without Transformer Engine or Apex (this project's install), each
+as megatron-core's fallback against what engine.optim runs instead:
+
+  AdamW update   torch's AdamW as megatron builds it (foreach) | on torch's fused kernel
+                 (engine.optimizer_state.use_fused_adam)
+  clip scale     megatron's local_multi_tensor_scale (a Python loop, a temporary per tensor) |
+                 engine.optim._foreach_scale (one in-place foreach multiply)
+  gradient norm  megatron's local_multi_tensor_l2_norm (per-tensor norms through the host) |
+                 engine.optim._device_l2_norm (one foreach norm, their norm on the device)
+
+    python benchmarks/optimizer_step.py [--tensors 48] [--elements 102.8e6] [--repeats 7] [--device cpu]
+
+Tensors of a transformer's sizes (large weight matrices among small norms and biases) summing to
+--elements, fp32 as megatron's main parameters and gradients are. Each row is the median of
+--repeats timed calls after a warm-up call and a counted one, the two variants alternated so that
+both see the same machine load; `ops` counts the aten operators one call dispatches (a
+TorchDispatchMode), the ratio column is megatron's time over ours.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.arguments import at_least  # noqa: E402
+
+
+def shapes(tensors: int, elements: float) -> list:
+    """Sizes like a transformer's: of every four tensors three are large matrices (1 : 2 : 3) and one a
+    small vector, scaled to `elements` in all."""
+    raw = [[1, 2, 3, 0.001][i % 4] for i in range(tensors)]
+    unit = elements / sum(raw)
+    return [max(1, int(r * unit)) for r in raw]
+
+
+def timed(fn, sync) -> float:
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t
+
+
+def op_count(fn) -> int:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def adam(kind: str, sizes, device):
+    """A step function of AdamW over fresh parameters and gradients, as megatron's fallback builds
+    it (foreach: torch's default on these tensors) or on the fused kernel."""
+    import torch
+
+    from engine import optimizer_state
+
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(n, generator=g).to(device)) for n in sizes]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(device) * 1e-2
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+
+    class Wrapped:  # megatron's optimizer as use_fused_adam sees it: the torch optimizer inside
+        optimizer = opt
+
+    if kind == "fused":
+        optimizer_state.use_fused_adam(Wrapped)
+        assert all(grp["fused"] for grp in opt.param_groups)
+    return opt.step
+
+
+def run(args) -> None:
+    from engine.quiet import silence_known_warnings
+
+    silence_known_warnings()
+    import torch
+    from megatron.core import utils
+
+    from engine import cpu_compat
+    from engine.optim import _device_l2_norm, _foreach_scale
+
+    cpu_compat.apply()  # megatron's local norm builds its result on device="cuda"; the CPU here
+    torch.set_num_threads(args.threads or torch.get_num_threads())
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sizes = shapes(args.tensors, args.elements)
+    g = torch.Generator().manual_seed(1)
+    grads = [torch.randn(n, generator=g).to(device) for n in sizes]
+    flag = torch.zeros(1, dtype=torch.int, device=device)
+    rows = [
+        ("AdamW update", adam("foreach", sizes, device), adam("fused", sizes, device)),
+        # a clip coefficient of 1 - 1e-7 keeps the gradients' magnitude over the repeats
+        ("clip scale", lambda: utils.local_multi_tensor_scale(0, flag, [grads, grads], 1 - 1e-7),
+         lambda: _foreach_scale(0, flag, [grads, grads], 1 - 1e-7)),
+        ("gradient norm", lambda: utils.local_multi_tensor_l2_norm(0, flag, [grads], False),
+         lambda: _device_l2_norm(0, flag, [grads], False)),
+    ]
+    print(f"{len(sizes)} fp32 tensors, {sum(sizes) / 1e6:.1f}M elements, {device}, "
+          f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} calls")
+    print("| part | megatron's fallback ms | ops | engine.optim ms | ops | ratio |")
+    print("|---|---|---|---|---|---|")
+    for name, theirs, ours in rows:
+        theirs(), ours()  # warm-up: AdamW's state is made in its first step
+        ops = (op_count(theirs), op_count(ours))
+        times = ([], [])
+        for _ in range(args.repeats):
+            times[0].append(timed(theirs, sync))
+            times[1].append(timed(ours, sync))
+        t0, t1 = (statistics.median(t) * 1e3 for t in times)
+        print(f"| {name} | {t0:.1f} | {ops[0]} | {t1:.1f} | {ops[1]} | {t0 / t1:.2f}x |")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tensors", type=at_least(1), default=48)
+    ap.add_argument("--elements", type=float, default=102.8e6)
+    ap.add_argument("--repeats", type=at_least(1), default=7)
+    ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
+    run(ap.parse_args())
+
+
+if __name__ == "__main__":
+    main()
