@@ -24,16 +24,23 @@ rule 5 happened to form by joining text, read as special tokens). `max_length` i
 constructor argument (16384 by default), of which the client itself keeps max_length - 4. The
 two reward strings are the tokenizer's (`reward_sep_text`, `reward_token_text`): the client's own
 "<|reward|>" and "[UNUSED_TOKEN_130]" unless a tokenizer is set up with others.
+
+The n outputs of one prompt that RL scores (n = 8-64) share the prompt and the reference, and each
+string holds the prompt twice: within a call each distinct piece is tokenized and each kept slice
+decoded once, and where `split_is_exact` holds a string's ids are read as those of its head
+(prompt, reference, <|reward|>: once per group) and of its tail, the same ids as the whole
+string's (tests/polar/test_client_format_shared.py; benchmarks/client_tokenize.py times it).
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
 
 from polar.format import WRAPPERS, Text, as_text
-from polar.tokenizer import Tokenizer
+from polar.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
 
 CLIENT_MAX_LENGTH = 16384
 CLIENT_MAX_RESPONSE_LENGTH = 4096
@@ -99,16 +106,8 @@ def _item(x, i: int) -> ScoringItem:
     return item
 
 
-def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLIENT_MAX_LENGTH,
-                 max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH, cuts: Optional[Cuts] = None) -> list[str]:
-    """The client's string for each item (dicts with prompt, reference, output and an optional
-    wrapper, or ScoringItem), in a few batched tokenizer calls; `cuts`, when given, is added what
-    the truncation cut."""
-    max_length = _check_length("max_length", max_length)
-    mr = _check_length("max_response_length", max_response_length)
-    items = [_item(x, i) for i, x in enumerate(items)]
-    if not items:
-        return []
+def _pieces(items: list) -> list[str]:
+    """Prompt, reference and output of each item, as the client's text (rule 1)."""
     pieces = []
     for i, it in enumerate(items):
         for field in ("prompt", "reference", "output"):
@@ -116,31 +115,134 @@ def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLI
                 pieces.append(as_text(getattr(it, field)))
             except TypeError as e:
                 raise TypeError(f"item {i}: {field}: {e}") from None
-    ids = tokenizer.encode_served_batch(pieces)
+    return pieces
+
+
+def _distinct(keys: list, share: bool) -> tuple[list, list[int]]:
+    """The distinct keys in first-seen order and each key's place among them (`share` False: every
+    key on its own)."""
+    if not share:
+        return keys, list(range(len(keys)))
+    index: dict = {}
+    where = [index.setdefault(k, len(index)) for k in keys]
+    return list(index), where
+
+
+@dataclass
+class _Formatted:
+    """The client's strings of a call: item k's is head + reward_sep_text + tail + reward_token_text,
+    head = prompt, "\\n", reference and tail = prompt, "\\n", output, of the kept pieces
+    `decoded[i]` (parts[k] = (prompt, reference, output, the "\\n")); equal parts, equal strings."""
+
+    texts: list[str]
+    parts: list[tuple[int, int, int, str]]
+    decoded: list[str]
+
+
+def _format(tokenizer: Tokenizer, items: Sequence, max_length: int, max_response_length: int,
+            cuts: Optional[Cuts], share: bool) -> _Formatted:
+    """Rules 1-6 for each item. `share`: each distinct piece is tokenized, and each distinct kept
+    slice decoded, once (RL scores n outputs against one prompt and reference); without it every
+    item's own, as the client does. A tokenizer gives a text the same ids wherever it occurs, so
+    both give the same strings."""
+    max_length = _check_length("max_length", max_length)
+    mr = _check_length("max_response_length", max_response_length)
+    items = [_item(x, i) for i, x in enumerate(items)]
+    if not items:
+        return _Formatted([], [], [])
+    distinct, where = _distinct(_pieces(items), share)
+    ids = tokenizer.encode_served_batch(distinct)
     kept, references_cut, outputs_cut, prompts_cut = [], 0, 0, 0
     for k in range(len(items)):
-        p, r, o = ids[3 * k:3 * k + 3]
-        references_cut += len(r) > mr
-        outputs_cut += len(o) > mr
-        # The client's slices, Python semantics included (rule 4's unguarded budget).
-        r = r[:mr] if len(r) > mr else r
-        o = o[:mr] if len(o) > mr else o
-        budget = (max_length - CLIENT_RESERVED - len(r) - len(o)) // 2
-        whole = len(p)
-        p = p[-budget:] if len(p) > budget else p
-        # BOS goes first and the decode drops it anyway: text is lost from the second id on (a
-        # budget of 0 keeps the whole prompt: `ids[-0:]`)
-        prompts_cut += len(p) < whole - 1
-        kept += [p, r, o]
+        p, r, o = where[3 * k:3 * k + 3]
+        lp, lr, lo = len(ids[p]), len(ids[r]), len(ids[o])
+        references_cut += lr > mr
+        outputs_cut += lo > mr
+        lr, lo = min(lr, mr), min(lo, mr)
+        budget = (max_length - CLIENT_RESERVED - lr - lo) // 2
+        # The client's `ids[-budget:]`, Python semantics included (rule 4's unguarded budget): a
+        # suffix of the prompt whatever the budget's sign (0 keeps it whole: `ids[-0:]`).
+        keep = len(range(lp)[-budget:]) if lp > budget else lp
+        # BOS goes first and the decode drops it anyway: text is lost from the second id on
+        prompts_cut += keep < lp - 1
+        kept += [(p, lp - keep, lp), (r, 0, lr), (o, 0, lo)]
     if cuts is not None:
         cuts.add(Cuts(len(items), outputs_cut, references_cut, prompts_cut))
-    p_r_o = tokenizer.decode_batch(kept, skip_special_tokens=True)
-    out = []
+    slices, at = _distinct(kept, share)
+    decoded = tokenizer.decode_batch([ids[i][a:b] for i, a, b in slices], skip_special_tokens=True)
+    texts, parts = [], []
     for k, it in enumerate(items):
-        p, r, o = p_r_o[3 * k:3 * k + 3]
+        p, r, o = (decoded[i] for i in at[3 * k:3 * k + 3])
         nl = "" if it.wrapper == "pretrain" else "\n"
-        out.append(f"{p}{nl}{r}{tokenizer.reward_sep_text}{p}{nl}{o}{tokenizer.reward_token_text}")
-    return out
+        texts.append(f"{p}{nl}{r}{tokenizer.reward_sep_text}{p}{nl}{o}{tokenizer.reward_token_text}")
+        parts.append((*at[3 * k:3 * k + 3], nl))
+    return _Formatted(texts, parts, decoded)
+
+
+def client_texts(tokenizer: Tokenizer, items: Sequence, *, max_length: int = CLIENT_MAX_LENGTH,
+                 max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH, cuts: Optional[Cuts] = None) -> list[str]:
+    """The client's string for each item (dicts with prompt, reference, output and an optional
+    wrapper, or ScoringItem), in a few batched tokenizer calls; `cuts`, when given, is added what
+    the truncation cut."""
+    return _format(tokenizer, items, max_length, max_response_length, cuts, share=True).texts
+
+
+def _served_literals(tokenizer: Tokenizer) -> Optional[list]:
+    """(literal, matched on the normalized text) for every string the served reading turns into one
+    id, for the two tokenizers whose reading is known; None for any other."""
+    if type(tokenizer) is ByteTokenizer:
+        return [(t.decode(), False) for t in tokenizer._literal_to_id]
+    if type(tokenizer) is HFTokenizer:
+        return [(t.content, t.normalized) for t in tokenizer._served.get_added_tokens_decoder().values()]
+    return None
+
+
+def _reaches_across(literal: str, s: str) -> bool:
+    """Whether a match of `literal` could take in part of S found after it, or all of S."""
+    return literal != s and (s in literal or any(len(literal) > j and literal.endswith(s[:j])
+                                                 for j in range(1, len(s))))
+
+
+def split_is_exact(tokenizer: Tokenizer) -> bool:
+    """Whether the server's ids of head + S + tail + K (S, K: the reward strings) are always those
+    of head + S followed by those of S + tail + K less their BOS and S, whatever head and tail.
+
+    A server finds the added-token literals in the raw text first, left to right, the longest at
+    the leftmost place, each search resuming after a match, then normalizes and tokenizes each
+    stretch between them on its own (the HF library; ByteTokenizer's regex likewise): S found at
+    its place cuts the string into stretches that do not see each other, the one after S read in
+    both as a stretch that does not start the string (Metaspace's "first" marker). S is found
+    there in the whole string when it is in both halves, unless a literal could reach across it
+    (_reaches_across). S must be matched in the raw text (a normalized literal is looked for
+    within stretches only) and not be all whitespace (a literal's strip options eat whitespace up
+    to its neighbours). A tokenizer of another type: False."""
+    exact = _SPLIT_EXACT.get(tokenizer) if type(tokenizer) in (ByteTokenizer, HFTokenizer) else False
+    if exact is None:
+        literals, s = _served_literals(tokenizer), tokenizer.reward_sep_text
+        exact = (bool(s.strip()) and (s, False) in literals
+                 and not any(_reaches_across(c, s) for c, _ in literals))
+        _SPLIT_EXACT[tokenizer] = exact
+    return exact
+
+
+# split_is_exact per tokenizer: a fact of its file, asked once per call.
+_SPLIT_EXACT: "weakref.WeakKeyDictionary[Tokenizer, bool]" = weakref.WeakKeyDictionary()
+
+
+def _served_ids(tokenizer: Tokenizer, formatted: _Formatted, share: bool) -> list[np.ndarray]:
+    """The server's ids of each string. `share` where split_is_exact: the head of a group of items
+    (head + S, shared by the n outputs of one prompt and reference) is tokenized once and each
+    tail as S + tail + K; the whole string otherwise."""
+    texts = formatted.texts
+    if not (share and split_is_exact(tokenizer)):
+        return tokenizer.encode_served_batch(texts)
+    d, sep, end = formatted.decoded, tokenizer.reward_sep_text, tokenizer.reward_token_text
+    heads, head_at = _distinct([(p, r, nl) for p, r, _, nl in formatted.parts], True)
+    tails, tail_at = _distinct([(p, o, nl) for p, _, o, nl in formatted.parts], True)
+    ids = tokenizer.encode_served_batch([f"{d[p]}{nl}{d[r]}{sep}" for p, r, nl in heads]
+                                        + [f"{sep}{d[p]}{nl}{d[o]}{end}" for p, o, nl in tails])
+    head_ids, tail_ids = ids[:len(heads)], ids[len(heads):]
+    return [np.concatenate([head_ids[h], tail_ids[t][2:]]) for h, t in zip(head_at, tail_at)]
 
 
 def client_encode_batch(tokenizer: Tokenizer, items: Sequence, *,
@@ -148,9 +250,8 @@ def client_encode_batch(tokenizer: Tokenizer, items: Sequence, *,
                         max_response_length: int = CLIENT_MAX_RESPONSE_LENGTH,
                         cuts: Optional[Cuts] = None) -> list[ServedInput]:
     """Per item, the client's string and the ids the server gives it (`cuts` as in client_texts)."""
-    texts = client_texts(tokenizer, items, max_length=max_length,
-                         max_response_length=max_response_length, cuts=cuts)
-    return [ServedInput(t, ids) for t, ids in zip(texts, tokenizer.encode_served_batch(texts))]
+    formatted = _format(tokenizer, items, max_length, max_response_length, cuts, share=True)
+    return [ServedInput(t, ids) for t, ids in zip(formatted.texts, _served_ids(tokenizer, formatted, True))]
 
 
 def client_encode(tokenizer: Tokenizer, prompt: Text, reference: Text, output: Text,
