@@ -17,8 +17,9 @@ Memory per GPU, for the pipeline rank that needs most:
 - activations kept for the backward pass, per layer and micro-batch of b sequences of s tokens (bf16;
   TP = t, sequence parallelism divides the norm inputs and outputs by t):
   norms 3 x 2 tensors of [s, b, h] (input, normalised input, output) + the QKV output, K and Q after
-  RoPE and the attention output [s, b, (h + 2 kv) + (kv + 2 h)] / t + the fc1 output, silu, the linear
-  half plus offset and their product [s, b, 5 ffn] / t (layer_activation_bytes lists them). With the
+  RoPE and the attention output [s, b, (h + 2 kv) + (kv + 2 h)] / t + the fc1 output and the SwiGLU
+  product [s, b, 3 ffn] / t (megatron's fused SwiGLU recomputes silu in the backward;
+  layer_activation_bytes lists them). With the
   torch attention backend the dense [b, s, s] bool mask is kept once and SDPA's additive copy of it per
   layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
   input [s, b, h] (/t under SP) and one layer's activations while it is recomputed; selective
@@ -245,13 +246,14 @@ def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_byt
     The tensors autograd saves in megatron's local layer with the engine's attention (counted on CPU with
     saved-tensor hooks): per RMSNorm its input, normalised input and output; the QKV output (V is a view
     of it, so all of it stays), K and Q after RoPE, the attention output and its log-sum-exp (fp32); the
-    fc1 output (2 ffn), silu of its first half, the second half plus megatron's glu offset (a new tensor)
-    and their product. The torch backend also keeps the additive mask SDPA makes of the bool mask."""
+    fc1 output (2 ffn) and the SwiGLU product, fc2's input (megatron's fused SwiGLU Function keeps only
+    its input and recomputes silu in the backward: engine.parallelize turns bias_activation_fusion on).
+    The torch backend also keeps the additive mask SDPA makes of the bool mask."""
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_size
     c = 1.0 / tp if sp else 1.0
     norms = 2 * 3 * h * c
     attention = (h + 2 * kv) / tp + (kv + 2 * h) / tp
-    mlp = 5 * f / tp
+    mlp = 3 * f / tp
     out = act_bytes * tokens * (norms + attention + mlp) + 4 * tokens * shape.num_attention_heads / tp
     if attention_backend == "torch":
         out += act_bytes * tokens * seq_length  # [b, 1, s, s]: broadcast over the heads
