@@ -117,9 +117,14 @@ def test_a_max_length_given_alone_lowers_the_response_default(command):
 
 
 def test_format_names_the_response_that_fits_a_max_length(capsys):
-    with pytest.raises(SystemExit):  # its --max-response-length has a default, 4096, so it is a given one
-        _parsers()["format"](["--max-length", "2000"])
+    with pytest.raises(SystemExit):  # a given 4096 leaves --max-length 2000 no prompt budget
+        _parsers()["format"](["--max-length", "2000", "--max-response-length", "4096"])
     assert "use --max-response-length <= 997 or --max-length >= 8198" in capsys.readouterr().err
+    # not given, it is lowered to what fits, as in polar score, eval and serve (the run then stops at
+    # its input, which does not exist: past the lengths' check)
+    assert _parsers()["format"](["--max-length", "2000"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-response-length 997 (the largest below 4096" in err and "--input i: no such file" in err, err
 
 
 def test_the_messages_for_a_model_of_few_positions_lead_to_lengths_that_settle():
