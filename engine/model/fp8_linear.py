@@ -27,8 +27,29 @@ output reduction). One thing TP adds: an operand split over the TP ranks along a
 amax spans would get a different scale on each rank than on one process, so that amax is
 max-reduced over the TP group first (per tensor: the sharded tensors; per row: only where the
 contraction dimension is the sharded one), which makes every scale equal to the single-process one.
+
+Weight cache. A weight changes only at the optimizer step, yet each micro-batch would quantize it
+again (reading it, writing the scaled copy and the FP8 copy, and all-reducing its amax over TP).
+Inside `weight_cache()`, opened around one optimizer step's forward-backward schedule, a weight's
+(FP8 data, inverse scale) is computed at its first use and reused by micro-batches 2..n, by the
+backward and by recomputed forwards; leaving the scope drops it, so no forward after the optimizer
+step (which must run outside the scope) is served a stale copy. Keying on `weight._version` alone
+would not do: megatron's distributed optimizer writes the updated weights into its parameter buffer
+through `.data`, which leaves the parameters' version counters unchanged (measured: a weight's
+version stayed 0 over a 3-step engine run while its values changed). The key is the weight's identity, the scaling
+(recipe: per tensor, or per row along dim 1 / dim 0) and the TP group; an in-place change inside the
+scope (new `_version` or storage) recomputes. Every TP rank runs the same micro-batches in the same
+scope, so they hit and miss together and the amax all-reduces stay matched. Memory held while the
+scope is open: one FP8 copy of each weight per scaling used, so 1 byte per parameter with the
+per-tensor recipe (the forward's copy, which backward reuses; without the cache each micro-batch in
+flight saved a copy of its own for backward) and 2 bytes per parameter with the per-row recipe (the
+forward's dim-1 and dgrad's dim-0 copies), plus the scales; outside it nothing is cached and every
+call quantizes, as before.
 """
 from __future__ import annotations
+
+import contextlib
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -61,6 +82,41 @@ def quantize(t: torch.Tensor, dtype: torch.dtype, dim: int | None, group=None, p
     fmax = torch.finfo(dtype).max
     data = (a.float() * scale).clamp(-fmax, fmax).to(dtype)
     return data, scale.reciprocal()
+
+
+_weight_cache: dict | None = None  # None outside weight_cache()
+_cache_depth = 0
+
+
+@contextlib.contextmanager
+def weight_cache():
+    """Within it, each weight is quantized once per scaling (see the module docstring). Re-entrant:
+    only the outermost scope creates and drops the cache."""
+    global _weight_cache, _cache_depth
+    if _cache_depth == 0:
+        _weight_cache = {}
+    _cache_depth += 1
+    try:
+        yield
+    finally:
+        _cache_depth -= 1
+        if _cache_depth == 0:
+            _weight_cache = None
+
+
+def quantize_weight(weight: torch.Tensor, dim: int | None, group=None, pow2: bool = False):
+    """quantize(weight, FORWARD_DTYPE, dim, group, pow2), from the cache inside weight_cache()."""
+    if _weight_cache is None:
+        return quantize(weight, FORWARD_DTYPE, dim, group, pow2)
+    key = (id(weight), dim, pow2, id(group))
+    stamp = (weight._version, weight.data_ptr())
+    hit = _weight_cache.get(key)
+    # the weak reference tells a freed tensor whose id was reused from the weight itself
+    if hit is not None and hit[0]() is weight and hit[1] == stamp:
+        return hit[2]
+    quantized = quantize(weight, FORWARD_DTYPE, dim, group, pow2)
+    _weight_cache[key] = (weakref.ref(weight), stamp, quantized)
+    return quantized
 
 
 def _column_major(t: torch.Tensor) -> torch.Tensor:
@@ -110,11 +166,11 @@ class _Fp8Linear(torch.autograd.Function):
         rowwise = recipe == "rowwise"
         if rowwise:  # contraction over K: amax along K for both (reduced where K is split)
             xq, xs = quantize(x2, FORWARD_DTYPE, 1, x_group, pow2=True)
-            wq, ws = quantize(weight, FORWARD_DTYPE, 1, w_group if x_group is not None else None, pow2=True)
+            wq, ws = quantize_weight(weight, 1, w_group if x_group is not None else None, pow2=True)
             ctx.save_for_backward(x2, weight)
         else:
             xq, xs = quantize(x2, FORWARD_DTYPE, None, x_group)
-            wq, ws = quantize(weight, FORWARD_DTYPE, None, w_group)
+            wq, ws = quantize_weight(weight, None, w_group)
             ctx.save_for_backward(xq, xs, wq, ws)  # FP8 copies: a quarter of fp32, half of bf16
         y = _mm(xq, wq.t(), xs, ws.t(), x.dtype, fast_accum=True)
         if bias is not None:
@@ -132,7 +188,7 @@ class _Fp8Linear(torch.autograd.Function):
             x2, weight = ctx.saved_tensors
             if need_dx:  # contraction over N: dy and W along N (split on column-parallel ranks)
                 dyq, dys = quantize(dy2, GRAD_DTYPE, 1, dy_group, pow2=True)
-                wq, ws = quantize(weight, FORWARD_DTYPE, 0, w_group if dy_group is not None else None, pow2=True)
+                wq, ws = quantize_weight(weight, 0, w_group if dy_group is not None else None, pow2=True)
                 dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
             if need_dw:  # contraction over M (never split over TP): along the tokens
                 dyq, dys = quantize(dy2, GRAD_DTYPE, 0, None, pow2=True)

@@ -2,6 +2,7 @@
 the error against full precision, token padding, saturation, and the layer-spec swap."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import warnings
 
@@ -193,3 +194,72 @@ def test_model_keeps_full_precision_weights_and_gradients(runtime):
     assert len(linears) == 4 * model.num_layers
     assert all(p.dtype == torch.float32 for p in chunks[0].parameters())
     assert all(p.main_grad.dtype == torch.float32 for p in chunks[0].parameters() if p.requires_grad)
+
+
+def _micro_batches(recipe, w, batches):
+    """Forward and backward of each (x, g) with the one weight leaf w; -> (y, dx) per batch, and dW
+    summed over them as gradient accumulation does."""
+    outs = []
+    for x, g in batches:
+        x = x.detach().clone().requires_grad_()
+        y = fl.fp8_linear(x, w, None, recipe)
+        y.backward(g)
+        outs.append((y.detach(), x.grad))
+    return outs, w.grad
+
+
+@pytest.fixture
+def weight_quantizations(monkeypatch):
+    """How often fl.quantize is handed the weight tensor `counts["w"]`."""
+    counts = {"w": None, "n": 0}
+    real = fl.quantize
+
+    def spy(t, *args, **kwargs):
+        counts["n"] += t is counts["w"]
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(fl, "quantize", spy)
+    return counts
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_weight_cache_quantizes_the_weight_once_per_scaling_and_changes_no_bit(recipe, weight_quantizations):
+    """Three micro-batches: without the scope the weight is quantized in every forward (and, per row,
+    every dgrad); inside it once per scaling, with bit-identical outputs and gradients."""
+    x, w0, g = _data()
+    batches = [(x * (1 + i), g * (1 - 0.3 * i)) for i in range(3)]
+    results = {}
+    for cached in (False, True):
+        w = w0.clone().requires_grad_()
+        weight_quantizations.update(w=w, n=0)
+        with fl.weight_cache() if cached else contextlib.nullcontext():
+            results[cached] = _micro_batches(recipe, w, batches)
+        results[cached] += (weight_quantizations["n"],)
+    per_batch = {"tensorwise": 1, "rowwise": 2}[recipe]
+    assert results[False][2] == 3 * per_batch and results[True][2] == per_batch
+    for (y0, dx0), (y1, dx1) in zip(results[False][0], results[True][0]):
+        assert torch.equal(y0, y1) and torch.equal(dx0, dx1)
+    assert torch.equal(results[False][1], results[True][1])
+    assert fl._weight_cache is None  # dropped with the scope
+
+
+def test_weight_cache_sees_an_in_place_change_of_the_weight():
+    """An in-place update inside the scope (new version counter) is quantized afresh."""
+    x, w0, g = _data()
+    w = w0.clone().requires_grad_()
+    with fl.weight_cache():
+        fl.fp8_linear(x, w, None, "tensorwise")
+        with torch.no_grad():
+            w.mul_(3)
+        y = fl.fp8_linear(x, w, None, "tensorwise")
+    assert torch.equal(y, fl.fp8_linear(x, w, None, "tensorwise"))
+    assert not torch.equal(y, fl.fp8_linear(x, w0, None, "tensorwise"))
+
+
+def test_weight_cache_scopes_nest():
+    x, w, _ = _data()
+    with fl.weight_cache():
+        with fl.weight_cache():
+            fl.fp8_linear(x, w, None, "tensorwise")
+        assert len(fl._weight_cache) == 1  # the inner scope left the outer one's cache alone
+    assert fl._weight_cache is None
