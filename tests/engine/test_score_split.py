@@ -172,10 +172,11 @@ def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
         return torch.cat([torch.zeros(0)] + [b.tokens.flatten()[b.reward_index].float() for b in batches])
 
     scorer._rewards = last_token_ids
-    # 8 tokens a sequence: groups of 5, 6, 2 and 2 tokens, in three sequences
+    # 8 tokens a sequence: groups of 5, 6, 2 and 2 tokens, in two sequences (best fit: 6 + 2, 5 + 2; input
+    # order took three)
     rewards, facts = scorer.score_groups([plain, split, single], 8, where=lambda i: f"f.jsonl:{i + 1}")
     assert rewards == [[3.0, 5.0], [8.0, 9.0, 7.0], [6.0]]
-    assert facts["sequences"] == seen["sequences"] == 3 and facts["outputs"] == 6 and facts["seq_length"] == 8
+    assert facts["sequences"] == seen["sequences"] == 2 and facts["outputs"] == 6 and facts["seq_length"] == 8
     assert facts["prefix_tokens_saved"] == 2 + 1  # [1, 2] once for two, [1] once for two
     assert scorer.score_groups([split, plain], 0, data_parallel=False)[0] == [[8.0, 9.0, 7.0], [3.0, 5.0]]
     assert seen["data_parallel"] is False
