@@ -564,5 +564,5 @@ def load(path: str, chunks, optimizer=None) -> dict:
                 if "parameter group" not in str(e):
                     raise
                 raise _other_settings(p, e) from e
-        optimizer_state.unshare_steps(optimizer)
+        optimizer_state.after_load(optimizer)
     return read_state(str(p))

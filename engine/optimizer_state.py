@@ -2,7 +2,7 @@
 AdamW, no Apex or Transformer Engine optimizer): the state must exist before it can be described for
 loading, and the per-parameter `step` of torch's AdamW is mishandled by the load (engine/checkpoint.py
 calls these three around dist_checkpointing.load). Also where torch's AdamW runs its fused kernel
-(use_fused_adam: engine/optim.py at build, unshare_steps again after a load)."""
+(use_fused_adam: engine/optim.py at build, after_load again after a load)."""
 from __future__ import annotations
 
 import collections
@@ -66,14 +66,14 @@ def use_fused_adam(optimizer) -> None:
     """Runs torch's AdamW update on its fused kernel (one call per param group) instead of
     the foreach one megatron's fallback gets: the same update, within floating-point reassociation
     (tests/engine/test_optim_fused.py). Per parameter group, as torch reads it, so a checkpoint's
-    param groups (which the load puts in place of the optimizer's) are set again by unshare_steps."""
+    param groups (which the load puts in place of the optimizer's) are set again by after_load."""
     for inner in _torch_adams(optimizer):
         if _fused_kernel_runs(inner):
             for group in inner.param_groups:
                 group["fused"], group["foreach"] = True, False
 
 
-def unshare_steps(optimizer) -> None:
+def after_load(optimizer) -> None:
     """After a load. megatron restores torch AdamW's `step` as ONE tensor shared by every
     parameter's state; AdamW increments each parameter's step in place, which would advance the
     shared one once per parameter per update and corrupt the bias correction. Each parameter gets

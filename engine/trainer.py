@@ -26,6 +26,7 @@ from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.evaluation import STATS, EvaluationStopped, evaluate
 from engine.loss import contrastive_loss
+from engine.model.fp8_linear import weight_cache
 from engine.optim import build_optimizer, step_with_norm
 from engine.packing import next_token_mask
 from engine.parallelize import build_model, count_parameters, resolve_attention_backend, resolve_dtype
@@ -308,7 +309,10 @@ class Trainer:
         g = self.loader.last_global
         count = g["pairs"] if self.cfg.train.loss == "pairwise" else g["positives"]
         lm_scale = self.cfg.train.aux_lm_weight * count / max(g["lm_targets"], 1)
-        outputs = self._run_schedule(microbatches, forward_only=False, lm_scale=lm_scale)
+        # local FP8 linears quantize each weight once per step, not once per micro-batch; the optimizer
+        # step, which changes the weights without bumping their version counters, runs after the scope
+        with weight_cache():
+            outputs = self._run_schedule(microbatches, forward_only=False, lm_scale=lm_scale)
         updated, grad_norm = self._optimizer_step()
         stats = self._sum_stats(outputs)
         if not updated:

@@ -51,8 +51,10 @@ def main():
         return quantize(t, *a, **k)
 
     fl.quantize = counting
-    if args.cache == "off":
-        fl.weight_cache = contextlib.nullcontext
+    if args.cache == "off":  # the scope the trainer opens around each step's schedule too
+        import engine.trainer
+
+        fl.weight_cache = engine.trainer.weight_cache = contextlib.nullcontext
     scope = fl.weight_cache
     per_step = []
     run_schedule, optimizer_step = Trainer._run_schedule, Trainer._optimizer_step

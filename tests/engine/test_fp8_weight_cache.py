@@ -73,3 +73,9 @@ def test_a_scope_across_optimizer_steps_trains_on_stale_weights(uncached):
     stale = run(tmp, "fit_tensorwise", "fit", "tensorwise")
     assert stale["per_step"][1:] == [0, 0]
     assert curve(stale) != curve(ref["tensorwise"])
+
+
+@pytest.mark.parametrize("recipe", list(SCALINGS))
+def test_the_trainer_opens_the_scope_itself(tmp_path, recipe):
+    got = run(tmp_path, f"trainer_{recipe}", "trainer", recipe)
+    assert got["per_step"] == [got["linears"] * SCALINGS[recipe]] * 3

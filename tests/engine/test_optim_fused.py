@@ -45,7 +45,7 @@ def test_the_fused_adamw_update_is_the_foreach_one_within_reassociation():
         torch.testing.assert_close(b, a, rtol=2e-6, atol=5e-7)
 
 
-def test_unshare_steps_gives_each_parameter_the_step_its_kernel_reads():
+def test_after_load_picks_the_fused_kernel_and_gives_each_parameter_its_step():
     """After a load: megatron's one shared host step becomes a float32 step per parameter on the
     parameter's device, and the param groups the load put in place (a foreach checkpoint's: fused
     unset) are fused again."""
@@ -53,7 +53,7 @@ def test_unshare_steps_gives_each_parameter_the_step_its_kernel_reads():
     shared = torch.tensor(2.0)
     for st in opt.state.values():
         st["step"] = shared
-    optimizer_state.unshare_steps(Megatron(opt))
+    optimizer_state.after_load(Megatron(opt))
     assert all(g["fused"] and g["foreach"] is False for g in opt.param_groups)
     steps = [opt.state[p]["step"] for g in opt.param_groups for p in g["params"]]
     assert len({id(s) for s in steps}) == len(steps) and shared.item() == 2.0
