@@ -50,10 +50,11 @@ such literals these are exactly the ids of the serving string (`build_text`) tok
 server, for any tokenizer, including a BPE that merges "\\n" with the next word (the tokenizer
 checks this at load time). The cost: a side may have a few tokens more or fewer than the sum of
 its pieces, so with such a tokenizer the length bound above holds for the pieces, not exactly for
-the input. With the byte tokenizer (no merges) it is exact. (The official client, which serving
-follows, counts as tokenize_ref does, but budgets one output, writes the "\\n" before an empty
-response and keeps tokenize_ref's U+FFFD, vanishing literals and unguarded budget:
-polar/client_format.py.)
+the input. With the byte tokenizer (no merges) it is exact. A side's ids are those of its whole text,
+spliced from a short window around the junction of prompt and response and the pieces' own ids
+where checks of the ids hold (`_side_ids_windowed`). (The official client, which serving follows,
+counts as tokenize_ref does, but budgets one output, writes the "\\n" before an empty response and
+keeps tokenize_ref's U+FFFD, vanishing literals and unguarded budget: polar/client_format.py.)
 
 Empty responses: we follow the training code, not the official client. In the sft wrapper the "\\n"
 after a prompt is written only when the response that follows it (reference or candidate) is
@@ -93,7 +94,7 @@ from typing import Optional, Sequence, Union
 
 import numpy as np
 
-from polar.tokenizer import REWARD_TOKEN_TEXT, REWARD_SEP_TEXT, Tokenizer
+from polar.tokenizer import REWARD_TOKEN_TEXT, REWARD_SEP_TEXT, ByteTokenizer, Tokenizer
 
 WRAPPERS = ("sft", "pretrain")
 RESERVED_TOKENS = 4
@@ -273,6 +274,168 @@ def _check_count(name: str, value) -> int:
     return int(value)
 
 
+def _side_ids_whole(tokenizer: Tokenizer, prompts: list, responses: list, wrappers: list,
+                    sides: list) -> list:
+    """The content ids of each side (g, r, after): prompt g then response r, its whole text
+    tokenized, `after` the special token (candidate sides); each as a list of one array."""
+    out = [None] * len(sides)
+    for after in (False, True):
+        at = [i for i, side in enumerate(sides) if side[2] == after]
+        texts = [_side(prompts[sides[i][0]], responses[sides[i][1]], wrappers[sides[i][0]]) for i in at]
+        for i, ids in zip(at, tokenizer.encode_batch(texts, after_special=after) if at else []):
+            out[i] = [ids]
+    return out
+
+
+# The windows of _side_ids_windowed. A window's ids must equal a piece's own ids for
+# _SEAM_CHECK tokens beyond the _SEAM_REACH tokens next to the prompt/response junction, whose
+# merges may change a few tokens on either side of it.
+_SEAM_CHECK = 16
+_SEAM_REACH = 16
+_LONE_SPACE = re.compile(r"(?<=\S) (?=\S)")
+
+
+def _cuts(tokenizer: Tokenizer, texts: list, ids: list, tail: bool) -> list:
+    """Per text, where a window may cut it (None: nowhere): its last (`tail`: a prompt) or first
+    (a response) 1.5 _SEAM_CHECK + _SEAM_REACH tokens are left to the window. The cut is put where
+    those tokens of the text's own ids (ids[i]; None: no cut) decode to its end (start), a token
+    boundary. At the end, their text is what the tokens from one before them decode to less what
+    that one decodes to: a decoder may drop the leading space of a text's first token (a
+    SentencePiece marker), never of a later one. Where decoding does not give back the text (a
+    normalizer, a character split over tokens), the cut is put before a lone space between two
+    words at about that many tokens' worth of characters, where word-level pre-tokenizers split.
+    A guess either way: _side_ids_windowed checks it."""
+    n = 3 * (_SEAM_CHECK + _SEAM_REACH) // 2
+    at = [i for i, x in enumerate(ids) if x is not None and len(x) > n + 1]
+    if tail:
+        decoded = tokenizer.decode_batch([x for i in at for x in (ids[i][-n - 1:], ids[i][-n - 1:-n])]) if at else []
+        edges = [(whole, len(whole) - len(first)) for whole, first in zip(decoded[::2], decoded[1::2])]
+    else:
+        edges = [(edge, len(edge)) for edge in (tokenizer.decode_batch([ids[i][:n] for i in at]) if at else [])]
+    out = [None] * len(texts)
+    for i, (edge, size) in zip(at, edges):
+        text = texts[i]
+        if 0 < size < len(text) and (text.endswith(edge) if tail else text.startswith(edge)):
+            out[i] = len(text) - size if tail else size
+            continue
+        d = -(-n * len(text) // len(ids[i]))  # ceil: characters a token on average, n tokens
+        lo, hi = (max(1, len(text) - 2 * d), len(text) - d) if tail else (d, min(2 * d, len(text) - 1))
+        if lo <= hi:
+            spaces = [m.start() for m in _LONE_SPACE.finditer(text, lo, hi + 2) if m.start() <= hi]
+            out[i] = (spaces[-1] if tail else spaces[0]) if spaces else (hi if tail else lo)
+    return out
+
+
+def _ends_with(ids: np.ndarray, end: np.ndarray) -> bool:
+    return len(end) <= len(ids) and np.array_equal(ids[len(ids) - len(end):], end)
+
+
+def _side_ids_windowed(tokenizer: Tokenizer, prompts: list, prompt_n: list, prompt_known: list,
+                       responses: list, response_n: list, response_known: list, wrappers: list,
+                       sides: list) -> list:
+    """`_side_ids_whole`'s ids, each side tokenized as a short window around the junction of its
+    prompt and response, the rest taken from the pieces' own ids (each as a list of arrays).
+
+    A side is tokenized whole because a tokenizer may merge across the junction (a BPE's "?\\n"
+    + "the"), so the pieces' ids are not the side's. But what the junction changes lies near it:
+    the window is the prompt's last characters from a cut c and the response's first up to a cut e,
+    and the side's ids are the prompt's own ids before c, the window's, and the response's own ids
+    after e. A cut is made only where it splits its piece's own ids: the ids of the prompt's
+    characters from c must be the last ids of the whole prompt (`prompt_known`: the first
+    encoding's ids of a prompt that kept all its text; None: tokenized here), those of the
+    response's characters to e the first ids of the whole response (`response_known`; None: a
+    response the rule cut, whose window reaches its end), so that what lies beyond a cut changes
+    no token beside it. The window's ids must then be the pieces' own beyond the _SEAM_REACH
+    tokens next to the junction, at least _SEAM_CHECK of them on each side, so that the
+    junction's merges end before the cuts; a side whose window fails that is tokenized whole. A
+    cut that fails is not made (a SentencePiece normalizer that marks the start of every text it
+    is given fails every prompt cut: such a window starts with the prompt). The checks are of the
+    ids themselves, so a cut at the wrong place fails them; that a change ends within _SEAM_REACH
+    tokens of its cause is the premise (a merge joins neighbours), that of `edge_offsets_batch`
+    too. tests/polar/test_format_windows.py compares the ids with the whole sides' on fuzzed
+    junctions, with byte-level BPEs, SentencePiece-style tokenizers and the byte tokenizer."""
+    # the prompts' ids not known yet (those the budget cut)
+    lack = [g for g, known in enumerate(prompt_known) if known is None]
+    plain = list(prompt_known)
+    for g, ids in zip(lack, tokenizer.encode_batch([prompts[g] for g in lack]) if lack else []):
+        plain[g] = ids
+    c_at = _cuts(tokenizer, prompts, plain, True)
+    e_at = _cuts(tokenizer, responses, response_known, False)
+    # the prompts' last characters from c, the responses' first to e
+    cut_p = [g for g, c in enumerate(c_at) if c is not None]
+    cut_r = [r for r, e in enumerate(e_at) if e is not None]
+    texts = [prompts[g][c_at[g]:] for g in cut_p] + [responses[r][:e_at[r]] for r in cut_r]
+    got = tokenizer.encode_batch(texts) if texts else []
+    want = _SEAM_CHECK + _SEAM_REACH  # the own ids a cut must leave to the window
+    # seams[after][g] = (c, the prompt's ids before c (arrays), its own ids from c); None: the window starts at 0
+    seams = ([None] * len(prompts), [None] * len(prompts))
+    for g, own in zip(cut_p, got):
+        if want <= len(own) < len(plain[g]) and _ends_with(plain[g], own):
+            seams[False][g] = (c_at[g], [plain[g][:len(plain[g]) - len(own)]], own)
+    # seam_r[r] = (e, the response's own ids to e, its ids after e); None: the window ends the side
+    seam_r = [None] * len(responses)
+    for r, own in zip(cut_r, got[len(cut_p):]):
+        known = response_known[r]
+        if want <= len(own) < len(known) and np.array_equal(known[:len(own)], own):
+            seam_r[r] = (e_at[r], own, known[len(own):])
+    # After the special token (candidate sides) a prompt may be tokenized otherwise, but only near
+    # its start (a SentencePiece marker put on a text's first word only): its first characters, to
+    # a cut c2 of the plain ids, are tokenized both ways, and the two must agree on their last
+    # _SEAM_CHECK tokens; the plain ids from c2 to c follow.
+    cut_a = sorted({g for g, _, after in sides if after and seams[False][g] is not None})
+    c2_at = _cuts(tokenizer, [prompts[g] for g in cut_a], [plain[g] for g in cut_a], False)
+    head_a = [(g, c2) for g, c2 in zip(cut_a, c2_at) if c2 is not None and c2 <= c_at[g]]
+    heads = [prompts[g][:c2] for g, c2 in head_a]
+    got = (tokenizer.encode_batch(heads), tokenizer.encode_batch(heads, after_special=True)) if heads else ([], [])
+    for (g, _), head, head_after in zip(head_a, *got):
+        c, before, own = seams[False][g]
+        if _SEAM_CHECK <= min(len(head), len(head_after)) and len(head) <= len(before[0]) and \
+                np.array_equal(before[0][:len(head)], head) and _ends_with(head_after, head[-_SEAM_CHECK:]):
+            seams[True][g] = (c, [head_after, before[0][len(head):]], own)
+    # elsewhere the whole prompt and its characters from c, tokenized after the special token
+    rest = [g for g in cut_a if seams[True][g] is None]
+    got = tokenizer.encode_batch([prompts[g] for g in rest] + [prompts[g][c_at[g]:] for g in rest],
+                                 after_special=True) if rest else []
+    for g, whole, own in zip(rest, got, got[len(rest):]):
+        if want <= len(own) < len(whole) and _ends_with(whole, own):
+            seams[True][g] = (c_at[g], [whole[:len(whole) - len(own)]], own)
+
+    out, redo = [None] * len(sides), []
+    for after in (False, True):
+        at = [i for i, side in enumerate(sides) if side[2] == after]
+        texts = []
+        for i in at:
+            g, r, _ = sides[i]
+            s, sr = seams[after][g], seam_r[r]
+            texts.append(_side(prompts[g][s[0]:] if s else prompts[g], responses[r][:sr[0]] if sr else responses[r],
+                               wrappers[g]))
+        for i, window in zip(at, tokenizer.encode_batch(texts, after_special=after) if at else []):
+            ids = _splice(window, seams[after][sides[i][0]], seam_r[sides[i][1]])
+            if ids is None:
+                redo.append(i)
+            else:
+                out[i] = ids
+    for i, ids in zip(redo, _side_ids_whole(tokenizer, prompts, responses, wrappers, [sides[i] for i in redo])):
+        out[i] = ids
+    return out
+
+
+def _splice(window: np.ndarray, seam: Optional[tuple], seam_r: Optional[tuple]) -> Optional[list]:
+    """The prompt's ids before its cut, the window's and the response's after its cut (a list of
+    arrays, joined once with the special ids), where the window holds the pieces' own ids beyond
+    the junction's reach on both sides; else None."""
+    # the window's first ids must be the prompt's own, its last the response's
+    first = len(seam[2]) - _SEAM_REACH if seam else 0
+    last = len(seam_r[1]) - _SEAM_REACH if seam_r else 0
+    if len(window) < first + last:  # the two overlap: the junction reached past a cut
+        return None
+    if seam and not np.array_equal(window[:first], seam[2][:first]):
+        return None
+    if seam_r and not np.array_equal(window[len(window) - last:], seam_r[1][len(seam_r[1]) - last:]):
+        return None
+    return [*(seam[1] if seam else []), window, *([seam_r[2]] if seam_r else [])]
+
+
 def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Sequence[Text],
                   candidates: Sequence[Sequence[Text]], wrapper: Union[str, Sequence[str]] = "sft",
                   max_length: int = 16384, max_response: int = 4096,
@@ -281,6 +444,18 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     and wrapper[g] if a list is given), with a few batched tokenizer calls in all.
     `group_capacity` (tokens, 0: none): the prompt is cut further so that each group as stored
     fits it (module docstring)."""
+    # The byte tokenizer's ids are the text's bytes: a side tokenized whole costs a copy, which
+    # the windows' checks and splicing cost too (benchmarks/encode_groups.py).
+    return _encode_groups(tokenizer, prompts, references, candidates, wrapper, max_length, max_response,
+                          group_capacity, whole_sides=isinstance(tokenizer, ByteTokenizer))
+
+
+def _encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Sequence[Text],
+                   candidates: Sequence[Sequence[Text]], wrapper: Union[str, Sequence[str]],
+                   max_length: int, max_response: int, group_capacity: int,
+                   whole_sides: bool) -> list[EncodedGroup]:
+    """encode_groups; `whole_sides` tokenizes every side whole (`_side_ids_whole`), else in
+    windows (`_side_ids_windowed`), which must give the same ids (tests/polar/test_format_windows.py)."""
     n_groups = len(prompts)
     if not (len(references) == len(candidates) == n_groups):
         raise ValueError(f"encode_groups: {n_groups} prompts, {len(references)} references and "
@@ -320,6 +495,8 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     # last ids (and one more) are ever needed: the batch's ids are freed here.
     window = prompt_budget(max_length, 0, 0) + 1
     prompt_ids = [x[-window:].copy() for x in ids[:n_groups]]
+    # The sides' windows reuse the ids of the responses that keep their whole text.
+    response_known = [None if whole_sides or o else x for x, o in zip(ids[n_groups:], over)]
     del ids
     # Prompts keep their tail, budgeted with the tokens the responses kept.
     prompts_kept, prompt_n = pieces[:n_groups], counts[:n_groups]
@@ -339,6 +516,8 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
             fit = min(rule, max(0, room // 2))
         keep.append(fit)
         cut_to_fit.append(rule - fit)
+    # the ids of a prompt that keeps its whole text are all there (it is shorter than the window)
+    prompt_known = [None if whole_sides or n > k else x for x, n, k in zip(prompt_ids, prompt_n, keep)]
     _cut(tokenizer, prompts_kept, prompt_n, prompt_ids, keep, tail=True)
     del prompt_ids
 
@@ -346,20 +525,26 @@ def encode_groups(tokenizer: Tokenizer, prompts: Sequence[Text], references: Seq
     # content ids, the reward token: the special ids are placed here, never read from a text, so
     # a literal typed in a text stays text. For a text without literals this equals the server's
     # ids of the serving string (the tokenizer splits at specials and checks that at load).
-    sides_ref = [_side(prompts_kept[g], responses[g], wrappers[g]) for g in range(n_groups)]
-    sides_out, c0 = [], n_groups
+    sides, c0 = [], n_groups
     for g in range(n_groups):
-        sides_out += [_side(prompts_kept[g], c, wrappers[g]) for c in responses[c0:c0 + n_cands[g]]]
+        sides += [(g, g, False)] + [(g, r, True) for r in range(c0, c0 + n_cands[g])]
         c0 += n_cands[g]
-    ref_ids = tokenizer.encode_batch(sides_ref)
-    out_ids = tokenizer.encode_batch(sides_out, after_special=True)
+    if whole_sides:
+        side_ids = _side_ids_whole(tokenizer, prompts_kept, responses, wrappers, sides)
+    else:
+        side_ids = _side_ids_windowed(tokenizer, prompts_kept, prompt_n, prompt_known, responses, response_n,
+                                      response_known, wrappers, sides)
+    del prompt_known, response_known
+    # each side's ids as a list of arrays, joined below
+    ref_ids = [side_ids[i] for i, (_, _, after) in enumerate(sides) if not after]
+    out_ids = [side_ids[i] for i, (_, _, after) in enumerate(sides) if after]
+    del side_ids
     bos = np.array([tokenizer.bos_id], dtype=np.int32)
     sep = np.array([tokenizer.reward_sep_id], dtype=np.int32)
     reward = np.array([tokenizer.reward_token_id], dtype=np.int32)
     fulls, c0 = [], 0
     for g in range(n_groups):
-        head = np.concatenate([bos, ref_ids[g], sep])
-        fulls += [np.concatenate([head, ids, reward]) for ids in out_ids[c0:c0 + n_cands[g]]]
+        fulls += [np.concatenate([bos, *ref_ids[g], sep, *parts, reward]) for parts in out_ids[c0:c0 + n_cands[g]]]
         c0 += n_cands[g]
     groups, c0 = [], 0
     for g in range(n_groups):
