@@ -26,8 +26,8 @@ def plan_sequences(groups_lengths: np.ndarray, seq_length: int, method: str = "b
     """Group indices (int64, ascending) of each packed sequence of at most `seq_length` tokens.
 
     method: "best_fit" (best-fit decreasing, fewest sequences; for training data packed once) or
-    "ordered" (keeps the input order, starts a new sequence when the next group does not fit; for
-    streaming and evaluation). Deterministic for a given input. A group longer than seq_length
+    "ordered" (keeps the input order, starts a new sequence when the next group does not fit: a
+    data.packing / --packing choice for data whose order matters). Deterministic for a given input. A group longer than seq_length
     raises ValueError naming it.
     """
     if method not in _PACKERS:

@@ -50,6 +50,9 @@ CASES = [
     ("batch_prefetch.py", ["--compute-ms", "5", "-1"]),
     ("batch_prefetch.py", ["--global-batch", "3", "--micro-batch", "2"]),
     ("scaling_law.py", ["--seeds", "nan"]),  # not an integer
+    ("swiglu_memory.py", ["--repeats", "0"]),
+    ("optimizer_step.py", ["--repeats", "0"]),
+    ("client_tokenize.py", ["--items", "0"]),
 ]
 
 

@@ -11,7 +11,8 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..",
 # the kernel tests (mostly Triton compiling on the CPU), they run beside those instead of after them.
 # Only under --dist loadgroup (tests/gpu/run_all.sh), which hands out one test at a time where no test
 # names a group; xdist's default hands each worker a run of consecutive tests first (all these to one)
-RUNS_FIRST = ("test_resume_gpu.py", "test_async_save_gpu.py", "test_score_prefetch_gpu.py")
+RUNS_FIRST = ("test_resume_gpu.py", "test_async_save_gpu.py", "test_score_prefetch_gpu.py",
+              "test_optim_fused_gpu.py", "test_evaluation_gpu.py")
 
 
 def pytest_collection_modifyitems(config, items):

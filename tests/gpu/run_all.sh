@@ -21,7 +21,8 @@
 #            processes given one test at a time (--dist loadgroup; there the tests that train or
 #            score in subprocesses go first: tests/gpu/conftest.py); the figures they report
 #            ($WORK/tests_measured.md, e.g. InfoNCE's worst error in ulp) are listed under the table
-#   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK
+#   kernels  benchmarks/kernels.py (quick shape set unless KERNELS_ARGS=""), JSON in $WORK; then
+#            benchmarks/swiglu_memory.py and benchmarks/optimizer_step.py --device cuda in what is left
 #   serve    benchmarks/serve_prefix.py: n rollouts scored with shared prefixes against each alone,
 #            through the server's scorer (Triton attention, bf16), a ~0.38B random model
 #   score    benchmarks/score_overlap.py --device cuda (~90 s: a random ~0.1B model made and saved,
@@ -130,8 +131,18 @@ stage_e2e() {
     | tee "$WORK/e2e.md"
 }
 stage_kernels() {
-  rm -f "$WORK/kernels.json"
-  timeout "$1" python3 benchmarks/kernels.py $KERNELS_ARGS --json "$WORK/kernels.json" 2>&1 | tee "$WORK/kernels.md"
+  # kernels.py first (issue figures); the fused SwiGLU's memory and the optimizer step's kernels share what
+  # is left of the stage (each ~30-60 s with its compiles, unmeasured)
+  rm -f "$WORK/kernels.json" "$WORK/swiglu_memory.json"
+  local t0=$(date +%s)
+  timeout $(($1 * 3 / 5)) python3 benchmarks/kernels.py $KERNELS_ARGS --json "$WORK/kernels.json" 2>&1 \
+    | tee "$WORK/kernels.md"
+  local rc=${PIPESTATUS[0]} left=$(($1 - ($(date +%s) - t0)))
+  (( left > 20 )) && timeout $((left / 2)) python3 benchmarks/swiglu_memory.py --json "$WORK/swiglu_memory.json" 2>&1 \
+    | tee "$WORK/swiglu_memory.md"
+  left=$(($1 - ($(date +%s) - t0)))
+  (( left > 10 )) && timeout "$left" python3 benchmarks/optimizer_step.py --device cuda 2>&1 | tee "$WORK/optimizer_step.md"
+  return "$rc"
 }
 stage_serve() {
   timeout "$1" python3 benchmarks/serve_prefix.py $SERVE_ARGS 2>&1 | tee "$WORK/serve_prefix.md"
@@ -214,6 +225,8 @@ wants e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$WORK
 wants fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$WORK/fp8.md" 2>/dev/null || echo "(no FP8 benchmark table)"; }
 [ -s "$WORK/plan_measured.md" ] && { echo; cat "$WORK/plan_measured.md"; }
 wants kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$WORK/kernels.md" 2>/dev/null || echo "(no kernel benchmark table)"; }
+wants kernels && { echo; grep -E '^\|' "$WORK/swiglu_memory.md" 2>/dev/null || echo "(no swiglu_memory table)"; }
+wants kernels && { echo; grep -E '^\|' "$WORK/optimizer_step.md" 2>/dev/null || echo "(no optimizer_step table)"; }
 wants serve && { echo; grep -E '^(\||model:|items:)' "$WORK/serve_prefix.md" 2>/dev/null || echo "(no serve_prefix table)"; }
 wants score && { echo; grep -E '^(\||model:|input:|## |[0-9]\. )' "$WORK/score_overlap.md" 2>/dev/null \
   || echo "(no score_overlap table)"; }
