@@ -53,6 +53,7 @@ CASES = [
     ("swiglu_memory.py", ["--repeats", "0"]),
     ("optimizer_step.py", ["--repeats", "0"]),
     ("client_tokenize.py", ["--items", "0"]),
+    ("encode_groups.py", ["--groups", "0"]),
 ]
 
 
