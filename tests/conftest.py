@@ -41,6 +41,12 @@ SLOWEST_FIRST = (
     "tests/engine/kernels/",
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
+    "tests/engine/test_fp8_weight_cache.py",  # 6 trainings in subprocesses, ~40-120 s (2026-12-05)
+    "tests/engine/test_optim_fused_resume.py",  # 3 layouts saved and resumed (2026-12-05)
+    "tests/engine/test_evaluation_read_ahead.py",  # torchrun DP2xPP2 (2026-12-05)
+    "tests/engine/test_score_packing.py",  # a 960-line run killed and rerun (2026-12-05)
+    "tests/polar/convert/test_card_serving.py",  # ~55 s (2026-12-05)
+    "tests/engine/test_resume_data_finetune.py",  # ~40 s (2026-12-05)
     "tests/polar/test_convergence.py",
     "tests/engine/test_checkpoint_rank0.py",  # 41 s (2026-12-05, 716803d)
     "tests/polar/test_data_build_training.py",  # split from test_data_build.py (its trainings): the rest is fast
