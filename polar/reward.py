@@ -1,5 +1,5 @@
-"""POLAR rewards from Python: a client of `polar serve`, the glue RL trainers call, and an
-in-process scorer.
+"""POLAR rewards from Python: a client of `polar serve` and the glue RL trainers call (the model
+in this process instead of behind HTTP: polar/in_process_scorer.py).
 
     RewardClient / AsyncRewardClient   HTTP, retries with backoff (429 honours Retry-After; a 429, a
                                        503 or a refused connection is retried for max_wait_s, past
@@ -15,7 +15,8 @@ in-process scorer.
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
     reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
-    InProcessScorer                    the model beside the trainer, same batching, no HTTP
+    (scorer=InProcessScorer(...))      the hooks above with the model beside the trainer, same batching,
+                                       no HTTP (polar.in_process_scorer)
 
 An item is {"prompt", "reference", "output", "wrapper" (optional, "sft" by default)}, each text a
 string or a list of {"role", "content"} messages (paper Sec. 3: the reward compares the output
@@ -31,13 +32,15 @@ import os
 import random
 import re
 import socket
-import threading
 import time
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import httpx
 
 from polar.openai_client import retry_after
+
+if TYPE_CHECKING:  # the hooks' scorer= argument
+    from polar.in_process_scorer import InProcessScorer
 
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
@@ -561,122 +564,3 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
         items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}
-
-
-# ---- in-process ----------------------------------------------------------------------------------
-
-def _structured_items(items: Sequence[dict]) -> list:
-    """Items checked as `polar serve` checks /v1/rewards entries (a null wrapper is sft; a missing or
-    mistyped field, a lone surrogate, an empty reference, is a ValueError naming the item), so
-    in-process scoring takes and refuses exactly what the HTTP clients do."""
-    from polar.serve import validation
-    from polar.serve.items import StructuredItem
-
-    out = []
-    for i, it in enumerate(items):
-        if not isinstance(it, dict):
-            raise TypeError(f"item {i} must be a dict with prompt, reference and output, got {type(it).__name__}")
-        where = f"item {i}"
-        try:
-            for key in ("prompt", "reference", "output"):
-                if key not in it:
-                    raise validation.RequestError(f"{where}: missing field {key!r}")
-            prompt = validation.text_field(it["prompt"], f"{where}.prompt")
-            reference = validation.text_field(it["reference"], f"{where}.reference")
-            validation.check_reference(reference, f"{where}.reference")
-            out.append(StructuredItem(prompt, reference,
-                                      validation.text_field(it["output"], f"{where}.output"),
-                                      validation.wrapper_field(it.get("wrapper"), f"{where}.wrapper")))
-        except validation.RequestError as e:
-            raise ValueError(e.message) from None
-    return out
-
-
-class InProcessScorer:
-    """The reward model in this process, with the server's batching and shared prefixes: calls
-    from several threads are batched together. `score(items)` -> floats; `score_texts(texts)` for
-    strings already in POLAR's serving format. `cuts`: what POLAR's truncation cut in the items
-    formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics.
-    max_length/max_response: POLAR's truncation, as `polar serve --max-length/--max-response`;
-    not given, the client's 16384/4096, or for a scorer whose model has fewer positions
-    (`scorer.max_positions`) the largest that fit them, said in `lengths_note`; a given max_length
-    whose items may pass the positions is a ValueError naming the largest that fits."""
-
-    def __init__(self, scorer, tokenizer, *, max_length: Optional[int] = None, max_response: Optional[int] = None,
-                 **batcher_kw):
-        from polar.client_format import CLIENT_MAX_LENGTH, Cuts
-        from polar.client_limits import fitting_response, settle_lengths
-        from polar.serve.batcher import Batcher
-        from polar.serve.items import check_truncation
-
-        positions = getattr(scorer, "max_positions", None)
-        self.lengths_note = None
-        if positions:
-            max_length, max_response, self.lengths_note = settle_lengths(max_length, max_response, tokenizer,
-                                                                         positions, ("max_length", "max_response"))
-        else:
-            max_length = CLIENT_MAX_LENGTH if max_length is None else max_length
-            max_response = fitting_response(max_length) if max_response is None else max_response
-            check_truncation(max_length, max_response)
-        self.cuts, self._cuts_lock = Cuts(), threading.Lock()
-        self.scorer = scorer
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.max_response = max_response
-        batcher_kw.setdefault("pack_rows", getattr(scorer, "attention_backend", "torch") == "triton")
-        batcher_kw.setdefault("max_positions", getattr(scorer, "max_positions", None))
-        self.batcher = Batcher(scorer.score, tokenizer.pad_id, **batcher_kw).start()
-
-    @classmethod
-    def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
-        from engine.inference import RewardScorer
-        from polar.checkpoint_tokenizer import choose
-        from polar.tokenizer import load_tokenizer
-
-        scorer = RewardScorer.load(checkpoint)
-        return cls(scorer, load_tokenizer(choose(tokenizer, str(scorer.info.step_dir), "tokenizer")), **kw)
-
-    def score(self, items: Sequence[dict]) -> list[float]:
-        from polar.client_format import Cuts
-        from polar.serve.items import format_structured
-
-        structured = _structured_items(items)
-        if not structured:
-            return []
-        cuts = Cuts()  # this call's, added under the lock: calls come from several threads
-        ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response, cuts)]
-        with self._cuts_lock:
-            self.cuts.add(cuts)
-        return self._finite(self.batcher.score_sync(ids))
-
-    def score_texts(self, texts: Sequence[str]) -> list[float]:
-        """Texts checked as `polar serve`'s /classify checks them: one string is one text (a list
-        of its characters otherwise), and a non-string, a lone surrogate or a text that does not end
-        with the reward token names the text."""
-        from polar.format import lone_surrogate
-        from polar.serve.items import tokenize_served_text
-
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"text {i} must be a string, got {type(t).__name__}")
-            found = lone_surrogate(t)
-            if found:
-                raise ValueError(f"text {i} holds a lone surrogate ({found}), which is not text")
-        if not texts:
-            return []
-        ids = tokenize_served_text(self.tokenizer, texts, [f"text {i}" for i in range(len(texts))])  # ValueError
-        return self._finite(self.batcher.score_sync(ids), "text")
-
-    @staticmethod
-    def _finite(rewards, what: str = "item") -> list[float]:
-        """As `polar serve` answers them: NaN or inf is refused, naming the items, never returned."""
-        from polar.serve.batcher import non_finite
-
-        bad = non_finite(rewards, [f"{what} {i}" for i in range(len(rewards))])
-        if bad:
-            raise ValueError(bad)
-        return [float(x) for x in rewards]
-
-    def close(self) -> None:
-        self.batcher.close()

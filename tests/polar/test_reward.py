@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from polar import reward
+from polar.in_process_scorer import InProcessScorer
 
 
 class RewardsServer:
@@ -130,7 +131,7 @@ class _StubModel:
 def in_process():
     from polar.tokenizer import ByteTokenizer
 
-    s = reward.InProcessScorer(_StubModel(), ByteTokenizer(), max_length=256, max_response=64, max_wait_s=0.001)
+    s = InProcessScorer(_StubModel(), ByteTokenizer(), max_length=256, max_response=64, max_wait_s=0.001)
     yield s
     s.close()
 
@@ -146,7 +147,7 @@ def test_in_process_scorer_fits_its_lengths_to_the_models_positions():
     then refused one by one; a given max_length that cannot fit is refused at once, naming the largest."""
     from polar.tokenizer import ByteTokenizer
 
-    s = reward.InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_wait_s=0.001)
+    s = InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_wait_s=0.001)
     try:
         assert (s.max_length, s.max_response) == (4096 - 15, (4096 - 15 - 6) // 2)
         assert "max_length 4081" in s.lengths_note and "4096 positions" in s.lengths_note
@@ -156,14 +157,14 @@ def test_in_process_scorer_fits_its_lengths_to_the_models_positions():
     finally:
         s.close()
     with pytest.raises(ValueError, match="max_length 8000: .* the largest max_length whose items fit is 4081"):
-        reward.InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_length=8000)
+        InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_length=8000)
     # a scorer that knows no positions: a max_length given alone brings the response length that fits it,
     # as on the command line (it was refused: "leaves no prompt budget ... max_response 4096")
-    s = reward.InProcessScorer(_StubModel(), ByteTokenizer(), max_length=2000, max_wait_s=0.001)
+    s = InProcessScorer(_StubModel(), ByteTokenizer(), max_length=2000, max_wait_s=0.001)
     assert (s.max_length, s.max_response) == (2000, 997)
     s.close()
     # a model of the client's positions and more keeps the client's lengths, with nothing to say
-    s = reward.InProcessScorer(_StubModelOfPositions(32768), ByteTokenizer(), max_wait_s=0.001)
+    s = InProcessScorer(_StubModelOfPositions(32768), ByteTokenizer(), max_wait_s=0.001)
     assert (s.max_length, s.max_response, s.lengths_note) == (16384, 4096, None)
     s.close()
 

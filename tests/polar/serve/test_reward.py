@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from polar import reward
+from polar.in_process_scorer import InProcessScorer
 from polar.serve.items import StructuredItem, format_structured
 
 from .items_gen import make_items
@@ -43,7 +44,7 @@ def test_reward_func_refuses_the_empty_label_openrlhf_sends_without_a_label_key(
 
 def test_in_process_scorer_refuses_settings_that_leave_the_prompt_unbounded(scorer, tokenizer):
     with pytest.raises(ValueError, match="max_length >= 8198"):
-        reward.InProcessScorer(scorer, tokenizer, max_length=8192, max_response=4096)
+        InProcessScorer(scorer, tokenizer, max_length=8192, max_response=4096)
 
 
 def test_verl_items_need_the_prompt():
@@ -61,7 +62,7 @@ def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
     requests = [make_items(50 + i, groups=2, rollouts=3) for i in range(4)]
     expected = [alone([ids for _, ids in format_structured(tokenizer, [StructuredItem(**it) for it in r], 16384, 4096)])
                 for r in requests]
-    s = reward.InProcessScorer(scorer, tokenizer, max_wait_s=0.05)
+    s = InProcessScorer(scorer, tokenizer, max_wait_s=0.05)
     try:
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = list(pool.map(s.score, requests))
@@ -82,7 +83,7 @@ def test_in_process_scorer_equals_each_item_alone(scorer, tokenizer, alone):
 
 
 def test_in_process_scorer_counts_what_the_truncation_cut_across_threads(scorer, tokenizer):
-    s = reward.InProcessScorer(scorer, tokenizer, max_length=300, max_response=64, max_wait_s=0.01)
+    s = InProcessScorer(scorer, tokenizer, max_length=300, max_response=64, max_wait_s=0.01)
     try:
         one = [{"prompt": "p", "reference": "r", "output": "o" * 100}, {"prompt": "q", "reference": "r", "output": "o"}]
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
@@ -130,7 +131,7 @@ def test_in_process_scorer_refuses_non_finite_rewards_as_the_server_does(scorer,
             rewards[(batch.tokens == ord("~")).any(dim=1).numpy()] = np.nan
             return rewards
 
-    s = reward.InProcessScorer(Overflowing(), tokenizer, share_prefixes=False, max_wait_s=0.01)
+    s = InProcessScorer(Overflowing(), tokenizer, share_prefixes=False, max_wait_s=0.01)
     try:
         items = [{"prompt": "p", "reference": "r", "output": o} for o in ("a", "~", "b")]
         with pytest.raises(ValueError, match=r"non-finite rewards \(nan\) for 1 of the 3 items \(item 1\)"):
