@@ -10,7 +10,7 @@ Lengths: log-normal (median 1,500 tokens, sigma 0.85, 32-16,384) and uniform 100
 
 Second table: the rewards of --groups groups of --candidates each mapped back to their lines from
 collate's order, as score_packed did (a tensor slice and tolist per group) and as it does
-(engine.score.rewards_per_group: one tolist, then list slices), best of 5; the two give the same
+(engine.scoring.rewards_per_group: one tolist, then list slices), best of 5; the two give the same
 lists (checked).
 """
 import argparse
@@ -65,7 +65,7 @@ def per_group_tolist(rewards, order: list, candidates: list) -> list:
 def mapping_row(groups: int, candidates: int) -> str:
     import torch
 
-    from engine.score import rewards_per_group
+    from engine.scoring import rewards_per_group
 
     rng = np.random.default_rng(0)
     order = rng.permutation(groups).tolist()

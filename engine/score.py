@@ -361,6 +361,8 @@ class CheckpointScorer:
 
     def score_packed(self, packed: "Packed", progress=None, data_parallel: bool = True) -> tuple[list, dict]:
         """score_groups' model part, for what pack() made: rewards per line and the packing facts."""
+        from engine.scoring import rewards_per_group
+
         rewards = self._rewards(packed.batches, progress, data_parallel)
         out, scored = [], iter(rewards_per_group(rewards, packed.order, packed.candidates))
         for s in packed.splits:
@@ -377,19 +379,6 @@ class CheckpointScorer:
 
         scoring = score_data_parallel if data_parallel else score
         return scoring(self.chunks, batches, self.rt, progress=progress).cpu()
-
-
-def rewards_per_group(rewards, order: list, candidates: list) -> list:
-    """The rewards (a 1-D tensor in collate's order: group order[k] holds the next candidates[k]) as
-    a list of floats per group, in the groups' order. One tolist and list slices: a tensor slice and
-    tolist per group cost several times as much (benchmarks/score_pack.py)."""
-    flat = rewards.tolist()
-    per_group: list = [None] * len(order)
-    start = 0
-    for g, n in zip(order, candidates):
-        per_group[g] = flat[start:start + n]
-        start += n
-    return per_group
 
 
 class Packed:

@@ -125,3 +125,17 @@ def score_data_parallel(chunks, batches: list[PackedBatch], rt, **kw) -> torch.T
         for j, idx in enumerate(range(q, len(batches), dp)):
             per_batch[idx] = gathered[q][offsets[j]:offsets[j + 1]]
     return torch.cat(per_batch) if per_batch else torch.zeros(0, device=device)
+
+
+def rewards_per_group(rewards, order: list, candidates: list) -> list:
+    """The rewards (a 1-D tensor in collate's order: group order[k] holds the next candidates[k]) as
+    a list of floats per group, in the groups' order. One tolist and list slices: a tensor slice and
+    tolist per group cost several times as much (benchmarks/score_pack.py); polar score's mapping
+    (engine/score.py)."""
+    flat = rewards.tolist()
+    per_group: list = [None] * len(order)
+    start = 0
+    for g, n in zip(order, candidates):
+        per_group[g] = flat[start:start + n]
+        start += n
+    return per_group
