@@ -395,13 +395,19 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     # with the prompt and reference. train.global_batch counts packs of several records, so what a step
     # carries is the data's records a pack times it: said once, with the global_batch that carries 160.
     per_pack, gb = len(train.groups) / len(train), cfg.train.global_batch
-    paper_gb = max(1, round(160 / per_pack))
+    # a batch this layout accepts (engine/layout_rules.py): whole micro-batches on every data-parallel
+    # rank, and with interleaved pipelining a multiple of parallel.pp of them
+    par = cfg.parallel
+    dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // (par.tp * par.pp))
+    unit = dp * cfg.train.micro_batch * (par.pp if par.vpp else 1)
+    paper_gb = max(unit, round(160 / per_pack / unit) * unit)
     short = (f"; this data's {len(train.groups):,} records fill only {len(train):,}, less than one such batch"
              if paper_gb > len(train) else "")
     _say(f"batch: train.global_batch={gb} packed sequences carry ~{gb * per_pack:,.1f} records "
          f"(~{gb * sum(len(g.candidates) for g in train.groups) / len(train):,.1f} RM sequences) a step, "
          f"{per_pack:.2f} records a pack of this data; the paper's fine-tuning batch is 160 records (320 "
-         f"sequences): train.global_batch={paper_gb} carries it{short}", flush=True)
+         f"sequences): train.global_batch={paper_gb} carries it"
+         f"{f' (a multiple of {unit}, as this layout needs)' if unit > 1 else ''}{short}", flush=True)
     return RunData(train, evals, tok.pad_id, desc, tokenizer=None if spec == "byte" else spec, source=f.train,
                    set_aside=set_aside)
 

@@ -131,6 +131,10 @@ def main(argv: Optional[list] = None) -> int:
         except (DatasetFormatError, OSError) as e:
             print(f"polar hparams: --dataset {a.dataset}: {e}", file=sys.stderr)
             return 2
+        if not seqs:  # shards written only to make a build's directory complete
+            print(f"polar hparams: --dataset {a.dataset}: its shards hold no packed sequence, so no candidates a "
+                  "pack to measure", file=sys.stderr)
+            return 2
         per_packed = cands / seqs
         measured = (f"measured on {a.dataset}: {cands:,} candidates in {seqs:,} packed sequences of "
                     f"{seq_length} tokens")

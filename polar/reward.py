@@ -42,6 +42,16 @@ from polar.openai_client import retry_after
 if TYPE_CHECKING:  # the hooks' scorer= argument
     from polar.in_process_scorer import InProcessScorer
 
+
+def __getattr__(name: str):
+    # `from polar.reward import InProcessScorer`, as the README said before it had a module of its own;
+    # imported when asked, so that the HTTP clients do not load the serving stack
+    if name == "InProcessScorer":
+        from polar.in_process_scorer import InProcessScorer
+
+        return InProcessScorer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 URL_ENV = "POLAR_REWARD_URL"
 API_KEY_ENV = "POLAR_REWARD_API_KEY"
 # 408: `polar serve` gave up reading a body that came too slowly (--read-timeout-s); it may come faster

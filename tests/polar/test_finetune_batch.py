@@ -33,7 +33,7 @@ def _group_length(rec: dict) -> int:
     return len(enc.prefix) + sum(len(c) for c in enc.candidates)
 
 
-def _check_config(tmp_path: Path, n: int, global_batch: int) -> str:
+def _check_config(tmp_path: Path, n: int, global_batch: int, world_size: int = 1) -> str:
     records = [_record(i) for i in range(n)]
     src = tmp_path / "prefs.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
@@ -42,7 +42,8 @@ def _check_config(tmp_path: Path, n: int, global_batch: int) -> str:
                            f"finetune.train={src}", "finetune.tokenizer=byte", "finetune.eval_fraction=0",
                            f"data.seq_length={SEQ}", f"train.global_batch={global_batch}",
                            f"run_dir={tmp_path / 'run'}", "--check-config"],
-                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", WORLD_SIZE=str(world_size)),
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
@@ -73,3 +74,15 @@ def test_the_run_says_what_a_step_carries_against_the_papers_160_records(tmp_pat
     # 100 records fill fewer packs than one batch of 160 records needs: said, not left to be found
     assert (m[6] == f"; this data's {n:,} records fill only {packs:,}, less than one such batch") == (n < 160)
     assert (m[6] == "") == (n >= 160)
+
+
+def test_the_batch_it_names_is_one_the_layout_accepts(tmp_path):
+    """With two data-parallel ranks the line named train.global_batch=11 (160 records at 14.93 a pack),
+    which the same run then refused: not divisible by data-parallel size 2 x train.micro_batch=1."""
+    out = _check_config(tmp_path, 1000, 8, world_size=2)
+    line = next(x for x in out.splitlines() if x.startswith("batch: "))
+    named = int(re.search(r"train\.global_batch=(\d+) carries it \(a multiple of 2, as this layout needs\)", line)[1])
+    assert named % 2 == 0 and abs(named * 1000 / math.ceil(1000 / (SEQ // _group_length(_record(0)))) - 160) < 2 * 15
+    (tmp_path / "again").mkdir()
+    _check_config(tmp_path / "again", 1000, named, world_size=2)  # accepted (returncode 0, asserted there)
+

@@ -112,3 +112,16 @@ def test_a_dataset_that_is_not_one_is_named(tmp_path, capsys):
     assert f"--dataset {tmp_path / 'none'}: " in capsys.readouterr().err
     with pytest.raises(SystemExit):  # a measure and a figure at once
         main([*laws, "--dataset", str(tmp_path), "--seq-per-packed", "2"])
+
+
+def test_a_dataset_of_no_packed_sequence_is_named_not_divided_by(tmp_path, capsys):
+    """polar data build --num-shards writes a shard without groups to complete a build's directory; a
+    build of nothing but such shards stopped hparams with ZeroDivisionError."""
+    src = built.write_jsonl(tmp_path / "r.jsonl", [])
+    for i in range(2):
+        built.build(src, "-o", tmp_path / "ds", "--seq-length", built.SEQ, "--num-shards", 2, "--shard-index", i)
+    capsys.readouterr()
+    laws = ["--params-millions", "1800", "--base-tokens-billions", "2400", "--rm-tokens-billions", "870"]
+    assert main([*laws, "--dataset", str(tmp_path / "ds")]) == 2
+    assert "its shards hold no packed sequence" in capsys.readouterr().err
+

@@ -555,3 +555,13 @@ def test_a_url_of_another_scheme_is_refused_when_the_client_is_made(client_class
     retried max_retries times before a connection error that did not say the scheme was the fault."""
     with pytest.raises(ValueError, match=r"the scheme must be http or https, got '(ftp|htp)'"):
         client_class(url)
+
+
+def test_the_in_process_scorer_is_still_imported_from_polar_reward():
+    """Its import was `from polar.reward import InProcessScorer` until it moved to polar/in_process_scorer.py."""
+    from polar.reward import InProcessScorer as old_path
+
+    assert old_path is InProcessScorer
+    with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
+        reward.NoSuchName
+
