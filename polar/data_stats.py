@@ -149,6 +149,9 @@ def format_text(s: dict) -> str:
         f"  records {rec}{rej} | groups {s['groups']:,} | candidates {s['candidates']:,} | "
         f"sequences {s['sequences']:,} | tokens {s['tokens']:,}",
         f"  packing efficiency {s['packing_efficiency']:.2%} (real tokens / sequences x seq_length)",
+        # the paper's batches count RM sequences (one per candidate); train.global_batch counts packs
+        f"  candidates per packed sequence {s['candidates'] / max(1, s['sequences']):.2f} (the paper's batch is in "
+        "candidates: `polar hparams --dataset` gives the train.global_batch that carries it)",
         *_truncation_line(s["truncation"]),
         f"  shared prefixes save {sp['tokens_saved']:,} tokens ({sp['percent_saved']:.1f}% of the "
         f"{sp['tokens_if_duplicated']:,} a per-candidate layout would hold)",

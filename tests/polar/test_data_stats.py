@@ -102,6 +102,8 @@ def test_stats_report_counts_packing_and_prefix_savings(tmp_path, capsys):
     assert data_stats.main([str(tmp_path / "ds")]) == 0
     text = capsys.readouterr().out
     assert "packing efficiency" in text and "shared prefixes save" in text and "prefixes" in text
+    # what polar hparams --dataset divides the paper's batch (in candidates) by
+    assert f"candidates per packed sequence {(2 * 96 + 3 * 24) / s['sequences']:.2f} " in text
 
 
 def test_stats_sum_what_the_builds_truncated_over_the_shards(tmp_path, dataset, capsys):
