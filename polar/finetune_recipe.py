@@ -397,8 +397,10 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     per_pack, gb = len(train.groups) / len(train), cfg.train.global_batch
     # a batch this layout accepts (engine/layout_rules.py): whole micro-batches on every data-parallel
     # rank, and with interleaved pipelining a multiple of parallel.pp of them
+    from engine.runtime import world_size_from_env
+
     par = cfg.parallel
-    dp = max(1, int(os.environ.get("WORLD_SIZE", "1")) // (par.tp * par.pp))
+    dp = max(1, world_size_from_env() // (par.tp * par.pp))
     unit = dp * cfg.train.micro_batch * (par.pp if par.vpp else 1)
     paper_gb = max(unit, round(160 / per_pack / unit) * unit)
     short = (f"; this data's {len(train.groups):,} records fill only {len(train):,}, less than one such batch"
