@@ -25,6 +25,13 @@ def check_yarn(model: ModelConfig) -> None:
                           "other")
 
 
+def global_batch_unit(par: ParallelConfig, micro_batch: int, dp: int) -> int:
+    """The train.global_batch values check_layout accepts are the multiples of this: whole micro-batches
+    on every data-parallel rank and, with interleaved pipelining, a multiple of parallel.pp of them
+    (megatron's interleaved schedule runs the micro-batches in groups of pp)."""
+    return dp * micro_batch * (par.pp if par.vpp is not None else 1)
+
+
 def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, world_size: int,
                  seq_length: int) -> int:
     """Check the parallel layout against the model, batch and packed length (data.seq_length);
@@ -94,7 +101,7 @@ def check_layout(model: ModelConfig, par: ParallelConfig, train: TrainConfig, wo
             f"train.global_batch={train.global_batch} is not divisible by data-parallel size {dp} "
             f"x train.micro_batch={train.micro_batch}"
         )
-    if par.vpp is not None and (train.global_batch // (dp * train.micro_batch)) % par.pp:
+    if train.global_batch % global_batch_unit(par, train.micro_batch, dp):
         raise ConfigError(
             "interleaved pipelining needs the number of micro-batches per step "
             f"(train.global_batch / (dp x train.micro_batch) = {train.global_batch // (dp * train.micro_batch)}) "

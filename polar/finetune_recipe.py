@@ -395,13 +395,12 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     # with the prompt and reference. train.global_batch counts packs of several records, so what a step
     # carries is the data's records a pack times it: said once, with the global_batch that carries 160.
     per_pack, gb = len(train.groups) / len(train), cfg.train.global_batch
-    # a batch this layout accepts (engine/layout_rules.py): whole micro-batches on every data-parallel
-    # rank, and with interleaved pipelining a multiple of parallel.pp of them
+    # a batch this layout accepts: the layout check's own rule
+    from engine.layout_rules import global_batch_unit
     from engine.runtime import world_size_from_env
 
     par = cfg.parallel
-    dp = max(1, world_size_from_env() // (par.tp * par.pp))
-    unit = dp * cfg.train.micro_batch * (par.pp if par.vpp else 1)
+    unit = global_batch_unit(par, cfg.train.micro_batch, max(1, world_size_from_env() // (par.tp * par.pp)))
     paper_gb = max(unit, round(160 / per_pack / unit) * unit)
     short = (f"; this data's {len(train.groups):,} records fill only {len(train):,}, less than one such batch"
              if paper_gb > len(train) else "")
