@@ -8,6 +8,10 @@ cannot write (a file size limit, which the kernel enforces as it would a full di
 complete save at step 1, then the process kills itself while the writer of step 2 is held back.
 `rank0_file`: a save whose `.metadata` or `metadata.json` rank 0 alone cannot write. `step_fails`:
 the training step after a background save raises on every rank, or on one.
+
+`cases`: several of these (not `killed`, nor `step_fails` on one rank: each ends its process) one
+after the other in one launch, each with a trainer and a run directory of its own; starting torch,
+megatron and the ranks' group is most of a scenario's time. One JSON per rank, by case name.
 """
 from __future__ import annotations
 
@@ -93,24 +97,27 @@ def killed(trainer, out: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def failing(trainer) -> dict:
+def failing_writes(trainer) -> dict:
+    """The `failing` scenario: the writer of the run's second save cannot write."""
     from engine import checkpoint
 
     real_save, calls = trainer.save, []
 
     def save():
         calls.append(trainer.step)
-        if len(calls) == 2:  # the writer process forked by this save finds its files limited to 1 KiB
-            os.register_at_fork(after_in_child=_small_files)
-        return real_save()
+        _SMALL_FILES[0] = len(calls) == 2  # the writer process forked by this save only
+        try:
+            return real_save()
+        finally:
+            _SMALL_FILES[0] = False
 
     trainer.save = save
+    error, notes = "", []
     try:
         trainer.fit()
-        error = ""
     except checkpoint.CheckpointWriteError as e:
-        error = str(e)
-    return {"error": error, "saves": calls, "latest": checkpoint.latest(trainer.ckpt_dir),
+        error, notes = str(e), getattr(e, "__notes__", [])
+    return {"error": error, "notes": notes, "saves": calls, "latest": checkpoint.latest(trainer.ckpt_dir),
             "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
 
 
@@ -182,41 +189,81 @@ def step_fails(trainer, rank: int, failing: list, out: str) -> dict:
     return {"error": ""}
 
 
+_SMALL_FILES = [False]  # `failing`: the writers forked while set find their files limited to 1 KiB
+
+
 def _small_files() -> None:
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+    if _SMALL_FILES[0]:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+
+def run_case(trainer, rank: int, scenario: str, out: str, file: str = ".metadata", failing: str = "0,1"):
+    """One scenario on `trainer`; what it patches in megatron and the engine is put back after it,
+    so that the next case of the launch meets the real parts."""
+    import engine.trainer
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    write, loss = FileSystemWriterAsync.__dict__["write_preloaded_data"], engine.trainer.contrastive_loss
+    try:
+        if scenario == "snapshot":
+            return snapshot(trainer, rank, out + ".release")
+        if scenario == "killed":
+            return killed(trainer, out)
+        if scenario == "rank0_file":
+            return rank0_file(trainer, rank, file)
+        if scenario == "step_fails":
+            return step_fails(trainer, rank, [int(r) for r in failing.split(",")], out)
+        return failing_writes(trainer)
+    finally:
+        FileSystemWriterAsync.write_preloaded_data, engine.trainer.contrastive_loss = write, loss
+        _SMALL_FILES[0] = False
+
+
+SCENARIOS = ("snapshot", "failing", "killed", "rank0_file", "step_fails")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--scenario", choices=("snapshot", "failing", "killed", "rank0_file", "step_fails"), required=True)
+    ap.add_argument("--scenario", choices=(*SCENARIOS, "cases"), required=True)
     ap.add_argument("--file", default=".metadata", help="rank0_file: the file rank 0 cannot write")
     ap.add_argument("--failing", default="0,1", help="step_fails: the ranks whose step 3 fails")
+    ap.add_argument("--agree-s", type=float, default=None,
+                    help="step_fails: how long a rank that stops waits for the others (engine default if unset)")
+    ap.add_argument("--cases", default="[]",
+                    help='cases: a JSON list of [name, scenario, {"file": .., "failing": ..}, [overrides]]')
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     defaults = [*SMALL, "train.steps=3", "checkpoint.resume=false", "checkpoint.async_save=true"]
     cfg = load_config(EngineConfig, None, defaults + args.overrides)
+    if args.scenario == "cases":
+        cases = json.loads(args.cases)
+        for name, scenario, _, _ in cases:
+            assert scenario in SCENARIOS and scenario != "killed", f"{name}: {scenario} ends its process"
+    else:
+        cases = [["", args.scenario, {"file": args.file, "failing": args.failing}, []]]
 
+    from engine import checkpoint_async
     from engine.data import PackedGroups
     from engine.runtime import init_runtime, shutdown_runtime
     from engine.trainer import Trainer
 
+    if args.agree_s is not None:
+        checkpoint_async.AGREE_S = args.agree_s
+    os.register_at_fork(after_in_child=_small_files)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
-    data = PackedGroups(random_groups(7, 40, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
-    trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
-    if args.scenario == "snapshot":
-        result = snapshot(trainer, rt.rank, args.out + ".release")
-    elif args.scenario == "killed":
-        killed(trainer, args.out)
-    elif args.scenario == "rank0_file":
-        result = rank0_file(trainer, rt.rank, args.file)
-    elif args.scenario == "step_fails":
-        result = step_fails(trainer, rt.rank, [int(r) for r in args.failing.split(",")], args.out)
-    else:
-        result = failing(trainer)
+    results = {}
+    for name, scenario, options, overrides in cases:
+        case = load_config(EngineConfig, None, defaults + args.overrides + overrides
+                           + ([f"run_dir={os.path.join(cfg.run_dir, name)}"] if name else []))
+        assert (case.parallel.tp, case.parallel.pp, case.parallel.vpp) == (cfg.parallel.tp, cfg.parallel.pp,
+                                                                          cfg.parallel.vpp), name
+        data = PackedGroups(random_groups(7, 40, case.model.vocab_size, case.data.seq_length), case.data.seq_length)
+        trainer = Trainer(case, rt, data, case.run_dir, pad_id=0, log=lambda *a, **k: None)
+        results[name] = run_case(trainer, rt.rank, scenario, f"{args.out}.{name}" if name else args.out, **options)
     with open(f"{args.out}.rank{rt.rank}", "w") as f:
-        json.dump(result, f)
+        json.dump(results if args.scenario == "cases" else results[""], f)
     shutdown_runtime()
 
 

@@ -4,7 +4,7 @@ training goes on, and becomes `latest` only once every rank's write has finished
 Runs under torchrun over gloo (2 ranks), as tests/engine/test_parallel_resume.py does: whole trainings
 through tests/engine/dist_worker.py, and the points a whole run does not reach on its own (a writer
 held back while the weights change, a writer that cannot write, a kill while one is pending) through
-tests/engine/async_save_worker.py.
+tests/engine/async_save_worker.py, most of them as the cases of one launch (CASES).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.parity import NO_END_SAVE, ROOT, assert_same_run, run_worker
+from tests.engine.parity import NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
 from tests.engine.torchrun_scenario import run_scenario
 
 WORKER = Path(__file__).with_name("async_save_worker.py")
@@ -96,17 +96,16 @@ def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
             assert same, f"{step}: {key}"
 
 
-def test_a_background_save_resumes_as_a_synchronous_one_does(sync_and_async):
-    """A run resumed from the background save at step 2 trains steps 3-4 as one resumed from the
-    synchronous save of the same step."""
-    tmp, init, layout, overrides, _, _ = sync_and_async
-    resumed = {}
-    for mode in ("sync", "async"):
-        _rolled_back(tmp / f"{mode}_{layout}", "step_00000002", tmp / f"{mode}_{layout}_at2")
-        resumed[mode] = run_worker(tmp, f"{mode}_{layout}_at2", 2, *overrides, "checkpoint.resume=true",
-                                   NO_END_SAVE, init=init, evaluate=False)
-        assert resumed[mode]["start_step"] == 1
-    assert_same_run(resumed["sync"], resumed["async"], steps=[3, 4])
+def test_a_background_save_resumes_as_the_uninterrupted_run_goes_on(sync_and_async):
+    """A run resumed from the background save at step 2 trains steps 3-4 as the uninterrupted run
+    did (the synchronous one: resuming is exact at these layouts, tests/engine/test_parallel_resume.py),
+    and carries steps 1-2 of its history over from the save."""
+    tmp, init, layout, overrides, sync, _ = sync_and_async
+    _rolled_back(tmp / f"async_{layout}", "step_00000002", tmp / f"async_{layout}_at2")
+    resumed = run_worker(tmp, f"async_{layout}_at2", 2, *overrides, "checkpoint.resume=true", NO_END_SAVE,
+                         init=init, evaluate=False)
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS, resumed["history"]
+    assert_same_run(sync, resumed)
 
 
 def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
@@ -119,46 +118,66 @@ def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
 
-@pytest.mark.parametrize("optimizer", ["parallel.distributed_optimizer=false",
-                                       "checkpoint.optimizer_format=dp_reshardable"])
-def test_values_changed_after_a_background_save_returns_are_not_in_it(tmp_path, optimizer):
+# The 2-rank scenarios whose process lives on after them, run as the cases of one launch (each with a
+# trainer and a run directory of its own; starting the ranks is most of a scenario's time):
+# [name, scenario, its options, its settings]
+SNAPSHOT = {"not_distributed": "parallel.distributed_optimizer=false",
+            "dp_reshardable": "checkpoint.optimizer_format=dp_reshardable"}
+RANK0_FILES = {"index": ".metadata", "config": "metadata.json"}
+CASES = [[f"rank0_file_{mode}_{key}", "rank0_file", {"file": file},
+          [f"checkpoint.async_save={mode == 'async'}".lower()]]
+         for mode in ("sync", "async") for key, file in RANK0_FILES.items()]
+CASES += [[f"snapshot_{key}", "snapshot", {}, [setting]] for key, setting in SNAPSHOT.items()]
+CASES += [["step_fails", "step_fails", {}, ["checkpoint.save_interval=1"]],
+          ["failing", "failing", {}, ["checkpoint.save_interval=1"]]]
+
+
+@pytest.fixture(scope="module")
+def cases(tmp_path_factory):
+    """The launch of CASES: a function of a case's name -> (its checkpoint directory, each rank's result)."""
+    tmp = tmp_path_factory.mktemp("async_cases")
+    ranks = _run_scenario(tmp, "cases", 2, args=["--cases", json.dumps(CASES)], timeout=300)
+    return lambda name: (tmp / "cases_run" / name / "checkpoints", [rank[name] for rank in ranks])
+
+
+@pytest.mark.parametrize("optimizer", sorted(SNAPSHOT))
+def test_values_changed_after_a_background_save_returns_are_not_in_it(cases, optimizer):
     """The trainer adds 1 to every weight, main weight and Adam moment in place right after save()
     returns, while the writer is held back: the checkpoint holds the values of the save. megatron
     copies only CPU tensors that are views (these optimizers' moments are not, nor at DP2 most
     weights): written from the live memory by a writer thread, 52 of 60 tensors came back changed
     (distributed_optimizer=false) and 18 of 42 on rank 0 (dp_reshardable); the forked writer reads the memory
     as it was at the fork."""
-    for rank in _run_scenario(tmp_path, "snapshot", 2, optimizer):
+    _, ranks = cases(f"snapshot_{optimizer}")
+    for rank in ranks:
         assert rank["pending_after_save"] and rank["complete"] and rank["tensors"] > 0, rank
         assert rank["changed"] == 0, rank
 
 
-def test_a_background_write_that_fails_is_an_error_naming_the_directory_and_the_step_kept(tmp_path):
+def test_a_background_write_that_fails_is_an_error_naming_the_directory_and_the_step_kept(cases):
     """The writer of the step-2 save cannot write (its files limited to 1 KiB: the kernel refuses the
     write as it would on a full disk): every rank raises CheckpointWriteError at the next finalize
     check, rank 0 with the file system's error, and the complete step 1 stays `latest`."""
-    ranks = _run_scenario(tmp_path, "failing", 2, "checkpoint.save_interval=1")
-    ckpts = tmp_path / "failing_run" / "checkpoints"
+    ckpts, ranks = cases("failing")
     for rank in ranks:
         # found at the log step after it or by the step-3 save, which first finishes the one pending
         assert rank["saves"] in ([1, 2], [1, 2, 3]) and rank["latest"] == str(ckpts / "step_00000001"), rank
         assert rank["partials"] == ["step_00000002.partial"], rank
         assert rank["error"].startswith(f"writing the checkpoint {ckpts / 'step_00000002.partial'} failed ("), rank
         assert f"newest: {ckpts / 'step_00000001'}" in rank["error"], rank
+        assert rank["notes"] == [], rank  # the failed save is no longer pending when the run stops
     assert "(OSError: [Errno 27] File too large)" in ranks[0]["error"], ranks[0]
 
 
 @pytest.mark.parametrize("mode", ["async", "sync"])
-@pytest.mark.parametrize("name", [".metadata", "metadata.json"])
-def test_a_file_only_rank_0_writes_that_fails_stops_every_rank_with_one_error(tmp_path, mode, name):
+@pytest.mark.parametrize("name", sorted(RANK0_FILES))
+def test_a_file_only_rank_0_writes_that_fails_stops_every_rank_with_one_error(cases, mode, name):
     """megatron's finalize writes the shards' index (.metadata) and metadata.json on rank 0 alone, each
     followed by a collective. Here a directory stands in the way of one of them on rank 0 only (in
     both save modes): rank 0 raised before the collective and rank 1 waited in it for good (this test
     was killed at its timeout). Now every rank raises the same CheckpointWriteError naming the file
     system's error, the step stays `.partial` and the complete step 1 stays `latest`."""
-    ranks = _run_scenario(tmp_path, "rank0_file", 2, f"checkpoint.async_save={str(mode == 'async').lower()}",
-                          args=["--file", name], timeout=180)
-    ckpts = tmp_path / "rank0_file_run" / "checkpoints"
+    ckpts, ranks = cases(f"rank0_file_{mode}_{name}")
     assert ranks[0]["error"] == ranks[1]["error"], ranks
     assert ranks[0]["error"].startswith(f"writing the checkpoint {ckpts / 'step_00000002.partial'} failed "
                                         f"(IsADirectoryError: [Errno 21] Is a directory"), ranks[0]
@@ -167,13 +186,12 @@ def test_a_file_only_rank_0_writes_that_fails_stops_every_rank_with_one_error(tm
         assert rank["latest"] == str(ckpts / "step_00000001") and rank["partials"] == ["step_00000002.partial"], rank
 
 
-def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(tmp_path):
+def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(cases):
     """Step 3's loss raises on both ranks while step 2 is written in the background: the save holds
     step 2's state, so it is completed (each rank's write results handed to rank 0 over the job's
     store, not a collective) and becomes `latest`; the error says so. It stayed `.partial`, with
     step 1 `latest`, and nothing said so."""
-    ranks = _run_scenario(tmp_path, "step_fails", 2, "checkpoint.save_interval=1", timeout=300)
-    ckpts = tmp_path / "step_fails_run" / "checkpoints"
+    ckpts, ranks = cases("step_fails")
     for rank in ranks:
         assert rank["error"] == "the loss of step 3 failed", rank
         assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was completed: "
@@ -184,19 +202,24 @@ def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(t
         p.name for p in (ckpts / "step_00000001").iterdir())  # .metadata, metadata.json, shards, state
 
 
+# how long the rank that stops waits for the other (engine.checkpoint_async.AGREE_S, 20 s): rank 0,
+# waiting in a collective for it, never comes, whatever the wait
+AGREE_S = 3
+
+
 def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partial_and_exits(tmp_path):
     """Step 3's loss raises on rank 1 alone while step 2's writer is still writing (held back): rank 0
     waits in the step's gradient reduction and can take part in nothing, so rank 1 stops its writer,
     says that step 2 stays `.partial` and step 1 is the one kept, and exits; torchrun then ends rank
     0, whose writer ends with it. Rank 1 waited for its writer at exit for good (the test's timeout)."""
     ranks = _run_scenario(tmp_path, "step_fails", 2, "checkpoint.save_interval=1", name="one_fails",
-                          args=["--failing", "1"], timeout=240, expected=0)
+                          args=["--failing", "1", "--agree-s", str(AGREE_S)], timeout=240, expected=0)
     ckpts = tmp_path / "one_fails_run" / "checkpoints"
     rank = ranks[1]
     assert rank is not None, (tmp_path / "one_fails.log").read_text()[-6000:]
     assert rank["error"] == "the loss of step 3 failed", rank
     assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was not completed "
-                             f"(not every rank stopped within 20 s; a rank still in a step cannot take part): "
+                             f"(not every rank stopped within {AGREE_S} s; a rank still in a step cannot take part): "
                              f"step_00000002.partial stays in {ckpts}; the newest complete checkpoint, which a "
                              f"resume continues from, is {ckpts / 'step_00000001'}"], rank
     assert (ckpts / "latest").read_text() == "step_00000001"
