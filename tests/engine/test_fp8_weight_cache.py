@@ -1,7 +1,9 @@
 """The FP8 weight cache (engine/model/fp8_linear.py, weight_cache()) in the engine's real training
-step: tests/engine/fp8_cache_worker.py trains 3 steps of 4 micro-batches through the Trainer (the
-distributed optimizer updating the weights in place between steps), with each step's
+step: tests/engine/fp8_cache_runs_worker.py trains 3 steps of 4 micro-batches through the Trainer
+(the distributed optimizer updating the weights in place between steps), with each step's
 forward-backward schedule inside the cache's scope or without it, and counts weight quantizations.
+The single-process runs all share one process (one start-up of torch and megatron), each from the
+same seed; the TP2 runs share a torchrun.
 
 With the scope a weight is quantized once per step and scaling (per tensor: the forward copy, which
 the backward reuses; per row: the forward's dim-1 and dgrad's dim-0 copies) instead of once per
@@ -20,20 +22,26 @@ from pathlib import Path
 
 import pytest
 
-WORKER = Path(__file__).with_name("fp8_cache_worker.py")
+WORKER = Path(__file__).with_name("fp8_cache_runs_worker.py")
 ROOT = WORKER.parents[2]
 SCALINGS = {"tensorwise": 1, "rowwise": 2}  # weight quantizations per linear and step with the cache
+SINGLE = {f"{cache}_{r}": (cache, r) for cache in ("off", "step", "trainer") for r in SCALINGS}
+SINGLE["fit_tensorwise"] = ("fit", "tensorwise")
 
 
-def run(tmp: Path, name: str, cache: str, recipe: str, nproc: int = 1, *layout: str) -> dict:
-    out = tmp / f"{name}.json"
-    cmd = [str(WORKER), "--out", str(out), "--cache", cache, f"run_dir={tmp / name}", f"train.fp8={recipe}", *layout]
+def run(tmp: Path, runs: dict, nproc: int = 1, *layout: str) -> dict:
+    """{name: (cache, recipe)} trained in one process (or one torchrun): {name: result}."""
+    out = tmp / "runs.json"
+    cmd = [str(WORKER), "--out", str(out), "--dir", str(tmp), *layout]
+    cmd[3:3] = [f"--training={name}:{cache}:{recipe}" for name, (cache, recipe) in runs.items()]
     if nproc > 1:
         cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return json.loads(out.read_text())
+    assert proc.returncode == 0, f"{sorted(runs)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    got = json.loads(out.read_text())
+    assert sorted(got) == sorted(runs)
+    return got
 
 
 def curve(result: dict) -> list[tuple[float, float]]:
@@ -41,41 +49,39 @@ def curve(result: dict) -> list[tuple[float, float]]:
 
 
 @pytest.fixture(scope="module")
-def uncached(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fp8_cache")
-    return tmp, {r: run(tmp, f"off_{r}", "off", r) for r in SCALINGS}
+def single(tmp_path_factory):
+    return run(tmp_path_factory.mktemp("fp8_cache"), SINGLE)
 
 
 @pytest.mark.parametrize("recipe", list(SCALINGS))
-def test_cached_run_quantizes_once_per_step_and_trains_identically(uncached, recipe):
-    tmp, ref = uncached
-    got = run(tmp, f"step_{recipe}", "step", recipe)
+def test_cached_run_quantizes_once_per_step_and_trains_identically(single, recipe):
+    got, ref = single[f"step_{recipe}"], single[f"off_{recipe}"]
     once = got["linears"] * SCALINGS[recipe]
     assert got["micro_batches"] == 4 and len(got["per_step"]) == 3
     assert got["per_step"] == [once] * 3
-    assert ref[recipe]["per_step"] == [once * 4] * 3  # what the cache saves: one per micro-batch
-    assert curve(got) == curve(ref[recipe])
+    assert ref["per_step"] == [once * 4] * 3  # what the cache saves: one per micro-batch
+    assert curve(got) == curve(ref)
 
 
 def test_cached_tensor_parallel_run_trains_identically(tmp_path):
     """Under TP the amax all-reduce of a cached weight is skipped on every rank alike. Per row with
     sequence parallelism: the recipe and layout whose weight scalings use the TP group in forward and
-    dgrad (a TP2 run costs ~30 s here, so the per-tensor recipe is left to the single-process test)."""
+    dgrad (the per-tensor recipe is left to the single-process test)."""
     layout = ("parallel.tp=2", "parallel.sequence_parallel=true")
-    off = run(tmp_path, "off", "off", "rowwise", 2, *layout)
-    got = run(tmp_path, "step", "step", "rowwise", 2, *layout)
-    assert got["per_step"] == [got["linears"] * SCALINGS["rowwise"]] * 3
-    assert curve(got) == curve(off)
+    got = run(tmp_path, {"off": ("off", "rowwise"), "step": ("step", "rowwise")}, 2, *layout)
+    assert got["step"]["per_step"] == [got["step"]["linears"] * SCALINGS["rowwise"]] * 3
+    assert got["off"]["per_step"] == [got["step"]["linears"] * SCALINGS["rowwise"] * 4] * 3
+    assert curve(got["step"]) == curve(got["off"])
 
 
-def test_a_scope_across_optimizer_steps_trains_on_stale_weights(uncached):
-    tmp, ref = uncached
-    stale = run(tmp, "fit_tensorwise", "fit", "tensorwise")
+def test_a_scope_across_optimizer_steps_trains_on_stale_weights(single):
+    stale = single["fit_tensorwise"]
     assert stale["per_step"][1:] == [0, 0]
-    assert curve(stale) != curve(ref["tensorwise"])
+    assert curve(stale) != curve(single["off_tensorwise"])
 
 
 @pytest.mark.parametrize("recipe", list(SCALINGS))
-def test_the_trainer_opens_the_scope_itself(tmp_path, recipe):
-    got = run(tmp_path, f"trainer_{recipe}", "trainer", recipe)
+def test_the_trainer_opens_the_scope_itself(single, recipe):
+    got = single[f"trainer_{recipe}"]
     assert got["per_step"] == [got["linears"] * SCALINGS[recipe]] * 3
+    assert curve(got) == curve(single[f"off_{recipe}"])

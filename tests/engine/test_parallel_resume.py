@@ -3,7 +3,10 @@ the same layout and from a TP2 checkpoint at TP1.
 
 Runs whose evaluation nothing compares skip it, and resumed runs save no checkpoint at the end
 (NO_END_SAVE); a saved step that several tests resume from is saved once (module fixtures), each
-resume reading a copy of its own.
+resume reading a copy of its own. The TP2 and the dp_reshardable saves run AdamW's foreach kernel, as
+the code before engine.optimizer_state.use_fused_adam did, and their resumes the fused one: the
+resumes of tests/engine/test_optim_fused_resume.py's checkpoints in the distributed optimizer's two
+formats (a fused save resumes in the DP2 stop-file run and the bf16 runs).
 """
 from __future__ import annotations
 
@@ -13,34 +16,33 @@ import shutil
 import pytest
 
 from tests.engine.parity import NO_END_SAVE, STEPS, assert_same_run, run_worker
+from tests.engine.test_optim_fused_resume import adam_run, assert_kernel, foreach_run
 
 DPR = "checkpoint.optimizer_format=dp_reshardable"
 BF16 = ("train.precision=bf16", "train.steps=5")
 
 
-def _resume(tmp, name, nproc, *overrides, init):
-    return run_worker(tmp, name, nproc, *overrides, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
+def _resume(tmp, name, nproc, *overrides, init, run=run_worker):
+    return run(tmp, name, nproc, *overrides, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
 
 
-def test_resume_gives_the_uninterrupted_losses(reference):
+def test_checkpoint_saved_at_tp2_with_foreach_adamw_resumes_at_tp1_fused(reference):
+    """A TP2 save resumes at TP1 with the uninterrupted losses (steps 1-2 from the checkpointed
+    history, 3-4 after resuming), on AdamW's fused kernel though the save ran the foreach one
+    (tests/engine/test_optim_fused_resume.py). Also a checkpoint from before
+    checkpoint.optimizer_format: its state names no format, and loads as the one it was written in
+    (fully_reshardable). A resume at the layout saved at: the DP2 tests below, and the bf16 ones in
+    one process."""
     tmp, init, ref = reference
-    run_worker(tmp, "resume", 1, "train.exit_at_step=2", init=init, evaluate=False)
-    resumed = _resume(tmp, "resume", 1, init=init)
-    assert_same_run(ref, resumed)  # steps 1-2 from the checkpointed history, 3-4 after resuming
-    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
-
-
-def test_checkpoint_saved_at_tp2_resumes_at_tp1(reference):
-    """Also a checkpoint from before checkpoint.optimizer_format: its state names no format, and
-    loads as the one it was written in (fully_reshardable)."""
-    tmp, init, ref = reference
-    run_worker(tmp, "reshard", 2, "parallel.tp=2", "train.exit_at_step=2", init=init, evaluate=False)
+    foreach_run(tmp, "reshard", 2, "parallel.tp=2", "train.exit_at_step=2", init=init)
     state_file = tmp / "reshard" / "checkpoints" / "step_00000002" / "trainer_state.json"
     state = json.loads(state_file.read_text())
     assert state.pop("optimizer_format") == "fully_reshardable"
     state_file.write_text(json.dumps(state))
-    resumed = _resume(tmp, "reshard", 1, init=init)
-    assert_same_run(ref, resumed, steps=range(3, STEPS + 1))
+    resumed = _resume(tmp, "reshard", 1, init=init, run=adam_run)
+    assert_kernel(resumed, True, STEPS - 2)
+    assert_same_run(ref, resumed)
+    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
 
 
 @pytest.fixture(scope="module")
@@ -87,10 +89,11 @@ def test_a_stop_file_seen_by_rank_0_stops_every_rank_at_the_same_step(reference,
 
 @pytest.fixture(scope="module")
 def dpr_saved(reference):
-    """A DP2 run saved at step 2 with checkpoint.optimizer_format=dp_reshardable: its step directory,
-    and a fresh copy of its run directory per call (name) for each test that resumes from it."""
+    """A DP2 run saved at step 2 with checkpoint.optimizer_format=dp_reshardable, on foreach AdamW:
+    its step directory, and a fresh copy of its run directory per call (name) for each test that
+    resumes from it."""
     tmp, init, _ = reference
-    run_worker(tmp, "dpr", 2, DPR, "train.exit_at_step=2", init=init, evaluate=False)
+    foreach_run(tmp, "dpr", 2, DPR, "train.exit_at_step=2", init=init)
     step = tmp / "dpr" / "checkpoints" / "step_00000002"
 
     def copy(name):
@@ -103,15 +106,21 @@ def dpr_saved(reference):
 def test_dp_reshardable_optimizer_state_resumes_at_any_dp_and_is_refused_at_another_tp(reference, dpr_saved):
     """checkpoint.optimizer_format=dp_reshardable: every rank writes and reads its own share of the
     optimizer state; a DP2 save resumes at DP2 and DP1 with the uninterrupted losses (step 4 depends
-    on the restored Adam moments and step count), and a TP2 resume is refused before any load."""
+    on the restored Adam moments and step count), on fused AdamW though the save ran foreach
+    (tests/engine/test_optim_fused_resume.py), and a TP2 resume is refused before any load (one
+    without the distributed optimizer too: tests/engine/test_resume_checks.py, a check the Trainer's
+    resume runs before the load, as tests/engine/test_trainer.py's changed-distributed-optimizer
+    test shows)."""
     tmp, init, ref = reference
     step, copy = dpr_saved
     state = json.loads((step / "trainer_state.json").read_text())
     assert state["optimizer_format"] == "dp_reshardable"
-    resumed = _resume(tmp, copy("dpr_dp2"), 2, DPR, init=init)
+    resumed = _resume(tmp, copy("dpr_dp2"), 2, DPR, init=init, run=adam_run)
+    assert_kernel(resumed, True, STEPS - 2)
     assert_same_run(ref, resumed)
     assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
-    one = _resume(tmp, copy("dpr_dp1"), 1, DPR, init=init)
+    one = _resume(tmp, copy("dpr_dp1"), 1, DPR, init=init, run=adam_run)
+    assert_kernel(one, True, STEPS - 2)
     assert_same_run(ref, one, steps=range(3, STEPS + 1))
     proc = run_worker(tmp, copy("dpr_tp2"), 2, DPR, "parallel.tp=2", "checkpoint.resume=true", init=init,
                       refused=True)
@@ -122,17 +131,6 @@ def test_dp_reshardable_optimizer_state_resumes_at_any_dp_and_is_refused_at_anot
                      evaluate=False)
     tp1 = run_worker(tmp, "from_dpr_tp1", 1, "train.steps=1", NO_END_SAVE, init=str(step), evaluate=False)
     assert_same_run(tp1, tp2, steps=[1])
-
-
-def test_dp_reshardable_optimizer_state_is_refused_without_the_distributed_optimizer(reference, dpr_saved):
-    """A resume with parallel.distributed_optimizer=false from a dp_reshardable step is refused before
-    the load, naming the setting (the load failed, calling the checkpoint damaged)."""
-    tmp, init, _ = reference
-    _, copy = dpr_saved
-    proc = run_worker(tmp, copy("dpr_no_distopt"), 1, DPR, "parallel.distributed_optimizer=false",
-                      "checkpoint.resume=true", init=init, refused=True)
-    out = proc.stderr + proc.stdout
-    assert "parallel.distributed_optimizer=true" in out and "does not read back" not in out, out[-3000:]
 
 
 @pytest.fixture(scope="module")
