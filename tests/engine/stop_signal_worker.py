@@ -8,9 +8,8 @@ writes its pid to RESULT.readyN and waits there until it has received SIGTERM fr
 PATH`: rank 0 makes a directory there. `--hold-save STEP`: the writer of that step's background save
 waits for RESULT.release, which a rank makes once it received SIGTERM (a write still pending when it
 came). `--kill-in-save STEP`: the `--kill-ranks` send themselves SIGTERM as that step's save begins
-(instead of in a step's loss). Ranks where fit cannot install its handler: `--ignore-ranks` ignore
-SIGTERM before fit (a program that handles it itself), `--thread-ranks` run fit in a thread other than
-the main one.
+(instead of in a step's loss). `--thread-ranks` run fit in a thread other than the main one, where
+fit cannot install its handler.
 """
 from __future__ import annotations
 
@@ -41,7 +40,7 @@ def _install_hooks(trainer, args) -> None:
                 open(f"{args.result}.survived{rank}", "w").close()
                 os.kill(os.getpid(), signal.SIGTERM)
                 open(f"{args.result}.repeated{rank}", "w").close()
-                time.sleep(engine.stop_signal.REPEAT_S + 1.0)
+                time.sleep(engine.stop_signal.REPEAT_S + 0.1)  # past REPEAT_S: a sleep lasts at least this long
                 os.kill(os.getpid(), signal.SIGTERM)
         if args.wait:
             with open(f"{args.result}.ready{rank}", "w") as f:
@@ -112,7 +111,6 @@ def main():
     ap.add_argument("--hold-save", type=int, default=0)
     ap.add_argument("--kill-in-save", type=int, default=0)
     ap.add_argument("--make-dir", default="")
-    ap.add_argument("--ignore-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
     ap.add_argument("--thread-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
     args, rest = ap.parse_known_args()
     sys.argv = [sys.argv[0], *rest]
@@ -124,8 +122,6 @@ def main():
 
     def fit(trainer):
         _install_hooks(trainer, args)
-        if trainer.rt.rank in args.ignore_ranks:
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         ended = None
         try:
             if trainer.rt.rank in args.thread_ranks:

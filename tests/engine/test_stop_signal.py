@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -39,40 +40,26 @@ def _checkpoints(run: Path) -> list:
     return sorted(p.name for p in (run / "checkpoints").iterdir())
 
 
-def _resumed_matches(reference, name: str) -> None:
-    tmp, init, ref = reference
-    resumed = run_worker(tmp, name, 2, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
-    assert_same_run(ref, resumed)  # the saved steps' history, then the steps after the resume
-    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS
-
-
-def test_sigterm_to_one_worker_stops_every_rank_at_the_step_it_reached_and_the_resume_matches(reference):
-    """Rank 1 alone receives SIGTERM during step 2: both ranks finish step 2, save it, and exit with
-    status 143; resuming gives the uninterrupted run's losses. The rank died at once, its steps
-    since the last checkpoint lost (here every step: nothing was saved)."""
+@pytest.fixture(scope="module")
+def one_rank_stopped(reference):
+    """Rank 1 alone receives SIGTERM during step 1: (each rank's result, the log)."""
     tmp, init, _ = reference
-    proc, log, results = _start(tmp, "sigterm_rank1", 2, ["--at-step", "2", "--kill-ranks", "1"], NO_END_SAVE,
+    proc, log, results = _start(tmp, "sigterm_rank1", 2, ["--at-step", "1", "--kill-ranks", "1"], NO_END_SAVE,
                                 init=init)
-    for rank in finish(proc, log, results):
-        assert rank["code"] == EXIT_SIGTERM and rank["step"] == 2, rank
-        assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
-    assert _checkpoints(tmp / "sigterm_rank1") == ["latest", "step_00000002"]
-    # torchrun's failure report: each worker's own status (it signals those still up after the first exit)
-    assert log.read_text().count(f"exitcode  : {EXIT_SIGTERM} ") == 2, log.read_text()[-6000:]
-    _resumed_matches(reference, "sigterm_rank1")
+    return finish(proc, log, results), log.read_text()
 
 
-def test_sigterm_to_every_process_finishes_the_pending_background_write_and_saves_the_step_reached(reference):
-    """SIGTERM to every process of the job during step 3, as SLURM sends it at scancel or the time
-    limit (to each worker's process group: the background writer and its results server too), while
-    step 2's background write is still pending; torchrun, signalled too, sends each worker's group its
-    own at once (and kills them 30 s later). Step 2's write is completed, step 3 saved and `latest`,
-    every rank leaves fit with status 143, and the resume matches. Step 2 stayed
-    `step_00000002.partial`, its writer killed with the workers."""
+@pytest.fixture(scope="module")
+def every_process_stopped(reference, one_rank_stopped):
+    """The run one_rank_stopped left, resumed (a copy of its directory) and sent SIGTERM to every process
+    during step 3, step 2's background write held until then: each rank's result. The resume is
+    the one the test of one_rank_stopped needs (its steps 2 and 3 come from that checkpoint), and
+    it saves the launch of a fresh run here."""
     tmp, init, _ = reference
+    shutil.copytree(tmp / "sigterm_rank1", tmp / "sigterm_all")
     proc, log, results = _start(tmp, "sigterm_all", 2, ["--at-step", "3", "--wait", "--hold-save", "2"],
-                                "checkpoint.async_save=true", "checkpoint.save_interval=2", "checkpoint.keep=0",
-                                NO_END_SAVE, init=init)
+                                "checkpoint.resume=true", "checkpoint.async_save=true", "checkpoint.save_interval=2",
+                                "checkpoint.keep=0", NO_END_SAVE, init=init)
     ready = [tmp / f"sigterm_all.result.ready{r}" for r in range(2)]
     deadline = time.monotonic() + 300
     while not all(f.exists() and f.read_text() for f in ready) and proc.poll() is None \
@@ -82,40 +69,71 @@ def test_sigterm_to_every_process_finishes_the_pending_background_write_and_save
     for f in ready:
         os.killpg(int(f.read_text()), signal.SIGTERM)  # torchrun starts each worker in a session of its own
     os.kill(proc.pid, signal.SIGTERM)
-    for rank in finish(proc, log, results):
+    return finish(proc, log, results)
+
+
+@pytest.fixture(scope="module")
+def resumed(reference, every_process_stopped):
+    """every_process_stopped's run resumed to the end: its history holds steps 1 (one_rank_stopped's
+    run), 2-3 (every_process_stopped's, resumed from step 1) and 4 (this one's, from step 3)."""
+    tmp, init, _ = reference
+    run = run_worker(tmp, "sigterm_all", 2, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
+    assert run["start_step"] == 1 and len(run["history"]) == STEPS, run
+    return run
+
+
+def test_sigterm_to_one_worker_stops_every_rank_at_the_step_it_reached_and_the_resume_matches(
+        reference, one_rank_stopped, resumed):
+    """Rank 1 alone receives SIGTERM during step 1: both ranks finish step 1, save it, and exit with
+    status 143; the run resumed from it gives the uninterrupted run's losses. The rank died at once,
+    its steps since the last checkpoint lost (here every step: nothing was saved)."""
+    tmp, _, ref = reference
+    ranks, log = one_rank_stopped
+    for rank in ranks:
+        assert rank["code"] == EXIT_SIGTERM and rank["step"] == 1, rank
+        assert rank["latest"].endswith("step_00000001") and rank["partials"] == [], rank
+    assert _checkpoints(tmp / "sigterm_rank1") == ["latest", "step_00000001"]
+    # torchrun's failure report: each worker's own status (it signals those still up after the first exit)
+    assert log.count(f"exitcode  : {EXIT_SIGTERM} ") == 2, log[-6000:]
+    assert_same_run(ref, resumed, steps=range(1, 4))  # step 1 as saved, steps 2-3 trained from its checkpoint
+
+
+def test_sigterm_to_every_process_finishes_the_pending_background_write_and_saves_the_step_reached(
+        reference, every_process_stopped, resumed):
+    """SIGTERM to every process of the job during step 3, as SLURM sends it at scancel or the time
+    limit (to each worker's process group: the background writer and its results server too), while
+    step 2's background write is still pending; torchrun, signalled too, sends each worker's group its
+    own at once (and kills them 30 s later). Step 2's write is completed, step 3 saved and `latest`,
+    every rank leaves fit with status 143, and the resume matches. Step 2 stayed
+    `step_00000002.partial`, its writer killed with the workers."""
+    tmp, _, ref = reference
+    for rank in every_process_stopped:
         assert rank["code"] == EXIT_SIGTERM and rank["step"] == 3, rank
         assert rank["latest"].endswith("step_00000003") and rank["partials"] == [], rank
     ckpts = tmp / "sigterm_all" / "checkpoints"
-    assert _checkpoints(tmp / "sigterm_all") == ["latest", "step_00000002", "step_00000003"]
+    # step 1 is the checkpoint this run resumed from
+    assert _checkpoints(tmp / "sigterm_all") == ["latest", "step_00000001", "step_00000002", "step_00000003"]
     assert json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
-    _resumed_matches(reference, "sigterm_all")
+    assert_same_run(ref, resumed)  # the saved steps' history, then step 4 trained from step 3's checkpoint
 
 
-@pytest.mark.parametrize("where", ["--ignore-ranks", "--thread-ranks"])
-def test_a_rank_that_cannot_install_the_handler_keeps_step_with_the_others(reference, tmp_path, where):
-    """fit installs its SIGTERM handler only where SIGTERM has its default action and in the main
-    thread; here rank 1 ignores SIGTERM before fit (a program that handles it itself) or runs fit in
-    another thread, and rank 0 receives SIGTERM during step 2. Both ranks stop after step 2, saved, with
-    status 143. The per-step stop check ran only on the rank with the handler, whose all-reduce waited
-    for good for one the other never made (the test's timeout); and a rank whose fit runs in another
-    thread failed to ignore further SIGTERMs (signal.signal works in the main thread only)."""
+def test_a_sigterm_during_a_save_stops_at_the_step_saved_also_with_a_rank_without_the_handler(reference, tmp_path):
+    """Rank 0 receives SIGTERM as step 2's periodic save begins (checkpoint.save_interval=2) while rank 1
+    runs fit in a thread other than the main one, where fit cannot install its SIGTERM handler: both
+    ranks stop with step 2 saved, status 143, and write no other step. Three faults fail it: the stop
+    check came only in the next step, so the run trained step 3 and saved it too (the time after
+    SIGTERM was the rest of a save, a step and a second save, past the step and one save that the
+    grace period is said to need); the per-step stop check ran only on the rank with the handler, whose
+    all-reduce waited for good for one the other never made (the test's timeout); and a rank whose fit
+    runs in another thread failed to ignore further SIGTERMs (signal.signal works in the main thread
+    only). A rank that ignores SIGTERM before fit (a program that handles it itself) is left without
+    the handler too (engine.signal_handlers.may_handle, tests/engine/test_signal_handlers.py) and takes
+    the same path through fit as this one."""
     _, init, _ = reference
-    proc, log, results = _start(tmp_path, "no_handler", 2, ["--at-step", "2", "--kill-ranks", "0", where, "1"],
-                                NO_END_SAVE, init=init)
-    for rank in finish(proc, log, results, timeout=180):
-        assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
-        assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
-
-
-def test_a_sigterm_during_a_save_stops_at_the_step_saved(reference, tmp_path):
-    """Rank 1 receives SIGTERM as step 2's periodic save begins (checkpoint.save_interval=2): both ranks
-    stop with step 2 saved, status 143, and write no other step. The stop check came only in the next
-    step, so the run trained step 3 and saved it too: the time after SIGTERM was the rest of a save, a
-    step and a second save, past the step and one save that the grace period is said to need."""
-    _, init, _ = reference
-    proc, log, results = _start(tmp_path, "in_save", 2, ["--kill-in-save", "2", "--kill-ranks", "1"],
+    proc, log, results = _start(tmp_path, "in_save", 2, ["--kill-in-save", "2", "--kill-ranks", "0",
+                                                         "--thread-ranks", "1"],
                                 "checkpoint.save_interval=2", NO_END_SAVE, init=init)
-    for rank in finish(proc, log, results):
+    for rank in finish(proc, log, results, timeout=180):
         assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
         assert rank["latest"].endswith("step_00000002") and rank["partials"] == [], rank
     assert _checkpoints(tmp_path / "in_save") == ["latest", "step_00000002"]
