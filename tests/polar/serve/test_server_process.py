@@ -164,32 +164,15 @@ def test_a_signal_before_the_server_exists_stops_it_once_started():
     assert server.should_exit
 
 
-def test_auth_and_graceful_shutdown(checkpoint_dir, texts_and_expected):
-    texts, expected = texts_and_expected
-    proc, url = _serve(lambda port, _: [sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir,
-                                        "--port", str(port), "--max-wait-ms", "5000", "--api-key-env",
-                                        "POLAR_TEST_KEY"], env_extra={"POLAR_TEST_KEY": "k3y"})
-    try:
-        assert httpx.post(f"{url}/classify", json={"text": texts}, timeout=120).status_code == 401
-        answer = {}
-        # SIGTERM while the request waits in the batcher's queue (--max-wait-ms 5000; closing ends the wait)
-        t = _classify_in_flight(url, texts, answer, {"Authorization": "Bearer k3y"})
-        proc.send_signal(signal.SIGTERM)
-        t.join(120)
-        assert answer["r"].status_code == 200
-        np.testing.assert_allclose([e["embedding"][0] for e in answer["r"].json()], expected, rtol=0, atol=1e-5)
-        assert proc.wait(120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]], ids=["tp2", "pp2"])
-def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_expected, layout):
+def test_two_pipeline_stages_equal_one_process(checkpoint_dir, texts_and_expected):
+    """--pp 2 answers /classify and /pooling with the rewards of one process and stops on rank 0's
+    SIGTERM. TP2 is checked on every server of the TP2 tests below: /classify in
+    test_tp2_stops_cleanly_on_sigterm_to_every_rank, /pooling and rank 0's SIGTERM in
+    test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving."""
     texts, expected = texts_and_expected
     proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint", checkpoint_dir,
-                                        "--port", str(port), *layout], limit_s=400)
+                                        "--port", str(port), "--pp", "2"], limit_s=400)
     try:
         for path, read in (("/classify", lambda a: [e["embedding"][0] for e in a]),
                            ("/pooling", lambda a: [e["data"][-1][0] for e in a["data"]])):
@@ -207,7 +190,8 @@ def test_two_model_parallel_ranks_equal_one_process(checkpoint_dir, texts_and_ex
 
 def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_checkpoint_dir, tokenizer, alone_dynamic):
     """The model's positions checked before rank 0 broadcasts: a refusal on every rank used to end
-    the other rank's loop, and the next request hung on its broadcast."""
+    the other rank's loop, and the next request hung on its broadcast. Also TP2's /pooling and
+    /classify against one process, and its stop on rank 0's SIGTERM."""
     proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint",
                                         dynamic_checkpoint_dir, "--port", str(port), "--tp", "2", "--pack-rows",
@@ -216,6 +200,8 @@ def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_chec
         texts = [f"prompt number {i} and some words\nref<|reward|>prompt number {i}\nout[UNUSED_TOKEN_130]"
                  for i in range(12)]
         expected = alone_dynamic(tokenizer.encode_served_batch(texts))
+        pooled = httpx.post(f"{url}/pooling", json={"input": texts}, timeout=120).json()
+        np.testing.assert_allclose([e["data"][-1][0] for e in pooled["data"]], expected, rtol=0, atol=1e-5)
         for _ in range(2):
             res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=120)
             assert res.status_code == 200, res.text
@@ -313,16 +299,21 @@ def test_an_address_that_cannot_be_bound_is_refused_before_the_model_loads(check
     assert LOADED not in out and "on http://" not in out and "ERROR" not in out, out[-3000:]
 
 
-def test_the_port_is_held_from_start_up_and_opens_only_once_the_model_has_loaded(checkpoint_dir):
+def test_the_port_opens_once_the_model_has_loaded_then_auth_and_graceful_shutdown(checkpoint_dir,
+                                                                                  texts_and_expected):
     """Bound before the model load (so a taken port fails at once), but refusing connections until
     the service is built: a Kubernetes startupProbe or a load balancer reads an open port as a
     server that answers. The server is held after its real model load (gated_serve) while the test
     looks: its port cannot be bound by another process, a connection is refused, and it has not
-    said it serves."""
+    said it serves. Released, the same server refuses a request without --api-key-env's bearer key
+    and, sent SIGTERM while a request waits in the batcher's queue (--max-wait-ms 5000; closing ends
+    the wait), answers it with one process's rewards and exits 0."""
+    texts, expected = texts_and_expected
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, POLAR_TEST_KEY="k3y")
     for attempt in range(3):  # a port chosen free can be taken by another test before the server binds it
         port = _free_port()
-        proc = subprocess.Popen(_gated("--checkpoint", checkpoint_dir, "--port", str(port)), cwd=ROOT,
-                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), stdin=subprocess.PIPE,
+        proc = subprocess.Popen(_gated("--checkpoint", checkpoint_dir, "--port", str(port), "--max-wait-ms", "5000",
+                                       "--api-key-env", "POLAR_TEST_KEY"), cwd=ROOT, env=env, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []
         while not seen or seen[-1] not in ("", LOADED + "\n"):  # "": the server exited
@@ -341,7 +332,13 @@ def test_the_port_is_held_from_start_up_and_opens_only_once_the_model_has_loaded
         proc.stdin.flush()
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(proc, url)
+        assert httpx.post(f"{url}/classify", json={"text": texts}, timeout=120).status_code == 401
+        answer = {}
+        t = _classify_in_flight(url, texts, answer, {"Authorization": "Bearer k3y"})
         proc.send_signal(signal.SIGTERM)
+        t.join(120)
+        assert answer["r"].status_code == 200
+        np.testing.assert_allclose([e["embedding"][0] for e in answer["r"].json()], expected, rtol=0, atol=1e-5)
         assert proc.wait(120) == 0
         assert f"on {url}\n" in proc.stdout.read()
     finally:
