@@ -28,7 +28,18 @@ from tests.engine import test_score_interrupt as score
 
 ROOT = Path(__file__).resolve().parents[2]
 KILL_WAIT = 30  # SLURM's KillWait default: the seconds between its SIGTERM and its SIGKILL
-checkpoint, items, whole_outputs = score.checkpoint, score.items, score.whole_outputs  # fixtures
+checkpoint, items = score.checkpoint, score.items  # fixtures
+
+
+@pytest.fixture(scope="module")
+def whole_output(tmp_path_factory, checkpoint, items) -> bytes:
+    """An uninterrupted `polar score --nproc 2`'s output, for the rerun to match byte for byte
+    (test_score_interrupt's whole_outputs makes the --nproc 1 one too, which nothing here reads)."""
+    out = tmp_path_factory.mktemp("slurm_score_ref") / "whole.jsonl"
+    proc = subprocess.run(score._cmd(checkpoint, items, out, 2), cwd=out.parent, env=score.ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out.read_bytes()
 
 
 def _closings(log: Path) -> int:
@@ -115,7 +126,7 @@ def test_sigterm_to_every_process_of_polar_pretrain_saves_once_and_ends_the_run_
 
 
 def test_sigterm_to_every_process_of_polar_score_keeps_whole_rows_and_the_rerun_matches(
-        tmp_path, checkpoint, items, whole_outputs):
+        tmp_path, checkpoint, items, whole_output):
     out = tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
     cmd = score._cmd(checkpoint, items, out, 2)
@@ -130,4 +141,4 @@ def test_sigterm_to_every_process_of_polar_score_keeps_whole_rows_and_the_rerun_
     again = subprocess.run(cmd, cwd=tmp_path, env=score.ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming: {kept:,} of {score.LINES:,} lines are already scored" in again.stdout, again.stdout
-    assert out.read_bytes() == whole_outputs[2]
+    assert out.read_bytes() == whole_output
