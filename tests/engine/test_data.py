@@ -177,7 +177,7 @@ def test_the_next_batch_is_read_ahead_in_another_thread_and_changes_nothing(sour
     for b in range(6):  # across epoch boundaries (17 sequences, 8 a batch)
         got = ahead.next_microbatches()
         want = plain.next_microbatches(prefetch=False)
-        for g, w in zip(got, want):
+        for g, w in zip(got, want, strict=True):  # a micro-batch missing from either fails
             for name in ("tokens", "layout", "reward_index"):
                 np.testing.assert_array_equal(getattr(g, name).numpy(), getattr(w, name).numpy(), err_msg=f"{b} {name}")
         assert ahead.last_global == plain.last_global and ahead.state_dict() == plain.state_dict()

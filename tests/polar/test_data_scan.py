@@ -134,7 +134,7 @@ def test_the_parts_of_a_split_scan_merge_to_the_counts_of_one_scan(tmp_path, mon
             for part in range(num_parts):
                 data_scan.scan(files, str(out), num_parts, part, quiet=True)
             got = data_scan.load(str(out)).line_counts(files)
-            for g, w in zip(got, want):
+            for g, w in zip(got, want, strict=True):
                 assert (g.path, g.size, g.lines, g.block) == (w.path, w.size, w.lines, w.block), (files, num_parts)
                 np.testing.assert_array_equal(g.newlines, w.newlines)
 

@@ -352,7 +352,7 @@ def test_batched_equals_one_by_one_and_the_serving_strings():
     groups = random_groups(200, seed=1)
     batch = encode_groups(TOK, [g[0] for g in groups], [g[1] for g in groups],
                           [g[2] for g in groups], wrapper=[g[3] for g in groups])
-    for (p, r, cs, w), got in zip(groups, batch):
+    for (p, r, cs, w), got in zip(groups, batch, strict=True):
         one = encode_group(TOK, p, r, cs, wrapper=w)
         assert got.prefix.tolist() == one.prefix.tolist()
         assert [c.tolist() for c in got.candidates] == [c.tolist() for c in one.candidates]

@@ -169,7 +169,7 @@ def test_cuts_on_slices_equal_cuts_on_whole_texts(kind, chars_per_token, margin,
     for max_length, max_response, cap in ((16384, 4096, 0), (3000, 700, 2500), (40, 9, 0)):
         got = encode_groups(tok, *args, max_length=max_length, max_response=max_response, group_capacity=cap)
         want = encode_groups(whole, *args, max_length=max_length, max_response=max_response, group_capacity=cap)
-        for a, b, (_, _, cs, _) in zip(got, want, groups):
+        for a, b, (_, _, cs, _) in zip(got, want, groups, strict=True):
             assert all(np.array_equal(a.full(i), b.full(i)) for i in range(len(cs)))
             assert a.prompt_cut_to_fit == b.prompt_cut_to_fit
 
@@ -241,7 +241,7 @@ def test_group_ids_are_what_transformers_gives_the_serving_string(kind, tmp_path
             refs.append(rng.choice(ORACLE_TEXTS))
             first = str(rng.choice(ORACLE_TEXTS))
             cands.append([first, first + " more", str(rng.choice(ORACLE_TEXTS)), ""])
-        for g, p, r, cs in zip(encode_groups(tok, prompts, refs, cands, wrapper), prompts, refs, cands):
+        for g, p, r, cs in zip(encode_groups(tok, prompts, refs, cands, wrapper), prompts, refs, cands, strict=True):
             for i, c in enumerate(cs):
                 served = hf(build_text(p, r, c, wrapper), add_special_tokens=False)["input_ids"]
                 assert g.full(i).tolist() == [tok.bos_id] + served, (kind, wrapper, p, r, c)

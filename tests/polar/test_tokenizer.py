@@ -155,7 +155,8 @@ def test_byte_offsets_of_literals_are_those_of_text(tok):
 
 def test_byte_offsets_are_local_to_each_text(tok):
     texts = ["ünï", "", "日本語", "a\0b", f"{REWARD_TOKEN_TEXT}"] * 3
-    for text, spans, ids in zip(texts, tok.offsets_batch(texts), tok.encode_batch(texts)):
+    for text, spans, ids in zip(texts, tok.offsets_batch(texts), tok.encode_batch(texts),
+                                  strict=True):
         assert len(spans) == len(ids)
         # each token's span holds a text that, encoded, contains that token's byte
         for (s, e), i in zip(spans.tolist(), ids.tolist()):
@@ -271,7 +272,7 @@ def test_hf_batch_offsets_and_decode(bpe):
     texts = corpus(30, seed=1) + ["", "日本😀x", f"a{REWARD_SEP_TEXT}b"]
     batch = bpe.encode_batch(texts)
     spans = bpe.offsets_batch(texts)
-    for text, ids, sp in zip(texts, batch, spans):
+    for text, ids, sp in zip(texts, batch, spans, strict=True):
         assert ids.tolist() == bpe.encode(text).tolist()
         assert sp.shape == (len(ids), 2) and sp.dtype == np.int64
         assert (sp[:, 0] <= sp[:, 1]).all() and (sp[:, 1] <= len(text)).all()
@@ -292,7 +293,8 @@ def test_hf_offsets_are_not_trimmed_by_the_post_processor(bpe_dir, tmp_path):
     lib.save(str(tmp_path / "trim" / "tokenizer.json"))
     trim, plain = load_tokenizer(str(tmp_path / "trim")), load_tokenizer(bpe_dir)
     texts = corpus(20, seed=2)
-    for text, a, b, ids in zip(texts, trim.offsets_batch(texts), plain.offsets_batch(texts), trim.encode_batch(texts)):
+    for text, a, b, ids in zip(texts, trim.offsets_batch(texts), plain.offsets_batch(texts), trim.encode_batch(texts),
+                                 strict=True):
         assert a.tolist() == b.tolist() and len(a) == len(ids)
         assert "".join(text[s:e] for s, e in a.tolist()) == text  # the spans tile the text
 
@@ -338,7 +340,7 @@ def test_edge_offsets_are_the_whole_texts_rows_from_a_bounded_slice(kind, bpe):
             seen.clear()
             edges = [x[len(x) - min(n, len(x)):] if tail else x[:n] for x in ids]
             got = t.edge_offsets_batch(texts, edges, tail)
-            for g, w, e in zip(got, whole, edges):
+            for g, w, e in zip(got, whole, edges, strict=True):
                 assert g.tolist() == (w[len(w) - len(e):] if tail else w[:len(e)]).tolist()
             bound = n if kind == "byte" else \
                 tokenizer_module._EDGE_CHARS_PER_TOKEN * (n + tokenizer_module._EDGE_MARGIN)

@@ -49,11 +49,11 @@ def test_polar_reads_it_as_the_byte_tokenizer(tok_dir):
     h = HFTokenizer(tok_dir, bos=BOS_TEXT, pad="<|polar_pad|>")
     assert (h.bos_id, h.pad_id, h.reward_sep_id, h.reward_token_id, h.vocab_size) == (256, 257, 258, 259, 260)
     texts = TEXTS + _random_texts(200)
-    for got, want in zip(h.encode_batch(texts), b.encode_batch(texts)):
+    for got, want in zip(h.encode_batch(texts), b.encode_batch(texts), strict=True):
         assert got.tolist() == want.tolist()
-    for got, want in zip(h.encode_served_batch(texts), b.encode_served_batch(texts)):
+    for got, want in zip(h.encode_served_batch(texts), b.encode_served_batch(texts), strict=True):
         assert got.tolist() == want.tolist()
-    for got, want in zip(h.offsets_batch(texts), b.offsets_batch(texts)):
+    for got, want in zip(h.offsets_batch(texts), b.offsets_batch(texts), strict=True):
         assert np.array_equal(np.asarray(got), np.asarray(want))
 
 
