@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).parents[2]
@@ -25,21 +26,55 @@ def checkpoint(tmp_path_factory):
     return str(run / "checkpoints")
 
 
-def _eval(tmp: Path, checkpoint: str, records: list, *extra) -> subprocess.CompletedProcess:
+# `polar eval` whose scored rewards are also written to the JSON file argv[1]: the result holds only
+# the accuracy, which a small change of every reward leaves as it is
+RECORDED = """
+import json
+import sys
+
+import polar.ranked_eval
+from polar import cli
+
+out, real = sys.argv.pop(1), polar.ranked_eval.evaluate_ranked
+
+
+def recorded(records, score_fn):
+    def scored(items):
+        rewards = score_fn(items)
+        with open(out, "w") as f:
+            json.dump([float(r) for r in rewards], f)
+        return rewards
+    return real(records, scored)
+
+
+polar.ranked_eval.evaluate_ranked = recorded
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def _eval(tmp: Path, checkpoint: str, records: list, *extra,
+          rewards: Path | None = None) -> subprocess.CompletedProcess:
     inp = tmp / "ranked.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return subprocess.run([sys.executable, "-m", "polar.cli", "eval", "--checkpoint", checkpoint, "--input", str(inp),
+    polar = ["-c", RECORDED, str(rewards)] if rewards else ["-m", "polar.cli"]
+    return subprocess.run([sys.executable, *polar, "eval", "--checkpoint", checkpoint, "--input", str(inp),
                            "--tokenizer", "byte", *extra], cwd=tmp, env=ENV, capture_output=True, text=True,
                           timeout=600)
 
 
 def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
-    whole = _eval(tmp_path, checkpoint, RECORDS, "--json", str(tmp_path / "whole.json"))
-    split = _eval(tmp_path, checkpoint, RECORDS, "--seq-length", "128", "--json", str(tmp_path / "out" / "split.json"))
+    whole = _eval(tmp_path, checkpoint, RECORDS, "--json", str(tmp_path / "whole.json"),
+                  rewards=tmp_path / "whole_rewards.json")
+    split = _eval(tmp_path, checkpoint, RECORDS, "--seq-length", "128", "--json", str(tmp_path / "out" / "split.json"),
+                  rewards=tmp_path / "split_rewards.json")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert split.returncode == 0, split.stderr[-3000:]  # it stopped at the big record's line before
     a, b = (json.loads((tmp_path / p).read_text()) for p in ("whole.json", "out/split.json"))
     assert a["overall"] == b["overall"] and a["overall"]["pairs"] == 1 + 55  # the first response is the reference
+    # every response's reward, not only the pairs' order: 2 + 11 scored (each record's first is its reference)
+    want, got = (json.loads((tmp_path / f"{p}_rewards.json").read_text()) for p in ("whole", "split"))
+    assert len(want) == 13 and len(set(want)) == 13, want
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("args,records,needle", [
