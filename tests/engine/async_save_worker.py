@@ -3,11 +3,12 @@ points a whole run does not reach on its own; writes one JSON per rank (OUT.rank
 
 `snapshot`: after one step, a background save whose writer is held back (until the marker file
 exists) while the trainer changes every weight and optimizer value in place; the save is then
-finished and loaded back. `failing`: a run saving every step whose second save's writer process
-cannot write (a file size limit, which the kernel enforces as it would a full disk). `killed`: a
-complete save at step 1, then the process kills itself while the writer of step 2 is held back.
-`rank0_file`: a save whose `.metadata` or `metadata.json` rank 0 alone cannot write. `step_fails`:
-the training step after a background save raises on every rank, or on one.
+finished and loaded back. `failing`: a run saving every step whose second save cannot write (a
+file size limit, which the kernel enforces as it would a full disk: on the background save's writer
+process, or on the trainer while it saves synchronously). `killed`: a complete save at step 1,
+then the process kills itself while the writer of step 2 is held back. `rank0_file`: a save whose
+`.metadata` or `metadata.json` rank 0 alone cannot write. `step_fails`: the training step after a
+background save raises on every rank, or on one.
 
 `cases`: several of these (not `killed`, nor `step_fails` on one rank: each ends its process) one
 after the other in one launch, each with a trainer and a run directory of its own; starting torch,
@@ -16,6 +17,7 @@ megatron and the ranks' group is most of a scenario's time. One JSON per rank, b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -98,14 +100,20 @@ def killed(trainer, out: str) -> None:
 
 
 def failing_writes(trainer) -> dict:
-    """The `failing` scenario: the writer of the run's second save cannot write."""
+    """The `failing` scenario: the run's second save cannot write; in the background its writer
+    process, saved synchronously the trainer itself, while it saves."""
     from engine import checkpoint
 
     real_save, calls = trainer.save, []
 
     def save():
         calls.append(trainer.step)
-        _SMALL_FILES[0] = len(calls) == 2  # the writer process forked by this save only
+        if len(calls) != 2:
+            return real_save()
+        if trainer.saves is None:
+            with _files_limited():
+                return real_save()
+        _SMALL_FILES[0] = True  # the writer process forked by this save only
         try:
             return real_save()
         finally:
@@ -192,10 +200,26 @@ def step_fails(trainer, rank: int, failing: list, out: str) -> dict:
 _SMALL_FILES = [False]  # `failing`: the writers forked while set find their files limited to 1 KiB
 
 
+def _limit_files() -> None:
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+
+
 def _small_files() -> None:
     if _SMALL_FILES[0]:
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
-        resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))
+        _limit_files()
+
+
+@contextlib.contextmanager
+def _files_limited():
+    """This process's files limited to 1 KiB while in the block (the next case writes as usual)."""
+    handler, limits = signal.getsignal(signal.SIGXFSZ), resource.getrlimit(resource.RLIMIT_FSIZE)
+    _limit_files()
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 def run_case(trainer, rank: int, scenario: str, out: str, file: str = ".metadata", failing: str = "0,1"):
@@ -253,7 +277,7 @@ def main():
         checkpoint_async.AGREE_S = args.agree_s
     os.register_at_fork(after_in_child=_small_files)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
-    results = {}
+    results, trainers = {}, []  # each case's trainer kept: engine.checkpoint knows a model by its id
     for name, scenario, options, overrides in cases:
         case = load_config(EngineConfig, None, defaults + args.overrides + overrides
                            + ([f"run_dir={os.path.join(cfg.run_dir, name)}"] if name else []))
@@ -261,6 +285,7 @@ def main():
                                                                           cfg.parallel.vpp), name
         data = PackedGroups(random_groups(7, 40, case.model.vocab_size, case.data.seq_length), case.data.seq_length)
         trainer = Trainer(case, rt, data, case.run_dir, pad_id=0, log=lambda *a, **k: None)
+        trainers.append(trainer)
         results[name] = run_case(trainer, rt.rank, scenario, f"{args.out}.{name}" if name else args.out, **options)
     with open(f"{args.out}.rank{rt.rank}", "w") as f:
         json.dump(results if args.scenario == "cases" else results[""], f)
