@@ -107,18 +107,25 @@ def whole_outputs(tmp_path_factory, checkpoint, items) -> dict:
     return made
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
 def test_an_interrupted_single_process_run_says_what_it_keeps_and_exits_with_the_signals_status(
-        tmp_path, checkpoint, items, whole_outputs, sig):
+        tmp_path, checkpoint, items, whole_outputs):
+    """Ctrl-C, then SIGTERM to the rerun that continues it: each run says in one line what it keeps
+    and exits with its signal's status; the rerun after both continues where the second ended, and
+    the output is byte for byte an uninterrupted run's."""
     out = tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
     cmd = _cmd(checkpoint, items, out, 1)
-    code, log, _ = _interrupted(cmd, tmp_path, lambda: _rows(partial) >= CHUNK, lambda pid: os.kill(pid, sig))
-    assert code == 128 + sig, log[-3000:]  # was -2 after a KeyboardInterrupt traceback, -15 without a word
-    assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
-    kept = _said(log, sig.name, partial)
-    # said before the model is loaded, where nothing else was said for minutes at 7B
-    assert log.index("checking every line of") < log.index("loading ") < log.index("interrupted by"), log
+    kept = 0
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        code, log, _ = _interrupted(cmd, tmp_path, lambda after=kept: _rows(partial) >= after + CHUNK,
+                                    lambda pid: os.kill(pid, sig))
+        assert code == 128 + sig, log[-3000:]  # was -2 after a KeyboardInterrupt traceback, -15 without a word
+        assert "Traceback" not in log and "KeyboardInterrupt" not in log, log[-3000:]
+        if kept:
+            assert f"resuming: {kept:,} of {LINES:,} lines are already scored" in log, log[-3000:]
+        kept = _said(log, sig.name, partial)
+        # said before the model is loaded, where nothing else was said for minutes at 7B
+        assert log.index("checking every line of") < log.index("loading ") < log.index("interrupted by"), log
 
     again = subprocess.run(cmd, cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]

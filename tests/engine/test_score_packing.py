@@ -1,14 +1,13 @@
 """`polar score` (engine/score.py, CheckpointScorer.pack) packs a chunk's groups best fit, as `polar
 serve` packs its rows, not in input order: a chunk whose lines come longest first took a row for
 every long line and more for the short ones after them. The rewards are those of each line scored
-alone, and a resumed run's chunks being the stopped run's, its output is unchanged."""
+alone. (A resumed run's chunks, and so their best-fit rows, being the stopped run's, its output is
+byte for byte a run's never stopped: tests/engine/test_score_chunks.py, the killed run.)"""
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -94,28 +93,3 @@ def test_a_chunk_in_a_bad_order_scores_in_fewer_rows_with_each_lines_own_rewards
     assert [r["line"] for r in packed.rows] == [r["line"] for r in alone.rows] == list(range(1, 13))
     np.testing.assert_allclose([r["reward"] for r in packed.rows], [r["reward"] for r in alone.rows],
                                rtol=1e-5, atol=1e-6)
-
-
-def test_a_killed_run_resumed_writes_the_bytes_of_a_run_never_stopped(tmp_path, checkpoint):
-    """A rerun continues after the stopped run's last whole chunk, so its chunks, and so their best-fit
-    rows, are the stopped run's: the output file is byte for byte an unstopped run's."""
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in chunks._lines(960)))
-    cmd = lambda out: chunks._cmd(checkpoint, inp, out, "--chunk-lines", "48")  # noqa: E731
-    whole = chunks._run(cmd(tmp_path / "whole.jsonl"), tmp_path)
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    out = tmp_path / "out.jsonl"
-    partial = Path(f"{out}.partial")
-    proc = subprocess.Popen(cmd(out), cwd=tmp_path, env=chunks.ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 300
-    while chunks._complete_rows(partial) < 48 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.read()[-3000:]
-    kept = chunks._complete_rows(partial)
-    assert 48 <= kept < 960 and kept % 48 == 0, kept  # a chunk's rows go out in one write
-    resumed = chunks._run(cmd(out), tmp_path)
-    assert resumed.returncode == 0 and f"resuming: {kept:,} of 960" in resumed.stdout, resumed.stdout
-    assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()

@@ -31,10 +31,14 @@ def checkpoint(tmp_path_factory) -> str:
     return _checkpoint(tmp_path_factory.mktemp("score_split") / "run")
 
 
+# off the 128 grid: a packed length rounded up to 128 (256) passes them
+POSITIONS = 200
+
+
 @pytest.fixture(scope="module")
 def dynamic_checkpoint(tmp_path_factory) -> str:
-    """A dynamic-RoPE model (POLAR-7B's) within 256 positions."""
-    return _checkpoint(tmp_path_factory.mktemp("score_split_dynamic") / "run", 2, 64, 4, 2, 176, 260, 256)
+    """A dynamic-RoPE model (POLAR-7B's) within POSITIONS positions."""
+    return _checkpoint(tmp_path_factory.mktemp("score_split_dynamic") / "run", 2, 64, 4, 2, 176, 260, POSITIONS)
 
 
 def _score(tmp: Path, checkpoint: str, lines: list, name: str, *extra) -> subprocess.CompletedProcess:
@@ -58,32 +62,45 @@ def _one_group_tokens() -> tuple[int, int]:
     return len(lcp_group([s.ids for s in served])), max(len(s.ids) for s in served)
 
 
-def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path, checkpoint):
+SHORT = {"prompt": "p", "reference": "r", "output": "o"}
+
+
+@pytest.fixture(scope="module")
+def at_256(tmp_path_factory, checkpoint) -> subprocess.CompletedProcess:
+    """--seq-length 256, --on-error skip: LINE (past 256 together, each output within it), a short
+    line, a line whose one output passes 256, the short line again. One run for the two tests below."""
+    lines = [LINE, SHORT, dict(SHORT, output="y" * 400), SHORT]
+    proc = _score(tmp_path_factory.mktemp("score_split_256"), checkpoint, lines, "at_256", "--seq-length", "256",
+                  "--on-error", "skip")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path, checkpoint, at_256):
     whole, longest = _one_group_tokens()
-    seq = 256
-    assert longest < seq < whole  # each output fits, the line does not
-    ckpt = checkpoint
-    one = _score(tmp_path, ckpt, [LINE], "one")  # 16384 positions: the whole line in one group
+    assert longest < 256 < whole  # each output fits, the line does not
+    one = _score(tmp_path, checkpoint, [LINE], "one")  # 16384 positions: the whole line in one group
     assert one.returncode == 0, one.stderr[-3000:]
     # nothing is cut at the client's default lengths (the summary says so)
     assert "cut 0 output(s), 0 reference(s) and 0 prompt(s) of 24 item(s)" in one.stdout, one.stdout
-    split = _score(tmp_path, ckpt, [LINE, {"prompt": "p", "reference": "r", "output": "o"}], "split",
-                   "--seq-length", str(seq))
-    assert split.returncode == 0, split.stderr[-3000:]
+    split = at_256
     assert "packed sequences of 256 tokens" in split.stdout
-    assert [r["line"] for r in split.rows] == [1, 2] and len(split.rows[0]["rewards"]) == len(LINE["candidates"])
+    assert [r["line"] for r in split.rows] == [1, 2, 3, 4] and len(split.rows[0]["rewards"]) == len(LINE["candidates"])
     np.testing.assert_allclose(split.rows[0]["rewards"], one.rows[0]["rewards"], rtol=0, atol=1e-5)
     assert np.ptp(one.rows[0]["rewards"]) > 1e-4  # the outputs' rewards differ: the order is checked
 
 
 def test_a_line_past_the_models_positions_is_scored(tmp_path, dynamic_checkpoint):
     """A dynamic-RoPE model (POLAR-7B's) refuses any row past its positions: a line of short
-    rollouts longer than them together was refused, while `polar serve` scored it."""
+    rollouts longer than them together was refused, while `polar serve` scored it. Its positions off
+    the 128 grid, the packed length rounds up to 128 but never past them: a row of 256 was refused
+    even when each group in it was shorter."""
     whole, longest = _one_group_tokens()
-    assert longest < 256 < whole
+    assert 128 < longest < POSITIONS < whole
     ckpt = dynamic_checkpoint
     split = _score(tmp_path, ckpt, [LINE], "split")
     assert split.returncode == 0, split.stderr[-3000:]
+    assert f"packed sequences of {POSITIONS} tokens" in split.stdout, split.stdout  # not 256
     # each output on its own line: its reward alone
     alone = _score(tmp_path, ckpt, [{"prompt": LINE["prompt"], "reference": LINE["reference"], "output": c}
                                     for c in LINE["candidates"]], "alone")
@@ -110,39 +127,39 @@ def test_split_groups_fit_and_cover_every_output_once(max_tokens):
             assert np.array_equal(np.concatenate([group.prefix, c]), ids[m])
 
 
-def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path, checkpoint):
+def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path, checkpoint,
+                                                                                        at_256):
     """A prefix and one output longer than --seq-length cannot be split to fit: refused by file:line
-    (exit 2), or under --on-error skip an error line while the others are scored (it stopped the
-    whole run under skip too)."""
-    ckpt = checkpoint
-    short = {"prompt": "p", "reference": "r", "output": "o"}
-    lines = [short, {"prompt": "p", "reference": "r", "output": "y" * 400}, short]
-    refused = _score(tmp_path, ckpt, lines, "fail", "--seq-length", "256")
+    (exit 2) before the model loads, no row written, or under --on-error skip an error line while the
+    others are scored (it stopped the whole run under skip too)."""
+    lines = [SHORT, {"prompt": "p", "reference": "r", "output": "y" * 400}, SHORT]
+    refused = _score(tmp_path, checkpoint, lines, "fail", "--seq-length", "256")
     assert refused.returncode == 2 and "fail.jsonl:2: its outputs take" in refused.stderr, refused.stderr[-2000:]
     assert "loading" not in refused.stdout  # found before the model is loaded (minutes at 7B)
-    skipped = _score(tmp_path, ckpt, lines, "skip", "--seq-length", "256", "--on-error", "skip")
-    assert skipped.returncode == 0, skipped.stderr[-3000:]
-    assert [r["line"] for r in skipped.rows] == [1, 2, 3] and "more than --seq-length 256" in skipped.rows[1]["error"]
-    assert skipped.rows[0]["reward"] == pytest.approx(skipped.rows[2]["reward"], abs=1e-5)  # the same line
+    partial = tmp_path / "fail_out.jsonl.partial"
+    assert not partial.exists() or not partial.read_bytes()  # not a row, not even in the partial output
+    skipped = at_256  # the same lines after LINE
+    assert [r["line"] for r in skipped.rows] == [1, 2, 3, 4]
+    assert "more than --seq-length 256" in skipped.rows[2]["error"]
+    assert skipped.rows[1]["reward"] == pytest.approx(skipped.rows[3]["reward"], abs=1e-5)  # the same line
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
 
 def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint):
-    """The client's default lengths (16384, 4096) let an item pass the 256 positions, and a line
+    """The client's default lengths (16384, 4096) let an item pass the 200 positions, and a line
     past them stopped the run after the model had loaded: the defaults are now lowered to what the
     positions hold (said at start-up), so every line is scored; a --max-length whose items may pass
     them stops the run before the model is loaded, naming the largest that fits."""
     ckpt = dynamic_checkpoint
-    short = {"prompt": "p", "reference": "r", "output": "o"}
-    lines = [short, {"prompt": "😀" * 90, "reference": "é" * 90, "output": "y" * 400}, short]
+    lines = [SHORT, {"prompt": "😀" * 90, "reference": "é" * 90, "output": "y" * 400}, SHORT]
     scored = _score(tmp_path, ckpt, lines, "settled")
     assert scored.returncode == 0, scored.stderr[-3000:]
-    assert "--max-length 241 (not the client's 16384) and --max-response-length 117 (not 4096)" in scored.stdout
+    assert "--max-length 185 (not the client's 16384) and --max-response-length 89 (not 4096)" in scored.stdout
     assert [r["line"] for r in scored.rows] == [1, 2, 3] and all("reward" in r for r in scored.rows)
-    assert "--max-length 241, --max-response-length 117) cut 1 output(s)" in scored.stdout
-    refused = _score(tmp_path, ckpt, lines, "given", "--max-length", "256", "--max-response-length", "100")
+    assert "--max-length 185, --max-response-length 89) cut 1 output(s)" in scored.stdout
+    refused = _score(tmp_path, ckpt, lines, "given", "--max-length", "200", "--max-response-length", "80")
     assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "the largest --max-length whose items fit is 241" in refused.stderr and "loading" not in refused.stdout
+    assert "the largest --max-length whose items fit is 185" in refused.stderr and "loading" not in refused.stdout
 
 
 def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():

@@ -67,7 +67,33 @@ def training_loops_evaluation(tmp, name, *overrides):
     return json.loads((tmp / name / "summary.json").read_text())
 
 
-def test_score_equals_the_training_loops_evaluation(trained):
+def infonce_groups(triplets) -> list:
+    """Groups of K = 3 and 4 candidates with one or two positives, the positives at every place."""
+    groups = []
+    for i, t in enumerate(triplets):
+        other = triplets[(i + 1) % len(triplets)]
+        cands = [(t.chosen, 1), (t.rejected, 0), (other.rejected, 0)] + [(other.chosen, 1)] * (i % 2)
+        cands = cands[i % len(cands):] + cands[:i % len(cands)]
+        groups.append({"prompt": t.prompt, "reference": t.reference, "wrapper": "sft",
+                       "candidates": [{"text": text, "label": label} for text, label in cands]})
+    return groups
+
+
+@pytest.fixture(scope="module")
+def held_out(trained):
+    """The held-out triplets as records, then as InfoNCE groups (infonce_groups), in one input
+    (records.jsonl) scored by one process: (triplets, groups, rows)."""
+    triplets = held_out_triplets()
+    groups = infonce_groups(triplets)
+    write_records(trained / "records.jsonl", triplets)
+    with open(trained / "records.jsonl", "a") as f:
+        f.write("".join(json.dumps(g) + "\n" for g in groups))
+    rows = score(trained, "tp1")
+    assert [r["line"] for r in rows] == list(range(1, len(triplets) + len(groups) + 1))
+    return triplets, groups, rows
+
+
+def test_score_equals_the_training_loops_evaluation(trained, held_out):
     """The training loop's evaluation (engine/pretrain.py with train.steps=0 on the trained weights)
     and `polar score` on the same held-out triplets give the same loss and pair accuracy. The
     comparison means something because both paths give identical token ids for this data."""
@@ -76,7 +102,7 @@ def test_score_equals_the_training_loops_evaluation(trained):
     from polar.tokenizer import ByteTokenizer
 
     tmp = trained
-    triplets = held_out_triplets()
+    triplets, _, rows = held_out
     tok = ByteTokenizer()
     train_form = encode_groups(tok, [t.prompt for t in triplets], [t.reference for t in triplets],
                                [[t.chosen, t.rejected] for t in triplets], max_length=1024)
@@ -86,10 +112,7 @@ def test_score_equals_the_training_loops_evaluation(trained):
         for j in range(2):
             assert np.array_equal(g.full(j), served[2 * k + j].ids)
 
-    write_records(tmp / "records.jsonl", triplets)
-    rows = score(tmp, "tp1")
-    assert [r["line"] for r in rows] == list(range(1, len(triplets) + 1))
-    margin = np.array([r["chosen_reward"] - r["rejected_reward"] for r in rows])
+    margin = np.array([r["chosen_reward"] - r["rejected_reward"] for r in rows[:len(triplets)]])
     loss = float(np.mean(np.logaddexp(0.0, -margin)))
     acc = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
 
@@ -101,7 +124,7 @@ def test_score_equals_the_training_loops_evaluation(trained):
     assert np.abs(margin).max() > 1e-3, margin
 
 
-def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(trained):
+def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(trained, held_out):
     """The same with InfoNCE on groups of K = 3 and 4 candidates with one or two positives (pairs and
     positives differ): `polar data build` packs the groups for the training loop's evaluation
     (data.eval_path), and the pairs, pair accuracy and per-positive loss (engine/loss.py) computed
@@ -109,14 +132,7 @@ def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(t
     from polar import data_build
 
     tmp = trained
-    triplets = held_out_triplets()
-    groups = []
-    for i, t in enumerate(triplets):
-        other = triplets[(i + 1) % len(triplets)]
-        cands = [(t.chosen, 1), (t.rejected, 0), (other.rejected, 0)] + [(other.chosen, 1)] * (i % 2)
-        cands = cands[i % len(cands):] + cands[:i % len(cands)]  # the positives at every place
-        groups.append({"prompt": t.prompt, "reference": t.reference, "wrapper": "sft",
-                       "candidates": [{"text": text, "label": label} for text, label in cands]})
+    triplets, groups, rows = held_out
     (tmp / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
     assert data_build.main([str(tmp / "groups.jsonl"), "-o", str(tmp / "groups_ds"), "--seq-length", "1024",
                             "--quiet"]) == 0
@@ -124,10 +140,8 @@ def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(t
     summary = training_loops_evaluation(tmp, "eval_infonce", "train.loss=infonce", f"data.path={built}",
                                         f"data.eval_path={built}")
 
-    rows = score(tmp, "groups_scored", records="groups.jsonl")
-    assert [r["line"] for r in rows] == list(range(1, len(groups) + 1))
     pairs = correct = positives = loss = 0.0
-    for row, group in zip(rows, groups):
+    for row, group in zip(rows[len(triplets):], groups, strict=True):
         labels = [c["label"] for c in group["candidates"]]
         r = np.array(row["rewards"])
         pos, neg = r[np.array(labels) == 1], r[np.array(labels) == 0]
@@ -142,62 +156,63 @@ def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(t
     assert 0 < correct < pairs, (correct, pairs)  # neither all right nor all wrong: the count is tested
 
 
-@pytest.mark.parametrize("name,extra,nproc", [("tp2", ["--tp", "2"], 2), ("pp2", ["--pp", "2"], 2),
-                                              ("dp2", [], 2)])
-def test_score_at_other_layouts_equals_one_process(trained, name, extra, nproc):
-    tmp = trained
-    if not (tmp / "tp1.jsonl").exists():
-        write_records(tmp / "records.jsonl", held_out_triplets())
-        score(tmp, "tp1")
-    ref = [json.loads(line) for line in (tmp / "tp1.jsonl").read_text().splitlines()]
-    got = score(tmp, name, *extra, nproc=nproc)
+# DP 2 against one process: tests/engine/test_score_chunks.py, two replicas
+@pytest.mark.parametrize("name,extra", [("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])])
+def test_score_at_other_layouts_equals_one_process(trained, held_out, name, extra):
+    ref = held_out[2]
+    got = score(trained, name, *extra, nproc=2)
     assert [r["line"] for r in got] == [r["line"] for r in ref]
-    np.testing.assert_allclose([r["rewards"] for r in got], [r["rewards"] for r in ref], rtol=1e-5, atol=1e-6)
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g["rewards"], r["rewards"], rtol=1e-5, atol=1e-6)
 
 
-def test_every_input_shape_and_empty_outputs(trained, tmp_path):
-    tmp = trained
-    lines = [
-        {"prompt": "a prompt", "reference": "the ref", "output": ""},  # an empty output is scored
-        {"prompt": [{"role": "user", "content": "hi"}], "reference": "r", "candidates": ["x", {"text": "y z"}, ""]},
-        {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "wrapper": "pretrain"},
-        {"prompt": "a prompt", "reference": "the ref", "output": "an answer"},
-    ]
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
-    out = tmp_path / "out.jsonl"
-    proc = run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(inp),
-                "--output", str(out)], tmp_path)
+SHAPES = [
+    {"prompt": "a prompt", "reference": "the ref", "output": ""},  # an empty output is scored
+    {"prompt": [{"role": "user", "content": "hi"}], "reference": "r", "candidates": ["x", {"text": "y z"}, ""]},
+    {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "wrapper": "pretrain"},
+    {"prompt": "a prompt", "reference": "the ref", "output": "an answer"},
+]
+BAD = '{"prompt": "p"}\nnot json\n'
+
+
+@pytest.fixture(scope="module")
+def shapes(trained, tmp_path_factory):
+    """SHAPES, then BAD's two bad lines, scored under --on-error skip: (input, stdout, rows)."""
+    tmp = tmp_path_factory.mktemp("score_shapes")
+    inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in SHAPES) + BAD)
+    proc = run(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp),
+                "--output", str(out), "--on-error", "skip"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [len(r["rewards"]) for r in rows] == [1, 3, 2, 1]
+    return inp, proc.stdout, [json.loads(x) for x in out.read_text().splitlines()]
+
+
+def test_every_input_shape_and_empty_outputs(shapes):
+    """(That an item's reward inside a packed batch is its reward alone is
+    tests/engine/test_score_packing.py's, lines packed against --chunk-lines 1, and
+    tests/engine/test_score_split.py's, the outputs of a shared prefix against each alone.)"""
+    rows = shapes[2][:len(SHAPES)]
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and [len(r["rewards"]) for r in rows] == [1, 3, 2, 1]
     assert rows[0]["reward"] == rows[0]["rewards"][0] and "chosen_reward" in rows[2]
     assert all(math.isfinite(v) for r in rows for v in r["rewards"])
-    # the same item scored alone gives the same reward as inside a batch (shared prefixes are exact)
-    single = tmp_path / "single.jsonl"
-    single.write_text(json.dumps(lines[3]) + "\n")
-    out1 = tmp_path / "out1.jsonl"
-    assert run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(single),
-                "--output", str(out1)], tmp_path).returncode == 0
-    assert json.loads(out1.read_text())["reward"] == pytest.approx(rows[3]["reward"], rel=1e-5, abs=1e-6)
 
 
-def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path):
-    tmp = trained
+def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path, shapes, capsys):
+    from polar.cli import main
+
     inp = tmp_path / "in.jsonl"
-    inp.write_text('{"prompt": "p", "reference": "r", "output": "o"}\n{"prompt": "p"}\nnot json\n')
-    out = tmp_path / "out.jsonl"
-    args = ["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(inp), "--output", str(out)]
-    proc = run(args, tmp_path)
-    assert proc.returncode == 2 and f"{inp}:2: reference: missing" in proc.stderr, proc.stderr[-2000:]
-    proc = run(args + ["--on-error", "skip"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = [json.loads(x) for x in out.read_text().splitlines()]
-    assert [r["line"] for r in rows] == [1, 2, 3]
-    assert "reward" in rows[0] and "reference: missing" in rows[1]["error"] and "not valid JSON" in rows[2]["error"]
+    inp.write_text('{"prompt": "p", "reference": "r", "output": "o"}\n' + BAD)
+    # in this process (as `polar score` runs at --nproc 1): the check comes before any process group or model
+    assert main(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp), "--output",
+                 str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{inp}:2: reference: missing" in err, err[-2000:]
+    inp, stdout, rows = shapes  # under --on-error skip
+    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6] and all("rewards" in r for r in rows[:4])
+    assert "reference: missing" in rows[4]["error"] and "not valid JSON" in rows[5]["error"]
     # the output file holds every error; the console names how many and the first
-    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:2: reference: missing" \
-        in proc.stdout, proc.stdout[-2000:]
+    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:5: reference: missing" \
+        in stdout, stdout[-2000:]
 
 
 def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path):
@@ -242,18 +257,3 @@ def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path):
     correct = int(r1[0] > r1[1]) + sum(int(r2[i] > r2[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
     assert result["overall"]["correct"] == correct
     assert result["categories"]["math"]["pairs"] == 1 and result["categories"]["code"]["pairs"] == 3
-
-
-def test_a_dynamic_rope_model_with_positions_off_the_128_grid_is_scored(tmp_path):
-    """The packed length rounds up to 128 but never past the model's positions: a dynamic-RoPE
-    model (POLAR-7B's) with 200 refuses any row wider, even of shorter groups."""
-    run_dir = tmp_path / "run"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run_dir), "2", "64", "4", "2",
-                    "176", "260", "200"], cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
-    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text(json.dumps({"prompt": "p" * 40, "reference": "r" * 40, "output": "o" * 40}) + "\n")
-    proc = run(["score", "--checkpoint", str(run_dir / "checkpoints"), "--input", str(inp), "--output", str(out),
-                "--tokenizer", "byte"], tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert math.isfinite(json.loads(out.read_text())["reward"])
