@@ -18,6 +18,7 @@ import os
 import pickle
 import re
 import shutil
+import weakref
 from pathlib import Path
 
 import torch
@@ -118,7 +119,14 @@ def _model_state(chunks) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
-_SAVES_CHECKED: dict = {}  # id(model chunks) -> their first save checked the sharding's integrity
+# the models (their first chunk) whose first save checked the sharding's integrity: held weakly, so
+# that a model freed in a process that builds several cannot pass its check on to a new one at its address
+_SAVES_CHECKED: weakref.WeakSet = weakref.WeakSet()
+
+
+def integrity_checked(chunks) -> bool:
+    """Whether a save of this model in this process has checked the sharding's integrity already."""
+    return chunks[0] in _SAVES_CHECKED
 
 
 def _optimizer_metadata(fmt: str) -> dict:
@@ -163,9 +171,9 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
         # change within a run, so the first save of the process checks it. The request is the write
         # (the shards copied to host memory first) and its finalize (megatron's metadata files)
         request = dist_checkpointing.save(state, str(partial), sharded_strategy=parallel_save_strategy(dp_group),
-                                          validate_access_integrity=not _SAVES_CHECKED.get(id(chunks), False),
+                                          validate_access_integrity=not integrity_checked(chunks),
                                           async_sharded_save=True, async_strategy="mcore")
-        _SAVES_CHECKED[id(chunks)] = True
+        _SAVES_CHECKED.add(chunks[0])
     except (OSError, *dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)
         if not isinstance(cause(e), OSError):
             raise

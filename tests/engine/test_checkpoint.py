@@ -290,3 +290,29 @@ def test_yarn_settings_round_trip_through_model_json_and_a_resume_may_not_change
                                               f"model.{name}={now}"):
             checkpoint.check_model_matches(changed, str(step), "the step", fields=resume)
         checkpoint.check_model_matches(changed, str(step), "checkpoint.init_from")
+
+
+def test_a_freed_models_integrity_check_does_not_pass_to_a_new_model_at_its_address():
+    """Only a model's first save gathers every rank's shard metadata to check the sharding; a process
+    that builds several models (scoring several checkpoints, a test) frees one and may build the next at
+    the same address, whose first save must be checked again."""
+    import gc
+
+    class Chunk:  # a stand-in: CPython gives a new instance of a plain class the address just freed
+        pass
+
+    old = Chunk()
+    checkpoint._SAVES_CHECKED.add(old)  # what save does once its first check passed
+    assert checkpoint.integrity_checked([old]) and not checkpoint.integrity_checked([Chunk()])
+    address = id(old)
+    del old
+    gc.collect()
+    kept = []  # instances not at the address, kept alive so that the next one is allocated elsewhere
+    for _ in range(10_000):
+        new = Chunk()
+        if id(new) == address:
+            break
+        kept.append(new)
+    else:
+        pytest.fail("no new instance was allocated at the freed one's address: the case cannot be made")
+    assert not checkpoint.integrity_checked([new])
