@@ -87,8 +87,10 @@ def test_every_evaluation_of_a_run_prints_its_progress(tmp_path, nproc):
     batch (16 packed sequences per data-parallel rank), counting the whole set, printed by rank 0 alone;
     the last line of each evaluation is the set's size. Nothing of it was printed."""
     log, run = tmp_path / "run.log", tmp_path / "run"
-    wait(start(WORKER, ["--every", "0", f"run_dir={run}", *RUN], nproc, log), log, 600)
+    proc = start(WORKER, ["--every", "0", f"run_dir={run}", *RUN], nproc, log)
+    wait(proc, log, 600)
     text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]  # every rank ended whole, not one dying after the summary
     summary = json.loads((run / "summary.json").read_text())
     assert [r["eval"] for r in summary["history"] if "eval" in r] == ["held_out", "seen"], summary["history"]
     found = _progress(text)

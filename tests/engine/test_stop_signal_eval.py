@@ -93,7 +93,9 @@ def test_a_sigterm_to_one_rank_during_an_evaluation_stops_every_rank_at_the_same
     assert _evaluations(summary) == [(1, "held_out"), (1, "seen")], summary["history"]
     _only_step_saved(run, 2)
     alone = json.loads((one_process[2] / "summary.json").read_text())["history"]
-    for got, want in zip([r for r in summary["history"] if "eval" in r], [r for r in alone if "eval" in r]):
+    alone_step1 = [r for r in alone if "eval" in r and r["step"] == 1]
+    assert [r["eval"] for r in alone_step1] == ["held_out", "seen"], alone
+    for got, want in zip([r for r in summary["history"] if "eval" in r], alone_step1, strict=True):
         assert got["pairs"] == want["pairs"] and got["loss"] == pytest.approx(want["loss"], rel=1e-4), (got, want)
 
 
