@@ -145,7 +145,7 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
 
-def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint):
+def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint, capsys):
     """The client's default lengths (16384, 4096) let an item pass the 200 positions, and a line
     past them stopped the run after the model had loaded: the defaults are now lowered to what the
     positions hold (said at start-up), so every line is scored; a --max-length whose items may pass
@@ -157,9 +157,14 @@ def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_pat
     assert "--max-length 185 (not the client's 16384) and --max-response-length 89 (not 4096)" in scored.stdout
     assert [r["line"] for r in scored.rows] == [1, 2, 3] and all("reward" in r for r in scored.rows)
     assert "--max-length 185, --max-response-length 89) cut 1 output(s)" in scored.stdout
-    refused = _score(tmp_path, ckpt, lines, "given", "--max-length", "200", "--max-response-length", "80")
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert "the largest --max-length whose items fit is 185" in refused.stderr and "loading" not in refused.stdout
+    from polar.cli import main
+
+    # in this process (as `polar score` runs at --nproc 1): refused before any process group or model
+    given = ["--max-length", "200", "--max-response-length", "80"]
+    assert main(["score", "--checkpoint", ckpt, "--input", str(tmp_path / "settled.jsonl"), "--output",
+                 str(tmp_path / "given.jsonl"), "--tokenizer", "byte", *given]) == 2
+    refused = capsys.readouterr()
+    assert "the largest --max-length whose items fit is 185" in refused.err and "loading" not in refused.out
 
 
 def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():

@@ -172,15 +172,24 @@ SHAPES = [
     {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "wrapper": "pretrain"},
     {"prompt": "a prompt", "reference": "the ref", "output": "an answer"},
 ]
+# RANKED's responses below each reference as groups: what `polar eval` scores
+RANKED = [
+    {"prompt": "q1", "category": "math", "responses": [{"text": "ref one", "rank": 1},
+                                                        {"text": "good", "rank": 2}, {"text": "bad", "rank": 3}]},
+    {"prompt": "q2", "category": "code", "responses": ["ref two", "fine answer", "meh", "awful"]},
+]
+RANKED_GROUPS = [{"prompt": "q1", "reference": "ref one", "candidates": ["good", "bad"]},
+                 {"prompt": "q2", "reference": "ref two", "candidates": ["fine answer", "meh", "awful"]}]
 BAD = '{"prompt": "p"}\nnot json\n'
 
 
 @pytest.fixture(scope="module")
 def shapes(trained, tmp_path_factory):
-    """SHAPES, then BAD's two bad lines, scored under --on-error skip: (input, stdout, rows)."""
+    """SHAPES, RANKED_GROUPS, then BAD's two bad lines (7 and 8), scored under --on-error skip: (input,
+    stdout, rows)."""
     tmp = tmp_path_factory.mktemp("score_shapes")
     inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in SHAPES) + BAD)
+    inp.write_text("".join(json.dumps(x) + "\n" for x in SHAPES + RANKED_GROUPS) + BAD)
     proc = run(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp),
                 "--output", str(out), "--on-error", "skip"], tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -208,10 +217,10 @@ def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path, shapes, capsys)
     err = capsys.readouterr().err
     assert f"{inp}:2: reference: missing" in err, err[-2000:]
     inp, stdout, rows = shapes  # under --on-error skip
-    assert [r["line"] for r in rows] == [1, 2, 3, 4, 5, 6] and all("rewards" in r for r in rows[:4])
-    assert "reference: missing" in rows[4]["error"] and "not valid JSON" in rows[5]["error"]
+    assert [r["line"] for r in rows] == list(range(1, 9)) and all("rewards" in r for r in rows[:6])
+    assert "reference: missing" in rows[6]["error"] and "not valid JSON" in rows[7]["error"]
     # the output file holds every error; the console names how many and the first
-    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:5: reference: missing" \
+    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:7: reference: missing" \
         in stdout, stdout[-2000:]
 
 
@@ -227,33 +236,19 @@ def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_p
            "--nproc 2" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path):
+def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path, shapes):
     """`polar eval` pairs below the reference and scores them with the model; its accuracy equals
-    the one computed by hand from `polar score` rewards of the same responses."""
-    tmp = trained
-    records = [
-        {"prompt": "q1", "category": "math", "responses": [{"text": "ref one", "rank": 1},
-                                                            {"text": "good", "rank": 2}, {"text": "bad", "rank": 3}]},
-        {"prompt": "q2", "category": "code", "responses": ["ref two", "fine answer", "meh", "awful"]},
-    ]
+    the one computed by hand from `polar score` rewards of the same responses (RANKED_GROUPS)."""
     ranked = tmp_path / "ranked.jsonl"
-    ranked.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    ranked.write_text("\n".join(json.dumps(r) for r in RANKED) + "\n")
     result_path = tmp_path / "acc.json"
-    proc = run(["eval", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(ranked),
+    proc = run(["eval", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(ranked),
                 "--json", str(result_path)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "overall" in proc.stdout and "math" in proc.stdout
     result = json.loads(result_path.read_text())
     assert result["overall"]["pairs"] == 1 + 3
-    # the same responses through polar score
-    groups = [{"prompt": "q1", "reference": "ref one", "candidates": ["good", "bad"]},
-              {"prompt": "q2", "reference": "ref two", "candidates": ["fine answer", "meh", "awful"]}]
-    inp = tmp_path / "g.jsonl"
-    inp.write_text("\n".join(json.dumps(g) for g in groups) + "\n")
-    out = tmp_path / "g_out.jsonl"
-    assert run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(inp),
-                "--output", str(out)], tmp_path).returncode == 0
-    r1, r2 = [json.loads(x)["rewards"] for x in out.read_text().splitlines()]
+    r1, r2 = [r["rewards"] for r in shapes[2][len(SHAPES):len(SHAPES) + len(RANKED_GROUPS)]]
     correct = int(r1[0] > r1[1]) + sum(int(r2[i] > r2[j]) for i, j in ((0, 1), (0, 2), (1, 2)))
     assert result["overall"]["correct"] == correct
     assert result["categories"]["math"]["pairs"] == 1 and result["categories"]["code"]["pairs"] == 3
