@@ -19,39 +19,40 @@ except ImportError:  # xdist absent: plain sequential pytest, nothing to schedul
 
 KEPT_TOGETHER = ("tests/engine/kernels/",)
 
-# Longest first, from `pytest tests -n 2 --dist loadfile --durations=0` on 2 cores (2026-12-04, b396f95).
+# Longest first, from `pytest tests -n 2 --dist loadfile --durations=0` on 2 cores (the CI run at e6c9eb8,
+# 2026-12-05), with the files whose launches were shared out that day (c669b45-9f9c6a8) at their new times
+# measured alone (approximate: the machine was loaded).
 SLOWEST_FIRST = (
-    "tests/engine/test_checkpoint_async.py",  # added 2026-12-05 (231 s in that day's CI run, 1894 tests)
-    "tests/engine/test_parallel_resume.py",
-    "tests/polar/serve/test_server_process.py",
-    "tests/polar/test_plan.py",
-    "tests/engine/test_score_chunks.py",  # 110 s (2026-12-05)
-    "tests/engine/test_checkpoint_async_layouts.py",  # 95 s (2026-12-05)
-    "tests/engine/test_pretrain_cli.py",  # 135 s in the loaded CI run at 0fda42a (2026-12-05)
-    "tests/polar/test_finetune.py",
-    "tests/engine/test_parallel_parity.py",
-    "tests/engine/test_stop_signal.py",  # 88 s (2026-12-05, 716803d)
-    "tests/engine/test_stop_signal_eval.py",  # ~60 s (2026-12-05, d1f6a3c)
-    "tests/engine/test_score_interrupt.py",  # 60-115 s on 2 cores (2026-12-05, 2eaea6f)
-    "tests/polar/test_score.py",
-    "tests/engine/test_parallel_data.py",
-    "tests/polar/convert/test_smollm2.py",
-    "tests/engine/test_multinode_restart.py",
-    "tests/polar/test_slurm_sigterm.py",  # 75 s (2026-12-05, 0fda42a)
-    "tests/engine/kernels/",
+    "tests/engine/test_parallel_resume.py",  # ~110 s (now also the foreach -> fused AdamW resumes)
+    "tests/engine/test_checkpoint_async.py",  # ~90 s (was 177 s: 10 worker scenarios in one launch)
+    "tests/polar/serve/test_server_process.py",  # ~83 s
+    "tests/polar/test_plan.py",  # 81 s
+    "tests/engine/test_parallel_parity.py",  # 78 s
+    "tests/polar/test_finetune.py",  # 74 s
+    "tests/polar/test_slurm_sigterm.py",  # ~70 s
+    "tests/engine/test_stop_signal.py",  # ~65 s
+    "tests/engine/kernels/",  # 64 s
+    "tests/engine/test_multinode_restart.py",  # 64 s
+    "tests/engine/test_checkpoint_async_layouts.py",  # ~56 s
+    "tests/polar/convert/test_smollm2.py",  # 54 s
+    "tests/engine/test_pretrain_cli.py",  # 52 s
+    "tests/engine/test_score_chunks.py",  # ~52 s (was 111 s)
+    "tests/engine/test_parallel_data.py",  # 51 s
+    "tests/engine/test_score_interrupt.py",  # ~43 s
+    "tests/polar/test_score.py",  # ~38 s
+    "tests/engine/test_score_split.py",  # ~37 s
+    "tests/polar/test_convergence.py",  # 38 s
+    "tests/engine/test_checkpoint_rank0.py",  # 37 s
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
-    "tests/engine/test_fp8_weight_cache.py",  # 6 trainings in subprocesses, ~40-120 s (2026-12-05)
-    "tests/engine/test_optim_fused_resume.py",  # 3 layouts saved and resumed (2026-12-05)
+    "tests/engine/test_fp8_weight_cache.py",  # 9 trainings in 2 processes (7 in one, 2 in one torchrun)
+    "tests/engine/test_optim_fused_resume.py",  # 1 layout (not distributed): a save and 2 resumes
     "tests/engine/test_evaluation_read_ahead.py",  # torchrun DP2xPP2 (2026-12-05)
-    "tests/engine/test_score_packing.py",  # a 960-line run killed and rerun (2026-12-05)
+    "tests/engine/test_score_packing.py",  # ~11 s
     "tests/polar/convert/test_card_serving.py",  # ~55 s (2026-12-05)
     "tests/engine/test_resume_data_finetune.py",  # ~40 s (2026-12-05)
-    "tests/polar/test_convergence.py",
-    "tests/engine/test_checkpoint_rank0.py",  # 41 s (2026-12-05, 716803d)
     "tests/polar/test_data_build_training.py",  # split from test_data_build.py (its trainings): the rest is fast
     "tests/benchmarks/test_benchmark_arguments.py",
-    "tests/engine/test_score_split.py",
     "tests/engine/test_fp8_training.py",
     "tests/engine/test_megatron_jit.py",
     "tests/polar/serve/test_app.py",
