@@ -7,9 +7,8 @@ and its checks are tests/engine/test_optim_fused_resume.py's, which also resumes
 the plain optimizer's state on the CPU. Three runs: the reference, the foreach save, the fused resume."""
 import pytest
 
-from tests.engine import parity
-from tests.engine.parity import make_reference, by_step
-from tests.engine.test_optim_fused_resume import WORKER, resume_a_foreach_save
+from tests.engine.parity import NO_END_SAVE, STEPS, by_step, make_reference
+from tests.engine.test_optim_fused_resume import adam_run, assert_kernel, foreach_run
 
 # as tests/gpu/test_resume_gpu.py: a lost optimizer state moves step 4's loss by percents
 RTOL = 2e-3
@@ -21,10 +20,11 @@ def reference(tmp_path_factory):
     return make_reference(tmp_path_factory.mktemp("fused_resume_gpu"))
 
 
-def test_a_foreach_checkpoint_resumes_fused_with_the_uninterrupted_losses(reference, monkeypatch):
+def test_a_foreach_checkpoint_resumes_fused_with_the_uninterrupted_losses(reference):
     tmp, init, ref = reference
-    monkeypatch.setattr(parity, "WORKER", WORKER)
-    resumed, _ = resume_a_foreach_save(tmp, init, "foreach", 1, foreach_too=False)
+    foreach_run(tmp, "foreach", 1, "train.exit_at_step=2", init=init)
+    resumed = adam_run(tmp, "foreach", 1, "checkpoint.resume=true", NO_END_SAVE, init=init, evaluate=False)
+    assert_kernel(resumed, True, STEPS - 2)
     r, g = by_step(ref), by_step(resumed)
     for step in (3, 4):
         assert g[step]["loss"] == pytest.approx(r[step]["loss"], rel=RTOL), (step, r[step], g[step])
