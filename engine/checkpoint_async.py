@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import itertools
 import os
 import pickle
 import signal
@@ -117,6 +118,12 @@ AGREE_S = 20.0
 WRITES_S = 3600.0
 
 
+# saves started in this process, by every trainer it builds (the same count on every rank): the key
+# space of a stop's agreement (_finish_agreed), which a count of one trainer's saves would share with
+# an earlier trainer's in the same process, whose `done` a rank would then read as this save's
+_SAVES_STARTED = itertools.count(1)
+
+
 class BackgroundSaves:
     """The save being written in the background (at most one). Every method but leave() is called
     by every rank at the same point of the run: finalizing takes collectives."""
@@ -126,7 +133,7 @@ class BackgroundSaves:
         self._errors = None  # the pending save's error translation (a context manager factory)
         self._files = None  # the pending save's own last step on rank 0 (engine.checkpoint)
         self._megatron = None  # what megatron's finalize steps work with (finalize_parts)
-        self._started = 0  # saves started in this process (the same count on every rank)
+        self._started = 0  # the number of the pending save among those this process started
         self.pending = ""  # the step directory the pending save becomes
 
     def start(self, request, path: str, errors, files=None, megatron_steps=None) -> None:
@@ -140,7 +147,7 @@ class BackgroundSaves:
         if self._calls is None:
             self._calls = AsyncCallsQueue(persistent=False)
         self._calls.schedule_async_request(request)
-        self._started += 1
+        self._started = next(_SAVES_STARTED)
         self.pending, self._errors, self._files, self._megatron = path, errors, files, megatron_steps
 
     def poll(self, wait: bool = False) -> str:

@@ -72,10 +72,11 @@ def finish(proc: subprocess.Popen, log: Path, results: list, timeout: int = 300)
 
 
 def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides: str, name: str = "", args=(),
-                 timeout: int = 600, expected: int | None = None) -> list:
+                 timeout: int = 600, expected: int | None = None, status: int | None = None) -> list:
     """Each rank's result of the worker's `scenario` (None for a rank past the first `expected`
     that wrote none); a run still going after `timeout` seconds (a rank waiting for good) is killed
-    with every process it started and fails the test."""
+    with every process it started and fails the test. `status`: torchrun's exit status the run must
+    end with (a rank that wrote its result and then died, gloo's abort at exit say, fails it)."""
     name = name or scenario
     out = tmp / name
     log = tmp / f"{name}.log"
@@ -84,4 +85,5 @@ def run_scenario(worker: Path, tmp: Path, scenario: str, nproc: int, *overrides:
     wait(proc, log, timeout, name)
     results = [out.with_name(f"{out.name}.rank{r}") for r in range(nproc)]
     assert all(f.exists() for f in results[:expected]), f"{name}:\n{log.read_text()[-6000:]}"
+    assert status is None or proc.returncode == status, f"{name}: exit {proc.returncode}:\n{log.read_text()[-6000:]}"
     return [json.loads(f.read_text()) if f.exists() else None for f in results]
