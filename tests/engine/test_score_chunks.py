@@ -246,11 +246,12 @@ def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, ro
         assert [r["line"] for r in _rows(Path(f"{out}.partial"))] == [1]
 
 
-# 14 lines, 5 chunks of 3 that each hold a line to score: a bad line and one too long among them, and
-# the same short line twice
+# 15 lines, 5 chunks of 3 that each hold a line to score: a bad line and one too long among them, the
+# same short line twice, and a preference record (chosen/rejected) last, a line kind of its own
 MIXED = [json.dumps(x) for x in _lines(10)]
 MIXED[4:4] = ["not json", json.dumps(dict(SHORT, output="y" * 400)), json.dumps(SHORT)]
 MIXED.append(json.dumps(SHORT))
+MIXED.append(json.dumps({"prompt": "p", "reference": "r", "chosen": "good", "rejected": "bad"}))
 MIXED_CHUNK, MIXED_FORWARDS = 3, 5
 
 
@@ -286,7 +287,7 @@ def test_the_rows_are_byte_for_byte_those_of_chunks_prepared_one_after_another(m
     ahead, serial = mixed[nproc, "ahead"], mixed[nproc, "serial"]
     assert ahead["bytes"] == serial["bytes"]
     rows = [json.loads(x) for x in ahead["bytes"].decode().splitlines()]
-    assert [r["line"] for r in rows] == list(range(1, 15)) and "error" in rows[4] and "error" in rows[5]
+    assert [r["line"] for r in rows] == list(range(1, 16)) and "error" in rows[4] and "error" in rows[5]
     # the summary without the time and the output's name
     summaries = [x.rsplit("; ", 2)[0] for run in (ahead, serial) for x in run["stdout"].splitlines()
                  if x.startswith("scored ")]
@@ -301,17 +302,19 @@ def test_two_replicas_score_their_shares_and_agree_on_a_line_too_long(mixed):
     tests/engine/test_score_split.py, two ranks sharing the check before the load.)"""
     one, two = (mixed[n, "ahead"] for n in (1, 2))
     assert "dp=2" in two["stdout"]
-    items = sum(len(x["candidates"]) for x in _lines(10)) + 3  # the short line twice, the one too long
+    # the short line twice, the one too long, the record's chosen and rejected
+    items = sum(len(x["candidates"]) for x in _lines(10)) + 5
     cut = [[x for x in run["stdout"].splitlines() if x.startswith("the client's truncation")] for run in (one, two)]
     assert cut[0] == cut[1] and f"of {items} item(s)" in cut[1][0], cut  # the replicas' counts summed
     got_rows, want_rows = ([json.loads(x) for x in run["bytes"].decode().splitlines()] for run in (two, one))
-    assert [r["line"] for r in got_rows] == [r["line"] for r in want_rows] == list(range(1, 15))
+    assert [r["line"] for r in got_rows] == [r["line"] for r in want_rows] == list(range(1, 16))
     for got, want in zip(got_rows, want_rows):
         assert got.keys() == want.keys()
         if "rewards" in want:
             np.testing.assert_allclose(got["rewards"], want["rewards"], rtol=1e-5, atol=1e-6)
     assert "more than --seq-length 256" in got_rows[5]["error"], got_rows[5]
     assert got_rows[6]["reward"] == pytest.approx(got_rows[13]["reward"], abs=1e-5)  # the same line
+    assert [got_rows[14][k] for k in ("chosen_reward", "rejected_reward")] == got_rows[14]["rewards"], got_rows[14]
     assert "1 line(s) longer than --seq-length 256, written as error lines" in two["stdout"], two["stdout"]
 
 

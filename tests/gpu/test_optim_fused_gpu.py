@@ -3,8 +3,9 @@ engine.optimizer_state.use_fused_adam) resumed on the fused one on a GPU, where 
 `step` counters are: megatron restores one host tensor, the foreach kernel reads it there and the
 fused one only from the parameter's device. In bf16 (train.precision=auto on a GPU: the distributed
 optimizer's fp32 main parameters on the GPU) and the default checkpoint.optimizer_format; the harness
-and its checks are tests/engine/test_optim_fused_resume.py's, which also resumes dp_reshardable and
-the plain optimizer's state on the CPU. Three runs: the reference, the foreach save, the fused resume."""
+and its checks are tests/engine/test_optim_fused_resume.py's, which resumes the plain optimizer's state
+on the CPU (tests/engine/test_parallel_resume.py the distributed optimizer's, TP2 -> TP1 and
+dp_reshardable at DP2 -> DP2, DP1). Three runs: the reference, the foreach save, the fused resume."""
 import pytest
 
 from tests.engine.parity import NO_END_SAVE, STEPS, by_step, make_reference
