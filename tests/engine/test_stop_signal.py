@@ -52,7 +52,8 @@ def one_rank_stopped(reference):
 @pytest.fixture(scope="module")
 def every_process_stopped(reference, one_rank_stopped):
     """The run one_rank_stopped left, resumed (a copy of its directory) and sent SIGTERM to every process
-    during step 3, step 2's background write held until then: each rank's result. The resume is
+    during step 3, step 2's background write held until then: (each rank's result, the checkpoints it
+    left, as the stop left them: `resumed` then runs in the same directory). The resume is
     the one the test of one_rank_stopped needs (its steps 2 and 3 come from that checkpoint), and
     it saves the launch of a fresh run here."""
     tmp, init, _ = reference
@@ -69,7 +70,7 @@ def every_process_stopped(reference, one_rank_stopped):
     for f in ready:
         os.killpg(int(f.read_text()), signal.SIGTERM)  # torchrun starts each worker in a session of its own
     os.kill(proc.pid, signal.SIGTERM)
-    return finish(proc, log, results)
+    return finish(proc, log, results), _checkpoints(tmp / "sigterm_all")
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +108,13 @@ def test_sigterm_to_every_process_finishes_the_pending_background_write_and_save
     every rank leaves fit with status 143, and the resume matches. Step 2 stayed
     `step_00000002.partial`, its writer killed with the workers."""
     tmp, _, ref = reference
-    for rank in every_process_stopped:
+    ranks, left = every_process_stopped
+    for rank in ranks:
         assert rank["code"] == EXIT_SIGTERM and rank["step"] == 3, rank
         assert rank["latest"].endswith("step_00000003") and rank["partials"] == [], rank
     ckpts = tmp / "sigterm_all" / "checkpoints"
     # step 1 is the checkpoint this run resumed from
-    assert _checkpoints(tmp / "sigterm_all") == ["latest", "step_00000001", "step_00000002", "step_00000003"]
+    assert left == ["latest", "step_00000001", "step_00000002", "step_00000003"]
     assert json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
     assert_same_run(ref, resumed)  # the saved steps' history, then step 4 trained from step 3's checkpoint
 
