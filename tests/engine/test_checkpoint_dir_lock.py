@@ -88,6 +88,8 @@ try:
     hold_checkpoint_dir(cfg, 0)
 except ConfigError as e:
     print(e)
+finally:  # a gloo group left up at exit aborts the process now and then (-6, "terminate called ...")
+    dist.destroy_process_group()
 """
 
 
