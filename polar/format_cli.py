@@ -79,7 +79,11 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
     err = err or sys.stderr
 
     if not os.path.isfile(input_path):
-        what = "a directory, not a file" if os.path.isdir(input_path) else "no such file"
+        # a pipe (`--input <(zcat in.jsonl.gz)`) exists: "no such file" sent its user looking for a typo.
+        # It is refused, not read: the compressed-file check reads its head, which a pipe gives only once
+        what = ("a directory, not a file" if os.path.isdir(input_path) else
+                "not a regular file (a pipe or a device): write it to a file first" if os.path.exists(input_path)
+                else "no such file")
         print(f"polar format: --input {input_path}: {what}", file=err)
         return 2
     if os.path.exists(output_path) and os.path.samefile(input_path, output_path):
@@ -108,20 +112,24 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
                                      ensure_ascii=False) + "\n")
             chunk.clear()
 
-        for n, raw in iter_lines(input_path):
-            try:
-                item = parse_item(raw, input_path, n)
-            except RecordError as e:
-                n_bad += 1
-                if len(errors) < MAX_REPORTED:
-                    errors.append(str(e))
-                continue
-            if n_bad:  # the output is dropped anyway: just validate the rest
-                continue
-            chunk.append(item)
-            n_done += 1
-            if len(chunk) >= CHUNK:
-                flush()
+        try:
+            for n, raw in iter_lines(input_path):
+                try:
+                    item = parse_item(raw, input_path, n)
+                except RecordError as e:
+                    n_bad += 1
+                    if len(errors) < MAX_REPORTED:
+                        errors.append(str(e))
+                    continue
+                if n_bad:  # the output is dropped anyway: just validate the rest
+                    continue
+                chunk.append(item)
+                n_done += 1
+                if len(chunk) >= CHUNK:
+                    flush()
+        except RecordError as e:  # the file, not a line (a compressed one): it ended in a traceback, exit 1
+            print(f"polar format: {e}; nothing written", file=err)
+            return 2
         if n_bad:
             for line in errors:
                 print(line, file=err)

@@ -169,3 +169,21 @@ def test_a_lowered_max_length_lowers_the_default_response_length_as_score_and_se
     want = client_encode(ByteTokenizer(), item["prompt"], item["reference"], item["output"], "sft",
                          max_length=4000, max_response_length=1997)
     assert json.loads(out.read_text(encoding="utf-8")) == {"text": want.text, "ids": want.ids.tolist()}
+
+
+def test_a_compressed_or_piped_input_is_refused_by_name(tmp_path, capsys):
+    """A gzip input ended in a traceback (exit 1), and a pipe (`--input <(zcat ...)`) was said to be
+    no such file."""
+    import gzip
+    import os
+
+    gz = tmp_path / "in.jsonl"
+    gz.write_bytes(gzip.compress((json.dumps(ITEMS[0]) + "\n").encode()))
+    out = tmp_path / "o.jsonl"
+    assert main(["--tokenizer", "byte", "--input", str(gz), "--output", str(out)]) == 2
+    assert f"{gz}:1: (file): gzip-compressed, not JSONL text: decompress it first" in capsys.readouterr().err
+    assert not out.exists() and os.listdir(tmp_path) == ["in.jsonl"]  # nor a temporary file
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    assert main(["--tokenizer", "byte", "--input", str(fifo), "--output", str(out)]) == 2
+    assert f"--input {fifo}: not a regular file (a pipe or a device)" in capsys.readouterr().err
