@@ -35,14 +35,14 @@ def log2_histogram(counts: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray
 def shard_summary(shard) -> dict:
     """One shard's index checked whole, and what the statistics need of it: how many prefixes,
     candidates and groups have each length (bincounts up to seq_length, which no group exceeds in
-    a checked index), candidates, and the tokens a per-candidate layout would repeat. O(seq_length)
+    a checked index) and the tokens a per-candidate layout would repeat. O(seq_length)
     to send back and merge, whatever the shard holds (at 10^9 groups the lengths themselves are
     tens of GB); counted chunk by chunk as verify checks them."""
     from engine.shard_format import segment_sums
 
     n = shard.seq_length + 1
     out = {"prefix": np.zeros(n, np.int64), "candidate": np.zeros(n, np.int64), "group": np.zeros(n, np.int64),
-           "candidates": 0, "duplicated": 0}
+           "duplicated": 0}
 
     def add(ix) -> None:
         piece = np.diff(ix.piece_tokens)
@@ -52,11 +52,22 @@ def shard_summary(shard) -> dict:
         for name, lengths in (("prefix", prefix), ("candidate", piece[~is_prefix]),
                               ("group", segment_sums(piece, ix.group_pieces))):
             out[name] += np.bincount(lengths, minlength=n)
-        out["candidates"] += int(k.sum())
         out["duplicated"] += int((prefix * (k - 1)).sum())
 
     shard.verify(each=add)
     return out
+
+
+def candidate_count(ds) -> int:
+    """The candidates of the IndexedDataset `ds`, from its shards' index headers in O(1) a shard (no
+    array is read): a group's first piece is its prefix and the rest its candidates
+    (engine/shard_format.py), so a shard holds pieces - groups candidates. The count that `polar data
+    stats` reports and `polar hparams --dataset` divides by the packed sequences (polar/hparams.py)."""
+    candidates = 0
+    for shard in ds.shards:
+        ix = shard.mapped_index()
+        candidates += len(ix.piece_label) - (len(ix.group_pieces) - 1)
+    return candidates
 
 
 def length_summary(counts: np.ndarray) -> dict:
@@ -113,7 +124,7 @@ def compute(path: str, workers: int | None = None) -> dict:
         "records": sum(records) if None not in records else None,
         "rejected": summed("rejected"),
         "groups": ds.num_groups,
-        "candidates": total["candidates"],
+        "candidates": candidate_count(ds),
         "sequences": len(ds),
         "tokens": real,
         "packing_efficiency": ds.packing_efficiency,

@@ -75,17 +75,13 @@ def preset_params(name: str) -> tuple[int, str]:
 
 def candidates_per_packed(path: str) -> tuple[int, int, int]:
     """(candidates, packed sequences, seq_length) of the built dataset at `path`: what one packed
-    sequence carries of the paper's batch on average. A group's first piece is its prefix and the
-    rest its candidates (engine/shard_format.py), so a shard holds pieces - groups candidates,
-    read from the lengths of its mapped index arrays in O(1) (the pieces' tokens are not read)."""
+    sequence carries of the paper's batch on average, counted as `polar data stats` counts it
+    (polar.data_stats.candidate_count: from the index headers, no token read)."""
     from engine.indexed_dataset import IndexedDataset
+    from polar.data_stats import candidate_count
 
     ds = IndexedDataset(path)
-    candidates = 0
-    for shard in ds.shards:
-        ix = shard.mapped_index()
-        candidates += len(ix.piece_label) - (len(ix.group_pieces) - 1)
-    return candidates, len(ds), ds.seq_length
+    return candidate_count(ds), len(ds), ds.seq_length
 
 
 def _positive(s: str) -> float:

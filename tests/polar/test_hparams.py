@@ -4,7 +4,7 @@ import pytest
 
 from engine.config import ModelConfig
 from engine.indexed_dataset import IndexedDataset
-from polar import cli
+from polar import cli, data_stats
 from polar.hparams import (PAPER_SETTINGS, batch_size, learning_rate, main, preset_params,
                            reward_model_params)
 from tests.polar import test_data_build as built
@@ -100,6 +100,10 @@ def test_dataset_gives_the_packed_sequences_that_carry_the_laws_sequences(tmp_pa
     out = capsys.readouterr().out
     assert _printed_batch(out) == round(batch_size(1800, 870) / per_packed)
     assert f"{from_records:,} candidates in {len(ds):,} packed sequences of {built.SEQ} tokens" in out
+    # `polar data stats` on the same dataset: the same counts, so the same candidates per packed sequence
+    stats = data_stats.compute(str(tmp_path / "ds"))
+    assert (stats["candidates"], stats["sequences"]) == (from_records, len(ds))
+    assert f"candidates per packed sequence {per_packed:.2f} " in data_stats.format_text(stats)
     # without a measure the 2 a pack is said to be assumed, not given as the data's
     assert main(laws) == 0
     out = capsys.readouterr().out
