@@ -76,8 +76,9 @@ def directory_files(directory: str, output: str, rejects: str) -> list[str]:
 def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[str]:
     """The JSONL files a build reads, in order: each file as given, each directory as its files
     (directory_files); the build's own outputs (its rejects list, shard files in the output directory)
-    are left out, with a note. Refused by name: a path that does not exist, a compressed file, and a file
-    given twice (directly, through a directory, or as a symbolic or hard link to it)."""
+    are left out, with a note. Refused by name: a path that does not exist, one that is no regular file (a
+    pipe: each input is read twice), a compressed file, and a file given twice (directly, through a
+    directory, or as a symbolic or hard link to it)."""
     files, own = [], []
     ours = {os.path.realpath(p) for p in (rejects, rejects + ".tmp" if rejects else "") if p}
     for p in paths:
@@ -91,8 +92,14 @@ def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[s
                 own.append(p)
             else:
                 files.append(p)
+        elif os.path.exists(p):
+            # a pipe (`<(zcat r.jsonl.gz)`) was "no such file or directory", which sent its user looking for a typo
+            raise ValueError(f"{p}: not a regular file (a pipe or a device): every input is read more than once "
+                             "(its lines counted, then its chunks read), so write it to a file first")
         else:
-            raise FileNotFoundError(f"{p}: no such file or directory")
+            # a shell passes a pattern that matches nothing on as it is
+            glob = " (a pattern that matched no file?)" if any(c in p for c in "*?[") else ""
+            raise FileNotFoundError(f"{p}: no such file or directory{glob}")
     if own:
         print(f"note: not read: {names(own)}, the output's own shard files or rejects list, not records",
               file=sys.stderr, flush=True)

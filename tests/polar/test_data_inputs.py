@@ -46,8 +46,15 @@ def test_compressed_missing_and_repeated_inputs_are_refused_by_name(tmp_path):
     assert input_files([str(d)]) == [str(d / "a.jsonl"), str(d / "r.jsonl")]
     with pytest.raises(ValueError, match="is given twice"):
         input_files([str(d), str(d / "a.jsonl")])
-    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory$"):
         input_files([str(tmp_path / "nope.jsonl")])
+    # a shell passes a pattern that matched nothing on as it is; a pipe (`<(zcat r.jsonl.gz)`) exists, and was
+    # said not to: it is refused, since every input is read twice
+    with pytest.raises(FileNotFoundError, match=r"no such file or directory \(a pattern that matched no file\?\)"):
+        input_files([str(tmp_path / "part-*.jsonl")])
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match=r"pipe: not a regular file \(a pipe or a device\)"):
+        input_files([str(d / "a.jsonl"), str(tmp_path / "pipe")])
     for name in ("a.jsonl", "r.jsonl", "r.jsonl.gz"):
         (d / name).unlink()
     (d / "notes.txt").write_text("")
