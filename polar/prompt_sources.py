@@ -2,12 +2,14 @@
 number of tokens at a token boundary, or whole instruction prompts; each a function of (seed, i)."""
 from __future__ import annotations
 
+import os
 import random
+import stat
 from array import array
 from dataclasses import dataclass
 
 from polar.format import as_text, lone_surrogate
-from polar.records import FieldError, parse_json_text, strip_bom
+from polar.records import FieldError, compressed_format, parse_json_text, strip_bom
 
 
 class SampleError(ValueError):
@@ -21,6 +23,9 @@ class TextSource:
     a message list). Every line is checked once at start-up, so a bad line stops the run before any
     request is sent. Blank lines / empty texts are not documents (a prefix needs one token); they are
     counted in `empty`, not dropped silently. A UTF-8 byte order mark opening a file is not text.
+    "auto" reads .jsonl and .json files as JSONL, in any case (as `polar data build` reads a .JSONL
+    file). Refused by name: a compressed file, and one that is no regular file (a pipe), which could
+    not be read again by offset.
     """
 
     def __init__(self, paths: list[str], fmt: str, text_field: str):
@@ -29,7 +34,8 @@ class TextSource:
         self._line = array("q")
         self._offset = array("q")
         self.empty = 0
-        self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.endswith((".jsonl", ".json")) else "text")
+        # docs.JSONL read as text made every document a line of JSON syntax, without a word
+        self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.lower().endswith((".jsonl", ".json")) else "text")
                        for p in self.paths]
         for k, path in enumerate(self.paths):
             self._scan(k, path, self._kinds[k])
@@ -37,9 +43,18 @@ class TextSource:
 
     def _scan(self, k: int, path: str, kind: str) -> None:
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
+                # a pipe (`--corpus <(zcat docs.gz)`) was scanned, then the first prompt's read by offset
+                # stopped the run: "File or stream is not seekable"
+                raise SampleError(f"{path}: not a regular file (a pipe or a device): documents are read again by "
+                                  "their byte offsets while sampling, so write it to a file first")
             f = open(path, "rb")
+            packed = compressed_format(path)
         except OSError as e:
             raise SampleError(f"{path}: cannot read: {e.strerror or e}") from None
+        if packed:  # it was "line 1: not valid UTF-8", which said nothing of the file
+            f.close()
+            raise SampleError(f"{path}: {packed[0]}-compressed, not text: decompress it first ({packed[1]} {path})")
         with f:
             offset = 0
             for line_no, raw in enumerate(f, 1):
