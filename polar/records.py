@@ -233,11 +233,24 @@ def parse_json_text(text: str):
         raise _Bad(f"{e.key:.60}", "given twice in one object (which one is meant? a JSON reader keeps the last "
                                    "and drops the other without a word)") from None
     except json.JSONDecodeError as e:
-        raise _Bad("(line)", f"not valid JSON: {e.msg} at column {e.colno}") from None
+        raise _Bad("(line)", f"not valid JSON: {_json_problem(e, text)}") from None
     except RecursionError:
         raise _Bad("(line)", "JSON nested too deeply to read") from None
     except ValueError as e:  # e.g. an integer of more digits than Python converts
         raise _Bad("(line)", f"JSON that cannot be read: {e}") from None
+
+
+def _json_problem(e: json.JSONDecodeError, text: str) -> str:
+    """What is wrong with a JSONL line, in the terms of a file's reader rather than of Python's json."""
+    if e.msg.startswith("Unexpected UTF-8 BOM"):  # its advice, "decode using utf-8-sig", is for a programmer
+        return ("a UTF-8 byte order mark opens this line; one is skipped only at the start of a file (files "
+                "joined with cat, each opening with one?)")
+    msg = e.msg[:-len(" at")] if e.msg.endswith(" at") else e.msg  # "Invalid control character at" at column 9
+    if e.msg == "Extra data" and "\r" in text[:e.pos]:
+        # "\r" is whitespace to JSON: a file whose lines end in "\r" alone reads as one line of many records
+        return (f"{msg} at column {e.colno}, after a carriage return (\\r): lines must end in \\n or \\r\\n, not "
+                "\\r alone (convert the file: tr '\\r' '\\n')")
+    return f"{msg} at column {e.colno}"
 
 
 def parse_jsonl_line(raw: bytes, file: str, line: int, parse):

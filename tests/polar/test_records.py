@@ -41,6 +41,11 @@ GOOD = {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "x"}
 
 @pytest.mark.parametrize("raw,field,reason", [
     (b"{not json\n", "(line)", "not valid JSON"),
+    # Python's json words, reworded for a reader of the file: "Invalid control character at at column 14",
+    # "Unexpected UTF-8 BOM (decode using utf-8-sig)", and a file of "\r"-ended lines read as one line
+    (line(GOOD).replace(b'"p"', b'"p\x0cq"'), "(line)", "not valid JSON: Invalid control character at column 14"),
+    (b"\xef\xbb\xbf" + line(GOOD), "(line)", "a UTF-8 byte order mark opens this line; one is skipped only at"),
+    (line(GOOD)[:-1] + b"\r" + line(GOOD), "(line)", "after a carriage return (\\r): lines must end in \\n or"),
     (b'{"prompt": "\xff\xfe"}\n', "(line)", "invalid UTF-8 at byte 12"),
     (line([1, 2]), "(record)", "must be a JSON object"),
     (line({k: v for k, v in GOOD.items() if k != "prompt"}), "prompt", "missing"),
