@@ -26,6 +26,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import stat
 import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
@@ -318,8 +319,15 @@ def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
                first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
     that one bad byte rejects its line rather than the file. A compressed file is one error for
-    the file (RecordError at line 1, whatever on_error says), not an invalid-UTF-8 reject per line."""
+    the file (RecordError at line 1, whatever on_error says), not an invalid-UTF-8 reject per line,
+    and so is a directory or a pipe."""
     if start == 0:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            # a pipe (`--input <(zcat r.jsonl.gz)`) stopped every reader with "File or stream is not
+            # seekable" and a traceback; the readers read a file again (a check first, a resume), or its head
+            raise RecordError(path, 1, "(file)", "a directory, not a file" if stat.S_ISDIR(mode) else
+                              "not a regular file (a pipe or a device): write it to a file first")
         found = compressed_format(path)
         if found:
             raise RecordError(path, 1, "(file)", f"{found[0]}-compressed, not JSONL text: decompress it first "

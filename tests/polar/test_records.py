@@ -172,3 +172,20 @@ def test_a_bom_opening_the_file_is_not_part_of_line_1(tmp_path):
     rejects = []
     assert [r.line for r in read_records(p, on_error="skip", rejects=rejects)] == [1]
     assert [(r["line"], r["field"]) for r in rejects] == [(2, "(line)")]  # elsewhere it is no BOM
+
+
+def test_a_pipe_or_a_directory_is_one_error_naming_it(tmp_path):
+    """Every reader of JSONL lines (finetune, score, eval, format) stopped with a traceback on a pipe
+    (`--input <(zcat r.jsonl.gz)`: "File or stream is not seekable") or a directory (IsADirectoryError)."""
+    import os
+
+    r, w = os.pipe()
+    os.write(w, line(GOOD))
+    os.close(w)
+    try:
+        with pytest.raises(RecordError, match=r"^/dev/fd/\d+:1: \(file\): not a regular file \(a pipe or a device\)"):
+            list(read_records(f"/dev/fd/{r}", on_error="skip", rejects=[]))
+    finally:
+        os.close(r)
+    with pytest.raises(RecordError, match=rf"^{tmp_path}:1: \(file\): a directory, not a file$"):
+        list(read_records(str(tmp_path), on_error="skip", rejects=[]))
