@@ -415,6 +415,14 @@ def score_settings(args, scorer: CheckpointScorer) -> dict:
 
 
 def run(args, interrupts, leaves: list) -> int:
+    import contextlib
+
+    # the partial output's writer is closed however the run ends (polar/score_output.py, RowWriter)
+    with contextlib.ExitStack() as held:
+        return _scored(args, interrupts, leaves, held)
+
+
+def _scored(args, interrupts, leaves: list, held) -> int:
     import itertools
 
     from engine.runtime import shutdown_runtime
@@ -452,7 +460,7 @@ def run(args, interrupts, leaves: list) -> int:
     try:
         # locked before its rows are read: a torn last row may be one another run is still writing,
         # and cutting it under that run lost the rows it had written past the cut
-        writer = RowWriter(args.output, settings) if main_rank else None
+        writer = held.enter_context(RowWriter(args.output, settings)) if main_rank else None
         done = rows_written(args.output, numbers, cut_torn=main_rank) if check_settings(args.output, settings) else 0
     except ResumeError as e:
         raise ConfigError(str(e)) from None
@@ -460,7 +468,8 @@ def run(args, interrupts, leaves: list) -> int:
     def kept(rows: int) -> None:
         leaves[0] = f"{rows:,} of {len(numbers):,} lines are kept in {partial}; the same command continues"
 
-    kept(done)
+    if done:  # else leaves[0] stays "before the scoring began": a stop now leaves no partial output (RowWriter.close)
+        kept(done)
     if done and main_rank:
         print(f"resuming: {done:,} of {len(numbers):,} lines are already scored in {partial} (a stopped run's); "
               f"scoring the other {len(numbers) - done:,}", flush=True)

@@ -5,7 +5,8 @@ a job's time limit) loses at most the chunk in flight; OUTPUT itself appears onl
 is written (a renamed whole file: a reader never takes a half-written OUTPUT for a finished one).
 Beside the partial file a settings record (OUTPUT.partial.json) says what wrote it; a rerun of the
 same command on the same input continues after the rows already there, and a rerun with settings
-that would give other rewards is refused rather than mixed into them.
+that would give other rewards is refused rather than mixed into them. A run that fails or is
+stopped before its first row leaves neither file (the empty ones a SIGKILL leaves count as none).
 """
 from __future__ import annotations
 
@@ -85,15 +86,19 @@ def rows_written(output: str, expected_lines: Sequence[int], cut_torn: bool) -> 
 
 
 class RowWriter:
-    """The partial output, locked and open for appending, on the rank that writes it."""
+    """The partial output, locked and open for appending, on the rank that writes it. The lock lasts
+    until finish() or close(): a run that fails in a process that goes on (polar score at --nproc 1
+    called from Python, a caller retrying) lets go of it, or a second run in that process found its
+    own output "busy" (flock locks belong to the open file, not the process)."""
 
     def __init__(self, output: str, settings: dict):
         self.output = output
         self.partial, self.record = partial_paths(output)
+        self.fd = None
         # the lock before the record: a second run refused here had replaced the record of the run
         # writing, whose rows a later rerun of the second run's settings would then have continued
         try:  # two runs of one command (a requeued job whose first copy still runs) would both append
-            self.fd = append_locked(self.partial, "polar score")
+            self.fd = self._locked()
         except OutputBusy as e:
             raise ResumeError(str(e)) from None
         except OSError as e:  # a directory of that name, no permission, a full disk: a message, not a traceback
@@ -102,7 +107,26 @@ class RowWriter:
         # the record before any row: a partial file with rows is never there without one
         # (check_settings refuses that)
         if os.fstat(self.fd).st_size == 0:
-            write_file(self.record, json.dumps(settings, indent=1, sort_keys=True))
+            try:
+                write_file(self.record, json.dumps(settings, indent=1, sort_keys=True))
+            except OSError as e:
+                self.close()
+                raise ResumeError(f"{self.record}: cannot be written ({e.strerror or e}); choose another --output "
+                                  "or remove what is there") from None
+
+    def _locked(self) -> int:
+        """append_locked on the partial output, checked to be still the file under that name once
+        locked: a run ending lets go of its lock only after it renamed (finish) or removed (close)
+        its partial file, and a second run that had opened the file before that would otherwise
+        append to the finished OUTPUT, or to a file nobody sees."""
+        while True:
+            fd = append_locked(self.partial, "polar score")
+            try:
+                if os.path.samestat(os.fstat(fd), os.stat(self.partial)):
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
 
     def write(self, rows: list) -> None:
         """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""
@@ -113,10 +137,35 @@ class RowWriter:
         os.fsync(self.fd)
 
     def finish(self) -> None:
-        """Every row is written: the partial output becomes OUTPUT, its record goes."""
-        os.close(self.fd)
+        """Every row is written: the partial output becomes OUTPUT, its record goes, and then the lock:
+        a second run waiting on it finds no partial output to append to (_locked)."""
         os.replace(self.partial, self.output)
         # the rename on the disk before the record goes: after a crash of the machine the disk held
         # the partial output without its record, which a rerun refuses
         sync_dir(os.path.dirname(os.path.abspath(self.output)))
         os.remove(self.record)
+        self._let_go()
+
+    def close(self) -> None:
+        """The run ends without finish() (an error, a stop): its rows stay for a rerun to continue and
+        the lock is let go. A partial output this run left empty goes, with its record: a run stopped
+        before its first row (a line too long, a checkpoint that does not load) left both behind."""
+        if self.fd is None:
+            return
+        if os.fstat(self.fd).st_size == 0:
+            for path in (self.partial, self.record):
+                try:
+                    os.remove(path)
+                except OSError:  # gone already, or not a file (a record that could not be written): left as it is
+                    pass
+        self._let_go()
+
+    def _let_go(self) -> None:
+        fd, self.fd = self.fd, None
+        os.close(fd)
+
+    def __enter__(self) -> "RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

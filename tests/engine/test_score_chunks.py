@@ -169,6 +169,53 @@ def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_pa
     assert rows[0]["reward"] == pytest.approx(rows[3]["reward"], abs=1e-5)  # the same line, other runs
 
 
+# polar score run four times in one process (polar.cli at --nproc 1 runs engine.score in the caller's
+# process): stopped by a SIGTERM before its first row, by a line too long where its chunk comes
+# (UNCHECKED), by the check that finds it before the model loads, then run with --on-error skip
+IN_ONE_PROCESS = """
+import os
+import signal
+import sys
+
+import polar.score_length_check
+from polar.cli import main
+
+checked = polar.score_length_check.first_too_long
+polar.score_length_check.first_too_long = lambda *args: os.kill(os.getpid(), signal.SIGTERM)
+codes = [main(sys.argv[1:])]
+print("left after the stop:", sorted(os.listdir(".")))
+polar.score_length_check.first_too_long = lambda *args: None
+codes.append(main(sys.argv[1:]))
+polar.score_length_check.first_too_long = checked
+codes += [main(sys.argv[1:]), main(sys.argv[1:] + ["--on-error", "skip"])]
+print("exit statuses", codes)
+"""
+
+
+def test_runs_that_fail_let_go_of_the_output_for_the_next_run_in_their_process(tmp_path, checkpoint):
+    """The partial output's lock was held from a failed or stopped run's RowWriter until the process
+    ended: a caller in the same process retrying (a script, a notebook) was refused its own output,
+    "another polar score is writing this output". A stop before the first row left an empty partial
+    output and its record, and said "0 of 4 lines are kept" in it."""
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    lines = [SHORT, dict(SHORT, output="oo"), dict(SHORT, output="y" * 400), SHORT]
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    script = tmp_path / "in_one_process.py"
+    script.write_text(IN_ONE_PROCESS)
+    proc = _run([sys.executable, str(script), *_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length",
+                                                    "256")[3:]], tmp_path)
+    assert proc.returncode == 0 and "exit statuses [143, 2, 2, 0]" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+    # a stop before the first row: nothing kept, and no empty partial output and record left to say otherwise
+    assert "interrupted by SIGTERM: before the scoring began; the same command starts it" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "left after the stop: ['in.jsonl', 'in_one_process.py']" in proc.stdout, proc.stdout
+    assert "another polar score is writing this output" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count(f"{inp}:3: ") == 2 and proc.stdout.count("resuming: 2 of 4 lines") == 2, \
+        proc.stdout + proc.stderr[-3000:]
+    rows = _rows(out)
+    assert [r["line"] for r in rows] == [1, 2, 3, 4] and "more than --seq-length 256" in rows[2]["error"]
+
+
 @pytest.mark.parametrize("inp_name,out_name", [("in.jsonl", "in.jsonl"), ("in.jsonl.partial", "in.jsonl")],
                          ids=["the-input", "its-partial-file"])
 def test_an_output_that_would_replace_the_input_is_refused(tmp_path, checkpoint, inp_name, out_name, capsys):

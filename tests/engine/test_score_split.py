@@ -136,8 +136,10 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     refused = _score(tmp_path, checkpoint, lines, "fail", "--seq-length", "256")
     assert refused.returncode == 2 and "fail.jsonl:2: its outputs take" in refused.stderr, refused.stderr[-2000:]
     assert "loading" not in refused.stdout  # found before the model is loaded (minutes at 7B)
-    partial = tmp_path / "fail_out.jsonl.partial"
-    assert not partial.exists() or not partial.read_bytes()  # not a row, not even in the partial output
+    # not a row, not even an empty partial output with its settings record, which a stop before the
+    # first row left behind (polar/score_output.py, RowWriter.close)
+    assert not (tmp_path / "fail_out.jsonl.partial").exists()
+    assert not (tmp_path / "fail_out.jsonl.partial.json").exists()
     skipped = at_256  # the same lines after LINE
     assert [r["line"] for r in skipped.rows] == [1, 2, 3, 4]
     assert "more than --seq-length 256" in skipped.rows[2]["error"]

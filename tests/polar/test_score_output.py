@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -104,3 +105,79 @@ def test_a_partial_output_that_cannot_be_opened_is_named(tmp_path):
                                           r"directory\); choose another --output"):
         RowWriter(out, SETTINGS)
     assert not os.path.exists(partial_paths(out)[1])
+
+
+def test_a_writer_closed_keeps_its_rows_and_lets_go_of_the_lock(tmp_path):
+    """A run that fails (a line too long, a checkpoint that does not load) closes its writer: the
+    lock was held until the process ended, and a caller in that process (polar score at --nproc 1
+    from Python) retrying found its own output "busy"."""
+    out = str(tmp_path / "out.jsonl")
+    w = RowWriter(out, SETTINGS)
+    w.write([{"line": 1, "rewards": [1.0]}])
+    w.close()
+    w.close()  # twice, or after finish(): nothing more to let go
+    assert check_settings(out, SETTINGS) and rows_written(out, [1, 2], cut_torn=True) == 1  # kept for a rerun
+    with RowWriter(out, SETTINGS) as again:  # the same process: refused while the first held its lock
+        again.write([{"line": 2, "rewards": [2.0]}])
+        again.finish()
+    assert [json.loads(x)["line"] for x in open(out)] == [1, 2]
+
+
+def test_a_writer_closed_before_its_first_row_leaves_no_partial_output(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    with RowWriter(out, SETTINGS):
+        assert all(os.path.exists(p) for p in partial_paths(out))
+    assert not any(os.path.exists(p) for p in partial_paths(out))  # left behind, a record of a run that wrote none
+
+
+def test_a_record_that_cannot_be_written_is_named_and_lets_go_of_the_lock(tmp_path):
+    """A directory where the settings record goes (a full disk, no permission): a traceback, and the
+    partial output's lock held on until the process ended."""
+    out = str(tmp_path / "out.jsonl")
+    os.mkdir(partial_paths(out)[1])
+    with pytest.raises(ResumeError, match=r"out\.jsonl\.partial\.json: cannot be written \(Is a directory\)"):
+        RowWriter(out, SETTINGS)
+    os.rmdir(partial_paths(out)[1])
+    RowWriter(out, SETTINGS).close()  # not "another polar score is writing this output"
+
+
+def test_a_run_waiting_on_the_lock_of_one_that_finishes_does_not_append_to_its_output(tmp_path):
+    """A second run (a requeued job) that opened OUTPUT.partial just before the first finished, and
+    took its lock as the first let go: it appended its rows to the file the first had renamed to
+    OUTPUT, and then failed to rename a partial output no longer there. It now starts a partial
+    output of its own."""
+    out = str(tmp_path / "out.jsonl")
+    partial = os.path.realpath(partial_paths(out)[0])
+    first = RowWriter(out, SETTINGS)
+    first.write([{"line": 1, "rewards": [1.0]}])
+    # the second run waits on the lock for as long as it takes here (engine.file_lock.TRIES)
+    code = ("import engine.file_lock\nengine.file_lock.TRIES = 10 ** 9\nfrom polar.score_output import RowWriter\n"
+            f"w = RowWriter({out!r}, {SETTINGS!r})\nw.write([{{'line': 7, 'rewards': [7.0]}}])\nw.finish()\n")
+    second = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        while not _has_open(second.pid, partial):
+            assert second.poll() is None, second.communicate()[0]
+            time.sleep(0.01)
+        first.finish()
+        log = second.communicate(timeout=60)[0]
+    finally:
+        second.kill()
+        second.wait()
+    assert second.returncode == 0, log
+    assert [json.loads(x)["line"] for x in open(out)] == [7]
+    assert not any(os.path.exists(p) for p in partial_paths(out))
+
+
+def _has_open(pid: int, path: str) -> bool:
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except OSError:
+        return False
+    for name in names:
+        try:
+            if os.readlink(os.path.join(fds, name)) == path:
+                return True
+        except OSError:  # closed meanwhile
+            pass
+    return False
