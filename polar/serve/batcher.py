@@ -110,7 +110,7 @@ class Batcher:
         self._pending_tokens = 0
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self._tokens_per_s = 0.0  # recent throughput, for Retry-After
+        self._tokens_per_s = 0.0  # throughput of the last full round, for Retry-After (0: none yet)
         self.last_round = RoundStats()
         self.totals = RoundStats()
 
@@ -146,7 +146,11 @@ class Batcher:
     def _queue_full(self) -> QueueFull:
         if self.metrics:
             self.metrics.rejected.inc()
-        return QueueFull(max(1, math.ceil(self._pending_tokens / (self._tokens_per_s or 1000.0))), self._pending_items)
+        # Until a full round has been measured the drain time is unknown: a retry in 1 s costs the
+        # client one more 429 (refused before its body is read), where a guess of 1000 tokens/s told
+        # a fresh server's first burst to come back in 40 minutes after it drained in 2 s.
+        wait = math.ceil(self._pending_tokens / self._tokens_per_s) if self._tokens_per_s else 1
+        return QueueFull(max(1, wait), self._pending_items)
 
     # ---- submitting ----------------------------------------------------------------------------
     def submit(self, ids: list) -> concurrent.futures.Future:
@@ -276,7 +280,10 @@ class Batcher:
             stats.padded += len(rows) * width
             stats.forwards += 1
         elapsed = time.monotonic() - start
-        if elapsed > 0:
+        # Only a round of a forward's worth of tokens or more measures how fast a full queue drains: a
+        # smaller one is mostly the cost of a forward pass (one item in a few ms reads as a few
+        # thousand tokens/s, and the Retry-After of the queue behind it as an hour).
+        if elapsed > 0 and stats.tokens >= self.max_batch_tokens:
             self._tokens_per_s = stats.tokens / elapsed
         self.last_round = stats
         for k in ("items", "tokens", "computed", "padded", "forwards"):

@@ -1,6 +1,7 @@
 """Rewards through the batcher (cross-request batching, shared prefixes, any grouping and
 concurrency) equal each item scored alone (fp32, 1e-5)."""
 import concurrent.futures
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ from polar.serve.batcher import Batcher, QueueFull
 from polar.serve.items import StructuredItem, format_structured, tokenize_served_text
 
 from .items_gen import make_items
+from .test_app_failures import _until, held_rounds
 
 
 def _ids(tokenizer, items, max_length=16384, max_response=4096):
@@ -61,6 +63,42 @@ def test_full_queue_refuses_with_a_retry_hint(scorer, tokenizer):
     b.start()
     assert len(first.result(60)) == 2
     b.close()
+
+
+def test_the_retry_hint_of_a_full_queue_is_measured_on_full_rounds(scorer, tokenizer):
+    """A fresh server's first burst was told to retry in 40 minutes (Retry-After 2452 s; its queue
+    drained in 2 s): the hint was the queued tokens over the last round's rate, or 1000 tokens/s
+    before any round, and a round of one short item (a forward's fixed cost) reads as a few
+    thousand tokens/s. Only a round of --max-batch-tokens or more now sets the rate; until one has,
+    the hint is 1 s."""
+    gate, rounds, held = held_rounds(scorer)
+    b = Batcher(held, tokenizer.pad_id, max_wait_s=0, max_batch_tokens=64, max_queue_items=4).start()
+    short = [np.array([256, 1, 259], dtype=np.int32)]
+    long_items = [np.full(20_000, 7, dtype=np.int32)] * 4  # never scored: cancelled while the worker is held
+
+    def refused_while_held(before):
+        gate.clear()
+        running = b.submit(short)  # its round holds the worker
+        assert _until(lambda: len(rounds) > before)
+        queued = b.submit(long_items)
+        with pytest.raises(QueueFull) as e:
+            b.submit(short)
+        queued.cancel()
+        gate.set()
+        running.result(60)
+        return e.value.retry_after_s
+
+    try:
+        gate.set()
+        b.score_sync(short, 60)
+        assert refused_while_held(len(rounds)) == 1  # only short rounds so far
+        b.score_sync([np.arange(256, 256 + 40, dtype=np.int32) % 250] * 4, 60)  # 160 tokens: a full round
+        rate = b._tokens_per_s
+        assert rate > 0
+        assert refused_while_held(len(rounds)) == max(1, math.ceil(80_000 / rate))
+    finally:
+        gate.set()
+        b.close()
 
 
 def test_cancelled_request_is_skipped_and_others_are_served(scorer, tokenizer, alone):
