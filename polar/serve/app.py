@@ -173,6 +173,11 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
     return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status, headers=headers)
 
 
+def error_body(status: int, message: str) -> bytes:
+    """The JSON of an error answer, for one written below the app (server.head_deadline)."""
+    return bytes(_error(status, message).body)
+
+
 async def _read_body(request: Request, limit: int, taken: list[dict]) -> list[bytes]:
     """The body's chunks, as they arrived (`taken`: those received already): the thread that parses
     them decodes them one by one (joining them here would hold the event loop for a copy of up to

@@ -71,7 +71,9 @@ def parse_args(argv=None):
     ap.add_argument("--timeout-s", type=float, default=300.0, help="per-request limit on scoring; 504 after it")
     ap.add_argument("--read-timeout-s", type=float, default=60.0,
                     help="the whole body must arrive within this many seconds of the request being admitted; "
-                         "a client that stalls gets 408 and its room (--max-reading-bytes) is freed")
+                         "a client that stalls gets 408 and its room (--max-reading-bytes) is freed. A request's "
+                         "head must arrive within it of the connection opening (or of the answer before it), "
+                         "else 408 and the connection is closed")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=None,
@@ -197,6 +199,59 @@ def build_service(args, scorer):
     return Service(tokenizer, batcher, settings, metrics)
 
 
+def head_deadline(timeout_s: float):
+    """uvicorn's HTTP/1.1 protocol with a deadline on each request's head: it must arrive within
+    `timeout_s` (--read-timeout-s) of the connection opening, or of the answer before it on a
+    kept-alive connection. uvicorn has none (its keep-alive timeout restarts with every byte and
+    does not run before a first request), so a client that opened a connection and sent nothing,
+    or sent its head a byte at a time (a slowloris), held the connection and its file descriptor
+    for ever, and enough of them would leave the server unable to accept anyone. A head cut off
+    is answered 408 naming the flag; a connection that sent nothing is closed as uvicorn closes
+    an idle one."""
+    import asyncio
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from polar.serve.app import error_body
+
+    late = error_body(408, f"the request head did not arrive within {timeout_s:g} s (--read-timeout-s)")
+    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+              b"content-length: %d\r\n\r\n" % len(late) + late)
+
+    class HeadDeadline(H11Protocol):
+        _head_timer = None
+
+        def connection_made(self, transport: asyncio.Transport) -> None:
+            super().connection_made(transport)
+            self._await_head()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()  # which may start the next pipelined request at once
+            self._await_head()
+
+        def connection_lost(self, exc) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            super().connection_lost(exc)
+
+        def _await_head(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+            if not self.transport.is_closing():
+                self._head_timer = self.loop.call_later(timeout_s, self._head_late, self.cycle)
+
+        def _head_late(self, cycle) -> None:
+            # a head that arrived since made a new cycle; one in flight is answered in its own time
+            if (self.transport.is_closing() or self.cycle is not cycle
+                    or (cycle is not None and not cycle.response_complete)):
+                return
+            if self.conn.trailing_data[0]:  # part of a head
+                self.transport.write(answer)
+            self.transport.close()
+
+    return HeadDeadline
+
+
 @contextlib.contextmanager
 def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeout_s: float = 60.0):
     """The app on uvicorn in a background thread (a trainer's own process, tests, benchmarks);
@@ -208,7 +263,8 @@ def serve_in_thread(service, host: str = "127.0.0.1", port: int = 0, start_timeo
 
     from polar.serve.app import create_app
 
-    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(service), host=host, port=port, log_level="warning",
+                                           http=head_deadline(service.settings.read_timeout_s)))
     thread = threading.Thread(target=server.run, name="polar-serve-http", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
@@ -325,7 +381,8 @@ def _run(args, sock) -> int:
     try:
         service = build_service(args, scorer)
         config = uvicorn.Config(create_app(service, on_shutdown=scorer.stop_followers), host=args.host,
-                                port=args.port, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout_s)
+                                port=args.port, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout_s,
+                                http=head_deadline(args.read_timeout_s))
         listen(sock, args.host, args.port, config.backlog)
     except (ValueError, AddressError) as e:
         print(f"polar serve: {e}", file=sys.stderr)

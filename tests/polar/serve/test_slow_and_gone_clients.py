@@ -5,6 +5,7 @@ import contextlib
 import json
 import socket
 import threading
+import time
 
 import httpx
 import pytest
@@ -47,6 +48,58 @@ def test_slow_bodies_leave_the_preparing_slots_to_fast_requests(scorer, tokenize
         health = _health(url)
         assert (health["reading"], health["preparing"], health["waiting"]) == (0, 0, 0)
         assert service.batcher.totals.items == 3
+
+
+def _trickled_head(conn) -> bytes:
+    """A request head sent a byte every 50 ms (a slowloris), until the server answers or closes (20
+    s at most): -> what the server sent."""
+    conn.settimeout(0.05)
+    for byte in b"POST /classify HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 400:
+        try:
+            conn.sendall(bytes([byte]))
+            got = conn.recv(65536)
+        except socket.timeout:
+            continue
+        except OSError:
+            return b""
+        conn.settimeout(30)
+        return got + _answer_of(conn) if got else got
+    return b""
+
+
+def test_a_request_head_must_arrive_within_the_read_timeout(scorer, tokenizer):
+    """uvicorn bounds no request head: a connection that sent nothing, or its head a byte at a time
+    (a slowloris, 400 bytes here for 20 s), was held for ever, each one a file descriptor, until the
+    server could accept no one. The head must now arrive within --read-timeout-s of the connection
+    opening or of the answer before it (408 naming the flag, then the connection closes); a request
+    whose scoring takes longer is still answered."""
+    gate, rounds, held = held_rounds(scorer)
+    gate.set()
+    with live_server(scorer, tokenizer, score=held, read_timeout_s=1) as (url, _):
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            answer = _trickled_head(conn)
+            assert answer.startswith(b"HTTP/1.1 408 "), answer
+            assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]["message"] == (
+                "the request head did not arrive within 1 s (--read-timeout-s)")
+            assert conn.recv(1) == b""  # closed
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            assert conn.recv(1) == b""  # sent nothing: closed without an answer
+        with socket.create_connection((host, int(port)), timeout=30) as conn:  # kept alive after an answer
+            body = json.dumps({"text": TEXT}).encode()  # one text: one object, the whole answer once its '}' is in
+            conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+            assert _answer_of(conn).startswith(b"HTTP/1.1 200 ")
+            assert _trickled_head(conn).startswith(b"HTTP/1.1 408 ")
+        gate.clear()
+        answers = {}
+        slow = threading.Thread(target=lambda: answers.update(r=httpx.post(f"{url}/classify", json={"text": [TEXT]},
+                                                                             timeout=60)))
+        slow.start()
+        assert _until(lambda: len(rounds) == 2)  # held in its round
+        time.sleep(2)  # past the deadline, in flight
+        gate.set()
+        slow.join(60)
+        assert answers["r"].status_code == 200, answers["r"].text
 
 
 @contextlib.contextmanager
