@@ -12,6 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -36,6 +37,15 @@ class RequestError(Exception):
         self.retryable = retryable
 
 
+class LongInteger(ValueError):
+    """An integer of more digits than Python converts (sys.get_int_max_str_digits()). `path`:
+    where it sits, as DuplicateKey's."""
+
+    def __init__(self):
+        super().__init__()
+        self.path = []
+
+
 # the Python call per object costs ~10% of the parse of a body of small objects (benchmarks/serve_body.py)
 _DECODE = json.JSONDecoder(object_pairs_hook=unique_keys).raw_decode
 _SPACE = re.compile(r"[ \t\n\r]*").match
@@ -57,10 +67,12 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
         where = f" (inside {''.join(e.path)})" if e.path else ""
         raise RequestError(f"the request body gives the key {json.dumps(e.key)[:60]} twice in one object{where}: "
                            "which one is meant? (a JSON reader keeps the last and drops the other)") from None
+    except LongInteger as e:
+        where = f" in {''.join(e.path)}" if e.path else ""
+        raise RequestError(f"the request body holds an integer of more than {sys.get_int_max_str_digits()} digits"
+                           f"{where}, longer than this server reads") from None
     except RecursionError:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
-    except ValueError as e:  # e.g. an integer of more digits than Python converts: the client's error
-        raise RequestError(f"the request body cannot be read as JSON: {e}") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {_type(value)}")
     return value
@@ -143,10 +155,17 @@ class _Text:
         while True:
             try:
                 value, end = _DECODE(self.buf, i)
-            except json.JSONDecodeError:
+            except DuplicateKey:
+                raise
+            except ValueError as e:
+                # json converts an integer with int(), which refuses more than
+                # sys.get_int_max_str_digits() digits: the digits before a cut may be a float's
+                # ("1111...1.5"), so that too is an error only once the text has no more
                 if self.more():
                     continue
-                raise
+                if isinstance(e, json.JSONDecodeError):
+                    raise
+                raise LongInteger() from None
             if not self._ended and _TOKEN_TAIL(self.buf, end) and self.more():
                 continue
             return value, end
@@ -202,7 +221,7 @@ def _object(t: _Text, i: int):
         i = t.space(i + 1)
         try:
             obj[key], i = _array(t, i) if t.at(i, "[") else t.value(i)
-        except DuplicateKey as e:
+        except (DuplicateKey, LongInteger) as e:
             e.path.insert(0, json.dumps(key)[:60])
             raise
         closed, i = _after_element(t, i, "}")
@@ -217,7 +236,7 @@ def _array(t: _Text, i: int):
     while True:
         try:
             value, i = t.value(i)
-        except DuplicateKey as e:
+        except (DuplicateKey, LongInteger) as e:
             e.path.insert(0, f"[{len(out)}]")
             raise
         out.append(value)
