@@ -261,7 +261,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             await service.start_preparing(request)
             if departure.left:  # while waiting for the slot: parsed and tokenized for nobody otherwise
                 raise ClientGone()
-            body = await asyncio.to_thread(validation.parse_json, chunks)
+            body = await asyncio.to_thread(validation.parse_json, chunks, endpoint)
             return JSONResponse(await work(body, request))
         except RequestError as e:
             status = e.status

@@ -6,10 +6,13 @@ Shapes, as the existing clients send them:
     OpenRLHF POST /get_reward {"query": [str], "prompts": [str], "labels": [str | {"reference": ...}]}
     native   POST /v1/rewards {"items": [{"prompt", "reference", "output" | "outputs", "wrapper"}]}
 where a text (prompt, reference, output) is a str or a list of {"role", "content"} messages.
+Other top-level fields are ignored, except near misses of these and item fields beside the items
+(check_fields).
 """
 from __future__ import annotations
 
 import codecs
+import difflib
 import json
 import re
 import sys
@@ -51,10 +54,11 @@ _DECODE = json.JSONDecoder(object_pairs_hook=unique_keys).raw_decode
 _SPACE = re.compile(r"[ \t\n\r]*").match
 
 
-def parse_json(body: bytes | Sequence[bytes]) -> dict:
+def parse_json(body: bytes | Sequence[bytes], endpoint: str | None = None) -> dict:
     """The body (bytes, or the chunks it arrived in) as a JSON object, meant to run in a worker
-    thread. json.loads holds the GIL for the whole document (0.4 s for 60 MB), which stalls the
-    event loop even from another thread. Here no step holds it for more than about one slice of
+    thread (with `endpoint`, a key of FIELDS, its top-level fields checked: check_fields).
+    json.loads holds the GIL for the whole document (0.4 s for 60 MB), which stalls the event
+    loop even from another thread. Here no step holds it for more than about one slice of
     the body or one element of a top-level array: the body is decoded a slice at a time and
     parsed as it is decoded, and the interpreter can switch threads between steps."""
     chunks = [body] if isinstance(body, (bytes, bytearray, memoryview)) else body
@@ -75,7 +79,42 @@ def parse_json(body: bytes | Sequence[bytes]) -> dict:
         raise RequestError("the request body is not valid JSON: nested too deeply") from None
     if not isinstance(value, dict):
         raise RequestError(f"the request body must be a JSON object, got {_type(value)}")
+    if endpoint is not None:
+        check_fields(value, endpoint)
     return value
+
+
+# The top-level fields each endpoint reads. Others are ignored, since the protocols' own clients
+# send more than a reward needs (vLLM's "encoding_format", "user" or "truncate_prompt_tokens",
+# SGLang's "rid"); OpenRLHF sends exactly "query", "prompts" and "labels".
+FIELDS = {"classify": ("text", "input", "model"), "pooling": ("input", "model"),
+          "get_reward": ("query", "prompts", "labels"), "v1_rewards": ("items", "model")}
+# POLAR's item fields given beside the items, not in them: ignored, every item would be scored
+# with the default instead (the sft wrapper where "pretrain" was meant), without a word
+_PER_ITEM = {"v1_rewards": ("items", "each item (items[i].{})",
+                            ("prompt", "reference", "output", "outputs", "wrapper")),
+             "get_reward": ("labels", 'each label ({{"reference": ..., "{}": ...}})', ("wrapper",))}
+
+
+def check_fields(body: dict, endpoint: str) -> None:
+    """Refuses a top-level field that is surely a mistake: one of POLAR's item fields beside the
+    items, or a near miss of a field the endpoint reads ("texts", "Input", "label"), whose value
+    would be ignored while the field meant is missing. Any other unknown field is ignored."""
+    known = FIELDS[endpoint]
+    whole, where, per_item = _PER_ITEM.get(endpoint, ("", "", ()))
+    longest = max(map(len, known))
+    for key in body:
+        if key in known:
+            continue
+        if key in per_item:
+            raise RequestError(f"field {key!r} belongs in {where.format(key)}: beside the {whole} it would be "
+                               "ignored")
+        if len(key) > longest + 2:  # no near miss (difflib's cost grows with the key)
+            continue
+        close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
+        if close and abs(len(close[0]) - len(key)) <= 2:
+            raise RequestError(f"unknown field {key!r}: did you mean {close[0]!r}? (fields other than "
+                               f"{', '.join(map(repr, known))} are ignored)")
 
 
 _SLICE_BYTES = 1 << 20  # ~1 ms of decoding
@@ -323,7 +362,10 @@ def _optional_model(body: dict) -> None:
 
 
 def classify_field(body: dict) -> str:
-    return "text" if "text" in body or "input" not in body else "input"
+    if "text" in body and "input" in body:
+        raise RequestError("give the texts in 'text' (SGLang's field) or in 'input', not both: one of them "
+                           "would be scored and the other ignored")
+    return "input" if "input" in body else "text"
 
 
 def classify(body: dict, max_items: int) -> list[str]:

@@ -288,6 +288,23 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/pooling", {"input": ["a"]}, 400, "input[0] does not end with the reward token [UNUSED_TOKEN_130]"),
     ("/lmdeploy/pooling", {"input": [served("a"), served("b") + " "]}, 400, "input[1] does not end with the reward"),
     ("/classify", {"input": [""]}, 400, "input[0] does not end with the reward token"),
+    # both SGLang's 'text' and 'input': 'text' was scored and 'input' ignored
+    ("/classify", {"text": [served("a")], "input": [served("b")]}, 400,
+     "give the texts in 'text' (SGLang's field) or in 'input', not both"),
+    # a near miss of a field the endpoint reads was ignored: "missing field", or scored without it
+    ("/classify", {"texts": [served("a")]}, 400, "unknown field 'texts': did you mean 'text'? (fields other than"),
+    ("/pooling", {"Input": [served("a")]}, 400, "unknown field 'Input': did you mean 'input'?"),
+    ("/get_reward", {"query": ["pa"], "prompt": ["p"], "labels": ["r"]}, 400,
+     "unknown field 'prompt': did you mean 'prompts'?"),
+    ("/v1/rewards", {"itmes": [{"prompt": "p", "reference": "r", "output": "o"}]}, 400,
+     "unknown field 'itmes': did you mean 'items'?"),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o"}], "modle": "m"}, 400,
+     "unknown field 'modle': did you mean 'model'?"),
+    # a wrapper beside the items, not in them: each item was scored as sft, silently
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o"}], "wrapper": "pretrain"}, 400,
+     "field 'wrapper' belongs in each item (items[i].wrapper): beside the items it would be ignored"),
+    ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": ["r"], "wrapper": "pretrain"}, 400,
+     """field 'wrapper' belongs in each label ({"reference": ..., "wrapper": ...}): beside the labels"""),
 ])
 def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     url, _ = server
@@ -297,6 +314,19 @@ def test_bad_requests_get_a_clear_4xx(server, path, body, status, words):
     assert words in res.json()["error"]["message"]
     assert httpx.get(f"{url}/health").status_code == 200
 
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/classify", {"text": [served("a")], "model": "m", "rid": "r1", "dimensions": 1}),  # SGLang's own fields
+    ("/pooling", {"input": [served("a")], "encoding_format": "float", "user": "u", "truncate_prompt_tokens": -1,
+                  "priority": 0}),  # vLLM's
+    ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": ["r"], "prompt_ids": [], "model": "m"}),
+    ("/v1/rewards", {"items": [{"prompt": "p", "reference": "r", "output": "o"}], "user": "u", "request_id": "x"}),
+])
+def test_fields_an_endpoint_does_not_read_are_ignored_unless_a_near_miss(server, path, body):
+    url, _ = server
+    res = httpx.post(f"{url}{path}", json=body, timeout=30)
+    assert res.status_code == 200, res.text
 
 
 @pytest.mark.parametrize("method,path,status,words", [
