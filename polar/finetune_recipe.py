@@ -331,7 +331,7 @@ def _note_overlap(train_records, eval_records) -> None:
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
-    from polar.finetune_split import split_by_prompt, unrankable, where
+    from polar.finetune_split import repeats_note, split_by_prompt, unrankable, where
     from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
@@ -356,6 +356,9 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         elif eval_records:
             held_desc = f" ({split.held_prompts:,} of {split.prompts:,} prompts, held out whole)"
     for name, rs in (("fine-tuning data", train_records), ("held-out data", eval_records)):
+        note = repeats_note(name, rs, f.wrapper)  # a sampler's output appended to itself trains twice
+        if note:
+            _say(note, flush=True)
         tied = unrankable(rs)
         if tied:
             _say(f"note: {name}: {len(tied)} record(s) hold a preferred and a rejected response of the same text "

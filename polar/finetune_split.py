@@ -1,4 +1,5 @@
-"""Which fine-tuning records are held out, and what a held-out set shares with the training set.
+"""Which fine-tuning records are held out, what a held-out set shares with the training set, and
+which records of one side repeat another.
 
 A held-out accuracy measures what was not trained on only if its prompts were not trained on.
 Preference data often holds several pairs per prompt (a pair for each two of a prompt's rated
@@ -8,6 +9,8 @@ is held out, the others train. With one record per prompt this is the split by r
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import NamedTuple
 
 import numpy as np
@@ -63,6 +66,45 @@ def overlap(train, held) -> Overlap:
         first.setdefault(_identity(r), r)
     same = sum(as_text(r.prompt) in prompts for r in held)
     return Overlap(same, [(r, first[k]) for r in held if (k := _identity(r)) in first])
+
+
+def record_digest(prompt, reference, candidates, labels, wrapper: str) -> bytes:
+    """128 bits that two records share when they train the same: the same prompt, reference,
+    candidates (in order) and labels, texts compared as the format joins them (a message list is the
+    text of its contents), under the same wrapper (the default's name for a record naming none).
+    Other fields (ids, metadata) do not count. One C-speed dump and hash a record: 2^-128 a pair of
+    records to collide, so a count of repeats is exact for any corpus."""
+    key = json.dumps([as_text(prompt), as_text(reference), [as_text(c) for c in candidates],
+                      [int(y) for y in labels], wrapper], ensure_ascii=False)
+    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+
+
+def repeats(records, default_wrapper: str) -> list:
+    """(record, the earlier record it repeats) for each record that repeats an earlier one exactly
+    (record_digest), in file order: a sampler's output appended to itself trains each record twice."""
+    first: dict = {}
+    out = []
+    for r in records:
+        d = record_digest(r.prompt, r.reference, r.candidates, r.labels, r.wrapper or default_wrapper)
+        if d in first:
+            out.append((r, first[d]))
+        else:
+            first[d] = r
+    return out
+
+
+def repeats_note(name: str, records, default_wrapper: str) -> str:
+    """A note on the records of one side (the training or the held-out records) that repeat an earlier
+    one exactly, or "" for none: kept, as a build keeps them, but each is trained (or scored) as often
+    as it appears."""
+    found = repeats(records, default_wrapper)
+    if not found:
+        return ""
+    pairs = ", ".join(f"{r.file}:{r.line} repeats {first.file}:{first.line}" for r, first in found[:3])
+    more = ", ..." if len(found) > 3 else ""
+    return (f"note: {name}: {len(found)} of {len(records)} record(s) repeat an earlier record exactly (the same "
+            f"prompt, reference, candidates, labels and wrapper; {pairs}{more}): kept, each counts as often as it "
+            "appears")
 
 
 def unrankable(records) -> list:

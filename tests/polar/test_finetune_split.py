@@ -1,11 +1,15 @@
 """polar/finetune_split.py: whole prompts are held out, a held-out file's overlap with the training
-file is found, and a pair of equal texts is found."""
+file is found, records repeating another within one side are found, and a pair of equal texts is found."""
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 
-from polar.finetune_split import overlap, prompt_ids, split_by_prompt, unrankable, where
+from engine.config import load_config
+from polar import finetune_recipe as recipe
+from polar.finetune_split import overlap, prompt_ids, repeats, split_by_prompt, unrankable, where
 from polar.records import Record
 
 
@@ -62,3 +66,35 @@ def test_a_preferred_and_a_rejected_of_the_same_text_is_unrankable_two_preferred
     two_good = Record("p", "r", ["x", "x", "z"], [1, 1, 0], None, line=3)
     assert unrankable([same_pair, grouped, two_good, rec("p")]) == [same_pair, grouped]
     assert where([rec("p", line=i) for i in range(1, 5)]) == "f.jsonl:1, f.jsonl:2, f.jsonl:3, ..."
+
+
+def test_a_record_repeating_an_earlier_one_exactly_is_found_other_fields_aside():
+    first = rec("a", line=1)
+    same = [rec([{"role": "user", "content": "a"}], line=2),  # the same text, as the format joins it
+            Record("a", "ref", ["good", "bad"], [1, 0], "sft", file="f.jsonl", line=3, extra={"id": 9})]
+    other = [rec("a", chosen="bad", rejected="good", line=4),  # another order is another record
+             Record("a", "ref", ["good", "bad"], [1, 1], None, file="f.jsonl", line=5),
+             Record("a", "ref", ["good", "bad"], [1, 0], "pretrain", file="f.jsonl", line=6)]
+    found = repeats([first, *same, *other], "sft")
+    assert [(r.line, f.line) for r, f in found] == [(2, 1), (3, 1)]
+    assert [(r.line, f.line) for r, f in repeats([first, *other], "pretrain")] == [(6, 1)]
+
+
+def test_fine_tuning_names_records_repeated_in_its_training_and_held_out_files(tmp_path, capsys):
+    """A sampler's output appended to itself was trained twice over without a word: only a held-out
+    record repeating a training one was reported."""
+    lines = [json.dumps({"prompt": f"prompt {i}", "reference": "r" * 20, "chosen": "c" * 20,
+                         "rejected": "x" * 20}) + "\n" for i in range(6)]
+    train, held = tmp_path / "train.jsonl", tmp_path / "held.jsonl"
+    train.write_text("".join(lines + lines[:4]))
+    held.write_text(lines[5].replace("prompt 5", "new") * 2)
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={train}", f"finetune.eval={held}",
+                                                    "data.seq_length=256", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    data = recipe.prepare_data(cfg)
+    assert len(data.train.groups) == 10  # kept
+    out = capsys.readouterr().out
+    assert (f"note: fine-tuning data: 4 of 10 record(s) repeat an earlier record exactly (the same prompt, "
+            f"reference, candidates, labels and wrapper; {train}:7 repeats {train}:1, {train}:8 repeats {train}:2, "
+            f"{train}:9 repeats {train}:3, ...): kept, each counts as often as it appears") in out, out
+    assert "note: held-out data: 1 of 2 record(s) repeat an earlier record exactly" in out, out
