@@ -10,7 +10,10 @@ and reported), each becomes one group (shared prefix + K candidates), and groups
 --seq-length tokens by the C++ packer. POLAR's truncation bounds each candidate's input, not the
 group: when the prompt, the reference and all K candidates together exceed --seq-length, the
 prompt keeps a shorter tail so that the group fits (counted and reported as "prompts shortened to
-fit the pack"); a group that does not fit even without its prompt is rejected. The result is one
+fit the pack"); a group that does not fit even without its prompt is rejected. A record that repeats
+an earlier one of the shard exactly (a sampler's output appended to itself) is kept, as every record
+is, and counted and named in the summary and the metadata (counts.duplicates, duplicates_first):
+each is trained as often as it appears. The result is one
 shard of a packed dataset directory (engine/shard_format.py): NAME.bin (tokens), NAME.idx (index), NAME.json
 (metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
 too long to pack, if any). A build that makes no group at all (an empty input, every record
@@ -55,6 +58,7 @@ from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_r
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
+from polar.finetune_split import record_digest
 from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
 
 
@@ -86,6 +90,9 @@ class ChunkResult:
     prompts_cut: int = 0  # prompts cut to their tail by POLAR's rule (--max-length)
     tokens: int = 0
     candidates: int = 0
+    # per group, in input order: its record's id and finetune_split.record_digest (two uint64s)
+    record_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
 
 
 # ---- worker side --------------------------------------------------------------------------------
@@ -170,7 +177,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
             except (TypeError, ValueError) as e:
                 encoded.append(None)
                 bad(k, "(encode)", str(e))
-    groups, ids = [], []
+    groups, ids, digests = [], [], []
     for rec, k, enc in zip(records, where, encoded):
         if enc is None:
             continue
@@ -189,9 +196,12 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         res.prompts_cut += enc.prompt_cut
         groups.append(g)
         ids.append(chunk.first_record + k)
+        digests.append(record_digest(rec.prompt, rec.reference, rec.candidates, rec.labels, rec.wrapper or cfg.wrapper))
     res.records = len(groups)
     if not groups:
         return res
+    res.record_ids = np.asarray(ids, dtype=np.int64)
+    res.digests = np.frombuffer(b"".join(digests), dtype=np.uint64).reshape(-1, 2)
     lengths = np.fromiter((len(g) for g in groups), dtype=np.int64, count=len(groups))
     plan = plan_sequences(lengths, cfg.seq_length, method=cfg.packing)
     # Best-fit emits sequences ordered by their largest group; a reader that does not shuffle
@@ -210,7 +220,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         piece_labels=np.concatenate([np.concatenate([[-1], g.labels]) for g in ordered]).astype(np.int8),
         group_pieces=np.fromiter((1 + len(g.candidates) for g in ordered), dtype=np.int64, count=len(ordered)),
         seq_groups=np.fromiter((len(p) for p in plan), dtype=np.int64, count=len(plan)),
-        sources=np.asarray(ids, dtype=np.int64)[order],
+        sources=res.record_ids[order],
     )
     res.tokens = int(lengths.sum())
     res.candidates = sum(len(g.candidates) for g in groups)
@@ -274,6 +284,47 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
 
 
 # ---- main side ----------------------------------------------------------------------------------
+class _Repeats:
+    """The shard's records that repeat an earlier one exactly (finetune_split.record_digest): a
+    sampler's output appended to itself, or a copy of an input under another name, is trained twice
+    as often as the rest. They are kept, as every record is, and counted with the first few named.
+    The main process holds each group's id and digest (24 bytes) to the end of the build, where one
+    sort finds the repeats: 2.4 GB for a shard of 10^8 records. Records of other shards are not
+    compared (a machine of several sees only its own)."""
+
+    SHOWN = 3
+
+    def __init__(self):
+        self.ids, self.digests = [], []
+
+    def add(self, res: ChunkResult) -> None:
+        if len(res.record_ids):
+            self.ids.append(res.record_ids)
+            self.digests.append(res.digests)
+
+    def find(self, sources: list[dict]) -> tuple[int, list[list[str]]]:
+        """How many records repeat an earlier one, and [file:line, file:line of the first] for the first few."""
+        if not self.ids:
+            return 0, []
+        ids, d = np.concatenate(self.ids), np.concatenate(self.digests)
+        order = np.lexsort((d[:, 1], d[:, 0]))  # stable: a digest's records stay in input (id) order
+        d, ids = d[order], ids[order]
+        first = np.ones(len(ids), dtype=bool)
+        first[1:] = (d[1:] != d[:-1]).any(axis=1)
+        repeat = np.flatnonzero(~first)
+        if not len(repeat):
+            return 0, []
+        original = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
+        shown = repeat[np.argsort(ids[repeat], kind="stable")[:self.SHOWN]]
+        starts = np.array([s["first_record"] for s in sources], dtype=np.int64)
+
+        def where(rid: int) -> str:
+            src = sources[int(np.searchsorted(starts, rid, side="right")) - 1]
+            return f"{src['path']}:{rid - src['first_record'] + 1}"
+
+        return len(repeat), [[where(int(ids[i])), where(int(ids[original[i]]))] for i in shown]
+
+
 class _Progress:
     def __init__(self, total_bytes: int, quiet: bool, interval: float = 2.0):
         self.total, self.quiet, self.interval = total_bytes, quiet, interval
@@ -378,6 +429,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
     rejects_out, first_reject, results, digest = None, None, None, hashlib.sha256()
+    repeats = _Repeats()
     with SigtermStops() as stop:
         try:
             results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -402,6 +454,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 counts["groups"] += res.records
                 counts["candidates"] += res.candidates
                 counts["tokens"] += res.tokens
+                repeats.add(res)
                 progress.update(res)
             if rejects_out:
                 rejects_out.close()
@@ -419,7 +472,9 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                         os.replace(rejects_tmp, rejects_file)
                         where = f"listed with their reasons in {rejects_file}"
                 raise ValueError(_no_group(files, counts, first_reject, where, old))
+            counts["duplicates"], shown = repeats.find(sources)
             writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
+            writer.meta["duplicates_first"] = shown  # [record, the earlier one it repeats], file:line each
             # absolute: a rebuild (--force) run from another directory finds it the list it replaces
             writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None
             # what makes a list at that path this shard's (polar.build_rejects.replaced_rejects): another
@@ -491,8 +546,8 @@ def _summary(meta: dict, workers: int) -> str:
     c, L = meta["counts"], meta["seq_length"]
     dt = max(meta["elapsed_s"], 1e-9)
     eff = c["tokens"] / max(1, c["sequences"] * L)
-    rej = (f", {c['rejected']:,} rejected ({c['too_long']:,} too long to pack) -> {meta['rejects_file']}"
-           if c["rejected"] else "")
+    too_long = f" ({c['too_long']:,} too long to pack)" if c["too_long"] else ""
+    rej = f", {c['rejected']:,} rejected{too_long} -> {meta['rejects_file']}" if c["rejected"] else ""
     # what POLAR's rule cut is reported too: a model never sees the end of a response cut to its head
     cut = [f"{c['responses_cut']:,} of {c['records'] + c['candidates']:,} responses (references and candidates) cut to "
            f"their first {meta['max_response']} ids, BOS counted ({max(meta['max_response'] - 1, 0)} tokens of text)"
@@ -504,9 +559,17 @@ def _summary(meta: dict, workers: int) -> str:
     cut = f"\n  truncation {'; '.join(x for x in cut if x)}" if any(cut) else ""
     records = c["lines"] - c["blank"]
     blank = f" ({c['blank']:,} blank lines skipped)" if c["blank"] else ""
+    dup = ""
+    if c["duplicates"]:
+        shown = ", ".join(f"{a} repeats {b}" for a, b in meta["duplicates_first"])
+        more = ", ..." if c["duplicates"] > len(meta["duplicates_first"]) else ""
+        within = " of this shard (other shards' records are not compared)" if meta["num_shards"] > 1 else ""
+        dup = (f"\n  duplicates {c['duplicates']:,} records repeat an earlier record{within} exactly (the same prompt, "
+               "reference, candidates, labels and wrapper), kept: each is trained as often as it appears: "
+               f"{shown}{more}")
     return "\n".join([
         f"wrote {meta['path']}.{{bin,idx,json}}",
-        f"  records    {records:,}{blank}: {c['records']:,} groups{rej}{cut}",
+        f"  records    {records:,}{blank}: {c['records']:,} groups{rej}{cut}{dup}",
         f"  packed     {c['groups']:,} groups, {c['candidates']:,} candidates -> {c['sequences']:,} sequences of "
         f"{L} tokens, packing efficiency {eff:.2%}",
         f"  tokens     {c['tokens']:,} ({meta['token_dtype']})",

@@ -93,18 +93,38 @@ def test_every_record_becomes_its_encoded_group(tmp_path, records, capsys):
     assert m["counts"]["records"] == 120 and m["counts"]["sequences"] == len(ds)
 
 
-def test_output_is_the_same_for_any_workers_and_shards(tmp_path, records):
-    a = write_jsonl(tmp_path / "a.jsonl", records[:70])
-    b = write_jsonl(tmp_path / "b.jsonl", records[70:])
+def test_output_is_the_same_for_any_workers_and_shards(tmp_path, records, capsys):
+    """Records that repeat an earlier one (across chunks and files; one differing only in metadata
+    or naming the default wrapper; not one naming another wrapper) are kept, counted and named,
+    the same for any workers; a machine of several compares its own shard's."""
+    a = write_jsonl(tmp_path / "a.jsonl", records[:70] + [records[5], records[6], {**records[1], "id": 7},
+                                                          {**records[2], "wrapper": "pretrain"},
+                                                          {**records[3], "wrapper": "sft"}])
+    b = write_jsonl(tmp_path / "b.jsonl", records[70:] + records[:2] + [records[90]])
     common = [a, b, "--seq-length", SEQ, "--chunk-records", 16]
     assert build(*common, "-o", tmp_path / "w1") == 0
     assert build(*common, "-o", tmp_path / "w2", "--workers", "2") == 0
+    out = capsys.readouterr().out
+    repeats = [(f"{a}:71", f"{a}:6"), (f"{a}:72", f"{a}:7"), (f"{a}:73", f"{a}:2")]
+    line = (f"  duplicates 7 records repeat an earlier record exactly (the same prompt, reference, candidates, "
+            f"labels and wrapper), kept: each is trained as often as it appears: "
+            f"{', '.join(f'{x} repeats {y}' for x, y in repeats)}, ...\n")
+    assert out.count(line) == 2, out
     for ext in ("bin", "idx"):
         name = f"part-00000-of-00001.{ext}"
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), ext
+    for w in ("w1", "w2"):
+        meta = IndexedDataset(tmp_path / w).meta
+        assert meta["counts"]["duplicates"] == 7 and meta["duplicates_first"] == [list(r) for r in repeats]
+        assert meta["counts"]["groups"] == len(records) + 8  # every repeat kept
     for i in range(3):  # three machines, one directory
         assert build(*common, "-o", tmp_path / "sharded", "--num-shards", 3, "--shard-index", i) == 0
+    # shard 2 holds b.jsonl's lines 17-53, of which line 53 repeats line 21
+    assert (f"  duplicates 1 records repeat an earlier record of this shard (other shards' records are not "
+            f"compared) exactly (the same prompt, reference, candidates, labels and wrapper), kept: each is trained "
+            f"as often as it appears: {b}:53 repeats {b}:21\n") in capsys.readouterr().out
     one, three = IndexedDataset(tmp_path / "w1"), IndexedDataset(tmp_path / "sharded")
+    assert [s.meta["counts"]["duplicates"] for s in three.shards] == [0, 0, 1]
     assert len(three.shards) == 3 and len(one) == len(three)
     for i in range(len(one)):
         np.testing.assert_array_equal(one.sources(i), three.sources(i))
@@ -230,7 +250,8 @@ def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
     src.write_bytes(b"\xef\xbb\xbf" + lines[0] + b"\n" + lines[1] + b"  \n" + b"{oops\n" + b"".join(lines[2:]))
     assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip") == 0
     out = capsys.readouterr().out
-    assert "records    5 (2 blank lines skipped): 4 groups, 1 rejected" in out
+    # "(0 too long to pack)" was said of every rejects list
+    assert f"records    5 (2 blank lines skipped): 4 groups, 1 rejected -> {tmp_path / 'ds'}" in out, out
     ds = IndexedDataset(tmp_path / "ds")
     assert ds.num_groups == 4 and ds.meta["counts"]["blank"] == 2
     enc, _ = expected_group(records[0])  # the BOM is not part of the first record
