@@ -54,7 +54,7 @@ def _misspelt(obj: dict) -> str:
 
 def _parse(obj) -> tuple[str, list]:
     if not isinstance(obj, dict):
-        raise _Bad("line", f"expected a JSON object, got {type(obj).__name__}")
+        raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")  # as every record reader says
     wrapper = obj.get("wrapper")
     if wrapper is None:  # absent or null; "" or 0 is a mistake, not the default
         wrapper = "sft"

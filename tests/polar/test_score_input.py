@@ -72,3 +72,11 @@ def test_a_lone_surrogate_is_a_bad_line_not_a_crash(tmp_path, extra, field):
     assert str(e.value).startswith(f"{path}:2: {field}: lone surrogate"), str(e.value)
     kept = list(iter_score_input(str(path), on_error="skip"))
     assert [ln.kind for ln in kept] == ["output", "error"]
+
+
+def test_a_line_that_is_not_an_object_is_named_as_every_record_reader_names_it(tmp_path):
+    """It was `line: expected a JSON object`, where every other reader says `(record): must be ...`."""
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({**BASE, "output": "fine"}) + "\n[1, 2]\n")
+    with pytest.raises(RecordError, match=rf"^{path}:2: \(record\): must be a JSON object, got list$"):
+        list(iter_score_input(str(path)))
