@@ -103,16 +103,24 @@ def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[s
     if own:
         print(f"note: not read: {names(own)}, the output's own shard files or rejects list, not records",
               file=sys.stderr, flush=True)
-    seen: dict = {}
     for f in files:
         found = compressed_format(f)
         if found:
             raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
-        # the file, not its path: a hard link (a `cp -al` snapshot) or a bind mount of it names it again
+    twice = given_twice(files)
+    if twice:
+        # its records would be built twice, and trained twice as often as the others
+        raise ValueError(f"{twice}, directly, through a directory or as a link to the same file: list each input once")
+    return files
+
+
+def given_twice(files: list[str]) -> str:
+    """"B is given twice (also as A)" for the first file that names one given before it, "" for none.
+    The file, not its path: a hard link (a `cp -al` snapshot) or a bind mount of it names it again."""
+    seen: dict = {}
+    for f in files:
         st = os.stat(f)
         if (st.st_dev, st.st_ino) in seen:
-            # its records would be built twice, and trained twice as often as the others
-            raise ValueError(f"{f} is given twice (also as {seen[st.st_dev, st.st_ino]}), directly, through a "
-                             "directory or as a link to the same file: list each input once")
+            return f"{f} is given twice (also as {seen[st.st_dev, st.st_ino]})"
         seen[st.st_dev, st.st_ino] = f
-    return files
+    return ""

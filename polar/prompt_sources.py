@@ -8,6 +8,7 @@ import stat
 from array import array
 from dataclasses import dataclass
 
+from polar.data_inputs import given_twice
 from polar.format import as_text, lone_surrogate
 from polar.records import FieldError, compressed_format, parse_json_text, strip_bom
 
@@ -24,8 +25,8 @@ class TextSource:
     request is sent. Blank lines / empty texts are not documents (a prefix needs one token); they are
     counted in `empty`, not dropped silently. A UTF-8 byte order mark opening a file is not text.
     "auto" reads .jsonl and .json files as JSONL, in any case (as `polar data build` reads a .JSONL
-    file). Refused by name: a compressed file, and one that is no regular file (a pipe), which could
-    not be read again by offset.
+    file). Refused by name: a compressed file, one that is no regular file (a pipe), which could
+    not be read again by offset, and a file given twice (as `polar data build` refuses one).
     """
 
     def __init__(self, paths: list[str], fmt: str, text_field: str):
@@ -37,6 +38,11 @@ class TextSource:
         # docs.JSONL read as text made every document a line of JSON syntax, without a word
         self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.lower().endswith((".jsonl", ".json")) else "text")
                        for p in self.paths]
+        # documents are drawn uniformly: a file listed twice was drawn from twice as often, without a word
+        twice = given_twice([p for p in self.paths if os.path.exists(p)])
+        if twice:
+            raise SampleError(f"{twice}, directly or as a link to the same file: its documents would be drawn "
+                              "twice as often as the others': list each file once")
         for k, path in enumerate(self.paths):
             self._scan(k, path, self._kinds[k])
         self._handles: dict[int, object] = {}

@@ -35,3 +35,17 @@ def test_a_piped_corpus_is_refused_before_sampling():
             TextSource([f"/dev/fd/{r}"], "text", "text")
     finally:
         os.close(r)
+
+
+def test_a_corpus_file_given_twice_is_refused_as_data_build_refuses_one(tmp_path):
+    """Documents are drawn uniformly: a file listed twice (or through a link) was drawn from twice as
+    often as the others, without a word."""
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a document\n")
+    b.write_text("another\n")
+    os.link(a, tmp_path / "link.txt")
+    for paths, twice, first in (([a, b, a], a, a), ([a, tmp_path / "link.txt"], tmp_path / "link.txt", a)):
+        with pytest.raises(SampleError, match=rf"^{twice} is given twice \(also as {first}\), directly or as a link "
+                                              "to the same file: its documents would be drawn twice as often"):
+            TextSource([str(p) for p in paths], "text", "text")
+    assert len(TextSource([str(a), str(b)], "text", "text")) == 2
