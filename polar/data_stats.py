@@ -123,6 +123,9 @@ def compute(path: str, workers: int | None = None) -> dict:
         "tokenizer": ds.meta.get("tokenizer"),
         "records": sum(records) if None not in records else None,
         "rejected": summed("rejected"),
+        # records that repeat an earlier one of their own shard exactly (the build keeps and counts them;
+        # shards built apart are not compared)
+        "duplicates": summed("duplicates"),
         "groups": ds.num_groups,
         "candidates": candidate_count(ds),
         "sequences": len(ds),
@@ -154,7 +157,10 @@ def _truncation_line(t: dict) -> list[str]:
 def format_text(s: dict) -> str:
     sp = s["shared_prefix"]
     rec = f"{s['records']:,}" if s["records"] is not None else "?"
-    rej = f" ({s['rejected']:,} rejected)" if s["rejected"] else ""
+    notes = [f"{s['rejected']:,} rejected"] if s["rejected"] else []
+    if s["duplicates"]:
+        notes.append(f"{s['duplicates']:,} repeat an earlier record of their shard")
+    rej = f" ({', '.join(notes)})" if notes else ""
     lines = [
         f"{s['path']}: {s['shards']} shard(s), seq_length {s['seq_length']}, tokenizer {s['tokenizer']}",
         f"  records {rec}{rej} | groups {s['groups']:,} | candidates {s['candidates']:,} | "

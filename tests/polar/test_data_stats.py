@@ -117,6 +117,13 @@ def test_stats_sum_what_the_builds_truncated_over_the_shards(tmp_path, dataset, 
     assert s["groups"] == 3 and s["truncation"] == {"responses_cut": 6, "prompts_cut": 2, "prompts_shortened": 0}
     assert "  truncation 6 responses cut to their head (max_response), 2 prompts to their tail (max_length); 0 " \
            "prompts shortened further to fit the pack" in data_stats.format_text(s)
+    # lines 1 and 3 are one record: a build counts a repeat within a shard only, and stats sums the shards'
+    assert s["duplicates"] == 0 and "repeat an earlier record" not in data_stats.format_text(s)
+    built.build(src, "-o", tmp_path / "one", "--seq-length", 256, "--max-length", 100, "--max-response", 20)
+    capsys.readouterr()
+    s = data_stats.compute(str(tmp_path / "one"))
+    assert s["duplicates"] == 1
+    assert "  records 3 (1 repeat an earlier record of their shard) | groups 3 |" in data_stats.format_text(s)
     # shards written without the counts (the fixture's, as by a build before them): unknown, not 0
     s = data_stats.compute(str(dataset))
     assert s["truncation"] == {"responses_cut": None, "prompts_cut": None, "prompts_shortened": None}
