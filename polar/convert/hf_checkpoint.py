@@ -1,10 +1,10 @@
 """Reading a transformers checkpoint directory: config.json and the weights, tensor by tensor.
 
-Weights are read from safetensors (one `model.safetensors`, or shards listed in
-`model.safetensors.index.json`) lazily, one tensor at a time, so a large model never sits in
-memory twice. A GGUF file is read through transformers' own GGUF loader (which dequantizes it to
-float and returns a regular model), since GGUF tensor names and quantized layouts are that
-loader's business.
+Weights are read from safetensors (one `model.safetensors`, or every tensor of the shards
+`model.safetensors.index.json` names, as transformers reads them) lazily, one tensor at a time, so
+a large model never sits in memory twice. A GGUF file is read through transformers' own GGUF
+loader (which dequantizes it to float and returns a regular model), since GGUF tensor names and
+quantized layouts are that loader's business.
 """
 from __future__ import annotations
 
@@ -86,15 +86,21 @@ class HFCheckpoint:
                                "not supported; convert the unquantized (float) checkpoint")
         index = src / "model.safetensors.index.json"
         single = src / "model.safetensors"
+        if index.is_file() and single.is_file():
+            # transformers loads the single file and ignores the index; save_pretrained leaves either kind
+            # behind when a directory is saved again in the other, so either may be the stale one
+            raise ConvertError(f"{src}: holds both model.safetensors and {index.name} (with its shards); "
+                               "transformers loads model.safetensors: remove whichever is not the model")
         if index.is_file():
             weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict) or not weight_map:
+            if (not isinstance(weight_map, dict) or not weight_map
+                    or not all(isinstance(f, str) for f in weight_map.values())):
                 raise ConvertError(f"{index}: no 'weight_map' of tensor names to shard files")
             missing = sorted({f for f in weight_map.values() if not (src / f).is_file()})
             if missing:
                 raise ConvertError(f"{src / missing[0]}: listed in {index.name} but missing ({len(missing)} shard(s) "
                                    "missing in all); download the checkpoint again or copy the missing shards")
-            self._files = {name: src / f for name, f in weight_map.items()}
+            self._files = self._shard_contents(index, weight_map)
         elif single.is_file():
             with _safe_open(single) as f:
                 self._files = {name: single for name in f.keys()}
@@ -103,6 +109,27 @@ class HFCheckpoint:
             hint = (f" (found {other[0]}: load it with transformers and save_pretrained(..., "
                     "safe_serialization=True) to get safetensors)") if other else ""
             raise ConvertError(f"{src}: no model.safetensors or model.safetensors.index.json{hint}")
+
+    def _shard_contents(self, index: Path, weight_map: dict) -> dict[str, Path]:
+        """Tensor name -> shard file, from the headers of the shards the index names. transformers reads
+        every tensor of those files, the index only choosing the files: a tensor its weight_map leaves
+        out is still the model's (needed, or refused as unsupported, never dropped), and one it lists
+        in a shard that lacks it would start at random there, so it is refused here."""
+        held: dict[str, Path] = {}
+        for name in sorted(set(weight_map.values())):
+            path = self.src / name
+            self._open[path] = _safe_open(path)
+            for tensor in self._open[path].keys():
+                if tensor in held:
+                    raise ConvertError(f"{path}: tensor {tensor!r} is also in {held[tensor]}; which one is the "
+                                       "model's? download the checkpoint again")
+                held[tensor] = path
+        absent = sorted(set(weight_map) - set(held))
+        if absent:
+            raise ConvertError(f"{index}: lists tensor {absent[0]!r} in {weight_map[absent[0]]}, which does not hold "
+                               f"it ({len(absent)} such tensor{'s' * (len(absent) > 1)}); download the checkpoint "
+                               "again")
+        return held
 
     # ---- GGUF --------------------------------------------------------------------------------
     def _load_gguf(self, name: str) -> None:

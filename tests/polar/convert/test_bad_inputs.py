@@ -83,8 +83,8 @@ def test_hf_to_engine_names_the_bad_file(tmp_path, capsys, case):
                          message)
 
 
-def test_a_corrupt_shard_is_named_when_first_read(tmp_path):
-    # shards are opened lazily, after config.json and the index were read: the failure comes later
+def test_a_corrupt_shard_is_named(tmp_path):
+    # shards are opened after config.json and the index were read (their headers say which tensors they hold)
     src = tm.save(tm.random_seq_cls(tm.llama_config("llama")), tmp_path / "src", max_shard_size="40KB")
     shard = sorted(src.glob("model-*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:100])
