@@ -8,6 +8,7 @@
     POST /v1/rewards      native:   {"items": [{"prompt", "reference", "output"|"outputs", "wrapper"}]}
     GET  /health          200 {"status": "ok", ...}, 503 while shutting down; never needs the bearer token
     GET  /metrics         Prometheus text format
+    (HEAD on either: the GET's status and headers, no body)
 
 vLLM returns one row per token and its clients read the last; only the reward token's row is
 computed here, so the answer holds that one row ([[r]]), which is what `data[-1][0]` reads. A
@@ -354,7 +355,9 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
 
     # Open with --api-key-env too, on purpose: load balancers and Kubernetes probes call it without
     # credentials, and it tells only whether this replica takes work (and how much waits), no rewards.
-    @app.get("/health")
+    # HEAD as GET without the body (uvicorn drops it), as a GET route of Starlette's own answers
+    # it; FastAPI's answered 405, and some load balancers' and monitors' checks send HEAD
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health():
         ok = service.batcher.alive
         return JSONResponse({"status": "ok" if ok else "unavailable", "model": s.model_name,
@@ -362,7 +365,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                              "preparing": service.preparing, "waiting": service.waiting},
                             200 if ok else 503)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics(request: Request):
         if not authorized(request):
             return unauthorized()

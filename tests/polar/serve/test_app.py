@@ -342,6 +342,15 @@ def test_an_unknown_path_or_method_answers_the_documented_error_shape(server, me
     assert words in res.json()["error"]["message"] and res.json()["error"]["code"] == status
     assert status != 405 or res.headers["allow"] == "POST"
 
+def test_head_answers_as_get_without_a_body(server):
+    """HEAD /health was 405 (FastAPI's GET routes take no HEAD), and load balancers' checks may send it."""
+    url, _ = server
+    for path in ("/health", "/metrics"):
+        get, head = httpx.get(f"{url}{path}", timeout=30), httpx.head(f"{url}{path}", timeout=30)
+        assert (head.status_code, head.content) == (200, b""), (path, head.status_code)
+        assert head.headers["content-type"] == get.headers["content-type"]
+
+
 def test_a_compressed_body_is_refused_naming_its_content_encoding(server):
     """A body sent gzip-compressed (Content-Encoding: gzip) was read as JSON text and refused as
     "not valid utf-8 ... at byte 1", which points at the text, not at the compression."""

@@ -150,6 +150,8 @@ def test_with_a_key_only_health_answers_without_it(scorer, tokenizer):
             else:
                 assert res.status_code == 401 and res.headers["www-authenticate"] == "Bearer", (method, path)
                 assert "bearer token" in res.json()["error"]["message"]
+        # HEAD answers as GET does, the key needed alike
+        assert [httpx.head(f"{url}{p}").status_code for p in ("/health", "/metrics")] == [200, 401]
 
 
 def _until(condition, limit_s=20.0) -> bool:
