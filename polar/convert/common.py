@@ -93,6 +93,12 @@ def rope_settings(cfg: dict, src, positions: int) -> dict:
     scaling = _object(cfg, "rope_scaling", src)
     where = "rope_scaling." if scaling else "rope_parameters."
     params = scaling or _object(cfg, "rope_parameters", src)
+    # transformers 5's per-layer-type form ({"full_attention": {...}, ...}): no RoPE key holds an object
+    # otherwise, and read flat it would be plain RoPE
+    nested = sorted(key for key, value in params.items() if isinstance(value, dict))
+    if nested:
+        raise ConvertError(f"{src}/config.json: {where}{nested[0]}: RoPE settings per layer type are not supported; "
+                           "give one rope_type, rope_theta, ... for every layer")
     theta = _rope_theta(cfg, params, src, where)
     # an explicit "rope_type": null is not "default" to transformers (it fails on it)
     kind = params["rope_type"] if "rope_type" in params else params.get("type", "default")

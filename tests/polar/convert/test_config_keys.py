@@ -156,6 +156,13 @@ REFUSED = {
                                                          r"supported"),
     "qwen2_window": ("qwen2", {"use_sliding_window": True, "sliding_window": 4}, r"use_sliding_window=true is not "
                                                                                 r"supported"),
+    # RoPE settings per layer type (transformers 5's nested form): Qwen2, whose config declares layer_types,
+    # fails on them in transformers; Llama's reads past them to plain RoPE; the converter read plain RoPE
+    "rope_per_layer_type": ("qwen2", {"rope_parameters": {"full_attention": {**LINEAR, "rope_theta": 100.0}}},
+                            r"config.json: rope_parameters.full_attention: RoPE settings per layer type are not "
+                            r"supported; give one rope_type, rope_theta, ... for every layer$"),
+    "rope_per_layer_type_in_rope_scaling": ("llama", {"rope_scaling": {"full_attention": LINEAR}},
+                                            r"config.json: rope_scaling.full_attention: RoPE settings per layer"),
     "gelu": ("llama", {"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported \(SwiGLU with silu only\)"),
     "mlp_bias": ("llama", {"mlp_bias": True}, r"mlp_bias=true is not supported"),
     "scaling_without_factor": ("llama", {"rope_scaling": {"rope_type": "linear"}},
