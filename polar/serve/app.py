@@ -168,6 +168,7 @@ class Service(Admission):
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONResponse:
     kind = {400: "invalid_request_error", 401: "authentication_error", 408: "timeout", 413: "request_too_large",
+            431: "request_too_large",
             404: "not_found_error", 405: "method_not_allowed",
             415: "unsupported_media_type", 429: "rate_limit_error", 499: "client_closed_request", 503: "unavailable",
             504: "timeout"}.get(status, "server_error")

@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+from http import HTTPStatus
 
 
 def parse_args(argv=None):
@@ -207,16 +208,22 @@ def head_deadline(timeout_s: float):
     or sent its head a byte at a time (a slowloris), held the connection and its file descriptor
     for ever, and enough of them would leave the server unable to accept anyone. A head cut off
     is answered 408 naming the flag; a connection that sent nothing is closed as uvicorn closes
-    an idle one."""
+    an idle one. A request that is not HTTP/1.1 (a Content-Length "abc" or "-5", a bad request
+    line or header) is answered in the JSON error shape, naming what h11 found, where uvicorn
+    answered plain text "Invalid HTTP request received."."""
     import asyncio
 
+    import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     from polar.serve.app import error_body
 
-    late = error_body(408, f"the request head did not arrive within {timeout_s:g} s (--read-timeout-s)")
-    answer = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
-              b"content-length: %d\r\n\r\n" % len(late) + late)
+    def answer(status: int, message: str) -> bytes:
+        body = error_body(status, message)
+        return (b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\nconnection: close\r\n"
+                b"content-length: %d\r\n\r\n" % (status, HTTPStatus(status).phrase.encode(), len(body)) + body)
+
+    late = answer(408, f"the request head did not arrive within {timeout_s:g} s (--read-timeout-s)")
 
     class HeadDeadline(H11Protocol):
         _head_timer = None
@@ -246,7 +253,17 @@ def head_deadline(timeout_s: float):
                     or (cycle is not None and not cycle.response_complete)):
                 return
             if self.conn.trailing_data[0]:  # part of a head
-                self.transport.write(answer)
+                self.transport.write(late)
+            self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn calls it while it handles h11's RemoteProtocolError, which says what is wrong
+            # (or for an upgrade it does not take, with no error)
+            error, status = sys.exc_info()[1], 400
+            if isinstance(error, h11.RemoteProtocolError):
+                status, msg = error.error_status_hint, f"the request is not valid HTTP/1.1: {error}"
+            if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # not after an answer begun (a 429 or
+                self.transport.write(answer(status, msg))  # 413 given before the body came)
             self.transport.close()
 
     return HeadDeadline

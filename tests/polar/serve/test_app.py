@@ -4,6 +4,7 @@ compute_score_batch through polar.reward; rewards equal each item scored alone (
 import asyncio
 import json
 import re
+import socket
 
 import httpx
 import numpy as np
@@ -349,6 +350,23 @@ def test_head_answers_as_get_without_a_body(server):
         get, head = httpx.get(f"{url}{path}", timeout=30), httpx.head(f"{url}{path}", timeout=30)
         assert (head.status_code, head.content) == (200, b""), (path, head.status_code)
         assert head.headers["content-type"] == get.headers["content-type"]
+
+
+@pytest.mark.parametrize("length", [b"abc", b"-5"])
+def test_a_request_that_is_not_http_is_answered_in_the_error_shape(server, length):
+    """uvicorn answered a malformed Content-Length with plain text "Invalid HTTP request received."."""
+    from .test_app_failures import _answer_of
+
+    url, _ = server
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as conn:
+        conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: " + length + b"\r\n\r\n{}")
+        head, body = _answer_of(conn).split(b"\r\n\r\n", 1)
+        assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n") and b"content-type: application/json" in head, head
+        assert json.loads(body)["error"] == {"message": "the request is not valid HTTP/1.1: bad Content-Length",
+                                             "type": "invalid_request_error", "code": 400}
+        assert conn.recv(1) == b""  # closed
+    assert httpx.get(f"{url}/health").status_code == 200
 
 
 def test_a_compressed_body_is_refused_naming_its_content_encoding(server):
