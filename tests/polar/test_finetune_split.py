@@ -51,6 +51,17 @@ def test_a_prompt_always_stays_to_train_on_and_one_is_held_out_when_any_record_i
     assert not split_by_prompt(big, 0.0, 0).held.any()
 
 
+def test_a_prompt_of_most_records_met_early_in_the_order_is_passed_over():
+    """The split stopped at the first prompt past the target: where the seeded order met a prompt of
+    10 records first, it held out 10 of 11 records at 0.05 (and 10 of 20 at 0.1, seeds 9 and 11),
+    leaving one record to train on, where whole prompts allow the README's 'as close to the fraction
+    as whole prompts allow'."""
+    for seed in range(12):
+        assert split_by_prompt([rec("big")] * 10 + [rec("x")], 0.05, seed).held.sum() == 1, seed
+        split = split_by_prompt([rec("big")] * 10 + [rec(f"p{i}") for i in range(10)], 0.1, seed)
+        assert (split.held.sum(), split.held_prompts) == (2, 2), seed
+
+
 def test_overlap_counts_shared_prompts_and_names_each_copy_with_its_training_record():
     train = [rec("a", line=1), rec("b", line=2), rec("b", line=3)]
     held = [rec("a", chosen="other", line=1), rec("b", line=2), rec("c", line=3), rec("b", line=4)]
