@@ -1,10 +1,11 @@
 """`polar convert engine-to-hf SRC DST [--format hf|internlm2-reward]`: an engine checkpoint (saved at
 any layout) to a transformers directory.
 
---format hf (default): LlamaForSequenceClassification, or Qwen2ForSequenceClassification when the
-model has q/k/v biases: one label, `score` = the value head, pad_token_id = the tokenizer's pad, so
-transformers, vLLM and SGLang read the score at the last non-pad token (the reward token, which
-ends every POLAR input). No remote code is needed.
+--format hf (default): LlamaForSequenceClassification (q/k/v biases as attention_bias with zero
+o_proj biases, not Qwen2's class, whose tokenizer transformers rebuilds as Qwen2's: llama.hf_config):
+one label, `score` = the value head, pad_token_id = the tokenizer's pad, so transformers, vLLM and
+SGLang read the score at the last non-pad token (the reward token, which ends every POLAR input).
+No remote code is needed.
 --format internlm2-reward: the InternLM2ForRewardModel weight layout (fused wqkv per key-value
 group, v_head) and config (reward_token_id) that POLAR's official tooling loads; the modeling code
 itself is InternLM's remote code, which is not shipped here.
@@ -271,7 +272,7 @@ def main(argv=None) -> int:
                     "directory, as polar score --checkpoint takes")
     ap.add_argument("dst", help="new output directory")
     ap.add_argument("--format", default="hf", choices=["hf", "internlm2-reward"],
-                    help="hf: Llama/Qwen2ForSequenceClassification (default); internlm2-reward: POLAR's released "
+                    help="hf: LlamaForSequenceClassification (default); internlm2-reward: POLAR's released "
                     "layout")
     ap.add_argument("--config", default=None,
                     help="model.yaml or run config.yaml (default: the settings recorded with SRC)")

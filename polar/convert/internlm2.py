@@ -71,7 +71,7 @@ def hf_config(model, pad_token_id: int, bos_token_id: int, eos_token_id: int, re
               dtype: str) -> dict:
     if model.add_qkv_bias:
         raise ConvertError("--format internlm2-reward: the model has q/k/v biases (model.add_qkv_bias=true), "
-                           "which InternLM2 cannot hold; use --format hf (Qwen2ForSequenceClassification)")
+                           "which InternLM2 cannot hold; use --format hf (LlamaForSequenceClassification)")
     if model.rope_scaling in ("llama3", "yarn"):  # InternLM2's modeling code knows linear and dynamic only
         raise ConvertError(f"--format internlm2-reward: the model uses {model.rope_scaling} RoPE scaling, which "
                            "InternLM2's code does not implement; use --format hf (LlamaForSequenceClassification)")

@@ -1,6 +1,8 @@
 """Llama, Mistral and Qwen2 checkpoints (causal LM or one-label sequence classification).
 
-Qwen2 is Llama with biases on the q, k and v projections (never on o_proj). A sequence
+Qwen2 is Llama with biases on the q, k and v projections (never on o_proj); a Llama config's
+`attention_bias` puts biases on all four, which the engine holds where o_proj's are zero (a model
+this converter exported: it writes q/k/v biases that way). A sequence
 classification checkpoint's `score` ([1, hidden], no bias) is the value head; a causal LM gets a
 zero value head (POLAR: a new value head starts at zero). A causal LM's head (`lm_head`, or the
 embedding when `tie_word_embeddings`) is kept: it starts the auxiliary next-token loss
@@ -32,7 +34,8 @@ def model_config(cfg: dict, src) -> dict:
         # MistralConfig types the key int: transformers refuses null rather than default it
         raise ConvertError(f"{src}/config.json: num_key_value_heads must be a positive integer, got None")
     check_head_dim(cfg, src, KV_HEADS_ABSENT[family])
-    if cfg.get("attention_bias"):
+    # Mistral's code builds no biases whatever attention_bias says, Qwen2's q/k/v ones always
+    if cfg.get("attention_bias") and family != "llama":
         raise ConvertError(f"{src}/config.json: attention_bias=true (biases on q/k/v AND o_proj) is not supported; "
                            "the engine supports q/k/v biases only (Qwen2)")
     if cfg.get("mlp_bias"):
@@ -45,7 +48,8 @@ def model_config(cfg: dict, src) -> dict:
     if family == "qwen2" and cfg.get("use_sliding_window"):
         raise ConvertError(f"{src}/config.json: use_sliding_window=true is not supported; the engine attends "
                            "over the whole input")
-    return decoder_settings(cfg, src, add_qkv_bias=family == "qwen2", default_positions=DEFAULT_POSITIONS[family],
+    qkv_bias = family == "qwen2" or bool(cfg.get("attention_bias"))
+    return decoder_settings(cfg, src, add_qkv_bias=qkv_bias, default_positions=DEFAULT_POSITIONS[family],
                             kv_absent=KV_HEADS_ABSENT[family])
 
 
@@ -79,6 +83,12 @@ def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
         if key.startswith("layers."):
             _, i, part = key.split(".", 2)
             out[key] = r.take(f"model.layers.{i}.{names[part]}", shape)
+    if ckpt.config.get("attention_bias"):  # a Llama with biases on o_proj too: held only where they are zero
+        for key in (key for key in shapes if key.endswith(".o")):
+            name = f"model.{key[:-1]}self_attn.o_proj.bias"
+            if torch.count_nonzero(r.take(name, shapes["final_norm"])):
+                raise ConvertError(f"{ckpt.where(name)}: tensor {name!r} is not zero: biases on o_proj "
+                                   "(attention_bias=true) are not supported; the engine holds q/k/v biases only")
     out["final_norm"] = r.take("model.norm.weight", shapes["final_norm"])
     out["value_head"] = r.take("score.weight", shapes["value_head"]) if r.has("score.weight") else None
     if r.has("lm_head.weight"):
@@ -90,7 +100,8 @@ def to_canonical(ckpt: HFCheckpoint, shapes: dict) -> dict[str, torch.Tensor]:
 
 
 def from_canonical(tensors: dict) -> dict[str, torch.Tensor]:
-    """canonical -> the tensors of Llama/Qwen2ForSequenceClassification."""
+    """canonical -> the tensors of LlamaForSequenceClassification; q/k/v biases come with zero o_proj
+    biases (hf_config's attention_bias)."""
     back = {"attn_norm": "input_layernorm.weight", "q": "self_attn.q_proj.weight", "k": "self_attn.k_proj.weight",
             "v": "self_attn.v_proj.weight", "o": "self_attn.o_proj.weight", "q_bias": "self_attn.q_proj.bias",
             "k_bias": "self_attn.k_proj.bias", "v_bias": "self_attn.v_proj.bias",
@@ -102,14 +113,20 @@ def from_canonical(tensors: dict) -> dict[str, torch.Tensor]:
         if key.startswith("layers."):
             _, i, part = key.split(".", 2)
             out[f"model.layers.{i}.{back[part]}"] = t
+            if part == "q_bias":
+                out[f"model.layers.{i}.self_attn.o_proj.bias"] = torch.zeros_like(tensors["final_norm"])
     return out
 
 
 def hf_config(model, pad_token_id: int, bos_token_id: int, eos_token_id: int, dtype: str) -> dict:
-    qwen = model.add_qkv_bias
-    cfg = {
-        "architectures": ["Qwen2ForSequenceClassification" if qwen else "LlamaForSequenceClassification"],
-        "model_type": "qwen2" if qwen else "llama",
+    """Llama's, q/k/v biases included (attention_bias, with zero o_proj biases): transformers 5 builds
+    a model_type qwen2 directory its own Qwen2Tokenizer, which keeps only the vocabulary, merges and
+    post-processor of tokenizer.json and puts Qwen2's NFC normalizer and pre-tokenizer in place of the
+    file's, so a tokenizer other than Qwen2's (the byte tokenizer, a Llama one) would read served texts
+    otherwise than the engine; model_type llama reads tokenizer.json as written."""
+    return {
+        "architectures": ["LlamaForSequenceClassification"],
+        "model_type": "llama",
         "hidden_size": model.hidden_size,
         "intermediate_size": model.ffn_hidden_size,
         "num_hidden_layers": model.num_layers,
@@ -133,9 +150,6 @@ def hf_config(model, pad_token_id: int, bos_token_id: int, eos_token_id: int, dt
         "dtype": dtype,
         "initializer_range": model.init_method_std,
         "use_cache": False,
+        "attention_bias": model.add_qkv_bias,
+        "mlp_bias": False,
     }
-    if qwen:
-        cfg.update({"use_sliding_window": False, "sliding_window": None, "max_window_layers": model.num_layers})
-    else:
-        cfg.update({"attention_bias": False, "mlp_bias": False})
-    return cfg
