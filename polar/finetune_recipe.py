@@ -185,6 +185,12 @@ def check(cfg: FinetuneConfig) -> None:
                           "finetune.eval), not a built dataset; drop it (a --config holding a data section sets "
                           "it too: pass a model section only)")
     f = cfg.finetune
+    if f.eval and f.eval_fraction not in (0.0, FinetuneDataConfig().eval_fraction):
+        # the held-out records are finetune.eval's and the whole training file trains: a fraction asked
+        # for was dropped without a word (the default cannot be told from one given, and holds out nothing)
+        raise ConfigError(f"finetune.eval_fraction={f.eval_fraction:g} with finetune.eval={f.eval}: the held-out "
+                          "records are finetune.eval's, and no part of finetune.train is held out; give one of the "
+                          "two (finetune.eval_fraction=0 or left out with finetune.eval)")
     if f.eval and f.train and os.path.samefile(f.eval, f.train):
         # every held-out record would be one trained on: an accuracy that measures nothing, reported as held out
         raise ConfigError(f"finetune.eval={f.eval} is the finetune.train file: name records not trained on, or "

@@ -248,6 +248,21 @@ def test_held_out_records_that_are_the_training_file_are_refused(tmp_path):
             recipe.check(cfg)
 
 
+def test_a_fraction_given_with_a_held_out_file_is_refused_not_dropped(tmp_path):
+    """finetune.eval_fraction=0.2 beside finetune.eval held out nothing of finetune.train, without a word."""
+    (tmp_path / "r.jsonl").write_text("")
+    (tmp_path / "held.jsonl").write_text("")
+    given = [f"finetune.train={tmp_path / 'r.jsonl'}", f"finetune.eval={tmp_path / 'held.jsonl'}"]
+    cfg = load_config(recipe.FinetuneConfig, None, [*given, "finetune.eval_fraction=0.2"])
+    with pytest.raises(ConfigError, match=r"^finetune.eval_fraction=0.2 with finetune.eval=.*held.jsonl: the held-out "
+                                          "records are finetune.eval's"):
+        recipe.check(cfg)
+    for fraction in ("0", "0.05"):  # none, or the default (which cannot be told from one given)
+        cfg = load_config(recipe.FinetuneConfig, None, [*given, f"finetune.eval_fraction={fraction}"])
+        with pytest.raises(ConfigError, match="^checkpoint.init_from: fine-tuning starts"):  # the next check
+            recipe.check(cfg)
+
+
 def test_a_fraction_that_holds_out_no_record_says_so(tmp_path, capsys):
     """10 records at the default eval_fraction (0.05) hold out none: the run reported no held-out
     accuracy, and only "0 held out" in its data line said why."""
