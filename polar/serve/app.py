@@ -292,6 +292,11 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             m.requests.labels(endpoint, str(status)).inc()
             m.latency.labels(endpoint).observe(time.monotonic() - t0)
 
+    async def checked(check, body):
+        # in a worker thread as the parse is: a body of millions of short elements took seconds to
+        # check element by element (before the count is refused), holding every other request and /health
+        return await asyncio.to_thread(check, body, s.max_items)
+
     async def text_ids(texts, field):
         return await asyncio.to_thread(service.texts_to_ids, texts, field)
 
@@ -301,7 +306,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     @app.post("/classify")
     async def classify(request: Request):
         async def work(body, req):
-            texts = validation.classify(body, s.max_items)
+            texts = await checked(validation.classify, body)
             field = validation.classify_field(body)
             r = await service.rewards(await text_ids(texts, field), req, [f"{field}[{i}]" for i in range(len(texts))])
             out = [{"index": i, "embedding": [float(x)]} for i, x in enumerate(r)]
@@ -315,7 +320,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
                 fmt = fixed or req.query_params.get("format", s.pooling_format)
                 if fmt not in POOLING_FORMATS:
                     raise RequestError(f"format must be one of {', '.join(POOLING_FORMATS)}, got {fmt!r}")
-                texts = validation.pooling(body, s.max_items)
+                texts = await checked(validation.pooling, body)
                 names = [f"input[{i}]" for i in range(len(texts))]
                 r = await service.rewards(await text_ids(texts, "input"), req, names)
                 if fmt == "lmdeploy":
@@ -333,7 +338,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     @app.post("/get_reward")
     async def get_reward(request: Request):
         async def work(body, req):
-            items = validation.get_reward(body, s.max_items)
+            items = await checked(validation.get_reward, body)
             names = [f"query[{i}]" for i in range(len(items))]
             r = [float(x) for x in await service.rewards(await item_ids(items, names), req, names)]
             return {"rewards": r, "scores": r, "extra_logs": {}}
@@ -342,7 +347,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
     @app.post("/v1/rewards")
     async def rewards(request: Request):
         async def work(body, request):
-            req = validation.native(body, s.max_items)
+            req = await checked(validation.native, body)
             ids = await item_ids(req.items, req.names)
             r = await service.rewards(ids, request, req.names)
             data, k = [], 0

@@ -244,22 +244,26 @@ def test_a_burst_of_small_requests_waits_for_a_preparing_slot_instead_of_429(sco
 
 
 def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer, monkeypatch):
-    """/health requests are answered while the server parses a 61 MB body. Counted, not timed: a
-    parse that held the GIL throughout (json.loads) or ran on the event loop lets no request start
-    and finish inside its window, however fast or loaded the machine is."""
+    """/health requests are answered while the server parses a 61 MB body, and while it checks one
+    of a million one-character texts. Counted, not timed: a parse that held the GIL throughout
+    (json.loads), or a parse or check that ran on the event loop, lets no request start and finish
+    inside its window, however fast or loaded the machine is."""
     from polar.serve import validation
 
-    body = json.dumps({"model": 5, "text": ["ab\"cd\n" * 2000] * 4000}).encode()  # 61 MB
-    windows, parse_json = [], validation.parse_json
+    windows = {}
 
-    def timed_parse(*args):
-        t = time.perf_counter()
-        try:
-            return parse_json(*args)
-        finally:
-            windows.append((t, time.perf_counter()))
+    def timed(name):
+        def run(*args):
+            t = time.perf_counter()
+            try:
+                return original(*args)
+            finally:
+                windows[name] = (t, time.perf_counter())
+        original = getattr(validation, name)
+        monkeypatch.setattr(validation, name, run)
 
-    monkeypatch.setattr(validation, "parse_json", timed_parse)
+    timed("parse_json")
+    timed("classify")
     with live_server(scorer, tokenizer) as (url, _):
         probes, done = [], threading.Event()
 
@@ -271,15 +275,25 @@ def test_a_large_body_does_not_stall_the_event_loop(scorer, tokenizer, monkeypat
                     probes.append((t, time.perf_counter()))
                     time.sleep(0.005)
 
+        def answered_inside(body, name):
+            windows.clear()
+            res = httpx.post(f"{url}/classify", content=body, timeout=120)
+            start, end = windows[name]
+            return res, sum(start <= a and b <= end for a, b in probes), end - start
+
         t = threading.Thread(target=probe)
         t.start()
-        res = httpx.post(f"{url}/classify", content=body, timeout=120)
+        parsed = answered_inside(json.dumps({"model": 5, "text": ["ab\"cd\n" * 2000] * 4000}).encode(), "parse_json")
+        # checked element by element on the event loop before its count was refused: 0 inside
+        checked = answered_inside(json.dumps({"text": ["a"] * 1_000_000}).encode(), "classify")
         done.set()
         t.join(60)
+    res, inside, took = parsed
     assert res.status_code == 400 and "'model' must be a string" in res.text  # parsed in full, then refused
-    (start, end), = windows
-    inside = sum(start <= a and b <= end for a, b in probes)
-    assert inside >= 3, (inside, end - start, len(probes))  # 14-51 here, loaded or not; json.loads: 0
+    assert inside >= 3, (inside, took, len(probes))  # 14-51 here, loaded or not; json.loads: 0
+    res, inside, took = checked
+    assert res.status_code == 413 and "1000000 items in one request" in res.text
+    assert inside >= 3, (inside, took, len(probes))
 
 
 def test_a_stalled_body_gets_408_and_frees_its_room(scorer, tokenizer):
