@@ -65,6 +65,7 @@ def main(argv=None) -> int:
 def run(args, rank: int, leaves: list) -> int:
     from engine.runtime import shutdown_runtime
     from engine.score import CheckpointScorer, writable_output
+    from polar.format import as_text
     from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, write_result
     from polar.records import RecordError
 
@@ -87,19 +88,27 @@ def run(args, rank: int, leaves: list) -> int:
     scorer.start()
 
     def score_fn(items):
-        # a record's items share its prompt and reference: one group each
+        # a record's items share its prompt and reference: one group each, holding each distinct
+        # response once. The same text at two ranks is a tie (counted wrong and in `ties`), but two
+        # copies in one group were read at two places of the pack, whose float sums run in another
+        # order: rewards 1e-7 apart, the pair counted right or wrong by rounding
         lists: list[list] = []
         lines: list[int] = []
+        at: list[tuple[int, int]] = []  # each item's (group, place in it)
         for it, line in zip(items, owners, strict=True):
-            if lines and lines[-1] == line:
-                lists[-1].append(it)
-            else:
-                lists.append([it])
+            if not lines or lines[-1] != line:
+                lists.append([])
                 lines.append(line)
+                places: dict = {}
+            text = as_text(it.output)  # the format's text: a message list and its string are one input
+            if text not in places:
+                places[text] = len(lists[-1])
+                lists[-1].append(it)
+            at.append((len(lists) - 1, places[text]))
         # --seq-length also splits a record whose responses together pass it, as polar score does
         rewards, _ = scorer.score_groups(scorer.groups(lists, args.seq_length), args.seq_length,
                                          where=lambda i: f"{args.input}:{lines[i]}", progress_s=args.progress_s)
-        return [r for group in rewards for r in group]
+        return [rewards[g][k] for g, k in at]
 
     result = evaluate_ranked(records, score_fn)
     if rank == 0:

@@ -15,7 +15,10 @@ ROOT = Path(__file__).parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 RECORDS = [{"prompt": "Name a prime.", "category": "small", "responses": ["7", "8", "9"]},
            {"prompt": "Count to ten.", "category": "big",  # 12 responses: past 128 tokens together
-            "responses": [" ".join(str(k) for k in range(1, 11 - i % 4)) + "." * i for i in range(12)]}]
+            "responses": [" ".join(str(k) for k in range(1, 11 - i % 4)) + "." * i for i in range(12)]},
+           # the same text at two ranks, twice: a tie each (one given as a message list)
+           {"prompt": "Name a colour.", "category": "small",
+            "responses": ["red", "blue", "green", [{"role": "assistant", "content": "blue"}], "green"]}]
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +73,14 @@ def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert split.returncode == 0, split.stderr[-3000:]  # it stopped at the big record's line before
     a, b = (json.loads((tmp_path / p).read_text()) for p in ("whole.json", "out/split.json"))
-    assert a["overall"] == b["overall"] and a["overall"]["pairs"] == 1 + 55  # the first response is the reference
-    # every response's reward, not only the pairs' order: 2 + 11 scored (each record's first is its reference)
+    assert a["overall"] == b["overall"] and a["overall"]["pairs"] == 1 + 55 + 6  # the first response is the reference
+    # a response repeated below the reference is scored once: two copies in one group got rewards 1e-7
+    # apart (other places in the pack), so these two ties were counted as none, right or wrong by the
+    # layout (the whole and the split run disagreed: accuracy 0.855 and 0.871)
+    assert a["overall"]["ties"] == 2, a
+    # every response's reward, not only the pairs' order: 2 + 11 + 4 scored (each record's first is its reference)
     want, got = (json.loads((tmp_path / f"{p}_rewards.json").read_text()) for p in ("whole", "split"))
-    assert len(want) == 13 and len(set(want)) == 13, want
+    assert len(want) == 17 and len(set(want)) == 15 and want[-4:-2] == want[-2:], want
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
