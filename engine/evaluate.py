@@ -65,8 +65,7 @@ def main(argv=None) -> int:
 def run(args, rank: int, leaves: list) -> int:
     from engine.runtime import shutdown_runtime
     from engine.score import CheckpointScorer, writable_output
-    from polar.format import as_text
-    from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, write_result
+    from polar.ranked_eval import evaluate_ranked, format_table, read_ranked, scoring_items, write_result
     from polar.records import RecordError
 
     scorer = CheckpointScorer(args.checkpoint, args.tokenizer, args.tp, args.pp, args.precision,
@@ -82,33 +81,26 @@ def run(args, rank: int, leaves: list) -> int:
     scorer.check_seq_length(args.seq_length)
     if args.json:
         writable_output(args.json, "--json", {"--input": args.input})
-    # the record line of each item evaluate_ranked scores (a record's items come together, in order);
-    # not found by the item's prompt object: equal short strings are one object (CPython shares them)
-    owners = [r.line for r in records if r.has_pairs() for _ in r.responses]
+    # the record line of each item evaluate_ranked scores (a record's items come together, in order, each
+    # distinct response once: scoring_items); not found by the item's prompt object: equal short strings
+    # are one object (CPython shares them)
+    owners = [r.line for r, idx in zip(records, scoring_items(records)[1]) for _ in set(idx) - {-1}]
     scorer.start()
 
     def score_fn(items):
-        # a record's items share its prompt and reference: one group each, holding each distinct
-        # response once. The same text at two ranks is a tie (counted wrong and in `ties`), but two
-        # copies in one group were read at two places of the pack, whose float sums run in another
-        # order: rewards 1e-7 apart, the pair counted right or wrong by rounding
+        # a record's items share its prompt and reference: one group each
         lists: list[list] = []
         lines: list[int] = []
-        at: list[tuple[int, int]] = []  # each item's (group, place in it)
         for it, line in zip(items, owners, strict=True):
-            if not lines or lines[-1] != line:
-                lists.append([])
-                lines.append(line)
-                places: dict = {}
-            text = as_text(it.output)  # the format's text: a message list and its string are one input
-            if text not in places:
-                places[text] = len(lists[-1])
+            if lines and lines[-1] == line:
                 lists[-1].append(it)
-            at.append((len(lists) - 1, places[text]))
+            else:
+                lists.append([it])
+                lines.append(line)
         # --seq-length also splits a record whose responses together pass it, as polar score does
         rewards, _ = scorer.score_groups(scorer.groups(lists, args.seq_length), args.seq_length,
                                          where=lambda i: f"{args.input}:{lines[i]}", progress_s=args.progress_s)
-        return [rewards[g][k] for g, k in at]
+        return [r for group in rewards for r in group]
 
     result = evaluate_ranked(records, score_fn)
     if rank == 0:

@@ -18,7 +18,9 @@ reference, j), strictly: a tied reward counts as wrong (and is counted in `ties`
 without any pair is an error (it measures nothing).
 
 Each response that is in some pair is scored once, as the structured input (prompt, reference =
-the rank-1 text, output = the response, wrapper) that `score_fn` receives, in record order.
+the rank-1 text, output = the response, wrapper) that `score_fn` receives, in record order; a
+response a record repeats (the same text, a message list counting as its joined contents) is one
+input, whose reward every copy takes, so that its pairs are ties. `scored_inputs` counts the inputs.
 Accuracy: overall = correct pairs / pairs over all records; per category the same within it;
 `category_mean` = the mean of the category accuracies (each category weighs the same).
 """
@@ -32,7 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from polar.client_format import ScoringItem
-from polar.format import WRAPPERS, Text
+from polar.format import WRAPPERS, Text, as_text
 from polar.records import FieldError as _Bad
 from polar.records import any_text, check_reference, iter_lines, no_surrogate, parse_jsonl_line
 
@@ -155,18 +157,24 @@ def read_ranked(path: str) -> list[RankedRecord]:
 
 
 def scoring_items(records: Sequence[RankedRecord]) -> tuple[list[ScoringItem], list[list[int]]]:
-    """The inputs to score (each response in a pair, once) and, per record, each response's index
-    into them (-1 for a response in no pair)."""
+    """The inputs to score and, per record, each response's index into them (-1 for a response in
+    no pair). Each distinct response of a record is one input, however often the record gives it
+    (its text as the format joins it: a message list and its string are one), and every copy takes
+    its reward: the same text at two ranks is a tie, while two copies scored apart (two places of a
+    pack, whose float sums run in another order) came 1e-7 apart and counted right or wrong."""
     items, index = [], []
     for rec in records:
-        paired = rec.has_pairs()
+        if not rec.has_pairs():
+            index.append([-1] * len(rec.responses))
+            continue
+        first: dict = {}  # a text -> its input
         idx = []
         for text in rec.responses:
-            if paired:
-                idx.append(len(items))
+            key = as_text(text)
+            if key not in first:
+                first[key] = len(items)
                 items.append(ScoringItem(rec.prompt, rec.reference, text, rec.wrapper))
-            else:
-                idx.append(-1)
+            idx.append(first[key])
         index.append(idx)
     return items, index
 
@@ -178,7 +186,8 @@ def _summary(correct: int, ties: int, pairs: int, records: int) -> dict:
 
 def evaluate_ranked(records: Sequence[RankedRecord],
                     score_fn: Callable[[list], Sequence[float]]) -> dict:
-    """Accuracy overall and per category. `score_fn(items)` returns one reward per ScoringItem."""
+    """Accuracy overall and per category. `score_fn(items)` returns one reward per ScoringItem;
+    `scored_inputs` is how many it was given (scoring_items: each distinct response of a record)."""
     items, index = scoring_items(records)
     rewards = np.asarray(score_fn(items) if items else [], dtype=np.float64).reshape(-1)
     if rewards.shape[0] != len(items):

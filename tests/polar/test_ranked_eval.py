@@ -1,3 +1,4 @@
+import io
 import json
 import math
 
@@ -171,8 +172,8 @@ def test_an_empty_response_below_the_reference_is_scored(tmp_path):
     which every reward compares with, must hold text."""
     (rec,) = read_ranked(write(tmp_path / "r.jsonl", [{"prompt": "p", "responses": ["ref", "", [{"content": ""}]]}]))
     assert rec.reference == "ref" and rec.responses == ["", [{"content": ""}]] and rec.pairs() == [(0, 1)]
-    items, _ = scoring_items([rec])
-    assert [it.output for it in items] == ["", [{"content": ""}]]
+    items, index = scoring_items([rec])
+    assert [it.output for it in items] == [""] and index == [[0, 0]]  # the message list joins to the same ""
 
 
 def test_bad_json_and_utf8(tmp_path):
@@ -193,6 +194,28 @@ def test_evaluate_file_prints_and_writes(tmp_path, capsys):
     assert result["overall"]["accuracy"] == 4 / 7
     assert "57.14%" in capsys.readouterr().out
     assert json.loads((tmp_path / "out.json").read_text())["overall"]["pairs"] == 7
+
+
+def test_a_response_repeated_at_two_ranks_is_scored_once_and_ties(tmp_path):
+    """A scorer's reward for one text may differ in its last bits with where the text lies (a pack
+    whose float sums run in another order, as in polar serve or an in-process scorer): two copies
+    of a response scored as two inputs counted their pair right or wrong by that rounding, where
+    the rule makes it a tie. A message list is the same response as its joined text."""
+    from polar.format import as_text
+    from polar.ranked_eval import evaluate_file
+
+    path = write(tmp_path / "r.jsonl", [{"prompt": "Name a colour.", "responses": [
+        "red", "blue", "green", [{"role": "assistant", "content": "blue"}], "green"]}])
+    given = []
+
+    def by_place(items):  # each input 1e-7 below the one before it, as a layout may give
+        given.extend(as_text(it.output) for it in items)
+        return [{"blue": 1.0, "green": 0.5}[as_text(it.output)] - 1e-7 * i for i, it in enumerate(items)]
+
+    result = evaluate_file(path, by_place, out=io.StringIO())
+    assert given == ["blue", "green"] and result["scored_inputs"] == 2
+    # blue over green twice, green over blue once (wrong), each repeated text over itself (two ties)
+    assert result["overall"] == {"accuracy": 3 / 6, "correct": 3, "pairs": 6, "ties": 2, "records": 1}
 
 
 def test_thousands_of_responses_in_one_record_count_as_the_pairs_do(tmp_path, monkeypatch):
