@@ -8,7 +8,11 @@ same seed, same data order) with only `train.fp8` / `model.transformer_impl` cha
     where transformer_engine imports, TE bf16, TE tensorwise (current scaling) and TE delayed;
     a ~0.38B-parameter shape (8 layers of a 2048-wide Llama block) at 4096-token packs;
   - on CPU (or --cpu): a tiny functional version (fp32 against local FP8, a few steps), so the
-    script keeps running where no GPU is; CPU FP8 is an emulation and its speed means nothing.
+    script keeps running where no GPU is; CPU FP8 is an emulation and its speed means nothing
+    (its per-tensor products take row / column scales on CPU, engine/model/fp8_linear._mm,
+    because torch's CPU kernel for scalar scales is 100x and more slower: before that, the
+    tensorwise row measured that kernel alone, 423 tokens/s against rowwise's 21,475 at --steps 3;
+    now 25,136 against 24,852). No CPU figure stands for a GPU one; the GPU figures are pending.
 Throughput is the median tokens/s over the logged intervals after the first (compilation and
 warm-up excluded); the loss is the mean training loss of the last 10 steps, and its difference is
 relative to the first variant. A variant that fails is reported with its exit code, not dropped.

@@ -141,10 +141,20 @@ def _mm(a, b, scale_a, scale_b, out_dtype, fast_accum: bool):
     mm_dtype = out_dtype
     if a.is_cuda and scale_a.numel() > 1 and out_dtype != torch.bfloat16:
         mm_dtype = torch.bfloat16
-    # Tensor-wise scales are scalars; row-wise scales keep their [M, 1] / [1, N] shapes even when
-    # M or N is 1 (a lone [1, 1] row scale beside a [1, N] one is refused by _scaled_mm), with
-    # standard strides: a transposed [N, 1] view has stride 48 on its size-1 dim.
-    if scale_a.numel() == 1 and scale_b.numel() == 1:
+    # Tensor-wise scales are scalars (on CUDA; CPU below); row-wise scales keep their [M, 1] / [1, N]
+    # shapes even when M or N is 1 (a lone [1, 1] row scale beside a [1, N] one is refused by
+    # _scaled_mm), with standard strides: a transposed [N, 1] view has stride 48 on its size-1 dim.
+    tensorwise = scale_a.numel() == 1 and scale_b.numel() == 1
+    if tensorwise and a.device.type == "cpu":
+        # torch's CPU kernel for scalar scales on two e4m3 operands is 100x and more slower than its
+        # row-scaled one (torch 2.13, one thread, measured: 4096x64x128 4.0 s against 5 ms; e5m2 x
+        # e4m3 is fast either way), so on CPU the same two scalars go in as [M, 1] / [1, N] scales,
+        # freshly allocated (an expanded, stride-0 scale is refused). The scaling stays per tensor;
+        # the result differs from the scalar form by the kernel's summation order only (fp32: a few
+        # ulps, bf16: one rounding step). CUDA keeps the scalar form, its fast per-tensor kernel.
+        scale_a = scale_a.reshape(1).repeat(a.shape[0]).view(-1, 1)
+        scale_b = scale_b.reshape(1).repeat(b.shape[1]).view(1, -1)
+    elif tensorwise:
         scale_a, scale_b = scale_a.reshape(()), scale_b.reshape(())
     else:
         scale_a = scale_a.reshape(-1).view(scale_a.shape)
