@@ -11,14 +11,20 @@ from tests.engine.parity import NO_END_SAVE, STEPS, by_step, run_worker
 # differs only by fp32 summation order: FP8_FIRST. Later steps differ more, for a stated reason: a
 # summation-order difference of one fp32 ulp moves a value across an FP8 rounding boundary now and
 # then (an e4m3 step is 2^-3 relative, an e5m2 step 2^-2), and Adam's first updates, about lr x
-# sign(gradient), turn a changed sign of a near-zero gradient into a full lr-sized step. FP8_LATER
-# bounds that (measured on this harness, where every step trains at lr 1e-2: tensorwise loss 3.6e-3,
-# grad norm 1.8e-2 at step 4; rowwise 1e-7 and 7e-8). Without the TP amax reduction the per-tensor
-# step-1 gradient norm moves by 3e-3 (measured) and fails FP8_FIRST; per row, the power-of-two scales of
-# a shard's rows happened to equal the whole rows' here, so this harness does not see a missing per-row
-# reduction.
+# sign(gradient), turn a changed sign of a near-zero gradient into a full lr-sized step. Per tensor
+# the scale is not a power of two, which makes this far worse (likely: an ulp's difference in a
+# tensor's amax moves the scale of all its elements at once). Measured: with the per-tensor scales
+# rounded down to powers of two (in a scratch copy) TP2 matches one process in 5 digits through
+# step 4; as the recipe is, the step-4 gradient norm differs by 8.6e-2 (5.6e-2 since CPU products
+# take row scales, engine/model/fp8_linear._mm) and the loss by 3.5e-3, where 1.8e-2 was measured
+# when the bound was set at 5e-2 (it failed at cf4a3fe). That step-4 norm is chaotic: one FP8
+# process differs from fp32 by 35% there. FP8_LATER bounds it (this harness trains every step at
+# lr 1e-2; rowwise measured 1e-7 and 7e-8). Without the TP amax reduction the per-tensor step-1
+# gradient norm moves by 3e-3 (measured) and fails FP8_FIRST; per row, the power-of-two scales of a
+# shard's rows happened to equal the whole rows' here, so this harness does not see a missing
+# per-row reduction.
 FP8_FIRST = dict(rel=1e-5, abs=1e-6)
-FP8_LATER = {"loss": 1e-2, "grad_norm": 5e-2}
+FP8_LATER = {"tensorwise": {"loss": 1e-2, "grad_norm": 0.2}, "rowwise": {"loss": 1e-2, "grad_norm": 5e-2}}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +48,7 @@ def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_reference
     assert g[1]["loss"] == pytest.approx(r[1]["loss"], **FP8_FIRST)
     assert g[1]["grad_norm"] == pytest.approx(r[1]["grad_norm"], **FP8_FIRST)
     for s in range(2, STEPS + 1):
-        for key, rel in FP8_LATER.items():
+        for key, rel in FP8_LATER[recipe].items():
             assert g[s][key] == pytest.approx(r[s][key], rel=rel), f"{key} at step {s}"
     # and FP8 is really on: its step-1 gradient norm differs from the fp32 run's
     assert abs(r[1]["grad_norm"] - by_step(ref32)[1]["grad_norm"]) > 5e-5 * r[1]["grad_norm"]
