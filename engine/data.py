@@ -223,14 +223,14 @@ class GlobalBatchLoader:
             self._data_digest = h.hexdigest()[:16]
         return self._data_digest
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, data: str = "the training data") -> None:
         """Refuses (ConfigError) a state saved with another data order; a state that records none
-        (saved before the order's settings were) is taken as it is."""
+        (saved before the order's settings were) is taken as it is. `data` names the training data in
+        the message (the entry script knows which setting gives it)."""
         now = {"global_batch": ("train.global_batch", self.global_batch), "seed": ("train.seed", self.seed),
                "shuffle": ("the loader's shuffle", self.shuffle),
-               "sequences": ("the training data (its packed sequence count)", len(self.source)),
-               "data_digest": ("the training data (a digest of its packed sequences' token counts)",
-                               self.data_digest())}
+               "sequences": (f"{data}, its packed sequence count", len(self.source)),
+               "data_digest": (f"{data}, a digest of its packed sequences' token counts", self.data_digest())}
         changed = [f"{name}: {state[key]} when saved, {value} now" for key, (name, value) in now.items()
                    if key in state and state[key] != value]
         if changed:
@@ -240,7 +240,7 @@ class GlobalBatchLoader:
         if "tokens_digest" in state and hasattr(self.source, "tokens_digest"):
             now_tokens = self.source.tokens_digest()
             if state["tokens_digest"] != now_tokens:
-                raise ConfigError(f"the training data changed since the checkpoint: the same number of packed "
+                raise ConfigError(f"{data} changed since the checkpoint: the same number of packed "
                                   f"sequences with the same token counts, but other token ids or labels (digest "
                                   f"{state['tokens_digest']} when saved, {now_tokens} now; a record edited in "
                                   "place?); resuming would train on data the run's first steps never saw in that "

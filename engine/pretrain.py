@@ -309,12 +309,13 @@ def check_resume_data(cfg, data, step_dir) -> None:
     state = checkpoint.read_state(step_dir)
     resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
                                              sequences=len(data.train))
+    train_file, _ = data_files(cfg)
     saved = state.get("loader")
     if saved is not None:
         loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
                                    seed=cfg.train.seed, pad_id=data.pad_id)
         try:
-            loader.load_state_dict(saved)
+            loader.load_state_dict(saved, f"the training data ({train_file})")
         except ConfigError as e:
             raise ConfigError(f"resuming from {step_dir}: {e}") from None
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
@@ -325,6 +326,24 @@ def check_resume_data(cfg, data, step_dir) -> None:
                           f"{Path(ckpt_dir) / DIR} holds another tokenizer ({name} differs), the one the run's "
                           "steps were trained with; use that tokenizer's data, or start a new run (a new run_dir) "
                           "from the checkpoint's weights (checkpoint.init_from)")
+
+
+# the settings naming a recipe's data files, (training, held-out): the fine-tuning recipe's record files
+# (polar/finetune_recipe.py), a dataset built by polar data build
+DATA_FILES = (("finetune", "train", "eval"), ("data", "path", "eval_path"))
+
+
+def data_files(cfg) -> tuple[str, str]:
+    """The run's training and held-out data as messages name them, by the setting that gives each
+    ("finetune.train=prefs.jsonl", "data.eval_path=ds_eval/"; "" for no held-out file); the embedded
+    synthetic data by that name."""
+    for section, train, held in DATA_FILES:
+        given = getattr(cfg, section, None)
+        if given is not None and getattr(given, train):
+            held_file = getattr(given, held)
+            return (f"{section}.{train}={getattr(given, train)}",
+                    f"{section}.{held}={held_file}" if held_file else "")
+    return "the embedded synthetic data", ""
 
 
 # set in a restarted job's processes: by torchrun (--max-restarts) and by SLURM (a requeued job)

@@ -77,8 +77,11 @@ def test_a_resume_with_another_order_is_refused(source, kwargs, needle):
 def test_a_resume_on_other_data_is_refused(source):
     saved = loader(source, 4).state_dict()
     smaller = PackedGroups(random_groups(3, 30, 64, 64), 64)
-    with pytest.raises(ConfigError, match=f"the training data .*: 17 when saved, {len(smaller)} now"):
+    with pytest.raises(ConfigError, match=f"the training data, its packed sequence count: 17 when saved, "
+                                          f"{len(smaller)} now"):
         loader(smaller, 4).load_state_dict(saved)
+    with pytest.raises(ConfigError, match=r"\(the training data \(data.path=ds/\), its packed sequence count: 17 "):
+        loader(smaller, 4).load_state_dict(saved, "the training data (data.path=ds/)")
 
 
 def test_a_resume_on_other_data_of_the_same_size_is_refused(source):
@@ -134,6 +137,9 @@ def test_a_resume_on_records_edited_in_place_is_refused(source, edit):
     assert edited.per_sequence["tokens"].tolist() == source.per_sequence["tokens"].tolist()
     with pytest.raises(ConfigError, match="other token ids or labels .* a record edited in place"):
         loader(edited, 4).load_state_dict(saved)
+    # named as the entry script names it (it said only 'the training data')
+    with pytest.raises(ConfigError, match=r"^the training data \(finetune.train=p.jsonl\) changed since"):
+        loader(edited, 4).load_state_dict(saved, "the training data (finetune.train=p.jsonl)")
     without = {k: v for k, v in saved.items() if k != "tokens_digest"}  # saved before the token digest
     loader(edited, 4).load_state_dict(without)
 

@@ -1,7 +1,8 @@
 """A fine-tuning run (engine/finetune.py) resumed with another data setting is refused naming it, as
 pre-training's is (engine.resume_checks.check_resume_data_settings, applied by engine.pretrain.
 check_resume_data to every recipe): it said only 'the data order changed since the checkpoint (...
-packed sequence count ... digest)', or, for data.seq_length, that train.steps changed."""
+packed sequence count ... digest)', or, for data.seq_length, that train.steps changed. Edited training
+records are refused naming the file."""
 from __future__ import annotations
 
 import json
@@ -49,6 +50,7 @@ def saved_finetune(tmp_path_factory):
     first = finetune("train.exit_at_step=1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp / "ft" / "checkpoints" / "step_00000001").is_dir(), first.stdout[-3000:]
+    finetune.tmp = tmp
     return finetune
 
 
@@ -72,3 +74,34 @@ def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
 def test_the_same_settings_resume(saved_finetune):
     proc = saved_finetune("--check-config")
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_an_edited_training_file_is_named(saved_finetune, tmp_path):
+    """A record edited in place (its length kept) was refused as 'the training data changed since the
+    checkpoint', naming no file."""
+    lines = (saved_finetune.tmp / "prefs.jsonl").read_text().splitlines(keepends=True)
+    rec = json.loads(lines[0])
+    rec["chosen"] = ("x" if rec["chosen"][0] != "x" else "y") + rec["chosen"][1:]
+    edited = tmp_path / "edited.jsonl"
+    edited.write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
+    proc = saved_finetune("--check-config", f"finetune.train={edited}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert f"the training data (finetune.train={edited}) changed since the checkpoint" in proc.stderr, \
+        proc.stderr[-3000:]
+
+
+def test_each_recipe_names_its_data_by_the_setting_giving_it():
+    """engine.pretrain.data_files, which the messages above name the data by, for both recipes."""
+    from engine.config import load_config
+    from engine.pretrain import data_files
+    from polar.finetune_recipe import FinetuneConfig
+    from polar.pretrain_recipe import PretrainConfig
+
+    def named(cls, *overrides):
+        return data_files(load_config(cls, None, list(overrides), check=False))
+
+    assert named(FinetuneConfig, "finetune.train=p.jsonl", "finetune.eval=h.jsonl") == \
+        ("finetune.train=p.jsonl", "finetune.eval=h.jsonl")
+    assert named(FinetuneConfig, "finetune.train=p.jsonl") == ("finetune.train=p.jsonl", "")
+    assert named(PretrainConfig, "data.path=ds/", "data.eval_path=ev/") == ("data.path=ds/", "data.eval_path=ev/")
+    assert named(PretrainConfig) == ("the embedded synthetic data", "")
