@@ -78,6 +78,28 @@ class PackedGroups:
         return self._tokens_digest
 
 
+def counts_digest(source) -> str:
+    """A fingerprint of a packed set: every sequence's token, group and attention counts, in order.
+    Other records (another held-out split, another build) that pack into as many sequences still
+    change it; it reads no token ids, so it costs O(sequences)."""
+    h = hashlib.sha1()
+    for key in sorted(source.per_sequence):
+        h.update(key.encode())
+        # as int64, a piece at a time: the same digest as the whole column's bytes, without an
+        # int64 copy of it (1.6 GB a column at 2*10^8 sequences, where they are kept narrower)
+        col = source.per_sequence[key]
+        for at in range(0, len(col), 1 << 20):
+            h.update(np.ascontiguousarray(col[at:at + (1 << 20)], dtype=np.int64))
+    return h.hexdigest()[:16]
+
+
+def set_digest(source) -> str:
+    """The digests a resume compares of a packed set, as the training data's: counts_digest, and the
+    token digest of a set held in memory (PackedGroups.tokens_digest: records edited in place)."""
+    tokens = getattr(source, "tokens_digest", None)
+    return counts_digest(source) + (f"-{tokens()}" if tokens is not None else "")
+
+
 def _use_device(device) -> None:
     # the current CUDA device is per thread: pinning from a thread left on device 0 would make every
     # rank of a node create a context on GPU 0
@@ -207,20 +229,10 @@ class GlobalBatchLoader:
                 **({"tokens_digest": self.source.tokens_digest()} if hasattr(self.source, "tokens_digest") else {})}
 
     def data_digest(self) -> str:
-        """A fingerprint of the training data as packed: every sequence's token, group and attention
-        counts, in order. Other records (another held-out split, another build) that pack into as
-        many sequences still change it; it reads no token ids, so it costs O(sequences), once (the data
-        does not change under a run; at scale every rank saves it with every checkpoint)."""
+        """counts_digest of the training data, once (the data does not change under a run; at scale
+        every rank saves it with every checkpoint)."""
         if getattr(self, "_data_digest", None) is None:
-            h = hashlib.sha1()
-            for key in sorted(self.source.per_sequence):
-                h.update(key.encode())
-                # as int64, a piece at a time: the same digest as the whole column's bytes, without an
-                # int64 copy of it (1.6 GB a column at 2*10^8 sequences, where they are kept narrower)
-                col = self.source.per_sequence[key]
-                for at in range(0, len(col), 1 << 20):
-                    h.update(np.ascontiguousarray(col[at:at + (1 << 20)], dtype=np.int64))
-            self._data_digest = h.hexdigest()[:16]
+            self._data_digest = counts_digest(self.source)
         return self._data_digest
 
     def load_state_dict(self, state: dict, data: str = "the training data") -> None:

@@ -309,7 +309,7 @@ def check_resume_data(cfg, data, step_dir) -> None:
     state = checkpoint.read_state(step_dir)
     resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
                                              sequences=len(data.train))
-    train_file, _ = data_files(cfg)
+    train_file, held_file = data_files(cfg)
     saved = state.get("loader")
     if saved is not None:
         loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
@@ -326,6 +326,15 @@ def check_resume_data(cfg, data, step_dir) -> None:
                           f"{Path(ckpt_dir) / DIR} holds another tokenizer ({name} differs), the one the run's "
                           "steps were trained with; use that tokenizer's data, or start a new run (a new run_dir) "
                           "from the checkpoint's weights (checkpoint.init_from)")
+    step = state.get("step")
+    for name, (was, now) in resume_checks.changed_eval_sets(state, data.evals).items():
+        # no refusal (a held-out set may be changed on purpose), but its numbers before and after differ
+        if int(os.environ.get("RANK", "0")) == 0:
+            given = f" ({held_file})" if held_file and len(data.evals) == 1 else ""
+            print(f"note: the {name} set{given} is not the one {step_dir} was evaluated on (digest {was} when "
+                  f"saved, {now} now); resuming with it, not refused: the eval history's {name} rows up to "
+                  f"step {step} are of the old set, from step {step + 1} on (and the final evaluation) of this one "
+                  f"(summary.json: eval_sets.{name}.after_step={step})", flush=True)
 
 
 # the settings naming a recipe's data files, (training, held-out): the fine-tuning recipe's record files
@@ -549,6 +558,8 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
             "packing_efficiency": data.train.packing_efficiency,
             "data": data.source or "synthetic",
             "evaluations": results,
+            # each set's digest, and the step after which the history's evaluations are of it (a resume may change it)
+            "eval_sets": trainer.eval_sets,
             "skipped_steps": trainer.skipped_steps,
             "history": history,
         })

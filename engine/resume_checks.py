@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from engine.checkpoint import read_state
 from engine.config import ConfigError
+from engine.data import set_digest
 
 # train settings the optimizer state and the schedule are made of. megatron restores Adam's
 # hyper-parameters and the schedule (warm-up, decay length, weight decay) from a checkpoint, and
@@ -60,6 +61,38 @@ def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = No
             + f". The run's training data is made from these settings: resuming would train on other data, or in "
               f"another order; set them back, or start a new run (a new run_dir) from its weights with "
               f"checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order start afresh)")
+
+
+def eval_sets(evals: dict, step: int, saved: dict | None) -> dict:
+    """What a step records of the run's evaluation sets (its trainer state's `eval_sets`): per set its
+    digest (engine.data.set_digest) and `after_step`, the step after which the run's evaluations of it
+    are of this set (0: all of them). Changing a held-out set between a run and its resume can be
+    deliberate, so it is no refusal, but the eval history then holds two sets' numbers: this says from
+    where. On resume from step `step`, `saved` is that step's record: a set of the digest saved keeps its
+    after_step, one that changed (or is new) takes `step`; a step saved before the record (None) leaves
+    it unknown (no after_step). A run's start: step 0, nothing saved ({})."""
+    out = {}
+    for name, data in evals.items():
+        digest = set_digest(data)
+        was = saved.get(name) if isinstance(saved, dict) else None
+        if saved is None:
+            out[name] = {"digest": digest}
+        elif isinstance(was, dict) and was.get("digest") == digest:
+            out[name] = {k: v for k, v in was.items() if k in ("digest", "after_step")}
+        else:
+            out[name] = {"digest": digest, "after_step": step}
+    return out
+
+
+def changed_eval_sets(state: dict, evals: dict) -> dict:
+    """name -> (digest when saved, digest now) for each evaluation set of `evals` the step recorded
+    (eval_sets) with another digest; none for a step saved before the record."""
+    saved = state.get("eval_sets")
+    if not isinstance(saved, dict):
+        return {}
+    now = eval_sets(evals, int(state.get("step", 0)), saved)
+    return {name: (saved[name].get("digest"), rec["digest"]) for name, rec in now.items()
+            if isinstance(saved.get(name), dict) and saved[name].get("digest") != rec["digest"]}
 
 
 def optimizer_settings(train) -> dict:

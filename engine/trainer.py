@@ -103,6 +103,7 @@ class Trainer:
         total = torch.tensor([n_local], dtype=torch.float64, device=rt.device)  # NCCL needs device tensors
         dist.all_reduce(total)  # every TP/PP shard counted once per DP replica
         self.num_parameters = int(total.item() / rt.dp)
+        self.eval_sets = resume_checks.eval_sets(self.evals, 0, {})  # what each step records of them
         self._resume()
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -134,6 +135,7 @@ class Trainer:
             self.step = int(state["step"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])
+            self.eval_sets = resume_checks.eval_sets(self.evals, self.step, saved.get("eval_sets"))
             self.skipped_steps = state.get("skipped_steps", [])
             self.last_saved_step = self.step
             cut = checkpoint.partial_saves(self.ckpt_dir, after=self.step) if self.rt.is_main else []  # logged by rank 0
@@ -172,6 +174,7 @@ class Trainer:
             "loader": self.loader.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "history": self.history,
+            "eval_sets": self.eval_sets,
             "skipped_steps": self.skipped_steps,
             "layout": {"tp": self.rt.tp, "pp": self.rt.pp, "dp": self.rt.dp, "vpp": self.rt.vpp},
             "distributed_optimizer": self.cfg.parallel.distributed_optimizer,  # its state's form (resume_checks)

@@ -114,3 +114,26 @@ def test_changed_data_settings_are_named_and_a_moved_dataset_resumes(tmp_path):
         resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/b"}, sequences=12)
     (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "loader": {"consumed_batches": 3}}))
     resume_checks.check_resume_data_settings(str(d), {**saved, "data.seq_length": 1024})
+
+
+def test_the_evaluation_sets_record_says_from_which_step_each_set_is_evaluated():
+    """What a step records of its evaluation sets (a digest each, and the step after which the history's
+    evaluations are of that set) and what a resume notes: a set changed since the step, none for a step
+    saved before the record (its sets are unknown), a set new to the run without a note."""
+    from engine.data import PackedGroups
+    from tests.engine.dist_worker import random_groups
+
+    a, b = (PackedGroups(random_groups(seed, 12, 64, 64), 64) for seed in (3, 4))
+    start = resume_checks.eval_sets({"held_out": a}, 0, {})
+    other = resume_checks.eval_sets({"held_out": b}, 0, {})["held_out"]["digest"]
+    assert start["held_out"]["after_step"] == 0 and start["held_out"]["digest"] != other
+    state = {"step": 5, "eval_sets": start}
+    assert resume_checks.changed_eval_sets(state, {"held_out": a}) == {}
+    assert resume_checks.eval_sets({"held_out": a}, 5, start) == start  # kept: the same set since step 0
+    assert resume_checks.changed_eval_sets(state, {"held_out": b, "new": a}) == {
+        "held_out": (start["held_out"]["digest"], other)}
+    assert {k: v["after_step"] for k, v in resume_checks.eval_sets({"held_out": b, "new": a}, 5, start).items()} == \
+        {"held_out": 5, "new": 5}
+    # a step saved before the record: no note, and no step claimed
+    assert resume_checks.changed_eval_sets({"step": 5}, {"held_out": b}) == {}
+    assert "after_step" not in resume_checks.eval_sets({"held_out": b}, 5, None)["held_out"]

@@ -2,11 +2,12 @@
 pre-training's is (engine.resume_checks.check_resume_data_settings, applied by engine.pretrain.
 check_resume_data to every recipe): it said only 'the data order changed since the checkpoint (...
 packed sequence count ... digest)', or, for data.seq_length, that train.steps changed. Edited training
-records are refused naming the file."""
+records are refused naming the file; another held-out file resumes with a note."""
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,15 +38,16 @@ def saved_finetune(tmp_path_factory):
     assert pre.returncode == 0, pre.stderr[-3000:]
     splits = make_splits(SyntheticDataConfig(seed=2, train_policies=10, held_out_policies=2, train_triplets=40,
                                              eval_triplets=4, prompts=50))
-    with open(tmp / "prefs.jsonl", "w") as f:
-        for t in splits.train:
-            f.write(json.dumps({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
-                                "chosen": t.chosen, "rejected": t.rejected, "wrapper": "sft"}) + "\n")
+    for name, triplets in (("prefs.jsonl", splits.train), ("held.jsonl", splits.eval_held_out)):
+        with open(tmp / name, "w") as f:
+            for t in triplets:
+                f.write(json.dumps({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
+                                    "chosen": t.chosen, "rejected": t.rejected, "wrapper": "sft"}) + "\n")
 
     def finetune(*extra: str) -> subprocess.CompletedProcess:
         return run("finetune.py", *TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
-                   f"finetune.train={tmp / 'prefs.jsonl'}", "finetune.epochs=1", "train.global_batch=4",
-                   "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra, cwd=tmp)
+                   f"finetune.train={tmp / 'prefs.jsonl'}", f"finetune.eval={tmp / 'held.jsonl'}", "finetune.epochs=1",
+                   "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra, cwd=tmp)
 
     first = finetune("train.exit_at_step=1")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -74,6 +76,7 @@ def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
 def test_the_same_settings_resume(saved_finetune):
     proc = saved_finetune("--check-config")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held_out set" not in proc.stdout, proc.stdout  # the held-out set is the one saved: no note
 
 
 def test_an_edited_training_file_is_named(saved_finetune, tmp_path):
@@ -88,6 +91,30 @@ def test_an_edited_training_file_is_named(saved_finetune, tmp_path):
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the training data (finetune.train={edited}) changed since the checkpoint" in proc.stderr, \
         proc.stderr[-3000:]
+
+
+def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune, tmp_path):
+    """Another finetune.eval between a run and its resume was taken without a word, and the eval history
+    went on with the new set's numbers beside the old one's. It still resumes (the change may be meant),
+    with a note naming the file and the step, which the checkpoints and summary.json record too."""
+    from engine import checkpoint
+
+    tmp = saved_finetune.tmp
+    first = checkpoint.read_state(str(tmp / "ft" / "checkpoints" / "step_00000001"))["eval_sets"]
+    assert list(first) == ["held_out"] and first["held_out"]["after_step"] == 0, first
+    run_dir = tmp_path / "ft"
+    shutil.copytree(tmp / "ft", run_dir)
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join((tmp / "held.jsonl").read_text().splitlines(keepends=True)[1:]))
+    proc = saved_finetune("train.exit_at_step=2", f"finetune.eval={held}", f"run_dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (f"note: the held_out set (finetune.eval={held}) is not the one "
+            f"{run_dir / 'checkpoints' / 'step_00000001'} was evaluated on") in proc.stdout, proc.stdout[-3000:]
+    assert ("the eval history's held_out rows up to step 1 are of the old set, from step 2 on (and the final "
+            "evaluation) of this one") in proc.stdout, proc.stdout[-3000:]
+    now = json.loads((run_dir / "summary.json").read_text())["eval_sets"]
+    assert now["held_out"]["after_step"] == 1 and now["held_out"]["digest"] != first["held_out"]["digest"], now
+    assert checkpoint.read_state(str(run_dir / "checkpoints" / "step_00000002"))["eval_sets"] == now
 
 
 def test_each_recipe_names_its_data_by_the_setting_giving_it():

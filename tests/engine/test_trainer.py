@@ -106,8 +106,11 @@ def test_throughput_leaves_out_evaluation_and_checkpoint_time(runtime, tmp_path,
     offset = [0.0]
     monkeypatch.setattr(engine.progress, "time",
                         types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    from engine.data import PackedGroups
+
+    held = PackedGroups(random_groups(4, 8, 64, 64), 64)  # not evaluated (slow_evaluate), but recorded by each save
     trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "train.eval_interval=1",
-                           "checkpoint.save_interval=1", evals={"held_out": None})
+                           "checkpoint.save_interval=1", evals={"held_out": held})
 
     def slow_evaluate(data):
         offset[0] += 1000.0
