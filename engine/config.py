@@ -89,6 +89,17 @@ class ParallelConfig:
     timeout_minutes: int = setting(30, at_least(1))
 
 
+def _rank_list(where, v):
+    if v == "all":
+        return
+    if not isinstance(v, list) or not v or any(type(r) is not int or r < 0 for r in v) or len(set(v)) < len(v):
+        raise ConfigError(f"{where}={v!r}: expected a list of distinct global ranks (>= 0), e.g. [0] or [0, 8], "
+                          "or all")
+
+
+_rank_list.rule = "a list of distinct global ranks, or all"
+
+
 # the shared-prefix attention implementations (train.attention_backend and `polar serve` also take "auto")
 ATTENTION_BACKENDS = ("blocks", "torch", "triton")
 
@@ -143,6 +154,27 @@ class TrainConfig:
     # train.recompute_num_layers)
     recompute: str = setting("none", one_of("none", "selective", "full"))
     recompute_num_layers: int = setting(1, at_least(1))  # layers per recomputed unit (recompute=full)
+    # profiling the steps [profile_start, profile_end) on the ranks profile_ranks (engine/profiling.py):
+    # off | torch (torch.profiler, after one warm-up step: a Chrome trace per rank in
+    # <run_dir>/profile/rank<R>/) | cuda (cudaProfilerStart/Stop and NVTX ranges around the window,
+    # for `nsys profile --capture-range=cudaProfilerApi`; a CUDA GPU)
+    profile: str = setting("off", one_of("off", "torch", "cuda"), false_means="off")
+    profile_start: int = setting(10, at_least(1))  # the window's first step (steps count from 1)
+    profile_end: int = setting(12, at_least(2))  # the first step after the window
+    # global ranks: a list ([0], [0, 8]) or all; the other ranks run as without profiling
+    profile_ranks: Any = setting(dataclasses.MISSING, _rank_list, default_factory=lambda: [0])
+    # the CUDA caching allocator's history over the window, dumped to <run_dir>/profile/
+    # memory_rank<R>.pickle at its end (pytorch.org/memory_viz); on a profiled rank, a step that runs
+    # out of device memory dumps one too, wherever the window lies. A CUDA GPU
+    memory_snapshot: bool = setting(False, boolean)
+
+    def settings_together(self, where: str) -> Optional[tuple[tuple[str, ...], str]]:
+        """(the settings concerned, why) for settings each fine alone that cannot go together; None if none."""
+        if self.profile_end <= self.profile_start:
+            return ("profile_end", "profile_start"), (
+                f"{where}.profile_end={self.profile_end} must be more than {where}.profile_start={self.profile_start}: "
+                "the window is the steps from profile_start up to, not including, profile_end")
+        return None
 
 
 @dataclass
@@ -217,9 +249,10 @@ class EngineConfig:
 
 
 def validate(cfg, where: str = "", sources: Optional[dict] = None) -> None:
-    """Runs every field's check (depth first, in declaration order); the first failure raises
-    ConfigError naming the setting, after the file and line (or the command line) that set it where
-    `sources` (load_config's) knows. A field that declares no check is a programming error."""
+    """Runs every field's check (depth first, in declaration order), then each section's
+    settings_together (settings that cannot go together); the first failure raises ConfigError naming
+    the setting, after the file and line (or the command line) that set it where `sources`
+    (load_config's) knows. A field that declares no check is a programming error."""
     for f in dataclasses.fields(cfg):
         name = f"{where}.{f.name}" if where else f.name
         value = getattr(cfg, f.name)
@@ -233,6 +266,12 @@ def validate(cfg, where: str = "", sources: Optional[dict] = None) -> None:
             check(name, value)
         except ConfigError as e:
             raise _traced(e, name, sources) from None
+    together = cfg.settings_together(where) if hasattr(cfg, "settings_together") else None
+    if together:
+        names = [f"{where}.{n}" if where else n for n in together[0]]
+        # led by where one of them was given: the default of the other is no one's choice
+        given = [n for n in names if sources and n in sources] or names
+        raise _traced(ConfigError(together[1]), given[0], sources)
 
 
 @dataclass(frozen=True)

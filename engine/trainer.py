@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, checkpoint_async, nonfinite_steps, resume_checks
+from engine import checkpoint, checkpoint_async, nonfinite_steps, profiling, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.evaluation import STATS, EvaluationStopped, evaluate
@@ -62,6 +62,7 @@ class Trainer:
                  evals: dict | None = None):
         from megatron.core.distributed import finalize_model_grads
 
+        profiling.check_start_up(cfg.train, rt.world_size, rt.is_cuda)
         self.cfg = cfg
         self.rt = rt
         self.log = log if rt.is_main else (lambda *a, **k: None)
@@ -404,6 +405,7 @@ class Trainer:
             # (the last step is not checked: a run with one step left ends as planned)
             self.log(f"train.stop_file {tc.stop_file} exists already: the run stops after its first step "
                      f"(remove the file to train on)")
+        profiled = profiling.open_window(tc, self.rt, self.run_dir, self.step, self.log)  # None: not profiled
         window = torch.zeros(STATS, device=self.rt.device)
         tokens = real_tokens = groups = 0
         flops = 0.0
@@ -416,7 +418,8 @@ class Trainer:
         stop = False
         while self.step < tc.steps and not stop:
             batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
-            stats, grad_norm, updated = self.train_step()
+            with profiling.around(profiled, self.step + 1):
+                stats, grad_norm, updated = self.train_step()
             self.step += 1
             if updated:
                 skipped_in_row = 0
@@ -480,6 +483,8 @@ class Trainer:
                 self.stopped_by = "exit_at_step"
                 stop = True
         progress.close()
+        if profiled:
+            profiled.close()  # a window an early stop or train.steps cut short
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
         self._fit_start = None
         self._save_last(stop)

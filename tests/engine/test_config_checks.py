@@ -35,6 +35,8 @@ BAD = {
     "train.attention_backend": "flash", "train.kernels": "fast", "train.time_limit_s": -1,
     "train.exit_at_step": -1, "train.eval_interval": -1, "train.max_nonfinite_steps": 0,
     "train.fp8": "e4m3", "train.recompute": "all", "train.recompute_num_layers": 0,
+    "train.profile": "nvtx", "train.profile_start": 0, "train.profile_end": 1, "train.profile_ranks": [-1],
+    "train.memory_snapshot": "sometimes",
     "data.seq_length": 1, "data.packing": "random", "data.path": "/nonexistent/dataset",
     "data.eval_path": "/nonexistent/eval",
     "checkpoint.dir": A_FILE, "checkpoint.save_interval": -1, "checkpoint.resume": "maybe",
@@ -47,7 +49,9 @@ BAD = {
     "run_dir": A_FILE,
 }
 # values that are fine for their type but meaningless: they must stop the run too (the review's list)
-EXTRA_BAD = {"model.rotary_base": "nan", "train.lr": "inf", "run_dir": "''"}
+EXTRA_BAD = {"model.rotary_base": "nan", "train.lr": "inf", "run_dir": "''",
+             # a window that ends where it starts (train.profile_start's default is 10); a rank named twice
+             "train.profile_end": 10, "train.profile_ranks": "[0, 0]"}
 
 
 def leaf_fields(cls, prefix=""):
@@ -97,6 +101,25 @@ def test_each_bad_setting_stops_at_start_up(key, tmp_path, capsys):
     assert len(lines) == 1, err
     assert name in lines[0], lines[0]
     assert not run_dir.exists()
+
+
+def test_a_profiling_window_that_ends_before_it_starts_names_the_line_that_set_it(tmp_path):
+    """train.profile_start and train.profile_end are each fine alone: the window [start, end) is checked
+    once both are merged, and led by the file and line of the one given (the other kept its default)."""
+    from engine.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  steps: 100\n  profile: torch\n  profile_start: 40\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(PretrainConfig, str(path))
+    assert str(err.value) == (f"{path}:4: train.profile_end=12 must be more than train.profile_start=40: the window "
+                              "is the steps from profile_start up to, not including, profile_end")
+    cfg = load_config(PretrainConfig, str(path), ["train.profile_end=42", "train.profile_ranks=all"])
+    assert (cfg.train.profile_start, cfg.train.profile_end, cfg.train.profile_ranks) == (40, 42, "all")
+    # YAML reads a bare `off` as false, which stands for off here
+    assert load_config(PretrainConfig, str(path), ["train.profile=off", "train.profile_end=42"]).train.profile == "off"
+    path.write_text("train:\n  profile: off\n  profile_ranks: [0, 8]\n")
+    assert load_config(PretrainConfig, str(path)).train.profile_ranks == [0, 8]
 
 
 def test_init_from_accepts_a_checkpoint_directory_or_a_step(tmp_path):
