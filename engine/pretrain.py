@@ -233,11 +233,14 @@ def check_machine(cfg) -> None:
     the device the run is given)."""
     import torch
 
+    from engine import profiling
     from engine.fp8 import check_start_up
     from engine.parallelize import check_kernels
+    from engine.runtime import world_size_from_env
 
     check_start_up(cfg.model, cfg.parallel, cfg.train)
     check_kernels(cfg.train, torch.cuda.is_available(), cfg.model.hidden_size // cfg.model.num_attention_heads)
+    profiling.check_start_up(cfg.train, world_size_from_env(), torch.cuda.is_available())
 
 
 def check_before_launch(cfg, recipe) -> None:

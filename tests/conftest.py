@@ -43,6 +43,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_score_split.py",  # ~37 s
     "tests/polar/test_convergence.py",  # 38 s
     "tests/engine/test_checkpoint_rank0.py",  # 37 s
+    "tests/engine/test_profiling.py",  # ~20 s (one torchrun DP2, the parity reference, 5 in-process fits)
     "tests/engine/test_kernel_selection.py",
     "tests/engine/test_parallel_fp8.py",
     "tests/engine/test_fp8_weight_cache.py",  # 9 trainings in 2 processes (7 in one, 2 in one torchrun)

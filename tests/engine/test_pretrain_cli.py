@@ -170,6 +170,8 @@ def test_a_resume_into_another_model_offers_a_new_run_and_says_it_wins_over_init
     ("train.kernels=cuda", "train.kernels=cuda needs a CUDA GPU"),
     ("train.kernels=triton", "train.kernels=triton needs a CUDA GPU"),
     ("train.attention_backend=triton", "train.attention_backend=triton needs a CUDA GPU"),
+    ("train.profile=cuda", "train.profile=cuda starts and stops the CUDA profiler (for nsys), and this run has no"),
+    ("train.memory_snapshot=true", "train.memory_snapshot=true records the CUDA caching allocator's history"),
 ])
 @pytest.mark.parametrize("check_config", [True, False])
 def test_a_setting_this_machine_cannot_run_is_named_before_the_resume_is_compared(tmp_path, capsys, monkeypatch,
