@@ -10,10 +10,8 @@ and reported), each becomes one group (shared prefix + K candidates), and groups
 --seq-length tokens by the C++ packer. POLAR's truncation bounds each candidate's input, not the
 group: when the prompt, the reference and all K candidates together exceed --seq-length, the
 prompt keeps a shorter tail so that the group fits (counted and reported as "prompts shortened to
-fit the pack"); a group that does not fit even without its prompt is rejected. A record that repeats
-an earlier one of the shard exactly (a sampler's output appended to itself) is kept, as every record
-is, and counted and named in the summary and the metadata (counts.duplicates, duplicates_first):
-each is trained as often as it appears. The result is one
+fit the pack"); a group that does not fit even without its prompt is rejected. A record repeating
+an earlier one of the shard is kept, counted and named (polar/build_repeats.py). The result is one
 shard of a packed dataset directory (engine/shard_format.py): NAME.bin (tokens), NAME.idx (index), NAME.json
 (metadata: tokenizer, special ids, counts, sources), NAME.rejects.jsonl (bad records and groups
 too long to pack, if any). A build that makes no group at all (an empty input, every record
@@ -54,6 +52,7 @@ import numpy as np
 from engine.worker_processes import die_with_parent, kill_workers
 from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
+from polar.build_repeats import Repeats, summary_line
 from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_rejects, same_file
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
@@ -284,47 +283,6 @@ def _run_pool(cfg: BuildConfig, chunks: list[Chunk], workers: int):
 
 
 # ---- main side ----------------------------------------------------------------------------------
-class _Repeats:
-    """The shard's records that repeat an earlier one exactly (finetune_split.record_digest): a
-    sampler's output appended to itself, or a copy of an input under another name, is trained twice
-    as often as the rest. They are kept, as every record is, and counted with the first few named.
-    The main process holds each group's id and digest (24 bytes) to the end of the build, where one
-    sort finds the repeats: 2.4 GB for a shard of 10^8 records. Records of other shards are not
-    compared (a machine of several sees only its own)."""
-
-    SHOWN = 3
-
-    def __init__(self):
-        self.ids, self.digests = [], []
-
-    def add(self, res: ChunkResult) -> None:
-        if len(res.record_ids):
-            self.ids.append(res.record_ids)
-            self.digests.append(res.digests)
-
-    def find(self, sources: list[dict]) -> tuple[int, list[list[str]]]:
-        """How many records repeat an earlier one, and [file:line, file:line of the first] for the first few."""
-        if not self.ids:
-            return 0, []
-        ids, d = np.concatenate(self.ids), np.concatenate(self.digests)
-        order = np.lexsort((d[:, 1], d[:, 0]))  # stable: a digest's records stay in input (id) order
-        d, ids = d[order], ids[order]
-        first = np.ones(len(ids), dtype=bool)
-        first[1:] = (d[1:] != d[:-1]).any(axis=1)
-        repeat = np.flatnonzero(~first)
-        if not len(repeat):
-            return 0, []
-        original = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
-        shown = repeat[np.argsort(ids[repeat], kind="stable")[:self.SHOWN]]
-        starts = np.array([s["first_record"] for s in sources], dtype=np.int64)
-
-        def where(rid: int) -> str:
-            src = sources[int(np.searchsorted(starts, rid, side="right")) - 1]
-            return f"{src['path']}:{rid - src['first_record'] + 1}"
-
-        return len(repeat), [[where(int(ids[i])), where(int(ids[original[i]]))] for i in shown]
-
-
 class _Progress:
     def __init__(self, total_bytes: int, quiet: bool, interval: float = 2.0):
         self.total, self.quiet, self.interval = total_bytes, quiet, interval
@@ -429,7 +387,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
     rejects_out, first_reject, results, digest = None, None, None, hashlib.sha256()
-    repeats = _Repeats()
+    repeats = Repeats()
     with SigtermStops() as stop:
         try:
             results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
@@ -454,7 +412,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 counts["groups"] += res.records
                 counts["candidates"] += res.candidates
                 counts["tokens"] += res.tokens
-                repeats.add(res)
+                repeats.add(res.record_ids, res.digests)
                 progress.update(res)
             if rejects_out:
                 rejects_out.close()
@@ -559,14 +517,7 @@ def _summary(meta: dict, workers: int) -> str:
     cut = f"\n  truncation {'; '.join(x for x in cut if x)}" if any(cut) else ""
     records = c["lines"] - c["blank"]
     blank = f" ({c['blank']:,} blank lines skipped)" if c["blank"] else ""
-    dup = ""
-    if c["duplicates"]:
-        shown = ", ".join(f"{a} repeats {b}" for a, b in meta["duplicates_first"])
-        more = ", ..." if c["duplicates"] > len(meta["duplicates_first"]) else ""
-        within = " of this shard (other shards' records are not compared)" if meta["num_shards"] > 1 else ""
-        dup = (f"\n  duplicates {c['duplicates']:,} records repeat an earlier record{within} exactly (the same prompt, "
-               "reference, candidates, labels and wrapper), kept: each is trained as often as it appears: "
-               f"{shown}{more}")
+    dup = summary_line(c["duplicates"], meta["duplicates_first"], meta["num_shards"])
     return "\n".join([
         f"wrote {meta['path']}.{{bin,idx,json}}",
         f"  records    {records:,}{blank}: {c['records']:,} groups{rej}{cut}{dup}",
