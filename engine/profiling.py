@@ -97,6 +97,14 @@ def around(window: Window | None, step: int):
     return _NOTHING if window is None else window.step(step)
 
 
+def failed(window: Window | None, step: int, e: BaseException) -> None:
+    """A fit raised `e` after `step`, inside a step or outside one (a non-finite streak, an evaluation or
+    a save): the window is closed with what it recorded (Window.failed). Without this the trace of a run
+    stopped by the error was never written, and an in-process profiler went on recording."""
+    if window is not None:
+        window.failed(step, e)
+
+
 def _steps(first: int, last: int) -> str:
     return f"step {first}" if first == last else f"steps {first}-{last}"
 
@@ -121,6 +129,7 @@ class Window:
         self.nvtx = None
         self.open = False  # inside the window: between its first step's start and close
         self.last = 0  # the last step run inside the window
+        self.error = None  # the error `failed` took (the trainer hands it on again after the step's context)
 
     @contextlib.contextmanager
     def step(self, step: int):
@@ -129,7 +138,7 @@ class Window:
         try:
             yield
         except BaseException as e:
-            self._failed(step, e)
+            self.failed(step, e)
             raise
         if self.open:
             if self.mode == "cuda":
@@ -192,10 +201,13 @@ class Window:
         self.directory.mkdir(parents=True, exist_ok=True)
         return self.directory / name
 
-    def _failed(self, step: int, e: BaseException) -> None:
-        """A step raised `e`: out of device memory, the allocator's state is dumped first (the moment a
-        snapshot is most wanted); the window is closed with what it recorded. The error goes on, with
-        a note of any file written or failure met here."""
+    def failed(self, step: int, e: BaseException) -> None:
+        """Step `step` raised `e` (or the loop after it): out of device memory, the allocator's state is
+        dumped first (the moment a snapshot is most wanted); the window is closed with what it recorded.
+        The error goes on, with a note of any file written or failure met here. Once an error."""
+        if e is self.error:
+            return
+        self.error = e
         oom = isinstance(e, torch.OutOfMemoryError) and self.memory
         try:
             if oom:

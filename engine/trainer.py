@@ -105,6 +105,7 @@ class Trainer:
         dist.all_reduce(total)  # every TP/PP shard counted once per DP replica
         self.num_parameters = int(total.item() / rt.dp)
         self.eval_sets = resume_checks.eval_sets(self.evals, 0, {})  # what each step records of them
+        self._profiled = None  # fit's profiling window (engine.profiling.Window), closed by an error too
         self._resume()
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -360,8 +361,11 @@ class Trainer:
             kept = self.saves.leave() if self.saves is not None else ""
             if kept:
                 e.add_note(kept)
+            # the window's trace (and memory snapshot) so far, where the error came outside a step
+            profiling.failed(self._profiled, self.step, e)
             raise
         finally:
+            self._profiled = None
             # a failed run (a non-finite streak, out of memory, Ctrl-C) stops reading ahead too,
             # instead of exiting only after the reads queued for steps it will not run
             self.loader.close()
@@ -405,7 +409,7 @@ class Trainer:
             # (the last step is not checked: a run with one step left ends as planned)
             self.log(f"train.stop_file {tc.stop_file} exists already: the run stops after its first step "
                      f"(remove the file to train on)")
-        profiled = profiling.open_window(tc, self.rt, self.run_dir, self.step, self.log)  # None: not profiled
+        profiled = self._profiled = profiling.open_window(tc, self.rt, self.run_dir, self.step, self.log)  # None: off
         window = torch.zeros(STATS, device=self.rt.device)
         tokens = real_tokens = groups = 0
         flops = 0.0

@@ -98,3 +98,21 @@ def test_ranks_beyond_the_world_size_do_not_stop_a_run_that_does_not_profile(run
     """A config written for a larger job, profiling off: nothing to refuse."""
     trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "train.profile_ranks=[8]")
     assert trainer.step == 0
+
+
+def test_a_run_stopped_by_non_finite_steps_writes_the_window_it_trained(runtime, tmp_path):
+    """train.lr=1e35: step 1 trains, steps 2 and 3 are skipped as non-finite and the run stops with
+    NonFiniteError after step 3 (train.max_nonfinite_steps=2). The window [2, 5) was open: its trace of
+    steps 2-3 is written before the error goes on (the steps a user profiles to see the non-finite ones), as
+    the loop's end writes a window an early stop cut short."""
+    from engine.nonfinite_steps import NonFiniteError
+
+    trainer = make_trainer(runtime, tmp_path, "train.profile=torch", "train.profile_start=2", "train.profile_end=5",
+                           "train.lr=1e35", "train.warmup_steps=0", "train.max_nonfinite_steps=2")
+    with pytest.raises(NonFiniteError):
+        trainer.fit()
+    assert not torch.autograd._profiler_enabled()  # the profiler stopped with the run, not left recording
+    assert trainer.step == 3 and [e["step"] for e in trainer.skipped_steps] == [2, 3], trainer.skipped_steps
+    assert trace_files(tmp_path) == ["rank0/steps_2-3.pt.trace.json"]
+    assert profiler_steps(tmp_path / "profile" / "rank0" / "steps_2-3.pt.trace.json") == ["ProfilerStep#2",
+                                                                                        "ProfilerStep#3"]
