@@ -252,7 +252,9 @@ def head_deadline(timeout_s: float):
             if (self.transport.is_closing() or self.cycle is not cycle
                     or (cycle is not None and not cycle.response_complete)):
                 return
-            if self.conn.trailing_data[0]:  # part of a head
+            # part of a head; not part of a body its client is still sending after an early answer
+            # (a 401, 413 or 415 given before the body came): that request has had its one answer
+            if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:
                 self.transport.write(late)
             self.transport.close()
 

@@ -90,6 +90,16 @@ def test_a_request_head_must_arrive_within_the_read_timeout(scorer, tokenizer):
             conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
             assert _answer_of(conn).startswith(b"HTTP/1.1 200 ")
             assert _trickled_head(conn).startswith(b"HTTP/1.1 408 ")
+        with socket.create_connection((host, int(port)), timeout=30) as conn:
+            # answered 415 before its body came, its client still sending a chunk header past the
+            # deadline: closed, where a second answer, a 408 for a head, followed the 415
+            conn.sendall(b"POST /classify HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n1")
+            assert _answer_of(conn).startswith(b"HTTP/1.1 415 ")
+            after = b""
+            while got := conn.recv(65536):
+                after += got
+            assert after == b"", after
         gate.clear()
         answers = {}
         slow = threading.Thread(target=lambda: answers.update(r=httpx.post(f"{url}/classify", json={"text": [TEXT]},
