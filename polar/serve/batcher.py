@@ -11,6 +11,7 @@ again request by request, so a request that cannot be scored fails alone.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import math
 import threading
@@ -110,7 +111,10 @@ class Batcher:
         self._pending_tokens = 0
         self._closing = False
         self._thread: Optional[threading.Thread] = None
-        self._tokens_per_s = 0.0  # throughput of the last full round, for Retry-After (0: none yet)
+        # Retry-After's drain rate: the fastest of the last few full rounds after the first (0: none yet)
+        self._tokens_per_s = 0.0
+        self._full_rounds = 0
+        self._recent_rates: collections.deque = collections.deque(maxlen=8)
         self.last_round = RoundStats()
         self.totals = RoundStats()
 
@@ -283,8 +287,15 @@ class Batcher:
         # Only a round of a forward's worth of tokens or more measures how fast a full queue drains: a
         # smaller one is mostly the cost of a forward pass (one item in a few ms reads as a few
         # thousand tokens/s, and the Retry-After of the queue behind it as an hour).
+        # The first full round after start carries one-off costs (CUDA context, Triton's compiles) and
+        # would make the hint given while the next one runs 10-100x the real drain time; of the rest,
+        # the fastest recent one: a hint too short costs a client one more 429 (refused before its body
+        # is read), one too long stalls an RL step that honours it.
         if elapsed > 0 and stats.tokens >= self.max_batch_tokens:
-            self._tokens_per_s = stats.tokens / elapsed
+            self._full_rounds += 1
+            if self._full_rounds > 1:
+                self._recent_rates.append(stats.tokens / elapsed)
+                self._tokens_per_s = max(self._recent_rates)
         self.last_round = stats
         for k in ("items", "tokens", "computed", "padded", "forwards"):
             setattr(self.totals, k, getattr(self.totals, k) + getattr(stats, k))
