@@ -383,9 +383,12 @@ class Sampler:
     def summary(self) -> str:
         elapsed = time.perf_counter() - self.t0
         done = self.already_done + self.written
+        failed = f"{self.failed} prompt{'' if self.failed == 1 else 's'} failed"
+        if self.failed:  # the file is there (empty) either way: pointing at it for none misleads
+            failed += f" (listed in {self.failures_path}; a rerun retries {'it' if self.failed == 1 else 'them'})"
         lines = [self._progress_line(final=True),
-                 f"  this run: {self.written} records in {format_duration(elapsed)}, {self.failed} prompts failed "
-                 f"(listed in {self.failures_path}; a rerun retries them), {self.loops_cut} loops truncated",
+                 f"  this run: {self.written} records in {format_duration(elapsed)}, {failed}, {self.loops_cut} "
+                 f"loop{'' if self.loops_cut == 1 else 's'} truncated",
                  f"  output: {self.output} holds {done} of {self.cfg.num_prompts} prompts"]
         not_done = self.cfg.num_prompts - done - self.failed
         if not_done > 0:

@@ -399,6 +399,31 @@ def test_empty_completions_are_failures_retried_by_the_next_run(tmp_path, capsys
     assert sorted(_by_id(_records(out))) == [0, 1, 2, 3]
 
 
+def test_the_end_summary_counts_in_the_singular_and_points_at_the_failures_only_when_some_failed(tmp_path, capsys):
+    """One prompt each: a run where none failed and one loop was cut (seed 1 draws the looper as B, whose
+    one answer loops) says '0 prompts failed, 1 loop truncated', not '(listed in ...; a rerun retries
+    them)' nor '1 loops'; one failed prompt is '1 prompt failed (...; a rerun retries it)'."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("one document about rivers and policies\n")
+
+    def run(models, out):
+        with FakeOpenAIServer(models) as srv:
+            pool = tmp_path / "pool.yaml"
+            pool.write_text(yaml.safe_dump([{"base_url": srv.base_url, "model": m, "name": m} for m in models]))
+            sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(out), "--num-prompts", "1",
+                         "--seed", "1", "--retry-base", "0.001", "--max-retries", "1"])
+        return re.search(r"this run: .*", capsys.readouterr().err).group(0)
+
+    out = tmp_path / "loop.jsonl"
+    line = run({"base-a": "ok", "looper": "loop"}, out)
+    assert [r["truncated_loops"] for r in _records(out)] == [["rejected"]]
+    assert line.endswith(" 0 prompts failed, 1 loop truncated"), line
+    out = tmp_path / "fail.jsonl"
+    line = run({"base-a": "ok", "silent": "empty"}, out)
+    assert line.endswith(f" 1 prompt failed (listed in {out}.failures.jsonl; a rerun retries it), 0 loops "
+                         f"truncated"), line
+
+
 @pytest.mark.parametrize("name, content", [("c.txt", "first doc\nsecond \ufeff doc\n"),
                                            ("c.jsonl", '{"text": "first doc"}\n{"text": "second \ufeff doc"}\n')])
 def test_a_bom_opening_a_corpus_file_is_not_text(tmp_path, name, content):
