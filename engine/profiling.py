@@ -21,8 +21,9 @@ step itself).
   goes on.
 
 A window cut short (train.time_limit_s, a stop file, SIGTERM, train.exit_at_step, the end of
-train.steps) is closed after the last step run, and its trace says which steps it holds; a resumed
-run profiles what of the window lies ahead of it.
+train.steps) is closed after the last step run, and its trace says which steps it holds; one stopped
+before the window's first step (after the warm-up, say) writes nothing and says so on each profiled
+rank; a resumed run profiles what of the window lies ahead of it.
 """
 from __future__ import annotations
 
@@ -130,6 +131,7 @@ class Window:
         self.open = False  # inside the window: between its first step's start and close
         self.last = 0  # the last step run inside the window
         self.error = None  # the error `failed` took (the trainer hands it on again after the step's context)
+        self.closed = False
 
     @contextlib.contextmanager
     def step(self, step: int):
@@ -221,11 +223,21 @@ class Window:
 
     def close(self, dump_memory: bool = True) -> None:
         """Ends the window after the last step run in it: writes the trace and the memory snapshot.
-        Idempotent; nothing where the window never opened."""
+        Idempotent; nothing where the window never opened, which a run stopped before its first step
+        is told (once)."""
         if self.profiler is not None:
             prof, self.profiler = self.profiler, None
             prof.stop()  # recording: stops and writes the trace (a warm-up alone writes nothing)
         if not self.open:
+            if not (self.closed or self.last) and self.first < self.stop:
+                # torch.profiler goes from the warm-up to stopped without a word, and the window's
+                # opening line never came: the run would end as if profiling were off
+                lost = [what for what, on in (("trace", self.mode == "torch"), ("CUDA profiler capture",
+                        self.mode == "cuda"), ("CUDA memory snapshot", self.memory and dump_memory)) if on]
+                if lost:  # (an out-of-memory snapshot was written and said instead)
+                    self.say(f"profiling: the run stopped before step {self.first}, the window's first: no "
+                             f"{' or '.join(lost)} written on rank {self.rank}")
+            self.closed = True
             return
         self.open = False
         if self.mode == "cuda":

@@ -77,6 +77,18 @@ def test_a_window_cut_short_is_written_and_a_resume_profiles_only_what_lies_ahea
     assert not [x for x in lines if "profil" in x] and not (tmp_path / "plain" / "profile").exists(), lines
 
 
+def test_a_run_stopped_after_the_warm_up_says_that_no_trace_was_written(runtime, tmp_path):
+    """The window [3, 5), its warm-up step 2, and train.exit_at_step=2: torch.profiler goes from the warm-up
+    to stopped without writing (nor calling the trace hook), and the window never opened; the run says so
+    once instead of ending as if profiling were off."""
+    lines = []
+    make_trainer(runtime, tmp_path, "train.profile=torch", "train.profile_start=3", "train.profile_end=5",
+                 "train.exit_at_step=2", log=lambda *a, **k: lines.append(" ".join(map(str, a)))).fit()
+    assert [x for x in lines if "profil" in x] == [
+        "profiling: the run stopped before step 3, the window's first: no trace written on rank 0"], lines
+    assert trace_files(tmp_path) == [] and not torch.autograd._profiler_enabled()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusals of a machine without CUDA")
 @pytest.mark.parametrize("settings,message", [
     (["train.profile=cuda"], "train.profile=cuda starts and stops the CUDA profiler (for nsys), and this run has no "
