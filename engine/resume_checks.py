@@ -95,6 +95,29 @@ def changed_eval_sets(state: dict, evals: dict) -> dict:
             if isinstance(saved.get(name), dict) and saved[name].get("digest") != rec["digest"]}
 
 
+def eval_set_notes(step_dir: str, state: dict, evals: dict) -> list[str]:
+    """The notes a resume from `step_dir` gives (rank 0) of the evaluation sets that came or went since
+    the step (its `state`) recorded them: one no longer evaluated keeps its rows in the history, which
+    summary.json's eval_sets no longer names; one new to the run has rows only after the step. Like a
+    changed set (changed_eval_sets), no refusal: it may be meant. None for a step saved before the record
+    (its sets are unknown)."""
+    saved = state.get("eval_sets")
+    if not isinstance(saved, dict):
+        return []
+    step = int(state.get("step", 0))
+    notes = []
+    for name in saved:
+        if name not in evals:
+            rows = [row["step"] for row in state.get("history", []) if row.get("eval") == name]
+            end = (f"its rows in the eval history end at step {max(rows)}" if rows
+                   else "the eval history has no rows of it")
+            notes.append(f"note: the evaluation set {name} recorded by {step_dir} is not in this run: {end} "
+                         f"(summary.json's eval_sets no longer lists it)")
+    notes += [f"note: the evaluation set {name} is new since {step_dir}: its history starts after step {step} "
+              f"(summary.json: eval_sets.{name}.after_step={step})" for name in evals if name not in saved]
+    return notes
+
+
 def optimizer_settings(train) -> dict:
     """The settings a step records (its trainer state's `settings`) and a resume must keep."""
     return {f"train.{name}": getattr(train, name) for name in OPTIMIZER_SETTINGS + LOSS_SETTINGS}

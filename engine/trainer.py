@@ -144,6 +144,8 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}"
                      + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
                         f"{', '.join(p.name for p in cut)})" if cut else ""))
+            for note in resume_checks.eval_set_notes(path, saved, self.evals):  # sets gone or new since the step
+                self.log(note)
             if ck.init_from:
                 # a requeued job names it again (it is no change); another base model meant for a new
                 # run would otherwise be dropped without a word

@@ -119,7 +119,8 @@ def test_changed_data_settings_are_named_and_a_moved_dataset_resumes(tmp_path):
 def test_the_evaluation_sets_record_says_from_which_step_each_set_is_evaluated():
     """What a step records of its evaluation sets (a digest each, and the step after which the history's
     evaluations are of that set) and what a resume notes: a set changed since the step, none for a step
-    saved before the record (its sets are unknown), a set new to the run without a note."""
+    saved before the record (its sets are unknown); a set new to the run is no change (eval_set_notes
+    notes it)."""
     from engine.data import PackedGroups
     from tests.engine.dist_worker import random_groups
 
@@ -137,3 +138,49 @@ def test_the_evaluation_sets_record_says_from_which_step_each_set_is_evaluated()
     # a step saved before the record: no note, and no step claimed
     assert resume_checks.changed_eval_sets({"step": 5}, {"held_out": b}) == {}
     assert "after_step" not in resume_checks.eval_sets({"held_out": b}, 5, None)["held_out"]
+
+
+def test_a_resume_notes_the_evaluation_sets_gone_or_new_since_the_step():
+    """A set the step recorded that the run no longer has (its rows stay in the history, summary.json's
+    eval_sets no longer names it) and one the step did not record (its rows start after the step): a note
+    each, which were silent; none for the same sets, a changed one (changed_eval_sets' note) or a step saved
+    before the record."""
+    from engine.data import PackedGroups
+    from tests.engine.dist_worker import random_groups
+
+    a, b = (PackedGroups(random_groups(seed, 12, 64, 64), 64) for seed in (3, 4))
+    history = [{"step": 2, "eval": "held_out", "loss": 0.7}, {"step": 2, "eval": "seen", "loss": 0.6},
+               {"step": 4, "loss": 0.5}, {"step": 4, "eval": "held_out", "loss": 0.6}]
+    state = {"step": 5, "eval_sets": resume_checks.eval_sets({"held_out": a, "seen": b}, 0, {}), "history": history}
+    assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": a, "seen": b}) == []
+    assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": b, "seen": a}) == []  # changed: not here
+    assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": a, "fresh": b}) == [
+        "note: the evaluation set seen recorded by ck/step_5 is not in this run: its rows in the eval history end at "
+        "step 2 (summary.json's eval_sets no longer lists it)",
+        "note: the evaluation set fresh is new since ck/step_5: its history starts after step 5 (summary.json: "
+        "eval_sets.fresh.after_step=5)"]
+    assert "the eval history has no rows of it" in resume_checks.eval_set_notes(
+        "ck/step_5", {**state, "history": []}, {"held_out": a})[0]
+    assert resume_checks.eval_set_notes("ck/step_5", {"step": 5, "history": history}, {"fresh": b}) == []
+
+
+def test_the_trainer_gives_the_notes_on_resume(runtime, tmp_path):
+    """In process: a run evaluating held_out and seen at each step exits at step 2; resumed with seen gone
+    and fresh added, the trainer gives eval_set_notes' two notes and records fresh after step 2."""
+    from engine.data import PackedGroups
+    from tests.engine.dist_worker import random_groups
+    from tests.engine.test_trainer import make_trainer
+
+    a, b = (PackedGroups(random_groups(seed, 8, 64, 64), 64) for seed in (3, 4))
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.eval_interval=1",
+                 evals={"held_out": a, "seen": b}).fit()
+    lines = []
+    trainer = make_trainer(runtime, tmp_path, evals={"held_out": a, "fresh": b},
+                           log=lambda *x, **k: lines.append(" ".join(map(str, x))))
+    step_dir = checkpoint.latest(str(tmp_path / "checkpoints"))
+    notes = [x for x in lines if x.startswith("note:")]
+    assert notes == resume_checks.eval_set_notes(step_dir, checkpoint.read_state(step_dir),
+                                                 {"held_out": a, "fresh": b}), lines
+    assert "seen" in notes[0] and "its rows in the eval history end at step 2" in notes[0], notes
+    assert "fresh" in notes[1] and "after step 2" in notes[1], notes
+    assert trainer.eval_sets["fresh"]["after_step"] == 2 and "seen" not in trainer.eval_sets
