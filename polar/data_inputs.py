@@ -12,7 +12,7 @@ import re
 import sys
 from pathlib import Path
 
-from polar.records import compressed_format
+from polar.records import NOT_REGULAR, compressed_format, compressed_problem
 
 # Compressed JSONL a directory may hold: `gunzip -k` and `zstd -d` keep it beside the text they write.
 _PACKED = (".gz", ".zst", ".zstd", ".bz2", ".xz")
@@ -94,7 +94,7 @@ def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[s
                 files.append(p)
         elif os.path.exists(p):
             # a pipe (`<(zcat r.jsonl.gz)`) was "no such file or directory", which sent its user looking for a typo
-            raise ValueError(f"{p}: not a regular file (a pipe or a device): every input is read more than once "
+            raise ValueError(f"{p}: {NOT_REGULAR}: every input is read more than once "
                              "(its lines counted, then its chunks read), so write it to a file first")
         else:
             # a shell passes a pattern that matches nothing on as it is
@@ -104,9 +104,9 @@ def input_files(paths: list[str], output: str = "", rejects: str = "") -> list[s
         print(f"note: not read: {names(own)}, the output's own shard files or rejects list, not records",
               file=sys.stderr, flush=True)
     for f in files:
-        found = compressed_format(f)
-        if found:
-            raise ValueError(f"{f}: {found[0]}-compressed, not JSONL text: decompress it first ({found[1]} {f})")
+        packed = compressed_problem(f)
+        if packed:
+            raise ValueError(f"{f}: {packed}")
     twice = given_twice(files)
     if twice:
         # its records would be built twice, and trained twice as often as the others

@@ -23,7 +23,7 @@ from engine.durable_file import Replacement
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
 from polar.format import WRAPPERS
-from polar.records import FieldError, RecordError, any_text, check_reference, iter_lines, parse_jsonl_line
+from polar.records import NOT_REGULAR, FieldError, RecordError, any_text, check_reference, iter_lines, parse_jsonl_line
 
 CHUNK = 4096  # lines per batched tokenizer call
 MAX_REPORTED = 50
@@ -82,7 +82,7 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
         # a pipe (`--input <(zcat in.jsonl.gz)`) exists: "no such file" sent its user looking for a typo.
         # It is refused, not read: the compressed-file check reads its head, which a pipe gives only once
         what = ("a directory, not a file" if os.path.isdir(input_path) else
-                "not a regular file (a pipe or a device): write it to a file first" if os.path.exists(input_path)
+                f"{NOT_REGULAR}: write it to a file first" if os.path.exists(input_path)
                 else "no such file")
         print(f"polar format: --input {input_path}: {what}", file=err)
         return 2

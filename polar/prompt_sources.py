@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from polar.data_inputs import given_twice
 from polar.format import as_text, lone_surrogate
-from polar.records import FieldError, compressed_format, parse_json_text, strip_bom
+from polar.records import NOT_REGULAR, FieldError, compressed_problem, parse_json_text, strip_bom
 
 
 class SampleError(ValueError):
@@ -52,15 +52,15 @@ class TextSource:
             if not stat.S_ISREG(os.stat(path).st_mode) and not os.path.isdir(path):
                 # a pipe (`--corpus <(zcat docs.gz)`) was scanned, then the first prompt's read by offset
                 # stopped the run: "File or stream is not seekable"
-                raise SampleError(f"{path}: not a regular file (a pipe or a device): documents are read again by "
+                raise SampleError(f"{path}: {NOT_REGULAR}: documents are read again by "
                                   "their byte offsets while sampling, so write it to a file first")
             f = open(path, "rb")
-            packed = compressed_format(path)
+            packed = compressed_problem(path, "text")
         except OSError as e:
             raise SampleError(f"{path}: cannot read: {e.strerror or e}") from None
         if packed:  # it was "line 1: not valid UTF-8", which said nothing of the file
             f.close()
-            raise SampleError(f"{path}: {packed[0]}-compressed, not text: decompress it first ({packed[1]} {path})")
+            raise SampleError(f"{path}: {packed}")
         with f:
             offset = 0
             for line_no, raw in enumerate(f, 1):

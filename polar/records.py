@@ -315,6 +315,18 @@ def compressed_format(path: str) -> Optional[tuple[str, str]]:
     return next(((name, cmd) for magic, name, cmd in _COMPRESSED if head.startswith(magic)), None)
 
 
+def compressed_problem(path: str, what: str = "JSONL text") -> str:
+    """What an input reader says of a compressed file ("gzip-compressed, not JSONL text: decompress it
+    first (gunzip -k PATH)"), "" for one that is not."""
+    found = compressed_format(path)
+    return f"{found[0]}-compressed, not {what}: decompress it first ({found[1]} {path})" if found else ""
+
+
+# what the input readers say of a path that exists but is no regular file: each reads a file more
+# than once (a check, then the run; by offset), which a pipe such as `<(zcat r.jsonl.gz)` gives once
+NOT_REGULAR = "not a regular file (a pipe or a device)"
+
+
 def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
                first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
@@ -327,11 +339,10 @@ def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
             # a pipe (`--input <(zcat r.jsonl.gz)`) stopped every reader with "File or stream is not
             # seekable" and a traceback; the readers read a file again (a check first, a resume), or its head
             raise RecordError(path, 1, "(file)", "a directory, not a file" if stat.S_ISDIR(mode) else
-                              "not a regular file (a pipe or a device): write it to a file first")
-        found = compressed_format(path)
-        if found:
-            raise RecordError(path, 1, "(file)", f"{found[0]}-compressed, not JSONL text: decompress it first "
-                                                 f"({found[1]} {path})")
+                              f"{NOT_REGULAR}: write it to a file first")
+        packed = compressed_problem(path)
+        if packed:
+            raise RecordError(path, 1, "(file)", packed)
     with open(path, "rb") as f:
         f.seek(start)
         pos, n = start, first_line
