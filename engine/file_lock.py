@@ -36,11 +36,13 @@ def lock_for_life(fd: int, busy: Busy) -> str:
     raise (busy() if callable(busy) else busy) from None
 
 
-def claim(path: str | os.PathLike, busy: Busy, directory: bool = False) -> tuple[int, str]:
-    """lock_for_life on the file `path` (created), or with `directory` on the directory `path` (made),
-    checked to be still the one under that name once locked: a holder letting go removes or renames
-    it first (HolderLock.release, a conversion's publish), and whoever opened it just before would
-    otherwise hold a lock on a file nobody else sees. -> (its descriptor, lock_for_life's answer)."""
+def claim(path: str | os.PathLike, busy: Busy, directory: bool = False,
+          flags: int = os.O_RDWR | os.O_CREAT) -> tuple[int, str]:
+    """lock_for_life on the file `path` (opened with `flags`, created), or with `directory` on the
+    directory `path` (made), checked to be still the one under that name once locked: a holder letting
+    go removes or renames it first (HolderLock.release, a conversion's publish, polar score's finished
+    output), and whoever opened it just before would otherwise hold a lock on a file nobody else sees
+    (or append to one renamed away). -> (its descriptor, lock_for_life's answer)."""
     while True:
         if directory:
             os.makedirs(path, exist_ok=True)
@@ -49,7 +51,7 @@ def claim(path: str | os.PathLike, busy: Busy, directory: bool = False) -> tuple
             except FileNotFoundError:  # renamed away since it was made
                 continue
         else:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, flags, 0o644)
         unlocked = lock_for_life(fd, busy)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):

@@ -31,7 +31,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
-from engine.file_lock import lock_for_life
+from engine.file_lock import claim
 from polar.format import WRAPPERS, Text, as_text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")
@@ -407,11 +407,10 @@ class OutputBusy(Exception):
 
 def append_locked(path: str, tool: str) -> int:
     """A descriptor appending to `path` (created 0644), locked for this process's life
-    (engine.file_lock.lock_for_life): OutputBusy when another process holds it; on a file system
-    without locks (some network mounts) a note."""
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    unlocked = lock_for_life(fd, OutputBusy(f"{path}: another {tool} is writing this output; wait for it to end or "
-                                            "stop it"))
+    (engine.file_lock.claim: still the file under that name once locked): OutputBusy when another
+    process holds it; on a file system without locks (some network mounts) a note."""
+    busy = OutputBusy(f"{path}: another {tool} is writing this output; wait for it to end or stop it")
+    fd, unlocked = claim(path, busy, flags=os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     if unlocked:
         print(f"{tool}: note: {path}: cannot lock ({unlocked}); do not start a second run on it", file=sys.stderr)
     return fd

@@ -98,7 +98,7 @@ class RowWriter:
         # the lock before the record: a second run refused here had replaced the record of the run
         # writing, whose rows a later rerun of the second run's settings would then have continued
         try:  # two runs of one command (a requeued job whose first copy still runs) would both append
-            self.fd = self._locked()
+            self.fd = append_locked(self.partial, "polar score")
         except OutputBusy as e:
             raise ResumeError(str(e)) from None
         except OSError as e:  # a directory of that name, no permission, a full disk: a message, not a traceback
@@ -114,20 +114,6 @@ class RowWriter:
                 raise ResumeError(f"{self.record}: cannot be written ({e.strerror or e}); choose another --output "
                                   "or remove what is there") from None
 
-    def _locked(self) -> int:
-        """append_locked on the partial output, checked to be still the file under that name once
-        locked: a run ending lets go of its lock only after it renamed (finish) or removed (close)
-        its partial file, and a second run that had opened the file before that would otherwise
-        append to the finished OUTPUT, or to a file nobody sees."""
-        while True:
-            fd = append_locked(self.partial, "polar score")
-            try:
-                if os.path.samestat(os.fstat(fd), os.stat(self.partial)):
-                    return fd
-            except FileNotFoundError:
-                pass
-            os.close(fd)
-
     def write(self, rows: list) -> None:
         """Rows appended whole and synced: what a stop leaves is at most one torn row at the end."""
         data = "".join(json.dumps(r) + "\n" for r in rows).encode("utf-8")
@@ -138,7 +124,8 @@ class RowWriter:
 
     def finish(self) -> None:
         """Every row is written: the partial output becomes OUTPUT, its record goes, and then the lock:
-        a second run waiting on it finds no partial output to append to (_locked)."""
+        a second run waiting on it finds no partial output to append to (append_locked checks the file
+        it locked is still the one under that name)."""
         os.replace(self.partial, self.output)
         # the rename on the disk before the record goes: after a crash of the machine the disk held
         # the partial output without its record, which a rerun refuses
