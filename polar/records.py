@@ -119,16 +119,28 @@ def check_reference(value: Text, where: str, what: str = "the reference") -> Non
                           "the reference trajectory for its prompt")
 
 
+def near_field(key: str, fields, cutoff: float, fold_case: bool = False,
+               length_within: Optional[int] = None) -> Optional[str]:
+    """The one of `fields` that `key` is most likely a misspelling of (difflib's ratio at least
+    `cutoff`; `key` lowercased first with `fold_case`; only fields whose length is within
+    `length_within` of the key's, where given), else None. The one rule of a near miss for the
+    record readers (misspelt) and polar serve's top-level fields (serve.validation.check_fields)."""
+    import difflib
+
+    if length_within is not None:  # also spares difflib a long key, whose cost grows with it
+        fields = [f for f in fields if abs(len(f) - len(key)) <= length_within]
+    near = difflib.get_close_matches(key.lower() if fold_case else key, fields, n=1, cutoff=cutoff)
+    return near[0] if near else None
+
+
 def misspelt(obj: dict, *fields: str) -> str:
     """`; 'chosn' given: is it 'chosen'?` for a key of `obj` close to one of `fields`, else "". A
     record's other keys are metadata and allowed, so a misspelt field was reported only as missing."""
-    import difflib
-
     for key in obj:
         if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1, cutoff=0.75)
+            near = near_field(str(key), fields, cutoff=0.75)
             if near:
-                return f"; {key!r} given: is it {near[0]!r}?"
+                return f"; {key!r} given: is it {near!r}?"
     return ""
 
 

@@ -12,7 +12,6 @@ Other top-level fields are ignored, except near misses of these and item fields 
 from __future__ import annotations
 
 import codecs
-import difflib
 import json
 import re
 import sys
@@ -20,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from polar.format import as_text, lone_surrogate
-from polar.records import DuplicateKey, unique_keys
+from polar.records import DuplicateKey, near_field, unique_keys
 from polar.serve.items import StructuredItem
 
 WRAPPERS = ("sft", "pretrain")
@@ -102,18 +101,17 @@ def check_fields(body: dict, endpoint: str) -> None:
     would be ignored while the field meant is missing. Any other unknown field is ignored."""
     known = FIELDS[endpoint]
     whole, where, per_item = _PER_ITEM.get(endpoint, ("", "", ()))
-    longest = max(map(len, known))
     for key in body:
         if key in known:
             continue
         if key in per_item:
             raise RequestError(f"field {key!r} belongs in {where.format(key)}: beside the {whole} it would be "
                                "ignored")
-        if len(key) > longest + 2:  # no near miss (difflib's cost grows with the key)
-            continue
-        close = difflib.get_close_matches(key.lower(), known, n=1, cutoff=0.8)
-        if close and abs(len(close[0]) - len(key)) <= 2:
-            raise RequestError(f"unknown field {key!r}: did you mean {close[0]!r}? (fields other than "
+        # stricter than a record's near miss (records.misspelt, a hint on a missing field): this one is
+        # refused, and a client's own extra field must not be taken for one
+        close = near_field(key, known, cutoff=0.8, fold_case=True, length_within=2)
+        if close:
+            raise RequestError(f"unknown field {key!r}: did you mean {close!r}? (fields other than "
                                f"{', '.join(map(repr, known))} are ignored)")
 
 
