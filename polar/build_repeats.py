@@ -1,5 +1,5 @@
 """The records of a shard `polar data build` (polar/data_build.py) writes that repeat an earlier one
-exactly (polar.finetune_split.record_digest: the same prompt, reference, candidates, labels and
+exactly (polar.records.record_digest: the same prompt, reference, candidates, labels and
 wrapper): a sampler's output appended to itself, or a copy of an input under another name, would be
 trained twice as often as the rest. They are kept, as every record is, and counted with the first few
 named (the shard's metadata: counts.duplicates, duplicates_first; the build's summary line).

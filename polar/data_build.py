@@ -57,8 +57,7 @@ from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_r
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, names
-from polar.finetune_split import record_digest
-from polar.records import ON_ERROR, RecordError, parse_line, reject_entry, strip_bom
+from polar.records import ON_ERROR, RecordError, parse_line, record_digest, reject_entry, strip_bom
 
 
 @dataclass
@@ -89,7 +88,7 @@ class ChunkResult:
     prompts_cut: int = 0  # prompts cut to their tail by POLAR's rule (--max-length)
     tokens: int = 0
     candidates: int = 0
-    # per group, in input order: its record's id and finetune_split.record_digest (two uint64s)
+    # per group, in input order: its record's id and records.record_digest (two uint64s)
     record_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
 

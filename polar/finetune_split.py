@@ -9,13 +9,12 @@ is held out, the others train. With one record per prompt this is the split by r
 """
 from __future__ import annotations
 
-import hashlib
-import json
 from typing import NamedTuple
 
 import numpy as np
 
 from polar.format import as_text
+from polar.records import record_digest
 
 
 def prompt_ids(records) -> np.ndarray:
@@ -74,17 +73,6 @@ def overlap(train, held) -> Overlap:
         first.setdefault(_identity(r), r)
     same = sum(as_text(r.prompt) in prompts for r in held)
     return Overlap(same, [(r, first[k]) for r in held if (k := _identity(r)) in first])
-
-
-def record_digest(prompt, reference, candidates, labels, wrapper: str) -> bytes:
-    """128 bits that two records share when they train the same: the same prompt, reference,
-    candidates (in order) and labels, texts compared as the format joins them (a message list is the
-    text of its contents), under the same wrapper (the default's name for a record naming none).
-    Other fields (ids, metadata) do not count. One C-speed dump and hash a record: 2^-128 a pair of
-    records to collide, so a count of repeats is exact for any corpus."""
-    key = json.dumps([as_text(prompt), as_text(reference), [as_text(c) for c in candidates],
-                      [int(y) for y in labels], wrapper], ensure_ascii=False)
-    return hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
 
 
 def repeats(records, default_wrapper: str) -> list:
