@@ -53,12 +53,17 @@ class Repeats:
         return len(repeat), [[where(int(ids[i])), where(int(ids[original[i]]))] for i in shown]
 
 
+def named(count: int, first: list) -> str:
+    """'a repeats b, c repeats d, ...' for the pairs (of `count` repeats) named, as the build's summary
+    and fine-tuning's note (finetune_split.repeats_note) word them."""
+    return ", ".join(f"{a} repeats {b}" for a, b in first) + (", ..." if count > len(first) else "")
+
+
 def summary_line(count: int, first: list[list[str]], num_shards: int) -> str:
     """The build summary's line for `count` repeats ('' for none)."""
     if not count:
         return ""
-    shown = ", ".join(f"{a} repeats {b}" for a, b in first)
-    more = ", ..." if count > len(first) else ""
     within = " of this shard (other shards' records are not compared)" if num_shards > 1 else ""
     return (f"\n  duplicates {count:,} records repeat an earlier record{within} exactly (the same prompt, "
-            f"reference, candidates, labels and wrapper), kept: each is trained as often as it appears: {shown}{more}")
+            f"reference, candidates, labels and wrapper), kept: each is trained as often as it appears: "
+            f"{named(count, first)}")

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from polar.build_repeats import SHOWN, named
 from polar.format import as_text
 from polar.records import record_digest
 
@@ -96,10 +97,9 @@ def repeats_note(name: str, records, default_wrapper: str) -> str:
     found = repeats(records, default_wrapper)
     if not found:
         return ""
-    pairs = ", ".join(f"{r.file}:{r.line} repeats {first.file}:{first.line}" for r, first in found[:3])
-    more = ", ..." if len(found) > 3 else ""
+    pairs = named(len(found), [(f"{r.file}:{r.line}", f"{first.file}:{first.line}") for r, first in found[:SHOWN]])
     return (f"note: {name}: {len(found)} of {len(records)} record(s) repeat an earlier record exactly (the same "
-            f"prompt, reference, candidates, labels and wrapper; {pairs}{more}): kept, each counts as often as it "
+            f"prompt, reference, candidates, labels and wrapper; {pairs}): kept, each counts as often as it "
             "appears")
 
 
@@ -114,7 +114,7 @@ def unrankable(records) -> list:
     return out
 
 
-def where(records, limit: int = 3) -> str:
+def where(records, limit: int = SHOWN) -> str:
     """`file:line, file:line, ...` for the first `limit` records."""
     shown = ", ".join(f"{r.file}:{r.line}" for r in records[:limit])
     return shown + (", ..." if len(records) > limit else "")

@@ -9,8 +9,9 @@ import pytest
 
 from engine.config import load_config
 from polar import finetune_recipe as recipe
-from polar.finetune_split import overlap, prompt_ids, repeats, split_by_prompt, unrankable, where
-from polar.records import Record
+from polar import build_repeats
+from polar.finetune_split import overlap, prompt_ids, repeats, repeats_note, split_by_prompt, unrankable, where
+from polar.records import Record, record_digest
 
 
 def rec(prompt, chosen="good", rejected="bad", reference="ref", line=0):
@@ -89,6 +90,21 @@ def test_a_record_repeating_an_earlier_one_exactly_is_found_other_fields_aside()
     found = repeats([first, *same, *other], "sft")
     assert [(r.line, f.line) for r, f in found] == [(2, 1), (3, 1)]
     assert [(r.line, f.line) for r, f in repeats([first, *other], "pretrain")] == [(6, 1)]
+
+
+def test_fine_tuning_and_a_build_name_the_same_repeats_alike():
+    """repeats_note named 3 pairs by a literal beside build_repeats.SHOWN, each wording the pairs its
+    own way: the same records name the same SHOWN pairs, worded alike, in either."""
+    records = [rec(f"p{i % 2}", line=i + 1) for i in range(2 + build_repeats.SHOWN + 1)]
+    found = build_repeats.Repeats()
+    digests = b"".join(record_digest(r.prompt, r.reference, r.candidates, r.labels, "sft") for r in records)
+    found.add(np.arange(len(records)), np.frombuffer(digests, np.uint64).reshape(-1, 2))
+    count, first = found.find([{"path": "f.jsonl", "first_record": 0}])
+    assert count == len(first) + 1 == build_repeats.SHOWN + 1
+    shown = build_repeats.named(count, first)
+    assert shown.count(" repeats ") == build_repeats.SHOWN and shown.endswith(", ...")
+    assert shown in build_repeats.summary_line(count, first, 1)
+    assert f"wrapper; {shown}): kept" in repeats_note("fine-tuning data", records, "sft")
 
 
 def test_fine_tuning_names_records_repeated_in_its_training_and_held_out_files(tmp_path, capsys):
