@@ -355,10 +355,11 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         train_records = [r for r, h in zip(records, split.held) if not h]
         eval_records = [r for r, h in zip(records, split.held) if h]
         if f.eval_fraction > 0 and not eval_records:  # only "0 held out" in the data line said so
-            why = ("rounds to none held out" if not round(f.eval_fraction * len(records)) else
-                   "holds out none: every record has the same prompt, and records are held out by prompt")
-            _say(f"note: finetune.eval_fraction={f.eval_fraction:g} of {len(records)} record(s) {why}: no held-out "
-                 "accuracy will be reported; give finetune.eval, or a larger eval_fraction (at most 0.5)", flush=True)
+            # a fraction above 0 holds out one record at least (finetune_split.held_out_count): none
+            # only where a whole prompt cannot be spared
+            _say(f"note: finetune.eval_fraction={f.eval_fraction:g} of {len(records)} record(s) holds out none: "
+                 "every record has the same prompt, records are held out by prompt, and one prompt must stay to "
+                 "train on: no held-out accuracy will be reported; give finetune.eval", flush=True)
         elif eval_records:
             held_desc = f" ({split.held_prompts:,} of {split.prompts:,} prompts, held out whole)"
     for name, rs in (("fine-tuning data", train_records), ("held-out data", eval_records)):

@@ -9,6 +9,8 @@ is held out, the others train. With one record per prompt this is the split by r
 """
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from typing import NamedTuple
 
 import numpy as np
@@ -31,16 +33,28 @@ class Split(NamedTuple):
     held_prompts: int
 
 
+def held_out_count(fraction: float, records: int) -> int:
+    """The number of records a split aims to hold out: `fraction` of them rounded down, as written
+    (0.29 of 100 is 29, not the 28 of its floating-point product), and at least one where the
+    fraction is above 0 and there are two records or more. Python's round() took a half to the even
+    number: 0.05 of 10, 0.1 of 5 and 0.25 of 2 held out none though a fraction was asked for, 0.1 of
+    15 held out 2 and 0.1 of 25 held out 2 too, and 0.5 of 15 held out 8, more than the half at
+    most that a fraction may ask."""
+    wanted = math.floor(Fraction(repr(float(fraction))) * records)
+    return max(wanted, 1) if fraction > 0 and records >= 2 else wanted
+
+
 def split_by_prompt(records, fraction: float, seed: int) -> Split:
     """Hold out whole prompts, taken in a seeded random order, each one that brings the held-out
-    records no further from `fraction` of all (a prompt of n records where n <= 2 x what is still
-    wanted); at least one prompt stays to train on, and one is held out (the smallest) where the
-    fraction asks for any record and a prompt can be spared. Stopping at the first prompt past the
+    records no further from held_out_count(fraction) records (a prompt of n records where n <= 2 x
+    what is still wanted); at least one prompt stays to train on, and one is held out (the smallest)
+    where the fraction is above 0 and a prompt can be spared. Stopping at the first prompt past the
     target instead held out a prompt of most of the records when the order met it early (10 of 11
-    at 0.05, one prompt of 10 records and one of 1)."""
+    at 0.05, one prompt of 10 records and one of 1). Where every record has the same prompt, none is
+    held out."""
     ids = prompt_ids(records)
     n_prompts = int(ids.max()) + 1 if len(ids) else 0
-    target = int(round(fraction * len(records)))
+    target = held_out_count(fraction, len(records))
     held_prompts = np.zeros(n_prompts, dtype=bool)
     if target and n_prompts >= 2:
         order = np.random.default_rng([seed, 7]).permutation(n_prompts)

@@ -263,16 +263,18 @@ def test_a_fraction_given_with_a_held_out_file_is_refused_not_dropped(tmp_path):
             recipe.check(cfg)
 
 
-def test_a_fraction_that_holds_out_no_record_says_so(tmp_path, capsys):
-    """10 records at the default eval_fraction (0.05) hold out none: the run reported no held-out
-    accuracy, and only "0 held out" in its data line said why."""
+def test_a_fraction_above_0_holds_out_one_record_at_least(tmp_path, capsys):
+    """10 records at the default eval_fraction (0.05) held out none: round(0.5) is 0 (a half to the
+    even number), and only a note said so. A fraction above 0 now holds out one record at least
+    (finetune_split.held_out_count); none only where every record has the same prompt (the next test)."""
     cfg = _one_per_sequence(tmp_path, 10, "train.global_batch=1", "finetune.eval_fraction=0.05")
     data = recipe.prepare_data(cfg)
-    assert not data.evals and "0 held out" in data.description
-    assert "finetune.eval_fraction=0.05 of 10 record(s) rounds to none held out" in capsys.readouterr().out
+    assert set(data.evals) == {"held_out"} and len(data.evals["held_out"].groups) == 1
+    assert "1 held out (1 of 10 prompts, held out whole)" in data.description, data.description
+    assert "holds out none" not in capsys.readouterr().out
     cfg = _one_per_sequence(tmp_path, 10, "train.global_batch=1", "finetune.eval_fraction=0")  # asked for none
-    recipe.prepare_data(cfg)
-    assert "rounds to none" not in capsys.readouterr().out
+    data = recipe.prepare_data(cfg)
+    assert not data.evals and "holds out none" not in capsys.readouterr().out
 
 
 

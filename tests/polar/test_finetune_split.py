@@ -10,7 +10,8 @@ import pytest
 from engine.config import load_config
 from polar import finetune_recipe as recipe
 from polar import build_repeats
-from polar.finetune_split import overlap, prompt_ids, repeats, repeats_note, split_by_prompt, unrankable, where
+from polar.finetune_split import (held_out_count, overlap, prompt_ids, repeats, repeats_note, split_by_prompt,
+                                  unrankable, where)
 from polar.records import Record, record_digest
 
 
@@ -33,13 +34,27 @@ def test_no_prompt_is_on_both_sides_and_the_held_out_share_is_near_the_fraction(
     assert not set(ids[split.held]) & set(ids[~split.held])
     assert split.held_prompts == len(set(ids[split.held])) and split.prompts == 200
     # whole prompts of at most 6 records: the closest cut is within half a prompt's records of the target
-    assert abs(split.held.sum() - round(0.1 * len(records))) <= 3
+    assert abs(split.held.sum() - held_out_count(0.1, len(records))) <= 3
 
 
 def test_with_one_record_per_prompt_exactly_the_fraction_is_held_out_the_same_for_the_same_seed():
     records = [rec(f"p{i}") for i in range(40)]
     a, b, c = (split_by_prompt(records, 0.25, s) for s in (3, 3, 4))
     assert a.held.sum() == 10 and (a.held == b.held).all() and not (a.held == c.held).all()
+
+
+@pytest.mark.parametrize("records,fraction,held", [
+    (5, 0.1, 1), (10, 0.05, 1), (2, 0.25, 1),  # round() took 0.5 to 0: none held out though asked for
+    (15, 0.1, 1), (25, 0.1, 2), (35, 0.1, 3),  # 1.5 went to 2, 2.5 to 2 and 3.5 to 4
+    (15, 0.5, 7), (3, 0.5, 1),  # 7.5 went to 8, 1.5 to 2: more held out than trained on
+    (100, 0.29, 29), (2, 0.5, 1), (1, 0.5, 0), (10, 0.0, 0),
+])
+def test_the_held_out_count_is_the_fraction_rounded_down_and_one_at_least(records, fraction, held):
+    """Python's round() took a half to the even number: a fraction above 0 held out no record at small
+    sizes (10 records at the default 0.05), and the count went up or down as the parity fell."""
+    assert held_out_count(fraction, records) == held
+    split = split_by_prompt([rec(f"p{i}") for i in range(records)], fraction, 0)
+    assert split.held.sum() == held and (records < 2 or not split.held.all())
 
 
 def test_a_prompt_always_stays_to_train_on_and_one_is_held_out_when_any_record_is_asked_for():
