@@ -238,7 +238,8 @@ def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) ->
 def shape_from_config(cfg) -> Shape:
     m = cfg.model
     return Shape(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
-                 m.vocab_size, lm_head=cfg.train.aux_lm_weight > 0, vocab_multiple=m.make_vocab_size_divisible_by)
+                 m.vocab_size, lm_head=cfg.train.aux_lm_weight > 0, vocab_multiple=m.make_vocab_size_divisible_by,
+                 qkv_bias=m.add_qkv_bias)
 
 
 def _gb(x: float) -> str:

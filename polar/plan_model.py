@@ -3,10 +3,11 @@
 The model behind the estimates (every constant is printed with the plan):
 
 Parameters per rank are counted exactly as the engine builds them (megatron's parallel linears, no
-biases, SwiGLU, grouped-query attention; the embedding on the first pipeline stage, the final norm and
-value head (and the auxiliary LM head, if on) on the last; embedding and LM head with the vocabulary padded
-as the engine pads it, Shape.padded_vocab); tests/polar/test_plan.py checks the counts against the
-engine's model at TP1, TP2, PP2 and TP2 x PP2.
+biases but the q/k/v ones of model.add_qkv_bias, SwiGLU, grouped-query attention; the embedding on the
+first pipeline stage, the final norm and value head (and the auxiliary LM head, if on) on the last;
+embedding and LM head with the vocabulary padded as the engine pads it, Shape.padded_vocab);
+tests/polar/test_plan.py checks the counts against the engine's model at TP1, TP2, PP2, PP2 x VPP2 and
+TP2 x PP2 (with the LM head, with q/k/v biases).
 
 Memory per GPU, for the pipeline rank that needs most:
 - weights: 2 bytes per parameter in bf16 (4 in fp32);
@@ -136,6 +137,7 @@ class Shape:
     vocab_size: int
     lm_head: bool = False  # train.aux_lm_weight > 0 adds a vocabulary-parallel LM head on the last stage
     vocab_multiple: int = 1  # model.make_vocab_size_divisible_by
+    qkv_bias: bool = False  # model.add_qkv_bias: the q/k/v projections' biases (Qwen2)
 
     def padded_vocab(self, tp: int) -> int:
         """Rows of the embedding table (and LM head) at tensor parallelism tp: the vocabulary rounded up to
@@ -176,21 +178,29 @@ class Layout:
 
 # ---- parameters ------------------------------------------------------------------------------------------
 
+def _qkv_bias(shape: Shape, tp: int) -> int:
+    """The column-parallel q/k/v biases of one layer on one TP rank (model.add_qkv_bias), split as the QKV
+    output is."""
+    return (shape.num_attention_heads * shape.head_dim + 2 * shape.kv_size) // tp if shape.qkv_bias else 0
+
+
 def layer_params(shape: Shape, tp: int) -> int:
-    """One transformer layer on one TP rank: two RMSNorm weights (replicated), column-parallel QKV and
-    SwiGLU fc1, row-parallel output projection and fc2, no biases."""
+    """One transformer layer on one TP rank: two RMSNorm weights (replicated), column-parallel QKV (with
+    its biases under model.add_qkv_bias) and SwiGLU fc1, row-parallel output projection and fc2, no other
+    biases."""
+    return 2 * shape.hidden_size + linear_params(shape, tp) + _qkv_bias(shape, tp)
+
+
+def linear_params(shape: Shape, tp: int) -> int:
+    """The weights of one layer's linear layers on one TP rank, the matrices FP8 matmuls quantise (not the
+    norms, not the biases)."""
     h, d = shape.hidden_size, shape.head_dim
     q = shape.num_attention_heads * d
     qkv = h * (q + 2 * shape.kv_size) // tp
     proj = q // tp * h
     fc1 = h * 2 * shape.ffn_hidden_size // tp
     fc2 = shape.ffn_hidden_size // tp * h
-    return 2 * h + qkv + proj + fc1 + fc2
-
-
-def linear_params(shape: Shape, tp: int) -> int:
-    """The parameters of one layer that FP8 matmuls quantise (everything but the norms)."""
-    return layer_params(shape, tp) - 2 * shape.hidden_size
+    return qkv + proj + fc1 + fc2
 
 
 def params_per_rank(shape: Shape, tp: int, pp: int, pp_rank: int) -> int:

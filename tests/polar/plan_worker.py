@@ -30,6 +30,7 @@ LAYOUTS = {  # name -> parallel.* overrides
     "pp2vpp2": ["parallel.pp=2", "parallel.vpp=2"],
     "tp2pp2": ["parallel.tp=2", "parallel.pp=2"],
     "tp2pp2lm": ["parallel.tp=2", "parallel.pp=2", "train.aux_lm_weight=0.5"],  # with the auxiliary LM head
+    "tp2pp2bias": ["parallel.tp=2", "parallel.pp=2", "model.add_qkv_bias=true"],  # q/k/v biases (Qwen2)
 }
 
 

@@ -1,8 +1,8 @@
 """`polar plan` against the engine it plans for.
 
 - Parameters per rank: the engine's model is built at TP1, TP2 (with sequence parallelism), PP2, PP2 with
-  interleaving, TP2 x PP2 and TP2 x PP2 with the auxiliary LM head, in one torchrun world of 4 CPU
-  processes; every rank's count must equal the plan's count for its pipeline position.
+  interleaving, TP2 x PP2, and TP2 x PP2 with the auxiliary LM head and with q/k/v biases, in one
+  torchrun world of 4 CPU processes; every rank's count must equal the plan's count for its pipeline position.
 - Memory: a few training steps on CPU (fp32, gloo) of a model whose weights, gradients and Adam state
   dominate; the plan's estimate for that rank (polar.plan.memory_per_rank with fp32, the torch attention
   backend and no GPU allowance) must lie within 10% of the measured growth of resident memory from before
@@ -40,10 +40,10 @@ def _overrides(model: dict) -> list[str]:
     return [f"model.{k}={v}" for k, v in model.items()]
 
 
-def _shape(model: dict, lm_head: bool = False) -> plan.Shape:
+def _shape(model: dict, lm_head: bool = False, qkv_bias: bool = False) -> plan.Shape:
     return plan.Shape(model["num_layers"], model["hidden_size"], model["num_attention_heads"],
                       model["num_query_groups"], model["ffn_hidden_size"], model["vocab_size"], lm_head,
-                      model.get("make_vocab_size_divisible_by", 1))
+                      model.get("make_vocab_size_divisible_by", 1), qkv_bias)
 
 
 def _run(nproc: int, args: list[str], timeout: int = 900) -> None:
@@ -59,12 +59,12 @@ def _run(nproc: int, args: list[str], timeout: int = 900) -> None:
 
 def test_parameter_counts_per_rank_equal_the_engines_model(tmp_path):
     out = tmp_path / "counts.json"
-    layouts = ["tp1", "tp2", "pp2", "pp2vpp2", "tp2pp2", "tp2pp2lm"]
+    layouts = ["tp1", "tp2", "pp2", "pp2vpp2", "tp2pp2", "tp2pp2lm", "tp2pp2bias"]
     _run(4, ["counts", "--out", str(out), "--layouts", ",".join(layouts), *_overrides(COUNT_MODEL)])
     result = json.loads(out.read_text())
     assert sorted(result) == sorted(layouts)
     for name, got in result.items():
-        shape = _shape(COUNT_MODEL, lm_head=name.endswith("lm"))
+        shape = _shape(COUNT_MODEL, lm_head=name.endswith("lm"), qkv_bias=name.endswith("bias"))
         assert len(got["ranks"]) == 4
         for r in got["ranks"]:
             expected = plan.params_per_rank(shape, got["tp"], got["pp"], r["pp_rank"])
@@ -73,6 +73,10 @@ def test_parameter_counts_per_rank_equal_the_engines_model(tmp_path):
         positions = {(r["tp_rank"], r["pp_rank"]): r["params"] for r in got["ranks"]}
         if got["tp"] == 1:
             assert sum(positions.values()) == plan.total_params(shape), name
+    # and the plan takes the options counted above from the run's settings (model.add_qkv_bias was dropped)
+    cfg = plan.load_plan_config("tiny_cpu", [*_overrides(COUNT_MODEL), "model.add_qkv_bias=true",
+                                             "train.aux_lm_weight=0.5"])
+    assert plan.shape_from_config(cfg) == _shape(COUNT_MODEL, lm_head=True, qkv_bias=True)
 
 
 MEMORY_LAYOUTS = {  # name -> (processes, parallel overrides, plan layout)
