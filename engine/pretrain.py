@@ -312,7 +312,7 @@ def check_resume_data(cfg, data, step_dir) -> None:
     state = checkpoint.read_state(step_dir)
     resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
                                              sequences=len(data.train))
-    train_file, held_file = data_files(cfg)
+    train_file = data_files(cfg)[0]
     saved = state.get("loader")
     if saved is not None:
         loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
@@ -329,15 +329,6 @@ def check_resume_data(cfg, data, step_dir) -> None:
                           f"{Path(ckpt_dir) / DIR} holds another tokenizer ({name} differs), the one the run's "
                           "steps were trained with; use that tokenizer's data, or start a new run (a new run_dir) "
                           "from the checkpoint's weights (checkpoint.init_from)")
-    step = state.get("step")
-    for name, (was, now) in resume_checks.changed_eval_sets(state, data.evals).items():
-        # no refusal (a held-out set may be changed on purpose), but its numbers before and after differ
-        if int(os.environ.get("RANK", "0")) == 0:
-            given = f" ({held_file})" if held_file and len(data.evals) == 1 else ""
-            print(f"note: the {name} set{given} is not the one {step_dir} was evaluated on (digest {was} when "
-                  f"saved, {now} now); resuming with it, not refused: the eval history's {name} rows up to "
-                  f"step {step} are of the old set, from step {step + 1} on (and the final evaluation) of this one "
-                  f"(summary.json: eval_sets.{name}.after_step={step})", flush=True)
 
 
 # the settings naming a recipe's data files, (training, held-out): the fine-tuning recipe's record files
@@ -516,7 +507,8 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
 
     from engine.trainer import StoppedBySignal, Trainer
 
-    trainer = Trainer(cfg, rt, data.train, str(run_dir), pad_id=data.pad_id, log=say, evals=data.evals)
+    trainer = Trainer(cfg, rt, data.train, str(run_dir), pad_id=data.pad_id, log=say, evals=data.evals,
+                      held_file=data_files(cfg)[1])
     t_train = time.time()
     start_step = trainer.step
     signalled = None

@@ -95,17 +95,24 @@ def changed_eval_sets(state: dict, evals: dict) -> dict:
             if isinstance(saved.get(name), dict) and saved[name].get("digest") != rec["digest"]}
 
 
-def eval_set_notes(step_dir: str, state: dict, evals: dict) -> list[str]:
-    """The notes a resume from `step_dir` gives (rank 0) of the evaluation sets that came or went since
-    the step (its `state`) recorded them: one no longer evaluated keeps its rows in the history, which
-    summary.json's eval_sets no longer names; one new to the run has rows only after the step. Like a
-    changed set (changed_eval_sets), no refusal: it may be meant. None for a step saved before the record
-    (its sets are unknown)."""
+def eval_set_notes(step_dir: str, state: dict, evals: dict, held_file: str = "") -> list[str]:
+    """Every note a resume from `step_dir` gives (rank 0) of the run's evaluation sets against those the
+    step (its `state`) recorded: a set changed since (changed_eval_sets), whose history rows up to the
+    step are of the old set; one no longer evaluated, which keeps its rows in the history that
+    summary.json's eval_sets no longer names; one new to the run, with rows only after the step. No
+    refusal: each may be meant. `held_file`: the setting giving the held-out file
+    ("data.eval_path=ds_eval/"), named in a changed set's note when the run has that one set. None for
+    a step saved before the record (its sets are unknown)."""
     saved = state.get("eval_sets")
     if not isinstance(saved, dict):
         return []
     step = int(state.get("step", 0))
-    notes = []
+    given = f" ({held_file})" if held_file and len(evals) == 1 else ""
+    notes = [f"note: the {name} set{given} is not the one {step_dir} was evaluated on (digest {was} when "
+             f"saved, {now} now); resuming with it, not refused: the eval history's {name} rows up to "
+             f"step {step} are of the old set, from step {step + 1} on (and the final evaluation) of this one "
+             f"(summary.json: eval_sets.{name}.after_step={step})"
+             for name, (was, now) in changed_eval_sets(state, evals).items()]
     for name in saved:
         if name not in evals:
             rows = [row["step"] for row in state.get("history", []) if row.get("eval") == name]

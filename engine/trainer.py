@@ -59,7 +59,7 @@ def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, 
 
 class Trainer:
     def __init__(self, cfg, rt: Runtime, train_data: PackedGroups, run_dir: str, pad_id: int, log=print,
-                 evals: dict | None = None):
+                 evals: dict | None = None, held_file: str = ""):
         from megatron.core.distributed import finalize_model_grads
 
         profiling.check_start_up(cfg.train, rt.world_size, rt.is_cuda)
@@ -79,6 +79,7 @@ class Trainer:
         self.mcfg.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
         self.pad_id = pad_id
         self.evals = evals or {}
+        self.held_file = held_file  # the setting giving the held-out file, named by a resume's notes
         self.loader = GlobalBatchLoader(
             train_data, cfg.train.global_batch, cfg.train.micro_batch, rt.dp_rank, rt.dp,
             seed=cfg.train.seed, pad_id=pad_id, pin_memory=rt.device if rt.is_cuda else None,
@@ -144,7 +145,7 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}"
                      + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
                         f"{', '.join(p.name for p in cut)})" if cut else ""))
-            for note in resume_checks.eval_set_notes(path, saved, self.evals):  # sets gone or new since the step
+            for note in resume_checks.eval_set_notes(path, saved, self.evals, self.held_file):
                 self.log(note)
             if ck.init_from:
                 # a requeued job names it again (it is no change); another base model meant for a new

@@ -143,8 +143,7 @@ def test_the_evaluation_sets_record_says_from_which_step_each_set_is_evaluated()
 def test_a_resume_notes_the_evaluation_sets_gone_or_new_since_the_step():
     """A set the step recorded that the run no longer has (its rows stay in the history, summary.json's
     eval_sets no longer names it) and one the step did not record (its rows start after the step): a note
-    each, which were silent; none for the same sets, a changed one (changed_eval_sets' note) or a step saved
-    before the record."""
+    each, which were silent; none for the same sets or a step saved before the record."""
     from engine.data import PackedGroups
     from tests.engine.dist_worker import random_groups
 
@@ -153,7 +152,6 @@ def test_a_resume_notes_the_evaluation_sets_gone_or_new_since_the_step():
                {"step": 4, "loss": 0.5}, {"step": 4, "eval": "held_out", "loss": 0.6}]
     state = {"step": 5, "eval_sets": resume_checks.eval_sets({"held_out": a, "seen": b}, 0, {}), "history": history}
     assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": a, "seen": b}) == []
-    assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": b, "seen": a}) == []  # changed: not here
     assert resume_checks.eval_set_notes("ck/step_5", state, {"held_out": a, "fresh": b}) == [
         "note: the evaluation set seen recorded by ck/step_5 is not in this run: its rows in the eval history end at "
         "step 2 (summary.json's eval_sets no longer lists it)",
@@ -164,23 +162,54 @@ def test_a_resume_notes_the_evaluation_sets_gone_or_new_since_the_step():
     assert resume_checks.eval_set_notes("ck/step_5", {"step": 5, "history": history}, {"fresh": b}) == []
 
 
+def test_one_function_gives_the_notes_of_changed_gone_and_new_sets():
+    """The note of a changed set came from engine/pretrain.py before the trainer was built, those of sets
+    gone and new from the trainer: eval_set_notes gives all three, the changed one first, naming the
+    held-out file where the run has that one set."""
+    from engine.data import PackedGroups
+    from tests.engine.dist_worker import random_groups
+
+    a, b, c = (PackedGroups(random_groups(seed, 12, 64, 64), 64) for seed in (3, 4, 5))
+    history = [{"step": 2, "eval": "held_out", "loss": 0.7}, {"step": 4, "eval": "seen", "loss": 0.6}]
+    start = resume_checks.eval_sets({"held_out": a, "seen": b}, 0, {})
+    state = {"step": 5, "eval_sets": start, "history": history}
+    now = resume_checks.eval_sets({"held_out": c}, 0, {})["held_out"]["digest"]
+    notes = resume_checks.eval_set_notes("ck/step_5", state, {"held_out": c, "fresh": a}, "data.eval_path=ev/")
+    assert notes == [
+        f"note: the held_out set is not the one ck/step_5 was evaluated on (digest {start['held_out']['digest']} "
+        f"when saved, {now} now); resuming with it, not refused: the eval history's held_out rows up to step 5 are "
+        "of the old set, from step 6 on (and the final evaluation) of this one (summary.json: "
+        "eval_sets.held_out.after_step=5)",
+        "note: the evaluation set seen recorded by ck/step_5 is not in this run: its rows in the eval history end at "
+        "step 4 (summary.json's eval_sets no longer lists it)",
+        "note: the evaluation set fresh is new since ck/step_5: its history starts after step 5 (summary.json: "
+        "eval_sets.fresh.after_step=5)"]
+    # the held-out file is named where it is the run's one set
+    one = resume_checks.eval_set_notes("ck/step_5", state, {"held_out": c}, "data.eval_path=ev/")
+    assert one[0].startswith("note: the held_out set (data.eval_path=ev/) is not the one ck/step_5"), one
+    assert resume_checks.eval_set_notes("ck/step_5", {"step": 5}, {"held_out": c}, "data.eval_path=ev/") == []
+
+
 def test_the_trainer_gives_the_notes_on_resume(runtime, tmp_path):
-    """In process: a run evaluating held_out and seen at each step exits at step 2; resumed with seen gone
-    and fresh added, the trainer gives eval_set_notes' two notes and records fresh after step 2."""
+    """In process: a run evaluating held_out and seen at each step exits at step 2; resumed with held_out
+    changed, seen gone and fresh added, the trainer gives eval_set_notes' three notes, once each (the
+    changed set's came from engine/pretrain.py before), and records held_out and fresh after step 2."""
     from engine.data import PackedGroups
     from tests.engine.dist_worker import random_groups
     from tests.engine.test_trainer import make_trainer
 
-    a, b = (PackedGroups(random_groups(seed, 8, 64, 64), 64) for seed in (3, 4))
+    a, b, c = (PackedGroups(random_groups(seed, 8, 64, 64), 64) for seed in (3, 4, 5))
     make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.eval_interval=1",
                  evals={"held_out": a, "seen": b}).fit()
     lines = []
-    trainer = make_trainer(runtime, tmp_path, evals={"held_out": a, "fresh": b},
+    trainer = make_trainer(runtime, tmp_path, evals={"held_out": c, "fresh": b},
                            log=lambda *x, **k: lines.append(" ".join(map(str, x))))
     step_dir = checkpoint.latest(str(tmp_path / "checkpoints"))
     notes = [x for x in lines if x.startswith("note:")]
     assert notes == resume_checks.eval_set_notes(step_dir, checkpoint.read_state(step_dir),
-                                                 {"held_out": a, "fresh": b}), lines
-    assert "seen" in notes[0] and "its rows in the eval history end at step 2" in notes[0], notes
-    assert "fresh" in notes[1] and "after step 2" in notes[1], notes
+                                                 {"held_out": c, "fresh": b}), lines
+    assert len(notes) == 3 and "the held_out set is not the one" in notes[0], notes
+    assert "seen" in notes[1] and "its rows in the eval history end at step 2" in notes[1], notes
+    assert "fresh" in notes[2] and "after step 2" in notes[2], notes
     assert trainer.eval_sets["fresh"]["after_step"] == 2 and "seen" not in trainer.eval_sets
+    assert trainer.eval_sets["held_out"]["after_step"] == 2
