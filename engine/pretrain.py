@@ -384,13 +384,14 @@ def model_from_checkpoint(cfg, sources: dict) -> str:
     are the function the weights were trained to compute (a converted Qwen2 checkpoint's
     rotary_base=1e6, say), which the defaults would silently change. A setting the user gave is kept
     and checked against the checkpoint (check_checkpoints). -> the line naming the settings that
-    changed ("" when none did)."""
+    changed ("" when none did; a resume's model.vocab_size=0 given the size recorded is no change)."""
     import dataclasses
 
     from engine import checkpoint
     from engine.config import set_by_user, updated
 
     step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    resuming = step is not None
     if step is None and cfg.checkpoint.init_from:
         step = checkpoint.resolve(cfg.checkpoint.init_from)
     found = checkpoint.saved_model_settings(step) if step else None
@@ -406,6 +407,11 @@ def model_from_checkpoint(cfg, sources: dict) -> str:
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}") from None
     changed = [k for k in taken if getattr(model, k) != getattr(cfg.model, k)]
+    if resuming and cfg.model.vocab_size == 0 and "vocab_size" in changed:
+        # 0 is no size but "the tokenizer's": the size recorded is the one the run resolved it to (or was
+        # given) and has trained with, and its tokenizer is the one the steps were trained with
+        # (check_resume_data), so taking it changes nothing; said on every resume, it read as a change
+        changed.remove("vocab_size")
     cfg.model = model
     if not changed:
         return ""

@@ -256,9 +256,10 @@ def test_a_run_builds_the_model_its_checkpoint_holds(tmp_path, capsys, how):
     where = tmp_path / "run" / "checkpoints" if how == "resume" else tmp_path / "base"
     step = _step_of_model(where / "step_00000004", hidden_size=96, ffn_hidden_size=256, rotary_base=500000.0)
     args = [f"run_dir={tmp_path / 'run'}", *SMALL] + ([f"checkpoint.init_from={where}"] if how == "init_from" else [])
+    # the vocabulary (model.vocab_size=0: the tokenizer's) is no change on resume: test_a_resume_notes_no_model_...
     note = (f"model settings from {step / 'model.json'}: model.hidden_size=96, model.ffn_hidden_size=256, "
-            "model.vocab_size=260, "
-            "model.rotary_base=500000.0 (a model.* setting given in a --config file or on the command line is kept)")
+            + ("model.vocab_size=260, " if how == "init_from" else "")
+            + "model.rotary_base=500000.0 (a model.* setting given in a --config file or on the command line is kept)")
     code = main([*args, "--check-config"])
     out, err = capsys.readouterr()
     assert out.count(note) == 1, out
@@ -275,6 +276,26 @@ def test_a_run_builds_the_model_its_checkpoint_holds(tmp_path, capsys, how):
     assert main([*args, "--config", str(tmp_path / "mine.yaml"), "--check-config"]) == 2
     err = capsys.readouterr().err
     assert "holds a model with model.ffn_hidden_size=256 (recorded in" in err and "hidden_size=96" not in err, err
+
+
+def test_a_resume_notes_no_model_setting_where_only_the_vocabulary_was_resolved(tmp_path):
+    """A run with model.vocab_size=0 (the tokenizer's; tiny_cpu's) records the size it resolved (the byte
+    tokenizer's 260): every resume of it said 'model settings from ...: model.vocab_size=260', comparing the
+    0 with it, though nothing had changed. The size is still taken (the model is built with it), and a
+    setting that does differ is still said."""
+    from engine.config import load_config
+    from engine.pretrain import model_from_checkpoint
+    from polar.presets import resolve_config
+    from polar.pretrain_recipe import PretrainConfig
+
+    for name, model, said in (("same", {}, ""), ("other", {"norm_epsilon": 1e-6}, "model.norm_epsilon=1e-06 (")):
+        step = _step_of_model(tmp_path / name / "checkpoints" / "step_00000004", **model)
+        sources: dict = {}
+        cfg = load_config(PretrainConfig, resolve_config("tiny_cpu"), [f"run_dir={tmp_path / name}"], sources=sources)
+        assert cfg.model.vocab_size == 0
+        note = model_from_checkpoint(cfg, sources)
+        assert note.startswith(f"model settings from {step / 'model.json'}: {said}") if said else note == "", note
+        assert "vocab_size" not in note and cfg.model.vocab_size == 260, note
 
 
 def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path):
