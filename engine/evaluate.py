@@ -84,7 +84,8 @@ def run(args, rank: int, leaves: list) -> int:
     # the record line of each item evaluate_ranked scores (a record's items come together, in order, each
     # distinct response once: scoring_items); not found by the item's prompt object: equal short strings
     # are one object (CPython shares them)
-    owners = [r.line for r, idx in zip(records, scoring_items(records)[1]) for _ in set(idx) - {-1}]
+    scored = scoring_items(records)
+    owners = [r.line for r, idx in zip(records, scored[1]) for _ in set(idx) - {-1}]
     scorer.start()
 
     def score_fn(items):
@@ -102,7 +103,7 @@ def run(args, rank: int, leaves: list) -> int:
                                          where=lambda i: f"{args.input}:{lines[i]}", progress_s=args.progress_s)
         return [r for group in rewards for r in group]
 
-    result = evaluate_ranked(records, score_fn)
+    result = evaluate_ranked(records, score_fn, scored)
     if rank == 0:
         print(format_table(result))
         if args.json:

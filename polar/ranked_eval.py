@@ -185,10 +185,11 @@ def _summary(correct: int, ties: int, pairs: int, records: int) -> dict:
 
 
 def evaluate_ranked(records: Sequence[RankedRecord],
-                    score_fn: Callable[[list], Sequence[float]]) -> dict:
+                    score_fn: Callable[[list], Sequence[float]], scored=None) -> dict:
     """Accuracy overall and per category. `score_fn(items)` returns one reward per ScoringItem;
-    `scored_inputs` is how many it was given (scoring_items: each distinct response of a record)."""
-    items, index = scoring_items(records)
+    `scored_inputs` is how many it was given (scoring_items: each distinct response of a record).
+    `scored`: scoring_items(records), where the caller made it already (to map the items to records)."""
+    items, index = scoring_items(records) if scored is None else scored
     rewards = np.asarray(score_fn(items) if items else [], dtype=np.float64).reshape(-1)
     if rewards.shape[0] != len(items):
         raise ValueError(f"score_fn returned {rewards.shape[0]} rewards for {len(items)} inputs")

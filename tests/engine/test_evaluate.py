@@ -41,13 +41,13 @@ from polar import cli
 out, real = sys.argv.pop(1), polar.ranked_eval.evaluate_ranked
 
 
-def recorded(records, score_fn):
+def recorded(records, score_fn, *given):
     def scored(items):
         rewards = score_fn(items)
         with open(out, "w") as f:
             json.dump([float(r) for r in rewards], f)
         return rewards
-    return real(records, scored)
+    return real(records, scored, *given)
 
 
 polar.ranked_eval.evaluate_ranked = recorded

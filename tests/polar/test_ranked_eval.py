@@ -73,6 +73,20 @@ def test_each_needed_response_is_scored_once_as_a_structured_input(records):
     assert rec.pairs() == [(0, 1), (0, 2)]
 
 
+def test_the_scoring_items_a_caller_made_are_the_ones_scored(records):
+    """polar eval maps each item to its record line with scoring_items, which evaluate_ranked made a
+    second time: given the caller's, it scores those very items, with the same result."""
+    scored = scoring_items(records)
+    seen = []
+
+    def score(items):
+        seen.append(items)
+        return score_by_text(items)
+
+    assert evaluate_ranked(records, score, scored) == evaluate_ranked(records, score_by_text)
+    assert seen[0] is scored[0]
+
+
 def test_reversing_the_rewards_flips_every_untied_pair(records):
     result = evaluate_ranked(records, lambda items: [-REWARDS[it.output] for it in items])
     assert result["overall"]["correct"] == 7 - 4 - 1
