@@ -109,27 +109,61 @@ def layout_problem(shape: Shape, layout: Layout, seq_length: int, global_batch: 
     return _Rules(shape, run, gpu).problem(layout, seq_length, global_batch)
 
 
+# the layout settings a plan chooses: given on the command line, each is kept and the rest chosen around it
+# (Layout's field for each)
+PINNABLE = {"parallel.tp": "tp", "parallel.pp": "pp", "parallel.vpp": "vpp",
+            "parallel.sequence_parallel": "sequence_parallel",
+            "parallel.distributed_optimizer": "distributed_optimizer",
+            "train.micro_batch": "micro_batch", "train.recompute": "recompute"}
+
+
+def pinned_settings(cfg, overrides: list[str]) -> dict:
+    """{Layout field: value} of the layout settings given among `overrides`, as the run reads them from cfg.
+    A plan dropped them without a word: `parallel.tp=4` headed a plan that recommended TP2."""
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
+    return {field: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
+            for key, field in PINNABLE.items() if key in given}
+
+
 def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
                       micro_batches=(1, 2, 4), recomputes=("none", "selective", "full"), run=None,
-                      gpu: Optional[GPU] = None) -> list[Layout]:
-    """Every layout the engine's rules accept (_Rules), TP within a node, SP on with TP. The vocabulary
-    need not divide by TP: the engine pads the embedding table to a multiple of it (Shape.padded_vocab)."""
+                      gpu: Optional[GPU] = None, pinned: Optional[dict] = None,
+                      refusals: Optional[list] = None) -> list[Layout]:
+    """Every layout the engine's rules accept (_Rules), TP within a node, SP on with TP; of them, those with
+    the `pinned` settings ({Layout field: value}: a pinned TP may span nodes), whose refusals, in the
+    engine's words, go to `refusals`. The vocabulary need not divide by TP: the engine pads the embedding
+    table to a multiple of it (Shape.padded_vocab)."""
     return _candidates(_Rules(shape, run, gpu), shape, gpus, global_batch, seq_length, gpus_per_node, micro_batches,
-                       recomputes)
+                       recomputes, pinned or {}, refusals)
 
 
 def _candidates(rules: _Rules, shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
-                micro_batches, recomputes) -> list[Layout]:
+                micro_batches, recomputes, pinned: Optional[dict] = None, refusals: Optional[list] = None
+                ) -> list[Layout]:
+    pin = pinned or {}
+
+    def choices(field: str, free) -> list:
+        return [pin[field]] if field in pin else list(free)
+
     out = []
-    for tp in (t for t in _divisors(gpus) if t <= gpus_per_node):
-        for pp in _divisors(gpus // tp):
-            for mb in micro_batches:
-                for vpp in [None, *_divisors(shape.num_layers)]:
+    recomputes = choices("recompute", recomputes)
+    for tp in choices("tp", (t for t in _divisors(gpus) if t <= gpus_per_node)):
+        for pp in choices("pp", _divisors(gpus // tp) if gpus % tp == 0 else (1,)):
+            if gpus % (tp * pp):  # a pinned size: the engine's words for it (Layout counts whole DP ranks)
+                if refusals is not None:
+                    refusals.append(f"world size {gpus} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
+                continue
+            for mb in choices("micro_batch", micro_batches):
+                for vpp in choices("vpp", [None, *_divisors(shape.num_layers)]):
                     lay = Layout(tp=tp, pp=pp, dp=gpus // (tp * pp), vpp=vpp, micro_batch=mb,
-                                 sequence_parallel=tp > 1)
-                    if rules.problem(lay, seq_length, global_batch) is None:
+                                 recompute=recomputes[0], sequence_parallel=pin.get("sequence_parallel", tp > 1),
+                                 distributed_optimizer=pin.get("distributed_optimizer", True))
+                    problem = rules.problem(lay, seq_length, global_batch)
+                    if problem is None:
                         out += [x for x in (replace(lay, recompute=rc) for rc in recomputes)
-                                if x.recompute == "none" or rules.problem(x, seq_length, global_batch) is None]
+                                if x.recompute == lay.recompute or rules.problem(x, seq_length, global_batch) is None]
+                    elif refusals is not None and pin:
+                        refusals.append(problem)
     return out
 
 
@@ -169,14 +203,15 @@ def prune_dominated(estimates: list[Estimate]) -> list[Estimate]:
 
 
 def nearest_batches(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int, run=None,
-                    gpu: Optional[GPU] = None) -> list[int]:
-    """The global batches nearest to global_batch (one below, one above) that some layout accepts."""
+                    gpu: Optional[GPU] = None, pinned: Optional[dict] = None) -> list[int]:
+    """The global batches nearest to global_batch (one below, one above) that some layout (with the
+    `pinned` settings) accepts."""
     rules = _Rules(shape, run, gpu)
     found = []
     for step in (-1, 1):
         b = global_batch + step
         while 0 < b <= 4 * global_batch and not _candidates(rules, shape, gpus, b, seq_length, gpus_per_node,
-                                                            (1, 2, 4), ("none",)):
+                                                            (1, 2, 4), ("none",), pinned):
             b += step
         if 0 < b <= 4 * global_batch:
             found.append(b)
@@ -414,7 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Estimate per-GPU memory and step time of every TP/PP/VPP/DP/micro-batch layout for a "
                     "model, batch and cluster; rank them and recommend one.",
         epilog="Overrides: section.key=value over the config, e.g. model.num_layers=48 data.seq_length=8192 "
-               "train.global_batch=1024. See polar/plan.py for the cost model.")
+               "train.global_batch=1024. Layout settings given here (" + ", ".join(PINNABLE) + ") are kept and the "
+               "plan chooses the others; a config file's are the plan's to choose. See polar/plan.py for the cost "
+               "model.")
     ap.add_argument("--config", default=None,
                     help="a preset (tiny_cpu, polar_1_8b, polar_7b) or YAML file (default polar_7b; with finetune.* "
                          "settings none: polar finetune's own defaults, as the run starts from)")
@@ -473,14 +510,24 @@ def main(argv=None) -> int:
         return 2
     shape = shape_from_config(cfg)
     seq, gb = cfg.data.seq_length, cfg.train.global_batch
-    layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu)
+    pinned = pinned_settings(cfg, args.overrides)
+    given = " ".join(o for o in args.overrides if o.split("=", 1)[0].strip() in PINNABLE)
+    refusals: list = []
+    layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu, pinned=pinned,
+                                refusals=refusals)
     if not layouts:
-        near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node, run, gpu)
+        near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node, run, gpu, pinned)
+        nearest = f"; nearest global batches with layouts: {' and '.join(map(str, near))}" if near else ""
+        if refusals and not candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu):
+            refusals = []  # no layout at all: the pins are not why
+        if refusals:
+            print(f"polar plan: no layout of {args.gpus} GPUs with {given}: {refusals[0]}"
+                  + (nearest if "global_batch" in refusals[0] or "micro-batches" in refusals[0] else ""),
+                  file=sys.stderr)
+            return 2
         print(f"polar plan: no layout of {args.gpus} GPUs divides the model and train.global_batch={gb} "
               f"(heads {shape.num_attention_heads}, KV groups {shape.num_query_groups}, layers {shape.num_layers}; "
-              "the data-parallel size must divide the global batch)"
-              + (f"; nearest global batches with layouts: {' and '.join(map(str, near))}" if near else ""),
-              file=sys.stderr)
+              "the data-parallel size must divide the global batch)" + nearest, file=sys.stderr)
         return 2
     ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8,
                                                     cfg.train.attention_backend) for lay in layouts]))
@@ -491,6 +538,8 @@ def main(argv=None) -> int:
           f"{shape.ffn_hidden_size}, vocab {shape.vocab_size}) on {args.gpus} x {gpu.name}, "
           f"{gb} packed sequences x {seq} tokens per step, {'FP8' if fp8 else 'bf16'}")
     print(f"GPU: {gpu.source}")
+    if pinned:
+        print(f"layouts: planned only with {given} (given); the other layout settings are the plan's to choose")
     for line in a.lines():
         print(f"assumed: {line}")
     print()

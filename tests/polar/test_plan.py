@@ -458,3 +458,36 @@ def test_checkpoint_size_is_a_real_steps_within_5_percent(tmp_path, layout, over
     est = plan.checkpoint_bytes(_shape(CHECKPOINT_MODEL, lm_head=True), layout, gpus_per_node=8, weight_bytes=4)
     print(f"{layout.name()}: estimate {est['step'] / 1e6:.2f} MB, saved {saved / 1e6:.2f} MB")
     assert est["step"] == pytest.approx(saved, rel=0.05)
+
+
+def _launch_settings(out: str) -> dict:
+    line = next(x for x in out.splitlines() if x.startswith("launch with: "))
+    return dict(kv.split("=", 1) for kv in line[len("launch with: "):].split())
+
+
+@pytest.mark.parametrize("pins", [
+    ["parallel.tp=4"], ["parallel.pp=4", "parallel.vpp=2"], ["train.micro_batch=8"], ["train.recompute=full"],
+    ["parallel.tp=2", "parallel.sequence_parallel=false"], ["parallel.distributed_optimizer=false"],
+])
+def test_layout_settings_given_on_the_command_line_are_planned(pins, capsys):
+    # they were dropped without a word: `parallel.tp=4` headed a plan that recommended TP2, and a
+    # micro-batch of 4096 (more than the global batch) was planned as 1
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", *pins]) == 0
+    out = capsys.readouterr().out
+    launch = _launch_settings(out)
+    for pin in pins:
+        key, value = pin.split("=")
+        assert launch[key] == value, (pin, launch)
+    rows = [x for x in out.splitlines() if re.match(r"^\s*\d+[ *]TP", x)]
+    assert rows and f"planned only with {' '.join(pins)} (given)" in out
+
+
+@pytest.mark.parametrize("pins,needle", [
+    (["parallel.tp=3"], "world size 64 is not divisible by parallel.tp x parallel.pp = 3 x 1"),
+    (["train.micro_batch=4096"], "train.global_batch=2048 is not divisible by data-parallel size"),
+    (["parallel.pp=2", "parallel.vpp=3"], "model.num_layers=32 is not divisible by parallel.pp x parallel.vpp = 6"),
+])
+def test_a_layout_setting_the_engine_refuses_is_refused_with_its_reason(pins, needle, capsys):
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", *pins]) == 2
+    err = capsys.readouterr().err
+    assert f"no layout of 64 GPUs with {' '.join(pins)}" in err and needle in err, err
