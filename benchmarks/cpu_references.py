@@ -7,6 +7,9 @@ best of --repeat. Readout: hidden [s, b, h] = [8192, 2, 2048] fp32 (s*b = 16384)
 positions; the backward returns the full grad_hidden on both sides. Losses: n = 4096 rewards in
 groups of K with one positive each, (K-1) pairs per group, pairs in shuffled order.
 Only the ratio means anything across machines; these are references, not the training path.
+Before timing, both sides' results (the forward's and every gradient) are compared on the same inputs:
+`max rel. diff` is the largest difference over the largest magnitude of torch's; a case over 1e-4
+is not timed and the script exits 1, so a wrong reference cannot show as a speed-up.
 """
 import argparse
 import os
@@ -19,9 +22,22 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.arguments import at_least  # noqa: E402
+from benchmarks.compare import rel_diff  # noqa: E402
 from engine import _C  # noqa: E402
 from engine.loss import infonce_sums, pairwise_sums  # noqa: E402
 from engine.model.readout import torch_reward_readout  # noqa: E402
+
+
+TOLERANCE = 1e-4  # fp32 on both sides (engine._C sums in double): rounding stays far below
+
+
+def compared(name, run_torch, run_cpp, repeat):
+    """(name, torch seconds, C++ seconds, max rel. diff): both run once and their results compared
+    (which warms them up too); the times are None where the results differ beyond TOLERANCE."""
+    diff = rel_diff(run_torch(), run_cpp())
+    if not diff <= TOLERANCE:
+        return name, None, None, diff
+    return name, best_of(run_torch, repeat), best_of(run_cpp, repeat), diff
 
 
 def best_of(fn, repeat):
@@ -49,13 +65,15 @@ def readout_case(repeat, s=8192, b=2, h=2048, n=256, eps=1e-6):
 
     def run_torch():
         th.grad = tn.grad = tw.grad = None
-        torch_reward_readout(th, ti, tn, tw, eps).backward(tg)
+        rewards = torch_reward_readout(th, ti, tn, tw, eps)
+        rewards.backward(tg)
+        return [rewards.detach().numpy(), th.grad.numpy(), tn.grad.numpy(), tw.grad.numpy()]
 
     def run_cpp():
-        _C.readout_forward(hidden, index, norm_w, head_w, eps)
-        _C.readout_backward(hidden, index, norm_w, head_w, eps, grad_r)
+        rewards = _C.readout_forward(hidden, index, norm_w, head_w, eps)
+        return [rewards, *_C.readout_backward(hidden, index, norm_w, head_w, eps, grad_r)]
 
-    return f"readout h={h} n={n} s*b={s * b}", best_of(run_torch, repeat), best_of(run_cpp, repeat)
+    return compared(f"readout h={h} n={n} s*b={s * b}", run_torch, run_cpp, repeat)
 
 
 def loss_case(kind, k, repeat, n=4096):
@@ -72,26 +90,49 @@ def loss_case(kind, k, repeat, n=4096):
 
     def run_torch():
         tr.grad = None
-        ref(tr, tp, tn)[0].backward()
+        loss = ref(tr, tp, tn)[0]
+        loss.backward()
+        return [loss.detach().numpy(), tr.grad.numpy()]
 
-    return f"{kind} n={n} K={k} pairs={pos.size}", best_of(run_torch, repeat), best_of(lambda: cpp(rewards, pos, neg), repeat)
+    def run_cpp():
+        loss, _, grad = cpp(rewards, pos, neg)
+        return [loss, grad]
+
+    return compared(f"{kind} n={n} K={k} pairs={pos.size}", run_torch, run_cpp, repeat)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=at_least(1), default=5)
-    args = ap.parse_args()
+def cases(repeat) -> list:
+    """Every case's (name, torch seconds, C++ seconds, max rel. diff), single-threaded."""
     torch.set_num_threads(1)
-    rows = [readout_case(args.repeat)]
+    rows = [readout_case(repeat)]
     for kind in ("pairwise", "infonce"):
         for k in (2, 8):
-            rows.append(loss_case(kind, k, args.repeat))
-    print(f"torch {torch.__version__}, 1 thread, forward+backward, best of {args.repeat}\n")
-    print("| case | torch eager (ms) | engine._C (ms) | torch / C++ |")
-    print("|---|---:|---:|---:|")
-    for name, t_torch, t_cpp in rows:
-        print(f"| {name} | {t_torch * 1e3:.3f} | {t_cpp * 1e3:.3f} | {t_torch / t_cpp:.2f}x |")
+            rows.append(loss_case(kind, k, repeat))
+    return rows
+
+
+def print_table(rows, repeat) -> int:
+    """The markdown table; 1 where a case's results differ (not timed), else 0."""
+    print(f"CPU references: torch {torch.__version__}, 1 thread, forward+backward, best of {repeat}\n")
+    print("| case | torch eager (ms) | engine._C (ms) | torch / C++ | max rel. diff |")
+    print("|---|---:|---:|---:|---:|")
+    for name, t_torch, t_cpp, diff in rows:
+        if t_torch is None:
+            print(f"| {name} | | | not timed: results differ | {diff:.1e} |")
+        else:
+            print(f"| {name} | {t_torch * 1e3:.3f} | {t_cpp * 1e3:.3f} | {t_torch / t_cpp:.2f}x | {diff:.1e} |")
+    differ = [r[0] for r in rows if r[1] is None]
+    if differ:
+        print(f"\nresults differ beyond {TOLERANCE:g} (relative): {', '.join(differ)}")
+    return 1 if differ else 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--repeat", type=at_least(1), default=5, help="timed runs of each side, the best kept (default 5)")
+    args = ap.parse_args(argv)
+    return print_table(cases(args.repeat), args.repeat)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,7 +7,11 @@ device-to-device copy bandwidth of a 1 GiB tensor), then times forward + backwar
 implementation (cuda = engine._C_cuda, triton, torch eager, torch.compile of the eager reference;
 median of CUDA-event timings after warm-up) and prints one markdown table: ms, GB/s for the bytes the
 operation must move, that as a fraction of the measured copy bandwidth, and the speed-up over torch
-eager. Attention rows come from benchmarks/kernels_attention.py when it exists.
+eager. Before timing, each implementation's results (the forward's and every input's gradient) are
+compared with torch eager's on the same inputs (`max rel. diff`: the largest difference over the
+largest magnitude of eager's); one off by more than 5% is reported, not timed, and the script exits 1,
+so a broken kernel cannot show as a speed-up. Attention rows come from benchmarks/kernels_attention.py
+when it exists.
 
 Shapes (POLAR-like): one packed sequence of T tokens (512 to 16k), hidden h = 2048 / 4096, bf16,
 one group of K = 2 or 8 candidates per 1024 tokens, so n = K * max(1, T // 1024) rewards; the
@@ -31,6 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from compare import rel_diff  # noqa: E402
 
 GPU_SECTIONS = ("readout", "loss", "attention")
 
@@ -91,15 +97,28 @@ def implementations(kind: str) -> dict:
     return impls
 
 
-def bench_rows(kernel: str, shape: str, impls: dict, make_step, nbytes: int, peaks: dict) -> list[dict]:
+# of the reference's largest magnitude: bf16 rounding (2^-8 relative) and a different summation order
+# stay well below it, a kernel that drops or misplaces a term does not
+TOLERANCE = 0.05
+
+
+def bench_rows(kernel: str, shape: str, impls: dict, step, nbytes: int, peaks: dict, timer=time_ms) -> list[dict]:
+    """A row per implementation; `step(fn)` runs fn's forward and backward on the section's inputs and
+    returns the results compared with torch eager's (the output and every input's gradient)."""
     rows, base = [], None
+    want = step(impls["torch eager"])
     for name, fn in impls.items():
         row = {"kernel": kernel, "shape": shape, "impl": name, "bytes": nbytes}
         if isinstance(fn, str):
             row["error"] = fn
         else:
             try:
-                row["ms"] = time_ms(make_step(fn))
+                row["max_rel_diff"] = rel_diff(want, step(fn))
+                if not row["max_rel_diff"] <= TOLERANCE:
+                    row["error"] = f"not timed: results differ from torch eager's by {row['max_rel_diff']:.1e}"
+                    rows.append(row)
+                    continue
+                row["ms"] = timer(lambda: step(fn))
                 row["gbps"] = nbytes / row["ms"] / 1e6
                 row["frac_peak"] = row["gbps"] / peaks["copy_gbps"]
             except Exception as exc:  # a failing implementation is a result to report
@@ -132,14 +151,14 @@ def readout_section(peaks: dict, quick: bool) -> list[dict]:
         index = torch.randperm(t, device="cuda", generator=gen)[:n]
         grad = torch.ones(n, device="cuda")
 
-        def make_step(fn):
-            def step():
-                hidden.grad = w.grad = v.grad = None
-                fn(hidden, index, w, v, 1e-6).backward(grad)
-            return step
+        def step(fn):
+            hidden.grad = w.grad = v.grad = None
+            rewards = fn(hidden, index, w, v, 1e-6)
+            rewards.backward(grad)
+            return [rewards, hidden.grad, w.grad, v.grad]
 
         nbytes = (2 * n * h + t * h) * hidden.element_size()
-        rows += bench_rows("readout fwd+bwd", f"T={t} h={h} K={k} n={n} bf16", impls, make_step, nbytes, peaks)
+        rows += bench_rows("readout fwd+bwd", f"T={t} h={h} K={k} n={n} bf16", impls, step, nbytes, peaks)
     return rows
 
 
@@ -154,15 +173,15 @@ def loss_section(peaks: dict, quick: bool) -> list[dict]:
                    + torch.arange(1, k, device="cuda")[None, :]).reshape(-1)
             rewards = torch.randn(n, device="cuda", dtype=torch.bfloat16).requires_grad_()
 
-            def make_step(fn):
-                def step():
-                    rewards.grad = None
-                    fn(rewards, pos, neg)[0].backward()
-                return step
+            def step(fn):
+                rewards.grad = None
+                loss = fn(rewards, pos, neg)[0]
+                loss.backward()
+                return [loss, rewards.grad]
 
             nbytes = 2 * n * rewards.element_size() + 16 * pos.numel() + 4 * n
             rows += bench_rows(f"{kind} loss fwd+bwd", f"T={t} K={k} n={n} pairs={pos.numel()} bf16",
-                               impls, make_step, nbytes, peaks)
+                               impls, step, nbytes, peaks)
     return rows
 
 
@@ -179,22 +198,18 @@ def attention_section(peaks: dict, quick: bool) -> list[dict]:
         return []
 
 
-def cpu_section(quick: bool) -> list[dict]:
+def cpu_section(quick: bool) -> tuple[list[dict], int]:
+    """The C++ CPU references against torch eager (benchmarks/cpu_references.py): (JSON rows, exit code)."""
     import cpu_references
 
     repeat = 2 if quick else 5
-    torch.set_num_threads(1)
-    rows = [cpu_references.readout_case(repeat)]
-    for kind in ("pairwise", "infonce"):
-        for k in (2, 8):
-            rows.append(cpu_references.loss_case(kind, k, repeat))
-    print(f"CPU references: torch {torch.__version__}, 1 thread, forward+backward, best of {repeat}\n")
-    print("| case | torch eager (ms) | engine._C (ms) | torch / C++ |")
-    print("|---|---:|---:|---:|")
-    for name, t_torch, t_cpp in rows:
-        print(f"| {name} | {t_torch * 1e3:.3f} | {t_cpp * 1e3:.3f} | {t_torch / t_cpp:.2f}x |")
-    return [{"kernel": "cpu reference", "shape": name, "torch_eager_ms": t_torch * 1e3, "cpp_ms": t_cpp * 1e3,
-             "ratio": t_torch / t_cpp} for name, t_torch, t_cpp in rows]
+    cases = cpu_references.cases(repeat)
+    code = cpu_references.print_table(cases, repeat)
+    rows = [{"kernel": "cpu reference", "shape": name, "max_rel_diff": diff} | (
+        {"error": "not timed: results differ"} if t_torch is None else
+        {"torch_eager_ms": t_torch * 1e3, "cpp_ms": t_cpp * 1e3, "ratio": t_torch / t_cpp})
+        for name, t_torch, t_cpp, diff in cases]
+    return rows, code
 
 
 def fmt(x, spec):
@@ -204,25 +219,35 @@ def fmt(x, spec):
 def print_table(rows: list[dict]) -> None:
     """One markdown table; `vs` is the speed-up over torch eager (readout, loss) or, for attention,
     the shared-prefix kernel's time over flash attention on the duplicated-prefix layout."""
-    print("| kernel | shape | impl | ms | GB/s | TFLOP/s | fraction of peak | vs | note |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    print("| kernel | shape | impl | ms | GB/s | TFLOP/s | fraction of peak | vs | max rel. diff | note |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
+        diff = fmt(r.get("max_rel_diff"), ".1e")
         if "error" in r:
-            print(f"| {r['kernel']} | {r['shape']} | {r['impl']} | | | | | | {r['error']} |")
+            print(f"| {r['kernel']} | {r['shape']} | {r['impl']} | | | | | | {diff} | {r['error']} |")
             continue
+        dup = r.get("shared_over_duplicated")
         vs = (f"{r['ratio']:.2f}x" if isinstance(r.get("ratio"), float) else
-              f"{r['shared_over_duplicated']:.2f} of dup." if isinstance(r.get("shared_over_duplicated"), float) else "")
+              f"{dup:.2f} of dup." if isinstance(dup, float) else "")
         print(f"| {r['kernel']} | {r['shape']} | {r['impl']} | {fmt(r.get('ms'), '.3f')} | "
               f"{fmt(r.get('gbps'), '.0f')} | {fmt(r.get('tflops'), '.1f')} | {fmt(r.get('frac_peak'), '.1%')} | "
-              f"{vs} | {r.get('note', '')} |", flush=True)
+              f"{vs} | {diff} | {r.get('note', '')} |", flush=True)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
-    ap.add_argument("--only", choices=(*GPU_SECTIONS, "cpu"))
+def differing(rows: list[dict]) -> list[str]:
+    """The rows whose results differed from their reference's (not timed)."""
+    return [f"{r['kernel']} {r['shape']} {r.get('impl', '')}".strip() for r in rows
+            if (r.get("error") or r.get("note") or "").startswith("not timed: results differ")]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer shapes (and best of 2 for the CPU references)")
+    ap.add_argument("--only", choices=(*GPU_SECTIONS, "cpu"),
+                    help="one section: readout, loss and attention need CUDA; cpu (the default without a GPU) "
+                         "times the C++ CPU references against torch eager")
     ap.add_argument("--json", help="write peaks and rows here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     from engine.quiet import silence_known_warnings
 
     silence_known_warnings()  # the attention section imports megatron, whose warnings come at import
@@ -234,11 +259,11 @@ def main() -> int:
         if args.only != "cpu":
             print("No CUDA GPU: the GPU sections (readout, loss, attention) need CUDA and are not run. "
                   "Running the C++ CPU references against torch instead.\n")
-        rows = cpu_section(args.quick)
+        rows, code = cpu_section(args.quick)
         if args.json:  # the CPU rows too: --json wrote nothing here before
             with open(args.json, "w") as f:
                 json.dump({"peaks": None, "torch": torch.__version__, "device": "CPU", "rows": rows}, f, indent=1)
-        return 0
+        return code
 
     peaks = measure_peaks()
     print(f"{peaks['device']}, torch {torch.__version__}: bf16 matmul {peaks['bf16_tflops']:.0f} TFLOP/s, "
@@ -255,6 +280,9 @@ def main() -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"peaks": peaks, "torch": torch.__version__, "rows": rows}, f, indent=1)
+    if differing(rows):
+        print(f"results differ beyond {TOLERANCE:g} (relative) from the reference: {'; '.join(differing(rows))}")
+        return 1
     return 0
 
 

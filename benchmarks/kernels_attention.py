@@ -15,6 +15,11 @@ part each; about 16k tokens per batch) it times, on one CUDA GPU:
 Every row's tflops counts the shared mask's useful FLOPs (`attention_flops`: 4 d pairs hq forward, 2.5x
 that backward), whatever the implementation computes, so rows of one shape compare directly; the
 triton row carries `shared_over_duplicated` (its time over flash_duplicated's, below 1 = shared wins).
+Before timing, every implementation of the shared mask runs once on the same q, k, v and upstream
+gradient and its output and q, k, v gradients at the real (not padding) tokens are compared with
+torch_blocks' (`max rel. diff`: the largest difference over the largest magnitude of torch_blocks');
+one off by more than 5% is not timed (its row says so) and the script exits 1, so a broken kernel
+cannot show as fast. flash_duplicated computes another layout from inputs of its own: not compared.
 
 `run(peaks, quick)` is called by benchmarks/kernels.py with peaks {"bf16_tflops", "copy_gbps"} measured
 on the card. Without CUDA it returns rows saying "needs CUDA"; with quick=True and TRITON_INTERPRET=1
@@ -34,6 +39,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from compare import rel_diff  # noqa: E402
 
 KERNEL = "shared_prefix_attention"
 GROUP_TOKENS = 4096  # longest group; longer sequences hold several
@@ -71,11 +78,30 @@ def _timer(device):
     return cpu_time
 
 
+REFERENCE = "torch_blocks"
+# of the reference's largest magnitude: bf16 rounding and another summation order stay well below it
+TOLERANCE = 0.05
+
+
 def _fwd_bwd(fn, inputs, grad):
     def step():
         out = fn(*inputs)
         out.backward(grad)
     return step
+
+
+def _results(fn, inputs, grad, real, seq_first):
+    """fn's output and its inputs' gradients for the upstream `grad`, each as [s, b, heads, d] (`seq_first`
+    False: from [b, heads, s, d]), at the real tokens only (`real`: bool [b, s])."""
+    for t in inputs:
+        t.grad = None
+    out = fn(*inputs)
+    out.backward(grad)
+    got = [out.detach(), *(t.grad for t in inputs)]
+    b, s = real.shape
+    d = inputs[0].shape[-1]
+    canon = [g.reshape(s, b, -1, d) if seq_first else g.permute(2, 0, 1, 3) for g in got]
+    return [g[real.t()] for g in canon]
 
 
 def _impls(layout, q, k, v, scale, device, quick):
@@ -95,7 +121,8 @@ def _impls(layout, q, k, v, scale, device, quick):
 
     mask_bytes = b * s * s * 3
     if mask_bytes > DENSE_MASK_BYTES:
-        impls["torch_eager"] = impls["torch_compile"] = f"skipped: a dense [b, 1, L, L] mask needs {mask_bytes / 2**30:.0f} GiB"
+        impls["torch_eager"] = impls["torch_compile"] = (f"skipped: a dense [b, 1, L, L] mask needs "
+                                                         f"{mask_bytes / 2**30:.0f} GiB")
     else:
         mask = dense_mask(layout).unsqueeze(1)
 
@@ -185,6 +212,15 @@ def run(peaks: dict, quick: bool) -> list[dict]:
         impls = _impls(layout, q, kk, v, scale, device, quick)
         if cuda:
             impls["flash_duplicated"] = _duplicated(b * n_groups * k, prefix, part, hq, hkv, d, dtype, device, scale)
+        # one upstream gradient for every implementation of the shared mask, in each one's layout
+        grad_out = torch.randn(L, b, hq, d, device=device, dtype=dtype)
+        real = layout[:, 1] >= 0
+        try:
+            want = _results(*impls[REFERENCE][:2], grad_out.view(L, b, hq * d), real, True)
+        except Exception as exc:  # nothing to compare with: no row of this shape is timed
+            rows += [_row(shape, name, None, flops, peaks, note=f"not timed: {REFERENCE}, the reference, failed: "
+                          f"{type(exc).__name__}: {exc}"[:300]) for name in impls]
+            continue
         times = {}
         for name, impl in impls.items():
             if isinstance(impl, str):
@@ -192,10 +228,20 @@ def run(peaks: dict, quick: bool) -> list[dict]:
                 continue
             fn, inputs, grad_shape = impl
             try:
-                grad = torch.randn(grad_shape, device=device, dtype=dtype)
+                diff = None
+                if name == "flash_duplicated":  # its own layout and inputs
+                    grad = torch.randn(grad_shape, device=device, dtype=dtype)
+                else:
+                    seq_first = grad_shape[0] == L  # [s, b, hq * d], else [b, hq, s, d]
+                    grad = grad_out.view(grad_shape) if seq_first else grad_out.permute(1, 2, 0, 3).contiguous()
+                    diff = rel_diff(want, _results(fn, inputs, grad, real, seq_first))
+                    if not diff <= TOLERANCE:
+                        rows.append(_row(shape, name, None, flops, peaks, max_rel_diff=diff,
+                                         note=f"not timed: results differ from {REFERENCE}'s by {diff:.1e}"))
+                        continue
                 times[name] = timer(_fwd_bwd(fn, inputs, grad), list(inputs))
                 note = "" if cuda else "CPU smoke test (Triton interpreter): timing meaningless"
-                rows.append(_row(shape, name, times[name], flops, peaks, note=note))
+                rows.append(_row(shape, name, times[name], flops, peaks, max_rel_diff=diff, note=note))
             except torch.cuda.OutOfMemoryError:
                 rows.append(_row(shape, name, None, flops, peaks, note="skipped: out of GPU memory"))
                 torch.cuda.empty_cache()
@@ -225,14 +271,21 @@ def main(argv=None):
 
         peaks = measure_peaks()
     print(f"| {'shape':<48} | {'impl':<18} | {'time (ms)':>9} | {'useful rate (TFLOP/s)':>21} | {'shared/dup.':>11} "
-          "| note |")
-    print("|---|---|---:|---:|---:|---|")
-    for row in run(peaks, quick):
+          "| max rel. diff | note |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    rows = run(peaks, quick)
+    for row in rows:
         ms = f"{row['ms']:.3f}" if row["ms"] else "-"
         tf = f"{row['tflops']:.1f}" if row["tflops"] else "-"
         ratio = f"{row['shared_over_duplicated']:.2f}" if "shared_over_duplicated" in row else ""
-        print(f"| {row['shape']:<48} | {row['impl']:<18} | {ms:>9} | {tf:>21} | {ratio:>11} | {row.get('note', '')} |")
+        diff = f"{row['max_rel_diff']:.1e}" if row.get("max_rel_diff") is not None else ""
+        print(f"| {row['shape']:<48} | {row['impl']:<18} | {ms:>9} | {tf:>21} | {ratio:>11} | {diff:>13} "
+              f"| {row.get('note', '')} |")
+    differ = [f"{r['shape']} {r['impl']}" for r in rows if r.get("note", "").startswith("not timed: results differ")]
+    if differ:
+        print(f"results differ beyond {TOLERANCE:g} (relative) from {REFERENCE}'s: {'; '.join(differ)}")
+    return 1 if differ else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

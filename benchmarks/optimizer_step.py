@@ -14,7 +14,10 @@ Tensors of a transformer's sizes (large weight matrices among small norms and bi
 --elements, fp32 as megatron's main parameters and gradients are. Each row is the median of
 --repeats timed calls after a warm-up call and a counted one, the two variants alternated so that
 both see the same machine load; `ops` counts the aten operators one call dispatches (a
-TorchDispatchMode), the ratio column is megatron's time over ours.
+TorchDispatchMode), the ratio column is megatron's time over ours. Before timing, each part runs once
+on copies of the same inputs both ways and the results are compared (`max rel. diff`: the largest
+difference over the largest magnitude); a part whose results differ by more than 1e-5 is not timed
+and the script exits 1, so a broken replacement cannot show as a speed-up.
 """
 import argparse
 import os
@@ -26,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks.arguments import at_least  # noqa: E402
+from benchmarks.compare import rel_diff  # noqa: E402
 
 
 def shapes(tensors: int, elements: float) -> list:
@@ -59,9 +63,13 @@ def op_count(fn) -> int:
     return Count.n
 
 
+TOLERANCE = 1e-5  # fused vs foreach AdamW differ in rounding only (~1e-7 of the values in fp32)
+
+
 def adam(kind: str, sizes, device):
-    """A step function of AdamW over fresh parameters and gradients, as megatron's fallback builds
-    it (foreach: torch's default on these tensors) or on the fused kernel."""
+    """(step function, parameters) of AdamW over fresh parameters and gradients, as megatron's fallback
+    builds it (foreach: torch's default on these tensors) or on the fused kernel; the same values
+    for either kind."""
     import torch
 
     from engine import optimizer_state
@@ -78,10 +86,10 @@ def adam(kind: str, sizes, device):
     if kind == "fused":
         optimizer_state.use_fused_adam(Wrapped)
         assert all(grp["fused"] for grp in opt.param_groups)
-    return opt.step
+    return opt.step, params
 
 
-def run(args) -> None:
+def run(args) -> int:
     from engine.quiet import silence_known_warnings
 
     silence_known_warnings()
@@ -99,38 +107,68 @@ def run(args) -> None:
     g = torch.Generator().manual_seed(1)
     grads = [torch.randn(n, generator=g).to(device) for n in sizes]
     flag = torch.zeros(1, dtype=torch.int, device=device)
+    (adam_theirs, p_theirs), (adam_ours, p_ours) = adam("foreach", sizes, device), adam("fused", sizes, device)
+
+    def stepped():  # the first steps make AdamW's state (the warm-up), from the same parameters
+        adam_theirs(), adam_ours()
+        return p_theirs, p_ours
+
+    def scaled(scale_fn):  # the in-place clip scale on a copy of the gradients, returned
+        copy = [t.clone() for t in grads]
+        scale_fn(0, flag, [copy, copy], 0.5)
+        return copy
+
+    # (name, megatron's, ours, the results of both on copies of the same inputs)
     rows = [
-        ("AdamW update", adam("foreach", sizes, device), adam("fused", sizes, device)),
+        ("AdamW update", adam_theirs, adam_ours, stepped),
         # a clip coefficient of 1 - 1e-7 keeps the gradients' magnitude over the repeats
         ("clip scale", lambda: utils.local_multi_tensor_scale(0, flag, [grads, grads], 1 - 1e-7),
-         lambda: _foreach_scale(0, flag, [grads, grads], 1 - 1e-7)),
+         lambda: _foreach_scale(0, flag, [grads, grads], 1 - 1e-7),
+         lambda: (scaled(utils.local_multi_tensor_scale), scaled(_foreach_scale))),
         ("gradient norm", lambda: utils.local_multi_tensor_l2_norm(0, flag, [grads], False),
-         lambda: _device_l2_norm(0, flag, [grads], False)),
+         lambda: _device_l2_norm(0, flag, [grads], False),
+         lambda: ([utils.local_multi_tensor_l2_norm(0, flag, [grads], False)[0].to(device)],
+                  [_device_l2_norm(0, flag, [grads], False)[0]])),
     ]
     print(f"{len(sizes)} fp32 tensors, {sum(sizes) / 1e6:.1f}M elements, {device}, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}; median of {args.repeats} calls")
-    print("| part | megatron's fallback ms | ops | engine.optim ms | ops | ratio |")
-    print("|---|---|---|---|---|---|")
-    for name, theirs, ours in rows:
-        theirs(), ours()  # warm-up: AdamW's state is made in its first step
+    print("| part | megatron's fallback ms | ops | engine.optim ms | ops | ratio | max rel. diff |")
+    print("|---|---|---|---|---|---|---|")
+    differ = []
+    for name, theirs, ours, results in rows:
+        diff = rel_diff(*results())
+        if not diff <= TOLERANCE:
+            print(f"| {name} | | | | | not timed: results differ | {diff:.1e} |")
+            differ.append(name)
+            continue
         ops = (op_count(theirs), op_count(ours))
         times = ([], [])
         for _ in range(args.repeats):
             times[0].append(timed(theirs, sync))
             times[1].append(timed(ours, sync))
         t0, t1 = (statistics.median(t) * 1e3 for t in times)
-        print(f"| {name} | {t0:.1f} | {ops[0]} | {t1:.1f} | {ops[1]} | {t0 / t1:.2f}x |")
+        print(f"| {name} | {t0:.1f} | {ops[0]} | {t1:.1f} | {ops[1]} | {t0 / t1:.2f}x | {diff:.1e} |")
+    if differ:
+        print(f"results differ beyond {TOLERANCE:g} (relative): {', '.join(differ)}")
+    return 1 if differ else 0
 
 
-def main():
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tensors", type=at_least(1), default=48)
-    ap.add_argument("--elements", type=float, default=102.8e6)
-    ap.add_argument("--repeats", type=at_least(1), default=7)
+    ap.add_argument("--tensors", type=at_least(1), default=48, help="fp32 tensors (default 48)")
+    ap.add_argument("--elements", type=at_least(1, float), default=102.8e6,
+                    help="their elements in all (default 102.8e6, a ~0.1B model's)")
+    ap.add_argument("--repeats", type=at_least(1), default=7, help="timed calls of each part, median shown (default 7)")
     ap.add_argument("--threads", type=at_least(1), default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--device", default="cpu", help="cpu, or cuda on a GPU machine")
-    run(ap.parse_args())
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="cpu (default), or cuda on a GPU machine")
+    args = ap.parse_args(argv)
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            ap.error("--device cuda: torch finds no CUDA device here (torch.cuda.is_available() is false)")
+    return run(args)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -12,6 +12,10 @@ the backward; the unfused glu also keeps silu(a) and a copy of b: 2 x tokens x f
 On a GPU the fused helpers are torch.compile'd (megatron's standard; the first calls, which compile,
 are warm-up and not timed) and the peak memory one forward+backward allocates is added; on the CPU
 they run eagerly (engine/megatron_jit.py), where the element-wise backward costs a little more time.
+Before timing, the two MLPs (the same weights) and the two activations run once on the same inputs
+and their outputs and input gradients are compared (`max rel. diff`: the largest difference over the
+largest magnitude of the unfused one's); over 1e-4 (fp32) or 5e-2 (bf16) the script exits 1, so a
+fused path that computes something else cannot show as cheaper.
 """
 from __future__ import annotations
 
@@ -28,10 +32,12 @@ if str(ROOT) not in sys.path:  # run as a script
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.arguments import at_least  # noqa: E402
+from benchmarks.compare import rel_diff  # noqa: E402
 
 CPU_SHAPES = ("512x256x704", "2048x512x1408", "2048x1024x2816")
 GPU_SHAPES = ("4096x4096x3584", "16384x4096x3584")  # POLAR-7B's MLP per TP rank at TP 4 (ffn 14336 / 4)
 MIB = 2 ** 20
+TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}  # of the largest magnitude: rounding stays well below
 
 
 def shape(text: str) -> tuple[int, int, int]:
@@ -127,13 +133,25 @@ def measure(cfg, tokens: int, device, dtype, repeats: int, warmup: int) -> dict:
     for fused in (False, True):
         steps["mlp", fused] = lambda m=mlps[fused]: m(x)[0].sum().backward()
         steps["activation", fused] = lambda f=activations[fused]: f(y).sum().backward()
+    upstream = torch.randn(tokens, 1, cfg.hidden_size, device=device, dtype=dtype)
+
+    def results(fused: bool) -> list:  # both paths' outputs and input gradients, for one upstream gradient
+        x.grad = y.grad = None
+        out = mlps[fused](x)[0]
+        out.backward(upstream)
+        act = activations[fused](y)
+        act.backward(upstream.new_ones(()).expand_as(act))
+        return [out.detach(), x.grad, act.detach(), y.grad]
+
+    diff = rel_diff(results(False), results(True))
     for _ in range(warmup):  # on a GPU the first calls compile
         for step in steps.values():
             step()
     medians = interleaved_medians(steps, repeats, device)
     rows = {}
     for fused, mlp in mlps.items():
-        rows[fused] = {"saved_bytes": saved_activation_bytes(mlp, x, exclude=list(mlp.parameters())),
+        rows[fused] = {"max_rel_diff": diff,
+                       "saved_bytes": saved_activation_bytes(mlp, x, exclude=list(mlp.parameters())),
                        "mlp_s": medians["mlp", fused], "activation_s": medians["activation", fused]}
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -179,9 +197,11 @@ def main(argv=None) -> int:
         extra = got[False]["saved_bytes"] - got[True]["saved_bytes"]
         rows.append({"tokens": tokens, "hidden": hidden, "ffn": ffn, "dtype": precision, "device": str(rt.device),
                      "unfused": got[False], "fused": got[True], "saved_less_bytes": extra,
-                     "two_ffn_tensors": extra == 2 * tokens * ffn * dtype.itemsize})
+                     "two_ffn_tensors": extra == 2 * tokens * ffn * dtype.itemsize,
+                     "max_rel_diff": got[True]["max_rel_diff"],
+                     "same_results": got[True]["max_rel_diff"] <= TOLERANCE[precision]})
     head = "| tokens x hidden x ffn | saved unfused MiB | saved fused MiB | fused / unfused saved | " \
-           "MLP fwd+bwd fused / unfused | activation fwd+bwd fused / unfused |"
+           "MLP fwd+bwd fused / unfused | activation fwd+bwd fused / unfused | max rel. diff |"
     if cuda:
         head += " peak unfused MiB | peak fused MiB |"
     print(f"{rt.device}, {precision}, median of {args.repeats}")
@@ -191,7 +211,8 @@ def main(argv=None) -> int:
         u, f = r["unfused"], r["fused"]
         line = (f"| {r['tokens']} x {r['hidden']} x {r['ffn']} | {u['saved_bytes'] / MIB:.1f} | "
                 f"{f['saved_bytes'] / MIB:.1f} | {f['saved_bytes'] / u['saved_bytes']:.3f} | "
-                f"{f['mlp_s'] / u['mlp_s']:.2f} | {f['activation_s'] / u['activation_s']:.2f} |")
+                f"{f['mlp_s'] / u['mlp_s']:.2f} | {f['activation_s'] / u['activation_s']:.2f} | "
+                f"{r['max_rel_diff']:.1e} |")
         if cuda:
             line += f" {u['peak_bytes'] / MIB:.1f} | {f['peak_bytes'] / MIB:.1f} |"
         print(line)
@@ -199,8 +220,11 @@ def main(argv=None) -> int:
           f"{'yes' if all(r['two_ffn_tensors'] for r in rows) else 'NO'}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1) + "\n")
+    differ = [f"{r['tokens']}x{r['hidden']}x{r['ffn']}" for r in rows if not r["same_results"]]
+    if differ:
+        print(f"fused and unfused results differ beyond {TOLERANCE[precision]:g} (relative) at {', '.join(differ)}")
     shutdown_runtime()
-    return 0 if all(r["two_ffn_tensors"] for r in rows) else 1
+    return 0 if all(r["two_ffn_tensors"] for r in rows) and not differ else 1
 
 
 if __name__ == "__main__":

@@ -52,6 +52,9 @@ CASES = [
     ("scaling_law.py", ["--seeds", "nan"]),  # not an integer
     ("swiglu_memory.py", ["--repeats", "0"]),
     ("optimizer_step.py", ["--repeats", "0"]),
+    ("optimizer_step.py", ["--device", "cuda"]),  # AssertionError: Torch not compiled with CUDA enabled
+    ("optimizer_step.py", ["--device", "bogus"]),  # RuntimeError from torch.device
+    ("optimizer_step.py", ["--elements", "-5"]),  # ran, each tensor one element
     ("client_tokenize.py", ["--items", "0"]),
     ("encode_groups.py", ["--groups", "0"]),
 ]
@@ -61,8 +64,10 @@ CASES = [
 def test_bad_arguments_get_a_usage_error(script, args, tmp_path):
     if script == "scaling_law.py":
         args = [*args, "--out", str(tmp_path)]
+    # no GPU, so that `--device cuda` is a bad argument here too
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          text=True, timeout=300, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr[-2000:]
 
@@ -88,6 +93,8 @@ def test_kernels_json_is_written_without_a_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 5 and all(r["ratio"] > 0 for r in rows)
+    # each case's C++ results were compared with torch's before it was timed
+    assert all(0 <= r["max_rel_diff"] <= 1e-4 for r in rows), rows
 
 
 def test_shared_prefix_pairs_every_candidate_for_odd_k():
