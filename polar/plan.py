@@ -24,8 +24,8 @@ from typing import Optional
 
 from polar.plan_config import fine_tuning_overrides, load_plan_config
 from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
-                              checkpoint_bytes, inside_nodes, layers_in_flight, memory_per_rank, params_per_rank,
-                              step_time, total_params)
+                              checkpoint_bytes, fp8_copy_bytes, inside_nodes, layers_in_flight, memory_per_rank,
+                              params_per_rank, step_time, total_params)
 
 # re-exported: the cost model's and the config loading's names are the plan's public names too
 # (tests/polar/test_plan.py)
@@ -177,9 +177,9 @@ class Estimate:
 
 
 def estimate(shape: Shape, layout: Layout, seq_length: int, global_batch: int, gpu: GPU, a: Assumptions,
-             fp8: bool = False, attention_backend: str = "triton") -> Estimate:
+             fp8: bool = False, attention_backend: str = "triton", fp8_bytes: float = 2.0) -> Estimate:
     per_rank = [memory_per_rank(shape, layout, seq_length, global_batch, r, "bf16", fp8, attention_backend,
-                                a.overhead_gb) for r in range(layout.pp)]
+                                a.overhead_gb, fp8_bytes=fp8_bytes) for r in range(layout.pp)]
     worst = max(range(layout.pp), key=lambda r: per_rank[r]["total"])
     mem = per_rank[worst]
     return Estimate(layout, mem, worst, step_time(shape, layout, seq_length, global_batch, gpu, a, fp8),
@@ -429,7 +429,7 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
             raise ValueError(f"{where}: layout {layout.name()}: {problem}")
         e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a,
                      bool(run.get("fp8")) or cfg.train.fp8 != "off",
-                     cfg.train.attention_backend)
+                     cfg.train.attention_backend, fp8_copy_bytes(target.train.fp8, cfg.model.transformer_impl))
 
         def pair(pred, meas, fmt):
             if meas is None:
@@ -529,8 +529,9 @@ def main(argv=None) -> int:
               f"(heads {shape.num_attention_heads}, KV groups {shape.num_query_groups}, layers {shape.num_layers}; "
               "the data-parallel size must divide the global batch)" + nearest, file=sys.stderr)
         return 2
-    ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8,
-                                                    cfg.train.attention_backend) for lay in layouts]))
+    copies = fp8_copy_bytes(run.train.fp8, cfg.model.transformer_impl)
+    ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8, cfg.train.attention_backend,
+                                                    copies) for lay in layouts]))
     # the overrides named with the preset: `polar_7b` with model.num_layers=48 is not POLAR-7B
     what = " ".join([config or "(fine-tuning defaults)", *args.overrides])
     print(f"polar plan: {what} ({_count(total_params(shape))} parameters: {shape.num_layers} layers, "

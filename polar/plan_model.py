@@ -14,7 +14,9 @@ Memory per GPU, for the pipeline rank that needs most:
 - gradients: 4 bytes per parameter (the engine reduces gradients in an fp32 buffer);
 - optimizer: Adam's two moments, plus fp32 master weights when the weights are bf16 (12 or 8 bytes per
   parameter), divided over the data-parallel ranks with the distributed optimizer;
-- FP8 (when asked): an e4m3 copy of every linear weight and its transpose (2 bytes per linear parameter);
+- FP8 (when asked): the e4m3 copies of every linear weight held over a step (fp8_copy_bytes: 1 byte per
+  linear parameter for the local layers' per-tensor recipe, 2 for their per-row one and for Transformer
+  Engine's);
 - activations kept for the backward pass, per layer and micro-batch of b sequences of s tokens (bf16;
   TP = t, sequence parallelism divides the norm inputs and outputs by t):
   norms 3 x 2 tensors of [s, b, h] (input, normalised input, output) + the QKV output, K and Q after
@@ -281,10 +283,22 @@ def layers_in_flight(shape: Shape, layout: Layout, pp_rank: int, microbatches: i
     return min(layout.pp - pp_rank, microbatches) * per_chunk
 
 
+def fp8_copy_bytes(recipe: str, transformer_impl: str = "local") -> float:
+    """Bytes per linear weight element that the FP8 copies of the weights hold over a step (0 with FP8 off).
+    The local layers' weight cache (engine/model/fp8_linear.py) keeps one e4m3 copy per scaling used: the
+    forward's per-tensor copy, which the backward reuses (1 byte), or the forward's and dgrad's per-row
+    copies (2 bytes); Transformer Engine keeps an FP8 copy and its transpose (2 bytes). The plan priced 2
+    bytes for every recipe, a GB too many per billion local tensorwise parameters."""
+    if recipe == "off":
+        return 0.0
+    return 1.0 if transformer_impl == "local" and recipe == "tensorwise" else 2.0
+
+
 def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch: int, pp_rank: int,
                     precision: str = "bf16", fp8: bool = False, attention_backend: str = "triton",
-                    overhead_gb: float = 0.0, device: str = "gpu") -> dict:
-    """Bytes by component for one process at pipeline position pp_rank (see the module docstring).
+                    overhead_gb: float = 0.0, device: str = "gpu", fp8_bytes: float = 2.0) -> dict:
+    """Bytes by component for one process at pipeline position pp_rank (see the module docstring); with
+    `fp8`, `fp8_bytes` per linear parameter of FP8 weight copies (fp8_copy_bytes).
 
     The peak comes either in the backward pass (activations plus the largest gradient autograd produces
     before it is added into the buffer) or in the optimizer step (Adam's temporaries); `transient` is what
@@ -329,7 +343,7 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
         "weights": n * w_bytes,
         "gradients": n * 4,
         "optimizer": n * opt_per_param / shard,
-        "fp8": 2 * linear_params(shape, layout.tp) * (shape.num_layers // layout.pp) if fp8 else 0,
+        "fp8": fp8_bytes * linear_params(shape, layout.tp) * (shape.num_layers // layout.pp) if fp8 else 0,
         "activations": activations,
         "transient": max(backward_extra, step_extra - activations),
         "overhead": overhead_gb * GB,

@@ -417,7 +417,7 @@ def test_a_configs_own_fp8_recipe_is_priced(capsys):
     # Transformer Engine's: megatron's local layers, the default, refuse it)
     _, memory, launch = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", "--fp8",
                                                     "train.fp8=delayed", "model.transformer_impl=transformer_engine"])
-    assert memory == memory_fp8 and "train.fp8" not in launch, launch
+    assert "FP8 0.0 GB" not in memory and "train.fp8" not in launch, launch
     assert plan.main(["--config", "polar_1_8b", "--gpu", "A100", "--gpus", "8", "train.fp8=rowwise"]) == 2
     assert "train.fp8=rowwise: the A100 has no FP8" in capsys.readouterr().err
 
@@ -491,3 +491,25 @@ def test_a_layout_setting_the_engine_refuses_is_refused_with_its_reason(pins, ne
     assert plan.main(["--config", "polar_7b", "--gpus", "64", *pins]) == 2
     err = capsys.readouterr().err
     assert f"no layout of 64 GPUs with {' '.join(pins)}" in err and needle in err, err
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
+def test_fp8_weight_copies_are_what_the_local_layers_cache(recipe, capsys):
+    # the plan priced 2 bytes per linear parameter for every recipe; the local per-tensor recipe's weight
+    # cache holds the forward's e4m3 copy only, which the backward reuses
+    import torch
+
+    from engine.model import fp8_linear
+    from polar.plan_model import linear_params
+
+    weight, x = torch.randn(64, 32, requires_grad=True), torch.randn(48, 32, requires_grad=True)
+    with fp8_linear.weight_cache():
+        for _ in range(2):  # two micro-batches of one step
+            fp8_linear.fp8_linear(x, weight, None, recipe).sum().backward()
+        held = sum(q[0].numel() * q[0].element_size() for _, _, q in fp8_linear._weight_cache.values())
+    assert plan.fp8_copy_bytes(recipe) == held / weight.numel()
+    shape = plan.shape_from_config(plan.load_plan_config("polar_1_8b", []))
+    _, memory, _ = _memory_and_launch(capsys, ["--config", "polar_1_8b", "--gpus", "8", f"train.fp8={recipe}",
+                                               "parallel.tp=1", "parallel.pp=1"])
+    copies = held / weight.numel() * linear_params(shape, 1) * shape.num_layers
+    assert f"FP8 {copies / plan.GB:.1f} GB" in memory, memory
