@@ -1,8 +1,10 @@
 """What a resumed run must agree with in the step it resumes from, checked before the load (megatron
 would ignore a changed setting, or fail deep inside the load): the optimizer, schedule, loss and
 data-order settings, and, for an optimizer state saved as dp_reshardable, the layout and the gradient
-buckets it lies in. The trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint
-reads the step's state (read_state)."""
+buckets it lies in; and the notes of what a resume takes otherwise than the step was saved with (another
+parallel layout, a dataset moved, evaluation sets changed, gone or new), which the trainer logs once. The
+trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint reads the step's state
+(read_state)."""
 from __future__ import annotations
 
 from engine.checkpoint import read_state
@@ -36,21 +38,27 @@ def data_settings(cfg) -> dict:
 
 
 def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = None,
-                               sequences: int | None = None) -> None:
+                               sequences: int | None = None) -> list[str]:
     """ConfigError naming every data setting (data_settings) that differs from what the step was saved
     with: the loader's own check (engine.data) tells only that the order or the digest changed. Two
     data.path values are one dataset moved or copied (to a node's local disk, say) unless its packed
     sequence count (`sequences`, where the caller knows it) differs from the step's; the digest check
-    stays the backstop. A step saved before the settings were recorded is not checked."""
+    stays the backstop. -> the note saying a data.path was taken as the step's dataset moved (the
+    trainer logs it; [] when none). A step saved before the settings were recorded is not checked."""
     state = read_state(step_dir) if state is None else state
     saved = state.get("data_settings")
     if not isinstance(saved, dict):
-        return
+        return []
     changed = [name for name in saved if name in now and saved[name] != now[name]]
     saved_count = state.get("loader", {}).get("sequences")
+    notes = []
     if "data.path" in changed and saved["data.path"] and now["data.path"] and (
             sequences is None or saved_count in (None, sequences)):
         changed.remove("data.path")
+        # silent, a path that named another dataset of the same size left the user no clue which one ran
+        notes.append(f"note: data.path={now['data.path']} now, {saved['data.path']} when {step_dir} was saved: "
+                     f"resuming on it as that dataset moved or copied (the data order's checks compare its "
+                     f"packed sequences with the step's record, and refuse another dataset)")
     if changed:
         def shown(v):
             return "(empty)" if v == "" else v
@@ -61,6 +69,7 @@ def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = No
             + f". The run's training data is made from these settings: resuming would train on other data, or in "
               f"another order; set them back, or start a new run (a new run_dir) from its weights with "
               f"checkpoint.init_from={step_dir} (weights only: optimizer, schedule and data order start afresh)")
+    return notes
 
 
 def eval_sets(evals: dict, step: int, saved: dict | None) -> dict:
@@ -155,12 +164,14 @@ def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, stat
 
 
 def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state: dict | None = None,
-                        distributed_optimizer: bool = True) -> None:
+                        distributed_optimizer: bool = True, dp: int | None = None) -> list[str]:
     """ConfigError unless this layout can load the step's optimizer state: one saved as
     dp_reshardable (megatron's distributed-optimizer buffers as they lie) loads only into the
     distributed optimizer, at the TP, PP and VPP it was saved at; megatron would fail inside the
-    load, or read the wrong slices."""
+    load, or read the wrong slices. -> the note of a layout (with `dp`, the data-parallel size too)
+    other than the step's that resumes (the trainer logs it; [] when the same or none recorded)."""
     state = read_state(step_dir) if state is None else state
+    notes = _layout_notes(step_dir, state.get("layout"), {"tp": tp, "pp": pp, "dp": dp, "vpp": vpp})
     dp_reshardable = state.get("optimizer_format") == "dp_reshardable"
     if not dp_reshardable:
         saved = state.get("distributed_optimizer")  # recorded since; a dp_reshardable state implies it
@@ -174,7 +185,7 @@ def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state:
                 f"each other's state: set it back, or start a new run (a new run_dir) from its weights with "
                 f"checkpoint.init_from={step_dir} (weights load either way; optimizer, schedule and data order "
                 f"start afresh)")
-        return
+        return notes
     if not distributed_optimizer:
         # the plain optimizer asks for per-parameter tensors that the buckets do not hold: the load
         # fails as if the files were damaged
@@ -186,17 +197,41 @@ def check_resume_layout(step_dir: str, tp: int, pp: int, vpp: int | None, state:
             f"start afresh)")
     saved = state.get("layout")
     if not saved:
-        return
+        return notes
     now = {"tp": tp, "pp": pp, "vpp": vpp}
     changed = [f"parallel.{k}={saved.get(k)} when saved, {v} now" for k, v in now.items() if saved.get(k) != v]
     if changed:
         raise ConfigError(
             f"resuming from {step_dir}: {'; '.join(changed)}. Its optimizer state was saved with "
             f"checkpoint.optimizer_format=dp_reshardable, which loads only at the tensor/pipeline layout it was "
-            f"saved at (any data-parallel size): set " + " ".join(f"parallel.{k}={'null' if saved.get(k) is None else saved.get(k)}"
-                                                                   for k in now if saved.get(k) != now[k])
+            f"saved at (any data-parallel size): set "
+            + " ".join(f"parallel.{k}={'null' if saved.get(k) is None else saved.get(k)}"
+                       for k in now if saved.get(k) != now[k])
             + f", or start a new run (a new run_dir) from its weights with checkpoint.init_from={step_dir} "
             f"(weights load at any layout; optimizer, schedule and data order start afresh)")
+    return notes
+
+
+def _layout_notes(step_dir: str, saved, now: dict) -> list[str]:
+    """The note of a resume at another parallel layout than the step's (`saved`, its trainer state's
+    `layout`; `now` the run's, a None dp unknown), which loads (check_resume_layout refuses what does
+    not): silent, it left a cluster user to guess whether the new layout had been taken, and what of
+    the run it changes."""
+    if not isinstance(saved, dict):
+        return []
+    keys = ["tp", "pp", *(["dp"] if now.get("dp") is not None else []), "vpp"]
+    if all(saved.get(k) == now.get(k) for k in keys):
+        return []
+
+    def shown(layout):
+        return " ".join(f"{k}={layout.get(k)}" for k in keys)
+
+    # the loader's position and order are global (engine.data.GlobalBatchLoader): a new DP size splits
+    # the same global batches otherwise; sums reduced over other ranks round in another order
+    return [f"note: {step_dir} was saved at layout {shown(saved)}, this run is at {shown(now)}: its weights and "
+            f"optimizer state are resharded as they load, and the training goes on with the same global batches "
+            f"in the same order (train.global_batch, train.seed); the losses may differ from an uninterrupted "
+            f"run's in the last digits (sums reduced in another order)"]
 
 
 def optimizer_buckets(optimizer) -> list:

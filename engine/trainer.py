@@ -119,8 +119,10 @@ class Trainer:
             # before the load: megatron would ignore changed settings, or fail deep inside it
             saved = checkpoint.read_state(path)
             resume_checks.check_resume_settings(path, self.cfg.train, state=saved)
-            resume_checks.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
-                                           distributed_optimizer=self.cfg.parallel.distributed_optimizer)
+            # what the run takes otherwise than the step was saved with, said once it has resumed
+            notes = resume_checks.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
+                                                      distributed_optimizer=self.cfg.parallel.distributed_optimizer,
+                                                      dp=self.rt.dp)
             resume_checks.check_resume_buckets(path, self.optimizer, saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
@@ -128,8 +130,8 @@ class Trainer:
                     f"converted model or initial weights), so there is nothing to resume; start from it with "
                     f"checkpoint.init_from={path} and a checkpoint directory of its own (a new run_dir or "
                     f"checkpoint.dir)")
-            resume_checks.check_resume_data_settings(path, resume_checks.data_settings(self.cfg), state=saved,
-                                                     sequences=len(self.loader.source))
+            notes += resume_checks.check_resume_data_settings(path, resume_checks.data_settings(self.cfg),
+                                                              state=saved, sequences=len(self.loader.source))
             try:
                 self.loader.load_state_dict(saved["loader"])
             except ConfigError as e:
@@ -145,7 +147,7 @@ class Trainer:
             self.log(f"resumed from {path} at step {self.step}"
                      + (f" (the newest complete checkpoint; ignored the save(s) that did not finish: "
                         f"{', '.join(p.name for p in cut)})" if cut else ""))
-            for note in resume_checks.eval_set_notes(path, saved, self.evals, self.held_file):
+            for note in notes + resume_checks.eval_set_notes(path, saved, self.evals, self.held_file):
                 self.log(note)
             if ck.init_from:
                 # a requeued job names it again (it is no change); another base model meant for a new

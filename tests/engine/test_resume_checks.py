@@ -51,6 +51,27 @@ def test_a_dp_reshardable_optimizer_state_resumes_only_at_its_tensor_and_pipelin
         resume_checks.check_resume_layout(str(d), tp=1, pp=1, vpp=None)
 
 
+def test_a_resume_at_another_layout_says_so(tmp_path):
+    """A layout other than the step's that loads (any, in the per-parameter format; another DP size in
+    dp_reshardable) went on without a word: a note now, naming both layouts; none at the same one, or
+    for a step that recorded none."""
+    layout = {"tp": 2, "pp": 2, "dp": 4, "vpp": 2}
+    d = _step(tmp_path, 3, {"step": 3, "optimizer_format": "fully_reshardable", "layout": layout})
+    assert resume_checks.check_resume_layout(str(d), 2, 2, 2, dp=4) == []
+    note, = resume_checks.check_resume_layout(str(d), 4, 1, None, dp=2)
+    assert note.startswith(f"note: {d} was saved at layout tp=2 pp=2 dp=4 vpp=2, this run is at tp=4 pp=1 dp=2 "
+                           "vpp=None: its weights and optimizer state are resharded as they load"), note
+    assert "the same global batches in the same order (train.global_batch, train.seed)" in note, note
+    # the data-parallel size unknown (engine.pretrain's start-up check): compared without it
+    assert resume_checks.check_resume_layout(str(d), 2, 2, 2) == []
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "optimizer_format": "dp_reshardable",
+                                                       "layout": layout}))
+    note, = resume_checks.check_resume_layout(str(d), 2, 2, 2, dp=8)
+    assert "saved at layout tp=2 pp=2 dp=4 vpp=2, this run is at tp=2 pp=2 dp=8 vpp=2" in note, note
+    (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3}))
+    assert resume_checks.check_resume_layout(str(d), 4, 1, None, dp=2) == []
+
+
 def test_a_dp_reshardable_optimizer_state_is_refused_without_the_distributed_optimizer(tmp_path):
     """Only megatron's distributed optimizer reads its buckets: a resume with
     parallel.distributed_optimizer=false is refused before the load, at the same layout too (the load
@@ -109,7 +130,11 @@ def test_changed_data_settings_are_named_and_a_moved_dataset_resumes(tmp_path):
     built = {"data.seq_length": 512, "data.path": "/data/a"}
     (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "data_settings": built,
                                                        "loader": {"consumed_batches": 3, "sequences": 9}}))
-    resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/a"}, sequences=9)
+    # resumed, and said: the other path is taken as the step's dataset moved
+    assert resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/a"}, sequences=9) == [
+        f"note: data.path=/local/a now, /data/a when {d} was saved: resuming on it as that dataset moved or copied "
+        "(the data order's checks compare its packed sequences with the step's record, and refuse another dataset)"]
+    assert resume_checks.check_resume_data_settings(str(d), built, sequences=9) == []
     with pytest.raises(ConfigError, match="data.path=/data/a when saved, /local/b now"):
         resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/b"}, sequences=12)
     (d / checkpoint.STATE_FILE).write_text(json.dumps({"step": 3, "loader": {"consumed_batches": 3}}))
@@ -193,19 +218,37 @@ def test_one_function_gives_the_notes_of_changed_gone_and_new_sets():
 def test_the_trainer_gives_the_notes_on_resume(runtime, tmp_path):
     """In process: a run evaluating held_out and seen at each step exits at step 2; resumed with held_out
     changed, seen gone and fresh added, the trainer gives eval_set_notes' three notes, once each (the
-    changed set's came from engine/pretrain.py before), and records held_out and fresh after step 2."""
+    changed set's came from engine/pretrain.py before), and records held_out and fresh after step 2.
+    Resumed too at another layout than the one its step records (written as a DP2 save's) and with
+    data.path naming the dataset at another path: both went on without a word, a note each now."""
+    import json
+
     from engine.data import PackedGroups
     from tests.engine.dist_worker import random_groups
     from tests.engine.test_trainer import make_trainer
 
     a, b, c = (PackedGroups(random_groups(seed, 8, 64, 64), 64) for seed in (3, 4, 5))
-    make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.eval_interval=1",
+    for where in ("data", "local"):
+        (tmp_path / where).mkdir()
+    make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.eval_interval=1", f"data.path={tmp_path / 'data'}",
                  evals={"held_out": a, "seen": b}).fit()
-    lines = []
-    trainer = make_trainer(runtime, tmp_path, evals={"held_out": c, "fresh": b},
-                           log=lambda *x, **k: lines.append(" ".join(map(str, x))))
     step_dir = checkpoint.latest(str(tmp_path / "checkpoints"))
+    state_file = tmp_path / "checkpoints" / "step_00000002" / checkpoint.STATE_FILE
+    state = json.loads(state_file.read_text())
+    assert state["layout"] == {"tp": 1, "pp": 1, "dp": 1, "vpp": None}, state["layout"]
+    state_file.write_text(json.dumps({**state, "layout": {**state["layout"], "dp": 2}}))
+    lines = []
+    trainer = make_trainer(runtime, tmp_path, f"data.path={tmp_path / 'local'}", evals={"held_out": c, "fresh": b},
+                           log=lambda *x, **k: lines.append(" ".join(map(str, x))))
     notes = [x for x in lines if x.startswith("note:")]
+    assert notes[0] == (f"note: {step_dir} was saved at layout tp=1 pp=1 dp=2 vpp=None, this run is at tp=1 pp=1 "
+                        "dp=1 vpp=None: its weights and optimizer state are resharded as they load, and the training "
+                        "goes on with the same global batches in the same order (train.global_batch, train.seed); "
+                        "the losses may differ from an uninterrupted run's in the last digits (sums reduced in "
+                        "another order)"), notes
+    assert notes[1].startswith(f"note: data.path={tmp_path / 'local'} now, {tmp_path / 'data'} when {step_dir} was "
+                               "saved: resuming on it as that dataset moved or copied"), notes
+    notes = notes[2:]
     assert notes == resume_checks.eval_set_notes(step_dir, checkpoint.read_state(step_dir),
                                                  {"held_out": c, "fresh": b}), lines
     assert len(notes) == 3 and "the held_out set is not the one" in notes[0], notes
