@@ -455,7 +455,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--config", default=None,
                     help="a preset (tiny_cpu, polar_1_8b, polar_7b) or YAML file (default polar_7b; with finetune.* "
                          "settings none: polar finetune's own defaults, as the run starts from)")
-    ap.add_argument("--gpu", default="H100", choices=sorted(GPUS), help="GPU type (default H100)")
+    # `--gpu h100` was refused with a usage error: the names are the cards', in any case
+    ap.add_argument("--gpu", default="H100", type=str.upper, choices=sorted(GPUS),
+                    help="GPU type, any case (default H100)")
     ap.add_argument("--gpus", type=int, default=8, help="number of GPUs (default 8)")
     ap.add_argument("--fp8", action="store_true", help="FP8 matmuls (train.fp8): weight copies, faster GEMMs")
     ap.add_argument("--mfu", type=float, default=Assumptions.compute_efficiency,
@@ -555,8 +557,9 @@ def main(argv=None) -> int:
           f"slower and no smaller; {len(fitting)} of them fit in {a.usable_fraction:.0%} of {gpu.memory_gb:g} GB")
     if not fitting:
         least = min(ranked, key=lambda e: e.memory["total"])
+        # FP8 off frees its weight copies: advice only where FP8 is on
         print(f"none fits: the smallest, {least.layout.name()}, needs {_gb(least.memory['total'])} GB; "
-              "more GPUs, FP8 off, a shorter data.seq_length or a smaller model")
+              f"more GPUs, {'FP8 off, ' if fp8 else ''}a shorter data.seq_length or a smaller model")
         return 1
     print()
     for line in explain(best, ranked, gpu, a):

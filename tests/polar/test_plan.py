@@ -513,3 +513,14 @@ def test_fp8_weight_copies_are_what_the_local_layers_cache(recipe, capsys):
                                                "parallel.tp=1", "parallel.pp=1"])
     copies = held / weight.numel() * linear_params(shape, 1) * shape.num_layers
     assert f"FP8 {copies / plan.GB:.1f} GB" in memory, memory
+
+
+def test_a_gpu_name_in_any_case_is_its_card_and_fp8_advice_only_with_fp8(capsys):
+    assert plan.main(["--config", "polar_1_8b", "--gpu", "h200", "--gpus", "8"]) == 0
+    assert " on 8 x H200," in capsys.readouterr().out
+    # nothing fits one GPU: 'FP8 off' was advised to a bf16 plan
+    assert plan.main(["--config", "polar_7b", "--gpus", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "none fits" in out and "FP8 off" not in out, out
+    assert plan.main(["--config", "polar_7b", "--gpus", "1", "--fp8"]) == 1
+    assert "more GPUs, FP8 off, " in capsys.readouterr().out
