@@ -49,11 +49,14 @@ def run(ds, args, compute_s: float, prefetch: bool) -> tuple[float, float]:
 def main():
     # the docstring's first paragraph: its first line alone stopped --help mid-sentence
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--shards", type=at_least(1), default=16)
+    ap.add_argument("--shards", type=at_least(1), default=16,
+                    help="shards of the built dataset written (default %(default)s)")
     ap.add_argument("--sequences", type=at_least(1), default=8, help="packed sequences per shard")
-    ap.add_argument("--seq-length", type=int, default=16384)
-    ap.add_argument("--global-batch", type=at_least(1), default=16)
-    ap.add_argument("--micro-batch", type=at_least(1), default=2)
+    ap.add_argument("--seq-length", type=int, default=16384, help="tokens a packed sequence (default %(default)s)")
+    ap.add_argument("--global-batch", type=at_least(1), default=16,
+                    help="packed sequences a step (default %(default)s)")
+    ap.add_argument("--micro-batch", type=at_least(1), default=2,
+                    help="packed sequences a micro-batch (default %(default)s)")
     ap.add_argument("--steps", type=at_least(1), default=40, help="steps timed per row")
     ap.add_argument("--compute-ms", type=at_least(0, float), nargs="+", default=[0.0, 20.0, 100.0],
                     help="the stand-in step's device time")

@@ -68,11 +68,13 @@ def measure(args, rt, run_dir: str, background: bool) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--hidden", type=at_least(64), default=512)
-    ap.add_argument("--layers", type=at_least(1), default=4)
+    ap.add_argument("--hidden", type=at_least(64), default=512, help="the model's hidden size (default %(default)s)")
+    ap.add_argument("--layers", type=at_least(1), default=4, help="the model's layers (default %(default)s)")
     ap.add_argument("--steps", type=at_least(1), default=4, help="steps timed after the save")
-    ap.add_argument("--repeats", type=at_least(1), default=3)
-    ap.add_argument("--optimizer-format", choices=("fully_reshardable", "dp_reshardable"), default="fully_reshardable")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="saves timed in each mode, the median shown (default %(default)s)")
+    ap.add_argument("--optimizer-format", choices=("fully_reshardable", "dp_reshardable"), default="fully_reshardable",
+                    help="checkpoint.optimizer_format of the saves (default %(default)s)")
     ap.add_argument("--dir", default="", help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args()
 

@@ -69,9 +69,10 @@ def mode(name: str):
 
 def main():
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--hidden", type=at_least(64), default=64)
-    ap.add_argument("--layers", type=at_least(1), default=4)
-    ap.add_argument("--repeats", type=at_least(1), default=9)
+    ap.add_argument("--hidden", type=at_least(64), default=64, help="the model's hidden size (default %(default)s)")
+    ap.add_argument("--layers", type=at_least(1), default=4, help="the model's layers (default %(default)s)")
+    ap.add_argument("--repeats", type=at_least(1), default=9,
+                    help="saves timed in each mode, the modes taking turns (default %(default)s)")
     ap.add_argument("--dir", default="", help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args()
 

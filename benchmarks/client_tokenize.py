@@ -107,7 +107,7 @@ def main(argv=None) -> None:
     ap.add_argument("--response-words", type=at_least(1), default=800,
                     help="words of the reference and of each output (default 800)")
     ap.add_argument("--repeats", type=at_least(1), default=5, help="timed calls per way, median kept (default 5)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random words (default %(default)s)")
     args = ap.parse_args(argv)
 
     from polar.client_format import split_is_exact

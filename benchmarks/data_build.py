@@ -260,9 +260,12 @@ def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[flo
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--records", type=at_least(1), default=100_000)
-    ap.add_argument("--seq-length", type=at_least(1), default=16384)
-    ap.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2])
+    ap.add_argument("--records", type=at_least(1), default=100_000,
+                    help="synthetic records built (default %(default)s)")
+    ap.add_argument("--seq-length", type=at_least(1), default=16384,
+                    help="tokens a packed sequence (default %(default)s)")
+    ap.add_argument("--workers", type=at_least(1), nargs="+", default=[1, 2],
+                    help="worker counts of the build, a row each (default %(default)s)")
     ap.add_argument("--k8-records", type=at_least(1), default=5000, help="records of the K=8 savings sample")
     ap.add_argument("--python-groups", type=at_least(1), default=20000, help="groups for the quadratic Python first-fit")
     ap.add_argument("--keep", default="", help="work in this directory and keep it")

@@ -88,10 +88,12 @@ def pages_touched(ds: IndexedDataset, order: np.ndarray) -> int:
 def main():
     # the docstring's first paragraph: its first line alone stopped --help mid-sentence
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--groups", type=at_least(1), default=4_000_000)
+    ap.add_argument("--groups", type=at_least(1), default=4_000_000,
+                    help="groups in the built dataset (default %(default)s)")
     ap.add_argument("--groups-per-sequence", type=at_least(1), default=64,
                     help=f"at most {SEQ_LENGTH // 4} (4 tokens a group in {SEQ_LENGTH}-token sequences)")
-    ap.add_argument("--reads", type=at_least(1), default=200)
+    ap.add_argument("--reads", type=at_least(1), default=200,
+                    help="random sequences read, page cache dropped first (default %(default)s)")
     args = ap.parse_args()
     if args.groups_per_sequence > SEQ_LENGTH // 4:
         ap.error(f"--groups-per-sequence must be at most {SEQ_LENGTH // 4}: a group here is 4 tokens")

@@ -96,9 +96,12 @@ def engine_against_map(ds: IndexedDataset, mapped_reader, path: str, order, used
 def main():
     # the docstring's first paragraph: its first line alone stopped --help mid-sentence
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--sequences", type=at_least(1), default=12000)
-    ap.add_argument("--seq-length", type=at_least(64), default=16384)
-    ap.add_argument("--reads", type=at_least(1), default=200)
+    ap.add_argument("--sequences", type=at_least(1), default=12000,
+                    help="packed sequences in the built dataset (default %(default)s)")
+    ap.add_argument("--seq-length", type=at_least(64), default=16384,
+                    help="tokens a packed sequence (default %(default)s)")
+    ap.add_argument("--reads", type=at_least(1), default=200,
+                    help="random sequences read, page cache dropped first (default %(default)s)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="polar_coldread_", dir=os.environ.get("TMPDIR")) as tmp:
         stem = os.path.join(tmp, "part")

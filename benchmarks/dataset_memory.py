@@ -87,8 +87,10 @@ def measure(path: str, mode: str) -> dict:
 
 def shard_arguments(ap: argparse.ArgumentParser, groups: int) -> None:
     """The options of write_shards (`groups` the default group count)."""
-    ap.add_argument("--groups", type=at_least(1), default=groups)
-    ap.add_argument("--shards", type=at_least(1), default=8)
+    ap.add_argument("--groups", type=at_least(1), default=groups,
+                    help="groups in the built dataset (default %(default)s)")
+    ap.add_argument("--shards", type=at_least(1), default=8,
+                    help="shards the groups are split over (default %(default)s)")
     ap.add_argument("--groups-per-sequence", type=at_least(1), default=64,
                     help=f"at most {SEQ_LENGTH // 4} (4 tokens a group in {SEQ_LENGTH}-token sequences)")
 

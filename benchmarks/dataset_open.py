@@ -112,7 +112,8 @@ def measure_reads(roots: list[str], reads: int) -> list[float]:
 def main():
     # the docstring's first paragraph: its first line alone stopped --help mid-sentence
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--groups", type=at_least(1), default=4_000_000)
+    ap.add_argument("--groups", type=at_least(1), default=4_000_000,
+                    help="groups in the built dataset (default %(default)s)")
     ap.add_argument("--shards", type=at_least(1), default=1,
                     help="shards the groups are split over; read-ahead (the block device's read_ahead_kb, "
                          "often 128 KB, 8 MB here) reads small shards whole")

@@ -67,9 +67,10 @@ def per_sequence_us(ds: IndexedDataset, order: np.ndarray) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shards", type=at_least(1), nargs="+", default=[8, 300])
+    ap.add_argument("--shards", type=at_least(1), nargs="+", default=[8, 300],
+                    help="shard counts, a row each (default %(default)s)")
     ap.add_argument("--sequences", type=at_least(1), default=4, help="packed sequences per shard")
-    ap.add_argument("--seq-length", type=int, default=16384)
+    ap.add_argument("--seq-length", type=int, default=16384, help="tokens a packed sequence (default %(default)s)")
     ap.add_argument("--reads", type=at_least(1), default=20000, help="random sequence reads timed per row")
     args = ap.parse_args()
     if args.seq_length < LONGEST_GROUP:

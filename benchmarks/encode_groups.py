@@ -84,12 +84,14 @@ def timed(tok, data, whole: bool, repeats: int):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokenizers", nargs="+", default=["smollm2", "byte"])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokenizers", nargs="+", default=["smollm2", "byte"],
+                    help="smollm2, byte, or a directory holding tokenizer.json; a row each (default %(default)s)")
     ap.add_argument("--k", type=at_least(1), nargs="+", default=[2, 8], help="candidates a group")
-    ap.add_argument("--groups", type=at_least(1), default=64)
-    ap.add_argument("--repeats", type=at_least(1), default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--groups", type=at_least(1), default=64, help="groups of each shape encoded (default %(default)s)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="timed encodings of each way, the best kept (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random groups (default %(default)s)")
     args = ap.parse_args()
     print("| tokenizer | groups | shape | K | sides whole: CPU ms (wall) | in windows: CPU ms (wall) "
           "| whole / windows, CPU | ids identical |")

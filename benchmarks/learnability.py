@@ -186,16 +186,22 @@ def run(variant, style, aux_weight, seed, args):
 
 def main():
     ap = argparse.ArgumentParser(description="from-scratch learnability of the synthetic policies")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[1])
-    ap.add_argument("--steps", type=at_least(1), default=200)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1],
+                    help="training seeds, a run each (default %(default)s)")
+    ap.add_argument("--steps", type=at_least(1), default=200, help="training steps a run (default %(default)s)")
     ap.add_argument("--batch", type=at_least(1), default=16, help="triplets per step")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--eval-triplets", type=at_least(1), default=300)
-    ap.add_argument("--train-policies", type=at_least(2), default=160)
-    ap.add_argument("--held-out-policies", type=at_least(2), default=40)
-    ap.add_argument("--max-length", type=at_least(1), default=512)
+    ap.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default %(default)s)")
+    ap.add_argument("--eval-triplets", type=at_least(1), default=300,
+                    help="triplets a held-out evaluation set (default %(default)s)")
+    ap.add_argument("--train-policies", type=at_least(2), default=160,
+                    help="synthetic policies seen in training (default %(default)s)")
+    ap.add_argument("--held-out-policies", type=at_least(2), default=40,
+                    help="synthetic policies kept for the held-out set (default %(default)s)")
+    ap.add_argument("--max-length", type=at_least(1), default=512,
+                    help="tokens a sequence at most (default %(default)s)")
     ap.add_argument("--variants", nargs="+", default=["default", "default+aux", "transition", "transition+aux"],
-                    choices=["default", "default+aux", "transition", "transition+aux"])
+                    choices=["default", "default+aux", "transition", "transition+aux"],
+                    help="the configurations trained (default %(default)s)")
     ap.add_argument("--jobs", type=at_least(1), default=1, help="runs at once, one process each")
     args = ap.parse_args()
 

@@ -118,8 +118,8 @@ def first_fit_table(lengths: np.ndarray, cap: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--groups", type=at_least(1), default=100_000)
-    ap.add_argument("--capacity", type=int, default=16384)
+    ap.add_argument("--groups", type=at_least(1), default=100_000, help="groups packed (default %(default)s)")
+    ap.add_argument("--capacity", type=int, default=16384, help="tokens a packed sequence (default %(default)s)")
     ap.add_argument("--python-groups", type=at_least(0), default=0,
                     help="groups of the table against the Python first-fit (0 = all)")
     args = ap.parse_args()

@@ -260,9 +260,10 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
                     help="which rungs: the width ladder w32-w128 (3 layers) or the earlier mixed ladder xs-xl; w96 and w128 on request (not in the default: see WIDTH_LADDER)")
     ap.add_argument("--tokens", type=float, default=2.5e6, help="training tokens per size (packed, padding included)")
-    ap.add_argument("--seq", type=at_least(1), default=512)
+    ap.add_argument("--seq", type=at_least(1), default=512, help="tokens a packed sequence (default %(default)s)")
     ap.add_argument("--batch", type=at_least(1), default=16, help="packed sequences per step")
-    ap.add_argument("--micro-batch", type=at_least(1), default=4)
+    ap.add_argument("--micro-batch", type=at_least(1), default=4,
+                    help="packed sequences a micro-batch (default %(default)s)")
     ap.add_argument("--eval-points", type=at_least(1), default=6, help="held-out evaluations per run, the final one included")
     ap.add_argument("--eval-triplets", type=at_least(1), default=1000, help="per evaluation set")
     ap.add_argument("--seeds", type=at_least(1), default=3,
@@ -271,7 +272,8 @@ def main(argv=None) -> int:
     ap.add_argument("--fit-from", type=float, default=0.5,
                     help="compute fit: evaluations from this fraction of each run on (the warm-up and the "
                          "plateau at ln 2 before a model starts to discriminate are transients, not the law)")
-    ap.add_argument("--log-interval", type=at_least(1), default=10)
+    ap.add_argument("--log-interval", type=at_least(1), default=10,
+                    help="steps between training log lines (default %(default)s)")
     ap.add_argument("--jobs", type=at_least(1), default=2, help="sizes trained at once")
     ap.add_argument("--threads", type=at_least(1), default=1, help="torch threads per size")
     ap.add_argument("--out", default=str(ROOT / "runs" / "scaling_law"), help="run directories, the PNG and the JSON")

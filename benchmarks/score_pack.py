@@ -79,10 +79,13 @@ def mapping_row(groups: int, candidates: int) -> str:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--chunks", type=at_least(1), default=16)
-    ap.add_argument("--chunk-groups", type=at_least(1), default=1024)
-    ap.add_argument("--groups", type=at_least(1), default=16384)
-    ap.add_argument("--candidates", type=at_least(1), default=8)
+    ap.add_argument("--chunks", type=at_least(1), default=16,
+                    help="chunks planned for the first table (default %(default)s)")
+    ap.add_argument("--chunk-groups", type=at_least(1), default=1024, help="groups a chunk (default %(default)s)")
+    ap.add_argument("--groups", type=at_least(1), default=16384,
+                    help="groups mapped back for the second table (default %(default)s)")
+    ap.add_argument("--candidates", type=at_least(1), default=8,
+                    help="candidates a group in the second table (default %(default)s)")
     args = ap.parse_args(argv)
     print("| lengths | chunks x groups | rows, input order | rows, best fit | fill, input order | fill, best fit "
           "| rows: input order / best fit | plan ms a chunk, input order | plan ms a chunk, best fit |")

@@ -23,12 +23,15 @@ from benchmarks.arguments import at_least  # noqa: E402
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--items", type=at_least(1), nargs="+", default=[1024, 4096, 16384])
+    ap.add_argument("--items", type=at_least(1), nargs="+", default=[1024, 4096, 16384],
+                    help="rollouts in one batching round, a row each (default %(default)s)")
     ap.add_argument("--prompts", type=at_least(1), default=1, help="distinct prompts the rollouts share")
     ap.add_argument("--prefix", type=at_least(0), default=40, help="tokens of the shared prefix")
     ap.add_argument("--tail", type=at_least(0), default=8, help="tokens of each rollout after it")
-    ap.add_argument("--row-tokens", type=at_least(1), default=4096)
-    ap.add_argument("--repeats", type=at_least(1), default=3)
+    ap.add_argument("--row-tokens", type=at_least(1), default=4096,
+                    help="tokens a row of the batch (polar serve --row-tokens) (default %(default)s)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="timed groupings of each round, the median shown (default %(default)s)")
     args = ap.parse_args(argv)
 
     from polar.serve.grouping import group_items

@@ -67,20 +67,23 @@ def run(scorer, ids, pad_id, share: bool, max_batch_tokens: int, row_tokens: int
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", help="an engine checkpoint (default: a random model of the shape below)")
-    ap.add_argument("--prompt", type=at_least(1), default=512)
-    ap.add_argument("--reference", type=at_least(1), default=512)
-    ap.add_argument("--rollout", type=at_least(1), default=512)
+    ap.add_argument("--prompt", type=at_least(1), default=512, help="prompt tokens (default %(default)s)")
+    ap.add_argument("--reference", type=at_least(1), default=512, help="reference tokens (default %(default)s)")
+    ap.add_argument("--rollout", type=at_least(1), default=512, help="tokens a rollout (default %(default)s)")
     ap.add_argument("--n", type=at_least(1), default=8, help="rollouts per (prompt, reference)")
     ap.add_argument("--groups", type=at_least(1), default=2, help="(prompt, reference) pairs")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
-    ap.add_argument("--ffn", type=int, default=704)
-    ap.add_argument("--max-batch-tokens", type=at_least(1), default=8192)
-    ap.add_argument("--row-tokens", type=at_least(1), default=8192)
-    ap.add_argument("--repeats", type=at_least(1), default=3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--layers", type=int, default=2, help="layers of the random model (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=256, help="hidden size of the random model (default %(default)s)")
+    ap.add_argument("--heads", type=int, default=4, help="attention heads of the random model (default %(default)s)")
+    ap.add_argument("--kv-heads", type=int, default=2, help="key/value heads of the random model (default %(default)s)")
+    ap.add_argument("--ffn", type=int, default=704, help="MLP size of the random model (default %(default)s)")
+    ap.add_argument("--max-batch-tokens", type=at_least(1), default=8192,
+                    help="polar serve --max-batch-tokens (default %(default)s)")
+    ap.add_argument("--row-tokens", type=at_least(1), default=8192,
+                    help="polar serve --row-tokens (default %(default)s)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="timed runs of each way, the median shown (default %(default)s)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random text (default %(default)s)")
     args = ap.parse_args(argv)
 
     import torch

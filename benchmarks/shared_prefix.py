@@ -43,15 +43,17 @@ def candidate_pairs(candidates: list) -> list:
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--k", type=int, nargs="+", default=[2, 8])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--k", type=int, nargs="+", default=[2, 8],
+                    help="candidates a group, a row each (at least 2) (default %(default)s)")
     ap.add_argument("--prefix", type=at_least(1), default=400, help="mean prefix tokens")
     ap.add_argument("--cand", type=at_least(1), default=100, help="mean candidate tokens")
-    ap.add_argument("--seq", type=at_least(1), default=2048)
-    ap.add_argument("--groups", type=at_least(1), default=16)
-    ap.add_argument("--hidden", type=int, default=128)
-    ap.add_argument("--layers", type=at_least(1), default=4)
-    ap.add_argument("--repeats", type=at_least(1), default=3)
+    ap.add_argument("--seq", type=at_least(1), default=2048, help="tokens a packed sequence (default %(default)s)")
+    ap.add_argument("--groups", type=at_least(1), default=16, help="groups scored (default %(default)s)")
+    ap.add_argument("--hidden", type=int, default=128, help="hidden size of the model (default %(default)s)")
+    ap.add_argument("--layers", type=at_least(1), default=4, help="layers of the model (default %(default)s)")
+    ap.add_argument("--repeats", type=at_least(1), default=3,
+                    help="timed forward+backward passes of each layout, the best kept (default %(default)s)")
     ap.add_argument("--no-time", action="store_true", help="exact counts only: skip the timed forward+backward")
     args = ap.parse_args()
     if min(args.k) < 2:

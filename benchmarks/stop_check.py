@@ -118,11 +118,12 @@ def run(args) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
-    ap.add_argument("--nproc", type=at_least(2), default=2)
-    ap.add_argument("--hidden", type=at_least(64), default=256)
-    ap.add_argument("--layers", type=at_least(1), default=2)
+    ap.add_argument("--nproc", type=at_least(2), default=2, help="ranks (gloo, on the CPU) (default %(default)s)")
+    ap.add_argument("--hidden", type=at_least(64), default=256, help="the model's hidden size (default %(default)s)")
+    ap.add_argument("--layers", type=at_least(1), default=2, help="the model's layers (default %(default)s)")
     ap.add_argument("--steps", type=at_least(1), default=20, help="training steps per timed block")
-    ap.add_argument("--repeats", type=at_least(1), default=5)
+    ap.add_argument("--repeats", type=at_least(1), default=5,
+                    help="timed blocks of each kind, the median shown (default %(default)s)")
     ap.add_argument("--checks", type=at_least(1), default=2000, help="stop checks per timed block")
     args = ap.parse_args()
     if "LOCAL_RANK" in os.environ:
