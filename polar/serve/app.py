@@ -176,7 +176,7 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
 
 
 def error_body(status: int, message: str) -> bytes:
-    """The JSON of an error answer, for one written below the app (server.head_deadline)."""
+    """The JSON of an error answer, for one written below the app (server.http_protocol)."""
     return bytes(_error(status, message).body)
 
 
@@ -200,6 +200,35 @@ async def _read_body(request: Request, limit: int, taken: list[dict]) -> list[by
     return chunks
 
 
+class _CloseAfterUnreadExpect:
+    """An answer given to a request with Expect: 100-continue before its body was asked for (a 413
+    from its Content-Length, a 401, a 404) says Connection: close: its client may send the body or
+    not (RFC 9110 section 10.1.1), so nothing after the answer can be read as a next request. Kept
+    alive, the client's next request was read as the body it never sent, and waited for ever. A
+    body asked for is read to its end by uvicorn (its first receive() sends the 100 Continue)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or (b"expect", b"100-continue") not in (
+                (k, v.strip().lower()) for k, v in scope["headers"]):
+            return await self.app(scope, receive, send)
+        asked = False
+
+        async def receiving():
+            nonlocal asked
+            asked = True
+            return await receive()
+
+        async def sending(message):
+            if message["type"] == "http.response.start" and not asked:
+                message = {**message, "headers": [*message.get("headers", ()), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receiving, sending)
+
+
 def create_app(service: Service, on_shutdown=None) -> FastAPI:
     s, m = service.settings, service.metrics
 
@@ -214,6 +243,7 @@ def create_app(service: Service, on_shutdown=None) -> FastAPI:
             on_shutdown()
 
     app = FastAPI(title="polar serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(_CloseAfterUnreadExpect)
 
     def authorized(request: Request) -> bool:
         if not s.api_key:
