@@ -67,10 +67,19 @@ _REQUEST_LIMIT_HINTS = ("--max-body-bytes", "--max-items")
 
 
 class RewardServerError(RuntimeError):
-    def __init__(self, status: int, message: str):
-        super().__init__(f"reward server answered {status}: {message}")
+    """An answer refused, or one that is not one finite reward per item; the message names the
+    server's URL (`url`) and the status (`status`, 200 for an unusable answer)."""
+
+    def __init__(self, status: int, message: str, url: Optional[str] = None):
+        super().__init__(f"reward server{f' at {url}' if url else ''} answered {status}: {message}")
         self.status = status
         self.message = message
+        self.url = url
+
+    def __reduce__(self):
+        # pickled from its arguments: the default rebuilds it from the message alone, which this
+        # __init__ cannot take, and Ray (verl's reward functions) pickles a worker's exception
+        return type(self), (self.status, self.message, self.url)
 
 
 class RewardConnectionError(ConnectionError):
@@ -97,12 +106,14 @@ class RewardTimeoutError(RewardConnectionError, TimeoutError):
 _ITEM_INDEX = re.compile(r"\bitems\[(\d+)\]")
 
 
-def _in_call(e: RewardServerError, offset: int) -> RewardServerError:
+def _in_call(e: RewardServerError, offset: int, n: int) -> RewardServerError:
     """The server names an item by its index in the request it got; a call sent in chunks names it
-    by its index in the caller's list (the chunk starting at `offset`)."""
-    if not offset:
-        return e
-    return RewardServerError(e.status, _ITEM_INDEX.sub(lambda m: f"items[{int(m.group(1)) + offset}]", e.message))
+    by its index in the caller's list (the chunk of `n` items starting at `offset`). A request of
+    one item refused as over the server's request limits names none: that item is named."""
+    message = _ITEM_INDEX.sub(lambda m: f"items[{int(m.group(1)) + offset}]", e.message)
+    if n == 1 and _request_limit(e):
+        message += f" (items[{offset}], sent alone: this item alone is over the limit)"
+    return e if message == e.message else RewardServerError(e.status, message, e.url)
 
 
 def _message(resp: httpx.Response) -> str:
@@ -116,7 +127,8 @@ def _json(resp: httpx.Response):
     try:
         return resp.json()
     except ValueError:
-        raise RewardServerError(resp.status_code, f"an answer that is not JSON: {resp.text[:200]!r}") from None
+        raise RewardServerError(resp.status_code, f"an answer that is not JSON: {resp.text[:200]!r}",
+                                str(resp.request.url)) from None
 
 
 def _entries(items: Sequence[dict]) -> list[bytes]:
@@ -159,11 +171,16 @@ def _body(entries: list[bytes], model: Optional[str]) -> bytes:
 _JSON = {"Content-Type": "application/json"}
 
 
-def _over_request_limit(e: Exception, n: int) -> bool:
-    """A 413 for the request's size or item count (not for one item's length; a server run with limits
-    below this client's chunk_size and max_body_bytes), on a request that can be halved."""
-    return (isinstance(e, RewardServerError) and e.status == 413 and n > 1
+def _request_limit(e: Exception) -> bool:
+    """A 413 for the request's size or item count (not for one item's length): a server run with limits
+    below this client's chunk_size and max_body_bytes."""
+    return (isinstance(e, RewardServerError) and e.status == 413
             and any(hint in str(e) for hint in _REQUEST_LIMIT_HINTS))
+
+
+def _over_request_limit(e: Exception, n: int) -> bool:
+    """_request_limit, on a request that can be halved."""
+    return n > 1 and _request_limit(e)
 
 
 async def _gather(*coros):
@@ -249,6 +266,20 @@ class _Base:
         self.chunk_size = chunk_size
         self.max_body_bytes = max_body_bytes
         self.model = model
+        self._pid, self._http = os.getpid(), self._new_http()
+
+    def _new_http(self):
+        raise NotImplementedError
+
+    def _connections(self):
+        """This process's httpx client. A process forked after this client had sent (verl's reward
+        managers that score in a fork-started process pool) holds copies of its kept-alive sockets:
+        parent and children sent their requests down one TCP connection, interleaving bodies (400s
+        naming garbled JSON, calls that hung) and reading each other's answers; a forked process
+        gets a client of its own, leaving the parent's sockets to the parent."""
+        if self._pid != os.getpid():
+            self._pid, self._http = os.getpid(), self._new_http()
+        return self._http
 
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
         # a Retry-After in seconds or as an HTTP date, on a 429 or a 503 (a proxy or gateway sends it
@@ -278,8 +309,9 @@ class _Base:
             wait = self._wait_left(delay, started) if status in (429, 503) else None
             if wait is not None:
                 return wait
-            raise RewardServerError(status, f"{_message(resp)} ({self._gave_up(attempt, started)})")
-        raise RewardServerError(status, _message(resp))
+            raise RewardServerError(status, f"{_message(resp)} ({self._gave_up(attempt, started)})",
+                                    str(resp.request.url))
+        raise RewardServerError(status, _message(resp), str(resp.request.url))
 
     def _wait_left(self, delay: float, started: float) -> Optional[float]:
         """`delay`, or what is left of max_wait_s since the first attempt if less; None once it has passed."""
@@ -331,10 +363,11 @@ class _Base:
         return error(f"{_what_happened(e, url, self.timeout_s)} ({tried})", url=url, attempts=attempt + 1,
                      waited_s=time.monotonic() - started)
 
-    @staticmethod
-    def _rewards(payload, n: int) -> list[float]:
+    def _rewards(self, payload, n: int) -> list[float]:
         """One reward per item sent, in the items' order (by each answer's "index" where given): an
-        answer of another length or shape is an error, never rewards paired with the wrong items."""
+        answer of another length or shape, or a reward that is not a finite number (a NaN, which
+        JSON parsers take, a string, a null), is an error naming the item, never a reward paired
+        with the wrong item or one an RL step would average in."""
         try:
             data = payload["data"]
             if not isinstance(data, list) or len(data) != n:
@@ -344,24 +377,27 @@ class _Base:
                 raise ValueError(f"indices {order[:8]} are not 0..{n - 1}")
             out = [0.0] * n
             for k, d in zip(order, data):
-                out[k] = float(d["reward"])
+                r = d["reward"]
+                if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                    raise ValueError(f"the reward of items[{k}] is {r!r:.40}, not a finite number")
+                out[k] = float(r)
             return out
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise RewardServerError(200, f"an answer that is not one reward per item: {e}") from None
+            raise RewardServerError(200, f"an answer that is not one reward per item: {e}",
+                                    self.base_url + "/v1/rewards") from None
 
 
 class RewardClient(_Base):
     """Blocking client. `score(items)` -> one float per item, in order."""
 
-    def __init__(self, base_url: Optional[str] = None, **kw):
-        super().__init__(base_url, **kw)
-        self._http = httpx.Client(timeout=self.timeout_s, headers=self.headers)
+    def _new_http(self) -> httpx.Client:
+        return httpx.Client(timeout=self.timeout_s, headers=self.headers)
 
     def _post(self, path: str, body: bytes) -> dict:
         started = time.monotonic()
         for attempt in itertools.count():
             try:
-                resp = self._http.post(self.base_url + path, content=body, headers=_JSON)
+                resp = self._connections().post(self.base_url + path, content=body, headers=_JSON)
             except httpx.TransportError as e:
                 delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
@@ -382,7 +418,7 @@ class RewardClient(_Base):
             return self._rewards(self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
             if not _over_request_limit(e, len(entries)):
-                raise _in_call(e, offset) from None
+                raise _in_call(e, offset, len(entries)) from None
         half = len(entries) // 2  # the server's limits are below this client's chunks: halve
         return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
 
@@ -391,7 +427,7 @@ class RewardClient(_Base):
         it does not answer."""
         url, started = self.base_url + "/health", time.monotonic()
         try:
-            resp = self._http.get(url)
+            resp = self._connections().get(url)
         except httpx.TransportError as e:
             raise self._unanswered(e, url, _tried(0, started), 0, started) from e
         return resp.json()
@@ -409,15 +445,14 @@ class RewardClient(_Base):
 class AsyncRewardClient(_Base):
     """asyncio client; the chunks of one call are in flight together."""
 
-    def __init__(self, base_url: Optional[str] = None, **kw):
-        super().__init__(base_url, **kw)
-        self._http = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
+    def _new_http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
 
     async def _post(self, path: str, body: bytes) -> dict:
         started = time.monotonic()
         for attempt in itertools.count():
             try:
-                resp = await self._http.post(self.base_url + path, content=body, headers=_JSON)
+                resp = await self._connections().post(self.base_url + path, content=body, headers=_JSON)
             except httpx.TransportError as e:
                 delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
@@ -437,7 +472,7 @@ class AsyncRewardClient(_Base):
             return self._rewards(await self._post("/v1/rewards", _body(entries, self.model)), len(entries))
         except RewardServerError as e:
             if not _over_request_limit(e, len(entries)):
-                raise _in_call(e, offset) from None
+                raise _in_call(e, offset, len(entries)) from None
         half = len(entries) // 2
         first, second = await _gather(self._score(entries[:half], offset), self._score(entries[half:], offset + half))
         return first + second

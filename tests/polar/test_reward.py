@@ -21,22 +21,40 @@ from polar.in_process_scorer import InProcessScorer
 class RewardsServer:
     """POST /v1/rewards -> one reward per item (len(output)), answered as `mode` says:
     "ok" in order; "reversed" in reverse order, each with its index; "short" one reward fewer;
-    "html" a 200 that is not JSON; "408-once" a 408 (the body came too slowly) to the first request.
-    An item whose output is a number gets a 400 naming it, one whose output is "busy" a 503. The
-    first `overloaded` requests get `overload_status` with "Retry-After: 0", as a full queue answers."""
+    "html" a 200 that is not JSON; "408-once" a 408 (the body came too slowly) to the first request;
+    "nan", "text", "null": the reward of an output of 4 characters as NaN (which Python's json writes),
+    as a string, as null. An item whose output is a number gets a 400 naming it, one whose output is
+    "busy" a 503. The first `overloaded` requests get `overload_status` with "Retry-After: 0", as a
+    full queue answers; a body over `max_body` bytes a 413 as `polar serve --max-body-bytes` gives it.
+    `keep_alive`: HTTP/1.1 connections kept open, as `polar serve` keeps them; `ports`: each request's
+    client port (its connection)."""
 
-    def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429, port: int = 0):
+    def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429, port: int = 0,
+                 max_body: int = 0, keep_alive: bool = False):
         self.mode = mode
         self.bodies: list = []
         self.sizes: list = []  # bytes of each body
+        self.ports: list = []
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            if keep_alive:
+                protocol_version = "HTTP/1.1"
+
             def log_message(self, *args):
                 pass
 
             def do_POST(self):
                 raw_body = self.rfile.read(int(self.headers["Content-Length"]))
+                server.ports.append(self.client_address[1])
+                if max_body and len(raw_body) > max_body:
+                    raw = json.dumps({"error": {"message": f"the body is {len(raw_body)} bytes, more than this "
+                                                           f"server's limit of {max_body} (--max-body-bytes)"}})
+                    self.send_response(413)
+                    self.send_header("Content-Length", str(len(raw)))
+                    self.end_headers()
+                    self.wfile.write(raw.encode())
+                    return
                 body = json.loads(raw_body)
                 server.bodies.append(body)
                 server.sizes.append(len(raw_body))
@@ -65,6 +83,10 @@ class RewardsServer:
                     self.wfile.write(raw)
                     return
                 data = [{"index": i, "reward": float(len(it["output"]))} for i, it in enumerate(body["items"])]
+                unusable = {"nan": float("nan"), "text": "4.0", "null": None}
+                for d in data:
+                    if server.mode in unusable and d["reward"] == 4:
+                        d["reward"] = unusable[server.mode]
                 if server.mode == "reversed":
                     data = data[::-1]
                 elif server.mode == "short":
@@ -106,10 +128,17 @@ def test_rewards_follow_the_answers_indices_in_every_chunk():
     assert sizes[:3] == [2, 2, 1] and sorted(sizes[3:]) == [1, 2, 2]  # the async chunks arrive in any order
 
 
-@pytest.mark.parametrize("mode,message", [("short", "4 rewards for 5 items"), ("html", "not JSON")])
+@pytest.mark.parametrize("mode,message", [("short", "1 rewards for 2 items"), ("html", "not JSON"),
+                                          ("nan", r"the reward of items\[3\] is nan, not a finite number"),
+                                          ("text", r"the reward of items\[3\] is '4.0', not a finite number"),
+                                          ("null", r"the reward of items\[3\] is None, not a finite number")])
 def test_an_answer_that_is_not_one_reward_per_item_is_an_error_not_misaligned_rewards(mode, message):
-    with RewardsServer(mode) as srv, reward.RewardClient(srv.url) as client:
-        with pytest.raises(reward.RewardServerError, match=message):
+    """A NaN (Python's json reads it), a string or a null reward was taken (float()) or failed
+    naming no item: an RL step averaged a NaN in. Sent in chunks of 2, item 3 is the second of its
+    request: named by its index in the call, and the server by its URL."""
+    with RewardsServer(mode) as srv, reward.RewardClient(srv.url, chunk_size=2) as client:
+        with pytest.raises(reward.RewardServerError,
+                           match=rf"^reward server at {srv.url}/v1/rewards answered 200: .*{message}"):
             client.score(ITEMS)
 
 
@@ -273,8 +302,13 @@ def test_a_bad_item_is_named_by_its_index_in_the_call_not_in_its_chunk():
     items = ITEMS + [{"prompt": "p", "reference": "r", "output": 7}]
     with RewardsServer() as srv:
         with reward.RewardClient(srv.url, chunk_size=2) as client:
-            with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be"):
+            with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be") as err:
                 client.score(items)
+        # the server named by its URL; Ray (verl's reward functions) pickles a worker's exception to the
+        # driver, which failed (TypeError: __init__() missing 'message') and lost the error
+        e = pickle.loads(pickle.dumps(err.value))
+        assert type(e) is reward.RewardServerError and str(e) == str(err.value)
+        assert (e.status, e.url) == (400, f"{srv.url}/v1/rewards") and str(e).startswith(f"reward server at {e.url} ")
 
         async def go():
             async with reward.AsyncRewardClient(srv.url, chunk_size=4) as client:
@@ -282,6 +316,53 @@ def test_a_bad_item_is_named_by_its_index_in_the_call_not_in_its_chunk():
 
         with pytest.raises(reward.RewardServerError, match=r"answered 400: items\[5\]\.output must be"):
             asyncio.run(go())
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_an_item_over_the_servers_body_limit_by_itself_is_named(client_class):
+    """A chunk over the server's --max-body-bytes is halved down to the item too long alone, whose
+    413 ("the body is N bytes ...") named no item: which of a batch of rollouts was too long?"""
+    items = ITEMS[:2] + [{"prompt": "p", "reference": "r", "output": "x" * 3000}] + ITEMS[2:]
+    with RewardsServer(max_body=2000) as srv:
+        with pytest.raises(reward.RewardServerError,
+                           match=r"answered 413: the body is \d+ bytes, .*\(--max-body-bytes\) \(items\[2\], sent "
+                                 r"alone: this item alone is over the limit\)$"):
+            _score(client_class, srv.url, items=items)
+
+
+def _score_in_a_fork(client, items):
+    """client.score(items) in a process forked from this one (as a fork-started process pool
+    runs verl's reward functions): its rewards, or its error's text."""
+    import multiprocessing
+
+    def child(conn):
+        try:
+            conn.send(client.score(items))
+        except Exception as e:
+            conn.send(f"{type(e).__name__}: {e}")
+
+    parent_end, child_end = multiprocessing.Pipe()
+    proc = multiprocessing.get_context("fork").Process(target=child, args=(child_end,))
+    proc.start()
+    try:
+        if not parent_end.poll(60):
+            raise AssertionError("the forked process sent nothing in 60 s")
+        return parent_end.recv()
+    finally:
+        proc.join(10)
+
+
+def test_a_forked_process_does_not_send_down_its_parents_connections():
+    """A process forked after the client had sent held the parent's kept-alive socket: parent and
+    children sent down one TCP connection, interleaving their bodies (polar serve answered 400 to
+    garbled JSON, calls hung) and reading each other's answers. Each process now has its own."""
+    with RewardsServer(keep_alive=True) as srv, reward.RewardClient(srv.url) as client:
+        assert client.score(ITEMS[:1]) == [1.0]
+        assert _score_in_a_fork(client, ITEMS[1:3]) == [2.0, 3.0]
+        assert client.score(ITEMS[3:]) == [4.0, 5.0]
+    parent, child, parent_again = srv.ports
+    assert parent_again == parent, "the parent's connection was not kept alive: the test shows nothing"
+    assert child != parent
 
 
 def test_a_408_is_retried():
@@ -364,14 +445,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _score(client_class, url: str, **kw) -> list[float]:
+def _score(client_class, url: str, items=ITEMS, **kw) -> list[float]:
     if client_class is reward.RewardClient:
         with reward.RewardClient(url, **kw) as client:
-            return client.score(ITEMS)
+            return client.score(items)
 
     async def go():
         async with reward.AsyncRewardClient(url, **kw) as client:
-            return await client.score(ITEMS)
+            return await client.score(items)
 
     return asyncio.run(go())
 
