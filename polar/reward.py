@@ -423,14 +423,15 @@ class RewardClient(_Base):
         return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
 
     def health(self) -> dict:
-        """GET /health, once (it says whether the server is up now); a RewardConnectionError when
-        it does not answer."""
+        """GET /health, once (it says whether the server is up now: `polar serve` answers its JSON,
+        status "unavailable" with a 503); a RewardConnectionError when it does not answer, a
+        RewardServerError naming the URL when the answer is not JSON (a proxy's page, another server)."""
         url, started = self.base_url + "/health", time.monotonic()
         try:
             resp = self._connections().get(url)
         except httpx.TransportError as e:
             raise self._unanswered(e, url, _tried(0, started), 0, started) from e
-        return resp.json()
+        return _json(resp)
 
     def close(self) -> None:
         self._http.close()

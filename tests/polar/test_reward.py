@@ -629,6 +629,15 @@ def test_health_of_a_server_not_there_names_the_url():
             client.health()
 
 
+def test_health_of_a_server_answering_no_json_names_the_url():
+    """A server that is not `polar serve` (the stand-in has no GET: http.server's HTML 501 page) let
+    json's JSONDecodeError out, naming neither the server nor the answer."""
+    with RewardsServer() as srv, reward.RewardClient(srv.url) as client:
+        with pytest.raises(reward.RewardServerError,
+                           match=rf"^reward server at {srv.url}/health answered 501: an answer that is not JSON: "):
+            client.health()
+
+
 @pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
 @pytest.mark.parametrize("url", ["ftp://127.0.0.1:9/", "htp://rm:8000"])
 def test_a_url_of_another_scheme_is_refused_when_the_client_is_made(client_class, url):
