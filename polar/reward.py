@@ -33,6 +33,7 @@ import random
 import re
 import socket
 import time
+import weakref
 from typing import TYPE_CHECKING, Optional, Sequence
 
 import httpx
@@ -446,8 +447,21 @@ class RewardClient(_Base):
 class AsyncRewardClient(_Base):
     """asyncio client; the chunks of one call are in flight together."""
 
+    _loop: Optional[weakref.ref] = None  # the event loop whose connections self._http holds
+
     def _new_http(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
+
+    def _connections(self) -> httpx.AsyncClient:
+        """_Base's, and one per event loop: a connection kept alive belongs to the loop that opened
+        it, and a call from the next loop (a reward function running each step's calls under
+        asyncio.run) failed at once with 'RuntimeError: Event loop is closed'. A client called from
+        two loops at once makes a new httpx client at each switch: keep one client per loop."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not None and self._loop() is not loop:
+            self._http = self._new_http()
+        self._loop = weakref.ref(loop)
+        return super()._connections()
 
     async def _post(self, path: str, body: bytes) -> dict:
         started = time.monotonic()
@@ -479,7 +493,9 @@ class AsyncRewardClient(_Base):
         return first + second
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        # those of this loop: another loop's connections cannot be closed from here (asyncio.run
+        # closed the loop they belong to)
+        await self._connections().aclose()
 
     async def __aenter__(self):
         return self

@@ -365,6 +365,21 @@ def test_a_forked_process_does_not_send_down_its_parents_connections():
     assert child != parent
 
 
+def test_an_async_client_serves_one_event_loop_after_another():
+    """A reward function that runs each step's calls under asyncio.run holds one client across
+    loops: the connection the first loop kept alive belonged to it, and the second call failed at
+    once with a bare 'RuntimeError: Event loop is closed'."""
+    async def twice(client):
+        return [await client.score(ITEMS[:2]), await client.score(ITEMS[2:])]
+
+    with RewardsServer(keep_alive=True) as srv:
+        client = reward.AsyncRewardClient(srv.url)
+        for _ in range(2):
+            assert asyncio.run(twice(client)) == [[1.0, 2.0], [3.0, 4.0, 5.0]]
+        asyncio.run(client.aclose())
+    assert srv.ports[0] == srv.ports[1], "no connection was kept alive: the test shows nothing"
+
+
 def test_a_408_is_retried():
     """`polar serve` answers 408 to a body that came slower than its --read-timeout-s; the same body
     sent again may come in time."""
