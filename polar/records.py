@@ -139,8 +139,10 @@ def near_field(key: str, fields, cutoff: float, fold_case: bool = False,
     record readers (misspelt) and polar serve's top-level fields (serve.validation.check_fields)."""
     import difflib
 
-    if length_within is not None:  # also spares difflib a long key, whose cost grows with it
+    if length_within is not None:
         fields = [f for f in fields if abs(len(f) - len(key)) <= length_within]
+        if not fields:  # get_close_matches indexes the whole key first: 30-40 bytes a character
+            return None
     near = difflib.get_close_matches(key.lower() if fold_case else key, fields, n=1, cutoff=cutoff)
     return near[0] if near else None
 

@@ -194,3 +194,25 @@ def test_a_key_given_twice_is_refused_naming_it_and_where(monkeypatch, body, key
     assert got.value.status == 400
     assert got.value.message.startswith(f"the request body gives the key {key} twice in one object{where}: "), \
         got.value.message
+
+
+def test_a_long_unknown_field_is_no_near_miss_and_costs_no_copy_of_itself():
+    """Counted in bytes allocated, not timed: check_fields skipped a key far longer than any field
+    it reads (difflib's cost grows with it) until records.near_field took the rule over, whose length
+    filter ran before difflib but let get_close_matches index the whole key (and lowercase a copy)
+    with no field left to compare: 30-40 bytes a character, over 2 GB for a key of the 64 MiB a body
+    may hold, to find no near miss of an ignored field."""
+    import tracemalloc
+
+    from polar.serve.validation import check_fields
+
+    key = "Input" * 200_000  # 1 MB
+    tracemalloc.start()
+    try:
+        check_fields({key: 1, "input": "x"}, "classify")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 1024, peak  # 37 MB before
+    with pytest.raises(RequestError, match="unknown field 'Inputs': did you mean 'input'"):
+        check_fields({"Inputs": 1}, "classify")
