@@ -10,7 +10,8 @@ in this process instead of behind HTTP: polar/in_process_scorer.py).
                                        RewardConnectionError (a ConnectionError; RewardTimeoutError,
                                        also a TimeoutError, when it timed out) naming the URL, what
                                        happened and what was tried; an answer refused, a
-                                       RewardServerError
+                                       RewardServerError. deadline_s (off by default) bounds a whole
+                                       call, its chunks and their retries together
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
@@ -208,10 +209,35 @@ def _root(e: BaseException, kind: type) -> Optional[BaseException]:
     return None
 
 
+def _seconds(waited: float) -> str:
+    return f"{waited:.{1 if waited < 100 else 0}f} s"
+
+
 def _tried(attempt: int, started: float) -> str:
     """The words "N attempts in S s": `attempt` counted from 0, `started` the time.monotonic() of the first."""
-    waited = time.monotonic() - started
-    return f"{attempt + 1} attempt{'s' * bool(attempt)} in {waited:.{1 if waited < 100 else 0}f} s"
+    return f"{attempt + 1} attempt{'s' * bool(attempt)} in {_seconds(time.monotonic() - started)}"
+
+
+class _Call:
+    """One score() call: its deadline (deadline_s, None for none) and its progress, `done` of its
+    `chunks` requests answered. max_wait_s and timeout_s count per request, so a call of k chunks
+    against a server that keeps answering 503 could last k x (max_wait_s + timeout_s); an RL step
+    wants one bound on its rewards."""
+
+    def __init__(self, deadline_s: Optional[float], url: str, chunks: int):
+        self.started = time.monotonic()
+        self.deadline_s, self.url, self.chunks, self.done = deadline_s, url, chunks, 0
+
+    def left(self) -> float:
+        """Seconds left before the deadline (math.inf without one)."""
+        return math.inf if self.deadline_s is None else self.deadline_s - (time.monotonic() - self.started)
+
+    def error(self) -> RewardTimeoutError:
+        waited = time.monotonic() - self.started
+        return RewardTimeoutError(
+            f"no rewards from the reward server at {self.url} within deadline_s={self.deadline_s:g} s ({self.done} "
+            f"of {self.chunks} chunks done, {self.chunks - self.done} left, in {_seconds(waited)}; raise "
+            f"deadline_s, or make the server keep up)", url=self.url, waited_s=waited)
 
 
 def _what_happened(e: httpx.TransportError, url: str, timeout_s: float) -> str:
@@ -238,7 +264,7 @@ class _Base:
     def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
                  max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model: Optional[str] = None,
-                 max_wait_s: float = 300.0):
+                 max_wait_s: float = 300.0, deadline_s: Optional[float] = None):
         base_url = base_url or os.environ.get(URL_ENV)
         if not base_url:
             raise ValueError(f"no reward server URL: pass base_url or set {URL_ENV}")
@@ -259,9 +285,13 @@ class _Base:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
+        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
+                                       or not 0 < deadline_s < math.inf):
+            raise ValueError(f"deadline_s must be None or a finite number of seconds > 0, got {deadline_s!r}")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_wait_s = max_wait_s
+        self.deadline_s = deadline_s
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.chunk_size = chunk_size
@@ -394,34 +424,44 @@ class RewardClient(_Base):
     def _new_http(self) -> httpx.Client:
         return httpx.Client(timeout=self.timeout_s, headers=self.headers)
 
-    def _post(self, path: str, body: bytes) -> dict:
+    def _post(self, path: str, body: bytes, call: _Call) -> dict:
         started = time.monotonic()
         for attempt in itertools.count():
+            left = call.left()
+            if left <= 0:
+                raise call.error()
             try:
-                resp = self._connections().post(self.base_url + path, content=body, headers=_JSON)
+                # no thread to cancel a blocking request: its waits end at the deadline instead
+                resp = self._connections().post(self.base_url + path, content=body, headers=_JSON,
+                                                timeout=min(self.timeout_s, left))
             except httpx.TransportError as e:
+                if isinstance(e, httpx.TimeoutException) and left < self.timeout_s:
+                    raise call.error() from e
                 delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
                 delay = self._check(resp, attempt, started)
                 if delay is None:
                     return _json(resp)
-            time.sleep(delay)
+            time.sleep(max(0.0, min(delay, call.left())))
 
     def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
+        spans = _spans(entries, self.chunk_size, self.max_body_bytes)
+        call = _Call(self.deadline_s, self.base_url + "/v1/rewards", len(spans))
         out: list[float] = []
-        for a, b in _spans(entries, self.chunk_size, self.max_body_bytes):
-            out += self._score(entries[a:b], a)
+        for a, b in spans:
+            out += self._score(entries[a:b], call, a)
+            call.done += 1
         return out
 
-    def _score(self, entries: list[bytes], offset: int = 0) -> list[float]:
+    def _score(self, entries: list[bytes], call: _Call, offset: int = 0) -> list[float]:
         try:
-            return self._rewards(self._post("/v1/rewards", _body(entries, self.model)), len(entries))
+            return self._rewards(self._post("/v1/rewards", _body(entries, self.model), call), len(entries))
         except RewardServerError as e:
             if not _over_request_limit(e, len(entries)):
                 raise _in_call(e, offset, len(entries)) from None
         half = len(entries) // 2  # the server's limits are below this client's chunks: halve
-        return self._score(entries[:half], offset) + self._score(entries[half:], offset + half)
+        return self._score(entries[:half], call, offset) + self._score(entries[half:], call, offset + half)
 
     def health(self) -> dict:
         """GET /health, once (it says whether the server is up now: `polar serve` answers its JSON,
@@ -464,6 +504,7 @@ class AsyncRewardClient(_Base):
         return super()._connections()
 
     async def _post(self, path: str, body: bytes) -> dict:
+        # score() bounds the whole call with its deadline, cancelling this where it waits
         started = time.monotonic()
         for attempt in itertools.count():
             try:
@@ -479,7 +520,21 @@ class AsyncRewardClient(_Base):
     async def score(self, items: Sequence[dict]) -> list[float]:
         entries = _entries(items)
         spans = _spans(entries, self.chunk_size, self.max_body_bytes)
-        parts = await _gather(*(self._score(entries[a:b], a) for a, b in spans))
+        call = _Call(self.deadline_s, self.base_url + "/v1/rewards", len(spans))
+
+        async def chunk(a: int, b: int) -> list[float]:
+            rewards = await self._score(entries[a:b], a)
+            call.done += 1
+            return rewards
+
+        try:
+            # wait_for cancels the chunks (_gather cancels the others with the first) at the deadline
+            parts = await asyncio.wait_for(_gather(*(chunk(a, b) for a, b in spans)),
+                                           None if self.deadline_s is None else call.left())
+        except TimeoutError as e:
+            if isinstance(e, RewardConnectionError):  # a request's own timeout, not the deadline
+                raise
+            raise call.error() from None
         return [r for p in parts for r in p]
 
     async def _score(self, entries: list[bytes], offset: int = 0) -> list[float]:

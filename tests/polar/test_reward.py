@@ -670,3 +670,43 @@ def test_the_in_process_scorer_is_still_imported_from_polar_reward():
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
         reward.NoSuchName
 
+
+
+BUSY = {"prompt": "p", "reference": "r", "output": "busy"}  # answered 503 by RewardsServer, every time
+
+
+@pytest.mark.parametrize("client_class,done", [(reward.RewardClient, 2), (reward.AsyncRewardClient, 3)])
+def test_a_deadline_bounds_a_whole_call_against_a_server_that_stays_overloaded(client_class, done):
+    """max_wait_s counts from each request's first attempt: a call sent in k chunks to a server that
+    keeps answering 503 took about k x max_wait_s, and an RL step had no bound. deadline_s bounds the
+    call: a RewardTimeoutError naming the URL, the chunks done and left and the seconds, the chunks
+    still retrying cancelled (the async client's run together: all but the two busy ones are done)."""
+    items = ITEMS[:2] + [BUSY, BUSY] + ITEMS[4:]
+    with RewardsServer() as srv:
+        with pytest.raises(reward.RewardTimeoutError) as raised:
+            _score(client_class, srv.url, items=items, chunk_size=1, backoff_s=0.01, max_backoff_s=0.02,
+                   max_wait_s=120, deadline_s=0.5)
+        sent = len(srv.bodies)
+        threading.Event().wait(0.3)  # a chunk left retrying would go on sending every 0.02 s
+        assert len(srv.bodies) - sent <= 1, "the call's chunks went on retrying after its deadline"
+    e = raised.value
+    assert isinstance(e, TimeoutError) and isinstance(e, ConnectionError)
+    assert re.fullmatch(rf"no rewards from the reward server at {srv.url}/v1/rewards within deadline_s=0.5 s "
+                        rf"\({done} of 5 chunks done, {5 - done} left, in [\d.]+ s; raise deadline_s, or make "
+                        r"the server keep up\)", str(e)), str(e)
+    assert e.url == f"{srv.url}/v1/rewards" and e.waited_s >= 0.5
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_deadline_ends_a_request_in_flight(client_class):
+    """A request sent in full and unanswered waits timeout_s (300 s by default): the deadline ends it
+    sooner, with the deadline's error, not the timeout's."""
+    with SilentServer() as srv:
+        with pytest.raises(reward.RewardTimeoutError, match=r"within deadline_s=0.4 s \(0 of 1 chunks done"):
+            _score(client_class, srv.url, deadline_s=0.4)
+
+
+@pytest.mark.parametrize("value", [0, -1, float("nan"), float("inf"), "60", True])
+def test_a_deadline_that_is_not_a_time_is_refused(value):
+    with pytest.raises(ValueError, match="deadline_s must be None or a finite number of seconds > 0"):
+        reward.RewardClient("http://127.0.0.1:9", deadline_s=value)
