@@ -665,6 +665,10 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
         raise ValueError(f"{len(queries)} queries, {len(prompts)} prompts and {len(labels)} labels; they must match")
     items = []
     for i, (q, p, lab) in enumerate(zip(queries, prompts, labels)):
+        for name, text in (("queries", q), ("prompts", p)):
+            if not isinstance(text, str):
+                raise TypeError(f"{name}[{i}] must be a string (OpenRLHF passes the decoded texts), "
+                                f"got {type(text).__name__}")
         if not q.startswith(p):
             raise ValueError(f"queries[{i}] does not start with prompts[{i}]")
         item = {"prompt": p, "reference": lab, "output": q[len(p):]}

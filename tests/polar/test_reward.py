@@ -710,3 +710,16 @@ def test_a_deadline_ends_a_request_in_flight(client_class):
 def test_a_deadline_that_is_not_a_time_is_refused(value):
     with pytest.raises(ValueError, match="deadline_s must be None or a finite number of seconds > 0"):
         reward.RewardClient("http://127.0.0.1:9", deadline_s=value)
+
+
+@pytest.mark.parametrize("queries,prompts,message", [
+    (["Q: a", 5], ["Q:", "Q:"], r"queries\[1\] must be a string .*, got int"),
+    (["Q: a", None], ["Q:", "Q:"], r"queries\[1\] must be a string .*, got NoneType"),
+    (["Q: a", "Q: b"], ["Q:", [{"role": "user", "content": "Q:"}]], r"prompts\[1\] must be a string .*, got list"),
+    ([b"Q: a"], ["Q:"], r"queries\[0\] must be a string .*, got bytes"),
+])
+def test_reward_func_names_a_query_or_prompt_that_is_not_text(queries, prompts, message):
+    """OpenRLHF hands decoded texts; anything else failed with an AttributeError ('int' object has no
+    attribute 'startswith') or a TypeError from str.startswith, naming neither the argument nor the item."""
+    with pytest.raises(TypeError, match=message):
+        reward.reward_func(queries, prompts, ["ref"] * len(queries), url="http://127.0.0.1:9")
