@@ -74,7 +74,7 @@ def parse_args(argv=None):
                     help="the whole body must arrive within this many seconds of the request being admitted; "
                          "a client that stalls gets 408 and its room (--max-reading-bytes) is freed. A request's "
                          "head must arrive within it of the connection opening (or of the answer before it), "
-                         "else 408 and the connection is closed")
+                         "else 408 and the connection is closed: an idle kept-alive connection is closed after it")
     ap.add_argument("--api-key-env", default=None,
                     help="name of an environment variable holding a bearer token every request must carry")
     ap.add_argument("--max-length", type=int, default=None,
@@ -206,12 +206,12 @@ def build_service(args, scorer):
 # comes until the client closes, and closes in full after at most this long.
 LINGER_S = 5.0
 # A client whose request is complete and that then ends its stream may have closed fully (it gave
-# up) or shut down its sending side only (`nc -N`, some HTTP clients), and both look the same. One
-# still unanswered this long after is sent a 100 Continue (a 1xx may precede any HTTP/1.1 answer,
-# RFC 9110 section 15.2), which a closed socket answers with a reset, seen as the socket's error
-# within a round trip: checked this long after the 100, then after each of the next delays.
-PROBE_AFTER_S = 0.5
-PROBE_CHECKS_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
+# up) or shut down its sending side only (`nc -N`, some HTTP clients), and both look the same. Its
+# request, unless a GET or HEAD (answered at once, no work to skip), is sent a 100 Continue then (a
+# 1xx may precede any HTTP/1.1 answer, RFC 9110 section 15.2), which a closed socket answers with a
+# reset, seen as the socket's error within a round trip: checked this long after the 100, then
+# after each of the next delays.
+PROBE_CHECKS_S = (0.01, 0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
 # h11 words the bytes it found as a Python repr: b'zz\r\n', bytearray(b'zz\r\n')
 _LITERAL = r"""b('(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*")"""
 _BYTES_REPR = re.compile(rf"bytearray\({_LITERAL}\)|(?<!\w){_LITERAL}")
@@ -255,7 +255,8 @@ def http_protocol(timeout_s: float):
       client that opened a connection and sent nothing, or sent its head a byte at a time (a
       slowloris), held the connection and its file descriptor for ever, and enough of them would
       leave the server unable to accept anyone. A head cut off is answered 408 naming the flag; a
-      connection that sent nothing is closed as uvicorn closes an idle one.
+      connection that sent nothing is closed as uvicorn closes an idle one. The deadline is the idle
+      timeout of a kept-alive connection too (uvicorn's was 5 s).
     - a request that is not HTTP/1.1 (a Content-Length "abc" or "-5", a bad request line or header)
       answered in the JSON error shape, naming what h11 found, where uvicorn answered plain text
       "Invalid HTTP request received.".
@@ -263,8 +264,8 @@ def http_protocol(timeout_s: float):
       body far over --max-body-bytes had arrived was lost to the reset of a plain close.
     - a client that ends its stream after a whole request is answered, then the connection closed:
       uvicorn took it for a client gone and answered nobody, and `nc -N` got nothing. A request of
-      a client that closed fully is still treated as gone once a 100 Continue finds it so
-      (PROBE_AFTER_S); an HTTP/1.0 client may be sent no 1xx, so it is always answered."""
+      a client that closed fully is still treated as gone once a 100 Continue sent at that end finds
+      it so (PROBE_CHECKS_S); an HTTP/1.0 client may be sent no 1xx, so it is always answered."""
     import asyncio
     import socket
 
@@ -284,6 +285,13 @@ def http_protocol(timeout_s: float):
     class ServeProtocol(H11Protocol):
         _head_timer = _linger = _probe = None
         _lost = _ended = False  # the connection; the client's stream
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # uvicorn's own idle timeout (5 s by default) closed a kept-alive connection well before the
+            # head deadline: load balancers and client pools keep idle connections longer (AWS ALB 60
+            # s, aiohttp 15 s), and one reused as the server closed it lost its request
+            self.timeout_keep_alive = timeout_s
 
         @property
         def lingering(self) -> bool:
@@ -327,12 +335,12 @@ def http_protocol(timeout_s: float):
                     or self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE)):
                 return None  # closed: no answer is owed, or its request was cut off
             cycle.keep_alive = False  # nothing more can come: closed once answered
-            if cycle.scope["http_version"] == "1.1":
-                self._probe = self.loop.call_later(PROBE_AFTER_S, self._ask_client, cycle)
+            if cycle.scope["http_version"] == "1.1" and cycle.scope["method"] not in ("GET", "HEAD"):
+                self._ask_client(cycle)
             return True  # open for the answer
 
         def _ask_client(self, cycle) -> None:
-            if self.cycle is not cycle or cycle.response_started or self.transport.is_closing():
+            if cycle.response_started:
                 return
             cycle.waiting_for_100_continue = False  # this 100 is the one it asked for, if it did
             self.transport.write(self.conn.send(probe))

@@ -6,6 +6,7 @@ refusals and the graceful timeout (503)."""
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import threading
 import time
@@ -199,14 +200,19 @@ def _part_of_a_body(url):
 
 
 def _answer_of(conn) -> bytes:
-    """The whole answer on a raw connection: its head and its JSON body."""
+    """The whole answer on a raw connection: its head and its Content-Length of body (what came
+    before the connection closed, if it closed first). Not read to the close: a kept-alive
+    connection stays open for --read-timeout-s."""
     answer = b""
-    while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+    while True:
+        head, sep, body = answer.partition(b"\r\n\r\n")
+        length = re.search(rb"(?im)^content-length: *(\d+)", head) if sep else None
+        if length and len(body) >= int(length[1]):
+            return answer
         got = conn.recv(65536)
         if not got:
-            break
+            return answer
         answer += got
-    return answer
 
 
 # --max-reading-bytes that one request being read fills (each is charged at least MIN_BODY_CHARGE)
