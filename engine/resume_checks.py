@@ -7,6 +7,8 @@ trainer records them at save (engine.trainer.Trainer.save); engine.checkpoint re
 (read_state)."""
 from __future__ import annotations
 
+import os
+
 from engine.checkpoint import read_state
 from engine.config import ConfigError
 from engine.data import set_digest
@@ -43,7 +45,8 @@ def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = No
     with: the loader's own check (engine.data) tells only that the order or the digest changed. Two
     data.path values are one dataset moved or copied (to a node's local disk, say) unless its packed
     sequence count (`sequences`, where the caller knows it) differs from the step's; the digest check
-    stays the backstop. -> the note saying a data.path was taken as the step's dataset moved (the
+    stays the backstop; two naming one directory (a trailing slash, relative and absolute) are the
+    same path. -> the note saying a data.path was taken as the step's dataset moved (the
     trainer logs it; [] when none). A step saved before the settings were recorded is not checked."""
     state = read_state(step_dir) if state is None else state
     saved = state.get("data_settings")
@@ -52,8 +55,12 @@ def check_resume_data_settings(step_dir: str, now: dict, state: dict | None = No
     changed = [name for name in saved if name in now and saved[name] != now[name]]
     saved_count = state.get("loader", {}).get("sequences")
     notes = []
-    if "data.path" in changed and saved["data.path"] and now["data.path"] and (
-            sequences is None or saved_count in (None, sequences)):
+    two_paths = "data.path" in changed and saved["data.path"] and now["data.path"]
+    if two_paths and os.path.realpath(saved["data.path"]) == os.path.realpath(now["data.path"]):
+        # one directory written otherwise ("ds/", "./ds", absolute): no move, and no data.path change to
+        # name; a dataset rebuilt in place is the data order's check to refuse (it names the count)
+        changed.remove("data.path")
+    elif two_paths and (sequences is None or saved_count in (None, sequences)):
         changed.remove("data.path")
         # silent, a path that named another dataset of the same size left the user no clue which one ran
         notes.append(f"note: data.path={now['data.path']} now, {saved['data.path']} when {step_dir} was saved: "

@@ -141,6 +141,22 @@ def test_changed_data_settings_are_named_and_a_moved_dataset_resumes(tmp_path):
     resume_checks.check_resume_data_settings(str(d), {**saved, "data.seq_length": 1024})
 
 
+def test_the_same_dataset_path_written_otherwise_is_no_move(tmp_path, monkeypatch):
+    """data.path as the step recorded it, written with a trailing slash, through ./ or absolute, names the
+    same directory: no 'moved or copied' note (given as such since the note came), and no refusal naming
+    data.path where its sequence count changed (the data order's check names the count)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    built = {"data.seq_length": 512, "data.path": "ds"}
+    d = _step(tmp_path, 3, {"step": 3, "data_settings": built, "loader": {"consumed_batches": 3, "sequences": 9}})
+    for same in ("ds/", "./ds", str(tmp_path / "ds")):
+        assert resume_checks.check_resume_data_settings(str(d), {**built, "data.path": same}, sequences=9) == []
+        assert resume_checks.check_resume_data_settings(str(d), {**built, "data.path": same}, sequences=12) == []
+    note, = resume_checks.check_resume_data_settings(str(d), {**built, "data.path": "/local/ds"}, sequences=9)
+    assert note.startswith(f"note: data.path=/local/ds now, ds when {d} was saved: resuming on it as that dataset "
+                           "moved or copied"), note
+
+
 def test_the_evaluation_sets_record_says_from_which_step_each_set_is_evaluated():
     """What a step records of its evaluation sets (a digest each, and the step after which the history's
     evaluations are of that set) and what a resume notes: a set changed since the step, none for a step
