@@ -1,7 +1,8 @@
 """tests/gpu/run_all.sh stays runnable while no GPU is lent: the first GPU that comes runs it in one
-device call, with no time to mend a renamed flag or function. It parses as bash; every flag it
-passes a benchmark is one that benchmark's --help lists; the pre-training settings it overrides
-exist; every name the GPU tests import from the repository exists."""
+device call, with no time to mend a renamed flag or function. It parses as bash; its --dry-run accepts
+every stage's command line (each benchmark's own argparse reads its flags, the pre-training overrides
+exist, tests/gpu collects); every name the GPU tests import from the repository exists; and, with
+stand-ins for python3 and nvidia-smi, its budget, order, wheels, environment check and table."""
 import ast
 import os
 import re
@@ -19,55 +20,48 @@ GPU = ROOT / "tests" / "gpu"
 RUN_ALL = GPU / "run_all.sh"
 
 
-def _commands() -> list[str]:
-    """run_all.sh's logical lines, continuations joined, with each $VAR whose default is set in
-    the script (VAR=${VAR-default} or ${VAR:-default}) replaced by that default, and each other
-    variable (one computed as it runs: a stage's time limit and what follows from it) by 60."""
-    text = RUN_ALL.read_text().replace("\\\n", " ")
-    defaults = dict(re.findall(r"\b(\w+)=\$\{\1:?-([^}]*)\}", text))
-    lines = [ln for ln in text.splitlines() if not ln.lstrip().startswith("#")]
-    return [re.sub(r"\$\{?(\w+)\}?", lambda m: defaults.get(m.group(1), "60"), ln) for ln in lines]
-
-
 def test_run_all_parses_as_bash():
     for script in (RUN_ALL, GPU / "fetch_wheels.sh"):
         r = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
         assert r.returncode == 0, f"{script.name}: {r.stderr}"
 
 
-def _benchmark_calls() -> dict[str, set]:
-    calls: dict[str, set] = {}
-    for line in _commands():
-        for script, rest in re.findall(r"python3? (benchmarks/\w+\.py)(.*)", line):
-            calls.setdefault(script, set()).update(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest))
-    return calls
+def _dry_run(tmp_path, *stages, script=RUN_ALL, **env):
+    """run_all.sh --dry-run here, with this venv's python first on PATH and no wheels."""
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "WORK": str(tmp_path / "work"), "WHEELS_DIR": str(tmp_path / "wheels"), **env}
+    env.pop("OUT", None)
+    return subprocess.run(["bash", str(script), "--dry-run", *stages], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
 
 
-def test_the_pattern_reads_flags_from_variables_and_continuations():
-    calls = _benchmark_calls()
-    assert {"benchmarks/kernels.py", "benchmarks/fp8.py", "benchmarks/e2e.py", "benchmarks/serve_prefix.py",
-            "benchmarks/score_overlap.py"} <= set(calls)
-    assert "--quick" in calls["benchmarks/kernels.py"]  # from KERNELS_ARGS's default
-    assert "--baseline-steps" in calls["benchmarks/e2e.py"]  # from E2E_ARGS's default
-    assert "--kv-heads" in calls["benchmarks/serve_prefix.py"]  # from SERVE_ARGS's default
-    assert {"--device", "--repeats"} <= calls["benchmarks/score_overlap.py"]  # a continued line
+def test_the_dry_run_accepts_every_stages_command_line(tmp_path):
+    r = _dry_run(tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("build", "e2e", "fp8", "cuda", "tests", "kernels", "serve", "score", "default"):
+        assert re.search(rf"^\| {stage} \| 0 \| \d+ \|$", r.stdout, re.M), (stage, r.stdout[-3000:])
+    for script in ("e2e", "fp8", "kernels", "swiglu_memory", "optimizer_step", "serve_prefix", "score_overlap"):
+        assert f"benchmarks/{script}.py: arguments accepted: " in r.stdout, script
+    assert "benchmarks/kernels.py: arguments accepted: --quick --json" in r.stdout  # KERNELS_ARGS's default
+    assert "torch.distributed.run: arguments accepted: --standalone --nproc_per_node 1 engine/pretrain.py" in r.stdout
+    assert re.search(r"^\d+ tests collected", r.stdout, re.M), r.stdout[-3000:]
+    assert "every stage's command line was accepted" in r.stdout
+    assert not (tmp_path / "work" / "e2e.json").exists() and not (tmp_path / "work" / "table.md").exists()
 
 
-@pytest.mark.parametrize("script", sorted(_benchmark_calls()))
-def test_every_flag_given_to_a_benchmark_is_one_it_takes(script):
-    r = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    taken = set(re.findall(r"(?<![\w-])(--[a-z][\w-]*)", r.stdout))
-    assert _benchmark_calls()[script] <= taken, f"{script} does not take {_benchmark_calls()[script] - taken}"
-
-
-def test_the_pretraining_settings_it_overrides_exist():
-    from engine import pretrain
-
-    (line,) = [ln for ln in _commands() if "engine/pretrain.py" in ln]
-    overrides = [w for w in line.split("engine/pretrain.py", 1)[1].split() if re.match(r"^[\w.]+=", w)]
-    assert len(overrides) >= 2, overrides  # train.precision and run_dir
-    assert pretrain.main(["--print-config", *overrides]) == 0  # 2 and the unknown key named otherwise
+def test_the_dry_run_refuses_a_flag_a_benchmark_does_not_take_and_an_unknown_setting(tmp_path):
+    r = _dry_run(tmp_path, "e2e", "serve", AUTO_BUILD="0", E2E_ARGS="--steps 8 --no-such-flag")
+    assert r.returncode == 1, r.stdout[-3000:]
+    assert "unrecognized arguments: --no-such-flag" in r.stdout and "| e2e | 2 |" in r.stdout
+    assert "| serve | 0 |" in r.stdout and "refused: e2e:2\n" in r.stdout
+    r = _dry_run(tmp_path, "e2e", AUTO_BUILD="0", E2E_ARGS="--steps many")  # a value of the wrong type
+    assert r.returncode == 1 and "--steps: invalid int value: 'many'" in r.stdout, r.stdout[-2000:]
+    # a pre-training setting that no longer exists, in a copy of the script (run from the checkout)
+    copy = tmp_path / "run_all.sh"
+    copy.write_text(RUN_ALL.read_text().replace("train.micro_batch=16", "train.no_such_setting=16"))
+    r = _dry_run(tmp_path, "default", script=copy, AUTO_BUILD="0")
+    assert r.returncode == 1 and "| default | 2 |" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "no_such_setting" in r.stdout
 
 
 def _imports(path: Path):
@@ -103,6 +97,14 @@ def test_the_gpu_tests_are_collected_and_skipped_on_a_machine_without_one():
     assert "SKIPPED" in r.stdout and "tests/gpu needs a CUDA GPU" in r.stdout
 
 
+def test_where_a_gpu_is_required_none_is_an_error_not_every_test_skipped():
+    # run_all.sh sets it: on a GPU machine whose torch sees no device, every test skipped read as a pass
+    r = subprocess.run([sys.executable, "-m", "pytest", "tests/gpu", "-q", "-p", "no:cacheprovider"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "POLAR_GPU_REQUIRED": "1"})
+    assert r.returncode == 3, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "POLAR_GPU_REQUIRED is set and torch finds no CUDA device" in r.stdout + r.stderr
+
+
 def test_only_the_gpu_tests_are_skipped_when_other_tests_run_beside_them():
     """tests/gpu's conftest marks tests skipped from a hook that sees the whole session: given beside
     another path (`pytest tests/engine/test_packing.py tests/gpu`), it skipped that file's tests too."""
@@ -119,19 +121,21 @@ def test_the_tests_handed_out_first_are_files_that_exist():
     assert [name for name in RUNS_FIRST if not (GPU / name).exists()] == []
 
 
-# python3 and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself,
+# python3 and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself (and the
+# build's switch of the CUDA extension),
 # leaves a file in its stage's scratch folder (as a benchmark cut at its limit leaves its run
 # directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run),
 # sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
 # (the wheel choice, the table's summary reader, the xdist check, a cut benchmark's table) are the
-# real Python; pip logs its arguments
+# real Python; tests/gpu/env_check.py says it found a GPU, or exits FAKE_ENV_RC; pip logs its arguments
 # to PIP_LOG and exits PIP_RC; a stage given POLAR_GPU_REPORT (the tests) reports a figure there;
 # every stage prints FAKE_STDOUT (a file) as its output
 FAKE = """#!/usr/bin/env bash
 case "${1:-}" in -|-c|tests/gpu/partial_tables.py) exec PYTHON "$@" ;; esac
 case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esac
 [ "$(basename "$0")" = nvidia-smi ] && { echo "no GPU (fake)"; exit 0; }
-echo "$(basename "$0") $*" >> "$FAKE_LOG"
+[ "${1:-}" = tests/gpu/env_check.py ] && { echo "python 3.12 (fake env)"; exit "${FAKE_ENV_RC:-0}"; }
+echo "$(basename "$0") $*${POLAR_SKIP_CUDA_BUILD:+ [skip cuda]}${POLAR_FORCE_CUDA_BUILD:+ [force cuda]}" >> "$FAKE_LOG"
 case "${TMPDIR:-}" in "$WORK"/scratch/*) echo "$TMPDIR" >> "$FAKE_LOG.tmp"; mkdir -p "$TMPDIR/run/checkpoints" ;; esac
 prev=""; for a in "$@"; do [ "$prev" = --json ] && [ -n "${FAKE_JSON:-}" ] && cp "$FAKE_JSON" "$a"; prev=$a; done
 [ -n "${POLAR_GPU_REPORT:-}" ] && echo "a figure measured by $(basename "$0")" >> "$POLAR_GPU_REPORT"
@@ -141,7 +145,8 @@ sleep "$STAGE_SLEEP"
 
 
 def _run_all(tmp_path, *stages, built=True, **env):
-    """run_all.sh with the stand-ins; `built`: this machine built before (its $WORK/build.log)."""
+    """run_all.sh with the stand-ins; `built`: this machine built before (its $WORK/build.log and
+    cuda_build.log)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(parents=True, exist_ok=True)
     for name in ("python3", "nvidia-smi"):
@@ -150,8 +155,10 @@ def _run_all(tmp_path, *stages, built=True, **env):
     if built:
         (tmp_path / "work").mkdir(exist_ok=True)
         (tmp_path / "work" / "build.log").write_text("an earlier call's build\n")
+        (tmp_path / "work" / "cuda_build.log").write_text("an earlier call's CUDA build\n")
     (tmp_path / "wheels").mkdir(exist_ok=True)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "work"), "OUT": str(tmp_path / "out"),
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "WORK": str(tmp_path / "work"),
+           "OUT": str(tmp_path / "out"),
            "FAKE_LOG": str(tmp_path / "calls.log"), "PIP_LOG": str(tmp_path / "pip.log"),
            "WHEELS_DIR": str(tmp_path / "wheels"), "SITE": str(tmp_path / "site"),
            **{k: str(v) for k, v in env.items()}}
@@ -165,12 +172,12 @@ def test_stages_past_the_budget_are_not_started_and_the_rerun_names_them(tmp_pat
     # the build's 6 s fit its 10 s limit; then 4 s at most are left, under the 5 s a stage needs
     r, calls = _run_all(tmp_path, built=False, BUDGET_S=10, MIN_STAGE_S=5, RESERVE_S=0, STAGE_SLEEP=6)
     assert r.returncode == 0, r.stderr
-    assert len(calls) == 1 and "setup.py build_ext" in calls[0], calls
-    assert "| build | 0 |" in r.stdout
-    for stage in ("e2e", "fp8", "tests", "kernels", "serve", "score", "default"):
+    assert calls == ["python3 setup.py build_ext --inplace [skip cuda]"], calls  # engine._C alone
+    assert "| build | 0 |" in r.stdout and "| env | ok | - | python 3.12 (fake env) |" in r.stdout
+    for stage in ("e2e", "fp8", "cuda", "tests", "kernels", "serve", "score", "default"):
         assert f"| {stage} | not run | - | budget spent before it |" in r.stdout
     assert "not run for lack of budget; while the machine is warm: BUDGET_S=<seconds left> bash tests/gpu/" \
-           "run_all.sh e2e fp8 tests kernels serve score default\n" in r.stdout
+           "run_all.sh e2e fp8 cuda tests kernels serve score default\n" in r.stdout
     # what comes back from the device: the table, and every file of the call in one archive
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["polar_gpu.tgz", "table.md"]
@@ -218,8 +225,11 @@ def test_a_fresh_machine_builds_before_a_rerun_of_later_stages(tmp_path):
     # the rerun command after the warm machine went back: no engine._C there, no $WORK either
     r, calls = _run_all(tmp_path, "tests", built=False, STAGE_SLEEP=0)
     assert r.returncode == 0, r.stderr
-    assert "setup.py build_ext" in calls[0] and "pytest tests/gpu" in calls[1], calls
-    assert "| build | 0 |" in r.stdout
+    assert calls[:2] == ["python3 setup.py build_ext --inplace [skip cuda]",
+                         "python3 setup.py build_ext --inplace [force cuda]"] and "pytest tests/gpu" in calls[2], calls
+    assert "| build | 0 |" in r.stdout and "| cuda | 0 |" in r.stdout
+    r, calls = _run_all(tmp_path / "serve", "serve", built=False, STAGE_SLEEP=0)  # no CUDA kernels needed
+    assert calls[0].endswith("[skip cuda]") and calls[1].startswith("python3 benchmarks/serve_prefix.py"), calls
     r, calls = _run_all(tmp_path / "again", "tests", built=False, AUTO_BUILD=0, STAGE_SLEEP=0)
     assert len(calls) == 1 and "pytest tests/gpu" in calls[0], calls
 
@@ -249,10 +259,16 @@ def _wheel(folder, name):
     (folder / name).write_bytes(b"")
 
 
-def test_carried_wheels_only_what_the_image_lacks_newest_of_each(tmp_path):
+HERE = f"cp{sys.version_info.major}{sys.version_info.minor}"  # this python's wheel tag
+
+
+def test_carried_wheels_only_what_the_image_lacks_newest_of_each_that_fits_this_python(tmp_path):
+    # fetch_wheels.sh brings compiled wheels for more than one python: the GPU image's is not known here
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    for name in ("megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl",  # present here: installed anyway
+    for name in (f"megatron_core-0.19.2-{HERE}-{HERE}-manylinux2014_x86_64.whl",  # present here: installed anyway
+                 "megatron_core-0.19.2-cp399-cp399-manylinux2014_x86_64.whl",  # another python's
+                 "megatron_core-0.20.0-cp399-cp399-manylinux2014_x86_64.whl",  # newer, but not for this python
                  "pybind11-3.0.1-py3-none-any.whl", "pybind11-3.1.0-py3-none-any.whl",  # present here: kept
                  "polar_absent_pkg-1.9.0-py3-none-any.whl", "polar_absent_pkg-1.10.0-py3-none-any.whl"):
         _wheel(wheels, name)
@@ -261,10 +277,26 @@ def test_carried_wheels_only_what_the_image_lacks_newest_of_each(tmp_path):
     (pip,) = (tmp_path / "pip.log").read_text().splitlines()
     assert f"--target {tmp_path / 'site'} " in pip
     installed = sorted(os.path.basename(w) for w in pip.split() if w.endswith(".whl"))
-    assert installed == ["megatron_core-0.19.2-cp312-cp312-manylinux_2_28_x86_64.whl",
+    assert installed == [f"megatron_core-0.19.2-{HERE}-{HERE}-manylinux2014_x86_64.whl",
                          "polar_absent_pkg-1.10.0-py3-none-any.whl"], pip
     assert "kept the image's pybind11" in r.stderr
     assert "| install |" not in r.stdout
+
+
+def test_a_package_the_image_lacks_with_no_wheel_for_its_python_is_a_row(tmp_path):
+    # pip refused the whole batch for one wheel of another python, installing none of the others
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    _wheel(wheels, "polar_absent_pkg-1.0.0-py3-none-any.whl")
+    _wheel(wheels, "polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl")
+    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    (pip,) = (tmp_path / "pip.log").read_text().splitlines()
+    installed = [os.path.basename(w) for w in pip.split() if w.endswith(".whl")]
+    assert installed == ["polar_absent_pkg-1.0.0-py3-none-any.whl"], pip
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| install |")]
+    assert f"failed: polar-compiled-pkg: no carried wheel for this python ({HERE}-{HERE}-" in row, row
+    assert "polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl" in row and "| serve | 0 |" in r.stdout
 
 
 def test_a_failed_install_is_a_row_not_the_end_of_the_call(tmp_path):
@@ -278,11 +310,12 @@ def test_a_failed_install_is_a_row_not_the_end_of_the_call(tmp_path):
     assert (tmp_path / "out" / "table.md").exists()
 
 
-def test_fetch_wheels_pins_each_wheel_and_empties_the_folder_first():
+def test_fetch_wheels_pins_each_wheel_for_each_python_and_empties_the_folder_first():
     text = (GPU / "fetch_wheels.sh").read_text()
     line = text.replace("\\\n", " ").split("pip download", 1)[1].splitlines()[0]
     names = line.split("-d .whl", 1)[1].split()
     assert "megatron-core==0.19.2" in names and all("==" in w for w in names), names
+    assert "--python-version \"$py\"" in line and re.search(r'for py in \$\{PYTHONS:-3\.12 3\.13\}', text), line
     assert "rm -f .whl/*.whl" in text.split("pip download", 1)[0]
 
 
@@ -320,12 +353,18 @@ def test_a_benchmark_cut_at_its_limit_still_has_its_table_from_its_json(tmp_path
     if stage == "e2e":
         assert "| ~1B (22 x 2048) | engine | 0 | 267.0 | 240.0 |" in r.stdout and "| 48.0% |" in r.stdout
         assert "| ~1B (22 x 2048) | HF sdpa | 1.60x |" in r.stdout
-        assert "triplets/s engine/HF:  1.60x" in r.stdout  # the stage row's detail
+        # the stage's row: the acceptance figures, per shape (the ~1B's MFU and ratio)
+        assert re.search(r"^\| e2e \| 124 \| \d+ \| ~1B \(22 x 2048\): engine 240\.0 triplets/s, MFU 48\.0% "
+                         r"\(datasheet -\), 1\.60x HF sdpa; 7B-shaped \(4 x 4096\) engine: exit 124 \|$",
+                         r.stdout, re.M), r.stdout
         assert "| 7B-shaped (4 x 4096) | engine | 124 |" in r.stdout
     else:
         assert "| bf16 | 0 | 400,000 | 1.00x | 0.040 | - | 0.5000 | +0.00% |" in r.stdout
         assert "| local fp8 tensorwise | 0 | 520,000 | 1.30x | 0.031 | 41.0% | 0.5030 | +0.60% |" in r.stdout
-        assert "| fp8 | 124 | " in r.stdout and " 1 FP8 rows" in r.stdout
+        assert re.search(r"^\| fp8 \| 124 \| \d+ \| bf16 400,000 tok/s, loss 0\.5000 after 200 steps; local fp8 "
+                         r"tensorwise 1\.30x, loss \+0\.60%; "
+                         r"TE variants not run: transformer_engine does not import \|$",
+                         r.stdout, re.M), r.stdout
 
 
 def test_an_earlier_calls_json_is_not_rendered_as_this_calls(tmp_path):
@@ -334,6 +373,69 @@ def test_an_earlier_calls_json_is_not_rendered_as_this_calls(tmp_path):
     r, calls = _run_all(tmp_path, "e2e", T_E2E=1, MIN_STAGE_S=1, STAGE_SLEEP=3)
     assert r.returncode == 0, r.stderr
     assert "~1B" not in r.stdout and "(no e2e benchmark table)" in r.stdout
+
+
+def test_the_acceptance_figures_come_before_the_cuda_build_and_fp8_variants_get_half_the_stage(tmp_path):
+    # e2e and fp8 train with Triton and torch kernels: the CUDA kernels' build (a minute or more) waited
+    # in front of them; and bf16 with one FP8 variant must both end even where a start is slow
+    r, calls = _run_all(tmp_path, built=False, T_FP8=100, STAGE_SLEEP=0)
+    assert r.returncode == 0, r.stderr
+    assert [c.split()[1] for c in calls] == ["setup.py", "benchmarks/e2e.py", "benchmarks/fp8.py", "setup.py", "-m",
+                                             "benchmarks/kernels.py", "benchmarks/swiglu_memory.py",
+                                             "benchmarks/optimizer_step.py", "benchmarks/serve_prefix.py",
+                                             "benchmarks/score_overlap.py", "-m"], calls
+    assert calls[0].endswith("[skip cuda]") and calls[3].endswith("[force cuda]"), calls
+    assert " --timeout 50 " in calls[2], calls[2]
+    for stage in ("build", "e2e", "fp8", "cuda", "tests", "kernels", "serve", "score", "default"):
+        assert re.search(rf"^\| {stage} \| 0 \| \d+ \| ", r.stdout, re.M), stage
+
+
+def test_no_cuda_device_runs_no_stage_and_the_table_says_why(tmp_path):
+    # the benchmarks would have timed their CPU versions, and tests/gpu skipped every test
+    r, calls = _run_all(tmp_path, FAKE_ENV_RC=1, STAGE_SLEEP=0)
+    assert r.returncode == 0 and calls == [], (r.stderr, calls)
+    assert "| env | 1 | - | python 3.12 (fake env) |" in r.stdout
+    for stage in ("build", "e2e", "fp8", "cuda", "tests", "kernels", "serve", "score", "default"):
+        assert f"| {stage} | skipped | - | torch sees no CUDA device (the env row); REQUIRE_CUDA=0 runs it " \
+               "anyway |" in r.stdout, stage
+    r, calls = _run_all(tmp_path / "anyway", "serve", FAKE_ENV_RC=1, REQUIRE_CUDA=0, STAGE_SLEEP=0)
+    assert calls[0].startswith("python3 benchmarks/serve_prefix.py") and "| serve | 0 |" in r.stdout, r.stdout
+
+
+def test_the_env_check_says_what_is_missing_here():
+    r = subprocess.run([sys.executable, "tests/gpu/env_check.py"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == (0 if __import__("torch").cuda.is_available() else 1), r.stdout + r.stderr
+    (line,) = r.stdout.splitlines()
+    assert line.startswith(f"python {sys.version.split()[0]}, torch ") and "megatron-core 0.19.2" in line, line
+    if find_spec("transformer_engine") is None:
+        assert "transformer_engine absent (fp8's TE variants not run)" in line, line
+
+
+TESTS_OUTPUT = """[gw0] [  1%] PASSED tests/gpu/test_resume_gpu.py::test_bf16_resume_gives_the_uninterrupted_losses[a]
+[gw1] [  2%] FAILED tests/gpu/test_kernels_gpu.py::test_readout[bf16]
+[gw2] [  3%] SKIPPED tests/gpu/test_loader_gpu.py::test_read_ahead
+[gw0] [  4%] PASSED tests/gpu/test_cuda_env_gpu.py::test_a_tp_run_on_this_card_gets_the_setting_it_should
+"""
+
+
+def test_tests_cut_at_their_limit_still_count_results_and_name_the_failures(tmp_path):
+    out = tmp_path / "tests.txt"
+    out.write_text(TESTS_OUTPUT)
+    r, calls = _run_all(tmp_path, "tests", T_TESTS=1, MIN_STAGE_S=1, STAGE_SLEEP=3, FAKE_STDOUT=out)
+    assert " -v " in calls[0] and " -rfEs " in calls[0], calls  # a line per result as it ends
+    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| tests |")]
+    assert re.fullmatch(r"\| tests \| 124 \| \d+ \| cut at its limit: 2 passed, 1 failed, 1 skipped by then; "
+                        r"last line: "
+                        r"\[gw0\] .* \|", row), row
+    assert "\nfailed in tests/gpu:\n- FAILED tests/gpu/test_kernels_gpu.py::test_readout[bf16]\n" in r.stdout
+    # a run that ended: pytest's summary, and its short summary's skips with their reasons
+    out.write_text(TESTS_OUTPUT + "SKIPPED [1] tests/gpu/test_loader_gpu.py:14: needs two GPUs\n"
+                   "==== 2 passed, 1 failed, 1 skipped in 95.12s (0:01:35) ====\n")
+    r, calls = _run_all(tmp_path, "tests", STAGE_SLEEP=0, FAKE_STDOUT=out)
+    assert re.search(r"^\| tests \| 0 \| \d+ \| ==== 2 passed, 1 failed, 1 skipped in 95.12s \(0:01:35\) ==== \|$",
+                     r.stdout, re.M), r.stdout
+    assert "\nskipped in tests/gpu:\n- SKIPPED [1] tests/gpu/test_loader_gpu.py:14: needs two GPUs\n" in r.stdout
 
 
 def test_the_figures_the_tests_report_are_listed_under_the_table(tmp_path):

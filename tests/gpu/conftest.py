@@ -17,12 +17,16 @@ RUNS_FIRST = ("test_resume_gpu.py", "test_async_save_gpu.py", "test_score_prefet
 
 def pytest_collection_modifyitems(config, items):
     """RUNS_FIRST first under loadgroup. Without a GPU every test is collected (so a module that no
-    longer imports is seen on CPU too) and skipped, saying why."""
+    longer imports is seen on CPU too) and skipped, saying why; with POLAR_GPU_REQUIRED set (run_all.sh)
+    the session ends there, exit 3."""
     if getattr(config.option, "loadgroup", False):  # set on xdist's workers, which collect
         first = {name: i for i, name in enumerate(RUNS_FIRST)}
         items.sort(key=lambda item: first.get(item.path.name, len(first)))
     if torch.cuda.is_available():
         return
+    if os.environ.get("POLAR_GPU_REQUIRED"):  # run_all.sh on the GPU machine: all skipped would read as a pass
+        pytest.exit("POLAR_GPU_REQUIRED is set and torch finds no CUDA device "
+                    f"(torch {torch.__version__}, CUDA {torch.version.cuda}): no test run", returncode=3)
     skip = pytest.mark.skip(reason="tests/gpu needs a CUDA GPU; run it on the GPU machine (tests/gpu/run_all.sh)")
     # the hook sees every item of the session: with other paths given beside tests/gpu, only its own
     here = os.path.dirname(os.path.abspath(__file__))
