@@ -33,6 +33,7 @@ import os
 import random
 import re
 import socket
+import threading
 import time
 import weakref
 from typing import TYPE_CHECKING, Optional, Sequence
@@ -260,6 +261,21 @@ def _what_happened(e: httpx.TransportError, url: str, timeout_s: float) -> str:
     return f"no answer from the reward server at {url}: {type(e).__name__}: {e}"
 
 
+# held while an httpx client or a RewardClient is made for a process or a URL: threads making their
+# first calls at once (verl's reward loop calls compute_score from worker threads) each made one, kept
+# one and dropped the others unclosed with their connection pools. A new lock in a forked child: a
+# thread of the parent may have held it at the fork, and no thread of the child would release it.
+_making = threading.Lock()
+
+
+def _new_making_lock() -> None:
+    global _making
+    _making = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_making_lock)
+
+
 class _Base:
     def __init__(self, base_url: Optional[str] = None, *, api_key: Optional[str] = None, timeout_s: float = 300.0,
                  max_retries: int = 6, backoff_s: float = 0.5, max_backoff_s: float = 30.0, chunk_size: int = 512,
@@ -309,7 +325,11 @@ class _Base:
         naming garbled JSON, calls that hung) and reading each other's answers; a forked process
         gets a client of its own, leaving the parent's sockets to the parent."""
         if self._pid != os.getpid():
-            self._pid, self._http = os.getpid(), self._new_http()
+            with _making:
+                if self._pid != os.getpid():  # not made by another thread meanwhile
+                    # _http first: a thread that sees this process's _pid without the lock takes _http
+                    self._http = self._new_http()
+                    self._pid = os.getpid()
         return self._http
 
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
@@ -598,9 +618,13 @@ _clients: dict = {}
 
 def _client_for(url: Optional[str], **kw) -> RewardClient:
     key = (url or os.environ.get(URL_ENV), tuple(sorted(kw.items())))
-    if key not in _clients:
-        _clients[key] = RewardClient(url, **kw)
-    return _clients[key]
+    client = _clients.get(key)
+    if client is None:
+        with _making:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = RewardClient(url, **kw)
+    return client
 
 
 def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, prompt_key: str = "prompt", *,

@@ -333,11 +333,16 @@ def test_an_item_over_the_servers_body_limit_by_itself_is_named(client_class):
 def _score_in_a_fork(client, items):
     """client.score(items) in a process forked from this one (as a fork-started process pool
     runs verl's reward functions): its rewards, or its error's text."""
+    return _in_a_fork(lambda: client.score(items))
+
+
+def _in_a_fork(fn):
+    """fn() in a process forked from this one: what it returned, or its error's text."""
     import multiprocessing
 
     def child(conn):
         try:
-            conn.send(client.score(items))
+            conn.send(fn())
         except Exception as e:
             conn.send(f"{type(e).__name__}: {e}")
 
@@ -723,3 +728,49 @@ def test_reward_func_names_a_query_or_prompt_that_is_not_text(queries, prompts, 
     attribute 'startswith') or a TypeError from str.startswith, naming neither the argument nor the item."""
     with pytest.raises(TypeError, match=message):
         reward.reward_func(queries, prompts, ["ref"] * len(queries), url="http://127.0.0.1:9")
+
+
+def _at_once(fn, n: int = 6) -> list:
+    """fn() from n threads released together: what each got."""
+    import concurrent.futures
+
+    start = threading.Barrier(n)
+
+    def one(_):
+        start.wait()
+        return fn()
+
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        return list(pool.map(one, range(n)))
+
+
+def test_threads_making_the_first_call_at_once_share_one_client():
+    """verl's reward loop calls compute_score for each response at once from worker threads: each
+    thread found no client for the URL and made one (an httpx client and its pool of connections,
+    ~0.1 s to make), one was kept and the others were dropped unclosed, their connections leaked."""
+    url = f"http://127.0.0.1:{_free_port()}"  # a URL no other test used: no client for it yet
+    got = _at_once(lambda: reward._client_for(url, chunk_size=3))
+    try:
+        assert len({id(c) for c in got}) == 1, f"{len({id(c) for c in got})} clients made for one URL"
+    finally:
+        for key in [k for k, c in reward._clients.items() if c in got]:
+            reward._clients.pop(key)
+        for c in {id(c): c for c in got}.values():
+            c.close()
+
+
+def test_threads_of_a_forked_process_share_its_one_new_connection_pool():
+    """A forked process makes an httpx client of its own (2803df7); its threads' first calls made
+    one each, all but one dropped unclosed. The parent's is untouched."""
+    client = reward.RewardClient(f"http://127.0.0.1:{_free_port()}")
+    parents = client._connections()
+
+    def made():
+        made = _at_once(client._connections)
+        return len({id(h) for h in made}), any(h is parents for h in made)
+
+    try:
+        assert _in_a_fork(made) == (1, False)
+    finally:
+        client.close()
+    assert client._connections() is parents
