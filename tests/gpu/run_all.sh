@@ -325,10 +325,12 @@ ran e2e && { echo; grep -E '^(\||[A-Z].*timed steps|engine / baseline)' "$WORK/e
 ran fp8 && { echo; grep -E '^(\||[A-Z].*steps; settings)' "$WORK/fp8.md" 2>/dev/null \
   || echo "(no FP8 benchmark table)"; }
 [ -s "$WORK/plan_measured.md" ] && { echo; cat "$WORK/plan_measured.md"; }
-ran kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s)' "$WORK/kernels.md" 2>/dev/null \
+ran kernels && { echo; grep -E '^(\||[A-Z].*TFLOP/s|results differ)' "$WORK/kernels.md" 2>/dev/null \
   || echo "(no kernel benchmark table)"; }
-ran kernels && { echo; grep -E '^\|' "$WORK/swiglu_memory.md" 2>/dev/null || echo "(no swiglu_memory table)"; }
-ran kernels && { echo; grep -E '^\|' "$WORK/optimizer_step.md" 2>/dev/null || echo "(no optimizer_step table)"; }
+ran kernels && { echo; grep -E '^(\||[a-z ]*results differ)' "$WORK/swiglu_memory.md" 2>/dev/null \
+  || echo "(no swiglu_memory table)"; }
+ran kernels && { echo; grep -E '^(\||[a-z ]*results differ)' "$WORK/optimizer_step.md" 2>/dev/null \
+  || echo "(no optimizer_step table)"; }
 ran serve && { echo; grep -E '^(\||model:|items:)' "$WORK/serve_prefix.md" 2>/dev/null \
   || echo "(no serve_prefix table)"; }
 ran score && { echo; grep -E '^(\||model:|input:|## |[0-9]\. )' "$WORK/score_overlap.md" 2>/dev/null \
