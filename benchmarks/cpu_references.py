@@ -8,8 +8,9 @@ positions; the backward returns the full grad_hidden on both sides. Losses: n = 
 groups of K with one positive each, (K-1) pairs per group, pairs in shuffled order.
 Only the ratio means anything across machines; these are references, not the training path.
 Before timing, both sides' results (the forward's and every gradient) are compared on the same inputs:
-`max rel. diff` is the largest difference over the largest magnitude of torch's; a case over 1e-4
-is not timed and the script exits 1, so a wrong reference cannot show as a speed-up.
+`max rel. diff` is the largest difference over the largest magnitude of torch's, each result against
+its own; a case over 1e-4 is not timed and the script exits 1, so a wrong reference cannot show as a
+speed-up.
 """
 import argparse
 import os

@@ -9,9 +9,9 @@ median of CUDA-event timings after warm-up) and prints one markdown table: ms, G
 operation must move, that as a fraction of the measured copy bandwidth, and the speed-up over torch
 eager. Before timing, each implementation's results (the forward's and every input's gradient) are
 compared with torch eager's on the same inputs (`max rel. diff`: the largest difference over the
-largest magnitude of eager's); one off by more than 5% is reported, not timed, and the script exits 1,
-so a broken kernel cannot show as a speed-up. Attention rows come from benchmarks/kernels_attention.py
-when it exists.
+largest magnitude of eager's, each result against its own); one off by more than 5% is reported,
+not timed, and the script exits 1, so a broken kernel cannot show as a speed-up. Attention rows come
+from benchmarks/kernels_attention.py when it exists.
 
 Shapes (POLAR-like): one packed sequence of T tokens (512 to 16k), hidden h = 2048 / 4096, bf16,
 one group of K = 2 or 8 candidates per 1024 tokens, so n = K * max(1, T // 1024) rewards; the

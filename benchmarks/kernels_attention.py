@@ -17,9 +17,9 @@ that backward), whatever the implementation computes, so rows of one shape compa
 triton row carries `shared_over_duplicated` (its time over flash_duplicated's, below 1 = shared wins).
 Before timing, every implementation of the shared mask runs once on the same q, k, v and upstream
 gradient and its output and q, k, v gradients at the real (not padding) tokens are compared with
-torch_blocks' (`max rel. diff`: the largest difference over the largest magnitude of torch_blocks');
-one off by more than 5% is not timed (its row says so) and the script exits 1, so a broken kernel
-cannot show as fast. flash_duplicated computes another layout from inputs of its own: not compared.
+torch_blocks' (`max rel. diff`: the largest difference over the largest magnitude of torch_blocks',
+each result against its own); one off by more than 5% is not timed (its row says so) and the script
+exits 1, so a broken kernel cannot show as fast. flash_duplicated computes another layout from inputs of its own: not compared.
 
 `run(peaks, quick)` is called by benchmarks/kernels.py with peaks {"bf16_tflops", "copy_gbps"} measured
 on the card. Without CUDA it returns rows saying "needs CUDA"; with quick=True and TRITON_INTERPRET=1

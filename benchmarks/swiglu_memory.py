@@ -14,8 +14,8 @@ are warm-up and not timed) and the peak memory one forward+backward allocates is
 they run eagerly (engine/megatron_jit.py), where the element-wise backward costs a little more time.
 Before timing, the two MLPs (the same weights) and the two activations run once on the same inputs
 and their outputs and input gradients are compared (`max rel. diff`: the largest difference over the
-largest magnitude of the unfused one's); over 1e-4 (fp32) or 5e-2 (bf16) the script exits 1, so a
-fused path that computes something else cannot show as cheaper.
+largest magnitude of the unfused one's, each result against its own); over 1e-4 (fp32) or 5e-2
+(bf16) the script exits 1, so a fused path that computes something else cannot show as cheaper.
 """
 from __future__ import annotations
 
