@@ -303,6 +303,8 @@ def http_protocol(timeout_s: float):
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # which may start the next pipelined request at once
+            if self._ended and not self.transport.is_closing() and not self._answer_last():
+                self.transport.close()  # its stream ended with no whole request left to answer
             self._await_head()
 
         def connection_lost(self, exc) -> None:
@@ -330,14 +332,23 @@ def http_protocol(timeout_s: float):
 
         def eof_received(self):
             self._ended = True
-            cycle = self.cycle
-            if (self.lingering or cycle is None or cycle.response_complete
-                    or self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE)):
+            if self.lingering or not self._answer_last():
                 return None  # closed: no answer is owed, or its request was cut off
-            cycle.keep_alive = False  # nothing more can come: closed once answered
+            return True  # open for the answer
+
+        def _answer_last(self) -> bool:
+            """After the client's stream ended: whether the current request is whole and unanswered,
+            and so answered. The connection closes after it, unless the client pipelined requests
+            behind it before its end: those wait whole or in part in h11's buffer, and each is
+            answered in turn (on_response_complete starts it), the stream's end read long before."""
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete or self.conn.their_state not in (h11.DONE, h11.MUST_CLOSE):
+                return False
+            if self.conn.their_state is h11.MUST_CLOSE or not self.conn.trailing_data[0]:
+                cycle.keep_alive = False  # nothing more can come: closed once answered
             if cycle.scope["http_version"] == "1.1" and cycle.scope["method"] not in ("GET", "HEAD"):
                 self._ask_client(cycle)
-            return True  # open for the answer
+            return True
 
         def _ask_client(self, cycle) -> None:
             if cycle.response_started:

@@ -172,3 +172,18 @@ def test_an_idle_kept_alive_connection_lasts_the_read_timeout(server):
             conn.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
             assert _answer_of(conn).startswith(b"HTTP/1.1 200 ")
             time.sleep(5.5)  # past uvicorn's 5 s
+
+
+@pytest.mark.parametrize("behind, answers", [(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", 2), (_post(), 2),
+                                             (b"GET /health HTTP/1.1\r\nHo", 1)])
+def test_requests_pipelined_before_a_half_close_are_answered_in_turn(server, behind, answers):
+    """A client that pipelined a request behind a POST and then shut down its sending side got the
+    POST's answer only: the end of its stream, read while the POST was read, closed the connection
+    after that answer with the next request whole in the buffer. Each whole request is answered now,
+    then the connection closes; a head cut off by the end is not waited for (--read-timeout-s)."""
+    url, _ = server
+    with _half_closed(url, _post() + behind) as conn:
+        conn.settimeout(10)
+        answer = _to_end(conn)
+    assert answer.count(b"HTTP/1.1 200 ") == answers, answer
+    assert answer.startswith(CONTINUE + b"HTTP/1.1 200 "), answer
