@@ -31,6 +31,11 @@ from polar.presets import preset_names
 
 
 _PRETRAIN_EPILOG = """\
+examples:
+  polar pretrain --nproc 1                                   # the default tiny_cpu run, a few minutes on CPU
+  polar pretrain --nproc 8 --config polar_1_8b data.path=ds/ run_dir=runs/rm1   # on a built dataset
+  polar pretrain --config polar_7b --print-config            # every setting, resolved
+
 passed on to engine/pretrain.py:
   --config PRESET|FILE  a preset shipped with polar ({presets}) or a YAML file;
                         default tiny_cpu (a tiny model on synthetic data, minutes on CPU)
@@ -39,9 +44,12 @@ passed on to engine/pretrain.py:
                         processes and exit: 0 when the run would start, 2 with the error otherwise
                         (done before every launch)
   section.key=value     settings over the config, e.g. train.lr=1e-4 parallel.tp=2 run_dir=runs/x
-"""
+{common}"""
 
 _FINETUNE_EPILOG = """\
+example:
+  polar finetune --nproc 8 checkpoint.init_from=runs/rm1/checkpoints finetune.train=prefs.jsonl run_dir=runs/ft
+
 passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
   checkpoint.init_from=DIR   the pre-trained model: a run's checkpoints/ directory, one step, or a
                              `polar convert hf-to-engine` output (required)
@@ -54,6 +62,31 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
                              the model.* settings the checkpoint records are taken from it, and one
                              given must match it
   section.key=value          e.g. train.lr=2e-5 finetune.epochs=1 train.eval_interval=50
+{common}"""
+
+
+# the end of `polar pretrain --help` and `polar finetune --help`: where a run writes, how it ends
+_RUN_COMMON = """
+writes: run_dir (default {run_dir}): config.yaml, summary.json, TensorBoard logs and checkpoints/
+exit status: 0 done; 2 a bad setting, file or record (one `config error:` line, before torchrun starts);
+  1 a failure that is not the settings' (torchrun's report; train.max_nonfinite_steps non-finite steps
+  in a row among them); 143 stopped by SIGTERM after saving the step reached (the same command resumes)
+"""
+
+# the end of `polar --help`
+_TOP_EPILOG = """\
+Each command has its own --help, e.g. `polar data build --help`.
+
+exit status, the same for every command: 0 done; 2 bad usage, settings or input (one line on stderr
+  naming it; nothing half-written is left); 1 a failure that is not the input's (a worker killed, no
+  layout that fits, a closed pipe); 130 / 143 stopped by Ctrl-C / SIGTERM (the same command continues)
+
+environment:
+  POLAR_NPROC              polar pretrain/finetune's --nproc when it is not given (default 2)
+  POLAR_SHOW_ALL_WARNINGS  1: print the known harmless library warnings the commands hide
+  POLAR_PEAK_TFLOPS        the GPU peak that training's MFU is measured against (default: measured)
+  POLAR_SCORE_PIN_MEMORY   0: polar score/eval keep batches in pageable host memory (default 1)
+  POLAR_REWARD_URL, POLAR_REWARD_API_KEY   the server polar.reward's clients call (RL trainers)
 """
 
 
@@ -77,6 +110,9 @@ def _launch(module: str):
     return launch
 
 
+NPROC_ENV = "POLAR_NPROC"
+
+
 def _nproc(value: str) -> int:
     try:
         n = int(value)
@@ -85,6 +121,18 @@ def _nproc(value: str) -> int:
     if n < 1:  # torchrun meets 0 with a bare AssertionError
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return n
+
+
+def _default_nproc(p: argparse.ArgumentParser) -> int:
+    """--nproc's default: $POLAR_NPROC, else 2. argparse checked an environment value as if it had been
+    typed (`argument --nproc: must be a positive integer, got 0` to a command without --nproc)."""
+    value = os.environ.get(NPROC_ENV)
+    if value is None:
+        return 2
+    try:
+        return _nproc(value)
+    except argparse.ArgumentTypeError as e:
+        p.error(f"{NPROC_ENV}={value} (the default of --nproc): {e}")
 
 
 def _version(name: str, dist: str | None = None) -> str:
@@ -108,9 +156,11 @@ def _env(args, rest) -> int:
     import torch
 
     rows = [
+        ("polar-rm", _version("polar", "polar-rm")),
         ("python", sys.version.split()[0]),
         ("torch", torch.__version__),
-        ("cuda", f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "none (CPU, gloo)"),
+        ("cuda", f"{torch.cuda.device_count()} GPU(s): {torch.cuda.get_device_name(0)}"
+                 if torch.cuda.is_available() else "none (CPU, gloo)"),
         ("triton", _version("triton")),
         ("megatron-core", _version("megatron.core", "megatron-core")),
         ("transformer-engine", _version("transformer_engine") if torch.cuda.is_available() else "not used on CPU"),
@@ -128,7 +178,8 @@ _TOOLS = {
     ("convert", "hf-to-engine"): ("polar.convert.hf_to_engine", "a transformers checkpoint (safetensors or GGUF) "
                                                             "-> an engine checkpoint with model.yaml and tokenizer/"),
     ("convert", "engine-to-hf"): ("polar.convert.engine_to_hf", "an engine checkpoint -> Llama/Qwen2ForSequence"
-                                                            "Classification (--format internlm2-reward: POLAR's layout)"),
+                                                                "Classification (--format internlm2-reward: "
+                                                                "POLAR's layout)"),
     ("serve",): ("polar.serve.server", "reward server for RL trainers: SGLang/vLLM/lmdeploy/OpenRLHF/native "
                                        "endpoints, cross-request batching, shared prefixes"),
     ("eval",): ("polar.launch:eval_main", "preference accuracy with references on ranked data, overall and per "
@@ -167,10 +218,10 @@ _COMMANDS = ("pretrain", "finetune", "env")  # argparse's; the tools' first word
 def _unknown(word: str, known: list[str], where: str) -> str:
     """The line for a command word that names nothing: argparse named only its own three commands,
     and `polar data biuld` printed the usage without the word that was wrong."""
-    import difflib
+    from polar.records import near_field
 
-    near = difflib.get_close_matches(word, known, n=1)
-    return (f"{where}: no command {word!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+    near = near_field(word, known, cutoff=0.6)
+    return (f"{where}: no command {word!r}" + (f" (did you mean {near!r}?)" if near else "")
             + f"; the commands: {', '.join(known)}")
 
 
@@ -217,28 +268,46 @@ def _main(argv=None) -> int:
     if argv and not argv[0].startswith("-") and argv[0] not in first_words:
         print(_unknown(argv[0], first_words, "polar"), file=sys.stderr)
         return 2
-    ap = argparse.ArgumentParser(prog="polar", description="POLAR reward models: pre-training and tools.",
-                                 epilog="tools:\n" + _usage_of_tools(),
+    ap = argparse.ArgumentParser(prog="polar", usage="polar [-h] [--version] COMMAND [ARGS ...]",
+                                 description="POLAR reward models: pre-training, fine-tuning, data and tools.",
+                                 epilog="tools:\n" + _usage_of_tools() + "\n\n" + _TOP_EPILOG,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
-    for name, module, what, epilog in (
-            ("pretrain", "engine.pretrain", "pre-train a reward model", _PRETRAIN_EPILOG),
+    ap.add_argument("--version", action="version", version=f"polar-rm {_version('polar', 'polar-rm')}")
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
+        # argparse said "the following arguments are required: command" to a bare `polar` and to
+        # `polar -x`, under a usage that named 3 of the 12 commands
+        ap.print_help(sys.stderr) if not argv else ap.print_usage(sys.stderr)
+        print("polar: no command given" if not argv else f"polar: unknown option {argv[0]!r} (polar --help lists "
+              "the commands and options)", file=sys.stderr)
+        return 2
+    sub = ap.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND", prog="polar")
+    launchers = {}
+    for name, module, what, epilog, run_dir in (
+            ("pretrain", "engine.pretrain", "pre-train a reward model", _PRETRAIN_EPILOG, "runs/default"),
             ("finetune", "engine.finetune", "fine-tune a pre-trained reward model on preference records",
-             _FINETUNE_EPILOG)):
-        p = sub.add_parser(name, help=f"{what} ({module.replace('.', '/')}.py under torchrun); other arguments "
-                                      "are passed on (--config, section.key=value)",
-                           epilog=epilog.format(presets=", ".join(preset_names())),
+             _FINETUNE_EPILOG, "runs/finetune")):
+        where = f"{module.replace('.', '/')}.py under torchrun"
+        p = sub.add_parser(name, help=f"{what} ({where}); other arguments are passed on (--config, section.key=value)",
+                           usage=f"polar {name} [-h] [--nproc N] [--config PRESET|FILE] [--print-config] "
+                                 "[--check-config] [section.key=value ...]",
+                           description=f"{what[0].upper()}{what[1:]}: {where}, --nproc processes on this machine.",
+                           epilog=epilog.format(presets=", ".join(preset_names()),
+                                                common=_RUN_COMMON.format(run_dir=run_dir)),
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--nproc", type=_nproc, default=os.environ.get("POLAR_NPROC", "2"),
-                       help="processes on this machine (default 2)")
+        p.add_argument("--nproc", type=_nproc, default=None, metavar="N",
+                       help=f"processes on this machine (default: ${NPROC_ENV}, else 2)")
         p.set_defaults(func=_launch(module))
-    e = sub.add_parser("env", help="print the versions and devices polar sees")
+        launchers[name] = p
+    e = sub.add_parser("env", help="print the versions and devices polar sees",
+                       description="The versions of polar, python, torch and the libraries it uses, and the "
+                                   "GPUs it sees, one per line on stdout (to paste into a bug report).")
     e.set_defaults(func=_env)
     args, rest = ap.parse_known_args(argv)
     if args.command == "env" and rest:
-        ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        e.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command in launchers and args.nproc is None:
+        args.nproc = _default_nproc(launchers[args.command])
     return args.func(args, rest)
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,10 +4,9 @@ checks every shard's whole index (a training run checks only what it reads, as i
     polar data stats ds/ [--json] [--workers N]
 
 Counts (records, groups, candidates, sequences, tokens; what the build's truncation cut, from its
-metadata), length histograms of prefixes,
-candidates and whole groups (log2 bins), packing efficiency (real tokens / sequences x
-seq_length), and the tokens the shared prefix saves: a layout that repeats the prefix for every
-candidate would hold sum(prefix x (K - 1)) more tokens.
+metadata), length histograms of prefixes, candidates and whole groups (log2 bins), packing
+efficiency (real tokens / sequences x seq_length), and the tokens the shared prefix saves: a layout
+that repeats the prefix for every candidate would hold sum(prefix x (K - 1)) more tokens.
 
 Each shard is read (and checked) a run of sequences at a time (about 10^6 groups) and only length
 counts are kept, so memory grows with neither the dataset nor its shards; at 10^7 groups and more
@@ -189,7 +188,11 @@ def format_text(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="polar data stats", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="polar data stats", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="The statistics go to stdout (a table, or JSON with --json), progress "
+                                        "lines to stderr.\nexit status 2: no dataset there, or an index that "
+                                        "fails its check (named on stderr)")
     ap.add_argument("path", help="dataset directory (or one shard path without suffix)")
     ap.add_argument("--json", action="store_true", help="print the statistics as JSON")
     ap.add_argument("--workers", type=int, default=None,
@@ -203,7 +206,7 @@ def main(argv=None) -> int:
     try:
         stats = compute(args.path, args.workers)
     except (DatasetFormatError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"polar data stats: {e}", file=sys.stderr)  # as every polar command names itself
         return 2
     print(json.dumps(stats, indent=1) if args.json else format_text(stats))
     return 0

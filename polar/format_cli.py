@@ -143,9 +143,8 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
 
 
 def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(
-        prog="polar format", description="the exact string the official POLAR client sends and the "
-        "server's token ids, for each {prompt, reference, output, wrapper} line")
+    ap = argparse.ArgumentParser(prog="polar format", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="'byte' or a directory holding tokenizer.json")
     ap.add_argument("--input", required=True, help="JSONL: one {prompt, reference, output, wrapper} per line")
     ap.add_argument("--output", required=True, help="JSONL: one {text, ids} per input line")

@@ -65,7 +65,9 @@ def preset_params(name: str) -> tuple[int, str]:
     try:
         path = resolve_config(name)
     except ConfigError as e:
-        raise ValueError(f"--preset {name}: no such preset or YAML file ({e})") from None
+        # its message names --config, which `polar hparams` does not have: "--preset X: no such preset or
+        # YAML file (--config X: no such file, and not a preset (...))"
+        raise ValueError(f"--preset {name}: {str(e).removeprefix(f'--config {name}: ')}") from None
     cfg = load_config(PretrainConfig, path)
     if cfg.model.vocab_size <= 0:
         raise ValueError(f"--preset {name}: {path} sets no model.vocab_size (taken from the "
@@ -95,13 +97,16 @@ def _positive(s: str) -> float:
 
 
 def main(argv: Optional[list] = None) -> int:
+    paper = "\n".join(f"  {k}: --params-millions {n:g} --base-tokens-billions {dp:g} --rm-tokens-billions {drm:g}"
+                      for k, (n, dp, drm) in PAPER_SETTINGS.items())
     ap = argparse.ArgumentParser(
-        prog="polar hparams", description="learning rate and batch size from the POLAR paper's "
-        "scaling laws (App. D.1.2): LR = 0.0002306 N^0.01125 Dp^-0.66587 Drm^0.33916, "
-        "BatchSize = 31.9032 N^0.06944 Drm^0.52997",
-        epilog="paper settings that reproduce its values: " + "; ".join(
-            f"{k}: --params-millions {n:g} --base-tokens-billions {dp:g} --rm-tokens-billions {drm:g}"
-            for k, (n, dp, drm) in PAPER_SETTINGS.items()))
+        prog="polar hparams", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Learning rate and batch size from the POLAR paper's scaling laws (App. D.1.2):\n"
+                    "  LR = 0.0002306 N^0.01125 Dp^-0.66587 Drm^0.33916, BatchSize = 31.9032 N^0.06944 Drm^0.52997\n"
+                    "printed on stdout with the overrides that set them (train.lr, train.global_batch).",
+        epilog=f"paper settings that reproduce its values:\n{paper}\n\nexample:\n"
+               "  polar hparams --preset polar_7b --base-tokens-billions 3730 --rm-tokens-billions 3330 --dataset ds/\n"
+               "\nexit status 2: a preset, YAML file or dataset that cannot be read")
     size = ap.add_mutually_exclusive_group(required=True)
     size.add_argument("--params-millions", type=_positive, help="reward-model parameters N, millions")
     size.add_argument("--preset", help="count N from a preset's model (polar/configs/NAME.yaml, or a YAML path)")
@@ -125,7 +130,8 @@ def main(argv: Optional[list] = None) -> int:
         try:
             cands, seqs, seq_length = candidates_per_packed(a.dataset)
         except (DatasetFormatError, OSError) as e:
-            print(f"polar hparams: --dataset {a.dataset}: {e}", file=sys.stderr)
+            said = str(e) if str(e).startswith(a.dataset) else f"{a.dataset}: {e}"  # most name the path
+            print(f"polar hparams: --dataset {said}", file=sys.stderr)
             return 2
         if not seqs:  # shards written only to make a build's directory complete
             print(f"polar hparams: --dataset {a.dataset}: its shards hold no packed sequence, so no candidates a "

@@ -11,7 +11,7 @@ from dataclasses import asdict
 DEFAULT_INSTRUCTION_SHARE = 0.1
 
 
-class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+class _DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Adds a default only where it says something: not None, not a flag's False, not one the help
     already states (which read "(default: OUTPUT.failures.jsonl) (default: None)")."""
 
@@ -21,13 +21,31 @@ class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+_EPILOG = """\
+example:
+  polar sample --corpus corpus/*.txt --pool pool.yaml --num-prompts 100000 --output triplets.jsonl
+
+  pool.yaml, one entry a policy (polar/policy_pool.py):
+    - name: llama3-8b-base                # optional, default: model
+      base_url: http://10.0.0.5:8000/v1   # {base_url}/completions or /chat/completions
+      model: meta-llama/Meta-Llama-3-8B
+      api_key_env: VLLM_API_KEY           # optional
+      max_concurrency: 32                 # optional
+      kind: completions                   # or chat
+
+writes OUTPUT (triplet records, for polar data build), OUTPUT.run.json (the settings) and the failures file;
+progress lines on stderr. exit status: 0 done; 2 bad arguments, corpus or pool; 1 prompts failed (rerun
+to retry them) or failing endpoints stopped the run; 130 interrupted (Ctrl-C or SIGTERM; rerun to continue)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="polar sample",
-        description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from "
-                    "policy B != A) from a prompt corpus and a pool of OpenAI-compatible endpoints. Re-running "
-                    "the same command continues an interrupted run and retries failed prompts.",
-        formatter_class=_DefaultsHelp)
+        description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from\n"
+                    "policy B != A; paper Sec. 2.2) from a prompt corpus and a pool of OpenAI-compatible endpoints.\n"
+                    "Re-running the same command continues an interrupted run and retries failed prompts.",
+        epilog=_EPILOG, formatter_class=_DefaultsHelp)
     g = ap.add_argument_group("prompts")
     g.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                    help="prompt corpus: text files (one document per line) or JSONL (see --corpus-format)")

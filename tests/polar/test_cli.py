@@ -183,3 +183,78 @@ def test_the_response_truncation_has_the_clients_name_in_every_tool():
     assert data_build.parse_args(["in.jsonl", "-o", "ds", "--max-response-length", "7"]).max_response == 7
     assert server.parse_args(["--checkpoint", "c", "--max-response-length", "7"]).max_response == 7
     assert server.parse_args(["--checkpoint", "c", "--max-response", "9"]).max_response == 9
+
+
+@pytest.mark.parametrize("argv, line", [
+    ([], "polar: no command given"),
+    (["-x"], "polar: unknown option '-x' (polar --help lists the commands and options)"),
+])
+def test_no_command_or_an_unknown_option_is_said_with_every_command(capsys, argv, line):
+    """argparse said "the following arguments are required: command" to a bare `polar` and to
+    `polar -x`, under a usage naming pretrain, finetune and env alone of its twelve commands."""
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: polar [-h] [--version] COMMAND [ARGS ...]") and line in err
+    if not argv:  # the whole help: the tools too
+        assert "polar data build" in err and "polar hparams" in err
+
+
+def test_version_is_the_installed_release(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"polar-rm {version('polar-rm')}"
+    assert cli.main(["env"]) == 0  # and the first row of what a bug report pastes
+    assert capsys.readouterr().out.split("\n")[0].split() == ["polar-rm", version("polar-rm")]
+
+
+def test_a_subcommands_bad_argument_shows_its_own_usage(capsys):
+    with pytest.raises(SystemExit) as e:  # it showed `usage: polar [-h] {pretrain,finetune,env} ...`
+        cli.main(["env", "extra"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.startswith("usage: polar env [-h]\npolar env: error: unrecognized arguments: extra")
+
+
+@pytest.mark.parametrize("value", ["0", "four"])
+def test_a_bad_process_count_from_the_environment_is_named_by_its_variable(monkeypatch, capsys, value):
+    """$POLAR_NPROC, undocumented, was checked as if typed: `argument --nproc: must be a positive
+    integer, got 0` to a command without --nproc."""
+    monkeypatch.setenv("POLAR_NPROC", value)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["pretrain", "--check-config"])
+    assert e.value.code == 2
+    assert f"POLAR_NPROC={value} (the default of --nproc): must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["pretrain"], ["finetune"], ["sample"], ["format"], ["hparams"], ["data", "stats"]])
+def test_a_commands_help_says_what_it_does_with_an_example_and_its_exit_status(capsys, argv):
+    """`polar pretrain --help` had no line on what it does, none had an example (format's and data
+    stats' were in their docstrings only), and only format's said its exit status."""
+    import re
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([*argv, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert not description.startswith(("options:", "positional")), out
+    assert re.search(rf"^ +polar {' '.join(argv)} \S", out, re.M), f"no example in:\n{out}"
+    assert "exit status" in out, out
+
+
+def test_the_help_names_the_run_directories_the_runs_default_to(capsys):
+    from engine.config import EngineConfig
+    from polar.finetune_recipe import FinetuneConfig
+
+    for command, config in (("pretrain", EngineConfig), ("finetune", FinetuneConfig)):
+        with pytest.raises(SystemExit):
+            cli.main([command, "--help"])
+        assert f"writes: run_dir (default {config().run_dir}):" in capsys.readouterr().out
+
+
+def test_the_top_help_documents_exit_status_and_environment(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    out = capsys.readouterr().out
+    assert "exit status" in out and "POLAR_NPROC" in out and "POLAR_SHOW_ALL_WARNINGS" in out

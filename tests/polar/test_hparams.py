@@ -47,7 +47,7 @@ def test_presets_count_their_models():
     assert where.endswith("polar_1_8b.yaml") and 1.6e9 < n < 1.9e9
     n7, _ = preset_params("polar_7b")
     assert 7.0e9 < n7 < 7.8e9
-    with pytest.raises(ValueError, match="no such preset"):
+    with pytest.raises(ValueError, match="--preset nope: no such file, and not a preset"):
         preset_params("nope")
     with pytest.raises(ValueError, match="vocab_size"):
         preset_params("tiny_cpu")  # vocabulary from the tokenizer at run time
@@ -66,6 +66,11 @@ def test_command_with_a_preset_and_bad_arguments(capsys):
                  "--rm-tokens-billions", "3330"]) == 0
     assert "counted from" in capsys.readouterr().out
     assert main(["--preset", "nope", "--base-tokens-billions", "1", "--rm-tokens-billions", "1"]) == 2
+    # it said "--preset nope: no such preset or YAML file (--config nope: no such file, and not a preset (...))",
+    # naming an option hparams does not have
+    err = capsys.readouterr().err
+    assert err.startswith("polar hparams: --preset nope: no such file, and not a preset (presets: polar_1_8b"), err
+    assert "--config" not in err, err
     for bad in (["--params-millions", "0"], ["--params-millions", "x"], []):
         with pytest.raises(SystemExit):
             main(bad + ["--base-tokens-billions", "1", "--rm-tokens-billions", "1"])
@@ -113,7 +118,9 @@ def test_dataset_gives_the_packed_sequences_that_carry_the_laws_sequences(tmp_pa
 def test_a_dataset_that_is_not_one_is_named(tmp_path, capsys):
     laws = ["--params-millions", "1800", "--base-tokens-billions", "2400", "--rm-tokens-billions", "870"]
     assert main([*laws, "--dataset", str(tmp_path / "none")]) == 2
-    assert f"--dataset {tmp_path / 'none'}: " in capsys.readouterr().err
+    # once, not "--dataset DIR: DIR: no such dataset directory or shard"
+    said = capsys.readouterr().err
+    assert said == f"polar hparams: --dataset {tmp_path / 'none'}: no such dataset directory or shard\n", said
     with pytest.raises(SystemExit):  # a measure and a figure at once
         main([*laws, "--dataset", str(tmp_path), "--seq-per-packed", "2"])
 
