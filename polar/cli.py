@@ -260,9 +260,11 @@ def _main(argv=None) -> int:
             if argv[1:2] in (["-h"], ["--help"]):
                 print(usage)
                 return 0
-            if argv[1:] and not argv[1].startswith("-"):
-                print(_unknown(argv[1], subs, f"polar {group}"), file=sys.stderr)
             print(usage, file=sys.stderr)
+            word = argv[1] if argv[1:] else None  # `polar data -x` printed the usage alone
+            print(f"polar {group}: no command given" if word is None else
+                  f"polar {group}: unknown option {word!r}; a command first: polar {group} COMMAND --help"
+                  if word.startswith("-") else _unknown(word, subs, f"polar {group}"), file=sys.stderr)
             return 2
     first_words = list(dict.fromkeys([*_COMMANDS, *(w[0] for w in _TOOLS)]))
     if argv and not argv[0].startswith("-") and argv[0] not in first_words:

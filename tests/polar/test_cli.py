@@ -122,6 +122,7 @@ def test_data_without_a_tool_lists_the_tools(capsys):
     assert cli.main(["data"]) == 2
     err = capsys.readouterr().err
     assert "polar data build" in err and "polar data stats" in err
+    assert err.endswith("polar data: no command given\n")
 
 
 @pytest.mark.parametrize("argv, line", [
@@ -129,6 +130,8 @@ def test_data_without_a_tool_lists_the_tools(capsys):
     (["data", "biuld", "x.jsonl"],
      "polar data: no command 'biuld' (did you mean 'build'?); the commands: build, scan, stats, synthetic"),
     (["convert", "hf2engine"], "polar convert: no command 'hf2engine' (did you mean 'hf-to-engine'?)"),
+    # the usage alone, without the word that was wrong
+    (["data", "--json"], "polar data: unknown option '--json'; a command first: polar data COMMAND --help"),
 ])
 def test_a_mistyped_command_is_named_with_the_nearest_one(capsys, argv, line):
     # argparse listed only pretrain, finetune and env; `polar data biuld` did not say which word was wrong
