@@ -142,6 +142,7 @@ class Progress:
         self.last_t = self.t0
         self.last_step = start_step
         self.paused_s = 0.0  # within the current window
+        self.first: tuple | None = None  # (end time, counts) of this fit's first step (first_step_done)
         self.peak = peak
         self.world = world_size
         self.writer = None
@@ -156,18 +157,39 @@ class Progress:
             except ImportError:
                 print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
 
+    def first_step_done(self, tokens: int, real_tokens: int, triplets: int, flops: float) -> None:
+        """The fit's first step has ended, with these counts (those `log` will be given for it). It
+        carries one-off costs (lazy optimizer state, kernel compilation and autotuning, allocator
+        growth, communicator set-up: minutes at scale), which would otherwise stay in the ETA's
+        per-step average for hundreds of steps and in the first line's rates. A window of more steps
+        leaves it out of its rates; a window of that step alone says so (row `includes_warmup`)."""
+        self.first = (time.perf_counter(), tokens, real_tokens, triplets, flops)
+
     def log(self, step: int, loss: float | None, acc: float | None, lr: float, grad_norm: float, tokens: int,
             real_tokens: int, triplets: int, flops: float, lm_loss: float | None = None, skipped: int = 0) -> dict:
         """One progress line for the steps since the last call; `flops` = their model FLOPs. A loss or
         accuracy of None (nothing counted: every step of the window skipped as non-finite) is shown as
         n/a and left out of the row and TensorBoard: a 0 there reads as a perfect model."""
         now = time.perf_counter()
-        dt = max(now - self.last_t - self.paused_s, 1e-9)
+        since = self.last_t
         steps = max(step - self.last_step, 1)
+        warmup = self.first is not None and self.last_step == self.start_step  # the window holds the first step
+        if warmup and steps > 1:  # rates over the steps after it (the pauses all came after it)
+            since, *counts = self.first
+            tokens, real_tokens, triplets, flops = (a - b for a, b in zip((tokens, real_tokens, triplets, flops),
+                                                                          counts))
+            steps -= 1
+            warmup = False
+        dt = max(now - since - self.paused_s, 1e-9)
         tok_s = real_tokens / dt
         trip_s = triplets / dt
-        elapsed = now - self.t0
-        eta = (self.total - step) * (elapsed / max(step - self.start_step, 1))
+        # wall time per step, pauses included (evaluations and saves recur), the first step's one-off
+        # costs not, once a step after it has ended
+        done = step - self.start_step
+        if self.first is not None and done > 1:
+            eta = (self.total - step) * (now - self.first[0]) / (done - 1)
+        else:
+            eta = (self.total - step) * (now - self.t0) / max(done, 1)
         mfu = None
         if self.peak:
             mfu = flops / dt / (self.peak * 1e12 * self.world)
@@ -181,20 +203,24 @@ class Progress:
             row["mfu"] = mfu
         if lm_loss is not None:
             row["lm_loss"] = lm_loss
+        if warmup:
+            row["includes_warmup"] = True
         if self.enabled:
-            mfu_s = f" | mfu {100 * mfu:.1f}%" if mfu is not None else ""
             lm_s = f" | lm loss {lm_loss:.3f}" if lm_loss is not None else ""
             skip_s = f" | {skipped} step(s) skipped" if skipped else ""
+            warm_s = " | first step: rates include its warm-up" if warmup else ""
+            # mfu on every line, n/a where no peak is known (CPU): a line's fields do not depend on the card
             print(
                 f"step {step:>6}/{self.total} | loss {_shown(loss, '.4f')} | pair acc {_shown(acc, '.3f')}{lm_s} | "
                 f"lr {lr:.2e} | "
-                f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | {trip_s:,.1f} groups/s{mfu_s} | "
-                f"eta {format_duration(eta)}{skip_s}",
+                f"grad norm {grad_norm:.3f} | {tok_s:,.0f} tok/s | {trip_s:,.1f} groups/s | "
+                f"{flops / dt / 1e12 / self.world:.3g} TFLOP/s per rank | mfu {_shown(mfu, '.1%')} | "
+                f"eta {format_duration(eta)}{skip_s}{warm_s}",
                 flush=True,
             )
             if self.writer:
                 for k, v in row.items():
-                    if k != "step":
+                    if k not in ("step", "includes_warmup"):
                         self.writer.add_scalar(f"train/{k}", v, step)
         self.last_t = now
         self.last_step = step
@@ -218,8 +244,9 @@ class Progress:
         print(f"eval {name} at step {step}: loss {result['loss']:.4f} | pair acc {result['pair_accuracy']:.3f} "
               f"over {result['pairs']:,} pairs{extra}", flush=True)
         if self.writer:
-            for k in ("loss", "pair_accuracy"):
-                self.writer.add_scalar(f"eval_{name}/{k}", result[k], step)
+            for k in ("loss", "pair_accuracy", "lm_loss"):  # what the line shows
+                if k in result:
+                    self.writer.add_scalar(f"eval_{name}/{k}", result[k], step)
 
     def close(self):
         if self.writer:

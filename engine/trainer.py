@@ -445,6 +445,8 @@ class Trainer:
                 groups += self.loader.last_global["groups"]
                 tokens += tc.global_batch * self.loader.source.seq_length
                 flops += self._step_flops(batch_indices)
+            if self.step == progress.start_step + 1:  # the window's counts are this step's alone
+                progress.first_step_done(tokens, real_tokens, groups, flops)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
             request = self.stop_request  # decided inside the step (_stop_requested)
             if self.step % lc.interval == 0 or self.step == tc.steps or exiting or request:

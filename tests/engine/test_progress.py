@@ -1,8 +1,11 @@
 """MFU's denominator: the card's measured bf16 peak (engine.progress.resolve_peak), cached per
-card and torch version; CPU runs report no MFU."""
+card and torch version; CPU runs report no MFU. The training progress line (engine.progress.Progress):
+rates over training time only (no evaluation, save or first-step warm-up), the ETA, its fields, and
+TensorBoard's scalars."""
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -83,3 +86,135 @@ def test_the_spec_sheet_figure_beside_the_measured_peak_tells_card_variants_apar
     assert spec_sheet_tflops("NVIDIA H100 NVL") == 835.5
     assert spec_sheet_tflops("NVIDIA A100-SXM4-80GB") == 312.0
     assert spec_sheet_tflops("cpu") is None
+
+
+class _Clock:
+    """The perf_counter engine.progress reads, moved by the test."""
+
+    def __init__(self, monkeypatch):
+        import types
+
+        import engine.progress as progress
+
+        self.now = 0.0
+        monkeypatch.setattr(progress, "time", types.SimpleNamespace(perf_counter=lambda: self.now))
+
+
+COUNTS = dict(tokens=100, real_tokens=80, triplets=10, flops=1e12)  # per step
+
+
+def _step(p, clock, seconds, first=False):
+    clock.now += seconds
+    if first:  # as Trainer.fit tells it
+        p.first_step_done(**COUNTS)
+
+
+def _window(steps: int) -> dict:
+    return {k: v * steps for k, v in COUNTS.items()}
+
+
+@pytest.mark.parametrize("start", [0, 500], ids=["new", "resumed"])
+def test_the_first_steps_warm_up_stays_out_of_the_rates_and_the_eta(monkeypatch, capsys, start):
+    """A fit's first step ran 100 s (compilation, lazy state), the next three 1 s each, an evaluation of 10 s
+    after the third: the window's rates are those of steps 2-4 and the ETA counts the steps left (of a
+    resumed run too) at the wall time per step since the first ended (3 + 10 s over 3 steps). Before, the
+    first line's step time was 28.25 s and its ETA 6 x 113 / 4 s, and the 100 s stayed in the ETA's average
+    until the end."""
+    from engine.progress import Progress
+
+    clock = _Clock(monkeypatch)
+    p = Progress(start + 10, start, True, None, None, 1)
+    _step(p, clock, 100.0, first=True)
+    _step(p, clock, 1.0)
+    _step(p, clock, 1.0)
+    with p.paused():
+        clock.now += 10.0
+    _step(p, clock, 1.0)
+    row = p.log(start + 4, 0.5, 0.5, 1e-3, 1.0, **_window(4))
+    assert row["step_time_s"] == 1.0 and row["tokens_per_s"] == 80.0 and row["triplets_per_s"] == 10.0
+    assert row["tflops_per_s"] == 1.0 and row["packing"] == 0.8 and "includes_warmup" not in row
+    assert capsys.readouterr().out.rstrip().endswith("| eta 0m26s")  # 6 steps x 13/3 s
+    _step(p, clock, 1.0)
+    p.log(start + 5, 0.5, 0.5, 1e-3, 1.0, **_window(1))
+    assert capsys.readouterr().out.rstrip().endswith("| eta 0m17s")  # 5 steps x 14/4 s
+
+
+def test_a_window_of_the_first_step_alone_says_its_rates_include_the_warm_up(monkeypatch, capsys):
+    """log.interval=1: the first line is the warm-up step's; it says so, in the line and the history row
+    (which TensorBoard does not get), and the next line is a training step's."""
+    from engine.progress import Progress
+
+    clock = _Clock(monkeypatch)
+    p = Progress(10, 0, True, None, None, 1)
+    _step(p, clock, 100.0, first=True)
+    first = p.log(1, 0.5, 0.5, 1e-3, 1.0, **_window(1))
+    _step(p, clock, 1.0)
+    second = p.log(2, 0.5, 0.5, 1e-3, 1.0, **_window(1))
+    out = capsys.readouterr().out.splitlines()
+    assert first["includes_warmup"] is True and first["step_time_s"] == 100.0
+    assert out[0].endswith("| first step: rates include its warm-up"), out
+    assert "includes_warmup" not in second and second["step_time_s"] == 1.0 and "warm-up" not in out[1]
+    assert out[1].endswith("| eta 0m08s")  # 8 steps x 1 s
+
+
+def test_every_line_shows_tflops_per_rank_and_mfu_na_without_a_peak(monkeypatch, capsys):
+    """The line showed MFU on a GPU only, and no FLOP rate at all: its fields depended on the card. Now
+    both are on every line: model TFLOP/s per rank (the row's tflops_per_s is the job's), and the MFU
+    against the peak, n/a where there is none (CPU)."""
+    from engine.progress import Progress
+
+    for peak, mfu in ((None, "mfu n/a"), (4.0, "mfu 12.5%")):
+        clock = _Clock(monkeypatch)
+        p = Progress(10, 0, True, None, peak, 2)
+        clock.now = 1.0
+        row = p.log(1, 0.5, 0.5, 1e-3, 1.0, tokens=100, real_tokens=80, triplets=10, flops=1e12)
+        line = capsys.readouterr().out
+        assert f"| 0.5 TFLOP/s per rank | {mfu} | eta" in line, line
+        assert row["tflops_per_s"] == 1.0 and row.get("mfu") == (None if peak is None else 0.125)
+
+
+def test_tensorboard_gets_the_eval_lm_loss_the_line_shows(tmp_path):
+    """An evaluation with the auxiliary LM loss printed `lm loss` but wrote only loss and pair accuracy to
+    TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.progress import Progress
+
+    p = Progress(10, 0, True, str(tmp_path), None, 1)
+    p.log_eval(5, "held_out", {"loss": 0.6, "pair_accuracy": 0.7, "pairs": 64, "lm_loss": 4.5})
+    p.log_eval(5, "seen", {"loss": 0.6, "pair_accuracy": 0.7, "pairs": 64})
+    p.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert sorted(tags) == ["eval_held_out/lm_loss", "eval_held_out/loss", "eval_held_out/pair_accuracy",
+                            "eval_seen/loss", "eval_seen/pair_accuracy"]
+    assert [(e.step, e.value) for e in acc.Scalars("eval_held_out/lm_loss")] == [(5, 4.5)]
+
+
+def test_a_slow_first_step_in_training_stays_out_of_the_first_lines_step_time(runtime, tmp_path, monkeypatch):
+    """Trainer.fit tells progress where its first step ended: 1000 s added to the clock in the first step,
+    log.interval=2, and neither line's step time holds it (before, the first's was ~500 s). A resumed fit's
+    first step is its own warm-up, likewise."""
+    import types
+
+    import engine.progress
+    from tests.engine.test_trainer import make_trainer
+
+    offset = [0.0]
+    monkeypatch.setattr(engine.progress, "time",
+                        types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + offset[0]))
+    for exit_at, expected in (("train.exit_at_step=2", [2]), ("train.exit_at_step=0", [4])):
+        trainer = make_trainer(runtime, tmp_path, "log.interval=2", exit_at)
+        real = trainer.train_step
+
+        def slow_first(real=real, calls=[]):
+            calls.append(1)
+            offset[0] += 1000.0 if len(calls) == 1 else 0.0
+            return real()
+
+        trainer.train_step = slow_first
+        before = len(trainer.history)  # a resumed run's history holds the first fit's rows
+        rows = trainer.fit()[before:]
+        assert [r["step"] for r in rows] == expected
+        assert all(r["step_time_s"] < 100 and "includes_warmup" not in r for r in rows), rows

@@ -6,7 +6,7 @@ train.stop_file is set, and in every step of a run over several ranks inside fit
 not (the all-reduce that tells every rank of a SIGTERM any rank received); a single process with no
 stop setting reads its own SIGTERM flag without a sync. The steps here run in one process outside
 fit: one sync, two with a stop setting. A new sync anywhere in the step (data, model, loss,
-optimizer) fails here with its call site."""
+optimizer) or in fit's logging fails here with its call site."""
 from __future__ import annotations
 
 import collections
@@ -62,6 +62,22 @@ def test_a_stop_check_adds_one_scalar_read_before_the_optimizer_update(runtime, 
     assert len(events) == 2 and events[0][1].startswith(GRAD_NORM), show(events)
     assert events[1][0] == "aten._local_scalar_dense" and events[1][1].startswith("engine/trainer.py"), show(events)
     assert order[-2:] == ["stop check", "update"] and trainer.stop_request == ""
+
+
+def test_fit_reads_the_log_window_once_per_log_step_and_nothing_more_per_step(runtime, tmp_path):
+    """The loop around the steps (counters, FLOPs, the progress line, TensorBoard, the LM loss): six
+    steps logged every third add one read each log step (the window's sums, engine/trainer.py), none
+    at the others, and fit's closing SIGTERM check one; nothing from engine/progress.py, which gets
+    host numbers only."""
+    trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", "checkpoint.save_at_end=false",
+                           "train.steps=6", "log.interval=3", "log.tensorboard=true", "train.aux_lm_weight=0.5")
+    with count_syncs() as events:
+        trainer.fit()
+    norms = [e for e in events if e[1].startswith(GRAD_NORM)]
+    rest = collections.Counter((kind, site.split(":")[0]) for kind, site in events if not site.startswith(GRAD_NORM))
+    assert len(norms) == 6, show(events)
+    assert rest == {("Tensor.tolist", "engine/trainer.py"): 2, ("aten._local_scalar_dense", "engine/trainer.py"): 1}, \
+        show(events)
 
 
 def test_the_blocks_attention_reads_each_micro_batch_layout_once(runtime, tmp_path):
