@@ -90,6 +90,11 @@ environment:
 """
 
 
+# set in a run's environment by the launch whose start-up check (a process of its own) printed the
+# recipe's notes on the data already: the run leaves them out (polar.finetune_recipe)
+CHECKED_AT_LAUNCH = "POLAR_CHECKED_AT_LAUNCH"
+
+
 def _launch(module: str):
     def launch(args, rest) -> int:
         if {"--print-config", "-h", "--help"} & set(rest):  # nothing to run: one process, no torchrun
@@ -106,7 +111,7 @@ def _launch(module: str):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]
         print("+", " ".join(cmd), flush=True)
-        return call_forwarding_signals(cmd)
+        return call_forwarding_signals(cmd, env=dict(os.environ, **{CHECKED_AT_LAUNCH: "1"}))
     return launch
 
 

@@ -9,9 +9,9 @@ paper's fine-tuning settings are the defaults here: AdamW betas (0.9, 0.95), wei
 gradient clipping 1.0, 3% warm-up then cosine to 0.1 x lr, one epoch, lr 1e-5 (POLAR-1.8B; 2e-5
 for 7B). The batch is NOT the paper's by default: the paper's batch of 320 sequences is 160 records
 (each record is scored twice), while `train.global_batch` (default 8, small enough for a CPU run)
-counts packed sequences, each holding as many records as fit. The run prints, once at start-up
-(`--check-config` too), the records and RM sequences a step carries on its data and the
-`train.global_batch` that carries the paper's 160 records.
+counts packed sequences, each holding as many records as fit. The run prints at start-up
+(`--check-config` too; under `polar finetune` its start-up check alone, _say), the records and RM
+sequences a step carries on its data and the `train.global_batch` that carries the paper's 160 records.
 
 `train.steps` and `train.warmup_steps` are derived from the data (`finetune.epochs`,
 `finetune.warmup_fraction`); setting them is refused rather than silently overwritten. With
@@ -41,6 +41,8 @@ import numpy as np
 from engine.config import DataConfig, EngineConfig, TrainConfig
 from engine.setting_checks import (ConfigError, at_least, existing_path_or_empty, in_range, one_of, positive,
                                    run_directory, setting)
+from polar.build_repeats import SHOWN, named
+from polar.finetune_split import SPLIT_RULE
 from polar.pretrain_recipe import RunData
 
 CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "
@@ -92,6 +94,9 @@ class FinetuneDataConfig:
     # a bad record (or one too long for the pack): stop, or skip and list it in run_dir/rejects.jsonl
     on_error: str = setting("fail", one_of("fail", "skip"))
     seed: int = setting(0, at_least(0))  # the held-out split
+    # the held-out count's rule (finetune_split.HELD_OUT_COUNTS), no setting: a resumed run keeps the
+    # one its checkpoints record (prepare_data), a new run takes this one
+    split_rule: ClassVar[int] = SPLIT_RULE
 
 
 # set by prepare_data from the data; 0 (their fine-tuning default) means not set by the user
@@ -142,8 +147,10 @@ class FinetuneConfig(EngineConfig):
     # the settings its training data is made of besides finetune.train (a file that may move: the
     # loader's digest tells another file's records), recorded with each step (engine.resume_checks)
     # (finetune.on_error changes it only where a record is bad, and the tokenizer has a check of its own)
+    # finetune.split_rule: the rule of the held-out count, which a run resumed from a checkpoint
+    # recording none takes as 1 (finetune_split.legacy_held_out_count)
     DATA_SETTINGS: ClassVar[tuple] = ("finetune.seed", "finetune.eval_fraction", "finetune.max_length",
-                                      "finetune.max_response", "finetune.wrapper")
+                                      "finetune.max_response", "finetune.wrapper", "finetune.split_rule")
 
 
 CONFIG_CLASS = FinetuneConfig
@@ -211,8 +218,12 @@ def check(cfg: FinetuneConfig) -> None:
 
 
 def _say(*args, **kw) -> None:
-    """Every rank reads the same records; one of them reports."""
-    if int(os.environ.get("RANK", "0")) == 0:
+    """What prepare_data says of the data. Every rank reads the same records; one of them reports, and
+    none in a run whose launch's start-up check (polar.cli, a process of its own) said it already:
+    `polar finetune` printed each line twice."""
+    from polar.cli import CHECKED_AT_LAUNCH
+
+    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(CHECKED_AT_LAUNCH):
         print(*args, **kw)
 
 
@@ -286,9 +297,9 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
     if over.size:
         # even with its prompt cut to nothing beyond the rule, the reference and candidates alone
         # overflow the pack: a group is never split, so the record cannot train at this length
-        shown = ", ".join(f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:3])
+        shown = ", ".join(f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:SHOWN])
         what = (f"{name}: {over.size} record(s) do not fit data.seq_length={seq} as one group even with a "
-                f"shorter prompt: {shown}{', ...' if over.size > 3 else ''}; raise data.seq_length to "
+                f"shorter prompt: {shown}{', ...' if over.size > SHOWN else ''}; raise data.seq_length to "
                 f"{lengths.max()} (or leave it out: 0, the longest record's length) or lower "
                 f"finetune.max_response={f.max_response}")
         if f.on_error != "skip":
@@ -329,10 +340,44 @@ def _note_overlap(train_records, eval_records) -> None:
 
     same, copies = overlap(train_records, eval_records)
     if same:
-        pairs = ", ".join(f"{h.file}:{h.line} = {t.file}:{t.line}" for h, t in copies[:3])
-        rep = f", {len(copies)} of them a copy of one ({pairs}{', ...' if len(copies) > 3 else ''})" if copies else ""
+        pairs = named(len(copies), [(f"{h.file}:{h.line}", f"{t.file}:{t.line}") for h, t in copies[:SHOWN]])
+        rep = f", {len(copies)} of them a copy of one ({pairs})" if copies else ""
         _say(f"note: {same} of {len(eval_records)} finetune.eval record(s) share their prompt with a finetune.train "
              f"record{rep}: their accuracy is not held out", flush=True)
+
+
+def _split_rule(cfg: FinetuneConfig) -> tuple[int, str]:
+    """(the held-out count's rule for this run, the step it resumes from or ""): the rule a resumed
+    run's checkpoints record; 1 where they record none (written before the rule was recorded, when
+    round() counted: finetune_split.legacy_held_out_count), so that such a run resumes on the split it
+    trained with instead of being refused for a data order it cannot set back; SPLIT_RULE for a new run."""
+    from engine.checkpoint import read_state
+    from engine.pretrain import newest_checkpoint
+    from polar.finetune_split import HELD_OUT_COUNTS
+
+    step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    state = read_state(step) if step else {}
+    if "loader" not in state:  # a new run (a weights-only step is no resume: the trainer refuses it)
+        return SPLIT_RULE, ""
+    saved = state.get("data_settings")
+    rule = saved.get("finetune.split_rule", 1) if isinstance(saved, dict) else 1
+    if rule not in HELD_OUT_COUNTS:
+        raise ConfigError(f"resuming from {step}: its held-out split follows rule {rule} (finetune.split_rule in "
+                          f"its data settings), which this version does not know (it knows "
+                          f"{', '.join(map(str, HELD_OUT_COUNTS))}): resume with the version that wrote it, or "
+                          f"start a new run (a new run_dir) from its weights with checkpoint.init_from={step}")
+    return rule, step
+
+
+def _note_old_split(f: FinetuneDataConfig, records: int, resumed: str) -> None:
+    """A run resumed under the old held-out count (_split_rule) where the rule of today counts otherwise."""
+    from polar.finetune_split import HELD_OUT_COUNTS
+
+    then, now = (HELD_OUT_COUNTS[rule](f.eval_fraction, records) for rule in (f.split_rule, SPLIT_RULE))
+    if then != now:
+        _say(f"note: {resumed} is of a run started before the held-out count's rule changed: it resumes on the "
+             f"split it trained with, round({f.eval_fraction:g} x {records}) = {then} record(s) aimed at, where a "
+             f"new run aims at {now} (the fraction rounded down, one at least)", flush=True)
 
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
@@ -343,6 +388,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     t0 = time.time()
     f = cfg.finetune
     held_desc = ""
+    f.split_rule, resumed = _split_rule(cfg)  # recorded with the run's checkpoints (DATA_SETTINGS)
     spec = tokenizer_spec(cfg)
     tok = load_tokenizer(spec)
     set_aside: list = []  # finetune.on_error=skip: listed in run_dir/REJECTS_FILE
@@ -351,7 +397,7 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         train_records, eval_records = records, _read(f.eval, f.on_error, set_aside)
         _note_overlap(train_records, eval_records)
     else:
-        split = split_by_prompt(records, f.eval_fraction, f.seed)
+        split = split_by_prompt(records, f.eval_fraction, f.seed, f.split_rule)
         train_records = [r for r, h in zip(records, split.held) if not h]
         eval_records = [r for r, h in zip(records, split.held) if h]
         if f.eval_fraction > 0 and not eval_records:  # only "0 held out" in the data line said so
@@ -362,6 +408,8 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
                  "train on: no held-out accuracy will be reported; give finetune.eval", flush=True)
         elif eval_records:
             held_desc = f" ({split.held_prompts:,} of {split.prompts:,} prompts, held out whole)"
+        if f.split_rule != SPLIT_RULE:
+            _note_old_split(f, len(records), resumed)
     for name, rs in (("fine-tuning data", train_records), ("held-out data", eval_records)):
         note = repeats_note(name, rs, f.wrapper)  # a sampler's output appended to itself trains twice
         if note:
@@ -432,10 +480,10 @@ def write_run_files(cfg: FinetuneConfig, data: RunData) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in data.set_aside)
-        _say(f"wrote the {len(data.set_aside)} record(s) set aside, each with its reason: {out}", flush=True)
+        print(f"wrote the {len(data.set_aside)} record(s) set aside, each with its reason: {out}", flush=True)
     elif out.exists():
         out.unlink()
-        _say(f"removed {out} of an earlier run: this one set no record aside", flush=True)
+        print(f"removed {out} of an earlier run: this one set no record aside", flush=True)
 
 
 def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:

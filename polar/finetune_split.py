@@ -44,17 +44,32 @@ def held_out_count(fraction: float, records: int) -> int:
     return max(wanted, 1) if fraction > 0 and records >= 2 else wanted
 
 
-def split_by_prompt(records, fraction: float, seed: int) -> Split:
+def legacy_held_out_count(fraction: float, records: int) -> int:
+    """Split rule 1, kept only for resuming runs started under it: round(fraction x records), Python's
+    round() taking a half to the even number (what held_out_count, rule 2, corrected). A run's
+    checkpoints record its rule (finetune_recipe: finetune.split_rule among their data settings);
+    those that record none were written under this one, and their run resumes on the split it
+    trained with (another count is another training set, which the resume refuses). No new run
+    uses it."""
+    return int(round(fraction * records))
+
+
+# the held-out count rule of new runs, recorded with their checkpoints; rule -> its count
+SPLIT_RULE = 2
+HELD_OUT_COUNTS = {1: legacy_held_out_count, SPLIT_RULE: held_out_count}
+
+
+def split_by_prompt(records, fraction: float, seed: int, rule: int = SPLIT_RULE) -> Split:
     """Hold out whole prompts, taken in a seeded random order, each one that brings the held-out
     records no further from held_out_count(fraction) records (a prompt of n records where n <= 2 x
     what is still wanted); at least one prompt stays to train on, and one is held out (the smallest)
     where the fraction is above 0 and a prompt can be spared. Stopping at the first prompt past the
     target instead held out a prompt of most of the records when the order met it early (10 of 11
     at 0.05, one prompt of 10 records and one of 1). Where every record has the same prompt, none is
-    held out."""
+    held out. `rule`: the count's rule (HELD_OUT_COUNTS), another only for a run resumed under it."""
     ids = prompt_ids(records)
     n_prompts = int(ids.max()) + 1 if len(ids) else 0
-    target = held_out_count(fraction, len(records))
+    target = HELD_OUT_COUNTS[rule](fraction, len(records))
     held_prompts = np.zeros(n_prompts, dtype=bool)
     if target and n_prompts >= 2:
         order = np.random.default_rng([seed, 7]).permutation(n_prompts)

@@ -2,7 +2,8 @@
 pre-training's is (engine.resume_checks.check_resume_data_settings, applied by engine.pretrain.
 check_resume_data to every recipe): it said only 'the data order changed since the checkpoint (...
 packed sequence count ... digest)', or, for data.seq_length, that train.steps changed. Edited training
-records are refused naming the file; another held-out file resumes with a note."""
+records are refused naming the file; another held-out file resumes with a note. The run is started as
+a user starts it, by `polar finetune`, whose start-up check and run said each note on the data twice."""
 from __future__ import annotations
 
 import json
@@ -44,15 +45,21 @@ def saved_finetune(tmp_path_factory):
                 f.write(json.dumps({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
                                     "chosen": t.chosen, "rejected": t.rejected, "wrapper": "sft"}) + "\n")
 
-    def finetune(*extra: str) -> subprocess.CompletedProcess:
-        return run("finetune.py", *TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
-                   f"finetune.train={tmp / 'prefs.jsonl'}", f"finetune.eval={tmp / 'held.jsonl'}", "finetune.epochs=1",
-                   "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra, cwd=tmp)
+    def settings(*extra: str) -> list[str]:
+        return [*TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
+                f"finetune.train={tmp / 'prefs.jsonl'}", f"finetune.eval={tmp / 'held.jsonl'}", "finetune.epochs=1",
+                "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra]
 
-    first = finetune("train.exit_at_step=1")
+    def finetune(*extra: str) -> subprocess.CompletedProcess:
+        return run("finetune.py", *settings(*extra), cwd=tmp)
+
+    # as a user starts it: `polar finetune` checks the start-up in a process of its own, then runs torchrun
+    first = subprocess.run([sys.executable, "-m", "polar.cli", "finetune", "--nproc", "1",
+                            *settings("train.exit_at_step=1")], capture_output=True, text=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=tmp)
     assert first.returncode == 0, first.stderr[-3000:]
     assert (tmp / "ft" / "checkpoints" / "step_00000001").is_dir(), first.stdout[-3000:]
-    finetune.tmp = tmp
+    finetune.tmp, finetune.first = tmp, first
     return finetune
 
 
@@ -73,10 +80,29 @@ def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
     assert "derived from" not in proc.stderr  # not train.steps, which the changed data setting moved
 
 
+def test_polar_finetune_says_each_note_on_its_data_once(saved_finetune):
+    """The start-up check `polar finetune` runs before torchrun, and the run, each read the data
+    (prepare_data), and each printed its notes: every one came twice."""
+    out = saved_finetune.first.stdout
+    check, launch = out.index("config ok"), out.index("+ ")
+    for line in ("finetune.eval record(s) share their prompt", "data.seq_length=1024 from the data",
+                 "batch: train.global_batch=4 packed sequences carry"):
+        assert out.count(line) == 1 and out.index(line) < check < launch, out[-3000:]
+    assert "data: 40 fine-tuning records" in out[launch:], out[-3000:]  # the run's own data line stays
+
+
 def test_the_same_settings_resume(saved_finetune):
     proc = saved_finetune("--check-config")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held_out set" not in proc.stdout, proc.stdout  # the held-out set is the one saved: no note
+    assert "batch: train.global_batch=4" in proc.stdout, proc.stdout  # --check-config alone says the notes
+    # the held-out split's count rule among the data settings a step records (finetune.split_rule): a resume
+    # from a step that lacks it keeps the old rule (test_finetune_recipe)
+    from engine import checkpoint
+    from polar.finetune_split import SPLIT_RULE
+
+    saved = checkpoint.read_state(str(saved_finetune.tmp / "ft" / "checkpoints" / "step_00000001"))
+    assert saved["data_settings"]["finetune.split_rule"] == SPLIT_RULE, saved["data_settings"]
 
 
 def test_an_edited_training_file_is_named(saved_finetune, tmp_path):

@@ -278,6 +278,55 @@ def test_a_fraction_above_0_holds_out_one_record_at_least(tmp_path, capsys):
 
 
 
+def test_a_run_started_under_the_old_held_out_count_resumes_on_its_own_split(tmp_path, capsys):
+    """The held-out count was round(fraction x records) until it became the fraction rounded down (one
+    at least): 0.05 of 30 records held out 2, now 1, so a run started before was refused on resume
+    ('the data order changed ... packed sequence count: 28 when saved, 29 now'; set it back), which no
+    setting could do. Its checkpoints record no split rule: it resumes on its old split, saying so, and
+    records rule 1 from then on; a new run records rule 2."""
+    from engine import checkpoint, resume_checks
+    from engine.data import GlobalBatchLoader
+    from engine.pretrain import check_resume_data
+
+    cfg = _one_per_sequence(tmp_path, 30, "train.global_batch=1", "finetune.eval_fraction=0.05")
+    data = recipe.prepare_data(cfg)
+    assert len(data.evals["held_out"].groups) == 1 and resume_checks.data_settings(cfg)["finetune.split_rule"] == 2
+    # what the old run trained on: with one record a prompt, the first round(1.5) = 2 prompts of the
+    # split's seeded order (finetune.seed=0) held out
+    held = set(np.random.default_rng([0, 7]).permutation(30)[:2].tolist())
+    lines = (tmp_path / "r.jsonl").read_text().splitlines(keepends=True)
+    old_train = tmp_path / "old" / "train.jsonl"
+    old_train.parent.mkdir()
+    old_train.write_text("".join(line for i, line in enumerate(lines) if i not in held))
+    old = recipe.prepare_data(_one_per_sequence(tmp_path / "old", 1, f"finetune.train={old_train}"))
+    assert len(old.train.groups) == 28
+    loader = GlobalBatchLoader(old.train, 1, 1, 0, 1, seed=cfg.train.seed, pad_id=old.pad_id)
+    recorded = {k: v for k, v in resume_checks.data_settings(cfg).items() if k != "finetune.split_rule"}
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+
+    def resume(**settings):
+        (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 1, "data_settings": {**recorded, **settings},
+                                                              "loader": loader.state_dict()}))
+        capsys.readouterr()
+        cfg = _one_per_sequence(tmp_path, 30, "train.global_batch=1", "finetune.eval_fraction=0.05")
+        data = recipe.prepare_data(cfg)
+        return cfg, data, capsys.readouterr().out
+
+    for settings in ({}, {"finetune.split_rule": 1}):  # saved before the rule was recorded, or since under rule 1
+        cfg, data, out = resume(**settings)
+        check_resume_data(cfg, data, str(step))  # refused before: 28 packed sequences when saved, 29 now
+        assert _prefixes(data.train) == _prefixes(old.train) and len(data.evals["held_out"].groups) == 2
+        assert resume_checks.data_settings(cfg)["finetune.split_rule"] == 1  # what its next saves record
+        assert out.count("note: ") == 1 and (f"note: {step} is of a run started before the held-out count's "
+                                             "rule changed: it resumes on the split it trained with, round(0.05 x "
+                                             "30) = 2 record(s) aimed at, where a new run aims at 1") in out, out
+    cfg, data, out = resume(**{"finetune.split_rule": 2})
+    assert len(data.evals["held_out"].groups) == 1 and "held-out count" not in out
+    with pytest.raises(ConfigError, match="held-out split follows rule 3 .* which this version does not know"):
+        resume(**{"finetune.split_rule": 3})
+
+
 def _pairs(path, prompts, chosen=lambda i: f"good answer {i}"):
     """One pair per prompt given; a prompt's records share its reference, so a packed group's prefix
     (prompt, reference, prompt) names its prompt."""
@@ -324,10 +373,27 @@ def test_a_held_out_file_sharing_prompts_and_records_with_the_training_file_is_n
     recipe.prepare_data(cfg)
     out = capsys.readouterr().out
     assert (f"note: 2 of 3 finetune.eval record(s) share their prompt with a finetune.train record, 1 of them a "
-            f"copy of one ({held}:1 = {train}:1): their accuracy is not held out") in out, out
+            f"copy of one ({held}:1 repeats {train}:1): their accuracy is not held out") in out, out
     _pairs(held, ["new prompt"])
     recipe.prepare_data(cfg)
     assert "finetune.eval record(s) share" not in capsys.readouterr().out
+
+
+def test_copies_in_a_held_out_file_are_named_as_a_build_names_repeats(tmp_path, capsys):
+    """The note named held-out copies by a literal 3 (copies[:3], > 3) beside build_repeats.SHOWN, in a
+    wording of its own ('h = t'): it names SHOWN of them, worded as the other repeat notes are."""
+    from polar import build_repeats
+
+    n = build_repeats.SHOWN + 1
+    train = _pairs(tmp_path / "train.jsonl", [f"prompt {i}" for i in range(n + 2)])
+    held = _pairs(tmp_path / "held.jsonl", [f"prompt {i}" for i in range(n)])
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={train}", f"finetune.eval={held}",
+                                                    "data.seq_length=128", "finetune.tokenizer=byte",
+                                                    "train.global_batch=1", f"run_dir={tmp_path / 'run'}"])
+    recipe.prepare_data(cfg)
+    shown = build_repeats.named(n, [(f"{held}:{i}", f"{train}:{i}") for i in range(1, build_repeats.SHOWN + 1)])
+    assert shown.endswith(", ...")
+    assert f"{n} of them a copy of one ({shown}): their accuracy" in capsys.readouterr().out
 
 
 def test_a_pair_of_the_same_text_is_named(tmp_path, capsys):

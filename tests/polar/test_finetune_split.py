@@ -10,8 +10,8 @@ import pytest
 from engine.config import load_config
 from polar import finetune_recipe as recipe
 from polar import build_repeats
-from polar.finetune_split import (held_out_count, overlap, prompt_ids, repeats, repeats_note, split_by_prompt,
-                                  unrankable, where)
+from polar.finetune_split import (SPLIT_RULE, held_out_count, legacy_held_out_count, overlap, prompt_ids, repeats,
+                                  repeats_note, split_by_prompt, unrankable, where)
 from polar.records import Record, record_digest
 
 
@@ -55,6 +55,18 @@ def test_the_held_out_count_is_the_fraction_rounded_down_and_one_at_least(record
     assert held_out_count(fraction, records) == held
     split = split_by_prompt([rec(f"p{i}") for i in range(records)], fraction, 0)
     assert split.held.sum() == held and (records < 2 or not split.held.all())
+
+
+@pytest.mark.parametrize("records,fraction,held", [(10, 0.05, 0), (30, 0.05, 2), (1030, 0.05, 52), (15, 0.5, 8),
+                                                   (5, 0.1, 0), (35, 0.1, 4)])
+def test_rule_1_is_the_round_of_runs_started_before_the_rule_was_recorded(records, fraction, held):
+    """A run whose checkpoints record no split rule trained on the split of round(fraction x records):
+    it resumes on that split (finetune_recipe), which the rule of new runs would change."""
+    assert legacy_held_out_count(fraction, records) == held
+    split = split_by_prompt([rec(f"p{i}") for i in range(records)], fraction, 0, rule=1)
+    assert split.held.sum() == held
+    assert split_by_prompt([rec(f"p{i}") for i in range(records)], fraction, 0).held.sum() == \
+        held_out_count(fraction, records) != held and SPLIT_RULE == 2
 
 
 def test_a_prompt_always_stays_to_train_on_and_one_is_held_out_when_any_record_is_asked_for():
