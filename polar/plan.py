@@ -45,7 +45,10 @@ def launched(cfg, fp8: bool = False, overlap: bool = False):
     if fp8 and train.fp8 == "off":
         train = replace(train, fp8="tensorwise")
     if overlap:
-        par = replace(par, overlap_grad_reduce=True, overlap_param_gather=True)
+        # the parameter gather only with the distributed optimizer, as the launch line adds it: with
+        # parallel.distributed_optimizer=false given, the engine's refusal of the gather refused every layout
+        par = replace(par, overlap_grad_reduce=True,
+                      overlap_param_gather=par.overlap_param_gather or par.distributed_optimizer)
     return replace(cfg, train=train, parallel=par)
 
 
@@ -121,8 +124,13 @@ def pinned_settings(cfg, overrides: list[str]) -> dict:
     """{Layout field: value} of the layout settings given among `overrides`, as the run reads them from cfg.
     A plan dropped them without a word: `parallel.tp=4` headed a plan that recommended TP2."""
     given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
-    return {field: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1])
-            for key, field in PINNABLE.items() if key in given}
+    return {field: _value(cfg, key) for key, field in PINNABLE.items() if key in given}
+
+
+def _value(cfg, key: str):
+    """cfg's setting `section.name`."""
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def candidate_layouts(shape: Shape, gpus: int, global_batch: int, seq_length: int, gpus_per_node: int,
@@ -147,8 +155,16 @@ def _candidates(rules: _Rules, shape: Shape, gpus: int, global_batch: int, seq_l
 
     out = []
     recomputes = choices("recompute", recomputes)
-    for tp in choices("tp", (t for t in _divisors(gpus) if t <= gpus_per_node)):
-        for pp in choices("pp", _divisors(gpus // tp) if gpus % tp == 0 else (1,)):
+    tps = choices("tp", (t for t in _divisors(gpus) if t <= gpus_per_node))
+    if pin.get("sequence_parallel") and "tp" not in pin:
+        # SP needs TP > 1, VPP PP > 1 (below): a refusal of TP1 or PP1 would be the plan's choice, not why
+        # the pins fail (`parallel.vpp=3` was refused as needing PP >= 2, not as dividing no layer count)
+        tps = [t for t in tps if t > 1] or tps
+    for tp in tps:
+        pps = choices("pp", _divisors(gpus // tp) if gpus % tp == 0 else (1,))
+        if pin.get("vpp") is not None and "pp" not in pin:
+            pps = [p for p in pps if p > 1] or pps
+        for pp in pps:
             if gpus % (tp * pp):  # a pinned size: the engine's words for it (Layout counts whole DP ranks)
                 if refusals is not None:
                     refusals.append(f"world size {gpus} is not divisible by parallel.tp x parallel.pp = {tp} x {pp}")
@@ -275,6 +291,11 @@ def shape_from_config(cfg) -> Shape:
     return Shape(m.num_layers, m.hidden_size, m.num_attention_heads, m.num_query_groups, m.ffn_hidden_size,
                  m.vocab_size, lm_head=cfg.train.aux_lm_weight > 0, vocab_multiple=m.make_vocab_size_divisible_by,
                  qkv_bias=m.add_qkv_bias)
+
+
+def _setting(value) -> str:
+    """A setting's value as the command line writes it."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _gb(x: float) -> str:
@@ -490,7 +511,8 @@ def main(argv=None) -> int:
         if args.top < 1:
             raise ConfigError(f"--top {args.top}: must be >= 1")
         config = args.config if args.config is not None or fine_tuning_overrides(args.overrides) else "polar_7b"
-        cfg = load_plan_config(config, args.overrides, say=print)
+        sources: dict = {}
+        cfg = load_plan_config(config, args.overrides, say=print, sources=sources)
         if cfg.train.precision == "fp32":  # was priced as bf16: half the weights and activations it holds
             raise ConfigError("train.precision=fp32: the plan prices bf16 training (2-byte weights and activations, "
                               "the card's bf16 peak); plan a train.precision=bf16 (or auto) run")
@@ -543,6 +565,12 @@ def main(argv=None) -> int:
     print(f"GPU: {gpu.source}")
     if pinned:
         print(f"layouts: planned only with {given} (given); the other layout settings are the plan's to choose")
+    # a config file's layout settings went unsaid: `parallel.tp: 8` in it and a plan recommending TP2
+    chosen = [f"{key}={_setting(_value(cfg, key))}" for key in PINNABLE
+              if key in sources and sources[key].file is not None and PINNABLE[key] not in pinned]
+    if chosen:
+        print(f"layouts: not kept from the config: {' '.join(chosen)} (the plan chooses them, and its launch line "
+              "sets them; give one on the command line to keep it)")
     for line in a.lines():
         print(f"assumed: {line}")
     print()

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 
-def load_plan_config(config: Optional[str], overrides: list[str], say=None):
+def load_plan_config(config: Optional[str], overrides: list[str], say=None, sources: Optional[dict] = None):
     """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config rules), the
     recipes' own sections ignored. A run that loads a checkpoint (checkpoint.init_from, or the run's newest
     step when it resumes) builds the model recorded with it for every model.* the user did not set
@@ -19,7 +19,8 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None):
     model.vocab_size=0 (the recipe takes it from its tokenizer) becomes the vocabulary the run would use:
     fine-tuning's, that of its tokenizer (finetune.tokenizer, else the init checkpoint's); pre-training's, a
     built dataset's (data.path), else the byte tokenizer's. Fine-tuning's data.seq_length left out or 0
-    becomes the length the run derives from its records (`say` gets the run's line naming it)."""
+    becomes the length the run derives from its records (`say` gets the run's line naming it). `sources`, if
+    given, gets where each setting a file or the command line gave came from (engine.config.load_config's)."""
     from engine.config import EngineConfig, load_config, validate
     from engine.pretrain import model_from_checkpoint
     from polar.presets import resolve_config
@@ -27,7 +28,7 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None):
     # no --config with finetune.* settings: the fine-tuning run's own defaults, no preset (polar finetune
     # refuses a preset's train.steps); else the file or preset, tiny_cpu by default as `polar pretrain`'s
     path = None if config is None and fine_tuning_overrides(overrides) else resolve_config(config)
-    sources: dict = {}
+    sources = {} if sources is None else sources
     cfg = load_config(EngineConfig, path, overrides, ignore=_recipe_sections(), check=False, sources=sources)
     run = _FineTuning(path, overrides) if _fine_tuning(path, overrides) else None
     follows_data = run is not None and run.cfg.data.seq_length == 0

@@ -389,6 +389,13 @@ def test_an_overlapped_plan_launches_with_the_overlaps_it_priced(capsys):
     par = cfg.parallel
     assert par.distributed_optimizer and par.overlap_grad_reduce and par.overlap_param_gather, line
     validate_layout(cfg.model, par, cfg.train, 64, cfg.data.seq_length)
+    # without the distributed optimizer, its parameter gather is not added: the plan asked the engine's rules
+    # of a run with it and refused every layout ('overlap_param_gather=true needs ...distributed_optimizer')
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", "--overlap", "parallel.distributed_optimizer=false"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("launch with: "))
+    cfg = load_config(EngineConfig, resolve_config("polar_7b"), line[len("launch with: "):].split())
+    assert not cfg.parallel.distributed_optimizer and cfg.parallel.overlap_grad_reduce, line
+    validate_layout(cfg.model, cfg.parallel, cfg.train, 64, cfg.data.seq_length)
 
 
 def test_the_fp8_launch_line_names_a_recipe(capsys):
@@ -480,17 +487,43 @@ def test_layout_settings_given_on_the_command_line_are_planned(pins, capsys):
         assert launch[key] == value, (pin, launch)
     rows = [x for x in out.splitlines() if re.match(r"^\s*\d+[ *]TP", x)]
     assert rows and f"planned only with {' '.join(pins)} (given)" in out
+    # the preset's own layout settings (parallel.tp: 4, pp: 1, train.micro_batch: 1) not given: said not kept
+    kept = [x for x in out.splitlines() if x.startswith("layouts: not kept from the config: ")]
+    preset = {"parallel.tp=4", "parallel.pp=1", "train.micro_batch=1"}
+    given = {p.split("=")[0] for p in pins}
+    assert kept and set(kept[0].split(" (")[0].split(": ")[-1].split()) == {x for x in preset
+                                                                            if x.split("=")[0] not in given}, out
+
+
+def test_a_config_files_layout_settings_are_said_to_be_the_plans_to_choose(tmp_path, capsys):
+    # they were dropped without a word: a file's `parallel.tp: 8` and a plan that recommended TP2
+    f = tmp_path / "run.yaml"
+    f.write_text("base: polar_7b\nparallel:\n  tp: 8\n  sequence_parallel: true\n")
+    assert plan.main(["--config", str(f), "--gpus", "64", "train.micro_batch=2"]) == 0
+    out = capsys.readouterr().out
+    assert ("layouts: not kept from the config: parallel.tp=8 parallel.pp=1 parallel.sequence_parallel=true "
+            "(the plan chooses them") in out, out
+    assert "layouts: planned only with train.micro_batch=2 (given)" in out
+    assert plan.main(["--config", "polar_7b", "--gpus", "64", "parallel.tp=4", "parallel.pp=1",
+                      "train.micro_batch=1"]) == 0
+    assert "not kept from the config" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("pins,needle", [
     (["parallel.tp=3"], "world size 64 is not divisible by parallel.tp x parallel.pp = 3 x 1"),
     (["train.micro_batch=4096"], "train.global_batch=2048 is not divisible by data-parallel size"),
     (["parallel.pp=2", "parallel.vpp=3"], "model.num_layers=32 is not divisible by parallel.pp x parallel.vpp = 6"),
+    # the plan's free choices that a pin rules out (PP1 under VPP, TP1 under SP) are not the reason given: these
+    # were refused as 'needs parallel.pp >= 2' and 'needs parallel.tp > 1'
+    (["parallel.vpp=3"], "model.num_layers=32 is not divisible by parallel.pp x parallel.vpp = 6"),
+    (["parallel.sequence_parallel=true", "data.seq_length=16383"],
+     "needs data.seq_length=16383 divisible by parallel.tp=2"),
 ])
 def test_a_layout_setting_the_engine_refuses_is_refused_with_its_reason(pins, needle, capsys):
     assert plan.main(["--config", "polar_7b", "--gpus", "64", *pins]) == 2
     err = capsys.readouterr().err
-    assert f"no layout of 64 GPUs with {' '.join(pins)}" in err and needle in err, err
+    given = " ".join(p for p in pins if p.split("=")[0] in plan.PINNABLE)  # layout settings, not data.*
+    assert f"no layout of 64 GPUs with {given}: " in err and needle in err, err
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
