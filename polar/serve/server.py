@@ -19,6 +19,7 @@ import re
 import signal
 import sys
 from http import HTTPStatus
+from typing import Optional
 
 
 def parse_args(argv=None):
@@ -244,6 +245,25 @@ class _Transport:
     def write(self, data) -> None:
         if not self._protocol.lingering:
             self.raw.write(data)
+
+
+# The uvicorn releases http_protocol was run against (tests/polar/serve: test_http_edges, test_app,
+# test_app_failures, test_reading_room, test_slow_and_gone_clients): it subclasses H11Protocol and
+# reads and sets attributes of it and of its RequestResponseCycle, none of them documented, so a
+# release that renamed one would change how connections are handled without an error.
+UVICORN_TESTED = ("0.22", "0.55")
+
+
+def uvicorn_untested(version: str) -> Optional[str]:
+    """A warning for a uvicorn release outside UVICORN_TESTED, None for one inside."""
+    def release(v):
+        return tuple(int(p) for p in re.findall(r"\d+", v)[:2])
+
+    if release(UVICORN_TESTED[0]) <= release(version) <= release(UVICORN_TESTED[1]):
+        return None
+    return (f"uvicorn {version} is not among the releases polar serve's connection handling was tested with "
+            f"({UVICORN_TESTED[0]} to {UVICORN_TESTED[1]}; requirements.txt pins one): it builds on uvicorn's "
+            "internals, so idle, half-closed and early-answered connections may be handled otherwise, silently")
 
 
 def http_protocol(timeout_s: float):
@@ -475,6 +495,48 @@ def _url(host: str, sock) -> str:
     return f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}"
 
 
+# Files this process holds besides its connections: shared libraries, the checkpoint's shards and
+# tokenizer as they load, the event loop's and torch's own descriptors.
+OWN_FILES = 256
+
+
+def raise_open_files_limit() -> tuple[int, int, int]:
+    """Raises this process's soft RLIMIT_NOFILE to its hard limit: each connection holds a file
+    descriptor, and past the soft limit (often 1024) accept() fails with EMFILE, on which asyncio
+    stops accepting for a second at a time ('socket.accept() out of system resource'), refusing
+    everyone while the connections already open (idle kept-alive ones included) stay.
+    -> (soft limit before, soft limit now, hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # Linux bounds the hard limit (fs.nr_open); macOS may say unlimited yet refuse such a soft limit
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return soft, resource.getrlimit(resource.RLIMIT_NOFILE)[0], hard
+
+
+def open_files_shortfall(args, limit: int, hard: int) -> Optional[str]:
+    """A warning when the open files limit is under the connections the settings let wait at once:
+    each request waiting for room (--max-waiting) or queued (--max-queue items, one a request at
+    most) holds its connection, and so does each being prepared; idle kept-alive ones come on top."""
+    import resource
+
+    waiting = args.max_queue if args.max_waiting is None else args.max_waiting
+    need = waiting + args.max_queue + args.max_preparing + OWN_FILES
+    if limit == resource.RLIM_INFINITY or limit >= need:
+        return None
+    return (f"the open files limit is {limit} (hard limit "
+            f"{'unlimited' if hard == resource.RLIM_INFINITY else hard}), under the {need} this server may hold: "
+            f"a connection for each of --max-waiting {waiting} requests waiting for room, --max-queue "
+            f"{args.max_queue} one-item requests queued and --max-preparing {args.max_preparing} being prepared, "
+            f"{OWN_FILES} for its own files, and idle kept-alive connections stay open --read-timeout-s "
+            f"{args.read_timeout_s:g} s. Past the limit no connection is accepted (asyncio: 'socket.accept() out of "
+            "system resource'): raise the hard limit (ulimit -Hn, systemd's LimitNOFILE, docker run --ulimit "
+            "nofile=N:N) or lower --max-waiting and --max-queue")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     from engine.cuda_env import order_tp_launches
@@ -484,22 +546,24 @@ def main(argv=None) -> int:
     # replica's rank 0, the one that serves HTTP. Bound before the model loads: a taken port fails
     # in a second or two, not minutes later; torchrun then stops the other ranks, which are still
     # starting (init_process_group), when this one exits.
-    sock = None
+    sock = files = None
     if int(os.environ.get("RANK", "0")) == 0:
+        files = raise_open_files_limit()
         try:
             sock = bind(args.host, args.port)
         except AddressError as e:
             print(f"polar serve: {e}", file=sys.stderr)
             return 2
     try:
-        return _run(args, sock)
+        return _run(args, sock, files)
     finally:
         if sock is not None:
             sock.close()
 
 
-def _run(args, sock) -> int:
-    """main's model load and service on every rank; `sock`: rank 0's, bound, not yet listening."""
+def _run(args, sock, files) -> int:
+    """main's model load and service on every rank; `sock`: rank 0's, bound, not yet listening;
+    `files`: rank 0's open files limits (raise_open_files_limit)."""
     from engine.inference import RewardScorer, resolve_checkpoint
 
     try:  # the model's settings only: a --max-length its positions cannot hold stops before the weights load
@@ -534,8 +598,13 @@ def _run(args, sock) -> int:
         return 2
     server = uvicorn.Server(config)
     stop.attach(server)
+    before, limit, hard = files
+    for warning in (open_files_shortfall(args, limit, hard), uvicorn_untested(uvicorn.__version__)):
+        if warning:
+            print(f"polar serve: warning: {warning}", file=sys.stderr, flush=True)
+    raised = f" (open files limit raised from {before} to {limit})" if limit != before else ""
     print(f"polar serve: {scorer.info.step_dir} ({scorer.dtype}, tp={args.tp} pp={args.pp}) on "
-          f"{_url(args.host, sock)}", flush=True)
+          f"{_url(args.host, sock)}{raised}", flush=True)
     # uvicorn shuts down gracefully on SIGINT/SIGTERM, then re-raises the signal under the handlers it
     # found: `stop`'s let this process close the runtime (the replica's ranks meet at its barrier) and exit 0.
     server.run(sockets=[sock])

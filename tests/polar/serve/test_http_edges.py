@@ -187,3 +187,16 @@ def test_requests_pipelined_before_a_half_close_are_answered_in_turn(server, beh
         answer = _to_end(conn)
     assert answer.count(b"HTTP/1.1 200 ") == answers, answer
     assert answer.startswith(CONTINUE + b"HTTP/1.1 200 "), answer
+
+
+def test_a_uvicorn_release_outside_the_tested_ones_is_warned_of():
+    """http_protocol subclasses uvicorn's H11Protocol and uses its undocumented attributes: a release
+    it was not run against could handle connections otherwise with no error, so start-up says so."""
+    import uvicorn
+
+    from polar.serve.server import uvicorn_untested
+
+    assert uvicorn_untested(uvicorn.__version__) is None  # requirements.txt's
+    assert uvicorn_untested("0.22.0") is None and uvicorn_untested("0.55.1") is None
+    for version in ("0.21.1", "0.56.0", "1.0.0", "0.60.0.dev1"):
+        assert f"uvicorn {version} is not among the releases" in uvicorn_untested(version)

@@ -307,14 +307,18 @@ def test_the_port_opens_once_the_model_has_loaded_then_auth_and_graceful_shutdow
     looks: its port cannot be bound by another process, a connection is refused, and it has not
     said it serves. Released, the same server refuses a request without --api-key-env's bearer key
     and, sent SIGTERM while a request waits in the batcher's queue (--max-wait-ms 5000; closing ends
-    the wait), answers it with one process's rewards and exits 0."""
+    the wait), answers it with one process's rewards and exits 0. Started with an open files limit
+    of 512 (hard 1024), it raised it to 1024 and said so, and warned that 1024 is under what
+    --max-waiting and --max-queue let it hold (nothing raised it: accept() failed at 512)."""
     texts, expected = texts_and_expected
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT, POLAR_TEST_KEY="k3y")
+    limited = [sys.executable, "-c", "import os, resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+               "(512, 1024)); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
     for attempt in range(3):  # a port chosen free can be taken by another test before the server binds it
         port = _free_port()
-        proc = subprocess.Popen(_gated("--checkpoint", checkpoint_dir, "--port", str(port), "--max-wait-ms", "5000",
-                                       "--api-key-env", "POLAR_TEST_KEY"), cwd=ROOT, env=env, stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(limited + _gated("--checkpoint", checkpoint_dir, "--port", str(port), "--max-wait-ms",
+                                                 "5000", "--api-key-env", "POLAR_TEST_KEY")[1:], cwd=ROOT, env=env,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         seen = []
         while not seen or seen[-1] not in ("", LOADED + "\n"):  # "": the server exited
             seen.append(proc.stdout.readline())
@@ -328,6 +332,8 @@ def test_the_port_opens_once_the_model_has_loaded_then_auth_and_graceful_shutdow
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=30).close()
         assert "on http://" not in "".join(seen)
+        with open(f"/proc/{proc.pid}/limits") as limits:
+            assert [line.split()[3:5] for line in limits if line.startswith("Max open files")] == [["1024", "1024"]]
         proc.stdin.write("\n")
         proc.stdin.flush()
         url = f"http://127.0.0.1:{port}"
@@ -340,7 +346,10 @@ def test_the_port_opens_once_the_model_has_loaded_then_auth_and_graceful_shutdow
         assert answer["r"].status_code == 200
         np.testing.assert_allclose([e["embedding"][0] for e in answer["r"].json()], expected, rtol=0, atol=1e-5)
         assert proc.wait(120) == 0
-        assert f"on {url}\n" in proc.stdout.read()
+        out = proc.stdout.read()
+        assert f"on {url} (open files limit raised from 512 to 1024)\n" in out, out[-3000:]
+        assert "polar serve: warning: the open files limit is 1024 (hard limit 1024), under the 16672 this " in out
+        assert "--max-waiting 8192 requests waiting for room, --max-queue 8192 one-item requests" in out
     finally:
         if proc.poll() is None:
             proc.kill()
