@@ -217,6 +217,10 @@ def _tool(argv: list[str]):
     return None
 
 
+# the optional packages (pyproject's extras) -> the extra that installs each
+OPTIONAL = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "client",
+            "transformers": "convert", "safetensors": "convert", "accelerate": "convert", "gguf": "convert"}
+
 _COMMANDS = ("pretrain", "finetune", "env")  # argparse's; the tools' first words are the others
 
 
@@ -257,7 +261,16 @@ def _main(argv=None) -> int:
     if tool is not None:
         module, rest = tool
         module, _, func = module.partition(":")
-        return getattr(importlib.import_module(module), func or "main")(rest)
+        try:
+            return getattr(importlib.import_module(module), func or "main")(rest)
+        except ModuleNotFoundError as e:
+            extra = OPTIONAL.get((e.name or "").partition(".")[0])
+            if extra is None:
+                raise
+            # a wheel installed without its extra: say which, not a traceback from deep in the tool
+            print(f"polar {' '.join(argv[:len(argv) - len(rest)])}: needs the module {e.name!r}, which is not "
+                  f"installed: pip install 'polar-rm[{extra}]'", file=sys.stderr)
+            return 1
     for group in ("data", "convert"):
         if argv[:1] == [group]:
             subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)

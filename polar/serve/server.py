@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import os
 import re
 import signal
@@ -539,6 +540,10 @@ def open_files_shortfall(args, limit: int, hard: int) -> Optional[str]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    # the HTTP stack before the model loads: where it is not installed, that is said in a second, not after
+    # minutes of loading (polar.cli names the extra that installs it)
+    for module in ("uvicorn", "polar.serve.app"):
+        importlib.import_module(module)
     from engine.cuda_env import order_tp_launches
 
     order_tp_launches(args.tp)  # before the first CUDA call

@@ -261,3 +261,26 @@ def test_the_top_help_documents_exit_status_and_environment(capsys):
         cli.main(["--help"])
     out = capsys.readouterr().out
     assert "exit status" in out and "POLAR_NPROC" in out and "POLAR_SHOW_ALL_WARNINGS" in out
+
+
+@pytest.mark.parametrize("module", ["fastapi", "uvicorn", "prometheus_client"])
+def test_serve_without_its_extra_names_the_extra_before_loading(module, tmp_path):
+    """A wheel installed without [serve]: the server's HTTP stack was imported only after the model
+    loaded (minutes for a 7B), then failed with a traceback. Now it is the first thing imported, and
+    polar names the extra; the checkpoint is not even looked at (it does not exist here)."""
+    code = (f"import sys; sys.modules[{module!r}] = None\n"
+            "from polar.cli import main; sys.exit(main(['serve', '--checkpoint', 'no_such_run']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert f"polar serve: needs the module {module!r}" in proc.stderr and "polar-rm[serve]" in proc.stderr
+
+
+def test_every_optional_module_has_its_extra_in_pyproject():
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for module, extra in cli.OPTIONAL.items():
+        names = {re.split(r"[<>=!;\[ ]", req, maxsplit=1)[0].lower().replace("-", "_") for req in extras[extra]}
+        assert module in names, (module, extra, extras[extra])
