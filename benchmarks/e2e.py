@@ -364,6 +364,23 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         ap.error(f"--micro-triplets must be at least 1, not {args.micro_triplets}")
     if args.timeout < 1:
         ap.error(f"--timeout must be at least 1 second, not {args.timeout}")
+    try:
+        args.shapes = [int(p) for p in args.shapes.split(",")] if args.shapes else []
+    except ValueError:
+        ap.error(f"--shapes takes positions from 1, comma-separated (1,2), not {args.shapes!r}")
+    if any(p < 1 for p in args.shapes) or len(set(args.shapes)) != len(args.shapes):
+        ap.error(f"--shapes takes distinct positions from 1, not {','.join(map(str, args.shapes))}")
+
+
+def pick_shapes(ap: argparse.ArgumentParser, shapes: dict, positions: list[int]) -> dict:
+    """The shapes at `positions` (from 1), in the order the table lists them; all where none is given."""
+    if not positions:
+        return shapes
+    names = list(shapes)
+    if max(positions) > len(names):
+        ap.error(f"--shapes {max(positions)}: there are {len(names)} shape(s) here: "
+                 + ", ".join(f"{i} {n}" for i, n in enumerate(names, 1)))
+    return {names[p - 1]: shapes[names[p - 1]] for p in sorted(positions)}
 
 
 def main() -> int:
@@ -380,6 +397,9 @@ def main() -> int:
     ap.add_argument("--cpu", action="store_true", help="the CPU shapes even where a GPU is")
     ap.add_argument("--tiny", action="store_true", help="one very small shape (a smoke run)")
     ap.add_argument("--timeout", type=int, default=900, help="seconds per run (engine or baseline)")
+    ap.add_argument("--shapes", default="",
+                    help="which of the shapes to run, by position from 1, comma-separated (default: all; on a GPU "
+                         "1 is the ~1B model, 2 the 7B-shaped one)")
     ap.add_argument("--baseline-worker", metavar="OUT", help=argparse.SUPPRESS)
     ap.add_argument("--attn", default="sdpa", help=argparse.SUPPRESS)
     ap.add_argument("overrides", nargs="*", help="extra settings for every run, engine and baseline (after --)")
@@ -401,6 +421,7 @@ def main() -> int:
     steps = args.steps or (10 if cuda else 8 if args.tiny else 24)
     shapes, common = ((TINY_SHAPES, TINY_COMMON) if args.tiny else (GPU_SHAPES, GPU_COMMON) if cuda
                       else (CPU_SHAPES, CPU_COMMON))
+    shapes = pick_shapes(ap, shapes, args.shapes)
     settings = common + RUN_COMMON + [f"train.steps={steps}", *args.overrides]
     attns = ["sdpa"] + (["flash_attention_2"] if cuda and flash_attn_imports() else [])
     device = torch.cuda.get_device_name() if cuda else "CPU"

@@ -31,6 +31,9 @@ CASES = [
     ("e2e.py", ["--baseline-steps", "0"]),  # timed the baseline's warm-up step
     ("e2e.py", ["--micro-triplets", "-1"]),  # ZeroDivisionError
     ("e2e.py", ["--warmup", "-1"]),
+    ("e2e.py", ["--shapes", "0"]),
+    ("e2e.py", ["--shapes", "1,x"]),
+    ("e2e.py", ["--tiny", "--shapes", "2"]),  # one shape there
     ("fp8.py", ["--steps", "0"]),
     ("fp8.py", ["--steps", "1"]),
     ("data_build.py", ["--records", "0"]),

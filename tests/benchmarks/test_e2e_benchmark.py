@@ -85,8 +85,8 @@ def test_collate_puts_the_positive_first_and_repeats_the_prefix():
 @pytest.mark.slow
 def test_tiny_run_reports_both_trainers_and_their_ratio(tmp_path):
     out = tmp_path / "e2e.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--tiny", "--steps", "3",
-                           "--baseline-steps", "2", "--json", str(out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "e2e.py"), "--tiny", "--shapes", "1",
+                           "--steps", "3", "--baseline-steps", "2", "--json", str(out)], capture_output=True, text=True,
                           timeout=600, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())

@@ -69,8 +69,9 @@ BUDGET_S=${BUDGET_S:-540} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-
 T_BUILD=${T_BUILD:-60} T_E2E=${T_E2E:-190} T_FP8=${T_FP8:-240} T_CUDA=${T_CUDA:-150} T_TESTS=${T_TESTS:-120}
 T_KERNELS=${T_KERNELS:-230} T_SERVE=${T_SERVE:-90} T_SCORE=${T_SCORE:-150} T_DEFAULT=${T_DEFAULT:-120}
 FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${TEST_WORKERS:-6}
-# e2e: two shapes, each one engine run and one baseline run (two where flash_attn imports)
-E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3}
+# e2e: the ~1B shape (issue 10's MFU and ratio), one engine run and one baseline run (two where flash_attn
+# imports); the 7B-shaped one in a rerun: E2E_ARGS="--steps 8 --baseline-steps 3 --shapes 2" ... e2e
+E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3 --shapes 1}
 SERVE_ARGS=${SERVE_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --groups 8 --n 8}
 SCORE_REPEATS=${SCORE_REPEATS:-3} REQUIRE_CUDA=${REQUIRE_CUDA:-1}
 for s in "${STAGES[@]}"; do
@@ -305,10 +306,13 @@ wants default && row default "$(python3 - "$WORK/default_bf16/summary.json" <<'P
 import json, sys
 try:
     s = json.load(open(sys.argv[1]))
-    mfu = [r["mfu"] for r in s["history"] if "mfu" in r and "eval" not in r][1:]
-    mfu_s = f", MFU {sorted(mfu)[len(mfu) // 2]:.1%}" if mfu else ""
+    # training steps only (the summary's sum over the progress windows: no warm-up, evaluations, saves)
+    rate = s.get("train_tokens_per_s")
+    rate_s = (f"{rate:,.0f} tok/s training only" if rate is not None else
+              f"{s['tokens_per_second']:,.0f} tok/s with warm-up, evaluations and saves")
+    mfu_s = f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else ""
     print(f"held-out acc {s['held_out_pair_accuracy']:.3f}, seen {s['train_pair_accuracy']:.3f}, "
-          f"{s['tokens_per_second']:,.0f} tok/s{mfu_s}, {s['steps']} steps")
+          f"{rate_s}{mfu_s}, {s['steps']} steps")
 except Exception as e:
     print(f"no summary: {e}")
 PY
