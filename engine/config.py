@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from engine import yaml_load
+from engine.near_miss import near_field
 from engine.setting_checks import (ConfigError, at_least, boolean, dataset_path_or_empty, directory_to_create,
                                     file_path_or_empty, in_range, one_of, optional, positive, run_directory, setting)
 
@@ -390,8 +391,20 @@ def _unknown_setting(cls, values: dict, where: str) -> Optional[tuple[str, str]]
     if not unknown:
         return None
     prefix = f"{where}." if where else ""
-    return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'; valid keys{' of ' + where if where else ''}: "
-                        + ", ".join(sorted(names)))
+    return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'{_did_you_mean(unknown[0], names, prefix)}; "
+                        f"valid keys{' of ' + where if where else ''}: " + ", ".join(sorted(names)))
+
+
+# A misspelt setting or section (train.stpes, trian, data.seq_len, train.LR) is named with the one it
+# most likely meant: difflib's ratio at least 0.7 (stpes/steps 0.8, seq_len/seq_length 0.82), which
+# leaves out tensor_parallel/sequence_parallel (0.69), another setting rather than a misspelling
+NEAR_MISS_CUTOFF = 0.7
+
+
+def _did_you_mean(key, names, prefix: str = "") -> str:
+    """` (did you mean 'PREFIXname'?)` for the one of `names` that `key` most likely misspells, else ""."""
+    near = near_field(str(key), sorted(names), cutoff=NEAR_MISS_CUTOFF, fold_case=True)
+    return f" (did you mean '{prefix}{near}'?)" if near else ""
 
 
 def _build(cls, values: dict, where: str, sources: Optional[dict] = None):
@@ -520,8 +533,22 @@ def base_file(config: Path, base: str) -> str:
         if found is not None:
             return str(found)
     known = sorted(n for _, names in _named_bases for n in names())
-    raise ConfigError(f"{config}: base: {base}: no such file ({beside})"
-                      + (f", and not a preset (presets: {', '.join(known)})" if known else ""))
+    raise ConfigError(f"{config}: base: {base}: {not_a_config(base, beside, known, show_path=True)}")
+
+
+def not_a_config(name: str, path: Path, presets: list, show_path: bool = False) -> str:
+    """Why `name` (--config's argument, or a `base:` line's, looked for as the file `path` and as one of
+    `presets`) names no config: a directory is said to be one (it was 'no such file'), and the preset
+    a name most likely misspells (polar_7 for polar_7b) is named before the presets are listed."""
+    at = f" ({path})" if show_path else ""
+    listed = f" (presets: {', '.join(presets)})" if presets else ""
+    if path.is_dir():
+        return f"a directory{at}, not a config file; name a YAML file{' or a preset' if presets else ''}{listed}"
+    stem = Path(name).stem if Path(name).suffix in (".yaml", ".yml") else name
+    bare = presets and Path(name).name == name  # a path with folders is never a preset's name
+    near = near_field(stem, presets, cutoff=NEAR_MISS_CUTOFF, fold_case=True) if bare else None
+    return f"no such file{at}" + (f", and not a preset{f': did you mean {near!r}?' if near else ''}{listed}"
+                                  if presets else "")
 
 
 def parse_overrides(overrides: list[str]) -> dict:
@@ -585,14 +612,14 @@ def _file_values(cls, p: Path, ignore: tuple, chain: tuple, sources: dict) -> di
     """The settings a config file gives over those of its `base:` chain, unchecked (a later file or
     the command line may still replace a value); `sources` gets where each came from."""
     if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
+        raise ConfigError(f"{p}: a directory, not a config file" if p.is_dir() else f"config file not found: {p}")
     here = p.resolve()
     if here in chain:
         names = [str(f) for f in chain[chain.index(here):]] + [str(here)]
         raise ConfigError(f"{p}: base: files name each other in a cycle: {' -> '.join(names)}")
     text = p.read_text()
     try:
-        loaded = yaml_load.safe_load(text)
+        loaded = yaml_load.safe_load(text, str(p))
     except yaml_load.DuplicateKeyError as e:
         raise ConfigError(f"{p}:{e.line}: {e.reason}") from None
     except yaml.YAMLError as e:

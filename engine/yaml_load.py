@@ -36,6 +36,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def safe_load(stream):
-    """yaml.safe_load's value; DuplicateKeyError (a yaml.YAMLError) for a key given twice."""
-    return yaml.load(stream, Loader=_UniqueKeyLoader)
+def safe_load(stream, name: str | None = None):
+    """yaml.safe_load's value; DuplicateKeyError (a yaml.YAMLError) for a key given twice. `name`: the
+    file a text was read from, which a syntax error's position names (PyYAML names a text it is handed
+    as a string "<unicode string>": `in "<unicode string>", line 2, column 7`)."""
+    loader = _UniqueKeyLoader(stream)
+    if name is not None:
+        loader.name = name  # every mark (a position an error names) takes the reader's name
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()

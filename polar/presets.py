@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError, register_named_bases
+from engine.config import ConfigError, not_a_config, register_named_bases
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "tiny_cpu"
@@ -40,7 +40,8 @@ def preset_path(name: str) -> Path | None:
 def resolve_config(name_or_path: str | None = None) -> str:
     """The config file `--config` means: an existing file, else a preset name; None gives the default preset.
 
-    Raises ConfigError naming the argument and the presets when it is neither.
+    Raises ConfigError naming the argument and the presets when it is neither (a directory said as one,
+    a near miss of a preset's name named).
     """
     if name_or_path is None:
         name_or_path = DEFAULT_PRESET
@@ -49,8 +50,7 @@ def resolve_config(name_or_path: str | None = None) -> str:
     preset = preset_path(name_or_path)
     if preset is not None:
         return str(preset)
-    raise ConfigError(f"--config {name_or_path}: no such file, and not a preset "
-                      f"(presets: {', '.join(preset_names())})")
+    raise ConfigError(f"--config {name_or_path}: {not_a_config(name_or_path, Path(name_or_path), preset_names())}")
 
 
 register_named_bases(preset_path, preset_names)

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 from engine.file_lock import claim
+from engine.near_miss import near_field  # polar's callers import it from here
 from polar.format import WRAPPERS, Text, as_text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")
@@ -129,22 +130,6 @@ def check_reference(value: Text, where: str, what: str = "the reference") -> Non
     if not text.strip():
         raise _Bad(where, f"{what} is empty{' (only whitespace)' if text else ''}: POLAR scores an output against "
                           "the reference trajectory for its prompt")
-
-
-def near_field(key: str, fields, cutoff: float, fold_case: bool = False,
-               length_within: Optional[int] = None) -> Optional[str]:
-    """The one of `fields` that `key` is most likely a misspelling of (difflib's ratio at least
-    `cutoff`; `key` lowercased first with `fold_case`; only fields whose length is within
-    `length_within` of the key's, where given), else None. The one rule of a near miss for the
-    record readers (misspelt) and polar serve's top-level fields (serve.validation.check_fields)."""
-    import difflib
-
-    if length_within is not None:
-        fields = [f for f in fields if abs(len(f) - len(key)) <= length_within]
-        if not fields:  # get_close_matches indexes the whole key first: 30-40 bytes a character
-            return None
-    near = difflib.get_close_matches(key.lower() if fold_case else key, fields, n=1, cutoff=cutoff)
-    return near[0] if near else None
 
 
 def misspelt(obj: dict, *fields: str) -> str:

@@ -164,8 +164,11 @@ def test_a_quoted_command_line_string_stands_for_what_it_quotes(text, value):
 # ---- a mistake inside a file names the file ----
 
 @pytest.mark.parametrize("text, line, needle", [
-    ("model:\n  num_layers: 2\ntrain: {lrr: 1}\n", 3, "unknown setting 'train.lrr'; valid keys of train: "),
-    ("# a comment\nmodle:\n  num_layers: 2\n", 2, "unknown setting 'modle'; valid keys: "),
+    # a near miss is named (it was 'valid keys of train: ' and the 30 keys alone)
+    ("model:\n  num_layers: 2\ntrain: {lrr: 1}\n", 3,
+     "unknown setting 'train.lrr' (did you mean 'train.lr'?); valid keys of train: adam_beta1, "),
+    ("# a comment\nmodle:\n  num_layers: 2\n", 2, "unknown setting 'modle' (did you mean 'model'?); valid keys: "),
+    ("train:\n  steps: 5\n  bogus: 1\n", 3, "unknown setting 'train.bogus'; valid keys of train: "),
     # YAML keeps the last of two `train:` sections without a word: every setting of the first was lost
     ("train:\n  steps: 5\nmodel:\n  num_layers: 2\ntrain:\n  lr: 0.1\n", 5,
      "key 'train' given twice in one mapping"),
@@ -176,6 +179,34 @@ def test_a_mistake_in_a_file_names_the_file_and_its_line(tmp_path, text, line, n
     f.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(f"{f}:{line}: {needle}")):
         load_config(EngineConfig, str(f))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.stpes=10", "unknown setting 'train.stpes' (did you mean 'train.steps'?); valid keys of train: "),
+    ("trian.steps=10", "unknown setting 'trian' (did you mean 'train'?); valid keys: checkpoint, data, "),
+    ("data.seq_len=64", "unknown setting 'data.seq_len' (did you mean 'data.seq_length'?); "),
+    ("train.LR=0.1", "unknown setting 'train.LR' (did you mean 'train.lr'?); "),
+    # another setting, not a misspelling of sequence_parallel (difflib's 0.69): no suggestion
+    ("parallel.tensor_parallel=2", "unknown setting 'parallel.tensor_parallel'; valid keys of parallel: "),
+    ("train.learning_rate=0.1", "unknown setting 'train.learning_rate'; valid keys of train: "),
+])
+def test_a_misspelt_setting_or_section_names_what_it_most_likely_meant(override, message):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"command line: {message}")):
+        load_config(EngineConfig, None, [override])
+
+
+def test_a_file_that_is_not_yaml_names_itself_where_pyyaml_said_unicode_string(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  steps: [1\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(EngineConfig, str(f))
+    assert str(e.value).startswith(f"{f}: not valid YAML: ") and f'in "{f}", line 2, column 10' in str(e.value)
+    assert "<unicode string>" not in str(e.value)
+
+
+def test_a_directory_given_as_a_config_file_is_said_to_be_one(tmp_path):
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path))}: a directory, not a config file$"):
+        load_config(EngineConfig, str(tmp_path))
 
 
 def test_a_key_given_twice_in_a_command_line_mapping_is_refused():

@@ -39,3 +39,16 @@ def test_an_unhashable_key_is_refused_as_yaml_refuses_it():
         yaml.safe_load("? [1, 2]\n: 3\n")
     with pytest.raises(yaml.constructor.ConstructorError):
         safe_load("? [1, 2]\n: 3\n")
+
+
+def test_a_syntax_error_names_the_file_it_is_given():
+    """PyYAML names a text it is handed as a string `<unicode string>`: `in "<unicode string>", line 2,
+    column 10`, where the config file's name was meant."""
+    text = "train:\n  steps: [1\n"
+    with pytest.raises(yaml.YAMLError) as unnamed:
+        safe_load(text)
+    assert 'in "<unicode string>", line 2, column 10' in str(unnamed.value)
+    with pytest.raises(yaml.YAMLError) as named:
+        safe_load(text, "runs/my.yaml")
+    assert 'in "runs/my.yaml", line 2, column 10' in str(named.value) and "<unicode" not in str(named.value)
+    assert safe_load("a: 1\n", "runs/my.yaml") == {"a": 1}

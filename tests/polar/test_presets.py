@@ -38,9 +38,24 @@ def test_a_path_with_folders_is_never_a_preset(tmp_path):
 
 
 def test_an_unknown_name_lists_the_presets():
-    with pytest.raises(ConfigError, match=r"--config tiny_gpu: no such file, and not a preset "
-                                          r"\(presets: polar_1_8b, polar_7b, tiny_cpu\)"):
-        resolve_config("tiny_gpu")
+    with pytest.raises(ConfigError, match=r"^--config nope: no such file, and not a preset "
+                                          r"\(presets: polar_1_8b, polar_7b, tiny_cpu\)$"):
+        resolve_config("nope")
+
+
+@pytest.mark.parametrize("name, near", [("polar_7", "polar_7b"), ("polar_7.yaml", "polar_7b"),
+                                        ("tiny_gpu", "tiny_cpu"), ("Polar_1_8B", "polar_1_8b")])
+def test_a_near_miss_of_a_preset_name_is_named(name, near):
+    with pytest.raises(ConfigError, match="^" + re.escape(f"--config {name}: no such file, and not a preset: did you "
+                                                          f"mean {near!r}? (presets: polar_1_8b, polar_7b, tiny_cpu)")):
+        resolve_config(name)
+
+
+def test_a_directory_is_said_to_be_one(tmp_path):
+    # it was "--config DIR: no such file, and not a preset", of a directory that is there
+    with pytest.raises(ConfigError, match="^" + re.escape(f"--config {tmp_path}: a directory, not a config file; "
+                                                          "name a YAML file or a preset (presets: polar_1_8b, ")):
+        resolve_config(str(tmp_path))
 
 
 def test_a_user_file_builds_on_a_preset_through_base(tmp_path):
@@ -66,8 +81,17 @@ def test_a_file_beside_the_config_wins_over_a_preset_of_the_same_name(tmp_path):
 def test_a_base_that_is_neither_a_file_nor_a_preset_lists_the_presets(tmp_path):
     (tmp_path / "mine.yaml").write_text("base: tiny_gpu\n")
     with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'mine.yaml'}: base: tiny_gpu: no such file "
-                                                    f"({tmp_path / 'tiny_gpu'}), and not a preset (presets: "
-                                                    "polar_1_8b, polar_7b, tiny_cpu)")):
+                                                    f"({tmp_path / 'tiny_gpu'}), and not a preset: did you mean "
+                                                    "'tiny_cpu'? (presets: polar_1_8b, polar_7b, tiny_cpu)")):
+        load_config(EngineConfig, str(tmp_path / "mine.yaml"))
+    (tmp_path / "mine.yaml").write_text("base: nope\n")
+    with pytest.raises(ConfigError, match=re.escape(f"base: nope: no such file ({tmp_path / 'nope'}), and not a "
+                                                    "preset (presets: polar_1_8b, polar_7b, tiny_cpu)")):
+        load_config(EngineConfig, str(tmp_path / "mine.yaml"))
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "mine.yaml").write_text("base: sub\n")
+    with pytest.raises(ConfigError, match=re.escape(f"base: sub: a directory ({tmp_path / 'sub'}), not a config "
+                                                    "file; name a YAML file or a preset (presets: ")):
         load_config(EngineConfig, str(tmp_path / "mine.yaml"))
     # a path with folders is never a preset name
     (tmp_path / "mine.yaml").write_text("base: sub/tiny_cpu\n")
