@@ -17,10 +17,24 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 from engine.pretrain import main as _main  # noqa: E402
 
 
+class _CalledAs:
+    """The fine-tuning recipe with the program name its usage and errors lead with: its CLI says
+    `polar finetune`, which `python engine/finetune.py --bogus` was told it had typed."""
+
+    def __init__(self, recipe, prog: str):
+        self._recipe, self.CLI = recipe, {**recipe.CLI, "prog": prog}
+
+    def __getattr__(self, name):
+        return getattr(self._recipe, name)
+
+
 def main(argv=None) -> int:
+    from engine.called_as import called_as
     from polar import finetune_recipe
 
-    return _main(argv, recipe=finetune_recipe)
+    prog = called_as(__spec__, finetune_recipe.CLI["prog"])
+    return _main(argv, recipe=finetune_recipe if prog == finetune_recipe.CLI["prog"]
+                 else _CalledAs(finetune_recipe, prog))
 
 
 if __name__ == "__main__":

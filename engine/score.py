@@ -57,8 +57,8 @@ MAX_RESPONSE_HELP = ("the client's max_response_length (default: min(4096, (L - 
                      "below 4096)")
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="polar score", description=__doc__.split("\n\n")[0],
+def parse_args(argv=None, prog: str = "polar score"):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="an engine checkpoint: a run's checkpoints/ directory, one step, or a `polar convert` output")
@@ -390,7 +390,10 @@ class Packed:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from engine.called_as import called_as
+
+    prog = called_as(__spec__, "polar score")
+    args = parse_args(argv, prog)
     rank = int(os.environ.get("RANK", "0"))
     from engine.cuda_env import order_tp_launches
     from engine.quiet import silence_known_warnings
@@ -400,7 +403,16 @@ def main(argv=None) -> int:
     from engine.interrupt import exit_status
 
     leaves = ["before the scoring began; the same command starts it"]  # what a stop leaves, kept up to date
-    return exit_status(lambda interrupts: run(args, interrupts, leaves), leaves, rank == 0)
+
+    def named(interrupts) -> int:
+        try:
+            return run(args, interrupts, leaves)
+        except ConfigError as e:  # led by the command, as every polar command's errors are (it was `error:`)
+            if rank == 0:
+                print(f"{prog}: {e}", file=sys.stderr)
+            return 2
+
+    return exit_status(named, leaves, rank == 0)
 
 
 def score_settings(args, scorer: CheckpointScorer) -> dict:

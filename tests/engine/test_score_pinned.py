@@ -58,7 +58,7 @@ def test_polar_score_refuses_a_bad_value_before_it_reads_anything(tmp_path):
                           cwd=ROOT, env={**__import__("os").environ, PIN_ENV: "on"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"error: {PIN_ENV}='on': 1 (the default" in proc.stderr, proc.stderr[-3000:]
+    assert f"polar score: {PIN_ENV}='on': 1 (the default" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_cpu_runs_batches_are_packed_as_before():
