@@ -22,11 +22,22 @@ with zero rows after the scales are taken, so the padding enters neither the ama
 
 Tensor parallelism stays megatron's: these classes subclass ColumnParallelLinear and
 RowParallelLinear and replace only `_forward_impl`, the matrix product between megatron's own
-communication (sequence-parallel all-gather / reduce-scatter, dgrad all-reduce, the row-parallel
-output reduction). One thing TP adds: an operand split over the TP ranks along a dimension its
-amax spans would get a different scale on each rank than on one process, so that amax is
-max-reduced over the TP group first (per tensor: the sharded tensors; per row: only where the
-contraction dimension is the sharded one), which makes every scale equal to the single-process one.
+communication (dgrad all-reduce, the row-parallel output reduction or reduce-scatter). One thing TP
+adds: an operand split over the TP ranks along a dimension its amax spans would get a different
+scale on each rank than on one process, so that amax is max-reduced over the TP group first (per
+tensor: the sharded tensors; per row: only where the contraction dimension is the sharded one),
+which makes every scale equal to the single-process one.
+
+Sequence parallelism, column-parallel: megatron all-gathers the input's token shards in the training
+dtype, and its own linear keeps only the shard for the backward, gathering it again for wgrad. Fed
+the gathered input, the FP8 product kept all of it: TP times the shard (per tensor its FP8 copy, per
+row the bf16 input; measured on TP2, tests/engine/model/test_fp8_sequence_parallel.py). Here the
+product takes the shard itself: it quantizes the shard (per tensor with the TP-max-reduced amax, per
+row with the rows' own scales), all-gathers the FP8 bytes (and row scales), half of bf16's traffic
+as Transformer Engine does, and keeps the shard: per tensor its FP8 copy, per row the bf16 shard
+(wgrad scales x per column over all tokens, so the rescaling waits for the gather in the backward).
+Quantization is element-wise and max is exact, so the results are bit for bit those of quantizing
+the gathered input.
 
 Weight cache. A weight changes only at the optimizer step, yet each micro-batch would quantize it
 again (reading it, writing the scaled copy and the FP8 copy, and all-reducing its amax over TP).
@@ -55,10 +66,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.tensor_parallel.mappings import (
-    copy_to_tensor_model_parallel_region,
-    gather_from_sequence_parallel_region,
-)
+from megatron.core.tensor_parallel.mappings import copy_to_tensor_model_parallel_region
 
 FORWARD_DTYPE = torch.float8_e4m3fn
 GRAD_DTYPE = torch.float8_e5m2
@@ -163,66 +171,106 @@ def _mm(a, b, scale_a, scale_b, out_dtype, fast_accum: bool):
     return out.to(out_dtype)
 
 
+def _gather_rows(t: torch.Tensor, group, async_op: bool = False):
+    """t [m, ...] of each rank -> [tp m, ...] in rank order (megatron's sequence-parallel all-gather);
+    FP8 goes as its bytes. With async_op: (the result, to be read after the returned work's wait())."""
+    out = torch.empty((t.shape[0] * group.size(), *t.shape[1:]), dtype=t.dtype, device=t.device)
+    one_byte = t.dtype in (FORWARD_DTYPE, GRAD_DTYPE)
+    raw = out.view(torch.uint8) if one_byte else out
+    work = dist.all_gather_into_tensor(raw, t.contiguous().view(raw.dtype), group=group, async_op=async_op)
+    return (out, work) if async_op else out
+
+
 class _Fp8Linear(torch.autograd.Function):
     """y = x W^T (+ bias) with the three products in FP8; see the module docstring.
 
     `x_group` / `w_group` / `dy_group`: the TP group when that operand is split over TP ranks
-    (x: along K, row-parallel; W: along N or K; dy: along N, column-parallel), else None."""
+    (x: along K, row-parallel; W: along N or K; dy: along N, column-parallel), else None.
+    `sp_group`: x is this rank's shard of the tokens (M) under sequence parallelism, the product's
+    input all of them (column-parallel). x is quantized here and all-gathered in FP8 with its scales,
+    and only the shard is kept for the backward (FP8 per tensor, the training dtype per row, as
+    megatron's bf16 linear keeps its shard), gathered again there for wgrad; dx, the gradient of the
+    whole input, is reduce-scattered back to the shard. The values are those of gathering x in the
+    training dtype first: a per-tensor amax is max-reduced over the group (max is exact), per-row
+    scales are the rows' own, and quantization is element-wise."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, recipe, x_group, w_group, dy_group):
+    def forward(ctx, x, weight, bias, recipe, x_group, w_group, dy_group, sp_group=None):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         rowwise = recipe == "rowwise"
         if rowwise:  # contraction over K: amax along K for both (reduced where K is split)
             xq, xs = quantize(x2, FORWARD_DTYPE, 1, x_group, pow2=True)
             wq, ws = quantize_weight(weight, 1, w_group if x_group is not None else None, pow2=True)
-            ctx.save_for_backward(x2, weight)
+            ctx.save_for_backward(x2, weight)  # wgrad scales x per column over all tokens: rescaled there
         else:
-            xq, xs = quantize(x2, FORWARD_DTYPE, None, x_group)
+            xq, xs = quantize(x2, FORWARD_DTYPE, None, x_group if sp_group is None else sp_group)
             wq, ws = quantize_weight(weight, None, w_group)
             ctx.save_for_backward(xq, xs, wq, ws)  # FP8 copies: a quarter of fp32, half of bf16
+        out_shape = shape
+        if sp_group is not None:
+            xq = _gather_rows(xq, sp_group)
+            if rowwise:
+                xs = _gather_rows(xs, sp_group)
+            out_shape = (shape[0] * sp_group.size(), *shape[1:])
         y = _mm(xq, wq.t(), xs, ws.t(), x.dtype, fast_accum=True)
         if bias is not None:
             y = y + bias
-        ctx.meta = (recipe, shape, x.dtype, weight.dtype, bias is not None, x_group, w_group, dy_group)
-        return y.view(*shape[:-1], weight.shape[0])
+        ctx.meta = (recipe, shape, x.dtype, weight.dtype, bias is not None, x_group, w_group, dy_group, sp_group)
+        return y.view(*out_shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx, dy):
-        recipe, shape, x_dtype, w_dtype, has_bias, x_group, w_group, dy_group = ctx.meta
+        recipe, shape, x_dtype, w_dtype, has_bias, x_group, w_group, dy_group, sp_group = ctx.meta
         dy2 = dy.reshape(-1, dy.shape[-1])
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = None
+        saved = ctx.saved_tensors
+        gathered = None
+        if need_dw and sp_group is not None:  # wgrad contracts over all tokens: the shard's copy is gathered,
+            gathered = _gather_rows(saved[0], sp_group, async_op=True)  # overlapping dgrad as megatron does
         if recipe == "rowwise":
-            x2, weight = ctx.saved_tensors
+            x2, weight = saved
             if need_dx:  # contraction over N: dy and W along N (split on column-parallel ranks)
                 dyq, dys = quantize(dy2, GRAD_DTYPE, 1, dy_group, pow2=True)
                 wq, ws = quantize_weight(weight, 0, w_group if dy_group is not None else None, pow2=True)
                 dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
-            if need_dw:  # contraction over M (never split over TP): along the tokens
+            if need_dw:  # contraction over M (never split over TP once gathered): along the tokens
+                x2 = _waited(gathered, x2)
                 dyq, dys = quantize(dy2, GRAD_DTYPE, 0, None, pow2=True)
                 xq, xs = quantize(x2, FORWARD_DTYPE, 0, None, pow2=True)
                 a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
                 dw = _mm(a, b, dys.t(), xs, w_dtype, fast_accum=False)
         else:
-            xq, xs, wq, ws = ctx.saved_tensors
+            xq, xs, wq, ws = saved
             dyq, dys = quantize(dy2, GRAD_DTYPE, None, dy_group)
             if need_dx:
                 dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
             if need_dw:
-                a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
+                a, b = _pad_inner(dyq.t().contiguous(), _column_major(_waited(gathered, xq)))
                 dw = _mm(a, b, dys, xs, w_dtype, fast_accum=False)
+        if dx is not None and sp_group is not None:  # what megatron's all-gather backward does
+            whole, dx = dx, dx.new_empty((dx.shape[0] // sp_group.size(), dx.shape[1]))
+            dist.reduce_scatter_tensor(dx, whole, group=sp_group)
         if dx is not None:
             dx = dx.view(shape)
         db = dy2.sum(0).to(w_dtype) if has_bias and ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
-def fp8_linear(x, weight, bias, recipe: str, x_group=None, w_group=None, dy_group=None):
+def _waited(gathered, local):
+    """The all-gathered tensor once its gather has finished, or `local` where nothing was gathered."""
+    if gathered is None:
+        return local
+    out, work = gathered
+    work.wait()
+    return out
+
+
+def fp8_linear(x, weight, bias, recipe: str, x_group=None, w_group=None, dy_group=None, sp_group=None):
     if recipe not in RECIPES:
         raise ValueError(f"FP8 recipe {recipe!r}: expected one of {RECIPES}")
-    return _Fp8Linear.apply(x, weight, bias, recipe, x_group, w_group, dy_group)
+    return _Fp8Linear.apply(x, weight, bias, recipe, x_group, w_group, dy_group, sp_group)
 
 
 def _tp(group):
@@ -231,17 +279,18 @@ def _tp(group):
 
 class Fp8ColumnParallelLinear(ColumnParallelLinear):
     """megatron's ColumnParallelLinear with its matrix product in FP8. W [N/tp, K] is split along
-    N, and so is dy; x is whole (all-gathered first under sequence parallelism)."""
+    N, and so is dy; x is whole (under sequence parallelism all-gathered in FP8 by the product
+    itself, which keeps only this rank's shard for the backward, as megatron's own linear does)."""
 
     fp8_recipe = "tensorwise"
 
     def _forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                       sequence_parallel=False, tp_group=None, **unused):
-        if sequence_parallel:  # megatron's SP all-gather; its backward reduce-scatters dx
-            input = gather_from_sequence_parallel_region(input, tensor_parallel_output_grad=True, group=tp_group)
-        elif allreduce_dgrad:  # identity forward, all-reduce of dx backward
-            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         tp = _tp(self.tp_group)
+        if sequence_parallel and tp is not None:
+            return fp8_linear(input, weight, bias, self.fp8_recipe, w_group=tp, dy_group=tp, sp_group=tp)
+        if allreduce_dgrad:  # identity forward, all-reduce of dx backward
+            input = copy_to_tensor_model_parallel_region(input, group=tp_group)
         return fp8_linear(input, weight, bias, self.fp8_recipe, x_group=None, w_group=tp, dy_group=tp)
 
 
