@@ -24,8 +24,8 @@ from typing import Optional
 
 from polar.plan_config import fine_tuning_overrides, load_plan_config
 from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
-                              checkpoint_bytes, fp8_copy_bytes, inside_nodes, layers_in_flight, memory_per_rank,
-                              params_per_rank, step_time, total_params)
+                              checkpoint_bytes, fp8_copy_bytes, fp8_keeps_inputs, inside_nodes, layers_in_flight,
+                              memory_per_rank, params_per_rank, step_time, total_params)
 
 # re-exported: the cost model's and the config loading's names are the plan's public names too
 # (tests/polar/test_plan.py)
@@ -193,9 +193,10 @@ class Estimate:
 
 
 def estimate(shape: Shape, layout: Layout, seq_length: int, global_batch: int, gpu: GPU, a: Assumptions,
-             fp8: bool = False, attention_backend: str = "triton", fp8_bytes: float = 2.0) -> Estimate:
+             fp8: bool = False, attention_backend: str = "triton", fp8_bytes: float = 2.0,
+             fp8_inputs: bool = False) -> Estimate:
     per_rank = [memory_per_rank(shape, layout, seq_length, global_batch, r, "bf16", fp8, attention_backend,
-                                a.overhead_gb, fp8_bytes=fp8_bytes) for r in range(layout.pp)]
+                                a.overhead_gb, fp8_bytes=fp8_bytes, fp8_inputs=fp8_inputs) for r in range(layout.pp)]
     worst = max(range(layout.pp), key=lambda r: per_rank[r]["total"])
     mem = per_rank[worst]
     return Estimate(layout, mem, worst, step_time(shape, layout, seq_length, global_batch, gpu, a, fp8),
@@ -341,11 +342,11 @@ def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = No
 
 
 def memory_lines(shape: Shape, e: Estimate, seq_length: int, global_batch: int, fp8: bool,
-                 attention_backend: str, a: Assumptions) -> list[str]:
+                 attention_backend: str, a: Assumptions, fp8_inputs: bool = False) -> list[str]:
     m = e.memory
     acts = activation_bytes_by_recompute(shape, e.layout, seq_length, global_batch, e.memory_rank,
                                          precision="bf16", fp8=fp8, attention_backend=attention_backend,
-                                         overhead_gb=a.overhead_gb)
+                                         overhead_gb=a.overhead_gb, fp8_inputs=fp8_inputs)
     n = params_per_rank(shape, e.layout.tp, e.layout.pp, e.memory_rank)
     return [
         f"memory of pipeline rank {e.memory_rank} ({n:,} parameters): weights {_gb(m['weights'])} GB, gradients "
@@ -450,7 +451,8 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
             raise ValueError(f"{where}: layout {layout.name()}: {problem}")
         e = estimate(shape, layout, cfg.data.seq_length, cfg.train.global_batch, gpu, a,
                      bool(run.get("fp8")) or cfg.train.fp8 != "off",
-                     cfg.train.attention_backend, fp8_copy_bytes(target.train.fp8, cfg.model.transformer_impl))
+                     cfg.train.attention_backend, fp8_copy_bytes(target.train.fp8, cfg.model.transformer_impl),
+                     fp8_keeps_inputs(target.train.fp8, cfg.model.transformer_impl))
 
         def pair(pred, meas, fmt):
             if meas is None:
@@ -554,8 +556,9 @@ def main(argv=None) -> int:
               "the data-parallel size must divide the global batch)" + nearest, file=sys.stderr)
         return 2
     copies = fp8_copy_bytes(run.train.fp8, cfg.model.transformer_impl)
+    inputs = fp8_keeps_inputs(run.train.fp8, cfg.model.transformer_impl)
     ranked = rank_layouts(prune_dominated([estimate(shape, lay, seq, gb, gpu, a, fp8, cfg.train.attention_backend,
-                                                    copies) for lay in layouts]))
+                                                    copies, inputs) for lay in layouts]))
     # the overrides named with the preset: `polar_7b` with model.num_layers=48 is not POLAR-7B
     what = " ".join([config or "(fine-tuning defaults)", *args.overrides])
     print(f"polar plan: {what} ({_count(total_params(shape))} parameters: {shape.num_layers} layers, "
@@ -592,7 +595,7 @@ def main(argv=None) -> int:
     print()
     for line in explain(best, ranked, gpu, a):
         print(line)
-    for line in memory_lines(shape, best, seq, gb, fp8, cfg.train.attention_backend, a):
+    for line in memory_lines(shape, best, seq, gb, fp8, cfg.train.attention_backend, a, inputs):
         print(line)
     print(checkpoint_line(shape, best.layout, gpu.gpus_per_node))
     lay = best.layout

@@ -22,7 +22,12 @@ Memory per GPU, for the pipeline rank that needs most:
   norms 3 x 2 tensors of [s, b, h] (input, normalised input, output) + the QKV output, K and Q after
   RoPE and the attention output [s, b, (h + 2 kv) + (kv + 2 h)] / t + the fc1 output and the SwiGLU
   product [s, b, 3 ffn] / t (megatron's fused SwiGLU recomputes silu in the backward;
-  layer_activation_bytes lists them). With the
+  layer_activation_bytes lists them). The local layers' per-tensor FP8 recipe (fp8_keeps_inputs) keeps
+  each linear's input as its e4m3 copy, 1 byte an element, in place of the bf16 one: the norm outputs
+  (linear_qkv's and linear_fc1's inputs, / t under SP: each rank keeps its token shard) and the SwiGLU
+  product (linear_fc2's) are then kept by nothing else, while the attention output, linear_proj's input,
+  stays kept by the attention beside its copy ([s, b, h] / t more); the per-row recipe keeps the bf16
+  inputs as megatron's linears do, and is priced as bf16. With the
   torch attention backend the dense [b, s, s] bool mask is kept once and SDPA's additive copy of it per
   layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
   input [s, b, h] (/t under SP) and one layer's activations while it is recomputed; selective
@@ -252,7 +257,7 @@ def checkpoint_bytes(shape: Shape, layout: Layout, gpus_per_node: int, weight_by
 # ---- memory ----------------------------------------------------------------------------------------------
 
 def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_bytes: int = 2,
-                           seq_length: int = 0, attention_backend: str = "triton") -> float:
+                           seq_length: int = 0, attention_backend: str = "triton", fp8_inputs: bool = False) -> float:
     """Bytes one layer keeps for its backward pass for `tokens` = s x b tokens of one micro-batch.
 
     The tensors autograd saves in megatron's local layer with the engine's attention (counted on CPU with
@@ -260,7 +265,10 @@ def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_byt
     of it, so all of it stays), K and Q after RoPE, the attention output and its log-sum-exp (fp32); the
     fc1 output (2 ffn) and the SwiGLU product, fc2's input (megatron's fused SwiGLU Function keeps only
     its input and recomputes silu in the backward: engine.parallelize turns bias_activation_fusion on).
-    The torch backend also keeps the additive mask SDPA makes of the bool mask."""
+    The torch backend also keeps the additive mask SDPA makes of the bool mask. `fp8_inputs`
+    (fp8_keeps_inputs): the linears keep e4m3 copies of their inputs (the module docstring says which
+    bf16 tensors that frees; the difference from bf16 is measured on CPU at TP2 with and without SP,
+    tests/polar/test_plan.py), and a 4-byte scale each."""
     h, f, kv = shape.hidden_size, shape.ffn_hidden_size, shape.kv_size
     c = 1.0 / tp if sp else 1.0
     norms = 2 * 3 * h * c
@@ -269,6 +277,9 @@ def layer_activation_bytes(shape: Shape, tokens: int, tp: int, sp: bool, act_byt
     out = act_bytes * tokens * (norms + attention + mlp) + 4 * tokens * shape.num_attention_heads / tp
     if attention_backend == "torch":
         out += act_bytes * tokens * seq_length  # [b, 1, s, s]: broadcast over the heads
+    if fp8_inputs:
+        out -= (act_bytes - 1) * tokens * (2 * h * c + f / tp)  # norm outputs and the SwiGLU product in e4m3
+        out += tokens * h / tp + 4 * 4  # linear_proj's copy of the attention output, four scales
     return out
 
 
@@ -294,11 +305,21 @@ def fp8_copy_bytes(recipe: str, transformer_impl: str = "local") -> float:
     return 1.0 if transformer_impl == "local" and recipe == "tensorwise" else 2.0
 
 
+def fp8_keeps_inputs(recipe: str, transformer_impl: str = "local") -> bool:
+    """Whether the FP8 linears keep e4m3 copies of their inputs for the backward in place of the training
+    dtype's: the local layers' per-tensor recipe (engine/model/fp8_linear.py). Their per-row recipe keeps
+    the bf16 inputs (wgrad scales them along the tokens, not as the forward did), as megatron's linears
+    do; Transformer Engine's recipes are priced as bf16 too (not measured here)."""
+    return recipe == "tensorwise" and transformer_impl == "local"
+
+
 def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch: int, pp_rank: int,
                     precision: str = "bf16", fp8: bool = False, attention_backend: str = "triton",
-                    overhead_gb: float = 0.0, device: str = "gpu", fp8_bytes: float = 2.0) -> dict:
+                    overhead_gb: float = 0.0, device: str = "gpu", fp8_bytes: float = 2.0,
+                    fp8_inputs: bool = False) -> dict:
     """Bytes by component for one process at pipeline position pp_rank (see the module docstring); with
-    `fp8`, `fp8_bytes` per linear parameter of FP8 weight copies (fp8_copy_bytes).
+    `fp8`, `fp8_bytes` per linear parameter of FP8 weight copies (fp8_copy_bytes), and with `fp8_inputs`
+    the linears' inputs kept in e4m3 (fp8_keeps_inputs).
 
     The peak comes either in the backward pass (activations plus the largest gradient autograd produces
     before it is added into the buffer) or in the optimizer step (Adam's temporaries); `transient` is what
@@ -310,7 +331,7 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     m = global_batch // (layout.dp * layout.micro_batch)
     tokens = seq_length * layout.micro_batch
     per_layer = layer_activation_bytes(shape, tokens, layout.tp, layout.sequence_parallel, w_bytes, seq_length,
-                                       attention_backend)
+                                       attention_backend, fp8 and fp8_inputs)
     in_flight = layers_in_flight(shape, layout, pp_rank, m)
     c = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     if layout.recompute == "full":

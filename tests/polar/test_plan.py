@@ -557,3 +557,30 @@ def test_a_gpu_name_in_any_case_is_its_card_and_fp8_advice_only_with_fp8(capsys)
     assert "none fits" in out and "FP8 off" not in out, out
     assert plan.main(["--config", "polar_7b", "--gpus", "1", "--fp8"]) == 1
     assert "more GPUs, FP8 off, " in capsys.readouterr().out
+
+
+def test_fp8_activations_are_what_the_engines_layer_keeps(tmp_path, capsys):
+    """One layer's bytes kept for the backward, FP8 less bf16, measured on the engine's bf16 model at TP2 with
+    and without sequence parallelism (tests/engine/model/fp8_sp_worker.py --layers: the attention backend's
+    and the norms' own tensors cancel in the difference) against the plan's. The plan priced every recipe as
+    bf16: per tensor the linears keep e4m3 copies in place of the norm outputs and the SwiGLU product (and
+    one of the attention output beside it); per row the bf16 inputs, each rank its token shard under SP."""
+    from polar.plan_model import layer_activation_bytes
+    from tests.engine.model import fp8_sp_worker as worker
+
+    measured = worker.launch(tmp_path / "layers", "--layers")[0]
+    shape, tokens = _shape(worker.MODEL), worker.SEQ * worker.BATCH
+    for name, sp in (("sp", True), ("no_sp", False)):
+        bf16 = layer_activation_bytes(shape, tokens, worker.TP, sp)
+        for recipe in ("tensorwise", "rowwise"):
+            inputs = plan.fp8_keeps_inputs(recipe)
+            priced = layer_activation_bytes(shape, tokens, worker.TP, sp, fp8_inputs=inputs) - bf16
+            assert priced == measured[name][recipe] - measured[name]["off"], (name, recipe, measured)
+    # and `polar plan` prices a run's recipe so: per tensor fewer activation bytes than bf16, per row the same
+    pinned = ["--config", "polar_1_8b", "--gpus", "8", "parallel.tp=2", "parallel.pp=1",
+              "parallel.sequence_parallel=true", "train.micro_batch=1"]
+    acts = {}
+    for recipe in ("off", "tensorwise", "rowwise"):
+        _, memory, _ = _memory_and_launch(capsys, [*pinned, f"train.fp8={recipe}"])
+        acts[recipe] = float(re.search(r"activations ([\d.]+) GB", memory).group(1))
+    assert acts["tensorwise"] < acts["off"] == acts["rowwise"], acts
