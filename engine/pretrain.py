@@ -52,22 +52,80 @@ def _stop(rank: int, message: str, code: int) -> int:
     return code
 
 
+POLAR_COMMANDS = ("pretrain", "finetune")  # polar's commands that run this module (polar/cli.py)
+
+
+def _polar_command() -> str | None:
+    """`polar pretrain` (or `polar finetune`) where that command started this process (its start-up
+    check, --print-config) or the torchrun that did (its workers); None otherwise. polar runs the module
+    in processes of its own and passes nothing else that says so."""
+    import psutil
+
+    try:
+        proc = psutil.Process()
+        for _ in range(2):
+            proc = proc.parent()
+            if proc is None:
+                break
+            words = proc.cmdline()
+            # `.../bin/polar pretrain ...` (under its interpreter or not) or `python -m polar.cli pretrain ...`
+            at = next((i for i, w in enumerate(words[:3]) if Path(w).name == "polar" or w == "polar.cli"), None)
+            if at is not None and words[at + 1:at + 2] and words[at + 1] in POLAR_COMMANDS:
+                return f"polar {words[at + 1]}"
+    except psutil.Error:  # an ancestor gone or not ours to read: no launcher to name
+        pass
+    return None
+
+
+def invoked_as() -> str:
+    """The program as the user called it, for the usage and error lines (argparse's default is the
+    file's name, `pretrain.py`, which names neither way to run it): `polar pretrain` through polar,
+    else the script's path as typed (`engine/pretrain.py`; torchrun passes it on to its workers as
+    given), else `python -m MODULE`."""
+    launcher = _polar_command()
+    if launcher:
+        return launcher
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and spec.name:  # run with -m
+        return f"{Path(sys.orig_argv[0]).name} -m {spec.name.removesuffix('.__main__')}"
+    return sys.argv[0] or "engine/pretrain.py"
+
+
+def unrecognized(words: list[str], options: list[str]) -> str:
+    """The error for options the parser does not know, each near miss of one it does followed by it:
+    `unrecognized arguments: --confg (did you mean --config?)` (argparse named the word alone; its own
+    suggestions, suggest_on_error, come with Python 3.14 and cover choices only)."""
+    from engine.near_miss import near_field
+
+    shown = []
+    for word in words:
+        near = near_field(word.split("=", 1)[0], options, cutoff=0.6) if word.startswith("-") else None
+        shown.append(f"{word} (did you mean {near}?)" if near else word)
+    return f"unrecognized arguments: {' '.join(shown)}"
+
+
 def parse_args(argv=None, prog: str | None = None, description: str = "POLAR reward-model pre-training "
                "(run under torchrun; a plain single process works too).",
                config_help: str = "a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: "
                "tiny_cpu)"):
+    """`prog`: the program's name in its usage and errors, default how it was called (invoked_as)."""
     ap = argparse.ArgumentParser(
-        prog=prog, description=description,
+        prog=prog or invoked_as(), description=description,
         epilog="Overrides: section.key=value, e.g. train.lr=1e-4 parallel.tp=2 model.num_layers=8",
     )
-    ap.add_argument("--config", default=None, help=config_help)
-    ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    ap.add_argument("--check-config", action="store_true",
-                    help="run the start-up checks for WORLD_SIZE processes (default 1), the kernel choice and "
-                         "the data, and exit: 0 when the run would start, 2 with the config error otherwise "
-                         "(what `polar pretrain` and `polar finetune --nproc N` do before launching torchrun)")
+    options = [
+        ap.add_argument("--config", default=None, help=config_help),
+        ap.add_argument("--print-config", action="store_true", help="print the resolved config and exit"),
+        ap.add_argument("--check-config", action="store_true",
+                        help="run the start-up checks for WORLD_SIZE processes (default 1), the kernel choice and "
+                             "the data, and exit: 0 when the run would start, 2 with the config error otherwise "
+                             "(what `polar pretrain` and `polar finetune --nproc N` do before launching torchrun)"),
+    ]
     ap.add_argument("overrides", nargs="*", help="section.key=value settings")
-    return ap.parse_intermixed_args(argv)  # settings before and after --config alike
+    args, unknown = ap.parse_known_intermixed_args(argv)  # settings before and after --config alike
+    if unknown:
+        ap.error(unrecognized(unknown, ["--help", *(s for a in options for s in a.option_strings)]))
+    return args
 
 
 def main(argv=None, recipe=None) -> int:
@@ -489,10 +547,28 @@ def run(cfg, recipe) -> int:
             lock.release()
 
 
+def best_evaluations(history: list, eval_sets: dict, final: dict, step: int, start_step: int) -> dict:
+    """Per evaluation set, its best pair accuracy and the step it was reached at (the first of a tie):
+    over the history's evaluations of the set as it is now (after its `after_step`, engine.resume_checks.
+    eval_sets; this process's alone where that is unknown) and the final evaluation `final` at `step`.
+    A set never evaluated is left out."""
+    best = {}
+    for name in dict.fromkeys([*eval_sets, *final]):
+        since = eval_sets.get(name, {}).get("after_step", start_step)
+        seen = [(r["step"], r["pair_accuracy"]) for r in history if r.get("eval") == name and r["step"] > since]
+        if name in final:
+            seen.append((step, final[name]["pair_accuracy"]))
+        if seen:
+            at, acc = max(seen, key=lambda s: (s[1], -s[0]))
+            best[name] = {"step": at, "pair_accuracy": acc}
+    return best
+
+
 def _train(cfg, recipe, rt, data, say, t_start) -> int:
     """run() once the run holds its checkpoint directory."""
     run_dir = Path(cfg.run_dir)
     from engine.checkpoint import run_checkpoint_dir
+    from engine.progress import training_only
     from engine.runtime import peak_memory_gb, shutdown_runtime
 
     if data.tokenizer:
@@ -550,8 +626,11 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
             "tokens": sum(step_tokens),
             "resumed_at_step": start_step,
             "tokens_this_run": tokens,
+            # the whole fit's wall time: the first step's warm-up, evaluations and saves, the final save
             "tokens_per_second": tokens / train_time if train_time > 0 else None,
             "train_seconds": train_time,
+            # the same, training steps only (summed over the progress lines' windows)
+            **training_only(history, start_step, rt.world_size),
             "wall_seconds": time.time() - t_start,
             "parameters": trainer.num_parameters,
             "layout": {"tp": rt.tp, "pp": rt.pp, "dp": rt.dp, "vpp": rt.vpp},
@@ -559,6 +638,7 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
             "packing_efficiency": data.train.packing_efficiency,
             "data": data.source or "synthetic",
             "evaluations": results,
+            "best_eval": best_evaluations(history, trainer.eval_sets, results, trainer.step, start_step),
             # each set's digest, and the step after which the history's evaluations are of it (a resume may change it)
             "eval_sets": trainer.eval_sets,
             "skipped_steps": trainer.skipped_steps,

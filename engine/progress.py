@@ -253,6 +253,43 @@ class Progress:
             self.writer.close()
 
 
+def training_only(rows, start_step: int, world_size: int) -> dict:
+    """A fit's training-only figures, summed over its progress windows: `rows` are the rows
+    Progress.log returned (the history's, in order; evaluation rows and those of an earlier fit, at or
+    before `start_step`, are passed over). Each window's seconds are its step_time_s times the steps its
+    rates are over: its steps, less the fit's first one in the first window (log's rule), a window of
+    that step alone (includes_warmup) left out. So the figures leave out the first step's warm-up, the
+    evaluations and saves (paused) and the steps after the last line. -> seconds and steps measured,
+    tokens and groups per second, model TFLOP/s per rank and MFU (None where nothing was measured, MFU
+    also where a window had no peak: CPU)."""
+    seconds = tokens = groups = flops = mfu_seconds = 0.0
+    steps = 0
+    last, all_mfu = start_step, True
+    for r in rows:
+        if "eval" in r or "step_time_s" not in r or r["step"] <= start_step:
+            continue
+        n = r["step"] - last - (1 if last == start_step else 0)
+        last = r["step"]
+        if r.get("includes_warmup") or n < 1:
+            continue
+        dt = r["step_time_s"] * n
+        seconds += dt
+        steps += n
+        tokens += r["tokens_per_s"] * dt
+        groups += r["triplets_per_s"] * dt
+        flops += r["tflops_per_s"] * dt
+        all_mfu = all_mfu and "mfu" in r
+        mfu_seconds += r.get("mfu", 0.0) * dt
+    measured = seconds > 0
+    return {
+        "train_only_seconds": seconds, "train_only_steps": steps,
+        "train_tokens_per_s": tokens / seconds if measured else None,
+        "train_groups_per_s": groups / seconds if measured else None,
+        "tflops_per_s_per_rank": flops / seconds / world_size if measured else None,
+        "mfu": mfu_seconds / seconds if measured and all_mfu else None,
+    }
+
+
 def scoring_progress(every_s: float, main_rank: bool, dp: int = 1, unit: str = "packed sequences"):
     """progress(done, total): a line with the rate and ETA at most every `every_s` seconds, on the
     main rank; none at the end (the summary follows). engine.scoring.score's counts packed

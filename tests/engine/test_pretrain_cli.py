@@ -95,13 +95,33 @@ def test_a_resume_into_another_model_shape_names_the_step_and_the_setting(tmp_pa
 
 
 def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_path):
+    """Its summary also gives the training-only rates beside tokens_per_second, which divides by the
+    whole fit (first step, evaluations, saves: a resumed GPU run read 7,431 tok/s where its lines showed
+    ~9,600), and each set's best evaluation."""
     proc = run("train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
-               "model.num_layers=1", tmp_path=tmp_path)
+               "model.num_layers=1", "train.eval_interval=1", tmp_path=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("warning: train.warmup_steps=5 >= train.steps=2: the learning rate stops at 40% of train.lr=0.001 "
             "and never decays") in proc.stdout, proc.stdout[-3000:]
-    history = json.loads((tmp_path / "summary.json").read_text())["history"]
-    assert [r["lr"] for r in history if "loss" in r and "eval" not in r] == pytest.approx([2e-4, 4e-4])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    history = summary["history"]
+    train = [r for r in history if "loss" in r and "eval" not in r]
+    assert [r["lr"] for r in train] == pytest.approx([2e-4, 4e-4])
+    # step 1's line is its warm-up alone: the figures are step 2's, the one window of training only
+    assert train[0]["includes_warmup"] and "includes_warmup" not in train[1]
+    assert summary["train_only_steps"] == 1 and summary["train_only_seconds"] == pytest.approx(train[1]["step_time_s"])
+    assert summary["train_tokens_per_s"] == pytest.approx(train[1]["tokens_per_s"])
+    assert summary["train_groups_per_s"] == pytest.approx(train[1]["triplets_per_s"])
+    assert summary["tflops_per_s_per_rank"] == pytest.approx(train[1]["tflops_per_s"])
+    assert summary["mfu"] is None  # no peak on a CPU
+    # evaluated at step 1 (train.eval_interval) and at the end, step 2
+    for name in ("held_out", "seen"):
+        seen = [(r["step"], r["pair_accuracy"]) for r in history if r.get("eval") == name]
+        seen.append((2, summary["evaluations"][name]["pair_accuracy"]))
+        assert [s for s, _ in seen] == [1, 2]
+        best = max(acc for _, acc in seen)
+        at = next(s for s, acc in seen if acc == best)
+        assert summary["best_eval"][name] == {"step": at, "pair_accuracy": best}, summary["best_eval"]
 
 
 def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypatch, tmp_path):
@@ -119,6 +139,24 @@ def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypat
     assert "reaches train.lr=1.4e-05 only at the last step and never decays" in capsys.readouterr().out
     assert main(["--check-config", "--config", "polar_1_8b", "train.steps=3001"]) == 0
     assert "warning" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("launch,prog", [
+    (["engine/pretrain.py"], "engine/pretrain.py"),
+    (["-m", "engine.pretrain"], f"{Path(sys.executable).name} -m engine.pretrain"),
+    ([str(Path(sys.executable).with_name("polar")), "pretrain"], "polar pretrain"),  # the installed command
+    (["-m", "polar.cli", "pretrain"], "polar pretrain"),
+], ids=["script", "module", "polar", "polar-module"])
+def test_a_misspelt_option_is_named_under_the_program_as_called_with_the_option_meant(launch, prog):
+    """`polar pretrain --confg x` printed `usage: pretrain.py ...` and `pretrain.py: error: unrecognized
+    arguments: --confg`: neither the command the user typed nor the option meant."""
+    cmd = launch if launch[0].endswith("polar") else [sys.executable, *launch]
+    proc = subprocess.run([*cmd, "--confg", "x", "--chek-config", "--bogus"], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.startswith(f"usage: {prog} [-h] [--config CONFIG]"), proc.stderr
+    assert proc.stderr.endswith(f"\n{prog}: error: unrecognized arguments: --confg (did you mean --config?) "
+                                "--chek-config (did you mean --check-config?) --bogus\n"), proc.stderr
 
 
 def test_settings_may_come_before_and_after_the_options(capsys):
@@ -339,7 +377,10 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     restart = start(TORCHELASTIC_RESTART_COUNT="1")
     assert restart.returncode == 0, restart.stderr[-3000:]
     assert "this is a restart of the same job (TORCHELASTIC_RESTART_COUNT=1; " in restart.stdout
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["resumed_at_step"] == 1
+    resumed = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert resumed["resumed_at_step"] == 1
+    # its one step is the resumed fit's first, its warm-up: nothing is left to measure training alone
+    assert resumed["train_only_steps"] == 0 and resumed["train_tokens_per_s"] is None and resumed["mfu"] is None
 
 
 # the OS call a checkpoint directory's reader makes, refused for one path as a file system would

@@ -218,3 +218,45 @@ def test_a_slow_first_step_in_training_stays_out_of_the_first_lines_step_time(ru
         rows = trainer.fit()[before:]
         assert [r["step"] for r in rows] == expected
         assert all(r["step_time_s"] < 100 and "includes_warmup" not in r for r in rows), rows
+
+
+@pytest.mark.parametrize("start", [0, 500], ids=["new", "resumed"])
+def test_the_runs_training_only_figures_sum_its_windows_without_the_warm_up_and_the_pauses(monkeypatch, start):
+    """summary.json's training-only figures (engine.pretrain) from the rows: a first step of 100 s, then
+    two windows (1 s + 1 s, then 3 s + 1 s) with a 50 s evaluation between them, on 2 ranks of a 0.5
+    TFLOP/s peak; an earlier fit's row and the evaluation's row are passed over. Before, the summary had
+    tokens_per_second alone, over all 157 s."""
+    from engine.progress import Progress, training_only
+
+    clock = _Clock(monkeypatch)
+    p = Progress(start + 10, start, True, None, 0.5, 2)
+    rows = [{"step": start, "loss": 0.7, "step_time_s": 9.0, "tokens_per_s": 1.0, "triplets_per_s": 1.0,
+             "tflops_per_s": 1.0}]  # the fit that saved the step resumed from
+    _step(p, clock, 100.0, first=True)
+    _step(p, clock, 1.0)
+    _step(p, clock, 1.0)
+    rows.append(p.log(start + 3, 0.5, 0.5, 1e-3, 1.0, **_window(3)))
+    with p.paused():
+        clock.now += 50.0
+    rows.append({"step": start + 3, "eval": "held_out", "loss": 0.6, "pair_accuracy": 0.7, "pairs": 8})
+    _step(p, clock, 3.0)
+    _step(p, clock, 1.0)
+    rows.append(p.log(start + 5, 0.5, 0.5, 1e-3, 1.0, **_window(2)))
+    got = training_only(rows, start, world_size=2)
+    # 4 steps in 6 s: 80 real tokens, 10 groups and 1 TFLOP each; 4 TFLOP / 6 s / 2 ranks over 0.5
+    assert got == pytest.approx({"train_only_seconds": 6.0, "train_only_steps": 4, "train_tokens_per_s": 320 / 6,
+                                 "train_groups_per_s": 40 / 6, "tflops_per_s_per_rank": 4 / 6 / 2,
+                                 "mfu": 4 / 6 / 2 / 0.5})
+    assert training_only(rows[:1], start, 2)["train_tokens_per_s"] is None  # nothing of this fit measured
+
+
+def test_a_fit_whose_only_window_is_its_warm_up_measures_no_training_alone(monkeypatch):
+    from engine.progress import Progress, training_only
+
+    clock = _Clock(monkeypatch)
+    p = Progress(1, 0, True, None, None, 1)
+    _step(p, clock, 100.0, first=True)
+    row = p.log(1, 0.5, 0.5, 1e-3, 1.0, **_window(1))
+    assert row["includes_warmup"]
+    assert training_only([row], 0, 1) == {"train_only_seconds": 0.0, "train_only_steps": 0, "train_tokens_per_s": None,
+                                          "train_groups_per_s": None, "tflops_per_s_per_rank": None, "mfu": None}
