@@ -384,15 +384,27 @@ class _Override:
         return self.value
 
 
-def _unknown_setting(cls, values: dict, where: str) -> Optional[tuple[str, str]]:
-    """(key, message) for the first key of `values` that names no field of `cls`, else None."""
+def _unknown_setting(cls, values: dict, where: str, root=None) -> Optional[tuple[str, str]]:
+    """(key, message) for the first key of `values` that names no field of `cls`, else None. `root`:
+    the whole config's class, whose other sections a key may belong to."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names, key=str)
     if not unknown:
         return None
     prefix = f"{where}." if where else ""
-    return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'{_did_you_mean(unknown[0], names, prefix)}; "
-                        f"valid keys{' of ' + where if where else ''}: " + ", ".join(sorted(names)))
+    elsewhere = [q for q in _qualified(root) if q.rpartition(".")[0] != where] if root is not None else []
+    meant = _did_you_mean(unknown[0], names, prefix, elsewhere)
+    return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'{meant}; valid keys{' of ' + where if where else ''}: "
+                        + ", ".join(sorted(names)))
+
+
+def _qualified(cls, prefix: str = ""):
+    """Every section and setting of the config class `cls`, as section.key."""
+    types = _field_types(cls)
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name
+        if dataclasses.is_dataclass(types[f.name]):
+            yield from _qualified(types[f.name], f"{prefix}{f.name}.")
 
 
 # A misspelt setting or section (train.stpes, trian, data.seq_len, train.LR) is named with the one it
@@ -401,15 +413,22 @@ def _unknown_setting(cls, values: dict, where: str) -> Optional[tuple[str, str]]
 NEAR_MISS_CUTOFF = 0.7
 
 
-def _did_you_mean(key, names, prefix: str = "") -> str:
-    """` (did you mean 'PREFIXname'?)` for the one of `names` that `key` most likely misspells, else ""."""
+def _did_you_mean(key, names, prefix: str = "", elsewhere=()) -> str:
+    """` (did you mean 'PREFIXname'?)` for the one of `names` that `key` most likely misspells, else "".
+    A key that is a setting (or section) of another section (`elsewhere`: their section.key names) is
+    named there first: train.save_interval means checkpoint.save_interval, not train.eval_interval, the
+    near miss in its own section, and a section indented into another (train.data) is a section."""
+    moved = [q for q in elsewhere if q.rpartition(".")[2] == str(key).lower()]
+    if moved:
+        return f" (did you mean {' or '.join(repr(q) for q in moved)}?)"
     near = near_field(str(key), sorted(names), cutoff=NEAR_MISS_CUTOFF, fold_case=True)
     return f" (did you mean '{prefix}{near}'?)" if near else ""
 
 
-def _build(cls, values: dict, where: str, sources: Optional[dict] = None):
+def _build(cls, values: dict, where: str, sources: Optional[dict] = None, root=None):
     types = _field_types(cls)
-    unknown = _unknown_setting(cls, values, where)
+    root = cls if root is None and not where else root
+    unknown = _unknown_setting(cls, values, where, root)
     if unknown:
         raise _traced(ConfigError(unknown[1]), f"{where}.{unknown[0]}" if where else str(unknown[0]), sources)
     obj = cls()
@@ -422,7 +441,7 @@ def _build(cls, values: dict, where: str, sources: Optional[dict] = None):
             value = meta[key]["false_means"]
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
-            value = _merge(current, value, sub, sources)
+            value = _merge(current, value, sub, sources, root)
         else:
             try:
                 value = _coerce(value, types[key], sub)
@@ -432,10 +451,10 @@ def _build(cls, values: dict, where: str, sources: Optional[dict] = None):
     return obj
 
 
-def _merge(obj, values: dict, where: str, sources: Optional[dict] = None):
+def _merge(obj, values: dict, where: str, sources: Optional[dict] = None, root=None):
     merged = dataclasses.asdict(obj)
     _deep_update(merged, values)
-    return _build(type(obj), merged, where, sources)
+    return _build(type(obj), merged, where, sources, root)
 
 
 def updated(obj, values: dict, where: str):
@@ -454,11 +473,12 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def _misplaced_key(cls, values: dict, where: str = "") -> Optional[tuple[list, str]]:
+def _misplaced_key(cls, values: dict, where: str = "", root=None) -> Optional[tuple[list, str]]:
     """(the keys leading to it, message) for the first key of a file's `values` that is no setting of
     `cls`, or a section given a value that is no mapping; None when the keys fit. The values
     themselves are checked once merged: a command-line override may still replace one."""
-    unknown = _unknown_setting(cls, values, where)
+    root = cls if root is None and not where else root
+    unknown = _unknown_setting(cls, values, where, root)
     if unknown:
         return [unknown[0]], unknown[1]
     for f in dataclasses.fields(cls):
@@ -468,7 +488,7 @@ def _misplaced_key(cls, values: dict, where: str = "") -> Optional[tuple[list, s
         value = values[f.name]
         if not isinstance(value, dict):
             return [f.name], f"{sub}: expected a mapping of settings, got {value!r}"
-        inner = _misplaced_key(_field_types(cls)[f.name], value, sub)
+        inner = _misplaced_key(_field_types(cls)[f.name], value, sub, root)
         if inner:
             return [f.name, *inner[0]], inner[1]
     return None
