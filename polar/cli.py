@@ -153,8 +153,27 @@ def _version(name: str, dist: str | None = None) -> str:
         try:
             return version(dist)
         except PackageNotFoundError:  # imported from a source tree without installing it
-            pass
+            source = _source_release(mod, dist)
+            if source:
+                return source
     return str(getattr(mod, "__version__", "installed"))
+
+
+def _source_release(mod, dist: str) -> str | None:
+    """The release of a package run from a source tree never installed (`python -m polar.cli` in a
+    checkout: no distribution's metadata, and polar has no __version__, so `polar --version` said
+    `polar-rm installed`): its pyproject.toml's, said to be a source tree's; None where there is none."""
+    import tomllib
+    from pathlib import Path
+
+    pyproject = Path(mod.__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        project = tomllib.loads(pyproject.read_text()).get("project", {})
+    except (OSError, ValueError):
+        return None
+    if project.get("name") != dist or "version" not in project:
+        return None
+    return f"{project['version']} (not installed: the source tree {pyproject.parent})"
 
 
 def _env(args, rest) -> int:
@@ -264,7 +283,10 @@ def _main(argv=None) -> int:
         try:
             return getattr(importlib.import_module(module), func or "main")(rest)
         except ModuleNotFoundError as e:
-            extra = OPTIONAL.get((e.name or "").partition(".")[0])
+            # the package itself missing (`import uvicorn.x` without uvicorn names `uvicorn`); a module
+            # missing inside an installed one (fastapi.responses) is a bug or a release's change, which
+            # the extra would not install: its traceback stays
+            extra = OPTIONAL.get(e.name or "")
             if extra is None:
                 raise
             # a wheel installed without its extra: say which, not a traceback from deep in the tool

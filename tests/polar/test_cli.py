@@ -212,6 +212,24 @@ def test_version_is_the_installed_release(capsys):
     assert capsys.readouterr().out.split("\n")[0].split() == ["polar-rm", version("polar-rm")]
 
 
+def test_version_run_from_a_source_tree_never_installed_is_its_pyprojects(tmp_path):
+    """No polar-rm metadata (`python -m polar.cli` in a checkout, nothing installed): --version said
+    `polar-rm installed`. The site-packages here less polar's own (its metadata, its editable finder)."""
+    import sysconfig
+    import tomllib
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    for entry in site.iterdir():
+        if not entry.name.startswith(("polar", "engine", "__editable__")) and entry.suffix != ".pth":
+            (tmp_path / entry.name).symlink_to(entry)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-S", "-m", "polar.cli", "--version"], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    release = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert proc.stdout.strip() == f"polar-rm {release} (not installed: the source tree {ROOT.resolve()})"
+
+
 def test_a_subcommands_bad_argument_shows_its_own_usage(capsys):
     with pytest.raises(SystemExit) as e:  # it showed `usage: polar [-h] {pretrain,finetune,env} ...`
         cli.main(["env", "extra"])
@@ -274,6 +292,18 @@ def test_serve_without_its_extra_names_the_extra_before_loading(module, tmp_path
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert f"polar serve: needs the module {module!r}" in proc.stderr and "polar-rm[serve]" in proc.stderr
+
+
+def test_a_module_missing_inside_an_installed_optional_package_is_not_called_a_missing_extra(tmp_path):
+    """fastapi installed, one of its modules not there (a misspelt import, a release that moved it): polar
+    said 'needs the module 'fastapi.responses', which is not installed: pip install 'polar-rm[serve]'',
+    which installs nothing; the traceback names the import."""
+    code = ("import sys; sys.modules['fastapi.responses'] = None\n"
+            "from polar.cli import main; sys.exit(main(['serve', '--checkpoint', 'no_such_run']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr[-2000:]
+    assert "ModuleNotFoundError: import of fastapi.responses halted" in proc.stderr, proc.stderr[-2000:]
+    assert "pip install" not in proc.stderr
 
 
 def test_every_optional_module_has_its_extra_in_pyproject():
