@@ -132,7 +132,7 @@ def _default_nproc(p: argparse.ArgumentParser) -> int:
     """--nproc's default: $POLAR_NPROC, else 2. argparse checked an environment value as if it had been
     typed (`argument --nproc: must be a positive integer, got 0` to a command without --nproc)."""
     value = os.environ.get(NPROC_ENV)
-    if value is None:
+    if value is None or not value.strip():  # set empty (`POLAR_NPROC=`) is unset, as POLAR_PEAK_TFLOPS's
         return 2
     try:
         return _nproc(value)

@@ -248,6 +248,16 @@ def test_a_bad_process_count_from_the_environment_is_named_by_its_variable(monke
     assert f"POLAR_NPROC={value} (the default of --nproc): must be a positive integer" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_process_count_in_the_environment_is_no_setting(monkeypatch, value):
+    """`POLAR_NPROC=` (the shell's way to clear it) was refused: 'POLAR_NPROC= (the default of --nproc):
+    must be a positive integer, got ', where the other POLAR_* variables take empty as unset."""
+    import argparse
+
+    monkeypatch.setenv("POLAR_NPROC", value)
+    assert cli._default_nproc(argparse.ArgumentParser()) == 2
+
+
 @pytest.mark.parametrize("argv", [["pretrain"], ["finetune"], ["sample"], ["format"], ["hparams"], ["data", "stats"]])
 def test_a_commands_help_says_what_it_does_with_an_example_and_its_exit_status(capsys, argv):
     """`polar pretrain --help` had no line on what it does, none had an example (format's and data
