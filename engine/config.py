@@ -392,18 +392,19 @@ def _unknown_setting(cls, values: dict, where: str, root=None) -> Optional[tuple
     if not unknown:
         return None
     prefix = f"{where}." if where else ""
-    elsewhere = [q for q in _qualified(root) if q.rpartition(".")[0] != where] if root is not None else []
+    elsewhere = [(q, section) for q, section in _qualified(root) if q.rpartition(".")[0] != where] if root else []
     meant = _did_you_mean(unknown[0], names, prefix, elsewhere)
     return unknown[0], (f"unknown setting '{prefix}{unknown[0]}'{meant}; valid keys{' of ' + where if where else ''}: "
                         + ", ".join(sorted(names)))
 
 
 def _qualified(cls, prefix: str = ""):
-    """Every section and setting of the config class `cls`, as section.key."""
+    """(section.key, whether it is a section) for every section and setting of the config class `cls`."""
     types = _field_types(cls)
     for f in dataclasses.fields(cls):
-        yield prefix + f.name
-        if dataclasses.is_dataclass(types[f.name]):
+        section = dataclasses.is_dataclass(types[f.name])
+        yield prefix + f.name, section
+        if section:
             yield from _qualified(types[f.name], f"{prefix}{f.name}.")
 
 
@@ -415,12 +416,14 @@ NEAR_MISS_CUTOFF = 0.7
 
 def _did_you_mean(key, names, prefix: str = "", elsewhere=()) -> str:
     """` (did you mean 'PREFIXname'?)` for the one of `names` that `key` most likely misspells, else "".
-    A key that is a setting (or section) of another section (`elsewhere`: their section.key names) is
-    named there first: train.save_interval means checkpoint.save_interval, not train.eval_interval, the
-    near miss in its own section, and a section indented into another (train.data) is a section."""
-    moved = [q for q in elsewhere if q.rpartition(".")[2] == str(key).lower()]
-    if moved:
-        return f" (did you mean {' or '.join(repr(q) for q in moved)}?)"
+    A key that is a setting or section elsewhere (`elsewhere`: (section.key, whether a section) of the
+    others) is said to be there instead, a fact, not a guess at what was meant (data.dir: `there is
+    'checkpoint.dir'`, not the dataset's data.path): train.save_interval was pointed at
+    train.eval_interval, its own section's near miss, where checkpoint.save_interval exists."""
+    there = [f"the section {q!r}" if section else repr(q) for q, section in elsewhere
+             if q.rpartition(".")[2] == str(key).lower()]
+    if there:
+        return f" (there {'is' if len(there) == 1 else 'are'} {' and '.join(there)})"
     near = near_field(str(key), sorted(names), cutoff=NEAR_MISS_CUTOFF, fold_case=True)
     return f" (did you mean '{prefix}{near}'?)" if near else ""
 

@@ -169,8 +169,8 @@ def test_a_quoted_command_line_string_stands_for_what_it_quotes(text, value):
      "unknown setting 'train.lrr' (did you mean 'train.lr'?); valid keys of train: adam_beta1, "),
     ("# a comment\nmodle:\n  num_layers: 2\n", 2, "unknown setting 'modle' (did you mean 'model'?); valid keys: "),
     ("train:\n  steps: 5\n  bogus: 1\n", 3, "unknown setting 'train.bogus'; valid keys of train: "),
-    # a section indented into another is named as the section (it was no suggestion)
-    ("train:\n  steps: 5\n  data:\n    path: ds\n", 3, "unknown setting 'train.data' (did you mean 'data'?); "),
+    # a section indented into another is said to be one (it was no suggestion)
+    ("train:\n  steps: 5\n  data:\n    path: ds\n", 3, "unknown setting 'train.data' (there is the section 'data'); "),
     # YAML keeps the last of two `train:` sections without a word: every setting of the first was lost
     ("train:\n  steps: 5\nmodel:\n  num_layers: 2\ntrain:\n  lr: 0.1\n", 5,
      "key 'train' given twice in one mapping"),
@@ -188,11 +188,13 @@ def test_a_mistake_in_a_file_names_the_file_and_its_line(tmp_path, text, line, n
     ("trian.steps=10", "unknown setting 'trian' (did you mean 'train'?); valid keys: checkpoint, data, "),
     ("data.seq_len=64", "unknown setting 'data.seq_len' (did you mean 'data.seq_length'?); "),
     ("train.LR=0.1", "unknown setting 'train.LR' (did you mean 'train.lr'?); "),
-    # a setting of another section is named there, not as its own section's near miss (eval_interval)
-    ("train.save_interval=5", "unknown setting 'train.save_interval' (did you mean 'checkpoint.save_interval'?); "),
-    ("checkpoint.interval=5", "unknown setting 'checkpoint.interval' (did you mean 'log.interval'?); "),
-    ("lr=0.1", "unknown setting 'lr' (did you mean 'train.lr'?); valid keys: checkpoint, "),
-    ("model.TP=2", "unknown setting 'model.TP' (did you mean 'parallel.tp'?); "),
+    # a setting of another section is said to be there, not taken for its own section's near miss
+    # (save_interval was 'did you mean 'train.eval_interval'?'); said, not guessed: data.dir is no checkpoint.dir
+    ("train.save_interval=5", "unknown setting 'train.save_interval' (there is 'checkpoint.save_interval'); "),
+    ("checkpoint.interval=5", "unknown setting 'checkpoint.interval' (there is 'log.interval'); "),
+    ("lr=0.1", "unknown setting 'lr' (there is 'train.lr'); valid keys: checkpoint, "),
+    ("model.TP=2", "unknown setting 'model.TP' (there is 'parallel.tp'); "),
+    ("data.dir=ds", "unknown setting 'data.dir' (there is 'checkpoint.dir'); valid keys of data: "),
     # another setting, not a misspelling of sequence_parallel (difflib's 0.69): no suggestion
     ("parallel.tensor_parallel=2", "unknown setting 'parallel.tensor_parallel'; valid keys of parallel: "),
     ("train.learning_rate=0.1", "unknown setting 'train.learning_rate'; valid keys of train: "),
