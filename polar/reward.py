@@ -81,8 +81,9 @@ class RewardServerError(RuntimeError):
 
     def __reduce__(self):
         # pickled from its arguments: the default rebuilds it from the message alone, which this
-        # __init__ cannot take, and Ray (verl's reward functions) pickles a worker's exception
-        return type(self), (self.status, self.message, self.url)
+        # __init__ cannot take, and Ray (verl's reward functions) pickles a worker's exception; and
+        # with its attributes, as the default keeps them (add_note's __notes__, any set since)
+        return type(self), (self.status, self.message, self.url), self.__dict__
 
 
 class RewardConnectionError(ConnectionError):
@@ -301,9 +302,12 @@ class _Base:
             raise ValueError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not 0 <= max_wait_s < math.inf:
             raise ValueError(f"max_wait_s must be a finite number of seconds >= 0, got {max_wait_s!r}")
-        if deadline_s is not None and (isinstance(deadline_s, bool) or not isinstance(deadline_s, (int, float))
-                                       or not 0 < deadline_s < math.inf):
-            raise ValueError(f"deadline_s must be None or a finite number of seconds > 0, got {deadline_s!r}")
+        for name, value in (("timeout_s", timeout_s), ("deadline_s", deadline_s)):
+            # None: no bound (httpx's None for timeout_s); an httpx.Timeout is refused too: each
+            # request's timeout is capped at what is left of deadline_s, and the errors name the seconds
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 < value < math.inf):
+                raise ValueError(f"{name} must be None or a finite number of seconds > 0, got {value!r}")
         self.timeout_s = timeout_s
         self.max_retries = max_retries
         self.max_wait_s = max_wait_s
@@ -316,10 +320,11 @@ class _Base:
         self._pid, self._http = os.getpid(), self._new_http()
 
     def _new_http(self):
+        """What one process holds to send: its httpx client (the async client: one per event loop)."""
         raise NotImplementedError
 
-    def _connections(self):
-        """This process's httpx client. A process forked after this client had sent (verl's reward
+    def _own(self):
+        """This process's _new_http(). A process forked after this client had sent (verl's reward
         managers that score in a fork-started process pool) holds copies of its kept-alive sockets:
         parent and children sent their requests down one TCP connection, interleaving bodies (400s
         naming garbled JSON, calls that hung) and reading each other's answers; a forked process
@@ -331,6 +336,17 @@ class _Base:
                     self._http = self._new_http()
                     self._pid = os.getpid()
         return self._http
+
+    def __getstate__(self):
+        # the settings alone: the httpx client's locks, sockets and SSL context cannot be pickled (Ray
+        # pickles a reward function with the client it refers to, a 'spawn' pool its arguments), and
+        # the process that unpickles the copy makes its own, as a forked one does
+        state = dict(self.__dict__, _pid=None)
+        del state["_http"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state, _http=None)
 
     def _delay(self, attempt: int, resp: Optional[httpx.Response]) -> float:
         # a Retry-After in seconds or as an HTTP date, on a 429 or a 503 (a proxy or gateway sends it
@@ -429,9 +445,12 @@ class _Base:
             out = [0.0] * n
             for k, d in zip(order, data):
                 r = d["reward"]
-                if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r):
+                try:  # an integer past a float's range (JSON's numbers have none) overflows float()
+                    out[k] = float(r) if isinstance(r, (int, float)) and not isinstance(r, bool) else math.nan
+                except OverflowError:
+                    out[k] = math.inf
+                if not math.isfinite(out[k]):
                     raise ValueError(f"the reward of items[{k}] is {r!r:.40}, not a finite number")
-                out[k] = float(r)
             return out
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise RewardServerError(200, f"an answer that is not one reward per item: {e}",
@@ -444,18 +463,21 @@ class RewardClient(_Base):
     def _new_http(self) -> httpx.Client:
         return httpx.Client(timeout=self.timeout_s, headers=self.headers)
 
+    _connections = _Base._own
+
     def _post(self, path: str, body: bytes, call: _Call) -> dict:
         started = time.monotonic()
         for attempt in itertools.count():
             left = call.left()
             if left <= 0:
                 raise call.error()
+            # no thread to cancel a blocking request: its waits end at the deadline instead
+            capped = left < (math.inf if self.timeout_s is None else self.timeout_s)
             try:
-                # no thread to cancel a blocking request: its waits end at the deadline instead
                 resp = self._connections().post(self.base_url + path, content=body, headers=_JSON,
-                                                timeout=min(self.timeout_s, left))
+                                                timeout=left if capped else self.timeout_s)
             except httpx.TransportError as e:
-                if isinstance(e, httpx.TimeoutException) and left < self.timeout_s:
+                if isinstance(e, httpx.TimeoutException) and capped:
                     raise call.error() from e
                 delay = self._unsent(e, self.base_url + path, attempt, started)
             else:
@@ -495,7 +517,10 @@ class RewardClient(_Base):
         return _json(resp)
 
     def close(self) -> None:
-        self._http.close()
+        # this process's: a forked child's copy of the parent's is the parent's to close (its pool's
+        # lock may have been held by a parent thread at the fork)
+        if self._pid == os.getpid():
+            self._http.close()
 
     def __enter__(self):
         return self
@@ -507,21 +532,26 @@ class RewardClient(_Base):
 class AsyncRewardClient(_Base):
     """asyncio client; the chunks of one call are in flight together."""
 
-    _loop: Optional[weakref.ref] = None  # the event loop whose connections self._http holds
-
-    def _new_http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
+    def _new_http(self) -> weakref.WeakKeyDictionary:
+        return weakref.WeakKeyDictionary()
 
     def _connections(self) -> httpx.AsyncClient:
-        """_Base's, and one per event loop: a connection kept alive belongs to the loop that opened
-        it, and a call from the next loop (a reward function running each step's calls under
-        asyncio.run) failed at once with 'RuntimeError: Event loop is closed'. A client called from
-        two loops at once makes a new httpx client at each switch: keep one client per loop."""
-        loop = asyncio.get_running_loop()
-        if self._loop is not None and self._loop() is not loop:
-            self._http = self._new_http()
-        self._loop = weakref.ref(loop)
-        return super()._connections()
+        """This process's httpx client for the running event loop. A connection kept alive belongs
+        to the loop that opened it: a call from the next loop (a reward function running each
+        step's calls under asyncio.run) failed at once with 'RuntimeError: Event loop is closed',
+        and one client for the last loop used made a new one at every switch between loops that
+        live on (threads with a loop each), leaving the last one's connections open. A closed loop's
+        client is dropped, not closed (closing needs its loop), when another loop makes one."""
+        loop, per_loop = asyncio.get_running_loop(), self._own()
+        http = per_loop.get(loop)
+        if http is None:
+            with _making:
+                http = per_loop.get(loop)
+                if http is None:
+                    for closed in [other for other in per_loop if other.is_closed()]:
+                        del per_loop[closed]
+                    http = per_loop[loop] = httpx.AsyncClient(timeout=self.timeout_s, headers=self.headers)
+        return http
 
     async def _post(self, path: str, body: bytes) -> dict:
         # score() bounds the whole call with its deadline, cancelling this where it waits
@@ -568,8 +598,8 @@ class AsyncRewardClient(_Base):
         return first + second
 
     async def aclose(self) -> None:
-        # those of this loop: another loop's connections cannot be closed from here (asyncio.run
-        # closed the loop they belong to)
+        # those of this loop: another loop's connections can only be closed from that loop (call
+        # aclose from each loop still running that used the client)
         await self._connections().aclose()
 
     async def __aenter__(self):

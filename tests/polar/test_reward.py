@@ -22,12 +22,13 @@ class RewardsServer:
     """POST /v1/rewards -> one reward per item (len(output)), answered as `mode` says:
     "ok" in order; "reversed" in reverse order, each with its index; "short" one reward fewer;
     "html" a 200 that is not JSON; "408-once" a 408 (the body came too slowly) to the first request;
-    "nan", "text", "null": the reward of an output of 4 characters as NaN (which Python's json writes),
-    as a string, as null. An item whose output is a number gets a 400 naming it, one whose output is
-    "busy" a 503. The first `overloaded` requests get `overload_status` with "Retry-After: 0", as a
-    full queue answers; a body over `max_body` bytes a 413 as `polar serve --max-body-bytes` gives it.
-    `keep_alive`: HTTP/1.1 connections kept open, as `polar serve` keeps them; `ports`: each request's
-    client port (its connection)."""
+    "nan", "text", "null", "huge": the reward of an output of 4 characters as NaN (which Python's json
+    writes), as a string, as null, as an integer of 401 digits (JSON's numbers have no bound). An item
+    whose output is a number gets a 400 naming it, one whose output is "busy" a 503. The first
+    `overloaded` requests get `overload_status` with "Retry-After: 0", as a full queue answers; a body
+    over `max_body` bytes a 413 as `polar serve --max-body-bytes` gives it. `keep_alive`: HTTP/1.1
+    connections kept open, as `polar serve` keeps them; `ports`: each request's client port (its
+    connection)."""
 
     def __init__(self, mode: str = "ok", overloaded: int = 0, overload_status: int = 429, port: int = 0,
                  max_body: int = 0, keep_alive: bool = False):
@@ -83,7 +84,7 @@ class RewardsServer:
                     self.wfile.write(raw)
                     return
                 data = [{"index": i, "reward": float(len(it["output"]))} for i, it in enumerate(body["items"])]
-                unusable = {"nan": float("nan"), "text": "4.0", "null": None}
+                unusable = {"nan": float("nan"), "text": "4.0", "null": None, "huge": 10 ** 400}
                 for d in data:
                     if server.mode in unusable and d["reward"] == 4:
                         d["reward"] = unusable[server.mode]
@@ -131,11 +132,14 @@ def test_rewards_follow_the_answers_indices_in_every_chunk():
 @pytest.mark.parametrize("mode,message", [("short", "1 rewards for 2 items"), ("html", "not JSON"),
                                           ("nan", r"the reward of items\[3\] is nan, not a finite number"),
                                           ("text", r"the reward of items\[3\] is '4.0', not a finite number"),
-                                          ("null", r"the reward of items\[3\] is None, not a finite number")])
+                                          ("null", r"the reward of items\[3\] is None, not a finite number"),
+                                          ("huge", r"the reward of items\[3\] is 1000000000000000000000000000000"
+                                                   r"000000000, not a finite number")])
 def test_an_answer_that_is_not_one_reward_per_item_is_an_error_not_misaligned_rewards(mode, message):
     """A NaN (Python's json reads it), a string or a null reward was taken (float()) or failed
-    naming no item: an RL step averaged a NaN in. Sent in chunks of 2, item 3 is the second of its
-    request: named by its index in the call, and the server by its URL."""
+    naming no item: an RL step averaged a NaN in; an integer past a float's range let a bare
+    OverflowError out of math.isfinite. Sent in chunks of 2, item 3 is the second of its request:
+    named by its index in the call, and the server by its URL."""
     with RewardsServer(mode) as srv, reward.RewardClient(srv.url, chunk_size=2) as client:
         with pytest.raises(reward.RewardServerError,
                            match=rf"^reward server at {srv.url}/v1/rewards answered 200: .*{message}"):
@@ -306,9 +310,13 @@ def test_a_bad_item_is_named_by_its_index_in_the_call_not_in_its_chunk():
                 client.score(items)
         # the server named by its URL; Ray (verl's reward functions) pickles a worker's exception to the
         # driver, which failed (TypeError: __init__() missing 'message') and lost the error
+        # and kept only the arguments: a note added on the way (add_note) and an attribute set were lost
+        err.value.add_note("step 12")
+        err.value.step = 12
         e = pickle.loads(pickle.dumps(err.value))
         assert type(e) is reward.RewardServerError and str(e) == str(err.value)
         assert (e.status, e.url) == (400, f"{srv.url}/v1/rewards") and str(e).startswith(f"reward server at {e.url} ")
+        assert (e.__notes__, e.step, e.message) == (["step 12"], 12, err.value.message)
 
         async def go():
             async with reward.AsyncRewardClient(srv.url, chunk_size=4) as client:
@@ -774,3 +782,98 @@ def test_threads_of_a_forked_process_share_its_one_new_connection_pool():
     finally:
         client.close()
     assert client._connections() is parents
+
+
+_UNPICKLE_AND_SCORE = """
+import asyncio, json, pickle, sys
+client = pickle.load(sys.stdin.buffer)
+items = [{"prompt": "p", "reference": "r", "output": "xyz"}]
+got = client.score(items) if hasattr(client, "close") else asyncio.run(client.score(items))
+print(json.dumps(got))
+"""
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_a_client_is_pickled_into_another_process(client_class):
+    """Ray pickles a reward function by value with what it refers to (verl loads the custom reward
+    file by its path, so cloudpickle cannot name its module), and a 'spawn' or 'forkserver' process
+    pool pickles its arguments: a RewardClient failed to pickle (TypeError: cannot pickle
+    '_thread.RLock' object, its httpx client's). The copy keeps its settings and makes its own
+    connections in the process that unpickles it; the original keeps its own."""
+    import subprocess
+    import sys
+
+    with RewardsServer(keep_alive=True) as srv:
+        client = client_class(srv.url, chunk_size=3, max_retries=2, deadline_s=60)
+        assert _score_with(client, ITEMS[:1]) == [1.0]  # used first: a kept-alive connection open
+        copy = pickle.loads(pickle.dumps(client))
+        assert (copy.base_url, copy.chunk_size, copy.max_retries, copy.deadline_s) == (srv.url, 3, 2, 60)
+        done = subprocess.run([sys.executable, "-c", _UNPICKLE_AND_SCORE], input=pickle.dumps(client),
+                              capture_output=True, timeout=60)
+        assert done.returncode == 0, done.stderr.decode()
+        assert json.loads(done.stdout) == [3.0]
+        assert _score_with(client, ITEMS[1:2]) == [2.0]
+        _score_with(copy, ITEMS[:1])
+        _close(client), _close(copy)
+        _close(pickle.loads(pickle.dumps(client)))  # a copy never used holds nothing of its own to close
+    original, other_process, original_again, copy = srv.ports
+    assert other_process != original and copy != original
+    if client_class is reward.RewardClient:  # asyncio.run's loop took the async client's connection with it
+        assert original_again == original, "the original's connection was not kept: the test shows less"
+
+
+def _score_with(client, items):
+    return client.score(items) if isinstance(client, reward.RewardClient) else asyncio.run(client.score(items))
+
+
+def _close(client):
+    return client.close() if isinstance(client, reward.RewardClient) else asyncio.run(client.aclose())
+
+
+@pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
+def test_no_timeout_per_request_is_still_taken_and_other_timeouts_are_refused(client_class):
+    """timeout_s=None (httpx's "no timeout") worked until deadline_s capped each request's timeout with
+    min(timeout_s, time left): a TypeError on every call of the blocking client; 0, a negative,
+    NaN, a string or an httpx.Timeout went to httpx unchecked, and its error messages' format."""
+    with RewardsServer() as srv:
+        assert _score(client_class, srv.url, timeout_s=None) == [1.0, 2.0, 3.0, 4.0, 5.0]
+        assert _score(client_class, srv.url, timeout_s=None, deadline_s=30) == [1.0, 2.0, 3.0, 4.0, 5.0]
+    for value in (0, -1, float("nan"), float("inf"), "300", True, reward.httpx.Timeout(5.0)):
+        with pytest.raises(ValueError, match=r"timeout_s must be None or a finite number of seconds > 0, got "):
+            client_class("http://127.0.0.1:9", timeout_s=value)
+
+
+class _LoopThread:
+    """An event loop running in a thread of its own, as a trainer's or an actor's runs on."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._thread.start()
+
+    def run(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+def test_an_async_client_keeps_one_pool_per_live_event_loop():
+    """A client called from two event loops that both live on (each thread of a reward worker with
+    its own loop) made a new httpx client at every switch of loop (2224874), dropping the last one
+    with its kept-alive connection unclosed: one new connection per call, the dropped ones left open
+    until garbage collected ('unclosed transport'). Each loop now keeps its own."""
+    with RewardsServer(keep_alive=True) as srv:
+        client = reward.AsyncRewardClient(srv.url)
+        loops = [_LoopThread(), _LoopThread()]
+        try:
+            for i in range(6):
+                assert loops[i % 2].run(client.score(ITEMS[:1])) == [1.0]
+            for lt in loops:
+                lt.run(client.aclose())
+        finally:
+            for lt in loops:
+                lt.close()
+    assert len(set(srv.ports)) == 2, f"{len(set(srv.ports))} connections for 6 calls from 2 loops"
