@@ -128,6 +128,10 @@ class RateLine:
         self.log(f"{self.what}: {done:,}/{self.total:,} {self.unit} | {shown} {self.rate_unit}{eta}")
 
 
+# a progress row's figures measured over its window's time (the others are the last step's or the window's mean)
+WINDOW_RATES = ("tokens_per_s", "triplets_per_s", "step_time_s", "tflops_per_s", "mfu")
+
+
 def _shown(value: float | None, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -219,8 +223,11 @@ class Progress:
                 flush=True,
             )
             if self.writer:
+                # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard has
+                # no mark for them, and a first step of minutes would stand as the curves' outlier
+                left_out = ("step", "includes_warmup", *(WINDOW_RATES if warmup else ()))
                 for k, v in row.items():
-                    if k not in ("step", "includes_warmup"):
+                    if k not in left_out:
                         self.writer.add_scalar(f"train/{k}", v, step)
         self.last_t = now
         self.last_step = step

@@ -157,6 +157,28 @@ def test_a_window_of_the_first_step_alone_says_its_rates_include_the_warm_up(mon
     assert out[1].endswith("| eta 0m08s")  # 8 steps x 1 s
 
 
+def test_tensorboard_gets_no_rates_of_a_window_of_the_warm_up_alone(monkeypatch, tmp_path):
+    """log.interval=1: the first row's rates (a 100 s step time, 0.8 tok/s) went to TensorBoard unmarked,
+    the curves' outlier; its loss, lr and the later rows' rates still go."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from engine.progress import WINDOW_RATES, Progress
+
+    clock = _Clock(monkeypatch)
+    p = Progress(10, 0, True, str(tmp_path), 4.0, 1)
+    _step(p, clock, 100.0, first=True)
+    assert p.log(1, 0.5, 0.5, 1e-3, 1.0, **_window(1))["includes_warmup"]
+    _step(p, clock, 1.0)
+    p.log(2, 0.4, 0.5, 1e-3, 1.0, **_window(1))
+    p.close()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    for rate in WINDOW_RATES:
+        assert [e.step for e in acc.Scalars(f"train/{rate}")] == [2], rate
+    assert acc.Scalars("train/step_time_s")[0].value == 1.0
+    assert [e.step for e in acc.Scalars("train/loss")] == [1, 2] and [e.step for e in acc.Scalars("train/lr")] == [1, 2]
+
+
 def test_every_line_shows_tflops_per_rank_and_mfu_na_without_a_peak(monkeypatch, capsys):
     """The line showed MFU on a GPU only, and no FLOP rate at all: its fields depended on the card. Now
     both are on every line: model TFLOP/s per rank (the row's tflops_per_s is the job's), and the MFU
