@@ -18,10 +18,11 @@ from engine.pretrain import main as _main  # noqa: E402
 
 
 class _CalledAs:
-    """The fine-tuning recipe with the program name its usage and errors lead with: its CLI says
-    `polar finetune`, which `python engine/finetune.py --bogus` was told it had typed."""
+    """The fine-tuning recipe with the program name its usage and errors lead with (None: how it was
+    called, engine.pretrain.invoked_as): its CLI says `polar finetune`, which `python engine/finetune.py
+    --bogus` was told it had typed."""
 
-    def __init__(self, recipe, prog: str):
+    def __init__(self, recipe, prog):
         self._recipe, self.CLI = recipe, {**recipe.CLI, "prog": prog}
 
     def __getattr__(self, name):
@@ -29,12 +30,12 @@ class _CalledAs:
 
 
 def main(argv=None) -> int:
-    from engine.called_as import called_as
     from polar import finetune_recipe
 
-    prog = called_as(__spec__, finetune_recipe.CLI["prog"])
-    return _main(argv, recipe=finetune_recipe if prog == finetune_recipe.CLI["prog"]
-                 else _CalledAs(finetune_recipe, prog))
+    # run itself (polar's launches, torchrun's workers, a user's file or -m), it is named as
+    # engine/pretrain.py is: `polar finetune` under polar, else as typed (engine.called_as named any -m
+    # run `polar finetune`, and the file by its base name where pretrain names the path typed)
+    return _main(argv, recipe=_CalledAs(finetune_recipe, None) if __name__ == "__main__" else finetune_recipe)
 
 
 if __name__ == "__main__":
