@@ -6,6 +6,7 @@ stand-ins for python3 and nvidia-smi, its budget, order, wheels, environment che
 import ast
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -124,7 +125,8 @@ def test_the_tests_handed_out_first_are_files_that_exist():
 # python3 and nvidia-smi for run_all.sh where no GPU is: a stage's command logs itself (and the
 # build's switch of the CUDA extension),
 # leaves a file in its stage's scratch folder (as a benchmark cut at its limit leaves its run
-# directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run),
+# directories), copies FAKE_JSON to its --json file (as the benchmark writes it after each run) and
+# FAKE_SUMMARY to its run_dir's summary.json (as a training writes it at its end),
 # sleeps STAGE_SLEEP seconds and exits 0; `python3 -`, `python3 -c` and tests/gpu/partial_tables.py
 # (the wheel choice, the table's summary reader, the xdist check, a cut benchmark's table) are the
 # real Python; tests/gpu/env_check.py says it found a GPU, or exits FAKE_ENV_RC; pip logs its arguments
@@ -138,6 +140,9 @@ case " $* " in *" -m pip "*) echo "$*" >> "$PIP_LOG"; exit "${PIP_RC:-0}" ;; esa
 echo "$(basename "$0") $*${POLAR_SKIP_CUDA_BUILD:+ [skip cuda]}${POLAR_FORCE_CUDA_BUILD:+ [force cuda]}" >> "$FAKE_LOG"
 case "${TMPDIR:-}" in "$WORK"/scratch/*) echo "$TMPDIR" >> "$FAKE_LOG.tmp"; mkdir -p "$TMPDIR/run/checkpoints" ;; esac
 prev=""; for a in "$@"; do [ "$prev" = --json ] && [ -n "${FAKE_JSON:-}" ] && cp "$FAKE_JSON" "$a"; prev=$a; done
+for a in "$@"; do case "$a" in run_dir=*) [ -n "${FAKE_SUMMARY:-}" ] && mkdir -p "${a#run_dir=}" \
+  && cp "$FAKE_SUMMARY" "${a#run_dir=}/summary.json" ;; esac; done
+[ -n "${FAKE_ORPHAN:-}" ] && { setsid sleep 120 > /dev/null 2>&1 < /dev/null & echo $! >> "$FAKE_ORPHAN"; }
 [ -n "${POLAR_GPU_REPORT:-}" ] && echo "a figure measured by $(basename "$0")" >> "$POLAR_GPU_REPORT"
 [ -n "${FAKE_STDOUT:-}" ] && cat "$FAKE_STDOUT"
 sleep "$STAGE_SLEEP"
@@ -246,6 +251,30 @@ def test_each_stage_has_its_own_scratch_folder_removed_after_it(tmp_path):
         assert not [n for n in tar.getnames() if "scratch" in n]
 
 
+def _alive(pid: int) -> bool:
+    try:  # a zombie is dead: its parent (a stand-in's shell) is gone, and a container's init may not reap it
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_what_a_stage_left_running_in_its_own_session_is_killed_after_it(tmp_path):
+    # torchrun's workers (start_new_session): a cut stage's kill reached torchrun, not a worker still
+    # saving its checkpoint, which held the GPU through the next stage's timings
+    orphans = tmp_path / "orphans"
+    r, calls = _run_all(tmp_path, "fp8", "serve", T_FP8=1, MIN_STAGE_S=1, STAGE_SLEEP=2, FAKE_ORPHAN=orphans)
+    pids = [int(p) for p in orphans.read_text().split()]
+    try:
+        assert r.returncode == 0 and len(pids) == 2, (r.stderr, pids)
+        assert [pid for pid in pids if _alive(pid)] == [], r.stdout
+        assert f"fp8: killing what the stage left running: {pids[0]}" in r.stdout, r.stdout
+        assert "| fp8 | 124 |" in r.stdout and "| serve | 0 |" in r.stdout
+    finally:
+        for pid in pids:
+            if _alive(pid):
+                os.kill(pid, 9)
+
+
 def test_the_default_run_starts_anew_on_a_rerun(tmp_path):
     old = tmp_path / "work" / "default_bf16" / "checkpoints"
     old.mkdir(parents=True)
@@ -283,20 +312,24 @@ def test_carried_wheels_only_what_the_image_lacks_newest_of_each_that_fits_this_
     assert "| install |" not in r.stdout
 
 
-def test_a_package_the_image_lacks_with_no_wheel_for_its_python_is_a_row(tmp_path):
+@pytest.mark.parametrize("other, said", [
     # pip refused the whole batch for one wheel of another python, installing none of the others
+    ("polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl",
+     f"failed: polar-compiled-pkg: no carried wheel for this python ({HERE}-{HERE}-"),
+    # the choice's parse of its name raised, and no wheel was installed at all (megatron-core neither)
+    ("polar_absent_pkg (copy).whl", "failed: polar_absent_pkg (copy).whl: not a wheel's file name")])
+def test_a_wheel_not_installed_is_a_row_and_the_others_still_are(tmp_path, other, said):
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     _wheel(wheels, "polar_absent_pkg-1.0.0-py3-none-any.whl")
-    _wheel(wheels, "polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl")
+    _wheel(wheels, other)
     r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
     assert r.returncode == 0, r.stderr
     (pip,) = (tmp_path / "pip.log").read_text().splitlines()
     installed = [os.path.basename(w) for w in pip.split() if w.endswith(".whl")]
     assert installed == ["polar_absent_pkg-1.0.0-py3-none-any.whl"], pip
     (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| install |")]
-    assert f"failed: polar-compiled-pkg: no carried wheel for this python ({HERE}-{HERE}-" in row, row
-    assert "polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl" in row and "| serve | 0 |" in r.stdout
+    assert said in row and other in row and "| serve | 0 |" in r.stdout, row
 
 
 def test_a_failed_install_is_a_row_not_the_end_of_the_call(tmp_path):
@@ -395,11 +428,79 @@ def test_no_cuda_device_runs_no_stage_and_the_table_says_why(tmp_path):
     r, calls = _run_all(tmp_path, FAKE_ENV_RC=1, STAGE_SLEEP=0)
     assert r.returncode == 0 and calls == [], (r.stderr, calls)
     assert "| env | 1 | - | python 3.12 (fake env) |" in r.stdout
+    assert "| gpu | - | - | nvidia-smi: no GPU (fake) |" in r.stdout  # a CPU-only torch, or no card at all
     for stage in ("build", "e2e", "fp8", "cuda", "tests", "kernels", "serve", "score", "default"):
         assert f"| {stage} | skipped | - | torch sees no CUDA device (the env row); REQUIRE_CUDA=0 runs it " \
                "anyway |" in r.stdout, stage
     r, calls = _run_all(tmp_path / "anyway", "serve", FAKE_ENV_RC=1, REQUIRE_CUDA=0, STAGE_SLEEP=0)
     assert calls[0].startswith("python3 benchmarks/serve_prefix.py") and "| serve | 0 |" in r.stdout, r.stdout
+
+
+def test_settings_that_are_not_whole_numbers_are_refused_before_anything_runs(tmp_path):
+    # bash's arithmetic read 'no' as a variable's name: under set -u the script ended (exit 127) on a
+    # machine without a device before its table; 300s ended it at the first stage's budget
+    for i, bad in enumerate(({"REQUIRE_CUDA": "no"}, {"BUDGET_S": "300s"}, {"T_TESTS": "08"})):
+        r, calls = _run_all(tmp_path / str(i), FAKE_ENV_RC=1, STAGE_SLEEP=0, **bad)
+        ((name, value),) = bad.items()
+        assert r.returncode == 2 and calls == [], (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+        assert f"{name}={value}: a whole number is expected" in r.stdout, r.stdout
+
+
+def test_a_timeout_without_kill_after_still_bounds_each_stage(tmp_path):
+    # busybox's timeout (some versions) refuses -k: every stage's command was refused, exit 125
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "timeout").write_text(f"""#!/usr/bin/env bash
+[ "$1" = -k ] && {{ echo "timeout: unrecognized option: k" >&2; exit 125; }}
+exec {shutil.which("timeout")} "$@"
+""")
+    (bin_dir / "timeout").chmod(0o755)
+    r, calls = _run_all(tmp_path, "serve", "score", T_SERVE=1, MIN_STAGE_S=1, STAGE_SLEEP=3)
+    assert r.returncode == 0, r.stderr
+    assert "timeout here takes no -k" in r.stdout
+    assert "| serve | 124 |" in r.stdout and "| score | 0 |" in r.stdout  # serve cut at its 1 s, as with -k
+    assert [c.split()[1] for c in calls] == ["benchmarks/serve_prefix.py", "benchmarks/score_overlap.py"], calls
+
+
+def test_the_skipped_rows_say_torch_does_not_import_and_a_crashed_check_decides_nothing(tmp_path):
+    r, calls = _run_all(tmp_path, "serve", FAKE_ENV_RC=2, STAGE_SLEEP=0)
+    assert r.returncode == 0 and calls == [], (r.stderr, calls)
+    assert "| serve | skipped | - | torch does not import (the env row); REQUIRE_CUDA=0 runs it anyway |" in r.stdout
+    # a crash (an optional package's import, say) tells nothing of the device: the stages run and tell
+    r, calls = _run_all(tmp_path / "crash", "serve", FAKE_ENV_RC=139, STAGE_SLEEP=0)
+    assert "| env | 139 |" in r.stdout and "| serve | 0 |" in r.stdout, r.stdout
+    assert calls[0].startswith("python3 benchmarks/serve_prefix.py"), calls
+
+
+def test_the_env_check_lists_the_packages_where_torch_does_not_import():
+    # the row said only 'torch does not import': megatron-core's absence (every training stage) unsaid
+    code = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['env_check.py']; "
+            "runpy.run_path('tests/gpu/env_check.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    (line,) = r.stdout.splitlines()
+    assert line.startswith(f"python {sys.version.split()[0]}, torch does not import: ") and \
+        ", megatron-core 0.19.2, transformers " in line, line
+
+
+SUMMARY = {"held_out_pair_accuracy": 0.7123, "train_pair_accuracy": 0.8, "tokens_per_second": 9000.0,
+           "train_tokens_per_s": 12345.0, "mfu": 0.41, "steps": 90, "stopped_by": "time_limit"}
+
+
+def test_the_default_row_gives_each_figure_its_summary_has(tmp_path):
+    import json
+
+    (tmp_path / "summary.json").write_text(json.dumps(SUMMARY))
+    r, calls = _run_all(tmp_path, "default", STAGE_SLEEP=0, FAKE_SUMMARY=tmp_path / "summary.json")
+    assert re.search(r"^\| default \| 0 \| \d+ \| held-out acc 0\.712, seen 0\.800, 12,345 tok/s training only, "
+                     r"MFU 41\.0%, 90 steps, stopped by time_limit \|$", r.stdout, re.M), r.stdout
+    # stopped by SIGTERM at the stage's limit: no evaluation, so no accuracies; it was 'no summary' then
+    cut = {k: v for k, v in SUMMARY.items() if "accuracy" not in k} | {"stopped_by": "SIGTERM", "mfu": None,
+                                                                     "train_tokens_per_s": None}
+    (tmp_path / "summary.json").write_text(json.dumps(cut))
+    r, calls = _run_all(tmp_path / "cut", "default", STAGE_SLEEP=0, FAKE_SUMMARY=tmp_path / "summary.json")
+    assert re.search(r"^\| default \| 0 \| \d+ \| 9,000 tok/s with warm-up, evaluations and saves, 90 steps, "
+                     r"stopped by SIGTERM \|$", r.stdout, re.M), r.stdout
 
 
 def test_the_env_check_says_what_is_missing_here():

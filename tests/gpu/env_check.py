@@ -39,19 +39,23 @@ def package(module: str, dist: str, imported: bool, absent: str) -> str:
 
 
 def main() -> int:
-    head = f"python {platform.python_version()}"
+    parts, rc = [f"python {platform.python_version()}"], 0
     try:
         import torch
-    except Exception as e:
-        print(f"{head}, torch does not import: {e}")
-        return 2
-    cuda = torch.cuda.is_available()
-    where = torch.cuda.get_device_name() if cuda else "no CUDA device: torch.cuda.is_available() is False"
-    parts = [head, f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {where}"]
+    except Exception as e:  # the packages are still listed: what else the image lacks is known in one call
+        parts.append(f"torch does not import: {e}")
+        rc = 2
+    else:
+        try:
+            cuda = torch.cuda.is_available()
+            where = torch.cuda.get_device_name() if cuda else "no CUDA device: torch.cuda.is_available() is False"
+        except Exception as e:  # a device counted whose initialisation then fails: a row, not a traceback
+            cuda, where = False, f"no usable CUDA device ({type(e).__name__}: {str(e)[:120]})"
+        parts.append(f"torch {torch.__version__} (CUDA {torch.version.cuda}) on {where}")
+        rc = 0 if cuda else 1
     parts += [package(*p) for p in PACKAGES]
     print(", ".join(parts))
-    return 0 if cuda else 1
-
+    return rc
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -13,15 +13,15 @@
 # $WORK stay until then; a rerun on a fresh machine, one without $WORK/build.log, builds first).
 # First the environment: python, torch and its CUDA device, carried megatron-core, transformer_engine
 # and flash_attn (absent: fp8's TE variants and e2e's flash-attention baseline are not run), a row of
-# the table. Where torch sees no CUDA device (a driver older than the image's CUDA, say) no stage is
-# run (the benchmarks would time their CPU versions): each is a row 'skipped' saying so (REQUIRE_CUDA=0
-# runs them anyway).
+# the table. Where torch sees no CUDA device (a driver older than the image's CUDA, say) or does not
+# import, no stage is run (the benchmarks would time their CPU versions): each is a row 'skipped' saying
+# so (REQUIRE_CUDA=0 runs them anyway).
 # Stages, in this order, the open issue's acceptance figures first:
 #   build    setup.py: engine._C alone (the packer, seconds), which every later stage needs
-#   e2e      benchmarks/e2e.py: the engine against an HF-style trainer on the same triplets (~1B and
-#            7B-shaped models at 8k packs: triplets/s ratio, MFU), JSON in $WORK; each run may take
-#            3/5 of the stage, so the ~1B shape (the acceptance figures) completes and the 7B-shaped
-#            one gets what is left (its runs are usually cut at the stage's limit)
+#   e2e      benchmarks/e2e.py: the engine against an HF-style trainer on the same triplets (the ~1B
+#            shape at 8k packs: triplets/s ratio, MFU; the 7B-shaped one in a rerun, E2E_ARGS below),
+#            JSON in $WORK; each run may take 3/5 of the stage, so the engine's run ends even where its
+#            start is slow and the baselines get what is left
 #   fp8      benchmarks/fp8.py: FP8 against bf16, step throughput and the loss after FP8_STEPS steps;
 #            each variant may take half the stage, so bf16 and the first FP8 variant both end even
 #            where a start is slow
@@ -74,6 +74,12 @@ FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${
 E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3 --shapes 1}
 SERVE_ARGS=${SERVE_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --groups 8 --n 8}
 SCORE_REPEATS=${SCORE_REPEATS:-3} REQUIRE_CUDA=${REQUIRE_CUDA:-1}
+# bash's arithmetic reads a word as a variable's name and 08 as bad octal: REQUIRE_CUDA=no or BUDGET_S=300s
+# ended the script under set -u before its table, the device call spent on one line of error
+for v in BUDGET_S MIN_STAGE_S RESERVE_S T_BUILD T_E2E T_FP8 T_CUDA T_TESTS T_KERNELS T_SERVE T_SCORE T_DEFAULT \
+         FP8_STEPS TEST_WORKERS SCORE_REPEATS REQUIRE_CUDA; do
+  [[ "${!v}" =~ ^(0|[1-9][0-9]*)$ ]] || { echo "$v=${!v}: a whole number is expected (REQUIRE_CUDA: 0 or 1)"; exit 2; }
+done
 for s in "${STAGES[@]}"; do
   [[ " ${ORDER[*]} " == *" $s "* ]] || { echo "unknown stage: $s (${ORDER[*]})"; exit 2; }
 done
@@ -87,6 +93,12 @@ if [ "${AUTO_BUILD:-1}" = 1 ]; then
   if ! wants cuda && [ ! -e "$WORK/cuda_build.log" ] && { wants tests || wants kernels; }; then
     echo "no CUDA build on this machine yet ($WORK/cuda_build.log): the cuda stage runs before tests"; STAGES+=(cuda)
   fi
+fi
+# a timeout without -k (busybox's, in some versions) refused every stage's command (exit 125): there a
+# stage cut at its limit gets SIGTERM alone
+if ! timeout -k 1 10 true 2>/dev/null; then
+  echo "timeout here takes no -k: what a stage cut at its limit leaves running is not killed"
+  timeout() { [ "$1" = -k ] && shift 2; command timeout "$@"; }
 fi
 if [ "$DRY_RUN" = 1 ]; then
   # each stage's command line checked, not run: `timeout LIMIT python3 ...` reaches these functions
@@ -133,7 +145,11 @@ except ImportError:  # pip's own copy, where the python has pip but not packagin
 rank = {tag: i for i, tag in enumerate(sys_tags())}  # this python's tags, the best first
 best, unfit = {}, {}
 for path in sys.argv[1:]:
-    name, ver, _, tags = parse_wheel_filename(os.path.basename(path))
+    try:
+        name, ver, _, tags = parse_wheel_filename(os.path.basename(path))
+    except ValueError as e:  # InvalidWheelFilename (a renamed copy, say): the others are still chosen
+        print(f"!{os.path.basename(path)}: not a wheel's file name ({e})")
+        continue
     fit = min((rank[t] for t in tags if t in rank), default=None)
     if fit is None:
         unfit.setdefault(name, []).append(os.path.basename(path))
@@ -167,12 +183,14 @@ fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee "$WORK/gpu.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$WORK/commit.txt"
-# the environment, one line ($WORK/env.txt); exit 1 where torch sees no CUDA device, 2 without torch
-python3 tests/gpu/env_check.py > "$WORK/env.txt" 2>&1
+# the environment, one line ($WORK/env.txt); exit 1 where torch sees no CUDA device, 2 without torch.
+# Any other exit (a crash, say, in an optional package's import) decides nothing: the stages run and tell
+timeout -k 10 120 python3 tests/gpu/env_check.py > "$WORK/env.txt" 2>&1
 ENV_RC=$?; cat "$WORK/env.txt"
 NO_CUDA=""
-(( ENV_RC != 0 && REQUIRE_CUDA == 1 )) \
-  && NO_CUDA="torch sees no CUDA device (the env row); REQUIRE_CUDA=0 runs it anyway"
+case "$ENV_RC" in 1) NO_CUDA="torch sees no CUDA device" ;; 2) NO_CUDA="torch does not import" ;; esac
+if [ -n "$NO_CUDA" ] && [ "$REQUIRE_CUDA" != 0 ]; then NO_CUDA+=" (the env row); REQUIRE_CUDA=0 runs it anyway"
+else NO_CUDA=""; fi
 
 stage_build() {
   # engine._C alone: every stage needs it and it builds in seconds; the CUDA kernels are the cuda stage
@@ -244,6 +262,17 @@ stage_default() {
     | tee "$WORK/default_bf16.log"
 }
 
+# what a stage left running in a session of its own: torchrun starts its workers so (start_new_session), and
+# a cut stage's kill reaches torchrun but not a worker still saving its checkpoint, which then held the GPU
+# through the next stage's timings (and, on the device, past the call). Found by the stage's mark, which
+# every process the stage started inherits in its environment.
+reap() {
+  local pids
+  pids=$(grep -lzx "POLAR_GPU_STAGE=$1" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 | grep -vx "$$")
+  [ -n "$pids" ] || return 0
+  echo "${1#*:}: killing what the stage left running:" $pids
+  kill -9 $pids 2>/dev/null
+}
 declare -A RESULT WALL
 NOT_RUN=()
 for s in "${ORDER[@]}"; do
@@ -254,7 +283,8 @@ for s in "${ORDER[@]}"; do
   if (( limit < MIN_STAGE_S )); then RESULT[$s]="not run"; NOT_RUN+=("$s"); continue; fi
   echo "=== $s (limit ${limit}s, ${left}s of the budget left)"
   mkdir -p "$WORK/scratch/$s"
-  t0=$(date +%s); TMPDIR="$WORK/scratch/$s" "stage_$s" "$limit"; RESULT[$s]=$?; WALL[$s]=$(( $(date +%s) - t0 ))
+  t0=$(date +%s); POLAR_GPU_STAGE="$$:$s" TMPDIR="$WORK/scratch/$s" "stage_$s" "$limit"; RESULT[$s]=$?
+  WALL[$s]=$(( $(date +%s) - t0 )); reap "$$:$s"
   rm -rf "$WORK/scratch/$s"
 done
 
@@ -293,6 +323,8 @@ figures() {  # the headline figures of e2e or fp8, from its JSON (tests/gpu/part
 table() {
 echo; echo "| stage | exit | wall s | detail |"; echo "|---|---|---|---|"
 echo "| env | $( ((ENV_RC == 0)) && echo ok || echo "$ENV_RC") | - | $(tail -1 "$WORK/env.txt") |"
+# the card and driver as nvidia-smi sees them: where torch sees none, whether the machine had one at all
+echo "| gpu | - | - | nvidia-smi: $(paste -sd ' ' "$WORK/gpu.txt" | cut -c1-300) |"
 [ -n "$INSTALL" ] && echo "| install | $INSTALL | - | $WORK/install.log |"
 wants build && row build "$(ls engine/_C.*.so 2>/dev/null || echo 'no engine._C')"
 wants e2e && row e2e "$(ran e2e && figures e2e)"  # for a stage not run its JSON would be an earlier call's
@@ -306,15 +338,21 @@ wants default && row default "$(python3 - "$WORK/default_bf16/summary.json" <<'P
 import json, sys
 try:
     s = json.load(open(sys.argv[1]))
-    # training steps only (the summary's sum over the progress windows: no warm-up, evaluations, saves)
-    rate = s.get("train_tokens_per_s")
-    rate_s = (f"{rate:,.0f} tok/s training only" if rate is not None else
-              f"{s['tokens_per_second']:,.0f} tok/s with warm-up, evaluations and saves")
-    mfu_s = f", MFU {s['mfu']:.1%}" if s.get("mfu") is not None else ""
-    print(f"held-out acc {s['held_out_pair_accuracy']:.3f}, seen {s['train_pair_accuracy']:.3f}, "
-          f"{rate_s}{mfu_s}, {s['steps']} steps")
 except Exception as e:
     print(f"no summary: {e}")
+    sys.exit()
+# each figure where the summary has it: a run stopped by SIGTERM (the stage's limit) skips its evaluation, so
+# its summary has no accuracies (the row said 'no summary' then), and without a seen-policy set no seen one
+parts = [f"{label} {s[key]:.3f}" for label, key in (("held-out acc", "held_out_pair_accuracy"),
+                                                    ("seen", "train_pair_accuracy")) if s.get(key) is not None]
+if s.get("train_tokens_per_s") is not None:  # training steps only (the progress windows: no warm-up, evaluations)
+    parts.append(f"{s['train_tokens_per_s']:,.0f} tok/s training only")
+elif s.get("tokens_per_second") is not None:
+    parts.append(f"{s['tokens_per_second']:,.0f} tok/s with warm-up, evaluations and saves")
+if s.get("mfu") is not None:
+    parts.append(f"MFU {s['mfu']:.1%}")
+parts.append(f"{s.get('steps')} steps" + (f", stopped by {s['stopped_by']}" if s.get("stopped_by") else ""))
+print(", ".join(parts))
 PY
 )"
 if ran tests; then
