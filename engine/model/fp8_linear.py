@@ -226,43 +226,44 @@ class _Fp8Linear(torch.autograd.Function):
         need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dw = None
         saved = ctx.saved_tensors
-        gathered = None
-        if need_dw and sp_group is not None:  # wgrad contracts over all tokens: the shard's copy is gathered,
-            gathered = _gather_rows(saved[0], sp_group, async_op=True)  # overlapping dgrad as megatron does
+        # Under SP the communication overlaps the products as in megatron's linear: the kept shard's gather
+        # (wgrad contracts over all tokens) runs during dgrad and dx's reduce-scatter during wgrad. A
+        # collective waits for those issued before it on its group (NCCL: one stream per communicator), so
+        # dgrad's operands, whose scales all-reduce over the same TP group, are quantized before the gather.
         if recipe == "rowwise":
             x2, weight = saved
             if need_dx:  # contraction over N: dy and W along N (split on column-parallel ranks)
                 dyq, dys = quantize(dy2, GRAD_DTYPE, 1, dy_group, pow2=True)
                 wq, ws = quantize_weight(weight, 0, w_group if dy_group is not None else None, pow2=True)
-                dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
-            if need_dw:  # contraction over M (never split over TP once gathered): along the tokens
-                x2 = _waited(gathered, x2)
-                dyq, dys = quantize(dy2, GRAD_DTYPE, 0, None, pow2=True)
-                xq, xs = quantize(x2, FORWARD_DTYPE, 0, None, pow2=True)
-                a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
-                dw = _mm(a, b, dys.t(), xs, w_dtype, fast_accum=False)
         else:
             xq, xs, wq, ws = saved
             dyq, dys = quantize(dy2, GRAD_DTYPE, None, dy_group)
-            if need_dx:
-                dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
-            if need_dw:
-                a, b = _pad_inner(dyq.t().contiguous(), _column_major(_waited(gathered, xq)))
-                dw = _mm(a, b, dys, xs, w_dtype, fast_accum=False)
+        gathered = _gather_rows(saved[0], sp_group, async_op=True) if need_dw and sp_group is not None else None
+        if need_dx:
+            dx = _mm(dyq, _column_major(wq), dys, ws, x_dtype, fast_accum=False)
+        scattered = None
         if dx is not None and sp_group is not None:  # what megatron's all-gather backward does
-            whole, dx = dx, dx.new_empty((dx.shape[0] // sp_group.size(), dx.shape[1]))
-            dist.reduce_scatter_tensor(dx, whole, group=sp_group)
+            part = dx.new_empty((dx.shape[0] // sp_group.size(), dx.shape[1]))
+            scattered = (part, dist.reduce_scatter_tensor(part, dx, group=sp_group, async_op=True))
+        if need_dw and recipe == "rowwise":  # contraction over M (never split over TP once gathered): along the tokens
+            dyq, dys = quantize(dy2, GRAD_DTYPE, 0, None, pow2=True)
+            xq, xs = quantize(_waited(gathered, x2), FORWARD_DTYPE, 0, None, pow2=True)
+            a, b = _pad_inner(dyq.t().contiguous(), _column_major(xq))
+            dw = _mm(a, b, dys.t(), xs, w_dtype, fast_accum=False)
+        elif need_dw:
+            a, b = _pad_inner(dyq.t().contiguous(), _column_major(_waited(gathered, xq)))
+            dw = _mm(a, b, dys, xs, w_dtype, fast_accum=False)
         if dx is not None:
-            dx = dx.view(shape)
+            dx = _waited(scattered, dx).view(shape)
         db = dy2.sum(0).to(w_dtype) if has_bias and ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None, None
 
 
-def _waited(gathered, local):
-    """The all-gathered tensor once its gather has finished, or `local` where nothing was gathered."""
-    if gathered is None:
+def _waited(pending, local):
+    """The result of an async collective (result, work) once it has finished, or `local` where none ran."""
+    if pending is None:
         return local
-    out, work = gathered
+    out, work = pending
     work.wait()
     return out
 

@@ -90,6 +90,52 @@ def run_linear(linear, forward, xs, gs):
     return outs, linear.weight.grad.clone()
 
 
+def backward_events(linear, forward, x, g) -> list[str]:
+    """The collectives, their waits and the FP8 products of one backward, in the order the backward issues
+    them (uncached): torch.distributed's functions and torch._scaled_mm wrapped to note each call and then
+    run it, a returned work's wait() likewise."""
+    import torch
+    import torch.distributed as dist
+
+    events, real = [], {}
+
+    def noting(name, fn):
+        def call(*args, async_op=False, **kwargs):
+            events.append(f"{name} async" if async_op else name)
+            work = fn(*args, async_op=async_op, **kwargs)
+            if work is None:
+                return None
+            wait = work.wait
+            work_wait = lambda *a, **k: (events.append(f"wait {name}"), wait(*a, **k))[1]  # noqa: E731
+            return _Noted(work, work_wait)
+        return call
+
+    x = x.detach().clone().requires_grad_()
+    y = forward(linear, x)
+    for name in ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor"):
+        real[name] = getattr(dist, name)
+        setattr(dist, name, noting(name, real[name]))
+    real["_scaled_mm"] = torch._scaled_mm
+    torch._scaled_mm = lambda *a, **k: (events.append("product"), real["_scaled_mm"](*a, **k))[1]
+    try:
+        y.backward(g)
+    finally:
+        torch._scaled_mm = real.pop("_scaled_mm")
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    return events
+
+
+class _Noted:
+    """A collective's work whose wait() is noted (backward_events)."""
+
+    def __init__(self, work, wait):
+        self._work, self.wait = work, wait
+
+    def __getattr__(self, name):
+        return getattr(self._work, name)
+
+
 def kept(linear, forward, x) -> dict:
     """What one forward(linear, x) keeps for its backward, within weight_cache() (so that an FP8
     weight copy is told by the cache, not counted) and less the parameters."""
@@ -163,6 +209,7 @@ def main():
                 if recipe != "off":
                     old_path = lambda m, x: old_column(m, x, recipe)  # noqa: E731
                     row["saved_old"] = kept(linear, old_path, xs[0])["saved"]
+                    row["backward_events"] = backward_events(linear, layer_path, xs[0], gs[0])
                     reference = run_linear(linear, old_path, xs, gs)
                     row["equal_uncached"] = _equal(run_linear(linear, layer_path, xs, gs), reference)
                     with fl.weight_cache():

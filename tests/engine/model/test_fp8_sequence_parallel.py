@@ -50,3 +50,22 @@ def test_megatrons_bf16_linear_keeps_its_shard(measured):
             rows(measured, "off"), rows(measured, "rowwise"), rows(measured, "tensorwise")):
         assert off["saved"] == 2 * off["local_tokens"] * off["in_features"] == per_row["saved"], (rank, name)
         assert per_tensor["saved"] == off["saved"] // 2 + SCALE_BYTES
+
+
+# One backward's collectives and products in issue order. A collective waits for those issued before it on
+# its group (one NCCL stream per communicator), so the async gather of the kept shard overlaps the dgrad
+# product only if no collective follows it before that product (dy's amax all-reduce, dgrad's weight
+# scales: issued first), and the reduce-scatter of dx, issued async before the wgrad product, overlaps it,
+# as megatron's own linear does both.
+OVERLAPPED = {
+    "tensorwise": ["all_reduce", "all_gather_into_tensor async", "product", "reduce_scatter_tensor async",
+                   "wait all_gather_into_tensor", "product", "wait reduce_scatter_tensor"],
+    "rowwise": ["all_reduce", "all_reduce", "all_gather_into_tensor async", "product", "reduce_scatter_tensor async",
+                "wait all_gather_into_tensor", "product", "wait reduce_scatter_tensor"],
+}
+
+
+@pytest.mark.parametrize("recipe", list(OVERLAPPED))
+def test_the_backwards_communication_overlaps_its_products(measured, recipe):
+    for rank, name, row in rows(measured, recipe):
+        assert row["backward_events"] == OVERLAPPED[recipe], (rank, name)
