@@ -26,7 +26,8 @@ Memory per GPU, for the pipeline rank that needs most:
   each linear's input as its e4m3 copy, 1 byte an element, in place of the bf16 one: the norm outputs
   (linear_qkv's and linear_fc1's inputs, / t under SP: each rank keeps its token shard) and the SwiGLU
   product (linear_fc2's) are then kept by nothing else, while the attention output, linear_proj's input,
-  stays kept by the attention beside its copy ([s, b, h] / t more); the per-row recipe keeps the bf16
+  stays kept by the attention beside its copy ([s, b, h] / t more) unless selective recomputation runs the
+  attention again in the backward (then the copy alone is kept); the per-row recipe keeps the bf16
   inputs as megatron's linears do, and is priced as bf16. With the
   torch attention backend the dense [b, s, s] bool mask is kept once and SDPA's additive copy of it per
   layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
@@ -336,10 +337,13 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     c = 1.0 / layout.tp if layout.sequence_parallel else 1.0
     if layout.recompute == "full":
         activations = in_flight * w_bytes * tokens * shape.hidden_size * c + per_layer
-    elif layout.recompute == "selective" and attention_backend == "torch":
-        # SDPA's additive mask is core-attention state: made again in the backward, one layer at a time
-        mask = w_bytes * tokens * seq_length
-        activations = in_flight * (per_layer - mask) + mask
+    elif layout.recompute == "selective":
+        # core-attention state, made again in the backward one layer at a time: SDPA's additive mask, and
+        # with fp8_inputs the attention output (the checkpoint keeps no output, linear_proj its e4m3 copy)
+        redone = w_bytes * tokens * seq_length if attention_backend == "torch" else 0
+        if fp8 and fp8_inputs:
+            redone += w_bytes * tokens * shape.hidden_size / layout.tp
+        activations = in_flight * (per_layer - redone) + redone
     else:
         activations = in_flight * per_layer
     if attention_backend == "torch":

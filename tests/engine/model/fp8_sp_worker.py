@@ -14,7 +14,7 @@ Each rank writes {recipe: {linear: row}} to OUT.rank<r>.json.
 With --layers instead: the bytes one transformer layer keeps for its backward (the backbone's forward
 with 2 layers less that with 1, each within weight_cache(), parameters and weight copies left out),
 per recipe, with and without sequence parallelism: {"sp" | "no_sp": {recipe: bytes}} (tests/polar/
-test_plan.py prices the same layer).
+test_plan.py prices the same layer); --recompute sets train.recompute (tests/polar/test_plan_fp8_recompute.py).
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ def kept(linear, forward, x) -> dict:
     return {"saved": sum(v[0] for v in storages.values()), "tensors": list(storages.values())}
 
 
-def layer_bytes(rt, par, recipe: str) -> int:
+def layer_bytes(rt, par, recipe: str, recompute: str = "none") -> int:
     """What one layer of the engine's bf16 model keeps for its backward over a [BATCH, SEQ] micro-batch."""
     import torch
 
@@ -159,7 +159,8 @@ def layer_bytes(rt, par, recipe: str) -> int:
     total = {}
     for layers in (1, 2):
         model = ModelConfig(**dict(MODEL, num_layers=layers))
-        chunk = build_chunks(model, par, TrainConfig(fp8=recipe, precision="bf16"), rt)[0][0]
+        chunk = build_chunks(model, par, TrainConfig(fp8=recipe, precision="bf16", recompute=recompute),
+                             rt)[0][0]
         tokens = torch.randint(1, MODEL["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(3))
         layout = torch.zeros(BATCH, 3, SEQ, dtype=torch.int32)  # one sequence each, no padding
         layout[:, POSITION] = torch.arange(SEQ, dtype=torch.int32)
@@ -174,6 +175,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", action="store_true", help="one layer's saved bytes instead (module docstring)")
+    ap.add_argument("--recompute", default="none", help="with --layers: train.recompute")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -192,7 +194,8 @@ def main():
         if args.layers:
             for name, sp in (("sp", True), ("no_sp", False)):
                 layout = ParallelConfig(tp=TP, sequence_parallel=sp)
-                result[name] = {recipe: layer_bytes(rt, layout, recipe) for recipe in ("off", "tensorwise", "rowwise")}
+                result[name] = {recipe: layer_bytes(rt, layout, recipe, args.recompute)
+                                for recipe in ("off", "tensorwise", "rowwise")}
         for recipe in () if args.layers else ("off", "tensorwise", "rowwise"):
             chunks, _ = build_chunks(ModelConfig(**MODEL), par, TrainConfig(fp8=recipe, precision="bf16"), rt)
             modules = dict(chunks[0].named_modules())
