@@ -431,7 +431,7 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
     for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
         if f.is_file():
             try:
-                loaded = safe_load(f.read_text()) or {}
+                loaded = safe_load(f.read_text(), str(f)) or {}
             except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
                 raise CheckpointError(f"{f}: not readable as YAML ({first_line(e)}); it records the model "
                                       f"of {step_dir}: repair it or move it away") from None

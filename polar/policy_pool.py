@@ -113,7 +113,7 @@ def load_pool(path: str) -> list[Policy]:
         with open(path, "rb") as f:
             raw = f.read()
         text = raw.decode("utf-8")
-        data = safe_load(text)
+        data = safe_load(text, str(path))
     except UnicodeDecodeError as e:  # was a traceback from inside the YAML reader
         line = raw[:e.start].count(b"\n") + 1
         raise PoolError(f"{path}:{line}: not valid UTF-8") from None

@@ -59,7 +59,7 @@ def read_model_config(path: Path) -> ModelConfig:
     path = Path(path)
 
     try:
-        values = safe_load(path.read_text())
+        values = safe_load(path.read_text(), str(path))
     except (OSError, UnicodeDecodeError) as e:  # --config names a file that is missing, a directory, ...
         raise ConvertError(f"{path}: cannot be read ({e})") from e
     except yaml.YAMLError as e:

@@ -269,7 +269,9 @@ def test_pool_yaml_syntax_error(tmp_path, capsys):
     corpus.write_text("doc\n")
     assert sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o"),
                         "--num-prompts", "1"]) == 2
-    assert "not valid YAML" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # the position names the file (it was `in "<unicode string>", line 1, column 12`)
+    assert "not valid YAML" in err and f'in "{pool}", line 1, column' in err and "<unicode" not in err, err
 
 
 def test_pool_yaml_with_a_key_given_twice_is_refused(tmp_path, capsys):
