@@ -14,8 +14,9 @@ same seed, same data order) with only `train.fp8` / `model.transformer_impl` cha
     tensorwise row measured that kernel alone, 423 tokens/s against rowwise's 21,475 at --steps 3;
     now 25,136 against 24,852). No CPU figure stands for a GPU one; the GPU figures are pending.
 Throughput is the median tokens/s over the logged intervals after the first (compilation and
-warm-up excluded); the loss is the mean training loss of the last 10 steps, and its difference is
-relative to the first variant. A variant that fails is reported with its exit code, not dropped.
+warm-up excluded; with one interval, summary.json's train_tokens_per_s, which excludes them too); the
+loss is the mean training loss of the last 10 steps, and its difference is relative to the first
+variant. A variant that fails is reported with its exit code, not dropped.
 """
 from __future__ import annotations
 
@@ -72,7 +73,10 @@ def run_variant(name: str, overrides: list[str], run_dir: Path, cuda: bool, time
         row["error"] = tail
         return row
     train = train_rows(s)
-    rates = [r["tokens_per_s"] for r in train[1:]] or [s["tokens_per_second"]]
+    # one logged interval (log.interval >= the steps): the run's training-only rate, which leaves out the
+    # first step's warm-up as the intervals after the first do (engine.progress.training_only);
+    # tokens_per_second, over the whole fit's wall time (warm-up, saves, evaluations), only where it is null
+    rates = [r["tokens_per_s"] for r in train[1:]] or [s.get("train_tokens_per_s") or s["tokens_per_second"]]
     row.update(tokens_per_s=statistics.median(rates), steps=s["steps"],
                loss_last10=statistics.fmean(r["loss"] for r in train[-10:]),
                step_time_s=statistics.median(r["step_time_s"] for r in (train[1:] or train)),
@@ -124,8 +128,9 @@ def main() -> int:
     cuda = torch.cuda.is_available() and not args.cpu
     steps = args.steps or (200 if cuda else 5)
     common = (GPU_SHAPE if cuda else CPU_SHAPE) + [
-        f"train.steps={steps}", f"train.warmup_steps={min(10, max(1, steps // 10))}", "log.interval=1", "log.tensorboard=false",
-        "checkpoint.resume=false", "checkpoint.keep=1", "checkpoint.save_at_end=false", "train.eval_interval=0", *args.overrides]
+        f"train.steps={steps}", f"train.warmup_steps={min(10, max(1, steps // 10))}", "log.interval=1",
+        "log.tensorboard=false", "checkpoint.resume=false", "checkpoint.keep=1", "checkpoint.save_at_end=false",
+        "train.eval_interval=0", *args.overrides]
     device = torch.cuda.get_device_name() if cuda else "CPU (functional check only: FP8 is emulated)"
     rows = []
     with tempfile.TemporaryDirectory(prefix="polar_fp8_") as tmp:

@@ -42,3 +42,18 @@ def test_the_gpu_type_is_read_from_the_device_name():
     assert gpu_type("NVIDIA H200") == "H200" and gpu_type("NVIDIA H100 80GB HBM3") == "H100"
     with pytest.raises(ValueError, match="give --gpu"):
         gpu_type("CPU (functional check only: FP8 is emulated)")
+
+
+def test_one_logged_interval_reports_the_training_only_rate(tmp_path):
+    """With one logged interval (log.interval at least the steps) there is no interval after the first,
+    and the row took summary.json's tokens_per_second, over the whole fit's wall time, warm-up and final
+    save included; the summary's train_tokens_per_s leaves them out, as the intervals after the first do."""
+    from benchmarks import fp8
+
+    overrides = [*fp8.CPU_SHAPE, "synthetic.train_triplets=64", "synthetic.eval_triplets=8", "train.steps=3",
+                 "train.warmup_steps=1", "log.interval=3", "log.tensorboard=false", "train.eval_interval=0",
+                 "train.fp8=off"]
+    row = fp8.run_variant("fp32", overrides, tmp_path / "run", cuda=False, timeout=600)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert row["exit"] == 0 and len(fp8.train_rows(summary)) == 1, row
+    assert summary["train_tokens_per_s"] and row["tokens_per_s"] == summary["train_tokens_per_s"], (row, summary)
