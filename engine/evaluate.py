@@ -22,8 +22,8 @@ from engine.cli_types import count_at_least  # noqa: E402
 from engine.score import MAX_LENGTH_HELP, MAX_RESPONSE_HELP  # noqa: E402
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="polar eval", description=__doc__.split("\n\n")[0])
+def parse_args(argv=None, prog: str = "polar eval"):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="an engine checkpoint (directory or one step)")
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")
@@ -47,8 +47,13 @@ def parse_args(argv=None):
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog: str | None = None) -> int:
+    """`prog`: the name in the usage and errors, default how this entry was called (engine.called_as:
+    `polar eval` under polar, else the path typed or `python -m engine.evaluate`)."""
+    from engine.called_as import called_as
+
+    prog = called_as("engine.evaluate", prog)
+    args = parse_args(argv, prog)
     rank = int(os.environ.get("RANK", "0"))
     from engine.cuda_env import order_tp_launches
     from engine.quiet import silence_known_warnings
@@ -59,7 +64,7 @@ def main(argv=None) -> int:
 
     # the accuracy needs every record scored: a stop before the end keeps nothing
     leaves = ["nothing is written (the accuracy comes once every record is scored); the same command starts again"]
-    return exit_status(lambda interrupts: run(args, rank, leaves), leaves, rank == 0)
+    return exit_status(lambda interrupts: run(args, rank, leaves), leaves, rank == 0, prog)
 
 
 def run(args, rank: int, leaves: list) -> int:

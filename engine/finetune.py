@@ -17,25 +17,13 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 from engine.pretrain import main as _main  # noqa: E402
 
 
-class _CalledAs:
-    """The fine-tuning recipe with the program name its usage and errors lead with (None: how it was
-    called, engine.pretrain.invoked_as): its CLI says `polar finetune`, which `python engine/finetune.py
-    --bogus` was told it had typed."""
-
-    def __init__(self, recipe, prog):
-        self._recipe, self.CLI = recipe, {**recipe.CLI, "prog": prog}
-
-    def __getattr__(self, name):
-        return getattr(self._recipe, name)
-
-
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
+    """`prog`: the name in the usage and errors, default how this entry was called (engine.called_as:
+    `polar finetune` under polar, else the path typed or `python -m engine.finetune`)."""
+    from engine.called_as import called_as
     from polar import finetune_recipe
 
-    # run itself (polar's launches, torchrun's workers, a user's file or -m), it is named as
-    # engine/pretrain.py is: `polar finetune` under polar, else as typed (engine.called_as named any -m
-    # run `polar finetune`, and the file by its base name where pretrain names the path typed)
-    return _main(argv, recipe=_CalledAs(finetune_recipe, None) if __name__ == "__main__" else finetune_recipe)
+    return _main(argv, recipe=finetune_recipe, prog=called_as("engine.finetune", prog))
 
 
 if __name__ == "__main__":

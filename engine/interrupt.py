@@ -84,11 +84,12 @@ def raised_on_interrupt():
             signal.signal(s, previous[s])
 
 
-def exit_status(run, leaves: list, main_rank: bool) -> int:
-    """An offline tool's run(interrupts) to its exit status: its own, 2 for a ConfigError (its `error:`
-    line), 128 + the signal for a Ctrl-C or a SIGTERM (`interrupted by SIG...: ` and leaves[0], what
-    the run has kept, which it keeps up to date); the lines are the main rank's. The process groups
-    the run started are ended when it leaves early (engine.runtime.released_on_error)."""
+def exit_status(run, leaves: list, main_rank: bool, prog: str) -> int:
+    """An offline tool's run(interrupts) to its exit status: its own, 2 for a ConfigError (its line led
+    by `prog`, the command as called, as every polar command's errors are; it was `error:`), 128 + the
+    signal for a Ctrl-C or a SIGTERM (`interrupted by SIG...: ` and leaves[0], what the run has kept,
+    which it keeps up to date); the lines are the main rank's. The process groups the run started are
+    ended when it leaves early (engine.runtime.released_on_error)."""
     import sys
 
     from engine.config import ConfigError
@@ -99,7 +100,7 @@ def exit_status(run, leaves: list, main_rank: bool) -> int:
             return run(interrupts)
         except ConfigError as e:
             if main_rank:
-                print(f"error: {e}", file=sys.stderr)
+                print(f"{prog}: {e}", file=sys.stderr)
             return 2
         except Interrupted as e:  # what is kept and how to go on, not a traceback on every rank
             if main_rank:

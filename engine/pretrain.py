@@ -52,45 +52,6 @@ def _stop(rank: int, message: str, code: int) -> int:
     return code
 
 
-POLAR_COMMANDS = ("pretrain", "finetune")  # polar's commands that run this module (polar/cli.py)
-
-
-def _polar_command() -> str | None:
-    """`polar pretrain` (or `polar finetune`) where that command started this process (its start-up
-    check, --print-config) or the torchrun that did (its workers); None otherwise. polar runs the module
-    in processes of its own and passes nothing else that says so."""
-    import psutil
-
-    try:
-        proc = psutil.Process()
-        for _ in range(2):
-            proc = proc.parent()
-            if proc is None:
-                break
-            words = proc.cmdline()
-            # `.../bin/polar pretrain ...` (under its interpreter or not) or `python -m polar.cli pretrain ...`
-            at = next((i for i, w in enumerate(words[:3]) if Path(w).name == "polar" or w == "polar.cli"), None)
-            if at is not None and words[at + 1:at + 2] and words[at + 1] in POLAR_COMMANDS:
-                return f"polar {words[at + 1]}"
-    except psutil.Error:  # an ancestor gone or not ours to read: no launcher to name
-        pass
-    return None
-
-
-def invoked_as() -> str:
-    """The program as the user called it, for the usage and error lines (argparse's default is the
-    file's name, `pretrain.py`, which names neither way to run it): `polar pretrain` through polar,
-    else the script's path as typed (`engine/pretrain.py`; torchrun passes it on to its workers as
-    given), else `python -m MODULE`."""
-    launcher = _polar_command()
-    if launcher:
-        return launcher
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and spec.name:  # run with -m
-        return f"{Path(sys.orig_argv[0]).name} -m {spec.name.removesuffix('.__main__')}"
-    return sys.argv[0] or "engine/pretrain.py"
-
-
 def unrecognized(words: list[str], options: list[str]) -> str:
     """The error for options the parser does not know, each near miss of one it does followed by it:
     `unrecognized arguments: --confg (did you mean --config?)` (argparse named the word alone; its own
@@ -108,9 +69,11 @@ def parse_args(argv=None, prog: str | None = None, description: str = "POLAR rew
                "(run under torchrun; a plain single process works too).",
                config_help: str = "a preset name (tiny_cpu, polar_1_8b, polar_7b) or a YAML file (default: "
                "tiny_cpu)"):
-    """`prog`: the program's name in its usage and errors, default how it was called (invoked_as)."""
+    """`prog`: the program's name in its usage and errors, default how it was called (engine.called_as)."""
+    from engine.called_as import called_as
+
     ap = argparse.ArgumentParser(
-        prog=prog or invoked_as(), description=description,
+        prog=called_as("engine.pretrain", prog), description=description,
         epilog="Overrides: section.key=value, e.g. train.lr=1e-4 parallel.tp=2 model.num_layers=8",
     )
     options = [
@@ -128,10 +91,11 @@ def parse_args(argv=None, prog: str | None = None, description: str = "POLAR rew
     return args
 
 
-def main(argv=None, recipe=None) -> int:
-    """Parses the command line, checks every setting, runs; `recipe` defaults to pre-training."""
+def main(argv=None, recipe=None, prog: str | None = None) -> int:
+    """Parses the command line, checks every setting, runs; `recipe` defaults to pre-training, `prog`
+    (the name in the usage and errors) to how this entry was called (engine.called_as)."""
     try:
-        code = _main(argv, recipe)
+        code = _main(argv, recipe, prog)
         sys.stdout.flush()  # a short output is still buffered here: its broken pipe is this one's too
         return code
     except BrokenPipeError:  # `--print-config | head -1`, `--help | head`: the reader left
@@ -140,10 +104,10 @@ def main(argv=None, recipe=None) -> int:
         return reader_gone()
 
 
-def _main(argv=None, recipe=None) -> int:
+def _main(argv=None, recipe=None, prog=None) -> int:
     if recipe is None:
         from polar import pretrain_recipe as recipe
-    args = parse_args(argv, **getattr(recipe, "CLI", {}))
+    args = parse_args(argv, prog, **getattr(recipe, "CLI", {}))
     from engine.quiet import silence_known_warnings
 
     silence_known_warnings()  # before megatron is imported: some of its warnings come at import
@@ -170,7 +134,7 @@ def _main(argv=None, recipe=None) -> int:
         restarted = resume_on_restart(cfg)  # first: whether the run resumes decides which checkpoint it loads
         taken = model_from_checkpoint(cfg, sources)
         for line in (restarted, taken):
-            if line and rank == 0:
+            if line and rank == 0 and not checked_at_launch():
                 print(line, flush=True)
         check_machine(cfg)
         recipe.check(cfg)
@@ -210,6 +174,16 @@ def _main(argv=None, recipe=None) -> int:
             return _stop(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)
         except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
             return _stop(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
+
+
+def checked_at_launch() -> bool:
+    """Whether this run's launch (`polar pretrain`, `polar finetune`) ran its start-up check in a process of
+    its own, which printed the start-up lines (the model settings taken from a checkpoint, a restart's
+    resume, the warm-up warning) already: the run leaves them out (polar printed each twice). A torchrun
+    of the file or --check-config alone prints them."""
+    from polar.cli import CHECKED_AT_LAUNCH
+
+    return bool(os.environ.get(CHECKED_AT_LAUNCH))
 
 
 LOCK_FILE = ".lock"  # in the checkpoint directory: held by the run's rank 0 while it runs (HolderLock)
@@ -527,7 +501,7 @@ def run(cfg, recipe) -> int:
     data = prepare_checked_data(cfg, recipe)
     # fine-tuning's steps and warm-up as derived from its data
     warning = schedule_warning(cfg.train, getattr(recipe, "DERIVED_SETTINGS", {}))
-    if warning:
+    if warning and not checked_at_launch():
         say(warning)
     say(data.description)
     # rank 0 writes into both from here on: one that cannot be written (a read-only mount, a file in its

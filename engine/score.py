@@ -389,10 +389,12 @@ class Packed:
         self.splits, self.batches, self.order, self.candidates, self.facts = splits, batches, order, candidates, facts
 
 
-def main(argv=None) -> int:
+def main(argv=None, prog: str | None = None) -> int:
+    """`prog`: the name in the usage and errors, default how this entry was called (engine.called_as:
+    `polar score` under polar, else the path typed or `python -m engine.score`)."""
     from engine.called_as import called_as
 
-    prog = called_as(__spec__, "polar score")
+    prog = called_as("engine.score", prog)
     args = parse_args(argv, prog)
     rank = int(os.environ.get("RANK", "0"))
     from engine.cuda_env import order_tp_launches
@@ -403,16 +405,7 @@ def main(argv=None) -> int:
     from engine.interrupt import exit_status
 
     leaves = ["before the scoring began; the same command starts it"]  # what a stop leaves, kept up to date
-
-    def named(interrupts) -> int:
-        try:
-            return run(args, interrupts, leaves)
-        except ConfigError as e:  # led by the command, as every polar command's errors are (it was `error:`)
-            if rank == 0:
-                print(f"{prog}: {e}", file=sys.stderr)
-            return 2
-
-    return exit_status(named, leaves, rank == 0)
+    return exit_status(lambda interrupts: run(args, interrupts, leaves), leaves, rank == 0, prog)
 
 
 def score_settings(args, scorer: CheckpointScorer) -> dict:

@@ -26,6 +26,7 @@ import os
 import subprocess
 import sys
 
+from engine.called_as import launched_env
 from polar.launch import call_forwarding_signals
 from polar.presets import preset_names
 
@@ -91,18 +92,21 @@ environment:
 
 
 # set in a run's environment by the launch whose start-up check (a process of its own) printed the
-# recipe's notes on the data already: the run leaves them out (polar.finetune_recipe)
+# recipe's notes on the data and the engine's start-up lines already: the run leaves them out
+# (polar.finetune_recipe, engine.pretrain.checked_at_launch)
 CHECKED_AT_LAUNCH = "POLAR_CHECKED_AT_LAUNCH"
 
 
-def _launch(module: str):
+def _launch(module: str, command: str):
+    """`command` (`polar pretrain`): what the entry's usage and errors are to name, said in the environment
+    of every process launched for it (engine.called_as)."""
     def launch(args, rest) -> int:
         if {"--print-config", "-h", "--help"} & set(rest):  # nothing to run: one process, no torchrun
-            return subprocess.call([sys.executable, "-m", module, *rest])
+            return subprocess.call([sys.executable, "-m", module, *rest], env=launched_env(command))
         # the start-up checks in one process first: a bad setting then ends with its one `config
         # error:` line and exit code 2, not torchrun's failure report around it (exit 1); with
         # --nproc 1 too, since that one process still runs under torchrun
-        env = dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0")
+        env = launched_env(command, dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0"))
         asked = "--check-config" in rest  # the check is all that was asked for
         code = call_forwarding_signals([sys.executable, "-m", module, *([] if asked else ["--check-config"]),
                                         *rest], env=env)
@@ -111,7 +115,7 @@ def _launch(module: str):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
                "-m", module, *rest]
         print("+", " ".join(cmd), flush=True)
-        return call_forwarding_signals(cmd, env=dict(os.environ, **{CHECKED_AT_LAUNCH: "1"}))
+        return call_forwarding_signals(cmd, env=launched_env(command, dict(os.environ, **{CHECKED_AT_LAUNCH: "1"})))
     return launch
 
 
@@ -253,6 +257,25 @@ def _unknown(word: str, known: list[str], where: str) -> str:
             + f"; the commands: {', '.join(known)}")
 
 
+def _option_first(argv: list[str], first_words: list[str]) -> str:
+    """The line for an option before any command: `polar --nproc 2 pretrain` was told only `unknown option
+    '--nproc'`, an option of pretrain's. polar's own are -h and --version; a command's options follow it,
+    as the line shows the command reading where one comes later."""
+    import shlex
+
+    option = argv[0].split("=", 1)[0]
+    at = next((i for i, w in enumerate(argv) if w in first_words), None)
+    if at is None:
+        if option == "--nproc":
+            return (f"polar: --nproc goes after the command: polar COMMAND {shlex.join(argv)} (the commands that "
+                    "take it: pretrain, finetune, score, eval)")
+        return f"polar: unknown option {argv[0]!r} (polar --help lists the commands and options)"
+    tool = _tool(argv[at:])
+    words = len(argv) - at - len(tool[1]) if tool else 1  # `data build`: the group's command too
+    return (f"polar: {option} goes after the command: "
+            f"{shlex.join(['polar', *argv[at:at + words], *argv[:at], *argv[at + words:]])}")
+
+
 def _usage_of_tools(group: str | None = None) -> str:
     shown = [(" ".join(w), h) for w, (_, h) in _TOOLS.items() if group in (None, w[0])]
     width = max(len(w) for w, _ in shown)
@@ -319,8 +342,7 @@ def _main(argv=None) -> int:
         # argparse said "the following arguments are required: command" to a bare `polar` and to
         # `polar -x`, under a usage that named 3 of the 12 commands
         ap.print_help(sys.stderr) if not argv else ap.print_usage(sys.stderr)
-        print("polar: no command given" if not argv else f"polar: unknown option {argv[0]!r} (polar --help lists "
-              "the commands and options)", file=sys.stderr)
+        print("polar: no command given" if not argv else _option_first(argv, first_words), file=sys.stderr)
         return 2
     sub = ap.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND", prog="polar")
     launchers = {}
@@ -338,7 +360,7 @@ def _main(argv=None) -> int:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--nproc", type=_nproc, default=None, metavar="N",
                        help=f"processes on this machine (default: ${NPROC_ENV}, else 2)")
-        p.set_defaults(func=_launch(module))
+        p.set_defaults(func=_launch(module, f"polar {name}"))
         launchers[name] = p
     e = sub.add_parser("env", help="print the versions and devices polar sees",
                        description="The versions of polar, python, torch and the libraries it uses, and the "

@@ -45,7 +45,7 @@ from polar.build_repeats import SHOWN, named
 from polar.finetune_split import SPLIT_RULE
 from polar.pretrain_recipe import RunData
 
-CLI = {"prog": "polar finetune", "description": "POLAR reward-model fine-tuning on preference records "
+CLI = {"description": "POLAR reward-model fine-tuning on preference records "
        "(paper Sec. 3, Eq. 8; run under torchrun, a plain single process works too).",
        # the presets set train.steps, which fine-tuning derives from finetune.epochs: they are refused
        "config_help": "a YAML file of settings (no train.steps or train.warmup_steps); the model.* settings "

@@ -15,6 +15,7 @@ import time
 
 import psutil
 
+from engine.called_as import launched_env
 from engine.signal_handlers import in_main_thread, may_handle
 from engine.worker_processes import parent_death_signal
 
@@ -43,14 +44,16 @@ def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
     return nproc, rest
 
 
-def run_entry(module: str, argv: list[str], default_nproc: int = 1) -> int:
+def run_entry(module: str, argv: list[str], command: str, default_nproc: int = 1) -> int:
+    """`command` (`polar score`): the name the entry's usage and errors lead with, given to its main
+    here, to torchrun's workers in their environment (engine.called_as)."""
     nproc, rest = split_nproc(argv, default_nproc)
     if nproc == 1:
-        return importlib.import_module(module).main(rest)
+        return importlib.import_module(module).main(rest, prog=command)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", module, *rest]
     print("+", " ".join(cmd), flush=True)
-    return call_forwarding_signals(cmd)
+    return call_forwarding_signals(cmd, env=launched_env(command))
 
 
 # The stop signals torchrun acts on (it passes each to its workers and waits for them) that a user or
@@ -172,8 +175,8 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
 
 
 def score_main(argv=None) -> int:
-    return run_entry("engine.score", list(sys.argv[1:] if argv is None else argv))
+    return run_entry("engine.score", list(sys.argv[1:] if argv is None else argv), "polar score")
 
 
 def eval_main(argv=None) -> int:
-    return run_entry("engine.evaluate", list(sys.argv[1:] if argv is None else argv))
+    return run_entry("engine.evaluate", list(sys.argv[1:] if argv is None else argv), "polar eval")

@@ -146,13 +146,16 @@ def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypat
     (["-m", "engine.pretrain"], f"{Path(sys.executable).name} -m engine.pretrain"),
     ([str(Path(sys.executable).with_name("polar")), "pretrain"], "polar pretrain"),  # the installed command
     (["-m", "polar.cli", "pretrain"], "polar pretrain"),
-], ids=["script", "module", "polar", "polar-module"])
+    (["-m", "polar.cli", "pretrain", "--print-config"], "polar pretrain"),  # one process, no check first
+], ids=["script", "module", "polar", "polar-module", "polar-print-config"])
 def test_a_misspelt_option_is_named_under_the_program_as_called_with_the_option_meant(launch, prog):
     """`polar pretrain --confg x` printed `usage: pretrain.py ...` and `pretrain.py: error: unrecognized
     arguments: --confg`: neither the command the user typed nor the option meant."""
     cmd = launch if launch[0].endswith("polar") else [sys.executable, *launch]
+    from engine.called_as import COMMAND_ENV
+
     proc = subprocess.run([*cmd, "--confg", "x", "--chek-config", "--bogus"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
+                          timeout=120, cwd=ROOT, env={k: v for k, v in os.environ.items() if k != COMMAND_ENV})
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.startswith(f"usage: {prog} [-h] [--config CONFIG]"), proc.stderr
     assert proc.stderr.endswith(f"\n{prog}: error: unrecognized arguments: --confg (did you mean --config?) "

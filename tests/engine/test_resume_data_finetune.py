@@ -48,7 +48,9 @@ def saved_finetune(tmp_path_factory):
     def settings(*extra: str) -> list[str]:
         return [*TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
                 f"finetune.train={tmp / 'prefs.jsonl'}", f"finetune.eval={tmp / 'held.jsonl'}", "finetune.epochs=1",
-                "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}", *extra]
+                # a warm-up as long as the run: its warning is one of the start-up lines polar finetune says
+                "finetune.warmup_fraction=1", "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}",
+                *extra]
 
     def finetune(*extra: str) -> subprocess.CompletedProcess:
         return run("finetune.py", *settings(*extra), cwd=tmp)
@@ -82,11 +84,14 @@ def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
 
 def test_polar_finetune_says_each_note_on_its_data_once(saved_finetune):
     """The start-up check `polar finetune` runs before torchrun, and the run, each read the data
-    (prepare_data), and each printed its notes: every one came twice."""
+    (prepare_data), and each printed its notes: every one came twice, and so did the engine's start-up
+    lines (engine.pretrain.checked_at_launch): the model settings init_from brings, the warm-up warning."""
     out = saved_finetune.first.stdout
     check, launch = out.index("config ok"), out.index("+ ")
     for line in ("finetune.eval record(s) share their prompt", "data.seq_length=1024 from the data",
-                 "batch: train.global_batch=4 packed sequences carry"):
+                 "batch: train.global_batch=4 packed sequences carry",
+                 f"model settings from {saved_finetune.tmp / 'pre' / 'checkpoints' / 'step_00000001' / 'model.json'}: "
+                 "model.vocab_size=260", "warning: train.warmup_steps=4 >= train.steps=4"):
         assert out.count(line) == 1 and out.index(line) < check < launch, out[-3000:]
     assert "data: 40 fine-tuning records" in out[launch:], out[-3000:]  # the run's own data line stays
 
@@ -95,7 +100,9 @@ def test_the_same_settings_resume(saved_finetune):
     proc = saved_finetune("--check-config")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held_out set" not in proc.stdout, proc.stdout  # the held-out set is the one saved: no note
-    assert "batch: train.global_batch=4" in proc.stdout, proc.stdout  # --check-config alone says the notes
+    # --check-config alone says the notes, and the engine's start-up lines
+    for line in ("batch: train.global_batch=4", "warning: train.warmup_steps=4 >= "):
+        assert proc.stdout.count(line) == 1, proc.stdout
     # the held-out split's count rule among the data settings a step records (finetune.split_rule): a resume
     # from a step that lacks it keeps the old rule (test_finetune_recipe)
     from engine import checkpoint
@@ -138,6 +145,8 @@ def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune, tmp_path):
             f"{run_dir / 'checkpoints' / 'step_00000001'} was evaluated on") in proc.stdout, proc.stdout[-3000:]
     assert ("the eval history's held_out rows up to step 1 are of the old set, from step 2 on (and the final "
             "evaluation) of this one") in proc.stdout, proc.stdout[-3000:]
+    # a plain run (no check before it) says the engine's start-up lines
+    assert proc.stdout.count("warning: train.warmup_steps=4 >= ") == 1, proc.stdout[-3000:]
     now = json.loads((run_dir / "summary.json").read_text())["eval_sets"]
     assert now["held_out"]["after_step"] == 1 and now["held_out"]["digest"] != first["held_out"]["digest"], now
     assert checkpoint.read_state(str(run_dir / "checkpoints" / "step_00000002"))["eval_sets"] == now

@@ -191,6 +191,14 @@ def test_the_response_truncation_has_the_clients_name_in_every_tool():
 @pytest.mark.parametrize("argv, line", [
     ([], "polar: no command given"),
     (["-x"], "polar: unknown option '-x' (polar --help lists the commands and options)"),
+    # a command's option before the command was `unknown option '--nproc'`, which pretrain has
+    (["--nproc", "2", "pretrain", "--config", "x"], "polar: --nproc goes after the command: polar pretrain --nproc 2 "
+                                                    "--config x\n"),
+    (["--nproc=2", "eval", "--input", "a b"], "polar: --nproc goes after the command: polar eval --nproc=2 --input "
+                                              "'a b'\n"),
+    (["--tp", "2", "data", "build", "in"], "polar: --tp goes after the command: polar data build --tp 2 in\n"),
+    (["--nproc", "2"], "polar: --nproc goes after the command: polar COMMAND --nproc 2 (the commands that take it: "
+                       "pretrain, finetune, score, eval)"),
 ])
 def test_no_command_or_an_unknown_option_is_said_with_every_command(capsys, argv, line):
     """argparse said "the following arguments are required: command" to a bare `polar` and to
