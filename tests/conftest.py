@@ -36,6 +36,8 @@ SLOWEST_FIRST = (
     "tests/engine/test_checkpoint_async_layouts.py",  # ~56 s
     "tests/polar/convert/test_smollm2.py",  # 54 s
     "tests/engine/test_pretrain_cli.py",  # 52 s
+    "tests/test_gpu_run_all.py",  # ~70 s with its dry run (2026-12-05, 28th session; the machine loaded)
+    "tests/engine/test_trainer.py",  # ~48 s (the same run)
     "tests/engine/test_score_chunks.py",  # ~52 s (was 111 s)
     "tests/engine/test_parallel_data.py",  # 51 s
     "tests/engine/test_score_interrupt.py",  # ~43 s
@@ -64,8 +66,9 @@ SLOWEST_FIRST = (
     "tests/polar/test_cli.py",
     "tests/polar/test_cli_sigterm.py",  # ~25 s (2026-12-05)
     "tests/benchmarks/test_fp8_benchmark.py",
-    "tests/engine/test_trainer.py",
-    "tests/test_gpu_run_all.py",
+    "tests/polar/test_reward.py",  # ~30 s (the same run)
+    "tests/engine/test_called_as.py",  # ~30 s measured alone
+    "tests/engine/launch/test_slurm_pretrain.py",  # ~29 s (the same run)
     "tests/engine/test_evaluate.py",
     "tests/csrc/test_cuda_compile.py",
     "tests/benchmarks/test_e2e_benchmark.py",
