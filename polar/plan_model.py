@@ -32,9 +32,10 @@ Memory per GPU, for the pipeline rank that needs most:
   torch attention backend the dense [b, s, s] bool mask is kept once and SDPA's additive copy of it per
   layer (b s^2 in the compute dtype: 0.5 GB per layer at 16k in bf16). Full recomputation keeps only each layer's
   input [s, b, h] (/t under SP) and one layer's activations while it is recomputed; selective
-  recomputation (megatron's core-attention recompute) drops the attention's internal state, which a
-  flash-style kernel does not keep anyway (of the torch backend's SDPA mask copies, one layer's while it is
-  recomputed). A pipeline rank holds the activations of the micro-batches in
+  recomputation (megatron's core-attention recompute, RoPE inside it) keeps the QKV output (the checkpoint's
+  q, k, v are views of it) and the attention output (linear_proj's input) and drops, but for the layer being
+  recomputed, Q and K after RoPE, the log-sum-exp and the torch backend's SDPA mask copy: the triton kernel
+  keeps the same Q, K and log-sum-exp as SDPA does. A pipeline rank holds the activations of the micro-batches in
   flight under 1F1B: pp - rank of them (interleaved: 2 (pp - rank - 1) + (vpp - 1) pp + 1 model chunks);
 - transient: the larger of the backward pass's extra (the largest single gradient as autograd produces
   it, before it is added into the buffer, and the gradients of one layer's fc1 output) and the optimizer
@@ -338,9 +339,15 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
     if layout.recompute == "full":
         activations = in_flight * w_bytes * tokens * shape.hidden_size * c + per_layer
     elif layout.recompute == "selective":
-        # core-attention state, made again in the backward one layer at a time: SDPA's additive mask, and
-        # with fp8_inputs the attention output (the checkpoint keeps no output, linear_proj its e4m3 copy)
-        redone = w_bytes * tokens * seq_length if attention_backend == "torch" else 0
+        # core-attention state, made again in the backward one layer at a time (engine/recompute.py: the
+        # checkpoint keeps q, k and v as the QKV output's views, RoPE runs inside it): Q and K after RoPE, the
+        # log-sum-exp, SDPA's additive mask, and with fp8_inputs the attention output (the checkpoint keeps no
+        # output, linear_proj its e4m3 copy); measured per layer, tests/polar/test_plan_recompute.py
+        # (the checkpoint's own keep: megatron's attn_mask_type as a 1-element int32 tensor, 4 bytes)
+        redone = (w_bytes * tokens * (shape.hidden_size + shape.kv_size) / layout.tp
+                  + 4 * tokens * shape.num_attention_heads / layout.tp - 4)
+        if attention_backend == "torch":
+            redone += w_bytes * tokens * seq_length
         if fp8 and fp8_inputs:
             redone += w_bytes * tokens * shape.hidden_size / layout.tp
         activations = in_flight * (per_layer - redone) + redone

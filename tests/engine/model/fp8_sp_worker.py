@@ -14,7 +14,9 @@ Each rank writes {recipe: {linear: row}} to OUT.rank<r>.json.
 With --layers instead: the bytes one transformer layer keeps for its backward (the backbone's forward
 with 2 layers less that with 1, each within weight_cache(), parameters and weight copies left out),
 per recipe, with and without sequence parallelism: {"sp" | "no_sp": {recipe: bytes}} (tests/polar/
-test_plan.py prices the same layer); --recompute sets train.recompute (tests/polar/test_plan_fp8_recompute.py).
+test_plan.py prices the same layer); --recompute sets train.recompute, a comma-separated list of them gives
+{recompute: that dict} (tests/polar/test_plan_fp8_recompute.py). The attention backend is auto (blocks on CPU),
+which takes torch's dense path at SEQ tokens (engine/model/shared_prefix_attention.py, DENSE_BELOW).
 """
 from __future__ import annotations
 
@@ -175,7 +177,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--layers", action="store_true", help="one layer's saved bytes instead (module docstring)")
-    ap.add_argument("--recompute", default="none", help="with --layers: train.recompute")
+    ap.add_argument("--recompute", default="none", help="with --layers: train.recompute, or a list: a,b")
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
 
@@ -192,10 +194,13 @@ def main():
     result = {}
     try:
         if args.layers:
-            for name, sp in (("sp", True), ("no_sp", False)):
-                layout = ParallelConfig(tp=TP, sequence_parallel=sp)
-                result[name] = {recipe: layer_bytes(rt, layout, recipe, args.recompute)
-                                for recipe in ("off", "tensorwise", "rowwise")}
+            modes = args.recompute.split(",")
+            for recompute in modes:
+                row = result.setdefault(recompute, {}) if len(modes) > 1 else result
+                for name, sp in (("sp", True), ("no_sp", False)):
+                    layout = ParallelConfig(tp=TP, sequence_parallel=sp)
+                    row[name] = {recipe: layer_bytes(rt, layout, recipe, recompute)
+                                 for recipe in ("off", "tensorwise", "rowwise")}
         for recipe in () if args.layers else ("off", "tensorwise", "rowwise"):
             chunks, _ = build_chunks(ModelConfig(**MODEL), par, TrainConfig(fp8=recipe, precision="bf16"), rt)
             modules = dict(chunks[0].named_modules())
