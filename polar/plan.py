@@ -323,7 +323,9 @@ def _dur(x: float, unit: tuple[str, float], sign: str = "") -> str:
 
 def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = None) -> list[str]:
     name, k = _time_unit([e.time["total"] for e in ranked[:top]])  # every time column in it
-    head = (f"{'#':>3} {'layout (* recommended)':<30} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} "
+    # wide enough for the longest name shown ("TP2xPP2xVPP2xDP16 mb1 rc-selective" is 34)
+    w = max([30] + [len(e.layout.name()) for e in ranked[:top]])
+    head = (f"{'#':>3} {'layout (* recommended)':<{w}} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} "
             f"{'step ' + name:>7} "
             f"{'compute':>7} {'recomp':>6} {'bubble':>6} {'TP comm':>7} {'PP comm':>7} {'DP comm':>7} "
             f"{'MFU':>6} {'tok/s/GPU':>9}")
@@ -333,7 +335,7 @@ def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = No
         t = {key: v * k if key not in ("mfu", "tokens_per_s") else v for key, v in e.time.items()}
         world = lay.tp * lay.pp * lay.dp
         rows.append(
-            f"{i:>3}{'*' if e is best else ' '}{lay.name():<30} {'y' if lay.sequence_parallel else '-':>2} "
+            f"{i:>3}{'*' if e is best else ' '}{lay.name():<{w}} {'y' if lay.sequence_parallel else '-':>2} "
             f"{'yes' if e.fits else 'no':>4} "
             f"{_gb(e.memory['total']):>7} {_gb(e.memory['activations']):>6} {t['total']:>7.2f} "
             f"{t['compute']:>7.2f} {t['recompute']:>6.2f} {t['bubble']:>6.2f} {t['tp_comm']:>7.2f} "

@@ -240,6 +240,18 @@ def test_plan_for_polar_7b_recommends_a_layout_that_fits(capsys):
     assert f"a resume reads {32 * c['optimizer'] / 1000 / plan.GB:.1f} TB in all" in out
 
 
+def test_the_table_keeps_its_columns_for_the_longest_layout_name(capsys):
+    """A name longer than the layout column ("TP2xPP2xVPP2xDP16 mb1 rc-selective") pushed its row's
+    later columns one place right."""
+    assert cli.main(["plan", "--config", "polar_7b", "--gpus", "64", "train.attention_backend=triton",
+                     "--top", "200"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.lstrip().startswith("# layout"))
+    table = lines[start:start + 2] + [line for line in lines[start + 2:] if line[:3].strip().isdigit()]
+    assert any("VPP" in line and "rc-selective" in line for line in table)  # the long names are there
+    assert len({len(line) for line in table}) == 1, sorted({len(line) for line in table})
+
+
 def test_a_gpu_count_no_layout_divides_names_the_nearest_batches(capsys):
     # 912 = 16 x 57: no data-parallel size of 912 GPUs divides 2048
     assert plan.main(["--config", "polar_7b", "--gpus", "912"]) == 2
