@@ -134,7 +134,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
         restarted = resume_on_restart(cfg)  # first: whether the run resumes decides which checkpoint it loads
         taken = model_from_checkpoint(cfg, sources)
         for line in (restarted, taken):
-            if line and rank == 0 and not checked_at_launch():
+            if line and rank == 0 and first_said(line):
                 print(line, flush=True)
         check_machine(cfg)
         recipe.check(cfg)
@@ -146,7 +146,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
             check_before_launch(cfg, recipe)
             if rank == 0:
                 warning = schedule_warning(cfg.train, getattr(recipe, "DERIVED_SETTINGS", {}))
-                if warning:
+                if warning and first_said(warning):
                     print(warning, flush=True)
                 print(f"config ok: the settings, kernels and data pass the start-up checks for "
                       f"{world_size_from_env()} process(es)", flush=True)
@@ -176,14 +176,24 @@ def _main(argv=None, recipe=None, prog=None) -> int:
             return _stop(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
 
 
-def checked_at_launch() -> bool:
-    """Whether this run's launch (`polar pretrain`, `polar finetune`) ran its start-up check in a process of
-    its own, which printed the start-up lines (the model settings taken from a checkpoint, a restart's
-    resume, the warm-up warning) already: the run leaves them out (polar printed each twice). A torchrun
-    of the file or --check-config alone prints them."""
+def first_said(text: str) -> bool:
+    """Whether a start-up line (the model settings taken from a checkpoint, a restart's resume, the warm-up
+    warning, a recipe's notes on its data) is to be printed: not where polar's launch (`polar pretrain`,
+    `polar finetune`) printed the same text already, from its start-up check (a process of its own) or an
+    earlier start of the run that torchrun restarted (polar printed each line twice). A line the check
+    did not print is said: a restart's resume, found only at run time, went unsaid where the run took
+    the launch's check for having said every line. Outside such a launch every line is said."""
     from polar.cli import CHECKED_AT_LAUNCH
 
-    return bool(os.environ.get(CHECKED_AT_LAUNCH))
+    kept = os.environ.get(CHECKED_AT_LAUNCH, "")
+    if not (os.path.isabs(kept) and os.path.isfile(kept)):
+        return True
+    with open(kept, encoding="utf-8") as f:
+        if text in f.read().split("\0"):
+            return False
+    with open(kept, "a", encoding="utf-8") as f:
+        f.write(text + "\0")
+    return True
 
 
 LOCK_FILE = ".lock"  # in the checkpoint directory: held by the run's rank 0 while it runs (HolderLock)
@@ -501,7 +511,7 @@ def run(cfg, recipe) -> int:
     data = prepare_checked_data(cfg, recipe)
     # fine-tuning's steps and warm-up as derived from its data
     warning = schedule_warning(cfg.train, getattr(recipe, "DERIVED_SETTINGS", {}))
-    if warning and not checked_at_launch():
+    if warning and rt.is_main and first_said(warning):
         say(warning)
     say(data.description)
     # rank 0 writes into both from here on: one that cannot be written (a read-only mount, a file in its

@@ -25,6 +25,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tempfile
 
 from engine.called_as import launched_env
 from polar.launch import call_forwarding_signals
@@ -91,9 +92,10 @@ environment:
 """
 
 
-# set in a run's environment by the launch whose start-up check (a process of its own) printed the
-# recipe's notes on the data and the engine's start-up lines already: the run leaves them out
-# (polar.finetune_recipe, engine.pretrain.checked_at_launch)
+# set by `polar pretrain`/`finetune` for its start-up check and its run: the file keeping each start-up line
+# printed (the recipe's notes on the data, the engine's, engine.pretrain.first_said), which a later process
+# of the launch leaves out where it would print the same text; a line the check never printed (a torchrun
+# restart's resume) is printed, where "the check ran" left every such line out
 CHECKED_AT_LAUNCH = "POLAR_CHECKED_AT_LAUNCH"
 
 
@@ -106,20 +108,24 @@ def _launch(module: str, command: str):
         # the start-up checks in one process first: a bad setting then ends with its one `config
         # error:` line and exit code 2, not torchrun's failure report around it (exit 1); with
         # --nproc 1 too, since that one process still runs under torchrun
-        env = launched_env(command, dict(os.environ, WORLD_SIZE=str(args.nproc), RANK="0"))
         asked = "--check-config" in rest  # the check is all that was asked for
-        code = call_forwarding_signals([sys.executable, "-m", module, *([] if asked else ["--check-config"]),
-                                        *rest], env=env)
-        if code or asked:
-            return code
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-               "-m", module, *rest]
-        print("+", " ".join(cmd), flush=True)
-        return call_forwarding_signals(cmd, env=launched_env(command, dict(os.environ, **{CHECKED_AT_LAUNCH: "1"})))
+        with tempfile.TemporaryDirectory(prefix="polar-launch-") as kept:
+            said = os.path.join(kept, "said")
+            open(said, "w").close()
+            env = launched_env(command, dict(os.environ, **{CHECKED_AT_LAUNCH: said}))
+            code = call_forwarding_signals([sys.executable, "-m", module, *([] if asked else ["--check-config"]),
+                                            *rest], env=dict(env, WORLD_SIZE=str(args.nproc), RANK="0"))
+            if code or asked:
+                return code
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+                   "-m", module, *rest]
+            print("+", " ".join(cmd), flush=True)
+            return call_forwarding_signals(cmd, env=env)
     return launch
 
 
 NPROC_ENV = "POLAR_NPROC"
+NPROC_COMMANDS = ("pretrain", "finetune", "score", "eval")  # those taking --nproc (score, eval: polar.launch)
 
 
 def _nproc(value: str) -> int:
@@ -265,13 +271,16 @@ def _option_first(argv: list[str], first_words: list[str]) -> str:
 
     option = argv[0].split("=", 1)[0]
     at = next((i for i, w in enumerate(argv) if w in first_words), None)
+    takers = f"(the commands that take it: {', '.join(NPROC_COMMANDS)})"
     if at is None:
         if option == "--nproc":
-            return (f"polar: --nproc goes after the command: polar COMMAND {shlex.join(argv)} (the commands that "
-                    "take it: pretrain, finetune, score, eval)")
+            return f"polar: --nproc goes after the command: polar COMMAND {shlex.join(argv)} {takers}"
         return f"polar: unknown option {argv[0]!r} (polar --help lists the commands and options)"
     tool = _tool(argv[at:])
     words = len(argv) - at - len(tool[1]) if tool else 1  # `data build`: the group's command too
+    if option == "--nproc" and argv[at] not in NPROC_COMMANDS:
+        # `polar --nproc 2 env` was told to run `polar env --nproc 2`, which env refuses
+        return f"polar: unknown option '--nproc': polar {' '.join(argv[at:at + words])} takes none {takers}"
     return (f"polar: {option} goes after the command: "
             f"{shlex.join(['polar', *argv[at:at + words], *argv[:at], *argv[at + words:]])}")
 

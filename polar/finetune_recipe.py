@@ -218,12 +218,12 @@ def check(cfg: FinetuneConfig) -> None:
 
 
 def _say(*args, **kw) -> None:
-    """What prepare_data says of the data. Every rank reads the same records; one of them reports, and
-    none in a run whose launch's start-up check (polar.cli, a process of its own) said it already:
-    `polar finetune` printed each line twice."""
-    from polar.cli import CHECKED_AT_LAUNCH
+    """What prepare_data says of the data. Every rank reads the same records; one of them reports, each
+    line once in a `polar finetune` launch, whose start-up check (a process of its own) and run both
+    read the data (engine.pretrain.first_said): it printed each line twice."""
+    from engine.pretrain import first_said
 
-    if int(os.environ.get("RANK", "0")) == 0 and not os.environ.get(CHECKED_AT_LAUNCH):
+    if int(os.environ.get("RANK", "0")) == 0 and first_said(kw.get("sep", " ").join(map(str, args))):
         print(*args, **kw)
 
 

@@ -85,7 +85,7 @@ def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
 def test_polar_finetune_says_each_note_on_its_data_once(saved_finetune):
     """The start-up check `polar finetune` runs before torchrun, and the run, each read the data
     (prepare_data), and each printed its notes: every one came twice, and so did the engine's start-up
-    lines (engine.pretrain.checked_at_launch): the model settings init_from brings, the warm-up warning."""
+    lines (engine.pretrain.first_said): the model settings init_from brings, the warm-up warning."""
     out = saved_finetune.first.stdout
     check, launch = out.index("config ok"), out.index("+ ")
     for line in ("finetune.eval record(s) share their prompt", "data.seq_length=1024 from the data",

@@ -86,6 +86,38 @@ def test_the_defaults_pass_the_check_and_asked_for_it_is_all_that_runs(tmp_path)
     assert "torch.distributed.run" not in asked.stdout and not (tmp_path / "r").exists()
 
 
+def test_a_restart_under_polar_says_the_resume_its_start_up_check_never_saw(tmp_path):
+    """polar's run left out every start-up line, taking its start-up check (run once, before torchrun's
+    first start) for having printed them: a worker lost after a checkpoint and restarted by torchrun
+    (PET_MAX_RESTARTS sets its --max-restarts) resumed under checkpoint.resume=false without the note
+    saying why. The worker is killed once step 1 is saved; the stop file ends the restarted run."""
+    import psutil
+
+    stop = tmp_path / "stop"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "1", f"run_dir={tmp_path / 'r'}",
+         "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "train.steps=1000",
+         "train.global_batch=2", "checkpoint.save_interval=1", "train.eval_interval=0", "checkpoint.resume=false",
+         f"train.stop_file={stop}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path,
+        env={**env, "OMP_NUM_THREADS": "1", "PET_MAX_RESTARTS": "1"})
+    try:
+        while not (tmp_path / "r" / "checkpoints" / "step_00000001").is_dir() and proc.poll() is None:
+            psutil.wait_procs([], timeout=0.05)
+        worker = [c for c in psutil.Process(proc.pid).children(recursive=True)
+                  if "torch.distributed.run" not in c.cmdline() and "engine.pretrain" in c.cmdline()]
+        assert len(worker) == 1, worker
+        worker[0].kill()
+        stop.touch()  # read by the restarted run, after its first step
+        out = proc.communicate(timeout=300)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    note = "note: checkpoint.resume=false holds for the run's first start; this is a restart of the same job " \
+           "(TORCHELASTIC_RESTART_COUNT=1; "
+    assert out.count(note) == 1 and out.index("+ ") < out.index(note) < out.index("resumed from "), out[-3000:]
+
+
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_one_process_is_checked_before_torchrun_too(tmp_path, command):
     """With --nproc 1 the launcher went straight to torchrun, whose one worker's config error came
@@ -199,6 +231,11 @@ def test_the_response_truncation_has_the_clients_name_in_every_tool():
     (["--tp", "2", "data", "build", "in"], "polar: --tp goes after the command: polar data build --tp 2 in\n"),
     (["--nproc", "2"], "polar: --nproc goes after the command: polar COMMAND --nproc 2 (the commands that take it: "
                        "pretrain, finetune, score, eval)"),
+    # a command that takes no --nproc: it was `polar env --nproc 2`, which env refuses
+    (["--nproc", "2", "env"], "polar: unknown option '--nproc': polar env takes none (the commands that take it: "
+                              "pretrain, finetune, score, eval)"),
+    (["--nproc", "2", "data", "build", "in"], "polar: unknown option '--nproc': polar data build takes "
+                                          "none (the commands "),
 ])
 def test_no_command_or_an_unknown_option_is_said_with_every_command(capsys, argv, line):
     """argparse said "the following arguments are required: command" to a bare `polar` and to
