@@ -80,7 +80,8 @@ def run_variant(name: str, overrides: list[str], run_dir: Path, cuda: bool, time
     row.update(tokens_per_s=statistics.median(rates), steps=s["steps"],
                loss_last10=statistics.fmean(r["loss"] for r in train[-10:]),
                step_time_s=statistics.median(r["step_time_s"] for r in (train[1:] or train)),
-               mfu=statistics.median([r["mfu"] for r in train[1:] if "mfu" in r] or [float("nan")]),
+               mfu=statistics.median([r["mfu"] for r in train[1:] if "mfu" in r]
+                                     or [s["mfu"] if s.get("mfu") is not None else float("nan")]),
                peak_memory_gb=s.get("peak_memory_gb"))
     return row
 
