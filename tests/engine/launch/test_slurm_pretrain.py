@@ -23,14 +23,22 @@ def _stubs(tmp_path: Path) -> Path:
     bin_dir.mkdir()
     # with STUB_RUN=answer, srun stands for a run that is asked to stop: it waits for the stop file and
     # removes it, as the trainer does once its checkpoint is saved; STUB_RUN=ignore runs to the end
-    # without looking (a warning that came too late); it exits with STUB_EXIT (0)
+    # without looking (a warning that came too late); STUB_RUN=worker runs the start-up of the first worker
+    # (engine/pretrain.py --check-config: the lines a run prints before training) as torchrun would start it,
+    # with the job's run id; it exits with STUB_EXIT (0). The file of start-up lines it was given goes to .said
     (bin_dir / "srun").write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$STUB_OUT.tmp"\n'
                                   'echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE" '
                                   '>> "$STUB_OUT.tmp"\nmv "$STUB_OUT.tmp" "$STUB_OUT"\n'
+                                  'echo "$POLAR_CHECKED_AT_LAUNCH" > "$STUB_OUT.said"\n'
                                   'if [ "${STUB_RUN:-}" = answer ]; then\n'
                                   '  for i in $(seq 200); do [ -e "$POLAR_STOP_FILE" ] && break; sleep 0.05; done\n'
                                   '  rm "$POLAR_STOP_FILE" || exit 7\n'
-                                  'elif [ "${STUB_RUN:-}" = ignore ]; then sleep 1; fi\n'
+                                  'elif [ "${STUB_RUN:-}" = ignore ]; then sleep 1\n'
+                                  'elif [ "${STUB_RUN:-}" = worker ]; then\n'
+                                  '  args=("$@"); for i in "${!args[@]}"; do\n'
+                                  '    [[ "${args[$i]}" == */engine/pretrain.py ]] && break; done\n'
+                                  '  RANK=0 WORLD_SIZE=1 TORCHELASTIC_RUN_ID=$SLURM_JOB_ID "${args[4]}" "${args[@]:$i}"'
+                                  ' --check-config || exit\nfi\n'
                                   'exit "${STUB_EXIT:-0}"\n')
     # the node list in two writes, as scontrol writes a long one: a reader that stops after the
     # first line makes the second write die of SIGPIPE; other commands (requeue) are recorded
@@ -209,10 +217,14 @@ def test_the_check_before_a_requeued_job_resumes_it_as_its_workers_would(tmp_pat
                            env=dict(env, SLURM_JOB_ID="4242", TORCHELASTIC_RUN_ID="4242", OMP_NUM_THREADS="1"))
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     proc, argv = _sbatch(tmp_path / "requeued", *small, POLAR_CHECK_CONFIG="1", SLURM_RESTART_COUNT="1",
-                         SLURM_NNODES="1", GPUS_PER_NODE="1")
+                         SLURM_NNODES="1", GPUS_PER_NODE="1", STUB_RUN="worker")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "this is a restart of the same job (SLURM_RESTART_COUNT=1;" in proc.stdout and "config ok" in proc.stdout
-    assert argv is not None  # the agents started
+    assert "config ok" in proc.stdout and argv is not None  # the agents started
+    # the resume note once in the job's log: the check said it, and the worker (here its start-up) said it again
+    assert proc.stdout.count("this is a restart of the same job (SLURM_RESTART_COUNT=1;") == 1, proc.stdout
+    # the file of the lines said: the workers' (srun's environment) is the check's, gone once the job ends
+    said = Path((tmp_path / "requeued" / "srun_args.txt.said").read_text().strip())
+    assert said.parent.parent == tmp_path / "requeued" and not said.parent.exists(), said
     # another job's checkpoints are still refused
     proc, argv = _sbatch(tmp_path / "other", *small, POLAR_CHECK_CONFIG="1", SLURM_RESTART_COUNT="1",
                          SLURM_NNODES="1", GPUS_PER_NODE="1", SLURM_JOB_ID="777")
