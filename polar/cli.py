@@ -278,11 +278,61 @@ def _option_first(argv: list[str], first_words: list[str]) -> str:
         return f"polar: unknown option {argv[0]!r} (polar --help lists the commands and options)"
     tool = _tool(argv[at:])
     words = len(argv) - at - len(tool[1]) if tool else 1  # `data build`: the group's command too
+    command = " ".join(argv[at:at + words])
     if option == "--nproc" and argv[at] not in NPROC_COMMANDS:
         # `polar --nproc 2 env` was told to run `polar env --nproc 2`, which env refuses
-        return f"polar: unknown option '--nproc': polar {' '.join(argv[at:at + words])} takes none {takers}"
+        return f"polar: unknown option '--nproc': polar {command} takes none {takers}"
+    taken = _options_of(argv[at], tool[0] if tool else None)
+    if taken is not None and option not in taken:
+        # `polar --bogus pretrain` was told to run `polar pretrain --bogus`, which pretrain refuses
+        from engine.near_miss import near_field
+
+        bare = {o.lstrip("-"): o for o in taken}  # the dashes alone made '--tp' near '--output'
+        near = bare.get(near_field(option.lstrip("-"), sorted(bare), cutoff=0.6))
+        return (f"polar: unknown option {option!r}: polar {command} takes none such"
+                + (f" (did you mean {near!r}?)" if near else "") + f"; polar {command} --help lists its options")
     return (f"polar: {option} goes after the command: "
             f"{shlex.join(['polar', *argv[at:at + words], *argv[:at], *argv[at + words:]])}")
+
+
+class _Parsing(Exception):
+    """Raised in place of a command's first parse of its arguments, carrying its parser (_options_of)."""
+
+    def __init__(self, parser: argparse.ArgumentParser):
+        super().__init__()
+        self.parser = parser
+
+
+def _options_of(first: str, entry: str | None) -> set[str] | None:
+    """The options that the command whose first word is `first` takes (`entry`: a tool's module[:function];
+    None for pretrain, finetune, env), read from its own argparse parser: its main, called with no
+    arguments, is stopped at its first parse (every entry parses before it does anything). None where no
+    parse was reached."""
+    if first == "env":
+        return {"-h", "--help"}
+    # pretrain, finetune: what polar's own parser does not take (all but --nproc) goes to the engine's
+    module, _, func = (entry or f"engine.{first}").partition(":")
+    names = ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args")
+    saved = {name: getattr(argparse.ArgumentParser, name) for name in names}
+
+    def caught(parser, *args, **kwargs):
+        raise _Parsing(parser)
+
+    try:
+        for name in names:
+            setattr(argparse.ArgumentParser, name, caught)
+        getattr(importlib.import_module(module), func or "main")([])
+    except _Parsing as e:
+        options = set(e.parser._option_string_actions)
+    except (Exception, SystemExit):  # an optional package missing (polar serve without its extra)
+        return None
+    else:
+        return None
+    finally:
+        for name, method in saved.items():
+            setattr(argparse.ArgumentParser, name, method)
+    # --nproc: polar's own (pretrain, finetune) or polar.launch's (score, eval), taken before the entry parses
+    return options | {"--nproc"} if first in NPROC_COMMANDS else options
 
 
 def _usage_of_tools(group: str | None = None) -> str:

@@ -228,7 +228,17 @@ def test_the_response_truncation_has_the_clients_name_in_every_tool():
                                                     "--config x\n"),
     (["--nproc=2", "eval", "--input", "a b"], "polar: --nproc goes after the command: polar eval --nproc=2 --input "
                                               "'a b'\n"),
-    (["--tp", "2", "data", "build", "in"], "polar: --tp goes after the command: polar data build --tp 2 in\n"),
+    (["--tp", "2", "score", "--input", "in"], "polar: --tp goes after the command: polar score --tp 2 --input in\n"),
+    (["--seq-length", "8", "data", "build", "in"], "polar: --seq-length goes after the command: polar data build "
+                                                   "--seq-length 8 in\n"),
+    # an option the command does not take either: it was told to run `polar pretrain --bogus` (refused there) and
+    # `polar data build --tp 2 in` (data build has no --tp)
+    (["--bogus", "pretrain"], "polar: unknown option '--bogus': polar pretrain takes none such; polar pretrain --help "
+                              "lists its options\n"),
+    (["--confg=x", "finetune"], "polar: unknown option '--confg': polar finetune takes none such (did you mean "
+                                "'--config'?)"),
+    (["--tp", "2", "data", "build", "in"], "polar: unknown option '--tp': polar data build takes none such; "),
+    (["--tpp", "2", "serve"], "(did you mean '--tp'?); polar serve --help lists its options\n"),
     (["--nproc", "2"], "polar: --nproc goes after the command: polar COMMAND --nproc 2 (the commands that take it: "
                        "pretrain, finetune, score, eval)"),
     # a command that takes no --nproc: it was `polar env --nproc 2`, which env refuses
