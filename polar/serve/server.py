@@ -8,7 +8,9 @@ Requests wait at most --max-wait-ms for others to batch with; items sharing a pr
 of one prompt against one reference, within and across requests) compute it once. SIGTERM or SIGINT
 to torchrun or to any rank (a follower hands it to rank 0 on its host) finishes the requests in
 flight, then every rank exits 0. Rank 0 binds --host/--port before the model loads (one it cannot
-bind: exit 2 at once) and listens only once the model has loaded and the service is built.
+bind: exit 2 at once; the other ranks stop too, by torchrun or, launched without it as a bare `srun`
+launches them, told by rank 0 through the process group's store) and listens only once the model has
+loaded and the service is built.
 """
 from __future__ import annotations
 
@@ -550,20 +552,66 @@ def main(argv=None) -> int:
     # RewardScorer.load refuses a world other than tp x pp processes, so global rank 0 is the
     # replica's rank 0, the one that serves HTTP. Bound before the model loads: a taken port fails
     # in a second or two, not minutes later; torchrun then stops the other ranks, which are still
-    # starting (init_process_group), when this one exits.
-    sock = files = None
+    # starting (init_process_group), when this one exits; without torchrun, _bind_said tells them.
+    sock = files = refused = None
     if int(os.environ.get("RANK", "0")) == 0:
         files = raise_open_files_limit()
         try:
             sock = bind(args.host, args.port)
         except AddressError as e:
-            print(f"polar serve: {e}", file=sys.stderr)
-            return 2
+            refused = str(e)
+            print(f"polar serve: {refused}", file=sys.stderr, flush=True)
+    # held until _run returns: on rank 0 its server is the process group's store (see _bind_said)
+    store, refused = _bind_said(refused) if _without_torchrun() else (None, refused)
+    if refused is not None:
+        if files is None:  # a rank > 0
+            print(f"polar serve rank {os.environ['RANK']}: rank 0 cannot serve ({refused}); stopping",
+                  file=sys.stderr)
+        return 2
     try:
         return _run(args, sock, files)
     finally:
         if sock is not None:
             sock.close()
+
+
+def _without_torchrun() -> bool:
+    """Ranks started one by one (a bare `srun`, or by hand: RANK, WORLD_SIZE, MASTER_ADDR/PORT set), with
+    no torchrun to stop the others when rank 0 exits."""
+    return (int(os.environ.get("WORLD_SIZE", "1")) > 1 and "TORCHELASTIC_RUN_ID" not in os.environ
+            and "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ)
+
+
+def _bind_said(refused: Optional[str]):
+    """-> (store, refused) on every rank: rank 0's refusal of --host/--port (None: bound), as rank 0 says it.
+
+    A rank 0 that exited alone left the others in init_process_group, waiting for its store up to the
+    c10d timeout (parallel.timeout_minutes, 30): a SLURM step hung instead of failing. So rank 0 hosts the
+    store at MASTER_ADDR:MASTER_PORT first and puts its answer there; the others read it before they start
+    their process group. Refused, rank 0 waits (as long as they would have) until every other rank has
+    read it, since the store leaves with it. Bound, it keeps `store`: init_process_group's store on
+    rank 0 (env://, multi-tenant) then shares its server, which would close when the last store on it
+    goes."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from engine.config import ParallelConfig
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ["WORLD_SIZE"])
+    timeout = timedelta(minutes=ParallelConfig().timeout_minutes)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=rank == 0,
+                          timeout=timeout, multi_tenant=True)
+    if rank == 0:
+        store.set("polar_serve/refused", refused or "")
+        if refused is not None:
+            with contextlib.suppress(dist.DistError):  # one that never came: this rank still exits 2
+                store.wait(["polar_serve/all_read"])
+        return store, refused
+    refused = store.get("polar_serve/refused").decode() or None
+    if refused is not None and store.add("polar_serve/read", 1) == world - 1:
+        store.set("polar_serve/all_read", "")
+    return store, refused
 
 
 def _run(args, sock, files) -> int:

@@ -375,6 +375,69 @@ def test_tp2_rank_zero_unable_to_bind_stops_every_rank_at_start_up(checkpoint_di
     assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
 
 
+def _srun_ranks(checkpoint_dir, port):
+    """The two ranks of `srun --ntasks 2 python -m polar.serve --tp 2`: plain processes, each with the
+    variables a bare srun launch sets (RANK from SLURM_PROCID and so on), no torchrun above them."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WORLD_SIZE="2", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_free_port()))
+    cmd = [sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), "--tp", "2"]
+    return [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r), SLURM_PROCID=str(r), LOCAL_RANK=str(r)),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
+def test_srun_rank_zero_unable_to_bind_stops_the_other_rank(checkpoint_dir):
+    """Without torchrun nothing stopped the follower when rank 0 exited 2 on its taken port: it waited
+    in init_process_group for rank 0's store until the c10d timeout (30 minutes), and the SLURM step
+    hung. Rank 0 now says its refusal in that store before leaving, and the follower exits 2 naming it."""
+    with _held_port() as port:
+        ranks = _srun_ranks(checkpoint_dir, port)
+        try:
+            out = [p.communicate(timeout=120) for p in ranks]
+        finally:
+            for p in ranks:
+                if p.poll() is None:
+                    p.kill()
+    everything = "".join(o + e for o, e in out)
+    refused = f"--port {port}: {TAKEN}"
+    assert [p.returncode for p in ranks] == [2, 2], everything[-3000:]
+    assert f"polar serve: {refused}" in out[0][1], everything[-3000:]
+    assert f"polar serve rank 1: rank 0 cannot serve ({refused}" in out[1][1], everything[-3000:]
+    assert "Traceback" not in everything and "on http://" not in everything, everything[-3000:]
+
+
+def test_srun_ranks_serve_tp2_and_stop_on_sigterm_to_both(checkpoint_dir, texts_and_expected):
+    """The same launch with a free port: rank 0's store, opened before the process group to say it
+    bound, is the one the process group then uses (a second server on MASTER_PORT would fail). TP2
+    scores as one process, and SIGTERM to both ranks at once (SLURM's scancel) stops both with 0."""
+    texts, expected = texts_and_expected
+    for attempt in range(3):  # a port chosen free can be taken by another test before rank 0 binds it
+        port = _free_port()
+        ranks = _srun_ranks(checkpoint_dir, port)
+        try:
+            _wait_healthy(ranks[0], f"http://127.0.0.1:{port}")
+            break
+        except AssertionError as e:
+            for p in ranks:
+                p.kill()
+                p.wait()
+            if TAKEN not in ranks[0].stderr.read() or attempt == 2:
+                raise AssertionError(f"{e}\n{ranks[1].stderr.read()[-3000:]}") from None
+    try:
+        res = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": texts}, timeout=120)
+        assert res.status_code == 200, res.text
+        np.testing.assert_allclose([e["embedding"][0] for e in res.json()], expected, rtol=0, atol=1e-5)
+        for p in ranks:
+            p.send_signal(signal.SIGTERM)
+        out = [p.communicate(timeout=120) for p in ranks]
+        everything = "".join(o + e for o, e in out)
+        assert [p.returncode for p in ranks] == [0, 0] and "Traceback" not in everything, everything[-3000:]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_help_says_what_pack_rows_auto_does(checkpoint_dir, scorer, capsys):
     """--help said auto packs rows "off with the torch reference", and nothing of blocks, the CPU
     default, with which it is off too."""
