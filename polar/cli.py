@@ -263,6 +263,19 @@ def _unknown(word: str, known: list[str], where: str) -> str:
             + f"; the commands: {', '.join(known)}")
 
 
+_GROUPS = ("data", "convert")  # the first words of two-word tools (`polar data build`)
+
+
+def _no_group_command(group: str, word: str | None) -> str:
+    """The line for `polar data` (`group`) followed by `word`, which names none of its commands."""
+    subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
+    if word is None:
+        return f"polar {group}: no command given"
+    if word.startswith("-"):
+        return f"polar {group}: unknown option {word!r}; a command first: polar {group} COMMAND --help"
+    return _unknown(word, subs, f"polar {group}")
+
+
 def _option_first(argv: list[str], first_words: list[str]) -> str:
     """The line for an option before any command: `polar --nproc 2 pretrain` was told only `unknown option
     '--nproc'`, an option of pretrain's. polar's own are -h and --version; a command's options follow it,
@@ -277,13 +290,16 @@ def _option_first(argv: list[str], first_words: list[str]) -> str:
             return f"polar: --nproc goes after the command: polar COMMAND {shlex.join(argv)} {takers}"
         return f"polar: unknown option {argv[0]!r} (polar --help lists the commands and options)"
     tool = _tool(argv[at:])
+    if tool is None and argv[at] in _GROUPS:
+        # `polar --tp 2 data biuld` was told to run `polar data --tp 2 biuld`, which refuses any option there
+        return _no_group_command(argv[at], argv[at + 1] if argv[at + 1:] else None)
     words = len(argv) - at - len(tool[1]) if tool else 1  # `data build`: the group's command too
     command = " ".join(argv[at:at + words])
     if option == "--nproc" and argv[at] not in NPROC_COMMANDS:
         # `polar --nproc 2 env` was told to run `polar env --nproc 2`, which env refuses
         return f"polar: unknown option '--nproc': polar {command} takes none {takers}"
     taken = _options_of(argv[at], tool[0] if tool else None)
-    if taken is not None and option not in taken:
+    if taken is not None and not _takes(option, taken, {"--nproc"} if tool else set()):
         # `polar --bogus pretrain` was told to run `polar pretrain --bogus`, which pretrain refuses
         from engine.near_miss import near_field
 
@@ -293,6 +309,16 @@ def _option_first(argv: list[str], first_words: list[str]) -> str:
                 + (f" (did you mean {near!r}?)" if near else "") + f"; polar {command} --help lists its options")
     return (f"polar: {option} goes after the command: "
             f"{shlex.join(['polar', *argv[at:at + words], *argv[:at], *argv[at + words:]])}")
+
+
+def _takes(option: str, options: set[str], typed_only: set[str] = frozenset()) -> bool:
+    """Whether argparse takes `option` where `options` are its parser's: also a long option's unambiguous
+    beginning (allow_abbrev, as every parser here has: `polar pretrain --conf x` runs; `polar --conf x
+    pretrain` was told pretrain takes none such) and a short option with its value attached (`-ods`).
+    `typed_only`: options not parsed by argparse (polar.launch's --nproc for score and eval)."""
+    if option in options or (option[:2] in options and not option.startswith("--")):
+        return True
+    return len(option) > 2 and len([o for o in options - typed_only if o.startswith(option)]) == 1
 
 
 class _Parsing(Exception):
@@ -375,7 +401,7 @@ def _main(argv=None) -> int:
             print(f"polar {' '.join(argv[:len(argv) - len(rest)])}: needs the module {e.name!r}, which is not "
                   f"installed: pip install 'polar-rm[{extra}]'", file=sys.stderr)
             return 1
-    for group in ("data", "convert"):
+    for group in _GROUPS:
         if argv[:1] == [group]:
             subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
             usage = f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(group)
@@ -383,10 +409,8 @@ def _main(argv=None) -> int:
                 print(usage)
                 return 0
             print(usage, file=sys.stderr)
-            word = argv[1] if argv[1:] else None  # `polar data -x` printed the usage alone
-            print(f"polar {group}: no command given" if word is None else
-                  f"polar {group}: unknown option {word!r}; a command first: polar {group} COMMAND --help"
-                  if word.startswith("-") else _unknown(word, subs, f"polar {group}"), file=sys.stderr)
+            # `polar data -x` printed the usage alone
+            print(_no_group_command(group, argv[1] if argv[1:] else None), file=sys.stderr)
             return 2
     first_words = list(dict.fromkeys([*_COMMANDS, *(w[0] for w in _TOOLS)]))
     if argv and not argv[0].startswith("-") and argv[0] not in first_words:

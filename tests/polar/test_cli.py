@@ -239,6 +239,15 @@ def test_the_response_truncation_has_the_clients_name_in_every_tool():
                                 "'--config'?)"),
     (["--tp", "2", "data", "build", "in"], "polar: unknown option '--tp': polar data build takes none such; "),
     (["--tpp", "2", "serve"], "(did you mean '--tp'?); polar serve --help lists its options\n"),
+    # what argparse takes after the command: a long option's unambiguous beginning, a short one's value attached
+    # (both were 'takes none such'); polar.launch's --nproc (score, eval) only as typed
+    (["--conf", "x", "pretrain"], "polar: --conf goes after the command: polar pretrain --conf x\n"),
+    (["--npr", "2", "finetune"], "polar: --npr goes after the command: polar finetune --npr 2\n"),
+    (["-ods", "data", "build", "in"], "polar: -ods goes after the command: polar data build -ods in\n"),
+    (["--npr", "2", "score"], "polar: unknown option '--npr': polar score takes none such (did you mean '--nproc'?)"),
+    # a group's command misspelt: it was told to run `polar data --tp 2 biuld` (and engine.data was imported)
+    (["--tp", "2", "data", "biuld"], "polar data: no command 'biuld' (did you mean 'build'?); the commands: "),
+    (["--tp", "2", "convert"], "polar convert: no command given\n"),
     (["--nproc", "2"], "polar: --nproc goes after the command: polar COMMAND --nproc 2 (the commands that take it: "
                        "pretrain, finetune, score, eval)"),
     # a command that takes no --nproc: it was `polar env --nproc 2`, which env refuses
