@@ -120,6 +120,23 @@ def test_outside_slurm_or_away_from_the_repository_it_says_what_to_do(tmp_path):
     assert proc.returncode == 0 and str(ROOT / "engine" / "pretrain.py") in argv, proc.stderr
 
 
+def test_the_launchs_file_of_start_up_lines_is_absolute_and_an_earlier_attempts_is_removed(tmp_path):
+    """The file the check and the workers keep their start-up lines in (POLAR_CHECKED_AT_LAUNCH): beside a
+    relative POLAR_STOP_FILE its path was relative, which the engine ignores (every line twice again); a
+    requeue after the batch node failed (no EXIT trap ran) left the earlier attempt's directory for good;
+    a stop file's missing directory ended the job with mktemp's message, status 1."""
+    (tmp_path / ".polar-launch-4242.old").mkdir(parents=True)  # an earlier attempt of this job
+    (tmp_path / ".polar-launch-777.old").mkdir()  # another job's
+    proc, argv = _sbatch(tmp_path, POLAR_STOP_FILE="STOP")
+    assert proc.returncode == 0 and argv is not None, proc.stderr
+    said = Path((tmp_path / "srun_args.txt.said").read_text().strip())
+    assert said.is_absolute() and said.parent.parent == tmp_path and not said.parent.exists(), said
+    assert sorted(p.name for p in tmp_path.glob(".polar-launch-*")) == [".polar-launch-777.old"]
+    proc, argv = _sbatch(tmp_path / "missing", POLAR_STOP_FILE=str(tmp_path / "no" / "STOP"))
+    assert proc.returncode == 2 and argv is None, proc.stderr
+    assert f"POLAR_STOP_FILE={tmp_path / 'no' / 'STOP'}: its directory is missing" in proc.stderr, proc.stderr
+
+
 def test_a_stop_file_setting_of_its_own_is_refused_for_the_variable_that_chooses_it(tmp_path):
     """The script appends train.stop_file=$POLAR_STOP_FILE after the user's settings, so one given on
     the command line was overridden without a word."""
