@@ -194,7 +194,7 @@ def test_a_uvicorn_release_outside_the_tested_ones_is_warned_of():
     it was not run against could handle connections otherwise with no error, so start-up says so."""
     import uvicorn
 
-    from polar.serve.server import uvicorn_untested
+    from polar.serve.http_protocol import uvicorn_untested
 
     assert uvicorn_untested(uvicorn.__version__) is None  # requirements.txt's
     assert uvicorn_untested("0.22.0") is None and uvicorn_untested("0.55.1") is None
