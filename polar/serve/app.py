@@ -176,7 +176,7 @@ def _error(status: int, message: str, headers: Optional[dict] = None) -> JSONRes
 
 
 def error_body(status: int, message: str) -> bytes:
-    """The JSON of an error answer, for one written below the app (server.http_protocol)."""
+    """The JSON of an error answer, for one written below the app (http_protocol.http_protocol)."""
     return bytes(_error(status, message).body)
 
 
