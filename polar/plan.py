@@ -120,11 +120,12 @@ PINNABLE = {"parallel.tp": "tp", "parallel.pp": "pp", "parallel.vpp": "vpp",
             "train.micro_batch": "micro_batch", "train.recompute": "recompute"}
 
 
-def pinned_settings(cfg, overrides: list[str]) -> dict:
-    """{Layout field: value} of the layout settings given among `overrides`, as the run reads them from cfg.
-    A plan dropped them without a word: `parallel.tp=4` headed a plan that recommended TP2."""
-    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o}
-    return {field: _value(cfg, key) for key, field in PINNABLE.items() if key in given}
+def pinned_settings(cfg, sources: dict) -> dict:
+    """{Layout field: value} of the layout settings the command line gave (`sources`, engine.config's record of
+    the load: any override form, `parallel={tp: 4}` too), as the run reads them from cfg. A plan dropped them
+    without a word: `parallel.tp=4` headed a plan that recommended TP2."""
+    return {field: _value(cfg, key) for key, field in PINNABLE.items()
+            if key in sources and sources[key].file is None}
 
 
 def _value(cfg, key: str):
@@ -538,8 +539,11 @@ def main(argv=None) -> int:
         return 2
     shape = shape_from_config(cfg)
     seq, gb = cfg.data.seq_length, cfg.train.global_batch
-    pinned = pinned_settings(cfg, args.overrides)
-    given = " ".join(o for o in args.overrides if o.split("=", 1)[0].strip() in PINNABLE)
+    pinned = pinned_settings(cfg, sources)
+    # as typed; a pin given otherwise (`parallel={tp: 4}`) as the run reads it
+    typed = [o for o in args.overrides if o.split("=", 1)[0].strip() in PINNABLE]
+    given = " ".join(typed + [f"{key}={_setting(_value(cfg, key))}" for key, field in PINNABLE.items()
+                              if field in pinned and not any(o.split("=", 1)[0].strip() == key for o in typed)])
     refusals: list = []
     layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu, pinned=pinned,
                                 refusals=refusals)
