@@ -4,6 +4,10 @@ import math
 
 import torch
 
+# of the reference's largest magnitude, for bf16 kernels: bf16 rounding (2^-8 relative) and another summation order
+# stay well below it, a kernel that drops or misplaces a term does not
+BF16_TOLERANCE = 0.05
+
 
 def rel_diff(want, got) -> float:
     """The largest, over the pairs of two lists of tensors or arrays, of the largest elementwise

@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import rel_diff  # noqa: E402
+from compare import BF16_TOLERANCE, rel_diff  # noqa: E402
 
 GPU_SECTIONS = ("readout", "loss", "attention")
 
@@ -97,9 +97,7 @@ def implementations(kind: str) -> dict:
     return impls
 
 
-# of the reference's largest magnitude: bf16 rounding (2^-8 relative) and a different summation order
-# stay well below it, a kernel that drops or misplaces a term does not
-TOLERANCE = 0.05
+TOLERANCE = BF16_TOLERANCE
 
 
 def bench_rows(kernel: str, shape: str, impls: dict, step, nbytes: int, peaks: dict, timer=time_ms) -> list[dict]:
@@ -280,8 +278,9 @@ def main(argv=None) -> int:
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"peaks": peaks, "torch": torch.__version__, "rows": rows}, f, indent=1)
-    if differing(rows):
-        print(f"results differ beyond {TOLERANCE:g} (relative) from the reference: {'; '.join(differing(rows))}")
+    differ = differing(rows)
+    if differ:
+        print(f"results differ beyond {TOLERANCE:g} (relative) from the reference: {'; '.join(differ)}")
         return 1
     return 0
 
