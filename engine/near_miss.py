@@ -22,3 +22,11 @@ def near_field(key: str, fields, cutoff: float, fold_case: bool = False,
             return None
     near = difflib.get_close_matches(key.lower() if fold_case else key, fields, n=1, cutoff=cutoff)
     return near[0] if near else None
+
+
+def near_option(option: str, options, cutoff: float = 0.6) -> Optional[str]:
+    """The one of the command-line `options` (`--config`) that `option` is most likely a misspelling of,
+    compared without their leading dashes, else None: the dashes alone made '--tp' near '--output' and
+    '--help'."""
+    bare = {o.lstrip("-"): o for o in options}
+    return bare.get(near_field(option.lstrip("-"), sorted(bare), cutoff=cutoff))

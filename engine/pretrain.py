@@ -56,11 +56,11 @@ def unrecognized(words: list[str], options: list[str]) -> str:
     """The error for options the parser does not know, each near miss of one it does followed by it:
     `unrecognized arguments: --confg (did you mean --config?)` (argparse named the word alone; its own
     suggestions, suggest_on_error, come with Python 3.14 and cover choices only)."""
-    from engine.near_miss import near_field
+    from engine.near_miss import near_option
 
     shown = []
     for word in words:
-        near = near_field(word.split("=", 1)[0], options, cutoff=0.6) if word.startswith("-") else None
+        near = near_option(word.split("=", 1)[0], options) if word.startswith("-") else None
         shown.append(f"{word} (did you mean {near}?)" if near else word)
     return f"unrecognized arguments: {' '.join(shown)}"
 

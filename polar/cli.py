@@ -301,10 +301,9 @@ def _option_first(argv: list[str], first_words: list[str]) -> str:
     taken = _options_of(argv[at], tool[0] if tool else None)
     if taken is not None and not _takes(option, taken, {"--nproc"} if tool else set()):
         # `polar --bogus pretrain` was told to run `polar pretrain --bogus`, which pretrain refuses
-        from engine.near_miss import near_field
+        from engine.near_miss import near_option
 
-        bare = {o.lstrip("-"): o for o in taken}  # the dashes alone made '--tp' near '--output'
-        near = bare.get(near_field(option.lstrip("-"), sorted(bare), cutoff=0.6))
+        near = near_option(option, taken)
         return (f"polar: unknown option {option!r}: polar {command} takes none such"
                 + (f" (did you mean {near!r}?)" if near else "") + f"; polar {command} --help lists its options")
     return (f"polar: {option} goes after the command: "

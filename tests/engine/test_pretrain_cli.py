@@ -464,3 +464,13 @@ def test_the_checkpoint_a_stopped_run_kept_is_said_after_its_error(tmp_path, cap
     err = capsys.readouterr().err
     assert said in err and err.rstrip().endswith(
         "\nthe checkpoint kept: step_00000002 (the write pending at the error was finished)"), err
+
+
+def test_a_misspelt_option_is_matched_without_its_dashes():
+    """`--tp 2` (a setting's name, not an option) was told `(did you mean --help?)`: the shared dashes
+    alone made it near; polar's own line for an option before the command had compared without them."""
+    from engine.pretrain import unrecognized
+
+    options = ["--help", "--config", "--print-config", "--check-config"]
+    assert unrecognized(["--tp", "2"], options) == "unrecognized arguments: --tp 2"
+    assert unrecognized(["--confg=x"], options) == "unrecognized arguments: --confg=x (did you mean --config?)"
