@@ -266,14 +266,18 @@ def _unknown(word: str, known: list[str], where: str) -> str:
 _GROUPS = ("data", "convert")  # the first words of two-word tools (`polar data build`)
 
 
+def _group_commands(group: str) -> list[str]:
+    """The second words of `group`'s commands (`polar data build`: build), sorted."""
+    return sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
+
+
 def _no_group_command(group: str, word: str | None) -> str:
     """The line for `polar data` (`group`) followed by `word`, which names none of its commands."""
-    subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
     if word is None:
         return f"polar {group}: no command given"
     if word.startswith("-"):
         return f"polar {group}: unknown option {word!r}; a command first: polar {group} COMMAND --help"
-    return _unknown(word, subs, f"polar {group}")
+    return _unknown(word, _group_commands(group), f"polar {group}")
 
 
 def _option_first(argv: list[str], first_words: list[str]) -> str:
@@ -402,7 +406,7 @@ def _main(argv=None) -> int:
             return 1
     for group in _GROUPS:
         if argv[:1] == [group]:
-            subs = sorted(w[1] for w in _TOOLS if w[0] == group and len(w) == 2)
+            subs = _group_commands(group)
             usage = f"usage: polar {group} {{{','.join(subs)}}} ...\n" + _usage_of_tools(group)
             if argv[1:2] in (["-h"], ["--help"]):
                 print(usage)
@@ -454,6 +458,7 @@ def _main(argv=None) -> int:
     if args.command in launchers and args.nproc is None:
         args.nproc = _default_nproc(launchers[args.command])
     return args.func(args, rest)
+
 
 if __name__ == "__main__":
     sys.exit(main())
