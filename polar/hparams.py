@@ -63,11 +63,9 @@ def preset_params(name: str) -> tuple[int, str]:
     from polar.pretrain_recipe import PretrainConfig
 
     try:
-        path = resolve_config(name)
+        path = resolve_config(name, option="--preset")
     except ConfigError as e:
-        # its message names --config, which `polar hparams` does not have: "--preset X: no such preset or
-        # YAML file (--config X: no such file, and not a preset (...))"
-        raise ValueError(f"--preset {name}: {str(e).removeprefix(f'--config {name}: ')}") from None
+        raise ValueError(str(e)) from None
     cfg = load_config(PretrainConfig, path)
     if cfg.model.vocab_size <= 0:
         raise ValueError(f"--preset {name}: {path} sets no model.vocab_size (taken from the "

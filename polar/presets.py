@@ -37,11 +37,11 @@ def preset_path(name: str) -> Path | None:
     return None
 
 
-def resolve_config(name_or_path: str | None = None) -> str:
+def resolve_config(name_or_path: str | None = None, option: str = "--config") -> str:
     """The config file `--config` means: an existing file, else a preset name; None gives the default preset.
 
-    Raises ConfigError naming the argument and the presets when it is neither (a directory said as one,
-    a near miss of a preset's name named).
+    Raises ConfigError naming the argument (as `option`: `polar hparams` calls it --preset) and the presets
+    when it is neither (a directory said as one, a near miss of a preset's name named).
     """
     if name_or_path is None:
         name_or_path = DEFAULT_PRESET
@@ -50,7 +50,7 @@ def resolve_config(name_or_path: str | None = None) -> str:
     preset = preset_path(name_or_path)
     if preset is not None:
         return str(preset)
-    raise ConfigError(f"--config {name_or_path}: {not_a_config(name_or_path, Path(name_or_path), preset_names())}")
+    raise ConfigError(f"{option} {name_or_path}: {not_a_config(name_or_path, Path(name_or_path), preset_names())}")
 
 
 register_named_bases(preset_path, preset_names)
