@@ -256,7 +256,7 @@ _COMMANDS = ("pretrain", "finetune", "env")  # argparse's; the tools' first word
 def _unknown(word: str, known: list[str], where: str) -> str:
     """The line for a command word that names nothing: argparse named only its own three commands,
     and `polar data biuld` printed the usage without the word that was wrong."""
-    from polar.records import near_field
+    from engine.near_miss import near_field
 
     near = near_field(word, known, cutoff=0.6)
     return (f"{where}: no command {word!r}" + (f" (did you mean {near!r}?)" if near else "")

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Union
 
 from engine.file_lock import claim
-from engine.near_miss import near_field  # polar's callers import it from here
+from engine.near_miss import near_field
 from polar.format import WRAPPERS, Text, as_text, lone_surrogate
 
 ON_ERROR = ("fail", "skip")

@@ -18,8 +18,9 @@ import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from engine.near_miss import near_field
 from polar.format import as_text, lone_surrogate
-from polar.records import DuplicateKey, near_field, unique_keys
+from polar.records import DuplicateKey, unique_keys
 from polar.serve.items import StructuredItem
 
 WRAPPERS = ("sft", "pretrain")

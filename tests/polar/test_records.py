@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from polar.records import RecordError, near_field, parse_line, read_records
+from polar.records import RecordError, parse_line, read_records
 
 MSG = [{"role": "user", "content": "hi"}, {"role": "user", "content": "there"}]
 
@@ -121,14 +121,6 @@ def test_bad_records_name_file_line_and_field(raw, field, reason):
 def write_lines(path, lines: list[bytes]) -> str:
     path.write_bytes(b"".join(lines))
     return str(path)
-
-
-def test_near_field_is_the_engines_one_rule():
-    """Moved to engine/near_miss.py so the engine's config suggests through it too (engine/ imports no
-    polar); polar's callers still import it from here (tests/engine/test_near_miss.py tests the rule)."""
-    from engine import near_miss
-
-    assert near_field is near_miss.near_field
 
 
 def test_read_records_fail_stops_at_the_first_bad_line(tmp_path):
