@@ -3,6 +3,7 @@ client), and the in-process scorer's checks of its items (with a stub model: the
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import pickle
 import re
@@ -11,6 +12,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import httpx
 import numpy as np
 import pytest
 
@@ -510,7 +512,7 @@ def test_a_refused_connection_past_max_wait_s_names_the_url_and_the_limits(clien
                r"attempts in [\d.]+ s: max_retries=1, and max_wait_s=0 for a 429, a 503 or a refused connection\)")
     with pytest.raises(ConnectionError, match=message) as raised:
         _score(client_class, url, max_retries=1, backoff_s=0.01, max_wait_s=0)
-    assert isinstance(raised.value.__cause__, reward.httpx.ConnectError)
+    assert isinstance(raised.value.__cause__, httpx.ConnectError)
     assert type(raised.value) is reward.RewardConnectionError and raised.value.attempts == 2
 
 
@@ -599,7 +601,7 @@ def test_a_read_timeout_is_not_sent_again_and_names_the_url_and_the_wait(client_
                         r"attempt in [\d.]+ s; not sent again: the server may still be scoring it, .* raise "
                         r"timeout_s, or send fewer items per request by lowering chunk_size=512\)", str(e)), str(e)
     assert (e.url, e.attempts) == (f"{srv.url}/v1/rewards", 1) and e.waited_s >= 0.3
-    assert isinstance(e.__cause__, reward.httpx.ReadTimeout)
+    assert isinstance(e.__cause__, httpx.ReadTimeout)
 
 
 @pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
@@ -682,6 +684,36 @@ def test_the_in_process_scorer_is_still_imported_from_polar_reward():
     assert old_path is InProcessScorer
     with pytest.raises(AttributeError, match="has no attribute 'NoSuchName'"):
         reward.NoSuchName
+
+
+def test_the_clients_keep_their_polar_reward_names_and_pickles_naming_them_there_load():
+    """The clients moved from polar/reward.py to polar/reward_client.py, leaving the trainers' hooks (loaded by
+    path) there: `from polar.reward import RewardClient` (the README's) names the same classes, and a client or
+    an error pickled before the move, whose pickle names its class polar.reward.X, loads as that class."""
+    from polar import reward_client
+
+    names = ("RewardClient", "AsyncRewardClient", "RewardServerError", "RewardConnectionError",
+             "RewardTimeoutError", "URL_ENV", "API_KEY_ENV", "DEFAULT_MAX_BODY_BYTES")
+    assert all(getattr(reward, name) is getattr(reward_client, name) for name in names)
+    assert set(names) | {"compute_score", "compute_score_batch", "reward_func", "strip_thinking"} == set(reward.__all__)
+    # as verl loads custom_reward_function.path: the file under a name of verl's
+    spec = importlib.util.spec_from_file_location("custom_module", reward.__file__)
+    by_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(by_path)
+    assert by_path.RewardClient is reward_client.RewardClient and by_path.strip_thinking("<think>a</think> b") == "b"
+
+    def pickled_before(obj) -> bytes:
+        # protocol 2 names a class as text, "c<module>\n<name>\n": the module as the old code's was
+        data = pickle.dumps(obj, protocol=2)
+        assert b"cpolar.reward_client\n" in data
+        return data.replace(b"cpolar.reward_client\n", b"cpolar.reward\n")
+
+    error = pickle.loads(pickled_before(reward.RewardServerError(503, "busy", "http://h/v1/rewards")))
+    assert type(error) is reward_client.RewardServerError and (error.status, error.url) == (503, "http://h/v1/rewards")
+    timeout = pickle.loads(pickled_before(reward.RewardTimeoutError("no answer", url="http://h", attempts=2)))
+    assert type(timeout) is reward_client.RewardTimeoutError and (str(timeout), timeout.attempts) == ("no answer", 2)
+    client = pickle.loads(pickled_before(reward.RewardClient("http://h:1", chunk_size=3)))
+    assert type(client) is reward_client.RewardClient and (client.base_url, client.chunk_size) == ("http://h:1", 3)
 
 
 
@@ -838,7 +870,7 @@ def test_no_timeout_per_request_is_still_taken_and_other_timeouts_are_refused(cl
     with RewardsServer() as srv:
         assert _score(client_class, srv.url, timeout_s=None) == [1.0, 2.0, 3.0, 4.0, 5.0]
         assert _score(client_class, srv.url, timeout_s=None, deadline_s=30) == [1.0, 2.0, 3.0, 4.0, 5.0]
-    for value in (0, -1, float("nan"), float("inf"), "300", True, reward.httpx.Timeout(5.0)):
+    for value in (0, -1, float("nan"), float("inf"), "300", True, httpx.Timeout(5.0)):
         with pytest.raises(ValueError, match=r"timeout_s must be None or a finite number of seconds > 0, got "):
             client_class("http://127.0.0.1:9", timeout_s=value)
 
