@@ -125,17 +125,25 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
     cfg: BuildConfig = _WORKER["cfg"]
     tok = _WORKER["tok"]
     max_length = cfg.max_length or cfg.seq_length
+    before = 1 if chunk.start else 0  # the "\n" that ends the line before the chunk's first
     with open(chunk.file, "rb") as f:
-        f.seek(chunk.start)
-        data = f.read(chunk.end - chunk.start)
-    if len(data) != chunk.end - chunk.start:
+        f.seek(chunk.start - before)
+        data = f.read(chunk.end - chunk.start + before)
+    if len(data) != chunk.end - chunk.start + before:
         # the scan counted these bytes' lines: read short, the file's last lines were lost without a word
         raise InputChanged(f"{chunk.file}: {os.path.getsize(chunk.file)} bytes, fewer than the {chunk.end} the "
                            f"build scanned (from line {chunk.first_line} on): {CHANGED}")
+    edge, data = data[:before], data[before:]
     res = ChunkResult(chunk.index, 0, len(data))
     if chunk.start == 0:
         data = strip_bom(data)
     lines = data.split(b"\n")
+    # A file rewritten since its lines were counted (regenerated, as long or longer) was read from
+    # wherever the counted offsets now fall: lines cut in two, built or rejected under others' numbers.
+    if edge not in (b"", b"\n") or len(lines) - 1 != chunk.newlines or data.endswith(b"\n") != (
+            chunk.newlines == chunk.lines):
+        raise InputChanged(f"{chunk.file}: bytes {chunk.start}-{chunk.end} do not hold lines {chunk.first_line}-"
+                           f"{chunk.first_line + chunk.lines - 1} as the build counted them: {CHANGED}")
     if data.endswith(b"\n"):
         lines.pop()
     res.lines = len(lines)

@@ -34,6 +34,10 @@ class Chunk:
     end: int
     first_line: int  # 1-based line number of the first line in its file
     first_record: int  # 0-based line number over all inputs: the record id kept in the index
+    # what the count of the file found in [start, end): its lines, and its "\n"s (one fewer where
+    # the file's last line has none), which the bytes read for the chunk must hold again
+    lines: int
+    newlines: int
 
 
 class InputChanged(ValueError):
@@ -181,11 +185,14 @@ class _Span:
     first_record: int  # the file's first line's record id
     chunk_records: int
     bounds: np.ndarray
+    lines: int  # the file's, and its "\n"s
+    newlines: int
 
     def chunk(self, k: int) -> Chunk:
         a = self.first_line + k * self.chunk_records
+        b = min(a + self.chunk_records, self.lines)
         return Chunk(self.first_chunk + k, self.path, int(self.bounds[k]), int(self.bounds[k + 1]), a + 1,
-                     self.first_record + a)
+                     self.first_record + a, b - a, min(b, self.newlines) - a)
 
 
 class ShardChunks:
@@ -239,7 +246,8 @@ def plan_chunks(files: list[str], chunk_records: int, quiet: bool = True, num_sh
         if a < b:
             lines = np.arange(a, b + 1, dtype=np.int64) * chunk_records
             spans.append(_Span(count.path, offset + a, a * chunk_records, src["first_record"], chunk_records,
-                               np.full(len(lines), count.size, dtype=np.int64)))
+                               np.full(len(lines), count.size, dtype=np.int64), count.lines,
+                               int(count.newlines[-1])))
             wanted.append((count, lines[lines < count.lines]))
         offset += n
     find = ScanProgress(sum(c.block_bytes(w) for c, w in wanted), quiet, what="finding this shard's chunks")

@@ -80,7 +80,7 @@ def test_a_worker_dying_between_two_answers_is_the_same_error(monkeypatch):
             pass
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BreaksOnThirdSubmit)
-    chunks = [data_build.Chunk(i, "in.jsonl", 0, 1, 10 * i + 1, 10 * i) for i in range(4)]
+    chunks = [data_build.Chunk(i, "in.jsonl", 0, 1, 10 * i + 1, 10 * i, 10, 10) for i in range(4)]
     # chunks 0 and 1 in flight; chunk 0 answers, and handing out chunk 2 finds the pool broken
     with pytest.raises(data_build.WorkerDied, match=r"reading in.jsonl from line 11 \(chunk 1\) or a chunk after"):
         list(data_build._run_pool(None, chunks, workers=1))

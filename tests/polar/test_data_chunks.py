@@ -77,6 +77,28 @@ def test_an_input_cut_short_after_the_scan_stops_the_build_naming_it(tmp_path, r
     assert not list(tmp_path.glob("ds/*.bin"))
 
 
+@pytest.mark.parametrize("regenerated", ["reordered", "longer"])
+def test_an_input_rewritten_after_the_scan_stops_the_build_naming_it(tmp_path, records, monkeypatch, capsys,
+                                                                     regenerated):
+    """Regenerated once the chunks were planned, as long or longer: the chunks were read from the
+    offsets counted in the old file, lines cut in two and rejected (--on-error skip) or built under
+    the numbers of other lines, and the build ended 0."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:30])
+    real = data_build.plan_chunks
+
+    def then_rewritten(*args, **kw):
+        planned = real(*args, **kw)
+        write_jsonl(src, records[:30][::-1] if regenerated == "reordered" else records[10:50])
+        return planned
+
+    monkeypatch.setattr(data_build, "plan_chunks", then_rewritten)
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 7, "--on-error", "skip") == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"error: {re.escape(str(src))}: bytes \d+-\d+ do not hold lines \d+-\d+ as the build counted "
+                     "them: cut short or rewritten during the build; nothing of the shard was written", err), err
+    assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
 def chunks_by_rule(files: list, chunk_records: int, num_shards: int, shard_index: int) -> tuple[list, list]:
     """The module's rule on whole files in memory, as the build applied it when it kept every line's
     offset: (shard `shard_index`'s chunks as tuples, the sources entries)."""
