@@ -5,10 +5,13 @@ ones stops instead of mixing two datasets."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import asdict
 
 DEFAULT_INSTRUCTION_SHARE = 0.1
+# socket.settimeout keeps whole nanoseconds in an int64: past ~9.2e9 s every request raised OverflowError
+MAX_REQUEST_TIMEOUT = 1e9
 
 
 class _DefaultsHelp(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -107,6 +110,14 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
     for flag, v in positive.items():
         if v < 1:
             ap.error(f"{flag} must be at least 1, got {v}")
+    # float() takes "nan" and "inf", which no comparison below refuses: --temperature nan was sent as
+    # NaN (no JSON) in every request, --retry-cap nan retried at once, --request-timeout inf crashed
+    # the run (the ranges of --top-p, --instruction-share and --progress-interval refuse nan)
+    floats = {"--temperature": a.temperature, "--request-timeout": a.request_timeout, "--retry-base": a.retry_base,
+              "--retry-cap": a.retry_cap}
+    for flag, v in floats.items():
+        if not math.isfinite(v):
+            ap.error(f"{flag} must be a finite number, got {v}")
     if a.prefix_max_tokens < a.prefix_min_tokens:
         ap.error(f"--prefix-max-tokens ({a.prefix_max_tokens}) is below --prefix-min-tokens ({a.prefix_min_tokens})")
     if getattr(a, "instruction_share", None) is None:  # not given
@@ -123,6 +134,8 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
                  "--request-timeout > 0")
     if not a.progress_interval > 0:  # 0 printed a progress line on every turn of the event loop
         ap.error(f"--progress-interval must be > 0 seconds, got {a.progress_interval}")
+    if a.request_timeout > MAX_REQUEST_TIMEOUT:
+        ap.error(f"--request-timeout must be at most {MAX_REQUEST_TIMEOUT:g} seconds, got {a.request_timeout:g}")
     if a.retry_cap < 0:
         ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
     if a.max_records is not None and a.max_records < 1:

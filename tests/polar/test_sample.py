@@ -487,6 +487,21 @@ def test_a_progress_interval_that_is_not_positive_is_refused(tmp_path, capsys, v
     assert f"--progress-interval must be > 0 seconds, got {float(value)}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--temperature", "nan", "--temperature must be a finite number, got nan"),  # was sent as NaN, no JSON
+    ("--retry-cap", "nan", "--retry-cap must be a finite number, got nan"),  # was a retry without a wait
+    ("--retry-base", "inf", "--retry-base must be a finite number, got inf"),
+    ("--request-timeout", "inf", "--request-timeout must be a finite number, got inf"),  # was a traceback
+    ("--request-timeout", "1e12", "--request-timeout must be at most 1e+09 seconds, got 1e+12")])
+def test_a_float_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, value, expected):
+    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"), flag, value)
+    with pytest.raises(SystemExit) as e:
+        sample.main(argv)
+    assert e.value.code == 2
+    assert expected in capsys.readouterr().err
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 @pytest.mark.parametrize("flag", ["--output", "--failures"])
 def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
     (tmp_path / "d").mkdir()
