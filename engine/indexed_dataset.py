@@ -5,10 +5,10 @@ their bytes.
 Opening a version-2 shard reads O(sequences) of its index (seq_groups and counts), not O(groups):
 at 10^9 groups every rank of every node would otherwise read and check the whole index (tens of
 GB) before the first step. What a rank reads of a sequence is checked as it is read (offsets,
-labels, and its counts recomputed), so a damaged index still stops the run with the file and
-sequence named instead of training on garbage; `IndexedDataset.verify()` (`polar data stats`,
-`engine/pretrain.py --check-config`) checks every sequence in one pass. Version 1 (no counts) is
-read, checked and counted whole at open.
+labels, and its counts recomputed; its token ids against the vocabulary), so a damaged index or
+token file still stops the run with the file and sequence named instead of training on garbage;
+`IndexedDataset.verify()` (`polar data stats`, `engine/pretrain.py --check-config`) checks every
+sequence's index in one pass. Version 1 (no counts) is read, checked and counted whole at open.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class SequenceIndex(NamedTuple):
     group_pieces: np.ndarray  # [g1 - g0 + 1]
     piece_tokens: np.ndarray  # [pieces + 1], offsets into the token file
     piece_label: np.ndarray  # [pieces]
+    sequence: int  # j, its number in the shard
 
 
 class _Shard:
@@ -119,6 +120,10 @@ class _Shard:
         if self.meta.get("seq_length", self.seq_length) != self.seq_length:
             raise DatasetFormatError(f"{meta_path}: seq_length {self.meta['seq_length']} disagrees with the "
                                      f"index's {self.seq_length}")
+        vocab = self.meta.get("vocab_size")
+        # the writer refuses ids outside [0, vocab_size) (engine.shard_writer), so one read is damage;
+        # unchecked, it reached the embedding: a CUDA device-side assert naming neither file nor sequence
+        self._vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
 
     def _corrupt(self, what: str, sequence: int | None = None):
         at = "" if sequence is None else f"packed sequence {sequence}: "
@@ -200,7 +205,7 @@ class _Shard:
         p0, p1 = int(gp[0]), int(gp[-1])
         if p0 < 0 or p1 > self._num_pieces or (gp[1:] <= gp[:-1]).any():
             self._corrupt("group offsets out of order or out of the index", j)
-        return SequenceIndex(g0, g1, gp, self._read(2, p0, p1 + 1), self._read(4, p0, p1))
+        return SequenceIndex(g0, g1, gp, self._read(2, p0, p1 + 1), self._read(4, p0, p1), j)
 
     def check_sequence(self, j: int, si: SequenceIndex, said) -> None:
         """Unless sequence j of a version-2 index is whole, DatasetFormatError naming it: piece
@@ -231,6 +236,19 @@ class _Shard:
             if held != int(s):
                 self._corrupt(f"its {key} count is {s}, its groups hold {held}", j)
 
+    def _check_ids(self, span: np.ndarray, j: int) -> None:
+        """DatasetFormatError naming the .bin and sequence j where `span` (its tokens) holds an id
+        outside [0, vocab_size) of the shard's metadata (only negatives where it names none)."""
+        if not span.size:
+            return
+        low, high = int(span.min()), int(span.max())
+        if low < 0 or (self._vocab is not None and high >= self._vocab):
+            bad = low if low < 0 else high
+            within = f"0..{self._vocab - 1}, the vocabulary it was built with" if self._vocab else "non-negative ids"
+            raise DatasetFormatError(f"{self._bin_path}: packed sequence {j}: token id {bad} at token "
+                                     f"{int(np.flatnonzero(span == bad)[0])} of its {span.size}, outside {within} "
+                                     "(corrupt; rebuild the shard)")
+
     def sequence_counts(self) -> dict:
         """COUNTS of every sequence (int64 arrays): read from a version-2 index, else computed."""
         if self._version == 1:
@@ -252,6 +270,7 @@ class _Shard:
         t0 = int(si.piece_tokens[0])
         span = self._files.read(self._bin_path, self._bin_stat, t0 * self.dtype.itemsize, bounds[-1],
                                 self.dtype).astype(np.int32, copy=False)
+        self._check_ids(span, si.sequence)
         pieces = [span[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         labels = si.piece_label
         firsts = (si.group_pieces - si.group_pieces[0]).tolist()

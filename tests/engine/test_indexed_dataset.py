@@ -592,3 +592,25 @@ def test_a_rebuild_putting_its_shard_in_place_while_the_dataset_opens_is_refused
     with pytest.raises(DatasetFormatError, match=rf"a\.idx: {why}"):
         IndexedDataset(tmp_path / "ds")
     assert swapped
+
+
+@pytest.mark.parametrize("vocab, bad", [(300, 300), (300, 0xFFFF), (70_000, 70_000), (70_000, -1)])
+def test_a_token_id_outside_the_vocabulary_is_named_with_its_file_and_sequence(tmp_path, vocab, bad):
+    """The writer refuses ids outside [0, vocab_size); one read back is a damaged .bin (a flipped
+    bit), which reached the model's embedding unnamed: a CUDA device-side assert that kills the run.
+    uint16 tokens (vocab 300) and int32 ones (vocab past 65536)."""
+    packed = PackedGroups(random_groups(5, 60, vocab), SEQ)
+    write(tmp_path / "p", packed, vocab=vocab)
+    ds = IndexedDataset(tmp_path)
+    assert ds.shards[0].dtype.itemsize == (2 if vocab <= 1 << 16 else 4)
+    j = 3
+    token = sum(len(packed.groups[g]) for p in packed.plan[:j] for g in p) + 2  # the third token of sequence 3
+    raw = np.memmap(tmp_path / "p.bin", dtype=ds.shards[0].dtype, mode="r+")
+    raw[token] = bad
+    raw.flush()
+    del raw
+    ds = IndexedDataset(tmp_path)
+    same_groups(ds.sequences([j - 1, j + 1]), packed.sequences([j - 1, j + 1]))  # the others read as written
+    with pytest.raises(DatasetFormatError, match=rf"p\.bin: packed sequence {j}: token id {bad} at token 2 of "
+                                                 rf"its \d+, outside 0\.\.{vocab - 1}"):
+        ds.sequences([j])
