@@ -470,7 +470,15 @@ def main(argv: list[str]) -> int:
         for flag, path in (("--output", a.output), ("--failures", failures)):
             if os.path.isdir(path):
                 raise SampleError(f"{flag} {path}: is a directory; name a JSONL file")
-        os.makedirs(os.path.dirname(os.path.abspath(a.output)), exist_ok=True)
+            # the failures file's directory was not made, and a parent that is a file was not named:
+            # the run stopped with a traceback
+            parent = os.path.dirname(os.path.abspath(path))
+            try:
+                os.makedirs(parent, exist_ok=True)
+            except FileExistsError:
+                raise SampleError(f"{flag} {path}: {parent} is a file, not a directory") from None
+            except OSError as e:
+                raise SampleError(f"{flag} {path}: cannot make its directory {parent}: {e.strerror or e}") from None
         # before the settings record, which a second run with other settings would overwrite
         lock = lock_output(a.output)
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)

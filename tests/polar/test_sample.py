@@ -511,6 +511,20 @@ def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
     assert f"{flag} {tmp_path / 'd'}: is a directory" in capsys.readouterr().err
 
 
+def test_the_failures_file_gets_its_directory_and_a_file_in_the_way_is_a_clear_error(tmp_path, capsys):
+    with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
+        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
+        failures = tmp_path / "logs" / "failures.jsonl"  # its directory was not made: a traceback
+        assert sample.main(argv + ["--failures", str(failures)]) == 0, capsys.readouterr().err
+    assert failures.exists() and len(_records(tmp_path / "o.jsonl")) == 2
+    (tmp_path / "f").write_text("")
+    for flag in ("--output", "--failures"):
+        argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o2.jsonl"))
+        assert sample.main(argv + [flag, str(tmp_path / "f" / "x.jsonl")]) == 2
+        assert f"{flag} {tmp_path / 'f' / 'x.jsonl'}: {tmp_path / 'f'} is a file, not a directory" \
+            in capsys.readouterr().err
+
+
 def test_a_completion_holding_a_lone_surrogate_is_a_failure_retried_by_the_next_run(tmp_path, capsys):
     """Such a record is one every build rejects (records.py): like an empty completion, the prompt
     is listed as failed and sampled again, instead of being marked done and lost at build time."""
