@@ -579,8 +579,13 @@ class AsyncRewardClient(_Base):
 
     async def aclose(self) -> None:
         # those of this loop: another loop's connections can only be closed from that loop (call
-        # aclose from each loop still running that used the client)
-        await self._connections().aclose()
+        # aclose from each loop still running that used the client). Nothing is made to be closed: a
+        # loop that never sent has no pool, and a forked or unpickled copy that never sent has none of
+        # its own (the parent's are the parent's)
+        if self._pid == os.getpid():
+            http = self._http.get(asyncio.get_running_loop())
+            if http is not None:
+                await http.aclose()
 
     async def __aenter__(self):
         return self

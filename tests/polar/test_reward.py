@@ -862,6 +862,32 @@ def _close(client):
     return client.close() if isinstance(client, reward.RewardClient) else asyncio.run(client.aclose())
 
 
+def test_closing_an_async_client_makes_nothing_to_close():
+    """aclose() took this loop's httpx client through the getter that makes one where the loop had none, so
+    closing a client never used from this loop (or a copy unpickled in this process) made a connection pool
+    to close it. Nothing is made now; a loop's pool that did send is closed."""
+    with RewardsServer() as srv:
+        client = reward.AsyncRewardClient(srv.url)
+
+        async def closed_and_made():
+            await client.aclose()
+            return asyncio.get_running_loop() in client._http
+
+        assert not asyncio.run(closed_and_made())  # never used
+
+        async def score_then_close():
+            await client.score(ITEMS[:1])
+            http = client._http[asyncio.get_running_loop()]
+            await client.aclose()
+            return http.is_closed
+
+        assert asyncio.run(score_then_close())
+        assert not asyncio.run(closed_and_made())  # used from another loop, not from this one
+        copy = pickle.loads(pickle.dumps(client))
+        asyncio.run(copy.aclose())
+        assert copy._http is None
+
+
 @pytest.mark.parametrize("client_class", [reward.RewardClient, reward.AsyncRewardClient])
 def test_no_timeout_per_request_is_still_taken_and_other_timeouts_are_refused(client_class):
     """timeout_s=None (httpx's "no timeout") worked until deadline_s capped each request's timeout with
