@@ -67,8 +67,14 @@ POLAR_HD LogSumExp<Acc> lse_merge(const LogSumExp<Acc>& st, Acc d) {
   // A NaN margin poisons the state, as it does the torch reference: fmax would drop it, and a
   // state left at max = -inf reads as "no pair", skipping the positive from the loss and the count.
   if (d != d || st.max != st.max) return {d + st.max, d + st.max};
-  const Acc m = hd::max(st.max, d);
-  return {m, st.sum * hd::exp(st.max - m) + hd::exp(d - m)};
+  // A margin of -inf (a negative at -inf, or a positive at +inf) adds exp(-inf) = 0 to the sum but
+  // gives its positive a pair. Merged as is it left the state at max = -inf ("no pair", so the
+  // positive dropped out of the count) with sum = 0 * exp(-inf + inf) = NaN, which made the loss
+  // NaN when a finite margin was merged after it, and only then: on the GPU the merge order is the
+  // atomics'. As the lowest finite number its exp is 0 in every read and the state is not empty.
+  const Acc dm = d < hd::lowest(d) ? hd::lowest(d) : d;
+  const Acc m = hd::max(st.max, dm);
+  return {m, st.sum * hd::exp(st.max - m) + hd::exp(dm - m)};
 }
 
 // The state read with the "1 +" term: the clamped max Mc, the softmax denominator (>= 1) and its

@@ -7,6 +7,7 @@
 // to double); on the host both overloads call <cmath>. Nothing here depends on CUDA headers.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -40,6 +41,10 @@ POLAR_HD double abs(double x) { POLAR_HD_PICK(::fabs(x), std::fabs(x)); }
 // fmax semantics on both sides: a NaN argument loses to a number.
 POLAR_HD float max(float a, float b) { POLAR_HD_PICK(fmaxf(a, b), std::fmax(a, b)); }
 POLAR_HD double max(double a, double b) { POLAR_HD_PICK(::fmax(a, b), std::fmax(a, b)); }
+
+// The lowest finite value of x's type (an argument, not a template, to pick the overload).
+POLAR_HD float lowest(float) { return -FLT_MAX; }
+POLAR_HD double lowest(double) { return -DBL_MAX; }
 
 // 1 / sqrt(x): the device's rsqrt instruction (at most 2 ulp in float) or the exact host quotient.
 POLAR_HD float rsqrt(float x) { POLAR_HD_PICK(rsqrtf(x), 1.0f / std::sqrt(x)); }

@@ -22,9 +22,13 @@ namespace {
 
 using namespace polar;
 
+// strtod, unlike istream's operator>>, reads "inf", "-inf" and "nan" too.
 float read_float() {
-  double x;
-  if (!(std::cin >> x)) throw std::runtime_error("truncated request");
+  std::string word;
+  if (!(std::cin >> word)) throw std::runtime_error("truncated request");
+  size_t used = 0;
+  const double x = std::stod(word, &used);
+  if (used != word.size()) throw std::runtime_error("not a number: " + word);
   return static_cast<float>(x);
 }
 

@@ -123,6 +123,24 @@ def test_a_nan_reward_makes_the_loss_nan_and_keeps_its_positive_counted(rewards,
     assert count == count_ref == len(set(pos.tolist()))
 
 
+@pytest.mark.parametrize("rewards", [
+    [0.0, -np.inf, 0.5], [0.0, 0.5, -np.inf],   # a negative at -inf merged before or after a finite one
+    [0.0, -np.inf, -np.inf],                     # every margin -inf: loss 0, still one positive
+    [np.inf, 1.0, 2.0],                          # the positive at +inf: the same margins
+])
+def test_a_margin_of_minus_inf_adds_nothing_and_keeps_its_positive_counted(rewards):
+    """As the torch reference: exp(-inf) = 0 joins the sum and the positive has a pair. The merge gave
+    max = -inf and sum = 0 * exp(-inf + inf) = NaN: the positive read as "no pair" (count 0, gradient
+    NaN), and a finite margin merged after it made the loss NaN, so the result hung on pair order."""
+    rewards, pos, neg = np.array(rewards, np.float32), np.array([0, 0], np.int64), np.array([1, 2], np.int64)
+    (loss_ref, count_ref), grad_ref = _ref(infonce_sums, rewards, pos, neg)
+    loss, count, grad = _C.infonce_loss(rewards, pos, neg)
+    assert count == count_ref == 1
+    assert np.isfinite(loss_ref) and np.isfinite(grad_ref).all()
+    _close(loss, loss_ref)
+    _close(grad, grad_ref)
+
+
 def test_no_pairs_and_unpaired_candidates():
     rewards = np.arange(5, dtype=np.float32)
     empty = np.zeros(0, np.int64)

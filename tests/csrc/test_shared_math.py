@@ -153,6 +153,8 @@ def _infonce_cases():
         (0.0, list(range(1, 17))), (0.0, list(range(16, 0, -1))),  # rising and falling merge order
         (0.5, list(rng.standard_normal(16) * 50)), (2.0, list(rng.standard_normal(15) * 1e4)),
         (3.0, list(rng.standard_normal(7) * 1e-3 + 3.0)),        # margins near zero
+        # a margin of -inf adds nothing, merged before or after a finite one (it made the sum NaN)
+        (0.0, [-np.inf, 0.5]), (0.0, [0.5, -np.inf]), (0.0, [-np.inf]), (np.inf, [1.0, 2.0]),
     ]
 
 
