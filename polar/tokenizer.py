@@ -367,8 +367,13 @@ class HFTokenizer(Tokenizer):
         def lookup(text: str, arg: str) -> int:
             tid = tok.token_to_id(text)
             if tid is None:
-                raise ValueError(f"{file}: the vocabulary has no {text!r}; pass the tokenizer's "
-                                 f"own token as {arg}=")
+                # load_tokenizer's callers (the CLI, a config's tokenizer path) cannot pass arg=: they
+                # name the token in polar_tokenizer.json, whose value this may be
+                default = {"bos": INTERNLM2_BOS_TEXT, "pad": INTERNLM2_PAD_TEXT}.get(arg) == text
+                note = " (the default: InternLM2's, which the released POLAR models use)" if default else ""
+                raise ValueError(f"{file}: the vocabulary has no {text!r} for the {arg} token{note}; name the "
+                                 f"tokenizer's own as {{\"{arg}\": ...}} in {file.parent / POLAR_TOKENIZER_FILE} "
+                                 f"(in Python: {arg}=)")
             return tid
 
         self.bos_id, self.pad_id = lookup(bos, "bos"), lookup(pad, "pad")

@@ -1,3 +1,4 @@
+import re
 from pathlib import Path
 
 import numpy as np
@@ -373,6 +374,23 @@ def test_hf_configurable_special_strings(tmp_path):
     assert tok.bos_id == tok._tok.token_to_id("<bos>")
     with pytest.raises(ValueError, match="bos="):
         HFTokenizer(d)  # no "<s>" in this vocabulary
+
+
+def test_a_special_token_missing_from_the_vocabulary_is_named_where_a_cli_user_sets_it(tmp_path):
+    """load_tokenizer is how every command and config reads a tokenizer directory: its message said only
+    "pass the tokenizer's own token as bos=", an argument no command takes, also of a token that
+    polar_tokenizer.json had named. It names that file, and says when the token is the default."""
+    import json
+
+    d = Path(train_bpe(tmp_path / "no_s", specials=("<bos>", "<pad>")))
+    settings = re.escape(str(d / "polar_tokenizer.json"))
+    with pytest.raises(ValueError, match=rf"no '<s>' for the bos token \(the default: InternLM2's.*"
+                                         rf"\{{\"bos\": \.\.\.\}} in {settings}"):
+        load_tokenizer(str(d))
+    (d / "polar_tokenizer.json").write_text(json.dumps({"bos": "<bos>", "pad": "<nope>"}))
+    with pytest.raises(ValueError, match=rf"no '<nope>' for the pad token; name the tokenizer's own as "
+                                         rf"\{{\"pad\": \.\.\.\}} in {settings}"):
+        load_tokenizer(str(d))
 
 
 def test_hf_truncation_in_the_file_is_switched_off(tmp_path):
