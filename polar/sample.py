@@ -489,7 +489,7 @@ def main(argv: list[str]) -> int:
         print(f"polar sample: error: {e}", file=sys.stderr)
         return 2
     print(f"polar sample: {len(corpus)} corpus documents ({corpus.empty} empty lines skipped)"
-          + (f", {len(instructions)} instruction prompts" if instructions else "")
+          + (f", {len(instructions)} instruction prompts ({instructions.empty} empty skipped)" if instructions else "")
           + f", {len(policies)} policies; {sum(1 for i in done if i < a.num_prompts)} of {a.num_prompts} "
             f"prompts already in {a.output}", file=sys.stderr, flush=True)
     cfg = RunConfig(num_prompts=a.num_prompts, seed=a.seed, sampling=sampling, send_seed=not a.no_request_seed,

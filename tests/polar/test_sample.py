@@ -25,7 +25,8 @@ DOCS = ["The quick brown fox jumps over the lazy dog near the riverbank at dawn.
         "A third document about reward models, policies and the data they are trained on, " * 3,
         "Short one."]
 INSTRUCTIONS = [{"prompt": "Write a haiku about rivers."},
-                {"prompt": [{"role": "user", "content": "Explain gradient descent."}]}]
+                {"prompt": [{"role": "user", "content": "Explain gradient descent."}]},
+                {"prompt": ""}]  # not a prompt: skipped and counted
 
 
 def _write_inputs(tmp_path, srv, extra_pool=()):
@@ -111,6 +112,7 @@ def test_end_to_end_records_policies_and_failing_endpoints(tmp_path, capsys):
     assert "broken:" in err and "DOWN" in err and "http 500" in err and "connection" in err
     assert "done 24/24" in err and "prompts/s" in err
     assert "1 empty lines skipped" in err
+    assert "2 instruction prompts (1 empty skipped)" in err  # an empty instruction was dropped without a word
     # sampling settings reach the server; the chat policy gets a message list
     good = [b for b in bodies if b["model"] in GOOD]
     assert all(b["temperature"] == 1.0 and b["top_p"] == 0.9 and b["top_k"] == 50 and b["max_tokens"] == 4096
