@@ -151,6 +151,13 @@ def test_a_surrogate_pair_is_one_character():
     assert rec.prompt == "\U0001F600"
 
 
+def test_skip_without_a_rejects_list_is_refused_before_any_record_is_dropped(tmp_path):
+    """Skipping with nowhere to put the rejects dropped every bad record without a word."""
+    p = write_lines(tmp_path / "r.jsonl", [line(GOOD), b"{bad\n"])
+    with pytest.raises(ValueError, match="needs a `rejects` list"):
+        next(read_records(p, on_error="skip"))
+
+
 def test_unreadable_json_is_a_named_reject_under_skip(tmp_path):
     deep = b'{"prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}\n"
     p = write_lines(tmp_path / "r.jsonl", [line(GOOD), deep, line({**GOOD, "chosen": "\ud800"}), line(GOOD)])
