@@ -368,18 +368,18 @@ def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
 def read_records(path: str, on_error: str = "fail", rejects: Optional[list] = None) -> Iterator[Record]:
     """Every valid record of a JSONL file. on_error="fail" raises RecordError at the first bad one;
     "skip" appends a reject_entry per bad line to `rejects` (required: a record skipped is reported,
-    never dropped without a word) and goes on."""
+    never dropped without a word; ValueError at the first without it) and goes on."""
     if on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-    if on_error == "skip" and rejects is None:
-        raise ValueError("read_records(on_error='skip') needs a `rejects` list: the bad records it skips go there "
-                         "to be reported")
     for n, raw in iter_lines(path):
         try:
             rec = parse_line(raw, path, n)
         except RecordError as e:
             if on_error == "fail":
                 raise
+            if rejects is None:
+                raise ValueError("read_records(on_error='skip') needs a `rejects` list: the bad records it skips "
+                                 "go there to be reported") from e
             rejects.append(reject_entry(e.file, e.line, e.field, e.reason, raw))
             continue
         if rec is not None:
