@@ -320,6 +320,8 @@ class Sampler:
         done = self.already_done + self.written
         rate = self.written / elapsed
         remaining = self.cfg.num_prompts - done - self.failed
+        if self.cfg.max_records is not None:  # a trial run of a large dataset showed days for minutes
+            remaining = min(remaining, self.cfg.max_records - self.written)
         eta = format_duration(remaining / rate) if rate > 0 else "?"
         eps = ", ".join(
             f"{n} {'DOWN' if ep.down else 'ok'}" + (f" ({sum(ep.errors.values())} err)" if ep.errors else "")

@@ -504,6 +504,16 @@ def test_a_float_option_that_no_request_could_use_is_refused(tmp_path, capsys, f
     assert not (tmp_path / "o.jsonl").exists()
 
 
+def test_the_eta_of_a_run_stopped_by_max_records_is_the_time_to_that_stop(tmp_path):
+    s = sample.Sampler(sample.RunConfig(num_prompts=1_000_000, max_records=60), None, [], str(tmp_path / "o"),
+                       str(tmp_path / "f"))
+    s.endpoints, s.written = {}, 50
+    s.t0 = time.perf_counter() - 100  # 0.5 prompts/s: the last 10 records take 20 s, not 555 h
+    assert "| 0.50 prompts/s | eta 0m20s |" in s._progress_line()
+    s.cfg.max_records = None
+    assert "| eta 555h" in s._progress_line()
+
+
 @pytest.mark.parametrize("flag", ["--output", "--failures"])
 def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
     (tmp_path / "d").mkdir()
