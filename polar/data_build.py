@@ -345,21 +345,33 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
 
     if cfg.on_error not in ON_ERROR:
         raise ValueError(f"on_error must be one of {ON_ERROR}, got {cfg.on_error!r}")
-    if not 0 <= shard_index < num_shards:
-        raise ValueError(f"--shard-index {shard_index} is outside 0..{num_shards - 1}")
-    if chunk_records < 1 or workers < 1:
-        raise ValueError("--chunk-records and --workers must be >= 1")
     # Checked here, not left to the format: a bad setting would otherwise be blamed on every record
     # (--on-error skip sets them all aside) or fail in the index header after the tokens are written.
+    # --num-shards 0 was "--shard-index 0 is outside 0..-1"; a negative --seed numpy's "expected
+    # non-negative integer", once the inputs were counted and the first chunk tokenized.
     for flag, value, least in (("--seq-length", cfg.seq_length, 1), ("--max-length", cfg.max_length, 0),
-                               ("--max-response", cfg.max_response, 1)):
+                               ("--max-response", cfg.max_response, 1), ("--seed", cfg.seed, 0),
+                               ("--workers", workers, 1), ("--chunk-records", chunk_records, 1),
+                               ("--num-shards", num_shards, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{flag} must be an integer >= {least}, got {value!r}")
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"--shard-index {shard_index} is outside 0..{num_shards - 1} (--num-shards {num_shards})")
     files = input_files(inputs, output, rejects_path)
     tok = load_tokenizer(cfg.tokenizer)
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
     if name.with_suffix(".idx").exists() and not force:
         raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
+    rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
+    if rejects_file.is_dir():
+        raise IsADirectoryError(f"--rejects {rejects_path} is a directory: it names the rejects list's file")
+    # the rejects list this build may replace: its shard's own, or the one the shard it replaces names
+    replaced, own = replaced_rejects(name) if force else (None, "")
+    check_rejects_path(rejects_file, rejects_path, replaced, own)
+    # Both made by the build and removed again if it fails and leaves them empty. Found now, not as
+    # the first reject is written (a --rejects directory not there: hours into a build, an errno),
+    # nor before the inputs are counted.
+    made = [_missing_dirs(Path(output), "--output"), _missing_dirs(rejects_file.parent, "--rejects")]
     # a scan's line counts, checked against the inputs now, spare this machine reading every input
     counts = data_scan.load(scan).line_counts(files) if scan else None
     mine, sources = plan_chunks(files, chunk_records, quiet, num_shards, shard_index, counts)
@@ -379,14 +391,9 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     if others:
         raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
                               "would mix with this one: remove them or build into another directory")
-    rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
-    # the rejects list this build may replace: its shard's own, or the one the shard it replaces names
-    replaced, own = replaced_rejects(name) if force else (None, "")
-    check_rejects_path(rejects_file, rejects_path, replaced, own)
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")
-    made = _missing_dirs(Path(output))  # removed again if the build fails and leaves them empty
     # The writer first: it stops a second run of this shard before its rejects list is touched.
     writer = ShardWriter(name, cfg.seq_length, tok.vocab_size, tok.pad_id, meta)
     rejects_tmp.unlink(missing_ok=True)
@@ -397,6 +404,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     repeats = Repeats()
     with SigtermStops() as stop:
         try:
+            rejects_file.parent.mkdir(parents=True, exist_ok=True)
             results = _run_inline(cfg, mine) if workers == 1 else _run_pool(cfg, mine, workers)
             for res in results:
                 if res.arrays:
@@ -468,11 +476,13 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 rejects_out.close()
             writer.abort()
             rejects_tmp.unlink(missing_ok=True)
-            for d in made:  # a failed build into a new directory leaves none behind (one a listed reject is in stays)
-                try:
-                    d.rmdir()
-                except OSError:
-                    break
+            # a failed build into a new directory leaves none behind (one a listed reject is in stays)
+            for chain in made:
+                for d in chain:
+                    try:
+                        d.rmdir()
+                    except OSError:
+                        break
             raise
     if old_list:
         print(f"note: {old_list}", file=sys.stderr, flush=True)
@@ -485,13 +495,16 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     return meta
 
 
-def _missing_dirs(path: Path) -> list[Path]:
-    """The directories of `path` that do not exist yet, deepest first."""
+def _missing_dirs(path: Path, flag: str) -> list[Path]:
+    """The directories of `path` that do not exist yet, deepest first; NotADirectoryError naming the
+    option `flag` gives them when a file stands where one of them would be ("[Errno 17] File exists")."""
     missing = []
     path = path.absolute()
     while not path.exists():
         missing.append(path)
         path = path.parent
+    if not path.is_dir():
+        raise NotADirectoryError(f"{flag}: {path} is a file, where the build needs a directory")
     return missing
 
 

@@ -236,12 +236,38 @@ def test_a_build_of_no_group_is_an_error_that_writes_no_shard(tmp_path, records,
 
 
 @pytest.mark.parametrize("option, value", [("--seq-length", 0), ("--seq-length", -5), ("--max-length", -1),
-                                           ("--max-response", -1), ("--max-response", 0)])
+                                           ("--max-response", -1), ("--max-response", 0), ("--seed", -1),
+                                           ("--num-shards", 0), ("--workers", 0), ("--chunk-records", 0)])
 def test_bad_build_options_are_named_and_write_nothing(tmp_path, records, capsys, option, value):
     src = write_jsonl(tmp_path / "r.jsonl", records[:5])
     assert build(src, "-o", tmp_path / "ds", "--on-error", "skip", option, value) == 2
     assert f"{option} must be an integer >= " in capsys.readouterr().err
     assert not (tmp_path / "ds").exists() or not any((tmp_path / "ds").iterdir())
+
+
+def test_output_and_rejects_paths_are_checked_before_the_build_and_made(tmp_path, records, capsys):
+    """A --rejects path in a directory not there failed at the first reject, as an errno ("No such file
+    or directory: ...rejects.jsonl.tmp", hours into a large build); an --output that is a file was
+    "[Errno 17] File exists"; a --rejects directory was "exists and is not the rejects list of..."."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:5], {2: b"{oops\n"})
+    rejects = tmp_path / "new" / "deeper" / "rejects.jsonl"
+    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--on-error", "skip", "--rejects", rejects) == 0
+    assert [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [3]
+    # a failed build leaves none of the directories it made, the rejects list's too
+    assert build(src, "-o", tmp_path / "ds2", "--seq-length", SEQ, "--rejects", tmp_path / "n2" / "r.jsonl") == 2
+    assert not (tmp_path / "ds2").exists() and not (tmp_path / "n2").exists()
+    capsys.readouterr()
+    (tmp_path / "afile").write_text("")
+    for args, said in ((["-o", tmp_path / "afile"], f"--output: {tmp_path / 'afile'} is a file, where the build "
+                                                     "needs a directory"),
+                       (["-o", tmp_path / "afile" / "ds"], f"--output: {tmp_path / 'afile'} is a file"),
+                       (["-o", tmp_path / "ds3", "--rejects", tmp_path / "afile" / "r.jsonl"],
+                        f"--rejects: {tmp_path / 'afile'} is a file"),
+                       (["-o", tmp_path / "ds3", "--rejects", tmp_path / "new"],
+                        f"--rejects {tmp_path / 'new'} is a directory: it names the rejects list's file")):
+        assert build(src, "--seq-length", SEQ, "--on-error", "skip", *args) == 2
+        assert f"error: {said}" in capsys.readouterr().err
+    assert not (tmp_path / "ds3").exists() and (tmp_path / "afile").read_text() == ""
 
 
 def test_blank_lines_and_a_bom_are_not_records(tmp_path, records, capsys):
