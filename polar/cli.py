@@ -324,12 +324,9 @@ def _takes(option: str, options: set[str], typed_only: set[str] = frozenset()) -
     return len(option) > 2 and len([o for o in options - typed_only if o.startswith(option)]) == 1
 
 
-class _Parsing(Exception):
-    """Raised in place of a command's first parse of its arguments, carrying its parser (_options_of)."""
-
-    def __init__(self, parser: argparse.ArgumentParser):
-        super().__init__()
-        self.parser = parser
+class _Parsing(BaseException):
+    """Raised in place of a command's first parse of its arguments (_options_of), to stop its main there. A
+    BaseException, as SystemExit is: a main that wraps its parse in `except Exception` lets it through."""
 
 
 def _options_of(first: str, entry: str | None) -> set[str] | None:
@@ -344,22 +341,24 @@ def _options_of(first: str, entry: str | None) -> set[str] | None:
     names = ("parse_args", "parse_known_args", "parse_intermixed_args", "parse_known_intermixed_args")
     saved = {name: getattr(argparse.ArgumentParser, name) for name in names}
 
+    parsers = []  # kept as it is caught: the options are known even where a main swallows _Parsing (a bare except)
+
     def caught(parser, *args, **kwargs):
-        raise _Parsing(parser)
+        parsers.append(parser)
+        raise _Parsing
 
     try:
         for name in names:
             setattr(argparse.ArgumentParser, name, caught)
         getattr(importlib.import_module(module), func or "main")([])
-    except _Parsing as e:
-        options = set(e.parser._option_string_actions)
-    except (Exception, SystemExit):  # an optional package missing (polar serve without its extra)
-        return None
-    else:
-        return None
+    except (_Parsing, Exception, SystemExit):  # Exception: an optional package missing (serve without its extra)
+        pass
     finally:
         for name, method in saved.items():
             setattr(argparse.ArgumentParser, name, method)
+    if not parsers:
+        return None
+    options = set(parsers[0]._option_string_actions)
     # --nproc: polar's own (pretrain, finetune) or polar.launch's (score, eval), taken before the entry parses
     return options | {"--nproc"} if first in NPROC_COMMANDS else options
 

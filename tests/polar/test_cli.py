@@ -388,3 +388,42 @@ def test_every_optional_module_has_its_extra_in_pyproject():
     for module, extra in cli.OPTIONAL.items():
         names = {re.split(r"[<>=!;\[ ]", req, maxsplit=1)[0].lower().replace("-", "_") for req in extras[extra]}
         assert module in names, (module, extra, extras[extra])
+
+
+_MAINS_CATCHING = '''
+import argparse
+
+
+def catching_exception(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--steps")
+    try:
+        parser.parse_args(argv)
+    except Exception as e:
+        print(f"bad arguments: {e}")
+        return 2
+    return 0
+
+
+def catching_everything(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds")
+    try:
+        parser.parse_args(argv)
+    except:  # noqa: E722
+        return 2
+    return 0
+'''
+
+
+def test_a_commands_options_are_read_from_a_main_that_catches_its_parse_errors(tmp_path, monkeypatch):
+    """_options_of stops a command's main at its first parse with an exception of its own: an Exception, which
+    a main wrapping its parse in `except Exception` swallowed, so the command's options were unknown (None)."""
+    import argparse
+
+    (tmp_path / "polar_test_mains_catching.py").write_text(_MAINS_CATCHING)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    parse_args = argparse.ArgumentParser.parse_args
+    assert cli._options_of("x", "polar_test_mains_catching:catching_exception") == {"-h", "--help", "--steps"}
+    assert cli._options_of("x", "polar_test_mains_catching:catching_everything") == {"-h", "--help", "--rounds"}
+    assert argparse.ArgumentParser.parse_args is parse_args
