@@ -18,6 +18,14 @@ namespace py = pybind11;
 
 namespace {
 
+// Whether obj is a numpy array whose elements are T's, byte order included. By equivalence, not
+// identity of the dtype objects: numpy's longlong ('q') and long ('l') are both int64 on LP64
+// platforms but distinct dtypes, and identity refused an np.longlong array as "got int64".
+template <typename T>
+bool has_dtype(const py::object& obj) {
+  return py::isinstance<py::array_t<T>>(obj);
+}
+
 // Checks lengths and returns a private copy: the packers run without the GIL, and a copy means
 // another thread writing to the caller's array meanwhile cannot make the result disagree with the
 // validation done on it.
@@ -27,7 +35,7 @@ std::vector<int64_t> checked_lengths(const char* fn, const py::object& obj) {
                          std::string(py::str(py::type::of(obj).attr("__name__"))));
   }
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<int64_t>())) {
+  if (!has_dtype<int64_t>(obj)) {
     throw py::type_error(std::string(fn) + ": lengths must have dtype int64, got " +
                          std::string(py::str(arr.dtype())) +
                          " (convert with np.asarray(lengths, dtype=np.int64))");
@@ -101,7 +109,7 @@ py::array checked_float(const char* fn, const char* name, const py::object& obj,
                          " (from torch: tensor.detach().float().contiguous().numpy())");
   }
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<float>())) {
+  if (!has_dtype<float>(obj)) {
     throw py::type_error(std::string(fn) + ": " + name + " must have dtype float32, got " +
                          std::string(py::str(arr.dtype())) + " (convert with .astype(np.float32))");
   }
@@ -124,7 +132,7 @@ std::vector<int64_t> checked_index(const char* fn, const char* name, const py::o
                          type_name(obj));
   }
   auto arr = py::reinterpret_borrow<py::array>(obj);
-  if (!arr.dtype().is(py::dtype::of<int64_t>())) {
+  if (!has_dtype<int64_t>(obj)) {
     throw py::type_error(std::string(fn) + ": " + name + " must have dtype int64, got " +
                          std::string(py::str(arr.dtype())) + " (convert with .astype(np.int64))");
   }

@@ -168,6 +168,16 @@ def test_out_of_range_pair_index(fn, which, bad):
 
 
 @pytest.mark.parametrize("fn", ["pairwise_loss", "infonce_loss"])
+def test_longlong_pair_indices_are_int64(fn):
+    """np.longlong is int64 on Linux, a distinct dtype object from np.int64 (see test_packer)."""
+    rewards, pos, neg = _groups(np.random.default_rng(5), 8, 4, positives=2)
+    want = getattr(_C, fn)(rewards, pos, neg)
+    got = getattr(_C, fn)(rewards, pos.astype(np.longlong), neg.astype(np.longlong))
+    assert got[:2] == want[:2]
+    np.testing.assert_array_equal(got[2], want[2])
+
+
+@pytest.mark.parametrize("fn", ["pairwise_loss", "infonce_loss"])
 def test_input_checks(fn):
     f = getattr(_C, fn)
     r = np.zeros(4, np.float32)

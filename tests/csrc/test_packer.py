@@ -120,6 +120,16 @@ def test_input_checks(fn):
         fn(np.arange(1, 9, dtype=np.int64)[::2], 8)
 
 
+@pytest.mark.parametrize("fn", [_C.pack_best_fit, _C.pack_first_fit_ordered])
+def test_every_int64_dtype_is_taken_and_a_foreign_byte_order_refused(fn):
+    """np.longlong ('q') is int64 on Linux but another dtype object than np.int64 ('l'); the check
+    compared the objects and refused it as "must have dtype int64, got int64"."""
+    lengths = np.array([5, 3, 7, 2, 4], dtype=np.int64)
+    np.testing.assert_array_equal(fn(lengths.astype(np.longlong), 8), fn(lengths, 8))
+    with pytest.raises(TypeError, match="dtype int64.*got >i8"):  # the kernels read native integers
+        fn(lengths.astype(">i8"), 8)
+
+
 def test_threads_get_independent_results():
     # The packers run without the GIL; concurrent calls on shared input must not interfere.
     rng = np.random.default_rng(3)

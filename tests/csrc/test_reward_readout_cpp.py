@@ -119,6 +119,11 @@ def test_input_checks():
         _C.readout_forward(np.ones((2, 4, 8), np.float32).transpose(1, 0, 2), idx, w, w, 1e-6)
     with pytest.raises(TypeError, match="reward_index must have dtype int64"):
         _C.readout_forward(hidden, idx.astype(np.int32), w, w, 1e-6)
+    # np.longlong is int64 too (another dtype object than np.int64; see test_packer)
+    np.testing.assert_array_equal(_C.readout_forward(hidden, idx.astype(np.longlong), w, w, 1e-6),
+                                  _C.readout_forward(hidden, idx, w, w, 1e-6))
+    with pytest.raises(TypeError, match="hidden must have dtype float32, got >f4"):
+        _C.readout_forward(hidden.astype(">f4"), idx, w, w, 1e-6)
     with pytest.raises(ValueError, match="head_weight has 7 entries but hidden has h = 8"):
         _C.readout_forward(hidden, idx, w, w[:7], 1e-6)
     with pytest.raises(TypeError, match="numpy array"):
