@@ -15,6 +15,8 @@ def truncate_loop(text: str, min_repeats: int = 4, min_chars: int = 32) -> tuple
     those characters early and the cut moves back with it. The check repeats on the result, since a loop can sit inside a longer loop.
     Periods and lengths are in characters, so the rule does not depend on the policy's tokenizer.
     """
+    if min_repeats < 2:  # one copy of a chunk is no loop; the search below reads past the text's start
+        raise ValueError(f"min_repeats must be at least 2, got {min_repeats}")
     removed = 0
     while True:
         n = len(text)

@@ -105,11 +105,12 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
     sets --instruction-share's default where it was not given."""
     positive = {"--num-prompts": a.num_prompts, "--prefix-min-tokens": a.prefix_min_tokens,
                 "--max-tokens": a.max_tokens, "--concurrency": a.concurrency,
-                "--loop-min-repeats": a.loop_min_repeats, "--endpoint-max-failures": a.endpoint_max_failures,
-                "--top-k": a.top_k}
+                "--endpoint-max-failures": a.endpoint_max_failures, "--top-k": a.top_k}
     for flag, v in positive.items():
         if v < 1:
             ap.error(f"{flag} must be at least 1, got {v}")
+    if a.loop_min_repeats < 2:  # one copy is no loop: 1 crashed the run at its first completion
+        ap.error(f"--loop-min-repeats must be at least 2, got {a.loop_min_repeats}")
     # float() takes "nan" and "inf", which no comparison below refuses: --temperature nan was sent as
     # NaN (no JSON) in every request, --retry-cap nan retried at once, --request-timeout inf crashed
     # the run (the ranges of --top-p, --instruction-share and --progress-interval refuse nan)

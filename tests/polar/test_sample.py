@@ -315,6 +315,11 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path, capsys, name, content, ex
     assert rc == 2 and expected in err, err
 
 
+def test_truncate_loop_refuses_a_single_copy_as_a_loop():
+    with pytest.raises(ValueError, match="min_repeats must be at least 2, got 1"):
+        truncate_loop("The quick brown fox jumps over the lazy dog near the riverbank.", 1)
+
+
 def test_truncate_loop_rule():
     chunk = "the same sentence again. "
     base = "A normal start of a story."
@@ -494,8 +499,10 @@ def test_a_progress_interval_that_is_not_positive_is_refused(tmp_path, capsys, v
     ("--retry-cap", "nan", "--retry-cap must be a finite number, got nan"),  # was a retry without a wait
     ("--retry-base", "inf", "--retry-base must be a finite number, got inf"),
     ("--request-timeout", "inf", "--request-timeout must be a finite number, got inf"),  # was a traceback
-    ("--request-timeout", "1e12", "--request-timeout must be at most 1e+09 seconds, got 1e+12")])
-def test_a_float_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, value, expected):
+    ("--request-timeout", "1e12", "--request-timeout must be at most 1e+09 seconds, got 1e+12"),
+    # one copy is no loop: truncate_loop read past the text's start, an IndexError at the first completion
+    ("--loop-min-repeats", "1", "--loop-min-repeats must be at least 2, got 1")])
+def test_an_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, value, expected):
     argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"), flag, value)
     with pytest.raises(SystemExit) as e:
         sample.main(argv)
