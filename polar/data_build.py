@@ -326,9 +326,13 @@ def _digest(obj) -> str:
 def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
     """The metadata that ties the N shards of one build together (engine/build_sets.py): the
     same on every machine running the same command. Inputs count by file name, size and lines,
-    not by path, which may differ between machines; the tokenizer by its ids, for the same reason."""
+    not by path, which may differ between machines; the tokenizer by its ids, for the same reason.
+    Not --on-error: a shard built under "fail" is the one "skip" builds of records none of which is
+    bad, and a shard stopped by a bad record ("--on-error skip sets bad records aside", says the
+    error) was refused when run again with skip, beside the shards built before it under fail."""
     inputs = _digest([(Path(s["path"]).name, s["bytes"], s["lines"]) for s in meta["sources"]])
-    settings = {k: v for k, v in meta.items() if k not in ("tokenizer", "shard_index", "chunks", "sources")}
+    settings = {k: v for k, v in meta.items()
+                if k not in ("tokenizer", "shard_index", "chunks", "sources", "on_error")}
     return {"id": _digest([settings, inputs, cfg.seq_length, vocab_size]), "shard_index": meta["shard_index"],
             "num_shards": meta["num_shards"], "inputs": inputs}
 

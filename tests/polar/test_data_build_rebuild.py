@@ -144,6 +144,19 @@ def test_a_rebuild_with_a_new_rejects_path_removes_the_replaced_shards_own_list(
     assert json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())["rejects_file"] is None
 
 
+def test_a_shard_stopped_by_a_bad_record_is_built_again_with_skip_beside_the_others(tmp_path, records, capsys):
+    """The error of a shard stopped by a bad record says "--on-error skip sets bad records aside": run
+    again so, it was refused as another build than the shards built under fail before it."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40], {30: b"{oops\n"})
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
+    assert build(*common, "--shard-index", 0) == 0
+    assert build(*common, "--shard-index", 1) == 2
+    assert "--on-error skip sets bad records aside" in capsys.readouterr().err
+    assert build(*common, "--shard-index", 1, "--on-error", "skip") == 0
+    ds = IndexedDataset(tmp_path / "ds")
+    assert ds.num_groups == 40 and [s.meta["on_error"] for s in ds.shards] == ["fail", "skip"]
+
+
 def test_shards_cut_by_another_truncation_rule_are_another_build(tmp_path, records, capsys, monkeypatch):
     """The truncation rule is recorded with each shard (polar.format.TRUNCATION_RULE) and enters the build
     id: a shard built before the rule changed and one built after, sent to one output, would otherwise be
