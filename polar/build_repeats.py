@@ -53,10 +53,17 @@ class Repeats:
         return len(repeat), [[where(int(ids[i])), where(int(ids[original[i]]))] for i in shown]
 
 
+def first_of(shown, count: int) -> str:
+    """The texts `shown` for the first of `count` things, joined by ', ', then ', ...' where some are not
+    shown: how the build's summary and fine-tuning's messages name the first few records of a kind."""
+    shown = list(shown)
+    return ", ".join(shown) + (", ..." if count > len(shown) else "")
+
+
 def named(count: int, first: list) -> str:
     """'a repeats b, c repeats d, ...' for the pairs (of `count` repeats) named, as the build's summary
     and fine-tuning's note (finetune_split.repeats_note) word them."""
-    return ", ".join(f"{a} repeats {b}" for a, b in first) + (", ..." if count > len(first) else "")
+    return first_of((f"{a} repeats {b}" for a, b in first), count)
 
 
 def summary_line(count: int, first: list[list[str]], num_shards: int) -> str:

@@ -41,7 +41,7 @@ import numpy as np
 from engine.config import DataConfig, EngineConfig, TrainConfig
 from engine.setting_checks import (ConfigError, at_least, existing_path_or_empty, in_range, one_of, positive,
                                    run_directory, setting)
-from polar.build_repeats import SHOWN, named
+from polar.build_repeats import SHOWN, first_of, named
 from polar.finetune_split import SPLIT_RULE
 from polar.pretrain_recipe import RunData
 
@@ -297,9 +297,10 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
     if over.size:
         # even with its prompt cut to nothing beyond the rule, the reference and candidates alone
         # overflow the pack: a group is never split, so the record cannot train at this length
-        shown = ", ".join(f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:SHOWN])
+        shown = first_of((f"{records[i].file}:{records[i].line} ({lengths[i]} tokens)" for i in over[:SHOWN]),
+                         over.size)
         what = (f"{name}: {over.size} record(s) do not fit data.seq_length={seq} as one group even with a "
-                f"shorter prompt: {shown}{', ...' if over.size > SHOWN else ''}; raise data.seq_length to "
+                f"shorter prompt: {shown}; raise data.seq_length to "
                 f"{lengths.max()} (or leave it out: 0, the longest record's length) or lower "
                 f"finetune.max_response={f.max_response}")
         if f.on_error != "skip":

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from polar.build_repeats import SHOWN, named
+from polar.build_repeats import SHOWN, first_of, named
 from polar.format import as_text
 from polar.records import record_digest
 
@@ -145,5 +145,4 @@ def unrankable(records) -> list:
 
 def where(records, limit: int = SHOWN) -> str:
     """`file:line, file:line, ...` for the first `limit` records."""
-    shown = ", ".join(f"{r.file}:{r.line}" for r in records[:limit])
-    return shown + (", ..." if len(records) > limit else "")
+    return first_of((f"{r.file}:{r.line}" for r in records[:limit]), len(records))

@@ -109,6 +109,25 @@ def test_a_record_whose_responses_alone_overflow_the_pack_is_named_by_its_line(t
     assert "kept a shorter prompt" not in out
 
 
+def test_more_records_over_the_pack_than_are_named_end_with_a_tail(tmp_path):
+    """The first SHOWN records that cannot fit are named with their lengths, then ', ...' for the rest."""
+    from polar.build_repeats import SHOWN
+    from polar.tokenizer import load_tokenizer
+
+    records = tmp_path / "r.jsonl"
+    small = {"prompt": "q", "reference": "r", "chosen": "c", "rejected": "x", "wrapper": "sft"}
+    big = {**small, "reference": "r" * 300, "chosen": "c" * 300, "rejected": "d" * 300}
+    records.write_text("".join(json.dumps(r) + "\n" for r in [small] + [big] * (SHOWN + 1)))
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={records}", "data.seq_length=512",
+                                                    "finetune.tokenizer=byte", f"run_dir={tmp_path / 'run'}"])
+    read = recipe._read(str(records), "fail")
+    with pytest.raises(ConfigError) as raised:
+        recipe._pack(cfg, load_tokenizer("byte"), read, "train")
+    named = ", ".join(rf"{records}:{line} \(\d+ tokens\)" for line in range(2, SHOWN + 2))
+    assert re.search(rf"train: {SHOWN + 1} record\(s\) do not fit .* prompt: {named}, \.\.\.; raise data\.seq_length",
+                     str(raised.value)), str(raised.value)
+
+
 def _one_per_sequence(tmp_path, n, *overrides):
     """n records, each too long to share a 128-token sequence with another: n packed sequences."""
     records = tmp_path / "r.jsonl"
