@@ -97,6 +97,10 @@ def parse_policy(raw, where: str) -> Policy:
         # Checked up front: otherwise every request would fail with 401 and the endpoint would be
         # dropped from the pool minutes into the run.
         raise PoolError(f"{where}: field 'api_key_env' names {api_key_env!r}, which is not set in the environment")
+    if api_key_env is not None and not os.environ[api_key_env].strip():
+        # `export KEY=` or a .env line left blank: no key was sent, and a server wanting one took the
+        # endpoint out of the pool at its first request
+        raise PoolError(f"{where}: field 'api_key_env' names {api_key_env!r}, which is set but empty")
     conc = raw.get("max_concurrency", DEFAULT_MAX_CONCURRENCY)
     if isinstance(conc, bool) or not isinstance(conc, int) or conc < 1:
         raise PoolError(f"{where}: field 'max_concurrency' must be a positive integer, got {conc!r}")

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from polar import sample
+from polar.policy_pool import PoolError, load_pool
 from polar.prompt_sources import token_prefix
 from polar.repetition import truncate_loop
 from polar.sample import request_seed
@@ -262,6 +263,16 @@ def test_bad_pool_yaml_names_entry_and_field(tmp_path, capsys, entries, expected
                       "--num-prompts", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err and str(pool) in err, err
+
+
+def test_a_pool_key_variable_that_is_set_but_empty_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("POLAR_TEST_EMPTY_KEY", " ")  # no key was sent: a server wanting one refused every request
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump([{"model": "a", "base_url": "http://h/v1", "api_key_env": "POLAR_TEST_EMPTY_KEY"},
+                                    {"model": "b", "base_url": "http://h/v1"}]))
+    with pytest.raises(PoolError, match=r"pool.yaml:1: entry 0 \('a'\): field 'api_key_env' names "
+                                        r"'POLAR_TEST_EMPTY_KEY', which is set but empty"):
+        load_pool(str(pool))
 
 
 def test_pool_yaml_syntax_error(tmp_path, capsys):
@@ -562,8 +573,6 @@ def test_a_completion_holding_a_lone_surrogate_is_a_failure_retried_by_the_next_
 
 
 def test_a_pool_under_a_policies_key_may_sit_beside_other_settings(tmp_path):
-    from polar.policy_pool import load_pool
-
     pool = tmp_path / "pool.yaml"
     pool.write_text(yaml.safe_dump({"policies": [{"model": m, "base_url": "http://h:1/v1"} for m in "ab"],
                                     "notes": "sampling run 3"}))
