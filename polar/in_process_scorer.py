@@ -1,6 +1,6 @@
 """POLAR rewards from the model in this process, beside the trainer: `polar serve`'s batching and
-shared prefixes without HTTP, taking and refusing exactly what the HTTP clients of polar/reward.py do
-(its RL hooks take one as scorer=).
+shared prefixes without HTTP, taking and refusing exactly what the HTTP clients of polar/reward_client.py do
+(polar/reward.py's RL hooks take one as scorer=).
 
     from polar.in_process_scorer import InProcessScorer
     scorer = InProcessScorer.load("runs/ft/checkpoints")

@@ -25,7 +25,7 @@ from polar.serve.items import StructuredItem
 
 WRAPPERS = ("sft", "pretrain")
 # on an error answer: "false" where sending the request again meets the same error (POLAR's clients
-# then do not retry it); read by polar/reward.py
+# then do not retry it); read by polar/reward_client.py
 NO_RETRY_HEADER = "X-Polar-Retryable"
 
 
