@@ -13,6 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <tuple>
@@ -67,7 +68,7 @@ struct ReadoutArgs {
 };
 
 ReadoutArgs readout_args(const char* op, const at::Tensor& hidden, const at::Tensor& reward_index,
-                         const at::Tensor& norm_weight, const at::Tensor& head_weight) {
+                         const at::Tensor& norm_weight, const at::Tensor& head_weight, double eps) {
   TORCH_CHECK(hidden.dim() == 3, op, ": hidden must be [s, b, h], got shape ", hidden.sizes());
   const auto device = hidden.device();
   check_device(op, "hidden", hidden, device);
@@ -81,6 +82,9 @@ ReadoutArgs readout_args(const char* op, const at::Tensor& hidden, const at::Ten
   a.b = hidden.size(1);
   a.h = hidden.size(2);
   a.n = reward_index.numel();
+  // as engine._C's readout: with h = 0 the backward's launch geometry divided by zero columns (a
+  // SIGFPE that killed the process) and the forward returned NaN
+  TORCH_CHECK(a.h >= 1, op, ": hidden has h = 0 (shape ", hidden.sizes(), "); the hidden size must be >= 1");
   TORCH_CHECK(norm_weight.numel() == a.h && head_weight.numel() == a.h, op, ": norm_weight (",
               norm_weight.numel(), ") and head_weight (", head_weight.numel(), ") must have h=", a.h,
               " elements");
@@ -89,6 +93,7 @@ ReadoutArgs readout_args(const char* op, const at::Tensor& hidden, const at::Ten
   // the backward chains rewards with int32 links
   TORCH_CHECK(a.s * a.b < std::numeric_limits<int32_t>::max() && a.n < std::numeric_limits<int32_t>::max(),
               op, ": s*b (", a.s * a.b, ") and n (", a.n, ") must be below 2^31");
+  TORCH_CHECK(std::isfinite(eps) && eps >= 0.0, op, ": eps must be a finite number >= 0, got ", eps);
   a.hidden = hidden.stride(2) == 1 ? hidden : hidden.contiguous();
   a.index = reward_index.contiguous();
   a.norm_w = norm_weight.reshape({a.h}).to(at::kFloat).contiguous();
@@ -99,7 +104,7 @@ ReadoutArgs readout_args(const char* op, const at::Tensor& hidden, const at::Ten
 at::Tensor readout_fwd(const at::Tensor& hidden, const at::Tensor& reward_index,
                        const at::Tensor& norm_weight, const at::Tensor& head_weight, double eps) {
   constexpr const char* op = "polar::reward_readout_cuda_fwd";
-  const ReadoutArgs a = readout_args(op, hidden, reward_index, norm_weight, head_weight);
+  const ReadoutArgs a = readout_args(op, hidden, reward_index, norm_weight, head_weight, eps);
   const c10::cuda::CUDAGuard guard(hidden.device());
   at::Tensor out = at::empty({a.n}, hidden.options().dtype(at::kFloat));
   check_launch(op, polar::cuda::readout_forward(
@@ -113,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> readout_bwd(
     const at::Tensor& grad_rewards, const at::Tensor& hidden, const at::Tensor& reward_index,
     const at::Tensor& norm_weight, const at::Tensor& head_weight, double eps) {
   constexpr const char* op = "polar::reward_readout_cuda_bwd";
-  const ReadoutArgs a = readout_args(op, hidden, reward_index, norm_weight, head_weight);
+  const ReadoutArgs a = readout_args(op, hidden, reward_index, norm_weight, head_weight, eps);
   check_device(op, "grad_rewards", grad_rewards, hidden.device());
   TORCH_CHECK(grad_rewards.numel() == a.n, op, ": grad_rewards has ", grad_rewards.numel(),
               " elements, expected n=", a.n);

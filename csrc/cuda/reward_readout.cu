@@ -192,7 +192,7 @@ cudaError_t backward_impl(const void* hidden_ptr, int64_t s, int64_t b, int64_t 
   cudaError_t err = cudaMemsetAsync(ws.head, 0xff, rows * sizeof(int32_t), stream);  // all -1
   if (err == cudaSuccess) err = cudaMemsetAsync(ws.col_sum, 0, h * sizeof(float), stream);
   if (err != cudaSuccess) return err;
-  if (n > 0) {
+  if (n > 0 && h > 0) {  // h = 0 (refused by ops.cpp) would divide by zero column blocks below
     link_kernel<I><<<ceil_div(n, kThreads), kThreads, 0, stream>>>(index, n, rows, ws.head,
                                                                      ws.next);
     row_grad_kernel<T, I, V><<<ceil_div(n, kRowsPerBlock), kThreads, 0, stream>>>(
