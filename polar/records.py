@@ -10,8 +10,8 @@ Two record shapes are read; every value that is text may be a string or a messag
         C = {"text": T, "label": 0|1}  or  {"text": T, "policy": id}  (label 1 iff policy == reference_policy)
 
 `wrapper` is optional (the builder's default applies). A UTF-8 byte order mark opening a file is
-skipped. A candidate's explicit `label` wins over its
-`policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
+skipped; a compressed file, or one of UTF-16 or UTF-32 text, is one error naming it. A
+candidate's explicit `label` wins over its `policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
 lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
 invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
 response carries no signal, and the format would drop its "\\n"), a reference of only whitespace
@@ -326,11 +326,37 @@ def compressed_format(path: str) -> Optional[tuple[str, str]]:
     return next(((name, cmd) for magic, name, cmd in _COMPRESSED if head.startswith(magic)), None)
 
 
+def wide_encoding(head: bytes) -> Optional[str]:
+    """The UTF-16 or UTF-32 encoding (iconv's name) of text opening with `head` (4 bytes or fewer at
+    the start of a file), None where it is none of them. A byte order mark names it; without one, a
+    text opening with an ASCII character ("{" of a record, a letter) puts NUL bytes beside it, which
+    UTF-8 text holds only where it holds a NUL character (RFC 8259 Sec. 8.1 reads JSON's encoding so)."""
+    for mark, name in ((b"\xff\xfe\0\0", "UTF-32"), (b"\0\0\xfe\xff", "UTF-32"), (b"\xff\xfe", "UTF-16"),
+                       (b"\xfe\xff", "UTF-16")):
+        if head.startswith(mark):
+            return name
+    if len(head) < 4:
+        return None
+    zero = tuple(b == 0 for b in head)
+    return {(True, True, True, False): "UTF-32BE", (False, True, True, True): "UTF-32LE",
+            (True, False, True, False): "UTF-16BE", (False, True, False, True): "UTF-16LE"}.get(zero)
+
+
 def compressed_problem(path: str, what: str = "JSONL text") -> str:
-    """What an input reader says of a compressed file ("gzip-compressed, not JSONL text: decompress it
-    first (gunzip -k PATH)"), "" for one that is not."""
+    """What an input reader says of a file it cannot read as lines of UTF-8 text, "" for one it can:
+    compressed ("gzip-compressed, not JSONL text: decompress it first (gunzip -k PATH)"), or UTF-16
+    or UTF-32 text, which Windows tools write (PowerShell 5's `>`): read as UTF-8, every line of it
+    was a reject of its own ("invalid UTF-8", "not valid JSON"), its newlines split one too many."""
     found = compressed_format(path)
-    return f"{found[0]}-compressed, not {what}: decompress it first ({found[1]} {path})" if found else ""
+    if found:
+        return f"{found[0]}-compressed, not {what}: decompress it first ({found[1]} {path})"
+    with open(path, "rb") as f:
+        wide = wide_encoding(f.read(4))
+    if wide:
+        stem, dot, ext = os.path.basename(path).rpartition(".")
+        copy = os.path.join(os.path.dirname(path), f"{stem}.utf8.{ext}" if dot and stem else f"{ext}.utf8")
+        return f"{wide} text, not UTF-8 {what}: convert it first (iconv -f {wide} -t UTF-8 {path} > {copy})"
+    return ""
 
 
 # what the input readers say of a path that exists but is no regular file: each reads a file more
@@ -341,9 +367,9 @@ NOT_REGULAR = "not a regular file (a pipe or a device)"
 def iter_lines(path: str, start: int = 0, end: Optional[int] = None,
                first_line: int = 1) -> Iterator[tuple[int, bytes]]:
     """(line number, raw bytes) of the lines in bytes [start, end) of a file; bytes, not str, so
-    that one bad byte rejects its line rather than the file. A compressed file is one error for
-    the file (RecordError at line 1, whatever on_error says), not an invalid-UTF-8 reject per line,
-    and so is a directory or a pipe."""
+    that one bad byte rejects its line rather than the file. A compressed or UTF-16/32 file is one
+    error for the file (RecordError at line 1, whatever on_error says), not a reject per line, and so
+    is a directory or a pipe."""
     if start == 0:
         mode = os.stat(path).st_mode
         if not stat.S_ISREG(mode):

@@ -183,6 +183,32 @@ def test_a_bom_opening_the_file_is_not_part_of_line_1(tmp_path):
     assert [(r["line"], r["field"]) for r in rejects] == [(2, "(line)")]  # elsewhere it is no BOM
 
 
+@pytest.mark.parametrize("encoding, named", [("utf-16", "UTF-16"), ("utf-16-le", "UTF-16LE"),
+                                             ("utf-16-be", "UTF-16BE"), ("utf-32", "UTF-32"),
+                                             ("utf-32-le", "UTF-32LE"), ("utf-32-be", "UTF-32BE")])
+def test_utf16_or_utf32_text_is_one_error_naming_its_conversion(tmp_path, encoding, named):
+    """A file of UTF-16 (PowerShell 5's `>`) or UTF-32 text was read as UTF-8: every line a reject of its
+    own ("invalid UTF-8", "not valid JSON"), one line more than the file had. It is one error for the file,
+    naming the encoding and an iconv command whose output reads."""
+    import shutil
+    import subprocess
+
+    p = tmp_path / "r.jsonl"
+    p.write_text((json.dumps(GOOD) + "\n") * 3, encoding=encoding)
+    with pytest.raises(RecordError, match=rf"^{p}:1: \(file\): {named} text, not UTF-8 JSONL text: convert it "
+                                          rf"first \(iconv -f {named} -t UTF-8 {p} > {tmp_path}/r\.utf8\.jsonl\)$"):
+        list(read_records(str(p), on_error="skip", rejects=[]))
+    if shutil.which("iconv"):
+        subprocess.run(f"iconv -f {named} -t UTF-8 {p} > {tmp_path}/r.utf8.jsonl", shell=True, check=True)
+        assert len(list(read_records(str(tmp_path / "r.utf8.jsonl")))) == 3
+
+
+def test_text_opening_with_nul_free_ascii_or_a_utf8_bom_is_read_as_utf8(tmp_path):
+    p = write_lines(tmp_path / "r.jsonl", [b"\xef\xbb\xbf" + line(GOOD), b"\n", line(GOOD)])
+    assert [r.line for r in read_records(p)] == [1, 3]
+    assert [r.line for r in read_records(write_lines(tmp_path / "s.jsonl", [b"\n", line(GOOD)]))] == [2]
+
+
 def test_a_pipe_or_a_directory_is_one_error_naming_it(tmp_path):
     """Every reader of JSONL lines (finetune, score, eval, format) stopped with a traceback on a pipe
     (`--input <(zcat r.jsonl.gz)`: "File or stream is not seekable") or a directory (IsADirectoryError)."""
