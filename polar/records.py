@@ -10,16 +10,16 @@ Two record shapes are read; every value that is text may be a string or a messag
         C = {"text": T, "label": 0|1}  or  {"text": T, "policy": id}  (label 1 iff policy == reference_policy)
 
 `wrapper` is optional (the builder's default applies). A UTF-8 byte order mark opening a file is
-skipped; a compressed file, or one of UTF-16 or UTF-32 text, is one error naming it. A
-candidate's explicit `label` wins over its `policy`. Unknown fields are allowed and ignored, so sampler output can carry its metadata. Blank
-lines are skipped. Rejected: bad JSON (also JSON nested too deeply or a number too long to read),
-invalid UTF-8, a missing or mistyped field, an empty text (after joining messages: an empty
-response carries no signal, and the format would drop its "\\n"), a reference of only whitespace
-(the reward compares with it: paper Sec. 3), a text holding a lone surrogate
-(a legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), a key
-given twice in one object (JSON readers keep the last silently, so one of the two texts would be
-lost without a word), and a group without both a positive and a negative candidate (it gives no
-pair to learn from).
+skipped; a compressed file, or one of UTF-16 or UTF-32 text, is one error naming it. A candidate's
+explicit `label` wins over its `policy`. Unknown fields are allowed and ignored, so sampler output
+can carry its metadata. Blank lines are skipped. Rejected: bad JSON (also JSON nested too deeply or
+a number too long to read), invalid UTF-8, a missing or mistyped field, an empty text (after joining
+messages: an empty response carries no signal, and the format would drop its "\\n"), a reference of
+only whitespace (the reward compares with it: paper Sec. 3), a text holding a lone surrogate (a
+legal JSON escape such as "\\udc80" that is no character: no tokenizer can encode it), a key given
+twice in one object (JSON readers keep the last silently, so one of the two texts would be lost
+without a word), and a group without both a positive and a negative candidate (it gives no pair to
+learn from).
 """
 from __future__ import annotations
 
