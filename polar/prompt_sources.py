@@ -35,6 +35,7 @@ class TextSource:
         self._line = array("q")
         self._offset = array("q")
         self.empty = 0
+        self.sizes: list[int] = []  # bytes of each file as scanned
         # docs.JSONL read as text made every document a line of JSON syntax, without a word
         self._kinds = [fmt if fmt != "auto" else ("jsonl" if p.lower().endswith((".jsonl", ".json")) else "text")
                        for p in self.paths]
@@ -72,6 +73,7 @@ class TextSource:
                 else:
                     self.empty += 1
                 offset += len(raw)
+        self.sizes.append(offset)
 
     def _parse(self, raw: bytes, path: str, line_no: int, kind: str) -> str:
         try:

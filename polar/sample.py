@@ -467,7 +467,7 @@ def main(argv: list[str]) -> int:
             if not len(instructions):
                 raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
         sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
-        settings = record_settings(a, policies, sampling, bool(instructions))
+        settings = record_settings(a, policies, sampling, corpus, instructions)
         failures = a.failures or a.output + ".failures.jsonl"
         for flag, path in (("--output", a.output), ("--failures", failures)):
             if os.path.isdir(path):

@@ -149,15 +149,20 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
             ap.error(f"{flag} names {read[0]}, a file this run writes; keep the output out of the prompt files")
 
 
-def record_settings(a, policies, sampling, with_instructions: bool) -> dict:
+def record_settings(a, policies, sampling, corpus, instructions) -> dict:
     """What decides a record's content (not how fast it is made); --num-prompts is absent on purpose:
-    raising it extends a dataset. `a`: the checked arguments; `sampling`: their SamplingParams."""
+    raising it extends a dataset. `a`: the checked arguments; `sampling`: their SamplingParams;
+    `corpus`, `instructions`: the scanned prompt sources (prompt_sources.TextSource, None for none)."""
     return {
         "seed": a.seed, "corpus": [os.path.abspath(p) for p in a.corpus], "corpus_format": a.corpus_format,
         "text_field": a.text_field,
+        # A prompt is document randrange(len(corpus)): a corpus file grown or rewritten between two runs
+        # (one still being downloaded when the first started) drew other documents for every id left,
+        # which the paths alone did not show. Sizes, not hashes: a hash would read the corpus again.
+        "corpus_bytes": corpus.sizes, "instruction_bytes": instructions.sizes if instructions else [],
         "instruction_prompts": [os.path.abspath(p) for p in a.instruction_prompts or []],
         "instruction_field": a.instruction_field,
-        "instruction_share": a.instruction_share if with_instructions else 0.0,
+        "instruction_share": a.instruction_share if instructions else 0.0,
         "prefix_tokens": [a.prefix_min_tokens, a.prefix_max_tokens], "tokenizer": a.tokenizer,
         # a name's model and API kind decide what it returns; its URL may move between runs
         "policies": {p.name: f"{p.model} ({p.kind})" for p in sorted(policies, key=lambda p: p.name)},

@@ -54,8 +54,12 @@ def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
             try:
                 old = json.load(f)
             except json.JSONDecodeError:
-                raise SampleError(f"{path}: not valid JSON; delete it to start the settings record afresh") from None
-        changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+                old = None
+            if not isinstance(old, dict):
+                raise SampleError(f"{path}: not a settings record (a JSON object); delete it to start the settings "
+                                  "record afresh")
+        # a setting the old record lacks was not recorded by the polar that wrote it: no change to report
+        changed = sorted(k for k in old if old[k] != settings.get(k))
         if changed and not allow_changed:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise SampleError(f"{path}: the output was written with other settings ({details}); use another "

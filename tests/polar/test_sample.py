@@ -11,10 +11,10 @@ import yaml
 
 from polar import sample
 from polar.policy_pool import PoolError, load_pool
-from polar.prompt_sources import token_prefix
+from polar.prompt_sources import SampleError, token_prefix
 from polar.repetition import truncate_loop
 from polar.sample import request_seed
-from polar.sample_output import read_done_ids
+from polar.sample_output import check_settings, read_done_ids
 from polar.tokenizer import ByteTokenizer
 from tests.polar.openai_server import FakeOpenAIServer, closed_port, fake_loop_text, fake_text
 
@@ -234,7 +234,31 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         argv = _argv(corpus, inst, pool, out, n=3)
         argv[argv.index("--seed") + 1] = "8"
         assert sample.main(argv) == 2
-    assert "seed: 7 -> 8" in capsys.readouterr().err
+        assert "seed: 7 -> 8" in capsys.readouterr().err
+        # a corpus grown between the runs drew other documents for the ids left: the paths alone passed it
+        size = corpus.stat().st_size
+        with open(corpus, "a", encoding="utf-8") as f:
+            f.write("A document added after the first run.\n")
+        argv = _argv(corpus, inst, pool, out, n=5)
+        assert sample.main(argv) == 2
+        assert f"corpus_bytes: [{size}] -> [{corpus.stat().st_size}]" in capsys.readouterr().err
+        assert len(_records(out)) == 3
+        # a record written before the sizes were kept lacks them: not a change
+        run_json = tmp_path / "out.jsonl.run.json"
+        old = json.loads(run_json.read_text())
+        del old["corpus_bytes"], old["instruction_bytes"]
+        run_json.write_text(json.dumps(old))
+        assert sample.main(argv) == 0, capsys.readouterr().err
+    assert sorted(_by_id(_records(out))) == list(range(5))
+    assert json.loads(run_json.read_text())["corpus_bytes"] == [corpus.stat().st_size]
+
+
+@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+def test_a_settings_record_that_is_no_json_object_is_named(tmp_path, content):
+    path = tmp_path / "out.jsonl.run.json"
+    path.write_text(content)  # a list was an AttributeError traceback
+    with pytest.raises(SampleError, match=f"{path}: not a settings record \\(a JSON object\\); delete it"):
+        check_settings(str(path), {"seed": 0}, allow_changed=False)
 
 
 @pytest.mark.parametrize("entries, expected", [
