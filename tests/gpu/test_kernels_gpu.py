@@ -205,3 +205,35 @@ def test_cuda_ops_pass_opcheck():
     p, q = torch.tensor([0, 0, 3], device="cuda"), torch.tensor([1, 2, 4], device="cuda")
     opcheck(torch.ops.polar.pairwise_loss_cuda.default, (r, p, q))
     opcheck(torch.ops.polar.infonce_loss_cuda.default, (r, p, q))
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+@pytest.mark.parametrize("rewards", [[0.0, -float("inf"), 0.5], [0.0, 0.5, -float("inf")]])
+def test_infonce_infinite_margin_in_either_order(name, rewards):
+    """A negative at -inf adds nothing to its positive's softmax but still leaves it a positive; the
+    CUDA kernel merges margins in an order atomics choose, so both orders must give the reference."""
+    infonce = impl(name)[2]
+    r = torch.tensor(rewards, device="cuda", requires_grad=True)
+    pos, neg = torch.tensor([0, 0], device="cuda"), torch.tensor([1, 2], device="cuda")
+    out = infonce(r, pos, neg)
+    out[0].backward()
+    ref_r = torch.tensor(rewards, device="cuda", dtype=torch.float64, requires_grad=True)
+    ref = infonce_sums(ref_r, pos, neg)
+    ref[0].backward()
+    assert torch.isfinite(out[0]) and out[1].item() == ref[1].item() == 1
+    assert rel_err(out[0], ref[0].detach()) < 2e-5 and torch.isfinite(r.grad).all()
+    assert rel_err(r.grad, ref_r.grad) < 2e-5
+
+
+def test_cuda_readout_refuses_h0_and_bad_eps():
+    """h = 0 divided by zero on the host in the backward's grid setup (SIGFPE, no Python error)."""
+    from engine.kernels import cuda_ops  # noqa: F401
+
+    idx = torch.tensor([0, 1], device="cuda")
+    w0, w = torch.ones(0, device="cuda"), torch.ones(8, device="cuda")
+    with pytest.raises(RuntimeError, match="hidden has h = 0"):
+        torch.ops.polar.reward_readout_cuda_bwd(torch.ones(2, device="cuda"), torch.ones(4, 2, 0, device="cuda"),
+                                                idx, w0, w0, 1e-6)
+    for eps in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(RuntimeError, match="eps must be a finite number >= 0"):
+            torch.ops.polar.reward_readout_cuda_fwd(torch.ones(4, 2, 8, device="cuda"), idx, w, w, eps)
