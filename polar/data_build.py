@@ -18,6 +18,8 @@ too long to pack, if any). A build that makes no group at all (an empty input, e
 rejected) is an error that writes no shard; one shard of several (--num-shards) is written all
 the same, with a note. Which rejects list a build writes, and what a rebuild (--force) does with
 the list of the shard it replaces, is polar/build_rejects.py's; a SIGTERM stop, polar/build_stop.py's.
+A shard already there is kept when it is this build's (the same command run again: a job array
+resubmitted after some of its shards failed), else refused unless --force.
 
 Determinism: the input lines (files in the order given, directories as their sorted *.jsonl in any
 case; their other files are named on stderr, not read) are cut into chunks of --chunk-records
@@ -364,13 +366,15 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     files = input_files(inputs, output, rejects_path)
     tok = load_tokenizer(cfg.tokenizer)
     name = Path(output) / f"part-{shard_index:05d}-of-{num_shards:05d}"
-    if name.with_suffix(".idx").exists() and not force:
-        raise FileExistsError(f"{name}.idx exists: remove the shard or pass --force")
+    # Kept if it is this build's (known once the inputs are counted), else refused: a job array run
+    # again after some of its shards failed (or a requeued job whose shard was done) ended 2,
+    # "exists: remove the shard or pass --force", for every shard already built.
+    existing = name.with_suffix(".idx").exists() and not force
     rejects_file = Path(rejects_path) if rejects_path else name.with_suffix(".rejects.jsonl")
     if rejects_file.is_dir():
         raise IsADirectoryError(f"--rejects {rejects_path} is a directory: it names the rejects list's file")
     # the rejects list this build may replace: its shard's own, or the one the shard it replaces names
-    replaced, own = replaced_rejects(name) if force else (None, "")
+    replaced, own = replaced_rejects(name) if force or existing else (None, "")
     check_rejects_path(rejects_file, rejects_path, replaced, own)
     # Both made by the build and removed again if it fails and leaves them empty. Found now, not as
     # the first reject is written (a --rejects directory not there: hours into a build, an errno),
@@ -390,6 +394,12 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
         "chunks": [mine.first, mine.stop] if len(mine) else [0, 0], "sources": sources,
     }
     meta["build"] = _build_set(meta, cfg, tok.vocab_size)
+    if existing:
+        kept = _shard_meta(name)
+        if (kept.get("build") or {}).get("id") == meta["build"]["id"]:
+            return {**kept, "path": str(name), "kept": True}
+        raise FileExistsError(f"{name}.idx exists, a shard of another build (other settings or inputs): remove "
+                              "the shard or pass --force")
     # The shard this build replaces (--force) is no leftover: its name is taken over whole.
     others = [o for o in foreign_shards(Path(output), meta["build"]["id"]) if not (force and o == name.name)]
     if others:
@@ -499,6 +509,15 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     return meta
 
 
+def _shard_meta(name: Path) -> dict:
+    """The metadata of the shard at `name`, {} where it cannot be read."""
+    try:
+        meta = json.loads(name.with_suffix(".json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
 def _missing_dirs(path: Path, flag: str) -> list[Path]:
     """The directories of `path` that do not exist yet, deepest first; NotADirectoryError naming the
     option `flag` gives them when a file stands where one of them would be ("[Errno 17] File exists")."""
@@ -586,7 +605,9 @@ def parse_args(argv):
                     help="fail: stop at the first bad record; skip: write it to the rejects file and go on")
     ap.add_argument("--rejects", default="", help="rejects JSONL (default: <output>/<shard>.rejects.jsonl)")
     ap.add_argument("--seed", type=int, default=0, help="orders the packed sequences within each chunk (default 0)")
-    ap.add_argument("--force", action="store_true", help="replace an existing shard of the same name")
+    ap.add_argument("--force", action="store_true",
+                    help="build again over a shard of the same name (without it: one of this build is kept, "
+                         "another refused)")
     ap.add_argument("--quiet", action="store_true", help="no progress lines")
     return ap.parse_args(argv)
 
@@ -617,6 +638,10 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if meta.get("kept"):
+        print(f"{meta['path']} is already built by this build ({meta['build']['id']}: the same inputs and "
+              "settings): kept, nothing done; --force builds it again")
+        return 0
     print(_summary(meta, args.workers))
     return 0
 

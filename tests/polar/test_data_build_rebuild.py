@@ -1,6 +1,6 @@
-"""`polar data build` into an output that holds shards already: another build's refused, a --force
-rebuild that fails keeps the old shard and its rejects list, a second run of one shard stops, and
-shards given one --rejects path keep every list."""
+"""`polar data build` into an output that holds shards already: another build's refused, this build's
+kept, a --force rebuild that fails keeps the old shard and its rejects list, a second run of one shard
+stops, and shards given one --rejects path keep every list."""
 from __future__ import annotations
 
 import json
@@ -144,9 +144,10 @@ def test_a_rebuild_with_a_new_rejects_path_removes_the_replaced_shards_own_list(
     assert json.loads((tmp_path / "ds" / "part-00000-of-00001.json").read_text())["rejects_file"] is None
 
 
-def test_a_shard_stopped_by_a_bad_record_is_built_again_with_skip_beside_the_others(tmp_path, records, capsys):
+def test_a_build_resumes_shard_by_shard(tmp_path, records, capsys):
     """The error of a shard stopped by a bad record says "--on-error skip sets bad records aside": run
-    again so, it was refused as another build than the shards built under fail before it."""
+    again so, it was refused as another build than the shards built under fail before it. Then every
+    shard's command again (a job array resubmitted) keeps the shards of this build."""
     src = write_jsonl(tmp_path / "r.jsonl", records[:40], {30: b"{oops\n"})
     common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
     assert build(*common, "--shard-index", 0) == 0
@@ -155,6 +156,18 @@ def test_a_shard_stopped_by_a_bad_record_is_built_again_with_skip_beside_the_oth
     assert build(*common, "--shard-index", 1, "--on-error", "skip") == 0
     ds = IndexedDataset(tmp_path / "ds")
     assert ds.num_groups == 40 and [s.meta["on_error"] for s in ds.shards] == ["fail", "skip"]
+    # The whole job array run again: a shard of this build is kept, where each ended 2 ("exists: remove
+    # the shard or pass --force"); one of other settings is refused still.
+    before = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "ds").iterdir()}
+    capsys.readouterr()
+    for i in range(2):
+        assert build(*common, "--shard-index", i, "--on-error", "skip") == 0
+        assert (f"part-0000{i}-of-00002 is already built by this build ({ds.shards[i].meta['build']['id']}: the "
+                "same inputs and settings): kept, nothing done; --force builds it again") in capsys.readouterr().out
+    assert build(*common, "--shard-index", 0, "--seed", 1) == 2
+    assert ("part-00000-of-00002.idx exists, a shard of another build (other settings or inputs): remove the shard "
+            "or pass --force") in capsys.readouterr().err
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (tmp_path / "ds").iterdir()} == before
 
 
 def test_shards_cut_by_another_truncation_rule_are_another_build(tmp_path, records, capsys, monkeypatch):
