@@ -420,6 +420,10 @@ def _load_tokenizer(spec: str):
         raise SampleError(f"--tokenizer {spec!r}: {e}") from None
 
 
+def _log(line: str) -> None:
+    print(f"polar sample: {line}", file=sys.stderr, flush=True)
+
+
 async def _until_stopped(sampler: Sampler, done: set[int]) -> bool:
     """sampler.run; True when SIGTERM stopped it. A scheduler's stop (Slurm at the time limit,
     Kubernetes, kill) is SIGTERM, which ended the run at once, without its summary or exit status 130:
@@ -458,12 +462,13 @@ def main(argv: list[str]) -> int:
     try:
         policies = load_pool(a.pool)
         tokenizer = _load_tokenizer(a.tokenizer)
-        corpus = TextSource(a.corpus, a.corpus_format, a.text_field)
+        corpus = TextSource(a.corpus, a.corpus_format, a.text_field, _log, a.progress_interval, "--corpus")
         if not len(corpus):
             raise SampleError(f"--corpus {' '.join(a.corpus)}: no non-empty documents")
         instructions = None
         if a.instruction_prompts:
-            instructions = TextSource(a.instruction_prompts, a.corpus_format, a.instruction_field)
+            instructions = TextSource(a.instruction_prompts, a.corpus_format, a.instruction_field, _log,
+                                      a.progress_interval, "--instruction-prompts")
             if not len(instructions):
                 raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
         sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import re
 
 import pytest
 
@@ -49,3 +50,19 @@ def test_a_corpus_file_given_twice_is_refused_as_data_build_refuses_one(tmp_path
                                               "to the same file: its documents would be drawn twice as often"):
             TextSource([str(p) for p in paths], "text", "text")
     assert len(TextSource([str(a), str(b)], "text", "text")) == 2
+
+
+def test_checking_the_prompt_files_reports_progress_with_rate_and_eta(tmp_path):
+    """Checking a corpus of tens of GB takes minutes: the command sat silent until its first prompt."""
+    line = "a document of some length, one of many\n"
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text(line * ((2 << 20) // len(line) + 1))  # just over 2 MiB, then over 1 MiB: 4 MiB rounded up
+    b.write_text(line * ((1 << 20) // len(line) + 1))
+    shown = []
+    src = TextSource([str(a), str(b)], "text", "text", shown.append, 0, "--corpus")  # every look at the clock
+    assert len(src) == (2 << 20) // len(line) + (1 << 20) // len(line) + 2
+    assert src.sizes == [a.stat().st_size, b.stat().st_size]
+    pattern = re.compile(r"checking --corpus: (\d)/4 MiB \| \S+ MiB/s( \| eta \d+m\d\ds)?")
+    done = [int(pattern.fullmatch(s).group(1)) for s in shown]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 2  # a.txt alone reached 1 MiB at its last look
+    assert all(" | eta " in s for s, d in zip(shown, done) if d)
