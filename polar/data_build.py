@@ -58,7 +58,7 @@ from polar.build_repeats import Repeats, summary_line
 from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_rejects, same_file
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
-from polar.data_inputs import input_files, names
+from polar.data_inputs import input_files, missing_dirs, names
 from polar.records import ON_ERROR, RecordError, parse_line, record_digest, reject_entry, strip_bom
 
 
@@ -379,7 +379,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     # Both made by the build and removed again if it fails and leaves them empty. Found now, not as
     # the first reject is written (a --rejects directory not there: hours into a build, an errno),
     # nor before the inputs are counted.
-    made = [_missing_dirs(Path(output), "--output"), _missing_dirs(rejects_file.parent, "--rejects")]
+    made = [missing_dirs(Path(output), "--output"), missing_dirs(rejects_file.parent, "--rejects")]
     # a scan's line counts, checked against the inputs now, spare this machine reading every input
     counts = data_scan.load(scan).line_counts(files) if scan else None
     mine, sources = plan_chunks(files, chunk_records, quiet, num_shards, shard_index, counts)
@@ -516,19 +516,6 @@ def _shard_meta(name: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return meta if isinstance(meta, dict) else {}
-
-
-def _missing_dirs(path: Path, flag: str) -> list[Path]:
-    """The directories of `path` that do not exist yet, deepest first; NotADirectoryError naming the
-    option `flag` gives them when a file stands where one of them would be ("[Errno 17] File exists")."""
-    missing = []
-    path = path.absolute()
-    while not path.exists():
-        missing.append(path)
-        path = path.parent
-    if not path.is_dir():
-        raise NotADirectoryError(f"{flag}: {path} is a file, where the build needs a directory")
-    return missing
 
 
 def _no_group(files: list[str], counts: dict, first_reject: dict | None, where: str | None, old: bool) -> str:

@@ -124,3 +124,17 @@ def given_twice(files: list[str]) -> str:
             return f"{f} is given twice (also as {seen[st.st_dev, st.st_ino]})"
         seen[st.st_dev, st.st_ino] = f
     return ""
+
+
+def missing_dirs(path: Path, flag: str) -> list[Path]:
+    """The directories of `path` that do not exist yet, deepest first; NotADirectoryError naming the
+    option `flag` that gives them when a file stands where one of them would be (found before the
+    inputs are read, where making them after was "[Errno 17] File exists")."""
+    missing = []
+    path = path.absolute()
+    while not path.exists():
+        missing.append(path)
+        path = path.parent
+    if not path.is_dir():
+        raise NotADirectoryError(f"{flag}: {path} is a file, where a directory is needed")
+    return missing

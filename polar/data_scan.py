@@ -45,7 +45,7 @@ import numpy as np
 
 from polar import data_chunks
 from polar.data_chunks import LineCount, ScanProgress, amount_of, count_blocks, line_count
-from polar.data_inputs import input_files
+from polar.data_inputs import input_files, missing_dirs
 
 FORMAT, VERSION = "polar data scan", 2
 _READ = (1, 2)  # version 1 differs only in listing every input in every part
@@ -109,6 +109,7 @@ def scan(inputs: list[str], output: str, num_parts: int = 1, part: int = 0, quie
     if not 0 <= part < num_parts:
         raise ValueError(f"--part {part} is outside 0..{num_parts - 1} (--num-parts {num_parts})")
     files = input_files(inputs)
+    missing_dirs(Path(output), "--output")  # a file there, found before the inputs are counted, not after
     block = data_chunks._SCAN_BLOCK
     seen = [_stat(f) for f in files]
     todo = part_blocks([s["bytes"] for s in seen], block, num_parts, part)
@@ -264,6 +265,8 @@ def load(where: str) -> Scan:
     when a part is missing, unreadable, or of another scan (other inputs, sizes, times or N)."""
     directory = Path(where)
     if not directory.is_dir():
+        if directory.exists():  # was "no such directory", of a file there
+            raise ScanError(f"--scan {where}: a file, not the directory `polar data scan INPUTS --output DIR` makes")
         raise ScanError(f"--scan {where}: no such directory (`polar data scan INPUTS --output {where}` makes it)")
     paths = sorted(p for p in directory.iterdir() if _PART.fullmatch(p.name))
     if not paths:

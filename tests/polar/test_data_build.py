@@ -258,8 +258,8 @@ def test_output_and_rejects_paths_are_checked_before_the_build_and_made(tmp_path
     assert not (tmp_path / "ds2").exists() and not (tmp_path / "n2").exists()
     capsys.readouterr()
     (tmp_path / "afile").write_text("")
-    for args, said in ((["-o", tmp_path / "afile"], f"--output: {tmp_path / 'afile'} is a file, where the build "
-                                                     "needs a directory"),
+    for args, said in ((["-o", tmp_path / "afile"], f"--output: {tmp_path / 'afile'} is a file, where a directory "
+                                                     "is needed"),
                        (["-o", tmp_path / "afile" / "ds"], f"--output: {tmp_path / 'afile'} is a file"),
                        (["-o", tmp_path / "ds3", "--rejects", tmp_path / "afile" / "r.jsonl"],
                         f"--rejects: {tmp_path / 'afile'} is a file"),

@@ -395,6 +395,22 @@ def test_a_part_outside_the_parts_is_refused(tmp_path, inputs, capsys, args, mes
     assert f"error: {message}" in capsys.readouterr().err
 
 
+def test_a_file_where_the_scan_directory_goes_is_named_before_the_inputs_are_read(tmp_path, inputs, capsys):
+    """A scan whose --output was a file counted every input (hours on a large corpus), then failed
+    "[Errno 17] File exists"; a build given that file as --scan was told "no such directory"."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    with pytest.MonkeyPatch.context() as mp:
+        reads = Reads(mp, data_chunks)
+        for out in (afile, afile / "scan"):
+            assert scan(*inputs, "-o", out) == 2
+            assert f"error: --output: {afile} is a file, where a directory is needed" in capsys.readouterr().err
+    assert reads.bytes == 0 and afile.read_text() == ""
+    assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ, "--scan", afile) == 2
+    assert (f"error: --scan {afile}: a file, not the directory `polar data scan INPUTS --output DIR` makes"
+            in capsys.readouterr().err)
+
+
 def test_the_scan_is_a_data_command_whose_options_say_what_they_do(capsys, monkeypatch):
     import argparse
 
