@@ -488,6 +488,10 @@ def main(argv: list[str]) -> int:
                 raise SampleError(f"{flag} {path}: cannot make its directory {parent}: {e.strerror or e}") from None
         # before the settings record, which a second run with other settings would overwrite
         lock = lock_output(a.output)
+        try:  # the run opens it once its prompts are ready: there, a failure was a traceback
+            open(failures, "a").close()
+        except OSError as e:
+            raise SampleError(f"--failures {failures}: cannot write: {e.strerror or e}") from None
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
         done = read_done_ids(a.output)
     except (SampleError, PoolError) as e:

@@ -45,6 +45,8 @@ def lock_output(path: str) -> int:
         return append_locked(path, "polar sample")
     except OutputBusy as e:
         raise SampleError(f"{e} (two runs would sample every prompt twice)") from None
+    except OSError as e:  # a read-only mount, a directory without write permission: it was a traceback
+        raise SampleError(f"{path}: cannot write the output: {e.strerror or e}") from None
 
 
 def check_settings(path: str, settings: dict, allow_changed: bool) -> None:

@@ -565,7 +565,7 @@ def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
     assert f"{flag} {tmp_path / 'd'}: is a directory" in capsys.readouterr().err
 
 
-def test_the_failures_file_gets_its_directory_and_a_file_in_the_way_is_a_clear_error(tmp_path, capsys):
+def test_the_failures_file_gets_its_directory_and_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
     with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
         argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
         failures = tmp_path / "logs" / "failures.jsonl"  # its directory was not made: a traceback
@@ -577,6 +577,13 @@ def test_the_failures_file_gets_its_directory_and_a_file_in_the_way_is_a_clear_e
         assert sample.main(argv + [flag, str(tmp_path / "f" / "x.jsonl")]) == 2
         assert f"{flag} {tmp_path / 'f' / 'x.jsonl'}: {tmp_path / 'f'} is a file, not a directory" \
             in capsys.readouterr().err
+    # a place no file can be made (as a read-only mount, a directory without write permission, which
+    # root, running the tests here, would write anyway): a traceback at the lock or at the run's start
+    for flag, expected in (("--output", "/proc/x.jsonl: cannot write the output: "),
+                           ("--failures", "--failures /proc/x.jsonl: cannot write: ")):
+        argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o3.jsonl"))
+        assert sample.main(argv + [flag, "/proc/x.jsonl"]) == 2
+        assert expected in capsys.readouterr().err
 
 
 def test_a_completion_holding_a_lone_surrogate_is_a_failure_retried_by_the_next_run(tmp_path, capsys):
