@@ -407,15 +407,10 @@ class Sampler:
 # ----------------------------------------------------------------------------- command line
 
 def _load_tokenizer(spec: str):
-    from polar import tokenizer as tk
+    from polar.tokenizer import load_tokenizer
 
-    load = getattr(tk, "load_tokenizer", None)
-    if load is None:  # until polar.tokenizer grows load_tokenizer, only the byte tokenizer is known
-        if spec == "byte":
-            return tk.ByteTokenizer()
-        raise SampleError(f"--tokenizer {spec!r}: this polar has no load_tokenizer; only 'byte' works")
     try:
-        return load(spec)
+        return load_tokenizer(spec)
     except (OSError, ValueError, ImportError) as e:
         raise SampleError(f"--tokenizer {spec!r}: {e}") from None
 
