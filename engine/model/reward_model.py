@@ -9,6 +9,10 @@ the sequence, [s/tp, b, h]: each rank reads out the rewards whose rows it holds,
 all-reduce of the n rewards completes them (no gather of the hidden states). The final norm and
 the value head then see only local rows on each rank, so their parameters are marked
 `sequence_parallel` and megatron's finalize_model_grads sums their gradients over the TP group.
+
+The local spec's layer norms are LayerRMSNorm, built in the training dtype: megatron's own
+(WrappedTorchNorm) are fp32 whatever the dtype, which sends every norm of a bf16 model down
+torch.rms_norm's unfused path (see LayerRMSNorm).
 """
 from __future__ import annotations
 
@@ -21,25 +25,28 @@ from megatron.core.transformer.module import MegatronModule
 from engine.model.readout import torch_reward_readout
 
 
-class SequenceParallelRMSNorm(torch.nn.RMSNorm):
-    """The local spec's norm (megatron's WrappedTorchNorm builds a plain torch RMSNorm and refuses
-    sequence parallelism) with its weight marked for the TP gradient sum: under SP each rank
-    normalises only its own sequence slice, so its weight gradient is partial."""
+class LayerRMSNorm(torch.nn.RMSNorm):
+    """The RMSNorms of the local spec and the final norm. Built in config.params_dtype: torch.rms_norm
+    takes its fused CUDA kernel only where the weight's dtype is the input's, and otherwise decomposes
+    into fp32 element-wise ops that keep two fp32 copies of the [tokens, h] input for the backward
+    (megatron's WrappedTorchNorm builds fp32 norms and relies on Float16Module, unused here, to cast
+    them). Under sequence parallelism each rank normalises only its own sequence slice, so the weight
+    gradient is partial: marked for megatron's TP gradient sum (WrappedTorchNorm refuses SP)."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
-        super().__init__(normalized_shape=hidden_size, eps=eps)
-        self.weight.sequence_parallel = True
+        super().__init__(normalized_shape=hidden_size, eps=eps, dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
 
 
-def _sequence_parallel_spec(spec):
-    """The layer spec with megatron's torch norms swapped for SequenceParallelRMSNorm (the TE spec's
-    norms support SP themselves and are left alone)."""
+def _engine_norms(spec):
+    """The layer spec with megatron's torch norms swapped for LayerRMSNorm (the TE spec's norms are
+    fused into its linear layers, built in the training dtype and SP-aware, and are left alone)."""
     from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     spec = copy.deepcopy(spec)
     for name in ("input_layernorm", "pre_mlp_layernorm"):
         if getattr(spec.submodules, name, None) is WrappedTorchNorm:
-            setattr(spec.submodules, name, SequenceParallelRMSNorm)
+            setattr(spec.submodules, name, LayerRMSNorm)
     return spec
 
 
@@ -54,8 +61,7 @@ class RewardModel(MegatronModule):
         # read by megatron's finalize_model_grads / DDP helpers
         self.share_embeddings_and_output_weights = False
         self.model_type = None
-        if config.sequence_parallel:
-            spec = _sequence_parallel_spec(spec)
+        spec = _engine_norms(spec)
         self.backbone = GPTModel(
             config=config,
             transformer_layer_spec=spec,
@@ -84,15 +90,14 @@ class RewardModel(MegatronModule):
             self.readout = torch_reward_readout
         if post_process:
             h = config.hidden_size
-            self.final_norm = torch.nn.RMSNorm(h, eps=config.layernorm_epsilon, dtype=config.params_dtype)
+            self.final_norm = LayerRMSNorm(config, h, eps=config.layernorm_epsilon)
             self.value_head = torch.nn.Linear(h, 1, bias=False, dtype=config.params_dtype)
             # POLAR: a new value head starts at zero, so every reward starts at 0 and the first
             # gradients flow only into the head
             torch.nn.init.zeros_(self.value_head.weight)
-            # under SP each TP rank computes these weights' gradients from its own rows only
-            # (reward rows and LM rows in its sequence slice); finalize_model_grads sums them over
-            # TP for parameters marked so (only when config.sequence_parallel)
-            self.final_norm.weight.sequence_parallel = config.sequence_parallel
+            # under SP each TP rank computes the head's gradient, as the final norm's (LayerRMSNorm), from
+            # its own rows only (reward rows and LM rows in its sequence slice); finalize_model_grads sums
+            # them over TP for parameters marked so (only when config.sequence_parallel)
             self.value_head.weight.sequence_parallel = config.sequence_parallel
             self.lm_head = None
             if lm_head:

@@ -151,3 +151,34 @@ def test_aux_next_token_loss_equals_unpacked(runtime, vocab_rows):
                 expected += losses[: p - 1].sum()  # the prefix is counted once per group
             expected += losses[p:].sum()  # the candidate's own next tokens
     torch.testing.assert_close(packed_lm.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_norms_see_inputs_of_their_own_dtype(runtime):
+    """torch.rms_norm runs its fused CUDA kernel only where the weight's dtype is the input's; otherwise
+    it warns once and decomposes into fp32 element-wise ops that keep two fp32 copies of the [tokens, h]
+    input per norm for the backward. megatron's WrappedTorchNorm builds the local spec's layer norms in
+    fp32 whatever the training dtype (megatron casts whole models in Float16Module, which this engine does
+    not use), so every layer norm of a bf16 model took that path. Each norm is checked on the input it gets."""
+    from engine.model.reward_model import RewardModel
+    from engine.model.spec import layer_spec
+    from engine.parallelize import transformer_config
+
+    m = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                    ffn_hidden_size=96, vocab_size=50)
+    cfg = transformer_config(m, ParallelConfig(), TrainConfig(precision="bf16"), runtime)
+    model = RewardModel(cfg, layer_spec(False, 10000.0, "torch"), m.vocab_size, 512, True, True, lm_head=True,
+                        pg_collection=runtime.groups)
+    seen = []
+
+    def record(module, args):
+        seen.append((type(module).__name__, args[0].dtype, module.weight.dtype))
+
+    norms = [mod for mod in model.modules() if isinstance(mod, torch.nn.RMSNorm)]
+    assert len(norms) == 2 * m.num_layers + 1  # two per layer and the final norm
+    for norm in norms:
+        norm.register_forward_pre_hook(record)
+    batch = collate([random_groups(np.random.default_rng(0), 2)], 64, pad_id=0)
+    model(batch.tokens, batch.layout, batch.reward_index).sum().backward()
+    # the final norm runs twice here: the readout's (its own fp32 arithmetic, not torch.rms_norm) and the LM head's
+    assert len(seen) == 2 * m.num_layers + 1
+    assert all(x == w == torch.bfloat16 for _, x, w in seen), seen
