@@ -83,7 +83,13 @@ class Replacement:
         sync_dir(self.dir)
 
     def discard(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            # the close flushes what is still buffered, which fails again where the write failed (a full
+            # disk, a quota): the descriptor is closed all the same, and the error being handled (raised
+            # by the write or commit) is the one to see, not this second one
+            pass
         if self.tmp is not None:
             tmp, self.tmp = self.tmp, None
             with contextlib.suppress(FileNotFoundError):

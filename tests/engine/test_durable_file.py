@@ -1,5 +1,8 @@
 import errno
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +44,26 @@ def test_a_write_that_fails_leaves_the_old_file_and_no_temporary_file(tmp_path):
             r.file.write("half")
             1 / 0
     assert target.read_text() == "old" and os.listdir(tmp_path) == ["record.json"]
+
+
+def test_a_write_the_file_system_refuses_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    """A full disk fails the write, and again the close that flushes the rest: the temporary file was
+    left beside the target. The kernel's file size limit refuses writes as a full disk does (EFBIG for
+    ENOSPC), in a process of its own."""
+    target = tmp_path / "record.json"
+    target.write_text("old")
+    script = (f"import resource, signal\n"
+              f"from engine import durable_file\n"
+              f"signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              f"resource.setrlimit(resource.RLIMIT_FSIZE, (1024, resource.RLIM_INFINITY))\n"
+              f"try:\n"
+              f"    durable_file.write_file({str(target)!r}, 'x' * 5000)\n"  # buffered until the commit's flush
+              f"except OSError as e:\n"
+              f"    print(e.errno, e.__context__ is None)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).parents[2])
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["record.json"], proc.stdout + proc.stderr
+    assert proc.stdout.split() == [str(errno.EFBIG), "True"], proc.stdout + proc.stderr  # the write's own error
 
 
 def test_a_replacement_not_committed_is_removed(tmp_path):
