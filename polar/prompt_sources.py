@@ -14,7 +14,12 @@ from polar.format import as_text, lone_surrogate
 from polar.records import NOT_REGULAR, FieldError, compressed_problem, parse_json_text, strip_bom
 
 
-_PROGRESS_LINES = 1024  # lines between two looks at the clock while checking a file
+PROGRESS_LINES = 1024  # lines between two looks at the clock while reading a file
+
+
+def byte_progress(what: str, total: int, log, interval: float) -> RateLine:
+    """A progress line of reading `total` bytes: update it with the bytes done, shifted to MiB (>> 20)."""
+    return RateLine(what, (total + (1 << 20) - 1) >> 20, "MiB", "MiB/s", log, interval)  # the total rounded up
 
 
 def _size(path: str) -> int:
@@ -58,11 +63,10 @@ class TextSource:
             raise SampleError(f"{twice}, directly or as a link to the same file: its documents would be drawn "
                               "twice as often as the others': list each file once")
         # Checking a corpus of tens of GB takes minutes (JSONL at ~40 MB/s on a core): without a line the
-        # command sat silent until its first prompt. Counted in MiB, checked every _PROGRESS_LINES lines.
+        # command sat silent until its first prompt.
         self._progress = None
         if log is not None:
-            mib = (sum(map(_size, self.paths)) + (1 << 20) - 1) >> 20  # rounded up, the bytes done down
-            self._progress = RateLine(f"checking {name}", mib, "MiB", "MiB/s", log, interval)
+            self._progress = byte_progress(f"checking {name}", sum(map(_size, self.paths)), log, interval)
         self._scanned = 0  # bytes of the files already checked
         for k, path in enumerate(self.paths):
             self._scan(k, path, self._kinds[k])
@@ -93,7 +97,7 @@ class TextSource:
                 else:
                     self.empty += 1
                 offset += len(raw)
-                if self._progress is not None and not line_no % _PROGRESS_LINES:
+                if self._progress is not None and not line_no % PROGRESS_LINES:
                     self._progress.update((self._scanned + offset) >> 20)
         self.sizes.append(offset)
         self._scanned += offset

@@ -488,7 +488,7 @@ def main(argv: list[str]) -> int:
         except OSError as e:
             raise SampleError(f"--failures {failures}: cannot write: {e.strerror or e}") from None
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
-        done = read_done_ids(a.output)
+        done = read_done_ids(a.output, _log, a.progress_interval)
     except (SampleError, PoolError) as e:
         if lock is not None:
             os.close(lock)

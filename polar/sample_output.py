@@ -6,19 +6,26 @@ import json
 import os
 
 from engine.durable_file import write_file
-from polar.prompt_sources import SampleError
+from polar.prompt_sources import PROGRESS_LINES, SampleError, byte_progress
 from polar.records import AppendedLines, OutputBusy, append_locked
 
 
-def read_done_ids(path: str) -> set[int]:
-    """Ids already in the output; a torn last line (a kill mid-write) is cut off with a message."""
+def read_done_ids(path: str, log=None, interval: float = 10.0) -> set[int]:
+    """Ids already in the output; a torn last line (a kill mid-write) is cut off with a message.
+    `log`: where a progress line goes every `interval` seconds (none without)."""
     done: dict[int, int] = {}
     if not os.path.exists(path):
         return set()
-    lines = AppendedLines(path)
+    # A long run's output holds ~10 KB a record and is read back at ~150 MB/s: a restart of one of
+    # 100 GB sat silent for minutes before its first line
+    progress = byte_progress(f"reading {path}", os.path.getsize(path), log, interval) if log else None
+    lines, read = AppendedLines(path), 0
     for line_no, raw in lines:
+        read += len(raw)
         if raw.strip():
             _add_done(done, raw, path, line_no)
+        if progress is not None and not line_no % PROGRESS_LINES:
+            progress.update(read >> 20)
     lines.cut_torn("polar sample", "the last line", "its prompt is sampled again")
     return set(done)
 

@@ -417,6 +417,19 @@ def test_read_done_ids_streams_the_output(tmp_path):
     assert out.read_bytes().endswith(b'"}\n') and read_done_ids(str(out)) == set(range(300))
 
 
+def test_reading_back_a_long_runs_output_reports_progress(tmp_path):
+    """A restart read an output of ~100 GB (~10 KB a record) for minutes without a line."""
+    out = tmp_path / "o.jsonl"
+    with open(out, "w") as f:  # lines of 1 KiB, 3 MiB
+        f.writelines(json.dumps({"id": i, "text": "x" * (1023 - len(json.dumps({"id": i, "text": ""})))}) + "\n"
+                     for i in range(3 * 1024))
+    shown = []
+    assert read_done_ids(str(out), shown.append, 0) == set(range(3 * 1024))  # every look at the clock
+    line = re.compile(rf"reading {re.escape(str(out))}: (\d)/3 MiB \| \S+ MiB/s( \| eta \d+m\d\ds)?")
+    assert [int(line.fullmatch(s).group(1)) for s in shown] == [1, 2, 3], shown  # at lines 1024, 2048, 3072
+    assert all(" | eta " in s for s in shown)
+
+
 def test_empty_completions_are_failures_retried_by_the_next_run(tmp_path, capsys):
     # Every prompt draws two of these three policies, so each meets an empty reply ("" from the
     # completions API, null content from the chat API).
