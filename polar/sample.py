@@ -28,7 +28,8 @@ sending) or used up a request's retries, so a blip that fails every request in f
 not take it out; one that refuses a request with 401, 403 or 404 (a wrong key, model name or URL,
 which fails every request) at that first refusal; prompts waiting on it are re-drawn (the next live
 policies of their own order). A prompt a policy refuses (HTTP 400, 413, 422: too long for its
-context, say) goes to the next policies of its order too, and an endpoint that refuses
+context, say), or for which policy A's reference is only whitespace (a record no build takes), goes
+to the next policies of its order too, and an endpoint that refuses
 --endpoint-max-failures requests in a row without answering one (a hosted API rejecting top_k or
 seed) leaves the pool. A prompt that still cannot be completed goes to the failures file with
 the reason; the next run with the same arguments retries it, because a run samples every id that is
@@ -282,6 +283,13 @@ class Sampler:
                     have[w] = r
             if failure is not None:
                 raise failure
+            ref = have.get((a, "reference"))
+            if ref is not None and not ref.text.strip():
+                # A base model may answer only newlines: a record whose reference is only whitespace is one
+                # every build rejects (POLAR scores an output against the reference, paper Sec. 3), and it
+                # was written as done. Like a refusal, the prompt goes to the next policies of its order.
+                refused[a], redraw = PolicyRefused(f"policy {a!r}: its reference is only whitespace "
+                                                   f"({ref.text[:20]!r})"), True
             if not redraw:
                 break
         texts, cut = {}, []

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from polar import sample
+from polar.records import read_records
 from tests.polar.openai_server import FakeOpenAIServer, fake_text, picky_refuses
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,11 +68,12 @@ def test_a_dead_endpoint_still_leaves_before_its_prompts_fail(tmp_path, capsys):
     assert os.path.getsize(str(tmp_path / "o.jsonl") + ".failures.jsonl") == 0
 
 
-class _RetryAfterServer:
-    """Answers the first request of each (prompt, seed) with 429 and Retry-After as an HTTP date
-    `wait` seconds ahead (RFC 9110 allows a date or seconds), the next with a completion."""
+class _Server:
+    """A completions endpoint on loopback answering each request with `answer(body, first)`: (status,
+    headers, payload), `first` telling the first request of its (prompt, seed); `arrivals` keeps the
+    times they came."""
 
-    def __init__(self, wait: float):
+    def __init__(self, answer):
         self.arrivals: dict = {}
         lock = threading.Lock()
         server = self
@@ -87,13 +89,7 @@ class _RetryAfterServer:
                     times = server.arrivals.setdefault(key, [])
                     times.append(time.time())
                     first = len(times) == 1
-                if first:
-                    code, headers = 429, {"Retry-After": email.utils.formatdate(time.time() + wait, usegmt=True)}
-                    payload = {"error": {"message": "rate limited"}}
-                else:
-                    code, headers = 200, {}
-                    payload = {"choices": [{"index": 0, "finish_reason": "stop",
-                                            "text": fake_text(body["model"], *key)}]}
+                code, headers, payload = answer(body, first)
                 data = json.dumps(payload).encode()
                 self.send_response(code)
                 for k, v in {"Content-Type": "application/json", "Content-Length": str(len(data)), **headers}.items():
@@ -114,9 +110,24 @@ class _RetryAfterServer:
         self.httpd.server_close()
 
 
+def _completion(text: str) -> dict:
+    return {"choices": [{"index": 0, "finish_reason": "stop", "text": text}]}
+
+
+def _retry_after_server(wait: float) -> _Server:
+    """Answers the first request of each (prompt, seed) with 429 and Retry-After as an HTTP date
+    `wait` seconds ahead (RFC 9110 allows a date or seconds), the next with a completion."""
+    def answer(body, first):
+        if first:
+            return 429, {"Retry-After": email.utils.formatdate(time.time() + wait, usegmt=True)}, \
+                {"error": {"message": "rate limited"}}
+        return 200, {}, _completion(fake_text(body["model"], body["prompt"], body.get("seed")))
+    return _Server(answer)
+
+
 def test_retry_after_given_as_an_http_date_is_honoured(tmp_path, capsys):
     # The date form was dropped for our own backoff: the retry came back within milliseconds.
-    with _RetryAfterServer(wait=2.0) as srv:
+    with _retry_after_server(wait=2.0) as srv:
         argv = _inputs(tmp_path, srv.base_url, "ab")
         rc = sample.main(argv + ["--num-prompts", "2", "--retry-base", "0.001", "--retry-cap", "10"])
         err = capsys.readouterr().err
@@ -254,3 +265,20 @@ def test_a_prompt_one_policy_refuses_goes_to_the_next(tmp_path, capsys):
     assert not any(picky_refuses(r["prompt"]) for r in with_c)
     # a prompt c refused names it among the policies skipped, where c came before the pair
     assert any("c" in r["skipped_policies"] for r in refused_c)
+
+
+def test_a_reference_of_only_whitespace_sends_the_prompt_to_the_next_policies(tmp_path, capsys):
+    """A base model may answer only newlines: such a reference was written as a done record, which
+    every build rejects (records.check_reference), so the prompt was never sampled again."""
+    def answer(body, first):
+        blank = body["model"] == "blank"
+        return 200, {}, _completion("\n" * 40 if blank else fake_text(body["model"], body["prompt"], body.get("seed")))
+    with _Server(answer) as srv:
+        argv = _inputs(tmp_path, srv.base_url, ["a", "b", "blank"])
+        rc = sample.main(argv + ["--num-prompts", "20"])
+        err = capsys.readouterr().err
+    assert rc == 0, err
+    assert len(list(read_records(str(tmp_path / "o.jsonl")))) == 20  # every record one a build takes
+    records = _records(tmp_path / "o.jsonl")
+    assert all(r["policy_a"] != "blank" for r in records)
+    assert any("blank" in r["skipped_policies"] for r in records)
