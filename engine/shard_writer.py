@@ -4,8 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -25,10 +27,14 @@ class ShardBusy(OSError):
 class ShardWriter:
     """Appends packed sequences to one shard; `close()` makes it visible to readers.
 
-    Tokens stream to disk as they come; the index (a few int64 per group and piece) stays in
-    memory until close. Files are written under `.tmp` names and renamed at close, so a build
-    killed midway leaves no shard a reader would mistake for complete; each is fsynced before its
-    rename, the `.idx` (what makes a shard complete) last, so a crash of the machine does not either.
+    Tokens stream to disk as they come, and so does the index: its arrays (a few int64 per group
+    and piece, held in memory until close, where turning them into offsets and counts took ~230 bytes
+    a group at once, 23 GB for a shard of 10^8) go to unnamed temporary files beside the shard (gone
+    with the process, however it ends), written into the .idx at close a block at a time: memory is
+    that of one add_sequences call, whatever the shard holds. Files are written under `.tmp` names
+    and renamed at close, so a build killed midway leaves no shard a reader would mistake for
+    complete; each is fsynced before its rename, the `.idx` (what makes a shard complete) last, so a
+    crash of the machine does not either.
     """
 
     def __init__(self, path: str | os.PathLike, seq_length: int, vocab_size: int, pad_id: int,
@@ -52,10 +58,17 @@ class ShardWriter:
         for name in (".idx.tmp", ".json.tmp"):  # a killed writer's
             self._name(name).unlink(missing_ok=True)
         self._bin = os.fdopen(fd, "wb")
-        self._parts: dict[str, list[np.ndarray]] = {
-            k: [] for k in ("seq_groups", "group_pieces", "piece_lengths", "piece_labels", "sources")}
+        self._spill = {}
+        try:
+            for k in _SPILLED:
+                self._spill[k] = tempfile.TemporaryFile(dir=self.path.parent)
+        except BaseException:
+            self._close_files()
+            raise
         self._tokens = 0
         self._sequences = 0
+        self._groups = 0
+        self._pieces = 0
         self._closed = False
         self.committed = False  # the shard's files are in place (close() got that far)
 
@@ -110,12 +123,18 @@ class ShardWriter:
         sources = np.full(group_pieces.size, -1, np.int64) if sources is None else np.asarray(sources, dtype=np.int64)
         if sources.shape != group_pieces.shape:
             raise ValueError(f"{sources.size} sources for {group_pieces.size} groups")
+        piece_starts = np.zeros(piece_lengths.size + 1, dtype=np.int64)
+        np.cumsum(piece_lengths, out=piece_starts[1:])
+        # a sequence's counts are its own groups': those of a run of sequences, offsets from 0, are the shard's
+        counts = sequence_counts(ShardIndex(seq_starts, starts, piece_starts, sources, piece_labels, None))
         self._bin.write(tokens.astype(self.dtype, copy=False).tobytes())
+        for k, v in (("seq_groups", seq_groups), ("group_pieces", group_pieces), ("piece_lengths", piece_lengths),
+                     ("sources", sources), ("piece_labels", piece_labels), *counts.items()):
+            self._spill[k].write(v.astype(_SPILLED[k], copy=False).tobytes())
         self._tokens += tokens.size
         self._sequences += seq_groups.size
-        for k, v in (("seq_groups", seq_groups), ("group_pieces", group_pieces), ("piece_lengths", piece_lengths),
-                     ("piece_labels", piece_labels), ("sources", sources)):
-            self._parts[k].append(v)
+        self._groups += group_pieces.size
+        self._pieces += piece_lengths.size
 
     @property
     def num_sequences(self) -> int:
@@ -143,24 +162,37 @@ class ShardWriter:
         finally:
             # closed (the lock released) only now: a second run of this shard that started meanwhile
             # would truncate the .bin.tmp about to be renamed, and the .idx commit over an empty .bin
-            self._bin.close()
+            self._close_files()
+
+    def _close_files(self) -> None:
+        self._bin.close()
+        for f in self._spill.values():
+            f.close()
+
+    def _rewound(self, key: str):
+        f = self._spill[key]
+        f.flush()
+        f.seek(0)
+        return f
+
+    def _copy_spilled(self, key: str, out) -> None:
+        """The array `key` add_sequences wrote, as written (its .idx dtype), to `out`."""
+        shutil.copyfileobj(self._rewound(key), out)
+
+    def _spilled(self, key: str):
+        """The array `key` add_sequences wrote, in blocks of up to _BLOCK elements."""
+        f, dtype = self._rewound(key), np.dtype(_SPILLED[key])
+        while True:
+            data = f.read(_BLOCK * dtype.itemsize)
+            if not data:
+                return
+            yield np.frombuffer(data, dtype=dtype)
 
     def _name(self, suffix: str) -> Path:
         return self.path.with_name(self.path.name + suffix)
 
     def _commit(self, with_files: list) -> dict:
-        parts = {k: np.concatenate(v) if v else np.zeros(0, np.int8 if k == "piece_labels" else np.int64)
-                 for k, v in self._parts.items()}
-
-        def offsets(counts):
-            out = np.zeros(counts.size + 1, dtype=np.int64)
-            np.cumsum(counts, out=out[1:])
-            return out
-
-        arrays = [offsets(parts["seq_groups"]), offsets(parts["group_pieces"]), offsets(parts["piece_lengths"]),
-                  parts["sources"], parts["piece_labels"]]
-        S, G, P = self.num_sequences, parts["group_pieces"].size, parts["piece_lengths"].size
-        counts = sequence_counts(ShardIndex(*arrays, counts=None))
+        S, G, P = self._sequences, self._groups, self._pieces
         header = HEADER.pack(MAGIC, VERSION, len(COUNTS), self.dtype.str.encode().ljust(8, b"\0"),
                               self.seq_length, S, G, P, self._tokens)
         meta = {**self.meta, "seq_length": self.seq_length, "vocab_size": self.vocab_size,
@@ -172,11 +204,20 @@ class ShardWriter:
         # and the next run rewrites what a killed one left.
         with open(self._name(".idx.tmp"), "wb") as f:
             f.write(header)
-            for a in arrays:
-                f.write(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes())
+            # the format's arrays in its order (engine/shard_format.py): the counts per sequence, group
+            # and piece as offsets from 0, then sources and labels, padding, the per-sequence counts
+            for k in ("seq_groups", "group_pieces", "piece_lengths"):
+                end = np.zeros(1, dtype=np.int64)
+                f.write(end.astype("<i8").tobytes())
+                for block in self._spilled(k):
+                    offsets = np.cumsum(block, dtype=np.int64) + end[0]
+                    f.write(offsets.astype("<i8", copy=False).tobytes())
+                    end = offsets[-1:]
+            for k in ("sources", "piece_labels"):
+                self._copy_spilled(k, f)
             f.write(b"\0" * (-f.tell() % 8))
             for k in COUNTS:
-                f.write(counts[k].astype("<i8", copy=False).tobytes())
+                self._copy_spilled(k, f)
             f.flush()
             os.fsync(f.fileno())
         with open(self._name(".json.tmp"), "w", encoding="utf-8") as f:
@@ -228,9 +269,15 @@ class ShardWriter:
         if self.committed:
             return
         self._closed = True
-        self._bin.close()
+        self._close_files()
         for name in (self._tmp_bin, self._name(".idx.tmp"), self._name(".json.tmp")):
             name.unlink(missing_ok=True)
+
+
+# The index arrays add_sequences spills, with their dtype in the .idx; then the per-sequence counts.
+_SPILLED = {"seq_groups": "<i8", "group_pieces": "<i8", "piece_lengths": "<i8", "sources": "<i8",
+            "piece_labels": "i1", **{k: "<i8" for k in COUNTS}}
+_BLOCK = 1 << 20  # elements of a spilled array read at a time at close
 
 
 # Signals that would stop a shard's files half put in place: Ctrl-C, a scheduler's SIGTERM, a closed terminal
