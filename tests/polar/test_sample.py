@@ -364,6 +364,8 @@ def test_truncate_loop_rule():
     assert truncate_loop(base + chunk * 5 + chunk[:9])[0] == base + chunk
     # a long run of one character
     assert truncate_loop("wait" + "!" * 50) == ("wait!", 49)
+    # a text that is all loop, from its first character (the lower end of the search for the run's start)
+    assert truncate_loop(chunk * 5) == (chunk, 4 * len(chunk))
     # short repetitions and ordinary text are left alone
     for t in ("ha ha ha ha", "Well...", "abc abc abc", "x = [1, 2, 3]\ny = 4\n", ""):
         assert truncate_loop(t) == (t, 0)
