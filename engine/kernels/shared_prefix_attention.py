@@ -36,6 +36,7 @@ excluded.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -295,14 +296,57 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _blocks(d: int, device: torch.device) -> _Blocks:
-    """Tile sizes. On the GPU: 128 x 64 forward tiles and 64 x 64 backward tiles (fp32 dK and dV
-    accumulators of 64 x d each stay in registers with 8 warps at d = 128). Under the interpreter,
+# the largest opt-in shared memory per block of the GPUs the compile check targets: sm_90 (H100)
+SM90_SHARED = 232448
+
+
+def _shared_memory(device: torch.device) -> int:
+    """Bytes of shared memory one program may use on this device: the number Triton's launch checks."""
+    if not torch.cuda.is_available():  # host code asking for the GPU tile sizes (schedule tests)
+        return SM90_SHARED
+    return _device_shared_memory(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _shared_estimate(own: int, resident: int, piped: int, stages: int, d: int, elsize: int) -> int:
+    """An upper bound on a program's shared memory: `resident` tiles of its own `own` rows (Q in the
+    forward, K and V in the dK/dV program) plus `stages` buffered copies of the two tiles of `piped`
+    rows it streams (K and V, or Q and dO), d elements of elsize bytes a row. Triton's sm_80-sm_90
+    codegen stays below it (the compile check in the tests measures it)."""
+    return elsize * d * (resident * own + 2 * stages * piped)
+
+
+def _gpu_blocks(d: int, elsize: int, shared: int) -> _Blocks:
+    """GPU tile sizes: 128 x 64 forward tiles and 64 x 64 backward tiles (fp32 dK and dV accumulators
+    of 64 x d each stay in registers with 8 warps at d = 128), halved (the larger side first, the
+    streamed one on a tie) until the program fits the device's shared memory: fp32 at d = 256 would
+    need 289 KB on sm_90 (227 KB there), bf16 at d = 256 161 KB on sm_86/89 (99 KB there), and the
+    launch would fail with Triton's OutOfResources."""
+    stages = 2 if d > 64 else 3
+
+    def fit(own, resident, piped):
+        while _shared_estimate(own, resident, piped, stages, d, elsize) > shared and max(own, piped) > 16:
+            if own > piped:
+                own //= 2
+            else:
+                piped //= 2
+        return own, piped
+
+    fwd_m, fwd_n = fit(128, 1, 64)
+    bwd_n, bwd_m = fit(64, 2, 64)
+    return _Blocks((fwd_m, fwd_n, 8, bwd_m, bwd_n, 4 if d <= 64 else 8, stages))
+
+
+def _blocks(d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> _Blocks:
+    """Tile sizes. On the GPU `_gpu_blocks` for this device's shared memory. Under the interpreter,
     16 x 16 keeps the numpy work per program small; tests patch this to choose tile alignment."""
     if device.type != "cuda":
         return _Blocks((16, 16, 4, 16, 16, 4, 1))
-    warps = 4 if d <= 64 else 8
-    return _Blocks((128, 64, 8, 64, 64, warps, 2 if d > 64 else 3))
+    return _gpu_blocks(d, dtype.itemsize, _shared_memory(device))
 
 
 def _empty(shape, device, dtype):
@@ -318,6 +362,10 @@ def _dot_settings(dtype: torch.dtype):
     return dot_f32, prec
 
 
+# CUDA's largest grid y dimension, which holds the kernels' (row, head) pairs
+_GRID_Y = 65535
+
+
 def _check(q, k, v, layout):
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         raise ValueError(f"shared_prefix_attention: q [s, b, hq, d], k/v [s, b, hkv, d]; got {tuple(q.shape)}, "
@@ -330,6 +378,9 @@ def _check(q, k, v, layout):
         raise ValueError(f"shared_prefix_attention: layout must be [b, 3, s] = [{b}, 3, {s}], got {tuple(layout.shape)}")
     if max(q.numel(), k.numel()) >= 2**31:  # the kernels address elements with 32-bit offsets
         raise ValueError(f"shared_prefix_attention: {tuple(q.shape)} has 2^31 or more elements; split the micro-batch")
+    if b * hq > _GRID_Y:  # one (row, head) pair per grid y index
+        raise ValueError(f"shared_prefix_attention: {b} rows x {hq} query heads = {b * hq} (row, head) pairs, more "
+                         f"than the {_GRID_Y} one launch takes; split the micro-batch")
     if d not in (16, 32, 64, 128, 256):
         raise ValueError(f"shared_prefix_attention: head dim {d} is not supported (16, 32, 64, 128, 256)")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
@@ -357,7 +408,7 @@ def attention_fwd(q, k, v, layout, softmax_scale: float):
     q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
     s, b, hq, d = q.shape
     hkv = k.shape[2]
-    blocks = _blocks(d, q.device)
+    blocks = _blocks(d, q.device, q.dtype)
     meta = _metadata(layout, blocks)
     out = _empty((s, b, hq, d), q.device, q.dtype)
     lse = _empty((b, hq, s), q.device, torch.float32)
@@ -380,7 +431,7 @@ def attention_bwd(grad_out, q, k, v, out, lse, layout, softmax_scale: float, det
     grad_out = _unit_last(grad_out.reshape(out.shape))
     s, b, hq, d = q.shape
     hkv = k.shape[2]
-    blocks = _blocks(d, q.device)
+    blocks = _blocks(d, q.device, q.dtype)
     meta = _metadata(layout, blocks)
     dot_f32, prec = _dot_settings(q.dtype)
     scale = float(softmax_scale)

@@ -66,7 +66,7 @@ CASES = [
 def _patch_blocks(monkeypatch, blocks):
     if blocks is not None:
         fm, fn, bm, bn = blocks
-        monkeypatch.setattr(spa, "_blocks", lambda d, device: spa._Blocks((fm, fn, 4, bm, bn, 4, 1)))
+        monkeypatch.setattr(spa, "_blocks", lambda d, device, dtype: spa._Blocks((fm, fn, 4, bm, bn, 4, 1)))
 
 
 @pytest.mark.parametrize("deterministic", [False, True])
@@ -208,6 +208,19 @@ def test_views_whose_offsets_pass_32_bits_are_copied_for_the_kernels():
     assert spa._unit_last(small) is small
 
 
+def test_more_row_head_pairs_than_the_grid_y_dimension_takes_are_refused():
+    """The kernels' grids hold one (row, head) pair per y index, at most 65535 in CUDA; beyond that the
+    launch failed with a bare CUDA error. (On the meta device: nothing is allocated or launched.)"""
+    def check(b, hq):
+        q = torch.empty(16, b, hq, 16, device="meta")
+        k = torch.empty(16, b, 1, 16, device="meta")
+        spa._check(q, k, k, torch.empty(b, 3, 16, dtype=torch.int32, device="meta"))
+
+    check(1, 65535)
+    with pytest.raises(ValueError, match="1024 rows x 64 query heads = 65536"):
+        check(1024, 64)
+
+
 def test_backend_registration_is_lazy():
     code = ("import sys; from engine.model import shared_prefix_attention as m; m.get_backend('torch'); "
             "assert 'engine.kernels.shared_prefix_attention' not in sys.modules; "
@@ -257,42 +270,48 @@ def test_reward_model_triton_backend_matches_torch(runtime):
 
 # ---- sm_90 compile check ------------------------------------------------------------------------
 
-_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16"}
+_PTR = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}
+# (compute capability, opt-in shared memory per block in bytes): what Triton checks at launch
+SM90 = (90, spa.SM90_SHARED)
+SM86 = (86, 101376)  # sm_86/89 (A10, L4, RTX 30/40): 99 KB
 
 
 def _strides(*prefixes):
     return {f"{p}_{x}": "i32" for p in prefixes for x in ("s", "b", "h")}
 
 
-def compile_specs():
-    """Every kernel variant the GPU runs: fwd, delta, dK/dV (atomic dq and not), dq; fp16/bf16; d 64/128."""
-    specs = []
+def _variant_specs(dtype, d, target):
+    """The kernels the GPU runs for one dtype and head dim on one target, with the tiles `_blocks` picks
+    there: fwd, delta, dK/dV (atomic dq and not), dq."""
+    p = _PTR[dtype]
+    bl = spa._gpu_blocks(d, dtype.itemsize, target[1])
     flags = dict(GROUP="constexpr", D="constexpr", BLOCK_M="constexpr", BLOCK_N="constexpr", DOT_F32="constexpr",
                  PREC="constexpr")
-    for dtype, p in _PTR.items():
-        for d in (64, 128):
-            bl = spa._blocks(d, torch.device("cuda"))
-            common = dict(GROUP=4, D=d, DOT_F32=False, PREC="tf32")
-            fwd = dict(Q=p, K=p, V=p, O=p, LSE="*fp32", PIECE="*i32", SCHED="*i32", scale_log2="fp32",
-                       **_strides("sq", "sk", "sv", "so"), L="i32", HQ="i32", n_qt="i32", **flags)
-            specs.append(("_fwd_kernel", fwd, dict(common, BLOCK_M=bl.fwd_m, BLOCK_N=bl.fwd_n), bl.fwd_warps,
-                          bl.stages))
-            delta = dict(O=p, DO=p, DELTA="*fp32", **_strides("so", "sd"), L="i32", HQ="i32", D="constexpr",
-                         BLOCK_M="constexpr")
-            specs.append(("_bwd_delta_kernel", delta, dict(D=d, BLOCK_M=bl.bwd_m), 4, 1))
-            for atomic in (True, False):
-                dkdv = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ="*fp32" if atomic else p, DK=p, DV=p,
-                            PIECE="*i32", KSCHED="*i32", scale="fp32", scale_log2="fp32",
-                            **_strides("sq", "sk", "sv", "sd", "sdq", "sdk", "sdv"), L="i32", HQ="i32", HKV="i32",
-                            n_kt="i32", ATOMIC_DQ="constexpr", **flags)
-                specs.append(("_bwd_dkdv_kernel", dkdv, dict(common, BLOCK_M=bl.bwd_m, BLOCK_N=bl.bwd_n,
-                                                              ATOMIC_DQ=atomic), bl.bwd_warps, bl.stages))
-            dq = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p, PIECE="*i32", SCHED="*i32", scale="fp32",
-                      scale_log2="fp32", **_strides("sq", "sk", "sv", "sd", "sdq"), L="i32", HQ="i32", n_qt="i32",
-                      **flags)
-            specs.append(("_bwd_dq_kernel", dq, dict(common, BLOCK_M=bl.bwd_m, BLOCK_N=bl.bwd_n), bl.bwd_warps,
-                          bl.stages))
-    return specs
+    common = dict(GROUP=4, D=d, DOT_F32=False, PREC="ieee" if dtype == torch.float32 else "tf32")
+    fwd = dict(Q=p, K=p, V=p, O=p, LSE="*fp32", PIECE="*i32", SCHED="*i32", scale_log2="fp32",
+               **_strides("sq", "sk", "sv", "so"), L="i32", HQ="i32", n_qt="i32", **flags)
+    specs = [("_fwd_kernel", fwd, dict(common, BLOCK_M=bl.fwd_m, BLOCK_N=bl.fwd_n), bl.fwd_warps, bl.stages)]
+    delta = dict(O=p, DO=p, DELTA="*fp32", **_strides("so", "sd"), L="i32", HQ="i32", D="constexpr",
+                 BLOCK_M="constexpr")
+    specs.append(("_bwd_delta_kernel", delta, dict(D=d, BLOCK_M=bl.bwd_m), 4, 1))
+    for atomic in (True, False):
+        dkdv = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ="*fp32" if atomic else p, DK=p, DV=p,
+                    PIECE="*i32", KSCHED="*i32", scale="fp32", scale_log2="fp32",
+                    **_strides("sq", "sk", "sv", "sd", "sdq", "sdk", "sdv"), L="i32", HQ="i32", HKV="i32",
+                    n_kt="i32", ATOMIC_DQ="constexpr", **flags)
+        specs.append(("_bwd_dkdv_kernel", dkdv, dict(common, BLOCK_M=bl.bwd_m, BLOCK_N=bl.bwd_n,
+                                                      ATOMIC_DQ=atomic), bl.bwd_warps, bl.stages))
+    dq = dict(Q=p, K=p, V=p, DO=p, LSE="*fp32", DELTA="*fp32", DQ=p, PIECE="*i32", SCHED="*i32", scale="fp32",
+              scale_log2="fp32", **_strides("sq", "sk", "sv", "sd", "sdq"), L="i32", HQ="i32", n_qt="i32", **flags)
+    specs.append(("_bwd_dq_kernel", dq, dict(common, BLOCK_M=bl.bwd_m, BLOCK_N=bl.bwd_n), bl.bwd_warps, bl.stages))
+    return [spec + target for spec in specs]
+
+
+def compile_specs():
+    """Every kernel variant the GPU runs in training (fp16/bf16, d 64/128, sm_90) and the ones whose
+    shared memory is largest where it is scarcest: fp32 at d = 256 on sm_90, bf16 at d = 256 on sm_86."""
+    specs = [s for dtype in (torch.bfloat16, torch.float16) for d in (64, 128) for s in _variant_specs(dtype, d, SM90)]
+    return specs + _variant_specs(torch.float32, 256, SM90) + _variant_specs(torch.bfloat16, 256, SM86)
 
 
 COMPILE_SCRIPT = r"""
@@ -301,13 +320,15 @@ import triton
 from triton.backends.compiler import GPUTarget
 module, specs = json.loads(sys.argv[1])
 mod = importlib.import_module(module)
-for name, sig, consts, warps, stages in specs:
+for name, sig, consts, warps, stages, arch, shared in specs:
     kernel = getattr(mod, name)
     assert isinstance(kernel, triton.runtime.JITFunction), type(kernel)
     src = triton.compiler.ASTSource(fn=kernel, signature=sig, constexprs=consts)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": warps, "num_stages": stages})
     assert "cubin" in compiled.asm and "ptx" in compiled.asm, name
+    # the launch would raise OutOfResources past the device's shared memory
+    assert compiled.metadata.shared <= shared, (name, consts, arch, compiled.metadata.shared, shared)
 print("compiled", len(specs))
 """
 
@@ -341,6 +362,6 @@ def test_compiles_for_sm90(sm90_compile):
 
 def test_compile_check_fails_on_compile_errors():
     """The check is not vacuous: a head dim that is no power of two does not compile."""
-    name, sig, consts, warps, stages = compile_specs()[0]
+    name, sig, consts, warps, stages, arch, shared = compile_specs()[0]
     with pytest.raises(AssertionError):
-        _finish(_start_compile([(name, sig, dict(consts, D=100), warps, stages)]), 1)
+        _finish(_start_compile([(name, sig, dict(consts, D=100), warps, stages, arch, shared)]), 1)
