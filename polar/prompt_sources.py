@@ -99,6 +99,12 @@ class TextSource:
                 offset += len(raw)
                 if self._progress is not None and not line_no % PROGRESS_LINES:
                     self._progress.update((self._scanned + offset) >> 20)
+            if kind == "text" and offset and offset == len(raw) and "\r" in text:
+                # a file whose lines end in "\r" alone (as records.py names it for JSONL) was one document
+                crs = raw.count(b"\r")
+                raise SampleError(f"{path}: its only line holds {crs} carriage returns (\\r) and the file no \\n: "
+                                  "lines must end in \\n or \\r\\n, not \\r alone, or the whole file is one document "
+                                  "(convert the file: tr '\\r' '\\n')")
         self.sizes.append(offset)
         self._scanned += offset
 

@@ -66,3 +66,16 @@ def test_checking_the_prompt_files_reports_progress_with_rate_and_eta(tmp_path):
     done = [int(pattern.fullmatch(s).group(1)) for s in shown]
     assert done == sorted(done) and done[0] == 0 and done[-1] == 2  # a.txt alone reached 1 MiB at its last look
     assert all(" | eta " in s for s, d in zip(shown, done) if d)
+
+
+def test_a_text_file_whose_lines_end_in_a_carriage_return_alone_is_refused(tmp_path):
+    """It was one document: every line of the file drawn as a single prompt's source, without a word."""
+    p = tmp_path / "mac.txt"
+    p.write_bytes(b"first document\rsecond document\rthird document\r")
+    with pytest.raises(SampleError, match=rf"^{p}: its only line holds 3 carriage returns \(\\r\) and the file no "
+                                          r"\\n: lines must end in \\n or \\r\\n, not \\r alone"):
+        TextSource([str(p)], "text", "text")
+    p.write_bytes(b"first document\r\nsecond one\r\n")  # \r\n and an empty file are read as ever
+    (tmp_path / "empty.txt").write_bytes(b"")
+    src = TextSource([str(p), str(tmp_path / "empty.txt")], "text", "text")
+    assert [src.get(d)[0] for d in range(len(src))] == ["first document", "second one"]
