@@ -91,7 +91,8 @@ def evaluate(trainer, data, stop_check: Callable[[], str] | None = None, read_ah
             if request:
                 raise EvaluationStopped(request, done, total)
             if batches:
-                stats += trainer._sum_stats(trainer._run_schedule(batches, forward_only=True, micro_batch=1))
+                stats += trainer._sum_stats(trainer._run_schedule(batches, forward_only=True, micro_batch=1,
+                                                              seq_length=seq))
             # every data-parallel rank has run as many batches (the last short on some): the set's count
             shown.update(min(len(data), (done + 1) * chunk_size * rt.dp))
     finally:

@@ -210,7 +210,7 @@ class Trainer:
             self.log(f"saved checkpoint {path}")
 
     # ---- one optimizer step ------------------------------------------------------------------
-    def _run_schedule(self, microbatches, forward_only: bool, micro_batch: int | None = None, lm_scale: float = 0.0):
+    def _run_schedule(self, microbatches, forward_only: bool, micro_batch=None, lm_scale=0.0, seq_length=None):
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
@@ -221,7 +221,7 @@ class Trainer:
             data_iterator=iters if len(iters) > 1 else iters[0],
             model=self.model,
             num_microbatches=len(device_batches),
-            seq_length=self.loader.source.seq_length,
+            seq_length=seq_length or self.loader.source.seq_length,  # an eval set's own: PP sizes its sends by it
             micro_batch_size=micro_batch or self.cfg.train.micro_batch,
             forward_only=forward_only,
             p2p_communicator=P2PCommunicator(self.rt.groups.pp, self.mcfg),

@@ -2,8 +2,9 @@
 (one process, or a rank under torchrun over gloo).
 
 A tiny untrained model (its value head random) evaluates random groups (tests/engine/dist_worker.py's)
-whole with the read-ahead and without it, then stops before its 3rd batch (a stop check answering
-SIGTERM), then meets an error reading the 3rd batch's sequences, then one in the stop check itself.
+whole with the read-ahead and without it, and packed at twice training's length, then stops before its
+3rd batch (a stop check answering SIGTERM), then meets an error reading the 3rd batch's sequences, then
+one in the stop check itself.
 Each rank writes RESULT.rankN: the statistics, the threads that read each evaluation's sequences and
 their current CUDA devices, whether its batches reached the schedule page-locked, the stop's `done`
 and `total`, each error and the read-ahead threads still alive after each way out.
@@ -95,6 +96,10 @@ def main():
         out[f"{name}_left"] = _read_ahead_threads()
         out[f"{name}_pinned"] = sorted(set(pinned))
         out[f"{name}_devices"] = sorted(source.devices)
+    # the same groups packed at twice the length: an evaluation set is packed at a length of its own, by
+    # which the pipeline stages size the activations they exchange
+    repacked = PackedGroups(random_groups(7, 90, cfg.model.vocab_size, cfg.data.seq_length), 2 * cfg.data.seq_length)
+    out["repacked"], out["repacked_sequences"] = evaluation.evaluate(trainer, repacked), len(repacked)
 
     asked = []
 

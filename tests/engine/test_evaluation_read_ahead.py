@@ -1,10 +1,10 @@
 """engine/evaluation.py reads and collates each batch of an evaluation on a background thread while the
 model runs the batch before (as training's GlobalBatchLoader does), where it used to collate every batch
 in the main thread between two: the statistics are those of an evaluation without it, at one process
-and at DP2 x PP2; a stop request still stops before the same batch with the same `done`; and the thread
-is gone after every way out of the evaluation (its end, a stop, an error reading a batch, an error in
-the stop check). On CPU the batches are not pinned; tests/gpu/test_evaluation_gpu.py checks that on
-a GPU.
+and at DP2 x PP2, and of the same groups packed at another length than training's; a stop request still
+stops before the same batch with the same `done`; and the thread is gone after every way out of the
+evaluation (its end, a stop, an error reading a batch, an error in the stop check). On CPU the batches
+are not pinned; tests/gpu/test_evaluation_gpu.py checks that on a GPU.
 
 Runs tests/engine/eval_ahead_worker.py in a process of its own (under torchrun over gloo for 4 ranks).
 """
@@ -56,6 +56,18 @@ def test_the_read_ahead_gives_the_same_statistics_read_off_the_main_thread(layou
 
     # the whole set's pairs, at every layout: one positive a group, against each other candidate
     assert ranks[0]["ahead"]["pairs"] == sum(len(g.candidates) - 1 for g in random_groups(7, 90, 64, 64))
+
+
+def test_a_set_packed_at_another_length_than_training_evaluates_alike(layout):
+    """The same groups packed at twice training's length: the same statistics (to float rounding). The
+    schedule was given training's length, by which the pipeline stages size the activations they
+    exchange: at PP2 the ranks' messages did not match and the launch died (SIGABRT in gloo)."""
+    for rank in layout[1]:
+        got, want = rank["repacked"], rank["ahead"]
+        assert rank["repacked_sequences"] < rank["sequences"], rank  # another packing of the same groups
+        assert got["pairs"] == want["pairs"] and got["pair_accuracy"] == want["pair_accuracy"], rank
+        assert got["loss"] == pytest.approx(want["loss"], rel=1e-5), rank
+        assert got["lm_loss"] == pytest.approx(want["lm_loss"], rel=1e-5), rank
 
 
 def test_a_stop_or_an_error_leaves_no_read_ahead_thread(layout):
