@@ -124,6 +124,15 @@ class _Shard:
         # the writer refuses ids outside [0, vocab_size) (engine.shard_writer), so one read is damage;
         # unchecked, it reached the embedding: a CUDA device-side assert naming neither file nor sequence
         self._vocab = vocab if isinstance(vocab, int) and not isinstance(vocab, bool) and vocab > 0 else None
+        # One reduction a sequence, over the ids as stored and read unsigned: a negative int32 is then
+        # >= 2^31, so the largest is damage iff it reaches the limit (the min and max of the widened ids
+        # took two passes, and a uint16 shard's widened copy). None where no stored id can be damage
+        # (uint16 ids of a vocabulary past 65535, or of none named).
+        self._unsigned = np.dtype(self.dtype.str.replace("i", "u"))
+        limit = self._vocab
+        if self.dtype.kind == "i":
+            limit = min(limit or 1 << 31, 1 << 31)
+        self._id_limit = limit if limit is not None and limit <= np.iinfo(self._unsigned).max else None
 
     def _corrupt(self, what: str, sequence: int | None = None):
         at = "" if sequence is None else f"packed sequence {sequence}: "
@@ -236,18 +245,15 @@ class _Shard:
             if held != int(s):
                 self._corrupt(f"its {key} count is {s}, its groups hold {held}", j)
 
-    def _check_ids(self, span: np.ndarray, j: int) -> None:
-        """DatasetFormatError naming the .bin and sequence j where `span` (its tokens) holds an id
-        outside [0, vocab_size) of the shard's metadata (only negatives where it names none)."""
-        if not span.size:
-            return
+    def _bad_id(self, span: np.ndarray, j: int):
+        """DatasetFormatError naming the .bin and sequence j, whose tokens `span` hold an id outside
+        [0, vocab_size) of the shard's metadata (only negatives where it names none)."""
         low, high = int(span.min()), int(span.max())
-        if low < 0 or (self._vocab is not None and high >= self._vocab):
-            bad = low if low < 0 else high
-            within = f"0..{self._vocab - 1}, the vocabulary it was built with" if self._vocab else "non-negative ids"
-            raise DatasetFormatError(f"{self._bin_path}: packed sequence {j}: token id {bad} at token "
-                                     f"{int(np.flatnonzero(span == bad)[0])} of its {span.size}, outside {within} "
-                                     "(corrupt; rebuild the shard)")
+        bad = low if low < 0 else high
+        within = f"0..{self._vocab - 1}, the vocabulary it was built with" if self._vocab else "non-negative ids"
+        raise DatasetFormatError(f"{self._bin_path}: packed sequence {j}: token id {bad} at token "
+                                 f"{int(np.flatnonzero(span == bad)[0])} of its {span.size}, outside {within} "
+                                 "(corrupt; rebuild the shard)")
 
     def sequence_counts(self) -> dict:
         """COUNTS of every sequence (int64 arrays): read from a version-2 index, else computed."""
@@ -268,9 +274,10 @@ class _Shard:
         piece), into one array the groups' pieces view."""
         bounds = (si.piece_tokens - si.piece_tokens[0]).tolist()
         t0 = int(si.piece_tokens[0])
-        span = self._files.read(self._bin_path, self._bin_stat, t0 * self.dtype.itemsize, bounds[-1],
-                                self.dtype).astype(np.int32, copy=False)
-        self._check_ids(span, si.sequence)
+        raw = self._files.read(self._bin_path, self._bin_stat, t0 * self.dtype.itemsize, bounds[-1], self.dtype)
+        if self._id_limit is not None and raw.size and int(raw.view(self._unsigned).max()) >= self._id_limit:
+            self._bad_id(raw.astype(np.int32), si.sequence)
+        span = raw.astype(np.int32, copy=False)
         pieces = [span[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         labels = si.piece_label
         firsts = (si.group_pieces - si.group_pieces[0]).tolist()

@@ -594,23 +594,45 @@ def test_a_rebuild_putting_its_shard_in_place_while_the_dataset_opens_is_refused
     assert swapped
 
 
-@pytest.mark.parametrize("vocab, bad", [(300, 300), (300, 0xFFFF), (70_000, 70_000), (70_000, -1)])
-def test_a_token_id_outside_the_vocabulary_is_named_with_its_file_and_sequence(tmp_path, vocab, bad):
+@pytest.mark.parametrize("vocab, bad, order, named", [
+    (300, 300, "<", True), (300, 0xFFFF, "<", True), (70_000, 70_000, "<", True), (70_000, -1, "<", True),
+    (300, 300, ">", True), (70_000, 70_000, ">", True), (70_000, -1, ">", True), (70_000, -1, "<", False),
+    (70_000, 70_000, "<", False), (300, 0xFFFF, "<", False)])
+def test_a_token_id_outside_the_vocabulary_is_named_with_its_file_and_sequence(tmp_path, vocab, bad, order, named):
     """The writer refuses ids outside [0, vocab_size); one read back is a damaged .bin (a flipped
     bit), which reached the model's embedding unnamed: a CUDA device-side assert that kills the run.
-    uint16 tokens (vocab 300) and int32 ones (vocab past 65536)."""
+    uint16 tokens (vocab 300) and int32 ones (vocab past 65536), in either byte order (the ids are
+    checked as stored); a shard whose metadata names no vocabulary: negative ids only."""
+    import json
+
     packed = PackedGroups(random_groups(5, 60, vocab), SEQ)
     write(tmp_path / "p", packed, vocab=vocab)
-    ds = IndexedDataset(tmp_path)
-    assert ds.shards[0].dtype.itemsize == (2 if vocab <= 1 << 16 else 4)
+    dtype = IndexedDataset(tmp_path).shards[0].dtype
+    assert dtype.itemsize == (2 if vocab <= 1 << 16 else 4)
+    stored = dtype.newbyteorder(order)
+    if order == ">":
+        b = tmp_path / "p.bin"
+        b.write_bytes(np.fromfile(b, dtype).astype(stored).tobytes())
+        with open(tmp_path / "p.idx", "r+b") as f:
+            f.seek(16)
+            f.write(stored.str.encode().ljust(8, b"\0"))
+    if not named:
+        meta = json.loads((tmp_path / "p.json").read_text())
+        del meta["vocab_size"]
+        (tmp_path / "p.json").write_text(json.dumps(meta))
     j = 3
     token = sum(len(packed.groups[g]) for p in packed.plan[:j] for g in p) + 2  # the third token of sequence 3
-    raw = np.memmap(tmp_path / "p.bin", dtype=ds.shards[0].dtype, mode="r+")
+    raw = np.memmap(tmp_path / "p.bin", dtype=stored, mode="r+")
     raw[token] = bad
     raw.flush()
     del raw
     ds = IndexedDataset(tmp_path)
     same_groups(ds.sequences([j - 1, j + 1]), packed.sequences([j - 1, j + 1]))  # the others read as written
+    if not named and bad >= 0:  # no vocabulary to hold it against
+        tokens = np.concatenate([np.concatenate([g.prefix, *g.candidates]) for g in ds.sequences([j])[0]])
+        assert tokens[2] == bad
+        return
+    within = rf"0\.\.{vocab - 1}" if named else "non-negative ids"
     with pytest.raises(DatasetFormatError, match=rf"p\.bin: packed sequence {j}: token id {bad} at token 2 of "
-                                                 rf"its \d+, outside 0\.\.{vocab - 1}"):
+                                                 rf"its \d+, outside {within}"):
         ds.sequences([j])
