@@ -492,13 +492,19 @@ def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = ""
 OPTIONAL_PREFIXES = ("lm_head.",)
 
 
-def _tensor_keys(path) -> set[str]:
+def _tensor_shapes(path) -> dict[str, tuple]:
+    """The global shape of each tensor of a step, by key (its .metadata)."""
     from megatron.core import dist_checkpointing
 
     try:
-        return set(dist_checkpointing.load_tensors_metadata(str(path)))
+        found = dist_checkpointing.load_tensors_metadata(str(path))
     except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata / metadata.json
         raise _damaged(path, e) from e
+    return {key: tuple(getattr(t, "global_shape", ())) for key, t in found.items()}
+
+
+def _tensor_keys(path) -> set[str]:
+    return set(_tensor_shapes(path))
 
 
 def has_lm_head(path: str) -> bool:
@@ -530,6 +536,58 @@ def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
     return kept
 
 
+def _other_shapes(path: Path, chunks) -> CheckpointError | None:
+    """The error for a load refused because tensors of the step have other global shapes than this
+    model's (megatron: "Global shape mismatch"), None where they agree. The model settings that make
+    them are compared before any load (check_model_matches); what is left is the vocabulary's padding:
+    its rows are padded to a multiple of parallel.tp (engine.parallelize.padded_vocab_size), so a step
+    saved at parallel.tp=2 with an odd model.vocab_size holds one row more than a TP1 model. Reported
+    as damaged files, the message said to move a good checkpoint away. Judged from this rank's shards:
+    rank 0, whose message a run prints, holds the embedding (the first stage)."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    try:
+        saved = _tensor_shapes(path)
+    except CheckpointError:
+        return None
+    here = {t.key: tuple(t.global_shape) for t in nested_values(_model_state(chunks)) if isinstance(t, ShardedTensor)}
+    differ = sorted((key, saved[key], shape) for key, shape in here.items() if key in saved and saved[key] != shape)
+    if not differ:
+        return None
+    shown = "; ".join(f"{key} {tuple(a)} there, {tuple(b)} here" for key, a, b in differ[:3])
+    shown += f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    vocab = getattr(_unwrap(chunks[0]), "real_vocab_size", None)
+    rows = {(a[0], b[0]) for _, a, b in differ if a[1:] == b[1:]}
+    if vocab and len(rows) == 1 and all(a[1:] == b[1:] for _, a, b in differ) and min(next(iter(rows))) >= vocab:
+        advice = _vocab_rows_advice(vocab, *next(iter(rows)))
+    else:
+        advice = f"it was saved with other model settings (recorded in {path / MODEL_FILE} where it has one)"
+    return CheckpointError(f"{path}: its tensors have other shapes than this run's model ({shown}); the files are "
+                           f"not damaged: {advice}")
+
+
+def _vocab_rows_advice(vocab: int, saved: int, here: int) -> str:
+    """What loads a step whose vocabulary tensors hold `saved` rows (model.vocab_size `vocab` padded)
+    into a model built with `here`."""
+    from types import SimpleNamespace
+
+    from megatron.core import parallel_state
+
+    from engine.parallelize import padded_vocab_size
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    what = (f"the vocabulary's rows (model.vocab_size={vocab}) are padded to a multiple of parallel.tp and "
+            f"model.make_vocab_size_divisible_by: {saved} rows in the step, {here} at this run's parallel.tp={tp}. ")
+    fits = [d for d in range(1, saved + 1) if saved % d == 0
+            and padded_vocab_size(SimpleNamespace(vocab_size=vocab, make_vocab_size_divisible_by=d), tp) == saved]
+    if fits:
+        return what + (f"Set model.make_vocab_size_divisible_by={fits[0]}: the model then has the step's {saved} rows "
+                       f"(those past the vocabulary are no token: it computes the same)")
+    return what + (f"No setting pads {vocab} to {saved} rows at parallel.tp={tp}: load it at a parallel.tp that "
+                   f"divides {saved}, with model.make_vocab_size_divisible_by set so that the rows are {saved}")
+
+
 def load(path: str, chunks, optimizer=None) -> dict:
     """Loads model weights (and optimizer state if given) into this layout; returns trainer state.
     A weights-only load (optimizer None) into a model with an LM head from a checkpoint without
@@ -552,7 +610,7 @@ def load(path: str, chunks, optimizer=None) -> dict:
         # EOF, a missing file), wrapped by torch.distributed.checkpoint in a CheckpointException
         if cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
             raise  # (a CheckpointException wraps any read failure: a truncated .metadata is an AssertionError)
-        raise _damaged(p, e) from e
+        raise (_other_shapes(p, chunks) or _damaged(p, e)) from e
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, c in zip(keys, chunks):
         module = _unwrap(c)
