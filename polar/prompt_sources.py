@@ -99,12 +99,13 @@ class TextSource:
                 offset += len(raw)
                 if self._progress is not None and not line_no % PROGRESS_LINES:
                     self._progress.update((self._scanned + offset) >> 20)
-            if kind == "text" and offset and offset == len(raw) and "\r" in text:
-                # a file whose lines end in "\r" alone (as records.py names it for JSONL) was one document
+            if kind == "text" and offset and offset == len(raw) and not raw.endswith(b"\n") and "\r" in text:
+                # A file whose lines end in "\r" alone (as records.py names it for JSONL) was one document.
+                # Only a file without any \n: one of a single line ending in \n has a \r of its own text.
                 crs = raw.count(b"\r")
-                raise SampleError(f"{path}: its only line holds {crs} carriage returns (\\r) and the file no \\n: "
-                                  "lines must end in \\n or \\r\\n, not \\r alone, or the whole file is one document "
-                                  "(convert the file: tr '\\r' '\\n')")
+                raise SampleError(f"{path}: its only line holds {crs} carriage return{'s' * (crs > 1)} (\\r) and "
+                                  "the file no \\n: lines must end in \\n or \\r\\n, not \\r alone, or the whole file "
+                                  "is one document (convert the file: tr '\\r' '\\n')")
         self.sizes.append(offset)
         self._scanned += offset
 

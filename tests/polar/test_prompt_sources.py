@@ -79,3 +79,11 @@ def test_a_text_file_whose_lines_end_in_a_carriage_return_alone_is_refused(tmp_p
     (tmp_path / "empty.txt").write_bytes(b"")
     src = TextSource([str(p), str(tmp_path / "empty.txt")], "text", "text")
     assert [src.get(d)[0] for d in range(len(src))] == ["first document", "second one"]
+    # one document ending in \n, a stray \r inside it, was refused, its message saying the file had no \n
+    one = tmp_path / "one.txt"
+    one.write_bytes(b"a single document with a stray\rcarriage return\n")
+    src = TextSource([str(one)], "text", "text")
+    assert [src.get(d)[0] for d in range(len(src))] == ["a single document with a stray\rcarriage return"]
+    one.write_bytes(b"doc one\rdoc two")  # no line end at all: one \r, named in the singular
+    with pytest.raises(SampleError, match=r"its only line holds 1 carriage return \(\\r\) and the file no \\n"):
+        TextSource([str(one)], "text", "text")
