@@ -374,6 +374,13 @@ def _check(q, k, v, layout):
     if k.shape[0] != s or k.shape[1] != b or k.shape[3] != d or hq % k.shape[2]:
         raise ValueError(f"shared_prefix_attention: k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} "
                          f"(hq must be a multiple of hkv)")
+    devices = {t.device for t in (q, k, v, layout)}
+    if len(devices) > 1:  # the schedule is built on the layout's device and read by the kernels beside q
+        raise ValueError(f"shared_prefix_attention: q, k, v and layout must be on one device, got q {q.device}, "
+                         f"k {k.device}, v {v.device}, layout {layout.device}")
+    if q.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"shared_prefix_attention: the Triton kernels take CUDA tensors (or CPU ones under "
+                         f"TRITON_INTERPRET=1); q is on {q.device}")
     if layout.shape != (b, 3, s):
         raise ValueError(f"shared_prefix_attention: layout must be [b, 3, s] = [{b}, 3, {s}], got {tuple(layout.shape)}")
     if max(q.numel(), k.numel()) >= 2**31:  # the kernels address elements with 32-bit offsets

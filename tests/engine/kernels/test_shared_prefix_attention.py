@@ -221,6 +221,16 @@ def test_more_row_head_pairs_than_the_grid_y_dimension_takes_are_refused():
         check(1024, 64)
 
 
+def test_layout_on_another_device_than_q_is_refused():
+    """The schedule is built on the layout's device and the kernels read it beside q: a CPU layout with
+    CUDA tensors failed inside Triton's launcher ('Pointer argument cannot be accessed'). Here the
+    layout is on the meta device and q, k, v on the CPU."""
+    layout = random_layout(70, 1, 1, (2, 3), p_max=5, c_max=4, pad_max=0)
+    q, k, v, _ = _inputs(71, layout, 2, 1, 16)
+    with pytest.raises(ValueError, match="must be on one device.*layout meta"):
+        spa.attention_fwd(q.float(), k.float(), v.float(), torch.empty_like(layout, device="meta"), 0.25)
+
+
 def test_backend_registration_is_lazy():
     code = ("import sys; from engine.model import shared_prefix_attention as m; m.get_backend('torch'); "
             "assert 'engine.kernels.shared_prefix_attention' not in sys.modules; "
@@ -231,6 +241,12 @@ def test_backend_registration_is_lazy():
             "if not torch.cuda.is_available():\n"
             "    try:\n        m.get_backend('triton')\n    except ValueError as e:\n        assert 'CUDA' in str(e), e\n"
             "    else:\n        raise SystemExit('triton backend accepted without a GPU or the interpreter')\n"
+            # called directly, the kernel says so too (before: Triton's driver failed to initialise)
+            "    from engine.kernels import shared_prefix_attention as spa\n"
+            "    q = torch.zeros(4, 1, 1, 16)\n"
+            "    try:\n        spa.attention_fwd(q, q, q, torch.zeros(1, 3, 4, dtype=torch.int32), 0.25)\n"
+            "    except ValueError as e:\n        assert 'CUDA tensors' in str(e) and 'TRITON_INTERPRET' in str(e), e\n"
+            "    else:\n        raise SystemExit('the kernel ran on CPU tensors without the interpreter')\n"
             "print('ok')")
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
