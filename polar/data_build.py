@@ -325,10 +325,24 @@ def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def _tokenizer_digest(tok) -> str:
+    """The tokenizer as the build id knows it, the same on every machine: "byte", or a digest of its
+    tokenizer.json's bytes and reward tokens' texts. Its size and special ids alone were one build for
+    another version of a tokenizer that keeps them and moves other ids, so a job array run again with
+    it kept the shards of the old (nothing rebuilt, rc 0) and built the rest with the new."""
+    path = getattr(tok, "path", None)
+    if path is None:
+        return "byte"
+    h = hashlib.sha256(Path(path).read_bytes())
+    h.update(json.dumps([tok.reward_sep_text, tok.reward_token_text]).encode())
+    return h.hexdigest()[:16]
+
+
 def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
     """The metadata that ties the N shards of one build together (engine/build_sets.py): the
     same on every machine running the same command. Inputs count by file name, size and lines,
-    not by path, which may differ between machines; the tokenizer by its ids, for the same reason.
+    not by path, which may differ between machines; the tokenizer by its ids and tokenizer_digest
+    (_tokenizer_digest), for the same reason.
     Not --on-error: a shard built under "fail" is the one "skip" builds of records none of which is
     bad, and a shard stopped by a bad record ("--on-error skip sets bad records aside", says the
     error) was refused when run again with skip, beside the shards built before it under fail."""
@@ -386,8 +400,8 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
 
     meta = {
         "format": "polar shared-prefix groups", "truncation": TRUNCATION_RULE,
-        "tokenizer": _tokenizer_dir(cfg.tokenizer), "bos_id": tok.bos_id, "reward_sep_id": tok.reward_sep_id,
-        "reward_token_id": tok.reward_token_id,
+        "tokenizer": _tokenizer_dir(cfg.tokenizer), "tokenizer_digest": _tokenizer_digest(tok), "bos_id": tok.bos_id,
+        "reward_sep_id": tok.reward_sep_id, "reward_token_id": tok.reward_token_id,
         "wrapper_default": cfg.wrapper, "max_length": cfg.max_length or cfg.seq_length,
         "max_response": cfg.max_response, "packing": cfg.packing, "seed": cfg.seed, "on_error": cfg.on_error,
         "chunk_records": chunk_records, "num_shards": num_shards, "shard_index": shard_index,

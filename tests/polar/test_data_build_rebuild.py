@@ -184,3 +184,33 @@ def test_shards_cut_by_another_truncation_rule_are_another_build(tmp_path, recor
     capsys.readouterr()
     assert build(*common, "--shard-index", 1) == 2
     assert "holds shards of another build (part-00000-of-00002)" in capsys.readouterr().err
+
+
+def test_shards_of_another_tokenizer_of_the_same_size_and_special_ids_are_another_build(tmp_path, records, capsys):
+    """The build id knew the tokenizer by its vocabulary size and special ids only: shards tokenized by
+    another tokenizer of the same ones (another version of a tokenizer, its ids moved) were one build, so a
+    resumed job array kept those of the old one (nothing rebuilt, rc 0) and built the rest with the new."""
+    from polar.tokenizer import load_tokenizer
+    from tests.polar.test_tokenizer import train_bpe
+
+    old = train_bpe(tmp_path / "old")
+    new = tmp_path / "new"
+    new.mkdir()
+    spec = json.loads((tmp_path / "old" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    vocab["a"], vocab["e"] = vocab["e"], vocab["a"]  # two ids swapped: same size, same special tokens
+    (new / "tokenizer.json").write_text(json.dumps(spec))
+    a, b = load_tokenizer(old), load_tokenizer(str(new))
+    assert (a.vocab_size, a.bos_id, a.pad_id, a.reward_sep_id, a.reward_token_id) == \
+        (b.vocab_size, b.bos_id, b.pad_id, b.reward_sep_id, b.reward_token_id)
+    assert list(a.encode("a sea")) != list(b.encode("a sea"))
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
+    assert build(*common, "--shard-index", 0, "--tokenizer", old) == 0
+    capsys.readouterr()
+    assert build(*common, "--shard-index", 0, "--tokenizer", new) == 2
+    assert "part-00000-of-00002.idx exists, a shard of another build" in capsys.readouterr().err
+    assert build(*common, "--shard-index", 1, "--tokenizer", new) == 2
+    assert "holds shards of another build (part-00000-of-00002)" in capsys.readouterr().err
+    assert build(*common, "--shard-index", 0, "--tokenizer", tmp_path / ".." / tmp_path.name / "old") == 0
+    assert "is already built by this build" in capsys.readouterr().out  # the same tokenizer by another path
