@@ -31,6 +31,10 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None, sour
     sources = {} if sources is None else sources
     cfg = load_config(EngineConfig, path, overrides, ignore=_recipe_sections(), check=False, sources=sources)
     run = _FineTuning(path, overrides) if _fine_tuning(path, overrides) else None
+    if run is not None:
+        # the run resumes from its own run_dir's newest step: fine-tuning's default is runs/finetune, where
+        # EngineConfig's runs/default (the quick start's pre-training run) had the plan resume another model
+        cfg.run_dir = run.cfg.run_dir
     follows_data = run is not None and run.cfg.data.seq_length == 0
     if follows_data:
         # EngineConfig's own default (1024) or the 0 the fine-tuning run reads as "from the data" stand in

@@ -216,3 +216,29 @@ def test_a_fine_tuning_length_without_its_data_is_asked_for(tmp_path, train, why
         f"polar plan: fine-tuning's data.seq_length follows the data, which the plan reads to find it ({why}): give "
         "data.seq_length=N, the length a run prints as `data.seq_length=N from the data` (the longest record as one "
         "group, in whole 256-token units, at least 1024)\n")
+
+
+def test_a_fine_tuning_plan_resumes_from_fine_tunings_run_dir_not_pre_trainings(tmp_path, small_run, capsys,
+                                                                                 monkeypatch):
+    """Fine-tuning's run_dir defaults to runs/finetune. The plan looked for a step to resume in
+    EngineConfig's runs/default, which the quick start's pre-training run fills, and so planned that run's
+    model instead of checkpoint.init_from's (found following the README: the quick start, then a plan of
+    fine-tuning a converted checkpoint)."""
+    monkeypatch.chdir(tmp_path)
+    pretrained = tmp_path / "runs" / "default"
+    shutil.copytree(small_run, pretrained)
+    config = pretrained / "config.yaml"
+    config.write_text(config.read_text().replace("num_layers: 3", "num_layers: 2"))  # a model of another shape
+    settings = [f"checkpoint.init_from={small_run / 'checkpoints'}", "finetune.train=prefs.jsonl",
+                "data.seq_length=1024", "--gpus", "2"]
+    assert plan.main(settings) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert SMALL_RUN_SHAPE in out and str(pretrained) not in out, out
+    assert out.startswith(f"model settings from {small_run / 'config.yaml'}: model.num_layers=3, "), out
+
+    fine_tuned = tmp_path / "runs" / "finetune"  # the fine-tuning run's own steps: it resumes them
+    shutil.copytree(pretrained, fine_tuned)
+    assert plan.main(settings) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert out.startswith(f"model settings from {fine_tuned.relative_to(tmp_path) / 'config.yaml'}: "
+                          "model.num_layers=2, "), out
