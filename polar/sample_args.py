@@ -141,8 +141,15 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
         ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
     if a.max_records is not None and a.max_records < 1:
         ap.error(f"--max-records must be at least 1, got {a.max_records}")
+    failures = a.failures or a.output + ".failures.jsonl"
+    # The run opens its failures file for writing, emptied, at its start: naming the output (or its
+    # settings record) there emptied the records of every earlier run, the summary still counting them
+    for what, path in (("the output", a.output), ("the output's settings record", a.output + ".run.json")):
+        if os.path.realpath(failures) == os.path.realpath(path):
+            ap.error(f"--failures {failures} is {path}, {what}: a run empties its failures file at its start; "
+                     "name another file (default: OUTPUT.failures.jsonl)")
     # `--corpus data/*.jsonl --output data/triplets.jsonl`: a rerun's glob takes the output in
-    written = {os.path.realpath(p) for p in (a.output, a.failures or a.output + ".failures.jsonl")}
+    written = {os.path.realpath(p) for p in (a.output, failures)}
     for flag, paths in (("--corpus", a.corpus), ("--instruction-prompts", a.instruction_prompts or [])):
         read = [p for p in paths if os.path.realpath(p) in written]
         if read:

@@ -262,7 +262,8 @@ def test_a_settings_record_that_is_no_json_object_is_named(tmp_path, content):
 
 
 @pytest.mark.parametrize("entries, expected", [
-    ([{"base_url": "http://h:1/v1"}, {"base_url": "http://h:1/v1", "model": "m"}], "entry 0: field 'model' is required"),
+    ([{"base_url": "http://h:1/v1"}, {"base_url": "http://h:1/v1", "model": "m"}],
+     "entry 0: field 'model' is required"),
     ([{"model": "a", "base_url": "http://h/v1", "temprature": 1}, {"model": "b", "base_url": "http://h/v1"}],
      "entry 0 ('a'): unknown field(s) temprature"),
     ([{"model": "a", "base_url": "http://h/v1"}, {"model": "b", "base_url": "http://h/v1", "kind": "chats"}],
@@ -559,6 +560,24 @@ def test_an_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, 
     assert e.value.code == 2
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_failures_naming_the_output_or_its_settings_record_is_refused(tmp_path, capsys):
+    """The run empties its failures file at its start: --failures OUTPUT emptied the records of the
+    earlier runs, and the summary still said the output held them."""
+    out = tmp_path / "o.jsonl"
+    with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
+        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(out))
+        assert sample.main(argv) == 0, capsys.readouterr().err
+        kept, settings = out.read_bytes(), (tmp_path / "o.jsonl.run.json").read_bytes()
+        for path, what in ((out, "the output"), (tmp_path / "o.jsonl.run.json", "the output's settings record")):
+            given = os.path.join(str(tmp_path), ".", path.name)  # another spelling of the same file
+            with pytest.raises(SystemExit) as e:
+                sample.main(argv + ["--num-prompts", "3", "--failures", given])
+            assert e.value.code == 2
+            assert f"--failures {given} is {path}, {what}: a run empties its failures file" in capsys.readouterr().err
+    assert out.read_bytes() == kept and len(_records(out)) == 2
+    assert (tmp_path / "o.jsonl.run.json").read_bytes() == settings
 
 
 def test_the_eta_of_a_run_stopped_by_max_records_is_the_time_to_that_stop(tmp_path):
