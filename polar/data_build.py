@@ -429,7 +429,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
     rejects_out, first_reject, results, digest = None, None, None, hashlib.sha256()
-    repeats = Repeats()
+    repeats = Repeats(name.parent)  # its rows spilled beside the shard, as the writer's index
     with SigtermStops() as stop:
         try:
             rejects_file.parent.mkdir(parents=True, exist_ok=True)
