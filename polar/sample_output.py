@@ -62,7 +62,7 @@ def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
         with open(path, encoding="utf-8") as f:
             try:
                 old = json.load(f)
-            except json.JSONDecodeError:
+            except ValueError:  # not JSON, or not UTF-8 (a UnicodeDecodeError was a traceback)
                 old = None
             if not isinstance(old, dict):
                 raise SampleError(f"{path}: not a settings record (a JSON object); delete it to start the settings "

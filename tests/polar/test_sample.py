@@ -253,10 +253,10 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
     assert json.loads(run_json.read_text())["corpus_bytes"] == [corpus.stat().st_size]
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", "{not json"])
+@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe{}"])
 def test_a_settings_record_that_is_no_json_object_is_named(tmp_path, content):
     path = tmp_path / "out.jsonl.run.json"
-    path.write_text(content)  # a list was an AttributeError traceback
+    path.write_bytes(content)  # a list was an AttributeError traceback, bytes that are no UTF-8 a UnicodeDecodeError
     with pytest.raises(SampleError, match=f"{path}: not a settings record \\(a JSON object\\); delete it"):
         check_settings(str(path), {"seed": 0}, allow_changed=False)
 
