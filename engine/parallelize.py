@@ -108,10 +108,16 @@ TRITON_HEAD_DIMS = (16, 32, 64, 128, 256)
 def resolve_attention_backend(name: str, on_cuda: bool, head_dim: int | None = None) -> str:
     """`auto`: the Triton shared-prefix kernel on a CUDA GPU when it takes this head dim, else the
     per-group torch path (one SDPA call per group and layer, and a host read of the layout per
-    micro-batch: fine on CPU, slow on a GPU). Any other name is returned as asked."""
+    micro-batch: fine on CPU, slow on a GPU). Any other name is returned as asked. A GPU before
+    compute capability 8.0 (V100, T4) gets `blocks` too: the Triton kernel refuses it, and `auto`
+    must not turn a card the engine runs on into a start-up error."""
     if name != "auto":
         return name
-    return "triton" if on_cuda and (head_dim is None or head_dim in TRITON_HEAD_DIMS) else "blocks"
+    if not on_cuda or (head_dim is not None and head_dim not in TRITON_HEAD_DIMS):
+        return "blocks"
+    import torch
+
+    return "triton" if torch.cuda.get_device_capability()[0] >= 8 else "blocks"
 
 
 def check_kernels(train: TrainConfig, on_cuda: bool, head_dim: int | None = None) -> str:

@@ -132,11 +132,18 @@ def test_check_kernels_cuda_without_build_says_how_to_build(monkeypatch):
 
 def test_auto_attention_is_triton_on_a_gpu_where_its_head_dims_fit_and_blocks_elsewhere(monkeypatch):
     from engine.config import TrainConfig
+    import torch
+
     from engine.parallelize import check_kernels, resolve_attention_backend
 
     assert TrainConfig().attention_backend == "auto"
     assert resolve_attention_backend("auto", on_cuda=False, head_dim=64) == "blocks"
+    # no GPU here: the card's compute capability is the one thing stood in for
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
     assert resolve_attention_backend("auto", on_cuda=True, head_dim=64) == "triton"
+    # a V100 / T4 (7.x): the Triton kernel refuses it, so auto must not pick it and stop the run
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert resolve_attention_backend("auto", on_cuda=True, head_dim=64) == "blocks"
     assert resolve_attention_backend("auto", on_cuda=True, head_dim=96) == "blocks"  # not a Triton head dim
     assert resolve_attention_backend("torch", on_cuda=True, head_dim=64) == "torch"  # asked for: kept
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
