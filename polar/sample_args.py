@@ -130,15 +130,17 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
         ap.error(f"--instruction-share must lie in [0, 1], got {a.instruction_share}")
     if not 0.0 < a.top_p <= 1.0:
         ap.error(f"--top-p must lie in (0, 1], got {a.top_p}")
-    if a.temperature < 0 or a.max_retries < 0 or a.request_timeout <= 0 or a.retry_base < 0 or a.loop_min_chars < 0:
-        ap.error("--temperature, --max-retries, --retry-base and --loop-min-chars must be >= 0, "
-                 "--request-timeout > 0")
+    # one message naming all five left the reader to find which value was wrong
+    for flag, v in {"--temperature": a.temperature, "--max-retries": a.max_retries, "--retry-base": a.retry_base,
+                    "--retry-cap": a.retry_cap, "--loop-min-chars": a.loop_min_chars}.items():
+        if v < 0:
+            ap.error(f"{flag} must be >= 0, got {v}")
+    if a.request_timeout <= 0:
+        ap.error(f"--request-timeout must be > 0 seconds, got {a.request_timeout}")
     if not a.progress_interval > 0:  # 0 printed a progress line on every turn of the event loop
         ap.error(f"--progress-interval must be > 0 seconds, got {a.progress_interval}")
     if a.request_timeout > MAX_REQUEST_TIMEOUT:
         ap.error(f"--request-timeout must be at most {MAX_REQUEST_TIMEOUT:g} seconds, got {a.request_timeout:g}")
-    if a.retry_cap < 0:
-        ap.error(f"--retry-cap must be >= 0, got {a.retry_cap}")
     if a.max_records is not None and a.max_records < 1:
         ap.error(f"--max-records must be at least 1, got {a.max_records}")
     failures = a.failures or a.output + ".failures.jsonl"

@@ -552,7 +552,11 @@ def test_a_progress_interval_that_is_not_positive_is_refused(tmp_path, capsys, v
     ("--request-timeout", "inf", "--request-timeout must be a finite number, got inf"),  # was a traceback
     ("--request-timeout", "1e12", "--request-timeout must be at most 1e+09 seconds, got 1e+12"),
     # one copy is no loop: truncate_loop read past the text's start, an IndexError at the first completion
-    ("--loop-min-repeats", "1", "--loop-min-repeats must be at least 2, got 1")])
+    ("--loop-min-repeats", "1", "--loop-min-repeats must be at least 2, got 1"),
+    # one message named five options, leaving the reader to find the wrong one
+    ("--max-retries", "-1", "--max-retries must be >= 0, got -1"),
+    ("--loop-min-chars", "-2", "--loop-min-chars must be >= 0, got -2"),
+    ("--request-timeout", "0", "--request-timeout must be > 0 seconds, got 0.0")])
 def test_an_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, value, expected):
     argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"), flag, value)
     with pytest.raises(SystemExit) as e:
