@@ -19,7 +19,8 @@ rejected) is an error that writes no shard; one shard of several (--num-shards) 
 the same, with a note. Which rejects list a build writes, and what a rebuild (--force) does with
 the list of the shard it replaces, is polar/build_rejects.py's; a SIGTERM stop, polar/build_stop.py's.
 A shard already there is kept when it is this build's (the same command run again: a job array
-resubmitted after some of its shards failed), else refused unless --force.
+resubmitted after some of its shards failed) and its chunks' input bytes are the ones it was built
+from (read again, not parsed), else refused unless --force.
 
 Determinism: the input lines (files in the order given, directories as their sorted *.jsonl in any
 case; their other files are named on stderr, not read) are cut into chunks of --chunk-records
@@ -93,6 +94,7 @@ class ChunkResult:
     # per group, in input order: its record's id and records.record_digest (two uint64s)
     record_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     digests: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), np.uint64))
+    read_sha256: bytes = b""  # of the chunk's bytes as read (_read_digest)
 
 
 # ---- worker side --------------------------------------------------------------------------------
@@ -136,7 +138,7 @@ def process_chunk(chunk: Chunk) -> ChunkResult:
         raise InputChanged(f"{chunk.file}: {os.path.getsize(chunk.file)} bytes, fewer than the {chunk.end} the "
                            f"build scanned (from line {chunk.first_line} on): {CHANGED}")
     edge, data = data[:before], data[before:]
-    res = ChunkResult(chunk.index, 0, len(data))
+    res = ChunkResult(chunk.index, 0, len(data), read_sha256=hashlib.sha256(data).digest())
     if chunk.start == 0:
         data = strip_bom(data)
     lines = data.split(b"\n")
@@ -338,6 +340,31 @@ def _tokenizer_digest(tok) -> str:
     return h.hexdigest()[:16]
 
 
+def _read_digest(chunks, quiet: bool) -> str:
+    """What a shard records of the input bytes it was built from (its metadata's input_sha256): the
+    digest of its chunks' own, read again here without parsing. The build id knows the inputs by
+    name, size and lines, the same for an input rewritten since (regenerated, its lines in another
+    order), whose shards a build run again kept as its own, where a fresh build makes others."""
+    from polar.data_chunks import ScanProgress
+
+    progress = ScanProgress(chunks.bytes, quiet, what="checking the kept shard's input bytes")
+    h = hashlib.sha256()
+    for c in chunks:
+        one = hashlib.sha256()
+        with open(c.file, "rb") as f:
+            f.seek(c.start)
+            left = c.end - c.start
+            while left:
+                block = f.read(min(left, 1 << 24))
+                if not block:
+                    break
+                one.update(block)
+                left -= len(block)
+                progress(len(block))
+        h.update(one.digest())
+    return h.hexdigest()
+
+
 def _build_set(meta: dict, cfg: BuildConfig, vocab_size: int) -> dict:
     """The metadata that ties the N shards of one build together (engine/build_sets.py): the
     same on every machine running the same command. Inputs count by file name, size and lines,
@@ -410,10 +437,14 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     meta["build"] = _build_set(meta, cfg, tok.vocab_size)
     if existing:
         kept = _shard_meta(name)
-        if (kept.get("build") or {}).get("id") == meta["build"]["id"]:
-            return {**kept, "path": str(name), "kept": True}
-        raise FileExistsError(f"{name}.idx exists, a shard of another build (other settings or inputs): remove "
-                              "the shard or pass --force")
+        if (kept.get("build") or {}).get("id") != meta["build"]["id"]:
+            raise FileExistsError(f"{name}.idx exists, a shard of another build (other settings or inputs): "
+                                  "remove the shard or pass --force")
+        if kept.get("input_sha256") != _read_digest(mine, quiet):
+            raise FileExistsError(f"{name}.idx exists, built from other bytes than its inputs' lines hold now (an "
+                                  "input rewritten with the same name, size and line count, its lines reordered?): "
+                                  "remove the shard or pass --force")
+        return {**kept, "path": str(name), "kept": True}
     # The shard this build replaces (--force) is no leftover: its name is taken over whole.
     others = [o for o in foreign_shards(Path(output), meta["build"]["id"]) if not (force and o == name.name)]
     if others:
@@ -428,7 +459,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     progress = _Progress(mine.bytes, quiet)
     counts = dict(lines=0, blank=0, records=0, rejected=0, too_long=0, prompts_shortened=0, prompt_tokens_cut=0,
                   responses_cut=0, prompts_cut=0, groups=0, candidates=0, tokens=0)
-    rejects_out, first_reject, results, digest = None, None, None, hashlib.sha256()
+    rejects_out, first_reject, results, digest, read = None, None, None, hashlib.sha256(), hashlib.sha256()
     repeats = Repeats(name.parent)  # its rows spilled beside the shard, as the writer's index
     with SigtermStops() as stop:
         try:
@@ -456,6 +487,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 counts["candidates"] += res.candidates
                 counts["tokens"] += res.tokens
                 repeats.add(res.record_ids, res.digests)
+                read.update(res.read_sha256)
                 progress.update(res)
             if rejects_out:
                 rejects_out.close()
@@ -475,6 +507,7 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
                 raise ValueError(_no_group(files, counts, first_reject, where, old))
             counts["duplicates"], shown = repeats.find(sources)
             writer.meta["counts"] = {**counts, "sequences": writer.num_sequences}
+            writer.meta["input_sha256"] = read.hexdigest()  # what a run of this command again checks to keep it
             writer.meta["duplicates_first"] = shown  # [record, the earlier one it repeats], file:line each
             # absolute: a rebuild (--force) run from another directory finds it the list it replaces
             writer.meta["rejects_file"] = os.path.abspath(rejects_file) if counts["rejected"] else None

@@ -214,3 +214,22 @@ def test_shards_of_another_tokenizer_of_the_same_size_and_special_ids_are_anothe
     assert "holds shards of another build (part-00000-of-00002)" in capsys.readouterr().err
     assert build(*common, "--shard-index", 0, "--tokenizer", tmp_path / ".." / tmp_path.name / "old") == 0
     assert "is already built by this build" in capsys.readouterr().out  # the same tokenizer by another path
+
+
+def test_a_shard_built_from_an_input_since_rewritten_is_not_kept(tmp_path, records, capsys):
+    """The build id knows the inputs by name, size and lines: an input regenerated with its lines in
+    another order is the same build, and its shards, kept by a run of their command again, hold other
+    records than a fresh build puts there (those of other shards, read twice by training)."""
+    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
+    common = [src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
+    assert build(*common, "--shard-index", 0) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()}
+    write_jsonl(tmp_path / "r.jsonl", records[:40][::-1])
+    capsys.readouterr()
+    assert build(*common, "--shard-index", 0) == 2
+    assert ("part-00000-of-00002.idx exists, built from other bytes than its inputs' lines hold now (an input "
+            "rewritten with the same name, size and line count") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ds").iterdir()} == before
+    assert build(*common, "--shard-index", 0, "--force") == 0  # rebuilt from the bytes there now
+    assert build(*common, "--shard-index", 0) == 0
+    assert "is already built by this build" in capsys.readouterr().out
