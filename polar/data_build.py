@@ -673,8 +673,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if meta.get("kept"):
+        # --on-error is no part of the build id (a shard stopped under fail is built again with skip), so a
+        # shard kept by a command that says fail may hold fewer records than its lines: said, not dropped unsaid
+        rejected = (meta.get("counts") or {}).get("rejected")
+        aside = (f"; it was built with --on-error skip, {rejected:,} bad record{'s' * (rejected != 1)} set aside, "
+                 f"listed in {meta.get('rejects_file')}" if rejected else "")
         print(f"{meta['path']} is already built by this build ({meta['build']['id']}: the same inputs and "
-              "settings): kept, nothing done; --force builds it again")
+              f"settings): kept, nothing done; --force builds it again{aside}")
         return 0
     print(_summary(meta, args.workers))
     return 0

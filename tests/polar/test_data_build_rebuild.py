@@ -164,6 +164,10 @@ def test_a_build_resumes_shard_by_shard(tmp_path, records, capsys):
         assert build(*common, "--shard-index", i, "--on-error", "skip") == 0
         assert (f"part-0000{i}-of-00002 is already built by this build ({ds.shards[i].meta['build']['id']}: the "
                 "same inputs and settings): kept, nothing done; --force builds it again") in capsys.readouterr().out
+    # the array's first command, under fail: shard 1 is kept, its record set aside said, not dropped unsaid
+    assert build(*common, "--shard-index", 1) == 0
+    assert ("--force builds it again; it was built with --on-error skip, 1 bad record set aside, listed in "
+            f"{tmp_path / 'ds' / 'part-00001-of-00002.rejects.jsonl'}") in capsys.readouterr().out
     assert build(*common, "--shard-index", 0, "--seed", 1) == 2
     assert ("part-00000-of-00002.idx exists, a shard of another build (other settings or inputs): remove the shard "
             "or pass --force") in capsys.readouterr().err
