@@ -27,6 +27,7 @@ import codecs
 import hashlib
 import json
 import os
+import shlex
 import stat
 import sys
 from dataclasses import dataclass, field
@@ -349,13 +350,15 @@ def compressed_problem(path: str, what: str = "JSONL text") -> str:
     was a reject of its own ("invalid UTF-8", "not valid JSON"), its newlines split one too many."""
     found = compressed_format(path)
     if found:
-        return f"{found[0]}-compressed, not {what}: decompress it first ({found[1]} {path})"
+        return f"{found[0]}-compressed, not {what}: decompress it first ({found[1]} {shlex.quote(path)})"
     with open(path, "rb") as f:
         wide = wide_encoding(f.read(4))
     if wide:
         stem, dot, ext = os.path.basename(path).rpartition(".")
         copy = os.path.join(os.path.dirname(path), f"{stem}.utf8.{ext}" if dot and stem else f"{ext}.utf8")
-        return f"{wide} text, not UTF-8 {what}: convert it first (iconv -f {wide} -t UTF-8 {path} > {copy})"
+        # quoted: a command to paste, which a path with a space or a quote in it broke
+        return (f"{wide} text, not UTF-8 {what}: convert it first (iconv -f {wide} -t UTF-8 {shlex.quote(path)} > "
+                f"{shlex.quote(copy)})")
     return ""
 
 

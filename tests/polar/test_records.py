@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import shutil
 
 import pytest
 
@@ -201,6 +202,27 @@ def test_utf16_or_utf32_text_is_one_error_naming_its_conversion(tmp_path, encodi
     if shutil.which("iconv"):
         subprocess.run(f"iconv -f {named} -t UTF-8 {p} > {tmp_path}/r.utf8.jsonl", shell=True, check=True)
         assert len(list(read_records(str(tmp_path / "r.utf8.jsonl")))) == 3
+
+
+@pytest.mark.skipif(not (shutil.which("iconv") and shutil.which("gunzip")), reason="runs the named commands")
+def test_the_command_named_for_a_file_runs_where_its_path_has_a_space_or_a_quote(tmp_path):
+    """The iconv (and gunzip) command of the message is one to paste: a path with a space or a quote
+    split into other words in a shell, so it converted nothing."""
+    import gzip
+    import re
+    import subprocess
+
+    d = tmp_path / "my data's"
+    d.mkdir()
+    wide, packed = d / "r 1.jsonl", d / "r 2.jsonl.gz"
+    wide.write_text((json.dumps(GOOD) + "\n") * 3, encoding="utf-16")
+    packed.write_bytes(gzip.compress((json.dumps(GOOD) + "\n").encode()))
+    for p, out in ((wide, d / "r 1.utf8.jsonl"), (packed, d / "r 2.jsonl")):
+        with pytest.raises(RecordError) as e:
+            list(read_records(str(p)))
+        command = re.search(r"first \((.*)\)$", str(e.value)).group(1)
+        subprocess.run(command, shell=True, check=True, cwd=tmp_path)
+        assert len(list(read_records(str(out)))) == (3 if p == wide else 1)
 
 
 def test_text_opening_with_nul_free_ascii_or_a_utf8_bom_is_read_as_utf8(tmp_path):
