@@ -39,7 +39,7 @@ def parse_args(argv=None, prog: str = "polar eval"):
                     help="auto: bf16 on a GPU, fp32 on CPU")
     ap.add_argument("--progress-s", type=float, default=30.0,
                     help="seconds between progress lines while scoring (default 30; 0: after every schedule call)")
-    ap.add_argument("--nproc", type=int, default=1, help="processes on this machine (torchrun when > 1)")
+    ap.add_argument("--nproc", type=count_at_least(1), default=1, help="processes on this machine (torchrun when > 1)")
     args = ap.parse_args(argv)
     from polar.client_limits import usage_check
 

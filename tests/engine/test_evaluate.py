@@ -100,7 +100,7 @@ def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path
 
 
 @pytest.mark.parametrize("args", [["--max-length", "-5"], ["--max-response-length", "-1"], ["--seq-length", "-1"],
-                                  ["--tp", "0"], ["--pp", "0"]])
+                                  ["--tp", "0"], ["--pp", "0"], ["--nproc", "0"], ["--nproc", "-2"]])
 def test_a_negative_length_or_an_empty_layout_is_an_argument_error(args, capsys):
     from engine.evaluate import parse_args
 
