@@ -461,21 +461,11 @@ def main(argv: list[str]) -> int:
     ap = build_parser()
     a = ap.parse_args(argv)
     check_args(ap, a)
-    lock = None
+    lock, made = None, []
     try:
-        policies = load_pool(a.pool)
-        tokenizer = _load_tokenizer(a.tokenizer)
-        corpus = TextSource(a.corpus, a.corpus_format, a.text_field, _log, a.progress_interval, "--corpus")
-        if not len(corpus):
-            raise SampleError(f"--corpus {' '.join(a.corpus)}: no non-empty documents")
-        instructions = None
-        if a.instruction_prompts:
-            instructions = TextSource(a.instruction_prompts, a.corpus_format, a.instruction_field, _log,
-                                      a.progress_interval, "--instruction-prompts")
-            if not len(instructions):
-                raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
-        sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
-        settings = record_settings(a, policies, sampling, corpus, instructions)
+        # The output's place and lock come before the prompt files, whose check reads every line (minutes
+        # for tens of GB): a second run on a busy output, or an output where nothing can be written, was
+        # told so only after that check.
         failures = a.failures or a.output + ".failures.jsonl"
         for flag, path in (("--output", a.output), ("--failures", failures)):
             if os.path.isdir(path):
@@ -489,16 +479,33 @@ def main(argv: list[str]) -> int:
                 raise SampleError(f"{flag} {path}: {parent} is a file, not a directory") from None
             except OSError as e:
                 raise SampleError(f"{flag} {path}: cannot make its directory {parent}: {e.strerror or e}") from None
+        made = [p for p in (a.output, failures) if not os.path.exists(p)]
         # before the settings record, which a second run with other settings would overwrite
         lock = lock_output(a.output)
         try:  # the run opens it once its prompts are ready: there, a failure was a traceback
             open(failures, "a").close()
         except OSError as e:
             raise SampleError(f"--failures {failures}: cannot write: {e.strerror or e}") from None
+        policies = load_pool(a.pool)
+        tokenizer = _load_tokenizer(a.tokenizer)
+        corpus = TextSource(a.corpus, a.corpus_format, a.text_field, _log, a.progress_interval, "--corpus")
+        if not len(corpus):
+            raise SampleError(f"--corpus {' '.join(a.corpus)}: no non-empty documents")
+        instructions = None
+        if a.instruction_prompts:
+            instructions = TextSource(a.instruction_prompts, a.corpus_format, a.instruction_field, _log,
+                                      a.progress_interval, "--instruction-prompts")
+            if not len(instructions):
+                raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
+        sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
+        settings = record_settings(a, policies, sampling, corpus, instructions)
         check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
         done = read_done_ids(a.output, _log, a.progress_interval)
     except (SampleError, PoolError) as e:
         if lock is not None:
+            for path in made:  # made empty by this run, which stops before its first prompt (a bad corpus)
+                if os.path.exists(path) and not os.path.getsize(path):
+                    os.remove(path)
             os.close(lock)
         print(f"polar sample: error: {e}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import yaml
 from polar import sample
 from polar.policy_pool import PoolError, load_pool
 from polar.prompt_sources import SampleError, token_prefix
+from polar.records import append_locked
 from polar.repetition import truncate_loop
 from polar.sample import request_seed
 from polar.sample_output import check_settings, read_done_ids
@@ -349,6 +350,29 @@ def test_bad_corpus_lines_name_file_and_line(tmp_path, capsys, name, content, ex
                       "--num-prompts", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and expected in err, err
+    assert sorted(os.listdir(tmp_path)) == sorted([name, "pool.yaml"])  # the output's files made empty are gone
+
+
+def test_a_busy_or_unwritable_output_is_named_before_the_prompt_files_are_read(tmp_path, capsys):
+    """Checking the prompt files reads every line (minutes for tens of GB): a second run on an output
+    that another run writes, or an output where no file can be made, was told so only after it."""
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text('{"text": "fine"}\n{"text": broken\n')  # read, it would be the error named
+    pool = tmp_path / "pool.yaml"
+    pool.write_text(yaml.safe_dump([{"model": m, "base_url": "http://127.0.0.1:9/v1"} for m in "ab"]))
+    out = tmp_path / "o.jsonl"
+    argv = ["--corpus", str(corpus), "--pool", str(pool), "--num-prompts", "1", "--output"]
+    held = append_locked(str(out), "polar sample")  # another run writing it
+    try:
+        assert sample.main(argv + [str(out)]) == 2
+    finally:
+        os.close(held)
+    assert f"{out}: another polar sample is writing this output" in capsys.readouterr().err
+    assert sample.main(argv + ["/proc/x.jsonl"]) == 2  # as a read-only mount (root writes any directory)
+    assert "/proc/x.jsonl: cannot write the output: " in capsys.readouterr().err
+    assert sample.main(argv + [str(out)]) == 2
+    assert "c.jsonl:2: not valid JSON" in capsys.readouterr().err
+    assert out.exists() and not out.stat().st_size  # there before this run: kept
 
 
 def test_truncate_loop_refuses_a_single_copy_as_a_loop():
