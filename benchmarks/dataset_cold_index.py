@@ -63,7 +63,7 @@ def mapped_reader(ds: IndexedDataset):
         g0, g1 = int(sg[j]), int(sg[j + 1])
         gp = np.array(gpa[g0:g1 + 1])
         p0, p1 = int(gp[0]), int(gp[-1])
-        si = SequenceIndex(g0, g1, gp, np.array(pta[p0:p1 + 1]), np.array(pla[p0:p1]))
+        si = SequenceIndex(g0, g1, gp, np.array(pta[p0:p1 + 1]), np.array(pla[p0:p1]), j)
         shard.check_sequence(j, si, [c[j] for c in counts])
         return shard.read_groups(si)
     return read
