@@ -172,7 +172,8 @@ def backoff_delay(attempt: int, base: float, cap: float, rng: random.Random,
     failed together, instead of sending them back at the same instant. A server's Retry-After is a
     floor, capped like the rest.
     """
-    delay = rng.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+    # the exponent is bounded: base * 2.0 ** 1024 overflows a float (a run with --max-retries past 1024)
+    delay = rng.uniform(0, min(cap, base * 2 ** min(attempt - 1, 60)))
     if retry_after is not None:
         delay = max(delay, min(retry_after, cap))
     return delay
