@@ -113,10 +113,23 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
+# the tensors whose rows are the vocabulary's, padded to a multiple of parallel.tp (and model.
+# make_vocab_size_divisible_by; engine.parallelize.padded_vocab_size): a step saved at one TP holds
+# another row count than a model at another TP when model.vocab_size is not a multiple of both.
+# megatron loads its embedding across that (allow_shape_mismatch: the rows both have are read, the
+# others start at zero; the rows past the vocabulary are no token), as it does its own output layer;
+# the LM head (train.aux_lm_weight > 0) is a layer of this engine's, marked the same way
+VOCAB_ROWS = ("lm_head.weight",)
+
+
 def _model_state(chunks) -> dict:
-    if len(chunks) == 1:
-        return {"model": _unwrap(chunks[0]).sharded_state_dict()}
-    return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
+    state = ({"model": _unwrap(chunks[0]).sharded_state_dict()} if len(chunks) == 1 else
+             {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)})
+    for sd in state.values():
+        for name in VOCAB_ROWS:
+            if name in sd:  # its optimizer state, made from it, is marked too
+                sd[name].allow_shape_mismatch = True
+    return state
 
 
 # the models (their first chunk) whose first save checked the sharding's integrity: held weakly, so
@@ -538,12 +551,9 @@ def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
 
 def _other_shapes(path: Path, chunks) -> CheckpointError | None:
     """The error for a load refused because tensors of the step have other global shapes than this
-    model's (megatron: "Global shape mismatch"), None where they agree. The model settings that make
-    them are compared before any load (check_model_matches); what is left is the vocabulary's padding:
-    its rows are padded to a multiple of parallel.tp (engine.parallelize.padded_vocab_size), so a step
-    saved at parallel.tp=2 with an odd model.vocab_size holds one row more than a TP1 model. Reported
-    as damaged files, the message said to move a good checkpoint away. Judged from this rank's shards:
-    rank 0, whose message a run prints, holds the embedding (the first stage)."""
+    model's (megatron: "Global shape mismatch"), None where they agree: a step of another model
+    (its settings are compared before a run's load, check_model_matches; not by every caller), not
+    damaged files, which the message said, advising to move a good checkpoint away."""
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -551,41 +561,33 @@ def _other_shapes(path: Path, chunks) -> CheckpointError | None:
         saved = _tensor_shapes(path)
     except CheckpointError:
         return None
-    here = {t.key: tuple(t.global_shape) for t in nested_values(_model_state(chunks)) if isinstance(t, ShardedTensor)}
+    here = {t.key: tuple(t.global_shape) for t in nested_values(_model_state(chunks))
+            if isinstance(t, ShardedTensor) and not t.allow_shape_mismatch}
     differ = sorted((key, saved[key], shape) for key, shape in here.items() if key in saved and saved[key] != shape)
     if not differ:
         return None
-    shown = "; ".join(f"{key} {tuple(a)} there, {tuple(b)} here" for key, a, b in differ[:3])
+    shown = "; ".join(f"{key} {a} there, {b} here" for key, a, b in differ[:3])
     shown += f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-    vocab = getattr(_unwrap(chunks[0]), "real_vocab_size", None)
-    rows = {(a[0], b[0]) for _, a, b in differ if a[1:] == b[1:]}
-    if vocab and len(rows) == 1 and all(a[1:] == b[1:] for _, a, b in differ) and min(next(iter(rows))) >= vocab:
-        advice = _vocab_rows_advice(vocab, *next(iter(rows)))
-    else:
-        advice = f"it was saved with other model settings (recorded in {path / MODEL_FILE} where it has one)"
-    return CheckpointError(f"{path}: its tensors have other shapes than this run's model ({shown}); the files are "
-                           f"not damaged: {advice}")
+    named = f" ({path / MODEL_FILE} names them)" if (path / MODEL_FILE).is_file() else ""
+    return CheckpointError(f"{path}: its tensors have other shapes than this model's ({shown}); the files are not "
+                           f"damaged: it holds a model of other settings{named}")
 
 
-def _vocab_rows_advice(vocab: int, saved: int, here: int) -> str:
-    """What loads a step whose vocabulary tensors hold `saved` rows (model.vocab_size `vocab` padded)
-    into a model built with `here`."""
-    from types import SimpleNamespace
-
-    from megatron.core import parallel_state
-
-    from engine.parallelize import padded_vocab_size
-
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    what = (f"the vocabulary's rows (model.vocab_size={vocab}) are padded to a multiple of parallel.tp and "
-            f"model.make_vocab_size_divisible_by: {saved} rows in the step, {here} at this run's parallel.tp={tp}. ")
-    fits = [d for d in range(1, saved + 1) if saved % d == 0
-            and padded_vocab_size(SimpleNamespace(vocab_size=vocab, make_vocab_size_divisible_by=d), tp) == saved]
-    if fits:
-        return what + (f"Set model.make_vocab_size_divisible_by={fits[0]}: the model then has the step's {saved} rows "
-                       f"(those past the vocabulary are no token: it computes the same)")
-    return what + (f"No setting pads {vocab} to {saved} rows at parallel.tp={tp}: load it at a parallel.tp that "
-                   f"divides {saved}, with model.make_vocab_size_divisible_by set so that the rows are {saved}")
+def _read_by_every_rank(path: Path, chunks, failed: BaseException | None) -> CheckpointError | None:
+    """The first failing rank's error, on every rank (None when each rank read its part): megatron
+    reads a rank's part of a step on that rank alone (torch.distributed.checkpoint with no_dist), so a
+    shard file that does not read back stopped only the ranks that read it, while the others went on
+    into the run; and a run prints rank 0's error alone, which then had none to print (the failing
+    rank's text was lost, the job ended by a collective broken or torn down)."""
+    error = None if failed is None else (_other_shapes(path, chunks) or _damaged(path, failed))
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return error
+    texts = [None] * dist.get_world_size()
+    dist.all_gather_object(texts, None if error is None else str(error))
+    rank, text = next(((r, t) for r, t in enumerate(texts) if t is not None), (0, None))
+    if text is None:
+        return None
+    return CheckpointError(text if rank == 0 else f"{text} (found by rank {rank}, which reads that part of it)")
 
 
 def load(path: str, chunks, optimizer=None) -> dict:
@@ -603,6 +605,7 @@ def load(path: str, chunks, optimizer=None) -> dict:
         optimizer_state.materialise(optimizer)
         fmt = read_state(str(p)).get("optimizer_format", OPTIMIZER_FORMATS[0])
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata(fmt))
+    failed = None
     try:
         loaded = dist_checkpointing.load(state, str(p))
     except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *dcp_error()) as e:
@@ -610,7 +613,10 @@ def load(path: str, chunks, optimizer=None) -> dict:
         # EOF, a missing file), wrapped by torch.distributed.checkpoint in a CheckpointException
         if cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
             raise  # (a CheckpointException wraps any read failure: a truncated .metadata is an AssertionError)
-        raise (_other_shapes(p, chunks) or _damaged(p, e)) from e
+        failed = e
+    error = _read_by_every_rank(p, chunks, failed)
+    if error is not None:
+        raise error from failed
     keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
     for key, c in zip(keys, chunks):
         module = _unwrap(c)

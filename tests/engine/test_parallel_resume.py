@@ -163,26 +163,34 @@ def test_bf16_resume_restores_the_fp32_main_weights(bf16_reference, fmt):
     assert_same_run(ref, resumed, steps=(4, 5))
 
 
-def test_a_vocabulary_padded_for_another_tp_is_refused_naming_the_setting_that_resumes_it(tmp_path):
-    """model.vocab_size=65 is padded to 66 rows at TP2 (megatron splits the table evenly) and kept
-    at 65 at TP1, so the TP2 step's embedding and LM head do not load at TP1: megatron's global shape
-    mismatch, which read as damaged files ('move ... out of ...'). The refusal names the padding and
-    model.make_vocab_size_divisible_by=2, with which the TP1 run resumes with the uninterrupted TP2
-    run's losses (its own data: the reference's vocabulary is 64)."""
+def test_a_vocabulary_padded_otherwise_at_another_tp_resumes_and_a_shard_one_rank_reads_stops_every_rank(tmp_path):
+    """model.vocab_size=65 is padded to 66 rows at TP2 (megatron splits the table evenly), 65 at
+    TP1: the TP2 step's LM head (train.aux_lm_weight > 0, a layer of this engine's) did not load at
+    TP1 (megatron's global shape mismatch, reported as damaged files: 'move ... out of ...'), where
+    the embedding, which megatron marks to load across it, did. The TP1 run resumes with the
+    uninterrupted TP2 run's losses (data of its own: the reference's vocabulary is 64).
+    The same step without the shard file only rank 1 reads: megatron reads each rank's part on that
+    rank alone, so rank 1 failed and rank 0 went on into the run, whose error (the one a run prints)
+    was then a broken collective; every rank now stops with rank 1's error."""
     odd = "model.vocab_size=65"
     first = run_worker(tmp_path, "odd_vocab", 2, odd, "parallel.tp=2", "checkpoint.save_interval=2",
                        "checkpoint.keep=0", evaluate=False)
     ckpts = tmp_path / "odd_vocab" / "checkpoints"
     shutil.rmtree(ckpts / "step_00000004")
     (ckpts / "latest").write_text("step_00000002")
-    refused = _resume(tmp_path, "odd_vocab", 1, odd, init=None, run=functools.partial(run_worker, refused=True))
-    message = " ".join((refused.stdout + refused.stderr).split())
-    assert "does not read back" not in message, message[-3000:]
-    assert (f"{ckpts / 'step_00000002'}: its tensors have other shapes than this run's model "
-            "(backbone.embedding.word_embeddings.weight (66, 64) there, (65, 64) here; lm_head.weight (66, 64) "
-            "there, (65, 64) here); the files are not damaged") in message, message[-3000:]
-    assert ("66 rows in the step, 65 at this run's parallel.tp=1. Set model.make_vocab_size_divisible_by=2"
-            in message), message[-3000:]
-    resumed = _resume(tmp_path, "odd_vocab", 1, odd, "model.make_vocab_size_divisible_by=2", init=None)
+    shutil.copytree(tmp_path / "odd_vocab", tmp_path / "lost_shard")
+    resumed = _resume(tmp_path, "odd_vocab", 1, odd, init=None)
     assert [row["step"] for row in resumed["history"]] == [1, 2, 3, 4]  # 1-2 from the checkpointed history
     assert_same_run(first, resumed, steps=range(3, STEPS + 1))
+
+    step = tmp_path / "lost_shard" / "checkpoints" / "step_00000002"
+    lost = sorted(step.glob("__1_*.distcp"))
+    assert lost
+    for f in lost:
+        f.unlink()
+    refused = _resume(tmp_path, "lost_shard", 2, odd, "parallel.tp=2", init=None,
+                      run=functools.partial(run_worker, refused=True))
+    said = [line for line in refused.stderr.splitlines() if "CheckpointError" in line]
+    rank0 = [line for line in said if line.startswith("[rank0]")]
+    assert rank0, refused.stderr[-3000:]
+    assert f"{step}: the checkpoint does not read back" in rank0[0] and "(found by rank 1," in rank0[0], rank0
