@@ -513,6 +513,7 @@ def _scored(args, interrupts, leaves: list, held) -> int:
                        chunk_lines, rt.rank, rt.world_size, lambda found: earliest(found, rt))
     scorer.load()
     from engine.progress import scoring_progress
+    from polar.score_length_check import too_long_message
 
     report, left = scoring_progress(args.progress_s, rt.is_main, unit="lines"), len(numbers) - done
     totals = {"sequences": 0, "outputs": 0, "prefix_tokens_saved": 0, "bad": 0}
@@ -540,12 +541,12 @@ def _scored(args, interrupts, leaves: list, held) -> int:
             before = done + lines_done + len(stop)
             kept = (f"; the {before:,} lines before it are kept in {partial}, and a rerun continues after them"
                     if before else "")
-            raise ConfigError(f"{args.input}:{over[0]}: its outputs take {outcome[over[0]]} tokens, more than "
-                              f"{bound} (--on-error skip writes an error line instead{kept})")
+            raise ConfigError(f"{args.input}:{over[0]}: {too_long_message(outcome[over[0]], bound)} (--on-error "
+                              f"skip writes an error line instead{kept})")
         too_long = set(over)
         for ln in lines:
             if ln.line in too_long:
-                ln.error = f"its outputs take {outcome[ln.line]} tokens, more than {bound}"
+                ln.error = too_long_message(outcome[ln.line], bound)
                 over_names.append(f"{args.input}:{ln.line}")
         with interrupts.whole():  # a stop leaves the chunk's rows written whole, and says so
             if writer is not None:

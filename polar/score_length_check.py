@@ -34,8 +34,15 @@ def first_too_long(encode, tokenizer: Tokenizer, max_length: int, path: str, num
     span = share(numbers, rank, world)
     first = agree(first_in_share(encode, path, limit, span, chunk_lines) if span else None)
     if first is not None:
-        raise ConfigError(f"{path}:{first[0]}: its outputs take {first[1]} tokens, more than {bound} "
-                          "(--on-error skip writes an error line instead)")
+        raise ConfigError(f"{path}:{first[0]}: {too_long_message(first[1], bound)} (--on-error skip writes an "
+                          "error line instead)")
+
+
+def too_long_message(tokens: int, bound: str) -> str:
+    """What is wrong with a line whose longest output, with the prompt and reference it is scored after, takes
+    `tokens` > `bound`: that one output, since outputs that pass the bound only together are split into groups
+    and scored (engine.score.line_groups); naming the line's outputs read as that case."""
+    return f"an output takes {tokens} tokens with its prompt and reference, more than {bound}"
 
 
 def share(numbers, rank: int, world: int):

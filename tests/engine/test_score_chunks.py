@@ -145,7 +145,7 @@ def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_pa
     cmd = _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256")
     stopped = _unchecked(tmp_path, cmd)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
-    assert ("in.jsonl:3: its outputs take" in stopped.stderr
+    assert ("in.jsonl:3: an output takes" in stopped.stderr
             and f"the 2 lines before it are kept in {out}.partial, and a rerun continues after them"
             in stopped.stderr), stopped.stderr[-3000:]
     assert [r["line"] for r in _rows(partial)] == [1, 2]

@@ -134,7 +134,7 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     others are scored (it stopped the whole run under skip too)."""
     lines = [SHORT, {"prompt": "p", "reference": "r", "output": "y" * 400}, SHORT]
     refused = _score(tmp_path, checkpoint, lines, "fail", "--seq-length", "256")
-    assert refused.returncode == 2 and "fail.jsonl:2: its outputs take" in refused.stderr, refused.stderr[-2000:]
+    assert refused.returncode == 2 and "fail.jsonl:2: an output takes" in refused.stderr, refused.stderr[-2000:]
     assert "loading" not in refused.stdout  # found before the model is loaded (minutes at 7B)
     # not a row, not even an empty partial output with its settings record, which a stop before the
     # first row left behind (polar/score_output.py, RowWriter.close)
@@ -142,7 +142,9 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert not (tmp_path / "fail_out.jsonl.partial.json").exists()
     skipped = at_256  # the same lines after LINE
     assert [r["line"] for r in skipped.rows] == [1, 2, 3, 4]
-    assert "more than --seq-length 256" in skipped.rows[2]["error"]
+    # one output is too long, not the line's outputs together (which would be split and scored)
+    assert skipped.rows[2]["error"].startswith("an output takes "), skipped.rows[2]
+    assert "with its prompt and reference, more than --seq-length 256" in skipped.rows[2]["error"]
     assert skipped.rows[1]["reward"] == pytest.approx(skipped.rows[3]["reward"], abs=1e-5)  # the same line
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
@@ -299,6 +301,6 @@ def test_two_ranks_share_the_check_before_the_load_and_stop_at_the_first_line_to
     tokens = len(client_encode_batch(ByteTokenizer(), [ScoringItem("p", "r", "y" * 300)])[0].ids)
     refused = _score(tmp_path, checkpoint, lines, "two", "--seq-length", "256", "--nproc", "2")
     assert refused.returncode != 0, refused.stderr[-3000:]  # torchrun's 1 for its workers' 2
-    assert refused.stderr.count(f"two.jsonl:8: its outputs take {tokens} tokens, more than --seq-length 256") == 1, \
-        refused.stderr[-3000:]
+    said = f"two.jsonl:8: an output takes {tokens} tokens with its prompt and reference, more than --seq-length 256"
+    assert refused.stderr.count(said) == 1, refused.stderr[-3000:]
     assert "loading" not in refused.stdout and "two.jsonl:11" not in refused.stderr

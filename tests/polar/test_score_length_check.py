@@ -75,8 +75,8 @@ def test_a_line_too_long_stops_the_run_naming_it_and_the_bound(tmp_path):
     path, numbers = write_input(tmp_path, {5: long_line(80)})
     with pytest.raises(ConfigError) as e:
         first_too_long(encode, TOK, MAX_LENGTH, path, numbers, 64, "--seq-length 64", 4)
-    assert str(e.value) == (f"{path}:{numbers[4]}: its outputs take {tokens(80)} tokens, more than --seq-length 64 "
-                            "(--on-error skip writes an error line instead)")
+    assert str(e.value) == (f"{path}:{numbers[4]}: an output takes {tokens(80)} tokens with its prompt and reference, "
+                            "more than --seq-length 64 (--on-error skip writes an error line instead)")
     # a resumed run checks only the lines it has not scored
     first_too_long(encode, TOK, MAX_LENGTH, path, numbers[5:], 64, "--seq-length 64", 4)
 
@@ -92,7 +92,7 @@ def test_each_rank_reads_its_share_and_all_stop_at_the_earliest_find(tmp_path):
         return min((f for f in finds if f is not None), default=None) if len(finds) == 2 else None
 
     first_too_long(encode, TOK, MAX_LENGTH, path, numbers, 64, "--seq-length 64", 4, rank=0, world=2, agree=agree)
-    with pytest.raises(ConfigError, match=f"in.jsonl:{numbers[11]}: its outputs take {tokens(80)} tokens"):
+    with pytest.raises(ConfigError, match=f"in.jsonl:{numbers[11]}: an output takes {tokens(80)} tokens"):
         first_too_long(encode, TOK, MAX_LENGTH, path, numbers, 64, "--seq-length 64", 4, rank=1, world=2,
                        agree=agree)
     assert finds == [None, (numbers[11], tokens(80))]
