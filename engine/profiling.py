@@ -193,11 +193,24 @@ class Window:
 
     def _write_trace(self, prof) -> None:
         directory = self.directory / f"rank{self.rank}"
-        directory.mkdir(parents=True, exist_ok=True)
         span = f"{self.first}-{self.last}" if self.last > self.first else f"{self.first}"
         path = directory / f"steps_{span}.pt.trace.json"
-        prof.export_chrome_trace(str(path))
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(path))
+        except OSError as e:
+            self._not_written(f"the trace of {_steps(self.first, self.last)}", path, repr(e))
+            return
+        if not path.exists():  # torch's trace writer logs a file it cannot open and returns
+            self._not_written(f"the trace of {_steps(self.first, self.last)}", path, "see the error above")
+            return
         self.say(f"profiling: wrote the trace of {_steps(self.first, self.last)} on rank {self.rank} to {path}")
+
+    def _not_written(self, what: str, path: Path, why: str) -> None:
+        # a profile is a side concern: a full disk or a bad path loses it, not the run (the window closes
+        # after its last step, inside the trainer's loop, where the error ended days of training)
+        self.say(f"profiling: could not write {what} on rank {self.rank} to {path} ({why}): the run is not "
+                 f"stopped for it")
 
     def _memory_path(self, name: str) -> Path:
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -247,8 +260,12 @@ class Window:
             self.say(f"profiling: stopped the CUDA profiler after step {self.last} on rank {self.rank}")
         if self.memory:
             if dump_memory:
-                path = self._memory_path(f"memory_rank{self.rank}.pickle")
-                torch.cuda.memory._dump_snapshot(str(path))
-                self.say(f"profiling: wrote the CUDA memory snapshot of {_steps(self.first, self.last)} on rank "
-                         f"{self.rank} to {path}")
+                path = self.directory / f"memory_rank{self.rank}.pickle"
+                try:
+                    torch.cuda.memory._dump_snapshot(str(self._memory_path(path.name)))
+                except OSError as e:
+                    self._not_written(f"the CUDA memory snapshot of {_steps(self.first, self.last)}", path, repr(e))
+                else:
+                    self.say(f"profiling: wrote the CUDA memory snapshot of {_steps(self.first, self.last)} on "
+                             f"rank {self.rank} to {path}")
             torch.cuda.memory._record_memory_history(enabled=None)

@@ -128,3 +128,20 @@ def test_a_run_stopped_by_non_finite_steps_writes_the_window_it_trained(runtime,
     assert trace_files(tmp_path) == ["rank0/steps_2-3.pt.trace.json"]
     assert profiler_steps(tmp_path / "profile" / "rank0" / "steps_2-3.pt.trace.json") == ["ProfilerStep#2",
                                                                                         "ProfilerStep#3"]
+
+
+def test_a_trace_that_cannot_be_written_does_not_stop_the_run(runtime, tmp_path):
+    """The window [2, 3) of a 4-step run whose profile directory cannot be made (a file stands at its
+    path; a full disk or a path that is not writable fails the same way): the trace written as the
+    window closes after step 2 raised there, inside the training loop, and ended the run at step 2 for a
+    side concern. The run trains its 4 steps and says on the rank that the trace was not written."""
+    (tmp_path / "profile").write_text("in the way")
+    lines = []
+    trainer = make_trainer(runtime, tmp_path, "train.profile=torch", "train.profile_start=2", "train.profile_end=3",
+                           log=lambda *a, **k: lines.append(" ".join(map(str, a))))
+    trainer.fit()
+    assert trainer.step == 4 and not torch.autograd._profiler_enabled()
+    said = [x for x in lines if "profil" in x]
+    assert said[-1].startswith("profiling: could not write the trace of step 2 on rank 0 to "
+                               f"{tmp_path / 'profile' / 'rank0' / 'steps_2.pt.trace.json'} ("), said
+    assert said[-1].endswith("): the run is not stopped for it"), said
