@@ -1,10 +1,12 @@
-"""Output into a pipe whose reader has gone (`engine/pretrain.py --print-config | head -1`).
+"""Output into a pipe whose reader has gone (`engine/pretrain.py --print-config | head -1`, a training
+run's `| tee log` whose tee ended with the login that started it).
 
 Python ignores SIGPIPE, so a write into such a pipe raises BrokenPipeError; caught, the program
 still fails again when the interpreter flushes stdout at exit, with a traceback about the flush.
 """
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -14,3 +16,65 @@ def reader_gone() -> int:
     (the reader left before the output was written: the command did not finish what it was asked)."""
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
+
+
+# EPIPE: the pipe's reader ended; EIO: the terminal the run was started on went away (a nohup'd run
+# whose output was left on the closed terminal)
+_LOST = (errno.EPIPE, errno.EIO)
+
+
+class _OutputThatOutlivesItsReader:
+    """sys.stdout or sys.stderr of a long run: the first write or flush that finds its reader gone
+    points the stream's file descriptor at /dev/null, and the run goes on. Its progress lines are lost
+    from then on; the run's product (checkpoints, summary.json, scored rows) is written to files."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def _lost(self, e: OSError) -> bool:
+        if e.errno not in _LOST:
+            return False
+        null = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(null, self._stream.fileno())
+        finally:
+            os.close(null)
+        return True
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            if not self._lost(e):
+                raise
+            return len(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            if not self._lost(e):
+                raise
+            self._stream.flush()  # what was buffered goes to /dev/null: a later flush has nothing left to fail on
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def outlive_lost_readers() -> None:
+    """A run's output outlives its readers: stdout and stderr that lose theirs go on into /dev/null
+    (without this, the next progress line raised BrokenPipeError and ended a run of days for a side
+    concern), and a stream closed when the process started (`>&-`: Python makes it None, and a
+    `sys.stdout.flush()` raised AttributeError) writes into /dev/null too. Called once the process
+    groups start (engine.runtime.init_runtime), after the command-line output that ends the command
+    when its reader goes (reader_gone). Idempotent."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is None:
+            stream = open(os.devnull, "w")
+        if not isinstance(stream, _OutputThatOutlivesItsReader):
+            setattr(sys, name, _OutputThatOutlivesItsReader(stream))

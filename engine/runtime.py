@@ -82,7 +82,10 @@ def world_size_from_env() -> int:
 
 def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
     """Start torch.distributed and megatron's parallel state. Call validate_layout first."""
+    from engine.closed_pipe import outlive_lost_readers
+
     end_with_launcher()
+    outlive_lost_readers()  # a `| tee` that ends (a closed login) does not end the run with it
     rank = int(os.environ.get("RANK", "0"))
     world = world_size_from_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -1,4 +1,5 @@
 """engine/closed_pipe.py: output into a pipe whose reader has gone ends with exit code 1 and no traceback."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +20,44 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback(call):
     script = f"import os, sys\nr, w = os.pipe()\nos.close(r)\nos.dup2(w, 1)\n{call}\n"
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+
+
+# a process that started the runtime (as training, polar score and evaluate do) and then writes progress
+# lines and a summary, as Progress.log and the entry scripts do; it leaves a mark in a file once through
+RUN_ON = """
+import os, sys
+from engine.config import ParallelConfig
+from engine.progress import Progress
+from engine.runtime import init_runtime, shutdown_runtime
+rt = init_runtime(ParallelConfig(), seed=0)
+progress = Progress(100, 0, True, None, None, 1)
+for step in range(1, 4):
+    progress.log(step, 0.5, 0.5, 1e-4, 1.0, 4096, 4000, 8, 1e9)
+    print("a line on stderr", file=sys.stderr, flush=True)
+sys.stdout.flush()
+shutdown_runtime()
+open(sys.argv[1], "w").write("went on")
+"""
+
+
+@pytest.mark.parametrize("streams", ["stdout", "stdout and stderr", "stdout closed at the start"])
+def test_a_run_goes_on_when_its_output_has_no_reader(tmp_path, streams):
+    """`engine/pretrain.py ... | tee log` whose tee ended (the login that started it closed): the next
+    progress line raised BrokenPipeError and ended the run of days (exit 1), for its log. Once the runtime is
+    up the process goes on, its output into /dev/null, and exits 0 without a word about the flush at exit;
+    also where stdout was closed when the process started (`>&-`: sys.stdout None, whose flush raised)."""
+    mark = tmp_path / "mark"
+    if streams == "stdout closed at the start":
+        prelude = "os.close(1)\n"
+    else:
+        prelude = "r, w = os.pipe()\nos.close(r)\nos.dup2(w, 1)\n" + ("os.dup2(w, 2)\n" if "stderr" in streams else "")
+    # the closing happens before the runtime's Python starts, as a shell's redirection does
+    launcher = (f"import os, subprocess, sys\n{prelude}"
+                f"sys.exit(subprocess.call([sys.executable, '-c', {RUN_ON!r}, {str(mark)!r}]))\n")
+    proc = subprocess.run([sys.executable, "-c", launcher], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert mark.read_text() == "went on"
+    if "stderr" not in streams:
+        assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.count("a line on stderr") == 3, proc.stderr[-3000:]
