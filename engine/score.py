@@ -334,8 +334,13 @@ class CheckpointScorer:
         # refuses a packed row past them even when each group in it is shorter
         seq = seq_length or max(longest, min(-(-longest // 128) * 128, self.model_cfg.max_position_embeddings))
         if longest > seq:
-            raise ConfigError(f"{name(owner[int(lengths.argmax())])}: its outputs take {longest} tokens, more than "
-                              f"the packed sequence length {seq}")
+            from polar.score_length_check import too_long_message
+
+            # split lines (line_groups) leave a part this long only for one output; a Group given whole may hold more
+            over, bound = groups[int(lengths.argmax())], f"the packed sequence length {seq}"
+            why = (too_long_message(longest, bound) if len(over.candidates) == 1 else
+                   f"its {len(over.candidates)} outputs take {longest} tokens together, more than {bound}")
+            raise ConfigError(f"{name(owner[int(lengths.argmax())])}: {why}")
         if longest > self.model_cfg.max_position_embeddings:
             raise ConfigError(f"{name(owner[int(lengths.argmax())])}: {longest} tokens, more than "
                               f"model.max_position_embeddings={self.model_cfg.max_position_embeddings}")

@@ -116,5 +116,6 @@ def test_a_record_too_long_is_named_by_its_own_line(checkpoint, tmp_path):
     # the client's lengths are settled to what the model's 256 positions hold: --seq-length is what it passes
     proc = _eval(tmp_path, checkpoint, records, "--seq-length", "64")
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "ranked.jsonl:1: its outputs take 124 tokens, more than the packed sequence length 64" in proc.stderr
+    assert ("ranked.jsonl:1: an output takes 124 tokens with its prompt and reference, more than the packed "
+            "sequence length 64") in proc.stderr
     assert "ranked.jsonl:2" not in proc.stderr

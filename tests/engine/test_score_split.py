@@ -207,9 +207,13 @@ def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
     assert scorer.score_groups([split, plain], 0, data_parallel=False)[0] == [[8.0, 9.0, 7.0], [3.0, 5.0]]
     assert seen["data_parallel"] is False
     assert scorer.score_groups([], 0)[0] == []
-    with pytest.raises(ConfigError, match="^f.jsonl:2: its outputs take 9 tokens, more than the packed sequence "
-                                          "length 8$"):
+    with pytest.raises(ConfigError, match="^f.jsonl:2: an output takes 9 tokens with its prompt and reference, "
+                                          "more than the packed sequence length 8$"):
         scorer.pack([plain, SplitLine([lcp_group(ids([1] * 9))], [[0]])], 8, where=lambda i: f"f.jsonl:{i + 1}")
+    # a Group given whole (not split by line_groups) may hold several outputs
+    with pytest.raises(ConfigError, match="^f.jsonl:1: its 2 outputs take 9 tokens together, more than the packed "
+                                          "sequence length 8$"):
+        scorer.pack([lcp_group(ids([1, 2, 3, 4, 5], [1, 6, 7, 8, 9]))], 8, where=lambda i: f"f.jsonl:{i + 1}")
 
 
 def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint):
