@@ -266,8 +266,14 @@ def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, mo
     # test_checkpoint.py checks that each .distcp was fsynced before the rename all the same
     durable_file.sync_tree(partial, synced=lambda name: name.endswith(".distcp"))
     # a step saved before (a resume from an older step) is replaced only now that the new one is
-    # complete: deleted when the save began, a save cut short lost it
-    shutil.rmtree(final, ignore_errors=True)
+    # complete: deleted when the save began, a save cut short lost it. Renamed away first (atomic; the
+    # deletion is _prune's, as for a pruned step): deleted under its name, a kill cut short left it half
+    # deleted there, its trainer_state.json perhaps still in it, a step to resolve() and to latest()'s
+    # fallback that does not load
+    if final.exists():
+        trash = final.with_name(final.name + _DELETING)
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(final, trash)
     os.replace(partial, final)
     durable_file.sync_dir(root)  # the step's name, before `latest` names it
     durable_file.write_file(root / LATEST, final.name)

@@ -111,6 +111,58 @@ def test_a_damaged_trainer_state_names_the_file_and_the_step_to_fall_back_to(tmp
         assert str(damaged) in msg and f"move {damaged} out of {tmp_path}" in msg and str(before) in msg, msg
 
 
+_REPLACE_STEP = """
+import sys
+from pathlib import Path
+from engine import checkpoint
+root = Path(sys.argv[1])
+checkpoint._finish_save(root, root / "step_00000004.partial", root / "step_00000004", {"step": 4, "again": True},
+                        None, 0)
+"""
+
+
+def test_a_step_saved_again_is_never_half_deleted_under_its_name(tmp_path):
+    """A step saved again (a resume from an older one) replaces the step of that name once complete.
+    It was deleted file by file under its name first: a kill then left step_N half deleted, its
+    trainer_state.json perhaps still there (a step to resolve() and latest()'s fallback that does
+    not load). The save's process is stopped (SIGSTOP) as soon as any file of the old step is gone
+    from under the name, and what a kill there leaves is looked at: the old step whole, none, or the
+    new one."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path / "ckpt"
+    old = root / "step_00000004"
+    old.mkdir(parents=True)
+    (old / checkpoint.STATE_FILE).write_text('{"step": 4}')
+    for i in range(5000):  # a deletion long enough to be stopped in
+        (old / f"__{i}_0.distcp").write_bytes(b"")
+    whole = len(os.listdir(old))
+    (root / "step_00000004.partial").mkdir()
+    (root / "step_00000004.partial" / checkpoint.STATE_FILE).write_text("{}")
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[2]), OMP_NUM_THREADS="1")
+    with open(tmp_path / "stderr", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-c", _REPLACE_STEP, str(root)], env=env, stderr=err)
+    try:
+        while proc.poll() is None:
+            try:
+                if len(os.listdir(old)) != whole:
+                    break
+            except FileNotFoundError:
+                break
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGSTOP)
+        left = sorted(os.listdir(old)) if old.exists() else None
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode in (0, -signal.SIGKILL), (tmp_path / "stderr").read_text()[-3000:]
+    assert left is None or len(left) == whole or json.loads((old / checkpoint.STATE_FILE).read_text()).get("again"), (
+        f"{len(left)} of the old step's {whole} files left under its name")
+
+
 def test_only_step_directories_are_resumed_and_pruned_and_stale_partial_saves_go(tmp_path):
     """A user's copy beside the steps (step_00000002.bak) was deleted by pruning and, named after
     the newest step (step_00000009_old), resumed from; step numbers past 8 digits sorted by name
