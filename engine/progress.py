@@ -302,13 +302,15 @@ def scoring_progress(every_s: float, main_rank: bool, dp: int = 1, unit: str = "
     main rank; none at the end (the summary follows). engine.scoring.score's counts packed
     sequences (this rank's share); polar score's (engine/score.py) counts input lines (`done` may be fractional:
     a chunk part-scored)."""
-    t0 = last = time.time()
+    # the steady clock: a wall clock set back (NTP, a VM resumed) held every line back until it caught up
+    # again, and one set forward misstated the rate and ETA
+    t0 = last = time.monotonic()
     share = f" (this rank's share: 1/{dp} of them)" if dp > 1 else ""
     last_done = None
 
     def report(done: float, total: int) -> None:
         nonlocal last, last_done
-        now = time.time()
+        now = time.monotonic()
         if not main_rank or done >= total or now - last < every_s or done == last_done:
             return
         last, last_done = now, done

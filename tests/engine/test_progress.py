@@ -282,3 +282,25 @@ def test_a_fit_whose_only_window_is_its_warm_up_measures_no_training_alone(monke
     assert row["includes_warmup"]
     assert training_only([row], 0, 1) == {"train_only_seconds": 0.0, "train_only_steps": 0, "train_tokens_per_s": None,
                                           "train_groups_per_s": None, "tflops_per_s_per_rank": None, "mfu": None}
+
+
+def test_scoring_lines_keep_coming_when_the_wall_clock_is_set_back(monkeypatch, capsys):
+    """polar score's progress (engine.progress.scoring_progress) read the wall clock: set back an hour
+    (NTP, a VM resumed from a snapshot) after its start, it printed no line, nor any rate or ETA, for an
+    hour of scoring. It measures on the steady clock: a line every `every_s`, the rate over the seconds
+    scored."""
+    import types
+
+    import engine.progress as progress
+
+    wall, steady = [10_000.0], [0.0]
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(time=lambda: wall[0], monotonic=lambda: steady[0],
+                                                                perf_counter=lambda: steady[0]))
+    report = progress.scoring_progress(1.0, True, unit="lines")
+    wall[0] -= 3600.0
+    for done in (10, 20):
+        wall[0] += 2.0
+        steady[0] += 2.0
+        report(done, 100)
+    assert capsys.readouterr().out.splitlines() == ["scoring: 10/100 lines | 5.00 lines/s | eta 0m18s",
+                                                    "scoring: 20/100 lines | 5.00 lines/s | eta 0m16s"]
