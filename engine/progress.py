@@ -226,9 +226,7 @@ class Progress:
                 # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard has
                 # no mark for them, and a first step of minutes would stand as the curves' outlier
                 left_out = ("step", "includes_warmup", *(WINDOW_RATES if warmup else ()))
-                for k, v in row.items():
-                    if k not in left_out:
-                        self.writer.add_scalar(f"train/{k}", v, step)
+                self._scalars({f"train/{k}": v for k, v in row.items() if k not in left_out}, step)
         self.last_t = now
         self.last_step = step
         self.paused_s = 0.0
@@ -251,13 +249,32 @@ class Progress:
         print(f"eval {name} at step {step}: loss {result['loss']:.4f} | pair acc {result['pair_accuracy']:.3f} "
               f"over {result['pairs']:,} pairs{extra}", flush=True)
         if self.writer:
-            for k in ("loss", "pair_accuracy", "lm_loss"):  # what the line shows
-                if k in result:
-                    self.writer.add_scalar(f"eval_{name}/{k}", result[k], step)
+            self._scalars({f"eval_{name}/{k}": result[k] for k in ("loss", "pair_accuracy", "lm_loss")  # the line's
+                           if k in result}, step)
+
+    def _scalars(self, values: dict, step: int) -> None:
+        try:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+        except OSError as e:
+            self._writer_failed(e)
+
+    def _writer_failed(self, e: OSError) -> None:
+        # TensorBoard's writer thread keeps a failed write's error (a full disk, a file system's EIO) and raises
+        # it at the next scalar or at close, in the training loop: its curves are a side concern, not worth
+        # the run (close comes before the final save)
+        writer, self.writer = self.writer, None
+        print(f"tensorboard: could not write to {writer.log_dir} ({e!r}): no more scalars are written; the run "
+              f"goes on", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):
+            writer.close()
 
     def close(self):
         if self.writer:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError as e:
+                self._writer_failed(e)
 
 
 def training_only(rows, start_step: int, world_size: int) -> dict:

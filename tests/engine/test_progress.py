@@ -304,3 +304,32 @@ def test_scoring_lines_keep_coming_when_the_wall_clock_is_set_back(monkeypatch, 
         report(done, 100)
     assert capsys.readouterr().out.splitlines() == ["scoring: 10/100 lines | 5.00 lines/s | eta 0m18s",
                                                     "scoring: 20/100 lines | 5.00 lines/s | eta 0m16s"]
+
+
+def test_a_tensorboard_file_that_cannot_be_written_stops_the_scalars_not_the_run(monkeypatch, tmp_path, capsys):
+    """The events file fills its disk after the run started (here: it becomes /dev/full): TensorBoard's
+    writer thread keeps the error and raised it at the next scalar or at close, in the training loop, and
+    close comes before the run's final save. The progress lines go on, TensorBoard is said to stop once
+    (on stderr), and closing raises nothing."""
+    import os
+
+    from engine.progress import Progress
+
+    clock = _Clock(monkeypatch)
+    p = Progress(10, 0, True, str(tmp_path), None, 1)
+    _step(p, clock, 1.0, first=True)
+    p.log(1, 0.5, 0.5, 1e-3, 1.0, **_window(1))
+    p.writer.flush()
+    (events,) = tmp_path.glob("events.out.tfevents.*")
+    events.unlink()
+    os.symlink("/dev/full", events)
+    for step in (2, 3):
+        _step(p, clock, 1.0)
+        p.log(step, 0.4, 0.5, 1e-3, 1.0, **_window(1))
+        p.log_eval(step, "held_out", {"loss": 0.5, "pair_accuracy": 0.5, "pairs": 10})
+    p.close()
+    out, err = capsys.readouterr()
+    assert [line.split(" |")[0] for line in out.splitlines() if line.startswith("step")] == [
+        "step      1/10", "step      2/10", "step      3/10"], out
+    assert err.count("tensorboard: could not write to ") == 1 and "No space left on device" in err, err
+    assert err.rstrip().endswith("no more scalars are written; the run goes on"), err
