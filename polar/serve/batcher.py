@@ -6,7 +6,9 @@ forward passes. Each request gets back exactly its own rewards, in its own order
 The model runs in this one worker thread, so the event loop serving HTTP never blocks on it, and
 requests that were cancelled (timed out, client gone) before their round started leave the queue.
 No row is wider than the model's positions (`max_positions`), and a round that fails is scored
-again request by request, so a request that cannot be scored fails alone.
+again request by request, so a request that cannot be scored fails alone; an item given a
+non-finite reward beside others in its row is scored again in a row of its own (a NaN reaches
+every item of its row), so only an item that is non-finite alone is refused.
 """
 from __future__ import annotations
 
@@ -257,15 +259,12 @@ class Batcher:
         for j, r in zip(jobs, results):
             j.future.set_result(r)
 
-    def _score_round(self, jobs: list[_Job], start: float) -> list[np.ndarray]:
-        flat = [a for j in jobs for a in j.ids]
-        if self.share_prefixes:
-            groups = group_items(flat, self.row_tokens)
-        else:
-            groups = [ServeGroup(prefix=a[:-1], candidates=[a[-1:]], items=[i]) for i, a in enumerate(flat)]
-        rewards = np.empty(len(flat), dtype=np.float32)
-        stats = RoundStats(items=len(flat), tokens=int(sum(len(a) for a in flat)))
-        for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens, self.pack_rows):
+    def _forward(self, groups: list[ServeGroup], pack_rows: bool, rewards: np.ndarray,
+                 stats: RoundStats) -> np.ndarray:
+        """Scores the groups into `rewards` (indexed by ServeGroup.items); returns, per item of
+        `rewards`, whether its row held another candidate."""
+        crowded = np.zeros(len(rewards), dtype=bool)
+        for rows in plan_forwards(groups, self.row_tokens, self.max_batch_tokens, pack_rows):
             fills = [sum(len(g) for g in r) for r in rows]
             width = _round_up(max(fills), self.pad_multiple)
             if self.max_positions:
@@ -280,9 +279,30 @@ class Batcher:
             # collate numbers candidates row by row, group by group, candidate by candidate.
             where = [i for r in rows for g in r for i in g.items]
             rewards[where] = out
+            for r in rows:
+                if sum(len(g.items) for g in r) > 1:
+                    crowded[[i for g in r for i in g.items]] = True
             stats.computed += int(sum(fills))
             stats.padded += len(rows) * width
             stats.forwards += 1
+        return crowded
+
+    def _score_round(self, jobs: list[_Job], start: float) -> list[np.ndarray]:
+        flat = [a for j in jobs for a in j.ids]
+        groups = group_items(flat, self.row_tokens) if self.share_prefixes else _alone(flat, range(len(flat)))
+        rewards = np.empty(len(flat), dtype=np.float32)
+        stats = RoundStats(items=len(flat), tokens=int(sum(len(a) for a in flat)))
+        crowded = self._forward(groups, self.pack_rows, rewards, stats)
+        # A NaN or inf in one item's activations reaches every item that shared its row: the masked
+        # attention weights are exact zeros, and 0 * NaN is NaN. Such items (a sibling of a shared
+        # prefix, a group packed beside it, another request's) are scored again each in a row of its
+        # own, where rows share nothing; an item that is non-finite alone stays so and is named.
+        again = np.flatnonzero(~np.isfinite(rewards) & crowded)
+        if again.size:  # its forwards count, not its tokens again: computed stays at most tokens (prefix_saved)
+            rescored = RoundStats()
+            self._forward(_alone(flat, again.tolist()), False, rewards, rescored)
+            stats.padded += rescored.padded
+            stats.forwards += rescored.forwards
         elapsed = time.monotonic() - start
         # Only a round of a forward's worth of tokens or more measures how fast a full queue drains: a
         # smaller one is mostly the cost of a forward pass (one item in a few ms reads as a few
@@ -313,6 +333,11 @@ class Batcher:
             out.append(rewards[k:k + len(j.ids)])
             k += len(j.ids)
         return out
+
+
+def _alone(ids: list, which) -> list[ServeGroup]:
+    """Items `which` of `ids`, each its own group: no prefix shared."""
+    return [ServeGroup(prefix=ids[i][:-1], candidates=[ids[i][-1:]], items=[i]) for i in which]
 
 
 def non_finite(rewards: np.ndarray, names: list[str]) -> Optional[str]:
