@@ -592,9 +592,13 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
     if trainer.stopped_by == "stop_file":
         say(f"stopped at step {trainer.step} of {cfg.train.steps} (train.stop_file): final evaluation skipped; "
             "the same command resumes")
-    elif evals:
+    # a time limit or exit_at_step at an evaluation step: fit evaluated these weights (and its checkpoint
+    # keeps those rows); evaluating them again costs minutes per set at scale
+    done = {r["eval"]: {k: v for k, v in r.items() if k not in ("step", "eval")} for r in history
+            if "eval" in r and r["step"] == trainer.step > start_step}
+    if set(evals) - set(done):
         say("evaluating ...")
-    results = {name: trainer.evaluate(d) for name, d in evals.items()}
+    results = {name: done[name] if name in done else trainer.evaluate(d) for name, d in evals.items()}
     if rt.is_main:
         seq_tokens = data.train.per_sequence["tokens"]
         step_tokens = [int(seq_tokens[trainer.loader.global_batch_indices(b)].sum()) for b in range(trainer.step)]

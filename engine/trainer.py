@@ -475,10 +475,11 @@ class Trainer:
                 self.stopped_by = request
                 stop = True
             # a stop file's warning time, and a SIGTERM's grace before the SIGKILL that follows it, go to
-            # the checkpoint, not to an evaluation due at this step; a time limit or exit_at_step ends the
-            # fit here, and the entry script's final evaluation would evaluate the same weights again
+            # the checkpoint, not to an evaluation due at this step (one due where a time limit or exit_at_step
+            # ends the fit is kept in the history the checkpoint saves; the entry script's final evaluation
+            # takes its results rather than evaluating the same weights again)
             evaluating = tc.eval_interval and self.step % tc.eval_interval == 0 and self.step < tc.steps \
-                and not request and not exiting
+                and self.stopped_by not in ("stop_file", "SIGTERM")
             if evaluating:
                 with progress.paused():
                     stop = self._evaluate_all(progress) or stop

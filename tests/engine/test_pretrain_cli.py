@@ -124,6 +124,21 @@ def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_pat
         assert summary["best_eval"][name] == {"step": at, "pair_accuracy": best}, summary["best_eval"]
 
 
+def test_a_run_ending_at_exit_at_step_on_an_evaluation_step_evaluates_once(tmp_path):
+    """fit evaluated step 2 (train.eval_interval) and its checkpoint keeps those rows; the final evaluation
+    evaluated the same weights again (minutes per set at scale): it takes fit's results."""
+    proc = run("train.steps=3", "train.exit_at_step=2", "train.eval_interval=2", "log.tensorboard=false",
+               "model.num_layers=1", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"] == "exit_at_step" and summary["steps"] == 2
+    for name in ("held_out", "seen"):
+        rows = [r for r in summary["history"] if r.get("eval") == name]
+        assert [r["step"] for r in rows] == [2], rows
+        assert summary["evaluations"][name] == {k: v for k, v in rows[0].items() if k not in ("step", "eval")}
+    assert "evaluating ..." not in proc.stdout, proc.stdout[-3000:]
+
+
 def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypatch, tmp_path):
     """--check-config said only 'config ok' for a preset's 3000 warm-up steps kept by train.steps=2000
     (the learning rate then never reaches train.lr nor decays); the run itself warned."""

@@ -268,9 +268,7 @@ def test_the_trainer_gives_the_notes_on_resume(runtime, tmp_path):
     assert notes == resume_checks.eval_set_notes(step_dir, checkpoint.read_state(step_dir),
                                                  {"held_out": c, "fresh": b}), lines
     assert len(notes) == 3 and "the held_out set is not the one" in notes[0], notes
-    # step 1's: fit leaves the exit step's evaluation to the entry script's final one (2b49dff), which this
-    # in-process run has none of
-    assert "seen" in notes[1] and "its rows in the eval history end at step 1" in notes[1], notes
+    assert "seen" in notes[1] and "its rows in the eval history end at step 2" in notes[1], notes
     assert "fresh" in notes[2] and "after step 2" in notes[2], notes
     assert trainer.eval_sets["fresh"]["after_step"] == 2 and "seen" not in trainer.eval_sets
     assert trainer.eval_sets["held_out"]["after_step"] == 2

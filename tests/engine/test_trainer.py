@@ -351,17 +351,6 @@ def test_a_stop_file_skips_the_evaluation_due_at_its_step(runtime, tmp_path):
     assert any(r.get("eval") == "held" and r["step"] == 1 for r in again), again
 
 
-def test_exit_at_step_leaves_its_steps_evaluation_to_the_final_one(runtime, tmp_path):
-    """A run ending at train.exit_at_step (or train.time_limit_s) gets the entry script's final evaluation
-    of those weights: an evaluation due at that step inside fit evaluated them twice (minutes at scale)."""
-    from engine.data import PackedGroups
-
-    held = PackedGroups(random_groups(5, 10, 64, 64), 64)
-    history = make_trainer(runtime, tmp_path, "train.exit_at_step=2", "train.eval_interval=1",
-                           evals={"held": held}).fit()
-    assert [r["step"] for r in history if r.get("eval") == "held"] == [1], history
-
-
 @pytest.mark.parametrize("saved", [True, False])
 def test_a_changed_distributed_optimizer_is_refused_and_an_unrecorded_one_is_not_called_damaged(runtime, tmp_path,
                                                                                                   saved):
