@@ -46,7 +46,9 @@ class Interrupts:
                 signal.raise_signal(signum)
             return
         if self.held:
-            self.pending = self.pending or signum
+            # raised when the block ends; timed from now, so that a later signal still ends a block that
+            # hangs (an append to a stalled file system) instead of waiting with it
+            self.pending, self.first = self.pending or signum, now
             return
         self.first = now
         raise Interrupted(signum)
