@@ -49,12 +49,15 @@ def usage_check(ap: argparse.ArgumentParser, max_length: Optional[int], max_resp
                 flags: tuple = FLAGS) -> None:
     """At argument parsing (polar serve, score, eval, format): a max_length that leaves the client's
     prompt budget empty is a usage error (exit 2) before anything is loaded, since the client then
-    keeps a whole prompt of any length. None (not given) stands for the client's default: the
-    model's positions may lower max_length later (settle_lengths), never raise it, and a
-    max_response_length not given is lowered to what leaves max_length a prompt budget."""
-    length = CLIENT_MAX_LENGTH if max_length is None else max_length
+    keeps a whole prompt of any length. A max_response_length not given is lowered to what leaves
+    max_length a prompt budget. A max_length not given (None: polar serve, score and eval; polar
+    format always has one) is checked by settle_lengths once the model's positions are known: they
+    may lower the client's default, and a budget counted here on the default would name remedies
+    those positions refuse."""
+    if max_length is None:
+        return
     try:
-        check_truncation(length, fitting_response(length) if max_response is None else max_response, flags)
+        check_truncation(max_length, fitting_response(max_length) if max_response is None else max_response, flags)
     except ValueError as e:
         ap.error(str(e))
 
@@ -95,7 +98,17 @@ def settle_lengths(max_length: Optional[int], max_response: Optional[int], token
     except ValueError:
         if not derived:
             raise
-        # the max_length was not the user's: "use --max-length >= N" would send them past the positions
+        if max_length == CLIENT_MAX_LENGTH < fits:
+            # the client's default, not the positions' bound: a larger max_length works up to what they fit
+            need = 2 * max_response + 6
+            longer = (f" or {flags[0]} >= {need} (the model's positions allow up to {fits})" if need <= fits else
+                      f" (the model's positions allow {flags[0]} up to {fits}, and with it "
+                      f"{flags[1]} <= {(fits - 6) // 2})")
+            raise ValueError(f"{flags[0]} {max_length} (the client's default: {flags[0]} not given) leaves no prompt "
+                             f"budget when the reference and output each take {flags[1]} {max_response} tokens: the "
+                             f"official client then keeps the whole prompt, however long; use "
+                             f"{flags[1]} <= {(max_length - 6) // 2}{longer}") from None
+        # the max_length is the positions' bound: "use --max-length >= N" would send them past the positions
         way = (f"use {flags[1]} <= {(max_length - 6) // 2}" if max_length >= 6 else
                "no max_response_length leaves so short a max_length a prompt budget")
         raise ValueError(f"the model's {positions} positions (max_position_embeddings) allow {flags[0]} {max_length} "

@@ -116,6 +116,48 @@ def test_a_max_length_given_alone_lowers_the_response_default(command):
     _parsers()[command](["--max-length", "2000"])
 
 
+@pytest.mark.parametrize("command", ["score", "eval", "serve"])
+def test_a_response_without_max_length_is_left_to_the_model_positions(command, capsys):
+    """`polar score --max-response-length 9000` on a 16384-position model was refused at parsing with
+    "use --max-response-length <= 8189 or --max-length >= 18006", counted on the client's default
+    16384, and both were then refused by the positions (which allow 16369). Not given, --max-length is
+    the positions' to settle (settle_lengths); polar format, which has no model, still counts it."""
+    _parsers()[command](["--max-response-length", "9000"])
+    assert capsys.readouterr().err == ""
+
+
+def test_a_response_that_leaves_the_default_max_length_no_budget_names_what_works():
+    tok = ByteTokenizer()
+    # the positions bound the max_length: only a smaller response works
+    with pytest.raises(ValueError) as e:
+        settle_lengths(None, 9000, tok, 16384)
+    msg = str(e.value)
+    assert "allow --max-length 16369 at most" in msg and msg.endswith("use --max-response-length <= 8181"), msg
+    assert settle_lengths(None, 8181, tok, 16384)[:2] == (16369, 8181)
+    # room to spare: 16384 is the client's default, not the positions' most, and a larger one works
+    with pytest.raises(ValueError) as e:
+        settle_lengths(None, 9000, tok, 40000)
+    msg = str(e.value)
+    assert msg.startswith("--max-length 16384 (the client's default: --max-length not given) leaves no prompt"), msg
+    assert msg.endswith("use --max-response-length <= 8189 or --max-length >= 18006 (the model's positions allow "
+                        "up to 39985)"), msg
+    assert settle_lengths(None, 8189, tok, 40000) == (16384, 8189, None)
+    assert settle_lengths(18006, 9000, tok, 40000) == (18006, 9000, None)
+    # a response too long for the positions' most as well: the larger max_length comes with its response
+    with pytest.raises(ValueError) as e:
+        settle_lengths(None, 9000, tok, 17000)
+    assert str(e.value).endswith("use --max-response-length <= 8189 (the model's positions allow --max-length up "
+                                 "to 16985, and with it --max-response-length <= 8489)"), str(e.value)
+    assert settle_lengths(16985, 8489, tok, 17000) == (16985, 8489, None)
+
+
+def test_format_without_a_model_counts_the_budget_on_its_default_max_length(capsys):
+    with pytest.raises(SystemExit) as e:
+        _parsers()["format"](["--max-response-length", "9000"])
+    assert e.value.code == 2
+    assert "use --max-response-length <= 8189 or --max-length >= 18006" in capsys.readouterr().err
+
+
 def test_format_names_the_response_that_fits_a_max_length(capsys):
     with pytest.raises(SystemExit):  # a given 4096 leaves --max-length 2000 no prompt budget
         _parsers()["format"](["--max-length", "2000", "--max-response-length", "4096"])
