@@ -18,15 +18,17 @@ def reader_gone() -> int:
     return 1
 
 
-# EPIPE: the pipe's reader ended; EIO: the terminal the run was started on went away (a nohup'd run
-# whose output was left on the closed terminal)
-_LOST = (errno.EPIPE, errno.EIO)
+# EPIPE: the pipe's reader ended; EIO: the terminal the run was started on went away (a disowned run
+# whose output was left on the closed terminal); ENOSPC, EDQUOT: the log file's disk or quota is full
+# (a job's log in a home directory, its checkpoints on a scratch file system)
+_LOST = (errno.EPIPE, errno.EIO, errno.ENOSPC, errno.EDQUOT)
 
 
 class _OutputThatOutlivesItsReader:
-    """sys.stdout or sys.stderr of a long run: the first write or flush that finds its reader gone
-    points the stream's file descriptor at /dev/null, and the run goes on. Its progress lines are lost
-    from then on; the run's product (checkpoints, summary.json, scored rows) is written to files."""
+    """sys.stdout or sys.stderr of a long run: the first write or flush that finds its reader gone (or
+    its file's disk full) points the stream's file descriptor at /dev/null, and the run goes on. Its
+    progress lines are lost from then on; the run's product (checkpoints, summary.json, scored rows) is
+    written to files."""
 
     def __init__(self, stream):
         self._stream = stream

@@ -40,17 +40,20 @@ open(sys.argv[1], "w").write("went on")
 """
 
 
-@pytest.mark.parametrize("streams", ["stdout", "stdout and stderr", "stdout closed at the start"])
-def test_a_run_goes_on_when_its_output_has_no_reader(tmp_path, streams):
+@pytest.mark.parametrize("streams", ["stdout", "stdout on a full disk and stderr", "stdout closed at the start"])
+def test_a_run_goes_on_when_its_output_has_no_reader_or_no_room(tmp_path, streams):
     """`engine/pretrain.py ... | tee log` whose tee ended (the login that started it closed): the next
-    progress line raised BrokenPipeError and ended the run of days (exit 1), for its log. Once the runtime is
-    up the process goes on, its output into /dev/null, and exits 0 without a word about the flush at exit;
-    also where stdout was closed when the process started (`>&-`: sys.stdout None, whose flush raised)."""
+    progress line raised BrokenPipeError and ended the run of days (exit 1), for its log; a log file whose disk
+    (or quota) filled up ended it with ENOSPC. Once the runtime is up the process goes on, its output into
+    /dev/null, and exits 0 without a word about the flush at exit; also where stdout was closed when the
+    process started (`>&-`: sys.stdout None, whose flush raised)."""
     mark = tmp_path / "mark"
-    if streams == "stdout closed at the start":
-        prelude = "os.close(1)\n"
-    else:
-        prelude = "r, w = os.pipe()\nos.close(r)\nos.dup2(w, 1)\n" + ("os.dup2(w, 2)\n" if "stderr" in streams else "")
+    no_reader = "r, w = os.pipe()\nos.close(r)\n"
+    prelude = {"stdout": no_reader + "os.dup2(w, 1)\n",
+               # stdout into a file whose disk is full, stderr into the pipe without a reader
+               "stdout on a full disk and stderr": no_reader + "os.dup2(w, 2)\n"
+                                                   "os.dup2(os.open('/dev/full', os.O_WRONLY), 1)\n",
+               "stdout closed at the start": "os.close(1)\n"}[streams]
     # the closing happens before the runtime's Python starts, as a shell's redirection does
     launcher = (f"import os, subprocess, sys\n{prelude}"
                 f"sys.exit(subprocess.call([sys.executable, '-c', {RUN_ON!r}, {str(mark)!r}]))\n")
