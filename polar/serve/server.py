@@ -167,7 +167,7 @@ def settled_tokenizer(args, step_dir: str, positions: int):
     tokenizer = load_tokenizer(choose(args.tokenizer, step_dir, "--tokenizer"))
     args.max_length, args.max_response, note = settle_lengths(args.max_length, args.max_response, tokenizer,
                                                               positions, ("--max-length", "--max-response"))
-    if note:
+    if note and int(os.environ.get("RANK", "0")) == 0:  # every rank settles the same lengths: said once
         print(f"polar serve: {note}", file=sys.stderr, flush=True)
     return tokenizer
 
