@@ -159,11 +159,12 @@ class Batcher:
         return QueueFull(max(1, wait), self._pending_items)
 
     # ---- submitting ----------------------------------------------------------------------------
-    def submit(self, ids: list) -> concurrent.futures.Future:
+    def submit(self, ids: list, room_wait_s: float = 0.0) -> concurrent.futures.Future:
         """Queue one request's items (int32 id arrays, each non-empty); the future gets their fp32
         rewards; cancelling it before its round starts takes them off the queue. Raises QueueFull
-        when the queue cannot take them, Closed after close(), ValueError for an item longer than
-        the model's positions (it would fail the forward of every request batched with it)."""
+        when the queue cannot take them within `room_wait_s` seconds (None: however long it takes),
+        Closed after close(), ValueError for an item longer than the model's positions (it would
+        fail the forward of every request batched with it)."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not ids:
             fut.set_result(np.zeros(0, dtype=np.float32))
@@ -173,12 +174,18 @@ class Batcher:
                 if len(a) > self.max_positions:
                     raise ValueError(f"item {i} is {len(a)} tokens long, more than the model's "
                                      f"{self.max_positions} positions (max_position_embeddings)")
-        job = _Job(list(ids), fut, time.monotonic(), int(sum(len(a) for a in ids)))
+        deadline = None if room_wait_s is None else time.monotonic() + room_wait_s
         with self._cond:
-            if self._closing:
-                raise Closed("the server is shutting down")
-            if self._pending_items and self._pending_items + len(ids) > self.max_queue_items:
-                raise self._queue_full()
+            while True:
+                if self._closing:
+                    raise Closed("the server is shutting down")
+                if not self._pending_items or self._pending_items + len(ids) <= self.max_queue_items:
+                    break
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._queue_full()
+                self._cond.wait(left)  # rounds taking items and cancelled requests leaving notify
+            job = _Job(list(ids), fut, time.monotonic(), int(sum(len(a) for a in ids)))
             self._pending.append(job)
             self._pending_items += len(ids)
             self._pending_tokens += job.tokens
@@ -200,12 +207,17 @@ class Batcher:
             self._pending_tokens -= job.tokens
             if self.metrics:
                 self.metrics.queue_items.set(self._pending_items)
+            self._cond.notify_all()
 
     async def score(self, ids: list) -> np.ndarray:
         return await asyncio.wrap_future(self.submit(ids))
 
     def score_sync(self, ids: list, timeout: Optional[float] = None) -> np.ndarray:
-        return self.submit(ids).result(timeout)
+        """The rewards, for a caller in this process (polar.in_process_scorer): a full queue is waited
+        on, as an HTTP client retries a 429, within `timeout` (None: no limit) in all."""
+        start = time.monotonic()
+        fut = self.submit(ids, room_wait_s=timeout)
+        return fut.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))
 
     # ---- the worker ----------------------------------------------------------------------------
     def _take(self) -> Optional[list[_Job]]:
@@ -228,6 +240,7 @@ class Batcher:
                 self._pending_tokens -= job.tokens
             if self.metrics:
                 self.metrics.queue_items.set(self._pending_items)
+            self._cond.notify_all()  # callers waiting for room (score_sync)
         return jobs
 
     def _run(self) -> None:

@@ -2,11 +2,12 @@
 concurrency) equal each item scored alone (fp32, 1e-5)."""
 import concurrent.futures
 import math
+import threading
 
 import numpy as np
 import pytest
 
-from polar.serve.batcher import Batcher, QueueFull
+from polar.serve.batcher import Batcher, Closed, QueueFull
 from polar.serve.items import StructuredItem, format_structured, tokenize_served_text
 
 from .items_gen import make_items
@@ -145,3 +146,42 @@ def test_a_failing_round_is_bisected_to_the_request_that_broke_it(scorer, tokeni
             np.testing.assert_allclose(f.result(60), alone(good[k]), atol=1e-5)
     b.close()
     assert calls[0].reward_index.numel() == 16 and len(calls) == 9
+
+
+def test_a_caller_in_this_process_waits_for_room_in_a_full_queue(scorer, tokenizer, alone):
+    """The in-process scorer (score_sync) was refused with QueueFull, 'the server's queue is full ...
+    retry after 1 s', when its call came while others filled the queue: an RL trainer's second thread
+    stopped on an exception where an HTTP client waits and retries the 429. It now waits for room,
+    within its timeout; HTTP requests (submit) are still refused at once."""
+    gate, rounds, held = held_rounds(scorer)
+    b = Batcher(held, tokenizer.pad_id, max_wait_s=0, max_queue_items=8).start()
+    calls = [[np.array([256, 30 + 3 * k + i, 40, 259], dtype=np.int32) for i in range(n)]
+             for k, n in enumerate((1, 6, 6))]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            first = pool.submit(b.score_sync, calls[0], 60)
+            assert _until(lambda: rounds)  # its round holds the worker
+            second = pool.submit(b.score_sync, calls[1], 60)
+            assert _until(lambda: b.queued_items == 6)
+            with pytest.raises(QueueFull):
+                b.submit(calls[2])  # an HTTP request: refused at once
+            with pytest.raises(QueueFull):
+                b.score_sync(calls[2], 0.2)  # no room within its timeout
+            third = pool.submit(b.score_sync, calls[2], 60)
+            assert not _until(third.done, 0.3)  # waiting for room, not refused
+            gate.set()
+            for fut, ids in zip((first, second, third), calls):
+                np.testing.assert_allclose(fut.result(60), alone(ids), rtol=0, atol=1e-5)
+        gate.clear()
+        b.submit(calls[0])  # holds the worker again
+        assert _until(lambda: len(rounds) == 4)
+        b.submit(calls[1])
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(b.score_sync, calls[2])
+            assert not _until(waiting.done, 0.3)
+            threading.Thread(target=b.close).start()  # a close wakes it: Closed, not a wait for ever
+            with pytest.raises(Closed):
+                waiting.result(60)
+    finally:
+        gate.set()
+        b.close()
