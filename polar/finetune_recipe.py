@@ -430,12 +430,28 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     if set_aside:  # listed by write_run_files once the run starts (--check-config writes nothing)
         _say(f"{len(set_aside)} record(s) set aside (finetune.on_error=skip), each listed with its reason in "
              f"{Path(cfg.run_dir) / REJECTS_FILE} when the run starts", flush=True)
+    # a batch this layout accepts: the layout check's own rule
+    from engine.layout_rules import global_batch_unit
+    from engine.runtime import world_size_from_env
+
+    par, micro = cfg.parallel, cfg.train.micro_batch
+    dp = max(1, world_size_from_env() // (par.tp * par.pp))
+    unit = global_batch_unit(par, micro, dp)
+    packed = f"the fine-tuning data packs into only {len(train)} sequences of {cfg.data.seq_length} tokens"
+    if len(train) < unit:
+        # no train.global_batch both fits the data and divides among the ranks (--nproc 2 on a small file)
+        per_rank = unit // dp  # the sequences one data-parallel rank takes a step at least
+        fewer = (f"fewer processes (--nproc {par.tp * par.pp * (len(train) // per_rank)} at most)"
+                 if len(train) >= per_rank else f"a smaller train.micro_batch (now {micro})")
+        raise ConfigError(f"{packed}, fewer than the {unit} a step needs at least ({dp} data-parallel rank(s) x "
+                          f"train.micro_batch={micro}{' x parallel.pp' if unit > dp * micro else ''}): use {fewer}, "
+                          "a smaller data.seq_length (more, shorter sequences), or more records")
     if len(train) < cfg.train.global_batch:
         # what to change, since the README's own commands meet this with a small example file
-        raise ConfigError(f"train.global_batch={cfg.train.global_batch}: the fine-tuning data packs into only "
-                          f"{len(train)} sequences of {cfg.data.seq_length} tokens: set train.global_batch to "
-                          f"at most {len(train)}, or a smaller data.seq_length (more, shorter sequences), "
-                          f"or give more records")
+        most = len(train) // unit * unit  # a multiple of the unit: the layout check refuses any other
+        raise ConfigError(f"train.global_batch={cfg.train.global_batch}: {packed}: set train.global_batch to "
+                          f"at most {most}{f' (a multiple of {unit}, as this layout needs)' if unit > 1 else ''}, "
+                          "or a smaller data.seq_length (more, shorter sequences), or give more records")
     # sequences in the requested epochs, from the epochs as written (1.1 x 50 is 55, not the float 55.00000000000001)
     wanted = math.ceil(Fraction(repr(f.epochs)) * len(train))
     steps = max(1, math.ceil(wanted / cfg.train.global_batch))
@@ -454,12 +470,6 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     # with the prompt and reference. train.global_batch counts packs of several records, so what a step
     # carries is the data's records a pack times it: said once, with the global_batch that carries 160.
     per_pack, gb = len(train.groups) / len(train), cfg.train.global_batch
-    # a batch this layout accepts: the layout check's own rule
-    from engine.layout_rules import global_batch_unit
-    from engine.runtime import world_size_from_env
-
-    par = cfg.parallel
-    unit = global_batch_unit(par, cfg.train.micro_batch, max(1, world_size_from_env() // (par.tp * par.pp)))
     paper_gb = max(unit, round(160 / per_pack / unit) * unit)
     short = (f"; this data's {len(train.groups):,} records fill only {len(train):,}, less than one such batch"
              if paper_gb > len(train) else "")

@@ -257,6 +257,31 @@ def test_too_few_sequences_for_the_batch_says_what_to_change(tmp_path):
         recipe.prepare_data(cfg)
 
 
+def test_too_few_sequences_for_the_data_parallel_ranks_says_to_use_fewer_processes(tmp_path, monkeypatch):
+    """`polar finetune` (--nproc 2, its default) on data that packs into one sequence was told "set
+    train.global_batch to at most 1", and then "train.global_batch=1 is not divisible by data-parallel
+    size 2". WORLD_SIZE is what torchrun gives each of the --nproc processes."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = _one_per_sequence(tmp_path, 1, "train.global_batch=8")
+    with pytest.raises(ConfigError) as e:
+        recipe.prepare_data(cfg)
+    assert str(e.value) == ("the fine-tuning data packs into only 1 sequences of 128 tokens, fewer than the 2 a step "
+                            "needs at least (2 data-parallel rank(s) x train.micro_batch=1): use fewer processes "
+                            "(--nproc 1 at most), a smaller data.seq_length (more, shorter sequences), or more "
+                            "records"), e.value
+    # a train.global_batch of 1 (the old advice) is refused here, not later by the layout check
+    with pytest.raises(ConfigError, match=r"^the fine-tuning data packs into only 1 sequences .*--nproc 1 at most"):
+        recipe.prepare_data(_one_per_sequence(tmp_path, 1, "train.global_batch=1"))
+    # enough for the ranks, too few for the batch: the largest batch the two ranks divide
+    with pytest.raises(ConfigError, match=re.escape(
+            "set train.global_batch to at most 4 (a multiple of 2, as this layout needs), or a smaller")):
+        recipe.prepare_data(_one_per_sequence(tmp_path, 5, "train.global_batch=8"))
+    assert recipe.prepare_data(_one_per_sequence(tmp_path, 5, "train.global_batch=4")).train is not None
+    # what the first message says to use: one process
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert len(recipe.prepare_data(_one_per_sequence(tmp_path, 1, "train.global_batch=1")).train) == 1
+
+
 def test_held_out_records_that_are_the_training_file_are_refused(tmp_path):
     records = tmp_path / "r.jsonl"
     records.write_text("")
