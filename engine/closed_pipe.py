@@ -12,10 +12,26 @@ import sys
 
 
 def reader_gone() -> int:
-    """Points stdout at /dev/null, so the flush at exit has nowhere to fail, and returns exit code 1
-    (the reader left before the output was written: the command did not finish what it was asked)."""
+    """Called where a command caught BrokenPipeError: points stdout at /dev/null, so the flush at exit
+    has nowhere to fail, and returns exit code 1 (the reader left before the output was written: the
+    command did not finish what it was asked). Where stdout's reader is still there the error came from
+    another pipe (a background checkpoint writer's queue, a socket), and it is raised again with its
+    traceback: taken for stdout's, a run ended with status 1 and not a word."""
+    if not _stdout_reader_gone():
+        raise  # the BrokenPipeError the caller is handling
     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 1
+
+
+def _stdout_reader_gone() -> bool:
+    import select
+
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no stdout, or not a file descriptor
+        return True
 
 
 # EPIPE: the pipe's reader ended; EIO: the terminal the run was started on went away (a disowned run

@@ -22,6 +22,19 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback(call):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
+
+def test_a_broken_pipe_that_is_not_stdouts_is_raised_with_its_traceback():
+    """engine/pretrain.py's and polar's main take a BrokenPipeError for a reader of stdout that left
+    (reader_gone); one from another pipe (a background checkpoint writer's queue whose process died, a
+    socket) ended the run with status 1, stdout silenced and not a word said. It is raised again."""
+    script = ("import os, sys\nfrom engine.closed_pipe import reader_gone\ntry:\n"
+              "    r, w = os.pipe()\n    os.close(r)\n    os.write(w, b'to a process that is gone')\n"
+              "except BrokenPipeError:\n    sys.exit(reader_gone())\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 1 and 'File "<string>", line 6' in proc.stderr, proc.stderr  # the os.write
+    assert proc.stderr.rstrip().endswith("BrokenPipeError: [Errno 32] Broken pipe"), proc.stderr
+
+
 # a process that started the runtime (as training, polar score and evaluate do) and then writes progress
 # lines and a summary, as Progress.log and the entry scripts do; it leaves a mark in a file once through
 RUN_ON = """
