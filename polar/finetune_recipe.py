@@ -27,6 +27,7 @@ resume as pre-training (engine/pretrain.py).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -214,7 +215,28 @@ def check(cfg: FinetuneConfig) -> None:
         cfg.model.vocab_size = tok.vocab_size
     elif cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
-                          f"{tok.vocab_size} ({spec})")
+                          f"{tok.vocab_size} ({spec}){_resumed_not_init(cfg)}")
+
+
+def _resumed_not_init(cfg: FinetuneConfig) -> str:
+    """Where the run resumes a step of its own checkpoint directory (an earlier run in run_dir), the
+    model it builds is that step's (engine.pretrain.model_from_checkpoint), not checkpoint.init_from's,
+    while the tokenizer is still init_from's: what to say of it ("" for a run that does not resume)."""
+    from engine.checkpoint import CheckpointNotFound, resolve, run_checkpoint_dir
+    from engine.pretrain import newest_checkpoint
+
+    resumed = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    if resumed is None:
+        return ""
+    with contextlib.suppress(CheckpointNotFound):
+        if Path(resolve(cfg.checkpoint.init_from)).resolve() == Path(resumed).resolve():
+            return ""
+    # checkpoint.resume=false is no way out: a run refuses a checkpoint directory that holds steps
+    return (f": the run resumes {resumed}, the newest step in {run_checkpoint_dir(cfg)} (an earlier run in "
+            f"run_dir={cfg.run_dir}), and builds the model that step holds; checkpoint.init_from="
+            f"{cfg.checkpoint.init_from} is loaded only by a run that has no step to resume. To fine-tune from it, "
+            "give a new run_dir (or checkpoint.dir); to go on with the earlier run, give the checkpoint.init_from "
+            "it started from")
 
 
 def _say(*args, **kw) -> None:

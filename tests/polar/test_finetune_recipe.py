@@ -12,6 +12,7 @@ import pytest
 from engine.config import ConfigError, load_config
 from engine.data import GlobalBatchLoader
 from polar import finetune_recipe as recipe
+from polar.tokenizer import load_tokenizer
 
 
 @pytest.mark.parametrize("setting,derived_from", [("train.steps=100", "finetune.epochs"),
@@ -197,13 +198,13 @@ def test_every_record_set_aside_by_skip_is_listed_with_its_reason(tmp_path, caps
     assert not rejects.exists() and f"removed {rejects} of an earlier run" in capsys.readouterr().out
 
 
-def _init_step(tmp_path, **model):
+def _init_step(tmp_path, where="base/step_00000000", **model):
     import dataclasses
 
     from engine import checkpoint
     from engine.config import ModelConfig
 
-    step = tmp_path / "base" / "step_00000000"
+    step = tmp_path / where
     step.mkdir(parents=True)
     (step / "metadata.json").write_text("{}")
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), "vocab_size": 260,
@@ -227,6 +228,36 @@ def test_init_from_brings_the_model_it_holds(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count(f"model settings from {step / 'model.json'}: model.hidden_size=64, model.ffn_hidden_size=176, "
                      "model.vocab_size=260 (") == 1, out
+
+
+def test_a_run_dir_holding_an_earlier_run_is_named_when_its_model_differs_from_init_from(tmp_path, capsys):
+    """`polar finetune checkpoint.init_from=ckpt/base ...` with run_dir holding an earlier run's steps
+    said "model.vocab_size=260 is smaller than the tokenizer's 49154 (ckpt/base/tokenizer)": the run
+    resumes run_dir's newest step, with its model, and does not load init_from, which the message never
+    said. checkpoint.resume=false is no way out: it refuses a checkpoint directory holding steps."""
+    from engine.finetune import main
+
+    from .test_tokenizer import train_bpe
+
+    base = tmp_path / "base"
+    vocab = load_tokenizer(train_bpe(base / "tokenizer", vocab_size=300)).vocab_size
+    step = _init_step(tmp_path, hidden_size=64, ffn_hidden_size=176, vocab_size=vocab)
+    # an earlier run in run_dir, of the byte tokenizer's 260 ids
+    earlier = _init_step(tmp_path, "run/checkpoints/step_00000003", hidden_size=64, ffn_hidden_size=176)
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"q{i}", "reference": "r", "chosen": "c", "rejected": "x"})
+                               + "\n" for i in range(4)))
+    args = [f"checkpoint.init_from={base}", f"finetune.train={records}", "finetune.eval_fraction=0",
+            "train.global_batch=1"]
+    assert main([*args, f"run_dir={tmp_path / 'run'}", "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert f"model.vocab_size=260 is smaller than the tokenizer's {vocab} ({base / 'tokenizer'}): the run resumes " \
+           f"{earlier}, the newest step in {earlier.parent} (an earlier run in run_dir={tmp_path / 'run'}), and " \
+           f"builds the model that step holds; checkpoint.init_from={base} is loaded only by a run that has no " \
+           "step to resume. To fine-tune from it, give a new run_dir (or checkpoint.dir)" in err, err
+    # what it says to do: a new run_dir builds init_from's model
+    assert main([*args, f"run_dir={tmp_path / 'new'}", "--check-config"]) == 0, capsys.readouterr().err
+    assert f"model settings from {step / 'model.json'}: " in capsys.readouterr().out
 
 
 def test_every_model_setting_given_that_init_from_differs_in_is_named_at_once(tmp_path, capsys):
