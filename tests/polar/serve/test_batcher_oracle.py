@@ -58,10 +58,19 @@ def test_served_rewards_equal_transformers_whatever_the_batching(scorer, tokeniz
     lengths = dict(max_length=400, max_response=120)
     want = np.array([oracle(it, *lengths.values()) for it in items])
     assert len(set(np.round(want, 4))) == len(set(map(str, items)))  # distinct items, distinct rewards
-    with live_server(scorer, tokenizer, batcher_kw=dict(max_batch_tokens=256, row_tokens=192), **lengths) as (url, _):
+    batches = []
+
+    def recorded(batch):
+        batches.append(batch)
+        return scorer.score(batch)
+
+    with live_server(scorer, tokenizer, score=recorded, batcher_kw=dict(max_batch_tokens=512, row_tokens=256),
+                     **lengths) as (url, _):
         post = lambda path, body: httpx.post(f"{url}{path}", json=body, timeout=120).json()  # noqa: E731
         got = [d["reward"] for d in post("/v1/rewards", {"items": items})["data"]]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        # one round in several forwards, rows holding several candidates (a shared prefix, groups packed)
+        assert len(batches) > 1 and max(b.reward_index.numel() - b.tokens.shape[0] for b in batches) > 0
         grouped = post("/v1/rewards", {"items": [{"prompt": P, "reference": R, "outputs": outs}]})["data"][0]
         np.testing.assert_allclose(grouped["rewards"], want[:len(outs)], rtol=0, atol=1e-5)
         got = post("/get_reward", {"query": [P + o for o in outs], "prompts": [P] * len(outs),
