@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 
+from polar.in_process_scorer import InProcessScorer
+
 from .conftest import ROOT, live_server
 from .test_app_failures import _until, held_rounds
 
@@ -50,7 +52,8 @@ def oracle(checkpoint_dir, tmp_path_factory):
 def test_served_rewards_equal_transformers_whatever_the_batching(scorer, tokenizer, oracle):
     """n candidates of one prompt (empty, duplicate, unicode, one alone), several prompts in one
     request, a reference past --max-response (cut as the client cuts it), concurrent requests split
-    over rounds and forwards (small --max-batch-tokens and --row-tokens), and the text endpoints."""
+    over rounds and forwards (small --max-batch-tokens and --row-tokens), the text endpoints, and
+    the in-process scorer."""
     outs = ["4", "", "four 😀", "4", "x" * 60, R, "\n"]
     items = [{"prompt": P, "reference": R, "output": o} for o in outs]
     items += [{"prompt": "other prompt " * 8, "reference": "long reference " * 40, "output": "z" * 90},
@@ -86,6 +89,12 @@ def test_served_rewards_equal_transformers_whatever_the_batching(scorer, tokeniz
         texts = [f"{P}\n{R}<|reward|>{P}\n{o}[UNUSED_TOKEN_130]" for o in outs]  # nothing cut: the client's strings
         got = [e["embedding"][0] for e in post("/classify", {"text": texts})]
         np.testing.assert_allclose(got, want[:len(outs)], rtol=0, atol=1e-5)
+    in_process = InProcessScorer(scorer, tokenizer, max_length=400, max_response=120, max_batch_tokens=512,
+                                 row_tokens=256)
+    try:
+        np.testing.assert_allclose(in_process.score(items), want, rtol=0, atol=1e-5)
+    finally:
+        in_process.close()
 
 
 @pytest.fixture(scope="module")
