@@ -228,6 +228,12 @@ class CheckpointConfig:
     # log steps and at the next save; the end of the run and an early stop wait for it). Costs host
     # memory for one copy of the rank's shard of the weights and optimizer state
     async_save: bool = setting(False, boolean)
+    # seconds a run waits for its checkpoint directory's lock (`.lock`, held by another run's rank 0)
+    # before it is refused: a run on a node that was lost keeps its NFS lock for the server's lease time
+    # after its death (NFSv4: 90 s by default), and its restart (torchrun --max-restarts, a SLURM requeue)
+    # waits for the lock to lapse. --check-config waits too (a requeue's start-up check is one); 0 =
+    # refused at once. The run says once that it waits, naming the holder
+    lock_wait_s: float = setting(180.0, at_least(0.0))
 
 
 @dataclass

@@ -14,35 +14,65 @@ Busy = Union[Exception, Callable[[], Exception]]  # or what makes it, asked only
 # directory's lock then was refused, "in use by another run", by a second command's --check-config.
 # A lock held by a run is held for its life, so the pause only delays that refusal.
 TRIES, PAUSE_S = 20, 0.01
+# A lock waited for (wait_s: a run's checkpoint directory after a lost node, whose NFS lock outlives
+# it by the server's lease time) is asked for again this often.
+POLL_S = 1.0
 
 
-def lock_for_life(fd: int, busy: Busy) -> str:
+def waited(busy: Callable[[], bool], wait_s: float, waiting: Callable[[], None] | None = None) -> bool:
+    """Asks busy() until it answers False or `wait_s` seconds have passed, every POLL_S; `waiting`
+    is called once, when the first answer is busy and there is time to wait. -> whether still busy."""
+    deadline = time.monotonic() + wait_s
+    if not busy():
+        return False
+    if wait_s > 0 and waiting is not None:
+        waiting()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return True
+        time.sleep(min(POLL_S, left))
+        if not busy():
+            return False
+
+
+def lock_for_life(fd: int, busy: Busy, wait_s: float = 0.0, waiting: Callable[[], None] | None = None) -> str:
     """An exclusive flock on `fd` for this process's life (the kernel drops it when the process dies,
     killed or not): two runs of one command (a requeued job whose first copy still runs, a second
     terminal) would both write the same output. Raises `busy` (or what it makes, when callable),
-    closing `fd`, when another process holds the lock; -> "" once locked, or why no lock could be
-    taken (a file system without locks, some network mounts), for the caller to note or pass over."""
-    for attempt in range(TRIES):
-        if attempt:
-            time.sleep(PAUSE_S)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            continue
-        except OSError as e:
-            return e.strerror or str(e)
-        return ""
-    os.close(fd)
-    raise (busy() if callable(busy) else busy) from None
+    closing `fd`, when another process holds the lock (still, after `wait_s` seconds of asking again,
+    `waiting` called once when that wait begins); -> "" once locked, or why no lock could be taken (a
+    file system without locks, some network mounts), for the caller to note or pass over."""
+    unlocked = []
+
+    def refused() -> bool:
+        for attempt in range(TRIES):
+            if attempt:
+                time.sleep(PAUSE_S)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue
+            except OSError as e:
+                unlocked.append(e.strerror or str(e))
+            return False
+        return True
+
+    if waited(refused, wait_s, waiting):
+        os.close(fd)
+        raise (busy() if callable(busy) else busy) from None
+    return unlocked[0] if unlocked else ""
 
 
 def claim(path: str | os.PathLike, busy: Busy, directory: bool = False,
-          flags: int = os.O_RDWR | os.O_CREAT) -> tuple[int, str]:
+          flags: int = os.O_RDWR | os.O_CREAT, wait_s: float = 0.0,
+          waiting: Callable[[], None] | None = None) -> tuple[int, str]:
     """lock_for_life on the file `path` (opened with `flags`, created), or with `directory` on the
     directory `path` (made), checked to be still the one under that name once locked: a holder letting
     go removes or renames it first (HolderLock.release, a conversion's publish, polar score's finished
     output), and whoever opened it just before would otherwise hold a lock on a file nobody else sees
-    (or append to one renamed away). -> (its descriptor, lock_for_life's answer)."""
+    (or append to one renamed away). `wait_s`, `waiting`: lock_for_life's. -> (its descriptor,
+    lock_for_life's answer)."""
     while True:
         if directory:
             os.makedirs(path, exist_ok=True)
@@ -52,7 +82,7 @@ def claim(path: str | os.PathLike, busy: Busy, directory: bool = False,
                 continue
         else:
             fd = os.open(path, flags, 0o644)
-        unlocked = lock_for_life(fd, busy)
+        unlocked = lock_for_life(fd, busy, wait_s, waiting)
         try:
             if os.path.samestat(os.fstat(fd), os.stat(path)):
                 return fd, unlocked
@@ -94,11 +124,13 @@ class HolderLock:
     """lock_for_life on the file `path` (created), which then names its holder (pid, host, when) for
     a process refused by it, and is removed and let go by release(), or let go (left in place) by this
     process's death. Processes this one forks (a checkpoint writer) do not hold it: a child outliving
-    a killed parent for a moment would keep the lock from the restarted job it was there for."""
+    a killed parent for a moment would keep the lock from the restarted job it was there for.
+    `wait_s`, `waiting`: lock_for_life's."""
 
-    def __init__(self, path: str, busy: Busy):
+    def __init__(self, path: str, busy: Busy, wait_s: float = 0.0, waiting: Callable[[], None] | None = None):
         self.path, self.fd = path, None
-        self.fd, self.unlocked = claim(path, busy)  # unlocked: why no lock could be taken ("" once locked)
+        # unlocked: why no lock could be taken ("" once locked)
+        self.fd, self.unlocked = claim(path, busy, wait_s=wait_s, waiting=waiting)
         os.register_at_fork(after_in_child=self._drop_in_child)
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"pid {os.getpid()} on {socket.gethostname()} since "

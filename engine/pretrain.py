@@ -127,7 +127,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
             if rank == 0:
                 print((f"# {taken}\n" if taken else "") + dump_yaml(cfg))
             return 0
-        refuse_a_held_checkpoint_dir(cfg)  # before the checks read what another run may be writing
+        refuse_a_held_checkpoint_dir(cfg, rank)  # before the checks read what another run may be writing
         from engine.cuda_env import order_tp_launches
 
         order_tp_launches(cfg.parallel.tp)  # before the first CUDA call (check_machine makes one)
@@ -207,36 +207,61 @@ def _held_by_another_run(ckpt_dir: str, lock: str) -> ConfigError:
                        "end or stop it, or give this one a run_dir (or checkpoint.dir) of its own")
 
 
-def refuse_a_held_checkpoint_dir(cfg) -> None:
+# A rank other than 0 waits this much longer for the lock than rank 0 (up to checkpoint.lock_wait_s
+# more): ranks reach the check up to some seconds apart (imports from a shared file system), and
+# torchrun ends the job at the first rank that exits. Rank 0, the one that names the holder, decides:
+# refused, it has printed why before the others' wait ends; let in, the others find the lock free too.
+LATE_S = 30.0
+
+
+def _waiting_note(lock: str, wait_s: float):
+    from engine.file_lock import holder
+
+    def note():
+        print(f"note: waiting up to {wait_s:g} s for {lock}, held by {holder(lock)}: a run on a lost node keeps "
+              "its NFS lock for the server's lease time after its death (checkpoint.lock_wait_s=0 refuses at once)",
+              file=sys.stderr, flush=True)
+    return note
+
+
+def refuse_a_held_checkpoint_dir(cfg, rank: int = 0) -> None:
     """A run whose checkpoint directory another run holds (the same command started twice, a
     relaunch while the first job's ranks still train) is refused on every rank, with --check-config
     too, before anything of the directory is read: a second run resumed from the first's newest step
     and saved over its steps, and wrote its summary.json and TensorBoard files beside the first's.
+    Refused once the lock is still held after checkpoint.lock_wait_s (rank 0 says at once that it
+    waits): a restart after a lost node finds the dead rank 0's NFS lock until its lease lapses.
     Asking takes nothing: rank 0 takes the lock once the ranks have started (hold_checkpoint_dir)."""
     from engine.checkpoint import run_checkpoint_dir
-    from engine.file_lock import held
+    from engine.file_lock import held, waited
 
     ckpt_dir = run_checkpoint_dir(cfg)
     lock = str(Path(ckpt_dir) / LOCK_FILE)
-    if held(lock):
+    wait_s = cfg.checkpoint.lock_wait_s
+    if waited(lambda: held(lock), wait_s + (min(wait_s, LATE_S) if rank else 0.0),
+              _waiting_note(lock, wait_s) if rank == 0 else None):
         raise _held_by_another_run(ckpt_dir, lock)
 
 
 def hold_checkpoint_dir(cfg, rank: int):
     """The lock on the run's checkpoint directory (created), taken by rank 0 for the run (a
     HolderLock: the kernel lets go of it when the process dies, so a restarted job's new ranks find
-    it free); None on the other ranks. Another run holding it stops every rank with a config error
-    naming that run's process. Call once every rank has passed refuse_a_held_checkpoint_dir: before,
-    a rank asking would find its own rank 0 holding it."""
+    it free); None on the other ranks. Another run holding it still after checkpoint.lock_wait_s
+    stops every rank with a config error naming that run's process (the wait at most half of
+    parallel.timeout_minutes: the other ranks wait for rank 0's answer in a collective). Call once
+    every rank has passed refuse_a_held_checkpoint_dir: before, a rank asking would find its own
+    rank 0 holding it."""
     from engine.checkpoint import on_rank0, run_checkpoint_dir
     from engine.file_lock import HolderLock
 
     ckpt_dir = run_checkpoint_dir(cfg)
     lock = str(Path(ckpt_dir) / LOCK_FILE)
+    wait_s = min(cfg.checkpoint.lock_wait_s, cfg.parallel.timeout_minutes * 30.0)
     taken = []  # rank 0's alone: what on_rank0 returns is sent to every rank
 
     def take():
-        taken.append(HolderLock(lock, lambda: _held_by_another_run(ckpt_dir, lock)))  # named when refused
+        taken.append(HolderLock(lock, lambda: _held_by_another_run(ckpt_dir, lock),  # named when refused
+                                wait_s, _waiting_note(lock, wait_s)))
 
     error = on_rank0(rank, take)
     if error:

@@ -20,7 +20,7 @@ from engine.file_lock import HolderLock, held
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "engine" / "pretrain.py")
 SMALL = ["train.steps=100000", "model.num_layers=1", "synthetic.train_triplets=64", "synthetic.eval_triplets=16",
-         "synthetic.prompts=50", "log.interval=1", "checkpoint.save_interval=1"]
+         "synthetic.prompts=50", "log.interval=1", "checkpoint.save_interval=1", "checkpoint.lock_wait_s=0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
 
 
@@ -84,8 +84,10 @@ from polar.pretrain_recipe import PretrainConfig
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 cfg = PretrainConfig()
 cfg.run_dir = sys.argv[1]
+cfg.checkpoint.lock_wait_s = float(sys.argv[2])
 try:
     hold_checkpoint_dir(cfg, 0)
+    print("taken")
 except ConfigError as e:
     print(e)
 finally:  # a gloo group left up at exit aborts the process now and then (-6, "terminate called ...")
@@ -100,7 +102,7 @@ def test_the_lock_taken_once_the_ranks_run_is_refused_too(tmp_path):
     ckpt.mkdir(parents=True)
     lock = HolderLock(str(ckpt / ".lock"), RuntimeError("busy"))
     try:
-        proc = subprocess.run([sys.executable, "-c", _TAKE, str(tmp_path / "run")], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-c", _TAKE, str(tmp_path / "run"), "0"], capture_output=True, text=True,
                               env=ENV, cwd=ROOT, timeout=300)
     finally:
         lock.release()
@@ -146,3 +148,73 @@ def test_the_lock_is_the_holders_alone_and_goes_with_it(tmp_path):
     again = HolderLock(str(lock), RuntimeError("busy"))
     again.release()
 
+
+
+def _note(err: str, lock: Path, wait: str, pid: int) -> None:
+    notes = [line for line in err.splitlines() if line.startswith("note: waiting")]
+    assert len(notes) == 1, err[-3000:]
+    assert notes[0].startswith(f"note: waiting up to {wait} s for {lock}, held by pid {pid} on "
+                               f"{socket.gethostname()} since "), notes[0]
+    assert "a run on a lost node keeps its NFS lock" in notes[0], notes[0]
+
+
+def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
+    """A run on a node that was lost keeps its NFS lock for the server's lease time (about 90 s)
+    after its death, and its restart (torchrun --max-restarts, a SLURM requeue) was refused at once,
+    "in use by another run", spending its restarts: the start-up check (every rank, --check-config)
+    and rank 0's take now wait up to checkpoint.lock_wait_s, rank 0 saying so once, and go on once
+    the holder is gone; one still held after the wait is refused as before, on every rank. The lost
+    node's lease is played by a holder process, killed once the run says that it waits."""
+    from tests.engine.test_file_lock import HOLD
+
+    run_dir = tmp_path / "run"
+    lock = run_dir / "checkpoints" / ".lock"
+    lock.parent.mkdir(parents=True)
+    small = [arg for arg in SMALL if not arg.startswith("checkpoint.lock_wait_s=")]
+
+    def hold():
+        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True,
+                                  env=ENV, cwd=ROOT)
+        assert holder.stdout.readline() == "held\n"
+        return holder
+
+    def freed_while_waiting(cmd: list, wait: str) -> subprocess.CompletedProcess:
+        holder = hold()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path)
+        try:
+            seen = []
+            for line in proc.stderr:
+                seen.append(line)
+                if line.startswith("note: waiting"):
+                    break
+            assert holder.poll() is None, "".join(seen)
+            holder.kill()
+            out, err = proc.communicate(timeout=300)
+        finally:
+            holder.kill()
+            holder.wait()
+            proc.kill()
+        _note("".join(seen), lock, wait, holder.pid)
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(seen) + err)
+
+    holder = hold()
+    try:  # held all along: refused after the wait, rank 0 alone speaking
+        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *small, "checkpoint.lock_wait_s=2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                                  env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
+                 for r in range(2)]
+        outs = [p.communicate(timeout=300) for p in ranks]
+        assert [p.returncode for p in ranks] == [2, 2], outs
+        _note(outs[0][1], lock, "2", holder.pid)
+        _refusal(outs[0][1], lock.parent, holder.pid)
+        assert "note:" not in outs[1][1] and "config error:" not in outs[1][1], outs[1]
+        assert holder.poll() is None
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder gone during the wait: the check passes, and rank 0 takes the lock
+    check = freed_while_waiting([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *small], "180")
+    assert check.returncode == 0 and "config ok" in check.stdout, check.stdout + check.stderr[-3000:]
+    take = freed_while_waiting([sys.executable, "-c", _TAKE, str(run_dir), "300"], "300")
+    assert take.returncode == 0 and take.stdout == "taken\n", take.stdout + take.stderr[-3000:]

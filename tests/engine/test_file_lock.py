@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from engine.file_lock import HolderLock
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,3 +40,38 @@ def test_a_probe_never_makes_a_take_refused(tmp_path):
         prober.kill()
         prober.wait()
     assert refused == 0, f"{refused} of 500 takes refused by a probe"
+
+
+HOLD = ("import sys, time\n"
+        "from engine.file_lock import HolderLock\n"
+        "HolderLock(sys.argv[1], RuntimeError('busy'))\n"
+        "print('held', flush=True)\n"
+        "time.sleep(600)\n")
+
+
+def test_a_take_waits_for_a_holder_that_goes_and_is_refused_by_one_that_stays(tmp_path):
+    """A take with wait_s asks again until the holder lets go (a run on a lost node, whose NFS lock
+    lapses with its lease) and takes the lock then, or is refused as before once wait_s has passed;
+    `waiting` is called once, as the wait begins."""
+    lock = str(tmp_path / ".lock")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    notes = []
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, lock], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        with pytest.raises(RuntimeError, match="busy"):  # kept: refused after the wait
+            HolderLock(lock, RuntimeError("busy"), wait_s=1.5, waiting=lambda: notes.append("kept"))
+        assert notes == ["kept"] and holder.poll() is None
+
+        def kill():
+            notes.append("gone")
+            holder.kill()
+
+        HolderLock(lock, RuntimeError("busy"), wait_s=300, waiting=kill).release()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert notes == ["kept", "gone"]
+    mine = HolderLock(lock, RuntimeError("busy"), wait_s=300, waiting=lambda: notes.append("free"))
+    mine.release()
+    assert notes == ["kept", "gone"]  # a free lock is taken without a wait or a note
