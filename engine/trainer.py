@@ -278,7 +278,7 @@ class Trainer:
             # the run saved for its request (engine/launch/slurm_pretrain.sbatch then requeues)
             if tc.stop_file and os.path.exists(tc.stop_file):
                 code = 2
-            elif clock and time.time() - self._fit_start > tc.time_limit_s:
+            elif clock and time.monotonic() - self._fit_start > tc.time_limit_s:
                 code = 1
         self.stop_ranks, code = self._signalled_ranks(code)
         self._stop_file_found = code == 2
@@ -420,8 +420,9 @@ class Trainer:
         flops = 0.0
         skipped_in_row = 0
         skipped_in_window = 0
-        start = time.time()
-        self._fit_start = start
+        # the steady clock: NTP stepping the wall clock forward stopped a run early, back made it
+        # overrun its job slot and be killed unsaved
+        self._fit_start = time.monotonic()
         self.stopped_by = ""
         self._stop_file_found = False
         stop = False

@@ -184,6 +184,19 @@ def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtim
     assert checkpoint.latest(str(tmp_path / "checkpoints")).endswith("step_00000001")
 
 
+def test_the_time_limit_ignores_the_wall_clock_being_set(runtime, tmp_path, monkeypatch):
+    """NTP stepping the wall clock forward a day mid-run stopped a 1000 s time limit at once (and one
+    stepped back let a run overrun its slot and be killed unsaved): the limit reads the steady clock."""
+    import engine.trainer
+
+    jumps = iter([0.0])  # fit's start reads the real time, every later read is a day on
+    monkeypatch.setattr(engine.trainer.time, "time", lambda real=time.time: real() + next(jumps, 86400.0))
+    trainer = make_trainer(runtime, tmp_path, "train.time_limit_s=1000", "log.interval=100",
+                           "checkpoint.save_interval=0")
+    history = trainer.fit()
+    assert [r["step"] for r in history] == [4] and trainer.stopped_by == "", (history, trainer.stopped_by)
+
+
 def test_a_stop_file_stops_after_the_step_that_found_it_saves_and_is_answered(runtime, tmp_path):
     """train.stop_file (a scheduler's warning turned into a file): the run saves at the step that
     found it and exits; the file is removed once the checkpoint is complete, so the same command
