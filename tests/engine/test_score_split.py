@@ -169,6 +169,12 @@ def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_pat
                  str(tmp_path / "given.jsonl"), "--tokenizer", "byte", *given]) == 2
     refused = capsys.readouterr()
     assert "the largest --max-length whose items fit is 185" in refused.err and "loading" not in refused.out
+    # a response alone: counted on the positions' 185, not the client's 16384 (whose remedies they refuse)
+    assert main(["score", "--checkpoint", ckpt, "--input", str(tmp_path / "settled.jsonl"), "--output",
+                 str(tmp_path / "given.jsonl"), "--tokenizer", "byte", "--max-response-length", "9000"]) == 2
+    refused = capsys.readouterr()
+    assert "allow --max-length 185 at most" in refused.err and "use --max-response-length <= 89" in refused.err
+    assert ">= 18006" not in refused.err and "loading" not in refused.out, refused.err
 
 
 def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
