@@ -189,8 +189,9 @@ def test_the_time_limit_ignores_the_wall_clock_being_set(runtime, tmp_path, monk
     stepped back let a run overrun its slot and be killed unsaved): the limit reads the steady clock."""
     import engine.trainer
 
-    jumps = iter([0.0])  # fit's start reads the real time, every later read is a day on
-    monkeypatch.setattr(engine.trainer.time, "time", lambda real=time.time: real() + next(jumps, 86400.0))
+    jumps = iter([0.0])  # the trainer's first read (fit's start) is the real time, every later one a day on
+    clock = types.SimpleNamespace(time=lambda: time.time() + next(jumps, 86400.0), monotonic=time.monotonic)
+    monkeypatch.setattr(engine.trainer, "time", clock)
     trainer = make_trainer(runtime, tmp_path, "train.time_limit_s=1000", "log.interval=100",
                            "checkpoint.save_interval=0")
     history = trainer.fit()
