@@ -300,36 +300,50 @@ def _interpreting() -> bool:
 SM90_SHARED = 232448
 
 
-def _shared_memory(device: torch.device) -> int:
-    """Bytes of shared memory one program may use on this device: the number Triton's launch checks."""
+def _shared_memory(device: torch.device) -> tuple[int, int]:
+    """(bytes of shared memory one program may use on this device, the number Triton's launch checks;
+    its compute capability's major version), which `_gpu_blocks` sizes the tiles by."""
     if not torch.cuda.is_available():  # host code asking for the GPU tile sizes (schedule tests)
-        return SM90_SHARED
+        return SM90_SHARED, 9
     return _device_shared_memory(torch.cuda.current_device() if device.index is None else device.index)
 
 
 @functools.lru_cache(maxsize=None)
-def _device_shared_memory(index: int) -> int:
-    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+def _device_shared_memory(index: int) -> tuple[int, int]:
+    shared = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return shared, torch.cuda.get_device_capability(index)[0]
 
 
-def _shared_estimate(own: int, resident: int, piped: int, stages: int, d: int, elsize: int) -> int:
-    """An upper bound on a program's shared memory: `resident` tiles of its own `own` rows (Q in the
-    forward, K and V in the dK/dV program) plus `stages` buffered copies of the two tiles of `piped`
-    rows it streams (K and V, or Q and dO), d elements of elsize bytes a row. Triton's sm_80-sm_90
-    codegen stays below it (the compile check in the tests measures it)."""
-    return elsize * d * (resident * own + 2 * stages * piped)
+def _shared_estimate(own: int, resident: int, piped: int, stages: int, d: int, elsize: int, extra: int = 0) -> int:
+    """A program's shared memory as `resident` tiles of its own `own` rows (Q in the forward, K and V in
+    the dK/dV program) plus `stages` buffered copies of the two tiles of `piped` rows it streams (K and
+    V, or Q and dO), d elements of elsize bytes a row. An estimate, not a bound (Triton's metadata.shared
+    of the compiled kernels): fp32 at small d needs more (128 x 64 forward tiles at d = 16: 57,856 B
+    against 32,768), bf16 at large d far less (at d = 256 on sm_80: 114,944 against 196,608). The dQ
+    program holds the dK/dV program's tiles the other way round (Q and dO resident, K and V streamed),
+    which the sizing below does not price. Compiled for sm_80, 86, 90, 100 and 120 at every head dim in
+    bf16 and fp32, every program fits its target with the tiles `_gpu_blocks` picks, the closest being
+    fp32's dQ program at d = 64 on sm_86/89: 90,624 B of 101,376. `extra`: bytes a codegen adds (sm_100's
+    dK/dV program, `_gpu_blocks`)."""
+    return elsize * d * (resident * own + 2 * stages * piped) + extra
 
 
-def _gpu_blocks(d: int, elsize: int, shared: int) -> _Blocks:
+def _gpu_blocks(d: int, elsize: int, shared: int, major: int = 9) -> _Blocks:
     """GPU tile sizes: 128 x 64 forward tiles and 64 x 64 backward tiles (fp32 dK and dV accumulators
     of 64 x d each stay in registers with 8 warps at d = 128), halved (the larger side first, the
     streamed one on a tie) until the program fits the device's shared memory: fp32 at d = 256 would
     need 289 KB on sm_90 (227 KB there), bf16 at d = 256 161 KB on sm_86/89 (99 KB there), and the
-    launch would fail with Triton's OutOfResources."""
+    launch would fail with Triton's OutOfResources. On sm_100 (major 10) the dK/dV program of 16-bit
+    inputs with the atomic dq also keeps that dq tile, [bwd_m, d] fp32, in shared memory (compiled: 263,200
+    B at d = 256 with 64 x 64 tiles against 197,672 without the atomic dq and 132,096 on sm_90; the
+    B200's limit is 232,448), so there it is priced too."""
     stages = 2 if d > 64 else 3
 
-    def fit(own, resident, piped):
-        while _shared_estimate(own, resident, piped, stages, d, elsize) > shared and max(own, piped) > 16:
+    def fit(own, resident, piped, dq_tile=False):
+        def estimate():
+            return _shared_estimate(own, resident, piped, stages, d, elsize, 4 * piped * d if dq_tile else 0)
+
+        while estimate() > shared and max(own, piped) > 16:
             if own > piped:
                 own //= 2
             else:
@@ -337,7 +351,7 @@ def _gpu_blocks(d: int, elsize: int, shared: int) -> _Blocks:
         return own, piped
 
     fwd_m, fwd_n = fit(128, 1, 64)
-    bwd_n, bwd_m = fit(64, 2, 64)
+    bwd_n, bwd_m = fit(64, 2, 64, dq_tile=major == 10 and elsize == 2)
     return _Blocks((fwd_m, fwd_n, 8, bwd_m, bwd_n, 4 if d <= 64 else 8, stages))
 
 
@@ -346,7 +360,7 @@ def _blocks(d: int, device: torch.device, dtype: torch.dtype = torch.bfloat16) -
     16 x 16 keeps the numpy work per program small; tests patch this to choose tile alignment."""
     if device.type != "cuda":
         return _Blocks((16, 16, 4, 16, 16, 4, 1))
-    return _gpu_blocks(d, dtype.itemsize, _shared_memory(device))
+    return _gpu_blocks(d, dtype.itemsize, *_shared_memory(device))
 
 
 def _empty(shape, device, dtype):
@@ -382,7 +396,8 @@ def _check(q, k, v, layout):
         raise ValueError(f"shared_prefix_attention: the Triton kernels take CUDA tensors (or CPU ones under "
                          f"TRITON_INTERPRET=1); q is on {q.device}")
     if layout.shape != (b, 3, s):
-        raise ValueError(f"shared_prefix_attention: layout must be [b, 3, s] = [{b}, 3, {s}], got {tuple(layout.shape)}")
+        raise ValueError(f"shared_prefix_attention: layout must be [b, 3, s] = [{b}, 3, {s}], "
+                         f"got {tuple(layout.shape)}")
     if max(q.numel(), k.numel()) >= 2**31:  # the kernels address elements with 32-bit offsets
         raise ValueError(f"shared_prefix_attention: {tuple(q.shape)} has 2^31 or more elements; split the micro-batch")
     if b * hq > _GRID_Y:  # one (row, head) pair per grid y index
