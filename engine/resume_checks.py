@@ -241,6 +241,35 @@ def _layout_notes(step_dir: str, saved, now: dict) -> list[str]:
             f"run's in the last digits (sums reduced in another order)"]
 
 
+def check_resume_norm_dtypes(step_dir: str) -> None:
+    """ConfigError for a step a bf16 run saved while its layers' RMSNorm weights were built in fp32
+    beside a bf16 final norm (before the norms took the training dtype): megatron's distributed
+    optimizer keys a param group's state by the group's order, and the inner optimizer had put that
+    group's fp32 tensors first, so each norm's fp32 main weights and Adam moments lie under another
+    norm's name (its own code read them back with the same shift; this one would give every norm a
+    neighbour's state, in a dp_reshardable state a bucket layout no setting brings back). The model
+    weights are exact, so a new run can start from them."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        found = dist_checkpointing.load_tensors_metadata(str(step_dir))
+    except Exception:  # noqa: BLE001 - a missing or damaged .metadata is named by the load itself
+        return
+    final = found.get("final_norm.weight")
+    if final is None:
+        return
+    mixed = sorted(k for k, t in found.items() if k.endswith("layer_norm_weight") and not k.startswith("optimizer.")
+                   and getattr(t, "dtype", final.dtype) != final.dtype)
+    if mixed:
+        raise ConfigError(
+            f"resuming from {step_dir}: it was saved with its layers' norm weights in "
+            f"{str(found[mixed[0]].dtype).replace('torch.', '')} beside a {str(final.dtype).replace('torch.', '')} "
+            f"final norm (a {str(final.dtype).replace('torch.', '')} run before the norms were built in the training "
+            f"dtype), and its optimizer state for those norms is stored under each other's names, so it cannot be "
+            f"resumed; its weights are exact: start a new run (a new run_dir) from them with "
+            f"checkpoint.init_from={step_dir}")
+
+
 def optimizer_buckets(optimizer) -> list:
     """The distributed optimizer's gradient buckets (elements of each, per buffer, per optimizer in
     the chain): the layout a dp_reshardable state is written in. megatron sizes buckets from

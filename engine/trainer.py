@@ -123,6 +123,7 @@ class Trainer:
             notes = resume_checks.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
                                                       distributed_optimizer=self.cfg.parallel.distributed_optimizer,
                                                       dp=self.rt.dp)
+            resume_checks.check_resume_norm_dtypes(path)  # before the buckets' check: the cause, not a symptom
             resume_checks.check_resume_buckets(path, self.optimizer, saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(

@@ -4,6 +4,7 @@ import json
 import pytest
 
 from engine import checkpoint, resume_checks
+from engine.config import ConfigError
 from tests.engine.test_checkpoint import _step
 
 
@@ -49,6 +50,32 @@ def test_a_dp_reshardable_optimizer_state_resumes_only_at_its_tensor_and_pipelin
     for state in ({"step": 3, "optimizer_format": "fully_reshardable", "layout": layout}, {"step": 3, "layout": layout}):
         (d / checkpoint.STATE_FILE).write_text(json.dumps(state))
         resume_checks.check_resume_layout(str(d), tp=1, pp=1, vpp=None)
+
+
+def test_a_step_with_fp32_layer_norms_beside_a_bf16_final_norm_is_refused(runtime, tmp_path):
+    """A bf16 run's step saved while the layers' norms were fp32 (the final norm bf16): its optimizer state
+    for the norms lies under each other's names, so a resume would give each norm a neighbour's state;
+    refused naming init_from. A step of one dtype throughout (fp32 run, or bf16 now) passes."""
+    import torch
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    def save(where, norm_dtype, final_dtype):
+        where.mkdir()
+        dist_checkpointing.save({
+            "n": ShardedTensor.from_rank_offsets("backbone.decoder.layers.mlp.linear_fc1.layer_norm_weight",
+                                                torch.ones(2, 8, dtype=norm_dtype)),
+            "o": ShardedTensor.from_rank_offsets("optimizer.state.param.final_norm.weight", torch.ones(8)),
+            "f": ShardedTensor.from_rank_offsets("final_norm.weight", torch.ones(8, dtype=final_dtype))},
+            str(where))
+        return str(where)
+
+    old = save(tmp_path / "old", torch.float32, torch.bfloat16)
+    with pytest.raises(ConfigError, match=r"layers' norm weights in float32 beside a bfloat16 final norm.*"
+                                          rf"checkpoint.init_from={old}$"):
+        resume_checks.check_resume_norm_dtypes(old)
+    resume_checks.check_resume_norm_dtypes(save(tmp_path / "bf16", torch.bfloat16, torch.bfloat16))
+    resume_checks.check_resume_norm_dtypes(save(tmp_path / "fp32", torch.float32, torch.float32))
 
 
 def test_a_resume_at_another_layout_says_so(tmp_path):
