@@ -44,19 +44,33 @@ class _OutputThatOutlivesItsReader:
     """sys.stdout or sys.stderr of a long run: the first write or flush that finds its reader gone (or
     its file's disk full) points the stream's file descriptor at /dev/null, and the run goes on. Its
     progress lines are lost from then on; the run's product (checkpoints, summary.json, scored rows) is
-    written to files."""
+    written to files. That is said once on the other stream, where it still has somewhere to go: a log
+    file that stops mid-run on a full disk or quota is otherwise read as a run that hung."""
 
-    def __init__(self, stream):
-        self._stream = stream
+    def __init__(self, stream, name: str):
+        self._stream, self._name, self._gone = stream, name, False
 
     def _lost(self, e: OSError) -> bool:
         if e.errno not in _LOST:
             return False
+        fd = self._stream.fileno()
+        try:
+            where = f" ({os.readlink(f'/proc/self/fd/{fd}')})"  # the log file's path, or pipe:[inode]
+        except OSError:
+            where = ""
         null = os.open(os.devnull, os.O_WRONLY)
         try:
-            os.dup2(null, self._stream.fileno())
+            os.dup2(null, fd)
         finally:
             os.close(null)
+        if not self._gone:
+            self._gone = True
+            other = sys.stderr if self._name == "stdout" else sys.stdout
+            try:  # the other stream's own loss (the same full disk) is taken by its wrapper
+                print(f"note: {self._name}{where} failed ({e.strerror}): the run goes on, its {self._name} from "
+                      "here into /dev/null", file=other, flush=True)
+            except (AttributeError, OSError, ValueError):  # no other stream, or one not ours that failed too
+                pass
         return True
 
     def write(self, text: str) -> int:
@@ -95,4 +109,4 @@ def outlive_lost_readers() -> None:
         if stream is None:
             stream = open(os.devnull, "w")
         if not isinstance(stream, _OutputThatOutlivesItsReader):
-            setattr(sys, name, _OutputThatOutlivesItsReader(stream))
+            setattr(sys, name, _OutputThatOutlivesItsReader(stream, name))

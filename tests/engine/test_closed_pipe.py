@@ -53,19 +53,18 @@ open(sys.argv[1], "w").write("went on")
 """
 
 
-@pytest.mark.parametrize("streams", ["stdout", "stdout on a full disk and stderr", "stdout closed at the start"])
+@pytest.mark.parametrize("streams", ["stdout on a full disk", "stdout and stderr", "stdout closed at the start"])
 def test_a_run_goes_on_when_its_output_has_no_reader_or_no_room(tmp_path, streams):
     """`engine/pretrain.py ... | tee log` whose tee ended (the login that started it closed): the next
     progress line raised BrokenPipeError and ended the run of days (exit 1), for its log; a log file whose disk
     (or quota) filled up ended it with ENOSPC. Once the runtime is up the process goes on, its output into
     /dev/null, and exits 0 without a word about the flush at exit; also where stdout was closed when the
-    process started (`>&-`: sys.stdout None, whose flush raised)."""
+    process started (`>&-`: sys.stdout None, whose flush raised). A stdout given up is said once on stderr
+    (a log that stops on a full disk is otherwise read as a run that hung)."""
     mark = tmp_path / "mark"
     no_reader = "r, w = os.pipe()\nos.close(r)\n"
-    prelude = {"stdout": no_reader + "os.dup2(w, 1)\n",
-               # stdout into a file whose disk is full, stderr into the pipe without a reader
-               "stdout on a full disk and stderr": no_reader + "os.dup2(w, 2)\n"
-                                                   "os.dup2(os.open('/dev/full', os.O_WRONLY), 1)\n",
+    prelude = {"stdout on a full disk": "os.dup2(os.open('/dev/full', os.O_WRONLY), 1)\n",
+               "stdout and stderr": no_reader + "os.dup2(w, 1)\nos.dup2(w, 2)\n",
                "stdout closed at the start": "os.close(1)\n"}[streams]
     # the closing happens before the runtime's Python starts, as a shell's redirection does
     launcher = (f"import os, subprocess, sys\n{prelude}"
@@ -77,3 +76,8 @@ def test_a_run_goes_on_when_its_output_has_no_reader_or_no_room(tmp_path, stream
     if "stderr" not in streams:
         assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.count("a line on stderr") == 3, proc.stderr[-3000:]
+    if streams == "stdout on a full disk":
+        note = "note: stdout (/dev/full) failed (No space left on device): the run goes on, its stdout from here"
+        assert proc.stderr.count(note) == 1, proc.stderr[-3000:]
+    else:
+        assert "note: stdout" not in proc.stderr, proc.stderr[-3000:]
