@@ -19,7 +19,11 @@ def reader_gone() -> int:
     traceback: taken for stdout's, a run ended with status 1 and not a word."""
     if not _stdout_reader_gone():
         raise  # the BrokenPipeError the caller is handling
-    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, sys.stdout.fileno())
+    finally:
+        os.close(null)
     return 1
 
 
@@ -27,11 +31,14 @@ def _stdout_reader_gone() -> bool:
     import select
 
     try:
-        poll = select.poll()
-        poll.register(sys.stdout.fileno(), select.POLLOUT)
-        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
-    except (AttributeError, OSError, ValueError):  # no stdout, or not a file descriptor
-        return True
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        # no stdout (closed at start: None) or none on a file descriptor (a StringIO): no pipe of its
+        # own to have lost a reader, so the error is another's
+        return False
+    poll = select.poll()
+    poll.register(fd, select.POLLOUT)
+    return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
 
 
 # EPIPE: the pipe's reader ended; EIO: the terminal the run was started on went away (a disowned run
@@ -103,9 +110,13 @@ def outlive_lost_readers() -> None:
     concern), and a stream closed when the process started (`>&-`: Python makes it None, and a
     `sys.stdout.flush()` raised AttributeError) writes into /dev/null too. Called once the process
     groups start (engine.runtime.init_runtime), after the command-line output that ends the command
-    when its reader goes (reader_gone). Idempotent."""
+    when its reader goes (reader_gone). Idempotent. A stream some host program put in place of the
+    process's own (pytest's capture, a notebook's) is left alone: that program owns it, may close it
+    and put another in its place, and a wrapper kept past that wrote into a closed file."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
+        if stream is not getattr(sys, f"__{name}__"):
+            continue
         if stream is None:
             stream = open(os.devnull, "w")
         if not isinstance(stream, _OutputThatOutlivesItsReader):

@@ -23,16 +23,22 @@ def test_output_into_a_closed_pipe_ends_without_a_traceback(call):
 
 
 
-def test_a_broken_pipe_that_is_not_stdouts_is_raised_with_its_traceback():
+@pytest.mark.parametrize("stdout", ["a pipe with its reader", "closed at the start"])
+def test_a_broken_pipe_that_is_not_stdouts_is_raised_with_its_traceback(stdout):
     """engine/pretrain.py's and polar's main take a BrokenPipeError for a reader of stdout that left
     (reader_gone); one from another pipe (a background checkpoint writer's queue whose process died, a
-    socket) ended the run with status 1, stdout silenced and not a word said. It is raised again."""
+    socket) ended the run with status 1, stdout silenced and not a word said. It is raised again; also
+    where there is no stdout at all (`>&-`), which raised AttributeError over it."""
     script = ("import os, sys\nfrom engine.closed_pipe import reader_gone\ntry:\n"
               "    r, w = os.pipe()\n    os.close(r)\n    os.write(w, b'to a process that is gone')\n"
               "except BrokenPipeError:\n    sys.exit(reader_gone())\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    launcher = [] if stdout == "a pipe with its reader" else [
+        sys.executable, "-c", "import os, subprocess, sys\nos.close(1)\nsys.exit(subprocess.call(sys.argv[1:]))"]
+    proc = subprocess.run([*launcher, sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 1 and 'File "<string>", line 6' in proc.stderr, proc.stderr  # the os.write
     assert proc.stderr.rstrip().endswith("BrokenPipeError: [Errno 32] Broken pipe"), proc.stderr
+    assert "During handling" not in proc.stderr, proc.stderr
 
 
 # a process that started the runtime (as training, polar score and evaluate do) and then writes progress
@@ -81,3 +87,19 @@ def test_a_run_goes_on_when_its_output_has_no_reader_or_no_room(tmp_path, stream
         assert proc.stderr.count(note) == 1, proc.stderr[-3000:]
     else:
         assert "note: stdout" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_stream_a_host_program_put_in_place_is_left_alone(monkeypatch):
+    """init_runtime inside pytest (or a notebook) wrapped the host's capture stream, which the host
+    later closed and replaced: every later print in the process wrote into a closed file (tests of
+    `polar serve` errored at their first fixture). Only the process's own streams are wrapped."""
+    import io
+    import sys
+
+    from engine.closed_pipe import outlive_lost_readers
+
+    hosted = io.StringIO()
+    monkeypatch.setattr(sys, "stdout", hosted)
+    monkeypatch.setattr(sys, "stderr", hosted)
+    outlive_lost_readers()
+    assert sys.stdout is hosted and sys.stderr is hosted
