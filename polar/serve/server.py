@@ -117,6 +117,13 @@ def parse_args(argv=None):
         ap.error("--max-waiting must be 0 or more")
     if args.max_preparing < 1:
         ap.error("--max-preparing must be 1 or more")
+    if args.max_queue < 1 or args.max_items < 1:
+        ap.error("--max-queue and --max-items must be 1 or more")
+    if args.max_items > args.max_queue:
+        # a request is admitted whole: one larger than the queue enters only an empty queue
+        ap.error(f"--max-items {args.max_items} is more than --max-queue {args.max_queue}: a request of more "
+                 "items than the queue holds is admitted only into an empty queue (under any load it gets 429 "
+                 "every time); lower --max-items or raise --max-queue")
     from polar.serve.admission import reading_bytes_bound
 
     try:

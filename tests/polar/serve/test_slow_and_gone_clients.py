@@ -215,9 +215,11 @@ def test_max_reading_bytes_default_and_refusals(tokenizer):
         with pytest.raises(ValueError, match=names):
             service(**settings)
     assert parse_args(["--checkpoint", "c", "--max-reading-bytes", str(2**26)]).max_reading_bytes == 2**26
-    for flags in (["--max-reading-bytes", str(2**26 - 1)], ["--max-preparing", "0"]):
+    for flags in (["--max-reading-bytes", str(2**26 - 1)], ["--max-preparing", "0"], ["--max-queue", "0"],
+                  ["--max-items", "0"], ["--max-queue", "100"]):  # --max-items' 4096 > 100: only into an empty queue
         with pytest.raises(SystemExit):
             parse_args(["--checkpoint", "c", *flags])
+    assert parse_args(["--checkpoint", "c", "--max-queue", "100", "--max-items", "100"]).max_items == 100
 
 
 def test_where_clients_leave_is_counted(scorer, tokenizer):
