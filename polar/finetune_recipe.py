@@ -403,6 +403,24 @@ def _note_old_split(f: FinetuneDataConfig, records: int, resumed: str) -> None:
              f"new run aims at {now} (the fraction rounded down, one at least)", flush=True)
 
 
+def _layout_for(sequences: int, par, micro: int, dp: int) -> str:
+    """The changes together that let `sequences` fill one step of this layout (global_batch_unit), each
+    only where it is needed: a smaller micro_batch alone could still leave every rank's share past the
+    data, and with interleaved pipelining no micro_batch takes fewer than parallel.pp sequences a rank."""
+    group = par.pp if par.vpp is not None else 1  # micro-batches a rank takes together a step
+    changes = []
+    if sequences < group:
+        changes.append(f"parallel.vpp=none (interleaved pipelining takes micro-batches in groups of "
+                       f"parallel.pp={par.pp})")
+        group = 1
+    if sequences < group * micro:  # one rank's share alone is past the data: keep the ranks where a micro_batch can
+        micro = max(1, sequences // (group * dp))
+        changes.append(f"train.micro_batch={micro}")
+    if sequences < dp * group * micro:
+        changes.append(f"fewer processes (--nproc {par.tp * par.pp * (sequences // (group * micro))} at most)")
+    return " with ".join(changes)
+
+
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
     from polar.finetune_split import repeats_note, split_by_prompt, unrankable, where
@@ -462,12 +480,10 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
     packed = f"the fine-tuning data packs into only {len(train)} sequences of {cfg.data.seq_length} tokens"
     if len(train) < unit:
         # no train.global_batch both fits the data and divides among the ranks (--nproc 2 on a small file)
-        per_rank = unit // dp  # the sequences one data-parallel rank takes a step at least
-        fewer = (f"fewer processes (--nproc {par.tp * par.pp * (len(train) // per_rank)} at most)"
-                 if len(train) >= per_rank else f"a smaller train.micro_batch (now {micro})")
         raise ConfigError(f"{packed}, fewer than the {unit} a step needs at least ({dp} data-parallel rank(s) x "
-                          f"train.micro_batch={micro}{' x parallel.pp' if unit > dp * micro else ''}): use {fewer}, "
-                          "a smaller data.seq_length (more, shorter sequences), or more records")
+                          f"train.micro_batch={micro}{' x parallel.pp' if unit > dp * micro else ''}): use "
+                          f"{_layout_for(len(train), par, micro, dp)}, a smaller data.seq_length (more, shorter "
+                          "sequences), or more records")
     if len(train) < cfg.train.global_batch:
         # what to change, since the README's own commands meet this with a small example file
         most = len(train) // unit * unit  # a multiple of the unit: the layout check refuses any other

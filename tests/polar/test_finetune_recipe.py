@@ -313,6 +313,31 @@ def test_too_few_sequences_for_the_data_parallel_ranks_says_to_use_fewer_process
     assert len(recipe.prepare_data(_one_per_sequence(tmp_path, 1, "train.global_batch=1")).train) == 1
 
 
+@pytest.mark.parametrize("world, layout, sequences", [
+    (2, ["parallel.pp=2", "parallel.vpp=2", "train.micro_batch=2"], 1),  # interleaved: groups of pp per rank
+    (4, ["train.micro_batch=4"], 3),  # a smaller micro_batch alone still leaves 4 ranks past 3 sequences
+])
+def test_the_layout_named_for_too_few_sequences_is_accepted(tmp_path, monkeypatch, world, layout, sequences):
+    """Too few sequences for one step of the layout named 'a smaller train.micro_batch (now 1)' under
+    interleaved pipelining, which takes parallel.pp micro-batches a rank whatever their size, and a
+    micro_batch alone where the data-parallel ranks then still took more than the data: followed, each
+    was refused again. What it names now, followed (with its train.global_batch advice), is accepted."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    args = [*layout, "train.global_batch=64"]
+    with pytest.raises(ConfigError) as e:
+        recipe.prepare_data(_one_per_sequence(tmp_path, sequences, *args))
+    named = re.search(r"\): use (.*), a smaller data\.seq_length", str(e.value)).group(1)
+    args += re.findall(r"(parallel\.vpp=none|train\.micro_batch=\d+)", named)
+    nproc = re.search(r"--nproc (\d+) at most", named)
+    monkeypatch.setenv("WORLD_SIZE", nproc.group(1) if nproc else str(world))
+    with pytest.raises(ConfigError) as e:  # train.global_batch=64 is more than the data holds
+        recipe.prepare_data(_one_per_sequence(tmp_path, sequences, *args))
+    most = re.search(r"set train.global_batch to at most (\d+)", str(e.value))
+    assert most, e.value
+    assert len(recipe.prepare_data(_one_per_sequence(tmp_path, sequences, *args,
+                                                     f"train.global_batch={most.group(1)}")).train) == sequences
+
+
 def test_held_out_records_that_are_the_training_file_are_refused(tmp_path):
     records = tmp_path / "r.jsonl"
     records.write_text("")
