@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import time
 from typing import Callable, Union
@@ -118,6 +119,24 @@ def holder(path: str | os.PathLike) -> str:
             return f.read().strip() or "its process unknown"
     except OSError:  # not written yet by a holder that has just taken the lock, or gone with it
         return "its process unknown"
+
+
+def alive_here(path: str | os.PathLike) -> bool:
+    """Whether the file `path` names (HolderLock's "pid P on HOST since T") a process alive on this
+    host. A lock such a holder keeps is a live run's: the lease an NFS lock outlives its process by
+    is a lost node's, as a live node's kernel lets go of a dead process's locks when it ends. False
+    where the file names no holder, another host, or a pid not running here (another PID namespace
+    under the same host name, say)."""
+    m = re.match(r"pid (\d+) on (\S+) since ", holder(path))
+    if m is None or m.group(2) != socket.gethostname():
+        return False
+    try:
+        os.kill(int(m.group(1)), 0)
+    except PermissionError:  # another user's process
+        return True
+    except (OSError, OverflowError):
+        return False
+    return True
 
 
 class HolderLock:

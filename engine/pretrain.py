@@ -231,13 +231,17 @@ def refuse_a_held_checkpoint_dir(cfg, rank: int = 0) -> None:
     and saved over its steps, and wrote its summary.json and TensorBoard files beside the first's.
     Refused once the lock is still held after checkpoint.lock_wait_s (rank 0 says at once that it
     waits): a restart after a lost node finds the dead rank 0's NFS lock until its lease lapses.
-    Asking takes nothing: rank 0 takes the lock once the ranks have started (hold_checkpoint_dir)."""
+    A holder alive on rank 0's host is a live run, refused at once (no lease lapses for it: the same
+    command started twice on one machine waited checkpoint.lock_wait_s for nothing). Asking takes
+    nothing: rank 0 takes the lock once the ranks have started (hold_checkpoint_dir)."""
     from engine.checkpoint import run_checkpoint_dir
-    from engine.file_lock import held, waited
+    from engine.file_lock import alive_here, held, waited
 
     ckpt_dir = run_checkpoint_dir(cfg)
     lock = str(Path(ckpt_dir) / LOCK_FILE)
     wait_s = cfg.checkpoint.lock_wait_s
+    if rank == 0 and held(lock) and alive_here(lock):
+        raise _held_by_another_run(ckpt_dir, lock)
     if waited(lambda: held(lock), wait_s + (min(wait_s, LATE_S) if rank else 0.0),
               _waiting_note(lock, wait_s) if rank == 0 else None):
         raise _held_by_another_run(ckpt_dir, lock)
@@ -252,14 +256,15 @@ def hold_checkpoint_dir(cfg, rank: int):
     every rank has passed refuse_a_held_checkpoint_dir: before, a rank asking would find its own
     rank 0 holding it."""
     from engine.checkpoint import on_rank0, run_checkpoint_dir
-    from engine.file_lock import HolderLock
+    from engine.file_lock import HolderLock, alive_here
 
     ckpt_dir = run_checkpoint_dir(cfg)
     lock = str(Path(ckpt_dir) / LOCK_FILE)
-    wait_s = min(cfg.checkpoint.lock_wait_s, cfg.parallel.timeout_minutes * 30.0)
     taken = []  # rank 0's alone: what on_rank0 returns is sent to every rank
 
     def take():
+        # a holder alive on this host is a live run, refused at once (refuse_a_held_checkpoint_dir)
+        wait_s = 0.0 if alive_here(lock) else min(cfg.checkpoint.lock_wait_s, cfg.parallel.timeout_minutes * 30.0)
         taken.append(HolderLock(lock, lambda: _held_by_another_run(ckpt_dir, lock),  # named when refused
                                 wait_s, _waiting_note(lock, wait_s)))
 

@@ -24,11 +24,10 @@ SMALL = ["train.steps=100000", "model.num_layers=1", "synthetic.train_triplets=6
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
 
 
-def _refusal(err: str, ckpt: Path, pid: int) -> None:
+def _refusal(err: str, ckpt: Path, pid: int, host: str = socket.gethostname()) -> None:
     lines = [line for line in err.splitlines() if line.startswith("config error:")]
     assert len(lines) == 1, err[-3000:]
-    assert lines[0].startswith(f"config error: {ckpt} is in use by another run (pid {pid} on "
-                               f"{socket.gethostname()} since "), lines[0]
+    assert lines[0].startswith(f"config error: {ckpt} is in use by another run (pid {pid} on {host} since "), lines[0]
     assert f"holding {ckpt / '.lock'}" in lines[0], lines[0]
 
 
@@ -46,10 +45,15 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_pa
                                 capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
         assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
         _refusal(second.stderr, ckpt, first.pid)
-        check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *SMALL],
+        # a holder alive on this host is a live run, not a lost node's NFS lease: refused at once, without
+        # the wait checkpoint.lock_wait_s gives a lease (polar pretrain's start-up check waited it out)
+        waiting = [*(arg for arg in SMALL if not arg.startswith("checkpoint.lock_wait_s=")),
+                   "checkpoint.lock_wait_s=30"]
+        check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *waiting],
                                capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
         assert check.returncode == 2, check.stdout[-2000:] + check.stderr[-2000:]
         _refusal(check.stderr, ckpt, first.pid)
+        assert "note: waiting" not in check.stderr, check.stderr[-3000:]
         # the ranks of a 2-process job, started as torchrun would: every rank stops, rank 0 alone speaks
         ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, cwd=tmp_path,
@@ -97,17 +101,19 @@ finally:  # a gloo group left up at exit aborts the process now and then (-6, "t
 
 def test_the_lock_taken_once_the_ranks_run_is_refused_too(tmp_path):
     """Two runs started together both find the directory free at start-up; the one whose rank 0
-    takes the lock second is refused, naming the first."""
+    takes the lock second is refused, naming the first: at once, with checkpoint.lock_wait_s, where
+    the holder is alive on this host (a live run, not a lost node's lease)."""
     ckpt = tmp_path / "run" / "checkpoints"
     ckpt.mkdir(parents=True)
     lock = HolderLock(str(ckpt / ".lock"), RuntimeError("busy"))
     try:
-        proc = subprocess.run([sys.executable, "-c", _TAKE, str(tmp_path / "run"), "0"], capture_output=True, text=True,
-                              env=ENV, cwd=ROOT, timeout=300)
+        proc = subprocess.run([sys.executable, "-c", _TAKE, str(tmp_path / "run"), "30"], capture_output=True,
+                              text=True, env=ENV, cwd=ROOT, timeout=300)
     finally:
         lock.release()
     assert proc.returncode == 0, proc.stderr[-3000:]
     _refusal(f"config error: {proc.stdout}", ckpt, os.getpid())
+    assert "note: waiting" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_the_lock_is_the_holders_alone_and_goes_with_it(tmp_path):
@@ -150,11 +156,23 @@ def test_the_lock_is_the_holders_alone_and_goes_with_it(tmp_path):
 
 
 
+# a holder whose lock file names another host: the rank 0 of a run on a node since lost (a holder
+# alive on this host is refused at once)
+LOST_HOST = "lost-node"
+_LOST = ("import os, sys, time\n"
+         "from engine.file_lock import HolderLock\n"
+         "lock = HolderLock(sys.argv[1], RuntimeError('busy'))\n"
+         "os.ftruncate(lock.fd, 0)\n"
+         f"os.pwrite(lock.fd, f'pid {{os.getpid()}} on {LOST_HOST} since 2026-12-06 01:00:00 +0000\\n'.encode(), 0)\n"
+         "print('held', flush=True)\n"
+         "time.sleep(600)\n")
+
+
 def _note(err: str, lock: Path, wait: str, pid: int) -> None:
     notes = [line for line in err.splitlines() if line.startswith("note: waiting")]
     assert len(notes) == 1, err[-3000:]
-    assert notes[0].startswith(f"note: waiting up to {wait} s for {lock}, held by pid {pid} on "
-                               f"{socket.gethostname()} since "), notes[0]
+    assert notes[0].startswith(f"note: waiting up to {wait} s for {lock}, held by pid {pid} on {LOST_HOST} since "), \
+        notes[0]
     assert "a run on a lost node keeps its NFS lock" in notes[0], notes[0]
 
 
@@ -164,16 +182,15 @@ def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
     "in use by another run", spending its restarts: the start-up check (every rank, --check-config)
     and rank 0's take now wait up to checkpoint.lock_wait_s, rank 0 saying so once, and go on once
     the holder is gone; one still held after the wait is refused as before, on every rank. The lost
-    node's lease is played by a holder process, killed once the run says that it waits."""
-    from tests.engine.test_file_lock import HOLD
-
+    node's lease is played by a holder process naming another host, killed once the run says that it
+    waits."""
     run_dir = tmp_path / "run"
     lock = run_dir / "checkpoints" / ".lock"
     lock.parent.mkdir(parents=True)
     small = [arg for arg in SMALL if not arg.startswith("checkpoint.lock_wait_s=")]
 
     def hold():
-        holder = subprocess.Popen([sys.executable, "-c", HOLD, str(lock)], stdout=subprocess.PIPE, text=True,
+        holder = subprocess.Popen([sys.executable, "-c", _LOST, str(lock)], stdout=subprocess.PIPE, text=True,
                                   env=ENV, cwd=ROOT)
         assert holder.stdout.readline() == "held\n"
         return holder
@@ -207,7 +224,7 @@ def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
         outs = [p.communicate(timeout=300) for p in ranks]
         assert [p.returncode for p in ranks] == [2, 2], outs
         _note(outs[0][1], lock, "2", holder.pid)
-        _refusal(outs[0][1], lock.parent, holder.pid)
+        _refusal(outs[0][1], lock.parent, holder.pid, LOST_HOST)
         assert "note:" not in outs[1][1] and "config error:" not in outs[1][1], outs[1]
         assert holder.poll() is None
     finally:

@@ -75,3 +75,20 @@ def test_a_take_waits_for_a_holder_that_goes_and_is_refused_by_one_that_stays(tm
     mine = HolderLock(lock, RuntimeError("busy"), wait_s=300, waiting=lambda: notes.append("free"))
     mine.release()
     assert notes == ["kept", "gone"]  # a free lock is taken without a wait or a note
+
+
+def test_alive_here_is_a_live_process_on_this_host_alone(tmp_path):
+    """A holder alive on this host is a live run's (no NFS lease to wait out); one naming another host,
+    a pid not running here, or nothing readable may be a lost node's lease."""
+    import socket
+
+    from engine.file_lock import alive_here
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".lock"
+    for pid, host, alive in ((os.getpid(), socket.gethostname(), True), (os.getpid(), "lost-node", False),
+                             (int(gone.stdout), socket.gethostname(), False), (1, socket.gethostname(), True)):
+        lock.write_text(f"pid {pid} on {host} since 2026-12-06 01:00:00 +0000\n")
+        assert alive_here(lock) is alive, (pid, host)
+    lock.write_text("")
+    assert not alive_here(lock) and not alive_here(tmp_path / "missing")
