@@ -373,7 +373,8 @@ class CheckpointNotFound(FileNotFoundError):
 def is_step(path: Path) -> bool:
     """A complete step directory: written by `save` (trainer state) or by dist_checkpointing alone
     (weights only, e.g. a converted model)."""
-    return path.is_dir() and not path.name.endswith(".partial") and (
+    # a `.deleting` one (a pruned or replaced step being removed) may still hold its state file
+    return path.is_dir() and not path.name.endswith((".partial", _DELETING)) and (
         (path / STATE_FILE).is_file() or (path / "metadata.json").is_file())
 
 
@@ -389,6 +390,10 @@ def resolve(path: str) -> str:
     if found is None and (p / "checkpoints").is_dir():
         found = latest(str(p / "checkpoints"))
     if found is None:
+        if p.name.endswith(_DELETING) and p.is_dir():
+            newest = latest(str(p.parent))
+            raise CheckpointNotFound(f"a step being deleted (pruned, or replaced by a new save of it), not a "
+                                     f"checkpoint; the newest complete one beside it: {newest or 'none'}")
         if p.name.endswith(".partial") and p.is_dir():
             newest = latest(str(p.parent))
             raise CheckpointNotFound(f"a save that did not finish (the run was stopped while writing it), not a "

@@ -17,6 +17,18 @@ def test_latest_skips_partial_and_incomplete(tmp_path):
     assert checkpoint.latest(str(tmp_path)) == str(done)
 
 
+def test_a_step_being_deleted_is_not_taken_even_when_named(tmp_path):
+    """A replaced or pruned step is renamed step_N.deleting and then removed file by file: named by
+    hand (checkpoint.init_from, polar score --checkpoint) while its state file was still there it was
+    taken as a step, and its half-deleted weights then failed to load as 'damaged'."""
+    done = _step(tmp_path, 3)
+    going = _step(tmp_path, 5)
+    going.rename(tmp_path / "step_00000005.deleting")
+    assert checkpoint.resolve(str(tmp_path)) == str(done)
+    with pytest.raises(checkpoint.CheckpointNotFound, match=rf"a step being deleted .* beside it: {done}$"):
+        checkpoint.resolve(str(tmp_path / "step_00000005.deleting"))
+
+
 def test_latest_on_empty_dir(tmp_path):
     assert checkpoint.latest(str(tmp_path / "nothing")) is None
 
