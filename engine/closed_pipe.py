@@ -118,6 +118,24 @@ def outlive_lost_readers() -> None:
         if stream is not getattr(sys, f"__{name}__"):
             continue
         if stream is None:
-            stream = open(os.devnull, "w")
+            stream = open(_devnull_on(1 if name == "stdout" else 2), "w", closefd=False)
         if not isinstance(stream, _OutputThatOutlivesItsReader):
             setattr(sys, name, _OutputThatOutlivesItsReader(stream, name))
+
+
+def _devnull_on(fd: int) -> int:
+    """/dev/null on a standard descriptor closed at the start, for this process's writes and its
+    children's: left closed, the next file opened takes the number (open() gives the lowest free),
+    and a child (a spawned worker, a compiler run) inherits that file as its stdout, or nothing."""
+    try:
+        os.fstat(fd)
+    except OSError:  # closed: /dev/null takes its place
+        null = os.open(os.devnull, os.O_WRONLY)
+        if null != fd:
+            os.dup2(null, fd)  # inheritable, as dup2 makes it
+            os.close(null)
+        else:
+            os.set_inheritable(fd, True)
+        return fd
+    # already taken by a file opened since (the number is its now): writes go to a /dev/null of their own
+    return os.open(os.devnull, os.O_WRONLY)

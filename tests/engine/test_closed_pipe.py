@@ -55,7 +55,10 @@ for step in range(1, 4):
     print("a line on stderr", file=sys.stderr, flush=True)
 sys.stdout.flush()
 shutdown_runtime()
-open(sys.argv[1], "w").write("went on")
+# a child (a spawned worker, a compiler run) has a stdout too, where this process's was closed at the start
+import subprocess
+child = subprocess.call([sys.executable, "-c", "import os; os.fstat(1)"], stderr=subprocess.DEVNULL)
+open(sys.argv[1], "w").write("went on" if child == 0 else "a child without stdout")
 """
 
 
