@@ -158,6 +158,7 @@ class Progress:
                 # the stopped run logged from there on (after a kill: up to its last step), which it
                 # would otherwise show twice
                 self.writer = SummaryWriter(tb_dir, purge_step=start_step + 1 if start_step else None)
+                _quiet_writer_thread_errors()
             except ImportError:
                 print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
 
@@ -275,6 +276,25 @@ class Progress:
                 self.writer.close()
             except OSError as e:
                 self._writer_failed(e)
+
+
+def _quiet_writer_thread_errors() -> None:
+    """TensorBoard's writer thread appends each scalar to the events file itself; a write that fails there
+    (a full disk) ended the thread with 'Exception in thread ...' and a traceback on stderr, read as the run
+    crashing while it went on. The thread keeps the error and raises it at the next scalar or at close,
+    where Progress says it once: its traceback alone is left out. Other threads' errors are untouched."""
+    import threading
+
+    previous = threading.excepthook
+    if getattr(previous, "quiet_writer_thread", False):
+        return
+
+    def hook(args):
+        if not (isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard.")):
+            previous(args)
+
+    hook.quiet_writer_thread = True
+    threading.excepthook = hook
 
 
 def training_only(rows, start_step: int, world_size: int) -> dict:
