@@ -14,6 +14,9 @@ ROOT = Path(__file__).parents[2]
 HELD_BLOCK = """
 import os, signal, sys, time
 import engine.interrupt as interrupt
+# an ignored SIGINT is inherited across exec, and pytest-xdist's workers ignore it: the signal the
+# tool gets from a terminal is the default one
+signal.signal(signal.SIGINT, signal.default_int_handler)
 interrupt.REPEAT_S = 1.0  # the repeat window, shortened
 with interrupt.raised_on_interrupt() as interrupts:
     try:
