@@ -516,15 +516,20 @@ def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = ""
 OPTIONAL_PREFIXES = ("lm_head.",)
 
 
-def _tensor_shapes(path) -> dict[str, tuple]:
-    """The global shape of each tensor of a step, by key (its .metadata)."""
+def tensors_metadata(path) -> dict:
+    """Each tensor of a step (its .metadata: global shape, dtype), by key; CheckpointError where the
+    metadata is missing or damaged."""
     from megatron.core import dist_checkpointing
 
     try:
-        found = dist_checkpointing.load_tensors_metadata(str(path))
+        return dist_checkpointing.load_tensors_metadata(str(path))
     except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata / metadata.json
         raise _damaged(path, e) from e
-    return {key: tuple(getattr(t, "global_shape", ())) for key, t in found.items()}
+
+
+def _tensor_shapes(path) -> dict[str, tuple]:
+    """The global shape of each tensor of a step, by key (its .metadata)."""
+    return {key: tuple(getattr(t, "global_shape", ())) for key, t in tensors_metadata(path).items()}
 
 
 def _tensor_keys(path) -> set[str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from engine.checkpoint import read_state
+from engine.checkpoint import CheckpointError, read_state, tensors_metadata
 from engine.config import ConfigError
 from engine.data import set_digest
 
@@ -249,11 +249,9 @@ def check_resume_norm_dtypes(step_dir: str) -> None:
     norm's name (its own code read them back with the same shift; this one would give every norm a
     neighbour's state, in a dp_reshardable state a bucket layout no setting brings back). The model
     weights are exact, so a new run can start from them."""
-    from megatron.core import dist_checkpointing
-
     try:
-        found = dist_checkpointing.load_tensors_metadata(str(step_dir))
-    except Exception:  # noqa: BLE001 - a missing or damaged .metadata is named by the load itself
+        found = tensors_metadata(step_dir)
+    except CheckpointError:  # a missing or damaged .metadata is named by the load itself
         return
     final = found.get("final_norm.weight")
     if final is None:
