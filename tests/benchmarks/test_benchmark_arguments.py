@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.benchmarks.script_runs import run_scripts
+
 ROOT = Path(__file__).resolve().parents[2]
 
 CASES = [
@@ -63,22 +65,34 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("script,args", CASES, ids=[f"{s} {' '.join(a)}" for s, a in CASES])
-def test_bad_arguments_get_a_usage_error(script, args, tmp_path):
-    if script == "scaling_law.py":
-        args = [*args, "--out", str(tmp_path)]
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every case's (and kernels_attention.py --help's) exit code and output, from one process that
+    imports torch once (tests/benchmarks/script_runs.py); each case in a directory of its own."""
+    tmp = tmp_path_factory.mktemp("usage")
+    cases = []
+    for i, (script, args) in enumerate(CASES):
+        cwd = tmp / str(i)
+        cwd.mkdir()
+        if script == "scaling_law.py":
+            args = [*args, "--out", str(cwd)]
+        cases.append((ROOT / "benchmarks" / script, args, cwd))
+    cases.append((ROOT / "benchmarks" / "kernels_attention.py", ["--help"], tmp))
     # no GPU, so that `--device cuda` is a bad argument here too
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args], capture_output=True,
-                          text=True, timeout=300, cwd=tmp_path,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES=""))
-    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and "error:" in proc.stderr, proc.stderr[-2000:]
+    results = run_scripts(cases, tmp, env={"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    return results  # CASES' in their order, then the --help
 
 
-def test_kernels_attention_help_does_not_run_the_benchmark():
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "kernels_attention.py"), "--help"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.startswith("usage:") and "TFLOP/s" not in proc.stdout
+@pytest.mark.parametrize("case", range(len(CASES)), ids=[f"{s} {' '.join(a)}" for s, a in CASES])
+def test_bad_arguments_get_a_usage_error(case, runs):
+    run = runs[case]
+    assert run["code"] == 2, run["stdout"][-1000:] + run["stderr"][-2000:]
+    assert "Traceback" not in run["stderr"] and "error:" in run["stderr"], run["stderr"][-2000:]
+
+
+def test_kernels_attention_help_does_not_run_the_benchmark(runs):
+    run = runs[len(CASES)]
+    assert run["code"] == 0 and run["stdout"].startswith("usage:") and "TFLOP/s" not in run["stdout"]
 
 
 def test_kernels_json_is_written_without_a_gpu(tmp_path):
@@ -154,3 +168,20 @@ def test_help_describes_every_option():
             if node.func.attr == "ArgumentParser" and "description" not in keywords:
                 bare.append(f"{path.name}:{node.lineno} ArgumentParser without a description")
     assert bare == []
+
+
+def test_the_runner_exits_as_python_would(tmp_path):
+    """The cases above are judged on script_runs' codes: an escaping exception is a traceback and 1,
+    sys.exit("text") prints it and is 1, argparse's usage error is 2."""
+    from tests.benchmarks.script_runs import run_one
+
+    (tmp_path / "raises.py").write_text("print('partial')\nraise ValueError('boom')\n")
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit('stopped: why')\n")
+    (tmp_path / "parses.py").write_text("import argparse\nargparse.ArgumentParser().parse_args()\n")
+    raised = run_one(str(tmp_path / "raises.py"), [], str(tmp_path))
+    assert raised["code"] == 1 and raised["stdout"] == "partial\n" and "Traceback" in raised["stderr"]
+    assert "ValueError: boom" in raised["stderr"]
+    exited = run_one(str(tmp_path / "exits.py"), [], str(tmp_path))
+    assert exited == {"code": 1, "stdout": "", "stderr": "stopped: why\n"}
+    parsed = run_one(str(tmp_path / "parses.py"), ["--x"], str(tmp_path))
+    assert parsed["code"] == 2 and "error: unrecognized arguments: --x" in parsed["stderr"]

@@ -1,15 +1,13 @@
 """Every `python benchmarks/X.py ...` command quoted in benchmarks/RESULTS.md and README.md names a
 script that exists, and every `--flag` quoted with it is one the script still takes (it appears in
 the script's --help), so no figure or instruction points at a script or option the repository does
-not have. Each script's --help runs once, two at a time: about 17 s of CPU for the 27 quoted scripts,
-most of it the nine whose --help imports torch (about 1.5 s each); 9 s of wall time on 2 cores with
-little else running, 46 s with them shared by three other jobs."""
-import functools
+not have. Each script's --help runs once, all in one process that imports torch once (it took ~17 s of
+CPU as 27 processes, most of it the nine whose --help imports torch)."""
 import re
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 from pathlib import Path
+
+from tests.benchmarks.script_runs import run_scripts
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = ("benchmarks/RESULTS.md", "README.md")
@@ -41,19 +39,24 @@ def quoted_scripts(text: str) -> set:
     return {script for script, _, _ in quoted_commands(text)}
 
 
-@functools.lru_cache(maxsize=None)
-def help_text(script: str) -> str:
-    proc = subprocess.run([sys.executable, str(ROOT / script), "--help"], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, f"{script} --help exited {proc.returncode}: {proc.stderr[-2000:]}"
-    return proc.stdout
+HELPS: dict = {}  # script -> its --help text, run once a session
+
+
+def help_texts(scripts: list[str]) -> dict:
+    """Each script's --help, those not yet known run in one process (tests/benchmarks/script_runs.py)."""
+    todo = [s for s in scripts if s not in HELPS]
+    if todo:
+        with tempfile.TemporaryDirectory() as tmp:
+            runs = run_scripts([(ROOT / s, ["--help"], ROOT) for s in todo], Path(tmp))
+        for script, run in zip(todo, runs):
+            assert run["code"] == 0, f"{script} --help exited {run['code']}: {run['stderr'][-2000:]}"
+            HELPS[script] = run["stdout"]
+    return {s: HELPS[s] for s in scripts}
 
 
 def unknown_flags(commands: list[tuple[str, list[str], str]]) -> list[str]:
     """'script: --flag (in: command)' for each quoted flag its script's --help does not list."""
-    scripts = sorted({script for script, _, _ in commands if (ROOT / script).is_file()})
-    with ThreadPoolExecutor(2) as pool:
-        helps = dict(zip(scripts, pool.map(help_text, scripts)))
+    helps = help_texts(sorted({script for script, _, _ in commands if (ROOT / script).is_file()}))
     return [f"{script}: {flag} (in: {command})" for script, flags, command in commands if script in helps
             for flag in flags if not re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", helps[script])]
 
