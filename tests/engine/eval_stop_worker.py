@@ -7,6 +7,10 @@ file `--touch` (train.stop_file). `--eval-sequences N`: each evaluation set insi
 packed sequences (one batch is engine.evaluation.EVAL_CHUNK of them per rank). Each rank writes to
 RESULT.rankN how fit ended ("code" of the SystemExit), the step it ended at, the evaluation batches fit
 ran ("eval_batches"), and the newest complete checkpoint.
+
+`--then` starts the next run's arguments: the runs go one after another in this process (start-up is
+most of a run's time), each after a line `== run N ==` (rank 0's); a run before the last must end without a
+SystemExit (a stop file's stop, not SIGTERM's, whose fit leaves SIGTERM ignored on its way out).
 """
 from __future__ import annotations
 
@@ -34,19 +38,35 @@ class FirstSequences:
 
 
 def main():
+    runs, code = [[]], 0
+    for arg in sys.argv[1:]:
+        if arg == "--then":
+            runs.append([])
+        else:
+            runs[-1].append(arg)
+    for n, argv in enumerate(runs):
+        if os.environ.get("RANK", "0") == "0":
+            print(f"== run {n} ==", flush=True)
+        code = run(argv)
+        if code:
+            break
+    return code
+
+
+def run(argv: list):
     ap = argparse.ArgumentParser(allow_abbrev=False)
     ap.add_argument("--result", required=True)
     ap.add_argument("--at-eval-batch", type=int, required=True)
     ap.add_argument("--kill-ranks", type=lambda s: [int(r) for r in s.split(",") if r], default=[])
     ap.add_argument("--touch", default="")
     ap.add_argument("--eval-sequences", type=int, default=0)
-    args, rest = ap.parse_known_args()
+    args, rest = ap.parse_known_args(argv)
 
     import engine.trainer
     from engine import checkpoint
     from engine.pretrain import main as pretrain
 
-    real_fit = engine.trainer.Trainer.fit
+    real_fit = getattr(engine.trainer.Trainer.fit, "real", engine.trainer.Trainer.fit)  # not an earlier run's
 
     def fit(trainer):
         rank, real_schedule, batches = trainer.rt.rank, trainer._run_schedule, []
@@ -74,6 +94,7 @@ def main():
             with open(f"{args.result}.rank{rank}", "w") as f:
                 json.dump(out, f)
 
+    fit.real = real_fit
     engine.trainer.Trainer.fit = fit
     return pretrain(rest)
 

@@ -7,7 +7,7 @@ evaluation plus the save.
 
 Runs tests/engine/eval_stop_worker.py (engine/pretrain.py on its synthetic data, a tiny model; the
 signal, or the file, comes from inside a chosen evaluation batch, so no timing decides the outcome) as
-one process and under torchrun over gloo with 2 ranks.
+one process (the stop file's run, then SIGTERM's, in one launch) and under torchrun over gloo with 2 ranks.
 """
 from __future__ import annotations
 
@@ -27,12 +27,20 @@ RUN = ["train.steps=4", "train.eval_interval=1", "synthetic.train_triplets=64", 
        "synthetic.prompts=50", "log.interval=1", "log.tensorboard=false", "--eval-sequences", "65"]
 
 
-def _run(tmp: Path, name: str, nproc: int, *args: str) -> tuple[list, str, Path]:
-    """(each rank's result, the log, the run directory) of a run that has ended."""
-    result, log, run = tmp / f"{name}.result", tmp / f"{name}.log", tmp / name
-    proc = start(WORKER, ["--result", str(result), *args, f"run_dir={run}", *RUN], nproc, log)
-    ranks = finish(proc, log, [result.with_name(f"{result.name}.rank{r}") for r in range(nproc)])
-    return ranks, log.read_text(), run
+def _runs(tmp: Path, nproc: int, runs: dict) -> dict:
+    """{name: (each rank's result, the log, the run directory)} of `runs` ({name: worker arguments}),
+    run one after another in one launch (eval_stop_worker.py --then), once it has ended; each run's
+    log is its own part of the launch's."""
+    args, names = [], list(runs)
+    for name in names:
+        args += [*(["--then"] if args else []), "--result", str(tmp / f"{name}.result"), *runs[name],
+                 f"run_dir={tmp / name}", *RUN]
+    log = tmp / f"{names[0]}.log"
+    proc = start(WORKER, args, nproc, log)
+    ranks = finish(proc, log, [tmp / f"{name}.result.rank{r}" for name in names for r in range(nproc)])
+    parts = re.split(r"^== run \d+ ==$", log.read_text(), flags=re.M)
+    assert len(parts) == len(names) + 1, parts[-1][-6000:]
+    return {name: (ranks[i * nproc:(i + 1) * nproc], parts[i + 1], tmp / name) for i, name in enumerate(names)}
 
 
 def _at(rank: dict, step: int) -> int:
@@ -51,16 +59,21 @@ def _only_step_saved(run: Path, step: int) -> None:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
-    """One process, SIGTERM as the 17th evaluation batch of the run begins: step 1 evaluates both sets
-    (5 + 5 batches), step 2 held_out (5), and the 2nd batch of step 2's `seen`."""
-    return _run(tmp_path_factory.mktemp("eval_stop"), "one", 1, "--at-eval-batch", "17", "--kill-ranks", "0")
+    """The one-process runs, in one process (a stop file's stop leaves it able to train again; SIGTERM's
+    does not, so it comes last): `file`, train.stop_file made as the 2nd evaluation batch of the run
+    begins; `one`, SIGTERM as the 17th begins: step 1 evaluates both sets (5 + 5 batches), step 2
+    held_out (5), and the 2nd batch of step 2's `seen`. {name: (its result, its log, its run_dir)}."""
+    tmp = tmp_path_factory.mktemp("eval_stop")
+    stop = tmp / "STOP"
+    return _runs(tmp, 1, {"file": ["--at-eval-batch", "2", "--touch", str(stop), f"train.stop_file={stop}"],
+                          "one": ["--at-eval-batch", "17", "--kill-ranks", "0"]})
 
 
 def test_a_sigterm_during_an_evaluation_stops_it_at_the_next_batch_saves_and_exits_143(one_process):
     """The evaluation of `seen` at step 2 stops after its 2nd batch of 5; held_out, evaluated whole
     before it, is reported; step 2 is saved, summary.json says SIGTERM and the process exits 143. It
     used to run `seen` to its end and report it, then save."""
-    (rank,), log, run = one_process
+    (rank,), log, run = one_process["one"]
     assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, rank
     assert _at(rank, 2) == 5 + 2, rank
     assert "during the evaluation of seen at step 2: stopped after 2 of its 5 batches, not reported; saving and " \
@@ -79,7 +92,7 @@ def test_a_sigterm_to_one_rank_during_an_evaluation_stops_every_rank_at_the_same
     rank 0 has a 3rd. Both stop before it (rank 1 was about to run none, and still made that stop
     check with rank 0), step 2 is saved and both exit 143. Step 1's evaluations, whole, are those of
     one process. The evaluation used to run to its end on both ranks and be reported."""
-    ranks, log, run = _run(tmp_path, "two", 2, "--at-eval-batch", "6", "--kill-ranks", "1")
+    ranks, log, run = _runs(tmp_path, 2, {"two": ["--at-eval-batch", "6", "--kill-ranks", "1"]})["two"]
     for r, rank in enumerate(ranks):
         assert rank.get("code") == EXIT_SIGTERM and rank["step"] == 2, (r, rank)
         assert rank["latest"] == str(run / "checkpoints" / "step_00000002"), (r, rank)
@@ -92,20 +105,19 @@ def test_a_sigterm_to_one_rank_during_an_evaluation_stops_every_rank_at_the_same
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == 2, summary
     assert _evaluations(summary) == [(1, "held_out"), (1, "seen")], summary["history"]
     _only_step_saved(run, 2)
-    alone = json.loads((one_process[2] / "summary.json").read_text())["history"]
+    alone = json.loads((one_process["one"][2] / "summary.json").read_text())["history"]
     alone_step1 = [r for r in alone if "eval" in r and r["step"] == 1]
     assert [r["eval"] for r in alone_step1] == ["held_out", "seen"], alone
     for got, want in zip([r for r in summary["history"] if "eval" in r], alone_step1, strict=True):
         assert got["pairs"] == want["pairs"] and got["loss"] == pytest.approx(want["loss"], rel=1e-4), (got, want)
 
 
-def test_a_stop_file_during_an_evaluation_stops_it_saves_and_answers_the_file(tmp_path):
+def test_a_stop_file_during_an_evaluation_stops_it_saves_and_answers_the_file(one_process):
     """train.stop_file appears during the 2nd batch of held_out at step 1 (of 5): the evaluation stops
     there, step 1 is saved, the file removed and the run ends with status 0, summary.json saying
     stop_file. It used to finish both evaluations, train step 2 (the next check) and save that."""
-    stop = tmp_path / "STOP"
-    (rank,), log, run = _run(tmp_path, "file", 1, "--at-eval-batch", "2", "--touch", str(stop),
-                             f"train.stop_file={stop}")
+    (rank,), log, run = one_process["file"]
+    stop = run.with_name("STOP")
     assert "code" not in rank and rank["step"] == 1, rank
     assert _at(rank, 1) == 2, rank
     assert f"train.stop_file {stop} found during the evaluation of held_out at step 1: stopped after 2 of its 5 " \
