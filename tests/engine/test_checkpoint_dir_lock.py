@@ -40,6 +40,9 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_pa
         for line in first.stdout:  # a step saved: the first run holds the directory and writes into it
             if line.startswith("saved checkpoint"):
                 break
+        # what follows needs the directory held by a live run, not a training one: stopped, the run
+        # holds its lock as before and does not train (and save, every step) through every check
+        first.send_signal(signal.SIGSTOP)
         written = (run_dir / "config.yaml").stat().st_mtime_ns
         second = subprocess.run([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL],
                                 capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
@@ -69,6 +72,7 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_pa
         assert (run_dir / "config.yaml").stat().st_mtime_ns == written
         assert not (run_dir / "summary.json").exists()
     finally:
+        first.send_signal(signal.SIGCONT)
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=300)
     assert first.returncode == 143, err[-3000:]
@@ -216,14 +220,14 @@ def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
 
     holder = hold()
     try:  # held all along: refused after the wait, rank 0 alone speaking
-        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *small, "checkpoint.lock_wait_s=2"],
+        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *small, "checkpoint.lock_wait_s=1"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
                                   env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                            MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
                  for r in range(2)]
         outs = [p.communicate(timeout=300) for p in ranks]
         assert [p.returncode for p in ranks] == [2, 2], outs
-        _note(outs[0][1], lock, "2", holder.pid)
+        _note(outs[0][1], lock, "1", holder.pid)
         _refusal(outs[0][1], lock.parent, holder.pid, LOST_HOST)
         assert "note:" not in outs[1][1] and "config error:" not in outs[1][1], outs[1]
         assert holder.poll() is None
