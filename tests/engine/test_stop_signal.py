@@ -180,7 +180,8 @@ def test_pretrain_sigterm_saves_logs_one_line_writes_the_summary_and_exits_143(t
     evaluation) and exits 143 without a traceback (it died of the signal, -15, nothing saved; then
     it exited 143 with no summary.json)."""
     cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", "train.steps=1000",
-           "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "log.interval=1"]
+           "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "log.interval=1",
+           "train.global_batch=2"]  # steps of 2 sequences, not 16: the stop is checked, not the step
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
     lines = []

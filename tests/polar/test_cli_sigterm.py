@@ -15,7 +15,7 @@ from engine.stop_signal import EXIT_SIGTERM
 def test_sigterm_to_polar_pretrain_reaches_the_run_which_saves_and_stops(tmp_path):
     cmd = [sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "1", f"run_dir={tmp_path / 'run'}",
            "train.steps=1000", "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50",
-           "log.interval=1"]
+           "log.interval=1", "train.global_batch=2"]  # steps of 2 sequences, not 16: the stop is checked, not the step
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
                             cwd=tmp_path, start_new_session=True)

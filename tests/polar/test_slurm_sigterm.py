@@ -47,10 +47,13 @@ def _closings(log: Path) -> int:
     return log.read_text().count("closing signal SIGTERM")
 
 
-def _until(holds, proc: subprocess.Popen, log: Path) -> None:
+def _until(holds, proc: subprocess.Popen, log: Path, every: float = 0.005) -> None:
+    """Waits for holds(), asking every `every` s: often inside torchrun's shutdown, whose window for the
+    next signal is the rest of a step and a save; the wait for the run's start, seconds of it, asks
+    less often (each ask reads the log)."""
     deadline = time.monotonic() + 300  # a bound on the wait, not a timing assertion
     while not holds() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
+        time.sleep(every)
     assert proc.poll() is None and holds(), log.read_text()[-6000:]
 
 
@@ -72,7 +75,7 @@ def _stopped_like_slurm(cmd: list, cwd: Path, env: dict, started, scenario: str)
     polar = psutil.Process(proc.pid)
     family = []
     try:
-        _until(lambda: started(log.read_text()), proc, log)
+        _until(lambda: started(log.read_text()), proc, log, every=0.05)
         family = polar.children(recursive=True)  # torchrun, the workers and whatever they started
         torchrun = [p for p in family if p.ppid() == proc.pid]
         if scenario == "at once":
