@@ -52,11 +52,12 @@ def write_records(path, triplets):
 
 
 def score(tmp, name, *extra, nproc=1, records="records.jsonl"):
+    """(rows, stdout) of `polar score` on tmp/records."""
     out = tmp / f"{name}.jsonl"
     proc = run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(tmp / records),
                 "--output", str(out), *extra], tmp, nproc=nproc)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()]
+    return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
 
 
 def training_loops_evaluation(tmp, name, *overrides):
@@ -79,24 +80,52 @@ def infonce_groups(triplets) -> list:
     return groups
 
 
+SHAPES = [
+    {"prompt": "a prompt", "reference": "the ref", "output": ""},  # an empty output is scored
+    {"prompt": [{"role": "user", "content": "hi"}], "reference": "r", "candidates": ["x", {"text": "y z"}, ""]},
+    {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "wrapper": "pretrain"},
+    {"prompt": "a prompt", "reference": "the ref", "output": "an answer"},
+]
+# RANKED's responses below each reference as groups: what `polar eval` scores
+RANKED = [
+    {"prompt": "q1", "category": "math", "responses": [{"text": "ref one", "rank": 1},
+                                                        {"text": "good", "rank": 2}, {"text": "bad", "rank": 3}]},
+    {"prompt": "q2", "category": "code", "responses": ["ref two", "fine answer", "meh", "awful"]},
+]
+RANKED_GROUPS = [{"prompt": "q1", "reference": "ref one", "candidates": ["good", "bad"]},
+                 {"prompt": "q2", "reference": "ref two", "candidates": ["fine answer", "meh", "awful"]}]
+BAD = '{"prompt": "p"}\nnot json\n'
+
+
 @pytest.fixture(scope="module")
-def held_out(trained):
-    """The held-out triplets as records, then as InfoNCE groups (infonce_groups), in one input
-    (records.jsonl) scored by one process: (triplets, groups, rows)."""
+def scored(trained):
+    """One input (records.jsonl) scored by one process under --on-error skip: the held-out triplets
+    as records, then as InfoNCE groups (infonce_groups), then SHAPES, RANKED_GROUPS and BAD's two bad
+    lines. One launch serves every test below that reads rewards at TP1 (each `polar score` process
+    costs seconds of start-up, the scoring a fraction of one): (triplets, groups, rows, stdout)."""
     triplets = held_out_triplets()
     groups = infonce_groups(triplets)
     write_records(trained / "records.jsonl", triplets)
     with open(trained / "records.jsonl", "a") as f:
-        f.write("".join(json.dumps(g) + "\n" for g in groups))
-    rows = score(trained, "tp1")
-    assert [r["line"] for r in rows] == list(range(1, len(triplets) + len(groups) + 1))
-    return triplets, groups, rows
+        f.write("".join(json.dumps(x) + "\n" for x in groups + SHAPES + RANKED_GROUPS) + BAD)
+    rows, stdout = score(trained, "tp1", "--on-error", "skip")
+    assert [r["line"] for r in rows] == list(range(1, len(triplets) + len(groups) + len(SHAPES) + len(RANKED_GROUPS)
+                                                    + BAD.count("\n") + 1))
+    return triplets, groups, rows, stdout
+
+
+@pytest.fixture(scope="module")
+def held_out(scored):
+    """The held-out triplets and groups, and their rows: (triplets, groups, rows)."""
+    triplets, groups, rows, _ = scored
+    return triplets, groups, rows[:len(triplets) + len(groups)]
 
 
 def test_score_equals_the_training_loops_evaluation(trained, held_out):
-    """The training loop's evaluation (engine/pretrain.py with train.steps=0 on the trained weights)
-    and `polar score` on the same held-out triplets give the same loss and pair accuracy. The
-    comparison means something because both paths give identical token ids for this data."""
+    """The training loop's evaluation (the trained run's own, of its final weights: the ones its
+    checkpoint holds) and `polar score` of that checkpoint on the same held-out triplets give the same
+    loss and pair accuracy. The comparison means something because both paths give identical token
+    ids for this data."""
     from polar.client_format import ScoringItem, client_encode_batch
     from polar.format import encode_groups
     from polar.tokenizer import ByteTokenizer
@@ -116,7 +145,7 @@ def test_score_equals_the_training_loops_evaluation(trained, held_out):
     loss = float(np.mean(np.logaddexp(0.0, -margin)))
     acc = float(np.mean((margin > 0) + 0.5 * (margin == 0)))
 
-    summary = training_loops_evaluation(tmp, "eval_only")
+    summary = json.loads((tmp / "pre" / "summary.json").read_text())
     assert summary["held_out_pairs"] == len(triplets)
     assert loss == pytest.approx(summary["held_out_loss"], rel=1e-5)
     assert acc == pytest.approx(summary["held_out_pair_accuracy"], abs=1e-12)
@@ -158,50 +187,35 @@ def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(t
 
 # DP 2 against one process: tests/engine/test_score_chunks.py, two replicas
 @pytest.mark.parametrize("name,extra", [("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])])
-def test_score_at_other_layouts_equals_one_process(trained, held_out, name, extra):
-    ref = held_out[2]
-    got = score(trained, name, *extra, nproc=2)
+def test_score_at_other_layouts_equals_one_process(trained, scored, name, extra):
+    """The whole input of `scored`: its bad lines are the same error lines at every layout."""
+    ref = scored[2]
+    got, _ = score(trained, name, "--on-error", "skip", *extra, nproc=2)
     assert [r["line"] for r in got] == [r["line"] for r in ref]
     for g, r in zip(got, ref):
-        np.testing.assert_allclose(g["rewards"], r["rewards"], rtol=1e-5, atol=1e-6)
+        if "error" in r:
+            assert g == r
+        else:
+            np.testing.assert_allclose(g["rewards"], r["rewards"], rtol=1e-5, atol=1e-6)
 
 
-SHAPES = [
-    {"prompt": "a prompt", "reference": "the ref", "output": ""},  # an empty output is scored
-    {"prompt": [{"role": "user", "content": "hi"}], "reference": "r", "candidates": ["x", {"text": "y z"}, ""]},
-    {"prompt": "p", "reference": "r", "chosen": "c", "rejected": "d", "wrapper": "pretrain"},
-    {"prompt": "a prompt", "reference": "the ref", "output": "an answer"},
-]
-# RANKED's responses below each reference as groups: what `polar eval` scores
-RANKED = [
-    {"prompt": "q1", "category": "math", "responses": [{"text": "ref one", "rank": 1},
-                                                        {"text": "good", "rank": 2}, {"text": "bad", "rank": 3}]},
-    {"prompt": "q2", "category": "code", "responses": ["ref two", "fine answer", "meh", "awful"]},
-]
-RANKED_GROUPS = [{"prompt": "q1", "reference": "ref one", "candidates": ["good", "bad"]},
-                 {"prompt": "q2", "reference": "ref two", "candidates": ["fine answer", "meh", "awful"]}]
-BAD = '{"prompt": "p"}\nnot json\n'
 
 
 @pytest.fixture(scope="module")
-def shapes(trained, tmp_path_factory):
-    """SHAPES, RANKED_GROUPS, then BAD's two bad lines (7 and 8), scored under --on-error skip: (input,
-    stdout, rows)."""
-    tmp = tmp_path_factory.mktemp("score_shapes")
-    inp, out = tmp / "in.jsonl", tmp / "out.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in SHAPES + RANKED_GROUPS) + BAD)
-    proc = run(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp),
-                "--output", str(out), "--on-error", "skip"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return inp, proc.stdout, [json.loads(x) for x in out.read_text().splitlines()]
+def shapes(trained, scored):
+    """The rows of SHAPES, RANKED_GROUPS, then BAD's two bad lines, scored under --on-error skip after
+    the held-out lines: (input, stdout, rows, the line number before SHAPES')."""
+    triplets, groups, rows, stdout = scored
+    before = len(triplets) + len(groups)
+    return trained / "records.jsonl", stdout, rows[before:], before
 
 
 def test_every_input_shape_and_empty_outputs(shapes):
     """(That an item's reward inside a packed batch is its reward alone is
     tests/engine/test_score_packing.py's, lines packed against --chunk-lines 1, and
     tests/engine/test_score_split.py's, the outputs of a shared prefix against each alone.)"""
-    rows = shapes[2][:len(SHAPES)]
-    assert [r["line"] for r in rows] == [1, 2, 3, 4] and [len(r["rewards"]) for r in rows] == [1, 3, 2, 1]
+    rows, before = shapes[2][:len(SHAPES)], shapes[3]
+    assert [r["line"] - before for r in rows] == [1, 2, 3, 4] and [len(r["rewards"]) for r in rows] == [1, 3, 2, 1]
     assert rows[0]["reward"] == rows[0]["rewards"][0] and "chosen_reward" in rows[2]
     assert all(math.isfinite(v) for r in rows for v in r["rewards"])
 
@@ -216,24 +230,27 @@ def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path, shapes, capsys)
                  str(tmp_path / "out.jsonl")]) == 2
     err = capsys.readouterr().err
     assert f"{inp}:2: reference: missing" in err, err[-2000:]
-    inp, stdout, rows = shapes  # under --on-error skip
-    assert [r["line"] for r in rows] == list(range(1, 9)) and all("rewards" in r for r in rows[:6])
+    inp, stdout, rows, before = shapes  # under --on-error skip
+    assert [r["line"] - before for r in rows] == list(range(1, 9)) and all("rewards" in r for r in rows[:6])
     assert "reference: missing" in rows[6]["error"] and "not valid JSON" in rows[7]["error"]
     # the output file holds every error; the console names how many and the first
-    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:7: reference: missing" \
-        in stdout, stdout[-2000:]
+    assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:{before + 7}: reference: " \
+        "missing" in stdout, stdout[-2000:]
 
 
-def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path):
+def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path, capsys):
     """`polar score --tp 2` in one process said "world size 1 is not divisible by parallel.tp x
-    parallel.pp", settings a scoring user never wrote, and not how to start two processes."""
+    parallel.pp", settings a scoring user never wrote, and not how to start two processes. In this
+    process (as `polar score` runs at --nproc 1): the refusal comes before any process group."""
+    from polar.cli import main
+
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"prompt": "p", "reference": "r", "output": "o"}\n')
-    proc = run(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp), "--output",
-                str(tmp_path / "out.jsonl"), "--tp", "2"], tmp_path)
-    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert main(["score", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(inp), "--output",
+                 str(tmp_path / "out.jsonl"), "--tp", "2"]) == 2
+    err = capsys.readouterr().err
     assert "--tp 2 x --pp 1: a model replica spans 2 processes, but this run has 1; start 2 (or a multiple): " \
-           "--nproc 2" in proc.stderr, proc.stderr[-2000:]
+           "--nproc 2" in err, err[-2000:]
 
 
 def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path, shapes):
