@@ -4,7 +4,11 @@ training goes on, and becomes `latest` only once every rank's write has finished
 Runs under torchrun over gloo (2 ranks), as tests/engine/test_parallel_resume.py does: whole trainings
 through tests/engine/dist_worker.py, and the points a whole run does not reach on its own (a writer
 held back while the weights change, a writer that cannot write, a kill while one is pending) through
-tests/engine/async_save_worker.py, most of them as the cases of one launch (CASES).
+tests/engine/async_save_worker.py, most of them as the cases of one scenario (CASES). Starting the
+ranks is most of a run's time: the runs share two launches (tests/engine/runs_worker.py), every
+layout's synchronous and background runs with CASES after them, then the resumes from the background
+saves with the run that ends its launch (a step failing on one rank); only the kill has a process of
+its own.
 """
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine.parity import NO_END_SAVE, STEPS, assert_same_run, run_worker
+from tests.engine import runs_worker
+from tests.engine.parity import NO_END_SAVE, STEPS, assert_same_run
 from tests.engine.torchrun_scenario import run_scenario
 
 WORKER = Path(__file__).with_name("async_save_worker.py")
@@ -60,30 +65,74 @@ def _rolled_back(run: Path, step: str, copy: Path) -> None:
     (copy / "checkpoints" / "latest").write_text(step)
 
 
-def sync_and_async_runs(reference, layout: str, overrides: list) -> tuple:
+def _run_pairs(reference, layouts: dict) -> list:
     """The same run (from the reference's initial weights, saving at steps 2 and 4) saved
-    synchronously and in the background, at one layout: (tmp, init, layout, its settings, sync
-    result, async result). tests/engine/test_checkpoint_async_layouts.py runs this module's
-    comparisons at the pipeline layouts."""
+    synchronously and in the background, at each layout: the runs of a launch
+    (tests/engine/runs_worker.py), `{mode}_{layout}`."""
     tmp, init, _ = reference
-    runs = [run_worker(tmp, f"{mode}_{layout}", 2, *overrides, *SAVES, *extra, init=init, evaluate=False)
-            for mode, extra in (("sync", []), ("async", [ASYNC]))]
-    return tmp, init, layout, overrides, *runs
+    return [runs_worker.run(tmp, f"{mode}_{layout}", *overrides, *SAVES, *extra, init=init, evaluate=False)
+            for layout, overrides in sorted(layouts.items()) for mode, extra in (("sync", []), ("async", [ASYNC]))]
 
 
-@pytest.fixture(scope="module", params=sorted(LAYOUTS))
-def sync_and_async(request, reference):
-    return sync_and_async_runs(reference, request.param, LAYOUTS[request.param])
+def _resumes(reference, layouts: dict) -> list:
+    """At each layout, a run resumed from a copy of the background run rolled back to its step-2
+    save (`async_{layout}_at2`): the runs of a launch."""
+    tmp, init, _ = reference
+    for layout in layouts:
+        _rolled_back(tmp / f"async_{layout}", "step_00000002", tmp / f"async_{layout}_at2")
+    return [runs_worker.run(tmp, f"async_{layout}_at2", *overrides, "checkpoint.resume=true", NO_END_SAVE,
+                            init=init, evaluate=False) for layout, overrides in sorted(layouts.items())]
+
+
+def _label(kind: str, layouts: dict) -> str:
+    return f"{kind}_{'_'.join(sorted(layouts))}"
+
+
+def layout_fixtures(layouts: dict, first=(), then=()):
+    """The module fixtures of the comparisons below at `layouts` (tests/engine/test_checkpoint_async_layouts.py
+    has the pipeline layouts): `launched` runs every layout's pair in one torchrun launch (with the
+    runs `first(tmp)` gives after them), `sync_and_async` is one layout's pair, (tmp, init, layout,
+    its settings, sync result, async result), and `resumed` the resume of each layout's background
+    save, all in a second launch (with the runs `then(tmp)` gives after them) -> {layout: result}."""
+
+    @pytest.fixture(scope="module")
+    def launched(reference):
+        tmp = reference[0]
+        log = runs_worker.launch(tmp, _label("pairs", layouts), 2,
+                                 _run_pairs(reference, layouts) + [run for f in first for run in f(tmp)])
+        return {layout: (*reference[:2], layout, overrides, *(runs_worker.result(tmp, f"{mode}_{layout}", log=log)
+                                                              for mode in ("sync", "async")))
+                for layout, overrides in layouts.items()}
+
+    @pytest.fixture(scope="module", params=sorted(layouts))
+    def sync_and_async(request, launched):
+        return launched[request.param]
+
+    @pytest.fixture(scope="module")
+    def resumed(reference, launched):
+        tmp = reference[0]
+        # a run of `then` may end the launch (its exit status is its test's)
+        log = runs_worker.launch(tmp, _label("resumes", layouts), 2,
+                                 _resumes(reference, layouts) + [run for f in then for run in f(tmp)],
+                                 status=None if then else 0)
+        return {layout: runs_worker.result(tmp, f"async_{layout}_at2", log=log) for layout in layouts}
+
+    return launched, sync_and_async, resumed
 
 
 def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
     """Every tensor (weights, Adam moments, fp32 main weights, across the ranks' shards), the common
     state, the trainer state and the model settings of steps 2 and 4 read back the same, and the
     training they were taken from is the same: the background writer takes nothing from the trainer."""
-    tmp, _, layout, _, sync, background = sync_and_async
+    tmp, _, layout, overrides, sync, background = sync_and_async
     assert_same_run(sync, background)
+    # the layout megatron's groups gave the run (one launch runs several: tests/engine/runs_worker.py)
+    ran_at = {"tp": 1, "pp": 1, "vpp": None, **{o.split("=")[0][len("parallel."):]: int(o.split("=")[1])
+                                                for o in overrides}}
+    ran_at["dp"] = 2 // (ran_at["tp"] * ran_at["pp"])
     for step in ("step_00000002", "step_00000004"):
         a, b = (tmp / f"{mode}_{layout}" / "checkpoints" / step for mode in ("sync", "async"))
+        assert _untimed(b)["layout"] == ran_at, step
         for name in ("model.json", "metadata.json"):
             assert (a / name).read_text() == (b / name).read_text(), f"{step}/{name}"
         assert _untimed(a) == _untimed(b), step
@@ -94,17 +143,15 @@ def test_a_background_save_writes_what_a_synchronous_one_writes(sync_and_async):
             assert same, f"{step}: {key}"
 
 
-def test_a_background_save_resumes_as_the_uninterrupted_run_goes_on(sync_and_async):
+def test_a_background_save_resumes_as_the_uninterrupted_run_goes_on(sync_and_async, resumed):
     """A run resumed from the background save at step 2 trains steps 3-4 as the uninterrupted run
     did (the synchronous one, within the parity tolerance), and carries steps 1-2 of its history over
     from the save. At pp2 and pp2_vpp2 (test_checkpoint_async_layouts.py) this is the CPU suite's only
     resume of a pipeline-parallel checkpoint: keep it."""
-    tmp, init, layout, overrides, sync, _ = sync_and_async
-    _rolled_back(tmp / f"async_{layout}", "step_00000002", tmp / f"async_{layout}_at2")
-    resumed = run_worker(tmp, f"async_{layout}_at2", 2, *overrides, "checkpoint.resume=true", NO_END_SAVE,
-                         init=init, evaluate=False)
-    assert resumed["start_step"] == 1 and len(resumed["history"]) == STEPS, resumed["history"]
-    assert_same_run(sync, resumed)
+    _, _, layout, _, sync, _ = sync_and_async
+    got = resumed[layout]
+    assert got["start_step"] == 1 and len(got["history"]) == STEPS, got["history"]
+    assert_same_run(sync, got)
 
 
 def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
@@ -117,7 +164,7 @@ def test_the_end_of_the_run_waits_for_the_pending_save(sync_and_async):
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000004"]
 
 
-# The 2-rank scenarios whose process lives on after them, run as the cases of one launch (each with a
+# The 2-rank scenarios whose process lives on after them, run as the cases of one scenario (each with a
 # trainer and a run directory of its own; starting the ranks is most of a scenario's time):
 # [name, scenario, its options, its settings]
 SNAPSHOT = {"not_distributed": "parallel.distributed_optimizer=false",
@@ -133,11 +180,33 @@ CASES += [[name, "step_fails", {}, ["checkpoint.save_interval=1"]] for name in S
 CASES += [[f"failing_{mode}", "failing", {}, ["checkpoint.save_interval=1", MODES[mode]]] for mode in MODES]
 
 
+# how long the rank that stops waits for the other (engine.checkpoint_async.AGREE_S, 20 s): rank 0,
+# waiting in a collective for it, never comes, whatever the wait
+AGREE_S = 3
+
+
+def _cases_run(tmp: Path) -> list:
+    """The scenario of CASES, in the launch of the sync and async runs of LAYOUTS, after them."""
+    (tmp / "async_cases").mkdir()
+    return [runs_worker.scenario(tmp / "async_cases", "cases", "cases", args=["--cases", json.dumps(CASES)])]
+
+
+def _one_fails_run(tmp: Path) -> list:
+    """step_fails on rank 1 alone, which ends the launch (the last of the resumes')."""
+    (tmp / "async_one_fails").mkdir()
+    return [runs_worker.scenario(tmp / "async_one_fails", "one_fails", "step_fails", "checkpoint.save_interval=1",
+                                 args=["--failing", "1", "--agree-s", str(AGREE_S)])]
+
+
+launched, sync_and_async, resumed = layout_fixtures(LAYOUTS, first=[_cases_run], then=[_one_fails_run])
+
+
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    """The launch of CASES: a function of a case's name -> (its checkpoint directory, each rank's result)."""
-    tmp = tmp_path_factory.mktemp("async_cases")
-    ranks = _run_scenario(tmp, "cases", 2, args=["--cases", json.dumps(CASES)], timeout=300, status=0)
+def cases(reference, launched):
+    """The CASES scenario's results: a function of a case's name -> (its checkpoint directory, each rank's
+    result)."""
+    tmp = reference[0] / "async_cases"
+    ranks = runs_worker.result(tmp, "cases", (0, 1), log=reference[0] / f"{_label('pairs', LAYOUTS)}.log")
     return lambda name: (tmp / "cases_run" / name / "checkpoints", [rank[name] for rank in ranks])
 
 
@@ -213,21 +282,15 @@ def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(c
         p.name for p in (ckpts / "step_00000001").iterdir())  # .metadata, metadata.json, shards, state
 
 
-# how long the rank that stops waits for the other (engine.checkpoint_async.AGREE_S, 20 s): rank 0,
-# waiting in a collective for it, never comes, whatever the wait
-AGREE_S = 3
-
-
-def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partial_and_exits(tmp_path):
+def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partial_and_exits(reference, resumed):
     """Step 3's loss raises on rank 1 alone while step 2's writer is still writing (held back): rank 0
     waits in the step's gradient reduction and can take part in nothing, so rank 1 stops its writer,
     says that step 2 stays `.partial` and step 1 is the one kept, and exits; torchrun then ends rank
     0, whose writer ends with it. Rank 1 waited for its writer at exit for good (the test's timeout)."""
-    ranks = _run_scenario(tmp_path, "step_fails", 2, "checkpoint.save_interval=1", name="one_fails",
-                          args=["--failing", "1", "--agree-s", str(AGREE_S)], timeout=240, expected=0)
-    ckpts = tmp_path / "one_fails_run" / "checkpoints"
-    rank = ranks[1]
-    assert rank is not None, (tmp_path / "one_fails.log").read_text()[-6000:]
+    tmp = reference[0] / "async_one_fails"
+    # rank 0 ends without a result (torchrun ends it)
+    (rank,) = runs_worker.result(tmp, "one_fails", (1,), log=reference[0] / f"{_label('resumes', LAYOUTS)}.log")
+    ckpts = tmp / "one_fails_run" / "checkpoints"
     assert rank["error"] == "the loss of step 3 failed", rank
     assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was not completed "
                              f"(not every rank stopped within {AGREE_S} s; a rank still in a step cannot take part): "
@@ -235,7 +298,7 @@ def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partia
                              f"resume continues from, is {ckpts / 'step_00000001'}"], rank
     assert (ckpts / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002.partial"]
-    writers = [int((tmp_path / f"one_fails.writer{r}").read_text()) for r in range(2)]
+    writers = [int((tmp / f"one_fails.writer{r}").read_text()) for r in range(2)]
     assert not _left_running(writers), writers
 
 
