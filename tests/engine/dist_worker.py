@@ -3,10 +3,23 @@
 Used by the parity tests under `torchrun` and as a single process. The data is random token
 groups (K candidates over a shared prefix) from a fixed seed, so every layout sees the same
 global batches; initial weights come from a checkpoint (`--init`) so every layout starts equal.
+
+With `--runs FILE` (a JSON list of {"name", "overrides", "evaluate"}) one launch trains several
+layouts of its world size one after another (start-up is most of a run's time) and writes
+{name: result}. A run finds nothing of an earlier one to lean on: megatron's parallel state is put
+back to what it was before the first run (next_layout); the Runtime with its groups, the model,
+optimizer, gradient buffers, loader and Trainer are built anew from the run's own settings, from
+the --init weights (or from the seed, which init_runtime sets again). What outlives a run is the
+same for any layout: engine.cpu_compat's patches (applied once, as in any CPU process), entries of
+the LayoutCaches (matched by the identity of a layout tensor they keep alive: never a later run's)
+and torch.distributed's record of the groups torn down (the engine takes its groups from the
+Runtime, never from there): comparing the module globals of megatron, engine and torch.distributed
+before the first run and after each teardown showed nothing else.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -41,9 +54,33 @@ def main():
     ap.add_argument("--init", default="", help="checkpoint with the initial weights")
     ap.add_argument("--save-init", default="", help="write the freshly initialised weights here first")
     ap.add_argument("--no-eval", action="store_true", help="train only (for tests that compare no evaluation)")
+    ap.add_argument("--runs", default="", help="JSON list of {name, overrides, evaluate}: one run each, in turn")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
+    if args.runs:
+        with open(args.runs) as f:
+            runs = [(r["name"], r["overrides"], r["evaluate"]) for r in json.load(f)]
+    else:
+        runs = [(None, [], not args.no_eval)]
 
+    from engine.runtime import shutdown_runtime
+
+    fresh = parallel_state_globals() if args.runs else None  # before any layout
+    results = {}
+    for i, (name, overrides, evaluate) in enumerate(runs):
+        if i:
+            next_layout(fresh)
+        if name and int(os.environ.get("RANK", "0")) == 0:  # which run a failure's output belongs to
+            print(f"dist_worker run {name}", flush=True)
+        rt, results[name] = train(args, overrides, evaluate)
+    if rt.is_main:
+        with open(args.out, "w") as f:
+            json.dump(results if args.runs else results[None], f)
+    shutdown_runtime()
+
+
+def train(args, overrides: list, evaluate: bool):
+    """One run at the layout its settings give: (runtime, result)."""
     defaults = [
         "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
         "model.num_query_groups=2", "model.ffn_hidden_size=128", "model.vocab_size=64",
@@ -51,13 +88,13 @@ def main():
         "train.warmup_steps=1", "data.seq_length=64", "log.interval=1", "log.tensorboard=false",
         "checkpoint.resume=false", "train.aux_lm_weight=0.5",
     ]
-    cfg = load_config(EngineConfig, None, defaults + args.overrides)
+    cfg = load_config(EngineConfig, None, defaults + args.overrides + overrides)
     if args.init:
         cfg.checkpoint.init_from = args.init
 
     from engine import checkpoint
     from engine.data import PackedGroups
-    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
+    from engine.runtime import init_runtime, validate_layout, world_size_from_env
     from engine.trainer import Trainer
 
     validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
@@ -68,12 +105,39 @@ def main():
         # the run trains on from the weights it saved, as a run from them does (saves a process per reference)
         checkpoint.save(args.save_init, 0, trainer.model, None, {"step": 0})
     history = trainer.fit()
-    evaluation = None if args.no_eval else trainer.evaluate(data)
-    if rt.is_main:
-        with open(args.out, "w") as f:
-            start = history[0]["step"] if history else None
-            json.dump({"history": history, "eval": evaluation, "start_step": start}, f)
-    shutdown_runtime()
+    evaluation = trainer.evaluate(data) if evaluate else None
+    start = history[0]["step"] if history else None
+    return rt, {"history": history, "eval": evaluation, "start_step": start}
+
+
+def parallel_state_globals() -> dict:
+    """megatron's parallel state: the module's globals (groups, ranks, sizes, buffers) by name."""
+    from megatron.core import parallel_state
+
+    return {k: copy.copy(v) if isinstance(v, (list, dict, set)) else v for k, v in vars(parallel_state).items()
+            if k.startswith("_") and not k.startswith("__") and not callable(v) and not isinstance(v, type(copy))}
+
+
+def next_layout(fresh: dict) -> None:
+    """Tears down the layout that ran (the default process group stays) and puts megatron's parallel
+    state back to what the first layout started from: the next one builds all of it again itself,
+    as in a process of its own, and finds nothing of the last one's groups, ranks or buffers to fall
+    back on. destroy_model_parallel (megatron-core 0.19) leaves the rank lists and the intra-partial
+    DP groups behind, and initialize_model_parallel sets some of them (_EMBEDDING_GLOBAL_RANKS,
+    which is_rank_in_embedding_group reads) only on the ranks of such a group: a rank outside the
+    next layout's would keep the last layout's list."""
+    import gc
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    dist.barrier()  # as shutdown_runtime: no rank tears down groups another rank still uses
+    parallel_state.destroy_model_parallel()
+    gc.collect()  # the last run's model, optimizer and gradient buffers
+    for name in set(parallel_state_globals()) - set(fresh):
+        delattr(parallel_state, name)
+    for name, value in fresh.items():
+        setattr(parallel_state, name, copy.copy(value))
 
 
 if __name__ == "__main__":

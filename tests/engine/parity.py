@@ -7,7 +7,7 @@ the same run.
 
 Most of a run's time is starting it (python, torch, megatron) and, by default, the checkpoint it saves
 at the end: a run whose checkpoint nothing reads passes NO_END_SAVE, one whose evaluation nothing
-compares `evaluate=False`.
+compares `evaluate=False`; runs of one world size share one launch with run_layouts.
 """
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ NO_END_SAVE = "checkpoint.save_at_end=false"  # an early stop (exit step, stop f
 
 def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
                extra_env: dict | None = None, refused: bool = False, evaluate: bool = True,
-               save_init: str | None = None):
+               save_init: str | None = None, runs: Path | None = None):
     """The run's result; with `refused`, the finished process of a run expected to fail. Without
-    `evaluate` its "eval" is None; `save_init`: a directory for its initial weights, saved first."""
+    `evaluate` its "eval" is None; `save_init`: a directory for its initial weights, saved first;
+    `runs`: dist_worker.py's --runs file (see run_layouts)."""
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
     if init:
@@ -40,6 +41,8 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
         cmd[2:2] = ["--save-init", save_init]
     if not evaluate:
         cmd[2:2] = ["--no-eval"]
+    if runs:
+        cmd[2:2] = ["--runs", str(runs)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
@@ -49,6 +52,19 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
         return proc
     assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return json.loads(out.read_text()) if out.exists() else {}
+
+
+def run_layouts(tmp: Path, launch: str, nproc: int, layouts: dict, *overrides: str, init: str | None = None,
+                no_eval: tuple = (), extra_env: dict | None = None) -> dict:
+    """{name: [overrides]} of one world size trained one after another in ONE launch (dist_worker.py
+    --runs: megatron's parallel state rebuilt for each), each with its own run_dir; -> {name: result}.
+    `overrides` apply to all; the runs in `no_eval` skip evaluation."""
+    runs = tmp / f"{launch}.runs.json"
+    runs.write_text(json.dumps([{"name": name, "overrides": [f"run_dir={tmp / name}", *extra],
+                                 "evaluate": name not in no_eval} for name, extra in layouts.items()]))
+    got = run_worker(tmp, launch, nproc, *overrides, init=init, runs=runs, extra_env=extra_env)
+    assert sorted(got) == sorted(layouts), f"{launch}: results of {sorted(got)}, expected {sorted(layouts)}"
+    return got
 
 
 def make_reference(tmp: Path):
@@ -73,7 +89,21 @@ def assert_same_run(ref: dict, got: dict, steps=range(1, STEPS + 1)):
 def assert_layout_matches(reference, name: str, nproc: int, overrides: list):
     """The layout's run (from the reference's initial weights) trains and evaluates like it."""
     tmp, init, ref = reference
-    got = run_worker(tmp, name, nproc, NO_END_SAVE, *overrides, init=init)
+    assert_trains_and_evaluates_alike(ref, run_worker(tmp, name, nproc, NO_END_SAVE, *overrides, init=init))
+
+
+def assert_trains_and_evaluates_alike(ref: dict, got: dict):
     assert_same_run(ref, got)
     assert got["eval"]["pair_accuracy"] == pytest.approx(ref["eval"]["pair_accuracy"], abs=1e-9)
     assert got["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=RTOL)
+
+
+def layouts_by_world(tmp: Path, launch: str, layouts: dict, *overrides: str, init: str | None = None,
+                     no_eval: tuple = ()) -> dict:
+    """{name: (nproc, [overrides])}: run_layouts once per world size; -> {name: result}."""
+    got = {}
+    for nproc in sorted({n for n, _ in layouts.values()}):
+        group = {name: extra for name, (n, extra) in layouts.items() if n == nproc}
+        got.update(run_layouts(tmp, f"{launch}_world{nproc}", nproc, group, *overrides, init=init,
+                               no_eval=no_eval))
+    return got

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.engine.parity import ATOL, NO_END_SAVE, ROOT, RTOL, WORKER, assert_same_run, run_worker
+from tests.engine.parity import ATOL, NO_END_SAVE, ROOT, RTOL, WORKER, assert_same_run, run_layouts
 
 # Interpreted Triton costs per program instance (query tiles x heads x layers x micro-batches): the
 # harness's model with 2 layers instead of 4, trained its 4 steps of 2 micro-batches instead of 4, keeps every
@@ -20,12 +20,25 @@ from tests.engine.parity import ATOL, NO_END_SAVE, ROOT, RTOL, WORKER, assert_sa
 SMALL = ["model.num_layers=2", "train.global_batch=2", NO_END_SAVE]
 
 
+RUNS = {
+    "ref": [],  # the torch path
+    "ref_infonce": ["train.loss=infonce"],
+    "triton_pairwise": ["train.kernels=triton", "train.loss=pairwise"],
+    "triton_infonce": ["train.kernels=triton", "train.loss=infonce"],
+    "triton_attention": ["train.attention_backend=triton"],
+}
+
+
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
-    """The torch-path run of the SMALL setup. No --init: one process, one layout, the same seed, so
-    every run here starts from the same weights (a difference would show as a step-1 mismatch)."""
+    """The SMALL runs, one after another in one process (parity.run_layouts), under TRITON_INTERPRET=1,
+    which the torch path's runs pick no code by. No --init: every run seeds megatron's random states
+    afresh as it starts (init_runtime) and builds its model from them, so each starts from the same
+    weights (a difference would show as a step-1 mismatch). The Triton attention's run is not
+    evaluated: its interpreted forward passes over all 60 groups would cost more than the training."""
     tmp = tmp_path_factory.mktemp("kernel_selection")
-    return tmp, run_worker(tmp, "ref", 1, *SMALL)
+    return run_layouts(tmp, "kernels", 1, RUNS, *SMALL, no_eval=("triton_attention",),
+                       extra_env={"TRITON_INTERPRET": "1"})
 
 
 def assert_trains_alike(ref: dict, got: dict):
@@ -38,23 +51,14 @@ def assert_trains_alike(ref: dict, got: dict):
 @pytest.mark.parametrize("loss", ["pairwise", "infonce"])
 def test_triton_kernels_train_like_the_torch_reference(small, loss):
     """train.kernels=triton (fused readout and loss, interpreted on CPU) against the torch path."""
-    tmp, ref = small
-    if loss == "infonce":
-        ref = run_worker(tmp, "ref_infonce", 1, *SMALL, "train.loss=infonce")
-    got = run_worker(tmp, f"triton_{loss}", 1, *SMALL, "train.kernels=triton", f"train.loss={loss}",
-                     extra_env={"TRITON_INTERPRET": "1"})
-    assert_trains_alike(ref, got)
+    assert_trains_alike(small["ref_infonce" if loss == "infonce" else "ref"], small[f"triton_{loss}"])
 
 
 def test_triton_attention_trains_like_the_reference(small):
     """train.attention_backend=triton (the shared-prefix attention kernels, interpreted on CPU)
     inside megatron's layers, forward and backward, against the reference's attention: the path
     a GPU run takes (benchmarks/e2e.py, polar serve), checked before a GPU runs it."""
-    tmp, ref = small
-    # no evaluation: its interpreted forward passes over all 60 groups would cost more than the training
-    got = run_worker(tmp, "triton_attention", 1, *SMALL, "train.attention_backend=triton",
-                     extra_env={"TRITON_INTERPRET": "1"}, evaluate=False)
-    assert_same_run(ref, got)
+    assert_same_run(small["ref"], small["triton_attention"])
 
 
 def test_triton_kernels_refused_without_gpu_or_interpreter(tmp_path):

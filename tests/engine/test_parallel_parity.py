@@ -6,6 +6,10 @@ The interleaved PP2 case is the layout where batched p2p over gloo silently corr
 (measured with megatron-core 0.16 and 0.19 on CPU: grad norm 1361 instead of 1.09, no error); it runs
 with the engine's own settings, which turn batched p2p off on CPU.
 
+The layouts of one world size train one after another in one torchrun launch, megatron's parallel
+state rebuilt between them (tests/engine/dist_worker.py next_layout), each from the reference's
+initial weights and compared with the reference's own process.
+
 The harness and the reference run: tests/engine/parity.py. Data parallelism, recomputation and the
 loss reduction: test_parallel_data.py; resuming: test_parallel_resume.py; FP8 under TP:
 test_parallel_fp8.py; the kernel settings: test_kernel_selection.py.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.parity import STEPS, assert_layout_matches
+from tests.engine.parity import NO_END_SAVE, STEPS, assert_trains_and_evaluates_alike, layouts_by_world
 
 
 def test_reference_run_learns_something(reference):
@@ -45,9 +49,16 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def runs(reference):
+    """Every layout's run: one launch per world size."""
+    tmp, init, _ = reference
+    return layouts_by_world(tmp, "parity", LAYOUTS, NO_END_SAVE, init=init)
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_layout_matches_single_process(reference, name):
-    assert_layout_matches(reference, name, *LAYOUTS[name])
+def test_layout_matches_single_process(reference, runs, name):
+    assert_trains_and_evaluates_alike(reference[2], runs[name])
 
 
 def test_sequence_parallel_data_puts_reward_rows_on_both_shards():
