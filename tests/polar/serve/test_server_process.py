@@ -1,7 +1,7 @@
 """`python -m polar.serve` as a process: start-up errors (settings named by their flags), bearer auth
 from --api-key-env, graceful shutdown on SIGTERM finishing the request in flight (with TP2: SIGTERM to
-rank 0, to the launcher, to every rank or to a follower alone), and model parallelism (torchrun over
-gloo: TP2, or two pipeline stages) giving the rewards of one process."""
+the launcher, to every rank or to a follower alone, which hands it to rank 0), and model parallelism
+(torchrun over gloo or a bare srun launch: TP2, or two pipeline stages) giving the rewards of one process."""
 import contextlib
 import errno
 import os
@@ -111,10 +111,13 @@ def _classify_in_flight(url, texts, answer, headers=None):
     return t
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "polar.serve", "--checkpoint", str(tmp_path / "nope")], cwd=ROOT,
-                       env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 2 and "no such directory" in r.stderr
+def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
+    """In this process (`python -m polar.serve` exits with main's value): the refusal comes before any
+    model or process group."""
+    from polar.serve.server import main
+
+    assert main(["--checkpoint", str(tmp_path / "nope")]) == 2
+    assert "no such directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, world, says", [
@@ -122,21 +125,27 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
     (["--tp", "3"], 3, "--tp 3 does not divide model.num_attention_heads=4"),
     (["--pp", "3"], 3, "model.num_layers=2 is not divisible by --pp 3"),
 ], ids=["attention_backend", "tp", "pp"])
-def test_a_refused_setting_is_named_by_its_flag(checkpoint_dir, flags, world, says):
+def test_a_refused_setting_is_named_by_its_flag(checkpoint_dir, flags, world, says, monkeypatch, capsys):
     """The engine names the settings it refuses by their config keys (train.attention_backend=triton,
     parallel.tp=3), which a `polar serve` user never wrote. WORLD_SIZE alone stands in for torchrun:
-    the layout is refused before any process group starts."""
+    the layout is refused before any process group starts, so main runs in this process (as
+    `python -m polar.serve` runs it, exiting with its value)."""
     if flags[0] == "--attention-backend":
         import torch
 
         if torch.cuda.is_available():
             pytest.skip("triton attention runs on this machine's GPU")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, *flags], cwd=ROOT,
-                       env=dict(env, PYTHONPATH=ROOT, WORLD_SIZE=str(world)), capture_output=True, text=True,
-                       timeout=300)
-    assert r.returncode == 2 and says in r.stderr, r.stderr[-3000:]
-    assert "train." not in r.stderr and "parallel." not in r.stderr, r.stderr[-3000:]
+    from engine.cuda_env import VARIABLE
+    from polar.serve.server import main
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    # main sets VARIABLE for --tp > 1 on a GPU that needs it (engine/cuda_env.py): as it was afterwards
+    monkeypatch.setenv(VARIABLE, "")
+    monkeypatch.delenv(VARIABLE)
+    rc, err = main(["--checkpoint", checkpoint_dir, *flags]), capsys.readouterr().err
+    assert rc == 2 and says in err, err[-3000:]
+    assert "train." not in err and "parallel." not in err, err[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -167,8 +176,9 @@ def test_a_signal_before_the_server_exists_stops_it_once_started():
 def test_two_pipeline_stages_equal_one_process(checkpoint_dir, texts_and_expected):
     """--pp 2 answers /classify and /pooling with the rewards of one process and stops on rank 0's
     SIGTERM. TP2 is checked on every server of the TP2 tests below: /classify in
-    test_tp2_stops_cleanly_on_sigterm_to_every_rank, /pooling and rank 0's SIGTERM in
-    test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving."""
+    test_tp2_stops_cleanly_on_sigterm_to_every_rank, where the follower's case stops on rank 0's
+    SIGTERM (the one the follower hands it), /pooling in
+    test_srun_ranks_serve_tp2_refuse_long_items_and_stop_on_sigterm_to_both."""
     texts, expected = texts_and_expected
     proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                         "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint", checkpoint_dir,
@@ -183,37 +193,6 @@ def test_two_pipeline_stages_equal_one_process(checkpoint_dir, texts_and_expecte
         # as a failure): it stops the other rank, both leave the process group, torchrun exits 0.
         os.kill(_rank_zero(proc.pid), signal.SIGTERM)
         assert proc.wait(120) == 0, proc.stdout.read()[-3000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-
-
-def test_tp2_with_dynamic_rope_refuses_long_items_and_keeps_serving(dynamic_checkpoint_dir, tokenizer, alone_dynamic):
-    """The model's positions checked before rank 0 broadcasts: a refusal on every rank used to end
-    the other rank's loop, and the next request hung on its broadcast. Also TP2's /pooling and
-    /classify against one process, and its stop on rank 0's SIGTERM."""
-    proc, url = _serve(lambda port, _: [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                        "--nproc_per_node=2", "-m", "polar.serve", "--checkpoint",
-                                        dynamic_checkpoint_dir, "--port", str(port), "--tp", "2", "--pack-rows",
-                                        "on", "--row-tokens", "1024"], limit_s=400)
-    try:
-        texts = [f"prompt number {i} and some words\nref<|reward|>prompt number {i}\nout[UNUSED_TOKEN_130]"
-                 for i in range(12)]
-        expected = alone_dynamic(tokenizer.encode_served_batch(texts))
-        pooled = httpx.post(f"{url}/pooling", json={"input": texts}, timeout=120).json()
-        np.testing.assert_allclose([e["data"][-1][0] for e in pooled["data"]], expected, rtol=0, atol=1e-5)
-        for _ in range(2):
-            res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=120)
-            assert res.status_code == 200, res.text
-            np.testing.assert_allclose([e["embedding"][0] for e in res.json()], expected, rtol=0, atol=1e-5)
-            big = httpx.post(f"{url}/classify", json={"text": ["x" * 300 + "[UNUSED_TOKEN_130]"]}, timeout=120)
-            # the limit: the longest text the client leaves at the --max-length settled for the 256 positions
-            assert big.status_code == 413 and "text[0] is 302 tokens long, more than" in big.text and "256" in big.text
-        os.kill(_rank_zero(proc.pid), signal.SIGTERM)
-        rc, out = proc.wait(120), proc.stdout.read()
-        assert rc == 0, out[-3000:]
-        # the lengths the 256 positions settle are said by rank 0 alone (every rank said them)
-        assert out.count("(not the client's 16384)") == 1, out[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -378,13 +357,14 @@ def test_tp2_rank_zero_unable_to_bind_stops_every_rank_at_start_up(checkpoint_di
     assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
 
 
-def _srun_ranks(checkpoint_dir, port):
-    """The two ranks of `srun --ntasks 2 python -m polar.serve --tp 2`: plain processes, each with the
-    variables a bare srun launch sets (RANK from SLURM_PROCID and so on), no torchrun above them."""
+def _srun_ranks(checkpoint_dir, port, *flags):
+    """The two ranks of `srun --ntasks 2 python -m polar.serve --tp 2 FLAGS`: plain processes, each with
+    the variables a bare srun launch sets (RANK from SLURM_PROCID and so on), no torchrun above them."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TORCHELASTIC_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT, WORLD_SIZE="2", SLURM_NTASKS="2", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(_free_port()))
-    cmd = [sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), "--tp", "2"]
+    cmd = [sys.executable, "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", str(port), "--tp", "2",
+           *flags]
     return [subprocess.Popen(cmd, cwd=ROOT, env=dict(env, RANK=str(r), SLURM_PROCID=str(r), LOCAL_RANK=str(r)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
 
@@ -409,14 +389,17 @@ def test_srun_rank_zero_unable_to_bind_stops_the_other_rank(checkpoint_dir):
     assert "Traceback" not in everything and "on http://" not in everything, everything[-3000:]
 
 
-def test_srun_ranks_serve_tp2_and_stop_on_sigterm_to_both(checkpoint_dir, texts_and_expected):
+def test_srun_ranks_serve_tp2_refuse_long_items_and_stop_on_sigterm_to_both(dynamic_checkpoint_dir, tokenizer,
+                                                                           alone_dynamic):
     """The same launch with a free port: rank 0's store, opened before the process group to say it
     bound, is the one the process group then uses (a second server on MASTER_PORT would fail). TP2
-    scores as one process, and SIGTERM to both ranks at once (SLURM's scancel) stops both with 0."""
-    texts, expected = texts_and_expected
+    answers /pooling and /classify as one process, and SIGTERM to both ranks at once (SLURM's
+    scancel) stops both with 0. The model (dynamic RoPE within 256 positions, packed rows) has its
+    positions checked before rank 0 broadcasts: a refusal on every rank used to end the other rank's
+    loop, and the next request hung on its broadcast."""
     for attempt in range(3):  # a port chosen free can be taken by another test before rank 0 binds it
         port = _free_port()
-        ranks = _srun_ranks(checkpoint_dir, port)
+        ranks = _srun_ranks(dynamic_checkpoint_dir, port, "--pack-rows", "on", "--row-tokens", "1024")
         try:
             _wait_healthy(ranks[0], f"http://127.0.0.1:{port}")
             break
@@ -426,15 +409,27 @@ def test_srun_ranks_serve_tp2_and_stop_on_sigterm_to_both(checkpoint_dir, texts_
                 p.wait()
             if TAKEN not in ranks[0].stderr.read() or attempt == 2:
                 raise AssertionError(f"{e}\n{ranks[1].stderr.read()[-3000:]}") from None
+    url = f"http://127.0.0.1:{port}"
     try:
-        res = httpx.post(f"http://127.0.0.1:{port}/classify", json={"text": texts}, timeout=120)
-        assert res.status_code == 200, res.text
-        np.testing.assert_allclose([e["embedding"][0] for e in res.json()], expected, rtol=0, atol=1e-5)
+        texts = [f"prompt number {i} and some words\nref<|reward|>prompt number {i}\nout[UNUSED_TOKEN_130]"
+                 for i in range(12)]
+        expected = alone_dynamic(tokenizer.encode_served_batch(texts))
+        pooled = httpx.post(f"{url}/pooling", json={"input": texts}, timeout=120).json()
+        np.testing.assert_allclose([e["data"][-1][0] for e in pooled["data"]], expected, rtol=0, atol=1e-5)
+        for _ in range(2):
+            res = httpx.post(f"{url}/classify", json={"text": texts}, timeout=120)
+            assert res.status_code == 200, res.text
+            np.testing.assert_allclose([e["embedding"][0] for e in res.json()], expected, rtol=0, atol=1e-5)
+            big = httpx.post(f"{url}/classify", json={"text": ["x" * 300 + "[UNUSED_TOKEN_130]"]}, timeout=120)
+            # the limit: the longest text the client leaves at the --max-length settled for the 256 positions
+            assert big.status_code == 413 and "text[0] is 302 tokens long, more than" in big.text and "256" in big.text
         for p in ranks:
             p.send_signal(signal.SIGTERM)
         out = [p.communicate(timeout=120) for p in ranks]
         everything = "".join(o + e for o, e in out)
         assert [p.returncode for p in ranks] == [0, 0] and "Traceback" not in everything, everything[-3000:]
+        # the lengths the 256 positions settle are said by rank 0 alone (every rank said them)
+        assert everything.count("(not the client's 16384)") == 1, everything[-3000:]
     finally:
         for p in ranks:
             if p.poll() is None:
