@@ -3,8 +3,12 @@
     plan_worker.py counts --out F.json --layouts tp1,tp2,pp2,tp2pp2 [overrides]
         builds the model at each layout in turn (one torchrun world, megatron's groups rebuilt per layout)
         and writes, per layout, every rank's position and the parameters it holds
-    plan_worker.py memory --out F.json [overrides]
-        trains a few steps and writes this rank's resident-memory growth (see `measure_memory`)
+    plan_worker.py runs --out F.json --runs R.json
+        R.json is a list of {"name", "mode", "overrides"}, run in turn in one world (start-up is most of a
+        run's time; megatron's parallel state is torn down after each as tests/engine/dist_worker.py's
+        next_layout does), written as {name: result}. "memory": a few training steps, every rank's
+        resident-memory growth (see `measure_memory`); "checkpoint": a run to its end, which saves its last
+        step in its run_dir (result None)
 
 Run with MALLOC_MMAP_THRESHOLD_ fixed (the test sets it) so that glibc returns every large block to the
 system when it is freed and resident memory follows the tensors that are alive.
@@ -84,22 +88,22 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def measure_memory(args) -> None:
+def measure_memory(overrides: list, steps: int) -> list:
     """Resident memory of one rank: `before` after the runtime, the data and one throw-away step of a tiny
     model at the same layout (what the libraries set up on first use), before the model exists; `state`
     after one training step (weights, fp32 gradient buffer and Adam state all allocated) with the build's
     temporaries freed; `peak` the highest resident size during the next steps. Growth is measured from
-    `before`."""
+    `before`. -> every rank's figures."""
     import torch
 
     from engine.config import EngineConfig, load_config
     from engine.data import PackedGroups
-    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
+    from engine.runtime import init_runtime, validate_layout, world_size_from_env
     from engine.trainer import Trainer
     from tests.engine.dist_worker import random_groups
 
     torch.set_num_threads(1)
-    cfg = load_config(EngineConfig, None, args.overrides)
+    cfg = load_config(EngineConfig, None, overrides)
     validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     rt = init_runtime(cfg.parallel, cfg.train.seed)
     # One step of a tiny model at the same layout first: the modules, communication buffers and caches the
@@ -121,31 +125,63 @@ def measure_memory(args) -> None:
     gc.collect()
     state = _status("VmRSS") - before
     _reset_peak()
-    for _ in range(args.steps):
+    for _ in range(steps):
         trainer.train_step()
     peak = _status("VmHWM") - before
     mine = {"rank": rt.rank, "tp_rank": rt.tp_rank, "pp_rank": rt.pp_rank, "dp_rank": rt.dp_rank,
             "state_bytes": state, "peak_bytes": peak, "before_bytes": before,
             "tp": rt.tp, "pp": rt.pp, "dp": rt.dp}
-    everyone = _gather(mine)
-    if rt.is_main:
+    return _gather(mine)
+
+
+def train_to_end(overrides: list) -> None:
+    """A run of its train.steps from fresh weights: its end saves a checkpoint step in its run_dir."""
+    from engine.config import EngineConfig, load_config
+    from engine.data import PackedGroups
+    from engine.runtime import init_runtime, validate_layout, world_size_from_env
+    from engine.trainer import Trainer
+    from tests.engine.dist_worker import random_groups
+
+    cfg = load_config(EngineConfig, None, overrides)
+    validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
+    rt = init_runtime(cfg.parallel, cfg.train.seed)
+    data = PackedGroups(random_groups(7, 60, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
+    Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None).fit()
+
+
+def runs(args) -> None:
+    from engine.runtime import shutdown_runtime
+    from tests.engine.dist_worker import next_layout, parallel_state_globals
+
+    with open(args.runs) as f:
+        todo = json.load(f)
+    results, fresh = {}, parallel_state_globals()
+    for i, run in enumerate(todo):
+        if i:
+            next_layout(fresh)
+        if run["mode"] == "memory":
+            results[run["name"]] = measure_memory(run["overrides"], args.steps)
+        else:
+            results[run["name"]] = train_to_end(run["overrides"])
+    if int(os.environ.get("RANK", "0")) == 0:
         with open(args.out, "w") as f:
-            json.dump(everyone, f)
+            json.dump(results, f)
     shutdown_runtime()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=("counts", "memory"))
+    ap.add_argument("mode", choices=("counts", "runs"))
     ap.add_argument("--out", required=True)
     ap.add_argument("--layouts", default="tp1")
+    ap.add_argument("--runs", default="")
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_intermixed_args()
     if args.mode == "counts":
         counts(args)
     else:
-        measure_memory(args)
+        runs(args)
 
 
 if __name__ == "__main__":
