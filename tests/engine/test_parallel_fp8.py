@@ -1,9 +1,10 @@
-"""FP8 under tensor parallelism against one FP8 process (the harness: tests/engine/parity.py)."""
+"""FP8 under tensor parallelism against one FP8 process (the harness: tests/engine/parity.py). The runs of
+one world size train one after another in one launch (parity.run_layouts)."""
 from __future__ import annotations
 
 import pytest
 
-from tests.engine.parity import NO_END_SAVE, STEPS, by_step, run_worker
+from tests.engine.parity import NO_END_SAVE, STEPS, by_step, run_layouts
 
 
 # FP8 (train.fp8, local linears): TP2 against one process, both in FP8, same initial weights. With the
@@ -31,8 +32,10 @@ FP8_LATER = {"tensorwise": {"loss": 1e-2, "grad_norm": 0.2}, "rowwise": {"loss":
 @pytest.fixture(scope="module")
 def fp8_references(reference):
     tmp, init, _ = reference
-    return {r: run_worker(tmp, f"fp8_{r}", 1, f"train.fp8={r}", NO_END_SAVE, init=init, evaluate=False)
-            for r in ("tensorwise", "rowwise")}
+    runs = {r: [f"train.fp8={r}"] for r in ("tensorwise", "rowwise")}
+    got = run_layouts(tmp, "fp8_references", 1, {f"fp8_{r}": x for r, x in runs.items()}, NO_END_SAVE, init=init,
+                      no_eval=tuple(f"fp8_{r}" for r in runs))
+    return {r: got[f"fp8_{r}"] for r in runs}
 
 
 # each recipe under TP2 with sequence parallelism: the column-parallel linears quantize their token shard,
@@ -48,13 +51,20 @@ LAYOUTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def fp8_tp2(reference):
+    """LAYOUTS' runs: {name: result}."""
+    tmp, init, _ = reference
+    runs = {f"fp8_{name}": [f"train.fp8={recipe}", *layout] for name, (recipe, layout) in LAYOUTS.items()}
+    got = run_layouts(tmp, "fp8_tp2", 2, runs, NO_END_SAVE, init=init, no_eval=tuple(runs))
+    return {name: got[f"fp8_{name}"] for name in LAYOUTS}
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
-def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_references, name):
-    tmp, init, ref32 = reference
-    recipe, layout = LAYOUTS[name]
-    ref = fp8_references[recipe]
-    got = run_worker(tmp, f"fp8_{name}", 2, f"train.fp8={recipe}", *layout, NO_END_SAVE, init=init, evaluate=False)
-    r, g = by_step(ref), by_step(got)
+def test_fp8_tensor_parallel_matches_single_process_fp8(reference, fp8_references, fp8_tp2, name):
+    ref32 = reference[2]
+    recipe, _ = LAYOUTS[name]
+    r, g = by_step(fp8_references[recipe]), by_step(fp8_tp2[name])
     assert g[1]["loss"] == pytest.approx(r[1]["loss"], **FP8_FIRST)
     assert g[1]["grad_norm"] == pytest.approx(r[1]["grad_norm"], **FP8_FIRST)
     for s in range(2, STEPS + 1):
