@@ -548,18 +548,22 @@ def main(argv=None) -> int:
     layouts = candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu, pinned=pinned,
                                 refusals=refusals)
     if not layouts:
-        near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node, run, gpu, pinned)
-        nearest = f"; nearest global batches with layouts: {' and '.join(map(str, near))}" if near else ""
+        def nearest() -> str:
+            # a search over every layout at each batch up to 4x the asked one (seconds of CPU at 8 GPUs):
+            # only for a refusal that the batch can cure
+            near = nearest_batches(shape, args.gpus, gb, seq, gpu.gpus_per_node, run, gpu, pinned)
+            return f"; nearest global batches with layouts: {' and '.join(map(str, near))}" if near else ""
+
         if refusals and not candidate_layouts(shape, args.gpus, gb, seq, gpu.gpus_per_node, run=run, gpu=gpu):
             refusals = []  # no layout at all: the pins are not why
         if refusals:
             print(f"polar plan: no layout of {args.gpus} GPUs with {given}: {refusals[0]}"
-                  + (nearest if "global_batch" in refusals[0] or "micro-batches" in refusals[0] else ""),
+                  + (nearest() if "global_batch" in refusals[0] or "micro-batches" in refusals[0] else ""),
                   file=sys.stderr)
             return 2
         print(f"polar plan: no layout of {args.gpus} GPUs divides the model and train.global_batch={gb} "
               f"(heads {shape.num_attention_heads}, KV groups {shape.num_query_groups}, layers {shape.num_layers}; "
-              "the data-parallel size must divide the global batch)" + nearest, file=sys.stderr)
+              "the data-parallel size must divide the global batch)" + nearest(), file=sys.stderr)
         return 2
     copies = fp8_copy_bytes(run.train.fp8, cfg.model.transformer_impl)
     inputs = fp8_keeps_inputs(run.train.fp8, cfg.model.transformer_impl)
