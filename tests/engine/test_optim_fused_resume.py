@@ -10,8 +10,8 @@ moment exceeds by far (step 4's loss moves by percents), not bit equality.
 Three ways the state comes back, each checked once: megatron's optimizer without distribution (here),
 the distributed optimizer's default fully_reshardable state (the TP2 save resumed at TP1) and its
 dp_reshardable one at DP2 (the DP2 save resumed at DP2 and DP1), the last two inside the runs of
-tests/engine/test_parallel_resume.py, which save with foreach_run and check the resumes with
-assert_kernel."""
+tests/engine/test_parallel_resume.py, which save with foreach AdamW (tests/engine/runs_worker.py's
+worker "adam", ADAM_KERNEL=foreach) and check the resumes with assert_kernel."""
 from __future__ import annotations
 
 import shutil

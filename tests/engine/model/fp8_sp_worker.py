@@ -13,9 +13,9 @@ Each rank writes {recipe: {linear: row}} to OUT.rank<r>.json.
 
 With --layers instead: the bytes one transformer layer keeps for its backward (the backbone's forward
 with 2 layers less that with 1, each within weight_cache(), parameters and weight copies left out),
-per recipe, with and without sequence parallelism: {"sp" | "no_sp": {recipe: bytes}} (tests/polar/
-test_plan.py prices the same layer); --recompute sets train.recompute, a comma-separated list of them gives
-{recompute: that dict} (tests/polar/test_plan_fp8_recompute.py). The attention backend is auto (blocks on CPU),
+per recipe, with and without sequence parallelism: {"sp" | "no_sp": {recipe: bytes}}; --recompute sets
+train.recompute, a comma-separated list of them gives {recompute: that dict} (tests/polar/
+test_plan_fp8_recompute.py, where polar plan prices the same layer). The attention backend is auto (blocks on CPU),
 which takes torch's dense path at SEQ tokens (engine/model/shared_prefix_attention.py, DENSE_BELOW).
 """
 from __future__ import annotations
