@@ -131,7 +131,8 @@ def next_layout(fresh: dict) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    dist.barrier()  # as shutdown_runtime: no rank tears down groups another rank still uses
+    if dist.is_initialized():  # as shutdown_runtime: no rank tears down groups another rank still uses
+        dist.barrier()
     parallel_state.destroy_model_parallel()
     gc.collect()  # the last run's model, optimizer and gradient buffers
     for name in set(parallel_state_globals()) - set(fresh):

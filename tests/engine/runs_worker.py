@@ -110,31 +110,12 @@ def _one(entry: dict, rank: int) -> None:
 _BEFORE_ANY_RUN: dict = {}  # megatron's parallel-state variables as the process started, set by main
 
 
-def _parallel_state() -> dict:
-    """megatron's parallel-state module variables (groups, rank lists, sizes, buffers), its containers
-    copied."""
-    from megatron.core import parallel_state
-
-    return {name: type(v)(v) if isinstance(v, (list, dict, set)) else v for name, v in vars(parallel_state).items()
-            if name.startswith("_") and not name.startswith("__") and not callable(v) and not hasattr(v, "__file__")}
-
-
 def _between_runs() -> None:
     """shutdown_runtime for every run but the last: megatron's parallel state goes, the process group
-    stays. destroy_model_parallel leaves some of megatron's variables behind (rank lists, which
-    initialize_model_parallel sets only on the ranks of such a group): each is put back to its value
-    before the first run, so that the next run sets up its layout from nothing, as a process of its
-    own does."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
+    stays, and the state is put back to what it was before the first run (dist_worker.next_layout)."""
+    from tests.engine.dist_worker import next_layout
 
-    if dist.is_initialized():
-        dist.barrier()
-    parallel_state.destroy_model_parallel()
-    for name in set(_parallel_state()) - set(_BEFORE_ANY_RUN):
-        delattr(parallel_state, name)
-    for name, value in _BEFORE_ANY_RUN.items():
-        setattr(parallel_state, name, type(value)(value) if isinstance(value, (list, dict, set)) else value)
+    next_layout(_BEFORE_ANY_RUN)
 
 
 def main():
@@ -146,7 +127,9 @@ def main():
 
     import engine.runtime
 
-    _BEFORE_ANY_RUN.update(_parallel_state())
+    from tests.engine.dist_worker import parallel_state_globals
+
+    _BEFORE_ANY_RUN.update(parallel_state_globals())
     shutdown = engine.runtime.shutdown_runtime
     engine.runtime.shutdown_runtime = _between_runs  # the workers call it at the end of their run
     rank = int(os.environ.get("RANK", "0"))
