@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.engine.score_runs import in_one_process
+
 ROOT = Path(__file__).parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 SHORT = {"prompt": "p", "reference": "r", "output": "o"}
@@ -60,19 +62,75 @@ def _complete_rows(path: Path) -> int:
 # the killed run: 30 chunks (a kill after the second finds it far from its end), each chunk's rows in one write
 KILL_LINES, KILL_CHUNK = 120, 4
 
+# the inputs the runs of `first_runs` stop on: a short line, another, one too long for --seq-length 256, the first
+STOPPING = [SHORT, dict(SHORT, output="oo"), dict(SHORT, output="y" * 400), SHORT]
+# an input edited after a row was written: the first line, then one too long, later fixed
+EDITED = [SHORT, dict(SHORT, output="y" * 400)]
 
-def test_a_killed_run_continues_where_it_ended_with_the_bytes_of_a_run_never_stopped(tmp_path, checkpoint):
+# polar score with its input changed right after the check of every line (as by a producer still
+# writing the file; tests/engine/score_runs.py, changed): (id, the change run on the checked file's
+# `path`, the exit status, the rows written or the message's file:line tail)
+CHANGES = [
+    # lines appended after the check are not scored: the output has the lines checked
+    ("appended", """open(path, "a").write('{"prompt": "p", "reference": "r", "output": "late"}\\n')""", 0, [1, 2]),
+    # a checked line rewritten as a bad one: a message naming it, not a traceback
+    ("rewritten", """open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\nnot json\\n')""",
+     2, "2: (line): not valid JSON"),
+    # a file cut short: OUTPUT was written with one row for the two lines checked, and no word said
+    ("truncated", """open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\n')""", 2,
+     "2: the input changed after it was checked (its non-blank lines are not the ones checked)"),
+]
+
+
+def _written(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_runs(tmp_path_factory, checkpoint) -> dict:
+    """The runs at --nproc 1 that need nothing done before them, one after another in one process
+    (tests/engine/score_runs.py), each in a folder of its own (the name's): the killed run's
+    uninterrupted reference ("whole"); MIXED at DP 1 with its forwards watched (score_runs.watched), the next
+    chunk prepared ahead ("ahead1") and with --no-prefetch ("serial1"); STOPPING and EDITED each
+    stopped by a line too long where its chunk comes ("stopping", "edited": the check before the
+    model loads left out); and each of CHANGES ("changed-ID"). {name: (the folder, the run's
+    CompletedProcess)}; a test that goes on from a run's files works in its folder."""
+    tmp = tmp_path_factory.mktemp("score_first_runs")
+    kill_inp = _written(tmp / "whole" / "in.jsonl", _lines(KILL_LINES))
+    mixed_inp = tmp / "in_mixed.jsonl"
+    mixed_inp.write_text("\n".join(MIXED) + "\n")
+    runs = {"whole": (_cmd(checkpoint, kill_inp, kill_inp.parent / "whole.jsonl", "--chunk-lines", str(KILL_CHUNK)),
+                      None)}
+    for name, extra in (("ahead", []), ("serial", ["--no-prefetch"])):
+        runs[f"{name}1"] = (_cmd(checkpoint, mixed_inp, tmp / f"{name}1" / f"{name}1.jsonl", *MIXED_ARGS, *extra),
+                            ["watched", str(tmp / f"{name}1" / "watched.log"), MIXED_FORWARDS])
+    for name, lines in (("stopping", STOPPING), ("edited", EDITED)):
+        inp = _written(tmp / name / "in.jsonl", lines)
+        runs[name] = (_cmd(checkpoint, inp, inp.parent / "out.jsonl", "--chunk-lines", "1", "--seq-length", "256"),
+                      ["unchecked"])
+    for name, change, _, _ in CHANGES:
+        inp = _written(tmp / f"changed-{name}" / "in.jsonl", [SHORT, dict(SHORT, output="oo")])
+        runs[f"changed-{name}"] = (_cmd(checkpoint, inp, inp.parent / "out.jsonl", "--chunk-lines", "1"),
+                                   ["changed", change])
+    for name in runs:
+        (tmp / name).mkdir(exist_ok=True)
+    done = in_one_process(tmp, [{"argv": cmd[3:], "cwd": tmp / name, "patch": patch}
+                                for name, (cmd, patch) in runs.items()], ENV)
+    return {name: (tmp / name, proc) for name, proc in zip(runs, done)}
+
+
+def test_a_killed_run_continues_where_it_ended_with_the_bytes_of_a_run_never_stopped(checkpoint, first_runs):
     """SIGKILL (nothing of the run's own handling takes part) after some chunks, a torn row appended:
     the rerun cuts the torn row and continues after the last whole chunk, so its chunks, and so their
     best-fit rows (CheckpointScorer.pack), are the stopped run's and the output is byte for byte that
     of a run never stopped. (That the rewards do not depend on the chunking is
     tests/engine/test_score_packing.py's one chunk against --chunk-lines 1.)"""
-    inp = tmp_path / "in.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in _lines(KILL_LINES)))
-    whole = _run(_cmd(checkpoint, inp, tmp_path / "whole.jsonl", "--chunk-lines", str(KILL_CHUNK)), tmp_path)
+    tmp_path, whole = first_runs["whole"]  # the folder of the input, and the run never stopped
     assert whole.returncode == 0, whole.stderr[-3000:]
 
-    out = tmp_path / "out.jsonl"
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     partial, record = Path(f"{out}.partial"), Path(f"{out}.partial.json")
     cmd = _cmd(checkpoint, inp, out, "--chunk-lines", str(KILL_CHUNK))
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -85,16 +143,17 @@ def test_a_killed_run_continues_where_it_ended_with_the_bytes_of_a_run_never_sto
     assert not out.exists() and record.exists()  # OUTPUT appears only whole
     kept = _complete_rows(partial)
     assert 2 * KILL_CHUNK <= kept < KILL_LINES and kept % KILL_CHUNK == 0, kept  # a chunk: one write
+    kept_bytes = partial.stat().st_size
     with open(partial, "ab") as f:  # a stop mid-write leaves a torn row
         f.write(b'{"line": 999, "rewa')
 
-    # other settings would mix other rewards into the partial output: refused, the partial kept
-    refused = _run(cmd + ["--max-response-length", "8"], tmp_path)
+    # other settings would mix other rewards into the partial output: refused, the partial kept (the
+    # rerun after it, in the same process, finds its rows and its torn row as the kill left them)
+    refused, resumed = in_one_process(tmp_path, [
+        {"argv": cmd[3:] + ["--max-response-length", "8"], "cwd": tmp_path},
+        {"argv": cmd[3:] + ["--progress-s", "0"], "cwd": tmp_path}], ENV)  # not a setting a rerun is checked against
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert f"{partial} was written by a run with other settings (max_response_length: 4096 -> 8)" in refused.stderr
-    assert _complete_rows(partial) == kept
-
-    resumed = _run(cmd + ["--progress-s", "0"], tmp_path)  # not a setting a rerun is checked against
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     # counted from where it resumed: the first progress line is within the first chunk it scores
     progress = re.findall(r"scoring: (\d+)/([\d,]+) lines \| ", resumed.stdout)
@@ -102,34 +161,14 @@ def test_a_killed_run_continues_where_it_ended_with_the_bytes_of_a_run_never_sto
     assert int(progress[0][0]) <= KILL_CHUNK, progress
     assert f"resuming: {kept:,} of {KILL_LINES} lines are already scored in {partial}" in resumed.stdout, \
         resumed.stdout
-    assert "its last row (19 bytes at byte" in resumed.stderr and "is incomplete" in resumed.stderr
+    assert f"its last row (19 bytes at byte {kept_bytes}) is incomplete" in resumed.stderr, resumed.stderr[-3000:]
     assert f"after the {kept:,} a stopped run had scored" in resumed.stdout
     assert not partial.exists() and not record.exists()
     assert [r["line"] for r in _rows(out)] == list(range(1, KILL_LINES + 1))
     assert out.read_bytes() == (tmp_path / "whole.jsonl").read_bytes()
 
 
-# polar score without its check of every line against --seq-length before the model loads
-# (polar.score_length_check.first_too_long): a line too long is then found where its chunk is scored,
-# the backstop for a line that check did not find
-UNCHECKED = """
-import sys
-
-import engine.score
-import polar.score_length_check
-
-polar.score_length_check.first_too_long = lambda *args: None
-sys.exit(engine.score.main(sys.argv[1:]))
-"""
-
-
-def _unchecked(tmp_path: Path, cmd: list) -> subprocess.CompletedProcess:
-    script = tmp_path / "unchecked.py"
-    script.write_text(UNCHECKED)
-    return _run([sys.executable, str(script), *cmd[4:]], tmp_path)
-
-
-def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_path, checkpoint):
+def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(checkpoint, first_runs):
     """Under --on-error fail a line too long for the packed sequence stops the run before the model
     loads, no row written (tests/engine/test_score_split.py, the line whose one output passes the
     sequence length); where that check did not find it, where its chunk comes, the chunks before it
@@ -138,12 +177,11 @@ def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_pa
     reward) continues after the whole rows."""
     import fcntl
 
+    # STOPPING without the check before the load: the line too long is found where its chunk comes
+    tmp_path, stopped = first_runs["stopping"]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
-    lines = [SHORT, dict(SHORT, output="oo"), dict(SHORT, output="y" * 400), SHORT]
-    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
     cmd = _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256")
-    stopped = _unchecked(tmp_path, cmd)
     assert stopped.returncode == 2, stopped.stderr[-3000:]
     assert ("in.jsonl:3: an output takes" in stopped.stderr
             and f"the 2 lines before it are kept in {out}.partial, and a rerun continues after them"
@@ -170,8 +208,8 @@ def test_a_line_past_the_bound_after_some_chunks_keeps_them_for_the_rerun(tmp_pa
 
 
 # polar score run four times in one process (polar.cli at --nproc 1 runs engine.score in the caller's
-# process): stopped by a SIGTERM before its first row, by a line too long where its chunk comes
-# (UNCHECKED), by the check that finds it before the model loads, then run with --on-error skip
+# process): stopped by a SIGTERM before its first row, by a line too long where its chunk comes (its
+# check before the model loads left out), by that check, then run with --on-error skip
 IN_ONE_PROCESS = """
 import os
 import signal
@@ -232,11 +270,11 @@ def test_an_output_that_would_replace_the_input_is_refused(tmp_path, checkpoint,
     assert json.loads(inp.read_text()) == SHORT
 
 
-def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
+def test_an_edited_input_is_not_continued(checkpoint, first_runs):
+    # a row written before the run stops (EDITED, the check before the load left out): what a rerun on
+    # the edited input would mix with its own
+    tmp_path, stopped = first_runs["edited"]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="y" * 400)) + "\n")
-    # a row written before the run stops: what a rerun on the edited input would mix with its own
-    stopped = _unchecked(tmp_path, _cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"))
     assert stopped.returncode == 2 and _complete_rows(Path(f"{out}.partial")) == 1, stopped.stderr[-3000:]
     inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="fixed")) + "\n")
     again = _run(_cmd(checkpoint, inp, out, "--chunk-lines", "1", "--seq-length", "256"), tmp_path)
@@ -245,43 +283,12 @@ def test_an_edited_input_is_not_continued(tmp_path, checkpoint):
     assert f"delete {out}.partial and {out}.partial.json to score from the first line" in again.stderr
 
 
-# polar score with its input changed right after the check of every line (as by a producer still
-# writing the file): `change` runs on the checked file's path
-CHANGED = """
-import sys
-import polar.score_input as si
-from engine.score import main
-
-checked = si.survey_score_input
-
-
-def survey(path, on_error="fail"):
-    found = checked(path, on_error)
-    {change}
-    return found
-
-
-si.survey_score_input = survey
-sys.exit(main(sys.argv[1:]))
-"""
-
-
-@pytest.mark.parametrize("change,code,rows", [
-    # lines appended after the check are not scored: the output has the lines checked
-    ("""open(path, "a").write('{"prompt": "p", "reference": "r", "output": "late"}\\n')""", 0, [1, 2]),
-    # a checked line rewritten as a bad one: a message naming it, not a traceback
-    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\nnot json\\n')""", 2,
-     "2: (line): not valid JSON"),
-    # a file cut short: OUTPUT was written with one row for the two lines checked, and no word said
-    ("""open(path, "w").write('{"prompt": "p", "reference": "r", "output": "o"}\\n')""", 2,
-     "2: the input changed after it was checked (its non-blank lines are not the ones checked)"),
-], ids=["appended", "rewritten", "truncated"])
-def test_an_input_changed_after_its_check(tmp_path, checkpoint, change, code, rows):
+@pytest.mark.parametrize("name,code,rows", [(name, code, rows) for name, _, code, rows in CHANGES],
+                         ids=[name for name, *_ in CHANGES])
+def test_an_input_changed_after_its_check(first_runs, name, code, rows):
+    """Two lines, the input changed as CHANGES says right after the check of every line."""
+    tmp_path, proc = first_runs[f"changed-{name}"]
     inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    inp.write_text(json.dumps(SHORT) + "\n" + json.dumps(dict(SHORT, output="oo")) + "\n")
-    script = tmp_path / "changed.py"
-    script.write_text(CHANGED.format(change=change))
-    proc = _run([sys.executable, str(script), *_cmd(checkpoint, inp, out, "--chunk-lines", "1")[4:]], tmp_path)
     assert proc.returncode == code, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     if isinstance(rows, list):
@@ -300,30 +307,29 @@ MIXED[4:4] = ["not json", json.dumps(dict(SHORT, output="y" * 400)), json.dumps(
 MIXED.append(json.dumps(SHORT))
 MIXED.append(json.dumps({"prompt": "p", "reference": "r", "chosen": "good", "rejected": "bad"}))
 MIXED_CHUNK, MIXED_FORWARDS = 3, 5
+MIXED_ARGS = ("--chunk-lines", str(MIXED_CHUNK), "--seq-length", "256", "--on-error", "skip")
 
 
 @pytest.fixture(scope="module")
-def mixed(tmp_path_factory, checkpoint) -> dict:
+def mixed(tmp_path_factory, checkpoint, first_runs) -> dict:
     """MIXED scored at DP 1 and 2 (--seq-length 256, --on-error skip), each with the next chunk
     prepared ahead (the default) and with --no-prefetch: {(nproc, "ahead" or "serial"): the run's
-    stdout, output bytes and, at DP 1, what its watched forwards saw (WATCHED)}. One set of runs
-    for the tests below, each reading its own property off them."""
+    stdout, output bytes and, at DP 1, what its watched forwards saw (tests/engine/score_runs.py,
+    watched)}. One set of runs for the tests below, each reading its own property off them; DP 1's
+    are among first_runs, DP 2's `polar score --nproc 2`."""
     tmp = tmp_path_factory.mktemp("score_mixed")
-    inp, script = tmp / "in.jsonl", tmp / "watched.py"
+    inp = tmp / "in.jsonl"
     inp.write_text("\n".join(MIXED) + "\n")
-    script.write_text(WATCHED)
     runs = {}
-    for nproc in (1, 2):
-        for name, extra in (("ahead", []), ("serial", ["--no-prefetch"])):
-            out, log = tmp / f"{name}{nproc}.jsonl", tmp / f"{name}{nproc}.log"
-            cmd = _cmd(checkpoint, inp, out, "--chunk-lines", str(MIXED_CHUNK), "--seq-length", "256", "--on-error",
-                       "skip", "--nproc", str(nproc), *extra)
-            if nproc == 1:  # engine.score in a process of its own, as `polar score` runs it at --nproc 1
-                cmd = [sys.executable, str(script), str(log), str(MIXED_FORWARDS), *cmd[4:]]
-            proc = _run(cmd, tmp)
-            assert proc.returncode == 0, proc.stderr[-3000:]
-            runs[nproc, name] = {"stdout": proc.stdout, "bytes": out.read_bytes(),
-                                 "watched": log.read_text().split() if nproc == 1 else None}
+    for name, extra in (("ahead", []), ("serial", ["--no-prefetch"])):
+        folder, proc = first_runs[f"{name}1"]
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[1, name] = {"stdout": proc.stdout, "bytes": (folder / f"{name}1.jsonl").read_bytes(),
+                         "watched": (folder / "watched.log").read_text().split()}
+        out = tmp / f"{name}2.jsonl"
+        proc = _run(_cmd(checkpoint, inp, out, *MIXED_ARGS, "--nproc", "2", *extra), tmp)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[2, name] = {"stdout": proc.stdout, "bytes": out.read_bytes(), "watched": None}
     return runs
 
 
@@ -373,45 +379,3 @@ def test_the_next_chunk_is_prepared_while_the_model_scores_this_one(mixed):
     last = MIXED_FORWARDS - 1
     assert mixed[1, "ahead"]["watched"] == ["overlapped"] * last + ["last"], mixed[1, "ahead"]["watched"]
     assert mixed[1, "serial"]["watched"] == ["not-overlapped"] * last + ["last"], mixed[1, "serial"]["watched"]
-
-
-# polar score with its forward watched: does the next chunk's tokenization start while it runs? (argv:
-# the log, the chunks the run scores, polar score's arguments)
-WATCHED = """
-import sys
-import threading
-
-import engine.scoring
-from engine.score import CheckpointScorer, main
-
-log, chunks, threads, changed = open(sys.argv[1], "w"), int(sys.argv[2]), [], threading.Condition()
-groups, forward = CheckpointScorer.groups, engine.scoring.score
-forwards = 0
-
-
-def watched_groups(self, *a, **k):
-    with changed:
-        threads.append(threading.current_thread() is threading.main_thread())
-        changed.notify_all()
-    return groups(self, *a, **k)
-
-
-def watched_forward(*a, **k):
-    global forwards
-    out = forward(*a, **k)
-    forwards += 1
-    if forwards == chunks:  # no chunk after this one
-        log.write("last\\n")
-    elif all(threads):  # every chunk tokenized in the main thread, which is here: nothing overlaps
-        log.write("not-overlapped\\n")
-    else:
-        with changed:
-            ahead = changed.wait_for(lambda: len(threads) > forwards, timeout=30)
-        log.write("overlapped\\n" if ahead else "not-overlapped\\n")
-    log.flush()
-    return out
-
-
-CheckpointScorer.groups, engine.scoring.score = watched_groups, watched_forward
-sys.exit(main(sys.argv[3:]))
-"""

@@ -22,7 +22,9 @@ from tests.engine import test_score_chunks
 ROOT = Path(__file__).parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
 LINES, CHUNK = 300, 10  # a signal after the first chunk finds the run far from its end
-checkpoint = test_score_chunks.checkpoint  # the fixture: the tiny model's checkpoint, made once here
+# the fixture of the tiny model's checkpoint alone, for tests/polar/test_slurm_sigterm.py (this module's
+# tests take theirs from `made`)
+checkpoint = test_score_chunks.checkpoint
 LINE = re.compile(r"interrupted by (SIG\w+): (\d+) of ([\d,]+) lines are kept in (\S+); the same command continues")
 
 
@@ -94,27 +96,49 @@ def _said(out: str, sig: str, partial: Path) -> int:
     return int(kept)
 
 
+# the tiny model's checkpoint made (tests/polar/serve/make_checkpoint.py), then `polar score` at --nproc 1
+# in the same process, which runs it in its own (argv: the run folder, polar's arguments)
+MADE = """
+import sys
+
+from polar.cli import main
+from tests.polar.serve.make_checkpoint import main as make
+
+make(sys.argv[1])
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 @pytest.fixture(scope="module")
-def whole_outputs(tmp_path_factory, checkpoint, items) -> dict:
+def made(tmp_path_factory, items) -> tuple:
+    """The tiny model's checkpoint and an uninterrupted --nproc 1 run's output, made in one process
+    (a process spends seconds of CPU before it builds the model or scores a line)."""
+    tmp = tmp_path_factory.mktemp("score_interrupt_made")
+    ckpt, out = str(tmp / "run" / "checkpoints"), tmp / "whole.jsonl"
+    proc = subprocess.run([sys.executable, "-c", MADE, str(tmp / "run"), *_cmd(ckpt, items, out, 1)[3:]], cwd=tmp,
+                          env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return ckpt, out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def whole_outputs(tmp_path_factory, made, items) -> dict:
     """An uninterrupted run's output at each --nproc, for the reruns to match byte for byte."""
-    made = {}
-    for nproc in (1, 2):
-        out = tmp_path_factory.mktemp("score_interrupt_ref") / "whole.jsonl"
-        proc = subprocess.run(_cmd(checkpoint, items, out, nproc), cwd=out.parent, env=ENV, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        made[nproc] = out.read_bytes()
-    return made
+    out = tmp_path_factory.mktemp("score_interrupt_ref") / "whole.jsonl"
+    proc = subprocess.run(_cmd(made[0], items, out, 2), cwd=out.parent, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {1: made[1], 2: out.read_bytes()}
 
 
 def test_an_interrupted_single_process_run_says_what_it_keeps_and_exits_with_the_signals_status(
-        tmp_path, checkpoint, items, whole_outputs):
+        tmp_path, made, items, whole_outputs):
     """Ctrl-C, then SIGTERM to the rerun that continues it: each run says in one line what it keeps
     and exits with its signal's status; the rerun after both continues where the second ended, and
     the output is byte for byte an uninterrupted run's."""
     out = tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
-    cmd = _cmd(checkpoint, items, out, 1)
+    cmd = _cmd(made[0], items, out, 1)
     kept = 0
     for sig in (signal.SIGINT, signal.SIGTERM):
         code, log, _ = _interrupted(cmd, tmp_path, lambda after=kept: _rows(partial) >= after + CHUNK,
@@ -134,12 +158,12 @@ def test_an_interrupted_single_process_run_says_what_it_keeps_and_exits_with_the
 
 
 def test_sigterm_to_polar_reaches_torchrun_whose_workers_keep_their_rows_and_the_rerun_continues(
-        tmp_path, checkpoint, items, whole_outputs):
+        tmp_path, made, items, whole_outputs):
     """`kill PID` of the polar command (a scheduler's stop): polar exited 143 at once, torchrun
     (reparented to PID 1) and both workers scored and wrote the whole output after it."""
     out = tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
-    cmd = _cmd(checkpoint, items, out, 2)
+    cmd = _cmd(made[0], items, out, 2)
     code, log, left = _interrupted(cmd, tmp_path, lambda: _rows(partial) >= CHUNK,
                                    lambda pid: os.kill(pid, signal.SIGTERM))
     assert not left, (left, log[-3000:])
@@ -154,13 +178,13 @@ def test_sigterm_to_polar_reaches_torchrun_whose_workers_keep_their_rows_and_the
     assert out.read_bytes() == whole_outputs[2]
 
 
-def test_ctrl_c_under_torchrun_reaches_every_worker_once(tmp_path, checkpoint, items):
+def test_ctrl_c_under_torchrun_reaches_every_worker_once(tmp_path, made, items):
     """A terminal's Ctrl-C signals the whole foreground process group: polar passes it on to torchrun
     (in a group of its own, so it receives it once), which passes it to each worker; every worker
     stops with its rows whole, one line is said, and polar exits 130."""
     out = tmp_path / "out.jsonl"
     partial = Path(f"{out}.partial")
-    code, log, left = _interrupted(_cmd(checkpoint, items, out, 2), tmp_path, lambda: _rows(partial) >= CHUNK,
+    code, log, left = _interrupted(_cmd(made[0], items, out, 2), tmp_path, lambda: _rows(partial) >= CHUNK,
                                    lambda pid: os.killpg(pid, signal.SIGINT))
     assert not left, (left, log[-3000:])
     assert code == 130, log[-3000:]
@@ -172,12 +196,14 @@ RANKED = {"prompt": "Name a prime.", "category": "small", "responses": ["7", "8"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_an_interrupted_evaluation_says_so_in_one_line(tmp_path, checkpoint, sig):
+def test_an_interrupted_evaluation_says_so_in_one_line(tmp_path, made, sig):
     """polar eval keeps nothing before its end (the accuracy needs every record): one line, the status."""
     inp = tmp_path / "ranked.jsonl"
-    inp.write_text(json.dumps(RANKED) + "\n")
+    # records enough that the evaluation is still running when the signal comes after "loading ": one
+    # record was scored before it on a loaded machine (the run ended 0, the signal too late)
+    inp.write_text((json.dumps(RANKED) + "\n") * 2000)
     code, log, _ = _interrupted(
-        [sys.executable, "-m", "polar.cli", "eval", "--checkpoint", checkpoint, "--input", str(inp), "--tokenizer",
+        [sys.executable, "-m", "polar.cli", "eval", "--checkpoint", made[0], "--input", str(inp), "--tokenizer",
          "byte", "--json", str(tmp_path / "acc.json")], tmp_path,
         lambda: "loading " in (tmp_path / "log.txt").read_text(), lambda pid: os.kill(pid, sig))
     assert code == 128 + sig, log[-3000:]

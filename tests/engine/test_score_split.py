@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.engine.score_runs import in_one_process
+
 ROOT = Path(__file__).parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 LINE = {"prompt": "What is 6*7? Show the steps.", "reference": "6*7 = 42, so the answer is 42.",
@@ -19,36 +21,61 @@ LINE = {"prompt": "What is 6*7? Show the steps.", "reference": "6*7 = 42, so the
         "candidates": [f"The answer is {i}. " + "x" * (i % 7) * 5 for i in range(24)]}
 
 
-def _checkpoint(run_dir: Path, *model_args) -> str:
-    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run_dir), *map(str, model_args)],
-                   cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-    return str(run_dir / "checkpoints")
+# Scoring only reads a checkpoint: the tests share one of each model, both made in one process (a
+# process costs seconds of CPU before it builds the tiny model)
+MADE = """
+import sys
 
+from tests.polar.serve.make_checkpoint import main
 
-# Scoring only reads a checkpoint: the tests share one of each model (a checkpoint costs a process).
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    return _checkpoint(tmp_path_factory.mktemp("score_split") / "run")
-
+main(sys.argv[1])
+main(sys.argv[2], *map(int, sys.argv[3:]))
+"""
 
 # off the 128 grid: a packed length rounded up to 128 (256) passes them
 POSITIONS = 200
 
 
 @pytest.fixture(scope="module")
-def dynamic_checkpoint(tmp_path_factory) -> str:
-    """A dynamic-RoPE model (POLAR-7B's) within POSITIONS positions."""
-    return _checkpoint(tmp_path_factory.mktemp("score_split_dynamic") / "run", 2, 64, 4, 2, 176, 260, POSITIONS)
+def checkpoints(tmp_path_factory) -> tuple[str, str]:
+    """The tiny model, and a dynamic-RoPE model (POLAR-7B's) within POSITIONS positions."""
+    tmp = tmp_path_factory.mktemp("score_split")
+    subprocess.run([sys.executable, "-c", MADE, str(tmp / "run"), str(tmp / "dynamic"),
+                    *map(str, (2, 64, 4, 2, 176, 260, POSITIONS))], cwd=ROOT, env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    return str(tmp / "run" / "checkpoints"), str(tmp / "dynamic" / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(checkpoints) -> str:
+    return checkpoints[0]
+
+
+@pytest.fixture(scope="module")
+def dynamic_checkpoint(checkpoints) -> str:
+    return checkpoints[1]
+
+
+def _argv(tmp: Path, checkpoint: str, lines: list, name: str, *extra) -> list:
+    """`polar score`'s arguments for `lines` (written to NAME.jsonl) and NAME_out.jsonl."""
+    inp = tmp / f"{name}.jsonl"
+    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return ["score", "--checkpoint", checkpoint, "--input", str(inp), "--output", str(tmp / f"{name}_out.jsonl"),
+            "--tokenizer", "byte", *extra]
+
+
+def _with_rows(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    out = Path(proc.args[proc.args.index("--output") + 1])
+    proc.rows = [json.loads(x) for x in out.read_text().splitlines()] if proc.returncode == 0 else None
+    return proc
 
 
 def _score(tmp: Path, checkpoint: str, lines: list, name: str, *extra) -> subprocess.CompletedProcess:
-    inp, out = tmp / f"{name}.jsonl", tmp / f"{name}_out.jsonl"
-    inp.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    proc = subprocess.run([sys.executable, "-m", "polar.cli", "score", "--checkpoint", checkpoint, "--input",
-                           str(inp), "--output", str(out), "--tokenizer", "byte", *extra],
+    """`polar score` in a process of its own."""
+    proc = subprocess.run([sys.executable, "-m", "polar.cli", *_argv(tmp, checkpoint, lines, name, *extra)],
                           cwd=tmp, env=ENV, capture_output=True, text=True, timeout=600)
-    proc.rows = [json.loads(x) for x in out.read_text().splitlines()] if proc.returncode == 0 else None
-    return proc
+    proc.args = proc.args[3:]
+    return _with_rows(proc)
 
 
 def _one_group_tokens() -> tuple[int, int]:
@@ -66,20 +93,44 @@ SHORT = {"prompt": "p", "reference": "r", "output": "o"}
 
 
 @pytest.fixture(scope="module")
-def at_256(tmp_path_factory, checkpoint) -> subprocess.CompletedProcess:
-    """--seq-length 256, --on-error skip: LINE (past 256 together, each output within it), a short
-    line, a line whose one output passes 256, the short line again. One run for the two tests below."""
-    lines = [LINE, SHORT, dict(SHORT, output="y" * 400), SHORT]
-    proc = _score(tmp_path_factory.mktemp("score_split_256"), checkpoint, lines, "at_256", "--seq-length", "256",
-                  "--on-error", "skip")
+def runs(tmp_path_factory, checkpoint, dynamic_checkpoint) -> dict:
+    """The tests' `polar score` runs at --nproc 1, one after another in one process
+    (tests/engine/score_runs.py), each with its own input, output and messages in one folder: {name:
+    the run's CompletedProcess, with .rows its output's rows where it succeeded}."""
+    tmp = tmp_path_factory.mktemp("score_split_runs")
+    too_long = {"prompt": "p", "reference": "r", "output": "y" * 400}
+    made = {
+        # --seq-length 256, --on-error skip: LINE (past 256 together, each output within it), a short
+        # line, a line whose one output passes 256, the short line again
+        "at_256": (checkpoint, [LINE, SHORT, dict(SHORT, output="y" * 400), SHORT], "--seq-length", "256",
+                   "--on-error", "skip"),
+        "one": (checkpoint, [LINE]),  # 16384 positions: the whole line in one group
+        "fail": (checkpoint, [SHORT, too_long, SHORT], "--seq-length", "256"),
+        # the client's truncation at lengths that cut (test_the_summary_counts_what_the_clients_truncation_cut)
+        "cut": (checkpoint, [LINE], "--max-response-length", "24", "--max-length", "60"),
+        "split": (dynamic_checkpoint, [LINE]),
+        # each output on its own line: its reward alone
+        "alone": (dynamic_checkpoint, [{"prompt": LINE["prompt"], "reference": LINE["reference"], "output": c}
+                                       for c in LINE["candidates"]]),
+        "settled": (dynamic_checkpoint, [SHORT, {"prompt": "😀" * 90, "reference": "é" * 90, "output": "y" * 400},
+                                         SHORT]),
+    }
+    done = in_one_process(tmp, [{"argv": _argv(tmp, ckpt, lines, name, *extra), "cwd": tmp}
+                                for name, (ckpt, lines, *extra) in made.items()], ENV)
+    return {name: _with_rows(proc) for name, proc in zip(made, done)}
+
+
+@pytest.fixture(scope="module")
+def at_256(runs) -> subprocess.CompletedProcess:
+    proc = runs["at_256"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
-def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_path, checkpoint, at_256):
+def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(runs, at_256):
     whole, longest = _one_group_tokens()
     assert longest < 256 < whole  # each output fits, the line does not
-    one = _score(tmp_path, checkpoint, [LINE], "one")  # 16384 positions: the whole line in one group
+    one = runs["one"]  # 16384 positions: the whole line in one group
     assert one.returncode == 0, one.stderr[-3000:]
     # nothing is cut at the client's default lengths (the summary says so)
     assert "cut 0 output(s), 0 reference(s) and 0 prompt(s) of 24 item(s)" in one.stdout, one.stdout
@@ -90,20 +141,18 @@ def test_a_line_past_the_sequence_length_is_split_and_scores_as_one_group(tmp_pa
     assert np.ptp(one.rows[0]["rewards"]) > 1e-4  # the outputs' rewards differ: the order is checked
 
 
-def test_a_line_past_the_models_positions_is_scored(tmp_path, dynamic_checkpoint):
+def test_a_line_past_the_models_positions_is_scored(runs):
     """A dynamic-RoPE model (POLAR-7B's) refuses any row past its positions: a line of short
     rollouts longer than them together was refused, while `polar serve` scored it. Its positions off
     the 128 grid, the packed length rounds up to 128 but never past them: a row of 256 was refused
     even when each group in it was shorter."""
     whole, longest = _one_group_tokens()
     assert 128 < longest < POSITIONS < whole
-    ckpt = dynamic_checkpoint
-    split = _score(tmp_path, ckpt, [LINE], "split")
+    split = runs["split"]
     assert split.returncode == 0, split.stderr[-3000:]
     assert f"packed sequences of {POSITIONS} tokens" in split.stdout, split.stdout  # not 256
     # each output on its own line: its reward alone
-    alone = _score(tmp_path, ckpt, [{"prompt": LINE["prompt"], "reference": LINE["reference"], "output": c}
-                                    for c in LINE["candidates"]], "alone")
+    alone = runs["alone"]
     assert alone.returncode == 0, alone.stderr[-3000:]
     np.testing.assert_allclose(split.rows[0]["rewards"], [r["reward"] for r in alone.rows], rtol=0, atol=1e-5)
 
@@ -127,19 +176,18 @@ def test_split_groups_fit_and_cover_every_output_once(max_tokens):
             assert np.array_equal(np.concatenate([group.prefix, c]), ids[m])
 
 
-def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(tmp_path, checkpoint,
-                                                                                        at_256):
+def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_under_skip(runs, at_256):
     """A prefix and one output longer than --seq-length cannot be split to fit: refused by file:line
     (exit 2) before the model loads, no row written, or under --on-error skip an error line while the
     others are scored (it stopped the whole run under skip too)."""
-    lines = [SHORT, {"prompt": "p", "reference": "r", "output": "y" * 400}, SHORT]
-    refused = _score(tmp_path, checkpoint, lines, "fail", "--seq-length", "256")
+    refused = runs["fail"]  # SHORT, a line whose one output passes 256, SHORT
     assert refused.returncode == 2 and "fail.jsonl:2: an output takes" in refused.stderr, refused.stderr[-2000:]
     assert "loading" not in refused.stdout  # found before the model is loaded (minutes at 7B)
     # not a row, not even an empty partial output with its settings record, which a stop before the
     # first row left behind (polar/score_output.py, RowWriter.close)
-    assert not (tmp_path / "fail_out.jsonl.partial").exists()
-    assert not (tmp_path / "fail_out.jsonl.partial.json").exists()
+    out = Path(refused.args[refused.args.index("--output") + 1])
+    assert out.name == "fail_out.jsonl" and not out.exists()
+    assert not Path(f"{out}.partial").exists() and not Path(f"{out}.partial.json").exists()
     skipped = at_256  # the same lines after LINE
     assert [r["line"] for r in skipped.rows] == [1, 2, 3, 4]
     # one output is too long, not the line's outputs together (which would be split and scored)
@@ -149,14 +197,14 @@ def test_a_line_whose_one_output_passes_the_sequence_length_is_an_error_line_und
     assert "1 line(s) longer than --seq-length 256, written as error lines" in skipped.stdout
 
 
-def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint, capsys):
+def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_path, dynamic_checkpoint, runs,
+                                                                           capsys):
     """The client's default lengths (16384, 4096) let an item pass the 200 positions, and a line
     past them stopped the run after the model had loaded: the defaults are now lowered to what the
     positions hold (said at start-up), so every line is scored; a --max-length whose items may pass
     them stops the run before the model is loaded, naming the largest that fits."""
     ckpt = dynamic_checkpoint
-    lines = [SHORT, {"prompt": "😀" * 90, "reference": "é" * 90, "output": "y" * 400}, SHORT]
-    scored = _score(tmp_path, ckpt, lines, "settled")
+    scored = runs["settled"]  # SHORT, a line of 90 emoji, 90 é and 400 y, SHORT
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert "--max-length 185 (not the client's 16384) and --max-response-length 89 (not 4096)" in scored.stdout
     assert [r["line"] for r in scored.rows] == [1, 2, 3] and all("reward" in r for r in scored.rows)
@@ -165,13 +213,14 @@ def test_the_models_positions_settle_the_clients_lengths_before_it_loads(tmp_pat
 
     # in this process (as `polar score` runs at --nproc 1): refused before any process group or model
     given = ["--max-length", "200", "--max-response-length", "80"]
-    assert main(["score", "--checkpoint", ckpt, "--input", str(tmp_path / "settled.jsonl"), "--output",
-                 str(tmp_path / "given.jsonl"), "--tokenizer", "byte", *given]) == 2
+    settled = scored.args[scored.args.index("--input") + 1]
+    assert main(["score", "--checkpoint", ckpt, "--input", settled, "--output", str(tmp_path / "given.jsonl"),
+                 "--tokenizer", "byte", *given]) == 2
     refused = capsys.readouterr()
     assert "the largest --max-length whose items fit is 185" in refused.err and "loading" not in refused.out
     # a response alone: counted on the positions' 185, not the client's 16384 (whose remedies they refuse)
-    assert main(["score", "--checkpoint", ckpt, "--input", str(tmp_path / "settled.jsonl"), "--output",
-                 str(tmp_path / "given.jsonl"), "--tokenizer", "byte", "--max-response-length", "9000"]) == 2
+    assert main(["score", "--checkpoint", ckpt, "--input", settled, "--output", str(tmp_path / "given.jsonl"),
+                 "--tokenizer", "byte", "--max-response-length", "9000"]) == 2
     refused = capsys.readouterr()
     assert "allow --max-length 185 at most" in refused.err and "use --max-response-length <= 89" in refused.err
     assert ">= 18006" not in refused.err and "loading" not in refused.out, refused.err
@@ -222,13 +271,13 @@ def test_score_groups_maps_each_groups_rewards_back_to_its_line_and_outputs():
         scorer.pack([lcp_group(ids([1, 2, 3, 4, 5], [1, 6, 7, 8, 9]))], 8, where=lambda i: f"f.jsonl:{i + 1}")
 
 
-def test_the_summary_counts_what_the_clients_truncation_cut(tmp_path, checkpoint):
+def test_the_summary_counts_what_the_clients_truncation_cut(runs):
     """A reward read from an output cut to its head never saw its end: the summary says how many."""
     # byte ids: BOS + the text's bytes; the reference (31 ids) passes 24, the outputs from 24 ids on
     outputs_cut = sum(len(c.encode()) + 1 > 24 for c in LINE["candidates"])
     assert 0 < outputs_cut < len(LINE["candidates"])
     # the prompt's budget (60 - 4 - 24 - |output ids|) // 2 <= 16 ids: every prompt (29 ids) is cut
-    proc = _score(tmp_path, checkpoint, [LINE], "cut", "--max-response-length", "24", "--max-length", "60")
+    proc = runs["cut"]  # LINE at --max-response-length 24 --max-length 60
     assert proc.returncode == 0, proc.stderr[-3000:]
     n = len(LINE["candidates"])
     assert (f"the client's truncation (--max-length 60, --max-response-length 24) cut {outputs_cut} output(s), "
