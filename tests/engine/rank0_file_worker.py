@@ -1,5 +1,7 @@
 """File steps of a checkpoint that rank 0 alone takes, failing on rank 0 only, under torchrun over
-gloo; writes one JSON per rank (OUT.rankN): the error it raised.
+gloo: the scenarios given, in turn in one launch (starting torchrun's ranks is most of a scenario's
+time), each in a run directory of its own (ROOT/SCENARIO_run) with the OS call it refuses put back
+after it; writes one JSON per scenario and rank (ROOT/SCENARIO.rankN): the error it raised.
 
 `save_listing`: a training step, then a save whose new `.partial` directory rank 0 cannot list
 (megatron lists it on rank 0 alone when the save starts). `latest_marker`, `latest_step`: a
@@ -33,11 +35,13 @@ REFUSED = {"save_listing": (os, "listdir", ".partial"), "latest_marker": (io, "o
            "latest_step": (os, "stat", "trainer_state.json")}
 
 
-def refuse_on_rank0(rank: int, module, name: str, path_end: str) -> None:
-    """From now on, `module.name` raises PermissionError on rank 0 for paths ending in `path_end`."""
+def refuse_on_rank0(rank: int, module, name: str, path_end: str, undo: list) -> None:
+    """From now on (until `undo`'s calls), `module.name` raises PermissionError on rank 0 for paths
+    ending in `path_end`."""
     if rank != 0:
         return
     real = getattr(module, name)
+    undo.append(lambda: setattr(module, name, real))
 
     def refused(path, *args, **kwargs):
         if not isinstance(path, int) and os.fsdecode(path).endswith(path_end):
@@ -47,7 +51,7 @@ def refuse_on_rank0(rank: int, module, name: str, path_end: str) -> None:
     setattr(module, name, refused)
 
 
-def save_listing(cfg, rt) -> str:
+def save_listing(cfg, rt, undo: list) -> str:
     from engine.data import PackedGroups
     from engine.trainer import Trainer
 
@@ -55,13 +59,13 @@ def save_listing(cfg, rt) -> str:
     trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
     trainer.train_step()
     trainer.step = 1
-    refuse_on_rank0(rt.rank, *REFUSED["save_listing"])
+    refuse_on_rank0(rt.rank, *REFUSED["save_listing"], undo)
     trainer.save()
     trainer.finish_saves()
     return "saved"
 
 
-def latest_read(cfg, rank: int, scenario: str) -> str:
+def latest_read(cfg, rank: int, scenario: str, undo: list) -> str:
     import torch.distributed as dist
 
     from engine import checkpoint
@@ -74,30 +78,37 @@ def latest_read(cfg, rank: int, scenario: str) -> str:
         (root / checkpoint.LATEST).write_bytes(marker)
     dist.barrier()
     if scenario in REFUSED:
-        refuse_on_rank0(rank, *REFUSED[scenario])
+        refuse_on_rank0(rank, *REFUSED[scenario], undo)
     return checkpoint.latest_agreed(str(root))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--root", required=True)
     ap.add_argument("--scenario", choices=("save_listing", "latest_marker", "latest_step", "latest_undecodable"),
-                    required=True)
+                    required=True, nargs="+")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    cfg = load_config(EngineConfig, None, [*SMALL, "train.steps=1", "checkpoint.resume=false", *args.overrides])
+    base = [*SMALL, "train.steps=1", "checkpoint.resume=false", *args.overrides]
 
     from engine import checkpoint
     from engine.runtime import init_runtime, shutdown_runtime
 
-    rt = init_runtime(cfg.parallel, cfg.train.seed)
-    try:
-        found = save_listing(cfg, rt) if args.scenario == "save_listing" else latest_read(cfg, rt.rank, args.scenario)
-        result = {"found": found, "error": ""}
-    except (checkpoint.CheckpointError, checkpoint.CheckpointWriteError) as e:
-        result = {"error": f"{type(e).__name__}: {e}"}
-    with open(f"{args.out}.rank{rt.rank}", "w") as f:
-        json.dump(result, f)
+    first = load_config(EngineConfig, None, base)
+    rt = init_runtime(first.parallel, first.train.seed)
+    root = Path(args.root)
+    for scenario in args.scenario:
+        cfg = load_config(EngineConfig, None, [*base, f"run_dir={root / (scenario + '_run')}"])
+        undo: list = []
+        try:
+            found = save_listing(cfg, rt, undo) if scenario == "save_listing" else latest_read(cfg, rt.rank,
+                                                                                            scenario, undo)
+            result = {"found": found, "error": ""}
+        except (checkpoint.CheckpointError, checkpoint.CheckpointWriteError) as e:
+            result = {"error": f"{type(e).__name__}: {e}"}
+        for put_back in undo:
+            put_back()
+        (root / f"{scenario}.rank{rt.rank}").write_text(json.dumps(result))
     shutdown_runtime()
 
 

@@ -2,8 +2,8 @@
 with the same one-line error naming the path and the file system's error, instead of rank 0 raising
 alone while the others wait for it in a collective.
 
-Runs tests/engine/rank0_file_worker.py under torchrun over gloo (2 ranks); a rank left waiting is
-found by the timeout, which fails the test.
+Runs tests/engine/rank0_file_worker.py under torchrun over gloo (2 ranks), every scenario in turn in
+one launch (module fixture); a rank left waiting is found by the timeout, which fails the tests.
 """
 from __future__ import annotations
 
@@ -11,10 +11,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine.torchrun_scenario import run_scenario
+from tests.engine import torchrun_scenario
 
 WORKER = Path(__file__).with_name("rank0_file_worker.py")
 TIMEOUT = 240
+# the save last: its trainer is the only thing a scenario leaves behind
+SCENARIOS = ("latest_marker", "latest_step", "latest_undecodable", "save_listing")
+
+
+@pytest.fixture(scope="module")
+def launch(tmp_path_factory):
+    """-> (the launch's folder, {scenario: each rank's result})."""
+    tmp = tmp_path_factory.mktemp("rank0")
+    log = tmp / "launch.log"
+    proc = torchrun_scenario.start(WORKER, ["--root", str(tmp), "--scenario", *SCENARIOS], 2, log)
+    torchrun_scenario.wait(proc, log, TIMEOUT, "rank0 scenarios")
+    return tmp, {s: torchrun_scenario.finish(proc, log, [tmp / f"{s}.rank{r}" for r in range(2)]) for s in SCENARIOS}
 
 
 def _one_error(ranks: list) -> str:
@@ -23,11 +35,11 @@ def _one_error(ranks: list) -> str:
     return ranks[0]["error"]
 
 
-def test_a_save_whose_directory_rank_0_cannot_list_stops_every_rank(tmp_path):
+def test_a_save_whose_directory_rank_0_cannot_list_stops_every_rank(launch):
     """megatron lists the new `.partial` directory on rank 0 alone when a save starts (before any
     write): refused there, rank 0 raised alone and rank 1 went on into the save's collectives."""
-    ranks = run_scenario(WORKER, tmp_path, "save_listing", 2, timeout=TIMEOUT)
-    partial = tmp_path / "save_listing_run" / "checkpoints" / "step_00000001.partial"
+    tmp, ranks = launch[0], launch[1]["save_listing"]
+    partial = tmp / "save_listing_run" / "checkpoints" / "step_00000001.partial"
     assert _one_error(ranks) == (
         f"CheckpointWriteError: writing the checkpoint {partial} failed (PermissionError: [Errno 13] Permission "
         f"denied: '{partial}'); no complete checkpoint was written yet. Free space or make {partial.parent} "
@@ -36,21 +48,21 @@ def test_a_save_whose_directory_rank_0_cannot_list_stops_every_rank(tmp_path):
 
 @pytest.mark.parametrize("scenario, refused", [("latest_marker", "latest"),
                                                ("latest_step", "step_00000002/trainer_state.json")])
-def test_a_resume_whose_checkpoint_rank_0_cannot_read_stops_every_rank(tmp_path, scenario, refused):
+def test_a_resume_whose_checkpoint_rank_0_cannot_read_stops_every_rank(launch, scenario, refused):
     """A resume asks rank 0 for the newest checkpoint (the others take its answer): rank 0 refused
     the `latest` marker, or the state file of the step it names. Rank 0 raised PermissionError alone
     and rank 1 waited for its answer."""
-    ranks = run_scenario(WORKER, tmp_path, scenario, 2, timeout=TIMEOUT)
-    root = tmp_path / f"{scenario}_run" / "checkpoints"
+    ranks = launch[1][scenario]
+    root = launch[0] / f"{scenario}_run" / "checkpoints"
     assert _one_error(ranks) == (
         f"CheckpointError: {root}: rank 0 could not find the newest checkpoint to resume from (PermissionError: "
         f"[Errno 13] Permission denied: '{root / refused}'); make the checkpoint directory and its files "
         f"readable by the run, then run it again")
 
 
-def test_a_latest_marker_that_is_not_text_resumes_from_the_newest_step_on_every_rank(tmp_path):
+def test_a_latest_marker_that_is_not_text_resumes_from_the_newest_step_on_every_rank(launch):
     """A `latest` that does not decode names no step, as one holding another name does: the newest
     complete step is found by its name instead. Rank 0 raised UnicodeDecodeError alone."""
-    ranks = run_scenario(WORKER, tmp_path, "latest_undecodable", 2, timeout=TIMEOUT)
-    newest = str(tmp_path / "latest_undecodable_run" / "checkpoints" / "step_00000002")
+    ranks = launch[1]["latest_undecodable"]
+    newest = str(launch[0] / "latest_undecodable_run" / "checkpoints" / "step_00000002")
     assert ranks == [{"found": newest, "error": ""}] * 2, ranks
