@@ -55,8 +55,10 @@ def run_recipe(run_dir: str | Path, *extra: str, nproc: int = 1, timeout: float 
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ)
     env.pop("TRITON_INTERPRET", None)
-    if nproc > 1:
-        env.setdefault("OMP_NUM_THREADS", "1")  # one thread per rank on a small machine
+    # one thread per process: the values are the same bit for bit at any thread count (the golden file's
+    # tolerance_why), and a second thread cost the default recipe's run a third more CPU time (33 s against
+    # 25 s on 2 cores) for a tenth off its wall time, which two pytest workers on 2 cores do not have
+    env.setdefault("OMP_NUM_THREADS", "1")
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited with {proc.returncode}:\n"
