@@ -1,4 +1,8 @@
-"""engine/pretrain.py stops at start-up with one clear message naming the bad setting."""
+"""engine/pretrain.py stops at start-up with one clear message naming the bad setting.
+
+Starting python, torch and megatron is most of a tiny run's time: the runs that need no process of their
+own share one (the module's `launched`, tests/engine/entry_runs.py); a torchrun launch, a restart and a
+program name as typed keep theirs."""
 from __future__ import annotations
 
 import json
@@ -10,12 +14,13 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError
+from tests.engine import entry_runs
 
 ROOT = Path(__file__).parents[2]
 SMALL = ["synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50"]
 
 
-def run(*args, nproc=1, tmp_path=None):
+def run(*args, nproc=1, tmp_path=None):  # a run in a process of its own
     cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path}", *SMALL, *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
@@ -23,17 +28,73 @@ def run(*args, nproc=1, tmp_path=None):
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
 
 
-@pytest.mark.parametrize("args,nproc,needle", [
+BAD_INPUT = [
     (["train.bogus=1"], 1, "unknown setting 'train.bogus'"),
     (["parallel.tp=3"], 1, "world size 1 is not divisible"),
     (["parallel.tp=2"], 2, "parallel.tp=2 does not divide model.num_query_groups=1"),
     (["data.seq_length=64"], 1, "data.seq_length"),
     (["model.vocab_size=100"], 1, "model.vocab_size=100"),
-])
-def test_bad_input_stops_with_one_message(tmp_path, args, nproc, needle):
+]
+# the restart test's runs: a new run (checkpoint.resume=false) of a job that a restart names again
+RESTART_ARGS = ["checkpoint.resume=false", "train.steps=2", "train.global_batch=2", "checkpoint.save_interval=1",
+                "train.eval_interval=0"]
+JOB = {"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "4242"}  # the SLURM script names the rendezvous so
+NOT_RESTARTED = {"TORCHELASTIC_RESTART_COUNT": None, "SLURM_RESTART_COUNT": None}
+
+
+def main_with_a_full_disk(argv) -> int:
+    """engine/pretrain.py's main with every checkpoint write failing as on a full disk."""
+    import errno
+
+    from megatron.core import dist_checkpointing
+
+    from engine.pretrain import main
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    real, dist_checkpointing.save = dist_checkpointing.save, full
+    try:
+        return main(argv)
+    finally:
+        dist_checkpointing.save = real
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory):
+    """The module's runs that need no process of their own, one after the other in one: {name: (its
+    run directory, its CompletedProcess)}. Each runs in its own directory, its run_dir unless given."""
+    tmp = tmp_path_factory.mktemp("pretrain_cli")
+    runs = []
+
+    def add(name, *args, entry="engine.pretrain", env=None):
+        (tmp / name).mkdir()
+        runs.append(entry_runs.run(name, entry, f"run_dir={tmp / name}", *SMALL, *args, cwd=tmp / name, env=env))
+
+    for i, (args, nproc, _) in enumerate(BAD_INPUT):
+        if nproc == 1:
+            add(f"bad_input{i}", *args)
+    add("warmup", "train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
+        "model.num_layers=1", "train.eval_interval=1")
+    add("exit_at_step", "train.steps=3", "train.exit_at_step=2", "train.eval_interval=2", "log.tensorboard=false",
+        "model.num_layers=1")
+    add("full_disk", "train.steps=2", "checkpoint.save_interval=1", "model.num_layers=1", "log.tensorboard=false",
+        entry="tests.engine.test_pretrain_cli:main_with_a_full_disk")
+    add("unwritable", "train.steps=2", "model.num_layers=1", f"run_dir={tmp / 'unwritable' / 'a_file' / 'run'}")
+    (tmp / "unwritable" / "a_file").write_text("")
+    # the first start of the restart test's job, stopped after step 1 as a fault would
+    add("restart", f"run_dir={tmp / 'restart' / 'run'}", *RESTART_ARGS, "train.exit_at_step=1",
+        env={**JOB, **NOT_RESTARTED})
+    done = entry_runs.launch(tmp, runs, "pretrain_cli", timeout=600)
+    return {name: (tmp / name, proc) for name, proc in done.items()}
+
+
+@pytest.mark.parametrize("args,nproc,needle", BAD_INPUT)
+def test_bad_input_stops_with_one_message(tmp_path, launched, args, nproc, needle):
     if nproc > 1:
-        args = [*args, "model.num_query_groups=1"]
-    proc = run(*args, nproc=nproc, tmp_path=tmp_path)
+        proc = run(*args, "model.num_query_groups=1", nproc=nproc, tmp_path=tmp_path)
+    else:
+        proc = launched[f"bad_input{BAD_INPUT.index((args, nproc, needle))}"][1]
     assert proc.returncode != 0
     assert needle in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("config error:") == 1, proc.stderr[-3000:]  # one message, from rank 0
@@ -94,12 +155,11 @@ def test_a_resume_into_another_model_shape_names_the_step_and_the_setting(tmp_pa
             "model.hidden_size=96") in err, err
 
 
-def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_path):
+def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(launched):
     """Its summary also gives the training-only rates beside tokens_per_second, which divides by the
     whole fit (first step, evaluations, saves: a resumed GPU run read 7,431 tok/s where its lines showed
     ~9,600), and each set's best evaluation."""
-    proc = run("train.steps=2", "train.warmup_steps=5", "train.lr=1e-3", "log.interval=1", "log.tensorboard=false",
-               "model.num_layers=1", "train.eval_interval=1", tmp_path=tmp_path)
+    tmp_path, proc = launched["warmup"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ("warning: train.warmup_steps=5 >= train.steps=2: the learning rate stops at 40% of train.lr=0.001 "
             "and never decays") in proc.stdout, proc.stdout[-3000:]
@@ -124,11 +184,10 @@ def test_a_warmup_longer_than_the_run_is_reported_with_the_lr_it_reaches(tmp_pat
         assert summary["best_eval"][name] == {"step": at, "pair_accuracy": best}, summary["best_eval"]
 
 
-def test_a_run_ending_at_exit_at_step_on_an_evaluation_step_evaluates_once(tmp_path):
+def test_a_run_ending_at_exit_at_step_on_an_evaluation_step_evaluates_once(launched):
     """fit evaluated step 2 (train.eval_interval) and its checkpoint keeps those rows; the final evaluation
     evaluated the same weights again (minutes per set at scale): it takes fit's results."""
-    proc = run("train.steps=3", "train.exit_at_step=2", "train.eval_interval=2", "log.tensorboard=false",
-               "model.num_layers=1", tmp_path=tmp_path)
+    tmp_path, proc = launched["exit_at_step"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by"] == "exit_at_step" and summary["steps"] == 2
@@ -247,21 +306,10 @@ def test_a_setting_this_machine_cannot_run_is_named_before_the_resume_is_compare
     assert err.count("config error:") == 1 and needle in err and "resumes from" not in err, err
 
 
-def test_a_save_that_fails_during_training_stops_with_one_message_and_no_traceback(tmp_path):
-    """A full disk at a save during training: the error names the checkpoint and what was kept, as a
-    message (exit 1: not the settings' fault), not a traceback from every rank."""
-    script = tmp_path / "full_disk.py"
-    script.write_text("import errno, sys\n"
-                      "from megatron.core import dist_checkpointing\n"
-                      "def full(*a, **k):\n"
-                      "    raise OSError(errno.ENOSPC, 'No space left on device')\n"
-                      "dist_checkpointing.save = full\n"
-                      "from engine.pretrain import main\n"
-                      "sys.exit(main(sys.argv[1:]))\n")
-    cmd = [sys.executable, str(script), f"run_dir={tmp_path}", *SMALL, "train.steps=2", "checkpoint.save_interval=1",
-           "model.num_layers=1", "log.tensorboard=false"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+def test_a_save_that_fails_during_training_stops_with_one_message_and_no_traceback(launched):
+    """A full disk at a save during training (main_with_a_full_disk): the error names the checkpoint and
+    what was kept, as a message (exit 1: not the settings' fault), not a traceback from every rank."""
+    tmp_path, proc = launched["full_disk"]
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("error: writing the checkpoint") == 1, proc.stderr[-3000:]
@@ -269,12 +317,11 @@ def test_a_save_that_fails_during_training_stops_with_one_message_and_no_traceba
             "[Errno 28] No space left on device); no complete checkpoint was written yet") in proc.stderr
 
 
-def test_a_run_directory_that_cannot_be_written_is_named_at_start_up(tmp_path):
+def test_a_run_directory_that_cannot_be_written_is_named_at_start_up(launched):
     """A file in the run directory's path (or a read-only mount): one config error naming it, before
     training, not a traceback."""
-    (tmp_path / "a_file").write_text("")
+    tmp_path, proc = launched["unwritable"]
     run_dir = tmp_path / "a_file" / "run"
-    proc = run("train.steps=2", "model.num_layers=1", f"run_dir={run_dir}", tmp_path=tmp_path)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("config error:") == 1, proc.stderr[-3000:]
@@ -354,19 +401,19 @@ def test_a_resume_notes_no_model_setting_where_only_the_vocabulary_was_resolved(
         assert "vocab_size" not in note and cfg.model.vocab_size == 260, note
 
 
-def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(tmp_path):
+def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_new_run(launched):
     """checkpoint.resume=false refuses a directory holding checkpoints; a torchrun restart or SLURM
     requeue of that run found its own checkpoints there and stopped at start-up, ending the job the
     restart was to keep going. Another job's checkpoints stay refused, restart or not. (Runs in
-    subprocesses: a training run inside a pytest worker meets the groups other test files left up.)"""
+    subprocesses: a training run inside a pytest worker meets the groups other test files left up.
+    The first start is one of `launched`'s; the restart, a start of its own, is a process of its own.)"""
     from engine.config import load_config
     from engine.pretrain import check_checkpoints, resume_on_restart
     from polar.pretrain_recipe import PretrainConfig
 
-    args = ["checkpoint.resume=false", "train.steps=2", "train.global_batch=2", "checkpoint.save_interval=1",
-            "train.eval_interval=0"]
-    job = {"SLURM_JOB_ID": "4242", "TORCHELASTIC_RUN_ID": "4242"}  # the SLURM script names the rendezvous so
-    clean = {k: v for k, v in os.environ.items() if k not in ("TORCHELASTIC_RESTART_COUNT", "SLURM_RESTART_COUNT")}
+    tmp_path, first = launched["restart"]
+    args, job = RESTART_ARGS, JOB
+    clean = {k: v for k, v in os.environ.items() if k not in NOT_RESTARTED}
 
     def start(*extra, **env):
         cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}", *SMALL, *args,
@@ -374,8 +421,7 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
         return subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
                               env={**clean, "OMP_NUM_THREADS": "1", **job, **env})
 
-    first = start("train.exit_at_step=1")  # the first start, stopped after step 1 as a fault would
-    assert first.returncode == 0, first.stderr[-3000:]
+    assert first.returncode == 0, first.stderr[-3000:]  # the first start, stopped after step 1
 
     def cfg():
         return load_config(PretrainConfig, None, [f"run_dir={tmp_path / 'run'}", *args])
@@ -401,29 +447,6 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     assert resumed["train_only_steps"] == 0 and resumed["train_tokens_per_s"] is None and resumed["mfu"] is None
 
 
-# the OS call a checkpoint directory's reader makes, refused for one path as a file system would
-# refuse it (the tests run as root, whom chmod does not stop); then engine/pretrain.py's main, or the
-# one start-up check that the command line reaches only after another
-REFUSING = """import errno, io, os, sys
-module, name, path_end, call = sys.argv[1:5]
-real = getattr(sys.modules[module], name)
-def refused(path, *args, **kwargs):
-    if not isinstance(path, int) and os.fsdecode(path).endswith(path_end):
-        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
-    return real(path, *args, **kwargs)
-setattr(sys.modules[module], name, refused)
-from engine import pretrain
-if call == "main":
-    sys.exit(pretrain.main(sys.argv[5:]))
-from engine.config import ConfigError, load_config
-from polar import pretrain_recipe
-try:
-    pretrain.prepare_checked_data(load_config(pretrain_recipe.PretrainConfig, None, sys.argv[5:]), pretrain_recipe)
-except ConfigError as e:
-    sys.exit(pretrain._stop(0, f"config error: {e}", pretrain.EXIT_CONFIG))
-"""
-
-
 @pytest.mark.parametrize("call, resume, env", [
     ("main", "true", {}),  # check_checkpoints
     ("main", "false", {"TORCHELASTIC_RESTART_COUNT": "1"}),  # resume_on_restart
@@ -431,28 +454,54 @@ except ConfigError as e:
 ])
 @pytest.mark.parametrize("module, name, refused", [("io", "open", "latest"),
                                                   ("os", "stat", "step_00000002/trainer_state.json")])
-def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_error(tmp_path, call, resume, env,
+def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_error(tmp_path, capsys, monkeypatch,
+                                                                                   call, resume, env,
                                                                                    module, name, refused):
     """Every rank looks for the newest checkpoint at start-up, before any process group: a `latest`
     marker, or the state file of the step it names, that the run may not read was a PermissionError
     traceback (only a config error was caught); now one config error names the checkpoint directory
-    and the file system's error, exit 2."""
+    and the file system's error, exit 2. The OS call a checkpoint directory's reader makes is refused for
+    the one path as a file system would refuse it (the tests run as root, whom chmod does not stop); then
+    engine/pretrain.py's main, or the one start-up check that the command line reaches only after another
+    (all before any process group: in this process)."""
+    import errno
+
+    from engine import pretrain
+    from engine.config import load_config
+    from polar import pretrain_recipe
     from tests.engine.test_checkpoint import _step
 
     root = tmp_path / "run" / "checkpoints"
     for n in (1, 2):
         _step(root, n)
     (root / "latest").write_text("step_00000002")
-    cmd = [sys.executable, "-c", REFUSING, module, name, f"{os.sep}{refused}", call, f"run_dir={tmp_path / 'run'}",
-           *SMALL, f"checkpoint.resume={resume}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **env})
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert proc.stderr == (
+    real = getattr(sys.modules[module], name)
+
+    def refusing(path, *args, **kwargs):
+        if not isinstance(path, int) and os.fsdecode(path).endswith(f"{os.sep}{refused}"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fsdecode(path))
+        return real(path, *args, **kwargs)
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    argv = [f"run_dir={tmp_path / 'run'}", *SMALL, f"checkpoint.resume={resume}"]
+    monkeypatch.setattr(sys.modules[module], name, refusing)
+    if call == "main":
+        code = pretrain.main(argv)
+    else:
+        try:
+            pretrain.prepare_checked_data(load_config(pretrain_recipe.PretrainConfig, None, argv), pretrain_recipe)
+            code = 0
+        except ConfigError as e:
+            code = pretrain._stop(0, f"config error: {e}", pretrain.EXIT_CONFIG)
+    monkeypatch.setattr(sys.modules[module], name, real)
+    err = capsys.readouterr().err
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert err == (
         f"config error: {root}: the newest checkpoint could not be looked for (PermissionError: [Errno 13] "
         f"Permission denied: '{root / refused}'); make the checkpoint directory and its files readable by the run, "
-        f"then run it again\n"), proc.stderr[-3000:]
+        f"then run it again\n"), err[-3000:]
 
 
 @pytest.mark.parametrize("error, said", [
