@@ -21,55 +21,96 @@ RECORDS = [{"prompt": "Name a prime.", "category": "small", "responses": ["7", "
             "responses": ["red", "blue", "green", [{"role": "assistant", "content": "blue"}], "green"]}]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    run = tmp_path_factory.mktemp("eval") / "run"  # dynamic RoPE, 256 positions (POLAR-7B's kind)
-    subprocess.run([sys.executable, "-m", "tests.polar.serve.make_checkpoint", str(run), "2", "64", "4", "2", "176",
-                    "260", "256"], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=600)
-    return str(run / "checkpoints")
-
-
-# `polar eval` whose scored rewards are also written to the JSON file argv[1]: the result holds only
-# the accuracy, which a small change of every reward leaves as it is
+# The checkpoint made, then each `polar eval` of RUNS in turn, in one process (starting python, torch and
+# megatron is most of a run's time; each run starts and ends its own process group): argv[1] a JSON list
+# of (name, arguments) in folder argv[2]. A run's stdout, stderr, exit status and scored rewards (the result
+# holds only the accuracy, which a small change of every reward leaves as it is) go to NAME.out, .err,
+# .code and NAME_rewards.json there.
 RECORDED = """
 import json
+import os
 import sys
+from pathlib import Path
 
 import polar.ranked_eval
 from polar import cli
+from tests.polar.serve import make_checkpoint
 
-out, real = sys.argv.pop(1), polar.ranked_eval.evaluate_ranked
+runs, folder = json.loads(sys.argv[1]), Path(sys.argv[2])
+make_checkpoint.main(str(folder / "run"), 2, 64, 4, 2, 176, 260, 256)  # dynamic RoPE, 256 positions (POLAR-7B's)
+real, out = polar.ranked_eval.evaluate_ranked, []
 
 
 def recorded(records, score_fn, *given):
     def scored(items):
         rewards = score_fn(items)
-        with open(out, "w") as f:
+        with open(out[0], "w") as f:
             json.dump([float(r) for r in rewards], f)
         return rewards
     return real(records, scored, *given)
 
 
 polar.ranked_eval.evaluate_ranked = recorded
-sys.exit(cli.main(sys.argv[1:]))
+for name, argv in runs:
+    out[:] = [folder / f"{name}_rewards.json"]
+    saved = [os.dup(1), os.dup(2)]
+    with open(folder / f"{name}.out", "w") as o, open(folder / f"{name}.err", "w") as e:
+        os.dup2(o.fileno(), 1)
+        os.dup2(e.fileno(), 2)
+        try:
+            code = cli.main(argv)
+        except SystemExit as stop:
+            code = stop.code
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+    (folder / f"{name}.code").write_text(str(code))
 """
 
 
-def _eval(tmp: Path, checkpoint: str, records: list, *extra,
-          rewards: Path | None = None) -> subprocess.CompletedProcess:
-    inp = tmp / "ranked.jsonl"
+def _argv(folder: Path, checkpoint: str, records: list, *extra) -> list:
+    """`polar eval`'s arguments on `records` (written to folder/ranked.jsonl)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    inp = folder / "ranked.jsonl"
     inp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    polar = ["-c", RECORDED, str(rewards)] if rewards else ["-m", "polar.cli"]
-    return subprocess.run([sys.executable, *polar, "eval", "--checkpoint", checkpoint, "--input", str(inp),
-                           "--tokenizer", "byte", *extra], cwd=tmp, env=ENV, capture_output=True, text=True,
-                          timeout=600)
+    return ["eval", "--checkpoint", checkpoint, "--input", str(inp), "--tokenizer", "byte", *extra]
 
 
-def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
-    whole = _eval(tmp_path, checkpoint, RECORDS, "--json", str(tmp_path / "whole.json"),
-                  rewards=tmp_path / "whole_rewards.json")
-    split = _eval(tmp_path, checkpoint, RECORDS, "--seq-length", "128", "--json", str(tmp_path / "out" / "split.json"),
-                  rewards=tmp_path / "split_rewards.json")
+# a record too long for --seq-length 64 (records were found by their prompt object: two with the same
+# one-character prompt, one string object in CPython, were merged and an error named the later record's line)
+LONG = [{"prompt": "a", "responses": ["r", "y" * 400, "w"]}, {"prompt": "a", "responses": ["r", "z", "v"]}]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """The checkpoint, and the runs the tests read, in one process (RECORDED): -> (the checkpoint,
+    {run: (CompletedProcess, its rewards file)})."""
+    tmp = tmp_path_factory.mktemp("eval")
+    checkpoint = str(tmp / "run" / "checkpoints")
+    runs = [("whole", _argv(tmp / "whole", checkpoint, RECORDS, "--json", str(tmp / "whole.json"))),
+            ("split", _argv(tmp / "split", checkpoint, RECORDS, "--seq-length", "128",
+                            "--json", str(tmp / "out" / "split.json"))),
+            # the client's lengths are settled to what the model's 256 positions hold: --seq-length is what
+            # it passes
+            ("long", _argv(tmp / "long", checkpoint, LONG, "--seq-length", "64"))]
+    proc = subprocess.run([sys.executable, "-c", RECORDED, json.dumps(runs), str(tmp)], cwd=tmp, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    done = {name: subprocess.CompletedProcess(argv, int((tmp / f"{name}.code").read_text()),
+                                              (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text())
+            for name, argv in runs}
+    return checkpoint, tmp, done
+
+
+@pytest.fixture(scope="module")
+def checkpoint(evaluated):
+    return evaluated[0]
+
+
+def test_seq_length_splits_a_record_and_keeps_its_rewards(evaluated):
+    tmp_path, runs = evaluated[1], evaluated[2]
+    whole, split = runs["whole"], runs["split"]
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert split.returncode == 0, split.stderr[-3000:]  # it stopped at the big record's line before
     a, b = (json.loads((tmp_path / p).read_text()) for p in ("whole.json", "out/split.json"))
@@ -91,10 +132,17 @@ def test_seq_length_splits_a_record_and_keeps_its_rewards(checkpoint, tmp_path):
     (["--json", "."], RECORDS, "--json . is a directory"),
     (["--json", "ranked.jsonl"], RECORDS, "--json ranked.jsonl is the --input file"),  # it would replace it
 ])
-def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path, args, records, needle):
-    proc = _eval(tmp_path, checkpoint, records, *args)
-    assert proc.returncode == 2 and needle in proc.stderr, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+def test_bad_arguments_stop_before_scoring_with_one_message(checkpoint, tmp_path, args, records, needle,
+                                                           capsys, monkeypatch):
+    """In this process: each refusal comes before any scoring (before engine.evaluate's scorer.start,
+    the first step that starts a process group), from `polar eval`'s own code path."""
+    from polar import cli
+
+    monkeypatch.chdir(tmp_path)
+    code = cli.main(_argv(tmp_path, checkpoint, records, *args))
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err, err[-3000:]
+    assert "Traceback" not in err
     if records:  # the input is left as it was
         assert (tmp_path / "ranked.jsonl").read_text().splitlines()[0] == json.dumps(records[0])
 
@@ -109,12 +157,10 @@ def test_a_negative_length_or_an_empty_layout_is_an_argument_error(args, capsys)
     assert e.value.code == 2 and f"argument {args[0]}: must be at least" in capsys.readouterr().err
 
 
-def test_a_record_too_long_is_named_by_its_own_line(checkpoint, tmp_path):
+def test_a_record_too_long_is_named_by_its_own_line(evaluated):
     """Records were found by their prompt object: two with the same one-character prompt (one string
     object in CPython) were merged and an error named the later record's line."""
-    records = [{"prompt": "a", "responses": ["r", "y" * 400, "w"]}, {"prompt": "a", "responses": ["r", "z", "v"]}]
-    # the client's lengths are settled to what the model's 256 positions hold: --seq-length is what it passes
-    proc = _eval(tmp_path, checkpoint, records, "--seq-length", "64")
+    proc = evaluated[2]["long"]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert ("ranked.jsonl:1: an output takes 124 tokens with its prompt and reference, more than the packed "
             "sequence length 64") in proc.stderr
