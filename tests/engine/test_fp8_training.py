@@ -1,9 +1,11 @@
 """FP8 (local linears, train.fp8=tensorwise / rowwise) trains the tiny reward model like fp32.
 
-Three single-process runs of tests/engine/dist_worker.py, same seed (so the same initial weights:
-the FP8 layers are megatron's layers initialised in the same order) and the same 100 global
-batches: fp32, FP8 per tensor, FP8 per row. The tiny model (2 layers, width 32; every FP8 product
-dimension a multiple of 16) memorises the 60 random groups, so its loss falls from ln 2 to ~0.015.
+Three single-process runs of tests/engine/dist_worker.py, trained in turn in one process
+(parity.run_layouts: starting python, torch and megatron is most of each run's time; init_runtime
+sets the seed again for each), same seed (so the same initial weights: the FP8 layers are
+megatron's layers initialised in the same order) and the same 100 global batches: fp32, FP8 per
+tensor, FP8 per row. The tiny model (2 layers, width 32; every FP8 product dimension a multiple
+of 16) memorises the 60 random groups, so its loss falls from ln 2 to ~0.015.
 Only the training losses are compared: no run evaluates or saves a checkpoint.
 
 The band: each 10-step window mean of the FP8 loss lies within BAND = 0.03 of the fp32 one.
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.engine.parity import NO_END_SAVE, run_worker
+from tests.engine.parity import NO_END_SAVE, run_layouts
 
 TINY = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=2",
         "model.ffn_hidden_size=64", "train.steps=100", "train.lr=3e-3", "train.warmup_steps=5",
@@ -31,16 +33,20 @@ def windows(result: dict) -> list[float]:
     return [sum(losses[i:i + WINDOW]) / WINDOW for i in range(0, len(losses), WINDOW)]
 
 
+RECIPES = ("tensorwise", "rowwise")
+
+
 @pytest.fixture(scope="module")
-def fp32(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fp8_training")
-    return tmp, run_worker(tmp, "fp32", 1, *TINY, "train.precision=fp32", evaluate=False)
+def runs(tmp_path_factory):
+    """{"fp32" and each recipe: its result}, all three from one process."""
+    layouts = {"fp32": [], **{recipe: [f"train.fp8={recipe}"] for recipe in RECIPES}}
+    return run_layouts(tmp_path_factory.mktemp("fp8_training"), "fp8_training", 1, layouts, *TINY,
+                       "train.precision=fp32", no_eval=tuple(layouts))
 
 
-@pytest.mark.parametrize("recipe", ["tensorwise", "rowwise"])
-def test_fp8_loss_curve_stays_within_the_band_of_fp32(fp32, recipe):
-    tmp, ref = fp32
-    got = run_worker(tmp, recipe, 1, *TINY, "train.precision=fp32", f"train.fp8={recipe}", evaluate=False)
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_fp8_loss_curve_stays_within_the_band_of_fp32(runs, recipe):
+    ref, got = runs["fp32"], runs[recipe]
     want, have = windows(ref), windows(got)
     assert want[0] - want[-1] > 0.5, want  # fp32 learns: the comparison means something
     diffs = [abs(a - b) for a, b in zip(have, want)]
