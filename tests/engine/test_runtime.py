@@ -15,9 +15,11 @@ def test_an_odd_head_dimension_is_refused_at_start_up(hidden, heads):
                     ParallelConfig(), TrainConfig(), 1, 1024)
 
 
-def test_parallel_timeout_reaches_every_process_group():
-    """torch's default (10 min) on the world group ended saves and data preparation that take longer
-    at scale while megatron's own groups waited 30 min; parallel.timeout_minutes sets them all."""
+@pytest.fixture(scope="module")
+def runtime_child():
+    """One process (a process group of its own, started and ended) serving two tests: it starts the runtime
+    inside released_on_error with parallel.timeout_minutes=7, prints every group's timeout, then fails.
+    Starting python, torch and megatron is most of its time, so one start serves both."""
     import subprocess
     import sys
     from pathlib import Path
@@ -25,15 +27,30 @@ def test_parallel_timeout_reaches_every_process_group():
     script = ("import warnings; warnings.filterwarnings('ignore')\n"
               "import torch, torch.distributed as dist\n"
               "from engine.config import ParallelConfig\n"
-              "from engine.runtime import init_runtime\n"
-              "rt = init_runtime(ParallelConfig(timeout_minutes=7), seed=1)\n"
-              "cpu = torch.device('cpu')\n"
-              "groups = [dist.distributed_c10d._get_default_group(), rt.groups.tp, rt.groups.dp, rt.groups.pp]\n"
-              "print(sorted({g._get_backend(cpu).options._timeout.total_seconds() for g in groups}))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+              "from engine.runtime import init_runtime, released_on_error\n"
+              "try:\n"
+              "    with released_on_error():\n"
+              "        rt = init_runtime(ParallelConfig(timeout_minutes=7), seed=1)\n"
+              "        assert dist.is_initialized()\n"
+              "        cpu = torch.device('cpu')\n"
+              "        groups = [dist.distributed_c10d._get_default_group(), rt.groups.tp, rt.groups.dp,\n"
+              "                  rt.groups.pp]\n"
+              "        print('timeouts', sorted({g._get_backend(cpu).options._timeout.total_seconds()\n"
+              "                                  for g in groups}))\n"
+              "        raise KeyError('x')\n"
+              "except KeyError:\n"
+              "    pass\n"
+              "print('initialised after the block:', dist.is_initialized())\n")
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[2])
+
+
+def test_parallel_timeout_reaches_every_process_group(runtime_child):
+    """torch's default (10 min) on the world group ended saves and data preparation that take longer
+    at scale while megatron's own groups waited 30 min; parallel.timeout_minutes sets them all."""
+    proc = runtime_child
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip().splitlines()[-1] == "[420.0]", proc.stdout
+    assert "timeouts [420.0]" in proc.stdout.splitlines(), proc.stdout
 
 
 def test_llama3_rope_needs_a_high_frequency_factor_above_the_low_one():
@@ -44,14 +61,10 @@ def test_llama3_rope_needs_a_high_frequency_factor_above_the_low_one():
     assert validate_layout(ModelConfig(rope_scaling="llama3"), ParallelConfig(), TrainConfig(), 1, 128) == 1
 
 
-def test_groups_are_released_on_error_only_where_the_block_started_them(runtime):
+def test_groups_are_released_on_error_only_where_the_block_started_them(runtime, runtime_child):
     """An entry point that failed after starting the process groups ends them (left to the
     interpreter's exit, gloo sometimes aborted it with exit -6 after the error was printed); groups
     that were up before it started (this test session's) are not its to end."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     import torch.distributed as dist
 
     from engine.runtime import released_on_error
@@ -59,20 +72,10 @@ def test_groups_are_released_on_error_only_where_the_block_started_them(runtime)
     with pytest.raises(KeyError), released_on_error():
         raise KeyError("an error inside an entry point's run")
     assert dist.is_initialized()
-    code = ("import torch.distributed as dist\n"
-            "from engine.config import ParallelConfig\n"
-            "from engine.runtime import init_runtime, released_on_error\n"
-            "try:\n"
-            "    with released_on_error():\n"
-            "        init_runtime(ParallelConfig(), seed=0)\n"
-            "        assert dist.is_initialized()\n"
-            "        raise KeyError('x')\n"
-            "except KeyError:\n"
-            "    pass\n"
-            "assert not dist.is_initialized()\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[2])
+    # one that started them ends them (runtime_child: init_runtime inside the block, then a KeyError)
+    proc = runtime_child
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "initialised after the block: False", proc.stdout
 
 
 @pytest.mark.parametrize("settings,message", [
