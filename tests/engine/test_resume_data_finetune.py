@@ -7,36 +7,34 @@ a user starts it, by `polar finetune`, whose start-up check and run said each no
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.engine import entry_runs
+
 TINY_MODEL = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
               "model.num_query_groups=2", "model.ffn_hidden_size=128"]
-
-
-def run(script: str, *args, cwd: Path) -> subprocess.CompletedProcess:
-    # in a subprocess: a training in-process would meet process groups other test files left up
-    return subprocess.run([sys.executable, str(ROOT / "engine" / script), *args], capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=cwd)
+CHANGED = [
+    # the pack length it derived from the data (1024) against one set now; train.steps follows from it
+    ("data.seq_length=2048", "data.seq_length=1024 when saved, 2048 now"),
+    ("data.packing=ordered", "data.packing=best_fit when saved, ordered now"),
+    # the recipe's own settings its data is made of (polar.finetune_recipe.FinetuneConfig.DATA_SETTINGS)
+    ("finetune.seed=3", "when saved, 3 now"),
+    ("finetune.max_response=100", "when saved, 100 now"),
+]
 
 
 @pytest.fixture(scope="module")
 def saved_finetune(tmp_path_factory):
-    """A fine-tuning run stopped after its first step, with its checkpoint; -> a function running
-    engine/finetune.py on that run with more settings."""
+    """A pre-training, a fine-tuning run from it stopped after its first step (started by `polar
+    finetune`), then engine/finetune.py on that run with more settings: the runs the tests read, in
+    turn in one process (tests/engine/entry_runs.py; `polar finetune` still checks its start-up in a
+    process of its own and runs torchrun). The run that trains on (another held-out set) comes last,
+    so every --check-config run before it meets the run as its first step left it.
+    -> (the folder, {run: CompletedProcess})."""
     from polar.pretrain_data import SyntheticDataConfig, make_splits
 
     tmp = tmp_path_factory.mktemp("resume_data_finetune")
-    pre = run("pretrain.py", *TINY_MODEL, "data.seq_length=512", "train.steps=1", "train.global_batch=4",
-              "train.warmup_steps=0", "synthetic.train_triplets=40", "synthetic.eval_triplets=4",
-              "log.tensorboard=false", "train.time_limit_s=0", f"run_dir={tmp / 'pre'}", cwd=tmp)
-    assert pre.returncode == 0, pre.stderr[-3000:]
     splits = make_splits(SyntheticDataConfig(seed=2, train_policies=10, held_out_policies=2, train_triplets=40,
                                              eval_triplets=4, prompts=50))
     for name, triplets in (("prefs.jsonl", splits.train), ("held.jsonl", splits.eval_held_out)):
@@ -44,6 +42,13 @@ def saved_finetune(tmp_path_factory):
             for t in triplets:
                 f.write(json.dumps({"prompt": [{"role": "user", "content": t.prompt}], "reference": t.reference,
                                     "chosen": t.chosen, "rejected": t.rejected, "wrapper": "sft"}) + "\n")
+    # a record edited in place (its length kept)
+    lines = (tmp / "prefs.jsonl").read_text().splitlines(keepends=True)
+    rec = json.loads(lines[0])
+    rec["chosen"] = ("x" if rec["chosen"][0] != "x" else "y") + rec["chosen"][1:]
+    (tmp / "edited.jsonl").write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
+    # another held-out set: the same less its first record
+    (tmp / "held_other.jsonl").write_text("".join((tmp / "held.jsonl").read_text().splitlines(keepends=True)[1:]))
 
     def settings(*extra: str) -> list[str]:
         return [*TINY_MODEL, f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}",
@@ -52,29 +57,29 @@ def saved_finetune(tmp_path_factory):
                 "finetune.warmup_fraction=1", "train.global_batch=4", "log.tensorboard=false", f"run_dir={tmp / 'ft'}",
                 *extra]
 
-    def finetune(*extra: str) -> subprocess.CompletedProcess:
-        return run("finetune.py", *settings(*extra), cwd=tmp)
+    def finetune(name: str, *extra: str) -> dict:
+        return entry_runs.run(name, "engine.finetune", *settings(*extra), cwd=tmp)
 
-    # as a user starts it: `polar finetune` checks the start-up in a process of its own, then runs torchrun
-    first = subprocess.run([sys.executable, "-m", "polar.cli", "finetune", "--nproc", "1",
-                            *settings("train.exit_at_step=1")], capture_output=True, text=True,
-                           env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, cwd=tmp)
-    assert first.returncode == 0, first.stderr[-3000:]
-    assert (tmp / "ft" / "checkpoints" / "step_00000001").is_dir(), first.stdout[-3000:]
-    finetune.tmp, finetune.first = tmp, first
-    return finetune
+    runs = [entry_runs.run("pre", "engine.pretrain", *TINY_MODEL, "data.seq_length=512", "train.steps=1",
+                           "train.global_batch=4", "train.warmup_steps=0", "synthetic.train_triplets=40",
+                           "synthetic.eval_triplets=4", "log.tensorboard=false", "train.time_limit_s=0",
+                           f"run_dir={tmp / 'pre'}", cwd=tmp),
+            # as a user starts it: `polar finetune` checks the start-up in a process of its own, then runs torchrun
+            entry_runs.run("first", "polar.cli", "finetune", "--nproc", "1", *settings("train.exit_at_step=1"),
+                           cwd=tmp),
+            *[finetune(f"changed{i}", "--check-config", changed) for i, (changed, _) in enumerate(CHANGED)],
+            finetune("same", "--check-config"),
+            finetune("edited", "--check-config", f"finetune.train={tmp / 'edited.jsonl'}"),
+            finetune("held_out", "train.exit_at_step=2", f"finetune.eval={tmp / 'held_other.jsonl'}")]
+    done = entry_runs.launch(tmp, runs, "resume_data_finetune")
+    for name in ("pre", "first"):
+        assert done[name].returncode == 0, done[name].stderr[-3000:]
+    return tmp, done
 
 
-@pytest.mark.parametrize("changed, named", [
-    # the pack length it derived from the data (1024) against one set now; train.steps follows from it
-    ("data.seq_length=2048", "data.seq_length=1024 when saved, 2048 now"),
-    ("data.packing=ordered", "data.packing=best_fit when saved, ordered now"),
-    # the recipe's own settings its data is made of (polar.finetune_recipe.FinetuneConfig.DATA_SETTINGS)
-    ("finetune.seed=3", "when saved, 3 now"),
-    ("finetune.max_response=100", "when saved, 100 now"),
-])
-def test_a_changed_data_setting_is_named(saved_finetune, changed, named):
-    proc = saved_finetune("--check-config", changed)
+@pytest.mark.parametrize("case", range(len(CHANGED)), ids=[c for c, _ in CHANGED])
+def test_a_changed_data_setting_is_named(saved_finetune, case):
+    proc, named = saved_finetune[1][f"changed{case}"], CHANGED[case][1]
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert named in proc.stderr and "The run's training data is made from these settings" in proc.stderr, \
         proc.stderr[-3000:]
@@ -86,18 +91,20 @@ def test_polar_finetune_says_each_note_on_its_data_once(saved_finetune):
     """The start-up check `polar finetune` runs before torchrun, and the run, each read the data
     (prepare_data), and each printed its notes: every one came twice, and so did the engine's start-up
     lines (engine.pretrain.first_said): the model settings init_from brings, the warm-up warning."""
-    out = saved_finetune.first.stdout
+    tmp, first = saved_finetune[0], saved_finetune[1]["first"]
+    assert (tmp / "ft" / "checkpoints" / "step_00000001").is_dir(), first.stdout[-3000:]
+    out = first.stdout
     check, launch = out.index("config ok"), out.index("+ ")
     for line in ("finetune.eval record(s) share their prompt", "data.seq_length=1024 from the data",
                  "batch: train.global_batch=4 packed sequences carry",
-                 f"model settings from {saved_finetune.tmp / 'pre' / 'checkpoints' / 'step_00000001' / 'model.json'}: "
+                 f"model settings from {tmp / 'pre' / 'checkpoints' / 'step_00000001' / 'model.json'}: "
                  "model.vocab_size=260", "warning: train.warmup_steps=4 >= train.steps=4"):
         assert out.count(line) == 1 and out.index(line) < check < launch, out[-3000:]
     assert "data: 40 fine-tuning records" in out[launch:], out[-3000:]  # the run's own data line stays
 
 
 def test_the_same_settings_resume(saved_finetune):
-    proc = saved_finetune("--check-config")
+    proc = saved_finetune[1]["same"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held_out set" not in proc.stdout, proc.stdout  # the held-out set is the one saved: no note
     # --check-config alone says the notes, and the engine's start-up lines
@@ -108,38 +115,29 @@ def test_the_same_settings_resume(saved_finetune):
     from engine import checkpoint
     from polar.finetune_split import SPLIT_RULE
 
-    saved = checkpoint.read_state(str(saved_finetune.tmp / "ft" / "checkpoints" / "step_00000001"))
+    saved = checkpoint.read_state(str(saved_finetune[0] / "ft" / "checkpoints" / "step_00000001"))
     assert saved["data_settings"]["finetune.split_rule"] == SPLIT_RULE, saved["data_settings"]
 
 
-def test_an_edited_training_file_is_named(saved_finetune, tmp_path):
+def test_an_edited_training_file_is_named(saved_finetune):
     """A record edited in place (its length kept) was refused as 'the training data changed since the
     checkpoint', naming no file."""
-    lines = (saved_finetune.tmp / "prefs.jsonl").read_text().splitlines(keepends=True)
-    rec = json.loads(lines[0])
-    rec["chosen"] = ("x" if rec["chosen"][0] != "x" else "y") + rec["chosen"][1:]
-    edited = tmp_path / "edited.jsonl"
-    edited.write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
-    proc = saved_finetune("--check-config", f"finetune.train={edited}")
+    proc, edited = saved_finetune[1]["edited"], saved_finetune[0] / "edited.jsonl"
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert f"the training data (finetune.train={edited}) changed since the checkpoint" in proc.stderr, \
         proc.stderr[-3000:]
 
 
-def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune, tmp_path):
+def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune):
     """Another finetune.eval between a run and its resume was taken without a word, and the eval history
     went on with the new set's numbers beside the old one's. It still resumes (the change may be meant),
     with a note naming the file and the step, which the checkpoints and summary.json record too."""
     from engine import checkpoint
 
-    tmp = saved_finetune.tmp
-    first = checkpoint.read_state(str(tmp / "ft" / "checkpoints" / "step_00000001"))["eval_sets"]
+    tmp, proc = saved_finetune[0], saved_finetune[1]["held_out"]
+    run_dir, held = tmp / "ft", tmp / "held_other.jsonl"
+    first = checkpoint.read_state(str(run_dir / "checkpoints" / "step_00000001"))["eval_sets"]
     assert list(first) == ["held_out"] and first["held_out"]["after_step"] == 0, first
-    run_dir = tmp_path / "ft"
-    shutil.copytree(tmp / "ft", run_dir)
-    held = tmp_path / "held.jsonl"
-    held.write_text("".join((tmp / "held.jsonl").read_text().splitlines(keepends=True)[1:]))
-    proc = saved_finetune("train.exit_at_step=2", f"finetune.eval={held}", f"run_dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (f"note: the held_out set (finetune.eval={held}) is not the one "
             f"{run_dir / 'checkpoints' / 'step_00000001'} was evaluated on") in proc.stdout, proc.stdout[-3000:]
