@@ -1,5 +1,6 @@
-"""engine.evaluation.evaluate with and without its read-ahead, for tests/engine/test_evaluation_read_ahead.py
-(one process, or a rank under torchrun over gloo).
+"""engine.evaluation.evaluate with and without its read-ahead, for tests/engine/test_evaluation_read_ahead.py:
+`evaluations` on a runtime the caller set up (the one-process layout, on the test session's runtime), or
+main(), a rank under torchrun over gloo.
 
 A tiny untrained model (its value head random) evaluates random groups (tests/engine/dist_worker.py's)
 whole with the read-ahead and without it, and packed at twice training's length, then stops before its
@@ -8,7 +9,8 @@ one in the stop check itself.
 Each rank writes RESULT.rankN: the statistics, the threads that read each evaluation's sequences and
 their current CUDA devices, whether its batches reached the schedule page-locked, the stop's `done`
 and `total`, each error and the read-ahead threads still alive after each way out.
-engine.evaluation.EVAL_CHUNK is lowered to 2 so that the small set takes several batches.
+engine.evaluation.EVAL_CHUNK is lowered to 2 (for the evaluations only) so that the small set takes
+several batches.
 """
 from __future__ import annotations
 
@@ -50,27 +52,41 @@ def _read_ahead_threads() -> list:
     return [t.name for t in threading.enumerate() if t.name.startswith("eval-read-ahead")]
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--result", required=True)
-    ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
-
-    from engine import evaluation
+def config(overrides: list):
     from engine.config import EngineConfig, load_config
-    from engine.data import PackedGroups
-    from engine.runtime import init_runtime, shutdown_runtime, validate_layout, world_size_from_env
-    from engine.trainer import Trainer
-    from tests.engine.dist_worker import random_groups
+    from engine.runtime import validate_layout, world_size_from_env
 
     cfg = load_config(EngineConfig, None, [
         "model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "model.vocab_size=64", "train.global_batch=4", "train.micro_batch=1",
         "data.seq_length=64", "log.tensorboard=false", "checkpoint.resume=false", "train.aux_lm_weight=0.5",
-        *args.overrides])
+        *overrides])
     validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
-    rt = init_runtime(cfg.parallel, cfg.train.seed)
+    return cfg
+
+
+def evaluations(cfg, rt) -> dict:
+    """This rank's results (the module docstring's), on `rt`; the model's weights are drawn from
+    cfg.train.seed as in a process of its own."""
+    from engine import evaluation
+
+    chunk = evaluation.EVAL_CHUNK
+    evaluation.EVAL_CHUNK = 2
+    try:
+        return _evaluations(cfg, rt)
+    finally:
+        evaluation.EVAL_CHUNK = chunk
+
+
+def _evaluations(cfg, rt) -> dict:
+    from engine import evaluation
+    from engine.data import PackedGroups
+    from engine.runtime import seed_model_parallel
+    from engine.trainer import Trainer
+    from tests.engine.dist_worker import random_groups
+
     data = PackedGroups(random_groups(7, 90, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
+    seed_model_parallel(rt.device, cfg.train.seed, rt.groups.tp.rank())
     trainer = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
     import torch
 
@@ -79,7 +95,6 @@ def main():
             for name, p in chunk.named_parameters():
                 if "value_head" in name:
                     p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(11)) * 0.2)
-    evaluation.EVAL_CHUNK = 2
     out = {"sequences": len(data), "dp": rt.dp, "pp": rt.pp, "device": str(rt.device)}
     run_schedule, pinned = trainer._run_schedule, []
 
@@ -122,6 +137,19 @@ def main():
             out[name] = f"{type(e).__name__}: {e}"
         out[f"{name}_left"] = _read_ahead_threads()
         out[f"{name}_training"] = all(chunk.training for chunk in trainer.model)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--result", required=True)
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    cfg = config(args.overrides)
+    from engine.runtime import init_runtime, shutdown_runtime
+
+    rt = init_runtime(cfg.parallel, cfg.train.seed)
+    out = evaluations(cfg, rt)
     with open(f"{args.result}.rank{rt.rank}", "w") as f:
         json.dump(out, f)
     shutdown_runtime()

@@ -6,7 +6,9 @@ stops before the same batch with the same `done`; and the thread is gone after e
 evaluation (its end, a stop, an error reading a batch, an error in the stop check). On CPU the batches
 are not pinned; tests/gpu/test_evaluation_gpu.py checks that on a GPU.
 
-Runs tests/engine/eval_ahead_worker.py in a process of its own (under torchrun over gloo for 4 ranks).
+Runs tests/engine/eval_ahead_worker.py: in this process on the test session's runtime at one process
+(an evaluation of the real engine parts, whose process is not what is checked; the weights drawn from the
+run's seed as in a process of its own), under torchrun over gloo for 4 ranks at DP2 x PP2.
 """
 from __future__ import annotations
 
@@ -24,9 +26,8 @@ ROOT = WORKER.parents[2]
 
 def _run(tmp: Path, nproc: int, *overrides: str) -> list:
     result = tmp / "result"
-    cmd = [sys.executable, str(WORKER), "--result", str(result), f"run_dir={tmp / 'run'}", *overrides]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER),
+           "--result", str(result), f"run_dir={tmp / 'run'}", *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -40,7 +41,15 @@ LAYOUTS = {"one_process": (1, []), "dp2_pp2": (4, ["parallel.pp=2"])}
 def layout(request, tmp_path_factory):
     """(the layout's name, each rank's result)."""
     nproc, overrides = LAYOUTS[request.param]
-    return request.param, _run(tmp_path_factory.mktemp(request.param), nproc, *overrides)
+    tmp = tmp_path_factory.mktemp(request.param)
+    if nproc > 1:
+        return request.param, _run(tmp, nproc, *overrides)
+    from tests.engine import eval_ahead_worker
+
+    cfg = eval_ahead_worker.config([f"run_dir={tmp / 'run'}", *overrides])
+    # through JSON as the launch's ranks report it
+    return request.param, [json.loads(json.dumps(eval_ahead_worker.evaluations(cfg, request.getfixturevalue(
+        "runtime"))))]
 
 
 def test_the_read_ahead_gives_the_same_statistics_read_off_the_main_thread(layout):
