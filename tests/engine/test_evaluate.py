@@ -3,16 +3,13 @@ it (as `polar score` does), and bad arguments stop before any scoring with one m
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parents[2]
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+from tests.engine import entry_runs
+
 RECORDS = [{"prompt": "Name a prime.", "category": "small", "responses": ["7", "8", "9"]},
            {"prompt": "Count to ten.", "category": "big",  # 12 responses: past 128 tokens together
             "responses": [" ".join(str(k) for k in range(1, 11 - i % 4)) + "." * i for i in range(12)]},
@@ -21,52 +18,35 @@ RECORDS = [{"prompt": "Name a prime.", "category": "small", "responses": ["7", "
             "responses": ["red", "blue", "green", [{"role": "assistant", "content": "blue"}], "green"]}]
 
 
-# The checkpoint made, then each `polar eval` of RUNS in turn, in one process (starting python, torch and
-# megatron is most of a run's time; each run starts and ends its own process group): argv[1] a JSON list
-# of (name, arguments) in folder argv[2]. A run's stdout, stderr, exit status and scored rewards (the result
-# holds only the accuracy, which a small change of every reward leaves as it is) go to NAME.out, .err,
-# .code and NAME_rewards.json there.
-RECORDED = """
-import json
-import os
-import sys
-from pathlib import Path
+def made_checkpoint(argv: list) -> int:
+    """tests/polar/serve/make_checkpoint.py's run directory argv[0], its sizes argv[1:]."""
+    from tests.polar.serve import make_checkpoint
 
-import polar.ranked_eval
-from polar import cli
-from tests.polar.serve import make_checkpoint
-
-runs, folder = json.loads(sys.argv[1]), Path(sys.argv[2])
-make_checkpoint.main(str(folder / "run"), 2, 64, 4, 2, 176, 260, 256)  # dynamic RoPE, 256 positions (POLAR-7B's)
-real, out = polar.ranked_eval.evaluate_ranked, []
+    make_checkpoint.main(argv[0], *[int(a) for a in argv[1:]])
+    return 0
 
 
-def recorded(records, score_fn, *given):
-    def scored(items):
-        rewards = score_fn(items)
-        with open(out[0], "w") as f:
-            json.dump([float(r) for r in rewards], f)
-        return rewards
-    return real(records, scored, *given)
+def recorded_eval(argv: list) -> int:
+    """`polar eval` (argv[1:]) whose scored rewards are also written to the JSON file argv[0]: the result
+    holds only the accuracy, which a small change of every reward leaves as it is."""
+    import polar.ranked_eval
+    from polar import cli
 
+    real = polar.ranked_eval.evaluate_ranked
 
-polar.ranked_eval.evaluate_ranked = recorded
-for name, argv in runs:
-    out[:] = [folder / f"{name}_rewards.json"]
-    saved = [os.dup(1), os.dup(2)]
-    with open(folder / f"{name}.out", "w") as o, open(folder / f"{name}.err", "w") as e:
-        os.dup2(o.fileno(), 1)
-        os.dup2(e.fileno(), 2)
-        try:
-            code = cli.main(argv)
-        except SystemExit as stop:
-            code = stop.code
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-    (folder / f"{name}.code").write_text(str(code))
-"""
+    def recorded(records, score_fn, *given):
+        def scored(items):
+            rewards = score_fn(items)
+            with open(argv[0], "w") as f:
+                json.dump([float(r) for r in rewards], f)
+            return rewards
+        return real(records, scored, *given)
+
+    polar.ranked_eval.evaluate_ranked = recorded
+    try:
+        return cli.main(argv[1:])
+    finally:
+        polar.ranked_eval.evaluate_ranked = real
 
 
 def _argv(folder: Path, checkpoint: str, records: list, *extra) -> list:
@@ -84,8 +64,10 @@ LONG = [{"prompt": "a", "responses": ["r", "y" * 400, "w"]}, {"prompt": "a", "re
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """The checkpoint, and the runs the tests read, in one process (RECORDED): -> (the checkpoint,
-    {run: (CompletedProcess, its rewards file)})."""
+    """The checkpoint, then the `polar eval` runs the tests read, in turn in one process
+    (tests/engine/entry_runs.py: starting python, torch and megatron is most of a run's time; each run
+    starts and ends its own process group): -> (the checkpoint, the folder, {run: CompletedProcess}),
+    each run's rewards in the folder's NAME_rewards.json."""
     tmp = tmp_path_factory.mktemp("eval")
     checkpoint = str(tmp / "run" / "checkpoints")
     runs = [("whole", _argv(tmp / "whole", checkpoint, RECORDS, "--json", str(tmp / "whole.json"))),
@@ -94,12 +76,12 @@ def evaluated(tmp_path_factory):
             # the client's lengths are settled to what the model's 256 positions hold: --seq-length is what
             # it passes
             ("long", _argv(tmp / "long", checkpoint, LONG, "--seq-length", "64"))]
-    proc = subprocess.run([sys.executable, "-c", RECORDED, json.dumps(runs), str(tmp)], cwd=tmp, env=ENV,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    done = {name: subprocess.CompletedProcess(argv, int((tmp / f"{name}.code").read_text()),
-                                              (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text())
-            for name, argv in runs}
+    # dynamic RoPE, 256 positions (POLAR-7B's kind)
+    done = entry_runs.launch(tmp, [entry_runs.run("checkpoint", f"{__name__}:made_checkpoint", tmp / "run", 2, 64, 4,
+                                                  2, 176, 260, 256, cwd=tmp),
+                                   *[entry_runs.run(name, f"{__name__}:recorded_eval", tmp / f"{name}_rewards.json",
+                                                    *argv, cwd=tmp) for name, argv in runs]], "eval")
+    assert done["checkpoint"].returncode == 0, done["checkpoint"].stderr[-3000:]
     return checkpoint, tmp, done
 
 
