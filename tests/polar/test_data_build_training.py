@@ -1,12 +1,14 @@
 """A dataset built by `polar data build` read by training (pretrain.py: a run resumes at the exact
-next sample, refuses other data or tokenizers), --check-config and `polar data stats`."""
+next sample, refuses other data or tokenizers), --check-config and `polar data stats`.
+
+Starting python, torch and megatron is most of a tiny run's time: the trainings share two processes
+(tests/engine/entry_runs.py, module fixture `runs`), every run up to an interruption in the first, the
+resumed run and the refused resumes in the second (a resume is a process of its own, as after a real
+interruption; the refusals meet the run directory the first process left)."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +17,8 @@ import pytest
 from engine.indexed_dataset import IndexedDataset
 from polar import data_stats
 from polar.format import encode_groups
-from tests.polar.test_data_build import ROOT, SEQ, build, synthetic_records, write_jsonl
+from tests.engine import entry_runs
+from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -23,19 +26,83 @@ def records():
     return synthetic_records(120)
 
 
-def pretrain_cmd(tmp_path: Path, name: str, *overrides: str) -> list:
-    return [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / name}",
+def pretrain_args(tmp_path: Path, name: str, *overrides: str) -> list:
+    return [f"run_dir={tmp_path / name}",
             "model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
             "model.ffn_hidden_size=64", "train.steps=4", "train.global_batch=4", "train.lr=1e-2",
             "train.warmup_steps=1", "train.time_limit_s=0", "log.interval=1", "log.tensorboard=false",
             f"data.seq_length={SEQ}", *overrides]
 
 
-def pretrain(tmp_path: Path, name: str, *overrides: str) -> dict:
-    proc = subprocess.run(pretrain_cmd(tmp_path, name, *overrides), capture_output=True, text=True, timeout=300,
-                          cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+def pretrain(label: str, tmp_path: Path, name: str, *overrides: str) -> dict:
+    """engine/pretrain.py with the tiny model as one run (`label`) of an entry_runs launch, in tmp_path."""
+    return entry_runs.run(label, "engine.pretrain", *pretrain_args(tmp_path, name, *overrides), cwd=tmp_path)
+
+
+def summary(done: dict, label: str, tmp_path: Path, name: str) -> dict:
+    proc = done[label]
+    assert proc.returncode == 0, (label, proc.stdout[-2000:] + proc.stderr[-3000:])
     return json.loads((tmp_path / name / "summary.json").read_text())
+
+
+BPE_BUILD = ["--seq-length", SEQ, "--workers", 2, "--chunk-records", 16]
+OTHER = {"ds_other_tok": "holds another tokenizer (tokenizer.json differs)",
+         # other data at another path: the path named (a dataset moved keeps its sequences)
+         "ds_other_data": "The run's training data is made from these settings"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, records):
+    """Every training of the module, its data built first, in two processes: the first holds the resume
+    test's uninterrupted run and its run up to step 2, the run on a BPE tokenizer's dataset up to step 2
+    (train.exit_at_step=2: a checkpoint to resume from; it serves the test of what that dataset holds and
+    trains and that of the refused resumes) and the run that meets a damaged packed sequence; the second
+    the resumed run and the two refused resumes of the BPE run. -> {"dirs": each test's directory, "done":
+    {label: CompletedProcess}, "trained": the BPE run's carried tokenizer and config.yaml after the first}."""
+    from tests.engine.test_indexed_dataset import poke
+    from tests.polar.test_tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("runs")
+    dirs = {name: root / name for name in ("resume", "bpe", "stats")}
+    for d in dirs.values():
+        d.mkdir()
+
+    resume = dirs["resume"]
+    src = write_jsonl(resume / "r.jsonl", records)
+    assert build(src, "-o", resume / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
+    data = [f"data.path={resume / 'ds'}", f"data.eval_path={resume / 'ds'}"]
+
+    bpe = dirs["bpe"]
+    tok_dir = Path(train_bpe(bpe / "bpe"))
+    src = write_jsonl(bpe / "r.jsonl", records[:40])
+    assert build(src, "-o", bpe / "ds", *BPE_BUILD, "--tokenizer", tok_dir) == 0
+    # the same ids from a tokenizer file written otherwise (another version of the library, say)
+    other_tok = bpe / "bpe2"
+    other_tok.mkdir()
+    same = json.loads((tok_dir / "tokenizer.json").read_text())
+    (other_tok / "tokenizer.json").write_text(json.dumps(same, indent=1))
+    assert build(src, "-o", bpe / "ds_other_tok", *BPE_BUILD, "--tokenizer", other_tok) == 0
+    other_src = write_jsonl(bpe / "r2.jsonl", records[40:80])
+    assert build(other_src, "-o", bpe / "ds_other_data", *BPE_BUILD, "--tokenizer", tok_dir) == 0
+
+    stats = dirs["stats"]
+    src = write_jsonl(stats / "r.jsonl", records[:40])
+    build(src, "-o", stats / "ds", "--seq-length", SEQ)
+    poke(stats / "ds" / "part-00000-of-00001", 1, 1, 10**9)  # the second group's first piece
+    epoch = -(-len(IndexedDataset(stats / "ds")) // 2)  # steps of 2 sequences that read every one
+
+    done = entry_runs.launch(root, [
+        pretrain("straight", resume, "straight", *data, "checkpoint.save_at_end=false"),  # no resume from it
+        pretrain("resumed_first", resume, "resumed", *data, "train.exit_at_step=2"),
+        pretrain("bpe_run", bpe, "run", f"data.path={bpe / 'ds'}", "train.exit_at_step=2"),
+        pretrain("stats_run", stats, "run", "train.global_batch=2", f"train.steps={epoch}",
+                 f"data.path={stats / 'ds'}")], "first")
+    carried = bpe / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
+    trained = (carried.read_bytes(), (bpe / "run" / "config.yaml").read_bytes())
+    done.update(entry_runs.launch(root, [
+        pretrain("resumed", resume, "resumed", *data),
+        *(pretrain(f"refused_{ds}", bpe, "run", f"data.path={bpe / ds}") for ds in OTHER)], "second"))
+    return {"dirs": dirs, "done": done, "trained": trained, "tok_dir": tok_dir}
 
 
 def check_here(capsys, *overrides) -> tuple[int, str]:
@@ -48,13 +115,11 @@ def check_here(capsys, *overrides) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_training_on_a_built_dataset_resumes_at_the_exact_sample(tmp_path, records):
-    src = write_jsonl(tmp_path / "r.jsonl", records)
-    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
-    data = [f"data.path={tmp_path / 'ds'}", f"data.eval_path={tmp_path / 'ds'}"]
-    straight = pretrain(tmp_path, "straight", *data, "checkpoint.save_at_end=false")  # no resume from it
-    pretrain(tmp_path, "resumed", *data, "train.exit_at_step=2")
-    resumed = pretrain(tmp_path, "resumed", *data)
+def test_training_on_a_built_dataset_resumes_at_the_exact_sample(runs):
+    tmp_path, done = runs["dirs"]["resume"], runs["done"]
+    straight = summary(done, "straight", tmp_path, "straight")
+    summary(done, "resumed_first", tmp_path, "resumed")
+    resumed = summary(done, "resumed", tmp_path, "resumed")
     assert [r["step"] for r in resumed["history"]] == [1, 2, 3, 4]
     for a, b in zip(straight["history"], resumed["history"]):
         # the same global batches in the same order: the same losses, step by step
@@ -88,29 +153,34 @@ def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, 
     assert code == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in err, err[-2000:]
 
 
-def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records):
+def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records, capsys):
+    """Refused by the recipe's checks, before any process group starts: engine/pretrain.py's main run in this
+    process (a process of its own costs seconds of imports) with the run's own arguments, no --check-config."""
+    from engine import pretrain as entry
+
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])
     build(src, "-o", tmp_path / "ds", "--seq-length", 1024)
-    proc = subprocess.run([sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={tmp_path / 'run'}",
-                           f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 2
-    assert f"data.seq_length={SEQ}, but data.path={tmp_path / 'ds'} is packed at 1024" in proc.stderr
+    capsys.readouterr()
+    code = entry.main([f"run_dir={tmp_path / 'run'}", f"data.path={tmp_path / 'ds'}", f"data.seq_length={SEQ}"])
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert f"data.seq_length={SEQ}, but data.path={tmp_path / 'ds'} is packed at 1024" in err, err[-2000:]
+    assert not (tmp_path / "run").exists()  # nothing of the run was started
 
 
-def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path, records):
+BPE_BUILD = ["--seq-length", SEQ, "--workers", 2, "--chunk-records", 16]
+
+
+def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(runs, records):
     """With a BPE that merges across the prompt/response boundary, every group is what
     encode_groups gives for that tokenizer (each candidate's whole input tokenized at once), the
     metadata carries its vocabulary and special ids, and pretrain.py trains on it."""
     from polar.tokenizer import load_tokenizer
-    from tests.polar.test_tokenizer import train_bpe
 
-    tok_dir = train_bpe(tmp_path / "bpe")
+    tmp_path, tok_dir = runs["dirs"]["bpe"], runs["tok_dir"]
+    trained = summary(runs["done"], "bpe_run", tmp_path, "run")  # train.exit_at_step=2 of 4
     tok = load_tokenizer(tok_dir)
     recs = records[:40]
-    src = write_jsonl(tmp_path / "r.jsonl", recs)
-    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir, "--workers", 2,
-                 "--chunk-records", 16) == 0
     ds = IndexedDataset(tmp_path / "ds")
     m = ds.meta
     assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (
@@ -127,8 +197,8 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
                 np.testing.assert_array_equal(np.concatenate([g.prefix, cand]), enc.full(k))
             seen += 1
     assert seen == len(recs)
-    summary = pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.steps=2")
-    assert summary["steps"] == 2 and all(np.isfinite(r["loss"]) for r in summary["history"])
+    assert trained["steps"] == 2 and [r["step"] for r in trained["history"]] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in trained["history"])
     # the checkpoints carry the tokenizer, which scoring finds without being told
     from engine.checkpoint import resolve
     from engine.score import tokenizer_spec
@@ -138,40 +208,23 @@ def test_an_hf_tokenizer_dataset_holds_the_whole_string_ids_and_trains(tmp_path,
     assert tokenizer_spec("", resolve(str(tmp_path / "run"))) == str(carried)
 
 
-def test_a_refused_resume_leaves_the_run_as_it_was(tmp_path, records, capsys):
+def test_a_refused_resume_leaves_the_run_as_it_was(runs, capsys):
     """A resume the engine refuses (other data, or data tokenized by another tokenizer than the one
     the checkpoints carry) is refused before anything of the run directory is written: the carried
     tokenizer and config.yaml stay those of the trained steps; --check-config refuses it too (it
     passed, and the launched run then failed under torchrun)."""
-    from tests.polar.test_tokenizer import train_bpe
-
-    tok_dir = Path(train_bpe(tmp_path / "bpe"))
-    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
-    assert build(src, "-o", tmp_path / "ds", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
-    pretrain(tmp_path, "run", f"data.path={tmp_path / 'ds'}", "train.exit_at_step=2")
+    tmp_path, trained = runs["dirs"]["bpe"], runs["trained"]
     carried = tmp_path / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
-    trained = (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes())
-
-    # the same ids from a tokenizer file written otherwise (another version of the library, say)
-    other_tok = tmp_path / "bpe2"
-    other_tok.mkdir()
-    (other_tok / "tokenizer.json").write_text(json.dumps(json.loads((tok_dir / "tokenizer.json").read_text()), indent=1))
-    assert build(src, "-o", tmp_path / "ds_other_tok", "--seq-length", SEQ, "--tokenizer", other_tok) == 0
-    other_src = write_jsonl(tmp_path / "r2.jsonl", records[40:80])
-    assert build(other_src, "-o", tmp_path / "ds_other_data", "--seq-length", SEQ, "--tokenizer", tok_dir) == 0
-
-    base = pretrain_cmd(tmp_path, "run")
-    for ds, message in (("ds_other_tok", "holds another tokenizer (tokenizer.json differs)"),
-                        # other data at another path: the path named (a dataset moved keeps its sequences)
-                        ("ds_other_data", "The run's training data is made from these settings")):
-        # the run refuses after its process group started: in a process of its own
-        proc = subprocess.run([*base, f"data.path={tmp_path / ds}"], capture_output=True, text=True,
-                              timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    base = pretrain_args(tmp_path, "run")
+    for ds, message in OTHER.items():
+        # the run refuses after its process group started (the second launch's runs, after the first's)
+        proc = runs["done"][f"refused_{ds}"]
         assert proc.returncode == 2 and message in proc.stderr, (ds, proc.stderr[-2000:])
         assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, ds
-        code, err = check_here(capsys, *base[2:], f"data.path={tmp_path / ds}")
+        code, err = check_here(capsys, *base, f"data.path={tmp_path / ds}")
         assert code == 2 and message in err, (ds, "--check-config", err[-2000:])
         assert (carried.read_bytes(), (tmp_path / "run" / "config.yaml").read_bytes()) == trained, (ds, "check")
+
 
 def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
     """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
@@ -195,24 +248,18 @@ def check_config(tmp_path: Path, data: Path, capsys) -> tuple[int, str]:
                       f"data.path={data}")
 
 
-def test_stats_and_check_config_check_every_sequence_of_the_index(tmp_path, records, capsys):
+def test_stats_and_check_config_check_every_sequence_of_the_index(runs, capsys):
     """A run checks a packed sequence when it reads it, and stops there naming it; `polar data
-    stats` and --check-config check the whole index before, naming the shard."""
-    from tests.engine.test_indexed_dataset import poke
-
-    src = write_jsonl(tmp_path / "r.jsonl", records[:40])
-    build(src, "-o", tmp_path / "ds", "--seq-length", SEQ)
+    stats` and --check-config check the whole index before, naming the shard. The dataset (its
+    second group's first piece poked) and the run that reads every sequence: the fixture `runs`."""
+    tmp_path = runs["dirs"]["stats"]
     shard = tmp_path / "ds" / "part-00000-of-00001"
-    poke(shard, 1, 1, 10**9)  # the second group's first piece
     capsys.readouterr()
     assert data_stats.main([str(tmp_path / "ds")]) == 2
     assert f"{shard}.idx: group offsets do not run from 0" in capsys.readouterr().err
     code, err = check_config(tmp_path, tmp_path / "ds", capsys)
     assert code == 2 and f"config error: data.path: {shard}.idx: group offsets do not run" in err, err[-2000:]
-    epoch = -(-len(IndexedDataset(tmp_path / "ds")) // 2)  # steps of 2 sequences that read every one
-    run = subprocess.run(pretrain_cmd(tmp_path, "run", "train.global_batch=2", f"train.steps={epoch}",
-                                      f"data.path={tmp_path / 'ds'}"),
-                         capture_output=True, text=True, timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run = runs["done"]["stats_run"]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert re.search(rf"data error on rank 0: {re.escape(str(shard))}\.idx: packed sequence \d+: group offsets",
                      run.stderr), run.stderr[-3000:]
