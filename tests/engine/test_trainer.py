@@ -1,6 +1,6 @@
 """engine.trainer.Trainer in one process: the learning rate each step applies and logs, one gradient
 norm per step, throughput without evaluation and checkpoint time, and a resume that refuses
-changed optimizer settings."""
+changed optimizer settings. A run whose checkpoint nothing reads saves none at its end (NO_END_SAVE)."""
 from __future__ import annotations
 
 import json
@@ -16,6 +16,7 @@ from engine import checkpoint, resume_checks
 from engine.config import ConfigError, EngineConfig, load_config
 from engine.progress import dense_flops_per_token
 from tests.engine.dist_worker import random_groups
+from tests.engine.parity import NO_END_SAVE
 
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",
          "model.ffn_hidden_size=64", "model.vocab_size=64", "train.global_batch=4", "train.micro_batch=2",
@@ -39,7 +40,7 @@ def params(trainer):
 def test_each_step_logs_the_lr_it_applied_and_the_first_one_trains(runtime, tmp_path):
     """Step s runs at the schedule's value at s: warm-up from lr/warmup_steps (not 0: a wasted step)
     to lr, cosine down to min_lr on the last step."""
-    trainer = make_trainer(runtime, tmp_path, "train.aux_lm_weight=0.5")
+    trainer = make_trainer(runtime, tmp_path, "train.aux_lm_weight=0.5", NO_END_SAVE)
     applied = []
     for opt in trainer.optimizer.chained_optimizers:
         def spy(real=opt.step_with_ready_grads, opt=opt):
@@ -82,7 +83,7 @@ def test_one_gradient_norm_per_step_and_the_same_training_as_megatrons_step(runt
     runs = {}
     for name in ("once", "megatron"):
         trainer = make_trainer(runtime, tmp_path / name, "checkpoint.resume=false", f"checkpoint.init_from={init}",
-                               f"train.grad_clip={clip}", "train.steps=3")
+                               f"train.grad_clip={clip}", "train.steps=3", NO_END_SAVE)
         if name == "megatron":
             monkeypatch.setattr(Trainer, "_optimizer_step", _megatron_step)
         calls = []
@@ -193,7 +194,7 @@ def test_the_time_limit_ignores_the_wall_clock_being_set(runtime, tmp_path, monk
     clock = types.SimpleNamespace(time=lambda: time.time() + next(jumps, 86400.0), monotonic=time.monotonic)
     monkeypatch.setattr(engine.trainer, "time", clock)
     trainer = make_trainer(runtime, tmp_path, "train.time_limit_s=1000", "log.interval=100",
-                           "checkpoint.save_interval=0")
+                           "checkpoint.save_interval=0", NO_END_SAVE)
     history = trainer.fit()
     assert [r["step"] for r in history] == [4] and trainer.stopped_by == "", (history, trainer.stopped_by)
 
@@ -328,7 +329,8 @@ def test_the_sharding_integrity_check_runs_at_a_runs_first_save_only(runtime, tm
 
     calls = []
     real = state_dict_utils.validate_sharding_integrity
-    monkeypatch.setattr(state_dict_utils, "validate_sharding_integrity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(state_dict_utils, "validate_sharding_integrity",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     trainer = make_trainer(runtime, tmp_path, "checkpoint.save_interval=1", "train.steps=3")
     trainer.fit()
     assert len(calls) == 1 and len(list((tmp_path / "checkpoints").glob("step_*"))) == 2  # keep=2 of 3 saves
@@ -361,7 +363,7 @@ def test_a_stop_file_skips_the_evaluation_due_at_its_step(runtime, tmp_path):
                            evals={"held": held}).fit()
     assert [r["step"] for r in history] == [1] and not any("eval" in r for r in history), history
     # without the file the same settings evaluate at step 1
-    again = make_trainer(runtime, tmp_path / "b", "train.eval_interval=1", evals={"held": held}).fit()
+    again = make_trainer(runtime, tmp_path / "b", "train.eval_interval=1", NO_END_SAVE, evals={"held": held}).fit()
     assert any(r.get("eval") == "held" and r["step"] == 1 for r in again), again
 
 
