@@ -18,8 +18,10 @@ import os
 import runpy
 import subprocess
 import sys
-import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script: the repository's tests package
+from tests.engine.entry_runs import exit_status  # noqa: E402
 
 
 def run_one(script: str, args: list[str], cwd: str) -> dict:
@@ -27,18 +29,9 @@ def run_one(script: str, args: list[str], cwd: str) -> dict:
     saved = sys.argv, sys.path[0], os.getcwd()
     sys.argv, sys.path[0] = [script, *args], str(Path(script).parent)
     os.chdir(cwd)
-    code = 0
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                runpy.run_path(script, run_name="__main__")
-            except SystemExit as e:
-                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-                if e.code is not None and not isinstance(e.code, int):
-                    print(e.code, file=sys.stderr)  # sys.exit("message") prints it, as Python does
-            except BaseException:  # noqa: BLE001 - the traceback is the result the caller checks
-                traceback.print_exc()
-                code = 1
+            code = exit_status(lambda: runpy.run_path(script, run_name="__main__") and None)
     finally:
         sys.argv, sys.path[0] = saved[0], saved[1]
         os.chdir(saved[2])

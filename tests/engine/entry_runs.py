@@ -23,22 +23,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run(name: str, entry: str, *argv: str, cwd: str | Path, env: dict | None = None) -> dict:
+def run(name: str, entry: str, *argv: str, cwd: str | Path, env: dict | None = None,
+        patch: list | None = None) -> dict:
     """One run of a launch: `entry`'s main (a module, "engine.finetune"; "module:function" for another
     function taking the same argv) with `argv`, in `cwd`, with `env` set in the launch's environment for
-    this run only (a None value: the variable unset)."""
-    return {"name": name, "entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "env": env or {}}
+    this run only (a None value: the variable unset); `patch`: ["module:factory", *arguments], a context
+    manager the run goes inside (tests/engine/score_runs.py's)."""
+    return {"name": name, "entry": entry, "argv": [str(a) for a in argv], "cwd": str(cwd), "env": env or {},
+            "patch": patch}
 
 
-def launch(folder: Path, runs: list, label: str = "runs", timeout: float = 900) -> dict:
-    """The runs in one process, in order (their outputs in `folder`); -> {name: CompletedProcess}. A
-    launch that ends before its last run fails the test with its own output."""
+def launch(folder: Path, runs: list, label: str = "runs", timeout: float = 900, env: dict | None = None) -> dict:
+    """The runs in one process, in order (their outputs in `folder`; `env` added to its environment);
+    -> {name: CompletedProcess}. A launch that ends before its last run fails the test with its own output."""
     import pytest
 
     spec = folder / f"{label}.runs.json"
-    spec.write_text(json.dumps(runs))
+    spec.write_text(json.dumps(runs, default=str))
     proc = subprocess.run([sys.executable, __file__, str(spec)], capture_output=True, text=True, timeout=timeout,
-                          cwd=folder, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT)))
+                          cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
     if proc.returncode != 0:
         pytest.fail(f"{label}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     done = {}
@@ -54,9 +57,36 @@ def _outputs(spec: Path, name: str) -> dict:
             for kind in ("out", "err", "code")}
 
 
+def exit_status(call) -> int:
+    """call()'s result as the status of a process ending with it: a SystemExit's code (a text printed on
+    stderr and 1, as the interpreter does), an exception's traceback on stderr and 1."""
+    import traceback
+
+    try:
+        code = call()
+    except SystemExit as x:
+        if x.code is None or isinstance(x.code, int):
+            return x.code or 0
+        print(x.code, file=sys.stderr)
+        return 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    return code or 0
+
+
+def _patch(patch: list | None):
+    import contextlib
+    import importlib
+
+    if not patch:
+        return contextlib.nullcontext()
+    module, _, factory = patch[0].partition(":")
+    return getattr(importlib.import_module(module), factory)(*patch[1:])
+
+
 def _one(spec: Path, r: dict) -> None:
     import importlib
-    import traceback
 
     name, _, function = r["entry"].partition(":")
     module = importlib.import_module(name)
@@ -76,12 +106,8 @@ def _one(spec: Path, r: dict) -> None:
         os.chdir(r["cwd"])
         sys.argv = [module.__file__, *r["argv"]]
         try:
-            code = getattr(module, function or "main")(r["argv"])
-        except SystemExit as x:
-            code = x.code if isinstance(x.code, int) else (0 if x.code is None else 1)
-        except Exception:
-            traceback.print_exc()
-            code = 1
+            with _patch(r.get("patch")):
+                code = exit_status(lambda: getattr(module, function or "main")(r["argv"]))
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
