@@ -10,7 +10,15 @@ Files are handed out longest first (SLOWEST_FIRST): xdist's own order (most test
 files of one or two long multi-process tests to the end, with one worker idle while the other ran
 them. Only the order depends on the list; a file missing from it runs after those in it.
 """
+import os
+
 import pytest
+
+# One intra-op thread a process unless the caller chose: the command runs 2 workers on 2 cores, each starting
+# launches of 2-4 processes, where torch's default (a thread per core in every process) only oversubscribes
+# them (the convergence guard's single-process runs: 33 s of CPU at 2 threads, 25 s at 1, the same curve bit
+# for bit). Set before any test imports torch, so the workers and every child process inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 try:
     from xdist.scheduler import LoadFileScheduling
@@ -19,64 +27,71 @@ except ImportError:  # xdist absent: plain sequential pytest, nothing to schedul
 
 KEPT_TOGETHER = ("tests/engine/kernels/",)
 
-# Longest first, from `pytest tests -n 2 --dist loadfile --durations=0` on 2 cores (the CI run at e6c9eb8,
-# 2026-12-05), with the files whose launches were shared out that day (c669b45-9f9c6a8) at their new times
-# measured alone (approximate: the machine was loaded).
+# Longest first: the times are estimates for the CI machine on a slow day (the run at d7dd3a3 took 35 min,
+# 2026-12-06), scaled by each file's CPU before and after that day's sharing of launches (6862294-d580b47).
+# Approximate: re-measure with `--durations=0` and reorder when a file changes its launches.
 SLOWEST_FIRST = (
-    "tests/engine/test_parallel_resume.py",  # ~110 s (now also the foreach -> fused AdamW resumes)
-    "tests/engine/test_checkpoint_async.py",  # ~90 s (was 177 s: 10 worker scenarios in one launch)
-    "tests/polar/serve/test_server_process.py",  # ~83 s
-    "tests/polar/test_plan.py",  # 81 s
-    "tests/engine/test_parallel_parity.py",  # 78 s
-    "tests/polar/test_cli.py",  # 130 s on 2026-12-06 (the machine slow that day: others 1.4-2x)
-    "tests/engine/test_score_interrupt.py",  # 102 s the same run
-    "tests/polar/test_finetune.py",  # 74 s
-    "tests/polar/test_slurm_sigterm.py",  # ~70 s
-    "tests/engine/test_stop_signal.py",  # ~65 s
-    "tests/engine/kernels/",  # 64 s
-    "tests/engine/test_multinode_restart.py",  # 64 s
-    "tests/engine/test_checkpoint_async_layouts.py",  # ~56 s
-    "tests/polar/convert/test_smollm2.py",  # 54 s
-    "tests/engine/test_pretrain_cli.py",  # 52 s
-    "tests/test_gpu_run_all.py",  # ~70 s with its dry run (2026-12-05, 28th session; the machine loaded)
-    "tests/engine/test_trainer.py",  # ~48 s (the same run)
-    "tests/engine/test_score_chunks.py",  # ~52 s (was 111 s)
-    "tests/engine/test_parallel_data.py",  # 51 s
-    "tests/polar/test_score.py",  # ~38 s
-    "tests/engine/test_score_split.py",  # ~37 s
-    "tests/polar/test_convergence.py",  # 38 s
-    "tests/engine/test_checkpoint_rank0.py",  # 37 s
-    "tests/engine/test_profiling.py",  # ~20 s (one torchrun DP2, the parity reference, 5 in-process fits)
+    "tests/polar/serve/test_server_process.py",  # ~110 s
+    "tests/engine/test_score_interrupt.py",  # ~100 s (its signals' waits)
+    "tests/polar/test_slurm_sigterm.py",  # ~95 s
+    "tests/polar/test_cli.py",  # ~90 s (torchrun's restart)
+    "tests/engine/test_stop_signal.py",  # ~80 s
+    "tests/polar/convert/test_smollm2.py",  # ~80 s (the GGUF read once)
+    "tests/benchmarks/test_fp8_benchmark.py",  # ~75 s
+    "tests/test_gpu_run_all.py",  # ~70 s (its dry run and stages' sleeps)
+    "tests/polar/test_plan.py",  # ~65 s
+    "tests/engine/kernels/",  # ~65 s
+    "tests/engine/test_multinode_restart.py",  # ~60 s
+    "tests/engine/test_parallel_parity.py",  # ~60 s (one launch per world size)
+    "tests/engine/test_parallel_resume.py",  # ~60 s (4 launches)
+    "tests/polar/test_score.py",  # ~55 s
+    "tests/engine/test_checkpoint_dir_lock.py",  # ~50 s (lock waits)
+    "tests/engine/test_checkpoint_async.py",  # ~50 s (3 launches)
+    "tests/polar/test_finetune.py",  # ~50 s (2 processes)
+    "tests/polar/test_convergence.py",  # ~50 s
+    "tests/engine/test_stop_signal_eval.py",  # ~50 s
+    "tests/engine/test_score_chunks.py",  # ~45 s
+    "tests/engine/test_eval_progress.py",  # ~40 s
+    "tests/engine/test_checkpoint_async_layouts.py",  # ~40 s (2 launches)
+    "tests/polar/test_reward.py",
+    "tests/engine/test_closed_pipe.py",
+    "tests/engine/test_pretrain_cli.py",
+    "tests/engine/test_trainer.py",
+    "tests/engine/test_evaluation_read_ahead.py",
+    "tests/test_package.py",
+    "tests/polar/test_sample_robustness.py",
+    "tests/polar/convert/test_architectures.py",
+    "tests/benchmarks/test_e2e_benchmark.py",
     "tests/engine/test_kernel_selection.py",
+    "tests/csrc/test_cuda_compile.py",
+    "tests/engine/test_called_as.py",
+    "tests/engine/launch/test_slurm_pretrain.py",
+    "tests/engine/test_runtime.py",
     "tests/engine/test_parallel_fp8.py",
-    "tests/engine/test_fp8_weight_cache.py",  # 9 trainings in 2 processes (7 in one, 2 in one torchrun)
-    "tests/engine/test_optim_fused_resume.py",  # 1 layout (not distributed): a save and 2 resumes
-    "tests/engine/test_evaluation_read_ahead.py",  # torchrun DP2xPP2 (2026-12-05)
-    "tests/engine/test_score_packing.py",  # ~11 s
-    "tests/polar/convert/test_card_serving.py",  # ~55 s (2026-12-05)
-    "tests/engine/test_resume_data_finetune.py",  # ~40 s (2026-12-05)
-    "tests/polar/test_data_build_training.py",  # split from test_data_build.py (its trainings): the rest is fast
-    "tests/benchmarks/test_benchmark_arguments.py",
+    "tests/engine/test_parallel_data.py",
+    "tests/engine/test_score_split.py",
+    "tests/polar/test_data_build_training.py",
+    "tests/engine/test_profiling.py",
+    "tests/engine/test_fp8_weight_cache.py",
     "tests/engine/test_fp8_training.py",
+    "tests/engine/test_optim_fused_resume.py",
+    "tests/polar/convert/test_card_serving.py",
+    "tests/engine/test_resume_data_finetune.py",
+    "tests/engine/test_checkpoint_rank0.py",
+    "tests/engine/test_parameter_count.py",
+    "tests/engine/test_score_packing.py",
     "tests/engine/test_megatron_jit.py",
     "tests/polar/serve/test_app.py",
-    "tests/polar/serve/test_app_failures.py",  # split from test_app.py (2026-12-04): its later half
-    "tests/polar/serve/test_reading_room.py",  # ~20 s (2026-12-05)
-    "tests/polar/convert/test_architectures.py",
-    "tests/test_package.py",
-    "tests/polar/test_cli_sigterm.py",  # ~25 s (2026-12-05)
-    "tests/benchmarks/test_fp8_benchmark.py",
-    "tests/polar/test_reward.py",  # ~30 s (the same run)
-    "tests/engine/test_called_as.py",  # ~30 s measured alone
-    "tests/engine/launch/test_slurm_pretrain.py",  # ~29 s (the same run)
+    "tests/polar/serve/test_app_failures.py",
+    "tests/polar/serve/test_reading_room.py",
+    "tests/polar/test_cli_sigterm.py",
     "tests/engine/test_evaluate.py",
-    "tests/csrc/test_cuda_compile.py",
-    "tests/benchmarks/test_e2e_benchmark.py",
     "tests/polar/convert/test_lm_head.py",
     "tests/engine/test_config_checks.py",
     "tests/benchmarks/test_dataset_cold_index_benchmark.py",
     "tests/polar/convert/test_trained_export.py",
     "tests/benchmarks/test_dataset_cold_read_benchmark.py",
+    "tests/benchmarks/test_benchmark_arguments.py",
 )
 
 
