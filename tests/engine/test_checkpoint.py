@@ -384,17 +384,21 @@ def test_a_freed_models_integrity_check_does_not_pass_to_a_new_model_at_its_addr
     the same address, whose first save must be checked again."""
     import gc
 
-    class Chunk:  # a stand-in: CPython gives a new instance of a plain class the address just freed
-        pass
+    class Chunk:  # a stand-in: CPython gives a new instance the address just freed
+        # one allocation an instance (no attribute values beside it, which take turns with the instances
+        # for the freed blocks), weak references as a model chunk takes
+        __slots__ = ("__weakref__",)
 
+    # earlier tests' garbage first: collected after `old` is freed, each freed block of a full memory pool
+    # put its pool ahead of old's, and after in-process trainings more than 10,000 instances came before it
+    gc.collect()
     old = Chunk()
     checkpoint._SAVES_CHECKED.add(old)  # what save does once its first check passed
     assert checkpoint.integrity_checked([old]) and not checkpoint.integrity_checked([Chunk()])
     address = id(old)
-    del old
-    gc.collect()
+    del old  # no reference cycle: freed here
     kept = []  # instances not at the address, kept alive so that the next one is allocated elsewhere
-    for _ in range(10_000):
+    for _ in range(1_000_000):
         new = Chunk()
         if id(new) == address:
             break
