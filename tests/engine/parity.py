@@ -86,13 +86,8 @@ def assert_same_run(ref: dict, got: dict, steps=range(1, STEPS + 1)):
         assert g[s]["pair_acc"] == pytest.approx(r[s]["pair_acc"], abs=1e-9), f"pair accuracy at step {s}"
 
 
-def assert_layout_matches(reference, name: str, nproc: int, overrides: list):
-    """The layout's run (from the reference's initial weights) trains and evaluates like it."""
-    tmp, init, ref = reference
-    assert_trains_and_evaluates_alike(ref, run_worker(tmp, name, nproc, NO_END_SAVE, *overrides, init=init))
-
-
 def assert_trains_and_evaluates_alike(ref: dict, got: dict):
+    """A layout's run (from the reference's initial weights) trains and evaluates like the reference."""
     assert_same_run(ref, got)
     assert got["eval"]["pair_accuracy"] == pytest.approx(ref["eval"]["pair_accuracy"], abs=1e-9)
     assert got["eval"]["loss"] == pytest.approx(ref["eval"]["loss"], rel=RTOL)
