@@ -35,10 +35,6 @@ def quoted_commands(text: str) -> list[tuple[str, list[str], str]]:
     return found
 
 
-def quoted_scripts(text: str) -> set:
-    return {script for script, _, _ in quoted_commands(text)}
-
-
 HELPS: dict = {}  # script -> its --help text, run once a session
 
 
