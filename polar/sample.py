@@ -499,7 +499,7 @@ def main(argv: list[str]) -> int:
                 raise SampleError(f"--instruction-prompts {' '.join(a.instruction_prompts)}: no non-empty prompts")
         sampling = SamplingParams(a.temperature, a.top_p, a.top_k, a.max_tokens)
         settings = record_settings(a, policies, sampling, corpus, instructions)
-        check_settings(a.output + ".run.json", settings, a.allow_changed_settings)
+        check_settings(a.output + ".run.json", settings, a.allow_changed_settings, _log)
         done = read_done_ids(a.output, _log, a.progress_interval)
     except (SampleError, PoolError) as e:
         if lock is not None:

@@ -56,8 +56,23 @@ def lock_output(path: str) -> int:
         raise SampleError(f"{path}: cannot write the output: {e.strerror or e}") from None
 
 
-def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
-    """Stop a restart whose settings would give different records than the ones already written."""
+# Settings that are lists of input files: compared by file name (their sizes are settings of their own),
+# as `polar data build` knows its inputs, since the same corpus is mounted at other paths on other
+# machines (a restart on another node of the cluster was refused as "other settings").
+PATH_SETTINGS = ("corpus", "instruction_prompts")
+
+
+def _names(paths) -> list:
+    return [os.path.basename(p) for p in paths] if isinstance(paths, list) else paths
+
+
+def _same(key: str, old, new) -> bool:
+    return _names(old) == _names(new) if key in PATH_SETTINGS else old == new
+
+
+def check_settings(path: str, settings: dict, allow_changed: bool, log=None) -> None:
+    """Stop a restart whose settings would give different records than the ones already written.
+    Input files found at other paths under the same names are the same inputs (`log` says so)."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             try:
@@ -68,7 +83,12 @@ def check_settings(path: str, settings: dict, allow_changed: bool) -> None:
                 raise SampleError(f"{path}: not a settings record (a JSON object); delete it to start the settings "
                                   "record afresh")
         # a setting the old record lacks was not recorded by the polar that wrote it: no change to report
-        changed = sorted(k for k in old if old[k] != settings.get(k))
+        changed = sorted(k for k in old if not _same(k, old[k], settings.get(k)))
+        moved = [k for k in PATH_SETTINGS if k not in changed and old.get(k, settings.get(k)) != settings.get(k)]
+        if moved and log is not None:
+            log("; ".join(f"--{k.replace('_', '-')} read from {', '.join(settings[k])} (the output was written "
+                          f"from {', '.join(old[k])}): the same file names, taken as the same files"
+                          for k in moved))
         if changed and not allow_changed:
             details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise SampleError(f"{path}: the output was written with other settings ({details}); use another "

@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -250,8 +251,22 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         del old["corpus_bytes"], old["instruction_bytes"]
         run_json.write_text(json.dumps(old))
         assert sample.main(argv) == 0, capsys.readouterr().err
-    assert sorted(_by_id(_records(out))) == list(range(5))
-    assert json.loads(run_json.read_text())["corpus_bytes"] == [corpus.stat().st_size]
+        assert sorted(_by_id(_records(out))) == list(range(5))
+        assert json.loads(run_json.read_text())["corpus_bytes"] == [corpus.stat().st_size]
+        # the same files mounted at another path (a restart on another node): the same inputs, said
+        moved = tmp_path / "mnt"
+        moved.mkdir()
+        shutil.copy(corpus, moved / corpus.name)
+        shutil.copy(inst, moved / inst.name)
+        assert sample.main(_argv(moved / corpus.name, moved / inst.name, pool, out, n=6)) == 0
+        err = capsys.readouterr().err
+        assert f"--corpus read from {moved / corpus.name} (the output was written from {corpus})" in err, err
+        assert f"--instruction-prompts read from {moved / inst.name}" in err, err
+        # another file name is another input, whatever its bytes
+        shutil.copy(corpus, moved / "other.txt")
+        assert sample.main(_argv(moved / "other.txt", moved / inst.name, pool, out, n=7)) == 2
+        assert f"corpus: ['{moved / corpus.name}'] -> ['{moved / 'other.txt'}']" in capsys.readouterr().err
+    assert sorted(_by_id(_records(out))) == list(range(6))
 
 
 @pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe{}"])
