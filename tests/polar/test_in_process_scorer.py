@@ -1,8 +1,12 @@
-"""The in-process scorer's start-up checks: what `polar serve` refuses before serving, it refuses
-before scoring."""
+"""polar/in_process_scorer.py, InProcessScorer: its start-up checks (what `polar serve` refuses before
+serving, it refuses before scoring), its lengths fitted to the model's positions, and its checks of items and
+texts (most with a stub model: the checks come first)."""
 import json
 
+import numpy as np
 import pytest
+
+from polar.in_process_scorer import InProcessScorer
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<|reward|>", "[UNUSED_TOKEN_130]"]
 
@@ -26,7 +30,6 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
     IndexError('index out of range in self') (on a GPU, a device-side assert in the trainer's own
     CUDA context); `polar serve` refuses such a tokenizer at start-up."""
     from engine.inference import RewardScorer
-    from polar.in_process_scorer import InProcessScorer
 
     scorer = RewardScorer.random(dict(num_layers=1, hidden_size=32, num_attention_heads=2, num_query_groups=1,
                                       ffn_hidden_size=64, vocab_size=64, max_position_embeddings=128),
@@ -38,3 +41,93 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path):
         assert len(fits.score([{"prompt": "w1 w2", "reference": "w3", "output": "w49"}])) == 1
     finally:
         fits.close()
+
+
+class _StubModel:
+    """Reward = the position of the item's last token (its length - 1): enough to see which ids
+    were scored."""
+
+    def score(self, batch):
+        return batch.layout[:, 0].reshape(-1)[batch.reward_index].numpy().astype(np.float32)
+
+
+@pytest.fixture
+def in_process():
+    from polar.tokenizer import ByteTokenizer
+
+    s = InProcessScorer(_StubModel(), ByteTokenizer(), max_length=256, max_response=64, max_wait_s=0.001)
+    yield s
+    s.close()
+
+
+class _StubModelOfPositions(_StubModel):
+    def __init__(self, positions: int):
+        self.max_positions = positions
+
+
+def test_in_process_scorer_fits_its_lengths_to_the_models_positions():
+    """As `polar serve` and `polar score` do (polar.client_limits): the client's default 16384 was
+    kept for a model of fewer positions, so items within it but past the positions were formatted and
+    then refused one by one; a given max_length that cannot fit is refused at once, naming the largest."""
+    from polar.tokenizer import ByteTokenizer
+
+    s = InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_wait_s=0.001)
+    try:
+        assert (s.max_length, s.max_response) == (4096 - 15, (4096 - 15 - 6) // 2)
+        assert "max_length 4081" in s.lengths_note and "4096 positions" in s.lengths_note
+        long = {"prompt": "p" * 9000, "reference": "r" * 5000, "output": "o" * 5000}
+        last = s.score([long])[0]  # the position read: the item's length - 1
+        assert s.max_length - 8 <= last < s.max_length  # cut to the truncation's length, and scored
+    finally:
+        s.close()
+    with pytest.raises(ValueError, match="max_length 8000: .* the largest max_length whose items fit is 4081"):
+        InProcessScorer(_StubModelOfPositions(4096), ByteTokenizer(), max_length=8000)
+    # a scorer that knows no positions: a max_length given alone brings the response length that fits it,
+    # as on the command line (it was refused: "leaves no prompt budget ... max_response 4096")
+    s = InProcessScorer(_StubModel(), ByteTokenizer(), max_length=2000, max_wait_s=0.001)
+    assert (s.max_length, s.max_response) == (2000, 997)
+    s.close()
+    # a model of the client's positions and more keeps the client's lengths, with nothing to say
+    s = InProcessScorer(_StubModelOfPositions(32768), ByteTokenizer(), max_wait_s=0.001)
+    assert (s.max_length, s.max_response, s.lengths_note) == (16384, 4096, None)
+    s.close()
+
+
+def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_process):
+    item = {"prompt": "hello", "reference": "world", "output": "earth"}
+    sft = in_process.score([{**item, "wrapper": "sft"}])
+    assert in_process.score([{**item, "wrapper": None}]) == in_process.score([item]) == sft
+    assert in_process.score([{**item, "wrapper": "pretrain"}]) != sft
+
+
+@pytest.mark.parametrize("item,error,message", [
+    ({"prompt": "a", "reference": "b"}, ValueError, "item 0: missing field 'output'"),
+    ({"prompt": "a", "reference": "b", "output": 5}, ValueError, "item 0.output must be a string or an array"),
+    ({"prompt": "a", "reference": "b", "output": "\ud800"}, ValueError, "item 0.output holds a lone surrogate"),
+    ({"prompt": "a", "reference": "", "output": "o"}, ValueError, "item 0.reference: the reference is empty"),
+    ({"prompt": "a", "reference": [{"content": " "}], "output": "o"}, ValueError,
+     r"item 0.reference: the reference is empty \(only whitespace\)"),
+    ("just text", TypeError, "item 0 must be a dict"),
+])
+def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error, message):
+    with pytest.raises(error, match=message):
+        in_process.score([item])
+
+
+def test_in_process_texts_are_read_as_classify_reads_them(in_process):
+    # a bare string was iterated: "abc" gave three rewards, one per character
+    text = "<|reward|>abc[UNUSED_TOKEN_130]"
+    assert in_process.score_texts(text) == in_process.score_texts([text]) and len(in_process.score_texts(text)) == 1
+    assert in_process.score_texts([]) == []
+    with pytest.raises(ValueError, match="text 1 holds a lone surrogate"):
+        in_process.score_texts([text, "a\ud800"])
+    with pytest.raises(TypeError, match="text 1 must be a string, got int"):
+        in_process.score_texts([text, 5])
+
+
+@pytest.mark.parametrize("bad", ["<|reward|>abc[UNUSED_TOKEN_130]\n", "<|reward|>abc", "abc", ""])
+def test_in_process_texts_must_end_with_the_reward_token(in_process, bad):
+    """The reward is read at a text's last token: one ending after the reward token (a trailing
+    newline) or without it was scored at whatever token came last, as /classify scored it."""
+    with pytest.raises(ValueError, match=r"^text 1 does not end with the reward token \[UNUSED_TOKEN_130\]"):
+        in_process.score_texts(["<|reward|>abc[UNUSED_TOKEN_130]", bad])
