@@ -34,8 +34,14 @@ is polar/data_chunks.py's. Each machine counts the lines of every input to find 
 The shards of one build carry a build id (a hash of the settings and of the inputs' names, sizes
 and line counts); the builder refuses an output directory holding shards of any other build, and
 the reader refuses a directory that lacks a shard of a build, holds one twice or holds two builds
-of the same inputs. To concatenate datasets, copy their shard files into one directory under names
-that sort in the order wanted (see engine/shard_format.py).
+of the same inputs. An input rewritten with the same name, size and line count (a reshuffle) is
+the same build id: each shard also records every input's fingerprint (sampled blocks, about 1 MiB
+read per input: polar/input_fingerprint.py), and a shard is not written beside shards of its build
+built from other bytes of an input (the inputs and shards are named: restore the input, or remove
+those shards and build every shard again). Shards that record no fingerprint (built before they
+were recorded) cannot be checked: a shard is written beside them with a note. To concatenate
+datasets, copy their shard files into one directory under names that sort in the order wanted
+(see engine/shard_format.py).
 """
 from __future__ import annotations
 
@@ -60,6 +66,7 @@ from polar.build_rejects import check_rejects_path, rejects_in_place, replaced_r
 from polar.build_stop import SigtermStops, Terminated
 from polar.data_chunks import CHANGED, Chunk, InputChanged, plan_chunks
 from polar.data_inputs import input_files, missing_dirs, names
+from polar.input_fingerprint import check_beside, with_fingerprints
 from polar.records import ON_ERROR, RecordError, parse_line, record_digest, reject_entry, strip_bom
 
 
@@ -450,6 +457,12 @@ def build(inputs: list[str], output: str, cfg: BuildConfig, workers: int = 1, ch
     if others:
         raise FileExistsError(f"{output} holds shards of another build ({', '.join(others)}), which a reader "
                               "would mix with this one: remove them or build into another directory")
+    # Not in the build id (the shards built before it would be another build): compared with this build's
+    # shards beside, which would otherwise be read with this one if an input was rewritten since them.
+    meta["sources"] = with_fingerprints(sources)
+    unchecked = check_beside(Path(output), name, meta["build"]["id"], meta["sources"])
+    if unchecked:
+        print(f"note: {unchecked}", file=sys.stderr, flush=True)
     # Written under a temporary name and put in place with the shard, so that a failed rebuild
     # (--force) leaves the old shard with its own rejects.
     rejects_tmp = rejects_file.with_name(rejects_file.name + ".tmp")

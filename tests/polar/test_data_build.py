@@ -15,6 +15,7 @@ from engine.indexed_dataset import IndexedDataset
 from engine.shard_format import DatasetFormatError
 from polar import data_build, data_stats
 from polar.format import encode_groups
+from polar.input_fingerprint import fingerprint
 from polar.pretrain_data import SyntheticDataConfig, make_splits
 from polar.tokenizer import ByteTokenizer
 
@@ -89,7 +90,8 @@ def test_every_record_becomes_its_encoded_group(tmp_path, records, capsys):
     assert (m["vocab_size"], m["pad_id"], m["bos_id"], m["reward_token_id"]) == (tok.vocab_size, tok.pad_id,
                                                                               tok.bos_id, tok.reward_token_id)
     assert m["tokenizer"] == "byte" and m["token_dtype"] == "uint16" and m["seq_length"] == SEQ
-    assert m["sources"] == [{"path": str(src), "bytes": src.stat().st_size, "lines": 120, "first_record": 0}]
+    assert m["sources"] == [{"path": str(src), "bytes": src.stat().st_size, "lines": 120, "first_record": 0,
+                             "sample_sha256": fingerprint(str(src), src.stat().st_size)}]
     assert m["counts"]["records"] == 120 and m["counts"]["sequences"] == len(ds)
 
 

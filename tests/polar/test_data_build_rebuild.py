@@ -237,3 +237,65 @@ def test_a_shard_built_from_an_input_since_rewritten_is_not_kept(tmp_path, recor
     assert build(*common, "--shard-index", 0, "--force") == 0  # rebuilt from the bytes there now
     assert build(*common, "--shard-index", 0) == 0
     assert "is already built by this build" in capsys.readouterr().out
+
+
+def test_a_shard_is_not_built_beside_shards_built_from_other_bytes_of_an_input(tmp_path, records, capsys):
+    """An input rewritten with the same name, size and line count (its lines reordered: a shuffle run again)
+    is the same build id, so a job array run again after shard 1 failed built it from the new lines beside
+    shard 0 built from the old: one dataset, some records twice and others never. Each shard records its
+    inputs' fingerprints (polar.input_fingerprint) and a shard built beside others of its build compares
+    them; shards that record none (built before) are built beside with a note."""
+    from polar.input_fingerprint import FIELD
+
+    rows = records[:40]
+    src = write_jsonl(tmp_path / "r.jsonl", rows)
+    same = write_jsonl(tmp_path / "s.jsonl", records[40:60])  # not rewritten: not named
+    ds = tmp_path / "ds"
+    common = [src, same, "-o", ds, "--seq-length", SEQ, "--chunk-records", 10, "--num-shards", 2]
+    for i in range(2):
+        assert build(*common, "--shard-index", i) == 0
+    assert build(src, same, "-o", tmp_path / "one", "--seq-length", SEQ, "--chunk-records", 10) == 0
+    one = IndexedDataset(tmp_path / "one")
+
+    def reads_as_one_machines():
+        two = IndexedDataset(ds)
+        assert len(two) == len(one) and two.num_groups == 60
+        for i in range(len(one)):
+            assert one.sources(i).tolist() == two.sources(i).tolist()
+
+    def lose_shard_1():
+        for ext in ("bin", "idx", "json"):
+            (ds / f"part-00001-of-00002.{ext}").unlink()
+
+    reads_as_one_machines()
+    lose_shard_1()
+    size = src.stat().st_size
+    write_jsonl(src, rows[::-1])
+    assert src.stat().st_size == size
+    before = {p.name: p.read_bytes() for p in ds.iterdir()}
+    capsys.readouterr()
+    for force in ([], ["--force"]):
+        assert build(*common, "--shard-index", 1, *force) == 2
+        err = capsys.readouterr().err
+        assert (f"{ds} holds shards of this build built from other bytes of {src} than it holds now "
+                "(part-00000-of-00002): an input rewritten since with the same name, size and line count") in err
+        assert "restore the input as it was and build this shard again, or remove those shards" in err
+        assert str(same) not in err
+        assert {p.name: p.read_bytes() for p in ds.iterdir()} == before
+    write_jsonl(src, rows)  # restored
+    assert build(*common, "--shard-index", 1) == 0
+    assert "note" not in capsys.readouterr().err
+    reads_as_one_machines()
+    # shard 0 as a build before fingerprints wrote it: shard 1 is built beside it, said unchecked
+    lose_shard_1()
+    meta0 = ds / "part-00000-of-00002.json"
+    meta = json.loads(meta0.read_text())
+    assert [sorted(s) for s in meta["sources"]] == [["bytes", "first_record", "lines", "path", FIELD]] * 2
+    meta["sources"] = [{k: v for k, v in s.items() if k != FIELD} for s in meta["sources"]]
+    meta0.write_text(json.dumps(meta))
+    assert build(*common, "--shard-index", 1) == 0
+    err = capsys.readouterr().err
+    assert (f"note: part-00000-of-00002 in {ds}, of this build, record no input fingerprints (built before they "
+            "were recorded): whether they were built from the bytes the inputs hold now cannot be checked") in err
+    assert err.count("note:") == 1
+    reads_as_one_machines()
