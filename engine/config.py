@@ -232,7 +232,9 @@ class CheckpointConfig:
     # before it is refused: a run on a node that was lost keeps its NFS lock for the server's lease time
     # after its death (NFSv4: 90 s by default), and its restart (torchrun --max-restarts, a SLURM requeue)
     # waits for the lock to lapse. --check-config waits too (a requeue's start-up check is one); 0 =
-    # refused at once. The run says once that it waits, naming the holder
+    # refused at once. The run says once that it waits, naming the holder. A live holder is refused
+    # sooner: at once on this host, within two of its heartbeats (the lock file's mtime, refreshed
+    # every 5 s) on another
     lock_wait_s: float = setting(180.0, at_least(0.0))
 
 

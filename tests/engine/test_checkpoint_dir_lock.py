@@ -160,16 +160,24 @@ def test_the_lock_is_the_holders_alone_and_goes_with_it(tmp_path):
 
 
 
-# a holder whose lock file names another host: the rank 0 of a run on a node since lost (a holder
-# alive on this host is refused at once)
+def _held_on(host: str, beating: bool) -> str:
+    """A holder whose lock file names `host`, not this one (a holder alive on this host is refused at
+    once): `beating`, a HolderLock, whose heartbeat (engine.file_lock.HEARTBEAT_S, 5 s in a run) is
+    quickened; else a lock with no heartbeat, as a lost node's NFS lock is."""
+    take = ("import engine.file_lock as file_lock\n"
+            "file_lock.HEARTBEAT_S = 0.5\n"
+            "fd = file_lock.HolderLock(sys.argv[1], RuntimeError('busy')).fd\n" if beating else
+            "from engine.file_lock import claim\n"
+            "fd = claim(sys.argv[1], RuntimeError('busy'))[0]\n")
+    return ("import os, sys, time\n" + take + "os.ftruncate(fd, 0)\n"
+            f"os.pwrite(fd, f'pid {{os.getpid()}} on {host} since 2026-12-06 01:00:00 +0000\\n'.encode(), 0)\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n")
+
+
+# the rank 0 of a run on a node since lost, whose NFS lock the server keeps until its lease lapses
 LOST_HOST = "lost-node"
-_LOST = ("import os, sys, time\n"
-         "from engine.file_lock import HolderLock\n"
-         "lock = HolderLock(sys.argv[1], RuntimeError('busy'))\n"
-         "os.ftruncate(lock.fd, 0)\n"
-         f"os.pwrite(lock.fd, f'pid {{os.getpid()}} on {LOST_HOST} since 2026-12-06 01:00:00 +0000\\n'.encode(), 0)\n"
-         "print('held', flush=True)\n"
-         "time.sleep(600)\n")
+_LOST = _held_on(LOST_HOST, beating=False)
 
 
 def _note(err: str, lock: Path, wait: str, pid: int) -> None:
@@ -239,3 +247,47 @@ def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
     assert check.returncode == 0 and "config ok" in check.stdout, check.stdout + check.stderr[-3000:]
     take = freed_while_waiting([sys.executable, "-c", _TAKE, str(run_dir), "300"], "300")
     assert take.returncode == 0 and take.stdout == "taken\n", take.stdout + take.stderr[-3000:]
+
+
+def test_a_live_run_on_another_host_is_refused_at_its_heartbeat(tmp_path, monkeypatch):
+    """A relaunch while the run still trains on another host (a second sbatch on its run_dir) waited
+    checkpoint.lock_wait_s (180 s) before its refusal, as a restart after a lost node waits for the
+    dead rank 0's NFS lock: the holder, alive, now refreshes its lock file (its heartbeat), and the
+    start-up check (rank 0 at once, another rank LATE_S later) and rank 0's take refuse once they see
+    it change, saying so; a holder that does not beat is waited for as before
+    (test_a_restart_waits_for_the_lock_a_lost_run_keeps). The holder is killed 90 s in: a wait that
+    does not end lets the run in rather than hang for lock_wait_s=600."""
+    import threading
+
+    import engine.pretrain as pretrain
+    from engine.config import ConfigError, EngineConfig
+
+    run_dir = tmp_path / "run"
+    lock = run_dir / "checkpoints" / ".lock"
+    lock.parent.mkdir(parents=True)
+    host = "other-node"
+    holder = subprocess.Popen([sys.executable, "-c", _held_on(host, beating=True), str(lock)], stdout=subprocess.PIPE,
+                              text=True, env=ENV, cwd=ROOT)
+    ends = threading.Timer(90.0, holder.kill)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        ends.start()
+        cfg = EngineConfig()
+        cfg.run_dir, cfg.checkpoint.lock_wait_s = str(run_dir), 600.0
+        monkeypatch.setattr(pretrain, "LATE_S", 1.0)
+        for rank in (0, 1):
+            with pytest.raises(ConfigError) as refused:
+                pretrain.refuse_a_held_checkpoint_dir(cfg, rank)
+            _refusal(f"config error: {refused.value}", lock.parent, holder.pid, host)
+            assert "alive: its heartbeat refreshed the lock file" in str(refused.value), refused.value
+        take = subprocess.run([sys.executable, "-c", _TAKE, str(run_dir), "600"], capture_output=True, text=True,
+                              env=ENV, cwd=ROOT, timeout=150)
+        assert take.returncode == 0, take.stderr[-3000:]
+        _refusal(f"config error: {take.stdout}", lock.parent, holder.pid, host)
+        assert "alive: its heartbeat refreshed the lock file" in take.stdout, take.stdout
+        assert "a live one is refused once its heartbeat is seen" in take.stderr, take.stderr[-3000:]
+        assert holder.poll() is None
+    finally:
+        ends.cancel()
+        holder.kill()
+        holder.wait()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,63 @@ def test_alive_here_is_a_live_process_on_this_host_alone(tmp_path):
         assert alive_here(lock) is alive, (pid, host)
     lock.write_text("")
     assert not alive_here(lock) and not alive_here(tmp_path / "missing")
+
+
+# a HolderLock's holder beating fast (engine.file_lock.HEARTBEAT_S, 5 s in a run), so a waiter sees it soon
+BEATING = ("import sys, time\n"
+           "import engine.file_lock as file_lock\n"
+           "file_lock.HEARTBEAT_S = 0.2\n"
+           "file_lock.HolderLock(sys.argv[1], RuntimeError('busy'))\n"
+           "print('held', flush=True)\n"
+           "time.sleep(600)\n")
+
+
+def test_a_wait_ends_at_a_live_holders_heartbeat_and_not_at_a_stopped_ones(tmp_path):
+    """A holder on another host, alive, kept a relaunch waiting the whole wait_s (180 s for a run's
+    checkpoint directory) before its refusal, as if it were a lost node's NFS lock waiting for its
+    lease to lapse: a HolderLock's holder now refreshes the file's mtime (its heartbeat), and a wait
+    that sees it change is refused at once. A holder that stops beating (stopped here, its lock kept,
+    as a lost node's is by the NFS server) is waited for as before, however fresh its last beat.
+    A holder left a minute into a wait is killed: a wait that does not end lets the take in (DID NOT
+    RAISE) rather than hang for wait_s."""
+    import signal
+    import threading
+
+    import psutil
+
+    from engine.file_lock import Heartbeat
+
+    lock = str(tmp_path / ".lock")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for stopped in (False, True):
+        holder = subprocess.Popen([sys.executable, "-c", BEATING, lock], stdout=subprocess.PIPE, text=True, cwd=ROOT,
+                                  env=env)
+        ends = []
+
+        def take(beat=None):
+            def waiting():  # the holder's end, a while into the wait
+                ends.append(threading.Timer(3.0 if stopped else 60.0, holder.kill))
+                ends[-1].start()
+            return HolderLock(lock, RuntimeError("busy"), wait_s=600, waiting=waiting, live=beat)
+
+        try:
+            assert holder.stdout.readline() == "held\n"
+            if stopped:
+                holder.send_signal(signal.SIGSTOP)
+                while psutil.Process(holder.pid).status() != psutil.STATUS_STOPPED:
+                    time.sleep(0.01)
+            beat = Heartbeat(lock)
+            if stopped:  # waited for until the holder is gone, then taken
+                take(beat).release()
+            else:
+                with pytest.raises(RuntimeError, match="busy"):
+                    take(beat)
+                with pytest.raises(RuntimeError, match="busy"):  # HolderLock's own watch, by default
+                    take()
+                assert holder.poll() is None
+        finally:
+            for timer in ends:
+                timer.cancel()
+            holder.kill()
+            holder.wait()
+        assert beat.seen is not stopped and len(ends) == (1 if stopped else 2)
