@@ -42,7 +42,9 @@ def _structured_items(items: Sequence[dict]) -> list:
 class InProcessScorer:
     """The reward model in this process, with the server's batching and shared prefixes: calls
     from several threads are batched together, and a call that finds the queue full
-    (max_queue_items) waits for room, as the HTTP clients retry a 429. `score(items)` -> floats;
+    (max_queue_items) waits for room, as the HTTP clients retry a 429; waiting calls are let in
+    first come, first served (a large call is not passed by small ones from other threads that
+    fit in the room freed meanwhile; each waits behind the calls that came before it). `score(items)` -> floats;
     `score_texts(texts)` for strings already in POLAR's serving format. `cuts`: what POLAR's truncation cut in the items
     formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics.
     max_length/max_response: POLAR's truncation, as `polar serve --max-length/--max-response`;

@@ -111,6 +111,8 @@ class Batcher:
         self._pending: deque[_Job] = deque()
         self._pending_items = 0
         self._pending_tokens = 0
+        # callers waiting for room (submit with room_wait_s), first come first served: one ticket each
+        self._waiters: deque[object] = deque()
         self._closing = False
         self._thread: Optional[threading.Thread] = None
         # Retry-After's drain rate: the fastest of the last few full rounds after the first (0: none yet)
@@ -143,10 +145,16 @@ class Batcher:
     def queued_items(self) -> int:
         return self._pending_items
 
+    @property
+    def waiting_for_room(self) -> int:
+        """Callers inside submit waiting for room in the queue (or behind others waiting)."""
+        return len(self._waiters)
+
     def check_room(self) -> None:
-        """QueueFull when the queue is full now: lets a server refuse a request before reading it."""
+        """QueueFull when the queue is full now, or callers wait for room (a submit now would queue
+        behind them): lets a server refuse a request before reading it."""
         with self._cond:
-            if self._pending_items >= self.max_queue_items:
+            if self._waiters or self._pending_items >= self.max_queue_items:
                 raise self._queue_full()
 
     def _queue_full(self) -> QueueFull:
@@ -163,8 +171,15 @@ class Batcher:
         """Queue one request's items (int32 id arrays, each non-empty); the future gets their fp32
         rewards; cancelling it before its round starts takes them off the queue. Raises QueueFull
         when the queue cannot take them within `room_wait_s` seconds (None: however long it takes),
-        Closed after close(), ValueError for an item longer than the model's positions (it would
-        fail the forward of every request batched with it)."""
+        Closed after close() (a caller waiting for room too), ValueError for an item longer than the
+        model's positions (it would fail the forward of every request batched with it).
+
+        Room is given first come, first served: a call that finds others waiting for room queues
+        behind them, even where its items would fit now (with room_wait_s 0 it gets QueueFull, as
+        for a full queue), so a large call is not passed for ever by small ones that fit in the room
+        each round frees. An empty queue takes a request however large, so one of more than
+        max_queue_items items waits for the queue to drain, and those behind it wait with it; a
+        caller whose wait runs out leaves its place and the next in line is woken."""
         fut: concurrent.futures.Future = concurrent.futures.Future()
         if not ids:
             fut.set_result(np.zeros(0, dtype=np.float32))
@@ -176,15 +191,10 @@ class Batcher:
                                      f"{self.max_positions} positions (max_position_embeddings)")
         deadline = None if room_wait_s is None else time.monotonic() + room_wait_s
         with self._cond:
-            while True:
-                if self._closing:
-                    raise Closed("the server is shutting down")
-                if not self._pending_items or self._pending_items + len(ids) <= self.max_queue_items:
-                    break
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise self._queue_full()
-                self._cond.wait(left)  # rounds taking items and cancelled requests leaving notify
+            if self._closing:
+                raise Closed("the server is shutting down")
+            if self._waiters or not self._fits(len(ids)):
+                self._wait_for_room(len(ids), deadline)
             job = _Job(list(ids), fut, time.monotonic(), int(sum(len(a) for a in ids)))
             self._pending.append(job)
             self._pending_items += len(ids)
@@ -194,6 +204,29 @@ class Batcher:
             self._cond.notify_all()
         fut.add_done_callback(lambda f: f.cancelled() and self._drop(job))
         return fut
+
+    def _fits(self, n: int) -> bool:
+        return not self._pending_items or self._pending_items + n <= self.max_queue_items
+
+    def _wait_for_room(self, n: int, deadline: Optional[float]) -> None:
+        """Under the condition: returns once this caller is the first in line and its n items fit."""
+        ticket = object()
+        self._waiters.append(ticket)
+        try:
+            while True:
+                if self._waiters[0] is ticket and self._fits(n):
+                    return
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise self._queue_full()
+                # rounds taking items, cancelled requests, the callers ahead leaving and close() notify
+                self._cond.wait(left)
+                if self._closing:
+                    raise Closed("the server is shutting down")
+        finally:
+            self._waiters.remove(ticket)
+            if self._waiters:
+                self._cond.notify_all()  # the next in line may fit now
 
     def _drop(self, job: _Job) -> None:
         """A cancelled request leaves the queue at once: its items no longer count against the
@@ -214,7 +247,8 @@ class Batcher:
 
     def score_sync(self, ids: list, timeout: Optional[float] = None) -> np.ndarray:
         """The rewards, for a caller in this process (polar.in_process_scorer): a full queue is waited
-        on, as an HTTP client retries a 429, within `timeout` (None: no limit) in all."""
+        on, as an HTTP client retries a 429, within `timeout` (None: no limit) in all; callers
+        waiting for room are let in in the order they came (submit)."""
         start = time.monotonic()
         fut = self.submit(ids, room_wait_s=timeout)
         return fut.result(None if timeout is None else max(0.0, timeout - (time.monotonic() - start)))

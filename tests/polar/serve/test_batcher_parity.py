@@ -185,3 +185,100 @@ def test_a_caller_in_this_process_waits_for_room_in_a_full_queue(scorer, tokeniz
     finally:
         gate.set()
         b.close()
+
+
+def _stepped_rounds(scorer):
+    """-> (step, rounds, score): `score` records each round's batch in `rounds` and holds the
+    batcher's one worker inside it until `step.release()` lets exactly one round finish."""
+    step, rounds = threading.Semaphore(0), []
+
+    def stepped(batch):
+        rounds.append(batch)
+        assert step.acquire(timeout=60)
+        return scorer.score(batch)
+
+    return step, rounds, stepped
+
+
+def _tagged(tag, n=1):
+    """n items, each 5 tokens (max_batch_tokens=2 makes a round one request) holding its own tag."""
+    return [np.array([256, tag + i, 40, 41, 259], dtype=np.int32) for i in range(n)]
+
+
+def _scored_order(rounds, tags):
+    """The requests (keys of `tags`, each a request's first tag) in the order their rounds ran."""
+    return [next(name for name, tag in tags.items() if (batch.tokens == tag).any()) for batch in rounds]
+
+
+def test_callers_waiting_for_room_are_let_in_first_come_first_served(scorer, tokenizer, alone):
+    """A large in-process call waiting for room was starved by small calls from other threads: each
+    round freed room for one small call, which took it before the large one fitted, for as long as
+    small calls came (verl's per-item reward calls from a thread pool beside a batch call). A call
+    that finds others waiting now queues behind them; the large one here, more than the whole queue
+    (max_queue_items 4), waits for the queue to drain, and the small ones that came after it wait
+    behind it however much room there is."""
+    step, rounds, stepped = _stepped_rounds(scorer)
+    b = Batcher(stepped, tokenizer.pad_id, max_wait_s=0, max_batch_tokens=2, max_queue_items=4).start()
+    small = {f"s{k}": _tagged(10 + k) for k in range(9)}
+    large = _tagged(100, 5)
+    tags = {"large": 100, **{name: int(ids[0][1]) for name, ids in small.items()}}
+    try:
+        with concurrent.futures.ThreadPoolExecutor(6) as pool:
+            first = b.submit(small["s0"])
+            assert _until(lambda: len(rounds) == 1)  # its round holds the worker
+            queued = [b.submit(small[f"s{k}"]) for k in range(1, 5)]  # the queue is full
+            big = pool.submit(b.score_sync, large, 60)
+            assert _until(lambda: b.waiting_for_room == 1)
+            later = {}
+            for k in range(5, 8):  # one round at a time frees room for one small call, never for the large one
+                step.release()
+                assert _until(lambda: len(rounds) == k - 3)
+                before = b.queued_items
+                later[k] = pool.submit(b.score_sync, small[f"s{k}"], 60)
+                assert _until(lambda: b.waiting_for_room == k - 3 or b.queued_items > before)
+                assert b.queued_items == before, f"s{k} was queued ahead of the large call waiting before it"
+            step.release()  # s4's round takes the last item: the empty queue takes the large call
+            assert _until(lambda: b.queued_items == 5)
+            later[8] = pool.submit(b.score_sync, small["s8"], 60)
+            assert _until(lambda: b.waiting_for_room == 4)
+            for _ in range(20):
+                step.release()
+            np.testing.assert_allclose(big.result(60), alone(large), rtol=0, atol=1e-5)
+            for fut, ids in [(first, small["s0"])] + list(zip(queued, [small[f"s{k}"] for k in range(1, 5)])) + [
+                    (later[k], small[f"s{k}"]) for k in later]:
+                np.testing.assert_allclose(fut.result(60), alone(ids), rtol=0, atol=1e-5)
+        assert _scored_order(rounds, tags) == ["s0", "s1", "s2", "s3", "s4", "large", "s5", "s6", "s7", "s8"]
+        assert b.waiting_for_room == 0
+    finally:
+        for _ in range(20):
+            step.release()
+        b.close()
+
+
+def test_a_waiter_whose_time_runs_out_lets_the_next_one_in(scorer, tokenizer, alone):
+    """The head of the line leaving (its room_wait_s spent) wakes the caller behind it, which
+    takes the room that was there all along, with no round having run meanwhile."""
+    step, rounds, stepped = _stepped_rounds(scorer)
+    b = Batcher(stepped, tokenizer.pad_id, max_wait_s=0, max_batch_tokens=2, max_queue_items=4).start()
+    small = [_tagged(10 + k) for k in range(5)]
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first = b.submit(small[0])
+            assert _until(lambda: len(rounds) == 1)  # its round holds the worker
+            queued = [b.submit(ids) for ids in small[1:4]]  # room for one more item
+            head = pool.submit(b.score_sync, _tagged(100, 5), 1.5)  # more than the queue: waits for it to drain
+            assert _until(lambda: b.waiting_for_room == 1)
+            behind = pool.submit(b.score_sync, small[4], 60)
+            assert _until(lambda: b.waiting_for_room == 2)  # it fits, but waits behind the head
+            with pytest.raises(QueueFull):
+                head.result(30)
+            assert _until(lambda: b.queued_items == 4)  # let in by the head leaving
+            assert len(rounds) == 1 and b.waiting_for_room == 0
+            for _ in range(10):
+                step.release()
+            for fut, ids in zip([first, *queued, behind], small):
+                np.testing.assert_allclose(fut.result(60), alone(ids), rtol=0, atol=1e-5)
+    finally:
+        for _ in range(10):
+            step.release()
+        b.close()
