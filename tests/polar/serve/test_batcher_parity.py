@@ -266,7 +266,7 @@ def test_a_waiter_whose_time_runs_out_lets_the_next_one_in(scorer, tokenizer, al
             first = b.submit(small[0])
             assert _until(lambda: len(rounds) == 1)  # its round holds the worker
             queued = [b.submit(ids) for ids in small[1:4]]  # room for one more item
-            head = pool.submit(b.score_sync, _tagged(100, 5), 1.5)  # more than the queue: waits for it to drain
+            head = pool.submit(b.score_sync, _tagged(100, 5), 4.0)  # more than the queue: waits for it to drain
             assert _until(lambda: b.waiting_for_room == 1)
             behind = pool.submit(b.score_sync, small[4], 60)
             assert _until(lambda: b.waiting_for_room == 2)  # it fits, but waits behind the head
