@@ -31,6 +31,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
+from engine.rank_stop import stop_alike as _stop  # noqa: E402
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
@@ -39,17 +40,6 @@ def _notes(e: BaseException) -> str:
     """The lines added to an error on its way up, each on a line of its own after the message (the
     trainer notes which checkpoint a run stopped mid-save kept: engine.trainer.Trainer.fit)."""
     return "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
-
-
-def _stop(rank: int, message: str, code: int) -> int:
-    """Rank 0 prints the one message. The other ranks, which found the same problem, wait a moment
-    before exiting: torchrun tears the job down at the first worker that exits, and rank 0 must
-    have printed by then."""
-    if rank == 0:
-        print(message, file=sys.stderr, flush=True)
-    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        time.sleep(2.0)
-    return code
 
 
 def unrecognized(words: list[str], options: list[str]) -> str:

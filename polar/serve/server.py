@@ -291,10 +291,12 @@ def _bind_said(refused: Optional[str]):
     A rank 0 that exited alone left the others in init_process_group, waiting for its store up to the
     c10d timeout (parallel.timeout_minutes, 30): a SLURM step hung instead of failing. So rank 0 hosts the
     store at MASTER_ADDR:MASTER_PORT first and puts its answer there; the others read it before they start
-    their process group. Refused, rank 0 waits (as long as they would have) until every other rank has
-    read it, since the store leaves with it. Bound, it keeps `store`: init_process_group's store on
-    rank 0 (env://, multi-tenant) then shares its server, which would close when the last store on it
-    goes."""
+    their process group. Rank 0 waits (as long as they would have) until every other rank has read it,
+    since the store leaves with it: refused, it leaves at once; bound, it may leave a moment later, at a
+    refusal every rank finds before any process group (a --max-length the model's positions cannot hold),
+    and a rank that had not read it by then waited for the store until the timeout. Bound, it keeps `store`:
+    init_process_group's store on rank 0 (env://, multi-tenant) then shares its server, which would
+    close when the last store on it goes."""
     from datetime import timedelta
 
     import torch.distributed as dist
@@ -307,12 +309,11 @@ def _bind_said(refused: Optional[str]):
                           timeout=timeout, multi_tenant=True)
     if rank == 0:
         store.set("polar_serve/refused", refused or "")
-        if refused is not None:
-            with contextlib.suppress(dist.DistError):  # one that never came: this rank still exits 2
-                store.wait(["polar_serve/all_read"])
+        with contextlib.suppress(dist.DistError):  # one that never came: refused, this rank still exits 2
+            store.wait(["polar_serve/all_read"])
         return store, refused
     refused = store.get("polar_serve/refused").decode() or None
-    if refused is not None and store.add("polar_serve/read", 1) == world - 1:
+    if store.add("polar_serve/read", 1) == world - 1:
         store.set("polar_serve/all_read", "")
     return store, refused
 
@@ -321,14 +322,18 @@ def _run(args, sock, files) -> int:
     """main's model load and service on every rank; `sock`: rank 0's, bound, not yet listening;
     `files`: rank 0's open files limits (raise_open_files_limit)."""
     from engine.inference import RewardScorer, resolve_checkpoint
+    from engine.rank_stop import stop_alike
 
     try:  # the model's settings only: a --max-length its positions cannot hold stops before the weights load
         info = resolve_checkpoint(args.checkpoint)
         settled_tokenizer(args, str(info.step_dir), info.model.max_position_embeddings)
         scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
     except (FileNotFoundError, ValueError) as e:
-        print(f"polar serve: {as_flags(str(e))}", file=sys.stderr)
-        return 2
+        # Decided by the flags, the world size and the checkpoint's files, which every rank reads alike: said
+        # by rank 0 alone (each rank said it). A part of the weights that one rank alone cannot read is the
+        # same CheckpointError on every rank, naming that rank (engine.checkpoint.load); any other error
+        # is the traceback of the rank that met it.
+        return stop_alike(int(os.environ.get("RANK", "0")), f"polar serve: {as_flags(str(e))}", 2)
     if not scorer.is_leader:
         _follow(scorer, _leader(scorer))
         scorer.close()

@@ -369,24 +369,54 @@ def _srun_ranks(checkpoint_dir, port, *flags):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
 
 
+def _srun_ended(checkpoint_dir, port, *flags):
+    """(ranks, [(stdout, stderr) of each]) of _srun_ranks' launch, once both have exited (killed past 120 s)."""
+    ranks = _srun_ranks(checkpoint_dir, port, *flags)
+    try:
+        return ranks, [p.communicate(timeout=120) for p in ranks]
+    finally:
+        for p in ranks:
+            if p.poll() is None:
+                p.kill()
+
+
 def test_srun_rank_zero_unable_to_bind_stops_the_other_rank(checkpoint_dir):
     """Without torchrun nothing stopped the follower when rank 0 exited 2 on its taken port: it waited
     in init_process_group for rank 0's store until the c10d timeout (30 minutes), and the SLURM step
     hung. Rank 0 now says its refusal in that store before leaving, and the follower exits 2 naming it."""
     with _held_port() as port:
-        ranks = _srun_ranks(checkpoint_dir, port)
-        try:
-            out = [p.communicate(timeout=120) for p in ranks]
-        finally:
-            for p in ranks:
-                if p.poll() is None:
-                    p.kill()
+        ranks, out = _srun_ended(checkpoint_dir, port)
     everything = "".join(o + e for o, e in out)
     refused = f"--port {port}: {TAKEN}"
     assert [p.returncode for p in ranks] == [2, 2], everything[-3000:]
     assert f"polar serve: {refused}" in out[0][1], everything[-3000:]
     assert f"polar serve rank 1: rank 0 cannot serve ({refused}" in out[1][1], everything[-3000:]
     assert "Traceback" not in everything and "on http://" not in everything, everything[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "srun"])
+def test_tp2_refusal_every_rank_finds_is_said_once(checkpoint_dir, launcher):
+    """A refusal decided by the flags and the checkpoint's files, which every rank reads alike (here a
+    --max-length the model's positions cannot hold), was said by every rank: one copy per rank. Rank 0
+    says it alone; the others exit with its code a moment later (engine.rank_stop), so torchrun stops
+    them once rank 0 has said it and reports rank 0's 2. As a bare srun launches them, the other rank
+    also waited for rank 0's store until the timeout when rank 0 had refused and left before it came
+    (rank 0 waits for every rank to read it now, bound or not). Whether the other rank said it before
+    torchrun stopped it was a race; the srun launch, which nothing stops, says it every time."""
+    says = "polar serve: --max-length 100000: an item the client's truncation leaves may take up to 100015 tokens"
+    if launcher == "torchrun":
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "-m", "polar.serve", "--checkpoint", checkpoint_dir, "--port", "0", "--tp", "2",
+                            "--max-length", "100000"], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1",
+                                                                          PYTHONPATH=ROOT),
+                           capture_output=True, text=True, timeout=400)
+        everything = r.stdout + r.stderr
+        assert r.returncode == 1 and "exitcode  : 2 " in r.stderr, everything[-3000:]
+    else:
+        ranks, out = _srun_ended(checkpoint_dir, 0, "--max-length", "100000")
+        everything = "".join(o + e for o, e in out)
+        assert [p.returncode for p in ranks] == [2, 2] and says in out[0][1], everything[-3000:]
+    assert everything.count(says) == 1, everything[-3000:]
 
 
 def test_srun_ranks_serve_tp2_refuse_long_items_and_stop_on_sigterm_to_both(dynamic_checkpoint_dir, tokenizer,
