@@ -1,4 +1,4 @@
-"""A run holds its checkpoint directory while it runs (engine/pretrain.py: a lock file, `.lock`, that
+"""A run holds its checkpoint directory while it runs (engine/run_lock.py: a lock file, `.lock`, that
 rank 0 holds): the same command started again on that run_dir (another port, another terminal, a
 relaunch while the first job's ranks still train) is refused with exit code 2, naming the directory
 and the process that holds it, before it reads or writes anything there. Two runs on one run_dir
@@ -87,7 +87,7 @@ _TAKE = """
 import sys
 import torch.distributed as dist
 from engine.config import ConfigError
-from engine.pretrain import hold_checkpoint_dir
+from engine.run_lock import hold_checkpoint_dir
 from polar.pretrain_recipe import PretrainConfig
 dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
 cfg = PretrainConfig()
@@ -259,7 +259,7 @@ def test_a_live_run_on_another_host_is_refused_at_its_heartbeat(tmp_path, monkey
     does not end lets the run in rather than hang for lock_wait_s=600."""
     import threading
 
-    import engine.pretrain as pretrain
+    import engine.run_lock as run_lock
     from engine.config import ConfigError, EngineConfig
 
     run_dir = tmp_path / "run"
@@ -274,10 +274,10 @@ def test_a_live_run_on_another_host_is_refused_at_its_heartbeat(tmp_path, monkey
         ends.start()
         cfg = EngineConfig()
         cfg.run_dir, cfg.checkpoint.lock_wait_s = str(run_dir), 600.0
-        monkeypatch.setattr(pretrain, "LATE_S", 1.0)
+        monkeypatch.setattr(run_lock, "LATE_S", 1.0)
         for rank in (0, 1):
             with pytest.raises(ConfigError) as refused:
-                pretrain.refuse_a_held_checkpoint_dir(cfg, rank)
+                run_lock.refuse_a_held_checkpoint_dir(cfg, rank)
             _refusal(f"config error: {refused.value}", lock.parent, holder.pid, host)
             assert "alive: its heartbeat refreshed the lock file" in str(refused.value), refused.value
         take = subprocess.run([sys.executable, "-c", _TAKE, str(run_dir), "600"], capture_output=True, text=True,
