@@ -44,6 +44,7 @@ from benchmarks.arguments import at_least  # noqa: E402
 from benchmarks.packer import python_first_fit, timed  # noqa: E402
 from engine import _C  # noqa: E402
 from polar import data_build, data_chunks, data_scan, data_stats  # noqa: E402
+from polar.build_workers import BuildConfig  # noqa: E402
 
 ALPHABET = np.frombuffer(b"etaoinshrdlucmfwypvbgkjqxz     ", dtype=np.uint8)
 
@@ -251,7 +252,7 @@ def scan_json(work: str, inputs: int, parts: int, repeat: int = 3) -> None:
 def shared_prefix_savings(path: str, seq_length: int, workers: int) -> tuple[float, int]:
     out = path + ".ds"
     # truncated as in training (max_length), packed at a length no group reaches so that every group counts
-    data_build.build([path], out, data_build.BuildConfig(seq_length=1 << 20, max_length=seq_length, on_error="skip"),
+    data_build.build([path], out, BuildConfig(seq_length=1 << 20, max_length=seq_length, on_error="skip"),
                      workers=workers, quiet=True)
     s = data_stats.compute(out)
     shutil.rmtree(out)
@@ -304,7 +305,7 @@ def main():
         for w in args.workers:
             out = os.path.join(work, f"ds_w{w}")
             try:
-                meta = data_build.build([records], out, data_build.BuildConfig(seq_length=args.seq_length),
+                meta = data_build.build([records], out, BuildConfig(seq_length=args.seq_length),
                                         workers=w, quiet=True, force=True)
             except ValueError as exc:  # a group longer than --seq-length, as `polar data build` says it
                 sys.exit(f"data_build.py: error: polar data build refused the records: {exc}")

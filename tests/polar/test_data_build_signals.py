@@ -35,14 +35,14 @@ def start_stuck_build(tmp_path: Path, src: Path):
     never ends it: (the process, its worker processes) once that file is there, the build mid-way."""
     stuck = tmp_path / "stuck"
     script = ("import sys, time\n"
-              "from polar import data_build\n"
-              "real = data_build.process_chunk\n"
+              "from polar import build_workers, data_build\n"
+              "real = build_workers.process_chunk\n"
               "def wrapped(chunk):\n"
               "    if chunk.index == 3:\n"
               f"        open({str(stuck)!r}, 'w').close()\n"
               "        time.sleep(3600)\n"
               "    return real(chunk)\n"
-              "data_build.process_chunk = wrapped\n"
+              "build_workers.process_chunk = wrapped\n"
               "sys.exit(data_build.main(sys.argv[1:]))\n")
     # stderr to a file: workers left behind would hold a pipe open, and reading it would wait for them
     with open(tmp_path / "stderr", "w") as err:

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.indexed_dataset import IndexedDataset
-from polar import data_build
+from polar import build_workers
+from polar.data_chunks import Chunk
 from tests.polar.test_data_build import ROOT, SEQ, synthetic_records, write_jsonl
 
 
@@ -22,10 +23,10 @@ def build_with_wrapped_chunks(tmp_path: Path, src: Path, body: str) -> subproces
     """`polar data build` into tmp_path/ds in a fresh process, 2 workers and 10 records a chunk, each
     chunk processed by a wrapper whose code is `body` (`chunk` its argument, `real` the original)."""
     script = ("import os, signal, sys\n"
-              "from polar import data_build\n"
-              "real = data_build.process_chunk\n"
+              "from polar import build_workers, data_build\n"
+              "real = build_workers.process_chunk\n"
               f"def wrapped(chunk):\n{body}"
-              "data_build.process_chunk = wrapped\n"
+              "build_workers.process_chunk = wrapped\n"
               "sys.exit(data_build.main(sys.argv[1:]))\n")
     return subprocess.run([sys.executable, "-c", script, str(src), "-o", str(tmp_path / "ds"), "--seq-length",
                            str(SEQ), "--workers", "2", "--chunk-records", "10", "--quiet"],
@@ -80,7 +81,7 @@ def test_a_worker_dying_between_two_answers_is_the_same_error(monkeypatch):
             pass
 
     monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", BreaksOnThirdSubmit)
-    chunks = [data_build.Chunk(i, "in.jsonl", 0, 1, 10 * i + 1, 10 * i, 10, 10) for i in range(4)]
+    chunks = [Chunk(i, "in.jsonl", 0, 1, 10 * i + 1, 10 * i, 10, 10) for i in range(4)]
     # chunks 0 and 1 in flight; chunk 0 answers, and handing out chunk 2 finds the pool broken
-    with pytest.raises(data_build.WorkerDied, match=r"reading in.jsonl from line 11 \(chunk 1\) or a chunk after"):
-        list(data_build._run_pool(None, chunks, workers=1))
+    with pytest.raises(build_workers.WorkerDied, match=r"reading in.jsonl from line 11 \(chunk 1\) or a chunk after"):
+        list(build_workers.run_pool(None, chunks, workers=1))

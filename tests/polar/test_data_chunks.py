@@ -13,6 +13,7 @@ import pytest
 
 from engine.indexed_dataset import IndexedDataset
 from polar import data_build, data_chunks
+from polar.build_workers import BuildConfig
 from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
 
 
@@ -47,7 +48,7 @@ def test_lines_appended_to_an_input_during_the_scan_are_not_built(tmp_path, reco
         self.done += nbytes
 
     monkeypatch.setattr(data_chunks.ScanProgress, "__call__", appending)
-    meta = data_build.build([str(src), str(second)], str(tmp_path / "ds"), data_build.BuildConfig(seq_length=SEQ),
+    meta = data_build.build([str(src), str(second)], str(tmp_path / "ds"), BuildConfig(seq_length=SEQ),
                             quiet=True)
     assert [(s["lines"], s["bytes"]) for s in meta["sources"]] == [(30, len(scanned)), (10, second.stat().st_size)]
     assert meta["counts"]["lines"] == meta["counts"]["groups"] == 40

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from polar import cli, data_build, data_chunks, data_scan
+from polar import build_workers, cli, data_chunks, data_scan
 from tests.polar.test_data_build import SEQ, build, synthetic_records, write_jsonl
 from tests.polar.test_data_chunks import chunks_by_rule, random_input
 
@@ -102,7 +102,7 @@ def test_a_machine_given_a_scan_reads_only_the_blocks_where_its_chunks_begin(tmp
     assert scanning.bytes == total
     for i in range(n):
         with pytest.MonkeyPatch.context() as mp:
-            planning, building = Reads(mp, data_chunks), Reads(mp, data_build)
+            planning, building = Reads(mp, data_chunks), Reads(mp, build_workers)
             assert build(*inputs, "-o", tmp_path / "ds", "--seq-length", SEQ, "--chunk-records", chunk_records,
                          "--num-shards", n, "--shard-index", i, "--scan", tmp_path / "scan") == 0
         mine, _ = chunks_by_rule(inputs, chunk_records, n, i)
@@ -110,7 +110,7 @@ def test_a_machine_given_a_scan_reads_only_the_blocks_where_its_chunks_begin(tmp
         ends = {(f, (at - 1) // BLOCK) for _, f, start, end, *_ in mine for at in (start, end)
                 if 0 < at < os.path.getsize(f)}
         assert planning.bytes == sum(min(BLOCK, os.path.getsize(f) - j * BLOCK) for f, j in ends), i
-        # each chunk, and the newline that ends the line before it (checked: polar/data_build.py)
+        # each chunk, and the newline that ends the line before it (checked: polar/build_workers.py)
         assert building.bytes == sum(end - start + (start > 0) for _, _, start, end, *_ in mine)
         assert 0 < planning.bytes < total / 3
     with pytest.MonkeyPatch.context() as mp:  # the same machine without a scan: every input in full first
