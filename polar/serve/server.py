@@ -7,10 +7,12 @@
 Requests wait at most --max-wait-ms for others to batch with; items sharing a prefix (n rollouts
 of one prompt against one reference, within and across requests) compute it once. SIGTERM or SIGINT
 to torchrun or to any rank (a follower hands it to rank 0 on its host) finishes the requests in
-flight, then every rank exits 0. Rank 0 binds --host/--port before the model loads (one it cannot
-bind: exit 2 at once; the other ranks stop too, by torchrun or, launched without it as a bare `srun`
-launches them, told by rank 0 through the process group's store) and listens only once the model has
-loaded and the service is built.
+flight, then every rank exits 0. Rank 0 reads --api-key-env's variable and binds --host/--port before
+the model loads (one unset or empty, or an address it cannot bind: exit 2 at once; the other ranks stop
+too, by torchrun or, launched without it as a bare `srun` launches them, told by rank 0 through the
+process group's store) and listens only once the model has loaded and the service is built. What the
+checkpoint's model settings refuse (a tokenizer with more ids than the model's vocabulary, a --max-length
+its positions cannot hold) is refused before the weights load too.
 """
 from __future__ import annotations
 
@@ -160,40 +162,51 @@ def as_flags(message: str) -> str:
     return _SETTING.sub(flag, message)
 
 
-def settled_tokenizer(args, step_dir: str, positions: int):
+def settled_tokenizer(args, info):
     """The tokenizer (--tokenizer, else the checkpoint's), with args.max_length and args.max_response
     settled for the model's positions (polar/client_limits.py: a default lowered to what fits them,
     said on stderr; a given --max-length whose items pass them is a ValueError naming the largest
-    that fits). Needs only the
-    checkpoint's model settings: main runs it before the weights are loaded."""
+    that fits). A tokenizer with more ids than the model's vocabulary is a ValueError too. Needs only
+    `info` (engine.inference.resolve_checkpoint: the step and its model settings): _run runs it on
+    every rank before the weights are loaded and hands the tokenizer on to build_service."""
     from polar.checkpoint_tokenizer import choose
     from polar.client_limits import settle_lengths
     from polar.tokenizer import load_tokenizer
 
     # a tokenizer given that is not the checkpoint's is refused (TokenizerMismatch, a ValueError)
-    tokenizer = load_tokenizer(choose(args.tokenizer, step_dir, "--tokenizer"))
+    tokenizer = load_tokenizer(choose(args.tokenizer, str(info.step_dir), "--tokenizer"))
+    if tokenizer.vocab_size > info.model.vocab_size:  # an id past it fails every round it is in
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
+                         f"{info.model.vocab_size}: wrong --tokenizer?")
     args.max_length, args.max_response, note = settle_lengths(args.max_length, args.max_response, tokenizer,
-                                                              positions, ("--max-length", "--max-response"))
+                                                              info.model.max_position_embeddings,
+                                                              ("--max-length", "--max-response"))
     if note and int(os.environ.get("RANK", "0")) == 0:  # every rank settles the same lengths: said once
         print(f"polar serve: {note}", file=sys.stderr, flush=True)
     return tokenizer
 
 
-def build_service(args, scorer):
+def api_key(args) -> Optional[str]:
+    """The bearer token --api-key-env names (None without it); a ValueError where that variable is
+    unset or empty. Read on rank 0, the one that serves HTTP, before anything loads (main)."""
+    if not args.api_key_env:
+        return None
+    key = os.environ.get(args.api_key_env)
+    if not key:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    return key
+
+
+def build_service(args, scorer, tokenizer=None):
+    """The Service rank 0 serves. `tokenizer`: settled_tokenizer's for scorer's checkpoint, as _run
+    hands it on; None settles it here (a caller holding a scorer of its own)."""
     from polar.serve.app import ServeSettings, Service
     from polar.serve.batcher import Batcher
     from polar.client_limits import overrun
     from polar.serve.metrics import Metrics
 
-    tokenizer = settled_tokenizer(args, str(scorer.info.step_dir), scorer.max_positions)
-    if tokenizer.vocab_size > scorer.model_config.vocab_size:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
-                         f"{scorer.model_config.vocab_size}: wrong --tokenizer?")
-    api_key = None
-    if args.api_key_env:
-        api_key = os.environ.get(args.api_key_env)
-        if not api_key:
-            raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set or empty")
+    if tokenizer is None:
+        tokenizer = settled_tokenizer(args, scorer.info)
     metrics = Metrics()
     pack_rows = args.pack_rows == "on" or (args.pack_rows == "auto" and scorer.attention_backend == "triton")
     batcher = Batcher(scorer.score, tokenizer.pad_id, max_wait_s=args.max_wait_ms / 1000,
@@ -205,7 +218,7 @@ def build_service(args, scorer):
               f"{batcher.row_tokens}", file=sys.stderr)
     settings = ServeSettings(model_name=args.model_name, max_body_bytes=args.max_body_bytes,
                              max_items=args.max_items, timeout_s=args.timeout_s,
-                             read_timeout_s=args.read_timeout_s, api_key=api_key,
+                             read_timeout_s=args.read_timeout_s, api_key=api_key(args),
                              max_length=args.max_length, max_response=args.max_response,
                              max_item_tokens=args.max_item_tokens or args.max_length + overrun(tokenizer),
                              pooling_format=args.pooling_format, max_preparing=args.max_preparing,
@@ -256,12 +269,15 @@ def main(argv=None) -> int:
     # replica's rank 0, the one that serves HTTP. Bound before the model loads: a taken port fails
     # in a second or two, not minutes later; torchrun then stops the other ranks, which are still
     # starting (init_process_group), when this one exits; without torchrun, _bind_said tells them.
+    # --api-key-env likewise, on rank 0 alone: the other ranks never read it, and a launch on several
+    # hosts may set the secret only where rank 0 runs.
     sock = files = refused = None
     if int(os.environ.get("RANK", "0")) == 0:
         files = raise_open_files_limit()
         try:
+            api_key(args)
             sock = bind(args.host, args.port)
-        except AddressError as e:
+        except (ValueError, AddressError) as e:
             refused = str(e)
             print(f"polar serve: {refused}", file=sys.stderr, flush=True)
     # held until _run returns: on rank 0 its server is the process group's store (see _bind_said)
@@ -286,7 +302,8 @@ def _without_torchrun() -> bool:
 
 
 def _bind_said(refused: Optional[str]):
-    """-> (store, refused) on every rank: rank 0's refusal of --host/--port (None: bound), as rank 0 says it.
+    """-> (store, refused) on every rank: rank 0's refusal of --api-key-env or --host/--port (None: bound), as
+    rank 0 says it.
 
     A rank 0 that exited alone left the others in init_process_group, waiting for its store up to the
     c10d timeout (parallel.timeout_minutes, 30): a SLURM step hung instead of failing. So rank 0 hosts the
@@ -324,10 +341,14 @@ def _run(args, sock, files) -> int:
     from engine.inference import RewardScorer, resolve_checkpoint
     from engine.rank_stop import stop_alike
 
-    try:  # the model's settings only: a --max-length its positions cannot hold stops before the weights load
+    try:
+        # the model's settings only: a --max-length its positions cannot hold, or a tokenizer with ids past its
+        # vocabulary, stops before the weights load (minutes for a 7B model). The step resolved here is the one
+        # loaded, so nothing checked can differ after the load: a run directory's newest step may change in
+        # between while its training goes on.
         info = resolve_checkpoint(args.checkpoint)
-        settled_tokenizer(args, str(info.step_dir), info.model.max_position_embeddings)
-        scorer = RewardScorer.load(args.checkpoint, tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
+        tokenizer = settled_tokenizer(args, info)
+        scorer = RewardScorer.load(str(info.step_dir), tp=args.tp, pp=args.pp, attention_backend=args.attention_backend)
     except (FileNotFoundError, ValueError) as e:
         # Decided by the flags, the world size and the checkpoint's files, which every rank reads alike: said
         # by rank 0 alone (each rank said it). A part of the weights that one rank alone cannot read is the
@@ -347,7 +368,7 @@ def _run(args, sock, files) -> int:
     from polar.serve.app import create_app
 
     try:
-        service = build_service(args, scorer)
+        service = build_service(args, scorer, tokenizer)
         config = uvicorn.Config(create_app(service, on_shutdown=scorer.stop_followers), host=args.host,
                                 port=args.port, log_level="warning", timeout_graceful_shutdown=args.graceful_timeout_s,
                                 http=http_protocol(args.read_timeout_s))

@@ -120,6 +120,34 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert "no such directory" in capsys.readouterr().err
 
 
+def test_api_key_env_and_a_too_large_tokenizer_are_refused_before_the_weights_load(checkpoint_dir, tmp_path,
+                                                                                  capsys, monkeypatch):
+    """Both were refused only once the weights had loaded (minutes for a 7B model; under torchrun with
+    TP the followers' load too), a typo in the variable's name costing that wait. Here the checkpoint's
+    weights are garbage and its model settings say a vocabulary of 64 (the byte tokenizer has 260 ids):
+    each refusal is said once, exit 2, and the weights are never read."""
+    import shutil
+
+    from polar.serve.server import main
+
+    run = tmp_path / "run"
+    shutil.copytree(checkpoint_dir, run)
+    (shard,) = run.glob("checkpoints/step_*/*.distcp")
+    shard.write_bytes(b"not a checkpoint shard")
+    config = run / "config.yaml"
+    assert config.read_text().count("vocab_size: 260\n") == 1
+    config.write_text(config.read_text().replace("vocab_size: 260\n", "vocab_size: 64\n"))
+    for var in ("POLAR_TEST_UNSET", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    refusals = {"--api-key-env POLAR_TEST_UNSET: that environment variable is not set or empty":
+                ["--api-key-env", "POLAR_TEST_UNSET"],
+                "the tokenizer has 260 ids, the model's vocabulary only 64: wrong --tokenizer?": []}
+    for says, flags in refusals.items():
+        assert main(["--checkpoint", str(run), "--port", "0", *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count(says) == 1 and err.count("polar serve:") == 1, err
+
+
 @pytest.mark.parametrize("flags, world, says", [
     (["--attention-backend", "triton"], 1, "--attention-backend triton needs a CUDA GPU"),
     (["--tp", "3"], 3, "--tp 3 does not divide model.num_attention_heads=4"),
@@ -245,17 +273,34 @@ def test_tp2_stops_cleanly_on_sigterm_to_every_rank(checkpoint_dir, texts_and_ex
 
 
 def test_tp2_start_up_error_on_rank_zero_stops_the_follower_cleanly(checkpoint_dir, tmp_path):
-    """Rank 0 refusing to start (here: --api-key-env naming an unset variable) used to leave without
-    the runtime's closing barrier, where the follower then failed with a traceback."""
+    """Rank 0 failing after the model load (here: its port, bound before the load, taken by another
+    server that bound it too and listened first, which rank 0 learns only as it listens) used to leave
+    without the runtime's closing barrier, where the follower then failed with a traceback. Both ranks
+    are held after their load (gated_serve: until the launcher's stdin closes) while the other server
+    starts listening."""
     logs = tmp_path / "logs"
-    env = {k: v for k, v in os.environ.items() if k != "POLAR_TEST_UNSET"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        "--redirects", "3", "--log-dir", str(logs), "-m", "polar.serve", "--checkpoint", checkpoint_dir,
-                        "--port", str(_free_port()), "--tp", "2", "--api-key-env", "POLAR_TEST_UNSET"], cwd=ROOT,
-                       env=dict(env, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True, text=True, timeout=400)
-    assert r.returncode != 0
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as polar serve binds: both may bind
+        other.bind(("127.0.0.1", 0))
+        port = other.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 "--redirects", "3", "--log-dir", str(logs), "-m", "tests.polar.serve.gated_serve",
+                                 "--checkpoint", checkpoint_dir, "--port", str(port), "--tp", "2"], cwd=ROOT,
+                                env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.monotonic() + 300
+            while not any(LOADED in f.read_text() for f in logs.glob("*/attempt_0/0/stdout.log")):
+                assert proc.poll() is None and time.monotonic() < deadline, "rank 0 did not load the model"
+                time.sleep(0.1)
+            other.listen()
+            launcher_output = proc.communicate(timeout=300)[0]  # closes stdin: the ranks go on
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode != 0, launcher_output[-3000:]
     (leader,) = logs.glob("*/attempt_0/0/stderr.log")
-    assert "--api-key-env POLAR_TEST_UNSET: that environment variable is not set" in leader.read_text()
+    assert f"polar serve: --port {port}: {TAKEN}" in leader.read_text(), leader.read_text()[-3000:]
     (follower,) = logs.glob("*/attempt_0/1/stderr.log")
     assert "Traceback" not in follower.read_text(), follower.read_text()[-3000:]
 
@@ -380,14 +425,22 @@ def _srun_ended(checkpoint_dir, port, *flags):
                 p.kill()
 
 
-def test_srun_rank_zero_unable_to_bind_stops_the_other_rank(checkpoint_dir):
+@pytest.mark.parametrize("refusal", ["port", "api-key-env"])
+def test_srun_rank_zero_refusing_at_start_up_stops_the_other_rank(checkpoint_dir, refusal, monkeypatch):
     """Without torchrun nothing stopped the follower when rank 0 exited 2 on its taken port: it waited
     in init_process_group for rank 0's store until the c10d timeout (30 minutes), and the SLURM step
-    hung. Rank 0 now says its refusal in that store before leaving, and the follower exits 2 naming it."""
+    hung. Rank 0 now says its refusal in that store before leaving, and the follower exits 2 naming it.
+    An unset --api-key-env variable, which rank 0 alone reads, is refused the same way before the model
+    loads (it was refused after the load, on rank 0, the follower stopping with 0)."""
+    monkeypatch.delenv("POLAR_TEST_UNSET", raising=False)  # _srun_ranks launches with os.environ
     with _held_port() as port:
-        ranks, out = _srun_ended(checkpoint_dir, port)
+        if refusal == "port":
+            ranks, out = _srun_ended(checkpoint_dir, port)
+            refused = f"--port {port}: {TAKEN}"
+        else:
+            ranks, out = _srun_ended(checkpoint_dir, 0, "--api-key-env", "POLAR_TEST_UNSET")
+            refused = "--api-key-env POLAR_TEST_UNSET: that environment variable is not set or empty"
     everything = "".join(o + e for o, e in out)
-    refused = f"--port {port}: {TAKEN}"
     assert [p.returncode for p in ranks] == [2, 2], everything[-3000:]
     assert f"polar serve: {refused}" in out[0][1], everything[-3000:]
     assert f"polar serve rank 1: rank 0 cannot serve ({refused}" in out[1][1], everything[-3000:]
