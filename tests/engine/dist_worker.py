@@ -4,17 +4,8 @@ Used by the parity tests under `torchrun` and as a single process. The data is r
 groups (K candidates over a shared prefix) from a fixed seed, so every layout sees the same
 global batches; initial weights come from a checkpoint (`--init`) so every layout starts equal.
 
-With `--runs FILE` (a JSON list of {"name", "overrides", "evaluate"}) one launch trains several
-layouts of its world size one after another (start-up is most of a run's time) and writes
-{name: result}. A run finds nothing of an earlier one to lean on: megatron's parallel state is put
-back to what it was before the first run (next_layout); the Runtime with its groups, the model,
-optimizer, gradient buffers, loader and Trainer are built anew from the run's own settings, from
-the --init weights (or from the seed, which init_runtime sets again). What outlives a run is the
-same for any layout: engine.cpu_compat's patches (applied once, as in any CPU process), entries of
-the LayoutCaches (matched by the identity of a layout tensor they keep alive: never a later run's)
-and torch.distributed's record of the groups torn down (the engine takes its groups from the
-Runtime, never from there): comparing the module globals of megatron, engine and torch.distributed
-before the first run and after each teardown showed nothing else.
+Several runs share a process (or a torchrun launch) through tests/engine/runs_worker.py, which
+calls main once per run and, between runs, next_layout.
 """
 from __future__ import annotations
 
@@ -54,32 +45,19 @@ def main():
     ap.add_argument("--init", default="", help="checkpoint with the initial weights")
     ap.add_argument("--save-init", default="", help="write the freshly initialised weights here first")
     ap.add_argument("--no-eval", action="store_true", help="train only (for tests that compare no evaluation)")
-    ap.add_argument("--runs", default="", help="JSON list of {name, overrides, evaluate}: one run each, in turn")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
-    if args.runs:
-        with open(args.runs) as f:
-            runs = [(r["name"], r["overrides"], r["evaluate"]) for r in json.load(f)]
-    else:
-        runs = [(None, [], not args.no_eval)]
 
     from engine.runtime import shutdown_runtime
 
-    fresh = parallel_state_globals() if args.runs else None  # before any layout
-    results = {}
-    for i, (name, overrides, evaluate) in enumerate(runs):
-        if i:
-            next_layout(fresh)
-        if name and int(os.environ.get("RANK", "0")) == 0:  # which run a failure's output belongs to
-            print(f"dist_worker run {name}", flush=True)
-        rt, results[name] = train(args, overrides, evaluate)
+    rt, result = train(args)
     if rt.is_main:
         with open(args.out, "w") as f:
-            json.dump(results if args.runs else results[None], f)
+            json.dump(result, f)
     shutdown_runtime()
 
 
-def train(args, overrides: list, evaluate: bool):
+def train(args):
     """One run at the layout its settings give: (runtime, result)."""
     defaults = [
         "model.num_layers=4", "model.hidden_size=64", "model.num_attention_heads=4",
@@ -88,7 +66,7 @@ def train(args, overrides: list, evaluate: bool):
         "train.warmup_steps=1", "data.seq_length=64", "log.interval=1", "log.tensorboard=false",
         "checkpoint.resume=false", "train.aux_lm_weight=0.5",
     ]
-    cfg = load_config(EngineConfig, None, defaults + args.overrides + overrides)
+    cfg = load_config(EngineConfig, None, defaults + args.overrides)
     if args.init:
         cfg.checkpoint.init_from = args.init
 
@@ -105,7 +83,7 @@ def train(args, overrides: list, evaluate: bool):
         # the run trains on from the weights it saved, as a run from them does (saves a process per reference)
         checkpoint.save(args.save_init, 0, trainer.model, None, {"step": 0})
     history = trainer.fit()
-    evaluation = trainer.evaluate(data) if evaluate else None
+    evaluation = None if args.no_eval else trainer.evaluate(data)
     start = history[0]["step"] if history else None
     return rt, {"history": history, "eval": evaluation, "start_step": start}
 

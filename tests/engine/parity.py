@@ -7,7 +7,8 @@ the same run.
 
 Most of a run's time is starting it (python, torch, megatron) and, by default, the checkpoint it saves
 at the end: a run whose checkpoint nothing reads passes NO_END_SAVE, one whose evaluation nothing
-compares `evaluate=False`; runs of one world size share one launch with run_layouts.
+compares `evaluate=False`; runs of one world size share one launch with run_layouts
+(tests/engine/runs_worker.py).
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.engine import runs_worker
+
 WORKER = Path(__file__).with_name("dist_worker.py")
 ROOT = WORKER.parents[2]
 STEPS = 4
@@ -29,10 +32,9 @@ NO_END_SAVE = "checkpoint.save_at_end=false"  # an early stop (exit step, stop f
 
 def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | None = None,
                extra_env: dict | None = None, refused: bool = False, evaluate: bool = True,
-               save_init: str | None = None, runs: Path | None = None):
+               save_init: str | None = None):
     """The run's result; with `refused`, the finished process of a run expected to fail. Without
-    `evaluate` its "eval" is None; `save_init`: a directory for its initial weights, saved first;
-    `runs`: dist_worker.py's --runs file (see run_layouts)."""
+    `evaluate` its "eval" is None; `save_init`: a directory for its initial weights, saved first."""
     out = tmp / f"{name}.json"
     cmd = [sys.executable, str(WORKER), "--out", str(out), f"run_dir={tmp / name}", *COMMON, *overrides]
     if init:
@@ -41,8 +43,6 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
         cmd[2:2] = ["--save-init", save_init]
     if not evaluate:
         cmd[2:2] = ["--no-eval"]
-    if runs:
-        cmd[2:2] = ["--runs", str(runs)]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *cmd[1:]]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
@@ -56,15 +56,14 @@ def run_worker(tmp: Path, name: str, nproc: int, *overrides: str, init: str | No
 
 def run_layouts(tmp: Path, launch: str, nproc: int, layouts: dict, *overrides: str, init: str | None = None,
                 no_eval: tuple = (), extra_env: dict | None = None) -> dict:
-    """{name: [overrides]} of one world size trained one after another in ONE launch (dist_worker.py
-    --runs: megatron's parallel state rebuilt for each), each with its own run_dir; -> {name: result}.
-    `overrides` apply to all; the runs in `no_eval` skip evaluation."""
-    runs = tmp / f"{launch}.runs.json"
-    runs.write_text(json.dumps([{"name": name, "overrides": [f"run_dir={tmp / name}", *extra],
-                                 "evaluate": name not in no_eval} for name, extra in layouts.items()]))
-    got = run_worker(tmp, launch, nproc, *overrides, init=init, runs=runs, extra_env=extra_env)
-    assert sorted(got) == sorted(layouts), f"{launch}: results of {sorted(got)}, expected {sorted(layouts)}"
-    return got
+    """{name: [overrides]} of one world size trained one after another in ONE launch (runs_worker:
+    megatron's parallel state rebuilt for each), each as run_worker would start it (run directory
+    `tmp/name`, result `tmp/name.json`); -> {name: result}. `overrides` apply to all, before each run's
+    own; the runs in `no_eval` skip evaluation; `extra_env` is set for the whole launch."""
+    runs = [runs_worker.run(tmp, name, *overrides, *extra, init=init, evaluate=name not in no_eval)
+            for name, extra in layouts.items()]
+    log = runs_worker.launch(tmp, launch, nproc, runs, env=extra_env)
+    return {name: runs_worker.result(tmp, name, log=log) for name in layouts}
 
 
 def make_reference(tmp: Path):

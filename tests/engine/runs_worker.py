@@ -6,8 +6,16 @@ share a launch. Each run meets the real parts: its own trainer, run directory an
 megatron's parallel state set up for its own layout (torn down after it and put back as before the
 first run, the process group kept), as in a process of its own; an error that ends a run (`refused`)
 is recorded per rank and the next run goes on. The last run of a launch may end its process
-(async_save_worker's `step_fails` on one rank).
-Used by tests/engine/test_parallel_resume.py and tests/engine/test_checkpoint_async.py.
+(async_save_worker's `step_fails` on one rank). The Runtime with its groups, the model, optimizer,
+gradient buffers, loader and Trainer are built anew from each run's own settings, from its --init
+weights (or from the seed, which init_runtime sets again). What outlives a run is the same for any
+layout: engine.cpu_compat's patches (applied once, as in any CPU process), entries of the
+LayoutCaches (matched by the identity of a layout tensor they keep alive: never a later run's) and
+torch.distributed's record of the groups torn down (the engine takes its groups from the Runtime,
+never from there): comparing the module globals of megatron, engine and torch.distributed before the
+first run and after each teardown showed nothing else.
+Used by tests/engine/test_parallel_resume.py, tests/engine/test_checkpoint_async.py and the others
+that import it, and by tests/engine/parity.py's run_layouts (the parity modules' layouts).
 """
 from __future__ import annotations
 
@@ -35,25 +43,28 @@ def run(tmp: Path, name: str, *overrides: str, init: str | None = None, evaluate
     argv += ["--init", init] if init else []
     argv += ["--save-init", save_init] if save_init else []
     argv += [] if evaluate else ["--no-eval"]
-    return {"worker": worker, "argv": [*argv, f"run_dir={tmp / name}", *COMMON, *overrides], "env": env or {},
-            "refused": refused}
+    return {"name": name, "worker": worker, "argv": [*argv, f"run_dir={tmp / name}", *COMMON, *overrides],
+            "env": env or {}, "refused": refused}
 
 
 def scenario(tmp: Path, name: str, scenario: str, *overrides: str, args=()) -> dict:
     """One async_save_worker scenario of a launch (each rank's result in `tmp/name.rankN`)."""
     argv = ["--out", str(tmp / name), "--scenario", scenario, *args, f"run_dir={tmp / (name + '_run')}", *overrides]
-    return {"worker": "async_save", "argv": argv, "env": {}, "refused": False}
+    return {"name": name, "worker": "async_save", "argv": argv, "env": {}, "refused": False}
 
 
-def launch(tmp: Path, label: str, nproc: int, runs: list, timeout: int = 600, status: int = 0) -> Path:
+def launch(tmp: Path, label: str, nproc: int, runs: list, timeout: int = 600, status: int = 0,
+           env: dict | None = None) -> Path:
     """The runs in one process (`nproc` 1) or one torchrun launch over gloo; the launch must end within
-    `timeout` seconds, and with `status` unless None (a run that fails unexpectedly fails it). -> its log."""
+    `timeout` seconds, and with `status` unless None (a run that fails unexpectedly fails it). `env`:
+    set in every rank before triton and engine are imported, for all its runs (TRITON_INTERPRET: triton
+    reads it as each @triton.jit function is defined, at import, not as a run calls it). -> its log."""
     import pytest
 
     from tests.engine import torchrun_scenario
 
     spec, log = tmp / f"{label}.runs.json", tmp / f"{label}.log"
-    spec.write_text(json.dumps(runs))
+    spec.write_text(json.dumps({"env": env or {}, "runs": runs}))
     proc = torchrun_scenario.start(Path(__file__), ["--runs", str(spec)], nproc, log)
     torchrun_scenario.wait(proc, log, timeout, label)
     if status is not None and proc.returncode != status:
@@ -85,6 +96,8 @@ def _one(entry: dict, rank: int) -> None:
     # adam_kernel_worker patches these for its run; the next run meets the real ones
     patched = [(engine.optimizer_state, "use_fused_adam"), (engine.trainer, "step_with_norm")]
     originals = [getattr(m, a) for m, a in patched]
+    if rank == 0:  # which run a failure's output belongs to
+        print(f"runs_worker: run {entry['name']}", flush=True)
     sys.argv = [str(HERE / f"{WORKERS[entry['worker']]}.py"), *entry["argv"]]
     os.environ.update(entry["env"])
     try:
@@ -111,8 +124,12 @@ _BEFORE_ANY_RUN: dict = {}  # megatron's parallel-state variables as the process
 
 
 def _between_runs() -> None:
-    """shutdown_runtime for every run but the last: megatron's parallel state goes, the process group
-    stays, and the state is put back to what it was before the first run (dist_worker.next_layout)."""
+    """shutdown_runtime's teardown, before each run but the first (the last one's worker has returned or
+    raised, the workers' own calls do nothing): megatron's parallel state goes, the process group stays,
+    and the state is put back to what it was before the first run (dist_worker.next_layout), whose
+    garbage collection then finds the last run's model, optimizer and buffers unreachable. One teardown
+    and one collection a run: each collection costs ~0.1 s of CPU a rank with torch and megatron loaded,
+    and a teardown in the worker too had made the parity modules' launches ~10% slower (measured)."""
     from tests.engine.dist_worker import next_layout
 
     next_layout(_BEFORE_ANY_RUN)
@@ -122,8 +139,10 @@ def main():
     import argparse
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", required=True, help="a JSON file: the list of runs (run() and scenario())")
-    runs = json.loads(Path(ap.parse_args().runs).read_text())
+    ap.add_argument("--runs", required=True, help="a JSON file: {env, runs: [run() or scenario()]}")
+    spec = json.loads(Path(ap.parse_args().runs).read_text())
+    os.environ.update(spec["env"])
+    runs = spec["runs"]
 
     import engine.runtime
 
@@ -131,12 +150,13 @@ def main():
 
     _BEFORE_ANY_RUN.update(parallel_state_globals())
     shutdown = engine.runtime.shutdown_runtime
-    engine.runtime.shutdown_runtime = _between_runs  # the workers call it at the end of their run
+    engine.runtime.shutdown_runtime = lambda: None  # the workers' call at the end of their run (see _between_runs)
     rank = int(os.environ.get("RANK", "0"))
-    for entry in runs:
+    for i, entry in enumerate(runs):
+        if i:
+            _between_runs()
         _one(entry, rank)
-        _between_runs()
-        gc.collect()
+    gc.collect()  # the last run's objects go while its process group is up, as every earlier run's did
     shutdown()
 
 
