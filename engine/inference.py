@@ -16,9 +16,17 @@ before broadcasting it, so the others never receive one the model refuses. With 
 is megatron's pipeline schedule (engine.scoring.score: the last stage's rewards reach every stage);
 with P = 1 the chunk is called directly. One replica per process group: more replicas are more
 servers.
+
+In a process whose torch.distributed group another program started (a trainer's workers, N ranks),
+the load is collective over that whole group: megatron's groups are made over all of it, and
+engine.checkpoint.load agrees on read errors across it. Every rank loads (at tp=pp=1 each holds its own
+replica and scores alone, data parallel); a load that not every rank joins within join_timeout_s is
+refused on those that came (ProcessGroupRefusal), as is a layout other than the megatron state the
+process already runs. The caller's random states are left as they were (the engine seeds its own).
 """
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +38,11 @@ import torch.distributed as dist
 from engine.packing import PackedBatch
 
 _STOP, _BATCH = 0, 1
+JOIN_TIMEOUT_S = 120.0  # a trainer's ranks reach their set-up's load within this of each other
+
+
+class ProcessGroupRefusal(ValueError):
+    """This process's running process group or megatron state cannot take this scorer (module docstring)."""
 
 
 @dataclass
@@ -52,16 +65,16 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
     return CheckpointInfo(step, checkpoint.model_config(str(step)))
 
 
-def _runtime(par, seed: int):
+def _runtime(par, seed: int, join_timeout_s: float):
     """engine.runtime.init_runtime, or the runtime already running in this process (a trainer
-    with the scorer beside it, a test session)."""
+    with the scorer beside it, a test session), once every rank of a running group came."""
     from engine.config import ConfigError
     from engine.runtime import current_or_new_runtime
 
     try:
-        return current_or_new_runtime(par, seed)
+        return current_or_new_runtime(par, seed, join_timeout_s, what="loading a reward model")
     except ConfigError as e:
-        raise ValueError(f"{e}; the scorer needs tp={par.tp} pp={par.pp}") from e
+        raise ProcessGroupRefusal(str(e)) from e
 
 
 class RewardScorer:
@@ -77,12 +90,12 @@ class RewardScorer:
 
     @classmethod
     def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234,
-             pp: int = 1) -> "RewardScorer":
+             pp: int = 1, join_timeout_s: float = JOIN_TIMEOUT_S) -> "RewardScorer":
         """The reward model of an engine checkpoint (module docstring)."""
         from engine import checkpoint
 
         info = resolve_checkpoint(path)
-        scorer = cls._build(info, tp, attention_backend, seed, pp=pp)
+        scorer = cls._build(info, tp, attention_backend, seed, pp=pp, join_timeout_s=join_timeout_s)
         checkpoint.load(str(info.step_dir), scorer.chunks)
         return scorer
 
@@ -102,7 +115,19 @@ class RewardScorer:
 
     @classmethod
     def _build(cls, info: CheckpointInfo, tp: int, attention_backend: str, seed: int,
-               initialize: bool = False, pp: int = 1) -> "RewardScorer":
+               initialize: bool = False, pp: int = 1, join_timeout_s: float = JOIN_TIMEOUT_S) -> "RewardScorer":
+        # init_runtime seeds torch (megatron's model-parallel seeding): in a trainer's process that reset
+        # every rank's generators to one seed, so each rank drew the same samples after the load
+        # (on the GPUs it seeds, the caller's and init_runtime's LOCAL_RANK: touching every visible one would
+        # start a CUDA context on each)
+        devices = ([d for d in sorted({torch.cuda.current_device(), int(os.environ.get("LOCAL_RANK", "0"))})
+                    if d < torch.cuda.device_count()] if torch.cuda.is_available() else [])
+        with torch.random.fork_rng(devices):
+            return cls._build_here(info, tp, attention_backend, seed, initialize, pp, join_timeout_s)
+
+    @classmethod
+    def _build_here(cls, info: CheckpointInfo, tp: int, attention_backend: str, seed: int, initialize: bool,
+                    pp: int, join_timeout_s: float) -> "RewardScorer":
         from engine.config import ParallelConfig, TrainConfig
         from engine.parallelize import build_chunks, check_kernels, resolve_attention_backend, resolve_dtype
         from engine.quiet import silence_known_warnings
@@ -120,7 +145,7 @@ class RewardScorer:
         train = TrainConfig(global_batch=1, micro_batch=1, precision="auto",
                             attention_backend=attention_backend, kernels="torch", aux_lm_weight=0.0)
         validate_layout(model, par, train, tp * pp, seq_length=tp)
-        rt = _runtime(par, seed)
+        rt = _runtime(par, seed, join_timeout_s)
         if initialize:  # the runtime may be an earlier one's, seeded then
             seed_model_parallel(rt.device, seed, rt.groups.tp.rank())
         check_kernels(train, rt.is_cuda, model.hidden_size // model.num_attention_heads)

@@ -148,21 +148,63 @@ def seed_model_parallel(device: torch.device, seed: int, tp_rank: int) -> None:
         cpu_model_parallel_seed(seed, tp_rank)
 
 
-def current_or_new_runtime(par: ParallelConfig, seed: int) -> Runtime:
+def _every_rank_comes(timeout_s: float, what: str) -> None:
+    """Every rank of the running process group reaches this call within timeout_s of the first, else a
+    ConfigError on each rank that came. torch.distributed collectives wait for ranks that may never come
+    (gloo: the group's whole timeout, 30 minutes by default, stuck in megatron's first new_group), and a
+    process group another program started (a trainer's) gives no other sign of which ranks will. Through
+    the group's store, so any backend. Each join has a generation of its own (a counter in the store, not in
+    the process: a rank that was refused alone must still meet the others at their next join): the last to
+    arrive answers "ok", a rank whose wait ran out "gone", whichever is first (compare_set), each after
+    moving the generation on so that no later call counts into this one; every rank acts on that one answer,
+    so none goes into the collective while another gave up."""
+    store = dist.distributed_c10d._get_default_store()
+    world = dist.get_world_size()
+    # torchrun's store outlives a restart of the job, and a join the last one left half done with it
+    space = f"engine/runtime/join/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
+    generation = store.add(space + "generation", 0)
+    key = f"{space}{generation}"
+
+    def answer(word: str) -> None:
+        store.compare_set(space + "generation", str(generation), str(generation + 1))
+        store.compare_set(key + "/answer", "", word)
+
+    if store.add(key, 1) == world:
+        answer("ok")
+    try:
+        store.wait([key + "/answer"], datetime.timedelta(seconds=timeout_s))
+    except dist.DistStoreError:
+        answer("gone")
+    if store.get(key + "/answer") != b"ok":
+        raise ConfigError(f"{what} is collective over this process's group of {world} ranks, and only "
+                          f"{store.add(key, 0)} came within {timeout_s:g} s: call it on every rank of the group "
+                          "(each rank then holds its own replica), or give it processes of its own")
+
+
+def current_or_new_runtime(par: ParallelConfig, seed: int, join_timeout_s: float | None = None,
+                           what: str = "this run") -> Runtime:
     """init_runtime, or the runtime this process already runs (a test session, a trainer with a
     scorer beside it: megatron's parallel state is set up once per process) when its TP/PP layout
-    is `par`'s; another layout raises ConfigError naming both."""
+    is `par`'s; another layout raises ConfigError naming both. join_timeout_s: in a process group
+    already running (another program's, as a trainer's), first wait that long for every rank to call
+    it too (`what` names the call in the refusal), as a load after it needs them all: megatron's
+    groups are made over the whole group, and engine.checkpoint.load gathers over it."""
     from megatron.core import parallel_state
 
-    if not parallel_state.model_parallel_is_initialized():
-        return init_runtime(par, seed)
-    from megatron.core.process_groups_config import ProcessGroupCollection
+    running = parallel_state.model_parallel_is_initialized()
+    if running:
+        from megatron.core.process_groups_config import ProcessGroupCollection
 
-    groups = ProcessGroupCollection.use_mpu_process_groups()
-    have = (groups.tp.size(), groups.pp.size())
-    if have != (par.tp, par.pp):
-        raise ConfigError(f"this process already runs tp={have[0]} pp={have[1]}; parallel.tp={par.tp} "
-                          f"parallel.pp={par.pp} needs a process of its own")
+        groups = ProcessGroupCollection.use_mpu_process_groups()
+        have = (groups.tp.size(), groups.pp.size())
+        if have != (par.tp, par.pp):
+            raise ConfigError(f"this process already runs tp={have[0]} pp={have[1]} (megatron's parallel state is "
+                              f"set up once per process); {what} at tp={par.tp} pp={par.pp} needs a process of "
+                              "its own")
+    if join_timeout_s is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        _every_rank_comes(join_timeout_s, what)
+    if not running:
+        return init_runtime(par, seed)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,

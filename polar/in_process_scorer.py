@@ -5,6 +5,14 @@ shared prefixes without HTTP, taking and refusing exactly what the HTTP clients 
     from polar.in_process_scorer import InProcessScorer
     scorer = InProcessScorer.load("runs/ft/checkpoints")
     scorer.score([{"prompt": ..., "reference": ..., "output": ...}])
+
+In a trainer's distributed workers (torch.distributed already started, N ranks): call load on every
+rank of the process group, each rank then holds its own replica (tp=pp=1) and scores its own items,
+data parallel. The load is collective over the whole group (engine/inference.py): one that not every
+rank joins within join_timeout_s (rank 0 alone, say) is refused on the ranks that came, as is a process
+whose megatron state (a megatron trainer's) has another tp/pp than 1/1; for those, score through
+`polar serve` (processes of its own) with polar/reward_client.py's clients. The trainer's random
+states are left as they were.
 """
 from __future__ import annotations
 
@@ -84,12 +92,20 @@ class InProcessScorer:
         self.batcher = Batcher(scorer.score, tokenizer.pad_id, **batcher_kw).start()
 
     @classmethod
-    def load(cls, checkpoint: str, tokenizer: Optional[str] = None, **kw) -> "InProcessScorer":
-        from engine.inference import RewardScorer
+    def load(cls, checkpoint: str, tokenizer: Optional[str] = None, *, join_timeout_s: Optional[float] = None,
+             **kw) -> "InProcessScorer":
+        """join_timeout_s: in a running process group, how long the first rank waits for the others to
+        call load too (engine.inference.JOIN_TIMEOUT_S when not given; module docstring)."""
+        from engine.inference import JOIN_TIMEOUT_S, ProcessGroupRefusal, RewardScorer
         from polar.checkpoint_tokenizer import choose
         from polar.tokenizer import load_tokenizer
 
-        scorer = RewardScorer.load(checkpoint)
+        try:
+            scorer = RewardScorer.load(checkpoint, join_timeout_s=JOIN_TIMEOUT_S if join_timeout_s is None
+                                       else join_timeout_s)
+        except ProcessGroupRefusal as e:
+            raise ProcessGroupRefusal(f"InProcessScorer.load: {e}; `polar serve` runs in processes of its own "
+                                      "(score through polar.reward_client)") from None
         return cls(scorer, load_tokenizer(choose(tokenizer, str(scorer.info.step_dir), "tokenizer")), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
