@@ -2,8 +2,10 @@
 group started here as a trainer starts its own (megatron's state not set up), then in turn:
 `rank0_alone`: rank 0 alone loads (join_timeout_s 3) while rank 1 goes on to a barrier;
 `every_rank`: every rank loads and scores its own items (ITEMS[rank]), the torch generator's state compared
-before and after the load; `megatron_tp2`: megatron's state set up at tp=2 (engine.runtime.init_runtime, as a
-megatron trainer has it), then rank 0 alone loads (a refusal must come before any wait for the others).
+before and after the load; `rank0_alone_tp1`: rank 0 alone loads again, megatron's state now set up (at the
+scorer's tp=1, as the load left it or a megatron trainer at tp=1 has it); `megatron_tp2`: megatron's state
+set up at tp=2 (engine.runtime.init_runtime, as a megatron trainer has it), then rank 0 alone loads (a
+refusal must come before any wait for the others).
 Writes OUT.rankN (JSON): each scenario's refusal ("TypeName: message"), rewards and whether the generator
 was kept. `python in_process_scorer_dist_worker.py CHECKPOINT OUT`.
 """
@@ -48,6 +50,7 @@ def main(checkpoint: str, out: str) -> None:
     result["rng_kept"] = torch.equal(before, torch.get_rng_state())
     result["rewards"] = scorer.score(ITEMS[rank])
     scorer.close()
+    result["rank0_alone_tp1"] = refusal(checkpoint, join_timeout_s=3) if rank == 0 else None
     dist.barrier()
 
     from megatron.core import parallel_state

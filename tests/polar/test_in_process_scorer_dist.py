@@ -54,10 +54,12 @@ def test_every_rank_loading_scores_as_one_process_does_and_keeps_the_trainers_ge
     assert [r["rng_kept"] for r in ranks] == [True, True]
 
 
-def test_a_load_that_rank_0_makes_alone_is_refused_saying_what_to_do(launched):
-    """It waited in megatron's first new_group for rank 1 (gloo: the scorer's 30 minutes, then a
-    connection timeout saying nothing of the scorer)."""
-    refusal = launched[1][0]["rank0_alone"]
+@pytest.mark.parametrize("scenario", ["rank0_alone", "rank0_alone_tp1"])
+def test_a_load_that_rank_0_makes_alone_is_refused_saying_what_to_do(launched, scenario):
+    """It waited for rank 1 until the process group's timeout, then failed with a connection timeout saying
+    nothing of the scorer: in megatron's first new_group (gloo: the scorer's 30 minutes) or, megatron's
+    state already set up at tp=1, in engine.checkpoint.load's gather (the trainer's timeout)."""
+    refusal = launched[1][0][scenario]
     assert refusal == (
         "ProcessGroupRefusal: InProcessScorer.load: loading a reward model is collective over this process's "
         "group of 2 ranks, and only 1 came within 3 s: call it on every rank of the group (each rank then holds "
