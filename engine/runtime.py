@@ -80,17 +80,34 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def _local_device(hosted: bool) -> int:
+    """This rank's CUDA device index (LOCAL_RANK without CUDA): LOCAL_RANK, or, in a process group
+    another program started, the device that program made current."""
+    if hosted and torch.cuda.is_available():
+        return torch.cuda.current_device()
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
 def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
-    """Start torch.distributed and megatron's parallel state. Call validate_layout first."""
+    """Start torch.distributed and megatron's parallel state. Call validate_layout first.
+    In a process whose process group another program started (an RL trainer's worker with the reward
+    model beside it: engine.inference), that program's group, ranks and CUDA device are taken as they
+    are, and its process is left as it is (no launcher death signal, no stdout/stderr wrappers): a Ray
+    worker may have no RANK in its environment (every rank took itself for rank 0) and see one GPU
+    whatever its LOCAL_RANK (set_device(LOCAL_RANK) failed there)."""
     from engine.closed_pipe import outlive_lost_readers
 
-    end_with_launcher()
-    outlive_lost_readers()  # a `| tee` that ends (a closed login) does not end the run with it
-    rank = int(os.environ.get("RANK", "0"))
-    world = world_size_from_env()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    hosted = dist.is_initialized()
+    if hosted:
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        end_with_launcher()
+        outlive_lost_readers()  # a `| tee` that ends (a closed login) does not end the run with it
+        rank, world = int(os.environ.get("RANK", "0")), world_size_from_env()
+    local_rank = _local_device(hosted)
     if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
+        if not hosted:
+            torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"
     else:
@@ -205,7 +222,7 @@ def current_or_new_runtime(par: ParallelConfig, seed: int, join_timeout_s: float
         _every_rank_comes(join_timeout_s, what)
     if not running:
         return init_runtime(par, seed)
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_rank = _local_device(hosted=True)
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     return Runtime(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=device,
                    tp=par.tp, pp=par.pp, dp=groups.dp.size(), vpp=par.vpp, groups=groups)

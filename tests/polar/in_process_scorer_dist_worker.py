@@ -7,7 +7,8 @@ scorer's tp=1, as the load left it or a megatron trainer at tp=1 has it); `megat
 set up at tp=2 (engine.runtime.init_runtime, as a megatron trainer has it), then rank 0 alone loads (a
 refusal must come before any wait for the others).
 Writes OUT.rankN (JSON): each scenario's refusal ("TypeName: message"), rewards and whether the generator
-was kept. `python in_process_scorer_dist_worker.py CHECKPOINT OUT`.
+was kept. RANK, LOCAL_RANK and WORLD_SIZE leave the environment once the group has started, as a Ray
+worker has none. `python in_process_scorer_dist_worker.py CHECKPOINT OUT`.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ def refusal(checkpoint: str, **kw) -> str | None:
 def main(checkpoint: str, out: str) -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))  # the trainer's group
     rank = dist.get_rank()
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):  # a Ray worker's group is started without them
+        os.environ.pop(name)
     result = {"rank0_alone": refusal(checkpoint, join_timeout_s=3) if rank == 0 else None}
     dist.barrier()
 
@@ -49,6 +52,7 @@ def main(checkpoint: str, out: str) -> None:
     scorer = InProcessScorer.load(checkpoint)
     result["rng_kept"] = torch.equal(before, torch.get_rng_state())
     result["rewards"] = scorer.score(ITEMS[rank])
+    result["runtime_rank"] = scorer.scorer.rt.rank
     scorer.close()
     result["rank0_alone_tp1"] = refusal(checkpoint, join_timeout_s=3) if rank == 0 else None
     dist.barrier()

@@ -52,6 +52,8 @@ def test_every_rank_loading_scores_as_one_process_does_and_keeps_the_trainers_ge
     finally:
         alone.close()
     assert [r["rng_kept"] for r in ranks] == [True, True]
+    # the group's ranks, not RANK's: without it in the environment every rank took itself for rank 0
+    assert [r["runtime_rank"] for r in ranks] == [0, 1]
 
 
 @pytest.mark.parametrize("scenario", ["rank0_alone", "rank0_alone_tp1"])
