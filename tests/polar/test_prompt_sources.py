@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from polar.prompt_sources import SampleError, TextSource
+from polar.prompt_sources import SampleError, TextSource, token_prefix
+from polar.tokenizer import ByteTokenizer
 
 
 def test_auto_reads_an_upper_case_jsonl_as_jsonl(tmp_path):
@@ -87,3 +88,28 @@ def test_a_text_file_whose_lines_end_in_a_carriage_return_alone_is_refused(tmp_p
     one.write_bytes(b"doc one\rdoc two")  # no line end at all: one \r, named in the singular
     with pytest.raises(SampleError, match=r"its only line holds 1 carriage return \(\\r\) and the file no \\n"):
         TextSource([str(one)], "text", "text")
+
+
+def test_token_prefix_cuts_at_whole_characters():
+    tok = ByteTokenizer()
+    assert token_prefix(tok, "hello world", 5) == ("hello", 5)
+    # byte 2 of "é" would split the character: the cut moves back to "h"
+    assert token_prefix(tok, "héllo", 2) == ("h", 1)
+    assert token_prefix(tok, "é", 1) == ("é", 2)
+    assert token_prefix(tok, "short", 100) == ("short", 5)
+    long_doc = "word " * 5000
+    assert token_prefix(tok, long_doc, 1024) == (long_doc[:1024], 1024)
+
+
+@pytest.mark.parametrize("name, content", [("c.txt", "first doc\nsecond \ufeff doc\n"),
+                                           ("c.jsonl", '{"text": "first doc"}\n{"text": "second \ufeff doc"}\n')])
+def test_a_bom_opening_a_corpus_file_is_not_text(tmp_path, name, content):
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
+    src = TextSource([str(path)], "auto", "text")
+    try:
+        assert len(src) == 2
+        assert src.get(0) == ("first doc", f"{path}:1")
+        assert src.get(1)[0] == "second \ufeff doc"  # inside a text it is the text's own character
+    finally:
+        src.close()

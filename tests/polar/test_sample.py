@@ -11,14 +11,12 @@ import pytest
 import yaml
 
 from polar import sample
-from polar.policy_pool import PoolError, load_pool
-from polar.prompt_sources import SampleError, token_prefix
 from polar.records import append_locked
 from polar.repetition import truncate_loop
 from polar.sample import request_seed
-from polar.sample_output import check_settings, read_done_ids
 from polar.tokenizer import ByteTokenizer
 from tests.polar.openai_server import FakeOpenAIServer, closed_port, fake_loop_text, fake_text
+from tests.polar.sample_helpers import jsonl_records, minimal_argv
 
 MODELS = {"base-a": "ok", "base-b": "ok", "chatty": "ok", "looper": "loop", "broken": "fail"}
 GOOD = {"base-a", "base-b", "chatty", "looper"}
@@ -53,11 +51,6 @@ def _argv(corpus, inst, pool, out, *extra, n=24):
             "--request-timeout", "10", "--progress-interval", "0.05", *extra]
 
 
-def _records(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
-
-
 def _by_id(records):
     ids = [r["id"] for r in records]
     assert len(ids) == len(set(ids)), "duplicate ids"
@@ -78,7 +71,7 @@ def test_end_to_end_records_policies_and_failing_endpoints(tmp_path, capsys):
         err = capsys.readouterr().err
         bodies = list(srv.requests)
     assert rc == 0, err
-    recs = _by_id(_records(out))
+    recs = _by_id(jsonl_records(out))
     assert sorted(recs) == list(range(24))
     docs = [d for d in DOCS if d]
     sources = set()
@@ -132,14 +125,14 @@ def test_restart_after_stop_and_torn_line_gives_the_uninterrupted_result(tmp_pat
         assert sample.main(_argv(corpus, inst, pool, full)) == 0
         part = tmp_path / "part.jsonl"
         assert sample.main(_argv(corpus, inst, pool, part, "--max-records", "7")) == 0
-        assert len(_records(part)) == 7
+        assert len(jsonl_records(part)) == 7
         with open(part, "a", encoding="utf-8") as f:
             f.write('{"prompt": "torn by a ki')  # what a kill mid-write leaves
         capsys.readouterr()
         assert sample.main(_argv(corpus, inst, pool, part)) == 0
         err = capsys.readouterr().err
     assert "incomplete" in err and "7 of 24 prompts already" in err
-    assert _by_id(_records(part)) == _by_id(_records(full))
+    assert _by_id(jsonl_records(part)) == _by_id(jsonl_records(full))
 
 
 def test_killed_process_resumes_without_duplicates_or_losses(tmp_path):
@@ -166,7 +159,7 @@ def test_killed_process_resumes_without_duplicates_or_losses(tmp_path):
         srv.hold_after = None
         srv.release()
         assert sample.main(argv) == 0
-    assert _by_id(_records(out)) == _by_id(_records(full))
+    assert _by_id(jsonl_records(out)) == _by_id(jsonl_records(full))
 
 
 def test_server_that_starts_failing_then_recovers(tmp_path, capsys):
@@ -175,7 +168,7 @@ def test_server_that_starts_failing_then_recovers(tmp_path, capsys):
         out = tmp_path / "out.jsonl"
         assert sample.main(_argv(corpus, inst, pool, out)) == 1
         err = capsys.readouterr().err
-        first = _records(out)
+        first = jsonl_records(out)
         failures = [json.loads(line) for line in open(str(out) + ".failures.jsonl")]
         assert failures and all(f["reason"] for f in failures)
         assert "fewer than 2 policies" in err
@@ -185,7 +178,7 @@ def test_server_that_starts_failing_then_recovers(tmp_path, capsys):
         full = tmp_path / "full.jsonl"
         assert sample.main(_argv(corpus, inst, pool, full)) == 0
     # the failed prompts were retried; nothing lost, nothing doubled, same records as one clean run
-    assert _by_id(_records(out)) == _by_id(_records(full))
+    assert _by_id(jsonl_records(out)) == _by_id(jsonl_records(full))
     assert os.path.getsize(str(out) + ".failures.jsonl") == 0
 
 
@@ -199,7 +192,7 @@ def test_an_endpoint_refusing_every_request_leaves_at_once_and_fails_no_prompt(t
         out = tmp_path / "out.jsonl"
         assert sample.main(_argv(corpus, inst, pool, out)) == 0  # --endpoint-max-failures 3
         err = capsys.readouterr().err
-    recs = _records(out)
+    recs = jsonl_records(out)
     assert len(recs) == 24 and os.path.getsize(str(out) + ".failures.jsonl") == 0
     assert not any("ghost" in (r["policy_a"], r["policy_b"]) for r in recs)
     assert any("ghost" in r["skipped_policies"] for r in recs)
@@ -219,7 +212,7 @@ def test_rate_limited_endpoint_is_retried_not_dropped(tmp_path, capsys):
                           "--retry-base", "0.001", "--endpoint-max-failures", "1", "--max-retries", "2"])
         err = capsys.readouterr().err
     assert rc == 0, err
-    assert len(_records(out)) == 5
+    assert len(jsonl_records(out)) == 5
     # every request was refused once and then served; 429 never takes an endpoint out, even at
     # --endpoint-max-failures 1
     assert sum(int(n) for n in re.findall(r"http 429 x(\d+)", err)) == 15
@@ -244,14 +237,14 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         argv = _argv(corpus, inst, pool, out, n=5)
         assert sample.main(argv) == 2
         assert f"corpus_bytes: [{size}] -> [{corpus.stat().st_size}]" in capsys.readouterr().err
-        assert len(_records(out)) == 3
+        assert len(jsonl_records(out)) == 3
         # a record written before the sizes were kept lacks them: not a change
         run_json = tmp_path / "out.jsonl.run.json"
         old = json.loads(run_json.read_text())
         del old["corpus_bytes"], old["instruction_bytes"]
         run_json.write_text(json.dumps(old))
         assert sample.main(argv) == 0, capsys.readouterr().err
-        assert sorted(_by_id(_records(out))) == list(range(5))
+        assert sorted(_by_id(jsonl_records(out))) == list(range(5))
         assert json.loads(run_json.read_text())["corpus_bytes"] == [corpus.stat().st_size]
         # the same files mounted at another path (a restart on another node): the same inputs, said
         moved = tmp_path / "mnt"
@@ -266,79 +259,7 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         shutil.copy(corpus, moved / "other.txt")
         assert sample.main(_argv(moved / "other.txt", moved / inst.name, pool, out, n=7)) == 2
         assert f"corpus: ['{moved / corpus.name}'] -> ['{moved / 'other.txt'}']" in capsys.readouterr().err
-    assert sorted(_by_id(_records(out))) == list(range(6))
-
-
-@pytest.mark.parametrize("content", [b"[1, 2]", b"{not json", b"\xff\xfe{}"])
-def test_a_settings_record_that_is_no_json_object_is_named(tmp_path, content):
-    path = tmp_path / "out.jsonl.run.json"
-    path.write_bytes(content)  # a list was an AttributeError traceback, bytes that are no UTF-8 a UnicodeDecodeError
-    with pytest.raises(SampleError, match=f"{path}: not a settings record \\(a JSON object\\); delete it"):
-        check_settings(str(path), {"seed": 0}, allow_changed=False)
-
-
-@pytest.mark.parametrize("entries, expected", [
-    ([{"base_url": "http://h:1/v1"}, {"base_url": "http://h:1/v1", "model": "m"}],
-     "entry 0: field 'model' is required"),
-    ([{"model": "a", "base_url": "http://h/v1", "temprature": 1}, {"model": "b", "base_url": "http://h/v1"}],
-     "entry 0 ('a'): unknown field(s) temprature"),
-    ([{"model": "a", "base_url": "http://h/v1"}, {"model": "b", "base_url": "http://h/v1", "kind": "chats"}],
-     "entry 1 ('b'): field 'kind' must be one of"),
-    ([{"model": "a", "base_url": "h:8000"}, {"model": "b", "base_url": "http://h/v1"}], "field 'base_url' must be"),
-    ([{"model": "a", "base_url": "http://h/v1", "max_concurrency": 0}, {"model": "b", "base_url": "http://h/v1"}],
-     "field 'max_concurrency' must be a positive integer"),
-    ([{"model": "a", "base_url": "http://h/v1"}, {"model": "a", "base_url": "http://g/v1"}],
-     "entry 1 ('a'): field 'name' 'a' repeats entry 0"),
-    ([{"model": "a", "base_url": "http://h/v1", "api_key_env": "POLAR_TEST_SURELY_UNSET"},
-      {"model": "b", "base_url": "http://h/v1"}], "'POLAR_TEST_SURELY_UNSET', which is not set"),
-    ([{"model": "a", "base_url": "http://h/v1"}], "at least 2 policies"),
-    ({"model": "a"}, "expected a YAML list"),
-    (["just a string", {"model": "b", "base_url": "http://h/v1"}], "entry 0: expected a mapping"),
-])
-def test_bad_pool_yaml_names_entry_and_field(tmp_path, capsys, entries, expected):
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(yaml.safe_dump(entries))
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("doc\n")
-    rc = sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o.jsonl"),
-                      "--num-prompts", "1"])
-    err = capsys.readouterr().err
-    assert rc == 2 and expected in err and str(pool) in err, err
-
-
-def test_a_pool_key_variable_that_is_set_but_empty_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setenv("POLAR_TEST_EMPTY_KEY", " ")  # no key was sent: a server wanting one refused every request
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(yaml.safe_dump([{"model": "a", "base_url": "http://h/v1", "api_key_env": "POLAR_TEST_EMPTY_KEY"},
-                                    {"model": "b", "base_url": "http://h/v1"}]))
-    with pytest.raises(PoolError, match=r"pool.yaml:1: entry 0 \('a'\): field 'api_key_env' names "
-                                        r"'POLAR_TEST_EMPTY_KEY', which is set but empty"):
-        load_pool(str(pool))
-
-
-def test_pool_yaml_syntax_error(tmp_path, capsys):
-    pool = tmp_path / "pool.yaml"
-    pool.write_text("- model: [a\n")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("doc\n")
-    assert sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o"),
-                        "--num-prompts", "1"]) == 2
-    err = capsys.readouterr().err
-    # the position names the file (it was `in "<unicode string>", line 1, column 12`)
-    assert "not valid YAML" in err and f'in "{pool}", line 1, column' in err and "<unicode" not in err, err
-
-
-def test_pool_yaml_with_a_key_given_twice_is_refused(tmp_path, capsys):
-    """PyYAML keeps the last value: an entry with two `model:` keys would query one model silently."""
-    pool = tmp_path / "pool.yaml"
-    pool.write_text("- name: a\n  base_url: http://127.0.0.1:1/v1\n  model: m1\n  model: m2\n"
-                    "- name: b\n  base_url: http://127.0.0.1:1/v1\n  model: m3\n")
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("doc\n")
-    assert sample.main(["--corpus", str(corpus), "--pool", str(pool), "--output", str(tmp_path / "o"),
-                        "--num-prompts", "1"]) == 2
-    err = capsys.readouterr().err
-    assert f"{pool}: not valid YAML: line 4: key 'model' given twice in one mapping" in err, err
+    assert sorted(_by_id(jsonl_records(out))) == list(range(6))
 
 
 @pytest.mark.parametrize("name, content, expected", [
@@ -390,88 +311,6 @@ def test_a_busy_or_unwritable_output_is_named_before_the_prompt_files_are_read(t
     assert out.exists() and not out.stat().st_size  # there before this run: kept
 
 
-def test_truncate_loop_refuses_a_single_copy_as_a_loop():
-    with pytest.raises(ValueError, match="min_repeats must be at least 2, got 1"):
-        truncate_loop("The quick brown fox jumps over the lazy dog near the riverbank.", 1)
-
-
-def test_truncate_loop_rule():
-    chunk = "the same sentence again. "
-    base = "A normal start of a story."
-    text, removed = truncate_loop(base + chunk * 5)
-    assert text == base + chunk and removed == 4 * len(chunk)
-    # a copy cut short by max_tokens belongs to the loop too
-    assert truncate_loop(base + chunk * 5 + chunk[:9])[0] == base + chunk
-    # a long run of one character
-    assert truncate_loop("wait" + "!" * 50) == ("wait!", 49)
-    # a text that is all loop, from its first character (the lower end of the search for the run's start)
-    assert truncate_loop(chunk * 5) == (chunk, 4 * len(chunk))
-    # short repetitions and ordinary text are left alone
-    for t in ("ha ha ha ha", "Well...", "abc abc abc", "x = [1, 2, 3]\ny = 4\n", ""):
-        assert truncate_loop(t) == (t, 0)
-    # fewer than 4 copies is not a loop
-    assert truncate_loop(base + chunk * 3) == (base + chunk * 3, 0)
-    # a loop nested inside a loop: both go
-    inner = "la" * 20
-    assert truncate_loop("song: " + ("verse " + inner + " ") * 4)[0].startswith("song: verse la")
-
-
-def test_token_prefix_cuts_at_whole_characters():
-    tok = ByteTokenizer()
-    assert token_prefix(tok, "hello world", 5) == ("hello", 5)
-    # byte 2 of "é" would split the character: the cut moves back to "h"
-    assert token_prefix(tok, "héllo", 2) == ("h", 1)
-    assert token_prefix(tok, "é", 1) == ("é", 2)
-    assert token_prefix(tok, "short", 100) == ("short", 5)
-    long_doc = "word " * 5000
-    assert token_prefix(tok, long_doc, 1024) == (long_doc[:1024], 1024)
-
-
-def test_read_done_ids_cuts_a_torn_line_and_rejects_duplicates(tmp_path, capsys):
-    out = tmp_path / "o.jsonl"
-    out.write_text('{"id": 0}\n{"id": 2}\n{"id": 3, "pro')
-    assert read_done_ids(str(out)) == {0, 2}
-    assert out.read_text() == '{"id": 0}\n{"id": 2}\n'
-    assert "incomplete" in capsys.readouterr().err
-    out.write_text('{"id": 0}\n{"id": 0}\n')
-    with pytest.raises(sample.SampleError, match="o.jsonl:2: id 0 repeats line 1"):
-        read_done_ids(str(out))
-    out.write_text('{"id": 0}\nnot json\n')
-    with pytest.raises(sample.SampleError, match="o.jsonl:2: not a record"):
-        read_done_ids(str(out))
-
-
-def test_read_done_ids_streams_the_output(tmp_path):
-    import tracemalloc
-
-    out = tmp_path / "o.jsonl"
-    pad = "x" * 100_000
-    with open(out, "w") as f:
-        f.writelines(json.dumps({"id": i, "text": pad}) + "\n" for i in range(300))
-        f.write('{"id": 300, "te')
-    tracemalloc.start()
-    try:
-        assert read_done_ids(str(out)) == set(range(300))
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert peak < 3_000_000, f"{peak} bytes held for a {out.stat().st_size}-byte output"
-    assert out.read_bytes().endswith(b'"}\n') and read_done_ids(str(out)) == set(range(300))
-
-
-def test_reading_back_a_long_runs_output_reports_progress(tmp_path):
-    """A restart read an output of ~100 GB (~10 KB a record) for minutes without a line."""
-    out = tmp_path / "o.jsonl"
-    with open(out, "w") as f:  # lines of 1 KiB, 3 MiB
-        f.writelines(json.dumps({"id": i, "text": "x" * (1023 - len(json.dumps({"id": i, "text": ""})))}) + "\n"
-                     for i in range(3 * 1024))
-    shown = []
-    assert read_done_ids(str(out), shown.append, 0) == set(range(3 * 1024))  # every look at the clock
-    line = re.compile(rf"reading {re.escape(str(out))}: (\d)/3 MiB \| \S+ MiB/s( \| eta \d+m\d\ds)?")
-    assert [int(line.fullmatch(s).group(1)) for s in shown] == [1, 2, 3], shown  # at lines 1024, 2048, 3072
-    assert all(" | eta " in s for s in shown)
-
-
 def test_empty_completions_are_failures_retried_by_the_next_run(tmp_path, capsys):
     # Every prompt draws two of these three policies, so each meets an empty reply ("" from the
     # completions API, null content from the chat API).
@@ -489,13 +328,13 @@ def test_empty_completions_are_failures_retried_by_the_next_run(tmp_path, capsys
         assert sample.main(argv) == 1
         err = capsys.readouterr().err
         assert out.read_text() == ""
-        failures = _records(str(out) + ".failures.jsonl")
+        failures = jsonl_records(str(out) + ".failures.jsonl")
         assert sorted(f["id"] for f in failures) == [0, 1, 2, 3]
         assert all("empty completion" in f["reason"] for f in failures)
         assert "4 prompts failed" in err and "empty completion x" in err
         srv.models["silent"] = srv.models["mute"] = "ok"  # the next run retries them
         assert sample.main(argv) == 0
-    assert sorted(_by_id(_records(out))) == [0, 1, 2, 3]
+    assert sorted(_by_id(jsonl_records(out))) == [0, 1, 2, 3]
 
 
 def test_the_end_summary_counts_in_the_singular_and_points_at_the_failures_only_when_some_failed(tmp_path, capsys):
@@ -515,42 +354,12 @@ def test_the_end_summary_counts_in_the_singular_and_points_at_the_failures_only_
 
     out = tmp_path / "loop.jsonl"
     line = run({"base-a": "ok", "looper": "loop"}, out)
-    assert [r["truncated_loops"] for r in _records(out)] == [["rejected"]]
+    assert [r["truncated_loops"] for r in jsonl_records(out)] == [["rejected"]]
     assert line.endswith(" 0 prompts failed, 1 loop truncated"), line
     out = tmp_path / "fail.jsonl"
     line = run({"base-a": "ok", "silent": "empty"}, out)
     assert line.endswith(f" 1 prompt failed (listed in {out}.failures.jsonl; a rerun retries it), 0 loops "
                          f"truncated"), line
-
-
-@pytest.mark.parametrize("name, content", [("c.txt", "first doc\nsecond \ufeff doc\n"),
-                                           ("c.jsonl", '{"text": "first doc"}\n{"text": "second \ufeff doc"}\n')])
-def test_a_bom_opening_a_corpus_file_is_not_text(tmp_path, name, content):
-    from polar.prompt_sources import TextSource
-
-    path = tmp_path / name
-    path.write_bytes(b"\xef\xbb\xbf" + content.encode("utf-8"))
-    src = TextSource([str(path)], "auto", "text")
-    try:
-        assert len(src) == 2
-        assert src.get(0) == ("first doc", f"{path}:1")
-        assert src.get(1)[0] == "second \ufeff doc"  # inside a text it is the text's own character
-    finally:
-        src.close()
-
-
-def test_help_documents_the_flags(capsys):
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--help"])
-    assert e.value.code == 0
-    out = capsys.readouterr().out
-    for flag in ("--corpus", "--pool", "--instruction-share", "--top-k", "--max-tokens", "--endpoint-max-failures",
-                 "--max-records", "--tokenizer"):
-        assert flag in out
-    # defaults that say something, once: not "(default: OUTPUT.failures.jsonl) (default: None)"
-    flat = " ".join(out.split())
-    assert "(default: None)" not in flat and "(default: False)" not in flat, out
-    assert "(default: 64)" in flat and "(default: OUTPUT.failures.jsonl)" in flat
 
 
 def test_unknown_tokenizer_is_a_clear_error(tmp_path, capsys):
@@ -562,65 +371,6 @@ def test_unknown_tokenizer_is_a_clear_error(tmp_path, capsys):
                       "--num-prompts", "1", "--tokenizer", str(tmp_path / "no-such-tokenizer")])
     err = capsys.readouterr().err
     assert rc == 2 and "--tokenizer" in err and "no-such-tokenizer" in err, err
-
-
-def _minimal_argv(tmp_path, srv_url, *extra, models=("a", "b")):
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(yaml.safe_dump([{"model": m, "base_url": srv_url} for m in models]))
-    corpus = tmp_path / "c.txt"
-    corpus.write_text("one document\nanother document\n")
-    return ["--corpus", str(corpus), "--pool", str(pool), "--num-prompts", "2", "--retry-base", "0.001",
-            "--retry-cap", "0.01", "--max-retries", "1", *extra]
-
-
-@pytest.mark.parametrize("value", ["0", "-1"])
-def test_a_progress_interval_that_is_not_positive_is_refused(tmp_path, capsys, value):
-    # 0 printed a progress line on every turn of the event loop: tens of thousands a second
-    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"),
-                         "--progress-interval", value)
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    assert f"--progress-interval must be > 0 seconds, got {float(value)}" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag,value,expected", [
-    ("--temperature", "nan", "--temperature must be a finite number, got nan"),  # was sent as NaN, no JSON
-    ("--retry-cap", "nan", "--retry-cap must be a finite number, got nan"),  # was a retry without a wait
-    ("--retry-base", "inf", "--retry-base must be a finite number, got inf"),
-    ("--request-timeout", "inf", "--request-timeout must be a finite number, got inf"),  # was a traceback
-    ("--request-timeout", "1e12", "--request-timeout must be at most 1e+09 seconds, got 1e+12"),
-    # one copy is no loop: truncate_loop read past the text's start, an IndexError at the first completion
-    ("--loop-min-repeats", "1", "--loop-min-repeats must be at least 2, got 1"),
-    # one message named five options, leaving the reader to find the wrong one
-    ("--max-retries", "-1", "--max-retries must be >= 0, got -1"),
-    ("--loop-min-chars", "-2", "--loop-min-chars must be >= 0, got -2"),
-    ("--request-timeout", "0", "--request-timeout must be > 0 seconds, got 0.0")])
-def test_an_option_that_no_request_could_use_is_refused(tmp_path, capsys, flag, value, expected):
-    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"), flag, value)
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    assert expected in capsys.readouterr().err
-    assert not (tmp_path / "o.jsonl").exists()
-
-
-def test_failures_naming_the_output_or_its_settings_record_is_refused(tmp_path, capsys):
-    """The run empties its failures file at its start: --failures OUTPUT emptied the records of the
-    earlier runs, and the summary still said the output held them."""
-    out = tmp_path / "o.jsonl"
-    with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
-        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(out))
-        assert sample.main(argv) == 0, capsys.readouterr().err
-        kept, settings = out.read_bytes(), (tmp_path / "o.jsonl.run.json").read_bytes()
-        for path, what in ((out, "the output"), (tmp_path / "o.jsonl.run.json", "the output's settings record")):
-            given = os.path.join(str(tmp_path), ".", path.name)  # another spelling of the same file
-            with pytest.raises(SystemExit) as e:
-                sample.main(argv + ["--num-prompts", "3", "--failures", given])
-            assert e.value.code == 2
-            assert f"--failures {given} is {path}, {what}: a run empties its failures file" in capsys.readouterr().err
-    assert out.read_bytes() == kept and len(_records(out)) == 2
-    assert (tmp_path / "o.jsonl.run.json").read_bytes() == settings
 
 
 def test_the_eta_of_a_run_stopped_by_max_records_is_the_time_to_that_stop(tmp_path):
@@ -636,7 +386,7 @@ def test_the_eta_of_a_run_stopped_by_max_records_is_the_time_to_that_stop(tmp_pa
 @pytest.mark.parametrize("flag", ["--output", "--failures"])
 def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
     (tmp_path / "d").mkdir()
-    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"))
+    argv = minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"))
     argv += [flag, str(tmp_path / "d")]
     assert sample.main(argv) == 2
     assert f"{flag} {tmp_path / 'd'}: is a directory" in capsys.readouterr().err
@@ -644,13 +394,13 @@ def test_an_output_that_is_a_directory_is_a_clear_error(tmp_path, capsys, flag):
 
 def test_the_failures_file_gets_its_directory_and_an_unwritable_place_is_a_clear_error(tmp_path, capsys):
     with FakeOpenAIServer({"a": "ok", "b": "ok"}) as srv:
-        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
+        argv = minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
         failures = tmp_path / "logs" / "failures.jsonl"  # its directory was not made: a traceback
         assert sample.main(argv + ["--failures", str(failures)]) == 0, capsys.readouterr().err
-    assert failures.exists() and len(_records(tmp_path / "o.jsonl")) == 2
+    assert failures.exists() and len(jsonl_records(tmp_path / "o.jsonl")) == 2
     (tmp_path / "f").write_text("")
     for flag in ("--output", "--failures"):
-        argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o2.jsonl"))
+        argv = minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o2.jsonl"))
         assert sample.main(argv + [flag, str(tmp_path / "f" / "x.jsonl")]) == 2
         assert f"{flag} {tmp_path / 'f' / 'x.jsonl'}: {tmp_path / 'f'} is a file, not a directory" \
             in capsys.readouterr().err
@@ -658,7 +408,7 @@ def test_the_failures_file_gets_its_directory_and_an_unwritable_place_is_a_clear
     # root, running the tests here, would write anyway): a traceback at the lock or at the run's start
     for flag, expected in (("--output", "/proc/x.jsonl: cannot write the output: "),
                            ("--failures", "--failures /proc/x.jsonl: cannot write: ")):
-        argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o3.jsonl"))
+        argv = minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o3.jsonl"))
         assert sample.main(argv + [flag, "/proc/x.jsonl"]) == 2
         assert expected in capsys.readouterr().err
 
@@ -667,46 +417,14 @@ def test_a_completion_holding_a_lone_surrogate_is_a_failure_retried_by_the_next_
     """Such a record is one every build rejects (records.py): like an empty completion, the prompt
     is listed as failed and sampled again, instead of being marked done and lost at build time."""
     with FakeOpenAIServer({"a": "ok", "b": "surrogate"}) as srv:
-        argv = _minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
+        argv = minimal_argv(tmp_path, srv.base_url, "--output", str(tmp_path / "o.jsonl"))
         assert sample.main(argv) == 1
         assert (tmp_path / "o.jsonl").read_text() == ""
-        failures = _records(str(tmp_path / "o.jsonl") + ".failures.jsonl")
+        failures = jsonl_records(str(tmp_path / "o.jsonl") + ".failures.jsonl")
         assert sorted(f["id"] for f in failures) == [0, 1]
         assert all("lone surrogate" in f["reason"] for f in failures)
         err = capsys.readouterr().err
         assert "invalid text x" in err and "DOWN" not in err, err  # counted, and not the endpoint's fault
         srv.models["b"] = "ok"
         assert sample.main(argv) == 0
-    assert sorted(_by_id(_records(tmp_path / "o.jsonl"))) == [0, 1]
-
-
-def test_a_pool_under_a_policies_key_may_sit_beside_other_settings(tmp_path):
-    pool = tmp_path / "pool.yaml"
-    pool.write_text(yaml.safe_dump({"policies": [{"model": m, "base_url": "http://h:1/v1"} for m in "ab"],
-                                    "notes": "sampling run 3"}))
-    assert [p.name for p in load_pool(str(pool))] == ["a", "b"]
-
-
-def test_an_instruction_share_without_instruction_prompts_is_refused(tmp_path, capsys):
-    # it was ignored without a word: every prompt came from the corpus
-    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"),
-                         "--instruction-share", "0.5")
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    assert "--instruction-share 0.5 needs --instruction-prompts" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("flag,name", [("--corpus", "o.jsonl"), ("--instruction-prompts", "o.jsonl.failures.jsonl")])
-def test_a_prompt_file_that_this_run_writes_is_refused(tmp_path, capsys, flag, name):
-    """`--corpus data/*.jsonl --output data/o.jsonl`: a rerun's glob took the output in as prompts."""
-    (tmp_path / name).write_text('{"id": 0}\n')
-    argv = _minimal_argv(tmp_path, "http://127.0.0.1:9/v1", "--output", str(tmp_path / "o.jsonl"))
-    if flag == "--corpus":  # the corpus file and, spelt otherwise, the output
-        argv.insert(2, str(tmp_path / "." / name))
-    else:
-        argv += [flag, str(tmp_path / name)]
-    with pytest.raises(SystemExit) as e:
-        sample.main(argv)
-    assert e.value.code == 2
-    assert f"{flag} names " in capsys.readouterr().err
+    assert sorted(_by_id(jsonl_records(tmp_path / "o.jsonl"))) == [0, 1]
