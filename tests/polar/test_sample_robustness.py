@@ -16,13 +16,9 @@ import yaml
 from polar import sample
 from polar.records import read_records
 from tests.polar.openai_server import FakeOpenAIServer, fake_text, picky_refuses
+from tests.polar.sample_helpers import jsonl_records as _records
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _records(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
 
 
 def _inputs(tmp_path, base_url, models, **entry):
