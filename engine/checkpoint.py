@@ -1,4 +1,6 @@
-"""Checkpoints with megatron's dist_checkpointing: any TP/PP layout can reload them.
+"""Writing checkpoints with megatron's dist_checkpointing (any TP/PP layout can reload them:
+engine.checkpoint_load reads them back) and finding them: the newest complete step, the step a
+path names, its trainer state and the model settings recorded with it.
 
 Each checkpoint is written into `step_XXXXXXXX.partial/` and renamed to `step_XXXXXXXX/` only once
 every rank has finished and its files are on the disk (fsynced); `latest` (written atomically and
@@ -15,16 +17,14 @@ from __future__ import annotations
 import functools
 import json
 import os
-import pickle
 import re
 import shutil
 import weakref
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
-from engine import durable_file, optimizer_state
+from engine import durable_file
 from engine.checkpoint_request import (cause, dcp_error, first_line, parallel_save_strategy, rank0_files_kept,
                                        set_results_queue, write_errors)
 from engine.config import ConfigError
@@ -82,7 +82,7 @@ def partial_saves(root, after: int = -1) -> list[Path]:
     return [p for n, p in sorted(found) if n > after]
 
 
-def _damaged(path, e: Exception):
+def damaged(path, e: Exception):
     """The error for a checkpoint file that does not read back: names it, and what to do. A key the
     load asks for and the files lack (megatron's KeyError) is no damage: the step was written by a run
     with other settings (the plain optimizer's state is per parameter, the distributed one's is not),
@@ -90,7 +90,7 @@ def _damaged(path, e: Exception):
     path = Path(path)
     step = next((q for q in (path, *path.parents) if step_number(q) is not None), path)
     if isinstance(cause(e), KeyError):
-        return _other_settings(step, e)
+        return other_settings(step, e)
     before = [p for p in _steps(step.parent) if step_number(p) < (step_number(step) or 0)]
     instead = (f"move {step} out of {step.parent} and run again: the newest complete step there is then "
                f"{before[-1]}" if before else
@@ -99,7 +99,7 @@ def _damaged(path, e: Exception):
                            f"damaged after it was written (a full disk, a copy cut short): {instead}")
 
 
-def _other_settings(step: Path, e: BaseException) -> CheckpointError:
+def other_settings(step: Path, e: BaseException) -> CheckpointError:
     """A step whose optimizer state this run's optimizer does not read (saved with other settings)."""
     return CheckpointError(
         f"{step}: this run's optimizer does not read the optimizer state saved there ({first_line(e)}): it was "
@@ -108,7 +108,7 @@ def _other_settings(step: Path, e: BaseException) -> CheckpointError:
         f"run_dir) from its weights with checkpoint.init_from={step}")
 
 
-def _unwrap(chunk):
+def unwrap(chunk):
     """The RewardModel inside megatron's DDP wrapper: keys must not depend on the wrapping."""
     return getattr(chunk, "module", chunk)
 
@@ -122,9 +122,11 @@ def _unwrap(chunk):
 VOCAB_ROWS = ("lm_head.weight",)
 
 
-def _model_state(chunks) -> dict:
-    state = ({"model": _unwrap(chunks[0]).sharded_state_dict()} if len(chunks) == 1 else
-             {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)})
+def model_state(chunks) -> dict:
+    """The model's sharded state dict for dist_checkpointing, by chunk ("model", or "model0", "model1"...
+    for virtual pipeline chunks), as a save writes it and a load asks for it."""
+    state = ({"model": unwrap(chunks[0]).sharded_state_dict()} if len(chunks) == 1 else
+             {f"model{i}": unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)})
     for sd in state.values():
         for name in VOCAB_ROWS:
             if name in sd:  # its optimizer state, made from it, is marked too
@@ -142,7 +144,7 @@ def integrity_checked(chunks) -> bool:
     return chunks[0] in _SAVES_CHECKED
 
 
-def _optimizer_metadata(fmt: str) -> dict:
+def optimizer_metadata(fmt: str) -> dict:
     if fmt not in OPTIMIZER_FORMATS:
         raise ValueError(f"optimizer format {fmt!r}: expected one of {', '.join(OPTIMIZER_FORMATS)}")
     return {"distrib_optim_sharding_type": fmt}
@@ -171,9 +173,9 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     error = on_rank0(rank, lambda: _start_save(root, partial))
     if error:
         raise _write_failed(root, partial, error)
-    state = _model_state(chunks)
+    state = model_state(chunks)
     if optimizer is not None:  # None: weights only (e.g. initial weights, before any step)
-        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=_optimizer_metadata(optimizer_format))
+        state["optimizer"] = optimizer.sharded_state_dict(state, metadata=optimizer_metadata(optimizer_format))
         trainer_state = {**trainer_state, "optimizer_format": optimizer_format}
     # as it is now: the trainer's history lists grow while a background save is written
     trainer_state = json.loads(json.dumps(trainer_state))
@@ -360,9 +362,9 @@ def read_state(step_dir: str) -> dict:
     try:
         state = json.loads(f.read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise _damaged(f, e) from None
+        raise damaged(f, e) from None
     if not isinstance(state, dict):
-        raise _damaged(f, ValueError(f"a JSON object is expected, not {type(state).__name__}"))
+        raise damaged(f, ValueError(f"a JSON object is expected, not {type(state).__name__}"))
     return state
 
 
@@ -448,9 +450,9 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
         try:
             settings = json.loads((p / MODEL_FILE).read_text())
         except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise _damaged(p / MODEL_FILE, e) from None
+            raise damaged(p / MODEL_FILE, e) from None
         if not isinstance(settings, dict):
-            raise _damaged(p / MODEL_FILE, ValueError("a JSON object is expected"))
+            raise damaged(p / MODEL_FILE, ValueError("a JSON object is expected"))
         return settings, str(p / MODEL_FILE)
     for f in (p.parent / "model.yaml", p.parent.parent / "config.yaml"):
         if f.is_file():
@@ -509,148 +511,3 @@ def check_model_matches(model_cfg, step_dir: str, what: str, otherwise: str = ""
             f"but this run has {', '.join(f'model.{n}={getattr(model_cfg, n)}' for n in differ)}: set "
             f"{' '.join(f'model.{n}={saved[n]}' for n in differ)} (every model.* setting it was saved with is in "
             f"{where}){otherwise}")
-
-
-# weights a run may add to a checkpoint's model: the auxiliary LM head (train.aux_lm_weight > 0)
-# of a run initialised from a pre-training or a conversion that had none
-OPTIONAL_PREFIXES = ("lm_head.",)
-
-
-def tensors_metadata(path) -> dict:
-    """Each tensor of a step (its .metadata: global shape, dtype), by key; CheckpointError where the
-    metadata is missing or damaged."""
-    from megatron.core import dist_checkpointing
-
-    try:
-        return dist_checkpointing.load_tensors_metadata(str(path))
-    except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata / metadata.json
-        raise _damaged(path, e) from e
-
-
-def _tensor_shapes(path) -> dict[str, tuple]:
-    """The global shape of each tensor of a step, by key (its .metadata)."""
-    return {key: tuple(getattr(t, "global_shape", ())) for key, t in tensors_metadata(path).items()}
-
-
-def _tensor_keys(path) -> set[str]:
-    return set(_tensor_shapes(path))
-
-
-def has_lm_head(path: str) -> bool:
-    return "lm_head.weight" in _tensor_keys(path)
-
-
-def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
-    """The optional modules this model has and the checkpoint lacks (judged by their `.weight`
-    tensor; their extra state goes with them), removed from the load request so they keep their
-    initialisation; returned per chunk key so they are put back after the load. Resuming needs
-    every weight: the optimizer state would not match."""
-    present = None
-    kept: dict = {}
-    for chunk_key, sd in state.items():
-        for prefix in OPTIONAL_PREFIXES:
-            names = [n for n in sd if n.startswith(prefix)]
-            weight = sd.get(prefix + "weight")
-            if not names or weight is None:
-                continue
-            if present is None:
-                present = _tensor_keys(path)
-            if weight.key in present:
-                continue
-            if resuming:
-                raise ValueError(f"{path}: has no {prefix}weight (saved with train.aux_lm_weight=0); a run resumes "
-                                 "with the settings it was saved with: set train.aux_lm_weight=0, or start a new "
-                                 "run with checkpoint.init_from")
-            kept.setdefault(chunk_key, {}).update({n: sd.pop(n) for n in names})
-    return kept
-
-
-def _other_shapes(path: Path, chunks) -> CheckpointError | None:
-    """The error for a load refused because tensors of the step have other global shapes than this
-    model's (megatron: "Global shape mismatch"), None where they agree: a step of another model
-    (its settings are compared before a run's load, check_model_matches; not by every caller), not
-    damaged files, which the message said, advising to move a good checkpoint away."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
-    try:
-        saved = _tensor_shapes(path)
-    except CheckpointError:
-        return None
-    here = {t.key: tuple(t.global_shape) for t in nested_values(_model_state(chunks))
-            if isinstance(t, ShardedTensor) and not t.allow_shape_mismatch}
-    differ = sorted((key, saved[key], shape) for key, shape in here.items() if key in saved and saved[key] != shape)
-    if not differ:
-        return None
-    shown = "; ".join(f"{key} {a} there, {b} here" for key, a, b in differ[:3])
-    shown += f" and {len(differ) - 3} more" if len(differ) > 3 else ""
-    named = f" ({path / MODEL_FILE} names them)" if (path / MODEL_FILE).is_file() else ""
-    return CheckpointError(f"{path}: its tensors have other shapes than this model's ({shown}); the files are not "
-                           f"damaged: it holds a model of other settings{named}")
-
-
-def _read_by_every_rank(path: Path, chunks, failed: BaseException | None) -> CheckpointError | None:
-    """The first failing rank's error, on every rank (None when each rank read its part): megatron
-    reads a rank's part of a step on that rank alone (torch.distributed.checkpoint with no_dist), so a
-    shard file that does not read back stopped only the ranks that read it, while the others went on
-    into the run; and a run prints rank 0's error alone, which then had none to print (the failing
-    rank's text was lost, the job ended by a collective broken or torn down)."""
-    error = None if failed is None else (_other_shapes(path, chunks) or _damaged(path, failed))
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return error
-    texts = [None] * dist.get_world_size()
-    dist.all_gather_object(texts, None if error is None else str(error))
-    rank, text = next(((r, t) for r, t in enumerate(texts) if t is not None), (0, None))
-    if text is None:
-        return None
-    return CheckpointError(text if rank == 0 else f"{text} (found by rank {rank}, which reads that part of it)")
-
-
-def load(path: str, chunks, optimizer=None) -> dict:
-    """Loads model weights (and optimizer state if given) into this layout; returns trainer state.
-    A weights-only load (optimizer None) into a model with an LM head from a checkpoint without
-    one keeps the head's initialisation (`has_lm_head` tells the caller)."""
-    from megatron.core import dist_checkpointing
-
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"checkpoint not found: {path}")
-    state = _model_state(chunks)
-    kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
-    if optimizer is not None:
-        optimizer_state.materialise(optimizer)
-        fmt = read_state(str(p)).get("optimizer_format", OPTIMIZER_FORMATS[0])
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=_optimizer_metadata(fmt))
-    failed = None
-    try:
-        loaded = dist_checkpointing.load(state, str(p))
-    except (OSError, EOFError, pickle.UnpicklingError, RuntimeError, *dcp_error()) as e:
-        # a truncated or missing shard file (torch: "PytorchStreamReader failed reading zip archive",
-        # EOF, a missing file), wrapped by torch.distributed.checkpoint in a CheckpointException
-        if cause(e) is e and not isinstance(e, (OSError, EOFError, pickle.UnpicklingError, RuntimeError)):
-            raise  # (a CheckpointException wraps any read failure: a truncated .metadata is an AssertionError)
-        failed = e
-    error = _read_by_every_rank(p, chunks, failed)
-    if error is not None:
-        raise error from failed
-    keys = ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-    for key, c in zip(keys, chunks):
-        module = _unwrap(c)
-        if key in kept:
-            current = module.state_dict()
-            loaded[key].update({name: current[name] for name in kept[key] if name in current})
-        module.load_state_dict(loaded[key])
-    if optimizer is not None:
-        # no_grad: megatron's dp_reshardable load copies into the main parameters without it (its
-        # other loads have it), which autograd refuses where they are the model's fp32 leaves
-        with optimizer_state.torch_adam_step_tolerated(), torch.no_grad():
-            try:
-                optimizer.load_state_dict(loaded["optimizer"])
-            except ValueError as e:
-                # the param groups of another optimizer (a step saved before parallel.distributed_optimizer
-                # was recorded, then changed)
-                if "parameter group" not in str(e):
-                    raise
-                raise _other_settings(p, e) from e
-        optimizer_state.after_load(optimizer)
-    return read_state(str(p))

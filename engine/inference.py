@@ -19,7 +19,7 @@ servers.
 
 In a process whose torch.distributed group another program started (a trainer's workers, N ranks),
 the load is collective over that whole group: megatron's groups are made over all of it, and
-engine.checkpoint.load agrees on read errors across it. Every rank loads (at tp=pp=1 each holds its own
+engine.checkpoint_load.load agrees on read errors across it. Every rank loads (at tp=pp=1 each holds its own
 replica and scores alone, data parallel); a load that not every rank joins within join_timeout_s is
 refused on those that came (ProcessGroupRefusal), as is a layout other than the megatron state the
 process already runs. The caller's random states are left as they were (the engine seeds its own).
@@ -92,11 +92,11 @@ class RewardScorer:
     def load(cls, path: str, tp: int = 1, attention_backend: str = "auto", seed: int = 1234,
              pp: int = 1, join_timeout_s: float = JOIN_TIMEOUT_S) -> "RewardScorer":
         """The reward model of an engine checkpoint (module docstring)."""
-        from engine import checkpoint
+        from engine import checkpoint_load
 
         info = resolve_checkpoint(path)
         scorer = cls._build(info, tp, attention_backend, seed, pp=pp, join_timeout_s=join_timeout_s)
-        checkpoint.load(str(info.step_dir), scorer.chunks)
+        checkpoint_load.load(str(info.step_dir), scorer.chunks)
         return scorer
 
     @classmethod

@@ -407,7 +407,7 @@ def check_checkpoints(cfg, derived=()) -> None:
     settings it was saved with (those in `derived`, set by the recipe from its data, are checked once
     known, by the trainer). A fresh run needs a checkpoint directory of its own: its steps among
     another run's would be pruned and resumed by step number."""
-    from engine import checkpoint, resume_checks
+    from engine import checkpoint, checkpoint_load, resume_checks
 
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
     found = newest_checkpoint(cfg)
@@ -429,7 +429,7 @@ def check_checkpoints(cfg, derived=()) -> None:
         resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
                                           distributed_optimizer=cfg.parallel.distributed_optimizer)
         resume_checks.check_resume_settings(found, cfg.train, skip=derived, state=state)
-        if cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(found):
+        if cfg.train.aux_lm_weight > 0 and not checkpoint_load.has_lm_head(found):
             raise ConfigError(f"train.aux_lm_weight={cfg.train.aux_lm_weight}: the run resumes from {found}, "
                               "saved without an LM head (train.aux_lm_weight=0), and resuming keeps the "
                               "settings it was saved with; set train.aux_lm_weight=0, or start a new run "

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from engine.checkpoint import CheckpointError, read_state, tensors_metadata
+from engine.checkpoint import CheckpointError, read_state
+from engine.checkpoint_load import tensors_metadata
 from engine.config import ConfigError
 from engine.data import set_digest
 

@@ -205,7 +205,7 @@ def current_or_new_runtime(par: ParallelConfig, seed: int, join_timeout_s: float
     is `par`'s; another layout raises ConfigError naming both. join_timeout_s: in a process group
     already running (another program's, as a trainer's), first wait that long for every rank to call
     it too (`what` names the call in the refusal), as a load after it needs them all: megatron's
-    groups are made over the whole group, and engine.checkpoint.load gathers over it."""
+    groups are made over the whole group, and engine.checkpoint_load.load gathers over it."""
     from megatron.core import parallel_state
 
     running = parallel_state.model_parallel_is_initialized()

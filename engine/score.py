@@ -249,7 +249,7 @@ class CheckpointScorer:
 
     def load(self) -> None:
         """The model and its weights, after start_runtime."""
-        from engine import checkpoint
+        from engine import checkpoint_load
         from engine.config import ParallelConfig, TrainConfig
         from engine.parallelize import build_model
 
@@ -257,7 +257,7 @@ class CheckpointScorer:
             print(f"loading {self.step_dir} at tp={self.tp} pp={self.pp} dp={self.rt.dp}", flush=True)
         par = ParallelConfig(tp=self.tp, pp=self.pp, distributed_optimizer=False)
         self.chunks, _ = build_model(self.model_cfg, par, TrainConfig(precision=self.precision), self.rt)
-        checkpoint.load(self.step_dir, self.chunks, None)
+        checkpoint_load.load(self.step_dir, self.chunks, None)
 
     def check_seq_length(self, seq_length: int) -> None:
         """An explicit packed length, checked before any process group is made."""

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, checkpoint_async, nonfinite_steps, profiling, resume_checks
+from engine import checkpoint, checkpoint_async, checkpoint_load, nonfinite_steps, profiling, resume_checks
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.evaluation import STATS, EvaluationStopped, evaluate
@@ -137,7 +137,7 @@ class Trainer:
                 self.loader.load_state_dict(saved["loader"])
             except ConfigError as e:
                 raise ConfigError(f"resuming from {path}: {e}") from None
-            state = checkpoint.load(path, self.model, self.optimizer)
+            state = checkpoint_load.load(path, self.model, self.optimizer)
             self.step = int(state["step"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])
@@ -158,9 +158,9 @@ class Trainer:
                          f"checkpoint.dir)")
         elif ck.init_from:
             step_dir = checkpoint.resolve(ck.init_from)
-            checkpoint.load(step_dir, self.model, None)
+            checkpoint_load.load(step_dir, self.model, None)
             self.log(f"initialised weights from {step_dir}")
-            if self.cfg.train.aux_lm_weight > 0 and not checkpoint.has_lm_head(step_dir):
+            if self.cfg.train.aux_lm_weight > 0 and not checkpoint_load.has_lm_head(step_dir):
                 self.log(f"{step_dir} has no LM head: the auxiliary next-token loss (train.aux_lm_weight="
                          f"{self.cfg.train.aux_lm_weight}) starts from a randomly initialised one")
 

@@ -212,7 +212,7 @@ def _tokenizer_dir(step: Path, tokenizer: str | None, work: Path) -> Path:
 
 
 def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Path, tok, dtype: str, log) -> Path:
-    from engine import checkpoint
+    from engine import checkpoint_load
     from engine.weights import export_canonical
 
     if tok.vocab_size > model.vocab_size:
@@ -223,7 +223,7 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     try:
-        checkpoint.load(str(step), chunks)
+        checkpoint_load.load(str(step), chunks)
     except (Exception, CheckpointException) as e:
         raise ConvertError(f"{step}: the checkpoint does not match the model configuration in {cfg_path} "
                            f"({_last_line(e)}); pass the model.yaml or run config.yaml the checkpoint was written "

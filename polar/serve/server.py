@@ -352,7 +352,7 @@ def _run(args, sock, files) -> int:
     except (FileNotFoundError, ValueError) as e:
         # Decided by the flags, the world size and the checkpoint's files, which every rank reads alike: said
         # by rank 0 alone (each rank said it). A part of the weights that one rank alone cannot read is the
-        # same CheckpointError on every rank, naming that rank (engine.checkpoint.load); any other error
+        # same CheckpointError on every rank, naming that rank (engine.checkpoint_load.load); any other error
         # is the traceback of the rank that met it.
         return stop_alike(int(os.environ.get("RANK", "0")), f"polar serve: {as_flags(str(e))}", 2)
     if not scorer.is_leader:

@@ -62,7 +62,7 @@ def snapshot(trainer, rank: int, marker: str) -> dict:
     import torch
     import torch.distributed as dist
 
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_load
 
     trainer.train_step()
     trainer.step = 1
@@ -78,7 +78,7 @@ def snapshot(trainer, rank: int, marker: str) -> dict:
         open(marker, "w").close()
     trainer.finish_saves()
     complete = checkpoint.latest(trainer.ckpt_dir) == path
-    checkpoint.load(path, trainer.model, trainer.optimizer)
+    checkpoint_load.load(path, trainer.model, trainer.optimizer)
     after = _tensors(trainer)
     return {"pending_after_save": pending, "complete": complete, "tensors": len(before),
             "changed": sum(not torch.equal(a, b) for a, b in zip(before, after))}

@@ -240,7 +240,7 @@ _TINY_MODEL = """
 import multiprocessing, sys, warnings
 warnings.filterwarnings("ignore")
 import torch
-from engine import checkpoint
+from engine import checkpoint, checkpoint_load
 from engine.config import EngineConfig
 from engine.parallelize import build_model
 from engine.runtime import init_runtime
@@ -258,13 +258,13 @@ before = {k: v.clone() for k, v in chunks[0].state_dict().items() if isinstance(
 with torch.no_grad():
     for p in chunks[0].parameters():
         p.zero_()
-checkpoint.load(path, chunks, None)
+checkpoint_load.load(path, chunks, None)
 after = chunks[0].state_dict()
 print("same", all(torch.equal(v, after[k]) for k, v in before.items()))
 cfg.model.ffn_hidden_size = 96
 other, _ = build_model(cfg.model, cfg.parallel, cfg.train, rt)
 try:
-    checkpoint.load(path, other, None)
+    checkpoint_load.load(path, other, None)
 except checkpoint.CheckpointError as e:
     print("refused", e)
 """

@@ -309,11 +309,11 @@ COUNTED = """
 import os
 import sys
 
-import engine.checkpoint
+import engine.checkpoint_load
 import polar.client_format
 from engine.score import main
 
-encode, load, items = polar.client_format.client_encode_batch, engine.checkpoint.load, [0]
+encode, load, items = polar.client_format.client_encode_batch, engine.checkpoint_load.load, [0]
 
 
 def counted_encode(tokenizer, batch, **kw):
@@ -327,7 +327,7 @@ def counted_load(*a, **kw):
     return load(*a, **kw)
 
 
-polar.client_format.client_encode_batch, engine.checkpoint.load = counted_encode, counted_load
+polar.client_format.client_encode_batch, engine.checkpoint_load.load = counted_encode, counted_load
 sys.exit(main(sys.argv[2:]))
 """
 

@@ -60,7 +60,7 @@ def test_every_rank_loading_scores_as_one_process_does_and_keeps_the_trainers_ge
 def test_a_load_that_rank_0_makes_alone_is_refused_saying_what_to_do(launched, scenario):
     """It waited for rank 1 until the process group's timeout, then failed with a connection timeout saying
     nothing of the scorer: in megatron's first new_group (gloo: the scorer's 30 minutes) or, megatron's
-    state already set up at tp=1, in engine.checkpoint.load's gather (the trainer's timeout)."""
+    state already set up at tp=1, in engine.checkpoint_load.load's gather (the trainer's timeout)."""
     refusal = launched[1][0][scenario]
     assert refusal == (
         "ProcessGroupRefusal: InProcessScorer.load: loading a reward model is collective over this process's "

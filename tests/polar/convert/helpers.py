@@ -67,13 +67,13 @@ def unpacked_inputs(groups) -> list[list[int]]:
 
 def engine_scores(dst, groups, per_sequence, pad_id: int) -> torch.Tensor:
     """Scores in this process at TP1/PP1 (the runtime is shared by the test session)."""
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_load
     from engine.scoring import score
     from polar.convert.engine_io import build, read_model_config
 
     model = read_model_config(Path(dst) / "model.yaml")
     chunks, rt = build(model)
-    checkpoint.load(checkpoint.latest(str(dst)), chunks)
+    checkpoint_load.load(checkpoint.latest(str(dst)), chunks)
     return score(chunks, pack(groups, per_sequence, pad_id), rt)
 
 

@@ -24,7 +24,7 @@ def main():
 
     import torch.distributed as dist
 
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_load
     from engine.scoring import score_data_parallel
     from polar.convert.engine_io import build, read_model_config
     from tests.polar.convert.helpers import pack
@@ -32,7 +32,7 @@ def main():
     data = pickle.loads(open(args.data, "rb").read())
     model = read_model_config(os.path.join(args.ckpt, "model.yaml"))
     chunks, rt = build(model, args.tp, args.pp)
-    checkpoint.load(checkpoint.latest(args.ckpt), chunks)
+    checkpoint_load.load(checkpoint.latest(args.ckpt), chunks)
     rewards = score_data_parallel(chunks, pack(data["groups"], data["per_sequence"], data["pad_id"]), rt)
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, rewards.tolist())

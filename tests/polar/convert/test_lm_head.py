@@ -43,11 +43,11 @@ def _convert(ref, tmp_path):
 
 
 def _engine(dst, lm_head: bool = True):
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_load
     from polar.convert.engine_io import build, read_model_config
 
     chunks, _ = build(read_model_config(dst / "model.yaml"), lm_head=lm_head)
-    checkpoint.load(checkpoint.latest(str(dst)), chunks)
+    checkpoint_load.load(checkpoint.latest(str(dst)), chunks)
     return chunks
 
 
@@ -85,19 +85,19 @@ def test_converted_head_at_tp2_under_torchrun(tmp_path):
 def test_a_checkpoint_without_a_head_loads_into_a_model_with_one(tmp_path):
     """A sequence classifier has no LM head: the weights it has load (the rewards are the
     transformers ones) and the head keeps its random initialisation."""
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_load
     from polar.convert.engine_io import build, read_model_config
 
     ref = tm.random_seq_cls(tm.llama_config("llama"))
     dst = hf_to_engine.convert(tm.save(ref, tmp_path / "src"), tmp_path / "engine", log=lambda *a: None)
     step = checkpoint.latest(str(dst))
-    assert not checkpoint.has_lm_head(step)
+    assert not checkpoint_load.has_lm_head(step)
 
     chunks, rt = build(read_model_config(dst / "model.yaml"), lm_head=True)
     head = chunks[0].module if hasattr(chunks[0], "module") else chunks[0]
     torch.nn.init.normal_(head.lm_head.weight, std=0.02)
     before = head.lm_head.weight.detach().clone()
-    checkpoint.load(step, chunks)
+    checkpoint_load.load(step, chunks)
     assert torch.equal(head.lm_head.weight, before)
 
     from engine.scoring import score
