@@ -72,15 +72,21 @@ def check_build_sets(directory: Path, shards: list[tuple[Path, dict]]) -> None:
         raise DatasetFormatError(f"{directory}: " + "; ".join(problems))
 
 
-def foreign_shards(directory: Path, build_id: str) -> list[str]:
-    """Names of the complete shards in `directory` that are not of build `build_id`."""
+def shard_builds(directory: Path) -> list[tuple[str, dict, str | None]]:
+    """(name, metadata, build id) of each complete shard in `directory`, in name order; {} and None
+    for metadata that cannot be read or names no build."""
     out = []
     for idx in sorted(Path(directory).glob("*.idx")):
         try:
             meta = json.loads(idx.with_suffix(".json").read_text())
         except (OSError, ValueError):
             meta = {}
-        b = meta.get("build") if isinstance(meta, dict) else None
-        if not isinstance(b, dict) or b.get("id") != build_id:
-            out.append(idx.stem)
+        meta = meta if isinstance(meta, dict) else {}
+        b = meta.get("build")
+        out.append((idx.stem, meta, b.get("id") if isinstance(b, dict) else None))
     return out
+
+
+def foreign_shards(directory: Path, build_id: str) -> list[str]:
+    """Names of the complete shards in `directory` that are not of build `build_id`."""
+    return [name for name, _, build in shard_builds(directory) if build != build_id]

@@ -18,9 +18,9 @@ every block; one that changes only bytes between the samples is not seen here, a
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
+from engine.build_sets import shard_builds
 from polar.data_inputs import names
 
 BLOCK = 1 << 16
@@ -60,17 +60,7 @@ def with_fingerprints(sources: list[dict]) -> list[dict]:
 def _beside(directory: Path, name: Path, build_id: str) -> list[tuple[str, dict]]:
     """The shards of build `build_id` in `directory` other than `name` (the one being written), with their
     metadata."""
-    out = []
-    for idx in sorted(directory.glob("*.idx")):
-        if idx.stem == name.name:
-            continue
-        try:
-            meta = json.loads(idx.with_suffix(".json").read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(meta, dict) and isinstance(meta.get("build"), dict) and meta["build"].get("id") == build_id:
-            out.append((idx.stem, meta))
-    return out
+    return [(shard, meta) for shard, meta, build in shard_builds(directory) if build == build_id and shard != name.name]
 
 
 def check_beside(directory: Path, name: Path, build_id: str, sources: list[dict]) -> str | None:
