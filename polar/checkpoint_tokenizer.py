@@ -55,6 +55,16 @@ def same(a: str, b: str) -> bool:
             and ta.encode_served(_PROBE).tolist() == tb.encode_served(_PROBE).tolist())
 
 
+def check_vocabulary(tokenizer, model_vocab: int, advice: str) -> None:
+    """ValueError where the tokenizer has more ids than the model's vocabulary (`advice` ends the
+    message): an id past the embedding table fails the forward of every item batched with it (on a
+    GPU a device-side assert, the CUDA context with it). `polar serve` and the in-process scorer
+    refuse it before scoring anything."""
+    if tokenizer.vocab_size > model_vocab:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
+                         f"{model_vocab}: {advice}")
+
+
 def _describe(spec: str) -> str:
     return "the byte tokenizer" if spec == "byte" else spec
 

@@ -62,17 +62,15 @@ class InProcessScorer:
 
     def __init__(self, scorer, tokenizer, *, max_length: Optional[int] = None, max_response: Optional[int] = None,
                  **batcher_kw):
+        from polar.checkpoint_tokenizer import check_vocabulary
         from polar.client_format import CLIENT_MAX_LENGTH, Cuts
         from polar.client_limits import fitting_response, settle_lengths
         from polar.serve.batcher import Batcher
         from polar.serve.items import check_truncation
 
         model = getattr(scorer, "model_config", None)
-        if model is not None and tokenizer.vocab_size > model.vocab_size:
-            # as `polar serve` refuses it at start-up: an id past the embedding table fails the forward
-            # of every item batched with it (on a GPU a device-side assert, the trainer's CUDA context with it)
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
-                             f"{model.vocab_size}: not the tokenizer the model was trained with")
+        if model is not None:  # as `polar serve` refuses it at start-up (the trainer's CUDA context at stake here)
+            check_vocabulary(tokenizer, model.vocab_size, "not the tokenizer the model was trained with")
         positions = getattr(scorer, "max_positions", None)
         self.lengths_note = None
         if positions:

@@ -169,15 +169,13 @@ def settled_tokenizer(args, info):
     that fits). A tokenizer with more ids than the model's vocabulary is a ValueError too. Needs only
     `info` (engine.inference.resolve_checkpoint: the step and its model settings): _run runs it on
     every rank before the weights are loaded and hands the tokenizer on to build_service."""
-    from polar.checkpoint_tokenizer import choose
+    from polar.checkpoint_tokenizer import check_vocabulary, choose
     from polar.client_limits import settle_lengths
     from polar.tokenizer import load_tokenizer
 
     # a tokenizer given that is not the checkpoint's is refused (TokenizerMismatch, a ValueError)
     tokenizer = load_tokenizer(choose(args.tokenizer, str(info.step_dir), "--tokenizer"))
-    if tokenizer.vocab_size > info.model.vocab_size:  # an id past it fails every round it is in
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} ids, the model's vocabulary only "
-                         f"{info.model.vocab_size}: wrong --tokenizer?")
+    check_vocabulary(tokenizer, info.model.vocab_size, "wrong --tokenizer?")
     args.max_length, args.max_response, note = settle_lengths(args.max_length, args.max_response, tokenizer,
                                                               info.model.max_position_embeddings,
                                                               ("--max-length", "--max-response"))
