@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
-from engine.rank_stop import stop_alike as _stop  # noqa: E402
+from engine.rank_stop import stop_alike  # noqa: E402
 from engine.run_lock import hold_checkpoint_dir, refuse_a_held_checkpoint_dir  # noqa: E402
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
@@ -143,7 +143,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
                       f"{world_size_from_env()} process(es)", flush=True)
             return 0
     except ConfigError as e:
-        return _stop(rank, f"config error: {e}", EXIT_CONFIG)
+        return stop_alike(rank, f"config error: {e}", EXIT_CONFIG)
     from engine.checkpoint import CheckpointWriteError
     from engine.runtime import released_on_error
     from engine.shard_format import DatasetFormatError
@@ -154,7 +154,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
         try:
             return run(cfg, recipe)
         except ConfigError as e:  # found once the data is read (a group longer than the packed length, say)
-            return _stop(rank, f"config error: {e}{_notes(e)}", EXIT_CONFIG)
+            return stop_alike(rank, f"config error: {e}{_notes(e)}", EXIT_CONFIG)
         except DatasetFormatError as e:
             # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
             # so it is printed here, not by rank 0 alone).
@@ -162,9 +162,9 @@ def _main(argv=None, recipe=None, prog=None) -> int:
                   f"shard{_notes(e)}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
         except NonFiniteError as e:
-            return _stop(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)
+            return stop_alike(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)
         except CheckpointWriteError as e:  # raised on every rank; names the checkpoint, those kept, what to do
-            return _stop(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
+            return stop_alike(rank, f"error: {e}{_notes(e)}", EXIT_FAILED)
 
 
 def first_said(text: str) -> bool:

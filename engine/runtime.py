@@ -119,7 +119,7 @@ def init_runtime(par: ParallelConfig, seed: int) -> Runtime:
         device = torch.device("cpu")
         backend = "gloo"
     timeout = datetime.timedelta(minutes=par.timeout_minutes)
-    if not dist.is_initialized():
+    if not hosted:
         if world == 1 and "MASTER_ADDR" not in os.environ:
             # a plain single process: an in-memory store, no TCP port to race other processes for
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)

@@ -468,6 +468,7 @@ def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_er
 
     from engine import pretrain
     from engine.config import load_config
+    from engine.rank_stop import stop_alike
     from polar import pretrain_recipe
     from tests.engine.test_checkpoint import _step
 
@@ -493,7 +494,7 @@ def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_er
             pretrain.prepare_checked_data(load_config(pretrain_recipe.PretrainConfig, None, argv), pretrain_recipe)
             code = 0
         except ConfigError as e:
-            code = pretrain._stop(0, f"config error: {e}", pretrain.EXIT_CONFIG)
+            code = stop_alike(0, f"config error: {e}", pretrain.EXIT_CONFIG)
     monkeypatch.setattr(sys.modules[module], name, real)
     err = capsys.readouterr().err
     assert code == 2, err[-3000:]
