@@ -32,7 +32,8 @@ from benchmarks.arguments import at_least  # noqa: E402
 
 def measure(args, rt, run_dir: str, background: bool) -> dict:
     """One save in the middle of a run: its blocked, per-step and waited ms."""
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.trainer import Trainer
     from tests.engine.dist_worker import random_groups

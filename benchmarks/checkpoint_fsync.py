@@ -79,7 +79,8 @@ def main():
     from engine.quiet import silence_known_warnings
 
     silence_known_warnings()  # before megatron is imported: some of its messages come at import
-    from engine.config import EngineConfig, ParallelConfig, load_config
+    from engine.config import EngineConfig, ParallelConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.runtime import init_runtime, shutdown_runtime
     from engine.trainer import Trainer

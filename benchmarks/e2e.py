@@ -169,7 +169,7 @@ def run_baseline(overrides: list[str], attn: str, warmup: int, steps: int, micro
     import torch.nn.functional as F
     import transformers
 
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.data import GlobalBatchLoader
     from engine.progress import attention_flops_per_pair, dense_flops_per_token, peak_tflops
     from polar import pretrain_recipe

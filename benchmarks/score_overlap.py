@@ -97,7 +97,8 @@ def random_checkpoint(run_dir: str, shape: dict, vocab: int) -> None:
     import torch
 
     from engine import checkpoint
-    from engine.config import EngineConfig, dump_yaml
+    from engine.config import EngineConfig
+    from engine.config_load import dump_yaml
     from engine.parallelize import build_model
     from engine.runtime import init_runtime, shutdown_runtime
 

@@ -29,7 +29,8 @@ from benchmarks.arguments import at_least  # noqa: E402
 
 
 def trainer_for(args, rt, run_dir: str):
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.trainer import Trainer
     from tests.engine.dist_worker import random_groups

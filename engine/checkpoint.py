@@ -470,7 +470,8 @@ def saved_model_settings(step_dir: str) -> tuple[dict, str] | None:
 
 def model_config_from(settings: dict, where: str):
     """engine.config.ModelConfig from recorded settings, checked like a run's; errors name `where`."""
-    from engine.config import ConfigError, ModelConfig, _build, validate
+    from engine.config import ConfigError, ModelConfig, validate
+    from engine.config_load import _build
 
     try:
         cfg = _build(ModelConfig, settings, "model")

@@ -30,7 +30,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.config import ConfigError, dump_yaml, load_config  # noqa: E402
+from engine.config import ConfigError  # noqa: E402
+from engine.config_load import dump_yaml, load_config  # noqa: E402
 from engine.rank_stop import stop_alike  # noqa: E402
 from engine.run_lock import hold_checkpoint_dir, refuse_a_held_checkpoint_dir  # noqa: E402
 
@@ -370,7 +371,7 @@ def model_from_checkpoint(cfg, sources: dict) -> str:
     import dataclasses
 
     from engine import checkpoint
-    from engine.config import set_by_user, updated
+    from engine.config_load import set_by_user, updated
 
     step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     resuming = step is not None

@@ -58,7 +58,8 @@ def reward_model_params(model) -> int:
 
 def preset_params(name: str) -> tuple[int, str]:
     """(parameters, config file) of a preset shipped in polar/configs (by name) or a YAML path."""
-    from engine.config import ConfigError, load_config
+    from engine.config import ConfigError
+    from engine.config_load import load_config
     from polar.presets import resolve_config
     from polar.pretrain_recipe import PretrainConfig
 

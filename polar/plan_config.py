@@ -21,7 +21,8 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None, sour
     built dataset's (data.path), else the byte tokenizer's. Fine-tuning's data.seq_length left out or 0
     becomes the length the run derives from its records (`say` gets the run's line naming it). `sources`, if
     given, gets where each setting a file or the command line gave came from (engine.config.load_config's)."""
-    from engine.config import EngineConfig, load_config, validate
+    from engine.config import EngineConfig, validate
+    from engine.config_load import load_config
     from engine.pretrain import model_from_checkpoint
     from polar.presets import resolve_config
 
@@ -82,7 +83,7 @@ def _file_names_section(path: str, section: str) -> bool:
     a missing base or a cycle)."""
     import yaml
 
-    from engine.config import base_file
+    from engine.config_load import base_file
 
     p: Optional[Path] = Path(path)
     while p is not None:
@@ -117,7 +118,7 @@ class _FineTuning:
     def __init__(self, path: Optional[str], overrides: list[str]):
         import dataclasses
 
-        from engine.config import load_config
+        from engine.config_load import load_config
         from polar.finetune_recipe import FinetuneConfig
 
         own = {f.name for f in dataclasses.fields(FinetuneConfig)}

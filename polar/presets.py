@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from engine.config import ConfigError, not_a_config, register_named_bases
+from engine.config import ConfigError
+from engine.config_load import not_a_config, register_named_bases
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "tiny_cpu"

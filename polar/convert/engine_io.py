@@ -54,7 +54,7 @@ def write_model_yaml(path: Path, model: ModelConfig) -> None:
 
 def read_model_config(path: Path) -> ModelConfig:
     """The `model:` section of a model.yaml or a run's config.yaml."""
-    from engine.config import _build
+    from engine.config_load import _build
 
     path = Path(path)
 

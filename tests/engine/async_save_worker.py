@@ -29,7 +29,8 @@ import warnings
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 warnings.filterwarnings("ignore")
 
-from engine.config import EngineConfig, load_config  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.config_load import load_config  # noqa: E402
 from tests.engine.dist_worker import random_groups  # noqa: E402
 from tests.engine.test_trainer import SMALL  # noqa: E402
 

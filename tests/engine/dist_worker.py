@@ -21,7 +21,8 @@ import numpy as np
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 warnings.filterwarnings("ignore")
 
-from engine.config import EngineConfig, load_config  # noqa: E402
+from engine.config import EngineConfig  # noqa: E402
+from engine.config_load import load_config  # noqa: E402
 
 
 def random_groups(seed: int, n: int, vocab: int, seq_length: int, k_max: int = 3):

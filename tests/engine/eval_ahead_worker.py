@@ -53,7 +53,8 @@ def _read_ahead_threads() -> list:
 
 
 def config(overrides: list):
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.runtime import validate_layout, world_size_from_env
 
     cfg = load_config(EngineConfig, None, [

@@ -53,7 +53,8 @@ def main():
     import torch
 
     import engine.trainer
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.model import fp8_linear as fl
     from engine.runtime import init_runtime, seed_model_parallel, shutdown_runtime

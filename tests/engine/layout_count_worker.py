@@ -24,7 +24,8 @@ SETTINGS = [
 
 def trainer(run_dir: str, overrides: list, rt=None):
     """The trainer of SETTINGS with `overrides` in run_dir, on `rt` (a new runtime at its layout if None)."""
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.runtime import init_runtime
     from engine.trainer import Trainer

@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
+from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, TrainConfig
+from engine.config_load import load_config
 from engine.runtime import validate_layout
 
 
@@ -93,7 +94,7 @@ def test_a_section_given_as_a_mapping_on_the_command_line_sets_its_keys_only(ove
 def test_an_optional_string_setting_takes_the_text_or_null():
     from typing import Optional
 
-    from engine.config import parse_overrides
+    from engine.config_load import parse_overrides
 
     tree = parse_overrides(["a=0700", "b=null"])
     assert tree["a"].resolve(Optional[str]) == "0700" and tree["b"].resolve(Optional[str]) is None

@@ -107,7 +107,8 @@ def test_each_bad_setting_stops_at_start_up(key, tmp_path, capsys):
 def test_a_profiling_window_that_ends_before_it_starts_names_the_line_that_set_it(tmp_path):
     """train.profile_start and train.profile_end are each fine alone: the window [start, end) is checked
     once both are merged, and led by the file and line of the one given (the other kept its default)."""
-    from engine.config import ConfigError, load_config
+    from engine.config import ConfigError
+    from engine.config_load import load_config
 
     path = tmp_path / "run.yaml"
     path.write_text("train:\n  steps: 100\n  profile: torch\n  profile_start: 40\n")
@@ -124,7 +125,8 @@ def test_a_profiling_window_that_ends_before_it_starts_names_the_line_that_set_i
 
 
 def test_init_from_accepts_a_checkpoint_directory_or_a_step(tmp_path):
-    from engine.config import ConfigError, load_config
+    from engine.config import ConfigError
+    from engine.config_load import load_config
 
     ckpt = tmp_path / "ckpt"
     step = ckpt / "step_00000007"

@@ -7,7 +7,8 @@ import re
 import pytest
 
 import polar.presets  # noqa: F401  (registers the presets as `base:` names)
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from engine.config_load import load_config
 from polar.pretrain_recipe import PretrainConfig
 
 
@@ -83,7 +84,7 @@ def test_the_entry_script_prints_the_file_and_line(tmp_path, capsys):
 
 
 def test_sources_name_the_file_line_preset_or_command_line(tmp_path):
-    from engine.config import Source, set_by_user
+    from engine.config_load import Source, set_by_user
 
     (tmp_path / "base.yaml").write_text("base: tiny_cpu\ntrain:\n  lr: 0.5\n")
     f = tmp_path / "my.yaml"

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, TrainConfig, load_config
+from engine.config import ConfigError, EngineConfig, ModelConfig, ParallelConfig, TrainConfig
+from engine.config_load import load_config
 from engine.fp8 import check_backbone, check_fp8, te_fp8_settings
 from engine.runtime import Runtime
 

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from engine.config import EngineConfig, load_config
+from engine.config import EngineConfig
+from engine.config_load import load_config
 from tests.engine.dist_worker import random_groups
 
 SMALL = ["model.num_layers=2", "model.hidden_size=32", "model.num_attention_heads=2", "model.num_query_groups=1",

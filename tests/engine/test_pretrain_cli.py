@@ -249,7 +249,7 @@ def _step_of_model(step: Path, **model) -> Path:
     import dataclasses
 
     from engine import checkpoint
-    from engine.config import load_config
+    from engine.config_load import load_config
     from polar.presets import resolve_config
     from polar.pretrain_recipe import PretrainConfig
 
@@ -386,7 +386,7 @@ def test_a_resume_notes_no_model_setting_where_only_the_vocabulary_was_resolved(
     tokenizer's 260): every resume of it said 'model settings from ...: model.vocab_size=260', comparing the
     0 with it, though nothing had changed. The size is still taken (the model is built with it), and a
     setting that does differ is still said."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.pretrain import model_from_checkpoint
     from polar.presets import resolve_config
     from polar.pretrain_recipe import PretrainConfig
@@ -407,7 +407,7 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     restart was to keep going. Another job's checkpoints stay refused, restart or not. (Runs in
     subprocesses: a training run inside a pytest worker meets the groups other test files left up.
     The first start is one of `launched`'s; the restart, a start of its own, is a process of its own.)"""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.pretrain import check_checkpoints, resume_on_restart
     from polar.pretrain_recipe import PretrainConfig
 
@@ -467,7 +467,7 @@ def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_er
     import errno
 
     from engine import pretrain
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.rank_stop import stop_alike
     from polar import pretrain_recipe
     from tests.engine.test_checkpoint import _step

@@ -152,7 +152,7 @@ def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune):
 
 def test_each_recipe_names_its_data_by_the_setting_giving_it():
     """engine.pretrain.data_files, which the messages above name the data by, for both recipes."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from engine.pretrain import data_files
     from polar.finetune_recipe import FinetuneConfig
     from polar.pretrain_recipe import PretrainConfig

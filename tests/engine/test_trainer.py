@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from engine import checkpoint, resume_checks
-from engine.config import ConfigError, EngineConfig, load_config
+from engine.config import ConfigError, EngineConfig
+from engine.config_load import load_config
 from engine.progress import dense_flops_per_token
 from tests.engine.dist_worker import random_groups
 from tests.engine.parity import NO_END_SAVE

@@ -49,7 +49,8 @@ def _gather(obj) -> list:
 def counts(args) -> None:
     from megatron.core import parallel_state
 
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.parallelize import build_model, count_parameters
     from engine.runtime import init_runtime, shutdown_runtime, world_size_from_env
 
@@ -96,7 +97,8 @@ def measure_memory(overrides: list, steps: int) -> list:
     `before`. -> every rank's figures."""
     import torch
 
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.runtime import init_runtime, validate_layout, world_size_from_env
     from engine.trainer import Trainer
@@ -136,7 +138,8 @@ def measure_memory(overrides: list, steps: int) -> list:
 
 def train_to_end(overrides: list) -> None:
     """A run of its train.steps from fresh weights: its end saves a checkpoint step in its run_dir."""
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.data import PackedGroups
     from engine.runtime import init_runtime, validate_layout, world_size_from_env
     from engine.trainer import Trainer

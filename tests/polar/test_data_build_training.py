@@ -229,7 +229,7 @@ def test_a_refused_resume_leaves_the_run_as_it_was(runs, capsys):
 def test_a_built_datasets_vocabulary_is_not_checked_against_the_byte_tokenizers(tmp_path, records):
     """The byte tokenizer's check belongs to the embedded default only: a misplaced `else` ran it
     for every built dataset without data.eval_path, refusing a vocabulary smaller than its 260."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from polar import pretrain_recipe
 
     src = write_jsonl(tmp_path / "r.jsonl", records[:40])

@@ -7,7 +7,8 @@ import json
 
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from engine.config_load import load_config
 from polar import finetune_recipe as recipe
 
 

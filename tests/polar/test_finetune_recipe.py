@@ -9,7 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError
+from engine.config_load import load_config
 from engine.data import GlobalBatchLoader
 from polar import finetune_recipe as recipe
 from polar.tokenizer import load_tokenizer

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.config import load_config
+from engine.config_load import load_config
 from polar import finetune_recipe as recipe
 from polar import build_repeats
 from polar.finetune_split import (SPLIT_RULE, held_out_count, legacy_held_out_count, overlap, prompt_ids, repeats,

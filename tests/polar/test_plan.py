@@ -418,7 +418,8 @@ def test_a_recipe_config_with_its_own_section_is_planned(tmp_path, section, caps
 
 
 def test_the_launch_line_is_settings_the_engine_accepts(capsys):
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from polar.presets import resolve_config
 
     # one H100 holds POLAR-1.8B at 20k tokens only with full recomputation
@@ -432,7 +433,8 @@ def test_the_launch_line_is_settings_the_engine_accepts(capsys):
 
 
 def test_an_overlapped_plan_launches_with_the_overlaps_it_priced(capsys):
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
     from engine.runtime import validate_layout
     from polar.presets import resolve_config
 
@@ -452,7 +454,8 @@ def test_an_overlapped_plan_launches_with_the_overlaps_it_priced(capsys):
 
 
 def test_the_fp8_launch_line_names_a_recipe(capsys):
-    from engine.config import EngineConfig, load_config
+    from engine.config import EngineConfig
+    from engine.config_load import load_config
 
     assert plan.main(["--config", "polar_1_8b", "--gpus", "8", "--fp8"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("launch with: "))

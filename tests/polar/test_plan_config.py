@@ -94,7 +94,7 @@ def _as_file(settings: list[str]) -> str:
 
 def _finetune_cfg(yaml_file: Path):
     """The fine-tuning run's settings from the same file, as engine/finetune.py loads them."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from polar.finetune_recipe import FinetuneConfig
 
     return load_config(FinetuneConfig, str(yaml_file), [])
@@ -167,7 +167,7 @@ def test_a_fine_tuning_length_that_follows_the_data_is_the_runs(tmp_path, small_
     whole 256-token units (2048 here, a 1,880-character response). The plan planned EngineConfig's 1024
     (half the activations) when a file left it out, refused a 0, and planned polar_7b's 16384 for settings
     given on the command line alone (polar finetune starts from no preset)."""
-    from engine.config import load_config
+    from engine.config_load import load_config
     from polar import finetune_recipe
 
     train = _records(tmp_path / "prefs.jsonl", [30, 60] if held else [30, 1880, 50])

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, EngineConfig, load_config
+from engine.config import ConfigError, EngineConfig
+from engine.config_load import load_config
 from engine.runtime import validate_layout
 from polar import plan
 

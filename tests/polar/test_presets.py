@@ -2,7 +2,8 @@ import re
 
 import pytest
 
-from engine.config import ConfigError, EngineConfig, load_config
+from engine.config import ConfigError, EngineConfig
+from engine.config_load import load_config
 from polar.presets import PRESETS_DIR, preset_names, resolve_config
 
 

@@ -2,7 +2,7 @@
 and leaves the held-out set and the training data exactly as they were."""
 import numpy as np
 
-from engine.config import load_config
+from engine.config_load import load_config
 from polar.pretrain_recipe import PretrainConfig, summarize, synthetic_data
 
 SMALL = ["synthetic.train_triplets=40", "synthetic.eval_triplets=12", "synthetic.prompts=50"]

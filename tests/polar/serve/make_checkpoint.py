@@ -18,7 +18,8 @@ import torch
 def main(run_dir: str, num_layers: int = 2, hidden: int = 64, heads: int = 4, groups: int = 2, ffn: int = 176,
          vocab: int = 260, dynamic_positions: int = 0) -> None:
     warnings.filterwarnings("ignore")
-    from engine.config import EngineConfig, dump_yaml
+    from engine.config import EngineConfig
+    from engine.config_load import dump_yaml
     from engine import checkpoint
     from engine.parallelize import build_model
     from engine.runtime import init_runtime, shutdown_runtime
