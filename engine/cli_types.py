@@ -16,3 +16,17 @@ def count_at_least(low: int):
 
     count.__name__ = "int"  # argparse names the type in its "invalid int value" message
     return count
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, refusing an unknown option as `polar pretrain` does: with the option nearest it
+    (`polar data build ... --seq-lenght 5`: `unrecognized arguments: --seq-lenght (did you mean
+    --seq-length?) 5`), where argparse named the word alone."""
+
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            from engine.near_miss import unrecognized
+
+            self.error(unrecognized(extras, list(self._option_string_actions)))
+        return namespace

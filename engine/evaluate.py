@@ -9,7 +9,6 @@ ranks below it counts once (polar/ranked_eval.py). Scored with engine/score.py's
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,12 +17,12 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from engine.config import ConfigError  # noqa: E402
-from engine.cli_types import count_at_least  # noqa: E402
+from engine.cli_types import ArgumentParser, count_at_least  # noqa: E402
 from engine.score import MAX_LENGTH_HELP, MAX_RESPONSE_HELP  # noqa: E402
 
 
 def parse_args(argv=None, prog: str = "polar eval"):
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    ap = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", required=True, help="an engine checkpoint (directory or one step)")
     ap.add_argument("--input", required=True, help="ranked JSONL (polar/ranked_eval.py documents the record)")
     ap.add_argument("--json", default="", help="write the result here as JSON")

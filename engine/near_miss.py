@@ -30,3 +30,14 @@ def near_option(option: str, options, cutoff: float = 0.6) -> Optional[str]:
     '--help'."""
     bare = {o.lstrip("-"): o for o in options}
     return bare.get(near_field(option.lstrip("-"), sorted(bare), cutoff=cutoff))
+
+
+def unrecognized(words: list[str], options) -> str:
+    """The error for options a parser does not know, each near miss of one it does followed by it:
+    `unrecognized arguments: --confg (did you mean --config?)` (argparse named the word alone; its own
+    suggestions, suggest_on_error, come with Python 3.14 and cover choices only)."""
+    shown = []
+    for word in words:
+        near = near_option(word.split("=", 1)[0], options) if word.startswith("-") else None
+        shown.append(f"{word} (did you mean {near}?)" if near else word)
+    return f"unrecognized arguments: {' '.join(shown)}"

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # run as a script from a source checkout: make `e
 
 from engine.config import ConfigError  # noqa: E402
 from engine.config_load import dump_yaml, load_config  # noqa: E402
+from engine.near_miss import unrecognized  # noqa: E402
 from engine.rank_stop import stop_alike  # noqa: E402
 from engine.run_lock import hold_checkpoint_dir, refuse_a_held_checkpoint_dir  # noqa: E402
 
@@ -42,19 +43,6 @@ def _notes(e: BaseException) -> str:
     """The lines added to an error on its way up, each on a line of its own after the message (the
     trainer notes which checkpoint a run stopped mid-save kept: engine.trainer.Trainer.fit)."""
     return "".join(f"\n{note}" for note in getattr(e, "__notes__", ()))
-
-
-def unrecognized(words: list[str], options: list[str]) -> str:
-    """The error for options the parser does not know, each near miss of one it does followed by it:
-    `unrecognized arguments: --confg (did you mean --config?)` (argparse named the word alone; its own
-    suggestions, suggest_on_error, come with Python 3.14 and cover choices only)."""
-    from engine.near_miss import near_option
-
-    shown = []
-    for word in words:
-        near = near_option(word.split("=", 1)[0], options) if word.startswith("-") else None
-        shown.append(f"{word} (did you mean {near}?)" if near else word)
-    return f"unrecognized arguments: {' '.join(shown)}"
 
 
 def parse_args(argv=None, prog: str | None = None, description: str = "POLAR reward-model pre-training "

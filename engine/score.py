@@ -44,7 +44,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script from a source checkout: make `engine` importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine.cli_types import count_at_least  # noqa: E402
+from engine.cli_types import ArgumentParser, count_at_least  # noqa: E402
 from engine.config import ConfigError  # noqa: E402
 from engine.read_ahead import prepared_ahead  # noqa: E402
 
@@ -58,7 +58,7 @@ MAX_RESPONSE_HELP = ("the client's max_response_length (default: min(4096, (L - 
 
 
 def parse_args(argv=None, prog: str = "polar score"):
-    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="an engine checkpoint: a run's checkpoints/ directory, one step, or a `polar convert` output")

@@ -53,6 +53,7 @@ import sys
 import time
 from pathlib import Path
 
+from engine.cli_types import ArgumentParser
 from engine.stop_signal import EXIT_SIGTERM
 from polar import data_scan
 from polar.build_repeats import Repeats, summary_line
@@ -384,7 +385,7 @@ def _summary(meta: dict, workers: int) -> str:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="polar data build", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="polar data build", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("inputs", nargs="+", help="JSONL files, or directories of *.jsonl")

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cli_types import ArgumentParser
 from polar import data_chunks
 from polar.data_chunks import LineCount, ScanProgress, amount_of, count_blocks, line_count
 from polar.data_inputs import input_files, missing_dirs
@@ -313,7 +314,7 @@ def load(where: str) -> Scan:
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="polar data scan", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="polar data scan", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     ap.add_argument("inputs", nargs="+", help="JSONL files, or directories of *.jsonl, as given to `polar data build`")

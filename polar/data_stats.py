@@ -21,6 +21,8 @@ import sys
 
 import numpy as np
 
+from engine.cli_types import ArgumentParser
+
 
 def log2_histogram(counts: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
     """Bin edges 0, 1, 2, 4, ..., >= top (bin i holds edges[i] <= n < edges[i+1]) and the counts of
@@ -188,7 +190,7 @@ def format_text(s: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="polar data stats", description=__doc__,
+    ap = ArgumentParser(prog="polar data stats", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="The statistics go to stdout (a table, or JSON with --json), progress "
                                         "lines to stderr.\nexit status 2: no dataset there, or an index that "

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Optional
 
+from engine.cli_types import ArgumentParser
 from engine.durable_file import Replacement
 from polar.client_format import (CLIENT_MAX_LENGTH, CLIENT_MAX_RESPONSE_LENGTH, ScoringItem,
                                  client_encode_batch)
@@ -143,7 +144,7 @@ def run(tokenizer_spec: str, input_path: str, output_path: str, max_length: int,
 
 
 def main(argv: Optional[list] = None) -> int:
-    ap = argparse.ArgumentParser(prog="polar format", description=__doc__,
+    ap = ArgumentParser(prog="polar format", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokenizer", required=True, help="'byte' or a directory holding tokenizer.json")
     ap.add_argument("--input", required=True, help="JSONL: one {prompt, reference, output, wrapper} per line")

@@ -27,6 +27,8 @@ import math
 import sys
 from typing import Optional
 
+from engine.cli_types import ArgumentParser
+
 # Without --dataset or --seq-per-packed: 2 candidates (one triplet) per packed sequence, true only of
 # groups longer than half the pack (the output says it is assumed)
 DEFAULT_SEQ_PER_PACKED = 2.0
@@ -98,7 +100,7 @@ def _positive(s: str) -> float:
 def main(argv: Optional[list] = None) -> int:
     paper = "\n".join(f"  {k}: --params-millions {n:g} --base-tokens-billions {dp:g} --rm-tokens-billions {drm:g}"
                       for k, (n, dp, drm) in PAPER_SETTINGS.items())
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="polar hparams", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Learning rate and batch size from the POLAR paper's scaling laws (App. D.1.2):\n"
                     "  LR = 0.0002306 N^0.01125 Dp^-0.66587 Drm^0.33916, BatchSize = 31.9032 N^0.06944 Drm^0.52997\n"

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
+from engine.cli_types import ArgumentParser
 from polar.plan_config import fine_tuning_overrides, load_plan_config
 from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
                               checkpoint_bytes, fp8_copy_bytes, fp8_keeps_inputs, inside_nodes, layers_in_flight,
@@ -470,7 +471,7 @@ def compare_runs(runs: list, a: Assumptions, source: str = "runs") -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="polar plan",
         description="Estimate per-GPU memory and step time of every TP/PP/VPP/DP/micro-batch layout for a "
                     "model, batch and cluster; rank them and recommend one.",

@@ -9,6 +9,8 @@ import math
 import os
 from dataclasses import asdict
 
+from engine.cli_types import ArgumentParser
+
 DEFAULT_INSTRUCTION_SHARE = 0.1
 # socket.settimeout keeps whole nanoseconds in an int64: past ~9.2e9 s every request raised OverflowError
 MAX_REQUEST_TIMEOUT = 1e9
@@ -43,7 +45,7 @@ to retry them) or failing endpoints stopped the run; 130 interrupted (Ctrl-C or 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="polar sample",
         description="POLAR pre-training triplets (prompt, reference and chosen from policy A, rejected from\n"
                     "policy B != A; paper Sec. 2.2) from a prompt corpus and a pool of OpenAI-compatible endpoints.\n"

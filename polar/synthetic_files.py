@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.cli_types import ArgumentParser
 from engine.durable_file import Replacement
 
 KINDS = {"triplets": "seen", "prefs": "held-out", "items": "held-out", "ranked": "both"}  # kind -> its policies
@@ -101,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     from polar.pretrain_data import SyntheticDataConfig
 
     d = SyntheticDataConfig()
-    ap = argparse.ArgumentParser(prog="polar data synthetic", description=__doc__.split("\n\n")[0],
+    ap = ArgumentParser(prog="polar data synthetic", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__.split("\n\n", 1)[1])
     ap.add_argument("kind", choices=tuple(KINDS))

@@ -23,7 +23,6 @@ model must fit in this machine's memory.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli_types import ArgumentParser
 from polar.convert import internlm2, llama
 from polar.convert.common import Partial, write_failed
 from polar.convert.engine_io import build, read_model_config
@@ -266,7 +266,7 @@ def _convert(step: Path, dst: Path, fmt: str, cfg_path: Path, model, tok_dir: Pa
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="polar convert engine-to-hf",
+    ap = ArgumentParser(prog="polar convert engine-to-hf",
                                  description="an engine checkpoint (any layout) -> a transformers directory")
     ap.add_argument("src", help="a run directory, its checkpoints/ directory (the newest complete step) or one step "
                     "directory, as polar score --checkpoint takes")

@@ -17,7 +17,6 @@ The conversion runs in one process at TP1/PP1 by default (dist_checkpointing res
 """
 from __future__ import annotations
 
-import argparse
 import os
 import dataclasses
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from engine.cli_types import ArgumentParser
 from polar.convert import internlm2, llama
 from polar.convert.common import Partial, write_failed
 from polar.convert.engine_io import MODEL_YAML, build, write_model_yaml
@@ -196,7 +196,7 @@ def convert(src, dst, *, tp: int = 1, pp: int = 1, gguf_file: str | None = None,
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="polar convert hf-to-engine",
+    ap = ArgumentParser(prog="polar convert hf-to-engine",
                                  description="a transformers checkpoint (safetensors or GGUF) -> an engine checkpoint")
     ap.add_argument("src", help="checkpoint directory (config.json + safetensors), or a .gguf file")
     ap.add_argument("dst", help="new engine checkpoint directory")

@@ -25,6 +25,7 @@ import signal
 import sys
 from typing import Optional
 
+from engine.cli_types import ArgumentParser
 from polar.serve.http_protocol import http_protocol, uvicorn_untested
 from polar.serve.listen_socket import (AddressError, _url, bind, listen, open_files_shortfall,
                                        raise_open_files_limit)
@@ -43,7 +44,7 @@ def parse_args(argv=None):
                 return text
             return f"{text} (default: %(default)s)"
 
-    ap = argparse.ArgumentParser(prog="polar serve", description=__doc__, formatter_class=Formatter)
+    ap = ArgumentParser(prog="polar serve", description=__doc__, formatter_class=Formatter)
     ap.add_argument("--checkpoint", required=True,
                     help="engine checkpoint: a run directory, its checkpoints/ directory or one step_N directory")
     ap.add_argument("--host", default="127.0.0.1",
