@@ -211,7 +211,7 @@ def _env(args, rest) -> int:
 _TOOLS = {
     ("convert", "hf-to-engine"): ("polar.convert.hf_to_engine", "a transformers checkpoint (safetensors or GGUF) "
                                                             "-> an engine checkpoint with model.yaml and tokenizer/"),
-    ("convert", "engine-to-hf"): ("polar.convert.engine_to_hf", "an engine checkpoint -> Llama/Qwen2ForSequence"
+    ("convert", "engine-to-hf"): ("polar.convert.engine_to_hf", "an engine checkpoint -> LlamaForSequence"
                                                                 "Classification (--format internlm2-reward: "
                                                                 "POLAR's layout)"),
     ("serve",): ("polar.serve.server", "reward server for RL trainers: SGLang/vLLM/lmdeploy/OpenRLHF/native "

@@ -11,6 +11,7 @@ import torch
 
 pytest.importorskip("transformers", reason="pip install transformers safetensors")
 
+from polar import cli  # noqa: E402
 from polar.convert import engine_to_hf, hf_to_engine  # noqa: E402
 from polar.convert.hf_checkpoint import ConvertError  # noqa: E402
 from polar.convert.tokenizer_files import load as load_tokenizer  # noqa: E402
@@ -63,7 +64,7 @@ def test_llama_family_imports_to_the_transformers_rewards(tmp_path, family, extr
     _check_scores(dst, ref)
 
 
-def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path):
+def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path, capsys):
     """Qwen2's q/k/v biases go out as a Llama with attention_bias and zero o_proj biases (a model_type
     qwen2 directory gets transformers' own Qwen2Tokenizer: test_served_bos), which imports back."""
     ref = tm.random_seq_cls(tm.llama_config("qwen2"))
@@ -80,6 +81,10 @@ def test_round_trip_reproduces_every_tensor_and_the_rewards(tmp_path):
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForSequenceClassification" and model.config.attention_bias
+    capsys.readouterr()
+    assert cli.main(["convert", "--help"]) == 0
+    # the listing names the class the export writes (it said Llama/Qwen2ForSequenceClassification: none is Qwen2's)
+    assert f"an engine checkpoint -> {type(model).__name__} (" in capsys.readouterr().out
     assert "no remote code" in (out / "README.md").read_text()
     _check_scores(dst, model, seed=3)
     again = hf_to_engine.convert(out, tmp_path / "engine_again", **QUIET)
