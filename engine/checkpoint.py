@@ -6,11 +6,15 @@ Each checkpoint is written into `step_XXXXXXXX.partial/` and renamed to `step_XX
 every rank has finished and its files are on the disk (fsynced); `latest` (written atomically and
 fsynced) then names it, once the rename is on the disk too. A run killed mid-save leaves only a
 `.partial` directory, which resume ignores (and names), so it continues from the last complete
-checkpoint; the next save deletes it. A machine that fails (power, a lost node) leaves no step name,
-nor `latest`, naming files that never reached the disk. A step saved again (a resume from an older
-one) is replaced only once the new one is complete. Only `step_N` directories are steps: other
-entries in the directory are neither resumed nor pruned. A file that does not read back, an
-unwritable directory or a failed save is an error naming the path and what to do.
+checkpoint; the next save deletes it. A run killed between the rename and `latest` leaves a complete
+step `latest` does not name: `latest.next`, written before the rename, names it, the step `latest`
+named then and the save's id (in its trainer_state.json), and latest() takes it while `latest`
+still names that step. Steps above the one `latest` names are otherwise not taken: those of a run
+that went back to an older step are an abandoned branch. A machine that fails (power, a lost node)
+leaves no step name, nor `latest`, naming files that never reached the disk. A step saved again (a
+resume from an older one) is replaced only once the new one is complete. Only `step_N` directories
+are steps: other entries in the directory are neither resumed nor pruned. A file that does not read
+back, an unwritable directory or a failed save is an error naming the path and what to do.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import functools
 import json
 import os
 import re
+import secrets
 import shutil
 import weakref
 from pathlib import Path
@@ -45,6 +50,10 @@ FUNCTION_FIELDS = ("rotary_base", "norm_epsilon", "rope_scaling", "rope_scaling_
 # step saved before the setting existed holds the first
 OPTIMIZER_FORMATS = ("fully_reshardable", "dp_reshardable")
 LATEST = "latest"
+# the step a save is publishing, while between its rename and `latest` (latest()): {"step": its name,
+# "after": what `latest` held then (None: no `latest`), "save_id": its trainer state's}
+PUBLISHING = "latest.next"
+SAVE_ID = "save_id"  # in a step's trainer state: the save that wrote it (latest.next names it)
 # a step directory's name: `step_` and the step number (8 digits, more past 99,999,999). Nothing else
 # in a checkpoint directory is a step: a copy such as step_00000004.bak is never resumed or pruned
 _STEP_NAME = re.compile(r"step_(\d{8,})")
@@ -257,7 +266,8 @@ def _start_save(root: Path, partial: Path) -> None:
 
 
 def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, model_settings, keep: int) -> None:
-    (partial / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
+    save_id = secrets.token_hex(8)
+    (partial / STATE_FILE).write_text(json.dumps({**trainer_state, SAVE_ID: save_id}, indent=1))
     if model_settings is not None:
         (partial / MODEL_FILE).write_text(json.dumps(model_settings, indent=1))
     # on the disk before a name publishes them: after a power or node failure the renames below
@@ -267,6 +277,20 @@ def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, mo
     # rank's shards again would cost an RPC per file on Lustre (thousands at scale), for nothing.
     # test_checkpoint.py checks that each .distcp was fsynced before the rename all the same
     durable_file.sync_tree(partial, synced=lambda name: name.endswith(".distcp"))
+    try:
+        named = _marker(root)
+        cut = _published(root, named)
+    except OSError:  # a `latest` (or latest.next) rank 0 may not read, which the rename below replaces
+        named, cut = None, None
+    if cut is not None:
+        # an earlier save that a kill kept from `latest` (this run resumed from it, say): named now,
+        # or a kill before this save's rename below would leave latest.next naming a step not there
+        # yet, and latest() would go back to the step before that earlier one
+        durable_file.write_file(root / LATEST, cut)
+        named = cut
+    # not fsynced: the directory's fsync after the rename makes its name durable, and bytes that
+    # did not reach the disk read as no JSON, which latest() ignores (it then takes `latest`, as before)
+    (root / PUBLISHING).write_text(json.dumps({"step": final.name, "after": named, SAVE_ID: save_id}))
     # a step saved before (a resume from an older step) is replaced only now that the new one is
     # complete: deleted when the save began, a save cut short lost it. Renamed away first (atomic; the
     # deletion is _prune's, as for a pruned step): deleted under its name, a kill cut short left it half
@@ -279,6 +303,7 @@ def _finish_save(root: Path, partial: Path, final: Path, trainer_state: dict, mo
     os.replace(partial, final)
     durable_file.sync_dir(root)  # the step's name, before `latest` names it
     durable_file.write_file(root / LATEST, final.name)
+    (root / PUBLISHING).unlink(missing_ok=True)
     _prune(root, keep, final)
 
 
@@ -414,13 +439,50 @@ def run_checkpoint_dir(cfg) -> str:
     return cfg.checkpoint.dir or str(Path(cfg.run_dir) / "checkpoints")
 
 
-def latest(ckpt_dir: str) -> str | None:
-    """The newest complete checkpoint in `ckpt_dir`, or None."""
-    root = Path(ckpt_dir)
+def _marker(root: Path) -> str | None:
+    """What `latest` names (None: no `latest`); bytes that do not decode name no step, as another
+    name does."""
     marker = root / LATEST
-    if marker.is_file():
-        # bytes that do not decode name no step, as another name does: the steps are looked for instead
-        path = root / marker.read_text(errors="replace").strip()
+    return marker.read_text(errors="replace").strip() if marker.is_file() else None
+
+
+def _published(root: Path, named: str | None) -> str | None:
+    """The name of the step that latest.next says a save renamed into place while `latest` held
+    `named`, if that step is there, complete, and written by that save; else None. A `latest` that
+    changed since (a later save, a run that went back to an older step) leaves it unused, and so
+    does a step of that name from another save (one saved again, killed before its rename)."""
+    f = root / PUBLISHING
+    if not f.is_file():
+        return None
+    try:
+        entry = json.loads(f.read_text())
+    except FileNotFoundError:  # the save removed it since: `latest` names its step
+        return None
+    except (UnicodeDecodeError, ValueError):  # not fsynced: after a power failure it may hold nothing
+        return None
+    if not isinstance(entry, dict) or entry.get("after") != named or not entry.get(SAVE_ID):
+        return None
+    name = entry.get("step")
+    if not isinstance(name, str) or not _STEP_NAME.fullmatch(name) or not is_step(root / name):
+        return None
+    try:
+        saved = read_state(str(root / name))
+    except CheckpointError:  # a damaged state file: which save wrote it is unknown
+        return None
+    return name if saved.get(SAVE_ID) == entry[SAVE_ID] else None
+
+
+def latest(ckpt_dir: str) -> str | None:
+    """The newest complete checkpoint in `ckpt_dir`, or None: the step a save published while `latest`
+    still names the step it named then (_published: the save was killed before `latest` named it),
+    else the step `latest` names, else the newest complete step."""
+    root = Path(ckpt_dir)
+    named = _marker(root)
+    cut = _published(root, named)
+    if cut is not None:
+        return str(root / cut)
+    if named is not None:
+        path = root / named
         if step_number(path) is not None and is_step(path):
             return str(path)
     done = _steps(root)

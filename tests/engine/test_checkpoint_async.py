@@ -47,10 +47,10 @@ TIMINGS = ("tokens_per_s", "triplets_per_s", "step_time_s", "tflops_per_s")
 
 
 def _untimed(step: Path) -> dict:
-    """A step's trainer state without the throughput its history logged and the job that wrote it
-    (torchrun's rendezvous id), which differ from run to run."""
+    """A step's trainer state without the throughput its history logged, the job that wrote it
+    (torchrun's rendezvous id) and the save's id, which differ from run to run."""
     state = json.loads((step / "trainer_state.json").read_text())
-    del state["job"]
+    del state["job"], state["save_id"]
     state["history"] = [{k: v for k, v in row.items() if k not in TIMINGS} for row in state["history"]]
     assert len(state["history"]) == state["step"]
     return state
