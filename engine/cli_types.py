@@ -21,12 +21,18 @@ def count_at_least(low: int):
 class ArgumentParser(argparse.ArgumentParser):
     """argparse's parser, refusing an unknown option as `polar pretrain` does: with the option nearest it
     (`polar data build ... --seq-lenght 5`: `unrecognized arguments: --seq-lenght (did you mean
-    --seq-length?) 5`), where argparse named the word alone."""
+    --seq-length?) 5`), where argparse named the word alone. Only the message changes: parse_args stays
+    argparse's, so what patches it (tests/gpu/argcheck.py, polar/cli.py's _options_of) still reaches it."""
 
-    def parse_args(self, args=None, namespace=None):
-        namespace, extras = self.parse_known_args(args, namespace)
-        if extras:
+    _unknown: list = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, self._unknown = super().parse_known_args(args, namespace)
+        return namespace, self._unknown
+
+    def error(self, message):
+        if self._unknown and message == f"unrecognized arguments: {' '.join(self._unknown)}":
             from engine.near_miss import unrecognized
 
-            self.error(unrecognized(extras, list(self._option_string_actions)))
-        return namespace
+            message = unrecognized(self._unknown, list(self._option_string_actions))
+        super().error(message)
