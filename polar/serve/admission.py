@@ -11,14 +11,16 @@ import asyncio
 from collections import deque
 from typing import TYPE_CHECKING, Optional
 
-from starlette.requests import Request
-
 from polar.serve.batcher import Batcher, QueueFull
 from polar.serve.client_watch import ClientGone, until_gone
 from polar.serve.metrics import Metrics
 from polar.serve.validation import RequestError
 
 if TYPE_CHECKING:
+    # for annotations only: polar serve's argument parsing imports this module, and without the [serve]
+    # extra starlette (fastapi's dependency) is missing too, which polar.cli cannot name an extra for
+    from starlette.requests import Request
+
     from polar.serve.app import ServeSettings
 
 # A body of at most this many bytes is received while its request waits for room to be read in,

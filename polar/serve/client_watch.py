@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-from typing import Optional
-
-from starlette.requests import Request
+from typing import TYPE_CHECKING, Optional
 
 from polar.serve.metrics import Metrics
+
+if TYPE_CHECKING:  # annotations only (imported at polar serve's argument parsing: polar.serve.admission)
+    from starlette.requests import Request
 
 
 class Departure:

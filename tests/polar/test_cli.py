@@ -376,6 +376,18 @@ def test_serve_without_its_extra_names_the_extra_before_loading(module, tmp_path
     assert f"polar serve: needs the module {module!r}" in proc.stderr and "polar-rm[serve]" in proc.stderr
 
 
+def test_serve_without_any_of_its_extra_names_the_extra(tmp_path):
+    """A wheel installed without [serve] also lacks starlette (fastapi's own dependency): polar/serve
+    imported it at argument parsing, for type annotations only, so `polar serve --checkpoint ...` ended in
+    starlette's traceback there (found installing the wheel alone in a new venv)."""
+    blocked = ("fastapi", "starlette", "uvicorn", "prometheus_client")
+    code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}))\n"
+            "from polar.cli import main; sys.exit(main(['serve', '--checkpoint', 'no_such_run']))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "polar serve: needs the module" in proc.stderr and "pip install 'polar-rm[serve]'" in proc.stderr
+
+
 def test_a_module_missing_inside_an_installed_optional_package_is_not_called_a_missing_extra(tmp_path):
     """fastapi installed, one of its modules not there (a misspelt import, a release that moved it): polar
     said 'needs the module 'fastapi.responses', which is not installed: pip install 'polar-rm[serve]'',
