@@ -23,8 +23,8 @@ import numpy as np
 from engine.build_sets import AGREED, check_build_sets
 from engine.group import Group, per_group_counts
 from engine.shard_files import OpenFiles, check_unchanged
-from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, ShardIndex, check_offsets,
-                                 groups_problem, segment_sums, sequence_counts)
+from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, DatasetTokenError, ShardIndex,
+                                 check_offsets, groups_problem, segment_sums, sequence_counts)
 from engine.worker_processes import die_with_parent, kill_workers
 
 
@@ -246,12 +246,12 @@ class _Shard:
                 self._corrupt(f"its {key} count is {s}, its groups hold {held}", j)
 
     def _bad_id(self, span: np.ndarray, j: int):
-        """DatasetFormatError naming the .bin and sequence j, whose tokens `span` hold an id outside
+        """DatasetTokenError naming the .bin and sequence j, whose tokens `span` hold an id outside
         [0, vocab_size) of the shard's metadata (only negatives where it names none)."""
         low, high = int(span.min()), int(span.max())
         bad = low if low < 0 else high
         within = f"0..{self._vocab - 1}, the vocabulary it was built with" if self._vocab else "non-negative ids"
-        raise DatasetFormatError(f"{self._bin_path}: packed sequence {j}: token id {bad} at token "
+        raise DatasetTokenError(f"{self._bin_path}: packed sequence {j}: token id {bad} at token "
                                  f"{int(np.flatnonzero(span == bad)[0])} of its {span.size}, outside {within} "
                                  "(corrupt; rebuild the shard)")
 

@@ -135,7 +135,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
         return stop_alike(rank, f"config error: {e}", EXIT_CONFIG)
     from engine.checkpoint import CheckpointWriteError
     from engine.runtime import released_on_error
-    from engine.shard_format import DatasetFormatError
+    from engine.shard_format import DatasetFormatError, DatasetTokenError
     from engine.nonfinite_steps import NonFiniteError
 
     # an error raised inside the run ends the groups it started, once its message is printed
@@ -147,8 +147,11 @@ def _main(argv=None, recipe=None, prog=None) -> int:
         except DatasetFormatError as e:
             # A damaged packed sequence, found by the rank that read it (each rank reads its own share,
             # so it is printed here, not by rank 0 alone).
-            print(f"data error on rank {rank}: {e}; `polar data stats PATH` (or --check-config) checks every "
-                  f"shard{_notes(e)}", file=sys.stderr, flush=True)
+            # polar data stats and --check-config check the index, not the tokens: an id outside the vocabulary
+            # is found only as it is read
+            check = "" if isinstance(e, DatasetTokenError) else ("; `polar data stats PATH` (or --check-config) "
+                                                                 "checks every shard")
+            print(f"data error on rank {rank}: {e}{check}{_notes(e)}", file=sys.stderr, flush=True)
             return EXIT_CONFIG
         except NonFiniteError as e:
             return stop_alike(rank, f"error: {e}{_notes(e)}", EXIT_NONFINITE)

@@ -51,6 +51,11 @@ class DatasetFormatError(ValueError):
     """A shard that cannot be read as written by ShardWriter; the message names the file."""
 
 
+class DatasetTokenError(DatasetFormatError):
+    """A token id outside the shard's vocabulary, found as its sequence's tokens are read: the whole-index
+    check (IndexedDataset.verify: polar data stats, --check-config) reads no token, so it never finds one."""
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.int32)
 

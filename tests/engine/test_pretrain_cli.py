@@ -531,6 +531,23 @@ def test_the_checkpoint_a_stopped_run_kept_is_said_after_its_error(tmp_path, cap
         "\nthe checkpoint kept: step_00000002 (the write pending at the error was finished)"), err
 
 
+def test_a_token_id_outside_the_vocabulary_is_not_sent_to_an_index_check(tmp_path, capsys, monkeypatch):
+    """`polar data stats` and --check-config check a dataset's index, never its tokens: walking the README, a
+    .bin whose ids were poked past the vocabulary passed both, and the run then stopped on it saying that
+    they check every shard. That pointer stays for a damaged index only (the real error: test_indexed_dataset)."""
+    import engine.pretrain as pretrain
+    from engine.shard_format import DatasetTokenError
+
+    def run(cfg, recipe):
+        raise DatasetTokenError("ds/p.bin: packed sequence 0: token id 65535 at token 5 of its 9, outside 0..259")
+
+    monkeypatch.setattr(pretrain, "run", run)
+    assert pretrain.main([f"run_dir={tmp_path / 'run'}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "data error on rank 0: ds/p.bin: packed sequence 0: token id 65535" in err, err
+    assert "polar data stats" not in err and "--check-config" not in err, err
+
+
 def test_a_misspelt_option_is_matched_without_its_dashes():
     """`--tp 2` (a setting's name, not an option) was told `(did you mean --help?)`: the shared dashes
     alone made it near; polar's own line for an option before the command had compared without them."""
