@@ -28,7 +28,7 @@ import sys
 import tempfile
 
 from engine.called_as import launched_env
-from polar.launch import call_forwarding_signals
+from polar.launch import TORCHRUN, call_forwarding_signals
 from polar.presets import preset_names
 
 
@@ -117,8 +117,7 @@ def _launch(module: str, command: str):
                                             *rest], env=dict(env, WORLD_SIZE=str(args.nproc), RANK="0"))
             if code or asked:
                 return code
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-                   "-m", module, *rest]
+            cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={args.nproc}", "-m", module, *rest]
             print("+", " ".join(cmd), flush=True)
             return call_forwarding_signals(cmd, env=env)
     return launch

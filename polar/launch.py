@@ -20,6 +20,10 @@ from engine.signal_handlers import in_main_thread, may_handle
 from engine.worker_processes import parent_death_signal
 
 
+# torchrun without the traceback of a stop signal passed on (polar/torchrun.py)
+TORCHRUN = (sys.executable, "-m", "polar.torchrun")
+
+
 def split_nproc(argv: list[str], default: int) -> tuple[int, list[str]]:
     """(--nproc value, the other arguments), accepting `--nproc N` and `--nproc=N`."""
     rest, nproc, i = [], default, 0
@@ -50,8 +54,7 @@ def run_entry(module: str, argv: list[str], command: str, default_nproc: int = 1
     nproc, rest = split_nproc(argv, default_nproc)
     if nproc == 1:
         return importlib.import_module(module).main(rest, prog=command)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *rest]
+    cmd = [*TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", module, *rest]
     print("+", " ".join(cmd), flush=True)
     return call_forwarding_signals(cmd, env=launched_env(command))
 

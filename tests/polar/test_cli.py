@@ -113,7 +113,7 @@ def test_a_restart_under_polar_says_the_resume_its_start_up_check_never_saw(tmp_
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=0.05)
         worker = [c for c in psutil.Process(proc.pid).children(recursive=True)
-                  if "torch.distributed.run" not in c.cmdline() and "engine.pretrain" in c.cmdline()]
+                  if "polar.torchrun" not in c.cmdline() and "engine.pretrain" in c.cmdline()]  # not the launcher
         assert len(worker) == 1, worker
         worker[0].kill()
         stop.touch()  # read by the restarted run, after its first step

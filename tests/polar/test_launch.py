@@ -117,3 +117,33 @@ def test_the_launched_command_ends_with_a_killed_polar(tmp_path):
     if alive:
         launched.send_signal(signal.SIGKILL)
     assert not alive, "the launched command outlived polar's SIGKILL"
+
+
+def test_a_stopped_launch_ends_with_its_workers_line_not_torchruns_traceback(tmp_path):
+    """`polar score --nproc 2` stopped by SIGTERM: its ranks said `interrupted by SIGTERM: ...` in one line,
+    and torchrun, whose agent raises SignalException out of its main once it has stopped them, followed it
+    with that exception's traceback (30 lines, found walking the README); polar.torchrun ends with 143."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = ("import sys; from polar.launch import run_entry; "
+            f"sys.exit(run_entry('tests.polar.launch_stop_worker', [{str(tmp_path)!r}, '--nproc', '2'], 'polar x'))")
+    polar = subprocess.Popen([sys.executable, "-c", code], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
+    try:
+        for _ in range(1200):  # both workers are up (a bounded wait, not a timing assertion)
+            if all((tmp_path / f"started{r}").exists() for r in (0, 1)) or polar.poll() is not None:
+                break
+            time.sleep(0.1)
+        polar.send_signal(signal.SIGTERM)
+        out, err = polar.communicate(timeout=120)
+    finally:
+        if polar.poll() is None:
+            polar.kill()
+    assert polar.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
