@@ -122,7 +122,7 @@ PINNABLE = {"parallel.tp": "tp", "parallel.pp": "pp", "parallel.vpp": "vpp",
 
 
 def pinned_settings(cfg, sources: dict) -> dict:
-    """{Layout field: value} of the layout settings the command line gave (`sources`, engine.config's record of
+    """{Layout field: value} of the layout settings the command line gave (`sources`, engine.config_load's record of
     the load: any override form, `parallel={tp: 4}` too), as the run reads them from cfg. A plan dropped them
     without a word: `parallel.tp=4` headed a plan that recommended TP2."""
     return {field: _value(cfg, key) for key, field in PINNABLE.items()

@@ -11,7 +11,7 @@ from typing import Optional
 
 
 def load_plan_config(config: Optional[str], overrides: list[str], say=None, sources: Optional[dict] = None):
-    """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config rules), the
+    """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config_load rules), the
     recipes' own sections ignored. A run that loads a checkpoint (checkpoint.init_from, or the run's newest
     step when it resumes) builds the model recorded with it for every model.* the user did not set
     (engine.pretrain.model_from_checkpoint, the run's own rule): a plan of the config alone planned the
@@ -20,7 +20,7 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None, sour
     fine-tuning's, that of its tokenizer (finetune.tokenizer, else the init checkpoint's); pre-training's, a
     built dataset's (data.path), else the byte tokenizer's. Fine-tuning's data.seq_length left out or 0
     becomes the length the run derives from its records (`say` gets the run's line naming it). `sources`, if
-    given, gets where each setting a file or the command line gave came from (engine.config.load_config's)."""
+    given, gets where each setting a file or the command line gave came from (engine.config_load.load_config's)."""
     from engine.config import EngineConfig, validate
     from engine.config_load import load_config
     from engine.pretrain import model_from_checkpoint

@@ -554,7 +554,7 @@ def test_a_config_files_layout_settings_are_said_to_be_the_plans_to_choose(tmp_p
     assert plan.main(["--config", "polar_7b", "--gpus", "64", "parallel.tp=4", "parallel.pp=1",
                       "train.micro_batch=1"]) == 0
     assert "not kept from the config" not in capsys.readouterr().out
-    # a pin in another override form engine.config takes was dropped: the plan recommended TP2
+    # a pin in another override form engine.config_load takes was dropped: the plan recommended TP2
     assert plan.main(["--config", "polar_7b", "--gpus", "64", "parallel={tp: 4}", "train.micro_batch=1"]) == 0
     out = capsys.readouterr().out
     assert "layouts: planned only with train.micro_batch=1 parallel.tp=4 (given)" in out, out
