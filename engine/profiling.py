@@ -9,7 +9,8 @@ step itself).
   one step before the window where the run trains that step (the warm-up, whose events are dropped:
   the profiler's own start-up cost stays out of the trace) and records the window's steps, each
   marked ProfilerStep#<step>. The trace, Chrome JSON, is written when the window closes to
-  <run_dir>/profile/rank<R>/steps_<first>-<last>.pt.trace.json.
+  <run_dir>/profile/rank<R>/steps_<first>-<last>.pt.trace.json (steps_<first>.pt.trace.json for a
+  one-step window).
 - cuda: cudaProfilerStart before the window's first step and cudaProfilerStop after its last (a
   device sync at each edge, so the capture holds exactly the window's kernels), with NVTX ranges for
   each step and each autograd op in between: `nsys profile --capture-range=cudaProfilerApi` records

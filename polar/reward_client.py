@@ -31,7 +31,14 @@ import time
 import weakref
 from typing import Optional, Sequence
 
-import httpx
+try:
+    import httpx
+except ModuleNotFoundError as e:  # a wheel installed without [client]: verl or OpenRLHF import this module
+    # by path, where no `polar` command is there to name the extra (polar.cli's OPTIONAL does, for its tools)
+    if e.name != "httpx":
+        raise
+    raise ModuleNotFoundError("polar.reward's clients need the module 'httpx', which is not installed: "
+                              "pip install 'polar-rm[client]'", name="httpx") from e
 
 from polar.openai_client import retry_after
 

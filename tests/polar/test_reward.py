@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import importlib.util
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,3 +125,13 @@ def test_threads_making_the_first_call_at_once_share_one_client():
             reward._clients.pop(key)
         for c in {id(c): c for c in got}.values():
             c.close()
+
+
+def test_the_clients_without_httpx_name_the_extra(tmp_path):
+    """A wheel installed without [client]: `import polar.reward` (verl's custom_reward_function, OpenRLHF's
+    --remote_rm_url file) failed with a bare "No module named 'httpx'", which names no extra."""
+    code = "import sys; sys.modules['httpx'] = None\nimport polar.reward"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "ModuleNotFoundError: polar.reward's clients need the module 'httpx'" in proc.stderr, proc.stderr[-2000:]
+    assert "pip install 'polar-rm[client]'" in proc.stderr
