@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from engine.setting_checks import (ConfigError, at_least, boolean, dataset_path_or_empty, directory_to_create,
                                     file_path_or_empty, in_range, one_of, optional, positive, run_directory, setting)
+from engine import wandb_log
 
 # every field of every section declares a check (engine/setting_checks.py; a new field without one fails the tests)
 
@@ -236,6 +237,21 @@ class CheckpointConfig:
 class LogConfig:
     interval: int = setting(10, at_least(1))
     tensorboard: bool = setting(True, boolean)
+    # RUN_DIR/metrics.jsonl (engine/metrics_file.py): the progress and evaluation figures for any tracker
+    metrics_file: bool = setting(True, boolean)
+    # Weights & Biases (engine/wandb_log.py): a project's name turns it on; the run's name is the run
+    # directory's where empty, the entity wandb's default
+    wandb_project: str = setting("", wandb_log.wandb_project)
+    wandb_name: str = setting("", wandb_log.wandb_name)
+    wandb_entity: str = setting("", wandb_log.wandb_entity)
+
+    def settings_together(self, where: str) -> Optional[tuple[tuple[str, ...], str]]:
+        for name in ("wandb_name", "wandb_entity"):
+            if getattr(self, name) and not self.wandb_project:
+                return (name, "wandb_project"), (
+                    f"{where}.{name}={getattr(self, name)!r} has no effect without {where}.wandb_project (empty: "
+                    f"no wandb logging): name the project too, or leave {where}.{name} out")
+        return None
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Progress lines with throughput, MFU and ETA, and TensorBoard scalars (main rank only)."""
+"""Progress lines with throughput, MFU and ETA; TensorBoard scalars, RUN_DIR/metrics.jsonl lines and wandb
+scalars of the same figures (main rank only)."""
 from __future__ import annotations
 
 import contextlib
@@ -138,7 +139,10 @@ def _shown(value: float | None, spec: str) -> str:
 
 class Progress:
     def __init__(self, total_steps: int, start_step: int, enabled: bool, tb_dir: str | None,
-                 peak: float | None, world_size: int):
+                 peak: float | None, world_size: int, metrics_path: str | None = None,
+                 wandb_run: dict | None = None):
+        """`metrics_path`: the metrics file's (engine/metrics_file.py), None for none; `wandb_run`: the
+        arguments of engine.wandb_log.WandbLog, None for no wandb logging."""
         self.total = total_steps
         self.start_step = start_step
         self.enabled = enabled
@@ -160,7 +164,17 @@ class Progress:
                 self.writer = SummaryWriter(tb_dir, purge_step=start_step + 1 if start_step else None)
                 _quiet_writer_thread_errors()
             except ImportError:
-                print("tensorboard is not installed: logging to stdout only", file=sys.stderr)
+                print("tensorboard is not installed: no TensorBoard scalars", file=sys.stderr)
+        self.metrics = None
+        if enabled and metrics_path:
+            from engine.metrics_file import MetricsFile
+
+            self.metrics = MetricsFile(metrics_path, start_step)
+        self.wandb = None
+        if enabled and wandb_run is not None:
+            from engine.wandb_log import WandbLog
+
+            self.wandb = WandbLog(**wandb_run)
 
     def first_step_done(self, tokens: int, real_tokens: int, triplets: int, flops: float) -> None:
         """The fit's first step has ended, with these counts (those `log` will be given for it). It
@@ -223,11 +237,12 @@ class Progress:
                 f"eta {format_duration(eta)}{skip_s}{warm_s}",
                 flush=True,
             )
-            if self.writer:
-                # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard has
-                # no mark for them, and a first step of minutes would stand as the curves' outlier
-                left_out = ("step", "includes_warmup", *(WINDOW_RATES if warmup else ()))
-                self._scalars({f"train/{k}": v for k, v in row.items() if k not in left_out}, step)
+            if self.metrics:  # the row whole: its includes_warmup marks the rates of a warm-up window
+                self.metrics.train(row)
+            # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard and wandb
+            # have no mark for them, and a first step of minutes would stand as the curves' outlier
+            left_out = ("step", "includes_warmup", *(WINDOW_RATES if warmup else ()))
+            self._scalars({f"train/{k}": v for k, v in row.items() if k not in left_out}, step)
         self.last_t = now
         self.last_step = step
         self.paused_s = 0.0
@@ -249,11 +264,16 @@ class Progress:
         extra = f" | lm loss {result['lm_loss']:.3f}" if "lm_loss" in result else ""
         print(f"eval {name} at step {step}: loss {result['loss']:.4f} | pair acc {result['pair_accuracy']:.3f} "
               f"over {result['pairs']:,} pairs{extra}", flush=True)
-        if self.writer:
-            self._scalars({f"eval_{name}/{k}": result[k] for k in ("loss", "pair_accuracy", "lm_loss")  # the line's
-                           if k in result}, step)
+        if self.metrics:
+            self.metrics.eval(step, name, result)
+        self._scalars({f"eval_{name}/{k}": result[k] for k in ("loss", "pair_accuracy", "lm_loss")  # the line's
+                       if k in result}, step)
 
     def _scalars(self, values: dict, step: int) -> None:
+        if self.wandb:
+            self.wandb.log(values, step)
+        if not self.writer:
+            return
         try:
             for tag, value in values.items():
                 self.writer.add_scalar(tag, value, step)
@@ -271,6 +291,9 @@ class Progress:
             writer.close()
 
     def close(self):
+        for other in (self.metrics, self.wandb):
+            if other:
+                other.close()
         if self.writer:
             try:
                 self.writer.close()

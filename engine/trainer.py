@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from engine import checkpoint, checkpoint_async, checkpoint_load, nonfinite_steps, profiling, resume_checks
+from engine import (checkpoint, checkpoint_async, checkpoint_load, metrics_file, nonfinite_steps, profiling,
+                    resume_checks)
 from engine.config import ConfigError
 from engine.data import GlobalBatchLoader, PackedGroups
 from engine.evaluation import STATS, EvaluationStopped, evaluate
@@ -396,6 +397,9 @@ class Trainer:
             tc.steps, self.step, self.rt.is_main,
             str(self.run_dir / "tensorboard") if lc.tensorboard else None,
             peak, self.rt.world_size,
+            metrics_path=str(self.run_dir / metrics_file.NAME) if lc.metrics_file else None,
+            wandb_run=dict(project=lc.wandb_project, name=lc.wandb_name, entity=lc.wandb_entity,
+                           run_dir=self.run_dir, config=dataclasses.asdict(self.cfg)) if lc.wandb_project else None,
         )
         if peak:
             sheet = spec_sheet_tflops(torch.cuda.get_device_name(self.rt.device))

@@ -247,7 +247,8 @@ def _tool(argv: list[str]):
 
 # the optional packages (pyproject's extras) -> the extra that installs each
 OPTIONAL = {"fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve", "httpx": "client",
-            "transformers": "convert", "safetensors": "convert", "accelerate": "convert", "gguf": "convert"}
+            "transformers": "convert", "safetensors": "convert", "accelerate": "convert", "gguf": "convert",
+            "wandb": "wandb"}
 
 _COMMANDS = ("pretrain", "finetune", "env")  # argparse's; the tools' first words are the others
 

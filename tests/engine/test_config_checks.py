@@ -43,7 +43,9 @@ BAD = {
     "checkpoint.init_from": "/nonexistent/checkpoint", "checkpoint.keep": -1, "checkpoint.save_at_end": "rarely",
     "checkpoint.optimizer_format": "everything", "checkpoint.async_save": "later", "checkpoint.lock_wait_s": -1,
     "train.stop_file": "/",
-    "log.interval": 0, "log.tensorboard": "loud",
+    "log.interval": 0, "log.tensorboard": "loud", "log.metrics_file": "often", "log.wandb_project": "a/b",
+    # a run's name is fine alone: without a project it names nothing
+    "log.wandb_name": "mine", "log.wandb_entity": "team#1",
     "synthetic.seed": -1, "synthetic.train_policies": 1, "synthetic.held_out_policies": 1,
     "synthetic.train_triplets": 0, "synthetic.eval_triplets": 0, "synthetic.prompts": 0,
     "synthetic.wrapper": "chat", "synthetic.eval_seen": "maybe",

@@ -188,6 +188,16 @@ def test_a_killed_worker_and_a_lost_node_end_as_if_uninterrupted(tmp_path):
     for step in ref:
         assert new[step][0] == pytest.approx(ref[step][0], rel=1e-6, abs=1e-7), f"loss at step {step}"
         assert new[step][1] == pytest.approx(ref[step][1], rel=1e-6, abs=1e-7), f"grad norm at step {step}"
+    # RUN_DIR/metrics.jsonl: after both resumes each step once (the lines after the checkpoint that each
+    # fault cut back to dropped), with the uninterrupted run's figures
+    from engine import metrics_file
+
+    ref_lines, new_lines = ([r for r in metrics_file.read(tmp_path / job / metrics_file.NAME) if r["kind"] == "train"]
+                            for job in ("uninterrupted", "faults"))
+    assert [r["step"] for r in new_lines] == [r["step"] for r in ref_lines] == list(range(1, STEPS + 1)), new_lines
+    for a, b in zip(ref_lines, new_lines):
+        for key in ("loss", "grad_norm", "lr"):
+            assert b[key] == pytest.approx(a[key], rel=1e-6, abs=1e-7), f"metrics.jsonl's {key} at step {a['step']}"
     assert got["summary"]["steps"] == reference["summary"]["steps"] == STEPS
     for name, res in reference["summary"]["evaluations"].items():
         for key, value in res.items():

@@ -1,0 +1,48 @@
+"""Reads the history an offline wandb run wrote (RUN_DIR/wandb/offline-run-*/run-ID.wandb): wandb 0.31 reads
+its transaction log in its Go core only, so the framing is read here (leveldb's log format, after wandb's
+7-byte header) and each record parsed with wandb's own protobuf classes."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32768
+HEADER = 7  # b":W&B", a 2-byte magic, a version byte
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def _records(data: bytes):
+    assert data[:4] == b":W&B", data[:8]
+    pos, parts = HEADER, b""
+    while pos + 7 <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < 7:  # a block's tail too short for a record's header is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        pos += 7
+        parts += data[pos:pos + length]
+        pos += length
+        if kind in (FULL, LAST):
+            yield parts
+            parts = b""
+
+
+def history(run_file) -> list[dict]:
+    """The run file's history rows, in order, as {key: value} (wandb's own _step, _runtime, ... included)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for data in _records(Path(run_file).read_bytes()):
+        record = pb.Record()
+        record.ParseFromString(data)
+        if record.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item})
+    return rows
+
+
+def offline_runs(run_dir) -> list[Path]:
+    """The offline runs' files under run_dir, oldest first (one per process that logged)."""
+    return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
