@@ -33,8 +33,7 @@ from typing import Optional, Sequence
 
 try:
     import httpx
-except ModuleNotFoundError as e:  # a wheel installed without [client]: verl or OpenRLHF import this module
-    # by path, where no `polar` command is there to name the extra (polar.cli's OPTIONAL does, for its tools)
+except ModuleNotFoundError as e:  # a wheel without [client], imported by verl or OpenRLHF: no polar command names it
     if e.name != "httpx":
         raise
     raise ModuleNotFoundError("polar.reward's clients need the module 'httpx', which is not installed: "
