@@ -171,3 +171,15 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
         items.append(item)
     r = torch.tensor(_client_for(url, **client_kw).score(items), dtype=torch.float32)
     return {"rewards": r, "scores": r, "extra_logs": {}}
+
+
+if __name__ != "polar.reward":
+    # Loaded by its path (verl's custom_reward_function.path runs the file as "custom_module_<hash>", OpenRLHF's
+    # reward file as "reward_func"), under a name no process can import again: the hooks are the installed
+    # module's, which pickle by name. verl's prime reward manager sends compute_score to a process pool (a hook
+    # that cannot be pickled gave every response 0.0, the error only printed) and its remote one to Ray workers;
+    # and one client per URL is shared with code that imports polar.reward.
+    from polar import reward as _installed
+
+    globals().update({name: getattr(_installed, name) for name in ("compute_score", "compute_score_batch",
+                                                                    "reward_func")})

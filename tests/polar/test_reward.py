@@ -135,3 +135,34 @@ def test_the_clients_without_httpx_name_the_extra(tmp_path):
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "ModuleNotFoundError: polar.reward's clients need the module 'httpx'" in proc.stderr, proc.stderr[-2000:]
     assert "pip install 'polar-rm[client]'" in proc.stderr
+
+
+def _with_reward_kwargs(fn, reward_kwargs, *args, **kwargs):
+    # verl's custom reward function as its managers get it: the function in a functools.partial with
+    # custom_reward_function.reward_kwargs merged over the call's keywords (verl/trainer/ppo/reward.py,
+    # get_custom_reward_fn; volcengine/verl b178a3cd56f58b2d502255daba591e92833930a7)
+    return fn(*args, **{**kwargs, **reward_kwargs})
+
+
+def test_verl_prime_manager_sends_the_hook_loaded_by_its_path_to_worker_processes():
+    """verl's prime reward manager (verl/workers/reward_manager/prime.py, single_compute_score; verl
+    b178a3cd) runs `partial(compute_score, data_source, solution_str, ground_truth, extra_info)` in a
+    ProcessPoolExecutor, so the function is pickled, by name. Loaded from custom_reward_function.path
+    (verl's load_module: the file as "custom_module_<hash>", put in no sys.modules) the hook could not
+    be pickled, and prime turns each failed task into a reward of 0.0, the error only printed."""
+    import concurrent.futures
+    import functools
+    import os
+
+    spec = importlib.util.spec_from_file_location(f"custom_module_{hash(os.path.abspath(reward.__file__))}",
+                                                  reward.__file__)
+    by_path = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(by_path)
+    with RewardsServer() as srv:
+        evaluation_func = functools.partial(_with_reward_kwargs, by_path.compute_score, {"url": srv.url})
+        with concurrent.futures.ProcessPoolExecutor(max_workers=2) as pool:
+            futures = [pool.submit(functools.partial(evaluation_func, "d", "x" * n, "r", {"prompt": "q"}))
+                       for n in (1, 2, 3)]
+            got = [f.result(timeout=120) for f in futures]
+    assert got == [1.0, 2.0, 3.0]
+    assert sorted(len(b["items"][0]["output"]) for b in srv.bodies) == [1, 2, 3]
