@@ -166,3 +166,30 @@ def test_verl_prime_manager_sends_the_hook_loaded_by_its_path_to_worker_processe
             got = [f.result(timeout=120) for f in futures]
     assert got == [1.0, 2.0, 3.0]
     assert sorted(len(b["items"][0]["output"]) for b in srv.bodies) == [1, 2, 3]
+
+
+def test_openrlhf_reward_file_as_its_single_turn_executor_calls_it(monkeypatch):
+    """OpenRLHF (openrlhf/utils/agent.py, SingleTurnAgentExecutor; OpenRLHF/OpenRLHF 3c3be623, 2026-08-13)
+    loads `--reward.remote_url <file>.py` as the module "reward_func" and, for each rollout as it finishes,
+    calls `reward_func([query], [prompt], [label])` in a thread (asyncio.to_thread), with no settings (the
+    URL from POLAR_REWARD_URL); it keeps the answer's "scores" (else "rewards") and "extra_logs", and makes
+    the rollout's reward with torch.tensor([scores])."""
+    import asyncio
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("reward_func", reward.__file__)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    async def rollouts(n):
+        return await asyncio.gather(*(asyncio.to_thread(module.reward_func, [f"<q>{'x' * k}"], ["<q>"], ["r"])
+                                      for k in range(1, n + 1)))
+
+    with RewardsServer() as srv:
+        monkeypatch.setenv(reward.URL_ENV, srv.url)
+        answers = asyncio.run(rollouts(3))
+    scores = [a.get("scores") if a.get("scores") is not None else a.get("rewards") for a in answers]
+    assert [torch.tensor([s]).tolist() for s in scores] == [[1.0], [2.0], [3.0]]
+    assert all(a["extra_logs"] == {} for a in answers)
+    assert sorted(b["items"][0]["output"] for b in srv.bodies) == ["x", "xx", "xxx"]
