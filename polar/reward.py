@@ -7,6 +7,8 @@ re-exports: `from polar.reward import RewardClient` works) or the model in this 
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
     reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
+    trl_reward_func(...)               TRL's reward function (GRPOTrainer, RLOOTrainer and the trainers
+                                       sharing their reward_funcs): reward_funcs=[trl_reward_func()]
     (scorer=InProcessScorer(...))      the hooks above with the model beside the trainer, same batching,
                                        no HTTP (polar.in_process_scorer)
 
@@ -66,12 +68,33 @@ def _prompt_of(extra_info, i: int, key: str = "prompt"):
     if not isinstance(extra_info, dict) or key not in extra_info:
         raise ValueError(f"extra_infos[{i}] has no {key!r}: POLAR compares each response with the reference "
                          f"for the same prompt (put the prompt messages in extra_info[{key!r}])")
-    prompt = extra_info[key]
+    return _prompt_messages(extra_info[key])
+
+
+def _prompt_messages(prompt):
+    """A prompt as an item takes it: a text, or its messages as dicts (joined by "\\n" by POLAR's format)."""
     if hasattr(prompt, "tolist"):  # verl hands numpy object arrays of messages
         prompt = prompt.tolist()
     if isinstance(prompt, (list, tuple)):
         return [dict(m) for m in prompt]
     return prompt
+
+
+def _check_reference(ref, where: str, why: str) -> None:
+    """`polar serve`'s check of a reference, before any request (an empty one is refused: paper Sec. 3, the
+    reward compares the output with it), raised as a ValueError naming `where`; `why`: what likely left it so."""
+    from polar.serve import validation
+
+    try:
+        validation.check_reference(validation.text_field(ref, where), where, why)
+    except validation.RequestError as e:
+        raise ValueError(e.message) from None
+
+
+def _score(items: list, url: Optional[str], scorer: "Optional[InProcessScorer]", client_kw: dict) -> list[float]:
+    if scorer is not None:
+        return scorer.score(items)
+    return _client_for(url, **client_kw).score(items)
 
 
 _clients: dict = {}
@@ -106,8 +129,6 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
 def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
                 ref_name: str) -> list[float]:
     """compute_score_batch; `ref_name`, formatted with a response's index, names its ground truth."""
-    from polar.serve import validation
-
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
@@ -115,17 +136,11 @@ def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrap
     for i, (sol, ref, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
         if hasattr(ref, "tolist"):
             ref = ref.tolist()
-        try:
-            validation.check_reference(validation.text_field(ref, ref_name.format(i)), ref_name.format(i),
-                                       "; verl passes each sample's reward_model.ground_truth: put the reference "
-                                       "trajectory there")
-        except validation.RequestError as e:
-            raise ValueError(e.message) from None
+        _check_reference(ref, ref_name.format(i), "; verl passes each sample's reward_model.ground_truth: put the "
+                         "reference trajectory there")
         items.append({"prompt": _prompt_of(info, i, prompt_key), "reference": ref, "output": strip_thinking(sol),
                       "wrapper": wrapper})
-    if scorer is not None:
-        return scorer.score(items)
-    return _client_for(url, **client_kw).score(items)
+    return _score(items, url, scorer, client_kw)
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt", *,
@@ -173,6 +188,86 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
     return {"rewards": r, "scores": r, "extra_logs": {}}
 
 
+# the keywords TRL adds to the dataset's columns (trl/trainer/grpo_trainer.py, _calculate_rewards), left out of
+# the columns a missing reference column's error lists
+_TRL_OWN = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
+
+
+def trl_reward_func(url: Optional[str] = None, *, reference_column: str = "reference", wrapper: str = "sft",
+                    scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward",
+                    **client_kw) -> "TRLReward":
+    """TRL's reward function: `GRPOTrainer(..., reward_funcs=[trl_reward_func()])` (RLOOTrainer and the
+    trainers sharing the hook alike). TRL calls it by keyword with the batch's prompts and completions and
+    every other dataset column as a list, and logs its rewards as rewards/<name>/mean and /std.
+
+    The reference trajectory is each row's `reference_column` (a text, or a conversational dataset's
+    messages; a missing column or an empty reference is refused, naming the column and row). A prompt is a
+    text or its messages; a completion a text or, conversational, its messages: an assistant message's
+    content is scored after its thinking (`strip_thinking`), and the messages of a tool-calling rollout
+    are joined as POLAR's format joins a message list. The server is `url` (else $POLAR_REWARD_URL, its
+    key $POLAR_REWARD_API_KEY), with RewardClient's settings in `client_kw`; `scorer` scores in-process
+    instead. Without a scorer the function pickles (TRL's async GRPO sends reward functions to a spawned
+    rollout process)."""
+    return TRLReward(url, reference_column=reference_column, wrapper=wrapper, scorer=scorer, name=name,
+                     **client_kw)
+
+
+class TRLReward:
+    """trl_reward_func's function: an object rather than a closure, which cannot be pickled; TRL names a
+    reward function by its __name__ (trl/trainer/utils.py, get_callable_name) and runs it as a plain
+    function (this one blocks; RewardClient is shared by threads)."""
+
+    def __init__(self, url: Optional[str] = None, *, reference_column: str = "reference", wrapper: str = "sft",
+                 scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward", **client_kw):
+        if not isinstance(reference_column, str) or not reference_column:
+            raise ValueError(f"reference_column must be a dataset column's name, got {reference_column!r}")
+        self.__name__ = name
+        self.url, self.reference_column, self.wrapper, self.scorer = url, reference_column, wrapper, scorer
+        self.client_kw = client_kw
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.__name__!r}, reference_column={self.reference_column!r})"
+
+    def __call__(self, prompts, completions, **columns) -> list[float]:
+        col = self.reference_column
+        if col not in columns:
+            given = sorted(k for k in columns if k not in _TRL_OWN)
+            raise ValueError(f"TRL passed no column {col!r}: POLAR compares each completion with the reference "
+                             f"trajectory for its prompt (paper Sec. 3); give the dataset a column {col!r} holding "
+                             f"it, or name yours with trl_reward_func(reference_column=...); the dataset's columns: "
+                             f"{given}")
+        refs = columns[col]
+        if not (len(prompts) == len(completions) == len(refs)):
+            raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(refs)} values of "
+                             f"{col!r}; they must match")
+        items = []
+        for i, (prompt, completion, ref) in enumerate(zip(prompts, completions, refs)):
+            if hasattr(ref, "tolist"):
+                ref = ref.tolist()
+            _check_reference(ref, f"column {col!r}, row {i}",
+                             f"; TRL passes each row's dataset column {col!r}: put the reference trajectory there")
+            items.append({"prompt": _prompt_messages(prompt), "reference": ref, "output": _trl_output(completion, i),
+                          "wrapper": self.wrapper})
+        return _score(items, self.url, self.scorer, self.client_kw)
+
+
+def _trl_output(completion, i: int):
+    """A completion as the item's output: a text, or its messages' {role, content} (their thinking, and keys
+    such as a parsed reasoning_content or tool_calls, are not scored)."""
+    if isinstance(completion, str):
+        return strip_thinking(completion)
+    if not isinstance(completion, (list, tuple)) or not all(isinstance(m, dict) for m in completion):
+        raise TypeError(f"completions[{i}] must be a text or a list of messages (TRL's conversational "
+                        f"completions), got {type(completion).__name__}")
+    messages = []
+    for m in completion:
+        content = m.get("content")
+        if m.get("role") == "assistant" and isinstance(content, str):
+            content = strip_thinking(content)
+        messages.append({"role": m.get("role"), "content": content})
+    return messages[0]["content"] if len(messages) == 1 else messages
+
+
 if __name__ != "polar.reward":
     # Loaded by its path (verl's custom_reward_function.path runs the file as "custom_module_<hash>", OpenRLHF's
     # reward file as "reward_func"), under a name no process can import again: the hooks are the installed
@@ -182,4 +277,4 @@ if __name__ != "polar.reward":
     from polar import reward as _installed
 
     globals().update({name: getattr(_installed, name) for name in ("compute_score", "compute_score_batch",
-                                                                    "reward_func")})
+                                                                    "reward_func", "trl_reward_func", "TRLReward")})
