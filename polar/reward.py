@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # the hooks' scorer= argument
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_BODY_BYTES", "URL_ENV", "AsyncRewardClient", "RewardClient",
            "RewardConnectionError", "RewardServerError", "RewardTimeoutError", "compute_score", "compute_score_batch",
-           "reward_func", "strip_thinking"]
+           "reward_func", "strip_thinking", "trl_reward_func", "TRLReward"]
 
 
 def __getattr__(name: str):
