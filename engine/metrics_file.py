@@ -1,10 +1,15 @@
 """RUN_DIR/metrics.jsonl: the run's figures as any tracker can read them, one JSON object a line, written
 by the main rank. A line per progress window ("kind": "train": the figures of the progress line and of
-TensorBoard) and per periodic evaluation of a set ("kind": "eval", "set": its name). Each line is flushed
-as it is written, so a killed run keeps every line it wrote; a line cut short by the kill is dropped by the
-next reader. A resumed run trains the steps after its checkpoint again: their lines, which the stopped run
-wrote, are dropped when it opens the file (as TensorBoard's purge_step drops its scalars), so a resumed
-run's file holds each step once."""
+TensorBoard) and per periodic evaluation of a set ("kind": "eval", "set": its name), and the final
+evaluation the entry script runs after training, a line per set marked "final": true at the last trained step
+(none where a stop file or SIGTERM stopped the run: it skips that evaluation). Each line is flushed as it is
+written, so a killed run keeps every line it wrote; a line cut short by the kill is dropped by the next
+reader. A resumed run trains the steps after its checkpoint again: their lines, which the stopped run wrote,
+are dropped when it opens the file (as TensorBoard's purge_step drops its scalars), so a resumed run's file
+holds each step once; the final lines of an earlier start go too (the resumed run writes its own), so the
+file holds at most one final line per set, those of summary.json's "evaluations". A run stopped by a time
+limit or exit_at_step at an evaluation step has that step's periodic line and a final line of the same
+figures (the final evaluation takes the periodic result rather than evaluating the same weights again)."""
 from __future__ import annotations
 
 import json
@@ -67,7 +72,10 @@ class MetricsFile:
             return
         torn: list[str] = []
         rows = read(self.path, torn.append)
-        kept = [r for r in rows if not isinstance(r.get("step"), (int, float)) or r["step"] <= step]
+        # a final line is a finished start's result: a start that resumes at that very step (nothing left to
+        # train) evaluates the same weights again, a longer one at a later step
+        kept = [r for r in rows if not r.get("final") and (not isinstance(r.get("step"), (int, float))
+                                                           or r["step"] <= step)]
         if torn or len(kept) < len(rows):
             from engine import durable_file
 
@@ -90,9 +98,11 @@ class MetricsFile:
         self.write({"kind": "train", "step": row["step"], "time": time.time(),
                     **{k: v for k, v in row.items() if k != "step"}})
 
-    def eval(self, step: int, name: str, result: dict) -> None:
-        """A set's evaluation result at `step` (engine.evaluation.evaluate's figures)."""
-        self.write({"kind": "eval", "set": name, "step": step, "time": time.time(), **result})
+    def eval(self, step: int, name: str, result: dict, final: bool = False) -> None:
+        """A set's evaluation result at `step` (engine.evaluation.evaluate's figures); `final`: the run's
+        final evaluation, marked "final": true."""
+        self.write({"kind": "eval", "set": name, "step": step, **({"final": True} if final else {}),
+                    "time": time.time(), **result})
 
     def _failed(self, e: OSError) -> None:
         file, self.file = self.file, None

@@ -506,7 +506,7 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
     from engine.trainer import StoppedBySignal, Trainer
 
     trainer = Trainer(cfg, rt, data.train, str(run_dir), pad_id=data.pad_id, log=say, evals=data.evals,
-                      held_file=data_files(cfg)[1])
+                      held_file=data_files(cfg)[1], final_evaluation=True)
     t_train = time.time()
     start_step = trainer.step
     signalled = None
@@ -531,6 +531,8 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
     if set(evals) - set(done):
         say("evaluating ...")
     results = {name: done[name] if name in done else trainer.evaluate(d) for name, d in evals.items()}
+    # the run's headline figures, in RUN_DIR/metrics.jsonl, TensorBoard and wandb too (marked final)
+    trainer.log_final(results)
     if rt.is_main:
         seq_tokens = data.train.per_sequence["tokens"]
         step_tokens = [int(seq_tokens[trainer.loader.global_batch_indices(b)].sum()) for b in range(trainer.step)]

@@ -258,16 +258,21 @@ class Progress:
         finally:
             self.paused_s += time.perf_counter() - start
 
-    def log_eval(self, step: int, name: str, result: dict) -> None:
+    def log_eval(self, step: int, name: str, result: dict, final: bool = False) -> None:
+        """A set's evaluation at `step`: a periodic one's line, or (`final`) the run's final evaluation after
+        fit, which the entry script reports in its summary lines: not printed, written as the metrics file's
+        final line and as TensorBoard's and wandb's final_NAME/ scalars (apart from the periodic curves,
+        whose last point it would double where it reuses the periodic result of its step)."""
         if not self.enabled:
             return
-        extra = f" | lm loss {result['lm_loss']:.3f}" if "lm_loss" in result else ""
-        print(f"eval {name} at step {step}: loss {result['loss']:.4f} | pair acc {result['pair_accuracy']:.3f} "
-              f"over {result['pairs']:,} pairs{extra}", flush=True)
+        if not final:
+            extra = f" | lm loss {result['lm_loss']:.3f}" if "lm_loss" in result else ""
+            print(f"eval {name} at step {step}: loss {result['loss']:.4f} | pair acc {result['pair_accuracy']:.3f} "
+                  f"over {result['pairs']:,} pairs{extra}", flush=True)
         if self.metrics:
-            self.metrics.eval(step, name, result)
-        self._scalars({f"eval_{name}/{k}": result[k] for k in ("loss", "pair_accuracy", "lm_loss")  # the line's
-                       if k in result}, step)
+            self.metrics.eval(step, name, result, final)
+        self._scalars({f"{'final' if final else 'eval'}_{name}/{k}": result[k]  # the line's figures
+                       for k in ("loss", "pair_accuracy", "lm_loss") if k in result}, step)
 
     def _scalars(self, values: dict, step: int) -> None:
         if self.wandb:
@@ -289,6 +294,15 @@ class Progress:
               f"goes on", file=sys.stderr, flush=True)
         with contextlib.suppress(OSError):
             writer.close()
+
+    def flush(self) -> None:
+        """What is written so far onto disk (TensorBoard's writer holds its events up to two minutes): the
+        end of the training before its final save and evaluation, which a kill may cut short."""
+        if self.writer:
+            try:
+                self.writer.flush()
+            except OSError as e:
+                self._writer_failed(e)
 
     def close(self):
         for other in (self.metrics, self.wandb):

@@ -60,7 +60,10 @@ def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, 
 
 class Trainer:
     def __init__(self, cfg, rt: Runtime, train_data: PackedGroups, run_dir: str, pad_id: int, log=print,
-                 evals: dict | None = None, held_file: str = ""):
+                 evals: dict | None = None, held_file: str = "", final_evaluation: bool = False):
+        """`final_evaluation`: the caller evaluates after fit (engine/pretrain.py) and hands the results to
+        log_final, which writes them where fit's figures went: fit leaves the progress logs open for it
+        (it closes them itself where a SIGTERM or an error stops it)."""
         from megatron.core.distributed import finalize_model_grads
 
         profiling.check_start_up(cfg.train, rt.world_size, rt.is_cuda)
@@ -100,6 +103,8 @@ class Trainer:
         # checkpoint.async_save: the save being written in the background (at most one)
         self.saves = checkpoint_async.BackgroundSaves() if cfg.checkpoint.async_save else None
         self.history: list[dict] = []
+        self.final_evaluation = final_evaluation
+        self._progress: Progress | None = None  # fit's logs, kept open for log_final where final_evaluation
         self.skipped_steps: list[dict] = []
         self.is_last_stage = rt.is_last_stage()
         n_local = count_parameters(self.model, rt.tp_rank)  # the model's count at any layout, summed
@@ -368,6 +373,9 @@ class Trainer:
             kept = self.saves.leave() if self.saves is not None else ""
             if kept:
                 e.add_note(kept)
+            # a SIGTERM's stop (StoppedBySignal) or an error after the loop (the final save's): no final
+            # evaluation follows, the logs kept open for it are done
+            self.log_final({})
             # the window's trace (and memory snapshot) so far, where the error came outside a step
             profiling.failed(self._profiled, self.step, e)
             raise
@@ -501,7 +509,11 @@ class Trainer:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
                 self.stopped_by = "exit_at_step"
                 stop = True
-        progress.close()
+        if self.final_evaluation:
+            progress.flush()
+            self._progress = progress
+        else:
+            progress.close()
         if profiled:
             profiled.close()  # a window an early stop or train.steps cut short
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
@@ -530,6 +542,17 @@ class Trainer:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StoppedBySignal(self.step)
         return self.history
+
+    def log_final(self, results: dict) -> None:
+        """The final evaluation's results ({set: engine.evaluation.evaluate's figures}, at the last trained
+        step; none where it was skipped) written where fit's figures went (engine.progress.Progress.log_eval,
+        main rank), which are then closed. Nothing where the trainer was made without final_evaluation."""
+        progress, self._progress = self._progress, None
+        if progress is None:
+            return
+        for name, result in results.items():
+            progress.log_eval(self.step, name, result, final=True)
+        progress.close()
 
     def _steps_left(self) -> str:
         """The steps this fit trains: a resumed run trains what is left of train.steps, not all of them."""

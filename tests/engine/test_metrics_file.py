@@ -112,6 +112,19 @@ def test_a_new_run_in_an_old_run_directory_starts_the_file_afresh_and_a_torn_lin
     assert path.read_text() == ""
 
 
+def test_a_resumed_run_drops_an_earlier_starts_final_lines(tmp_path):
+    """A start that resumes at the step its final lines are at (nothing left to train: the same command after
+    the run finished) writes them again; one that trains on writes its own at a later step: either way the
+    file holds one final line a set, summary.json's (tests/engine/test_pretrain_cli.py runs both)."""
+    path = tmp_path / metrics_file.NAME
+    path.write_text('{"kind": "train", "step": 2, "loss": 0.5}\n'  # a run stopped by exit_at_step=2 at an eval step
+                    '{"kind": "eval", "set": "held", "step": 2, "pair_accuracy": 0.75}\n'
+                    '{"kind": "eval", "set": "held", "step": 2, "final": true, "pair_accuracy": 0.75}\n')
+    metrics_file.MetricsFile(path, 2).close()
+    assert [(r["kind"], r["step"], r.get("final")) for r in metrics_file.read(path)] == \
+        [("train", 2, None), ("eval", 2, None)]
+
+
 def test_wandb_settings_are_checked_at_start_up(monkeypatch):
     with pytest.raises(ConfigError, match="log.wandb_name='mine' has no effect without log.wandb_project"):
         load_config(EngineConfig, None, ["log.wandb_name=mine"])

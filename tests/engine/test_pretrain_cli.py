@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import metrics_file
 from engine.config import ConfigError
 from tests.engine import entry_runs
 
@@ -78,6 +79,12 @@ def launched(tmp_path_factory):
         "model.num_layers=1", "train.eval_interval=1")
     add("exit_at_step", "train.steps=3", "train.exit_at_step=2", "train.eval_interval=2", "log.tensorboard=false",
         "model.num_layers=1")
+    # a run, then the same command again: it resumes at its last step, trains nothing and evaluates again
+    final = ["train.steps=2", "model.num_layers=1", "log.wandb_project=polar-test"]
+    offline = {"WANDB_MODE": "offline", "WANDB_SILENT": "true"}  # no network here
+    add("final", *final, env=offline)
+    runs.append(entry_runs.run("final_again", "engine.pretrain", f"run_dir={tmp / 'final'}", *SMALL, *final,
+                               cwd=tmp / "final", env=offline))
     add("full_disk", "train.steps=2", "checkpoint.save_interval=1", "model.num_layers=1", "log.tensorboard=false",
         entry="tests.engine.test_pretrain_cli:main_with_a_full_disk")
     add("unwritable", "train.steps=2", "model.num_layers=1", f"run_dir={tmp / 'unwritable' / 'a_file' / 'run'}")
@@ -196,6 +203,46 @@ def test_a_run_ending_at_exit_at_step_on_an_evaluation_step_evaluates_once(launc
         assert [r["step"] for r in rows] == [2], rows
         assert summary["evaluations"][name] == {k: v for k, v in rows[0].items() if k not in ("step", "eval")}
     assert "evaluating ..." not in proc.stdout, proc.stdout[-3000:]
+    # RUN_DIR/metrics.jsonl: the periodic line, and the final one taking its figures (it reached summary.json
+    # only); the periodic evaluations stay one per evaluation step
+    rows = [r for r in metrics_file.read(tmp_path / metrics_file.NAME) if r["kind"] == "eval"]
+    assert [(r["set"], r["step"], r.get("final", False)) for r in rows] == \
+        [("held_out", 2, False), ("seen", 2, False), ("held_out", 2, True), ("seen", 2, True)], rows
+    for r in rows:
+        assert {k: r[k] for k in summary["evaluations"][r["set"]]} == summary["evaluations"][r["set"]], r
+
+
+def test_the_final_evaluation_reaches_the_metrics_file_tensorboard_and_wandb_once(launched):
+    """Where users look for the run's headline figure: it was in summary.json alone. Marked final, at the last
+    trained step; the same command after the run had finished (a restart after a stop during the final save,
+    say) resumes at that step, trains nothing and evaluates again: the file still holds one final line a set."""
+    from tests.engine.test_trainer import _scalars
+    from tests.engine.wandb_records import history, offline_runs
+
+    FINAL = ("loss", "pair_accuracy", "lm_loss")  # the periodic evaluation's scalars (the auxiliary LM loss on)
+
+    tmp_path, first = launched["final"]
+    again = launched["final_again"][1]
+    assert first.returncode == 0 and again.returncode == 0, first.stderr[-3000:] + again.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_at_step"] == 2 and summary["steps"] == 2, summary
+    evaluations = summary["evaluations"]
+    assert set(evaluations) == {"held_out", "seen"}, evaluations
+    rows = metrics_file.read(tmp_path / metrics_file.NAME)
+    assert [(r["kind"], r.get("set"), r["step"], r.get("final", False)) for r in rows] == \
+        [("train", None, 2, False), ("eval", "held_out", 2, True), ("eval", "seen", 2, True)], rows
+    for r in rows[1:]:
+        assert {k: r[k] for k in evaluations[r["set"]]} == evaluations[r["set"]], r
+    # TensorBoard: final_SET/ scalars at step 2, apart from the periodic eval_SET/ curves (a point per start)
+    for name, result in evaluations.items():
+        for k in (k for k in FINAL if k in result):
+            points = _scalars(tmp_path / "tensorboard", f"final_{name}/{k}")
+            assert points and all(s == 2 and v == pytest.approx(result[k]) for s, v in points), (name, k, points)
+    # wandb: the same keys at the last logged step (its steps stay increasing)
+    logged = history(offline_runs(tmp_path)[0])
+    assert [r["_step"] for r in logged] == [2], logged
+    assert {k: v for k, v in logged[0].items() if k.startswith("final_")} == \
+        {f"final_{name}/{k}": result[k] for name, result in evaluations.items() for k in FINAL if k in result}
 
 
 def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from engine import metrics_file
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
 from tests.engine.torchrun_scenario import finish, start
 
@@ -204,3 +205,6 @@ def test_pretrain_sigterm_saves_logs_one_line_writes_the_summary_and_exits_143(t
     assert summary["stopped_by"] == "SIGTERM" and summary["steps"] == int(step), summary
     assert [r["step"] for r in summary["history"]] == list(range(1, int(step) + 1)), summary["history"]
     assert summary["evaluations"] == {} and "held_out_pair_accuracy" not in summary, summary
+    # nor in RUN_DIR/metrics.jsonl: a train line per step, no final line
+    lines = metrics_file.read(tmp_path / "run" / metrics_file.NAME)
+    assert [(r["kind"], r["step"]) for r in lines] == [("train", s) for s in range(1, int(step) + 1)], lines
