@@ -6,6 +6,8 @@ re-exports: `from polar.reward import RewardClient` works) or the model in this 
     compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
     compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
                                        request per response, batched with the others by the server
+    compute_score_async(...)           the same as an `async def`, which verl's reward loop awaits on its
+                                       event loop instead of running it in the loop's thread pool
     reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
     trl_reward_func(...)               TRL's reward function (GRPOTrainer, RLOOTrainer and the trainers
                                        sharing their reward_funcs): reward_funcs=[trl_reward_func()]
@@ -18,6 +20,7 @@ with the reference trajectory for the same prompt).
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 from typing import TYPE_CHECKING, Optional
@@ -30,8 +33,8 @@ if TYPE_CHECKING:  # the hooks' scorer= argument
     from polar.in_process_scorer import InProcessScorer
 
 __all__ = ["API_KEY_ENV", "DEFAULT_MAX_BODY_BYTES", "URL_ENV", "AsyncRewardClient", "RewardClient",
-           "RewardConnectionError", "RewardServerError", "RewardTimeoutError", "compute_score", "compute_score_batch",
-           "reward_func", "strip_thinking", "trl_reward_func", "TRLReward"]
+           "RewardConnectionError", "RewardServerError", "RewardTimeoutError", "compute_score", "compute_score_async",
+           "compute_score_batch", "reward_func", "strip_thinking", "trl_reward_func", "TRLReward"]
 
 
 def __getattr__(name: str):
@@ -98,17 +101,29 @@ def _score(items: list, url: Optional[str], scorer: "Optional[InProcessScorer]",
 
 
 _clients: dict = {}
+_async_clients: dict = {}
 
 
 def _client_for(url: Optional[str], **kw) -> RewardClient:
+    return _shared(_clients, RewardClient, url, kw)
+
+
+def _async_client_for(url: Optional[str], **kw) -> AsyncRewardClient:
+    """One AsyncRewardClient per URL and settings for all event loops: it keeps an httpx client per loop
+    (an httpx.AsyncClient's connections belong to the loop that opened them; each of verl's reward workers
+    runs a loop of its own)."""
+    return _shared(_async_clients, AsyncRewardClient, url, kw)
+
+
+def _shared(clients: dict, cls, url: Optional[str], kw: dict):
     key = (url or os.environ.get(URL_ENV), tuple(sorted(kw.items())))
-    client = _clients.get(key)
+    client = clients.get(key)
     if client is None:
         # the module's lock read at each call: a forked child's is a new one (reward_client's at-fork hook)
         with reward_client._making:
-            client = _clients.get(key)
+            client = clients.get(key)
             if client is None:
-                client = _clients[key] = RewardClient(url, **kw)
+                client = clients[key] = cls(url, **kw)
     return client
 
 
@@ -129,6 +144,12 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
 def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
                 ref_name: str) -> list[float]:
     """compute_score_batch; `ref_name`, formatted with a response's index, names its ground truth."""
+    return _score(_verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, ref_name), url, scorer,
+                  client_kw)
+
+
+def _verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, ref_name: str) -> list[dict]:
+    """The items of verl's hooks, references checked before any request."""
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
@@ -140,18 +161,36 @@ def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrap
                          "reference trajectory there")
         items.append({"prompt": _prompt_of(info, i, prompt_key), "reference": ref, "output": strip_thinking(sol),
                       "wrapper": wrapper})
-    return _score(items, url, scorer, client_kw)
+    return items
 
 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt", *,
                   url: Optional[str] = None, wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None,
                   reward_router_address=None, reward_model_tokenizer=None, **client_kw) -> float:
     """verl's per-item reward function (reward_model.reward_manager=naive, which verl's reward loop
-    runs by default, calling it for each response at once from worker threads): compute_score_batch
-    for one response. `reward_router_address` and `reward_model_tokenizer` (which verl passes when
-    it runs a reward model of its own) are not used: the rewards come from `polar serve`."""
+    runs by default, calling it for each response at once from worker threads; compute_score_async is
+    its `async def`): compute_score_batch for one response. `reward_router_address` and
+    `reward_model_tokenizer` (which verl passes when it runs a reward model of its own) are not used: the
+    rewards come from `polar serve`."""
     return _verl_score([solution_str], [ground_truth], [extra_info], prompt_key, url, wrapper, scorer, client_kw,
                        "ground_truth")[0]
+
+
+async def compute_score_async(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt",
+                              *, url: Optional[str] = None, wrapper: str = "sft",
+                              scorer: "Optional[InProcessScorer]" = None, reward_router_address=None,
+                              reward_model_tokenizer=None, **client_kw) -> float:
+    """compute_score as an `async def` (custom_reward_function.name=compute_score_async): verl's reward
+    loop managers (naive, dapo, limited, remote) await a coroutine function on the worker's event loop,
+    where they run a plain one in the loop's default thread pool (min(32, cpus + 4) threads), which
+    bounded the requests in flight per reward worker and held a thread for each. The request goes through
+    the AsyncRewardClient shared by `url`'s callers, with a connection pool per event loop; `scorer`'s
+    forward runs in a thread, batched with the other calls' (InProcessScorer batches calls from threads),
+    so the loop is not blocked. Same arguments, refusals and reward as compute_score."""
+    items = _verl_items([solution_str], [ground_truth], [extra_info], prompt_key, wrapper, "ground_truth")
+    if scorer is not None:
+        return (await asyncio.to_thread(scorer.score, items))[0]
+    return (await _async_client_for(url, **client_kw).score(items))[0]
 
 
 def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):
@@ -276,5 +315,6 @@ if __name__ != "polar.reward":
     # and one client per URL is shared with code that imports polar.reward.
     from polar import reward as _installed
 
-    globals().update({name: getattr(_installed, name) for name in ("compute_score", "compute_score_batch",
-                                                                    "reward_func", "trl_reward_func", "TRLReward")})
+    globals().update({name: getattr(_installed, name) for name in ("compute_score", "compute_score_async",
+                                                                    "compute_score_batch", "reward_func",
+                                                                    "trl_reward_func", "TRLReward")})

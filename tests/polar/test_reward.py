@@ -78,8 +78,8 @@ def test_the_clients_keep_their_polar_reward_names_and_pickles_naming_them_there
     names = ("RewardClient", "AsyncRewardClient", "RewardServerError", "RewardConnectionError",
              "RewardTimeoutError", "URL_ENV", "API_KEY_ENV", "DEFAULT_MAX_BODY_BYTES")
     assert all(getattr(reward, name) is getattr(reward_client, name) for name in names)
-    assert set(names) | {"compute_score", "compute_score_batch", "reward_func", "strip_thinking", "trl_reward_func",
-                          "TRLReward"} == set(reward.__all__)
+    assert set(names) | {"compute_score", "compute_score_async", "compute_score_batch", "reward_func", "strip_thinking",
+                          "trl_reward_func", "TRLReward"} == set(reward.__all__)
     # as verl loads custom_reward_function.path: the file under a name of verl's
     spec = importlib.util.spec_from_file_location("custom_module", reward.__file__)
     by_path = importlib.util.module_from_spec(spec)
