@@ -181,12 +181,14 @@ async def compute_score_async(data_source, solution_str, ground_truth, extra_inf
                               scorer: "Optional[InProcessScorer]" = None, reward_router_address=None,
                               reward_model_tokenizer=None, **client_kw) -> float:
     """compute_score as an `async def` (custom_reward_function.name=compute_score_async): verl's reward
-    loop managers (naive, dapo, limited, remote) await a coroutine function on the worker's event loop,
-    where they run a plain one in the loop's default thread pool (min(32, cpus + 4) threads), which
-    bounded the requests in flight per reward worker and held a thread for each. The request goes through
-    the AsyncRewardClient shared by `url`'s callers, with a connection pool per event loop; `scorer`'s
-    forward runs in a thread, batched with the other calls' (InProcessScorer batches calls from threads),
-    so the loop is not blocked. Same arguments, refusals and reward as compute_score."""
+    loop managers (naive, dapo, limited) await a coroutine function on the worker's event loop, where
+    they run a plain one in the loop's default thread pool (min(32, cpus + 4) threads), which bounded the
+    requests in flight per reward worker and held a thread for each (its remote manager refuses a
+    coroutine function: give it compute_score). The request goes through the AsyncRewardClient shared by
+    `url`'s callers, with a connection pool per event loop (httpx's, up to 100 connections). `scorer`'s
+    forward runs in a thread of that pool, batched with the other calls' (InProcessScorer batches calls
+    from threads and blocks the caller), so the loop is not blocked. Same arguments, refusals and reward as
+    compute_score."""
     items = _verl_items([solution_str], [ground_truth], [extra_info], prompt_key, wrapper, "ground_truth")
     if scorer is not None:
         return (await asyncio.to_thread(scorer.score, items))[0]
