@@ -43,7 +43,7 @@ def trainer_for(args, rt, run_dir: str):
         "checkpoint.resume=false"])
     data = PackedGroups(random_groups(3, 256, 512, 128), 128)
     trainer = Trainer(cfg, rt, data, run_dir, pad_id=0, log=lambda *a, **k: None)
-    trainer._fit_start = time.time()  # as inside fit: the check runs
+    trainer.stops.begin()  # as inside fit: the check runs
     return trainer
 
 
@@ -52,14 +52,14 @@ def timed(trainer, on: bool, n: int, what) -> float:
     import torch.distributed as dist
 
     if on:
-        trainer._sigterm.install()
+        trainer.stops.sigterm.install()
     dist.barrier()
     t = time.perf_counter()
     for _ in range(n):
         what()
     dist.barrier()
     elapsed = (time.perf_counter() - t) / n
-    trainer._sigterm.uninstall()
+    trainer.stops.sigterm.uninstall()
     return elapsed
 
 
@@ -85,14 +85,14 @@ def run(args) -> None:
         batches = -(-len(range(0, len(data), rt.dp)) // EVAL_CHUNK)
 
         def evaluation():  # as fit's periodic one: a stop check before each batch
-            evaluate(trainer, data, partial(trainer._agree_on_stop, False))
+            evaluate(trainer, data, partial(trainer.stops.agree, False))
 
         check = {False: [], True: []}
         steps = {False: [], True: []}
         evals = {False: [], True: []}
         for _ in range(args.repeats):
             for on in (False, True):
-                check[on].append(timed(trainer, on, args.checks, trainer._stop_requested))
+                check[on].append(timed(trainer, on, args.checks, lambda: trainer.stops.at_step(trainer.step)))
                 steps[on].append(timed(trainer, on, args.steps, step))
                 evals[on].append(timed(trainer, on, 1, evaluation) / batches)
         trainer.loader.close()

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import signal
 import sys
-import time
 from functools import partial
 from pathlib import Path
 
@@ -34,7 +32,8 @@ from engine.parallelize import build_model, count_parameters, resolve_attention_
 from engine.progress import (Progress, attention_flops_per_pair, dense_flops_per_token, peak_tflops,
                              spec_sheet_tflops)
 from engine.runtime import Runtime
-from engine.stop_signal import EXIT_SIGTERM, SigtermFlag, StoppedBySignal
+from engine.stop_agreement import StopAgreement
+from engine.stop_signal import EXIT_SIGTERM, StoppedBySignal
 
 
 def _forward_step(loss_kind: str, kernels: str, lm_scale: float, data_iterator, model):
@@ -89,15 +88,12 @@ class Trainer:
             seed=cfg.train.seed, pad_id=pad_id, pin_memory=rt.device if rt.is_cuda else None,
         )
         self.step = 0
-        self._fit_start: float | None = None  # fit's start time (train.time_limit_s); None outside fit
+        # time limit, stop file, SIGTERM: agreed over the ranks; its lines go to the trainer's log as it is then
+        self.stops = StopAgreement(rt, cfg.train, lambda *a, **k: self.log(*a, **k))
         # why the last train_step asked the run to stop early: "" (it did not), "time_limit"
         # (train.time_limit_s reached), "stop_file" (train.stop_file found) or "SIGTERM" (a rank
-        # received it); see _stop_requested
+        # received it); see StopAgreement.at_step
         self.stop_request = ""
-        self._stop_file_found = False  # train.stop_file was seen (also when a SIGTERM came with it)
-        self.stop_ranks = 0  # how many ranks had received SIGTERM at the last stop check
-        self._sigterm = SigtermFlag()
-        self._signals_checked = False  # some rank's SIGTERM handler is in place (set by fit)
         self.stopped_by = ""  # the reason the last fit stopped before train.steps ("" if it did not)
         self.last_saved_step = -1
         # checkpoint.async_save: the save being written in the background (at most one)
@@ -248,73 +244,10 @@ class Trainer:
         opt = self.optimizer
         found_inf = opt.prepare_grads()
         grad_norm = opt.get_grad_norm()
-        self.stop_request = self._stop_requested()
+        self.stop_request = self.stops.at_step(self.step)
         if found_inf or not math.isfinite(grad_norm):
             return False, grad_norm
         return step_with_norm(opt, grad_norm), grad_norm
-
-    def _stop_requested(self) -> str:
-        """train.time_limit_s, train.stop_file and SIGTERM, checked every step (but the last: the end
-        of fit looks for a SIGTERM once more), so a run sized to a job slot, told by its scheduler that
-        the slot is ending, or terminated stops within one step. Rank 0 alone looks at the clock and
-        the file (ranks that looked at a shared file system themselves could see it at different steps
-        and part ways); any rank may have received SIGTERM (torchrun, Kubernetes, SLURM or `kill` may
-        signal one worker or all). One all-reduced scalar tells every rank both (_signalled_ranks).
-        Called right after the gradient norm's host sync, when nothing is queued on the device: its
-        round trip waits for no compute (after the optimizer step it would wait for the whole update
-        to run). With no stop setting it still runs over several ranks while a rank's SIGTERM handler
-        is in place (_checks_signals; benchmarks/stop_check.py measures it); in one process the
-        handler's flag is read directly; with neither: no check, no sync."""
-        if self._fit_start is None or self.step + 1 >= self.cfg.train.steps:
-            return ""
-        return self._agree_on_stop(clock=self.cfg.train.time_limit_s > 0)
-
-    def _agree_on_stop(self, clock: bool) -> str:
-        """The stop check, also before each batch of a periodic evaluation (there without the clock:
-        train.time_limit_s leaves the evaluations their time, and only answers at a step)."""
-        tc = self.cfg.train
-        files = clock or bool(tc.stop_file)
-        if not (files or self._checks_signals()):
-            return ""
-        if not files and self.rt.world_size == 1:
-            self.stop_ranks = int(self._sigterm.received)
-            return "SIGTERM" if self._sigterm.received else ""
-        code = 0
-        if self.rt.is_main and files:
-            # the file first: only a stop made for it removes it, which is what tells a launcher that
-            # the run saved for its request (engine/launch/slurm_pretrain.sbatch then requeues)
-            if tc.stop_file and os.path.exists(tc.stop_file):
-                code = 2
-            elif clock and time.monotonic() - self._fit_start > tc.time_limit_s:
-                code = 1
-        self.stop_ranks, code = self._signalled_ranks(code)
-        self._stop_file_found = code == 2
-        return "SIGTERM" if self.stop_ranks else ("", "time_limit", "stop_file")[code]
-
-    def _checks_signals(self) -> bool:
-        """Whether fit looks for a SIGTERM: where this rank's handler is in place, and on every rank
-        once fit found any rank's in place (_agree_on_signals)."""
-        return self._sigterm.installed or self._signals_checked
-
-    def _agree_on_signals(self) -> None:
-        """A rank without the handler (its program handles or ignores SIGTERM itself, or runs fit in
-        another thread) still takes part in the stop check of the ranks with it: the all-reduce they
-        make each step and at the end of fit would otherwise wait for it for good."""
-        anywhere = self._sigterm.installed
-        if self.rt.world_size > 1:
-            flag = torch.full((1,), float(anywhere), device=self.rt.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            anywhere = bool(flag.item())
-        self._signals_checked = anywhere
-
-    def _signalled_ranks(self, code: int = 0) -> tuple[int, int]:
-        """(how many ranks received SIGTERM, rank 0's `code`): one scalar summed over the ranks, to
-        which rank 0 adds its code (0-2) and each rank that received SIGTERM 4."""
-        flag = torch.full((1,), float(code + 4 * self._sigterm.received), device=self.rt.device)  # no host copy
-        if self.rt.world_size > 1:
-            dist.all_reduce(flag)
-        total = int(flag.item())
-        return total // 4, total % 4
 
     def train_step(self):
         for chunk in self.model:
@@ -362,7 +295,7 @@ class Trainer:
         """Trains to train.steps or an early stop; -> the history. A SIGTERM on any rank stops every
         rank after the step it arrives in (an evaluation under way at its next batch): the step is
         saved, then StoppedBySignal is raised."""
-        self._sigterm.install()
+        self.stops.install()
         try:
             history = self._fit()
         except BaseException as e:
@@ -384,9 +317,8 @@ class Trainer:
             # a failed run (a non-finite streak, out of memory, Ctrl-C) stops reading ahead too,
             # instead of exiting only after the reads queued for steps it will not run
             self.loader.close()
-            self._sigterm.uninstall()
-            self._signals_checked = False
-        if self._sigterm.received and self.stopped_by != "SIGTERM":
+            self.stops.uninstall()
+        if self.stops.sigterm.received and self.stopped_by != "SIGTERM":
             # it came after fit's last look (the same instant as fit ended): what it would have done
             # without the handler
             signal.raise_signal(signal.SIGTERM)
@@ -394,7 +326,7 @@ class Trainer:
 
     def _fit(self) -> list[dict]:
         tc, lc = self.cfg.train, self.cfg.log
-        self._agree_on_signals()
+        self.stops.agree_on_signals()
         m = self.cfg.model
         self._dense_flops = dense_flops_per_token(m.num_layers, m.hidden_size, m.ffn_hidden_size,
                                                   m.num_attention_heads, m.num_query_groups,
@@ -423,21 +355,15 @@ class Trainer:
             # a requeued job that kept its exit_at_step would otherwise stop at once, every time
             self.log(f"train.exit_at_step={tc.exit_at_step} is not after the resumed step {self.step}: it has no "
                      f"effect, the run trains to train.steps={tc.steps} (set a later one to stop again)")
-        if tc.stop_file and self.rt.is_main and os.path.exists(tc.stop_file) and self.step + 1 < tc.steps:
-            # (the last step is not checked: a run with one step left ends as planned)
-            self.log(f"train.stop_file {tc.stop_file} exists already: the run stops after its first step "
-                     f"(remove the file to train on)")
+        self.stops.warn_standing_file(self.step)
         profiled = self._profiled = profiling.open_window(tc, self.rt, self.run_dir, self.step, self.log)  # None: off
         window = torch.zeros(STATS, device=self.rt.device)
         tokens = real_tokens = groups = 0
         flops = 0.0
         skipped_in_row = 0
         skipped_in_window = 0
-        # the steady clock: NTP stepping the wall clock forward stopped a run early, back made it
-        # overrun its job slot and be killed unsaved
-        self._fit_start = time.monotonic()
+        self.stops.begin()
         self.stopped_by = ""
-        self._stop_file_found = False
         stop = False
         while self.step < tc.steps and not stop:
             batch_indices = self.loader.global_batch_indices(self.loader.state.consumed_batches)
@@ -462,7 +388,7 @@ class Trainer:
             if self.step == progress.start_step + 1:  # the window's counts are this step's alone
                 progress.first_step_done(tokens, real_tokens, groups, flops)
             exiting = bool(tc.exit_at_step) and self.step == tc.exit_at_step and self.step < tc.steps
-            request = self.stop_request  # decided inside the step (_stop_requested)
+            request = self.stop_request  # decided inside the step (StopAgreement.at_step)
             if self.step % lc.interval == 0 or self.step == tc.steps or exiting or request:
                 s = self._reduce(window).tolist()
                 row = progress.log(
@@ -478,13 +404,7 @@ class Trainer:
                 window.zero_()
                 tokens = real_tokens = groups = skipped_in_window = 0
                 flops = 0.0
-            if request == "time_limit":
-                self.log(f"train.time_limit_s={tc.time_limit_s} reached at step {self.step}")
-            elif request == "stop_file":
-                self.log(f"train.stop_file {tc.stop_file} found at step {self.step}: saving and stopping")
-            elif request == "SIGTERM":
-                self.log(f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s)) at step "
-                         f"{self.step}: saving and stopping")
+            self.stops.announce(request, self.step)
             if request:
                 self.stopped_by = request
                 stop = True
@@ -502,8 +422,10 @@ class Trainer:
                 with progress.paused():
                     self.save()
             if (evaluating or saving) and not (stop or exiting) and self.step < tc.steps:
-                self._stop_if_signalled_during(" or ".join(w for w, done in (("an evaluation", evaluating),
-                                                                             ("a checkpoint save", saving)) if done))
+                what = " or ".join(w for w, done in (("an evaluation", evaluating), ("a checkpoint save", saving))
+                                   if done)
+                if self.stops.signalled_during(what, self.step):
+                    self.stopped_by = "SIGTERM"
                 stop = self.stopped_by == "SIGTERM"
             if exiting:
                 self.log(f"train.exit_at_step={tc.exit_at_step} reached")
@@ -517,16 +439,16 @@ class Trainer:
         if profiled:
             profiled.close()  # a window an early stop or train.steps cut short
         self.loader.close()  # a batch read ahead for a step that an early stop will not run
-        self._fit_start = None
+        self.stops.end()
         self._save_last(stop)
-        late = self._checks_signals() and self.stopped_by != "SIGTERM"
-        if late and self._signalled_ranks()[0]:
+        late = self.stops.checks_signals() and self.stopped_by != "SIGTERM"
+        if late and self.stops.signalled_ranks()[0]:
             # received after the last step's check (in the last step, during the final save): the run
             # is done or saved, and stops for it all the same instead of going on to evaluate
             self.stopped_by = "SIGTERM"
             self._save_last(True)
-        if self._stop_file_found:
-            self._remove_stop_file()
+        if self.stops.file_found:
+            self.stops.remove_stop_file(self.step, self.ckpt_dir)
         if self.stopped_by == "SIGTERM":
             if self.rt.is_main:
                 self.log(f"stopped for SIGTERM at step {self.step}: the checkpoint {checkpoint.latest(self.ckpt_dir)} "
@@ -538,7 +460,7 @@ class Trainer:
             # torchrun sends SIGTERM to the workers still up once the first has exited: each rank is
             # on its way out with the status that says the run saved, which that signal would replace
             # (a rank without the handler keeps its program's own, and only the main thread may set one)
-            if self._sigterm.installed:
+            if self.stops.sigterm.installed:
                 signal.signal(signal.SIGTERM, signal.SIG_IGN)
             raise StoppedBySignal(self.step)
         return self.history
@@ -563,19 +485,6 @@ class Trainer:
         what = f"{first} of {steps} ({steps - self.step} left)" if self.step else f"{steps} steps"
         return f"{what} of {self.cfg.train.global_batch} packed sequences x {self.loader.source.seq_length} tokens"
 
-    def _stop_if_signalled_during(self, what: str) -> None:
-        """A SIGTERM that came during this step's evaluation or save (minutes each at scale) stops the
-        run now, at the step just saved or about to be, not after one more step and its save: the
-        grace before SIGKILL must cover what remained of them and the final save. One all-reduce,
-        at evaluation and save steps only."""
-        if not self._checks_signals():
-            return
-        self.stop_ranks = self._signalled_ranks()[0]
-        if self.stop_ranks:
-            self.log(f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s)) during {what} at "
-                     f"step {self.step}: saving and stopping")
-            self.stopped_by = "SIGTERM"
-
     def _save_last(self, stop: bool) -> None:
         """An early stop (time limit, stop file, SIGTERM, exit step) always leaves a resumable checkpoint;
         the end of training too, unless checkpoint.save_at_end=false (a benchmark that needs no weights).
@@ -583,28 +492,6 @@ class Trainer:
         if self.last_saved_step != self.step and self.step > 0 and (stop or self.cfg.checkpoint.save_at_end):
             self.save()
         self.finish_saves()
-
-    def _remove_stop_file(self) -> None:
-        """Answers train.stop_file once the checkpoint is complete (a save cut short leaves the request
-        standing): the same command then resumes instead of stopping again after one step, and its
-        absence tells a launcher (engine/launch/slurm_pretrain.sbatch) that the run stopped for it.
-        Rank 0 removes it and tells every rank how that went: one that cannot (its directory read-only)
-        stops every rank with the same error, where rank 0 alone raised and the others went on to wait
-        in the next collective for it."""
-        def remove():
-            try:
-                os.remove(self.cfg.train.stop_file)
-            except FileNotFoundError:
-                pass
-
-        error = checkpoint.on_rank0(self.rt.rank, remove)
-        if error:
-            raise ConfigError(
-                f"train.stop_file={self.cfg.train.stop_file}: the run stopped for it at step {self.step} and its "
-                f"checkpoint is complete ({checkpoint.latest(self.ckpt_dir)}), but the file could not be removed "
-                f"({error}); remove it yourself (and let the run write to its directory): until it is gone, the "
-                f"same command resumes and stops again after one step, and a launcher waiting for its removal "
-                f"(engine/launch/slurm_pretrain.sbatch) does not requeue the job")
 
     def _evaluate_all(self, progress: Progress) -> bool:
         """The periodic evaluation of every set; True where a stop request cut it short. A set cut
@@ -615,7 +502,7 @@ class Trainer:
             try:
                 res = self.evaluate(data)
             except EvaluationStopped as cut:
-                who = (f"SIGTERM received (by {self.stop_ranks} of {self.rt.world_size} rank(s))" if
+                who = (f"SIGTERM received (by {self.stops.ranks} of {self.rt.world_size} rank(s))" if
                        cut.request == "SIGTERM" else f"train.stop_file {self.cfg.train.stop_file} found")
                 self.log(f"{who} during the evaluation of {name} at step {self.step}: stopped after {cut.done} of "
                          f"its {cut.total} batches, not reported; saving and stopping")
@@ -628,4 +515,4 @@ class Trainer:
     def evaluate(self, data) -> dict:
         """Pairwise accuracy and loss over every group of `data` (engine.evaluation.evaluate); inside
         fit it stops at a stop request (EvaluationStopped), after it (the final one) it does not."""
-        return evaluate(self, data, None if self._fit_start is None else partial(self._agree_on_stop, False))
+        return evaluate(self, data, partial(self.stops.agree, False) if self.stops.running else None)

@@ -72,7 +72,7 @@ def run(argv: list):
         rank, real_schedule, batches = trainer.rt.rank, trainer._run_schedule, []
 
         def schedule(microbatches, forward_only, *a, **k):
-            if forward_only and trainer._fit_start is not None:  # an evaluation inside fit
+            if forward_only and trainer.stops.running:  # an evaluation inside fit
                 batches.append(trainer.step)
                 if len(batches) == args.at_eval_batch and rank in args.kill_ranks:
                     os.kill(os.getpid(), signal.SIGTERM)

@@ -46,7 +46,7 @@ def _install_hooks(trainer, args) -> None:
             with open(f"{args.result}.ready{rank}", "w") as f:
                 f.write(str(os.getpid()))
             deadline = time.monotonic() + 300
-            while not trainer._sigterm.received:
+            while not trainer.stops.sigterm.received:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"rank {rank}: no SIGTERM came within 300 s")
                 time.sleep(0.05)

@@ -1,7 +1,7 @@
 """Host syncs per training step, counted (tests/engine/sync_count.py): a regression guard. On a GPU
 every device-to-host read stalls the host until the device has caught up, so the step makes one,
 the global gradient norm (the skip decision and the clipping need it on the host), plus the stop
-check's one scalar (engine.trainer.Trainer._stop_requested) when train.time_limit_s or
+check's one scalar (engine.stop_agreement.StopAgreement.at_step) when train.time_limit_s or
 train.stop_file is set, and in every step of a run over several ranks inside fit, stop setting or
 not (the all-reduce that tells every rank of a SIGTERM any rank received); a single process with no
 stop setting reads its own SIGTERM flag without a sync. The steps here run in one process outside
@@ -48,19 +48,18 @@ def test_a_stop_check_adds_one_scalar_read_before_the_optimizer_update(runtime, 
     """train.time_limit_s and train.stop_file cost one scalar per step (all-reduced over several
     ranks; both together: still one), read right after the gradient norm's sync while nothing is
     queued on the device: not after the update, which it would wait for."""
-    import time
-
     trainer = make_trainer(runtime, tmp_path, "checkpoint.resume=false", setting.format(tmp=tmp_path))
-    trainer._fit_start = time.time()  # as inside fit
+    trainer.stops.begin()  # as inside fit
     order = []
-    real_check = trainer._stop_requested
-    monkeypatch.setattr(trainer, "_stop_requested", lambda: order.append("stop check") or real_check())
+    real_check = trainer.stops.at_step
+    monkeypatch.setattr(trainer.stops, "at_step", lambda step: order.append("stop check") or real_check(step))
     for opt in trainer.optimizer.chained_optimizers:
         real = opt.step_with_ready_grads
         monkeypatch.setattr(opt, "step_with_ready_grads", lambda real=real: order.append("update") or real())
     events = step_syncs(trainer)
     assert len(events) == 2 and events[0][1].startswith(GRAD_NORM), show(events)
-    assert events[1][0] == "aten._local_scalar_dense" and events[1][1].startswith("engine/trainer.py"), show(events)
+    assert events[1][0] == "aten._local_scalar_dense", show(events)
+    assert events[1][1].startswith("engine/stop_agreement.py"), show(events)
     assert order[-2:] == ["stop check", "update"] and trainer.stop_request == ""
 
 
@@ -76,8 +75,8 @@ def test_fit_reads_the_log_window_once_per_log_step_and_nothing_more_per_step(ru
     norms = [e for e in events if e[1].startswith(GRAD_NORM)]
     rest = collections.Counter((kind, site.split(":")[0]) for kind, site in events if not site.startswith(GRAD_NORM))
     assert len(norms) == 6, show(events)
-    assert rest == {("Tensor.tolist", "engine/trainer.py"): 2, ("aten._local_scalar_dense", "engine/trainer.py"): 1}, \
-        show(events)
+    assert rest == {("Tensor.tolist", "engine/trainer.py"): 2,
+                    ("aten._local_scalar_dense", "engine/stop_agreement.py"): 1}, show(events)
 
 
 def test_the_blocks_attention_reads_each_micro_batch_layout_once(runtime, tmp_path):

@@ -189,11 +189,11 @@ def test_the_time_limit_stops_within_one_step_and_logs_the_partial_window(runtim
 def test_the_time_limit_ignores_the_wall_clock_being_set(runtime, tmp_path, monkeypatch):
     """NTP stepping the wall clock forward a day mid-run stopped a 1000 s time limit at once (and one
     stepped back let a run overrun its slot and be killed unsaved): the limit reads the steady clock."""
-    import engine.trainer
+    import engine.stop_agreement
 
     jumps = iter([0.0])  # the trainer's first read (fit's start) is the real time, every later one a day on
     clock = types.SimpleNamespace(time=lambda: time.time() + next(jumps, 86400.0), monotonic=time.monotonic)
-    monkeypatch.setattr(engine.trainer, "time", clock)
+    monkeypatch.setattr(engine.stop_agreement, "time", clock)
     trainer = make_trainer(runtime, tmp_path, "train.time_limit_s=1000", "log.interval=100",
                            "checkpoint.save_interval=0", NO_END_SAVE)
     history = trainer.fit()
