@@ -83,15 +83,19 @@ def _prompt_messages(prompt):
     return prompt
 
 
-def _check_reference(ref, where: str, why: str) -> None:
-    """`polar serve`'s check of a reference, before any request (an empty one is refused: paper Sec. 3, the
-    reward compares the output with it), raised as a ValueError naming `where`; `why`: what likely left it so."""
+def _reference(ref, where: str, why: str):
+    """A reference as an item takes it (a numpy array of messages, as verl and datasets hand them, as a list),
+    after `polar serve`'s check, before any request (an empty one is refused: paper Sec. 3, the reward
+    compares the output with it), raised as a ValueError naming `where`; `why`: what likely left it so."""
     from polar.serve import validation
 
+    if hasattr(ref, "tolist"):
+        ref = ref.tolist()
     try:
         validation.check_reference(validation.text_field(ref, where), where, why)
     except validation.RequestError as e:
         raise ValueError(e.message) from None
+    return ref
 
 
 def _score(items: list, url: Optional[str], scorer: "Optional[InProcessScorer]", client_kw: dict) -> list[float]:
@@ -137,27 +141,19 @@ def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos,
     extra_info[prompt_key] (messages, joined by "\\n" as POLAR's format does; `prompt_key` as in
     POLAR's own compute_score_batch). The server is `url` (or $POLAR_REWARD_URL); `scorer` scores
     in-process instead."""
-    return _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
-                       "ground_truths[{}]")
-
-
-def _verl_score(solution_strs, ground_truths, extra_infos, prompt_key, url, wrapper, scorer, client_kw,
-                ref_name: str) -> list[float]:
-    """compute_score_batch; `ref_name`, formatted with a response's index, names its ground truth."""
-    return _score(_verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, ref_name), url, scorer,
-                  client_kw)
+    items = _verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, "ground_truths[{}]")
+    return _score(items, url, scorer, client_kw)
 
 
 def _verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, ref_name: str) -> list[dict]:
-    """The items of verl's hooks, references checked before any request."""
+    """The items of verl's hooks, references checked before any request; `ref_name`, formatted with a
+    response's index, names its ground truth."""
     n = len(solution_strs)
     if not (len(ground_truths) == n and len(extra_infos) == n):
         raise ValueError(f"{n} solutions, {len(ground_truths)} ground truths and {len(extra_infos)} extra infos")
     items = []
     for i, (sol, ref, info) in enumerate(zip(solution_strs, ground_truths, extra_infos)):
-        if hasattr(ref, "tolist"):
-            ref = ref.tolist()
-        _check_reference(ref, ref_name.format(i), "; verl passes each sample's reward_model.ground_truth: put the "
+        ref = _reference(ref, ref_name.format(i), "; verl passes each sample's reward_model.ground_truth: put the "
                          "reference trajectory there")
         items.append({"prompt": _prompt_of(info, i, prompt_key), "reference": ref, "output": strip_thinking(sol),
                       "wrapper": wrapper})
@@ -172,8 +168,8 @@ def compute_score(data_source, solution_str, ground_truth, extra_info=None, prom
     its `async def`): compute_score_batch for one response. `reward_router_address` and
     `reward_model_tokenizer` (which verl passes when it runs a reward model of its own) are not used: the
     rewards come from `polar serve`."""
-    return _verl_score([solution_str], [ground_truth], [extra_info], prompt_key, url, wrapper, scorer, client_kw,
-                       "ground_truth")[0]
+    items = _verl_items([solution_str], [ground_truth], [extra_info], prompt_key, wrapper, "ground_truth")
+    return _score(items, url, scorer, client_kw)[0]
 
 
 async def compute_score_async(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt",
@@ -283,9 +279,7 @@ class TRLReward:
                              f"{col!r}; they must match")
         items = []
         for i, (prompt, completion, ref) in enumerate(zip(prompts, completions, refs)):
-            if hasattr(ref, "tolist"):
-                ref = ref.tolist()
-            _check_reference(ref, f"column {col!r}, row {i}",
+            ref = _reference(ref, f"column {col!r}, row {i}",
                              f"; TRL passes each row's dataset column {col!r}: put the reference trajectory there")
             items.append({"prompt": _prompt_messages(prompt), "reference": ref, "output": _trl_output(completion, i),
                           "wrapper": self.wrapper})
