@@ -13,7 +13,8 @@ from engine.data import PackedGroups
 from engine.indexed_dataset import IndexedDataset
 from engine.shard_format import DatasetFormatError
 from engine.shard_writer import ShardWriter
-from tests.engine.test_indexed_dataset import SEQ, poke, random_groups, write, write_counts
+from tests.engine.test_indexed_dataset import SEQ, random_groups, write
+from tests.engine.test_indexed_dataset_checks import poke, write_counts
 
 
 @pytest.fixture

@@ -581,7 +581,7 @@ def test_the_checkpoint_a_stopped_run_kept_is_said_after_its_error(tmp_path, cap
 def test_a_token_id_outside_the_vocabulary_is_not_sent_to_an_index_check(tmp_path, capsys, monkeypatch):
     """`polar data stats` and --check-config check a dataset's index, never its tokens: walking the README, a
     .bin whose ids were poked past the vocabulary passed both, and the run then stopped on it saying that
-    they check every shard. That pointer stays for a damaged index only (the real error: test_indexed_dataset)."""
+    they check every shard. That pointer stays for a damaged index only (test_indexed_dataset_checks)."""
     import engine.pretrain as pretrain
     from engine.shard_format import DatasetTokenError
 

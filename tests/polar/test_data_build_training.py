@@ -59,7 +59,7 @@ def runs(tmp_path_factory, records):
     trains and that of the refused resumes) and the run that meets a damaged packed sequence; the second
     the resumed run and the two refused resumes of the BPE run. -> {"dirs": each test's directory, "done":
     {label: CompletedProcess}, "trained": the BPE run's carried tokenizer and config.yaml after the first}."""
-    from tests.engine.test_indexed_dataset import poke
+    from tests.engine.test_indexed_dataset_checks import poke
     from tests.polar.test_tokenizer import train_bpe
 
     root = tmp_path_factory.mktemp("runs")

@@ -9,7 +9,8 @@ import pytest
 
 from engine.data import PackedGroups
 from polar import data_stats
-from tests.engine.test_indexed_dataset import SEQ, poke, random_groups, write
+from tests.engine.test_indexed_dataset import SEQ, random_groups, write
+from tests.engine.test_indexed_dataset_checks import poke
 from tests.polar import test_data_build as built
 
 
