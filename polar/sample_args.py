@@ -10,6 +10,8 @@ import os
 from dataclasses import asdict
 
 from engine.cli_types import ArgumentParser
+from polar.input_fingerprint import fingerprint
+from polar.prompt_sources import SampleError
 
 DEFAULT_INSTRUCTION_SHARE = 0.1
 # socket.settimeout keeps whole nanoseconds in an int64: past ~9.2e9 s every request raised OverflowError
@@ -160,6 +162,15 @@ def check_args(ap: argparse.ArgumentParser, a) -> None:
             ap.error(f"{flag} names {read[0]}, a file this run writes; keep the output out of the prompt files")
 
 
+def _fingerprints(source) -> list[str]:
+    """polar.input_fingerprint's fingerprint of each file of `source` (prompt_sources.TextSource) at the
+    size it was checked at (polar/sample_output.check_settings compares them on a restart)."""
+    try:
+        return [fingerprint(p, size) for p, size in zip(source.paths, source.sizes)]
+    except OSError as e:  # removed since it was checked
+        raise SampleError(f"{e.filename}: cannot read: {e.strerror or e}") from None
+
+
 def record_settings(a, policies, sampling, corpus, instructions) -> dict:
     """What decides a record's content (not how fast it is made); --num-prompts is absent on purpose:
     raising it extends a dataset. `a`: the checked arguments; `sampling`: their SamplingParams;
@@ -169,8 +180,11 @@ def record_settings(a, policies, sampling, corpus, instructions) -> dict:
         "text_field": a.text_field,
         # A prompt is document randrange(len(corpus)): a corpus file grown or rewritten between two runs
         # (one still being downloaded when the first started) drew other documents for every id left,
-        # which the paths alone did not show. Sizes, not hashes: a hash would read the corpus again.
+        # which the paths alone did not show. Sizes, and content fingerprints of sampled blocks (~1 MiB read
+        # a file, not the whole corpus again) for a file of the same name and size with other content.
         "corpus_bytes": corpus.sizes, "instruction_bytes": instructions.sizes if instructions else [],
+        "corpus_sample_sha256": _fingerprints(corpus),
+        "instruction_sample_sha256": _fingerprints(instructions) if instructions else [],
         "instruction_prompts": [os.path.abspath(p) for p in a.instruction_prompts or []],
         "instruction_field": a.instruction_field,
         "instruction_share": a.instruction_share if instructions else 0.0,

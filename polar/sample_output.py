@@ -56,10 +56,16 @@ def lock_output(path: str) -> int:
         raise SampleError(f"{path}: cannot write the output: {e.strerror or e}") from None
 
 
-# Settings that are lists of input files: compared by file name (their sizes are settings of their own),
-# as `polar data build` knows its inputs, since the same corpus is mounted at other paths on other
-# machines (a restart on another node of the cluster was refused as "other settings").
-PATH_SETTINGS = ("corpus", "instruction_prompts")
+# Settings that are lists of input files, with the settings of their sizes and of their content fingerprints
+# (polar.input_fingerprint: sampled blocks, ~1 MiB read per file). Files are compared by name, as `polar data
+# build` knows its inputs, since the same corpus is mounted at other paths on other machines (a restart on
+# another node of the cluster was refused as "other settings"); a name and size alone took another corpus of
+# the same file names and sizes (prompts.jsonl regenerated to the same byte count) for the same one, and a
+# restart appended records of other prompts under the ids left: the fingerprints tell them apart.
+INPUTS = {"corpus": ("corpus_bytes", "corpus_sample_sha256"),
+          "instruction_prompts": ("instruction_bytes", "instruction_sample_sha256")}
+PATH_SETTINGS = tuple(INPUTS)
+FINGERPRINTS = {fp: (key, size) for key, (size, fp) in INPUTS.items()}
 
 
 def _names(paths) -> list:
@@ -70,9 +76,26 @@ def _same(key: str, old, new) -> bool:
     return _names(old) == _names(new) if key in PATH_SETTINGS else old == new
 
 
+def _change(key: str, old: dict, new: dict, changed: list[str]) -> str | None:
+    """How setting `key` changed, for the refusal; None for a fingerprint whose files' names or sizes
+    changed too (said by those)."""
+    if key in FINGERPRINTS:
+        files, size = FINGERPRINTS[key]
+        if files in changed or size in changed:
+            return None
+        before, now = old[key], new.get(key)
+        if isinstance(before, list) and isinstance(now, list) and len(before) == len(now) == len(new[files]):
+            other = [name for name, b, n in zip(_names(new[files]), before, now) if b != n]
+            return (f"{files}: {', '.join(other)}: the same name{' and size' * (size in old)} as the file the "
+                    f"output was written from, but its content differs (another sampled fingerprint: regenerated, "
+                    f"or another dataset's file)")
+    return f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
+
+
 def check_settings(path: str, settings: dict, allow_changed: bool, log=None) -> None:
     """Stop a restart whose settings would give different records than the ones already written.
-    Input files found at other paths under the same names are the same inputs (`log` says so)."""
+    Input files found at other paths under the same names, sizes and content (the fingerprints, where
+    the record holds them) are the same inputs (`log` says so)."""
     if os.path.exists(path):
         with open(path, encoding="utf-8") as f:
             try:
@@ -84,13 +107,15 @@ def check_settings(path: str, settings: dict, allow_changed: bool, log=None) -> 
                                   "record afresh")
         # a setting the old record lacks was not recorded by the polar that wrote it: no change to report
         changed = sorted(k for k in old if not _same(k, old[k], settings.get(k)))
-        moved = [k for k in PATH_SETTINGS if k not in changed and old.get(k, settings.get(k)) != settings.get(k)]
+        moved = [k for k, related in INPUTS.items() if old.get(k, settings.get(k)) != settings.get(k)
+                 and not set(changed) & {k, *related}]
         if moved and log is not None:
             log("; ".join(f"--{k.replace('_', '-')} read from {', '.join(settings[k])} (the output was written "
-                          f"from {', '.join(old[k])}): the same file names, taken as the same files"
+                          f"from {', '.join(old[k])}): the same file names"
+                          f"{', sizes and content' if INPUTS[k][1] in old else ''}, taken as the same files"
                           for k in moved))
         if changed and not allow_changed:
-            details = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            details = "; ".join(filter(None, (_change(k, old, settings, changed) for k in changed)))
             raise SampleError(f"{path}: the output was written with other settings ({details}); use another "
                               f"--output, or --allow-changed-settings to mix them")
     write_file(path, json.dumps(settings, indent=1, sort_keys=True))

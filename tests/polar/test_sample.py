@@ -238,10 +238,11 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         assert sample.main(argv) == 2
         assert f"corpus_bytes: [{size}] -> [{corpus.stat().st_size}]" in capsys.readouterr().err
         assert len(jsonl_records(out)) == 3
-        # a record written before the sizes were kept lacks them: not a change
+        # a record written before the sizes were kept lacks them (and the fingerprints, kept later): not a change
         run_json = tmp_path / "out.jsonl.run.json"
         old = json.loads(run_json.read_text())
-        del old["corpus_bytes"], old["instruction_bytes"]
+        for key in ("corpus_bytes", "instruction_bytes", "corpus_sample_sha256", "instruction_sample_sha256"):
+            del old[key]
         run_json.write_text(json.dumps(old))
         assert sample.main(argv) == 0, capsys.readouterr().err
         assert sorted(_by_id(jsonl_records(out))) == list(range(5))
@@ -253,13 +254,33 @@ def test_changed_settings_stop_a_restart(tmp_path, capsys):
         shutil.copy(inst, moved / inst.name)
         assert sample.main(_argv(moved / corpus.name, moved / inst.name, pool, out, n=6)) == 0
         err = capsys.readouterr().err
-        assert f"--corpus read from {moved / corpus.name} (the output was written from {corpus})" in err, err
+        assert (f"--corpus read from {moved / corpus.name} (the output was written from {corpus}): the same file "
+                "names, sizes and content, taken as the same files") in err, err
         assert f"--instruction-prompts read from {moved / inst.name}" in err, err
         # another file name is another input, whatever its bytes
         shutil.copy(corpus, moved / "other.txt")
         assert sample.main(_argv(moved / "other.txt", moved / inst.name, pool, out, n=7)) == 2
         assert f"corpus: ['{moved / corpus.name}'] -> ['{moved / 'other.txt'}']" in capsys.readouterr().err
-    assert sorted(_by_id(jsonl_records(out))) == list(range(6))
+        # another corpus of the same file name and size (its lines reordered) is not the same input: it
+        # was taken as one, and the restart appended records of other documents under the ids left
+        regenerated = tmp_path / "regenerated"
+        regenerated.mkdir()
+        (regenerated / corpus.name).write_text("".join(reversed(corpus.read_text(encoding="utf-8").splitlines(True))),
+                                               encoding="utf-8")
+        assert (regenerated / corpus.name).stat().st_size == corpus.stat().st_size
+        assert sample.main(_argv(regenerated / corpus.name, moved / inst.name, pool, out, n=7)) == 2
+        err = capsys.readouterr().err
+        assert (f"corpus: {corpus.name}: the same name and size as the file the output was written from, but its "
+                "content differs") in err, err
+        assert "--corpus read from" not in err and "corpus_sample_sha256" not in err, err
+        # a record written before the fingerprints were kept lacks them: nothing to compare, said as before
+        old = json.loads(run_json.read_text())
+        del old["corpus_sample_sha256"], old["instruction_sample_sha256"]
+        run_json.write_text(json.dumps(old))
+        assert sample.main(_argv(corpus, inst, pool, out, n=7)) == 0
+        assert "the same file names, taken as the same files" in capsys.readouterr().err
+        assert len(json.loads(run_json.read_text())["corpus_sample_sha256"]) == 1
+    assert sorted(_by_id(jsonl_records(out))) == list(range(7))
 
 
 @pytest.mark.parametrize("name, content, expected", [

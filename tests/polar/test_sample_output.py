@@ -61,3 +61,41 @@ def test_reading_back_a_long_runs_output_reports_progress(tmp_path):
     line = re.compile(rf"reading {re.escape(str(out))}: (\d)/3 MiB \| \S+ MiB/s( \| eta \d+m\d\ds)?")
     assert [int(line.fullmatch(s).group(1)) for s in shown] == [1, 2, 3], shown  # at lines 1024, 2048, 3072
     assert all(" | eta " in s for s in shown)
+
+
+def test_input_files_are_known_by_name_size_and_content_fingerprint(tmp_path):
+    """Two prompt files of the same name and size, one at another path (a restart on another node), are the
+    same input only if their content fingerprints match; a record without fingerprints (an older polar) has
+    nothing to compare."""
+    path = str(tmp_path / "out.jsonl.run.json")
+    record = {"seed": 0, "corpus": ["/a/c.txt", "/a/d.txt"], "corpus_bytes": [10, 20],
+              "corpus_sample_sha256": ["11", "22"], "instruction_prompts": ["/a/i.jsonl"], "instruction_bytes": [5],
+              "instruction_sample_sha256": ["55"]}
+    check_settings(path, record, allow_changed=False)
+    moved = {**record, "corpus": ["/b/c.txt", "/b/d.txt"], "instruction_prompts": ["/b/i.jsonl"]}
+    lines = []
+    check_settings(path, moved, allow_changed=False, log=lines.append)
+    assert lines == ["--corpus read from /b/c.txt, /b/d.txt (the output was written from /a/c.txt, /a/d.txt): the "
+                     "same file names, sizes and content, taken as the same files; --instruction-prompts read from "
+                     "/b/i.jsonl (the output was written from /a/i.jsonl): the same file names, sizes and content, "
+                     "taken as the same files"]
+    other = {**record, "corpus_sample_sha256": ["11", "23"], "instruction_sample_sha256": ["56"]}
+    lines = []
+    with pytest.raises(SampleError) as e:
+        check_settings(path, {**other, "instruction_prompts": ["/b/i.jsonl"]}, allow_changed=False, log=lines.append)
+    assert ("other settings (corpus: d.txt: the same name and size as the file the output was written from, but its "
+            "content differs (another sampled fingerprint: regenerated, or another dataset's file); "
+            "instruction_prompts: i.jsonl: the same name and size") in str(e.value), e.value
+    assert lines == []  # not "taken as the same files"
+    # a size changed too is said by the sizes alone
+    with pytest.raises(SampleError, match=re.escape("(corpus_bytes: [10, 20] -> [10, 21]); use another")):
+        check_settings(path, {**other, "corpus_bytes": [10, 21], "instruction_sample_sha256": ["55"]}, False)
+    check_settings(path, other, allow_changed=True)
+    assert json.load(open(path)) == other
+    older = {k: v for k, v in record.items() if not k.endswith("_sample_sha256")}
+    with open(path, "w") as f:
+        json.dump(older, f)
+    lines = []
+    check_settings(path, {**other, "corpus": ["/b/c.txt", "/b/d.txt"]}, allow_changed=False, log=lines.append)
+    assert lines == ["--corpus read from /b/c.txt, /b/d.txt (the output was written from /a/c.txt, /a/d.txt): the "
+                     "same file names, taken as the same files"]
