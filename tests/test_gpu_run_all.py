@@ -284,74 +284,6 @@ def test_the_default_run_starts_anew_on_a_rerun(tmp_path):
     assert not old.exists() and "no summary" in r.stdout  # not the earlier call's summary
 
 
-def _wheel(folder, name):
-    (folder / name).write_bytes(b"")
-
-
-HERE = f"cp{sys.version_info.major}{sys.version_info.minor}"  # this python's wheel tag
-
-
-def test_carried_wheels_only_what_the_image_lacks_newest_of_each_that_fits_this_python(tmp_path):
-    # fetch_wheels.sh brings compiled wheels for more than one python: the GPU image's is not known here
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    for name in (f"megatron_core-0.19.2-{HERE}-{HERE}-manylinux2014_x86_64.whl",  # present here: installed anyway
-                 "megatron_core-0.19.2-cp399-cp399-manylinux2014_x86_64.whl",  # another python's
-                 "megatron_core-0.20.0-cp399-cp399-manylinux2014_x86_64.whl",  # newer, but not for this python
-                 "pybind11-3.0.1-py3-none-any.whl", "pybind11-3.1.0-py3-none-any.whl",  # present here: kept
-                 "polar_absent_pkg-1.9.0-py3-none-any.whl", "polar_absent_pkg-1.10.0-py3-none-any.whl"):
-        _wheel(wheels, name)
-    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
-    assert r.returncode == 0, r.stderr
-    (pip,) = (tmp_path / "pip.log").read_text().splitlines()
-    assert f"--target {tmp_path / 'site'} " in pip
-    installed = sorted(os.path.basename(w) for w in pip.split() if w.endswith(".whl"))
-    assert installed == [f"megatron_core-0.19.2-{HERE}-{HERE}-manylinux2014_x86_64.whl",
-                         "polar_absent_pkg-1.10.0-py3-none-any.whl"], pip
-    assert "kept the image's pybind11" in r.stderr
-    assert "| install |" not in r.stdout
-
-
-@pytest.mark.parametrize("other, said", [
-    # pip refused the whole batch for one wheel of another python, installing none of the others
-    ("polar_compiled_pkg-2.0.0-cp399-cp399-manylinux2014_x86_64.whl",
-     f"failed: polar-compiled-pkg: no carried wheel for this python ({HERE}-{HERE}-"),
-    # the choice's parse of its name raised, and no wheel was installed at all (megatron-core neither)
-    ("polar_absent_pkg (copy).whl", "failed: polar_absent_pkg (copy).whl: not a wheel's file name")])
-def test_a_wheel_not_installed_is_a_row_and_the_others_still_are(tmp_path, other, said):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(wheels, "polar_absent_pkg-1.0.0-py3-none-any.whl")
-    _wheel(wheels, other)
-    r, calls = _run_all(tmp_path, "serve", STAGE_SLEEP=0)
-    assert r.returncode == 0, r.stderr
-    (pip,) = (tmp_path / "pip.log").read_text().splitlines()
-    installed = [os.path.basename(w) for w in pip.split() if w.endswith(".whl")]
-    assert installed == ["polar_absent_pkg-1.0.0-py3-none-any.whl"], pip
-    (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| install |")]
-    assert said in row and other in row and "| serve | 0 |" in r.stdout, row
-
-
-def test_a_failed_install_is_a_row_not_the_end_of_the_call(tmp_path):
-    wheels = tmp_path / "wheels"
-    wheels.mkdir()
-    _wheel(wheels, "polar_absent_pkg-1.0.0-py3-none-any.whl")
-    r, calls = _run_all(tmp_path, "serve", PIP_RC=1, STAGE_SLEEP=0)
-    assert r.returncode == 0, r.stderr
-    assert "| install | failed" in r.stdout and "| serve | 0 |" in r.stdout
-    assert calls[0].startswith("python3 benchmarks/serve_prefix.py"), calls
-    assert (tmp_path / "out" / "table.md").exists()
-
-
-def test_fetch_wheels_pins_each_wheel_for_each_python_and_empties_the_folder_first():
-    text = (GPU / "fetch_wheels.sh").read_text()
-    line = text.replace("\\\n", " ").split("pip download", 1)[1].splitlines()[0]
-    names = line.split("-d .whl", 1)[1].split()
-    assert "megatron-core==0.19.2" in names and all("==" in w for w in names), names
-    assert "--python-version \"$py\"" in line and re.search(r'for py in \$\{PYTHONS:-3\.12 3\.13\}', text), line
-    assert "rm -f .whl/*.whl" in text.split("pip download", 1)[0]
-
-
 E2E_JSON = {"device": "NVIDIA H200", "torch": "2.11.0+cu130", "transformers": "5.17.0", "steps": 8, "settings": [],
             "rows": [{"shape": "~1B (22 x 2048)", "trainer": "engine", "exit": 0, "wall_s": 95.0,
                       "triplets_per_step": 267.0, "triplets_per_s": 240.0, "tokens_per_s_processed": 60000.0,
@@ -521,9 +453,11 @@ TESTS_OUTPUT = """[gw0] [  1%] PASSED tests/gpu/test_resume_gpu.py::test_bf16_re
 
 
 def test_tests_cut_at_their_limit_still_count_results_and_name_the_failures(tmp_path):
+    # a 2 s limit, not 1: with 1 s the row's check failed once on a loaded 2-core machine (both test workers and
+    # other processes), the stand-in's start and output having to fit inside the limit
     out = tmp_path / "tests.txt"
     out.write_text(TESTS_OUTPUT)
-    r, calls = _run_all(tmp_path, "tests", T_TESTS=1, MIN_STAGE_S=1, STAGE_SLEEP=3, FAKE_STDOUT=out)
+    r, calls = _run_all(tmp_path, "tests", T_TESTS=2, MIN_STAGE_S=1, STAGE_SLEEP=5, FAKE_STDOUT=out)
     assert " -v " in calls[0] and " -rfEs " in calls[0], calls  # a line per result as it ends
     (row,) = [ln for ln in r.stdout.splitlines() if ln.startswith("| tests |")]
     assert re.fullmatch(r"\| tests \| 124 \| \d+ \| cut at its limit: 2 passed, 1 failed, 1 skipped by then; "
