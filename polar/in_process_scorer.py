@@ -5,6 +5,7 @@ shared prefixes without HTTP, taking and refusing exactly what the HTTP clients 
     from polar.in_process_scorer import InProcessScorer
     scorer = InProcessScorer.load("runs/ft/checkpoints")
     scorer.score([{"prompt": ..., "reference": ..., "output": ...}])
+    await scorer.score_async([...])       # from an event loop: no thread held while the batch is scored
 
 In a trainer's distributed workers (torch.distributed already started, N ranks): call load on every
 rank of the process group, each rank then holds its own replica (tp=pp=1) and scores its own items,
@@ -16,6 +17,7 @@ states are left as they were.
 """
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import Optional, Sequence
 
@@ -49,10 +51,12 @@ def _structured_items(items: Sequence[dict]) -> list:
 
 class InProcessScorer:
     """The reward model in this process, with the server's batching and shared prefixes: calls
-    from several threads are batched together, and a call that finds the queue full
+    from several threads and event loops are batched together, and a call that finds the queue full
     (max_queue_items) waits for room, as the HTTP clients retry a 429; waiting calls are let in
     first come, first served (a large call is not passed by small ones from other threads that
-    fit in the room freed meanwhile; each waits behind the calls that came before it). `score(items)` -> floats;
+    fit in the room freed meanwhile; each waits behind the calls that came before it; score_async's
+    from the time a thread of its loop's pool takes up its wait). `score(items)` -> floats;
+    `await score_async(items)` the same on an event loop, no thread held while the batch is scored;
     `score_texts(texts)` for strings already in POLAR's serving format. `cuts`: what POLAR's truncation cut in the items
     formatted so far (polar.client_format.Cuts), as `polar serve` exports it on /metrics.
     max_length/max_response: POLAR's truncation, as `polar serve --max-length/--max-response`;
@@ -107,6 +111,42 @@ class InProcessScorer:
         return cls(scorer, load_tokenizer(choose(tokenizer, str(scorer.info.step_dir), "tokenizer")), **kw)
 
     def score(self, items: Sequence[dict]) -> list[float]:
+        ids = self._item_ids(items)
+        return self._finite(self.batcher.score_sync(ids)) if ids else []
+
+    async def score_async(self, items: Sequence[dict]) -> list[float]:
+        """score(items) awaited on the caller's running event loop (any loop, any thread's): the batch
+        is awaited without holding a thread, so all of a loop's calls in flight at once are batched
+        together (polar.reward.compute_score_async), as `polar serve` batches its requests."""
+        # The checks and POLAR's formatting and tokenizing are CPU work of the length of the texts:
+        # run, as `polar serve` runs them (polar/serve/app.py, item_ids), in a thread of the loop's
+        # pool, which the call holds for that only, so a long item does not stall the loop's
+        # other coroutines meanwhile.
+        ids = await asyncio.to_thread(self._item_ids, items)
+        if not ids:
+            return []
+        return self._finite(await asyncio.wrap_future(await self._submitted(ids)))
+
+    async def _submitted(self, ids: list):
+        """The Batcher's future for ids, queued as score_sync queues them (a full queue is waited on)."""
+        from polar.serve.batcher import QueueFull
+
+        try:
+            return self.batcher.submit(ids)  # room now, and no caller ahead in line
+        except QueueFull:
+            pass
+        # The Batcher's wait for room is a threading.Condition's: only while the queue is full does a
+        # call hold a thread, the batches being as large as the queue lets them then.
+        waiting = asyncio.get_running_loop().run_in_executor(None, self.batcher.submit, ids, None)
+        try:
+            return await asyncio.shield(waiting)
+        except asyncio.CancelledError:
+            # the caller gave up while waiting for room: its items leave the queue once they are in it
+            waiting.add_done_callback(lambda w: w.cancelled() or w.exception() or w.result().cancel())
+            raise
+
+    def _item_ids(self, items: Sequence[dict]) -> list:
+        """The ids of items' serving strings; what the truncation cut is added to self.cuts."""
         from polar.client_format import Cuts
         from polar.serve.items import format_structured
 
@@ -117,7 +157,7 @@ class InProcessScorer:
         ids = [i for _, i in format_structured(self.tokenizer, structured, self.max_length, self.max_response, cuts)]
         with self._cuts_lock:
             self.cuts.add(cuts)
-        return self._finite(self.batcher.score_sync(ids))
+        return ids
 
     def score_texts(self, texts: Sequence[str]) -> list[float]:
         """Texts checked as `polar serve`'s /classify checks them: one string is one text (a list

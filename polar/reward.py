@@ -181,13 +181,16 @@ async def compute_score_async(data_source, solution_str, ground_truth, extra_inf
     they run a plain one in the loop's default thread pool (min(32, cpus + 4) threads), which bounded the
     requests in flight per reward worker and held a thread for each (its remote manager refuses a
     coroutine function: give it compute_score). The request goes through the AsyncRewardClient shared by
-    `url`'s callers, with a connection pool per event loop (httpx's, up to 100 connections). `scorer`'s
-    forward runs in a thread of that pool, batched with the other calls' (InProcessScorer batches calls
-    from threads and blocks the caller), so the loop is not blocked. Same arguments, refusals and reward as
-    compute_score."""
+    `url`'s callers, with a connection pool per event loop (httpx's, up to 100 connections). With `scorer`
+    (an InProcessScorer), its score_async: the item is formatted in a thread of the loop's pool and the
+    forward, in the scorer's batching thread, is awaited holding none, so all of the loop's responses in
+    flight are batched together; a scorer without score_async (one of your own with score(items)) runs in
+    a thread of that pool, the pool's size bounding the calls in flight. Same arguments, refusals and reward
+    as compute_score."""
     items = _verl_items([solution_str], [ground_truth], [extra_info], prompt_key, wrapper, "ground_truth")
     if scorer is not None:
-        return (await asyncio.to_thread(scorer.score, items))[0]
+        score_async = getattr(scorer, "score_async", None)
+        return (await (score_async(items) if score_async else asyncio.to_thread(scorer.score, items)))[0]
     return (await _async_client_for(url, **client_kw).score(items))[0]
 
 

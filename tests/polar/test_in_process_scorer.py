@@ -1,7 +1,9 @@
 """polar/in_process_scorer.py, InProcessScorer: its start-up checks (what `polar serve` refuses before
 serving, it refuses before scoring), its lengths fitted to the model's positions, and its checks of items and
 texts (most with a stub model: the checks come first)."""
+import asyncio
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -112,6 +114,8 @@ def test_in_process_scorer_reads_a_null_wrapper_as_sft_as_the_server_does(in_pro
 def test_in_process_scorer_names_the_bad_item_and_field(in_process, item, error, message):
     with pytest.raises(error, match=message):
         in_process.score([item])
+    with pytest.raises(error, match=message):
+        asyncio.run(in_process.score_async([item]))
 
 
 def test_in_process_texts_are_read_as_classify_reads_them(in_process):
@@ -131,3 +135,55 @@ def test_in_process_texts_must_end_with_the_reward_token(in_process, bad):
     newline) or without it was scored at whatever token came last, as /classify scored it."""
     with pytest.raises(ValueError, match=r"^text 1 does not end with the reward token \[UNUSED_TOKEN_130\]"):
         in_process.score_texts(["<|reward|>abc[UNUSED_TOKEN_130]", bad])
+
+
+def test_score_async_given_up_while_waiting_for_room_is_not_scored():
+    """score_async waits for room in a full queue in a thread of the loop's pool; a caller that gives up
+    meanwhile (its task cancelled) has its items taken off the queue as soon as that thread queues them,
+    as a cancelled request leaves `polar serve`'s queue, instead of their being scored for nobody."""
+    from polar.tokenizer import ByteTokenizer
+
+    gates, scored = [threading.Event(), threading.Event()], []
+
+    class Held(_StubModel):  # the k-th forward waits for gates[k]
+        def score(self, batch):
+            out = super().score(batch)
+            scored.append(out.tolist())
+            assert gates[len(scored) - 1].wait(30)
+            return out
+
+    s = InProcessScorer(Held(), ByteTokenizer(), max_length=256, max_response=64, max_wait_s=0.001,
+                        max_queue_items=1)
+
+    async def until(condition):
+        for _ in range(3000):
+            if condition():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not reached in 30 s")
+
+    def settled():  # under the Batcher's lock: a caller let in leaves the line and joins the queue in one hold
+        with s.batcher._cond:
+            return not s.batcher.waiting_for_room and not s.batcher.queued_items
+
+    async def calls():
+        items = [{"prompt": "p", "reference": "r", "output": "o" * n} for n in (1, 2, 3)]
+        first = asyncio.create_task(s.score_async(items[:1]))
+        await until(lambda: scored)  # in its forward, held
+        second = asyncio.create_task(s.score_async(items[1:2]))
+        await until(lambda: s.batcher.queued_items == 1)  # the queue is full
+        third = asyncio.create_task(s.score_async(items[2:]))
+        await until(lambda: s.batcher.waiting_for_room == 1)
+        third.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await third
+        gates[0].set()  # the second call's round frees the room the third one's thread waited for
+        await until(lambda: len(scored) == 2 and settled())
+        gates[1].set()
+        return await first, await second
+
+    try:
+        first, second = asyncio.run(calls())
+    finally:
+        s.close()  # would score what is still queued
+    assert len(scored) == 2 and [first, second] == scored

@@ -7,6 +7,7 @@ import importlib.util
 import inspect
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -165,6 +166,58 @@ def test_the_in_process_scorer_runs_beside_the_loop(scorer, tokenizer):
     finally:
         in_process.close()
     np.testing.assert_allclose([g["reward_score"] for g in got], want, rtol=0, atol=1e-5)
+
+
+class _Counted:
+    """The real model's forward, keeping how many items each forward scored."""
+
+    def __init__(self, model):
+        self.model, self.max_positions, self.sizes = model, model.max_positions, []
+
+    def score(self, batch):
+        out = self.model.score(batch)
+        self.sizes.append(len(out))
+        return out
+
+
+class _OwnScorer:
+    """A user's scorer: score(items) only, no score_async."""
+
+    def __init__(self, score):
+        self.score = score
+
+
+def test_the_in_process_scorer_batches_every_response_in_flight(scorer, tokenizer):
+    """Each call held a thread of the loop's pool (asyncio.to_thread(scorer.score)) while its forward was
+    batched, so no forward scored more responses than the pool had threads (4 here, min(32, cpus + 4) by
+    default) and the rest waited for a thread; now the batch is awaited holding none. Also with a full queue
+    (its wait for room in the pool's threads) and a scorer of the user's own, which keeps the thread pool."""
+    samples, threads = _samples(40), 4
+    wide, narrow = _Counted(scorer), _Counted(scorer)
+    # max_wait_s: every call's item is in the queue before the first round is taken
+    batched = InProcessScorer(wide, tokenizer, max_wait_s=0.5)
+    full = InProcessScorer(narrow, tokenizer, max_wait_s=0.2, max_queue_items=8)
+    alone = InProcessScorer(scorer, tokenizer, max_wait_s=0.001)
+
+    async def loop_of_few_threads(in_process):
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(threads))
+        got = await _reward_loop(_custom_reward_fn("compute_score_async", {"scorer": in_process}), samples)
+        return [g["reward_score"] for g in got]
+
+    try:
+        got = asyncio.run(loop_of_few_threads(batched))
+        want = _sync_rewards(samples, scorer=alone)  # score(items), one response at a time
+        queued = asyncio.run(loop_of_few_threads(full))
+        own = asyncio.run(loop_of_few_threads(_OwnScorer(full.score)))
+    finally:
+        for each in (batched, full, alone):
+            each.close()
+    assert max(wide.sizes) > threads
+    assert max(narrow.sizes) <= 8 and sum(narrow.sizes) == 2 * len(samples)
+    assert len(set(want)) > 20  # the model tells the responses apart
+    for rewards in (got, queued, own):
+        assert all(type(r) is float for r in rewards)
+        np.testing.assert_allclose(rewards, want, rtol=0, atol=1e-5)  # batched with others, float32
 
 
 @pytest.mark.parametrize("kw", [
