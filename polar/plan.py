@@ -11,7 +11,7 @@ parallelism with tensor parallelism), estimates for each the memory of the fulle
 optimizer step, ranks them (layouts that fit first, then by step time) and recommends the first, saying why.
 
 The cost model (parameters, memory, step time) is polar/plan_model.py; the run settings planned for, read
-as the run reads them, polar/plan_config.py.
+as the run reads them, polar/plan_config.py; the table and the recommendation's text, polar/plan_report.py.
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from polar.plan_config import fine_tuning_overrides, load_plan_config
 from polar.plan_model import (GB, GPU, GPUS, Assumptions, Layout, Shape, activation_bytes_by_recompute,
                               checkpoint_bytes, fp8_copy_bytes, fp8_keeps_inputs, inside_nodes, layers_in_flight,
                               memory_per_rank, params_per_rank, step_time, total_params)
+from polar.plan_report import checkpoint_line, explain, format_table, in_gb, memory_lines
 
 # re-exported: the cost model's and the config loading's names are the plan's public names too
 # (tests/polar/test_plan.py)
@@ -252,41 +253,6 @@ def recommend(ranked: list[Estimate], within: float = 0.002) -> Optional[Estimat
     return min((e for e in fitting if e.time["total"] <= limit), key=lambda e: e.memory["total"])
 
 
-_COMPONENT_WORDS = {"compute": "compute", "recompute": "recomputation", "bubble": "pipeline bubble",
-                    "tp_comm": "tensor-parallel communication", "pp_comm": "pipeline communication",
-                    "dp_comm": "data-parallel communication", "optimizer": "optimizer update"}
-
-
-def explain(best: Estimate, ranked: list[Estimate], gpu: GPU, a: Assumptions) -> list[str]:
-    """Why the recommended layout: its costs, and what makes the nearest alternatives slower."""
-    t, lay = best.time, best.layout
-    unit = _time_unit([t["total"]])
-    lines = [f"recommended: {lay.name()}" + (" with sequence parallelism" if lay.sequence_parallel else "")
-             + f": {_dur(t['total'], unit)} per step, MFU {t['mfu']:.1%}, {best.memory['total'] / GB:.1f} GB of "
-             f"{gpu.memory_gb:g} GB on the fullest GPU (pipeline rank {best.memory_rank})."]
-    why = []
-    world = lay.tp * lay.pp * lay.dp
-    why.append("no tensor-parallel traffic" if lay.tp == 1 else
-               "tensor parallelism stays inside a node's NVLink" if inside_nodes(lay.tp, world, gpu.gpus_per_node)
-               else "tensor-parallel groups straddle nodes")
-    why.append("no pipeline bubble" if lay.pp == 1 else
-               f"pipeline bubble {t['bubble'] / t['total']:.1%} of the step")
-    why.append("no recomputation needed" if lay.recompute == "none" else
-               f"{lay.recompute} recomputation is needed to fit ({_dur(t['recompute'], unit)})")
-    fastest = next(e for e in ranked if e.fits)
-    lead = ("It is the fastest layout that fits" if fastest is best else
-            f"It ties with the fastest layout that fits ({fastest.layout.name()}, "
-            f"{_dur(fastest.time['total'], unit)}) and needs less memory")
-    lines.append(lead + ": " + "; ".join(w for w in why if w) + ".")
-    others = [e for e in ranked if e is not best and e.fits][:3]
-    for e in others:
-        diff = {k: e.time[k] - t[k] for k in _COMPONENT_WORDS}
-        worst = max(diff, key=diff.get)
-        lines.append(f"  next: {e.layout.name()}: {e.time['total'] / t['total'] - 1:+.1%}, mostly "
-                     f"{_COMPONENT_WORDS[worst]} ({_dur(diff[worst], unit, '+')})")
-    return lines
-
-
 # ---- command line ----------------------------------------------------------------------------------------
 
 def shape_from_config(cfg) -> Shape:
@@ -301,79 +267,12 @@ def _setting(value) -> str:
     return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _gb(x: float) -> str:
-    return f"{x / GB:.1f}"
-
-
 def _count(n: int) -> str:
     """A parameter count at the scale it has: a tiny CPU model is not "0.00 B"."""
     for div, unit in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
         if n >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n}"
-
-
-def _time_unit(seconds: list[float]) -> tuple[str, float]:
-    """The unit a set of times is shown in, the longest's: a tiny model's microseconds are not 0.00 s."""
-    top = max(seconds, default=0.0)
-    return ("s", 1.0) if top >= 1.0 else ("ms", 1e3) if top >= 1e-3 else ("us", 1e6)
-
-
-def _dur(x: float, unit: tuple[str, float], sign: str = "") -> str:
-    return f"{x * unit[1]:{sign}.2f} {unit[0]}"
-
-
-def format_table(ranked: list[Estimate], top: int, best: Optional[Estimate] = None) -> list[str]:
-    name, k = _time_unit([e.time["total"] for e in ranked[:top]])  # every time column in it
-    # wide enough for the longest name shown ("TP2xPP2xVPP2xDP16 mb1 rc-selective" is 34)
-    w = max([30] + [len(e.layout.name()) for e in ranked[:top]])
-    head = (f"{'#':>3} {'layout (* recommended)':<{w}} {'SP':>2} {'fits':>4} {'GB/GPU':>7} {'act GB':>6} "
-            f"{'step ' + name:>7} "
-            f"{'compute':>7} {'recomp':>6} {'bubble':>6} {'TP comm':>7} {'PP comm':>7} {'DP comm':>7} "
-            f"{'MFU':>6} {'tok/s/GPU':>9}")
-    rows = [head, "-" * len(head)]
-    for i, e in enumerate(ranked[:top], 1):
-        lay = e.layout
-        t = {key: v * k if key not in ("mfu", "tokens_per_s") else v for key, v in e.time.items()}
-        world = lay.tp * lay.pp * lay.dp
-        rows.append(
-            f"{i:>3}{'*' if e is best else ' '}{lay.name():<{w}} {'y' if lay.sequence_parallel else '-':>2} "
-            f"{'yes' if e.fits else 'no':>4} "
-            f"{_gb(e.memory['total']):>7} {_gb(e.memory['activations']):>6} {t['total']:>7.2f} "
-            f"{t['compute']:>7.2f} {t['recompute']:>6.2f} {t['bubble']:>6.2f} {t['tp_comm']:>7.2f} "
-            f"{t['pp_comm']:>7.2f} {t['dp_comm']:>7.2f} {t['mfu']:>6.1%} {t['tokens_per_s'] / world:>9,.0f}")
-    return rows
-
-
-def memory_lines(shape: Shape, e: Estimate, seq_length: int, global_batch: int, fp8: bool,
-                 attention_backend: str, a: Assumptions, fp8_inputs: bool = False) -> list[str]:
-    m = e.memory
-    acts = activation_bytes_by_recompute(shape, e.layout, seq_length, global_batch, e.memory_rank,
-                                         precision="bf16", fp8=fp8, attention_backend=attention_backend,
-                                         overhead_gb=a.overhead_gb, fp8_inputs=fp8_inputs)
-    n = params_per_rank(shape, e.layout.tp, e.layout.pp, e.memory_rank)
-    return [
-        f"memory of pipeline rank {e.memory_rank} ({n:,} parameters): weights {_gb(m['weights'])} GB, gradients "
-        f"{_gb(m['gradients'])} GB, optimizer {_gb(m['optimizer'])} GB (sharded over DP{e.layout.dp}), FP8 "
-        f"{_gb(m['fp8'])} GB, activations {_gb(m['activations'])} GB, transient {_gb(m['transient'])} GB, "
-        f"overhead {_gb(m['overhead'])} GB = {_gb(m['total'])} GB",
-        "activations of that rank by recomputation: " + ", ".join(f"{k} {_gb(v)} GB" for k, v in acts.items()),
-    ]
-
-
-def _size(x: float) -> str:
-    return f"{x / 1e12:.1f} TB" if x >= 1e12 else f"{x / GB:.1f} GB"
-
-
-def checkpoint_line(shape: Shape, layout: Layout, gpus_per_node: int) -> str:
-    c = checkpoint_bytes(shape, layout, gpus_per_node)
-    node = min(gpus_per_node, layout.tp * layout.pp * layout.dp)
-    return (f"checkpoint: {_gb(c['step'])} GB a step (bf16 weights {_gb(c['weights'])} GB, optimizer "
-            f"{_gb(c['optimizer'])} GB). checkpoint.optimizer_format=fully_reshardable (resumes at any layout) gathers "
-            f"{_gb(c['save_host_per_gpu'])} GB of host memory per GPU at each save ({_gb(c['save_host_per_node'])} GB "
-            f"per {node}-GPU node) and a resume reads {_size(c['resume_read_fully_reshardable'])} in all; "
-            f"dp_reshardable: no gather, a resume reads {_size(c['resume_read_dp_reshardable'])}, at "
-            f"TP{layout.tp}xPP{layout.pp}{f'xVPP{layout.vpp}' if layout.vpp else ''} only")
 
 
 _LAYOUT_KEYS = ("tp", "pp", "vpp", "dp", "micro_batch", "recompute", "sequence_parallel", "distributed_optimizer")
@@ -600,7 +499,7 @@ def main(argv=None) -> int:
     if not fitting:
         least = min(ranked, key=lambda e: e.memory["total"])
         # FP8 off frees its weight copies: advice only where FP8 is on
-        print(f"none fits: the smallest, {least.layout.name()}, needs {_gb(least.memory['total'])} GB; "
+        print(f"none fits: the smallest, {least.layout.name()}, needs {in_gb(least.memory['total'])} GB; "
               f"more GPUs, {'FP8 off, ' if fp8 else ''}a shorter data.seq_length or a smaller model")
         return 1
     print()
