@@ -53,7 +53,7 @@ SLOWEST_FIRST = (
     "tests/engine/test_score_chunks.py",  # ~45 s
     "tests/engine/test_eval_progress.py",  # ~40 s
     "tests/engine/test_checkpoint_async_layouts.py",  # ~40 s (2 launches)
-    "tests/polar/test_reward_client.py",  # ~30 s (loading-server waits, overload retries)
+    "tests/polar/test_reward_client_waits.py",  # ~20 s (loading-server waits, overload retries)
     "tests/engine/test_closed_pipe.py",
     "tests/engine/test_pretrain_cli.py",
     "tests/engine/test_trainer.py",

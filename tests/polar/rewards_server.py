@@ -1,5 +1,5 @@
 """A small stand-in for `polar serve` on loopback (real HTTP) and helpers shared by test_reward.py (the
-trainers' hooks) and test_reward_client.py (the HTTP clients)."""
+trainers' hooks) and test_reward_client.py, test_reward_client_waits.py (the HTTP clients)."""
 from __future__ import annotations
 
 import concurrent.futures
