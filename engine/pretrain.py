@@ -530,7 +530,13 @@ def _train(cfg, recipe, rt, data, say, t_start) -> int:
             if "eval" in r and r["step"] == trainer.step > start_step}
     if set(evals) - set(done):
         say("evaluating ...")
-    results = {name: done[name] if name in done else trainer.evaluate(d) for name, d in evals.items()}
+    try:
+        results = {name: done[name] if name in done else trainer.evaluate(d) for name, d in evals.items()}
+    except BaseException as e:
+        # the logs fit left open for the results are closed, the wandb run marked failed: left to wandb's exit
+        # hook, it was marked finished where main returns the error's status (a damaged evaluation set's 2)
+        trainer.log_final({}, e)
+        raise
     # the run's headline figures, in RUN_DIR/metrics.jsonl, TensorBoard and wandb too (marked final)
     trainer.log_final(results)
     if rt.is_main:

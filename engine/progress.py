@@ -304,10 +304,13 @@ class Progress:
             except OSError as e:
                 self._writer_failed(e)
 
-    def close(self):
-        for other in (self.metrics, self.wandb):
-            if other:
-                other.close()
+    def close(self, failed: bool = False):
+        """`failed`: the run ends with an error, which its wandb run is marked with (exit code 1; wandb's own
+        exit hook records 0 where the entry script returns its error's status)."""
+        if self.metrics:
+            self.metrics.close()
+        if self.wandb:
+            self.wandb.close(exit_code=1 if failed else 0)
         if self.writer:
             try:
                 self.writer.close()

@@ -465,16 +465,18 @@ class Trainer:
             raise StoppedBySignal(self.step)
         return self.history
 
-    def log_final(self, results: dict) -> None:
+    def log_final(self, results: dict, error: BaseException | None = None) -> None:
         """The final evaluation's results ({set: engine.evaluation.evaluate's figures}, at the last trained
         step; none where it was skipped) written where fit's figures went (engine.progress.Progress.log_eval,
-        main rank), which are then closed. Nothing where the trainer was made without final_evaluation."""
+        main rank), which are then closed. Nothing where the trainer was made without final_evaluation.
+        `error`: the one the run ends with (the final evaluation's), its wandb run marked failed; a SIGTERM's
+        stop (StoppedBySignal) is none: the run is saved and the same command resumes it."""
         progress, self._progress = self._progress, None
         if progress is None:
             return
         for name, result in results.items():
             progress.log_eval(self.step, name, result, final=True)
-        progress.close()
+        progress.close(failed=error is not None and not isinstance(error, StoppedBySignal))
 
     def _steps_left(self) -> str:
         """The steps this fit trains: a resumed run trains what is left of train.steps, not all of them."""

@@ -104,10 +104,11 @@ class WandbLog:
             except Exception:  # noqa: BLE001
                 pass
 
-    def close(self) -> None:
+    def close(self, exit_code: int = 0) -> None:
+        """`exit_code`: not 0 marks the wandb run failed (the run ended with an error)."""
         if self.run is not None:
             run, self.run = self.run, None
             try:
-                run.finish()
+                run.finish(exit_code=exit_code)
             except Exception as e:  # noqa: BLE001
                 self._failed(e)

@@ -29,18 +29,29 @@ def _records(data: bytes):
             parts = b""
 
 
-def history(run_file) -> list[dict]:
-    """The run file's history rows, in order, as {key: value} (wandb's own _step, _runtime, ... included)."""
+def _parsed(run_file, kind: str) -> list:
+    """The run file's records of `kind` (a record_type: "history", "exit", ...), in order."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
+    found = []
     for data in _records(Path(run_file).read_bytes()):
         record = pb.Record()
         record.ParseFromString(data)
-        if record.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item})
-    return rows
+        if record.WhichOneof("record_type") == kind:
+            found.append(getattr(record, kind))
+    return found
+
+
+def history(run_file) -> list[dict]:
+    """The run file's history rows, in order, as {key: value} (wandb's own _step, _runtime, ... included)."""
+    return [{item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in h.item}
+            for h in _parsed(run_file, "history")]
+
+
+def exit_code(run_file) -> int | None:
+    """The exit code the run was finished with (not 0: wandb marks it failed); None where it was not finished."""
+    ends = _parsed(run_file, "exit")
+    return ends[-1].exit_code if ends else None
 
 
 def offline_runs(run_dir) -> list[Path]:

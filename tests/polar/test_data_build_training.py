@@ -91,12 +91,18 @@ def runs(tmp_path_factory, records):
     poke(stats / "ds" / "part-00000-of-00001", 1, 1, 10**9)  # the second group's first piece
     epoch = -(-len(IndexedDataset(stats / "ds")) // 2)  # steps of 2 sequences that read every one
 
+    # the damaged dataset as the evaluation set alone: met by the final evaluation, its first read of it
+    final_fails = pretrain_args(stats, "final_fails", "train.steps=1", f"data.path={resume / 'ds'}",
+                                f"data.eval_path={stats / 'ds'}", "log.tensorboard=true",
+                                "log.wandb_project=polar-test")
     done = entry_runs.launch(root, [
         pretrain("straight", resume, "straight", *data, "checkpoint.save_at_end=false"),  # no resume from it
         pretrain("resumed_first", resume, "resumed", *data, "train.exit_at_step=2"),
         pretrain("bpe_run", bpe, "run", f"data.path={bpe / 'ds'}", "train.exit_at_step=2"),
         pretrain("stats_run", stats, "run", "train.global_batch=2", f"train.steps={epoch}",
-                 f"data.path={stats / 'ds'}")], "first")
+                 f"data.path={stats / 'ds'}"),
+        entry_runs.run("final_fails", "engine.pretrain", *final_fails, cwd=stats,
+                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})], "first")
     carried = bpe / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
     trained = (carried.read_bytes(), (bpe / "run" / "config.yaml").read_bytes())
     done.update(entry_runs.launch(root, [
@@ -263,6 +269,28 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(runs, capsys):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert re.search(rf"data error on rank 0: {re.escape(str(shard))}\.idx: packed sequence \d+: group offsets",
                      run.stderr), run.stderr[-3000:]
+
+
+def test_a_final_evaluation_that_fails_ends_the_run_with_its_error_and_its_wandb_run_marked_failed(runs):
+    """The final evaluation meets a damaged sequence of the evaluation set: the run stops as on any data error
+    (exit status 2, its one line last), and the logs fit left open for the results are closed, the wandb run
+    finished as failed. They were left open, the wandb run to wandb's exit hook, which marked it finished
+    (exit code 0): engine/pretrain.py's `sys.exit(main())` takes sys.exit before wandb.init hooks it."""
+    from engine import metrics_file
+    from tests.engine.test_trainer import _scalars
+    from tests.engine.wandb_records import exit_code, history, offline_runs
+
+    run_dir, run = runs["dirs"]["stats"] / "final_fails", runs["done"]["final_fails"]
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    shard = runs["dirs"]["stats"] / "ds" / "part-00000-of-00001"
+    assert run.stderr.rstrip().splitlines()[-1].startswith(f"data error on rank 0: {shard}.idx: packed sequence "), \
+        run.stderr[-3000:]
+    assert "evaluating ..." in run.stdout and not (run_dir / "summary.json").exists()
+    # the training's figures, and no final ones
+    assert [(r["kind"], r["step"]) for r in metrics_file.read(run_dir / metrics_file.NAME)] == [("train", 1)]
+    assert [s for s, _ in _scalars(run_dir / "tensorboard", "train/loss")] == [1]
+    (wandb_run,) = offline_runs(run_dir)
+    assert [r["_step"] for r in history(wandb_run)] == [1] and exit_code(wandb_run) == 1
 
 
 def test_stats_and_check_config_name_a_shard_whose_header_names_no_token_dtype(tmp_path, records, capsys):
