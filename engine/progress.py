@@ -153,6 +153,9 @@ class Progress:
         self.first: tuple | None = None  # (end time, counts) of this fit's first step (first_step_done)
         self.peak = peak
         self.world = world_size
+        # a start with nothing left to train (the same command after the run finished) evaluates its step
+        # again: TensorBoard's points of that step are written again (rewrite_start_step)
+        self.rewrites_start = 0 < start_step >= total_steps
         self.writer = None
         if enabled and tb_dir:
             try:
@@ -160,8 +163,11 @@ class Progress:
 
                 # a resumed run trains the steps after its checkpoint again: TensorBoard drops what
                 # the stopped run logged from there on (after a kill: up to its last step), which it
-                # would otherwise show twice
-                self.writer = SummaryWriter(tb_dir, purge_step=start_step + 1 if start_step else None)
+                # would otherwise show twice; and the step itself where its points are written again (its
+                # final evaluation's would be the step's second, which TensorBoard's Python loader shows
+                # beside the first: --load_fast=false, EventAccumulator; its Rust data server keeps the later)
+                self.writer = SummaryWriter(tb_dir, purge_step=start_step if self.rewrites_start else
+                                            start_step + 1 if start_step else None)
                 _quiet_writer_thread_errors()
             except ImportError:
                 print("tensorboard is not installed: no TensorBoard scalars", file=sys.stderr)
@@ -239,10 +245,7 @@ class Progress:
             )
             if self.metrics:  # the row whole: its includes_warmup marks the rates of a warm-up window
                 self.metrics.train(row)
-            # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard and wandb
-            # have no mark for them, and a first step of minutes would stand as the curves' outlier
-            left_out = ("step", "includes_warmup", *(WINDOW_RATES if warmup else ()))
-            self._scalars({f"train/{k}": v for k, v in row.items() if k not in left_out}, step)
+            self._scalars(_train_scalars(row), step)
         self.last_t = now
         self.last_step = step
         self.paused_s = 0.0
@@ -271,12 +274,25 @@ class Progress:
                   f"over {result['pairs']:,} pairs{extra}", flush=True)
         if self.metrics:
             self.metrics.eval(step, name, result, final)
-        self._scalars({f"{'final' if final else 'eval'}_{name}/{k}": result[k]  # the line's figures
-                       for k in ("loss", "pair_accuracy", "lm_loss") if k in result}, step)
+        self._scalars(_eval_scalars(f"{'final' if final else 'eval'}_{name}", result), step)
+
+    def rewrite_start_step(self, history) -> None:
+        """TensorBoard's points of the step a start with nothing left to train resumed at, which its writer
+        dropped (the earlier start's final points with them): `history`'s rows of that step (the trainer's,
+        from the checkpoint) written again, before the final evaluation's. Nothing for any other start."""
+        if not (self.writer and self.rewrites_start):
+            return
+        for row in history:
+            if row["step"] == self.start_step:
+                self._tensorboard(_eval_scalars(f"eval_{row['eval']}", row) if "eval" in row
+                                  else _train_scalars(row), row["step"])
 
     def _scalars(self, values: dict, step: int) -> None:
         if self.wandb:
             self.wandb.log(values, step)
+        self._tensorboard(values, step)
+
+    def _tensorboard(self, values: dict, step: int) -> None:
         if not self.writer:
             return
         try:
@@ -316,6 +332,19 @@ class Progress:
                 self.writer.close()
             except OSError as e:
                 self._writer_failed(e)
+
+
+def _train_scalars(row: dict) -> dict:
+    """TensorBoard's and wandb's scalars of a progress row (Progress.log's)."""
+    # a window of the warm-up step alone (log.interval=1) keeps its rates out: TensorBoard and wandb have
+    # no mark for them, and a first step of minutes would stand as the curves' outlier
+    left_out = ("step", "includes_warmup", *(WINDOW_RATES if row.get("includes_warmup") else ()))
+    return {f"train/{k}": v for k, v in row.items() if k not in left_out}
+
+
+def _eval_scalars(prefix: str, result: dict) -> dict:
+    """The scalars of an evaluation's result: its line's figures, under `prefix`/ (eval_SET, final_SET)."""
+    return {f"{prefix}/{k}": result[k] for k in ("loss", "pair_accuracy", "lm_loss") if k in result}
 
 
 def _quiet_writer_thread_errors() -> None:

@@ -474,6 +474,7 @@ class Trainer:
         progress, self._progress = self._progress, None
         if progress is None:
             return
+        progress.rewrite_start_step(self.history)
         for name, result in results.items():
             progress.log_eval(self.step, name, result, final=True)
         progress.close(failed=error is not None and not isinstance(error, StoppedBySignal))
