@@ -3,11 +3,14 @@ TensorBoard gets, at the same steps. wandb is optional (pip install wandb, or po
 names a project without it installed stops at start-up, on every rank alike (the setting's check). The
 wandb run's id is kept in RUN_DIR/wandb_run_id, so the same command after a stop or a torchrun restart
 continues the same wandb run (resume="allow") rather than starting a second one. A resume from before the
-last step the stopped run logged logs those steps again; wandb keeps a run's steps increasing and ignores (with
-a warning) a log to a step before its last, so each step is in the run once, the steps up to the stopped run's
-last with its values (the losses a resume reproduces; RUN_DIR/metrics.jsonl holds the resumed run's). Offline
-(WANDB_MODE=offline), each start writes RUN_DIR/wandb/offline-run-*-ID of its own steps, which `wandb sync`
-uploads to the one run."""
+last step the stopped run logged logs those steps again; wandb keeps a run's steps increasing and ignores a log
+to a step before its last, with a warning on every such call (a progress line's, an evaluation's: a resume 50
+steps back at log.interval=1 printed 50 and more), so those steps are left out here, said once: each step is in
+the run once, the steps up to the stopped run's last with its values (the losses a resume reproduces;
+RUN_DIR/metrics.jsonl holds the resumed run's); the final evaluation of a start with nothing left to train (the
+same command after the run finished) too. Offline (WANDB_MODE=offline), each start writes
+RUN_DIR/wandb/offline-run-*-ID of its own steps, which `wandb sync` uploads to the one run: offline, a start
+does not know the steps an earlier one logged."""
 from __future__ import annotations
 
 import importlib.util
@@ -74,6 +77,10 @@ class WandbLog:
 
     def __init__(self, project: str, name: str, entity: str, run_dir, config: dict | None = None):
         self.run = None
+        # the steps below it the wandb run holds from an earlier start: a resumed run's next step, its last
+        # logged one + 1 (from the server; 0 for a new run, and offline)
+        self.held = 0
+        self.said_held = False
         try:
             import wandb
 
@@ -82,16 +89,30 @@ class WandbLog:
                 id=run_id(run_dir), resume="allow", dir=str(run_dir), config=config,
                 # the process's stdout and stderr stay its own (a closed pipe, a redirect): no console capture
                 settings=wandb.Settings(console="off"))
+            self.held = int(getattr(self.run, "starting_step", 0) or 0)
         except Exception as e:  # noqa: BLE001 - wandb's own errors are of many kinds; none should end the run
             self._failed(e)
 
     def log(self, values: dict, step: int) -> None:
         if self.run is None:
             return
+        if step < self.held:
+            self._say_held(step)
+            return
         try:
             self.run.log(values, step=step)
         except Exception as e:  # noqa: BLE001
             self._failed(e)
+
+    def _say_held(self, step: int) -> None:
+        if self.said_held:
+            return
+        self.said_held = True
+        last = self.held - 1
+        steps = f"step {step} is" if step == last else f"steps {step}-{last} are"
+        print(f"wandb: the run {self.run.id} holds steps up to {last}, logged by an earlier start, and keeps their "
+              f"figures: this start's {steps} not logged there (wandb keeps a run's steps increasing; "
+              f"RUN_DIR/metrics.jsonl has this start's)", flush=True)
 
     def _failed(self, e: Exception) -> None:
         run, self.run = self.run, None

@@ -170,3 +170,28 @@ def test_wandb_offline_logs_what_the_metrics_file_holds_and_a_resume_continues_i
     first_again, second = offline_runs(tmp_path)
     assert first_again == first and second.name == f"run-{run_id}.wandb"  # the same wandb run, continued
     assert [r["_step"] for r in history(second)] == [3, 4]
+
+
+def test_a_resumed_wandb_run_gets_none_of_the_steps_it_holds_and_is_told_once(tmp_path, monkeypatch, capsys):
+    """A resume 50 steps back from the stopped run's last logged one (100): online, wandb ignores every log to a
+    step before the run's, with a warning of its own each time (one per progress line and evaluation: 50 and
+    more). Those steps are left out here, said once. Online, the resumed run starts at its last logged step + 1
+    (wandb.init's starting_step, from the server: wandb's core/internal/runbranch/resume.go); offline no start
+    knows another's steps (each start's file holds its own), so that step is given here."""
+    import wandb
+
+    from engine.wandb_log import WandbLog
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setattr(wandb.sdk.wandb_run.Run, "starting_step", property(lambda run: 101))
+    log = WandbLog("polar-test", "", "", tmp_path)
+    for step in range(51, 111):
+        log.log({"train/loss": 1 / step}, step)
+    log.close()
+    out = capsys.readouterr().out
+    assert out.count("wandb:") == 1, out
+    assert f"wandb: the run {(tmp_path / 'wandb_run_id').read_text().strip()} holds steps up to 100, logged by an " \
+           "earlier start, and keeps their figures: this start's steps 51-100 are not logged there" in out, out
+    (run,) = offline_runs(tmp_path)
+    assert [r["_step"] for r in history(run)] == list(range(101, 111))
