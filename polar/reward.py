@@ -235,7 +235,7 @@ _TRL_OWN = ("completion_ids", "trainer_state", "log_extra", "log_metric", "envir
 
 def trl_reward_func(url: Optional[str] = None, *, reference_column: str = "reference", wrapper: str = "sft",
                     scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward",
-                    **client_kw) -> "TRLReward":
+                    missing_reference: str = "error", **client_kw) -> "TRLReward":
     """TRL's reward function: `GRPOTrainer(..., reward_funcs=[trl_reward_func()])` (RLOOTrainer and the
     trainers sharing the hook alike). TRL calls it by keyword with the batch's prompts and completions and
     every other dataset column as a list, and logs its rewards as rewards/<name>/mean and /std.
@@ -247,9 +247,24 @@ def trl_reward_func(url: Optional[str] = None, *, reference_column: str = "refer
     are joined as POLAR's format joins a message list. The server is `url` (else $POLAR_REWARD_URL, its
     key $POLAR_REWARD_API_KEY), with RewardClient's settings in `client_kw`; `scorer` scores in-process
     instead. Without a scorer the function pickles (TRL's async GRPO sends reward functions to a spawned
-    rollout process)."""
+    rollout process).
+
+    `missing_reference`: what a row whose reference is None gets. "error" (the default) refuses it, naming
+    the row: a mis-named or unfilled column would otherwise train on nothing. "none" gives it None, which
+    GRPOTrainer and RLOOTrainer both take as "this function does not apply to that sample" (its reward is
+    NaN for this function and the weighted sum over the reward functions skips it): multi-task training,
+    where another reward function (a verifier for math rows, say) scores the rows left without a reference
+    (a missing value in a datasets column is None). Those rows are not sent; the others are scored in one
+    call, and with no reference in the batch no call is made. An empty reference ("" or messages without
+    content) is refused in both modes: it is a row meant for POLAR whose reference was lost, not another
+    task's. A missing column is refused in both modes too. A row that every reward function gives None is
+    left out of its group's baseline and gets no advantage (TRL warns, naming it)."""
     return TRLReward(url, reference_column=reference_column, wrapper=wrapper, scorer=scorer, name=name,
-                     **client_kw)
+                     missing_reference=missing_reference, **client_kw)
+
+
+# trl_reward_func's missing_reference values
+_MISSING_REFERENCE = ("error", "none")
 
 
 class TRLReward:
@@ -258,17 +273,23 @@ class TRLReward:
     function (this one blocks; RewardClient is shared by threads)."""
 
     def __init__(self, url: Optional[str] = None, *, reference_column: str = "reference", wrapper: str = "sft",
-                 scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward", **client_kw):
+                 scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward",
+                 missing_reference: str = "error", **client_kw):
         if not isinstance(reference_column, str) or not reference_column:
             raise ValueError(f"reference_column must be a dataset column's name, got {reference_column!r}")
+        if not isinstance(missing_reference, str) or missing_reference not in _MISSING_REFERENCE:
+            raise ValueError(f"missing_reference must be one of {list(_MISSING_REFERENCE)} (refuse a row without "
+                             f"a reference, or give it None), got {missing_reference!r}")
         self.__name__ = name
         self.url, self.reference_column, self.wrapper, self.scorer = url, reference_column, wrapper, scorer
+        self.missing_reference = missing_reference
         self.client_kw = client_kw
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.__name__!r}, reference_column={self.reference_column!r})"
+        return (f"{type(self).__name__}({self.__name__!r}, reference_column={self.reference_column!r}, "
+                f"missing_reference={self.missing_reference!r})")
 
-    def __call__(self, prompts, completions, **columns) -> list[float]:
+    def __call__(self, prompts, completions, **columns) -> list[Optional[float]]:
         col = self.reference_column
         if col not in columns:
             given = sorted(k for k in columns if k not in _TRL_OWN)
@@ -280,13 +301,28 @@ class TRLReward:
         if not (len(prompts) == len(completions) == len(refs)):
             raise ValueError(f"{len(prompts)} prompts, {len(completions)} completions and {len(refs)} values of "
                              f"{col!r}; they must match")
-        items = []
+        # TRL turns a None reward into NaN for this function alone, and sums the reward functions with nansum
+        # (huggingface/trl f2cd5771, trl/trainer/grpo_trainer.py:1663 and :1674 (an async function's), the sum at
+        # :2683 and :2716; trl/trainer/rloo_trainer.py:1100 and :1111, the sum at :1518)
+        rows, items = [], []
         for i, (prompt, completion, ref) in enumerate(zip(prompts, completions, refs)):
-            ref = _reference(ref, f"column {col!r}, row {i}",
+            if ref is None and self.missing_reference == "none":
+                continue
+            where = f"column {col!r}, row {i}"
+            if ref is None:
+                raise ValueError(f"{where} must be a string or an array of messages, got null; a row of a task "
+                                 f"that POLAR does not score (another reward function's, in multi-task training): "
+                                 f"trl_reward_func(missing_reference=\"none\") gives it None, which TRL skips")
+            ref = _reference(ref, where,
                              f"; TRL passes each row's dataset column {col!r}: put the reference trajectory there")
+            rows.append(i)
             items.append({"prompt": _prompt_messages(prompt), "reference": ref, "output": _trl_output(completion, i),
                           "wrapper": self.wrapper})
-        return _score(items, self.url, self.scorer, self.client_kw)
+        rewards: list[Optional[float]] = [None] * len(refs)
+        if items:
+            for i, r in zip(rows, _score(items, self.url, self.scorer, self.client_kw)):
+                rewards[i] = r
+        return rewards
 
 
 def _trl_output(completion, i: int):

@@ -6,6 +6,7 @@ import functools
 import importlib.util
 import inspect
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -134,6 +135,69 @@ def test_trl_hook_takes_the_reference_from_the_column_it_is_given(scorer, tokeni
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
 
+def _served(service) -> tuple[float, float]:
+    """(requests answered, items scored) so far by the live server."""
+    requests = sum(s.value for m in service.metrics.requests.collect() for s in m.samples
+                   if s.name.endswith("_total"))
+    return requests, service.metrics.registry.get_sample_value("polar_serve_items_total")
+
+
+def test_trl_hook_gives_none_to_rows_without_a_reference_when_asked(scorer, tokenizer):
+    """Multi-task training: rows of another task (scored by another reward function) have no reference, and
+    TRL's GRPOTrainer and RLOOTrainer take a None reward as "does not apply" (NaN for this function, skipped
+    by the weighted nansum). Those rows get None, unsent; the others one request, in TRL's row order."""
+    rows = [PLAIN[0], {"prompt": "Q: Is 7 prime?\nA:", "reference": None, "level": 3}, PLAIN[1]]
+    completions = PLAIN_COMPLETIONS[:2] + [" yes", " no"] + PLAIN_COMPLETIONS[2:]
+    inputs, prompts, completion_ids = _batch(rows, completions)
+    columns = {"reference": [row["reference"] for row in inputs], "level": [row["level"] for row in inputs]}
+    with live_server(scorer, tokenizer) as (url, service):
+        hook = pickle.loads(pickle.dumps(reward.trl_reward_func(url, missing_reference="none", max_retries=0)))
+        want = reward.RewardClient(url).score(_items(inputs[:2] + inputs[4:], PLAIN_OUTPUTS))
+        before = _served(service)
+        got = hook(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        after = _served(service)
+        every_row_without = hook(prompts=prompts[2:4], completions=completions[2:4],
+                                 completion_ids=completion_ids[2:4], reference=[None, None], level=[3, 3])
+        unsent = _served(service)
+        as_trl, _, _, _ = _trl_calculate_rewards(hook, inputs, prompts, completions, completion_ids)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 4)  # one request, the rows with a reference
+    assert [i for i, r in enumerate(got) if r is None] == [2, 3]
+    np.testing.assert_allclose(got[:2] + got[4:], want, rtol=0, atol=1e-5)
+    assert every_row_without == [None, None] and unsent == after
+    assert np.isnan(as_trl[2:4]).all()
+    np.testing.assert_allclose(as_trl[:2] + as_trl[4:], want, rtol=0, atol=1e-5)
+    # in-process: one scorer call with the rows that have a reference, none for a batch without
+    in_process = _CountedScorer(scorer, tokenizer, max_wait_s=0.01)
+    try:
+        hook = reward.trl_reward_func(scorer=in_process, missing_reference="none")
+        got = hook(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        assert hook(prompts=prompts[2:4], completions=completions[2:4], completion_ids=completion_ids[2:4],
+                    reference=[None, None], level=[3, 3]) == [None, None]
+    finally:
+        in_process.close()
+    assert in_process.calls == [4] and [i for i, r in enumerate(got) if r is None] == [2, 3]
+    np.testing.assert_allclose(got[:2] + got[4:], want, rtol=0, atol=1e-4)
+
+
+class _CountedScorer(InProcessScorer):
+    """The in-process scorer, counting the items of each score call."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.calls = []
+
+    def score(self, items):
+        self.calls.append(len(items))
+        return super().score(items)
+
+
+@pytest.mark.parametrize("mode", ["None", "skip", "", None, True])
+def test_trl_hook_refuses_an_unknown_missing_reference_mode(mode):
+    with pytest.raises(ValueError, match=r"missing_reference must be one of \['error', 'none'\] .*got " +
+                       re.escape(repr(mode))):
+        reward.trl_reward_func(NOWHERE, missing_reference=mode)
+
+
 def test_trl_hook_refuses_a_dataset_without_the_reference_column():
     """POLAR's reward compares the completion with the reference for its prompt (paper Sec. 3): without the
     column there is nothing to compare with."""
@@ -145,19 +209,40 @@ def test_trl_hook_refuses_a_dataset_without_the_reference_column():
     with pytest.raises(ValueError, match="TRL passed no column 'answer'"):
         _trl_calculate_rewards(reward.trl_reward_func(NOWHERE, reference_column="answer"), inputs, prompts,
                                [" 4", " 5"], completion_ids)
+    # a missing column is a dataset's or setting's mistake, not rows of another task
+    with pytest.raises(ValueError, match="TRL passed no column 'reference'"):
+        _trl_calculate_rewards(reward.trl_reward_func(NOWHERE, missing_reference="none"), inputs, prompts,
+                               [" 4", " 5"], completion_ids)
 
 
-@pytest.mark.parametrize("ref,message", [
+EMPTY_REFERENCES = [
     ("", r"column 'reference', row 2: the reference is empty; TRL passes each row's dataset column 'reference'"),
     (" \n", r"column 'reference', row 2: the reference is empty \(only whitespace\)"),
     ([{"role": "assistant", "content": ""}], r"column 'reference', row 2: the reference is empty"),
-    (None, r"column 'reference', row 2 must be a string or an array of messages, got null"),
-])
-def test_trl_hook_refuses_an_empty_reference_naming_its_row(ref, message):
+]
+NONE_REFERENCE = (None, r"column 'reference', row 2 must be a string or an array of messages, got null; a row of a "
+                        r"task that POLAR does not score .*missing_reference=\"none\"\) gives it None")
+
+
+@pytest.mark.parametrize("mode", [{}, {"missing_reference": "error"}], ids=["default", "error"])
+@pytest.mark.parametrize("ref,message", EMPTY_REFERENCES + [NONE_REFERENCE])
+def test_trl_hook_refuses_an_empty_reference_naming_its_row(ref, message, mode):
+    """The default refuses a None reference too: a mis-named or unfilled column would train on nothing."""
+    _refused(ref, message, mode)
+
+
+@pytest.mark.parametrize("ref,message", EMPTY_REFERENCES)
+def test_trl_hook_giving_none_to_rows_without_a_reference_still_refuses_an_empty_one(ref, message):
+    """missing_reference="none" lets only None through: an empty reference is a row meant for POLAR whose
+    reference was lost, not a row of another task."""
+    _refused(ref, message, {"missing_reference": "none"})
+
+
+def _refused(ref, message, mode):
     rows = [{"prompt": "Q: 2 + 2?", "reference": "4"}, {"prompt": "Q: 3 + 3?", "reference": ref}]
     inputs, prompts, completion_ids = _batch(rows, [" 4", " 5", " 6", " 7"])
     with pytest.raises(ValueError, match=message):
-        _trl_calculate_rewards(reward.trl_reward_func(NOWHERE), inputs, prompts, [" 4", " 5", " 6", " 7"],
+        _trl_calculate_rewards(reward.trl_reward_func(NOWHERE, **mode), inputs, prompts, [" 4", " 5", " 6", " 7"],
                                completion_ids)
 
 
@@ -172,7 +257,8 @@ def test_trl_hook_loaded_by_its_path_is_the_installed_one():
     spec = importlib.util.spec_from_file_location("reward_by_path", reward.__file__)
     by_path = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(by_path)
-    hook = by_path.trl_reward_func(NOWHERE, reference_column="answer")
+    hook = by_path.trl_reward_func(NOWHERE, reference_column="answer", missing_reference="none")
     assert by_path.trl_reward_func is reward.trl_reward_func and type(hook) is reward.TRLReward
     again = pickle.loads(pickle.dumps(hook))
-    assert (again.__name__, again.reference_column, again.url) == ("polar_reward", "answer", NOWHERE)
+    assert (again.__name__, again.reference_column, again.url, again.missing_reference) == (
+        "polar_reward", "answer", NOWHERE, "none")
