@@ -7,7 +7,7 @@
 polar score (engine/score.py) reads a chunk of input lines, gives them the client's strings and
 ids, packs them (the host's work) and scores them (the model's); the next chunk's host work runs
 on a second thread while the model scores this one. Three tables, from the real functions of
-engine/score.py on a small model (engine/pretrain.py, one step; with --tokenizers bpe also one
+engine/score.py and polar/score_run.py on a small model (engine/pretrain.py, one step; with --tokenizers bpe also one
 trained with a byte-level BPE made here, the Hugging Face tokenizers library's Rust code):
 
 1. Where a chunk's time goes, the chunks prepared and scored one after another.
@@ -160,10 +160,10 @@ def stand_in(scorer, ktok_s: float):
 
 
 def chunk_loop(scorer, inp: str, chunk_lines: int, ahead: bool, out: str, pin: bool | None = None) -> float:
-    """polar score's loop (engine/score.py run(), one process): seconds from the first read to the
+    """polar score's loop (polar/score_run.py run(), one process): seconds from the first read to the
     last row written. `pin`: the batches in pinned host memory on a CUDA device (None: as set)."""
     from engine.read_ahead import prepared_ahead
-    from engine.score import _prepared_share, _scored_share
+    from polar.score_run import _prepared_share, _scored_share
     from polar.score_input import iter_score_input, output_row
 
     if pin is not None:
