@@ -100,7 +100,7 @@ class Trainer:
         self.saves = checkpoint_async.BackgroundSaves() if cfg.checkpoint.async_save else None
         self.history: list[dict] = []
         self.final_evaluation = final_evaluation
-        self._progress: Progress | None = None  # fit's logs, kept open for log_final where final_evaluation
+        self._progress: Progress | None = None  # fit's logs while open: kept for log_final where final_evaluation
         self.skipped_steps: list[dict] = []
         self.is_last_stage = rt.is_last_stage()
         n_local = count_parameters(self.model, rt.tp_rank)  # the model's count at any layout, summed
@@ -306,9 +306,10 @@ class Trainer:
             kept = self.saves.leave() if self.saves is not None else ""
             if kept:
                 e.add_note(kept)
-            # a SIGTERM's stop (StoppedBySignal) or an error after the loop (the final save's): no final
-            # evaluation follows, the logs kept open for it are done
-            self.log_final({})
+            # no final evaluation follows: the logs are closed here, the wandb run marked failed by an error
+            # (in a step, an evaluation, the final save), not by a SIGTERM's stop (StoppedBySignal); left to
+            # wandb's exit hook, a run that failed in a step was marked finished
+            self.log_final({}, e)
             # the window's trace (and memory snapshot) so far, where the error came outside a step
             profiling.failed(self._profiled, self.step, e)
             raise
@@ -341,6 +342,7 @@ class Trainer:
             wandb_run=dict(project=lc.wandb_project, name=lc.wandb_name, entity=lc.wandb_entity,
                            run_dir=self.run_dir, config=dataclasses.asdict(self.cfg)) if lc.wandb_project else None,
         )
+        self._progress = progress  # closed by log_final: the entry script's, or fit's on an error or a stop
         if peak:
             sheet = spec_sheet_tflops(torch.cuda.get_device_name(self.rt.device))
             self.log(f"MFU against this card's measured dense bf16 peak: {peak:.0f} TFLOP/s"
@@ -433,8 +435,8 @@ class Trainer:
                 stop = True
         if self.final_evaluation:
             progress.flush()
-            self._progress = progress
         else:
+            self._progress = None
             progress.close()
         if profiled:
             profiled.close()  # a window an early stop or train.steps cut short
@@ -468,7 +470,8 @@ class Trainer:
     def log_final(self, results: dict, error: BaseException | None = None) -> None:
         """The final evaluation's results ({set: engine.evaluation.evaluate's figures}, at the last trained
         step; none where it was skipped) written where fit's figures went (engine.progress.Progress.log_eval,
-        main rank), which are then closed. Nothing where the trainer was made without final_evaluation.
+        main rank), which are then closed. Nothing where they are closed already (fit closes them itself
+        without final_evaluation, and on an error or a stop).
         `error`: the one the run ends with (the final evaluation's), its wandb run marked failed; a SIGTERM's
         stop (StoppedBySignal) is none: the run is saved and the same command resumes it."""
         progress, self._progress = self._progress, None

@@ -99,10 +99,14 @@ def runs(tmp_path_factory, records):
         pretrain("straight", resume, "straight", *data, "checkpoint.save_at_end=false"),  # no resume from it
         pretrain("resumed_first", resume, "resumed", *data, "train.exit_at_step=2"),
         pretrain("bpe_run", bpe, "run", f"data.path={bpe / 'ds'}", "train.exit_at_step=2"),
-        pretrain("stats_run", stats, "run", "train.global_batch=2", f"train.steps={epoch}",
-                 f"data.path={stats / 'ds'}"),
         entry_runs.run("final_fails", "engine.pretrain", *final_fails, cwd=stats,
-                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})], "first")
+                       env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"}),
+        # with a wandb run (offline), last: a wandb run left open is finished by wandb's exit hook at the end of
+        # the process (exit code 0), as in a process of its own whose main returns the error's status
+        entry_runs.run("stats_run", "engine.pretrain", *pretrain_args(
+            stats, "run", "train.global_batch=2", f"train.steps={epoch}", f"data.path={stats / 'ds'}",
+            "log.wandb_project=polar-test"), cwd=stats, env={"WANDB_MODE": "offline", "WANDB_SILENT": "true"})],
+        "first")
     carried = bpe / "run" / "checkpoints" / "tokenizer" / "tokenizer.json"
     trained = (carried.read_bytes(), (bpe / "run" / "config.yaml").read_bytes())
     done.update(entry_runs.launch(root, [
@@ -269,6 +273,12 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(runs, capsys):
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
     assert re.search(rf"data error on rank 0: {re.escape(str(shard))}\.idx: packed sequence \d+: group offsets",
                      run.stderr), run.stderr[-3000:]
+    # the run failed in a step: its wandb run is finished as failed (exit code 1), with the steps it logged; fit
+    # left it to wandb's exit hook, which marked it finished (exit code 0)
+    from tests.engine.wandb_records import exit_code, history, offline_runs
+
+    (wandb_run,) = offline_runs(tmp_path / "run")
+    assert exit_code(wandb_run) == 1 and history(wandb_run), exit_code(wandb_run)
 
 
 def test_a_final_evaluation_that_fails_ends_the_run_with_its_error_and_its_wandb_run_marked_failed(runs):
