@@ -1,5 +1,5 @@
 """`polar score`'s check, before a model is loaded, that every unscored line's outputs fit the packed
-sequence length (engine/score.py runs it under --on-error fail): a line too long is named before a
+sequence length (polar/score_run.py runs it under --on-error fail): a line too long is named before a
 load of minutes, not where its chunk comes.
 
 The settled --max-length keeps every item within the model's positions (polar/client_limits.py), so
