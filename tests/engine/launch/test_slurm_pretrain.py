@@ -89,6 +89,7 @@ def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_pat
     assert _after(argv, "--nnodes") == "2" and _after(argv, "--nproc-per-node") == "4"
     assert _after(argv, "--rdzv-backend") == "c10d" and _after(argv, "--rdzv-endpoint") == "gpu-node-07:29500"
     assert _after(argv, "--rdzv-id") == "4242" and _after(argv, "--max-restarts") == "5"
+    assert "--rdzv-conf" not in argv  # torchrun's own timeouts unless RDZV_CONF is set
     entry = argv.index(str(ROOT / "engine" / "pretrain.py"))
     assert argv[entry + 1:-2] == ["--config", "polar_7b", "run_dir=/shared/runs/x"]
     assert argv[-2] == f"train.stop_file={tmp_path / 'STOP'}"  # where a SLURM warning asks the run to stop
@@ -99,6 +100,19 @@ def test_each_node_runs_one_torchrun_agent_at_the_first_nodes_rendezvous(tmp_pat
     assert argv[4] == (str(venv) if os.access(venv, os.X_OK) else "python")
     _, argv = _sbatch(tmp_path / "own_python", PYTHON="/opt/py/bin/python3")
     assert argv[4] == "/opt/py/bin/python3"
+
+
+def test_rdzv_conf_reaches_every_agents_torchrun_and_a_malformed_one_is_refused_before_srun(tmp_path):
+    """Hundreds of nodes whose agents start minutes apart need torchrun's join and read timeouts raised; a value
+    torchrun cannot read would fail every agent, 1 + MAX_RESTARTS times, inside its failure report."""
+    proc, argv = _sbatch(tmp_path, "--config", "polar_7b", RDZV_CONF="join_timeout=1800,read_timeout=300")
+    assert proc.returncode == 0, proc.stderr
+    assert _after(argv, "--rdzv-conf") == "join_timeout=1800,read_timeout=300"
+    assert argv.index("--rdzv-conf") < argv.index(str(ROOT / "engine" / "pretrain.py"))  # torchrun's, not the run's
+    for bad in ("join_timeout", "join_timeout=1800,", "join_timeout=1800 read_timeout=300"):
+        proc, argv = _sbatch(tmp_path / bad.replace(" ", "_").replace(",", "_"), RDZV_CONF=bad)
+        assert proc.returncode == 2 and argv is None, (bad, proc.stderr)
+        assert f"RDZV_CONF={bad}: torchrun's --rdzv-conf is KEY=VALUE" in proc.stderr, proc.stderr
 
 
 def test_a_requeued_job_appends_to_its_log():
