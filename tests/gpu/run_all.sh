@@ -45,6 +45,8 @@
 #            polar score's chunk loop with the next chunk prepared during the forward (f5f7ef6) and
 #            its batches in pinned host memory, each against neither, rows compared byte for byte
 #   default  the default pre-training configuration in bf16 on one GPU over NCCL
+#   reward   benchmarks/reward_async.py --device cuda: verl's reward loop over the in-process scorer, every
+#            response in flight batched (score_async) against a pool thread per response, serve's model shape
 #   bash tests/gpu/run_all.sh kernels default      some stages only (a rerun)
 # What comes back: the device returns at most 8 files from $OUT, so everything (logs, JSON, tables,
 # the default run's summary; no checkpoints) goes into $OUT/polar_gpu.tgz, beside $OUT/table.md.
@@ -63,21 +65,24 @@ set -uo pipefail
 DRY_RUN=0
 if [ "${1:-}" = --dry-run ]; then DRY_RUN=1; shift; fi
 WORK=${WORK:-/tmp/polar_gpu}; mkdir -p "$WORK"  # every stage's files; a rerun adds to them
-ORDER=(build e2e fp8 cuda tests kernels serve score default)
+ORDER=(build e2e fp8 cuda tests kernels serve score default reward)
 STAGES=("$@"); [ ${#STAGES[@]} -gt 0 ] || STAGES=("${ORDER[@]}")
 BUDGET_S=${BUDGET_S:-540} MIN_STAGE_S=${MIN_STAGE_S:-30} RESERVE_S=${RESERVE_S:-15}
 T_BUILD=${T_BUILD:-60} T_E2E=${T_E2E:-190} T_FP8=${T_FP8:-240} T_CUDA=${T_CUDA:-150} T_TESTS=${T_TESTS:-120}
 T_KERNELS=${T_KERNELS:-230} T_SERVE=${T_SERVE:-90} T_SCORE=${T_SCORE:-150} T_DEFAULT=${T_DEFAULT:-120}
+T_REWARD=${T_REWARD:-90}
 FP8_STEPS=${FP8_STEPS:-200} KERNELS_ARGS=${KERNELS_ARGS---quick} TEST_WORKERS=${TEST_WORKERS:-6}
 # e2e: the ~1B shape (issue 10's MFU and ratio), one engine run and one baseline run (two where flash_attn
 # imports); the 7B-shaped one in a rerun: E2E_ARGS="--steps 8 --baseline-steps 3 --shapes 2" ... e2e
 E2E_ARGS=${E2E_ARGS---steps 8 --baseline-steps 3 --shapes 1}
 SERVE_ARGS=${SERVE_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --groups 8 --n 8}
 SCORE_REPEATS=${SCORE_REPEATS:-3} REQUIRE_CUDA=${REQUIRE_CUDA:-1}
+REWARD_ARGS=${REWARD_ARGS---layers 8 --hidden 2048 --heads 16 --kv-heads 8 --ffn 5632 --prompt 512 --reference 512 \
+--rollout 512 --responses 512}
 # bash's arithmetic reads a word as a variable's name and 08 as bad octal: REQUIRE_CUDA=no or BUDGET_S=300s
 # ended the script under set -u before its table, the device call spent on one line of error
 for v in BUDGET_S MIN_STAGE_S RESERVE_S T_BUILD T_E2E T_FP8 T_CUDA T_TESTS T_KERNELS T_SERVE T_SCORE T_DEFAULT \
-         FP8_STEPS TEST_WORKERS SCORE_REPEATS REQUIRE_CUDA; do
+         T_REWARD FP8_STEPS TEST_WORKERS SCORE_REPEATS REQUIRE_CUDA; do
   [[ "${!v}" =~ ^(0|[1-9][0-9]*)$ ]] || { echo "$v=${!v}: a whole number is expected (REQUIRE_CUDA: 0 or 1)"; exit 2; }
 done
 for s in "${STAGES[@]}"; do
@@ -245,6 +250,11 @@ stage_kernels() {
 stage_serve() {
   timeout -k 10 "$1" python3 benchmarks/serve_prefix.py $SERVE_ARGS 2>&1 | tee "$WORK/serve_prefix.md"
 }
+stage_reward() {
+  rm -f "$WORK/reward_async.json"
+  timeout -k 10 "$1" python3 benchmarks/reward_async.py --device cuda $REWARD_ARGS --json "$WORK/reward_async.json" \
+    2>&1 | tee "$WORK/reward_async.md"
+}
 stage_score() {
   timeout -k 10 "$1" python3 benchmarks/score_overlap.py --device cuda --repeats "$SCORE_REPEATS" 2>&1 \
     | tee "$WORK/score_overlap.md"
@@ -355,6 +365,8 @@ parts.append(f"{s.get('steps')} steps" + (f", stopped by {s['stopped_by']}" if s
 print(", ".join(parts))
 PY
 )"
+wants reward && row reward "$(grep -E '^\| score_async ' "$WORK/reward_async.md" 2>/dev/null | cut -c1-200 \
+  || echo 'no table')"
 if ran tests; then
   [ -s "$WORK/tests_measured.md" ] && { echo; echo "measured by tests/gpu:"; sed 's/^/- /' "$WORK/tests_measured.md"; }
   failed=$(grep -oE '(FAILED|ERROR) tests/gpu/[^ ]+' "$WORK/tests_gpu.log" 2>/dev/null | sort -u)
@@ -377,6 +389,8 @@ ran serve && { echo; grep -E '^(\||model:|items:)' "$WORK/serve_prefix.md" 2>/de
   || echo "(no serve_prefix table)"; }
 ran score && { echo; grep -E '^(\||model:|input:|## |[0-9]\. )' "$WORK/score_overlap.md" 2>/dev/null \
   || echo "(no score_overlap table)"; }
+ran reward && { echo; grep -E '^(\||model:|responses:|score_async:)' "$WORK/reward_async.md" 2>/dev/null \
+  || echo "(no reward_async table)"; }
 echo; echo "budget: $(( $(date +%s) - START ))s of ${BUDGET_S}s used"
 if [ ${#NOT_RUN[@]} -gt 0 ]; then
   echo "not run for lack of budget; while the machine is warm:" \
