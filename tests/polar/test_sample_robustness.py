@@ -146,8 +146,10 @@ def test_a_second_run_on_the_same_output_is_refused(tmp_path):
             time.sleep(0.01)
         second = subprocess.Popen([sys.executable, "-m", "polar.sample", *argv], cwd=ROOT,
                                   stderr=subprocess.PIPE, text=True)
+        # a refusal ends the wait when it comes (a loaded 2-core machine took over 15 s to start the second
+        # run); only a second run held like the first waits all of it out
         try:
-            second_rc = second.wait(timeout=15)
+            second_rc = second.wait(timeout=120)
         except subprocess.TimeoutExpired:
             second_rc = None  # it is sampling too, held like the first
         srv.release()
