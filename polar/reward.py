@@ -272,6 +272,10 @@ class TRLReward:
     reward function by its __name__ (trl/trainer/utils.py, get_callable_name) and runs it as a plain
     function (this one blocks; RewardClient is shared by threads)."""
 
+    # An object pickled by a polar older than missing_reference has no such attribute: unpickled here, it
+    # behaves as it did (a None reference refused) instead of failing on its first call.
+    missing_reference = "error"
+
     def __init__(self, url: Optional[str] = None, *, reference_column: str = "reference", wrapper: str = "sft",
                  scorer: "Optional[InProcessScorer]" = None, name: str = "polar_reward",
                  missing_reference: str = "error", **client_kw):

@@ -262,3 +262,16 @@ def test_trl_hook_loaded_by_its_path_is_the_installed_one():
     again = pickle.loads(pickle.dumps(hook))
     assert (again.__name__, again.reference_column, again.url, again.missing_reference) == (
         "polar_reward", "answer", NOWHERE, "none")
+
+
+def test_trl_hook_pickled_before_missing_reference_keeps_refusing_a_row_without_one():
+    """A TRLReward pickled by a polar before missing_reference (its state lacks the attribute) loads here and
+    refuses a None reference as it did then, rather than failing on the attribute at its first call."""
+    hook = reward.trl_reward_func(NOWHERE, missing_reference="none")
+    del hook.__dict__["missing_reference"]  # what such a pickle holds: the class's name and this state
+    older = pickle.loads(pickle.dumps(hook))
+    assert "missing_reference" not in older.__dict__ and older.missing_reference == "error"
+    rows = [{"prompt": "Q: 2 + 2?", "reference": "4"}, {"prompt": "Q: 3 + 3?", "reference": None}]
+    inputs, prompts, completion_ids = _batch(rows, [" 4", " 5", " 6", " 7"])
+    with pytest.raises(ValueError, match=NONE_REFERENCE[1]):
+        _trl_calculate_rewards(older, inputs, prompts, [" 4", " 5", " 6", " 7"], completion_ids)
