@@ -1,6 +1,6 @@
-"""What the ranks of `polar score` (engine/score.py) exchange: where a partial output continues, the
-first line too long for --seq-length that their shares of the input's check found, and each model
-replica's share of a chunk once it is scored."""
+"""What the ranks of `polar score` (engine/score.py; its run over the file is polar/score_run.py's) exchange:
+where a partial output continues, the first line too long for --seq-length that their shares of the input's
+check found, and each model replica's share of a chunk once it is scored."""
 from __future__ import annotations
 
 from engine.config import ConfigError
