@@ -195,9 +195,9 @@ async def compute_score_async(data_source, solution_str, ground_truth, extra_inf
 
 
 def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client_kw):
-    """OpenRLHF's custom reward function (--remote_rm_url reward.py defining it): the response is the
-    query after its prompt, the label the reference (a text, or {"reference", "wrapper"} as
-    /get_reward takes it). Returns OpenRLHF's dict of tensors."""
+    """OpenRLHF's custom reward function (--reward.remote_url reward.py defining it; --remote_rm_url before
+    April 2026): the response is the query after its prompt, the label the reference (a text, or
+    {"reference", "wrapper"} as /get_reward takes it). Returns OpenRLHF's dict of tensors."""
     import torch
 
     from polar.serve import validation
@@ -219,7 +219,7 @@ def reward_func(queries, prompts, labels, *, url: Optional[str] = None, **client
             item["reference"] = lab["reference"]
             if lab.get("wrapper") is not None:
                 item["wrapper"] = lab["wrapper"]
-        try:  # as /get_reward refuses them; what OpenRLHF sends without --label_key is ""
+        try:  # as /get_reward refuses them; what OpenRLHF sends without --data.label_key is ""
             validation.check_label_reference(validation.text_field(item["reference"], f"labels[{i}]"), i)
         except validation.RequestError as e:
             raise ValueError(e.message) from None

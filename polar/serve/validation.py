@@ -403,16 +403,17 @@ def check_reference(ref, where: str, why: str = "; POLAR scores each output agai
 
 
 def check_label_reference(ref, i: int) -> None:
-    """OpenRLHF sends "" for every label when --label_key is not set."""
-    check_reference(ref, f"labels[{i}]", "; OpenRLHF sends an empty label when --label_key is not set: set it to "
-                    "the dataset field holding the reference")
+    """OpenRLHF sends "" for every label when its label key is not set: --data.label_key since its April 2026
+    options, --label_key before (the message names both, since the server cannot tell which a trainer runs)."""
+    check_reference(ref, f"labels[{i}]", "; OpenRLHF sends an empty label when --data.label_key (--label_key before "
+                    "April 2026) is not set: set it to the dataset field holding the reference")
 
 
 def get_reward(body: dict, max_items: int) -> list[StructuredItem]:
     """OpenRLHF's remote reward call: query[i] = prompts[i] + response; labels[i] carries the
     reference (a string, or an object with "reference" and optionally "wrapper")."""
     queries = _str_list(body, "query", allow_str=False)
-    # OpenRLHF gives each of its --remote_rm_url servers a slice of ceil(n / servers) queries, and n
+    # OpenRLHF gives each of its --reward.remote_url servers a slice of ceil(n / servers) queries, and n
     # can be 1: the servers after the first get empty lists, which must be answered with none
     if queries:
         _check_count(len(queries), max_items, "field 'query'")

@@ -267,9 +267,11 @@ def test_openrlhf_reward_func(server, _alone_items):
     ("/v1/rewards", b'{"items": [{"prompt": "p", "reference": "r", "output": "o", "output": "x"}]}', 400,
      'the key "output" twice in one object (inside "items"[0])'),
     ("/classify", b'{"text": ["a"], "text": ["b", "c"]}', 400, 'the key "text" twice in one object:'),
-    # OpenRLHF without --label_key: every rollout would be scored against no reference
+    # OpenRLHF without --data.label_key (--label_key before April 2026): every rollout would be scored against no
+    # reference; the message named only the old flag, which today's OpenRLHF refuses
     ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [""]}, 400,
-     "labels[0]: the reference is empty; OpenRLHF sends an empty label when --label_key is not set"),
+     "labels[0]: the reference is empty; OpenRLHF sends an empty label when --data.label_key (--label_key before "
+     "April 2026) is not set"),
     ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [{"reference": [{"content": ""}]}]}, 400,
      "labels[0]: the reference is empty"),
     ("/get_reward", {"query": ["pa"], "prompts": ["p"], "labels": [" \n"]}, 400,

@@ -38,7 +38,7 @@ def test_reward_func_refuses_lists_of_different_lengths():
 
 
 def test_reward_func_refuses_the_empty_label_openrlhf_sends_without_a_label_key():
-    with pytest.raises(ValueError, match=r"labels\[1\]: the reference is empty; .*--label_key"):
+    with pytest.raises(ValueError, match=r"labels\[1\]: the reference is empty; .*--data\.label_key .*--label_key"):
         reward.reward_func(["Q: a", "Q: b"], ["Q:", "Q:"], ["ref", ""], url="http://127.0.0.1:9")
 
 
