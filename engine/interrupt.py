@@ -14,7 +14,7 @@ import signal
 import time
 
 from engine.signal_handlers import may_handle
-from engine.stop_signal import REPEAT_S
+from engine.stop_signal import repeat_s
 
 
 class Interrupted(BaseException):
@@ -29,9 +29,11 @@ class Interrupted(BaseException):
 
 class Interrupts:
     """The handlers `raised_on_interrupt` installs; `whole()` holds a signal back over a block that
-    must not be cut (a row being appended)."""
+    must not be cut (a row being appended). The repeat window is training's (engine.stop_signal.repeat_s:
+    $POLAR_SIGTERM_REPEAT_S, read here), since the same senders signal an offline tool's workers."""
 
     def __init__(self):
+        self.repeat_s = repeat_s()
         self.first: float | None = None
         self.pending: int | None = None
         self.held = 0
@@ -41,7 +43,7 @@ class Interrupts:
         if self.first is not None:
             # the same request twice (torchrun's and SLURM's SIGTERM): the run is already on its
             # way out; a later one (a second Ctrl-C at a stop that hangs) ends the process at once
-            if now - self.first > REPEAT_S:
+            if now - self.first > self.repeat_s:
                 signal.signal(signum, signal.SIG_DFL)
                 signal.raise_signal(signum)
             return
@@ -68,13 +70,14 @@ class Interrupts:
 
 
 @contextlib.contextmanager
-def raised_on_interrupt():
+def raised_on_interrupt(interrupts: Interrupts | None = None):
     """Within the block SIGINT and SIGTERM raise Interrupted in the main thread (SIGTERM's default
     ended the process without a word, and as a container's first process, PID 1, it was dropped;
     SIGINT's KeyboardInterrupt printed a traceback on every rank). Installed only over a signal's
     default (a program that handles or ignores one keeps doing so) and in the main thread (Python's
-    rule for handlers); the handlers before it are put back after the block."""
-    interrupts = Interrupts()
+    rule for handlers); the handlers before it are put back after the block. `interrupts`: those to
+    install (made beforehand where a bad repeat window is to be told as a config error), else new ones."""
+    interrupts = interrupts or Interrupts()
     installed = [s for s in (signal.SIGINT, signal.SIGTERM) if may_handle(s)]
     previous = {s: signal.getsignal(s) for s in installed}
     for s in installed:
@@ -97,13 +100,20 @@ def exit_status(run, leaves: list, main_rank: bool, prog: str) -> int:
     from engine.config import ConfigError
     from engine.runtime import released_on_error
 
-    with raised_on_interrupt() as interrupts, released_on_error():
+    def config_error(e: ConfigError) -> int:
+        if main_rank:
+            print(f"{prog}: {e}", file=sys.stderr)
+        return 2
+
+    try:
+        interrupts = Interrupts()  # a bad $POLAR_SIGTERM_REPEAT_S: the line of any other setting's error
+    except ConfigError as e:
+        return config_error(e)
+    with raised_on_interrupt(interrupts), released_on_error():
         try:
             return run(interrupts)
         except ConfigError as e:
-            if main_rank:
-                print(f"{prog}: {e}", file=sys.stderr)
-            return 2
+            return config_error(e)
         except Interrupted as e:  # what is kept and how to go on, not a traceback on every rank
             if main_rank:
                 print(f"interrupted by {e.name}: {leaves[0]}", file=sys.stderr, flush=True)

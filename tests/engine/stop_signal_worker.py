@@ -3,7 +3,8 @@ tests/engine/test_stop_signal.py; each rank writes what Trainer.fit ended with t
 
 The hooks act in the loss of step --at-step (its first micro-batch): `--kill-ranks` send themselves
 SIGTERM (`--repeat`: then note that the process still runs, RESULT.survivedN, send it again at once and
-note that too, RESULT.repeatedN, and once more engine.stop_signal.REPEAT_S later); with `--wait` every rank
+note that too, RESULT.repeatedN, and once more the repeat window later, engine.stop_signal.repeat_s(): read
+from the environment here as by the trainer's handler); with `--wait` every rank
 writes its pid to RESULT.readyN and waits there until it has received SIGTERM from outside; `--make-dir
 PATH`: rank 0 makes a directory there. `--hold-save STEP`: the writer of that step's background save
 waits for RESULT.release, which a rank makes once it received SIGTERM (a write still pending when it
@@ -40,7 +41,7 @@ def _install_hooks(trainer, args) -> None:
                 open(f"{args.result}.survived{rank}", "w").close()
                 os.kill(os.getpid(), signal.SIGTERM)
                 open(f"{args.result}.repeated{rank}", "w").close()
-                time.sleep(engine.stop_signal.REPEAT_S + 0.1)  # past REPEAT_S: a sleep lasts at least this long
+                time.sleep(engine.stop_signal.repeat_s() + 0.1)  # past the window: a sleep lasts at least this long
                 os.kill(os.getpid(), signal.SIGTERM)
         if args.wait:
             with open(f"{args.result}.ready{rank}", "w") as f:

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 
 from engine import metrics_file
+from engine.setting_checks import ConfigError
+from engine.stop_signal import REPEAT_ENV, REPEAT_S, SigtermFlag
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, STEPS, assert_same_run, run_worker
 from tests.engine.torchrun_scenario import finish, start
 
@@ -142,11 +144,14 @@ def test_a_sigterm_during_a_save_stops_at_the_step_saved_also_with_a_rank_withou
     assert _checkpoints(tmp_path / "in_save") == ["latest", "step_00000002"]
 
 
-def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path):
+def test_a_later_sigterm_ends_the_process_at_once(reference, tmp_path, monkeypatch):
     """The first SIGTERM is a stop request (the process goes on with its step), and so is one that
-    follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes
-    engine.stop_signal.REPEAT_S later has the default action: the process ends at once, without saving."""
+    follows at once (the same request delivered twice, as SLURM and torchrun do); one that comes the
+    repeat window later has the default action: the process ends at once, without saving. The window
+    is $POLAR_SIGTERM_REPEAT_S's here, 1 s, not the default 5 s: a handler that ignored the variable took
+    the third SIGTERM, 1.1 s after the first, for the same request, and the run saved and exited 143."""
     _, init, _ = reference
+    monkeypatch.setenv(REPEAT_ENV, "1")  # for the worker, started with this environment
     proc, log, _ = _start(tmp_path, "repeat", 1, ["--at-step", "2", "--kill-ranks", "0", "--repeat"], init=init)
     proc.wait(timeout=300)
     assert (tmp_path / "repeat.result.survived0").exists(), log.read_text()[-6000:]
@@ -208,3 +213,20 @@ def test_pretrain_sigterm_saves_logs_one_line_writes_the_summary_and_exits_143(t
     # nor in RUN_DIR/metrics.jsonl: a train line per step, no final line
     lines = metrics_file.read(tmp_path / "run" / metrics_file.NAME)
     assert [(r["kind"], r["step"]) for r in lines] == [("train", s) for s in range(1, int(step) + 1)], lines
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "abc", "5s", "nan", "inf"])
+def test_a_bad_repeat_window_is_refused_naming_the_variable(monkeypatch, value):
+    """$POLAR_SIGTERM_REPEAT_S is a positive number of seconds: anything else is a ConfigError naming it
+    when the handler is made (Trainer's __init__, before the first step: engine/pretrain.py's `config
+    error:` line and status 2 on every rank), not a window that never or always ends the process."""
+    monkeypatch.setenv(REPEAT_ENV, value)
+    with pytest.raises(ConfigError, match=f"^{REPEAT_ENV}='{value}': expected a positive number of seconds"):
+        SigtermFlag()
+
+
+@pytest.mark.parametrize("value, seconds", [("120", 120.0), (" 0.5 ", 0.5), ("", REPEAT_S)])
+def test_the_repeat_window_is_read_from_the_environment(monkeypatch, value, seconds):
+    """Set (spaces around it allowed) it is the window; set empty it is unset, REPEAT_S, as POLAR_NPROC."""
+    monkeypatch.setenv(REPEAT_ENV, value)
+    assert SigtermFlag().repeat_s == seconds

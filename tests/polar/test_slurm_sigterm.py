@@ -23,7 +23,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from engine.stop_signal import EXIT_SIGTERM
+from engine.stop_signal import EXIT_SIGTERM, REPEAT_ENV
 from tests.engine import test_score_interrupt as score
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +84,7 @@ def _stopped_like_slurm(cmd: list, cwd: Path, env: dict, started, scenario: str)
             _sigterm(family)
             _until(lambda: _closings(log) >= 2, proc, log)
             _sigterm([polar])
-            if scenario == "scancel again":  # every process once more (within engine.stop_signal.REPEAT_S)
+            if scenario == "scancel again":  # every process once more, inside the workers' repeat window
                 _until(lambda: _closings(log) >= 4, proc, log)
                 _sigterm([polar, *family])
         try:
@@ -108,11 +108,16 @@ def test_sigterm_to_every_process_of_polar_pretrain_saves_once_and_ends_the_run_
     """at once: one SIGTERM to each process; forward in shutdown: polar's (and so its forward to torchrun)
     comes once torchrun is shutting the workers down, where its agent raises a second time; scancel
     again: then every process once more. In the last, torchrun's shutdown was cut short (the agent's
-    third raise ends it) and polar exited 143 with a worker still saving, which SLURM then kills."""
+    third raise ends it) and polar exited 143 with a worker still saving, which SLURM then kills. Its
+    signals must all come inside the workers' repeat window (engine.stop_signal.repeat_s), set long
+    here: the waits for torchrun's lines between them passed the default 5 s on a loaded machine, and
+    the workers, signalled again after it, ended unsaved (the default's end at once, not a fault)."""
     cmd = [sys.executable, "-m", "polar.cli", "pretrain", "--nproc", "2", f"run_dir={tmp_path / 'run'}",
            "train.steps=1000", "synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50",
            "log.interval=1"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    if scenario == "scancel again":
+        env[REPEAT_ENV] = "900"  # longer than the two waits before the last signal can last (_until's 300 s each)
     code, out, left = _stopped_like_slurm(cmd, tmp_path, env, lambda log: re.search(r"^step +2/", log, re.M),
                                           scenario)
     assert not left, (left, out[-6000:])
