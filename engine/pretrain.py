@@ -35,6 +35,7 @@ from engine.config_load import dump_yaml, load_config  # noqa: E402
 from engine.near_miss import unrecognized  # noqa: E402
 from engine.rank_stop import stop_alike  # noqa: E402
 from engine.run_lock import hold_checkpoint_dir, refuse_a_held_checkpoint_dir  # noqa: E402
+from engine.stop_signal import repeat_s  # noqa: E402
 
 EXIT_FAILED, EXIT_CONFIG, EXIT_NONFINITE = 1, 2, 3
 
@@ -117,6 +118,7 @@ def _main(argv=None, recipe=None, prog=None) -> int:
             if line and rank == 0 and first_said(line):
                 print(line, flush=True)
         check_machine(cfg)
+        repeat_s()  # $POLAR_SIGTERM_REPEAT_S, which fit reads: a bad value refused here, before the launch
         recipe.check(cfg)
         check_checkpoints(cfg, derived=getattr(recipe, "DERIVED_SETTINGS", ()))
         from engine.runtime import validate_layout, world_size_from_env

@@ -88,6 +88,8 @@ environment:
   POLAR_SHOW_ALL_WARNINGS  1: print the known harmless library warnings the commands hide
   POLAR_PEAK_TFLOPS        the GPU peak that training's MFU is measured against (default: measured)
   POLAR_SCORE_PIN_MEMORY   0: polar score/eval keep batches in pageable host memory (default 1)
+  POLAR_SIGTERM_REPEAT_S   seconds after a first SIGTERM/Ctrl-C within which another is the same request
+                           (default 5); one after it ends training or polar score/eval at once, unsaved
   POLAR_REWARD_URL, POLAR_REWARD_API_KEY   the server polar.reward's clients call (RL trainers)
 """
 

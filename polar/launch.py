@@ -16,7 +16,9 @@ import time
 import psutil
 
 from engine.called_as import launched_env
+from engine.setting_checks import ConfigError
 from engine.signal_handlers import in_main_thread, may_handle
+from engine.stop_signal import repeat_s
 from engine.worker_processes import parent_death_signal
 
 
@@ -65,11 +67,6 @@ def run_entry(module: str, argv: list[str], command: str, default_nproc: int = 1
 # of them from the terminal: one not passed on here ends this process alone, torchrun and its workers
 # running on without it.
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
-
-# The same signal again this soon after it was passed on is the same request twice (a second Ctrl-C
-# while the workers stop; engine.stop_signal.REPEAT_S): torchrun, signalled again while it stops its
-# workers, left the stop half done.
-REPEAT_S = 5.0
 
 # How long torchrun gives its workers to end after its signal before it kills them (its shutdown
 # timeout, 30 s by default): the wait polar takes over where torchrun ended before its workers.
@@ -137,6 +134,15 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
     its workers' 143) ends this process with 128 + the signal, the status of a run stopped by it,
     which launchers retry. What the child had started when the signal came is waited for too
     (_end_orphans), and a signal after the child's end goes to those."""
+    try:
+        # The same signal again within the workers' repeat window after it was passed on is the same request
+        # twice (a second Ctrl-C while the workers stop): torchrun, signalled again while it stops its workers,
+        # left the stop half done. One window for polar and the workers, so a signal passed on after it is
+        # one they act on too.
+        window = repeat_s()
+    except ConfigError as e:  # before anything starts: exit 2 and one line, as for a bad setting
+        print(f"polar: {e}", file=sys.stderr, flush=True)
+        return 2
     ends_with_us = _ends_with(os.getpid())
     if not in_main_thread():  # Python's rule for handlers
         return subprocess.call(cmd, env=env, preexec_fn=ends_with_us)
@@ -146,7 +152,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
 
     def forward(signum, frame):
         now = time.monotonic()
-        if any(s == signum and now - t < REPEAT_S for s, t in forwarded):
+        if any(s == signum and now - t < window for s, t in forwarded):
             return
         forwarded.append((signum, now))
         if proc is None:

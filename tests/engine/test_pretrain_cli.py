@@ -218,6 +218,21 @@ def test_check_config_warns_of_a_warmup_the_run_never_finishes(capsys, monkeypat
     assert "warning" not in capsys.readouterr().out
 
 
+def test_check_config_refuses_a_bad_sigterm_repeat_window(capsys, monkeypatch, tmp_path):
+    """POLAR_SIGTERM_REPEAT_S is read by fit (engine.stop_signal): a bad value was found only once every rank
+    had built its model and loaded its data, each saying it; the start-up checks now refuse it, naming it."""
+    from engine.pretrain import main
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("POLAR_SIGTERM_REPEAT_S", "-1")
+    assert main(["--check-config", "--config", "polar_1_8b"]) == 2
+    err = capsys.readouterr().err
+    assert "config error: POLAR_SIGTERM_REPEAT_S='-1': expected a positive number of seconds" in err, err
+    monkeypatch.setenv("POLAR_SIGTERM_REPEAT_S", "30")
+    assert main(["--check-config", "--config", "polar_1_8b"]) == 0
+
+
 @pytest.mark.parametrize("launch,prog", [
     (["engine/pretrain.py"], "engine/pretrain.py"),
     (["-m", "engine.pretrain"], f"{Path(sys.executable).name} -m engine.pretrain"),

@@ -147,3 +147,81 @@ def test_a_stopped_launch_ends_with_its_workers_line_not_torchruns_traceback(tmp
             polar.kill()
     assert polar.returncode == 128 + signal.SIGTERM, err[-3000:]
     assert "Traceback" not in err and "SignalException" not in err, err[-3000:]
+
+
+# counts the signals it gets, one line each, and keeps running
+_COUNTING_CHILD = """
+import os, signal, sys, time
+def note(signum, frame):
+    with open(sys.argv[1], "a") as f:
+        f.write(signal.Signals(signum).name + "\\n")
+signal.signal(signal.SIGTERM, note)
+with open(sys.argv[1] + ".pid", "w") as f:
+    f.write(str(os.getpid()))
+while True:
+    time.sleep(1)
+"""
+
+
+def _signals_passed_on(tmp_path, window: str, gap_s: float) -> list:
+    """The SIGTERMs the launched command got from polar for two to polar, `gap_s` apart, with
+    POLAR_SIGTERM_REPEAT_S=`window`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tmp_path.mkdir()
+    child, got = tmp_path / "child.py", tmp_path / "got"
+    child.write_text(_COUNTING_CHILD)
+    repo = Path(__file__).resolve().parents[2]
+    polar = subprocess.Popen([sys.executable, "-c", _PARENT, str(child), str(got)], cwd=repo,
+                             env=dict(os.environ, PYTHONPATH=str(repo), POLAR_SIGTERM_REPEAT_S=window))
+    pid_file = Path(f"{got}.pid")
+    try:
+        for _ in range(600):  # the child is started (a bounded wait, not a timing assertion)
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.1)
+        polar.send_signal(signal.SIGTERM)
+        for _ in range(600):  # the first is passed on
+            if got.exists() and got.read_text():
+                break
+            time.sleep(0.1)
+        time.sleep(gap_s)
+        polar.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # for a second one passed on to arrive (its absence is what the first case checks)
+        return got.read_text().split()
+    finally:
+        if pid_file.is_file() and pid_file.read_text():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        polar.kill()
+        polar.wait()
+
+
+def test_polar_passes_on_a_repeated_signal_by_the_workers_repeat_window(tmp_path):
+    """POLAR_SIGTERM_REPEAT_S is the workers' window (engine.stop_signal) and polar's: a second SIGTERM within it
+    is the same request, not passed on; one after it is passed on, as the workers then act on it. polar
+    kept a window of its own (5 s): with the workers' set shorter, a second SIGTERM they would act on
+    never reached them."""
+    assert _signals_passed_on(tmp_path / "within", "600", 0.0) == ["SIGTERM"]
+    assert _signals_passed_on(tmp_path / "after", "0.5", 1.0) == ["SIGTERM", "SIGTERM"]
+
+
+def test_a_bad_repeat_window_is_refused_before_the_command_starts(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    child, got = tmp_path / "child.py", tmp_path / "got"
+    child.write_text(_COUNTING_CHILD)
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", _PARENT, str(child), str(got)], cwd=repo, capture_output=True,
+                         text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(repo), POLAR_SIGTERM_REPEAT_S="5s"))
+    assert run.returncode == 2 and not Path(f"{got}.pid").exists(), (run.returncode, run.stderr)
+    assert run.stderr.splitlines() == [run.stderr.splitlines()[0]], run.stderr
+    assert run.stderr.startswith("polar: POLAR_SIGTERM_REPEAT_S='5s': expected a positive number of seconds"), run.stderr
