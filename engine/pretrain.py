@@ -219,10 +219,50 @@ def check_machine(cfg) -> None:
     profiling.check_start_up(cfg.train, world_size_from_env(), torch.cuda.is_available())
 
 
+def _unwritable_run_dir(run_dir, error: str) -> ConfigError:
+    return ConfigError(f"run_dir={run_dir} is not writable ({error}); the run writes its config.yaml and "
+                       f"summary.json there: make it writable or set run_dir to a directory that is")
+
+
+def unwritable_before_launch(directory: str) -> str:
+    """The error's text where the run could not write into `directory` (engine.checkpoint.unwritable, which
+    run() asks once the process groups are up), else '': found without creating anything, by a file
+    without a name (O_TMPFILE, or one removed at once where the file system lacks it) opened in the
+    directory, or in the nearest one above it that exists where it does not exist yet."""
+    import errno
+    import tempfile
+
+    from engine.checkpoint_request import first_line
+
+    existing = Path(directory)
+    try:
+        existing = existing.absolute()
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():  # a file in the path: mkdir fails with this
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:  # named as the run's own mkdir names it, not by the temporary file's random name
+        return first_line(type(e)(e.errno, e.strerror, str(directory)) if e.errno else e)
+    return ""
+
+
 def check_before_launch(cfg, recipe) -> None:
-    """What the run itself checks only after torch.distributed starts: the data (a group longer than
-    data.seq_length, a bad fine-tuning record, a resume whose data-derived settings changed). Reading
-    the data costs what the run's own start does."""
+    """What the run itself checks only after torch.distributed starts: the directories it writes into,
+    the data (a group longer than data.seq_length, a bad fine-tuning record, a resume whose
+    data-derived settings changed). Reading the data costs what the run's own start does."""
+    from engine.checkpoint import CheckpointError, run_checkpoint_dir
+
+    error = unwritable_before_launch(cfg.run_dir)
+    if error:
+        raise _unwritable_run_dir(cfg.run_dir, error)
+    ckpt_dir = run_checkpoint_dir(cfg)
+    error = unwritable_before_launch(ckpt_dir)
+    if error:  # the words of engine.checkpoint.check_writable, which the run raises
+        raise CheckpointError(f"checkpoint directory {ckpt_dir} is not writable ({error}); the run would lose its "
+                              f"checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
+                              f"that is")
     data = prepare_checked_data(cfg, recipe)
     # A run checks each packed sequence of a data set on disk as it reads it; before a launch every
     # one is (a damaged index would otherwise stop the run at the step that reads it).
@@ -454,8 +494,7 @@ def run(cfg, recipe) -> int:
 
     error = unwritable(str(run_dir))
     if error:
-        raise ConfigError(f"run_dir={run_dir} is not writable ({error}); the run writes its config.yaml and "
-                          f"summary.json there: make it writable or set run_dir to a directory that is")
+        raise _unwritable_run_dir(run_dir, error)
     check_writable(run_checkpoint_dir(cfg))
     lock = hold_checkpoint_dir(cfg, rt.rank)
     try:

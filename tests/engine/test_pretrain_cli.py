@@ -233,6 +233,27 @@ def test_check_config_refuses_a_bad_sigterm_repeat_window(capsys, monkeypatch, t
     assert main(["--check-config", "--config", "polar_1_8b"]) == 0
 
 
+def test_check_config_names_a_directory_the_run_cannot_write_and_creates_none(capsys, monkeypatch, tmp_path):
+    """Walking the README: `polar pretrain run_dir=X`, X under a file (or on a read-only mount), passed its
+    start-up check (`config ok`) and launched torchrun, whose ranks then stopped with the run's config error
+    and torchrun's failure report (exit 1). The check names it as the run does, and a run directory or
+    checkpoint directory that does not exist yet is not created by it."""
+    from engine.pretrain import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a_file").write_text("")
+    bad = tmp_path / "a_file" / "run"
+    assert main(["--check-config", f"run_dir={bad}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: run_dir={bad} is not writable (NotADirectoryError" in err, err
+    assert main(["--check-config", f"run_dir={tmp_path / 'run'}", f"checkpoint.dir={bad}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert f"config error: checkpoint directory {bad} is not writable (NotADirectoryError" in err, err
+    assert main(["--check-config", f"run_dir={tmp_path / 'new' / 'run'}", *SMALL]) == 0
+    assert "config ok" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]
+
+
 @pytest.mark.parametrize("launch,prog", [
     (["engine/pretrain.py"], "engine/pretrain.py"),
     (["-m", "engine.pretrain"], f"{Path(sys.executable).name} -m engine.pretrain"),
