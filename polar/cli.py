@@ -69,7 +69,7 @@ passed on to engine/finetune.py (the paper's fine-tuning defaults, Sec. 3):
 
 # the end of `polar pretrain --help` and `polar finetune --help`: where a run writes, how it ends
 _RUN_COMMON = """
-writes: run_dir (default {run_dir}): config.yaml, summary.json, TensorBoard logs and checkpoints/
+writes: run_dir (default {run_dir}): config.yaml, summary.json, metrics.jsonl, TensorBoard logs and checkpoints/
 exit status: 0 done; 2 a bad setting, file or record (one `config error:` line, before torchrun starts);
   1 a failure that is not the settings' (torchrun's report; train.max_nonfinite_steps non-finite steps
   in a row among them); 143 stopped by SIGTERM after saving the step reached (the same command resumes)

@@ -353,7 +353,10 @@ def test_the_help_names_the_run_directories_the_runs_default_to(capsys):
     for command, config in (("pretrain", EngineConfig), ("finetune", FinetuneConfig)):
         with pytest.raises(SystemExit):
             cli.main([command, "--help"])
-        assert f"writes: run_dir (default {config().run_dir}):" in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"writes: run_dir (default {config().run_dir}):" in out, out
+        # every file a run writes there by default: metrics.jsonl (log.metrics_file) was left out
+        assert "config.yaml, summary.json, metrics.jsonl, TensorBoard logs and checkpoints/" in out, out
 
 
 def test_the_top_help_documents_exit_status_and_environment(capsys):
