@@ -75,6 +75,8 @@ def main():
                     help="saves timed in each mode, the modes taking turns (default %(default)s)")
     ap.add_argument("--dir", default="", help="where the checkpoints go (default: a temporary directory)")
     args = ap.parse_args()
+    if args.dir and not os.path.isdir(args.dir):  # the temporary directory's own error was a traceback
+        ap.error(f"--dir {args.dir}: not a directory (the checkpoints go into a temporary directory made in it)")
 
     from engine.quiet import silence_known_warnings
 

@@ -18,3 +18,15 @@ def test_one_markdown_table_whose_fsyncs_are_each_modes():
     assert megatron >= shards > 0 and none == 0 and durable == megatron + files - shards + 4, (files, table)
     assert table[2][3] == "1.00x" and table[3][4] == "1.00x", table
     assert unsilenced(proc.stderr) == [], proc.stderr[-3000:]
+
+
+def test_a_missing_dir_is_named_not_a_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.benchmarks.benchmark_output import ROOT
+
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "checkpoint_fsync.py"), "--dir",
+                           str(tmp_path / "nope")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"--dir {tmp_path / 'nope'}: not a directory" in proc.stderr, proc.stderr
