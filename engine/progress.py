@@ -320,6 +320,12 @@ class Progress:
             except OSError as e:
                 self._writer_failed(e)
 
+    def after_fit(self) -> None:
+        """Fit has ended and the logs stay open for the final evaluation: a SIGTERM, which ends the process
+        from here on, finishes the wandb run first (engine.wandb_log.SigtermWatch)."""
+        if self.wandb:
+            self.wandb.after_fit()
+
     def close(self, failed: bool = False):
         """`failed`: the run ends with an error, which its wandb run is marked with (exit code 1; wandb's own
         exit hook records 0 where the entry script returns its error's status)."""

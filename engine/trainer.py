@@ -319,6 +319,8 @@ class Trainer:
             # instead of exiting only after the reads queued for steps it will not run
             self.loader.close()
             self.stops.uninstall()
+            if self._progress is not None:  # open for the final evaluation, where SIGTERM ends the process
+                self._progress.after_fit()
         if self.stops.sigterm.received and self.stopped_by != "SIGTERM":
             # it came after fit's last look (the same instant as fit ended): what it would have done
             # without the handler
@@ -340,7 +342,10 @@ class Trainer:
             peak, self.rt.world_size,
             metrics_path=str(self.run_dir / metrics_file.NAME) if lc.metrics_file else None,
             wandb_run=dict(project=lc.wandb_project, name=lc.wandb_name, entity=lc.wandb_entity,
-                           run_dir=self.run_dir, config=dataclasses.asdict(self.cfg)) if lc.wandb_project else None,
+                           run_dir=self.run_dir, config=dataclasses.asdict(self.cfg),
+                           # fit's SIGTERM handler noted it (its main thread runs), or there is none of fit's
+                           sigterm_answered=lambda: self.stops.sigterm.received or not self.stops.sigterm.installed)
+            if lc.wandb_project else None,
         )
         self._progress = progress  # closed by log_final: the entry script's, or fit's on an error or a stop
         if peak:
