@@ -332,12 +332,17 @@ def unwritable(directory: str) -> str:
 def check_writable(ckpt_dir: str) -> None:
     """Raises CheckpointError on every rank when rank 0 cannot write into `ckpt_dir` (created if
     missing): found at start-up, not at the first save after checkpoint.save_interval steps."""
-    root = Path(ckpt_dir)
     error = unwritable(ckpt_dir)
     if error:
-        raise CheckpointError(f"checkpoint directory {root} is not writable ({error}); the run would lose its "
-                              f"checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
-                              f"that is")
+        raise unwritable_checkpoint_dir(ckpt_dir, error)
+
+
+def unwritable_checkpoint_dir(ckpt_dir: str, error: str) -> CheckpointError:
+    """The refusal of a checkpoint directory that cannot be written (`error`: why), the run's and
+    --check-config's (engine.pretrain.check_before_launch)."""
+    return CheckpointError(f"checkpoint directory {Path(ckpt_dir)} is not writable ({error}); the run would lose "
+                           f"its checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
+                           f"that is")
 
 
 def _prune(root: Path, keep: int, saved: Path) -> None:

@@ -252,17 +252,15 @@ def check_before_launch(cfg, recipe) -> None:
     """What the run itself checks only after torch.distributed starts: the directories it writes into,
     the data (a group longer than data.seq_length, a bad fine-tuning record, a resume whose
     data-derived settings changed). Reading the data costs what the run's own start does."""
-    from engine.checkpoint import CheckpointError, run_checkpoint_dir
+    from engine.checkpoint import run_checkpoint_dir, unwritable_checkpoint_dir
 
     error = unwritable_before_launch(cfg.run_dir)
     if error:
         raise _unwritable_run_dir(cfg.run_dir, error)
     ckpt_dir = run_checkpoint_dir(cfg)
     error = unwritable_before_launch(ckpt_dir)
-    if error:  # the words of engine.checkpoint.check_writable, which the run raises
-        raise CheckpointError(f"checkpoint directory {ckpt_dir} is not writable ({error}); the run would lose its "
-                              f"checkpoints. Make it writable or set checkpoint.dir (or run_dir) to a directory "
-                              f"that is")
+    if error:
+        raise unwritable_checkpoint_dir(ckpt_dir, error)
     data = prepare_checked_data(cfg, recipe)
     # A run checks each packed sequence of a data set on disk as it reads it; before a launch every
     # one is (a damaged index would otherwise stop the run at the step that reads it).
