@@ -196,10 +196,13 @@ class WandbLog:
 
 # How long a SIGTERM during fit waits for the main thread to take it up before SigtermWatch finishes the run:
 # a main thread that runs Python does within milliseconds (fit's handler, engine/stop_signal.py, notes it and
-# the step loop saves and stops); one inside a collective a failed rank never joins (NCCL waits out its
-# timeout, minutes; the wait does not return to Python) never does. torchrun's SIGKILL follows its SIGTERM by
-# 30 s (its agent's wait on a worker's failure; SLURM's KillWait is 30 s by default).
-ANSWER_S = 10.0
+# the step loop saves and stops), or once a C call it is in returns (a CUDA synchronization waiting out the
+# rest of a step, a save's writes: seconds at POLAR-7B's scale); one inside a collective a failed rank never
+# joins (NCCL's wait does not return to Python before its timeout, minutes) never does. A run finished here
+# that then stops as asked would read as failed, so the wait is as long as it can be: torchrun's SIGKILL
+# follows its SIGTERM by 30 s (its agent's wait on a worker's failure; SLURM's KillWait is 30 s by default),
+# and wandb's finish needs the rest.
+ANSWER_S = 25.0
 
 
 class SigtermWatch:
