@@ -16,7 +16,7 @@ from engine.config import ConfigError, EngineConfig
 from engine.config_load import load_config
 from tests.engine.dist_worker import random_groups
 from tests.engine.test_trainer import make_trainer
-from tests.engine.wandb_records import history, offline_runs
+from tests.engine.wandb_records import finished_runs, history
 
 RTOL, ATOL = 2e-5, 1e-6  # the resume tests' parity tolerance (tests/engine/test_optim_fused_resume.py)
 RUN = ["train.steps=4", "checkpoint.save_interval=2", "train.eval_interval=2"]
@@ -153,7 +153,7 @@ def test_wandb_offline_logs_what_the_metrics_file_holds_and_a_resume_continues_i
     run = [*RUN, "log.wandb_project=polar-test"]
     make_trainer(runtime, tmp_path, *run, evals=_held()).fit()
     rows = metrics_file.read(tmp_path / metrics_file.NAME)
-    (first,) = offline_runs(tmp_path)
+    (first,) = finished_runs(tmp_path, 1)
     run_id = (tmp_path / "wandb_run_id").read_text().strip()
     assert first.name == f"run-{run_id}.wandb"
     logged = [{k: v for k, v in r.items() if not k.startswith("_")} | {"_step": r["_step"]} for r in history(first)]
@@ -167,7 +167,7 @@ def test_wandb_offline_logs_what_the_metrics_file_holds_and_a_resume_continues_i
     _kill_after_step_4_with_the_newest_checkpoint_at_2(tmp_path)
     time.sleep(1.1)  # an offline run's directory is named by the second it started
     make_trainer(runtime, tmp_path, *run, evals=_held()).fit()
-    first_again, second = offline_runs(tmp_path)
+    first_again, second = finished_runs(tmp_path, 2)
     assert first_again == first and second.name == f"run-{run_id}.wandb"  # the same wandb run, continued
     assert [r["_step"] for r in history(second)] == [3, 4]
 
@@ -193,5 +193,5 @@ def test_a_resumed_wandb_run_gets_none_of_the_steps_it_holds_and_is_told_once(tm
     assert out.count("wandb:") == 1, out
     assert f"wandb: the run {(tmp_path / 'wandb_run_id').read_text().strip()} holds steps up to 100, logged by an " \
            "earlier start, and keeps their figures: this start's steps 51-100 are not logged there" in out, out
-    (run,) = offline_runs(tmp_path)
+    (run,) = finished_runs(tmp_path, 1)
     assert [r["_step"] for r in history(run)] == list(range(101, 111))

@@ -168,7 +168,7 @@ def test_the_final_evaluation_reaches_the_metrics_file_tensorboard_and_wandb_onc
     trained step; the same command after the run had finished (a restart after a stop during the final save,
     say) resumes at that step, trains nothing and evaluates again: the file still holds one final line a set."""
     from tests.engine.test_trainer import _scalars
-    from tests.engine.wandb_records import history, offline_runs
+    from tests.engine.wandb_records import finished_runs, history
 
     FINAL = ("loss", "pair_accuracy", "lm_loss")  # the periodic evaluation's scalars (the auxiliary LM loss on)
 
@@ -195,7 +195,7 @@ def test_the_final_evaluation_reaches_the_metrics_file_tensorboard_and_wandb_onc
     for k in ("loss", "lr", "grad_norm"):
         assert _scalars(tmp_path / "tensorboard", f"train/{k}") == [(r["step"], pytest.approx(r[k])) for r in train], k
     # wandb: the same keys at the last logged step (its steps stay increasing)
-    logged = history(offline_runs(tmp_path)[0])
+    logged = history(finished_runs(tmp_path, 1)[0])
     assert [r["_step"] for r in logged] == [2], logged
     assert {k: v for k, v in logged[0].items() if k.startswith("final_")} == \
         {f"final_{name}/{k}": result[k] for name, result in evaluations.items() for k in FINAL if k in result}

@@ -57,3 +57,23 @@ def exit_code(run_file) -> int | None:
 def offline_runs(run_dir) -> list[Path]:
     """The offline runs' files under run_dir, oldest first (one per process that logged)."""
     return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
+
+
+def finished_runs(run_dir, count: int, timeout: float = 60) -> list[Path]:
+    """offline_runs(run_dir) once there are `count` of them and each holds its exit record: wandb's service
+    writes a run's last records out as it closes the run, which it may still be doing once finish() has
+    returned in the process that logged, or that process has ended (read at once under load, a run file held
+    its header alone). After `timeout` s, what there is (the caller's assertions then say what is missing)."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        runs = offline_runs(run_dir)
+        try:
+            if len(runs) == count and all(exit_code(r) is not None for r in runs):
+                return runs
+        except Exception:  # noqa: BLE001 - a record still being written
+            pass
+        if time.monotonic() >= deadline:
+            return runs
+        time.sleep(0.2)

@@ -275,9 +275,9 @@ def test_stats_and_check_config_check_every_sequence_of_the_index(runs, capsys):
                      run.stderr), run.stderr[-3000:]
     # the run failed in a step: its wandb run is finished as failed (exit code 1), with the steps it logged; fit
     # left it to wandb's exit hook, which marked it finished (exit code 0)
-    from tests.engine.wandb_records import exit_code, history, offline_runs
+    from tests.engine.wandb_records import exit_code, finished_runs, history
 
-    (wandb_run,) = offline_runs(tmp_path / "run")
+    (wandb_run,) = finished_runs(tmp_path / "run", 1)
     assert exit_code(wandb_run) == 1 and history(wandb_run), exit_code(wandb_run)
 
 
@@ -288,7 +288,7 @@ def test_a_final_evaluation_that_fails_ends_the_run_with_its_error_and_its_wandb
     (exit code 0): engine/pretrain.py's `sys.exit(main())` takes sys.exit before wandb.init hooks it."""
     from engine import metrics_file
     from tests.engine.test_trainer import _scalars
-    from tests.engine.wandb_records import exit_code, history, offline_runs
+    from tests.engine.wandb_records import exit_code, finished_runs, history
 
     run_dir, run = runs["dirs"]["stats"] / "final_fails", runs["done"]["final_fails"]
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
@@ -299,7 +299,7 @@ def test_a_final_evaluation_that_fails_ends_the_run_with_its_error_and_its_wandb
     # the training's figures, and no final ones
     assert [(r["kind"], r["step"]) for r in metrics_file.read(run_dir / metrics_file.NAME)] == [("train", 1)]
     assert [s for s, _ in _scalars(run_dir / "tensorboard", "train/loss")] == [1]
-    (wandb_run,) = offline_runs(run_dir)
+    (wandb_run,) = finished_runs(run_dir, 1)
     assert [r["_step"] for r in history(wandb_run)] == [1] and exit_code(wandb_run) == 1
 
 
