@@ -20,7 +20,7 @@ and the last batch is topped up from the next epoch's order (engine.data: one co
 
 The run starts from `checkpoint.init_from` (a pre-training run's checkpoint, or one made by
 `polar convert hf-to-engine`), whose recorded model.* settings it takes unless given
-(engine.pretrain.model_from_checkpoint), holds out `finetune.eval_fraction` of the records, whole prompts
+(engine.start_checks.model_from_checkpoint), holds out `finetune.eval_fraction` of the records, whole prompts
 at a time (polar.finetune_split; or reads `finetune.eval`), and evaluates on them every
 `train.eval_interval` steps and at the end. Same engine, layouts, logging, checkpoints and exact
 resume as pre-training (engine/pretrain.py).
@@ -220,10 +220,10 @@ def check(cfg: FinetuneConfig) -> None:
 
 def _resumed_not_init(cfg: FinetuneConfig) -> str:
     """Where the run resumes a step of its own checkpoint directory (an earlier run in run_dir), the
-    model it builds is that step's (engine.pretrain.model_from_checkpoint), not checkpoint.init_from's,
+    model it builds is that step's (engine.start_checks.model_from_checkpoint), not checkpoint.init_from's,
     while the tokenizer is still init_from's: what to say of it ("" for a run that does not resume)."""
     from engine.checkpoint import CheckpointNotFound, resolve, run_checkpoint_dir
-    from engine.pretrain import newest_checkpoint
+    from engine.start_checks import newest_checkpoint
 
     resumed = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     if resumed is None:
@@ -375,7 +375,7 @@ def _split_rule(cfg: FinetuneConfig) -> tuple[int, str]:
     round() counted: finetune_split.legacy_held_out_count), so that such a run resumes on the split it
     trained with instead of being refused for a data order it cannot set back; SPLIT_RULE for a new run."""
     from engine.checkpoint import read_state
-    from engine.pretrain import newest_checkpoint
+    from engine.start_checks import newest_checkpoint
     from polar.finetune_split import HELD_OUT_COUNTS
 
     step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None

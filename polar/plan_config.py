@@ -14,7 +14,7 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None, sour
     """The run settings a plan is for: a preset or YAML plus section.key=value (engine.config_load rules), the
     recipes' own sections ignored. A run that loads a checkpoint (checkpoint.init_from, or the run's newest
     step when it resumes) builds the model recorded with it for every model.* the user did not set
-    (engine.pretrain.model_from_checkpoint, the run's own rule): a plan of the config alone planned the
+    (engine.start_checks.model_from_checkpoint, the run's own rule): a plan of the config alone planned the
     defaults' 1M-parameter model for a converted 7B; `say` gets the line naming those settings.
     model.vocab_size=0 (the recipe takes it from its tokenizer) becomes the vocabulary the run would use:
     fine-tuning's, that of its tokenizer (finetune.tokenizer, else the init checkpoint's); pre-training's, a
@@ -23,7 +23,7 @@ def load_plan_config(config: Optional[str], overrides: list[str], say=None, sour
     given, gets where each setting a file or the command line gave came from (engine.config_load.load_config's)."""
     from engine.config import EngineConfig, validate
     from engine.config_load import load_config
-    from engine.pretrain import model_from_checkpoint
+    from engine.start_checks import model_from_checkpoint
     from polar.presets import resolve_config
 
     # no --config with finetune.* settings: the fine-tuning run's own defaults, no preset (polar finetune

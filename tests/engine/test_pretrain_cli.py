@@ -312,7 +312,7 @@ def test_a_restart_of_the_same_job_resumes_though_its_first_start_asked_for_a_ne
     subprocesses: a training run inside a pytest worker meets the groups other test files left up.
     The first start is one of `launched`'s; the restart, a start of its own, is a process of its own.)"""
     from engine.config_load import load_config
-    from engine.pretrain import check_checkpoints, resume_on_restart
+    from engine.start_checks import check_checkpoints, resume_on_restart
     from polar.pretrain_recipe import PretrainConfig
 
     tmp_path, first = launched["restart"]

@@ -183,7 +183,7 @@ def test_a_resume_notes_no_model_setting_where_only_the_vocabulary_was_resolved(
     0 with it, though nothing had changed. The size is still taken (the model is built with it), and a
     setting that does differ is still said."""
     from engine.config_load import load_config
-    from engine.pretrain import model_from_checkpoint
+    from engine.start_checks import model_from_checkpoint
     from polar.presets import resolve_config
     from polar.pretrain_recipe import PretrainConfig
 

@@ -46,7 +46,7 @@ SMALL_RUN_SHAPE = "3 layers, hidden 64, 4 heads, 2 KV groups, FFN 176, vocab 260
 
 @pytest.mark.parametrize("given", ["", "model:\n  vocab_size: 260\n"], ids=["vocab-from-checkpoint", "vocab-given"])
 def test_a_fine_tuning_config_plans_the_model_of_its_init_checkpoint(tmp_path, small_run, given, capsys):
-    """A fine-tuning run builds the model recorded with checkpoint.init_from (engine.pretrain.
+    """A fine-tuning run builds the model recorded with checkpoint.init_from (engine.start_checks.
     model_from_checkpoint); the plan was asked for model.vocab_size, and given one planned EngineConfig's
     default model (hidden 128, 4 layers): a converted 7B would have been planned as ~1M parameters."""
     f = tmp_path / "ft.yaml"

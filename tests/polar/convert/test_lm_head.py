@@ -112,7 +112,7 @@ def test_a_checkpoint_without_a_head_loads_into_a_model_with_one(tmp_path):
 def test_a_run_cannot_resume_into_a_head_its_checkpoint_lacks(tmp_path):
     from engine.config import ConfigError
     from engine.config_load import load_config
-    from engine.pretrain import check_checkpoints
+    from engine.start_checks import check_checkpoints
     from polar.pretrain_recipe import PretrainConfig
 
     ref = tm.random_seq_cls(tm.llama_config("llama"))
