@@ -173,7 +173,9 @@ def _scored(args, interrupts, leaves: list, held) -> int:
         longest = max(lengths, default=0)
         packed = f"{'up to ' if len(lengths) > 1 else ''}{longest} tokens"
         resumed = f", after the {done:,} a stopped run had scored" if done else ""
-        print(f"scored {totals['outputs']:,} outputs of {lines_done - totals['bad']:,} lines ({totals['bad']} bad"
+        bad = totals['bad']  # beside the lines counted, not among them: "of 3 lines (1 bad)" read as one of the 3
+        print(f"scored {totals['outputs']:,} outputs of {lines_done - bad:,} lines "
+              f"(and {bad} bad line{'' if bad == 1 else 's'}"
               f"{resumed}) in {totals['sequences']:,} packed sequences of {packed} at tp={rt.tp} pp={rt.pp} "
               f"dp={rt.dp}; shared prefixes saved {totals['prefix_tokens_saved']:,} tokens; "
               f"{time.time() - t0:.1f}s; wrote {args.output}", flush=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -236,6 +237,9 @@ def test_bad_lines_are_named_or_kept_in_place(trained, tmp_path, shapes, capsys)
     # the output file holds every error; the console names how many and the first
     assert f"2 bad line(s), written as error lines (--on-error skip); the first: {inp}:{before + 7}: reference: " \
         "missing" in stdout, stdout[-2000:]
+    # the summary counts the bad lines beside the scored ones ("of N lines (2 bad)" read as 2 of the N)
+    lines = sum(1 for _ in open(inp))
+    assert re.search(rf"^scored [\d,]+ outputs of {lines - 2:,} lines \(and 2 bad lines\) in ", stdout, re.M), stdout
 
 
 def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_path, capsys):
