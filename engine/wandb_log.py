@@ -246,17 +246,20 @@ class SigtermWatch:
         return watch
 
     def _watch(self) -> None:
-        with self.read:
-            while not self.stopped.is_set():
-                try:
-                    received = self.read.recv(64)
-                except OSError:
-                    return
-                if not received or self.stopped.is_set():
-                    return
-                if signal.SIGTERM in received and (self.immediate or not self._answered_within(ANSWER_S)):
-                    self.log.end_for_sigterm()
-                    return
+        while not self.stopped.is_set():
+            try:
+                received = self.read.recv(64)
+            except OSError:
+                break
+            if not received or self.stopped.is_set():
+                break
+            if signal.SIGTERM in received and (self.immediate or not self._answered_within(ANSWER_S)):
+                self.log.end_for_sigterm()
+                # The read end stays open: the signals that follow (torchrun's, SLURM's) are still written to
+                # the wakeup fd, and with the reader closed each write failed, Python printing a BrokenPipeError
+                # for it; unread, they fill the buffer, which it is told not to warn of (warn_on_full_buffer).
+                return
+        self.read.close()
 
     def _answered_within(self, seconds: float) -> bool:
         """Whether the main thread takes the SIGTERM up, or closes the run, within `seconds`."""
@@ -298,3 +301,5 @@ class SigtermWatch:
             self.write.send(b"\0")  # wakes the thread, which ends
         self.write.close()
         self.write = None
+        if not self.thread.is_alive():  # it finished the run itself and left its end open (_watch)
+            self.read.close()

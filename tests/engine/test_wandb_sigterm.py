@@ -92,3 +92,41 @@ def test_a_sigterm_fit_takes_up_is_a_stop_finished_as_before_however_long_its_sa
     run = _finished(tmp_path)
     assert run is not None and exit_code(run) == 0, out[-6000:]
     assert [row["_step"] for row in history(run)] == [1, 2]
+
+
+# The main rank as SigtermWatch meets it during fit: fit's handler only notes a SIGTERM (here: nothing says it
+# did), the watch finishes the run; then torchrun's or SLURM's next SIGTERM comes.
+_AFTER_THE_WATCH = """
+import os, signal, sys, time
+import engine.wandb_log as wandb_log
+wandb_log.ANSWER_S = 0.3
+signal.signal(signal.SIGTERM, lambda signum, frame: None)
+log = wandb_log.WandbLog("polar-test", "", "", sys.argv[1], sigterm_answered=lambda: False)
+assert log.watch is not None
+os.kill(os.getpid(), signal.SIGTERM)
+deadline = time.monotonic() + 60
+while log.run is not None and time.monotonic() < deadline:
+    time.sleep(0.05)
+log.watch.thread.join(60)  # its thread has ended
+print("finished by the watch:", log.run is None, flush=True)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(0.5)
+"""
+
+
+def test_signals_after_the_watch_finished_the_run_say_nothing(tmp_path):
+    """Once SigtermWatch's thread had finished the run it closed its end of the wakeup socket: every later
+    signal's wakeup write failed, and Python printed 'Exception ignored when trying to write to the signal
+    wakeup fd' with a BrokenPipeError for each, in the logs of a rank waiting for its SIGKILL."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    (tmp_path / "run").mkdir()
+    proc = subprocess.run([sys.executable, "-c", _AFTER_THE_WATCH, str(tmp_path / "run")], capture_output=True,
+                          text=True, timeout=300, cwd=root, env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0 and "finished by the watch: True" in proc.stdout, proc.stdout + proc.stderr
+    assert "wakeup fd" not in proc.stderr and "BrokenPipeError" not in proc.stderr, proc.stderr
+    run = _finished(tmp_path)
+    assert run is not None and exit_code(run) == 143
