@@ -9,13 +9,12 @@ Runs tests/engine/wandb_sigterm_worker.py (engine/pretrain.py with hooks) under 
 offline; the offline run's records are read with tests/engine/wandb_records.py."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.engine.torchrun_scenario import kill, start, wait
-from tests.engine.wandb_records import exit_code, history, offline_runs
+from tests.engine.wandb_records import exit_code, finished_runs, history
 
 WORKER = Path(__file__).with_name("wandb_sigterm_worker.py")
 SMALL = ["synthetic.train_triplets=64", "synthetic.eval_triplets=16", "synthetic.prompts=50", "model.num_layers=1",
@@ -36,22 +35,10 @@ def _start(tmp: Path, scenario: str, nproc: int, steps: int):
 
 
 def _finished(tmp: Path, timeout: float = 60, running=None) -> Path | None:
-    """The offline run's file once it holds the run's exit record (None after `timeout` s, or once `running`
-    says the run ended without one): wandb's service writes the file's records out as it closes the run,
-    which it goes on doing after the process that finished the run."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        runs = offline_runs(tmp / "run")
-        try:
-            if len(runs) == 1 and exit_code(runs[0]) is not None:
-                return runs[0]
-        except Exception:  # noqa: BLE001 - a record still being written
-            pass
-        if running is not None and not running():
-            running = None
-            deadline = min(deadline, time.monotonic() + 10)  # its service's last writes
-        time.sleep(0.2)
-    return None
+    """The offline run's file once it holds the run's exit record; None after `timeout` s, or once `running`
+    says the run's process ended without one (wandb_records.finished_runs)."""
+    runs = finished_runs(tmp / "run", 1, timeout, running)
+    return runs[0] if len(runs) == 1 and exit_code(runs[0]) is not None else None
 
 
 def test_a_main_rank_inside_a_collective_at_sigterm_finishes_its_wandb_run_as_failed(tmp_path):

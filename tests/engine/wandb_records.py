@@ -59,11 +59,13 @@ def offline_runs(run_dir) -> list[Path]:
     return sorted(Path(run_dir).glob("wandb/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
 
 
-def finished_runs(run_dir, count: int, timeout: float = 60) -> list[Path]:
+def finished_runs(run_dir, count: int, timeout: float = 60, running=None) -> list[Path]:
     """offline_runs(run_dir) once there are `count` of them and each holds its exit record: wandb's service
     writes a run's last records out as it closes the run, which it may still be doing once finish() has
     returned in the process that logged, or that process has ended (read at once under load, a run file held
-    its header alone). After `timeout` s, what there is (the caller's assertions then say what is missing)."""
+    its header alone). After `timeout` s, or 10 s after `running()` turns false (the process that logs has
+    ended: only its service's last writes are waited for), what there is (the caller's assertions then say
+    what is missing)."""
     import time
 
     deadline = time.monotonic() + timeout
@@ -74,6 +76,9 @@ def finished_runs(run_dir, count: int, timeout: float = 60) -> list[Path]:
                 return runs
         except Exception:  # noqa: BLE001 - a record still being written
             pass
+        if running is not None and not running():
+            running = None
+            deadline = min(deadline, time.monotonic() + 10)
         if time.monotonic() >= deadline:
             return runs
         time.sleep(0.2)
