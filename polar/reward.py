@@ -3,9 +3,11 @@ path), scoring through a client of `polar serve` (polar/reward_client.py, whose 
 re-exports: `from polar.reward import RewardClient` works) or the model in this process
 (polar/in_process_scorer.py).
 
-    compute_score_batch(...)           verl's batch reward manager: custom_reward_function.name
-    compute_score(...)                 verl's per-item managers (naive; the reward loop's default): one
-                                       request per response, batched with the others by the server
+    compute_score_batch(...)           verl's batch reward manager (verl before February 2026, which
+                                       dropped it): custom_reward_function.name
+    compute_score(...)                 verl's per-item managers (naive, the reward loop's default; the
+                                       only managers verl has since February 2026): one request per
+                                       response, batched with the others by the server
     compute_score_async(...)           the same as an `async def`, which verl's reward loop awaits on its
                                        event loop instead of running it in the loop's thread pool
     reward_func(queries, prompts, labels)   OpenRLHF's custom remote reward function
@@ -134,7 +136,9 @@ def _shared(clients: dict, cls, url: Optional[str], kw: dict):
 def compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, prompt_key: str = "prompt", *,
                         url: Optional[str] = None, wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None,
                         **client_kw) -> list[float]:
-    """verl's batch reward function (reward_model.reward_manager=batch): one reward per response.
+    """verl's batch reward function (reward_model.reward_manager=batch, with reward_model.use_reward_loop=False):
+    one reward per response. verl removed the batch manager in February 2026 (verl-project/verl 3df21a68,
+    #5237), its reward loop running only per-item managers since: there give it compute_score_async.
 
     The response is the text after the thinking (`strip_thinking`), the ground truth is the
     reference trajectory (an empty one is refused, naming it), and the prompt comes from
@@ -163,11 +167,11 @@ def _verl_items(solution_strs, ground_truths, extra_infos, prompt_key, wrapper, 
 def compute_score(data_source, solution_str, ground_truth, extra_info=None, prompt_key: str = "prompt", *,
                   url: Optional[str] = None, wrapper: str = "sft", scorer: "Optional[InProcessScorer]" = None,
                   reward_router_address=None, reward_model_tokenizer=None, **client_kw) -> float:
-    """verl's per-item reward function (reward_model.reward_manager=naive, which verl's reward loop
-    runs by default, calling it for each response at once from worker threads; compute_score_async is
-    its `async def`): compute_score_batch for one response. `reward_router_address` and
-    `reward_model_tokenizer` (which verl passes when it runs a reward model of its own) are not used: the
-    rewards come from `polar serve`."""
+    """verl's per-item reward function (the reward loop's naive manager, its default: reward.reward_manager.name,
+    reward_model.reward_manager before verl's February 2026 config; the loop calls it for each response at once
+    from worker threads; compute_score_async is its `async def`): compute_score_batch for one response.
+    `reward_router_address` and `reward_model_tokenizer` (which verl passes when it runs a reward model of its
+    own) are not used: the rewards come from `polar serve`."""
     items = _verl_items([solution_str], [ground_truth], [extra_info], prompt_key, wrapper, "ground_truth")
     return _score(items, url, scorer, client_kw)[0]
 
@@ -176,11 +180,12 @@ async def compute_score_async(data_source, solution_str, ground_truth, extra_inf
                               *, url: Optional[str] = None, wrapper: str = "sft",
                               scorer: "Optional[InProcessScorer]" = None, reward_router_address=None,
                               reward_model_tokenizer=None, **client_kw) -> float:
-    """compute_score as an `async def` (custom_reward_function.name=compute_score_async): verl's reward
-    loop managers (naive, dapo, limited) await a coroutine function on the worker's event loop, where
+    """compute_score as an `async def` (reward.custom_reward_function.name=compute_score_async): verl's reward
+    loop managers (naive, dapo, gdpo, rate_limited) await a coroutine function on the worker's event loop, where
     they run a plain one in the loop's default thread pool (min(32, cpus + 4) threads), which bounded the
     requests in flight per reward worker and held a thread for each (its remote manager refuses a
-    coroutine function: give it compute_score). The request goes through the AsyncRewardClient shared by
+    coroutine function: give it compute_score; rate_limited lets reward.max_concurrent calls run at once in
+    each worker, 1 unless set). The request goes through the AsyncRewardClient shared by
     `url`'s callers, with a connection pool per event loop (httpx's, up to 100 connections). With `scorer`
     (an InProcessScorer), its score_async: the item is formatted in a thread of the loop's pool and the
     forward, in the scorer's batching thread, is awaited holding none, so all of the loop's responses in
@@ -347,11 +352,12 @@ def _trl_output(completion, i: int):
 
 
 if __name__ != "polar.reward":
-    # Loaded by its path (verl's custom_reward_function.path runs the file as "custom_module_<hash>", OpenRLHF's
-    # reward file as "reward_func"), under a name no process can import again: the hooks are the installed
-    # module's, which pickle by name. verl's prime reward manager sends compute_score to a process pool (a hook
-    # that cannot be pickled gave every response 0.0, the error only printed) and its remote one to Ray workers;
-    # and one client per URL is shared with code that imports polar.reward.
+    # Loaded by its path (verl's reward.custom_reward_function.path runs the file as "custom_module_<hash>",
+    # OpenRLHF's reward file as "reward_func"), under a name no process can import again: the hooks are the
+    # installed module's, which pickle by name. verl's prime reward manager (before February 2026) sends
+    # compute_score to a process pool (a hook that cannot be pickled gave every response 0.0, the error only
+    # printed) and its reward loop's remote manager to Ray workers; and one client per URL is shared with code
+    # that imports polar.reward.
     from polar import reward as _installed
 
     globals().update({name: getattr(_installed, name) for name in ("compute_score", "compute_score_async",

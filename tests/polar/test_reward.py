@@ -39,8 +39,10 @@ def test_verl_batch_function_takes_polars_prompt_key():
 
 
 def test_verl_per_item_function_as_the_reward_loop_calls_it():
-    # verl's reward loop (use_reward_loop, on by default) runs per-item managers only (naive, dapo, ...):
-    # compute_score(data_source=, solution_str=, ground_truth=, extra_info=) -> a float, from threads
+    # verl's reward loop (the only reward path since February 2026) runs per-item managers only (naive, dapo,
+    # gdpo, rate_limited, remote): compute_score(data_source=, solution_str=, ground_truth=, extra_info=) -> a
+    # float, from threads (verl/experimental/reward_loop/reward_manager/naive.py, run_single; verl-project/verl
+    # 1dda039b9c6311889a9c9a26040677e1254814f9, 2026-08-22, the same call as volcengine/verl b178a3cd's)
     import concurrent.futures
 
     prompt = np.array([{"role": "user", "content": "q"}], dtype=object)
