@@ -123,6 +123,40 @@ def test_the_data_digest_reads_narrow_counts_as_the_int64_they_stand_for():
     assert loader(CountsOnly(wide), 4).data_digest() != h.hexdigest()[:16]
 
 
+def test_a_resume_digests_the_training_data_once(monkeypatch):
+    """A resume checks the loader state on every rank twice, each with a loader of its own: the entry
+    script's check before the trainer (engine.pretrain.check_resume_data), then the trainer's. The
+    digest is a pass over every sequence's counts (~10 s a rank at POLAR's 2*10^8 sequences): the
+    second loader takes the first's, as does a save. The bytes hashed are counted: each column's once."""
+    import hashlib
+
+    import engine.data
+
+    hashed = []
+
+    class Counted:
+        def __init__(self):
+            self.h = hashlib.sha1()
+
+        def update(self, b):
+            hashed.append(memoryview(b).nbytes)
+            self.h.update(b)
+
+        def hexdigest(self):
+            return self.h.hexdigest()
+
+    monkeypatch.setattr(engine.data, "hashlib", type("hashlib", (), {"sha1": Counted}))
+    n = 3 * (1 << 20) + 5
+    data = CountsOnly({"tokens": np.full(n, 9, np.int16), "groups": np.ones(n, np.int16)})
+    one_pass = 2 * n * 8  # two columns of int64
+    saved = loader(data, 4).state_dict()
+    assert sum(hashed) - len("groups") - len("tokens") == one_pass
+    for _ in range(2):  # the entry script's check, then the trainer's
+        loader(data, 4).load_state_dict(saved)
+    loader(data, 4).state_dict()  # the trainer's first save
+    assert sum(hashed) - len("groups") - len("tokens") == one_pass
+
+
 @pytest.mark.parametrize("edit", ["token", "label"])
 def test_a_resume_on_records_edited_in_place_is_refused(source, edit):
     """An edited record that keeps its length changes no count the data digest reads; the token
