@@ -190,6 +190,12 @@ def _parse(obj) -> Record:
     if not isinstance(obj, dict):
         raise _Bad("(record)", f"must be a JSON object, got {type(obj).__name__}")
     prompt = _text(_required(obj, "prompt"), "prompt")
+    if "reference" not in obj and ("chosen" in obj or "candidates" in obj) and not misspelt(obj, "reference"):
+        # a preference set's pair (prompt, chosen, rejected) has none, and "missing" alone did not say
+        # what is to go there
+        raise _Bad("reference", "missing: POLAR scores a response against a reference response to the same "
+                                "prompt (paper Sec. 3), so every record gives one (of three ranked responses "
+                                "A > B > C: reference A, chosen B, rejected C)")
     reference = any_text(_required(obj, "reference"), "reference")
     check_reference(reference, "reference")
     has_pair = "chosen" in obj or "rejected" in obj
@@ -263,6 +269,13 @@ def _json_problem(e: json.JSONDecodeError, text: str) -> str:
         # "\r" is whitespace to JSON: a file whose lines end in "\r" alone reads as one line of many records
         return (f"{msg} at column {e.colno}, after a carriage return (\\r): lines must end in \\n or \\r\\n, not "
                 "\\r alone (convert the file: tr '\\r' '\\n')")
+    line = text.rstrip("\r\n")
+    if e.pos >= len(line) and "\n" not in line:  # one line (a JSONL record), not a document of several
+        # the parser ran past the line's last character: json counts the newline, so "at column 1" (of
+        # a next line) was said of a record whose closing brace or quote is missing; the line's end
+        # inside a string is the "control character" json names
+        what = "Unterminated string" if msg.startswith("Invalid control character") else msg
+        return f"{what} at the end of the line (column {len(line) + 1}): the record is cut short"
     return f"{msg} at column {e.colno}"
 
 
