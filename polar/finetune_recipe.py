@@ -43,7 +43,7 @@ from engine.config import DataConfig, EngineConfig, TrainConfig
 from engine.setting_checks import (ConfigError, at_least, existing_path_or_empty, in_range, one_of, positive,
                                    run_directory, setting)
 from polar.build_repeats import SHOWN, first_of, named
-from polar.finetune_split import SPLIT_RULE
+from polar.finetune_split import SPLIT_RULE, where
 from polar.pretrain_recipe import RunData
 
 CLI = {"description": "POLAR reward-model fine-tuning on preference records "
@@ -124,13 +124,14 @@ _pack_length_setting.rule = "0 (the pack length follows the data) or >= 2"
 # data.seq_length=0, fine-tuning's default: the pack length follows the data. POLAR's rule
 # (finetune.max_length, finetune.max_response) already bounds every record: a pair is stored as its
 # prompt twice, the reference and both candidates, so within a few tokens of max_length +
-# max_response (some 20.5k at the defaults), polar/format.py. A fixed default pack shorter than that refused records the rule accepts
-# (with finetune.on_error=fail one 1,880-character record stopped a run at 1024) and could only
-# advise raising it to the longest record. Packing fills a longer pack with several shorter records,
-# so little is wasted, but activation memory grows with the pack: it is the longest record's
-# length in whole PACK_UNITs (of tokens, and of parallel.tp for sequence parallelism), never less
-# than PACK_FLOOR, the fixed default of before (short records pack as they did). A data.seq_length
-# the user sets is kept; records too long for it are then finetune.on_error's.
+# max_response (some 20.5k at the defaults), polar/format.py. A fixed default pack shorter than that
+# refused records the rule accepts (with finetune.on_error=fail one 1,880-character record stopped a
+# run at 1024) and could only advise raising it to the longest record. Packing fills a longer pack
+# with several shorter records, so little is wasted, but activation memory grows with the pack: it
+# is the longest record's length in whole PACK_UNITs (of tokens, and of parallel.tp for sequence
+# parallelism), never less than PACK_FLOOR, the fixed default of before (short records pack as they
+# did). A data.seq_length the user sets is kept; records too long for it are then
+# finetune.on_error's.
 PACK_FLOOR, PACK_UNIT = 1024, 256
 
 
@@ -338,19 +339,23 @@ def _pack(cfg: FinetuneConfig, tok, records, name: str, set_aside: Optional[list
         if not groups:  # nothing left to train or evaluate on: an empty set would report 0 pairs as 0.0
             raise ConfigError(f"{name}: none of its {len(records)} record(s) fits data.seq_length={seq}; raise "
                               f"data.seq_length to {lengths.max()} or lower finetune.max_response={f.max_response}")
+        records = [r for r, ok in zip(records, fits) if ok]  # beside `encoded`, which the notes below name
+    # the cut records are named, the first SHOWN of them: by counts alone a user could not tell which of
+    # the data's records trained on a part of their text
     responses_cut, prompts_cut = sum(e.responses_cut for e in encoded), sum(e.prompt_cut for e in encoded)
     if responses_cut or prompts_cut:  # the rule's own cuts: not errors, but the model never sees what they cut
         total = sum(1 + len(e.candidates) for e in encoded)
+        cut = [r for r, e in zip(records, encoded) if e.responses_cut or e.prompt_cut]
         _say(f"{name}: truncation (POLAR's rule) {responses_cut} of {total} responses cut to their first "
              f"finetune.max_response={f.max_response} ids, BOS counted ({max(f.max_response - 1, 0)} tokens of text), "
              f"{prompts_cut} prompts to their last tokens within "
-             f"finetune.max_length={f.max_length}", flush=True)
-    shortened = [e.prompt_cut_to_fit for e in encoded if e.prompt_cut_to_fit]
+             f"finetune.max_length={f.max_length}, in {len(cut)} record(s): {where(cut)}", flush=True)
+    shortened = [(r, e.prompt_cut_to_fit) for r, e in zip(records, encoded) if e.prompt_cut_to_fit]
     if shortened:
         # a group is packed whole: its prompt (stored twice) gives way before the record is lost
         _say(f"{name}: {len(shortened)} record(s) too long for data.seq_length={seq} as one "
-             f"group kept a shorter prompt ({sum(shortened)} prompt tokens beyond finetune.max_length's rule)",
-             flush=True)
+             f"group kept a shorter prompt ({sum(n for _, n in shortened)} prompt tokens beyond finetune.max_length's "
+             f"rule): {where([r for r, _ in shortened])}", flush=True)
     try:
         return PackedGroups(groups, seq, method=cfg.data.packing)
     except ValueError as e:
@@ -403,10 +408,12 @@ def _note_old_split(f: FinetuneDataConfig, records: int, resumed: str) -> None:
              f"new run aims at {now} (the fraction rounded down, one at least)", flush=True)
 
 
-def _layout_for(sequences: int, par, micro: int, dp: int) -> str:
+def _layout_for(sequences: int, par, micro: int, dp: int, global_batch: int) -> str:
     """The changes together that let `sequences` fill one step of this layout (global_batch_unit), each
     only where it is needed: a smaller micro_batch alone could still leave every rank's share past the
-    data, and with interleaved pipelining no micro_batch takes fewer than parallel.pp sequences a rank."""
+    data, and with interleaved pipelining no micro_batch takes fewer than parallel.pp sequences a rank.
+    The train.global_batch the changed layout takes is among them: named apart, the run that followed
+    the rest was refused again for a batch larger than the data."""
     group = par.pp if par.vpp is not None else 1  # micro-batches a rank takes together a step
     changes = []
     if sequences < group:
@@ -416,14 +423,18 @@ def _layout_for(sequences: int, par, micro: int, dp: int) -> str:
     if sequences < group * micro:  # one rank's share alone is past the data: keep the ranks where a micro_batch can
         micro = max(1, sequences // (group * dp))
         changes.append(f"train.micro_batch={micro}")
-    if sequences < dp * group * micro:
-        changes.append(f"fewer processes (--nproc {par.tp * par.pp * (sequences // (group * micro))} at most)")
+    ranks = min(dp, sequences // (group * micro))
+    if ranks < dp:
+        changes.append(f"fewer processes (--nproc {par.tp * par.pp * ranks} at most)")
+    unit = ranks * group * micro
+    if global_batch > sequences or global_batch % unit:
+        changes.append(f"train.global_batch={sequences // unit * unit}")
     return " with ".join(changes)
 
 
 def prepare_data(cfg: FinetuneConfig) -> RunData:
     """Every rank reads and encodes the same records (deterministic), so nothing is broadcast."""
-    from polar.finetune_split import repeats_note, split_by_prompt, unrankable, where
+    from polar.finetune_split import repeats_note, split_by_prompt, unrankable
     from polar.tokenizer import load_tokenizer
 
     t0 = time.time()
@@ -482,8 +493,8 @@ def prepare_data(cfg: FinetuneConfig) -> RunData:
         # no train.global_batch both fits the data and divides among the ranks (--nproc 2 on a small file)
         raise ConfigError(f"{packed}, fewer than the {unit} a step needs at least ({dp} data-parallel rank(s) x "
                           f"train.micro_batch={micro}{' x parallel.pp' if unit > dp * micro else ''}): use "
-                          f"{_layout_for(len(train), par, micro, dp)}, a smaller data.seq_length (more, shorter "
-                          "sequences), or more records")
+                          f"{_layout_for(len(train), par, micro, dp, cfg.train.global_batch)}, a smaller "
+                          "data.seq_length (more, shorter sequences), or more records")
     if len(train) < cfg.train.global_batch:
         # what to change, since the README's own commands meet this with a small example file
         most = len(train) // unit * unit  # a multiple of the unit: the layout check refuses any other

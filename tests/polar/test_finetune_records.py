@@ -56,3 +56,28 @@ def test_a_preference_pair_without_a_reference_is_told_what_the_reference_is(tmp
             "prompt (paper Sec. 3), so every record gives one (of three ranked responses A > B > C: reference A, "
             "chosen B, rejected C)")):
         recipe._read(str(path), "fail")
+
+
+def test_the_records_cut_to_fit_are_named_by_file_and_line(tmp_path, capsys):
+    """What POLAR's rule cut (finetune.max_response, finetune.max_length), and the prompts cut further to
+    fit data.seq_length, were counted only: which records trained on a part of their text was not said.
+    Named after a record set aside before them (finetune.on_error=skip), each at its own line."""
+    from engine.config_load import load_config
+    from polar.tokenizer import load_tokenizer
+
+    small = {"prompt": "q", "reference": "r", "chosen": "c", "rejected": "x", "wrapper": "sft"}
+    lines = [small, {**small, "reference": "r" * 300, "chosen": "c" * 300, "rejected": "d" * 300},  # set aside
+             {**small, "prompt": "p" * 400},  # its prompt, stored twice, cut to fit the pack
+             {**small, "chosen": "c" * 400}]  # past finetune.max_response
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = load_config(recipe.FinetuneConfig, None, [f"finetune.train={path}", "data.seq_length=512",
+                                                    "finetune.max_response=350", "finetune.on_error=skip",
+                                                    "finetune.tokenizer=byte", f"run_dir={tmp_path / 'run'}"])
+    packed = recipe._pack(cfg, load_tokenizer("byte"), recipe._read(str(path), "skip"), "train")
+    assert len(packed.groups) == 3
+    out = capsys.readouterr().out
+    assert re.search(rf"train: truncation \(POLAR's rule\) 1 of 9 responses cut .* 0 prompts to their last tokens "
+                     rf"within finetune.max_length=16384, in 1 record\(s\): {path}:4\n", out), out
+    assert re.search(rf"train: 1 record\(s\) too long for data.seq_length=512 as one group kept a shorter prompt "
+                     rf"\(\d+ prompt tokens beyond finetune.max_length's rule\): {path}:3\n", out), out
