@@ -29,6 +29,25 @@ def _held_by_another_run(ckpt_dir: str, lock: str, beating: bool = False) -> Con
 # at the first rank that exits. Rank 0, the one that names the holder, decides: refused, it has printed
 # why before the others' wait ends; let in, the others find the lock free too.
 LATE_S = 30.0
+# ... and looks at the lock (and at its heartbeat) at most this often, where rank 0 looks every
+# engine.file_lock.POLL_S: every rank of a job waits alike, and each look is an open and a lock request
+# (or an open and a stat) on the shared file system, 912 a second at POLAR-7B's scale for the whole wait
+# (checkpoint.lock_wait_s, 180 s by default, after a lost node). Rank 0's looks decide; the others only
+# keep off the directory until then, and see it free within this (at most half their extra wait, so
+# that one looks after rank 0's deadline and before their own).
+RANK_POLL_S = 10.0
+
+
+def _seldom(look, every_s: float):
+    """look(), asked at most every `every_s` seconds (the first time at once); its last answer between."""
+    last: list = []
+
+    def asked():
+        now = time.monotonic()
+        if not last or now - last[1] >= every_s:
+            last[:] = [look(), now]
+        return last[0]
+    return asked
 
 
 def _waiting_note(lock: str, wait_s: float):
@@ -64,8 +83,10 @@ def refuse_a_held_checkpoint_dir(cfg, rank: int = 0) -> None:
         raise _held_by_another_run(ckpt_dir, lock)
     late = min(wait_s, LATE_S) if rank else 0.0
     beat = Heartbeat(lock)
-    if waited(lambda: held(lock), wait_s + late, _waiting_note(lock, wait_s) if rank == 0 else None,
-              lambda: beat() and time.monotonic() - beat.seen_at >= late):
+    every_s = min(RANK_POLL_S, late / 2)  # 0 on rank 0: every look of waited's
+    busy, beating = _seldom(lambda: held(lock), every_s), _seldom(beat, every_s)
+    if waited(busy, wait_s + late, _waiting_note(lock, wait_s) if rank == 0 else None,
+              lambda: beating() and time.monotonic() - beat.seen_at >= late):
         raise _held_by_another_run(ckpt_dir, lock, beat.seen)
 
 
