@@ -207,6 +207,7 @@ def check(cfg: FinetuneConfig) -> None:
     if not cfg.checkpoint.init_from:
         raise ConfigError("checkpoint.init_from: fine-tuning starts from a pre-trained checkpoint; name one "
                           "(a run's checkpoints/ directory, one step, or a `polar convert` output)")
+    _refuse_another_recipes_run(cfg)
     spec = tokenizer_spec(cfg)
     try:
         tok = load_tokenizer(spec)
@@ -217,6 +218,29 @@ def check(cfg: FinetuneConfig) -> None:
     elif cfg.model.vocab_size < tok.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"{tok.vocab_size} ({spec}){_resumed_not_init(cfg)}")
+
+
+def _refuse_another_recipes_run(cfg: FinetuneConfig) -> None:
+    """ConfigError where the run would resume a step that a pre-training run saved (run_dir naming
+    that run, the one checkpoint.init_from is often of): its data settings record the embedded data's
+    synthetic.* or a built dataset's data.path, which fine-tuning never has (a fine-tuning step records
+    finetune.*, or data.* alone where saved before those were recorded). The resume was refused only by
+    its optimizer settings ("train.lr=0.002 when saved, 1e-05 now ... set them back"), advice that
+    leads to resuming a pre-training run on preference records."""
+    from engine.checkpoint import read_state
+    from engine.start_checks import newest_checkpoint
+
+    step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    state = read_state(step) if step else {}
+    saved = state.get("data_settings")
+    if "loader" not in state or not isinstance(saved, dict) or not (
+            saved.get("data.path") or any(k.startswith("synthetic.") for k in saved)):
+        return  # a new run, a fine-tuning run's step, or one that records nothing to tell
+    kinds = ", ".join(sorted({f"{k.split('.')[0]}.*" for k in saved}))
+    built = f", data.path={saved['data.path']}" if saved.get("data.path") else ""
+    raise ConfigError(f"run_dir={cfg.run_dir}: its newest step, {step}, is a pre-training run's (its data settings "
+                      f"are {kinds}{built}), which fine-tuning does not resume: give the fine-tuning run a run_dir "
+                      f"(or checkpoint.dir) of its own, with checkpoint.init_from={step} to start from its weights")
 
 
 def _resumed_not_init(cfg: FinetuneConfig) -> str:

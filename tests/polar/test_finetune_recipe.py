@@ -82,7 +82,8 @@ def test_a_record_too_long_for_the_pack_keeps_a_shorter_prompt_and_says_so(tmp_p
     assert "r.jsonl: 1 record(s) too long for data.seq_length=256 as one group kept a shorter prompt" in out
     # and before that, what POLAR's rule itself cut: the prompt past its budget (256 - 4 - 60 - 60) // 2
     assert ("r.jsonl: truncation (POLAR's rule) 0 of 3 responses cut to their first finetune.max_response=4096 "
-            "ids, BOS counted (4095 tokens of text), 1 prompts to their last tokens within finetune.max_length=256") in out
+            "ids, BOS counted (4095 tokens of text), 1 prompts to their last tokens within "
+            "finetune.max_length=256") in out
 
 
 @pytest.mark.parametrize("on_error", ["fail", "skip"])
@@ -99,7 +100,8 @@ def test_a_record_whose_responses_alone_overflow_the_pack_is_named_by_its_line(t
     from polar.tokenizer import load_tokenizer
 
     tok, read = load_tokenizer("byte"), recipe._read(str(records), on_error)
-    needle = rf"train: 1 record\(s\) do not fit data.seq_length=512 as one group even with a shorter prompt: {records}:5"
+    needle = (r"train: 1 record\(s\) do not fit data.seq_length=512 as one group even with a shorter prompt: "
+              rf"{records}:5")
     if on_error == "fail":
         with pytest.raises(ConfigError, match=needle):
             recipe._pack(cfg, tok, read, "train")
@@ -520,3 +522,43 @@ def test_a_warmup_as_long_as_the_fine_tuning_is_warned_of_with_the_settings_it_c
     assert "otherwise lower finetune.warmup_fraction or raise finetune.epochs" in warning, warning
     assert "set train.warmup_steps" not in warning
     assert schedule_warning(TrainConfig(steps=8, warmup_steps=7), DERIVED_SETTINGS) == ""
+
+
+def test_a_run_dir_holding_a_pretraining_run_is_refused_as_such(tmp_path, capsys):
+    """`polar finetune checkpoint.init_from=runs/default/checkpoints run_dir=runs/default` resumed the
+    pre-training run's step and was refused for its optimizer settings ('train.lr=0.002 when saved,
+    1e-05 now ... set them back'), advice that leads to a pre-training run resumed on preference records.
+    The step's data settings, which hold no finetune.* setting, tell it apart now."""
+    from engine import checkpoint
+    from engine.finetune import main
+
+    step = _init_step(tmp_path, where="pre/checkpoints/step_00000010", hidden_size=64)
+    (step.parent / checkpoint.LATEST).write_text(step.name)
+    state = {"step": 10, "loader": {}, "settings": {"train.lr": 0.002},
+             "data_settings": {"data.path": "", "data.seq_length": 512, "synthetic.seed": 0}}
+    (step / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    records = tmp_path / "r.jsonl"
+    records.write_text("".join(json.dumps({"prompt": f"q{i}", "reference": "r", "chosen": "c", "rejected": "x"})
+                               + "\n" for i in range(4)))
+    args = [f"checkpoint.init_from={step.parent}", f"finetune.train={records}", "finetune.tokenizer=byte",
+            "finetune.eval_fraction=0", "train.global_batch=1"]
+    assert main([*args, f"run_dir={tmp_path / 'pre'}", "--check-config"]) == 2
+    err = capsys.readouterr().err
+    assert (f"config error: run_dir={tmp_path / 'pre'}: its newest step, {step}, is a pre-training run's (its data "
+            "settings are data.*, synthetic.*), which fine-tuning does not resume: give the "
+            f"fine-tuning run a run_dir (or checkpoint.dir) of its own, with checkpoint.init_from={step} to start "
+            "from its weights") in err, err
+    # what it says to do
+    assert main([*args, f"run_dir={tmp_path / 'ft'}", "--check-config"]) == 0, capsys.readouterr().err
+    # a pre-training run on a built dataset records no synthetic.*, but its data.path
+    cfg = load_config(recipe.FinetuneConfig, None, [*args, f"run_dir={tmp_path / 'pre'}"])
+    state["data_settings"] = {"data.path": "/data/ds", "data.seq_length": 512}
+    (step / checkpoint.STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(ConfigError, match=r"a pre-training run's \(its data settings are data\.\*, "
+                                          r"data\.path=/data/ds\)"):
+        recipe._refuse_another_recipes_run(cfg)
+    # a fine-tuning run's own step is resumed as before, and so is one saved before finetune.* was recorded
+    for saved in ({"data.seq_length": 512, "data.path": "", "data.packing": "best_fit", "finetune.seed": 0},
+                  {"data.seq_length": 512, "data.path": "", "data.packing": "best_fit"}):
+        (step / checkpoint.STATE_FILE).write_text(json.dumps({**state, "data_settings": saved}))
+        assert recipe._refuse_another_recipes_run(cfg) is None
