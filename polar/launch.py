@@ -145,7 +145,7 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
         return 2
     ends_with_us = _ends_with(os.getpid())
     if not in_main_thread():  # Python's rule for handlers
-        return subprocess.call(cmd, env=env, preexec_fn=ends_with_us)
+        return _status(cmd, subprocess.call(cmd, env=env, preexec_fn=ends_with_us))
     forwarded: list = []  # (signal, when)
     started: dict = {}  # pid: psutil.Process, the child's processes when a signal came
     proc = None
@@ -180,7 +180,24 @@ def call_forwarding_signals(cmd: list[str], env=None) -> int:
         for s, handler in previous.items():
             if handler is not None:  # None: set outside Python, which cannot be put back from here
                 signal.signal(s, handler)
-    return 128 + forwarded[0][0] if forwarded and code else code
+    return 128 + forwarded[0][0] if forwarded and code else _status(cmd, code)
+
+
+def _status(cmd: list[str], code: int) -> int:
+    """The child's exit status as this process's: one killed by a signal polar did not receive (the OOM
+    killer's SIGKILL, a kill of its pid) ends it with a shell's 128 + the signal, saying which: as
+    sys.exit's status, -15 read 241, with nothing said."""
+    if code >= 0:
+        return code
+    name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+    print(f"polar: {_shown(cmd)} was killed by {name}", file=sys.stderr, flush=True)
+    return 128 - code
+
+
+def _shown(cmd: list[str]) -> str:
+    """The command as a log names it: `python -m engine.finetune --check-config`, not the interpreter's path."""
+    words = [os.path.basename(cmd[0]), *cmd[1:]] if cmd else []
+    return " ".join(words[:4]) + (" ..." if len(words) > 4 else "")
 
 
 def score_main(argv=None) -> int:

@@ -225,3 +225,19 @@ def test_a_bad_repeat_window_is_refused_before_the_command_starts(tmp_path):
     assert run.returncode == 2 and not Path(f"{got}.pid").exists(), (run.returncode, run.stderr)
     assert run.stderr.splitlines() == [run.stderr.splitlines()[0]], run.stderr
     assert run.stderr.startswith("polar: POLAR_SIGTERM_REPEAT_S='5s': expected a positive number of seconds"), run.stderr
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_child_killed_by_a_signal_polar_did_not_get_ends_it_with_128_plus_the_signal(capsys, sig):
+    """A launched process killed by a signal that never reached polar (the OOM killer's SIGKILL, a kill of
+    the start-up check's pid): polar's exit status is a shell's 128 + the signal, and it says which. The
+    child's -15 was returned as it was, and sys.exit(-15) ended polar with 241, nothing said."""
+    import signal
+    import sys
+
+    from polar.launch import call_forwarding_signals
+
+    code = call_forwarding_signals([sys.executable, "-c", f"import os, signal; os.kill(os.getpid(), signal.{sig})"])
+    assert code == 128 + signal.Signals[sig].value, code
+    assert capsys.readouterr().err == f"polar: {sys.executable.rsplit('/', 1)[-1]} -c import os, signal; os.kill(" \
+        f"os.getpid(), signal.{sig}) was killed by {sig}\n"
