@@ -192,10 +192,12 @@ def save(ckpt_dir: str, step: int, chunks, optimizer, trainer_state: dict, keep:
     try:
         # megatron's check that the ranks' shards cover every tensor exactly once gathers every rank's
         # shard metadata on every rank (seconds per save at hundreds of ranks); the structure does not
-        # change within a run, so the first save of the process checks it. The request is the write
+        # change within a run, so the first save of the process checks it (the fully parallel strategy
+        # checks it itself, whenever it works out a new distribution). The request is the write
         # (the shards copied to host memory first) and its finalize (megatron's metadata files)
-        request = dist_checkpointing.save(state, str(partial), sharded_strategy=parallel_save_strategy(dp_group),
-                                          validate_access_integrity=not integrity_checked(chunks),
+        strategy = parallel_save_strategy(dp_group, chunks[0], state)
+        request = dist_checkpointing.save(state, str(partial), sharded_strategy=strategy,
+                                          validate_access_integrity=strategy is None and not integrity_checked(chunks),
                                           async_sharded_save=True, async_strategy="mcore")
         _SAVES_CHECKED.add(chunks[0])
     except (OSError, *dcp_error()) as e:  # a shard not written (a full disk, a read-only file system)

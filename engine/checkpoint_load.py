@@ -1,7 +1,8 @@
 """Reading a checkpoint step back into a model of any TP/PP layout: its weights (and optimizer state
 for a resume), the tensors it holds (their global shapes, whether it has an LM head), and a read
 failure found by one rank raised alike on every rank, named as damaged files or as another model's
-step. Writing steps and finding them (latest, resolve, the recorded model settings) is engine.checkpoint's.
+step; what every rank of a run would read alike of a step, read by rank 0 for all (rank0_answer).
+Writing steps and finding them (latest, resolve, the recorded model settings) is engine.checkpoint's.
 """
 from __future__ import annotations
 
@@ -14,7 +15,34 @@ import torch.distributed as dist
 from engine import optimizer_state
 from engine.checkpoint import (MODEL_FILE, OPTIMIZER_FORMATS, CheckpointError, damaged, model_state,
                                optimizer_metadata, other_settings, read_state, unwrap)
-from engine.checkpoint_request import cause, dcp_error
+from engine.checkpoint_request import cause, dcp_error, first_line, min_over_ranks
+from engine.config import ConfigError
+
+
+def rank0_answer(fn):
+    """fn() asked of rank 0 alone, its answer on every rank of the running process group (fn() here
+    where none runs, or a group of one): what a resume reads of a step that every rank would read alike
+    (its trainer state, its tensors' metadata, whose size grows with the ranks that wrote it: a read
+    of each by all of POLAR-7B's 912 ranks, several times over, on one shared file system). A
+    ConfigError of fn's (a damaged file, a refused resume) is raised on every rank, its message whole
+    (each rank's stop_alike compares its own with rank 0's); any other error as from_rank0 does: rank 0
+    raises it, the others a RuntimeError naming it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return fn()
+    box, bug = [None, None], None
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = e
+        except Exception as e:  # noqa: BLE001 - any error: the other ranks must not wait for rank 0
+            box[1], bug = RuntimeError(f"rank 0 failed: {first_line(e)}"), e
+    dist.broadcast_object_list(box, src=0)
+    if bug is not None:
+        raise bug
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
 
 
 # weights a run may add to a checkpoint's model: the auxiliary LM head (train.aux_lm_weight > 0)
@@ -46,12 +74,23 @@ def has_lm_head(path: str) -> bool:
     return "lm_head.weight" in _tensor_keys(path)
 
 
+def _keys_or_error(path: Path):
+    """_tensor_keys, or its CheckpointError (a missing or damaged .metadata), which only a rank holding
+    an optional module raises: on the others the load itself names the damage."""
+    try:
+        return _tensor_keys(path)
+    except CheckpointError as e:
+        return e
+
+
 def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
     """The optional modules this model has and the checkpoint lacks (judged by their `.weight`
     tensor; their extra state goes with them), removed from the load request so they keep their
     initialisation; returned per chunk key so they are put back after the load. Resuming needs
-    every weight: the optimizer state would not match."""
-    present = None
+    every weight: the optimizer state would not match. The step's tensors are asked of rank 0 (its
+    .metadata grows with the ranks that wrote it; megatron's load reads it on every rank already),
+    by every rank: a pipeline's stages differ in which optional modules they hold."""
+    present = rank0_answer(lambda: _keys_or_error(path))
     kept: dict = {}
     for chunk_key, sd in state.items():
         for prefix in OPTIONAL_PREFIXES:
@@ -59,8 +98,8 @@ def _drop_absent_optional(state: dict, path: Path, resuming: bool) -> dict:
             weight = sd.get(prefix + "weight")
             if not names or weight is None:
                 continue
-            if present is None:
-                present = _tensor_keys(path)
+            if isinstance(present, CheckpointError):
+                raise present
             if weight.key in present:
                 continue
             if resuming:
@@ -104,16 +143,21 @@ def _read_by_every_rank(path: Path, chunks, failed: BaseException | None) -> Che
     error = None if failed is None else (_other_shapes(path, chunks) or damaged(path, failed))
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return error
-    texts = [None] * dist.get_world_size()
-    dist.all_gather_object(texts, None if error is None else str(error))
-    rank, text = next(((r, t) for r, t in enumerate(texts) if t is not None), (0, None))
-    if text is None:
+    # the first failing rank found by an all-reduce, its text sent by it alone: a gather of every rank's
+    # answer was world-size objects on every rank (912 at POLAR-7B's scale)
+    world = dist.get_world_size()
+    rank = min_over_ranks(world if error is None else dist.get_rank())
+    if rank == world:
         return None
+    box = [None if error is None else str(error)]
+    dist.broadcast_object_list(box, src=rank)
+    text = box[0]
     return CheckpointError(text if rank == 0 else f"{text} (found by rank {rank}, which reads that part of it)")
 
 
-def load(path: str, chunks, optimizer=None) -> dict:
-    """Loads model weights (and optimizer state if given) into this layout; returns trainer state.
+def load(path: str, chunks, optimizer=None, state: dict | None = None) -> dict:
+    """Loads model weights (and optimizer state if given) into this layout; returns trainer state
+    (`state`: the step's read_state, where the caller has it; else read by rank 0 for every rank).
     A weights-only load (optimizer None) into a model with an LM head from a checkpoint without
     one keeps the head's initialisation (`has_lm_head` tells the caller)."""
     from megatron.core import dist_checkpointing
@@ -121,11 +165,12 @@ def load(path: str, chunks, optimizer=None) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    trainer_state = rank0_answer(lambda: read_state(str(p))) if state is None else state
     state = model_state(chunks)
     kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
     if optimizer is not None:
         optimizer_state.materialise(optimizer)
-        fmt = read_state(str(p)).get("optimizer_format", OPTIMIZER_FORMATS[0])
+        fmt = trainer_state.get("optimizer_format", OPTIMIZER_FORMATS[0])
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True, metadata=optimizer_metadata(fmt))
     failed = None
     try:
@@ -159,4 +204,4 @@ def load(path: str, chunks, optimizer=None) -> dict:
                     raise
                 raise other_settings(p, e) from e
         optimizer_state.after_load(optimizer)
-    return read_state(str(p))
+    return trainer_state

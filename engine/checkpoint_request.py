@@ -12,6 +12,7 @@ import contextlib
 import functools
 import queue
 import re
+import weakref
 
 
 def cause(e: BaseException) -> BaseException:
@@ -43,18 +44,72 @@ def first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:300]}"
 
 
-def parallel_save_strategy(dp_group):
+def min_over_ranks(value: int) -> int:
+    """The smallest of every rank's `value`, over the running process group: one all-reduced integer
+    (a CUDA tensor under NCCL)."""
+    import torch
+    import torch.distributed as dist
+
+    on_gpu = torch.cuda.is_available() and "nccl" in str(dist.get_backend())
+    t = torch.full((1,), int(value), dtype=torch.int64,
+                   device=torch.device("cuda", torch.cuda.current_device()) if on_gpu else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t.item())
+
+
+def structure(state) -> str:
+    """A fingerprint of what a sharded state dict holds, not of its values: each sharded entry's key,
+    replica, place in its global tensor, shape and dtype (what decides which replica writes which shard)."""
+    import hashlib
+
+    import torch
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    h = hashlib.sha1()
+    for v in nested_values(state):
+        if isinstance(v, ShardedBase):
+            data = getattr(v, "data", None)
+            h.update(repr((type(v).__name__, v.key, v.replica_id,
+                           *(getattr(v, a, None) for a in ("global_shape", "global_offset", "local_shape",
+                                                           "axis_fragmentations", "flattened_range", "dtype")),
+                           tuple(data.shape) if isinstance(data, torch.Tensor) else None)).encode())
+    return h.hexdigest()
+
+
+# per model (its first chunk, held weakly: a model freed in a process that builds several passes nothing on
+# to a new one at its address): (its last save's structure, data-parallel group, strategy)
+_SAVE_STRATEGIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def parallel_save_strategy(dp_group, model=None, state=None):
     """megatron's fully parallel save over the data-parallel group: each DP replica writes a 1/DP
     part of the replicated shards, instead of DP rank 0 of each model-parallel shard writing them
     all (at 200+ replicas, a few ranks of one node write the whole checkpoint while the others
     wait). The files are the same. Loading stays megatron's default: its fully parallel load
-    exchanges the parts through CUDA tensors only. None: one replica, nothing to share."""
+    exchanges the parts through CUDA tensors only. None: one replica, nothing to share.
+
+    Which replica writes which shard is worked out by gathering every replica's shard metadata, and
+    the wrapper then checks the whole save by gathering every rank's over the world (both objects of
+    every rank on every rank: 912 at POLAR-7B's scale), at each save where it keeps no distribution.
+    With `model` (its first chunk) and `state` (the sharded state dict about to be saved) the strategy
+    is the model's last one, keeping its distribution, while the state's structure is the same on
+    every rank (one all-reduced integer); a new one otherwise (the model's first save, a save of its
+    weights alone), which works it out and checks it again."""
     if dp_group is None or dp_group.size() == 1:
         return None
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
     from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 
-    return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
+    if model is None:
+        return FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group)
+    now = structure(state)
+    kept = _SAVE_STRATEGIES.get(model)
+    if not min_over_ranks(kept is not None and kept[:2] == (now, dp_group)):  # every rank takes the same way
+        kept = (now, dp_group, FullyParallelSaveStrategyWrapper(get_default_save_sharded_strategy(), dp_group,
+                                                                do_cache_distribution=True))
+        _SAVE_STRATEGIES[model] = kept
+    return kept[2]
 
 
 _LOCAL_RESULTS: queue.Queue = queue.Queue()

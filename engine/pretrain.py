@@ -240,6 +240,7 @@ def prepare_checked_data(cfg, recipe):
     directory is written (config.yaml, the tokenizer): a refused resume leaves it as it was, and
     --check-config refuses what the run would. The trainer checks the loader state again."""
     from engine import resume_checks
+    from engine.checkpoint_load import rank0_answer
 
     seq_length = cfg.data.seq_length
     data = recipe.prepare_data(cfg)
@@ -248,7 +249,8 @@ def prepare_checked_data(cfg, recipe):
 
         validate_layout(cfg.model, cfg.parallel, cfg.train, world_size_from_env(), cfg.data.seq_length)
     derived = getattr(recipe, "DERIVED_SETTINGS", {})
-    resume_from = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
+    # in the run, rank 0 looks (the step every rank then checks against, as the trainer resumes from it)
+    resume_from = rank0_answer(lambda: newest_checkpoint(cfg)) if cfg.checkpoint.resume else None
     if resume_from:
         # the data first: a changed data setting also changes what is derived from the data
         # (fine-tuning's steps), and is the one to name
@@ -263,12 +265,14 @@ def check_resume_data(cfg, data, step_dir) -> None:
     (engine.resume_checks.check_resume_data_settings, which names each that changed: the trainer and
     the pre-training recipe apply the same rule), be that data in the same order
     (engine.data.GlobalBatchLoader.load_state_dict, the backstop for what no setting records), and be
-    tokenized by the tokenizer its checkpoints carry."""
+    tokenized by the tokenizer its checkpoints carry. In the run the step's state and tokenizer files
+    are read by rank 0 alone (engine.checkpoint_load.rank0_answer), the checks made on every rank."""
     from engine import checkpoint, resume_checks
+    from engine.checkpoint_load import rank0_answer
     from engine.data import GlobalBatchLoader
     from polar.checkpoint_tokenizer import DIR, differs_from_saved
 
-    state = checkpoint.read_state(step_dir)
+    state = rank0_answer(lambda: checkpoint.read_state(step_dir))
     resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
                                              sequences=len(data.train))
     train_file = data_files(cfg)[0]
@@ -281,7 +285,7 @@ def check_resume_data(cfg, data, step_dir) -> None:
         except ConfigError as e:
             raise ConfigError(f"resuming from {step_dir}: {e}") from None
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
-    name = differs_from_saved(ckpt_dir, data.tokenizer or "byte")
+    name = rank0_answer(lambda: differs_from_saved(ckpt_dir, data.tokenizer or "byte"))
     if name:
         now = data.tokenizer or "the byte tokenizer"
         raise ConfigError(f"resuming from {step_dir}: the run's data is tokenized by {now}, but "

@@ -118,14 +118,16 @@ class Trainer:
         checkpoint.check_writable(self.ckpt_dir)
         path = checkpoint.latest_agreed(self.ckpt_dir) if ck.resume else None
         if path:
-            # before the load: megatron would ignore changed settings, or fail deep inside it
-            saved = checkpoint.read_state(path)
+            # before the load: megatron would ignore changed settings, or fail deep inside it. Read by
+            # rank 0, told to the others (checkpoint_load.rank0_answer): its history grows with the run
+            saved = checkpoint_load.rank0_answer(lambda: checkpoint.read_state(path))
             resume_checks.check_resume_settings(path, self.cfg.train, state=saved)
             # what the run takes otherwise than the step was saved with, said once it has resumed
             notes = resume_checks.check_resume_layout(path, self.rt.tp, self.rt.pp, self.rt.vpp, state=saved,
                                                       distributed_optimizer=self.cfg.parallel.distributed_optimizer,
                                                       dp=self.rt.dp)
-            resume_checks.check_resume_norm_dtypes(path)  # before the buckets' check: the cause, not a symptom
+            # before the buckets' check: the cause, not a symptom
+            checkpoint_load.rank0_answer(lambda: resume_checks.check_resume_norm_dtypes(path))
             resume_checks.check_resume_buckets(path, self.optimizer, saved)
             if "loader" not in saved or "scheduler" not in saved:
                 raise ConfigError(
@@ -139,7 +141,7 @@ class Trainer:
                 self.loader.load_state_dict(saved["loader"])
             except ConfigError as e:
                 raise ConfigError(f"resuming from {path}: {e}") from None
-            state = checkpoint_load.load(path, self.model, self.optimizer)
+            state = checkpoint_load.load(path, self.model, self.optimizer, state=saved)
             self.step = int(state["step"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.history = state.get("history", [])

@@ -66,6 +66,106 @@ def save_listing(cfg, rt, undo: list) -> str:
     return "saved"
 
 
+# the files of a step that every rank would read alike at a resume, and the gather whose payload grows
+# with the world size (a rank's answer each)
+STEP_FILES = ("trainer_state.json", ".metadata")
+READERS = {"read_state": os.path.join("engine", "checkpoint.py"),
+           "tensors_metadata": os.path.join("engine", "checkpoint_load.py")}
+
+
+def resume_reads(cfg, rt) -> dict:
+    """A step saved (an LM head: its load asks which optional tensors the step holds), then resumed:
+    the entry script's check of the run's data against it (engine.pretrain.check_resume_data), then a
+    trainer's resume. -> what this rank did meanwhile: its opens of STEP_FILES through the engine's
+    readers of them (engine.checkpoint.read_state, engine.checkpoint_load.tensors_metadata; megatron's
+    load reads .metadata on every rank itself), and the engine's all_gather_object calls."""
+    import traceback
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from engine.config_load import updated
+    from engine.data import PackedGroups
+    from engine.pretrain import check_resume_data
+    from engine.trainer import Trainer
+
+    cfg.train = updated(cfg.train, {"aux_lm_weight": 0.1}, "train")
+    data = PackedGroups(random_groups(7, 20, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
+    first = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    first.train_step()
+    first.step = 1
+    step = first.save()
+    first.finish_saves()
+    cfg.checkpoint.resume = True
+    seen = {"opens": {name: 0 for name in STEP_FILES}, "all_gather_object": 0}
+
+    def opened(event, args):
+        if (event == "open" and isinstance(args[0], (str, bytes, os.PathLike))
+                and os.fsdecode(args[0]).endswith(STEP_FILES)
+                and any(f.name in READERS and f.filename.endswith(READERS[f.name]) for f in traceback.extract_stack())):
+            seen["opens"][next(n for n in STEP_FILES if os.fsdecode(args[0]).endswith(n))] += 1
+
+    gather = dist.all_gather_object
+
+    def counted(*args, **kwargs):  # the engine's own (megatron's load makes some)
+        if os.sep + "engine" + os.sep in traceback.extract_stack()[-2].filename:
+            seen["all_gather_object"] += 1
+        return gather(*args, **kwargs)
+
+    recording = [True]
+    sys.addaudithook(lambda event, args: opened(event, args) if recording[0] else None)
+    dist.all_gather_object = counted
+    try:
+        check_resume_data(cfg, SimpleNamespace(train=data, tokenizer=None, pad_id=0), step)
+        Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    finally:
+        recording[0] = False
+        dist.all_gather_object = gather
+    return seen
+
+
+def save_gathers(cfg, rt) -> dict:
+    """Saves of one model, shared by its data-parallel replicas: its weights alone, then steps 1 and 2
+    with their optimizer state; then step 2 loaded into a new trainer, both trained a step more.
+    -> each save's all_gather_object calls (megatron's fully parallel save: which replica writes which
+    shard, gathered over the data-parallel group, and its check of the whole save, gathered over the
+    world), and whether both trainers' parameters are then the same."""
+    import torch
+    import torch.distributed as dist
+
+    from engine import checkpoint
+    from engine.data import PackedGroups
+    from engine.trainer import Trainer
+
+    data = PackedGroups(random_groups(7, 20, cfg.model.vocab_size, cfg.data.seq_length), cfg.data.seq_length)
+    first = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    gathers, gather = [], dist.all_gather_object
+
+    def counted(*args, **kwargs):
+        gathers[-1] += 1
+        return gather(*args, **kwargs)
+
+    dist.all_gather_object = counted
+    try:
+        gathers.append(0)
+        checkpoint.save(str(Path(cfg.run_dir) / "weights"), 0, first.model, None, {"step": 0},
+                        dp_group=rt.groups.dp)
+        for step in (1, 2):
+            first.train_step()
+            first.step = step
+            gathers.append(0)
+            first.save()
+            first.finish_saves()
+    finally:
+        dist.all_gather_object = gather
+    cfg.checkpoint.resume = True
+    second = Trainer(cfg, rt, data, cfg.run_dir, pad_id=0, log=lambda *a, **k: None)
+    for trainer in (first, second):
+        trainer.train_step()
+    same = all(torch.equal(a, b) for a, b in zip(first.model[0].parameters(), second.model[0].parameters()))
+    return {"gathers": gathers, "resumed_at": second.step, "same": same}
+
+
 def latest_read(cfg, rank: int, scenario: str, undo: list) -> str:
     import torch.distributed as dist
 
@@ -86,8 +186,8 @@ def latest_read(cfg, rank: int, scenario: str, undo: list) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)
-    ap.add_argument("--scenario", choices=("save_listing", "latest_marker", "latest_step", "latest_undecodable"),
-                    required=True, nargs="+")
+    ap.add_argument("--scenario", choices=("save_listing", "latest_marker", "latest_step", "latest_undecodable",
+                                           "resume_reads", "save_gathers"), required=True, nargs="+")
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
     base = [*SMALL, "train.steps=1", "checkpoint.resume=false", *args.overrides]
@@ -102,8 +202,12 @@ def main():
         cfg = load_config(EngineConfig, None, [*base, f"run_dir={root / (scenario + '_run')}"])
         undo: list = []
         try:
-            found = save_listing(cfg, rt, undo) if scenario == "save_listing" else latest_read(cfg, rt.rank,
-                                                                                            scenario, undo)
+            if scenario in ("resume_reads", "save_gathers"):
+                found = (resume_reads if scenario == "resume_reads" else save_gathers)(cfg, rt)
+            elif scenario == "save_listing":
+                found = save_listing(cfg, rt, undo)
+            else:
+                found = latest_read(cfg, rt.rank, scenario, undo)
             result = {"found": found, "error": ""}
         except (checkpoint.CheckpointError, checkpoint.CheckpointWriteError) as e:
             result = {"error": f"{type(e).__name__}: {e}"}

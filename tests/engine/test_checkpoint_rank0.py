@@ -16,7 +16,7 @@ from tests.engine import torchrun_scenario
 WORKER = Path(__file__).with_name("rank0_file_worker.py")
 TIMEOUT = 240
 # the save last: its trainer is the only thing a scenario leaves behind
-SCENARIOS = ("latest_marker", "latest_step", "latest_undecodable", "save_listing")
+SCENARIOS = ("latest_marker", "latest_step", "latest_undecodable", "resume_reads", "save_gathers", "save_listing")
 
 
 @pytest.fixture(scope="module")
@@ -66,3 +66,31 @@ def test_a_latest_marker_that_is_not_text_resumes_from_the_newest_step_on_every_
     ranks = launch[1]["latest_undecodable"]
     newest = str(launch[0] / "latest_undecodable_run" / "checkpoints" / "step_00000002")
     assert ranks == [{"found": newest, "error": ""}] * 2, ranks
+
+
+def test_a_resume_reads_the_step_on_rank_0_alone(launch):
+    """What a resume reads of the step, every rank alike (its trainer state, whose history grows with the
+    run; its .metadata, which grows with the ranks that wrote it), is read by rank 0 and told to the
+    others: every rank read the state file four times (the entry script's data check, the trainer's
+    checks, twice in the load) and the .metadata twice (the norm dtypes' check, the LM head's), beside
+    megatron's own reads. A load's check that every rank read its part takes no gather of every rank's
+    answer (a payload of world-size objects on each rank)."""
+    ranks = launch[1]["resume_reads"]
+    assert [r["error"] for r in ranks] == ["", ""], ranks
+    assert ranks[1]["found"]["opens"] == {"trainer_state.json": 0, ".metadata": 0}, ranks
+    assert ranks[0]["found"]["opens"] == {"trainer_state.json": 2, ".metadata": 2}, ranks
+    assert [r["found"]["all_gather_object"] for r in ranks] == [0, 0], ranks
+
+
+def test_a_model_s_later_saves_keep_the_save_distribution_and_load_back(launch):
+    """megatron's fully parallel save worked out which data-parallel replica writes which shard, and
+    checked the whole save, at every save: two gathers of every rank's shard metadata on every rank
+    (over the replicas, over the world: 912 ranks at POLAR-7B's scale), where only the first save of a
+    model, or one of another structure (its weights alone), needs them. A save made with the kept
+    distribution is whole: loaded into a new trainer, the next step is the saving trainer's."""
+    ranks = launch[1]["save_gathers"]
+    assert [r["error"] for r in ranks] == ["", ""], ranks
+    for r in ranks:
+        gathers = r["found"]["gathers"]
+        assert gathers[0] > 0 and gathers[1] > 0 and gathers[2] == 0, ranks
+        assert r["found"]["resumed_at"] == 2 and r["found"]["same"], ranks
