@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 
+from engine.checkpoint import STATE_FILE
 from tests.engine.parity import COMMON, NO_END_SAVE, ROOT, by_step, run_worker
-from tests.engine.test_checkpoint_async import ASYNC, SAVES, _loaded, _rolled_back, _run_scenario, _running
+from tests.engine.test_checkpoint_async import (ASYNC, SAVES, _loaded, _rolled_back, _run_scenario, _running,
+                                               _untimed)
 
 WORKER = Path(__file__).with_name("save_twice_worker.py")
 # as tests/gpu/test_resume_gpu.py: a resumed bf16 run on one card differs from the uninterrupted one by
@@ -55,7 +57,8 @@ def test_a_background_save_on_cuda_writes_a_synchronous_ones_files_resumes_and_l
     """A 4-step run saving at steps 2 and 4, each save made twice of the same state (save_twice_worker.py):
     synchronously, then in the background while the next steps train. Every file is byte for byte the
     synchronous save's but torch's .metadata, which names its directory (read back: every tensor and
-    object equal); a run resumed from the background save at step 2 trains steps 3-4 as the run did; and
+    object equal), and the trainer state, which names its save (save_id, f9bd6dc: compared without it, as
+    the CPU test does); a run resumed from the background save at step 2 trains steps 3-4 as the run did; and
     neither run leaves a process behind (the writers, megatron's results server)."""
     token = uuid.uuid4().hex
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", POLAR_SYNC_COPY=str(tmp_path / "sync"),
@@ -76,8 +79,10 @@ def test_a_background_save_on_cuda_writes_a_synchronous_ones_files_resumes_and_l
         want, got = tmp_path / "sync" / step, ckpts / step
         names = sorted(p.name for p in want.iterdir())
         assert sorted(p.name for p in got.iterdir()) == names and any(n.endswith(".distcp") for n in names), step
-        differ = [n for n in names if n != ".metadata" and (want / n).read_bytes() != (got / n).read_bytes()]
+        differ = [n for n in names if n not in (".metadata", STATE_FILE)
+                  and (want / n).read_bytes() != (got / n).read_bytes()]
         assert not differ, f"{step}: {differ} differ from the synchronous save's"
+        assert _untimed(want) == _untimed(got), step
         a, b = _loaded(want, tmp_path), _loaded(got, tmp_path)
         assert sorted(a) == sorted(b) and any(k.startswith("optimizer.") for k in a), sorted(a)[:20]
         for key, value in a.items():
