@@ -163,6 +163,8 @@ def step_fails(trainer, rank: int, failing: list, out: str) -> dict:
     """A run saving every step: step 1's save completes, step 2's writer is held back (until the
     marker file exists), and step 3's loss raises on the `failing` ranks, which first make the
     marker when every rank fails (the write goes on) and not otherwise (a write that takes long)."""
+    import torch.distributed as dist
+
     import engine.trainer
     from engine import checkpoint
 
@@ -184,17 +186,32 @@ def step_fails(trainer, rank: int, failing: list, out: str) -> dict:
         return loss(*args, **kwargs)
 
     trainer.save, engine.trainer.contrastive_loss = save, failing_loss
+    asked, default_store = {}, dist.distributed_c10d._get_default_store
+
+    class Counted:  # the job's store, its requests counted by kind (the stop's agreement goes through it)
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name):
+            def call(*args, **kwargs):
+                asked[name] = asked.get(name, 0) + 1
+                return getattr(self.store, name)(*args, **kwargs)
+            return call
+
+    dist.distributed_c10d._get_default_store = lambda: Counted(default_store())
     try:
         trainer.fit()
     except RuntimeError as e:
         result = {"error": str(e), "notes": getattr(e, "__notes__", []),
                   "latest": checkpoint.latest(trainer.ckpt_dir),
-                  "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)]}
+                  "partials": [p.name for p in checkpoint.partial_saves(trainer.ckpt_dir)], "asked": asked}
         if len(failing) < trainer.rt.world_size:  # the others wait in the step: the error ends the process
             with open(f"{out}.rank{rank}", "w") as f:
                 json.dump(result, f)
             raise
         return result
+    finally:
+        dist.distributed_c10d._get_default_store = default_store
     return {"error": ""}
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from engine import checkpoint_async
 from tests.engine import runs_worker
 from tests.engine.parity import NO_END_SAVE, STEPS, assert_same_run
 from tests.engine.torchrun_scenario import run_scenario
@@ -277,6 +278,8 @@ def test_a_step_that_fails_on_every_rank_while_a_write_is_pending_completes_it(c
         assert rank["notes"] == [f"the checkpoint written in the background when the run stopped was completed: "
                                  f"{ckpts / 'step_00000002'} (`latest`: a resume continues from it)"], rank
         assert rank["latest"] == str(ckpts / "step_00000002") and rank["partials"] == [], rank
+    # rank 0 takes every rank's write results from the job's store in one request, not one a rank
+    assert ranks[0]["asked"].get("multi_get") == 1 and ranks[0]["asked"].get("get") == 1, ranks[0]
     assert json.loads((ckpts / "step_00000002" / "trainer_state.json").read_text())["step"] == 2
     assert sorted(p.name for p in (ckpts / "step_00000002").iterdir()) == sorted(
         p.name for p in (ckpts / "step_00000001").iterdir())  # .metadata, metadata.json, shards, state
@@ -298,6 +301,9 @@ def test_a_step_that_fails_on_one_rank_while_a_write_is_pending_leaves_it_partia
                              f"resume continues from, is {ckpts / 'step_00000001'}"], rank
     assert (ckpts / "latest").read_text() == "step_00000001"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000001", "step_00000002.partial"]
+    # rank 1 asked the store for rank 0's decision through the wait, AGREE_S + 1 s: every 50 ms (80 times,
+    # from each of a job's ranks), now every DECISION_POLL_S
+    assert rank["asked"]["check"] <= (AGREE_S + 1) / checkpoint_async.DECISION_POLL_S + 2, rank["asked"]
     writers = [int((tmp / f"one_fails.writer{r}").read_text()) for r in range(2)]
     assert not _left_running(writers), writers
 
