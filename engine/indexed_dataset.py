@@ -12,8 +12,10 @@ sequence's index in one pass. Version 1 (no counts) is read, checked and counted
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -22,7 +24,7 @@ import numpy as np
 
 from engine.build_sets import AGREED, check_build_sets
 from engine.group import Group, per_group_counts
-from engine.shard_files import OpenFiles, check_unchanged
+from engine.shard_files import OpenFiles, check_unchanged, removed_since_opened
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, DatasetTokenError, ShardIndex,
                                  check_offsets, groups_problem, segment_sums, sequence_counts)
 from engine.worker_processes import die_with_parent, kill_workers
@@ -47,12 +49,22 @@ class SequenceIndex(NamedTuple):
 class _Shard:
     def __init__(self, idx_path: Path, files: OpenFiles):
         self.name = idx_path.with_suffix("")
-        with open(idx_path, "rb") as f:
-            self._idx_stat = os.fstat(f.fileno())  # the file every later read must be
-            head = f.read(HEADER.size)
+        # opened once, for the reads at open and after (files keeps it): every rank opens every shard, and
+        # each open of a file and each look at a name is a request to a shared file system's metadata server
+        fd = os.open(idx_path, os.O_RDONLY)
+        try:
+            self._idx_stat = os.fstat(fd)  # the file every later read must be
+        except BaseException:
+            os.close(fd)
+            raise
+        if stat.S_ISDIR(self._idx_stat.st_mode):  # as open() refuses it
+            os.close(fd)
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(idx_path))
+        files.adopt(idx_path, fd, self._idx_stat)
         size = self._idx_stat.st_size
-        if len(head) < HEADER.size:
+        if size < HEADER.size:
             raise DatasetFormatError(f"{idx_path}: {size} bytes, shorter than the {HEADER.size}-byte header (truncated?)")
+        head = files.read(idx_path, self._idx_stat, 0, HEADER.size, np.dtype(np.uint8)).tobytes()
         magic, version, k, dt, seq_length, S, G, P, T = HEADER.unpack(head)
         if magic != MAGIC:
             raise DatasetFormatError(f"{idx_path}: not a dataset index (magic {magic!r}, expected {MAGIC!r})")
@@ -87,9 +99,20 @@ class _Shard:
                 "(truncated or corrupt)")
         self._idx_path, self._files, self._num_sequences, self._version = idx_path, files, int(S), version
         bin_path = idx_path.with_suffix(".bin")
-        if not bin_path.is_file():
+        try:  # one look at the name (is_file, then stat, were two)
+            self._bin_stat = bin_path.stat()
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            self._bin_stat = None
+        if self._bin_stat is None or not stat.S_ISREG(self._bin_stat.st_mode):
             raise DatasetFormatError(f"{bin_path}: missing (the index {idx_path.name} needs it)")
-        self._bin_stat = bin_path.stat()
+        # the index is still the one read: a --force rebuild removes the old .idx first and puts the new one in
+        # place last (engine.shard_writer), and the .bin just looked at may be the new one, of the same size
+        try:
+            check_unchanged(idx_path, os.stat(idx_path), self._idx_stat)
+        except FileNotFoundError:
+            raise removed_since_opened(idx_path) from None
         if self._bin_stat.st_size != T * self.dtype.itemsize:
             raise DatasetFormatError(
                 f"{bin_path}: {self._bin_stat.st_size} bytes, expected {T * self.dtype.itemsize} "
@@ -112,7 +135,11 @@ class _Shard:
                               int(over[0]))
         meta_path = idx_path.with_suffix(".json")
         try:
-            self.meta = json.loads(meta_path.read_bytes()) if meta_path.is_file() else {}
+            raw = meta_path.read_bytes()  # no is_file() first: one request less
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raw = None
+        try:
+            self.meta = json.loads(raw) if raw is not None else {}
         except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
             raise DatasetFormatError(f"{meta_path}: not valid JSON: {e}") from e
         if not isinstance(self.meta, dict):
@@ -346,7 +373,8 @@ class IndexedDataset:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if self.path.is_dir():
+        is_dir = self.path.is_dir()
+        if is_dir:
             idx = sorted(self.path.glob("*.idx"))
             if not idx:
                 raise DatasetFormatError(f"{self.path}: no shards (*.idx) in this directory")
@@ -361,7 +389,7 @@ class IndexedDataset:
             raise DatasetFormatError(f"{self.path}: no such dataset directory or shard{hint}")
         self._files = OpenFiles()
         self.shards = [_Shard(p, self._files) for p in idx]
-        if self.path.is_dir():
+        if is_dir:
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
         for s in self.shards[1:]:

@@ -17,16 +17,18 @@ class ShardFile:
     Closed when the last holder lets go: OpenFiles may drop it while a loader thread is reading
     from it, and an explicit close there could hand its descriptor number to another file mid-read."""
 
-    def __init__(self, path: Path, opened: os.stat_result):
+    def __init__(self, path: Path, opened: os.stat_result, fd: int | None = None):
+        """`fd`: `path` opened already, `opened` its fstat (given over: closed by this object)."""
         self.path = path
         self._close = os.close  # held: at interpreter exit the module's globals may be gone first
+        given = fd is not None
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = fd if given else os.open(path, os.O_RDONLY)
         except FileNotFoundError:  # a --force rebuild removes the old .idx first, then puts the new shard in place
-            raise DatasetFormatError(f"{path}: removed since the dataset was opened (a rebuild putting its shard "
-                                     "in place?); open the dataset again") from None
+            raise removed_since_opened(path) from None
         try:  # until self.fd is set, nothing else closes fd
-            check_unchanged(path, os.fstat(fd), opened)
+            if not given:
+                check_unchanged(path, os.fstat(fd), opened)
             if hasattr(os, "posix_fadvise"):
                 # Reads land anywhere (a shuffled epoch): no read-ahead around them, which the kernel
                 # still does for some small reads it takes for sequential (2.45x the pages used, here).
@@ -90,13 +92,23 @@ class OpenFiles:
             if f is not None:
                 self._files.move_to_end(path)
                 return f
-        f = ShardFile(path, opened)
+        return self._keep(path, ShardFile(path, opened))
+
+    def _keep(self, path: Path, f: ShardFile) -> ShardFile:
         with self._lock:
             self._files[path] = f
+            self._files.move_to_end(path)
             # a dropped file stays open for the readers holding it, and closes with the last of them
             while len(self._files) > self.size:
                 self._files.popitem(last=False)
         return f
+
+    def adopt(self, path: Path, fd: int, opened: os.stat_result) -> None:
+        """The file `path` that the caller has opened (`fd`, given over; `opened` its fstat, which later
+        opens are checked against: check_unchanged), kept as its open file: a shard's index is read at
+        open (header, offsets, counts) by every rank, and opening it a second time for the reads was
+        one more metadata request per shard and rank on a shared file system."""
+        self._keep(path, ShardFile(path, opened, fd))  # ShardFile closes fd where it fails
 
     def read(self, path: Path, opened: os.stat_result, offset: int, count: int, dtype: np.dtype) -> np.ndarray:
         """`count` elements of `dtype` at byte `offset` of `path`, in a new array."""
@@ -104,6 +116,11 @@ class OpenFiles:
         if count:
             self.get(path, opened).read_into(out, offset)
         return out
+
+
+def removed_since_opened(path: Path) -> DatasetFormatError:
+    return DatasetFormatError(f"{path}: removed since the dataset was opened (a rebuild putting its shard in place?); "
+                              "open the dataset again")
 
 
 def check_unchanged(path: Path, now: os.stat_result, opened: os.stat_result) -> None:

@@ -2,6 +2,7 @@
 reader refuses: test_indexed_dataset_checks.py)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +112,38 @@ def test_loader_sharding_and_resume_on_a_built_dataset(tmp_path, packed):
     # every sequence once per epoch
     epoch = [one.global_batch_indices(b) for b in range(len(ds) // 4)]
     assert len(np.unique(np.concatenate(epoch))) == 4 * (len(ds) // 4)
+
+
+def test_opening_a_shard_looks_at_each_of_its_files_once(tmp_path):
+    """Every rank opens every shard (thousands of shards, hundreds of ranks, at POLAR's scale), and each open
+    of a file and each look at a name (a stat) is a request to a shared file system's metadata server.
+    Per shard: its .idx opened once (for the header, offsets and counts, and the reads after), looked at
+    once more after the .bin (a rebuild putting its shard in place between them is refused), the .bin
+    and the .json looked at once each. It opened the .idx twice (the header, then the reads), and
+    looked at the .bin twice (is_file, then stat) and at the .json before opening it: six, now four."""
+    for k in range(3):
+        write(tmp_path / f"part-{k:05d}", PackedGroups(random_groups(k, 30), SEQ))
+    script = f"""
+import collections, json, os, sys
+sys.path.insert(0, {str(Path(__file__).parents[2])!r})
+from engine.indexed_dataset import IndexedDataset
+
+looks, real_stat = collections.Counter(), os.stat
+def stat(path, *args, **kwargs):
+    if "part-" in os.fsdecode(path):
+        looks["stat " + os.path.splitext(os.fsdecode(path))[1]] += 1
+    return real_stat(path, *args, **kwargs)
+def opened(event, args):
+    if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)) and "part-" in os.fsdecode(args[0]):
+        looks["open " + os.path.splitext(os.fsdecode(args[0]))[1]] += 1
+os.stat = stat
+sys.addaudithook(opened)
+IndexedDataset(sys.argv[1])
+print(json.dumps(looks))
+"""
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout) == {"open .idx": 3, "stat .idx": 3, "stat .bin": 3, "open .json": 3}, out.stdout
 
 
 def test_an_open_dataset_holds_no_index_in_private_memory(tmp_path):

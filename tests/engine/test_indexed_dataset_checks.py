@@ -385,18 +385,18 @@ def test_a_rebuild_putting_its_shard_in_place_while_the_dataset_opens_is_refused
     groups = random_groups(0, 120)
     write(tmp_path / "ds" / "a", PackedGroups(groups, SEQ))
     write(tmp_path / "new" / "a", PackedGroups(groups[::-1], SEQ))
-    is_file, swapped = pathlib.Path.is_file, []
+    real_stat, swapped = pathlib.Path.stat, []
 
-    def rebuild_lands_now(self):  # the reader has the old .idx open; it looks for the .bin next
+    def rebuild_lands_now(self, **kwargs):  # the reader has the old .idx open; it looks at the .bin next
         if self.name == "a.bin" and not swapped:
             swapped.append(True)
             (tmp_path / "ds" / "a.idx").unlink()
             (tmp_path / "new" / "a.bin").replace(tmp_path / "ds" / "a.bin")
             if new_idx_in_place:
                 (tmp_path / "new" / "a.idx").replace(tmp_path / "ds" / "a.idx")
-        return is_file(self)
+        return real_stat(self, **kwargs)
 
-    monkeypatch.setattr(pathlib.Path, "is_file", rebuild_lands_now)
+    monkeypatch.setattr(pathlib.Path, "stat", rebuild_lands_now)
     why = "replaced or rewritten since" if new_idx_in_place else "removed since the dataset was opened"
     with pytest.raises(DatasetFormatError, match=rf"a\.idx: {why}"):
         IndexedDataset(tmp_path / "ds")
