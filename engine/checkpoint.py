@@ -36,6 +36,9 @@ from engine.config import ConfigError
 
 STATE_FILE = "trainer_state.json"
 MODEL_FILE = "model.json"  # the model settings the weights were saved with (engine.config.ModelConfig)
+# megatron's dist_checkpointing config (backend, version), which its save writes once every shard is written
+# and its load reads first ("... is not a distributed checkpoint" where it is missing)
+MEGATRON_FILE = "metadata.json"
 # settings that decide which weights exist and their shapes: a checkpoint loads only into a model
 # that agrees (add_qkv_bias adds q/k/v biases; transformer_impl names the norms differently: TE fuses
 # them into the linear layers that follow)
@@ -409,7 +412,24 @@ def is_step(path: Path) -> bool:
     (weights only, e.g. a converted model)."""
     # a `.deleting` one (a pruned or replaced step being removed) may still hold its state file
     return path.is_dir() and not path.name.endswith((".partial", _DELETING)) and (
-        (path / STATE_FILE).is_file() or (path / "metadata.json").is_file())
+        (path / STATE_FILE).is_file() or (path / MEGATRON_FILE).is_file())
+
+
+def incomplete(step: Path) -> str:
+    """'' for a step megatron's load can start on, else why not: a step `save` wrote holds trainer_state.json
+    and megatron's metadata.json (written last by megatron, before the step's rename), so one holding the
+    first and not the second is a copy that did not finish (cp, rsync), which megatron's load refused with
+    a traceback. A step without trainer_state.json (a converted model's weights) is one by its
+    metadata.json alone (is_step)."""
+    if not (step / STATE_FILE).is_file() or (step / MEGATRON_FILE).is_file():
+        return ""
+    why = (f"an incomplete copy of a checkpoint step: it holds {STATE_FILE} but not {MEGATRON_FILE} (megatron's, "
+           f"written when the save finished); copy the step again whole")
+    if step_number(step) is None:
+        return why
+    before = [p for p in _steps(step.parent) if step_number(p) < step_number(step) and not incomplete(p)]
+    return why + (f", or move it out of {step.parent}: the newest complete step there is then {before[-1]}"
+                  if before else "")
 
 
 def resolve(path: str) -> str:
@@ -419,8 +439,9 @@ def resolve(path: str) -> str:
     if not p.exists():
         raise CheckpointNotFound("no such directory")
     if is_step(p):
-        return str(p)
-    found = latest(str(p)) if p.is_dir() else None
+        found = str(p)
+    else:
+        found = latest(str(p)) if p.is_dir() else None
     if found is None and (p / "checkpoints").is_dir():
         found = latest(str(p / "checkpoints"))
     if found is None:
@@ -438,6 +459,8 @@ def resolve(path: str) -> str:
             "neither a checkpoint directory (with a `latest` marker or step_* directories), a run "
             "directory holding one, nor one complete step directory"
             + (f"; it holds only saves that did not finish ({', '.join(c.name for c in cut)})" if cut else ""))
+    if why := incomplete(Path(found)):
+        raise CheckpointNotFound(why if Path(found) == p else f"its newest step {found} is {why}")
     return found
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from engine import optimizer_state
-from engine.checkpoint import (MODEL_FILE, OPTIMIZER_FORMATS, CheckpointError, damaged, model_state,
+from engine.checkpoint import (MODEL_FILE, OPTIMIZER_FORMATS, CheckpointError, damaged, incomplete, model_state,
                                optimizer_metadata, other_settings, read_state, unwrap)
 from engine.checkpoint_request import cause, dcp_error, first_line, min_over_ranks
 from engine.config import ConfigError
@@ -155,6 +155,15 @@ def _read_by_every_rank(path: Path, chunks, failed: BaseException | None) -> Che
     return CheckpointError(text if rank == 0 else f"{text} (found by rank {rank}, which reads that part of it)")
 
 
+def _loadable_state(p: Path, read: bool) -> dict | None:
+    """The step's trainer state (where `read`), once the step is one megatron's load can start on: a resume
+    from the `latest` of a directory holding an incomplete copy of a step took it (is_step) and crashed in
+    megatron ("... is not a distributed checkpoint")."""
+    if why := incomplete(p):
+        raise CheckpointError(f"{p}: {why}")
+    return read_state(str(p)) if read else None
+
+
 def load(path: str, chunks, optimizer=None, state: dict | None = None) -> dict:
     """Loads model weights (and optimizer state if given) into this layout; returns trainer state
     (`state`: the step's read_state, where the caller has it; else read by rank 0 for every rank).
@@ -165,7 +174,8 @@ def load(path: str, chunks, optimizer=None, state: dict | None = None) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    trainer_state = rank0_answer(lambda: read_state(str(p))) if state is None else state
+    read = rank0_answer(lambda: _loadable_state(p, read=state is None))
+    trainer_state = read if state is None else state
     state = model_state(chunks)
     kept = _drop_absent_optional(state, p, resuming=optimizer is not None)
     if optimizer is not None:

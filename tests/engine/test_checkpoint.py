@@ -37,6 +37,7 @@ def _step(root, n, state=None):
     d = root / f"step_{n:08d}"
     d.mkdir(parents=True)
     (d / checkpoint.STATE_FILE).write_text(json.dumps(state or {"step": n}))
+    (d / checkpoint.MEGATRON_FILE).write_text("{}")  # without it the step is an incomplete copy
     return d
 
 
@@ -406,3 +407,36 @@ def test_a_freed_models_integrity_check_does_not_pass_to_a_new_model_at_its_addr
     else:
         pytest.fail("no new instance was allocated at the freed one's address: the case cannot be made")
     assert not checkpoint.integrity_checked([new])
+
+
+def test_an_incomplete_copy_of_a_step_is_refused_naming_the_file_it_lacks(tmp_path):
+    """A step holding trainer_state.json but not megatron's metadata.json (written when the save finished:
+    a cp or rsync that did not finish) was taken by resolve() and latest(), and its load then failed in
+    megatron with a traceback ("... is not a distributed checkpoint", exit 1). checkpoint.init_from now
+    refuses it at start-up (a config error, exit 2), and a load of it (a resume from a `latest` naming it)
+    raises CheckpointError, before megatron reads anything."""
+    from engine import checkpoint_load
+    from engine.config_load import load_config
+    from polar.pretrain_recipe import PretrainConfig
+
+    done = _step(tmp_path / "ckpt", 3)
+    cut = _step(tmp_path / "ckpt", 5)
+    (cut / checkpoint.MEGATRON_FILE).unlink()
+    lacks = "an incomplete copy of a checkpoint step: it holds trainer_state.json but not metadata.json"
+    root = tmp_path / "ckpt"
+    for given, said in ((cut, f"{cut}: {lacks}"), (root, f"{root}: its newest step {cut} is {lacks}")):
+        with pytest.raises(checkpoint.ConfigError, match=f"checkpoint.init_from={said}.* the newest complete step "
+                                                         f"there is then {done}$"):
+            load_config(PretrainConfig, None, [f"checkpoint.init_from={given}"])
+    assert checkpoint.latest(str(tmp_path / "ckpt")) == str(cut)  # a resume takes it, and its load refuses it
+    with pytest.raises(checkpoint.CheckpointError, match=f"^{cut}: {lacks}"):
+        checkpoint_load.load(str(cut), chunks=None, optimizer=object())
+    alone = tmp_path / "copied"
+    cut.rename(alone)  # a step copied on its own: no step beside it to name
+    with pytest.raises(checkpoint.CheckpointNotFound, match=f"{lacks} .*; copy the step again whole$"):
+        checkpoint.resolve(str(alone))
+    # a converted model's weights (no trainer state) and a complete step are taken as before
+    (alone / checkpoint.STATE_FILE).unlink()
+    (alone / checkpoint.MEGATRON_FILE).write_text("{}")
+    assert checkpoint.resolve(str(alone)) == str(alone)
+    assert checkpoint.resolve(str(done)) == str(done)

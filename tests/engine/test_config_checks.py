@@ -134,6 +134,7 @@ def test_init_from_accepts_a_checkpoint_directory_or_a_step(tmp_path):
     step = ckpt / "step_00000007"
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text("{}")
+    (step / "metadata.json").write_text("{}")  # megatron's: without it the step is an incomplete copy
     (ckpt / "step_00000003.partial").mkdir()
     for path in (ckpt, step):
         cfg = load_config(PretrainConfig, None, [f"checkpoint.init_from={path}"])

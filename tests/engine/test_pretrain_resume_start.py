@@ -23,6 +23,7 @@ def _saved_step(run_dir: Path, state: dict) -> Path:
     step = run_dir / "checkpoints" / "step_00000004"
     step.mkdir(parents=True)
     (step / STATE_FILE).write_text(json.dumps(state))
+    (step / "metadata.json").write_text("{}")  # megatron's: without it the step is an incomplete copy
     return step
 
 
@@ -76,6 +77,7 @@ def _step_of_model(step: Path, **model) -> Path:
     default = dataclasses.asdict(load_config(PretrainConfig, resolve_config("tiny_cpu")).model)
     step.mkdir(parents=True)
     (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 4}))
+    (step / checkpoint.MEGATRON_FILE).write_text("{}")
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**default, "vocab_size": 260, **model}))
     return step
 

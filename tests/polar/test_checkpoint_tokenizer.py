@@ -22,7 +22,8 @@ def _run(root: Path, config: dict | None) -> Path:
     """A run directory with one complete step (find reads no weights, only the files around them)."""
     step = root / "checkpoints" / "step_00000004"
     step.mkdir(parents=True)
-    (step / "trainer_state.json").write_text("{}")  # what makes it a complete step
+    (step / "trainer_state.json").write_text("{}")  # with megatron's metadata.json: what makes it a complete step
+    (step / "metadata.json").write_text("{}")
     if config is not None:
         (root / "config.yaml").write_text(yaml.safe_dump(config))
     return step
@@ -54,6 +55,7 @@ def test_a_finetuning_run_takes_its_setting_or_its_init_checkpoints_tokenizer(tm
     base_step = tmp_path / "base" / "step_00000000"
     base_step.mkdir()
     (base_step / "trainer_state.json").write_text("{}")
+    (base_step / "metadata.json").write_text("{}")
     (tmp_path / "base" / "latest").write_text(base_step.name)
     ft = {"finetune": {"tokenizer": ""}, "checkpoint": {"init_from": str(tmp_path / "base")}, "data": {"path": ""}}
     assert find(str(_run(tmp_path / "ft", ft))) == str(tok)  # not "byte", although data.path is empty

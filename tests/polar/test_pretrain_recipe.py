@@ -78,6 +78,7 @@ def test_pretraining_from_a_checkpoint_on_data_of_another_tokenizer_is_refused(t
         step = tmp_path / name / "checkpoints" / "step_00000000"
         step.mkdir(parents=True)
         (step / "trainer_state.json").write_text("{}")
+        (step / "metadata.json").write_text("{}")  # megatron's: without it the step is an incomplete copy
         (tmp_path / name / "config.yaml").write_text(yaml.safe_dump({"data": {"path": ""}}))
         if tokenizer:
             train_bpe(tmp_path / name / "checkpoints" / "tokenizer")
