@@ -160,8 +160,8 @@ def check_resume_settings(step_dir: str, train, skip=(), derived_from=None, stat
     now = {name: getattr(train, name.split(".", 1)[1]) for name in saved}
     derived_from = derived_from or {}
     changed = [f"{name}={value} when saved, {now[name]} now"
-               + (f" (derived from {derived_from[name]} and the data: both as they were)" if name in derived_from
-                  else "")
+               + (f" (derived from {derived_from[name]} and the data: set {derived_from[name]} and the data back as "
+                  "they were)" if name in derived_from else "")
                for name, value in saved.items() if name not in skip and now[name] != value]
     if changed:
         raise ConfigError(

@@ -299,3 +299,16 @@ def test_the_trainer_gives_the_notes_on_resume(runtime, tmp_path):
     assert "fresh" in notes[2] and "after step 2" in notes[2], notes
     assert trainer.eval_sets["fresh"]["after_step"] == 2 and "seen" not in trainer.eval_sets
     assert trainer.eval_sets["held_out"]["after_step"] == 2
+
+
+def test_a_changed_derived_setting_says_to_set_back_what_it_is_derived_from(tmp_path):
+    """Fine-tuning derives train.steps from finetune.epochs and the data; a resume with other epochs said
+    '(derived from finetune.epochs and the data: both as they were)', which read as if neither had changed."""
+    from engine.config import TrainConfig
+
+    step = _step(tmp_path, 3, {"step": 3, "settings": resume_checks.optimizer_settings(TrainConfig(steps=27))})
+    with pytest.raises(ConfigError) as err:
+        resume_checks.check_resume_settings(str(step), TrainConfig(steps=53),
+                                            derived_from={"train.steps": "finetune.epochs"})
+    assert ("train.steps=27 when saved, 53 now (derived from finetune.epochs and the data: set finetune.epochs and "
+            "the data back as they were)") in str(err.value), str(err.value)

@@ -137,7 +137,8 @@ def test_finetuning_resumes_exactly(runs, resumed):
     other = done["ft_resume_other_epochs"]
     assert other.returncode == 2, other.stderr[-3000:]
     assert "when saved" in other.stderr, other.stderr[-3000:]
-    assert "(derived from finetune.epochs and the data: both as they were)" in other.stderr, other.stderr[-3000:]
+    assert ("(derived from finetune.epochs and the data: set finetune.epochs and the data back as they were)"
+            in other.stderr), other.stderr[-3000:]
 
 
 def test_bad_records_are_named(resumed):
