@@ -432,6 +432,19 @@ def incomplete(step: Path) -> str:
                   if before else "")
 
 
+def _import_hint(p: Path) -> str:
+    """The way to a checkpoint from a model in transformers' format (a directory of config.json and
+    safetensors, or a GGUF file), which the engine does not read: the converter's command (polar's CLI)."""
+    if p.is_file() and p.suffix == ".gguf":
+        found = "a GGUF file"
+    elif p.is_dir() and (p / "config.json").is_file() and any(p.glob("*.safetensors")):
+        found = "a transformers checkpoint (config.json, *.safetensors)"
+    else:
+        return ""
+    return f"; it is {found}, which the engine does not read: import it with `polar convert hf-to-engine {p} DST` " \
+           "and give DST"
+
+
 def resolve(path: str) -> str:
     """A checkpoint directory -> its newest complete step; a step directory -> itself; a run
     directory -> the newest complete step of its checkpoints/."""
@@ -458,7 +471,8 @@ def resolve(path: str) -> str:
         raise CheckpointNotFound(
             "neither a checkpoint directory (with a `latest` marker or step_* directories), a run "
             "directory holding one, nor one complete step directory"
-            + (f"; it holds only saves that did not finish ({', '.join(c.name for c in cut)})" if cut else ""))
+            + (f"; it holds only saves that did not finish ({', '.join(c.name for c in cut)})" if cut else "")
+            + _import_hint(p))
     if why := incomplete(Path(found)):
         raise CheckpointNotFound(why if Path(found) == p else f"its newest step {found} is {why}")
     return found

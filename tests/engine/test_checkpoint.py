@@ -440,3 +440,22 @@ def test_an_incomplete_copy_of_a_step_is_refused_naming_the_file_it_lacks(tmp_pa
     (alone / checkpoint.MEGATRON_FILE).write_text("{}")
     assert checkpoint.resolve(str(alone)) == str(alone)
     assert checkpoint.resolve(str(done)) == str(done)
+
+
+def test_a_transformers_checkpoint_given_as_a_checkpoint_names_the_converter(tmp_path):
+    """checkpoint.init_from (or polar score's --checkpoint) naming a transformers directory (config.json and
+    safetensors) or a GGUF file said only 'neither a checkpoint directory ...', leaving the import unsaid."""
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    with pytest.raises(checkpoint.CheckpointNotFound) as e:
+        checkpoint.resolve(str(hf))
+    assert "hf-to-engine" not in str(e.value)  # config.json alone: no weights to import
+    (hf / "model-00001-of-00002.safetensors").write_bytes(b"")
+    gguf = tmp_path / "model.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    for given, found in ((hf, "a transformers checkpoint (config.json, *.safetensors)"), (gguf, "a GGUF file")):
+        with pytest.raises(checkpoint.CheckpointNotFound, match="^neither a checkpoint directory") as e:
+            checkpoint.resolve(str(given))
+        assert str(e.value).endswith(f"; it is {found}, which the engine does not read: import it with "
+                                     f"`polar convert hf-to-engine {given} DST` and give DST"), str(e.value)
