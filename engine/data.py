@@ -250,10 +250,14 @@ class GlobalBatchLoader:
         the message (the entry script knows which setting gives it)."""
         now = {"global_batch": ("train.global_batch", self.global_batch), "seed": ("train.seed", self.seed),
                "shuffle": ("the loader's shuffle", self.shuffle),
-               "sequences": (f"{data}, its packed sequence count", len(self.source)),
-               "data_digest": (f"{data}, a digest of its packed sequences' token counts", self.data_digest())}
-        changed = [f"{name}: {state[key]} when saved, {value} now" for key, (name, value) in now.items()
-                   if key in state and state[key] != value]
+               "sequences": ("its packed sequence count", len(self.source)),
+               "data_digest": ("a digest of its packed sequences' token counts", self.data_digest())}
+        changed = {key: f"{name}: {state[key]} when saved, {value} now" for key, (name, value) in now.items()
+                   if key in state and state[key] != value}
+        # the data named once, before its figures: named before each, a changed finetune.train was named
+        # twice in one refusal
+        figures = [changed.pop(key) for key in ("sequences", "data_digest") if key in changed]
+        changed = list(changed.values()) + ([f"{data}, {'; '.join(figures)}"] if figures else [])
         if changed:
             raise ConfigError(f"the data order changed since the checkpoint ({'; '.join(changed)}): resuming would "
                               "skip or repeat sequences; set it back, or start a new run (a new run_dir) from the "

@@ -280,8 +280,12 @@ def check_resume_data(cfg, data, step_dir) -> None:
     if saved is not None:
         loader = GlobalBatchLoader(data.train, cfg.train.global_batch, cfg.train.micro_batch, 0, 1,
                                    seed=cfg.train.seed, pad_id=data.pad_id)
+        # the step records no file name (a moved file is the same data): the run's config.yaml has the one
+        # its last start trained on, which a refusal naming only the new one left the user to guess
+        before = rank0_answer(lambda: _trained_on(cfg))
+        named = train_file + (f"; {before} when the run last started" if before and before != train_file else "")
         try:
-            loader.load_state_dict(saved, f"the training data ({train_file})")
+            loader.load_state_dict(saved, f"the training data ({named})")
         except ConfigError as e:
             raise ConfigError(f"resuming from {step_dir}: {e}") from None
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
@@ -310,6 +314,24 @@ def data_files(cfg) -> tuple[str, str]:
             return (f"{section}.{train}={getattr(given, train)}",
                     f"{section}.{held}={held_file}" if held_file else "")
     return "the embedded synthetic data", ""
+
+
+def _trained_on(cfg) -> str:
+    """The training data named in the run's config.yaml (written by each start that passed its checks), as
+    data_files names it; "" where it names none or does not read."""
+    import yaml
+
+    from engine.yaml_load import safe_load
+
+    try:
+        saved = safe_load((Path(cfg.run_dir) / "config.yaml").read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return ""
+    for section, train, _ in DATA_FILES:
+        given = saved.get(section) if isinstance(saved, dict) else None
+        if isinstance(given, dict) and given.get(train):
+            return f"{section}.{train}={given[train]}"
+    return ""
 
 
 def run(cfg, recipe) -> int:

@@ -80,8 +80,12 @@ def test_a_resume_on_other_data_is_refused(source):
     with pytest.raises(ConfigError, match=f"the training data, its packed sequence count: 17 when saved, "
                                           f"{len(smaller)} now"):
         loader(smaller, 4).load_state_dict(saved)
-    with pytest.raises(ConfigError, match=r"\(the training data \(data.path=ds/\), its packed sequence count: 17 "):
+    named = r"\(the training data \(data.path=ds/\), its packed sequence count: 17 "
+    with pytest.raises(ConfigError, match=named) as e:
         loader(smaller, 4).load_state_dict(saved, "the training data (data.path=ds/)")
+    # named once, before both of its figures (it was named before each)
+    assert str(e.value).count("data.path=ds/") == 1 and "; a digest of its packed sequences' token counts: " \
+        in str(e.value), str(e.value)
 
 
 def test_a_resume_on_other_data_of_the_same_size_is_refused(source):

@@ -47,6 +47,8 @@ def saved_finetune(tmp_path_factory):
     rec = json.loads(lines[0])
     rec["chosen"] = ("x" if rec["chosen"][0] != "x" else "y") + rec["chosen"][1:]
     (tmp / "edited.jsonl").write_text(json.dumps(rec) + "\n" + "".join(lines[1:]))
+    # other training records: the same less its last five (fewer packed sequences, another digest)
+    (tmp / "fewer.jsonl").write_text("".join(lines[:-5]))
     # another held-out set: the same less its first record
     (tmp / "held_other.jsonl").write_text("".join((tmp / "held.jsonl").read_text().splitlines(keepends=True)[1:]))
 
@@ -70,6 +72,7 @@ def saved_finetune(tmp_path_factory):
             *[finetune(f"changed{i}", "--check-config", changed) for i, (changed, _) in enumerate(CHANGED)],
             finetune("same", "--check-config"),
             finetune("edited", "--check-config", f"finetune.train={tmp / 'edited.jsonl'}"),
+            finetune("fewer", "--check-config", f"finetune.train={tmp / 'fewer.jsonl'}"),
             finetune("held_out", "train.exit_at_step=2", f"finetune.eval={tmp / 'held_other.jsonl'}")]
     done = entry_runs.launch(tmp, runs, "resume_data_finetune")
     for name in ("pre", "first"):
@@ -121,11 +124,23 @@ def test_the_same_settings_resume(saved_finetune):
 
 def test_an_edited_training_file_is_named(saved_finetune):
     """A record edited in place (its length kept) was refused as 'the training data changed since the
-    checkpoint', naming no file."""
-    proc, edited = saved_finetune[1]["edited"], saved_finetune[0] / "edited.jsonl"
+    checkpoint', naming no file; the file the run trained on before is named beside it (its config.yaml)."""
+    tmp = saved_finetune[0]
+    proc, edited = saved_finetune[1]["edited"], tmp / "edited.jsonl"
     assert proc.returncode == 2, proc.stderr[-3000:]
-    assert f"the training data (finetune.train={edited}) changed since the checkpoint" in proc.stderr, \
-        proc.stderr[-3000:]
+    assert (f"the training data (finetune.train={edited}; finetune.train={tmp / 'prefs.jsonl'} when the run last "
+            "started) changed since the checkpoint") in proc.stderr, proc.stderr[-3000:]
+
+
+def test_other_training_records_are_named_once_beside_the_file_trained_on_before(saved_finetune):
+    """Another finetune.train (fewer records) was refused naming 'the training data (finetune.train=...)'
+    before each of its two figures (sequence count, digest), and never the file the run trained on."""
+    tmp, proc = saved_finetune
+    proc = proc["fewer"]
+    named = f"the training data (finetune.train={tmp / 'fewer.jsonl'}; finetune.train={tmp / 'prefs.jsonl'} when "
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count(named) == 1 and proc.stderr.count("fewer.jsonl") == 1, proc.stderr[-3000:]
+    assert "its packed sequence count: " in proc.stderr and "a digest of its packed" in proc.stderr, proc.stderr
 
 
 def test_a_changed_held_out_set_resumes_with_a_note(saved_finetune):
