@@ -55,6 +55,7 @@ def tensors_metadata(path) -> dict:
     metadata is missing or damaged."""
     from megatron.core import dist_checkpointing
 
+    loadable_state(Path(path), read=False)  # an incomplete copy named as such, not as damaged files
     try:
         return dist_checkpointing.load_tensors_metadata(str(path))
     except Exception as e:  # noqa: BLE001 - a missing or truncated .metadata / metadata.json
@@ -155,10 +156,11 @@ def _read_by_every_rank(path: Path, chunks, failed: BaseException | None) -> Che
     return CheckpointError(text if rank == 0 else f"{text} (found by rank {rank}, which reads that part of it)")
 
 
-def _loadable_state(p: Path, read: bool) -> dict | None:
+def loadable_state(p: Path, read: bool = True) -> dict | None:
     """The step's trainer state (where `read`), once the step is one megatron's load can start on: a resume
     from the `latest` of a directory holding an incomplete copy of a step took it (is_step) and crashed in
-    megatron ("... is not a distributed checkpoint")."""
+    megatron ("... is not a distributed checkpoint"), or named it damaged (tensors_metadata). The entry
+    script's start-up check reads the state through it (engine.pretrain.check_resume_data)."""
     if why := incomplete(p):
         raise CheckpointError(f"{p}: {why}")
     return read_state(str(p)) if read else None
@@ -174,7 +176,7 @@ def load(path: str, chunks, optimizer=None, state: dict | None = None) -> dict:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    read = rank0_answer(lambda: _loadable_state(p, read=state is None))
+    read = rank0_answer(lambda: loadable_state(p, read=state is None))
     trainer_state = read if state is None else state
     state = model_state(chunks)
     kept = _drop_absent_optional(state, p, resuming=optimizer is not None)

@@ -268,11 +268,11 @@ def check_resume_data(cfg, data, step_dir) -> None:
     tokenized by the tokenizer its checkpoints carry. In the run the step's state and tokenizer files
     are read by rank 0 alone (engine.checkpoint_load.rank0_answer), the checks made on every rank."""
     from engine import checkpoint, resume_checks
-    from engine.checkpoint_load import rank0_answer
+    from engine.checkpoint_load import loadable_state, rank0_answer
     from engine.data import GlobalBatchLoader
     from polar.checkpoint_tokenizer import DIR, differs_from_saved
 
-    state = rank0_answer(lambda: checkpoint.read_state(step_dir))
+    state = rank0_answer(lambda: loadable_state(Path(step_dir)))  # an incomplete copy refused before launch
     resume_checks.check_resume_data_settings(step_dir, resume_checks.data_settings(cfg), state=state,
                                              sequences=len(data.train))
     train_file = data_files(cfg)[0]

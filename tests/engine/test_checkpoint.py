@@ -412,9 +412,10 @@ def test_a_freed_models_integrity_check_does_not_pass_to_a_new_model_at_its_addr
 def test_an_incomplete_copy_of_a_step_is_refused_naming_the_file_it_lacks(tmp_path):
     """A step holding trainer_state.json but not megatron's metadata.json (written when the save finished:
     a cp or rsync that did not finish) was taken by resolve() and latest(), and its load then failed in
-    megatron with a traceback ("... is not a distributed checkpoint", exit 1). checkpoint.init_from now
-    refuses it at start-up (a config error, exit 2), and a load of it (a resume from a `latest` naming it)
-    raises CheckpointError, before megatron reads anything."""
+    megatron with a traceback ("... is not a distributed checkpoint", exit 1), or a resume's start-up check
+    named it damaged. checkpoint.init_from now refuses it at start-up (a config error, exit 2), and so do a
+    read of its tensors' metadata and a load of it (a resume from a `latest` naming it), before megatron
+    reads anything."""
     from engine import checkpoint_load
     from engine.config_load import load_config
     from polar.pretrain_recipe import PretrainConfig
@@ -429,8 +430,10 @@ def test_an_incomplete_copy_of_a_step_is_refused_naming_the_file_it_lacks(tmp_pa
                                                          f"there is then {done}$"):
             load_config(PretrainConfig, None, [f"checkpoint.init_from={given}"])
     assert checkpoint.latest(str(tmp_path / "ckpt")) == str(cut)  # a resume takes it, and its load refuses it
-    with pytest.raises(checkpoint.CheckpointError, match=f"^{cut}: {lacks}"):
-        checkpoint_load.load(str(cut), chunks=None, optimizer=object())
+    for read in (lambda: checkpoint_load.load(str(cut), chunks=None, optimizer=object()),
+                 lambda: checkpoint_load.has_lm_head(str(cut))):  # a resume's start-up check (aux_lm_weight > 0)
+        with pytest.raises(checkpoint.CheckpointError, match=f"^{cut}: {lacks}"):
+            read()
     alone = tmp_path / "copied"
     cut.rename(alone)  # a step copied on its own: no step beside it to name
     with pytest.raises(checkpoint.CheckpointNotFound, match=f"{lacks} .*; copy the step again whole$"):

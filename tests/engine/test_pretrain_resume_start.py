@@ -255,3 +255,24 @@ def test_a_checkpoint_directory_that_cannot_be_read_at_start_up_is_one_config_er
         f"config error: {root}: the newest checkpoint could not be looked for (PermissionError: [Errno 13] "
         f"Permission denied: '{root / refused}'); make the checkpoint directory and its files readable by the run, "
         f"then run it again\n"), err[-3000:]
+
+
+@pytest.mark.parametrize("aux_lm_weight", ["0", "0.1"])
+def test_a_resume_from_an_incomplete_copy_of_a_step_is_refused_at_start_up(tmp_path, capsys, aux_lm_weight):
+    """The newest step holding trainer_state.json but not megatron's metadata.json (a copy of the run that
+    did not finish): the start-up checks passed it, and the run's load crashed in megatron with a traceback
+    (a run with an LM head: its start-up check named the step damaged). Refused before launch, naming the
+    file it lacks and the step there is then to resume from."""
+    from engine.pretrain import main
+
+    step = _saved_step(tmp_path / "run", {"step": 4})
+    (step / "metadata.json").unlink()
+    before = step.with_name("step_00000002")
+    before.mkdir()
+    (before / "trainer_state.json").write_text('{"step": 2}')
+    (before / "metadata.json").write_text("{}")
+    assert main([f"run_dir={tmp_path / 'run'}", "--check-config", f"train.aux_lm_weight={aux_lm_weight}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert err.count("config error:") == 1, err
+    assert (f"config error: {step}: an incomplete copy of a checkpoint step: it holds trainer_state.json but not "
+            f"metadata.json") in err and f"the newest complete step there is then {before}" in err, err
