@@ -53,8 +53,8 @@ class CheckpointInfo:
 
 def resolve_checkpoint(path: str) -> CheckpointInfo:
     """A run directory (its newest checkpoint), a checkpoints directory or one step directory, and
-    the model recorded with it (engine.checkpoint.model_config)."""
-    from engine import checkpoint
+    the model recorded with it (engine.checkpoint_model.model_config)."""
+    from engine import checkpoint, checkpoint_model
 
     if not Path(path).is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: no such directory")
@@ -62,7 +62,7 @@ def resolve_checkpoint(path: str) -> CheckpointInfo:
         step = Path(checkpoint.resolve(path))
     except checkpoint.CheckpointNotFound as e:
         raise FileNotFoundError(f"--checkpoint {path}: {e}") from None
-    return CheckpointInfo(step, checkpoint.model_config(str(step)))
+    return CheckpointInfo(step, checkpoint_model.model_config(str(step)))
 
 
 def _runtime(par, seed: int, join_timeout_s: float):
@@ -104,7 +104,7 @@ class RewardScorer:
                head_std: float = 0.2) -> "RewardScorer":
         """A model of the given shape (engine.config.ModelConfig fields) with the engine's random
         initialisation and a random value head (zero when new): for benchmarks of speed."""
-        from engine.checkpoint import model_config_from
+        from engine.checkpoint_model import model_config_from
 
         info = CheckpointInfo(Path("."), model_config_from(dict(model), "model"))
         scorer = cls._build(info, tp, attention_backend, seed, initialize=True)

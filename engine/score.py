@@ -190,7 +190,7 @@ class CheckpointScorer:
 
     def __init__(self, checkpoint_path: str, tokenizer: str = "", tp: int = 1, pp: int = 1,
                  precision: str = "auto", max_length: int | None = None, max_response_length: int | None = None):
-        from engine import checkpoint
+        from engine import checkpoint, checkpoint_model
         from polar.tokenizer import load_tokenizer
 
         self.pin_memory = pin_setting()  # for pins_batches; first: a bad value stops before any file is read
@@ -198,7 +198,7 @@ class CheckpointScorer:
             self.step_dir = checkpoint.resolve(checkpoint_path)
         except checkpoint.CheckpointNotFound as e:
             raise ConfigError(f"--checkpoint {checkpoint_path}: {e}") from None
-        self.model_cfg = checkpoint.model_config(self.step_dir)
+        self.model_cfg = checkpoint_model.model_config(self.step_dir)
         self.tokenizer_spec = tokenizer_spec(tokenizer, self.step_dir)
         try:
             self.tokenizer = load_tokenizer(self.tokenizer_spec)

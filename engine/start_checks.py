@@ -101,7 +101,7 @@ def resume_on_restart(cfg, env=None) -> str:
 
 def model_from_checkpoint(cfg, sources: dict) -> str:
     """A run that loads a checkpoint (the step it resumes from, else checkpoint.init_from) builds the
-    model that checkpoint holds: every model.* setting recorded with it (engine.checkpoint.
+    model that checkpoint holds: every model.* setting recorded with it (engine.checkpoint_model.
     saved_model_settings) that the user did not set, in a --config file of theirs or on the command
     line (a preset's or the default's value is no choice of theirs), is taken from it, as loading a
     pretrained model brings its architecture elsewhere. The RoPE and norm settings come too: they
@@ -111,14 +111,14 @@ def model_from_checkpoint(cfg, sources: dict) -> str:
     changed ("" when none did; a resume's model.vocab_size=0 given the size recorded is no change)."""
     import dataclasses
 
-    from engine import checkpoint
+    from engine import checkpoint, checkpoint_model
     from engine.config_load import set_by_user, updated
 
     step = newest_checkpoint(cfg) if cfg.checkpoint.resume else None
     resuming = step is not None
     if step is None and cfg.checkpoint.init_from:
         step = checkpoint.resolve(cfg.checkpoint.init_from)
-    found = checkpoint.saved_model_settings(step) if step else None
+    found = checkpoint_model.saved_model_settings(step) if step else None
     if found is None:
         return ""
     saved, where = found
@@ -149,7 +149,7 @@ def check_checkpoints(cfg, derived=()) -> None:
     settings it was saved with (those in `derived`, set by the recipe from its data, are checked once
     known, by the trainer). A fresh run needs a checkpoint directory of its own: its steps among
     another run's would be pruned and resumed by step number."""
-    from engine import checkpoint, checkpoint_load, resume_checks
+    from engine import checkpoint, checkpoint_load, checkpoint_model, resume_checks
 
     ckpt_dir = checkpoint.run_checkpoint_dir(cfg)
     found = newest_checkpoint(cfg)
@@ -164,9 +164,9 @@ def check_checkpoints(cfg, derived=()) -> None:
         if cfg.checkpoint.init_from:
             new_run += (f". checkpoint.init_from={cfg.checkpoint.init_from} is not loaded: a resume from the run's "
                         f"checkpoints ({ckpt_dir}) takes precedence over it")
-        checkpoint.check_model_matches(cfg.model, found, f"{found}, the step this run resumes from "
-                                                         "(checkpoint.resume=true),", otherwise=new_run,
-                                       fields=checkpoint.SHAPE_FIELDS + checkpoint.FUNCTION_FIELDS)
+        checkpoint_model.check_model_matches(cfg.model, found, f"{found}, the step this run resumes from "
+                                                               "(checkpoint.resume=true),", otherwise=new_run,
+                                             fields=checkpoint_model.SHAPE_FIELDS + checkpoint_model.FUNCTION_FIELDS)
         state = checkpoint.read_state(found)
         resume_checks.check_resume_layout(found, cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.vpp, state=state,
                                           distributed_optimizer=cfg.parallel.distributed_optimizer)
@@ -179,4 +179,4 @@ def check_checkpoints(cfg, derived=()) -> None:
         return  # resuming wins over init_from
     if cfg.checkpoint.init_from:
         step = checkpoint.resolve(cfg.checkpoint.init_from)
-        checkpoint.check_model_matches(cfg.model, step, f"checkpoint.init_from={step}")
+        checkpoint_model.check_model_matches(cfg.model, step, f"checkpoint.init_from={step}")

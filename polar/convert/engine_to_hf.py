@@ -60,20 +60,20 @@ def _step_dir(src: Path) -> Path:
 
 def _model_config(step: Path, config: str | None):
     """(the file, the model settings) of the step: --config, else the settings recorded with it, as
-    score, eval and serve read them (engine.checkpoint.saved_model_settings: the step's model.json,
+    score, eval and serve read them (engine.checkpoint_model.saved_model_settings: the step's model.json,
     the converter's model.yaml beside it, the run's config.yaml)."""
-    from engine import checkpoint
+    from engine import checkpoint_model
     from engine.config import ConfigError
 
     if config:
         return Path(config), read_model_config(Path(config))
     try:
-        found = checkpoint.saved_model_settings(str(step))
+        found = checkpoint_model.saved_model_settings(str(step))
         if found is None:
             raise ConvertError(f"{step}: no model settings recorded with it (model.json in the step, model.yaml "
                                "beside it or the run's config.yaml); pass --config FILE (a model.yaml or the run "
                                "config.yaml it was written with)")
-        return Path(found[1]), checkpoint.model_config_from(*found)
+        return Path(found[1]), checkpoint_model.model_config_from(*found)
     except ConfigError as e:  # a recorded file that does not read back, or settings the engine refuses
         raise ConvertError(str(e)) from None
 

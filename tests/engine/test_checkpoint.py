@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from engine import checkpoint
+from engine import checkpoint, checkpoint_model
 
 
 def test_latest_skips_partial_and_incomplete(tmp_path):
@@ -74,10 +74,10 @@ def test_a_model_setting_that_changes_which_weights_exist_is_named(tmp_path, fie
     step = tmp_path / "step_00000003"
     step.mkdir()
     (step / checkpoint.MODEL_FILE).write_text(json.dumps({**dataclasses.asdict(ModelConfig()), field: saved}))
-    checkpoint.check_model_matches(ModelConfig(**{field: saved}), str(step), f"checkpoint.init_from={step}")
+    checkpoint_model.check_model_matches(ModelConfig(**{field: saved}), str(step), f"checkpoint.init_from={step}")
     with pytest.raises(ConfigError, match=f"checkpoint.init_from={step} holds a model with model.{field}={saved}.*"
                                           f"but this run has model.{field}={now}"):
-        checkpoint.check_model_matches(ModelConfig(**{field: now}), str(step), f"checkpoint.init_from={step}")
+        checkpoint_model.check_model_matches(ModelConfig(**{field: now}), str(step), f"checkpoint.init_from={step}")
 
 
 def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
@@ -90,10 +90,10 @@ def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
     step = tmp_path / "ckpt" / "step_00000000"
     step.mkdir(parents=True)
     write_model_yaml(step.parent / "model.yaml", ModelConfig(hidden_size=64, num_layers=2, vocab_size=300))
-    assert checkpoint.model_config(str(step)) == ModelConfig(hidden_size=64, num_layers=2, vocab_size=300)
+    assert checkpoint_model.model_config(str(step)) == ModelConfig(hidden_size=64, num_layers=2, vocab_size=300)
     with pytest.raises(ConfigError, match="model.hidden_size=64 .*but this run has model.hidden_size=128"):
-        checkpoint.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step),
-                                       f"checkpoint.init_from={step}")
+        checkpoint_model.check_model_matches(ModelConfig(num_layers=2, vocab_size=300), str(step),
+                                             f"checkpoint.init_from={step}")
     # a hand-edited model.yaml with a setting given twice: YAML would keep the last without a word, and
     # both readers of the file (a checkpoint's settings, the converter's back-conversion) refuse it
     from polar.convert.engine_io import read_model_config
@@ -103,7 +103,7 @@ def test_a_converters_model_yaml_is_read_and_checked(tmp_path):
     path.write_text(path.read_text() + "  num_layers: 4\n")
     with pytest.raises(ConfigError,
                        match=r"model\.yaml: not readable as YAML \(.*line \d+: key 'num_layers' given twice"):
-        checkpoint.model_config(str(step))
+        checkpoint_model.model_config(str(step))
     with pytest.raises(ConvertError, match="key 'num_layers' given twice in one mapping"):
         read_model_config(path)
 
@@ -117,7 +117,7 @@ def test_a_damaged_trainer_state_names_the_file_and_the_step_to_fall_back_to(tmp
     damaged = _step(tmp_path, 6)
     (damaged / checkpoint.STATE_FILE).write_text('{"step": 6, "settings": {"train.lr"')
     (damaged / checkpoint.MODEL_FILE).write_text('{"num_layers": ')
-    for read in (checkpoint.read_state, checkpoint.saved_model_settings):
+    for read in (checkpoint.read_state, checkpoint_model.saved_model_settings):
         with pytest.raises(ConfigError) as err:
             read(str(damaged))
         msg = str(err.value)
@@ -229,7 +229,7 @@ def test_every_model_setting_that_differs_is_named_in_one_message(tmp_path):
     saved = {**dataclasses.asdict(ModelConfig()), "hidden_size": 64, "ffn_hidden_size": 176, "num_layers": 2}
     (step / checkpoint.MODEL_FILE).write_text(json.dumps(saved))
     with pytest.raises(ConfigError) as err:
-        checkpoint.check_model_matches(ModelConfig(num_layers=2), str(step), f"checkpoint.init_from={step}")
+        checkpoint_model.check_model_matches(ModelConfig(num_layers=2), str(step), f"checkpoint.init_from={step}")
     msg = str(err.value)
     assert (f"checkpoint.init_from={step} holds a model with model.hidden_size=64, model.ffn_hidden_size=176 "
             f"(recorded in {step / checkpoint.MODEL_FILE}), but this run has model.hidden_size=128, "
@@ -367,16 +367,16 @@ def test_yarn_settings_round_trip_through_model_json_and_a_resume_may_not_change
     step = tmp_path / "step_00000003"
     step.mkdir()
     (step / checkpoint.MODEL_FILE).write_text(json.dumps(dataclasses.asdict(saved)))
-    assert checkpoint.model_config(str(step)) == saved
-    resume = checkpoint.SHAPE_FIELDS + checkpoint.FUNCTION_FIELDS
-    checkpoint.check_model_matches(saved, str(step), "the step", fields=resume)
+    assert checkpoint_model.model_config(str(step)) == saved
+    resume = checkpoint_model.SHAPE_FIELDS + checkpoint_model.FUNCTION_FIELDS
+    checkpoint_model.check_model_matches(saved, str(step), "the step", fields=resume)
     for name, now in [("rope_beta_fast", 32.0), ("rope_beta_slow", 1.0), ("rope_attention_factor", 1.1),
                       ("rope_mscale", 1.0), ("rope_mscale_all_dim", 0.707), ("rope_truncate", True)]:
         changed = dataclasses.replace(saved, **{name: now})
         with pytest.raises(ConfigError, match=f"the step holds a model with model.{name}=.* but this run has "
                                               f"model.{name}={now}"):
-            checkpoint.check_model_matches(changed, str(step), "the step", fields=resume)
-        checkpoint.check_model_matches(changed, str(step), "checkpoint.init_from")
+            checkpoint_model.check_model_matches(changed, str(step), "the step", fields=resume)
+        checkpoint_model.check_model_matches(changed, str(step), "checkpoint.init_from")
 
 
 def test_a_freed_models_integrity_check_does_not_pass_to_a_new_model_at_its_address():

@@ -1,8 +1,9 @@
 """`polar convert engine-to-hf SRC` takes every checkpoint path `polar score/eval/serve --checkpoint` and
 checkpoint.init_from take, and reads the model settings recorded with it as they do (engine.checkpoint's
-resolve and saved_model_settings): it used to refuse a run directory (`runs/default`) and a checkpoints
-directory without a `latest` marker, and to look for a model.yaml or config.yaml only, so checkpoints kept
-away from their run (checkpoint.dir) needed --config though their steps record the model.
+resolve, engine.checkpoint_model's saved_model_settings): it used to refuse a run directory
+(`runs/default`) and a checkpoints directory without a `latest` marker, and to look for a model.yaml or
+config.yaml only, so checkpoints kept away from their run (checkpoint.dir) needed --config though their
+steps record the model.
 
 Every file a conversion writes, in either direction, has the mode a new file gets (0666 less the umask):
 safetensors' save_file left the weights 0600, unreadable by a server running as another user (a vLLM or
@@ -131,12 +132,12 @@ def test_checkpoints_kept_away_from_the_run_read_the_model_recorded_in_the_step(
     """checkpoint.dir outside the run directory: no model.yaml or config.yaml beside the steps, whose
     model.json `polar score` reads; the conversion asked for --config. The tokenizer is named (the run's
     config.yaml, which says it, is elsewhere), as score needs it named too."""
-    from engine import checkpoint
+    from engine import checkpoint_model
 
     ckpts = tmp_path / "scratch" / "ckpts"
     shutil.copytree(run / "checkpoints", ckpts)
     step = ckpts / "step_00000002"
-    assert checkpoint.model_config(str(step)).hidden_size > 0  # what score, eval and serve read
+    assert checkpoint_model.model_config(str(step)).hidden_size > 0  # what score, eval and serve read
     assert _convert(ckpts, tmp_path / "hf", tokenizer="byte") == step
     assert _same_weights(_weights(tmp_path / "hf"), steps[2])
 
