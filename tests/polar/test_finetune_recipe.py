@@ -406,6 +406,7 @@ def test_a_run_started_under_the_old_held_out_count_resumes_on_its_own_split(tmp
     recorded = {k: v for k, v in resume_checks.data_settings(cfg).items() if k != "finetune.split_rule"}
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
+    (step / "metadata.json").write_text("{}")  # megatron's: without it the step is an incomplete copy
 
     def resume(**settings):
         (step / checkpoint.STATE_FILE).write_text(json.dumps({"step": 1, "data_settings": {**recorded, **settings},
