@@ -100,3 +100,16 @@ def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path, monkeypatc
     with pytest.raises(RuntimeError, match="would train"):  # another seed: another command
         sl.run_size(size, 1235, args, run_dir)
     assert not (run_dir / "summary.json").exists()  # the stale run was cleared before retraining
+
+
+def test_first_seed_draws_a_replicate_with_its_own_run_directories(tmp_path, monkeypatch):
+    trained = []
+
+    def record(size, seed, args, run_dir):
+        trained.append((size.name, seed, run_dir.name))
+        return {"error": "not trained in this test"}
+
+    monkeypatch.setattr(sl, "run_size", record)
+    assert sl.main(["--sizes", "w32", "w48", "--seeds", "2", "--first-seed", "1237", "--out", str(tmp_path)]) == 1
+    assert sorted(trained) == [("w32", 1237, "w32-seed1237"), ("w32", 1238, "w32-seed1238"),
+                               ("w48", 1237, "w48-seed1237"), ("w48", 1238, "w48-seed1238")]
