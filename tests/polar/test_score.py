@@ -1,5 +1,9 @@
 """`polar score` (engine/score.py) and `polar eval` (engine/evaluate.py) with a real checkpoint of
-the engine: the same rewards as the training loop's evaluation, at any layout, one line per input."""
+the engine: the same rewards as the training loop's evaluation, at any layout, one line per input.
+
+Starting python, torch and megatron is most of a tiny run's time: the training, the --nproc 1 score and
+eval and the training loop's InfoNCE evaluation share one process (tests/engine/entry_runs.py, the
+module's `launched`); --nproc 2 keeps its launches (polar, torchrun and the ranks)."""
 from __future__ import annotations
 
 import json
@@ -8,12 +12,12 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.engine import entry_runs
+
 TINY = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.num_query_groups=2",
         "model.ffn_hidden_size=128", "data.seq_length=1024", "synthetic.train_triplets=200",
         "synthetic.eval_triplets=60", "synthetic.prompts=100", "log.tensorboard=false", "train.time_limit_s=0",
@@ -22,20 +26,12 @@ SYNTHETIC_SEED = 0  # the default synthetic.seed: the held-out triplets below ar
 
 
 def run(args, cwd, nproc=1):
-    cmd = [sys.executable, "-m", "polar.cli", *args] if args[0] in ("score", "eval") else [sys.executable, *args]
+    """`polar ARGS` (score, eval) as a process of its own."""
+    cmd = [sys.executable, "-m", "polar.cli", *args]
     if nproc > 1:
         cmd += ["--nproc", str(nproc)]
     return subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
                           timeout=900, cwd=cwd)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("score")
-    proc = run([str(ROOT / "engine" / "pretrain.py"), *TINY, "train.steps=6", "train.lr=3e-3",
-                f"run_dir={tmp / 'pre'}"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp
 
 
 def held_out_triplets():
@@ -52,21 +48,21 @@ def write_records(path, triplets):
                                 "rejected": t.rejected, "wrapper": "sft"}) + "\n")
 
 
+def score_args(tmp, name, *extra, records="records.jsonl"):
+    """`polar score`'s arguments on tmp/records, the output tmp/name.jsonl."""
+    return ["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(tmp / records),
+            "--output", str(tmp / f"{name}.jsonl"), *extra]
+
+
+def score_rows(tmp, name, proc):
+    """(rows, stdout) of the `polar score` run `proc` that wrote tmp/name.jsonl."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in (tmp / f"{name}.jsonl").read_text().splitlines()], proc.stdout
+
+
 def score(tmp, name, *extra, nproc=1, records="records.jsonl"):
-    """(rows, stdout) of `polar score` on tmp/records."""
-    out = tmp / f"{name}.jsonl"
-    proc = run(["score", "--checkpoint", str(tmp / "pre" / "checkpoints"), "--input", str(tmp / records),
-                "--output", str(out), *extra], tmp, nproc=nproc)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return [json.loads(line) for line in out.read_text().splitlines()], proc.stdout
-
-
-def training_loops_evaluation(tmp, name, *overrides):
-    """summary.json of engine/pretrain.py evaluating the trained weights (train.steps=0)."""
-    proc = run([str(ROOT / "engine" / "pretrain.py"), *TINY, "train.steps=0", *overrides,
-                f"checkpoint.init_from={tmp / 'pre' / 'checkpoints'}", f"run_dir={tmp / name}"], tmp)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((tmp / name / "summary.json").read_text())
+    """(rows, stdout) of `polar score` on tmp/records, as a process."""
+    return score_rows(tmp, name, run(score_args(tmp, name, *extra, records=records), tmp, nproc=nproc))
 
 
 def infonce_groups(triplets) -> list:
@@ -99,17 +95,53 @@ BAD = '{"prompt": "p"}\nnot json\n'
 
 
 @pytest.fixture(scope="module")
-def scored(trained):
-    """One input (records.jsonl) scored by one process under --on-error skip: the held-out triplets
-    as records, then as InfoNCE groups (infonce_groups), then SHAPES, RANKED_GROUPS and BAD's two bad
-    lines. One launch serves every test below that reads rewards at TP1 (each `polar score` process
-    costs seconds of start-up, the scoring a fraction of one): (triplets, groups, rows, stdout)."""
+def launched(tmp_path_factory):
+    """In one process, one after the other: the training (`pre`); `polar score` of records.jsonl under
+    --on-error skip (`tp1`: the held-out triplets as records, then as InfoNCE groups (infonce_groups),
+    then SHAPES, RANKED_GROUPS and BAD's two bad lines; one run serves every test below that reads
+    rewards at TP1); the training loop's evaluation of the trained weights on those groups packed by
+    `polar data build` (`eval_infonce`: engine/pretrain.py, train.steps=0, train.loss=infonce); `polar
+    eval` of RANKED (`eval`). (tmp, {name: CompletedProcess})."""
+    from polar import data_build
+
+    tmp = tmp_path_factory.mktemp("score")
     triplets = held_out_triplets()
     groups = infonce_groups(triplets)
-    write_records(trained / "records.jsonl", triplets)
-    with open(trained / "records.jsonl", "a") as f:
+    write_records(tmp / "records.jsonl", triplets)
+    with open(tmp / "records.jsonl", "a") as f:
         f.write("".join(json.dumps(x) + "\n" for x in groups + SHAPES + RANKED_GROUPS) + BAD)
-    rows, stdout = score(trained, "tp1", "--on-error", "skip")
+    (tmp / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
+    assert data_build.main([str(tmp / "groups.jsonl"), "-o", str(tmp / "groups_ds"), "--seq-length", "1024",
+                            "--quiet"]) == 0
+    built = str(tmp / "groups_ds")
+    (tmp / "ranked.jsonl").write_text("\n".join(json.dumps(r) for r in RANKED) + "\n")
+    ckpts = str(tmp / "pre" / "checkpoints")
+    done = entry_runs.launch(tmp, [
+        entry_runs.run("pre", "engine.pretrain", *TINY, "train.steps=6", "train.lr=3e-3", f"run_dir={tmp / 'pre'}",
+                       cwd=tmp),
+        entry_runs.run("tp1", "polar.cli", *score_args(tmp, "tp1", "--on-error", "skip"), cwd=tmp),
+        entry_runs.run("eval_infonce", "engine.pretrain", *TINY, "train.steps=0", "train.loss=infonce",
+                       f"data.path={built}", f"data.eval_path={built}", f"checkpoint.init_from={ckpts}",
+                       f"run_dir={tmp / 'eval_infonce'}", cwd=tmp),
+        entry_runs.run("eval", "polar.cli", "eval", "--checkpoint", ckpts, "--input", str(tmp / "ranked.jsonl"),
+                       "--json", str(tmp / "acc.json"), cwd=tmp),
+    ], label="score_eval")
+    return tmp, done
+
+
+@pytest.fixture(scope="module")
+def trained(launched):
+    tmp, done = launched
+    assert done["pre"].returncode == 0, done["pre"].stderr[-3000:]
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def scored(trained, launched):
+    """`launched`'s --on-error skip run: (triplets, groups, rows, stdout)."""
+    triplets = held_out_triplets()
+    groups = infonce_groups(triplets)
+    rows, stdout = score_rows(trained, "tp1", launched[1]["tp1"])
     assert [r["line"] for r in rows] == list(range(1, len(triplets) + len(groups) + len(SHAPES) + len(RANKED_GROUPS)
                                                     + BAD.count("\n") + 1))
     return triplets, groups, rows, stdout
@@ -154,21 +186,16 @@ def test_score_equals_the_training_loops_evaluation(trained, held_out):
     assert np.abs(margin).max() > 1e-3, margin
 
 
-def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(trained, held_out):
+def test_infonce_groups_of_three_and_four_score_as_the_training_loop_evaluates(trained, launched, held_out):
     """The same with InfoNCE on groups of K = 3 and 4 candidates with one or two positives (pairs and
     positives differ): `polar data build` packs the groups for the training loop's evaluation
-    (data.eval_path), and the pairs, pair accuracy and per-positive loss (engine/loss.py) computed
-    from `polar score`'s rewards of the same records must equal it."""
-    from polar import data_build
-
+    (data.eval_path, `launched`'s eval_infonce), and the pairs, pair accuracy and per-positive loss
+    (engine/loss.py) computed from `polar score`'s rewards of the same records must equal it."""
     tmp = trained
     triplets, groups, rows = held_out
-    (tmp / "groups.jsonl").write_text("".join(json.dumps(g) + "\n" for g in groups))
-    assert data_build.main([str(tmp / "groups.jsonl"), "-o", str(tmp / "groups_ds"), "--seq-length", "1024",
-                            "--quiet"]) == 0
-    built = str(tmp / "groups_ds")
-    summary = training_loops_evaluation(tmp, "eval_infonce", "train.loss=infonce", f"data.path={built}",
-                                        f"data.eval_path={built}")
+    proc = launched[1]["eval_infonce"]
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp / "eval_infonce" / "summary.json").read_text())
 
     pairs = correct = positives = loss = 0.0
     for row, group in zip(rows[len(triplets):], groups, strict=True):
@@ -257,14 +284,11 @@ def test_a_layout_wider_than_the_processes_says_how_many_to_start(trained, tmp_p
            "--nproc 2" in err, err[-2000:]
 
 
-def test_eval_on_ranked_data_matches_the_scores(trained, tmp_path, shapes):
+def test_eval_on_ranked_data_matches_the_scores(trained, launched, shapes):
     """`polar eval` pairs below the reference and scores them with the model; its accuracy equals
     the one computed by hand from `polar score` rewards of the same responses (RANKED_GROUPS)."""
-    ranked = tmp_path / "ranked.jsonl"
-    ranked.write_text("\n".join(json.dumps(r) for r in RANKED) + "\n")
-    result_path = tmp_path / "acc.json"
-    proc = run(["eval", "--checkpoint", str(trained / "pre" / "checkpoints"), "--input", str(ranked),
-                "--json", str(result_path)], tmp_path)
+    result_path = trained / "acc.json"
+    proc = launched[1]["eval"]
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "overall" in proc.stdout and "math" in proc.stdout
     result = json.loads(result_path.read_text())
