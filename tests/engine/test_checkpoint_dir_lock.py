@@ -16,12 +16,15 @@ from pathlib import Path
 import pytest
 
 from engine.file_lock import HolderLock, held
+from tests.engine import entry_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = str(ROOT / "engine" / "pretrain.py")
 SMALL = ["train.steps=100000", "model.num_layers=1", "synthetic.train_triplets=64", "synthetic.eval_triplets=16",
          "synthetic.prompts=50", "log.interval=1", "checkpoint.save_interval=1", "checkpoint.lock_wait_s=0"]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+# a rank of a 2-process job as torchrun starts it (RANK and LOCAL_RANK added); no process group is reached
+_RANK_ENV = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
 
 
 def _refusal(err: str, ckpt: Path, pid: int, host: str = socket.gethostname()) -> None:
@@ -31,7 +34,7 @@ def _refusal(err: str, ckpt: Path, pid: int, host: str = socket.gethostname()) -
     assert f"holding {ckpt / '.lock'}" in lines[0], lines[0]
 
 
-def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_path):
+def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_path, monkeypatch, capsys):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     first = subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL],
@@ -44,26 +47,27 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_pa
         # holds its lock as before and does not train (and save, every step) through every check
         first.send_signal(signal.SIGSTOP)
         written = (run_dir / "config.yaml").stat().st_mtime_ns
-        second = subprocess.run([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL],
-                                capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
-        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
-        _refusal(second.stderr, ckpt, first.pid)
-        # a holder alive on this host is a live run, not a lost node's NFS lease: refused at once, without
-        # the wait checkpoint.lock_wait_s gives a lease (polar pretrain's start-up check waited it out)
+        # a holder alive on this host is a live run, not a lost node's NFS lease: `check` is refused at once,
+        # without the wait checkpoint.lock_wait_s gives a lease (polar pretrain's start-up check waited it out)
         waiting = [*(arg for arg in SMALL if not arg.startswith("checkpoint.lock_wait_s=")),
                    "checkpoint.lock_wait_s=30"]
-        check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *waiting],
-                               capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
+        # the same command again, the start-up check, and the ranks of a 2-process job started as torchrun
+        # would (every rank stops, rank 0 alone speaks; each decides alone, before any process group)
+        done = entry_runs.launch(tmp_path, [
+            entry_runs.run("second", "engine.pretrain", f"run_dir={run_dir}", *SMALL, cwd=tmp_path),
+            entry_runs.run("check", "engine.pretrain", "--check-config", f"run_dir={run_dir}", *waiting,
+                           cwd=tmp_path),
+            *(entry_runs.run(f"rank{r}", "engine.pretrain", f"run_dir={run_dir}", *SMALL, cwd=tmp_path,
+                             env={**_RANK_ENV, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2))],
+            "in_use", timeout=300, env={"PYTHONUNBUFFERED": "1"})
+        second, check = done["second"], done["check"]
+        assert second.returncode == 2, second.stdout[-2000:] + second.stderr[-2000:]
+        _refusal(second.stderr, ckpt, first.pid)
         assert check.returncode == 2, check.stdout[-2000:] + check.stderr[-2000:]
         _refusal(check.stderr, ckpt, first.pid)
         assert "note: waiting" not in check.stderr, check.stderr[-3000:]
-        # the ranks of a 2-process job, started as torchrun would: every rank stops, rank 0 alone speaks
-        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *SMALL], stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                                  env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
-                 for r in range(2)]
-        outs = [p.communicate(timeout=300) for p in ranks]
+        ranks = [done[f"rank{r}"] for r in range(2)]
+        outs = [(p.stdout, p.stderr) for p in ranks]
         assert [p.returncode for p in ranks] == [2, 2], outs
         _refusal(outs[0][1], ckpt, first.pid)
         assert "config error:" not in outs[1][1], outs[1]
@@ -76,11 +80,14 @@ def test_a_second_run_on_a_run_dir_in_use_is_refused_before_it_touches_it(tmp_pa
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=300)
     assert first.returncode == 143, err[-3000:]
-    # let go with the run: the lock file is gone, and the same command resumes
+    # let go with the run: the lock file is gone, and the same command resumes (the check in this process:
+    # it starts no process group)
     assert not (ckpt / ".lock").exists()
-    check = subprocess.run([sys.executable, SCRIPT, "--check-config", f"run_dir={run_dir}", *SMALL],
-                           capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=300)
-    assert check.returncode == 0, check.stderr[-3000:]
+    from engine.pretrain import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["--check-config", f"run_dir={run_dir}", *SMALL]) == 0, capsys.readouterr().err[-3000:]
+    assert "config ok" in capsys.readouterr().out
 
 
 _TAKE = """
@@ -227,13 +234,13 @@ def test_a_restart_waits_for_the_lock_a_lost_run_keeps(tmp_path):
         return subprocess.CompletedProcess(cmd, proc.returncode, out, "".join(seen) + err)
 
     holder = hold()
-    try:  # held all along: refused after the wait, rank 0 alone speaking
-        ranks = [subprocess.Popen([sys.executable, SCRIPT, f"run_dir={run_dir}", *small, "checkpoint.lock_wait_s=1"],
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-                                  env=dict(ENV, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
-                                           MASTER_ADDR="127.0.0.1", MASTER_PORT="1"))
-                 for r in range(2)]
-        outs = [p.communicate(timeout=300) for p in ranks]
+    try:  # held all along: refused after the wait, rank 0 alone speaking (each rank waits alone: one process)
+        done = entry_runs.launch(tmp_path, [
+            entry_runs.run(f"rank{r}", "engine.pretrain", f"run_dir={run_dir}", *small, "checkpoint.lock_wait_s=1",
+                           cwd=tmp_path, env={**_RANK_ENV, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)],
+            "held", timeout=300, env={"PYTHONUNBUFFERED": "1"})
+        ranks = [done[f"rank{r}"] for r in range(2)]
+        outs = [(p.stdout, p.stderr) for p in ranks]
         assert [p.returncode for p in ranks] == [2, 2], outs
         _note(outs[0][1], lock, "1", holder.pid)
         _refusal(outs[0][1], lock.parent, holder.pid, LOST_HOST)
