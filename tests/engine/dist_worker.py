@@ -25,6 +25,9 @@ from engine.config import EngineConfig  # noqa: E402
 from engine.config_load import load_config  # noqa: E402
 
 
+DDP_FLAGS = ("overlap_grad_reduce", "overlap_param_gather", "use_distributed_optimizer")
+
+
 def random_groups(seed: int, n: int, vocab: int, seq_length: int, k_max: int = 3):
     from engine.packing import Group
 
@@ -86,7 +89,9 @@ def train(args):
     history = trainer.fit()
     evaluation = None if args.no_eval else trainer.evaluate(data)
     start = history[0]["step"] if history else None
-    return rt, {"history": history, "eval": evaluation, "start_step": start}
+    # what megatron's DDP was handed: a parallel.overlap_* setting dropped on the way trains the same
+    ddp = {k: getattr(trainer.model[0].ddp_config, k) for k in DDP_FLAGS}
+    return rt, {"history": history, "eval": evaluation, "start_step": start, "ddp": ddp}
 
 
 def parallel_state_globals() -> dict:

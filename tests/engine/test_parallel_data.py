@@ -41,3 +41,14 @@ def test_layout_matches_single_process(reference, runs, name):
 def test_loss_is_mean_over_global_batch(reference, runs, name):
     """Same global batch, split over DP ranks and micro-batches differently: same loss."""
     assert_same_run(reference[2], runs[name])
+
+
+def test_overlap_settings_reach_megatrons_ddp(runs):
+    """The overlap run's equal losses say something only if megatron overlapped: its DDP got the flags
+    (and the run without them did not)."""
+    from tests.engine.dist_worker import DDP_FLAGS
+
+    flags = dict.fromkeys(DDP_FLAGS, True)
+    assert runs["dp2_overlap_grad_reduce_and_param_gather"]["ddp"] == flags
+    assert runs["dp2_distributed_optimizer"]["ddp"] == {**flags, "overlap_grad_reduce": False,
+                                                       "overlap_param_gather": False}
