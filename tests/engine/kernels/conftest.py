@@ -22,7 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 # The modules that switch the interpreter on at import (tests/engine/kernels/test_interpreter_isolation.py
 # checks that no other test module under tests/ does).
-INTERPRETED = ("test_contrastive_loss.py", "test_reward_readout.py", "test_shared_prefix_attention.py")
+INTERPRETED = ("test_contrastive_loss.py", "test_reward_readout.py", "test_shared_prefix_attention.py",
+               "test_shared_prefix_fuzz.py")
 CHILD_FLAG = "POLAR_INTERPRETER_CHILD"
 IN_CHILD = os.environ.get(CHILD_FLAG) == "1"
 # What the parent process started with, for the isolation test to compare against.
