@@ -342,7 +342,7 @@ def memory_per_rank(shape: Shape, layout: Layout, seq_length: int, global_batch:
         # core-attention state, made again in the backward one layer at a time (engine/recompute.py: the
         # checkpoint keeps q, k and v as the QKV output's views, RoPE runs inside it): Q and K after RoPE, the
         # log-sum-exp, SDPA's additive mask, and with fp8_inputs the attention output (the checkpoint keeps no
-        # output, linear_proj its e4m3 copy); measured per layer, tests/polar/test_plan_recompute.py
+        # output, linear_proj its e4m3 copy); measured per layer, tests/polar/test_plan_fp8_recompute.py
         # (the checkpoint's own keep: megatron's attn_mask_type as a 1-element int32 tensor, 4 bytes)
         redone = (w_bytes * tokens * (shape.hidden_size + shape.kv_size) / layout.tp
                   + 4 * tokens * shape.num_attention_heads / layout.tp - 4)
