@@ -309,16 +309,28 @@ def _gated(*args):
     return [sys.executable, "-m", "tests.polar.serve.gated_serve", *args]
 
 
+@pytest.fixture(scope="module")
+def unbound(checkpoint_dir, tmp_path_factory):
+    """gated_serve's server on a taken port, then on an address not this machine's, one after the other
+    in one process (tests/engine/entry_runs.py; each refusal comes before any model or process group,
+    the gate held on stdin at /dev/null otherwise): ({case: CompletedProcess}, the taken port)."""
+    from tests.engine import entry_runs
+
+    tmp = tmp_path_factory.mktemp("unbound")
+    with _held_port() as port:
+        runs = [entry_runs.run(taken, "polar.serve.server", "--checkpoint", checkpoint_dir, *where, cwd=ROOT,
+                               patch=["tests.polar.serve.gated_serve:gated"])
+                for taken, where in (("port", ["--port", str(port)]), ("host", ["--host", "192.0.2.1", "--port", "0"]))]
+        return entry_runs.launch(tmp, runs, "unbound", timeout=300), port
+
+
 @pytest.mark.parametrize("taken", ["port", "host"])
-def test_an_address_that_cannot_be_bound_is_refused_before_the_model_loads(checkpoint_dir, taken):
+def test_an_address_that_cannot_be_bound_is_refused_before_the_model_loads(unbound, taken):
     """The port was bound by uvicorn after the model load (minutes for a 7B model) and after the
     'on http://' line: a taken port ended in uvicorn's 'ERROR: [Errno 98] ...' and exit 3. The
     port here is held by a real listening socket; 192.0.2.1 (TEST-NET-1) is no address of this machine."""
-    with _held_port() as port:
-        where = ["--port", str(port)] if taken == "port" else ["--host", "192.0.2.1", "--port", "0"]
-        r = subprocess.run(_gated("--checkpoint", checkpoint_dir, *where), cwd=ROOT, stdin=subprocess.DEVNULL,
-                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
-                           text=True, timeout=300)
+    done, port = unbound
+    r = done[taken]
     out = r.stdout + r.stderr
     says = (f"polar serve: --port {port}: {TAKEN}" if taken == "port"
             else "polar serve: --host 192.0.2.1: cannot assign requested address")
