@@ -53,7 +53,7 @@ def test_curve_sums_tokens_and_flops_from_interval_rates():
     assert [p["loss"] for p in pts] == [0.68, 0.55] and pts[1]["lm_loss"] == 2.5
 
 
-@pytest.mark.parametrize("rung", [s for s in sl.LADDER if s.name in ("w32", "w80", "xl")], ids=lambda s: s.name)
+@pytest.mark.parametrize("rung", [s for s in sl.LADDER if s.name in ("w16", "w32", "w80", "xl")], ids=lambda s: s.name)
 def test_non_embedding_count_matches_the_engine_model(rung):
     warnings.filterwarnings("ignore")
     from engine.config import ModelConfig, ParallelConfig, TrainConfig
