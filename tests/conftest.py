@@ -40,12 +40,12 @@ SLOWEST_FIRST = (
     "tests/benchmarks/test_fp8_benchmark.py",  # ~75 s
     "tests/test_gpu_run_all.py",  # ~70 s (its dry run and stages' sleeps)
     "tests/polar/test_plan.py",  # ~65 s
-    "tests/engine/kernels/",  # ~65 s
+    "tests/engine/kernels/",  # ~80 s
     "tests/engine/test_multinode_restart.py",  # ~60 s
     "tests/engine/test_parallel_parity.py",  # ~60 s (one launch per world size)
     "tests/engine/test_parallel_resume.py",  # ~60 s (4 launches)
-    "tests/polar/test_score.py",  # ~55 s
-    "tests/engine/test_checkpoint_dir_lock.py",  # ~50 s (lock waits)
+    "tests/polar/test_score.py",  # ~40 s
+    "tests/engine/test_checkpoint_dir_lock.py",  # ~40 s (lock waits)
     "tests/engine/test_checkpoint_async.py",  # ~50 s (3 launches)
     "tests/polar/test_finetune.py",  # ~50 s (2 processes)
     "tests/polar/test_convergence.py",  # ~50 s
