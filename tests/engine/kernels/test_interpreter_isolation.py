@@ -13,19 +13,23 @@ import pytest
 from tests.engine.kernels import conftest
 
 TESTS = Path(__file__).resolve().parents[2]
+# the conftest's collection hook turns only its own directory's modules into child runs: a test file of the
+# same name elsewhere (tests/engine/model/ had one) is an ordinary module, run in this process by design
+KERNELS = Path(conftest.__file__).resolve().parent
 SETS_INTERPRETER = re.compile(r"""environ\[\s*["']TRITON_INTERPRET["']\s*\]\s*=\s*["']1["']""")
 
 pytestmark = pytest.mark.skipif(conftest.IN_CHILD, reason="checks the parent pytest process")
 
 
 def test_no_interpreter_in_the_parent_process(request):
-    ours = [it for it in request.session.items if it.path.name in conftest.INTERPRETED]
+    ours = [it for it in request.session.items
+            if it.path.resolve().parent == KERNELS and it.path.name in conftest.INTERPRETED]
     if not ours:
         pytest.skip("no interpreter module selected in this session (run tests/engine/kernels as a whole)")
     assert all(isinstance(it, conftest.InterpreterRun) for it in ours), [type(it) for it in ours]
     assert os.environ.get("TRITON_INTERPRET") == conftest.STARTED_WITH
-    imported = [m for m in list(sys.modules.values())
-                if Path(getattr(m, "__file__", None) or "").name in conftest.INTERPRETED]
+    imported = [m for m in list(sys.modules.values()) if getattr(m, "__file__", None)
+                and Path(m.__file__).resolve().parent == KERNELS and Path(m.__file__).name in conftest.INTERPRETED]
     assert not imported, imported
     # their children ran before this test (the conftest orders it last); pass or fail is their own report
     assert {it.nodeid for it in ours} <= set(conftest.CHILD_RESULTS), conftest.CHILD_RESULTS

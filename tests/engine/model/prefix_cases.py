@@ -1,5 +1,5 @@
 """Odd but legal shared-prefix packs and the duplicated layout they must reproduce, shared by the
-model fuzz tests on the torch backends (tests/engine/model/test_shared_prefix_fuzz.py) and on the
+model fuzz tests on the torch backends (tests/engine/model/test_packed_layout_fuzz.py) and on the
 Triton kernel in the interpreter (tests/engine/kernels/test_shared_prefix_fuzz.py).
 
 The oracle is the duplicated layout: every `prefix + candidate` scored alone, as its own sequence,
