@@ -43,7 +43,7 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (about 22 min, 2 cores)
+    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (~22 min, 2 cores)
     python benchmarks/scaling_law.py --sizes w32 w48 --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
@@ -268,7 +268,8 @@ def draw(path: Path, rows: list[dict], size_fit, frontier, compute_fit) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=[s.name for s in LADDER],
-                    help="which rungs: the width ladder w16-w128 (3 layers) or the earlier mixed ladder xs-xl; w16, w96 and w128 on request (not in the default: see WIDTH_LADDER)")
+                    help="which rungs: the width ladder w16-w128 (3 layers) or the earlier mixed ladder xs-xl; "
+                         "w16, w96 and w128 on request (not in the default: see WIDTH_LADDER)")
     ap.add_argument("--tokens", type=float, default=5e6, help="training tokens per size (packed, padding included)")
     ap.add_argument("--seq", type=at_least(1), default=512, help="tokens a packed sequence (default %(default)s)")
     ap.add_argument("--batch", type=at_least(1), default=16, help="packed sequences per step")

@@ -42,7 +42,8 @@ def launch(folder: Path, runs: list, label: str = "runs", timeout: float = 900, 
     spec.write_text(json.dumps(runs, default=str))
     # stdin /dev/null: no run reads the caller's (under pytest-xdist a worker's stdin is its channel)
     proc = subprocess.run([sys.executable, __file__, str(spec)], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, cwd=folder, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+                          stdin=subprocess.DEVNULL, cwd=folder,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
     if proc.returncode != 0:
         pytest.fail(f"{label}: exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     done = {}

@@ -29,8 +29,8 @@ print(json.dumps({"opens": len(opens), "waited_s": time.monotonic() - start}))
 def test_a_rank_other_than_0_looks_at_a_held_lock_seldom_and_goes_on_once_it_is_free(tmp_path):
     """checkpoint.lock_wait_s=10: rank 1 waits up to 20 s (LATE_S longer than rank 0, at most twice
     as long), looking every 5 s; the holder let go 11 s after the start (rank 1's wait begins once its
-    imports are done): rank 1 sees it free before its own deadline and goes on. It looked (held() and the heartbeat, an open each) twice a
-    second, 30 opens in 15 s; now fewer than one a second."""
+    imports are done): rank 1 sees it free before its own deadline and goes on. It looked (held() and the
+    heartbeat, an open each) twice a second, 30 opens in 15 s; now fewer than one a second."""
     run_dir = tmp_path / "run"
     lock = run_dir / "checkpoints" / ".lock"
     lock.parent.mkdir(parents=True)
