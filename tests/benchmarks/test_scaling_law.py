@@ -83,6 +83,20 @@ def test_mean_curve_averages_seeds_point_by_point():
         sl.mean_curve([a, b[:1]])
 
 
+def test_one_seed_left_out_refits_the_other_seeds_means():
+    n = [1e4, 2e4, 4e4]
+    losses = {1: [0.60, 0.45, 0.30], 2: [0.62, 0.40, 0.33], 3: [0.58, 0.50, 0.20]}
+    rows = [{"non_embedding": x, "seeds": [1, 2, 3], "seed_losses": [losses[sd][i] for sd in (1, 2, 3)]}
+            for i, x in enumerate(n)]
+    rows[2] = {**rows[2], "seeds": [1, 2], "seed_losses": [0.30, 0.33]}  # seed 3's largest run failed
+    got = dict(sl.leave_one_seed_out(rows))
+    assert sorted(got) == [1, 2, 3]
+    expect = {1: [0.60, 0.45, 0.33], 2: [0.59, 0.475, 0.30], 3: [0.61, 0.425, 0.315]}
+    for seed, means in expect.items():
+        assert got[seed] == pytest.approx(sl.power_fit(n, means)[2], abs=1e-12)
+    assert len({round(r2, 6) for r2 in got.values()}) == 3  # each seed moves the fit its own way
+
+
 def test_a_finished_run_is_reused_only_for_the_same_command(tmp_path, monkeypatch):
     args = argparse.Namespace(
         tokens=2e4, batch=4, seq=512, micro_batch=4, eval_points=2, log_interval=1, eval_triplets=8,
