@@ -299,8 +299,11 @@ def test_a_deadline_bounds_a_whole_call_against_a_server_that_stays_overloaded(c
             _score(client_class, srv.url, items=items, chunk_size=1, backoff_s=0.01, max_backoff_s=0.02,
                    max_wait_s=120, deadline_s=deadline)
         sent = len(srv.bodies)
-        threading.Event().wait(0.3)  # a chunk left retrying would go on sending every 0.02 s
-        assert len(srv.bodies) - sent <= 1, "the call's chunks went on retrying after its deadline"
+        threading.Event().wait(0.3)  # a chunk left retrying would go on sending every 0.02 s (about 15 more each)
+        # but a request already on the wire at the deadline may reach the server's handler after `sent` was
+        # read: one per busy chunk (the async client's two run together; seen at a load of 16)
+        late = len(srv.bodies) - sent
+        assert late <= items.count(BUSY), f"the call's chunks went on retrying after its deadline ({late} more)"
     e = raised.value
     assert isinstance(e, TimeoutError) and isinstance(e, ConnectionError)
     assert re.fullmatch(rf"no rewards from the reward server at {srv.url}/v1/rewards within deadline_s={deadline} s "
