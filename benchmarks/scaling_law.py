@@ -29,7 +29,8 @@ number of tokens, evaluated on held-out policies as it trains.
   with 1237-1239, 0.954 over all six; of the 20 three-seed draws from those six, 7 reach 0.95
   (median 0.931), of the 6 five-seed draws 4. Two things bend the curve: at the top, w80 ends
   where w64 does (0.22 over six seeds), and doubling the tokens from 2.5M lowered both alike (x0.57
-  and x0.52), so at 3 layers width past 64 buys little on this task whatever the budget; at the
+  and x0.52), so at 3 layers width past 64 buys little on this task whatever the budget (and a
+  fourth layer at w80 ended higher, in two seeds; nor does another peak lr help); at the
   bottom, the loss bends up toward the ln 2 of a model that cannot tell the policies apart (w16,
   on request: 0.57). A ladder inside the straight part (w32-w64 in five rungs at two heads,
   HEADS2_LADDER) spans too little N for this spread: R^2 0.898 with seeds 1234-1236. The script
