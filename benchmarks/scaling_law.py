@@ -33,7 +33,9 @@ number of tokens, evaluated on held-out policies as it trains.
   fourth layer at w80 ended higher, in two seeds; nor does another peak lr help); at the
   bottom, the loss bends up toward the ln 2 of a model that cannot tell the policies apart (w16,
   on request: 0.57). A ladder inside the straight part (w32-w64 in five rungs at two heads,
-  HEADS2_LADDER) spans too little N for this spread: R^2 0.898 with seeds 1234-1236. The script
+  HEADS2_LADDER) spans too little N for this spread: R^2 0.898 with seeds 1234-1236; a wider one
+  did better, once: `--sizes w16 w32 w48 w64 --tokens 1e7` (16x in N, w16 further from ln 2 at
+  twice the tokens; ~32 min) gave 0.981 for seeds 1234-1236, its replicate not run. The script
   prints the fit with each seed left out: a reader sees from one study how much one run decides
   it. benchmarks/RESULTS.md, 2026-12-06 (36th and 37th sessions), has every run.
 - size fit: the final held-out loss (mean of seeds) of each size against N. Compute fit: every
