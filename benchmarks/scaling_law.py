@@ -175,7 +175,9 @@ def run_size(size: Size, seed: int, args, run_dir: Path) -> dict:
 
 def train_command(size: Size, seed: int, args, run_dir: Path) -> list[str]:
     steps = max(1, round(args.tokens / (args.batch * args.seq)))
-    eval_interval = max(1, steps // args.eval_points) if args.eval_points > 1 else 0
+    # rounded up: steps // points would add one evaluation a few steps before the final one whenever
+    # points does not divide steps (7 for the default's 6, the last two 3 steps apart at 10M tokens)
+    eval_interval = -(-steps // args.eval_points) if args.eval_points > 1 else 0
     cmd = [sys.executable, str(ROOT / "engine" / "pretrain.py"), f"run_dir={run_dir}", *size.overrides(),
            f"train.steps={steps}", f"train.global_batch={args.batch}", f"train.micro_batch={args.micro_batch}",
            f"data.seq_length={args.seq}", f"train.warmup_steps={min(30, max(1, steps // 10))}",

@@ -127,3 +127,13 @@ def test_first_seed_draws_a_replicate_with_its_own_run_directories(tmp_path, mon
     assert sl.main(["--sizes", "w32", "w48", "--seeds", "2", "--first-seed", "1237", "--out", str(tmp_path)]) == 1
     assert sorted(trained) == [("w32", 1237, "w32-seed1237"), ("w32", 1238, "w32-seed1238"),
                                ("w48", 1237, "w48-seed1237"), ("w48", 1238, "w48-seed1238")]
+
+
+@pytest.mark.parametrize("tokens,points", [(5e6, 6), (1e7, 6), (2e5, 5), (2e5, 2), (4096, 6)])
+def test_each_run_evaluates_eval_points_times_the_final_one_included(tokens, points):
+    # the trainer evaluates at every multiple of train.eval_interval below train.steps, then once at the end
+    args = argparse.Namespace(tokens=tokens, batch=16, seq=512, micro_batch=4, eval_points=points, log_interval=10,
+                              eval_triplets=8, overrides=[])
+    cmd = dict(a.split("=", 1) for a in sl.train_command(sl.LADDER[0], 1234, args, sl.ROOT)[2:])
+    steps, interval = int(cmd["train.steps"]), int(cmd["train.eval_interval"])
+    assert len(range(interval, steps, interval)) + 1 == min(points, steps)
