@@ -1,7 +1,7 @@
 """benchmarks/scaling_law.py's arithmetic: the power-law fit, the compute frontier, the token and
 FLOP sums read back from a run's log, and the non-embedding parameter count of each rung against
-the engine's real model, the seed average, and the reuse of finished runs. The study itself (about
-36 minutes) is run by hand; its figures live in
+the engine's real model, the seed average, the reuse of finished runs, and the number of evaluations
+a run makes. The study itself (about 23 minutes on 2 cores) is run by hand; its figures live in
 benchmarks/RESULTS.md."""
 import argparse
 import json
