@@ -57,7 +57,7 @@ engine's CPU attention (`blocks`) and the held-out evaluation only, so the losse
 SIZE-seedSEED/: an interrupted study resumes, reusing each run that finished with the same command
 (command.json; --fresh retrains all).
 
-    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (~22 min, 2 cores)
+    python benchmarks/scaling_law.py            # widths 32-80 at 3 layers x 3 seeds, 2 at a time (~23 min, 2 cores)
     python benchmarks/scaling_law.py --sizes w32 w48 --tokens 2e5 --eval-points 2 --seeds 1   # a quick look
 """
 from __future__ import annotations
