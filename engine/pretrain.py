@@ -10,7 +10,7 @@ tiny reward model, evaluates pairwise accuracy on held-out and seen policies nex
 baselines, and writes `summary.json` and a checkpoint into the run directory. With data.path it
 trains on a dataset built by `polar data build` instead (pad id from its metadata, and the
 vocabulary size too where model.vocab_size=0; a larger one is kept) and evaluates on data.eval_path
-if given.
+if given (one built dataset, or several named: data.eval_path=base=ds_base/,chat=ds_chat/).
 
 This script is where the engine (model, parallelism, loop) meets the POLAR recipe
 (polar/pretrain_recipe.py: the data and the summary). Every setting is checked before any process

@@ -6,6 +6,7 @@ setting; its `rule` says in words what it accepts (the tests list every field wi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import field
 from pathlib import Path
 
@@ -119,6 +120,54 @@ def dataset_path_or_empty(where, v):
 
 
 dataset_path_or_empty.rule = "empty, or a built dataset (a directory, or one shard's path without its suffix)"
+
+SET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+LONE_SET = "eval"  # the name of an evaluation set given by its path alone
+
+
+def _is_dataset(path: str) -> bool:
+    return Path(path).exists() or Path(path + ".idx").is_file()
+
+
+def named_datasets(where: str, v: str) -> list[tuple[str, str]]:
+    """`PATH` (one set, named "eval") or `NAME=PATH,NAME=PATH,...` -> [(name, path)] in the order given. A
+    name (letters, digits, _ and -) becomes the set's key in the metrics, TensorBoard and summary.json. An
+    entry that is itself an existing path is a path, so a directory with "=" in its name still reads as
+    before; a path with a comma cannot be given (a symbolic link can)."""
+    if not v:
+        return []
+    entries = [e.strip() for e in v.split(",")]
+    if not all(entries):
+        raise ConfigError(f"{where}={v}: an empty entry (two commas, or one at an end); give PATH, or "
+                          "NAME=PATH,NAME=PATH")
+    sets = []
+    for e in entries:
+        name, eq, path = e.partition("=")
+        sets.append((name, path) if eq and SET_NAME.fullmatch(name) and not _is_dataset(e) else (None, e))
+    if len(sets) == 1 and sets[0][0] is None:
+        return [(LONE_SET, sets[0][1])]
+    unnamed = [path for name, path in sets if name is None]
+    if unnamed:
+        raise ConfigError(f"{where}={v}: several evaluation sets need a name each, NAME=PATH,NAME=PATH ({unnamed[0]} "
+                          "has none; a name is letters, digits, _ and -, up to 64)")
+    names = [name for name, _ in sets]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"{where}={v}: the set name {twice[0]} is given twice; each set needs its own")
+    return sets
+
+
+def named_dataset_paths_or_empty(where, v):
+    for name, path in named_datasets(where, v):
+        if path == v.strip():  # one set given by its path: the message as for data.path
+            dataset_path_or_empty(where, path)
+        elif not _is_dataset(path):
+            raise ConfigError(f"{where}={v}: set {name}: {path}: no such dataset directory or shard (a shard is "
+                              "named without its suffix: the path of its .idx without .idx)")
+
+
+named_dataset_paths_or_empty.rule = ("empty, a built dataset (a directory, or one shard's path without its suffix), or "
+                                     "several named: NAME=PATH,NAME=PATH")
 
 
 def setting(default, check, false_means=None, **kw):

@@ -17,6 +17,7 @@ from typing import ClassVar, Optional
 import numpy as np
 
 from engine.config import ConfigError, EngineConfig
+from engine.setting_checks import LONE_SET, named_datasets
 from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
 
 
@@ -100,10 +101,11 @@ def check(cfg: PretrainConfig) -> None:
         if len(ds) < cfg.train.global_batch:
             raise ConfigError(f"train.global_batch={cfg.train.global_batch}: data.path={cfg.data.path} holds only "
                               f"{len(ds)} packed sequences; lower train.global_batch (or build more data)")
-        if cfg.data.eval_path and len(open_built(cfg.data.eval_path, cfg, "data.eval_path")) == 0:
-            # its accuracy would be reported as 0.000 over 0 pairs
-            raise ConfigError(f"data.eval_path={cfg.data.eval_path} holds no packed sequences (every record "
-                              "rejected? see its build's rejects file); rebuild it, or leave data.eval_path empty")
+        for name, path, setting in eval_sets(cfg):
+            if len(open_built(path, cfg, setting)) == 0:
+                # its accuracy would be reported as 0.000 over 0 pairs
+                raise ConfigError(f"{setting}={path} holds no packed sequences (every record rejected? see its "
+                                  "build's rejects file); rebuild it, or leave it out of data.eval_path")
     else:
         from polar.tokenizer import ByteTokenizer
 
@@ -153,19 +155,29 @@ def _check_init_tokenizer(cfg: PretrainConfig) -> None:
             from None
 
 
+def eval_sets(cfg: PretrainConfig) -> list[tuple[str, str, str]]:
+    """data.eval_path's sets as (name, path, the setting as messages name it: "data.eval_path" for a set given
+    by its path alone, "data.eval_path's NAME" for one of several)."""
+    sets = named_datasets("data.eval_path", cfg.data.eval_path)
+    alone = len(sets) == 1 and sets[0][1] == cfg.data.eval_path.strip()
+    return [(name, path, "data.eval_path" if alone else f"data.eval_path's {name}") for name, path in sets]
+
+
 def built_data(cfg: PretrainConfig) -> RunData:
     train = open_built(cfg.data.path, cfg, "data.path")
     spec = train.meta.get("tokenizer")
     tokenizer = spec if isinstance(spec, str) and (Path(spec) / "tokenizer.json").is_file() else None
     evals = {}
-    if cfg.data.eval_path:
-        evals["eval"] = open_built(cfg.data.eval_path, cfg, "data.eval_path")
+    for name, path, setting in eval_sets(cfg):
+        evals[name] = open_built(path, cfg, setting)
         for key in ("vocab_size", "pad_id"):
-            if evals["eval"].meta[key] != train.meta[key]:
-                raise ConfigError(f"data.eval_path and data.path disagree on {key}: "
-                                  f"{evals['eval'].meta[key]} vs {train.meta[key]} (different tokenizers?)")
+            if evals[name].meta[key] != train.meta[key]:
+                raise ConfigError(f"{setting}={path} and data.path={cfg.data.path} disagree on {key}: "
+                                  f"{evals[name].meta[key]} vs {train.meta[key]} (different tokenizers?)")
     desc = (f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
             f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
+    if evals:
+        desc += "; evaluated on " + ", ".join(f"{name} ({ds.num_groups:,} groups)" for name, ds in evals.items())
     return RunData(train, evals, train.meta["pad_id"], desc, tokenizer=tokenizer, source=cfg.data.path)
 
 
@@ -248,8 +260,10 @@ def summarize(data: RunData, results: dict) -> tuple[dict, list[str]]:
         line = (f"held-out pair accuracy {summary['held_out_pair_accuracy']:.3f}{seen_part} | "
                 + " | ".join(f"{k} {v:.3f}" for k, v in summary["baselines"].items()))
         return summary, [line]
-    if "eval" in results:
-        r = results["eval"]
+    if list(results) == [LONE_SET]:
+        r = results[LONE_SET]
         summary = {"eval_pair_accuracy": r["pair_accuracy"], "eval_loss": r["loss"], "eval_pairs": r["pairs"]}
         return summary, [f"evaluation pair accuracy {r['pair_accuracy']:.3f}, loss {r['loss']:.4f}"]
-    return {}, []
+    # named sets: each under summary.json's "evaluations" alone (a key made of a set's name could meet another)
+    return {}, [f"evaluation of {name}: pair accuracy {r['pair_accuracy']:.3f}, loss {r['loss']:.4f} "
+                f"({r['pairs']} pairs)" for name, r in results.items()]

@@ -71,6 +71,8 @@ def runs(tmp_path_factory, records):
     src = write_jsonl(resume / "r.jsonl", records)
     assert build(src, "-o", resume / "ds", "--seq-length", SEQ, "--chunk-records", 40) == 0
     data = [f"data.path={resume / 'ds'}", f"data.eval_path={resume / 'ds'}"]
+    second = write_jsonl(resume / "r2.jsonl", records[80:])
+    assert build(second, "-o", resume / "ds_second", "--seq-length", SEQ) == 0
 
     bpe = dirs["bpe"]
     tok_dir = Path(train_bpe(bpe / "bpe"))
@@ -97,6 +99,9 @@ def runs(tmp_path_factory, records):
                                 "log.wandb_project=polar-test")
     done = entry_runs.launch(root, [
         pretrain("straight", resume, "straight", *data, "checkpoint.save_at_end=false"),  # no resume from it
+        # the straight run again, evaluated on two named sets: the training set and another
+        pretrain("two_sets", resume, "two_sets", f"data.path={resume / 'ds'}", "checkpoint.save_at_end=false",
+                 f"data.eval_path=same={resume / 'ds'},second={resume / 'ds_second'}"),
         pretrain("resumed_first", resume, "resumed", *data, "train.exit_at_step=2"),
         pretrain("bpe_run", bpe, "run", f"data.path={bpe / 'ds'}", "train.exit_at_step=2"),
         entry_runs.run("final_fails", "engine.pretrain", *final_fails, cwd=stats,
@@ -142,6 +147,32 @@ def test_training_on_a_built_dataset_resumes_at_the_exact_sample(runs):
     assert resumed["resumed_at_step"] == 2 and straight["resumed_at_step"] == 0
     assert 0 < resumed["tokens_this_run"] < resumed["tokens"] == straight["tokens_this_run"]
     assert straight["data"] == str(tmp_path / "ds") and straight["eval_pairs"] > 0
+
+
+def test_several_named_evaluation_sets_are_each_evaluated_as_one_set_alone(runs):
+    """data.eval_path=NAME=PATH,NAME=PATH: each set reported under its name (summary.json, metrics file, the
+    log), the one that is the straight run's set with the straight run's figures; training is not touched."""
+    from engine import metrics_file
+
+    tmp_path, done = runs["dirs"]["resume"], runs["done"]
+    straight = summary(done, "straight", tmp_path, "straight")
+    both = summary(done, "two_sets", tmp_path, "two_sets")
+    assert [r["loss"] for r in both["history"]] == [r["loss"] for r in straight["history"]]
+    assert list(both["evaluations"]) == ["same", "second"] and list(both["eval_sets"]) == ["same", "second"]
+    assert both["evaluations"]["same"] == pytest.approx(straight["evaluations"]["eval"], rel=1e-6)
+    second = both["evaluations"]["second"]
+    # every pair of the second set, not the first set's figures again
+    assert second["pairs"] == int(IndexedDataset(tmp_path / "ds_second").per_sequence["pairs"].sum()) > 0
+    assert second["loss"] != both["evaluations"]["same"]["loss"]
+    assert "eval_pair_accuracy" not in both  # the headline keys of a lone set only: each named one is its own
+    rows = metrics_file.read(tmp_path / "two_sets" / metrics_file.NAME)
+    assert [(r.get("set"), r.get("final")) for r in rows if r["kind"] == "eval"] == [("same", True), ("second", True)]
+    log = done["two_sets"].stdout
+    groups = {name: IndexedDataset(tmp_path / ds).num_groups for name, ds in (("same", "ds"), ("second", "ds_second"))}
+    assert f"; evaluated on same ({groups['same']:,} groups), second ({groups['second']:,} groups)\n" in log, log[:2000]
+    for name, r in both["evaluations"].items():
+        assert (f"evaluation of {name}: pair accuracy {r['pair_accuracy']:.3f}, loss {r['loss']:.4f} "
+                f"({r['pairs']} pairs)") in log, log[-2000:]
 
 
 def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, records, capsys):
