@@ -18,6 +18,11 @@ from engine.shard_format import DatasetFormatError
 # The ids the data was written with. Not the tokenizer's name: it is a path on the machine that
 # built the shard, and shards built elsewhere from the same tokenizer name it differently.
 AGREED = ("vocab_size", "pad_id", "bos_id")
+# Compared where both shards record them (shards written before a key was recorded lack it): the
+# tokenizer's content digest, the same on every machine, and its reward tokens' ids. Two tokenizers of
+# one size with the same special ids (two BPEs trained apart) passed AGREED, and a directory holding a
+# build of each trained on two meanings of every id.
+AGREED_WHERE_RECORDED = ("tokenizer_digest", "reward_sep_id", "reward_token_id")
 
 
 def build_of(name: Path, meta: dict):

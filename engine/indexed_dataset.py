@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.build_sets import AGREED, check_build_sets
+from engine.build_sets import AGREED, AGREED_WHERE_RECORDED, check_build_sets
 from engine.group import Group, per_group_counts
 from engine.shard_files import OpenFiles, check_unchanged, removed_since_opened
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, DatasetTokenError, ShardIndex,
@@ -393,10 +393,13 @@ class IndexedDataset:
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
         for s in self.shards[1:]:
+            recorded = [k for k in AGREED_WHERE_RECORDED if k in first.meta and k in s.meta]
             for key, a, b in (("seq_length", first.seq_length, s.seq_length),
-                              *((k, first.meta.get(k), s.meta.get(k)) for k in AGREED)):
+                              *((k, first.meta.get(k), s.meta.get(k)) for k in (*AGREED, *recorded))):
                 if a != b:
-                    raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}; "
+                    why = (" (another tokenizer: the same id means another token in each)"
+                           if key == "tokenizer_digest" else "")
+                    raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}{why}; "
                                              "shards of one dataset must agree")
         self.seq_length = first.seq_length
         self.meta = dict(first.meta)

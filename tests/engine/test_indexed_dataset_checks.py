@@ -62,6 +62,22 @@ def test_shards_must_agree_on_bos_but_not_on_the_tokenizers_path(tmp_path):
         IndexedDataset(tmp_path)
 
 
+def test_shards_of_two_tokenizers_of_one_size_are_refused_where_both_record_theirs(tmp_path):
+    """Two BPEs trained apart, of one size and with the same special ids, passed the id checks: a directory
+    holding a build of each trained on two meanings of every id. Their content digests tell them apart (a
+    shard written before the digest was recorded is not compared on it)."""
+    write(tmp_path / "a", PackedGroups(random_groups(4, 10), SEQ), bos_id=0, tokenizer_digest="d1", reward_token_id=9)
+    write(tmp_path / "b", PackedGroups(random_groups(5, 10), SEQ), bos_id=0, tokenizer_digest="d1", reward_token_id=9)
+    write(tmp_path / "c", PackedGroups(random_groups(6, 10), SEQ), bos_id=0)  # recorded neither
+    assert IndexedDataset(tmp_path).num_groups == 30
+    write(tmp_path / "d", PackedGroups(random_groups(7, 10), SEQ), bos_id=0, tokenizer_digest="d2", reward_token_id=9)
+    with pytest.raises(DatasetFormatError, match=r"/d: tokenizer_digest d2 differs from .*/a's d1 \(another tokenizer"):
+        IndexedDataset(tmp_path)
+    write(tmp_path / "d", PackedGroups(random_groups(7, 10), SEQ), bos_id=0, tokenizer_digest="d1", reward_token_id=8)
+    with pytest.raises(DatasetFormatError, match="/d: reward_token_id 8 differs from .*/a's 9"):
+        IndexedDataset(tmp_path)
+
+
 # ---- a damaged index: found when its sequence is read, by verify(), and at open in version 1 ---------
 
 def poke(stem: Path, array: int, element: int, value: int) -> None:
