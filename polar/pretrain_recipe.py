@@ -16,6 +16,7 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
+from engine.build_sets import AGREED_WHERE_RECORDED
 from engine.config import ConfigError, EngineConfig
 from engine.setting_checks import LONE_SET, named_datasets
 from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
@@ -102,10 +103,12 @@ def check(cfg: PretrainConfig) -> None:
             raise ConfigError(f"train.global_batch={cfg.train.global_batch}: data.path={cfg.data.path} holds only "
                               f"{len(ds)} packed sequences; lower train.global_batch (or build more data)")
         for name, path, setting in eval_sets(cfg):
-            if len(open_built(path, cfg, setting)) == 0:
+            held = open_built(path, cfg, setting)
+            if len(held) == 0:
                 # its accuracy would be reported as 0.000 over 0 pairs
                 raise ConfigError(f"{setting}={path} holds no packed sequences (every record rejected? see its "
                                   "build's rejects file); rebuild it, or leave it out of data.eval_path")
+            _check_same_tokenizer(held, ds, f"{setting}={path}", f"data.path={cfg.data.path}")
     else:
         from polar.tokenizer import ByteTokenizer
 
@@ -113,6 +116,17 @@ def check(cfg: PretrainConfig) -> None:
     if cfg.checkpoint.init_from:
         _check_init_tokenizer(cfg)
     _check_resume_data(cfg)
+
+
+def _check_same_tokenizer(held, train, held_setting: str, train_setting: str) -> None:
+    """An evaluation set's ids must mean what the training data's do: the same vocabulary size and pad id, and
+    the same tokenizer (content digest) and reward token ids where both datasets record them. A set tokenized by
+    another tokenizer of the same size was scored on ids that mean other tokens."""
+    recorded = [k for k in AGREED_WHERE_RECORDED if k in held.meta and k in train.meta]
+    for key in ("vocab_size", "pad_id", *recorded):
+        if held.meta[key] != train.meta[key]:
+            raise ConfigError(f"{held_setting} and {train_setting} disagree on {key}: {held.meta[key]} vs "
+                              f"{train.meta[key]} (built with different tokenizers; build both with one)")
 
 
 def _check_resume_data(cfg: PretrainConfig) -> None:
@@ -170,10 +184,7 @@ def built_data(cfg: PretrainConfig) -> RunData:
     evals = {}
     for name, path, setting in eval_sets(cfg):
         evals[name] = open_built(path, cfg, setting)
-        for key in ("vocab_size", "pad_id"):
-            if evals[name].meta[key] != train.meta[key]:
-                raise ConfigError(f"{setting}={path} and data.path={cfg.data.path} disagree on {key}: "
-                                  f"{evals[name].meta[key]} vs {train.meta[key]} (different tokenizers?)")
+        _check_same_tokenizer(evals[name], train, f"{setting}={path}", f"data.path={cfg.data.path}")
     desc = (f"data: {cfg.data.path}: {train.num_groups:,} groups in {len(train):,} packed sequences of "
             f"{train.seq_length} tokens ({train.packing_efficiency:.1%} full)")
     if evals:

@@ -194,6 +194,21 @@ def test_training_takes_one_shard_and_refuses_an_empty_evaluation_set(tmp_path, 
     assert code == 2 and f"data.eval_path={tmp_path / 'ev'} holds no packed sequences" in err, err[-2000:]
 
 
+def test_an_evaluation_set_of_another_tokenizer_is_refused_at_start_up(runs, capsys):
+    """Before any process group (--check-config too): an evaluation set whose ids mean other tokens was only
+    caught where the vocabulary sizes differed, not for another tokenizer file of the same size."""
+    bpe, resume = runs["dirs"]["bpe"], runs["dirs"]["resume"]
+    base = [f"run_dir={bpe / 'check'}", f"data.seq_length={SEQ}", "train.global_batch=2", f"data.path={bpe / 'ds'}"]
+    code, err = check_here(capsys, *base, f"data.eval_path={bpe / 'ds_other_data'}")  # the same tokenizer
+    assert code == 0, err[-2000:]
+    code, err = check_here(capsys, *base, f"data.eval_path=same={bpe / 'ds_other_data'},other={bpe / 'ds_other_tok'}")
+    assert code == 2 and (f"data.eval_path's other={bpe / 'ds_other_tok'} and data.path={bpe / 'ds'} disagree on "
+                          "tokenizer_digest: ") in err and "built with different tokenizers" in err, err[-2000:]
+    code, err = check_here(capsys, *base, f"data.eval_path={resume / 'ds'}")  # the byte tokenizer: 260 ids
+    assert code == 2 and f"data.eval_path={resume / 'ds'} and data.path={bpe / 'ds'} disagree on vocab_size" in err, \
+        err[-2000:]
+
+
 def test_training_refuses_a_dataset_packed_at_another_length(tmp_path, records, capsys):
     """Refused by the recipe's checks, before any process group starts: engine/pretrain.py's main run in this
     process (a process of its own costs seconds of imports) with the run's own arguments, no --check-config."""
