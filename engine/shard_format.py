@@ -26,10 +26,9 @@ A dataset is a directory of shards, read as their concatenation in file-name ord
 
 Concatenating datasets is copying their shard files into one directory under names that sort in
 the wanted order (e.g. `a-part-00000-of-00002.*`, `b-part-...`); all shards must agree on
-seq_length, vocab_size, pad_id and bos_id (engine/build_sets.py's AGREED), and where both record them on the
-tokenizer's content digest and reward token ids (not on the tokenizer's name, a path on the machine that
-built the shard). This format knows token ids and groups only, no
-text format.
+seq_length, vocab_size, pad_id and bos_id (engine/build_sets.py's AGREED), and where both record them on
+the tokenizer's content digest and reward token ids (not on the tokenizer's name, a path on the machine
+that built the shard). This format knows token ids and groups only, no text format.
 """
 from __future__ import annotations
 
