@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from engine.setting_checks import (ConfigError, at_least, boolean, dataset_path_or_empty, directory_to_create,
-                                   file_path_or_empty, in_range, named_dataset_paths_or_empty, one_of, optional,
-                                   positive, run_directory, setting)
+                                   file_path_or_empty, in_range, joined_named_paths, named_dataset_paths_or_empty,
+                                   one_of, optional, positive, run_directory, setting)
 from engine import wandb_log
 
 # every field of every section declares a check (engine/setting_checks.py; a new field without one fails the tests)
@@ -181,8 +181,9 @@ class DataConfig:
     packing: str = setting("best_fit", one_of("best_fit", "ordered"))
     # a built dataset directory (`polar data build`); empty = the entry script's own data
     path: str = setting("", dataset_path_or_empty)
-    # built datasets to evaluate on: PATH (the set "eval") or NAME=PATH,NAME=PATH; empty = none (or the script's own)
-    eval_path: str = setting("", named_dataset_paths_or_empty)
+    # built datasets to evaluate on: PATH (the set "eval") or NAME=PATH,NAME=PATH (in YAML also a mapping
+    # {NAME: PATH, ...}); empty = none (or the script's own)
+    eval_path: str = setting("", named_dataset_paths_or_empty, from_mapping=joined_named_paths)
 
 
 def _checkpoint_or_empty(where, v):

@@ -180,6 +180,11 @@ def _build(cls, values: dict, where: str, sources: Optional[dict] = None, root=N
             value = value.resolve(types[key], meta[key].get("false_means"))
         elif value is False and "false_means" in meta[key]:
             value = meta[key]["false_means"]
+        elif isinstance(value, dict) and "from_mapping" in meta[key]:
+            try:
+                value = meta[key]["from_mapping"](sub, value)
+            except ConfigError as e:
+                raise traced(e, sub, sources) from None
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, dict):
             value = _merge(current, value, sub, sources, root)

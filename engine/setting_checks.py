@@ -166,14 +166,27 @@ def named_dataset_paths_or_empty(where, v):
                               "named without its suffix: the path of its .idx without .idx)")
 
 
+def joined_named_paths(where: str, mapping: dict) -> str:
+    """A YAML mapping of set names to paths ({held_out: ds/ho, seen: ds/seen}) as named_datasets reads it."""
+    for name, path in mapping.items():
+        if not (isinstance(name, str) and SET_NAME.fullmatch(name)):
+            raise ConfigError(f"{where}: the set name {name!r} is not letters, digits, _ and - (up to 64)")
+        if not isinstance(path, str) or not path or "," in path:
+            raise ConfigError(f"{where}: set {name}: expected a dataset's path (without a comma), got {path!r}")
+    return ",".join(f"{name}={path}" for name, path in mapping.items())
+
+
 named_dataset_paths_or_empty.rule = ("empty, a built dataset (a directory, or one shard's path without its suffix), or "
                                      "several named: NAME=PATH,NAME=PATH")
 
 
-def setting(default, check, false_means=None, **kw):
+def setting(default, check, false_means=None, from_mapping=None, **kw):
     """A dataclass field with its start-up check (see `validate`). `false_means`: the string a YAML
-    `false` stands for (YAML 1.1 reads a bare `off` or `no` as false, so `train.fp8=off` arrives as it)."""
+    `false` stands for (YAML 1.1 reads a bare `off` or `no` as false, so `train.fp8=off` arrives as it).
+    `from_mapping(where, mapping)`: the string a YAML mapping given for this string setting stands for."""
     metadata = {"check": check}
     if false_means is not None:
         metadata["false_means"] = false_means
+    if from_mapping is not None:
+        metadata["from_mapping"] = from_mapping
     return field(default=default, metadata=metadata, **kw)

@@ -47,3 +47,28 @@ def test_every_set_must_exist_and_the_message_names_the_missing_one(tmp_path):
     with pytest.raises(ConfigError) as e:
         named_dataset_paths_or_empty("data.eval_path", str(tmp_path / "b"))
     assert str(e.value).startswith(f"data.eval_path={tmp_path / 'b'}: no such dataset directory"), str(e.value)
+
+
+def test_a_yaml_mapping_of_names_to_paths_reads_as_the_named_form(tmp_path):
+    """In a config file the sets may be a mapping ({held_out: ds/ho, seen: ds/seen}); a bad name or path is named
+    with the file and line that gave it."""
+    from engine.config_load import load_config
+    from polar.pretrain_recipe import PretrainConfig
+
+    for name in ("ho", "se"):
+        (tmp_path / name).mkdir()
+    f = tmp_path / "run.yaml"
+    f.write_text(f"data:\n  eval_path:\n    held_out: {tmp_path / 'ho'}\n    seen: {tmp_path / 'se'}\n")
+    cfg = load_config(PretrainConfig, str(f))
+    assert cfg.data.eval_path == f"held_out={tmp_path / 'ho'},seen={tmp_path / 'se'}"
+    assert named_datasets("data.eval_path", cfg.data.eval_path) == [("held_out", str(tmp_path / "ho")),
+                                                                    ("seen", str(tmp_path / "se"))]
+    for body, said in ((f"    held out: {tmp_path / 'ho'}\n", "the set name 'held out' is not letters, digits"),
+                       ("    held_out: 3\n", "set held_out: expected a dataset's path (without a comma), got 3"),
+                       ("    held_out: a,b\n", "set held_out: expected a dataset's path (without a comma), got 'a,b'"),
+                       (f"    held_out: {tmp_path / 'nothing'}\n", "set held_out: ")):
+        f.write_text("data:\n  eval_path:\n" + body)
+        with pytest.raises(ConfigError) as e:
+            load_config(PretrainConfig, str(f))
+        assert str(e.value).startswith(f"{f}:") and "data.eval_path" in str(e.value) and said in str(e.value), \
+            str(e.value)
