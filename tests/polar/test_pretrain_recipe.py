@@ -1,9 +1,13 @@
 """The embedded default's evaluation sets: `synthetic.eval_seen=false` drops the seen-policy set
 and leaves the held-out set and the training data exactly as they were."""
-import numpy as np
+from types import SimpleNamespace
 
+import numpy as np
+import pytest
+
+from engine.config import ConfigError
 from engine.config_load import load_config
-from polar.pretrain_recipe import PretrainConfig, summarize, synthetic_data
+from polar.pretrain_recipe import PretrainConfig, _check_same_tokenizer, summarize, synthetic_data
 
 SMALL = ["synthetic.train_triplets=40", "synthetic.eval_triplets=12", "synthetic.prompts=50"]
 
@@ -28,9 +32,6 @@ def test_without_the_seen_set_the_rest_is_unchanged():
 
 def test_a_built_dataset_smaller_than_a_batch_is_refused_before_any_process_group(tmp_path):
     """Found at start-up, not as a ValueError on every rank once the model is built."""
-    import pytest
-
-    from engine.config import ConfigError
     from engine.data import PackedGroups
     from polar.pretrain_recipe import check
     from tests.engine.test_indexed_dataset import SEQ, random_groups, write
@@ -127,3 +128,19 @@ def test_a_resume_with_other_synthetic_data_settings_is_refused_naming_them(tmp_
         check(cfg("synthetic.seed=1", "data.packing=ordered"))
     assert "synthetic.seed=0 when saved, 1 now" in str(e.value) and "data.packing=best_fit when saved" in str(e.value)
     check(cfg("synthetic.seed=1", "checkpoint.resume=false"))  # no resume: (another check refuses the directory)
+
+
+def test_an_evaluation_set_must_have_the_training_datas_ids():
+    """vocabulary size, pad and BOS ids always (a key one dataset lacks counts as differing); the tokenizer's
+    digest and reward ids where both record them (shards built before the digest was recorded lack it)."""
+    ids = {"vocab_size": 300, "pad_id": 1, "bos_id": 2}
+    train = SimpleNamespace(meta={**ids, "tokenizer_digest": "d1", "reward_token_id": 9})
+    for meta in (ids, {**ids, "tokenizer_digest": "d1"}, {**ids, "reward_sep_id": 5}):
+        _check_same_tokenizer(SimpleNamespace(meta=meta), train, "data.eval_path=ev", "data.path=ds")
+    for changed, said in (({"bos_id": 3}, "bos_id: 3 vs 2"), ({"bos_id": None}, "bos_id: None vs 2"),
+                          ({"tokenizer_digest": "d2"}, "tokenizer_digest: d2 vs d1"),
+                          ({"reward_token_id": 8}, "reward_token_id: 8 vs 9")):
+        with pytest.raises(ConfigError) as e:
+            _check_same_tokenizer(SimpleNamespace(meta={**ids, **changed}), train, "data.eval_path=ev", "data.path=ds")
+        assert str(e.value).startswith(f"data.eval_path=ev and data.path=ds disagree on {said} (built with"), \
+            str(e.value)
