@@ -25,6 +25,13 @@ AGREED = ("vocab_size", "pad_id", "bos_id")
 AGREED_WHERE_RECORDED = ("tokenizer_digest", "reward_sep_id", "reward_token_id")
 
 
+def ids_disagreement(a: dict, b: dict):
+    """(key, a's value, b's value) of the first of AGREED, then of AGREED_WHERE_RECORDED where both record it,
+    on which two datasets' metadata differ (their ids would mean other tokens); None where they agree."""
+    recorded = [k for k in AGREED_WHERE_RECORDED if k in a and k in b]
+    return next(((k, a.get(k), b.get(k)) for k in (*AGREED, *recorded) if a.get(k) != b.get(k)), None)
+
+
 def build_of(name: Path, meta: dict):
     b = meta.get("build")
     if b is None:

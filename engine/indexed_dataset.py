@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from engine.build_sets import AGREED, AGREED_WHERE_RECORDED, check_build_sets
+from engine.build_sets import check_build_sets, ids_disagreement
 from engine.group import Group, per_group_counts
 from engine.shard_files import OpenFiles, check_unchanged, removed_since_opened
 from engine.shard_format import (COUNTS, HEADER, MAGIC, VERSION, DatasetFormatError, DatasetTokenError, ShardIndex,
@@ -393,14 +393,14 @@ class IndexedDataset:
             check_build_sets(self.path, [(s.name, s.meta) for s in self.shards])
         first = self.shards[0]
         for s in self.shards[1:]:
-            recorded = [k for k in AGREED_WHERE_RECORDED if k in first.meta and k in s.meta]
-            for key, a, b in (("seq_length", first.seq_length, s.seq_length),
-                              *((k, first.meta.get(k), s.meta.get(k)) for k in (*AGREED, *recorded))):
-                if a != b:
-                    why = (" (another tokenizer: the same id means another token in each)"
-                           if key == "tokenizer_digest" else "")
-                    raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}{why}; "
-                                             "shards of one dataset must agree")
+            differs = (("seq_length", first.seq_length, s.seq_length) if first.seq_length != s.seq_length
+                       else ids_disagreement(first.meta, s.meta))
+            if differs:
+                key, a, b = differs
+                why = (" (another tokenizer: the same id means another token in each)"
+                       if key == "tokenizer_digest" else "")
+                raise DatasetFormatError(f"{s.name}: {key} {b} differs from {first.name}'s {a}{why}; "
+                                         "shards of one dataset must agree")
         self.seq_length = first.seq_length
         self.meta = dict(first.meta)
         self._seq_start = np.cumsum([0] + [len(s) for s in self.shards])

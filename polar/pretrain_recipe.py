@@ -16,7 +16,7 @@ from typing import ClassVar, Optional
 
 import numpy as np
 
-from engine.build_sets import AGREED, AGREED_WHERE_RECORDED
+from engine.build_sets import ids_disagreement
 from engine.config import ConfigError, EngineConfig
 from engine.setting_checks import LONE_SET, named_datasets
 from polar.pretrain_data import SyntheticDataConfig, SyntheticSplits
@@ -120,14 +120,14 @@ def check(cfg: PretrainConfig) -> None:
 
 def _check_same_tokenizer(held, train, held_setting: str, train_setting: str) -> None:
     """An evaluation set's ids must mean what the training data's do: the same vocabulary size, pad and BOS
-    ids (what the shards of one dataset agree on, engine.build_sets.AGREED), and the same tokenizer (content
+    ids (what the shards of one dataset agree on, engine.build_sets.ids_disagreement), and the same tokenizer (content
     digest) and reward token ids where both datasets record them. A set tokenized by another tokenizer of the
     same size was scored on ids that mean other tokens."""
-    recorded = [k for k in AGREED_WHERE_RECORDED if k in held.meta and k in train.meta]
-    for key in (*AGREED, *recorded):
-        if held.meta.get(key) != train.meta.get(key):
-            raise ConfigError(f"{held_setting} and {train_setting} disagree on {key}: {held.meta.get(key)} vs "
-                              f"{train.meta.get(key)} (built with different tokenizers; build both with one)")
+    differs = ids_disagreement(held.meta, train.meta)
+    if differs:
+        key, a, b = differs
+        raise ConfigError(f"{held_setting} and {train_setting} disagree on {key}: {a} vs {b} (built with different "
+                          "tokenizers; build both with one)")
 
 
 def _check_resume_data(cfg: PretrainConfig) -> None:
